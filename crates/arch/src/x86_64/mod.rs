@@ -1,0 +1,17 @@
+//! x86-64 instruction layer.
+//!
+//! * [`decode`]: instruction boundaries and control-flow facts of a function's bytes.
+//! * [`classify`]: may this instruction run out of line, and if not, why not.
+//! * [`relocate`]: the bytes of a run of instructions moved to a new address, with the map
+//!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
+//! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
+
+pub mod classify;
+pub mod decode;
+pub mod encode;
+pub mod relocate;
+
+pub use classify::{check_out_of_line, Refusal};
+pub use decode::{decode_function, decode_one, instruction_at, DecodeError, Flow, Insn};
+pub use encode::{call_rel32, jmp_rel32, rel32_reaches, INT3, JMP_REL32_LEN, NOP5};
+pub use relocate::{build_post_slot, build_slot, relocate, PostSlot, RelocError, Relocated};

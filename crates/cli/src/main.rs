@@ -1,0 +1,2 @@
+//! The `dynprobe` command.
+fn main() {}

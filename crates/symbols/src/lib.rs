@@ -1,0 +1,1 @@
+//! Symbols of every module loaded in a process.

@@ -1,0 +1,24 @@
+//! Writing code safely into the running process — the layer the kernel calls `text_poke`.
+//!
+//! * [`memory`]: verify-then-modify. Every write first compares the bytes in place with what
+//!   the caller expects; unreadable, unexpected and unwritable each give their own error
+//!   (the ftrace seed's `EFAULT` / `EINVAL` / `EPERM`).
+//! * [`poke`]: multi-byte cross-modification by the int3-first protocol, serializing every
+//!   core between steps ([`sync_core`]).
+//! * [`pool`]: executable memory within ±2 GiB of a given address, for slots and detours.
+//! * [`stop`]: bringing every other thread to a stop (to inspect or move their `rip`), and
+//!   the grace period that proves no thread is still inside the trap handler.
+//! * [`trap`]: the process's one `SIGTRAP` dispatcher, which maps an `int3` address to its
+//!   owner and passes every other trap on to the handler that was installed before.
+//!
+//! This layer does not know what a probe is.
+
+pub mod error;
+pub mod memory;
+pub mod poke;
+pub mod pool;
+pub mod stop;
+pub mod sync_core;
+pub mod trap;
+
+pub use error::TextError;

@@ -1,0 +1,1 @@
+//! The process's one `SIGTRAP` dispatcher.
