@@ -1,1 +1,2 @@
-//! dynprobe.
+//! dynprobe: dynamic instrumentation for Linux processes.
+pub use dynprobe_probe::*;
