@@ -1,0 +1,36 @@
+/*
+ * The functions `dynprobe bench` calls in its loop. They are C, compiled with -O2 by
+ * build.rs, so that their machine code is fixed and known rather than whatever rustc
+ * makes of a Rust function in a given release:
+ *
+ *   dynprobe_bench_target   the function every probe row instruments. Its first
+ *                           instruction is an ordinary relocatable `mov %rdi,%rax`: no endbr64
+ *                           (-fcf-protection=none), no 5-byte NOP (-pg is not used), so
+ *                           both the kernel's uprobe and dynprobe's int3 probe take the
+ *                           general path on it, not a special case.
+ *   dynprobe_bench_int3     the same work after an `int3`: the raw SIGTRAP round trip
+ *                           with nothing else added (the `sigtrap-floor` row).
+ */
+
+/* A little real work, so the call is not a bare `ret` and costs what a small function costs. */
+static inline __attribute__((always_inline)) long work(long x)
+{
+	unsigned long v = (unsigned long)x;
+	v ^= v >> 31;
+	v *= 0x7e3779b9ul; /* fits an imm32: no 10-byte movabs at the entry */
+	v ^= v >> 29;
+	return (long)v;
+}
+
+__attribute__((noinline, used)) long dynprobe_bench_target(long x)
+{
+	return work(x);
+}
+
+__attribute__((noinline, used)) long dynprobe_bench_int3(long x)
+{
+	/* The kernel reports the trap with rip already after the int3, so a handler that
+	 * does nothing resumes right here. */
+	__asm__ volatile("int3" ::: "memory");
+	return work(x);
+}

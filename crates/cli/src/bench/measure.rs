@@ -1,0 +1,112 @@
+//! Timing one row: warm-up, batches, median.
+
+use std::ffi::c_long;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use super::target::Target;
+
+/// How many batches each row measures; the median of them is reported, so one batch
+/// disturbed by an interrupt or a migration does not move the result.
+pub const BATCHES: usize = 5;
+
+/// Wall time a calibrated batch aims at: with [`BATCHES`] batches and the warm-up, a row
+/// takes about 0.6 s whether a call costs 2 ns or 20 µs.
+const BATCH_TIME: Duration = Duration::from_millis(100);
+
+/// The warm-up doubles its call count until one round takes this long; the last round then
+/// gives the per-call estimate that sizes the batches.
+const WARM_UP_TIME: Duration = Duration::from_millis(20);
+
+/// How many calls a row makes.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Calls per batch; `None` calibrates each row to [`BATCH_TIME`] per batch.
+    pub calls_per_batch: Option<u64>,
+}
+
+/// What one row measured.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Calls in each measured batch.
+    pub calls_per_batch: u64,
+    /// Nanoseconds per call of each batch, in the order they ran.
+    pub batches: Vec<f64>,
+    /// Every call made, warm-up included: what a probe that counts its hits must have seen.
+    pub total_calls: u64,
+}
+
+impl Timing {
+    /// Median nanoseconds per call over the batches.
+    pub fn ns_per_call(&self) -> f64 {
+        let mut sorted = self.batches.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    }
+}
+
+/// Warms `target` up, then times [`BATCHES`] batches of calls to it.
+///
+/// # Safety
+///
+/// Calling `target` must be sound for the whole measurement (see [`Target`]).
+pub unsafe fn measure(target: Target, plan: Plan) -> Timing {
+    let mut total_calls = 0;
+    let calls_per_batch = match plan.calls_per_batch {
+        Some(calls) => {
+            // SAFETY: forwarded from the caller.
+            unsafe { time_calls(target, calls) };
+            total_calls += calls;
+            calls
+        }
+        None => {
+            let mut calls = 1;
+            loop {
+                // SAFETY: forwarded from the caller.
+                let elapsed = unsafe { time_calls(target, calls) };
+                total_calls += calls;
+                if elapsed >= WARM_UP_TIME {
+                    let ns_per_call = elapsed.as_nanos() as f64 / calls as f64;
+                    break ((BATCH_TIME.as_nanos() as f64 / ns_per_call) as u64).max(1);
+                }
+                calls *= 2;
+            }
+        }
+    };
+    let batches = (0..BATCHES)
+        .map(|_| {
+            // SAFETY: forwarded from the caller.
+            let elapsed = unsafe { time_calls(target, calls_per_batch) };
+            total_calls += calls_per_batch;
+            elapsed.as_nanos() as f64 / calls_per_batch as f64
+        })
+        .collect();
+    Timing {
+        calls_per_batch,
+        batches,
+        total_calls,
+    }
+}
+
+/// Calls `target` `calls` times and returns how long that took.
+///
+/// The pointer and each argument go through `black_box`, so the compiler can neither
+/// inline the target nor drop calls whose result it could predict; the results are summed
+/// without feeding back into the next argument, so calls don't wait on each other.
+///
+/// # Safety
+///
+/// As for [`measure`].
+#[inline(never)]
+unsafe fn time_calls(target: Target, calls: u64) -> Duration {
+    let target = black_box(target);
+    let mut sum: c_long = 0;
+    let start = Instant::now();
+    for i in 0..calls {
+        // SAFETY: forwarded from the caller.
+        sum = sum.wrapping_add(unsafe { target(black_box(i as c_long)) });
+    }
+    let elapsed = start.elapsed();
+    black_box(sum);
+    elapsed
+}

@@ -1,0 +1,142 @@
+//! `dynprobe bench`: the added cost per hit of each kind of probe, measured in one run on
+//! one function beside the raw SIGTRAP round trip and the kernel's own uprobes.
+//!
+//! A row arms its instrumentation ([`rows::Row::setup`]), the loop calls the row's target
+//! ([`measure`]), the instrumentation is disarmed and must have seen every call, and
+//! [`report`] turns the timings into added nanoseconds and ratios.
+
+mod measure;
+mod report;
+mod rows;
+mod target;
+mod uprobe;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use measure::{Plan, Timing};
+use rows::{Row, BASELINE, ROWS};
+
+/// Arguments of `dynprobe bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Print `{"rows":[…]}` as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Calls per measured batch, for every row [default: calibrated to ~0.1 s per batch].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    iterations: Option<u64>,
+
+    /// Rows to run, comma-separated [default: all]. `baseline-call` and the rows a row is
+    /// compared with run too.
+    #[arg(long, value_name = "ROW,...", value_delimiter = ',')]
+    rows: Vec<String>,
+
+    /// Pin the process to the CPU it starts on, so migrations don't disturb the timing.
+    #[arg(long)]
+    pin: bool,
+}
+
+/// Runs the selected rows and prints the report.
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    let selected = select(&args.rows)?;
+    if args.pin {
+        pin_to_current_cpu().map_err(|err| format!("--pin: {err}"))?;
+    }
+    let plan = Plan {
+        calls_per_batch: args.iterations,
+    };
+    let outcomes: Vec<_> = selected
+        .into_iter()
+        .map(|row| (row, run_row(row, plan)))
+        .collect();
+    let report = report::Report::new(&outcomes);
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// The rows named in `--rows` plus what they depend on, in [`ROWS`] order.
+fn select(names: &[String]) -> Result<Vec<&'static Row>, String> {
+    if names.is_empty() {
+        return Ok(ROWS.iter().collect());
+    }
+    let find = |name: &str| ROWS.iter().find(|row| row.name == name);
+    let mut wanted = BTreeSet::from([BASELINE]);
+    for name in names {
+        let row = find(name).ok_or_else(|| {
+            let known: Vec<_> = ROWS.iter().map(|row| row.name).collect();
+            format!("unknown row `{name}`; rows are: {}", known.join(", "))
+        })?;
+        wanted.insert(row.name);
+        wanted.extend(row.compare_to);
+    }
+    Ok(ROWS
+        .iter()
+        .filter(|row| wanted.contains(row.name))
+        .collect())
+}
+
+/// Arms, measures and disarms one row. Every failure, including a panic in code that is
+/// not written yet, becomes the row's error so the other rows still run and print.
+fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
+    catch_panic(|| {
+        let armed = (row.setup)(row.target)?;
+        // SAFETY: `setup` succeeded, which is what makes calling the row's target sound
+        // (the contract of `Row::target`), and it stays armed until after the measurement.
+        let timing = unsafe { measure::measure(row.target, plan) };
+        let hits = armed.hits();
+        armed.disarm()?;
+        match hits? {
+            Some(hits) if hits < timing.total_calls => Err(format!(
+                "fired {hits} times for {} calls: the number would not be a probe's cost",
+                timing.total_calls
+            )),
+            _ => Ok(timing),
+        }
+    })
+}
+
+/// Runs `f`, turning a panic into an error that says where and why, without the default
+/// hook's message on stderr (the report shows it in the row instead).
+fn catch_panic<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let message = Arc::new(Mutex::new(None));
+    let previous_hook = panic::take_hook();
+    panic::set_hook(Box::new({
+        let message = Arc::clone(&message);
+        move |info| *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.to_string())
+    }));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    panic::set_hook(previous_hook);
+    result.unwrap_or_else(|_| {
+        let message = message.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Err(message
+            .unwrap_or_else(|| "panicked".to_owned())
+            .replace('\n', " "))
+    })
+}
+
+/// Restricts this process to the CPU it is running on now.
+fn pin_to_current_cpu() -> io::Result<()> {
+    // SAFETY: `sched_getcpu` has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero `cpu_set_t` is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `CPU_SET` writes within `set`; `cpu` is below `CPU_SETSIZE` because the
+    // kernel just reported it as a CPU of this machine.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; pid 0 is this thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

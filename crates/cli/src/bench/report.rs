@@ -1,0 +1,149 @@
+//! Turning timings into the table and the JSON of `dynprobe bench`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::measure::Timing;
+use super::rows::{Row, BASELINE, KERNEL_UPROBE, SIGTRAP_FLOOR};
+
+/// The reference rows that get a column of their own in the table; ratios to others are
+/// in the note (and all of them in the JSON).
+const TABLE_RATIOS: [&str; 2] = [SIGTRAP_FLOOR, KERNEL_UPROBE];
+
+/// The results of one run, one entry per row that ran.
+#[derive(Serialize)]
+pub struct Report {
+    rows: Vec<ReportRow>,
+}
+
+/// One row of the report; its JSON form is part of the command's interface.
+#[derive(Serialize)]
+struct ReportRow {
+    name: &'static str,
+    /// Nanoseconds the instrumentation adds to each call; `null` when the row failed.
+    ns_per_hit: Option<f64>,
+    /// Median nanoseconds per call, instrumentation included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ns_per_call: Option<f64>,
+    /// Why the row has no number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// `x_<reference>`: this row's added cost divided by the reference row's, `null` when
+    /// the reference has no positive number.
+    #[serde(flatten)]
+    ratios: BTreeMap<String, Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calls_per_batch: Option<u64>,
+    /// Nanoseconds per call of each batch; the median of them is `ns_per_call`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    batches_ns_per_call: Vec<f64>,
+    note: &'static str,
+}
+
+impl Report {
+    /// Computes added costs and ratios. A row whose baseline is missing gets an error
+    /// rather than an absolute number posing as an added one.
+    pub fn new(outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
+        let per_call = |name: &str| {
+            outcomes
+                .iter()
+                .find(|(row, _)| row.name == name)
+                .and_then(|(_, outcome)| outcome.as_ref().ok().map(Timing::ns_per_call))
+        };
+        let baseline = per_call(BASELINE);
+        let added = |name: &str| Some(per_call(name)? - baseline?);
+
+        let rows = outcomes
+            .iter()
+            .map(|(row, outcome)| {
+                let mut report = ReportRow {
+                    name: row.name,
+                    ns_per_hit: None,
+                    ns_per_call: None,
+                    error: None,
+                    ratios: BTreeMap::new(),
+                    calls_per_batch: None,
+                    batches_ns_per_call: Vec::new(),
+                    note: row.about,
+                };
+                match (outcome, baseline) {
+                    (Err(err), _) => report.error = Some(err.clone()),
+                    (Ok(_), None) => report.error = Some(format!("no {BASELINE} to subtract")),
+                    (Ok(timing), Some(baseline)) => {
+                        let ns_added = timing.ns_per_call() - baseline;
+                        report.ns_per_hit = Some(round(ns_added, 100.0));
+                        report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
+                        report.calls_per_batch = Some(timing.calls_per_batch);
+                        report.batches_ns_per_call =
+                            timing.batches.iter().map(|&ns| round(ns, 100.0)).collect();
+                        for &reference in row.compare_to {
+                            let ratio = added(reference)
+                                .filter(|&reference| reference > 0.0)
+                                .map(|reference| round(ns_added / reference, 1000.0));
+                            report.ratios.insert(ratio_key(reference), ratio);
+                        }
+                    }
+                }
+                report
+            })
+            .collect();
+        Report { rows }
+    }
+
+    /// The report as `{"rows":[…]}`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a report is plain data and always serializes")
+    }
+
+    /// The report as an aligned text table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<18} {:>10} {:>14} {:>15} {:>15}  note",
+            "row", "ns/call", "ns added/hit", "×sigtrap-floor", "×kernel-uprobe"
+        );
+        for row in &self.rows {
+            let number = |value: Option<f64>, precision: usize| {
+                value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
+            };
+            let ratio = |reference: &str| {
+                number(row.ratios.get(&ratio_key(reference)).copied().flatten(), 2)
+            };
+            let mut note = match &row.error {
+                Some(err) => format!("error: {err}"),
+                None => row.note.to_owned(),
+            };
+            for (key, value) in &row.ratios {
+                if !TABLE_RATIOS
+                    .iter()
+                    .any(|reference| ratio_key(reference) == *key)
+                {
+                    let _ = write!(note, "; {key} {}", number(*value, 2));
+                }
+            }
+            let _ = writeln!(
+                out,
+                "{:<18} {:>10} {:>14} {:>15} {:>15}  {note}",
+                row.name,
+                number(row.ns_per_call, 1),
+                number(row.ns_per_hit, 1),
+                ratio(TABLE_RATIOS[0]),
+                ratio(TABLE_RATIOS[1]),
+            );
+        }
+        out
+    }
+}
+
+/// JSON key of the ratio to `reference`: `x_kernel_uprobe` for `kernel-uprobe`.
+fn ratio_key(reference: &str) -> String {
+    format!("x_{}", reference.replace('-', "_"))
+}
+
+/// Rounds to `1/scale`: more digits than that are noise and only clutter the output.
+fn round(value: f64, scale: f64) -> f64 {
+    (value * scale).round() / scale
+}

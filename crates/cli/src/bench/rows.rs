@@ -1,0 +1,157 @@
+//! The rows of `dynprobe bench`: what each one instruments and calls.
+//!
+//! Adding a row is adding an entry to [`ROWS`]: a name, the function to call, a setup that
+//! arms the instrumentation and returns an [`Armed`] guard, and the reference rows its
+//! added cost is compared with. The runner does the timing, the hit check and the output.
+
+use std::ffi::{c_int, c_void};
+use std::io;
+use std::mem::MaybeUninit;
+
+use super::target::{self, dynprobe_bench_int3, dynprobe_bench_target, Target};
+use super::uprobe;
+
+/// The unprobed call: every other row's added cost is measured against it.
+pub const BASELINE: &str = "baseline-call";
+/// The raw `int3` + SIGTRAP round trip: the floor of any breakpoint probe.
+pub const SIGTRAP_FLOOR: &str = "sigtrap-floor";
+/// The kernel's uprobe on the same function.
+pub const KERNEL_UPROBE: &str = "kernel-uprobe";
+
+/// Instrumentation a row has armed; it stays armed until [`Armed::disarm`].
+pub trait Armed {
+    /// How many times the instrumentation has fired, if it counts: the runner checks it
+    /// against the calls made, so a probe that silently never fired is an error, not a
+    /// suspiciously cheap number. `Ok(None)`: it does not count.
+    fn hits(&self) -> Result<Option<u64>, String> {
+        Ok(None)
+    }
+
+    /// Removes the instrumentation, restoring the process as it was before the setup.
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Nothing armed (the baseline).
+impl Armed for () {}
+
+/// One benchmark row.
+pub struct Row {
+    /// Name used by `--rows`, in the table and in the JSON.
+    pub name: &'static str,
+    /// One line on what the row measures.
+    pub about: &'static str,
+    /// The function the loop calls. Calling it must be sound once `setup` has succeeded.
+    pub target: Target,
+    /// Arms the instrumentation on `target`.
+    pub setup: fn(Target) -> Result<Box<dyn Armed>, String>,
+    /// Reference rows whose added cost this row's is divided by; they run whenever this
+    /// row does.
+    pub compare_to: &'static [&'static str],
+}
+
+/// Every row, in the order they run and print. The kernel's uprobes run before dynprobe's
+/// probes so each finds the target's code as the compiler left it.
+pub static ROWS: &[Row] = &[
+    Row {
+        name: BASELINE,
+        about: "the target function, unprobed",
+        target: dynprobe_bench_target,
+        setup: |_| Ok(Box::new(())),
+        compare_to: &[],
+    },
+    Row {
+        name: SIGTRAP_FLOOR,
+        about: "int3 + empty SA_SIGINFO SIGTRAP handler",
+        target: dynprobe_bench_int3,
+        setup: |_| Ok(Box::new(EmptySigtrapHandler::install()?)),
+        compare_to: &[KERNEL_UPROBE],
+    },
+    Row {
+        name: KERNEL_UPROBE,
+        about: "kernel uprobe (perf_event_open, uprobe PMU)",
+        target: dynprobe_bench_target,
+        setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        compare_to: &[],
+    },
+    Row {
+        name: "kernel-uretprobe",
+        about: "kernel uretprobe (perf_event_open, uprobe PMU)",
+        target: dynprobe_bench_target,
+        setup: |target| uprobe::arm(target, uprobe::Kind::Return),
+        compare_to: &[],
+    },
+    Row {
+        name: "int3-probe",
+        about: "dynprobe breakpoint probe, empty handler",
+        target: dynprobe_bench_target,
+        setup: register_int3_probe,
+        compare_to: &[SIGTRAP_FLOOR, KERNEL_UPROBE],
+    },
+];
+
+/// dynprobe's probe with an empty pre-handler on `target`'s entry.
+fn register_int3_probe(target: Target) -> Result<Box<dyn Armed>, String> {
+    let handle = dynprobe::Probe::at(dynprobe::Location::Address(target::address(target)))
+        .on_hit(|_regs| {})
+        .register()
+        .map_err(|err| format!("register: {err:?}"))?;
+    Ok(Box::new(handle))
+}
+
+impl Armed for dynprobe::ProbeHandle {
+    fn hits(&self) -> Result<Option<u64>, String> {
+        Ok(Some(dynprobe::ProbeHandle::hits(self)))
+    }
+
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        self.unregister()
+            .map_err(|err| format!("unregister: {err:?}"))
+    }
+}
+
+/// A SIGTRAP handler that does nothing, installed in place of whatever was there.
+///
+/// Doing nothing is enough: the kernel reports an `int3` trap with `rip` already past it.
+/// `SA_SIGINFO` makes the kernel build the same frame (siginfo + ucontext) as for the
+/// probe layer's handler, so the floor is the one a breakpoint probe actually stands on.
+struct EmptySigtrapHandler {
+    previous: libc::sigaction,
+}
+
+impl EmptySigtrapHandler {
+    fn install() -> Result<Self, String> {
+        extern "C" fn resume(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {}
+
+        // SAFETY: `sigaction` is plain data (integers, a mask, pointers) for which all
+        // zeroes is valid: no flags, an empty mask, no restorer (libc adds its own).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = resume as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        let mut previous = MaybeUninit::<libc::sigaction>::uninit();
+        // SAFETY: both pointers are valid for the call; `resume` touches nothing, so it is
+        // async-signal-safe, and it stays valid for the life of the process.
+        if unsafe { libc::sigaction(libc::SIGTRAP, &action, previous.as_mut_ptr()) } != 0 {
+            return Err(format!(
+                "sigaction(SIGTRAP): {}",
+                io::Error::last_os_error()
+            ));
+        }
+        Ok(Self {
+            // SAFETY: the successful `sigaction` call wrote the previous action.
+            previous: unsafe { previous.assume_init() },
+        })
+    }
+}
+
+impl Armed for EmptySigtrapHandler {
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        // SAFETY: `previous` is the action the kernel gave us, so reinstating it is
+        // exactly the state before `install`.
+        if unsafe { libc::sigaction(libc::SIGTRAP, &self.previous, std::ptr::null_mut()) } != 0 {
+            return Err(format!("restoring SIGTRAP: {}", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! The C functions of `bench/target.c`, linked in by `build.rs`.
+
+use std::ffi::c_long;
+
+/// A function the bench loop calls: one signature for every row so one loop serves all.
+///
+/// It is `unsafe` because a target may need its row's setup first: `dynprobe_bench_int3`
+/// kills the process unless a SIGTRAP handler is installed.
+pub type Target = unsafe extern "C" fn(c_long) -> c_long;
+
+extern "C" {
+    /// The function every probe row instruments; its entry is a plain `mov %rdi,%rax`.
+    /// Pure arithmetic on its argument: always sound to call.
+    pub fn dynprobe_bench_target(x: c_long) -> c_long;
+    /// The same work as [`dynprobe_bench_target`] after an `int3`: sound to call only while
+    /// a SIGTRAP handler that resumes after the `int3` is installed.
+    pub fn dynprobe_bench_int3(x: c_long) -> c_long;
+}
+
+/// Where `target`'s code starts in this process: the address its probes go on.
+pub fn address(target: Target) -> u64 {
+    target as usize as u64
+}
