@@ -1,0 +1,313 @@
+//! Reading what we need from one ELF file: loadable segments, function symbols, and the
+//! names of the libraries it needs.
+//!
+//! Files are read through `object`'s `ReadCache`, which reads only the byte ranges asked
+//! for: a Rust binary with debug info can be hundreds of megabytes, of which we need the
+//! headers and two symbol tables. Symbol and string tables are each fetched in one read and
+//! names are sliced out of the string table here, because `ReadCache` would otherwise issue
+//! a seek and a read per symbol name.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use object::elf;
+use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::{ReadCache, ReadRef};
+use object::{Endianness, Object};
+
+use crate::SymbolError;
+
+/// A `PT_LOAD` program header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoadSegment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+}
+
+/// A function symbol as the file states it (link-time address, mangled name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawSymbol {
+    pub mangled: String,
+    pub value: u64,
+    pub size: u64,
+    /// `STB_GLOBAL` or `STB_WEAK`: the symbol is what the dynamic linker would bind a
+    /// reference to, as opposed to a file-local helper that happens to share the name.
+    pub global: bool,
+}
+
+/// What we keep of one ELF file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ElfInfo {
+    pub segments: Vec<LoadSegment>,
+    pub symbols: Vec<RawSymbol>,
+    /// `DT_NEEDED` entries, in order: the dynamic linker's search order follows them.
+    pub needed: Vec<String>,
+    pub soname: Option<String>,
+    /// Whether the file has a `.symtab` (if not, a separate debug file may have one).
+    pub has_symtab: bool,
+    pub build_id: Option<Vec<u8>>,
+    pub debuglink: Option<String>,
+}
+
+impl ElfInfo {
+    /// The load bias, given that file offset `offset` is mapped at runtime address `start`.
+    ///
+    /// The mapping and the segment that contains the offset agree modulo the page size, so
+    /// `start` corresponds to link-time address `p_vaddr - (p_offset - offset)`.
+    pub fn bias_from_mapping(&self, start: u64, offset: u64) -> Option<u64> {
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.offset & !0xfff <= offset && offset < s.offset + s.filesz.max(1))?;
+        let link = seg.vaddr.wrapping_sub(seg.offset.wrapping_sub(offset));
+        Some(start.wrapping_sub(link))
+    }
+}
+
+/// The file offset that holds link-time address `vaddr`, if a loadable segment maps it
+/// from the file (not from the zero-filled `.bss` tail).
+pub(crate) fn file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|s| s.vaddr <= vaddr && vaddr < s.vaddr + s.filesz)
+        .map(|s| vaddr - s.vaddr + s.offset)
+}
+
+/// Reads an ELF file from disk.
+pub(crate) fn read_path(path: &Path) -> Result<ElfInfo, SymbolError> {
+    let file = File::open(path).map_err(|e| SymbolError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let cache = ReadCache::new(file);
+    parse(&cache).map_err(|reason| SymbolError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Parses an ELF image already in memory (the vdso).
+pub(crate) fn read_bytes(data: &[u8]) -> Result<ElfInfo, String> {
+    parse(data)
+}
+
+fn parse<'d, R: ReadRef<'d>>(data: R) -> Result<ElfInfo, String> {
+    let file = ElfFile64::<Endianness, R>::parse(data).map_err(|e| e.to_string())?;
+    let endian = file.endian();
+    let header = file.elf_header();
+    if header.e_machine(endian) != elf::EM_X86_64 {
+        return Err(format!(
+            "it is built for machine {} rather than x86-64",
+            header.e_machine(endian)
+        ));
+    }
+
+    let segments = file
+        .elf_program_headers()
+        .iter()
+        .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+        .map(|p| LoadSegment {
+            vaddr: p.p_vaddr(endian),
+            memsz: p.p_memsz(endian),
+            offset: p.p_offset(endian),
+            filesz: p.p_filesz(endian),
+        })
+        .collect();
+
+    let sections = file.elf_section_table();
+    let mut info = ElfInfo {
+        segments,
+        ..ElfInfo::default()
+    };
+    for section in sections.iter() {
+        match section.sh_type(endian) {
+            elf::SHT_SYMTAB | elf::SHT_DYNSYM => {
+                info.has_symtab |= section.sh_type(endian) == elf::SHT_SYMTAB;
+                let syms: &[elf::Sym64<Endianness>] = section
+                    .data_as_array(endian, data)
+                    .map_err(|e| format!("bad symbol table: {e}"))?;
+                let strings = linked_strings(&file, section, data)?;
+                info.symbols.extend(functions(syms, strings, endian));
+            }
+            elf::SHT_DYNAMIC => {
+                let dyns: &[elf::Dyn64<Endianness>] = section
+                    .data_as_array(endian, data)
+                    .map_err(|e| format!("bad dynamic section: {e}"))?;
+                let strings = linked_strings(&file, section, data)?;
+                for d in dyns {
+                    let name = || cstr(strings, d.d_val(endian)).map(str::to_string);
+                    match d.d_tag(endian) as u32 {
+                        elf::DT_NEEDED => info.needed.extend(name()),
+                        elf::DT_SONAME => info.soname = name(),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // Both are only needed to find a separate debug file; a malformed note is no reason to
+    // give up on the symbols we already have.
+    info.build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
+    info.debuglink = file
+        .gnu_debuglink()
+        .ok()
+        .flatten()
+        .and_then(|(name, _crc)| std::str::from_utf8(name).ok().map(str::to_string));
+    Ok(info)
+}
+
+/// The string table a symbol table or dynamic section links to, in one read.
+fn linked_strings<'d, R: ReadRef<'d>>(
+    file: &ElfFile64<'d, Endianness, R>,
+    section: &elf::SectionHeader64<Endianness>,
+    data: R,
+) -> Result<&'d [u8], String> {
+    let endian = file.endian();
+    let link = object::SectionIndex(section.sh_link(endian) as usize);
+    file.elf_section_table()
+        .section(link)
+        .and_then(|s| s.data(endian, data))
+        .map_err(|e| format!("bad string table: {e}"))
+}
+
+fn cstr(strings: &[u8], offset: u64) -> Option<&str> {
+    let tail = strings.get(usize::try_from(offset).ok()?..)?;
+    let len = tail.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&tail[..len]).ok()
+}
+
+/// The defined function symbols of one table.
+fn functions<'a>(
+    syms: &'a [elf::Sym64<Endianness>],
+    strings: &'a [u8],
+    endian: Endianness,
+) -> impl Iterator<Item = RawSymbol> + 'a {
+    syms.iter().filter_map(move |s| {
+        let is_function = matches!(s.st_type(), elf::STT_FUNC | elf::STT_GNU_IFUNC);
+        if !is_function || s.st_shndx(endian) == elf::SHN_UNDEF || s.st_value(endian) == 0 {
+            return None;
+        }
+        let name = cstr(strings, s.st_name(endian).into())?;
+        if name.is_empty() {
+            return None;
+        }
+        Some(RawSymbol {
+            mangled: name.to_string(),
+            value: s.st_value(endian),
+            size: s.st_size(endian),
+            global: matches!(s.st_bind(), elf::STB_GLOBAL | elf::STB_WEAK),
+        })
+    })
+}
+
+/// Where a separate debug file for `file` may be, per the GDB conventions: by build id
+/// under `/usr/lib/debug/.build-id/`, then by `.gnu_debuglink` name next to the file, in
+/// its `.debug/` directory, and under `/usr/lib/debug` + the file's directory.
+pub(crate) fn debug_file_candidates(info: &ElfInfo, file: &Path) -> Vec<PathBuf> {
+    let root = Path::new("/usr/lib/debug");
+    let mut out = Vec::new();
+    if let Some(id) = info.build_id.as_deref().filter(|id| id.len() >= 2) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        out.push(root.join(format!(".build-id/{}/{}.debug", &hex[..2], &hex[2..])));
+    }
+    if let (Some(link), Some(dir)) = (&info.debuglink, file.parent()) {
+        out.push(dir.join(link));
+        out.push(dir.join(".debug").join(link));
+        out.push(root.join(dir.strip_prefix("/").unwrap_or(dir)).join(link));
+    }
+    // The file itself may be the link target's name: never "find" the stripped file again.
+    out.retain(|p| p != file);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(segments: &[(u64, u64, u64, u64)]) -> ElfInfo {
+        ElfInfo {
+            segments: segments
+                .iter()
+                .map(|&(vaddr, memsz, offset, filesz)| LoadSegment {
+                    vaddr,
+                    memsz,
+                    offset,
+                    filesz,
+                })
+                .collect(),
+            ..ElfInfo::default()
+        }
+    }
+
+    #[test]
+    fn bias_of_pie_non_pie_and_library() {
+        // PIE: first segment at vaddr 0, mapped at 0x5555_5555_4000.
+        let pie = info(&[(0, 0x1000, 0, 0x1000), (0x1000, 0x2000, 0x1000, 0x2000)]);
+        assert_eq!(
+            pie.bias_from_mapping(0x5555_5555_4000, 0),
+            Some(0x5555_5555_4000)
+        );
+        assert_eq!(
+            pie.bias_from_mapping(0x5555_5555_5000, 0x1000),
+            Some(0x5555_5555_4000),
+            "any mapping gives the same bias"
+        );
+        // -no-pie: linked at 0x400000 and mapped there.
+        let exe = info(&[(0x400000, 0x1000, 0, 0x1000)]);
+        assert_eq!(exe.bias_from_mapping(0x400000, 0), Some(0));
+        // A segment whose p_offset is not page aligned (typical for .data).
+        let lib = info(&[(0, 0x1000, 0, 0x1000), (0x3de0, 0x300, 0x2de0, 0x220)]);
+        assert_eq!(
+            lib.bias_from_mapping(0x7f00_0000_3000, 0x2000),
+            Some(0x7f00_0000_0000)
+        );
+    }
+
+    #[test]
+    fn file_offset_follows_segments_and_excludes_bss() {
+        let lib = info(&[(0, 0x1000, 0, 0x1000), (0x3de0, 0x300, 0x2de0, 0x220)]);
+        assert_eq!(file_offset(&lib.segments, 0x10), Some(0x10));
+        assert_eq!(file_offset(&lib.segments, 0x3de8), Some(0x2de8));
+        assert_eq!(
+            file_offset(&lib.segments, 0x3de0 + 0x220),
+            None,
+            ".bss is not in the file"
+        );
+    }
+
+    #[test]
+    fn reads_our_own_executable() {
+        let exe = std::env::current_exe().unwrap();
+        let info = read_path(&exe).unwrap();
+        assert!(!info.segments.is_empty());
+        assert!(info.symbols.iter().any(|s| s.mangled == "main"));
+        assert!(info.needed.iter().any(|n| n.starts_with("libc.so")));
+    }
+
+    #[test]
+    fn rejects_non_elf() {
+        let err = read_bytes(b"#!/bin/sh\necho hello\n").unwrap_err();
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn debug_file_candidates_follow_gdb_conventions() {
+        let mut i = info(&[]);
+        i.build_id = Some(vec![0xab, 0xcd, 0xef]);
+        i.debuglink = Some("libfoo.so.debug".into());
+        let c = debug_file_candidates(&i, Path::new("/usr/lib/libfoo.so"));
+        assert_eq!(
+            c,
+            [
+                "/usr/lib/debug/.build-id/ab/cdef.debug",
+                "/usr/lib/libfoo.so.debug",
+                "/usr/lib/.debug/libfoo.so.debug",
+                "/usr/lib/debug/usr/lib/libfoo.so.debug",
+            ]
+            .map(PathBuf::from)
+        );
+    }
+}
