@@ -6,26 +6,120 @@
 //! writable and executable at once and without racing another thread's `mprotect`.
 
 use crate::TextError;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 
 /// Reads `buf.len()` bytes at `addr`.
 pub fn read(addr: u64, buf: &mut [u8]) -> Result<(), TextError> {
-    todo!()
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let unreadable = TextError::Unreadable {
+        addr,
+        len: buf.len(),
+    };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which we borrow mutably for the whole call; `remote` is
+    // only an address the kernel checks against our own mappings (an unmapped range yields
+    // EFAULT or a short count, never a fault in this process).
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    // A short count means the range runs into an unmapped page: the caller asked for all of it.
+    if n < 0 || n as usize != buf.len() {
+        return Err(unreadable);
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `addr` into a new vector.
 pub fn read_vec(addr: u64, len: usize) -> Result<Vec<u8>, TextError> {
-    todo!()
+    let mut v = vec![0u8; len];
+    read(addr, &mut v)?;
+    Ok(v)
 }
 
 /// Checks that the bytes at `addr` are `expected`.
 pub fn verify(addr: u64, expected: &[u8]) -> Result<(), TextError> {
-    todo!()
+    let found = read_vec(addr, expected.len())?;
+    if found != expected {
+        return Err(TextError::Unexpected {
+            addr,
+            expected: expected.to_vec(),
+            found,
+        });
+    }
+    Ok(())
 }
+
+/// The `/proc/self/mem` handle and the pid it was opened by.
+///
+/// It is kept open (opening it per write would cost a path walk each time), but a file opened
+/// as `/proc/self/mem` stays bound to the address space of the process that opened it: a
+/// child created by `fork` inherits the descriptor and would write into its *parent's* code.
+/// So the handle remembers its pid and is reopened when it differs. The mutex also makes
+/// verify-then-write atomic with respect to other writers in this process.
+static PROC_MEM: Mutex<Option<(u32, File)>> = Mutex::new(None);
 
 /// Verify-then-modify in one raw write: checks that `addr` holds `expected`, then writes
 /// `new` (same length). No cross-modification protocol: use it for a single byte, or for
 /// memory no thread can be executing (a fresh slot). For live multi-byte code use
 /// [`crate::poke::poke`].
+///
+/// # Panics
+///
+/// If `expected` and `new` differ in length (a caller bug, not a property of the target).
 pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-    todo!()
+    assert_eq!(
+        expected.len(),
+        new.len(),
+        "write_verified: expected and new differ in length"
+    );
+    // Never called from a signal handler, so a poisoned lock only means another writer
+    // panicked; the handle itself is still sound.
+    let mut guard = PROC_MEM.lock().unwrap_or_else(|e| e.into_inner());
+    verify(addr, expected)?;
+    if expected == new {
+        return Ok(());
+    }
+    let pid = std::process::id();
+    if !matches!(guard.as_ref(), Some((owner, _)) if *owner == pid) {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|e| TextError::Unwritable {
+                addr,
+                reason: format!("cannot open /proc/self/mem: {e}"),
+            })?;
+        *guard = Some((pid, file));
+    }
+    let Some((_, mem)) = guard.as_ref() else {
+        unreachable!("opened just above")
+    };
+    match mem.write_at(new, addr) {
+        Ok(n) if n == new.len() => Ok(()),
+        Ok(n) => {
+            // A short write changed a prefix: put the old bytes back so nothing is left
+            // half-changed, as the error promises.
+            let _ = mem.write_at(&expected[..n], addr);
+            Err(TextError::Unwritable {
+                addr,
+                reason: format!(
+                    "only {n} of {} byte(s) could be written; restored",
+                    new.len()
+                ),
+            })
+        }
+        Err(e) => Err(TextError::Unwritable {
+            addr,
+            reason: e.to_string(),
+        }),
+    }
 }

@@ -3,8 +3,36 @@
 //! A `jmp rel32` and a RIP-relative operand reach ±2 GiB, so slots are mapped within that
 //! distance of the code they serve. Fresh memory is filled with `int3`; slots are written
 //! with [`crate::memory::write_verified`] expecting those `int3` bytes.
+//!
+//! The pool maps *chunks* of [`CHUNK_SIZE`] bytes into free gaps of the address space, as
+//! close to the target as it can, and carves them into slots with a first-fit allocator in
+//! units of [`SLOT_ALIGN`] bytes. A process needs several chunks: a non-PIE executable at
+//! `0x400000` and the libraries near `0x7f…` are far more than 2 GiB apart. Chunks are never
+//! unmapped: a stale pointer into one then hits `int3`, not an unmapped page.
 
+use crate::memory;
 use crate::TextError;
+use std::sync::Mutex;
+
+/// Bytes mapped at a time (more when a single request is larger).
+pub const CHUNK_SIZE: usize = 64 * 1024;
+/// Slot sizes and addresses are multiples of this (a cache-line half: keeps slot starts
+/// aligned for the decoder and leaves room for small alignment needs of relocated code).
+pub const SLOT_ALIGN: usize = 16;
+
+const PAGE: u64 = 4096;
+/// The `int3` opcode.
+const INT3: u8 = 0xCC;
+/// Largest distance a rel32 can cover, less one page, so that a slot near the edge stays in
+/// reach of every byte of the target's page.
+const REACH: u64 = (1 << 31) - PAGE;
+/// User address space ends here on x86-64 with 4-level paging.
+const USER_END: u64 = 1 << 47;
+/// Address space left free above a program break (heap) so `brk` can still grow: a chunk
+/// right after the heap would make `malloc` fall back to `mmap` for good.
+const HEAP_ROOM: u64 = 256 << 20;
+/// Address space left free below a stack, which grows down into the gap below it.
+const STACK_ROOM: u64 = 64 << 20;
 
 /// A run of executable memory handed out by the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,19 +43,301 @@ pub struct ExecSlot {
     pub size: usize,
 }
 
+/// One mapped chunk and its free ranges.
+struct Chunk {
+    base: u64,
+    size: u64,
+    /// Free `(start, end)` ranges, sorted and never adjacent (merged on free).
+    free: Vec<(u64, u64)>,
+}
+
+impl Chunk {
+    /// Takes the first free run of `size` bytes that starts at or after `lo` and ends at or
+    /// before `hi`.
+    fn take(&mut self, size: u64, lo: u64, hi: u64) -> Option<u64> {
+        let (i, start) = self.free.iter().enumerate().find_map(|(i, &(s, e))| {
+            let start = s.max(lo);
+            (start + size <= e.min(hi)).then_some((i, start))
+        })?;
+        let (s, e) = self.free[i];
+        // Split the free range around the taken run; `start` is SLOT_ALIGN-aligned because
+        // every range bound and `lo` are.
+        let mut rest = Vec::with_capacity(2);
+        if s < start {
+            rest.push((s, start));
+        }
+        if start + size < e {
+            rest.push((start + size, e));
+        }
+        self.free.splice(i..=i, rest);
+        Some(start)
+    }
+
+    /// Returns `[start, end)` to the free list, merging with its neighbours.
+    fn give_back(&mut self, start: u64, end: u64) {
+        let i = self.free.partition_point(|&(s, _)| s < start);
+        self.free.insert(i, (start, end));
+        if i + 1 < self.free.len() && self.free[i].1 == self.free[i + 1].0 {
+            self.free[i].1 = self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].1 == self.free[i].0 {
+            self.free[i - 1].1 = self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+
+    fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + self.size).contains(&addr)
+    }
+}
+
+/// Every chunk mapped so far. Never used from a signal handler, so a mutex is fine.
+static CHUNKS: Mutex<Vec<Chunk>> = Mutex::new(Vec::new());
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+/// The addresses a slot of `size` bytes may start at so that every byte of it is within
+/// reach of every byte of `target .. target + PAGE`: `[lo, hi)` bounds the slot's bytes.
+fn window(target: u64, size: u64) -> (u64, u64) {
+    let lo = round_up((target + PAGE).saturating_sub(REACH), SLOT_ALIGN as u64);
+    let hi = target.saturating_add(REACH).min(USER_END);
+    debug_assert!(size <= hi.saturating_sub(lo));
+    (lo, hi)
+}
+
 /// Hands out `size` bytes of executable memory (filled with `int3`) whose every byte is
 /// within ±2 GiB of every byte of `target .. target + 4096`.
 pub fn alloc_near(target: u64, size: usize) -> Result<ExecSlot, TextError> {
-    todo!()
+    let no_memory = TextError::NoNearMemory { target, size };
+    let size = round_up(size.max(1) as u64, SLOT_ALIGN as u64);
+    let (lo, hi) = window(target, size);
+    let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    for chunk in chunks.iter_mut() {
+        if let Some(addr) = chunk.take(size, lo, hi) {
+            return Ok(ExecSlot {
+                addr,
+                size: size as usize,
+            });
+        }
+    }
+    let chunk_size = round_up(size, CHUNK_SIZE as u64);
+    let base = map_chunk_near(target, chunk_size, lo, hi).ok_or(no_memory)?;
+    let mut chunk = Chunk {
+        base,
+        size: chunk_size,
+        free: vec![(base, base + chunk_size)],
+    };
+    let addr = chunk
+        .take(size, lo, hi)
+        .expect("a fresh chunk inside the window has room");
+    chunks.push(chunk);
+    Ok(ExecSlot {
+        addr,
+        size: size as usize,
+    })
 }
 
 /// Returns a slot to the pool, refilled with `int3`. The caller guarantees no thread can be
 /// executing it any more (after [`crate::stop::synchronize`]).
+///
+/// A slot that is not the pool's, or whose bytes cannot be refilled, is not reused (the
+/// memory is leaked rather than handed out again with stale code in it).
 pub fn free(slot: ExecSlot) {
-    todo!()
+    let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(chunk) = chunks.iter_mut().find(|c| c.contains(slot.addr)) else {
+        debug_assert!(
+            false,
+            "pool::free of a slot the pool never handed out: {slot:?}"
+        );
+        return;
+    };
+    let int3s = vec![INT3; slot.size];
+    let refilled = memory::read_vec(slot.addr, slot.size)
+        .and_then(|old| memory::write_verified(slot.addr, &old, &int3s));
+    if refilled.is_ok() {
+        chunk.give_back(slot.addr, slot.addr + slot.size as u64);
+    }
 }
 
 /// True when `addr` lies in memory this pool mapped (used to refuse probes on slots).
 pub fn contains(addr: u64) -> bool {
-    todo!()
+    CHUNKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|c| c.contains(addr))
+}
+
+/// One line of `/proc/self/maps`, reduced to what placement needs.
+struct Mapping {
+    start: u64,
+    end: u64,
+    /// `[heap]`, or the main executable's own mapping (the break starts after it).
+    heap_like: bool,
+    /// `[stack]`, or a mapping that grows down.
+    stack: bool,
+}
+
+/// Reads the current mappings, sorted by address.
+fn mappings() -> Vec<Mapping> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let exe = std::fs::read_link("/proc/self/exe").ok();
+    let mut out: Vec<Mapping> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            // perms, offset, dev, inode, then the optional path.
+            let path = fields.nth(4).unwrap_or("");
+            let is_exe = exe.as_deref().is_some_and(|e| e.as_os_str() == path);
+            Some(Mapping {
+                start,
+                end,
+                heap_like: path == "[heap]" || is_exe,
+                stack: path.starts_with("[stack"),
+            })
+        })
+        .collect();
+    out.sort_by_key(|m| m.start);
+    out
+}
+
+/// The lowest address `mmap` may use (`vm.mmap_min_addr`).
+fn mmap_min_addr() -> u64 {
+    std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65536)
+        .max(PAGE)
+}
+
+/// Candidate chunk addresses: in every gap that meets the window, the top of the gap (just
+/// below the next mapping) and the bottom (just above the previous one), nearest the target
+/// first.
+fn candidates(target: u64, size: u64, lo: u64, hi: u64) -> Vec<u64> {
+    let maps = mappings();
+    let floor = round_up(mmap_min_addr(), PAGE);
+    let mut gaps = Vec::new();
+    let mut prev_end = floor;
+    let mut prev_heap = false;
+    for m in maps.iter().filter(|m| m.end > floor && m.start < USER_END) {
+        if m.start > prev_end {
+            gaps.push((prev_end, m.start, prev_heap, m.stack));
+        }
+        prev_end = prev_end.max(m.end);
+        prev_heap = m.heap_like;
+    }
+    if prev_end < USER_END {
+        gaps.push((prev_end, USER_END, prev_heap, false));
+    }
+    let mut out = Vec::new();
+    for (start, end, after_heap, before_stack) in gaps {
+        let start =
+            round_up(start + if after_heap { HEAP_ROOM } else { 0 }, PAGE).max(round_up(lo, PAGE));
+        let end = (end.saturating_sub(if before_stack { STACK_ROOM } else { 0 }) & !(PAGE - 1))
+            .min(hi & !(PAGE - 1));
+        if start + size > end {
+            continue;
+        }
+        out.push(end - size);
+        out.push(start);
+    }
+    out.sort_by_key(|&a| a.abs_diff(target));
+    out.dedup();
+    out
+}
+
+/// Maps `size` bytes of `int3`-filled read+execute memory in `[lo, hi)`, near `target`.
+fn map_chunk_near(target: u64, size: u64, lo: u64, hi: u64) -> Option<u64> {
+    candidates(target, size, lo, hi)
+        .into_iter()
+        .find_map(|addr| map_chunk_at(addr, size))
+}
+
+/// Maps a chunk at exactly `addr`, or nothing.
+fn map_chunk_at(addr: u64, size: u64) -> Option<u64> {
+    let len = size as usize;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: it fails with EEXIST
+    // when the range is taken (another thread may have mapped it since we read the maps).
+    let p = unsafe {
+        libc::mmap(
+            addr as usize as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    if p as u64 != addr {
+        // Kernels before 4.17 treat the flag as a hint and may map elsewhere.
+        // SAFETY: `p` is the mapping we just made and nothing refers to it yet.
+        unsafe { libc::munmap(p, len) };
+        return None;
+    }
+    // The chunk is filled while it is still writable and no thread can know of it, then
+    // turned read+execute: never writable and executable at once. Later writes go through
+    // /proc/self/mem.
+    // SAFETY: `p .. p + len` is our fresh, writable mapping.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), INT3, len) };
+    // SAFETY: changes the protection of our own fresh mapping only.
+    if unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+        // SAFETY: as above, nothing refers to the mapping yet.
+        unsafe { libc::munmap(p, len) };
+        return None;
+    }
+    Some(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk() -> Chunk {
+        Chunk {
+            base: 0x1000,
+            size: 0x100,
+            free: vec![(0x1000, 0x1100)],
+        }
+    }
+
+    #[test]
+    fn take_respects_the_window_and_splits() {
+        let mut c = chunk();
+        assert_eq!(c.take(0x20, 0x1040, 0x2000), Some(0x1040));
+        assert_eq!(c.free, vec![(0x1000, 0x1040), (0x1060, 0x1100)]);
+        assert_eq!(c.take(0x40, 0, 0x1050), Some(0x1000));
+        assert_eq!(c.take(0x10, 0, 0x1050), None);
+        assert_eq!(c.free, vec![(0x1060, 0x1100)]);
+    }
+
+    #[test]
+    fn give_back_merges_neighbours() {
+        let mut c = chunk();
+        let a = c.take(0x10, 0, u64::MAX).unwrap();
+        let b = c.take(0x10, 0, u64::MAX).unwrap();
+        let d = c.take(0x10, 0, u64::MAX).unwrap();
+        c.give_back(a, a + 0x10);
+        c.give_back(d, d + 0x10);
+        assert_eq!(c.free, vec![(0x1000, 0x1010), (0x1020, 0x1100)]);
+        c.give_back(b, b + 0x10);
+        assert_eq!(c.free, vec![(0x1000, 0x1100)]);
+    }
+
+    #[test]
+    fn window_keeps_every_byte_in_reach() {
+        let target = 0x40_0000;
+        let (lo, hi) = window(target, 64);
+        assert_eq!(lo % SLOT_ALIGN as u64, 0);
+        assert!(hi - (target) < 1 << 31);
+        assert!(target + PAGE - lo <= 1 << 31);
+    }
 }
