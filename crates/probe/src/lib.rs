@@ -1,7 +1,38 @@
 //! kprobes for a Linux process.
 //!
-//! Generic probe logic lives here (`registry`, `probe`); what depends on the instruction set
-//! lives under `arch/` (the kernel's `kernel/kprobes.c` versus `arch/x86/kernel/kprobes/`).
+//! A [`Probe`] placed at any instruction of the process — a function entry, a symbol plus
+//! offset, an address — runs a pre-handler (and optionally a post-handler) with the thread's
+//! registers every time a thread reaches it. The instruction's first byte becomes an `int3`;
+//! the `SIGTRAP` it raises runs the handlers and then executes the original instruction out
+//! of line in a slot that jumps back ("boosted"), so a hit costs one trap.
+//!
+//! ```no_run
+//! use dynprobe_probe::{sym, Probe};
+//! let probe = Probe::at(sym!("work")).on_hit(|regs| regs.set_arg(0, 42)).register()?;
+//! // every call of work(x) now runs as work(42)
+//! probe.unregister()?;
+//! # Ok::<(), dynprobe_probe::ProbeError>(())
+//! ```
+//!
+//! Generic logic lives in `registry` and `site`; what depends on the instruction set lives
+//! under `arch/` (the kernel's `kernel/kprobes.c` versus `arch/x86/kernel/kprobes/`).
 
-mod api;
-pub use api::*;
+mod arch;
+mod error;
+mod guard;
+mod location;
+mod probe;
+mod registry;
+mod site;
+
+pub use arch::Regs;
+pub use error::ProbeError;
+pub use location::Location;
+pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
+pub use registry::list;
+
+/// The listing of every registered probe, one line each, like the kernel's debugfs
+/// `kprobes/list`.
+pub fn format_list() -> String {
+    list().iter().map(|p| format!("{p}\n")).collect()
+}

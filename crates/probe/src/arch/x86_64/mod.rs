@@ -1,0 +1,9 @@
+//! x86-64 probe machinery.
+
+mod regs;
+mod thread;
+mod trap;
+
+pub use regs::Regs;
+pub(crate) use thread::thread_pointer;
+pub(crate) use trap::{on_post_trap, on_site_trap, prepare_slots, PreparedSlots};

@@ -1,0 +1,137 @@
+//! What an `int3` at a probe site does on x86-64: run the handlers, then execute the probed
+//! instruction out of line in the site's slot ("boosted": the slot ends in a jump back, so
+//! the common path takes one trap, not the two of single-stepping).
+//!
+//! ```text
+//!   probe point          slot (within ±2 GiB)
+//!   cc <rest of insn>    +0   relocated insn ; jmp  <probe point + len>      boosted path
+//!   next insn ...        +64  relocated insn ; int3 (fall-through exit)      post path
+//!                                            ; int3 (taken-branch exit) ...
+//! ```
+//! With a post-handler the thread runs the post path instead; each way out of the
+//! instruction ends in its own `int3`, whose trap runs the post-handlers and resumes at the
+//! original successor.
+
+use super::Regs;
+use crate::error::ProbeError;
+use crate::guard::HandlerGuard;
+use crate::site::PatchSite;
+use dynprobe_arch::native::{build_post_slot, build_slot, INT3};
+use dynprobe_text::memory::write_verified;
+use dynprobe_text::pool::{self, ExecSlot};
+use dynprobe_text::trap::TrapContext;
+
+/// Bytes of executable memory per probe site: the boosted slot, then the post slot.
+const SLOT_SIZE: usize = 128;
+const POST_OFFSET: u64 = 64;
+
+/// One `int3` of a post slot: where it is and where the thread continues after it.
+pub(crate) struct PostExit {
+    /// The site it belongs to; set once the site has its final address.
+    pub(crate) site: *const PatchSite,
+    /// Address of the `int3` in the slot.
+    pub(crate) addr: u64,
+    /// The original address execution continues at.
+    pub(crate) resume: u64,
+}
+
+/// A site's out-of-line code.
+pub(crate) struct PreparedSlots {
+    /// The slot memory (both paths).
+    pub(crate) slot: ExecSlot,
+    /// Start of the boosted path.
+    pub(crate) boost_ip: u64,
+    /// Start of the post path.
+    pub(crate) post_ip: u64,
+    /// The post path's exits, or why the instruction cannot have a post-handler.
+    pub(crate) post: Result<Box<[PostExit]>, String>,
+}
+
+/// Allocates a slot near `addr` and writes the out-of-line copies of the instruction
+/// `insn` (its original bytes) into it. On error nothing stays allocated.
+pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, ProbeError> {
+    let slot = pool::alloc_near(addr, SLOT_SIZE)?;
+    let written = (|| {
+        let resume = addr + insn.len() as u64;
+        let boost = build_slot(insn, addr, slot.addr, resume)?;
+        write_code(slot.addr, &boost, POST_OFFSET as usize)?;
+        let post_ip = slot.addr + POST_OFFSET;
+        let post = match build_post_slot(insn, addr, post_ip) {
+            Ok(post) => {
+                write_code(post_ip, &post.code, SLOT_SIZE - POST_OFFSET as usize)?;
+                let exits = post.exits.iter().map(|&(offset, resume)| PostExit {
+                    site: std::ptr::null(),
+                    addr: post_ip + u64::from(offset),
+                    resume,
+                });
+                Ok(exits.collect())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        Ok(PreparedSlots {
+            slot,
+            boost_ip: slot.addr,
+            post_ip,
+            post,
+        })
+    })();
+    if written.is_err() {
+        pool::free(slot);
+    }
+    written
+}
+
+/// Writes fresh slot code, which must fit in `room` bytes.
+fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
+    assert!(
+        code.len() <= room,
+        "relocated code of {} bytes overflows its {room}-byte slot",
+        code.len()
+    );
+    write_verified(at, &vec![INT3; code.len()], code)?;
+    Ok(())
+}
+
+/// The trap owner of a probe site's `int3`.
+pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
+    // SAFETY: `data` is the address of the boxed PatchSite registered with this handler;
+    // the registry frees a site only after unregistering it and waiting a grace period.
+    let site = unsafe { &*(data as *const PatchSite) };
+    let Some(_guard) = HandlerGuard::enter() else {
+        // A hit from inside a handler: counted, not recursed into.
+        site.count_missed();
+        ctx.set_ip(site.slots.boost_ip);
+        return;
+    };
+    let uc = ctx.ucontext();
+    let mut regs = Regs::from_ucontext(uc);
+    regs.ip = site.addr;
+    let wants_post = site.run_pre_handlers(&mut regs);
+    let diverted = regs.ip != site.addr;
+    regs.to_ucontext(uc);
+    if !diverted {
+        ctx.set_ip(if wants_post {
+            site.slots.post_ip
+        } else {
+            site.slots.boost_ip
+        });
+    }
+}
+
+/// The trap owner of a post slot's exit `int3`.
+pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
+    // SAFETY: `data` is the address of a PostExit inside a registered PatchSite, which is
+    // freed only after this exit is unregistered and a grace period has passed.
+    let exit = unsafe { &*(data as *const PostExit) };
+    // SAFETY: set before the exit was registered; same lifetime argument as above.
+    let site = unsafe { &*exit.site };
+    let Some(_guard) = HandlerGuard::enter() else {
+        ctx.set_ip(exit.resume);
+        return;
+    };
+    let uc = ctx.ucontext();
+    let mut regs = Regs::from_ucontext(uc);
+    regs.ip = exit.resume;
+    site.run_post_handlers(&mut regs);
+    regs.to_ucontext(uc);
+}

@@ -1,0 +1,105 @@
+//! Why a probe operation was refused.
+
+use dynprobe_arch::native::{DecodeError, Refusal, RelocError};
+use dynprobe_symbols::SymbolError;
+use dynprobe_text::TextError;
+use std::fmt;
+
+/// Why a probe could not be registered, changed or removed. A refused registration leaves
+/// the process exactly as it was.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The symbol or module is unknown, or the symbol tables could not be read.
+    Symbol(SymbolError),
+    /// The address is not the start of an instruction, or the bytes do not decode.
+    Decode(DecodeError),
+    /// The instruction at the probe point cannot be executed out of line.
+    NotRelocatable(RelocError),
+    /// A post-handler was asked for on an instruction whose successor is not known.
+    PostHandlerRefused {
+        /// The probe point.
+        addr: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The probe point is inside dynprobe's own machinery (the kernel's `__kprobes`
+    /// blacklist): probing it would recurse into the trap handler.
+    Blacklisted {
+        /// The probe point.
+        addr: u64,
+        /// What is there.
+        what: String,
+    },
+    /// An offset past the end of the function.
+    OffsetOutsideFunction {
+        /// The function.
+        symbol: String,
+        /// The requested offset.
+        offset: u64,
+        /// The function's size.
+        size: u64,
+    },
+    /// Reading or writing code failed.
+    Text(TextError),
+    /// A probe was unregistered from inside a handler, which would wait for itself.
+    InsideHandler,
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Symbol(e) => write!(f, "{e}"),
+            ProbeError::Decode(e) => write!(f, "{e}"),
+            ProbeError::NotRelocatable(e) => write!(f, "cannot probe here: {e}"),
+            ProbeError::PostHandlerRefused { addr, reason } => {
+                write!(f, "cannot put a post-handler on the probe at {addr:#x}: {reason}")
+            }
+            ProbeError::Blacklisted { addr, what } => write!(
+                f,
+                "refusing to probe {addr:#x} ({what}): it is part of dynprobe's own probe machinery, \
+                 and a probe there would trap inside the trap handler"
+            ),
+            ProbeError::OffsetOutsideFunction { symbol, offset, size } => write!(
+                f,
+                "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long"
+            ),
+            ProbeError::Text(e) => write!(f, "{e}"),
+            ProbeError::InsideHandler => write!(
+                f,
+                "a probe cannot be unregistered from inside a probe handler (it would wait for itself)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {}
+
+impl From<SymbolError> for ProbeError {
+    fn from(e: SymbolError) -> Self {
+        ProbeError::Symbol(e)
+    }
+}
+
+impl From<DecodeError> for ProbeError {
+    fn from(e: DecodeError) -> Self {
+        ProbeError::Decode(e)
+    }
+}
+
+impl From<TextError> for ProbeError {
+    fn from(e: TextError) -> Self {
+        ProbeError::Text(e)
+    }
+}
+
+impl From<RelocError> for ProbeError {
+    fn from(e: RelocError) -> Self {
+        ProbeError::NotRelocatable(e)
+    }
+}
+
+impl From<Refusal> for ProbeError {
+    fn from(e: Refusal) -> Self {
+        ProbeError::NotRelocatable(RelocError::Refused(e))
+    }
+}

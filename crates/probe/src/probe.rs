@@ -1,0 +1,251 @@
+//! The public face of a probe: the builder and the handle.
+
+use crate::arch::Regs;
+use crate::{registry, Location, ProbeError};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A probe handler. It runs in a signal handler of the probed thread: it may read and change
+/// the registers, but should not take locks the probed code may hold (`println!` takes the
+/// stdout lock) — atomics and lock-free structures are the safe tools.
+pub(crate) type Handler = Box<dyn Fn(&mut Regs) + Send + Sync + 'static>;
+
+/// State shared between a [`ProbeHandle`] and the trap path.
+pub(crate) struct ProbeShared {
+    pub(crate) addr: u64,
+    pub(crate) pre: Option<Handler>,
+    pub(crate) post: Option<Handler>,
+    enabled: AtomicBool,
+    hits: AtomicU64,
+    nmissed: AtomicU64,
+}
+
+impl ProbeShared {
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+    }
+    pub(crate) fn count_hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_missed(&self) {
+        self.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+    pub(crate) fn nmissed(&self) -> u64 {
+        self.nmissed.load(Ordering::Relaxed)
+    }
+}
+
+/// A probe to be registered: where, and what runs when a thread reaches it.
+///
+/// ```no_run
+/// use dynprobe_probe::{sym, Probe};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// static LAST_ARG: AtomicU64 = AtomicU64::new(0);
+/// let probe = Probe::at(sym!("work"))
+///     .on_hit(|regs| LAST_ARG.store(regs.arg(0), Ordering::Relaxed))
+///     .register()?;
+/// // ... the program runs; every call of `work` stores its first argument ...
+/// println!("{} hits, {} missed", probe.hits(), probe.nmissed());
+/// probe.unregister()?;
+/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// ```
+pub struct Probe {
+    pub(crate) location: Location,
+    pub(crate) pre: Option<Handler>,
+    pub(crate) post: Option<Handler>,
+    pub(crate) enabled: bool,
+}
+
+impl Probe {
+    /// A probe at `location` (a [`Location`], a `&str` such as `"work+0x4"` or
+    /// `"libc:malloc"`, or an address).
+    pub fn at(location: impl Into<Location>) -> Probe {
+        Probe {
+            location: location.into(),
+            pre: None,
+            post: None,
+            enabled: true,
+        }
+    }
+
+    /// The pre-handler: runs before the probed instruction, with the thread's registers.
+    /// Setting `regs.ip` to another address diverts the thread there and skips the probed
+    /// instruction and the post-handlers.
+    pub fn on_hit(mut self, handler: impl Fn(&mut Regs) + Send + Sync + 'static) -> Probe {
+        self.pre = Some(Box::new(handler));
+        self
+    }
+
+    /// The post-handler: runs after the probed instruction completed, with `regs.ip` at the
+    /// instruction that comes next (the branch target when a branch was taken). Refused for
+    /// `ret` and indirect branches, whose successor is not known in advance.
+    pub fn after_hit(mut self, handler: impl Fn(&mut Regs) + Send + Sync + 'static) -> Probe {
+        self.post = Some(Box::new(handler));
+        self
+    }
+
+    /// Registers the probe disabled (the kernel's `KPROBE_FLAG_DISABLED`); enable it later.
+    pub fn disabled(mut self) -> Probe {
+        self.enabled = false;
+        self
+    }
+
+    /// Places the probe. On error nothing in the process has changed.
+    pub fn register(self) -> Result<ProbeHandle, ProbeError> {
+        let enabled = self.enabled;
+        let shared = registry::register(self)?;
+        debug_assert_eq!(shared.enabled(), enabled);
+        Ok(ProbeHandle {
+            shared: Some(shared),
+        })
+    }
+
+    pub(crate) fn into_shared(self, addr: u64) -> ProbeShared {
+        ProbeShared {
+            addr,
+            pre: self.pre,
+            post: self.post,
+            enabled: AtomicBool::new(self.enabled),
+            hits: AtomicU64::new(0),
+            nmissed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A registered probe. Dropping it unregisters the probe (use [`ProbeHandle::leak`] to keep
+/// it for the life of the process).
+pub struct ProbeHandle {
+    shared: Option<Arc<ProbeShared>>,
+}
+
+impl ProbeHandle {
+    fn shared(&self) -> &Arc<ProbeShared> {
+        self.shared
+            .as_ref()
+            .expect("a live handle always holds its probe")
+    }
+
+    /// The probed address.
+    pub fn address(&self) -> u64 {
+        self.shared().addr
+    }
+
+    /// How many times the probe's handlers ran.
+    pub fn hits(&self) -> u64 {
+        self.shared().hits()
+    }
+
+    /// How many hits were not handled because the thread was already inside a handler.
+    pub fn nmissed(&self) -> u64 {
+        self.shared().nmissed()
+    }
+
+    /// True while the probe is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.shared().enabled()
+    }
+
+    /// Enables the probe (arming its site if needed).
+    pub fn enable(&self) -> Result<(), ProbeError> {
+        registry::set_enabled(self.shared(), true)
+    }
+
+    /// Disables the probe; the site's `int3` is removed when no probe there is enabled.
+    pub fn disable(&self) -> Result<(), ProbeError> {
+        registry::set_enabled(self.shared(), false)
+    }
+
+    /// This probe's line of the listing.
+    pub fn info(&self) -> ProbeInfo {
+        registry::info(self.shared()).expect("a live handle is registered")
+    }
+
+    /// Removes the probe. When it was the last one at its address, the original byte is
+    /// restored; returns once no thread is still inside this probe's handler or slot, with
+    /// the probe's final counts (no handler run is missing from them).
+    pub fn unregister(mut self) -> Result<ProbeStats, ProbeError> {
+        let shared = self
+            .shared
+            .take()
+            .expect("a live handle always holds its probe");
+        match registry::unregister(&shared) {
+            Ok(()) => Ok(ProbeStats {
+                hits: shared.hits(),
+                nmissed: shared.nmissed(),
+            }),
+            Err(e) => {
+                self.shared = Some(shared);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps the probe registered for the rest of the process's life.
+    pub fn leak(mut self) {
+        self.shared.take();
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let _ = registry::unregister(&shared);
+        }
+    }
+}
+
+impl fmt::Debug for ProbeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.shared {
+            Some(shared) => write!(f, "ProbeHandle({:#x})", shared.addr),
+            None => write!(f, "ProbeHandle(unregistered)"),
+        }
+    }
+}
+
+/// A probe's final counts, returned by [`ProbeHandle::unregister`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// Handler runs.
+    pub hits: u64,
+    /// Hits not handled (the thread was already inside a handler).
+    pub nmissed: u64,
+}
+
+/// One line of the probe listing, like the kernel's debugfs `kprobes/list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// The probed address.
+    pub addr: u64,
+    /// `symbol+offset`, or the bare address when no symbol covers it.
+    pub symbol: String,
+    /// The probed instruction.
+    pub insn: String,
+    /// Whether the probe is enabled.
+    pub enabled: bool,
+    /// Whether the probe has a post-handler.
+    pub has_post_handler: bool,
+    /// Handler runs.
+    pub hits: u64,
+    /// Hits not handled (the thread was already inside a handler).
+    pub nmissed: u64,
+}
+
+impl fmt::Display for ProbeInfo {
+    /// `0000000000401126  k  work+0x0    [DISABLED]`, as in `kprobes/list`; the probe is a
+    /// boosted breakpoint probe (`k`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}  k  {}", self.addr, self.symbol)?;
+        if !self.enabled {
+            write!(f, "    [DISABLED]")?;
+        }
+        Ok(())
+    }
+}

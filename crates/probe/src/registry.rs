@@ -1,0 +1,384 @@
+//! The probe registry: the generic half of register / enable / disable / unregister (the
+//! kernel's `kernel/kprobes.c`). All changes are serialized by one lock that the trap path
+//! never takes; the trap path reads sites and probe lists that are freed only after a grace
+//! period ([`dynprobe_text::stop::synchronize`]).
+
+use crate::arch::{on_post_trap, on_site_trap, prepare_slots};
+use crate::guard::HandlerGuard;
+use crate::probe::{ProbeInfo, ProbeShared};
+use crate::site::{PatchSite, ProbeList};
+use crate::{Location, Probe, ProbeError};
+use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3};
+use dynprobe_symbols::{SymbolError, SymbolTable};
+use dynprobe_text::{memory, pool, stop, sync_core::sync_core, trap, TextError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Demangled-name prefixes of dynprobe's own code, on which probes are refused. (A probe on
+/// the trap path would trap inside the trap handler.)
+const BLACKLISTED_CODE: &[&str] = &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::"];
+/// C library functions on the signal path itself: the `sigreturn` trampoline.
+const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt"];
+
+/// How long unregistering waits for threads to leave a slot before giving up.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Registry {
+    sites: BTreeMap<u64, Box<PatchSite>>,
+    /// Replaced probe lists, freed at the next grace period.
+    retired: Vec<*mut ProbeList>,
+    symbols: Option<SymbolTable>,
+}
+
+// SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
+unsafe impl Send for Registry {}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    sites: BTreeMap::new(),
+    retired: Vec::new(),
+    symbols: None,
+});
+
+fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
+    // Taking the lock inside a handler could wait for the very thread the handler
+    // interrupted.
+    if HandlerGuard::current_thread_inside() {
+        return Err(ProbeError::InsideHandler);
+    }
+    Ok(REGISTRY.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// A resolved probe point.
+struct Target {
+    addr: u64,
+    /// `symbol+offset` for messages and the listing.
+    label: String,
+    /// The containing function's name, start and size, when known.
+    function: Option<(String, u64, u64)>,
+}
+
+pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
+    let mut registry = lock()?;
+    let target = registry.resolve(&probe.location)?;
+    registry.check_blacklist(&target)?;
+    let wants_post = probe.post.is_some();
+    let shared = Arc::new(probe.into_shared(target.addr));
+
+    if let Some(site) = registry.sites.get(&target.addr) {
+        if let (true, Err(reason)) = (wants_post, &site.slots.post) {
+            return Err(ProbeError::PostHandlerRefused {
+                addr: target.addr,
+                reason: reason.clone(),
+            });
+        }
+        let mut list = site.probes().clone();
+        list.push(shared.clone());
+        let old = site.publish(list);
+        let armed = registry.update_arming(target.addr);
+        registry.retired.push(old);
+        armed?;
+        return Ok(shared);
+    }
+
+    let (insn, bytes) = registry.decode(&target)?;
+    check_out_of_line(&bytes, insn.ip)?;
+    let slots = prepare_slots(insn.ip, &bytes)?;
+    if let (true, Err(reason)) = (wants_post, &slots.post) {
+        let reason = reason.clone();
+        pool::free(slots.slot);
+        return Err(ProbeError::PostHandlerRefused {
+            addr: target.addr,
+            reason,
+        });
+    }
+    let site = PatchSite::new(
+        insn.ip,
+        bytes[0],
+        insn.text,
+        target.label,
+        slots,
+        vec![shared.clone()],
+    );
+    if let Err(e) = own_traps(&site) {
+        disown_traps(&site);
+        pool::free(site.slots.slot);
+        return Err(e.into());
+    }
+    registry.sites.insert(target.addr, site);
+    if let Err(e) = registry.update_arming(target.addr) {
+        let site = registry.sites.remove(&target.addr).expect("just inserted");
+        disown_traps(&site);
+        pool::free(site.slots.slot);
+        return Err(e);
+    }
+    Ok(shared)
+}
+
+pub(crate) fn set_enabled(probe: &Arc<ProbeShared>, on: bool) -> Result<(), ProbeError> {
+    let registry = lock()?;
+    probe.set_enabled(on);
+    registry.update_arming(probe.addr)
+}
+
+pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
+    let mut registry = lock()?;
+    let Some(site) = registry.sites.get(&probe.addr) else {
+        return Ok(());
+    };
+    let remaining: ProbeList = site
+        .probes()
+        .iter()
+        .filter(|p| !Arc::ptr_eq(p, probe))
+        .cloned()
+        .collect();
+    if !remaining.is_empty() {
+        let old = site.publish(remaining);
+        registry.retired.push(old);
+        registry.update_arming(probe.addr)?;
+        // Returns once no thread can still be running this probe's handlers.
+        return registry.grace_period();
+    }
+
+    // The last probe: restore the byte, then wait until no thread is in the handler or slot.
+    probe.set_enabled(false);
+    registry.update_arming(probe.addr)?;
+    let slot = registry
+        .sites
+        .get(&probe.addr)
+        .expect("checked above")
+        .slots
+        .slot;
+    trap::unregister_site(probe.addr);
+    registry.grace_period()?;
+    wait_until_no_thread_in(slot.addr, slot.size as u64)?;
+    let site = registry.sites.remove(&probe.addr).expect("checked above");
+    disown_traps(&site);
+    pool::free(site.slots.slot);
+    Ok(())
+}
+
+pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
+    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let site = registry.sites.get(&probe.addr)?;
+    Some(describe(site, probe))
+}
+
+/// Every registered probe, in address order, like the kernel's `kprobes/list`.
+///
+/// ```
+/// for probe in dynprobe_probe::list() {
+///     println!("{probe}");
+/// }
+/// ```
+pub fn list() -> Vec<ProbeInfo> {
+    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    registry
+        .sites
+        .values()
+        .flat_map(|site| site.probes().iter().map(|p| describe(site, p)))
+        .collect()
+}
+
+fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
+    ProbeInfo {
+        addr: site.addr,
+        symbol: site.symbol.clone(),
+        insn: site.insn_text.clone(),
+        enabled: probe.enabled(),
+        has_post_handler: probe.post.is_some(),
+        hits: probe.hits(),
+        nmissed: probe.nmissed(),
+    }
+}
+
+/// Registers the site's `int3` addresses with the trap dispatcher: the post-slot exits first,
+/// so that no thread can reach an `int3` of ours that has no owner.
+fn own_traps(site: &PatchSite) -> Result<(), TextError> {
+    if let Ok(exits) = &site.slots.post {
+        for exit in exits.iter() {
+            trap::register_site(exit.addr, on_post_trap, exit as *const _ as usize)?;
+        }
+    }
+    trap::register_site(site.addr, on_site_trap, site as *const PatchSite as usize)
+}
+
+fn disown_traps(site: &PatchSite) {
+    trap::unregister_site(site.addr);
+    if let Ok(exits) = &site.slots.post {
+        exits
+            .iter()
+            .for_each(|exit| trap::unregister_site(exit.addr));
+    }
+}
+
+/// Polls, with every other thread stopped each time, until none is executing in
+/// `[start, start + len)`.
+fn wait_until_no_thread_in(start: u64, len: u64) -> Result<(), ProbeError> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    loop {
+        let world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let busy = world
+            .threads()
+            .iter()
+            .any(|t| t.ip.wrapping_sub(start) < len);
+        drop(world);
+        if !busy {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(TextError::StopFailed {
+                reason: format!(
+                    "a thread stayed inside the probe's slot at {start:#x} for {QUIESCE_TIMEOUT:?}"
+                ),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+impl Registry {
+    fn symbols(&mut self, reload: bool) -> Result<&SymbolTable, ProbeError> {
+        if reload || self.symbols.is_none() {
+            self.symbols = Some(SymbolTable::current_process()?);
+        }
+        Ok(self.symbols.as_ref().expect("just loaded"))
+    }
+
+    /// Looks a symbol up, re-reading the process's modules once if it is not known (a
+    /// library may have been loaded since the table was read).
+    fn lookup(&mut self, name: &str) -> Result<(String, u64, u64), ProbeError> {
+        for reload in [false, true] {
+            match self.symbols(reload)?.lookup(name) {
+                Ok(sym) => return Ok((sym.name.clone(), sym.addr, sym.size)),
+                Err(SymbolError::UnknownSymbol { .. } | SymbolError::UnknownModule { .. })
+                    if !reload =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the second round returns")
+    }
+
+    fn resolve(&mut self, location: &Location) -> Result<Target, ProbeError> {
+        let (name, offset) = match location {
+            Location::Symbol(name) => (name.as_str(), 0),
+            Location::SymbolOffset(name, offset) => (name.as_str(), *offset),
+            Location::Address(addr) => return self.resolve_address(*addr),
+        };
+        let (name, start, size) = self.lookup(name)?;
+        if size > 0 && offset >= size {
+            return Err(ProbeError::OffsetOutsideFunction {
+                symbol: name,
+                offset,
+                size,
+            });
+        }
+        Ok(Target {
+            addr: start + offset,
+            label: format!("{name}+{offset:#x}"),
+            function: Some((name, start, size)),
+        })
+    }
+
+    fn resolve_address(&mut self, addr: u64) -> Result<Target, ProbeError> {
+        for reload in [false, true] {
+            if let Some((sym, offset)) = self.symbols(reload)?.resolve(addr) {
+                let function = Some((sym.name.clone(), sym.addr, sym.size));
+                return Ok(Target {
+                    addr,
+                    label: format!("{}+{offset:#x}", sym.name),
+                    function,
+                });
+            }
+        }
+        Ok(Target {
+            addr,
+            label: format!("{addr:#x}"),
+            function: None,
+        })
+    }
+
+    fn check_blacklist(&self, target: &Target) -> Result<(), ProbeError> {
+        if pool::contains(target.addr) {
+            let what = "an out-of-line slot of another probe".to_string();
+            return Err(ProbeError::Blacklisted {
+                addr: target.addr,
+                what,
+            });
+        }
+        if let Some((name, _, _)) = &target.function {
+            let ours = BLACKLISTED_CODE
+                .iter()
+                .any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
+            if ours || BLACKLISTED_SYMBOLS.contains(&name.as_str()) {
+                return Err(ProbeError::Blacklisted {
+                    addr: target.addr,
+                    what: name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `addr` as they were before any of our `int3`s.
+    fn original_bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProbeError> {
+        let mut bytes = memory::read_vec(addr, len)?;
+        for (&site_addr, site) in self.sites.range(addr..addr + len as u64) {
+            bytes[(site_addr - addr) as usize] = site.orig_byte;
+        }
+        Ok(bytes)
+    }
+
+    /// The instruction at the target, decoded from its function's start so that an address
+    /// inside an instruction is refused, with its original bytes.
+    fn decode(&self, target: &Target) -> Result<(Insn, Vec<u8>), ProbeError> {
+        let insn = match target.function {
+            Some((_, start, size)) if size > 0 => {
+                let function = self.original_bytes(start, size as usize)?;
+                instruction_at(&function, start, target.addr)?
+            }
+            // No known function bounds: the caller vouches for the boundary.
+            _ => decode_one(&self.original_bytes(target.addr, 15)?, target.addr)?,
+        };
+        let bytes = self.original_bytes(insn.ip, insn.len)?;
+        Ok((insn, bytes))
+    }
+
+    /// Writes or removes the site's `int3` so that it is armed exactly when some probe there
+    /// is enabled. A single-byte write is atomic for instruction fetch, so no thread can see a
+    /// torn instruction; `sync_core` makes every thread see the new byte before we return.
+    fn update_arming(&self, addr: u64) -> Result<(), ProbeError> {
+        let Some(site) = self.sites.get(&addr) else {
+            return Ok(());
+        };
+        let want = site.any_enabled();
+        if want == site.armed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (from, to) = if want {
+            (site.orig_byte, INT3)
+        } else {
+            (INT3, site.orig_byte)
+        };
+        memory::write_verified(addr, &[from], &[to])?;
+        sync_core();
+        site.armed.store(want, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits until no thread can hold a pointer handed out by the trap path before now, then
+    /// frees the probe lists retired before it.
+    fn grace_period(&mut self) -> Result<(), ProbeError> {
+        stop::synchronize()?;
+        for list in self.retired.drain(..) {
+            // SAFETY: retired lists were leaked boxes replaced before this grace period.
+            drop(unsafe { Box::from_raw(list) });
+        }
+        Ok(())
+    }
+}
