@@ -5,13 +5,40 @@
 //! controller releases it, possibly with a new `rip`. The trap dispatcher blocks this signal
 //! while it runs, so a stopped thread is never inside a trap handler: one full stop is
 //! therefore a grace period after which no thread holds a pointer the dispatcher handed out.
+//!
+//! ```text
+//!   controller                          each other thread (signal handler)
+//!   slot[i] = (tid, SENT)
+//!   tgkill(tid) ──────────────────────▶ CAS slot (me, SENT) → (me, CLAIMED)
+//!                                       slot.ip = rip; (me, STOPPED); arrived += 1
+//!   wait arrived == sent (or timeout) ◀─ futex wake
+//!   rescan /proc/self/task until no new thread appears
+//!   ... caller inspects threads, set_ip ...
+//!   release_gen += 1, futex wake ─────▶ rip = slot.new_ip if set; (me, LEFT); left += 1
+//!   wait left == stopped ◀───────────── futex wake; return from the handler
+//! ```
+//!
+//! While the world is stopped, the controller neither allocates nor takes a lock a stopped
+//! thread could hold (the task directory is read with `getdents64` into a stack buffer): a
+//! stopped thread may be holding the `malloc` arena lock.
 
 use crate::TextError;
-use std::time::Duration;
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Most threads one stop can hold (the handler cannot allocate, so the table is static).
+pub const MAX_STOPPED_THREADS: usize = 8192;
+
+/// How long [`synchronize`] waits for the other threads.
+const GRACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the controller looks for threads that exited instead of answering.
+const EXIT_POLL: Duration = Duration::from_millis(2);
 
 /// The signal used to stop threads.
 pub fn stop_signal() -> i32 {
-    todo!()
+    libc::SIGRTMAX() - 2
 }
 
 /// A thread held stopped.
@@ -23,39 +50,698 @@ pub struct StoppedThread {
     pub ip: u64,
 }
 
+// ---------------------------------------------------------------------------------------
+// State shared with the signal handler: atomics only.
+
+// A slot's state lives in the low 32 bits of [`Slot::word`], the thread id in the high 32.
+// Packing them makes the handler's claim one compare-and-swap on (its tid, SENT): a late
+// signal can never claim a slot that was meanwhile given to another thread. A slot never
+// used holds 0, which no handler matches.
+
+/// The controller sent the signal and waits for the thread.
+const SENT: u32 = 1;
+/// The handler owns the slot and is writing its `ip`.
+const CLAIMED: u32 = 2;
+/// The thread is parked in the handler.
+const STOPPED: u32 = 3;
+/// The thread was released and is past its last access to the slot.
+const LEFT: u32 = 4;
+/// The thread exited (or is a zombie) before answering.
+const GONE: u32 = 5;
+/// The controller gave up on the thread (timeout); its signal, if it ever comes, is ignored.
+const ABANDONED: u32 = 6;
+
+fn pack(tid: i32, state: u32) -> u64 {
+    ((tid as u32 as u64) << 32) | state as u64
+}
+
+fn unpack(word: u64) -> (i32, u32) {
+    ((word >> 32) as u32 as i32, word as u32)
+}
+
+/// One thread's entry in the stop table.
+struct Slot {
+    /// `pack(tid, state)`.
+    word: AtomicU64,
+    /// Where the thread was interrupted (valid from STOPPED on).
+    ip: AtomicU64,
+    /// Where it should resume instead; 0 for "where it was".
+    new_ip: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // only used as an array initializer
+const SLOT_INIT: Slot = Slot {
+    word: AtomicU64::new(0),
+    ip: AtomicU64::new(0),
+    new_ip: AtomicU64::new(0),
+};
+
+static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
+/// Slots `0 .. USED` belong to the current stop.
+static USED: AtomicU32 = AtomicU32::new(0);
+/// Threads that reached STOPPED in the current stop (futex word the controller waits on).
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
+/// Threads that reached LEFT in the current stop (futex word the controller waits on).
+static LEFT_COUNT: AtomicU32 = AtomicU32::new(0);
+/// Bumped to release every stopped thread (futex word the handlers wait on).
+static RELEASE_GEN: AtomicU32 = AtomicU32::new(0);
+/// Thread id of the controller holding the world stopped, or 0.
+static HOLDER: AtomicI32 = AtomicI32::new(0);
+
+/// Raw system calls for the signal handler: it must not call into libc, whose functions may
+/// carry probes (an `int3` hit while `SIGTRAP` is blocked kills the process) and whose
+/// `syscall()` wrapper writes `errno`.
+mod raw {
+    /// `syscall(nr, a1, a2, a3, a4)`.
+    ///
+    /// # Safety
+    ///
+    /// The arguments must be valid for system call `nr`.
+    pub unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
+        let ret: i64;
+        // SAFETY: the `syscall` instruction clobbers only rax, rcx and r11, all declared;
+        // it does not touch the stack. The caller vouches for the arguments.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") nr => ret,
+                in("rdi") a1,
+                in("rsi") a2,
+                in("rdx") a3,
+                in("r10") a4,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    pub fn gettid() -> i32 {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        unsafe { syscall4(libc::SYS_gettid, 0, 0, 0, 0) as i32 }
+    }
+
+    /// Sleeps while `*word == expected` (or until a signal / spurious wake; callers loop).
+    pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
+        // SAFETY: `word` is a valid, aligned u32 for the whole call; no timeout pointer.
+        unsafe {
+            syscall4(
+                libc::SYS_futex,
+                word.as_ptr() as u64,
+                (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as u64,
+                expected as u64,
+                0,
+            )
+        };
+    }
+
+    /// Wakes every waiter on `word`.
+    pub fn futex_wake_all(word: &core::sync::atomic::AtomicU32) {
+        // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE only reads its address.
+        unsafe {
+            syscall4(
+                libc::SYS_futex,
+                word.as_ptr() as u64,
+                (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as u64,
+                i32::MAX as u64,
+                0,
+            )
+        };
+    }
+}
+
+/// The stop-signal handler. Async-signal-safe: atomics and raw system calls only.
+extern "C" fn on_stop_signal(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    let me = raw::gettid();
+    let used = (USED.load(Ordering::Acquire) as usize).min(MAX_STOPPED_THREADS);
+    // A late signal (its stop timed out and was abandoned, or it was sent twice) finds no
+    // SENT slot for this thread and returns at once.
+    // The plain load first keeps the scan from writing every slot's cache line.
+    let Some(slot) = SLOTS[..used].iter().find(|s| {
+        s.word.load(Ordering::Relaxed) == pack(me, SENT)
+            && s.word
+                .compare_exchange(
+                    pack(me, SENT),
+                    pack(me, CLAIMED),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }) else {
+        return;
+    };
+    // Read the generation only now: the controller cannot release this stop before the slot
+    // is STOPPED (it waits for CLAIMED slots even when it times out), so this is the value
+    // that the release will change.
+    let gen = RELEASE_GEN.load(Ordering::Acquire);
+    let uc = uc.cast::<libc::ucontext_t>();
+    // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO handler; it lives on this
+    // thread's signal frame until the handler returns.
+    let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    slot.ip.store(rip, Ordering::Relaxed);
+    slot.word.store(pack(me, STOPPED), Ordering::Release);
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    raw::futex_wake_all(&ARRIVED);
+
+    while RELEASE_GEN.load(Ordering::Acquire) == gen {
+        raw::futex_wait(&RELEASE_GEN, gen);
+    }
+
+    let new_ip = slot.new_ip.load(Ordering::Acquire);
+    if new_ip != 0 {
+        // SAFETY: as above; sigreturn loads rip from this frame.
+        unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] = new_ip as i64 };
+    }
+    // Last touch of the slot: after this the controller may reuse it.
+    slot.word.store(pack(me, LEFT), Ordering::Release);
+    LEFT_COUNT.fetch_add(1, Ordering::AcqRel);
+    raw::futex_wake_all(&LEFT_COUNT);
+}
+
+/// Installs [`on_stop_signal`] once.
+fn install_handler() -> Result<(), TextError> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; every field
+            // we rely on is set below.
+            let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+            sa.sa_sigaction = on_stop_signal as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            // Block every signal while stopped, SIGTRAP included: a stopped thread must run
+            // no code at all — not another handler that could step on the bytes being
+            // patched or enter the trap dispatcher during a grace period.
+            // SAFETY: `sa.sa_mask` is a valid sigset_t owned by us.
+            unsafe { libc::sigfillset(&mut sa.sa_mask) };
+            // SAFETY: `sa` is fully initialized; the handler is async-signal-safe.
+            if unsafe { libc::sigaction(stop_signal(), &sa, std::ptr::null_mut()) } != 0 {
+                return Err(format!("sigaction: {}", std::io::Error::last_os_error()));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(|reason| TextError::StopFailed { reason })
+}
+
+// ---------------------------------------------------------------------------------------
+// Controller side.
+
+/// Serializes stops: one at a time in the process.
+static CONTROLLER: Mutex<()> = Mutex::new(());
+
+/// The stopped threads as the caller sees them; written only by the holder of [`CONTROLLER`]
+/// while the world is stopped, so it needs no allocation.
+struct ThreadTable(UnsafeCell<[StoppedThread; MAX_STOPPED_THREADS]>);
+// SAFETY: only the thread holding CONTROLLER writes the table, and readers borrow it through
+// a StoppedWorld, which holds CONTROLLER's guard for as long as the borrow lives.
+unsafe impl Sync for ThreadTable {}
+static THREADS: ThreadTable = ThreadTable(UnsafeCell::new(
+    [StoppedThread { tid: 0, ip: 0 }; MAX_STOPPED_THREADS],
+));
+
+/// True when the calling thread holds the world stopped (a nested stop would deadlock).
+pub fn held_by_current_thread() -> bool {
+    HOLDER.load(Ordering::Acquire) == raw::gettid()
+}
+
 /// Every other thread of the process, held stopped until this is dropped.
 pub struct StoppedWorld {
-    _private: (),
+    /// Number of entries of [`THREADS`] that are ours.
+    count: usize,
+    /// Held for the lifetime of the stop; also ties the `threads()` borrow to it.
+    _guard: MutexGuard<'static, ()>,
 }
 
 impl StoppedWorld {
     /// The stopped threads.
     pub fn threads(&self) -> &[StoppedThread] {
-        todo!()
+        // SAFETY: we hold CONTROLLER (see ThreadTable), and no one writes the table again
+        // until our guard is dropped, which cannot happen while `&self` is borrowed.
+        let table: &[StoppedThread; MAX_STOPPED_THREADS] = unsafe { &*THREADS.0.get() };
+        &table[..self.count]
     }
 
     /// Makes thread `tid` resume at `ip` instead of where it stopped (used to move a thread
     /// out of bytes about to be replaced into their relocated copy).
+    ///
+    /// # Panics
+    ///
+    /// If `tid` is not one of [`Self::threads`], or `ip` is 0.
     pub fn set_ip(&mut self, tid: i32, ip: u64) {
-        todo!()
+        assert_ne!(ip, 0, "set_ip: 0 is not a valid instruction pointer");
+        let used = USED.load(Ordering::Acquire) as usize;
+        let slot = SLOTS[..used]
+            .iter()
+            .find(|s| s.word.load(Ordering::Acquire) == pack(tid, STOPPED))
+            .unwrap_or_else(|| panic!("set_ip: thread {tid} is not held stopped"));
+        // Published by the release bump of RELEASE_GEN, which the handler acquires.
+        slot.new_ip.store(ip, Ordering::Relaxed);
     }
 }
 
 impl Drop for StoppedWorld {
     fn drop(&mut self) {
-        todo!()
+        release_all();
     }
 }
 
 /// Stops every thread of the process but the calling one. Fails (after resuming any it did
 /// stop) if some thread does not answer within `timeout` — for example because it blocks
 /// the stop signal.
+///
+/// Threads that exit before answering are left out; threads created while the stop is in
+/// progress are stopped too (the task list is read again until it no longer changes).
+/// Calling it from a thread that already holds the world stopped fails instead of
+/// deadlocking.
 pub fn stop_other_threads(timeout: Duration) -> Result<StoppedWorld, TextError> {
-    todo!()
+    if held_by_current_thread() {
+        return Err(TextError::StopFailed {
+            reason: "this thread already holds the other threads stopped (nested stop)".into(),
+        });
+    }
+    install_handler()?;
+    let guard = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
+    let me = raw::gettid();
+    HOLDER.store(me, Ordering::Release);
+    USED.store(0, Ordering::Release);
+    ARRIVED.store(0, Ordering::Release);
+    LEFT_COUNT.store(0, Ordering::Release);
+
+    match stop_all(me, Instant::now() + timeout) {
+        Ok(count) => Ok(StoppedWorld {
+            count,
+            _guard: guard,
+        }),
+        Err(failure) => {
+            release_all();
+            drop(guard);
+            Err(TextError::StopFailed {
+                reason: failure.describe(timeout),
+            })
+        }
+    }
 }
 
 /// Waits for a grace period: returns once every other thread has been outside the trap
 /// dispatcher at least once since the call.
 pub fn synchronize() -> Result<(), TextError> {
-    todo!()
+    if held_by_current_thread() {
+        // Every other thread is parked in the stop handler, which the dispatcher cannot be
+        // nested in: the grace period has already happened.
+        return Ok(());
+    }
+    drop(stop_other_threads(GRACE_TIMEOUT)?);
+    Ok(())
+}
+
+/// Why a stop failed, gathered without allocating while threads may still be stopped.
+enum Failure {
+    /// More threads than [`MAX_STOPPED_THREADS`].
+    TooMany,
+    /// `/proc/self/task` could not be read (errno).
+    TaskDir(i32),
+    /// `tgkill` failed for this thread with this errno.
+    Signal(i32, i32),
+    /// These slots were still SENT at the deadline (now ABANDONED); their tids are read
+    /// after release.
+    Timeout,
+}
+
+impl Failure {
+    /// The user-facing reason; called after every stopped thread was released.
+    fn describe(&self, timeout: Duration) -> String {
+        match *self {
+            Failure::TooMany => format!("more than {MAX_STOPPED_THREADS} threads"),
+            Failure::TaskDir(errno) => {
+                format!(
+                    "cannot list /proc/self/task: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                )
+            }
+            Failure::Signal(tid, errno) => format!(
+                "cannot send signal {} to thread {tid}: {}",
+                stop_signal(),
+                std::io::Error::from_raw_os_error(errno)
+            ),
+            Failure::Timeout => {
+                let used = USED.load(Ordering::Acquire) as usize;
+                let late: Vec<String> = SLOTS[..used]
+                    .iter()
+                    .map(|s| unpack(s.word.load(Ordering::Acquire)))
+                    .filter(|&(_, state)| state == ABANDONED)
+                    .map(|(tid, _)| format!("{tid} ({})", likely_cause(tid)))
+                    .collect();
+                format!(
+                    "thread(s) {} did not answer signal {} within {timeout:?}; the threads that \
+                     did stop were resumed",
+                    late.join(", "),
+                    stop_signal()
+                )
+            }
+        }
+    }
+}
+
+/// Why thread `tid` probably did not answer, from `/proc/self/task/<tid>/status`.
+fn likely_cause(tid: i32) -> String {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return "exited meanwhile".into();
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let blocked = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
+    if blocked & (1u64 << (stop_signal() - 1)) != 0 {
+        return "it blocks the stop signal: masked by the program, or stuck inside the trap dispatcher"
+            .into();
+    }
+    let state = field("State:");
+    if state.starts_with('D') {
+        return "in uninterruptible sleep (D state): a signal cannot reach it until the kernel \
+                call returns"
+            .into();
+    }
+    if state.starts_with('T') || state.starts_with('t') {
+        return "stopped by job control or a debugger".into();
+    }
+    format!("state {state}: not scheduled in time")
+}
+
+/// Sends the stop signal to every other thread and waits for all of them, until the task
+/// list is stable. Returns how many are stopped, with their entries copied to [`THREADS`].
+fn stop_all(me: i32, deadline: Instant) -> Result<usize, Failure> {
+    let pid = std::process::id() as i32;
+    loop {
+        let before = USED.load(Ordering::Acquire) as usize;
+        let mut err = None;
+        for_each_task(|tid| {
+            if err.is_some() || tid == me || slot_of(tid).is_some() {
+                return;
+            }
+            let i = USED.load(Ordering::Relaxed) as usize;
+            if i == MAX_STOPPED_THREADS {
+                err = Some(Failure::TooMany);
+                return;
+            }
+            let slot = &SLOTS[i];
+            slot.new_ip.store(0, Ordering::Relaxed);
+            slot.ip.store(0, Ordering::Relaxed);
+            slot.word.store(pack(tid, SENT), Ordering::Release);
+            USED.store(i as u32 + 1, Ordering::Release);
+            // SAFETY: tgkill takes plain integers; a wrong tid yields ESRCH, nothing worse.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, stop_signal()) } != 0 {
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if errno == libc::ESRCH {
+                    // Exited between the listing and the signal.
+                    mark_gone(slot, tid);
+                } else {
+                    err = Some(Failure::Signal(tid, errno));
+                }
+            }
+        })
+        .map_err(Failure::TaskDir)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        wait_for_answers(deadline)?;
+        if USED.load(Ordering::Acquire) as usize == before {
+            // A full listing found nobody new: every live thread is stopped (a stopped thread
+            // cannot create one).
+            break;
+        }
+    }
+    // SAFETY: we hold CONTROLLER (the caller locked it) and no StoppedWorld borrows the table.
+    let table = unsafe { &mut *THREADS.0.get() };
+    let mut count = 0;
+    for slot in &SLOTS[..USED.load(Ordering::Acquire) as usize] {
+        let (tid, state) = unpack(slot.word.load(Ordering::Acquire));
+        if state == STOPPED {
+            table[count] = StoppedThread {
+                tid,
+                ip: slot.ip.load(Ordering::Relaxed),
+            };
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// The slot of `tid` in the current stop.
+fn slot_of(tid: i32) -> Option<&'static Slot> {
+    let used = USED.load(Ordering::Acquire) as usize;
+    SLOTS[..used]
+        .iter()
+        .find(|s| unpack(s.word.load(Ordering::Acquire)).0 == tid)
+}
+
+/// SENT → GONE, unless the handler claimed the slot first (then it answers normally).
+fn mark_gone(slot: &Slot, tid: i32) {
+    let _ = slot.word.compare_exchange(
+        pack(tid, SENT),
+        pack(tid, GONE),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+}
+
+/// Counts slots of the current stop in `state`.
+fn count_in(state: u32) -> usize {
+    let used = USED.load(Ordering::Acquire) as usize;
+    SLOTS[..used]
+        .iter()
+        .filter(|s| unpack(s.word.load(Ordering::Acquire)).1 == state)
+        .count()
+}
+
+/// Waits until no slot is SENT or CLAIMED. Threads that exit while we wait are marked GONE;
+/// at the deadline the remaining SENT slots are ABANDONED.
+fn wait_for_answers(deadline: Instant) -> Result<(), Failure> {
+    let mut last_exit_check = Instant::now();
+    loop {
+        let seen = ARRIVED.load(Ordering::Acquire);
+        if count_in(SENT) == 0 && count_in(CLAIMED) == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let used = USED.load(Ordering::Acquire) as usize;
+            for slot in &SLOTS[..used] {
+                let (tid, _) = unpack(slot.word.load(Ordering::Acquire));
+                let _ = slot.word.compare_exchange(
+                    pack(tid, SENT),
+                    pack(tid, ABANDONED),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            // A handler that claimed its slot before we abandoned it is a few instructions
+            // from STOPPED; it must get there before the release, or it would miss it.
+            while count_in(CLAIMED) != 0 {
+                std::hint::spin_loop();
+            }
+            return Err(Failure::Timeout);
+        }
+        if now.duration_since(last_exit_check) >= EXIT_POLL {
+            last_exit_check = now;
+            let used = USED.load(Ordering::Acquire) as usize;
+            for slot in &SLOTS[..used] {
+                let (tid, state) = unpack(slot.word.load(Ordering::Acquire));
+                if state == SENT && !task_alive(tid) {
+                    mark_gone(slot, tid);
+                }
+            }
+        }
+        let wait = deadline.saturating_duration_since(now).min(EXIT_POLL);
+        futex_wait_timeout(&ARRIVED, seen, wait);
+    }
+}
+
+/// Releases every STOPPED thread (with its new ip, if any) and waits until each one has left
+/// the handler, so the slots can be reused. SENT slots are abandoned first.
+fn release_all() {
+    let used = USED.load(Ordering::Acquire) as usize;
+    for slot in &SLOTS[..used] {
+        let (tid, _) = unpack(slot.word.load(Ordering::Acquire));
+        let _ = slot.word.compare_exchange(
+            pack(tid, SENT),
+            pack(tid, ABANDONED),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+    while count_in(CLAIMED) != 0 {
+        std::hint::spin_loop();
+    }
+    let stopped = count_in(STOPPED);
+    RELEASE_GEN.fetch_add(1, Ordering::AcqRel);
+    raw::futex_wake_all(&RELEASE_GEN);
+    loop {
+        let left = LEFT_COUNT.load(Ordering::Acquire);
+        if left as usize >= stopped {
+            break;
+        }
+        futex_wait_timeout(&LEFT_COUNT, left, Duration::from_millis(10));
+    }
+    HOLDER.store(0, Ordering::Release);
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`.
+fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: `word` is a valid aligned u32 and `ts` a valid relative timeout, both alive for
+    // the call. Errors (EAGAIN, ETIMEDOUT, EINTR) all mean "look again", which callers do.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Calls `f` with the id of every thread listed in `/proc/self/task`, reading the directory
+/// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
+/// holding the allocator's lock). Returns the errno when the directory cannot be read.
+fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
+    let errno = || {
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: the path is a NUL-terminated literal.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/task".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let mut buf = [0u8; 4096];
+    let result = loop {
+        // SAFETY: `buf` is writable for its whole length; `fd` is the directory opened above.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            break Err(errno());
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+        let mut off = 0usize;
+        while off < n as usize {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(tid) = parse_decimal(name) {
+                f(tid);
+            }
+            off += reclen;
+        }
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// `name` as a positive decimal i32 (`.` and `..` are not).
+fn parse_decimal(name: &[u8]) -> Option<i32> {
+    if name.is_empty() {
+        return None;
+    }
+    name.iter().try_fold(0i32, |acc, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add((b - b'0') as i32)
+    })
+}
+
+/// False when thread `tid` is gone or a zombie (a thread-group leader that called
+/// `pthread_exit` stays listed as `Z` but never handles a signal). Reads
+/// `/proc/self/task/<tid>/stat` into a stack buffer.
+fn task_alive(tid: i32) -> bool {
+    let mut path = [0u8; 40];
+    let prefix = b"/proc/self/task/";
+    path[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 12];
+    let mut n = tid.unsigned_abs();
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let digits = &digits[d..];
+    let mut end = prefix.len();
+    path[end..end + digits.len()].copy_from_slice(digits);
+    end += digits.len();
+    path[end..end + 5].copy_from_slice(b"/stat");
+    // path[end + 5] stays 0: the terminator.
+    // SAFETY: `path` is NUL-terminated (the buffer is larger than the longest path).
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        // Only "no such entry" proves the thread is gone; on any other error (out of file
+        // descriptors...) keep waiting for it rather than let a live thread run unstopped.
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        return !matches!(errno, Some(libc::ENOENT | libc::ESRCH));
+    }
+    let mut stat = [0u8; 512];
+    // SAFETY: `stat` is writable for its length; `fd` was just opened.
+    let n = unsafe { libc::read(fd, stat.as_mut_ptr().cast(), stat.len()) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if n <= 0 {
+        return false;
+    }
+    // "tid (comm) S ...": the state follows the last ')' (comm may contain ')').
+    let stat = &stat[..n as usize];
+    match stat.iter().rposition(|&b| b == b')') {
+        Some(p) => !matches!(stat.get(p + 2), Some(b'Z' | b'X' | b'x')),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_words_round_trip() {
+        assert_eq!(unpack(pack(12345, STOPPED)), (12345, STOPPED));
+        assert_eq!(unpack(pack(i32::MAX, ABANDONED)), (i32::MAX, ABANDONED));
+    }
+
+    #[test]
+    fn task_names() {
+        assert_eq!(parse_decimal(b"4242"), Some(4242));
+        assert_eq!(parse_decimal(b"."), None);
+        assert_eq!(parse_decimal(b".."), None);
+        assert_eq!(parse_decimal(b""), None);
+    }
+
+    #[test]
+    fn own_task_is_alive() {
+        assert!(task_alive(raw::gettid()));
+        assert!(!task_alive(i32::MAX));
+    }
 }

@@ -1,0 +1,257 @@
+//! Stop-the-world with real threads: the stop holds, `set_ip` moves a thread, failures are
+//! clean.
+
+use dynprobe_text::memory::write_verified;
+use dynprobe_text::pool::{alloc_near, ExecSlot};
+use dynprobe_text::stop::{stop_other_threads, stop_signal, synchronize, StoppedWorld};
+use dynprobe_text::TextError;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Each test stops every thread of the binary, including the other tests' threads, and one
+/// test makes stops fail on purpose: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Polls `cond` for up to five seconds.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+struct Spinner {
+    tid: Arc<AtomicI32>,
+    count: Arc<AtomicU64>,
+    handle: thread::JoinHandle<()>,
+}
+
+/// A thread that counts as fast as it can until `quit`.
+fn spinner(quit: &Arc<AtomicBool>) -> Spinner {
+    let (tid, count, quit) = (
+        Arc::new(AtomicI32::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        quit.clone(),
+    );
+    let (t, c) = (tid.clone(), count.clone());
+    let handle = thread::spawn(move || {
+        t.store(gettid(), Ordering::SeqCst);
+        while !quit.load(Ordering::Relaxed) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Spinner { tid, count, handle }
+}
+
+fn tids(world: &StoppedWorld) -> Vec<i32> {
+    world.threads().iter().map(|t| t.tid).collect()
+}
+
+#[test]
+fn stopped_threads_do_not_run_until_released() {
+    let _serial = serial();
+    let quit = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<Spinner> = (0..3).map(|_| spinner(&quit)).collect();
+    assert!(eventually(|| spinners
+        .iter()
+        .all(|s| s.count.load(Ordering::Relaxed) > 0)));
+
+    let world = stop_other_threads(TIMEOUT).unwrap();
+    let stopped = tids(&world);
+    assert!(!stopped.contains(&gettid()), "the caller is not stopped");
+    for s in &spinners {
+        let tid = s.tid.load(Ordering::SeqCst);
+        let t = world
+            .threads()
+            .iter()
+            .find(|t| t.tid == tid)
+            .expect("every spinner is stopped");
+        assert_ne!(t.ip, 0);
+    }
+    let before: Vec<u64> = spinners
+        .iter()
+        .map(|s| s.count.load(Ordering::SeqCst))
+        .collect();
+    thread::sleep(Duration::from_millis(50));
+    let during: Vec<u64> = spinners
+        .iter()
+        .map(|s| s.count.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(before, during, "no stopped thread advanced its counter");
+    drop(world);
+
+    assert!(eventually(|| spinners
+        .iter()
+        .zip(&during)
+        .all(|(s, &d)| s.count.load(Ordering::Relaxed) > d)));
+    quit.store(true, Ordering::Relaxed);
+    for s in spinners {
+        s.handle.join().unwrap();
+    }
+}
+
+/// Writes `code` into a fresh slot near this test's code.
+fn slot_with(code: &[u8]) -> ExecSlot {
+    let slot = alloc_near(slot_with as *const () as usize as u64, code.len()).unwrap();
+    write_verified(slot.addr, &vec![0xCC; code.len()], code).unwrap();
+    slot
+}
+
+#[test]
+fn set_ip_moves_a_stopped_thread() {
+    let _serial = serial();
+    // 1: jmp 1b — a function that never returns on its own.
+    let spin = slot_with(&[0xeb, 0xfe]);
+    // mov $7, %eax; ret — an exit for it: the return address is still on the stack.
+    let exit = slot_with(&[0xb8, 7, 0, 0, 0, 0xc3]);
+    let tid = Arc::new(AtomicI32::new(0));
+    let t = tid.clone();
+    let handle = thread::spawn(move || {
+        t.store(gettid(), Ordering::SeqCst);
+        // SAFETY: the slot holds code that follows the C ABI once it is moved to `exit`.
+        let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(spin.addr as usize) };
+        f()
+    });
+    assert!(eventually(|| tid.load(Ordering::SeqCst) != 0));
+    let tid = tid.load(Ordering::SeqCst);
+    // Stop until the thread is seen inside the loop (it may still be on its way there).
+    let moved = eventually(|| {
+        let mut world = stop_other_threads(TIMEOUT).unwrap();
+        let ip = world.threads().iter().find(|t| t.tid == tid).unwrap().ip;
+        if ip != spin.addr {
+            return false;
+        }
+        world.set_ip(tid, exit.addr);
+        true
+    });
+    assert!(moved, "the thread was never seen spinning in its slot");
+    assert_eq!(handle.join().unwrap(), 7);
+}
+
+#[test]
+fn synchronize_returns() {
+    let _serial = serial();
+    let quit = Arc::new(AtomicBool::new(false));
+    let s = spinner(&quit);
+    for _ in 0..100 {
+        synchronize().unwrap();
+    }
+    quit.store(true, Ordering::Relaxed);
+    s.handle.join().unwrap();
+    synchronize().unwrap();
+}
+
+#[test]
+fn nested_stop_fails_instead_of_deadlocking_and_synchronize_is_immediate() {
+    let _serial = serial();
+    let world = stop_other_threads(TIMEOUT).unwrap();
+    assert!(matches!(
+        stop_other_threads(TIMEOUT),
+        Err(TextError::StopFailed { .. })
+    ));
+    synchronize().unwrap();
+    drop(world);
+    drop(stop_other_threads(TIMEOUT).unwrap());
+}
+
+#[test]
+fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
+    let _serial = serial();
+    let quit = Arc::new(AtomicBool::new(false));
+    let free = spinner(&quit);
+    let (blocked_tid, unblock) = (
+        Arc::new(AtomicI32::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (t, u) = (blocked_tid.clone(), unblock.clone());
+    let blocked = thread::spawn(move || {
+        // SAFETY: plain sigset manipulation on a local set, then this thread's own mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, stop_signal());
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            t.store(gettid(), Ordering::SeqCst);
+            while !u.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+            // The stale signal is delivered now and must be ignored by the handler.
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    });
+    assert!(eventually(
+        || blocked_tid.load(Ordering::SeqCst) != 0 && free.count.load(Ordering::Relaxed) > 0
+    ));
+
+    let started = Instant::now();
+    let err = stop_other_threads(Duration::from_millis(200))
+        .err()
+        .expect("the stop must fail");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let TextError::StopFailed { reason } = err else {
+        panic!("{err:?}")
+    };
+    let tid = blocked_tid.load(Ordering::SeqCst);
+    assert!(reason.contains(&tid.to_string()), "{reason}");
+    assert!(reason.contains("blocks the stop signal"), "{reason}");
+
+    // The thread that did stop was resumed.
+    let c = free.count.load(Ordering::SeqCst);
+    assert!(eventually(|| free.count.load(Ordering::Relaxed) > c));
+
+    unblock.store(true, Ordering::Relaxed);
+    blocked.join().unwrap();
+    // A late signal left no trace: the next stops work and hold.
+    for _ in 0..3 {
+        let world = stop_other_threads(TIMEOUT).unwrap();
+        assert!(tids(&world).contains(&free.tid.load(Ordering::SeqCst)));
+    }
+    quit.store(true, Ordering::Relaxed);
+    free.handle.join().unwrap();
+}
+
+#[test]
+fn threads_created_during_a_stop_are_stopped_too() {
+    let _serial = serial();
+    let quit = Arc::new(AtomicBool::new(false));
+    let spawned = Arc::new(AtomicU64::new(0));
+    let (q, n) = (quit.clone(), spawned.clone());
+    // Keeps creating short-lived threads, so stops race with clone() and exit.
+    let spawner = thread::spawn(move || {
+        while !q.load(Ordering::Relaxed) {
+            thread::spawn(|| std::hint::black_box(0)).join().unwrap();
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    assert!(eventually(|| spawned.load(Ordering::Relaxed) > 10));
+    for _ in 0..50 {
+        let world = stop_other_threads(TIMEOUT).unwrap();
+        let before = spawned.load(Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(2));
+        assert_eq!(
+            spawned.load(Ordering::SeqCst),
+            before,
+            "the spawner is held"
+        );
+        drop(world);
+    }
+    quit.store(true, Ordering::Relaxed);
+    spawner.join().unwrap();
+}
