@@ -90,3 +90,26 @@ fn stop_the_world_round_trip() -> Result<(), TextError> {
     drop(stop::stop_other_threads(FALLBACK_STOP_TIMEOUT)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_methods_work() {
+        try_sync_core().unwrap();
+        assert_ne!(METHOD.load(Ordering::Acquire), UNKNOWN);
+        sync_core();
+        // The fallback, whatever this kernel supports, with another thread to stop.
+        let quit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let q = quit.clone();
+        let other = std::thread::spawn(move || {
+            while !q.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        stop_the_world_round_trip().unwrap();
+        quit.store(true, Ordering::Relaxed);
+        other.join().unwrap();
+    }
+}
