@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 /// Dynamic instrumentation for Linux processes.
 #[derive(Parser)]
-#[command(name = "dynprobe", version, about)]
+#[command(name = "dynprobe", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
