@@ -140,28 +140,14 @@ fn open_error(err: io::Error) -> String {
     }
 }
 
-/// The file and file offset that `addr` in this process is mapped from.
-///
-/// TODO: use `dynprobe_symbols::SymbolTable::file_offset` once that crate lands; until then
-/// this reads the mapping from `/proc/self/maps`, which is all the kernel needs.
+/// The file and file offset holding the code at `addr` in this process.
 fn file_offset(addr: u64) -> Result<(PathBuf, u64), String> {
-    let maps =
-        fs::read_to_string("/proc/self/maps").map_err(|err| format!("/proc/self/maps: {err}"))?;
-    maps.lines()
-        .find_map(|line| {
-            // start-end perms offset dev inode path
-            let mut fields = line.split_ascii_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let (start, end) = (hex(start)?, hex(end)?);
-            let offset = hex(fields.nth(1)?)?;
-            let path = fields.nth(2)?;
-            (start..end)
-                .contains(&addr)
-                .then(|| (PathBuf::from(path), addr - start + offset))
-        })
-        .ok_or_else(|| format!("{addr:#x} is not in a file mapping of this process"))
-}
-
-fn hex(s: &str) -> Option<u64> {
-    u64::from_str_radix(s, 16).ok()
+    let symbols = dynprobe_symbols::SymbolTable::current_process()
+        .map_err(|err| format!("reading this process's modules: {err}"))?;
+    symbols.file_offset(addr).ok_or_else(|| {
+        format!(
+            "{} is not in a file mapping of this process",
+            symbols.format_addr(addr)
+        )
+    })
 }
