@@ -398,3 +398,297 @@ fn encoder_error(err: IcedError, instrs: &[Instruction], starts: &[u64]) -> Relo
             },
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter};
+
+    const OLD: u64 = 0x40_1000;
+    /// Within ±2 GiB of `OLD`, far beyond any rel8.
+    const NEW: u64 = 0x7000_0000;
+
+    /// The code at `ip` as GNU assembly with RIP-relative operands shown as the absolute
+    /// address they reach (`mov 0x401027,%rax`), so a relocated operand reads the same as the
+    /// original one.
+    fn listing(code: &[u8], ip: u64) -> Vec<String> {
+        let mut formatter = GasFormatter::new();
+        formatter.options_mut().set_uppercase_hex(false);
+        formatter.options_mut().set_branch_leading_zeros(false);
+        Decoder::with_ip(64, code, ip, DecoderOptions::NONE)
+            .into_iter()
+            .map(|instr| {
+                let mut text = String::new();
+                formatter.format(&instr, &mut text);
+                text
+            })
+            .collect()
+    }
+
+    fn relocated_listing(bytes: &[u8]) -> Vec<String> {
+        let relocated = relocate(bytes, OLD, NEW).unwrap_or_else(|e| panic!("{bytes:02x?}: {e}"));
+        listing(&relocated.code, NEW)
+    }
+
+    /// (original bytes at `OLD`, the relocated code at `NEW` as a listing)
+    #[rustfmt::skip]
+    const RELOCATIONS: &[(&[u8], &[&str])] = &[
+        // push %rbp; sub $0x10,%rsp
+        (&[0x55, 0x48, 0x83, 0xec, 0x10], &["push %rbp", "sub $0x10,%rsp"]),
+        // mov 0x20(%rip),%rax             -> 0x401027
+        (&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], &["mov 0x401027,%rax"]),
+        // mov %eax,-0x100(%rip)           -> 0x400f06
+        (&[0x89, 0x05, 0x00, 0xff, 0xff, 0xff], &["mov %eax,0x400f06"]),
+        // lea 0x10(%rip),%rdi             -> 0x401017
+        (&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], &["lea 0x401017,%rdi"]),
+        // jmp 0x401007 (rel8), widened
+        (&[0xeb, 0x05], &["jmp 0x401007"]),
+        // je 0x401012 (rel8), widened
+        (&[0x74, 0x10], &["je 0x401012"]),
+        // call 0x401105: push the original return address 0x401005, then jump
+        (&[0xe8, 0x00, 0x01, 0, 0], &[
+            "lea -8(%rsp),%rsp", "movl $0x401005,(%rsp)", "movl $0,4(%rsp)", "jmp 0x401105",
+        ]),
+        // call *%rax
+        (&[0xff, 0xd0], &["lea -8(%rsp),%rsp", "movl $0x401002,(%rsp)", "movl $0,4(%rsp)", "jmp *%rax"]),
+        // call *0x8(%rsp): rsp moved down by 8 before the jump reads it
+        (&[0xff, 0x54, 0x24, 0x08], &[
+            "lea -8(%rsp),%rsp", "movl $0x401004,(%rsp)", "movl $0,4(%rsp)", "jmpq *0x10(%rsp)",
+        ]),
+        // call *(%rsp)
+        (&[0xff, 0x14, 0x24], &["lea -8(%rsp),%rsp", "movl $0x401003,(%rsp)", "movl $0,4(%rsp)", "jmpq *8(%rsp)"]),
+        // call *0x10(%rip)                -> 0x401016
+        (&[0xff, 0x15, 0x10, 0, 0, 0], &[
+            "lea -8(%rsp),%rsp", "movl $0x401006,(%rsp)", "movl $0,4(%rsp)", "jmpq *0x401016",
+        ]),
+        // loop 0x401010: rel8 only, so iced branches over a near jmp
+        (&[0xe2, 0x0e], &["loop 0x70000004", "jmp 0x70000009", "jmp 0x401010"]),
+        // 1: loop 1b — a target inside the run is the copy's
+        (&[0xe2, 0xfe], &["loop 0x70000000"]),
+        // jrcxz 0x401007
+        (&[0xe3, 0x05], &["jrcxz 0x70000004", "jmp 0x70000009", "jmp 0x401007"]),
+        // endbr64; ret
+        (&[0xf3, 0x0f, 0x1e, 0xfa, 0xc3], &["endbr64", "ret"]),
+        // 1: dec %ecx; jne 1b — the loop stays in the copy
+        (&[0xff, 0xc9, 0x75, 0xfc], &["dec %ecx", "jne 0x70000000"]),
+        // call 1f; 1: pop %rax — the get-pc idiom still yields the original address
+        (&[0xe8, 0, 0, 0, 0, 0x58], &[
+            "lea -8(%rsp),%rsp", "movl $0x401005,(%rsp)", "movl $0,4(%rsp)", "jmp 0x70000016", "pop %rax",
+        ]),
+    ];
+
+    #[test]
+    fn relocations() {
+        let mismatches: Vec<String> = RELOCATIONS
+            .iter()
+            .filter(|(bytes, expected)| relocated_listing(bytes) != *expected)
+            .map(|(bytes, _)| format!("{bytes:02x?}: {:?}", relocated_listing(bytes)))
+            .collect();
+        assert!(mismatches.is_empty(), "{mismatches:#?}");
+    }
+
+    #[test]
+    fn position_independent_code_keeps_its_bytes() {
+        let bytes = [0x55, 0x48, 0x83, 0xec, 0x10, 0xf3, 0x0f, 0x1e, 0xfa, 0xc3];
+        assert_eq!(relocate(&bytes, OLD, NEW).unwrap().code, bytes);
+    }
+
+    #[test]
+    fn call_rewrite_bytes() {
+        let relocated = relocate(&[0xe8, 0x00, 0x01, 0, 0], OLD, NEW).unwrap();
+        #[rustfmt::skip]
+        assert_eq!(relocated.code, [
+            0x48, 0x8d, 0x64, 0x24, 0xf8,                   // lea -0x8(%rsp),%rsp
+            0xc7, 0x04, 0x24, 0x05, 0x10, 0x40, 0x00,       // movl $0x401005,(%rsp)
+            0xc7, 0x44, 0x24, 0x04, 0x00, 0x00, 0x00, 0x00, // movl $0x0,0x4(%rsp)
+            0xe9, 0xec, 0x10, 0x40, 0x90,                   // jmp 0x401105
+        ]);
+        assert_eq!(PUSH_RETURN_LEN, 20);
+    }
+
+    #[test]
+    fn offsets_map_each_original_instruction() {
+        #[rustfmt::skip]
+        let bytes = [
+            0x55,                                   // 0: push %rbp
+            0x48, 0x8b, 0x05, 0x20, 0, 0, 0,        // 1: mov 0x20(%rip),%rax
+            0x74, 0x10,                             // 8: je 0x40101a   (2 -> 6 bytes)
+            0xe8, 0x00, 0x01, 0, 0,                 // a: call +0x100   (5 -> 25 bytes)
+            0xe2, 0x10,                             // f: loop 0x401021 (2 -> 9 bytes)
+            0xe2, 0xee,                             // 11: loop 1b      (stays 2 bytes: to 0x401001's copy)
+            0xc3,                                   // 13: ret
+        ];
+        let relocated = relocate(&bytes, OLD, NEW).unwrap();
+        assert_eq!(
+            relocated.offsets,
+            [
+                (0x0, 0x0),
+                (0x1, 0x1),
+                (0x8, 0x8),
+                (0xa, 0xe),
+                (0xf, 0x27),
+                (0x11, 0x30),
+                (0x13, 0x32)
+            ]
+        );
+        assert_eq!(
+            listing(&relocated.code[0x30..0x32], NEW + 0x30),
+            ["loop 0x70000001"]
+        );
+        assert_eq!(relocated.code[0x32..], [0xc3]);
+    }
+
+    #[test]
+    fn unreachable_rip_relative_operand_is_out_of_range() {
+        let old = 0x5555_5555_0000;
+        let new = 0x7fff_0000_0000;
+        // mov 0x20(%rip),%rax
+        assert_eq!(
+            relocate(&[0x55, 0x48, 0x8b, 0x05, 0x20, 0, 0, 0], old, new),
+            Err(RelocError::OutOfRange {
+                ip: old + 1,
+                new_ip: new + 1
+            })
+        );
+        // call *0x10(%rip)
+        assert!(matches!(
+            relocate(&[0xff, 0x15, 0x10, 0, 0, 0], old, new),
+            Err(RelocError::OutOfRange { .. })
+        ));
+        let message = relocate(&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], old, new)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("0x555555550000") && message.contains("±2 GiB"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rip_relative_operand_in_the_low_4gib_stays_reachable_from_anywhere() {
+        // mov 0x20(%rip),%rax -> 0x401027, as eip-relative from far away
+        let far = 0x7fff_0000_0000;
+        let relocated = relocate(&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], OLD, far).unwrap();
+        let instr = Decoder::with_ip(64, &relocated.code, far, DecoderOptions::NONE).decode();
+        assert_eq!(
+            (instr.memory_base(), instr.ip_rel_memory_address()),
+            (Register::EIP, 0x401027)
+        );
+    }
+
+    #[test]
+    fn unreachable_branches_go_through_memory() {
+        let old = 0x5555_5555_0000;
+        let new = 0x7fff_0000_0000;
+        // call old+0x105: the absolute jump right after the pushed return address
+        let relocated = relocate(&[0xe8, 0x00, 0x01, 0, 0], old, new).unwrap();
+        let mut expected = vec![
+            0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24, 0x05, 0, 0x55, 0x55,
+        ];
+        expected.extend([0xc7, 0x44, 0x24, 0x04, 0x55, 0x55, 0, 0]);
+        expected.extend(jmp_abs(old + 0x105));
+        assert_eq!(relocated.code, expected);
+        // jmp and jcc: iced's own long forms, which read the target from a qword after them
+        for bytes in [&[0xeb, 0x05][..], &[0x74, 0x05]] {
+            let relocated = relocate(bytes, old, new).unwrap();
+            let text = listing(&relocated.code, new).join("; ");
+            assert!(text.contains("jmpq *"), "{text}");
+            let quad = &relocated.code[relocated.code.len() - 8..];
+            assert_eq!(quad, (old + 7).to_le_bytes(), "{text}");
+        }
+    }
+
+    #[test]
+    fn refused_and_undecodable_runs() {
+        // push %rbp; syscall
+        let err = relocate(&[0x55, 0x0f, 0x05], OLD, NEW).unwrap_err();
+        assert!(
+            matches!(&err, RelocError::Refused(r) if r.ip == OLD + 1 && r.insn_text == "syscall"),
+            "{err:?}"
+        );
+        // push %rbp; mov 0x20(%rip),%rax cut short
+        assert_eq!(
+            relocate(&[0x55, 0x48, 0x8b], OLD, NEW),
+            Err(RelocError::Decode(DecodeError::Truncated { ip: OLD + 1 }))
+        );
+        assert!(matches!(
+            relocate(&[0xff, 0xd4], OLD, NEW),
+            Err(RelocError::Refused(_))
+        )); // call *%rsp
+    }
+
+    #[test]
+    fn slot_ends_in_a_jump_back() {
+        // mov 0x20(%rip),%rax; then jmp 0x401007
+        let slot = build_slot(&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], OLD, NEW, OLD + 7).unwrap();
+        assert_eq!(listing(&slot, NEW), ["mov 0x401027,%rax", "jmp 0x401007"]);
+        assert_eq!(slot.len(), 7 + 5);
+        // Out of rel32 reach: jmp *0(%rip); .quad resume
+        let far = 0x7fff_0000_0000;
+        let slot = build_slot(&[0x55], OLD, far, OLD + 1).unwrap();
+        let mut expected = vec![0x55];
+        expected.extend(jmp_abs(OLD + 1));
+        assert_eq!(slot, expected);
+        assert_eq!(
+            build_slot(&[0xcc], OLD, NEW, OLD + 1)
+                .unwrap_err()
+                .to_string(),
+            "the instruction at 0x401000 (`int3`) cannot run out of line: it is a breakpoint \
+             itself: the trap must be reported at the program's own address; probe a \
+             neighbouring instruction instead"
+        );
+    }
+
+    /// (bytes at `OLD`, post-slot listing at `NEW`, exits as (offset, resume))
+    #[rustfmt::skip]
+    const POST_SLOTS: &[(&[u8], &[&str], &[(u32, u64)])] = &[
+        // mov 0x20(%rip),%rax
+        (&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], &["mov 0x401027,%rax", "int3"], &[(7, OLD + 7)]),
+        // jmp 0x401105
+        (&[0xe9, 0x00, 0x01, 0, 0], &["int3"], &[(0, OLD + 0x105)]),
+        // je 0x401012
+        (&[0x74, 0x10], &["je 0x70000003", "int3", "int3"], &[(2, OLD + 2), (3, OLD + 0x12)]),
+        // jg 0x401106 (rel32), shortened: its exits are right after it
+        (&[0x0f, 0x8f, 0x00, 0x01, 0, 0], &["jg 0x70000003", "int3", "int3"], &[(2, OLD + 6), (3, OLD + 0x106)]),
+        // loop 0x401000
+        (&[0xe2, 0xfe], &["loop 0x70000003", "int3", "int3"], &[(2, OLD + 2), (3, OLD)]),
+        // jrcxz 0x401007
+        (&[0xe3, 0x05], &["jrcxz 0x70000003", "int3", "int3"], &[(2, OLD + 2), (3, OLD + 7)]),
+        // call 0x401105: push the return address, then stop; the handler resumes at the callee
+        (&[0xe8, 0x00, 0x01, 0, 0], &["lea -8(%rsp),%rsp", "movl $0x401005,(%rsp)", "movl $0,4(%rsp)", "int3"],
+            &[(20, OLD + 0x105)]),
+    ];
+
+    #[test]
+    fn post_slots() {
+        for &(bytes, expected, exits) in POST_SLOTS {
+            let slot =
+                build_post_slot(bytes, OLD, NEW).unwrap_or_else(|e| panic!("{bytes:02x?}: {e}"));
+            assert_eq!(listing(&slot.code, NEW), expected, "{bytes:02x?}");
+            assert_eq!(slot.exits, exits, "{bytes:02x?}");
+            for (offset, _) in exits {
+                assert_eq!(slot.code[*offset as usize], INT3);
+            }
+        }
+    }
+
+    #[test]
+    fn post_slot_refuses_unknown_successors() {
+        #[rustfmt::skip]
+        let cases: &[(&[u8], &str)] = &[
+            (&[0xc3], "a return"),                      // ret
+            (&[0xff, 0xe0], "an indirect jump"),        // jmp *%rax
+            (&[0xff, 0xd0], "an indirect call"),        // call *%rax
+            (&[0xff, 0x15, 0x10, 0, 0, 0], "an indirect call"), // call *0x10(%rip)
+            (&[0xc7, 0xf8, 0x10, 0, 0, 0], "transaction"), // xbegin
+            (&[0x0f, 0x05], "system call"),             // syscall
+        ];
+        for &(bytes, word) in cases {
+            let err = build_post_slot(bytes, OLD, NEW).unwrap_err();
+            assert!(
+                matches!(&err, RelocError::Refused(r) if r.reason.contains(word)),
+                "{bytes:02x?}: {err}"
+            );
+        }
+    }
+}
