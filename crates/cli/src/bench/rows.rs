@@ -107,6 +107,7 @@ impl Armed for dynprobe::ProbeHandle {
 
     fn disarm(self: Box<Self>) -> Result<(), String> {
         self.unregister()
+            .map(|_final_counts| ())
             .map_err(|err| format!("unregister: {err:?}"))
     }
 }
