@@ -27,10 +27,7 @@ pub(crate) fn demangle(mangled: &str) -> Demangled {
     // parameter types after the closing `E`).
     if base.starts_with("_ZN") || base.starts_with("_R") {
         if let Ok(d) = rustc_demangle::try_demangle(base) {
-            return Demangled {
-                name: format!("{d:#}{version}"),
-                short: None,
-            };
+            return Demangled { name: format!("{d:#}{version}"), short: None };
         }
     }
     if base.starts_with("_Z") {
@@ -43,17 +40,11 @@ pub(crate) fn demangle(mangled: &str) -> Demangled {
                     .ok()
                     .filter(|s| *s != full)
                     .map(|s| format!("{s}{version}"));
-                return Demangled {
-                    name: format!("{full}{version}"),
-                    short,
-                };
+                return Demangled { name: format!("{full}{version}"), short };
             }
         }
     }
-    Demangled {
-        name: mangled.to_string(),
-        short: None,
-    }
+    Demangled { name: mangled.to_string(), short: None }
 }
 
 /// If `spec` ends in a legacy Rust hash (`::h0123456789abcdef`), the name without it.
@@ -64,9 +55,7 @@ pub(crate) fn strip_rust_hash(spec: &str) -> Option<&str> {
 
 /// The Rust demangling *with* the hash, to compare against a spec that names it.
 pub(crate) fn rust_with_hash(mangled: &str) -> Option<String> {
-    rustc_demangle::try_demangle(mangled)
-        .ok()
-        .map(|d| d.to_string())
+    rustc_demangle::try_demangle(mangled).ok().map(|d| d.to_string())
 }
 
 #[cfg(test)]
@@ -113,10 +102,7 @@ mod tests {
 
     #[test]
     fn recognises_hash_suffixes() {
-        assert_eq!(
-            strip_rust_hash("demo::work::h0123456789abcdef"),
-            Some("demo::work")
-        );
+        assert_eq!(strip_rust_hash("demo::work::h0123456789abcdef"), Some("demo::work"));
         assert_eq!(strip_rust_hash("demo::work::hello"), None);
         assert_eq!(strip_rust_hash("work"), None);
     }

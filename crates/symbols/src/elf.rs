@@ -57,10 +57,7 @@ impl ElfInfo {
     /// The mapping and the segment that contains the offset agree modulo the page size, so
     /// `start` corresponds to link-time address `p_vaddr - (p_offset - offset)`.
     pub fn bias_from_mapping(&self, start: u64, offset: u64) -> Option<u64> {
-        let seg = self
-            .segments
-            .iter()
-            .find(|s| s.offset & !0xfff <= offset && offset < s.offset + s.filesz.max(1))?;
+        let seg = self.segments.iter().find(|s| s.offset & !0xfff <= offset && offset < s.offset + s.filesz.max(1))?;
         let link = seg.vaddr.wrapping_sub(seg.offset.wrapping_sub(offset));
         Some(start.wrapping_sub(link))
     }
@@ -69,23 +66,14 @@ impl ElfInfo {
 /// The file offset that holds link-time address `vaddr`, if a loadable segment maps it
 /// from the file (not from the zero-filled `.bss` tail).
 pub(crate) fn file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
-    segments
-        .iter()
-        .find(|s| s.vaddr <= vaddr && vaddr < s.vaddr + s.filesz)
-        .map(|s| vaddr - s.vaddr + s.offset)
+    segments.iter().find(|s| s.vaddr <= vaddr && vaddr < s.vaddr + s.filesz).map(|s| vaddr - s.vaddr + s.offset)
 }
 
 /// Reads an ELF file from disk.
 pub(crate) fn read_path(path: &Path) -> Result<ElfInfo, SymbolError> {
-    let file = File::open(path).map_err(|e| SymbolError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let file = File::open(path).map_err(|e| SymbolError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
     let cache = ReadCache::new(file);
-    parse(&cache).map_err(|reason| SymbolError::Parse {
-        path: path.to_path_buf(),
-        reason,
-    })
+    parse(&cache).map_err(|reason| SymbolError::Parse { path: path.to_path_buf(), reason })
 }
 
 /// Parses an ELF image already in memory (the vdso).
@@ -98,10 +86,7 @@ fn parse<'d, R: ReadRef<'d>>(data: R) -> Result<ElfInfo, String> {
     let endian = file.endian();
     let header = file.elf_header();
     if header.e_machine(endian) != elf::EM_X86_64 {
-        return Err(format!(
-            "it is built for machine {} rather than x86-64",
-            header.e_machine(endian)
-        ));
+        return Err(format!("it is built for machine {} rather than x86-64", header.e_machine(endian)));
     }
 
     let segments = file
@@ -117,24 +102,19 @@ fn parse<'d, R: ReadRef<'d>>(data: R) -> Result<ElfInfo, String> {
         .collect();
 
     let sections = file.elf_section_table();
-    let mut info = ElfInfo {
-        segments,
-        ..ElfInfo::default()
-    };
+    let mut info = ElfInfo { segments, ..ElfInfo::default() };
     for section in sections.iter() {
         match section.sh_type(endian) {
             elf::SHT_SYMTAB | elf::SHT_DYNSYM => {
                 info.has_symtab |= section.sh_type(endian) == elf::SHT_SYMTAB;
-                let syms: &[elf::Sym64<Endianness>] = section
-                    .data_as_array(endian, data)
-                    .map_err(|e| format!("bad symbol table: {e}"))?;
+                let syms: &[elf::Sym64<Endianness>] =
+                    section.data_as_array(endian, data).map_err(|e| format!("bad symbol table: {e}"))?;
                 let strings = linked_strings(&file, section, data)?;
                 info.symbols.extend(functions(syms, strings, endian));
             }
             elf::SHT_DYNAMIC => {
-                let dyns: &[elf::Dyn64<Endianness>] = section
-                    .data_as_array(endian, data)
-                    .map_err(|e| format!("bad dynamic section: {e}"))?;
+                let dyns: &[elf::Dyn64<Endianness>] =
+                    section.data_as_array(endian, data).map_err(|e| format!("bad dynamic section: {e}"))?;
                 let strings = linked_strings(&file, section, data)?;
                 for d in dyns {
                     let name = || cstr(strings, d.d_val(endian)).map(str::to_string);
@@ -151,11 +131,8 @@ fn parse<'d, R: ReadRef<'d>>(data: R) -> Result<ElfInfo, String> {
     // Both are only needed to find a separate debug file; a malformed note is no reason to
     // give up on the symbols we already have.
     info.build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
-    info.debuglink = file
-        .gnu_debuglink()
-        .ok()
-        .flatten()
-        .and_then(|(name, _crc)| std::str::from_utf8(name).ok().map(str::to_string));
+    info.debuglink =
+        file.gnu_debuglink().ok().flatten().and_then(|(name, _crc)| std::str::from_utf8(name).ok().map(str::to_string));
     Ok(info)
 }
 
@@ -231,12 +208,7 @@ mod tests {
         ElfInfo {
             segments: segments
                 .iter()
-                .map(|&(vaddr, memsz, offset, filesz)| LoadSegment {
-                    vaddr,
-                    memsz,
-                    offset,
-                    filesz,
-                })
+                .map(|&(vaddr, memsz, offset, filesz)| LoadSegment { vaddr, memsz, offset, filesz })
                 .collect(),
             ..ElfInfo::default()
         }
@@ -246,10 +218,7 @@ mod tests {
     fn bias_of_pie_non_pie_and_library() {
         // PIE: first segment at vaddr 0, mapped at 0x5555_5555_4000.
         let pie = info(&[(0, 0x1000, 0, 0x1000), (0x1000, 0x2000, 0x1000, 0x2000)]);
-        assert_eq!(
-            pie.bias_from_mapping(0x5555_5555_4000, 0),
-            Some(0x5555_5555_4000)
-        );
+        assert_eq!(pie.bias_from_mapping(0x5555_5555_4000, 0), Some(0x5555_5555_4000));
         assert_eq!(
             pie.bias_from_mapping(0x5555_5555_5000, 0x1000),
             Some(0x5555_5555_4000),
@@ -260,10 +229,7 @@ mod tests {
         assert_eq!(exe.bias_from_mapping(0x400000, 0), Some(0));
         // A segment whose p_offset is not page aligned (typical for .data).
         let lib = info(&[(0, 0x1000, 0, 0x1000), (0x3de0, 0x300, 0x2de0, 0x220)]);
-        assert_eq!(
-            lib.bias_from_mapping(0x7f00_0000_3000, 0x2000),
-            Some(0x7f00_0000_0000)
-        );
+        assert_eq!(lib.bias_from_mapping(0x7f00_0000_3000, 0x2000), Some(0x7f00_0000_0000));
     }
 
     #[test]
@@ -271,11 +237,7 @@ mod tests {
         let lib = info(&[(0, 0x1000, 0, 0x1000), (0x3de0, 0x300, 0x2de0, 0x220)]);
         assert_eq!(file_offset(&lib.segments, 0x10), Some(0x10));
         assert_eq!(file_offset(&lib.segments, 0x3de8), Some(0x2de8));
-        assert_eq!(
-            file_offset(&lib.segments, 0x3de0 + 0x220),
-            None,
-            ".bss is not in the file"
-        );
+        assert_eq!(file_offset(&lib.segments, 0x3de0 + 0x220), None, ".bss is not in the file");
     }
 
     #[test]

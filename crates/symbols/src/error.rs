@@ -78,20 +78,15 @@ impl fmt::Display for SymbolError {
                  the full (mangled) name",
                 candidates.join("; ")
             ),
-            SymbolError::Io { path, reason } => write!(
-                f,
-                "cannot read `{}`: {reason}; check that it exists and that you may read it",
-                path.display()
-            ),
-            SymbolError::Parse { path, reason } => write!(
-                f,
-                "cannot use `{}` as an x86-64 ELF file: {reason}",
-                path.display()
-            ),
-            SymbolError::NoSuchProcess { pid } => write!(
-                f,
-                "there is no process with pid {pid} (it may have exited); check the pid with `ps`"
-            ),
+            SymbolError::Io { path, reason } => {
+                write!(f, "cannot read `{}`: {reason}; check that it exists and that you may read it", path.display())
+            }
+            SymbolError::Parse { path, reason } => {
+                write!(f, "cannot use `{}` as an x86-64 ELF file: {reason}", path.display())
+            }
+            SymbolError::NoSuchProcess { pid } => {
+                write!(f, "there is no process with pid {pid} (it may have exited); check the pid with `ps`")
+            }
         }
     }
 }
@@ -118,11 +113,7 @@ pub(crate) fn suggest<'a>(wanted: &str, names: impl Iterator<Item = &'a str>) ->
         .collect();
     scored.sort_unstable();
     scored.dedup_by(|a, b| a.1 == b.1);
-    scored
-        .into_iter()
-        .take(3)
-        .map(|(_, n)| n.to_string())
-        .collect()
+    scored.into_iter().take(3).map(|(_, n)| n.to_string()).collect()
 }
 
 /// Optimal-string-alignment distance: Levenshtein plus adjacent transpositions, because
@@ -172,23 +163,11 @@ mod tests {
 
     #[test]
     fn messages_name_the_cause_and_the_fix() {
-        let e = SymbolError::UnknownSymbol {
-            name: "wrok".into(),
-            suggestions: vec!["work".into()],
-        };
+        let e = SymbolError::UnknownSymbol { name: "wrok".into(), suggestions: vec!["work".into()] };
         assert_eq!(e.to_string(), "unknown symbol `wrok`; did you mean `work`?");
-        let e = SymbolError::UnknownSymbol {
-            name: "x".into(),
-            suggestions: vec!["a".into(), "b".into()],
-        };
-        assert_eq!(
-            e.to_string(),
-            "unknown symbol `x`; did you mean one of `a`, `b`?"
-        );
-        let e = SymbolError::UnknownModule {
-            name: "libfo".into(),
-            loaded: vec!["demo".into(), "libc.so.6".into()],
-        };
+        let e = SymbolError::UnknownSymbol { name: "x".into(), suggestions: vec!["a".into(), "b".into()] };
+        assert_eq!(e.to_string(), "unknown symbol `x`; did you mean one of `a`, `b`?");
+        let e = SymbolError::UnknownModule { name: "libfo".into(), loaded: vec!["demo".into(), "libc.so.6".into()] };
         assert!(e.to_string().contains("`demo`, `libc.so.6`"), "{e}");
         let e = SymbolError::NoSuchProcess { pid: 99 };
         assert!(e.to_string().contains("pid 99"));

@@ -28,10 +28,7 @@ pub(crate) fn load(pid: Option<i32>) -> Result<SymbolTable, SymbolError> {
     let maps_path = proc_dir.join("maps");
     let maps = fs::read_to_string(&maps_path).map_err(|e| match (e.kind(), pid) {
         (io::ErrorKind::NotFound, Some(pid)) => SymbolError::NoSuchProcess { pid },
-        _ => SymbolError::Io {
-            path: maps_path.clone(),
-            reason: e.to_string(),
-        },
+        _ => SymbolError::Io { path: maps_path.clone(), reason: e.to_string() },
     })?;
     let view = match pid {
         Some(pid) => RootView::for_pid(pid),
@@ -42,17 +39,11 @@ pub(crate) fn load(pid: Option<i32>) -> Result<SymbolTable, SymbolError> {
     // executable before the interpreter) stands in.
     let exe = fs::read_link(proc_dir.join("exe")).ok().map(|p| {
         let s = p.to_string_lossy();
-        s.strip_suffix(" (deleted)")
-            .map_or(p.clone(), PathBuf::from)
+        s.strip_suffix(" (deleted)").map_or(p.clone(), PathBuf::from)
     });
 
-    let files: Vec<MappedFile> = maps::mapped_files(&maps)
-        .into_iter()
-        .filter(MappedFile::has_code)
-        .collect();
-    let main_index = exe
-        .and_then(|exe| files.iter().position(|f| Path::new(&f.path) == exe))
-        .unwrap_or(0);
+    let files: Vec<MappedFile> = maps::mapped_files(&maps).into_iter().filter(MappedFile::has_code).collect();
+    let main_index = exe.and_then(|exe| files.iter().position(|f| Path::new(&f.path) == exe)).unwrap_or(0);
 
     let mut loaded = Vec::with_capacity(files.len() + 1);
     let mut warnings = Vec::new();
@@ -67,8 +58,7 @@ pub(crate) fn load(pid: Option<i32>) -> Result<SymbolTable, SymbolError> {
     if !loaded.iter().any(|l| l.module.is_main) {
         return Err(SymbolError::Io {
             path: maps_path,
-            reason: "the process has no mapped executable (a zombie or a kernel thread?)"
-                .to_string(),
+            reason: "the process has no mapped executable (a zombie or a kernel thread?)".to_string(),
         });
     }
     // The vdso is a nicety (it names `clock_gettime` in stack traces): if its memory
@@ -89,41 +79,21 @@ fn load_file(view: &RootView, file: &MappedFile, is_main: bool) -> Result<Loaded
     }
     // Prefer the mapping of file offset 0 (it holds the ELF header and is always the
     // first PT_LOAD); any mapping works as long as a segment covers its offset.
-    let anchor = file
-        .mappings
-        .iter()
-        .find(|m| m.offset == 0)
-        .unwrap_or(&file.mappings[0]);
-    let bias = info
-        .bias_from_mapping(anchor.start, anchor.offset)
-        .ok_or_else(|| SymbolError::Parse {
-            path: readable.clone(),
-            reason: format!(
-                "no loadable segment covers file offset {:#x}, mapped at {:#x}",
-                anchor.offset, anchor.start
-            ),
-        })?;
+    let anchor = file.mappings.iter().find(|m| m.offset == 0).unwrap_or(&file.mappings[0]);
+    let bias = info.bias_from_mapping(anchor.start, anchor.offset).ok_or_else(|| SymbolError::Parse {
+        path: readable.clone(),
+        reason: format!("no loadable segment covers file offset {:#x}, mapped at {:#x}", anchor.offset, anchor.start),
+    })?;
     let path = PathBuf::from(&file.path);
     Ok(Loaded {
-        module: Module {
-            name: file_name(&path),
-            path,
-            bias,
-            ranges: file.ranges(),
-            is_main,
-        },
-        file: ModuleFile {
-            readable: Some(readable),
-            segments: info.segments.clone(),
-        },
+        module: Module { name: file_name(&path), path, bias, ranges: file.ranges(), is_main },
+        file: ModuleFile { readable: Some(readable), segments: info.segments.clone() },
         info,
     })
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy())
-        .into_owned()
+    path.file_name().map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy()).into_owned()
 }
 
 /// Stripped binaries (Debian's libraries) keep their full symbol table in a separate
@@ -158,10 +128,7 @@ fn load_vdso(proc_dir: &Path, vdso: &Mapping) -> Option<Loaded> {
             ranges: vec![(vdso.start, vdso.end)],
             is_main: false,
         },
-        file: ModuleFile {
-            readable: None,
-            segments: info.segments.clone(),
-        },
+        file: ModuleFile { readable: None, segments: info.segments.clone() },
         info,
     })
 }
@@ -175,8 +142,11 @@ fn load_order(mut rest: Vec<Loaded>) -> Vec<Loaded> {
     let mut next = 0;
     while next < ordered.len() {
         for needed in ordered[next].info.needed.clone() {
+            // A library linked without a soname is needed by the path it was linked as.
             let provides = |l: &Loaded| {
-                l.info.soname.as_deref() == Some(needed.as_str()) || l.module.name == needed
+                l.info.soname.as_deref() == Some(needed.as_str())
+                    || l.module.name == needed
+                    || l.module.path.as_os_str() == needed.as_str()
             };
             if let Some(i) = rest.iter().position(provides) {
                 ordered.push(rest.remove(i));
@@ -222,25 +192,14 @@ fn assemble(loaded: Vec<Loaded>, warnings: Vec<SymbolError>) -> SymbolTable {
         let underscores = s.mangled.bytes().take_while(|&b| b == b'_').count();
         (!s.global, s.size == 0, underscores, s.mangled.len())
     };
-    raw.sort_by(|(_, a), (_, b)| {
-        (a.value, preference(a), &a.mangled).cmp(&(b.value, preference(b), &b.mangled))
-    });
+    raw.sort_by(|(_, a), (_, b)| (a.value, preference(a), &a.mangled).cmp(&(b.value, preference(b), &b.mangled)));
 
     let mut symbols = Vec::with_capacity(raw.len());
     let mut extra = Vec::with_capacity(raw.len());
     for (module, s) in raw {
         let d = demangle(&s.mangled);
-        symbols.push(Symbol {
-            name: d.name,
-            mangled: s.mangled,
-            addr: s.value,
-            size: s.size,
-            module,
-        });
-        extra.push(SymbolExtra {
-            short: d.short,
-            global: s.global,
-        });
+        symbols.push(Symbol { name: d.name, mangled: s.mangled, addr: s.value, size: s.size, module });
+        extra.push(SymbolExtra { short: d.short, global: s.global });
     }
 
     let by_name = sorted_index(symbols.len(), |i| Some(symbols[i].name.as_str()));
@@ -248,25 +207,12 @@ fn assemble(loaded: Vec<Loaded>, warnings: Vec<SymbolError>) -> SymbolTable {
     let by_short = sorted_index(symbols.len(), |i| extra[i].short.as_deref());
     let max_size = symbols.iter().map(|s| s.size).max().unwrap_or(0);
 
-    SymbolTable {
-        modules,
-        files,
-        symbols,
-        extra,
-        by_name,
-        by_mangled,
-        by_short,
-        max_size,
-        warnings,
-    }
+    SymbolTable { modules, files, symbols, extra, by_name, by_mangled, by_short, max_size, warnings }
 }
 
 /// Indices `0..len` that have a key, sorted by it.
 fn sorted_index<'a>(len: usize, key: impl Fn(usize) -> Option<&'a str>) -> Vec<u32> {
-    let mut index: Vec<u32> = (0..len)
-        .filter(|&i| key(i).is_some())
-        .map(|i| i as u32)
-        .collect();
+    let mut index: Vec<u32> = (0..len).filter(|&i| key(i).is_some()).map(|i| i as u32).collect();
     index.sort_unstable_by(|&a, &b| key(a as usize).cmp(&key(b as usize)));
     index
 }

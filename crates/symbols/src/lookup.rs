@@ -10,29 +10,15 @@ const MAX_CANDIDATES_SHOWN: usize = 8;
 pub(crate) fn lookup(table: &SymbolTable, spec: &str) -> Result<usize, SymbolError> {
     let (module, name) = split_spec(spec);
     let module = module.map(|m| find_module(table, m)).transpose()?;
-    let in_scope = |i: &usize| module.map_or(true, |m| table.symbols[*i].module == m);
+    let in_scope = |i: &usize| module.is_none() || module == Some(table.symbols[*i].module);
 
-    let mut found: Vec<usize> = exact_matches(table, name)
-        .into_iter()
-        .filter(in_scope)
-        .collect();
+    let mut found: Vec<usize> = exact_matches(table, name).into_iter().filter(in_scope).collect();
     if found.is_empty() {
-        found = path_suffix_matches(table, name)
-            .into_iter()
-            .filter(in_scope)
-            .collect();
+        found = path_suffix_matches(table, name).into_iter().filter(in_scope).collect();
     }
     if found.is_empty() {
-        let names = table
-            .symbols
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| in_scope(i))
-            .map(|(_, s)| s.name.as_str());
-        return Err(SymbolError::UnknownSymbol {
-            name: name.to_string(),
-            suggestions: suggest(name, names),
-        });
+        let names = table.symbols.iter().enumerate().filter(|(i, _)| in_scope(i)).map(|(_, s)| s.name.as_str());
+        return Err(SymbolError::UnknownSymbol { name: name.to_string(), suggestions: suggest(name, names) });
     }
     found.sort_unstable();
     found.dedup();
@@ -42,9 +28,8 @@ pub(crate) fn lookup(table: &SymbolTable, spec: &str) -> Result<usize, SymbolErr
 /// Splits `module:name` at the first lone `:` (a `::` belongs to a C++ or Rust path).
 fn split_spec(spec: &str) -> (Option<&str>, &str) {
     let bytes = spec.as_bytes();
-    let lone_colon = (0..bytes.len()).find(|&i| {
-        bytes[i] == b':' && bytes.get(i + 1) != Some(&b':') && (i == 0 || bytes[i - 1] != b':')
-    });
+    let lone_colon = (0..bytes.len())
+        .find(|&i| bytes[i] == b':' && bytes.get(i + 1) != Some(&b':') && (i == 0 || bytes[i - 1] != b':'));
     match lone_colon {
         Some(i) if i > 0 => (Some(&spec[..i]), &spec[i + 1..]),
         _ => (None, spec),
@@ -55,9 +40,7 @@ fn split_spec(spec: &str) -> (Option<&str>, &str) {
 /// that stops at a `.` or `-` (`libc` → `libc.so.6`, `libfoo` → `libfoo-1.2.so`).
 fn find_module(table: &SymbolTable, wanted: &str) -> Result<usize, SymbolError> {
     let modules = table.modules();
-    let exact = modules
-        .iter()
-        .position(|m| m.name == wanted || m.path.as_os_str() == wanted);
+    let exact = modules.iter().position(|m| m.name == wanted || m.path.as_os_str() == wanted);
     if let Some(i) = exact {
         return Ok(i);
     }
@@ -75,10 +58,7 @@ fn find_module(table: &SymbolTable, wanted: &str) -> Result<usize, SymbolError> 
         }),
         many => Err(SymbolError::Ambiguous {
             name: wanted.to_string(),
-            candidates: many
-                .iter()
-                .map(|&i| modules[i].path.display().to_string())
-                .collect(),
+            candidates: many.iter().map(|&i| modules[i].path.display().to_string()).collect(),
         }),
     }
 }
@@ -88,12 +68,8 @@ fn find_module(table: &SymbolTable, wanted: &str) -> Result<usize, SymbolError> 
 fn exact_matches(table: &SymbolTable, name: &str) -> Vec<usize> {
     let symbols = &table.symbols;
     let mut found = equal_range(&table.by_name, name, |i| &symbols[i].name);
-    found.extend(equal_range(&table.by_mangled, name, |i| {
-        &symbols[i].mangled
-    }));
-    found.extend(equal_range(&table.by_short, name, |i| {
-        table.extra[i].short.as_deref().unwrap_or_default()
-    }));
+    found.extend(equal_range(&table.by_mangled, name, |i| &symbols[i].mangled));
+    found.extend(equal_range(&table.by_short, name, |i| table.extra[i].short.as_deref().unwrap_or_default()));
     if found.is_empty() {
         if let Some(path) = strip_rust_hash(name) {
             found = equal_range(&table.by_name, path, |i| &symbols[i].name)
@@ -108,11 +84,7 @@ fn exact_matches(table: &SymbolTable, name: &str) -> Vec<usize> {
 /// The entries of a sorted index whose key equals `name`.
 fn equal_range<'t>(index: &[u32], name: &str, key: impl Fn(usize) -> &'t str) -> Vec<usize> {
     let start = index.partition_point(|&i| key(i as usize) < name);
-    index[start..]
-        .iter()
-        .map(|&i| i as usize)
-        .take_while(|&i| key(i) == name)
-        .collect()
+    index[start..].iter().map(|&i| i as usize).take_while(|&i| key(i) == name).collect()
 }
 
 /// Symbols whose path ends in `::name` (`work` finds `demo::work`): a convenience for Rust
@@ -122,11 +94,7 @@ fn path_suffix_matches(table: &SymbolTable, name: &str) -> Vec<usize> {
     (0..table.symbols.len())
         .filter(|&i| {
             let s = &table.symbols[i];
-            s.name.ends_with(&suffix)
-                || table.extra[i]
-                    .short
-                    .as_deref()
-                    .is_some_and(|n| n.ends_with(&suffix))
+            s.name.ends_with(&suffix) || table.extra[i].short.as_deref().is_some_and(|n| n.ends_with(&suffix))
         })
         .collect()
 }
@@ -141,22 +109,12 @@ fn choose(table: &SymbolTable, name: &str, found: &[usize]) -> Result<usize, Sym
         .iter()
         .copied()
         .find(|&i| table.modules[module_of(i)].is_main)
-        .or_else(|| {
-            found
-                .iter()
-                .copied()
-                .filter(|&i| table.extra[i].global)
-                .min_by_key(|&i| module_of(i))
-        })
+        .or_else(|| found.iter().copied().filter(|&i| table.extra[i].global).min_by_key(|&i| module_of(i)))
         .or_else(|| found.iter().copied().min_by_key(|&i| module_of(i)))
         .map(module_of)
         .expect("found is not empty");
 
-    let mut in_module: Vec<usize> = found
-        .iter()
-        .copied()
-        .filter(|&i| module_of(i) == module)
-        .collect();
+    let mut in_module: Vec<usize> = found.iter().copied().filter(|&i| module_of(i) == module).collect();
     // `found` is in table order (by address, preferred alias first), so the first of each
     // address is the one to return.
     in_module.dedup_by_key(|i| symbols[*i].addr);
@@ -175,10 +133,7 @@ fn choose(table: &SymbolTable, name: &str, found: &[usize]) -> Result<usize, Sym
             if many.len() > MAX_CANDIDATES_SHOWN {
                 candidates.push(format!("and {} more", many.len() - MAX_CANDIDATES_SHOWN));
             }
-            Err(SymbolError::Ambiguous {
-                name: name.to_string(),
-                candidates,
-            })
+            Err(SymbolError::Ambiguous { name: name.to_string(), candidates })
         }
     }
 }
@@ -192,10 +147,7 @@ mod tests {
         assert_eq!(split_spec("libc:malloc"), (Some("libc"), "malloc"));
         assert_eq!(split_spec("ns::work(int)"), (None, "ns::work(int)"));
         assert_eq!(split_spec("demo:ns::work"), (Some("demo"), "ns::work"));
-        assert_eq!(
-            split_spec("<impl a::B as c::D>::f"),
-            (None, "<impl a::B as c::D>::f")
-        );
+        assert_eq!(split_spec("<impl a::B as c::D>::f"), (None, "<impl a::B as c::D>::f"));
         assert_eq!(split_spec(":malloc"), (None, ":malloc"));
     }
 }

@@ -75,14 +75,7 @@ pub(crate) fn parse_line(line: &str) -> Option<Mapping> {
             None => (Some(p.to_string()), false),
         },
     };
-    Some(Mapping {
-        start,
-        end,
-        exec,
-        offset,
-        path,
-        deleted,
-    })
+    Some(Mapping { start, end, exec, offset, path, deleted })
 }
 
 /// Groups the file-backed mappings of a maps text by path, in order of first appearance.
@@ -98,11 +91,7 @@ pub(crate) fn mapped_files(maps: &str) -> Vec<MappedFile> {
         // Few files are mapped, so a linear search beats building a map.
         match files.iter_mut().find(|f| f.path == path) {
             Some(f) => f.mappings.push(m),
-            None => files.push(MappedFile {
-                path,
-                deleted: m.deleted,
-                mappings: vec![m],
-            }),
+            None => files.push(MappedFile { path, deleted: m.deleted, mappings: vec![m] }),
         }
     }
     files
@@ -110,9 +99,7 @@ pub(crate) fn mapped_files(maps: &str) -> Vec<MappedFile> {
 
 /// The `[vdso]` mapping, if the process has one.
 pub(crate) fn find_vdso(maps: &str) -> Option<Mapping> {
-    maps.lines()
-        .filter_map(parse_line)
-        .find(|m| m.path.as_deref() == Some("[vdso]"))
+    maps.lines().filter_map(parse_line).find(|m| m.path.as_deref() == Some("[vdso]"))
 }
 
 /// Where to read a mapped file from, in our own mount namespace.
@@ -144,10 +131,7 @@ pub(crate) struct RootView {
 
 impl RootView {
     pub fn current() -> Self {
-        RootView {
-            pid: None,
-            same_as_ours: true,
-        }
+        RootView { pid: None, same_as_ours: true }
     }
 
     pub fn for_pid(pid: i32) -> Self {
@@ -160,10 +144,7 @@ impl RootView {
             (Ok(t), Ok(o)) => t.dev() == o.dev() && t.ino() == o.ino(),
             _ => true,
         };
-        RootView {
-            pid: Some(pid),
-            same_as_ours,
-        }
+        RootView { pid: Some(pid), same_as_ours }
     }
 }
 
@@ -184,14 +165,9 @@ mod tests {
 
     #[test]
     fn parses_fixed_columns_and_paths_with_spaces() {
-        let m = parse_line(
-            "7fed1d53d000-7fed1d693000 r-xp 00026000 fe:00 326279   /opt/my lib/libx.so (deleted)",
-        )
-        .unwrap();
-        assert_eq!(
-            (m.start, m.end, m.offset),
-            (0x7fed1d53d000, 0x7fed1d693000, 0x26000)
-        );
+        let m =
+            parse_line("7fed1d53d000-7fed1d693000 r-xp 00026000 fe:00 326279   /opt/my lib/libx.so (deleted)").unwrap();
+        assert_eq!((m.start, m.end, m.offset), (0x7fed1d53d000, 0x7fed1d693000, 0x26000));
         assert!(m.exec);
         assert!(m.deleted);
         assert_eq!(m.path.as_deref(), Some("/opt/my lib/libx.so"));
@@ -205,14 +181,7 @@ mod tests {
     fn groups_by_path_and_skips_pseudo_files() {
         let files = mapped_files(MAPS);
         let names: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "/usr/bin/cat",
-                "/usr/lib/locale/C.utf8/LC_CTYPE",
-                "/opt/my lib/libx.so"
-            ]
-        );
+        assert_eq!(names, ["/usr/bin/cat", "/usr/lib/locale/C.utf8/LC_CTYPE", "/opt/my lib/libx.so"]);
         assert_eq!(files[0].mappings.len(), 2);
         assert!(files[0].has_code());
         assert!(!files[1].has_code(), "a locale file has no code");
@@ -223,25 +192,10 @@ mod tests {
     #[test]
     fn deleted_files_are_read_through_map_files() {
         let files = mapped_files(MAPS);
-        let view = RootView {
-            pid: Some(42),
-            same_as_ours: true,
-        };
-        assert_eq!(
-            readable_path(&view, &files[2]),
-            PathBuf::from("/proc/42/map_files/7fed1d517000-7fed1d53d000")
-        );
-        assert_eq!(
-            readable_path(&view, &files[0]),
-            PathBuf::from("/usr/bin/cat")
-        );
-        let container = RootView {
-            pid: Some(42),
-            same_as_ours: false,
-        };
-        assert_eq!(
-            readable_path(&container, &files[0]),
-            PathBuf::from("/proc/42/root/usr/bin/cat")
-        );
+        let view = RootView { pid: Some(42), same_as_ours: true };
+        assert_eq!(readable_path(&view, &files[2]), PathBuf::from("/proc/42/map_files/7fed1d517000-7fed1d53d000"));
+        assert_eq!(readable_path(&view, &files[0]), PathBuf::from("/usr/bin/cat"));
+        let container = RootView { pid: Some(42), same_as_ours: false };
+        assert_eq!(readable_path(&container, &files[0]), PathBuf::from("/proc/42/root/usr/bin/cat"));
     }
 }
