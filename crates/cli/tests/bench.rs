@@ -7,8 +7,6 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// Whether the `int3-probe` row must produce a number.
-// TODO(lead): set to true once `dynprobe::Probe::register` works.
-const INT3_PROBE_READY: bool = false;
 
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dynprobe"))
@@ -88,11 +86,9 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     }
 
     let int3_probe = row(&rows, "int3-probe");
-    if INT3_PROBE_READY {
-        assert!(ns_per_hit(&rows, "int3-probe") > 0.0, "{int3_probe}");
-        assert!(int3_probe["x_sigtrap_floor"].is_number(), "{int3_probe}");
-        assert!(int3_probe["x_kernel_uprobe"].is_number(), "{int3_probe}");
-    }
+    assert!(ns_per_hit(&rows, "int3-probe") > 0.0, "{int3_probe}");
+    assert!(int3_probe["x_sigtrap_floor"].is_number(), "{int3_probe}");
+    assert!(int3_probe["x_kernel_uprobe"].is_number(), "{int3_probe}");
 }
 
 #[test]

@@ -96,7 +96,7 @@ fn register_int3_probe(target: Target) -> Result<Box<dyn Armed>, String> {
     let handle = dynprobe::Probe::at(dynprobe::Location::Address(target::address(target)))
         .on_hit(|_regs| {})
         .register()
-        .map_err(|err| format!("register: {err:?}"))?;
+        .map_err(|err| format!("register: {err}"))?;
     Ok(Box::new(handle))
 }
 
@@ -108,7 +108,7 @@ impl Armed for dynprobe::ProbeHandle {
     fn disarm(self: Box<Self>) -> Result<(), String> {
         self.unregister()
             .map(|_final_counts| ())
-            .map_err(|err| format!("unregister: {err:?}"))
+            .map_err(|err| format!("unregister: {err}"))
     }
 }
 
