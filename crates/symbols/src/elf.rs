@@ -11,7 +11,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym, VersionTable};
 use object::read::{ReadCache, ReadRef};
 use object::{Endianness, Object};
 
@@ -35,6 +35,8 @@ pub(crate) struct RawSymbol {
     /// `STB_GLOBAL` or `STB_WEAK`: the symbol is what the dynamic linker would bind a
     /// reference to, as opposed to a file-local helper that happens to share the name.
     pub global: bool,
+    /// `STT_GNU_IFUNC`: the address is the resolver that picks an implementation.
+    pub ifunc: bool,
 }
 
 /// What we keep of one ELF file.
@@ -110,7 +112,13 @@ fn parse<'d, R: ReadRef<'d>>(data: R) -> Result<ElfInfo, String> {
                 let syms: &[elf::Sym64<Endianness>] =
                     section.data_as_array(endian, data).map_err(|e| format!("bad symbol table: {e}"))?;
                 let strings = linked_strings(&file, section, data)?;
-                info.symbols.extend(functions(syms, strings, endian));
+                // Only `.dynsym` has versions; a broken version table costs the suffixes,
+                // not the symbols.
+                let versions = match section.sh_type(endian) {
+                    elf::SHT_DYNSYM => sections.versions(endian, data).ok().flatten(),
+                    _ => None,
+                };
+                info.symbols.extend(functions(syms, strings, versions.as_ref(), endian));
             }
             elf::SHT_DYNAMIC => {
                 let dyns: &[elf::Dyn64<Endianness>] =
@@ -157,12 +165,18 @@ fn cstr(strings: &[u8], offset: u64) -> Option<&str> {
 }
 
 /// The defined function symbols of one table.
+///
+/// `.dynsym` may define one name several times in different versions (glibc's `memcpy`
+/// is `memcpy@@GLIBC_2.14` and the old `memcpy@GLIBC_2.2.5`); only the default version is
+/// what a new reference binds to, so the others get their `@VERSION` suffix, as `.symtab`
+/// spells them.
 fn functions<'a>(
     syms: &'a [elf::Sym64<Endianness>],
     strings: &'a [u8],
+    versions: Option<&'a VersionTable<'a, elf::FileHeader64<Endianness>>>,
     endian: Endianness,
 ) -> impl Iterator<Item = RawSymbol> + 'a {
-    syms.iter().filter_map(move |s| {
+    syms.iter().enumerate().filter_map(move |(index, s)| {
         let is_function = matches!(s.st_type(), elf::STT_FUNC | elf::STT_GNU_IFUNC);
         if !is_function || s.st_shndx(endian) == elf::SHN_UNDEF || s.st_value(endian) == 0 {
             return None;
@@ -171,11 +185,24 @@ fn functions<'a>(
         if name.is_empty() {
             return None;
         }
+        let hidden_version = versions.and_then(|v| {
+            let version = v.version_index(endian, object::SymbolIndex(index));
+            if !version.is_hidden() {
+                return None;
+            }
+            let name = v.version(version).ok()??.name();
+            std::str::from_utf8(name).ok()
+        });
+        let mangled = match hidden_version {
+            Some(version) => format!("{name}@{version}"),
+            None => name.to_string(),
+        };
         Some(RawSymbol {
-            mangled: name.to_string(),
+            mangled,
             value: s.st_value(endian),
             size: s.st_size(endian),
             global: matches!(s.st_bind(), elf::STB_GLOBAL | elf::STB_WEAK),
+            ifunc: s.st_type() == elf::STT_GNU_IFUNC,
         })
     })
 }

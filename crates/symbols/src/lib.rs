@@ -82,6 +82,7 @@ struct SymbolExtra {
     short: Option<String>,
     /// Global or weak binding (what the dynamic linker binds references to).
     global: bool,
+    ifunc: bool,
 }
 
 /// What we keep of a module's file to map addresses back to file offsets.
@@ -194,6 +195,20 @@ impl SymbolTable {
             }
         }
         found.map(|s| (s, addr - s.addr))
+    }
+
+    /// Whether `sym` (one of [`symbols`](Self::symbols)) is a GNU indirect function
+    /// (`STT_GNU_IFUNC`, e.g. glibc's `memcpy`, `strlen`): its address is the *resolver*,
+    /// which runs once at relocation time and returns the implementation for this CPU
+    /// (`__memcpy_avx_unaligned_erms`, …). A probe there never fires on calls; probe the
+    /// implementation instead.
+    pub fn is_ifunc(&self, sym: &Symbol) -> bool {
+        let first = self.symbols.partition_point(|s| s.addr < sym.addr);
+        self.symbols[first..]
+            .iter()
+            .zip(&self.extra[first..])
+            .take_while(|(s, _)| s.addr == sym.addr)
+            .any(|(s, e)| e.ifunc && s.mangled == sym.mangled)
     }
 
     /// `[start,end)` of the function containing `addr`, if its size is known.

@@ -181,6 +181,7 @@ fn assemble(loaded: Vec<Loaded>, warnings: Vec<SymbolError>) -> SymbolTable {
         if same {
             kept.1.size = kept.1.size.max(later.1.size);
             kept.1.global |= later.1.global;
+            kept.1.ifunc |= later.1.ifunc;
         }
         same
     });
@@ -199,7 +200,7 @@ fn assemble(loaded: Vec<Loaded>, warnings: Vec<SymbolError>) -> SymbolTable {
     for (module, s) in raw {
         let d = demangle(&s.mangled);
         symbols.push(Symbol { name: d.name, mangled: s.mangled, addr: s.value, size: s.size, module });
-        extra.push(SymbolExtra { short: d.short, global: s.global });
+        extra.push(SymbolExtra { short: d.short, global: s.global, ifunc: s.ifunc });
     }
 
     let by_name = sorted_index(symbols.len(), |i| Some(symbols[i].name.as_str()));

@@ -56,6 +56,8 @@ int main() {
 /// The compiled programs, built once per test run.
 struct Programs {
     no_pie: PathBuf,
+    /// `no_pie` stripped, its symbols in `demo_stripped.debug` named by `.gnu_debuglink`.
+    stripped: PathBuf,
     pie_with_lib: PathBuf,
     cpp: PathBuf,
 }
@@ -81,9 +83,15 @@ fn programs() -> &'static Programs {
         let pie_with_lib = dir.join("demo_pie");
         let rpath = format!("-Wl,-rpath,{}", dir.display());
         compile("gcc", &[&c, &lib], &pie_with_lib, &["-O1", "-fpie", "-pie", "-DWITH_LIB", &rpath]);
+        let stripped = dir.join("demo_stripped");
+        let debug = dir.join("demo_stripped.debug");
+        run("objcopy", &[Path::new("--only-keep-debug"), &no_pie, &debug]);
+        run("objcopy", &[Path::new("--strip-all"), &no_pie, &stripped]);
+        let link = format!("--add-gnu-debuglink={}", debug.display());
+        run("objcopy", &[Path::new(&link), &stripped]);
         let cpp_exe = dir.join("demo_cpp");
         compile("g++", &[&cpp], &cpp_exe, &["-O1"]);
-        Programs { no_pie, pie_with_lib, cpp: cpp_exe }
+        Programs { no_pie, stripped, pie_with_lib, cpp: cpp_exe }
     })
 }
 
@@ -96,6 +104,11 @@ fn compile(compiler: &str, inputs: &[&Path], output: &Path, flags: &[&str]) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
     assert!(status.success(), "{compiler} failed building {output:?}");
+}
+
+fn run(tool: &str, args: &[&Path]) {
+    let status = Command::new(tool).args(args).status().unwrap();
+    assert!(status.success(), "{tool} {args:?} failed");
 }
 
 /// A running child; closing its stdin (on drop) lets it exit.
@@ -203,6 +216,18 @@ fn non_pie_executable_has_zero_bias() {
     assert_eq!(main.bias, 0);
     // libc of the child resolves too.
     assert!(table.lookup("libc:printf").is_ok());
+}
+
+#[test]
+fn stripped_executable_uses_its_debug_file() {
+    let child = Running::start(&programs().stripped);
+    let table = SymbolTable::for_pid(child.pid()).unwrap();
+    // Neither function is in `.dynsym` of a non-PIE executable: only the debug file's
+    // `.symtab` can name them.
+    assert_eq!(table.lookup("work").unwrap().addr, child.printed[0]);
+    assert_eq!(table.lookup("helper").unwrap().addr, child.printed[1]);
+    let (start, end) = table.function_bounds(child.printed[0]).unwrap();
+    assert!(start == child.printed[0] && end > start);
 }
 
 #[test]

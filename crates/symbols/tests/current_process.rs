@@ -60,6 +60,11 @@ fn demangles_rust_names_without_the_hash() {
     assert_eq!(t.lookup("current_process::rust_mangled_test_fn").unwrap().addr, addr);
     assert_eq!(t.lookup(&sym.mangled).unwrap().addr, addr);
     assert_eq!(t.lookup("rust_mangled_test_fn").unwrap().addr, addr);
+    // Legacy mangling ends in `17h<16 hex digits>E`: the name with that hash matches too.
+    if let Some(hash) = sym.mangled.strip_prefix("_ZN").and_then(|m| m.get(m.len() - 18..)) {
+        let with_hash = format!("{}::{}", sym.name, &hash[..17]);
+        assert_eq!(t.lookup(&with_hash).unwrap().addr, addr, "{with_hash}");
+    }
     assert_eq!(rust_mangled_test_fn(1), (1u64 << 7) ^ 0x55);
 }
 
@@ -76,6 +81,16 @@ fn libc_function_matches_the_dynamic_linker() {
     assert_eq!(t.lookup("libc.so.6:getpid").unwrap().addr, real);
     assert_eq!(t.lookup("getpid").unwrap().addr, real);
     assert!(t.format_addr(real + 2).ends_with("+0x2 [libc.so.6]"));
+    assert!(!t.is_ifunc(sym));
+    // glibc picks memcpy's implementation per CPU: the symbol is its resolver.
+    let memcpy = t.lookup("libc:memcpy").unwrap();
+    assert!(t.is_ifunc(memcpy));
+    // SAFETY: as above.
+    let bound = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"memcpy".as_ptr()) } as u64;
+    assert_ne!(bound, memcpy.addr, "dlsym returns the resolved implementation");
+    assert!(t.resolve(bound).is_some());
+    // The compat version keeps its version suffix instead of clashing with the default.
+    assert!(t.lookup("libc:memcpy@GLIBC_2.2.5").is_ok());
 }
 
 #[test]
