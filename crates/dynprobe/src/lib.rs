@@ -26,5 +26,7 @@
 //! patching), `dynprobe-symbols` (symbol tables) and `dynprobe-probe` (the probes) — are
 //! usable on their own; this crate is the one to depend on.
 
-pub use dynprobe_probe::{format_list, list, sym, Location, Probe, ProbeError, ProbeHandle, ProbeInfo, ProbeStats, Regs};
+pub use dynprobe_probe::{
+    format_list, list, sym, Location, Probe, ProbeError, ProbeHandle, ProbeInfo, ProbeStats, Regs,
+};
 pub use dynprobe_symbols as symbols;

@@ -59,15 +59,13 @@ impl fmt::Display for ProbeError {
                 "refusing to probe {addr:#x} ({what}): it is part of dynprobe's own probe machinery, \
                  and a probe there would trap inside the trap handler"
             ),
-            ProbeError::OffsetOutsideFunction { symbol, offset, size } => write!(
-                f,
-                "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long"
-            ),
+            ProbeError::OffsetOutsideFunction { symbol, offset, size } => {
+                write!(f, "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long")
+            }
             ProbeError::Text(e) => write!(f, "{e}"),
-            ProbeError::InsideHandler => write!(
-                f,
-                "a probe cannot be unregistered from inside a probe handler (it would wait for itself)"
-            ),
+            ProbeError::InsideHandler => {
+                write!(f, "a probe cannot be unregistered from inside a probe handler (it would wait for itself)")
+            }
         }
     }
 }

@@ -35,11 +35,7 @@ impl HandlerGuard {
         }
         let tp = thread_pointer();
         window(tp)
-            .find(|&i| {
-                ACTIVE[i]
-                    .compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            })
+            .find(|&i| ACTIVE[i].compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed).is_ok())
             .map(|index| HandlerGuard { index })
     }
 

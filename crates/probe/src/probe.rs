@@ -67,12 +67,7 @@ impl Probe {
     /// A probe at `location` (a [`Location`], a `&str` such as `"work+0x4"` or
     /// `"libc:malloc"`, or an address).
     pub fn at(location: impl Into<Location>) -> Probe {
-        Probe {
-            location: location.into(),
-            pre: None,
-            post: None,
-            enabled: true,
-        }
+        Probe { location: location.into(), pre: None, post: None, enabled: true }
     }
 
     /// The pre-handler: runs before the probed instruction, with the thread's registers.
@@ -102,9 +97,7 @@ impl Probe {
         let enabled = self.enabled;
         let shared = registry::register(self)?;
         debug_assert_eq!(shared.enabled(), enabled);
-        Ok(ProbeHandle {
-            shared: Some(shared),
-        })
+        Ok(ProbeHandle { shared: Some(shared) })
     }
 
     pub(crate) fn into_shared(self, addr: u64) -> ProbeShared {
@@ -127,9 +120,7 @@ pub struct ProbeHandle {
 
 impl ProbeHandle {
     fn shared(&self) -> &Arc<ProbeShared> {
-        self.shared
-            .as_ref()
-            .expect("a live handle always holds its probe")
+        self.shared.as_ref().expect("a live handle always holds its probe")
     }
 
     /// The probed address.
@@ -162,7 +153,7 @@ impl ProbeHandle {
         registry::set_enabled(self.shared(), false)
     }
 
-    /// This probe's line of the listing.
+    /// This probe's line of the listing. Panics when called from inside a probe handler.
     pub fn info(&self) -> ProbeInfo {
         registry::info(self.shared()).expect("a live handle is registered")
     }
@@ -171,15 +162,9 @@ impl ProbeHandle {
     /// restored; returns once no thread is still inside this probe's handler or slot, with
     /// the probe's final counts (no handler run is missing from them).
     pub fn unregister(mut self) -> Result<ProbeStats, ProbeError> {
-        let shared = self
-            .shared
-            .take()
-            .expect("a live handle always holds its probe");
+        let shared = self.shared.take().expect("a live handle always holds its probe");
         match registry::unregister(&shared) {
-            Ok(()) => Ok(ProbeStats {
-                hits: shared.hits(),
-                nmissed: shared.nmissed(),
-            }),
+            Ok(()) => Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed() }),
             Err(e) => {
                 self.shared = Some(shared);
                 Err(e)

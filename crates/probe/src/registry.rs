@@ -35,11 +35,7 @@ struct Registry {
 // SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
 unsafe impl Send for Registry {}
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-    sites: BTreeMap::new(),
-    retired: Vec::new(),
-    symbols: None,
-});
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { sites: BTreeMap::new(), retired: Vec::new(), symbols: None });
 
 fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     // Taking the lock inside a handler could wait for the very thread the handler
@@ -60,7 +56,8 @@ struct Target {
 }
 
 pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
-    let mut registry = lock()?;
+    let mut guard = lock()?;
+    let registry = &mut *guard;
     let target = registry.resolve(&probe.location)?;
     registry.check_blacklist(&target)?;
     let wants_post = probe.post.is_some();
@@ -68,17 +65,17 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
 
     if let Some(site) = registry.sites.get(&target.addr) {
         if let (true, Err(reason)) = (wants_post, &site.slots.post) {
-            return Err(ProbeError::PostHandlerRefused {
-                addr: target.addr,
-                reason: reason.clone(),
-            });
+            return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason: reason.clone() });
         }
-        let mut list = site.probes().clone();
+        let before = site.probes().clone();
+        let mut list = before.clone();
         list.push(shared.clone());
-        let old = site.publish(list);
-        let armed = registry.update_arming(target.addr);
-        registry.retired.push(old);
-        armed?;
+        registry.retired.push(site.publish(list));
+        if let Err(e) = registry.update_arming(target.addr) {
+            // Leave the site exactly as it was: without the new probe.
+            registry.retired.push(site.publish(before));
+            return Err(e);
+        }
         return Ok(shared);
     }
 
@@ -88,19 +85,9 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     if let (true, Err(reason)) = (wants_post, &slots.post) {
         let reason = reason.clone();
         pool::free(slots.slot);
-        return Err(ProbeError::PostHandlerRefused {
-            addr: target.addr,
-            reason,
-        });
+        return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason });
     }
-    let site = PatchSite::new(
-        insn.ip,
-        bytes[0],
-        insn.text,
-        target.label,
-        slots,
-        vec![shared.clone()],
-    );
+    let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, slots, vec![shared.clone()]);
     if let Err(e) = own_traps(&site) {
         disown_traps(&site);
         pool::free(site.slots.slot);
@@ -127,12 +114,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let Some(site) = registry.sites.get(&probe.addr) else {
         return Ok(());
     };
-    let remaining: ProbeList = site
-        .probes()
-        .iter()
-        .filter(|p| !Arc::ptr_eq(p, probe))
-        .cloned()
-        .collect();
+    let remaining: ProbeList = site.probes().iter().filter(|p| !Arc::ptr_eq(p, probe)).cloned().collect();
     if !remaining.is_empty() {
         let old = site.publish(remaining);
         registry.retired.push(old);
@@ -144,12 +126,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     // The last probe: restore the byte, then wait until no thread is in the handler or slot.
     probe.set_enabled(false);
     registry.update_arming(probe.addr)?;
-    let slot = registry
-        .sites
-        .get(&probe.addr)
-        .expect("checked above")
-        .slots
-        .slot;
+    let slot = registry.sites.get(&probe.addr).expect("checked above").slots.slot;
     trap::unregister_site(probe.addr);
     registry.grace_period()?;
     wait_until_no_thread_in(slot.addr, slot.size as u64)?;
@@ -160,12 +137,14 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
 }
 
 pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
-    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let registry = lock().ok()?;
     let site = registry.sites.get(&probe.addr)?;
     Some(describe(site, probe))
 }
 
-/// Every registered probe, in address order, like the kernel's `kprobes/list`.
+/// Every registered probe, in address order, like the kernel's `kprobes/list`. Empty when
+/// called from inside a probe handler (the registry lock may be held by the interrupted
+/// thread).
 ///
 /// ```
 /// for probe in dynprobe_probe::list() {
@@ -173,12 +152,8 @@ pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
 /// }
 /// ```
 pub fn list() -> Vec<ProbeInfo> {
-    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    registry
-        .sites
-        .values()
-        .flat_map(|site| site.probes().iter().map(|p| describe(site, p)))
-        .collect()
+    let Ok(registry) = lock() else { return Vec::new() };
+    registry.sites.values().flat_map(|site| site.probes().iter().map(|p| describe(site, p))).collect()
 }
 
 fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
@@ -207,9 +182,7 @@ fn own_traps(site: &PatchSite) -> Result<(), TextError> {
 fn disown_traps(site: &PatchSite) {
     trap::unregister_site(site.addr);
     if let Ok(exits) = &site.slots.post {
-        exits
-            .iter()
-            .for_each(|exit| trap::unregister_site(exit.addr));
+        exits.iter().for_each(|exit| trap::unregister_site(exit.addr));
     }
 }
 
@@ -219,19 +192,14 @@ fn wait_until_no_thread_in(start: u64, len: u64) -> Result<(), ProbeError> {
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     loop {
         let world = stop::stop_other_threads(STOP_TIMEOUT)?;
-        let busy = world
-            .threads()
-            .iter()
-            .any(|t| t.ip.wrapping_sub(start) < len);
+        let busy = world.threads().iter().any(|t| t.ip.wrapping_sub(start) < len);
         drop(world);
         if !busy {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(TextError::StopFailed {
-                reason: format!(
-                    "a thread stayed inside the probe's slot at {start:#x} for {QUIESCE_TIMEOUT:?}"
-                ),
+                reason: format!("a thread stayed inside the probe's slot at {start:#x} for {QUIESCE_TIMEOUT:?}"),
             }
             .into());
         }
@@ -253,11 +221,7 @@ impl Registry {
         for reload in [false, true] {
             match self.symbols(reload)?.lookup(name) {
                 Ok(sym) => return Ok((sym.name.clone(), sym.addr, sym.size)),
-                Err(SymbolError::UnknownSymbol { .. } | SymbolError::UnknownModule { .. })
-                    if !reload =>
-                {
-                    continue
-                }
+                Err(SymbolError::UnknownSymbol { .. } | SymbolError::UnknownModule { .. }) if !reload => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -272,54 +236,31 @@ impl Registry {
         };
         let (name, start, size) = self.lookup(name)?;
         if size > 0 && offset >= size {
-            return Err(ProbeError::OffsetOutsideFunction {
-                symbol: name,
-                offset,
-                size,
-            });
+            return Err(ProbeError::OffsetOutsideFunction { symbol: name, offset, size });
         }
-        Ok(Target {
-            addr: start + offset,
-            label: format!("{name}+{offset:#x}"),
-            function: Some((name, start, size)),
-        })
+        Ok(Target { addr: start + offset, label: format!("{name}+{offset:#x}"), function: Some((name, start, size)) })
     }
 
     fn resolve_address(&mut self, addr: u64) -> Result<Target, ProbeError> {
         for reload in [false, true] {
             if let Some((sym, offset)) = self.symbols(reload)?.resolve(addr) {
                 let function = Some((sym.name.clone(), sym.addr, sym.size));
-                return Ok(Target {
-                    addr,
-                    label: format!("{}+{offset:#x}", sym.name),
-                    function,
-                });
+                return Ok(Target { addr, label: format!("{}+{offset:#x}", sym.name), function });
             }
         }
-        Ok(Target {
-            addr,
-            label: format!("{addr:#x}"),
-            function: None,
-        })
+        Ok(Target { addr, label: format!("{addr:#x}"), function: None })
     }
 
     fn check_blacklist(&self, target: &Target) -> Result<(), ProbeError> {
         if pool::contains(target.addr) {
             let what = "an out-of-line slot of another probe".to_string();
-            return Err(ProbeError::Blacklisted {
-                addr: target.addr,
-                what,
-            });
+            return Err(ProbeError::Blacklisted { addr: target.addr, what });
         }
         if let Some((name, _, _)) = &target.function {
-            let ours = BLACKLISTED_CODE
-                .iter()
-                .any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
+            let ours =
+                BLACKLISTED_CODE.iter().any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
             if ours || BLACKLISTED_SYMBOLS.contains(&name.as_str()) {
-                return Err(ProbeError::Blacklisted {
-                    addr: target.addr,
-                    what: name.clone(),
-                });
+                return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
             }
         }
         Ok(())
@@ -360,11 +301,7 @@ impl Registry {
         if want == site.armed.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
-        let (from, to) = if want {
-            (site.orig_byte, INT3)
-        } else {
-            (INT3, site.orig_byte)
-        };
+        let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
         memory::write_verified(addr, &[from], &[to])?;
         sync_core();
         site.armed.store(want, std::sync::atomic::Ordering::Relaxed);

@@ -67,8 +67,7 @@ impl PatchSite {
 
     /// Publishes a new probe list; returns the old one, to be freed after a grace period.
     pub(crate) fn publish(&self, list: ProbeList) -> *mut ProbeList {
-        self.probes
-            .swap(Box::into_raw(Box::new(list)), Ordering::AcqRel)
+        self.probes.swap(Box::into_raw(Box::new(list)), Ordering::AcqRel)
     }
 
     /// True when some probe here is enabled.
@@ -104,10 +103,7 @@ impl PatchSite {
 
     /// A hit that could not run handlers (the thread was already inside one).
     pub(crate) fn count_missed(&self) {
-        self.probes()
-            .iter()
-            .filter(|p| p.enabled())
-            .for_each(|p| p.count_missed());
+        self.probes().iter().filter(|p| p.enabled()).for_each(|p| p.count_missed());
     }
 }
 

@@ -39,21 +39,13 @@ fn probe_entry_and_call(symbol: &str, x: i64, expect: i64) {
         .register()
         .unwrap_or_else(|e| panic!("probe on {symbol}: {e}"));
     assert_eq!(probe.address(), addr);
-    assert_eq!(
-        code(addr, 1),
-        [0xcc],
-        "the probe point holds an int3 while armed"
-    );
+    assert_eq!(code(addr, 1), [0xcc], "the probe point holds an int3 while armed");
     for i in 0..100 {
         assert_eq!(f(x + i), expect + i, "{symbol} probed, call {i}");
     }
     assert_eq!(probe.hits(), 100);
     assert_eq!(seen.0.load(Ordering::SeqCst), (x + 99) as u64);
-    assert_eq!(
-        seen.1.load(Ordering::SeqCst),
-        addr,
-        "handlers see ip at the probe point"
-    );
+    assert_eq!(seen.1.load(Ordering::SeqCst), addr, "handlers see ip at the probe point");
     probe.unregister().unwrap();
     assert_eq!(code(addr, 16), before, "unregister restores every byte");
     assert_eq!(f(x), expect);
@@ -109,17 +101,9 @@ fn jcc_both_ways_with_post_handler() {
         .register()
         .unwrap();
     assert_eq!(f(9), 209);
-    assert_eq!(
-        after.load(Ordering::SeqCst),
-        base + 11,
-        "post-handler sees the taken target"
-    );
+    assert_eq!(after.load(Ordering::SeqCst), base + 11, "post-handler sees the taken target");
     assert_eq!(f(1), 101);
-    assert_eq!(
-        after.load(Ordering::SeqCst),
-        base + 6,
-        "post-handler sees the fall-through"
-    );
+    assert_eq!(after.load(Ordering::SeqCst), base + 6, "post-handler sees the fall-through");
     assert_eq!(probe.hits(), 2);
     probe.unregister().unwrap();
 }
@@ -142,16 +126,8 @@ fn relative_call_mid_function_with_post_handler() {
         .register()
         .unwrap();
     assert_eq!(f(5), 16);
-    assert_eq!(
-        post_ip.load(Ordering::SeqCst),
-        helper,
-        "after a call, the next instruction is the callee's first"
-    );
-    assert_eq!(
-        post_rsp.load(Ordering::SeqCst),
-        pre_rsp.load(Ordering::SeqCst) - 8,
-        "the call pushed one word"
-    );
+    assert_eq!(post_ip.load(Ordering::SeqCst), helper, "after a call, the next instruction is the callee's first");
+    assert_eq!(post_rsp.load(Ordering::SeqCst), pre_rsp.load(Ordering::SeqCst) - 8, "the call pushed one word");
     probe.unregister().unwrap();
 }
 
@@ -160,23 +136,15 @@ fn pre_handler_rewrites_an_argument() {
     let _serial = serial();
     let t = target();
     // SAFETY: format_sum has this signature in first_insns.c.
-    let format_sum: extern "C" fn(*mut u8, i64, i64) -> i32 =
-        unsafe { std::mem::transmute(t.addr("format_sum")) };
+    let format_sum: extern "C" fn(*mut u8, i64, i64) -> i32 = unsafe { std::mem::transmute(t.addr("format_sum")) };
     let print = |a, b| {
         let mut buf = [0u8; 64];
         let n = format_sum(buf.as_mut_ptr(), a, b) as usize;
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(print(2, 3), "sum=5");
-    let probe = Probe::at(sym!("format_sum"))
-        .on_hit(|regs| regs.set_arg(2, 40))
-        .register()
-        .unwrap();
-    assert_eq!(
-        print(2, 3),
-        "sum=42",
-        "the program prints the rewritten argument"
-    );
+    let probe = Probe::at(sym!("format_sum")).on_hit(|regs| regs.set_arg(2, 40)).register().unwrap();
+    assert_eq!(print(2, 3), "sum=42", "the program prints the rewritten argument");
     probe.unregister().unwrap();
     assert_eq!(print(2, 3), "sum=5");
 }
@@ -187,10 +155,7 @@ fn pre_handler_diverts_execution() {
     let t = target();
     let f = t.func1("f_push");
     let endbr = t.addr("f_endbr");
-    let probe = Probe::at(sym!("f_push"))
-        .on_hit(move |regs| regs.ip = endbr)
-        .register()
-        .unwrap();
+    let probe = Probe::at(sym!("f_push")).on_hit(move |regs| regs.ip = endbr).register().unwrap();
     assert_eq!(f(5), 12, "f_push(5) ran f_endbr instead");
     probe.unregister().unwrap();
     assert_eq!(f(5), 6);
@@ -205,20 +170,10 @@ fn several_probes_share_one_site() {
     let before = code(addr, 8);
     let order = Arc::new(Mutex::new(Vec::new()));
     let (o1, o2) = (order.clone(), order.clone());
-    let first = Probe::at(sym!("f_sub"))
-        .on_hit(move |_| o1.lock().unwrap().push(1))
-        .register()
-        .unwrap();
-    let second = Probe::at(Location::Address(addr))
-        .on_hit(move |_| o2.lock().unwrap().push(2))
-        .register()
-        .unwrap();
+    let first = Probe::at(sym!("f_sub")).on_hit(move |_| o1.lock().unwrap().push(1)).register().unwrap();
+    let second = Probe::at(Location::Address(addr)).on_hit(move |_| o2.lock().unwrap().push(2)).register().unwrap();
     assert_eq!(f(1), 3);
-    assert_eq!(
-        *order.lock().unwrap(),
-        [1, 2],
-        "both handlers, in registration order"
-    );
+    assert_eq!(*order.lock().unwrap(), [1, 2], "both handlers, in registration order");
     let listing = dynprobe_probe::format_list();
     assert_eq!(listing.matches("f_sub+0x0").count(), 2, "{listing}");
     first.unregister().unwrap();
@@ -238,16 +193,8 @@ fn disable_and_enable() {
     let original = code(addr, 1);
     let probe = Probe::at(sym!("f_lea")).on_hit(|_| {}).register().unwrap();
     probe.disable().unwrap();
-    assert_eq!(
-        code(addr, 1),
-        original,
-        "a disabled probe leaves the code as it was"
-    );
-    assert!(
-        probe.info().to_string().ends_with("[DISABLED]"),
-        "{}",
-        probe.info()
-    );
+    assert_eq!(code(addr, 1), original, "a disabled probe leaves the code as it was");
+    assert!(probe.info().to_string().ends_with("[DISABLED]"), "{}", probe.info());
     assert_eq!(f(1), 101);
     assert_eq!(probe.hits(), 0);
     probe.enable().unwrap();
@@ -264,11 +211,7 @@ fn registered_disabled() {
     let _serial = serial();
     let t = target();
     let addr = t.addr("f_endbr");
-    let probe = Probe::at(sym!("f_endbr"))
-        .on_hit(|_| {})
-        .disabled()
-        .register()
-        .unwrap();
+    let probe = Probe::at(sym!("f_endbr")).on_hit(|_| {}).disabled().register().unwrap();
     assert_eq!(code(addr, 4), [0xf3, 0x0f, 0x1e, 0xfa]);
     assert!(!probe.is_enabled());
     probe.unregister().unwrap();
@@ -303,16 +246,10 @@ fn offset_inside_an_instruction_is_refused() {
     let t = target();
     let addr = t.addr("f_riprel");
     let before = code(addr, 16);
-    let err = Probe::at(sym!("f_riprel", 2))
-        .on_hit(|_| {})
-        .register()
-        .unwrap_err();
+    let err = Probe::at(sym!("f_riprel", 2)).on_hit(|_| {}).register().unwrap_err();
     assert!(matches!(err, ProbeError::Decode(_)), "{err:?}");
     let message = err.to_string();
-    assert!(
-        message.contains(&format!("{:#x}", addr)),
-        "the message names the instruction start: {message}"
-    );
+    assert!(message.contains(&format!("{:#x}", addr)), "the message names the instruction start: {message}");
     assert_eq!(code(addr, 16), before, "nothing changed");
 }
 
@@ -320,31 +257,19 @@ fn offset_inside_an_instruction_is_refused() {
 fn unknown_symbol_is_a_clear_error() {
     let _serial = serial();
     target();
-    let err = Probe::at(sym!("f_pusj"))
-        .on_hit(|_| {})
-        .register()
-        .unwrap_err();
+    let err = Probe::at(sym!("f_pusj")).on_hit(|_| {}).register().unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, ProbeError::Symbol(_)), "{err:?}");
     assert!(message.contains("f_pusj"), "{message}");
-    assert!(
-        message.contains("f_push"),
-        "suggests the near name: {message}"
-    );
+    assert!(message.contains("f_push"), "suggests the near name: {message}");
 }
 
 #[test]
 fn offset_past_the_function_is_refused() {
     let _serial = serial();
     target();
-    let err = Probe::at(sym!("f_ret", 400))
-        .on_hit(|_| {})
-        .register()
-        .unwrap_err();
-    assert!(
-        matches!(err, ProbeError::OffsetOutsideFunction { .. }),
-        "{err:?}"
-    );
+    let err = Probe::at(sym!("f_ret", 400)).on_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::OffsetOutsideFunction { .. }), "{err:?}");
 }
 
 #[test]
@@ -353,18 +278,12 @@ fn syscall_cannot_run_out_of_line() {
     let t = target();
     let addr = t.addr("f_syscall");
     let before = code(addr, 8);
-    let err = Probe::at(sym!("f_syscall", 5))
-        .on_hit(|_| {})
-        .register()
-        .unwrap_err();
+    let err = Probe::at(sym!("f_syscall", 5)).on_hit(|_| {}).register().unwrap_err();
     assert!(matches!(err, ProbeError::NotRelocatable(_)), "{err:?}");
     assert!(err.to_string().contains("syscall"), "{err}");
     assert_eq!(code(addr, 8), before);
     // The instruction before it is fine.
-    let probe = Probe::at(sym!("f_syscall"))
-        .on_hit(|_| {})
-        .register()
-        .unwrap();
+    let probe = Probe::at(sym!("f_syscall")).on_hit(|_| {}).register().unwrap();
     assert_eq!(t.func1("f_syscall")(0), std::process::id() as i64);
     probe.unregister().unwrap();
 }
@@ -373,19 +292,9 @@ fn syscall_cannot_run_out_of_line() {
 fn post_handler_on_ret_is_refused_but_pre_handler_works() {
     let _serial = serial();
     let t = target();
-    let err = Probe::at(sym!("f_ret", 4))
-        .on_hit(|_| {})
-        .after_hit(|_| {})
-        .register()
-        .unwrap_err();
-    assert!(
-        matches!(err, ProbeError::PostHandlerRefused { .. }),
-        "{err:?}"
-    );
-    let probe = Probe::at(sym!("f_ret", 4))
-        .on_hit(|_| {})
-        .register()
-        .unwrap();
+    let err = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).after_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::PostHandlerRefused { .. }), "{err:?}");
+    let probe = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).register().unwrap();
     assert_eq!(t.func1("f_ret")(1), 4);
     assert_eq!(probe.hits(), 1);
     probe.unregister().unwrap();
@@ -395,10 +304,7 @@ fn post_handler_on_ret_is_refused_but_pre_handler_works() {
 fn probes_on_dynprobe_itself_are_refused() {
     let _serial = serial();
     let addr = dynprobe_text::trap::install as usize as u64;
-    let err = Probe::at(Location::Address(addr))
-        .on_hit(|_| {})
-        .register()
-        .unwrap_err();
+    let err = Probe::at(Location::Address(addr)).on_hit(|_| {}).register().unwrap_err();
     assert!(matches!(err, ProbeError::Blacklisted { .. }), "{err:?}");
 }
 
@@ -438,14 +344,7 @@ fn threads_hit_while_another_registers_and_unregisters() {
     stop.store(true, Ordering::Relaxed);
     let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert!(rounds > 100, "only {rounds} register/unregister rounds");
-    assert_eq!(
-        handled.load(Ordering::Relaxed),
-        counted,
-        "every handler run is counted as a hit of its probe"
-    );
-    assert!(
-        counted > 0 && counted <= calls,
-        "{counted} hits for {calls} calls"
-    );
+    assert_eq!(handled.load(Ordering::Relaxed), counted, "every handler run is counted as a hit of its probe");
+    assert!(counted > 0 && counted <= calls, "{counted} hits for {calls} calls");
     eprintln!("{rounds} rounds, {counted} hits, {calls} calls");
 }

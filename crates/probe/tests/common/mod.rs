@@ -20,8 +20,7 @@ impl Target {
     /// loads it. Panics with gcc's message if it does not build: a test never skips.
     pub fn build(name: &str, flags: &[&str]) -> Target {
         let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/targets/{name}.c"));
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("lib{name}-{}.so", std::process::id()));
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lib{name}-{}.so", std::process::id()));
         let output = Command::new("gcc")
             .args(["-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-o"])
             .arg(&out)

@@ -68,12 +68,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
             }
             Err(e) => Err(e.to_string()),
         };
-        Ok(PreparedSlots {
-            slot,
-            boost_ip: slot.addr,
-            post_ip,
-            post,
-        })
+        Ok(PreparedSlots { slot, boost_ip: slot.addr, post_ip, post })
     })();
     if written.is_err() {
         pool::free(slot);
@@ -83,11 +78,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
 
 /// Writes fresh slot code, which must fit in `room` bytes.
 fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
-    assert!(
-        code.len() <= room,
-        "relocated code of {} bytes overflows its {room}-byte slot",
-        code.len()
-    );
+    assert!(code.len() <= room, "relocated code of {} bytes overflows its {room}-byte slot", code.len());
     write_verified(at, &vec![INT3; code.len()], code)?;
     Ok(())
 }
@@ -110,11 +101,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let diverted = regs.ip != site.addr;
     regs.to_ucontext(uc);
     if !diverted {
-        ctx.set_ip(if wants_post {
-            site.slots.post_ip
-        } else {
-            site.slots.boost_ip
-        });
+        ctx.set_ip(if wants_post { site.slots.post_ip } else { site.slots.boost_ip });
     }
 }
 
