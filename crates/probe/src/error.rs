@@ -39,6 +39,12 @@ pub enum ProbeError {
         /// The function's size.
         size: u64,
     },
+    /// The symbol is a GNU indirect function: its address is the resolver that runs once
+    /// at load time, not the implementation calls reach.
+    Ifunc {
+        /// The symbol.
+        symbol: String,
+    },
     /// Reading or writing code failed.
     Text(TextError),
     /// A probe was unregistered from inside a handler, which would wait for itself.
@@ -62,6 +68,12 @@ impl fmt::Display for ProbeError {
             ProbeError::OffsetOutsideFunction { symbol, offset, size } => {
                 write!(f, "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long")
             }
+            ProbeError::Ifunc { symbol } => write!(
+                f,
+                "`{symbol}` is an IFUNC: its symbol is the resolver that picks an implementation when \
+                 the program loads, so a probe there would never fire on calls; probe the \
+                 implementation instead (e.g. `__{symbol}_avx2`, see `nm -D` of the library)"
+            ),
             ProbeError::Text(e) => write!(f, "{e}"),
             ProbeError::InsideHandler => {
                 write!(f, "a probe cannot be unregistered from inside a probe handler (it would wait for itself)")

@@ -219,7 +219,9 @@ impl Registry {
     /// library may have been loaded since the table was read).
     fn lookup(&mut self, name: &str) -> Result<(String, u64, u64), ProbeError> {
         for reload in [false, true] {
-            match self.symbols(reload)?.lookup(name) {
+            let table = self.symbols(reload)?;
+            match table.lookup(name) {
+                Ok(sym) if table.is_ifunc(sym) => return Err(ProbeError::Ifunc { symbol: sym.name.clone() }),
                 Ok(sym) => return Ok((sym.name.clone(), sym.addr, sym.size)),
                 Err(SymbolError::UnknownSymbol { .. } | SymbolError::UnknownModule { .. }) if !reload => continue,
                 Err(e) => return Err(e.into()),

@@ -265,6 +265,14 @@ fn unknown_symbol_is_a_clear_error() {
 }
 
 #[test]
+fn ifunc_resolvers_are_refused() {
+    let _serial = serial();
+    let err = Probe::at(sym!("libc:memcpy")).on_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::Ifunc { .. }), "{err:?}");
+    assert!(err.to_string().contains("IFUNC"), "{err}");
+}
+
+#[test]
 fn offset_past_the_function_is_refused() {
     let _serial = serial();
     target();
