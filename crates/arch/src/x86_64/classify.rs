@@ -34,19 +34,11 @@ impl std::error::Error for Refusal {}
 impl Refusal {
     /// A refusal of `instr` for `reason`.
     pub(crate) fn new(instr: &Instruction, reason: impl Into<String>) -> Self {
-        Self {
-            ip: instr.ip(),
-            insn_text: Disassembler::new().text(instr),
-            reason: reason.into(),
-        }
+        Self { ip: instr.ip(), insn_text: Disassembler::new().text(instr), reason: reason.into() }
     }
 
     fn undecodable(err: &DecodeError, ip: u64) -> Self {
-        Self {
-            ip,
-            insn_text: "(bad)".into(),
-            reason: format!("it cannot be decoded ({err})"),
-        }
+        Self { ip, insn_text: "(bad)".into(), reason: format!("it cannot be decoded ({err})") }
     }
 }
 
@@ -79,9 +71,7 @@ fn refusal_reason(instr: &Instruction) -> Option<&'static str> {
              into the slot"
         }
         Code::Sysenter => "sysenter does not return to the instruction after it",
-        Code::Int3 => {
-            "it is a breakpoint itself: the trap must be reported at the program's own address"
-        }
+        Code::Int3 => "it is a breakpoint itself: the trap must be reported at the program's own address",
         Code::Int1 | Code::Int_imm8 | Code::Into => {
             "a software interrupt enters the kernel, which reports the slot address instead \
              of the program's"
@@ -90,9 +80,7 @@ fn refusal_reason(instr: &Instruction) -> Option<&'static str> {
             "it is a privileged instruction: it faults in user mode, and the fault must be \
              reported at its own address"
         }
-        Code::Call_rm64
-            if instr.op0_kind() == OpKind::Register && instr.op0_register() == Register::RSP =>
-        {
+        Code::Call_rm64 if instr.op0_kind() == OpKind::Register && instr.op0_register() == Register::RSP => {
             "`call *%rsp` jumps to the stack pointer, which the relocated call must move \
              before it jumps"
         }
@@ -179,11 +167,7 @@ mod tests {
     fn refusals_name_instruction_and_reason() {
         for &(bytes, text, word) in REFUSED {
             let refusal = check_out_of_line(bytes, IP).expect_err(text);
-            assert_eq!(
-                (refusal.ip, refusal.insn_text.as_str()),
-                (IP, text),
-                "{bytes:02x?}"
-            );
+            assert_eq!((refusal.ip, refusal.insn_text.as_str()), (IP, text), "{bytes:02x?}");
             assert!(refusal.reason.contains(word), "{text}: {}", refusal.reason);
         }
     }
@@ -191,11 +175,7 @@ mod tests {
     #[test]
     fn undecodable_bytes_are_refused() {
         let refusal = check_out_of_line(&[0x06, 0x90], IP).unwrap_err(); // push %es
-        assert!(
-            refusal.reason.contains("not a valid x86-64 instruction"),
-            "{}",
-            refusal.reason
-        );
+        assert!(refusal.reason.contains("not a valid x86-64 instruction"), "{}", refusal.reason);
         assert_eq!(refusal.insn_text, "(bad)");
     }
 

@@ -2,9 +2,7 @@
 
 use std::fmt;
 
-use iced_x86::{
-    Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, GasFormatter, Instruction,
-};
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, GasFormatter, Instruction};
 
 /// How control leaves an instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,21 +99,18 @@ impl fmt::Display for DecodeError {
             DecodeError::Invalid { ip } => {
                 write!(f, "the bytes at {ip:#x} are not a valid x86-64 instruction")
             }
-            DecodeError::Truncated { ip } => write!(
-                f,
-                "the instruction at {ip:#x} runs past the end of the bytes given (truncated)"
-            ),
+            DecodeError::Truncated { ip } => {
+                write!(f, "the instruction at {ip:#x} runs past the end of the bytes given (truncated)")
+            }
             DecodeError::NotOnBoundary { addr, insn_ip, insn_len, insn_text } => write!(
                 f,
                 "{addr:#x} is inside the instruction at {insn_ip:#x} (`{insn_text}`, {insn_len} bytes); \
                  probe {insn_ip:#x} or {:#x} instead",
                 insn_ip + *insn_len as u64
             ),
-            DecodeError::OutsideFunction { addr, start, len } => write!(
-                f,
-                "{addr:#x} is outside the function at {start:#x}..{:#x} ({len} bytes)",
-                start + *len as u64
-            ),
+            DecodeError::OutsideFunction { addr, start, len } => {
+                write!(f, "{addr:#x} is outside the function at {start:#x}..{:#x} ({len} bytes)", start + *len as u64)
+            }
         }
     }
 }
@@ -131,10 +126,7 @@ pub fn decode_one(bytes: &[u8], ip: u64) -> Result<Insn, DecodeError> {
 /// `start`. Errors if any instruction is invalid or runs past the end.
 pub fn decode_function(bytes: &[u8], start: u64) -> Result<Vec<Insn>, DecodeError> {
     let mut disasm = Disassembler::new();
-    Ok(decode_instructions(bytes, start)?
-        .iter()
-        .map(|i| disasm.insn(i))
-        .collect())
+    Ok(decode_instructions(bytes, start)?.iter().map(|i| disasm.insn(i)).collect())
 }
 
 /// The instruction that starts exactly at `addr`, decoding from the function start so that
@@ -154,12 +146,7 @@ pub fn instruction_at(function_bytes: &[u8], start: u64, addr: u64) -> Result<In
             return if insn.ip == addr {
                 Ok(insn)
             } else {
-                Err(DecodeError::NotOnBoundary {
-                    addr,
-                    insn_ip: insn.ip,
-                    insn_len: insn.len,
-                    insn_text: insn.text,
-                })
+                Err(DecodeError::NotOnBoundary { addr, insn_ip: insn.ip, insn_len: insn.len, insn_text: insn.text })
             };
         }
     }
@@ -186,10 +173,7 @@ pub(crate) fn decode_instruction(bytes: &[u8], ip: u64) -> Result<Instruction, D
 }
 
 /// All raw iced instructions in `bytes`, which must end on an instruction boundary.
-pub(crate) fn decode_instructions(
-    bytes: &[u8],
-    start: u64,
-) -> Result<Vec<Instruction>, DecodeError> {
+pub(crate) fn decode_instructions(bytes: &[u8], start: u64) -> Result<Vec<Instruction>, DecodeError> {
     let mut decoder = new_decoder(bytes, start);
     let mut out = Vec::new();
     while decoder.can_decode() {
@@ -238,25 +222,17 @@ pub(crate) fn flow_of(instr: &Instruction) -> Flow {
     match instr.flow_control() {
         FlowControl::Next if code == Code::Hlt => Flow::Exception,
         FlowControl::Next => Flow::Sequential,
-        FlowControl::UnconditionalBranch if code.is_jmp_short_or_near() => Flow::Jump {
-            target: instr.near_branch_target(),
-        },
-        FlowControl::ConditionalBranch => Flow::CondJump {
-            target: instr.near_branch_target(),
-        },
-        FlowControl::XbeginXabortXend
-            if matches!(code, Code::Xbegin_rel16 | Code::Xbegin_rel32) =>
-        {
-            Flow::CondJump {
-                target: instr.near_branch_target(),
-            }
+        FlowControl::UnconditionalBranch if code.is_jmp_short_or_near() => {
+            Flow::Jump { target: instr.near_branch_target() }
+        }
+        FlowControl::ConditionalBranch => Flow::CondJump { target: instr.near_branch_target() },
+        FlowControl::XbeginXabortXend if matches!(code, Code::Xbegin_rel16 | Code::Xbegin_rel32) => {
+            Flow::CondJump { target: instr.near_branch_target() }
         }
         // xabort and xend continue with the next instruction unless a transaction is active,
         // and a transaction's abort path belongs to its xbegin.
         FlowControl::XbeginXabortXend => Flow::Sequential,
-        FlowControl::Call if code.is_call_near() => Flow::Call {
-            target: instr.near_branch_target(),
-        },
+        FlowControl::Call if code.is_call_near() => Flow::Call { target: instr.near_branch_target() },
         FlowControl::Call if matches!(code, Code::Syscall | Code::Sysenter) => Flow::Interrupt,
         FlowControl::IndirectBranch if code.is_jmp_near_indirect() => Flow::IndirectJump,
         FlowControl::IndirectCall if code.is_call_near_indirect() => Flow::IndirectCall,
@@ -267,15 +243,7 @@ pub(crate) fn flow_of(instr: &Instruction) -> Flow {
 }
 
 pub(crate) fn is_near_ret(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Retnw
-            | Code::Retnw_imm16
-            | Code::Retnd
-            | Code::Retnd_imm16
-            | Code::Retnq
-            | Code::Retnq_imm16
-    )
+    matches!(code, Code::Retnw | Code::Retnw_imm16 | Code::Retnd | Code::Retnd_imm16 | Code::Retnq | Code::Retnq_imm16)
 }
 
 #[cfg(test)]
@@ -334,41 +302,21 @@ mod tests {
 
     #[test]
     fn rip_relative_is_reported() {
-        assert!(
-            decode_one(&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], IP)
-                .unwrap()
-                .rip_relative
-        ); // lea 0x10(%rip),%rdi
-        assert!(
-            decode_one(&[0xff, 0x15, 0x10, 0, 0, 0], IP)
-                .unwrap()
-                .rip_relative
-        ); // call *0x10(%rip)
-        assert!(
-            !decode_one(&[0x48, 0x8b, 0x45, 0xf8], IP)
-                .unwrap()
-                .rip_relative
-        ); // mov -0x8(%rbp),%rax
+        assert!(decode_one(&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], IP).unwrap().rip_relative); // lea 0x10(%rip),%rdi
+        assert!(decode_one(&[0xff, 0x15, 0x10, 0, 0, 0], IP).unwrap().rip_relative); // call *0x10(%rip)
+        assert!(!decode_one(&[0x48, 0x8b, 0x45, 0xf8], IP).unwrap().rip_relative);
+        // mov -0x8(%rbp),%rax
     }
 
     #[test]
     fn invalid_and_truncated() {
         assert_eq!(decode_one(&[], IP), Err(DecodeError::Truncated { ip: IP }));
         // mov 0x20(%rip),%rax cut after its ModRM byte
-        assert_eq!(
-            decode_one(&[0x48, 0x8b, 0x05], IP),
-            Err(DecodeError::Truncated { ip: IP })
-        );
+        assert_eq!(decode_one(&[0x48, 0x8b, 0x05], IP), Err(DecodeError::Truncated { ip: IP }));
         // `into` does not exist in 64-bit mode
-        assert_eq!(
-            decode_one(&[0xce, 0x90], IP),
-            Err(DecodeError::Invalid { ip: IP })
-        );
+        assert_eq!(decode_one(&[0xce, 0x90], IP), Err(DecodeError::Invalid { ip: IP }));
         // `push %es` does not either
-        assert_eq!(
-            decode_one(&[0x06, 0x90], IP),
-            Err(DecodeError::Invalid { ip: IP })
-        );
+        assert_eq!(decode_one(&[0x06, 0x90], IP), Err(DecodeError::Invalid { ip: IP }));
     }
 
     /// A small function:
@@ -382,10 +330,8 @@ mod tests {
     /// 401010: 5d                      pop %rbp
     /// 401011: c3                      ret
     /// ```
-    const FUNCTION: &[u8] = &[
-        0x55, 0x48, 0x89, 0xe5, 0x8b, 0x05, 0xc6, 0x2e, 0x00, 0x00, 0x85, 0xc0, 0x74, 0x02, 0xff,
-        0xc0, 0x5d, 0xc3,
-    ];
+    const FUNCTION: &[u8] =
+        &[0x55, 0x48, 0x89, 0xe5, 0x8b, 0x05, 0xc6, 0x2e, 0x00, 0x00, 0x85, 0xc0, 0x74, 0x02, 0xff, 0xc0, 0x5d, 0xc3];
 
     #[test]
     fn decode_function_sweeps_every_instruction() {
@@ -400,23 +346,14 @@ mod tests {
     fn decode_function_reports_the_bad_instruction() {
         let mut bytes = FUNCTION.to_vec();
         bytes[0xe] = 0x06; // push %es: invalid in 64-bit mode
-        assert_eq!(
-            decode_function(&bytes, IP),
-            Err(DecodeError::Invalid { ip: IP + 0xe })
-        );
-        assert_eq!(
-            decode_function(&FUNCTION[..9], IP),
-            Err(DecodeError::Truncated { ip: IP + 4 })
-        );
+        assert_eq!(decode_function(&bytes, IP), Err(DecodeError::Invalid { ip: IP + 0xe }));
+        assert_eq!(decode_function(&FUNCTION[..9], IP), Err(DecodeError::Truncated { ip: IP + 4 }));
     }
 
     #[test]
     fn instruction_at_boundaries() {
         for start in [0x0, 0x1, 0x4, 0xa, 0xc, 0xe, 0x10, 0x11] {
-            assert_eq!(
-                instruction_at(FUNCTION, IP, IP + start).unwrap().ip,
-                IP + start
-            );
+            assert_eq!(instruction_at(FUNCTION, IP, IP + start).unwrap().ip, IP + start);
         }
         let inside = instruction_at(FUNCTION, IP, 0x40_1006).unwrap_err();
         assert_eq!(
@@ -435,19 +372,10 @@ mod tests {
         );
         for outside in [IP - 1, IP + FUNCTION.len() as u64] {
             let err = instruction_at(FUNCTION, IP, outside).unwrap_err();
-            assert_eq!(
-                err,
-                DecodeError::OutsideFunction {
-                    addr: outside,
-                    start: IP,
-                    len: FUNCTION.len()
-                }
-            );
+            assert_eq!(err, DecodeError::OutsideFunction { addr: outside, start: IP, len: FUNCTION.len() });
         }
         assert_eq!(
-            instruction_at(FUNCTION, IP, IP - 1)
-                .unwrap_err()
-                .to_string(),
+            instruction_at(FUNCTION, IP, IP - 1).unwrap_err().to_string(),
             "0x400fff is outside the function at 0x401000..0x401012 (18 bytes)"
         );
     }
@@ -465,8 +393,6 @@ mod tests {
             DecodeError::Invalid { ip: 0x1234 }.to_string(),
             "the bytes at 0x1234 are not a valid x86-64 instruction"
         );
-        assert!(DecodeError::Truncated { ip: 0x1234 }
-            .to_string()
-            .contains("0x1234"));
+        assert!(DecodeError::Truncated { ip: 0x1234 }.to_string().contains("0x1234"));
     }
 }

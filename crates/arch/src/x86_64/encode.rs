@@ -61,10 +61,7 @@ mod tests {
     #[test]
     fn rel32_encodings() {
         // e9 fb ff ff ff: jmp to itself
-        assert_eq!(
-            jmp_rel32(0x1000, 0x1000),
-            Some([0xe9, 0xfb, 0xff, 0xff, 0xff])
-        );
+        assert_eq!(jmp_rel32(0x1000, 0x1000), Some([0xe9, 0xfb, 0xff, 0xff, 0xff]));
         // e8 0b 00 00 00: call 0x1010 from 0x1000
         assert_eq!(call_rel32(0x1000, 0x1010), Some([0xe8, 0x0b, 0, 0, 0]));
         // farthest forward: next + i32::MAX
@@ -90,14 +87,8 @@ mod tests {
             jmp_abs(0x1122_3344_5566_7788),
             [0xff, 0x25, 0, 0, 0, 0, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
         );
-        assert_eq!(
-            jmp_any(0x1000, 0x2000),
-            jmp_rel32(0x1000, 0x2000).unwrap().to_vec()
-        );
-        assert_eq!(
-            jmp_any(0x1000, 0x7fff_0000_0000),
-            jmp_abs(0x7fff_0000_0000).to_vec()
-        );
+        assert_eq!(jmp_any(0x1000, 0x2000), jmp_rel32(0x1000, 0x2000).unwrap().to_vec());
+        assert_eq!(jmp_any(0x1000, 0x7fff_0000_0000), jmp_abs(0x7fff_0000_0000).to_vec());
     }
 
     #[test]
@@ -105,9 +96,6 @@ mod tests {
         use crate::x86_64::decode_one;
         assert_eq!(decode_one(&NOP5, 0).unwrap().text, "nopl (%rax,%rax)");
         assert_eq!(decode_one(&[INT3], 0).unwrap().text, "int3");
-        assert_eq!(
-            decode_one(&jmp_abs(0x1234), 0x1000).unwrap().text,
-            "jmpq *(%rip)"
-        );
+        assert_eq!(decode_one(&jmp_abs(0x1234), 0x1000).unwrap().text, "jmpq *(%rip)");
     }
 }

@@ -3,8 +3,8 @@
 use std::fmt;
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Encoder, IcedError, Instruction, InstructionBlock,
-    MemoryOperand, OpKind, Register,
+    BlockEncoder, BlockEncoderOptions, Code, Encoder, IcedError, Instruction, InstructionBlock, MemoryOperand, OpKind,
+    Register,
 };
 
 use super::classify::check_instruction;
@@ -98,12 +98,7 @@ pub fn relocate(bytes: &[u8], old_ip: u64, new_ip: u64) -> Result<Relocated, Rel
 /// at `old_ip`) followed by a jump to `resume_ip` (normally `old_ip + bytes.len()`), encoded
 /// to sit at `slot_ip`. The jump back is a `jmp rel32` when in reach, otherwise an absolute
 /// `jmp [rip+0]; .quad resume_ip`.
-pub fn build_slot(
-    bytes: &[u8],
-    old_ip: u64,
-    slot_ip: u64,
-    resume_ip: u64,
-) -> Result<Vec<u8>, RelocError> {
+pub fn build_slot(bytes: &[u8], old_ip: u64, slot_ip: u64, resume_ip: u64) -> Result<Vec<u8>, RelocError> {
     let mut code = relocate(bytes, old_ip, slot_ip)?.code;
     let jump_back_ip = slot_ip + code.len() as u64;
     code.extend(jmp_any(jump_back_ip, resume_ip));
@@ -146,10 +141,7 @@ pub fn build_post_slot(bytes: &[u8], old_ip: u64, slot_ip: u64) -> Result<PostSl
         ))
     };
     let (mut code, exit_targets) = match flow_of(&instr) {
-        Flow::Sequential => (
-            relocate_instructions(&[instr], old_ip, slot_ip)?.code,
-            vec![next],
-        ),
+        Flow::Sequential => (relocate_instructions(&[instr], old_ip, slot_ip)?.code, vec![next]),
         Flow::Jump { target } => (Vec::new(), vec![target]),
         Flow::CondJump { .. } if is_xbegin(instr.code()) => {
             return Err(RelocError::Refused(Refusal::new(
@@ -159,10 +151,7 @@ pub fn build_post_slot(bytes: &[u8], old_ip: u64, slot_ip: u64) -> Result<PostSl
             )))
         }
         Flow::CondJump { target } => (branch_over_one_byte(&instr, slot_ip)?, vec![next, target]),
-        Flow::Call { target } => (
-            encode_at(&push_return_address(next)?, slot_ip)?,
-            vec![target],
-        ),
+        Flow::Call { target } => (encode_at(&push_return_address(next)?, slot_ip)?, vec![target]),
         Flow::IndirectJump => return Err(unknown_successor("an indirect jump")),
         Flow::IndirectCall => return Err(unknown_successor("an indirect call")),
         Flow::Return => return Err(unknown_successor("a return")),
@@ -199,12 +188,7 @@ fn is_xbegin(code: Code) -> bool {
 
 /// Encodes synthetic instructions (no branches into them) at `ip`.
 fn encode_at(instrs: &[Instruction], ip: u64) -> Result<Vec<u8>, RelocError> {
-    Ok(BlockEncoder::encode(
-        64,
-        InstructionBlock::new(instrs, ip),
-        BlockEncoderOptions::NONE,
-    )?
-    .code_buffer)
+    Ok(BlockEncoder::encode(64, InstructionBlock::new(instrs, ip), BlockEncoderOptions::NONE)?.code_buffer)
 }
 
 /// Length of [`push_return_address`]'s code: `lea` (5) + `movl` (7) + `movl` (8).
@@ -221,21 +205,9 @@ const PUSH_RETURN_LEN: u64 = 20;
 /// ```
 fn push_return_address(ret: u64) -> Result<[Instruction; 3], IcedError> {
     Ok([
-        Instruction::with2(
-            Code::Lea_r64_m,
-            Register::RSP,
-            MemoryOperand::with_base_displ(Register::RSP, -8),
-        )?,
-        Instruction::with2(
-            Code::Mov_rm32_imm32,
-            MemoryOperand::with_base(Register::RSP),
-            ret as u32,
-        )?,
-        Instruction::with2(
-            Code::Mov_rm32_imm32,
-            MemoryOperand::with_base_displ(Register::RSP, 4),
-            (ret >> 32) as u32,
-        )?,
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, -8))?,
+        Instruction::with2(Code::Mov_rm32_imm32, MemoryOperand::with_base(Register::RSP), ret as u32)?,
+        Instruction::with2(Code::Mov_rm32_imm32, MemoryOperand::with_base_displ(Register::RSP, 4), (ret >> 32) as u32)?,
     ])
 }
 
@@ -253,11 +225,7 @@ const NOP: u8 = 0x90;
 /// Every instruction is handed to iced with `ip` 0 so that iced redirects nothing by itself:
 /// it would also redirect RIP-relative *data* references into the run. Branch redirection
 /// into the copy is done here instead, by [`rewrite`].
-fn relocate_instructions(
-    instrs: &[Instruction],
-    old_ip: u64,
-    new_ip: u64,
-) -> Result<Relocated, RelocError> {
+fn relocate_instructions(instrs: &[Instruction], old_ip: u64, new_ip: u64) -> Result<Relocated, RelocError> {
     let mut sizes: Vec<usize> = instrs.iter().map(Instruction::len).collect();
     for pass in 0..MAX_PASSES {
         let starts: Vec<u64> = sizes
@@ -277,17 +245,10 @@ fn relocate_instructions(
             .zip(&starts)
             .map(|(instr, &at)| rewrite(instr, at, redirect))
             .collect::<Result<Vec<_>, _>>()?;
-        let blocks: Vec<_> = groups
-            .iter()
-            .zip(&starts)
-            .map(|(group, &at)| InstructionBlock::new(group, at))
-            .collect();
+        let blocks: Vec<_> = groups.iter().zip(&starts).map(|(group, &at)| InstructionBlock::new(group, at)).collect();
         let encoded = BlockEncoder::encode_slice(64, &blocks, BlockEncoderOptions::NONE)
             .map_err(|err| encoder_error(err, instrs, &starts))?;
-        let new_sizes: Vec<usize> = encoded
-            .iter()
-            .map(|result| result.code_buffer.len())
-            .collect();
+        let new_sizes: Vec<usize> = encoded.iter().map(|result| result.code_buffer.len()).collect();
         let settled = if pass < EXACT_PASSES {
             new_sizes == sizes
         } else {
@@ -308,25 +269,15 @@ fn relocate_instructions(
         sizes = if pass < EXACT_PASSES {
             new_sizes
         } else {
-            new_sizes
-                .iter()
-                .zip(&sizes)
-                .map(|(new, old)| *new.max(old))
-                .collect()
+            new_sizes.iter().zip(&sizes).map(|(new, old)| *new.max(old)).collect()
         };
     }
-    Err(RelocError::Encoder(
-        "the layout of the relocated branches did not settle".into(),
-    ))
+    Err(RelocError::Encoder("the layout of the relocated branches did not settle".into()))
 }
 
 /// The instructions that replace `instr` when its copy starts at `at`; `redirect` maps a
 /// branch target to where it now lives.
-fn rewrite(
-    instr: &Instruction,
-    at: u64,
-    redirect: impl Fn(u64) -> u64,
-) -> Result<Vec<Instruction>, RelocError> {
+fn rewrite(instr: &Instruction, at: u64, redirect: impl Fn(u64) -> u64) -> Result<Vec<Instruction>, RelocError> {
     let mut copy = *instr;
     copy.set_ip(0);
     match instr.code() {
@@ -338,32 +289,21 @@ fn rewrite(
             } else {
                 Instruction::with_declare_byte(&jmp_abs(target))?
             };
-            Ok(push_return_address(instr.next_ip())?
-                .into_iter()
-                .chain([jump])
-                .collect())
+            Ok(push_return_address(instr.next_ip())?.into_iter().chain([jump]).collect())
         }
         Code::Call_rm64 => {
             copy.set_code(Code::Jmp_rm64);
-            if copy.op0_kind() == OpKind::Memory
-                && matches!(copy.memory_base(), Register::RSP | Register::ESP)
-            {
+            if copy.op0_kind() == OpKind::Memory && matches!(copy.memory_base(), Register::RSP | Register::ESP) {
                 // The pushed return address moved rsp down by 8 before the jump reads memory.
                 let displacement = copy.memory_displacement64().wrapping_add(8);
-                let displacement = if copy.memory_base() == Register::ESP {
-                    u64::from(displacement as u32)
-                } else {
-                    displacement
-                };
+                let displacement =
+                    if copy.memory_base() == Register::ESP { u64::from(displacement as u32) } else { displacement };
                 copy.set_memory_displacement64(displacement);
                 if copy.memory_displ_size() == 0 {
                     copy.set_memory_displ_size(1);
                 }
             }
-            Ok(push_return_address(instr.next_ip())?
-                .into_iter()
-                .chain([copy])
-                .collect())
+            Ok(push_return_address(instr.next_ip())?.into_iter().chain([copy]).collect())
         }
         _ => {
             if copy.op0_kind() == OpKind::NearBranch64 {
@@ -390,13 +330,7 @@ fn encoder_error(err: IcedError, instrs: &[Instruction], starts: &[u64]) -> Relo
                 && target > u64::from(u32::MAX)
                 && !(fits(at, target) && fits(at + SLACK, target))
         })
-        .map_or_else(
-            || RelocError::from(err),
-            |(instr, &new_ip)| RelocError::OutOfRange {
-                ip: instr.ip(),
-                new_ip,
-            },
-        )
+        .map_or_else(|| RelocError::from(err), |(instr, &new_ip)| RelocError::OutOfRange { ip: instr.ip(), new_ip })
 }
 
 #[cfg(test)]
@@ -521,20 +455,9 @@ mod tests {
         let relocated = relocate(&bytes, OLD, NEW).unwrap();
         assert_eq!(
             relocated.offsets,
-            [
-                (0x0, 0x0),
-                (0x1, 0x1),
-                (0x8, 0x8),
-                (0xa, 0xe),
-                (0xf, 0x27),
-                (0x11, 0x30),
-                (0x13, 0x32)
-            ]
+            [(0x0, 0x0), (0x1, 0x1), (0x8, 0x8), (0xa, 0xe), (0xf, 0x27), (0x11, 0x30), (0x13, 0x32)]
         );
-        assert_eq!(
-            listing(&relocated.code[0x30..0x32], NEW + 0x30),
-            ["loop 0x70000001"]
-        );
+        assert_eq!(listing(&relocated.code[0x30..0x32], NEW + 0x30), ["loop 0x70000001"]);
         assert_eq!(relocated.code[0x32..], [0xc3]);
     }
 
@@ -545,23 +468,12 @@ mod tests {
         // mov 0x20(%rip),%rax
         assert_eq!(
             relocate(&[0x55, 0x48, 0x8b, 0x05, 0x20, 0, 0, 0], old, new),
-            Err(RelocError::OutOfRange {
-                ip: old + 1,
-                new_ip: new + 1
-            })
+            Err(RelocError::OutOfRange { ip: old + 1, new_ip: new + 1 })
         );
         // call *0x10(%rip)
-        assert!(matches!(
-            relocate(&[0xff, 0x15, 0x10, 0, 0, 0], old, new),
-            Err(RelocError::OutOfRange { .. })
-        ));
-        let message = relocate(&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], old, new)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("0x555555550000") && message.contains("±2 GiB"),
-            "{message}"
-        );
+        assert!(matches!(relocate(&[0xff, 0x15, 0x10, 0, 0, 0], old, new), Err(RelocError::OutOfRange { .. })));
+        let message = relocate(&[0x48, 0x8d, 0x3d, 0x10, 0, 0, 0], old, new).unwrap_err().to_string();
+        assert!(message.contains("0x555555550000") && message.contains("±2 GiB"), "{message}");
     }
 
     #[test]
@@ -570,10 +482,7 @@ mod tests {
         let far = 0x7fff_0000_0000;
         let relocated = relocate(&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], OLD, far).unwrap();
         let instr = Decoder::with_ip(64, &relocated.code, far, DecoderOptions::NONE).decode();
-        assert_eq!(
-            (instr.memory_base(), instr.ip_rel_memory_address()),
-            (Register::EIP, 0x401027)
-        );
+        assert_eq!((instr.memory_base(), instr.ip_rel_memory_address()), (Register::EIP, 0x401027));
     }
 
     #[test]
@@ -582,9 +491,7 @@ mod tests {
         let new = 0x7fff_0000_0000;
         // call old+0x105: the absolute jump right after the pushed return address
         let relocated = relocate(&[0xe8, 0x00, 0x01, 0, 0], old, new).unwrap();
-        let mut expected = vec![
-            0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24, 0x05, 0, 0x55, 0x55,
-        ];
+        let mut expected = vec![0x48, 0x8d, 0x64, 0x24, 0xf8, 0xc7, 0x04, 0x24, 0x05, 0, 0x55, 0x55];
         expected.extend([0xc7, 0x44, 0x24, 0x04, 0x55, 0x55, 0, 0]);
         expected.extend(jmp_abs(old + 0x105));
         assert_eq!(relocated.code, expected);
@@ -602,19 +509,14 @@ mod tests {
     fn refused_and_undecodable_runs() {
         // push %rbp; syscall
         let err = relocate(&[0x55, 0x0f, 0x05], OLD, NEW).unwrap_err();
-        assert!(
-            matches!(&err, RelocError::Refused(r) if r.ip == OLD + 1 && r.insn_text == "syscall"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, RelocError::Refused(r) if r.ip == OLD + 1 && r.insn_text == "syscall"), "{err:?}");
         // push %rbp; mov 0x20(%rip),%rax cut short
         assert_eq!(
             relocate(&[0x55, 0x48, 0x8b], OLD, NEW),
             Err(RelocError::Decode(DecodeError::Truncated { ip: OLD + 1 }))
         );
-        assert!(matches!(
-            relocate(&[0xff, 0xd4], OLD, NEW),
-            Err(RelocError::Refused(_))
-        )); // call *%rsp
+        assert!(matches!(relocate(&[0xff, 0xd4], OLD, NEW), Err(RelocError::Refused(_))));
+        // call *%rsp
     }
 
     #[test]
@@ -630,9 +532,7 @@ mod tests {
         expected.extend(jmp_abs(OLD + 1));
         assert_eq!(slot, expected);
         assert_eq!(
-            build_slot(&[0xcc], OLD, NEW, OLD + 1)
-                .unwrap_err()
-                .to_string(),
+            build_slot(&[0xcc], OLD, NEW, OLD + 1).unwrap_err().to_string(),
             "the instruction at 0x401000 (`int3`) cannot run out of line: it is a breakpoint \
              itself: the trap must be reported at the program's own address; probe a \
              neighbouring instruction instead"
@@ -640,8 +540,10 @@ mod tests {
     }
 
     /// (bytes at `OLD`, post-slot listing at `NEW`, exits as (offset, resume))
+    type PostSlotCase = (&'static [u8], &'static [&'static str], &'static [(u32, u64)]);
+
     #[rustfmt::skip]
-    const POST_SLOTS: &[(&[u8], &[&str], &[(u32, u64)])] = &[
+    const POST_SLOTS: &[PostSlotCase] = &[
         // mov 0x20(%rip),%rax
         (&[0x48, 0x8b, 0x05, 0x20, 0, 0, 0], &["mov 0x401027,%rax", "int3"], &[(7, OLD + 7)]),
         // jmp 0x401105
@@ -662,8 +564,7 @@ mod tests {
     #[test]
     fn post_slots() {
         for &(bytes, expected, exits) in POST_SLOTS {
-            let slot =
-                build_post_slot(bytes, OLD, NEW).unwrap_or_else(|e| panic!("{bytes:02x?}: {e}"));
+            let slot = build_post_slot(bytes, OLD, NEW).unwrap_or_else(|e| panic!("{bytes:02x?}: {e}"));
             assert_eq!(listing(&slot.code, NEW), expected, "{bytes:02x?}");
             assert_eq!(slot.exits, exits, "{bytes:02x?}");
             for (offset, _) in exits {
@@ -685,10 +586,7 @@ mod tests {
         ];
         for &(bytes, word) in cases {
             let err = build_post_slot(bytes, OLD, NEW).unwrap_err();
-            assert!(
-                matches!(&err, RelocError::Refused(r) if r.reason.contains(word)),
-                "{bytes:02x?}: {err}"
-            );
+            assert!(matches!(&err, RelocError::Refused(r) if r.reason.contains(word)), "{bytes:02x?}: {err}");
         }
     }
 }
