@@ -61,7 +61,7 @@ pub(crate) fn check_instruction(instr: &Instruction) -> Result<(), Refusal> {
 }
 
 /// The whole policy: `None` when the instruction behaves the same at any address once
-/// [`super::relocate`] has rewritten it.
+/// [`super::relocate()`] has rewritten it.
 fn refusal_reason(instr: &Instruction) -> Option<&'static str> {
     let code = instr.code();
     Some(match code {

@@ -226,9 +226,7 @@ pub(crate) fn flow_of(instr: &Instruction) -> Flow {
             Flow::Jump { target: instr.near_branch_target() }
         }
         FlowControl::ConditionalBranch => Flow::CondJump { target: instr.near_branch_target() },
-        FlowControl::XbeginXabortXend if matches!(code, Code::Xbegin_rel16 | Code::Xbegin_rel32) => {
-            Flow::CondJump { target: instr.near_branch_target() }
-        }
+        FlowControl::XbeginXabortXend if is_xbegin(code) => Flow::CondJump { target: instr.near_branch_target() },
         // xabort and xend continue with the next instruction unless a transaction is active,
         // and a transaction's abort path belongs to its xbegin.
         FlowControl::XbeginXabortXend => Flow::Sequential,
@@ -240,6 +238,10 @@ pub(crate) fn flow_of(instr: &Instruction) -> Flow {
         FlowControl::Interrupt => Flow::Interrupt,
         _ => Flow::Exception,
     }
+}
+
+pub(crate) fn is_xbegin(code: Code) -> bool {
+    matches!(code, Code::Xbegin_rel16 | Code::Xbegin_rel32)
 }
 
 pub(crate) fn is_near_ret(code: Code) -> bool {

@@ -8,7 +8,7 @@ use iced_x86::{
 };
 
 use super::classify::check_instruction;
-use super::decode::{decode_instruction, decode_instructions, flow_of};
+use super::decode::{decode_instruction, decode_instructions, flow_of, is_xbegin};
 use super::encode::{jmp_abs, jmp_any, rel32_reaches, INT3};
 use super::{DecodeError, Flow, Refusal};
 
@@ -182,10 +182,6 @@ fn branch_over_one_byte(instr: &Instruction, ip: u64) -> Result<Vec<u8>, RelocEr
     encode_at(&[branch], ip)
 }
 
-fn is_xbegin(code: Code) -> bool {
-    matches!(code, Code::Xbegin_rel16 | Code::Xbegin_rel32)
-}
-
 /// Encodes synthetic instructions (no branches into them) at `ip`.
 fn encode_at(instrs: &[Instruction], ip: u64) -> Result<Vec<u8>, RelocError> {
     Ok(BlockEncoder::encode(64, InstructionBlock::new(instrs, ip), BlockEncoderOptions::NONE)?.code_buffer)
@@ -194,9 +190,8 @@ fn encode_at(instrs: &[Instruction], ip: u64) -> Result<Vec<u8>, RelocError> {
 /// Length of [`push_return_address`]'s code: `lea` (5) + `movl` (7) + `movl` (8).
 const PUSH_RETURN_LEN: u64 = 20;
 
-/// `push $ret` for any 64-bit `ret`, without touching flags or any register but `rsp`
-/// (`push imm32` would sign-extend, and `pushf`-free code matters because the flags a
-/// call leaves are the callee's input).
+/// `push $ret` for any 64-bit `ret` without touching the flags, which the callee may read,
+/// or any register but `rsp` (`push $imm32` sign-extends, so it only reaches the low 2 GiB).
 ///
 /// ```text
 /// lea  -0x8(%rsp),%rsp
