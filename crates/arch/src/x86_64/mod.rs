@@ -2,7 +2,7 @@
 //!
 //! * [`decode`]: instruction boundaries and control-flow facts of a function's bytes.
 //! * [`classify`]: may this instruction run out of line, and if not, why not.
-//! * [`relocate`]: the bytes of a run of instructions moved to a new address, with the map
+//! * [`relocate`](mod@relocate): the bytes of a run of instructions moved to a new address, with the map
 //!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
