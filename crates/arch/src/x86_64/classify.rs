@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use iced_x86::{Code, FlowControl, Instruction, OpKind, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 
 use super::decode::{decode_instruction, is_near_ret, Disassembler};
 use super::DecodeError;
@@ -49,7 +49,18 @@ impl Refusal {
 /// are refused with a reason.
 pub fn check_out_of_line(bytes: &[u8], ip: u64) -> Result<(), Refusal> {
     let instr = decode_instruction(bytes, ip).map_err(|err| Refusal::undecodable(&err, ip))?;
-    check_instruction(&instr)
+    check_instruction(&instr)?;
+    // iced decodes as Intel CPUs execute; AMD CPUs honour an operand-size prefix on near
+    // branches (`66 e8` is a 16-bit call there), which changes the length and what it does.
+    let amd = Decoder::with_ip(64, bytes, ip, DecoderOptions::AMD).decode();
+    if amd.code() != instr.code() || amd.len() != instr.len() {
+        return Err(Refusal::new(
+            &instr,
+            "it decodes differently on AMD and Intel processors (an operand-size prefix on a \
+             branch), so its relocated copy could behave differently from the original",
+        ));
+    }
+    Ok(())
 }
 
 /// [`check_out_of_line`] for an instruction already decoded.
@@ -112,6 +123,15 @@ mod tests {
     use super::*;
 
     const IP: u64 = 0x40_1000;
+
+    #[test]
+    fn branches_that_decode_differently_on_amd_are_refused() {
+        // 66 e8 00 00 00 00: `call` with an operand-size prefix — 6 bytes on Intel, a
+        // 16-bit call of 4 bytes on AMD.
+        let refusal = check_out_of_line(&[0x66, 0xe8, 0, 0, 0, 0], IP).unwrap_err();
+        assert!(refusal.reason.contains("AMD"), "{refusal}");
+        assert!(check_out_of_line(&[0xe8, 0, 0, 0, 0], IP).is_ok());
+    }
 
     #[rustfmt::skip]
     const ALLOWED: &[&[u8]] = &[
