@@ -1,1 +1,117 @@
-//! Agent.
+//! The dynprobe agent: a library the CLI preloads into the program it starts
+//! (`LD_PRELOAD`), which places the requested probes before `main` runs and streams one
+//! line per hit back to the CLI.
+//!
+//! The protocol, on the pipe whose write end is `DYNPROBE_EVENT_FD`:
+//!
+//! ```text
+//! !ready <n>                        every probe of DYNPROBE_PROBES is placed; main runs next
+//! !error <spec>: <message>          a probe was refused; none is left placed and the
+//!                                   program exits with status 127 before main
+//! <mono_ns> <tid> <event> name=value...   one hit (CLOCK_MONOTONIC nanoseconds)
+//! ```
+//!
+//! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`].
+
+mod channel;
+mod event;
+mod fetch;
+mod line;
+
+use channel::Channel;
+use dynprobe::spec::ProbeSpec;
+use dynprobe::{Probe, ProbeHandle};
+use event::Event;
+
+/// The environment variable holding the probe specs, one a line.
+pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
+/// The environment variable holding the event pipe's file descriptor.
+pub const EVENT_FD_ENV: &str = "DYNPROBE_EVENT_FD";
+
+/// The exit status when probes cannot be placed: the shell's "command could not run".
+const EXIT_NOT_RUN: libc::c_int = 127;
+
+/// Run by the dynamic loader when the agent is loaded, after libc is initialized and
+/// before the program's `main`: the probes are in place before any of its code runs.
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+extern "C" fn init() {
+    // Unwinding out of an `extern "C"` function aborts; a panic here is a bug in dynprobe,
+    // so report it like a refused probe rather than dying with SIGABRT.
+    let result = std::panic::catch_unwind(start);
+    if result.is_err() {
+        eprintln!("dynprobe agent: internal error while placing probes");
+        // SAFETY: _exit ends the process at once; nothing of ours needs cleanup.
+        unsafe { libc::_exit(EXIT_NOT_RUN) };
+    }
+}
+
+/// Reads and removes the agent's environment, then places the probes.
+fn start() {
+    // Removed so that programs this one starts do not inherit them (they would inherit
+    // `LD_PRELOAD` too, but an agent without DYNPROBE_PROBES does nothing). The loader
+    // runs constructors on one thread, so changing the environment here races with no one.
+    let probes = take_env(PROBES_ENV);
+    let fd = take_env(EVENT_FD_ENV);
+    let Some(probes) = probes else { return };
+    let channel = match fd.as_deref().map(str::parse) {
+        Some(Ok(fd)) => Channel::new(fd),
+        _ => Err(format!("{EVENT_FD_ENV} is missing or not a number")),
+    };
+    let channel = channel.unwrap_or_else(|message| {
+        // Without a channel there is no CLI to tell; stderr is the only way left.
+        eprintln!("dynprobe agent: {message}; the program was not run");
+        // SAFETY: _exit ends the process at once, before main, as intended.
+        unsafe { libc::_exit(EXIT_NOT_RUN) }
+    });
+    match place_all(&probes, channel) {
+        Ok(handles) => {
+            let n = handles.len();
+            handles.into_iter().for_each(ProbeHandle::leak);
+            channel.send(format!("!ready {n}\n").as_bytes());
+        }
+        Err((spec, message)) => {
+            // A message spanning lines would break the line protocol.
+            let message = message.replace('\n', " ");
+            channel.send(format!("!error {spec}: {message}\n").as_bytes());
+            // SAFETY: _exit ends the process before main ran, which is the point: the
+            // program must not run without the probes the user asked for.
+            unsafe { libc::_exit(EXIT_NOT_RUN) };
+        }
+    }
+}
+
+/// Places every probe of `specs`; on the first failure unregisters those already placed
+/// and returns the failing spec and why.
+fn place_all(specs: &str, channel: Channel) -> Result<Vec<ProbeHandle>, (String, String)> {
+    let mut handles = Vec::new();
+    for text in specs.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match place(text, channel) {
+            Ok(handle) => handles.push(handle),
+            Err(message) => {
+                for handle in handles {
+                    // Best effort: the process exits right after, and an error here means
+                    // the byte could not be restored, which exiting makes moot.
+                    let _ = handle.unregister();
+                }
+                return Err((text.to_string(), message));
+            }
+        }
+    }
+    Ok(handles)
+}
+
+fn place(text: &str, channel: Channel) -> Result<ProbeHandle, String> {
+    let spec = ProbeSpec::parse(text).map_err(|e| e.to_string())?;
+    let event = Event::new(&spec, channel);
+    Probe::at(spec.location.clone()).on_hit(move |regs| event.hit(regs)).register().map_err(|e| e.to_string())
+}
+
+/// The variable's value, removed from the environment.
+fn take_env(name: &str) -> Option<String> {
+    let value = std::env::var(name).ok();
+    std::env::remove_var(name);
+    value
+}

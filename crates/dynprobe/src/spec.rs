@@ -71,8 +71,10 @@ pub struct FetchArg {
 }
 
 /// Where a fetched value comes from.
+///
+/// Deliberately not `#[non_exhaustive]`: whoever reads values (the agent) must fail to
+/// compile until it handles a new form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Fetch {
     /// `%REG`.
     Reg(Reg),
@@ -524,8 +526,9 @@ mod tests {
     #[test]
     fn accepted_specs() {
         let sym = |s: &str| Location::Symbol(s.into());
+        type Case = (&'static str, Option<&'static str>, &'static str, Location, Vec<FetchArg>);
         // (spec, group, event, location, args)
-        let cases: Vec<(&str, Option<&str>, &str, Location, Vec<FetchArg>)> = vec![
+        let cases: Vec<Case> = vec![
             ("p work", None, "work", sym("work"), vec![]),
             ("p:work", None, "work", sym("work"), vec![]),
             ("p work+0", None, "work", sym("work"), vec![]),

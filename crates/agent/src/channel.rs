@@ -1,0 +1,52 @@
+//! The event channel to the CLI: a pipe inherited as a file descriptor.
+
+use std::os::fd::RawFd;
+
+/// The write end of the CLI's pipe. Every line goes out in one `write`: lines are at most
+/// [`crate::line::LINE_MAX`] bytes, below `PIPE_BUF`, so the kernel writes each one
+/// atomically and lines of different threads never interleave.
+#[derive(Debug, Clone, Copy)]
+pub struct Channel {
+    fd: RawFd,
+}
+
+impl Channel {
+    /// Takes over the inherited `fd` and marks it close-on-exec, so that programs the
+    /// target `exec`s do not hold the pipe open (the CLI stops reading at end of file).
+    pub fn new(fd: RawFd) -> Result<Channel, String> {
+        // SAFETY: F_SETFD on a plain integer fd touches no memory; a bad fd gives EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+            return Err(format!("the event fd {fd} is not open: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Channel { fd })
+    }
+
+    /// A channel that writes nowhere, for formatting tests.
+    #[cfg(test)]
+    pub(crate) fn closed() -> Channel {
+        Channel { fd: -1 }
+    }
+
+    /// Writes `bytes` whole. Async-signal-safe: no allocation, and `errno` is restored,
+    /// because the interrupted code may be about to read its own. A failed write (the CLI
+    /// is gone) loses the line: the target must go on running regardless.
+    pub fn send(&self, mut bytes: &[u8]) {
+        // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's
+        // life.
+        let errno = unsafe { libc::__errno_location() };
+        // SAFETY: as above; the slot is a plain int.
+        let saved = unsafe { *errno };
+        while !bytes.is_empty() {
+            // SAFETY: `bytes` is a live slice of `bytes.len()` readable bytes.
+            let n = unsafe { libc::write(self.fd, bytes.as_ptr().cast(), bytes.len()) };
+            match n {
+                // SAFETY: reading this thread's errno, as above.
+                -1 if unsafe { *errno } == libc::EINTR => continue,
+                n if n <= 0 => break,
+                n => bytes = &bytes[n as usize..],
+            }
+        }
+        // SAFETY: restoring this thread's errno, as above.
+        unsafe { *errno = saved };
+    }
+}
