@@ -4,6 +4,7 @@
 //! and dispatches.
 
 mod bench;
+mod probe;
 
 use std::process::ExitCode;
 
@@ -21,12 +22,20 @@ struct Cli {
 enum Command {
     /// Measure the per-hit cost of dynprobe's probes beside the kernel's uprobes.
     Bench(bench::BenchArgs),
+    /// Run a program with probes at functions or instructions, printing every hit with
+    /// the values asked for: `dynprobe probe 'p:work x=$arg1' -- ./prog`.
+    Probe(probe::ProbeArgs),
+    /// Run a small bundled program under `dynprobe probe` to show what it does.
+    Demo(probe::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
+        // These report their own errors: their exit status is the program's.
+        Command::Probe(args) => return probe::run(&args),
+        Command::Demo(args) => return probe::demo(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

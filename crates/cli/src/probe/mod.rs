@@ -1,0 +1,199 @@
+//! `dynprobe probe` and `dynprobe demo`: run a program with probes placed by the agent,
+//! printing one line per hit.
+//!
+//! The CLI parses every spec first (a syntax error stops here, with its column), then
+//! starts the program with `libdynprobe_agent.so` preloaded; the agent places the probes
+//! before `main` and sends its lines over a pipe (protocol in the `dynprobe-agent` crate).
+
+mod output;
+mod session;
+
+use dynprobe::spec::ProbeSpec;
+use output::Printer;
+use session::Placement;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The exit status for dynprobe's own errors (bad spec, refused probe, no agent), apart
+/// from the program's, which is passed through.
+const EXIT_USAGE: u8 = 2;
+
+/// Arguments of `dynprobe probe`.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// Probe specs: `p[:[GROUP/]EVENT] SYMBOL[+OFFSET]|MODULE:SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...`
+    /// where FETCHARG is %REG or $argN (1-based) and TYPE u64 (default), s64 or x64 (also
+    /// 8, 16 and 32 bits). Example: 'p:checksum seed=$arg1 n=$arg2:x64'.
+    #[arg(value_name = "SPEC", required = true)]
+    specs: Vec<String>,
+    /// Attach to the running process PID instead of starting one (not implemented yet).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pid: Option<u32>,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// The program to run and its arguments, after `--`.
+    #[arg(last = true, value_name = "PROG")]
+    command: Vec<OsString>,
+}
+
+/// Where and how events are printed; shared by `probe` and `demo`.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Write events to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    file: Option<PathBuf>,
+}
+
+/// Arguments of `dynprobe demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// The probes `dynprobe demo` places in the demo program.
+const DEMO_SPECS: &[&str] = &["p:parse_record line=$arg1:x64 len=$arg2", "p:checksum seed=$arg1 n=$arg2"];
+
+/// Runs `dynprobe probe`.
+pub fn run(args: &ProbeArgs) -> ExitCode {
+    if args.pid.is_some() {
+        eprintln!("dynprobe: attaching to a running process is not implemented yet (issue 5)");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if args.command.is_empty() {
+        eprintln!("dynprobe: no program to run; give it after `--`, as in `dynprobe probe 'p:main' -- ./prog`");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    probe(&args.specs, &args.command, &args.output)
+}
+
+/// Runs `dynprobe demo`: the bundled demo program under `dynprobe probe`, after printing
+/// the equivalent command line.
+pub fn demo(args: &DemoArgs) -> ExitCode {
+    let program = env!("DYNPROBE_DEMO");
+    let quoted: Vec<String> = DEMO_SPECS.iter().map(|s| format!("'{s}'")).collect();
+    // On stderr: it is commentary, and stdout may be JSON lines.
+    eprintln!("$ dynprobe probe {} -- {program}", quoted.join(" "));
+    let specs: Vec<String> = DEMO_SPECS.iter().map(|s| s.to_string()).collect();
+    probe(&specs, &[OsString::from(program)], &args.output)
+}
+
+fn probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> ExitCode {
+    match try_probe(specs, command, output) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("dynprobe: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn try_probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> Result<ExitCode, String> {
+    let parsed = specs
+        .iter()
+        .map(|text| ProbeSpec::parse(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
+    let agent = agent_path()?;
+    let out: Box<dyn Write> = match &output.file {
+        Some(path) => Box::new(BufWriter::new(
+            File::create(path).map_err(|e| format!("cannot create `{}`: {e}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(io::stdout())),
+    };
+    let mut printer = Printer::new(out, output.json, monotonic_ns());
+    // One spec a line: a spec from the command line could hold a newline, which is only
+    // white space to the grammar but would split it in two for the agent.
+    let lines: Vec<String> =
+        parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    let program = command[0].to_string_lossy();
+    let outcome = session::run(command, &agent, &lines.join("\n"), &mut printer).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("cannot run `{program}`: no such program (check the path, or PATH)"),
+        io::ErrorKind::PermissionDenied => format!("cannot run `{program}`: permission denied (is it executable?)"),
+        _ => format!("cannot run `{program}`: {e}"),
+    })?;
+    match outcome.placement {
+        Placement::Refused(error) => {
+            let (spec, why) = split_error(&error, &lines);
+            return Err(format!("cannot place probe `{spec}`: {why}; the program was not run"));
+        }
+        Placement::Silent => eprintln!(
+            "dynprobe: warning: the agent was not loaded into `{program}` (statically linked? \
+             setuid?), so no probe was placed"
+        ),
+        Placement::Ready => {}
+    }
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&outcome.status) {
+        eprintln!("dynprobe: `{program}` was killed by signal {signal}");
+    }
+    Ok(ExitCode::from(session::exit_code(outcome.status)))
+}
+
+/// Splits `<spec>: <message>` of an `!error` line; specs hold `:` too, so the known specs
+/// are tried first.
+fn split_error<'a>(error: &'a str, specs: &[String]) -> (&'a str, &'a str) {
+    specs
+        .iter()
+        .find_map(|spec| {
+            let why = error.strip_prefix(spec.as_str())?.strip_prefix(": ")?;
+            Some((&error[..spec.len()], why))
+        })
+        .or_else(|| error.split_once(": "))
+        .unwrap_or((error, "refused"))
+}
+
+/// `libdynprobe_agent.so`: `$DYNPROBE_AGENT`, or the one beside this executable (where
+/// cargo builds both).
+fn agent_path() -> Result<PathBuf, String> {
+    let path = match std::env::var_os("DYNPROBE_AGENT") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find the dynprobe executable: {e}"))?
+            .with_file_name("libdynprobe_agent.so"),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "the agent library `{}` does not exist; build it with `cargo build --release --workspace` \
+             (or set DYNPROBE_AGENT to its path)",
+            path.display()
+        ));
+    }
+    // The loader resolves a relative LD_PRELOAD against the program's working directory.
+    std::path::absolute(&path).map_err(|e| format!("cannot use `{}`: {e}", path.display()))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the agent's clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_split_at_the_known_spec() {
+        let specs = vec!["p:ev libc:malloc".to_string()];
+        assert_eq!(
+            split_error("p:ev libc:malloc: unknown symbol `malloc`", &specs),
+            ("p:ev libc:malloc", "unknown symbol `malloc`")
+        );
+        assert_eq!(split_error("p:x: why", &[]), ("p:x", "why"));
+    }
+
+    #[test]
+    fn demo_specs_parse() {
+        for spec in DEMO_SPECS {
+            ProbeSpec::parse(spec).unwrap();
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Running the program with the agent preloaded and relaying the agent's lines.
+
+use super::output::{Message, Printer};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+
+/// What the agent reported about placing the probes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// `!ready`: all probes were placed.
+    Ready,
+    /// `!error`: this line's text after `!error ` (the spec, `: `, why).
+    Refused(String),
+    /// The agent never reported: it was not loaded (a static or setuid program ignores
+    /// `LD_PRELOAD`).
+    Silent,
+}
+
+/// How a run ended.
+pub struct Outcome {
+    /// What the agent reported.
+    pub placement: Placement,
+    /// The program's exit status.
+    pub status: ExitStatus,
+}
+
+/// A pipe: the read end stays here (close-on-exec), the write end goes to the program.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+fn pipe() -> io::Result<Pipe> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 stores.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two descriptors, owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(Pipe { read, write })
+}
+
+/// Starts `command` with the agent preloaded and the probes in its environment.
+fn spawn(command: &[OsString], agent: &Path, probes: &str, event_fd: RawFd) -> io::Result<Child> {
+    let mut preload = OsString::from(agent);
+    if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(existing);
+    }
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("DYNPROBE_PROBES", probes)
+        .env("DYNPROBE_EVENT_FD", event_fd.to_string());
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
+    // close-on-exec so no other child of ours inherits it, survive this one exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(event_fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Runs `command` with the probes `specs` (one a line), printing every hit with `printer`
+/// until the program exits.
+pub fn run(command: &[OsString], agent: &Path, specs: &str, printer: &mut Printer) -> io::Result<Outcome> {
+    let pipe = pipe()?;
+    let mut child = spawn(command, agent, specs, pipe.write.as_raw_fd())?;
+    // Only the program may hold the write end, so the read end sees end-of-file when it
+    // (and whatever it forked) is gone.
+    drop(pipe.write);
+    // Ctrl-C reaches the program too (same process group): let it decide, and stay to
+    // relay its last events and exit status. Set after the spawn, since ignored signals
+    // are inherited across exec.
+    // SAFETY: setting a signal to SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let placement = relay(&pipe.read, &child, printer);
+    let status = child.wait()?;
+    Ok(Outcome { placement: placement?, status })
+}
+
+/// Reads the agent's lines until end-of-file or until the program exits (a process it
+/// forked may keep the pipe open), then what is left in the pipe.
+fn relay(read: &OwnedFd, child: &Child, printer: &mut Printer) -> io::Result<Placement> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+    // Without pidfds (kernels before 5.3) we wait for end-of-file only.
+    let pidfd = (pidfd >= 0).then(|| {
+        // SAFETY: the descriptor was just returned by pidfd_open and is ours alone.
+        unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
+    });
+    let mut lines = Lines::default();
+    let mut state = Relay { printer, placement: Placement::Silent, printing: true };
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is an array of two initialized pollfds (a negative fd is ignored).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } == -1 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if fds[0].revents != 0 {
+            if !lines.fill(read, &mut |l| state.line(l))? {
+                break;
+            }
+        } else if fds[1].revents != 0 {
+            // The program exited: everything it wrote is in the pipe now. Read it
+            // without waiting for writers it may have left behind.
+            // SAFETY: F_SETFL with O_NONBLOCK on our own descriptor.
+            unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            while lines.fill(read, &mut |l| state.line(l))? {}
+            break;
+        }
+        let _ = state.printer.flush();
+    }
+    let _ = state.printer.flush();
+    Ok(state.placement)
+}
+
+/// What `relay` keeps between lines.
+struct Relay<'p> {
+    printer: &'p mut Printer,
+    placement: Placement,
+    /// False after a failed write (a closed `| head`): the lines are still read, so the
+    /// program never blocks on a full pipe, but no longer printed.
+    printing: bool,
+}
+
+impl Relay<'_> {
+    fn line(&mut self, line: &str) {
+        match Message::parse(line) {
+            Message::Ready(_) => self.placement = Placement::Ready,
+            Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
+            Message::Hit(hit) => {
+                if self.printing && self.printer.hit(&hit).is_err() {
+                    self.printing = false;
+                }
+            }
+            Message::Unknown(line) => eprintln!("dynprobe: unexpected line from the agent: {line}"),
+        }
+    }
+}
+
+/// Splits what is read from the pipe into lines.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    /// Reads once and hands every complete line to `each`; false at end-of-file (or when
+    /// a non-blocking pipe is empty).
+    fn fill(&mut self, fd: &OwnedFd, each: &mut dyn FnMut(&str)) -> io::Result<bool> {
+        let mut buf = [0u8; 64 * 1024];
+        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::Interrupted => Ok(true),
+                io::ErrorKind::WouldBlock => Ok(false),
+                _ => Err(err),
+            };
+        }
+        self.pending.extend_from_slice(&buf[..n as usize]);
+        let complete = self.pending.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for line in self.pending[..complete].split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                each(&String::from_utf8_lossy(line));
+            }
+        }
+        self.pending.drain(..complete);
+        Ok(n > 0)
+    }
+}
+
+/// The exit code that reports `status` to our caller the way a shell would: the
+/// program's own code, or 128 + the signal that killed it.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => (128 + signal) as u8,
+        (None, None) => 1,
+    }
+}

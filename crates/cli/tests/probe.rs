@@ -1,0 +1,272 @@
+//! End-to-end tests of `dynprobe probe`: a C program compiled here runs under the CLI
+//! with the agent preloaded.
+//!
+//! The agent must be built beside the `dynprobe` binary first (`cargo test` only builds
+//! it as part of the whole workspace): `cargo build --workspace && cargo test --workspace`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The target program. `main` first creates the marker file named by `argv[1]`, so a test
+/// can tell whether the program ran at all; then `checksum` is called with known
+/// arguments: (i, 10 i) for i < 50 on the main thread, and (1000 t + i, i) for i < 100 on
+/// each of threads t = 1, 2. `wide` starts with a 10-byte instruction, to probe inside it.
+const TARGET_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+
+__attribute__((noinline)) long checksum(long seed, long n)
+{
+	unsigned long h = seed;
+	for (long i = 0; i < n; i++)
+		h = h * 31 + i;
+	return (long)h;
+}
+
+__attribute__((naked, noinline)) long wide(void)
+{
+	__asm__("movabs $0x1122334455667788, %rax\n\tret");
+}
+
+static void *thread(void *arg)
+{
+	long t = (long)arg, sum = 0;
+	for (long i = 0; i < 100; i++)
+		sum += checksum(1000 * t + i, i);
+	return (void *)sum;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc > 1)
+		fclose(fopen(argv[1], "w"));
+	long sum = 0;
+	for (long i = 0; i < 50; i++)
+		sum += checksum(i, 10 * i);
+	printf("main %ld\n", sum);
+	pthread_t threads[2];
+	for (long t = 1; t <= 2; t++)
+		pthread_create(&threads[t - 1], NULL, thread, (void *)t);
+	for (long t = 1; t <= 2; t++) {
+		void *result;
+		pthread_join(threads[t - 1], &result);
+		printf("thread %ld %ld\n", t, (long)result);
+	}
+	printf("wide %lx\n", wide());
+	return 3;
+}
+"#;
+
+/// The program's exit status, passed through by dynprobe.
+const TARGET_STATUS: i32 = 3;
+
+/// Every (seed, n) `checksum` is called with, once each.
+fn expected_calls() -> Vec<(u64, u64)> {
+    let mut calls: Vec<(u64, u64)> = (0..50).map(|i| (i, 10 * i)).collect();
+    for t in 1..=2 {
+        calls.extend((0..100).map(|i| (1000 * t + i, i)));
+    }
+    calls.sort();
+    calls
+}
+
+fn scratch() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("probe-test")
+}
+
+/// The target, compiled once per test run.
+fn target() -> &'static Path {
+    static TARGET: OnceLock<PathBuf> = OnceLock::new();
+    TARGET.get_or_init(|| {
+        let dir = scratch();
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("target.c");
+        std::fs::write(&source, TARGET_C).unwrap();
+        let exe = dir.join(format!("target-{}", std::process::id()));
+        let status = Command::new("gcc")
+            .args(["-O1", "-g", "-fno-inline", "-fcf-protection=none", "-pthread", "-o"])
+            .arg(&exe)
+            .arg(&source)
+            .status()
+            .expect("run gcc");
+        assert!(status.success(), "gcc failed to compile the test target");
+        exe
+    })
+}
+
+/// A marker path unique to `test`, absent.
+fn marker(test: &str) -> PathBuf {
+    let path = scratch().join(format!("marker-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// `dynprobe` with `args`, checking first that the agent it needs was built.
+fn dynprobe(args: &[&str]) -> Output {
+    let exe = Path::new(env!("CARGO_BIN_EXE_dynprobe"));
+    let agent = exe.with_file_name("libdynprobe_agent.so");
+    assert!(
+        agent.is_file(),
+        "{} is missing: run `cargo build --workspace` (with the same profile) before these tests",
+        agent.display()
+    );
+    Command::new(exe).args(args).output().expect("run dynprobe")
+}
+
+/// `dynprobe probe SPECS... [OPTIONS...] -- target MARKER`.
+fn probe(specs: &[&str], options: &[&str], marker: &Path) -> Output {
+    let target = target().to_str().unwrap();
+    let marker = marker.to_str().unwrap();
+    let mut args = vec!["probe"];
+    args.extend(specs);
+    args.extend(options);
+    args.extend(["--", target, marker]);
+    dynprobe(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `(tid, seed, n)` of a text event line `   0.000123 [4242] checksum: seed=1 n=10`.
+fn parse_text_event(line: &str) -> (u64, u64, u64) {
+    let (time, rest) = line.trim_start().split_once(" [").unwrap();
+    time.parse::<f64>().unwrap_or_else(|_| panic!("bad time in {line:?}"));
+    let (tid, rest) = rest.split_once("] checksum: ").unwrap();
+    let fields: HashMap<&str, &str> = rest.split(' ').map(|f| f.split_once('=').unwrap()).collect();
+    (tid.parse().unwrap(), fields["seed"].parse().unwrap(), fields["n"].parse().unwrap())
+}
+
+#[test]
+fn every_call_is_one_event_with_its_arguments_and_the_program_is_unchanged() {
+    let unprobed_marker = marker("unprobed");
+    let unprobed = Command::new(target()).arg(&unprobed_marker).output().unwrap();
+    assert_eq!(unprobed.status.code(), Some(TARGET_STATUS));
+
+    let marker = marker("events");
+    let events = scratch().join(format!("events-{}.txt", std::process::id()));
+    let out = probe(&["p:checksum seed=$arg1 n=$arg2"], &["-o", events.to_str().unwrap()], &marker);
+    assert_eq!(out.status.code(), Some(TARGET_STATUS), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), text(&unprobed.stdout), "the program's output changed");
+    assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));
+
+    let lines = std::fs::read_to_string(&events).unwrap();
+    let events: Vec<(u64, u64, u64)> = lines.lines().map(parse_text_event).collect();
+    let mut calls: Vec<(u64, u64)> = events.iter().map(|&(_, seed, n)| (seed, n)).collect();
+    calls.sort();
+    assert_eq!(calls, expected_calls());
+    // Each thread's calls carry that thread's id: main's seeds are below 1000, thread t's
+    // are 1000 t + i.
+    let mut tids_by_thread: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (tid, seed, _) in events {
+        tids_by_thread.entry(seed / 1000).or_default().push(tid);
+    }
+    let tids: Vec<u64> = (0..=2)
+        .map(|t| {
+            let tids = &tids_by_thread[&t];
+            assert!(tids.iter().all(|&tid| tid == tids[0]), "thread {t} has several tids");
+            tids[0]
+        })
+        .collect();
+    assert!(tids[0] != tids[1] && tids[1] != tids[2] && tids[0] != tids[2], "{tids:?}");
+}
+
+#[test]
+fn json_lines_have_every_field() {
+    let marker = marker("json");
+    let out = probe(&["p:grp/sum checksum+0 seed=$arg1 n=$arg2:x64 ip=%rip:x64"], &["--json"], &marker);
+    assert_eq!(out.status.code(), Some(TARGET_STATUS), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // The program's own lines are on the same stdout; events are the JSON objects.
+    let events: Vec<serde_json::Value> =
+        stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), expected_calls().len());
+    let mut calls = Vec::new();
+    for event in &events {
+        assert!(event["time"].as_f64().unwrap() >= 0.0, "{event}");
+        assert!(event["ns"].as_u64().is_some(), "{event}");
+        assert!(event["tid"].as_u64().unwrap() > 0, "{event}");
+        assert_eq!(event["event"], "grp/sum");
+        let args = &event["args"];
+        let n = args["n"].as_str().unwrap().strip_prefix("0x").unwrap();
+        calls.push((args["seed"].as_u64().unwrap(), u64::from_str_radix(n, 16).unwrap()));
+        assert!(args["ip"].as_str().unwrap().starts_with("0x"), "{event}");
+    }
+    calls.sort();
+    assert_eq!(calls, expected_calls());
+    // Every hit is at the same address, the probed one.
+    let ips: std::collections::HashSet<_> = events.iter().map(|e| e["args"]["ip"].clone()).collect();
+    assert_eq!(ips.len(), 1);
+}
+
+/// Runs a probe that must be refused and returns stderr, checking that dynprobe exited
+/// with 2 and the program's `main` never ran.
+fn refused(test: &str, specs: &[&str]) -> String {
+    let marker = marker(test);
+    let out = probe(specs, &[], &marker);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!marker.exists(), "the program ran despite the refused probe");
+    assert!(out.stdout.is_empty(), "stdout: {}", text(&out.stdout));
+    stderr
+}
+
+#[test]
+fn bad_syntax_points_at_the_column_and_nothing_runs() {
+    let stderr = refused("syntax", &["p:checksum x=%rdz"]);
+    assert_eq!(
+        stderr,
+        "dynprobe: bad probe spec: unknown register `rdz` at column 15\n  p:checksum x=%rdz\n                ^\n"
+    );
+}
+
+#[test]
+fn unknown_symbol_is_refused_before_main() {
+    // The first probe is placed and must be taken out again.
+    let stderr = refused("symbol", &["p:checksum", "p:no_such_function n=$arg1"]);
+    assert!(
+        stderr.starts_with(
+            "dynprobe: cannot place probe `p:no_such_function n=$arg1`: unknown symbol `no_such_function`"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.trim_end().ends_with("; the program was not run"), "{stderr}");
+}
+
+#[test]
+fn offset_inside_an_instruction_is_refused_before_main() {
+    let stderr = refused("mid", &["p:wide+2"]);
+    assert!(stderr.starts_with("dynprobe: cannot place probe `p:wide+2`: "), "{stderr}");
+    assert!(stderr.contains("is inside the instruction"), "{stderr}");
+    assert!(stderr.contains("the program was not run"), "{stderr}");
+}
+
+#[test]
+fn a_missing_program_is_a_clear_error() {
+    let out = dynprobe(&["probe", "p:main", "--", "/nonexistent/program"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "dynprobe: cannot run `/nonexistent/program`: no such program (check the path, or PATH)\n"
+    );
+}
+
+#[test]
+fn attaching_is_not_implemented_yet() {
+    let out = dynprobe(&["probe", "-p", "1", "p:main"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not implemented yet (issue 5)"));
+}
+
+#[test]
+fn demo_shows_its_command_and_events() {
+    let out = dynprobe(&["demo"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).starts_with("$ dynprobe probe 'p:parse_record"), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.matches("] parse_record: line=0x").count(), 4, "{stdout}");
+    assert_eq!(stdout.matches("] checksum: seed=").count(), 3, "{stdout}");
+    assert!(stdout.contains("] checksum: seed=12 n=1\n"), "{stdout}");
+}
