@@ -161,15 +161,14 @@ impl ProbeHandle {
     /// Removes the probe. When it was the last one at its address, the original byte is
     /// restored; returns once no thread is still inside this probe's handler or slot, with
     /// the probe's final counts (no handler run is missing from them).
+    ///
+    /// When that wait cannot complete — a thread blocks the stop signal, or stays in the slot
+    /// — the error says why and the probe stays registered and working, as if leaked: it is
+    /// never left half-removed.
     pub fn unregister(mut self) -> Result<ProbeStats, ProbeError> {
         let shared = self.shared.take().expect("a live handle always holds its probe");
-        match registry::unregister(&shared) {
-            Ok(()) => Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed() }),
-            Err(e) => {
-                self.shared = Some(shared);
-                Err(e)
-            }
-        }
+        registry::unregister(&shared)?;
+        Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed() })
     }
 
     /// Keeps the probe registered for the rest of the process's life.

@@ -10,8 +10,10 @@ use crate::site::{PatchSite, ProbeList};
 use crate::{Location, Probe, ProbeError};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3};
 use dynprobe_symbols::{SymbolError, SymbolTable};
-use dynprobe_text::{memory, pool, stop, sync_core::sync_core, trap, TextError};
+use dynprobe_text::pool::ExecSlot;
+use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,9 +26,15 @@ const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt"];
 /// How long unregistering waits for threads to leave a slot before giving up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a removed site's slot stays unused before it is reused.
+const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
 struct Registry {
     sites: BTreeMap<u64, Box<PatchSite>>,
+    /// Slots of removed sites, with the time they were retired. A thread interrupted by an
+    /// unrelated signal while inside a slot reports its handler's `rip` to a stop, not the
+    /// slot's, so a slot is reused only after a delay no signal handler should outlast.
+    quarantined: Vec<(ExecSlot, Instant)>,
     /// Replaced probe lists, freed at the next grace period.
     retired: Vec<*mut ProbeList>,
     symbols: Option<SymbolTable>,
@@ -35,7 +43,8 @@ struct Registry {
 // SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
 unsafe impl Send for Registry {}
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { sites: BTreeMap::new(), retired: Vec::new(), symbols: None });
+static REGISTRY: Mutex<Registry> =
+    Mutex::new(Registry { sites: BTreeMap::new(), quarantined: Vec::new(), retired: Vec::new(), symbols: None });
 
 fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     // Taking the lock inside a handler could wait for the very thread the handler
@@ -96,6 +105,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     registry.sites.insert(target.addr, site);
     if let Err(e) = registry.update_arming(target.addr) {
         let site = registry.sites.remove(&target.addr).expect("just inserted");
+        if site.armed.load(Ordering::Relaxed) {
+            // The int3 went in but the cores could not be serialized: take it out again.
+            memory::write_verified(site.addr, &[INT3], &[site.orig_byte])?;
+        }
         disown_traps(&site);
         pool::free(site.slots.slot);
         return Err(e);
@@ -105,8 +118,9 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
 
 pub(crate) fn set_enabled(probe: &Arc<ProbeShared>, on: bool) -> Result<(), ProbeError> {
     let registry = lock()?;
+    let was = probe.enabled();
     probe.set_enabled(on);
-    registry.update_arming(probe.addr)
+    registry.update_arming(probe.addr).inspect_err(|_| probe.set_enabled(was))
 }
 
 pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
@@ -124,15 +138,23 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     }
 
     // The last probe: restore the byte, then wait until no thread is in the handler or slot.
+    let was_enabled = probe.enabled();
     probe.set_enabled(false);
-    registry.update_arming(probe.addr)?;
     let slot = registry.sites.get(&probe.addr).expect("checked above").slots.slot;
-    trap::unregister_site(probe.addr);
-    registry.grace_period()?;
-    wait_until_no_thread_in(slot.addr, slot.size as u64)?;
+    let quiesced = registry.update_arming(probe.addr).and_then(|()| {
+        trap::unregister_site(probe.addr);
+        registry.grace_period()?;
+        wait_until_no_thread_in(slot.addr, slot.size as u64)
+    });
+    if let Err(e) = quiesced {
+        // The handle goes back to the caller: leave the probe as it was.
+        probe.set_enabled(was_enabled);
+        let _ = registry.update_arming(probe.addr);
+        return Err(e);
+    }
     let site = registry.sites.remove(&probe.addr).expect("checked above");
     disown_traps(&site);
-    pool::free(site.slots.slot);
+    registry.quarantine(site.slots.slot);
     Ok(())
 }
 
@@ -300,14 +322,32 @@ impl Registry {
             return Ok(());
         };
         let want = site.any_enabled();
-        if want == site.armed.load(std::sync::atomic::Ordering::Relaxed) {
+        if want == site.armed.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        if want {
+            // Every int3 we write has an owner first, even after a failed unregister gave
+            // the ownership up: an int3 without one would be passed on as a foreign trap.
+            trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)?;
         }
         let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
         memory::write_verified(addr, &[from], &[to])?;
-        sync_core();
-        site.armed.store(want, std::sync::atomic::Ordering::Relaxed);
+        site.armed.store(want, Ordering::Relaxed);
+        try_sync_core()?;
         Ok(())
+    }
+
+    /// Retires a slot; frees those whose quarantine is over.
+    fn quarantine(&mut self, slot: ExecSlot) {
+        let now = Instant::now();
+        self.quarantined.retain(|&(old, since)| {
+            let keep = now.duration_since(since) < SLOT_QUARANTINE;
+            if !keep {
+                pool::free(old);
+            }
+            keep
+        });
+        self.quarantined.push((slot, now));
     }
 
     /// Waits until no thread can hold a pointer handed out by the trap path before now, then

@@ -356,3 +356,43 @@ fn threads_hit_while_another_registers_and_unregisters() {
     assert!(counted > 0 && counted <= calls, "{counted} hits for {calls} calls");
     eprintln!("{rounds} rounds, {counted} hits, {calls} calls");
 }
+
+#[test]
+fn a_failed_unregister_leaves_the_probe_working() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("f_spare");
+    let addr = t.addr("f_spare");
+    // A thread that blocks every signal cannot be stopped, so no grace period can complete.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let blocker = std::thread::spawn(move || {
+        // SAFETY: blocks all signals for this thread only; the set is a valid sigset_t.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        }
+        ready_tx.send(()).unwrap();
+        done_rx.recv().unwrap();
+    });
+    ready_rx.recv().unwrap();
+    let probe = Probe::at(sym!("f_spare")).on_hit(|_| {}).register().unwrap();
+    let err = probe.unregister().unwrap_err();
+    assert!(err.to_string().contains("stop"), "{err}");
+    done_tx.send(()).unwrap();
+    blocker.join().unwrap();
+    // The probe stays as it was: listed, enabled, armed, owned, and it still fires.
+    let left = dynprobe_probe::list().into_iter().find(|p| p.addr == addr).expect("still registered");
+    assert!(left.enabled);
+    assert_eq!(code(addr, 1), [0xcc]);
+    assert_eq!(f(1), 5);
+    let left = dynprobe_probe::list().into_iter().find(|p| p.addr == addr).unwrap();
+    assert_eq!(left.hits, 1);
+    // A second probe at the same address shares the site; removing it keeps the first.
+    let second = Probe::at(sym!("f_spare")).on_hit(|_| {}).register().unwrap();
+    assert_eq!(f(1), 5);
+    assert_eq!(second.unregister().unwrap().hits, 1);
+    assert_eq!(code(addr, 1), [0xcc], "the first probe is still there");
+    assert_eq!(f(2), 6);
+}

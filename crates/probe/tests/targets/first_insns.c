@@ -33,6 +33,8 @@ FUNC(f_endbr, "endbr64\n lea 7(%rdi),%rax\n ret")
 FUNC(f_jmp, "jmp 1f\n ud2\n1: lea 9(%rdi),%rax\n ret")
 /* a syscall at +5 (getpid), which cannot run out of line */
 FUNC(f_syscall, "mov $39,%eax\n syscall\n ret")
+/* probed by the test of a failed unregister only, which leaves its probe behind */
+FUNC(f_spare, "lea 4(%rdi),%rax\n ret")
 /* a ret at +4 */
 FUNC(f_ret, "lea 3(%rdi),%rax\n ret")
 

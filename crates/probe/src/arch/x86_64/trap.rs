@@ -113,6 +113,7 @@ pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: set before the exit was registered; same lifetime argument as above.
     let site = unsafe { &*exit.site };
     let Some(_guard) = HandlerGuard::enter() else {
+        site.count_missed();
         ctx.set_ip(exit.resume);
         return;
     };
