@@ -22,8 +22,9 @@ struct Cli {
 enum Command {
     /// Measure the per-hit cost of dynprobe's probes beside the kernel's uprobes.
     Bench(bench::BenchArgs),
-    /// Run a program with probes at functions or instructions, printing every hit with
-    /// the values asked for: `dynprobe probe 'p:work x=$arg1' -- ./prog`.
+    /// Run a program with probes, printing every hit with the values asked for.
+    ///
+    /// Example: `dynprobe probe 'p:work x=$arg1' -- ./prog`.
     Probe(probe::ProbeArgs),
     /// Run a small bundled program under `dynprobe probe` to show what it does.
     Demo(probe::DemoArgs),

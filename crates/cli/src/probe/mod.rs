@@ -130,7 +130,7 @@ fn try_probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> Res
         Placement::Ready => {}
     }
     if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&outcome.status) {
-        eprintln!("dynprobe: `{program}` was killed by signal {signal}");
+        eprintln!("dynprobe: `{program}` was killed by signal {signal} ({})", signal_name(signal));
     }
     Ok(ExitCode::from(session::exit_code(outcome.status)))
 }
@@ -166,6 +166,14 @@ fn agent_path() -> Result<PathBuf, String> {
     }
     // The loader resolves a relative LD_PRELOAD against the program's working directory.
     std::path::absolute(&path).map_err(|e| format!("cannot use `{}`: {e}", path.display()))
+}
+
+/// The description of a signal, like a shell prints it ("Segmentation fault").
+fn signal_name(signal: i32) -> String {
+    // SAFETY: strsignal returns a NUL-terminated string valid until the next call on this
+    // thread; it is copied at once.
+    let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) };
+    name.to_string_lossy().into_owned()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the agent's clock.
