@@ -65,10 +65,9 @@ impl fmt::Display for TextError {
             TextError::Unwritable { addr, reason } => {
                 write!(f, "cannot write code at {addr:#x} (EPERM): {reason}")
             }
-            TextError::NoNearMemory { target, size } => write!(
-                f,
-                "no free address range for {size} bytes of executable memory within ±2 GiB of {target:#x}"
-            ),
+            TextError::NoNearMemory { target, size } => {
+                write!(f, "no free address range for {size} bytes of executable memory within ±2 GiB of {target:#x}")
+            }
             TextError::TrapTableFull => write!(f, "too many breakpoint sites: the trap table is full"),
             TextError::StopFailed { reason } => write!(f, "could not stop the other threads: {reason}"),
         }

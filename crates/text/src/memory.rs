@@ -15,18 +15,9 @@ pub fn read(addr: u64, buf: &mut [u8]) -> Result<(), TextError> {
     if buf.is_empty() {
         return Ok(());
     }
-    let unreadable = TextError::Unreadable {
-        addr,
-        len: buf.len(),
-    };
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as usize as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
+    let unreadable = TextError::Unreadable { addr, len: buf.len() };
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: `local` describes `buf`, which we borrow mutably for the whole call; `remote` is
     // only an address the kernel checks against our own mappings (an unmapped range yields
     // EFAULT or a short count, never a fault in this process).
@@ -49,11 +40,7 @@ pub fn read_vec(addr: u64, len: usize) -> Result<Vec<u8>, TextError> {
 pub fn verify(addr: u64, expected: &[u8]) -> Result<(), TextError> {
     let found = read_vec(addr, expected.len())?;
     if found != expected {
-        return Err(TextError::Unexpected {
-            addr,
-            expected: expected.to_vec(),
-            found,
-        });
+        return Err(TextError::Unexpected { addr, expected: expected.to_vec(), found });
     }
     Ok(())
 }
@@ -76,11 +63,7 @@ static PROC_MEM: Mutex<Option<(u32, File)>> = Mutex::new(None);
 ///
 /// If `expected` and `new` differ in length (a caller bug, not a property of the target).
 pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-    assert_eq!(
-        expected.len(),
-        new.len(),
-        "write_verified: expected and new differ in length"
-    );
+    assert_eq!(expected.len(), new.len(), "write_verified: expected and new differ in length");
     // Never called from a signal handler, so a poisoned lock only means another writer
     // panicked; the handle itself is still sound.
     let mut guard = PROC_MEM.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,15 +77,10 @@ pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), Text
             .read(true)
             .write(true)
             .open("/proc/self/mem")
-            .map_err(|e| TextError::Unwritable {
-                addr,
-                reason: format!("cannot open /proc/self/mem: {e}"),
-            })?;
+            .map_err(|e| TextError::Unwritable { addr, reason: format!("cannot open /proc/self/mem: {e}") })?;
         *guard = Some((pid, file));
     }
-    let Some((_, mem)) = guard.as_ref() else {
-        unreachable!("opened just above")
-    };
+    let Some((_, mem)) = guard.as_ref() else { unreachable!("opened just above") };
     match mem.write_at(new, addr) {
         Ok(n) if n == new.len() => Ok(()),
         Ok(n) => {
@@ -111,15 +89,9 @@ pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), Text
             let _ = mem.write_at(&expected[..n], addr);
             Err(TextError::Unwritable {
                 addr,
-                reason: format!(
-                    "only {n} of {} byte(s) could be written; restored",
-                    new.len()
-                ),
+                reason: format!("only {n} of {} byte(s) could be written; restored", new.len()),
             })
         }
-        Err(e) => Err(TextError::Unwritable {
-            addr,
-            reason: e.to_string(),
-        }),
+        Err(e) => Err(TextError::Unwritable { addr, reason: e.to_string() }),
     }
 }

@@ -36,11 +36,7 @@ static TEXT_MUTEX: Mutex<()> = Mutex::new(());
 ///
 /// If `expected` and `new` differ in length.
 pub fn poke(addr: u64, expected: &[u8], new: &[u8], resume_ip: u64) -> Result<(), TextError> {
-    assert_eq!(
-        expected.len(),
-        new.len(),
-        "poke: expected and new differ in length"
-    );
+    assert_eq!(expected.len(), new.len(), "poke: expected and new differ in length");
     let _text = TEXT_MUTEX.lock().unwrap_or_else(|e| e.into_inner());
     memory::verify(addr, expected)?;
     if expected == new {
@@ -56,8 +52,7 @@ pub fn poke(addr: u64, expected: &[u8], new: &[u8], resume_ip: u64) -> Result<()
     let own_int3 = expected[0] != INT3;
     if own_int3 {
         trap::register_site(addr, resume_at, resume_ip as usize)?;
-        let armed =
-            memory::write_verified(addr, &expected[..1], &[INT3]).and_then(|()| try_sync_core());
+        let armed = memory::write_verified(addr, &expected[..1], &[INT3]).and_then(|()| try_sync_core());
         if let Err(e) = armed {
             restore_head(addr, expected[0], true);
             return Err(e);
@@ -67,9 +62,7 @@ pub fn poke(addr: u64, expected: &[u8], new: &[u8], resume_ip: u64) -> Result<()
     // From here on the head is an int3 (ours or the owner's): no thread can start executing
     // the bytes behind it, so the tail may change freely.
     let tail = addr + 1;
-    if let Err(e) =
-        memory::write_verified(tail, &expected[1..], &new[1..]).and_then(|()| try_sync_core())
-    {
+    if let Err(e) = memory::write_verified(tail, &expected[1..], &new[1..]).and_then(|()| try_sync_core()) {
         // The tail write either happened entirely or not at all; put the old one back if
         // it did (a no-op verify mismatch otherwise).
         let _ = memory::write_verified(tail, &new[1..], &expected[1..]);
@@ -78,8 +71,7 @@ pub fn poke(addr: u64, expected: &[u8], new: &[u8], resume_ip: u64) -> Result<()
         return Err(e);
     }
 
-    if let Err(e) = memory::write_verified(addr, &[INT3], &new[..1]).and_then(|()| try_sync_core())
-    {
+    if let Err(e) = memory::write_verified(addr, &[INT3], &new[..1]).and_then(|()| try_sync_core()) {
         let _ = memory::write_verified(addr, &new[..1], &[INT3]);
         let _ = memory::write_verified(tail, &new[1..], &expected[1..]);
         let _ = try_sync_core();
@@ -109,9 +101,8 @@ fn restore_head(addr: u64, old_head: u8, own_int3: bool) {
     }
     // The int3 may not have been written at all (step 2 failed before writing): then the old
     // head is already in place.
-    let restored = memory::verify(addr, &[old_head]).or_else(|_| {
-        memory::write_verified(addr, &[INT3], &[old_head]).and_then(|()| try_sync_core())
-    });
+    let restored = memory::verify(addr, &[old_head])
+        .or_else(|_| memory::write_verified(addr, &[INT3], &[old_head]).and_then(|()| try_sync_core()));
     if restored.is_ok() {
         trap::unregister_site(addr);
     }

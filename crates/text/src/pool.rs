@@ -117,27 +117,15 @@ pub fn alloc_near(target: u64, size: usize) -> Result<ExecSlot, TextError> {
     let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
     for chunk in chunks.iter_mut() {
         if let Some(addr) = chunk.take(size, lo, hi) {
-            return Ok(ExecSlot {
-                addr,
-                size: size as usize,
-            });
+            return Ok(ExecSlot { addr, size: size as usize });
         }
     }
     let chunk_size = round_up(size, CHUNK_SIZE as u64);
     let base = map_chunk_near(target, chunk_size, lo, hi).ok_or(no_memory)?;
-    let mut chunk = Chunk {
-        base,
-        size: chunk_size,
-        free: vec![(base, base + chunk_size)],
-    };
-    let addr = chunk
-        .take(size, lo, hi)
-        .expect("a fresh chunk inside the window has room");
+    let mut chunk = Chunk { base, size: chunk_size, free: vec![(base, base + chunk_size)] };
+    let addr = chunk.take(size, lo, hi).expect("a fresh chunk inside the window has room");
     chunks.push(chunk);
-    Ok(ExecSlot {
-        addr,
-        size: size as usize,
-    })
+    Ok(ExecSlot { addr, size: size as usize })
 }
 
 /// Returns a slot to the pool, refilled with `int3`. The caller guarantees no thread can be
@@ -148,15 +136,12 @@ pub fn alloc_near(target: u64, size: usize) -> Result<ExecSlot, TextError> {
 pub fn free(slot: ExecSlot) {
     let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
     let Some(chunk) = chunks.iter_mut().find(|c| c.contains(slot.addr)) else {
-        debug_assert!(
-            false,
-            "pool::free of a slot the pool never handed out: {slot:?}"
-        );
+        debug_assert!(false, "pool::free of a slot the pool never handed out: {slot:?}");
         return;
     };
     let int3s = vec![INT3; slot.size];
-    let refilled = memory::read_vec(slot.addr, slot.size)
-        .and_then(|old| memory::write_verified(slot.addr, &old, &int3s));
+    let refilled =
+        memory::read_vec(slot.addr, slot.size).and_then(|old| memory::write_verified(slot.addr, &old, &int3s));
     if refilled.is_ok() {
         chunk.give_back(slot.addr, slot.addr + slot.size as u64);
     }
@@ -164,11 +149,7 @@ pub fn free(slot: ExecSlot) {
 
 /// True when `addr` lies in memory this pool mapped (used to refuse probes on slots).
 pub fn contains(addr: u64) -> bool {
-    CHUNKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .any(|c| c.contains(addr))
+    CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr))
 }
 
 /// One line of `/proc/self/maps`, reduced to what placement needs.
@@ -195,12 +176,7 @@ fn mappings() -> Vec<Mapping> {
             // perms, offset, dev, inode, then the optional path.
             let path = fields.nth(4).unwrap_or("");
             let is_exe = exe.as_deref().is_some_and(|e| e.as_os_str() == path);
-            Some(Mapping {
-                start,
-                end,
-                heap_like: path == "[heap]" || is_exe,
-                stack: path.starts_with("[stack"),
-            })
+            Some(Mapping { start, end, heap_like: path == "[heap]" || is_exe, stack: path.starts_with("[stack") })
         })
         .collect();
     out.sort_by_key(|m| m.start);
@@ -237,10 +213,8 @@ fn candidates(target: u64, size: u64, lo: u64, hi: u64) -> Vec<u64> {
     }
     let mut out = Vec::new();
     for (start, end, after_heap, before_stack) in gaps {
-        let start =
-            round_up(start + if after_heap { HEAP_ROOM } else { 0 }, PAGE).max(round_up(lo, PAGE));
-        let end = (end.saturating_sub(if before_stack { STACK_ROOM } else { 0 }) & !(PAGE - 1))
-            .min(hi & !(PAGE - 1));
+        let start = round_up(start + if after_heap { HEAP_ROOM } else { 0 }, PAGE).max(round_up(lo, PAGE));
+        let end = (end.saturating_sub(if before_stack { STACK_ROOM } else { 0 }) & !(PAGE - 1)).min(hi & !(PAGE - 1));
         if start + size > end {
             continue;
         }
@@ -254,9 +228,7 @@ fn candidates(target: u64, size: u64, lo: u64, hi: u64) -> Vec<u64> {
 
 /// Maps `size` bytes of `int3`-filled read+execute memory in `[lo, hi)`, near `target`.
 fn map_chunk_near(target: u64, size: u64, lo: u64, hi: u64) -> Option<u64> {
-    candidates(target, size, lo, hi)
-        .into_iter()
-        .find_map(|addr| map_chunk_at(addr, size))
+    candidates(target, size, lo, hi).into_iter().find_map(|addr| map_chunk_at(addr, size))
 }
 
 /// Maps a chunk at exactly `addr`, or nothing.
@@ -302,11 +274,7 @@ mod tests {
     use super::*;
 
     fn chunk() -> Chunk {
-        Chunk {
-            base: 0x1000,
-            size: 0x100,
-            free: vec![(0x1000, 0x1100)],
-        }
+        Chunk { base: 0x1000, size: 0x100, free: vec![(0x1000, 0x1100)] }
     }
 
     #[test]

@@ -90,11 +90,7 @@ struct Slot {
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used as an array initializer
-const SLOT_INIT: Slot = Slot {
-    word: AtomicU64::new(0),
-    ip: AtomicU64::new(0),
-    new_ip: AtomicU64::new(0),
-};
+const SLOT_INIT: Slot = Slot { word: AtomicU64::new(0), ip: AtomicU64::new(0), new_ip: AtomicU64::new(0) };
 
 static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
 /// Slots `0 .. USED` belong to the current stop.
@@ -172,11 +168,7 @@ mod raw {
 }
 
 /// The stop-signal handler. Async-signal-safe: atomics and raw system calls only.
-extern "C" fn on_stop_signal(
-    _sig: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    uc: *mut libc::c_void,
-) {
+extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let me = raw::gettid();
     let used = (USED.load(Ordering::Acquire) as usize).min(MAX_STOPPED_THREADS);
     // A late signal (its stop timed out and was abandoned, or it was sent twice) finds no
@@ -184,14 +176,7 @@ extern "C" fn on_stop_signal(
     // The plain load first keeps the scan from writing every slot's cache line.
     let Some(slot) = SLOTS[..used].iter().find(|s| {
         s.word.load(Ordering::Relaxed) == pack(me, SENT)
-            && s.word
-                .compare_exchange(
-                    pack(me, SENT),
-                    pack(me, CLAIMED),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+            && s.word.compare_exchange(pack(me, SENT), pack(me, CLAIMED), Ordering::AcqRel, Ordering::Relaxed).is_ok()
     }) else {
         return;
     };
@@ -260,9 +245,7 @@ struct ThreadTable(UnsafeCell<[StoppedThread; MAX_STOPPED_THREADS]>);
 // SAFETY: only the thread holding CONTROLLER writes the table, and readers borrow it through
 // a StoppedWorld, which holds CONTROLLER's guard for as long as the borrow lives.
 unsafe impl Sync for ThreadTable {}
-static THREADS: ThreadTable = ThreadTable(UnsafeCell::new(
-    [StoppedThread { tid: 0, ip: 0 }; MAX_STOPPED_THREADS],
-));
+static THREADS: ThreadTable = ThreadTable(UnsafeCell::new([StoppedThread { tid: 0, ip: 0 }; MAX_STOPPED_THREADS]));
 
 /// True when the calling thread holds the world stopped (a nested stop would deadlock).
 pub fn held_by_current_thread() -> bool {
@@ -333,16 +316,11 @@ pub fn stop_other_threads(timeout: Duration) -> Result<StoppedWorld, TextError> 
     LEFT_COUNT.store(0, Ordering::Release);
 
     match stop_all(me, Instant::now() + timeout) {
-        Ok(count) => Ok(StoppedWorld {
-            count,
-            _guard: guard,
-        }),
+        Ok(count) => Ok(StoppedWorld { count, _guard: guard }),
         Err(failure) => {
             release_all();
             drop(guard);
-            Err(TextError::StopFailed {
-                reason: failure.describe(timeout),
-            })
+            Err(TextError::StopFailed { reason: failure.describe(timeout) })
         }
     }
 }
@@ -378,10 +356,7 @@ impl Failure {
         match *self {
             Failure::TooMany => format!("more than {MAX_STOPPED_THREADS} threads"),
             Failure::TaskDir(errno) => {
-                format!(
-                    "cannot list /proc/self/task: {}",
-                    std::io::Error::from_raw_os_error(errno)
-                )
+                format!("cannot list /proc/self/task: {}", std::io::Error::from_raw_os_error(errno))
             }
             Failure::Signal(tid, errno) => format!(
                 "cannot send signal {} to thread {tid}: {}",
@@ -412,18 +387,10 @@ fn likely_cause(tid: i32) -> String {
     let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
         return "exited meanwhile".into();
     };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_string();
     let blocked = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
     if blocked & (1u64 << (stop_signal() - 1)) != 0 {
-        return "it blocks the stop signal: masked by the program, or stuck inside the trap dispatcher"
-            .into();
+        return "it blocks the stop signal: masked by the program, or stuck inside the trap dispatcher".into();
     }
     let state = field("State:");
     if state.starts_with('D') {
@@ -486,10 +453,7 @@ fn stop_all(me: i32, deadline: Instant) -> Result<usize, Failure> {
     for slot in &SLOTS[..USED.load(Ordering::Acquire) as usize] {
         let (tid, state) = unpack(slot.word.load(Ordering::Acquire));
         if state == STOPPED {
-            table[count] = StoppedThread {
-                tid,
-                ip: slot.ip.load(Ordering::Relaxed),
-            };
+            table[count] = StoppedThread { tid, ip: slot.ip.load(Ordering::Relaxed) };
             count += 1;
         }
     }
@@ -499,28 +463,18 @@ fn stop_all(me: i32, deadline: Instant) -> Result<usize, Failure> {
 /// The slot of `tid` in the current stop.
 fn slot_of(tid: i32) -> Option<&'static Slot> {
     let used = USED.load(Ordering::Acquire) as usize;
-    SLOTS[..used]
-        .iter()
-        .find(|s| unpack(s.word.load(Ordering::Acquire)).0 == tid)
+    SLOTS[..used].iter().find(|s| unpack(s.word.load(Ordering::Acquire)).0 == tid)
 }
 
 /// SENT → GONE, unless the handler claimed the slot first (then it answers normally).
 fn mark_gone(slot: &Slot, tid: i32) {
-    let _ = slot.word.compare_exchange(
-        pack(tid, SENT),
-        pack(tid, GONE),
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
+    let _ = slot.word.compare_exchange(pack(tid, SENT), pack(tid, GONE), Ordering::AcqRel, Ordering::Acquire);
 }
 
 /// Counts slots of the current stop in `state`.
 fn count_in(state: u32) -> usize {
     let used = USED.load(Ordering::Acquire) as usize;
-    SLOTS[..used]
-        .iter()
-        .filter(|s| unpack(s.word.load(Ordering::Acquire)).1 == state)
-        .count()
+    SLOTS[..used].iter().filter(|s| unpack(s.word.load(Ordering::Acquire)).1 == state).count()
 }
 
 /// Waits until no slot is SENT or CLAIMED. Threads that exit while we wait are marked GONE;
@@ -572,12 +526,7 @@ fn release_all() {
     let used = USED.load(Ordering::Acquire) as usize;
     for slot in &SLOTS[..used] {
         let (tid, _) = unpack(slot.word.load(Ordering::Acquire));
-        let _ = slot.word.compare_exchange(
-            pack(tid, SENT),
-            pack(tid, ABANDONED),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = slot.word.compare_exchange(pack(tid, SENT), pack(tid, ABANDONED), Ordering::AcqRel, Ordering::Acquire);
     }
     while count_in(CLAIMED) != 0 {
         std::hint::spin_loop();
@@ -597,10 +546,7 @@ fn release_all() {
 
 /// Sleeps while `*word == expected`, at most `timeout`.
 fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as _,
-    };
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
     // SAFETY: `word` is a valid aligned u32 and `ts` a valid relative timeout, both alive for
     // the call. Errors (EAGAIN, ETIMEDOUT, EINTR) all mean "look again", which callers do.
     unsafe {
@@ -618,18 +564,9 @@ fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
 /// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
 /// holding the allocator's lock). Returns the errno when the directory cannot be read.
 fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
-    let errno = || {
-        std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    };
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
     // SAFETY: the path is a NUL-terminated literal.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/task".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(c"/proc/self/task".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(errno());
     }

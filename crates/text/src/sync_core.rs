@@ -54,11 +54,8 @@ pub fn try_sync_core() -> Result<(), TextError> {
         STOP_THE_WORLD => stop_the_world_round_trip(),
         _ => {
             // Registering twice (two threads racing here) is harmless, so no lock is needed.
-            let method = if membarrier(CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0 {
-                MEMBARRIER
-            } else {
-                STOP_THE_WORLD
-            };
+            let method =
+                if membarrier(CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0 { MEMBARRIER } else { STOP_THE_WORLD };
             METHOD.store(method, Ordering::Release);
             try_sync_core()
         }
@@ -69,14 +66,7 @@ pub fn try_sync_core() -> Result<(), TextError> {
 fn membarrier(cmd: libc::c_long) -> libc::c_long {
     // SAFETY: membarrier takes plain integers (command, flags, cpu id) and touches no memory
     // of ours.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_long,
-            0 as libc::c_long,
-        )
-    }
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_long, 0 as libc::c_long) }
 }
 
 /// Stopping every other thread and letting it go again: each one takes a signal and returns

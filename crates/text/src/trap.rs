@@ -65,11 +65,7 @@ struct Entry {
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const EMPTY: Entry = Entry {
-    key: AtomicU64::new(0),
-    handler: AtomicUsize::new(0),
-    data: AtomicUsize::new(0),
-};
+const EMPTY: Entry = Entry { key: AtomicU64::new(0), handler: AtomicUsize::new(0), data: AtomicUsize::new(0) };
 
 static TABLE: [Entry; CAPACITY] = [EMPTY; CAPACITY];
 

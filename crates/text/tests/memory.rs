@@ -6,16 +6,7 @@ use dynprobe_text::TextError;
 /// Maps `len` bytes of anonymous memory with `prot`.
 fn map(len: usize, prot: i32) -> u64 {
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
     p as u64
 }
@@ -32,10 +23,7 @@ fn unmapped_page() -> u64 {
 fn reading_an_unmapped_address_is_unreadable_not_a_crash() {
     let addr = unmapped_page();
     let mut buf = [0u8; 8];
-    assert_eq!(
-        read(addr, &mut buf),
-        Err(TextError::Unreadable { addr, len: 8 })
-    );
+    assert_eq!(read(addr, &mut buf), Err(TextError::Unreadable { addr, len: 8 }));
 }
 
 #[test]
@@ -44,13 +32,7 @@ fn a_read_running_into_an_unmapped_page_is_unreadable() {
     // SAFETY: unmaps the second page of our own mapping; nothing refers to it.
     let rc = unsafe { libc::munmap((page + 4096) as *mut libc::c_void, 4096) };
     assert_eq!(rc, 0);
-    assert_eq!(
-        read_vec(page + 4092, 8),
-        Err(TextError::Unreadable {
-            addr: page + 4092,
-            len: 8
-        })
-    );
+    assert_eq!(read_vec(page + 4092, 8), Err(TextError::Unreadable { addr: page + 4092, len: 8 }));
     assert_eq!(read_vec(page + 4092, 4), Ok(vec![0; 4]));
 }
 
@@ -58,49 +40,27 @@ fn a_read_running_into_an_unmapped_page_is_unreadable() {
 fn verify_mismatch_is_unexpected_and_leaves_memory_unchanged() {
     let addr = map(4096, libc::PROT_READ | libc::PROT_EXEC);
     let err = write_verified(addr, &[1, 2, 3], &[9, 9, 9]).unwrap_err();
-    assert_eq!(
-        err,
-        TextError::Unexpected {
-            addr,
-            expected: vec![1, 2, 3],
-            found: vec![0, 0, 0]
-        }
-    );
+    assert_eq!(err, TextError::Unexpected { addr, expected: vec![1, 2, 3], found: vec![0, 0, 0] });
     assert_eq!(read_vec(addr, 3).unwrap(), vec![0, 0, 0]);
     assert!(verify(addr, &[0, 0, 0]).is_ok());
-    assert!(matches!(
-        verify(addr, &[0, 1]),
-        Err(TextError::Unexpected { .. })
-    ));
+    assert!(matches!(verify(addr, &[0, 1]), Err(TextError::Unexpected { .. })));
 }
 
 #[test]
 fn write_verified_writes_through_a_read_only_executable_mapping() {
     let addr = map(4096, libc::PROT_READ | libc::PROT_EXEC);
     write_verified(addr + 100, &[0; 5], &[0xb8, 1, 2, 3, 4]).unwrap();
-    assert_eq!(
-        read_vec(addr + 99, 7).unwrap(),
-        vec![0, 0xb8, 1, 2, 3, 4, 0]
-    );
+    assert_eq!(read_vec(addr + 99, 7).unwrap(), vec![0, 0xb8, 1, 2, 3, 4, 0]);
     // The page is still not writable by ordinary stores: the mapping's protection was not
     // touched (checked through /proc/self/maps).
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.starts_with(&format!("{addr:x}-")))
-        .unwrap();
+    let line = maps.lines().find(|l| l.starts_with(&format!("{addr:x}-"))).unwrap();
     assert!(line.contains(" r-xp "), "{line}");
 }
 
 #[test]
 fn write_verified_into_an_unmapped_address_fails_cleanly() {
     let addr = unmapped_page();
-    assert_eq!(
-        write_verified(addr, &[0; 4], &[1; 4]),
-        Err(TextError::Unreadable { addr, len: 4 })
-    );
-    assert_eq!(
-        read_vec(addr, 1),
-        Err(TextError::Unreadable { addr, len: 1 })
-    );
+    assert_eq!(write_verified(addr, &[0; 4], &[1; 4]), Err(TextError::Unreadable { addr, len: 4 }));
+    assert_eq!(read_vec(addr, 1), Err(TextError::Unreadable { addr, len: 1 }));
 }

@@ -95,20 +95,11 @@ fn patching_a_function_while_two_threads_call_it() {
         assert!(bad.is_empty(), "a caller saw {bad:?}");
         calls += n;
     }
-    eprintln!(
-        "{pokes} pokes, {calls} calls, {} sent through the int3",
-        TRAPPED.load(Ordering::Relaxed)
-    );
+    eprintln!("{pokes} pokes, {calls} calls, {} sent through the int3", TRAPPED.load(Ordering::Relaxed));
     assert!(pokes >= 1000, "only {pokes} pokes");
     assert!(calls > 0);
-    assert_eq!(
-        read_vec(func.addr, 6).unwrap(),
-        [MOV1[0], MOV1[1], MOV1[2], MOV1[3], MOV1[4], RET]
-    );
-    assert!(
-        !trap::is_registered(func.addr),
-        "the transient site is gone"
-    );
+    assert_eq!(read_vec(func.addr, 6).unwrap(), [MOV1[0], MOV1[1], MOV1[2], MOV1[3], MOV1[4], RET]);
+    assert!(!trap::is_registered(func.addr), "the transient site is gone");
 }
 
 #[test]
@@ -145,10 +136,7 @@ fn an_owned_int3_head_keeps_its_owner() {
     trap::register_site(func.addr, owner, via.addr as usize).unwrap();
     assert_eq!(as_fn(func)(), 1, "the owner handles the int3");
     poke(func.addr, &[0xCC, 1, 0, 0, 0], &MOV2, 0).unwrap();
-    assert!(
-        trap::is_registered(func.addr),
-        "the owner's site is left alone"
-    );
+    assert!(trap::is_registered(func.addr), "the owner's site is left alone");
     trap::unregister_site(func.addr);
     assert_eq!(as_fn(func)(), 2);
 }

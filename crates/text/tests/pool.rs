@@ -21,10 +21,7 @@ fn a_function_in_the_executable() -> u32 {
 fn assert_in_reach(slot: ExecSlot, target: u64) {
     let (first, last) = (slot.addr, slot.addr + slot.size as u64 - 1);
     for t in [target, target + 4095] {
-        assert!(
-            first.abs_diff(t) < TWO_GIB,
-            "{first:#x} too far from {t:#x}"
-        );
+        assert!(first.abs_diff(t) < TWO_GIB, "{first:#x} too far from {t:#x}");
         assert!(last.abs_diff(t) < TWO_GIB, "{last:#x} too far from {t:#x}");
     }
 }
@@ -45,18 +42,11 @@ fn check_target(target: u64) {
     assert!(slot.size >= 100);
     assert_in_reach(slot, target);
     assert!(contains(slot.addr) && contains(slot.addr + slot.size as u64 - 1));
-    assert_eq!(
-        read_vec(slot.addr, slot.size).unwrap(),
-        vec![0xCC; slot.size]
-    );
+    assert_eq!(read_vec(slot.addr, slot.size).unwrap(), vec![0xCC; slot.size]);
     assert_eq!(run_mov42(slot), 42);
 
     free(slot);
-    assert_eq!(
-        read_vec(slot.addr, slot.size).unwrap(),
-        vec![0xCC; slot.size],
-        "refilled with int3"
-    );
+    assert_eq!(read_vec(slot.addr, slot.size).unwrap(), vec![0xCC; slot.size], "refilled with int3");
     let again = alloc_near(target, 100).unwrap();
     assert_eq!(again.addr, slot.addr, "a freed slot is reused");
     free(again);
@@ -83,10 +73,7 @@ fn slots_do_not_overlap_and_big_requests_work() {
     let big = alloc_near(target, 200 * 1024).unwrap();
     assert!(big.size >= 200 * 1024);
     assert_in_reach(big, target);
-    assert_eq!(
-        read_vec(big.addr + big.size as u64 - 16, 16).unwrap(),
-        vec![0xCC; 16]
-    );
+    assert_eq!(read_vec(big.addr + big.size as u64 - 16, 16).unwrap(), vec![0xCC; 16]);
     for s in [a, b, big] {
         free(s);
     }
@@ -94,9 +81,7 @@ fn slots_do_not_overlap_and_big_requests_work() {
 
 #[test]
 fn contains_is_false_elsewhere() {
-    assert!(!contains(
-        a_function_in_the_executable as *const () as usize as u64
-    ));
+    assert!(!contains(a_function_in_the_executable as *const () as usize as u64));
     let x = 0u64;
     assert!(!contains(&x as *const u64 as u64));
 }

@@ -45,11 +45,7 @@ struct Spinner {
 
 /// A thread that counts as fast as it can until `quit`.
 fn spinner(quit: &Arc<AtomicBool>) -> Spinner {
-    let (tid, count, quit) = (
-        Arc::new(AtomicI32::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        quit.clone(),
-    );
+    let (tid, count, quit) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicU64::new(0)), quit.clone());
     let (t, c) = (tid.clone(), count.clone());
     let handle = thread::spawn(move || {
         t.store(gettid(), Ordering::SeqCst);
@@ -69,38 +65,23 @@ fn stopped_threads_do_not_run_until_released() {
     let _serial = serial();
     let quit = Arc::new(AtomicBool::new(false));
     let spinners: Vec<Spinner> = (0..3).map(|_| spinner(&quit)).collect();
-    assert!(eventually(|| spinners
-        .iter()
-        .all(|s| s.count.load(Ordering::Relaxed) > 0)));
+    assert!(eventually(|| spinners.iter().all(|s| s.count.load(Ordering::Relaxed) > 0)));
 
     let world = stop_other_threads(TIMEOUT).unwrap();
     let stopped = tids(&world);
     assert!(!stopped.contains(&gettid()), "the caller is not stopped");
     for s in &spinners {
         let tid = s.tid.load(Ordering::SeqCst);
-        let t = world
-            .threads()
-            .iter()
-            .find(|t| t.tid == tid)
-            .expect("every spinner is stopped");
+        let t = world.threads().iter().find(|t| t.tid == tid).expect("every spinner is stopped");
         assert_ne!(t.ip, 0);
     }
-    let before: Vec<u64> = spinners
-        .iter()
-        .map(|s| s.count.load(Ordering::SeqCst))
-        .collect();
+    let before: Vec<u64> = spinners.iter().map(|s| s.count.load(Ordering::SeqCst)).collect();
     thread::sleep(Duration::from_millis(50));
-    let during: Vec<u64> = spinners
-        .iter()
-        .map(|s| s.count.load(Ordering::SeqCst))
-        .collect();
+    let during: Vec<u64> = spinners.iter().map(|s| s.count.load(Ordering::SeqCst)).collect();
     assert_eq!(before, during, "no stopped thread advanced its counter");
     drop(world);
 
-    assert!(eventually(|| spinners
-        .iter()
-        .zip(&during)
-        .all(|(s, &d)| s.count.load(Ordering::Relaxed) > d)));
+    assert!(eventually(|| spinners.iter().zip(&during).all(|(s, &d)| s.count.load(Ordering::Relaxed) > d)));
     quit.store(true, Ordering::Relaxed);
     for s in spinners {
         s.handle.join().unwrap();
@@ -162,10 +143,7 @@ fn synchronize_returns() {
 fn nested_stop_fails_instead_of_deadlocking_and_synchronize_is_immediate() {
     let _serial = serial();
     let world = stop_other_threads(TIMEOUT).unwrap();
-    assert!(matches!(
-        stop_other_threads(TIMEOUT),
-        Err(TextError::StopFailed { .. })
-    ));
+    assert!(matches!(stop_other_threads(TIMEOUT), Err(TextError::StopFailed { .. })));
     synchronize().unwrap();
     drop(world);
     drop(stop_other_threads(TIMEOUT).unwrap());
@@ -176,10 +154,7 @@ fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
     let _serial = serial();
     let quit = Arc::new(AtomicBool::new(false));
     let free = spinner(&quit);
-    let (blocked_tid, unblock) = (
-        Arc::new(AtomicI32::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let (blocked_tid, unblock) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicBool::new(false)));
     let (t, u) = (blocked_tid.clone(), unblock.clone());
     let blocked = thread::spawn(move || {
         // SAFETY: plain sigset manipulation on a local set, then this thread's own mask.
@@ -196,18 +171,12 @@ fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
     });
-    assert!(eventually(
-        || blocked_tid.load(Ordering::SeqCst) != 0 && free.count.load(Ordering::Relaxed) > 0
-    ));
+    assert!(eventually(|| blocked_tid.load(Ordering::SeqCst) != 0 && free.count.load(Ordering::Relaxed) > 0));
 
     let started = Instant::now();
-    let err = stop_other_threads(Duration::from_millis(200))
-        .err()
-        .expect("the stop must fail");
+    let err = stop_other_threads(Duration::from_millis(200)).err().expect("the stop must fail");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let TextError::StopFailed { reason } = err else {
-        panic!("{err:?}")
-    };
+    let TextError::StopFailed { reason } = err else { panic!("{err:?}") };
     let tid = blocked_tid.load(Ordering::SeqCst);
     assert!(reason.contains(&tid.to_string()), "{reason}");
     assert!(reason.contains("blocks the stop signal"), "{reason}");
@@ -245,11 +214,7 @@ fn threads_created_during_a_stop_are_stopped_too() {
         let world = stop_other_threads(TIMEOUT).unwrap();
         let before = spawned.load(Ordering::SeqCst);
         thread::sleep(Duration::from_millis(2));
-        assert_eq!(
-            spawned.load(Ordering::SeqCst),
-            before,
-            "the spawner is held"
-        );
+        assert_eq!(spawned.load(Ordering::SeqCst), before, "the spawner is held");
         drop(world);
     }
     quit.store(true, Ordering::Relaxed);

@@ -81,11 +81,7 @@ pub unsafe fn measure(target: Target, plan: Plan) -> Timing {
             elapsed.as_nanos() as f64 / calls_per_batch as f64
         })
         .collect();
-    Timing {
-        calls_per_batch,
-        batches,
-        total_calls,
-    }
+    Timing { calls_per_batch, batches, total_calls }
 }
 
 /// Calls `target` `calls` times and returns how long that took.

@@ -46,13 +46,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.pin {
         pin_to_current_cpu().map_err(|err| format!("--pin: {err}"))?;
     }
-    let plan = Plan {
-        calls_per_batch: args.iterations,
-    };
-    let outcomes: Vec<_> = selected
-        .into_iter()
-        .map(|row| (row, run_row(row, plan)))
-        .collect();
+    let plan = Plan { calls_per_batch: args.iterations };
+    let outcomes: Vec<_> = selected.into_iter().map(|row| (row, run_row(row, plan))).collect();
     let report = report::Report::new(&outcomes);
     if args.json {
         println!("{}", report.to_json());
@@ -77,10 +72,7 @@ fn select(names: &[String]) -> Result<Vec<&'static Row>, String> {
         wanted.insert(row.name);
         wanted.extend(row.compare_to);
     }
-    Ok(ROWS
-        .iter()
-        .filter(|row| wanted.contains(row.name))
-        .collect())
+    Ok(ROWS.iter().filter(|row| wanted.contains(row.name)).collect())
 }
 
 /// Arms, measures and disarms one row. Every failure, including a panic in code that is
@@ -116,9 +108,7 @@ fn catch_panic<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     panic::set_hook(previous_hook);
     result.unwrap_or_else(|_| {
         let message = message.lock().unwrap_or_else(|e| e.into_inner()).take();
-        Err(message
-            .unwrap_or_else(|| "panicked".to_owned())
-            .replace('\n', " "))
+        Err(message.unwrap_or_else(|| "panicked".to_owned()).replace('\n', " "))
     })
 }
 

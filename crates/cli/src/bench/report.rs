@@ -76,8 +76,7 @@ impl Report {
                         report.ns_per_hit = Some(round(ns_added, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
                         report.calls_per_batch = Some(timing.calls_per_batch);
-                        report.batches_ns_per_call =
-                            timing.batches.iter().map(|&ns| round(ns, 100.0)).collect();
+                        report.batches_ns_per_call = timing.batches.iter().map(|&ns| round(ns, 100.0)).collect();
                         for &reference in row.compare_to {
                             let ratio = added(reference)
                                 .filter(|&reference| reference > 0.0)
@@ -109,18 +108,13 @@ impl Report {
             let number = |value: Option<f64>, precision: usize| {
                 value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
             };
-            let ratio = |reference: &str| {
-                number(row.ratios.get(&ratio_key(reference)).copied().flatten(), 2)
-            };
+            let ratio = |reference: &str| number(row.ratios.get(&ratio_key(reference)).copied().flatten(), 2);
             let mut note = match &row.error {
                 Some(err) => format!("error: {err}"),
                 None => row.note.to_owned(),
             };
             for (key, value) in &row.ratios {
-                if !TABLE_RATIOS
-                    .iter()
-                    .any(|reference| ratio_key(reference) == *key)
-                {
+                if !TABLE_RATIOS.iter().any(|reference| ratio_key(reference) == *key) {
                     let _ = write!(note, "; {key} {}", number(*value, 2));
                 }
             }

@@ -106,9 +106,7 @@ impl Armed for dynprobe::ProbeHandle {
     }
 
     fn disarm(self: Box<Self>) -> Result<(), String> {
-        self.unregister()
-            .map(|_final_counts| ())
-            .map_err(|err| format!("unregister: {err}"))
+        self.unregister().map(|_final_counts| ()).map_err(|err| format!("unregister: {err}"))
     }
 }
 
@@ -134,10 +132,7 @@ impl EmptySigtrapHandler {
         // SAFETY: both pointers are valid for the call; `resume` touches nothing, so it is
         // async-signal-safe, and it stays valid for the life of the process.
         if unsafe { libc::sigaction(libc::SIGTRAP, &action, previous.as_mut_ptr()) } != 0 {
-            return Err(format!(
-                "sigaction(SIGTRAP): {}",
-                io::Error::last_os_error()
-            ));
+            return Err(format!("sigaction(SIGTRAP): {}", io::Error::last_os_error()));
         }
         Ok(Self {
             // SAFETY: the successful `sigaction` call wrote the previous action.

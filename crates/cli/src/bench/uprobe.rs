@@ -45,12 +45,9 @@ impl Uprobe {
     /// Errors say why the kernel refused, e.g. missing privileges with the
     /// `perf_event_paranoid` setting that applied.
     pub fn attach(target: Target, kind: Kind) -> Result<Self, String> {
-        let pmu_type = fs::read_to_string(UPROBE_TYPE)
-            .map_err(|err| format!("no uprobe PMU ({UPROBE_TYPE}: {err})"))?;
-        let pmu_type: u32 = pmu_type
-            .trim()
-            .parse()
-            .map_err(|err| format!("{UPROBE_TYPE}: {err}"))?;
+        let pmu_type =
+            fs::read_to_string(UPROBE_TYPE).map_err(|err| format!("no uprobe PMU ({UPROBE_TYPE}: {err})"))?;
+        let pmu_type: u32 = pmu_type.trim().parse().map_err(|err| format!("{UPROBE_TYPE}: {err}"))?;
         let (path, offset) = file_offset(target::address(target))?;
         let path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| format!("{}: path contains a NUL byte", path.display()))?;
@@ -71,15 +68,7 @@ impl Uprobe {
         // SAFETY: `attr` is a valid attribute whose `size` is its own; the path it points
         // at outlives the call (the kernel copies it); pid 0 / cpu -1 / no group is a
         // per-process counting event.
-        let fd = unsafe {
-            sys::perf_event_open(
-                &mut attr,
-                0,
-                -1,
-                -1,
-                sys::bindings::PERF_FLAG_FD_CLOEXEC as c_ulong,
-            )
-        };
+        let fd = unsafe { sys::perf_event_open(&mut attr, 0, -1, -1, sys::bindings::PERF_FLAG_FD_CLOEXEC as c_ulong) };
         if fd < 0 {
             return Err(open_error(io::Error::last_os_error()));
         }
@@ -94,19 +83,11 @@ impl Armed for Uprobe {
     fn hits(&self) -> Result<Option<u64>, String> {
         let mut count = 0u64;
         // SAFETY: reads at most 8 bytes into a `u64` we own; the fd is open for our life.
-        let read = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        let read =
+            unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), std::mem::size_of::<u64>()) };
         match read {
             8 => Ok(Some(count)),
-            -1 => Err(format!(
-                "reading the uprobe's count: {}",
-                io::Error::last_os_error()
-            )),
+            -1 => Err(format!("reading the uprobe's count: {}", io::Error::last_os_error())),
             short => Err(format!("reading the uprobe's count: {short} bytes")),
         }
     }
@@ -126,11 +107,7 @@ fn open_error(err: io::Error) -> String {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "?".to_owned());
             // SAFETY: `geteuid` has no preconditions.
-            let who = if unsafe { libc::geteuid() } == 0 {
-                "root"
-            } else {
-                "not root"
-            };
+            let who = if unsafe { libc::geteuid() } == 0 { "root" } else { "not root" };
             format!(
                 "not permitted: perf_event_paranoid={paranoid} and {who} \
                  (the uprobe PMU needs CAP_PERFMON or CAP_SYS_ADMIN): {err}"
@@ -144,10 +121,7 @@ fn open_error(err: io::Error) -> String {
 fn file_offset(addr: u64) -> Result<(PathBuf, u64), String> {
     let symbols = dynprobe_symbols::SymbolTable::current_process()
         .map_err(|err| format!("reading this process's modules: {err}"))?;
-    symbols.file_offset(addr).ok_or_else(|| {
-        format!(
-            "{} is not in a file mapping of this process",
-            symbols.format_addr(addr)
-        )
-    })
+    symbols
+        .file_offset(addr)
+        .ok_or_else(|| format!("{} is not in a file mapping of this process", symbols.format_addr(addr)))
 }
