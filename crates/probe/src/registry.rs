@@ -97,7 +97,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason });
     }
     let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, slots, vec![shared.clone()]);
-    if let Err(e) = own_traps(&site) {
+    if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
         pool::free(site.slots.slot);
         return Err(e.into());
@@ -190,15 +190,16 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
     }
 }
 
-/// Registers the site's `int3` addresses with the trap dispatcher: the post-slot exits first,
-/// so that no thread can reach an `int3` of ours that has no owner.
-fn own_traps(site: &PatchSite) -> Result<(), TextError> {
+/// Registers the post-slot exits' `int3`s with the trap dispatcher. The site's own `int3` is
+/// owned by [`Registry::update_arming`], just before it is written, so no `int3` of ours is
+/// ever without an owner.
+fn own_post_exits(site: &PatchSite) -> Result<(), TextError> {
     if let Ok(exits) = &site.slots.post {
         for exit in exits.iter() {
             trap::register_site(exit.addr, on_post_trap, exit as *const _ as usize)?;
         }
     }
-    trap::register_site(site.addr, on_site_trap, site as *const PatchSite as usize)
+    Ok(())
 }
 
 fn disown_traps(site: &PatchSite) {

@@ -36,7 +36,10 @@ pub struct Regs {
 }
 
 /// Each `Regs` field with its `ucontext` greg index: one table serves both directions.
-const GREGS: [(fn(&mut Regs) -> &mut u64, libc::c_int); 18] = [
+/// Selects one field of a [`Regs`].
+type Field = fn(&mut Regs) -> &mut u64;
+
+const GREGS: [(Field, libc::c_int); 18] = [
     (|r| &mut r.r15, libc::REG_R15),
     (|r| &mut r.r14, libc::REG_R14),
     (|r| &mut r.r13, libc::REG_R13),
