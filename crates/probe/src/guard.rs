@@ -1,53 +1,42 @@
-//! "Is this thread already running a probe handler?" — answered without locks, allocation
-//! or thread-local storage, so it works in a signal handler of a `dlopen`ed library.
-//!
-//! A thread inside a handler owns one word of a fixed table, found within a short window
-//! starting at a hash of its thread pointer. Only the owning thread ever writes its own
-//! thread pointer, so a scan of the window for it is exact even while other threads claim
-//! and release neighbouring words.
+//! "Is this thread already running a probe handler?" — answered from the thread's
+//! [`ThreadSlot`], with plain loads and stores, so the check costs a few instructions on the
+//! optimized path and is safe in a signal handler.
 
-use crate::arch::thread_pointer;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-const SLOTS: usize = 4096;
-const WINDOW: usize = 32;
-
-static ACTIVE: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+use crate::thread_slot::ThreadSlot;
+use std::sync::atomic::Ordering;
 
 /// Held while the current thread runs probe handlers; released on drop.
 pub(crate) struct HandlerGuard {
-    index: usize,
-}
-
-/// The table words where the thread with thread pointer `tp` may sit.
-fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
-    let start = tp.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52;
-    (0..WINDOW).map(move |i| (start + i) % SLOTS)
+    slot: &'static ThreadSlot,
 }
 
 impl HandlerGuard {
     /// Marks the current thread as running handlers, or returns `None` when it already is
-    /// (a probe hit from inside a handler: the caller counts it as missed) or when the
-    /// window is full (also counted as missed, never blocked on).
+    /// (a probe hit from inside a handler: the caller counts it as missed) or when it has no
+    /// thread slot (also counted as missed, never blocked on).
+    ///
+    /// Only the owning thread writes its flag. A signal arriving between the load and the
+    /// store runs its own handlers to completion before this thread goes on, so the plain
+    /// load-then-store cannot lose a nested hit.
+    #[inline]
     pub(crate) fn enter() -> Option<HandlerGuard> {
-        if Self::current_thread_inside() {
+        let (_, slot) = ThreadSlot::current()?;
+        if slot.in_handler.load(Ordering::Relaxed) {
             return None;
         }
-        let tp = thread_pointer();
-        window(tp)
-            .find(|&i| ACTIVE[i].compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed).is_ok())
-            .map(|index| HandlerGuard { index })
+        slot.in_handler.store(true, Ordering::Relaxed);
+        Some(HandlerGuard { slot })
     }
 
     /// True when the calling thread is inside a probe handler.
     pub(crate) fn current_thread_inside() -> bool {
-        let tp = thread_pointer();
-        window(tp).any(|i| ACTIVE[i].load(Ordering::Relaxed) == tp)
+        ThreadSlot::existing().is_some_and(|slot| slot.in_handler.load(Ordering::Relaxed))
     }
 }
 
 impl Drop for HandlerGuard {
+    #[inline]
     fn drop(&mut self) {
-        ACTIVE[self.index].store(0, Ordering::Release);
+        self.slot.in_handler.store(false, Ordering::Relaxed);
     }
 }

@@ -24,6 +24,7 @@ mod location;
 mod probe;
 mod registry;
 mod site;
+mod thread_slot;
 
 pub use arch::Regs;
 pub use error::ProbeError;

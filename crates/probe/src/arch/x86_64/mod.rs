@@ -5,5 +5,5 @@ mod thread;
 mod trap;
 
 pub use regs::Regs;
-pub(crate) use thread::thread_pointer;
+pub(crate) use thread::{current_tid, thread_pointer};
 pub(crate) use trap::{on_post_trap, on_site_trap, prepare_slots, PreparedSlots};

@@ -1,5 +1,7 @@
 //! Thread identity without a system call or thread-local storage.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 /// The calling thread's thread pointer (`%fs:0` holds the TCB's own address on x86-64
 /// glibc and musl). Unique among live threads, readable in a signal handler, and — unlike a
 /// Rust `thread_local!` in a `dlopen`ed library — never allocates on first use.
@@ -12,4 +14,49 @@ pub(crate) fn thread_pointer() -> usize {
         std::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp, options(nostack, readonly, preserves_flags));
     }
     tp
+}
+
+/// Where glibc's `struct pthread` keeps the kernel thread id (`tid`), relative to the thread
+/// pointer, on x86-64. The kernel clears it when the thread exits (`CLONE_CHILD_CLEARTID`),
+/// and glibc reuses a dead thread's TCB for a new thread, so the pair (thread pointer, tid)
+/// tells a live thread from the dead one whose TCB it inherited.
+const GLIBC_TID_OFFSET: usize = 0x2d0;
+
+/// Whether [`GLIBC_TID_OFFSET`] was checked to hold the tid: 0 unchecked, 1 yes, 2 no.
+static TID_IN_TCB: AtomicU8 = AtomicU8::new(0);
+
+/// The calling thread's kernel thread id: one load from the TCB where the C library keeps
+/// it (checked once against `gettid`), a system call otherwise.
+#[inline]
+pub(crate) fn current_tid() -> i32 {
+    match TID_IN_TCB.load(Ordering::Relaxed) {
+        1 => tcb_tid(),
+        2 => gettid(),
+        _ => {
+            let tid = gettid();
+            let known = cfg!(target_env = "gnu") && tcb_tid() == tid;
+            TID_IN_TCB.store(if known { 1 } else { 2 }, Ordering::Relaxed);
+            tid
+        }
+    }
+}
+
+#[inline(always)]
+fn tcb_tid() -> i32 {
+    if !cfg!(target_env = "gnu") {
+        return 0;
+    }
+    let tid: i32;
+    // SAFETY: under glibc the TCB is a `struct pthread`, larger than the offset read; the
+    // load is through %fs, so it reads the calling thread's own TCB.
+    unsafe {
+        std::arch::asm!("mov {:e}, dword ptr fs:[{off}]", out(reg) tid, off = const GLIBC_TID_OFFSET,
+            options(nostack, readonly, preserves_flags));
+    }
+    tid
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }

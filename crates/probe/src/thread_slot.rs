@@ -1,0 +1,122 @@
+//! Per-thread state found without locks, allocation or thread-local storage, so that it
+//! works in a signal handler, in a detour and in a `dlopen`ed library alike.
+//!
+//! A thread owns one [`ThreadSlot`] of a fixed table, found at a hash of its thread pointer
+//! (or a little after it). Only the owning thread writes its slot's per-thread fields, so the
+//! hot path reads them with plain loads and no atomic read-modify-write: one compare of the
+//! owner word and the tid tells the thread it is home.
+//!
+//! A slot is claimed once per thread and kept; a thread that reuses a dead thread's TCB (the
+//! C library caches them) inherits its slot, told apart by the tid, and starts it afresh.
+//! When a thread's window is full, slots whose thread is gone are taken over.
+
+use crate::arch::{current_tid, thread_pointer};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+
+/// Number of slots: the most threads that can be inside probe machinery at once.
+pub(crate) const MAX_THREADS: usize = 4096;
+/// How far past its hash a thread's slot may lie.
+const WINDOW: usize = 16;
+
+/// One thread's state.
+pub(crate) struct ThreadSlot {
+    /// The owner's thread pointer; 0 when free.
+    owner: AtomicUsize,
+    /// The owner's kernel thread id.
+    tid: AtomicI32,
+    /// Bumped each time the slot changes hands, so that per-slot data kept elsewhere (a
+    /// return-probe instance stack) can tell it belongs to a previous owner.
+    generation: AtomicU32,
+    /// True while the owner runs probe handlers.
+    pub(crate) in_handler: AtomicBool,
+}
+
+static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
+    ThreadSlot {
+        owner: AtomicUsize::new(0),
+        tid: AtomicI32::new(0),
+        generation: AtomicU32::new(0),
+        in_handler: AtomicBool::new(false),
+    }
+}; MAX_THREADS];
+
+#[inline(always)]
+fn home(tp: usize) -> usize {
+    (tp.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) % MAX_THREADS
+}
+
+impl ThreadSlot {
+    /// The calling thread's slot, claiming one on first use; `None` when every slot of its
+    /// window belongs to a live thread.
+    #[inline]
+    pub(crate) fn current() -> Option<(usize, &'static ThreadSlot)> {
+        let tp = thread_pointer();
+        let tid = current_tid();
+        let h = home(tp);
+        let slot = &SLOTS[h];
+        if slot.owner.load(Ordering::Relaxed) == tp && slot.tid.load(Ordering::Relaxed) == tid {
+            return Some((h, slot));
+        }
+        Self::find_or_claim(tp, tid)
+    }
+
+    /// The calling thread's slot if it has one (never claims).
+    pub(crate) fn existing() -> Option<&'static ThreadSlot> {
+        let (tp, tid) = (thread_pointer(), current_tid());
+        window(tp)
+            .map(|i| &SLOTS[i])
+            .find(|s| s.owner.load(Ordering::Relaxed) == tp && s.tid.load(Ordering::Relaxed) == tid)
+    }
+
+    /// The slot's generation (see the field).
+    #[inline]
+    #[allow(dead_code)] // read by return probes
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    #[cold]
+    fn find_or_claim(tp: usize, tid: i32) -> Option<(usize, &'static ThreadSlot)> {
+        // Our own thread pointer in the window: ours already, or left by a dead thread whose
+        // TCB we now use (thread pointers of live threads are unique), which we take over.
+        if let Some(i) = window(tp).find(|&i| SLOTS[i].owner.load(Ordering::Acquire) == tp) {
+            SLOTS[i].restart(tid);
+            return Some((i, &SLOTS[i]));
+        }
+        for i in window(tp) {
+            if SLOTS[i].owner.compare_exchange(0, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                SLOTS[i].restart(tid);
+                return Some((i, &SLOTS[i]));
+            }
+        }
+        for i in window(tp) {
+            let old = SLOTS[i].owner.load(Ordering::Acquire);
+            if old != 0
+                && !thread_alive(SLOTS[i].tid.load(Ordering::Acquire))
+                && SLOTS[i].owner.compare_exchange(old, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            {
+                SLOTS[i].restart(tid);
+                return Some((i, &SLOTS[i]));
+            }
+        }
+        None
+    }
+
+    fn restart(&self, tid: i32) {
+        self.in_handler.store(false, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.tid.store(tid, Ordering::Release);
+    }
+}
+
+fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
+    let start = home(tp);
+    (0..WINDOW).map(move |i| (start + i) % MAX_THREADS)
+}
+
+/// True when thread `tid` of this process still exists.
+fn thread_alive(tid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the thread exists; raw syscalls are async-signal-safe.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
