@@ -4,11 +4,15 @@
 //! * [`classify`]: may this instruction run out of line, and if not, why not.
 //! * [`relocate`](mod@relocate): the bytes of a run of instructions moved to a new address, with the map
 //!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
+//! * [`optimize`]: may a probe point be covered by a detour jump (the checks of seed 004 §1.4.2).
+//! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
 pub mod classify;
 pub mod decode;
+pub mod detour;
 pub mod encode;
+pub mod optimize;
 pub mod relocate;
 
 pub use classify::{check_out_of_line, Refusal};

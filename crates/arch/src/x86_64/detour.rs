@@ -1,0 +1,251 @@
+//! The detour buffer of a jump-optimized probe (seed 004 §1.4.1): where the `jmp` written
+//! over the probe point leads.
+//!
+//! ```text
+//!  +0   trap:  int3                        slow way out: the handler asked for more than a
+//!              int3 ...                    register restore can give (see below)
+//!  +16  entry: lea -144(%rsp),%rsp         step over the red zone, room for rsp and rip
+//!              pushfq
+//!              push %rdi ... push %r15     the frame is now a `Regs`: r15 at the lowest address
+//!              (store the original rsp and the probe address in the frame)
+//!              mov %rsp,%rbx
+//!              <save vector state>         entry: xmm0-7 | anywhere: XSAVE(C) of the components
+//!              call dispatch(context, frame)
+//!              mov %eax,%r12d
+//!              <restore vector state>
+//!              mov %rbx,%rsp
+//!              test %r12d,%r12d ; jnz trap
+//!              pop %r15 ... pop %rdi       registers as the handlers left them
+//!              popfq                       (entry: flags are dead at a call, skipped)
+//!              lea 144(%rsp),%rsp          back to the original rsp, red zone untouched
+//!  copy:       <covered instructions, relocated>
+//!              jmp <probe point + covered length>
+//! ```
+//!
+//! `dispatch` returns 0 to continue into the copy, or non-zero when the thread must go
+//! somewhere a restore cannot take it without a spare register: a new `rip` (a diversion, or
+//! the post-handler path), a new `rsp`. Then the thread executes the `int3` at `trap` with
+//! `rsp` at the frame, and the trap's owner loads the whole frame into the thread's context.
+//!
+//! The frame layout is the one of the probe layer's `Regs`: 18 quadwords, `r15 r14 r13 r12
+//! r11 r10 r9 r8 rbp rbx rax rcx rdx rsi rdi rflags rsp rip`.
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use super::encode::jmp_any;
+use super::relocate::{relocate, RelocError};
+
+/// Size of the register frame (18 quadwords).
+pub const FRAME_SIZE: i32 = 144;
+/// Offset of the saved `rsp` in the frame.
+pub const FRAME_RSP: i32 = 128;
+/// Offset of the saved `rip` in the frame.
+pub const FRAME_IP: i32 = 136;
+/// The SysV red zone below `rsp`, which a detour must not touch.
+pub const RED_ZONE: i32 = 128;
+/// Offset of the detour's entry (what the probe point's `jmp` targets).
+pub const ENTRY_OFFSET: usize = 16;
+/// Offset of the slow-path `int3`.
+pub const TRAP_OFFSET: usize = 0;
+
+/// Which vector state the detour saves around the handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorSave {
+    /// At a function entry the SysV ABI bounds what can be live: the vector argument
+    /// registers xmm0–7 (flags are dead across a call).
+    EntryArguments,
+    /// Anywhere else: the flags and every XSAVE component in `mask`, in an area of `size`
+    /// bytes (the CPU's XSAVE size for its enabled features), with `XSAVEC` (compacted,
+    /// skipping components in their initial state) when `compact`, else `XSAVE`.
+    Full {
+        /// Requested-feature bitmap (XCR0 bits).
+        mask: u64,
+        /// Bytes of the save area.
+        size: u32,
+        /// Use `XSAVEC`.
+        compact: bool,
+    },
+}
+
+/// What a detour is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct DetourSpec<'a> {
+    /// Address the detour will sit at (64-byte aligned is best).
+    pub detour_ip: u64,
+    /// The probe point.
+    pub probe_ip: u64,
+    /// The original bytes of the covered run (see [`super::optimize::covered_run`]).
+    pub covered: &'a [u8],
+    /// Vector state to save.
+    pub save: VectorSave,
+    /// `extern "C" fn(context: u64, frame: *mut Regs) -> u32` run with the frame.
+    pub dispatch: u64,
+    /// First argument of `dispatch`.
+    pub context: u64,
+}
+
+/// A built detour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detour {
+    /// The code, to be placed at `detour_ip`.
+    pub code: Vec<u8>,
+    /// Offset in `code` of the relocated covered run.
+    pub copy_offset: u32,
+    /// For each covered instruction: (its offset in the run, its offset in `code`). Moves a
+    /// thread stopped inside the covered bytes into the copy.
+    pub copy_map: Vec<(u32, u32)>,
+}
+
+impl Detour {
+    /// Where in the detour a thread at `offset` bytes into the covered run continues; `None`
+    /// when `offset` is not an instruction boundary of the run.
+    pub fn copy_address(&self, detour_ip: u64, offset: u32) -> Option<u64> {
+        self.copy_map.iter().find(|&&(old, _)| old == offset).map(|&(_, new)| detour_ip + u64::from(new))
+    }
+}
+
+/// Builds the detour for `spec`.
+pub fn build_detour(spec: &DetourSpec<'_>) -> Result<Detour, RelocError> {
+    let mut prefix = save_call_restore(spec)?.assemble(spec.detour_ip)?;
+    let copy_ip = spec.detour_ip + prefix.len() as u64;
+    let copy = relocate(spec.covered, spec.probe_ip, copy_ip)?;
+    let copy_offset = prefix.len() as u32;
+    prefix.extend_from_slice(&copy.code);
+    let back_ip = spec.detour_ip + prefix.len() as u64;
+    prefix.extend(jmp_any(back_ip, spec.probe_ip + spec.covered.len() as u64));
+    let copy_map = copy.offsets.iter().map(|&(old, new)| (old, new + copy_offset)).collect();
+    Ok(Detour { code: prefix, copy_offset, copy_map })
+}
+
+/// The prologue, the call and the epilogue: everything before the copy.
+fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> {
+    const GPRS_PUSHED: [AsmRegister64; 15] = [rdi, rsi, rdx, rcx, rax, rbx, rbp, r8, r9, r10, r11, r12, r13, r14, r15];
+    let mut a = CodeAssembler::new(64)?;
+    let mut trap = a.create_label();
+    a.set_label(&mut trap)?;
+    for _ in 0..ENTRY_OFFSET {
+        a.int3()?;
+    }
+
+    // Frame: [rip][rsp] below the red zone, then flags and the general registers.
+    a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
+    a.pushfq()?;
+    for reg in GPRS_PUSHED {
+        a.push(reg)?;
+    }
+    a.lea(rax, ptr(rsp + (FRAME_SIZE + RED_ZONE)))?;
+    a.mov(qword_ptr(rsp + FRAME_RSP), rax)?;
+    a.mov(rax, spec.probe_ip)?;
+    a.mov(qword_ptr(rsp + FRAME_IP), rax)?;
+    a.mov(rbx, rsp)?;
+
+    match spec.save {
+        VectorSave::EntryArguments => {
+            a.and(rsp, -16)?;
+            a.sub(rsp, 128)?;
+            for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
+                a.movaps(xmmword_ptr(rsp + 16 * i as i32), reg)?;
+            }
+        }
+        VectorSave::Full { mask, size, compact } => {
+            a.sub(rsp, size as i32)?;
+            a.and(rsp, -64)?;
+            // XRSTOR faults on a header whose reserved bytes are not zero, and plain XSAVE
+            // leaves the bits of components it skips as they were: start from a clean header.
+            for q in 0..8 {
+                a.mov(qword_ptr(rsp + (512 + 8 * q)), 0)?;
+            }
+            a.mov(eax, mask as u32)?;
+            a.mov(edx, (mask >> 32) as u32)?;
+            if compact {
+                a.xsavec64(ptr(rsp))?;
+            } else {
+                a.xsave64(ptr(rsp))?;
+            }
+        }
+    }
+
+    a.mov(rsi, rbx)?;
+    a.mov(rdi, spec.context)?;
+    a.mov(rax, spec.dispatch)?;
+    a.call(rax)?;
+    a.mov(r12d, eax)?;
+
+    match spec.save {
+        VectorSave::EntryArguments => {
+            for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
+                a.movaps(reg, xmmword_ptr(rsp + 16 * i as i32))?;
+            }
+        }
+        VectorSave::Full { mask, .. } => {
+            a.mov(eax, mask as u32)?;
+            a.mov(edx, (mask >> 32) as u32)?;
+            a.xrstor64(ptr(rsp))?;
+        }
+    }
+    a.mov(rsp, rbx)?;
+    a.test(r12d, r12d)?;
+    a.jnz(trap)?;
+    for reg in GPRS_PUSHED.into_iter().rev() {
+        a.pop(reg)?;
+    }
+    match spec.save {
+        // Flags are dead at a function entry (a call clobbers them), and popfq is slow.
+        VectorSave::EntryArguments => a.lea(rsp, ptr(rsp + 8))?,
+        VectorSave::Full { .. } => a.popfq()?,
+    }
+    a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::x86_64::decode::decode_instructions;
+
+    fn spec(save: VectorSave, covered: &[u8]) -> DetourSpec<'_> {
+        DetourSpec {
+            detour_ip: 0x7f00_0000_1000,
+            probe_ip: 0x7f00_1000_0000,
+            covered,
+            save,
+            dispatch: 0x5555_0000_2000,
+            context: 0x5555_dead_beef,
+        }
+    }
+
+    #[test]
+    fn the_copy_follows_the_epilogue_and_jumps_back() {
+        // mov %rdi,%rax ; shr $0x1f,%rax
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        let s = spec(VectorSave::EntryArguments, &covered);
+        let detour = build_detour(&s).unwrap();
+        let copy = &detour.code[detour.copy_offset as usize..];
+        assert_eq!(&copy[..7], &covered);
+        assert_eq!(detour.copy_map, vec![(0, detour.copy_offset), (3, detour.copy_offset + 3)]);
+        assert_eq!(detour.copy_address(s.detour_ip, 3), Some(s.detour_ip + u64::from(detour.copy_offset) + 3));
+        assert_eq!(detour.copy_address(s.detour_ip, 1), None);
+        let instrs = decode_instructions(&detour.code[ENTRY_OFFSET..], s.detour_ip + ENTRY_OFFSET as u64).unwrap();
+        let last = instrs.last().unwrap();
+        assert_eq!(last.near_branch_target(), s.probe_ip + 7, "jumps back after the covered run");
+        assert!(detour.code[..ENTRY_OFFSET].iter().all(|&b| b == 0xcc));
+    }
+
+    #[test]
+    fn the_frame_is_balanced() {
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        for save in [VectorSave::EntryArguments, VectorSave::Full { mask: 0xe7, size: 2696, compact: true }] {
+            let s = spec(save, &covered);
+            let detour = build_detour(&s).unwrap();
+            let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
+            let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
+            let pushes = instrs.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Push).count();
+            let pops = instrs.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Pop).count();
+            assert_eq!((pushes, pops), (15, 15));
+            assert!(instrs.iter().any(|i| i.mnemonic() == iced_x86::Mnemonic::Pushfq));
+            let restores_flags = instrs.iter().any(|i| i.mnemonic() == iced_x86::Mnemonic::Popfq);
+            assert_eq!(restores_flags, matches!(save, VectorSave::Full { .. }));
+        }
+    }
+}

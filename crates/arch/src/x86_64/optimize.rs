@@ -1,0 +1,254 @@
+//! May the instructions at a probe point be replaced by a 5-byte `jmp rel32` to a detour?
+//! The safety checks of the jump-optimization seed (§1.4.2), done by decoding the whole
+//! function:
+//!
+//! ```text
+//!   function:  ... | i0 | i1 |  i2  | ...        covered run: i0 i1 i2 (>= 5 bytes)
+//!                  | e9 <rel32 to detour> | ...  after optimization
+//! ```
+//! A thread that reached `i1` or `i2` by a jump would execute the middle of the `jmp`'s
+//! displacement, so the run is refused when anything may jump there: a direct branch of the
+//! function, a jump table (an indirect jump whose targets are not known), a return into it
+//! (a call inside the run), or an entry the decoder cannot see (code after an unconditional
+//! transfer, such as an exception landing pad).
+
+use std::fmt;
+
+use super::classify::check_instruction;
+use super::decode::{decode_instructions, flow_of, Disassembler};
+use super::{DecodeError, Flow, Refusal, JMP_REL32_LEN};
+use iced_x86::{Instruction, OpKind, Register};
+
+/// The instructions a detour jump would cover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoveredRun {
+    /// Address of the first covered instruction (the probe point).
+    pub addr: u64,
+    /// Length of the run in bytes (at least [`JMP_REL32_LEN`]).
+    pub len: usize,
+    /// Disassembly of each covered instruction, for the listing.
+    pub insns: Vec<String>,
+}
+
+impl CoveredRun {
+    /// True when `ip` is inside the run past its first byte: where no thread may be when
+    /// the jump is written.
+    pub fn strictly_inside(&self, ip: u64) -> bool {
+        ip > self.addr && ip < self.addr + self.len as u64
+    }
+}
+
+/// Why a probe point cannot be jump-optimized; the probe stays a breakpoint probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OptimizeRefusal {
+    /// The probe point is not inside a function of known size.
+    NoFunctionBounds,
+    /// The function ends before 5 bytes of whole instructions.
+    PastFunctionEnd {
+        /// Bytes of whole instructions available from the probe point to the function end.
+        available: usize,
+    },
+    /// The function could not be decoded.
+    Decode(DecodeError),
+    /// A direct branch of the function targets a covered instruction past the first.
+    BranchInto {
+        /// The branch.
+        from: u64,
+        /// Its target.
+        to: u64,
+    },
+    /// The function has an indirect jump whose targets are unknown (a jump table).
+    IndirectJump {
+        /// The indirect jump.
+        at: u64,
+        /// Its disassembly.
+        text: String,
+    },
+    /// A call inside the run would return into the covered bytes.
+    CallInside {
+        /// The call.
+        at: u64,
+    },
+    /// A covered instruction follows an unconditional transfer, so it is reached some other
+    /// way (a jump from elsewhere, an exception landing pad).
+    NotFallthrough {
+        /// The instruction reached some other way.
+        at: u64,
+    },
+    /// A covered instruction cannot run out of line.
+    NotRelocatable(Refusal),
+}
+
+impl fmt::Display for OptimizeRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptimizeRefusal::NoFunctionBounds => write!(f, "no function bounds are known for the probe point"),
+            OptimizeRefusal::PastFunctionEnd { available } => {
+                write!(f, "only {available} byte(s) of instructions remain before the function ends; a jump needs 5")
+            }
+            OptimizeRefusal::Decode(err) => write!(f, "the function does not decode: {err}"),
+            OptimizeRefusal::BranchInto { from, to } => {
+                write!(f, "the branch at {from:#x} jumps to {to:#x}, inside the bytes the jump would cover")
+            }
+            OptimizeRefusal::IndirectJump { at, text } => {
+                write!(f, "the function has an indirect jump with unknown targets at {at:#x} (`{text}`)")
+            }
+            OptimizeRefusal::CallInside { at } => {
+                write!(f, "the call at {at:#x} would return into the bytes the jump would cover")
+            }
+            OptimizeRefusal::NotFallthrough { at } => write!(
+                f,
+                "the instruction at {at:#x} follows an unconditional transfer, so something other than \
+                 the previous instruction leads to it"
+            ),
+            OptimizeRefusal::NotRelocatable(refusal) => refusal.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for OptimizeRefusal {}
+
+impl From<DecodeError> for OptimizeRefusal {
+    fn from(err: DecodeError) -> Self {
+        OptimizeRefusal::Decode(err)
+    }
+}
+
+/// Decides whether the probe point `addr` of the function `function` (its bytes, starting at
+/// `start`, as the compiler left them: no `int3` of ours) can be covered by a detour jump,
+/// and returns the covered run.
+///
+/// ```
+/// use dynprobe_arch::x86_64::optimize::covered_run;
+/// // push %rbp; mov %rsp,%rbp; mov %rdi,%rax; pop %rbp; ret
+/// let function = [0x55, 0x48, 0x89, 0xe5, 0x48, 0x89, 0xf8, 0x5d, 0xc3];
+/// let run = covered_run(&function, 0x1000, 0x1000).unwrap();
+/// assert_eq!(run.len, 7); // push, mov, mov: the first whole instructions covering 5 bytes
+/// ```
+pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun, OptimizeRefusal> {
+    if function.is_empty() {
+        return Err(OptimizeRefusal::NoFunctionBounds);
+    }
+    let instrs = decode_instructions(function, start)?;
+    let first = instrs.iter().position(|i| i.ip() == addr).ok_or(DecodeError::OutsideFunction {
+        addr,
+        start,
+        len: function.len(),
+    })?;
+
+    let mut covered: Vec<&Instruction> = Vec::new();
+    let mut len = 0;
+    for instr in &instrs[first..] {
+        if let Some(prev) = covered.last() {
+            match flow_of(prev) {
+                Flow::Sequential | Flow::CondJump { .. } => {}
+                Flow::Call { .. } | Flow::IndirectCall => return Err(OptimizeRefusal::CallInside { at: prev.ip() }),
+                _ => return Err(OptimizeRefusal::NotFallthrough { at: instr.ip() }),
+            }
+        }
+        check_instruction(instr).map_err(OptimizeRefusal::NotRelocatable)?;
+        covered.push(instr);
+        len += instr.len();
+        if len >= JMP_REL32_LEN {
+            break;
+        }
+    }
+    if len < JMP_REL32_LEN {
+        return Err(OptimizeRefusal::PastFunctionEnd { available: len });
+    }
+    let run = CoveredRun { addr, len, insns: Vec::new() };
+
+    for instr in &instrs {
+        match flow_of(instr) {
+            Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target }
+                if run.strictly_inside(target) =>
+            {
+                return Err(OptimizeRefusal::BranchInto { from: instr.ip(), to: target })
+            }
+            Flow::IndirectJump if !is_tail_call_through_memory(instr) => {
+                return Err(OptimizeRefusal::IndirectJump { at: instr.ip(), text: Disassembler::new().text(instr) })
+            }
+            _ => {}
+        }
+    }
+    let mut disasm = Disassembler::new();
+    Ok(CoveredRun { insns: covered.iter().map(|i| disasm.text(i)).collect(), ..run })
+}
+
+/// `jmp *sym@GOTPCREL(%rip)`: a tail call to another function through the GOT (as with
+/// `-fno-plt`); its one target is outside this function. A jump through a register or an
+/// indexed table may land anywhere in the function.
+fn is_tail_call_through_memory(instr: &Instruction) -> bool {
+    instr.op0_kind() == OpKind::Memory && instr.memory_base() == Register::RIP && instr.memory_index() == Register::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(function: &[u8], addr: u64) -> OptimizeRefusal {
+        covered_run(function, 0x1000, addr).unwrap_err()
+    }
+
+    #[test]
+    fn covers_whole_instructions_up_to_five_bytes() {
+        // 0x1000: mov %rdi,%rax (3) ; 0x1003: shr $0x1f,%rax (4) ; 0x1007: xor %rdi,%rax (3) ; ret
+        let f = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f, 0x48, 0x31, 0xf8, 0xc3];
+        let run = covered_run(&f, 0x1000, 0x1000).unwrap();
+        assert_eq!(run.len, 7);
+        assert_eq!(run.insns, ["mov %rdi,%rax", "shr $0x1f,%rax"]);
+        assert!(run.strictly_inside(0x1003) && !run.strictly_inside(0x1000) && !run.strictly_inside(0x1007));
+        // From the second instruction: shr (4) + xor (3).
+        assert_eq!(covered_run(&f, 0x1000, 0x1003).unwrap().len, 7);
+    }
+
+    #[test]
+    fn refuses_a_run_past_the_function_end() {
+        // mov %rdi,%rax ; ret : 4 bytes in all
+        assert_eq!(refusal(&[0x48, 0x89, 0xf8, 0xc3], 0x1000), OptimizeRefusal::PastFunctionEnd { available: 4 });
+        // mov %rdi,%rax ; ret ; nop ; nop : the nops are reached some other way, if at all
+        let f = [0x48, 0x89, 0xf8, 0xc3, 0x90, 0x90];
+        assert_eq!(refusal(&f, 0x1000), OptimizeRefusal::NotFallthrough { at: 0x1004 });
+    }
+
+    #[test]
+    fn refuses_a_branch_into_the_covered_bytes() {
+        // 0x1000: mov %rdi,%rax ; 0x1003: add $1,%rax (4) ; 0x1007: cmp $9,%rax (4) ;
+        // 0x100b: jb 0x1003 ; 0x100d: ret
+        let f = [0x48, 0x89, 0xf8, 0x48, 0x83, 0xc0, 0x01, 0x48, 0x83, 0xf8, 0x09, 0x72, 0xf6, 0xc3];
+        assert_eq!(refusal(&f, 0x1000), OptimizeRefusal::BranchInto { from: 0x100b, to: 0x1003 });
+        // The loop head itself may be covered: a jump to the first byte lands on the jmp.
+        assert_eq!(covered_run(&f, 0x1000, 0x1003).unwrap().len, 8);
+    }
+
+    #[test]
+    fn refuses_a_call_that_returns_inside_but_allows_one_at_the_end() {
+        // 0x1000: call 0x2000 (5) ; 0x1005: mov %rdi,%rax ; ret
+        let f = [0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x48, 0x89, 0xf8, 0xc3];
+        assert_eq!(covered_run(&f, 0x1000, 0x1000).unwrap().len, 5);
+        // 0x1000: nop ; 0x1001: call 0x2000 ; ... the call is not the last covered instruction
+        let g = [0x90, 0xe8, 0xfa, 0x0f, 0x00, 0x00, 0x48, 0x89, 0xf8, 0xc3];
+        assert_eq!(covered_run(&g, 0x1000, 0x1000).unwrap().len, 6);
+        // push %rbx ; call 0x2000 ; ... covered: push (1) + call (5): call last, fine.
+        // 0x1000: push %rbx ; 0x1001: call *%rax (2) ; 0x1003: mov %rdi,%rax ; ret
+        let h = [0x53, 0xff, 0xd0, 0x48, 0x89, 0xf8, 0xc3];
+        assert_eq!(refusal(&h, 0x1000), OptimizeRefusal::CallInside { at: 0x1001 });
+    }
+
+    #[test]
+    fn refuses_a_function_with_a_jump_table_but_not_a_got_tail_call() {
+        // mov %rdi,%rax ; shr $0x1f,%rax ; jmp *%rax
+        let f = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f, 0xff, 0xe0];
+        assert!(matches!(refusal(&f, 0x1000), OptimizeRefusal::IndirectJump { at: 0x1007, .. }));
+        // ... ; jmp *0x10(%rip)
+        let g = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f, 0xff, 0x25, 0x10, 0x00, 0x00, 0x00];
+        assert_eq!(covered_run(&g, 0x1000, 0x1000).unwrap().len, 7);
+    }
+
+    #[test]
+    fn refuses_an_unrelocatable_instruction() {
+        // syscall ; mov %rdi,%rax ; ret
+        let f = [0x0f, 0x05, 0x48, 0x89, 0xf8, 0xc3];
+        assert!(matches!(refusal(&f, 0x1000), OptimizeRefusal::NotRelocatable(_)));
+    }
+}
