@@ -2,7 +2,7 @@
 //! [`ThreadSlot`], with plain loads and stores, so the check costs a few instructions on the
 //! optimized path and is safe in a signal handler.
 
-use crate::thread_slot::ThreadSlot;
+use crate::thread_slot::{ThreadSlot, ANY_SITE};
 use std::sync::atomic::Ordering;
 
 /// Held while the current thread runs probe handlers; released on drop.
@@ -19,24 +19,35 @@ impl HandlerGuard {
     /// store runs its own handlers to completion before this thread goes on, so the plain
     /// load-then-store cannot lose a nested hit.
     #[inline]
+    #[allow(dead_code)] // for handlers that belong to no site (return probes)
     pub(crate) fn enter() -> Option<HandlerGuard> {
+        Self::enter_site(ANY_SITE as u64)
+    }
+
+    /// [`Self::enter`] for the handlers of the site at `site`, which
+    /// [`wait_while_active`](crate::thread_slot::wait_while_active) can then wait for.
+    #[inline]
+    pub(crate) fn enter_site(site: u64) -> Option<HandlerGuard> {
         let (_, slot) = ThreadSlot::current()?;
-        if slot.in_handler.load(Ordering::Relaxed) {
+        if slot.active.load(Ordering::Relaxed) != 0 {
             return None;
         }
-        slot.in_handler.store(true, Ordering::Relaxed);
+        slot.active.store(site as usize, Ordering::Relaxed);
+        // Orders the mark before the handlers' reads of the probe list, for the compiler;
+        // the CPU side is the writer's membarrier.
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
         Some(HandlerGuard { slot })
     }
 
     /// True when the calling thread is inside a probe handler.
     pub(crate) fn current_thread_inside() -> bool {
-        ThreadSlot::existing().is_some_and(|slot| slot.in_handler.load(Ordering::Relaxed))
+        ThreadSlot::existing().is_some_and(|slot| slot.active.load(Ordering::Relaxed) != 0)
     }
 }
 
 impl Drop for HandlerGuard {
     #[inline]
     fn drop(&mut self) {
-        self.slot.in_handler.store(false, Ordering::Relaxed);
+        self.slot.active.store(0, Ordering::Release);
     }
 }

@@ -21,6 +21,7 @@ mod arch;
 mod error;
 mod guard;
 mod location;
+mod optimizer;
 mod probe;
 mod registry;
 mod site;
@@ -30,7 +31,7 @@ pub use arch::Regs;
 pub use error::ProbeError;
 pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
-pub use registry::list;
+pub use registry::{list, optimization_enabled, set_optimization, wait_for_optimizer};
 
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.

@@ -220,15 +220,26 @@ pub struct ProbeInfo {
     pub hits: u64,
     /// Hits not handled (the thread was already inside a handler).
     pub nmissed: u64,
+    /// Whether the probe is jump-optimized (a hit is a jump to a detour, not a trap).
+    pub optimized: bool,
+    /// Why the probe cannot be optimized, when that is known.
+    pub not_optimized: Option<String>,
 }
 
 impl fmt::Display for ProbeInfo {
-    /// `0000000000401126  k  work+0x0    [DISABLED]`, as in `kprobes/list`; the probe is a
-    /// boosted breakpoint probe (`k`).
+    /// `0000000000401126  k  work+0x0    [OPTIMIZED]`, as in `kprobes/list` (`k`: a kprobe;
+    /// `[DISABLED]`, `[OPTIMIZED]` as there), followed by why a probe is not optimized when
+    /// it cannot be.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}  k  {}", self.addr, self.symbol)?;
         if !self.enabled {
             write!(f, "    [DISABLED]")?;
+        }
+        if self.optimized {
+            write!(f, "    [OPTIMIZED]")?;
+        }
+        if let Some(reason) = &self.not_optimized {
+            write!(f, "    (not optimized: {reason})")?;
         }
         Ok(())
     }

@@ -3,17 +3,19 @@
 //! never takes; the trap path reads sites and probe lists that are freed only after a grace
 //! period ([`dynprobe_text::stop::synchronize`]).
 
-use crate::arch::{on_post_trap, on_site_trap, prepare_slots};
+use crate::arch::{
+    disown_detour, on_post_trap, on_site_trap, prepare_detour, prepare_slots, remove_jump, write_jump, JumpError,
+};
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
+use crate::{optimizer, thread_slot};
 use crate::{Location, Probe, ProbeError};
-use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3};
+use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
-use dynprobe_text::pool::ExecSlot;
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,12 +31,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a removed site's slot stays unused before it is reused.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
+/// Jump optimization on or off for the whole process (the kernel's
+/// `debug.kprobes_optimization`).
+static OPTIMIZATION: AtomicBool = AtomicBool::new(true);
+
 struct Registry {
     sites: BTreeMap<u64, Box<PatchSite>>,
-    /// Slots of removed sites, with the time they were retired. A thread interrupted by an
-    /// unrelated signal while inside a slot reports its handler's `rip` to a stop, not the
-    /// slot's, so a slot is reused only after a delay no signal handler should outlast.
-    quarantined: Vec<(ExecSlot, Instant)>,
+    /// Removed sites, with the time they were retired. A thread interrupted by an unrelated
+    /// signal while inside a slot or detour reports its handler's `rip` to a stop, not the
+    /// slot's, and a thread entering a detour holds the site's address for a few
+    /// instructions before it marks itself; so a site's memory is reused only after a delay
+    /// no signal handler should outlast.
+    quarantined: Vec<(Box<PatchSite>, Instant)>,
     /// Replaced probe lists, freed at the next grace period.
     retired: Vec<*mut ProbeList>,
     symbols: Option<SymbolTable>,
@@ -85,6 +93,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
             registry.retired.push(site.publish(before));
             return Err(e);
         }
+        optimizer::kick();
         return Ok(shared);
     }
 
@@ -96,7 +105,11 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         pool::free(slots.slot);
         return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason });
     }
-    let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, slots, vec![shared.clone()]);
+    // The new int3 may go where another site's detour jump lies: that site becomes a
+    // breakpoint probe again (and stays one while this site exists).
+    registry.unoptimize_covering(target.addr)?;
+    let function = target.function.as_ref().filter(|f| f.2 > 0).map(|f| (f.1, f.2));
+    let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()]);
     if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
         pool::free(site.slots.slot);
@@ -113,6 +126,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         pool::free(site.slots.slot);
         return Err(e);
     }
+    optimizer::kick();
     Ok(shared)
 }
 
@@ -120,7 +134,9 @@ pub(crate) fn set_enabled(probe: &Arc<ProbeShared>, on: bool) -> Result<(), Prob
     let registry = lock()?;
     let was = probe.enabled();
     probe.set_enabled(on);
-    registry.update_arming(probe.addr).inspect_err(|_| probe.set_enabled(was))
+    registry.update_arming(probe.addr).inspect_err(|_| probe.set_enabled(was))?;
+    optimizer::kick();
+    Ok(())
 }
 
 pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
@@ -134,17 +150,20 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
         registry.retired.push(old);
         registry.update_arming(probe.addr)?;
         // Returns once no thread can still be running this probe's handlers.
-        return registry.grace_period();
+        return registry.grace_period(Some(probe.addr));
     }
 
     // The last probe: restore the byte, then wait until no thread is in the handler or slot.
     let was_enabled = probe.enabled();
     probe.set_enabled(false);
-    let slot = registry.sites.get(&probe.addr).expect("checked above").slots.slot;
+    let site = registry.sites.get(&probe.addr).expect("checked above");
+    let slot = site.slots.slot;
+    let detour = site.detour().map(|d| d.slot);
     let quiesced = registry.update_arming(probe.addr).and_then(|()| {
         trap::unregister_site(probe.addr);
-        registry.grace_period()?;
-        wait_until_no_thread_in(slot.addr, slot.size as u64)
+        registry.grace_period(Some(probe.addr))?;
+        wait_until_no_thread_in(slot.addr, slot.size as u64)?;
+        detour.map_or(Ok(()), |d| wait_until_no_thread_in(d.addr, d.size as u64))
     });
     if let Err(e) = quiesced {
         // The handle goes back to the caller: leave the probe as it was.
@@ -154,7 +173,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     }
     let site = registry.sites.remove(&probe.addr).expect("checked above");
     disown_traps(&site);
-    registry.quarantine(site.slots.slot);
+    registry.quarantine(site);
     Ok(())
 }
 
@@ -187,6 +206,8 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
         has_post_handler: probe.post.is_some(),
         hits: probe.hits(),
         nmissed: probe.nmissed(),
+        optimized: site.optimized.load(Ordering::Relaxed),
+        not_optimized: site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
@@ -206,6 +227,9 @@ fn disown_traps(site: &PatchSite) {
     trap::unregister_site(site.addr);
     if let Ok(exits) = &site.slots.post {
         exits.iter().for_each(|exit| trap::unregister_site(exit.addr));
+    }
+    if let Some(detour) = site.detour() {
+        disown_detour(detour);
     }
 }
 
@@ -291,11 +315,21 @@ impl Registry {
         Ok(())
     }
 
-    /// Reads `len` bytes at `addr` as they were before any of our `int3`s.
+    /// Reads `len` bytes at `addr` as they were before any of our `int3`s and jumps.
     fn original_bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProbeError> {
         let mut bytes = memory::read_vec(addr, len)?;
-        for (&site_addr, site) in self.sites.range(addr..addr + len as u64) {
-            bytes[(site_addr - addr) as usize] = site.orig_byte;
+        let end = addr + len as u64;
+        for (&site_addr, site) in self.sites.range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..end) {
+            let original: &[u8] = match site.detour() {
+                Some(detour) if site.optimized.load(Ordering::Relaxed) => &detour.original[..JMP_REL32_LEN],
+                _ => std::slice::from_ref(&site.orig_byte),
+            };
+            for (i, &byte) in original.iter().enumerate() {
+                let at = site_addr + i as u64;
+                if (addr..end).contains(&at) {
+                    bytes[(at - addr) as usize] = byte;
+                }
+            }
         }
         Ok(bytes)
     }
@@ -326,6 +360,10 @@ impl Registry {
         if want == site.armed.load(Ordering::Relaxed) {
             return Ok(());
         }
+        if !want {
+            // The int3 is under the jump: the jump goes first.
+            self.unoptimize(addr)?;
+        }
         if want {
             // Every int3 we write has an owner first, even after a failed unregister gave
             // the ownership up: an int3 without one would be passed on as a foreign trap.
@@ -338,22 +376,37 @@ impl Registry {
         Ok(())
     }
 
-    /// Retires a slot; frees those whose quarantine is over.
-    fn quarantine(&mut self, slot: ExecSlot) {
+    /// Retires a removed site; frees those whose quarantine is over.
+    fn quarantine(&mut self, site: Box<PatchSite>) {
         let now = Instant::now();
-        self.quarantined.retain(|&(old, since)| {
-            let keep = now.duration_since(since) < SLOT_QUARANTINE;
-            if !keep {
-                pool::free(old);
+        let (expired, kept) = std::mem::take(&mut self.quarantined)
+            .into_iter()
+            .partition(|(_, since)| now.duration_since(*since) >= SLOT_QUARANTINE);
+        self.quarantined = kept;
+        for (old, _) in expired {
+            pool::free(old.slots.slot);
+            if let Some(detour) = old.detour() {
+                pool::free(detour.slot);
             }
-            keep
-        });
-        self.quarantined.push((slot, now));
+        }
+        self.quarantined.push((site, now));
     }
 
-    /// Waits until no thread can hold a pointer handed out by the trap path before now, then
-    /// frees the probe lists retired before it.
-    fn grace_period(&mut self) -> Result<(), ProbeError> {
+    /// Waits until no thread can hold a pointer handed out by the trap path before now, nor
+    /// run the handlers of the site at `site` through its detour, then frees the probe lists
+    /// retired before it.
+    fn grace_period(&mut self, site: Option<u64>) -> Result<(), ProbeError> {
+        if let Some(site) = site {
+            try_sync_core()?;
+            if !thread_slot::wait_while_active(site as usize, QUIESCE_TIMEOUT) {
+                return Err(TextError::StopFailed {
+                    reason: format!(
+                        "a thread stayed inside the handlers of the probe at {site:#x} for {QUIESCE_TIMEOUT:?}"
+                    ),
+                }
+                .into());
+            }
+        }
         stop::synchronize()?;
         for list in self.retired.drain(..) {
             // SAFETY: retired lists were leaked boxes replaced before this grace period.
@@ -361,4 +414,154 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// What one optimization attempt came to.
+enum Attempt {
+    /// Optimized, or nothing to do.
+    Done,
+    /// A thread was in the way; try again shortly.
+    Retry,
+}
+
+impl Registry {
+    /// Tries to optimize every armed site that is not yet optimized. Returns true when some
+    /// site should be tried again shortly.
+    fn optimize_all(&mut self) -> Result<bool, ProbeError> {
+        let addrs: Vec<u64> = self.sites.keys().copied().collect();
+        let mut retry = false;
+        for addr in addrs {
+            retry |= matches!(self.optimize(addr)?, Attempt::Retry);
+        }
+        Ok(retry)
+    }
+
+    /// Replaces the site's int3 by a jump to its detour, preparing the detour first.
+    fn optimize(&mut self, addr: u64) -> Result<Attempt, ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(Attempt::Done) };
+        if !OPTIMIZATION.load(Ordering::Relaxed)
+            || !site.armed.load(Ordering::Relaxed)
+            || site.optimized.load(Ordering::Relaxed)
+            || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        {
+            return Ok(Attempt::Done);
+        }
+        if site.detour().is_none() {
+            let prepared = match site.function {
+                None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
+                Some((start, size)) => {
+                    let function = self.original_bytes(start, size as usize)?;
+                    prepare_detour(site, &function, start)
+                }
+            };
+            match prepared {
+                Ok(detour) => site.set_detour(detour),
+                Err(reason) => {
+                    *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                    return Ok(Attempt::Done);
+                }
+            }
+        }
+        let detour = site.detour().expect("prepared above");
+        // Another site inside the covered bytes keeps this one a breakpoint probe while it
+        // exists (its int3 would be overwritten by the jump).
+        if self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_some() {
+            return Ok(Attempt::Done);
+        }
+        let mut world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let written = write_jump(&mut world, site, detour);
+        if written.is_ok() {
+            site.optimized.store(true, Ordering::Release);
+        }
+        let synced = try_sync_core();
+        drop(world);
+        match written {
+            Ok(()) => synced.map(|()| Attempt::Done).map_err(Into::into),
+            Err(JumpError::Busy) => Ok(Attempt::Retry),
+            Err(JumpError::Text(e)) => {
+                *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                Ok(Attempt::Done)
+            }
+        }
+    }
+
+    /// Puts the int3 back in place of the site's jump (the site stays armed).
+    fn unoptimize(&self, addr: u64) -> Result<(), ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(()) };
+        let Some(detour) = site.detour().filter(|_| site.optimized.load(Ordering::Relaxed)) else {
+            return Ok(());
+        };
+        let world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let removed = remove_jump(site, detour);
+        if removed.is_ok() {
+            site.optimized.store(false, Ordering::Release);
+        }
+        let synced = try_sync_core();
+        drop(world);
+        removed?;
+        synced?;
+        Ok(())
+    }
+
+    /// Unoptimizes any site whose jump covers `addr` past its first byte.
+    fn unoptimize_covering(&self, addr: u64) -> Result<(), ProbeError> {
+        let covering: Vec<u64> = self
+            .sites
+            .range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..addr)
+            .filter(|(_, site)| site.optimized.load(Ordering::Relaxed))
+            .map(|(&a, _)| a)
+            .collect();
+        covering.into_iter().try_for_each(|a| self.unoptimize(a))
+    }
+}
+
+/// Runs the optimizer's pass now (it otherwise runs in the background shortly after a
+/// probe is armed). Returns true when some site should be tried again shortly.
+pub(crate) fn optimize_pending() -> Result<bool, ProbeError> {
+    lock()?.optimize_all()
+}
+
+/// Switches jump optimization on or off for every probe, like the kernel's
+/// `debug.kprobes_optimization` sysctl. Off, every optimized probe becomes a breakpoint
+/// probe again; on, they are optimized again (in the background; see
+/// [`wait_for_optimizer`]).
+///
+/// ```no_run
+/// dynprobe_probe::set_optimization(false)?; // every probe traps from now on
+/// dynprobe_probe::set_optimization(true)?;
+/// dynprobe_probe::wait_for_optimizer()?;    // ... and is optimized again
+/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// ```
+pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
+    let registry = lock()?;
+    OPTIMIZATION.store(on, Ordering::Relaxed);
+    if on {
+        drop(registry);
+        optimizer::kick();
+        return Ok(());
+    }
+    let addrs: Vec<u64> = registry.sites.keys().copied().collect();
+    addrs.into_iter().try_for_each(|addr| registry.unoptimize(addr))
+}
+
+/// Whether jump optimization is on (see [`set_optimization`]).
+pub fn optimization_enabled() -> bool {
+    OPTIMIZATION.load(Ordering::Relaxed)
+}
+
+/// Optimizes every probe that can be, now, instead of waiting for the background
+/// optimizer (the kernel's `wait_for_kprobe_optimizer`). Returns once each armed probe is
+/// optimized or known not to be optimizable (see [`ProbeInfo::not_optimized`]).
+pub fn wait_for_optimizer() -> Result<(), ProbeError> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    while optimize_pending()? {
+        if Instant::now() > deadline {
+            return Err(TextError::StopFailed {
+                reason: format!("a thread stayed inside a probe's breakpoint slot for {QUIESCE_TIMEOUT:?}"),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
 }

@@ -1,11 +1,11 @@
 //! A patch site: one probed address, shared by every probe registered there (the kernel's
 //! aggregate probe), with its original byte and out-of-line code.
 
-use crate::arch::{PreparedSlots, Regs};
+use crate::arch::{PreparedSlots, Regs, SiteDetour};
 use crate::probe::ProbeShared;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The probes of a site. Immutable once published: a change publishes a new list and the
 /// old one is freed after a grace period, so the trap path reads it without a lock.
@@ -21,9 +21,18 @@ pub(crate) struct PatchSite {
     /// `symbol+offset`, or the bare address.
     pub(crate) symbol: String,
     pub(crate) slots: PreparedSlots,
+    /// The containing function's start and size, when known (needed to optimize).
+    pub(crate) function: Option<(u64, u64)>,
     /// True while the `int3` is written; changed only under the registry lock.
     pub(crate) armed: AtomicBool,
+    /// True while the detour jump is written over the `int3` (the probe is optimized).
+    pub(crate) optimized: AtomicBool,
+    /// Why the site cannot be optimized, once that is known for good.
+    pub(crate) not_optimized: Mutex<Option<String>>,
     probes: AtomicPtr<ProbeList>,
+    /// The prepared detour, or null; set once under the registry lock, before the first
+    /// jump is written, and freed with the site.
+    detour: AtomicPtr<SiteDetour>,
 }
 
 // SAFETY: the raw pointers inside (the probe list, post exits' back pointers) point to
@@ -38,6 +47,7 @@ impl PatchSite {
         orig_byte: u8,
         insn_text: String,
         symbol: String,
+        function: Option<(u64, u64)>,
         slots: PreparedSlots,
         probes: ProbeList,
     ) -> Box<PatchSite> {
@@ -47,8 +57,12 @@ impl PatchSite {
             insn_text,
             symbol,
             slots,
+            function,
             armed: AtomicBool::new(false),
+            optimized: AtomicBool::new(false),
+            not_optimized: Mutex::new(None),
             probes: AtomicPtr::new(Box::into_raw(Box::new(probes))),
+            detour: AtomicPtr::new(std::ptr::null_mut()),
         });
         let back: *const PatchSite = &*site;
         if let Ok(exits) = &mut site.slots.post {
@@ -68,6 +82,41 @@ impl PatchSite {
     /// Publishes a new probe list; returns the old one, to be freed after a grace period.
     pub(crate) fn publish(&self, list: ProbeList) -> *mut ProbeList {
         self.probes.swap(Box::into_raw(Box::new(list)), Ordering::AcqRel)
+    }
+
+    /// The prepared detour, if any.
+    pub(crate) fn detour(&self) -> Option<&SiteDetour> {
+        // SAFETY: set once from a leaked Box and freed only when the site is dropped.
+        unsafe { self.detour.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// Installs the prepared detour (once, under the registry lock).
+    pub(crate) fn set_detour(&self, detour: SiteDetour) {
+        let old = self.detour.swap(Box::into_raw(Box::new(detour)), Ordering::AcqRel);
+        assert!(old.is_null(), "a site's detour is prepared once");
+    }
+
+    /// The detour while its jump is written.
+    fn jump_written(&self) -> Option<&SiteDetour> {
+        self.detour().filter(|_| self.optimized.load(Ordering::Acquire))
+    }
+
+    /// Where a thread goes after the pre-handlers when nothing diverted it: while the jump
+    /// is written, the detour's copy of the covered run (the breakpoint slot would jump back
+    /// into the jump's displacement); otherwise the breakpoint slot, which runs only the
+    /// probed instruction, so that a probe on a later covered instruction still fires.
+    ///
+    /// The switch between the two happens with every other thread stopped outside the trap
+    /// handler, and the jump writer moves threads it finds in the slot, so a thread never
+    /// acts on a stale answer.
+    pub(crate) fn resume_after_pre(&self) -> u64 {
+        self.jump_written().map_or(self.slots.boost_ip, SiteDetour::copy_ip)
+    }
+
+    /// `ip` if a thread may continue there, or its place in the detour's copy when `ip` is
+    /// inside the bytes the written jump covers.
+    pub(crate) fn redirect(&self, ip: u64) -> u64 {
+        self.jump_written().and_then(|d| d.redirect(ip)).unwrap_or(ip)
     }
 
     /// True when some probe here is enabled.
@@ -111,6 +160,11 @@ impl Drop for PatchSite {
     fn drop(&mut self) {
         // SAFETY: the registry drops a site only after its last grace period.
         drop(unsafe { Box::from_raw(self.probes.load(Ordering::Acquire)) });
+        let detour = self.detour.load(Ordering::Acquire);
+        if !detour.is_null() {
+            // SAFETY: a leaked Box (set_detour); no thread can be in the detour any more.
+            drop(unsafe { Box::from_raw(detour) });
+        }
     }
 }
 

@@ -11,10 +11,13 @@
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
 use crate::arch::{current_tid, thread_pointer};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// Number of slots: the most threads that can be inside probe machinery at once.
 pub(crate) const MAX_THREADS: usize = 4096;
+/// The `active` mark of handlers that belong to no site.
+pub(crate) const ANY_SITE: usize = 1;
 /// How far past its hash a thread's slot may lie.
 const WINDOW: usize = 16;
 
@@ -27,8 +30,9 @@ pub(crate) struct ThreadSlot {
     /// Bumped each time the slot changes hands, so that per-slot data kept elsewhere (a
     /// return-probe instance stack) can tell it belongs to a previous owner.
     generation: AtomicU32,
-    /// True while the owner runs probe handlers.
-    pub(crate) in_handler: AtomicBool,
+    /// While the owner runs probe handlers: the address of the site whose handlers run
+    /// (or [`ANY_SITE`]); 0 otherwise.
+    pub(crate) active: AtomicUsize,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -36,7 +40,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         owner: AtomicUsize::new(0),
         tid: AtomicI32::new(0),
         generation: AtomicU32::new(0),
-        in_handler: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
     }
 }; MAX_THREADS];
 
@@ -103,7 +107,7 @@ impl ThreadSlot {
     }
 
     fn restart(&self, tid: i32) {
-        self.in_handler.store(false, Ordering::Relaxed);
+        self.active.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
@@ -119,4 +123,20 @@ fn thread_alive(tid: i32) -> bool {
     // SAFETY: signal 0 only checks that the thread exists; raw syscalls are async-signal-safe.
     let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Waits until no thread runs the handlers of the site at `site` — the grace period of the
+/// detour path, whose readers cannot block the stop signal the way the trap path does.
+/// Readers mark themselves with a plain store (no fence on the hot path); the
+/// `membarrier` in [`try_sync_core`](dynprobe_text::sync_core::try_sync_core), which the
+/// caller issues first, orders that store before our scan on every CPU.
+pub(crate) fn wait_while_active(site: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while SLOTS.iter().any(|s| s.active.load(Ordering::Acquire) == site) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    true
 }

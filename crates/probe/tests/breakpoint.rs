@@ -14,10 +14,13 @@ fn target() -> &'static Target {
     TARGET.get_or_init(|| Target::build("first_insns", &[]))
 }
 
-/// Probes patch process-wide code: the tests take turns.
+/// Probes patch process-wide code: the tests take turns. They test breakpoint probes, so
+/// jump optimization (tests/optimized.rs) is switched off.
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    dynprobe_probe::set_optimization(false).expect("switching optimization off");
+    guard
 }
 
 /// Probes `symbol` (a `long f(long)`), calls it with `x`, and checks that the handler saw
@@ -311,7 +314,7 @@ fn post_handler_on_ret_is_refused_but_pre_handler_works() {
 #[test]
 fn probes_on_dynprobe_itself_are_refused() {
     let _serial = serial();
-    let addr = dynprobe_text::trap::install as usize as u64;
+    let addr = dynprobe_text::trap::install as *const () as u64;
     let err = Probe::at(Location::Address(addr)).on_hit(|_| {}).register().unwrap_err();
     assert!(matches!(err, ProbeError::Blacklisted { .. }), "{err:?}");
 }

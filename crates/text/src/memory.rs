@@ -37,10 +37,21 @@ pub fn read_vec(addr: u64, len: usize) -> Result<Vec<u8>, TextError> {
 }
 
 /// Checks that the bytes at `addr` are `expected`.
+///
+/// Does not allocate unless it fails or `expected` is longer than 64 bytes, so it may run
+/// while other threads are held stopped (one of them may hold the allocator's lock).
 pub fn verify(addr: u64, expected: &[u8]) -> Result<(), TextError> {
-    let found = read_vec(addr, expected.len())?;
+    let mut small = [0u8; 64];
+    let mut large = Vec::new();
+    let found = if expected.len() <= small.len() {
+        &mut small[..expected.len()]
+    } else {
+        large.resize(expected.len(), 0);
+        &mut large[..]
+    };
+    read(addr, found)?;
     if found != expected {
-        return Err(TextError::Unexpected { addr, expected: expected.to_vec(), found });
+        return Err(TextError::Unexpected { addr, expected: expected.to_vec(), found: found.to_vec() });
     }
     Ok(())
 }

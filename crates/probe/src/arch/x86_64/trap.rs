@@ -16,7 +16,7 @@ use super::Regs;
 use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
-use dynprobe_arch::native::{build_post_slot, build_slot, INT3};
+use dynprobe_arch::native::{build_post_slot, build_slot, relocate, INT3};
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::trap::TrapContext;
@@ -41,6 +41,9 @@ pub(crate) struct PreparedSlots {
     pub(crate) slot: ExecSlot,
     /// Start of the boosted path.
     pub(crate) boost_ip: u64,
+    /// The boosted path's jump back, and the original address it jumps to.
+    pub(crate) boost_back: u64,
+    pub(crate) boost_resume: u64,
     /// Start of the post path.
     pub(crate) post_ip: u64,
     /// The post path's exits, or why the instruction cannot have a post-handler.
@@ -54,6 +57,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
     let written = (|| {
         let resume = addr + insn.len() as u64;
         let boost = build_slot(insn, addr, slot.addr, resume)?;
+        let boost_back = slot.addr + relocate(insn, addr, slot.addr)?.code.len() as u64;
         write_code(slot.addr, &boost, POST_OFFSET as usize)?;
         let post_ip = slot.addr + POST_OFFSET;
         let post = match build_post_slot(insn, addr, post_ip) {
@@ -68,7 +72,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
             }
             Err(e) => Err(e.to_string()),
         };
-        Ok(PreparedSlots { slot, boost_ip: slot.addr, post_ip, post })
+        Ok(PreparedSlots { slot, boost_ip: slot.addr, boost_back, boost_resume: resume, post_ip, post })
     })();
     if written.is_err() {
         pool::free(slot);
@@ -77,7 +81,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
 }
 
 /// Writes fresh slot code, which must fit in `room` bytes.
-fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
+pub(crate) fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
     assert!(code.len() <= room, "relocated code of {} bytes overflows its {room}-byte slot", code.len());
     write_verified(at, &vec![INT3; code.len()], code)?;
     Ok(())
@@ -88,10 +92,10 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: `data` is the address of the boxed PatchSite registered with this handler;
     // the registry frees a site only after unregistering it and waiting a grace period.
     let site = unsafe { &*(data as *const PatchSite) };
-    let Some(_guard) = HandlerGuard::enter() else {
+    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
         // A hit from inside a handler: counted, not recursed into.
         site.count_missed();
-        ctx.set_ip(site.slots.boost_ip);
+        ctx.set_ip(site.resume_after_pre());
         return;
     };
     let uc = ctx.ucontext();
@@ -101,7 +105,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let diverted = regs.ip != site.addr;
     regs.to_ucontext(uc);
     if !diverted {
-        ctx.set_ip(if wants_post { site.slots.post_ip } else { site.slots.boost_ip });
+        ctx.set_ip(if wants_post { site.slots.post_ip } else { site.resume_after_pre() });
     }
 }
 
@@ -112,14 +116,17 @@ pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let exit = unsafe { &*(data as *const PostExit) };
     // SAFETY: set before the exit was registered; same lifetime argument as above.
     let site = unsafe { &*exit.site };
-    let Some(_guard) = HandlerGuard::enter() else {
+    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
         site.count_missed();
-        ctx.set_ip(exit.resume);
+        ctx.set_ip(site.redirect(exit.resume));
         return;
     };
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
     regs.ip = exit.resume;
     site.run_post_handlers(&mut regs);
+    if regs.ip == exit.resume {
+        regs.ip = site.redirect(exit.resume);
+    }
     regs.to_ucontext(uc);
 }

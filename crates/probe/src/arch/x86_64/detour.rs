@@ -1,0 +1,226 @@
+//! Jump optimization on x86-64 (the kernel's `arch/x86/kernel/kprobes/opt.c`): preparing a
+//! site's detour buffer, writing the `jmp` over the probe point and taking it out again, and
+//! what runs in the detour.
+//!
+//! ```text
+//!   probe point                           detour (within ±2 GiB)
+//!   e9 <rel32> | rest of covered run ...  save registers -> dispatch -> restore
+//!   next insn  <------------------------  copy of the covered run ; jmp back
+//! ```
+//! The jump is written and removed only while every other thread is held stopped, after
+//! moving any thread stopped inside the covered bytes (or in the breakpoint slot, which
+//! jumps back into them) to the matching place of the copy.
+
+use super::trap::write_code;
+use super::Regs;
+use crate::guard::HandlerGuard;
+use crate::site::PatchSite;
+use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, VectorSave, TRAP_OFFSET};
+use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
+use dynprobe_arch::native::{jmp_rel32, INT3};
+use dynprobe_text::pool::{self, ExecSlot};
+use dynprobe_text::stop::StoppedWorld;
+use dynprobe_text::trap::{self, TrapContext};
+use dynprobe_text::{memory, TextError};
+use std::sync::OnceLock;
+
+/// Bytes reserved per detour: the full-state variant's code is about 200 bytes plus the
+/// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
+const DETOUR_SIZE: usize = 512;
+
+/// Most threads one jump write moves out of the covered bytes; more is retried later.
+const MAX_MOVED: usize = 64;
+
+/// A site's prepared detour.
+pub(crate) struct SiteDetour {
+    pub(crate) slot: ExecSlot,
+    pub(crate) run: CoveredRun,
+    /// The original bytes of the covered run.
+    pub(crate) original: Vec<u8>,
+    code: Detour,
+    /// The 5 bytes written over the probe point.
+    jump: [u8; 5],
+}
+
+impl SiteDetour {
+    /// Start of the relocated copy of the covered run.
+    pub(crate) fn copy_ip(&self) -> u64 {
+        self.slot.addr + u64::from(self.code.copy_offset)
+    }
+
+    /// Where a thread that should continue at `ip` goes instead: the copy when `ip` is
+    /// inside the covered bytes past the first (which hold the jump's displacement while
+    /// optimized), `ip` itself otherwise.
+    pub(crate) fn redirect(&self, ip: u64) -> Option<u64> {
+        if !self.run.strictly_inside(ip) {
+            return Some(ip);
+        }
+        self.code.copy_address(self.slot.addr, (ip - self.run.addr) as u32)
+    }
+
+    fn trap_addr(&self) -> u64 {
+        self.slot.addr + TRAP_OFFSET as u64
+    }
+}
+
+/// The vector state saved at a probe point that is not a function entry, or why it cannot
+/// be: the XSAVE components a handler (Rust code, libc's AVX routines) may change.
+fn full_state_save() -> Result<VectorSave, String> {
+    static SAVE: OnceLock<Result<VectorSave, String>> = OnceLock::new();
+    SAVE.get_or_init(|| {
+        use std::arch::x86_64::__cpuid_count;
+        const OSXSAVE: u32 = 1 << 27;
+        // x87, SSE, AVX, AVX-512 opmask / upper ZMM / ZMM16-31.
+        const HANDLER_MAY_CLOBBER: u64 = 0b1110_0111;
+        let features = __cpuid_count(1, 0);
+        if features.ecx & OSXSAVE == 0 {
+            return Err("the processor or kernel does not enable XSAVE, needed to save the vector state".into());
+        }
+        let xcr0: u64;
+        let (lo, hi): (u32, u32);
+        // SAFETY: xgetbv with ecx=0 reads XCR0; it is available because OSXSAVE is set.
+        unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+        xcr0 = u64::from(lo) | (u64::from(hi) << 32);
+        let size = __cpuid_count(0xd, 0).ebx;
+        let compact = __cpuid_count(0xd, 1).eax & 0b10 != 0;
+        Ok(VectorSave::Full { mask: xcr0 & HANDLER_MAY_CLOBBER, size, compact })
+    })
+    .clone()
+}
+
+/// Checks the probe point against its function (`function`, the original bytes from
+/// `start`) and writes its detour. `Err` is the reason it stays a breakpoint probe.
+pub(crate) fn prepare_detour(site: &PatchSite, function: &[u8], start: u64) -> Result<SiteDetour, String> {
+    let run = covered_run(function, start, site.addr).map_err(|e| e.to_string())?;
+    let offset = (site.addr - start) as usize;
+    let original = function[offset..offset + run.len].to_vec();
+    let save = if site.addr == start { VectorSave::EntryArguments } else { full_state_save()? };
+    let slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
+    let built = (|| {
+        let spec = DetourSpec {
+            detour_ip: slot.addr,
+            probe_ip: site.addr,
+            covered: &original,
+            save,
+            dispatch: detour_dispatch as *const () as u64,
+            context: site as *const PatchSite as u64,
+        };
+        let code = build_detour(&spec).map_err(|e| e.to_string())?;
+        let jump = jmp_rel32(site.addr, slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64)
+            .ok_or("the detour is out of rel32 reach")?;
+        if code.code.len() > DETOUR_SIZE {
+            return Err(format!("the detour needs {} bytes, more than its {DETOUR_SIZE}", code.code.len()));
+        }
+        write_code(slot.addr, &code.code, DETOUR_SIZE).map_err(|e| e.to_string())?;
+        let detour = SiteDetour { slot, run, original, code, jump };
+        trap::register_site(detour.trap_addr(), on_detour_trap, site as *const PatchSite as usize)
+            .map_err(|e| e.to_string())?;
+        Ok(detour)
+    })();
+    if built.is_err() {
+        pool::free(slot);
+    }
+    built
+}
+
+/// Gives up the detour's trap ownership (its memory is freed by the caller's quarantine).
+pub(crate) fn disown_detour(detour: &SiteDetour) {
+    trap::unregister_site(detour.trap_addr());
+}
+
+/// Why a jump could not be written now.
+pub(crate) enum JumpError {
+    /// A thread is in the middle of the breakpoint slot's relocated instruction: try again
+    /// once it has moved on.
+    Busy,
+    /// The bytes were not as expected, or could not be written.
+    Text(TextError),
+}
+
+/// Writes the jump over the probe point, whose `int3` is armed. Every other thread must be
+/// held stopped in `world`; those inside the covered bytes, or in the breakpoint slot (which
+/// jumps back into them), are moved to the copy first.
+pub(crate) fn write_jump(world: &mut StoppedWorld, site: &PatchSite, detour: &SiteDetour) -> Result<(), JumpError> {
+    let boost = &site.slots;
+    // No allocation while the other threads are stopped: one of them may hold malloc's lock.
+    let mut moves = [(0i32, 0u64); MAX_MOVED];
+    let mut moved = 0;
+    for thread in world.threads() {
+        let new_ip = if detour.run.strictly_inside(thread.ip) {
+            detour.redirect(thread.ip)
+        } else if thread.ip == boost.boost_ip {
+            Some(detour.copy_ip())
+        } else if thread.ip == boost.boost_back {
+            detour.redirect(boost.boost_resume)
+        } else if thread.ip > boost.boost_ip && thread.ip < boost.boost_back {
+            return Err(JumpError::Busy);
+        } else {
+            continue;
+        };
+        // A thread between two covered instructions' boundaries cannot exist: it would be
+        // inside an instruction.
+        if moved == MAX_MOVED {
+            return Err(JumpError::Busy);
+        }
+        moves[moved] = (thread.tid, new_ip.ok_or(JumpError::Busy)?);
+        moved += 1;
+    }
+    let head = [INT3];
+    memory::write_verified(site.addr + 1, &detour.original[1..5], &detour.jump[1..]).map_err(JumpError::Text)?;
+    if let Err(e) = memory::write_verified(site.addr, &head, &detour.jump[..1]) {
+        let _ = memory::write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5]);
+        return Err(JumpError::Text(e));
+    }
+    for &(tid, ip) in &moves[..moved] {
+        world.set_ip(tid, ip);
+    }
+    Ok(())
+}
+
+/// Puts the `int3` and the original covered bytes back (every other thread held stopped).
+/// A thread inside the detour finishes in its copy, which jumps past the covered run.
+pub(crate) fn remove_jump(site: &PatchSite, detour: &SiteDetour) -> Result<(), TextError> {
+    memory::write_verified(site.addr, &detour.jump[..1], &[INT3])?;
+    memory::write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5])
+}
+
+/// Runs a site's handlers for a thread that came through the detour, with its registers in
+/// `frame`. Returns 0 to continue into the copy of the covered run; 1 when the thread must
+/// take the detour's trap, which loads the whole frame (a new `rip` or `rsp`).
+extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
+    // SAFETY: `site` is the context baked into this site's detour; the registry keeps the
+    // site alive until no thread can be in the detour (see registry::retire_site).
+    let site = unsafe { &*site };
+    // SAFETY: the detour passes its register frame, which is a `Regs` (see the arch layer's
+    // detour layout) on this thread's stack, not aliased while the call runs.
+    let regs = unsafe { &mut *frame };
+    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
+        site.count_missed();
+        return 0;
+    };
+    let rsp = regs.rsp;
+    let wants_post = site.run_pre_handlers(regs);
+    if regs.ip != site.addr {
+        return 1;
+    }
+    if wants_post {
+        regs.ip = site.slots.post_ip;
+        return 1;
+    }
+    if regs.rsp != rsp {
+        regs.ip = site.resume_after_pre();
+        return 1;
+    }
+    0
+}
+
+/// The trap owner of a detour's slow-path `int3`: the thread's `rsp` is at its register
+/// frame, which the handlers have changed; load all of it.
+fn on_detour_trap(_site: usize, ctx: &mut TrapContext<'_>) {
+    let uc = ctx.ucontext();
+    let frame = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as usize as *const Regs;
+    // SAFETY: the detour executes this int3 with rsp at the frame it built (a `Regs`), below
+    // the red zone of the interrupted code and above the signal frame the kernel pushed.
+    let regs = unsafe { frame.read() };
+    regs.to_ucontext(uc);
+}

@@ -1,0 +1,275 @@
+//! Jump-optimized probes on real code: the probe point becomes a `jmp` to a detour buffer.
+
+mod common;
+
+use common::{code, Target};
+use dynprobe_arch::native::decode_function;
+use dynprobe_probe::{sym, Location, Probe, ProbeHandle};
+use dynprobe_symbols::SymbolTable;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+const JMP: u8 = 0xe9;
+const INT3: u8 = 0xcc;
+
+fn target() -> &'static Target {
+    static TARGET: OnceLock<Target> = OnceLock::new();
+    TARGET.get_or_init(|| Target::build("optimize", &[]))
+}
+
+/// Probes patch process-wide code and the switch is process-wide: the tests take turns,
+/// each starting with optimization on.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    dynprobe_probe::set_optimization(true).unwrap();
+    guard
+}
+
+/// Registers `probe` and waits until the optimizer is done with it.
+fn optimized(probe: Probe) -> ProbeHandle {
+    let handle = probe.register().expect("register");
+    dynprobe_probe::wait_for_optimizer().expect("optimizer");
+    handle
+}
+
+#[test]
+fn an_entry_probe_becomes_a_jump_and_runs_its_handler() {
+    let _serial = serial();
+    let t = target();
+    let (f, addr) = (t.func1("opt_push"), t.addr("opt_push"));
+    let before = code(addr, 16);
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = optimized(Probe::at(sym!("opt_push")).on_hit(move |regs| {
+        assert_eq!(regs.ip, addr, "handlers see ip at the probe point");
+        s.store(regs.arg(0), Ordering::SeqCst);
+    }));
+    let info = probe.info();
+    assert!(info.optimized, "{info}");
+    assert!(info.to_string().ends_with("[OPTIMIZED]"), "{info}");
+    assert_eq!(code(addr, 1), [JMP]);
+    assert_eq!(&code(addr, 16)[5..], &before[5..], "only the 5 bytes of the jump change");
+    for i in 0..1000 {
+        assert_eq!(f(i), i + 1);
+    }
+    assert_eq!((probe.hits(), probe.nmissed()), (1000, 0));
+    assert_eq!(seen.load(Ordering::SeqCst), 999);
+    probe.unregister().unwrap();
+    assert_eq!(code(addr, 16), before, "unregister restores every byte");
+    assert_eq!(f(1), 2);
+}
+
+#[test]
+fn handlers_rewrite_arguments_and_divert_on_an_optimized_probe() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_push");
+    let rewrite = optimized(Probe::at(sym!("opt_push")).on_hit(|regs| regs.set_arg(0, 41)));
+    assert!(rewrite.info().optimized);
+    assert_eq!(f(5), 42, "the argument register was restored from the changed frame");
+    rewrite.unregister().unwrap();
+
+    // Diverting to opt_jcc's body skips opt_push entirely: a new rip takes the slow way.
+    let jcc = t.addr("opt_jcc");
+    let divert = optimized(Probe::at(sym!("opt_push")).on_hit(move |regs| regs.ip = jcc));
+    assert!(divert.info().optimized);
+    assert_eq!(f(1), 101);
+    assert_eq!(f(10), 210);
+    assert_eq!(divert.hits(), 2);
+    divert.unregister().unwrap();
+    assert_eq!(f(1), 2);
+}
+
+#[test]
+fn a_post_handler_keeps_working_when_optimized() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_jcc");
+    let jcc = t.addr("opt_jcc") + 4;
+    let after = Arc::new(Mutex::new(Vec::new()));
+    let a = after.clone();
+    let probe = optimized(
+        Probe::at(Location::SymbolOffset("opt_jcc".into(), 4))
+            .on_hit(|_| {})
+            .after_hit(move |regs| a.lock().unwrap().push(regs.ip)),
+    );
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(1), 101);
+    assert_eq!(f(9), 209);
+    // Not taken: the instruction after the jg (jcc + 2); taken: the branch target.
+    assert_eq!(*after.lock().unwrap(), [jcc + 2, jcc + 7]);
+    probe.unregister().unwrap();
+}
+
+#[test]
+fn a_probe_that_fails_a_check_stays_a_working_breakpoint_and_says_why() {
+    let _serial = serial();
+    let t = target();
+    let cases = [("opt_jmp", 0, "follows an unconditional transfer"), ("opt_loop", 0, "jumps to")];
+    for (symbol, offset, why) in cases {
+        let addr = t.addr(symbol) + offset;
+        let probe = optimized(Probe::at(Location::SymbolOffset(symbol.into(), offset)).on_hit(|_| {}));
+        let info = probe.info();
+        assert!(!info.optimized, "{info}");
+        let reason = info.not_optimized.clone().unwrap_or_default();
+        assert!(reason.contains(why), "{symbol}+{offset}: {reason}");
+        assert!(info.to_string().contains("(not optimized: "), "{info}");
+        assert_eq!(code(addr, 1), [INT3]);
+        let f = t.func1(symbol);
+        assert_eq!(f(3), if symbol == "opt_jmp" { 5 } else { 1002 });
+        assert_eq!(probe.hits(), 1);
+        probe.unregister().unwrap();
+    }
+    // Past the loop head, the same function is fine.
+    let probe = optimized(Probe::at(Location::SymbolOffset("opt_loop".into(), 3)).on_hit(|_| {}));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(t.func1("opt_loop")(3), 1002);
+    assert_eq!(probe.hits(), 333);
+}
+
+#[test]
+fn vector_registers_and_flags_survive_a_mid_function_probe_whose_handler_formats() {
+    let _serial = serial();
+    let t = target();
+    // SAFETY: avx_sums(const double *x, long n, double out[8]), n a multiple of 4.
+    let avx_sums: extern "C" fn(*const f64, i64, *mut f64) =
+        unsafe { std::mem::transmute(t.addr("avx_sums") as usize) };
+    let input: Vec<f64> = (0..4096).map(|i| (i as f64).sin() * 1e3 + 1.0 / (i as f64 + 0.5)).collect();
+    let run = || {
+        let mut out = [0f64; 8];
+        avx_sums(input.as_ptr(), input.len() as i64, out.as_mut_ptr());
+        out.map(f64::to_bits)
+    };
+    let expected = run();
+
+    let start = t.addr("avx_sums");
+    let insns = function_insns("avx_sums");
+    let offset_of =
+        |text: &str| insns.iter().find(|i| i.text.starts_with(text)).unwrap_or_else(|| panic!("no {text}")).ip - start;
+    let formatted = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let formatted = formatted.clone();
+        move |regs: &mut dynprobe_probe::Regs| {
+            // Formatting floats and copying with libc's vectorized memcpy: both use the
+            // vector registers the loop keeps its sums in.
+            let text = format!("{regs:?} {:.3} {:e}", regs.rax as f64 * 1.5, (regs.rsi as f64).sqrt());
+            let copy = text.repeat(40).into_bytes().clone();
+            formatted.fetch_add((copy.len() > 0) as u64, Ordering::Relaxed);
+            regs.rflags ^= 0; // the flags are part of the frame, and restored from it
+        }
+    };
+    let vadd =
+        optimized(Probe::at(Location::SymbolOffset("avx_sums".into(), offset_of("vaddpd"))).on_hit(handler.clone()));
+    let jb = optimized(Probe::at(Location::SymbolOffset("avx_sums".into(), offset_of("jb"))).on_hit(handler));
+    assert!(vadd.info().optimized, "{}", vadd.info());
+    assert!(jb.info().optimized, "{}", jb.info());
+    for round in 0..20 {
+        assert_eq!(run(), expected, "round {round}: a probed run differs from the unprobed one");
+    }
+    assert_eq!(vadd.hits(), 20 * 1024);
+    assert_eq!(jb.hits(), 20 * 1024);
+    assert_eq!(formatted.load(Ordering::Relaxed), 2 * 20 * 1024);
+}
+
+/// Every instruction of `symbol`, decoded from its symbol's bounds.
+fn function_insns(symbol: &str) -> Vec<dynprobe_arch::native::Insn> {
+    let table = SymbolTable::current_process().unwrap();
+    let sym = table.lookup(symbol).unwrap();
+    decode_function(&code(sym.addr, sym.size as usize), sym.addr).unwrap()
+}
+
+#[test]
+fn a_probe_on_each_instruction_in_turn_leaves_results_unchanged() {
+    let _serial = serial();
+    let t = target();
+    let mix = t.func1("mix");
+    let inputs: Vec<i64> = (-20..140).chain([1000, 12345, -999]).collect();
+    let expected: Vec<i64> = inputs.iter().map(|&x| mix(x)).collect();
+    let insns = function_insns("mix");
+    let start = insns[0].ip;
+    let mut optimized_count = 0;
+    for insn in &insns {
+        let offset = insn.ip - start;
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let probe = Probe::at(Location::SymbolOffset("mix".into(), offset)).on_hit(move |_| {
+            h.fetch_add(1, Ordering::Relaxed);
+        });
+        let probe = match probe.register() {
+            Ok(p) => p,
+            // The instruction cannot run out of line at all (none in this function should).
+            Err(e) => panic!("mix+{offset:#x} `{}`: {e}", insn.text),
+        };
+        dynprobe_probe::wait_for_optimizer().unwrap();
+        optimized_count += probe.info().optimized as usize;
+        let got: Vec<i64> = inputs.iter().map(|&x| mix(x)).collect();
+        assert_eq!(got, expected, "mix+{offset:#x} `{}` ({})", insn.text, probe.info());
+        assert_eq!(probe.hits(), hits.load(Ordering::Relaxed));
+        probe.unregister().unwrap();
+    }
+    assert!(optimized_count * 2 >= insns.len(), "only {optimized_count} of {} instructions optimized", insns.len());
+}
+
+#[test]
+fn threads_keep_calling_while_optimization_is_switched_on_and_off() {
+    let _serial = serial();
+    let t = target();
+    let hot = t.func1("opt_hot");
+    let probe = optimized(Probe::at(sym!("opt_hot")).on_hit(|regs| regs.rax ^= 0));
+    assert!(probe.info().optimized);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..3)
+        .map(|k| {
+            let (stop, calls) = (stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = (n as i64) * 3 + k;
+                    assert_eq!(hot(x), x * 2 + 1);
+                    n += 1;
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut toggles = 0;
+    while Instant::now() < deadline {
+        dynprobe_probe::set_optimization(false).unwrap();
+        assert!(!probe.info().optimized);
+        assert_eq!(code(t.addr("opt_hot"), 1), [INT3]);
+        dynprobe_probe::set_optimization(true).unwrap();
+        dynprobe_probe::wait_for_optimizer().unwrap();
+        assert!(probe.info().optimized);
+        toggles += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    let stats = probe.unregister().unwrap();
+    assert!(toggles > 10, "only {toggles} toggles");
+    assert_eq!(stats.hits + stats.nmissed, calls.load(Ordering::Relaxed));
+    assert_eq!(stats.nmissed, 0);
+}
+
+#[test]
+fn a_probe_inside_an_optimized_jump_turns_it_back_into_a_breakpoint() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_push");
+    let outer = optimized(Probe::at(sym!("opt_push")).on_hit(|_| {}));
+    assert!(outer.info().optimized);
+    // opt_push+1 (mov %rsp,%rbp) lies under the outer probe's jump.
+    let inner = optimized(Probe::at(Location::SymbolOffset("opt_push".into(), 1)).on_hit(|_| {}));
+    assert!(!outer.info().optimized, "{}", outer.info());
+    assert!(inner.info().optimized, "{}", inner.info());
+    assert_eq!(f(1), 2);
+    assert_eq!((outer.hits(), inner.hits()), (1, 1));
+    inner.unregister().unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert!(outer.info().optimized, "{}", outer.info());
+    assert_eq!(f(1), 2);
+    assert_eq!(outer.hits(), 2);
+}

@@ -1,0 +1,58 @@
+/* Functions for the jump-optimization tests, built by the harness as a shared object
+ * (-O1 -fPIC) and loaded with dlopen. The assembly ones fix the exact instructions a
+ * detour jump covers. */
+#include <stddef.h>
+
+#define FUNC(name, body)                                                   \
+    __asm__(".text\n.globl " #name "\n.type " #name ",@function\n" #name   \
+            ":\n" body "\n.size " #name ",.-" #name "\n");
+
+/* Sums x[i]^2 and x[i] over n doubles (n a multiple of 4) in two ymm accumulators, stored
+ * to out[0..8]. Every ymm register it uses is live across the loop body, and the flags of
+ * the cmp are live at the jb: the probes go on the vaddpd and on the jb. */
+FUNC(avx_sums,
+     "vxorpd %ymm0,%ymm0,%ymm0\n"
+     " vxorpd %ymm1,%ymm1,%ymm1\n"
+     " xor %eax,%eax\n"
+     "1: vmovupd (%rdi,%rax,8),%ymm2\n"
+     " vmulpd %ymm2,%ymm2,%ymm3\n"
+     " vaddpd %ymm3,%ymm0,%ymm0\n"
+     " vaddpd %ymm2,%ymm1,%ymm1\n"
+     " add $4,%rax\n"
+     " cmp %rsi,%rax\n"
+     " jb 1b\n"
+     " vmovupd %ymm0,(%rdx)\n"
+     " vmovupd %ymm1,32(%rdx)\n"
+     " vzeroupper\n"
+     " ret")
+
+/* x + 1 through a frame: push, mov, lea, pop, ret. */
+FUNC(opt_push, "push %rbp\n mov %rsp,%rbp\n lea 1(%rdi),%rax\n pop %rbp\n ret")
+/* x + 2, after a short jmp: the instruction after it is not a fall-through. */
+FUNC(opt_jmp, "jmp 1f\n ud2\n1: lea 2(%rdi),%rax\n ret")
+/* x > 5 ? x + 200 : x + 100, the jcc at +4. */
+FUNC(opt_jcc, "cmp $5,%rdi\n jg 1f\n lea 100(%rdi),%rax\n ret\n1: lea 200(%rdi),%rax\n ret")
+/* A loop whose head is 3 bytes in: a jump there would land inside a jump written at +0. */
+FUNC(opt_loop, "mov %rdi,%rax\n1: add $3,%rax\n cmp $1000,%rax\n jl 1b\n ret")
+
+/* A C function with branches, a loop and a call, for the every-instruction test. */
+__attribute__((noinline)) long mix_helper(long v) { return v * 7 + 3; }
+
+__attribute__((noinline)) long mix(long x) {
+    long acc = x;
+    for (long i = 0; i < (x & 7) + 3; i++) {
+        if (acc & 1)
+            acc = acc * 3 + i;
+        else
+            acc = (acc >> 1) ^ i;
+    }
+    if (x > 100)
+        acc += mix_helper(x);
+    return acc;
+}
+
+/* The hot function of the multi-threaded tests. */
+__attribute__((noinline)) long opt_hot(long x) {
+    __asm__ volatile("" ::: "memory");
+    return x * 2 + 1;
+}
