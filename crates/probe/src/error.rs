@@ -49,6 +49,24 @@ pub enum ProbeError {
     Text(TextError),
     /// A probe was unregistered from inside a handler, which would wait for itself.
     InsideHandler,
+    /// A return probe must be at a function's first instruction, where the return address
+    /// is at `rsp`.
+    ReturnProbeNotAtEntry {
+        /// The function.
+        symbol: String,
+        /// The requested offset.
+        offset: u64,
+    },
+    /// Every return-probe index is in use.
+    TooManyReturnProbes {
+        /// How many return probes may be registered at once.
+        max: usize,
+    },
+    /// The return-probe machinery could not be set up or torn down.
+    ReturnProbeSetup {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ProbeError {
@@ -75,6 +93,15 @@ impl fmt::Display for ProbeError {
                  implementation instead (e.g. `__{symbol}_avx2`, see `nm -D` of the library)"
             ),
             ProbeError::Text(e) => write!(f, "{e}"),
+            ProbeError::ReturnProbeNotAtEntry { symbol, offset } => write!(
+                f,
+                "a return probe goes on a function's entry, not `{symbol}+{offset:#x}`: use `{symbol}` (only at the \
+                 first instruction is the return address where the probe can replace it)"
+            ),
+            ProbeError::TooManyReturnProbes { max } => {
+                write!(f, "{max} return probes are registered already; unregister one first")
+            }
+            ProbeError::ReturnProbeSetup { reason } => write!(f, "return probes: {reason}"),
             ProbeError::InsideHandler => {
                 write!(f, "a probe cannot be unregistered from inside a probe handler (it would wait for itself)")
             }

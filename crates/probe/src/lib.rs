@@ -24,6 +24,7 @@ mod location;
 mod optimizer;
 mod probe;
 mod registry;
+mod retprobe;
 mod site;
 mod thread_slot;
 
@@ -32,6 +33,9 @@ pub use error::ProbeError;
 pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 pub use registry::{list, optimization_enabled, set_optimization, wait_for_optimizer};
+pub use retprobe::{
+    monotonic_ns, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
+};
 
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.

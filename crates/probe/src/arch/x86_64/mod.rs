@@ -2,6 +2,7 @@
 
 mod detour;
 mod regs;
+pub(crate) mod rethook;
 mod thread;
 mod trap;
 

@@ -1,0 +1,310 @@
+//! The return-probe trampoline on x86-64 (the kernel's `kretprobe_trampoline`), its unwind
+//! information, and the filter that keeps it out of backtraces.
+//!
+//! A probed function's return address is replaced by the address of one *sled entry*; there
+//! is one entry per (thread slot, depth) of the instance stacks kept by `retprobe`, so the
+//! entry a function returns into says which instance it is, with no thread lookup:
+//!
+//! ```text
+//!   base - 16   int3 × 16                        covered by the FDE: unwinders look up pc - 1
+//!   base + 8i   e8 <common>    call common       entry i: pushes base + 8i + 5
+//!   base + 8i+5 41 ff e3       jmp  r11          ...and `common` returns here
+//!   base + 8N   common:
+//!               48 83 ec 38        sub    rsp, 56              save area below the pushed address
+//!               48 89 44 24 20     mov    [rsp+32], rax        integer return value
+//!               48 89 54 24 28     mov    [rsp+40], rdx
+//!               0f 29 04 24        movaps [rsp], xmm0          vector/float return value
+//!               0f 29 4c 24 10     movaps [rsp+16], xmm1
+//!               48 8b 7c 24 38     mov    rdi, [rsp+56]        the pushed address: which entry
+//!               48 89 e6           mov    rsi, rsp             the save area
+//!               ff 15 <disp32>     call   [rip + dispatcher]   returns the original return address
+//!               49 89 c3           mov    r11, rax
+//!               0f 28 04 24        movaps xmm0, [rsp]
+//!               0f 28 4c 24 10     movaps xmm1, [rsp+16]
+//!               48 8b 44 24 20     mov    rax, [rsp+32]
+//!               48 8b 54 24 28     mov    rdx, [rsp+40]
+//!               48 83 c4 38        add    rsp, 56
+//!               c3                 ret                         to base + 8i + 5: jmp r11
+//!               <8-byte address of the dispatcher>
+//! ```
+//!
+//! Why this shape:
+//! - At a return the SysV ABI leaves only `rax`, `rdx`, `xmm0`, `xmm1` (and the x87 `st0`,
+//!   `st1`, which nothing here touches) live; `r11` is a scratch register no return value
+//!   uses, so it carries the original return address out.
+//! - `common` leaves through `ret` to the instruction after the entry's `call`, so the CPU's
+//!   return-stack predictor stays balanced: the caller's own `ret` later is still predicted.
+//! - The stack is 16-byte aligned after a return (the entry handler refuses to track a call
+//!   whose return-address slot is misaligned), so the save area can use `movaps` and the
+//!   dispatcher is called on an aligned stack.
+//!
+//! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame`, covers the whole
+//! sled and `common`. Its return-address rule reads the sled address still held in the slot
+//! just below the CFA, turns it into an instance index and loads the original return address
+//! from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
+//! `pthread_cancel` unwind through a probed frame into the real caller. Backtraces would still
+//! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
+//! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
+
+use super::Regs;
+use crate::error::ProbeError;
+use crate::thread_slot::{ThreadSlot, MAX_THREADS};
+use crate::Probe;
+use dynprobe_arch::native::INT3;
+use dynprobe_text::memory::write_verified;
+use dynprobe_text::pool;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes per sled entry (`call common; jmp r11`).
+pub(crate) const ENTRY_SIZE: u64 = 8;
+/// `int3` bytes before the first entry, so that `pc - 1` of the first entry is covered.
+const LEAD: u64 = 16;
+/// Offset of the dispatcher's address from the start of `common`.
+const COMMON_LEN: usize = 64;
+
+/// Start of the sled (entry 0); 0 until [`install`] ran.
+static SLED: AtomicU64 = AtomicU64::new(0);
+/// Number of sled entries.
+static ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// What `common` saved: the live return registers, and the address its entry's `call`
+/// pushed.
+#[repr(C)]
+pub(crate) struct SaveArea {
+    xmm0: [u64; 2],
+    xmm1: [u64; 2],
+    rax: u64,
+    rdx: u64,
+    _pad: u64,
+    after_call: u64,
+}
+
+/// The return side of the generic return-probe logic: gets the instance index and the
+/// registers (rax, rdx, rsp, ip = original return address), returns where to continue.
+pub(crate) type ReturnDispatch = fn(index: usize, regs: &mut Regs) -> u64;
+
+/// The generic dispatcher, set by [`install`].
+static DISPATCH: AtomicU64 = AtomicU64::new(0);
+
+/// The address a probed function must return to for instance `index`.
+#[inline(always)]
+pub(crate) fn entry(index: usize) -> u64 {
+    SLED.load(Ordering::Relaxed) + index as u64 * ENTRY_SIZE
+}
+
+/// True when `addr` is the sled entry of instance `index`, before (`entry`) or just after
+/// (`entry + 5`, pushed by its `call` while `common` runs) the probed function returned.
+#[inline(always)]
+pub(crate) fn is_entry_of(addr: u64, index: usize) -> bool {
+    let e = entry(index);
+    addr == e || addr == e + 5
+}
+
+/// True when `ip` lies in the trampoline.
+pub(crate) fn contains(ip: u64) -> bool {
+    let sled = SLED.load(Ordering::Relaxed);
+    sled != 0 && ip.wrapping_sub(sled - LEAD) < LEAD + ENTRIES.load(Ordering::Relaxed) * ENTRY_SIZE + COMMON_LEN as u64
+}
+
+/// Writes the trampoline for `entries` instances and registers its unwind information.
+/// `table` is the address of the instance table: instance `i`'s original return address is
+/// the `u64` at `table + i * stride`. Called once, before any return probe can fire.
+pub(crate) fn install(entries: usize, table: u64, stride: u64, dispatch: ReturnDispatch) -> Result<(), ProbeError> {
+    DISPATCH.store(dispatch as usize as u64, Ordering::Relaxed);
+    let size = LEAD as usize + entries * ENTRY_SIZE as usize + COMMON_LEN + 8;
+    let slot = pool::alloc_near(trampoline_dispatch as *const () as u64, size)?;
+    let sled = slot.addr + LEAD;
+    let common = sled + entries as u64 * ENTRY_SIZE;
+    let code = trampoline_code(sled, entries, common);
+    write_verified(sled, &vec![INT3; code.len()], &code)?;
+
+    let eh_frame = eh_frame(slot.addr, common + COMMON_LEN as u64, sled, common, table, stride);
+    // The unwinder keeps a pointer to the section for the rest of the process's life.
+    let eh_frame: &'static [u8] = Vec::leak(eh_frame);
+    // SAFETY: `eh_frame` is a well-formed .eh_frame section (one CIE, one FDE, a zero
+    // terminator) that is never freed; libgcc copies nothing and only reads it.
+    unsafe { __register_frame(eh_frame.as_ptr()) };
+
+    ENTRIES.store(entries as u64, Ordering::Relaxed);
+    SLED.store(sled, Ordering::Release);
+    Ok(())
+}
+
+/// The sled, `common` and the dispatcher's address, as laid out in the module comment.
+fn trampoline_code(sled: u64, entries: usize, common: u64) -> Vec<u8> {
+    let mut code = Vec::with_capacity(entries * ENTRY_SIZE as usize + COMMON_LEN + 8);
+    for i in 0..entries as u64 {
+        let after_call = sled + i * ENTRY_SIZE + 5;
+        code.push(0xe8);
+        code.extend_from_slice(&((common as i64 - after_call as i64) as i32).to_le_bytes());
+        code.extend_from_slice(&[0x41, 0xff, 0xe3]);
+    }
+    #[rustfmt::skip]
+    let common_code: [u8; COMMON_LEN] = [
+        0x48, 0x83, 0xec, 0x38,             // sub    rsp, 56
+        0x48, 0x89, 0x44, 0x24, 0x20,       // mov    [rsp+32], rax
+        0x48, 0x89, 0x54, 0x24, 0x28,       // mov    [rsp+40], rdx
+        0x0f, 0x29, 0x04, 0x24,             // movaps [rsp], xmm0
+        0x0f, 0x29, 0x4c, 0x24, 0x10,       // movaps [rsp+16], xmm1
+        0x48, 0x8b, 0x7c, 0x24, 0x38,       // mov    rdi, [rsp+56]
+        0x48, 0x89, 0xe6,                   // mov    rsi, rsp
+        0xff, 0x15, 0x1b, 0x00, 0x00, 0x00, // call   [rip + 27]: the address after `ret`
+        0x49, 0x89, 0xc3,                   // mov    r11, rax
+        0x0f, 0x28, 0x04, 0x24,             // movaps xmm0, [rsp]
+        0x0f, 0x28, 0x4c, 0x24, 0x10,       // movaps xmm1, [rsp+16]
+        0x48, 0x8b, 0x44, 0x24, 0x20,       // mov    rax, [rsp+32]
+        0x48, 0x8b, 0x54, 0x24, 0x28,       // mov    rdx, [rsp+40]
+        0x48, 0x83, 0xc4, 0x38,             // add    rsp, 56
+        0xc3,                               // ret
+    ];
+    code.extend_from_slice(&common_code);
+    code.extend_from_slice(&(trampoline_dispatch as *const () as u64).to_le_bytes());
+    code
+}
+
+/// Offsets in `common` where the CFA rule changes: after the `call` into `common` the CFA is
+/// rsp + 8; after `sub rsp, 56` it is rsp + 64; after `add rsp, 56` rsp + 8 again.
+const AFTER_SUB: u8 = 4;
+const AFTER_ADD: u8 = 63;
+
+/// One CIE and one FDE covering `[start, end)`, then the zero terminator. The return address
+/// (column 16) is `*(table + ((*(CFA - 8) - sled) >> 3) * stride)`: the slot just below the
+/// CFA holds the sled entry's address (before the return) or the address its `call` pushed
+/// (after it), and both shift to the entry's index.
+fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u64) -> Vec<u8> {
+    const DW_CFA_DEF_CFA: u8 = 0x0c;
+    const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
+    const DW_CFA_VAL_EXPRESSION: u8 = 0x16;
+    const DW_CFA_ADVANCE_LOC: u8 = 0x40;
+    const DW_CFA_ADVANCE_LOC4: u8 = 0x04;
+    const RSP: u8 = 7;
+    const RA: u8 = 16;
+
+    let mut out = Vec::new();
+    // CIE: version 1, "zR", code alignment 1, data alignment -8, RA column 16, absolute
+    // pointers; CFA = rsp + 8 as for any call (every FDE rule below overrides it).
+    let cie = [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 8]].concat();
+    push_entry(&mut out, 0, &cie);
+
+    let mut expr = vec![0x38, 0x1c, 0x06]; // lit8, minus, deref: *(CFA - 8)
+    expr.push(0x0e); // const8u sled
+    expr.extend_from_slice(&sled.to_le_bytes());
+    expr.extend_from_slice(&[0x1c, 0x33, 0x25]); // minus, lit3, shr: the index
+    expr.push(0x0e); // const8u stride
+    expr.extend_from_slice(&stride.to_le_bytes());
+    expr.push(0x1e); // mul
+    expr.push(0x0e); // const8u table
+    expr.extend_from_slice(&table.to_le_bytes());
+    expr.extend_from_slice(&[0x22, 0x06]); // plus, deref
+
+    let mut fde = Vec::new();
+    fde.extend_from_slice(&start.to_le_bytes());
+    fde.extend_from_slice(&(end - start).to_le_bytes());
+    fde.push(0); // no augmentation data
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 0]); // in the sled: CFA = rsp
+    fde.extend_from_slice(&[DW_CFA_VAL_EXPRESSION, RA, expr.len() as u8]);
+    fde.extend_from_slice(&expr);
+    fde.push(DW_CFA_ADVANCE_LOC4);
+    fde.extend_from_slice(&((common - start) as u32).to_le_bytes());
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 8]);
+    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | AFTER_SUB, DW_CFA_DEF_CFA_OFFSET, 64]);
+    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | (AFTER_ADD - AFTER_SUB), DW_CFA_DEF_CFA_OFFSET, 8]);
+    let cie_pointer = out.len() as u32 + 4; // from the FDE's CIE-pointer field back to offset 0
+    push_entry(&mut out, cie_pointer, &fde);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out
+}
+
+/// Appends one CIE/FDE: length, id (0 for a CIE, else the CIE pointer), body, `DW_CFA_nop`
+/// padding to 8 bytes.
+fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
+    let len = (4 + body.len()).next_multiple_of(8);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(body);
+    out.resize(out.len() + len - 4 - body.len(), 0);
+}
+
+/// Called by `common` with the address its entry pushed and the save area; returns the
+/// original return address. Never unwinds (handlers' panics are contained by `retprobe`).
+extern "C" fn trampoline_dispatch(after_call: u64, save: *mut SaveArea) -> u64 {
+    // SAFETY: `common` passes its own stack save area, live for the whole call.
+    let save = unsafe { &mut *save };
+    let index = ((after_call - SLED.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
+    let mut regs = Regs { rax: save.rax, rdx: save.rdx, rsp: save as *const SaveArea as u64 + 64, ..Regs::default() };
+    // SAFETY: DISPATCH was set to a `ReturnDispatch` before the sled was published.
+    let dispatch: ReturnDispatch = unsafe { std::mem::transmute(DISPATCH.load(Ordering::Relaxed) as usize) };
+    let ret = dispatch(index, &mut regs);
+    save.rax = regs.rax;
+    save.rdx = regs.rdx;
+    ret
+}
+
+extern "C" {
+    /// libgcc's registration of a run-time `.eh_frame` section.
+    fn __register_frame(begin: *const u8);
+    /// libgcc: the instruction pointer of an unwind context.
+    fn _Unwind_GetIP(ctx: *mut libc::c_void) -> usize;
+}
+
+/// An `_Unwind_Trace_Fn`.
+type TraceFn = extern "C" fn(ctx: *mut libc::c_void, arg: *mut libc::c_void) -> libc::c_int;
+/// `_URC_NO_REASON`: go on to the next frame.
+const URC_NO_REASON: libc::c_int = 0;
+
+/// Backtraces in flight per thread (nested ones: a backtrace from a signal handler that
+/// interrupted one).
+const RING: usize = 8;
+
+/// One intercepted `_Unwind_Backtrace` call: the caller's callback and its argument.
+#[repr(C)]
+struct TraceRecord {
+    trace: AtomicU64,
+    arg: AtomicU64,
+}
+
+static RECORDS: [[TraceRecord; RING]; MAX_THREADS] =
+    [const { [const { TraceRecord { trace: AtomicU64::new(0), arg: AtomicU64::new(0) } }; RING] }; MAX_THREADS];
+/// Each thread's next ring position; written only by its owner.
+static NEXT_RECORD: [AtomicU64; MAX_THREADS] = [const { AtomicU64::new(0) }; MAX_THREADS];
+
+/// Places a probe on libgcc's `_Unwind_Backtrace` that hides sled frames from every
+/// backtrace: its pre-handler swaps the (callback, argument) pair for [`skip_sled_frames`]
+/// and a per-thread record of the pair. Kept for the life of the process.
+pub(crate) fn hide_from_backtraces() -> Result<(), ProbeError> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+    let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_Unwind_Backtrace".as_ptr()) } as u64;
+    if addr == 0 {
+        // No libgcc unwinder in the process: no backtrace can meet the sled.
+        return Ok(());
+    }
+    Probe::at(addr).on_hit(redirect_backtrace).register()?.leak();
+    Ok(())
+}
+
+/// Pre-handler at `_Unwind_Backtrace(trace, arg)`.
+fn redirect_backtrace(regs: &mut Regs) {
+    let Some((slot, _)) = ThreadSlot::current() else { return };
+    let n = NEXT_RECORD[slot].load(Ordering::Relaxed);
+    NEXT_RECORD[slot].store(n.wrapping_add(1), Ordering::Relaxed);
+    let record = &RECORDS[slot][n as usize % RING];
+    record.trace.store(regs.rdi, Ordering::Relaxed);
+    record.arg.store(regs.rsi, Ordering::Relaxed);
+    regs.rdi = skip_sled_frames as *const () as u64;
+    regs.rsi = record as *const TraceRecord as u64;
+}
+
+/// The callback `_Unwind_Backtrace` now calls: forwards every frame but the sled's.
+extern "C" fn skip_sled_frames(ctx: *mut libc::c_void, record: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `ctx` is the live unwind context `_Unwind_Backtrace` passes its callback.
+    let ip = unsafe { _Unwind_GetIP(ctx) } as u64;
+    if contains(ip) {
+        return URC_NO_REASON;
+    }
+    // SAFETY: `record` is the RECORDS entry `redirect_backtrace` passed as the argument.
+    let record = unsafe { &*(record as *const TraceRecord) };
+    let trace = record.trace.load(Ordering::Relaxed);
+    // SAFETY: the record holds the `_Unwind_Trace_Fn` the caller passed.
+    let trace: TraceFn = unsafe { std::mem::transmute(trace as usize) };
+    trace(ctx, record.arg.load(Ordering::Relaxed) as *mut libc::c_void)
+}

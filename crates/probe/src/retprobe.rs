@@ -1,0 +1,635 @@
+//! Return probes (the kernel's kretprobes): an entry handler when a function is called, a
+//! return handler when that call returns, and a per-call data area between the two.
+//!
+//! A return probe is an ordinary [`Probe`] at the function's entry whose pre-handler takes an
+//! *instance* from the calling thread's instance stack, records the original return address
+//! and the address of the return-address slot there, and replaces the return address with
+//! the trampoline entry of that instance (`arch::rethook`). Instances belong to the thread,
+//! as in the kretprobe redesign, and each (thread slot, depth) has its own trampoline entry,
+//! so the return path knows its instance from the address it was entered at: no lookup, no
+//! lock, no allocation, no atomic read-modify-write besides the statistics counters.
+//!
+//! ```text
+//!   STACKS[slot]   top ─┐            instance table (one mmap, never freed)
+//!                       ▼            [slot * MAX_DEPTH + depth] = { original return address,
+//!   depth 0 1 2 3 ...                   return-address slot, probe index, probe id, data }
+//! ```
+//!
+//! Calls that never return normally leave stale instances. A stale one is dropped when a later
+//! return goes through an instance below it (everything pushed after a returning call is
+//! abandoned), and when a later entry finds it at or below its own stack pointer with its
+//! slot no longer holding its trampoline entry (a `longjmp` or an exception left it; the value
+//! check keeps instances of a thread's other stack, a `sigaltstack`, alive). A thread that
+//! exits inside a probed function leaves its instances to its slot's next owner, which starts
+//! afresh (the slot's generation changed). The trampoline entries never go away, and an
+//! instance names its probe by index and id, so a return after the probe was unregistered
+//! still reaches the right caller and finds no handler.
+
+use crate::arch::{rethook, thread_pointer, Regs};
+use crate::guard::HandlerGuard;
+use crate::thread_slot::{ThreadSlot, MAX_THREADS};
+use crate::{Location, Probe, ProbeError, ProbeHandle, ProbeInfo};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{compiler_fence, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Words in an instance's data area.
+pub const DATA_WORDS: usize = 8;
+/// Return-probe instances a thread can have in flight at once, over all return probes
+/// (nesting depth of probed calls); deeper calls are counted in `nmissed`.
+pub const MAX_DEPTH: usize = 128;
+/// The default [`ReturnProbe::maxactive`].
+pub const DEFAULT_MAXACTIVE: usize = 64;
+/// Return probes registered at once.
+const MAX_RETURN_PROBES: usize = 256;
+/// How long unregistering waits for a thread to leave the probe's return handler.
+const HANDLER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The per-call data area: filled by the entry handler, read by the return handler (an entry
+/// timestamp, the arguments, …). Zeroed before the entry handler runs.
+///
+/// ```
+/// # use dynprobe_probe::InstanceData;
+/// let mut data = InstanceData::default();
+/// data[0] = 42;
+/// assert_eq!(data[0], 42);
+/// assert_eq!(data.len(), dynprobe_probe::DATA_WORDS);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct InstanceData(pub [u64; DATA_WORDS]);
+
+impl Deref for InstanceData {
+    type Target = [u64; DATA_WORDS];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for InstanceData {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: a vDSO call, safe in any handler (no lock, no
+/// allocation) — for timing a call from its entry to its return.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An entry handler: may read and change the argument registers and fill the data area;
+/// returns false to not track this call (no return handler runs for it).
+type EntryHandler = Box<dyn Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sync + 'static>;
+/// A return handler: sees `rax`, `rdx` (the return value), `rsp` and `ip` (the address the
+/// function returns to), may change `rax`, `rdx` and `ip`.
+type ReturnHandler = Box<dyn Fn(&mut Regs, &InstanceData) + Send + Sync + 'static>;
+
+/// State shared between a [`ReturnProbeHandle`], its entry probe's handler and the return
+/// path (through [`PROBES`]).
+struct RpShared {
+    /// Index in [`PROBES`] and in the per-thread counts.
+    index: u32,
+    /// Unique over the process's life: an instance of a probe whose index was reused by a
+    /// newer probe is told apart by it.
+    id: u32,
+    maxactive: u8,
+    entry: Option<EntryHandler>,
+    ret: Option<ReturnHandler>,
+    hits: AtomicU64,
+    returns: AtomicU64,
+    nmissed: AtomicU64,
+}
+
+impl RpShared {
+    #[cold]
+    fn miss(&self) {
+        self.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One call in flight. `orig` must stay first: the trampoline's unwind rule reads it at
+/// `table + index * size_of::<Instance>()`.
+#[repr(C)]
+struct Instance {
+    /// The original return address.
+    orig: u64,
+    /// Where the return address lives (`rsp` at the function's entry).
+    slot_addr: u64,
+    probe: u32,
+    id: u32,
+    _pad: u64,
+    data: InstanceData,
+}
+
+/// A thread slot's instance stack header. Written only by the slot's owner thread (plain
+/// loads and stores through atomics), except `dispatching`, which unregistering reads.
+struct SlotStack {
+    /// The [`ThreadSlot`] generation the stack belongs to.
+    generation: AtomicU32,
+    /// Instances in use: `[0, top)`.
+    top: AtomicU32,
+    /// `probe index + 1` while the owner may be running that probe's return handler, else 0.
+    dispatching: AtomicU32,
+    /// The owner's thread pointer and process id when the stack was last (re)started: a
+    /// forked child's thread has the parent thread's pointer and its stack, and so keeps
+    /// its instances.
+    owner_tp: AtomicUsize,
+    pid: AtomicI32,
+}
+
+static STACKS: [SlotStack; MAX_THREADS] = [const {
+    SlotStack {
+        generation: AtomicU32::new(0),
+        top: AtomicU32::new(0),
+        dispatching: AtomicU32::new(0),
+        owner_tp: AtomicUsize::new(0),
+        pid: AtomicI32::new(0),
+    }
+}; MAX_THREADS];
+
+/// Per thread slot and probe index: instances of that probe in the slot's stack (for
+/// `maxactive`). Owner-written only.
+static COUNTS: [[AtomicU8; MAX_RETURN_PROBES]; MAX_THREADS] =
+    [const { [const { AtomicU8::new(0) }; MAX_RETURN_PROBES] }; MAX_THREADS];
+
+/// The registered return probes by index; null when free. A pointer is an `Arc` owned by
+/// the table, released only once no thread can be running its return handler.
+static PROBES: [AtomicPtr<RpShared>; MAX_RETURN_PROBES] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_RETURN_PROBES];
+
+/// The instance table: `MAX_THREADS * MAX_DEPTH` instances, mapped at the first
+/// registration and never unmapped (a late return may still read it).
+static INSTANCES: AtomicPtr<Instance> = AtomicPtr::new(std::ptr::null_mut());
+
+#[inline(always)]
+fn instance(index: usize) -> *mut Instance {
+    debug_assert!(index < MAX_THREADS * MAX_DEPTH);
+    // SAFETY: the table holds MAX_THREADS * MAX_DEPTH instances and every caller computes
+    // `index` as slot * MAX_DEPTH + depth with both in range.
+    unsafe { INSTANCES.load(Ordering::Relaxed).add(index) }
+}
+
+#[inline(always)]
+fn count(slot: usize, probe: u32) -> &'static AtomicU8 {
+    &COUNTS[slot][probe as usize]
+}
+
+/// Adds `delta` to a count only the calling thread writes (no read-modify-write needed).
+#[inline(always)]
+fn bump(counter: &AtomicU8, delta: i8) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+}
+
+/// Reads the word at a return-address slot.
+#[inline(always)]
+fn read_slot(addr: u64) -> u64 {
+    // SAFETY: `addr` is a return-address slot recorded by an entry of this thread: on its
+    // stack (or alternate signal stack), which stays mapped while the thread lives.
+    unsafe { std::ptr::read_volatile(addr as *const u64) }
+}
+
+impl SlotStack {
+    /// Makes the stack the current owner's: emptied for a new thread, kept for the thread
+    /// of a forked child (its stack still has the parent thread's probed frames on it).
+    #[cold]
+    fn restart(&self, slot: usize, generation: u32) {
+        let tp = thread_pointer();
+        // SAFETY: getpid has no arguments and cannot fail.
+        let pid = unsafe { libc::getpid() };
+        let forked = self.owner_tp.load(Ordering::Relaxed) == tp && self.pid.load(Ordering::Relaxed) != pid;
+        if !forked {
+            self.top.store(0, Ordering::Relaxed);
+            COUNTS[slot].iter().for_each(|c| c.store(0, Ordering::Relaxed));
+        }
+        self.owner_tp.store(tp, Ordering::Relaxed);
+        self.pid.store(pid, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+}
+
+/// The entry probe's pre-handler: takes an instance and diverts the return address.
+/// Runs with the thread's handler guard held (by the probe site), in a signal handler or a
+/// detour.
+fn on_entry(rp: &RpShared, regs: &mut Regs) {
+    let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
+    let rsp = regs.rsp;
+    if (rsp + 8) % 16 != 0 {
+        // Not entered by an ABI-conforming call: the trampoline relies on an aligned stack.
+        return rp.miss();
+    }
+    let stack = &STACKS[slot];
+    if stack.generation.load(Ordering::Relaxed) != thread.generation() {
+        stack.restart(slot, thread.generation());
+    }
+    let base = slot * MAX_DEPTH;
+    let mut top = stack.top.load(Ordering::Relaxed) as usize;
+    while top > 0 {
+        // SAFETY: instances below `top` were written by this thread.
+        let below = unsafe { &*instance(base + top - 1) };
+        if below.slot_addr > rsp || rethook::is_entry_of(read_slot(below.slot_addr), base + top - 1) {
+            break;
+        }
+        // At or below our own slot and no longer diverted: its call was abandoned.
+        bump(count(slot, below.probe), -1);
+        top -= 1;
+    }
+    stack.top.store(top as u32, Ordering::Relaxed);
+    if top == MAX_DEPTH || count(slot, rp.index).load(Ordering::Relaxed) >= rp.maxactive {
+        return rp.miss();
+    }
+
+    // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
+    let inst = unsafe { &mut *instance(base + top) };
+    inst.data = InstanceData::default();
+    if let Some(entry) = &rp.entry {
+        if !entry(regs, &mut inst.data) || regs.rsp != rsp {
+            return;
+        }
+    }
+    let current = read_slot(rsp);
+    // Another return probe on this same call came first: its instance holds the original
+    // return address, and ours will run its handler too (see `on_return`).
+    // SAFETY: as above, an instance of this thread below `top`.
+    let shared = top > 0
+        && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
+        && rethook::is_entry_of(current, base + top - 1);
+    // SAFETY: as above.
+    inst.orig = if shared { unsafe { (*instance(base + top - 1)).orig } } else { current };
+    inst.slot_addr = rsp;
+    inst.probe = rp.index;
+    inst.id = rp.id;
+    bump(count(slot, rp.index), 1);
+    stack.top.store(top as u32 + 1, Ordering::Relaxed);
+    // The instance is complete before the function can return into its entry.
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: `rsp` at a function entry points at the return address pushed by its call.
+    unsafe { std::ptr::write_volatile(rsp as *mut u64, rethook::entry(base + top)) };
+    rp.hits.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The return path, called by the trampoline with the index of the instance whose entry the
+/// function returned into and the return registers; returns where execution continues.
+fn on_return(index: usize, regs: &mut Regs) -> u64 {
+    let guard = HandlerGuard::enter();
+    let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
+    let base = slot * MAX_DEPTH;
+    let stack = &STACKS[slot];
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    let returning = unsafe { &*instance(index) };
+    regs.ip = returning.orig;
+    let top = stack.top.load(Ordering::Relaxed) as usize;
+    if top <= depth || returning.slot_addr + 8 != regs.rsp {
+        // Dropped already (cannot happen for a call that returns normally): the original
+        // return address is still right.
+        return regs.ip;
+    }
+    for k in depth + 1..top {
+        // Pushed after the returning call and never returned: abandoned.
+        // SAFETY: an instance of this thread below `top`.
+        bump(count(slot, unsafe { (*instance(base + k)).probe }), -1);
+    }
+    let mut k = depth + 1;
+    // SAFETY: instances of this thread below `top`.
+    while k > 0 && unsafe { (*instance(base + k - 1)).slot_addr } == returning.slot_addr {
+        k -= 1;
+        // SAFETY: as above.
+        let inst = unsafe { &*instance(base + k) };
+        if guard.is_some() {
+            run_return_handler(stack, inst, regs);
+        }
+        bump(count(slot, inst.probe), -1);
+    }
+    let ip = regs.ip;
+    // Everything needed was read before the instances are given back.
+    compiler_fence(Ordering::SeqCst);
+    stack.top.store(k as u32, Ordering::Release);
+    ip
+}
+
+#[inline]
+fn run_return_handler(stack: &SlotStack, inst: &Instance, regs: &mut Regs) {
+    stack.dispatching.store(inst.probe + 1, Ordering::Relaxed);
+    // Unregistering clears the table entry, then waits out a stop of every thread, then
+    // waits for `dispatching`: this store is ordered before the load below by program
+    // order on this thread, and the stop's signal delivery publishes it.
+    compiler_fence(Ordering::SeqCst);
+    let rp = PROBES[inst.probe as usize].load(Ordering::Acquire);
+    if !rp.is_null() {
+        // SAFETY: non-null entries are live Arcs; unregistering frees one only after it
+        // saw `dispatching` clear of its index.
+        let rp = unsafe { &*rp };
+        if rp.id == inst.id {
+            rp.returns.fetch_add(1, Ordering::Relaxed);
+            if let Some(handler) = &rp.ret {
+                // A panic must not unwind into the trampoline: contained here.
+                let _ = catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data)));
+            }
+        }
+    }
+    stack.dispatching.store(0, Ordering::Release);
+}
+
+/// Registration state; never touched by the hit paths.
+struct Setup {
+    /// The instance table is mapped and the trampoline written.
+    trampoline: bool,
+    /// Backtraces skip the trampoline.
+    filter: bool,
+    next_id: u32,
+    next_index: usize,
+}
+
+static SETUP: Mutex<Setup> = Mutex::new(Setup { trampoline: false, filter: false, next_id: 1, next_index: 0 });
+
+fn setup() -> Result<MutexGuard<'static, Setup>, ProbeError> {
+    if HandlerGuard::current_thread_inside() {
+        return Err(ProbeError::InsideHandler);
+    }
+    Ok(SETUP.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+impl Setup {
+    /// Maps the instance table, writes the trampoline and hides it from backtraces, once.
+    fn install(&mut self) -> Result<(), ProbeError> {
+        if !self.trampoline {
+            let bytes = MAX_THREADS * MAX_DEPTH * std::mem::size_of::<Instance>();
+            // SAFETY: an anonymous private mapping at an address of the kernel's choice.
+            let table = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if table == libc::MAP_FAILED {
+                let reason = format!("cannot map the instance table: {}", std::io::Error::last_os_error());
+                return Err(ProbeError::ReturnProbeSetup { reason });
+            }
+            INSTANCES.store(table.cast(), Ordering::Release);
+            let stride = std::mem::size_of::<Instance>() as u64;
+            rethook::install(MAX_THREADS * MAX_DEPTH, table as u64, stride, on_return)?;
+            self.trampoline = true;
+        }
+        if !self.filter {
+            rethook::hide_from_backtraces()?;
+            self.filter = true;
+        }
+        Ok(())
+    }
+
+    /// A free probe index, handed out round-robin so that a freed index (whose stale
+    /// instances may still count against `maxactive`) is reused last.
+    fn free_index(&mut self) -> Result<u32, ProbeError> {
+        let found = (0..MAX_RETURN_PROBES)
+            .map(|i| (self.next_index + i) % MAX_RETURN_PROBES)
+            .find(|&i| PROBES[i].load(Ordering::Relaxed).is_null())
+            .ok_or(ProbeError::TooManyReturnProbes { max: MAX_RETURN_PROBES })?;
+        self.next_index = found + 1;
+        Ok(found as u32)
+    }
+}
+
+/// A return probe to be registered (the kernel's `kretprobe`): where, how many calls per
+/// thread it tracks at once, and what runs at entry and at return.
+///
+/// ```no_run
+/// use dynprobe_probe::{monotonic_ns, sym, ReturnProbe};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
+/// let probe = ReturnProbe::at(sym!("work"))
+///     .on_entry(|_regs, data| {
+///         data[0] = monotonic_ns();
+///         true // track this call
+///     })
+///     .on_return(|regs, data| {
+///         TOTAL_NS.fetch_add(monotonic_ns() - data[0], Ordering::Relaxed);
+///         let _result = regs.retval();
+///     })
+///     .register()?;
+/// // ... the program runs ...
+/// let stats = probe.unregister()?;
+/// println!("{} calls, {} ns, {} missed", stats.hits, TOTAL_NS.load(Ordering::Relaxed), stats.nmissed);
+/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// ```
+pub struct ReturnProbe {
+    location: Location,
+    maxactive: usize,
+    entry: Option<EntryHandler>,
+    ret: Option<ReturnHandler>,
+    enabled: bool,
+}
+
+impl ReturnProbe {
+    /// A return probe on the function at `location` (a symbol, `symbol+0`, or the address of
+    /// a function's first instruction).
+    pub fn at(location: impl Into<Location>) -> ReturnProbe {
+        ReturnProbe { location: location.into(), maxactive: DEFAULT_MAXACTIVE, entry: None, ret: None, enabled: true }
+    }
+
+    /// The most calls of this function one thread may have in flight with their return
+    /// tracked (recursion); a call beyond it runs untracked and counts in `nmissed`. At most
+    /// [`MAX_DEPTH`]; default [`DEFAULT_MAXACTIVE`].
+    pub fn maxactive(mut self, n: usize) -> ReturnProbe {
+        self.maxactive = n.min(MAX_DEPTH);
+        self
+    }
+
+    /// The entry handler: runs at the function's first instruction with every register (it
+    /// may change the arguments) and the call's zeroed data area; returning false leaves the
+    /// call untracked (the kernel's non-zero `entry_handler` result).
+    pub fn on_entry(
+        mut self,
+        handler: impl Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sync + 'static,
+    ) -> ReturnProbe {
+        self.entry = Some(Box::new(handler));
+        self
+    }
+
+    /// The return handler: runs when a tracked call returns, with `rax`, `rdx` (the return
+    /// value), `rsp` (as in the caller after the return) and `ip` (the caller's return
+    /// address) set — the other registers read as 0 — and the data area the entry handler
+    /// filled. Changing `rax`/`rdx` changes the value returned; changing `ip` returns there.
+    pub fn on_return(mut self, handler: impl Fn(&mut Regs, &InstanceData) + Send + Sync + 'static) -> ReturnProbe {
+        self.ret = Some(Box::new(handler));
+        self
+    }
+
+    /// Registers the probe disabled; enable it later.
+    pub fn disabled(mut self) -> ReturnProbe {
+        self.enabled = false;
+        self
+    }
+
+    /// Places the probe. On error nothing in the process has changed (except that the
+    /// trampoline, once written, stays).
+    pub fn register(self) -> Result<ReturnProbeHandle, ProbeError> {
+        if let Location::SymbolOffset(symbol, offset @ 1..) = &self.location {
+            return Err(ProbeError::ReturnProbeNotAtEntry { symbol: symbol.clone(), offset: *offset });
+        }
+        let mut setup = setup()?;
+        setup.install()?;
+        let index = setup.free_index()?;
+        let id = setup.next_id;
+        setup.next_id = setup.next_id.wrapping_add(1).max(1);
+        let shared = Arc::new(RpShared {
+            index,
+            id,
+            maxactive: self.maxactive as u8,
+            entry: self.entry,
+            ret: self.ret,
+            hits: AtomicU64::new(0),
+            returns: AtomicU64::new(0),
+            nmissed: AtomicU64::new(0),
+        });
+        PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
+        let for_entry = shared.clone();
+        let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs));
+        if !self.enabled {
+            probe = probe.disabled();
+        }
+        match probe.register() {
+            Ok(entry) => Ok(ReturnProbeHandle { entry: Some(entry), shared }),
+            Err(e) => {
+                // No entry handler ever ran: no instance names this index.
+                let raw = PROBES[index as usize].swap(std::ptr::null_mut(), Ordering::AcqRel);
+                // SAFETY: `raw` is the Arc stored just above.
+                drop(unsafe { Arc::from_raw(raw) });
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Takes a probe out of [`PROBES`] once its entry probe is gone, and frees it when no thread
+/// can be running its return handler. Returns false (and keeps the probe's memory for good)
+/// when that cannot be established.
+fn retire(index: u32) -> Result<(), ProbeError> {
+    let raw = PROBES[index as usize].swap(std::ptr::null_mut(), Ordering::AcqRel);
+    // Every thread is stopped once: a return path that had not yet read the table now sees
+    // null, and one that had has its `dispatching` mark visible to us.
+    dynprobe_text::stop::synchronize()?;
+    let deadline = Instant::now() + HANDLER_EXIT_TIMEOUT;
+    while STACKS.iter().any(|s| s.dispatching.load(Ordering::Acquire) == index + 1) {
+        if Instant::now() > deadline {
+            return Err(ProbeError::ReturnProbeSetup {
+                reason: format!(
+                    "a thread stayed in the return handler for {HANDLER_EXIT_TIMEOUT:?}; the probe is removed \
+                     but its handlers are kept"
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    // SAFETY: the Arc stored at registration; no thread can reach it through the table any
+    // more.
+    drop(unsafe { Arc::from_raw(raw) });
+    Ok(())
+}
+
+/// A registered return probe. Dropping it unregisters the probe.
+pub struct ReturnProbeHandle {
+    entry: Option<ProbeHandle>,
+    shared: Arc<RpShared>,
+}
+
+impl ReturnProbeHandle {
+    fn entry(&self) -> &ProbeHandle {
+        self.entry.as_ref().expect("a live handle always holds its entry probe")
+    }
+
+    /// The probed function's address.
+    pub fn address(&self) -> u64 {
+        self.entry().address()
+    }
+
+    /// Calls tracked: an instance was taken and the entry handler (if any) returned true.
+    pub fn hits(&self) -> u64 {
+        self.shared.hits.load(Ordering::Relaxed)
+    }
+
+    /// Tracked calls that returned through the trampoline (return handler runs).
+    pub fn returns(&self) -> u64 {
+        self.shared.returns.load(Ordering::Relaxed)
+    }
+
+    /// Calls not tracked: `maxactive` or [`MAX_DEPTH`] reached, the thread was already
+    /// inside a probe handler, or it was not entered by an ABI-conforming call.
+    pub fn nmissed(&self) -> u64 {
+        self.shared.nmissed.load(Ordering::Relaxed) + self.entry().nmissed()
+    }
+
+    /// True while the probe is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.entry().is_enabled()
+    }
+
+    /// Enables the probe.
+    pub fn enable(&self) -> Result<(), ProbeError> {
+        self.entry().enable()
+    }
+
+    /// Disables the probe: calls from now on are not tracked; calls in flight still run
+    /// their return handlers.
+    pub fn disable(&self) -> Result<(), ProbeError> {
+        self.entry().disable()
+    }
+
+    /// The entry probe's line of the listing. Panics when called from inside a handler.
+    pub fn info(&self) -> ProbeInfo {
+        self.entry().info()
+    }
+
+    /// Removes the probe and returns its final counts. Calls still in flight return to
+    /// their callers as usual, without running the return handler; once this returns, no
+    /// handler of the probe runs any more and they have been dropped.
+    pub fn unregister(mut self) -> Result<ReturnProbeStats, ProbeError> {
+        let entry = self.entry.take().expect("a live handle always holds its entry probe");
+        let missed_at_entry = entry.unregister()?.nmissed;
+        retire(self.shared.index)?;
+        Ok(ReturnProbeStats {
+            hits: self.shared.hits.load(Ordering::Relaxed),
+            returns: self.shared.returns.load(Ordering::Relaxed),
+            nmissed: self.shared.nmissed.load(Ordering::Relaxed) + missed_at_entry,
+        })
+    }
+}
+
+impl Drop for ReturnProbeHandle {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            if entry.unregister().is_ok() {
+                let _ = retire(self.shared.index);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ReturnProbeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.entry {
+            Some(entry) => write!(f, "ReturnProbeHandle({:#x})", entry.address()),
+            None => write!(f, "ReturnProbeHandle(unregistered)"),
+        }
+    }
+}
+
+/// A return probe's final counts, returned by [`ReturnProbeHandle::unregister`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnProbeStats {
+    /// Calls tracked.
+    pub hits: u64,
+    /// Return handler runs.
+    pub returns: u64,
+    /// Calls not tracked (see [`ReturnProbeHandle::nmissed`]).
+    pub nmissed: u64,
+}

@@ -1,0 +1,283 @@
+//! Return probes on real C code: entry and return values, the data area, recursion, several
+//! probes on one function, `maxactive`, threads, and calls that return through the
+//! trampoline after their probe is gone.
+
+mod retprobe_common;
+
+use dynprobe_probe::{monotonic_ns, sym, ProbeError, ReturnProbe};
+use retprobe_common::{serial, Lib};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
+
+fn lib() -> &'static Lib {
+    static LIB: OnceLock<Lib> = OnceLock::new();
+    LIB.get_or_init(|| Lib::build("ret_basic.c", &[]))
+}
+
+fn fib(n: i64) -> i64 {
+    if n < 2 {
+        n
+    } else {
+        fib(n - 1) + fib(n - 2)
+    }
+}
+
+/// How many calls `fib(n)` makes, itself included.
+fn fib_calls(n: i64) -> u64 {
+    if n < 2 {
+        1
+    } else {
+        1 + fib_calls(n - 1) + fib_calls(n - 2)
+    }
+}
+
+#[test]
+fn entry_and_return_see_arguments_values_and_the_data_area() {
+    let _serial = serial();
+    let work = lib().func1("work");
+    let work_addr = lib().addr("work");
+    let seen = Arc::new([const { AtomicU64::new(0) }; 6]);
+    let s = seen.clone();
+    let s2 = seen.clone();
+    let probe = ReturnProbe::at(sym!("work"))
+        .on_entry(move |regs, data| {
+            data[0] = regs.arg(0);
+            data[1] = monotonic_ns();
+            data[7] = regs.ip;
+            s[0].fetch_add(1, SeqCst);
+            true
+        })
+        .on_return(move |regs, data| {
+            let ok = regs.retval() == data[0] * 3 + 1 && data[7] == work_addr;
+            s2[1].fetch_add(ok as u64, SeqCst);
+            s2[2].fetch_max(monotonic_ns() - data[1], SeqCst);
+            s2[3].store(regs.ip, SeqCst);
+            s2[4].store(regs.rsp, SeqCst);
+        })
+        .register()
+        .expect("return probe on work");
+    assert_eq!(probe.address(), work_addr);
+    for i in 0..1000 {
+        assert_eq!(work(i), i * 3 + 1);
+    }
+    assert_eq!(seen[0].load(SeqCst), 1000, "entry handler runs");
+    assert_eq!(seen[1].load(SeqCst), 1000, "return handler sees the argument and the return value");
+    assert!(seen[2].load(SeqCst) > 0, "entry timestamps reach the return handler");
+    let ret_ip = seen[3].load(SeqCst);
+    assert_eq!(
+        retprobe_common::symbol_of(ret_ip),
+        retprobe_common::symbol_of(entry_and_return_see_arguments_values_and_the_data_area as *const () as u64),
+        "the return handler's ip is the real return address, in this test"
+    );
+    assert_ne!(seen[4].load(SeqCst), 0);
+    assert!(dynprobe_probe::list().iter().any(|p| p.addr == work_addr), "the entry shows in the listing");
+    let stats = probe.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (1000, 1000, 0));
+    assert!(dynprobe_probe::list().iter().all(|p| p.addr != work_addr));
+    assert_eq!(work(5), 16);
+}
+
+#[test]
+fn multi_register_and_floating_point_return_values_survive() {
+    let _serial = serial();
+    lib();
+    let rdx_seen = Arc::new(AtomicU64::new(0));
+    let r = rdx_seen.clone();
+    let probes = [
+        ReturnProbe::at(sym!("make_pair"))
+            .on_return(move |regs, _| {
+                r.store(regs.rdx, SeqCst);
+            })
+            .register()
+            .unwrap(),
+        ReturnProbe::at(sym!("halve")).on_return(|_, _| ()).register().unwrap(),
+        ReturnProbe::at(sym!("third")).on_return(|_, _| ()).register().unwrap(),
+    ];
+    for x in 1..200 {
+        assert_eq!(lib().func1("pair_sum")(x), (x + 1) * 1000 + 2 * x, "rax:rdx");
+        assert_eq!(rdx_seen.load(SeqCst), 2 * x as u64, "the handler sees rdx");
+        assert_eq!(lib().func1("halve_times_100")(x), x * 50, "xmm0");
+        assert_eq!(lib().func1("third_times_300")(x), x * 100, "st0");
+    }
+    for p in probes {
+        let stats = p.unregister().unwrap();
+        assert_eq!((stats.hits, stats.returns), (199, 199));
+    }
+}
+
+#[test]
+fn recursion_pairs_every_entry_with_its_return() {
+    let _serial = serial();
+    let wrong = Arc::new(AtomicU64::new(0));
+    let w = wrong.clone();
+    let probe = ReturnProbe::at(sym!("fib"))
+        .maxactive(64)
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            true
+        })
+        .on_return(move |regs, data| {
+            if regs.retval() as i64 != fib(data[0] as i64) {
+                w.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    assert_eq!(lib().func1("fib")(15), 610);
+    assert_eq!(lib().func1("fib")(20), 6765);
+    let stats = probe.unregister().unwrap();
+    let calls = fib_calls(15) + fib_calls(20);
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (calls, calls, 0));
+    assert_eq!(wrong.load(SeqCst), 0, "each return handler saw its own call's value");
+}
+
+#[test]
+fn two_return_probes_on_one_function_both_run_last_registered_first() {
+    let _serial = serial();
+    let order = Arc::new(AtomicU64::new(0));
+    let (o1, o2) = (order.clone(), order.clone());
+    let first = ReturnProbe::at(sym!("fib"))
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            true
+        })
+        .on_return(move |regs, data| {
+            assert_eq!(regs.retval() as i64, fib(data[0] as i64));
+            // runs second: the other probe already shifted in a 2
+            o1.store(o1.load(SeqCst) * 10 + 1, SeqCst);
+        })
+        .register()
+        .unwrap();
+    let second = ReturnProbe::at(sym!("fib"))
+        .on_entry(|regs, data| {
+            data[3] = regs.arg(0) + 100;
+            true
+        })
+        .on_return(move |regs, data| {
+            assert_eq!(regs.retval() as i64, fib(data[3] as i64 - 100));
+            o2.store(o2.load(SeqCst) * 10 + 2, SeqCst);
+        })
+        .register()
+        .unwrap();
+    assert_eq!(lib().func1("fib")(1), 1);
+    assert_eq!(order.load(SeqCst), 21, "the later probe's return handler runs first, as in the kernel");
+    assert_eq!(lib().func1("fib")(12), 144);
+    let (a, b) = (second.unregister().unwrap(), first.unregister().unwrap());
+    let calls = 1 + fib_calls(12);
+    assert_eq!((a.hits, a.returns, b.hits, b.returns), (calls, calls, calls, calls));
+}
+
+#[test]
+fn maxactive_one_tracks_the_outermost_call_and_counts_the_rest_missed() {
+    let _serial = serial();
+    let probe = ReturnProbe::at(sym!("fib")).maxactive(1).on_return(|_, _| ()).register().unwrap();
+    assert_eq!(lib().func1("fib")(10), 55);
+    assert_eq!(lib().func1("fib")(10), 55);
+    let stats = probe.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (2, 2, 2 * (fib_calls(10) - 1)));
+}
+
+#[test]
+fn entry_handler_returning_false_leaves_the_call_untracked() {
+    let _serial = serial();
+    let probe = ReturnProbe::at(sym!("work"))
+        .on_entry(|regs, _| regs.arg(0) % 2 == 0)
+        .on_return(|regs, _| assert_eq!(regs.retval() % 2, 1))
+        .register()
+        .unwrap();
+    for i in 0..100 {
+        assert_eq!(lib().func1("work")(i), 3 * i + 1);
+    }
+    let stats = probe.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (50, 50, 0));
+}
+
+#[test]
+fn a_return_handler_can_change_the_return_value() {
+    let _serial = serial();
+    lib();
+    let probe = ReturnProbe::at(sym!("work")).on_return(|regs, _| regs.rax += 1000).register().unwrap();
+    assert_eq!(lib().func1("work")(1), 1004);
+    drop(probe);
+    assert_eq!(lib().func1("work")(1), 4, "dropping the handle unregisters");
+}
+
+#[test]
+fn threads_calling_concurrently_are_counted_exactly() {
+    let _serial = serial();
+    const THREADS: u64 = 4;
+    const CALLS: i64 = 20_000;
+    let wrong = Arc::new(AtomicU64::new(0));
+    let w = wrong.clone();
+    let probe = ReturnProbe::at(sym!("work"))
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            true
+        })
+        .on_return(move |regs, data| {
+            if regs.retval() != data[0] * 3 + 1 {
+                w.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    let work = lib().func1("work");
+    std::thread::scope(|s| {
+        for t in 0..THREADS as i64 {
+            s.spawn(move || {
+                for i in 0..CALLS {
+                    let x = t * 1_000_000 + i;
+                    assert_eq!(work(x), 3 * x + 1);
+                }
+            });
+        }
+    });
+    let stats = probe.unregister().unwrap();
+    let all = THREADS * CALLS as u64;
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (all, all, 0));
+    assert_eq!(wrong.load(SeqCst), 0);
+}
+
+#[test]
+fn calls_in_flight_at_unregister_still_return_to_their_callers() {
+    let _serial = serial();
+    let ran_after = Arc::new(AtomicBool::new(false));
+    let unregistered = Arc::new(AtomicBool::new(false));
+    let (r, u) = (ran_after.clone(), unregistered.clone());
+    let probe = ReturnProbe::at(sym!("fib"))
+        .on_return(move |_, _| {
+            if u.load(SeqCst) {
+                r.store(true, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    // A worker keeps calling the probed function while the main thread unregisters.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let fib = lib().func1("fib");
+        let mut total = 0;
+        rx.recv().unwrap();
+        for _ in 0..200 {
+            total += fib(18);
+        }
+        total
+    });
+    tx.send(()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let stats = probe.unregister().unwrap();
+    unregistered.store(true, SeqCst);
+    assert_eq!(worker.join().unwrap(), 200 * 2584, "every call returned to its caller");
+    assert!(!ran_after.load(SeqCst), "no return handler runs after unregister returned");
+    assert!(stats.hits >= stats.returns);
+}
+
+#[test]
+fn only_function_entries_take_return_probes() {
+    let _serial = serial();
+    lib();
+    match ReturnProbe::at("work+0x4").register() {
+        Err(ProbeError::ReturnProbeNotAtEntry { symbol, offset: 4 }) => assert_eq!(symbol, "work"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

@@ -1,0 +1,54 @@
+/* Functions for the return-probe tests: plain, recursive, multi-register and floating
+ * return values, longjmp out of a probed function, and a thread exiting inside one. Built
+ * by the test harness as a shared object (-O1 -fPIC) and loaded with dlopen. */
+#include <pthread.h>
+#include <setjmp.h>
+
+#define NOINLINE __attribute__((noinline, noipa))
+
+NOINLINE long work(long x) { return x * 3 + 1; }
+
+NOINLINE long fib(long n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
+
+struct pair { long a, b; };
+/* Returned in rax:rdx. */
+NOINLINE struct pair make_pair(long x) { struct pair p = { x + 1, x * 2 }; return p; }
+NOINLINE long pair_sum(long x) { struct pair p = make_pair(x); return p.a * 1000 + p.b; }
+
+/* Returned in xmm0. */
+NOINLINE double halve(double x) { return x / 2.0; }
+NOINLINE long halve_times_100(long x) { return (long)(halve((double)x) * 100.0); }
+
+/* Returned in st0. */
+NOINLINE long double third(long double x) { return x / 3.0L; }
+NOINLINE long third_times_300(long x) { return (long)(third((long double)x) * 300.0L + 0.5L); }
+
+/* longjmp out of a probed function from two probed levels deep. */
+static jmp_buf jump_back;
+NOINLINE long jumper(long x) {
+    if (x > 0) longjmp(jump_back, (int)x);
+    return -1;
+}
+NOINLINE long jump_outer(long x) { return jumper(x) + 1; }
+NOINLINE long setjmp_then_jump(long x) {
+    volatile long r = 0;
+    int v = setjmp(jump_back);
+    if (v == 0) r = jump_outer(x);
+    else r = v * 10;
+    return r;
+}
+
+/* A thread that exits from inside a probed function. */
+NOINLINE long exit_inside(long x) {
+    if (x > 0) pthread_exit((void *)(x + 7));
+    return x;
+}
+NOINLINE long calls_exit_inside(long x) { return exit_inside(x) + 100; }
+static void *exiting_thread(void *arg) { return (void *)calls_exit_inside((long)arg); }
+NOINLINE long thread_exits_inside(long x) {
+    pthread_t t;
+    void *ret = 0;
+    if (pthread_create(&t, 0, exiting_thread, (void *)x) != 0) return -1;
+    pthread_join(t, &ret);
+    return (long)ret;
+}
