@@ -17,6 +17,8 @@ pub const BASELINE: &str = "baseline-call";
 pub const SIGTRAP_FLOOR: &str = "sigtrap-floor";
 /// The kernel's uprobe on the same function.
 pub const KERNEL_UPROBE: &str = "kernel-uprobe";
+/// The kernel's uretprobe on the same function.
+pub const KERNEL_URETPROBE: &str = "kernel-uretprobe";
 
 /// Instrumentation a row has armed; it stays armed until [`Armed::disarm`].
 pub trait Armed {
@@ -76,7 +78,7 @@ pub static ROWS: &[Row] = &[
         compare_to: &[],
     },
     Row {
-        name: "kernel-uretprobe",
+        name: KERNEL_URETPROBE,
         about: "kernel uretprobe (perf_event_open, uprobe PMU)",
         target: dynprobe_bench_target,
         setup: |target| uprobe::arm(target, uprobe::Kind::Return),
@@ -89,14 +91,72 @@ pub static ROWS: &[Row] = &[
         setup: register_int3_probe,
         compare_to: &[SIGTRAP_FLOOR, KERNEL_UPROBE],
     },
+    Row {
+        name: "optimized-probe",
+        about: "dynprobe jump-optimized probe at the entry, empty handler",
+        target: dynprobe_bench_target,
+        setup: |target| register_optimized_probe(target, ProbePoint::Entry),
+        compare_to: &[KERNEL_UPROBE],
+    },
+    Row {
+        name: "optimized-probe-mid",
+        about: "dynprobe jump-optimized probe inside the function (flags + XSAVE state saved)",
+        target: dynprobe_bench_target,
+        setup: |target| register_optimized_probe(target, ProbePoint::Middle),
+        compare_to: &[KERNEL_UPROBE],
+    },
 ];
 
-/// dynprobe's probe with an empty pre-handler on `target`'s entry.
+/// dynprobe's breakpoint probe with an empty pre-handler on `target`'s entry: jump
+/// optimization is off while it is armed.
 fn register_int3_probe(target: Target) -> Result<Box<dyn Armed>, String> {
+    dynprobe::set_optimization(false).map_err(|err| format!("switching optimization off: {err}"))?;
     let handle = dynprobe::Probe::at(dynprobe::Location::Address(target::address(target)))
         .on_hit(|_regs| {})
         .register()
+        .map_err(|err| format!("register: {err}"));
+    Ok(Box::new(BreakpointOnly(handle?)))
+}
+
+/// A probe armed with optimization switched off, switched on again when it is disarmed.
+struct BreakpointOnly(dynprobe::ProbeHandle);
+
+impl Armed for BreakpointOnly {
+    fn hits(&self) -> Result<Option<u64>, String> {
+        Armed::hits(&self.0)
+    }
+
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        let unregistered = Box::new(self.0).disarm();
+        dynprobe::set_optimization(true).map_err(|err| format!("switching optimization on: {err}"))?;
+        unregistered
+    }
+}
+
+/// Where in the target an optimized probe goes.
+enum ProbePoint {
+    /// The entry: the detour saves the general registers and xmm0-7.
+    Entry,
+    /// The middle instruction: the detour saves the flags and the XSAVE state too.
+    Middle,
+}
+
+/// dynprobe's probe with an empty pre-handler, jump-optimized before the row runs.
+fn register_optimized_probe(target: Target, point: ProbePoint) -> Result<Box<dyn Armed>, String> {
+    let entry = target::address(target);
+    let addr = match point {
+        ProbePoint::Entry => entry,
+        ProbePoint::Middle => target::middle_instruction(target)?,
+    };
+    let handle = dynprobe::Probe::at(dynprobe::Location::Address(addr))
+        .on_hit(|_regs| {})
+        .register()
         .map_err(|err| format!("register: {err}"))?;
+    dynprobe::wait_for_optimizer().map_err(|err| format!("optimizer: {err}"))?;
+    let info = handle.info();
+    if !info.optimized {
+        return Err(format!("the probe was not optimized: {info}"));
+    }
     Ok(Box::new(handle))
 }
 

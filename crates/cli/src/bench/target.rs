@@ -21,3 +21,15 @@ extern "C" {
 pub fn address(target: Target) -> u64 {
     target as usize as u64
 }
+
+/// The address of the middle instruction of `target` (neither its first nor its `ret`), for
+/// a probe "inside a function". Found by decoding the function from its symbol's bounds.
+pub fn middle_instruction(target: Target) -> Result<u64, String> {
+    let start = address(target);
+    let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
+    let (symbol, _) = table.resolve(start).ok_or_else(|| format!("no symbol covers the bench target at {start:#x}"))?;
+    // SAFETY: the symbol's bytes are the target's mapped, executable code.
+    let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, symbol.size as usize) };
+    let insns = dynprobe_arch::native::decode_function(bytes, start).map_err(|e| e.to_string())?;
+    insns.get(insns.len() / 2).map(|insn| insn.ip).ok_or_else(|| format!("{} has no instructions", symbol.name))
+}
