@@ -281,3 +281,100 @@ fn only_function_entries_take_return_probes() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+fn program() -> &'static Lib {
+    static LIB: OnceLock<Lib> = OnceLock::new();
+    LIB.get_or_init(|| Lib::build("ret_program.c", &[]))
+}
+
+/// Runs the program with `seed` and returns its output.
+fn program_output(seed: i64) -> String {
+    let len = program().func1("run_program")(seed) as usize;
+    let ptr = program().func1("program_output")(0) as *const u8;
+    // SAFETY: `run_program` wrote `len` bytes at the address `program_output` returns.
+    String::from_utf8(unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()).unwrap()
+}
+
+#[test]
+fn a_programs_output_is_the_same_with_and_without_return_probes_on_its_hot_functions() {
+    let _serial = serial();
+    let bare: Vec<String> = (1..=5).map(program_output).collect();
+    let total_ns = Arc::new(AtomicU64::new(0));
+    let t = total_ns.clone();
+    let probes = [
+        ReturnProbe::at(sym!("compare_words"))
+            .on_entry(|regs, data| {
+                data[0] = monotonic_ns();
+                data[1] = regs.arg(0);
+                true
+            })
+            .on_return(move |_, data| {
+                t.fetch_add(monotonic_ns() - data[0], SeqCst);
+            })
+            .register()
+            .unwrap(),
+        ReturnProbe::at(sym!("hash_word")).on_return(|_, _| ()).register().unwrap(),
+        ReturnProbe::at(sym!("next_random")).on_return(|_, _| ()).register().unwrap(),
+        ReturnProbe::at(sym!("mean_length")).on_return(|_, _| ()).register().unwrap(),
+    ];
+    let probed: Vec<String> = (1..=5).map(program_output).collect();
+    assert_eq!(probed, bare, "identical output");
+    assert!(total_ns.load(SeqCst) > 0);
+    for p in probes {
+        let stats = p.unregister().unwrap();
+        assert!(stats.hits > 0);
+        assert_eq!((stats.returns, stats.nmissed), (stats.hits, 0));
+    }
+}
+
+#[test]
+fn return_probes_on_jump_optimized_entries_while_optimization_is_switched() {
+    let _serial = serial();
+    let fib_fn = lib().func1("fib");
+    let wrong = Arc::new(AtomicU64::new(0));
+    let w = wrong.clone();
+    let probe = ReturnProbe::at(sym!("fib"))
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            true
+        })
+        .on_return(move |regs, data| {
+            if regs.retval() as i64 != fib(data[0] as i64) {
+                w.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert!(probe.info().optimized, "the entry probe is jump-optimized: {}", probe.info());
+    assert_eq!(fib_fn(16), 987);
+    let stop = AtomicBool::new(false);
+    let calls = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut calls = 0;
+                    while !stop.load(SeqCst) {
+                        assert_eq!(fib_fn(12), 144);
+                        calls += 1;
+                    }
+                    calls
+                })
+            })
+            .collect();
+        for round in 0..20 {
+            dynprobe_probe::set_optimization(round % 2 == 1).unwrap();
+            if round % 2 == 1 {
+                dynprobe_probe::wait_for_optimizer().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        stop.store(true, SeqCst);
+        workers.into_iter().map(|w| w.join().unwrap()).sum::<u64>()
+    });
+    dynprobe_probe::set_optimization(true).unwrap();
+    let stats = probe.unregister().unwrap();
+    let expected = fib_calls(16) + calls * fib_calls(12);
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (expected, expected, 0));
+    assert_eq!(wrong.load(SeqCst), 0);
+}

@@ -52,3 +52,16 @@ NOINLINE long thread_exits_inside(long x) {
     pthread_join(t, &ret);
     return (long)ret;
 }
+
+/* glibc backtrace() from two probed levels down. */
+#include <execinfo.h>
+static void *bt_frames[64];
+static int bt_count;
+NOINLINE long bt_inner(long x) {
+    bt_count = backtrace(bt_frames, 64);
+    return x + 1;
+}
+NOINLINE long bt_middle(long x) { return bt_inner(x) * 2; }
+NOINLINE long bt_outer(long x) { return bt_middle(x) + 3; }
+long bt_frames_taken(long unused) { (void)unused; return bt_count; }
+long bt_frame(long i) { return (long)bt_frames[i]; }

@@ -39,8 +39,8 @@
 //!   dispatcher is called on an aligned stack.
 //!
 //! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame`, covers the whole
-//! sled and `common`. Its return-address rule reads the sled address still held in the slot
-//! just below the CFA, turns it into an instance index and loads the original return address
+//! sled and `common`. Its return-address rule reads the sled address still held in the probed
+//! function's return-address slot, turns it into an instance index and loads the original return address
 //! from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
 //! `pthread_cancel` unwind through a probed frame into the real caller. Backtraces would still
 //! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
@@ -162,18 +162,30 @@ fn trampoline_code(sled: u64, entries: usize, common: u64) -> Vec<u8> {
     code
 }
 
-/// Offsets in `common` where the CFA rule changes: after the `call` into `common` the CFA is
-/// rsp + 8; after `sub rsp, 56` it is rsp + 64; after `add rsp, 56` rsp + 8 again.
+/// Offsets in `common` where the CFA rule changes (see [`eh_frame`]).
 const AFTER_SUB: u8 = 4;
 const AFTER_ADD: u8 = 63;
 
-/// One CIE and one FDE covering `[start, end)`, then the zero terminator. The return address
-/// (column 16) is `*(table + ((*(CFA - 8) - sled) >> 3) * stride)`: the slot just below the
-/// CFA holds the sled entry's address (before the return) or the address its `call` pushed
-/// (after it), and both shift to the entry's index.
+/// One CIE and one FDE covering `[start, end)`, then the zero terminator.
+///
+/// The trampoline's frame is given a CFA 8 bytes *above* the probed function's (rsp + 8 in
+/// the sled, where rsp is the probed function's CFA): unwinders identify a frame by the CFA
+/// of the frame below it, and if the trampoline's CFA equalled the probed function's, the
+/// trampoline's frame and the caller's would look the same to libgcc's second phase, which
+/// then aborts when the caller catches the exception (it takes the trampoline for the
+/// handler frame). The caller's rsp is therefore given explicitly: CFA - 8.
+///
+/// The return address (column 16) is `*(table + ((*(CFA - 16) - sled) >> 3) * stride)`: the
+/// slot at CFA - 16 (the probed function's return-address slot) holds the sled entry's
+/// address (before the return) or the address its `call` pushed (after it), and both shift
+/// to the entry's index.
+///
+/// CFA by location: in the sled rsp + 8; in `common` after the entry's `call` rsp + 16,
+/// after `sub rsp, 56` rsp + 72, after `add rsp, 56` rsp + 16 again.
 fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u64) -> Vec<u8> {
     const DW_CFA_DEF_CFA: u8 = 0x0c;
     const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
+    const DW_CFA_VAL_OFFSET: u8 = 0x14;
     const DW_CFA_VAL_EXPRESSION: u8 = 0x16;
     const DW_CFA_ADVANCE_LOC: u8 = 0x40;
     const DW_CFA_ADVANCE_LOC4: u8 = 0x04;
@@ -182,11 +194,11 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u6
 
     let mut out = Vec::new();
     // CIE: version 1, "zR", code alignment 1, data alignment -8, RA column 16, absolute
-    // pointers; CFA = rsp + 8 as for any call (every FDE rule below overrides it).
+    // pointers; CFA = rsp + 8 as for any call (the FDE's rules below override it).
     let cie = [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 8]].concat();
     push_entry(&mut out, 0, &cie);
 
-    let mut expr = vec![0x38, 0x1c, 0x06]; // lit8, minus, deref: *(CFA - 8)
+    let mut expr = vec![0x40, 0x1c, 0x06]; // lit16, minus, deref: *(CFA - 16)
     expr.push(0x0e); // const8u sled
     expr.extend_from_slice(&sled.to_le_bytes());
     expr.extend_from_slice(&[0x1c, 0x33, 0x25]); // minus, lit3, shr: the index
@@ -201,14 +213,15 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u6
     fde.extend_from_slice(&start.to_le_bytes());
     fde.extend_from_slice(&(end - start).to_le_bytes());
     fde.push(0); // no augmentation data
-    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 0]); // in the sled: CFA = rsp
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 8]); // in the sled
+    fde.extend_from_slice(&[DW_CFA_VAL_OFFSET, RSP, 1]); // caller's rsp = CFA - 1 * 8
     fde.extend_from_slice(&[DW_CFA_VAL_EXPRESSION, RA, expr.len() as u8]);
     fde.extend_from_slice(&expr);
     fde.push(DW_CFA_ADVANCE_LOC4);
     fde.extend_from_slice(&((common - start) as u32).to_le_bytes());
-    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 8]);
-    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | AFTER_SUB, DW_CFA_DEF_CFA_OFFSET, 64]);
-    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | (AFTER_ADD - AFTER_SUB), DW_CFA_DEF_CFA_OFFSET, 8]);
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 16]);
+    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | AFTER_SUB, DW_CFA_DEF_CFA_OFFSET, 72]);
+    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | (AFTER_ADD - AFTER_SUB), DW_CFA_DEF_CFA_OFFSET, 16]);
     let cie_pointer = out.len() as u32 + 4; // from the FDE's CIE-pointer field back to offset 0
     push_entry(&mut out, cie_pointer, &fde);
     out.extend_from_slice(&0u32.to_le_bytes());
