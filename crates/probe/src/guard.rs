@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 /// Held while the current thread runs probe handlers; released on drop.
 pub(crate) struct HandlerGuard {
     slot: &'static ThreadSlot,
+    index: usize,
 }
 
 impl HandlerGuard {
@@ -28,7 +29,7 @@ impl HandlerGuard {
     /// [`wait_while_active`](crate::thread_slot::wait_while_active) can then wait for.
     #[inline]
     pub(crate) fn enter_site(site: u64) -> Option<HandlerGuard> {
-        let (_, slot) = ThreadSlot::current()?;
+        let (index, slot) = ThreadSlot::current()?;
         if slot.active.load(Ordering::Relaxed) != 0 {
             return None;
         }
@@ -36,7 +37,13 @@ impl HandlerGuard {
         // Orders the mark before the handlers' reads of the probe list, for the compiler;
         // the CPU side is the writer's membarrier.
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
-        Some(HandlerGuard { slot })
+        Some(HandlerGuard { slot, index })
+    }
+
+    /// The thread's slot index (for per-thread counters).
+    #[inline]
+    pub(crate) fn slot_index(&self) -> usize {
+        self.index
     }
 
     /// True when the calling thread is inside a probe handler.

@@ -18,6 +18,7 @@
 //! under `arch/` (the kernel's `kernel/kprobes.c` versus `arch/x86/kernel/kprobes/`).
 
 mod arch;
+mod counter;
 mod error;
 mod guard;
 mod location;
@@ -34,7 +35,8 @@ pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 pub use registry::{list, optimization_enabled, set_optimization, wait_for_optimizer};
 pub use retprobe::{
-    monotonic_ns, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
+    monotonic_ns, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE,
+    MAX_DEPTH,
 };
 
 /// The listing of every registered probe, one line each, like the kernel's debugfs

@@ -1,6 +1,7 @@
 //! The public face of a probe: the builder and the handle.
 
 use crate::arch::Regs;
+use crate::counter::PerThreadCounter;
 use crate::{registry, Location, ProbeError};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +18,7 @@ pub(crate) struct ProbeShared {
     pub(crate) pre: Option<Handler>,
     pub(crate) post: Option<Handler>,
     enabled: AtomicBool,
-    hits: AtomicU64,
+    hits: PerThreadCounter,
     nmissed: AtomicU64,
 }
 
@@ -28,14 +29,16 @@ impl ProbeShared {
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
     }
-    pub(crate) fn count_hit(&self) {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+    /// Counts a hit by the thread owning slot `slot`.
+    #[inline]
+    pub(crate) fn count_hit(&self, slot: Option<usize>) {
+        self.hits.add(slot);
     }
     pub(crate) fn count_missed(&self) {
         self.nmissed.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.hits.sum()
     }
     pub(crate) fn nmissed(&self) -> u64 {
         self.nmissed.load(Ordering::Relaxed)
@@ -106,7 +109,7 @@ impl Probe {
             pre: self.pre,
             post: self.post,
             enabled: AtomicBool::new(self.enabled),
-            hits: AtomicU64::new(0),
+            hits: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),
         }
     }

@@ -2,6 +2,7 @@
 //! aggregate probe), with its original byte and out-of-line code.
 
 use crate::arch::{PreparedSlots, Regs, SiteDetour};
+use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
@@ -126,10 +127,10 @@ impl PatchSite {
 
     /// Runs the enabled probes' pre-handlers in registration order, stopping after one that
     /// diverts `ip`. Returns true when an enabled probe has a post-handler.
-    pub(crate) fn run_pre_handlers(&self, regs: &mut Regs) -> bool {
+    pub(crate) fn run_pre_handlers(&self, regs: &mut Regs, guard: &HandlerGuard) -> bool {
         let mut wants_post = false;
         for probe in self.probes().iter().filter(|p| p.enabled()) {
-            probe.count_hit();
+            probe.count_hit(Some(guard.slot_index()));
             wants_post |= probe.post.is_some();
             if let Some(pre) = &probe.pre {
                 call(pre, regs);

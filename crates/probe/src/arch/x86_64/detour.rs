@@ -15,7 +15,7 @@ use super::trap::write_code;
 use super::Regs;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
-use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, VectorSave, TRAP_OFFSET};
+use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, VectorSave, VectorWidth, TRAP_OFFSET};
 use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::pool::{self, ExecSlot};
@@ -24,9 +24,9 @@ use dynprobe_text::trap::{self, TrapContext};
 use dynprobe_text::{memory, TextError};
 use std::sync::OnceLock;
 
-/// Bytes reserved per detour: the full-state variant's code is about 200 bytes plus the
+/// Bytes reserved per detour: the full-state variant with AVX-512 is about 850 bytes plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
-const DETOUR_SIZE: usize = 512;
+const DETOUR_SIZE: usize = 1024;
 
 /// Most threads one jump write moves out of the covered bytes; more is retried later.
 const MAX_MOVED: usize = 64;
@@ -63,27 +63,34 @@ impl SiteDetour {
     }
 }
 
-/// The vector state saved at a probe point that is not a function entry, or why it cannot
-/// be: the XSAVE components a handler (Rust code, libc's AVX routines) may change.
+/// The vector state saved at a probe point that is not a function entry: every vector
+/// register the CPU and kernel have enabled (XCR0), since a handler — Rust code, libc's
+/// AVX-512 `memcpy` under it — may clobber any of them.
 fn full_state_save() -> Result<VectorSave, String> {
     static SAVE: OnceLock<Result<VectorSave, String>> = OnceLock::new();
     SAVE.get_or_init(|| {
         use std::arch::x86_64::__cpuid_count;
         const OSXSAVE: u32 = 1 << 27;
-        // x87, SSE, AVX, AVX-512 opmask / upper ZMM / ZMM16-31.
-        const HANDLER_MAY_CLOBBER: u64 = 0b1110_0111;
+        const AVX: u64 = 0b110;
+        const AVX512: u64 = 0b1110_0000;
         let features = __cpuid_count(1, 0);
-        if features.ecx & OSXSAVE == 0 {
-            return Err("the processor or kernel does not enable XSAVE, needed to save the vector state".into());
-        }
-        let xcr0: u64;
-        let (lo, hi): (u32, u32);
-        // SAFETY: xgetbv with ecx=0 reads XCR0; it is available because OSXSAVE is set.
-        unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-        xcr0 = u64::from(lo) | (u64::from(hi) << 32);
-        let size = __cpuid_count(0xd, 0).ebx;
-        let compact = __cpuid_count(0xd, 1).eax & 0b10 != 0;
-        Ok(VectorSave::Full { mask: xcr0 & HANDLER_MAY_CLOBBER, size, compact })
+        let xcr0 = if features.ecx & OSXSAVE == 0 {
+            // No XSAVE at all: SSE only, which every x86-64 has.
+            0b11
+        } else {
+            let (lo, hi): (u32, u32);
+            // SAFETY: xgetbv with ecx=0 reads XCR0; it exists because OSXSAVE is set.
+            unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+            u64::from(lo) | (u64::from(hi) << 32)
+        };
+        let width = if xcr0 & (AVX | AVX512) == AVX | AVX512 {
+            VectorWidth::Avx512
+        } else if xcr0 & AVX == AVX {
+            VectorWidth::Avx
+        } else {
+            VectorWidth::Sse
+        };
+        Ok(VectorSave::Full { width })
     })
     .clone()
 }
@@ -194,12 +201,12 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
     // SAFETY: the detour passes its register frame, which is a `Regs` (see the arch layer's
     // detour layout) on this thread's stack, not aliased while the call runs.
     let regs = unsafe { &mut *frame };
-    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
+    let Some(guard) = HandlerGuard::enter_site(site.addr) else {
         site.count_missed();
         return 0;
     };
     let rsp = regs.rsp;
-    let wants_post = site.run_pre_handlers(regs);
+    let wants_post = site.run_pre_handlers(regs, &guard);
     if regs.ip != site.addr {
         return 1;
     }

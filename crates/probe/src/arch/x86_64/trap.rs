@@ -92,7 +92,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: `data` is the address of the boxed PatchSite registered with this handler;
     // the registry frees a site only after unregistering it and waiting a grace period.
     let site = unsafe { &*(data as *const PatchSite) };
-    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
+    let Some(guard) = HandlerGuard::enter_site(site.addr) else {
         // A hit from inside a handler: counted, not recursed into.
         site.count_missed();
         ctx.set_ip(site.resume_after_pre());
@@ -101,7 +101,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
     regs.ip = site.addr;
-    let wants_post = site.run_pre_handlers(&mut regs);
+    let wants_post = site.run_pre_handlers(&mut regs, &guard);
     let diverted = regs.ip != site.addr;
     regs.to_ucontext(uc);
     if !diverted {
