@@ -34,3 +34,13 @@ __attribute__((noinline, used)) long dynprobe_bench_int3(long x)
 	__asm__ volatile("int3" ::: "memory");
 	return work(x);
 }
+
+/* dynprobe_bench_target behind a 5-byte NOP: the site the kernel's uprobe handles best
+ * (since 6.18 it turns a NOP5 into a call instead of trapping), for a fair comparison. */
+__asm__(".text\n"
+	".globl dynprobe_bench_nop5\n"
+	".type dynprobe_bench_nop5,@function\n"
+	"dynprobe_bench_nop5:\n"
+	"	.byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+	"	jmp dynprobe_bench_target\n"
+	".size dynprobe_bench_nop5, .-dynprobe_bench_nop5\n");

@@ -80,7 +80,7 @@ impl Report {
                         for &reference in row.compare_to {
                             let ratio = added(reference)
                                 .filter(|&reference| reference > 0.0)
-                                .map(|reference| round(ns_added / reference, 1000.0));
+                                .map(|reference| significant(ns_added / reference, 3));
                             report.ratios.insert(ratio_key(reference), ratio);
                         }
                     }
@@ -108,14 +108,14 @@ impl Report {
             let number = |value: Option<f64>, precision: usize| {
                 value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
             };
-            let ratio = |reference: &str| number(row.ratios.get(&ratio_key(reference)).copied().flatten(), 2);
+            let ratio = |reference: &str| ratio_text(row.ratios.get(&ratio_key(reference)).copied().flatten());
             let mut note = match &row.error {
                 Some(err) => format!("error: {err}"),
                 None => row.note.to_owned(),
             };
             for (key, value) in &row.ratios {
                 if !TABLE_RATIOS.iter().any(|reference| ratio_key(reference) == *key) {
-                    let _ = write!(note, "; {key} {}", number(*value, 2));
+                    let _ = write!(note, "; {key} {}", ratio_text(*value));
                 }
             }
             let _ = writeln!(
@@ -135,6 +135,25 @@ impl Report {
 /// JSON key of the ratio to `reference`: `x_kernel_uprobe` for `kernel-uprobe`.
 fn ratio_key(reference: &str) -> String {
     format!("x_{}", reference.replace('-', "_"))
+}
+
+/// A ratio with at least two decimals and three significant digits: a nanosecond probe is
+/// a few thousandths of a kernel uprobe, which two decimals would show as 0.00.
+fn ratio_text(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.*}", decimals(v, 3).max(2)))
+}
+
+/// Decimals that show `value` with `digits` significant digits.
+fn decimals(value: f64, digits: i32) -> usize {
+    if value == 0.0 || !value.is_finite() {
+        return 0;
+    }
+    (digits - 1 - value.abs().log10().floor() as i32).max(0) as usize
+}
+
+/// Rounds `value` to `digits` significant digits.
+fn significant(value: f64, digits: i32) -> f64 {
+    round(value, 10f64.powi(decimals(value, digits) as i32))
 }
 
 /// Rounds to `1/scale`: more digits than that are noise and only clutter the output.

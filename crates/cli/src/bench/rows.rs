@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
 
-use super::target::{self, dynprobe_bench_int3, dynprobe_bench_target, Target};
+use super::target::{self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_target, Target};
 use super::uprobe;
 
 /// The unprobed call: every other row's added cost is measured against it.
@@ -17,6 +17,8 @@ pub const BASELINE: &str = "baseline-call";
 pub const SIGTRAP_FLOOR: &str = "sigtrap-floor";
 /// The kernel's uprobe on the same function.
 pub const KERNEL_UPROBE: &str = "kernel-uprobe";
+/// The kernel's uprobe on a 5-byte NOP, its fastest kind of site.
+pub const KERNEL_UPROBE_NOP5: &str = "kernel-uprobe-nop5";
 /// The kernel's uretprobe on the same function.
 pub const KERNEL_URETPROBE: &str = "kernel-uretprobe";
 
@@ -78,6 +80,13 @@ pub static ROWS: &[Row] = &[
         compare_to: &[],
     },
     Row {
+        name: KERNEL_UPROBE_NOP5,
+        about: "kernel uprobe on a 5-byte NOP (its best case: no single-step)",
+        target: dynprobe_bench_nop5,
+        setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        compare_to: &[],
+    },
+    Row {
         name: KERNEL_URETPROBE,
         about: "kernel uretprobe (perf_event_open, uprobe PMU)",
         target: dynprobe_bench_target,
@@ -96,14 +105,14 @@ pub static ROWS: &[Row] = &[
         about: "dynprobe jump-optimized probe at the entry, empty handler",
         target: dynprobe_bench_target,
         setup: |target| register_optimized_probe(target, ProbePoint::Entry),
-        compare_to: &[KERNEL_UPROBE],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
     },
     Row {
         name: "optimized-probe-mid",
-        about: "dynprobe jump-optimized probe inside the function (flags + XSAVE state saved)",
+        about: "dynprobe jump-optimized probe mid-function (flags, MXCSR, all vector registers saved)",
         target: dynprobe_bench_target,
         setup: |target| register_optimized_probe(target, ProbePoint::Middle),
-        compare_to: &[KERNEL_UPROBE],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
     },
 ];
 

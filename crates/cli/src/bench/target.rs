@@ -15,6 +15,8 @@ extern "C" {
     /// The same work as [`dynprobe_bench_target`] after an `int3`: sound to call only while
     /// a SIGTRAP handler that resumes after the `int3` is installed.
     pub fn dynprobe_bench_int3(x: c_long) -> c_long;
+    /// [`dynprobe_bench_target`] behind a 5-byte NOP (the kernel uprobe's best case).
+    pub fn dynprobe_bench_nop5(x: c_long) -> c_long;
 }
 
 /// Where `target`'s code starts in this process: the address its probes go on.
