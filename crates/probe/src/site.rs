@@ -127,6 +127,7 @@ impl PatchSite {
 
     /// Runs the enabled probes' pre-handlers in registration order, stopping after one that
     /// diverts `ip`. Returns true when an enabled probe has a post-handler.
+    #[inline]
     pub(crate) fn run_pre_handlers(&self, regs: &mut Regs, guard: &HandlerGuard) -> bool {
         let mut wants_post = false;
         for probe in self.probes().iter().filter(|p| p.enabled()) {
@@ -171,6 +172,7 @@ impl Drop for PatchSite {
 
 /// Calls a user handler. A panic must not unwind through the signal frame (that aborts the
 /// program); it is contained here and the probed instruction still runs.
+#[inline]
 fn call(handler: &crate::probe::Handler, regs: &mut Regs) {
     let _ = catch_unwind(AssertUnwindSafe(|| handler(regs)));
 }

@@ -5,7 +5,7 @@
 //!  +0   trap:  int3                        slow way out: the handler asked for more than a
 //!              int3 ...                    register restore can give (see below)
 //!  +16  entry: lea -144(%rsp),%rsp         step over the red zone, room for rsp and rip
-//!              pushfq
+//!              pushfq                      (entry: push $0x202, the flags are dead)
 //!              push %rdi ... push %r15     the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
 //!              mov %rsp,%rbx
@@ -44,6 +44,8 @@ pub const FRAME_RSP: i32 = 128;
 pub const FRAME_IP: i32 = 136;
 /// The SysV red zone below `rsp`, which a detour must not touch.
 pub const RED_ZONE: i32 = 128;
+/// The flags a detour at a function entry puts in the frame (only IF and the reserved bit).
+const ENTRY_FLAGS: i32 = 0x202;
 /// Offset of the detour's entry (what the probe point's `jmp` targets).
 pub const ENTRY_OFFSET: usize = 16;
 /// Offset of the slow-path `int3`.
@@ -150,7 +152,12 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
 
     // Frame: [rip][rsp] below the red zone, then flags and the general registers.
     a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
-    a.pushfq()?;
+    match spec.save {
+        // Flags are dead at a function entry and pushfq is microcoded: the frame gets the
+        // flags a thread starts with (IF set), so that a slow-path restore loads sane ones.
+        VectorSave::EntryArguments => a.push(ENTRY_FLAGS)?,
+        VectorSave::Full { .. } => a.pushfq()?,
+    }
     for reg in GPRS_PUSHED {
         a.push(reg)?;
     }
@@ -197,10 +204,12 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
     match spec.save {
         // Flags are dead at a function entry (a call clobbers them), and popfq is slow.
-        VectorSave::EntryArguments => a.lea(rsp, ptr(rsp + 8))?,
-        VectorSave::Full { .. } => a.popfq()?,
+        VectorSave::EntryArguments => a.lea(rsp, ptr(rsp + (8 + 16 + RED_ZONE)))?,
+        VectorSave::Full { .. } => {
+            a.popfq()?;
+            a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
+        }
     }
-    a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
     Ok(a)
 }
 
@@ -314,12 +323,12 @@ mod tests {
             let detour = build_detour(&s).unwrap();
             let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
             let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
-            let pushes = instrs.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Push).count();
-            let pops = instrs.iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Pop).count();
-            assert_eq!((pushes, pops), (15, 15));
-            assert!(instrs.iter().any(|i| i.mnemonic() == iced_x86::Mnemonic::Pushfq));
-            let restores_flags = instrs.iter().any(|i| i.mnemonic() == iced_x86::Mnemonic::Popfq);
-            assert_eq!(restores_flags, matches!(save, VectorSave::Full { .. }));
+            let full = matches!(save, VectorSave::Full { .. });
+            let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
+            assert_eq!(count(iced_x86::Mnemonic::Pushfq), full as usize);
+            assert_eq!(count(iced_x86::Mnemonic::Popfq), full as usize);
+            assert_eq!(count(iced_x86::Mnemonic::Push), 15 + !full as usize);
+            assert_eq!(count(iced_x86::Mnemonic::Pop), 15);
         }
     }
 }
