@@ -20,7 +20,6 @@ impl HandlerGuard {
     /// store runs its own handlers to completion before this thread goes on, so the plain
     /// load-then-store cannot lose a nested hit.
     #[inline]
-    #[allow(dead_code)] // for handlers that belong to no site (return probes)
     pub(crate) fn enter() -> Option<HandlerGuard> {
         Self::enter_site(ANY_SITE as u64)
     }

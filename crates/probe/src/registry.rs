@@ -416,6 +416,14 @@ impl Registry {
     }
 }
 
+/// Stops every other thread. Until the guard returned with the world is dropped (after the
+/// world), probes this thread hits count as missed instead of running their handlers: a
+/// handler could wait for a lock one of the stopped threads holds.
+fn stop_world() -> Result<(stop::StoppedWorld, Option<HandlerGuard>), ProbeError> {
+    let guard = HandlerGuard::enter();
+    Ok((stop::stop_other_threads(STOP_TIMEOUT)?, guard))
+}
+
 /// What one optimization attempt came to.
 enum Attempt {
     /// Optimized, or nothing to do.
@@ -468,7 +476,7 @@ impl Registry {
         if self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_some() {
             return Ok(Attempt::Done);
         }
-        let mut world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let (mut world, _missing_own_hits) = stop_world()?;
         let written = write_jump(&mut world, site, detour);
         if written.is_ok() {
             site.optimized.store(true, Ordering::Release);
@@ -491,7 +499,7 @@ impl Registry {
         let Some(detour) = site.detour().filter(|_| site.optimized.load(Ordering::Relaxed)) else {
             return Ok(());
         };
-        let world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let (world, _missing_own_hits) = stop_world()?;
         let removed = remove_jump(site, detour);
         if removed.is_ok() {
             site.optimized.store(false, Ordering::Release);
