@@ -108,7 +108,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     // The new int3 may go where another site's detour jump lies: that site becomes a
     // breakpoint probe again (and stays one while this site exists).
     registry.unoptimize_covering(target.addr)?;
-    let function = target.function.as_ref().filter(|f| f.2 > 0).map(|f| (f.1, f.2));
+    let function = target.function.clone().filter(|f| f.2 > 0);
     let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()]);
     if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
@@ -455,11 +455,17 @@ impl Registry {
             return Ok(Attempt::Done);
         }
         if site.detour().is_none() {
-            let prepared = match site.function {
+            let function = site.function.clone();
+            let cold = match &function {
+                Some((name, _, _)) => self.cold_part(name)?,
+                None => None,
+            };
+            let site = self.sites.get(&addr).expect("looked up above");
+            let prepared = match &function {
                 None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
-                Some((start, size)) => {
-                    let function = self.original_bytes(start, size as usize)?;
-                    prepare_detour(site, &function, start)
+                Some((_, start, size)) => {
+                    let function = self.original_bytes(*start, *size as usize)?;
+                    prepare_detour(site, &function, *start, cold.as_ref().map(|(s, b)| (*s, b.as_slice())))
                 }
             };
             match prepared {
@@ -470,6 +476,7 @@ impl Registry {
                 }
             }
         }
+        let site = self.sites.get(&addr).expect("looked up above");
         let detour = site.detour().expect("prepared above");
         // Another site inside the covered bytes keeps this one a breakpoint probe while it
         // exists (its int3 would be overwritten by the jump).
@@ -490,6 +497,15 @@ impl Registry {
                 *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 Ok(Attempt::Done)
             }
+        }
+    }
+
+    /// The `.cold` part GCC split off function `name` (its start and original bytes), if any.
+    fn cold_part(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>, ProbeError> {
+        let cold = self.symbols(false)?.lookup(&format!("{name}.cold")).ok().map(|s| (s.addr, s.size));
+        match cold {
+            Some((start, size)) if size > 0 => Ok(Some((start, self.original_bytes(start, size as usize)?))),
+            _ => Ok(None),
         }
     }
 

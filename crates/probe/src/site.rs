@@ -22,8 +22,8 @@ pub(crate) struct PatchSite {
     /// `symbol+offset`, or the bare address.
     pub(crate) symbol: String,
     pub(crate) slots: PreparedSlots,
-    /// The containing function's start and size, when known (needed to optimize).
-    pub(crate) function: Option<(u64, u64)>,
+    /// The containing function's name, start and size, when known (needed to optimize).
+    pub(crate) function: Option<(String, u64, u64)>,
     /// True while the `int3` is written; changed only under the registry lock.
     pub(crate) armed: AtomicBool,
     /// True while the detour jump is written over the `int3` (the probe is optimized).
@@ -48,7 +48,7 @@ impl PatchSite {
         orig_byte: u8,
         insn_text: String,
         symbol: String,
-        function: Option<(u64, u64)>,
+        function: Option<(String, u64, u64)>,
         slots: PreparedSlots,
         probes: ProbeList,
     ) -> Box<PatchSite> {

@@ -273,3 +273,24 @@ fn a_probe_inside_an_optimized_jump_turns_it_back_into_a_breakpoint() {
     assert_eq!(f(1), 2);
     assert_eq!(outer.hits(), 2);
 }
+
+#[test]
+fn a_jump_back_from_the_functions_cold_part_is_seen() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("hotcold");
+    assert_eq!((f(3), f(-3)), (16, 16));
+    let probe = optimized(Probe::at(Location::SymbolOffset("hotcold".into(), 13)).on_hit(|_| {}));
+    let info = probe.info();
+    assert!(!info.optimized, "{info}");
+    let reason = info.not_optimized.clone().unwrap_or_default();
+    assert!(reason.contains("cold part"), "{reason}");
+    assert_eq!((f(3), f(-3)), (16, 16));
+    assert_eq!(probe.hits(), 1, "the cold path joins after the probe point");
+    // At +4 the covered bytes end before the join: optimized, and both paths work.
+    drop(probe);
+    let probe = optimized(Probe::at(Location::SymbolOffset("hotcold".into(), 4)).on_hit(|_| {}));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!((f(3), f(-3)), (16, 16));
+    assert_eq!(probe.hits(), 2);
+}

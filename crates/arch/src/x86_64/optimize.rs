@@ -175,6 +175,29 @@ pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun,
     Ok(CoveredRun { insns: covered.iter().map(|i| disasm.text(i)).collect(), ..run })
 }
 
+/// Checks another piece of code that may branch into the function — the `.cold` part GCC
+/// splits off a function, whose jumps back land in the function's middle — against `run`.
+pub fn check_branches_into(code: &[u8], start: u64, run: &CoveredRun) -> Result<(), OptimizeRefusal> {
+    check_branches(&decode_instructions(code, start)?, run)
+}
+
+fn check_branches(instrs: &[Instruction], run: &CoveredRun) -> Result<(), OptimizeRefusal> {
+    for instr in instrs {
+        match flow_of(instr) {
+            Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target }
+                if run.strictly_inside(target) =>
+            {
+                return Err(OptimizeRefusal::BranchInto { from: instr.ip(), to: target })
+            }
+            Flow::IndirectJump if !is_tail_call_through_memory(instr) => {
+                return Err(OptimizeRefusal::IndirectJump { at: instr.ip(), text: Disassembler::new().text(instr) })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// `jmp *sym@GOTPCREL(%rip)`: a tail call to another function through the GOT (as with
 /// `-fno-plt`); its one target is outside this function. A jump through a register or an
 /// indexed table may land anywhere in the function.
@@ -243,6 +266,22 @@ mod tests {
         // ... ; jmp *0x10(%rip)
         let g = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f, 0xff, 0x25, 0x10, 0x00, 0x00, 0x00];
         assert_eq!(covered_run(&g, 0x1000, 0x1000).unwrap().len, 7);
+    }
+
+    #[test]
+    fn a_cold_part_jumping_back_inside_is_refused() {
+        let f = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f, 0x48, 0x31, 0xf8, 0xc3];
+        let run = covered_run(&f, 0x1000, 0x1000).unwrap();
+        // at 0x2000: jmp 0x1003 (rel32 = 0x1003 - 0x2005)
+        let rel = (0x1003i64 - 0x2005) as i32;
+        let cold: Vec<u8> = [0xe9].into_iter().chain(rel.to_le_bytes()).collect();
+        assert_eq!(
+            check_branches_into(&cold, 0x2000, &run),
+            Err(OptimizeRefusal::BranchInto { from: 0x2000, to: 0x1003 })
+        );
+        let rel = (0x1007i64 - 0x2005) as i32;
+        let cold: Vec<u8> = [0xe9].into_iter().chain(rel.to_le_bytes()).collect();
+        assert_eq!(check_branches_into(&cold, 0x2000, &run), Ok(()));
     }
 
     #[test]

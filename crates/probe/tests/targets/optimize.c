@@ -56,3 +56,22 @@ __attribute__((noinline)) long opt_hot(long x) {
     __asm__ volatile("" ::: "memory");
     return x * 2 + 1;
 }
+
+/* A function with a split-off cold part that jumps back into its middle, as GCC's
+ * hot/cold partitioning makes: x >= 0 ? 5x + 1 : -5x + 1. The cold part's jump lands at
+ * hotcold+15, inside the bytes a jump written at hotcold+13 would cover. */
+__asm__(".text\n.globl hotcold\n.type hotcold,@function\nhotcold:\n"
+        " lea (%rdi,%rdi,4),%rax\n"  /* +0 */
+        " test %rdi,%rdi\n"          /* +4 */
+        " js hotcold.cold\n"         /* +7, rel32 to another section */
+        " xor %edx,%edx\n"           /* +13 */
+        "hotcold_join:\n"
+        " add $1,%rax\n"             /* +15 */
+        " ret\n"
+        ".size hotcold,.-hotcold\n"
+        ".section .text.unlikely,\"ax\",@progbits\n"
+        ".type hotcold.cold,@function\nhotcold.cold:\n"
+        " neg %rax\n"
+        " jmp hotcold_join\n"
+        ".size hotcold.cold,.-hotcold.cold\n"
+        ".text\n");

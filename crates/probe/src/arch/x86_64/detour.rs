@@ -16,7 +16,7 @@ use super::Regs;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, VectorSave, VectorWidth, TRAP_OFFSET};
-use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
+use dynprobe_arch::native::optimize::{check_branches_into, covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::StoppedWorld;
@@ -96,9 +96,18 @@ fn full_state_save() -> Result<VectorSave, String> {
 }
 
 /// Checks the probe point against its function (`function`, the original bytes from
-/// `start`) and writes its detour. `Err` is the reason it stays a breakpoint probe.
-pub(crate) fn prepare_detour(site: &PatchSite, function: &[u8], start: u64) -> Result<SiteDetour, String> {
+/// `start`) and the function's split-off cold part (its start and bytes), and writes its
+/// detour. `Err` is the reason it stays a breakpoint probe.
+pub(crate) fn prepare_detour(
+    site: &PatchSite,
+    function: &[u8],
+    start: u64,
+    cold: Option<(u64, &[u8])>,
+) -> Result<SiteDetour, String> {
     let run = covered_run(function, start, site.addr).map_err(|e| e.to_string())?;
+    if let Some((cold_start, cold)) = cold {
+        check_branches_into(cold, cold_start, &run).map_err(|e| format!("{e} (in the function's cold part)"))?;
+    }
     let offset = (site.addr - start) as usize;
     let original = function[offset..offset + run.len].to_vec();
     let save = if site.addr == start { VectorSave::EntryArguments } else { full_state_save()? };
