@@ -69,6 +69,10 @@ fn start() {
     match place_all(&probes, channel) {
         Ok(handles) => {
             let n = handles.len();
+            // Only this thread exists yet, so jump-optimizing now costs no stop of anyone
+            // and the program's first hits are already nanosecond ones. A probe that cannot
+            // be optimized keeps working as a breakpoint.
+            let _ = dynprobe::wait_for_optimizer();
             handles.into_iter().for_each(ProbeHandle::leak);
             channel.send(format!("!ready {n}\n").as_bytes());
         }
