@@ -26,6 +26,7 @@
 //! still reaches the right caller and finds no handler.
 
 use crate::arch::{rethook, thread_pointer, Regs};
+use crate::counter::PerThreadCounter;
 use crate::guard::HandlerGuard;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::{Location, Probe, ProbeError, ProbeHandle, ProbeInfo};
@@ -102,8 +103,10 @@ struct RpShared {
     maxactive: u8,
     entry: Option<EntryHandler>,
     ret: Option<ReturnHandler>,
-    hits: AtomicU64,
-    returns: AtomicU64,
+    /// Calls tracked, per thread.
+    hits: PerThreadCounter,
+    /// Return handler runs, per thread.
+    returns: PerThreadCounter,
     nmissed: AtomicU64,
 }
 
@@ -241,6 +244,18 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
         top -= 1;
     }
     stack.top.store(top as u32, Ordering::Relaxed);
+    let current = read_slot(rsp);
+    // Instances at the top already divert this return-address slot: other return probes on
+    // this same call (ours joins them, see `on_return`), or this very probe when the thread
+    // came back to the entry without a new call (a loop whose head is the first instruction,
+    // a tail call to itself), which is no new call to track.
+    // SAFETY: as above, an instance of this thread below `top`.
+    let shared = top > 0
+        && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
+        && rethook::is_entry_of(current, base + top - 1);
+    if shared && tracked_by(base, top, rsp, rp) {
+        return;
+    }
     if top == MAX_DEPTH || count(slot, rp.index).load(Ordering::Relaxed) >= rp.maxactive {
         return rp.miss();
     }
@@ -253,13 +268,6 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
             return;
         }
     }
-    let current = read_slot(rsp);
-    // Another return probe on this same call came first: its instance holds the original
-    // return address, and ours will run its handler too (see `on_return`).
-    // SAFETY: as above, an instance of this thread below `top`.
-    let shared = top > 0
-        && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
-        && rethook::is_entry_of(current, base + top - 1);
     // SAFETY: as above.
     inst.orig = if shared { unsafe { (*instance(base + top - 1)).orig } } else { current };
     inst.slot_addr = rsp;
@@ -271,12 +279,25 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
     compiler_fence(Ordering::SeqCst);
     // SAFETY: `rsp` at a function entry points at the return address pushed by its call.
     unsafe { std::ptr::write_volatile(rsp as *mut u64, rethook::entry(base + top)) };
-    rp.hits.fetch_add(1, Ordering::Relaxed);
+    rp.hits.add(Some(slot));
+}
+
+/// True when an instance of `rp` is among those at the top of the stack (`[base, base + top)`)
+/// that divert the return-address slot `slot_addr`.
+#[inline]
+fn tracked_by(base: usize, top: usize, slot_addr: u64, rp: &RpShared) -> bool {
+    (0..top)
+        .rev()
+        // SAFETY: instances of this thread below `top`.
+        .map(|k| unsafe { &*instance(base + k) })
+        .take_while(|inst| inst.slot_addr == slot_addr)
+        .any(|inst| inst.probe == rp.index && inst.id == rp.id)
 }
 
 /// The return path, called by the trampoline with the index of the instance whose entry the
 /// function returned into and the return registers; returns where execution continues.
-fn on_return(index: usize, regs: &mut Regs) -> u64 {
+#[inline]
+pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
     let guard = HandlerGuard::enter();
     let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
     let base = slot * MAX_DEPTH;
@@ -302,7 +323,7 @@ fn on_return(index: usize, regs: &mut Regs) -> u64 {
         // SAFETY: as above.
         let inst = unsafe { &*instance(base + k) };
         if guard.is_some() {
-            run_return_handler(stack, inst, regs);
+            run_return_handler(slot, inst, regs);
         }
         bump(count(slot, inst.probe), -1);
     }
@@ -314,7 +335,8 @@ fn on_return(index: usize, regs: &mut Regs) -> u64 {
 }
 
 #[inline]
-fn run_return_handler(stack: &SlotStack, inst: &Instance, regs: &mut Regs) {
+fn run_return_handler(slot: usize, inst: &Instance, regs: &mut Regs) {
+    let stack = &STACKS[slot];
     stack.dispatching.store(inst.probe + 1, Ordering::Relaxed);
     // Unregistering clears the table entry, then waits out a stop of every thread, then
     // waits for `dispatching`: this store is ordered before the load below by program
@@ -326,7 +348,7 @@ fn run_return_handler(stack: &SlotStack, inst: &Instance, regs: &mut Regs) {
         // saw `dispatching` clear of its index.
         let rp = unsafe { &*rp };
         if rp.id == inst.id {
-            rp.returns.fetch_add(1, Ordering::Relaxed);
+            rp.returns.add(Some(slot));
             if let Some(handler) = &rp.ret {
                 // A panic must not unwind into the trampoline: contained here.
                 let _ = catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data)));
@@ -377,7 +399,7 @@ impl Setup {
             }
             INSTANCES.store(table.cast(), Ordering::Release);
             let stride = std::mem::size_of::<Instance>() as u64;
-            rethook::install(MAX_THREADS * MAX_DEPTH, table as u64, stride, on_return)?;
+            rethook::install(MAX_THREADS * MAX_DEPTH, table as u64, stride)?;
             self.trampoline = true;
         }
         if !self.filter {
@@ -487,8 +509,8 @@ impl ReturnProbe {
             maxactive: self.maxactive as u8,
             entry: self.entry,
             ret: self.ret,
-            hits: AtomicU64::new(0),
-            returns: AtomicU64::new(0),
+            hits: PerThreadCounter::new(),
+            returns: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),
         });
         PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
@@ -554,12 +576,12 @@ impl ReturnProbeHandle {
 
     /// Calls tracked: an instance was taken and the entry handler (if any) returned true.
     pub fn hits(&self) -> u64 {
-        self.shared.hits.load(Ordering::Relaxed)
+        self.shared.hits.sum()
     }
 
     /// Tracked calls that returned through the trampoline (return handler runs).
     pub fn returns(&self) -> u64 {
-        self.shared.returns.load(Ordering::Relaxed)
+        self.shared.returns.sum()
     }
 
     /// Calls not tracked: `maxactive` or [`MAX_DEPTH`] reached, the thread was already
@@ -597,8 +619,8 @@ impl ReturnProbeHandle {
         let missed_at_entry = entry.unregister()?.nmissed;
         retire(self.shared.index)?;
         Ok(ReturnProbeStats {
-            hits: self.shared.hits.load(Ordering::Relaxed),
-            returns: self.shared.returns.load(Ordering::Relaxed),
+            hits: self.shared.hits.sum(),
+            returns: self.shared.returns.sum(),
             nmissed: self.shared.nmissed.load(Ordering::Relaxed) + missed_at_entry,
         })
     }

@@ -14,6 +14,14 @@ fn lib() -> &'static Lib {
     LIB.get_or_init(|| Lib::build("ret_basic.c", &[]))
 }
 
+/// Takes the test lock and loads the target first, so that its symbols are found (and not
+/// this program's own `fib`).
+fn setup() -> std::sync::MutexGuard<'static, ()> {
+    let serial = serial();
+    lib();
+    serial
+}
+
 fn fib(n: i64) -> i64 {
     if n < 2 {
         n
@@ -33,7 +41,7 @@ fn fib_calls(n: i64) -> u64 {
 
 #[test]
 fn entry_and_return_see_arguments_values_and_the_data_area() {
-    let _serial = serial();
+    let _serial = setup();
     let work = lib().func1("work");
     let work_addr = lib().addr("work");
     let seen = Arc::new([const { AtomicU64::new(0) }; 6]);
@@ -79,8 +87,7 @@ fn entry_and_return_see_arguments_values_and_the_data_area() {
 
 #[test]
 fn multi_register_and_floating_point_return_values_survive() {
-    let _serial = serial();
-    lib();
+    let _serial = setup();
     let rdx_seen = Arc::new(AtomicU64::new(0));
     let r = rdx_seen.clone();
     let probes = [
@@ -107,7 +114,7 @@ fn multi_register_and_floating_point_return_values_survive() {
 
 #[test]
 fn recursion_pairs_every_entry_with_its_return() {
-    let _serial = serial();
+    let _serial = setup();
     let wrong = Arc::new(AtomicU64::new(0));
     let w = wrong.clone();
     let probe = ReturnProbe::at(sym!("fib"))
@@ -133,7 +140,7 @@ fn recursion_pairs_every_entry_with_its_return() {
 
 #[test]
 fn two_return_probes_on_one_function_both_run_last_registered_first() {
-    let _serial = serial();
+    let _serial = setup();
     let order = Arc::new(AtomicU64::new(0));
     let (o1, o2) = (order.clone(), order.clone());
     let first = ReturnProbe::at(sym!("fib"))
@@ -169,7 +176,7 @@ fn two_return_probes_on_one_function_both_run_last_registered_first() {
 
 #[test]
 fn maxactive_one_tracks_the_outermost_call_and_counts_the_rest_missed() {
-    let _serial = serial();
+    let _serial = setup();
     let probe = ReturnProbe::at(sym!("fib")).maxactive(1).on_return(|_, _| ()).register().unwrap();
     assert_eq!(lib().func1("fib")(10), 55);
     assert_eq!(lib().func1("fib")(10), 55);
@@ -179,7 +186,7 @@ fn maxactive_one_tracks_the_outermost_call_and_counts_the_rest_missed() {
 
 #[test]
 fn entry_handler_returning_false_leaves_the_call_untracked() {
-    let _serial = serial();
+    let _serial = setup();
     let probe = ReturnProbe::at(sym!("work"))
         .on_entry(|regs, _| regs.arg(0) % 2 == 0)
         .on_return(|regs, _| assert_eq!(regs.retval() % 2, 1))
@@ -194,8 +201,7 @@ fn entry_handler_returning_false_leaves_the_call_untracked() {
 
 #[test]
 fn a_return_handler_can_change_the_return_value() {
-    let _serial = serial();
-    lib();
+    let _serial = setup();
     let probe = ReturnProbe::at(sym!("work")).on_return(|regs, _| regs.rax += 1000).register().unwrap();
     assert_eq!(lib().func1("work")(1), 1004);
     drop(probe);
@@ -204,7 +210,7 @@ fn a_return_handler_can_change_the_return_value() {
 
 #[test]
 fn threads_calling_concurrently_are_counted_exactly() {
-    let _serial = serial();
+    let _serial = setup();
     const THREADS: u64 = 4;
     const CALLS: i64 = 20_000;
     let wrong = Arc::new(AtomicU64::new(0));
@@ -240,7 +246,7 @@ fn threads_calling_concurrently_are_counted_exactly() {
 
 #[test]
 fn calls_in_flight_at_unregister_still_return_to_their_callers() {
-    let _serial = serial();
+    let _serial = setup();
     let ran_after = Arc::new(AtomicBool::new(false));
     let unregistered = Arc::new(AtomicBool::new(false));
     let (r, u) = (ran_after.clone(), unregistered.clone());
@@ -274,8 +280,7 @@ fn calls_in_flight_at_unregister_still_return_to_their_callers() {
 
 #[test]
 fn only_function_entries_take_return_probes() {
-    let _serial = serial();
-    lib();
+    let _serial = setup();
     match ReturnProbe::at("work+0x4").register() {
         Err(ProbeError::ReturnProbeNotAtEntry { symbol, offset: 4 }) => assert_eq!(symbol, "work"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -297,7 +302,7 @@ fn program_output(seed: i64) -> String {
 
 #[test]
 fn a_programs_output_is_the_same_with_and_without_return_probes_on_its_hot_functions() {
-    let _serial = serial();
+    let _serial = setup();
     let bare: Vec<String> = (1..=5).map(program_output).collect();
     let total_ns = Arc::new(AtomicU64::new(0));
     let t = total_ns.clone();
@@ -329,7 +334,7 @@ fn a_programs_output_is_the_same_with_and_without_return_probes_on_its_hot_funct
 
 #[test]
 fn return_probes_on_jump_optimized_entries_while_optimization_is_switched() {
-    let _serial = serial();
+    let _serial = setup();
     let fib_fn = lib().func1("fib");
     let wrong = Arc::new(AtomicU64::new(0));
     let w = wrong.clone();
@@ -377,4 +382,122 @@ fn return_probes_on_jump_optimized_entries_while_optimization_is_switched() {
     let expected = fib_calls(16) + calls * fib_calls(12);
     assert_eq!((stats.hits, stats.returns, stats.nmissed), (expected, expected, 0));
     assert_eq!(wrong.load(SeqCst), 0);
+}
+
+#[test]
+fn a_call_in_flight_when_its_probe_is_unregistered_returns_without_its_handler() {
+    let _serial = setup();
+    let block = lib().func1("block_until");
+    let ran = Arc::new(AtomicU64::new(0));
+    let r = ran.clone();
+    let probe = ReturnProbe::at(sym!("block_until"))
+        .on_return(move |_, _| {
+            r.fetch_add(1, SeqCst);
+        })
+        .register()
+        .unwrap();
+    let flag = Box::leak(Box::new(AtomicU64::new(0)));
+    let flag_addr = flag as *const AtomicU64 as i64;
+    let worker = std::thread::spawn(move || block(flag_addr));
+    while probe.hits() == 0 {
+        std::thread::yield_now();
+    }
+    let stats = probe.unregister().unwrap();
+    // One call, though its loop went through the entry probe many times.
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (1, 0, 0));
+    flag.store(1, SeqCst);
+    assert_eq!(worker.join().unwrap(), 7, "the call returned to its caller with its value");
+    assert_eq!(ran.load(SeqCst), 0, "the handler of an unregistered probe does not run");
+    // The trampoline entry it used is taken again by later calls.
+    let again =
+        ReturnProbe::at(sym!("block_until")).on_return(|regs, _| assert_eq!(regs.retval(), 7)).register().unwrap();
+    assert_eq!(block(flag_addr), 7);
+    let stats = again.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns), (1, 1));
+}
+
+static IN_HANDLER_RESULTS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn calls_probed_functions(_: libc::c_int) {
+    let (work, fib) = (lib().func1("work"), lib().func1("fib"));
+    let ok = (0..10).all(|i| work(i) == 3 * i + 1) && fib(10) == 55;
+    IN_HANDLER_RESULTS.fetch_add(ok as u64, SeqCst);
+}
+
+/// Maps a signal stack above the current stack pointer (the harder case: the interrupted
+/// thread's instances lie below the handler's `rsp`).
+fn signal_stack_above_rsp() -> *mut libc::c_void {
+    const SIZE: usize = 1 << 20;
+    let local = 0u8;
+    let rsp = std::hint::black_box(&local) as *const u8 as usize;
+    for gap in [1usize << 30, 1 << 28, 1 << 26, 1 << 24] {
+        let hint = (rsp + gap) & !0xfff;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut libc::c_void,
+                SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            return p;
+        }
+    }
+    panic!("no free address range above the stack for a signal stack");
+}
+
+#[test]
+fn signal_handlers_on_an_alternate_stack_call_probed_functions_mid_call() {
+    let _serial = setup();
+    let raise_inside = lib().func1("raise_inside");
+    let stack = signal_stack_above_rsp();
+    let local = 0u8;
+    assert!(stack as usize > std::hint::black_box(&local) as *const u8 as usize);
+    let probes = [
+        ReturnProbe::at(sym!("raise_inside")).on_return(|regs, _| assert_eq!(regs.retval(), 1000 + 10)),
+        ReturnProbe::at(sym!("work")).on_return(|_, _| ()),
+        ReturnProbe::at(sym!("fib")).on_return(|_, _| ()),
+    ]
+    .map(|p| p.register().unwrap());
+    // SAFETY: the handler only calls the target's pure functions and an atomic; the stack is
+    // a fresh 1 MiB mapping that stays mapped (it is leaked).
+    unsafe {
+        let ss = libc::stack_t { ss_sp: stack, ss_flags: 0, ss_size: 1 << 20 };
+        assert_eq!(libc::sigaltstack(&ss, std::ptr::null_mut()), 0);
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = calls_probed_functions as *const () as usize;
+        action.sa_flags = libc::SA_ONSTACK;
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()), 0);
+    }
+    for _ in 0..100 {
+        assert_eq!(raise_inside(libc::SIGUSR2 as i64), libc::SIGUSR2 as i64 + 1000);
+    }
+    // SAFETY: restores the default disposition and turns the alternate stack off.
+    unsafe {
+        libc::signal(libc::SIGUSR2, libc::SIG_DFL);
+        let off = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+        libc::sigaltstack(&off, std::ptr::null_mut());
+    }
+    assert_eq!(IN_HANDLER_RESULTS.load(SeqCst), 100);
+    let [raiser, work, fib_probe] = probes.map(|p| p.unregister().unwrap());
+    assert_eq!((raiser.hits, raiser.returns, raiser.nmissed), (100, 100, 0));
+    assert_eq!((work.hits, work.returns, work.nmissed), (1000, 1000, 0));
+    assert_eq!((fib_probe.hits, fib_probe.returns, fib_probe.nmissed), (100 * fib_calls(10), 100 * fib_calls(10), 0));
+}
+
+#[test]
+fn the_child_of_a_fork_inside_a_probed_function_returns_through_it() {
+    let _serial = setup();
+    let driver = lib().func1("fork_driver");
+    let probes =
+        ["fork_and_return", "work", "fib"].map(|s| ReturnProbe::at(sym!(s)).on_return(|_, _| ()).register().unwrap());
+    for x in 0..5 {
+        assert_eq!(driver(x), 42, "the child returned from the probed fork with its instance stack");
+    }
+    let [fork_probe, ..] = probes.map(|p| p.unregister().unwrap());
+    assert_eq!((fork_probe.hits, fork_probe.returns, fork_probe.nmissed), (5, 5, 0), "the parent's side");
 }

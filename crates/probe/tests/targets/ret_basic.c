@@ -65,3 +65,34 @@ NOINLINE long bt_middle(long x) { return bt_inner(x) * 2; }
 NOINLINE long bt_outer(long x) { return bt_middle(x) + 3; }
 long bt_frames_taken(long unused) { (void)unused; return bt_count; }
 long bt_frame(long i) { return (long)bt_frames[i]; }
+
+/* Spins until *flag is set: a call kept in flight while its probe is unregistered. At -O1
+ * the loop's head is the function's first instruction, so the entry probe fires on every
+ * iteration of the one call. */
+NOINLINE long block_until(long flag_addr) {
+    while (!__atomic_load_n((volatile long *)flag_addr, __ATOMIC_ACQUIRE)) {}
+    return 7;
+}
+
+/* Raises `signal` from inside a probed function: the handler (on an alternate stack, set up
+ * by the test) calls probed functions while this call is in flight. */
+#include <signal.h>
+NOINLINE long raise_inside(long sig) {
+    raise((int)sig);
+    return sig + 1000;
+}
+
+/* The child of a fork inside a probed function returns through the trampoline too. */
+#include <sys/wait.h>
+#include <unistd.h>
+NOINLINE long fork_and_return(long x) {
+    (void)x;
+    return (long)fork();
+}
+NOINLINE long fork_driver(long x) {
+    long pid = fork_and_return(x);
+    if (pid == 0) _exit(work(x) == 3 * x + 1 && fib(10) == 55 ? 42 : 1);
+    int status = 0;
+    if (waitpid((pid_t)pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -2;
+}

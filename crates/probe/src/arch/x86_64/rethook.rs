@@ -79,13 +79,6 @@ pub(crate) struct SaveArea {
     after_call: u64,
 }
 
-/// The return side of the generic return-probe logic: gets the instance index and the
-/// registers (rax, rdx, rsp, ip = original return address), returns where to continue.
-pub(crate) type ReturnDispatch = fn(index: usize, regs: &mut Regs) -> u64;
-
-/// The generic dispatcher, set by [`install`].
-static DISPATCH: AtomicU64 = AtomicU64::new(0);
-
 /// The address a probed function must return to for instance `index`.
 #[inline(always)]
 pub(crate) fn entry(index: usize) -> u64 {
@@ -109,8 +102,7 @@ pub(crate) fn contains(ip: u64) -> bool {
 /// Writes the trampoline for `entries` instances and registers its unwind information.
 /// `table` is the address of the instance table: instance `i`'s original return address is
 /// the `u64` at `table + i * stride`. Called once, before any return probe can fire.
-pub(crate) fn install(entries: usize, table: u64, stride: u64, dispatch: ReturnDispatch) -> Result<(), ProbeError> {
-    DISPATCH.store(dispatch as usize as u64, Ordering::Relaxed);
+pub(crate) fn install(entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
     let size = LEAD as usize + entries * ENTRY_SIZE as usize + COMMON_LEN + 8;
     let slot = pool::alloc_near(trampoline_dispatch as *const () as u64, size)?;
     let sled = slot.addr + LEAD;
@@ -238,16 +230,15 @@ fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
     out.resize(out.len() + len - 4 - body.len(), 0);
 }
 
-/// Called by `common` with the address its entry pushed and the save area; returns the
-/// original return address. Never unwinds (handlers' panics are contained by `retprobe`).
+/// Called by `common` with the address its entry pushed and the save area; runs the generic
+/// return path (the kernel's `kretprobe_trampoline_handler`) and returns where to continue.
+/// Never unwinds (handlers' panics are contained by `retprobe`).
 extern "C" fn trampoline_dispatch(after_call: u64, save: *mut SaveArea) -> u64 {
     // SAFETY: `common` passes its own stack save area, live for the whole call.
     let save = unsafe { &mut *save };
     let index = ((after_call - SLED.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
     let mut regs = Regs { rax: save.rax, rdx: save.rdx, rsp: save as *const SaveArea as u64 + 64, ..Regs::default() };
-    // SAFETY: DISPATCH was set to a `ReturnDispatch` before the sled was published.
-    let dispatch: ReturnDispatch = unsafe { std::mem::transmute(DISPATCH.load(Ordering::Relaxed) as usize) };
-    let ret = dispatch(index, &mut regs);
+    let ret = crate::retprobe::on_return(index, &mut regs);
     save.rax = regs.rax;
     save.rdx = regs.rdx;
     ret
