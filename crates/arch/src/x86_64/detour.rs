@@ -8,13 +8,14 @@
 //!              pushfq                      (entry: push $0x202, the flags are dead)
 //!              push %rdi ... push %r15     the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
-//!              mov %rsp,%rbx
+//!              mov %rsp,%rsi               the frame, dispatch's second argument
+//!              and $-align,%rsp ; sub $area,%rsp ; mov %rsi,area-8(%rsp)
 //!              <save vector state>         entry: xmm0-7 | anywhere: MXCSR and every vector register
 //!              call dispatch(context, frame)
-//!              mov %eax,%r12d
+//!              test %eax,%eax              (moves below leave the flags alone)
 //!              <restore vector state>
-//!              mov %rbx,%rsp
-//!              test %r12d,%r12d ; jnz trap
+//!              mov area-8(%rsp),%rsp
+//!              jnz trap
 //!              pop %r15 ... pop %rdi       registers as the handlers left them
 //!              popfq                       (entry: flags are dead at a call, skipped)
 //!              lea 144(%rsp),%rsp          back to the original rsp, red zone untouched
@@ -165,39 +166,32 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     a.mov(qword_ptr(rsp + FRAME_RSP), rax)?;
     a.mov(rax, spec.probe_ip)?;
     a.mov(qword_ptr(rsp + FRAME_IP), rax)?;
-    a.mov(rbx, rsp)?;
+    a.mov(rsi, rsp)?;
 
+    // The vector save area, aligned, with the frame's address in its last quadword.
+    let (area, align) = match spec.save {
+        VectorSave::EntryArguments => (ENTRY_VECTOR_AREA, 16),
+        VectorSave::Full { width } => (width.save_size(), 64),
+    };
+    a.and(rsp, -align)?;
+    a.sub(rsp, area)?;
+    a.mov(qword_ptr(rsp + (area - 8)), rsi)?;
     match spec.save {
-        VectorSave::EntryArguments => {
-            a.and(rsp, -16)?;
-            a.sub(rsp, 128)?;
-            for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
-                a.movaps(xmmword_ptr(rsp + 16 * i as i32), reg)?;
-            }
-        }
-        VectorSave::Full { width } => {
-            a.sub(rsp, width.save_size())?;
-            a.and(rsp, -64)?;
-            vector_moves(&mut a, width, Direction::Save)?;
-        }
+        VectorSave::EntryArguments => entry_vector_moves(&mut a, Direction::Save)?,
+        VectorSave::Full { width } => vector_moves(&mut a, width, Direction::Save)?,
     }
 
-    a.mov(rsi, rbx)?;
     a.mov(rdi, spec.context)?;
     a.mov(rax, spec.dispatch)?;
     a.call(rax)?;
-    a.mov(r12d, eax)?;
-
+    // From here to the jnz the flags hold the decision: the vector restores and the moves
+    // do not change them.
+    a.test(eax, eax)?;
     match spec.save {
-        VectorSave::EntryArguments => {
-            for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
-                a.movaps(reg, xmmword_ptr(rsp + 16 * i as i32))?;
-            }
-        }
+        VectorSave::EntryArguments => entry_vector_moves(&mut a, Direction::Restore)?,
         VectorSave::Full { width } => vector_moves(&mut a, width, Direction::Restore)?,
     }
-    a.mov(rsp, rbx)?;
-    a.test(r12d, r12d)?;
+    a.mov(rsp, qword_ptr(rsp + (area - 8)))?;
     a.jnz(trap)?;
     for reg in GPRS_PUSHED.into_iter().rev() {
         a.pop(reg)?;
@@ -211,6 +205,21 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
         }
     }
     Ok(a)
+}
+
+/// Bytes of the entry variant's vector area: xmm0-7 and the frame address.
+const ENTRY_VECTOR_AREA: i32 = 8 * 16 + 16;
+
+/// Moves xmm0-7, the vector argument registers, between the registers and `rsp`.
+fn entry_vector_moves(a: &mut CodeAssembler, direction: Direction) -> Result<(), IcedError> {
+    for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
+        let slot = xmmword_ptr(rsp + 16 * i as i32);
+        match direction {
+            Direction::Save => a.movaps(slot, reg)?,
+            Direction::Restore => a.movaps(reg, slot)?,
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
