@@ -294,3 +294,24 @@ fn a_jump_back_from_the_functions_cold_part_is_seen() {
     assert_eq!((f(3), f(-3)), (16, 16));
     assert_eq!(probe.hits(), 2);
 }
+
+#[test]
+fn a_handler_changing_a_callee_saved_register_at_an_entry_takes_effect() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_rbx_outer");
+    assert_eq!(f(5), 6);
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = optimized(Probe::at(sym!("opt_rbx")).on_hit(move |regs| {
+        s.store(regs.rbx, Ordering::SeqCst);
+        if regs.rbx == 40 {
+            regs.rbx = 99;
+        }
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(5), 6, "unchanged registers take the fast way out");
+    assert_eq!(seen.load(Ordering::SeqCst), 5, "handlers see the callee-saved registers");
+    assert_eq!(f(40), 100, "a changed rbx is loaded");
+    assert_eq!(probe.hits(), 2);
+}

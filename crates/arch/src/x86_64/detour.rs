@@ -6,7 +6,7 @@
 //!              int3 ...                    register restore can give (see below)
 //!  +16  entry: lea -144(%rsp),%rsp         step over the red zone, room for rsp and rip
 //!              pushfq                      (entry: push $0x202, the flags are dead)
-//!              push %rdi ... push %r15     the frame is now a `Regs`: r15 at the lowest address
+//!              mov %r15..%rdi,0..112(%rsp) the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
 //!              mov %rsp,%rsi               the frame, dispatch's second argument
 //!              and $-align,%rsp ; sub $area,%rsp ; mov %rsi,area-8(%rsp)
@@ -16,7 +16,8 @@
 //!              <restore vector state>
 //!              mov area-8(%rsp),%rsp
 //!              jnz trap
-//!              pop %r15 ... pop %rdi       registers as the handlers left them
+//!              mov 0..112(%rsp),<caller-saved>  registers as the handlers left them; the
+//!              cmp <callee-saved> ; jne trap    dispatcher kept the callee-saved ones
 //!              popfq                       (entry: flags are dead at a call, skipped)
 //!              lea 144(%rsp),%rsp          back to the original rsp, red zone untouched
 //!  copy:       <covered instructions, relocated>
@@ -143,7 +144,6 @@ pub fn build_detour(spec: &DetourSpec<'_>) -> Result<Detour, RelocError> {
 
 /// The prologue, the call and the epilogue: everything before the copy.
 fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> {
-    const GPRS_PUSHED: [AsmRegister64; 15] = [rdi, rsi, rdx, rcx, rax, rbx, rbp, r8, r9, r10, r11, r12, r13, r14, r15];
     let mut a = CodeAssembler::new(64)?;
     let mut trap = a.create_label();
     a.set_label(&mut trap)?;
@@ -159,8 +159,9 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
         VectorSave::EntryArguments => a.push(ENTRY_FLAGS)?,
         VectorSave::Full { .. } => a.pushfq()?,
     }
-    for reg in GPRS_PUSHED {
-        a.push(reg)?;
+    a.lea(rsp, ptr(rsp - 8 * FRAME_GPRS.len() as i32))?;
+    for (i, reg) in FRAME_GPRS.into_iter().enumerate() {
+        a.mov(qword_ptr(rsp + 8 * i as i32), reg)?;
     }
     a.lea(rax, ptr(rsp + (FRAME_SIZE + RED_ZONE)))?;
     a.mov(qword_ptr(rsp + FRAME_RSP), rax)?;
@@ -193,9 +194,20 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
     a.mov(rsp, qword_ptr(rsp + (area - 8)))?;
     a.jnz(trap)?;
-    for reg in GPRS_PUSHED.into_iter().rev() {
-        a.pop(reg)?;
+    // The dispatcher preserved the callee-saved registers, so they still hold the values in
+    // the frame unless a handler changed the frame: compare instead of reloading (a load
+    // into a register costs more than one into a comparison), and take the slow way out if
+    // a handler changed one.
+    for (i, reg) in FRAME_GPRS.into_iter().enumerate() {
+        let slot = qword_ptr(rsp + 8 * i as i32);
+        if CALLEE_SAVED.contains(&reg) {
+            a.cmp(slot, reg)?;
+            a.jne(trap)?;
+        } else {
+            a.mov(reg, slot)?;
+        }
     }
+    a.lea(rsp, ptr(rsp + 8 * FRAME_GPRS.len() as i32))?;
     match spec.save {
         // Flags are dead at a function entry (a call clobbers them), and popfq is slow.
         VectorSave::EntryArguments => a.lea(rsp, ptr(rsp + (8 + 16 + RED_ZONE)))?,
@@ -206,6 +218,11 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
     Ok(a)
 }
+
+/// The general registers in frame order (`Regs`), from the lowest address.
+const FRAME_GPRS: [AsmRegister64; 15] = [r15, r14, r13, r12, r11, r10, r9, r8, rbp, rbx, rax, rcx, rdx, rsi, rdi];
+/// The registers every function preserves, the dispatcher included.
+const CALLEE_SAVED: [AsmRegister64; 6] = [rbx, rbp, r12, r13, r14, r15];
 
 /// Bytes of the entry variant's vector area: xmm0-7 and the frame address.
 const ENTRY_VECTOR_AREA: i32 = 8 * 16 + 16;
@@ -336,8 +353,21 @@ mod tests {
             let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
             assert_eq!(count(iced_x86::Mnemonic::Pushfq), full as usize);
             assert_eq!(count(iced_x86::Mnemonic::Popfq), full as usize);
-            assert_eq!(count(iced_x86::Mnemonic::Push), 15 + !full as usize);
-            assert_eq!(count(iced_x86::Mnemonic::Pop), 15);
+            // The flags word of the entry variant is a pushed constant.
+            assert_eq!(count(iced_x86::Mnemonic::Push), !full as usize);
+            assert_eq!(count(iced_x86::Mnemonic::Pop), 0);
+            // Callee-saved registers are compared with the frame, not reloaded.
+            assert_eq!(count(iced_x86::Mnemonic::Cmp), 6);
+            let movs_to_frame = instrs
+                .iter()
+                .filter(|i| {
+                    i.mnemonic() == iced_x86::Mnemonic::Mov
+                        && i.op0_kind() == iced_x86::OpKind::Memory
+                        && i.memory_base() == iced_x86::Register::RSP
+                        && i.op1_kind() == iced_x86::OpKind::Register
+                })
+                .count();
+            assert_eq!(movs_to_frame, 15 + 2 + 1, "15 registers, rsp, rip, the frame address");
         }
     }
 }

@@ -75,3 +75,8 @@ __asm__(".text\n.globl hotcold\n.type hotcold,@function\nhotcold:\n"
         " jmp hotcold_join\n"
         ".size hotcold.cold,.-hotcold.cold\n"
         ".text\n");
+
+/* rbx + 1, called through a wrapper that gives rbx the argument and restores it: a handler
+ * at opt_rbx's entry that changes rbx changes the result and nothing else. */
+FUNC(opt_rbx, "mov %rbx,%rax\n add $1,%rax\n ret")
+FUNC(opt_rbx_outer, "push %rbx\n mov %rdi,%rbx\n call opt_rbx\n pop %rbx\n ret")

@@ -223,20 +223,25 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
         regs.ip = site.slots.post_ip;
         return 1;
     }
-    if regs.rsp != rsp {
-        regs.ip = site.resume_after_pre();
-        return 1;
-    }
-    0
+    // A new rsp needs the slow way out; so does a changed callee-saved register, which the
+    // detour itself notices.
+    (regs.rsp != rsp) as u32
 }
 
 /// The trap owner of a detour's slow-path `int3`: the thread's `rsp` is at its register
-/// frame, which the handlers have changed; load all of it.
-fn on_detour_trap(_site: usize, ctx: &mut TrapContext<'_>) {
+/// frame, which the handlers have changed; load all of it. A frame whose `rip` is still the
+/// probe point continues after the probed instruction(s), as the fast way would.
+fn on_detour_trap(site: usize, ctx: &mut TrapContext<'_>) {
+    // SAFETY: `site` is the PatchSite this detour belongs to, registered with this int3 and
+    // alive while the detour is (see registry::quarantine).
+    let site = unsafe { &*(site as *const PatchSite) };
     let uc = ctx.ucontext();
     let frame = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as usize as *const Regs;
     // SAFETY: the detour executes this int3 with rsp at the frame it built (a `Regs`), below
     // the red zone of the interrupted code and above the signal frame the kernel pushed.
-    let regs = unsafe { frame.read() };
+    let mut regs = unsafe { frame.read() };
+    if regs.ip == site.addr {
+        regs.ip = site.resume_after_pre();
+    }
     regs.to_ucontext(uc);
 }
