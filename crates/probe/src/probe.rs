@@ -17,6 +17,8 @@ pub(crate) struct ProbeShared {
     pub(crate) addr: u64,
     pub(crate) pre: Option<Handler>,
     pub(crate) post: Option<Handler>,
+    /// The entry probe of a return probe (listed as `r`).
+    pub(crate) return_probe: bool,
     enabled: AtomicBool,
     hits: PerThreadCounter,
     nmissed: AtomicU64,
@@ -64,13 +66,14 @@ pub struct Probe {
     pub(crate) pre: Option<Handler>,
     pub(crate) post: Option<Handler>,
     pub(crate) enabled: bool,
+    pub(crate) return_probe: bool,
 }
 
 impl Probe {
     /// A probe at `location` (a [`Location`], a `&str` such as `"work+0x4"` or
     /// `"libc:malloc"`, or an address).
     pub fn at(location: impl Into<Location>) -> Probe {
-        Probe { location: location.into(), pre: None, post: None, enabled: true }
+        Probe { location: location.into(), pre: None, post: None, enabled: true, return_probe: false }
     }
 
     /// The pre-handler: runs before the probed instruction, with the thread's registers.
@@ -108,6 +111,7 @@ impl Probe {
             addr,
             pre: self.pre,
             post: self.post,
+            return_probe: self.return_probe,
             enabled: AtomicBool::new(self.enabled),
             hits: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),
@@ -227,14 +231,17 @@ pub struct ProbeInfo {
     pub optimized: bool,
     /// Why the probe cannot be optimized, when that is known.
     pub not_optimized: Option<String>,
+    /// Whether this is the entry probe of a return probe.
+    pub return_probe: bool,
 }
 
 impl fmt::Display for ProbeInfo {
-    /// `0000000000401126  k  work+0x0    [OPTIMIZED]`, as in `kprobes/list` (`k`: a kprobe;
-    /// `[DISABLED]`, `[OPTIMIZED]` as there), followed by why a probe is not optimized when
-    /// it cannot be.
+    /// `0000000000401126  k  work+0x0    [OPTIMIZED]`, as in `kprobes/list` (`k`: a kprobe,
+    /// `r`: a return probe; `[DISABLED]`, `[OPTIMIZED]` as there), followed by why a probe is
+    /// not optimized when it cannot be.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}  k  {}", self.addr, self.symbol)?;
+        let kind = if self.return_probe { 'r' } else { 'k' };
+        write!(f, "{:016x}  {kind}  {}", self.addr, self.symbol)?;
         if !self.enabled {
             write!(f, "    [DISABLED]")?;
         }

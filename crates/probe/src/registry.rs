@@ -208,6 +208,7 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
         nmissed: probe.nmissed(),
         optimized: site.optimized.load(Ordering::Relaxed),
         not_optimized: site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        return_probe: probe.return_probe,
     }
 }
 

@@ -516,6 +516,7 @@ impl ReturnProbe {
         PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
         let for_entry = shared.clone();
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs));
+        probe.return_probe = true;
         if !self.enabled {
             probe = probe.disabled();
         }

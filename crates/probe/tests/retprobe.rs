@@ -78,7 +78,9 @@ fn entry_and_return_see_arguments_values_and_the_data_area() {
         "the return handler's ip is the real return address, in this test"
     );
     assert_ne!(seen[4].load(SeqCst), 0);
-    assert!(dynprobe_probe::list().iter().any(|p| p.addr == work_addr), "the entry shows in the listing");
+    let listed = dynprobe_probe::list().into_iter().find(|p| p.addr == work_addr).expect("the entry is listed");
+    assert!(listed.return_probe);
+    assert!(listed.to_string().contains("  r  work+0x0"), "{listed}");
     let stats = probe.unregister().unwrap();
     assert_eq!((stats.hits, stats.returns, stats.nmissed), (1000, 1000, 0));
     assert!(dynprobe_probe::list().iter().all(|p| p.addr != work_addr));
