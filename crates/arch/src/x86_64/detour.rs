@@ -4,8 +4,8 @@
 //! ```text
 //!  +0   trap:  int3                        slow way out: the handler asked for more than a
 //!              int3 ...                    register restore can give (see below)
-//!  +16  entry: lea -144(%rsp),%rsp         step over the red zone, room for rsp and rip
-//!              pushfq                      (entry: push $0x202, the flags are dead)
+//!  +16  entry: lea -(128+144)(%rsp),%rsp   step over the red zone, room for the frame
+//!              pushfq                      (entry: movq $0x202, the flags are dead)
 //!              mov %r15..%rdi,0..112(%rsp) the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
 //!              mov %rsp,%rsi               the frame, dispatch's second argument
@@ -35,11 +35,13 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-use super::encode::jmp_any;
+use super::encode::{jmp_any, rel32_reaches};
 use super::relocate::{relocate, RelocError};
 
 /// Size of the register frame (18 quadwords).
 pub const FRAME_SIZE: i32 = 144;
+/// Offset of the saved flags in the frame.
+pub const FRAME_FLAGS: i32 = 120;
 /// Offset of the saved `rsp` in the frame.
 pub const FRAME_RSP: i32 = 128;
 /// Offset of the saved `rip` in the frame.
@@ -152,14 +154,19 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
 
     // Frame: [rip][rsp] below the red zone, then flags and the general registers.
-    a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
     match spec.save {
         // Flags are dead at a function entry and pushfq is microcoded: the frame gets the
         // flags a thread starts with (IF set), so that a slow-path restore loads sane ones.
-        VectorSave::EntryArguments => a.push(ENTRY_FLAGS)?,
-        VectorSave::Full { .. } => a.pushfq()?,
+        VectorSave::EntryArguments => {
+            a.lea(rsp, ptr(rsp - (RED_ZONE + FRAME_SIZE)))?;
+            a.mov(qword_ptr(rsp + FRAME_FLAGS), ENTRY_FLAGS)?;
+        }
+        VectorSave::Full { .. } => {
+            a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
+            a.pushfq()?;
+            a.lea(rsp, ptr(rsp - 8 * FRAME_GPRS.len() as i32))?;
+        }
     }
-    a.lea(rsp, ptr(rsp - 8 * FRAME_GPRS.len() as i32))?;
     for (i, reg) in FRAME_GPRS.into_iter().enumerate() {
         a.mov(qword_ptr(rsp + 8 * i as i32), reg)?;
     }
@@ -183,8 +190,15 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
 
     a.mov(rdi, spec.context)?;
-    a.mov(rax, spec.dispatch)?;
-    a.call(rax)?;
+    // A direct call when the dispatcher is in reach of the detour (both near the probed
+    // code, as in a probed executable); otherwise through a register.
+    // (The call sits somewhere in the detour's first kilobytes.)
+    if rel32_reaches(spec.detour_ip, spec.dispatch) && rel32_reaches(spec.detour_ip + 4096, spec.dispatch) {
+        a.call(spec.dispatch)?;
+    } else {
+        a.mov(rax, spec.dispatch)?;
+        a.call(rax)?;
+    }
     // From here to the jnz the flags hold the decision: the vector restores and the moves
     // do not change them.
     a.test(eax, eax)?;
@@ -353,8 +367,7 @@ mod tests {
             let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
             assert_eq!(count(iced_x86::Mnemonic::Pushfq), full as usize);
             assert_eq!(count(iced_x86::Mnemonic::Popfq), full as usize);
-            // The flags word of the entry variant is a pushed constant.
-            assert_eq!(count(iced_x86::Mnemonic::Push), !full as usize);
+            assert_eq!(count(iced_x86::Mnemonic::Push), 0);
             assert_eq!(count(iced_x86::Mnemonic::Pop), 0);
             // Callee-saved registers are compared with the frame, not reloaded.
             assert_eq!(count(iced_x86::Mnemonic::Cmp), 6);
@@ -368,6 +381,10 @@ mod tests {
                 })
                 .count();
             assert_eq!(movs_to_frame, 15 + 2 + 1, "15 registers, rsp, rip, the frame address");
+            let flags_constant = instrs
+                .iter()
+                .any(|i| i.mnemonic() == iced_x86::Mnemonic::Mov && i.op1_kind() == iced_x86::OpKind::Immediate32to64);
+            assert_eq!(flags_constant, !full, "the entry variant stores constant flags");
         }
     }
 }
