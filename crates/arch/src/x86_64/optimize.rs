@@ -158,19 +158,7 @@ pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun,
     }
     let run = CoveredRun { addr, len, insns: Vec::new() };
 
-    for instr in &instrs {
-        match flow_of(instr) {
-            Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target }
-                if run.strictly_inside(target) =>
-            {
-                return Err(OptimizeRefusal::BranchInto { from: instr.ip(), to: target })
-            }
-            Flow::IndirectJump if !is_tail_call_through_memory(instr) => {
-                return Err(OptimizeRefusal::IndirectJump { at: instr.ip(), text: Disassembler::new().text(instr) })
-            }
-            _ => {}
-        }
-    }
+    check_branches(&instrs, &run)?;
     let mut disasm = Disassembler::new();
     Ok(CoveredRun { insns: covered.iter().map(|i| disasm.text(i)).collect(), ..run })
 }
