@@ -114,23 +114,32 @@ pub extern "C-unwind" fn retprobe_test_panic_mid(x: i64) -> i64 {
     black_box(retprobe_test_panicker(black_box(x))) * 2
 }
 
+/// A Rust-ABI function between the test and the `extern "C-unwind"` ones.
+#[no_mangle]
+#[inline(never)]
+pub fn retprobe_test_rust_abi(x: i64) -> i64 {
+    black_box(retprobe_test_panic_mid(black_box(x))) + 3
+}
+
 #[test]
 fn rust_panics_unwind_through_probed_frames_to_catch_unwind() {
     let _serial = serial();
-    let call = |x: i64| std::panic::catch_unwind(|| retprobe_test_panic_mid(black_box(x)));
+    let call = |x: i64| std::panic::catch_unwind(|| retprobe_test_rust_abi(black_box(x)));
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| ()));
-    let (inner, mid) = (retprobe("retprobe_test_panicker"), retprobe("retprobe_test_panic_mid"));
+    let (inner, mid, outer) =
+        (retprobe("retprobe_test_panicker"), retprobe("retprobe_test_panic_mid"), retprobe("retprobe_test_rust_abi"));
     let dropped = DROPPED.load(SeqCst);
     for i in 1..=1000i64 {
         let payload = call(i).expect_err("the panic reaches catch_unwind");
         assert_eq!(payload.downcast_ref::<i64>(), Some(&i));
-        assert_eq!(call(-i).unwrap(), (-i - 1) * 2);
+        assert_eq!(call(-i).unwrap(), (-i - 1) * 2 + 3);
     }
     std::panic::set_hook(quiet);
     assert_eq!(DROPPED.load(SeqCst) - dropped, 2000, "drops ran while unwinding through the probed frame");
     check(inner, 2000, 1000);
     check(mid, 2000, 1000);
+    check(outer, 2000, 1000);
 }
 
 #[test]
@@ -160,6 +169,19 @@ fn a_thread_exiting_inside_a_probed_function_leaves_others_working() {
     check(exit_inside, 50, 0);
     check(caller, 50, 0);
     check(work_probe, 41_000, 41_000);
+}
+
+#[test]
+fn a_thread_cancelled_inside_probed_functions_unwinds_through_them() {
+    let _serial = serial();
+    let (cancel, work) = (c_lib().func1("thread_cancelled_inside"), c_lib().func1("work"));
+    let (inner, outer) = (retprobe("wait_for_cancel"), retprobe("calls_wait_for_cancel"));
+    for i in 0..50 {
+        assert_eq!(cancel(i), 1, "the thread ended cancelled");
+        assert_eq!(work(i), 3 * i + 1);
+    }
+    check(inner, 50, 0);
+    check(outer, 50, 0);
 }
 
 /// The addresses glibc's `backtrace()` saw inside `bt_inner`, called through two other

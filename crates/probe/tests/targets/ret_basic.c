@@ -96,3 +96,29 @@ NOINLINE long fork_driver(long x) {
     if (waitpid((pid_t)pid, &status, 0) != pid) return -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -2;
 }
+
+/* A thread cancelled while inside two probed functions (forced unwinding). */
+NOINLINE long wait_for_cancel(long x) {
+    for (;;) {
+        pthread_testcancel();
+        __asm__ volatile("pause");
+    }
+    return x;
+}
+NOINLINE long calls_wait_for_cancel(long x) { return wait_for_cancel(x) + 1; }
+static volatile long cancel_ready;
+static void *cancelled_thread(void *arg) {
+    cancel_ready = 1;
+    return (void *)calls_wait_for_cancel((long)arg);
+}
+/* Returns 1 when the thread ended cancelled. */
+NOINLINE long thread_cancelled_inside(long x) {
+    pthread_t t;
+    void *ret = 0;
+    cancel_ready = 0;
+    if (pthread_create(&t, 0, cancelled_thread, (void *)x) != 0) return -1;
+    while (!cancel_ready) {}
+    pthread_cancel(t);
+    pthread_join(t, &ret);
+    return ret == PTHREAD_CANCELED;
+}
