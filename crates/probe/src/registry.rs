@@ -31,6 +31,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a removed site's slot stays unused before it is reused.
 const SLOT_QUARANTINE: Duration = Duration::from_secs(2);
 
+/// The longest run a detour jump covers: instructions up to 4 bytes past the jump's 5
+/// (x86 instructions are at most 15 bytes long).
+const MAX_COVERED_RUN: u64 = JMP_REL32_LEN as u64 - 1 + 15;
+
 /// Jump optimization on or off for the whole process (the kernel's
 /// `debug.kprobes_optimization`).
 static OPTIMIZATION: AtomicBool = AtomicBool::new(true);
@@ -530,10 +534,13 @@ impl Registry {
 
     /// Unoptimizes any site whose jump covers `addr` past its first byte.
     fn unoptimize_covering(&self, addr: u64) -> Result<(), ProbeError> {
+        // The whole covered run counts, not only the jump's 5 bytes: threads run the
+        // detour's copy of the rest, so an int3 there would never be reached.
         let covering: Vec<u64> = self
             .sites
-            .range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..addr)
+            .range(addr.saturating_sub(MAX_COVERED_RUN)..addr)
             .filter(|(_, site)| site.optimized.load(Ordering::Relaxed))
+            .filter(|(_, site)| site.detour().is_some_and(|d| d.run.strictly_inside(addr)))
             .map(|(&a, _)| a)
             .collect();
         covering.into_iter().try_for_each(|a| self.unoptimize(a))

@@ -315,3 +315,18 @@ fn a_handler_changing_a_callee_saved_register_at_an_entry_takes_effect() {
     assert_eq!(f(40), 100, "a changed rbx is loaded");
     assert_eq!(probe.hits(), 2);
 }
+
+#[test]
+fn a_probe_past_the_jump_but_inside_the_covered_run_is_reached() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_push");
+    // opt_push: push %rbp (1) ; mov %rsp,%rbp (3) ; lea 1(%rdi),%rax (4): a jump at +0
+    // covers 8 bytes, and lea at +4 lies past the jump's 5 bytes but inside the run.
+    let outer = optimized(Probe::at(sym!("opt_push")).on_hit(|_| {}));
+    assert!(outer.info().optimized);
+    let inner = optimized(Probe::at(Location::SymbolOffset("opt_push".into(), 4)).on_hit(|_| {}));
+    assert!(!outer.info().optimized, "{}", outer.info());
+    assert_eq!(f(1), 2);
+    assert_eq!((outer.hits(), inner.hits()), (1, 1));
+}
