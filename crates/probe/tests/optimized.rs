@@ -4,7 +4,7 @@ mod common;
 
 use common::{code, Target};
 use dynprobe_arch::native::decode_function;
-use dynprobe_probe::{sym, Location, Probe, ProbeHandle};
+use dynprobe_probe::{sym, Location, Probe, ProbeError, ProbeHandle};
 use dynprobe_symbols::SymbolTable;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -329,4 +329,40 @@ fn a_probe_past_the_jump_but_inside_the_covered_run_is_reached() {
     assert!(!outer.info().optimized, "{}", outer.info());
     assert_eq!(f(1), 2);
     assert_eq!((outer.hits(), inner.hits()), (1, 1));
+}
+
+/// A Rust function of this test binary, probed by its symbol.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn opt_rust_mix(x: u64) -> u64 {
+    let mut acc = x;
+    for i in 0..(x % 5) {
+        acc = acc.rotate_left(7) ^ (i * 0x9e37_79b9);
+    }
+    std::hint::black_box(acc)
+}
+
+#[test]
+fn rust_functions_are_optimized_at_every_instruction_they_allow() {
+    let _serial = serial();
+    let inputs: Vec<u64> = (0..64).chain([u64::MAX, 1 << 40]).collect();
+    let expected: Vec<u64> = inputs.iter().map(|&x| opt_rust_mix(x)).collect();
+    let insns = function_insns("opt_rust_mix");
+    let start = insns[0].ip;
+    let mut optimized_count = 0;
+    for insn in &insns {
+        let offset = insn.ip - start;
+        let probe = match Probe::at(Location::SymbolOffset("opt_rust_mix".into(), offset)).on_hit(|_| {}).register() {
+            Ok(p) => p,
+            // The overflow check's `ud2` cannot run out of line at all.
+            Err(ProbeError::NotRelocatable(_)) if insn.text.starts_with("ud2") => continue,
+            Err(e) => panic!("opt_rust_mix+{offset:#x} `{}`: {e}", insn.text),
+        };
+        dynprobe_probe::wait_for_optimizer().unwrap();
+        optimized_count += probe.info().optimized as usize;
+        let got: Vec<u64> = inputs.iter().map(|&x| opt_rust_mix(std::hint::black_box(x))).collect();
+        assert_eq!(got, expected, "opt_rust_mix+{offset:#x} `{}` ({})", insn.text, probe.info());
+        probe.unregister().unwrap();
+    }
+    assert!(optimized_count > 0, "no instruction of a Rust function was optimized");
 }
