@@ -16,10 +16,12 @@
 //! ```
 //!
 //! Calls that never return normally leave stale instances. A stale one is dropped when a later
-//! return goes through an instance below it (everything pushed after a returning call is
-//! abandoned), and when a later entry finds it at or below its own stack pointer with its
-//! slot no longer holding its trampoline entry (a `longjmp` or an exception left it; the value
-//! check keeps instances of a thread's other stack, a `sigaltstack`, alive). A thread that
+//! return goes through an instance below it and it lies deeper on that stack, and when a later
+//! entry finds it at or below its own stack pointer with its slot no longer holding its
+//! trampoline entry (a `longjmp` or an exception left it). The value check keeps instances on
+//! a thread's other stack (a `sigaltstack`) alive; when such an instance sits above a
+//! returning one, the returning one is given back out of order (its slot address becomes 0)
+//! and the top comes down past it later. A thread that
 //! exits inside a probed function leaves its instances to its slot's next owner, which starts
 //! afresh (the slot's generation changed). The trampoline entries never go away, and an
 //! instance names its probe by index and id, so a return after the probe was unregistered
@@ -190,12 +192,30 @@ fn bump(counter: &AtomicU8, delta: i8) {
     counter.store(counter.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
 }
 
-/// Reads the word at a return-address slot.
+/// Reads the return-address slot at `rsp` at a function entry.
 #[inline(always)]
-fn read_slot(addr: u64) -> u64 {
-    // SAFETY: `addr` is a return-address slot recorded by an entry of this thread: on its
-    // stack (or alternate signal stack), which stays mapped while the thread lives.
-    unsafe { std::ptr::read_volatile(addr as *const u64) }
+fn read_slot(rsp: u64) -> u64 {
+    // SAFETY: at a function entry `rsp` points at the return address its call pushed.
+    unsafe { std::ptr::read_volatile(rsp as *const u64) }
+}
+
+/// True when the return-address slot `slot_addr` still holds the trampoline entry of
+/// instance `index` (its call is in flight). Read without faulting: an abandoned instance
+/// may point into a stack that is gone (a thread's `sigaltstack`, a coroutine's), and then
+/// its call is over. Only the paths that deal with abandoned instances get here, so the
+/// system call it costs is off the hot path.
+#[cold]
+fn still_diverted(slot_addr: u64, index: usize) -> bool {
+    let mut word = [0u8; 8];
+    dynprobe_text::memory::read(slot_addr, &mut word)
+        .is_ok_and(|()| rethook::is_entry_of(u64::from_le_bytes(word), index))
+}
+
+/// Gives an instance back out of order (its count too): [`on_return`] does this when an
+/// instance above it may still be live on another stack, so `top` cannot come down.
+fn free(slot: usize, inst: &mut Instance) {
+    bump(count(slot, inst.probe), -1);
+    inst.slot_addr = 0;
 }
 
 impl SlotStack {
@@ -236,11 +256,20 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
     while top > 0 {
         // SAFETY: instances below `top` were written by this thread.
         let below = unsafe { &*instance(base + top - 1) };
-        if below.slot_addr > rsp || rethook::is_entry_of(read_slot(below.slot_addr), base + top - 1) {
+        // Given back out of order already, or at or below our own slot and no longer
+        // diverting it: its call was abandoned (a longjmp, an exception). Our own slot still
+        // diverted is another return probe on this very call.
+        let diverted = || match below.slot_addr == rsp {
+            true => rethook::is_entry_of(read_slot(rsp), base + top - 1),
+            false => still_diverted(below.slot_addr, base + top - 1),
+        };
+        let abandoned = below.slot_addr == 0 || (below.slot_addr <= rsp && !diverted());
+        if !abandoned {
             break;
         }
-        // At or below our own slot and no longer diverted: its call was abandoned.
-        bump(count(slot, below.probe), -1);
+        if below.slot_addr != 0 {
+            bump(count(slot, below.probe), -1);
+        }
         top -= 1;
     }
     stack.top.store(top as u32, Ordering::Relaxed);
@@ -311,26 +340,43 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
         // return address is still right.
         return regs.ip;
     }
+    // Instances pushed after the returning call were abandoned (a longjmp, an exception) if
+    // they lie deeper on this stack; one higher up is on another stack (a sigaltstack, a
+    // coroutine's) and may still be in flight there, if it still diverts its slot.
+    let mut live_above = false;
     for k in depth + 1..top {
-        // Pushed after the returning call and never returned: abandoned.
         // SAFETY: an instance of this thread below `top`.
-        bump(count(slot, unsafe { (*instance(base + k)).probe }), -1);
+        let inst = unsafe { &mut *instance(base + k) };
+        if inst.slot_addr == 0 {
+            continue;
+        }
+        if inst.slot_addr > returning.slot_addr && still_diverted(inst.slot_addr, base + k) {
+            live_above = true;
+        } else {
+            free(slot, inst);
+        }
     }
     let mut k = depth + 1;
     // SAFETY: instances of this thread below `top`.
     while k > 0 && unsafe { (*instance(base + k - 1)).slot_addr } == returning.slot_addr {
         k -= 1;
         // SAFETY: as above.
-        let inst = unsafe { &*instance(base + k) };
+        let inst = unsafe { &mut *instance(base + k) };
         if guard.is_some() {
             run_return_handler(slot, inst, regs);
         }
-        bump(count(slot, inst.probe), -1);
+        if live_above {
+            free(slot, inst);
+        } else {
+            bump(count(slot, inst.probe), -1);
+        }
     }
     let ip = regs.ip;
     // Everything needed was read before the instances are given back.
     compiler_fence(Ordering::SeqCst);
-    stack.top.store(k as u32, Ordering::Release);
+    if !live_above {
+        stack.top.store(k as u32, Ordering::Release);
+    }
     ip
 }
 

@@ -426,9 +426,9 @@ extern "C" fn calls_probed_functions(_: libc::c_int) {
     IN_HANDLER_RESULTS.fetch_add(ok as u64, SeqCst);
 }
 
-/// Maps a signal stack above the current stack pointer (the harder case: the interrupted
-/// thread's instances lie below the handler's `rsp`).
-fn signal_stack_above_rsp() -> *mut libc::c_void {
+/// Maps a 1 MiB stack above the current stack pointer (the harder case for a signal stack:
+/// the interrupted thread's instances lie below the handler's `rsp`).
+fn stack_above_rsp() -> *mut libc::c_void {
     const SIZE: usize = 1 << 20;
     let local = 0u8;
     let rsp = std::hint::black_box(&local) as *const u8 as usize;
@@ -449,14 +449,14 @@ fn signal_stack_above_rsp() -> *mut libc::c_void {
             return p;
         }
     }
-    panic!("no free address range above the stack for a signal stack");
+    panic!("no free address range above the stack for a second stack");
 }
 
 #[test]
 fn signal_handlers_on_an_alternate_stack_call_probed_functions_mid_call() {
     let _serial = setup();
     let raise_inside = lib().func1("raise_inside");
-    let stack = signal_stack_above_rsp();
+    let stack = stack_above_rsp();
     let local = 0u8;
     assert!(stack as usize > std::hint::black_box(&local) as *const u8 as usize);
     let probes = [
@@ -502,4 +502,24 @@ fn the_child_of_a_fork_inside_a_probed_function_returns_through_it() {
     }
     let [fork_probe, ..] = probes.map(|p| p.unregister().unwrap());
     assert_eq!((fork_probe.hits, fork_probe.returns, fork_probe.nmissed), (5, 5, 0), "the parent's side");
+}
+
+#[test]
+fn a_coroutine_suspended_inside_a_probed_function_returns_after_its_starter() {
+    let _serial = setup();
+    let demo = lib().func1("coroutine_demo");
+    let stack = stack_above_rsp() as i64;
+    let probes = [
+        ReturnProbe::at(sym!("co_outer")).on_return(|regs, _| assert_eq!(regs.retval(), 2)),
+        ReturnProbe::at(sym!("co_inner")).on_return(|regs, _| assert_eq!(regs.retval(), 42)),
+        ReturnProbe::at(sym!("work")).on_return(|regs, _| assert_eq!(regs.retval(), 16)),
+    ]
+    .map(|p| p.register().unwrap());
+    for _ in 0..100 {
+        assert_eq!(demo(stack), 2 * 10000 + 16 * 100 + 42);
+    }
+    for p in probes {
+        let stats = p.unregister().unwrap();
+        assert_eq!((stats.hits, stats.returns, stats.nmissed), (100, 100, 0));
+    }
 }

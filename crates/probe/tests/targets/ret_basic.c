@@ -122,3 +122,31 @@ NOINLINE long thread_cancelled_inside(long x) {
     pthread_join(t, &ret);
     return ret == PTHREAD_CANCELED;
 }
+
+/* A coroutine (ucontext) suspended inside a probed function while the probed function that
+ * started it returns on the thread's own stack: the two calls return in the opposite order
+ * of their entries. `stack_addr` is a 1 MiB stack for the coroutine, given by the test. */
+#include <ucontext.h>
+static ucontext_t main_ctx, co_ctx;
+static long co_result;
+NOINLINE long co_inner(long x) {
+    swapcontext(&co_ctx, &main_ctx);
+    return x * 7;
+}
+static void co_body(void) { co_result = co_inner(6); }
+NOINLINE long co_outer(long x) {
+    swapcontext(&main_ctx, &co_ctx);
+    return x + 1;
+}
+/* 2 * 10000 + work(5) * 100 + 42 when every call returns where it should. */
+NOINLINE long coroutine_demo(long stack_addr) {
+    getcontext(&co_ctx);
+    co_ctx.uc_stack.ss_sp = (void *)stack_addr;
+    co_ctx.uc_stack.ss_size = 1 << 20;
+    co_ctx.uc_link = &main_ctx;
+    makecontext(&co_ctx, co_body, 0);
+    long a = co_outer(1); /* returns while co_inner is suspended on the coroutine's stack */
+    long b = work(5);
+    swapcontext(&main_ctx, &co_ctx); /* co_inner returns; the coroutine ends back here */
+    return a * 10000 + b * 100 + co_result;
+}
