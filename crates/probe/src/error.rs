@@ -57,6 +57,12 @@ pub enum ProbeError {
         /// The requested offset.
         offset: u64,
     },
+    /// A return probe on a function that returns more than once per call (`setjmp`,
+    /// `vfork`, `getcontext`).
+    ReturnsTwice {
+        /// The function.
+        symbol: String,
+    },
     /// Every return-probe index is in use.
     TooManyReturnProbes {
         /// How many return probes may be registered at once.
@@ -97,6 +103,11 @@ impl fmt::Display for ProbeError {
                 f,
                 "a return probe goes on a function's entry, not `{symbol}+{offset:#x}`: use `{symbol}` (only at the \
                  first instruction is the return address where the probe can replace it)"
+            ),
+            ProbeError::ReturnsTwice { symbol } => write!(
+                f,
+                "`{symbol}` can return more than once per call, and its second return would find the \
+                 return probe's instance gone: probe its callers instead"
             ),
             ProbeError::TooManyReturnProbes { max } => {
                 write!(f, "{max} return probes are registered already; unregister one first")

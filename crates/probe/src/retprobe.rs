@@ -561,22 +561,44 @@ impl ReturnProbe {
         });
         PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
         let for_entry = shared.clone();
-        let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs));
+        // Registered disarmed: the function is checked by the name the registry resolved
+        // before any call can be diverted.
+        let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
-        if !self.enabled {
-            probe = probe.disabled();
-        }
-        match probe.register() {
-            Ok(entry) => Ok(ReturnProbeHandle { entry: Some(entry), shared }),
+        let entry = match probe.register() {
+            Ok(entry) => entry,
             Err(e) => {
                 // No entry handler ever ran: no instance names this index.
                 let raw = PROBES[index as usize].swap(std::ptr::null_mut(), Ordering::AcqRel);
                 // SAFETY: `raw` is the Arc stored just above.
                 drop(unsafe { Arc::from_raw(raw) });
-                Err(e)
+                return Err(e);
             }
+        };
+        let armed = refuse_returning_twice(&entry).and_then(|()| if self.enabled { entry.enable() } else { Ok(()) });
+        if let Err(e) = armed {
+            if entry.unregister().is_ok() {
+                let _ = retire(index);
+            }
+            return Err(e);
         }
+        Ok(ReturnProbeHandle { entry: Some(entry), shared })
     }
+}
+
+/// Functions that return more than once from one call: the second return would go through
+/// an instance the first one consumed (`setjmp` saves its return address, which by then is
+/// the trampoline's; a `vfork` child returns on the parent's stack and instance stack).
+const RETURNS_TWICE: &[&str] =
+    &["setjmp", "_setjmp", "__sigsetjmp", "sigsetjmp", "savectx", "vfork", "__vfork", "getcontext", "__getcontext"];
+
+fn refuse_returning_twice(entry: &ProbeHandle) -> Result<(), ProbeError> {
+    let symbol = entry.info().symbol;
+    let function = symbol.rsplit_once('+').map_or(symbol.as_str(), |(name, _)| name);
+    if RETURNS_TWICE.contains(&function) {
+        return Err(ProbeError::ReturnsTwice { symbol: function.to_string() });
+    }
+    Ok(())
 }
 
 /// Takes a probe out of [`PROBES`] once its entry probe is gone, and frees it when no thread

@@ -281,6 +281,18 @@ fn calls_in_flight_at_unregister_still_return_to_their_callers() {
 }
 
 #[test]
+fn functions_that_return_twice_are_refused() {
+    let _serial = setup();
+    for function in ["libc:_setjmp", "libc:__sigsetjmp", "libc:vfork", "libc:getcontext"] {
+        match ReturnProbe::at(function).register() {
+            Err(e @ ProbeError::ReturnsTwice { .. }) => assert!(e.to_string().contains("more than once"), "{e}"),
+            other => panic!("{function}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(dynprobe_probe::list().iter().all(|p| !p.return_probe), "a refused probe leaves nothing registered");
+}
+
+#[test]
 fn only_function_entries_take_return_probes() {
     let _serial = setup();
     match ReturnProbe::at("work+0x4").register() {
