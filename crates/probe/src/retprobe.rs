@@ -19,13 +19,14 @@
 //! return goes through an instance below it and it lies deeper on that stack, and when a later
 //! entry finds it at or below its own stack pointer with its slot no longer holding its
 //! trampoline entry (a `longjmp` or an exception left it). The value check keeps instances on
-//! a thread's other stack (a `sigaltstack`) alive; when such an instance sits above a
-//! returning one, the returning one is given back out of order (its slot address becomes 0)
-//! and the top comes down past it later. A thread that
-//! exits inside a probed function leaves its instances to its slot's next owner, which starts
-//! afresh (the slot's generation changed). The trampoline entries never go away, and an
-//! instance names its probe by index and id, so a return after the probe was unregistered
-//! still reaches the right caller and finds no handler.
+//! a thread's other stack (a `sigaltstack`, a coroutine's) alive; when such an instance sits
+//! above a returning one, the returning one is given back out of order (its slot address
+//! becomes 0) and the top comes down past it later. A thread that exits inside a probed
+//! function leaves its instances to its slot's next owner, which starts afresh (the slot's
+//! generation changed) — except the thread of a forked child, whose stack still holds the
+//! parent thread's probed frames. The trampoline entries never go away, and an instance names
+//! its probe by index and id, so a return after the probe was unregistered still reaches the
+//! right caller and finds no handler.
 
 use crate::arch::{rethook, thread_pointer, Regs};
 use crate::counter::PerThreadCounter;
@@ -243,7 +244,7 @@ impl SlotStack {
 fn on_entry(rp: &RpShared, regs: &mut Regs) {
     let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
     let rsp = regs.rsp;
-    if (rsp + 8) % 16 != 0 {
+    if rsp & 15 != 8 {
         // Not entered by an ABI-conforming call: the trampoline relies on an aligned stack.
         return rp.miss();
     }
