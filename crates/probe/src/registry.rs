@@ -11,6 +11,7 @@ use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
 use crate::{optimizer, thread_slot};
 use crate::{Location, Probe, ProbeError};
+use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
@@ -50,13 +51,20 @@ struct Registry {
     /// Replaced probe lists, freed at the next grace period.
     retired: Vec<*mut ProbeList>,
     symbols: Option<SymbolTable>,
+    /// Per module (path, load bias): where its code jumps into the middle of a function.
+    foreign: BTreeMap<(std::path::PathBuf, u64), Arc<BTreeMap<u64, u64>>>,
 }
 
 // SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
 unsafe impl Send for Registry {}
 
-static REGISTRY: Mutex<Registry> =
-    Mutex::new(Registry { sites: BTreeMap::new(), quarantined: Vec::new(), retired: Vec::new(), symbols: None });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    sites: BTreeMap::new(),
+    quarantined: Vec::new(),
+    retired: Vec::new(),
+    symbols: None,
+    foreign: BTreeMap::new(),
+});
 
 fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     // Taking the lock inside a handler could wait for the very thread the handler
@@ -461,16 +469,20 @@ impl Registry {
         }
         if site.detour().is_none() {
             let function = site.function.clone();
-            let cold = match &function {
-                Some((name, _, _)) => self.cold_part(name)?,
-                None => None,
-            };
+            let foreign = self.foreign_entries(addr)?;
             let site = self.sites.get(&addr).expect("looked up above");
+            let check_run = |run: &CoveredRun| match foreign.range(run.addr + 1..run.addr + run.len as u64).next() {
+                Some((&to, &from)) => Err(format!(
+                    "{} jumps to {to:#x}, inside the bytes the jump would cover",
+                    self.symbols.as_ref().map_or_else(|| format!("{from:#x}"), |t| t.format_addr(from))
+                )),
+                None => Ok(()),
+            };
             let prepared = match &function {
                 None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
                 Some((_, start, size)) => {
                     let function = self.original_bytes(*start, *size as usize)?;
-                    prepare_detour(site, &function, *start, cold.as_ref().map(|(s, b)| (*s, b.as_slice())))
+                    prepare_detour(site, &function, *start, check_run)
                 }
             };
             match prepared {
@@ -505,13 +517,40 @@ impl Registry {
         }
     }
 
-    /// The `.cold` part GCC split off function `name` (its start and original bytes), if any.
-    fn cold_part(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>, ProbeError> {
-        let cold = self.symbols(false)?.lookup(&format!("{name}.cold")).ok().map(|s| (s.addr, s.size));
-        match cold {
-            Some((start, size)) if size > 0 => Ok(Some((start, self.original_bytes(start, size as usize)?))),
-            _ => Ok(None),
+    /// The places other code of `addr`'s module jumps to inside some function (target →
+    /// branch), gathered once per module by decoding each of its functions.
+    fn foreign_entries(&mut self, addr: u64) -> Result<Arc<BTreeMap<u64, u64>>, ProbeError> {
+        self.symbols(false)?;
+        let table = self.symbols.as_ref().expect("loaded just above");
+        let Some(module) = table.module_of(addr).map(|m| (m.path.clone(), m.bias)) else {
+            return Ok(Arc::default());
+        };
+        if let Some(known) = self.foreign.get(&module) {
+            return Ok(known.clone());
         }
+        let index = table.modules().iter().position(|m| (m.path.clone(), m.bias) == module);
+        let mut functions: Vec<(u64, u64)> = table
+            .symbols()
+            .iter()
+            .filter(|s| Some(s.module) == index && s.size > 0)
+            .map(|s| (s.addr, s.size))
+            .collect();
+        functions.sort_unstable();
+        functions.dedup();
+        let starts: std::collections::BTreeSet<u64> = functions.iter().map(|f| f.0).collect();
+        let mut entries = BTreeMap::new();
+        for (start, size) in functions {
+            // Code that does not decode (data in a text symbol) is skipped: its branches are
+            // unknown either way.
+            let Ok(bytes) = self.original_bytes(start, size as usize) else { continue };
+            let Ok(branches) = branches_out(&bytes, start) else { continue };
+            for (from, to) in branches.into_iter().filter(|(_, to)| !starts.contains(to)) {
+                entries.entry(to).or_insert(from);
+            }
+        }
+        let entries = Arc::new(entries);
+        self.foreign.insert(module, entries.clone());
+        Ok(entries)
     }
 
     /// Puts the int3 back in place of the site's jump (the site stays armed).

@@ -18,6 +18,12 @@ fn target() -> &'static Target {
     TARGET.get_or_init(|| Target::build("optimize", &[]))
 }
 
+/// The targets that need GCC's -O2 code generation.
+fn target_o2() -> &'static Target {
+    static TARGET: OnceLock<Target> = OnceLock::new();
+    TARGET.get_or_init(|| Target::build("optimize_o2", &["-O2"]))
+}
+
 /// Probes patch process-wide code and the switch is process-wide: the tests take turns,
 /// each starting with optimization on.
 fn serial() -> MutexGuard<'static, ()> {
@@ -284,7 +290,7 @@ fn a_jump_back_from_the_functions_cold_part_is_seen() {
     let info = probe.info();
     assert!(!info.optimized, "{info}");
     let reason = info.not_optimized.clone().unwrap_or_default();
-    assert!(reason.contains("cold part"), "{reason}");
+    assert!(reason.contains("hotcold.cold"), "{reason}");
     assert_eq!((f(3), f(-3)), (16, 16));
     assert_eq!(probe.hits(), 1, "the cold path joins after the probe point");
     // At +4 the covered bytes end before the join: optimized, and both paths work.
@@ -365,4 +371,64 @@ fn rust_functions_are_optimized_at_every_instruction_they_allow() {
         probe.unregister().unwrap();
     }
     assert!(optimized_count > 0, "no instruction of a Rust function was optimized");
+}
+
+#[test]
+fn a_caller_keeping_vector_values_across_the_call_is_safe_from_an_entry_handler() {
+    let _serial = serial();
+    let t = target_o2();
+    // SAFETY: the signatures of the C functions.
+    let work: extern "C" fn(*const f64, i32) -> f64 = unsafe { std::mem::transmute(t.addr("ipa_work") as usize) };
+    // SAFETY: as above.
+    let leaf: extern "C" fn() -> u64 = unsafe { std::mem::transmute(t.addr("ipa_leaf") as usize) };
+    let v: Vec<f64> = (0..10).map(|i| 1.0 + i as f64 * 0.25).collect();
+    let expected = work(v.as_ptr(), 50).to_bits();
+    let probe = optimized(Probe::at(Location::Address(leaf())).on_hit(|_| {
+        // What any handler may do: the ABI calls every vector register clobbered.
+        // SAFETY: only clobbers registers, declared as such.
+        unsafe {
+            std::arch::asm!("xorps xmm8, xmm8", "xorps xmm9, xmm9", "xorps xmm15, xmm15",
+                out("xmm8") _, out("xmm9") _, out("xmm15") _)
+        };
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(work(v.as_ptr(), 50).to_bits(), expected, "the caller's xmm8 and up were clobbered");
+    assert_eq!(probe.hits(), 50);
+}
+
+#[test]
+fn handlers_run_with_the_direction_flag_clear_and_the_programs_flag_survives() {
+    let _serial = serial();
+    let t = target_o2();
+    let f = t.func1("df_set");
+    let df_seen = Arc::new(AtomicU64::new(0));
+    let d = df_seen.clone();
+    let probe = optimized(Probe::at(Location::SymbolOffset("df_set".into(), 1)).on_hit(move |_| {
+        let flags: u64;
+        // SAFETY: reads the flags through the stack, which the asm block may use.
+        unsafe { std::arch::asm!("pushfq", "pop {}", out(reg) flags) };
+        d.fetch_or(flags & 0x400, Ordering::SeqCst);
+        // A copy runs backwards with DF set: it must still copy right.
+        let copy = vec![7u8; 4096].clone();
+        assert!(copy.iter().all(|&b| b == 7));
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(1), 4);
+    assert_eq!(df_seen.load(Ordering::SeqCst), 0, "the handler ran with DF set");
+    assert_eq!(probe.hits(), 1);
+}
+
+#[test]
+fn a_jump_from_another_function_into_the_run_keeps_it_a_breakpoint() {
+    let _serial = serial();
+    let t = target_o2();
+    let (a, b) = (t.func1("shared_a"), t.func1("shared_b"));
+    assert_eq!((a(1), b(1)), (104, 4));
+    let probe = optimized(Probe::at(sym!("shared_b")).on_hit(|_| {}));
+    let info = probe.info();
+    assert!(!info.optimized, "{info}");
+    let reason = info.not_optimized.clone().unwrap_or_default();
+    assert!(reason.contains("shared_a"), "{reason}");
+    assert_eq!((a(1), b(1)), (104, 4));
+    assert_eq!(probe.hits(), 1);
 }

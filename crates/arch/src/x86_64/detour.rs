@@ -5,12 +5,12 @@
 //!  +0   trap:  int3                        slow way out: the handler asked for more than a
 //!              int3 ...                    register restore can give (see below)
 //!  +16  entry: lea -(128+144)(%rsp),%rsp   step over the red zone, room for the frame
-//!              pushfq                      (entry: movq $0x202, the flags are dead)
+//!              pushfq ; cld                (entry: movq $0x202, the flags are dead)
 //!              mov %r15..%rdi,0..112(%rsp) the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
 //!              mov %rsp,%rsi               the frame, dispatch's second argument
 //!              and $-align,%rsp ; sub $area,%rsp ; mov %rsi,area-8(%rsp)
-//!              <save vector state>         entry: xmm0-7 | anywhere: MXCSR and every vector register
+//!              <save vector state>         MXCSR and every vector register (see StateSave)
 //!              call dispatch(context, frame)
 //!              test %eax,%eax              (moves below leave the flags alone)
 //!              <restore vector state>
@@ -55,17 +55,18 @@ pub const ENTRY_OFFSET: usize = 16;
 /// Offset of the slow-path `int3`.
 pub const TRAP_OFFSET: usize = 0;
 
-/// Which vector state the detour saves around the handlers.
+/// What the detour saves around the handlers besides the general registers.
+///
+/// Every vector register is saved, at a function entry too: the SysV ABI says only xmm0–7
+/// carry arguments there, but GCC's `-fipa-ra` lets a caller keep its own values in any
+/// register it knows the callee leaves alone (xmm8–15, the upper halves, zmm16–31), and a
+/// handler — Rust code, or libc's AVX-512 `memcpy` under it — may clobber any of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VectorSave {
-    /// At a function entry the SysV ABI bounds what can be live: the vector argument
-    /// registers xmm0–7 (flags are dead across a call).
-    EntryArguments,
-    /// Anywhere else: the flags, MXCSR and every vector register of `width`.
-    Full {
-        /// The widest registers the CPU and kernel have enabled.
-        width: VectorWidth,
-    },
+pub struct StateSave {
+    /// Save and restore the flags. Not needed at a function entry: a call clobbers them.
+    pub flags: bool,
+    /// The vector registers to save (with MXCSR).
+    pub width: VectorWidth,
 }
 
 /// The vector registers a handler may clobber, by what the CPU has enabled (XCR0).
@@ -80,7 +81,10 @@ pub enum VectorWidth {
     /// ymm0–15.
     Avx,
     /// zmm0–31 and the opmask registers k0–7.
-    Avx512,
+    Avx512 {
+        /// The opmask registers are 64 bits wide (AVX512BW), not 16.
+        wide_masks: bool,
+    },
 }
 
 impl VectorWidth {
@@ -89,7 +93,7 @@ impl VectorWidth {
         match self {
             VectorWidth::Sse => 16 * 16 + 64,
             VectorWidth::Avx => 16 * 32 + 64,
-            VectorWidth::Avx512 => 32 * 64 + 8 * 8 + 64,
+            VectorWidth::Avx512 { .. } => 32 * 64 + 8 * 8 + 64,
         }
     }
 }
@@ -103,8 +107,8 @@ pub struct DetourSpec<'a> {
     pub probe_ip: u64,
     /// The original bytes of the covered run (see [`super::optimize::covered_run`]).
     pub covered: &'a [u8],
-    /// Vector state to save.
-    pub save: VectorSave,
+    /// State to save besides the general registers.
+    pub save: StateSave,
     /// `extern "C" fn(context: u64, frame: *mut Regs) -> u32` run with the frame.
     pub dispatch: u64,
     /// First argument of `dispatch`.
@@ -154,18 +158,18 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
 
     // Frame: [rip][rsp] below the red zone, then flags and the general registers.
-    match spec.save {
+    if spec.save.flags {
+        a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
+        a.pushfq()?;
+        // Handlers are Rust code: the ABI wants the direction flag clear (a signal handler
+        // starts with it clear too). popfq puts the program's back.
+        a.cld()?;
+        a.lea(rsp, ptr(rsp - 8 * FRAME_GPRS.len() as i32))?;
+    } else {
         // Flags are dead at a function entry and pushfq is microcoded: the frame gets the
         // flags a thread starts with (IF set), so that a slow-path restore loads sane ones.
-        VectorSave::EntryArguments => {
-            a.lea(rsp, ptr(rsp - (RED_ZONE + FRAME_SIZE)))?;
-            a.mov(qword_ptr(rsp + FRAME_FLAGS), ENTRY_FLAGS)?;
-        }
-        VectorSave::Full { .. } => {
-            a.lea(rsp, ptr(rsp - (RED_ZONE + 16)))?;
-            a.pushfq()?;
-            a.lea(rsp, ptr(rsp - 8 * FRAME_GPRS.len() as i32))?;
-        }
+        a.lea(rsp, ptr(rsp - (RED_ZONE + FRAME_SIZE)))?;
+        a.mov(qword_ptr(rsp + FRAME_FLAGS), ENTRY_FLAGS)?;
     }
     for (i, reg) in FRAME_GPRS.into_iter().enumerate() {
         a.mov(qword_ptr(rsp + 8 * i as i32), reg)?;
@@ -177,17 +181,11 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     a.mov(rsi, rsp)?;
 
     // The vector save area, aligned, with the frame's address in its last quadword.
-    let (area, align) = match spec.save {
-        VectorSave::EntryArguments => (ENTRY_VECTOR_AREA, 16),
-        VectorSave::Full { width } => (width.save_size(), 64),
-    };
-    a.and(rsp, -align)?;
+    let area = spec.save.width.save_size();
+    a.and(rsp, -64)?;
     a.sub(rsp, area)?;
     a.mov(qword_ptr(rsp + (area - 8)), rsi)?;
-    match spec.save {
-        VectorSave::EntryArguments => entry_vector_moves(&mut a, Direction::Save)?,
-        VectorSave::Full { width } => vector_moves(&mut a, width, Direction::Save)?,
-    }
+    vector_moves(&mut a, spec.save.width, Direction::Save)?;
 
     a.mov(rdi, spec.context)?;
     // A direct call when the dispatcher is in reach of the detour (both near the probed
@@ -202,10 +200,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     // From here to the jnz the flags hold the decision: the vector restores and the moves
     // do not change them.
     a.test(eax, eax)?;
-    match spec.save {
-        VectorSave::EntryArguments => entry_vector_moves(&mut a, Direction::Restore)?,
-        VectorSave::Full { width } => vector_moves(&mut a, width, Direction::Restore)?,
-    }
+    vector_moves(&mut a, spec.save.width, Direction::Restore)?;
     a.mov(rsp, qword_ptr(rsp + (area - 8)))?;
     a.jnz(trap)?;
     // The dispatcher preserved the callee-saved registers, so they still hold the values in
@@ -222,13 +217,12 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
         }
     }
     a.lea(rsp, ptr(rsp + 8 * FRAME_GPRS.len() as i32))?;
-    match spec.save {
+    if spec.save.flags {
+        a.popfq()?;
+        a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
+    } else {
         // Flags are dead at a function entry (a call clobbers them), and popfq is slow.
-        VectorSave::EntryArguments => a.lea(rsp, ptr(rsp + (8 + 16 + RED_ZONE)))?,
-        VectorSave::Full { .. } => {
-            a.popfq()?;
-            a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
-        }
+        a.lea(rsp, ptr(rsp + (8 + 16 + RED_ZONE)))?;
     }
     Ok(a)
 }
@@ -237,21 +231,6 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
 const FRAME_GPRS: [AsmRegister64; 15] = [r15, r14, r13, r12, r11, r10, r9, r8, rbp, rbx, rax, rcx, rdx, rsi, rdi];
 /// The registers every function preserves, the dispatcher included.
 const CALLEE_SAVED: [AsmRegister64; 6] = [rbx, rbp, r12, r13, r14, r15];
-
-/// Bytes of the entry variant's vector area: xmm0-7 and the frame address.
-const ENTRY_VECTOR_AREA: i32 = 8 * 16 + 16;
-
-/// Moves xmm0-7, the vector argument registers, between the registers and `rsp`.
-fn entry_vector_moves(a: &mut CodeAssembler, direction: Direction) -> Result<(), IcedError> {
-    for (i, reg) in [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7].into_iter().enumerate() {
-        let slot = xmmword_ptr(rsp + 16 * i as i32);
-        match direction {
-            Direction::Save => a.movaps(slot, reg)?,
-            Direction::Restore => a.movaps(reg, slot)?,
-        }
-    }
-    Ok(())
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -297,7 +276,7 @@ fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction: Direction)
                 }
             }
         }
-        VectorWidth::Avx512 => {
+        VectorWidth::Avx512 { wide_masks } => {
             for (i, reg) in ZMM.into_iter().enumerate() {
                 let slot = zmmword_ptr(rsp + 64 * i as i32);
                 if save {
@@ -307,11 +286,12 @@ fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction: Direction)
                 }
             }
             for (i, reg) in K.into_iter().enumerate() {
-                let slot = qword_ptr(rsp + (32 * 64 + 8 * i as i32));
-                if save {
-                    a.kmovq(slot, reg)?
-                } else {
-                    a.kmovq(reg, slot)?
+                let at = rsp + (32 * 64 + 8 * i as i32);
+                match (wide_masks, save) {
+                    (true, true) => a.kmovq(qword_ptr(at), reg)?,
+                    (true, false) => a.kmovq(reg, qword_ptr(at))?,
+                    (false, true) => a.kmovw(word_ptr(at), reg)?,
+                    (false, false) => a.kmovw(reg, word_ptr(at))?,
                 }
             }
         }
@@ -327,7 +307,10 @@ mod tests {
     use super::*;
     use crate::x86_64::decode::decode_instructions;
 
-    fn spec(save: VectorSave, covered: &[u8]) -> DetourSpec<'_> {
+    const ENTRY: StateSave = StateSave { flags: false, width: VectorWidth::Avx512 { wide_masks: true } };
+    const MID: StateSave = StateSave { flags: true, width: VectorWidth::Avx512 { wide_masks: true } };
+
+    fn spec(save: StateSave, covered: &[u8]) -> DetourSpec<'_> {
         DetourSpec {
             detour_ip: 0x7f00_0000_1000,
             probe_ip: 0x7f00_1000_0000,
@@ -342,7 +325,7 @@ mod tests {
     fn the_copy_follows_the_epilogue_and_jumps_back() {
         // mov %rdi,%rax ; shr $0x1f,%rax
         let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
-        let s = spec(VectorSave::EntryArguments, &covered);
+        let s = spec(ENTRY, &covered);
         let detour = build_detour(&s).unwrap();
         let copy = &detour.code[detour.copy_offset as usize..];
         assert_eq!(&copy[..7], &covered);
@@ -358,12 +341,12 @@ mod tests {
     #[test]
     fn the_frame_is_balanced() {
         let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
-        for save in [VectorSave::EntryArguments, VectorSave::Full { width: VectorWidth::Avx512 }] {
+        for save in [ENTRY, MID] {
             let s = spec(save, &covered);
             let detour = build_detour(&s).unwrap();
             let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
             let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
-            let full = matches!(save, VectorSave::Full { .. });
+            let full = save.flags;
             let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
             assert_eq!(count(iced_x86::Mnemonic::Pushfq), full as usize);
             assert_eq!(count(iced_x86::Mnemonic::Popfq), full as usize);

@@ -15,8 +15,8 @@ use super::trap::write_code;
 use super::Regs;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
-use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, VectorSave, VectorWidth, TRAP_OFFSET};
-use dynprobe_arch::native::optimize::{check_branches_into, covered_run, CoveredRun};
+use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET};
+use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::StoppedWorld;
@@ -63,54 +63,50 @@ impl SiteDetour {
     }
 }
 
-/// The vector state saved at a probe point that is not a function entry: every vector
-/// register the CPU and kernel have enabled (XCR0), since a handler — Rust code, libc's
-/// AVX-512 `memcpy` under it — may clobber any of them.
-fn full_state_save() -> Result<VectorSave, String> {
-    static SAVE: OnceLock<Result<VectorSave, String>> = OnceLock::new();
-    SAVE.get_or_init(|| {
+/// The vector registers a detour saves: every one the CPU and kernel have enabled (XCR0),
+/// since a handler may clobber any of them (see [`StateSave`]).
+fn vector_width() -> VectorWidth {
+    static WIDTH: OnceLock<VectorWidth> = OnceLock::new();
+    *WIDTH.get_or_init(|| {
         use std::arch::x86_64::__cpuid_count;
         const OSXSAVE: u32 = 1 << 27;
+        const AVX512BW: u32 = 1 << 30;
         const AVX: u64 = 0b110;
         const AVX512: u64 = 0b1110_0000;
-        let features = __cpuid_count(1, 0);
-        let xcr0 = if features.ecx & OSXSAVE == 0 {
+        if __cpuid_count(1, 0).ecx & OSXSAVE == 0 {
             // No XSAVE at all: SSE only, which every x86-64 has.
-            0b11
-        } else {
-            let (lo, hi): (u32, u32);
-            // SAFETY: xgetbv with ecx=0 reads XCR0; it exists because OSXSAVE is set.
-            unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-            u64::from(lo) | (u64::from(hi) << 32)
-        };
-        let width = if xcr0 & (AVX | AVX512) == AVX | AVX512 {
-            VectorWidth::Avx512
+            return VectorWidth::Sse;
+        }
+        let (lo, hi): (u32, u32);
+        // SAFETY: xgetbv with ecx=0 reads XCR0; it exists because OSXSAVE is set.
+        unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+        let xcr0 = u64::from(lo) | (u64::from(hi) << 32);
+        if xcr0 & (AVX | AVX512) == AVX | AVX512 {
+            VectorWidth::Avx512 { wide_masks: __cpuid_count(7, 0).ebx & AVX512BW != 0 }
         } else if xcr0 & AVX == AVX {
             VectorWidth::Avx
         } else {
             VectorWidth::Sse
-        };
-        Ok(VectorSave::Full { width })
+        }
     })
-    .clone()
 }
 
 /// Checks the probe point against its function (`function`, the original bytes from
-/// `start`) and the function's split-off cold part (its start and bytes), and writes its
-/// detour. `Err` is the reason it stays a breakpoint probe.
+/// `start`) and against what the caller knows of the rest of the program (`check_run`:
+/// jumps from other functions into the run), and writes its detour. `Err` is the reason it
+/// stays a breakpoint probe.
 pub(crate) fn prepare_detour(
     site: &PatchSite,
     function: &[u8],
     start: u64,
-    cold: Option<(u64, &[u8])>,
+    check_run: impl FnOnce(&CoveredRun) -> Result<(), String>,
 ) -> Result<SiteDetour, String> {
     let run = covered_run(function, start, site.addr).map_err(|e| e.to_string())?;
-    if let Some((cold_start, cold)) = cold {
-        check_branches_into(cold, cold_start, &run).map_err(|e| format!("{e} (in the function's cold part)"))?;
-    }
+    check_run(&run)?;
     let offset = (site.addr - start) as usize;
     let original = function[offset..offset + run.len].to_vec();
-    let save = if site.addr == start { VectorSave::EntryArguments } else { full_state_save()? };
+    // Flags are dead at a function entry: a call clobbers them.
+    let save = StateSave { flags: site.addr != start, width: vector_width() };
     let slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
     let built = (|| {
         let spec = DetourSpec {
@@ -230,7 +226,8 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
 
 /// The trap owner of a detour's slow-path `int3`: the thread's `rsp` is at its register
 /// frame, which the handlers have changed; load all of it. A frame whose `rip` is still the
-/// probe point continues after the probed instruction(s), as the fast way would.
+/// probe point continues after the probed instruction(s), as the fast way would; one
+/// diverted into the bytes a written jump covers continues in the copy.
 fn on_detour_trap(site: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: `site` is the PatchSite this detour belongs to, registered with this int3 and
     // alive while the detour is (see registry::quarantine).
@@ -240,8 +237,6 @@ fn on_detour_trap(site: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: the detour executes this int3 with rsp at the frame it built (a `Regs`), below
     // the red zone of the interrupted code and above the signal frame the kernel pushed.
     let mut regs = unsafe { frame.read() };
-    if regs.ip == site.addr {
-        regs.ip = site.resume_after_pre();
-    }
+    regs.ip = if regs.ip == site.addr { site.resume_after_pre() } else { site.redirect(regs.ip) };
     regs.to_ucontext(uc);
 }

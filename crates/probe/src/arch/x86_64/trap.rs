@@ -103,6 +103,9 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     regs.ip = site.addr;
     let wants_post = site.run_pre_handlers(&mut regs, &guard);
     let diverted = regs.ip != site.addr;
+    if diverted {
+        regs.ip = site.redirect(regs.ip);
+    }
     regs.to_ucontext(uc);
     if !diverted {
         ctx.set_ip(if wants_post { site.slots.post_ip } else { site.resume_after_pre() });

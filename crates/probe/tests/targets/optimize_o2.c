@@ -1,0 +1,30 @@
+/* Jump-optimization targets built at -O2, where GCC's interprocedural register allocation
+ * (-fipa-ra) lets a caller keep values in registers the ABI calls clobbered. */
+
+#define FUNC(name, body)                                                   \
+    __asm__(".text\n.globl " #name "\n.type " #name ",@function\n" #name   \
+            ":\n" body "\n.size " #name ",.-" #name "\n");
+
+/* work() keeps doubles in xmm8 and up across its calls to leaf(), which it knows leaves
+ * them alone. */
+__attribute__((noinline)) static int leaf(int x) { return x * 3 + 1; }
+void *ipa_leaf(void) { return (void *)leaf; }
+int ipa_sink;
+double ipa_work(const double *v, int n)
+{
+    double a0 = v[0], a1 = v[1], a2 = v[2], a3 = v[3], a4 = v[4], a5 = v[5], a6 = v[6], a7 = v[7], a8 = v[8],
+           a9 = v[9];
+    for (int i = 0; i < n; i++) {
+        ipa_sink += leaf(i);
+        a0 += a1; a1 += a2; a2 += a3; a3 += a4; a4 += a5; a5 += a6; a6 += a7; a7 += a8; a8 += a9; a9 += a0;
+    }
+    return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9;
+}
+
+/* The direction flag is set at +1: std ; mov ; add ; add ; cld ; ret. Returns x + 3. */
+FUNC(df_set, "std\n mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n cld\n ret")
+
+/* Two entries into one body, like glibc's __mempcpy jumping into __memmove: shared_a
+ * continues at shared_b+3, inside a jump written at shared_b's entry. */
+FUNC(shared_a, "mov %rdi,%rax\n add $100,%rax\n jmp .Lshared_mid")
+FUNC(shared_b, "mov %rdi,%rax\n.Lshared_mid: add $1,%rax\n add $2,%rax\n ret")
