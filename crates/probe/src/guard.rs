@@ -21,22 +21,27 @@ impl HandlerGuard {
     /// load-then-store cannot lose a nested hit.
     #[inline]
     pub(crate) fn enter() -> Option<HandlerGuard> {
-        Self::enter_site(ANY_SITE as u64)
+        Self::enter_site(ANY_SITE as u64).ok()
     }
 
     /// [`Self::enter`] for the handlers of the site at `site`, which
     /// [`wait_while_active`](crate::thread_slot::wait_while_active) can then wait for.
+    ///
+    /// When the thread is already inside a handler, the `Err` holds a mark that keeps the
+    /// site's probe list alive while the caller counts the miss on it.
     #[inline]
-    pub(crate) fn enter_site(site: u64) -> Option<HandlerGuard> {
-        let (index, slot) = ThreadSlot::current()?;
+    pub(crate) fn enter_site(site: u64) -> Result<HandlerGuard, MissMark> {
+        let Some((index, slot)) = ThreadSlot::current() else { return Err(MissMark { slot: None }) };
         if slot.active.load(Ordering::Relaxed) != 0 {
-            return None;
+            slot.nested.store(site as usize, Ordering::Relaxed);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            return Err(MissMark { slot: Some(slot) });
         }
         slot.active.store(site as usize, Ordering::Relaxed);
         // Orders the mark before the handlers' reads of the probe list, for the compiler;
         // the CPU side is the writer's membarrier.
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
-        Some(HandlerGuard { slot, index })
+        Ok(HandlerGuard { slot, index })
     }
 
     /// The thread's slot index (for per-thread counters).
@@ -55,5 +60,21 @@ impl Drop for HandlerGuard {
     #[inline]
     fn drop(&mut self) {
         self.slot.active.store(0, Ordering::Release);
+    }
+}
+
+/// A hit that found its thread already inside a handler: while held, the site stays marked
+/// so its probe list outlives the count of the miss. (A thread without a slot cannot mark;
+/// its count reads the list unprotected, which needs more than 4096 threads in a window.)
+pub(crate) struct MissMark {
+    slot: Option<&'static ThreadSlot>,
+}
+
+impl Drop for MissMark {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            slot.nested.store(0, Ordering::Release);
+        }
     }
 }

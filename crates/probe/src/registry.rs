@@ -429,12 +429,21 @@ impl Registry {
     }
 }
 
-/// Stops every other thread. Until the guard returned with the world is dropped (after the
-/// world), probes this thread hits count as missed instead of running their handlers: a
-/// handler could wait for a lock one of the stopped threads holds.
-fn stop_world() -> Result<(stop::StoppedWorld, Option<HandlerGuard>), ProbeError> {
+/// Every other thread held stopped, with the code writer taken first (a stopped thread may
+/// have held it). Until it is dropped, probes this thread hits count as missed instead of
+/// running their handlers: a handler could wait for a lock one of the stopped threads holds.
+struct Stopped {
+    // Fields drop in order: the world is released before the writer and the guard.
+    world: stop::StoppedWorld,
+    writer: memory::CodeWriter,
+    _own_hits_missed: Option<HandlerGuard>,
+}
+
+fn stop_world() -> Result<Stopped, ProbeError> {
     let guard = HandlerGuard::enter();
-    Ok((stop::stop_other_threads(STOP_TIMEOUT)?, guard))
+    let writer = memory::CodeWriter::lock()?;
+    let world = stop::stop_other_threads(STOP_TIMEOUT)?;
+    Ok(Stopped { world, writer, _own_hits_missed: guard })
 }
 
 /// What one optimization attempt came to.
@@ -500,13 +509,13 @@ impl Registry {
         if self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_some() {
             return Ok(Attempt::Done);
         }
-        let (mut world, _missing_own_hits) = stop_world()?;
-        let written = write_jump(&mut world, site, detour);
+        let mut stopped = stop_world()?;
+        let written = write_jump(&mut stopped.world, &mut stopped.writer, site, detour);
         if written.is_ok() {
             site.optimized.store(true, Ordering::Release);
         }
         let synced = try_sync_core();
-        drop(world);
+        drop(stopped);
         match written {
             Ok(()) => synced.map(|()| Attempt::Done).map_err(Into::into),
             Err(JumpError::Busy) => Ok(Attempt::Retry),
@@ -559,13 +568,13 @@ impl Registry {
         let Some(detour) = site.detour().filter(|_| site.optimized.load(Ordering::Relaxed)) else {
             return Ok(());
         };
-        let (world, _missing_own_hits) = stop_world()?;
-        let removed = remove_jump(site, detour);
+        let mut stopped = stop_world()?;
+        let removed = remove_jump(&mut stopped.writer, site, detour);
         if removed.is_ok() {
             site.optimized.store(false, Ordering::Release);
         }
         let synced = try_sync_core();
-        drop(world);
+        drop(stopped);
         removed?;
         synced?;
         Ok(())

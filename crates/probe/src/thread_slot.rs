@@ -33,6 +33,10 @@ pub(crate) struct ThreadSlot {
     /// While the owner runs probe handlers: the address of the site whose handlers run
     /// (or [`ANY_SITE`]); 0 otherwise.
     pub(crate) active: AtomicUsize,
+    /// While the owner, already running handlers, counts a missed hit of another site: that
+    /// site's address (the count walks the site's probe list, which must not be freed
+    /// under it); 0 otherwise.
+    pub(crate) nested: AtomicUsize,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -41,6 +45,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         tid: AtomicI32::new(0),
         generation: AtomicU32::new(0),
         active: AtomicUsize::new(0),
+        nested: AtomicUsize::new(0),
     }
 }; MAX_THREADS];
 
@@ -108,6 +113,7 @@ impl ThreadSlot {
 
     fn restart(&self, tid: i32) {
         self.active.store(0, Ordering::Relaxed);
+        self.nested.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
@@ -132,7 +138,13 @@ fn thread_alive(tid: i32) -> bool {
 /// caller issues first, orders that store before our scan on every CPU.
 pub(crate) fn wait_while_active(site: usize, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while SLOTS.iter().any(|s| s.active.load(Ordering::Acquire) == site) {
+    // A slot whose owner is gone (it exited, or this is a forked child and the owner was
+    // another thread of the parent) will never be cleared and holds no one up.
+    let busy = |s: &ThreadSlot| {
+        (s.active.load(Ordering::Acquire) == site || s.nested.load(Ordering::Acquire) == site)
+            && thread_alive(s.tid.load(Ordering::Acquire))
+    };
+    while SLOTS.iter().any(busy) {
         if Instant::now() > deadline {
             return false;
         }

@@ -8,7 +8,7 @@
 use crate::TextError;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// Reads `buf.len()` bytes at `addr`.
 pub fn read(addr: u64, buf: &mut [u8]) -> Result<(), TextError> {
@@ -74,35 +74,63 @@ static PROC_MEM: Mutex<Option<(u32, File)>> = Mutex::new(None);
 ///
 /// If `expected` and `new` differ in length (a caller bug, not a property of the target).
 pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-    assert_eq!(expected.len(), new.len(), "write_verified: expected and new differ in length");
-    // Never called from a signal handler, so a poisoned lock only means another writer
-    // panicked; the handle itself is still sound.
-    let mut guard = PROC_MEM.lock().unwrap_or_else(|e| e.into_inner());
-    verify(addr, expected)?;
-    if expected == new {
-        return Ok(());
-    }
-    let pid = std::process::id();
-    if !matches!(guard.as_ref(), Some((owner, _)) if *owner == pid) {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/proc/self/mem")
-            .map_err(|e| TextError::Unwritable { addr, reason: format!("cannot open /proc/self/mem: {e}") })?;
-        *guard = Some((pid, file));
-    }
-    let Some((_, mem)) = guard.as_ref() else { unreachable!("opened just above") };
-    match mem.write_at(new, addr) {
-        Ok(n) if n == new.len() => Ok(()),
-        Ok(n) => {
-            // A short write changed a prefix: put the old bytes back so nothing is left
-            // half-changed, as the error promises.
-            let _ = mem.write_at(&expected[..n], addr);
-            Err(TextError::Unwritable {
-                addr,
-                reason: format!("only {n} of {} byte(s) could be written; restored", new.len()),
-            })
+    let mut writer = CodeWriter::lock().map_err(|e| match e {
+        TextError::Unwritable { reason, .. } => TextError::Unwritable { addr, reason },
+        other => other,
+    })?;
+    writer.write_verified(addr, expected, new)
+}
+
+/// The process's code writer, held: what [`write_verified`] takes for one write.
+///
+/// Take it *before* stopping the other threads when writing while they are stopped: a
+/// stopped thread may have been holding it, and the writer would then wait forever. Taking
+/// it also opens `/proc/self/mem` if needed, so that writes under it allocate nothing.
+pub struct CodeWriter {
+    guard: MutexGuard<'static, Option<(u32, File)>>,
+}
+
+impl CodeWriter {
+    /// Takes the writer (waiting for another writer of this process to finish).
+    pub fn lock() -> Result<CodeWriter, TextError> {
+        // Never called from a signal handler, so a poisoned lock only means another writer
+        // panicked; the handle itself is still sound.
+        let mut guard = PROC_MEM.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        if !matches!(guard.as_ref(), Some((owner, _)) if *owner == pid) {
+            let file =
+                OpenOptions::new().read(true).write(true).open("/proc/self/mem").map_err(|e| {
+                    TextError::Unwritable { addr: 0, reason: format!("cannot open /proc/self/mem: {e}") }
+                })?;
+            *guard = Some((pid, file));
         }
-        Err(e) => Err(TextError::Unwritable { addr, reason: e.to_string() }),
+        Ok(CodeWriter { guard })
+    }
+
+    /// [`write_verified`] with the writer already held.
+    ///
+    /// # Panics
+    ///
+    /// If `expected` and `new` differ in length.
+    pub fn write_verified(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
+        assert_eq!(expected.len(), new.len(), "write_verified: expected and new differ in length");
+        verify(addr, expected)?;
+        if expected == new {
+            return Ok(());
+        }
+        let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        match mem.write_at(new, addr) {
+            Ok(n) if n == new.len() => Ok(()),
+            Ok(n) => {
+                // A short write changed a prefix: put the old bytes back so nothing is left
+                // half-changed, as the error promises.
+                let _ = mem.write_at(&expected[..n], addr);
+                Err(TextError::Unwritable {
+                    addr,
+                    reason: format!("only {n} of {} byte(s) could be written; restored", new.len()),
+                })
+            }
+            Err(e) => Err(TextError::Unwritable { addr, reason: e.to_string() }),
+        }
     }
 }

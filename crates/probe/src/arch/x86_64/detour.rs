@@ -18,10 +18,11 @@ use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET};
 use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
+use dynprobe_text::memory::CodeWriter;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::StoppedWorld;
 use dynprobe_text::trap::{self, TrapContext};
-use dynprobe_text::{memory, TextError};
+use dynprobe_text::TextError;
 use std::sync::OnceLock;
 
 /// Bytes reserved per detour: the full-state variant with AVX-512 is about 850 bytes plus the
@@ -152,7 +153,12 @@ pub(crate) enum JumpError {
 /// Writes the jump over the probe point, whose `int3` is armed. Every other thread must be
 /// held stopped in `world`; those inside the covered bytes, or in the breakpoint slot (which
 /// jumps back into them), are moved to the copy first.
-pub(crate) fn write_jump(world: &mut StoppedWorld, site: &PatchSite, detour: &SiteDetour) -> Result<(), JumpError> {
+pub(crate) fn write_jump(
+    world: &mut StoppedWorld,
+    writer: &mut CodeWriter,
+    site: &PatchSite,
+    detour: &SiteDetour,
+) -> Result<(), JumpError> {
     let boost = &site.slots;
     // No allocation while the other threads are stopped: one of them may hold malloc's lock.
     let mut moves = [(0i32, 0u64); MAX_MOVED];
@@ -178,9 +184,9 @@ pub(crate) fn write_jump(world: &mut StoppedWorld, site: &PatchSite, detour: &Si
         moved += 1;
     }
     let head = [INT3];
-    memory::write_verified(site.addr + 1, &detour.original[1..5], &detour.jump[1..]).map_err(JumpError::Text)?;
-    if let Err(e) = memory::write_verified(site.addr, &head, &detour.jump[..1]) {
-        let _ = memory::write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5]);
+    writer.write_verified(site.addr + 1, &detour.original[1..5], &detour.jump[1..]).map_err(JumpError::Text)?;
+    if let Err(e) = writer.write_verified(site.addr, &head, &detour.jump[..1]) {
+        let _ = writer.write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5]);
         return Err(JumpError::Text(e));
     }
     for &(tid, ip) in &moves[..moved] {
@@ -191,9 +197,9 @@ pub(crate) fn write_jump(world: &mut StoppedWorld, site: &PatchSite, detour: &Si
 
 /// Puts the `int3` and the original covered bytes back (every other thread held stopped).
 /// A thread inside the detour finishes in its copy, which jumps past the covered run.
-pub(crate) fn remove_jump(site: &PatchSite, detour: &SiteDetour) -> Result<(), TextError> {
-    memory::write_verified(site.addr, &detour.jump[..1], &[INT3])?;
-    memory::write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5])
+pub(crate) fn remove_jump(writer: &mut CodeWriter, site: &PatchSite, detour: &SiteDetour) -> Result<(), TextError> {
+    writer.write_verified(site.addr, &detour.jump[..1], &[INT3])?;
+    writer.write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5])
 }
 
 /// Runs a site's handlers for a thread that came through the detour, with its registers in
@@ -206,9 +212,12 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
     // SAFETY: the detour passes its register frame, which is a `Regs` (see the arch layer's
     // detour layout) on this thread's stack, not aliased while the call runs.
     let regs = unsafe { &mut *frame };
-    let Some(guard) = HandlerGuard::enter_site(site.addr) else {
-        site.count_missed();
-        return 0;
+    let guard = match HandlerGuard::enter_site(site.addr) {
+        Ok(guard) => guard,
+        Err(_miss) => {
+            site.count_missed();
+            return 0;
+        }
     };
     let rsp = regs.rsp;
     let wants_post = site.run_pre_handlers(regs, &guard);

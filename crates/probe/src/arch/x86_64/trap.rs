@@ -92,11 +92,14 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: `data` is the address of the boxed PatchSite registered with this handler;
     // the registry frees a site only after unregistering it and waiting a grace period.
     let site = unsafe { &*(data as *const PatchSite) };
-    let Some(guard) = HandlerGuard::enter_site(site.addr) else {
-        // A hit from inside a handler: counted, not recursed into.
-        site.count_missed();
-        ctx.set_ip(site.resume_after_pre());
-        return;
+    let guard = match HandlerGuard::enter_site(site.addr) {
+        Ok(guard) => guard,
+        Err(_miss) => {
+            // A hit from inside a handler: counted, not recursed into.
+            site.count_missed();
+            ctx.set_ip(site.resume_after_pre());
+            return;
+        }
     };
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
@@ -119,10 +122,13 @@ pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let exit = unsafe { &*(data as *const PostExit) };
     // SAFETY: set before the exit was registered; same lifetime argument as above.
     let site = unsafe { &*exit.site };
-    let Some(_guard) = HandlerGuard::enter_site(site.addr) else {
-        site.count_missed();
-        ctx.set_ip(site.redirect(exit.resume));
-        return;
+    let _guard = match HandlerGuard::enter_site(site.addr) {
+        Ok(guard) => guard,
+        Err(_miss) => {
+            site.count_missed();
+            ctx.set_ip(site.redirect(exit.resume));
+            return;
+        }
     };
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
