@@ -196,19 +196,30 @@ fn c_backtrace() -> Vec<u64> {
 #[test]
 fn glibc_backtrace_inside_probed_functions_shows_the_real_callers() {
     let _serial = serial();
-    let mut bare = Vec::new();
-    let mut probed = Vec::new();
-    for round in 0..2 {
-        let probes = (round == 1).then(|| ["bt_inner", "bt_middle", "bt_outer"].map(retprobe));
-        let frames = c_backtrace();
-        if let Some(probes) = probes {
-            probes.into_iter().for_each(|p| check(p, 1, 1));
-        }
-        *if round == 0 { &mut bare } else { &mut probed } = frames;
+    let probes = ["bt_inner", "bt_middle", "bt_outer"];
+    // From one call site: without probes, with breakpoint probes, with optimized probes.
+    let runs: Vec<Vec<u64>> = [(&[][..], false), (&probes[..], false), (&probes[..], true)]
+        .map(|(p, opt)| with_probes(p, opt, c_backtrace))
+        .into();
+    for probed in &runs[1..] {
+        let names: Vec<String> = probed.iter().map(|&a| symbol_of(a)).collect();
+        assert_eq!(&names[..3], ["bt_inner", "bt_middle", "bt_outer"], "{names:?}");
+        assert_eq!(probed, &runs[0], "the same frames as without probes (no trampoline frame): {names:?}");
     }
-    let names: Vec<String> = probed.iter().map(|&a| symbol_of(a)).collect();
-    assert_eq!(&names[..3], ["bt_inner", "bt_middle", "bt_outer"], "{names:?}");
-    assert_eq!(probed, bare, "the same frames as without probes (no trampoline frame): {names:?}");
+}
+
+/// Runs `f` once with return probes on `functions` (and on `_Unwind_Backtrace`, placed by
+/// the first return probe), jump-optimized or all breakpoints.
+fn with_probes<T>(functions: &[&str], optimized: bool, f: impl FnOnce() -> T) -> T {
+    dynprobe_probe::set_optimization(optimized).unwrap();
+    let probes: Vec<_> = functions.iter().map(|&name| retprobe(name)).collect();
+    if optimized {
+        dynprobe_probe::wait_for_optimizer().unwrap();
+    }
+    let result = f();
+    probes.into_iter().for_each(|p| check(p, 1, 1));
+    dynprobe_probe::set_optimization(true).unwrap();
+    result
 }
 
 static RUST_TRACE: Mutex<String> = Mutex::new(String::new());
@@ -237,15 +248,13 @@ fn rust_backtrace() -> String {
 #[test]
 fn rust_backtrace_inside_probed_functions_shows_the_real_callers() {
     let _serial = serial();
-    let mut traces = Vec::new();
-    for round in 0..2 {
-        let probes = (round == 1).then(|| ["retprobe_test_bt_inner", "retprobe_test_bt_outer"].map(retprobe));
-        traces.push(rust_backtrace());
-        if let Some(probes) = probes {
-            probes.into_iter().for_each(|p| check(p, 1, 1));
-        }
+    let probes = ["retprobe_test_bt_inner", "retprobe_test_bt_outer"];
+    let runs: Vec<String> = [(&[][..], false), (&probes[..], false), (&probes[..], true)]
+        .map(|(p, opt)| with_probes(p, opt, rust_backtrace))
+        .into();
+    for probed in &runs[1..] {
+        assert!(probed.contains("retprobe_test_bt_outer"), "{probed}");
+        assert!(probed.contains("rust_backtrace_inside_probed_functions_shows_the_real_callers"), "{probed}");
+        assert_eq!(probed, &runs[0], "the same frames as without probes");
     }
-    assert!(traces[1].contains("retprobe_test_bt_outer"), "{}", traces[1]);
-    assert!(traces[1].contains("rust_backtrace_inside_probed_functions_shows_the_real_callers"), "{}", traces[1]);
-    assert_eq!(traces[1], traces[0], "the same frames as without probes");
 }
