@@ -258,3 +258,27 @@ fn rust_backtrace_inside_probed_functions_shows_the_real_callers() {
         assert_eq!(probed, &runs[0], "the same frames as without probes");
     }
 }
+
+#[inline(never)]
+fn call_work_from_here() -> i64 {
+    c_lib().func1("work")(black_box(2))
+}
+
+#[test]
+fn a_backtrace_taken_in_a_return_handler_continues_to_the_real_caller() {
+    let _serial = serial();
+    let work = c_lib().func1("work");
+    assert_eq!(work(0), 1);
+    let probe = ReturnProbe::at(sym!("work"))
+        .on_return(|_, _| {
+            // The return path runs in the thread's normal context: a capture may allocate here.
+            *RUST_TRACE.lock().unwrap() = format!("{:?}", std::backtrace::Backtrace::force_capture());
+        })
+        .register()
+        .unwrap();
+    assert_eq!(call_work_from_here(), 7);
+    check(probe, 1, 1);
+    let trace = std::mem::take(&mut *RUST_TRACE.lock().unwrap());
+    assert!(trace.contains("call_work_from_here"), "the unwinder went from the trampoline to the caller:\n{trace}");
+    assert!(trace.contains("a_backtrace_taken_in_a_return_handler_continues_to_the_real_caller"), "{trace}");
+}
