@@ -432,3 +432,32 @@ fn a_jump_from_another_function_into_the_run_keeps_it_a_breakpoint() {
     assert_eq!((a(1), b(1)), (104, 4));
     assert_eq!(probe.hits(), 1);
 }
+
+#[test]
+fn vector_registers_in_their_initial_state_come_back_zeroed() {
+    let _serial = serial();
+    let t = target();
+    let mut cases = vec![("upper_zero", 3)];
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        cases.push(("hi16_zero", 6));
+    } else {
+        eprintln!("no AVX-512 on this CPU: zmm16-31 not checked");
+    }
+    for (symbol, offset) in cases {
+        let f = t.func1(symbol);
+        assert_eq!(f(5), 0, "{symbol} unprobed");
+        let probe = optimized(Probe::at(Location::SymbolOffset(symbol.into(), offset)).on_hit(|_| {
+            // Dirty what the function keeps at zero.
+            // SAFETY: only clobbers the registers named.
+            unsafe {
+                std::arch::asm!("vpcmpeqd ymm0, ymm0, ymm0", out("ymm0") _);
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    std::arch::asm!("vpternlogd zmm16, zmm16, zmm16, 0xff", out("zmm16") _);
+                }
+            }
+        }));
+        assert!(probe.info().optimized, "{}", probe.info());
+        assert_eq!(f(5), 0, "{symbol}: the handler's dirt came back to the program");
+        assert_eq!(probe.hits(), 1);
+    }
+}

@@ -80,3 +80,9 @@ __asm__(".text\n.globl hotcold\n.type hotcold,@function\nhotcold:\n"
  * at opt_rbx's entry that changes rbx changes the result and nothing else. */
 FUNC(opt_rbx, "mov %rbx,%rax\n add $1,%rax\n ret")
 FUNC(opt_rbx_outer, "push %rbx\n mov %rdi,%rbx\n call opt_rbx\n pop %rbx\n ret")
+
+/* Vector state in its initial (all-zero) configuration across a probe at +3: after
+ * vzeroupper the upper halves of ymm0-15 are zero, and zmm16 is zeroed; a detour that
+ * skips saving them must put zeros back. Returns upper64(ymm0) | zmm16[63:0], so 0. */
+FUNC(upper_zero, "vzeroupper\n mov %rdi,%rax\n add $1,%rax\n vextracti128 $1,%ymm0,%xmm1\n vmovq %xmm1,%rax\n vzeroupper\n ret")
+FUNC(hi16_zero, "vpxord %zmm16,%zmm16,%zmm16\n mov %rdi,%rax\n add $1,%rax\n vmovq %xmm16,%rax\n ret")
