@@ -114,7 +114,45 @@ pub static ROWS: &[Row] = &[
         setup: |target| register_optimized_probe(target, ProbePoint::Middle),
         compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
     },
+    Row {
+        name: "return-probe",
+        about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
+        target: dynprobe_bench_target,
+        setup: register_return_probe,
+        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE],
+    },
 ];
+
+/// dynprobe's return probe with empty handlers on `target`, its entry jump-optimized.
+fn register_return_probe(target: Target) -> Result<Box<dyn Armed>, String> {
+    let handle = dynprobe::ReturnProbe::at(dynprobe::Location::Address(target::address(target)))
+        .on_entry(|_regs, _data| true)
+        .on_return(|_regs, _data| {})
+        .register()
+        .map_err(|err| format!("register: {err}"))?;
+    dynprobe::wait_for_optimizer().map_err(|err| format!("optimizer: {err}"))?;
+    let info = handle.info();
+    if !info.optimized {
+        return Err(format!("the entry probe was not optimized: {info}"));
+    }
+    Ok(Box::new(handle))
+}
+
+impl Armed for dynprobe::ReturnProbeHandle {
+    /// Calls that went all the way round: tracked at the entry and returned through the
+    /// trampoline.
+    fn hits(&self) -> Result<Option<u64>, String> {
+        let (hits, returns) = (dynprobe::ReturnProbeHandle::hits(self), self.returns());
+        if hits != returns {
+            return Err(format!("{hits} calls tracked but {returns} returned through the trampoline"));
+        }
+        Ok(Some(returns))
+    }
+
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        self.unregister().map(|_final_counts| ()).map_err(|err| format!("unregister: {err}"))
+    }
+}
 
 /// dynprobe's breakpoint probe with an empty pre-handler on `target`'s entry: jump
 /// optimization is off while it is armed.
