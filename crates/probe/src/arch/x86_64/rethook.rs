@@ -40,9 +40,10 @@
 //!
 //! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame`, covers the whole
 //! sled and `common`. Its return-address rule reads the sled address still held in the probed
-//! function's return-address slot, turns it into an instance index and loads the original return address
-//! from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
-//! `pthread_cancel` unwind through a probed frame into the real caller. Backtraces would still
+//! function's return-address slot, turns it into an instance index and loads the original
+//! return address from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
+//! `pthread_cancel` unwind through a probed frame into the real caller (see [`eh_frame`] for
+//! why the trampoline's CFA sits 8 bytes above the probed function's). Backtraces would still
 //! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
 //! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
 
