@@ -244,8 +244,10 @@ impl SlotStack {
 fn on_entry(rp: &RpShared, regs: &mut Regs) {
     let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
     let rsp = regs.rsp;
-    if rsp & 15 != 8 {
-        // Not entered by an ABI-conforming call: the trampoline relies on an aligned stack.
+    if rsp & 7 != 0 {
+        // Not entered by a call: no return address there to divert. (A call on a stack not
+        // 16-byte aligned is fine: GCC makes those to local functions that need no
+        // alignment, and the trampoline aligns its own frame.)
         return rp.miss();
     }
     let stack = &STACKS[slot];

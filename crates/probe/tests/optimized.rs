@@ -461,3 +461,33 @@ fn vector_registers_in_their_initial_state_come_back_zeroed() {
         assert_eq!(probe.hits(), 1);
     }
 }
+
+#[test]
+fn a_caller_keeping_values_across_the_call_is_safe_from_a_return_handler() {
+    let _serial = serial();
+    let t = target_o2();
+    // SAFETY: the signatures of the C functions.
+    let work: extern "C" fn(*const f64, i32) -> f64 = unsafe { std::mem::transmute(t.addr("ipa_work") as usize) };
+    // SAFETY: as above.
+    let leaf: extern "C" fn() -> u64 = unsafe { std::mem::transmute(t.addr("ipa_leaf") as usize) };
+    let v: Vec<f64> = (0..10).map(|i| 0.5 + i as f64 * 0.75).collect();
+    let expected = work(v.as_ptr(), 40).to_bits();
+    let probe = dynprobe_probe::ReturnProbe::at(Location::Address(leaf()))
+        .on_return(|_, _| {
+            // Everything the ABI lets a function clobber, but the return value.
+            // SAFETY: only clobbers the registers named.
+            unsafe {
+                std::arch::asm!(
+                    "xor ecx, ecx", "xor esi, esi", "xor edi, edi", "xor r8d, r8d", "xor r9d, r9d",
+                    "xor r10d, r10d", "xor r11d, r11d", "xorps xmm8, xmm8", "xorps xmm9, xmm9",
+                    out("rcx") _, out("rsi") _, out("rdi") _, out("r8") _, out("r9") _, out("r10") _,
+                    out("r11") _, out("xmm8") _, out("xmm9") _,
+                )
+            };
+        })
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert_eq!(work(v.as_ptr(), 40).to_bits(), expected, "the caller's registers were clobbered at the return");
+    assert_eq!(probe.returns(), 40);
+}

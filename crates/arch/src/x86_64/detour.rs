@@ -235,14 +235,14 @@ const FRAME_GPRS: [AsmRegister64; 15] = [r15, r14, r13, r12, r11, r10, r9, r8, r
 const CALLEE_SAVED: [AsmRegister64; 6] = [rbx, rbp, r12, r13, r14, r15];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub(crate) enum Direction {
     Save,
     Restore,
 }
 
 /// Moves every register of `width`, and MXCSR, between the registers and the 64-byte
 /// aligned area at `rsp`.
-fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction: Direction) -> Result<(), IcedError> {
+pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction: Direction) -> Result<(), IcedError> {
     const XMM: [AsmRegisterXmm; 16] =
         [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
     const YMM: [AsmRegisterYmm; 16] =

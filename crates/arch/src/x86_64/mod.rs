@@ -6,6 +6,7 @@
 //!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
 //! * [`optimize`]: may a probe point be covered by a detour jump (the checks of seed 004 §1.4.2).
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
+//! * [`trampoline`]: the code a return probe's trampoline runs.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
 pub mod classify;
@@ -14,6 +15,7 @@ pub mod detour;
 pub mod encode;
 pub mod optimize;
 pub mod relocate;
+pub mod trampoline;
 
 pub use classify::{check_out_of_line, Refusal};
 pub use decode::{decode_function, decode_one, instruction_at, DecodeError, Flow, Insn};

@@ -7,36 +7,19 @@
 //!
 //! ```text
 //!   base - 16   int3 × 16                        covered by the FDE: unwinders look up pc - 1
-//!   base + 8i   e8 <common>    call common       entry i: pushes base + 8i + 5
-//!   base + 8i+5 41 ff e3       jmp  r11          ...and `common` returns here
-//!   base + 8N   common:
-//!               48 83 ec 38        sub    rsp, 56              save area below the pushed address
-//!               48 89 44 24 20     mov    [rsp+32], rax        integer return value
-//!               48 89 54 24 28     mov    [rsp+40], rdx
-//!               0f 29 04 24        movaps [rsp], xmm0          vector/float return value
-//!               0f 29 4c 24 10     movaps [rsp+16], xmm1
-//!               48 8b 7c 24 38     mov    rdi, [rsp+56]        the pushed address: which entry
-//!               48 89 e6           mov    rsi, rsp             the save area
-//!               ff 15 <disp32>     call   [rip + dispatcher]   returns the original return address
-//!               49 89 c3           mov    r11, rax
-//!               0f 28 04 24        movaps xmm0, [rsp]
-//!               0f 28 4c 24 10     movaps xmm1, [rsp+16]
-//!               48 8b 44 24 20     mov    rax, [rsp+32]
-//!               48 8b 54 24 28     mov    rdx, [rsp+40]
-//!               48 83 c4 38        add    rsp, 56
-//!               c3                 ret                         to base + 8i + 5: jmp r11
-//!               <8-byte address of the dispatcher>
+//!   base + 9i   call common                      entry i: pushes base + 9i + 5
+//!   base + 9i+5 jmp  *-16(%rsp)                  ...common returns here, having left the
+//!                                                original return address 16 bytes below rsp
+//!   base + 9N   common                           see dynprobe_arch's trampoline module
 //! ```
 //!
 //! Why this shape:
-//! - At a return the SysV ABI leaves only `rax`, `rdx`, `xmm0`, `xmm1` (and the x87 `st0`,
-//!   `st1`, which nothing here touches) live; `r11` is a scratch register no return value
-//!   uses, so it carries the original return address out.
+//! - `common` saves every register a function may clobber (GCC's `-fipa-ra` lets a caller
+//!   keep values in any register it knows the callee leaves alone) and no register carries
+//!   the original return address out: it waits in the caller's red zone, which signal
+//!   handlers skip.
 //! - `common` leaves through `ret` to the instruction after the entry's `call`, so the CPU's
 //!   return-stack predictor stays balanced: the caller's own `ret` later is still predicted.
-//! - The stack is 16-byte aligned after a return (the entry handler refuses to track a call
-//!   whose return-address slot is misaligned), so the save area can use `movaps` and the
-//!   dispatcher is called on an aligned stack.
 //!
 //! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame`, covers the whole
 //! sled and `common`. Its return-address rule reads the sled address still held in the probed
@@ -51,33 +34,37 @@ use super::Regs;
 use crate::error::ProbeError;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
+use dynprobe_arch::native::trampoline::{build_return_common, sled_entry, Cfa, SLED_ENTRY_SIZE};
 use dynprobe_arch::native::INT3;
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Bytes per sled entry (`call common; jmp r11`).
-pub(crate) const ENTRY_SIZE: u64 = 8;
+/// Bytes per sled entry (`call common; jmp *-16(%rsp)`).
+pub(crate) const ENTRY_SIZE: u64 = SLED_ENTRY_SIZE;
 /// `int3` bytes before the first entry, so that `pc - 1` of the first entry is covered.
 const LEAD: u64 = 16;
-/// Offset of the dispatcher's address from the start of `common`.
-const COMMON_LEN: usize = 64;
 
 /// Start of the sled (entry 0); 0 until [`install`] ran.
 static SLED: AtomicU64 = AtomicU64::new(0);
 /// Number of sled entries.
 static ENTRIES: AtomicU64 = AtomicU64::new(0);
+/// Bytes of `common`.
+static COMMON_LEN: AtomicU64 = AtomicU64::new(0);
 
-/// What `common` saved: the live return registers, and the address its entry's `call`
-/// pushed.
+/// What `common` saved of the registers a function may clobber, in
+/// [`SAVED_GPRS`](dynprobe_arch::native::trampoline::SAVED_GPRS) order.
 #[repr(C)]
 pub(crate) struct SaveArea {
-    xmm0: [u64; 2],
-    xmm1: [u64; 2],
     rax: u64,
     rdx: u64,
-    _pad: u64,
-    after_call: u64,
+    rcx: u64,
+    rsi: u64,
+    rdi: u64,
+    r8: u64,
+    r9: u64,
+    r10: u64,
+    r11: u64,
 }
 
 /// The address a probed function must return to for instance `index`.
@@ -97,21 +84,34 @@ pub(crate) fn is_entry_of(addr: u64, index: usize) -> bool {
 /// True when `ip` lies in the trampoline.
 pub(crate) fn contains(ip: u64) -> bool {
     let sled = SLED.load(Ordering::Relaxed);
-    sled != 0 && ip.wrapping_sub(sled - LEAD) < LEAD + ENTRIES.load(Ordering::Relaxed) * ENTRY_SIZE + COMMON_LEN as u64
+    sled != 0
+        && ip.wrapping_sub(sled - LEAD)
+            < LEAD + ENTRIES.load(Ordering::Relaxed) * ENTRY_SIZE + COMMON_LEN.load(Ordering::Relaxed)
 }
 
 /// Writes the trampoline for `entries` instances and registers its unwind information.
 /// `table` is the address of the instance table: instance `i`'s original return address is
 /// the `u64` at `table + i * stride`. Called once, before any return probe can fire.
 pub(crate) fn install(entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
-    let size = LEAD as usize + entries * ENTRY_SIZE as usize + COMMON_LEN + 8;
-    let slot = pool::alloc_near(trampoline_dispatch as *const () as u64, size)?;
+    let width = super::detour::vector_width();
+    // `common` is built once for its length, then again at its final address (its call is
+    // absolute, so the length does not depend on the address).
+    let dispatch = trampoline_dispatch as *const () as u64;
+    let common_len = build_return_common(0, dispatch, width).map_err(setup_error)?.code.len();
+    let size = LEAD as usize + entries * ENTRY_SIZE as usize + common_len;
+    let slot = pool::alloc_near(dispatch, size)?;
     let sled = slot.addr + LEAD;
-    let common = sled + entries as u64 * ENTRY_SIZE;
-    let code = trampoline_code(sled, entries, common);
+    let common_ip = sled + entries as u64 * ENTRY_SIZE;
+    let common = build_return_common(common_ip, dispatch, width).map_err(setup_error)?;
+    let mut code = Vec::with_capacity(size);
+    for i in 0..entries as u64 {
+        code.extend_from_slice(&sled_entry(sled + i * ENTRY_SIZE, common_ip));
+    }
+    code.extend_from_slice(&common.code);
     write_verified(sled, &vec![INT3; code.len()], &code)?;
 
-    let eh_frame = eh_frame(slot.addr, common + COMMON_LEN as u64, sled, common, table, stride);
+    let end = common_ip + common.code.len() as u64;
+    let eh_frame = eh_frame(slot.addr, end, sled, common_ip, &common.cfa, table, stride);
     // The unwinder keeps a pointer to the section for the rest of the process's life.
     let eh_frame: &'static [u8] = Vec::leak(eh_frame);
     // SAFETY: `eh_frame` is a well-formed .eh_frame section (one CIE, one FDE, a zero
@@ -119,45 +119,14 @@ pub(crate) fn install(entries: usize, table: u64, stride: u64) -> Result<(), Pro
     unsafe { __register_frame(eh_frame.as_ptr()) };
 
     ENTRIES.store(entries as u64, Ordering::Relaxed);
+    COMMON_LEN.store(common.code.len() as u64, Ordering::Relaxed);
     SLED.store(sled, Ordering::Release);
     Ok(())
 }
 
-/// The sled, `common` and the dispatcher's address, as laid out in the module comment.
-fn trampoline_code(sled: u64, entries: usize, common: u64) -> Vec<u8> {
-    let mut code = Vec::with_capacity(entries * ENTRY_SIZE as usize + COMMON_LEN + 8);
-    for i in 0..entries as u64 {
-        let after_call = sled + i * ENTRY_SIZE + 5;
-        code.push(0xe8);
-        code.extend_from_slice(&((common as i64 - after_call as i64) as i32).to_le_bytes());
-        code.extend_from_slice(&[0x41, 0xff, 0xe3]);
-    }
-    #[rustfmt::skip]
-    let common_code: [u8; COMMON_LEN] = [
-        0x48, 0x83, 0xec, 0x38,             // sub    rsp, 56
-        0x48, 0x89, 0x44, 0x24, 0x20,       // mov    [rsp+32], rax
-        0x48, 0x89, 0x54, 0x24, 0x28,       // mov    [rsp+40], rdx
-        0x0f, 0x29, 0x04, 0x24,             // movaps [rsp], xmm0
-        0x0f, 0x29, 0x4c, 0x24, 0x10,       // movaps [rsp+16], xmm1
-        0x48, 0x8b, 0x7c, 0x24, 0x38,       // mov    rdi, [rsp+56]
-        0x48, 0x89, 0xe6,                   // mov    rsi, rsp
-        0xff, 0x15, 0x1b, 0x00, 0x00, 0x00, // call   [rip + 27]: the address after `ret`
-        0x49, 0x89, 0xc3,                   // mov    r11, rax
-        0x0f, 0x28, 0x04, 0x24,             // movaps xmm0, [rsp]
-        0x0f, 0x28, 0x4c, 0x24, 0x10,       // movaps xmm1, [rsp+16]
-        0x48, 0x8b, 0x44, 0x24, 0x20,       // mov    rax, [rsp+32]
-        0x48, 0x8b, 0x54, 0x24, 0x28,       // mov    rdx, [rsp+40]
-        0x48, 0x83, 0xc4, 0x38,             // add    rsp, 56
-        0xc3,                               // ret
-    ];
-    code.extend_from_slice(&common_code);
-    code.extend_from_slice(&(trampoline_dispatch as *const () as u64).to_le_bytes());
-    code
+fn setup_error(e: dynprobe_arch::native::RelocError) -> ProbeError {
+    ProbeError::ReturnProbeSetup { reason: format!("the trampoline could not be encoded: {e}") }
 }
-
-/// Offsets in `common` where the CFA rule changes (see [`eh_frame`]).
-const AFTER_SUB: u8 = 4;
-const AFTER_ADD: u8 = 63;
 
 /// One CIE and one FDE covering `[start, end)`, then the zero terminator.
 ///
@@ -175,14 +144,16 @@ const AFTER_ADD: u8 = 63;
 ///
 /// CFA by location: in the sled rsp + 8; in `common` after the entry's `call` rsp + 16,
 /// after `sub rsp, 56` rsp + 72, after `add rsp, 56` rsp + 16 again.
-fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u64) -> Vec<u8> {
+fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], table: u64, stride: u64) -> Vec<u8> {
     const DW_CFA_DEF_CFA: u8 = 0x0c;
     const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
     const DW_CFA_VAL_OFFSET: u8 = 0x14;
     const DW_CFA_VAL_EXPRESSION: u8 = 0x16;
-    const DW_CFA_ADVANCE_LOC: u8 = 0x40;
     const DW_CFA_ADVANCE_LOC4: u8 = 0x04;
+    const DW_CFA_SAME_VALUE: u8 = 0x08;
+    const DW_CFA_OFFSET: u8 = 0x80;
     const RSP: u8 = 7;
+    const RBP: u8 = 6;
     const RA: u8 = 16;
 
     let mut out = Vec::new();
@@ -194,7 +165,9 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u6
     let mut expr = vec![0x40, 0x1c, 0x06]; // lit16, minus, deref: *(CFA - 16)
     expr.push(0x0e); // const8u sled
     expr.extend_from_slice(&sled.to_le_bytes());
-    expr.extend_from_slice(&[0x1c, 0x33, 0x25]); // minus, lit3, shr: the index
+    // minus, lit<entry size>, div: the index (an entry's start and its call's return
+    // address both divide down to it)
+    expr.extend_from_slice(&[0x1c, 0x30 + ENTRY_SIZE as u8, 0x1b]);
     expr.push(0x0e); // const8u stride
     expr.extend_from_slice(&stride.to_le_bytes());
     expr.push(0x1e); // mul
@@ -210,11 +183,33 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, table: u64, stride: u6
     fde.extend_from_slice(&[DW_CFA_VAL_OFFSET, RSP, 1]); // caller's rsp = CFA - 1 * 8
     fde.extend_from_slice(&[DW_CFA_VAL_EXPRESSION, RA, expr.len() as u8]);
     fde.extend_from_slice(&expr);
+    let mut at = common - start;
     fde.push(DW_CFA_ADVANCE_LOC4);
-    fde.extend_from_slice(&((common - start) as u32).to_le_bytes());
-    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 16]);
-    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | AFTER_SUB, DW_CFA_DEF_CFA_OFFSET, 72]);
-    fde.extend_from_slice(&[DW_CFA_ADVANCE_LOC | (AFTER_ADD - AFTER_SUB), DW_CFA_DEF_CFA_OFFSET, 16]);
+    fde.extend_from_slice(&(at as u32).to_le_bytes());
+    at = common - start;
+    for &(offset, rule) in rules {
+        let delta = (common - start + u64::from(offset)) - at;
+        if delta > 0 {
+            fde.push(DW_CFA_ADVANCE_LOC4);
+            fde.extend_from_slice(&(delta as u32).to_le_bytes());
+            at += delta;
+        }
+        match rule {
+            Cfa::Rsp(off) => {
+                fde.extend_from_slice(&[DW_CFA_DEF_CFA, RSP, off]);
+                if off <= 24 {
+                    // The caller's rbp is back in rbp.
+                    fde.extend_from_slice(&[DW_CFA_SAME_VALUE, RBP]);
+                } else {
+                    fde.extend_from_slice(&[DW_CFA_OFFSET | RBP, off / 8]);
+                }
+            }
+            Cfa::Rbp(off) => {
+                fde.extend_from_slice(&[DW_CFA_DEF_CFA, RBP, off]);
+                fde.extend_from_slice(&[DW_CFA_OFFSET | RBP, off / 8]);
+            }
+        }
+    }
     let cie_pointer = out.len() as u32 + 4; // from the FDE's CIE-pointer field back to offset 0
     push_entry(&mut out, cie_pointer, &fde);
     out.extend_from_slice(&0u32.to_le_bytes());
@@ -231,14 +226,27 @@ fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
     out.resize(out.len() + len - 4 - body.len(), 0);
 }
 
-/// Called by `common` with the address its entry pushed and the save area; runs the generic
-/// return path (the kernel's `kretprobe_trampoline_handler`) and returns where to continue.
-/// Never unwinds (handlers' panics are contained by `retprobe`).
-extern "C" fn trampoline_dispatch(after_call: u64, save: *mut SaveArea) -> u64 {
+/// Called by `common` with the address its entry pushed, the saved registers and the
+/// caller's `rsp` after the return; runs the generic return path (the kernel's
+/// `kretprobe_trampoline_handler`) and returns where to continue. Never unwinds (handlers'
+/// panics are contained by `retprobe`).
+extern "C" fn trampoline_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
     // SAFETY: `common` passes its own stack save area, live for the whole call.
     let save = unsafe { &mut *save };
     let index = ((after_call - SLED.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
-    let mut regs = Regs { rax: save.rax, rdx: save.rdx, rsp: save as *const SaveArea as u64 + 64, ..Regs::default() };
+    let mut regs = Regs {
+        rax: save.rax,
+        rdx: save.rdx,
+        rcx: save.rcx,
+        rsi: save.rsi,
+        rdi: save.rdi,
+        r8: save.r8,
+        r9: save.r9,
+        r10: save.r10,
+        r11: save.r11,
+        rsp: caller_rsp,
+        ..Regs::default()
+    };
     let ret = crate::retprobe::on_return(index, &mut regs);
     save.rax = regs.rax;
     save.rdx = regs.rdx;
