@@ -17,8 +17,7 @@ fn target() -> &'static Target {
 /// Probes patch process-wide code: the tests take turns. They test breakpoint probes, so
 /// jump optimization (tests/optimized.rs) is switched off.
 fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = common::serial();
     dynprobe_probe::set_optimization(false).expect("switching optimization off");
     guard
 }

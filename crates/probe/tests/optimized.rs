@@ -27,8 +27,7 @@ fn target_o2() -> &'static Target {
 /// Probes patch process-wide code and the switch is process-wide: the tests take turns,
 /// each starting with optimization on.
 fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = common::serial();
     dynprobe_probe::set_optimization(true).unwrap();
     guard
 }

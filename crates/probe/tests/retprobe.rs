@@ -2,10 +2,10 @@
 //! probes on one function, `maxactive`, threads, and calls that return through the
 //! trampoline after their probe is gone.
 
-mod retprobe_common;
+mod common;
 
+use common::{serial, Target as Lib};
 use dynprobe_probe::{monotonic_ns, sym, ProbeError, ReturnProbe};
-use retprobe_common::{serial, Lib};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
@@ -73,8 +73,8 @@ fn entry_and_return_see_arguments_values_and_the_data_area() {
     assert!(seen[2].load(SeqCst) > 0, "entry timestamps reach the return handler");
     let ret_ip = seen[3].load(SeqCst);
     assert_eq!(
-        retprobe_common::symbol_of(ret_ip),
-        retprobe_common::symbol_of(entry_and_return_see_arguments_values_and_the_data_area as *const () as u64),
+        common::symbol_of(ret_ip),
+        common::symbol_of(entry_and_return_see_arguments_values_and_the_data_area as *const () as u64),
         "the return handler's ip is the real return address, in this test"
     );
     assert_ne!(seen[4].load(SeqCst), 0);

@@ -2,10 +2,10 @@
 //! exceptions, Rust panics, a thread exiting inside; and backtraces taken inside probed
 //! functions. Each must behave exactly as without the probes and leave nothing stale.
 
-mod retprobe_common;
+mod common;
 
+use common::{serial, symbol_of, Target as Lib};
 use dynprobe_probe::{sym, ReturnProbe, ReturnProbeHandle};
-use retprobe_common::{serial, symbol_of, Lib};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};

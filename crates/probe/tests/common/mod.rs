@@ -5,7 +5,8 @@ use std::ffi::CString;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A shared object built from `tests/targets/NAME.c` and loaded with `dlopen`.
+/// A shared object built from a file of `tests/targets/` (C with gcc, C++ with g++) and
+/// loaded with `dlopen`.
 pub struct Target {
     handle: *mut libc::c_void,
 }
@@ -16,26 +17,30 @@ unsafe impl Send for Target {}
 unsafe impl Sync for Target {}
 
 impl Target {
-    /// Compiles `tests/targets/{name}.c` with gcc (`-O1 -fPIC -shared` plus `flags`) and
-    /// loads it. Panics with gcc's message if it does not build: a test never skips.
-    pub fn build(name: &str, flags: &[&str]) -> Target {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/targets/{name}.c"));
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lib{name}-{}.so", std::process::id()));
-        let output = Command::new("gcc")
-            .args(["-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-o"])
+    /// Compiles `tests/targets/{file}` (`NAME` for `NAME.c`, or a file name with its `.c` or
+    /// `.cpp` extension) with `-O1 -g -fPIC -shared -pthread` plus `flags`, and loads it.
+    /// Panics with the compiler's message if it does not build: a test never skips.
+    pub fn build(file: &str, flags: &[&str]) -> Target {
+        let file = if file.contains('.') { file.to_string() } else { format!("{file}.c") };
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets").join(&file);
+        let compiler = if file.ends_with(".cpp") { "g++" } else { "gcc" };
+        let stem = file.split('.').next().unwrap();
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lib{stem}-{}.so", std::process::id()));
+        let output = Command::new(compiler)
+            .args(["-O1", "-g", "-fPIC", "-shared", "-pthread", "-Wl,-Bsymbolic", "-o"])
             .arg(&out)
             .arg(&src)
             .args(flags)
             .output()
-            .expect("gcc must be installed to build the test targets (apt-get install gcc)");
+            .unwrap_or_else(|e| panic!("{compiler} must be installed to build the test targets (scripts/setup): {e}"));
         assert!(
             output.status.success(),
-            "gcc failed on {}:\n{}",
+            "{compiler} failed on {}:\n{}",
             src.display(),
             String::from_utf8_lossy(&output.stderr)
         );
         let path = CString::new(out.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path; the library has no constructors with effects.
+        // SAFETY: a valid NUL-terminated path; the targets' constructors have no effects.
         let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         assert!(!handle.is_null(), "dlopen {} failed", out.display());
         Target { handle }
@@ -61,4 +66,23 @@ impl Target {
 pub fn code(addr: u64, len: usize) -> Vec<u8> {
     // SAFETY: the callers pass addresses of functions of a loaded target.
     unsafe { std::slice::from_raw_parts(addr as *const u8, len).to_vec() }
+}
+
+/// Probes patch process-wide code and the tests count hits exactly: they take turns.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The symbol `dladdr` names for `addr`, or "?".
+pub fn symbol_of(addr: u64) -> String {
+    // SAFETY: dladdr only reads the loader's tables; an all-zero Dl_info is valid.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: any address may be asked about.
+    let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_sname.is_null() {
+        return "?".to_string();
+    }
+    // SAFETY: dladdr set a NUL-terminated name that lives as long as the module.
+    unsafe { std::ffi::CStr::from_ptr(info.dli_sname) }.to_string_lossy().into_owned()
 }
