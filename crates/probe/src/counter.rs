@@ -25,18 +25,7 @@ const BYTES: usize = MAX_THREADS * std::mem::size_of::<AtomicU64>();
 
 impl PerThreadCounter {
     pub(crate) fn new() -> PerThreadCounter {
-        // SAFETY: an anonymous private mapping has no preconditions; failure is checked.
-        let cells = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        let cells = if cells == libc::MAP_FAILED { std::ptr::null_mut() } else { cells.cast() };
+        let cells = map_zeroed(BYTES).map_or(std::ptr::null_mut(), |cells| cells.cast());
         PerThreadCounter { cells, shared: AtomicU64::new(0) }
     }
 
@@ -78,4 +67,25 @@ impl Drop for PerThreadCounter {
             unsafe { libc::munmap(self.cells.cast(), BYTES) };
         }
     }
+}
+
+/// `bytes` of zeroed, private memory that the kernel backs one page at a time as it is
+/// first written — for tables indexed by thread slot, where most slots stay unused.
+pub(crate) fn map_zeroed(bytes: usize) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choice has no
+    // preconditions; failure is checked.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(map)
 }

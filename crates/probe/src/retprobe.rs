@@ -431,21 +431,8 @@ impl Setup {
     fn install(&mut self) -> Result<(), ProbeError> {
         if !self.trampoline {
             let bytes = MAX_THREADS * MAX_DEPTH * std::mem::size_of::<Instance>();
-            // SAFETY: an anonymous private mapping at an address of the kernel's choice.
-            let table = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    bytes,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if table == libc::MAP_FAILED {
-                let reason = format!("cannot map the instance table: {}", std::io::Error::last_os_error());
-                return Err(ProbeError::ReturnProbeSetup { reason });
-            }
+            let table = crate::counter::map_zeroed(bytes)
+                .map_err(|e| ProbeError::ReturnProbeSetup { reason: format!("cannot map the instance table: {e}") })?;
             INSTANCES.store(table.cast(), Ordering::Release);
             let stride = std::mem::size_of::<Instance>() as u64;
             rethook::install(MAX_THREADS * MAX_DEPTH, table as u64, stride)?;
