@@ -490,3 +490,31 @@ fn a_caller_keeping_values_across_the_call_is_safe_from_a_return_handler() {
     assert_eq!(work(v.as_ptr(), 40).to_bits(), expected, "the caller's registers were clobbered at the return");
     assert_eq!(probe.returns(), 40);
 }
+
+#[test]
+fn cpp_exceptions_pass_through_functions_optimized_at_every_instruction() {
+    let _serial = serial();
+    static CXX: OnceLock<Target> = OnceLock::new();
+    let t = CXX.get_or_init(|| Target::build("ret_cxx.cpp", &[]));
+    let catch_above_two = t.func1("catch_above_two");
+    let destroyed = t.func1("destroyed_count");
+    for symbol in ["thrower", "mid", "catch_above_two"] {
+        let insns = function_insns(symbol);
+        let start = insns[0].ip;
+        for insn in &insns {
+            let offset = insn.ip - start;
+            let probe = match Probe::at(Location::SymbolOffset(symbol.into(), offset)).on_hit(|_| {}).register() {
+                Ok(p) => p,
+                Err(ProbeError::NotRelocatable(_)) if insn.text.starts_with("ud2") => continue,
+                Err(e) => panic!("{symbol}+{offset:#x} `{}`: {e}", insn.text),
+            };
+            dynprobe_probe::wait_for_optimizer().unwrap();
+            let before = destroyed(0);
+            // Thrown in thrower, through mid, caught two frames up; then no throw.
+            assert_eq!(catch_above_two(3), -3, "{symbol}+{offset:#x} `{}` ({})", insn.text, probe.info());
+            assert_eq!(catch_above_two(-3), -2, "{symbol}+{offset:#x} ({})", probe.info());
+            assert_eq!(destroyed(0) - before, 4, "both frames' destructors ran, twice");
+            probe.unregister().unwrap();
+        }
+    }
+}
