@@ -20,7 +20,7 @@ fn a_trap_on_a_removed_int3_re_executes_the_restored_bytes() {
     //   +3     03 c0  add %eax,%eax    (what a rewound thread executes)
     //   +5  c3        ret
     let code = [0x89, 0xf8, 0xcd, 0x03, 0xc0, 0xc3];
-    let anchor = a_trap_on_a_removed_int3_re_executes_the_restored_bytes as usize as u64;
+    let anchor = a_trap_on_a_removed_int3_re_executes_the_restored_bytes as *const () as u64;
     let slot = pool::alloc_near(anchor, 64).unwrap();
     memory::write_verified(slot.addr, &[0xcc; 6], &code).unwrap();
     let site = slot.addr + 3;
