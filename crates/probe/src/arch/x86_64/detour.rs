@@ -25,9 +25,9 @@ use dynprobe_text::trap::{self, TrapContext};
 use dynprobe_text::TextError;
 use std::sync::OnceLock;
 
-/// Bytes reserved per detour: the full-state variant with AVX-512 is about 850 bytes plus the
+/// Bytes reserved per detour: the code with AVX-512 is about 1 KiB, plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
-const DETOUR_SIZE: usize = 1024;
+const DETOUR_SIZE: usize = 1536;
 
 /// Most threads one jump write moves out of the covered bytes; more is retried later.
 const MAX_MOVED: usize = 64;
