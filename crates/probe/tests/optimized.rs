@@ -518,3 +518,20 @@ fn cpp_exceptions_pass_through_functions_optimized_at_every_instruction() {
         }
     }
 }
+
+#[test]
+fn a_handler_changing_mxcsr_leaves_the_programs_alone() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("mxcsr_after");
+    let before = f(0);
+    let probe = optimized(Probe::at(Location::SymbolOffset("mxcsr_after".into(), 3)).on_hit(|_| {
+        // Round toward zero and set the inexact flag, as a careless handler might.
+        let mxcsr: u32 = 0x7f80 | 0x20;
+        // SAFETY: loads a valid MXCSR value; the detour restores the program's.
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &mxcsr, options(nostack, readonly)) };
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(0), before, "the handler's MXCSR leaked into the program");
+    assert_eq!(probe.hits(), 1);
+}

@@ -86,3 +86,6 @@ FUNC(opt_rbx_outer, "push %rbx\n mov %rdi,%rbx\n call opt_rbx\n pop %rbx\n ret")
  * skips saving them must put zeros back. Returns upper64(ymm0) | zmm16[63:0], so 0. */
 FUNC(upper_zero, "vzeroupper\n mov %rdi,%rax\n add $1,%rax\n vextracti128 $1,%ymm0,%xmm1\n vmovq %xmm1,%rax\n vzeroupper\n ret")
 FUNC(hi16_zero, "vpxord %zmm16,%zmm16,%zmm16\n mov %rdi,%rax\n add $1,%rax\n vmovq %xmm16,%rax\n ret")
+
+/* MXCSR as the program sees it just after a probe at +3. */
+FUNC(mxcsr_after, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n stmxcsr -4(%rsp)\n mov -4(%rsp),%eax\n ret")
