@@ -535,3 +535,74 @@ fn a_handler_changing_mxcsr_leaves_the_programs_alone() {
     assert_eq!(f(0), before, "the handler's MXCSR leaked into the program");
     assert_eq!(probe.hits(), 1);
 }
+
+/// Where the signal handler of the next test parks: the interrupted `rip`, once inside
+/// `(SIG_LO, SIG_HI)`.
+static SIG_LO: AtomicU64 = AtomicU64::new(0);
+static SIG_HI: AtomicU64 = AtomicU64::new(0);
+static SIG_PARKED: AtomicU64 = AtomicU64::new(0);
+static SIG_RELEASE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn park_inside_the_run(_: i32, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: the kernel passes this SA_SIGINFO handler a valid ucontext.
+    let rip = unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let inside = rip > SIG_LO.load(Ordering::Relaxed) && rip < SIG_HI.load(Ordering::Relaxed);
+    if inside && SIG_PARKED.load(Ordering::Relaxed) == 0 {
+        SIG_PARKED.store(rip, Ordering::SeqCst);
+        while !SIG_RELEASE.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+#[test]
+fn code_a_signal_interrupted_inside_the_run_resumes_in_the_copy() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("sig_fn");
+    let addr = t.addr("sig_fn");
+    // The run a jump at sig_fn+0 covers: mov (3) + add (4).
+    SIG_LO.store(addr, Ordering::SeqCst);
+    SIG_HI.store(addr + 7, Ordering::SeqCst);
+    // SAFETY: installs an async-signal-safe handler (atomics and a spin) for SIGUSR1, which
+    // nothing else in this test binary uses.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = park_inside_the_run as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let tid = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (tid, wrong) = (tid.clone(), wrong.clone());
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid.store(unsafe { libc::gettid() } as u64, Ordering::SeqCst);
+            let mut i = 0i64;
+            while !(SIG_RELEASE.load(Ordering::Relaxed) && SIG_PARKED.load(Ordering::Relaxed) != 0) || i % 1000 != 0 {
+                if f(i) != i + 3 {
+                    wrong.fetch_add(1, Ordering::SeqCst);
+                }
+                i += 1;
+            }
+        })
+    };
+    while tid.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while SIG_PARKED.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the worker was never interrupted inside sig_fn's first 7 bytes");
+        // SAFETY: signals a thread of this process.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid.load(Ordering::SeqCst) as i32, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    // The worker now sits in its signal handler, which returns to sig_fn+3.
+    let probe = optimized(Probe::at(sym!("sig_fn")).on_hit(|_| {}));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(code(addr, 1), [JMP]);
+    SIG_RELEASE.store(true, Ordering::SeqCst);
+    worker.join().expect("the interrupted worker crashed or panicked");
+    assert_eq!(wrong.load(Ordering::SeqCst), 0, "sig_fn returned wrong results");
+}

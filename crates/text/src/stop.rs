@@ -48,6 +48,9 @@ pub struct StoppedThread {
     pub tid: i32,
     /// The user-mode instruction pointer it was stopped at.
     pub ip: u64,
+    /// Address of the stop handler's `ucontext` on the thread's stack: signal frames the
+    /// thread was already in lie above it (see [`StoppedWorld::interrupted_contexts`]).
+    pub frame: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -87,10 +90,13 @@ struct Slot {
     ip: AtomicU64,
     /// Where it should resume instead; 0 for "where it was".
     new_ip: AtomicU64,
+    /// The handler's `ucontext` (valid from STOPPED on).
+    frame: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used as an array initializer
-const SLOT_INIT: Slot = Slot { word: AtomicU64::new(0), ip: AtomicU64::new(0), new_ip: AtomicU64::new(0) };
+const SLOT_INIT: Slot =
+    Slot { word: AtomicU64::new(0), ip: AtomicU64::new(0), new_ip: AtomicU64::new(0), frame: AtomicU64::new(0) };
 
 static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
 /// Slots `0 .. USED` belong to the current stop.
@@ -189,6 +195,7 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
     // thread's signal frame until the handler returns.
     let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
     slot.ip.store(rip, Ordering::Relaxed);
+    slot.frame.store(uc as u64, Ordering::Relaxed);
     slot.word.store(pack(me, STOPPED), Ordering::Release);
     ARRIVED.fetch_add(1, Ordering::AcqRel);
     raw::futex_wake_all(&ARRIVED);
@@ -227,6 +234,14 @@ fn install_handler() -> Result<(), TextError> {
             if unsafe { libc::sigaction(stop_signal(), &sa, std::ptr::null_mut()) } != 0 {
                 return Err(format!("sigaction: {}", std::io::Error::last_os_error()));
             }
+            // The C library's signal return trampoline, which every handler installed
+            // through it returns into: the first word of each signal frame.
+            // SAFETY: as above; a query only writes `installed`.
+            let mut installed: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: reads back the action just installed.
+            if unsafe { libc::sigaction(stop_signal(), std::ptr::null(), &mut installed) } == 0 {
+                RESTORER.store(installed.sa_restorer.map_or(0, |f| f as usize as u64), Ordering::Relaxed);
+            }
             Ok(())
         })
         .clone()
@@ -245,7 +260,10 @@ struct ThreadTable(UnsafeCell<[StoppedThread; MAX_STOPPED_THREADS]>);
 // SAFETY: only the thread holding CONTROLLER writes the table, and readers borrow it through
 // a StoppedWorld, which holds CONTROLLER's guard for as long as the borrow lives.
 unsafe impl Sync for ThreadTable {}
-static THREADS: ThreadTable = ThreadTable(UnsafeCell::new([StoppedThread { tid: 0, ip: 0 }; MAX_STOPPED_THREADS]));
+static THREADS: ThreadTable =
+    ThreadTable(UnsafeCell::new([StoppedThread { tid: 0, ip: 0, frame: 0 }; MAX_STOPPED_THREADS]));
+/// The signal return trampoline (`sa_restorer`) of the C library; 0 when unknown.
+static RESTORER: AtomicU64 = AtomicU64::new(0);
 
 /// True when the calling thread holds the world stopped (a nested stop would deadlock).
 pub fn held_by_current_thread() -> bool {
@@ -284,6 +302,95 @@ impl StoppedWorld {
             .unwrap_or_else(|| panic!("set_ip: thread {tid} is not held stopped"));
         // Published by the release bump of RELEASE_GEN, which the handler acquires.
         slot.new_ip.store(ip, Ordering::Relaxed);
+    }
+
+    /// The contexts `thread` will return to from signal handlers it was running when it
+    /// was stopped, innermost first: where each interrupted piece of code resumes. A thread
+    /// stopped inside a handler reports the handler's `rip`; the code the handler
+    /// interrupted could be inside bytes about to be replaced, and is found here.
+    ///
+    /// Found by scanning the stack above the stop's own frame for signal frames, which start
+    /// with the C library's `sa_restorer` address, for at most [`SIGNAL_FRAME_SCAN`] bytes.
+    /// Allocates nothing.
+    pub fn interrupted_contexts(&self, thread: &StoppedThread) -> InterruptedContexts {
+        let restorer = RESTORER.load(Ordering::Relaxed);
+        let start = thread.frame + std::mem::size_of::<libc::ucontext_t>() as u64;
+        InterruptedContexts {
+            restorer,
+            next: start,
+            end: start + SIGNAL_FRAME_SCAN,
+            buf: [0; 64],
+            buf_at: 0,
+            buf_len: 0,
+        }
+    }
+
+    /// Makes the code interrupted at `context` resume at `ip` when its signal handler
+    /// returns. The frame is checked to still hold the `rip` it was found with.
+    pub fn set_interrupted_ip(&mut self, context: &InterruptedContext, ip: u64) -> Result<(), TextError> {
+        crate::memory::verify(context.rip_at, &context.rip.to_le_bytes())?;
+        // SAFETY: `rip_at` is a saved-rip word of a signal frame on a thread's stack (just
+        // verified readable and unchanged); the thread is held stopped, so nothing else
+        // touches it until it returns through that frame and loads the new value.
+        unsafe { std::ptr::write_volatile(context.rip_at as usize as *mut u64, ip) };
+        Ok(())
+    }
+}
+
+/// How far above the stop's frame [`StoppedWorld::interrupted_contexts`] looks.
+pub const SIGNAL_FRAME_SCAN: u64 = 64 * 1024;
+
+/// A signal frame a stopped thread will return through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptedContext {
+    /// Where in the frame the saved `rip` is.
+    pub rip_at: u64,
+    /// The saved `rip`: where the interrupted code resumes.
+    pub rip: u64,
+}
+
+/// Iterator of [`StoppedWorld::interrupted_contexts`].
+pub struct InterruptedContexts {
+    restorer: u64,
+    next: u64,
+    end: u64,
+    buf: [u64; 64],
+    buf_at: u64,
+    buf_len: usize,
+}
+
+impl Iterator for InterruptedContexts {
+    type Item = InterruptedContext;
+
+    fn next(&mut self) -> Option<InterruptedContext> {
+        const RIP_OFFSET: u64 =
+            8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) as u64 + 8 * libc::REG_RIP as u64;
+        if self.restorer == 0 {
+            return None;
+        }
+        while self.next < self.end {
+            let index = (self.next - self.buf_at) / 8;
+            if self.buf_len == 0 || self.next < self.buf_at || index as usize >= self.buf_len {
+                // Refill in page-sized pieces; an unreadable page ends the stack.
+                let bytes = std::mem::size_of_val(&self.buf);
+                // SAFETY: the buffer is plain u64 words, any bytes are valid.
+                let buf = unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), bytes) };
+                crate::memory::read(self.next, buf).ok()?;
+                self.buf_at = self.next;
+                self.buf_len = self.buf.len();
+                continue;
+            }
+            let word = self.buf[index as usize];
+            let at = self.next;
+            self.next += 8;
+            if word == self.restorer {
+                let mut rip = [0u8; 8];
+                if crate::memory::read(at + RIP_OFFSET, &mut rip).is_ok() {
+                    return Some(InterruptedContext { rip_at: at + RIP_OFFSET, rip: u64::from_le_bytes(rip) });
+                }
+            }
+        }
+        None
     }
 }
 
@@ -453,7 +560,8 @@ fn stop_all(me: i32, deadline: Instant) -> Result<usize, Failure> {
     for slot in &SLOTS[..USED.load(Ordering::Acquire) as usize] {
         let (tid, state) = unpack(slot.word.load(Ordering::Acquire));
         if state == STOPPED {
-            table[count] = StoppedThread { tid, ip: slot.ip.load(Ordering::Relaxed) };
+            table[count] =
+                StoppedThread { tid, ip: slot.ip.load(Ordering::Relaxed), frame: slot.frame.load(Ordering::Relaxed) };
             count += 1;
         }
     }

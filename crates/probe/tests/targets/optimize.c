@@ -89,3 +89,6 @@ FUNC(hi16_zero, "vpxord %zmm16,%zmm16,%zmm16\n mov %rdi,%rax\n add $1,%rax\n vmo
 
 /* MXCSR as the program sees it just after a probe at +3. */
 FUNC(mxcsr_after, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n stmxcsr -4(%rsp)\n mov -4(%rsp),%eax\n ret")
+
+/* x + 3 in three instructions, for the test of a thread a signal interrupted at +3. */
+FUNC(sig_fn, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n ret")

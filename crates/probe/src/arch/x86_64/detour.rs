@@ -20,7 +20,7 @@ use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::memory::CodeWriter;
 use dynprobe_text::pool::{self, ExecSlot};
-use dynprobe_text::stop::StoppedWorld;
+use dynprobe_text::stop::{InterruptedContext, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
 use dynprobe_text::TextError;
 use std::sync::OnceLock;
@@ -152,36 +152,30 @@ pub(crate) enum JumpError {
 
 /// Writes the jump over the probe point, whose `int3` is armed. Every other thread must be
 /// held stopped in `world`; those inside the covered bytes, or in the breakpoint slot (which
-/// jumps back into them), are moved to the copy first.
+/// jumps back into them), are moved to the copy first — and so is code a signal interrupted
+/// there whose handler a thread is still running.
 pub(crate) fn write_jump(
     world: &mut StoppedWorld,
     writer: &mut CodeWriter,
     site: &PatchSite,
     detour: &SiteDetour,
 ) -> Result<(), JumpError> {
-    let boost = &site.slots;
     // No allocation while the other threads are stopped: one of them may hold malloc's lock.
     let mut moves = [(0i32, 0u64); MAX_MOVED];
     let mut moved = 0;
+    let mut frames = [(InterruptedContext { rip_at: 0, rip: 0 }, 0u64); MAX_MOVED];
+    let mut framed = 0;
     for thread in world.threads() {
-        let new_ip = if detour.run.strictly_inside(thread.ip) {
-            detour.redirect(thread.ip)
-        } else if thread.ip == boost.boost_ip {
-            Some(detour.copy_ip())
-        } else if thread.ip == boost.boost_back {
-            detour.redirect(boost.boost_resume)
-        } else if thread.ip > boost.boost_ip && thread.ip < boost.boost_back {
-            return Err(JumpError::Busy);
-        } else {
-            continue;
-        };
-        // A thread between two covered instructions' boundaries cannot exist: it would be
-        // inside an instruction.
-        if moved == MAX_MOVED {
-            return Err(JumpError::Busy);
+        if let Some(ip) = moved_ip(site, detour, thread.ip)? {
+            *moves.get_mut(moved).ok_or(JumpError::Busy)? = (thread.tid, ip);
+            moved += 1;
         }
-        moves[moved] = (thread.tid, new_ip.ok_or(JumpError::Busy)?);
-        moved += 1;
+        for context in world.interrupted_contexts(thread) {
+            if let Some(ip) = moved_ip(site, detour, context.rip)? {
+                *frames.get_mut(framed).ok_or(JumpError::Busy)? = (context, ip);
+                framed += 1;
+            }
+        }
     }
     let head = [INT3];
     writer.write_verified(site.addr + 1, &detour.original[1..5], &detour.jump[1..]).map_err(JumpError::Text)?;
@@ -192,7 +186,32 @@ pub(crate) fn write_jump(
     for &(tid, ip) in &moves[..moved] {
         world.set_ip(tid, ip);
     }
+    for (context, ip) in &frames[..framed] {
+        // Read a moment ago with every thread stopped: it cannot have changed.
+        let _ = world.set_interrupted_ip(context, *ip);
+    }
     Ok(())
+}
+
+/// Where a thread (or interrupted code) at `ip` must continue once the jump is written:
+/// `None` when `ip` is not affected; `Busy` when it is in the middle of the breakpoint
+/// slot's relocated instruction, which has no counterpart in the copy.
+fn moved_ip(site: &PatchSite, detour: &SiteDetour, ip: u64) -> Result<Option<u64>, JumpError> {
+    let boost = &site.slots;
+    let new_ip = if detour.run.strictly_inside(ip) {
+        detour.redirect(ip)
+    } else if ip == boost.boost_ip {
+        Some(detour.copy_ip())
+    } else if ip == boost.boost_back {
+        detour.redirect(boost.boost_resume)
+    } else if ip > boost.boost_ip && ip < boost.boost_back {
+        return Err(JumpError::Busy);
+    } else {
+        return Ok(None);
+    };
+    // A thread between two covered instructions' boundaries cannot exist: it would be
+    // inside an instruction.
+    new_ip.map(Some).ok_or(JumpError::Busy)
 }
 
 /// Puts the `int3` and the original covered bytes back (every other thread held stopped).
