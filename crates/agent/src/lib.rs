@@ -11,7 +11,8 @@
 //! <mono_ns> <tid> <event> name=value...   one hit (CLOCK_MONOTONIC nanoseconds)
 //! ```
 //!
-//! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`].
+//! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`];
+//! `DYNPROBE_OPTIMIZE=0` keeps them breakpoint probes.
 
 mod channel;
 mod event;
@@ -25,6 +26,8 @@ use event::Event;
 
 /// The environment variable holding the probe specs, one a line.
 pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
+/// `0` keeps every probe a breakpoint probe (`dynprobe probe --no-optimize`).
+pub const OPTIMIZE_ENV: &str = "DYNPROBE_OPTIMIZE";
 /// The environment variable holding the event pipe's file descriptor.
 pub const EVENT_FD_ENV: &str = "DYNPROBE_EVENT_FD";
 
@@ -55,6 +58,10 @@ fn start() {
     // runs constructors on one thread, so changing the environment here races with no one.
     let probes = take_env(PROBES_ENV);
     let fd = take_env(EVENT_FD_ENV);
+    if take_env(OPTIMIZE_ENV).as_deref() == Some("0") {
+        // Only fails inside a handler, which the loader's constructor is not.
+        let _ = dynprobe::set_optimization(false);
+    }
     let Some(probes) = probes else { return };
     let channel = match fd.as_deref().map(str::parse) {
         Some(Ok(fd)) => Channel::new(fd),

@@ -141,13 +141,23 @@ fn parse_text_event(line: &str) -> (u64, u64, u64) {
 
 #[test]
 fn every_call_is_one_event_with_its_arguments_and_the_program_is_unchanged() {
-    let unprobed_marker = marker("unprobed");
+    every_call_is_one_event(&[], "optimized");
+}
+
+#[test]
+fn breakpoint_probes_only_with_no_optimize_give_the_same_events() {
+    every_call_is_one_event(&["--no-optimize"], "breakpoints");
+}
+
+fn every_call_is_one_event(options: &[&str], name: &str) {
+    let unprobed_marker = marker(&format!("unprobed-{name}"));
     let unprobed = Command::new(target()).arg(&unprobed_marker).output().unwrap();
     assert_eq!(unprobed.status.code(), Some(TARGET_STATUS));
 
-    let marker = marker("events");
-    let events = scratch().join(format!("events-{}.txt", std::process::id()));
-    let out = probe(&["p:checksum seed=$arg1 n=$arg2"], &["-o", events.to_str().unwrap()], &marker);
+    let marker = marker(&format!("events-{name}"));
+    let events = scratch().join(format!("events-{name}-{}.txt", std::process::id()));
+    let options: Vec<&str> = options.iter().copied().chain(["-o", events.to_str().unwrap()]).collect();
+    let out = probe(&["p:checksum seed=$arg1 n=$arg2"], &options, &marker);
     assert_eq!(out.status.code(), Some(TARGET_STATUS), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), text(&unprobed.stdout), "the program's output changed");
     assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));

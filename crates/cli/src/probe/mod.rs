@@ -32,6 +32,10 @@ pub struct ProbeArgs {
     /// Attach to the running process PID instead of starting one (not implemented yet).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pid: Option<u32>,
+    /// Keep every probe a breakpoint probe (no jump optimization), like setting the kernel's
+    /// `debug.kprobes_optimization` to 0.
+    #[arg(long)]
+    no_optimize: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// The program to run and its arguments, after `--`.
@@ -70,7 +74,7 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
         eprintln!("dynprobe: no program to run; give it after `--`, as in `dynprobe probe 'p:main' -- ./prog`");
         return ExitCode::from(EXIT_USAGE);
     }
-    probe(&args.specs, &args.command, &args.output)
+    probe(&args.specs, &args.command, !args.no_optimize, &args.output)
 }
 
 /// Runs `dynprobe demo`: the bundled demo program under `dynprobe probe`, after printing
@@ -81,11 +85,11 @@ pub fn demo(args: &DemoArgs) -> ExitCode {
     // On stderr: it is commentary, and stdout may be JSON lines.
     eprintln!("$ dynprobe probe {} -- {program}", quoted.join(" "));
     let specs: Vec<String> = DEMO_SPECS.iter().map(|s| s.to_string()).collect();
-    probe(&specs, &[OsString::from(program)], &args.output)
+    probe(&specs, &[OsString::from(program)], true, &args.output)
 }
 
-fn probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> ExitCode {
-    match try_probe(specs, command, output) {
+fn probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> ExitCode {
+    match try_probe(specs, command, optimize, output) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
@@ -94,7 +98,7 @@ fn probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> ExitCod
     }
 }
 
-fn try_probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> Result<ExitCode, String> {
+fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> Result<ExitCode, String> {
     let parsed = specs
         .iter()
         .map(|text| ProbeSpec::parse(text))
@@ -113,11 +117,12 @@ fn try_probe(specs: &[String], command: &[OsString], output: &OutputArgs) -> Res
     let lines: Vec<String> =
         parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     let program = command[0].to_string_lossy();
-    let outcome = session::run(command, &agent, &lines.join("\n"), &mut printer).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => format!("cannot run `{program}`: no such program (check the path, or PATH)"),
-        io::ErrorKind::PermissionDenied => format!("cannot run `{program}`: permission denied (is it executable?)"),
-        _ => format!("cannot run `{program}`: {e}"),
-    })?;
+    let outcome =
+        session::run(command, &agent, &lines.join("\n"), optimize, &mut printer).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => format!("cannot run `{program}`: no such program (check the path, or PATH)"),
+            io::ErrorKind::PermissionDenied => format!("cannot run `{program}`: permission denied (is it executable?)"),
+            _ => format!("cannot run `{program}`: {e}"),
+        })?;
     match outcome.placement {
         Placement::Refused(error) => {
             let (spec, why) = split_error(&error, &lines);

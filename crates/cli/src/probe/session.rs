@@ -46,7 +46,7 @@ fn pipe() -> io::Result<Pipe> {
 }
 
 /// Starts `command` with the agent preloaded and the probes in its environment.
-fn spawn(command: &[OsString], agent: &Path, probes: &str, event_fd: RawFd) -> io::Result<Child> {
+fn spawn(command: &[OsString], agent: &Path, probes: &str, optimize: bool, event_fd: RawFd) -> io::Result<Child> {
     let mut preload = OsString::from(agent);
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -57,6 +57,9 @@ fn spawn(command: &[OsString], agent: &Path, probes: &str, event_fd: RawFd) -> i
         .env("LD_PRELOAD", preload)
         .env("DYNPROBE_PROBES", probes)
         .env("DYNPROBE_EVENT_FD", event_fd.to_string());
+    if !optimize {
+        cmd.env("DYNPROBE_OPTIMIZE", "0");
+    }
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
     // close-on-exec so no other child of ours inherits it, survive this one exec.
@@ -73,9 +76,15 @@ fn spawn(command: &[OsString], agent: &Path, probes: &str, event_fd: RawFd) -> i
 
 /// Runs `command` with the probes `specs` (one a line), printing every hit with `printer`
 /// until the program exits.
-pub fn run(command: &[OsString], agent: &Path, specs: &str, printer: &mut Printer) -> io::Result<Outcome> {
+pub fn run(
+    command: &[OsString],
+    agent: &Path,
+    specs: &str,
+    optimize: bool,
+    printer: &mut Printer,
+) -> io::Result<Outcome> {
     let pipe = pipe()?;
-    let mut child = spawn(command, agent, specs, pipe.write.as_raw_fd())?;
+    let mut child = spawn(command, agent, specs, optimize, pipe.write.as_raw_fd())?;
     // Only the program may hold the write end, so the read end sees end-of-file when it
     // (and whatever it forked) is gone.
     drop(pipe.write);
