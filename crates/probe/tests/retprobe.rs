@@ -31,6 +31,27 @@ fn fib(n: i64) -> i64 {
 }
 
 /// How many calls `fib(n)` makes, itself included.
+/// A return probe on `fib` whose entry keeps the argument and whose return handler counts
+/// the returns whose value is not fib(argument): (the probe, that count).
+fn fib_checker() -> (dynprobe_probe::ReturnProbeHandle, Arc<AtomicU64>) {
+    let wrong = Arc::new(AtomicU64::new(0));
+    let w = wrong.clone();
+    let probe = ReturnProbe::at(sym!("fib"))
+        .maxactive(64)
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            true
+        })
+        .on_return(move |regs, data| {
+            if regs.retval() as i64 != fib(data[0] as i64) {
+                w.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    (probe, wrong)
+}
+
 fn fib_calls(n: i64) -> u64 {
     if n < 2 {
         1
@@ -117,21 +138,7 @@ fn multi_register_and_floating_point_return_values_survive() {
 #[test]
 fn recursion_pairs_every_entry_with_its_return() {
     let _serial = setup();
-    let wrong = Arc::new(AtomicU64::new(0));
-    let w = wrong.clone();
-    let probe = ReturnProbe::at(sym!("fib"))
-        .maxactive(64)
-        .on_entry(|regs, data| {
-            data[0] = regs.arg(0);
-            true
-        })
-        .on_return(move |regs, data| {
-            if regs.retval() as i64 != fib(data[0] as i64) {
-                w.fetch_add(1, SeqCst);
-            }
-        })
-        .register()
-        .unwrap();
+    let (probe, wrong) = fib_checker();
     assert_eq!(lib().func1("fib")(15), 610);
     assert_eq!(lib().func1("fib")(20), 6765);
     let stats = probe.unregister().unwrap();
@@ -350,20 +357,7 @@ fn a_programs_output_is_the_same_with_and_without_return_probes_on_its_hot_funct
 fn return_probes_on_jump_optimized_entries_while_optimization_is_switched() {
     let _serial = setup();
     let fib_fn = lib().func1("fib");
-    let wrong = Arc::new(AtomicU64::new(0));
-    let w = wrong.clone();
-    let probe = ReturnProbe::at(sym!("fib"))
-        .on_entry(|regs, data| {
-            data[0] = regs.arg(0);
-            true
-        })
-        .on_return(move |regs, data| {
-            if regs.retval() as i64 != fib(data[0] as i64) {
-                w.fetch_add(1, SeqCst);
-            }
-        })
-        .register()
-        .unwrap();
+    let (probe, wrong) = fib_checker();
     dynprobe_probe::wait_for_optimizer().unwrap();
     assert!(probe.info().optimized, "the entry probe is jump-optimized: {}", probe.info());
     assert_eq!(fib_fn(16), 987);
