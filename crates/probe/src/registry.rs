@@ -14,6 +14,7 @@ use crate::{Location, Probe, ProbeError};
 use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
+use dynprobe_text::pool::ExecSlot;
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -392,15 +393,28 @@ impl Registry {
     /// Retires a removed site; frees those whose quarantine is over.
     fn quarantine(&mut self, site: Box<PatchSite>) {
         let now = Instant::now();
-        let (expired, kept) = std::mem::take(&mut self.quarantined)
+        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.quarantined)
             .into_iter()
             .partition(|(_, since)| now.duration_since(*since) >= SLOT_QUARANTINE);
         self.quarantined = kept;
-        for (old, _) in expired {
-            pool::free(old.slots.slot);
-            if let Some(detour) = old.detour() {
-                pool::free(detour.slot);
-            }
+        // A thread may still come back to a slot or detour long after: from a signal handler
+        // whose frame holds a `rip` in it (the jump writer may even have put it there). Free
+        // only what no thread and no such frame refers to; the rest waits for the next round.
+        let (free, still_used): (Vec<_>, Vec<_>) = match (!expired.is_empty()).then(stop_world) {
+            None => (Vec::new(), Vec::new()),
+            Some(Ok(stopped)) => expired.into_iter().partition(|(old, _)| {
+                let inside = |ip: u64| site_memory(old).any(|(start, size)| ip.wrapping_sub(start) < size);
+                !stopped
+                    .world
+                    .threads()
+                    .iter()
+                    .any(|t| inside(t.ip) || stopped.world.interrupted_contexts(t).any(|c| inside(c.rip)))
+            }),
+            Some(Err(_)) => (Vec::new(), expired),
+        };
+        self.quarantined.extend(still_used);
+        for (old, _) in free {
+            site_memory(&old).for_each(|(start, size)| pool::free(ExecSlot { addr: start, size: size as usize }));
         }
         self.quarantined.push((site, now));
     }
@@ -444,6 +458,12 @@ fn stop_world() -> Result<Stopped, ProbeError> {
     let writer = memory::CodeWriter::lock()?;
     let world = stop::stop_other_threads(STOP_TIMEOUT)?;
     Ok(Stopped { world, writer, _own_hits_missed: guard })
+}
+
+/// The executable memory of a site: its breakpoint slot, and its detour if it has one.
+fn site_memory(site: &PatchSite) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let slot = site.slots.slot;
+    std::iter::once((slot.addr, slot.size as u64)).chain(site.detour().map(|d| (d.slot.addr, d.slot.size as u64)))
 }
 
 /// What one optimization attempt came to.

@@ -536,12 +536,14 @@ fn a_handler_changing_mxcsr_leaves_the_programs_alone() {
     assert_eq!(probe.hits(), 1);
 }
 
-/// Where the signal handler of the next test parks: the interrupted `rip`, once inside
-/// `(SIG_LO, SIG_HI)`.
+/// Where the SIGUSR1 handler of the signal tests parks: once the `rip` it interrupted is
+/// inside `(SIG_LO, SIG_HI)`, it records it and waits for the release — on a deep stack
+/// frame when `SIG_DEEP`.
 static SIG_LO: AtomicU64 = AtomicU64::new(0);
 static SIG_HI: AtomicU64 = AtomicU64::new(0);
 static SIG_PARKED: AtomicU64 = AtomicU64::new(0);
 static SIG_RELEASE: AtomicBool = AtomicBool::new(false);
+static SIG_DEEP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn park_inside_the_run(_: i32, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: the kernel passes this SA_SIGINFO handler a valid ucontext.
@@ -549,21 +551,42 @@ extern "C" fn park_inside_the_run(_: i32, _: *mut libc::siginfo_t, uc: *mut libc
     let inside = rip > SIG_LO.load(Ordering::Relaxed) && rip < SIG_HI.load(Ordering::Relaxed);
     if inside && SIG_PARKED.load(Ordering::Relaxed) == 0 {
         SIG_PARKED.store(rip, Ordering::SeqCst);
-        while !SIG_RELEASE.load(Ordering::SeqCst) {
-            std::hint::spin_loop();
+        if SIG_DEEP.load(Ordering::Relaxed) {
+            wait_under_a_deep_frame();
+        } else {
+            wait_for_release();
         }
     }
 }
 
-#[test]
-fn code_a_signal_interrupted_inside_the_run_resumes_in_the_copy() {
-    let _serial = serial();
+fn wait_for_release() {
+    while !SIG_RELEASE.load(Ordering::SeqCst) {
+        std::hint::spin_loop();
+    }
+}
+
+/// Waits with 80 KiB of handler stack between the signal frame and the stop's.
+#[inline(never)]
+fn wait_under_a_deep_frame() {
+    let mut buf = [0u8; 80 * 1024];
+    std::hint::black_box(&mut buf);
+    wait_for_release();
+    std::hint::black_box(&mut buf);
+}
+
+/// Parks a worker that calls sig_fn in a loop in a SIGUSR1 handler that interrupted it
+/// inside the first 7 bytes (the run a jump at sig_fn+0 covers), runs `while_parked`,
+/// releases it, and checks that it survived and that every result was right. Returns what
+/// `while_parked` did, kept until the worker is gone.
+fn with_a_worker_interrupted_inside_sig_fn<R>(deep: bool, while_parked: impl FnOnce() -> R) -> R {
     let t = target();
     let f = t.func1("sig_fn");
     let addr = t.addr("sig_fn");
-    // The run a jump at sig_fn+0 covers: mov (3) + add (4).
     SIG_LO.store(addr, Ordering::SeqCst);
     SIG_HI.store(addr + 7, Ordering::SeqCst);
+    SIG_PARKED.store(0, Ordering::SeqCst);
+    SIG_RELEASE.store(false, Ordering::SeqCst);
+    SIG_DEEP.store(deep, Ordering::SeqCst);
     // SAFETY: installs an async-signal-safe handler (atomics and a spin) for SIGUSR1, which
     // nothing else in this test binary uses.
     unsafe {
@@ -598,11 +621,41 @@ fn code_a_signal_interrupted_inside_the_run_resumes_in_the_copy() {
         unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid.load(Ordering::SeqCst) as i32, libc::SIGUSR1) };
         std::thread::sleep(Duration::from_micros(50));
     }
-    // The worker now sits in its signal handler, which returns to sig_fn+3.
-    let probe = optimized(Probe::at(sym!("sig_fn")).on_hit(|_| {}));
-    assert!(probe.info().optimized, "{}", probe.info());
-    assert_eq!(code(addr, 1), [JMP]);
+    let kept = while_parked();
     SIG_RELEASE.store(true, Ordering::SeqCst);
     worker.join().expect("the interrupted worker crashed or panicked");
     assert_eq!(wrong.load(Ordering::SeqCst), 0, "sig_fn returned wrong results");
+    kept
+}
+
+#[test]
+fn code_a_signal_interrupted_inside_the_run_resumes_in_the_copy() {
+    let _serial = serial();
+    // The second time, 80 KiB of the handler's stack lie between its signal frame and the
+    // stop's.
+    for deep in [false, true] {
+        let probe = with_a_worker_interrupted_inside_sig_fn(deep, || {
+            // The worker sits in its signal handler, which returns to sig_fn+3.
+            let probe = optimized(Probe::at(sym!("sig_fn")).on_hit(|_| {}));
+            assert!(probe.info().optimized, "{}", probe.info());
+            assert_eq!(code(target().addr("sig_fn"), 1), [JMP]);
+            probe
+        });
+        assert_eq!(probe.unregister().unwrap().nmissed, 0);
+    }
+}
+
+#[test]
+fn a_detour_that_interrupted_code_will_return_into_outlives_its_probe() {
+    let _serial = serial();
+    with_a_worker_interrupted_inside_sig_fn(false, || {
+        let probe = optimized(Probe::at(sym!("sig_fn")).on_hit(|_| {}));
+        assert!(probe.info().optimized, "{}", probe.info());
+        // The worker's handler now returns into the detour's copy. Removing the probe and
+        // letting its quarantine run out must not free that memory.
+        probe.unregister().unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let other = optimized(Probe::at(sym!("opt_push")).on_hit(|_| {}));
+        other.unregister().unwrap();
+    });
 }

@@ -309,36 +309,59 @@ impl StoppedWorld {
     /// stopped inside a handler reports the handler's `rip`; the code the handler
     /// interrupted could be inside bytes about to be replaced, and is found here.
     ///
-    /// Found by scanning the stack above the stop's own frame for signal frames, which start
-    /// with the C library's `sa_restorer` address, for at most [`SIGNAL_FRAME_SCAN`] bytes.
-    /// Allocates nothing.
+    /// Signal frames start with the C library's `sa_restorer` address. The walk starts at
+    /// the `rsp` the stop interrupted, looks upward (at most [`SIGNAL_FRAME_SCAN`] bytes)
+    /// for a word holding it whose frame looks like the kernel's (flags, link, FPU-state
+    /// pointer), and goes on from the `rsp` saved in that frame — so it follows nested
+    /// handlers from one stack to another (an alternate signal stack and back). Allocates
+    /// nothing.
     pub fn interrupted_contexts(&self, thread: &StoppedThread) -> InterruptedContexts {
         let restorer = RESTORER.load(Ordering::Relaxed);
-        let start = thread.frame + std::mem::size_of::<libc::ucontext_t>() as u64;
-        InterruptedContexts {
-            restorer,
-            next: start,
-            end: start + SIGNAL_FRAME_SCAN,
-            buf: [0; 64],
-            buf_at: 0,
-            buf_len: 0,
-        }
+        let mut rsp = [0u8; 8];
+        let start = match crate::memory::read(thread.frame + frame::UC_RSP, &mut rsp) {
+            Ok(()) => u64::from_le_bytes(rsp),
+            Err(_) => 0,
+        };
+        InterruptedContexts { restorer, next: start, end: start.saturating_add(SIGNAL_FRAME_SCAN), hops: 0 }
     }
 
     /// Makes the code interrupted at `context` resume at `ip` when its signal handler
-    /// returns. The frame is checked to still hold the `rip` it was found with.
+    /// returns. The frame is checked to still hold the `rip` it was found with; nothing is
+    /// allocated, even on failure.
     pub fn set_interrupted_ip(&mut self, context: &InterruptedContext, ip: u64) -> Result<(), TextError> {
-        crate::memory::verify(context.rip_at, &context.rip.to_le_bytes())?;
+        let mut now = [0u8; 8];
+        crate::memory::read(context.rip_at, &mut now)?;
+        if u64::from_le_bytes(now) != context.rip {
+            return Err(TextError::StopFailed { reason: String::new() });
+        }
         // SAFETY: `rip_at` is a saved-rip word of a signal frame on a thread's stack (just
-        // verified readable and unchanged); the thread is held stopped, so nothing else
-        // touches it until it returns through that frame and loads the new value.
+        // read back unchanged); the thread is held stopped, so nothing else touches it until
+        // it returns through that frame and loads the new value.
         unsafe { std::ptr::write_volatile(context.rip_at as usize as *mut u64, ip) };
         Ok(())
     }
 }
 
-/// How far above the stop's frame [`StoppedWorld::interrupted_contexts`] looks.
-pub const SIGNAL_FRAME_SCAN: u64 = 64 * 1024;
+/// How far above an interrupted `rsp` [`StoppedWorld::interrupted_contexts`] looks for the
+/// signal frame of the handler that was running: a handler's own stack use.
+pub const SIGNAL_FRAME_SCAN: u64 = 1024 * 1024;
+/// Most nested signal frames followed.
+const MAX_SIGNAL_HOPS: u32 = 16;
+
+/// Offsets in an x86-64 `rt_sigframe`, from the `sa_restorer` word that starts it: the
+/// kernel's `struct ucontext` follows, laid out as glibc's `ucontext_t` up to `uc_mcontext`.
+mod frame {
+    use std::mem::offset_of;
+    const UC: u64 = 8;
+    pub const FLAGS: u64 = UC + offset_of!(libc::ucontext_t, uc_flags) as u64;
+    pub const LINK: u64 = UC + offset_of!(libc::ucontext_t, uc_link) as u64;
+    const GREGS: u64 = UC + offset_of!(libc::ucontext_t, uc_mcontext) as u64;
+    pub const RSP: u64 = GREGS + 8 * libc::REG_RSP as u64;
+    pub const RIP: u64 = GREGS + 8 * libc::REG_RIP as u64;
+    pub const FPREGS: u64 = GREGS + offset_of!(libc::mcontext_t, fpregs) as u64;
+    /// The saved `rsp` relative to a `ucontext` (the stop handler's own, which we know).
+    pub const UC_RSP: u64 = RSP - UC;
+}
 
 /// A signal frame a stopped thread will return through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,40 +377,55 @@ pub struct InterruptedContexts {
     restorer: u64,
     next: u64,
     end: u64,
-    buf: [u64; 64],
-    buf_at: u64,
-    buf_len: usize,
+    hops: u32,
+}
+
+impl InterruptedContexts {
+    fn word(at: u64) -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        crate::memory::read(at, &mut bytes).ok().map(|()| u64::from_le_bytes(bytes))
+    }
+
+    /// Whether the `sa_restorer` word at `at` starts what looks like a kernel signal frame:
+    /// only the kernel's `UC_*` flags, no link, the FPU state saved just above.
+    fn is_frame(at: u64) -> Option<bool> {
+        let flags = Self::word(at + frame::FLAGS)?;
+        let link = Self::word(at + frame::LINK)?;
+        let fpregs = Self::word(at + frame::FPREGS)?;
+        Some(flags & !7 == 0 && link == 0 && (fpregs == 0 || fpregs.wrapping_sub(at) < 64 * 1024))
+    }
 }
 
 impl Iterator for InterruptedContexts {
     type Item = InterruptedContext;
 
     fn next(&mut self) -> Option<InterruptedContext> {
-        const RIP_OFFSET: u64 =
-            8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) as u64 + 8 * libc::REG_RIP as u64;
-        if self.restorer == 0 {
+        if self.restorer == 0 || self.next == 0 || self.hops >= MAX_SIGNAL_HOPS {
             return None;
         }
+        let mut page = [0u64; 512];
         while self.next < self.end {
-            let index = (self.next - self.buf_at) / 8;
-            if self.buf_len == 0 || self.next < self.buf_at || index as usize >= self.buf_len {
-                // Refill in page-sized pieces; an unreadable page ends the stack.
-                let bytes = std::mem::size_of_val(&self.buf);
-                // SAFETY: the buffer is plain u64 words, any bytes are valid.
-                let buf = unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), bytes) };
-                crate::memory::read(self.next, buf).ok()?;
-                self.buf_at = self.next;
-                self.buf_len = self.buf.len();
-                continue;
-            }
-            let word = self.buf[index as usize];
-            let at = self.next;
-            self.next += 8;
-            if word == self.restorer {
-                let mut rip = [0u8; 8];
-                if crate::memory::read(at + RIP_OFFSET, &mut rip).is_ok() {
-                    return Some(InterruptedContext { rip_at: at + RIP_OFFSET, rip: u64::from_le_bytes(rip) });
+            // Read to the end of the current page; an unreadable page ends the stack.
+            let page_end = (self.next | 4095) + 1;
+            let words = ((page_end - self.next) / 8) as usize;
+            // SAFETY: the buffer is plain u64 words, any bytes are valid.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(page.as_mut_ptr().cast::<u8>(), words * 8) };
+            crate::memory::read(self.next, bytes).ok()?;
+            let base = self.next;
+            self.next = page_end;
+            for (i, &word) in page[..words].iter().enumerate() {
+                let at = base + 8 * i as u64;
+                if word != self.restorer || Self::is_frame(at) != Some(true) {
+                    continue;
                 }
+                let (Some(rip), Some(rsp)) = (Self::word(at + frame::RIP), Self::word(at + frame::RSP)) else {
+                    continue;
+                };
+                // Go on from the code this frame returns to: the next handler out, if any.
+                self.hops += 1;
+                self.next = rsp;
+                self.end = rsp.saturating_add(SIGNAL_FRAME_SCAN);
+                return Some(InterruptedContext { rip_at: at + frame::RIP, rip });
             }
         }
         None

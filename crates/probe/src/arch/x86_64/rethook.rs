@@ -137,13 +137,13 @@ fn setup_error(e: dynprobe_arch::native::RelocError) -> ProbeError {
 /// then aborts when the caller catches the exception (it takes the trampoline for the
 /// handler frame). The caller's rsp is therefore given explicitly: CFA - 8.
 ///
-/// The return address (column 16) is `*(table + ((*(CFA - 16) - sled) >> 3) * stride)`: the
+/// The return address (column 16) is `*(table + ((*(CFA - 16) - sled) / 9) * stride)`: the
 /// slot at CFA - 16 (the probed function's return-address slot) holds the sled entry's
-/// address (before the return) or the address its `call` pushed (after it), and both shift
-/// to the entry's index.
+/// address (before the return) or the address its `call` pushed (after it), and both divide
+/// down to the entry's index.
 ///
-/// CFA by location: in the sled rsp + 8; in `common` after the entry's `call` rsp + 16,
-/// after `sub rsp, 56` rsp + 72, after `add rsp, 56` rsp + 16 again.
+/// CFA by location: in the sled rsp + 8; in `common`, as `rules` (from the generated code)
+/// say: rsp + 16 on entry, then rbp-based while its frame is up.
 fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], table: u64, stride: u64) -> Vec<u8> {
     const DW_CFA_DEF_CFA: u8 = 0x0c;
     const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
