@@ -176,19 +176,24 @@ extern "C" fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut li
     if code == SI_KERNEL {
         let addr = (uc_ref.uc_mcontext.gregs[libc::REG_RIP as usize] as u64).wrapping_sub(1);
         if let Some(entry) = find(addr) {
-            let handler = entry.handler.load(Ordering::Acquire);
-            if handler != 0 {
-                let data = entry.data.load(Ordering::Acquire);
-                // SAFETY: non-zero handler words are only ever stored from a `TrapFn`.
-                let handler: TrapFn = unsafe { std::mem::transmute::<usize, TrapFn>(handler) };
-                handler(data, &mut TrapContext { addr, uc: uc_ref });
-                return;
-            }
-            // SAFETY: `addr` was registered as code that is mapped; one volatile byte read.
-            let now = unsafe { std::ptr::read_volatile(addr as *const u8) };
-            if now != dynprobe_arch::x86_64::INT3 {
-                uc_ref.uc_mcontext.gregs[libc::REG_RIP as usize] = addr as i64;
-                return;
+            // Twice at most: an owner is always registered before its int3 is written, so an
+            // int3 found in place after the owner word read 0 means a new owner came in
+            // between (the old int3 was removed and a new one written): it is the owner now.
+            for _ in 0..2 {
+                let handler = entry.handler.load(Ordering::Acquire);
+                if handler != 0 {
+                    let data = entry.data.load(Ordering::Acquire);
+                    // SAFETY: non-zero handler words are only ever stored from a `TrapFn`.
+                    let handler: TrapFn = unsafe { std::mem::transmute::<usize, TrapFn>(handler) };
+                    handler(data, &mut TrapContext { addr, uc: uc_ref });
+                    return;
+                }
+                // SAFETY: `addr` was registered as code that is mapped; one volatile byte read.
+                let now = unsafe { std::ptr::read_volatile(addr as *const u8) };
+                if now != dynprobe_arch::x86_64::INT3 {
+                    uc_ref.uc_mcontext.gregs[libc::REG_RIP as usize] = addr as i64;
+                    return;
+                }
             }
         }
     }
