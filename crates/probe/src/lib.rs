@@ -4,7 +4,10 @@
 //! offset, an address — runs a pre-handler (and optionally a post-handler) with the thread's
 //! registers every time a thread reaches it. The instruction's first byte becomes an `int3`;
 //! the `SIGTRAP` it raises runs the handlers and then executes the original instruction out
-//! of line in a slot that jumps back ("boosted"), so a hit costs one trap.
+//! of line in a slot that jumps back ("boosted"), so a hit costs one trap. Shortly after,
+//! the background optimizer replaces the `int3` with a jump to a detour buffer where the
+//! checks allow ([`wait_for_optimizer`], [`set_optimization`]): a hit then costs tens of
+//! nanoseconds. A [`ReturnProbe`] adds a handler that runs when the probed function returns.
 //!
 //! ```no_run
 //! use dynprobe_probe::{sym, Probe};
@@ -14,8 +17,9 @@
 //! # Ok::<(), dynprobe_probe::ProbeError>(())
 //! ```
 //!
-//! Generic logic lives in `registry` and `site`; what depends on the instruction set lives
-//! under `arch/` (the kernel's `kernel/kprobes.c` versus `arch/x86/kernel/kprobes/`).
+//! Generic logic lives in `registry`, `site`, `optimizer`, `retprobe` and `thread_slot`; what
+//! depends on the instruction set lives under `arch/` (the kernel's `kernel/kprobes.c` versus
+//! `arch/x86/kernel/kprobes/`).
 
 mod arch;
 mod counter;
