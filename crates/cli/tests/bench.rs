@@ -61,6 +61,14 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     assert!(ns_per_hit(&rows, "int3-probe") > 0.0, "{int3_probe}");
     assert!(int3_probe["x_sigtrap_floor"].is_number(), "{int3_probe}");
     assert!(int3_probe["x_kernel_uprobe"].is_number(), "{int3_probe}");
+
+    // The optimized and return probes must have been optimized (a row that is not says so
+    // in `error` and has no number) and are compared with the kernel's probes.
+    for fast_row in ["optimized-probe", "optimized-probe-mid", "return-probe"] {
+        let fast = row(&rows, fast_row);
+        assert!(ns_per_hit(&rows, fast_row) > 0.0, "{fast}");
+        assert!(fast["x_kernel_uprobe"].is_number() && fast["x_kernel_uretprobe"].is_number(), "{fast}");
+    }
 }
 
 #[test]
