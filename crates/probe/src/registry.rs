@@ -466,35 +466,56 @@ fn site_memory(site: &PatchSite) -> impl Iterator<Item = (u64, u64)> + '_ {
     std::iter::once((slot.addr, slot.size as u64)).chain(site.detour().map(|d| (d.slot.addr, d.slot.size as u64)))
 }
 
-/// What one optimization attempt came to.
-enum Attempt {
-    /// Optimized, or nothing to do.
-    Done,
-    /// A thread was in the way; try again shortly.
-    Retry,
-}
-
 impl Registry {
     /// Tries to optimize every armed site that is not yet optimized. Returns true when some
     /// site should be tried again shortly.
+    ///
+    /// The jumps are written in one batch, under one stop of the other threads (the
+    /// kernel's optimizer does the same with one `text_poke` batch).
     fn optimize_all(&mut self) -> Result<bool, ProbeError> {
         let addrs: Vec<u64> = self.sites.keys().copied().collect();
-        let mut retry = false;
+        let mut ready = Vec::new();
         for addr in addrs {
-            retry |= matches!(self.optimize(addr)?, Attempt::Retry);
+            if self.ready_to_jump(addr)? {
+                ready.push(addr);
+            }
         }
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        let mut retry = false;
+        // Room made before the stop: nothing may allocate while the others are stopped.
+        let mut failed = Vec::with_capacity(ready.len());
+        let mut stopped = stop_world()?;
+        for &addr in &ready {
+            let site = self.sites.get(&addr).expect("ready sites are registered");
+            let detour = site.detour().expect("ready sites have a detour");
+            match write_jump(&mut stopped.world, &mut stopped.writer, site, detour) {
+                Ok(()) => site.optimized.store(true, Ordering::Release),
+                Err(JumpError::Busy) => retry = true,
+                Err(JumpError::Text(e)) => failed.push((addr, e)),
+            }
+        }
+        let synced = try_sync_core();
+        drop(stopped);
+        for (addr, e) in failed {
+            let site = self.sites.get(&addr).expect("ready sites are registered");
+            *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
+        synced?;
         Ok(retry)
     }
 
-    /// Replaces the site's int3 by a jump to its detour, preparing the detour first.
-    fn optimize(&mut self, addr: u64) -> Result<Attempt, ProbeError> {
-        let Some(site) = self.sites.get(&addr) else { return Ok(Attempt::Done) };
+    /// Whether the site at `addr` should get its jump now: armed, not yet optimized,
+    /// optimizable (its detour is prepared here, once) and with no other site inside its run.
+    fn ready_to_jump(&mut self, addr: u64) -> Result<bool, ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(false) };
         if !OPTIMIZATION.load(Ordering::Relaxed)
             || !site.armed.load(Ordering::Relaxed)
             || site.optimized.load(Ordering::Relaxed)
             || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         {
-            return Ok(Attempt::Done);
+            return Ok(false);
         }
         if site.detour().is_none() {
             let function = site.function.clone();
@@ -518,32 +539,15 @@ impl Registry {
                 Ok(detour) => site.set_detour(detour),
                 Err(reason) => {
                     *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                    return Ok(Attempt::Done);
+                    return Ok(false);
                 }
             }
         }
         let site = self.sites.get(&addr).expect("looked up above");
         let detour = site.detour().expect("prepared above");
-        // Another site inside the covered bytes keeps this one a breakpoint probe while it
-        // exists (its int3 would be overwritten by the jump).
-        if self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_some() {
-            return Ok(Attempt::Done);
-        }
-        let mut stopped = stop_world()?;
-        let written = write_jump(&mut stopped.world, &mut stopped.writer, site, detour);
-        if written.is_ok() {
-            site.optimized.store(true, Ordering::Release);
-        }
-        let synced = try_sync_core();
-        drop(stopped);
-        match written {
-            Ok(()) => synced.map(|()| Attempt::Done).map_err(Into::into),
-            Err(JumpError::Busy) => Ok(Attempt::Retry),
-            Err(JumpError::Text(e)) => {
-                *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                Ok(Attempt::Done)
-            }
-        }
+        // Another site inside the covered run keeps this one a breakpoint probe while it
+        // exists (its int3 would be overwritten by the jump, or skipped by the copy).
+        Ok(self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none())
     }
 
     /// The places other code of `addr`'s module jumps to inside some function (target →

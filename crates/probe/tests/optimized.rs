@@ -659,3 +659,26 @@ fn a_detour_that_interrupted_code_will_return_into_outlives_its_probe() {
         other.unregister().unwrap();
     });
 }
+
+#[test]
+fn probes_registered_together_are_optimized_in_one_pass() {
+    let _serial = serial();
+    let t = target();
+    let points = [("opt_push", 0), ("opt_jcc", 4), ("opt_hot", 0), ("sig_fn", 0), ("mxcsr_after", 3)];
+    let probes: Vec<ProbeHandle> = points
+        .iter()
+        .map(|&(symbol, offset)| {
+            Probe::at(Location::SymbolOffset(symbol.into(), offset)).on_hit(|_| {}).register().unwrap()
+        })
+        .collect();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    for (probe, (symbol, offset)) in probes.iter().zip(points) {
+        assert!(probe.info().optimized, "{}", probe.info());
+        assert_eq!(code(t.addr(symbol) + offset, 1), [JMP]);
+    }
+    assert_eq!(t.func1("opt_push")(1), 2);
+    assert_eq!(t.func1("opt_jcc")(9), 209);
+    for probe in probes {
+        probe.unregister().unwrap();
+    }
+}
