@@ -588,15 +588,28 @@ impl Registry {
 
     /// Puts the int3 back in place of the site's jump (the site stays armed).
     fn unoptimize(&self, addr: u64) -> Result<(), ProbeError> {
-        let Some(site) = self.sites.get(&addr) else { return Ok(()) };
-        let Some(detour) = site.detour().filter(|_| site.optimized.load(Ordering::Relaxed)) else {
+        self.unoptimize_all(&[addr])
+    }
+
+    /// Puts the int3s back in place of the jumps of the sites at `addrs` that have one,
+    /// under one stop of the other threads. Stops at the first failure, leaving the sites
+    /// not yet done optimized.
+    fn unoptimize_all(&self, addrs: &[u64]) -> Result<(), ProbeError> {
+        let optimized: Vec<&PatchSite> = addrs
+            .iter()
+            .filter_map(|addr| self.sites.get(addr))
+            .filter(|site| site.detour().is_some() && site.optimized.load(Ordering::Relaxed))
+            .map(|site| &**site)
+            .collect();
+        if optimized.is_empty() {
             return Ok(());
-        };
-        let mut stopped = stop_world()?;
-        let removed = remove_jump(&mut stopped.writer, site, detour);
-        if removed.is_ok() {
-            site.optimized.store(false, Ordering::Release);
         }
+        let mut stopped = stop_world()?;
+        let removed = optimized.iter().try_for_each(|site| {
+            remove_jump(&mut stopped.writer, site, site.detour().expect("filtered above"))?;
+            site.optimized.store(false, Ordering::Release);
+            Ok::<(), TextError>(())
+        });
         let synced = try_sync_core();
         drop(stopped);
         removed?;
@@ -615,7 +628,7 @@ impl Registry {
             .filter(|(_, site)| site.detour().is_some_and(|d| d.run.strictly_inside(addr)))
             .map(|(&a, _)| a)
             .collect();
-        covering.into_iter().try_for_each(|a| self.unoptimize(a))
+        self.unoptimize_all(&covering)
     }
 }
 
@@ -645,7 +658,7 @@ pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
         return Ok(());
     }
     let addrs: Vec<u64> = registry.sites.keys().copied().collect();
-    addrs.into_iter().try_for_each(|addr| registry.unoptimize(addr))
+    registry.unoptimize_all(&addrs)
 }
 
 /// Whether jump optimization is on (see [`set_optimization`]).
