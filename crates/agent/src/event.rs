@@ -21,10 +21,11 @@ impl Event {
     }
 
     /// The probe's pre-handler: formats `<mono_ns> <tid> <event> name=value...` and sends it.
-    /// No allocation, no locks: it runs in a `SIGTRAP` handler of the probed thread.
+    /// No allocation, no locks: it runs on the probed thread, in a detour or a `SIGTRAP` handler.
     pub fn hit(&self, regs: &Regs) {
         let mut line = Line::new();
-        self.format(&mut line, monotonic_ns(), gettid(), regs);
+        // The clock the CLI reads at start, so it can print times relative to it.
+        self.format(&mut line, dynprobe::monotonic_ns(), gettid(), regs);
         self.channel.send(line.finish());
     }
 
@@ -36,15 +37,6 @@ impl Event {
             line.value(arg.ty, fetch(arg.fetch, regs));
         }
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock the CLI reads at start, so it can print
-/// times relative to it. Served by the vDSO, async-signal-safe.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to fill; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The calling thread's id (the `gettid` system call is async-signal-safe).

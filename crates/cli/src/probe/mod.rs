@@ -111,7 +111,7 @@ fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &Ou
         )),
         None => Box::new(BufWriter::new(io::stdout())),
     };
-    let mut printer = Printer::new(out, output.json, monotonic_ns());
+    let mut printer = Printer::new(out, output.json, dynprobe::monotonic_ns());
     // One spec a line: a spec from the command line could hold a newline, which is only
     // white space to the grammar but would split it in two for the agent.
     let lines: Vec<String> =
@@ -179,14 +179,6 @@ fn signal_name(signal: i32) -> String {
     // thread; it is copied at once.
     let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) };
     name.to_string_lossy().into_owned()
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the agent's clock.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to fill; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
