@@ -402,14 +402,16 @@ impl Registry {
         // only what no thread and no such frame refers to; the rest waits for the next round.
         let (free, still_used): (Vec<_>, Vec<_>) = match (!expired.is_empty()).then(stop_world) {
             None => (Vec::new(), Vec::new()),
-            Some(Ok(stopped)) => expired.into_iter().partition(|(old, _)| {
-                let inside = |ip: u64| site_memory(old).any(|(start, size)| ip.wrapping_sub(start) < size);
-                !stopped
-                    .world
-                    .threads()
-                    .iter()
-                    .any(|t| inside(t.ip) || stopped.world.interrupted_contexts(t).any(|c| inside(c.rip)))
-            }),
+            Some(Ok(stopped)) => {
+                // An incomplete set could miss a frame that returns into a site: free none.
+                let interrupted = stopped.world.all_interrupted_contexts();
+                expired.into_iter().partition(|(old, _)| {
+                    let inside = |ip: u64| site_memory(old).any(|(start, size)| ip.wrapping_sub(start) < size);
+                    interrupted.complete()
+                        && !stopped.world.threads().iter().any(|t| inside(t.ip))
+                        && !interrupted.contexts().iter().any(|c| inside(c.rip))
+                })
+            }
             Some(Err(_)) => (Vec::new(), expired),
         };
         self.quarantined.extend(still_used);
@@ -487,10 +489,11 @@ impl Registry {
         // Room made before the stop: nothing may allocate while the others are stopped.
         let mut failed = Vec::with_capacity(ready.len());
         let mut stopped = stop_world()?;
+        let interrupted = stopped.world.all_interrupted_contexts();
         for &addr in &ready {
             let site = self.sites.get(&addr).expect("ready sites are registered");
             let detour = site.detour().expect("ready sites have a detour");
-            match write_jump(&mut stopped.world, &mut stopped.writer, site, detour) {
+            match write_jump(&mut stopped.world, &mut stopped.writer, &interrupted, site, detour) {
                 Ok(()) => site.optimized.store(true, Ordering::Release),
                 Err(JumpError::Busy) => retry = true,
                 Err(JumpError::Text(e)) => failed.push((addr, e)),

@@ -325,6 +325,29 @@ impl StoppedWorld {
         InterruptedContexts { restorer, next: start, end: start.saturating_add(SIGNAL_FRAME_SCAN), hops: 0 }
     }
 
+    /// [`Self::interrupted_contexts`] of every stopped thread, gathered once: the walk reads
+    /// the threads' stacks, and a caller checking several code ranges needs it only once.
+    pub fn all_interrupted_contexts(&self) -> InterruptedSet {
+        let mut set = InterruptedSet {
+            contexts: [InterruptedContext { rip_at: 0, rip: 0 }; MAX_INTERRUPTED],
+            len: 0,
+            complete: true,
+        };
+        for context in self.threads().iter().flat_map(|thread| self.interrupted_contexts(thread)) {
+            match set.contexts.get_mut(set.len) {
+                Some(slot) => {
+                    *slot = context;
+                    set.len += 1;
+                }
+                None => {
+                    set.complete = false;
+                    break;
+                }
+            }
+        }
+        set
+    }
+
     /// Makes the code interrupted at `context` resume at `ip` when its signal handler
     /// returns. The frame is checked to still hold the `rip` it was found with; nothing is
     /// allocated, even on failure.
@@ -339,6 +362,30 @@ impl StoppedWorld {
         // it returns through that frame and loads the new value.
         unsafe { std::ptr::write_volatile(context.rip_at as usize as *mut u64, ip) };
         Ok(())
+    }
+}
+
+/// Most signal frames an [`InterruptedSet`] holds.
+pub const MAX_INTERRUPTED: usize = 256;
+
+/// The signal frames of every stopped thread (see [`StoppedWorld::all_interrupted_contexts`]),
+/// in a fixed array: nothing may allocate while the threads are stopped.
+pub struct InterruptedSet {
+    contexts: [InterruptedContext; MAX_INTERRUPTED],
+    len: usize,
+    complete: bool,
+}
+
+impl InterruptedSet {
+    /// The frames found.
+    pub fn contexts(&self) -> &[InterruptedContext] {
+        &self.contexts[..self.len]
+    }
+
+    /// False when there were more than [`MAX_INTERRUPTED`]: a caller that must see every one
+    /// tries again later.
+    pub fn complete(&self) -> bool {
+        self.complete
     }
 }
 

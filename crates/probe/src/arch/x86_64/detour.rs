@@ -20,7 +20,7 @@ use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::memory::CodeWriter;
 use dynprobe_text::pool::{self, ExecSlot};
-use dynprobe_text::stop::{InterruptedContext, StoppedWorld};
+use dynprobe_text::stop::{InterruptedContext, InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
 use dynprobe_text::TextError;
 use std::sync::OnceLock;
@@ -154,12 +154,19 @@ pub(crate) enum JumpError {
 /// held stopped in `world`; those inside the covered bytes, or in the breakpoint slot (which
 /// jumps back into them), are moved to the copy first — and so is code a signal interrupted
 /// there whose handler a thread is still running.
+///
+/// `interrupted` is [`StoppedWorld::all_interrupted_contexts`] of this stop, gathered once for
+/// all the jumps written under it.
 pub(crate) fn write_jump(
     world: &mut StoppedWorld,
     writer: &mut CodeWriter,
+    interrupted: &InterruptedSet,
     site: &PatchSite,
     detour: &SiteDetour,
 ) -> Result<(), JumpError> {
+    if !interrupted.complete() {
+        return Err(JumpError::Busy);
+    }
     // No allocation while the other threads are stopped: one of them may hold malloc's lock.
     let mut moves = [(0i32, 0u64); MAX_MOVED];
     let mut moved = 0;
@@ -170,11 +177,11 @@ pub(crate) fn write_jump(
             *moves.get_mut(moved).ok_or(JumpError::Busy)? = (thread.tid, ip);
             moved += 1;
         }
-        for context in world.interrupted_contexts(thread) {
-            if let Some(ip) = moved_ip(site, detour, context.rip)? {
-                *frames.get_mut(framed).ok_or(JumpError::Busy)? = (context, ip);
-                framed += 1;
-            }
+    }
+    for &context in interrupted.contexts() {
+        if let Some(ip) = moved_ip(site, detour, context.rip)? {
+            *frames.get_mut(framed).ok_or(JumpError::Busy)? = (context, ip);
+            framed += 1;
         }
     }
     let head = [INT3];
