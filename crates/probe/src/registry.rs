@@ -376,7 +376,7 @@ impl Registry {
         }
         if !want {
             // The int3 is under the jump: the jump goes first.
-            self.unoptimize(addr)?;
+            self.unoptimize_all(&[addr])?;
         }
         if want {
             // Every int3 we write has an owner first, even after a failed unregister gave
@@ -587,11 +587,6 @@ impl Registry {
         let entries = Arc::new(entries);
         self.foreign.insert(module, entries.clone());
         Ok(entries)
-    }
-
-    /// Puts the int3 back in place of the site's jump (the site stays armed).
-    fn unoptimize(&self, addr: u64) -> Result<(), ProbeError> {
-        self.unoptimize_all(&[addr])
     }
 
     /// Puts the int3s back in place of the jumps of the sites at `addrs` that have one,
