@@ -1,0 +1,117 @@
+//! A recorded trace as the analyses see it: processes (one per program image: a `fork`
+//! starts a new one with the same functions, an `exec` one with its own), their threads,
+//! and each thread's events in time order, with times in nanoseconds of `CLOCK_MONOTONIC`.
+//!
+//! [`crate::trace`] reads a trace directory into this form; `dynprobe replay`, `report`
+//! and `export` work on it.
+
+use std::path::PathBuf;
+
+/// A whole trace.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// The directory it was read from.
+    pub dir: PathBuf,
+    /// The recorded command line.
+    pub command: Vec<String>,
+    /// When recording started and ended (`CLOCK_MONOTONIC` ns); `end_ns` is the last
+    /// event's time when the recorder did not finish (it was killed).
+    pub start_ns: u64,
+    /// See `start_ns`.
+    pub end_ns: u64,
+    /// The program's exit status as a shell shows it (128 + signal when killed); `None`
+    /// when unknown.
+    pub exit_code: Option<i32>,
+    /// Every process image, in the order they started.
+    pub processes: Vec<ProcessTrace>,
+}
+
+/// One process image: a process between its start (or `exec`) and its exit (or `exec`).
+#[derive(Debug, Clone, Default)]
+pub struct ProcessTrace {
+    /// The process id.
+    pub pid: u32,
+    /// The parent process id when it was forked from a traced process, else 0.
+    pub parent: u32,
+    /// The executable's path.
+    pub exe: String,
+    /// The traced functions; a record's function id indexes this.
+    pub functions: Vec<Function>,
+    /// How the function sites were found and patched.
+    pub sites: SiteSummary,
+    /// The threads that recorded anything.
+    pub threads: Vec<ThreadTrace>,
+}
+
+/// A traced function.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Function {
+    /// Readable (demangled) name.
+    pub name: String,
+    /// The file name of its module (`demo`, `libc.so.6`).
+    pub module: String,
+    /// Its runtime address.
+    pub addr: u64,
+}
+
+/// One thread's events.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadTrace {
+    /// The kernel thread id.
+    pub tid: u32,
+    /// Its events, in time order.
+    pub events: Vec<Event>,
+    /// Events lost because its ring was full (also present as [`EventKind::Lost`] events
+    /// where they happened).
+    pub lost: u64,
+}
+
+/// One event of a thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub ns: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The call depth (0 for the outermost traced call).
+    pub depth: u16,
+    /// The function id (index into [`ProcessTrace::functions`]); 0 for [`EventKind::Lost`].
+    pub func: u32,
+}
+
+/// What an [`Event`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The function was entered.
+    Entry,
+    /// The function returned.
+    Exit,
+    /// The function was left without returning (`longjmp`, exception); `ns` is when this
+    /// was noticed.
+    Unwound,
+    /// This many events were lost here (the ring buffer was full).
+    Lost(u64),
+}
+
+/// How many sites of each kind were found and patched, and why the others were refused:
+/// the recorder's `dyn_ftrace_total_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SiteSummary {
+    /// Per site kind (`mcount`, `patchable`, `entry`): (kind, found, patched).
+    pub kinds: Vec<(String, u64, u64)>,
+    /// The refused sites.
+    pub refused: Vec<RefusedSite>,
+}
+
+/// A site that was not patched.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RefusedSite {
+    /// Site kind.
+    pub kind: String,
+    /// Address of the site.
+    pub addr: u64,
+    /// The function it belongs to.
+    pub function: String,
+    /// Why.
+    pub reason: String,
+}
