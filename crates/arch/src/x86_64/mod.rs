@@ -7,12 +7,14 @@
 //! * [`optimize`]: may a probe point be covered by a detour jump (the checks of seed 004 §1.4.2).
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`trampoline`]: the code a return probe's trampoline runs.
+//! * [`ftrace`]: the code a traced function's entry site calls.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
 pub mod classify;
 pub mod decode;
 pub mod detour;
 pub mod encode;
+pub mod ftrace;
 pub mod optimize;
 pub mod relocate;
 pub mod trampoline;
