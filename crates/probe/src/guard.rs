@@ -50,6 +50,12 @@ impl HandlerGuard {
         self.index
     }
 
+    /// The thread's slot.
+    #[inline]
+    pub(crate) fn thread(&self) -> &'static ThreadSlot {
+        self.slot
+    }
+
     /// True when the calling thread is inside a probe handler.
     pub(crate) fn current_thread_inside() -> bool {
         ThreadSlot::existing().is_some_and(|slot| slot.active.load(Ordering::Relaxed) != 0)

@@ -28,7 +28,7 @@
 //! its probe by index and id, so a return after the probe was unregistered still reaches the
 //! right caller and finds no handler.
 
-use crate::arch::{rethook, thread_pointer, Regs};
+use crate::arch::{current_tid, rethook, thread_pointer, Regs};
 use crate::counter::PerThreadCounter;
 use crate::guard::HandlerGuard;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
@@ -37,7 +37,7 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{compiler_fence, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Words in an instance's data area.
@@ -215,7 +215,7 @@ fn still_diverted(slot_addr: u64, index: usize) -> bool {
 /// Gives an instance back out of order (its count too): [`on_return`] does this when an
 /// instance above it may still be live on another stack, so `top` cannot come down.
 fn free(slot: usize, inst: &mut Instance) {
-    bump(count(slot, inst.probe), -1);
+    uncount(slot, inst.probe);
     inst.slot_addr = 0;
 }
 
@@ -238,17 +238,40 @@ impl SlotStack {
     }
 }
 
-/// The entry probe's pre-handler: takes an instance and diverts the return address.
-/// Runs with the thread's handler guard held (by the probe site), in a signal handler or a
-/// detour.
-fn on_entry(rp: &RpShared, regs: &mut Regs) {
-    let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
-    let rsp = regs.rsp;
+/// The instance `probe` index of calls entered by the function-graph tracer.
+const GRAPH: u32 = u32::MAX;
+
+/// Gives back the `maxactive` count of an instance of `probe` (graph instances have none).
+#[inline(always)]
+fn uncount(slot: usize, probe: u32) {
+    if probe != GRAPH {
+        bump(count(slot, probe), -1);
+    }
+}
+
+/// Where a new instance goes on the calling thread's stack, after [`claim`] dropped the
+/// abandoned ones.
+struct Claim {
+    slot: usize,
+    base: usize,
+    top: usize,
+    /// What the return-address slot holds now.
+    current: u64,
+    /// The instances at the top already divert this return-address slot.
+    shared: bool,
+}
+
+/// The steps every new instance takes, whoever owns it: the thread's stack (started afresh
+/// for a new thread), abandoned instances dropped (reported to the graph tracer as unwound),
+/// and whether other instances already divert this call. `None` when the thread has no slot
+/// or `rsp` holds no return address.
+#[inline(always)]
+fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
     if rsp & 7 != 0 {
         // Not entered by a call: no return address there to divert. (A call on a stack not
         // 16-byte aligned is fine: GCC makes those to local functions that need no
         // alignment, and the trampoline aligns its own frame.)
-        return rp.miss();
+        return None;
     }
     let stack = &STACKS[slot];
     if stack.generation.load(Ordering::Relaxed) != thread.generation() {
@@ -271,59 +294,171 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
             break;
         }
         if below.slot_addr != 0 {
-            bump(count(slot, below.probe), -1);
+            abandon(slot, top - 1, below);
         }
         top -= 1;
     }
     stack.top.store(top as u32, Ordering::Relaxed);
     let current = read_slot(rsp);
-    // Instances at the top already divert this return-address slot: other return probes on
-    // this same call (ours joins them, see `on_return`), or this very probe when the thread
-    // came back to the entry without a new call (a loop whose head is the first instruction,
-    // a tail call to itself), which is no new call to track.
     // SAFETY: as above, an instance of this thread below `top`.
     let shared = top > 0
         && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
         && rethook::is_entry_of(current, base + top - 1);
-    if shared && tracked_by(base, top, rsp, rp) {
+    Some(Claim { slot, base, top, current, shared })
+}
+
+/// Pushes the instance at `c.top`, whose data is filled in, and diverts the return address
+/// at `rsp` to its entry of `sled`.
+#[inline(always)]
+fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::Sled) {
+    // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
+    let inst = unsafe { &mut *instance(c.base + c.top) };
+    // SAFETY: as above.
+    inst.orig = if c.shared { unsafe { (*instance(c.base + c.top - 1)).orig } } else { c.current };
+    inst.slot_addr = rsp;
+    inst.probe = probe;
+    inst.id = id;
+    if probe != GRAPH {
+        bump(count(c.slot, probe), 1);
+    }
+    STACKS[c.slot].top.store(c.top as u32 + 1, Ordering::Relaxed);
+    // The instance is complete before the function can return into its entry.
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: `rsp` at a function entry points at the return address pushed by its call.
+    unsafe { std::ptr::write_volatile(rsp as *mut u64, sled.entry(c.base + c.top)) };
+}
+
+/// The entry probe's pre-handler: takes an instance and diverts the return address.
+/// Runs with the thread's handler guard held (by the probe site), in a signal handler or a
+/// detour.
+fn on_entry(rp: &RpShared, regs: &mut Regs) {
+    let rsp = regs.rsp;
+    let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
+    let Some(c) = claim(slot, thread, rsp) else { return rp.miss() };
+    // Instances at the top already divert this return-address slot: other return probes on
+    // this same call (ours joins them, see `on_return`), or this very probe when the thread
+    // came back to the entry without a new call (a loop whose head is the first instruction,
+    // a tail call to itself), which is no new call to track.
+    if c.shared && tracked_by(c.base, c.top, rsp, rp.index, rp.id) {
         return;
     }
-    if top == MAX_DEPTH || count(slot, rp.index).load(Ordering::Relaxed) >= rp.maxactive {
+    if c.top == MAX_DEPTH || count(slot, rp.index).load(Ordering::Relaxed) >= rp.maxactive {
         return rp.miss();
     }
-
     // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
-    let inst = unsafe { &mut *instance(base + top) };
+    let inst = unsafe { &mut *instance(c.base + c.top) };
     inst.data = InstanceData::default();
     if let Some(entry) = &rp.entry {
         if !entry(regs, &mut inst.data) || regs.rsp != rsp {
             return;
         }
     }
-    // SAFETY: as above.
-    inst.orig = if shared { unsafe { (*instance(base + top - 1)).orig } } else { current };
-    inst.slot_addr = rsp;
-    inst.probe = rp.index;
-    inst.id = rp.id;
-    bump(count(slot, rp.index), 1);
-    stack.top.store(top as u32 + 1, Ordering::Relaxed);
-    // The instance is complete before the function can return into its entry.
-    compiler_fence(Ordering::SeqCst);
-    // SAFETY: `rsp` at a function entry points at the return address pushed by its call.
-    unsafe { std::ptr::write_volatile(rsp as *mut u64, rethook::entry(base + top)) };
+    // Return handlers are user code: the sled that saves every register.
+    commit(&c, rsp, rp.index, rp.id, &rethook::FULL);
     rp.hits.add(Some(slot));
 }
 
-/// True when an instance of `rp` is among those at the top of the stack (`[base, base + top)`)
-/// that divert the return-address slot `slot_addr`.
+/// A call entered by the function-graph tracer has ended, or was found abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphExit {
+    /// The thread's slot index (below [`MAX_THREADS`]): what the tracer keys per-thread
+    /// buffers by.
+    pub slot: usize,
+    /// The thread's kernel id.
+    pub tid: u32,
+    /// The call's depth on the thread's instance stack.
+    pub depth: usize,
+    /// The function id the tracer gave [`graph_enter`].
+    pub func: u32,
+    /// True when the call was left without returning (a `longjmp`, an exception), noticed
+    /// now; false for a return.
+    pub unwound: bool,
+}
+
+/// A call entered by [`graph_enter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphEntry {
+    /// As in [`GraphExit`].
+    pub slot: usize,
+    /// As in [`GraphExit`].
+    pub tid: u32,
+    /// As in [`GraphExit`].
+    pub depth: usize,
+}
+
+/// The function-graph tracer's exit hook; set once by [`graph_install`].
+static GRAPH_HOOK: OnceLock<fn(&GraphExit)> = OnceLock::new();
+
+/// Reports the end of a graph instance.
+#[inline(always)]
+fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool) {
+    if let Some(hook) = GRAPH_HOOK.get() {
+        hook(&GraphExit { slot, tid: current_tid() as u32, depth, func: inst.data[0] as u32, unwound });
+    }
+}
+
+/// An instance dropped because its call was abandoned.
 #[inline]
-fn tracked_by(base: usize, top: usize, slot_addr: u64, rp: &RpShared) -> bool {
+fn abandon(slot: usize, depth: usize, inst: &Instance) {
+    if inst.probe == GRAPH {
+        graph_exit(slot, depth, inst, true);
+    }
+    uncount(slot, inst.probe);
+}
+
+/// Prepares the return hooks for dynprobe's function-graph tracer (the kernel's `fprobe`
+/// on `rethook`): the instance table, the light trampoline and the backtrace filter, and
+/// `hook`, which every call entered by [`graph_enter`] reaches exactly once — when it
+/// returns, or when it is found abandoned. `hook` runs on the traced thread, with the
+/// returning function's registers saved only as far as the light trampoline saves them:
+/// it must allocate nothing, take no lock, and use no vector register beyond xmm0–15 (no
+/// C library routine such as `memcpy`). Only the first call's hook is kept.
+pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
+    let mut setup = setup()?;
+    setup.install()?;
+    if !setup.light {
+        let stride = std::mem::size_of::<Instance>() as u64;
+        rethook::install(&rethook::LIGHT, MAX_THREADS * MAX_DEPTH, INSTANCES.load(Ordering::Relaxed) as u64, stride)?;
+        setup.light = true;
+    }
+    let _ = GRAPH_HOOK.set(hook);
+    Ok(())
+}
+
+/// Enters a call for the function-graph tracer: `rsp` is the stack pointer at the entry of
+/// function `func` (it points at the return address), `max_depth` the deepest call to
+/// track. Diverts the return address so that [`graph_install`]'s hook hears of the call's
+/// end, and returns where the call was recorded; `None` when it is not tracked (too deep,
+/// the thread is inside a probe handler, no return address at `rsp`, or the very call is
+/// already tracked). Allocation-free and lock-free: it runs on the traced thread at every
+/// call. [`graph_install`] must have succeeded first.
+#[inline]
+pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
+    let guard = HandlerGuard::enter()?;
+    let c = claim(guard.slot_index(), guard.thread(), rsp)?;
+    let slot = c.slot;
+    if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth.min(MAX_DEPTH) {
+        return None;
+    }
+    // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
+    let inst = unsafe { &mut *instance(c.base + c.top) };
+    inst.data[0] = u64::from(func);
+    // A return probe on this same call needs every register saved on the way back.
+    let sled = if c.shared { &rethook::FULL } else { &rethook::LIGHT };
+    commit(&c, rsp, GRAPH, 0, sled);
+    Some(GraphEntry { slot, tid: current_tid() as u32, depth: c.top })
+}
+
+/// True when an instance of probe (`index`, `id`) is among those at the top of the stack
+/// (`[base, base + top)`) that divert the return-address slot `slot_addr`.
+#[inline]
+fn tracked_by(base: usize, top: usize, slot_addr: u64, index: u32, id: u32) -> bool {
     (0..top)
         .rev()
         // SAFETY: instances of this thread below `top`.
         .map(|k| unsafe { &*instance(base + k) })
         .take_while(|inst| inst.slot_addr == slot_addr)
-        .any(|inst| inst.probe == rp.index && inst.id == rp.id)
+        .any(|inst| inst.probe == index && inst.id == id)
 }
 
 /// The return path, called by the trampoline with the index of the instance whose entry the
@@ -356,7 +491,8 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
         if inst.slot_addr > returning.slot_addr && still_diverted(inst.slot_addr, base + k) {
             live_above = true;
         } else {
-            free(slot, inst);
+            abandon(slot, k, inst);
+            inst.slot_addr = 0;
         }
     }
     let mut k = depth + 1;
@@ -365,13 +501,15 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
         k -= 1;
         // SAFETY: as above.
         let inst = unsafe { &mut *instance(base + k) };
-        if guard.is_some() {
+        if inst.probe == GRAPH {
+            graph_exit(slot, k, inst, false);
+        } else if guard.is_some() {
             run_return_handler(slot, inst, regs);
         }
         if live_above {
             free(slot, inst);
         } else {
-            bump(count(slot, inst.probe), -1);
+            uncount(slot, inst.probe);
         }
     }
     let ip = regs.ip;
@@ -411,13 +549,16 @@ fn run_return_handler(slot: usize, inst: &Instance, regs: &mut Regs) {
 struct Setup {
     /// The instance table is mapped and the trampoline written.
     trampoline: bool,
+    /// The light trampoline of the function-graph tracer is written.
+    light: bool,
     /// Backtraces skip the trampoline.
     filter: bool,
     next_id: u32,
     next_index: usize,
 }
 
-static SETUP: Mutex<Setup> = Mutex::new(Setup { trampoline: false, filter: false, next_id: 1, next_index: 0 });
+static SETUP: Mutex<Setup> =
+    Mutex::new(Setup { trampoline: false, light: false, filter: false, next_id: 1, next_index: 0 });
 
 fn setup() -> Result<MutexGuard<'static, Setup>, ProbeError> {
     if HandlerGuard::current_thread_inside() {
@@ -435,7 +576,7 @@ impl Setup {
                 .map_err(|e| ProbeError::ReturnProbeSetup { reason: format!("cannot map the instance table: {e}") })?;
             INSTANCES.store(table.cast(), Ordering::Release);
             let stride = std::mem::size_of::<Instance>() as u64;
-            rethook::install(MAX_THREADS * MAX_DEPTH, table as u64, stride)?;
+            rethook::install(&rethook::FULL, MAX_THREADS * MAX_DEPTH, table as u64, stride)?;
             self.trampoline = true;
         }
         if !self.filter {

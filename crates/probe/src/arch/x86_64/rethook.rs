@@ -13,6 +13,13 @@
 //!   base + 9N   common                           see dynprobe_arch's trampoline module
 //! ```
 //!
+//! There are two sleds over the same instance table: [`FULL`], whose `common` saves every
+//! register a return handler written by the user may clobber, and [`LIGHT`], which saves
+//! the general registers and xmm0–15 only, for calls diverted by dynprobe's function-graph
+//! tracer alone (its return path is dynprobe's own baseline-x86-64 code). An instance's
+//! index is the same in both; only the address written into the return-address slot says
+//! which `common` runs.
+//!
 //! Why this shape:
 //! - `common` saves every register a function may clobber (GCC's `-fipa-ra` lets a caller
 //!   keep values in any register it knows the callee leaves alone) and no register carries
@@ -34,6 +41,7 @@ use super::Regs;
 use crate::error::ProbeError;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
+use dynprobe_arch::native::detour::VectorWidth;
 use dynprobe_arch::native::trampoline::{build_return_common, sled_entry, Cfa, SLED_ENTRY_SIZE};
 use dynprobe_arch::native::INT3;
 use dynprobe_text::memory::write_verified;
@@ -45,12 +53,44 @@ pub(crate) const ENTRY_SIZE: u64 = SLED_ENTRY_SIZE;
 /// `int3` bytes before the first entry, so that `pc - 1` of the first entry is covered.
 const LEAD: u64 = 16;
 
-/// Start of the sled (entry 0); 0 until [`install`] ran.
-static SLED: AtomicU64 = AtomicU64::new(0);
-/// Number of sled entries.
-static ENTRIES: AtomicU64 = AtomicU64::new(0);
-/// Bytes of `common`.
-static COMMON_LEN: AtomicU64 = AtomicU64::new(0);
+/// One sled: where its entries start (0 until installed), how many, and its `common`.
+pub(crate) struct Sled {
+    base: AtomicU64,
+    entries: AtomicU64,
+    common_len: AtomicU64,
+}
+
+impl Sled {
+    const fn new() -> Sled {
+        Sled { base: AtomicU64::new(0), entries: AtomicU64::new(0), common_len: AtomicU64::new(0) }
+    }
+
+    /// The address a diverted function returns to for instance `index`.
+    #[inline(always)]
+    pub(crate) fn entry(&self, index: usize) -> u64 {
+        self.base.load(Ordering::Relaxed) + index as u64 * ENTRY_SIZE
+    }
+
+    fn is_entry_of(&self, addr: u64, index: usize) -> bool {
+        let e = self.entry(index);
+        addr == e || addr == e + 5
+    }
+
+    fn contains(&self, ip: u64) -> bool {
+        let base = self.base.load(Ordering::Relaxed);
+        base != 0
+            && ip.wrapping_sub(base - LEAD)
+                < LEAD + self.entries.load(Ordering::Relaxed) * ENTRY_SIZE + self.common_len.load(Ordering::Relaxed)
+    }
+}
+
+/// The sled whose `common` saves every register a handler may clobber, vector state
+/// included: return probes, whose handlers are the user's code.
+pub(crate) static FULL: Sled = Sled::new();
+/// The sled whose `common` saves the general registers and xmm0–15 only: calls diverted by
+/// dynprobe's own function-graph tracer alone, whose return path is built for the baseline
+/// x86-64 and calls no C library routine (see `dynprobe_arch`'s `ftrace` module).
+pub(crate) static LIGHT: Sled = Sled::new();
 
 /// What `common` saved of the registers a function may clobber, in
 /// [`SAVED_GPRS`](dynprobe_arch::native::trampoline::SAVED_GPRS) order.
@@ -67,36 +107,30 @@ pub(crate) struct SaveArea {
     r11: u64,
 }
 
-/// The address a probed function must return to for instance `index`.
-#[inline(always)]
-pub(crate) fn entry(index: usize) -> u64 {
-    SLED.load(Ordering::Relaxed) + index as u64 * ENTRY_SIZE
-}
-
-/// True when `addr` is the sled entry of instance `index`, before (`entry`) or just after
-/// (`entry + 5`, pushed by its `call` while `common` runs) the probed function returned.
+/// True when `addr` is a sled entry of instance `index` (of either sled), before (`entry`)
+/// or just after (`entry + 5`, pushed by its `call` while `common` runs) the probed
+/// function returned.
 #[inline(always)]
 pub(crate) fn is_entry_of(addr: u64, index: usize) -> bool {
-    let e = entry(index);
-    addr == e || addr == e + 5
+    FULL.is_entry_of(addr, index) || LIGHT.is_entry_of(addr, index)
 }
 
-/// True when `ip` lies in the trampoline.
+/// True when `ip` lies in a trampoline.
 pub(crate) fn contains(ip: u64) -> bool {
-    let sled = SLED.load(Ordering::Relaxed);
-    sled != 0
-        && ip.wrapping_sub(sled - LEAD)
-            < LEAD + ENTRIES.load(Ordering::Relaxed) * ENTRY_SIZE + COMMON_LEN.load(Ordering::Relaxed)
+    FULL.contains(ip) || LIGHT.contains(ip)
 }
 
-/// Writes the trampoline for `entries` instances and registers its unwind information.
-/// `table` is the address of the instance table: instance `i`'s original return address is
-/// the `u64` at `table + i * stride`. Called once, before any return probe can fire.
-pub(crate) fn install(entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
-    let width = super::detour::vector_width();
+/// Writes `sled` for `entries` instances and registers its unwind information. `table` is
+/// the address of the instance table: instance `i`'s original return address is the `u64`
+/// at `table + i * stride`. Called once per sled, before any call can be diverted to it.
+pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
+    let (width, dispatch) = if std::ptr::eq(sled_kind, &LIGHT) {
+        (VectorWidth::Sse, light_dispatch as *const () as u64)
+    } else {
+        (super::detour::vector_width(), full_dispatch as *const () as u64)
+    };
     // `common` is built once for its length, then again at its final address (its call is
     // absolute, so the length does not depend on the address).
-    let dispatch = trampoline_dispatch as *const () as u64;
     let common_len = build_return_common(0, dispatch, width).map_err(setup_error)?.code.len();
     let size = LEAD as usize + entries * ENTRY_SIZE as usize + common_len;
     let slot = pool::alloc_near(dispatch, size)?;
@@ -118,9 +152,9 @@ pub(crate) fn install(entries: usize, table: u64, stride: u64) -> Result<(), Pro
     // terminator) that is never freed; libgcc copies nothing and only reads it.
     unsafe { __register_frame(eh_frame.as_ptr()) };
 
-    ENTRIES.store(entries as u64, Ordering::Relaxed);
-    COMMON_LEN.store(common.code.len() as u64, Ordering::Relaxed);
-    SLED.store(sled, Ordering::Release);
+    sled_kind.entries.store(entries as u64, Ordering::Relaxed);
+    sled_kind.common_len.store(common.code.len() as u64, Ordering::Relaxed);
+    sled_kind.base.store(sled, Ordering::Release);
     Ok(())
 }
 
@@ -226,14 +260,24 @@ fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
     out.resize(out.len() + len - 4 - body.len(), 0);
 }
 
-/// Called by `common` with the address its entry pushed, the saved registers and the
-/// caller's `rsp` after the return; runs the generic return path (the kernel's
-/// `kretprobe_trampoline_handler`) and returns where to continue. Never unwinds (handlers'
-/// panics are contained by `retprobe`).
-extern "C" fn trampoline_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+/// Called by the full sled's `common` with the address its entry pushed, the saved
+/// registers and the caller's `rsp` after the return; runs the generic return path (the
+/// kernel's `kretprobe_trampoline_handler`) and returns where to continue. Never unwinds
+/// (handlers' panics are contained by `retprobe`).
+extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+    dispatch(&FULL, after_call, save, caller_rsp)
+}
+
+/// [`full_dispatch`] for the light sled.
+extern "C" fn light_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+    dispatch(&LIGHT, after_call, save, caller_rsp)
+}
+
+#[inline(always)]
+fn dispatch(sled: &Sled, after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
     // SAFETY: `common` passes its own stack save area, live for the whole call.
     let save = unsafe { &mut *save };
-    let index = ((after_call - SLED.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
+    let index = ((after_call - sled.base.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
     let mut regs = Regs {
         rax: save.rax,
         rdx: save.rdx,
