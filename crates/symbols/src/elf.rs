@@ -1,5 +1,6 @@
-//! Reading what we need from one ELF file: loadable segments, function symbols, and the
-//! names of the libraries it needs.
+//! Reading what we need from one ELF file: loadable segments, function symbols, the
+//! names of the libraries it needs, and (on request) the compilers' tables of patchable
+//! function-entry sites.
 //!
 //! Files are read through `object`'s `ReadCache`, which reads only the byte ranges asked
 //! for: a Rust binary with debug info can be hundreds of megabytes, of which we need the
@@ -11,9 +12,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym, VersionTable};
+use object::read::elf::{
+    Dyn, ElfFile64, FileHeader, ProgramHeader, Rela, SectionHeader, SectionTable, Sym, VersionTable,
+};
 use object::read::{ReadCache, ReadRef};
-use object::{Endianness, Object};
+use object::{Endianness, Object, U64};
 
 use crate::SymbolError;
 
@@ -68,7 +71,14 @@ impl ElfInfo {
 /// The file offset that holds link-time address `vaddr`, if a loadable segment maps it
 /// from the file (not from the zero-filled `.bss` tail).
 pub(crate) fn file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
-    segments.iter().find(|s| s.vaddr <= vaddr && vaddr < s.vaddr + s.filesz).map(|s| vaddr - s.vaddr + s.offset)
+    file_span(segments, vaddr).map(|(offset, _)| offset)
+}
+
+/// Like [`file_offset`], with the number of bytes from there to the end of the segment's
+/// file-backed part: what follows in the file belongs to something else.
+pub(crate) fn file_span(segments: &[LoadSegment], vaddr: u64) -> Option<(u64, u64)> {
+    let s = segments.iter().find(|s| s.vaddr <= vaddr && vaddr < s.vaddr + s.filesz)?;
+    Some((vaddr - s.vaddr + s.offset, s.vaddr + s.filesz - vaddr))
 }
 
 /// Reads an ELF file from disk.
@@ -207,6 +217,124 @@ fn functions<'a>(
     })
 }
 
+/// The sections in which compilers list patchable function-entry sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SiteTable {
+    /// `__mcount_loc`, from `-pg -mfentry -mrecord-mcount`: each entry is a `call __fentry__`,
+    /// or the 5-byte NOP that `-mnop-mcount` puts there instead.
+    Mcount,
+    /// `__patchable_function_entries`, from `-fpatchable-function-entry=N[,M]`: each entry
+    /// is the first of N one-byte NOPs.
+    Patchable,
+}
+
+impl SiteTable {
+    const ALL: [SiteTable; 2] = [SiteTable::Mcount, SiteTable::Patchable];
+
+    pub(crate) fn section_name(self) -> &'static str {
+        match self {
+            SiteTable::Mcount => "__mcount_loc",
+            SiteTable::Patchable => "__patchable_function_entries",
+        }
+    }
+}
+
+/// The link-time addresses the site tables of the file at `path` list, relocations applied,
+/// in table order. Zero entries are left out: the linker leaves a zero where the function
+/// was discarded (an overridden weak function, a duplicate COMDAT copy), as the kernel's
+/// `ftrace_process_locs` knows.
+///
+/// Only the ELF header, the section headers and the sections involved are read (through
+/// `ReadCache`): not the symbol tables, and the relocations only when a table exists.
+pub(crate) fn read_site_tables(path: &Path) -> Result<Vec<(SiteTable, u64)>, SymbolError> {
+    let file = File::open(path).map_err(|e| SymbolError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
+    let cache = ReadCache::new(file);
+    site_tables(&cache).map_err(|reason| SymbolError::Parse { path: path.to_path_buf(), reason })
+}
+
+/// One site table section: which table, its link-time address, its entries.
+struct TableSection {
+    table: SiteTable,
+    addr: u64,
+    entries: Vec<u64>,
+}
+
+fn site_tables<'d, R: ReadRef<'d>>(data: R) -> Result<Vec<(SiteTable, u64)>, String> {
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+
+    // A final link merges each table into one section; an `ld -r` output may hold several.
+    let mut tables = Vec::new();
+    for section in sections.iter() {
+        let name = sections.section_name(endian, section).unwrap_or_default();
+        let Some(table) = SiteTable::ALL.into_iter().find(|t| t.section_name().as_bytes() == name) else {
+            continue;
+        };
+        let size = section.sh_size(endian);
+        if section.sh_type(endian) == elf::SHT_NOBITS || size % 8 != 0 {
+            return Err(format!(
+                "section `{}` is corrupt: its {size} bytes are not a whole number of 8-byte addresses",
+                table.section_name()
+            ));
+        }
+        let entries: &[U64<Endianness>] = section
+            .data_as_array(endian, data)
+            .map_err(|e| format!("cannot read section `{}`: {e}", table.section_name()))?;
+        let entries = entries.iter().map(|e| e.get(endian)).collect();
+        tables.push(TableSection { table, addr: section.sh_addr(endian), entries });
+    }
+    if !tables.is_empty() {
+        apply_relative_relocations(&sections, endian, data, &mut tables)?;
+    }
+    Ok(tables.into_iter().flat_map(|t| t.entries.into_iter().filter(|&a| a != 0).map(move |a| (t.table, a))).collect())
+}
+
+/// In a PIE or shared library each table entry is the target of an `R_X86_64_RELATIVE`
+/// dynamic relocation whose addend is the link-time address; what the file holds there may
+/// be that same address (GNU ld) or zero (lld without `--apply-dynamic-relocs`), so the
+/// addend is what counts. (With `DT_RELR` the file holds the address and there is no
+/// addend to read.)
+fn apply_relative_relocations<'d, R: ReadRef<'d>>(
+    sections: &SectionTable<'d, elf::FileHeader64<Endianness>, R>,
+    endian: Endianness,
+    data: R,
+    tables: &mut [TableSection],
+) -> Result<(), String> {
+    // Dynamic relocations live in allocated RELA sections; non-allocated ones
+    // (`--emit-relocs`) describe the static link and are already applied.
+    let dynamic = sections
+        .iter()
+        .filter(|s| s.sh_type(endian) == elf::SHT_RELA && s.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0);
+    for section in dynamic {
+        let relas: &[elf::Rela64<Endianness>] =
+            section.data_as_array(endian, data).map_err(|e| format!("bad relocation section: {e}"))?;
+        for r in relas {
+            let at = r.r_offset(endian);
+            let Some(t) = tables.iter_mut().find(|t| at >= t.addr && at - t.addr < 8 * t.entries.len() as u64) else {
+                continue;
+            };
+            let name = t.table.section_name();
+            if (at - t.addr) % 8 != 0 {
+                return Err(format!(
+                    "section `{name}` is corrupt: a relocation at {at:#x} points into the middle of an entry"
+                ));
+            }
+            match r.r_type(endian, false) {
+                elf::R_X86_64_RELATIVE => t.entries[((at - t.addr) / 8) as usize] = r.r_addend(endian) as u64,
+                elf::R_X86_64_NONE => {}
+                other => {
+                    return Err(format!(
+                        "section `{name}` has a relocation of type {other} at {at:#x}; only \
+                         R_X86_64_RELATIVE is understood there"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where a separate debug file for `file` may be, per the GDB conventions: by build id
 /// under `/usr/lib/debug/.build-id/`, then by `.gnu_debuglink` name next to the file, in
 /// its `.debug/` directory, and under `/usr/lib/debug` + the file's directory.
@@ -265,6 +393,7 @@ mod tests {
         assert_eq!(file_offset(&lib.segments, 0x10), Some(0x10));
         assert_eq!(file_offset(&lib.segments, 0x3de8), Some(0x2de8));
         assert_eq!(file_offset(&lib.segments, 0x3de0 + 0x220), None, ".bss is not in the file");
+        assert_eq!(file_span(&lib.segments, 0x3de8), Some((0x2de8, 0x218)), "up to the end of the file-backed part");
     }
 
     #[test]

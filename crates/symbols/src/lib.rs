@@ -22,10 +22,12 @@ mod error;
 mod load;
 mod lookup;
 mod maps;
+mod sites;
 
 use std::path::PathBuf;
 
 pub use error::SymbolError;
+pub use sites::{CompilerSite, SiteKind};
 
 /// One ELF file mapped into the process (the executable, a shared library, the vdso).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,20 +183,26 @@ impl SymbolTable {
     /// The symbol containing `addr`, and `addr`'s offset into it. When functions nest
     /// (a sized function with a label symbol inside), the innermost one is returned.
     pub fn resolve(&self, addr: u64) -> Option<(&Symbol, u64)> {
+        let sym = &self.symbols[self.resolve_index(addr)?];
+        Some((sym, addr - sym.addr))
+    }
+
+    /// [`resolve`](Self::resolve) as an index into [`symbols`](Self::symbols).
+    fn resolve_index(&self, addr: u64) -> Option<usize> {
         let after = self.symbols.partition_point(|s| s.addr <= addr);
-        let mut found: Option<&Symbol> = None;
-        for s in self.symbols[..after].iter().rev() {
-            if found.is_some_and(|f| s.addr < f.addr) || addr - s.addr > self.max_size {
+        let mut found: Option<usize> = None;
+        for (i, s) in self.symbols[..after].iter().enumerate().rev() {
+            if found.is_some_and(|f| s.addr < self.symbols[f].addr) || addr - s.addr > self.max_size {
                 // Left the innermost group, or no symbol this far back can reach `addr`.
                 break;
             }
             // Within one address the preferred alias is first; walking backwards, the last
             // one seen that contains `addr` is the one to report.
             if s.contains(addr) {
-                found = Some(s);
+                found = Some(i);
             }
         }
-        found.map(|s| (s, addr - s.addr))
+        found
     }
 
     /// Whether `sym` (one of [`symbols`](Self::symbols)) is a GNU indirect function
