@@ -101,6 +101,8 @@ impl SymbolTable {
             })?;
             placed.push(Placed { table, runtime: link.wrapping_add(bias), offset, in_segment });
         }
+        // An address listed twice (both tables, or two `ld -r` pieces) is one site; should
+        // both tables list it, the mcount entry is kept, its 5-byte NOP being one instruction.
         placed.sort_unstable_by_key(|p| (p.runtime, p.table != SiteTable::Mcount));
         placed.dedup_by_key(|p| p.runtime);
 
