@@ -1,7 +1,15 @@
 //! Events out of a traced program: the 16-byte [`record::Record`], per-thread lock-free
 //! ring buffers in shared memory that the traced threads write and the recorder drains
-//! ([`ring`]), and the trace directory the recorder writes and the analyses read
-//! ([`trace`], [`model`]).
+//! ([`ring`]), the clock that stamps them ([`clock`]), and the trace directory the recorder
+//! writes ([`recorder`]) and the analyses read ([`trace`], [`model`]).
 
+pub mod clock;
+pub mod error;
 pub mod model;
 pub mod record;
+pub mod ring;
+
+pub use error::EventsError;
+
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,790 @@
+//! Per-thread single-producer single-consumer rings of [`Record`]s, all in one shared-memory
+//! file that the traced process writes and the recorder drains.
+//!
+//! ```text
+//!   page 0                 file header: magic, version, clock, pid, parent pid, rings,
+//!                          capacity, where ring 0 starts, bytes per ring
+//!   page 1 + i * stride    ring i: 64-byte producer line   head, lost, pending_lost, tid,
+//!                                                          busy, nested_lost, nested_seen
+//!                                  64-byte consumer line   tail
+//!                                  capacity × 16 bytes     records, slot = index % capacity
+//! ```
+//!
+//! `head` and `tail` count records since the ring was made and never wrap; the ring holds
+//! `head - tail` records. The producer stores `head` with Release after writing the records,
+//! the consumer stores `tail` with Release after copying them out, and each loads the other's
+//! with Acquire: that is the whole protocol, no read-modify-write, so a push is a handful of
+//! plain moves on x86-64.
+//!
+//! The file is created sparse: only the pages a thread touches cost memory, so thousands of
+//! rings of 64 Ki records cost nothing until used. It lives on after the traced process dies,
+//! with every record it published, which is why a crash loses nothing the recorder has not yet
+//! drained.
+//!
+//! A file is created under a temporary name (`<path>.tmp`) and linked to its final name only
+//! once its header is written, so the recorder never sees a half-made one.
+
+use std::ffi::{CStr, OsString};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+
+use crate::clock::Clock;
+use crate::error::EventsError;
+use crate::record::{Kind, Record};
+
+/// Rings in a file unless told otherwise: one per thread alive at once.
+pub const DEFAULT_RINGS: usize = 4096;
+/// Records a ring holds unless told otherwise (1 MiB of records).
+pub const DEFAULT_CAPACITY: usize = 65536;
+
+/// `DYNPRING` read as a little-endian u64.
+const MAGIC: u64 = u64::from_le_bytes(*b"DYNPRING");
+/// Version of the layout above.
+const VERSION: u32 = 1;
+/// Bytes before ring 0: the file header's page.
+const HEADER_BYTES: usize = 4096;
+/// Bytes of a ring's header (a producer line and a consumer line).
+const RING_HEADER_BYTES: usize = std::mem::size_of::<RingHeader>();
+/// Bytes of a record.
+const RECORD_BYTES: usize = std::mem::size_of::<Record>();
+
+/// The file header. Written once by the producer before the file gets its name (or, after a
+/// fork, before the child's file gets its name), then only read.
+#[repr(C)]
+struct FileHeader {
+    magic: u64,
+    version: u32,
+    clock: u32,
+    pid: u32,
+    parent: u32,
+    rings: u64,
+    capacity: u64,
+    ring_offset: u64,
+    ring_stride: u64,
+}
+
+/// A ring's header: the producer's fields on one cache line, the consumer's on the next, so
+/// that neither side's stores invalidate the line the other keeps writing.
+#[repr(C, align(64))]
+struct RingHeader {
+    /// Records published (producer; Release).
+    head: AtomicU64,
+    /// Records dropped because the ring was full (producer).
+    lost: AtomicU64,
+    /// Records dropped since the last `Lost` record was written (producer-private).
+    pending_lost: AtomicU64,
+    /// The thread whose records the ring holds now (producer-private).
+    tid: AtomicU64,
+    /// Nonzero while a push runs (producer-private): a push that finds it set is a signal
+    /// handler that interrupted a push of the same thread.
+    busy: AtomicU64,
+    /// Records dropped by such interrupting pushes. Only they write it (with one
+    /// interrupt-atomic instruction), so the interrupted push cannot overwrite their counts.
+    nested_lost: AtomicU64,
+    /// How much of `nested_lost` is already in `pending_lost` (producer-private).
+    nested_seen: AtomicU64,
+    _producer_pad: u64,
+    /// Records consumed (consumer; Release).
+    tail: AtomicU64,
+    _consumer_pad: [u64; 7],
+}
+
+const _: () = assert!(RING_HEADER_BYTES == 128);
+const _: () = assert!(std::mem::offset_of!(RingHeader, tail) == 64);
+const _: () = assert!(std::mem::size_of::<FileHeader>() <= HEADER_BYTES);
+
+/// Bytes per ring and bytes of the whole file for `rings` rings of `capacity` records, or why
+/// these sizes are not allowed.
+fn layout(rings: usize, capacity: usize) -> Result<(usize, usize), String> {
+    if rings == 0 {
+        return Err("a ring file needs at least one ring".into());
+    }
+    if capacity < 2 || !capacity.is_power_of_two() {
+        return Err(format!("ring capacity {capacity} is not a power of two of at least 2"));
+    }
+    capacity
+        .checked_mul(RECORD_BYTES)
+        .and_then(|data| data.checked_add(RING_HEADER_BYTES))
+        .and_then(|stride| Some((stride, stride.checked_mul(rings)?.checked_add(HEADER_BYTES)?)))
+        .filter(|&(_, len)| len <= isize::MAX as usize)
+        .ok_or_else(|| format!("{rings} rings of {capacity} records do not fit in memory"))
+}
+
+/// A ring file, mapped: the producer side ([`RingFile::create`], [`RingFile::push`],
+/// [`RingFile::reopen_in_child`]) and the consumer side ([`RingFile::open`],
+/// [`RingFile::drain`]).
+///
+/// Each ring has one producer (the thread the caller assigns to it) and one consumer at a
+/// time; any number of threads may push into different rings at once.
+pub struct RingFile {
+    base: *mut u8,
+    len: usize,
+    rings: usize,
+    capacity: usize,
+    stride: usize,
+    clock: Clock,
+}
+
+// SAFETY: the mapping is shared memory reached only through atomics (ring headers and
+// records) or written once before it is shared (the file header); which thread may push
+// into which ring is the caller's contract, documented on `push`.
+unsafe impl Send for RingFile {}
+// SAFETY: as above.
+unsafe impl Sync for RingFile {}
+
+impl RingFile {
+    /// Creates the ring file `path` (it must not exist) with `rings` rings of `capacity`
+    /// records each, a power of two of at least 2, stamped with `clock`, and maps it. The
+    /// traced process calls it once at startup.
+    ///
+    /// The file is sparse, mode 0600, created with `O_EXCL | O_CLOEXEC` under `<path>.tmp` and
+    /// linked to `path` once its header is written.
+    pub fn create(path: &Path, rings: usize, capacity: usize, clock: Clock) -> io::Result<RingFile> {
+        let (stride, len) = layout(rings, capacity).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tmp = tmp_path(path);
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let made = file.set_len(len as u64).and_then(|()| map(file.as_raw_fd(), len, std::ptr::null_mut()));
+        let base = match made {
+            Ok(base) => base,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let ring = RingFile { base, len, rings, capacity, stride, clock };
+        // SAFETY: getpid cannot fail.
+        let pid = unsafe { libc::getpid() } as u32;
+        ring.write_header(pid, 0);
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        linked.map(|()| ring)
+    }
+
+    /// Opens a ring file the producer made, for draining, and checks that it is one.
+    pub fn open(path: &Path) -> Result<RingFile, EventsError> {
+        let bad = |what: String| EventsError::BadRingFile { path: path.to_owned(), what };
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(EventsError::io("open", path))?;
+        let len = file.metadata().map_err(EventsError::io("stat", path))?.len();
+        if len < HEADER_BYTES as u64 {
+            return Err(bad(format!("it has {len} bytes, fewer than its {HEADER_BYTES}-byte header")));
+        }
+        let len = usize::try_from(len).map_err(|_| bad(format!("its size {len} does not fit in memory")))?;
+        let base = map(file.as_raw_fd(), len, std::ptr::null_mut()).map_err(EventsError::io("map", path))?;
+        // Until checked, the sizes are placeholders that make the header readable and the
+        // mapping unmapped on every error path below.
+        let mut ring = RingFile { base, len, rings: 0, capacity: 0, stride: 0, clock: Clock::MonotonicNs };
+        let h = ring.read_header();
+        if h.magic != MAGIC {
+            return Err(bad(format!("magic {:#018x}, not {MAGIC:#018x} (\"DYNPRING\")", h.magic)));
+        }
+        if h.version != VERSION {
+            return Err(bad(format!("layout version {}, this dynprobe reads version {VERSION}", h.version)));
+        }
+        ring.clock = Clock::from_raw(h.clock).ok_or_else(|| bad(format!("unknown clock number {}", h.clock)))?;
+        let (rings, capacity) = (h.rings as usize, h.capacity as usize);
+        let (stride, expected) = layout(rings, capacity).map_err(bad)?;
+        if h.ring_offset != HEADER_BYTES as u64 || h.ring_stride != stride as u64 {
+            return Err(bad(format!(
+                "rings at offset {} every {} bytes, expected {HEADER_BYTES} and {stride}",
+                h.ring_offset, h.ring_stride
+            )));
+        }
+        if expected != len {
+            return Err(bad(format!("{rings} rings of {capacity} records need {expected} bytes, the file has {len}")));
+        }
+        (ring.rings, ring.capacity, ring.stride) = (rings, capacity, stride);
+        Ok(ring)
+    }
+
+    /// Appends `rec`, as thread `tid`'s, to ring `ring`. The traced threads' hot path.
+    ///
+    /// Only one thread may push into a ring at a time (the caller assigns rings); a signal
+    /// handler may interrupt a push and push into the same ring (its record is counted lost).
+    /// Allocates nothing, takes no lock, calls nothing, never blocks: async-signal-safe.
+    ///
+    /// * When `tid` is not the ring's current thread, a [`Kind::Thread`] record goes first.
+    /// * When records were dropped since the last [`Kind::Lost`] record, a `Lost` record with
+    ///   their count goes first (before the `Thread` record, the losses being the previous
+    ///   thread's, except those at the takeover itself).
+    /// * When the ring has no room for all that, `rec` is dropped and counted.
+    ///
+    /// A `ring` out of range is ignored (a caller's bug, which must not write out of bounds).
+    #[inline(always)]
+    pub fn push(&self, ring: usize, tid: u32, rec: Record) {
+        if ring >= self.rings {
+            debug_assert!(false, "push into ring {ring} of {}", self.rings);
+            return;
+        }
+        let h = self.ring_header(ring);
+        if h.busy.load(Ordering::Relaxed) != 0 {
+            bump(&h.nested_lost);
+            return;
+        }
+        h.busy.store(1, Ordering::Relaxed);
+        // Orders the flag before the pushing for a signal handler on this thread (the only
+        // other party that looks at it).
+        compiler_fence(Ordering::SeqCst);
+
+        let nested = h.nested_lost.load(Ordering::Relaxed);
+        let pending =
+            h.pending_lost.load(Ordering::Relaxed) + nested.wrapping_sub(h.nested_seen.load(Ordering::Relaxed));
+        h.nested_seen.store(nested, Ordering::Relaxed);
+        let head = h.head.load(Ordering::Relaxed);
+        let tail = h.tail.load(Ordering::Acquire);
+        let switch = h.tid.load(Ordering::Relaxed) != tid as u64;
+        let need = 1 + (pending != 0) as u64 + switch as u64;
+        let free = (self.capacity as u64).saturating_sub(head.wrapping_sub(tail));
+        if free < need {
+            h.pending_lost.store(pending + 1, Ordering::Relaxed);
+            h.lost.store(h.lost.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            let mut at = head;
+            if pending != 0 {
+                self.write_slot(ring, at, Record::new(Kind::Lost, rec.time, 0, pending));
+                at += 1;
+                h.pending_lost.store(0, Ordering::Relaxed);
+            }
+            if switch {
+                self.write_slot(ring, at, Record::new(Kind::Thread, rec.time, 0, tid as u64));
+                at += 1;
+                h.tid.store(tid as u64, Ordering::Relaxed);
+            }
+            self.write_slot(ring, at, rec);
+            h.head.store(at + 1, Ordering::Release);
+        }
+
+        compiler_fence(Ordering::SeqCst);
+        h.busy.store(0, Ordering::Relaxed);
+    }
+
+    /// In a child right after `fork()`: moves this mapping onto a new ring file `path` (which
+    /// must not exist), at the same address so that every pointer into it stays valid, with
+    /// empty rings and a header naming this process and `parent_pid`. The parent's file is
+    /// left alone.
+    ///
+    /// For a `pthread_atfork` child handler: system calls only, no allocation, no lock. On
+    /// failure the mapping is still detached from the parent's file (replaced by anonymous
+    /// memory nobody drains, so the child cannot corrupt the parent's rings) and the `errno`
+    /// is returned: the caller should say that the child's events are lost.
+    pub fn reopen_in_child(&self, path: &CStr, parent_pid: u32) -> Result<(), i32> {
+        let result = self.try_reopen(path, parent_pid);
+        if result.is_err() {
+            // SAFETY: replaces exactly this object's own mapping (same address and length)
+            // with zeroed shared memory; in a fork child only this thread exists, so no one
+            // is inside the old mapping. It cannot fail for lack of address space, the range
+            // being ours already.
+            unsafe {
+                libc::mmap(
+                    self.base.cast(),
+                    self.len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+        }
+        result
+    }
+
+    fn try_reopen(&self, path: &CStr, parent_pid: u32) -> Result<(), i32> {
+        // `<path>.tmp`, built on the stack: no allocation here.
+        let mut tmp = [0u8; libc::PATH_MAX as usize];
+        let name = path.to_bytes();
+        let suffix = b".tmp\0";
+        if name.len() + suffix.len() > tmp.len() {
+            return Err(libc::ENAMETOOLONG);
+        }
+        tmp[..name.len()].copy_from_slice(name);
+        tmp[name.len()..name.len() + suffix.len()].copy_from_slice(suffix);
+        let tmp = tmp.as_ptr().cast::<libc::c_char>();
+        let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+
+        // SAFETY: `tmp` is NUL-terminated (above).
+        let fd = unsafe {
+            libc::open(tmp, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600 as libc::c_uint)
+        };
+        if fd < 0 {
+            return Err(errno());
+        }
+        let cleanup = |e: i32| {
+            // SAFETY: `fd` is ours and open; `tmp` is NUL-terminated.
+            unsafe {
+                libc::close(fd);
+                libc::unlink(tmp);
+            }
+            Err(e)
+        };
+        // SAFETY: `fd` is an open, writable file.
+        if unsafe { libc::ftruncate(fd, self.len as libc::off_t) } != 0 {
+            return cleanup(errno());
+        }
+        if let Err(e) = map(fd, self.len, self.base) {
+            return cleanup(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        // SAFETY: `fd` is ours; the mapping keeps the file.
+        unsafe { libc::close(fd) };
+        // SAFETY: getpid cannot fail (and glibc no longer caches it across fork).
+        self.write_header(unsafe { libc::getpid() } as u32, parent_pid);
+        // SAFETY: both paths are NUL-terminated.
+        let linked = unsafe { libc::link(tmp, path.as_ptr()) };
+        let link_errno = errno();
+        // SAFETY: `tmp` is NUL-terminated.
+        unsafe { libc::unlink(tmp) };
+        if linked != 0 {
+            return Err(link_errno);
+        }
+        Ok(())
+    }
+
+    /// Copies every record ring `ring` holds to `out` and frees their slots; returns how many.
+    /// The consumer side: one drainer per ring at a time.
+    ///
+    /// # Panics
+    /// If `ring` is out of range.
+    pub fn drain(&self, ring: usize, out: &mut Vec<Record>) -> usize {
+        assert!(ring < self.rings, "drain ring {ring} of {}", self.rings);
+        let h = self.ring_header(ring);
+        let head = h.head.load(Ordering::Acquire);
+        let tail = h.tail.load(Ordering::Relaxed);
+        // More than a full ring is only possible if the traced program scribbled over its
+        // header; take what a ring can hold rather than read garbage.
+        let n = head.wrapping_sub(tail).min(self.capacity as u64);
+        out.reserve(n as usize);
+        for index in tail..tail + n {
+            let slot = self.slot(ring, index);
+            out.push(Record { time: slot[0].load(Ordering::Relaxed), word: slot[1].load(Ordering::Relaxed) });
+        }
+        h.tail.store(tail + n, Ordering::Release);
+        n as usize
+    }
+
+    /// The process that wrote the file.
+    pub fn pid(&self) -> u32 {
+        self.read_header().pid
+    }
+
+    /// The traced process it was forked from, or 0.
+    pub fn parent_pid(&self) -> u32 {
+        self.read_header().parent
+    }
+
+    /// How many rings the file has.
+    pub fn rings(&self) -> usize {
+        self.rings
+    }
+
+    /// How many records a ring holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The clock of the records' times.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// How many records ring `ring` has lost so far (full ring, or pushed by a signal handler
+    /// during a push), whether or not their `Lost` record is written yet.
+    ///
+    /// # Panics
+    /// If `ring` is out of range.
+    pub fn lost(&self, ring: usize) -> u64 {
+        assert!(ring < self.rings, "lost of ring {ring} of {}", self.rings);
+        let h = self.ring_header(ring);
+        h.lost.load(Ordering::Relaxed) + h.nested_lost.load(Ordering::Relaxed)
+    }
+
+    fn write_header(&self, pid: u32, parent: u32) {
+        let header = FileHeader {
+            magic: MAGIC,
+            version: VERSION,
+            clock: self.clock.to_raw(),
+            pid,
+            parent,
+            rings: self.rings as u64,
+            capacity: self.capacity as u64,
+            ring_offset: HEADER_BYTES as u64,
+            ring_stride: self.stride as u64,
+        };
+        // SAFETY: the mapping is at least HEADER_BYTES long and page-aligned; nobody else
+        // reads the header before the file gets its final name. A volatile write is one
+        // store per field: no call to memcpy in a fork child.
+        unsafe { self.base.cast::<FileHeader>().write_volatile(header) };
+    }
+
+    fn read_header(&self) -> FileHeader {
+        // SAFETY: as in `write_header`; the header is not written while the file is in use.
+        unsafe { self.base.cast::<FileHeader>().read_volatile() }
+    }
+
+    #[inline(always)]
+    fn ring_header(&self, ring: usize) -> &RingHeader {
+        // SAFETY: `ring < rings` (the callers check), so the header lies inside the mapping,
+        // 64-byte aligned (page + ring × stride, both multiples of 64); it is only accessed
+        // through atomics, and zeroed memory is a valid RingHeader.
+        unsafe { &*self.base.add(HEADER_BYTES + ring * self.stride).cast::<RingHeader>() }
+    }
+
+    /// The two words of the slot of record `index` in ring `ring`.
+    #[inline(always)]
+    fn slot(&self, ring: usize, index: u64) -> &[AtomicU64; 2] {
+        let slot = index as usize & (self.capacity - 1);
+        // SAFETY: `ring < rings` (the callers check) and `slot < capacity`, so the record lies
+        // inside the ring's data; it is 16-byte aligned and only accessed through atomics.
+        unsafe { &*self.base.add(HEADER_BYTES + ring * self.stride + RING_HEADER_BYTES + slot * RECORD_BYTES).cast() }
+    }
+
+    #[inline(always)]
+    fn write_slot(&self, ring: usize, index: u64, rec: Record) {
+        let slot = self.slot(ring, index);
+        slot[0].store(rec.time, Ordering::Relaxed);
+        slot[1].store(rec.word, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RingFile {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are this object's own mapping, unmapped only here.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl std::fmt::Debug for RingFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingFile")
+            .field("pid", &self.pid())
+            .field("rings", &self.rings)
+            .field("capacity", &self.capacity)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+/// Adds one to a counter that a signal handler on the same thread might also be adding to:
+/// one instruction, so an interrupting handler's addition is never overwritten (no `lock`:
+/// only this thread writes it).
+#[inline(always)]
+fn bump(counter: &AtomicU64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the pointer is a valid, aligned u64 (the atomic's own storage); the instruction
+    // touches nothing else but the flags, which `asm!` assumes clobbered by default.
+    unsafe {
+        core::arch::asm!("inc qword ptr [{0}]", in(reg) counter.as_ptr(), options(nostack))
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// Maps `len` bytes of `fd` shared, read-write; at exactly `at` when it is not null.
+fn map(fd: libc::c_int, len: usize, at: *mut u8) -> io::Result<*mut u8> {
+    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+    // SAFETY: a new shared mapping of a file we hold open; with MAP_FIXED the callers pass
+    // their own mapping of exactly `len` bytes, which nothing else uses at that moment.
+    let base =
+        unsafe { libc::mmap(at.cast(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | fixed, fd, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(base.cast())
+}
+
+/// `<path>.tmp`.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = OsString::from(path);
+    tmp.push(".tmp");
+    tmp.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn entry(seq: u64) -> Record {
+        Record::new(Kind::Entry, seq, 0, seq)
+    }
+
+    fn drained(ring: &RingFile, index: usize) -> Vec<Record> {
+        let mut out = Vec::new();
+        ring.drain(index, &mut out);
+        out
+    }
+
+    fn thread(time: u64, tid: u32) -> Record {
+        Record::new(Kind::Thread, time, 0, tid as u64)
+    }
+
+    fn lost(time: u64, count: u64) -> Record {
+        Record::new(Kind::Lost, time, 0, count)
+    }
+
+    #[test]
+    fn pushed_records_drain_in_order_with_the_thread_first() {
+        let dir = TempDir::new("ring-basic");
+        let path = dir.path().join("1.0.ring");
+        let producer = RingFile::create(&path, 4, 16, Clock::MonotonicNs).unwrap();
+        for seq in 1..=3 {
+            producer.push(2, 77, entry(seq));
+        }
+        let consumer = RingFile::open(&path).unwrap();
+        assert_eq!((consumer.rings(), consumer.capacity(), consumer.clock()), (4, 16, Clock::MonotonicNs));
+        assert_eq!(consumer.pid(), std::process::id());
+        assert_eq!(consumer.parent_pid(), 0);
+        assert_eq!(drained(&consumer, 2), [thread(1, 77), entry(1), entry(2), entry(3)]);
+        assert_eq!(drained(&consumer, 2), []);
+        assert_eq!(drained(&consumer, 0), []);
+        assert!(!tmp_path(&path).exists(), "the temporary name is gone");
+    }
+
+    #[test]
+    fn indices_wrap_around_the_ring() {
+        let dir = TempDir::new("ring-wrap");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 8, Clock::MonotonicNs).unwrap();
+        ring.push(0, 5, entry(0));
+        assert_eq!(drained(&ring, 0), [thread(0, 5), entry(0)]);
+        let mut seq = 1;
+        for round in 0..50 {
+            let batch = 1 + round % 8;
+            for _ in 0..batch {
+                ring.push(0, 5, entry(seq));
+                seq += 1;
+            }
+            let expected: Vec<_> = (seq - batch as u64..seq).map(entry).collect();
+            assert_eq!(drained(&ring, 0), expected, "round {round}");
+        }
+        assert_eq!(ring.lost(0), 0);
+    }
+
+    #[test]
+    fn a_new_thread_on_a_ring_gets_a_marker() {
+        let dir = TempDir::new("ring-thread");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 16, Clock::MonotonicNs).unwrap();
+        ring.push(0, 10, entry(1));
+        ring.push(0, 10, entry(2));
+        ring.push(0, 11, entry(3));
+        ring.push(0, 10, entry(4));
+        assert_eq!(
+            drained(&ring, 0),
+            [thread(1, 10), entry(1), entry(2), thread(3, 11), entry(3), thread(4, 10), entry(4)]
+        );
+    }
+
+    #[test]
+    fn a_full_ring_counts_every_loss_and_says_where() {
+        let dir = TempDir::new("ring-loss");
+        let ring = RingFile::create(&dir.path().join("r"), 2, 8, Clock::MonotonicNs).unwrap();
+        // The marker and 7 records fill the 8 slots; the other 13 are lost.
+        for seq in 0..20 {
+            ring.push(1, 3, entry(seq));
+        }
+        assert_eq!(ring.lost(1), 13);
+        let mut expected = vec![thread(0, 3)];
+        expected.extend((0..7).map(entry));
+        assert_eq!(drained(&ring, 1), expected);
+        // The next push says how many were lost before it.
+        ring.push(1, 3, entry(20));
+        assert_eq!(drained(&ring, 1), [lost(20, 13), entry(20)]);
+        assert_eq!(ring.lost(1), 13);
+        assert_eq!(ring.lost(0), 0);
+    }
+
+    #[test]
+    fn a_lost_record_needs_room_for_the_record_after_it() {
+        let dir = TempDir::new("ring-loss-room");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 4, Clock::MonotonicNs).unwrap();
+        for seq in 0..5 {
+            ring.push(0, 3, entry(seq));
+        }
+        // [T, 0, 1, 2], 3 and 4 lost. Free one slot: not enough for Lost + record.
+        let mut out = Vec::new();
+        ring.drain(0, &mut out);
+        for seq in 5..9 {
+            ring.push(0, 3, entry(seq));
+        }
+        // 5: Lost(2) + 5; 6, 7: fill; 8: lost.
+        assert_eq!(drained(&ring, 0), [lost(5, 2), entry(5), entry(6), entry(7)]);
+        assert_eq!(ring.lost(0), 3);
+        // A thread switch with pending losses needs three slots: Lost, Thread, record.
+        ring.push(0, 4, entry(9));
+        assert_eq!(drained(&ring, 0), [lost(9, 1), thread(9, 4), entry(9)]);
+    }
+
+    #[test]
+    fn a_push_interrupting_a_push_is_counted_lost() {
+        let dir = TempDir::new("ring-reentry");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 16, Clock::MonotonicNs).unwrap();
+        ring.push(0, 9, entry(1));
+        // What a signal handler sees when it interrupts a push of its thread.
+        ring.ring_header(0).busy.store(1, Ordering::Relaxed);
+        ring.push(0, 9, entry(2));
+        ring.push(0, 9, entry(3));
+        ring.ring_header(0).busy.store(0, Ordering::Relaxed);
+        assert_eq!(ring.lost(0), 2);
+        ring.push(0, 9, entry(4));
+        assert_eq!(drained(&ring, 0), [thread(1, 9), entry(1), lost(4, 2), entry(4)]);
+        ring.push(0, 9, entry(5));
+        assert_eq!(drained(&ring, 0), [entry(5)], "the nested losses are reported once");
+        assert_eq!(ring.lost(0), 2);
+    }
+
+    #[test]
+    fn the_default_size_is_sparse() {
+        let dir = TempDir::new("ring-default");
+        let path = dir.path().join("r");
+        let ring = RingFile::create(&path, DEFAULT_RINGS, DEFAULT_CAPACITY, Clock::Tsc).unwrap();
+        let last = DEFAULT_RINGS - 1;
+        ring.push(last, 1, entry(1));
+        assert_eq!(drained(&RingFile::open(&path).unwrap(), last), [thread(1, 1), entry(1)]);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), (HEADER_BYTES + DEFAULT_RINGS * (RING_HEADER_BYTES + DEFAULT_CAPACITY * 16)) as u64);
+        // Two pages touched (the header's and the last ring's), not 4 GiB.
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 1 << 20, "{} bytes allocated", meta.blocks() * 512);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let dir = TempDir::new("ring-sizes");
+        for (rings, capacity) in [(1, 12), (1, 1), (0, 16)] {
+            let err = RingFile::create(&dir.path().join("r"), rings, capacity, Clock::Tsc).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{rings} × {capacity}: {err}");
+        }
+        let path = dir.path().join("r");
+        RingFile::create(&path, 1, 2, Clock::Tsc).unwrap();
+        let again = RingFile::create(&path, 1, 2, Clock::Tsc).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn a_concurrent_consumer_sees_every_record_or_its_loss_in_order() {
+        const N: u64 = 1_000_000;
+        let dir = TempDir::new("ring-stress");
+        let path = dir.path().join("r");
+        let producer = RingFile::create(&path, 2, 1024, Clock::MonotonicNs).unwrap();
+        let consumer = RingFile::open(&path).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (mut expected, mut lost_records, mut drains) = (0u64, 0u64, 0u64);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for seq in 0..N {
+                    producer.push(1, 42, entry(seq));
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut out = Vec::new();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                out.clear();
+                consumer.drain(1, &mut out);
+                drains += 1;
+                for r in &out {
+                    match r.kind() {
+                        Some(Kind::Thread) => assert_eq!((expected, r.payload()), (0, 42)),
+                        Some(Kind::Lost) => {
+                            assert!(r.payload() > 0);
+                            expected += r.payload();
+                            lost_records += r.payload();
+                        }
+                        Some(Kind::Entry) => {
+                            assert_eq!(r.payload(), expected, "a gap not accounted for by a Lost record");
+                            expected += 1;
+                        }
+                        other => panic!("unexpected record {other:?}"),
+                    }
+                }
+                if finished && out.is_empty() {
+                    break;
+                }
+                // Fall behind now and then, so that the ring fills and losses happen.
+                if drains % 256 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        });
+        // Losses at the very end have no record after them to carry their Lost record.
+        let total_lost = consumer.lost(1);
+        assert_eq!(expected + (total_lost - lost_records), N);
+        eprintln!("stress: {N} pushed, {total_lost} lost, {drains} drains");
+    }
+
+    #[test]
+    fn a_forked_child_writes_its_own_file() {
+        let dir = TempDir::new("ring-fork");
+        let parent_path = dir.path().join("parent.ring");
+        let child_path = dir.path().join("child.ring");
+        let ring = RingFile::create(&parent_path, 2, 16, Clock::MonotonicNs).unwrap();
+        // SAFETY: gettid cannot fail.
+        let parent_tid = unsafe { libc::gettid() } as u32;
+        ring.push(0, parent_tid, entry(1));
+        let child_cpath = CString::new(child_path.as_os_str().as_bytes()).unwrap();
+        let parent_pid = std::process::id();
+        // SAFETY: the child only makes system calls and pushes (no allocation, no lock) and
+        // leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code = match ring.reopen_in_child(&child_cpath, parent_pid) {
+                Ok(()) => {
+                    // SAFETY: gettid cannot fail.
+                    let tid = unsafe { libc::gettid() } as u32;
+                    ring.push(0, tid, entry(2));
+                    ring.push(1, tid, entry(3));
+                    0
+                }
+                Err(errno) => errno,
+            };
+            // SAFETY: ends the child without running the parent's atexit handlers or tests.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "reopen_in_child failed with this errno");
+
+        let child = RingFile::open(&child_path).unwrap();
+        assert_eq!((child.pid(), child.parent_pid()), (pid as u32, parent_pid));
+        // The child's one thread is its main thread: its tid is the child's pid.
+        assert_eq!(drained(&child, 0), [thread(2, pid as u32), entry(2)]);
+        assert_eq!(drained(&child, 1), [thread(3, pid as u32), entry(3)]);
+
+        let parent = RingFile::open(&parent_path).unwrap();
+        assert_eq!((parent.pid(), parent.parent_pid()), (parent_pid, 0));
+        assert_eq!(drained(&parent, 0), [thread(1, parent_tid), entry(1)]);
+        assert_eq!(drained(&parent, 1), []);
+        // The parent's mapping still writes its own file.
+        ring.push(0, parent_tid, entry(4));
+        assert_eq!(drained(&parent, 0), [entry(4)]);
+    }
+
+    #[test]
+    fn open_names_what_is_wrong_with_a_file() {
+        let dir = TempDir::new("ring-open");
+        let short = dir.path().join("short.ring");
+        std::fs::write(&short, b"DYNPRING").unwrap();
+        let err = RingFile::open(&short).unwrap_err().to_string();
+        assert!(err.contains("short.ring") && err.contains("fewer than"), "{err}");
+
+        let zeros = dir.path().join("zeros.ring");
+        std::fs::write(&zeros, vec![0u8; 8192]).unwrap();
+        let err = RingFile::open(&zeros).unwrap_err().to_string();
+        assert!(err.contains("magic"), "{err}");
+
+        let truncated = dir.path().join("trunc.ring");
+        drop(RingFile::create(&truncated, 2, 16, Clock::MonotonicNs).unwrap());
+        let file = OpenOptions::new().write(true).open(&truncated).unwrap();
+        file.set_len(5000).unwrap();
+        let err = RingFile::open(&truncated).unwrap_err().to_string();
+        assert!(err.contains("the file has 5000"), "{err}");
+
+        let missing = RingFile::open(&dir.path().join("none.ring")).unwrap_err().to_string();
+        assert!(missing.contains("cannot open") && missing.contains("none.ring"), "{missing}");
+    }
+}
