@@ -4,10 +4,14 @@
 //! ```text
 //!   page 0                 file header: magic, version, clock, pid, parent pid, rings,
 //!                          capacity, where ring 0 starts, bytes per ring
-//!   page 1 + i * stride    ring i: 64-byte producer line   head, lost, pending_lost, tid,
+//!   page 1                 one byte per ring, set once a thread has used it (so that the
+//!                          recorder does not touch, and make the kernel allocate, the pages
+//!                          of rings nobody uses)
+//!   ring_offset            ring 0, then ring i at ring_offset + i × stride:
+//!                          64-byte producer line               head, lost, pending_lost, tid,
 //!                                                          busy, nested_lost, nested_seen
-//!                                  64-byte consumer line   tail
-//!                                  capacity × 16 bytes     records, slot = index % capacity
+//!                          64-byte consumer line               tail
+//!                          capacity × 16 bytes                 records, slot = index % capacity
 //! ```
 //!
 //! `head` and `tail` count records since the ring was made and never wrap; the ring holds
@@ -30,7 +34,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
 
 use crate::clock::Clock;
 use crate::error::EventsError;
@@ -45,8 +49,10 @@ pub const DEFAULT_CAPACITY: usize = 65536;
 const MAGIC: u64 = u64::from_le_bytes(*b"DYNPRING");
 /// Version of the layout above.
 const VERSION: u32 = 1;
-/// Bytes before ring 0: the file header's page.
+/// Bytes of the file header's page; the in-use bytes follow it.
 const HEADER_BYTES: usize = 4096;
+/// The unit the in-use bytes are rounded up to, so that the rings start on a page.
+const PAGE: usize = 4096;
 /// Bytes of a ring's header (a producer line and a consumer line).
 const RING_HEADER_BYTES: usize = std::mem::size_of::<RingHeader>();
 /// Bytes of a record.
@@ -97,21 +103,37 @@ const _: () = assert!(RING_HEADER_BYTES == 128);
 const _: () = assert!(std::mem::offset_of!(RingHeader, tail) == 64);
 const _: () = assert!(std::mem::size_of::<FileHeader>() <= HEADER_BYTES);
 
-/// Bytes per ring and bytes of the whole file for `rings` rings of `capacity` records, or why
-/// these sizes are not allowed.
-fn layout(rings: usize, capacity: usize) -> Result<(usize, usize), String> {
+/// Where things are in a ring file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    /// Offset of ring 0.
+    ring_offset: usize,
+    /// Bytes per ring.
+    stride: usize,
+    /// Bytes of the whole file.
+    len: usize,
+}
+
+/// The layout of a file of `rings` rings of `capacity` records, or why these sizes are not
+/// allowed.
+fn layout(rings: usize, capacity: usize) -> Result<Layout, String> {
     if rings == 0 {
         return Err("a ring file needs at least one ring".into());
     }
     if capacity < 2 || !capacity.is_power_of_two() {
         return Err(format!("ring capacity {capacity} is not a power of two of at least 2"));
     }
-    capacity
-        .checked_mul(RECORD_BYTES)
-        .and_then(|data| data.checked_add(RING_HEADER_BYTES))
-        .and_then(|stride| Some((stride, stride.checked_mul(rings)?.checked_add(HEADER_BYTES)?)))
-        .filter(|&(_, len)| len <= isize::MAX as usize)
-        .ok_or_else(|| format!("{rings} rings of {capacity} records do not fit in memory"))
+    let too_big = || format!("{rings} rings of {capacity} records do not fit in memory");
+    let ring_offset =
+        rings.checked_next_multiple_of(PAGE).and_then(|b| b.checked_add(HEADER_BYTES)).ok_or_else(too_big)?;
+    let stride =
+        capacity.checked_mul(RECORD_BYTES).and_then(|data| data.checked_add(RING_HEADER_BYTES)).ok_or_else(too_big)?;
+    let len = stride
+        .checked_mul(rings)
+        .and_then(|all| all.checked_add(ring_offset))
+        .filter(|&len| len <= isize::MAX as usize)
+        .ok_or_else(too_big)?;
+    Ok(Layout { ring_offset, stride, len })
 }
 
 /// A ring file, mapped: the producer side ([`RingFile::create`], [`RingFile::push`],
@@ -122,10 +144,9 @@ fn layout(rings: usize, capacity: usize) -> Result<(usize, usize), String> {
 /// time; any number of threads may push into different rings at once.
 pub struct RingFile {
     base: *mut u8,
-    len: usize,
+    layout: Layout,
     rings: usize,
     capacity: usize,
-    stride: usize,
     clock: Clock,
 }
 
@@ -144,10 +165,11 @@ impl RingFile {
     /// The file is sparse, mode 0600, created with `O_EXCL | O_CLOEXEC` under `<path>.tmp` and
     /// linked to `path` once its header is written.
     pub fn create(path: &Path, rings: usize, capacity: usize, clock: Clock) -> io::Result<RingFile> {
-        let (stride, len) = layout(rings, capacity).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let layout = layout(rings, capacity).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let tmp = tmp_path(path);
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)?;
-        let made = file.set_len(len as u64).and_then(|()| map(file.as_raw_fd(), len, std::ptr::null_mut()));
+        let made =
+            file.set_len(layout.len as u64).and_then(|()| map(file.as_raw_fd(), layout.len, std::ptr::null_mut()));
         let base = match made {
             Ok(base) => base,
             Err(e) => {
@@ -155,7 +177,7 @@ impl RingFile {
                 return Err(e);
             }
         };
-        let ring = RingFile { base, len, rings, capacity, stride, clock };
+        let ring = RingFile { base, layout, rings, capacity, clock };
         // SAFETY: getpid cannot fail.
         let pid = unsafe { libc::getpid() } as u32;
         ring.write_header(pid, 0);
@@ -176,7 +198,8 @@ impl RingFile {
         let base = map(file.as_raw_fd(), len, std::ptr::null_mut()).map_err(EventsError::io("map", path))?;
         // Until checked, the sizes are placeholders that make the header readable and the
         // mapping unmapped on every error path below.
-        let mut ring = RingFile { base, len, rings: 0, capacity: 0, stride: 0, clock: Clock::MonotonicNs };
+        let placeholder = Layout { ring_offset: 0, stride: 0, len };
+        let mut ring = RingFile { base, layout: placeholder, rings: 0, capacity: 0, clock: Clock::MonotonicNs };
         let h = ring.read_header();
         if h.magic != MAGIC {
             return Err(bad(format!("magic {:#018x}, not {MAGIC:#018x} (\"DYNPRING\")", h.magic)));
@@ -186,17 +209,20 @@ impl RingFile {
         }
         ring.clock = Clock::from_raw(h.clock).ok_or_else(|| bad(format!("unknown clock number {}", h.clock)))?;
         let (rings, capacity) = (h.rings as usize, h.capacity as usize);
-        let (stride, expected) = layout(rings, capacity).map_err(bad)?;
-        if h.ring_offset != HEADER_BYTES as u64 || h.ring_stride != stride as u64 {
+        let expected = layout(rings, capacity).map_err(bad)?;
+        if h.ring_offset != expected.ring_offset as u64 || h.ring_stride != expected.stride as u64 {
             return Err(bad(format!(
-                "rings at offset {} every {} bytes, expected {HEADER_BYTES} and {stride}",
-                h.ring_offset, h.ring_stride
+                "rings at offset {} every {} bytes, expected {} and {}",
+                h.ring_offset, h.ring_stride, expected.ring_offset, expected.stride
             )));
         }
-        if expected != len {
-            return Err(bad(format!("{rings} rings of {capacity} records need {expected} bytes, the file has {len}")));
+        if expected.len != len {
+            return Err(bad(format!(
+                "{rings} rings of {capacity} records need {} bytes, the file has {len}",
+                expected.len
+            )));
         }
-        (ring.rings, ring.capacity, ring.stride) = (rings, capacity, stride);
+        (ring.rings, ring.capacity, ring.layout) = (rings, capacity, expected);
         Ok(ring)
     }
 
@@ -252,6 +278,8 @@ impl RingFile {
                 self.write_slot(ring, at, Record::new(Kind::Thread, rec.time, 0, tid as u64));
                 at += 1;
                 h.tid.store(tid as u64, Ordering::Relaxed);
+                // Published with the records by the Release store of `head` below.
+                self.used_flag(ring).store(1, Ordering::Relaxed);
             }
             self.write_slot(ring, at, rec);
             h.head.store(at + 1, Ordering::Release);
@@ -280,7 +308,7 @@ impl RingFile {
             unsafe {
                 libc::mmap(
                     self.base.cast(),
-                    self.len,
+                    self.layout.len,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
                     -1,
@@ -320,10 +348,10 @@ impl RingFile {
             Err(e)
         };
         // SAFETY: `fd` is an open, writable file.
-        if unsafe { libc::ftruncate(fd, self.len as libc::off_t) } != 0 {
+        if unsafe { libc::ftruncate(fd, self.layout.len as libc::off_t) } != 0 {
             return cleanup(errno());
         }
-        if let Err(e) = map(fd, self.len, self.base) {
+        if let Err(e) = map(fd, self.layout.len, self.base) {
             return cleanup(e.raw_os_error().unwrap_or(libc::EIO));
         }
         // SAFETY: `fd` is ours; the mapping keeps the file.
@@ -359,7 +387,11 @@ impl RingFile {
             let slot = self.slot(ring, index);
             out.push(Record { time: slot[0].load(Ordering::Relaxed), word: slot[1].load(Ordering::Relaxed) });
         }
-        h.tail.store(tail + n, Ordering::Release);
+        if n != 0 {
+            // Only when something moved: a store would make the kernel allocate the page of a
+            // ring that was never used.
+            h.tail.store(tail + n, Ordering::Release);
+        }
         n as usize
     }
 
@@ -388,6 +420,16 @@ impl RingFile {
         self.clock
     }
 
+    /// Whether a thread has ever pushed into ring `ring`: rings that were not are empty, and
+    /// leaving them alone spares the memory their pages would cost once touched.
+    ///
+    /// # Panics
+    /// If `ring` is out of range.
+    pub fn in_use(&self, ring: usize) -> bool {
+        assert!(ring < self.rings, "in_use of ring {ring} of {}", self.rings);
+        self.used_flag(ring).load(Ordering::Acquire) != 0
+    }
+
     /// How many records ring `ring` has lost so far (full ring, or pushed by a signal handler
     /// during a push), whether or not their `Lost` record is written yet.
     ///
@@ -408,8 +450,8 @@ impl RingFile {
             parent,
             rings: self.rings as u64,
             capacity: self.capacity as u64,
-            ring_offset: HEADER_BYTES as u64,
-            ring_stride: self.stride as u64,
+            ring_offset: self.layout.ring_offset as u64,
+            ring_stride: self.layout.stride as u64,
         };
         // SAFETY: the mapping is at least HEADER_BYTES long and page-aligned; nobody else
         // reads the header before the file gets its final name. A volatile write is one
@@ -427,7 +469,7 @@ impl RingFile {
         // SAFETY: `ring < rings` (the callers check), so the header lies inside the mapping,
         // 64-byte aligned (page + ring × stride, both multiples of 64); it is only accessed
         // through atomics, and zeroed memory is a valid RingHeader.
-        unsafe { &*self.base.add(HEADER_BYTES + ring * self.stride).cast::<RingHeader>() }
+        unsafe { &*self.base.add(self.layout.ring_offset + ring * self.layout.stride).cast::<RingHeader>() }
     }
 
     /// The two words of the slot of record `index` in ring `ring`.
@@ -436,7 +478,16 @@ impl RingFile {
         let slot = index as usize & (self.capacity - 1);
         // SAFETY: `ring < rings` (the callers check) and `slot < capacity`, so the record lies
         // inside the ring's data; it is 16-byte aligned and only accessed through atomics.
-        unsafe { &*self.base.add(HEADER_BYTES + ring * self.stride + RING_HEADER_BYTES + slot * RECORD_BYTES).cast() }
+        let ring_start = self.layout.ring_offset + ring * self.layout.stride;
+        unsafe { &*self.base.add(ring_start + RING_HEADER_BYTES + slot * RECORD_BYTES).cast() }
+    }
+
+    /// Ring `ring`'s in-use byte.
+    #[inline(always)]
+    fn used_flag(&self, ring: usize) -> &AtomicU8 {
+        // SAFETY: `ring < rings` (the callers check), and the in-use bytes (`rings` of them)
+        // follow the header page inside the mapping; only accessed through atomics.
+        unsafe { &*self.base.add(HEADER_BYTES + ring).cast::<AtomicU8>() }
     }
 
     #[inline(always)]
@@ -450,7 +501,7 @@ impl RingFile {
 impl Drop for RingFile {
     fn drop(&mut self) {
         // SAFETY: `base`/`len` are this object's own mapping, unmapped only here.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        unsafe { libc::munmap(self.base.cast(), self.layout.len) };
     }
 }
 
@@ -535,6 +586,7 @@ mod tests {
         }
         let consumer = RingFile::open(&path).unwrap();
         assert_eq!((consumer.rings(), consumer.capacity(), consumer.clock()), (4, 16, Clock::MonotonicNs));
+        assert_eq!((0..4).map(|r| consumer.in_use(r)).collect::<Vec<_>>(), [false, false, true, false]);
         assert_eq!(consumer.pid(), std::process::id());
         assert_eq!(consumer.parent_pid(), 0);
         assert_eq!(drained(&consumer, 2), [thread(1, 77), entry(1), entry(2), entry(3)]);
@@ -643,8 +695,8 @@ mod tests {
         ring.push(last, 1, entry(1));
         assert_eq!(drained(&RingFile::open(&path).unwrap(), last), [thread(1, 1), entry(1)]);
         let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!(meta.len(), (HEADER_BYTES + DEFAULT_RINGS * (RING_HEADER_BYTES + DEFAULT_CAPACITY * 16)) as u64);
-        // Two pages touched (the header's and the last ring's), not 4 GiB.
+        assert_eq!(meta.len(), (2 * PAGE + DEFAULT_RINGS * (RING_HEADER_BYTES + DEFAULT_CAPACITY * 16)) as u64);
+        // Three pages touched (the header's, the in-use bytes' and the last ring's), not 4 GiB.
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 1 << 20, "{} bytes allocated", meta.blocks() * 512);
     }
