@@ -13,11 +13,15 @@
 //!
 //! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`];
 //! `DYNPROBE_OPTIMIZE=0` keeps them breakpoint probes.
+//!
+//! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
+//! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the pipe.
 
 mod channel;
 mod event;
 mod fetch;
 mod line;
+mod record;
 
 use channel::Channel;
 use dynprobe::spec::ProbeSpec;
@@ -32,7 +36,7 @@ pub const OPTIMIZE_ENV: &str = "DYNPROBE_OPTIMIZE";
 pub const EVENT_FD_ENV: &str = "DYNPROBE_EVENT_FD";
 
 /// The exit status when probes cannot be placed: the shell's "command could not run".
-const EXIT_NOT_RUN: libc::c_int = 127;
+pub(crate) const EXIT_NOT_RUN: libc::c_int = 127;
 
 /// Run by the dynamic loader when the agent is loaded, after libc is initialized and
 /// before the program's `main`: the probes are in place before any of its code runs.
@@ -58,9 +62,20 @@ fn start() {
     // runs constructors on one thread, so changing the environment here races with no one.
     let probes = take_env(PROBES_ENV);
     let fd = take_env(EVENT_FD_ENV);
-    if take_env(OPTIMIZE_ENV).as_deref() == Some("0") {
+    // Record mode keeps its own settings in the environment: a program this one execs is
+    // traced too.
+    let record = std::env::var(record::RECORD_ENV).ok();
+    let optimize = match record {
+        Some(_) => std::env::var(OPTIMIZE_ENV).ok(),
+        None => take_env(OPTIMIZE_ENV),
+    };
+    if optimize.as_deref() == Some("0") {
         // Only fails inside a handler, which the loader's constructor is not.
         let _ = dynprobe::set_optimization(false);
+    }
+    if let Some(dir) = record {
+        let channel = fd.as_deref().and_then(|fd| fd.parse().ok()).and_then(|fd| Channel::new(fd).ok());
+        return record::start(&dir, channel);
     }
     let Some(probes) = probes else { return };
     let channel = match fd.as_deref().map(str::parse) {

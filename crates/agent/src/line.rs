@@ -10,22 +10,29 @@ use dynprobe::spec::{FetchType, Format};
 /// `write` of a whole line never interleaves with another thread's.
 pub const LINE_MAX: usize = 512;
 
-/// One line being written. Text past [`LINE_MAX`] is cut, and the line still ends with
-/// `\n` (the CLI would rather show a cut line than none).
-pub struct Line {
-    buf: [u8; LINE_MAX],
+/// Text of at most `N - 1` bytes being written (the last byte is kept for a final `\n` or
+/// NUL). Text past that is cut.
+pub struct Text<const N: usize> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl Line {
-    /// An empty line.
-    pub const fn new() -> Line {
-        Line { buf: [0; LINE_MAX], len: 0 }
+/// One event line. Text past [`LINE_MAX`] is cut, and the line still ends with `\n` (the
+/// CLI would rather show a cut line than none).
+pub type Line = Text<LINE_MAX>;
+
+/// A path for a system call, built where nothing may allocate (a `fork` child handler).
+pub type PathText = Text<{ libc::PATH_MAX as usize }>;
+
+impl<const N: usize> Text<N> {
+    /// Empty text.
+    pub const fn new() -> Self {
+        Text { buf: [0; N], len: 0 }
     }
 
-    /// Appends bytes, as many as fit while leaving room for the final `\n`.
-    pub fn bytes(&mut self, bytes: &[u8]) -> &mut Line {
-        let room = LINE_MAX - 1 - self.len;
+    /// Appends bytes, as many as fit while leaving room for the final byte.
+    pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
+        let room = N - 1 - self.len;
         let n = bytes.len().min(room);
         self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
@@ -33,12 +40,12 @@ impl Line {
     }
 
     /// Appends one byte.
-    pub fn byte(&mut self, byte: u8) -> &mut Line {
+    pub fn byte(&mut self, byte: u8) -> &mut Self {
         self.bytes(&[byte])
     }
 
     /// Appends an unsigned decimal number.
-    pub fn dec(&mut self, mut value: u64) -> &mut Line {
+    pub fn dec(&mut self, mut value: u64) -> &mut Self {
         let mut digits = [0u8; 20]; // u64::MAX has 20 digits
         let mut at = digits.len();
         loop {
@@ -53,7 +60,7 @@ impl Line {
     }
 
     /// Appends a signed decimal number.
-    pub fn signed(&mut self, value: i64) -> &mut Line {
+    pub fn signed(&mut self, value: i64) -> &mut Self {
         if value < 0 {
             self.byte(b'-');
         }
@@ -61,7 +68,7 @@ impl Line {
     }
 
     /// Appends `0x` and the number in lowercase hex, without leading zeros.
-    pub fn hex(&mut self, mut value: u64) -> &mut Line {
+    pub fn hex(&mut self, mut value: u64) -> &mut Self {
         let mut digits = [0u8; 16];
         let mut at = digits.len();
         loop {
@@ -76,7 +83,7 @@ impl Line {
     }
 
     /// Appends a fetched value as its type says.
-    pub fn value(&mut self, ty: FetchType, raw: u64) -> &mut Line {
+    pub fn value(&mut self, ty: FetchType, raw: u64) -> &mut Self {
         let value = ty.apply(raw);
         match ty.format {
             Format::Unsigned => self.dec(value),
@@ -92,9 +99,22 @@ impl Line {
     }
 }
 
-impl Default for Line {
+impl<const N: usize> Text<N> {
+    /// The text so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The text as a C string (NUL-terminated); `None` if it holds a NUL itself.
+    pub fn c_str(&mut self) -> Option<&std::ffi::CStr> {
+        self.buf[self.len] = 0;
+        std::ffi::CStr::from_bytes_with_nul(&self.buf[..=self.len]).ok()
+    }
+}
+
+impl<const N: usize> Default for Text<N> {
     fn default() -> Self {
-        Line::new()
+        Self::new()
     }
 }
 

@@ -1,3 +1,137 @@
 //! Dynamic ftrace for a Linux process (the kernel's `kernel/trace/ftrace.c` and its
 //! function-graph tracer): finds the functions to trace, patches their entry sites in one
 //! batch, and records every entry and exit into per-thread ring buffers.
+//!
+//! ```text
+//!   Selection::new(symbols, filter)      which functions, and how each entry is patched:
+//!                                        the compiler's NOP (mcount, patchable) if any,
+//!                                        else a probe on the first instruction
+//!   Tracer::start(selection, ring, ..)   return hooks ready, NOPs -> calls in one batch,
+//!                                        entry probes placed
+//!   every call:  site -> stub -> caller -> entry record, return address diverted
+//!   every return: light sled -> exit record -> the real return address
+//! ```
+//!
+//! Exits are caught by return-address replacement on the probe layer's per-thread instance
+//! stacks (shared with return probes, as the kernel's fprobe shares `rethook` with
+//! kretprobes), so `longjmp`, exceptions, signals and `fork` are handled there: a call left
+//! without returning is reported as unwound when that is noticed.
+
+mod batch;
+pub mod error;
+pub mod filter;
+mod graph;
+pub mod select;
+
+pub use error::FtraceError;
+pub use filter::{Filter, Pattern};
+pub use select::{Selection, SiteMethod, TracedFunction};
+
+use dynprobe_events::clock::Clock;
+use dynprobe_events::model::{RefusedSite, SiteSummary};
+use dynprobe_events::ring::RingFile;
+use dynprobe_probe::{Probe, ProbeHandle};
+use std::sync::atomic::Ordering;
+
+/// Function tracing in progress in this process (one per process: records go to one ring
+/// file).
+pub struct Tracer {
+    functions: Vec<TracedFunction>,
+    summary: SiteSummary,
+    patched: Vec<batch::PatchedSite>,
+    probes: Vec<ProbeHandle>,
+}
+
+impl Tracer {
+    /// Starts tracing the functions of `selection`: records go to `ring` (one ring per
+    /// thread slot, so it needs [`dynprobe_probe::MAX_THREADS`] rings), timed by `clock`;
+    /// calls deeper than `max_depth` are not recorded. Sites that cannot be patched are
+    /// listed in the [`summary`](Self::summary), not errors; an error means nothing is
+    /// traced.
+    pub fn start(selection: Selection, ring: RingFile, clock: Clock, max_depth: usize) -> Result<Tracer, FtraceError> {
+        if ring.rings() < dynprobe_probe::MAX_THREADS {
+            return Err(FtraceError::Text(dynprobe_text::TextError::Unwritable {
+                addr: 0,
+                reason: format!("the ring file has {} rings, {} needed", ring.rings(), dynprobe_probe::MAX_THREADS),
+            }));
+        }
+        if !graph::set_output(graph::Output { ring, clock, max_depth }) {
+            return Err(FtraceError::AlreadyRunning);
+        }
+        dynprobe_probe::graph_install(graph::on_exit)?;
+        let Selection { functions, refused } = selection;
+        let mut summary = SiteSummary { kinds: Vec::new(), refused };
+        let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;
+        summary.refused.extend(batch.refused);
+        let mut probes = Vec::new();
+        let mut entry_patched = 0u64;
+        for f in functions.iter().filter(|f| f.method == SiteMethod::Entry) {
+            let id = f.id;
+            match Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)).register() {
+                Ok(handle) => {
+                    probes.push(handle);
+                    entry_patched += 1;
+                }
+                Err(e) => summary.refused.push(RefusedSite {
+                    kind: "entry".into(),
+                    addr: f.addr,
+                    function: f.name.clone(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        let patched_of = |kind: &str| match kind {
+            "entry" => entry_patched,
+            k => batch
+                .patched
+                .iter()
+                .filter(|p| functions.iter().any(|f| f.method.kind_name() == k && site_addr(f) == Some(p.addr)))
+                .count() as u64,
+        };
+        let found: Vec<(&str, u64)> = ["mcount", "patchable", "entry"]
+            .into_iter()
+            .map(|k| (k, functions.iter().filter(|f| f.method.kind_name() == k).count() as u64))
+            .collect();
+        summary.kinds = found.iter().map(|&(k, n)| (k.to_string(), n, patched_of(k))).collect();
+        Ok(Tracer { functions, summary, patched: batch.patched, probes })
+    }
+
+    /// The traced functions, by id.
+    pub fn functions(&self) -> &[TracedFunction] {
+        &self.functions
+    }
+
+    /// Sites found, patched and refused (the kernel's `dyn_ftrace_total_info`).
+    pub fn summary(&self) -> &SiteSummary {
+        &self.summary
+    }
+
+    /// The ring file records go to, for a forked child to reopen (see
+    /// [`RingFile::reopen_in_child`]).
+    pub fn ring() -> Option<&'static RingFile> {
+        graph::output().map(|o| &o.ring)
+    }
+
+    /// Calls not recorded because their thread was inside the tracer or a probe handler
+    /// already (a signal arriving at that moment) or had no thread slot.
+    pub fn missed() -> u64 {
+        graph::MISSED.load(Ordering::Relaxed)
+    }
+
+    /// Puts every NOP back in one batch and removes the entry probes. Calls in flight still
+    /// return through the tracer and are recorded.
+    pub fn stop(self) -> Result<(), FtraceError> {
+        batch::disable(&self.patched)?;
+        for probe in self.probes {
+            probe.unregister()?;
+        }
+        Ok(())
+    }
+}
+
+fn site_addr(f: &TracedFunction) -> Option<u64> {
+    match f.method {
+        SiteMethod::Compiler(site) => Some(site.addr),
+        SiteMethod::Entry => None,
+    }
+}

@@ -435,8 +435,20 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
 #[inline]
 pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
     let guard = HandlerGuard::enter()?;
-    let c = claim(guard.slot_index(), guard.thread(), rsp)?;
-    let slot = c.slot;
+    enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
+}
+
+/// [`graph_enter`] from inside a probe's pre-handler at a function's first instruction
+/// (the tracer's plain-entry sites), where the probe site already holds the thread's
+/// handler guard.
+pub fn graph_enter_from_probe(regs: &Regs, func: u32, max_depth: usize) -> Option<GraphEntry> {
+    let (slot, thread) = ThreadSlot::current()?;
+    enter_graph_call(slot, thread, regs.rsp, func, max_depth)
+}
+
+#[inline(always)]
+fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
+    let c = claim(slot, thread, rsp)?;
     if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth.min(MAX_DEPTH) {
         return None;
     }
@@ -446,7 +458,7 @@ pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> 
     // A return probe on this same call needs every register saved on the way back.
     let sled = if c.shared { &rethook::FULL } else { &rethook::LIGHT };
     commit(&c, rsp, GRAPH, 0, sled);
-    Some(GraphEntry { slot, tid: current_tid() as u32, depth: c.top })
+    Some(GraphEntry { slot: c.slot, tid: current_tid() as u32, depth: c.top })
 }
 
 /// True when an instance of probe (`index`, `id`) is among those at the top of the stack
@@ -720,7 +732,7 @@ impl ReturnProbe {
 /// Functions that return more than once from one call: the second return would go through
 /// an instance the first one consumed (`setjmp` saves its return address, which by then is
 /// the trampoline's; a `vfork` child returns on the parent's stack and instance stack).
-const RETURNS_TWICE: &[&str] =
+pub const RETURNS_TWICE: &[&str] =
     &["setjmp", "_setjmp", "__sigsetjmp", "sigsetjmp", "savectx", "vfork", "__vfork", "getcontext", "__getcontext"];
 
 fn refuse_returning_twice(entry: &ProbeHandle) -> Result<(), ProbeError> {

@@ -14,8 +14,9 @@ use crate::arch::{current_tid, thread_pointer};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Number of slots: the most threads that can be inside probe machinery at once.
-pub(crate) const MAX_THREADS: usize = 4096;
+/// Number of thread slots: the most threads that can be inside probe machinery at once
+/// (and the number of per-thread buffers a client keyed by slot needs).
+pub const MAX_THREADS: usize = 4096;
 /// The `active` mark of handlers that belong to no site.
 pub(crate) const ANY_SITE: usize = 1;
 /// How far past its hash a thread's slot may lie.

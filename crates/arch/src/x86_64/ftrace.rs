@@ -38,6 +38,12 @@ use iced_x86::code_asm::*;
 use super::detour::{vector_moves, Direction, VectorWidth};
 use super::relocate::RelocError;
 
+/// The NOP `-pg -mfentry -mnop-mcount` puts at a function's entry.
+pub const MCOUNT_NOP: [u8; 5] = super::encode::NOP5;
+/// What `-fpatchable-function-entry=5` puts there: five one-byte NOPs (a thread may be
+/// stopped between them).
+pub const PATCHABLE_NOPS: [u8; 5] = [0x90; 5];
+
 /// Bytes reserved per stub (`push imm32` 5 + `jmp rel32` 5, padded for alignment).
 pub const STUB_SIZE: u64 = 16;
 

@@ -1,0 +1,252 @@
+//! Record mode (`dynprobe record`): trace the selected functions of this process image into
+//! a ring file the recorder drains.
+//!
+//! In the ring directory (`DYNPROBE_RECORD`) each process image gets a name `<pid>.<n>`
+//! (`n` counts the images of one pid: an `exec` starts a new one) and three files, made in
+//! this order so that the recorder, which opens `*.ring` files only, finds the other two
+//! complete:
+//!
+//! ```text
+//! <pid>.<n>.funcs     id \t address (hex) \t module \t name      one line per traced function
+//! <pid>.<n>.sites     exe, parent, per-kind found/patched counts, refused sites with reasons
+//! <pid>.<n>.ring      the ring file (made as `.pending`, renamed once the sites are written)
+//! ```
+//!
+//! The environment stays set, so a program this one `exec`s is traced too (its agent makes
+//! the next image). A forked child gets its own ring file from a `pthread_atfork` handler,
+//! shares the parent's function list (a hard link) and records its own threads.
+
+use crate::channel::Channel;
+use crate::line::PathText;
+use dynprobe_events::clock::Clock;
+use dynprobe_events::model::SiteSummary;
+use dynprobe_events::ring::RingFile;
+use dynprobe_ftrace::{Filter, Selection, Tracer};
+use std::cell::UnsafeCell;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The ring directory; its presence selects record mode.
+pub const RECORD_ENV: &str = "DYNPROBE_RECORD";
+/// `-F`/`-N` patterns, `F <pattern>` or `N <pattern>` a line.
+pub const FILTER_ENV: &str = "DYNPROBE_FILTER";
+/// The deepest call recorded.
+pub const DEPTH_ENV: &str = "DYNPROBE_DEPTH";
+/// Records per thread ring (a power of two).
+pub const RING_RECORDS_ENV: &str = "DYNPROBE_RING_RECORDS";
+
+/// Default records per thread ring: 1 MiB each; only the pages a thread fills cost memory.
+const DEFAULT_RING_RECORDS: usize = 1 << 16;
+/// Most images one pid can have (exec after exec).
+const MAX_IMAGES: u32 = 1000;
+
+/// Starts recording. With a `channel` (the first image, started by `dynprobe record`) an
+/// error is reported on it and ends the process before `main`; without one (an image this
+/// program `exec`ed) the image runs untraced and says why on stderr.
+pub fn start(ring_dir: &str, channel: Option<Channel>) {
+    match try_start(Path::new(ring_dir)) {
+        Ok(patched) => {
+            if let Some(channel) = channel {
+                channel.send(format!("!ready {patched}\n").as_bytes());
+            }
+        }
+        Err(message) => {
+            let message = message.replace('\n', " ");
+            match channel {
+                Some(channel) => {
+                    channel.send(format!("!error {message}\n").as_bytes());
+                    // SAFETY: _exit ends the process before main ran: the user asked for a
+                    // trace, not for an untraced run.
+                    unsafe { libc::_exit(crate::EXIT_NOT_RUN) };
+                }
+                None => eprintln!("dynprobe agent: this program is not traced: {message}"),
+            }
+        }
+    }
+}
+
+/// Selects, writes the function list, starts the tracer, writes the summary and publishes
+/// the ring file. Returns the number of sites patched.
+fn try_start(dir: &Path) -> Result<u64, String> {
+    let filter = Filter::from_lines(&std::env::var(FILTER_ENV).unwrap_or_default())?;
+    let depth = match std::env::var(DEPTH_ENV) {
+        Ok(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
+        Err(_) => usize::MAX,
+    };
+    let records = match std::env::var(RING_RECORDS_ENV) {
+        Ok(v) => v.parse::<usize>().map_err(|_| format!("{RING_RECORDS_ENV}={v} is not a number"))?,
+        Err(_) => DEFAULT_RING_RECORDS,
+    };
+    let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
+    let selection = Selection::new(&table, &filter).map_err(|e| e.to_string())?;
+
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let (base, funcs) = claim_image(dir, pid, &function_list(&selection))?;
+    let path = |ext: &str| PathBuf::from(format!("{}.{ext}", base.display()));
+    let pending = path("pending");
+    let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, records, Clock::detect())
+        .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
+    let tracer = match Tracer::start(selection, ring, Clock::detect(), depth) {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            let _ = std::fs::remove_file(&pending);
+            let _ = std::fs::remove_file(&funcs);
+            return Err(e.to_string());
+        }
+    };
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    let sites = site_list(&exe, tracer.summary());
+    write_file(&path("sites"), &sites)?;
+    std::fs::rename(&pending, path("ring"))
+        .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))?;
+    let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
+    // Entry probes become jumps before `main`, while this is the only thread.
+    let _ = dynprobe_probe::wait_for_optimizer();
+    remember_for_fork(dir, &funcs, &exe);
+    // Tracing lasts as long as the process.
+    std::mem::forget(tracer);
+    Ok(patched)
+}
+
+/// Takes the first free `<pid>.<n>` by creating its `.funcs` file (exclusively) with
+/// `content`; returns `dir/<pid>.<n>` and the `.funcs` path.
+fn claim_image(dir: &Path, pid: i32, content: &str) -> Result<(PathBuf, PathBuf), String> {
+    use std::io::Write;
+    for n in 0..MAX_IMAGES {
+        let base = dir.join(format!("{pid}.{n}"));
+        let funcs = dir.join(format!("{pid}.{n}.funcs"));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&funcs) {
+            Ok(mut file) => {
+                file.write_all(content.as_bytes())
+                    .map_err(|e| format!("cannot write the function list {}: {e}", funcs.display()))?;
+                return Ok((base, funcs));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot write into the ring directory {}: {e}", dir.display())),
+        }
+    }
+    Err(format!("more than {MAX_IMAGES} images of process {pid} in {}", dir.display()))
+}
+
+fn write_file(path: &Path, content: &str) -> Result<(), String> {
+    std::fs::write(path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The `.funcs` content.
+fn function_list(selection: &Selection) -> String {
+    let mut out = String::new();
+    for f in &selection.functions {
+        let _ = writeln!(out, "{}\t{:x}\t{}\t{}", f.id, f.addr, field(&f.module), field(&f.name));
+    }
+    out
+}
+
+/// The `.sites` content of an image this process started (a forked child's is written by
+/// [`in_child`]).
+fn site_list(exe: &Path, summary: &SiteSummary) -> String {
+    let mut out = format!("exe\t{}\nparent\t0\n", field(&exe.to_string_lossy()));
+    for (kind, found, patched) in &summary.kinds {
+        let _ = writeln!(out, "kind\t{kind}\t{found}\t{patched}");
+    }
+    for r in &summary.refused {
+        let _ = writeln!(out, "refused\t{}\t{:x}\t{}\t{}", r.kind, r.addr, field(&r.function), field(&r.reason));
+    }
+    out
+}
+
+/// A field without the separators of the line formats.
+fn field(text: &str) -> String {
+    text.replace(['\t', '\n'], " ")
+}
+
+/// What a forked child needs to start its own image, prepared while allocation is allowed.
+struct ForkPaths {
+    dir: PathText,
+    funcs: PathText,
+    exe: PathText,
+}
+
+/// Written once by `remember_for_fork` before any fork handler can run, then read (and
+/// `funcs` rewritten) only by the fork child handler, in a child that has a single thread.
+struct ForkState(UnsafeCell<Option<ForkPaths>>);
+
+// SAFETY: see the type: one writer before handlers exist, then only a forked child's
+// single thread.
+unsafe impl Sync for ForkState {}
+
+static FORK: ForkState = ForkState(UnsafeCell::new(None));
+
+fn remember_for_fork(dir: &Path, funcs: &Path, exe: &Path) {
+    let text = |p: &Path| {
+        let mut t = PathText::new();
+        t.bytes(p.as_os_str().as_encoded_bytes());
+        t
+    };
+    // SAFETY: no fork handler is registered yet, so no one else reads it.
+    unsafe { *FORK.0.get() = Some(ForkPaths { dir: text(dir), funcs: text(funcs), exe: text(exe) }) };
+    // SAFETY: registers a plain function; pthread_atfork copies the pointer.
+    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+}
+
+/// The `pthread_atfork` child handler: the child gets image `<pid>.<n>` with the parent's
+/// function list (a hard link), a site list naming its parent, and a fresh ring file mapped
+/// where the parent's was. System calls only, no allocation: the parent may have forked
+/// while another of its threads held the allocator's lock.
+extern "C" fn in_child() {
+    // SAFETY: this thread is the child's only one (see ForkState).
+    let Some(paths) = (unsafe { &mut *FORK.0.get() }) else { return };
+    let Some(ring) = Tracer::ring() else { return };
+    // SAFETY: getpid and getppid cannot fail.
+    let (pid, ppid) = unsafe { (libc::getpid() as u64, libc::getppid() as u32) };
+    let dir = &paths.dir;
+    let name = |n: u32, ext: &[u8]| {
+        let mut t = PathText::new();
+        t.bytes(dir.as_bytes()).byte(b'/').dec(pid).byte(b'.').dec(u64::from(n)).byte(b'.').bytes(ext);
+        t
+    };
+    for n in 0..MAX_IMAGES {
+        let mut funcs = name(n, b"funcs");
+        let (Some(from), Some(to)) = (paths.funcs.c_str(), funcs.c_str()) else { return };
+        // SAFETY: both are NUL-terminated paths on the stack.
+        if unsafe { libc::link(from.as_ptr(), to.as_ptr()) } != 0 {
+            // SAFETY: reading this thread's errno.
+            if unsafe { *libc::__errno_location() } == libc::EEXIST {
+                continue;
+            }
+            return;
+        }
+        let mut sites = PathText::new();
+        sites.bytes(b"exe\t").bytes(paths.exe.as_bytes()).bytes(b"\nparent\t").dec(u64::from(ppid)).byte(b'\n');
+        if let Some(path) = name(n, b"sites").c_str() {
+            write_small_file(path, sites.as_bytes());
+        }
+        if let Some(path) = name(n, b"ring").c_str() {
+            if let Err(errno) = ring.reopen_in_child(path, ppid) {
+                let mut line = crate::line::Line::new();
+                line.bytes(b"dynprobe agent: the forked child's events are lost: cannot make its ring file (errno ")
+                    .dec(errno as u64)
+                    .byte(b')');
+                let text = line.finish();
+                // SAFETY: writes a stack buffer to stderr.
+                unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+            }
+        }
+        paths.funcs = funcs;
+        return;
+    }
+}
+
+/// Creates `path` with `content`, with system calls only.
+fn write_small_file(path: &std::ffi::CStr, content: &[u8]) {
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd =
+        unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600) };
+    if fd >= 0 {
+        // SAFETY: `content` is a live slice; `fd` is ours.
+        unsafe {
+            libc::write(fd, content.as_ptr().cast(), content.len());
+            libc::close(fd);
+        }
+    }
+}

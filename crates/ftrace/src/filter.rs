@@ -1,0 +1,202 @@
+//! Which functions to trace: `-F` / `-N` patterns (the kernel's `set_ftrace_filter` and
+//! `set_ftrace_notrace`).
+//!
+//! A pattern is a glob (`*`, `?`) on the function's readable name, optionally restricted to
+//! modules: `parse_*` looks in the main executable, `libc:malloc` in modules whose file
+//! name starts with `libc`, `*:malloc` in every module.
+
+/// One `-F` or `-N` pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    /// As given, for messages.
+    pub text: String,
+    /// The module file-name prefix; `None` for the main executable, `Some("*")` for all.
+    pub module: Option<String>,
+    /// The glob on the function name.
+    pub glob: String,
+}
+
+impl Pattern {
+    /// Parses `[MODULE:]GLOB`. A `::` (a C++ or Rust path) is part of the name, not a module
+    /// separator.
+    ///
+    /// ```
+    /// use dynprobe_ftrace::filter::Pattern;
+    /// let p = Pattern::parse("libc:mall*");
+    /// assert_eq!((p.module.as_deref(), p.glob.as_str()), (Some("libc"), "mall*"));
+    /// assert_eq!(Pattern::parse("ns::work").module, None);
+    /// ```
+    pub fn parse(text: &str) -> Pattern {
+        let split = text.char_indices().find(|&(i, c)| {
+            c == ':' && text[i + 1..].chars().next() != Some(':') && (i == 0 || &text[i - 1..i] != ":")
+        });
+        match split {
+            Some((i, _)) if i > 0 => {
+                Pattern { text: text.to_string(), module: Some(text[..i].to_string()), glob: text[i + 1..].to_string() }
+            }
+            _ => Pattern { text: text.to_string(), module: None, glob: text.to_string() },
+        }
+    }
+
+    /// Whether the pattern's module part covers a module named `module`.
+    pub fn covers_module(&self, module: &str, is_main: bool) -> bool {
+        match self.module.as_deref() {
+            None => is_main,
+            Some("*") => true,
+            Some(prefix) => module.starts_with(prefix),
+        }
+    }
+
+    /// Whether function `name` of module `module` matches.
+    pub fn matches(&self, module: &str, is_main: bool, name: &str) -> bool {
+        self.covers_module(module, is_main) && glob_match(self.glob.as_bytes(), name.as_bytes())
+    }
+}
+
+/// The `-F` and `-N` patterns together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `-F`: trace only what matches one of these (everything of the main executable when
+    /// empty).
+    pub include: Vec<Pattern>,
+    /// `-N`: never trace what matches one of these.
+    pub exclude: Vec<Pattern>,
+}
+
+impl Filter {
+    /// Reads the agent's form: one pattern a line, `F <pattern>` or `N <pattern>`.
+    pub fn from_lines(text: &str) -> Result<Filter, String> {
+        let mut filter = Filter::default();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match line.split_once(' ') {
+                Some(("F", p)) => filter.include.push(Pattern::parse(p.trim())),
+                Some(("N", p)) => filter.exclude.push(Pattern::parse(p.trim())),
+                _ => return Err(format!("bad filter line `{line}` (expected `F <pattern>` or `N <pattern>`)")),
+            }
+        }
+        Ok(filter)
+    }
+
+    /// Whether any pattern could select functions of this module.
+    pub fn covers_module(&self, module: &str, is_main: bool) -> bool {
+        if self.include.is_empty() {
+            is_main
+        } else {
+            self.include.iter().any(|p| p.covers_module(module, is_main))
+        }
+    }
+
+    /// Whether function `name` of `module` is traced.
+    pub fn selects(&self, module: &str, is_main: bool, name: &str) -> bool {
+        let included = if self.include.is_empty() {
+            is_main
+        } else {
+            self.include.iter().any(|p| p.matches(module, is_main, name))
+        };
+        included && !self.exclude.iter().any(|p| p.matches(module, is_main, name))
+    }
+}
+
+/// Glob matching with `*` (any run) and `?` (any one byte), iterative with backtracking to
+/// the last `*`.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// The names of `candidates` closest to `wanted` (edit distance, then substring), at most
+/// `max`, best first.
+pub fn nearest<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>, max: usize) -> Vec<String> {
+    let wanted_plain: String = wanted.chars().filter(|&c| c != '*' && c != '?').collect();
+    let mut scored: Vec<(usize, &str)> = candidates
+        .map(|c| {
+            let d = edit_distance(&wanted_plain, c);
+            let d = if !wanted_plain.is_empty() && c.contains(wanted_plain.as_str()) { d.min(1) } else { d };
+            (d, c)
+        })
+        .filter(|&(d, c)| d <= (wanted_plain.len() / 3).max(2) || c.contains(wanted_plain.as_str()))
+        .collect();
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(max).map(|(_, c)| c.to_string()).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + usize::from(ca != cb));
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_the_shell() {
+        assert!(glob_match(b"parse_*", b"parse_record"));
+        assert!(glob_match(b"*rec?rd", b"parse_record"));
+        assert!(glob_match(b"*", b""));
+        assert!(!glob_match(b"parse_*x", b"parse_record"));
+        assert!(glob_match(b"a*b*c", b"aXXbYYbZc"));
+        assert!(!glob_match(b"a?c", b"ac"));
+    }
+
+    #[test]
+    fn patterns_split_module_but_not_paths() {
+        let p = Pattern::parse("*:malloc");
+        assert!(p.matches("libc.so.6", false, "malloc") && p.matches("demo", true, "malloc"));
+        let p = Pattern::parse("work");
+        assert!(p.matches("demo", true, "work") && !p.matches("libc.so.6", false, "work"));
+        assert_eq!(Pattern::parse("a::b::c").glob, "a::b::c");
+        assert_eq!(Pattern::parse("libfoo:ns::f").module.as_deref(), Some("libfoo"));
+    }
+
+    #[test]
+    fn include_then_exclude() {
+        let f = Filter::from_lines("F parse_*\nN parse_header\n").unwrap();
+        assert!(f.selects("demo", true, "parse_record"));
+        assert!(!f.selects("demo", true, "parse_header"));
+        assert!(!f.selects("demo", true, "main"));
+        let all = Filter::from_lines("N main").unwrap();
+        assert!(all.selects("demo", true, "work") && !all.selects("demo", true, "main"));
+        assert!(!all.selects("libc.so.6", false, "malloc"));
+        assert!(Filter::from_lines("X y").is_err());
+    }
+
+    #[test]
+    fn nearest_names_for_a_typo() {
+        let names = ["parse_record", "checksum", "main", "parse_header"];
+        assert_eq!(nearest("parse_recrd", names.iter().copied(), 3)[0], "parse_record");
+        assert!(nearest("zzzzzz", names.iter().copied(), 3).is_empty());
+    }
+}

@@ -1,0 +1,71 @@
+//! The function-graph tracer's two hot paths (the kernel's `function_graph_enter` and
+//! `ftrace_return_to_handler`): a record into the thread's ring at every entry and at every
+//! exit of a traced function.
+//!
+//! Both run on the traced thread, at every call: no allocation, no lock, no C library
+//! routine and no vector register beyond xmm0–15 (the caller and the light return
+//! trampoline save only those; see `dynprobe_arch`'s `ftrace` module). The thread's ring is
+//! its thread slot's, which the return hooks hand out.
+
+use dynprobe_events::record::{Kind, Record};
+use dynprobe_events::{clock::Clock, ring::RingFile};
+use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEntry, GraphExit, Regs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Where records go.
+pub(crate) struct Output {
+    pub(crate) ring: RingFile,
+    pub(crate) clock: Clock,
+    /// The deepest call recorded (`--depth`).
+    pub(crate) max_depth: usize,
+}
+
+static OUTPUT: OnceLock<Output> = OnceLock::new();
+
+/// Calls not recorded because the thread was inside a probe handler (a signal handler's
+/// call interrupting the tracer itself) or had no thread slot; depth-limited calls are not
+/// counted, the user asked for them to be left out.
+pub(crate) static MISSED: AtomicU64 = AtomicU64::new(0);
+
+/// Sets where records go; false when an output was set already.
+pub(crate) fn set_output(output: Output) -> bool {
+    OUTPUT.set(output).is_ok()
+}
+
+/// The output, once set.
+pub(crate) fn output() -> Option<&'static Output> {
+    OUTPUT.get()
+}
+
+/// Called by the ftrace caller (see `dynprobe_arch`'s `ftrace` module) at a compiler site:
+/// `ra_slot` is the traced function's return-address slot.
+pub(crate) extern "C" fn caller_dispatch(id: u64, ra_slot: u64) {
+    let Some(out) = OUTPUT.get() else { return };
+    let time = out.clock.now();
+    record_entry(out, graph_enter(ra_slot, id as u32, out.max_depth), time, id);
+}
+
+/// The pre-handler of a plain-entry site's probe.
+pub(crate) fn probe_entry(id: u32, regs: &Regs) {
+    let Some(out) = OUTPUT.get() else { return };
+    let time = out.clock.now();
+    record_entry(out, graph_enter_from_probe(regs, id, out.max_depth), time, u64::from(id));
+}
+
+#[inline(always)]
+fn record_entry(out: &Output, entry: Option<GraphEntry>, time: u64, id: u64) {
+    match entry {
+        Some(e) => out.ring.push(e.slot, e.tid, Record::new(Kind::Entry, time, e.depth as u16, id)),
+        None => {
+            MISSED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The return hooks' report of a call's end.
+pub(crate) fn on_exit(exit: &GraphExit) {
+    let Some(out) = OUTPUT.get() else { return };
+    let kind = if exit.unwound { Kind::Unwound } else { Kind::Exit };
+    out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, u64::from(exit.func)));
+}

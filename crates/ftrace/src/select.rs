@@ -1,0 +1,205 @@
+//! Choosing the functions to trace and how to patch each (the kernel's `ftrace_process_locs`
+//! plus the filter files): a compiler-recorded NOP site when the function has one, else a
+//! probe on its first instruction.
+
+use crate::error::FtraceError;
+use crate::filter::{nearest, Filter};
+use dynprobe_events::model::RefusedSite;
+use dynprobe_symbols::{CompilerSite, SiteKind, SymbolTable};
+use std::collections::HashSet;
+
+/// How a function's entry is patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteMethod {
+    /// The compiler's NOP at the entry becomes a `call` to the tracer.
+    Compiler(CompilerSite),
+    /// A probe on the first instruction (jump-optimized where the checks allow).
+    Entry,
+}
+
+impl SiteMethod {
+    /// The kind's name in summaries: `mcount`, `patchable` or `entry`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            SiteMethod::Compiler(CompilerSite { kind: SiteKind::Mcount, .. }) => "mcount",
+            SiteMethod::Compiler(_) => "patchable",
+            SiteMethod::Entry => "entry",
+        }
+    }
+}
+
+/// A function chosen for tracing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracedFunction {
+    /// Its id in the records (its index in [`Selection::functions`]).
+    pub id: u32,
+    /// Its first instruction.
+    pub addr: u64,
+    /// The file name of its module.
+    pub module: String,
+    /// Its readable name.
+    pub name: String,
+    /// How its entry is patched.
+    pub method: SiteMethod,
+}
+
+/// The functions to trace.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Every chosen function, by id.
+    pub functions: Vec<TracedFunction>,
+    /// Compiler sites that cannot be used (their function is then probed at its entry, or
+    /// not traced when it has no symbol).
+    pub refused: Vec<RefusedSite>,
+}
+
+/// Start-up and tear-down code of the C runtime: it runs before the tracer exists or calls
+/// `main` without returning, and no compiler site is recorded in it.
+const C_RUNTIME: &[&str] = &[
+    "_start",
+    "_init",
+    "_fini",
+    "frame_dummy",
+    "register_tm_clones",
+    "deregister_tm_clones",
+    "__do_global_dtors_aux",
+    "__libc_csu_init",
+    "__libc_csu_fini",
+    "_dl_relocate_static_pie",
+];
+
+impl Selection {
+    /// Chooses, from every module of `table` that `filter` covers, the functions it selects.
+    /// Every `-F` pattern must match something: one that does not is an error naming the
+    /// nearest function names. Functions that return twice (`setjmp`, `vfork`) and the C
+    /// runtime's start-up code are never traced; neither is dynprobe's own module.
+    pub fn new(table: &SymbolTable, filter: &Filter) -> Result<Selection, FtraceError> {
+        let ours = table.module_of(Selection::new as fn(_, _) -> _ as usize as u64).map(|m| m.path.clone());
+        let mut selection = Selection::default();
+        let mut matched = vec![false; filter.include.len()];
+        let mut seen = HashSet::new();
+        for (index, module) in table.modules().iter().enumerate() {
+            if !filter.covers_module(&module.name, module.is_main)
+                || Some(&module.path) == ours.as_ref()
+                || module.name.starts_with('[')
+            {
+                continue;
+            }
+            let sites = match table.compiler_sites(index) {
+                Ok(sites) => sites,
+                Err(e) => {
+                    selection.refused.push(RefusedSite {
+                        kind: "compiler".into(),
+                        addr: 0,
+                        function: module.name.clone(),
+                        reason: format!(
+                            "the module's site tables cannot be read ({e}); its functions are probed at their entries"
+                        ),
+                    });
+                    Vec::new()
+                }
+            };
+            let mut site_of = std::collections::HashMap::new();
+            for site in &sites {
+                match site.function {
+                    Some(f) => {
+                        site_of.insert(f, *site);
+                    }
+                    None => selection.refused.push(RefusedSite {
+                        kind: kind_name(site.kind).into(),
+                        addr: site.addr,
+                        function: String::new(),
+                        reason: "no function symbol contains the site".into(),
+                    }),
+                }
+            }
+            for (sym_index, sym) in table.symbols().iter().enumerate().filter(|(_, s)| s.module == index) {
+                if !seen.insert(sym.addr)
+                    || C_RUNTIME.contains(&sym.name.as_str())
+                    || dynprobe_probe::RETURNS_TWICE.contains(&sym.name.as_str())
+                    || table.is_ifunc(sym)
+                {
+                    continue;
+                }
+                for (i, p) in filter.include.iter().enumerate() {
+                    matched[i] |= p.matches(&module.name, module.is_main, &sym.name);
+                }
+                if !filter.selects(&module.name, module.is_main, &sym.name) {
+                    continue;
+                }
+                let method = match site_of.get(&sym_index) {
+                    Some(site) => match usable(site, sym.addr) {
+                        Ok(()) => SiteMethod::Compiler(*site),
+                        Err(reason) => {
+                            selection.refused.push(RefusedSite {
+                                kind: kind_name(site.kind).into(),
+                                addr: site.addr,
+                                function: sym.name.clone(),
+                                reason: format!("{reason}; probed at its entry instead"),
+                            });
+                            SiteMethod::Entry
+                        }
+                    },
+                    // In a module built with NOP sites, a function without one was built
+                    // apart (crt and libc_nonshared pieces: `atexit`, `__gmon_start__`):
+                    // traced only when a pattern names it.
+                    None if !sites.is_empty() && filter.include.is_empty() => continue,
+                    None => SiteMethod::Entry,
+                };
+                selection.functions.push(TracedFunction {
+                    id: selection.functions.len() as u32,
+                    addr: sym.addr,
+                    module: module.name.clone(),
+                    name: sym.name.clone(),
+                    method,
+                });
+            }
+        }
+        if let Some(i) = matched.iter().position(|m| !m) {
+            let pattern = &filter.include[i];
+            let names = table
+                .symbols()
+                .iter()
+                .filter(|s| pattern.covers_module(&table.modules()[s.module].name, table.modules()[s.module].is_main))
+                .map(|s| s.name.as_str());
+            return Err(FtraceError::NoMatch {
+                pattern: pattern.text.clone(),
+                nearest: nearest(&pattern.glob, names, 5),
+            });
+        }
+        Ok(selection)
+    }
+
+    /// How many functions use each kind of site: (kind, count), in the order `mcount`,
+    /// `patchable`, `entry`.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        ["mcount", "patchable", "entry"]
+            .into_iter()
+            .map(|k| (k, self.functions.iter().filter(|f| f.method.kind_name() == k).count() as u64))
+            .collect()
+    }
+}
+
+fn kind_name(kind: SiteKind) -> &'static str {
+    match kind {
+        SiteKind::Mcount => "mcount",
+        SiteKind::Patchable { .. } => "patchable",
+    }
+}
+
+/// Whether a compiler site at `site.addr` can become the tracer's call for the function at
+/// `function`: at its entry (or after its `endbr64`), with room for a 5-byte call.
+fn usable(site: &CompilerSite, function: u64) -> Result<(), String> {
+    if site.addr != function && site.addr != function + 4 {
+        return Err(format!(
+            "the site is at {:+} bytes from the function's entry (only sites at the entry or after its endbr64 are used)",
+            site.addr as i64 - function as i64
+        ));
+    }
+    match site.kind {
+        SiteKind::Patchable { nops } if nops < 5 => {
+            Err(format!("only {nops} patchable NOPs (a call needs 5: build with -fpatchable-function-entry=5)"))
+        }
+        _ => Ok(()),
+    }
+}
