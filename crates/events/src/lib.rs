@@ -7,7 +7,9 @@ pub mod clock;
 pub mod error;
 pub mod model;
 pub mod record;
+pub mod recorder;
 pub mod ring;
+pub mod trace;
 
 pub use error::EventsError;
 

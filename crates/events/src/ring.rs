@@ -467,7 +467,7 @@ impl RingFile {
     #[inline(always)]
     fn ring_header(&self, ring: usize) -> &RingHeader {
         // SAFETY: `ring < rings` (the callers check), so the header lies inside the mapping,
-        // 64-byte aligned (page + ring × stride, both multiples of 64); it is only accessed
+        // 64-byte aligned (ring_offset and stride are multiples of 64); it is only accessed
         // through atomics, and zeroed memory is a valid RingHeader.
         unsafe { &*self.base.add(self.layout.ring_offset + ring * self.layout.stride).cast::<RingHeader>() }
     }
@@ -476,9 +476,9 @@ impl RingFile {
     #[inline(always)]
     fn slot(&self, ring: usize, index: u64) -> &[AtomicU64; 2] {
         let slot = index as usize & (self.capacity - 1);
+        let ring_start = self.layout.ring_offset + ring * self.layout.stride;
         // SAFETY: `ring < rings` (the callers check) and `slot < capacity`, so the record lies
         // inside the ring's data; it is 16-byte aligned and only accessed through atomics.
-        let ring_start = self.layout.ring_offset + ring * self.layout.stride;
         unsafe { &*self.base.add(ring_start + RING_HEADER_BYTES + slot * RECORD_BYTES).cast() }
     }
 

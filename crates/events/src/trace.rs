@@ -1,0 +1,388 @@
+//! The trace directory `dynprobe record` writes, and reading it back as a [`Trace`].
+//!
+//! ```text
+//!   info.json              the command, start and end, exit status, clock calibration,
+//!                          the processes (rewritten while recording, so always readable)
+//!   <pid>.<n>/             one process image (n counts the images of a pid: `exec`)
+//!       functions.txt      id \t addr_hex \t module \t name     (ids 0, 1, 2... in order)
+//!       sites.txt          exe \t path | parent \t pid | kind \t kind \t found \t patched
+//!                          | refused \t kind \t addr_hex \t function \t reason
+//!       <tid>.dat          "DYNPTRC1", u32 pid, u32 tid (little-endian), then 16-byte
+//!                          records (`Record::to_bytes`) with raw clock ticks
+//! ```
+//!
+//! A `.dat` file holds its thread's records as they came out of the rings, including the
+//! `Thread` records that routed them; a trailing partial record (a recorder killed mid-write)
+//! is ignored.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Calibration;
+use crate::error::EventsError;
+use crate::model::{Event, EventKind, Function, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace};
+use crate::record::{Kind, Record};
+
+/// The first 8 bytes of a `.dat` file.
+pub const DAT_MAGIC: [u8; 8] = *b"DYNPTRC1";
+/// Bytes of a `.dat` file's header: magic, pid, tid.
+pub(crate) const DAT_HEADER_BYTES: usize = 16;
+/// The `format` of `info.json`.
+const FORMAT: &str = "dynprobe-trace";
+/// The `version` of `info.json` and of the layout above.
+const VERSION: u32 = 1;
+
+/// `info.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Info {
+    pub format: String,
+    pub version: u32,
+    pub command: Vec<String>,
+    pub start_ns: u64,
+    /// `None` until the recorder finishes.
+    pub end_ns: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub clock: Calibration,
+    pub processes: Vec<InfoProcess>,
+}
+
+impl Info {
+    /// The info of a trace that starts now.
+    pub fn new(command: Vec<String>, start_ns: u64, clock: Calibration) -> Info {
+        let format = FORMAT.to_owned();
+        Info { format, version: VERSION, command, start_ns, end_ns: None, exit_code: None, clock, processes: vec![] }
+    }
+}
+
+/// A process image as `info.json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InfoProcess {
+    /// Its directory's name, `<pid>.<n>`.
+    pub dir: String,
+    pub pid: u32,
+    pub parent: u32,
+    pub exe: String,
+}
+
+/// The header of thread `tid`'s `.dat` file in process `pid`.
+pub(crate) fn dat_header(pid: u32, tid: u32) -> [u8; DAT_HEADER_BYTES] {
+    let mut header = [0; DAT_HEADER_BYTES];
+    header[..8].copy_from_slice(&DAT_MAGIC);
+    header[8..12].copy_from_slice(&pid.to_le_bytes());
+    header[12..].copy_from_slice(&tid.to_le_bytes());
+    header
+}
+
+/// `(pid, n)` of a process image's name `<pid>.<n>`.
+pub(crate) fn parse_image_name(name: &str) -> Option<(u32, u32)> {
+    let (pid, n) = name.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) {
+        return None;
+    }
+    Some((pid.parse().ok()?, n.parse().ok()?))
+}
+
+/// The lines of a tab-separated text file, numbered from 1, without empty ones.
+fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(_, l)| !l.is_empty())
+}
+
+fn malformed(path: &Path, line: usize, what: impl Into<String>) -> EventsError {
+    EventsError::Malformed { path: path.to_owned(), line: Some(line), what: what.into() }
+}
+
+fn parse_hex(path: &Path, line: usize, field: &str, text: &str) -> Result<u64, EventsError> {
+    u64::from_str_radix(text, 16).map_err(|_| malformed(path, line, format!("{field} {text:?} is not hexadecimal")))
+}
+
+fn parse_number<T: std::str::FromStr>(path: &Path, line: usize, field: &str, text: &str) -> Result<T, EventsError> {
+    text.parse().map_err(|_| malformed(path, line, format!("{field} {text:?} is not a number")))
+}
+
+/// The functions of a `functions.txt` (or an agent's `.funcs`) named `path`.
+pub(crate) fn parse_functions(path: &Path, text: &str) -> Result<Vec<Function>, EventsError> {
+    let mut functions = Vec::new();
+    for (line, l) in lines(text) {
+        let fields: Vec<&str> = l.splitn(4, '\t').collect();
+        let [id, addr, module, name] = fields[..] else {
+            return Err(malformed(path, line, "expected id, address, module and name separated by tabs"));
+        };
+        let id: usize = parse_number(path, line, "function id", id)?;
+        if id != functions.len() {
+            return Err(malformed(path, line, format!("function id {id} where {} was expected", functions.len())));
+        }
+        let addr = parse_hex(path, line, "address", addr)?;
+        functions.push(Function { name: name.to_owned(), module: module.to_owned(), addr });
+    }
+    Ok(functions)
+}
+
+/// What a `sites.txt` (or an agent's `.sites`) says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Sites {
+    pub exe: String,
+    pub parent: u32,
+    pub summary: SiteSummary,
+}
+
+/// Parses the `sites.txt` named `path`.
+pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError> {
+    let mut sites = Sites::default();
+    for (line, l) in lines(text) {
+        let fields: Vec<&str> = l.split('\t').collect();
+        match fields[..] {
+            ["exe", exe] => sites.exe = exe.to_owned(),
+            ["parent", parent] => sites.parent = parse_number(path, line, "parent pid", parent)?,
+            ["kind", kind, found, patched] => sites.summary.kinds.push((
+                kind.to_owned(),
+                parse_number(path, line, "found count", found)?,
+                parse_number(path, line, "patched count", patched)?,
+            )),
+            ["refused", kind, addr, function, ref reason @ ..] if !reason.is_empty() => {
+                sites.summary.refused.push(RefusedSite {
+                    kind: kind.to_owned(),
+                    addr: parse_hex(path, line, "address", addr)?,
+                    function: function.to_owned(),
+                    reason: reason.join("\t"),
+                })
+            }
+            _ => {
+                return Err(malformed(
+                    path,
+                    line,
+                    format!(
+                        "{:?} is not one of: exe, parent, kind (kind found patched), refused (kind address \
+                         function reason), with tab-separated fields",
+                        fields[0]
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(sites)
+}
+
+/// Reads `path` if it exists.
+fn read_optional(path: &Path) -> Result<Option<String>, EventsError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EventsError::io("read", path)(e)),
+    }
+}
+
+/// Reads and checks the `info.json` of trace directory `dir`.
+pub(crate) fn read_info(dir: &Path) -> Result<Info, EventsError> {
+    let path = dir.join("info.json");
+    let Some(text) = read_optional(&path)? else { return Err(EventsError::NotATrace(dir.to_owned())) };
+    let info: Info = serde_json::from_str(&text).map_err(|e| EventsError::Malformed {
+        path: path.clone(),
+        line: Some(e.line()),
+        what: e.to_string(),
+    })?;
+    let bad = |what: String| EventsError::Malformed { path: path.clone(), line: None, what };
+    if info.format != FORMAT {
+        return Err(bad(format!("format {:?}, not {FORMAT:?}", info.format)));
+    }
+    if info.version != VERSION {
+        return Err(bad(format!("trace version {}, this dynprobe reads version {VERSION}", info.version)));
+    }
+    Ok(info)
+}
+
+/// Reads the trace directory `dir`: every process image, its functions, sites and threads,
+/// with the record times converted to `CLOCK_MONOTONIC` nanoseconds.
+///
+/// A directory whose recorder was killed reads too: its `info.json` has no end (the last
+/// event's time stands for it) and a `.dat` file may end in a partial record (ignored).
+pub fn read(dir: &Path) -> Result<Trace, EventsError> {
+    let entries = fs::read_dir(dir).map_err(EventsError::io("read trace directory", dir))?;
+    let info = read_info(dir)?;
+    let mut images = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(EventsError::io("read trace directory", dir))?;
+        let name = entry.file_name();
+        let Some((pid, n)) = name.to_str().and_then(parse_image_name) else { continue };
+        if entry.path().is_dir() {
+            images.push((pid, n, entry.path()));
+        }
+    }
+    images.sort();
+
+    let mut processes = Vec::new();
+    for (pid, _, path) in images {
+        let listed = info.processes.iter().find(|p| Some(p.dir.as_str()) == path.file_name().and_then(|n| n.to_str()));
+        processes.push(read_process(&path, pid, listed, &info.clock)?);
+    }
+    // In start order; processes without events after the others, in pid order.
+    let first = |p: &ProcessTrace| p.threads.iter().filter_map(|t| t.events.first()).map(|e| e.ns).min();
+    processes.sort_by_key(|p| first(p).unwrap_or(u64::MAX));
+
+    let last_event = processes.iter().flat_map(|p| &p.threads).filter_map(|t| t.events.last()).map(|e| e.ns).max();
+    let end_ns = info.end_ns.unwrap_or_else(|| last_event.unwrap_or(0).max(info.start_ns));
+    Ok(Trace {
+        dir: dir.to_owned(),
+        command: info.command,
+        start_ns: info.start_ns,
+        end_ns,
+        exit_code: info.exit_code,
+        processes,
+    })
+}
+
+/// Reads the process image directory `dir` of process `pid`.
+fn read_process(
+    dir: &Path,
+    pid: u32,
+    listed: Option<&InfoProcess>,
+    clock: &Calibration,
+) -> Result<ProcessTrace, EventsError> {
+    let functions_path = dir.join("functions.txt");
+    let functions = match read_optional(&functions_path)? {
+        Some(text) => parse_functions(&functions_path, &text)?,
+        None => vec![],
+    };
+    let sites_path = dir.join("sites.txt");
+    let mut sites = match read_optional(&sites_path)? {
+        Some(text) => parse_sites(&sites_path, &text)?,
+        None => Sites::default(),
+    };
+    if let Some(listed) = listed {
+        if sites.exe.is_empty() {
+            sites.exe.clone_from(&listed.exe);
+        }
+        if sites.parent == 0 {
+            sites.parent = listed.parent;
+        }
+    }
+
+    let mut threads = Vec::new();
+    for entry in fs::read_dir(dir).map_err(EventsError::io("read process directory", dir))? {
+        let path = entry.map_err(EventsError::io("read process directory", dir))?.path();
+        if path.extension().is_some_and(|e| e == "dat") {
+            let thread = read_thread(&path, pid, functions.len(), clock)?;
+            if !thread.events.is_empty() {
+                threads.push(thread);
+            }
+        }
+    }
+    threads.sort_by_key(|t| (t.events[0].ns, t.tid));
+    Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads })
+}
+
+/// Reads the `.dat` file `path` of process `pid`, which has `functions` functions.
+fn read_thread(path: &Path, pid: u32, functions: usize, clock: &Calibration) -> Result<ThreadTrace, EventsError> {
+    let bytes = fs::read(path).map_err(EventsError::io("read", path))?;
+    if bytes.len() < 8 || bytes[..8] != DAT_MAGIC {
+        return Err(EventsError::BadMagic { path: path.to_owned() });
+    }
+    let corrupt =
+        |offset: usize, what: String| EventsError::CorruptRecord { path: path.to_owned(), offset: offset as u64, what };
+    if bytes.len() < DAT_HEADER_BYTES {
+        return Err(corrupt(8, "the header ends before its pid and tid".into()));
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let (file_pid, tid) = (u32_at(8), u32_at(12));
+    if file_pid != pid {
+        return Err(corrupt(8, format!("pid {file_pid} in the directory of process {pid}")));
+    }
+
+    let mut thread = ThreadTrace { tid, events: Vec::new(), lost: 0 };
+    // `chunks_exact` leaves out a trailing partial record: a recorder killed mid-write.
+    for (i, chunk) in bytes[DAT_HEADER_BYTES..].chunks_exact(16).enumerate() {
+        let offset = DAT_HEADER_BYTES + i * 16;
+        let rec = Record::from_bytes(chunk.try_into().expect("16 bytes"));
+        let kind = match rec.kind() {
+            Some(Kind::Thread) => continue,
+            Some(Kind::Entry) => EventKind::Entry,
+            Some(Kind::Exit) => EventKind::Exit,
+            Some(Kind::Unwound) => EventKind::Unwound,
+            Some(Kind::Lost) => {
+                thread.lost += rec.payload();
+                EventKind::Lost(rec.payload())
+            }
+            None => return Err(corrupt(offset, format!("invalid record kind {}", rec.word & 0xf))),
+        };
+        let (depth, func) = match kind {
+            EventKind::Lost(_) => (0, 0),
+            _ => {
+                let func = rec.payload();
+                if func >= functions as u64 {
+                    return Err(corrupt(
+                        offset,
+                        format!("function id {func} out of range (the process has {functions} functions)"),
+                    ));
+                }
+                (rec.depth(), func as u32)
+            }
+        };
+        thread.events.push(Event { ns: clock.to_ns(rec.time), kind, depth, func });
+    }
+    thread.events.sort_by_key(|e| e.ns);
+    Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names() {
+        assert_eq!(parse_image_name("123.0"), Some((123, 0)));
+        assert_eq!(parse_image_name("7.12"), Some((7, 12)));
+        for bad in ["123", "123.", ".0", "a.0", "1.0.ring", "1.-1", "+1.0"] {
+            assert_eq!(parse_image_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn functions_parse_in_order() {
+        let path = Path::new("f.txt");
+        let text = "0\t401000\tdemo\tmain\n1\t7f00aa\tlibc.so.6\tstd::vector<int>::push_back(int const&)\n";
+        let functions = parse_functions(path, text).unwrap();
+        assert_eq!(
+            functions,
+            [
+                Function { name: "main".into(), module: "demo".into(), addr: 0x401000 },
+                Function {
+                    name: "std::vector<int>::push_back(int const&)".into(),
+                    module: "libc.so.6".into(),
+                    addr: 0x7f00aa
+                },
+            ]
+        );
+        let err = parse_functions(path, "0\t1\tm\ta\n2\t2\tm\tb\n").unwrap_err().to_string();
+        assert_eq!(err, "f.txt:2: function id 2 where 1 was expected");
+        let err = parse_functions(path, "0\t0x10\tm\ta\n").unwrap_err().to_string();
+        assert_eq!(err, "f.txt:1: address \"0x10\" is not hexadecimal");
+        let err = parse_functions(path, "0\t10\tm\n").unwrap_err().to_string();
+        assert_eq!(err, "f.txt:1: expected id, address, module and name separated by tabs");
+    }
+
+    #[test]
+    fn sites_parse_every_line_kind() {
+        let path = Path::new("s.txt");
+        let text = "exe\t/bin/demo\nparent\t41\nkind\tmcount\t10\t9\nkind\tentry\t3\t3\n\
+                    refused\tmcount\t401200\tspin\tbranch\tinto the patched bytes\n";
+        let sites = parse_sites(path, text).unwrap();
+        assert_eq!(sites.exe, "/bin/demo");
+        assert_eq!(sites.parent, 41);
+        assert_eq!(sites.summary.kinds, [("mcount".into(), 10, 9), ("entry".into(), 3, 3)]);
+        assert_eq!(
+            sites.summary.refused,
+            [RefusedSite {
+                kind: "mcount".into(),
+                addr: 0x401200,
+                function: "spin".into(),
+                reason: "branch\tinto the patched bytes".into()
+            }]
+        );
+        let err = parse_sites(path, "exe\t/a\nwhat\tever\n").unwrap_err().to_string();
+        assert!(err.starts_with("s.txt:2: \"what\" is not one of"), "{err}");
+        let err = parse_sites(path, "kind\tmcount\tten\t9\n").unwrap_err().to_string();
+        assert_eq!(err, "s.txt:1: found count \"ten\" is not a number");
+    }
+}
