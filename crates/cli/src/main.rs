@@ -5,13 +5,15 @@
 
 mod bench;
 mod probe;
+mod record;
+mod trace;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 
 /// Dynamic instrumentation for Linux processes.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "dynprobe", version)]
 struct Cli {
     #[command(subcommand)]
@@ -28,15 +30,35 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Run a small bundled program under `dynprobe probe` to show what it does.
     Demo(probe::DemoArgs),
+    /// Run a program and record every call of its functions into a trace directory.
+    ///
+    /// Example: `dynprobe record -F 'parse_*' -- ./server --port 8080`.
+    Record(record::RecordArgs),
+    /// Show a recorded trace as a call graph with durations, like the kernel's function_graph.
+    Replay(trace::replay::ReplayArgs),
+    /// Show per function of a recorded trace: calls, total, self, average and longest time.
+    Report(trace::report::ReportArgs),
+    /// Write a recorded trace as Chrome trace-event JSON (Perfetto) or folded stacks (flame graphs).
+    Export(trace::export::ExportArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed in two steps: `record` needs the matches too, for the order of -F and -N.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         // These report their own errors: their exit status is the program's.
         Command::Probe(args) => return probe::run(&args),
         Command::Demo(args) => return probe::demo(&args),
+        Command::Record(args) => {
+            let record = matches.subcommand_matches("record").expect("the record subcommand was parsed");
+            return record::run(&args, record);
+        }
+        // These fail with status 2, like `probe` with a bad spec.
+        Command::Replay(args) => return trace::replay::run(&args),
+        Command::Report(args) => return trace::report::run(&args),
+        Command::Export(args) => return trace::export::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,8 @@
 //! starts the program with `libdynprobe_agent.so` preloaded; the agent places the probes
 //! before `main` and sends its lines over a pipe (protocol in the `dynprobe-agent` crate).
 
-mod output;
-mod session;
+pub(crate) mod output;
+pub(crate) mod session;
 
 use dynprobe::spec::ProbeSpec;
 use output::Printer;
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 /// The exit status for dynprobe's own errors (bad spec, refused probe, no agent), apart
 /// from the program's, which is passed through.
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 
 /// Arguments of `dynprobe probe`.
 #[derive(clap::Args)]
@@ -116,28 +116,48 @@ fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &Ou
     // white space to the grammar but would split it in two for the agent.
     let lines: Vec<String> =
         parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
-    let program = command[0].to_string_lossy();
-    let outcome =
-        session::run(command, &agent, &lines.join("\n"), optimize, &mut printer).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => format!("cannot run `{program}`: no such program (check the path, or PATH)"),
-            io::ErrorKind::PermissionDenied => format!("cannot run `{program}`: permission denied (is it executable?)"),
-            _ => format!("cannot run `{program}`: {e}"),
-        })?;
+    let mut env = vec![("DYNPROBE_PROBES", OsString::from(lines.join("\n")))];
+    if !optimize {
+        env.push(("DYNPROBE_OPTIMIZE", OsString::from("0")));
+    }
+    let outcome = session::run(command, &agent, &env, &mut session::PrintHits::new(&mut printer))
+        .map_err(|e| cannot_run(&command[0], &e))?;
     match outcome.placement {
         Placement::Refused(error) => {
             let (spec, why) = split_error(&error, &lines);
             return Err(format!("cannot place probe `{spec}`: {why}; the program was not run"));
         }
-        Placement::Silent => eprintln!(
-            "dynprobe: warning: the agent was not loaded into `{program}` (statically linked? \
-             setuid?), so no probe was placed"
-        ),
-        Placement::Ready => {}
+        Placement::Silent => warn_not_loaded(&command[0], "no probe was placed"),
+        Placement::Ready(_) => {}
     }
-    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&outcome.status) {
-        eprintln!("dynprobe: `{program}` was killed by signal {signal} ({})", signal_name(signal));
+    Ok(exit_code(&command[0], outcome.status))
+}
+
+/// The message for a program that could not be started.
+pub(crate) fn cannot_run(program: &std::ffi::OsStr, err: &io::Error) -> String {
+    let program = program.to_string_lossy();
+    match err.kind() {
+        io::ErrorKind::NotFound => format!("cannot run `{program}`: no such program (check the path, or PATH)"),
+        io::ErrorKind::PermissionDenied => format!("cannot run `{program}`: permission denied (is it executable?)"),
+        _ => format!("cannot run `{program}`: {err}"),
     }
-    Ok(ExitCode::from(session::exit_code(outcome.status)))
+}
+
+/// Warns that the agent never reported from `program`, so `consequence`.
+pub(crate) fn warn_not_loaded(program: &std::ffi::OsStr, consequence: &str) {
+    eprintln!(
+        "dynprobe: warning: the agent was not loaded into `{}` (statically linked? setuid?), so {consequence}",
+        program.to_string_lossy()
+    );
+}
+
+/// dynprobe's exit status for the program's `status` (see [`session::exit_code`]), saying
+/// so when a signal killed it.
+pub(crate) fn exit_code(program: &std::ffi::OsStr, status: std::process::ExitStatus) -> ExitCode {
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        eprintln!("dynprobe: `{}` was killed by signal {signal} ({})", program.to_string_lossy(), signal_name(signal));
+    }
+    ExitCode::from(session::exit_code(status))
 }
 
 /// Splits `<spec>: <message>` of an `!error` line; specs hold `:` too, so the known specs
@@ -155,7 +175,7 @@ fn split_error<'a>(error: &'a str, specs: &[String]) -> (&'a str, &'a str) {
 
 /// `libdynprobe_agent.so`: `$DYNPROBE_AGENT`, or the one beside this executable (where
 /// cargo builds both).
-fn agent_path() -> Result<PathBuf, String> {
+pub(crate) fn agent_path() -> Result<PathBuf, String> {
     let path = match std::env::var_os("DYNPROBE_AGENT") {
         Some(path) => PathBuf::from(path),
         None => std::env::current_exe()

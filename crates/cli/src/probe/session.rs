@@ -1,6 +1,8 @@
-//! Running the program with the agent preloaded and relaying the agent's lines.
+//! Running the program with the agent preloaded and relaying the agent's lines: one piece
+//! for `dynprobe probe` and `dynprobe record`, which differ in the environment they give the
+//! agent and in what they do with its hits.
 
-use super::output::{Message, Printer};
+use super::output::{Hit, Message, Printer};
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -11,8 +13,8 @@ use std::process::{Child, Command, ExitStatus};
 /// What the agent reported about placing the probes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// `!ready`: all probes were placed.
-    Ready,
+    /// `!ready <n>`: all probes (`n` sites) were placed.
+    Ready(usize),
     /// `!error`: this line's text after `!error ` (the spec, `: `, why).
     Refused(String),
     /// The agent never reported: it was not loaded (a static or setuid program ignores
@@ -45,8 +47,9 @@ fn pipe() -> io::Result<Pipe> {
     Ok(Pipe { read, write })
 }
 
-/// Starts `command` with the agent preloaded and the probes in its environment.
-fn spawn(command: &[OsString], agent: &Path, probes: &str, optimize: bool, event_fd: RawFd) -> io::Result<Child> {
+/// Starts `command` with the agent preloaded, `event_fd` (the agent's channel) open in it,
+/// and `env`: what the agent is to do (`DYNPROBE_PROBES`, `DYNPROBE_RECORD`...).
+fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd: RawFd) -> io::Result<Child> {
     let mut preload = OsString::from(agent);
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -55,11 +58,8 @@ fn spawn(command: &[OsString], agent: &Path, probes: &str, optimize: bool, event
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..])
         .env("LD_PRELOAD", preload)
-        .env("DYNPROBE_PROBES", probes)
-        .env("DYNPROBE_EVENT_FD", event_fd.to_string());
-    if !optimize {
-        cmd.env("DYNPROBE_OPTIMIZE", "0");
-    }
+        .env("DYNPROBE_EVENT_FD", event_fd.to_string())
+        .envs(env.iter().map(|(name, value)| (name, value)));
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
     // close-on-exec so no other child of ours inherits it, survive this one exec.
@@ -74,17 +74,45 @@ fn spawn(command: &[OsString], agent: &Path, probes: &str, optimize: bool, event
     cmd.spawn()
 }
 
-/// Runs `command` with the probes `specs` (one a line), printing every hit with `printer`
-/// until the program exits.
-pub fn run(
-    command: &[OsString],
-    agent: &Path,
-    specs: &str,
-    optimize: bool,
-    printer: &mut Printer,
-) -> io::Result<Outcome> {
+/// Where the hits the agent reports go.
+pub trait Hits {
+    /// One hit.
+    fn hit(&mut self, hit: &Hit);
+    /// Called after each batch read from the pipe, so output follows the program live.
+    fn flush(&mut self) {}
+}
+
+/// Prints hits with a [`Printer`] until a write fails (a closed `| head`): the lines are
+/// still read after that, so the program never blocks on a full pipe, but not printed.
+pub struct PrintHits<'p> {
+    printer: &'p mut Printer,
+    printing: bool,
+}
+
+impl<'p> PrintHits<'p> {
+    /// Hits printed by `printer`.
+    pub fn new(printer: &'p mut Printer) -> PrintHits<'p> {
+        PrintHits { printer, printing: true }
+    }
+}
+
+impl Hits for PrintHits<'_> {
+    fn hit(&mut self, hit: &Hit) {
+        if self.printing && self.printer.hit(hit).is_err() {
+            self.printing = false;
+        }
+    }
+
+    fn flush(&mut self) {
+        let _ = self.printer.flush();
+    }
+}
+
+/// Runs `command` with the agent preloaded and `env` set (see [`spawn`]), handing every
+/// hit the agent reports to `hits`, until the program exits.
+pub fn run(command: &[OsString], agent: &Path, env: &[(&str, OsString)], hits: &mut dyn Hits) -> io::Result<Outcome> {
     let pipe = pipe()?;
-    let mut child = spawn(command, agent, specs, optimize, pipe.write.as_raw_fd())?;
+    let mut child = spawn(command, agent, env, pipe.write.as_raw_fd())?;
     // Only the program may hold the write end, so the read end sees end-of-file when it
     // (and whatever it forked) is gone.
     drop(pipe.write);
@@ -93,14 +121,14 @@ pub fn run(
     // are inherited across exec.
     // SAFETY: setting a signal to SIG_IGN installs no handler code.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let placement = relay(&pipe.read, &child, printer);
+    let placement = relay(&pipe.read, &child, hits);
     let status = child.wait()?;
     Ok(Outcome { placement: placement?, status })
 }
 
 /// Reads the agent's lines until end-of-file or until the program exits (a process it
 /// forked may keep the pipe open), then what is left in the pipe.
-fn relay(read: &OwnedFd, child: &Child, printer: &mut Printer) -> io::Result<Placement> {
+fn relay(read: &OwnedFd, child: &Child, hits: &mut dyn Hits) -> io::Result<Placement> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
     // Without pidfds (kernels before 5.3) we wait for end-of-file only.
@@ -109,7 +137,7 @@ fn relay(read: &OwnedFd, child: &Child, printer: &mut Printer) -> io::Result<Pla
         unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
     });
     let mut lines = Lines::default();
-    let mut state = Relay { printer, placement: Placement::Silent, printing: true };
+    let mut state = Relay { hits, placement: Placement::Silent };
     loop {
         let mut fds = [
             libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -135,31 +163,24 @@ fn relay(read: &OwnedFd, child: &Child, printer: &mut Printer) -> io::Result<Pla
             while lines.fill(read, &mut |l| state.line(l))? {}
             break;
         }
-        let _ = state.printer.flush();
+        state.hits.flush();
     }
-    let _ = state.printer.flush();
+    state.hits.flush();
     Ok(state.placement)
 }
 
 /// What `relay` keeps between lines.
-struct Relay<'p> {
-    printer: &'p mut Printer,
+struct Relay<'h> {
+    hits: &'h mut dyn Hits,
     placement: Placement,
-    /// False after a failed write (a closed `| head`): the lines are still read, so the
-    /// program never blocks on a full pipe, but no longer printed.
-    printing: bool,
 }
 
 impl Relay<'_> {
     fn line(&mut self, line: &str) {
         match Message::parse(line) {
-            Message::Ready(_) => self.placement = Placement::Ready,
+            Message::Ready(sites) => self.placement = Placement::Ready(sites),
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
-            Message::Hit(hit) => {
-                if self.printing && self.printer.hit(&hit).is_err() {
-                    self.printing = false;
-                }
-            }
+            Message::Hit(hit) => self.hits.hit(&hit),
             Message::Unknown(line) => eprintln!("dynprobe: unexpected line from the agent: {line}"),
         }
     }

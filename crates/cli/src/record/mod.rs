@@ -1,0 +1,307 @@
+//! `dynprobe record`: run a program with the agent preloaded in recording mode and drain
+//! its per-thread rings into a trace directory, like `uftrace record`.
+//!
+//! The agent finds and patches the selected functions' entries before `main` (`!ready
+//! <sites>` on the event pipe, or `!error <message>` and no `main` at all), then every
+//! entry and exit goes into a ring in shared memory under the ring directory; a
+//! [`dynprobe_events::recorder::Recorder`] on a thread of ours drains them every 20 ms
+//! ([`progress`]). At the end: the site summary and what was recorded ([`summary`]).
+
+mod progress;
+mod summary;
+
+use crate::probe::output::Hit;
+use crate::probe::session::{self, Hits, Placement};
+use crate::probe::{agent_path, cannot_run, exit_code, warn_not_loaded, EXIT_USAGE};
+use clap::ArgMatches;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Arguments of `dynprobe record`.
+#[derive(clap::Args)]
+pub struct RecordArgs {
+    /// Trace the functions matching GLOB (`*`, `?`; `MODULE:GLOB` for a shared library's,
+    /// as in `libc:malloc`). Repeatable; without -F, every function of the executable.
+    #[arg(short = 'F', long = "filter", value_name = "GLOB")]
+    filters: Vec<String>,
+    /// Do not trace the functions matching GLOB. Repeatable; -F and -N apply in the order given.
+    #[arg(short = 'N', long = "notrace", value_name = "GLOB")]
+    notrace: Vec<String>,
+    /// Record calls only down to this depth (1 = the outermost traced calls only).
+    #[arg(short = 'D', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    depth: Option<u16>,
+    /// The trace directory to write; an older trace there is renamed to DIR.old.
+    #[arg(short = 'o', long = "output", value_name = "DIR", default_value = crate::trace::DEFAULT_DIR)]
+    dir: PathBuf,
+    /// Records per thread's ring buffer: a power of two, at least 16. Larger rings lose
+    /// fewer events when the program calls faster than dynprobe drains.
+    #[arg(long, value_name = "RECORDS")]
+    buffer_size: Option<u64>,
+    /// Patch plain function entries with breakpoint probes only (no jump optimization).
+    #[arg(long)]
+    no_optimize: bool,
+    /// The program to run and its arguments, after `--`.
+    #[arg(last = true, value_name = "PROG")]
+    command: Vec<OsString>,
+}
+
+/// Runs `dynprobe record`; `matches` are the subcommand's, for the order of -F and -N.
+pub fn run(args: &RecordArgs, matches: &ArgMatches) -> ExitCode {
+    match record(args, matches) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("dynprobe: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
+    let Some(program) = args.command.first() else {
+        return Err("no program to run; give it after `--`, as in `dynprobe record -- ./prog`".into());
+    };
+    if let Some(size) = args.buffer_size {
+        check_buffer_size(size)?;
+    }
+    let filter = filter_lines(args, matches)?;
+    let agent = agent_path()?;
+    let mut out = OutputDir::prepare(&args.dir)?;
+    let rings = RingDir::create(&args.dir)?;
+    let mut env = vec![("DYNPROBE_RECORD", OsString::from(&rings.path))];
+    if !filter.is_empty() {
+        env.push(("DYNPROBE_FILTER", OsString::from(filter)));
+    }
+    if let Some(depth) = args.depth {
+        env.push(("DYNPROBE_DEPTH", depth.to_string().into()));
+    }
+    if let Some(size) = args.buffer_size {
+        env.push(("DYNPROBE_RING_RECORDS", size.to_string().into()));
+    }
+    if args.no_optimize {
+        env.push(("DYNPROBE_OPTIMIZE", "0".into()));
+    }
+    let command: Vec<String> = args.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let recording = progress::Recording::start(&rings.path, &args.dir, &command)
+        .map_err(|e| format!("cannot start recording: {e}"))?;
+    let outcome = session::run(&args.command, &agent, &env, &mut UnexpectedHits);
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            recording.abandon();
+            out.restore();
+            return Err(cannot_run(program, &err));
+        }
+    };
+    if let Placement::Refused(message) = &outcome.placement {
+        recording.abandon();
+        out.restore();
+        return Err(format!("{message}; the program was not run"));
+    }
+    let stats = recording.finish(Some(i32::from(session::exit_code(outcome.status))))?;
+    drop(rings);
+    if outcome.placement == Placement::Silent {
+        warn_not_loaded(program, "nothing was recorded");
+    }
+    summary::print(&args.dir, &stats);
+    Ok(exit_code(program, outcome.status))
+}
+
+/// The agent's `DYNPROBE_FILTER`: one `F <glob>` or `N <glob>` line per flag, in the order
+/// they were given.
+fn filter_lines(args: &RecordArgs, matches: &ArgMatches) -> Result<String, String> {
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    for (id, letter, globs) in [("filters", 'F', &args.filters), ("notrace", 'N', &args.notrace)] {
+        let indices = matches.indices_of(id).into_iter().flatten();
+        for (index, glob) in indices.zip(globs) {
+            if glob.is_empty() || glob.contains('\n') {
+                return Err(format!("bad -{letter} glob {glob:?}: it must be one line, not empty"));
+            }
+            lines.push((index, format!("{letter} {glob}")));
+        }
+    }
+    lines.sort();
+    Ok(lines.into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"))
+}
+
+/// The agent's ring layout needs a power of two (index masks) and room for a few records.
+fn check_buffer_size(records: u64) -> Result<(), String> {
+    if records >= 16 && records.is_power_of_two() && records <= u32::MAX as u64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "--buffer-size {records}: the records per ring must be a power of two from 16 to 2^31 \
+             (as in --buffer-size 65536)"
+        ))
+    }
+}
+
+/// The agent's hit lines are `dynprobe probe`'s; in recording mode there are none.
+struct UnexpectedHits;
+
+impl Hits for UnexpectedHits {
+    fn hit(&mut self, hit: &Hit) {
+        eprintln!("dynprobe: unexpected probe hit from the agent while recording: {} {}", hit.tid, hit.event);
+    }
+}
+
+/// The trace directory, and what was there before.
+struct OutputDir {
+    dir: PathBuf,
+    /// Where an older trace in `dir` was moved.
+    old: Option<PathBuf>,
+    /// Whether `dir` existed (empty) before.
+    existed: bool,
+}
+
+impl OutputDir {
+    /// Makes `dir` an empty directory: an older trace there moves to `DIR.old` (replacing
+    /// an older `.old`), like `uftrace record`; anything else that is not empty stays and
+    /// is an error.
+    fn prepare(dir: &Path) -> Result<OutputDir, String> {
+        let shown = dir.display();
+        let mut out = OutputDir { dir: dir.to_path_buf(), old: None, existed: false };
+        match fs::symlink_metadata(dir) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(format!("cannot use `{shown}` for the trace: {err}")),
+            Ok(meta) if !meta.is_dir() => {
+                return Err(format!("`{shown}` exists and is not a directory; choose another with -o DIR"))
+            }
+            Ok(_) if dir.join("info.json").exists() => {
+                let mut old = dir.as_os_str().to_os_string();
+                old.push(".old");
+                let old = PathBuf::from(old);
+                if old.exists() {
+                    fs::remove_dir_all(&old)
+                        .map_err(|e| format!("cannot remove the older trace `{}`: {e}", old.display()))?;
+                }
+                fs::rename(dir, &old)
+                    .map_err(|e| format!("cannot move the trace `{shown}` to `{}`: {e}", old.display()))?;
+                out.old = Some(old);
+            }
+            Ok(_) => {
+                let mut entries = fs::read_dir(dir).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+                if entries.next().is_some() {
+                    return Err(format!(
+                        "`{shown}` exists and holds something other than a dynprobe trace; remove it or \
+                         choose another directory with -o DIR"
+                    ));
+                }
+                out.existed = true;
+            }
+        }
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create `{shown}`: {e}"))?;
+        Ok(out)
+    }
+
+    /// Puts things back as they were (the program did not run): the new directory goes,
+    /// the older trace comes back.
+    fn restore(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+        if self.existed {
+            let _ = fs::create_dir(&self.dir);
+        }
+        if let Some(old) = self.old.take() {
+            let _ = fs::rename(old, &self.dir);
+        }
+    }
+}
+
+/// The directory of the ring files, removed when dropped: `/dev/shm/dynprobe-<pid>`
+/// (memory, never written back to disk), else `DIR/.rings`.
+struct RingDir {
+    path: PathBuf,
+}
+
+impl RingDir {
+    fn create(out_dir: &Path) -> Result<RingDir, String> {
+        let path = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from(format!("/dev/shm/dynprobe-{}", std::process::id()))
+        } else {
+            out_dir.join(".rings")
+        };
+        // Left by an earlier dynprobe that had our pid and was killed: nobody uses it.
+        if path.exists() {
+            fs::remove_dir_all(&path).map_err(|e| format!("cannot remove the stale `{}`: {e}", path.display()))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot create the ring directory `{}`: {e}", path.display()))?;
+        Ok(RingDir { path })
+    }
+}
+
+impl Drop for RingDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        record: RecordArgs,
+    }
+
+    fn filters(argv: &[&str]) -> Result<String, String> {
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        filter_lines(&cli.record, &matches)
+    }
+
+    #[test]
+    fn filters_keep_the_command_line_order() {
+        assert_eq!(
+            filters(&["record", "-F", "parse_*", "-N", "parse_header", "--filter", "libc:malloc", "--", "./p"]),
+            Ok("F parse_*\nN parse_header\nF libc:malloc".into())
+        );
+        assert_eq!(filters(&["record", "--", "./p"]), Ok(String::new()));
+        assert!(filters(&["record", "-N", "a\nb", "--", "./p"]).unwrap_err().contains("one line"));
+    }
+
+    #[test]
+    fn buffer_sizes_are_powers_of_two() {
+        assert!(check_buffer_size(16).is_ok());
+        assert!(check_buffer_size(1 << 20).is_ok());
+        for bad in [0, 8, 100, 1000, 1 << 40] {
+            assert!(check_buffer_size(bad).unwrap_err().contains("power of two"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_older_trace_moves_aside_and_comes_back() {
+        let root = std::env::temp_dir().join(format!("dynprobe-outdir-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let dir = root.join("t.data");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("info.json"), "{}").unwrap();
+        fs::create_dir(root.join("t.data.old")).unwrap();
+        fs::write(root.join("t.data.old/info.json"), "older").unwrap();
+
+        let mut out = OutputDir::prepare(&dir).unwrap();
+        assert_eq!(fs::read_to_string(root.join("t.data.old/info.json")).unwrap(), "{}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "a new, empty directory");
+        out.restore();
+        assert_eq!(fs::read_to_string(dir.join("info.json")).unwrap(), "{}");
+
+        let other = root.join("other");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("notes.txt"), "mine").unwrap();
+        let err = OutputDir::prepare(&other).err().unwrap();
+        assert!(err.contains("holds something other than a dynprobe trace"), "{err}");
+        assert_eq!(fs::read_to_string(other.join("notes.txt")).unwrap(), "mine");
+
+        fs::write(root.join("file"), "").unwrap();
+        assert!(OutputDir::prepare(&root.join("file")).err().unwrap().contains("is not a directory"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,187 @@
+//! The recorder's thread: it drains the rings every 20 ms while the program runs and shows
+//! how the recording goes on stderr.
+//!
+//! On a terminal the progress line is rewritten in place (`\r`) from half a second on;
+//! otherwise (a log file) a line is printed every 5 seconds, and none for a short run.
+
+use dynprobe_events::recorder::{RecordStats, Recorder};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How often the rings are drained.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What the main thread tells the recorder's thread.
+enum Stop {
+    /// The program exited with this status: drain what is left and complete the trace.
+    Finish(Option<i32>),
+}
+
+/// A recording in progress on its own thread (the recorder never leaves it).
+pub struct Recording {
+    stop: Sender<Stop>,
+    thread: JoinHandle<Result<RecordStats, String>>,
+}
+
+impl Recording {
+    /// Starts a recorder draining the rings in `ring_dir` into the trace `out_dir`.
+    pub fn start(ring_dir: &Path, out_dir: &Path, command: &[String]) -> Result<Recording, String> {
+        let (ring_dir, out_dir, command) = (ring_dir.to_path_buf(), out_dir.to_path_buf(), command.to_vec());
+        let (started_tx, started_rx) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("dynprobe-recorder".into())
+            .spawn(move || {
+                let mut recorder = match Recorder::new(&ring_dir, &out_dir, &command) {
+                    Ok(recorder) => {
+                        let _ = started_tx.send(Ok(()));
+                        recorder
+                    }
+                    Err(err) => {
+                        let _ = started_tx.send(Err(err.to_string()));
+                        return Err(String::new());
+                    }
+                };
+                let mut progress = Progress::new(std::io::stderr().is_terminal());
+                loop {
+                    match stop_rx.recv_timeout(POLL) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(Stop::Finish(code)) => {
+                            progress.clear();
+                            return recorder.finish(code).map_err(|e| format!("recording failed: {e}"));
+                        }
+                        // Abandoned: the program did not run.
+                        Err(RecvTimeoutError::Disconnected) => {
+                            progress.clear();
+                            return Err("the recording was abandoned".into());
+                        }
+                    }
+                    // The recorder reports a bad ring file once and leaves it alone
+                    // afterwards: say so and go on with the others.
+                    match recorder.poll() {
+                        Ok(stats) => progress.show(&stats),
+                        Err(err) => {
+                            progress.clear();
+                            eprintln!("dynprobe: warning: while recording: {err}");
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the recorder thread: {e}"))?;
+        match started_rx.recv() {
+            Ok(Ok(())) => Ok(Recording { stop, thread }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(message)
+            }
+            Err(_) => Err("the recorder thread died while starting".into()),
+        }
+    }
+
+    /// Drains what is left, completes the trace with the program's `exit_code` and says
+    /// what was recorded.
+    pub fn finish(self, exit_code: Option<i32>) -> Result<RecordStats, String> {
+        let _ = self.stop.send(Stop::Finish(exit_code));
+        self.thread.join().unwrap_or_else(|_| Err("the recorder thread panicked".into()))
+    }
+
+    /// Stops without completing the trace (the program did not run).
+    pub fn abandon(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// The progress line.
+struct Progress {
+    terminal: bool,
+    started: Instant,
+    /// When the last line was shown.
+    shown: Option<Instant>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Progress {
+        Progress { terminal, started: Instant::now(), shown: None }
+    }
+
+    fn show(&mut self, stats: &RecordStats) {
+        let now = Instant::now();
+        let (first, every) = if self.terminal {
+            (Duration::from_millis(500), Duration::from_millis(100))
+        } else {
+            (Duration::from_secs(5), Duration::from_secs(5))
+        };
+        let due = match self.shown {
+            None => now.duration_since(self.started) >= first,
+            Some(shown) => now.duration_since(shown) >= every,
+        };
+        if !due {
+            return;
+        }
+        self.shown = Some(now);
+        let line = line(stats);
+        let mut err = std::io::stderr().lock();
+        let _ = if self.terminal { write!(err, "\r{line}\x1b[K") } else { writeln!(err, "{line}") };
+        let _ = err.flush();
+    }
+
+    /// Takes a terminal's line away before the summary.
+    fn clear(&mut self) {
+        if self.terminal && self.shown.is_some() {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+        self.shown = None;
+    }
+}
+
+/// `recording: 1.2 M events, 0 lost, 3 threads, 19 MB`.
+fn line(stats: &RecordStats) -> String {
+    format!(
+        "recording: {} events, {} lost, {} thread{}, {}",
+        count(stats.events),
+        count(stats.lost),
+        stats.threads,
+        if stats.threads == 1 { "" } else { "s" },
+        bytes(stats.bytes)
+    )
+}
+
+/// A count, short: `950`, `12.3 k`, `1.2 M`, `3.4 G`.
+pub fn count(n: u64) -> String {
+    match n {
+        0..=999 => n.to_string(),
+        1_000..=999_999 => format!("{:.1} k", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} M", n as f64 / 1e6),
+        _ => format!("{:.1} G", n as f64 / 1e9),
+    }
+}
+
+/// A size, short: `512 B`, `12 kB`, `19 MB`, `1.5 GB`.
+pub fn bytes(n: u64) -> String {
+    match n {
+        0..=999 => format!("{n} B"),
+        1_000..=999_999 => format!("{} kB", n / 1_000),
+        1_000_000..=999_999_999 => format!("{} MB", n / 1_000_000),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line() {
+        let stats = RecordStats { events: 1_234_567, lost: 0, processes: 1, threads: 3, bytes: 19_753_072 };
+        assert_eq!(line(&stats), "recording: 1.2 M events, 0 lost, 3 threads, 19 MB");
+        let one = RecordStats { events: 950, lost: 12_345, processes: 1, threads: 1, bytes: 15_200 };
+        assert_eq!(line(&one), "recording: 950 events, 12.3 k lost, 1 thread, 15 kB");
+        assert_eq!(count(3_400_000_000), "3.4 G");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1_500_000_000), "1.5 GB");
+    }
+}

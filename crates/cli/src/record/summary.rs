@@ -1,0 +1,139 @@
+//! What `dynprobe record` says at the end, on stderr: per program image, the function
+//! sites found, patched and refused by kind with the reasons (the kernel's
+//! `dyn_ftrace_total_info`), then how many events went where. Lost events are never
+//! passed over: they get a warning of their own.
+
+use super::progress::count;
+use dynprobe_events::model::{ProcessTrace, Trace};
+use dynprobe_events::recorder::RecordStats;
+use std::fmt::Write;
+use std::path::Path;
+
+/// How many refused sites are listed per image.
+const REFUSED_SHOWN: usize = 10;
+
+/// Prints the summary of the trace just recorded in `dir`.
+pub fn print(dir: &Path, stats: &RecordStats) {
+    // The site summaries are in the trace itself; reading it back also checks it.
+    match dynprobe_events::trace::read(dir) {
+        Ok(trace) => eprint!("{}", sites(&trace)),
+        Err(err) => eprintln!("dynprobe: warning: the trace just written does not read back: {err}"),
+    }
+    eprint!("{}", totals(dir, stats));
+}
+
+/// The site tables, one per distinct image (forked children share their parent's).
+fn sites(trace: &Trace) -> String {
+    let mut out = String::new();
+    let mut shown: Vec<&ProcessTrace> = Vec::new();
+    for process in &trace.processes {
+        if shown.iter().any(|p| p.exe == process.exe && p.sites == process.sites) {
+            continue;
+        }
+        shown.push(process);
+        let same = trace.processes.iter().filter(|p| p.exe == process.exe && p.sites == process.sites).count();
+        let others = match same - 1 {
+            0 => String::new(),
+            1 => ", and 1 more process".to_string(),
+            n => format!(", and {n} more processes"),
+        };
+        let _ = writeln!(out, "dynprobe: function sites in {} (pid {}{others}):", process.exe, process.pid);
+        let _ = writeln!(out, "  {:<12} {:>8} {:>8} {:>8}", "kind", "found", "patched", "refused");
+        for (kind, found, patched) in &process.sites.kinds {
+            let _ = writeln!(out, "  {kind:<12} {found:>8} {patched:>8} {:>8}", found.saturating_sub(*patched));
+        }
+        let refused = &process.sites.refused;
+        for site in refused.iter().take(REFUSED_SHOWN) {
+            let _ = writeln!(
+                out,
+                "    refused {} ({} site at {:#x}): {}",
+                site.function, site.kind, site.addr, site.reason
+            );
+        }
+        if refused.len() > REFUSED_SHOWN {
+            let _ = writeln!(out, "    … and {} more refused", refused.len() - REFUSED_SHOWN);
+        }
+    }
+    out
+}
+
+/// The last lines: what was recorded where, and a warning for lost events.
+fn totals(dir: &Path, stats: &RecordStats) -> String {
+    let mut out = String::new();
+    if stats.lost > 0 {
+        let _ = writeln!(
+            out,
+            "dynprobe: WARNING: {} events were LOST: the program filled the ring buffers faster than they \
+             were drained. Give larger rings (--buffer-size), or trace fewer functions (-F, -N, --depth). \
+             Replay shows where the losses are.",
+            stats.lost
+        );
+    }
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let dir = dir.display();
+    let _ = writeln!(
+        out,
+        "recorded {} events ({} lost) from {} of {} into {dir}; see dynprobe replay {dir}",
+        stats.events,
+        count(stats.lost),
+        plural(stats.threads, "thread", "threads"),
+        plural(stats.processes, "process", "processes"),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynprobe_events::model::{RefusedSite, SiteSummary};
+
+    fn image(pid: u32, exe: &str, refused: usize) -> ProcessTrace {
+        ProcessTrace {
+            pid,
+            exe: exe.into(),
+            sites: SiteSummary {
+                kinds: vec![("mcount".into(), 40, 40), ("entry".into(), 12, 12 - refused as u64)],
+                refused: (0..refused)
+                    .map(|i| RefusedSite {
+                        kind: "entry".into(),
+                        addr: 0x401000 + i as u64,
+                        function: format!("f{i}"),
+                        reason: "a jump into the covered bytes".into(),
+                    })
+                    .collect(),
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sites_per_distinct_image_with_the_first_refusals() {
+        let trace = Trace {
+            processes: vec![image(10, "/bin/demo", 12), image(11, "/bin/demo", 12), image(12, "/bin/sh", 1)],
+            ..Default::default()
+        };
+        let text = sites(&trace);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "dynprobe: function sites in /bin/demo (pid 10, and 1 more process):");
+        assert_eq!(lines[1], "  kind            found  patched  refused");
+        assert_eq!(lines[2], "  mcount             40       40        0");
+        assert_eq!(lines[3], "  entry              12        0       12");
+        assert_eq!(lines[4], "    refused f0 (entry site at 0x401000): a jump into the covered bytes");
+        assert_eq!(lines[14], "    … and 2 more refused");
+        assert_eq!(lines[15], "dynprobe: function sites in /bin/sh (pid 12):");
+        assert_eq!(lines.len(), 20);
+    }
+
+    #[test]
+    fn totals_and_loud_losses() {
+        let stats = RecordStats { events: 1234, lost: 0, processes: 1, threads: 3, bytes: 0 };
+        assert_eq!(
+            totals(Path::new("d.data"), &stats),
+            "recorded 1234 events (0 lost) from 3 threads of 1 process into d.data; see dynprobe replay d.data\n"
+        );
+        let lossy = RecordStats { events: 10, lost: 5, processes: 2, threads: 1, bytes: 0 };
+        let text = totals(Path::new("d.data"), &lossy);
+        assert!(text.starts_with("dynprobe: WARNING: 5 events were LOST"), "{text}");
+        assert!(text.ends_with("(5 lost) from 1 thread of 2 processes into d.data; see dynprobe replay d.data\n"));
+    }
+}
