@@ -328,6 +328,189 @@ fn read_thread(path: &Path, pid: u32, functions: usize, clock: &Calibration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
+    use crate::testutil::TempDir;
+
+    /// A trace directory by hand: times are ns, process 10 has functions f0..f2 and thread
+    /// files with `records` (raw bytes after the header).
+    struct Fixture {
+        dir: TempDir,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Fixture {
+            let fixture = Fixture { dir: TempDir::new(name) };
+            let clock = Calibration::start(Clock::MonotonicNs, (0, 0));
+            let mut info = Info::new(vec!["demo".into()], 100, clock);
+            info.processes.push(InfoProcess { dir: "10.0".into(), pid: 10, parent: 0, exe: "/from/info".into() });
+            fixture.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
+            fixture.write("10.0/functions.txt", b"0\t1000\tdemo\tf0\n1\t1100\tdemo\tf1\n2\t1200\tdemo\tf2\n");
+            fixture
+        }
+
+        fn write(&self, rel: &str, bytes: &[u8]) {
+            let path = self.dir.path().join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        }
+
+        fn thread(&self, pid: u32, n: u32, tid: u32, records: &[Record]) -> Vec<u8> {
+            let mut bytes = dat_header(pid, tid).to_vec();
+            bytes.extend(records.iter().flat_map(|r| r.to_bytes()));
+            self.write(&format!("{pid}.{n}/{tid}.dat"), &bytes);
+            bytes
+        }
+
+        fn read_err(&self) -> String {
+            read(self.dir.path()).unwrap_err().to_string()
+        }
+    }
+
+    fn rec(kind: Kind, time: u64, depth: u16, payload: u64) -> Record {
+        Record::new(kind, time, depth, payload)
+    }
+
+    #[test]
+    fn events_come_out_sorted_with_losses_counted() {
+        let f = Fixture::new("trace-read");
+        // Thread 11 starts later than thread 12; a Lost record sits between its events.
+        f.thread(
+            10,
+            0,
+            11,
+            &[
+                rec(Kind::Thread, 500, 0, 11),
+                rec(Kind::Entry, 500, 0, 2),
+                rec(Kind::Lost, 510, 0, 4),
+                rec(Kind::Exit, 520, 0, 2),
+                rec(Kind::Lost, 530, 0, 1),
+            ],
+        );
+        f.thread(
+            10,
+            0,
+            12,
+            &[rec(Kind::Thread, 200, 0, 12), rec(Kind::Unwound, 250, 3, 1), rec(Kind::Entry, 210, 2, 0)],
+        );
+        // A process with no events, and one that started earlier.
+        f.write("11.0/functions.txt", b"");
+        f.write("9.1/functions.txt", b"0\t10\tm\tg\n");
+        f.write("9.1/sites.txt", b"exe\t/bin/nine\nparent\t3\n");
+        f.thread(9, 1, 9, &[rec(Kind::Entry, 150, 0, 0)]);
+
+        let trace = read(f.dir.path()).unwrap();
+        assert_eq!((trace.start_ns, trace.end_ns, trace.exit_code), (100, 530, None));
+        let order: Vec<_> = trace.processes.iter().map(|p| (p.pid, p.parent, p.exe.as_str())).collect();
+        assert_eq!(order, [(9, 3, "/bin/nine"), (10, 0, "/from/info"), (11, 0, "")]);
+        let p = &trace.processes[1];
+        assert_eq!(p.threads.iter().map(|t| (t.tid, t.lost)).collect::<Vec<_>>(), [(12, 0), (11, 5)]);
+        let ev = |ns, kind, depth, func| Event { ns, kind, depth, func };
+        assert_eq!(p.threads[0].events, [ev(210, EventKind::Entry, 2, 0), ev(250, EventKind::Unwound, 3, 1)]);
+        assert_eq!(
+            p.threads[1].events,
+            [
+                ev(500, EventKind::Entry, 0, 2),
+                ev(510, EventKind::Lost(4), 0, 0),
+                ev(520, EventKind::Exit, 0, 2),
+                ev(530, EventKind::Lost(1), 0, 0)
+            ]
+        );
+        assert!(trace.processes[2].threads.is_empty());
+    }
+
+    #[test]
+    fn a_partial_last_record_is_ignored() {
+        let f = Fixture::new("trace-partial");
+        let mut bytes = f.thread(10, 0, 11, &[rec(Kind::Entry, 500, 0, 1)]);
+        bytes.extend_from_slice(&rec(Kind::Exit, 600, 0, 1).to_bytes()[..9]);
+        f.write("10.0/11.dat", &bytes);
+        let trace = read(f.dir.path()).unwrap();
+        assert_eq!(trace.processes[0].threads[0].events.len(), 1);
+    }
+
+    #[test]
+    fn missing_and_foreign_directories_say_so() {
+        let tmp = TempDir::new("trace-missing");
+        let none = tmp.path().join("none");
+        let err = read(&none).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("cannot read trace directory {}: ", none.display())), "{err}");
+        let err = read(tmp.path()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{} is not a trace directory (it has no info.json; `dynprobe record` writes one)",
+                tmp.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_bad_info_json_is_named() {
+        let f = Fixture::new("trace-info");
+        let path = f.dir.path().join("info.json");
+        f.write("info.json", b"{\n\"format\": ");
+        let err = f.read_err();
+        assert!(err.starts_with(&format!("{}:2: ", path.display())), "{err}");
+        f.write("info.json", br#"{"format":"other"}"#);
+        assert!(f.read_err().contains("missing field"), "{}", f.read_err());
+        let mut info = Info::new(vec![], 0, Calibration::start(Clock::Tsc, (0, 0)));
+        info.format = "chrome".into();
+        f.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
+        assert_eq!(f.read_err(), format!("{}: format \"chrome\", not \"dynprobe-trace\"", path.display()));
+        info.format = FORMAT.into();
+        info.version = 9;
+        f.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
+        assert_eq!(f.read_err(), format!("{}: trace version 9, this dynprobe reads version 1", path.display()));
+    }
+
+    #[test]
+    fn corrupt_thread_files_are_named_with_the_offset() {
+        let f = Fixture::new("trace-corrupt");
+        let dat = f.dir.path().join("10.0/11.dat");
+        f.write("10.0/11.dat", b"NOTATRACEFILE...");
+        assert_eq!(
+            f.read_err(),
+            format!("{}: not a dynprobe thread trace (it does not start with DYNPTRC1)", dat.display())
+        );
+        f.write("10.0/11.dat", b"DYNPTRC1\x0a\0\0");
+        assert_eq!(
+            f.read_err(),
+            format!("{}: corrupt record at byte 8: the header ends before its pid and tid", dat.display())
+        );
+        f.thread(10, 0, 11, &[rec(Kind::Entry, 1, 0, 0), Record { time: 2, word: 0x7 }]);
+        assert_eq!(f.read_err(), format!("{}: corrupt record at byte 32: invalid record kind 7", dat.display()));
+        f.thread(10, 0, 11, &[rec(Kind::Entry, 1, 0, 0), rec(Kind::Entry, 2, 1, 1), rec(Kind::Exit, 3, 1, 3)]);
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 48: function id 3 out of range (the process has 3 functions)",
+                dat.display()
+            )
+        );
+        f.thread(10, 0, 11, &[]);
+        f.thread(77, 0, 11, &[]);
+        fs::rename(f.dir.path().join("77.0/11.dat"), &dat).unwrap();
+        assert_eq!(
+            f.read_err(),
+            format!("{}: corrupt record at byte 8: pid 77 in the directory of process 10", dat.display())
+        );
+    }
+
+    #[test]
+    fn bad_companion_files_are_named_with_the_line() {
+        let f = Fixture::new("trace-companions");
+        f.write("10.0/sites.txt", b"exe\t/bin/demo\nkind\tmcount\t1\n");
+        let sites = f.dir.path().join("10.0/sites.txt");
+        assert!(
+            f.read_err().starts_with(&format!("{}:2: \"kind\" is not one of", sites.display())),
+            "{}",
+            f.read_err()
+        );
+        f.write("10.0/sites.txt", b"");
+        f.write("10.0/functions.txt", b"zero\t0\tm\tf\n");
+        let functions = f.dir.path().join("10.0/functions.txt");
+        assert_eq!(f.read_err(), format!("{}:1: function id \"zero\" is not a number", functions.display()));
+    }
 
     #[test]
     fn image_names() {
