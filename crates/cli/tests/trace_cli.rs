@@ -1,0 +1,250 @@
+//! Command-line tests of `dynprobe record`, `replay`, `report` and `export`: their error
+//! paths, and the three readers on a trace written by the real recorder from ring files
+//! made here the way the agent makes them (so no agent is needed).
+
+use dynprobe_events::clock::Clock;
+use dynprobe_events::record::{Kind, Record};
+use dynprobe_events::recorder::Recorder;
+use dynprobe_events::ring::RingFile;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `dynprobe ARGS`, with `DYNPROBE_AGENT` pointing at an existing file: the tests that get
+/// as far as looking for the agent fail before it would be loaded.
+fn dynprobe(args: &[&str]) -> Output {
+    let exe = env!("CARGO_BIN_EXE_dynprobe");
+    Command::new(exe).args(args).env("DYNPROBE_AGENT", exe).output().expect("run dynprobe")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Checks that `out` failed with status 2 and returns its stderr.
+fn failed(out: &Output) -> String {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "stdout: {}", text(&out.stdout));
+    stderr
+}
+
+/// The readers' failures, with the same message for all three.
+fn readers_fail(dir: &Path, expected: &str) {
+    let dir = dir.to_str().unwrap();
+    let chrome = format!("{dir}-out.json");
+    for args in [vec!["replay", dir], vec!["report", dir], vec!["export", "--chrome", &chrome, dir]] {
+        let stderr = failed(&dynprobe(&args));
+        assert!(stderr.starts_with("dynprobe: ") && stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    assert!(!Path::new(&chrome).exists(), "nothing is written for a bad trace");
+}
+
+#[test]
+fn a_missing_directory_is_named() {
+    readers_fail(Path::new("/nonexistent/dynprobe.data"), "/nonexistent/dynprobe.data");
+}
+
+#[test]
+fn a_directory_that_is_not_a_trace_says_so() {
+    let dir = scratch("not-a-trace");
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    readers_fail(&dir, "is not a trace directory");
+}
+
+#[test]
+fn a_corrupt_info_json_is_named() {
+    let dir = scratch("corrupt");
+    std::fs::write(dir.join("info.json"), "{\"format\": \"dynprobe-trace\", \"vers").unwrap();
+    readers_fail(&dir, "info.json");
+}
+
+#[test]
+fn record_without_a_program_or_with_a_missing_one() {
+    let dir = scratch("record-missing");
+    let out_dir = dir.join("t.data");
+    let out_str = out_dir.to_str().unwrap();
+    let stderr = failed(&dynprobe(&["record", "-o", out_str]));
+    assert!(stderr.contains("no program to run; give it after `--`"), "{stderr}");
+
+    let stderr = failed(&dynprobe(&["record", "-o", out_str, "--", "/nonexistent/program"]));
+    assert_eq!(stderr, "dynprobe: cannot run `/nonexistent/program`: no such program (check the path, or PATH)\n");
+    assert!(!out_dir.exists(), "no trace is left for a program that did not run");
+}
+
+#[test]
+fn record_refuses_a_bad_buffer_size_before_running_anything() {
+    let dir = scratch("record-buffer");
+    let marker = dir.join("ran");
+    let script = format!("touch {}", marker.display());
+    let stderr = failed(&dynprobe(&["record", "--buffer-size", "100", "--", "/bin/sh", "-c", &script]));
+    assert!(stderr.starts_with("dynprobe: --buffer-size 100: the records per ring must be a power of two"), "{stderr}");
+    assert!(!marker.exists(), "the program ran");
+}
+
+#[test]
+fn record_keeps_a_directory_that_is_not_a_trace() {
+    let dir = scratch("record-other");
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let stderr = failed(&dynprobe(&["record", "-o", dir.to_str().unwrap(), "--", "/bin/true"]));
+    assert!(stderr.contains("holds something other than a dynprobe trace"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(dir.join("notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn export_needs_an_output() {
+    let stderr = failed(&dynprobe(&["export", "/nonexistent"]));
+    assert!(stderr.contains("nothing to export: give --chrome OUT.json and/or --folded OUT.txt"), "{stderr}");
+}
+
+/// The functions of the made-up image.
+const FUNCS: &str = "0\t401000\tdemo\tmain\n1\t401100\tdemo\tparse_record\n2\t401200\tdemo\tchecksum\n";
+const SITES: &str = "exe\t/bin/demo\nparent\t0\nkind\tmcount\t3\t3\n";
+/// Threads of the made-up image.
+const TID_A: u32 = 4242;
+const TID_B: u32 = 4243;
+
+/// A trace recorded by the real recorder: thread A runs main { parse_record { checksum }
+/// checksum }, then thread B runs checksum.
+fn recorded() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch("recorded");
+        let (rings, out) = (dir.join("rings"), dir.join("t.data"));
+        let mut recorder = Recorder::new(&rings, &out, &["/bin/demo".to_string()]).unwrap();
+        std::fs::create_dir_all(&rings).unwrap();
+        let name = format!("{}.0", std::process::id());
+        std::fs::write(rings.join(format!("{name}.funcs")), FUNCS).unwrap();
+        std::fs::write(rings.join(format!("{name}.sites")), SITES).unwrap();
+        let file = RingFile::create(&rings.join(format!("{name}.ring")), 2, 64, Clock::detect()).unwrap();
+        let calls: [(usize, u32, Kind, u16, u64); 10] = [
+            (0, TID_A, Kind::Entry, 0, 0),
+            (0, TID_A, Kind::Entry, 1, 1),
+            (0, TID_A, Kind::Entry, 2, 2),
+            (0, TID_A, Kind::Exit, 2, 2),
+            (0, TID_A, Kind::Exit, 1, 1),
+            (0, TID_A, Kind::Entry, 1, 2),
+            (0, TID_A, Kind::Exit, 1, 2),
+            (0, TID_A, Kind::Exit, 0, 0),
+            (1, TID_B, Kind::Entry, 0, 2),
+            (1, TID_B, Kind::Exit, 0, 2),
+        ];
+        for (ring, tid, kind, depth, func) in calls {
+            // A little time apart, so that every call lasts.
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            file.push(ring, tid, Record::new(kind, file.clock().now(), depth, func));
+        }
+        recorder.poll().unwrap();
+        let stats = recorder.finish(Some(0)).unwrap();
+        assert_eq!((stats.events, stats.threads), (10, 2));
+        out
+    })
+}
+
+/// The replay with each line's duration column replaced by `D` when it has one.
+fn masked(replay: &str) -> String {
+    replay
+        .lines()
+        .map(|line| match line.split_at_checked(11) {
+            Some((duration, rest)) if !line.starts_with('#') && !duration.trim().is_empty() => format!("D{rest}"),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn replay_of_a_recorded_trace() {
+    let dir = recorded().to_str().unwrap();
+    let out = dynprobe(&["replay", dir]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let pid = std::process::id();
+    assert_eq!(
+        masked(&text(&out.stdout)),
+        format!(
+            "\
+# DURATION     TID     FUNCTION
+# pid {pid} (demo)
+            [  4242] | main() {{
+            [  4242] |   parse_record() {{
+D [  4242] |     checksum();
+D [  4242] |   }} /* parse_record */
+D [  4242] |   checksum();
+D [  4242] | }} /* main */
+D [  4243] | checksum();"
+        )
+    );
+    let filtered = dynprobe(&["replay", dir, "-F", "parse_*", "--tid", "4242"]);
+    assert_eq!(
+        masked(&text(&filtered.stdout)),
+        format!(
+            "\
+# DURATION     TID     FUNCTION
+# pid {pid} (demo)
+            [  4242] | parse_record() {{
+D [  4242] |   checksum();
+D [  4242] | }} /* parse_record */"
+        )
+    );
+    let hidden = dynprobe(&["replay", dir, "-N", "demo:parse_*", "--time-filter", "1ns"]);
+    assert_eq!(hidden.status.code(), Some(0), "stderr: {}", text(&hidden.stderr));
+    assert!(!text(&hidden.stdout).contains("parse_record"), "{}", text(&hidden.stdout));
+    assert_eq!(text(&hidden.stdout).matches("checksum();").count(), 2);
+}
+
+#[test]
+fn replay_filters_that_match_nothing_are_errors() {
+    let dir = recorded().to_str().unwrap();
+    let stderr = failed(&dynprobe(&["replay", dir, "-F", "parse_recrd"]));
+    assert_eq!(stderr, "dynprobe: no function in the trace matches -F 'parse_recrd' (nearest: parse_record)\n");
+    let stderr = failed(&dynprobe(&["replay", dir, "--tid", "1"]));
+    assert_eq!(stderr, "dynprobe: thread 1 is not in the trace; its threads are 4242, 4243\n");
+    let stderr = failed(&dynprobe(&["replay", dir, "--time-filter", "1 fortnight"]));
+    assert!(stderr.contains("unknown unit `fortnight`"), "{stderr}");
+}
+
+#[test]
+fn report_of_a_recorded_trace() {
+    let dir = recorded().to_str().unwrap();
+    let out = dynprobe(&["report", dir, "-s", "calls"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "  Total time   Self time    Avg time    Max time       Calls  Function");
+    let rows: Vec<(&str, &str)> = lines[2..]
+        .iter()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words[words.len() - 2], words[words.len() - 1])
+        })
+        .collect();
+    assert_eq!(rows, [("3", "checksum"), ("1", "main"), ("1", "parse_record")]);
+}
+
+#[test]
+fn export_of_a_recorded_trace() {
+    let dir = recorded();
+    let json_path = dir.with_extension("json");
+    let out = dynprobe(&["export", "--chrome", json_path.to_str().unwrap(), "--folded", "-", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let folded = text(&out.stdout);
+    let stacks: Vec<&str> = folded.lines().map(|l| l.rsplit_once(' ').unwrap().0).collect();
+    assert_eq!(stacks, ["checksum", "main", "main;checksum", "main;parse_record", "main;parse_record;checksum"]);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let names: Vec<&str> = json["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["main", "parse_record", "checksum", "checksum", "checksum"]);
+}
