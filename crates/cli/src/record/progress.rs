@@ -101,11 +101,13 @@ struct Progress {
     started: Instant,
     /// When the last line was shown.
     shown: Option<Instant>,
+    /// The last line shown.
+    last: String,
 }
 
 impl Progress {
     fn new(terminal: bool) -> Progress {
-        Progress { terminal, started: Instant::now(), shown: None }
+        Progress { terminal, started: Instant::now(), shown: None, last: String::new() }
     }
 
     fn show(&mut self, stats: &RecordStats) {
@@ -122,11 +124,16 @@ impl Progress {
         if !due {
             return;
         }
-        self.shown = Some(now);
         let line = line(stats);
+        // A terminal's line is only rewritten when it changes.
+        if self.terminal && self.shown.is_some() && line == self.last {
+            return;
+        }
+        self.shown = Some(now);
         let mut err = std::io::stderr().lock();
         let _ = if self.terminal { write!(err, "\r{line}\x1b[K") } else { writeln!(err, "{line}") };
         let _ = err.flush();
+        self.last = line;
     }
 
     /// Takes a terminal's line away before the summary.

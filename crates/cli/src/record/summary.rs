@@ -37,9 +37,20 @@ fn sites(trace: &Trace) -> String {
             1 => ", and 1 more process".to_string(),
             n => format!(", and {n} more processes"),
         };
+        // The kinds with sites; the kinds the agent looked for in vain say nothing.
+        let kinds: Vec<_> = process.sites.kinds.iter().filter(|(_, found, _)| *found > 0).collect();
+        if kinds.is_empty() {
+            let _ = writeln!(
+                out,
+                "dynprobe: no function sites found in {} (pid {}{others}): none of its functions was traced \
+                 (a stripped executable has no symbols to find them by)",
+                process.exe, process.pid
+            );
+            continue;
+        }
         let _ = writeln!(out, "dynprobe: function sites in {} (pid {}{others}):", process.exe, process.pid);
         let _ = writeln!(out, "  {:<12} {:>8} {:>8} {:>8}", "kind", "found", "patched", "refused");
-        for (kind, found, patched) in &process.sites.kinds {
+        for (kind, found, patched) in kinds {
             let _ = writeln!(out, "  {kind:<12} {found:>8} {patched:>8} {:>8}", found.saturating_sub(*patched));
         }
         let refused = &process.sites.refused;
@@ -92,7 +103,11 @@ mod tests {
             pid,
             exe: exe.into(),
             sites: SiteSummary {
-                kinds: vec![("mcount".into(), 40, 40), ("entry".into(), 12, 12 - refused as u64)],
+                kinds: vec![
+                    ("mcount".into(), 40, 40),
+                    ("patchable".into(), 0, 0),
+                    ("entry".into(), 12, 12 - refused as u64),
+                ],
                 refused: (0..refused)
                     .map(|i| RefusedSite {
                         kind: "entry".into(),
@@ -108,8 +123,10 @@ mod tests {
 
     #[test]
     fn sites_per_distinct_image_with_the_first_refusals() {
+        let mut stripped = image(13, "/bin/dash", 0);
+        stripped.sites.kinds = vec![("mcount".into(), 0, 0), ("entry".into(), 0, 0)];
         let trace = Trace {
-            processes: vec![image(10, "/bin/demo", 12), image(11, "/bin/demo", 12), image(12, "/bin/sh", 1)],
+            processes: vec![image(10, "/bin/demo", 12), image(11, "/bin/demo", 12), image(12, "/bin/sh", 1), stripped],
             ..Default::default()
         };
         let text = sites(&trace);
@@ -121,7 +138,8 @@ mod tests {
         assert_eq!(lines[4], "    refused f0 (entry site at 0x401000): a jump into the covered bytes");
         assert_eq!(lines[14], "    … and 2 more refused");
         assert_eq!(lines[15], "dynprobe: function sites in /bin/sh (pid 12):");
-        assert_eq!(lines.len(), 20);
+        assert!(lines[20].starts_with("dynprobe: no function sites found in /bin/dash (pid 13): "), "{}", lines[20]);
+        assert_eq!(lines.len(), 21);
     }
 
     #[test]
