@@ -47,7 +47,9 @@ static INIT: extern "C" fn() = init;
 extern "C" fn init() {
     // Unwinding out of an `extern "C"` function aborts; a panic here is a bug in dynprobe,
     // so report it like a refused probe rather than dying with SIGABRT.
+    let paused = ProfTimerPause::new();
     let result = std::panic::catch_unwind(start);
+    drop(paused);
     if result.is_err() {
         eprintln!("dynprobe agent: internal error while placing probes");
         // SAFETY: _exit ends the process at once; nothing of ours needs cleanup.
@@ -133,6 +135,43 @@ fn place(text: &str, channel: Channel) -> Result<ProbeHandle, String> {
     let spec = ProbeSpec::parse(text).map_err(|e| e.to_string())?;
     let event = Event::new(&spec, channel);
     Probe::at(spec.location.clone()).on_hit(move |regs| event.hit(regs)).register().map_err(|e| e.to_string())
+}
+
+/// A `-pg` program that `exec`s leaves its profiling timer (`ITIMER_PROF`, which survives
+/// `execve`) armed for the new image, whose `SIGPROF` is back to the default action —
+/// terminate — until its own start-up code installs a handler. The agent runs before that
+/// code and takes long enough to be hit, so it stops such a timer while it works and
+/// re-arms it afterwards.
+struct ProfTimerPause(Option<libc::itimerval>);
+
+impl ProfTimerPause {
+    fn new() -> ProfTimerPause {
+        // SAFETY: plain system calls on local structs.
+        unsafe {
+            let mut timer: libc::itimerval = std::mem::zeroed();
+            let mut action: libc::sigaction = std::mem::zeroed();
+            let armed = libc::getitimer(libc::ITIMER_PROF, &mut timer) == 0
+                && (timer.it_value.tv_sec != 0 || timer.it_value.tv_usec != 0);
+            if !armed
+                || libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut action) != 0
+                || action.sa_sigaction != libc::SIG_DFL
+            {
+                return ProfTimerPause(None);
+            }
+            let off: libc::itimerval = std::mem::zeroed();
+            libc::setitimer(libc::ITIMER_PROF, &off, std::ptr::null_mut());
+            ProfTimerPause(Some(timer))
+        }
+    }
+}
+
+impl Drop for ProfTimerPause {
+    fn drop(&mut self) {
+        if let Some(timer) = &self.0 {
+            // SAFETY: re-arms the timer with the value read in `new`.
+            unsafe { libc::setitimer(libc::ITIMER_PROF, timer, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// The variable's value, removed from the environment.

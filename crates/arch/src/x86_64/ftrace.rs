@@ -7,11 +7,13 @@
 //!   stub_i:                 push $id_i              which function this is
 //!                           jmp  caller
 //!   caller:                 push rdi rsi rdx rcx rax r8 r9 r10 r11
-//!                           sub  $area,%rsp ; <save MXCSR, xmm0-15>
-//!                           mov  area+72(%rsp),%rdi       id
-//!                           lea  area+88(%rsp),%rsi       the function's return-address slot
+//!                           push rbp ; mov %rsp,%rbp
+//!                           and  $-16,%rsp ; sub $area,%rsp ; <save MXCSR, xmm0-15>
+//!                           mov  80(%rbp),%rdi            id
+//!                           lea  96(%rbp),%rsi            the function's return-address slot
 //!                           call dispatch(id, slot)
-//!                           <restore xmm, MXCSR> ; add $area,%rsp
+//!                           <restore xmm, MXCSR>
+//!                           mov  %rbp,%rsp ; pop %rbp
 //!                           pop  r11 ... rdi
 //!                           lea  8(%rsp),%rsp             drop the id
 //!                           ret                           to the site's next instruction
@@ -25,9 +27,9 @@
 //!   AVX): it can clobber xmm0–15 with legacy SSE instructions, which leave the upper halves
 //!   of ymm/zmm alone, and no more. So the 2 KiB AVX-512 save of a general probe is not
 //!   needed here, and neither are the flags (dead at a call).
-//! - The stack is 16-byte aligned at the dispatcher's call: the function's entry has
-//!   `rsp ≡ 8 (mod 16)`, the site's call and the stub's push make it 8 again, and the nine
-//!   pushes bring it to 0.
+//! - The stack is aligned by hand (`and $-16`): the ABI's `rsp ≡ 8 (mod 16)` at a function
+//!   entry does not hold for every call — GCC calls local functions that need no alignment
+//!   from an unaligned stack — and the xmm saves and the dispatcher need it.
 //! - The caller leaves through `ret` to the address the site's `call` pushed, so the CPU's
 //!   return predictor stays balanced.
 //! - One stub per function rather than a table lookup by return address: the id costs one
@@ -69,19 +71,25 @@ pub fn stub(stub_ip: u64, id: u32, caller_ip: u64) -> Option<[u8; STUB_SIZE as u
 pub fn build_caller(ip: u64, dispatch: u64) -> Result<Vec<u8>, RelocError> {
     let width = VectorWidth::Sse;
     let area = width.save_size();
-    let pushed = 8 * SAVED.len() as i32;
+    // From rbp up: saved rbp, the nine registers, the id, the site's return address, the
+    // function's return-address slot.
+    let id = 8 + 8 * SAVED.len() as i32;
     let mut a = CodeAssembler::new(64)?;
     for reg in SAVED {
         a.push(reg)?;
     }
+    a.push(rbp)?;
+    a.mov(rbp, rsp)?;
+    a.and(rsp, -16)?;
     a.sub(rsp, area)?;
     vector_moves(&mut a, width, Direction::Save)?;
-    a.mov(rdi, qword_ptr(rsp + (area + pushed)))?;
-    a.lea(rsi, ptr(rsp + (area + pushed + 16)))?;
+    a.mov(rdi, qword_ptr(rbp + id))?;
+    a.lea(rsi, ptr(rbp + (id + 16)))?;
     a.mov(rax, dispatch)?;
     a.call(rax)?;
     vector_moves(&mut a, width, Direction::Restore)?;
-    a.add(rsp, area)?;
+    a.mov(rsp, rbp)?;
+    a.pop(rbp)?;
     for reg in SAVED.into_iter().rev() {
         a.pop(reg)?;
     }
@@ -113,15 +121,17 @@ mod tests {
         let instrs = decode_instructions(&code, 0x7000_0000).unwrap();
         let pushes = instrs.iter().filter(|i| i.mnemonic() == Mnemonic::Push).count();
         let pops = instrs.iter().filter(|i| i.mnemonic() == Mnemonic::Pop).count();
-        assert_eq!((pushes, pops), (9, 9));
-        // Below the entry's rsp (≡ 8 mod 16) at the dispatcher's call: the site's return
-        // address, the id, nine registers and the area; rsp must then be ≡ 0.
-        assert_eq!((8 + 8 + 8 * 9 + VectorWidth::Sse.save_size()) % 16, 8);
+        assert_eq!((pushes, pops), (10, 10));
+        // Aligned by hand whatever rsp the function was entered with.
+        assert!(instrs.iter().any(|i| i.mnemonic() == Mnemonic::And && i.op0_register() == Register::RSP));
+        assert_eq!(VectorWidth::Sse.save_size() % 16, 0);
         let saves = instrs.iter().filter(|i| i.mnemonic() == Mnemonic::Movaps).count();
         assert_eq!(saves, 32, "xmm0-15 out and back");
         let call = instrs.iter().position(|i| i.mnemonic() == Mnemonic::Call).unwrap();
-        // The id and the return-address slot are read relative to rsp.
-        assert_eq!(instrs[call - 3].memory_base(), Register::RSP);
+        // The id and the return-address slot are read relative to the frame.
+        assert_eq!(instrs[call - 3].memory_base(), Register::RBP);
+        assert_eq!(instrs[call - 3].memory_displacement64(), 80);
+        assert_eq!(instrs[call - 2].memory_displacement64(), 96);
         assert_eq!(instrs.last().unwrap().mnemonic(), Mnemonic::Ret);
     }
 }

@@ -1,0 +1,84 @@
+/* The program `dynprobe record` tests trace: each mode exercises one thing the function
+ * tracer must get right, and prints what it did, so the test can check the program's own
+ * output is unchanged under tracing. Built with each kind of site (see tests/record.rs). */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define NOINLINE __attribute__((noinline))
+
+NOINLINE int fib(int n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
+
+NOINLINE int step(int x) { return x * 7 + 3; }
+
+NOINLINE void *worker(void *arg) {
+    long sum = 0;
+    for (int i = 0; i < 3; i++) sum += step(i + (int)(long)arg);
+    return (void *)sum;
+}
+
+static jmp_buf env;
+
+NOINLINE void jump_back(int depth) {
+    if (depth == 0) longjmp(env, 1);
+    jump_back(depth - 1);
+}
+
+NOINLINE int leap(void) {
+    if (setjmp(env) == 0) {
+        jump_back(2);
+        return 0;
+    }
+    return step(1);
+}
+
+NOINLINE int child_work(void) { return step(5); }
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "fib";
+    if (!strcmp(mode, "fib")) {
+        printf("fib(4) = %d\n", fib(4));
+    } else if (!strcmp(mode, "threads")) {
+        pthread_t t[2];
+        for (long i = 0; i < 2; i++) pthread_create(&t[i], NULL, worker, (void *)(i * 10));
+        long total = 0;
+        for (int i = 0; i < 2; i++) {
+            void *r;
+            pthread_join(t[i], &r);
+            total += (long)r;
+        }
+        printf("threads total = %ld\n", total);
+    } else if (!strcmp(mode, "longjmp")) {
+        printf("leap = %d\n", leap());
+        printf("after = %d\n", step(2));
+    } else if (!strcmp(mode, "fork")) {
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            printf("child = %d\n", child_work());
+            exit(0);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+        printf("parent = %d\n", step(9));
+    } else if (!strcmp(mode, "exec")) {
+        printf("before exec = %d\n", step(3));
+        fflush(stdout);
+        execl("/proc/self/exe", argv[0], "fib", (char *)NULL);
+        perror("execl");
+        return 1;
+    } else if (!strcmp(mode, "loop")) {
+        long n = argc > 2 ? atol(argv[2]) : 1000000, sum = 0;
+        for (long i = 0; i < n; i++) sum += step((int)i);
+        printf("loop sum = %ld\n", sum);
+    } else if (!strcmp(mode, "crash")) {
+        printf("step = %d\n", step(4));
+        fflush(stdout);
+        *(volatile int *)0 = fib(3);
+    }
+    return 0;
+}
