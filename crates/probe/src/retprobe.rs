@@ -494,7 +494,8 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
     // they lie deeper on this stack; one higher up is on another stack (a sigaltstack, a
     // coroutine's) and may still be in flight there, if it still diverts its slot.
     let mut live_above = false;
-    for k in depth + 1..top {
+    // Deepest first: the order their ends are reported in.
+    for k in (depth + 1..top).rev() {
         // SAFETY: an instance of this thread below `top`.
         let inst = unsafe { &mut *instance(base + k) };
         if inst.slot_addr == 0 {
