@@ -42,15 +42,17 @@ pub(crate) fn output() -> Option<&'static Output> {
 /// `ra_slot` is the traced function's return-address slot.
 pub(crate) extern "C" fn caller_dispatch(id: u64, ra_slot: u64) {
     let Some(out) = OUTPUT.get() else { return };
-    let time = out.clock.now();
-    record_entry(out, graph_enter(ra_slot, id as u32, out.max_depth), time, id);
+    // Entering may report calls found abandoned (with their own, later, clock reading):
+    // the entry's time is read after, so that its record sorts after theirs.
+    let entry = graph_enter(ra_slot, id as u32, out.max_depth);
+    record_entry(out, entry, out.clock.now(), id);
 }
 
 /// The pre-handler of a plain-entry site's probe.
 pub(crate) fn probe_entry(id: u32, regs: &Regs) {
     let Some(out) = OUTPUT.get() else { return };
-    let time = out.clock.now();
-    record_entry(out, graph_enter_from_probe(regs, id, out.max_depth), time, u64::from(id));
+    let entry = graph_enter_from_probe(regs, id, out.max_depth);
+    record_entry(out, entry, out.clock.now(), u64::from(id));
 }
 
 #[inline(always)]

@@ -27,11 +27,17 @@ fn sites(trace: &Trace) -> String {
     let mut out = String::new();
     let mut shown: Vec<&ProcessTrace> = Vec::new();
     for process in &trace.processes {
-        if shown.iter().any(|p| p.exe == process.exe && p.sites == process.sites) {
+        // A forked child runs its parent's image, patched once: it is counted with it.
+        let forked = trace.processes.iter().any(|p| p.pid == process.parent && p.exe == process.exe);
+        if forked || shown.iter().any(|p| p.exe == process.exe && p.sites == process.sites) {
             continue;
         }
         shown.push(process);
-        let same = trace.processes.iter().filter(|p| p.exe == process.exe && p.sites == process.sites).count();
+        let same = trace
+            .processes
+            .iter()
+            .filter(|p| p.exe == process.exe && (p.sites == process.sites || p.parent == process.pid))
+            .count();
         let others = match same - 1 {
             0 => String::new(),
             1 => ", and 1 more process".to_string(),
