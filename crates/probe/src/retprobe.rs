@@ -238,6 +238,9 @@ impl SlotStack {
     }
 }
 
+/// The SysV ABI's red zone below `rsp`.
+const RED_ZONE: u64 = 128;
+
 /// The instance `probe` index of calls entered by the function-graph tracer.
 const GRAPH: u32 = u32::MAX;
 
@@ -289,7 +292,12 @@ fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
             true => rethook::is_entry_of(read_slot(rsp), base + top - 1),
             false => still_diverted(below.slot_addr, base + top - 1),
         };
-        let abandoned = below.slot_addr == 0 || (below.slot_addr <= rsp && !diverted());
+        // A slot within the red zone below ours is a frame of this very stack that is gone:
+        // its memory may still hold the sled address (probe paths skip the red zone and
+        // leave it as it was), so the value check cannot tell; another stack's live frame
+        // cannot sit right under ours.
+        let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= RED_ZONE;
+        let abandoned = below.slot_addr == 0 || in_red_zone || (below.slot_addr <= rsp && !diverted());
         if !abandoned {
             break;
         }

@@ -170,11 +170,11 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
                 match (call.begin, leaf) {
                     (Some(begin), true) if call.end != End::Missing => {
                         let unwound = if matches!(call.end, End::Unwound(_)) { " /* unwound */" } else { "" };
-                        let text = format!("{name}();{unwound}");
+                        let text = format!("{name}{};{unwound}", call_parens(name));
                         lines.push(Line { ns: begin, depth: indent, duration: call.duration(), text });
                     }
                     (Some(begin), _) => {
-                        lines.push(Line { ns: begin, depth: indent, duration: None, text: format!("{name}() {{") })
+                        lines.push(Line { ns: begin, depth: indent, duration: None, text: format!("{name}{} {{", call_parens(name)) })
                     }
                     (None, true) => lines.extend(closing_line(call, name, indent)),
                     (None, false) => {}
@@ -207,6 +207,16 @@ fn closing_line(call: &Call, name: &str, depth: usize) -> Option<Line> {
         End::Missing => return None,
     };
     Some(Line { ns, depth, duration: call.duration(), text: format!("}} /* {name}{unwound} */") })
+}
+
+/// The `()` a call line adds to a function name; none for a C++ name that carries its
+/// parameter list already (`catcher(int)`).
+fn call_parens(name: &str) -> &'static str {
+    if name.ends_with(')') {
+        ""
+    } else {
+        "()"
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,363 @@
+//! End-to-end tests of `dynprobe record` and `replay`/`report` on real programs: the C
+//! target `targets/traced.c` built with each kind of function site (compiler NOPs from
+//! `-pg -mfentry -mnop-mcount -mrecord-mcount`, `-fpatchable-function-entry=5`, and none:
+//! plain entries), a C++ target throwing through traced frames, and a Rust target. Each
+//! checks the exact call graph and that the program's own output is unchanged.
+//!
+//! The agent must be built beside the `dynprobe` binary first: `cargo build --workspace &&
+//! cargo test --workspace`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// How a target's function entries are made traceable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sites {
+    Mcount,
+    Patchable,
+    Plain,
+}
+
+const ALL_SITES: [Sites; 3] = [Sites::Mcount, Sites::Patchable, Sites::Plain];
+
+impl Sites {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            // -mrecord-mcount refuses PIC: the target is a non-PIE executable.
+            Sites::Mcount => &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"],
+            Sites::Patchable => &["-fpatchable-function-entry=5"],
+            Sites::Plain => &[],
+        }
+    }
+
+    /// The kind's name in the recorder's site summary.
+    fn kind(self) -> &'static str {
+        match self {
+            Sites::Mcount => "mcount",
+            Sites::Patchable => "patchable",
+            Sites::Plain => "entry",
+        }
+    }
+}
+
+fn scratch() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("record-test");
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir
+}
+
+fn targets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets")
+}
+
+/// Compiles `source` with `compiler` and `flags` into the scratch directory as `name`.
+fn build(compiler: &str, source: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let out = scratch().join(name);
+    let status = Command::new(compiler)
+        .args(["-O1", "-fno-inline", "-fcf-protection=none"])
+        .args(flags)
+        .arg(targets().join(source))
+        .args(["-pthread", "-o"])
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {compiler} (scripts/setup installs it): {e}"));
+    assert!(status.success(), "{compiler} {source} {flags:?} failed");
+    out
+}
+
+/// `targets/traced.c` built with `sites`, once per test run.
+fn traced_c(sites: Sites) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let i = ALL_SITES.iter().position(|&s| s == sites).unwrap();
+    BUILT[i].get_or_init(|| build("gcc", "traced.c", &format!("traced-{}", sites.kind()), sites.flags()))
+}
+
+fn dynprobe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dynprobe"))
+}
+
+/// Runs `program args` in the scratch directory (a `-pg` program leaves a `gmon.out`).
+fn run_plain(program: &Path, args: &[&str]) -> Output {
+    Command::new(program).args(args).current_dir(scratch()).output().expect("run the target")
+}
+
+/// A recording: the program's output through `dynprobe record`, and the trace directory.
+struct Recorded {
+    output: Output,
+    dir: PathBuf,
+}
+
+impl Recorded {
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// `dynprobe replay DIR extra…`: stdout, failing the test on an error.
+    fn replay(&self, extra: &[&str]) -> String {
+        let out = dynprobe().arg("replay").arg(&self.dir).args(extra).output().expect("run dynprobe replay");
+        assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("replay prints UTF-8")
+    }
+
+    /// The call graph of the replay without durations and thread ids: one `(tid, text)`
+    /// per line, the text indented as replay indents it.
+    fn graph(&self, extra: &[&str]) -> Vec<(String, String)> {
+        graph_of(&self.replay(extra))
+    }
+}
+
+fn graph_of(replay: &str) -> Vec<(String, String)> {
+    replay
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (head, text) = l.split_once(" | ")?;
+            let tid = head.rsplit_once('[')?.1.trim_end_matches(']').trim().to_string();
+            Some((tid, text.to_string()))
+        })
+        .collect()
+}
+
+fn texts(graph: &[(String, String)]) -> Vec<String> {
+    graph.iter().map(|(_, t)| t.clone()).collect()
+}
+
+/// `dynprobe record -o <scratch>/<name> extra… -- program args…`.
+fn record(name: &str, extra: &[&str], program: &Path, args: &[&str]) -> Recorded {
+    let dir = scratch().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir.with_extension("old"));
+    let output = dynprobe()
+        .arg("record")
+        .arg("-o")
+        .arg(&dir)
+        .args(extra)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .current_dir(scratch())
+        .output()
+        .expect("run dynprobe record");
+    Recorded { output, dir }
+}
+
+/// Records `program args`, and checks the program's stdout and exit status are what they
+/// are without dynprobe.
+fn record_unchanged(name: &str, extra: &[&str], program: &Path, args: &[&str]) -> Recorded {
+    let plain = run_plain(program, args);
+    let recorded = record(name, extra, program, args);
+    assert_eq!(
+        String::from_utf8_lossy(&recorded.output.stdout),
+        String::from_utf8_lossy(&plain.stdout),
+        "the program's output changed under tracing; dynprobe said:\n{}",
+        recorded.stderr()
+    );
+    assert_eq!(recorded.output.status.code(), plain.status.code(), "{}", recorded.stderr());
+    recorded
+}
+
+const FIB_GRAPH: &[&str] = &[
+    "main() {",
+    "  fib() {",
+    "    fib() {",
+    "      fib() {",
+    "        fib();",
+    "        fib();",
+    "      } /* fib */",
+    "      fib();",
+    "    } /* fib */",
+    "    fib() {",
+    "      fib();",
+    "      fib();",
+    "    } /* fib */",
+    "  } /* fib */",
+    "} /* main */",
+];
+
+#[test]
+fn recursion_gives_the_exact_call_graph_with_each_kind_of_site() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("fib-{}", sites.kind()), &[], traced_c(sites), &["fib"]);
+        assert_eq!(texts(&r.graph(&[])), FIB_GRAPH, "{sites:?}");
+        // Every function of the executable was found through the expected kind of site
+        // and patched.
+        let summary = r.stderr();
+        let row = summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(sites.kind()))
+            .unwrap_or_else(|| panic!("no `{}` row in the summary:\n{summary}", sites.kind()));
+        let numbers: Vec<u64> = row.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect();
+        assert!(numbers[0] >= 7 && numbers[0] == numbers[1] && numbers[2] == 0, "{sites:?}: {row}");
+        assert!(summary.contains("recorded 20 events (0 lost) from 1 thread"), "{summary}");
+    }
+}
+
+#[test]
+fn a_function_called_from_two_threads_is_recorded_per_thread() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("threads-{}", sites.kind()), &[], traced_c(sites), &["threads"]);
+        let graph = r.graph(&[]);
+        let mut tids: Vec<&str> = graph.iter().map(|(tid, _)| tid.as_str()).collect();
+        tids.sort();
+        tids.dedup();
+        assert_eq!(tids.len(), 3, "{sites:?}: main and two workers\n{graph:?}");
+        let workers: Vec<Vec<&str>> = tids
+            .iter()
+            .map(|tid| graph.iter().filter(|(t, _)| t == tid).map(|(_, text)| text.as_str()).collect::<Vec<_>>())
+            .filter(|lines| lines[0].starts_with("worker"))
+            .collect();
+        assert_eq!(workers.len(), 2, "{sites:?}: {graph:?}");
+        for lines in workers {
+            assert_eq!(lines, ["worker() {", "  step();", "  step();", "  step();", "} /* worker */"], "{sites:?}");
+        }
+        // `report` counts the same calls.
+        let report = dynprobe().arg("report").arg(&r.dir).output().unwrap();
+        let report = String::from_utf8_lossy(&report.stdout);
+        let calls = |name: &str| {
+            report
+                .lines()
+                .find(|l| l.split_whitespace().last() == Some(name))
+                .and_then(|l| l.split_whitespace().rev().nth(1)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no `{name}` row in:\n{report}"))
+        };
+        assert_eq!((calls("main"), calls("worker"), calls("step")), (1, 2, 6), "{sites:?}\n{report}");
+    }
+}
+
+#[test]
+fn longjmp_ends_the_calls_it_leaves() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("longjmp-{}", sites.kind()), &[], traced_c(sites), &["longjmp"]);
+        assert_eq!(
+            texts(&r.graph(&[])),
+            [
+                "main() {",
+                "  leap() {",
+                "    jump_back() {",
+                "      jump_back() {",
+                "        jump_back(); /* unwound */",
+                "      } /* jump_back: unwound */",
+                "    } /* jump_back: unwound */",
+                "    step();",
+                "  } /* leap */",
+                "  step();",
+                "} /* main */",
+            ],
+            "{sites:?}"
+        );
+    }
+}
+
+#[test]
+fn a_forked_child_and_an_exec_ed_image_are_traced_too() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("fork-{}", sites.kind()), &[], traced_c(sites), &["fork"]);
+        let replay = r.replay(&[]);
+        let graph = texts(&graph_of(&replay)).join("\n");
+        assert_eq!(
+            graph,
+            "main() {\n  step();\n} /* main */\n  child_work() {\n    step();\n  } /* child_work */",
+            "{sites:?}:\n{replay}"
+        );
+        assert!(replay.contains(", forked from "), "{replay}");
+
+        let r = record_unchanged(&format!("exec-{}", sites.kind()), &[], traced_c(sites), &["exec"]);
+        let replay = r.replay(&[]);
+        let graph = texts(&graph_of(&replay));
+        // The first image never returns from main: it became the second.
+        assert_eq!(graph[..2], ["main() {", "  step();"], "{sites:?}:\n{replay}");
+        assert_eq!(graph[2..], *FIB_GRAPH, "{sites:?}:\n{replay}");
+        assert_eq!(replay.matches("# pid ").count(), 2, "{replay}");
+    }
+}
+
+#[test]
+fn a_crash_keeps_what_was_recorded_up_to_it() {
+    let r = record("crash", &[], traced_c(Sites::Mcount), &["crash"]);
+    assert_eq!(r.output.status.code(), Some(128 + libc::SIGSEGV), "{}", r.stderr());
+    assert!(r.stderr().contains("killed by signal"), "{}", r.stderr());
+    let graph = texts(&r.graph(&[])).join("\n");
+    assert!(graph.starts_with("main() {\n  step();\n  fib() {"), "{graph}");
+    assert!(graph.ends_with("  } /* fib */"), "main never returned: {graph}");
+}
+
+#[test]
+fn a_cxx_exception_unwinds_through_traced_frames() {
+    for sites in [Sites::Mcount, Sites::Plain] {
+        let program = build("g++", "traced_cxx.cpp", &format!("traced-cxx-{}", sites.kind()), sites.flags());
+        let r = record_unchanged(&format!("cxx-{}", sites.kind()), &[], &program, &[]);
+        assert_eq!(
+            texts(&r.graph(&[])),
+            [
+                "main() {",
+                "  catcher(int) {",
+                "    middle(int) {",
+                "      thrower(int); /* unwound */",
+                "    } /* middle(int): unwound */",
+                "  } /* catcher(int) */",
+                "  after(int);",
+                "} /* main */",
+            ],
+            "{sites:?}"
+        );
+    }
+}
+
+#[test]
+fn a_rust_program_is_traced_at_plain_entries_through_a_panic() {
+    let program = scratch().join("traced-rs");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["--edition", "2021", "-O", "-C", "panic=unwind", "-o"])
+        .arg(&program)
+        .arg(targets().join("traced_rs.rs"))
+        .status()
+        .expect("run rustc");
+    assert!(status.success());
+    let r = record_unchanged("rust", &["-F", "traced_rs::*"], &program, &[]);
+    let graph = texts(&r.graph(&[]));
+    assert_eq!(graph[0], "traced_rs::main() {");
+    assert_eq!(graph[1], "  traced_rs::fib() {");
+    let guarded = graph.iter().position(|l| l == "  traced_rs::guarded() {").expect("guarded is traced");
+    assert_eq!(graph[guarded + 1], "    traced_rs::explode() {");
+    // The panic hook runs inside explode; then the panic unwinds explode into catch_unwind.
+    assert!(graph.iter().any(|l| l == "    } /* traced_rs::explode: unwound */"), "{graph:?}");
+    assert_eq!(graph[graph.len() - 2..], ["  } /* traced_rs::guarded */", "} /* traced_rs::main */"]);
+}
+
+#[test]
+fn filters_select_functions_and_a_typo_names_the_nearest() {
+    let program = traced_c(Sites::Mcount);
+    let r = record_unchanged("filter", &["-F", "fib", "-N", "main"], program, &["fib"]);
+    let graph = texts(&r.graph(&[]));
+    assert_eq!(graph, FIB_GRAPH[1..FIB_GRAPH.len() - 1].iter().map(|l| &l[2..]).collect::<Vec<_>>());
+
+    let r = record("typo", &["-F", "fibb"], program, &["fib"]);
+    assert_eq!(r.output.status.code(), Some(2));
+    assert!(r.output.stdout.is_empty(), "the program must not run");
+    let err = r.stderr();
+    assert!(err.contains("no function matches -F 'fibb'") && err.contains("nearest: fib"), "{err}");
+
+    // --depth keeps the outer calls only.
+    let r = record_unchanged("depth", &["--depth", "2"], program, &["fib"]);
+    assert_eq!(texts(&r.graph(&[])), ["main() {", "  fib();", "} /* main */"]);
+}
+
+#[test]
+fn a_full_ring_loses_events_and_says_how_many() {
+    let n = 200_000u64;
+    let r = record_unchanged("lost", &["--buffer-size", "16"], traced_c(Sites::Mcount), &["loop", &n.to_string()]);
+    let err = r.stderr();
+    let line = err.lines().find(|l| l.starts_with("recorded ")).unwrap_or_else(|| panic!("{err}"));
+    let recorded: u64 = line.split_whitespace().nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    let warning = err.lines().find(|l| l.contains("WARNING")).unwrap_or_else(|| panic!("losses must be loud: {err}"));
+    let lost: u64 = warning
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("the warning gives the exact count: {warning}"));
+    assert!(lost > 0, "a 16-record ring cannot keep up: {line}");
+    // Every entry and exit of main and of each step is either recorded or counted lost.
+    assert_eq!(recorded + lost, 2 * (n + 1), "{line}\n{warning}");
+    assert!(r.replay(&[]).contains("events lost */"));
+}
