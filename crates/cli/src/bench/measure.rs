@@ -34,6 +34,8 @@ pub struct Timing {
     pub batches: Vec<f64>,
     /// Every call made, warm-up included: what a probe that counts its hits must have seen.
     pub total_calls: u64,
+    /// What the measurement found that makes its number doubtful (a tracer's lost events).
+    pub remark: Option<String>,
 }
 
 impl Timing {
@@ -81,7 +83,7 @@ pub unsafe fn measure(target: Target, plan: Plan) -> Timing {
             elapsed.as_nanos() as f64 / calls_per_batch as f64
         })
         .collect();
-    Timing { calls_per_batch, batches, total_calls }
+    Timing { calls_per_batch, batches, total_calls, remark: None }
 }
 
 /// Calls `target` `calls` times and returns how long that took.

@@ -1,11 +1,14 @@
 //! `dynprobe bench`: the added cost per hit of each kind of probe, measured in one run on
-//! one function beside the raw SIGTRAP round trip and the kernel's own uprobes.
+//! one function beside the raw SIGTRAP round trip and the kernel's own uprobes, and the
+//! cost per call of function-graph tracing a program beside uftrace's.
 //!
-//! A row arms its instrumentation ([`rows::Row::setup`]), the loop calls the row's target
-//! ([`measure`]), the instrumentation is disarmed and must have seen every call, and
+//! A probe row arms its instrumentation ([`rows::Measure::Call`]), the loop calls the row's
+//! target ([`measure`]), the instrumentation is disarmed and must have seen every call. A
+//! tracer row runs a program under the tracer, which times its own calls ([`program`]).
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
 mod measure;
+mod program;
 mod report;
 mod rows;
 mod target;
@@ -17,7 +20,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use measure::{Plan, Timing};
-use rows::{Row, BASELINE, ROWS};
+use rows::{Measure, Row, ROWS};
 
 /// Arguments of `dynprobe bench`.
 #[derive(clap::Args, Debug)]
@@ -57,41 +60,47 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The rows named in `--rows` plus what they depend on, in [`ROWS`] order.
+/// The rows named in `--rows` plus what they depend on (the rows they are compared with and
+/// the baselines of all of them), in [`ROWS`] order.
 fn select(names: &[String]) -> Result<Vec<&'static Row>, String> {
     if names.is_empty() {
         return Ok(ROWS.iter().collect());
     }
-    let find = |name: &str| ROWS.iter().find(|row| row.name == name);
-    let mut wanted = BTreeSet::from([BASELINE]);
+    let mut wanted = BTreeSet::new();
     for name in names {
-        let row = find(name).ok_or_else(|| {
+        let row = rows::find(name).ok_or_else(|| {
             let known: Vec<_> = ROWS.iter().map(|row| row.name).collect();
             format!("unknown row `{name}`; rows are: {}", known.join(", "))
         })?;
-        wanted.insert(row.name);
-        wanted.extend(row.compare_to);
+        for needed in std::iter::once(row).chain(row.compare_to.iter().filter_map(|name| rows::find(name))) {
+            wanted.insert(needed.name);
+            wanted.insert(needed.baseline());
+        }
     }
     Ok(ROWS.iter().filter(|row| wanted.contains(row.name)).collect())
 }
 
-/// Arms, measures and disarms one row. Every failure, including a panic in code that is
-/// not written yet, becomes the row's error so the other rows still run and print.
+/// Measures one row. Every failure, including a panic in code that is not written yet,
+/// becomes the row's error so the other rows still run and print.
 fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
-    catch_panic(|| {
-        let armed = (row.setup)(row.target)?;
-        // SAFETY: `setup` succeeded, which is what makes calling the row's target sound
-        // (the contract of `Row::target`), and it stays armed until after the measurement.
-        let timing = unsafe { measure::measure(row.target, plan) };
-        let hits = armed.hits();
-        armed.disarm()?;
-        match hits? {
-            Some(hits) if hits < timing.total_calls => Err(format!(
-                "fired {hits} times for {} calls: the number would not be a probe's cost",
-                timing.total_calls
-            )),
-            _ => Ok(timing),
+    catch_panic(|| match row.measure {
+        Measure::Call { target, setup } => {
+            let armed = setup(target)?;
+            // SAFETY: `setup` succeeded, which is what makes calling the row's target sound
+            // (the contract of `Measure::Call::target`), and it stays armed until after the
+            // measurement.
+            let timing = unsafe { measure::measure(target, plan) };
+            let hits = armed.hits();
+            armed.disarm()?;
+            match hits? {
+                Some(hits) if hits < timing.total_calls => Err(format!(
+                    "fired {hits} times for {} calls: the number would not be a probe's cost",
+                    timing.total_calls
+                )),
+                _ => Ok(timing),
+            }
         }
+        Measure::Program(tracer) => program::measure(tracer, plan),
     })
 }
 

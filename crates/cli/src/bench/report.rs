@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::measure::Timing;
-use super::rows::{Row, BASELINE, KERNEL_UPROBE, SIGTRAP_FLOOR};
+use super::rows::{Row, KERNEL_UPROBE, SIGTRAP_FLOOR};
 
 /// The reference rows that get a column of their own in the table; ratios to others are
 /// in the note (and all of them in the JSON).
@@ -39,21 +39,17 @@ struct ReportRow {
     /// Nanoseconds per call of each batch; the median of them is `ns_per_call`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     batches_ns_per_call: Vec<f64>,
-    note: &'static str,
+    /// What the row measures, and what the measurement found that makes its number doubtful.
+    note: String,
 }
 
 impl Report {
     /// Computes added costs and ratios. A row whose baseline is missing gets an error
     /// rather than an absolute number posing as an added one.
     pub fn new(outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
-        let per_call = |name: &str| {
-            outcomes
-                .iter()
-                .find(|(row, _)| row.name == name)
-                .and_then(|(_, outcome)| outcome.as_ref().ok().map(Timing::ns_per_call))
-        };
-        let baseline = per_call(BASELINE);
-        let added = |name: &str| Some(per_call(name)? - baseline?);
+        let outcome = |name: &str| outcomes.iter().find(|(row, _)| row.name == name);
+        let per_call = |name: &str| outcome(name)?.1.as_ref().ok().map(Timing::ns_per_call);
+        let added = |name: &str| Some(per_call(name)? - per_call(outcome(name)?.0.baseline())?);
 
         let rows = outcomes
             .iter()
@@ -66,17 +62,20 @@ impl Report {
                     ratios: BTreeMap::new(),
                     calls_per_batch: None,
                     batches_ns_per_call: Vec::new(),
-                    note: row.about,
+                    note: row.about.to_owned(),
                 };
-                match (outcome, baseline) {
+                match (outcome, per_call(row.baseline())) {
                     (Err(err), _) => report.error = Some(err.clone()),
-                    (Ok(_), None) => report.error = Some(format!("no {BASELINE} to subtract")),
+                    (Ok(_), None) => report.error = Some(format!("no {} to subtract", row.baseline())),
                     (Ok(timing), Some(baseline)) => {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
                         report.calls_per_batch = Some(timing.calls_per_batch);
                         report.batches_ns_per_call = timing.batches.iter().map(|&ns| round(ns, 100.0)).collect();
+                        if let Some(remark) = &timing.remark {
+                            let _ = write!(report.note, "; {remark}");
+                        }
                         for &reference in row.compare_to {
                             let ratio = added(reference)
                                 .filter(|&reference| reference > 0.0)
@@ -111,7 +110,7 @@ impl Report {
             let ratio = |reference: &str| ratio_text(row.ratios.get(&ratio_key(reference)).copied().flatten());
             let mut note = match &row.error {
                 Some(err) => format!("error: {err}"),
-                None => row.note.to_owned(),
+                None => row.note.clone(),
             };
             for (key, value) in &row.ratios {
                 if !TABLE_RATIOS.iter().any(|reference| ratio_key(reference) == *key) {

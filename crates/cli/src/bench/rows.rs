@@ -1,13 +1,15 @@
 //! The rows of `dynprobe bench`: what each one instruments and calls.
 //!
-//! Adding a row is adding an entry to [`ROWS`]: a name, the function to call, a setup that
-//! arms the instrumentation and returns an [`Armed`] guard, and the reference rows its
-//! added cost is compared with. The runner does the timing, the hit check and the output.
+//! Adding a row is adding an entry to [`ROWS`]: a name, what to time — a function to call
+//! with a setup that arms the instrumentation and returns an [`Armed`] guard, or the
+//! function-graph program under a tracer — and the reference rows its added cost is
+//! compared with. The runner does the timing, the hit check and the output.
 
 use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
 
+use super::program::Tracer;
 use super::target::{self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_target, Target};
 use super::uprobe;
 
@@ -21,6 +23,10 @@ pub const KERNEL_UPROBE: &str = "kernel-uprobe";
 pub const KERNEL_UPROBE_NOP5: &str = "kernel-uprobe-nop5";
 /// The kernel's uretprobe on the same function.
 pub const KERNEL_URETPROBE: &str = "kernel-uretprobe";
+/// `bench/graph.c` untraced: the baseline of the function-graph rows.
+pub const GRAPH_PLAIN: &str = "graph-plain";
+/// `bench/graph.c` under uftrace, the function tracer a user would compare with.
+pub const UFTRACE: &str = "uftrace";
 
 /// Instrumentation a row has armed; it stays armed until [`Armed::disarm`].
 pub trait Armed {
@@ -46,13 +52,40 @@ pub struct Row {
     pub name: &'static str,
     /// One line on what the row measures.
     pub about: &'static str,
-    /// The function the loop calls. Calling it must be sound once `setup` has succeeded.
-    pub target: Target,
-    /// Arms the instrumentation on `target`.
-    pub setup: fn(Target) -> Result<Box<dyn Armed>, String>,
+    /// What is timed.
+    pub measure: Measure,
     /// Reference rows whose added cost this row's is divided by; they run whenever this
     /// row does.
     pub compare_to: &'static [&'static str],
+}
+
+/// What a row times.
+pub enum Measure {
+    /// The bench's own loop calls `target` in this process.
+    Call {
+        /// The function the loop calls. Calling it must be sound once `setup` has succeeded.
+        target: Target,
+        /// Arms the instrumentation on `target`.
+        setup: fn(Target) -> Result<Box<dyn Armed>, String>,
+    },
+    /// `bench/graph.c` runs under a tracer and times its own calls.
+    Program(Tracer),
+}
+
+impl Row {
+    /// The row whose nanoseconds per call are subtracted from this one's: the same calls
+    /// without instrumentation.
+    pub fn baseline(&self) -> &'static str {
+        match self.measure {
+            Measure::Call { .. } => BASELINE,
+            Measure::Program(_) => GRAPH_PLAIN,
+        }
+    }
+}
+
+/// The row named `name`.
+pub fn find(name: &str) -> Option<&'static Row> {
+    ROWS.iter().find(|row| row.name == name)
 }
 
 /// Every row, in the order they run and print. The kernel's uprobes run before dynprobe's
@@ -61,65 +94,92 @@ pub static ROWS: &[Row] = &[
     Row {
         name: BASELINE,
         about: "the target function, unprobed",
-        target: dynprobe_bench_target,
-        setup: |_| Ok(Box::new(())),
+        measure: Measure::Call { target: dynprobe_bench_target, setup: |_| Ok(Box::new(())) },
         compare_to: &[],
     },
     Row {
         name: SIGTRAP_FLOOR,
         about: "int3 + empty SA_SIGINFO SIGTRAP handler",
-        target: dynprobe_bench_int3,
-        setup: |_| Ok(Box::new(EmptySigtrapHandler::install()?)),
+        measure: Measure::Call {
+            target: dynprobe_bench_int3,
+            setup: |_| Ok(Box::new(EmptySigtrapHandler::install()?)),
+        },
         compare_to: &[KERNEL_UPROBE],
     },
     Row {
         name: KERNEL_UPROBE,
         about: "kernel uprobe (perf_event_open, uprobe PMU)",
-        target: dynprobe_bench_target,
-        setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        measure: Measure::Call {
+            target: dynprobe_bench_target,
+            setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        },
         compare_to: &[],
     },
     Row {
         name: KERNEL_UPROBE_NOP5,
         about: "kernel uprobe on a 5-byte NOP (its best case: no single-step)",
-        target: dynprobe_bench_nop5,
-        setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        measure: Measure::Call {
+            target: dynprobe_bench_nop5,
+            setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+        },
         compare_to: &[],
     },
     Row {
         name: KERNEL_URETPROBE,
         about: "kernel uretprobe (perf_event_open, uprobe PMU)",
-        target: dynprobe_bench_target,
-        setup: |target| uprobe::arm(target, uprobe::Kind::Return),
+        measure: Measure::Call {
+            target: dynprobe_bench_target,
+            setup: |target| uprobe::arm(target, uprobe::Kind::Return),
+        },
         compare_to: &[],
     },
     Row {
         name: "int3-probe",
         about: "dynprobe breakpoint probe, empty handler",
-        target: dynprobe_bench_target,
-        setup: register_int3_probe,
+        measure: Measure::Call { target: dynprobe_bench_target, setup: register_int3_probe },
         compare_to: &[SIGTRAP_FLOOR, KERNEL_UPROBE],
     },
     Row {
         name: "optimized-probe",
         about: "dynprobe jump-optimized probe at the entry, empty handler",
-        target: dynprobe_bench_target,
-        setup: |target| register_optimized_probe(target, ProbePoint::Entry),
+        measure: Measure::Call {
+            target: dynprobe_bench_target,
+            setup: |target| register_optimized_probe(target, ProbePoint::Entry),
+        },
         compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
     },
     Row {
         name: "optimized-probe-mid",
         about: "dynprobe jump-optimized probe mid-function (flags, MXCSR, all vector registers saved)",
-        target: dynprobe_bench_target,
-        setup: |target| register_optimized_probe(target, ProbePoint::Middle),
+        measure: Measure::Call {
+            target: dynprobe_bench_target,
+            setup: |target| register_optimized_probe(target, ProbePoint::Middle),
+        },
         compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
     },
     Row {
         name: "return-probe",
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
-        target: dynprobe_bench_target,
-        setup: register_return_probe,
+        measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
         compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE],
+    },
+    Row {
+        name: GRAPH_PLAIN,
+        about: "bench/graph.c's loop of calls, untraced (its mcount NOP sites left alone)",
+        measure: Measure::Program(Tracer::None),
+        compare_to: &[],
+    },
+    Row {
+        name: "function-graph",
+        about: "dynprobe record of every function of the same program: entry and exit into a ring that holds the run",
+        measure: Measure::Program(Tracer::Dynprobe),
+        compare_to: &[UFTRACE],
+    },
+    Row {
+        name: UFTRACE,
+        about: "uftrace record -P . --no-libcall of the same program (its dynamic patching of the same NOPs)",
+        measure: Measure::Program(Tracer::Uftrace),
+        compare_to: &[],
     },
 ];
 

@@ -1,0 +1,220 @@
+//! Rows that time a whole program, `bench/graph.c`, run plain and under a function tracer:
+//! the traced calls happen in another process, where the bench's own loop cannot time them.
+//!
+//! The program times its loop itself and prints the figure, so process start-up, the
+//! tracer's set-up and the writing of the trace at exit stay out of it. Each run is one
+//! batch; the plain run is the baseline the traced runs are compared with.
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::measure::{Plan, Timing, BATCHES};
+
+/// The program: a loop of calls to small functions with compiler NOP sites at every entry,
+/// built by build.rs.
+const GRAPH: &str = env!("DYNPROBE_BENCH_GRAPH");
+
+/// Traced calls per loop iteration of `graph.c` (its `CALLS_PER_ITERATION`): the outer
+/// function and the leaf it calls.
+const CALLS_PER_ITERATION: u64 = 2;
+
+/// Traced calls per run unless `--iterations` says otherwise: a few tenths of a second
+/// under a tracer that adds some tens of nanoseconds per call.
+const DEFAULT_CALLS: u64 = 4_000_000;
+
+/// Records a traced call leaves in dynprobe's ring: its entry and its exit.
+const RECORDS_PER_CALL: u64 = 2;
+
+/// The smallest ring `dynprobe record` accepts is far below this; a run's few calls
+/// outside the loop (`main`, the clock reads) need the margin.
+const RING_MARGIN: u64 = 1024;
+
+/// What the row's answer is when uftrace is missing: a row, not a failure of the bench.
+pub const UFTRACE_MISSING: &str = "not installed (apt-get install uftrace)";
+
+/// What the program runs under.
+#[derive(Clone, Copy, Debug)]
+pub enum Tracer {
+    /// Nothing: its NOP sites stay NOPs.
+    None,
+    /// `dynprobe record` of every function of the program.
+    Dynprobe,
+    /// `uftrace record`, which patches the same NOP sites (its dynamic tracing).
+    Uftrace,
+}
+
+/// Runs the program [`BATCHES`] times under `tracer`; each run is one batch.
+pub fn measure(tracer: Tracer, plan: Plan) -> Result<Timing, String> {
+    let iterations = (plan.calls_per_batch.unwrap_or(DEFAULT_CALLS) / CALLS_PER_ITERATION).max(1);
+    let command = TracedCommand::new(tracer, iterations)?;
+    let mut timing = Timing { calls_per_batch: 0, batches: Vec::new(), total_calls: 0, remark: None };
+    for _ in 0..BATCHES {
+        let run = command.run()?;
+        timing.calls_per_batch = run.calls;
+        timing.total_calls += run.calls;
+        timing.batches.push(run.ns_per_call);
+        // Every run's losses would say the same; the first is enough.
+        timing.remark = timing.remark.or(run.remark);
+    }
+    Ok(timing)
+}
+
+/// One run's figures.
+struct Run {
+    /// Traced calls the timed loop made.
+    calls: u64,
+    /// Nanoseconds per traced call of the loop.
+    ns_per_call: f64,
+    /// What the run found that makes its number doubtful (lost events).
+    remark: Option<String>,
+}
+
+/// How to start the program under a tracer.
+struct TracedCommand {
+    tracer: Tracer,
+    /// The program that runs the others, when there is one.
+    launcher: Option<PathBuf>,
+    iterations: u64,
+}
+
+impl TracedCommand {
+    /// Finds what `tracer` needs: an error when it is missing.
+    fn new(tracer: Tracer, iterations: u64) -> Result<TracedCommand, String> {
+        let launcher = match tracer {
+            Tracer::None => None,
+            Tracer::Dynprobe => {
+                Some(env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?)
+            }
+            Tracer::Uftrace => Some(find_on_path("uftrace").ok_or(UFTRACE_MISSING)?),
+        };
+        Ok(TracedCommand { tracer, launcher, iterations })
+    }
+
+    /// Runs the program once, with a scratch trace directory that is removed afterwards.
+    fn run(&self) -> Result<Run, String> {
+        let scratch = Scratch::new()?;
+        let dir = scratch.0.as_os_str();
+        let iterations = OsString::from(self.iterations.to_string());
+        let mut command = match &self.launcher {
+            Some(launcher) => Command::new(launcher),
+            None => Command::new(GRAPH),
+        };
+        match self.tracer {
+            Tracer::None => command.arg(&iterations),
+            Tracer::Dynprobe => {
+                // A ring that holds the whole run: nothing can be lost however the drain
+                // keeps pace, so every call pays for its records.
+                let records =
+                    (RECORDS_PER_CALL * CALLS_PER_ITERATION * self.iterations + RING_MARGIN).next_power_of_two();
+                let buffer = records.to_string();
+                command.args(["record", "--buffer-size", &buffer, "-o"]).arg(dir).arg("--").arg(GRAPH).arg(&iterations)
+            }
+            Tracer::Uftrace => {
+                // -P .: every function through the NOP sites, as dynprobe patches them;
+                // --no-libcall: the program's own functions only, as dynprobe records.
+                command.args(["record", "-P", ".", "--no-libcall", "-d"]).arg(dir).arg(GRAPH).arg(&iterations)
+            }
+        };
+        let shown = format!("{command:?}");
+        let output = command.output().map_err(|err| format!("cannot run {shown}: {err}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            return Err(format!("{shown} failed ({}): {}", output.status, last_lines(&stderr)));
+        }
+        let field = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .ok_or_else(|| format!("{shown} printed no `{name}` line: {}", last_lines(&stdout)))
+        };
+        let number_error = |name: &str| format!("{shown}: `{name}` is not a number");
+        let calls: u64 = field("calls")?.trim().parse().map_err(|_| number_error("calls"))?;
+        let ns_per_call: f64 = field("ns_per_call")?.trim().parse().map_err(|_| number_error("ns_per_call"))?;
+        let remark = match self.tracer {
+            Tracer::None => None,
+            Tracer::Dynprobe => dynprobe_losses(&stderr, calls)?,
+            Tracer::Uftrace => uftrace_losses(&stderr),
+        };
+        Ok(Run { calls, ns_per_call, remark })
+    }
+}
+
+/// Reads `dynprobe record`'s last line, `recorded E events (L lost) …`: lost events are a
+/// remark (the figure then leaves their cost out); fewer events than the loop's calls
+/// made, with none lost, mean calls went untraced and the number is no tracer's cost.
+fn dynprobe_losses(stderr: &str, calls: u64) -> Result<Option<String>, String> {
+    let line = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("recorded "))
+        .ok_or_else(|| format!("dynprobe record did not say what it recorded: {}", last_lines(stderr)))?;
+    let (events, rest) = line.split_once(" events (").ok_or_else(|| format!("unexpected summary `{line}`"))?;
+    let events: u64 = events.parse().map_err(|_| format!("unexpected summary `{line}`"))?;
+    let (lost, _) = rest.split_once(" lost)").ok_or_else(|| format!("unexpected summary `{line}`"))?;
+    if lost != "0" {
+        return Ok(Some(format!("{lost} events LOST (the ring overran): their cost is not in the figure")));
+    }
+    let expected = RECORDS_PER_CALL * calls;
+    if events < expected {
+        return Err(format!("recorded {events} events for {calls} calls ({RECORDS_PER_CALL} each) and lost none"));
+    }
+    Ok(None)
+}
+
+/// uftrace reports lost records on stderr (its buffers overran): a remark, as for dynprobe.
+fn uftrace_losses(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .find(|line| line.to_ascii_lowercase().contains("lost"))
+        .map(|line| format!("uftrace: {}", line.trim()))
+}
+
+/// The last few lines of a command's output, on one line, for an error message.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
+    if tail.is_empty() {
+        "no output".to_owned()
+    } else {
+        tail
+    }
+}
+
+/// `name` in one of the `PATH` directories, if it is an executable file there.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|file| fs::metadata(file).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0))
+}
+
+/// A trace directory that does not exist yet, for one run, removed when dropped. On tmpfs
+/// when there is one, so that neither tracer waits for a disk.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch, String> {
+        let shm = Path::new("/dev/shm");
+        let parent = if shm.is_dir() { shm.to_path_buf() } else { env::temp_dir() };
+        let path = parent.join(format!("dynprobe-bench-{}", std::process::id()));
+        Self::remove(&path).map_err(|err| format!("cannot remove the stale {}: {err}", path.display()))?;
+        Ok(Scratch(path))
+    }
+
+    fn remove(path: &Path) -> std::io::Result<()> {
+        match fs::remove_dir_all(path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Self::remove(&self.0);
+    }
+}
