@@ -4,6 +4,7 @@
 //! and dispatches.
 
 mod bench;
+mod demo;
 mod probe;
 mod record;
 mod trace;
@@ -28,8 +29,9 @@ enum Command {
     ///
     /// Example: `dynprobe probe 'p:work x=$arg1' -- ./prog`.
     Probe(probe::ProbeArgs),
-    /// Run a small bundled program under `dynprobe probe` to show what it does.
-    Demo(probe::DemoArgs),
+    /// Trace a small bundled program with `dynprobe record` and show its call graph
+    /// (`--probe`: run it under `dynprobe probe` instead).
+    Demo(demo::DemoArgs),
     /// Run a program and record every call of its functions into a trace directory.
     ///
     /// Example: `dynprobe record -F 'parse_*' -- ./server --port 8080`.
@@ -50,7 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         // These report their own errors: their exit status is the program's.
         Command::Probe(args) => return probe::run(&args),
-        Command::Demo(args) => return probe::demo(&args),
+        Command::Demo(args) => return demo::run(&args),
         Command::Record(args) => {
             let record = matches.subcommand_matches("record").expect("the record subcommand was parsed");
             return record::run(&args, record);

@@ -271,12 +271,29 @@ fn attaching_is_not_implemented_yet() {
 }
 
 #[test]
-fn demo_shows_its_command_and_events() {
-    let out = dynprobe(&["demo"]);
+fn demo_probe_shows_its_command_and_events() {
+    let out = dynprobe(&["demo", "--probe"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stderr).starts_with("$ dynprobe probe 'p:parse_record"), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert_eq!(stdout.matches("] parse_record: line=0x").count(), 4, "{stdout}");
     assert_eq!(stdout.matches("] checksum: seed=").count(), 3, "{stdout}");
     assert!(stdout.contains("] checksum: seed=12 n=1\n"), "{stdout}");
+}
+
+#[test]
+fn demo_records_the_demo_and_replays_its_call_graph() {
+    let out = dynprobe(&["demo"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("$ dynprobe record -o "), "{stderr}");
+    assert!(stderr.contains("$ dynprobe replay "), "{stderr}");
+    let stdout = text(&out.stdout);
+    // The program's own output, then the call graph: main calls parse_record for each of
+    // the 4 records and checksum for the 3 well-formed ones.
+    assert!(stdout.contains("total 0x"), "{stdout}");
+    assert!(stdout.contains("| main() {"), "{stdout}");
+    assert_eq!(stdout.matches("|   parse_record();").count(), 4, "{stdout}");
+    assert_eq!(stdout.matches("|   checksum();").count(), 3, "{stdout}");
+    assert!(stdout.contains("| } /* main */"), "{stdout}");
 }

@@ -45,7 +45,7 @@ pub struct ProbeArgs {
 
 /// Where and how events are printed; shared by `probe` and `demo`.
 #[derive(clap::Args)]
-struct OutputArgs {
+pub(crate) struct OutputArgs {
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -53,16 +53,6 @@ struct OutputArgs {
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     file: Option<PathBuf>,
 }
-
-/// Arguments of `dynprobe demo`.
-#[derive(clap::Args)]
-pub struct DemoArgs {
-    #[command(flatten)]
-    output: OutputArgs,
-}
-
-/// The probes `dynprobe demo` places in the demo program.
-const DEMO_SPECS: &[&str] = &["p:parse_record line=$arg1:x64 len=$arg2", "p:checksum seed=$arg1 n=$arg2"];
 
 /// Runs `dynprobe probe`.
 pub fn run(args: &ProbeArgs) -> ExitCode {
@@ -77,18 +67,8 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
     probe(&args.specs, &args.command, !args.no_optimize, &args.output)
 }
 
-/// Runs `dynprobe demo`: the bundled demo program under `dynprobe probe`, after printing
-/// the equivalent command line.
-pub fn demo(args: &DemoArgs) -> ExitCode {
-    let program = env!("DYNPROBE_DEMO");
-    let quoted: Vec<String> = DEMO_SPECS.iter().map(|s| format!("'{s}'")).collect();
-    // On stderr: it is commentary, and stdout may be JSON lines.
-    eprintln!("$ dynprobe probe {} -- {program}", quoted.join(" "));
-    let specs: Vec<String> = DEMO_SPECS.iter().map(|s| s.to_string()).collect();
-    probe(&specs, &[OsString::from(program)], true, &args.output)
-}
-
-fn probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> ExitCode {
+/// Runs `command` with the probes `specs`, printing hits as `output` says.
+pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> ExitCode {
     match try_probe(specs, command, optimize, output) {
         Ok(code) => code,
         Err(message) => {
@@ -213,12 +193,5 @@ mod tests {
             ("p:ev libc:malloc", "unknown symbol `malloc`")
         );
         assert_eq!(split_error("p:x: why", &[]), ("p:x", "why"));
-    }
-
-    #[test]
-    fn demo_specs_parse() {
-        for spec in DEMO_SPECS {
-            ProbeSpec::parse(spec).unwrap();
-        }
     }
 }
