@@ -44,7 +44,11 @@ const MAX_IMAGES: u32 = 1000;
 /// error is reported on it and ends the process before `main`; without one (an image this
 /// program `exec`ed) the image runs untraced and says why on stderr.
 pub fn start(ring_dir: &str, channel: Option<Channel>) {
-    match try_start(Path::new(ring_dir)) {
+    // The agent's own calls (the C library's, when it is traced) are not the program's.
+    dynprobe_probe::set_current_thread_traced(false);
+    let started = try_start(Path::new(ring_dir));
+    dynprobe_probe::set_current_thread_traced(true);
+    match started {
         Ok(patched) => {
             if let Some(channel) = channel {
                 channel.send(format!("!ready {patched}\n").as_bytes());

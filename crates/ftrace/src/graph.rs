@@ -9,7 +9,7 @@
 
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
-use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEntry, GraphExit, Regs};
+use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -23,9 +23,8 @@ pub(crate) struct Output {
 
 static OUTPUT: OnceLock<Output> = OnceLock::new();
 
-/// Calls not recorded because the thread was inside a probe handler (a signal handler's
-/// call interrupting the tracer itself) or had no thread slot; depth-limited calls are not
-/// counted, the user asked for them to be left out.
+/// Calls not recorded though they should have been (see [`GraphEnter::Missed`]);
+/// depth-limited calls and dynprobe's own are not counted, they are left out by design.
 pub(crate) static MISSED: AtomicU64 = AtomicU64::new(0);
 
 /// Sets where records go; false when an output was set already.
@@ -56,10 +55,11 @@ pub(crate) fn probe_entry(id: u32, regs: &Regs) {
 }
 
 #[inline(always)]
-fn record_entry(out: &Output, entry: Option<GraphEntry>, time: u64, id: u64) {
+fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
     match entry {
-        Some(e) => out.ring.push(e.slot, e.tid, Record::new(Kind::Entry, time, e.depth as u16, id)),
-        None => {
+        GraphEnter::Entered(e) => out.ring.push(e.slot, e.tid, Record::new(Kind::Entry, time, e.depth as u16, id)),
+        GraphEnter::Skipped => {}
+        GraphEnter::Missed => {
             MISSED.fetch_add(1, Ordering::Relaxed);
         }
     }

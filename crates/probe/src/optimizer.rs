@@ -27,6 +27,8 @@ pub(crate) fn kick() {
 }
 
 fn run() {
+    // The optimizer's own calls (the C library's, when it is traced) are not the program's.
+    crate::thread_slot::set_current_thread_traced(false);
     loop {
         {
             let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());

@@ -394,6 +394,20 @@ pub struct GraphEntry {
     pub depth: usize,
 }
 
+/// What [`graph_enter`] did with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphEnter {
+    /// The call is tracked: its end will be reported.
+    Entered(GraphEntry),
+    /// Not tracked, as asked: deeper than the limit, the very call already tracked (a
+    /// tail call), or a thread whose calls are not traced.
+    Skipped,
+    /// Not tracked though it should have been: the thread was inside a probe handler (a
+    /// signal arriving in the tracer itself), had no thread slot or no return address at
+    /// its stack pointer.
+    Missed,
+}
+
 /// The function-graph tracer's exit hook; set once by [`graph_install`].
 static GRAPH_HOOK: OnceLock<fn(&GraphExit)> = OnceLock::new();
 
@@ -436,29 +450,30 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
 /// Enters a call for the function-graph tracer: `rsp` is the stack pointer at the entry of
 /// function `func` (it points at the return address), `max_depth` the deepest call to
 /// track. Diverts the return address so that [`graph_install`]'s hook hears of the call's
-/// end, and returns where the call was recorded; `None` when it is not tracked (too deep,
-/// the thread is inside a probe handler, no return address at `rsp`, or the very call is
-/// already tracked). Allocation-free and lock-free: it runs on the traced thread at every
+/// end, and says whether the call is tracked and where. Allocation-free and lock-free: it runs on the traced thread at every
 /// call. [`graph_install`] must have succeeded first.
 #[inline]
-pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
-    let guard = HandlerGuard::enter()?;
+pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    let Some(guard) = HandlerGuard::enter() else { return GraphEnter::Missed };
     enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
 }
 
 /// [`graph_enter`] from inside a probe's pre-handler at a function's first instruction
 /// (the tracer's plain-entry sites), where the probe site already holds the thread's
 /// handler guard.
-pub fn graph_enter_from_probe(regs: &Regs, func: u32, max_depth: usize) -> Option<GraphEntry> {
-    let (slot, thread) = ThreadSlot::current()?;
+pub fn graph_enter_from_probe(regs: &Regs, func: u32, max_depth: usize) -> GraphEnter {
+    let Some((slot, thread)) = ThreadSlot::current() else { return GraphEnter::Missed };
     enter_graph_call(slot, thread, regs.rsp, func, max_depth)
 }
 
 #[inline(always)]
-fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
-    let c = claim(slot, thread, rsp)?;
+fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    if thread.untraced.load(Ordering::Relaxed) {
+        return GraphEnter::Skipped;
+    }
+    let Some(c) = claim(slot, thread, rsp) else { return GraphEnter::Missed };
     if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth.min(MAX_DEPTH) {
-        return None;
+        return GraphEnter::Skipped;
     }
     // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
     let inst = unsafe { &mut *instance(c.base + c.top) };
@@ -466,7 +481,7 @@ fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_d
     // A return probe on this same call needs every register saved on the way back.
     let sled = if c.shared { &rethook::FULL } else { &rethook::LIGHT };
     commit(&c, rsp, GRAPH, 0, sled);
-    Some(GraphEntry { slot: c.slot, tid: current_tid() as u32, depth: c.top })
+    GraphEnter::Entered(GraphEntry { slot: c.slot, tid: current_tid() as u32, depth: c.top })
 }
 
 /// True when an instance of probe (`index`, `id`) is among those at the top of the stack

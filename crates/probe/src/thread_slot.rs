@@ -11,7 +11,7 @@
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
 use crate::arch::{current_tid, thread_pointer};
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -38,6 +38,9 @@ pub(crate) struct ThreadSlot {
     /// site's address (the count walks the site's probe list, which must not be freed
     /// under it); 0 otherwise.
     pub(crate) nested: AtomicUsize,
+    /// The owner's calls are not recorded by the function-graph tracer (dynprobe's own
+    /// threads, and the agent while it sets up).
+    pub(crate) untraced: AtomicBool,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -47,6 +50,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         generation: AtomicU32::new(0),
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
+        untraced: AtomicBool::new(false),
     }
 }; MAX_THREADS];
 
@@ -115,8 +119,18 @@ impl ThreadSlot {
     fn restart(&self, tid: i32) {
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
+        self.untraced.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
+    }
+}
+
+/// Stops (`false`) or resumes (`true`) the function-graph tracer's recording of the calling
+/// thread's calls: dynprobe's own work — its background threads, the agent setting up —
+/// is not the program's and stays out of traces.
+pub fn set_current_thread_traced(traced: bool) {
+    if let Some((_, slot)) = ThreadSlot::current() {
+        slot.untraced.store(!traced, Ordering::Relaxed);
     }
 }
 
