@@ -1,12 +1,16 @@
 //! `dynprobe bench --json` end to end: the shape of the JSON and that the reference rows
 //! produce numbers. Timings are not asserted beyond being positive: benchmarks measure,
 //! tests don't time.
+//!
+//! The `function-graph` row runs `dynprobe record`, which needs the agent built beside the
+//! `dynprobe` binary (`cargo build --workspace` with the same profile first).
 
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// Whether the `int3-probe` row must produce a number.
+/// What the `uftrace` row says when uftrace is not on `PATH`.
+const UFTRACE_MISSING: &str = "not installed (apt-get install uftrace)";
 
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dynprobe")).arg("bench").args(args).output().expect("runs the dynprobe binary")
@@ -69,13 +73,56 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         assert!(ns_per_hit(&rows, fast_row) > 0.0, "{fast}");
         assert!(fast["x_kernel_uprobe"].is_number() && fast["x_kernel_uretprobe"].is_number(), "{fast}");
     }
+
+    // The tracer rows time a program against its untraced run; dynprobe's ring holds the
+    // whole run, so nothing may be lost (a loss would make the figure too low).
+    assert_eq!(ns_per_hit(&rows, "graph-plain"), 0.0, "the program's baseline adds nothing");
+    let graph = row(&rows, "function-graph");
+    assert!(ns_per_hit(&rows, "function-graph") > 0.0, "{graph}");
+    assert_eq!(graph["calls_per_batch"], 200, "the program made the calls asked for: {graph}");
+    assert!(!graph["note"].as_str().unwrap().contains("LOST"), "{graph}");
+    let uftrace = row(&rows, "uftrace");
+    match uftrace["ns_per_hit"].as_f64() {
+        Some(ns) => {
+            assert!(ns > 0.0, "{uftrace}");
+            assert!(graph["x_uftrace"].is_number(), "{graph}");
+        }
+        None => assert_eq!(uftrace["error"], UFTRACE_MISSING, "{uftrace}"),
+    }
+}
+
+#[test]
+fn the_uftrace_row_says_when_uftrace_is_not_installed() {
+    // A PATH with nothing on it: the program rows run their programs by absolute path.
+    let empty = std::env::temp_dir().join(format!("dynprobe-bench-empty-path-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynprobe"))
+        .args(["bench", "--json", "--iterations", "200", "--rows", "uftrace"])
+        .env("PATH", &empty)
+        .output()
+        .expect("runs the dynprobe binary");
+    std::fs::remove_dir(&empty).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let rows = json["rows"].as_array().unwrap();
+    let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["graph-plain", "uftrace"]);
+    let uftrace = row(rows, "uftrace");
+    assert!(uftrace["ns_per_hit"].is_null(), "{uftrace}");
+    assert_eq!(uftrace["error"], UFTRACE_MISSING, "{uftrace}");
 }
 
 #[test]
 fn rows_option_runs_the_named_rows_and_what_they_need() {
-    let rows = rows(&["--iterations", "50", "--rows", "kernel-uprobe"]);
-    let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["baseline-call", "kernel-uprobe"]);
+    let names = |args: &[&str]| -> Vec<String> {
+        rows(args).iter().map(|row| row["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(&["--iterations", "50", "--rows", "kernel-uprobe"]), ["baseline-call", "kernel-uprobe"]);
+    // A tracer row brings its program's baseline and the tracer it is compared with.
+    assert_eq!(
+        names(&["--iterations", "50", "--rows", "function-graph"]),
+        ["graph-plain", "function-graph", "uftrace"]
+    );
 }
 
 #[test]
