@@ -28,8 +28,8 @@ const DEFAULT_CALLS: u64 = 4_000_000;
 /// Records a traced call leaves in dynprobe's ring: its entry and its exit.
 const RECORDS_PER_CALL: u64 = 2;
 
-/// The smallest ring `dynprobe record` accepts is far below this; a run's few calls
-/// outside the loop (`main`, the clock reads) need the margin.
+/// Ring records beyond the loop's, for the few traced calls outside it (`main`, the clock
+/// reads).
 const RING_MARGIN: u64 = 1024;
 
 /// What the row's answer is when uftrace is missing: a row, not a failure of the bench.
@@ -106,7 +106,9 @@ impl TracedCommand {
             Tracer::None => command.arg(&iterations),
             Tracer::Dynprobe => {
                 // A ring that holds the whole run: nothing can be lost however the drain
-                // keeps pace, so every call pays for its records.
+                // keeps pace, so every call pays for its records. The traced thread also
+                // touches each ring page first (its page faults are in the figure), which a
+                // ring that wraps pays once per lap only.
                 let records =
                     (RECORDS_PER_CALL * CALLS_PER_ITERATION * self.iterations + RING_MARGIN).next_power_of_two();
                 let buffer = records.to_string();
