@@ -35,8 +35,11 @@ pub const DEPTH_ENV: &str = "DYNPROBE_DEPTH";
 /// Records per thread ring (a power of two).
 pub const RING_RECORDS_ENV: &str = "DYNPROBE_RING_RECORDS";
 
-/// Default records per thread ring: 1 MiB each; only the pages a thread fills cost memory.
-const DEFAULT_RING_RECORDS: usize = 1 << 16;
+/// Default records per thread ring: 16 MiB each, in a sparse file where only the pages a
+/// thread fills cost memory. A thread calling a trivial traced function in a tight loop
+/// makes ~25 M records a second, faster than the recorder drains them; rings this size
+/// absorb bursts of a fraction of a second (losses beyond are counted and reported).
+const DEFAULT_RING_RECORDS: usize = 1 << 20;
 /// Most images one pid can have (exec after exec).
 const MAX_IMAGES: u32 = 1000;
 

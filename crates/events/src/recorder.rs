@@ -286,9 +286,16 @@ impl Recorder {
             }
             self.scratch.clear();
             ring.drain(r, &mut self.scratch);
-            for rec in &self.scratch {
+            // Records go to their thread's file a run at a time: a fast program fills a ring
+            // in milliseconds, and a lookup per record would make the drain fall behind.
+            let mut run_start = 0;
+            for (k, rec) in self.scratch.iter().enumerate() {
                 match rec.kind() {
-                    Some(Kind::Thread) => state.tid = rec.payload() as u32,
+                    Some(Kind::Thread) => {
+                        append(&mut out, state.tid, &self.scratch[run_start..k]);
+                        run_start = k;
+                        state.tid = rec.payload() as u32;
+                    }
                     Some(Kind::Lost) => state.lost_seen += rec.payload(),
                     Some(_) => self.events += 1,
                     // Written by a program that scribbled over its ring: kept, for the reader
@@ -296,8 +303,8 @@ impl Recorder {
                     None => {}
                 }
                 state.last_time = rec.time;
-                out.entry(state.tid).or_default().extend_from_slice(&rec.to_bytes());
             }
+            append(&mut out, state.tid, &self.scratch[run_start..]);
             state.lost_total = ring.lost(r);
             // Losses at the very end of a ring have no record after them to carry their
             // `Lost` record: nothing is dropped silently, so write it for them.
@@ -349,6 +356,18 @@ fn process_exists(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists; it sends nothing.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Appends `records` as stored in a `.dat` file.
+fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
+    if records.is_empty() {
+        return;
+    }
+    let out = out.entry(tid).or_default();
+    out.reserve(records.len() * 16);
+    for rec in records {
+        out.extend_from_slice(&rec.to_bytes());
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// How often the rings are drained.
 const POLL: Duration = Duration::from_millis(20);
+/// Events drained by one poll above which the next poll follows at once.
+const BUSY: u64 = 4096;
 
 /// What the main thread tells the recorder's thread.
 enum Stop {
@@ -46,8 +48,10 @@ impl Recording {
                     }
                 };
                 let mut progress = Progress::new(std::io::stderr().is_terminal());
+                let mut wait = POLL;
+                let mut drained = 0;
                 loop {
-                    match stop_rx.recv_timeout(POLL) {
+                    match stop_rx.recv_timeout(wait) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(Stop::Finish(code)) => {
                             progress.clear();
@@ -62,7 +66,13 @@ impl Recording {
                     // The recorder reports a bad ring file once and leaves it alone
                     // afterwards: say so and go on with the others.
                     match recorder.poll() {
-                        Ok(stats) => progress.show(&stats),
+                        Ok(stats) => {
+                            // While the program fills its rings fast, drain again at once
+                            // rather than let them overflow while we sleep.
+                            wait = if stats.events - drained >= BUSY { Duration::ZERO } else { POLL };
+                            drained = stats.events;
+                            progress.show(&stats)
+                        }
                         Err(err) => {
                             progress.clear();
                             eprintln!("dynprobe: warning: while recording: {err}");
