@@ -173,9 +173,12 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
                         let text = format!("{name}{};{unwound}", call_parens(name));
                         lines.push(Line { ns: begin, depth: indent, duration: call.duration(), text });
                     }
-                    (Some(begin), _) => {
-                        lines.push(Line { ns: begin, depth: indent, duration: None, text: format!("{name}{} {{", call_parens(name)) })
-                    }
+                    (Some(begin), _) => lines.push(Line {
+                        ns: begin,
+                        depth: indent,
+                        duration: None,
+                        text: format!("{name}{} {{", call_parens(name)),
+                    }),
                     (None, true) => lines.extend(closing_line(call, name, indent)),
                     (None, false) => {}
                 }
