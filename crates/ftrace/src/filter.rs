@@ -125,32 +125,46 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
-/// The names of `candidates` closest to `wanted` (edit distance, then substring), at most
-/// `max`, best first.
-pub fn nearest<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>, max: usize) -> Vec<String> {
-    let wanted_plain: String = wanted.chars().filter(|&c| c != '*' && c != '?').collect();
-    let mut scored: Vec<(usize, &str)> = candidates
-        .map(|c| {
-            let d = edit_distance(&wanted_plain, c);
-            let d = if !wanted_plain.is_empty() && c.contains(wanted_plain.as_str()) { d.min(1) } else { d };
-            (d, c)
+/// Up to `max` names of `names` close to `word` (a pattern's wildcards are ignored): the
+/// ones containing it (or contained in it), then those within an edit distance of a third
+/// of its length, closest first.
+///
+/// ```
+/// let names = ["parse_record", "checksum", "print_records"];
+/// let near = dynprobe_ftrace::filter::nearest("parse_recrd", names.iter().copied(), 3);
+/// assert_eq!(near, ["parse_record"]);
+/// ```
+pub fn nearest<'a>(word: &str, names: impl Iterator<Item = &'a str>, max: usize) -> Vec<String> {
+    let word: String = word.chars().filter(|&c| c != '*' && c != '?').collect();
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    names.dedup();
+    let word_lower = word.to_lowercase();
+    let mut scored: Vec<(usize, &str)> = names
+        .iter()
+        .filter_map(|&name| {
+            let lower = name.to_lowercase();
+            if !word.is_empty() && (lower.contains(&word_lower) || word_lower.contains(&lower)) {
+                return Some((0, name));
+            }
+            let distance = edit_distance(&word_lower, &lower);
+            (distance <= word.chars().count().div_ceil(3).max(1)).then_some((distance, name))
         })
-        .filter(|&(d, c)| d <= (wanted_plain.len() / 3).max(2) || c.contains(wanted_plain.as_str()))
         .collect();
     scored.sort();
-    scored.dedup_by(|a, b| a.1 == b.1);
-    scored.into_iter().take(max).map(|(_, c)| c.to_string()).collect()
+    scored.into_iter().take(max).map(|(_, name)| name.to_string()).collect()
 }
 
+/// Levenshtein distance, by characters.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
+        let mut diagonal = row[0];
         row[0] = i + 1;
         for (j, &cb) in b.iter().enumerate() {
-            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + usize::from(ca != cb));
-            prev = row[j + 1];
+            let next = (diagonal + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diagonal = row[j + 1];
             row[j + 1] = next;
         }
     }
@@ -195,8 +209,11 @@ mod tests {
 
     #[test]
     fn nearest_names_for_a_typo() {
-        let names = ["parse_record", "checksum", "main", "parse_header"];
-        assert_eq!(nearest("parse_recrd", names.iter().copied(), 3)[0], "parse_record");
-        assert!(nearest("zzzzzz", names.iter().copied(), 3).is_empty());
+        let names = ["parse_record", "checksum", "main", "print_records"];
+        let near = |w| nearest(w, names.iter().copied(), 3);
+        assert_eq!(near("parse_recrd"), ["parse_record"]);
+        assert_eq!(near("record"), ["parse_record", "print_records"]);
+        assert!(near("zzzzzz").is_empty());
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }
