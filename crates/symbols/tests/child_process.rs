@@ -2,9 +2,10 @@
 //! with a shared library), run as children that print the addresses of their own functions
 //! and then wait on stdin.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
@@ -141,10 +142,7 @@ impl Running {
 
     /// `len` bytes of the child's memory at `addr`.
     fn memory(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mem = File::open(format!("/proc/{}/mem", self.pid())).unwrap();
-        let mut buf = vec![0; len];
-        mem.read_exact_at(&mut buf, addr).unwrap();
-        buf
+        common::read_memory(self.pid(), addr, len)
     }
 }
 

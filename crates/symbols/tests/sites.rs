@@ -2,6 +2,8 @@
 //! of running children: `tests/targets/sites.c` (and the library `sites_lib.c`) built here
 //! with each way of recording sites, checked against the bytes in the child's memory.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -109,10 +111,7 @@ impl Running {
 
     /// `len` bytes of the child's memory at `addr`.
     fn memory(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mem = File::open(format!("/proc/{}/mem", self.pid())).unwrap();
-        let mut buf = vec![0; len];
-        mem.read_exact_at(&mut buf, addr).unwrap();
-        buf
+        common::read_memory(self.pid(), addr, len)
     }
 }
 
