@@ -256,8 +256,7 @@ fn a_forked_child_and_an_exec_ed_image_are_traced_too() {
         let replay = r.replay(&[]);
         let graph = texts(&graph_of(&replay)).join("\n");
         assert_eq!(
-            graph,
-            "main() {\n  step();\n} /* main */\n  child_work() {\n    step();\n  } /* child_work */",
+            graph, "main() {\n  step();\n} /* main */\n  child_work() {\n    step();\n  } /* child_work */",
             "{sites:?}:\n{replay}"
         );
         assert!(replay.contains(", forked from "), "{replay}");
