@@ -214,14 +214,14 @@ extern "C" fn in_child() {
     };
     for n in 0..MAX_IMAGES {
         let mut funcs = name(n, b"funcs");
-        let (Some(from), Some(to)) = (paths.funcs.c_str(), funcs.c_str()) else { return };
+        let (Some(from), Some(to)) = (paths.funcs.c_str(), funcs.c_str()) else { break };
         // SAFETY: both are NUL-terminated paths on the stack.
         if unsafe { libc::link(from.as_ptr(), to.as_ptr()) } != 0 {
             // SAFETY: reading this thread's errno.
             if unsafe { *libc::__errno_location() } == libc::EEXIST {
                 continue;
             }
-            return;
+            break;
         }
         let mut sites = PathText::new();
         sites.bytes(b"exe\t").bytes(paths.exe.as_bytes()).bytes(b"\nparent\t").dec(u64::from(ppid)).byte(b'\n');
@@ -242,6 +242,11 @@ extern "C" fn in_child() {
         paths.funcs = funcs;
         return;
     }
+    // No image of its own: the child must not write into its parent's rings.
+    ring.detach_in_child();
+    let message = b"dynprobe agent: the forked child is not traced: no name for its trace files\n";
+    // SAFETY: writes a static message to stderr.
+    unsafe { libc::write(2, message.as_ptr().cast(), message.len()) };
 }
 
 /// Creates `path` with `content`, with system calls only.

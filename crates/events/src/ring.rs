@@ -301,22 +301,29 @@ impl RingFile {
     pub fn reopen_in_child(&self, path: &CStr, parent_pid: u32) -> Result<(), i32> {
         let result = self.try_reopen(path, parent_pid);
         if result.is_err() {
-            // SAFETY: replaces exactly this object's own mapping (same address and length)
-            // with zeroed shared memory; in a fork child only this thread exists, so no one
-            // is inside the old mapping. It cannot fail for lack of address space, the range
-            // being ours already.
-            unsafe {
-                libc::mmap(
-                    self.base.cast(),
-                    self.layout.len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
+            self.detach_in_child();
         }
         result
+    }
+
+    /// Detaches a forked child from the parent's file: the mapping becomes anonymous memory
+    /// nobody drains (the child's records are lost, but the parent's rings stay intact).
+    /// For a child that cannot get a ring file of its own; system calls only.
+    pub fn detach_in_child(&self) {
+        // SAFETY: replaces exactly this object's own mapping (same address and length) with
+        // zeroed shared memory; in a fork child only this thread exists, so no one is inside
+        // the old mapping. It cannot fail for lack of address space, the range being ours
+        // already.
+        unsafe {
+            libc::mmap(
+                self.base.cast(),
+                self.layout.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
     }
 
     fn try_reopen(&self, path: &CStr, parent_pid: u32) -> Result<(), i32> {
