@@ -153,6 +153,9 @@ fn function_list(selection: &Selection) -> String {
 /// [`in_child`]).
 fn site_list(exe: &Path, summary: &SiteSummary) -> String {
     let mut out = format!("exe\t{}\nparent\t0\n", field(&exe.to_string_lossy()));
+    if let Some(ns) = summary.patch_ns {
+        let _ = writeln!(out, "patch_ns\t{ns}");
+    }
     for (kind, found, patched) in &summary.kinds {
         let _ = writeln!(out, "kind\t{kind}\t{found}\t{patched}");
     }

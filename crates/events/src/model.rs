@@ -101,6 +101,9 @@ pub struct SiteSummary {
     pub kinds: Vec<(String, u64, u64)>,
     /// The refused sites.
     pub refused: Vec<RefusedSite>,
+    /// How long turning the compiler sites into calls took, in ns (the one batch, its stop
+    /// of the other threads included); `None` when not recorded.
+    pub patch_ns: Option<u64>,
 }
 
 /// A site that was not patched.

@@ -136,6 +136,7 @@ pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError>
         match fields[..] {
             ["exe", exe] => sites.exe = exe.to_owned(),
             ["parent", parent] => sites.parent = parse_number(path, line, "parent pid", parent)?,
+            ["patch_ns", ns] => sites.summary.patch_ns = Some(parse_number(path, line, "patch time", ns)?),
             ["kind", kind, found, patched] => sites.summary.kinds.push((
                 kind.to_owned(),
                 parse_number(path, line, "found count", found)?,
@@ -154,8 +155,8 @@ pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError>
                     path,
                     line,
                     format!(
-                        "{:?} is not one of: exe, parent, kind (kind found patched), refused (kind address \
-                         function reason), with tab-separated fields",
+                        "{:?} is not one of: exe, parent, patch_ns, kind (kind found patched), refused (kind \
+                         address function reason), with tab-separated fields",
                         fields[0]
                     ),
                 ))

@@ -22,6 +22,10 @@ use std::time::Duration;
 
 /// How long other threads get to acknowledge the stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sites at most this far apart are read and written as one range...
+const SPAN_GAP: u64 = 64 << 10;
+/// ...of at most this many bytes.
+const SPAN_MAX: u64 = 4 << 20;
 /// Sites farther apart than this get separate stub blocks, so that one block near the
 /// first site is in `rel32` reach of all of them.
 const GROUP_SPAN: u64 = 256 << 20;
@@ -55,25 +59,51 @@ struct Planned {
 /// [`SiteMethod::Compiler`]: crate::select::SiteMethod::Compiler
 pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<BatchResult, TextError> {
     let mut result = BatchResult::default();
-    let mut sites: Vec<(usize, u64, [u8; 5])> = Vec::new();
-    for (i, f) in functions.iter().enumerate() {
-        let crate::select::SiteMethod::Compiler(site) = f.method else { continue };
-        let nop = match site.kind {
-            SiteKind::Mcount => MCOUNT_NOP,
-            SiteKind::Patchable { .. } => PATCHABLE_NOPS,
+    let mut sites: Vec<(usize, u64, [u8; 5])> = functions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match f.method {
+            crate::select::SiteMethod::Compiler(site) => Some((
+                i,
+                site.addr,
+                match site.kind {
+                    SiteKind::Mcount => MCOUNT_NOP,
+                    SiteKind::Patchable { .. } => PATCHABLE_NOPS,
+                },
+            )),
+            crate::select::SiteMethod::Entry => None,
+        })
+        .collect();
+    sites.sort_by_key(|&(_, addr, _)| addr);
+    // A first look, before anything is allocated for them: sites that do not hold their
+    // NOP are reported and left out.
+    let mut looked = Vec::with_capacity(sites.len());
+    for span in spans(&sites, |s| s.1) {
+        let start = span[0].1;
+        let bytes = match memory::read_vec(start, (span[span.len() - 1].1 + 5 - start) as usize) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                for &(i, addr, _) in span {
+                    result.refused.push(refusal(&functions[i], addr, format!("the site cannot be read: {e}")));
+                }
+                continue;
+            }
         };
-        let mut now = [0u8; 5];
-        match memory::read(site.addr, &mut now) {
-            Ok(()) if now == nop => sites.push((i, site.addr, nop)),
-            Ok(()) => result.refused.push(refusal(f, site.addr, format!(
-                "the site holds {} instead of the compiler's NOP {} (already patched, or changed by someone else); left alone",
-                hex(&now),
-                hex(&nop)
-            ))),
-            Err(e) => result.refused.push(refusal(f, site.addr, format!("the site cannot be read: {e}"))),
+        for &(i, addr, nop) in span {
+            let at = (addr - start) as usize;
+            let now = &bytes[at..at + 5];
+            if now == nop {
+                looked.push((i, addr, nop));
+            } else {
+                result.refused.push(refusal(&functions[i], addr, format!(
+                    "the site holds {} instead of the compiler's NOP {} (already patched, or changed by someone else); left alone",
+                    hex(now),
+                    hex(&nop)
+                )));
+            }
         }
     }
-    sites.sort_by_key(|&(_, addr, _)| addr);
+    let sites = looked;
 
     let caller_len = build_caller(0, dispatch).map_err(|e| build_error(&e))?.len() as u64;
     let mut planned = Vec::with_capacity(sites.len());
@@ -102,49 +132,89 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
 
     // Room for every outcome is made before the stop: nothing may allocate while other
     // threads are held (one of them may hold the allocator's lock).
-    let mut failed: Vec<(usize, TextError)> = Vec::with_capacity(planned.len());
-    result.patched.reserve(planned.len());
+    let spans: Vec<&[Planned]> = spans(&planned, |p| p.addr).collect();
+    let mut scratch: Vec<Vec<u8>> =
+        spans.iter().map(|span| vec![0u8; (span[span.len() - 1].addr + 5 - span[0].addr) as usize]).collect();
+    let mut edits: Vec<(u64, &[u8], &[u8])> = Vec::with_capacity(planned.len());
+    let mut applied = vec![false; planned.len()];
+    let mut written: Vec<Result<(), TextError>> = Vec::with_capacity(spans.len());
     let mut writer = CodeWriter::lock()?;
     let mut world = stop::stop_other_threads(STOP_TIMEOUT)?;
     let interrupted = world.all_interrupted_contexts();
-    for site in &planned {
-        move_out_of(&mut world, &interrupted, site.addr);
-        match writer.write_verified(site.addr, &site.nop, &site.call) {
-            Ok(()) => result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call }),
-            Err(e) => failed.push((site.function, e)),
+    let mut first = 0;
+    for (span, scratch) in spans.iter().zip(&mut scratch) {
+        for site in span.iter() {
+            move_out_of(&mut world, &interrupted, site.addr);
         }
+        edits.clear();
+        edits.extend(span.iter().map(|p| (p.addr, &p.nop[..], &p.call[..])));
+        let applied = &mut applied[first..first + span.len()];
+        written.push(writer.write_span(span[0].addr, scratch, &edits, applied));
+        first += span.len();
     }
     let synced = try_sync_core();
     drop(world);
     drop(writer);
-    for (i, e) in failed {
-        let f = &functions[i];
-        let crate::select::SiteMethod::Compiler(site) = f.method else { continue };
-        result.refused.push(refusal(f, site.addr, format!("the site could not be written: {e}")));
+    let outcomes = spans.iter().zip(written).flat_map(|(span, w)| span.iter().map(move |p| (p, w.clone())));
+    for ((site, written), ok) in outcomes.zip(applied) {
+        let reason = match (written, ok) {
+            (Ok(()), true) => {
+                result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call });
+                continue;
+            }
+            (Ok(()), false) => "the site changed between the first look and the write; left alone".to_string(),
+            (Err(e), _) => format!("the site could not be written: {e}"),
+        };
+        result.refused.push(refusal(&functions[site.function], site.addr, reason));
     }
     synced?;
     Ok(result)
 }
 
+/// Runs of `items` (sorted by address) close enough to be read and written as one range:
+/// one system call each way for a module's thousands of sites instead of one per site.
+fn spans<T>(items: &[T], addr: impl Fn(&T) -> u64) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let first = addr(rest.first()?);
+        let len = rest
+            .windows(2)
+            .position(|w| addr(&w[1]) - addr(&w[0]) > SPAN_GAP || addr(&w[1]) + 5 - first > SPAN_MAX)
+            .map_or(rest.len(), |i| i + 1);
+        let (span, tail) = rest.split_at(len);
+        rest = tail;
+        Some(span)
+    })
+}
+
 /// Puts the NOPs back, in one batch. A thread inside a stub or the caller finishes its
 /// trip: stubs are never freed.
 pub(crate) fn disable(sites: &[PatchedSite]) -> Result<(), TextError> {
-    let mut first_error = None;
+    let spans: Vec<&[PatchedSite]> = spans(sites, |p| p.addr).collect();
+    let mut scratch: Vec<Vec<u8>> =
+        spans.iter().map(|span| vec![0u8; (span[span.len() - 1].addr + 5 - span[0].addr) as usize]).collect();
+    let mut edits: Vec<(u64, &[u8], &[u8])> = Vec::with_capacity(sites.len());
+    let mut applied = vec![false; sites.len()];
+    let mut written: Vec<Result<(), TextError>> = Vec::with_capacity(spans.len());
     let mut writer = CodeWriter::lock()?;
     let world = stop::stop_other_threads(STOP_TIMEOUT)?;
-    for site in sites {
-        // A thread cannot be stopped inside a call instruction: nobody to move.
-        if let Err(e) = writer.write_verified(site.addr, &site.call, &site.nop) {
-            first_error.get_or_insert(e);
-        }
+    // A thread cannot be stopped inside a call instruction: nobody to move.
+    let mut first = 0;
+    for (span, scratch) in spans.iter().zip(&mut scratch) {
+        edits.clear();
+        edits.extend(span.iter().map(|p| (p.addr, &p.call[..], &p.nop[..])));
+        written.push(writer.write_span(span[0].addr, scratch, &edits, &mut applied[first..first + span.len()]));
+        first += span.len();
     }
     let synced = try_sync_core();
     drop(world);
     drop(writer);
-    match first_error {
-        Some(e) => Err(e),
-        None => synced,
+    written.into_iter().collect::<Result<(), _>>()?;
+    if let Some(i) = applied.iter().position(|&ok| !ok) {
+        let found = memory::read_vec(sites[i].addr, 5).unwrap_or_default();
+        return Err(TextError::Unexpected { addr: sites[i].addr, expected: sites[i].call.to_vec(), found });
     }
+    synced
 }
 
 /// Moves every thread stopped, or interrupted by a signal, strictly inside the 5 bytes at

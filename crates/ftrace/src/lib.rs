@@ -60,8 +60,10 @@ impl Tracer {
         }
         dynprobe_probe::graph_install(graph::on_exit)?;
         let Selection { functions, refused } = selection;
-        let mut summary = SiteSummary { kinds: Vec::new(), refused };
+        let mut summary = SiteSummary { kinds: Vec::new(), refused, patch_ns: None };
+        let started = std::time::Instant::now();
         let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;
+        summary.patch_ns = Some(started.elapsed().as_nanos() as u64);
         summary.refused.extend(batch.refused);
         let mut probes = Vec::new();
         let mut entry_patched = 0u64;

@@ -107,6 +107,66 @@ impl CodeWriter {
         Ok(CodeWriter { guard })
     }
 
+    /// Many small edits of code in one range, with one read and one write of the range (the
+    /// batch form of [`Self::write_verified`]): the range `[start, start + scratch.len())` is
+    /// read into `scratch`; each edit `(addr, expected, new)` inside it whose bytes are
+    /// `expected` is applied there, and `applied[i]` says whether edit `i` was; then the range
+    /// is written back whole. Bytes outside the edits are written back as they were read, so
+    /// use it only while no other writer can change them and no thread executes them (every
+    /// other thread stopped). `scratch` is the caller's, so nothing allocates.
+    ///
+    /// # Panics
+    ///
+    /// If an edit lies outside the range, an edit's `expected` and `new` differ in length, or
+    /// `applied` is shorter than `edits`.
+    pub fn write_span(
+        &mut self,
+        start: u64,
+        scratch: &mut [u8],
+        edits: &[(u64, &[u8], &[u8])],
+        applied: &mut [bool],
+    ) -> Result<(), TextError> {
+        read(start, scratch)?;
+        let mut changed = false;
+        for (i, &(addr, expected, new)) in edits.iter().enumerate() {
+            assert_eq!(expected.len(), new.len(), "write_span: expected and new differ in length");
+            let at = (addr - start) as usize;
+            let bytes = &mut scratch[at..at + expected.len()];
+            applied[i] = bytes == expected;
+            if applied[i] {
+                bytes.copy_from_slice(new);
+                changed |= expected != new;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        match mem.write_at(scratch, start) {
+            Ok(n) if n == scratch.len() => Ok(()),
+            Ok(n) => {
+                // A short write changed a prefix: put the old bytes back so nothing is left
+                // half-changed, as the error promises.
+                for (i, &(addr, expected, _)) in edits.iter().enumerate() {
+                    let at = (addr - start) as usize;
+                    if applied[i] {
+                        scratch[at..at + expected.len()].copy_from_slice(expected);
+                        applied[i] = false;
+                    }
+                }
+                let _ = mem.write_at(&scratch[..n], start);
+                Err(TextError::Unwritable {
+                    addr: start,
+                    reason: format!("only {n} of {} byte(s) could be written; restored", scratch.len()),
+                })
+            }
+            Err(e) => {
+                applied.iter_mut().for_each(|a| *a = false);
+                Err(TextError::Unwritable { addr: start, reason: e.to_string() })
+            }
+        }
+    }
+
     /// [`write_verified`] with the writer already held.
     ///
     /// # Panics

@@ -64,3 +64,28 @@ fn write_verified_into_an_unmapped_address_fails_cleanly() {
     assert_eq!(write_verified(addr, &[0; 4], &[1; 4]), Err(TextError::Unreadable { addr, len: 4 }));
     assert_eq!(read_vec(addr, 1), Err(TextError::Unreadable { addr, len: 1 }));
 }
+
+#[test]
+fn write_span_applies_the_edits_that_match_in_one_write() {
+    let addr = map(8192, libc::PROT_READ | libc::PROT_EXEC);
+    let mut writer = dynprobe_text::memory::CodeWriter::lock().unwrap();
+    let mut scratch = vec![0u8; 4200];
+    let nop = [0u8; 5];
+    let call = [0xe8, 1, 2, 3, 4];
+    let edits: [(u64, &[u8], &[u8]); 3] = [
+        (addr + 10, &nop, &call),
+        // Not what is there: left alone, reported.
+        (addr + 100, &[0x90; 5], &call),
+        // Across the page boundary.
+        (addr + 4094, &nop, &call),
+    ];
+    let mut applied = [false; 3];
+    writer.write_span(addr + 10, &mut scratch, &edits, &mut applied).unwrap();
+    assert_eq!(applied, [true, false, true]);
+    assert_eq!(read_vec(addr + 10, 5).unwrap(), call);
+    assert_eq!(read_vec(addr + 100, 5).unwrap(), nop);
+    assert_eq!(read_vec(addr + 4094, 5).unwrap(), call);
+    // Everything else in the range is as it was.
+    let all = read_vec(addr, 8192).unwrap();
+    assert_eq!(all.iter().filter(|&&b| b != 0).count(), 10);
+}

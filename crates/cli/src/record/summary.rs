@@ -54,7 +54,14 @@ fn sites(trace: &Trace) -> String {
             );
             continue;
         }
-        let _ = writeln!(out, "dynprobe: function sites in {} (pid {}{others}):", process.exe, process.pid);
+        let took = match process.sites.patch_ns {
+            // Only the compiler sites are one batch; entry probes are placed one by one.
+            Some(ns) if kinds.iter().any(|(kind, _, _)| kind != "entry") => {
+                format!(", NOPs patched in one batch in {:.2} ms", ns as f64 / 1e6)
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "dynprobe: function sites in {} (pid {}{others}{took}):", process.exe, process.pid);
         let _ = writeln!(out, "  {:<12} {:>8} {:>8} {:>8}", "kind", "found", "patched", "refused");
         for (kind, found, patched) in kinds {
             let _ = writeln!(out, "  {kind:<12} {found:>8} {patched:>8} {:>8}", found.saturating_sub(*patched));
@@ -122,6 +129,7 @@ mod tests {
                         reason: "a jump into the covered bytes".into(),
                     })
                     .collect(),
+                patch_ns: None,
             },
             ..Default::default()
         }
