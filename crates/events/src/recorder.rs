@@ -42,6 +42,9 @@ pub struct RecordStats {
 }
 
 /// What the recorder keeps of one ring between polls.
+/// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB).
+const POPULATE_AHEAD: u64 = 1 << 18;
+
 #[derive(Debug, Clone, Copy, Default)]
 struct RingState {
     /// The thread of the last `Thread` record: the owner of the records that follow.
@@ -52,6 +55,9 @@ struct RingState {
     lost_total: u64,
     /// The time of the last record seen.
     last_time: u64,
+    /// Records of the ring whose pages this process made present (see
+    /// `RingFile::populate`).
+    populated: u64,
 }
 
 /// One process image.
@@ -286,6 +292,12 @@ impl Recorder {
             }
             self.scratch.clear();
             ring.drain(r, &mut self.scratch);
+            // Keep the pages the thread is about to fill present ahead of it.
+            let ahead = ring.written(r) + POPULATE_AHEAD;
+            if !gone && state.populated < ahead && state.populated < ring.capacity() as u64 {
+                ring.populate(r, state.populated.max(ring.written(r)), ahead);
+                state.populated = ahead;
+            }
             // Records go to their thread's file a run at a time: a fast program fills a ring
             // in milliseconds, and a lookup per record would make the drain fall behind.
             let mut run_start = 0;
