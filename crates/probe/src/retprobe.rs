@@ -501,17 +501,48 @@ fn tracked_by(base: usize, top: usize, slot_addr: u64, index: u32, id: u32) -> b
 #[inline]
 pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
     let guard = HandlerGuard::enter();
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    regs.ip = unsafe { (*instance(index)).orig };
+    let rsp = regs.rsp;
+    end_calls(index, rsp, |slot, k, inst| {
+        if inst.probe == GRAPH {
+            graph_exit(slot, k, inst, false);
+        } else if guard.is_some() {
+            run_return_handler(slot, inst, regs);
+        }
+    });
+    regs.ip
+}
+
+/// The return path of the light sled: every instance diverting this return-address slot is
+/// the function-graph tracer's (a return probe joining a call writes the full sled's
+/// entry), so there are no handlers to give registers to.
+#[inline]
+pub(crate) fn on_graph_return(index: usize, caller_rsp: u64) -> u64 {
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    let orig = unsafe { (*instance(index)).orig };
+    end_calls(index, caller_rsp, |slot, k, inst| {
+        debug_assert_eq!(inst.probe, GRAPH, "a return probe's call returned through the light sled");
+        graph_exit(slot, k, inst, false);
+    });
+    orig
+}
+
+/// Ends the calls of instance `index` (whose function returned, leaving `rsp`) and of the
+/// instances sharing its return-address slot, calling `each(slot, depth, instance)` for
+/// them; drops the abandoned instances above it.
+#[inline(always)]
+fn end_calls(index: usize, rsp: u64, mut each: impl FnMut(usize, usize, &Instance)) {
     let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
     let base = slot * MAX_DEPTH;
     let stack = &STACKS[slot];
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let returning = unsafe { &*instance(index) };
-    regs.ip = returning.orig;
     let top = stack.top.load(Ordering::Relaxed) as usize;
-    if top <= depth || returning.slot_addr + 8 != regs.rsp {
+    if top <= depth || returning.slot_addr + 8 != rsp {
         // Dropped already (cannot happen for a call that returns normally): the original
         // return address is still right.
-        return regs.ip;
+        return;
     }
     // Instances pushed after the returning call were abandoned (a longjmp, an exception) if
     // they lie deeper on this stack; one higher up is on another stack (a sigaltstack, a
@@ -537,24 +568,18 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
         k -= 1;
         // SAFETY: as above.
         let inst = unsafe { &mut *instance(base + k) };
-        if inst.probe == GRAPH {
-            graph_exit(slot, k, inst, false);
-        } else if guard.is_some() {
-            run_return_handler(slot, inst, regs);
-        }
+        each(slot, k, inst);
         if live_above {
             free(slot, inst);
         } else {
             uncount(slot, inst.probe);
         }
     }
-    let ip = regs.ip;
     // Everything needed was read before the instances are given back.
     compiler_fence(Ordering::SeqCst);
     if !live_above {
         stack.top.store(k as u32, Ordering::Release);
     }
-    ip
 }
 
 #[inline]

@@ -265,19 +265,8 @@ fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
 /// kernel's `kretprobe_trampoline_handler`) and returns where to continue. Never unwinds
 /// (handlers' panics are contained by `retprobe`).
 extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
-    dispatch(&FULL, after_call, save, caller_rsp)
-}
-
-/// [`full_dispatch`] for the light sled.
-extern "C" fn light_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
-    dispatch(&LIGHT, after_call, save, caller_rsp)
-}
-
-#[inline(always)]
-fn dispatch(sled: &Sled, after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
     // SAFETY: `common` passes its own stack save area, live for the whole call.
     let save = unsafe { &mut *save };
-    let index = ((after_call - sled.base.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize;
     let mut regs = Regs {
         rax: save.rax,
         rdx: save.rdx,
@@ -291,10 +280,22 @@ fn dispatch(sled: &Sled, after_call: u64, save: *mut SaveArea, caller_rsp: u64) 
         rsp: caller_rsp,
         ..Regs::default()
     };
-    let ret = crate::retprobe::on_return(index, &mut regs);
+    let ret = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs);
     save.rax = regs.rax;
     save.rdx = regs.rdx;
     ret
+}
+
+/// [`full_dispatch`] for the light sled: only the function-graph tracer's calls return
+/// through it, and they need no registers.
+extern "C" fn light_dispatch(after_call: u64, _save: *mut SaveArea, caller_rsp: u64) -> u64 {
+    crate::retprobe::on_graph_return(sled_index(&LIGHT, after_call), caller_rsp)
+}
+
+/// The instance index of the sled entry whose `call` pushed `after_call`.
+#[inline(always)]
+fn sled_index(sled: &Sled, after_call: u64) -> usize {
+    ((after_call - sled.base.load(Ordering::Relaxed)) / ENTRY_SIZE) as usize
 }
 
 extern "C" {
