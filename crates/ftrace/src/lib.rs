@@ -65,14 +65,16 @@ impl Tracer {
         let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;
         summary.patch_ns = Some(started.elapsed().as_nanos() as u64);
         summary.refused.extend(batch.refused);
+        // Entry probes are placed disarmed, then armed together: one stop of the other
+        // threads for all their int3s, like the NOPs.
         let mut probes = Vec::new();
-        let mut entry_patched = 0u64;
+        let mut probed = Vec::new();
         for f in functions.iter().filter(|f| f.method == SiteMethod::Entry) {
             let id = f.id;
-            match Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)).register() {
+            match Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)).disabled().register() {
                 Ok(handle) => {
                     probes.push(handle);
-                    entry_patched += 1;
+                    probed.push(f);
                 }
                 Err(e) => summary.refused.push(RefusedSite {
                     kind: "entry".into(),
@@ -82,6 +84,17 @@ impl Tracer {
                 }),
             }
         }
+        if let Err(e) = ProbeHandle::enable_all(&probes) {
+            for (probe, f) in probes.iter().zip(&probed).filter(|(p, _)| !p.is_enabled()) {
+                summary.refused.push(RefusedSite {
+                    kind: "entry".into(),
+                    addr: probe.address(),
+                    function: f.name.clone(),
+                    reason: format!("its breakpoint could not be armed: {e}"),
+                });
+            }
+        }
+        let entry_patched = probes.iter().filter(|p| p.is_enabled()).count() as u64;
         let patched_of = |kind: &str| match kind {
             "entry" => entry_patched,
             k => batch
@@ -124,6 +137,7 @@ impl Tracer {
     /// return through the tracer and are recorded.
     pub fn stop(self) -> Result<(), FtraceError> {
         batch::disable(&self.patched)?;
+        ProbeHandle::disable_all(&self.probes)?;
         for probe in self.probes {
             probe.unregister()?;
         }

@@ -160,6 +160,22 @@ impl ProbeHandle {
         registry::set_enabled(self.shared(), false)
     }
 
+    /// Enables every probe of `probes` in one batch: their `int3`s are written under one stop
+    /// of the other threads and one serialization of the cores, as the kernel's batched
+    /// `text_poke` does for many sites (use it when arming hundreds of probes: one by one,
+    /// each pays its own core serialization). On an error the probes whose site could not
+    /// be armed stay disabled.
+    pub fn enable_all(probes: &[ProbeHandle]) -> Result<(), ProbeError> {
+        let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(ProbeHandle::shared).collect();
+        registry::set_enabled_all(&shared, true)
+    }
+
+    /// [`Self::enable_all`]'s counterpart: disables every probe of `probes` in one batch.
+    pub fn disable_all(probes: &[ProbeHandle]) -> Result<(), ProbeError> {
+        let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(ProbeHandle::shared).collect();
+        registry::set_enabled_all(&shared, false)
+    }
+
     /// This probe's line of the listing. Panics when called from inside a probe handler.
     pub fn info(&self) -> ProbeInfo {
         registry::info(self.shared()).expect("a live handle is registered")

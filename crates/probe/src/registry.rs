@@ -152,6 +152,25 @@ pub(crate) fn set_enabled(probe: &Arc<ProbeShared>, on: bool) -> Result<(), Prob
     Ok(())
 }
 
+/// Enables or disables every probe of `probes` in one batch: the `int3`s that must come or
+/// go are all written under one stop of the other threads, with one serialization of the
+/// cores after (the kernel's batched `text_poke`). On an error the probes whose site could
+/// not be changed keep their previous state; the others are changed.
+pub(crate) fn set_enabled_all(probes: &[&Arc<ProbeShared>], on: bool) -> Result<(), ProbeError> {
+    let registry = lock()?;
+    let was: Vec<bool> = probes.iter().map(|p| p.enabled()).collect();
+    probes.iter().for_each(|p| p.set_enabled(on));
+    let addrs: Vec<u64> = probes.iter().map(|p| p.addr).collect();
+    let failed = registry.update_arming_all(&addrs);
+    for (probe, was) in probes.iter().zip(was) {
+        if failed.as_ref().is_err_and(|(addrs, _)| addrs.contains(&probe.addr)) {
+            probe.set_enabled(was);
+        }
+    }
+    optimizer::kick();
+    failed.map_err(|(_, e)| e)
+}
+
 pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let mut registry = lock()?;
     let Some(site) = registry.sites.get(&probe.addr) else {
@@ -388,6 +407,57 @@ impl Registry {
         site.armed.store(want, Ordering::Relaxed);
         try_sync_core()?;
         Ok(())
+    }
+
+    /// [`Self::update_arming`] for many sites at once: the jumps of those to disarm are taken
+    /// out first (one batch), then every byte is written under one stop and the cores are
+    /// serialized once. On failure returns the sites left as they were, and the first error.
+    fn update_arming_all(&self, addrs: &[u64]) -> Result<(), (Vec<u64>, ProbeError)> {
+        let mut changes: Vec<(u64, bool)> = Vec::new();
+        for &addr in addrs {
+            if let Some(site) = self.sites.get(&addr) {
+                let want = site.any_enabled();
+                if want != site.armed.load(Ordering::Relaxed) && !changes.iter().any(|&(a, _)| a == addr) {
+                    changes.push((addr, want));
+                }
+            }
+        }
+        let all = |e: ProbeError| (changes.iter().map(|&(a, _)| a).collect::<Vec<_>>(), e);
+        let disarm: Vec<u64> = changes.iter().filter(|&&(_, want)| !want).map(|&(a, _)| a).collect();
+        if !disarm.is_empty() {
+            // The int3s are under the jumps: the jumps go first.
+            self.unoptimize_all(&disarm).map_err(all)?;
+        }
+        for &(addr, want) in &changes {
+            if want {
+                let site = self.sites.get(&addr).expect("collected above");
+                // Every int3 we write has an owner first (see update_arming).
+                trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)
+                    .map_err(|e| all(e.into()))?;
+            }
+        }
+        // Room for the outcome before the stop: nothing may allocate under it.
+        let mut failed: Vec<u64> = Vec::with_capacity(changes.len());
+        let mut first_error = None;
+        let mut stopped = stop_world().map_err(all)?;
+        for &(addr, want) in &changes {
+            let site = self.sites.get(&addr).expect("collected above");
+            let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
+            match stopped.writer.write_verified(addr, &[from], &[to]) {
+                Ok(()) => site.armed.store(want, Ordering::Relaxed),
+                Err(e) => {
+                    failed.push(addr);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let synced = try_sync_core();
+        drop(stopped);
+        match (first_error, synced) {
+            (Some(e), _) => Err((failed, e.into())),
+            (None, Err(e)) => Err((Vec::new(), e.into())),
+            (None, Ok(())) => Ok(()),
+        }
     }
 
     /// Retires a removed site; frees those whose quarantine is over.

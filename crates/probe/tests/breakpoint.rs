@@ -398,3 +398,45 @@ fn a_failed_unregister_leaves_the_probe_working() {
     assert_eq!(code(addr, 1), [0xcc], "the first probe is still there");
     assert_eq!(f(2), 6);
 }
+
+#[test]
+fn probes_are_armed_and_disarmed_together() {
+    let _serial = serial();
+    let t = target();
+    let names = ["f_push", "f_sub", "f_lea"];
+    let before: Vec<Vec<u8>> = names.iter().map(|n| code(t.addr(n), 8)).collect();
+    let hits = Arc::new(AtomicU64::new(0));
+    let probes: Vec<_> = names
+        .iter()
+        .map(|&n| {
+            let h = hits.clone();
+            Probe::at(sym!(n))
+                .on_hit(move |_| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                })
+                .disabled()
+                .register()
+                .unwrap()
+        })
+        .collect();
+    // Registered disabled: nothing written yet.
+    for (n, b) in names.iter().zip(&before) {
+        assert_eq!(&code(t.addr(n), 8), b, "{n}");
+    }
+    dynprobe_probe::ProbeHandle::enable_all(&probes).unwrap();
+    for n in names {
+        assert_eq!(code(t.addr(n), 1), [0xcc], "{n} armed");
+        assert_eq!(t.func1(n)(5), [6, 7, 105][names.iter().position(|&m| m == n).unwrap()]);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert!(probes.iter().all(|p| p.is_enabled()));
+    dynprobe_probe::ProbeHandle::disable_all(&probes).unwrap();
+    for (n, b) in names.iter().zip(&before) {
+        assert_eq!(&code(t.addr(n), 8), b, "{n} disarmed");
+        t.func1(n)(5);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3, "no hit while disabled");
+    for p in probes {
+        p.unregister().unwrap();
+    }
+}
