@@ -271,6 +271,36 @@ fn a_forked_child_and_an_exec_ed_image_are_traced_too() {
     }
 }
 
+/// The handler (entered by the kernel, returning to the C library's restorer) and its
+/// callee nest inside the call the signal interrupted, on the thread's stack and on an
+/// alternate signal stack alike.
+#[test]
+fn a_signal_handler_s_calls_nest_where_the_signal_arrived() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("signal-{}", sites.kind()), &[], traced_c(sites), &["signal"]);
+        assert_eq!(
+            texts(&r.graph(&[])),
+            [
+                "main() {",
+                "  wait_signal() {",
+                "    on_signal() {",
+                "      in_handler();",
+                "    } /* on_signal */",
+                "  } /* wait_signal */",
+                "  on_altstack() {",
+                "    wait_signal() {",
+                "      on_signal() {",
+                "        in_handler();",
+                "      } /* on_signal */",
+                "    } /* wait_signal */",
+                "  } /* on_altstack */",
+                "} /* main */",
+            ],
+            "{sites:?}"
+        );
+    }
+}
+
 #[test]
 fn a_crash_keeps_what_was_recorded_up_to_it() {
     let r = record("crash", &[], traced_c(Sites::Mcount), &["crash"]);

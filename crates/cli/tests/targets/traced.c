@@ -3,6 +3,7 @@
  * output is unchanged under tracing. Built with each kind of site (see tests/record.rs). */
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,28 @@ NOINLINE int leap(void) {
 
 NOINLINE int child_work(void) { return step(5); }
 
+static volatile long handled;
+
+NOINLINE long in_handler(long x) { return x + 1; }
+
+static void on_signal(int sig) { handled = in_handler(sig); }
+
+/* Raises the signal from inside a traced function: its handler's traced call nests there. */
+NOINLINE long wait_signal(int sig) {
+    raise(sig);
+    return handled;
+}
+
+/* The same with the handler on an alternate signal stack. */
+NOINLINE long on_altstack(void) {
+    static char stack[64 * 1024];
+    stack_t ss = { .ss_sp = stack, .ss_size = sizeof stack, .ss_flags = 0 };
+    sigaltstack(&ss, NULL);
+    struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_ONSTACK };
+    sigaction(SIGUSR2, &sa, NULL);
+    return wait_signal(SIGUSR2);
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "fib";
     if (!strcmp(mode, "fib")) {
@@ -71,6 +94,10 @@ int main(int argc, char **argv) {
         execl("/proc/self/exe", argv[0], "fib", (char *)NULL);
         perror("execl");
         return 1;
+    } else if (!strcmp(mode, "signal")) {
+        signal(SIGUSR1, on_signal);
+        printf("signal = %ld\n", wait_signal(SIGUSR1));
+        printf("altstack = %ld\n", on_altstack());
     } else if (!strcmp(mode, "loop")) {
         long n = argc > 2 ? atol(argv[2]) : 1000000, sum = 0;
         for (long i = 0; i < n; i++) sum += step((int)i);
