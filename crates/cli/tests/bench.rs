@@ -89,6 +89,12 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         }
         None => assert_eq!(uftrace["error"], UFTRACE_MISSING, "{uftrace}"),
     }
+
+    // The batch row patched every one of its program's 10,000 functions (and `main`).
+    let sites = row(&rows, "enable-sites");
+    assert!(ns_per_hit(&rows, "enable-sites") > 0.0, "{sites}");
+    assert_eq!(sites["calls_per_batch"], 10_001, "{sites}");
+    assert!(sites["note"].as_str().unwrap().contains("10001 sites in "), "{sites}");
 }
 
 #[test]

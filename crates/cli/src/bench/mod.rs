@@ -74,7 +74,7 @@ fn select(names: &[String]) -> Result<Vec<&'static Row>, String> {
         })?;
         for needed in std::iter::once(row).chain(row.compare_to.iter().filter_map(|name| rows::find(name))) {
             wanted.insert(needed.name);
-            wanted.insert(needed.baseline());
+            wanted.extend(needed.baseline());
         }
     }
     Ok(ROWS.iter().filter(|row| wanted.contains(row.name)).collect())
@@ -101,6 +101,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
             }
         }
         Measure::Program(tracer) => program::measure(tracer, plan),
+        Measure::SiteBatch => program::measure_site_batch(),
     })
 }
 

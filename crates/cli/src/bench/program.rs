@@ -62,6 +62,50 @@ pub fn measure(tracer: Tracer, plan: Plan) -> Result<Timing, String> {
     Ok(timing)
 }
 
+/// The program the `enable-sites` row records: many functions with compiler NOP sites,
+/// built by build.rs.
+const SITES: &str = env!("DYNPROBE_BENCH_SITES");
+
+/// Records `bench_sites` [`BATCHES`] times and reads back, from each trace, how long its
+/// one batch of NOP-to-call patches took: each run is one batch, its figure the batch's
+/// nanoseconds per site (the note gives the whole batch in milliseconds).
+pub fn measure_site_batch() -> Result<Timing, String> {
+    let me = env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
+    let mut timing = Timing { calls_per_batch: 0, batches: Vec::new(), total_calls: 0, remark: None };
+    let mut batch_ms = Vec::new();
+    for _ in 0..BATCHES {
+        let scratch = Scratch::new()?;
+        let mut command = Command::new(&me);
+        command.args(["record", "-o"]).arg(&scratch.0).arg("--").arg(SITES);
+        let shown = format!("{command:?}");
+        let output = command.output().map_err(|err| format!("cannot run {shown}: {err}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(format!("{shown} failed ({}): {}", output.status, last_lines(&stderr)));
+        }
+        let trace = dynprobe_events::trace::read(&scratch.0).map_err(|err| format!("{shown}: {err}"))?;
+        let process = trace.processes.first().ok_or_else(|| format!("{shown} recorded no process"))?;
+        let patched: u64 = process.sites.kinds.iter().filter(|(kind, _, _)| kind == "mcount").map(|k| k.2).sum();
+        let ns = process.sites.patch_ns.ok_or_else(|| format!("{shown}: the trace says nothing of the patch time"))?;
+        if patched == 0 {
+            return Err(format!("{shown} patched no mcount site"));
+        }
+        timing.calls_per_batch = patched;
+        timing.total_calls += patched;
+        timing.batches.push(ns as f64 / patched as f64);
+        batch_ms.push(ns as f64 / 1e6);
+    }
+    batch_ms.sort_by(f64::total_cmp);
+    timing.remark = Some(format!(
+        "{} sites in {:.2} ms (median; {:.2}–{:.2})",
+        timing.calls_per_batch,
+        batch_ms[batch_ms.len() / 2],
+        batch_ms[0],
+        batch_ms[batch_ms.len() - 1]
+    ));
+    Ok(timing)
+}
+
 /// One run's figures.
 struct Run {
     /// Traced calls the timed loop made.

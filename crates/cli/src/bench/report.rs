@@ -49,7 +49,12 @@ impl Report {
     pub fn new(outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
         let outcome = |name: &str| outcomes.iter().find(|(row, _)| row.name == name);
         let per_call = |name: &str| outcome(name)?.1.as_ref().ok().map(Timing::ns_per_call);
-        let added = |name: &str| Some(per_call(name)? - per_call(outcome(name)?.0.baseline())?);
+        // A row without a baseline subtracts nothing.
+        let baseline_of = |row: &Row| match row.baseline() {
+            Some(name) => per_call(name),
+            None => Some(0.0),
+        };
+        let added = |name: &str| Some(per_call(name)? - baseline_of(outcome(name)?.0)?);
 
         let rows = outcomes
             .iter()
@@ -64,9 +69,11 @@ impl Report {
                     batches_ns_per_call: Vec::new(),
                     note: row.about.to_owned(),
                 };
-                match (outcome, per_call(row.baseline())) {
+                match (outcome, baseline_of(row)) {
                     (Err(err), _) => report.error = Some(err.clone()),
-                    (Ok(_), None) => report.error = Some(format!("no {} to subtract", row.baseline())),
+                    (Ok(_), None) => {
+                        report.error = Some(format!("no {} to subtract", row.baseline().unwrap_or_default()))
+                    }
                     (Ok(timing), Some(baseline)) => {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));

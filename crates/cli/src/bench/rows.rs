@@ -70,15 +70,20 @@ pub enum Measure {
     },
     /// `bench/graph.c` runs under a tracer and times its own calls.
     Program(Tracer),
+    /// `dynprobe record` of a program with 10,000 NOP sites: the time of their one batch
+    /// of patches, per site.
+    SiteBatch,
 }
 
 impl Row {
     /// The row whose nanoseconds per call are subtracted from this one's: the same calls
     /// without instrumentation.
-    pub fn baseline(&self) -> &'static str {
+    /// `None` for a row whose figure is a cost of its own (nothing to subtract).
+    pub fn baseline(&self) -> Option<&'static str> {
         match self.measure {
-            Measure::Call { .. } => BASELINE,
-            Measure::Program(_) => GRAPH_PLAIN,
+            Measure::Call { .. } => Some(BASELINE),
+            Measure::Program(_) => Some(GRAPH_PLAIN),
+            Measure::SiteBatch => None,
         }
     }
 }
@@ -174,6 +179,12 @@ pub static ROWS: &[Row] = &[
         about: "dynprobe record of every function of the same program: entry and exit into a ring that holds the run",
         measure: Measure::Program(Tracer::Dynprobe),
         compare_to: &[UFTRACE],
+    },
+    Row {
+        name: "enable-sites",
+        about: "dynprobe record turning 10,000 mcount NOPs into calls in one batch (one stop), ns per site",
+        measure: Measure::SiteBatch,
+        compare_to: &[],
     },
     Row {
         name: UFTRACE,
