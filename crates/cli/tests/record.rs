@@ -390,3 +390,17 @@ fn a_full_ring_loses_events_and_says_how_many() {
     assert_eq!(recorded + lost, 2 * (n + 1), "{line}\n{warning}");
     assert!(r.replay(&[]).contains("events lost */"));
 }
+
+/// Every function of the C library at once, through plain-entry probes: the program runs
+/// as before, its calls into the library are in the trace, and the few functions
+/// dynprobe's own trap handler calls are refused with the reason.
+#[test]
+fn tracing_the_whole_c_library_keeps_the_program_working() {
+    let r = record_unchanged("libc", &["-F", "libc:*", "-F", "main"], traced_c(Sites::Plain), &["fib"]);
+    let summary = r.stderr();
+    assert!(summary.contains("dynprobe's trap handler calls)"), "{summary}");
+    let graph = texts(&r.graph(&[]));
+    let main = graph.iter().position(|l| l.trim_start().starts_with("main() {")).expect("main is traced");
+    // printf's first call allocates stdout's buffer.
+    assert!(graph[main..].iter().any(|l| l.contains("malloc")), "{graph:?}");
+}

@@ -18,14 +18,53 @@ use dynprobe_text::pool::ExecSlot;
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Demangled-name prefixes of dynprobe's own code, on which probes are refused. (A probe on
 /// the trap path would trap inside the trap handler.)
-const BLACKLISTED_CODE: &[&str] = &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::"];
-/// C library functions on the signal path itself: the `sigreturn` trampoline.
-const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt"];
+const BLACKLISTED_CODE: &[&str] =
+    &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::", "dynprobe_ftrace::", "dynprobe_events::"];
+/// C library functions on the signal path itself (the `sigreturn` trampoline), and the
+/// C library's internal cancellation switches, which every cancellable system-call
+/// wrapper of the stop path (`open`, `read`, `close`) runs.
+const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt", "__pthread_enable_asynccancel", "__pthread_disable_asynccancel"];
+/// C library functions dynprobe's `SIGTRAP` handler may call (the copies and comparisons
+/// the compiler emits, and the system-call wrappers of the trap and event paths). The
+/// handler runs with `SIGTRAP` blocked, so a breakpoint in one of them would make the
+/// kernel kill the process rather than nest: refused like dynprobe's own code. Found by
+/// the address the dynamic linker resolves the name to, so an ifunc's chosen variant is
+/// the one refused.
+const MACHINERY_LIBC: &[&str] = &[
+    "memcpy",
+    "memmove",
+    "memset",
+    "memcmp",
+    "bcmp",
+    "__errno_location",
+    "syscall",
+    "getpid",
+    "gettid",
+    "process_vm_readv",
+    "clock_gettime",
+    "write",
+];
+
+/// The addresses [`MACHINERY_LIBC`] resolve to in this process, with their names.
+fn machinery_functions() -> &'static [(u64, &'static str)] {
+    static RESOLVED: OnceLock<Vec<(u64, &'static str)>> = OnceLock::new();
+    RESOLVED.get_or_init(|| {
+        MACHINERY_LIBC
+            .iter()
+            .filter_map(|&name| {
+                let c = std::ffi::CString::new(name).expect("no NUL in the names");
+                // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
+                let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) } as u64;
+                (addr != 0).then_some((addr, name))
+            })
+            .collect()
+    })
+}
 
 /// How long unregistering waits for threads to leave a slot before giving up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -338,11 +377,16 @@ impl Registry {
             let what = "an out-of-line slot of another probe".to_string();
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
         }
-        if let Some((name, _, _)) = &target.function {
+        if let Some((name, start, size)) = &target.function {
             let ours =
                 BLACKLISTED_CODE.iter().any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
             if ours || BLACKLISTED_SYMBOLS.contains(&name.as_str()) {
                 return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
+            }
+            let inside = |addr: u64| addr == *start || addr.wrapping_sub(*start) < *size;
+            if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| inside(*addr)) {
+                let what = format!("{name} (the `{called}` dynprobe's trap handler calls)");
+                return Err(ProbeError::Blacklisted { addr: target.addr, what });
             }
         }
         Ok(())
