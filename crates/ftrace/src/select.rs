@@ -53,6 +53,13 @@ pub struct Selection {
     pub refused: Vec<RefusedSite>,
 }
 
+/// Code entered otherwise than by a `call`, so that no return address is at `rsp` on its
+/// first instruction, by name prefix: the dynamic linker's lazy-binding and TLS-descriptor
+/// trampolines (entered by a PLT jump with an index on the stack), `makecontext`'s start
+/// (returned into), the signal return trampoline.
+const NOT_CALLED: &[&str] =
+    &["_dl_runtime_resolve", "_dl_runtime_profile", "_dl_tlsdesc_", "__start_context", "__restore_rt"];
+
 /// Start-up and tear-down code of the C runtime: it runs before the tracer exists or calls
 /// `main` without returning, and no compiler site is recorded in it.
 const C_RUNTIME: &[&str] = &[
@@ -114,17 +121,22 @@ impl Selection {
                 }
             }
             for (sym_index, sym) in table.symbols().iter().enumerate().filter(|(_, s)| s.module == index) {
-                if !seen.insert(sym.addr)
-                    || C_RUNTIME.contains(&sym.name.as_str())
-                    || dynprobe_probe::RETURNS_TWICE.contains(&sym.name.as_str())
-                    || table.is_ifunc(sym)
-                {
+                if !seen.insert(sym.addr) || C_RUNTIME.contains(&sym.name.as_str()) || table.is_ifunc(sym) {
                     continue;
                 }
                 for (i, p) in filter.include.iter().enumerate() {
                     matched[i] |= p.matches(&module.name, module.is_main, &sym.name);
                 }
                 if !filter.selects(&module.name, module.is_main, &sym.name) {
+                    continue;
+                }
+                if let Some(reason) = untraceable(&sym.name) {
+                    selection.refused.push(RefusedSite {
+                        kind: "entry".into(),
+                        addr: sym.addr,
+                        function: sym.name.clone(),
+                        reason: reason.into(),
+                    });
                     continue;
                 }
                 let method = match site_of.get(&sym_index) {
@@ -180,6 +192,20 @@ impl Selection {
     }
 }
 
+/// Why the function graph cannot follow calls of `name`, if it cannot: replacing its return
+/// address would break it.
+fn untraceable(name: &str) -> Option<&'static str> {
+    if dynprobe_probe::RETURNS_TWICE.contains(&name) {
+        return Some(
+            "it returns twice (setjmp, vfork, getcontext): the second return would find its return address consumed",
+        );
+    }
+    NOT_CALLED.iter().any(|prefix| name.starts_with(prefix)).then_some(
+        "it is not entered by a call (a PLT or TLS-descriptor trampoline, a context start, the signal return): \
+         no return address is at rsp on its first instruction",
+    )
+}
+
 fn kind_name(kind: SiteKind) -> &'static str {
     match kind {
         SiteKind::Mcount => "mcount",
@@ -187,12 +213,23 @@ fn kind_name(kind: SiteKind) -> &'static str {
     }
 }
 
+/// `endbr64`, the only instruction a site may follow (`-fcf-protection`).
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
 /// Whether a compiler site at `site.addr` can become the tracer's call for the function at
-/// `function`: at its entry (or after its `endbr64`), with room for a 5-byte call.
+/// `function`: at its entry (or right after its `endbr64`), where the return address is at
+/// `rsp`, with room for a 5-byte call.
 fn usable(site: &CompilerSite, function: u64) -> Result<(), String> {
-    if site.addr != function && site.addr != function + 4 {
+    let after_endbr = site.addr == function + 4 && {
+        let mut first = [0u8; 4];
+        dynprobe_text::memory::read(function, &mut first).is_ok() && first == ENDBR64
+    };
+    if site.addr != function && !after_endbr {
+        // `-pg` without `-mfentry` puts the site after the prologue (`push %rbp; mov
+        // %rsp,%rbp` is 4 bytes too), where `rsp` holds no return address.
         return Err(format!(
-            "the site is at {:+} bytes from the function's entry (only sites at the entry or after its endbr64 are used)",
+            "the site is {:+} bytes into the function, not at its entry or after an endbr64 (built with -pg \
+             without -mfentry?): no return address is at rsp there",
             site.addr as i64 - function as i64
         ));
     }
