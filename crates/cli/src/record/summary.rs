@@ -45,7 +45,7 @@ fn sites(trace: &Trace) -> String {
         };
         // The kinds with sites; the kinds the agent looked for in vain say nothing.
         let kinds: Vec<_> = process.sites.kinds.iter().filter(|(_, found, _)| *found > 0).collect();
-        if kinds.is_empty() {
+        if kinds.is_empty() && process.sites.refused.is_empty() {
             let _ = writeln!(
                 out,
                 "dynprobe: no function sites found in {} (pid {}{others}): none of its functions was traced \
