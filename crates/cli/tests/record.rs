@@ -249,6 +249,20 @@ fn longjmp_ends_the_calls_it_leaves() {
     }
 }
 
+/// A longjmp out of frames larger than the red zone, 200 times from a loop: every call left
+/// is ended (none piles up until the depth limit), and the calls after are at the right
+/// depth.
+#[test]
+fn longjmp_from_a_loop_out_of_large_frames_ends_every_call() {
+    for sites in ALL_SITES {
+        let r = record_unchanged(&format!("longjmp-loop-{}", sites.kind()), &[], traced_c(sites), &["longjmp-loop"]);
+        let graph = texts(&r.graph(&[]));
+        assert_eq!(graph.iter().filter(|l| l.as_str() == "  run_big() {").count(), 200, "{sites:?}");
+        assert_eq!(graph.iter().filter(|l| l.contains("jump_back_big") && l.contains("unwound")).count(), 600);
+        assert_eq!(graph[graph.len() - 2..], ["  step();", "} /* main */"], "{sites:?}");
+    }
+}
+
 #[test]
 fn a_forked_child_and_an_exec_ed_image_are_traced_too() {
     for sites in ALL_SITES {

@@ -281,7 +281,8 @@ fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
         stack.restart(slot, thread.generation());
     }
     let base = slot * MAX_DEPTH;
-    let mut top = stack.top.load(Ordering::Relaxed) as usize;
+    let top_now = stack.top.load(Ordering::Relaxed) as usize;
+    let mut top = top_now;
     while top > 0 {
         // SAFETY: instances below `top` were written by this thread.
         let below = unsafe { &*instance(base + top - 1) };
@@ -299,20 +300,44 @@ fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
         let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= RED_ZONE;
         let abandoned = below.slot_addr == 0 || in_red_zone || (below.slot_addr <= rsp && !diverted());
         if !abandoned {
+            if below.slot_addr < rsp {
+                top = abandoned_at_our_slot(base, top, rsp).unwrap_or(top);
+            }
             break;
-        }
-        if below.slot_addr != 0 {
-            abandon(slot, top - 1, below);
         }
         top -= 1;
     }
+    // Taken off the stack before they are reported (see `abandon`), deepest first.
     stack.top.store(top as u32, Ordering::Relaxed);
+    compiler_fence(Ordering::SeqCst);
+    for k in (top..top_now).rev() {
+        // SAFETY: instances of this thread, unchanged since they were read above: every
+        // caller holds the thread's handler guard, so no signal handler pushes meanwhile.
+        let gone = unsafe { &*instance(base + k) };
+        if gone.slot_addr != 0 {
+            abandon(slot, k, gone.probe, gone.data[0]);
+        }
+    }
     let current = read_slot(rsp);
     // SAFETY: as above, an instance of this thread below `top`.
     let shared = top > 0
         && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
         && rethook::is_entry_of(current, base + top - 1);
     Some(Claim { slot, base, top, current, shared })
+}
+
+/// Where the abandoned instances start when the top ones lie below `rsp` but still look
+/// diverted: a `longjmp` out of frames larger than the red zone leaves their memory, sled
+/// addresses included, untouched. If an instance further down diverted this very
+/// return-address slot, and the slot now holds a plain return address, its frame made a
+/// new call from the same place: it and everything pushed after it are gone. (Instances
+/// on other stacks — a coroutine's — are not at our slot, so they are kept.) Off the hot
+/// path: only reached when the top instance is below the caller's frame.
+#[cold]
+fn abandoned_at_our_slot(base: usize, top: usize, rsp: u64) -> Option<usize> {
+    // SAFETY: instances of this thread below `top`.
+    let j = (0..top - 1).rev().find(|&j| unsafe { (*instance(base + j)).slot_addr } == rsp)?;
+    (!rethook::is_entry_of(read_slot(rsp), base + j)).then_some(j)
 }
 
 /// Pushes the instance at `c.top`, whose data is filled in, and diverts the return address
@@ -414,18 +439,25 @@ static GRAPH_HOOK: OnceLock<fn(&GraphExit)> = OnceLock::new();
 /// Reports the end of a graph instance.
 #[inline(always)]
 fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool) {
+    report_graph_exit(slot, depth, inst.data[0] as u32, unwound);
+}
+
+#[inline(always)]
+fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: bool) {
     if let Some(hook) = GRAPH_HOOK.get() {
-        hook(&GraphExit { slot, tid: current_tid() as u32, depth, func: inst.data[0] as u32, unwound });
+        hook(&GraphExit { slot, tid: current_tid() as u32, depth, func, unwound });
     }
 }
 
-/// An instance dropped because its call was abandoned.
+/// An instance of `probe` (function `func` for a graph instance) dropped because its call
+/// was abandoned. The caller has taken the instance off the stack first, so that a signal
+/// handler running during the report cannot see it, and report it, again.
 #[inline]
-fn abandon(slot: usize, depth: usize, inst: &Instance) {
-    if inst.probe == GRAPH {
-        graph_exit(slot, depth, inst, true);
+fn abandon(slot: usize, depth: usize, probe: u32, func: u64) {
+    if probe == GRAPH {
+        report_graph_exit(slot, depth, func as u32, true);
     }
-    uncount(slot, inst.probe);
+    uncount(slot, probe);
 }
 
 /// Prepares the return hooks for dynprobe's function-graph tracer (the kernel's `fprobe`
@@ -519,6 +551,9 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
 /// entry), so there are no handlers to give registers to.
 #[inline]
 pub(crate) fn on_graph_return(index: usize, caller_rsp: u64) -> u64 {
+    // Held so that a signal handler's traced call cannot push onto the stack while the
+    // instances are given back (it counts as missed instead).
+    let _guard = HandlerGuard::enter();
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let orig = unsafe { (*instance(index)).orig };
     end_calls(index, caller_rsp, |slot, k, inst| {
@@ -558,8 +593,10 @@ fn end_calls(index: usize, rsp: u64, mut each: impl FnMut(usize, usize, &Instanc
         if inst.slot_addr > returning.slot_addr && still_diverted(inst.slot_addr, base + k) {
             live_above = true;
         } else {
-            abandon(slot, k, inst);
+            let (probe, func) = (inst.probe, inst.data[0]);
             inst.slot_addr = 0;
+            compiler_fence(Ordering::SeqCst);
+            abandon(slot, k, probe, func);
         }
     }
     let mut k = depth + 1;

@@ -37,6 +37,18 @@ NOINLINE int leap(void) {
     return step(1);
 }
 
+/* Frames larger than the red zone: their memory keeps the tracer's return addresses after
+ * the longjmp leaves them. */
+NOINLINE void jump_back_big(int depth) {
+    volatile char buf[4096];
+    for (int i = 0; i < 4096; i += 64) buf[i] = (char)depth;
+    if (depth == 0) longjmp(env, 1);
+    jump_back_big(depth - 1);
+    buf[1] = 0;
+}
+
+NOINLINE void run_big(void) { jump_back_big(2); }
+
 NOINLINE int child_work(void) { return step(5); }
 
 static volatile long handled;
@@ -77,6 +89,11 @@ int main(int argc, char **argv) {
         printf("threads total = %ld\n", total);
     } else if (!strcmp(mode, "longjmp")) {
         printf("leap = %d\n", leap());
+        printf("after = %d\n", step(2));
+    } else if (!strcmp(mode, "longjmp-loop")) {
+        /* Recovering with longjmp in a main loop, as servers and interpreters do. */
+        for (int i = 0; i < 200; i++)
+            if (setjmp(env) == 0) run_big();
         printf("after = %d\n", step(2));
     } else if (!strcmp(mode, "fork")) {
         fflush(stdout);
