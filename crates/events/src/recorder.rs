@@ -39,6 +39,8 @@ pub struct RecordStats {
     pub threads: u64,
     /// Bytes of `.dat` files written.
     pub bytes: u64,
+    /// Calls the traced processes could not record at all (see `RingFile::count_missed`).
+    pub missed: u64,
 }
 
 /// What the recorder keeps of one ring between polls.
@@ -75,6 +77,8 @@ struct Image {
     threads: HashSet<u32>,
     /// Where its `.dat` files go.
     out: PathBuf,
+    /// The ring file's count of missed calls, last time it was read.
+    missed: u64,
 }
 
 /// Drains ring files into a trace directory; see the module documentation.
@@ -174,6 +178,7 @@ impl Recorder {
             processes: self.images.len() as u64,
             threads: self.images.iter().map(|i| i.threads.len() as u64).sum(),
             bytes: self.bytes,
+            missed: self.images.iter().map(|i| i.missed).sum(),
         }
     }
 
@@ -277,7 +282,18 @@ impl Recorder {
             }
         }
         let rings = vec![RingState::default(); ring.rings()];
-        Ok(Image { name: name.to_owned(), pid, n, parent, exe, ring: Some(ring), rings, threads: HashSet::new(), out })
+        Ok(Image {
+            name: name.to_owned(),
+            pid,
+            n,
+            parent,
+            exe,
+            ring: Some(ring),
+            rings,
+            threads: HashSet::new(),
+            out,
+            missed: 0,
+        })
     }
 
     /// Drains every used ring of image `i` into its threads' `.dat` files; when the image is
@@ -285,6 +301,7 @@ impl Recorder {
     fn drain_image(&mut self, i: usize, gone: bool) -> Result<(), EventsError> {
         let image = &mut self.images[i];
         let Some(ring) = &image.ring else { return Ok(()) };
+        let missed = ring.missed();
         let mut out: HashMap<u32, Vec<u8>> = HashMap::new();
         for (r, state) in image.rings.iter_mut().enumerate() {
             if !ring.in_use(r) {
@@ -326,6 +343,7 @@ impl Recorder {
                 out.entry(state.tid).or_default().extend_from_slice(&lost.to_bytes());
             }
         }
+        image.missed = missed;
         for (tid, bytes) in out {
             let path = image.out.join(format!("{tid}.dat"));
             let mut file =

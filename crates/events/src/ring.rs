@@ -401,6 +401,19 @@ impl RingFile {
         };
     }
 
+    /// Counts one call the tracer could not record at all (its thread was inside the
+    /// tracer already, or nested deeper than the tracer follows): shown with the losses, so
+    /// that nothing is left out silently. Async-signal-safe; one locked add, off the hot
+    /// path.
+    pub fn count_missed(&self) {
+        self.missed_counter().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls counted by [`Self::count_missed`] so far, by every thread of the process.
+    pub fn missed(&self) -> u64 {
+        self.missed_counter().load(Ordering::Relaxed)
+    }
+
     /// Records written to `ring` so far (its head).
     pub fn written(&self, ring: usize) -> u64 {
         assert!(ring < self.rings, "written ring {ring} of {}", self.rings);
@@ -495,6 +508,14 @@ impl RingFile {
         // reads the header before the file gets its final name. A volatile write is one
         // store per field: no call to memcpy in a fork child.
         unsafe { self.base.cast::<FileHeader>().write_volatile(header) };
+    }
+
+    /// The process-wide count of calls the tracer could not record (see
+    /// [`RingFile::count_missed`]), on the header page's last cache line.
+    fn missed_counter(&self) -> &AtomicU64 {
+        // SAFETY: the header page is HEADER_BYTES long, page-aligned, and FileHeader ends far
+        // before its last 64 bytes; the word is only accessed through atomics.
+        unsafe { &*self.base.add(HEADER_BYTES - 64).cast::<AtomicU64>() }
     }
 
     fn read_header(&self) -> FileHeader {

@@ -10,7 +10,6 @@
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
 use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Where records go.
@@ -22,10 +21,6 @@ pub(crate) struct Output {
 }
 
 static OUTPUT: OnceLock<Output> = OnceLock::new();
-
-/// Calls not recorded though they should have been (see [`GraphEnter::Missed`]);
-/// depth-limited calls and dynprobe's own are not counted, they are left out by design.
-pub(crate) static MISSED: AtomicU64 = AtomicU64::new(0);
 
 /// Sets where records go; false when an output was set already.
 pub(crate) fn set_output(output: Output) -> bool {
@@ -59,9 +54,9 @@ fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
     match entry {
         GraphEnter::Entered(e) => out.ring.push(e.slot, e.tid, Record::new(Kind::Entry, time, e.depth as u16, id)),
         GraphEnter::Skipped => {}
-        GraphEnter::Missed => {
-            MISSED.fetch_add(1, Ordering::Relaxed);
-        }
+        // Not recorded though it should have been: counted in the ring file, where the
+        // recorder reads it (`--depth` and dynprobe's own calls are left out by design).
+        GraphEnter::Missed => out.ring.count_missed(),
     }
 }
 

@@ -31,7 +31,6 @@ use dynprobe_events::clock::Clock;
 use dynprobe_events::model::{RefusedSite, SiteSummary};
 use dynprobe_events::ring::RingFile;
 use dynprobe_probe::{Probe, ProbeHandle};
-use std::sync::atomic::Ordering;
 
 /// Function tracing in progress in this process (one per process: records go to one ring
 /// file).
@@ -130,7 +129,7 @@ impl Tracer {
     /// Calls not recorded because their thread was inside the tracer or a probe handler
     /// already (a signal arriving at that moment) or had no thread slot.
     pub fn missed() -> u64 {
-        graph::MISSED.load(Ordering::Relaxed)
+        graph::output().map_or(0, |o| o.ring.missed())
     }
 
     /// Puts every NOP back in one batch and removes the entry probes. Calls in flight still

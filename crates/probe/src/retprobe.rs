@@ -424,12 +424,12 @@ pub struct GraphEntry {
 pub enum GraphEnter {
     /// The call is tracked: its end will be reported.
     Entered(GraphEntry),
-    /// Not tracked, as asked: deeper than the limit, the very call already tracked (a
-    /// tail call), or a thread whose calls are not traced.
+    /// Not tracked, as asked: deeper than the caller's limit, the very call already tracked
+    /// (a tail call), or a thread whose calls are not traced.
     Skipped,
     /// Not tracked though it should have been: the thread was inside a probe handler (a
     /// signal arriving in the tracer itself), had no thread slot or no return address at
-    /// its stack pointer.
+    /// its stack pointer, or [`MAX_DEPTH`] calls are in flight on it already.
     Missed,
 }
 
@@ -504,8 +504,12 @@ fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_d
         return GraphEnter::Skipped;
     }
     let Some(c) = claim(slot, thread, rsp) else { return GraphEnter::Missed };
-    if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth.min(MAX_DEPTH) {
+    if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth {
         return GraphEnter::Skipped;
+    }
+    if c.top >= MAX_DEPTH {
+        // Deeper than the instance stacks go: not what the user asked for.
+        return GraphEnter::Missed;
     }
     // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
     let inst = unsafe { &mut *instance(c.base + c.top) };

@@ -193,9 +193,9 @@ mod tests {
 
     #[test]
     fn the_progress_line() {
-        let stats = RecordStats { events: 1_234_567, lost: 0, processes: 1, threads: 3, bytes: 19_753_072 };
+        let stats = RecordStats { events: 1_234_567, lost: 0, processes: 1, threads: 3, bytes: 19_753_072, missed: 0 };
         assert_eq!(line(&stats), "recording: 1.2 M events, 0 lost, 3 threads, 19 MB");
-        let one = RecordStats { events: 950, lost: 12_345, processes: 1, threads: 1, bytes: 15_200 };
+        let one = RecordStats { events: 950, lost: 12_345, processes: 1, threads: 1, bytes: 15_200, missed: 0 };
         assert_eq!(line(&one), "recording: 950 events, 12.3 k lost, 1 thread, 15 kB");
         assert_eq!(count(3_400_000_000), "3.4 G");
         assert_eq!(bytes(512), "512 B");

@@ -93,6 +93,15 @@ fn totals(dir: &Path, stats: &RecordStats) -> String {
             stats.lost
         );
     }
+    if stats.missed > 0 {
+        let _ = writeln!(
+            out,
+            "dynprobe: WARNING: {} calls were NOT TRACED: they came while their thread was inside the tracer \
+             (a signal handler interrupting it) or {} traced calls deep already.",
+            stats.missed,
+            dynprobe::MAX_DEPTH
+        );
+    }
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let dir = dir.display();
     let _ = writeln!(
@@ -158,14 +167,15 @@ mod tests {
 
     #[test]
     fn totals_and_loud_losses() {
-        let stats = RecordStats { events: 1234, lost: 0, processes: 1, threads: 3, bytes: 0 };
+        let stats = RecordStats { events: 1234, lost: 0, processes: 1, threads: 3, bytes: 0, missed: 0 };
         assert_eq!(
             totals(Path::new("d.data"), &stats),
             "recorded 1234 events (0 lost) from 3 threads of 1 process into d.data; see dynprobe replay d.data\n"
         );
-        let lossy = RecordStats { events: 10, lost: 5, processes: 2, threads: 1, bytes: 0 };
+        let lossy = RecordStats { events: 10, lost: 5, processes: 2, threads: 1, bytes: 0, missed: 7 };
         let text = totals(Path::new("d.data"), &lossy);
         assert!(text.starts_with("dynprobe: WARNING: 5 events were LOST"), "{text}");
         assert!(text.ends_with("(5 lost) from 1 thread of 2 processes into d.data; see dynprobe replay d.data\n"));
+        assert!(text.contains("WARNING: 7 calls were NOT TRACED"), "{text}");
     }
 }
