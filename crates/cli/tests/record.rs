@@ -387,6 +387,17 @@ fn filters_select_functions_and_a_typo_names_the_nearest() {
     assert_eq!(texts(&r.graph(&[])), ["main() {", "  fib();", "} /* main */"]);
 }
 
+/// Recursion deeper than the tracer's 128-call stacks: the calls beyond are counted and
+/// reported, never dropped silently.
+#[test]
+fn calls_deeper_than_the_tracer_goes_are_counted_not_dropped() {
+    let r = record_unchanged("deep", &[], traced_c(Sites::Mcount), &["deep"]);
+    let err = r.stderr();
+    // main and down(200)…down(0): 202 calls, 128 of them traced.
+    assert!(err.contains("WARNING: 74 calls were NOT TRACED"), "{err}");
+    assert!(err.contains("recorded 256 events (0 lost)"), "{err}");
+}
+
 #[test]
 fn a_full_ring_loses_events_and_says_how_many() {
     let n = 200_000u64;

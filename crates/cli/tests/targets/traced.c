@@ -16,6 +16,8 @@ NOINLINE int fib(int n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
 
 NOINLINE int step(int x) { return x * 7 + 3; }
 
+NOINLINE int down(int n) { return n == 0 ? 0 : down(n - 1) + 1; }
+
 NOINLINE void *worker(void *arg) {
     long sum = 0;
     for (int i = 0; i < 3; i++) sum += step(i + (int)(long)arg);
@@ -77,6 +79,8 @@ int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "fib";
     if (!strcmp(mode, "fib")) {
         printf("fib(4) = %d\n", fib(4));
+    } else if (!strcmp(mode, "deep")) {
+        printf("down = %d\n", down(200));
     } else if (!strcmp(mode, "threads")) {
         pthread_t t[2];
         for (long i = 0; i < 2; i++) pthread_create(&t[i], NULL, worker, (void *)(i * 10));
