@@ -195,8 +195,19 @@ fn remember_for_fork(dir: &Path, funcs: &Path, exe: &Path) {
     };
     // SAFETY: no fork handler is registered yet, so no one else reads it.
     unsafe { *FORK.0.get() = Some(ForkPaths { dir: text(dir), funcs: text(funcs), exe: text(exe) }) };
-    // SAFETY: registers a plain function; pthread_atfork copies the pointer.
-    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    // SAFETY: registers plain functions; pthread_atfork copies the pointers.
+    unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
+}
+
+/// The `pthread_atfork` prepare handler: this thread's records wait until the fork is
+/// over (see `Tracer::fork_prepare`).
+extern "C" fn before_fork() {
+    Tracer::fork_prepare();
+}
+
+/// The `pthread_atfork` parent handler.
+extern "C" fn in_parent() {
+    Tracer::fork_done();
 }
 
 /// The `pthread_atfork` child handler: the child gets image `<pid>.<n>` with the parent's
@@ -204,6 +215,12 @@ fn remember_for_fork(dir: &Path, funcs: &Path, exe: &Path) {
 /// where the parent's was. System calls only, no allocation: the parent may have forked
 /// while another of its threads held the allocator's lock.
 extern "C" fn in_child() {
+    give_child_its_ring();
+    // From here on the child's records go to its own ring (or nowhere, detached).
+    Tracer::fork_done();
+}
+
+fn give_child_its_ring() {
     // SAFETY: this thread is the child's only one (see ForkState).
     let Some(paths) = (unsafe { &mut *FORK.0.get() }) else { return };
     let Some(ring) = Tracer::ring() else { return };

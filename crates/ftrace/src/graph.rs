@@ -10,6 +10,7 @@
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
 use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Where records go.
@@ -21,6 +22,30 @@ pub(crate) struct Output {
 }
 
 static OUTPUT: OnceLock<Output> = OnceLock::new();
+
+/// The thread slot (plus one) of a thread inside `fork`, 0 when none: between the fork's
+/// prepare handler and the parent's or child's, that thread's records are dropped (and
+/// counted), because the child, a copy of it with the same slot, would otherwise write
+/// into the parent's ring until it gets a ring of its own.
+static FORKING: AtomicUsize = AtomicUsize::new(0);
+
+/// The calling thread is about to fork.
+pub(crate) fn fork_prepare() {
+    if let Some(slot) = dynprobe_probe::current_thread_slot() {
+        FORKING.store(slot + 1, Ordering::Relaxed);
+    }
+}
+
+/// The fork is over, in the parent or (once it has its own ring) in the child.
+pub(crate) fn fork_done() {
+    FORKING.store(0, Ordering::Relaxed);
+}
+
+/// True when records of thread slot `slot` must be dropped now (see [`FORKING`]).
+#[inline(always)]
+fn forking(slot: usize) -> bool {
+    FORKING.load(Ordering::Relaxed) == slot + 1
+}
 
 /// Sets where records go; false when an output was set already.
 pub(crate) fn set_output(output: Output) -> bool {
@@ -52,6 +77,7 @@ pub(crate) fn probe_entry(id: u32, regs: &Regs) {
 #[inline(always)]
 fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
     match entry {
+        GraphEnter::Entered(e) if forking(e.slot) => out.ring.count_missed(),
         GraphEnter::Entered(e) => out.ring.push(e.slot, e.tid, Record::new(Kind::Entry, time, e.depth as u16, id)),
         GraphEnter::Skipped => {}
         // Not recorded though it should have been: counted in the ring file, where the
@@ -63,6 +89,9 @@ fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
 /// The return hooks' report of a call's end.
 pub(crate) fn on_exit(exit: &GraphExit) {
     let Some(out) = OUTPUT.get() else { return };
+    if forking(exit.slot) {
+        return out.ring.count_missed();
+    }
     let kind = if exit.unwound { Kind::Unwound } else { Kind::Exit };
     out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, u64::from(exit.func)));
 }

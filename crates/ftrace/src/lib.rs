@@ -132,6 +132,19 @@ impl Tracer {
         graph::output().map_or(0, |o| o.ring.missed())
     }
 
+    /// For a `pthread_atfork` prepare handler: the calling thread's records are dropped (and
+    /// counted) until [`Self::fork_done`], so that the child does not write into this
+    /// process's ring before it has one of its own.
+    pub fn fork_prepare() {
+        graph::fork_prepare();
+    }
+
+    /// For the parent's `pthread_atfork` handler, and for the child's once it has its own
+    /// ring ([`RingFile::reopen_in_child`]).
+    pub fn fork_done() {
+        graph::fork_done();
+    }
+
     /// Puts every NOP back in one batch and removes the entry probes. Calls in flight still
     /// return through the tracer and are recorded.
     pub fn stop(self) -> Result<(), FtraceError> {

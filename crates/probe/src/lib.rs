@@ -42,7 +42,7 @@ pub use retprobe::{
     graph_enter, graph_enter_from_probe, graph_install, monotonic_ns, GraphEnter, GraphEntry, GraphExit, InstanceData,
     ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
 };
-pub use thread_slot::{set_current_thread_traced, MAX_THREADS};
+pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.

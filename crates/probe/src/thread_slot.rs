@@ -125,6 +125,12 @@ impl ThreadSlot {
     }
 }
 
+/// The calling thread's slot index (below [`MAX_THREADS`]), claiming one on first use;
+/// `None` when none is free. The index the return hooks report calls under.
+pub fn current_thread_slot() -> Option<usize> {
+    ThreadSlot::current().map(|(index, _)| index)
+}
+
 /// Stops (`false`) or resumes (`true`) the function-graph tracer's recording of the calling
 /// thread's calls: dynprobe's own work — its background threads, the agent setting up —
 /// is not the program's and stays out of traces.
