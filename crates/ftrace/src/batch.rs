@@ -105,12 +105,13 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
     }
     let sites = looked;
 
-    let caller_len = build_caller(0, dispatch).map_err(|e| build_error(&e))?.len() as u64;
+    let caller_len =
+        build_caller(0, dispatch, dynprobe_probe::light_width()).map_err(|e| build_error(&e))?.len() as u64;
     let mut planned = Vec::with_capacity(sites.len());
     for group in sites.chunk_by(|a, b| b.1 - a.1 < GROUP_SPAN) {
         let block_len = caller_len.next_multiple_of(STUB_SIZE) + STUB_SIZE * group.len() as u64;
         let block = pool::alloc_near(group[0].1, block_len as usize)?;
-        let caller = build_caller(block.addr, dispatch).map_err(|e| build_error(&e))?;
+        let caller = build_caller(block.addr, dispatch, dynprobe_probe::light_width()).map_err(|e| build_error(&e))?;
         let mut code = caller;
         code.resize(caller_len.next_multiple_of(STUB_SIZE) as usize, INT3);
         for &(i, addr, nop) in group {
@@ -147,7 +148,13 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
             move_out_of(&mut world, &interrupted, site.addr);
         }
         edits.clear();
-        edits.extend(span.iter().map(|p| (p.addr, &p.nop[..], &p.call[..])));
+        // Five 1-byte NOPs can hold a thread between them; if not every signal frame could
+        // be looked at, one may resume there: such sites are left alone (reported below).
+        let sure = interrupted.complete();
+        edits.extend(span.iter().map(|p| {
+            let new = if sure || p.nop != PATCHABLE_NOPS { &p.call[..] } else { &p.nop[..] };
+            (p.addr, &p.nop[..], new)
+        }));
         let applied = &mut applied[first..first + span.len()];
         written.push(writer.write_span(span[0].addr, scratch, &edits, applied));
         first += span.len();
@@ -158,6 +165,9 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
     let outcomes = spans.iter().zip(written).flat_map(|(span, w)| span.iter().map(move |p| (p, w.clone())));
     for ((site, written), ok) in outcomes.zip(applied) {
         let reason = match (written, ok) {
+            (Ok(()), true) if !interrupted.complete() && site.nop == PATCHABLE_NOPS => {
+                "more signal frames than could be checked for a thread between its NOPs; left alone".to_string()
+            }
             (Ok(()), true) => {
                 result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call });
                 continue;
@@ -221,16 +231,11 @@ pub(crate) fn disable(sites: &[PatchedSite]) -> Result<(), TextError> {
 /// `addr` to the instruction after them. Allocates nothing.
 fn move_out_of(world: &mut StoppedWorld, interrupted: &InterruptedSet, addr: u64) {
     let inside = |ip: u64| ip > addr && ip < addr + 5;
-    let mut moved = [0i32; 16];
-    let mut n = 0;
-    for thread in world.threads() {
-        if inside(thread.ip) && n < moved.len() {
-            moved[n] = thread.tid;
-            n += 1;
+    for i in 0..world.threads().len() {
+        let thread = world.threads()[i];
+        if inside(thread.ip) {
+            world.set_ip(thread.tid, addr + 5);
         }
-    }
-    for &tid in &moved[..n] {
-        world.set_ip(tid, addr + 5);
     }
     for context in interrupted.contexts() {
         if inside(context.rip) {

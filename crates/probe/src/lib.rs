@@ -33,7 +33,7 @@ mod retprobe;
 mod site;
 mod thread_slot;
 
-pub use arch::Regs;
+pub use arch::{light_width, Regs};
 pub use error::ProbeError;
 pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};

@@ -208,7 +208,7 @@ fn read_slot(rsp: u64) -> u64 {
 #[cold]
 fn still_diverted(slot_addr: u64, index: usize) -> bool {
     let mut word = [0u8; 8];
-    dynprobe_text::memory::read(slot_addr, &mut word)
+    crate::arch::preserving_errno(|| dynprobe_text::memory::read(slot_addr, &mut word))
         .is_ok_and(|()| rethook::is_entry_of(u64::from_le_bytes(word), index))
 }
 

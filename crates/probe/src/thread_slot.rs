@@ -147,9 +147,12 @@ fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
 
 /// True when thread `tid` of this process still exists.
 fn thread_alive(tid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the thread exists; raw syscalls are async-signal-safe.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    crate::arch::preserving_errno(|| {
+        // SAFETY: signal 0 only checks that the thread exists; raw syscalls are
+        // async-signal-safe.
+        let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    })
 }
 
 /// Waits until no thread runs the handlers of the site at `site` — the grace period of the

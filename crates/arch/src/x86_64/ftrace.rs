@@ -8,7 +8,7 @@
 //!                           jmp  caller
 //!   caller:                 push rdi rsi rdx rcx rax r8 r9 r10 r11
 //!                           push rbp ; mov %rsp,%rbp
-//!                           and  $-16,%rsp ; sub $area,%rsp ; <save MXCSR, xmm0-15>
+//!                           and  $-64,%rsp ; sub $area,%rsp ; <save MXCSR, xmm0-15>
 //!                           mov  80(%rbp),%rdi            id
 //!                           lea  96(%rbp),%rsi            the function's return-address slot
 //!                           call dispatch(id, slot)
@@ -27,7 +27,7 @@
 //!   AVX): it can clobber xmm0–15 with legacy SSE instructions, which leave the upper halves
 //!   of ymm/zmm alone, and no more. So the 2 KiB AVX-512 save of a general probe is not
 //!   needed here, and neither are the flags (dead at a call).
-//! - The stack is aligned by hand (`and $-16`): the ABI's `rsp ≡ 8 (mod 16)` at a function
+//! - The stack is aligned by hand (`and $-64`, as wider vector saves need): the ABI's `rsp ≡ 8 (mod 16)` at a function
 //!   entry does not hold for every call — GCC calls local functions that need no alignment
 //!   from an unaligned stack — and the xmm saves and the dispatcher need it.
 //! - The caller leaves through `ret` to the address the site's `call` pushed, so the CPU's
@@ -67,9 +67,9 @@ pub fn stub(stub_ip: u64, id: u32, caller_ip: u64) -> Option<[u8; STUB_SIZE as u
 }
 
 /// Builds the caller at `ip`. `dispatch` is `extern "C" fn(id: u64, ra_slot: u64)`: it may
-/// clobber the caller-saved general registers, xmm0–15 and MXCSR, nothing else.
-pub fn build_caller(ip: u64, dispatch: u64) -> Result<Vec<u8>, RelocError> {
-    let width = VectorWidth::Sse;
+/// clobber the caller-saved general registers, the vector state of `width` and MXCSR,
+/// nothing else.
+pub fn build_caller(ip: u64, dispatch: u64, width: VectorWidth) -> Result<Vec<u8>, RelocError> {
     let area = width.save_size();
     // From rbp up: saved rbp, the nine registers, the id, the site's return address, the
     // function's return-address slot.
@@ -80,7 +80,7 @@ pub fn build_caller(ip: u64, dispatch: u64) -> Result<Vec<u8>, RelocError> {
     }
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
-    a.and(rsp, -16)?;
+    a.and(rsp, -64)?;
     a.sub(rsp, area)?;
     vector_moves(&mut a, width, Direction::Save)?;
     a.mov(rdi, qword_ptr(rbp + id))?;
@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn the_caller_keeps_the_stack_aligned_and_restores_what_it_saved() {
-        let code = build_caller(0x7000_0000, 0x5000_0000).unwrap();
+        let code = build_caller(0x7000_0000, 0x5000_0000, VectorWidth::Sse).unwrap();
         let instrs = decode_instructions(&code, 0x7000_0000).unwrap();
         let pushes = instrs.iter().filter(|i| i.mnemonic() == Mnemonic::Push).count();
         let pops = instrs.iter().filter(|i| i.mnemonic() == Mnemonic::Pop).count();

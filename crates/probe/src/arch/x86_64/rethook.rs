@@ -107,6 +107,19 @@ pub(crate) struct SaveArea {
     r11: u64,
 }
 
+/// The vector state the function-graph tracer's trampolines save (its entry caller and the
+/// light sled): xmm0–15 and MXCSR, all that dynprobe's own code, built for the baseline
+/// x86-64, can clobber — legacy SSE instructions leave the upper halves of ymm and zmm alone.
+/// Built with AVX enabled (`-C target-cpu=native`) the compiler may emit VEX code, which
+/// zeroes those halves: then everything is saved, as for a user's handler.
+pub fn light_width() -> VectorWidth {
+    if cfg!(target_feature = "avx") {
+        super::detour::vector_width()
+    } else {
+        VectorWidth::Sse
+    }
+}
+
 /// True when `addr` is a sled entry of instance `index` (of either sled), before (`entry`)
 /// or just after (`entry + 5`, pushed by its `call` while `common` runs) the probed
 /// function returned.
@@ -125,7 +138,7 @@ pub(crate) fn contains(ip: u64) -> bool {
 /// at `table + i * stride`. Called once per sled, before any call can be diverted to it.
 pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
     let (width, dispatch) = if std::ptr::eq(sled_kind, &LIGHT) {
-        (VectorWidth::Sse, light_dispatch as *const () as u64)
+        (light_width(), light_dispatch as *const () as u64)
     } else {
         (super::detour::vector_width(), full_dispatch as *const () as u64)
     };
