@@ -18,6 +18,7 @@
 //! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the pipe.
 
 mod channel;
+mod dlopen;
 mod event;
 mod fetch;
 mod line;

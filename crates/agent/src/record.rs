@@ -21,7 +21,7 @@ use crate::line::PathText;
 use dynprobe_events::clock::Clock;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
-use dynprobe_ftrace::{Filter, Selection, Tracer};
+use dynprobe_ftrace::{Filter, Selection, TracedFunction, Tracer};
 use std::cell::UnsafeCell;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -89,9 +89,10 @@ fn try_start(dir: &Path) -> Result<u64, String> {
 
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() };
-    let (base, funcs) = claim_image(dir, pid, &function_list(&selection))?;
+    let (base, funcs) = claim_image(dir, pid, &function_list(&selection.functions))?;
     let path = |ext: &str| PathBuf::from(format!("{}.{ext}", base.display()));
     let pending = path("pending");
+    let watch = !selection.pending.is_empty() || filter.include.iter().any(|p| p.module.is_some());
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let tracer = match Tracer::start(selection, ring, Clock::detect(), depth) {
@@ -111,8 +112,16 @@ fn try_start(dir: &Path) -> Result<u64, String> {
     // Entry probes become jumps before `main`, while this is the only thread.
     let _ = dynprobe_probe::wait_for_optimizer();
     remember_for_fork(dir, &funcs, &exe);
-    // Tracing lasts as long as the process.
-    std::mem::forget(tracer);
+    if watch {
+        // Libraries `dlopen`ed later are matched against the patterns too.
+        let known = Selection::module_paths(&table);
+        if let Err(e) = crate::dlopen::watch(tracer, filter, known, funcs, path("sites"), exe) {
+            eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}");
+        }
+    } else {
+        // Tracing lasts as long as the process.
+        std::mem::forget(tracer);
+    }
     Ok(patched)
 }
 
@@ -140,10 +149,10 @@ fn write_file(path: &Path, content: &str) -> Result<(), String> {
     std::fs::write(path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// The `.funcs` content.
-fn function_list(selection: &Selection) -> String {
+/// The `.funcs` lines of `functions`.
+pub(crate) fn function_list(functions: &[TracedFunction]) -> String {
     let mut out = String::new();
-    for f in &selection.functions {
+    for f in functions {
         let _ = writeln!(out, "{}\t{:x}\t{}\t{}", f.id, f.addr, field(&f.module), field(&f.name));
     }
     out
@@ -151,7 +160,7 @@ fn function_list(selection: &Selection) -> String {
 
 /// The `.sites` content of an image this process started (a forked child's is written by
 /// [`in_child`]).
-fn site_list(exe: &Path, summary: &SiteSummary) -> String {
+pub(crate) fn site_list(exe: &Path, summary: &SiteSummary) -> String {
     let mut out = format!("exe\t{}\nparent\t0\n", field(&exe.to_string_lossy()));
     if let Some(ns) = summary.patch_ns {
         let _ = writeln!(out, "patch_ns\t{ns}");

@@ -429,3 +429,38 @@ fn tracing_the_whole_c_library_keeps_the_program_working() {
     // printf's first call allocates stdout's buffer.
     assert!(graph[main..].iter().any(|l| l.contains("malloc")), "{graph:?}");
 }
+
+/// A library the program `dlopen`s after recording began: the pattern naming it waits for
+/// it (no error), and its functions are patched — its NOP sites in one batch — before
+/// `dlopen` returns, so the program's first call into it is traced.
+#[test]
+fn a_library_loaded_later_is_traced_from_its_first_call() {
+    let plugin = scratch().join("libplugin.so");
+    let status = Command::new("gcc")
+        .args(["-O1", "-fno-inline", "-shared", "-fPIC", "-fpatchable-function-entry=5", "-fcf-protection=none"])
+        .arg(targets().join("plugin.c"))
+        .arg("-o")
+        .arg(&plugin)
+        .status()
+        .expect("run gcc");
+    assert!(status.success());
+    let program = build("gcc", "traced_dlopen.c", "traced-dlopen", &["-ldl"]);
+    let plugin_arg = plugin.to_str().unwrap();
+    let r =
+        record_unchanged("dlopen", &["-F", "libplugin:*", "-F", "call_plugin", "-F", "main"], &program, &[plugin_arg]);
+    assert_eq!(
+        texts(&r.graph(&[])),
+        [
+            "main() {",
+            "  call_plugin() {",
+            "    plugin_work() {",
+            "      plugin_leaf();",
+            "      plugin_leaf();",
+            "    } /* plugin_work */",
+            "  } /* call_plugin */",
+            "} /* main */",
+        ]
+    );
+    let summary = r.stderr();
+    assert!(summary.lines().any(|l| l.trim_start().starts_with("patchable") && l.contains(" 2 ")), "{summary}");
+}

@@ -79,6 +79,9 @@ struct Image {
     out: PathBuf,
     /// The ring file's count of missed calls, last time it was read.
     missed: u64,
+    /// What its `.funcs` and `.sites` files were when last copied (see
+    /// `companion_identity`).
+    companions: (u64, u64),
 }
 
 /// Drains ring files into a trace directory; see the module documentation.
@@ -200,7 +203,9 @@ impl Recorder {
             // Decided before the drain, so that the drain takes everything a dead process
             // wrote.
             let gone = last || newest[&image.pid] > image.n || !process_exists(image.pid);
-            let drained = self.drain_image(i, gone);
+            // The names before the records that need them.
+            let refreshed = self.refresh_companions(i);
+            let drained = refreshed.and_then(|()| self.drain_image(i, gone));
             if gone {
                 let ring_path = self.ring_dir.join(format!("{}.ring", self.images[i].name));
                 // Its memory is the big part: free it now, not at the end.
@@ -293,7 +298,31 @@ impl Recorder {
             threads: HashSet::new(),
             out,
             missed: 0,
+            companions: companion_identity(&self.ring_dir, name),
         })
+    }
+
+    /// Copies image `i`'s function list and site summary again when the agent changed them
+    /// (a library loaded later): a record of a new function must find its name.
+    fn refresh_companions(&mut self, i: usize) -> Result<(), EventsError> {
+        let image = &mut self.images[i];
+        let len_of =
+            |ext: &str| fs::metadata(self.ring_dir.join(format!("{}.{ext}", image.name))).map_or(0, |m| m.len());
+        let lens = (len_of("funcs"), len_of("sites"));
+        if lens == image.companions {
+            return Ok(());
+        }
+        for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt")] {
+            let from = self.ring_dir.join(format!("{}.{ext}", image.name));
+            let to = image.out.join(to);
+            match fs::read(&from) {
+                Ok(bytes) => fs::write(&to, bytes).map_err(EventsError::io("write", &to))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EventsError::io("read", &from)(e)),
+            }
+        }
+        image.companions = lens;
+        Ok(())
     }
 
     /// Drains every used ring of image `i` into its threads' `.dat` files; when the image is
@@ -398,6 +427,15 @@ fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
     for rec in records {
         out.extend_from_slice(&rec.to_bytes());
     }
+}
+
+/// What tells whether image `name`'s companions changed: the function list's length (the
+/// agent only appends to it) and the site summary's inode (the agent replaces it whole,
+/// through a rename, often with the same length).
+fn companion_identity(ring_dir: &Path, name: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |ext: &str| fs::metadata(ring_dir.join(format!("{name}.{ext}")));
+    (meta("funcs").map_or(0, |m| m.len()), meta("sites").map_or(0, |m| m.ino()))
 }
 
 #[cfg(test)]

@@ -58,12 +58,24 @@ impl Tracer {
             return Err(FtraceError::AlreadyRunning);
         }
         dynprobe_probe::graph_install(graph::on_exit)?;
-        let Selection { functions, refused } = selection;
-        let mut summary = SiteSummary { kinds: Vec::new(), refused, patch_ns: None };
+        let mut tracer =
+            Tracer { functions: Vec::new(), summary: SiteSummary::default(), patched: Vec::new(), probes: Vec::new() };
+        tracer.add(selection)?;
+        Ok(tracer)
+    }
+
+    /// Traces the functions of `selection` too (a library `dlopen`ed since the start, chosen
+    /// by [`Selection::new_modules`] with ids following this tracer's): its NOPs in one
+    /// batch, its entry probes armed together. Returns how many sites were patched; the
+    /// [`summary`](Self::summary) adds them up.
+    pub fn add(&mut self, selection: Selection) -> Result<u64, FtraceError> {
+        let Selection { functions, refused, pending: _ } = selection;
+        self.summary.refused.extend(refused);
         let started = std::time::Instant::now();
         let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;
-        summary.patch_ns = Some(started.elapsed().as_nanos() as u64);
-        summary.refused.extend(batch.refused);
+        let took = started.elapsed().as_nanos() as u64;
+        self.summary.patch_ns = Some(self.summary.patch_ns.unwrap_or(0) + took);
+        self.summary.refused.extend(batch.refused);
         // Entry probes are placed disarmed, then armed together: one stop of the other
         // threads for all their int3s, like the NOPs.
         let mut probes = Vec::new();
@@ -75,7 +87,7 @@ impl Tracer {
                     probes.push(handle);
                     probed.push(f);
                 }
-                Err(e) => summary.refused.push(RefusedSite {
+                Err(e) => self.summary.refused.push(RefusedSite {
                     kind: "entry".into(),
                     addr: f.addr,
                     function: f.name.clone(),
@@ -85,7 +97,7 @@ impl Tracer {
         }
         if let Err(e) = ProbeHandle::enable_all(&probes) {
             for (probe, f) in probes.iter().zip(&probed).filter(|(p, _)| !p.is_enabled()) {
-                summary.refused.push(RefusedSite {
+                self.summary.refused.push(RefusedSite {
                     kind: "entry".into(),
                     addr: probe.address(),
                     function: f.name.clone(),
@@ -102,12 +114,23 @@ impl Tracer {
                 .filter(|p| functions.iter().any(|f| f.method.kind_name() == k && site_addr(f) == Some(p.addr)))
                 .count() as u64,
         };
-        let found: Vec<(&str, u64)> = ["mcount", "patchable", "entry"]
-            .into_iter()
-            .map(|k| (k, functions.iter().filter(|f| f.method.kind_name() == k).count() as u64))
-            .collect();
-        summary.kinds = found.iter().map(|&(k, n)| (k.to_string(), n, patched_of(k))).collect();
-        Ok(Tracer { functions, summary, patched: batch.patched, probes })
+        let mut total = 0;
+        for kind in ["mcount", "patchable", "entry"] {
+            let found = functions.iter().filter(|f| f.method.kind_name() == kind).count() as u64;
+            let patched = patched_of(kind);
+            total += patched;
+            match self.summary.kinds.iter_mut().find(|(k, _, _)| k == kind) {
+                Some((_, f, p)) => {
+                    *f += found;
+                    *p += patched;
+                }
+                None => self.summary.kinds.push((kind.to_string(), found, patched)),
+            }
+        }
+        self.functions.extend(functions);
+        self.patched.extend(batch.patched);
+        self.probes.extend(probes);
+        Ok(total)
     }
 
     /// The traced functions, by id.

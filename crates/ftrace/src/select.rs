@@ -7,6 +7,7 @@ use crate::filter::{nearest, Filter};
 use dynprobe_events::model::RefusedSite;
 use dynprobe_symbols::{CompilerSite, SiteKind, SymbolTable};
 use std::collections::HashSet;
+use std::path::PathBuf;
 
 /// How a function's entry is patched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct Selection {
     /// Compiler sites that cannot be used (their function is then probed at its entry, or
     /// not traced when it has no symbol).
     pub refused: Vec<RefusedSite>,
+    /// `-F` patterns naming a module that is not loaded: matched when one is `dlopen`ed.
+    pub pending: Vec<String>,
 }
 
 /// Code entered otherwise than by a `call`, so that no return address is at `rsp` on its
@@ -80,7 +83,39 @@ impl Selection {
     /// Every `-F` pattern must match something: one that does not is an error naming the
     /// nearest function names. Functions that return twice (`setjmp`, `vfork`) and the C
     /// runtime's start-up code are never traced; neither is dynprobe's own module.
+    ///
+    /// A pattern naming a module that is not loaded (yet) is not an error: it is
+    /// [`pending`](Self::pending), for [`Selection::new_modules`] to match once a `dlopen`
+    /// brings the module in.
     pub fn new(table: &SymbolTable, filter: &Filter) -> Result<Selection, FtraceError> {
+        Selection::choose_in(table, filter, &HashSet::new(), 0, true)
+    }
+
+    /// The functions `filter` selects in the modules of `table` not in `known` (paths): a
+    /// library `dlopen`ed since. Ids start at `first_id`. No pattern has to match.
+    pub fn new_modules(
+        table: &SymbolTable,
+        filter: &Filter,
+        known: &HashSet<PathBuf>,
+        first_id: u32,
+    ) -> Result<Selection, FtraceError> {
+        let mut selection = Selection::choose_in(table, filter, known, first_id, false)?;
+        selection.pending.clear();
+        Ok(selection)
+    }
+
+    /// The module paths of `table` (what [`Selection::new_modules`] calls known).
+    pub fn module_paths(table: &SymbolTable) -> HashSet<PathBuf> {
+        table.modules().iter().map(|m| m.path.clone()).collect()
+    }
+
+    fn choose_in(
+        table: &SymbolTable,
+        filter: &Filter,
+        known: &HashSet<PathBuf>,
+        first_id: u32,
+        require_matches: bool,
+    ) -> Result<Selection, FtraceError> {
         let ours = table.module_of(Selection::new as fn(_, _) -> _ as usize as u64).map(|m| m.path.clone());
         let mut selection = Selection::default();
         let mut matched = vec![false; filter.include.len()];
@@ -89,6 +124,7 @@ impl Selection {
             if !filter.covers_module(&module.name, module.is_main)
                 || Some(&module.path) == ours.as_ref()
                 || module.name.starts_with('[')
+                || known.contains(&module.path)
             {
                 continue;
             }
@@ -159,7 +195,7 @@ impl Selection {
                     None => SiteMethod::Entry,
                 };
                 selection.functions.push(TracedFunction {
-                    id: selection.functions.len() as u32,
+                    id: first_id + selection.functions.len() as u32,
                     addr: sym.addr,
                     module: module.name.clone(),
                     name: sym.name.clone(),
@@ -167,7 +203,20 @@ impl Selection {
                 });
             }
         }
-        if let Some(i) = matched.iter().position(|m| !m) {
+        for (pattern, _) in filter.include.iter().zip(&matched).filter(|(_, m)| !**m) {
+            let loaded = |p: &crate::filter::Pattern| {
+                table.modules().iter().any(|m| p.covers_module(&m.name, m.is_main) && !m.name.starts_with('['))
+            };
+            // A library that is not loaded yet: its functions are chosen when it is.
+            if pattern.module.as_deref().is_some_and(|m| m != "*") && !loaded(pattern) {
+                selection.pending.push(pattern.text.clone());
+            }
+        }
+        if let Some(i) = matched
+            .iter()
+            .enumerate()
+            .position(|(i, m)| !m && require_matches && !selection.pending.contains(&filter.include[i].text))
+        {
             let pattern = &filter.include[i];
             let names = table
                 .symbols()

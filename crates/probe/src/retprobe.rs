@@ -913,6 +913,11 @@ impl ReturnProbeHandle {
         self.entry().info()
     }
 
+    /// Keeps the return probe registered for the rest of the process's life.
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+
     /// Removes the probe and returns its final counts. Calls still in flight return to
     /// their callers as usual, without running the return handler; once this returns, no
     /// handler of the probe runs any more and they have been dropped.
