@@ -93,12 +93,20 @@ impl Running {
     /// Starts `exe` and waits until it has printed `ready`, i.e. is loaded and blocked.
     fn start(exe: &Path) -> Running {
         // In the build directory: a `-pg` program that exits normally writes `gmon.out`.
-        let mut child = Command::new(exe)
-            .current_dir(&targets().dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {exe:?}: {e}"));
+        let spawn =
+            || Command::new(exe).current_dir(&targets().dir).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
+        // A copy this test process just wrote may still be open for writing in a child that
+        // another test thread forked and has not exec'd yet: ETXTBSY until it does.
+        let mut tries = 0;
+        let mut child = loop {
+            match spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other.unwrap_or_else(|e| panic!("cannot start {exe:?}: {e}")),
+            }
+        };
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.starts_with("ready"), "{exe:?} printed {line:?}");
