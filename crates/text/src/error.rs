@@ -29,6 +29,19 @@ pub enum TextError {
         /// The reason.
         reason: String,
     },
+    /// A range write failed or was cut short; what was written is restored. Carries
+    /// numbers only, so that it can be made while other threads are stopped (nothing may
+    /// allocate then).
+    WriteFailed {
+        /// First byte of the range.
+        addr: u64,
+        /// Bytes written before the failure (restored since).
+        written: usize,
+        /// Bytes of the range.
+        len: usize,
+        /// The `errno` of the failure; 0 for a short write.
+        errno: i32,
+    },
     /// No executable memory could be mapped within ±2 GiB of `target`.
     NoNearMemory {
         /// The address the memory must be near.
@@ -64,6 +77,13 @@ impl fmt::Display for TextError {
             ),
             TextError::Unwritable { addr, reason } => {
                 write!(f, "cannot write code at {addr:#x} (EPERM): {reason}")
+            }
+            TextError::WriteFailed { addr, written, len, errno } => {
+                write!(f, "cannot write {len} byte(s) of code at {addr:#x}: ")?;
+                match errno {
+                    0 => write!(f, "only {written} could be written; restored"),
+                    e => write!(f, "{}", std::io::Error::from_raw_os_error(*e)),
+                }
             }
             TextError::NoNearMemory { target, size } => {
                 write!(f, "no free address range for {size} bytes of executable memory within ±2 GiB of {target:#x}")

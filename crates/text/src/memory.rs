@@ -141,27 +141,23 @@ impl CodeWriter {
             return Ok(());
         }
         let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        let len = scratch.len();
         match pwrite(mem, scratch, start) {
-            Ok(n) if n == scratch.len() => Ok(()),
-            Ok(n) => {
+            Ok(n) if n == len => Ok(()),
+            result => {
+                let written = *result.as_ref().unwrap_or(&0);
                 // A short write changed a prefix: put the old bytes back so nothing is left
                 // half-changed, as the error promises.
                 for (i, &(addr, expected, _)) in edits.iter().enumerate() {
                     let at = (addr - start) as usize;
                     if applied[i] {
                         scratch[at..at + expected.len()].copy_from_slice(expected);
-                        applied[i] = false;
                     }
+                    applied[i] = false;
                 }
-                let _ = pwrite(mem, &scratch[..n], start);
-                Err(TextError::Unwritable {
-                    addr: start,
-                    reason: format!("only {n} of {} byte(s) could be written; restored", scratch.len()),
-                })
-            }
-            Err(e) => {
-                applied.iter_mut().for_each(|a| *a = false);
-                Err(TextError::Unwritable { addr: start, reason: e.to_string() })
+                let _ = pwrite(mem, &scratch[..written], start);
+                let errno = result.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+                Err(TextError::WriteFailed { addr: start, written, len, errno })
             }
         }
     }
