@@ -200,6 +200,17 @@ pub(crate) fn read_info(dir: &Path) -> Result<Info, EventsError> {
 /// A directory whose recorder was killed reads too: its `info.json` has no end (the last
 /// event's time stands for it) and a `.dat` file may end in a partial record (ignored).
 pub fn read(dir: &Path) -> Result<Trace, EventsError> {
+    read_trace(dir, true)
+}
+
+/// [`read`] without the events: the processes with their functions and site summaries
+/// only (no thread), read without touching the `.dat` files — what `dynprobe record` says
+/// at the end of a long recording, at once.
+pub fn read_summary(dir: &Path) -> Result<Trace, EventsError> {
+    read_trace(dir, false)
+}
+
+fn read_trace(dir: &Path, with_events: bool) -> Result<Trace, EventsError> {
     let entries = fs::read_dir(dir).map_err(EventsError::io("read trace directory", dir))?;
     let info = read_info(dir)?;
     let mut images = Vec::new();
@@ -216,7 +227,7 @@ pub fn read(dir: &Path) -> Result<Trace, EventsError> {
     let mut processes = Vec::new();
     for (pid, _, path) in images {
         let listed = info.processes.iter().find(|p| Some(p.dir.as_str()) == path.file_name().and_then(|n| n.to_str()));
-        processes.push(read_process(&path, pid, listed, &info.clock)?);
+        processes.push(read_process(&path, pid, listed, &info.clock, with_events)?);
     }
     // In start order; processes without events after the others, in pid order.
     let first = |p: &ProcessTrace| p.threads.iter().filter_map(|t| t.events.first()).map(|e| e.ns).min();
@@ -240,6 +251,7 @@ fn read_process(
     pid: u32,
     listed: Option<&InfoProcess>,
     clock: &Calibration,
+    with_events: bool,
 ) -> Result<ProcessTrace, EventsError> {
     let functions_path = dir.join("functions.txt");
     let functions = match read_optional(&functions_path)? {
@@ -261,7 +273,8 @@ fn read_process(
     }
 
     let mut threads = Vec::new();
-    for entry in fs::read_dir(dir).map_err(EventsError::io("read process directory", dir))? {
+    let entries = fs::read_dir(dir).map_err(EventsError::io("read process directory", dir))?;
+    for entry in entries.filter(|_| with_events) {
         let path = entry.map_err(EventsError::io("read process directory", dir))?.path();
         if path.extension().is_some_and(|e| e == "dat") {
             let thread = read_thread(&path, pid, functions.len(), clock)?;
@@ -427,6 +440,20 @@ mod tests {
         f.write("10.0/11.dat", &bytes);
         let trace = read(f.dir.path()).unwrap();
         assert_eq!(trace.processes[0].threads[0].events.len(), 1);
+    }
+
+    #[test]
+    fn the_summary_reads_no_event() {
+        let f = Fixture::new("trace-summary");
+        let mut bytes = f.thread(10, 0, 11, &[rec(Kind::Entry, 500, 0, 1)]);
+        // A corrupt record: read fails on it, read_summary never looks.
+        bytes.extend_from_slice(&Record { time: 600, word: 0xf }.to_bytes());
+        f.write("10.0/11.dat", &bytes);
+        assert!(read(f.dir.path()).is_err());
+        let trace = read_summary(f.dir.path()).unwrap();
+        assert_eq!(trace.processes.len(), 1);
+        assert!(trace.processes[0].threads.is_empty());
+        assert!(!trace.processes[0].functions.is_empty());
     }
 
     #[test]

@@ -14,8 +14,9 @@ const REFUSED_SHOWN: usize = 10;
 
 /// Prints the summary of the trace just recorded in `dir`.
 pub fn print(dir: &Path, stats: &RecordStats) {
-    // The site summaries are in the trace itself; reading it back also checks it.
-    match dynprobe_events::trace::read(dir) {
+    // The site summaries are in the trace directory, beside the events (not read here: a
+    // long recording's would take a while).
+    match dynprobe_events::trace::read_summary(dir) {
         Ok(trace) => eprint!("{}", sites(&trace)),
         Err(err) => eprintln!("dynprobe: warning: the trace just written does not read back: {err}"),
     }
