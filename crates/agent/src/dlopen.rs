@@ -14,7 +14,7 @@ use dynprobe_ftrace::{Filter, Selection, Tracer};
 use std::collections::HashSet;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -107,9 +107,9 @@ fn add_new_modules(
     tracer: &mut Tracer,
     filter: &Filter,
     known: &mut HashSet<PathBuf>,
-    funcs: &PathBuf,
-    sites: &PathBuf,
-    exe: &PathBuf,
+    funcs: &Path,
+    sites: &Path,
+    exe: &Path,
 ) -> Result<(), String> {
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let first_id = tracer.functions().len() as u32;

@@ -27,9 +27,9 @@ impl Pattern {
     /// assert_eq!(Pattern::parse("ns::work").module, None);
     /// ```
     pub fn parse(text: &str) -> Pattern {
-        let split = text.char_indices().find(|&(i, c)| {
-            c == ':' && text[i + 1..].chars().next() != Some(':') && (i == 0 || &text[i - 1..i] != ":")
-        });
+        let split = text
+            .char_indices()
+            .find(|&(i, c)| c == ':' && !text[i + 1..].starts_with(':') && (i == 0 || &text[i - 1..i] != ":"));
         match split {
             Some((i, _)) if i > 0 => {
                 Pattern { text: text.to_string(), module: Some(text[..i].to_string()), glob: text[i + 1..].to_string() }

@@ -161,7 +161,7 @@ fn vector_registers_and_flags_survive_a_mid_function_probe_whose_handler_formats
             // vector registers the loop keeps its sums in.
             let text = format!("{regs:?} {:.3} {:e}", regs.rax as f64 * 1.5, (regs.rsi as f64).sqrt());
             let copy = text.repeat(40).into_bytes().clone();
-            formatted.fetch_add((copy.len() > 0) as u64, Ordering::Relaxed);
+            formatted.fetch_add(u64::from(!copy.is_empty()), Ordering::Relaxed);
             regs.rflags ^= 0; // the flags are part of the frame, and restored from it
         }
     };
