@@ -66,8 +66,7 @@ struct Programs {
 fn programs() -> &'static Programs {
     static PROGRAMS: OnceLock<Programs> = OnceLock::new();
     PROGRAMS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("symbols-child-process");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::scratch_dir("symbols-child-process");
         let write = |name: &str, text: &str| {
             let path = dir.join(name);
             std::fs::write(&path, text).unwrap();

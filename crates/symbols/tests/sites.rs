@@ -45,8 +45,7 @@ struct Targets {
 fn targets() -> &'static Targets {
     static TARGETS: OnceLock<Targets> = OnceLock::new();
     TARGETS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("symbols-sites");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::scratch_dir("symbols-sites");
         let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/targets");
         let program = sources.join("sites.c");
         let build = |name: &str, flags: &[&[&str]]| {
