@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a `dlopen` waits for the watcher before it returns anyway.
@@ -24,6 +24,9 @@ const WAIT_FOR_WATCHER: Duration = Duration::from_secs(5);
 /// `dlopen`s that returned so far, and how many of them the watcher has handled.
 static REQUESTED: AtomicU64 = AtomicU64::new(0);
 static HANDLED: AtomicU64 = AtomicU64::new(0);
+/// The process the watcher thread runs in: a forked child has no watcher (threads do not
+/// survive `fork`), so its `dlopen`s do not wait (their libraries are not traced).
+static WATCHER_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Starts watching; keeps `tracer` for the rest of the process's life.
 pub fn watch(
@@ -59,6 +62,8 @@ pub fn watch(
             }
         }
     }
+    // SAFETY: getpid cannot fail.
+    WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     let spawned = std::thread::Builder::new().name("dynprobe-dlopen".into()).spawn(move || {
         dynprobe::set_current_thread_traced(false);
         loop {
@@ -78,6 +83,10 @@ pub fn watch(
 /// `dlopen`'s return handler: wakes the watcher and waits (boundedly) until it has handled
 /// this return.
 fn wait_for_watcher(wake: i32) {
+    // SAFETY: getpid cannot fail.
+    if WATCHER_PID.load(Ordering::Relaxed) != unsafe { libc::getpid() } {
+        return;
+    }
     let mine = REQUESTED.fetch_add(1, Ordering::AcqRel) + 1;
     // SAFETY: writes one byte from a local to the pipe; a full pipe already holds a wake-up.
     unsafe { libc::write(wake, [1u8].as_ptr().cast(), 1) };

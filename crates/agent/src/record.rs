@@ -66,6 +66,9 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                     // trace, not for an untraced run.
                     unsafe { libc::_exit(crate::EXIT_NOT_RUN) };
                 }
+                // Another program this one ran: patterns meant for the first rarely match
+                // it, which is no news.
+                None if message.starts_with("no function matches") => {}
                 None => eprintln!("dynprobe agent: this program is not traced: {message}"),
             }
         }
@@ -109,8 +112,6 @@ fn try_start(dir: &Path) -> Result<u64, String> {
     std::fs::rename(&pending, path("ring"))
         .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))?;
     let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
-    // Entry probes become jumps before `main`, while this is the only thread.
-    let _ = dynprobe_probe::wait_for_optimizer();
     remember_for_fork(dir, &funcs, &exe);
     if watch {
         // Libraries `dlopen`ed later are matched against the patterns too.
@@ -122,6 +123,10 @@ fn try_start(dir: &Path) -> Result<u64, String> {
         // Tracing lasts as long as the process.
         std::mem::forget(tracer);
     }
+    // Every probe placed so far (the watcher's on `dlopen` too) becomes a jump before
+    // `main`, while this is the only thread: a program that blocks every signal later
+    // could not be stopped for it, and a breakpoint hit with SIGTRAP blocked kills.
+    let _ = dynprobe_probe::wait_for_optimizer();
     Ok(patched)
 }
 

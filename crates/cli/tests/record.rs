@@ -428,6 +428,16 @@ fn tracing_the_whole_c_library_keeps_the_program_working() {
     let main = graph.iter().position(|l| l.trim_start().starts_with("main() {")).expect("main is traced");
     // printf's first call allocates stdout's buffer.
     assert!(graph[main..].iter().any(|l| l.contains("malloc")), "{graph:?}");
+
+    // system and posix_spawn run a child in this process's memory with every signal
+    // handler reset: no breakpoint may be left in the C library for it to hit.
+    let r = record_unchanged("libc-spawn", &["-F", "libc:*", "-F", "main"], traced_c(Sites::Plain), &["spawn"]);
+    assert!(String::from_utf8_lossy(&r.output.stdout).contains("system = 0, posix_spawn = 0, status = 0"));
+    let sites: String = std::fs::read_dir(&r.dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("sites.txt")).ok())
+        .collect();
+    assert!(sites.contains("would kill a posix_spawn/vfork child"), "{sites}");
 }
 
 /// A library the program `dlopen`s after recording began: the pattern naming it waits for

@@ -306,9 +306,7 @@ impl Recorder {
     /// (a library loaded later): a record of a new function must find its name.
     fn refresh_companions(&mut self, i: usize) -> Result<(), EventsError> {
         let image = &mut self.images[i];
-        let len_of =
-            |ext: &str| fs::metadata(self.ring_dir.join(format!("{}.{ext}", image.name))).map_or(0, |m| m.len());
-        let lens = (len_of("funcs"), len_of("sites"));
+        let lens = companion_identity(&self.ring_dir, &image.name);
         if lens == image.companions {
             return Ok(());
         }

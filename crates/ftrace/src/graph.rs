@@ -10,7 +10,7 @@
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
 use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// Where records go.
@@ -23,28 +23,33 @@ pub(crate) struct Output {
 
 static OUTPUT: OnceLock<Output> = OnceLock::new();
 
-/// The thread slot (plus one) of a thread inside `fork`, 0 when none: between the fork's
-/// prepare handler and the parent's or child's, that thread's records are dropped (and
-/// counted), because the child, a copy of it with the same slot, would otherwise write
-/// into the parent's ring until it gets a ring of its own.
-static FORKING: AtomicUsize = AtomicUsize::new(0);
+/// Per thread slot: the slot's thread is inside `fork`. Between the fork's prepare handler
+/// and the parent's or child's, that thread's records are dropped (and counted), because
+/// the child, a copy of it with the same slot, would otherwise write into the parent's ring
+/// until it gets a ring of its own. One flag per slot, so that threads forking at once do
+/// not clear each other's.
+static FORKING: [AtomicBool; dynprobe_probe::MAX_THREADS] =
+    [const { AtomicBool::new(false) }; dynprobe_probe::MAX_THREADS];
 
 /// The calling thread is about to fork.
 pub(crate) fn fork_prepare() {
     if let Some(slot) = dynprobe_probe::current_thread_slot() {
-        FORKING.store(slot + 1, Ordering::Relaxed);
+        FORKING[slot].store(true, Ordering::Relaxed);
     }
 }
 
-/// The fork is over, in the parent or (once it has its own ring) in the child.
+/// The calling thread's fork is over, in the parent or (once it has its own ring) in the
+/// child.
 pub(crate) fn fork_done() {
-    FORKING.store(0, Ordering::Relaxed);
+    if let Some(slot) = dynprobe_probe::current_thread_slot() {
+        FORKING[slot].store(false, Ordering::Relaxed);
+    }
 }
 
 /// True when records of thread slot `slot` must be dropped now (see [`FORKING`]).
 #[inline(always)]
 fn forking(slot: usize) -> bool {
-    FORKING.load(Ordering::Relaxed) == slot + 1
+    FORKING[slot].load(Ordering::Relaxed)
 }
 
 /// Sets where records go; false when an output was set already.

@@ -105,6 +105,7 @@ impl Tracer {
                 });
             }
         }
+        let probes = keep_optimized(probes, &probed, &mut self.summary.refused);
         let entry_patched = probes.iter().filter(|p| p.is_enabled()).count() as u64;
         let patched_of = |kind: &str| match kind {
             "entry" => entry_patched,
@@ -178,6 +179,66 @@ impl Tracer {
         }
         Ok(())
     }
+}
+
+/// Whether functions of module `name` may run in the C library's `posix_spawn` child (the C
+/// library and the dynamic linker).
+fn runs_in_spawn_children(name: &str) -> bool {
+    name.starts_with("libc.so") || name.starts_with("ld-linux")
+}
+
+/// The entry probes that became jumps, or need not; the C library's others are taken out
+/// and listed as refused.
+///
+/// A breakpoint left at the entry of a C library function would kill a `vfork`-like child
+/// that calls it: `posix_spawn` (and so `system`) runs its child in the parent's memory
+/// after resetting every signal handler to the default, and `SIGTRAP`'s default ends the
+/// process. The jumps need no signal. The program's own functions, which that child does
+/// not run, keep their breakpoints when they cannot be jump-optimized (short functions).
+/// (With optimization switched off — `record --no-optimize` — every breakpoint is kept:
+/// the user chose them.)
+fn keep_optimized(
+    probes: Vec<ProbeHandle>,
+    functions: &[&TracedFunction],
+    refused: &mut Vec<RefusedSite>,
+) -> Vec<ProbeHandle> {
+    if probes.is_empty() || !dynprobe_probe::optimization_enabled() {
+        return probes;
+    }
+    if let Err(e) = dynprobe_probe::wait_for_optimizer() {
+        refused.push(RefusedSite {
+            kind: "entry".into(),
+            addr: 0,
+            function: String::new(),
+            reason: format!("the optimizer did not run ({e}); entry probes stay breakpoints"),
+        });
+        return probes;
+    }
+    let (kept, dropped): (Vec<_>, Vec<_>) = probes
+        .into_iter()
+        .zip(functions)
+        .partition(|(p, f)| !runs_in_spawn_children(&f.module) || !p.is_enabled() || p.info().optimized);
+    let (dropped, names): (Vec<ProbeHandle>, Vec<&TracedFunction>) = dropped.into_iter().unzip();
+    let reasons: Vec<String> = dropped.iter().map(|p| p.info().not_optimized.unwrap_or_default()).collect();
+    // Disarmed in one batch and kept registered, disabled: unregistering each would wait
+    // out a grace period apiece.
+    if ProbeHandle::disable_all(&dropped).is_err() {
+        return kept.into_iter().map(|(p, _)| p).chain(dropped).collect();
+    }
+    for ((probe, f), why) in dropped.into_iter().zip(names).zip(reasons) {
+        let addr = probe.address();
+        probe.leak();
+        refused.push(RefusedSite {
+            kind: "entry".into(),
+            addr,
+            function: f.name.clone(),
+            reason: format!(
+                "not jump-optimized ({why}), and a breakpoint there would kill a posix_spawn/vfork child that \
+                 calls it; use --no-optimize to trace it with a breakpoint"
+            ),
+        });
+    }
+    kept.into_iter().map(|(p, _)| p).collect()
 }
 
 fn site_addr(f: &TracedFunction) -> Option<u64> {

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +120,17 @@ int main(int argc, char **argv) {
         signal(SIGUSR1, on_signal);
         printf("signal = %ld\n", wait_signal(SIGUSR1));
         printf("altstack = %ld\n", on_altstack());
+    } else if (!strcmp(mode, "spawn")) {
+        /* posix_spawn's child runs in our memory with every signal handler reset. */
+        extern char **environ;
+        int sys = system("true");
+        pid_t pid;
+        char *args[] = { "/bin/true", NULL };
+        int spawned = posix_spawn(&pid, "/bin/true", NULL, NULL, args, environ);
+        int status = -1;
+        if (spawned == 0)
+            waitpid(pid, &status, 0);
+        printf("system = %d, posix_spawn = %d, status = %d\n", sys, spawned, status);
     } else if (!strcmp(mode, "loop")) {
         long n = argc > 2 ? atol(argv[2]) : 1000000, sum = 0;
         for (long i = 0; i < n; i++) sum += step((int)i);
