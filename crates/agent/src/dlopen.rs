@@ -122,7 +122,8 @@ fn add_new_modules(
 ) -> Result<(), String> {
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let first_id = tracer.functions().len() as u32;
-    let selection = Selection::new_modules(&table, filter, known, first_id).map_err(|e| e.to_string())?;
+    let mut selection = Selection::new_modules(&table, filter, known, first_id).map_err(|e| e.to_string())?;
+    selection.pending = Selection::pending_patterns(&table, filter);
     *known = Selection::module_paths(&table);
     if selection.functions.is_empty() {
         return Ok(());

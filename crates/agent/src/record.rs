@@ -170,6 +170,9 @@ pub(crate) fn site_list(exe: &Path, summary: &SiteSummary) -> String {
     if let Some(ns) = summary.patch_ns {
         let _ = writeln!(out, "patch_ns\t{ns}");
     }
+    for pattern in &summary.pending {
+        let _ = writeln!(out, "pending\t{}", field(pattern));
+    }
     for (kind, found, patched) in &summary.kinds {
         let _ = writeln!(out, "kind\t{kind}\t{found}\t{patched}");
     }

@@ -473,4 +473,8 @@ fn a_library_loaded_later_is_traced_from_its_first_call() {
     );
     let summary = r.stderr();
     assert!(summary.lines().any(|l| l.trim_start().starts_with("patchable") && l.contains(" 2 ")), "{summary}");
+
+    // A misspelt library waits in vain, and the end of the recording says so.
+    let r = record_unchanged("dlopen-typo", &["-F", "libplugn:*", "-F", "main"], &program, &[plugin_arg]);
+    assert!(r.stderr().contains("WARNING: -F 'libplugn:*' matched nothing"), "{}", r.stderr());
 }

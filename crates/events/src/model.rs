@@ -101,6 +101,9 @@ pub struct SiteSummary {
     pub kinds: Vec<(String, u64, u64)>,
     /// The refused sites.
     pub refused: Vec<RefusedSite>,
+    /// `-F` patterns naming a library that was never loaded (misspelt, or never
+    /// `dlopen`ed): they matched nothing.
+    pub pending: Vec<String>,
     /// How long turning the compiler sites into calls took, in ns (the one batch, its stop
     /// of the other threads included); `None` when not recorded.
     pub patch_ns: Option<u64>,

@@ -136,6 +136,7 @@ pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError>
         match fields[..] {
             ["exe", exe] => sites.exe = exe.to_owned(),
             ["parent", parent] => sites.parent = parse_number(path, line, "parent pid", parent)?,
+            ["pending", pattern] => sites.summary.pending.push(pattern.to_owned()),
             ["patch_ns", ns] => sites.summary.patch_ns = Some(parse_number(path, line, "patch time", ns)?),
             ["kind", kind, found, patched] => sites.summary.kinds.push((
                 kind.to_owned(),
@@ -155,7 +156,7 @@ pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError>
                     path,
                     line,
                     format!(
-                        "{:?} is not one of: exe, parent, patch_ns, kind (kind found patched), refused (kind \
+                        "{:?} is not one of: exe, parent, patch_ns, pending, kind (kind found patched), refused (kind \
                          address function reason), with tab-separated fields",
                         fields[0]
                     ),

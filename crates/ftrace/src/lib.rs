@@ -69,7 +69,9 @@ impl Tracer {
     /// batch, its entry probes armed together. Returns how many sites were patched; the
     /// [`summary`](Self::summary) adds them up.
     pub fn add(&mut self, selection: Selection) -> Result<u64, FtraceError> {
-        let Selection { functions, refused, pending: _ } = selection;
+        let Selection { functions, refused, pending } = selection;
+        // The newest selection knows which library patterns still wait for their library.
+        self.summary.pending = pending;
         self.summary.refused.extend(refused);
         let started = std::time::Instant::now();
         let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;

@@ -104,6 +104,20 @@ impl Selection {
         Ok(selection)
     }
 
+    /// The `-F` patterns of `filter` that name a module no module of `table` is (a library
+    /// not loaded, or a misspelt one).
+    pub fn pending_patterns(table: &SymbolTable, filter: &Filter) -> Vec<String> {
+        let loaded = |p: &crate::filter::Pattern| {
+            table.modules().iter().any(|m| p.covers_module(&m.name, m.is_main) && !m.name.starts_with('['))
+        };
+        filter
+            .include
+            .iter()
+            .filter(|p| p.module.as_deref().is_some_and(|m| m != "*") && !loaded(p))
+            .map(|p| p.text.clone())
+            .collect()
+    }
+
     /// The module paths of `table` (what [`Selection::new_modules`] calls known).
     pub fn module_paths(table: &SymbolTable) -> HashSet<PathBuf> {
         table.modules().iter().map(|m| m.path.clone()).collect()
@@ -203,15 +217,8 @@ impl Selection {
                 });
             }
         }
-        for (pattern, _) in filter.include.iter().zip(&matched).filter(|(_, m)| !**m) {
-            let loaded = |p: &crate::filter::Pattern| {
-                table.modules().iter().any(|m| p.covers_module(&m.name, m.is_main) && !m.name.starts_with('['))
-            };
-            // A library that is not loaded yet: its functions are chosen when it is.
-            if pattern.module.as_deref().is_some_and(|m| m != "*") && !loaded(pattern) {
-                selection.pending.push(pattern.text.clone());
-            }
-        }
+        // A library that is not loaded yet: its functions are chosen when it is.
+        selection.pending = Selection::pending_patterns(table, filter);
         if let Some(i) = matched
             .iter()
             .enumerate()

@@ -44,15 +44,24 @@ fn sites(trace: &Trace) -> String {
             1 => ", and 1 more process".to_string(),
             n => format!(", and {n} more processes"),
         };
+        for pattern in &process.sites.pending {
+            let _ = writeln!(
+                out,
+                "dynprobe: WARNING: -F '{pattern}' matched nothing: no library of that name was loaded (misspelt? \
+                 never dlopened?)"
+            );
+        }
         // The kinds with sites; the kinds the agent looked for in vain say nothing.
         let kinds: Vec<_> = process.sites.kinds.iter().filter(|(_, found, _)| *found > 0).collect();
         if kinds.is_empty() && process.sites.refused.is_empty() {
-            let _ = writeln!(
-                out,
-                "dynprobe: no function sites found in {} (pid {}{others}): none of its functions was traced \
-                 (a stripped executable has no symbols to find them by)",
-                process.exe, process.pid
-            );
+            if process.sites.pending.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "dynprobe: no function sites found in {} (pid {}{others}): none of its functions was traced \
+                     (a stripped executable has no symbols to find them by)",
+                    process.exe, process.pid
+                );
+            }
             continue;
         }
         let took = match process.sites.patch_ns {
@@ -140,6 +149,7 @@ mod tests {
                     })
                     .collect(),
                 patch_ns: None,
+                pending: Vec::new(),
             },
             ..Default::default()
         }
