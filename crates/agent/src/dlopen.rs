@@ -120,6 +120,12 @@ fn add_new_modules(
     sites: &Path,
     exe: &Path,
 ) -> Result<(), String> {
+    // Most dlopens load nothing new (a library already there, a reference count bumped):
+    // seen in the memory map alone, before any symbol table is built.
+    let paths = dynprobe_symbols::loaded_code_paths().map_err(|e| e.to_string())?;
+    if paths.iter().all(|p| known.contains(p)) {
+        return Ok(());
+    }
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let first_id = tracer.functions().len() as u32;
     let mut selection = Selection::new_modules(&table, filter, known, first_id).map_err(|e| e.to_string())?;

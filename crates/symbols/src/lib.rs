@@ -77,6 +77,15 @@ impl Symbol {
     }
 }
 
+/// The paths of the files this process has code mapped from (its executable and every
+/// loaded library), read from `/proc/self/maps` without reading any of them: a cheap
+/// check for new libraries before building a [`SymbolTable`].
+pub fn loaded_code_paths() -> Result<Vec<PathBuf>, SymbolError> {
+    let text = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| SymbolError::Io { path: PathBuf::from("/proc/self/maps"), reason: e.to_string() })?;
+    Ok(maps::mapped_files(&text).into_iter().filter(|f| f.has_code()).map(|f| PathBuf::from(f.path)).collect())
+}
+
 /// Per-symbol facts used for lookups but not part of the public [`Symbol`].
 #[derive(Debug, Clone)]
 struct SymbolExtra {

@@ -205,3 +205,15 @@ fn for_pid_of_ourselves_matches_current_process() {
     assert_eq!(other.lookup("dynprobe_symbols_test_fn").unwrap().addr, addr);
     assert_eq!(other.modules().len(), t.modules().len());
 }
+
+#[test]
+fn the_loaded_code_paths_are_the_modules_with_code() {
+    let paths = dynprobe_symbols::loaded_code_paths().unwrap();
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    assert!(paths.contains(&exe), "{paths:?} lacks {exe:?}");
+    assert!(paths.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{paths:?}");
+    let table = dynprobe_symbols::SymbolTable::current_process().unwrap();
+    for path in &paths {
+        assert!(table.modules().iter().any(|m| &m.path == path), "{path:?} is no module of the table");
+    }
+}
