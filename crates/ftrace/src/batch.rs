@@ -36,6 +36,8 @@ pub(crate) struct PatchedSite {
     pub(crate) addr: u64,
     pub(crate) nop: [u8; 5],
     pub(crate) call: [u8; 5],
+    /// The site's kind as summaries name it (`mcount`, `patchable`).
+    pub(crate) kind: &'static str,
 }
 
 /// What one batch did.
@@ -169,7 +171,8 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
                 "more signal frames than could be checked for a thread between its NOPs; left alone".to_string()
             }
             (Ok(()), true) => {
-                result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call });
+                let kind = functions[site.function].method.kind_name();
+                result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call, kind });
                 continue;
             }
             (Ok(()), false) => "the site changed between the first look and the write; left alone".to_string(),
@@ -245,7 +248,8 @@ fn move_out_of(world: &mut StoppedWorld, interrupted: &InterruptedSet, addr: u64
     }
 }
 
-fn refusal(f: &TracedFunction, addr: u64, reason: String) -> RefusedSite {
+/// A site of `f` at `addr` left alone, and why.
+pub(crate) fn refusal(f: &TracedFunction, addr: u64, reason: String) -> RefusedSite {
     RefusedSite { kind: f.method.kind_name().into(), addr, function: f.name.clone(), reason }
 }
 

@@ -69,6 +69,7 @@ impl Tracer {
     /// batch, its entry probes armed together. Returns how many sites were patched; the
     /// [`summary`](Self::summary) adds them up.
     pub fn add(&mut self, selection: Selection) -> Result<u64, FtraceError> {
+        let found = selection.counts();
         let Selection { functions, refused, pending } = selection;
         // The newest selection knows which library patterns still wait for their library.
         self.summary.pending = pending;
@@ -89,38 +90,23 @@ impl Tracer {
                     probes.push(handle);
                     probed.push(f);
                 }
-                Err(e) => self.summary.refused.push(RefusedSite {
-                    kind: "entry".into(),
-                    addr: f.addr,
-                    function: f.name.clone(),
-                    reason: e.to_string(),
-                }),
+                Err(e) => self.summary.refused.push(batch::refusal(f, f.addr, e.to_string())),
             }
         }
         if let Err(e) = ProbeHandle::enable_all(&probes) {
             for (probe, f) in probes.iter().zip(&probed).filter(|(p, _)| !p.is_enabled()) {
-                self.summary.refused.push(RefusedSite {
-                    kind: "entry".into(),
-                    addr: probe.address(),
-                    function: f.name.clone(),
-                    reason: format!("its breakpoint could not be armed: {e}"),
-                });
+                let reason = format!("its breakpoint could not be armed: {e}");
+                self.summary.refused.push(batch::refusal(f, probe.address(), reason));
             }
         }
         let probes = keep_optimized(probes, &probed, &mut self.summary.refused);
         let entry_patched = probes.iter().filter(|p| p.is_enabled()).count() as u64;
-        let patched_of = |kind: &str| match kind {
-            "entry" => entry_patched,
-            k => batch
-                .patched
-                .iter()
-                .filter(|p| functions.iter().any(|f| f.method.kind_name() == k && site_addr(f) == Some(p.addr)))
-                .count() as u64,
-        };
         let mut total = 0;
-        for kind in ["mcount", "patchable", "entry"] {
-            let found = functions.iter().filter(|f| f.method.kind_name() == kind).count() as u64;
-            let patched = patched_of(kind);
+        for (kind, found) in found {
+            let patched = match kind {
+                "entry" => entry_patched,
+                k => batch.patched.iter().filter(|p| p.kind == k).count() as u64,
+            };
             total += patched;
             match self.summary.kinds.iter_mut().find(|(k, _, _)| k == kind) {
                 Some((_, f, p)) => {
@@ -230,22 +216,11 @@ fn keep_optimized(
     for ((probe, f), why) in dropped.into_iter().zip(names).zip(reasons) {
         let addr = probe.address();
         probe.leak();
-        refused.push(RefusedSite {
-            kind: "entry".into(),
-            addr,
-            function: f.name.clone(),
-            reason: format!(
-                "not jump-optimized ({why}), and a breakpoint there would kill a posix_spawn/vfork child that \
-                 calls it; use --no-optimize to trace it with a breakpoint"
-            ),
-        });
+        let reason = format!(
+            "not jump-optimized ({why}), and a breakpoint there would kill a posix_spawn/vfork child that calls \
+             it; use --no-optimize to trace it with a breakpoint"
+        );
+        refused.push(batch::refusal(f, addr, reason));
     }
     kept.into_iter().map(|(p, _)| p).collect()
-}
-
-fn site_addr(f: &TracedFunction) -> Option<u64> {
-    match f.method {
-        SiteMethod::Compiler(site) => Some(site.addr),
-        SiteMethod::Entry => None,
-    }
 }
