@@ -21,7 +21,7 @@ use crate::line::PathText;
 use dynprobe_events::clock::Clock;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
-use dynprobe_ftrace::{Filter, Selection, TracedFunction, Tracer};
+use dynprobe_ftrace::{Filter, FtraceError, Selection, TracedFunction, Tracer};
 use std::cell::UnsafeCell;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -57,8 +57,8 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                 channel.send(format!("!ready {patched}\n").as_bytes());
             }
         }
-        Err(message) => {
-            let message = message.replace('\n', " ");
+        Err(refused) => {
+            let message = refused.message.replace('\n', " ");
             match channel {
                 Some(channel) => {
                     channel.send(format!("!error {message}\n").as_bytes());
@@ -68,16 +68,29 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                 }
                 // Another program this one ran: patterns meant for the first rarely match
                 // it, which is no news.
-                None if message.starts_with("no function matches") => {}
+                None if refused.no_match => {}
                 None => eprintln!("dynprobe agent: this program is not traced: {message}"),
             }
         }
     }
 }
 
+/// Why an image is not traced.
+struct NotTraced {
+    message: String,
+    /// An `-F` pattern matched none of its functions.
+    no_match: bool,
+}
+
+impl From<String> for NotTraced {
+    fn from(message: String) -> Self {
+        NotTraced { message, no_match: false }
+    }
+}
+
 /// Selects, writes the function list, starts the tracer, writes the summary and publishes
 /// the ring file. Returns the number of sites patched.
-fn try_start(dir: &Path) -> Result<u64, String> {
+fn try_start(dir: &Path) -> Result<u64, NotTraced> {
     let filter = Filter::from_lines(&std::env::var(FILTER_ENV).unwrap_or_default())?;
     let depth = match std::env::var(DEPTH_ENV) {
         Ok(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
@@ -88,7 +101,8 @@ fn try_start(dir: &Path) -> Result<u64, String> {
         Err(_) => DEFAULT_RING_RECORDS,
     };
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
-    let selection = Selection::new(&table, &filter).map_err(|e| e.to_string())?;
+    let selection = Selection::new(&table, &filter)
+        .map_err(|e| NotTraced { no_match: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
 
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() };
@@ -103,7 +117,7 @@ fn try_start(dir: &Path) -> Result<u64, String> {
         Err(e) => {
             let _ = std::fs::remove_file(&pending);
             let _ = std::fs::remove_file(&funcs);
-            return Err(e.to_string());
+            return Err(e.to_string().into());
         }
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
