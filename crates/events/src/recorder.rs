@@ -246,7 +246,7 @@ impl Recorder {
                 continue;
             }
             self.seen.insert(name.clone());
-            match self.open_image(pid, n, &name, &companions) {
+            match self.open_image(pid, n, &name) {
                 Ok(image) => self.images.push(image),
                 Err(e) if result.is_ok() => result = Err(e),
                 Err(_) => {}
@@ -255,7 +255,7 @@ impl Recorder {
         result
     }
 
-    fn open_image(&self, pid: u32, n: u32, name: &str, [funcs, sites]: &[PathBuf; 2]) -> Result<Image, EventsError> {
+    fn open_image(&self, pid: u32, n: u32, name: &str) -> Result<Image, EventsError> {
         let ring = RingFile::open(&self.ring_dir.join(format!("{name}.ring")))?;
         if ring.clock() != self.clock {
             return Err(EventsError::BadRingFile {
@@ -271,20 +271,11 @@ impl Recorder {
         fs::create_dir_all(&out).map_err(EventsError::io("create directory", &out))?;
         let mut exe = String::new();
         let mut parent = ring.parent_pid();
-        for (from, to) in [(funcs, "functions.txt"), (sites, "sites.txt")] {
-            let to = out.join(to);
-            let text = match fs::read_to_string(from) {
-                Ok(text) => text,
-                // Only on the last poll: an agent that died before writing them.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(EventsError::io("read", from)(e)),
-            };
-            fs::write(&to, &text).map_err(EventsError::io("write", &to))?;
-            if to.ends_with("sites.txt") {
-                let sites = trace::parse_sites(from, &text)?;
-                exe = sites.exe;
-                parent = parent.max(sites.parent);
-            }
+        // Missing only on the last poll: an agent that died before writing them.
+        if let Some(text) = copy_companions(&self.ring_dir, name, &out)? {
+            let sites = trace::parse_sites(&self.ring_dir.join(format!("{name}.sites")), &text)?;
+            exe = sites.exe;
+            parent = parent.max(sites.parent);
         }
         let rings = vec![RingState::default(); ring.rings()];
         Ok(Image {
@@ -310,15 +301,7 @@ impl Recorder {
         if lens == image.companions {
             return Ok(());
         }
-        for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt")] {
-            let from = self.ring_dir.join(format!("{}.{ext}", image.name));
-            let to = image.out.join(to);
-            match fs::read(&from) {
-                Ok(bytes) => fs::write(&to, bytes).map_err(EventsError::io("write", &to))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(EventsError::io("read", &from)(e)),
-            }
-        }
+        copy_companions(&self.ring_dir, &image.name, &image.out)?;
         image.companions = lens;
         Ok(())
     }
@@ -425,6 +408,26 @@ fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
     for rec in records {
         out.extend_from_slice(&rec.to_bytes());
     }
+}
+
+/// Copies image `name`'s function list and site summary from the ring directory into its
+/// trace directory `out` (either may be missing); returns the summary's text, if any.
+fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<String>, EventsError> {
+    let mut sites = None;
+    for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt")] {
+        let from = ring_dir.join(format!("{name}.{ext}"));
+        let to = out.join(to);
+        let text = match fs::read_to_string(&from) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(EventsError::io("read", &from)(e)),
+        };
+        fs::write(&to, &text).map_err(EventsError::io("write", &to))?;
+        if ext == "sites" {
+            sites = Some(text);
+        }
+    }
+    Ok(sites)
 }
 
 /// What tells whether image `name`'s companions changed: the function list's length (the
