@@ -20,6 +20,13 @@ pub enum FtraceError {
     Probe(dynprobe_probe::ProbeError),
     /// The tracer is already running in this process.
     AlreadyRunning,
+    /// The ring file has fewer rings than there are thread slots.
+    TooFewRings {
+        /// Rings in the file.
+        rings: usize,
+        /// Rings needed: one per thread slot.
+        needed: usize,
+    },
 }
 
 impl fmt::Display for FtraceError {
@@ -35,6 +42,9 @@ impl fmt::Display for FtraceError {
             FtraceError::Text(e) => write!(f, "cannot patch the function sites: {e}"),
             FtraceError::Probe(e) => write!(f, "{e}"),
             FtraceError::AlreadyRunning => write!(f, "the function tracer is already running in this process"),
+            FtraceError::TooFewRings { rings, needed } => {
+                write!(f, "the ring file has {rings} rings; one per thread slot, {needed}, are needed")
+            }
         }
     }
 }

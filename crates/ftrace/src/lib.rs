@@ -49,10 +49,7 @@ impl Tracer {
     /// traced.
     pub fn start(selection: Selection, ring: RingFile, clock: Clock, max_depth: usize) -> Result<Tracer, FtraceError> {
         if ring.rings() < dynprobe_probe::MAX_THREADS {
-            return Err(FtraceError::Text(dynprobe_text::TextError::Unwritable {
-                addr: 0,
-                reason: format!("the ring file has {} rings, {} needed", ring.rings(), dynprobe_probe::MAX_THREADS),
-            }));
+            return Err(FtraceError::TooFewRings { rings: ring.rings(), needed: dynprobe_probe::MAX_THREADS });
         }
         if !graph::set_output(graph::Output { ring, clock, max_depth }) {
             return Err(FtraceError::AlreadyRunning);
