@@ -28,19 +28,20 @@ static HANDLED: AtomicU64 = AtomicU64::new(0);
 /// survive `fork`), so its `dlopen`s do not wait (their libraries are not traced).
 static WATCHER_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Starts watching; keeps `tracer` for the rest of the process's life.
+/// Starts watching; keeps `tracer` for the rest of the process's life (also when watching
+/// cannot start: tracing goes on without it).
 pub fn watch(
-    mut tracer: Tracer,
+    tracer: Tracer,
     filter: Filter,
     mut known: HashSet<PathBuf>,
     funcs: PathBuf,
     sites: PathBuf,
     exe: PathBuf,
 ) -> Result<(), String> {
+    let tracer: &'static mut Tracer = Box::leak(Box::new(tracer));
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 stores.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == -1 {
-        std::mem::forget(tracer);
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
@@ -54,13 +55,8 @@ pub fn watch(
             continue;
         }
         let probe = dynprobe::ReturnProbe::at(addr).on_return(move |_, _| wait_for_watcher(wake));
-        match probe.register() {
-            Ok(handle) => handle.leak(),
-            Err(e) => {
-                std::mem::forget(tracer);
-                return Err(format!("cannot probe {}'s return: {e}", name.to_string_lossy()));
-            }
-        }
+        let handle = probe.register().map_err(|e| format!("cannot probe {}'s return: {e}", name.to_string_lossy()))?;
+        handle.leak();
     }
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
@@ -71,7 +67,7 @@ pub fn watch(
                 return;
             }
             let requested = REQUESTED.load(Ordering::Acquire);
-            if let Err(e) = add_new_modules(&mut tracer, &filter, &mut known, &funcs, &sites, &exe) {
+            if let Err(e) = add_new_modules(tracer, &filter, &mut known, &funcs, &sites, &exe) {
                 eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
             }
             HANDLED.store(requested, Ordering::Release);
