@@ -1,0 +1,154 @@
+//! Thin wrappers over the `ptrace`, `waitpid`, `tgkill` and `process_vm_readv` system calls:
+//! the one module of the crate with `unsafe`. Each wrapper returns the raw `errno` as an
+//! [`io::Error`]; the callers turn it into an error that names the cause.
+
+use std::io;
+
+/// Registers as `PTRACE_GETREGS` sees them.
+pub(crate) type Regs = libc::user_regs_struct;
+
+/// `PTRACE_EVENT_STOP`: the stop of `PTRACE_INTERRUPT`, of a group-stop, and the first stop
+/// of an automatically attached new thread (under `PTRACE_SEIZE`).
+pub(crate) const PTRACE_EVENT_STOP: i32 = 128;
+
+/// `NT_X86_XSTATE`: the `PTRACE_GETREGSET` note of the whole XSAVE area (x87, SSE, AVX, …).
+const NT_X86_XSTATE: libc::c_int = 0x202;
+
+/// The largest XSAVE area we accept; the kernel shortens the buffer to the real size
+/// (a few KiB with AVX-512, up to ~11 KiB with AMX tiles).
+const XSTATE_MAX: usize = 16 * 1024;
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `ptrace(request, tid, addr, data)` for requests whose result is only success or `errno`.
+fn request(request: libc::c_uint, tid: i32, addr: usize, data: usize) -> io::Result<()> {
+    // SAFETY: every caller passes either plain integers or a pointer to a live buffer of
+    // the size the request writes or reads; ptrace does not keep the pointers.
+    check(unsafe { libc::ptrace(request, tid, addr, data) }).map(drop)
+}
+
+/// `PTRACE_SEIZE` with `options` (`PTRACE_O_*`): the thread keeps running.
+pub(crate) fn seize(tid: i32, options: i32) -> io::Result<()> {
+    request(libc::PTRACE_SEIZE, tid, 0, options as usize)
+}
+
+/// `PTRACE_INTERRUPT`: the thread stops with `PTRACE_EVENT_STOP` soon after.
+pub(crate) fn interrupt(tid: i32) -> io::Result<()> {
+    request(libc::PTRACE_INTERRUPT, tid, 0, 0)
+}
+
+/// `PTRACE_CONT`, delivering `signal` if the thread is in a signal-delivery-stop.
+pub(crate) fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    request(libc::PTRACE_CONT, tid, 0, signal as usize)
+}
+
+/// `PTRACE_SINGLESTEP`, delivering `signal` like [`cont`].
+pub(crate) fn single_step(tid: i32, signal: i32) -> io::Result<()> {
+    request(libc::PTRACE_SINGLESTEP, tid, 0, signal as usize)
+}
+
+/// `PTRACE_DETACH`, delivering `signal` like [`cont`].
+pub(crate) fn detach(tid: i32, signal: i32) -> io::Result<()> {
+    request(libc::PTRACE_DETACH, tid, 0, signal as usize)
+}
+
+/// `PTRACE_GETREGS`.
+pub(crate) fn get_regs(tid: i32) -> io::Result<Regs> {
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    let mut regs: Regs = unsafe { std::mem::zeroed() };
+    request(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut Regs as usize)?;
+    Ok(regs)
+}
+
+/// `PTRACE_SETREGS`.
+pub(crate) fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
+    request(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as usize)
+}
+
+/// The thread's whole XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`), as many bytes as the
+/// kernel filled.
+pub(crate) fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    request(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec as usize)?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Writes back an XSAVE area read by [`get_xstate`].
+pub(crate) fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
+    // The kernel only reads through the pointer for SETREGSET.
+    let mut iov = libc::iovec { iov_base: xstate.as_ptr() as *mut libc::c_void, iov_len: xstate.len() };
+    request(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec as usize)
+}
+
+/// `PTRACE_GETSIGINFO`: the signal of a signal-delivery-stop (fails with `EINVAL` in a
+/// group-stop).
+pub(crate) fn get_siginfo(tid: i32) -> io::Result<libc::siginfo_t> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    request(libc::PTRACE_GETSIGINFO, tid, 0, &mut info as *mut libc::siginfo_t as usize)?;
+    Ok(info)
+}
+
+/// `PTRACE_SETSIGINFO`: the signal the thread will be given if resumed with its number.
+pub(crate) fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
+    request(libc::PTRACE_SETSIGINFO, tid, 0, info as *const libc::siginfo_t as usize)
+}
+
+/// `PTRACE_GETEVENTMSG`: the new thread's tid of a clone event, the exit status of an exit
+/// event, the former tid of an exec event.
+pub(crate) fn event_msg(tid: i32) -> io::Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    request(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut libc::c_ulong as usize)?;
+    Ok(msg)
+}
+
+/// `waitpid(tid, __WALL | WNOHANG)`: `Some(status)` if the thread changed state.
+pub(crate) fn wait_nohang(tid: i32) -> io::Result<Option<i32>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer for the duration of the call.
+    let ret = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+    match ret {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(status)),
+    }
+}
+
+/// `tgkill(pid, tid, signal)`.
+pub(crate) fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: a plain system call with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) }).map(drop)
+}
+
+/// `rt_tgsigqueueinfo(pid, tid, signal, info)`: queues a signal with a whole `siginfo`
+/// (the kernel refuses `si_code >= 0` and `SI_TKILL` from another process).
+pub(crate) fn rt_tgsigqueueinfo(pid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
+    // SAFETY: `info` points to a whole siginfo_t that the kernel only reads.
+    check(unsafe {
+        libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, info.si_signo, info as *const libc::siginfo_t)
+    })
+    .map(drop)
+}
+
+/// `process_vm_readv` of `buf.len()` bytes at `addr` in process `pid`; the number of bytes
+/// read (fewer when the range runs into an unmapped or unreadable page).
+pub(crate) fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: `local` covers exactly `buf`, which outlives the call; the remote iovec is
+    // only interpreted in the other process's address space.
+    let ret = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
