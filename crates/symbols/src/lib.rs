@@ -22,11 +22,16 @@ mod error;
 mod load;
 mod lookup;
 mod maps;
+mod markers;
 mod sites;
 
 use std::path::PathBuf;
 
 pub use error::SymbolError;
+pub use markers::{
+    nearest_markers, read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite, ARG_REGISTERS, MARKER_RECORD_SECTION,
+    MARKER_RECORD_VERSION,
+};
 pub use sites::{CompilerSite, SiteKind};
 
 /// One ELF file mapped into the process (the executable, a shared library, the vdso).
