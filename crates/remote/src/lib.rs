@@ -20,13 +20,17 @@
 //! # Ok(()) }
 //! ```
 
+mod call;
 mod diagnose;
 mod error;
+mod inject;
 mod proc;
 mod sys;
 mod tracee;
 
+pub use call::{Arg, CallError};
 pub use diagnose::ptrace_scope;
 pub use error::{AttachError, Error, PermissionReason};
+pub use inject::{inject_library, inject_library_timeout, InjectError, Injected, DEFAULT_CALL_TIMEOUT};
 pub use proc::{thread_activity, threads, ThreadActivity};
 pub use tracee::{Event, Options, Regs, Stop, Tracee};
