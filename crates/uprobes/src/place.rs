@@ -1,0 +1,116 @@
+//! Where each spec's probe goes, checked before anything is written: the symbol exists, the
+//! address starts an instruction (decoded from the function's start), and that instruction
+//! can run out of line. The refusals are the probe layer's own [`ProbeError`]s, so the
+//! fallback mode and the agent word them alike.
+
+use dynprobe::spec::{ProbeKind, ProbeSpec};
+use dynprobe::{Location, ProbeError, RETURNS_TWICE};
+use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn};
+use dynprobe_symbols::{SymbolError, SymbolTable};
+
+/// The longest x86-64 instruction.
+const MAX_INSN_LEN: usize = 15;
+
+/// A resolved probe point: the instruction there, as it was before any `int3`.
+#[derive(Debug, Clone)]
+pub(crate) struct Point {
+    /// Its address.
+    pub addr: u64,
+    /// The instruction at `addr`.
+    pub insn: Insn,
+    /// The instruction's original bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads the target's memory: `addr`, `len` bytes, or an error naming what failed.
+pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>;
+
+/// Resolves `spec`'s location in `table` and checks the instruction there, reading code
+/// through `read`. Nothing is written.
+pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<Point, String> {
+    let (addr, function) = locate(table, spec).map_err(|e| e.to_string())?;
+    let unreadable = |e: String| format!("cannot read the code at {addr:#x}: {e}");
+    let insn = match function {
+        Some((start, size)) if size > 0 => {
+            let code = read(start, size as usize).map_err(unreadable)?;
+            instruction_at(&code, start, addr).map_err(|e| ProbeError::from(e).to_string())?
+        }
+        // No known bounds (a raw address outside any sized function): the user vouches for
+        // the boundary, as the agent's probe layer does.
+        _ => {
+            let code = read_up_to(read, addr, MAX_INSN_LEN).map_err(unreadable)?;
+            decode_one(&code, addr).map_err(|e| ProbeError::from(e).to_string())?
+        }
+    };
+    let bytes = read(addr, insn.len).map_err(unreadable)?;
+    if bytes.first() == Some(&dynprobe_arch::native::INT3) {
+        return Err(format!(
+            "the instruction at {addr:#x} is an int3 already (another debugger's breakpoint?); \
+             detach that debugger first"
+        ));
+    }
+    check_out_of_line(&bytes, addr).map_err(|e| ProbeError::from(e).to_string())?;
+    Ok(Point { addr, insn, bytes })
+}
+
+/// The probe address and the bounds of its function (start, size) when known.
+fn locate(table: &SymbolTable, spec: &ProbeSpec) -> Result<(u64, Option<(u64, u64)>), ProbeError> {
+    let (name, offset) = match &spec.location {
+        Location::Symbol(name) => (name.as_str(), 0),
+        Location::SymbolOffset(name, offset) => (name.as_str(), *offset),
+        Location::Address(addr) => {
+            if spec.kind == ProbeKind::Return {
+                return match table.resolve(*addr) {
+                    Some((sym, 0)) => check_returns_once(&sym.name).map(|()| (*addr, Some((sym.addr, sym.size)))),
+                    Some((sym, offset)) => Err(ProbeError::ReturnProbeNotAtEntry { symbol: sym.name.clone(), offset }),
+                    None => Ok((*addr, None)),
+                };
+            }
+            return Ok((*addr, table.resolve(*addr).map(|(sym, _)| (sym.addr, sym.size))));
+        }
+    };
+    let sym = table.lookup(name)?;
+    if table.is_ifunc(sym) {
+        return Err(ProbeError::Ifunc { symbol: sym.name.clone() });
+    }
+    if sym.size > 0 && offset >= sym.size {
+        return Err(ProbeError::OffsetOutsideFunction { symbol: sym.name.clone(), offset, size: sym.size });
+    }
+    if spec.kind == ProbeKind::Return {
+        if offset != 0 {
+            return Err(ProbeError::ReturnProbeNotAtEntry { symbol: sym.name.clone(), offset });
+        }
+        check_returns_once(&sym.name)?;
+    }
+    Ok((sym.addr + offset, Some((sym.addr, sym.size))))
+}
+
+/// Refuses return probes on functions that return twice (`setjmp`, `vfork`): the second
+/// return would find its instance consumed.
+fn check_returns_once(name: &str) -> Result<(), ProbeError> {
+    if RETURNS_TWICE.contains(&name) {
+        return Err(ProbeError::ReturnsTwice { symbol: name.to_string() });
+    }
+    Ok(())
+}
+
+/// Reads up to `len` bytes at `addr`, fewer when the mapping ends sooner (an instruction at
+/// the end of a mapping is shorter than 15 bytes).
+fn read_up_to(read: ReadCode, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut first_error = None;
+    for n in (1..=len).rev() {
+        match read(addr, n) {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_default())
+}
+
+/// An unknown-symbol error of the table, for callers that look names up themselves (the
+/// `@SYMBOL` fetches).
+pub(crate) fn lookup_address(table: &SymbolTable, name: &str) -> Result<u64, String> {
+    table.lookup(name).map(|s| s.addr).map_err(|e: SymbolError| e.to_string())
+}

@@ -1,0 +1,209 @@
+//! Starting a program under the tracer, making a system call on a stopped thread, and the
+//! per-hit benchmark.
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use dynprobe::spec::ProbeSpec;
+use dynprobe_remote::Options;
+
+use crate::sys::{self, Mem};
+use crate::{Error, Outcome, Target};
+
+/// Starts `argv` traced: forks, the child waits on a pipe until it is seized, then execs;
+/// returns the child's pid once it is stopped at its `PTRACE_EVENT_EXEC` stop, before the
+/// new program's first instruction.
+pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
+    let program = argv.first().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let spawn_error = |error: io::Error| Error::Spawn { program: program.clone(), error };
+    if argv.is_empty() {
+        return Err(spawn_error(io::Error::new(io::ErrorKind::InvalidInput, "no program given")));
+    }
+    let args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| spawn_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let gate = pipe().map_err(spawn_error)?;
+    let report = pipe().map_err(spawn_error)?;
+    // SAFETY: the child only makes async-signal-safe calls (close, read, execvp, write,
+    // _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(spawn_error(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; the pointers stay valid (the parent's memory is copied).
+        unsafe {
+            libc::close(gate[1]);
+            libc::close(report[0]);
+            let mut byte = 0u8;
+            // Returns at end of file, once the parent has seized us.
+            libc::read(gate[0], (&mut byte as *mut u8).cast(), 1);
+            libc::execvp(ptrs[0], ptrs.as_ptr());
+            let errno = *libc::__errno_location();
+            libc::write(report[1], (&errno as *const i32).cast(), 4);
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: closes the ends the parent does not use.
+    unsafe {
+        libc::close(gate[0]);
+        libc::close(report[1]);
+    }
+    let seized = sys::seize(pid, options.bits());
+    // SAFETY: closing the gate lets the child exec.
+    unsafe { libc::close(gate[1]) };
+    let mut errno = 0i32;
+    // SAFETY: reads at most 4 bytes into `errno`; end of file means the exec happened
+    // (the report pipe is close-on-exec).
+    let got = unsafe { libc::read(report[0], (&mut errno as *mut i32).cast(), 4) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(report[0]) };
+    if let Err(e) = seized {
+        let _ = sys::wait_thread(pid);
+        return Err(Error::Os { what: format!("PTRACE_SEIZE of the new process {pid}"), error: e });
+    }
+    if got == 4 {
+        let _ = sys::wait_thread(pid);
+        return Err(spawn_error(io::Error::from_raw_os_error(errno)));
+    }
+    let status = sys::wait_thread(pid).map_err(spawn_error)?;
+    if libc::WIFSTOPPED(status) && status >> 16 == libc::PTRACE_EVENT_EXEC {
+        return Ok(pid);
+    }
+    Err(spawn_error(io::Error::other(format!("it did not stop at its exec (wait status {status:#x})"))))
+}
+
+fn pipe() -> io::Result<[RawFd; 2]> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fds)
+}
+
+/// The `syscall` instruction.
+const SYSCALL: [u8; 2] = [0x0f, 0x05];
+
+/// Makes system call `nr` with `args` on stopped thread `tid`, executing a `syscall`
+/// instruction written for the moment at `code` (executable; no other thread may run).
+/// Registers and bytes are restored afterwards; signals that arrive meanwhile are sent
+/// again. Returns the raw result (`-errno` on failure).
+pub(crate) fn remote_syscall(mem: &Mem, tid: i32, code: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
+    let saved = sys::get_regs(tid)?;
+    let original = mem.read(code, SYSCALL.len())?;
+    mem.write(code, &SYSCALL)?;
+    let mut regs = saved;
+    regs.rip = code;
+    regs.rax = nr;
+    (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+    // Not inside a system call any more: no restart logic on resuming.
+    regs.orig_rax = u64::MAX;
+    let result = sys::set_regs(tid, &regs).and_then(|()| step_over_syscall(tid));
+    let restored = mem.write(code, &original).and(sys::set_regs(tid, &saved));
+    let (value, signals) = result?;
+    restored?;
+    for signal in signals {
+        // SAFETY: re-sends a signal the thread received while we borrowed it.
+        unsafe { libc::syscall(libc::SYS_tgkill, mem.pid(), tid, signal) };
+    }
+    Ok(value)
+}
+
+/// Single-steps the `syscall`; returns `rax` and the signals that stopped the thread
+/// meanwhile (held back, to be sent again).
+fn step_over_syscall(tid: i32) -> io::Result<(u64, Vec<i32>)> {
+    let mut signals = Vec::new();
+    loop {
+        sys::single_step(tid, 0)?;
+        let status = sys::wait_thread(tid)?;
+        if !libc::WIFSTOPPED(status) {
+            return Err(io::Error::other("the thread ended during the system call"));
+        }
+        let sig = libc::WSTOPSIG(status);
+        if status >> 16 == 0 && sig == libc::SIGTRAP {
+            return Ok((sys::get_regs(tid)?.rax, signals));
+        }
+        if status >> 16 == 0 {
+            signals.push(sig);
+        }
+    }
+}
+
+/// The C source of the per-hit benchmark target: build it with
+/// `cc -static -O1 -fno-inline -o ptrace_probe ptrace_probe.c` and give it to
+/// [`measure_hit_ns`].
+pub const BENCH_SOURCE: &str = include_str!("../bench/ptrace_probe.c");
+
+/// One measurement of [`measure_hit_ns`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HitCost {
+    /// Added nanoseconds per probed call: (probed loop − plain loop) / calls.
+    pub ns_per_hit: f64,
+    /// The plain loop's nanoseconds per call.
+    pub plain_ns_per_call: f64,
+    /// Hit lines received (must equal the calls).
+    pub hits: u64,
+}
+
+/// Measures the cost of one ptrace probe hit: runs `program` (built from [`BENCH_SOURCE`])
+/// under [`crate::run`] with `p:bench_probed`, which times `calls` calls of an unprobed
+/// function and `calls` of an identical probed one in the same run.
+///
+/// Runs the tracer on the calling thread (see the crate's process rules: no other child of
+/// this process may be waited for meanwhile); the event lines are read and counted on a
+/// helper thread.
+pub fn measure_hit_ns(program: &Path, calls: u64) -> Result<HitCost, Error> {
+    let result_file = std::env::temp_dir().join(format!("dynprobe-ptrace-probe-{}.txt", std::process::id()));
+    let argv: Vec<OsString> = vec![program.into(), calls.to_string().into(), result_file.clone().into_os_string()];
+    let spec = ProbeSpec::parse("p:bench_probed")
+        .map_err(|e| Error::Refused { spec: e.spec.clone(), message: e.to_string() })?;
+    let out = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
+    let control = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
+    let reader = std::thread::spawn(move || {
+        let mut hits = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: reads into a live buffer of its length from our pipe.
+            let n = unsafe { libc::read(out[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            hits +=
+                buf[..n as usize].split(|&b| b == b'\n').filter(|l| l.first().is_some_and(u8::is_ascii_digit)).count()
+                    as u64;
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(out[0]) };
+        hits
+    });
+    let info = crate::run(Target::Command(argv), &[spec], out[1], control[0]);
+    // SAFETY: our descriptors; closing the write end ends the reader.
+    unsafe {
+        libc::close(out[1]);
+        libc::close(control[0]);
+        libc::close(control[1]);
+    }
+    let hits = reader.join().unwrap_or(0);
+    let info = info?;
+    let text = std::fs::read_to_string(&result_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&result_file);
+    let field =
+        |name: &str| text.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse::<f64>().ok());
+    match (info.outcome, field("plain_ns"), field("probed_ns")) {
+        (Outcome::Exited(0), Some(plain), Some(probed)) => {
+            Ok(HitCost { ns_per_hit: (probed - plain) / calls as f64, plain_ns_per_call: plain / calls as f64, hits })
+        }
+        (outcome, ..) => Err(Error::Os {
+            what: format!("running the benchmark {}", program.display()),
+            error: io::Error::other(format!("it ended with {outcome:?} and printed {text:?}")),
+        }),
+    }
+}
