@@ -229,14 +229,14 @@ impl Tracee {
         }
         // Opened before seizing (it takes the same permission check), so that a failure
         // leaves nothing to undo.
-        let mem =
-            OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/mem")).map_err(|error| match error
-                .kind()
-            {
-                io::ErrorKind::PermissionDenied => diagnose::not_permitted(pid, tid),
-                io::ErrorKind::NotFound => diagnose::vanished(pid, tid),
+        let mem = OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/mem")).map_err(|error| {
+            match (error.kind(), error.raw_os_error()) {
+                (io::ErrorKind::PermissionDenied, _) => diagnose::not_permitted(pid, tid),
+                // ESRCH: a zombie has no memory any more.
+                (io::ErrorKind::NotFound, _) | (_, Some(libc::ESRCH)) => diagnose::vanished(pid, tid),
                 _ => AttachError::Os { tid, op: "opening /proc/PID/mem", error },
-            })?;
+            }
+        })?;
         seize_one(pid, tid, options)?;
         let mut threads = BTreeMap::new();
         threads.insert(tid, Thread::new(false));

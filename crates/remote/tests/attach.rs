@@ -1,0 +1,137 @@
+//! Attaching: to a running multi-threaded program (its memory read and written), and the
+//! errors of attaching to a process that does not exist, that has exited, or that is traced
+//! already.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_in_syscall, worker_program, Target};
+use dynprobe_remote::{threads, AttachError, Options, PermissionReason, Tracee};
+
+#[test]
+fn seizes_every_thread_and_reads_and_writes_memory() {
+    let expected =
+        common::undisturbed_worker_output().replace("counter 5 message original", "counter 42 message patched");
+    let target = Target::start(&worker_program(), &[]);
+    let pid = target.pid();
+    let (counter, message) = (target.number(5), target.number(6));
+
+    let mut tracee = Tracee::seize(pid, Options::NONE).unwrap();
+    assert_eq!(tracee.threads(), threads(pid).unwrap(), "every thread seized");
+    assert!(tracee.threads().len() >= 2, "main and sleeper at least: {:?}", tracee.threads());
+
+    // Memory while the threads run.
+    let mut word = [0u8; 8];
+    tracee.read_memory(counter, &mut word).unwrap();
+    assert_eq!(i64::from_le_bytes(word), 5);
+    assert_eq!(tracee.read_c_string(message, 64).unwrap(), b"original");
+    tracee.write_memory(counter, &42i64.to_le_bytes()).unwrap();
+    tracee.write_memory(message, b"patched\0").unwrap();
+
+    // Every thread stopped: its registers are readable, and it is where /proc said.
+    tracee.stop_all(Duration::from_secs(5)).unwrap();
+    for tid in tracee.threads() {
+        let regs = tracee.regs(tid).unwrap();
+        assert!(regs.rsp != 0 && regs.rip != 0, "thread {tid}: {regs:?}");
+        assert!(tracee.stop_of(tid).unwrap().is_some());
+    }
+    for tid in tracee.threads() {
+        tracee.cont(tid, 0).unwrap();
+    }
+    tracee.detach().unwrap();
+    assert_eq!(target.finish("hi\n"), expected);
+}
+
+#[test]
+fn nonexistent_process() {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id() as i32;
+    child.wait().unwrap();
+    let err = Tracee::seize(pid, Options::NONE).err().expect("attached to a reaped process");
+    assert!(matches!(err, AttachError::NoSuchProcess { pid: p } if p == pid), "{err:?}");
+    assert_eq!(err.to_string(), format!("no such process: {pid}"));
+}
+
+#[test]
+fn process_that_exited_meanwhile() {
+    // A zombie: exited, not yet reaped.
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") Z ") {
+        assert!(std::time::Instant::now() < deadline, "child never became a zombie");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = Tracee::seize(pid, Options::NONE).err().expect("attached to a zombie");
+    child.wait().unwrap();
+    assert!(matches!(err, AttachError::Exited { .. }), "{err:?}");
+    assert_eq!(err.to_string(), format!("process {pid} exited while attaching"));
+}
+
+#[test]
+fn attaching_twice_from_this_process() {
+    let target = Target::start(&worker_program(), &[]);
+    let pid = target.pid();
+    let first = Tracee::seize(pid, Options::NONE).unwrap();
+    let err = Tracee::seize(pid, Options::NONE).err().expect("attached twice");
+    match &err {
+        AttachError::NotPermitted { reason: PermissionReason::AlreadyTraced { by_us, tracer_pid, .. }, .. } => {
+            assert!(by_us, "{err}");
+            // The tracer is the thread that attached: this one.
+            assert_eq!(*tracer_pid, current_tid());
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.starts_with(&format!("not permitted to trace process {pid}: already traced by pid ")), "{text}");
+    assert!(text.contains("a thread of this process: it is attached already"), "{text}");
+    first.detach().unwrap();
+    // Free again once the first detached.
+    Tracee::seize(pid, Options::NONE).unwrap().detach().unwrap();
+}
+
+#[test]
+fn attaching_while_another_tracer_holds_it() {
+    let tracer_program = common::compile("tracer.c", "tracer", &[]);
+    let target = Target::start(&worker_program(), &[]);
+    let pid = target.pid();
+    let mut tracer = Command::new(&tracer_program).arg(pid.to_string()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(tracer.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "attached\n");
+
+    let err = Tracee::seize(pid, Options::NONE).err().expect("attached beside another tracer");
+    let tracer_pid = tracer.id() as i32;
+    let name: String = tracer_program.file_name().unwrap().to_str().unwrap().chars().take(15).collect();
+    match &err {
+        AttachError::NotPermitted {
+            reason: PermissionReason::AlreadyTraced { tracer_pid: p, tracer_name, by_us },
+            ..
+        } => {
+            assert_eq!((*p, tracer_name.as_str(), *by_us), (tracer_pid, name.as_str(), false));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "not permitted to trace process {pid}: already traced by pid {tracer_pid} ({name}); only one tracer \
+             at a time is possible, detach that one first"
+        )
+    );
+    tracer.kill().unwrap();
+    tracer.wait().unwrap();
+    // The tracer's death detached it: the main thread still sits in its read.
+    wait_in_syscall(pid, pid, libc::SYS_read);
+    let mut tracee = Tracee::seize(pid, Options::NONE).unwrap();
+    tracee.stop(pid, Duration::from_secs(5)).unwrap();
+    tracee.detach().unwrap();
+}
+
+/// The calling thread's id.
+fn current_tid() -> i32 {
+    std::fs::read_link("/proc/thread-self").unwrap().file_name().unwrap().to_str().unwrap().parse().unwrap()
+}
