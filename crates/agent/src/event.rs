@@ -1,48 +1,67 @@
-//! One probe's event: what its handler records at each hit.
+//! One probe's event: what its handlers record at each hit.
 
 use crate::channel::Channel;
-use crate::fetch::fetch;
-use crate::line::Line;
-use dynprobe::spec::{FetchArg, ProbeSpec};
-use dynprobe::Regs;
+use dynprobe::fetch::{gettid, HitContext, SelfMemory};
+use dynprobe::line::{EventFormat, Line};
+use dynprobe::spec::ProbeSpec;
+use dynprobe::{monotonic_ns, InstanceData, Regs};
 
-/// The pre-built state of one probe's handler: everything is allocated when the probe is
+/// The pre-built state of one probe's handlers: everything is allocated when the probe is
 /// registered, so a hit only reads it.
 pub struct Event {
-    name: Box<str>,
-    args: Box<[FetchArg]>,
+    format: EventFormat,
     channel: Channel,
 }
 
+/// A return probe's data area: the entry time, then the `$argN` values fetched at the entry.
+const ENTRY_NS: usize = 0;
+const ENTRY_VALUES_AT: usize = 1;
+
 impl Event {
-    /// The event of `spec`, sent to `channel`.
-    pub fn new(spec: &ProbeSpec, channel: Channel) -> Event {
-        Event { name: spec.full_event_name().into(), args: spec.args.clone().into(), channel }
+    /// The event of `spec` (its `@SYMBOL`s resolved), sent to `channel`.
+    pub fn new(spec: &ProbeSpec, channel: Channel) -> Result<Event, String> {
+        Ok(Event { format: EventFormat::new(spec)?, channel })
     }
 
-    /// The probe's pre-handler: formats `<mono_ns> <tid> <event> name=value...` and sends it.
-    /// No allocation, no locks: it runs on the probed thread, in a detour or a `SIGTRAP` handler.
+    /// An entry probe's pre-handler: formats `<mono_ns> <tid> <event> name=value...` and
+    /// sends it. No allocation, no locks: it runs on the probed thread, in a detour or a
+    /// `SIGTRAP` handler.
     pub fn hit(&self, regs: &Regs) {
         let mut line = Line::new();
         // The clock the CLI reads at start, so it can print times relative to it.
-        self.format(&mut line, dynprobe::monotonic_ns(), gettid(), regs);
+        self.format.write(&mut line, monotonic_ns(), &HitContext::entry(regs, &SelfMemory, gettid()));
         self.channel.send(line.finish());
     }
 
-    /// The line of a hit at `ns` by thread `tid`.
-    fn format(&self, line: &mut Line, ns: u64, tid: u64, regs: &Regs) {
-        line.dec(ns).byte(b' ').dec(tid).byte(b' ').bytes(self.name.as_bytes());
-        for arg in self.args.iter() {
-            line.byte(b' ').bytes(arg.name.as_bytes()).byte(b'=');
-            line.value(arg.ty, fetch(arg.fetch, regs));
-        }
+    /// A return probe's entry handler: keeps the entry time and the `$argN`s the spec
+    /// prints at the return. Every call is tracked.
+    pub fn enter(&self, regs: &Regs, data: &mut InstanceData) -> bool {
+        self.format.save_entry(&HitContext::entry(regs, &SelfMemory, 0), &mut data[ENTRY_VALUES_AT..]);
+        // Last, so the time spent saving is not part of the call's duration.
+        data[ENTRY_NS] = monotonic_ns();
+        true
     }
-}
 
-/// The calling thread's id (the `gettid` system call is async-signal-safe).
-fn gettid() -> u64 {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+    /// A return probe's return handler: the line, stamped with the return's time.
+    pub fn returned(&self, regs: &Regs, data: &InstanceData) {
+        let now = monotonic_ns();
+        let mut line = Line::new();
+        self.format_return(&mut line, now, gettid(), regs, data);
+        self.channel.send(line.finish());
+    }
+
+    fn format_return(&self, line: &mut Line, now: u64, tid: u64, regs: &Regs, data: &InstanceData) {
+        let entry = &data[ENTRY_VALUES_AT..ENTRY_VALUES_AT + self.format.entry_count()];
+        let ctx = HitContext {
+            regs,
+            target: &SelfMemory,
+            tid,
+            retval: Some(regs.retval()),
+            entry,
+            duration_ns: Some(now.saturating_sub(data[ENTRY_NS])),
+        };
+        self.format.write(line, now, &ctx);
+    }
 }
 
 #[cfg(test)]
@@ -50,12 +69,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_hit_is_one_line_with_every_field() {
+    fn an_entry_hit_is_one_line_with_every_field() {
         let spec = ProbeSpec::parse("p:grp/ev work a=$arg1 b=%rsi:x64 c=$arg3:s32").unwrap();
-        let event = Event::new(&spec, Channel::closed());
+        let event = Event::new(&spec, Channel::closed()).unwrap();
         let regs = Regs { rdi: 5, rsi: 16, rdx: 0xffff_ffff, ..Regs::default() };
         let mut line = Line::new();
-        event.format(&mut line, 123456789, 42, &regs);
+        event.format.write(&mut line, 123456789, &HitContext::entry(&regs, &SelfMemory, 42));
         assert_eq!(line.finish(), b"123456789 42 grp/ev a=5 b=0x10 c=-1\n");
+    }
+
+    #[test]
+    fn a_return_prints_the_entry_arguments_the_return_value_and_the_duration() {
+        let spec = ProbeSpec::parse("r:work ret=$retval:s64 first=$arg2 again=$arg2:x8 t=$duration").unwrap();
+        let event = Event::new(&spec, Channel::closed()).unwrap();
+        let mut data = InstanceData::default();
+        let at_entry = Regs { rdi: 1, rsi: 0x1ff, ..Regs::default() };
+        assert!(event.enter(&at_entry, &mut data));
+        // `$arg2` is kept once, however often it is printed.
+        assert_eq!(data[1..3], [0x1ff, 0]);
+        let entered = data[ENTRY_NS];
+        assert!(entered > 0);
+        let at_return = Regs { rax: -7i64 as u64, rsi: 99, ..Regs::default() };
+        let mut line = Line::new();
+        event.format_return(&mut line, entered + 1500, 7, &at_return, &data);
+        assert_eq!(
+            line.finish(),
+            format!("{} 7 work__return ret=-7 first=511 again=0xff t=1500\n", entered + 1500).as_bytes()
+        );
     }
 }

@@ -20,14 +20,15 @@
 mod channel;
 mod dlopen;
 mod event;
-mod fetch;
-mod line;
+mod place;
 mod record;
 
 use channel::Channel;
+// The line writer lives in `dynprobe`, shared with every backend; `crate::line` keeps
+// naming it here.
+use dynprobe::line;
 use dynprobe::spec::ProbeSpec;
-use dynprobe::{Probe, ProbeHandle};
-use event::Event;
+use place::Placed;
 
 /// The environment variable holding the probe specs, one a line.
 pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
@@ -98,7 +99,7 @@ fn start() {
             // and the program's first hits are already nanosecond ones. A probe that cannot
             // be optimized keeps working as a breakpoint.
             let _ = dynprobe::wait_for_optimizer();
-            handles.into_iter().for_each(ProbeHandle::leak);
+            handles.into_iter().for_each(Placed::leak);
             channel.send(format!("!ready {n}\n").as_bytes());
         }
         Err((spec, message)) => {
@@ -114,10 +115,11 @@ fn start() {
 
 /// Places every probe of `specs`; on the first failure unregisters those already placed
 /// and returns the failing spec and why.
-fn place_all(specs: &str, channel: Channel) -> Result<Vec<ProbeHandle>, (String, String)> {
+fn place_all(specs: &str, channel: Channel) -> Result<Vec<Placed>, (String, String)> {
     let mut handles = Vec::new();
     for text in specs.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match place(text, channel) {
+        let placed = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| place::place(&spec, channel));
+        match placed {
             Ok(handle) => handles.push(handle),
             Err(message) => {
                 for handle in handles {
@@ -130,12 +132,6 @@ fn place_all(specs: &str, channel: Channel) -> Result<Vec<ProbeHandle>, (String,
         }
     }
     Ok(handles)
-}
-
-fn place(text: &str, channel: Channel) -> Result<ProbeHandle, String> {
-    let spec = ProbeSpec::parse(text).map_err(|e| e.to_string())?;
-    let event = Event::new(&spec, channel);
-    Probe::at(spec.location.clone()).on_hit(move |regs| event.hit(regs)).register().map_err(|e| e.to_string())
 }
 
 /// A `-pg` program that `exec`s leaves its profiling timer (`ITIMER_PROF`, which survives

@@ -1,21 +1,57 @@
-//! The probe-spec grammar of `dynprobe probe`, modelled on the kernel's `kprobe_events`.
+//! The probe-spec grammar of `dynprobe probe`, modelled on the kernel's `kprobe_events` and
+//! `uprobe_events`.
 //!
 //! ```text
-//! p[:[GROUP/]EVENT] SYMBOL[+OFFSET]|MODULE:SYMBOL[+OFFSET]|0xADDR [NAME=FETCHARG[:TYPE]]...
+//! p[:[GROUP/]EVENT] [MODULE:]SYMBOL[+OFFSET]|0xADDR [NAME=FETCHARG[:TYPE]]...
+//! r[MAXACTIVE][:[GROUP/]EVENT] [MODULE:]SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...
 //!
-//! FETCHARG  %REG      a register: %rax..%r15, %rip (%ip), %rsp, %rflags; kernel names
-//!                     such as %ax or %di work too
-//!           $argN     the Nth integer argument of a function (1-based, N = 1..6)
-//! TYPE      u8 u16 u32 u64 (decimal, the default), s8..s64 (signed), x8..x64 (hex)
+//! FETCHARG  %REG        a register: %rax..%r15, %rip (%ip), %rsp, %rflags; kernel names
+//!                       such as %ax or %di work too
+//!           $argN       the Nth integer argument of a function (1-based, N = 1..6)
+//!           $retval     the return value (r only)
+//!           $stackN     the Nth 8-byte slot on the stack (N from 0: at a function's entry
+//!                       $stack0 is the return address)
+//!           $stack      the stack pointer
+//!           $comm       the name of the thread that hit the probe (a string)
+//!           $duration   nanoseconds from the function's entry to its return (r only)
+//!           @ADDR       the memory at ADDR (a number, 0x... for hex)
+//!           @[MODULE:]SYMBOL[+|-OFF]   the memory at a symbol (a global variable)
+//!           +|-OFF(FETCHARG)           the memory at FETCHARG + OFF; nests:
+//!                                      +8(+0($arg1)), and may be written +uOFF(...)
+//! TYPE      u8 u16 u32 u64 (decimal, the default), s8..s64 (signed), x8..x64 (hex),
+//!           string, ustring (a NUL-terminated string, read up to STRING_MAX bytes)
 //! ```
+//!
+//! What the kernel does, this does:
+//!
+//! - A memory fetch reads as many bytes as its type has (`+4($arg1):u16` reads two bytes);
+//!   the reads it nests through are 8-byte pointers.
+//! - `:string` on a memory fetch reads the string *at* the address the fetch would read
+//!   (`+0(%rdi):string` and `@name:string` are the characters there); on a register or an
+//!   argument the value is the string's address (`$arg2:string` is `char *` argument 2).
+//! - In a return probe, `$argN` is fetched when the function is entered and kept until it
+//!   returns (as the kernel does since 6.9): `+0($arg1)` reads, at the return, what the
+//!   pointer passed at the entry points to — a struct the function filled in, say. Of the
+//!   registers, only those known at a return can be named there: `%rax`, `%rdx` (the
+//!   return value), `%rsp` and `%rip` (the address returned to).
+//! - `r` probes a function's entry to catch its return, so a return spec takes no offset;
+//!   `rN` allows N calls in flight per thread (recursion, the kernel's `maxactive`).
+//! - An event is named after its location unless named: `SYMBOL` for `p` and
+//!   `SYMBOL__return` for `r` (as `perf probe` names them), `p_SYMBOL_OFFSET` for an offset,
+//!   `p_0xADDR` / `r_0xADDR` for an address.
 //!
 //! As a shorthand, `p:SYMBOL NAME=...` probes SYMBOL: the kernel's `p:EVENT SYMBOL` names
 //! an event and then a location, so the word after `p:` is an event name only when a
 //! location follows it (a location never contains `=`, a fetch argument always does).
 //!
+//! `@MODULE:SYMBOL` and `@SYMBOL:TYPE` share a colon: with a single colon, the part after it
+//! is a type when it is a type's name (`@count:u32`), a symbol otherwise
+//! (`@libc:environ`). Write `@MODULE:SYMBOL:TYPE` when a symbol is called like a type.
+//!
 //! The CLI parses every spec before it starts the program, so syntax errors are reported
 //! with their column and nothing runs; the agent parses the same text again inside the
-//! program. Both use this module, so they cannot disagree.
+//! program. Both use this module, so they cannot disagree. `@SYMBOL`s are resolved where
+//! the symbols are, with [`ProbeSpec::resolve_symbols`].
 //!
 //! ```
 //! use dynprobe::spec::{Fetch, ProbeSpec, Reg};
@@ -24,15 +60,17 @@
 //! assert_eq!(spec.args[0].fetch, Fetch::Arg(1));
 //! assert_eq!(spec.args[1].fetch, Fetch::Reg(Reg::Rax));
 //!
+//! let spec = ProbeSpec::parse("r:parse ret=$retval:s32 name=+8($arg1):string").unwrap();
+//! assert_eq!(spec.event, "parse__return");
+//! assert_eq!(spec.args[1].fetch, Fetch::Deref { offset: 8, base: Box::new(Fetch::Arg(1)) });
+//!
 //! let err = ProbeSpec::parse("p:work x=%rdz").unwrap_err();
 //! assert_eq!(err.to_string(), "unknown register `rdz` at column 11");
+//! let err = ProbeSpec::parse("p:work x=$retval").unwrap_err();
+//! assert_eq!(err.to_string(), "`$retval` is only available in return probes (r:) at column 11");
 //! ```
-//!
-//! The parser is a small recursive descent over byte offsets into the spec, so every
-//! error can point at its column; [`Fetch`] grows the kernel's other forms (`+OFF(ARG)`,
-//! `$retval`, `$stackN`) as new variants of the same parser.
 
-use crate::Location;
+use crate::{Location, MAX_DEPTH};
 use std::fmt;
 
 /// One parsed probe spec.
@@ -42,11 +80,14 @@ pub struct ProbeSpec {
     pub text: String,
     /// What kind of probe.
     pub kind: ProbeKind,
+    /// `rN`: the most calls per thread a return probe tracks at once; `None` for the
+    /// default (and always for `p`).
+    pub maxactive: Option<usize>,
     /// The event's group, when `p:GROUP/EVENT` named one.
     pub group: Option<String>,
     /// The event's name: as given, or derived from the location like the kernel does.
     pub event: String,
-    /// Where the probe goes.
+    /// Where the probe goes (for `r`, the function whose calls are probed).
     pub location: Location,
     /// The values recorded at each hit, in order.
     pub args: Vec<FetchArg>,
@@ -57,6 +98,18 @@ pub struct ProbeSpec {
 pub enum ProbeKind {
     /// `p`: a probe at an instruction.
     Entry,
+    /// `r`: a probe on a function's return.
+    Return,
+}
+
+impl ProbeKind {
+    /// The spec's first letter: `p` or `r`.
+    pub fn letter(self) -> char {
+        match self {
+            ProbeKind::Entry => 'p',
+            ProbeKind::Return => 'r',
+        }
+    }
 }
 
 /// `NAME=FETCHARG[:TYPE]`: one value recorded at each hit.
@@ -72,14 +125,63 @@ pub struct FetchArg {
 
 /// Where a fetched value comes from.
 ///
-/// Deliberately not `#[non_exhaustive]`: whoever reads values (the agent) must fail to
-/// compile until it handles a new form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Deliberately not `#[non_exhaustive]`: whoever reads values must fail to compile until
+/// it handles a new form.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetch {
     /// `%REG`.
     Reg(Reg),
-    /// `$argN`: the Nth SysV ABI integer argument, 1-based as in the kernel (1..=6).
+    /// `$argN`: the Nth SysV ABI integer argument, 1-based as in the kernel (1..=6). In a
+    /// return probe, its value at the function's entry.
     Arg(u8),
+    /// `$retval`: the return value (`rax`), in a return probe.
+    Retval,
+    /// `$stackN`: the 8 bytes at `rsp + 8 * N`.
+    Stack(u32),
+    /// `$stack`: `rsp`.
+    StackPointer,
+    /// `$comm`: the thread's name.
+    Comm,
+    /// `$duration`: nanoseconds from the function's entry to its return, in a return probe.
+    Duration,
+    /// `@ADDR`, `@SYMBOL+OFF`: the memory at a fixed address.
+    Memory(Address),
+    /// `+OFF(FETCHARG)`: the memory at `base + offset`.
+    Deref {
+        /// Added to the base's value (wrapping).
+        offset: i64,
+        /// The fetch giving the address.
+        base: Box<Fetch>,
+    },
+}
+
+/// The address of an `@` fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `@0x...`, or a symbol after [`ProbeSpec::resolve_symbols`].
+    Absolute(u64),
+    /// `@[MODULE:]SYMBOL[+|-OFF]`, not resolved yet.
+    Symbol {
+        /// `SYMBOL` or `MODULE:SYMBOL`, as [`ProbeSpec::resolve_symbols`]'s lookup takes it.
+        symbol: String,
+        /// Bytes past the symbol.
+        offset: i64,
+    },
+}
+
+impl Fetch {
+    /// Calls `each` on this fetch and on every fetch it is built on, outermost first.
+    pub fn walk(&self, each: &mut impl FnMut(&Fetch)) {
+        each(self);
+        if let Fetch::Deref { base, .. } = self {
+            base.walk(each);
+        }
+    }
+
+    /// Whether reading the value reads memory (so `:string` reads the string there).
+    pub fn reads_memory(&self) -> bool {
+        matches!(self, Fetch::Stack(_) | Fetch::Memory(_) | Fetch::Deref { .. })
+    }
 }
 
 /// A register that `%REG` can name.
@@ -104,6 +206,14 @@ pub enum Reg {
     R15,
     Rip,
     Rflags,
+}
+
+impl Reg {
+    /// Whether a return probe's return handler knows the register: the return value's
+    /// `rax` and `rdx`, the caller's `rsp` and the return address `rip`.
+    pub fn known_at_return(self) -> bool {
+        matches!(self, Reg::Rax | Reg::Rdx | Reg::Rsp | Reg::Rip)
+    }
 }
 
 /// Register names, the x86-64 ones first and then the kernel's `pt_regs` spellings
@@ -139,22 +249,59 @@ const REG_NAMES: &[(&str, Reg)] = &[
     ("flags", Reg::Rflags),
 ];
 
-/// The highest `$argN`: arguments past the sixth are on the stack, which `$stackN` will
-/// reach.
+/// The highest `$argN`: arguments past the sixth are on the stack, which `$stackN` reaches.
 pub const MAX_ARG: u8 = 6;
 
-/// How a fetched value is sized and printed: the kernel's `u8`..`u64`, `s8`..`s64`,
-/// `x8`..`x64`.
+/// The most memory reads one fetch argument makes (nested `+OFF(...)`, `@`, `$stackN`):
+/// its evaluation is a fixed array of steps, built once.
+pub const MAX_DEREF: usize = 8;
+
+/// The most bytes of a `string` printed; a longer string is cut there, as the kernel cuts
+/// at its `MAX_STRING_SIZE`.
+pub const STRING_MAX: usize = 256;
+
+/// How a fetched value is read and printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FetchType {
+pub enum FetchType {
+    /// `u8`..`u64`, `s8`..`s64`, `x8`..`x64`.
+    Int(IntType),
+    /// `string`: a NUL-terminated string, printed quoted.
+    String,
+    /// `ustring`: the same (the kernel's user-space string; here everything is user space).
+    UString,
+}
+
+impl FetchType {
+    /// `u64`, used when no type is given.
+    pub const DEFAULT: FetchType = FetchType::Int(IntType::U64);
+
+    /// Whether the value is a string.
+    pub fn is_string(self) -> bool {
+        matches!(self, FetchType::String | FetchType::UString)
+    }
+}
+
+impl fmt::Display for FetchType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FetchType::Int(int) => int.fmt(f),
+            FetchType::String => f.write_str("string"),
+            FetchType::UString => f.write_str("ustring"),
+        }
+    }
+}
+
+/// An integer type: the kernel's `u8`..`u64`, `s8`..`s64`, `x8`..`x64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntType {
     /// Decimal, signed decimal or hex.
     pub format: Format,
     /// The width in bits: 8, 16, 32 or 64. The value is truncated to it (and sign-extended
-    /// from it for signed types).
+    /// from it for signed types); a memory fetch reads this many bits.
     pub bits: u8,
 }
 
-/// How a value is printed.
+/// How an integer is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Unsigned decimal (`u`).
@@ -165,9 +312,9 @@ pub enum Format {
     Hex,
 }
 
-impl FetchType {
-    /// `u64`, used when no type is given.
-    pub const DEFAULT: FetchType = FetchType { format: Format::Unsigned, bits: 64 };
+impl IntType {
+    /// `u64`.
+    pub const U64: IntType = IntType { format: Format::Unsigned, bits: 64 };
 
     /// The raw 64-bit value truncated to the type's width, as the bits to print: for a
     /// signed type, sign-extended to 64 bits (read the result as an `i64`).
@@ -178,9 +325,14 @@ impl FetchType {
             Format::Unsigned | Format::Hex => (raw << shift) >> shift,
         }
     }
+
+    /// The width in bytes.
+    pub fn bytes(self) -> usize {
+        usize::from(self.bits / 8)
+    }
 }
 
-impl fmt::Display for FetchType {
+impl fmt::Display for IntType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let letter = match self.format {
             Format::Unsigned => 'u',
@@ -221,7 +373,7 @@ impl std::error::Error for SpecError {}
 impl ProbeSpec {
     /// Parses one spec.
     pub fn parse(text: &str) -> Result<ProbeSpec, SpecError> {
-        Parser { spec: text }.spec()
+        Parser { spec: text, kind: ProbeKind::Entry }.spec()
     }
 
     /// The event name as printed: `GROUP/EVENT`, or `EVENT` without a group.
@@ -230,6 +382,43 @@ impl ProbeSpec {
             Some(group) => format!("{group}/{}", self.event),
             None => self.event.clone(),
         }
+    }
+
+    /// Whether some `@SYMBOL` fetch is still to be resolved.
+    pub fn needs_symbols(&self) -> bool {
+        let mut found = false;
+        for arg in &self.args {
+            arg.fetch.walk(&mut |f| found |= matches!(f, Fetch::Memory(Address::Symbol { .. })));
+        }
+        found
+    }
+
+    /// Replaces every `@SYMBOL` fetch by its address, via `lookup("[module:]symbol")`; the
+    /// error names the field and the symbol.
+    pub fn resolve_symbols(&mut self, mut lookup: impl FnMut(&str) -> Result<u64, String>) -> Result<(), String> {
+        fn resolve(
+            fetch: &mut Fetch,
+            field: &str,
+            lookup: &mut dyn FnMut(&str) -> Result<u64, String>,
+        ) -> Result<(), String> {
+            match fetch {
+                Fetch::Memory(address) => {
+                    if let Address::Symbol { symbol, offset } = address {
+                        let addr =
+                            lookup(symbol).map_err(|e| format!("field `{field}`: cannot resolve `@{symbol}`: {e}"))?;
+                        let resolved = addr.wrapping_add_signed(*offset);
+                        *address = Address::Absolute(resolved);
+                    }
+                    Ok(())
+                }
+                Fetch::Deref { base, .. } => resolve(base, field, lookup),
+                _ => Ok(()),
+            }
+        }
+        for arg in &mut self.args {
+            resolve(&mut arg.fetch, &arg.name, &mut lookup)?;
+        }
+        Ok(())
     }
 }
 
@@ -252,6 +441,11 @@ impl<'a> Span<'a> {
         Span { text: &self.text[..to], start: self.start }
     }
 
+    /// The byte just past the span.
+    fn end(self) -> usize {
+        self.start + self.text.len()
+    }
+
     /// Splits at the first `sep`: the part before and the part after it.
     fn split_once(self, sep: char) -> Option<(Span<'a>, Span<'a>)> {
         let at = self.text.find(sep)?;
@@ -264,15 +458,22 @@ impl<'a> Span<'a> {
         Some((self.to(at), self.from(at + sep.len_utf8())))
     }
 
+    /// The leading run of characters that satisfy `keep`, and the rest.
+    fn split_while(self, keep: impl Fn(char) -> bool) -> (Span<'a>, Span<'a>) {
+        let end = self.text.find(|c: char| !keep(c)).unwrap_or(self.text.len());
+        (self.to(end), self.from(end))
+    }
+
     /// The leading run of identifier characters and the rest.
     fn split_ident(self) -> (Span<'a>, Span<'a>) {
-        let end = self.text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(self.text.len());
-        (self.to(end), self.from(end))
+        self.split_while(|c| c.is_ascii_alphanumeric() || c == '_')
     }
 }
 
 struct Parser<'a> {
     spec: &'a str,
+    /// The probe's kind, once the first word is read: what a fetch may name depends on it.
+    kind: ProbeKind,
 }
 
 impl<'a> Parser<'a> {
@@ -300,21 +501,23 @@ impl<'a> Parser<'a> {
         words
     }
 
-    fn spec(self) -> Result<ProbeSpec, SpecError> {
+    fn spec(mut self) -> Result<ProbeSpec, SpecError> {
         let words = self.words();
         let Some(&head) = words.first() else {
             return Err(self.error(0, "empty probe spec; expected e.g. `p:work x=$arg1`"));
         };
-        let kind = match head.text.as_bytes()[0] {
+        self.kind = match head.text.as_bytes()[0] {
             b'p' => ProbeKind::Entry,
-            b'r' => return Err(self.error(head.start, "return probes (`r`) are not implemented yet; use `p` for now")),
-            _ => return Err(self.error(head.start, "a probe spec starts with `p`, as in `p:work x=$arg1`")),
+            b'r' => ProbeKind::Return,
+            _ => return Err(self.error(head.start, "a probe spec starts with `p` or `r`, as in `p:work x=$arg1`")),
         };
-        let after_kind = head.from(1);
+        let letter = self.kind.letter();
+        let (maxactive, after_kind) = self.maxactive(head.from(1))?;
         // Which word is the location, and what names the event (if anything).
         let (event_span, location, rest) = match after_kind.text.strip_prefix(':') {
             None if !after_kind.text.is_empty() => {
-                return Err(self.error(after_kind.start, "expected `:EVENT` or a space after the probe kind `p`"))
+                return Err(self
+                    .error(after_kind.start, format!("expected `:EVENT` or a space after the probe kind `{letter}`")))
             }
             None => match words.get(1) {
                 Some(&location) => (None, location, &words[2..]),
@@ -323,7 +526,7 @@ impl<'a> Parser<'a> {
             Some(_) => {
                 let name = after_kind.from(1);
                 if name.text.is_empty() {
-                    return Err(self.error(name.start, "missing event name or location after `p:`"));
+                    return Err(self.error(name.start, format!("missing event name or location after `{letter}:`")));
                 }
                 match words.get(1) {
                     Some(&location) if !location.text.contains('=') => (Some(name), location, &words[2..]),
@@ -340,7 +543,7 @@ impl<'a> Parser<'a> {
                 };
                 (group, self.ident(event, "event name")?)
             }
-            None => (None, default_event_name(&location_parsed)),
+            None => (None, default_event_name(self.kind, &location_parsed)),
         };
         let mut args: Vec<FetchArg> = Vec::new();
         for &word in rest {
@@ -350,7 +553,30 @@ impl<'a> Parser<'a> {
             }
             args.push(arg);
         }
-        Ok(ProbeSpec { text: self.spec.trim().to_string(), kind, group, event, location: location_parsed, args })
+        Ok(ProbeSpec {
+            text: self.spec.trim().to_string(),
+            kind: self.kind,
+            maxactive,
+            group,
+            event,
+            location: location_parsed,
+            args,
+        })
+    }
+
+    /// `rN`'s N (the span is what follows the kind letter) and what follows it.
+    fn maxactive(&self, span: Span<'a>) -> Result<(Option<usize>, Span<'a>), SpecError> {
+        let (digits, rest) = span.split_while(|c| c.is_ascii_digit());
+        if digits.text.is_empty() || self.kind != ProbeKind::Return {
+            return Ok((None, span));
+        }
+        match digits.text.parse::<usize>() {
+            Ok(n @ 1..=MAX_DEPTH) => Ok((Some(n), rest)),
+            _ => Err(self.error(
+                digits.start,
+                format!("maxactive `{}` is out of range; a return probe tracks 1..={MAX_DEPTH} calls", digits.text),
+            )),
+        }
     }
 
     /// A name as the kernel allows for events, groups and fields: `[A-Za-z_][A-Za-z0-9_]*`.
@@ -381,6 +607,12 @@ impl<'a> Parser<'a> {
                 let value = parse_number(offset.text).ok_or_else(|| {
                     self.error(offset.start, format!("bad offset `{}`; expected a number like 8 or 0x8", offset.text))
                 })?;
+                if value != 0 && self.kind == ProbeKind::Return {
+                    return Err(self.error(
+                        offset.start - 1,
+                        "a return probe goes on a function's entry: no offset is allowed (write `r:SYMBOL`)",
+                    ));
+                }
                 (symbol, value)
             }
             None => (span, 0),
@@ -413,96 +645,277 @@ impl<'a> Parser<'a> {
         if value.text.is_empty() {
             return Err(self.error(value.start, "missing fetch argument after `=`"));
         }
-        let (fetch, rest) = self.fetch(value)?;
+        let (fetch, rest) = self.fetch(value, 0)?;
         let ty = match rest.text.strip_prefix(':') {
-            Some(_) => self.fetch_type(rest.from(1))?,
-            None if rest.text.is_empty() => FetchType::DEFAULT,
+            Some(_) => Some((self.fetch_type(rest.from(1))?, rest.from(1))),
+            None if rest.text.is_empty() => None,
+            None if rest.text.starts_with(')') => {
+                return Err(self.error(rest.start, "unmatched `)`"));
+            }
             None => return Err(self.error(rest.start, format!("unexpected `{}` after the fetch argument", rest.text))),
+        };
+        let ty = match (&fetch, ty) {
+            (Fetch::Comm, None) => FetchType::String,
+            (Fetch::Comm, Some((ty, span))) if !ty.is_string() => {
+                return Err(self.error(span.start, "`$comm` is a string; its type can only be `string`"))
+            }
+            (Fetch::Duration, Some((ty, span))) if ty.is_string() => {
+                return Err(self.error(span.start, "`$duration` is a number of nanoseconds, not a string"))
+            }
+            (_, Some((ty, _))) => ty,
+            (_, None) => FetchType::DEFAULT,
         };
         Ok(FetchArg { name, fetch, ty })
     }
 
-    /// One fetch argument at the start of `span`: the value and the unparsed rest.
-    fn fetch(&self, span: Span<'a>) -> Result<(Fetch, Span<'a>), SpecError> {
+    /// One fetch argument at the start of `span`, inside `reads` memory fetches: the value
+    /// and the unparsed rest.
+    fn fetch(&self, span: Span<'a>, reads: usize) -> Result<(Fetch, Span<'a>), SpecError> {
         let first = span.text.chars().next().unwrap_or(' ');
-        let (word, rest) = span.from(first.len_utf8()).split_ident();
+        let after = span.from(first.len_utf8());
+        let (word, rest) = after.split_ident();
         match first {
-            '%' => {
-                let reg = REG_NAMES
-                    .iter()
-                    .find(|(name, _)| *name == word.text)
-                    .map(|&(_, reg)| reg)
-                    .ok_or_else(|| self.error(word.start, format!("unknown register `{}`", word.text)))?;
-                Ok((Fetch::Reg(reg), rest))
+            '%' => Ok((Fetch::Reg(self.register(word)?), rest)),
+            '$' => {
+                let fetch = self.variable(word)?;
+                if reads > 0 && matches!(fetch, Fetch::Comm | Fetch::Duration) {
+                    return Err(self.error(word.start, format!("`${}` is not an address to read from", word.text)));
+                }
+                if fetch.reads_memory() {
+                    self.check_depth(span, reads)?;
+                }
+                Ok((fetch, rest))
             }
-            '$' => Ok((self.variable(word)?, rest)),
-            '+' | '-' | '0'..='9' => {
-                Err(self.error(span.start, "memory fetches `+OFFSET(FETCHARG)` are not implemented yet"))
+            '+' | '-' => self.deref(span, reads),
+            '@' => {
+                self.check_depth(span, reads)?;
+                self.memory(after)
             }
-            '@' => Err(self.error(span.start, "`@ADDR` fetches are not implemented yet")),
-            _ => Err(self.error(span.start, format!("unknown fetch argument `{}`; expected %REG or $argN", span.text))),
+            '0'..='9' => Err(self.error(
+                span.start,
+                format!(
+                    "a memory fetch starts with `+` or `-`, as in `+{}`",
+                    span.text.split(':').next().unwrap_or("")
+                ),
+            )),
+            _ => Err(self.error(
+                span.start,
+                format!(
+                    "unknown fetch argument `{}`; expected %REG, $argN, $retval, $stackN, $stack, $comm, \
+                     $duration, @ADDR, @SYMBOL or +OFF(FETCHARG)",
+                    span.text
+                ),
+            )),
         }
+    }
+
+    /// Refuses one more memory read at `span` when `reads` are already nested.
+    fn check_depth(&self, span: Span<'a>, reads: usize) -> Result<(), SpecError> {
+        if reads >= MAX_DEREF {
+            return Err(self.error(span.start, format!("memory fetches nest at most {MAX_DEREF} deep")));
+        }
+        Ok(())
+    }
+
+    /// `%NAME`, without the `%`.
+    fn register(&self, word: Span<'a>) -> Result<Reg, SpecError> {
+        let reg = REG_NAMES
+            .iter()
+            .find(|(name, _)| *name == word.text)
+            .map(|&(_, reg)| reg)
+            .ok_or_else(|| self.error(word.start, format!("unknown register `{}`", word.text)))?;
+        if self.kind == ProbeKind::Return && !reg.known_at_return() {
+            return Err(self.error(
+                word.start,
+                format!(
+                    "`%{}` is not known at a return; a return probe has %rax, %rdx, %rsp and %rip (and $argN \
+                     from the entry)",
+                    word.text
+                ),
+            ));
+        }
+        Ok(reg)
     }
 
     /// `$NAME`, without the `$`.
     fn variable(&self, word: Span<'a>) -> Result<Fetch, SpecError> {
-        if let Some(n) = word.text.strip_prefix("arg") {
+        let return_only = |fetch: Fetch| match self.kind {
+            ProbeKind::Return => Ok(fetch),
+            ProbeKind::Entry => {
+                Err(self.error(word.start, format!("`${}` is only available in return probes (r:)", word.text)))
+            }
+        };
+        match word.text {
+            "retval" => return return_only(Fetch::Retval),
+            "duration" => return return_only(Fetch::Duration),
+            "comm" => return Ok(Fetch::Comm),
+            "stack" => return Ok(Fetch::StackPointer),
+            _ => {}
+        }
+        if let Some(n) = word.text.strip_prefix("stack").filter(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            return n
+                .parse::<u32>()
+                .map(Fetch::Stack)
+                .map_err(|_| self.error(word.start, format!("stack slot `{n}` is too large")));
+        }
+        if let Some(n) = word.text.strip_prefix("arg").filter(|n| !n.is_empty()) {
             return match n.parse::<u8>() {
                 Ok(n @ 1..=MAX_ARG) => Ok(Fetch::Arg(n)),
                 Ok(0) => Err(self.error(word.start, "arguments count from 1: `$arg1` is the first")),
-                Ok(_) => Err(self.error(
+                _ if n.bytes().all(|b| b.is_ascii_digit()) => Err(self.error(
                     word.start,
-                    format!("`${}` is not passed in a register; $arg1..$arg{MAX_ARG} are", word.text),
+                    format!(
+                        "`${}` is not passed in a register; $arg1..$arg{MAX_ARG} are (read the others with \
+                         $stackN)",
+                        word.text
+                    ),
                 )),
-                Err(_) => Err(self.error(word.start, format!("unknown variable `${}`", word.text))),
+                _ => Err(self.error(word.start, format!("unknown variable `${}`", word.text))),
             };
         }
-        match word.text {
-            "retval" => {
-                Err(self.error(word.start, "`$retval` needs a return probe (`r`), which is not implemented yet"))
+        Err(self.error(
+            word.start,
+            format!(
+                "unknown variable `${}`; expected $arg1..$arg{MAX_ARG}, $retval, $stackN, $stack, $comm or $duration",
+                word.text
+            ),
+        ))
+    }
+
+    /// `+OFF(FETCHARG)` or `-OFF(FETCHARG)` (`span` starts at the sign), inside `reads`
+    /// memory fetches.
+    fn deref(&self, span: Span<'a>, reads: usize) -> Result<(Fetch, Span<'a>), SpecError> {
+        self.check_depth(span, reads)?;
+        let negative = span.text.starts_with('-');
+        let mut number = span.from(1);
+        // `+u8(...)`: the kernel's user-space dereference; all memory here is the user's.
+        if number.text.starts_with('u') {
+            number = number.from(1);
+        }
+        let Some((digits, inner)) = number.split_once('(') else {
+            return Err(self.error(span.start, "expected `+OFF(FETCHARG)`, as in `+8(%rdi)`"));
+        };
+        let magnitude = parse_number(digits.text).filter(|&n| n <= i64::MAX as u64).ok_or_else(|| {
+            self.error(digits.start, format!("bad offset `{}`; expected a number like 8 or 0x8", digits.text))
+        })?;
+        let offset = if negative { -(magnitude as i64) } else { magnitude as i64 };
+        if inner.text.is_empty() || inner.text.starts_with(')') {
+            return Err(self.error(inner.start, "missing fetch argument inside `(...)`"));
+        }
+        let (base, rest) = self.fetch(inner, reads + 1)?;
+        match rest.text.strip_prefix(')') {
+            Some(_) => Ok((Fetch::Deref { offset, base: Box::new(base) }, rest.from(1))),
+            None if rest.text.is_empty() || rest.text.starts_with(':') => {
+                Err(self.error(rest.start, format!("missing `)` to close the `(` at column {}", self.column(inner))))
             }
-            "comm" | "stack" => Err(self.error(word.start, format!("`${}` is not implemented yet", word.text))),
-            _ if word.text.starts_with("stack") => {
-                Err(self.error(word.start, format!("`${}` is not implemented yet", word.text)))
+            None => Err(self.error(rest.start, format!("unexpected `{}` inside `(...)`", rest.text))),
+        }
+    }
+
+    /// The column where `span` starts, for messages that point back at it.
+    fn column(&self, span: Span<'a>) -> usize {
+        self.spec[..span.start - 1].chars().count() + 1
+    }
+
+    /// What follows `@`: `ADDR` or `[MODULE:]SYMBOL[+|-OFF]`, up to a `)` or the end.
+    fn memory(&self, body: Span<'a>) -> Result<(Fetch, Span<'a>), SpecError> {
+        if body.text.starts_with(|c: char| c.is_ascii_digit()) {
+            let (number, rest) = body.split_while(|c| c.is_ascii_alphanumeric());
+            let addr = parse_number(number.text).ok_or_else(|| {
+                self.error(number.start, format!("bad address `{}`; expected e.g. @0x601040", number.text))
+            })?;
+            return Ok((Fetch::Memory(Address::Absolute(addr)), rest));
+        }
+        let whole = body.to(body.text.find(')').unwrap_or(body.text.len()));
+        // With one colon the part after it is a type if it is a type's name, else the
+        // symbol of `MODULE:SYMBOL` (see the module documentation).
+        let colons: Vec<usize> = whole.text.match_indices(':').map(|(i, _)| i).collect();
+        let (module, symbol) = match colons.as_slice() {
+            [] => (None, whole),
+            [one] if parse_type(&whole.text[one + 1..]).is_some() => (None, whole.to(*one)),
+            [first, ..] => {
+                let module = whole.to(*first);
+                let after = whole.from(first + 1);
+                (Some(module), after.to(after.text.find(':').unwrap_or(after.text.len())))
             }
-            _ => {
-                Err(self.error(word.start, format!("unknown variable `${}`; expected $arg1..$arg{MAX_ARG}", word.text)))
+        };
+        if let Some(module) = module {
+            if module.text.is_empty() {
+                return Err(self.error(module.start, "empty module name before `:`"));
             }
         }
+        let (name, rest) = symbol.split_while(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if name.text.is_empty() {
+            return Err(self.error(name.start, "expected @ADDR or @SYMBOL, as in `@counter` or `@0x601040`"));
+        }
+        let offset = match rest.text.chars().next() {
+            None => 0,
+            Some(sign @ ('+' | '-')) => {
+                let digits = rest.from(1);
+                let magnitude = parse_number(digits.text).filter(|&n| n <= i64::MAX as u64).ok_or_else(|| {
+                    self.error(digits.start, format!("bad offset `{}`; expected a number like 8 or 0x8", digits.text))
+                })?;
+                if sign == '-' {
+                    -(magnitude as i64)
+                } else {
+                    magnitude as i64
+                }
+            }
+            Some(c) => return Err(self.error(rest.start, format!("invalid character `{c}` in a symbol name"))),
+        };
+        let symbol_text = match module {
+            Some(module) => &self.spec[module.start..name.end()],
+            None => name.text,
+        };
+        let fetch = Fetch::Memory(Address::Symbol { symbol: symbol_text.to_string(), offset });
+        Ok((fetch, body.from(symbol.end() - body.start)))
     }
 
     /// The `TYPE` after `:`.
     fn fetch_type(&self, span: Span<'a>) -> Result<FetchType, SpecError> {
-        let mut chars = span.text.chars();
-        let format = match chars.next() {
-            Some('u') => Some(Format::Unsigned),
-            Some('s') => Some(Format::Signed),
-            Some('x') => Some(Format::Hex),
-            _ => None,
-        };
-        let bits = chars.as_str().parse::<u8>().ok().filter(|b| [8, 16, 32, 64].contains(b));
-        match (format, bits) {
-            (Some(format), Some(bits)) => Ok(FetchType { format, bits }),
-            _ if matches!(span.text, "string" | "ustring" | "symbol" | "symstr") => {
-                Err(self.error(span.start, format!("type `{}` is not implemented yet", span.text)))
-            }
-            _ => Err(self.error(
-                span.start,
-                format!("unknown type `{}`; expected u64, s64 or x64 (or 8, 16, 32 bits)", span.text),
-            )),
+        if let Some(ty) = parse_type(span.text) {
+            return Ok(ty);
         }
+        let message = match span.text {
+            "symbol" | "symstr" => format!("type `{}` is not supported; print the address with x64", span.text),
+            t if t.contains('[') => "array types (`TYPE[N]`) are not supported".to_string(),
+            t if t.starts_with('b') => "bitfield types are not supported; use u8..u64 and mask the value".to_string(),
+            t => format!("unknown type `{t}`; expected u64, s64, x64 (or 8, 16, 32 bits), string or ustring"),
+        };
+        Err(self.error(span.start, message))
     }
 }
 
-/// The kernel's default event name: the symbol for an offset of 0, `p_SYMBOL_OFFSET`
-/// otherwise, `p_0xADDR` for an address; characters that are not allowed in an event name
-/// (the `:` of `MODULE:SYMBOL`, the `.` of `foo.cold`) become `_`.
-fn default_event_name(location: &Location) -> String {
+/// A type's name: `u8`..`x64`, `string`, `ustring`.
+fn parse_type(text: &str) -> Option<FetchType> {
+    match text {
+        "string" => return Some(FetchType::String),
+        "ustring" => return Some(FetchType::UString),
+        _ => {}
+    }
+    let mut chars = text.chars();
+    let format = match chars.next()? {
+        'u' => Format::Unsigned,
+        's' => Format::Signed,
+        'x' => Format::Hex,
+        _ => return None,
+    };
+    let bits = chars.as_str().parse::<u8>().ok().filter(|b| [8, 16, 32, 64].contains(b))?;
+    Some(FetchType::Int(IntType { format, bits }))
+}
+
+/// The kernel's default event name: the symbol for an offset of 0 (`SYMBOL__return` for a
+/// return probe, as `perf probe` names it), `p_SYMBOL_OFFSET` otherwise, `p_0xADDR` for an
+/// address; characters that are not allowed in an event name (the `:` of `MODULE:SYMBOL`,
+/// the `.` of `foo.cold`) become `_`.
+fn default_event_name(kind: ProbeKind, location: &Location) -> String {
     let sanitize = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect() };
-    match location {
-        Location::Symbol(symbol) => sanitize(symbol),
-        Location::SymbolOffset(symbol, offset) => format!("p_{}_{offset}", sanitize(symbol)),
-        Location::Address(addr) => format!("p_0x{addr:x}"),
+    let letter = kind.letter();
+    match (kind, location) {
+        (ProbeKind::Entry, Location::Symbol(symbol)) => sanitize(symbol),
+        (ProbeKind::Return, Location::Symbol(symbol)) => format!("{}__return", sanitize(symbol)),
+        (_, Location::SymbolOffset(symbol, offset)) => format!("{letter}_{}_{offset}", sanitize(symbol)),
+        (_, Location::Address(addr)) => format!("{letter}_0x{addr:x}"),
     }
 }
 
@@ -521,50 +934,162 @@ mod tests {
         FetchArg { name: name.into(), fetch, ty }
     }
 
-    const X64: FetchType = FetchType { format: Format::Hex, bits: 64 };
+    fn int(format: Format, bits: u8) -> FetchType {
+        FetchType::Int(IntType { format, bits })
+    }
+
+    fn deref(offset: i64, base: Fetch) -> Fetch {
+        Fetch::Deref { offset, base: Box::new(base) }
+    }
+
+    fn symbol(symbol: &str, offset: i64) -> Fetch {
+        Fetch::Memory(Address::Symbol { symbol: symbol.into(), offset })
+    }
+
+    const U64: FetchType = FetchType::DEFAULT;
 
     #[test]
     fn accepted_specs() {
         let sym = |s: &str| Location::Symbol(s.into());
-        type Case = (&'static str, Option<&'static str>, &'static str, Location, Vec<FetchArg>);
-        // (spec, group, event, location, args)
+        type Case = (&'static str, ProbeKind, Option<&'static str>, &'static str, Location, Vec<FetchArg>);
+        use ProbeKind::{Entry, Return};
+        // (spec, kind, group, event, location, args)
         let cases: Vec<Case> = vec![
-            ("p work", None, "work", sym("work"), vec![]),
-            ("p:work", None, "work", sym("work"), vec![]),
-            ("p work+0", None, "work", sym("work"), vec![]),
-            ("p work+0x8", None, "p_work_8", Location::SymbolOffset("work".into(), 8), vec![]),
-            ("p 0x401126", None, "p_0x401126", Location::Address(0x401126), vec![]),
-            ("p:myev work", None, "myev", sym("work"), vec![]),
-            ("p:grp/myev work+4", Some("grp"), "myev", Location::SymbolOffset("work".into(), 4), vec![]),
-            ("p:libc:malloc", None, "libc_malloc", sym("libc:malloc"), vec![]),
-            ("p:ev libc:malloc", None, "ev", sym("libc:malloc"), vec![]),
+            ("p work", Entry, None, "work", sym("work"), vec![]),
+            ("p:work", Entry, None, "work", sym("work"), vec![]),
+            ("p work+0", Entry, None, "work", sym("work"), vec![]),
+            ("p work+0x8", Entry, None, "p_work_8", Location::SymbolOffset("work".into(), 8), vec![]),
+            ("p 0x401126", Entry, None, "p_0x401126", Location::Address(0x401126), vec![]),
+            ("p:myev work", Entry, None, "myev", sym("work"), vec![]),
+            ("p:grp/myev work+4", Entry, Some("grp"), "myev", Location::SymbolOffset("work".into(), 4), vec![]),
+            ("p:libc:malloc", Entry, None, "libc_malloc", sym("libc:malloc"), vec![]),
+            ("p:ev libc:malloc", Entry, None, "ev", sym("libc:malloc"), vec![]),
             (
                 "p:libc:malloc size=%rdi",
+                Entry,
                 None,
                 "libc_malloc",
                 sym("libc:malloc"),
-                vec![arg("size", Fetch::Reg(Reg::Rdi), FetchType::DEFAULT)],
+                vec![arg("size", Fetch::Reg(Reg::Rdi), U64)],
             ),
             (
                 "  p:checksum   seed=$arg1 n=$arg2:s32 ip=%ip:x64  ",
+                Entry,
                 None,
                 "checksum",
                 sym("checksum"),
                 vec![
-                    arg("seed", Fetch::Arg(1), FetchType::DEFAULT),
-                    arg("n", Fetch::Arg(2), FetchType { format: Format::Signed, bits: 32 }),
-                    arg("ip", Fetch::Reg(Reg::Rip), X64),
+                    arg("seed", Fetch::Arg(1), U64),
+                    arg("n", Fetch::Arg(2), int(Format::Signed, 32)),
+                    arg("ip", Fetch::Reg(Reg::Rip), int(Format::Hex, 64)),
+                ],
+            ),
+            ("r work", Return, None, "work__return", sym("work"), vec![]),
+            ("r:work", Return, None, "work__return", sym("work"), vec![]),
+            ("r:work+0", Return, None, "work__return", sym("work"), vec![]),
+            ("r:libc:malloc", Return, None, "libc_malloc__return", sym("libc:malloc"), vec![]),
+            ("r 0x401126", Return, None, "r_0x401126", Location::Address(0x401126), vec![]),
+            ("r:g/ev libc:malloc", Return, Some("g"), "ev", sym("libc:malloc"), vec![]),
+            (
+                "r:libc:malloc ptr=$retval:x64 size=$arg1 t=$duration rdx=%dx",
+                Return,
+                None,
+                "libc_malloc__return",
+                sym("libc:malloc"),
+                vec![
+                    arg("ptr", Fetch::Retval, int(Format::Hex, 64)),
+                    arg("size", Fetch::Arg(1), U64),
+                    arg("t", Fetch::Duration, U64),
+                    arg("rdx", Fetch::Reg(Reg::Rdx), U64),
+                ],
+            ),
+            (
+                "p work ra=$stack0:x64 s=$stack12 sp=$stack c=$comm c2=$comm:string",
+                Entry,
+                None,
+                "work",
+                sym("work"),
+                vec![
+                    arg("ra", Fetch::Stack(0), int(Format::Hex, 64)),
+                    arg("s", Fetch::Stack(12), U64),
+                    arg("sp", Fetch::StackPointer, U64),
+                    arg("c", Fetch::Comm, FetchType::String),
+                    arg("c2", Fetch::Comm, FetchType::String),
+                ],
+            ),
+            (
+                "p work a=+8($arg1):s32 b=-0x10(%rsp) c=+8(+0($arg1)) d=+u4(%rdi):u8 e=+0(+0(+0(%rax))):string",
+                Entry,
+                None,
+                "work",
+                sym("work"),
+                vec![
+                    arg("a", deref(8, Fetch::Arg(1)), int(Format::Signed, 32)),
+                    arg("b", deref(-16, Fetch::Reg(Reg::Rsp)), U64),
+                    arg("c", deref(8, deref(0, Fetch::Arg(1))), U64),
+                    arg("d", deref(4, Fetch::Reg(Reg::Rdi)), int(Format::Unsigned, 8)),
+                    arg("e", deref(0, deref(0, deref(0, Fetch::Reg(Reg::Rax)))), FetchType::String),
+                ],
+            ),
+            (
+                "p work s=$arg2:string u=$arg3:ustring",
+                Entry,
+                None,
+                "work",
+                sym("work"),
+                vec![arg("s", Fetch::Arg(2), FetchType::String), arg("u", Fetch::Arg(3), FetchType::UString)],
+            ),
+            (
+                "p work a=@0x601040 b=@4096:u32 c=@counter:u32 d=@libc:environ e=@libc.so.6:environ:x64 \
+                 f=@table+16:s16 g=@table-8 h=+4(@ptr) i=@mod:u32:u8 j=@foo.cold",
+                Entry,
+                None,
+                "work",
+                sym("work"),
+                vec![
+                    arg("a", Fetch::Memory(Address::Absolute(0x601040)), U64),
+                    arg("b", Fetch::Memory(Address::Absolute(4096)), int(Format::Unsigned, 32)),
+                    arg("c", symbol("counter", 0), int(Format::Unsigned, 32)),
+                    arg("d", symbol("libc:environ", 0), U64),
+                    arg("e", symbol("libc.so.6:environ", 0), int(Format::Hex, 64)),
+                    arg("f", symbol("table", 16), int(Format::Signed, 16)),
+                    arg("g", symbol("table", -8), U64),
+                    arg("h", deref(4, symbol("ptr", 0)), U64),
+                    arg("i", symbol("mod:u32", 0), int(Format::Unsigned, 8)),
+                    arg("j", symbol("foo.cold", 0), U64),
+                ],
+            ),
+            (
+                "r:work out=+4($arg1):u32 sp=$stack1 ip=%ip:x64",
+                Return,
+                None,
+                "work__return",
+                sym("work"),
+                vec![
+                    arg("out", deref(4, Fetch::Arg(1)), int(Format::Unsigned, 32)),
+                    arg("sp", Fetch::Stack(1), U64),
+                    arg("ip", Fetch::Reg(Reg::Rip), int(Format::Hex, 64)),
                 ],
             ),
         ];
-        for (text, group, event, location, args) in cases {
+        for (text, kind, group, event, location, args) in cases {
             let spec = ProbeSpec::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(spec.kind, kind, "{text}");
             assert_eq!(spec.group.as_deref(), group, "{text}");
             assert_eq!(spec.event, event, "{text}");
             assert_eq!(spec.location, location, "{text}");
             assert_eq!(spec.args, args, "{text}");
             assert_eq!(spec.text, text.trim());
+            assert_eq!(spec.maxactive, None);
         }
+    }
+
+    #[test]
+    fn maxactive_of_a_return_probe() {
+        let spec = ProbeSpec::parse("r16:ev work").unwrap();
+        assert_eq!((spec.kind, spec.maxactive, spec.event.as_str()), (ProbeKind::Return, Some(16), "ev"));
+        let spec = ProbeSpec::parse("r4 work").unwrap();
+        assert_eq!((spec.maxactive, spec.event.as_str()), (Some(4), "work__return"));
     }
 
     #[test]
@@ -576,33 +1101,87 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_limited() {
+        let nested = |n: usize| format!("p f v={}%rdi{}", "+0(".repeat(n), ")".repeat(n));
+        let spec = ProbeSpec::parse(&nested(MAX_DEREF)).unwrap();
+        let mut depth = 0;
+        spec.args[0].fetch.walk(&mut |f| depth += usize::from(f.reads_memory()));
+        assert_eq!(depth, MAX_DEREF);
+        let err = ProbeSpec::parse(&nested(MAX_DEREF + 1)).unwrap_err();
+        assert_eq!((err.message.as_str(), err.column), ("memory fetches nest at most 8 deep", 7 + 3 * MAX_DEREF));
+        // `@` and `$stackN` are reads too.
+        let err = ProbeSpec::parse(&format!("p f v={}@x{}", "+0(".repeat(8), ")".repeat(8))).unwrap_err();
+        assert_eq!(err.column, 31);
+        let err = ProbeSpec::parse(&format!("p f v={}$stack1{}", "+0(".repeat(8), ")".repeat(8))).unwrap_err();
+        assert_eq!(err.column, 31);
+    }
+
+    #[test]
     fn errors_name_the_column() {
         // (spec, message, column)
         let cases = [
             ("p:work x=%rdz", "unknown register `rdz`", 11),
             ("", "empty probe spec; expected e.g. `p:work x=$arg1`", 1),
-            ("q work", "a probe spec starts with `p`, as in `p:work x=$arg1`", 1),
-            ("r:work", "return probes (`r`) are not implemented yet; use `p` for now", 1),
+            ("q work", "a probe spec starts with `p` or `r`, as in `p:work x=$arg1`", 1),
             ("px work", "expected `:EVENT` or a space after the probe kind `p`", 2),
+            ("p5 work", "expected `:EVENT` or a space after the probe kind `p`", 2),
+            ("rx work", "expected `:EVENT` or a space after the probe kind `r`", 2),
+            ("r0 work", "maxactive `0` is out of range; a return probe tracks 1..=128 calls", 2),
+            ("r999:e work", "maxactive `999` is out of range; a return probe tracks 1..=128 calls", 2),
             ("p", "missing probe location", 2),
             ("p:", "missing event name or location after `p:`", 3),
+            ("r:", "missing event name or location after `r:`", 3),
             ("p:my-ev work", "invalid character `-` in event name (use letters, digits and `_`)", 5),
             ("p:g/ work", "empty event name", 5),
             ("p work+zz", "bad offset `zz`; expected a number like 8 or 0x8", 8),
             ("p 0xzz", "bad address `0xzz`", 3),
             ("p +4", "missing symbol before `+OFFSET`", 3),
             ("p :malloc", "empty module name before `:`", 3),
+            ("r:work+4", "a return probe goes on a function's entry: no offset is allowed (write `r:SYMBOL`)", 7),
+            ("r:ev libc:malloc+0x10", "a return probe goes on a function's entry: no offset is allowed (write `r:SYMBOL`)", 17),
             ("p work x", "expected NAME=FETCHARG (e.g. `x=$arg1`), found `x`", 8),
             ("p work 1x=%rax", "field name must not start with a digit", 8),
             ("p work x=", "missing fetch argument after `=`", 10),
-            ("p work x=$arg7", "`$arg7` is not passed in a register; $arg1..$arg6 are", 11),
+            ("p work x=$arg7", "`$arg7` is not passed in a register; $arg1..$arg6 are (read the others with $stackN)", 11),
             ("p work x=$arg0", "arguments count from 1: `$arg1` is the first", 11),
-            ("p work x=$retval", "`$retval` needs a return probe (`r`), which is not implemented yet", 11),
-            ("p work x=$foo", "unknown variable `$foo`; expected $arg1..$arg6", 11),
-            ("p work x=+8(%rdi)", "memory fetches `+OFFSET(FETCHARG)` are not implemented yet", 10),
-            ("p work x=rdi", "unknown fetch argument `rdi`; expected %REG or $argN", 10),
-            ("p work x=%rdi:u65", "unknown type `u65`; expected u64, s64 or x64 (or 8, 16, 32 bits)", 15),
-            ("p work x=%rdi:string", "type `string` is not implemented yet", 15),
+            ("p work x=$argx", "unknown variable `$argx`", 11),
+            ("p work x=$retval", "`$retval` is only available in return probes (r:)", 11),
+            ("p work x=$duration", "`$duration` is only available in return probes (r:)", 11),
+            ("p work x=+0($retval)", "`$retval` is only available in return probes (r:)", 14),
+            (
+                "p work x=$foo",
+                "unknown variable `$foo`; expected $arg1..$arg6, $retval, $stackN, $stack, $comm or $duration",
+                11,
+            ),
+            ("p work x=$stack99999999999", "stack slot `99999999999` is too large", 11),
+            (
+                "r work x=%rdi",
+                "`%rdi` is not known at a return; a return probe has %rax, %rdx, %rsp and %rip (and $argN from the entry)",
+                11,
+            ),
+            ("p work x=8(%rdi)", "a memory fetch starts with `+` or `-`, as in `+8(%rdi)`", 10),
+            ("p work x=+8%rdi", "expected `+OFF(FETCHARG)`, as in `+8(%rdi)`", 10),
+            ("p work x=+z(%rdi)", "bad offset `z`; expected a number like 8 or 0x8", 11),
+            ("p work x=+8()", "missing fetch argument inside `(...)`", 13),
+            ("p work x=+8(%rdi", "missing `)` to close the `(` at column 12", 17),
+            ("p work x=+8(%rdi:u32", "missing `)` to close the `(` at column 12", 17),
+            ("p work x=+8(+0(%rdi)", "missing `)` to close the `(` at column 12", 21),
+            ("p work x=+8(%rdi))", "unmatched `)`", 18),
+            ("p work x=+8(%rdi?)", "unexpected `?)` inside `(...)`", 17),
+            ("p work x=+8(%rdz)", "unknown register `rdz`", 14),
+            ("p work x=+0($comm)", "`$comm` is not an address to read from", 14),
+            ("p work x=@", "expected @ADDR or @SYMBOL, as in `@counter` or `@0x601040`", 11),
+            ("p work x=@0xzz", "bad address `0xzz`; expected e.g. @0x601040", 11),
+            ("p work x=@sym+q", "bad offset `q`; expected a number like 8 or 0x8", 15),
+            ("p work x=@sym*2", "invalid character `*` in a symbol name", 14),
+            ("p work x=@:sym:u8", "empty module name before `:`", 11),
+            ("p work x=rdi", "unknown fetch argument `rdi`; expected %REG, $argN, $retval, $stackN, $stack, $comm, $duration, @ADDR, @SYMBOL or +OFF(FETCHARG)", 10),
+            ("p work x=%rdi:u65", "unknown type `u65`; expected u64, s64, x64 (or 8, 16, 32 bits), string or ustring", 15),
+            ("p work x=%rdi:symbol", "type `symbol` is not supported; print the address with x64", 15),
+            ("p work x=%rdi:u8[4]", "array types (`TYPE[N]`) are not supported", 15),
+            ("p work x=%rdi:b4@2/32", "bitfield types are not supported; use u8..u64 and mask the value", 15),
+            ("p work x=$comm:u32", "`$comm` is a string; its type can only be `string`", 16),
+            ("r work x=$duration:string", "`$duration` is a number of nanoseconds, not a string", 20),
             ("p work x=%rdi+1", "unexpected `+1` after the fetch argument", 14),
             ("p work x=%rdi x=%rsi", "duplicate field name `x`", 15),
         ];
@@ -617,11 +1196,14 @@ mod tests {
         let err = ProbeSpec::parse("p:work x=%rdz").unwrap_err();
         assert_eq!(err.to_string(), "unknown register `rdz` at column 11");
         assert_eq!(err.caret(), "  p:work x=%rdz\n            ^");
+        // Columns count characters, not bytes.
+        let err = ProbeSpec::parse("p:work é=%rdi").unwrap_err();
+        assert_eq!(err.column, 8);
     }
 
     #[test]
     fn types_truncate_and_sign_extend() {
-        let t = |format, bits| FetchType { format, bits };
+        let t = |format, bits| IntType { format, bits };
         let cases = [
             (t(Format::Unsigned, 64), u64::MAX, u64::MAX),
             (t(Format::Unsigned, 8), 0x1ff, 0xff),
@@ -634,6 +1216,9 @@ mod tests {
         for (ty, raw, want) in cases {
             assert_eq!(ty.apply(raw), want, "{ty} {raw:#x}");
         }
+        assert_eq!(t(Format::Signed, 16).bytes(), 2);
+        assert_eq!(FetchType::UString.to_string(), "ustring");
+        assert_eq!(int(Format::Hex, 8).to_string(), "x8");
     }
 
     #[test]
@@ -641,5 +1226,27 @@ mod tests {
         let spec = ProbeSpec::parse("p:grp/ev work").unwrap();
         assert_eq!(spec.full_event_name(), "grp/ev");
         assert_eq!(ProbeSpec::parse("p work").unwrap().full_event_name(), "work");
+    }
+
+    #[test]
+    fn symbols_resolve_to_addresses_plus_offsets() {
+        let mut spec = ProbeSpec::parse("p work a=@counter:u32 b=+8(@libc:table-16) c=@0x10 d=$arg1").unwrap();
+        assert!(spec.needs_symbols());
+        let mut asked = Vec::new();
+        spec.resolve_symbols(|name| {
+            asked.push(name.to_string());
+            Ok(0x1000)
+        })
+        .unwrap();
+        assert_eq!(asked, ["counter", "libc:table"]);
+        assert!(!spec.needs_symbols());
+        assert_eq!(spec.args[0].fetch, Fetch::Memory(Address::Absolute(0x1000)));
+        assert_eq!(spec.args[1].fetch, deref(8, Fetch::Memory(Address::Absolute(0x1000 - 16))));
+        assert_eq!(spec.args[2].fetch, Fetch::Memory(Address::Absolute(0x10)));
+
+        let mut spec = ProbeSpec::parse("p work ok=@0x10 bad=@nope").unwrap();
+        let err = spec.resolve_symbols(|name| Err(format!("unknown symbol `{name}`"))).unwrap_err();
+        assert_eq!(err, "field `bad`: cannot resolve `@nope`: unknown symbol `nope`");
+        assert!(!ProbeSpec::parse("p work a=$arg1").unwrap().needs_symbols());
     }
 }

@@ -1,4 +1,14 @@
 //! The agent's lines, parsed and printed as text or JSON lines.
+//!
+//! The protocol is the one of `dynprobe::line` (and of the `dynprobe-agent` crate):
+//! control lines start with `!`; an event is `<mono_ns> <tid> <event> name=value...` where a
+//! value is an integer (`5`, `-5`, `0x10`), a double-quoted string with `\"`, `\\`, `\n`,
+//! `\t` and `\xNN` escapes (it may contain spaces), or `(fault)`.
+//!
+//! Text output shows the values as the agent wrote them. JSON output turns decimal values
+//! into JSON numbers, keeps hex values as the strings `"0x..."` (exact for any 64-bit value,
+//! and the type the user chose shows), decodes quoted strings into JSON strings (bytes that
+//! are not UTF-8 become U+FFFD), and writes a fetch that faulted as `null`.
 
 use std::io::{self, Write};
 
@@ -9,6 +19,11 @@ pub enum Message<'a> {
     Ready(usize),
     /// `!error <spec>: <message>`: the probes were refused and the program did not run.
     Error(&'a str),
+    /// `!pending <spec>: <why>`: a probe is placed later, when its module loads (the text
+    /// after `!pending `).
+    Pending(&'a str),
+    /// `!lost <n>`: n events were dropped (a full channel) since the last `!lost`.
+    Lost(u64),
     /// One hit.
     Hit(Hit<'a>),
     /// A line this CLI does not understand (an agent of another version?).
@@ -24,7 +39,8 @@ pub struct Hit<'a> {
     pub tid: u64,
     /// `EVENT` or `GROUP/EVENT`.
     pub event: &'a str,
-    /// The fetched values as the agent formatted them.
+    /// The fetched values as the agent formatted them (a string with its quotes and
+    /// escapes); [`Value::parse`] decodes one.
     pub args: Vec<(&'a str, &'a str)>,
 }
 
@@ -37,17 +53,134 @@ impl<'a> Message<'a> {
         if let Some(rest) = line.strip_prefix("!error ") {
             return Message::Error(rest);
         }
+        if let Some(rest) = line.strip_prefix("!pending ") {
+            return Message::Pending(rest);
+        }
+        if let Some(n) = line.strip_prefix("!lost ") {
+            return n.parse().map_or(Message::Unknown(line), Message::Lost);
+        }
         Self::hit(line).map_or(Message::Unknown(line), Message::Hit)
     }
 
     fn hit(line: &'a str) -> Option<Hit<'a>> {
-        let mut words = line.split(' ');
-        let ns = words.next()?.parse().ok()?;
-        let tid = words.next()?.parse().ok()?;
-        let event = words.next()?;
-        let args = words.map(|w| w.split_once('=')).collect::<Option<_>>()?;
+        let mut rest = line;
+        let mut word = || -> Option<&'a str> {
+            let (word, after) = rest.split_once(' ').unwrap_or((rest, ""));
+            rest = after;
+            Some(word).filter(|w| !w.is_empty())
+        };
+        let ns = word()?.parse().ok()?;
+        let tid = word()?.parse().ok()?;
+        let event = word()?;
+        let mut args = Vec::new();
+        while !rest.is_empty() {
+            let (name, after) = rest.split_once('=')?;
+            if name.is_empty() || name.contains([' ', '"']) {
+                return None;
+            }
+            let len = value_len(after)?;
+            args.push((name, &after[..len]));
+            rest = match &after[len..] {
+                "" => "",
+                more => more.strip_prefix(' ')?,
+            };
+        }
         Some(Hit { ns, tid, event, args })
     }
+}
+
+/// The length of the value at the start of `text`: a quoted string up to its closing
+/// quote, anything else up to the next space. `None` for a string without its end.
+fn value_len(text: &str) -> Option<usize> {
+    let Some(inside) = text.strip_prefix('"') else {
+        return Some(text.find(' ').unwrap_or(text.len()));
+    };
+    let mut escaped = false;
+    for (i, b) in inside.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(i + 2),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A value of a hit, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value<'a> {
+    /// A decimal integer (`u` types, and a signed type's non-negative values).
+    Unsigned(u64),
+    /// A negative decimal integer (`s` types).
+    Signed(i64),
+    /// `0x...` (`x` types), as written.
+    Hex(&'a str),
+    /// A string, without its quotes and escapes.
+    Str(Vec<u8>),
+    /// `(fault)`: the memory could not be read.
+    Fault,
+    /// Anything else, as written.
+    Other(&'a str),
+}
+
+impl<'a> Value<'a> {
+    /// Decodes a value as the agent wrote it.
+    pub fn parse(text: &'a str) -> Value<'a> {
+        if text == "(fault)" {
+            return Value::Fault;
+        }
+        if let Some(inside) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            return unescape(inside).map_or(Value::Other(text), Value::Str);
+        }
+        if text.strip_prefix("0x").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Value::Hex(text);
+        }
+        match (text.parse::<u64>(), text.parse::<i64>()) {
+            (Ok(v), _) => Value::Unsigned(v),
+            (_, Ok(v)) => Value::Signed(v),
+            _ => Value::Other(text),
+        }
+    }
+
+    /// The value as JSON: a number, a string, or `null` for a fault.
+    fn json(&self) -> String {
+        let string = |s: &str| serde_json::Value::from(s).to_string();
+        match self {
+            Value::Unsigned(v) => v.to_string(),
+            Value::Signed(v) => v.to_string(),
+            Value::Hex(text) | Value::Other(text) => string(text),
+            Value::Str(bytes) => string(&String::from_utf8_lossy(bytes)),
+            Value::Fault => "null".to_string(),
+        }
+    }
+}
+
+/// The bytes a quoted string's inside stands for; `None` for a bad escape or a lone quote.
+fn unescape(inside: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(inside.len());
+    let mut bytes = inside.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'"' => return None,
+            b'\\' => {}
+            _ => {
+                out.push(b);
+                continue;
+            }
+        }
+        out.push(match bytes.next()? {
+            b'n' => b'\n',
+            b't' => b'\t',
+            b'x' => {
+                let digits = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&digits).ok()?, 16).ok()?
+            }
+            c @ (b'"' | b'\\') => c,
+            _ => return None,
+        });
+    }
+    Some(out)
 }
 
 /// Writes hits as text or JSON lines, with times relative to the start of the run.
@@ -81,7 +214,7 @@ fn seconds(hit: &Hit, start_ns: u64) -> f64 {
     hit.ns.saturating_sub(start_ns) as f64 / 1e9
 }
 
-/// `    0.000123 [4242] checksum: seed=1 n=0x10`.
+/// `    0.000123 [4242] checksum: seed=1 n=0x10 name="a b"`.
 fn text_line(hit: &Hit, start_ns: u64) -> String {
     let mut line = format!("{:12.6} [{}] {}:", seconds(hit, start_ns), hit.tid, hit.event);
     for (name, value) in &hit.args {
@@ -90,23 +223,13 @@ fn text_line(hit: &Hit, start_ns: u64) -> String {
     line
 }
 
-/// `{"time":0.000123,"ns":...,"tid":4242,"event":"checksum","args":{"seed":1,"n":"0x10"}}`:
-/// decimal values become JSON numbers, hex values strings (as printed, `0x...`). Written
-/// by hand to keep the fields, and the arguments, in order.
+/// `{"time":0.000123,"ns":...,"tid":4242,"event":"checksum","args":{"seed":1,"n":"0x10"}}`,
+/// each value as [`Value::json`] writes it. Written by hand to keep the fields, and the
+/// arguments, in order.
 fn json_line(hit: &Hit, start_ns: u64) -> String {
     let string = |s: &str| serde_json::Value::from(s).to_string();
-    let args: Vec<String> = hit
-        .args
-        .iter()
-        .map(|(name, value)| {
-            let value = match (value.parse::<u64>(), value.parse::<i64>()) {
-                (Ok(v), _) => v.to_string(),
-                (_, Ok(v)) => v.to_string(),
-                _ => string(value),
-            };
-            format!("{}:{value}", string(name))
-        })
-        .collect();
+    let args: Vec<String> =
+        hit.args.iter().map(|(name, value)| format!("{}:{}", string(name), Value::parse(value).json())).collect();
     format!(
         r#"{{"time":{:.6},"ns":{},"tid":{},"event":{},"args":{{{}}}}}"#,
         seconds(hit, start_ns),
@@ -126,12 +249,50 @@ mod tests {
         assert_eq!(Message::parse("!ready 3"), Message::Ready(3));
         assert_eq!(Message::parse("!error p:x: unknown symbol `x`"), Message::Error("p:x: unknown symbol `x`"));
         assert_eq!(
+            Message::parse("!pending p:libz:inflate: libz is not loaded yet"),
+            Message::Pending("p:libz:inflate: libz is not loaded yet")
+        );
+        assert_eq!(Message::parse("!lost 17"), Message::Lost(17));
+        assert_eq!(Message::parse("!lost many"), Message::Unknown("!lost many"));
+        assert_eq!(
             Message::parse("1500 7 grp/ev a=1 b=0x10"),
             Message::Hit(Hit { ns: 1500, tid: 7, event: "grp/ev", args: vec![("a", "1"), ("b", "0x10")] })
         );
         assert_eq!(Message::parse("1500 7 ev"), Message::Hit(Hit { ns: 1500, tid: 7, event: "ev", args: vec![] }));
         assert_eq!(Message::parse("garbage"), Message::Unknown("garbage"));
         assert_eq!(Message::parse("1 2 ev novalue"), Message::Unknown("1 2 ev novalue"));
+        assert_eq!(Message::parse("1 2 ev a=1  b=2"), Message::Unknown("1 2 ev a=1  b=2"));
+    }
+
+    #[test]
+    fn quoted_values_may_hold_spaces_quotes_and_equals_signs() {
+        let line = r#"9 1 ev s="a b=c \"d\" \\" n=-2 e="" f=(fault) t="x\ty""#;
+        let Message::Hit(hit) = Message::parse(line) else { panic!("{line}") };
+        assert_eq!(
+            hit.args,
+            [("s", r#""a b=c \"d\" \\""#), ("n", "-2"), ("e", r#""""#), ("f", "(fault)"), ("t", r#""x\ty""#)]
+        );
+        // A string cut before its closing quote, or followed by more than a space, is not
+        // a hit.
+        for line in [r#"9 1 ev s="abc"#, r#"9 1 ev s="abc\""#, r#"9 1 ev s="a"b"#] {
+            assert_eq!(Message::parse(line), Message::Unknown(line));
+        }
+    }
+
+    #[test]
+    fn values_decode() {
+        assert_eq!(Value::parse("42"), Value::Unsigned(42));
+        assert_eq!(Value::parse("18446744073709551615"), Value::Unsigned(u64::MAX));
+        assert_eq!(Value::parse("-9223372036854775808"), Value::Signed(i64::MIN));
+        assert_eq!(Value::parse("0x1f"), Value::Hex("0x1f"));
+        assert_eq!(Value::parse("(fault)"), Value::Fault);
+        assert_eq!(
+            Value::parse(r#""q\"b\\n\nt\tz\x00\x7f\xc3\xa9""#),
+            Value::Str(b"q\"b\\n\nt\tz\x00\x7f\xc3\xa9".to_vec())
+        );
+        for bad in [r#""bad\q""#, r#""bad\x4""#, r#""a"b""#, "0x", "what"] {
+            assert_eq!(Value::parse(bad), Value::Other(bad));
+        }
     }
 
     #[test]
@@ -140,14 +301,25 @@ mod tests {
             ns: 12_345_678_900,
             tid: 42,
             event: "checksum",
-            args: vec![("seed", "1"), ("d", "-5"), ("n", "0x10")],
+            args: vec![
+                ("seed", "1"),
+                ("d", "-5"),
+                ("n", "0x10"),
+                ("s", r#""a \"b\"\n\xc3\xa9\xff""#),
+                ("f", "(fault)"),
+            ],
         };
-        assert_eq!(text_line(&hit, 1_000_000_000), "   11.345679 [42] checksum: seed=1 d=-5 n=0x10");
+        assert_eq!(
+            text_line(&hit, 1_000_000_000),
+            r#"   11.345679 [42] checksum: seed=1 d=-5 n=0x10 s="a \"b\"\n\xc3\xa9\xff" f=(fault)"#
+        );
         let json = json_line(&hit, 1_000_000_000);
         assert_eq!(
             json,
-            r#"{"time":11.345679,"ns":12345678900,"tid":42,"event":"checksum","args":{"seed":1,"d":-5,"n":"0x10"}}"#
+            r#"{"time":11.345679,"ns":12345678900,"tid":42,"event":"checksum","args":{"seed":1,"d":-5,"n":"0x10","s":"a \"b\"\né�","f":null}}"#
         );
-        serde_json::from_str::<serde_json::Value>(&json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["args"]["s"], "a \"b\"\n\u{e9}\u{fffd}");
+        assert!(parsed["args"]["f"].is_null());
     }
 }

@@ -180,6 +180,8 @@ impl Relay<'_> {
         match Message::parse(line) {
             Message::Ready(sites) => self.placement = Placement::Ready(sites),
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
+            Message::Pending(pending) => eprintln!("dynprobe: waiting for a module to load: {pending}"),
+            Message::Lost(n) => eprintln!("dynprobe: {n} events lost (the agent's channel was full)"),
             Message::Hit(hit) => self.hits.hit(&hit),
             Message::Unknown(line) => eprintln!("dynprobe: unexpected line from the agent: {line}"),
         }
