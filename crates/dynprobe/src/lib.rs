@@ -5,4 +5,6 @@ pub mod fetch;
 pub mod line;
 pub mod marker;
 pub use marker::{markers, Marker, MarkerHandle, MarkerHit};
+pub mod marker;
+pub use marker::{markers, Marker, MarkerHandle, MarkerHit};
 pub mod spec;

@@ -1,0 +1,520 @@
+//! Static markers: tracepoints that cost one NOP while nobody listens.
+//!
+//! A marker ([`marker!`](crate::marker!) in Rust, `DYNPROBE_MARKER` from the C header
+//! `dynprobe/marker.h`) is a 5-byte NOP with its arguments in the SysV argument registers,
+//! described twice: by a record in the `dynprobe_markers` section (with exact argument
+//! types) and by a SystemTap SDT note, so `readelf -n`, perf and bpftrace see it as a USDT
+//! probe. [`markers`] lists the sites of every module of this process (read from their
+//! files, so markers of shared libraries count too); [`Marker::attach`] places one
+//! jump-optimized probe on each site of `provider:name` — the text layer's verify-then-modify
+//! protocol with the other threads stopped, the NOP becoming a jump to a detour that calls
+//! the handler — and [`MarkerHandle::detach`] puts the NOPs back.
+//!
+//! This is the idea of the kernel's markers in the seed `kprobes-xmc-markers`, whose enable
+//! state was an immediate patched into the code with an int3 first; here the whole NOP is
+//! the switch, patched through the probe layer.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use dynprobe::marker::{ArgValue, Marker};
+//!
+//! #[inline(never)]
+//! fn work(n: u64) {
+//!     dynprobe::marker!(doc_example, step, n);
+//! }
+//!
+//! static SUM: AtomicU64 = AtomicU64::new(0);
+//! let handle = Marker::attach("doc_example:step", |hit| {
+//!     if let Some(ArgValue::Unsigned(n)) = hit.arg(0) {
+//!         SUM.fetch_add(n, Ordering::Relaxed);
+//!     }
+//! })?;
+//! for n in 1..=4 {
+//!     work(n);
+//! }
+//! let stats = handle.detach()?;
+//! assert_eq!((stats.hits, SUM.load(Ordering::Relaxed)), (4, 10));
+//! # Ok::<(), dynprobe::marker::MarkerError>(())
+//! ```
+
+mod emit;
+
+use std::fmt;
+use std::sync::Arc;
+
+use dynprobe_probe::{Location, Probe, ProbeError, ProbeHandle, Regs};
+use dynprobe_symbols::{SymbolError, SymbolTable};
+
+pub use dynprobe_symbols::{read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite};
+pub use emit::{MarkerArgs, MarkerValue};
+
+/// The bytes of a marker site while no probe is on it: the 5-byte NOP
+/// `nopl 0x0(%rax,%rax,1)`.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+
+/// The longest C string ([`ArgKind::CStr`]) a handler is given; longer ones are cut.
+pub const MAX_CSTR: usize = 4096;
+
+/// Every marker site of every module loaded in this process, sorted by module then address:
+/// dynprobe's own markers (with typed arguments) and plain SDT probes (`sys/sdt.h`, e.g.
+/// the C library's), read from the modules' files.
+///
+/// ```
+/// for site in dynprobe::markers()? {
+///     println!("{} at {:#x} in {}", site.spec(), site.addr, site.path.display());
+/// }
+/// # Ok::<(), dynprobe::marker::MarkerError>(())
+/// ```
+pub fn markers() -> Result<Vec<MarkerSite>, MarkerError> {
+    let table = SymbolTable::current_process()?;
+    let mut sites = Vec::new();
+    for module in 0..table.modules().len() {
+        sites.extend(table.markers(module)?);
+    }
+    Ok(sites)
+}
+
+/// Attaching handlers to markers by name.
+pub struct Marker;
+
+impl Marker {
+    /// The sites of this process that `spec` names: `provider:name`, where either part
+    /// may be `*` (every provider, every name). An unknown marker is
+    /// [`MarkerError::Unknown`], with the nearest names.
+    pub fn find(spec: &str) -> Result<Vec<MarkerSite>, MarkerError> {
+        let (provider, name) = split_spec(spec)?;
+        let all = markers()?;
+        let part = |want: &str, have: &str| want == "*" || want == have;
+        let (found, others): (Vec<MarkerSite>, Vec<MarkerSite>) =
+            all.into_iter().partition(|s| part(provider, &s.provider) && part(name, &s.name));
+        if found.is_empty() {
+            let suggestions = dynprobe_symbols::nearest_markers(spec, &others);
+            return Err(MarkerError::Unknown { spec: spec.to_string(), suggestions });
+        }
+        Ok(found)
+    }
+
+    /// Calls `handler` at every hit of every site `spec` names (see [`Marker::find`]),
+    /// until the returned handle is detached or dropped.
+    ///
+    /// The handler runs on the thread that reached the marker, inside the probe's detour,
+    /// like a probe handler: it must not allocate or take locks the program may hold
+    /// (atomics and lock-free structures are the tools), and it may be running on several
+    /// threads at once.
+    pub fn attach(
+        spec: &str,
+        handler: impl Fn(&MarkerHit<'_>) + Send + Sync + 'static,
+    ) -> Result<MarkerHandle, MarkerError> {
+        Marker::attach_sites(Marker::find(spec)?, handler)
+    }
+
+    /// [`Marker::attach`] for sites already found (by [`markers`] or [`Marker::find`]):
+    /// one probe per site, all with `handler`, optimized into jumps before this returns.
+    /// On an error no site keeps a probe.
+    pub fn attach_sites(
+        sites: Vec<MarkerSite>,
+        handler: impl Fn(&MarkerHit<'_>) + Send + Sync + 'static,
+    ) -> Result<MarkerHandle, MarkerError> {
+        let handler: Arc<dyn Fn(&MarkerHit<'_>) + Send + Sync> = Arc::new(handler);
+        let mut handle =
+            MarkerHandle { probes: Vec::with_capacity(sites.len()), sites: Vec::with_capacity(sites.len()) };
+        for site in sites {
+            let site = Arc::new(site);
+            let (on_hit, at) = (handler.clone(), site.clone());
+            // A failure drops `handle`, which unregisters the probes placed so far.
+            let probe = Probe::at(Location::Address(site.addr))
+                .on_hit(move |regs| on_hit(&MarkerHit { site: &at, regs }))
+                .register()
+                .map_err(|error| MarkerError::Probe { site: site.spec(), addr: site.addr, error })?;
+            handle.probes.push(probe);
+            handle.sites.push(site);
+        }
+        dynprobe_probe::wait_for_optimizer().map_err(|error| MarkerError::Probe {
+            site: "the optimizer".to_string(),
+            addr: 0,
+            error,
+        })?;
+        Ok(handle)
+    }
+}
+
+fn split_spec(spec: &str) -> Result<(&str, &str), MarkerError> {
+    match spec.split_once(':') {
+        Some((provider, name)) if !provider.is_empty() && !name.is_empty() && !name.contains(':') => {
+            Ok((provider, name))
+        }
+        _ => Err(MarkerError::BadSpec { spec: spec.to_string() }),
+    }
+}
+
+/// One hit of a marker: the site and the registers of the thread at its NOP.
+pub struct MarkerHit<'a> {
+    site: &'a MarkerSite,
+    regs: &'a Regs,
+}
+
+impl<'a> MarkerHit<'a> {
+    /// The site that was reached.
+    pub fn site(&self) -> &'a MarkerSite {
+        self.site
+    }
+
+    /// The thread's registers at the site.
+    pub fn regs(&self) -> &'a Regs {
+        self.regs
+    }
+
+    /// How many arguments the marker has.
+    pub fn arg_count(&self) -> usize {
+        self.site.args.len()
+    }
+
+    /// Argument `n` (0-based), decoded by its kind; `None` past the last one.
+    pub fn arg(&self, n: usize) -> Option<ArgValue<'a>> {
+        let arg = self.site.args.get(n)?;
+        Some(decode(arg, self.regs))
+    }
+
+    /// Every argument, in order.
+    pub fn args(&self) -> impl Iterator<Item = ArgValue<'a>> + '_ {
+        self.site.args.iter().map(|arg| decode(arg, self.regs))
+    }
+}
+
+/// A marker argument's value at a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgValue<'a> {
+    /// An unsigned integer (zero-extended).
+    Unsigned(u64),
+    /// A signed integer (sign-extended).
+    Signed(i64),
+    /// A `bool`.
+    Bool(bool),
+    /// A `char`; `None` when the value is not a Unicode scalar value.
+    Char(Option<char>),
+    /// A pointer.
+    Pointer(u64),
+    /// A `&str`.
+    Str(&'a str),
+    /// A `&[u8]`, or a `&str` whose bytes are not UTF-8 (only a lying C caller can make one).
+    Bytes(&'a [u8]),
+    /// A C string, without its NUL, cut at [`MAX_CSTR`] bytes; empty for a null pointer.
+    CStr(&'a [u8]),
+    /// Where the value is cannot be read here (an SDT operand form this reader does not
+    /// know, see [`ArgLocation::Other`]).
+    Unavailable,
+}
+
+impl fmt::Display for ArgValue<'_> {
+    /// Integers in decimal, pointers in hex, strings quoted with escapes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgValue::Unsigned(v) => write!(f, "{v}"),
+            ArgValue::Signed(v) => write!(f, "{v}"),
+            ArgValue::Bool(v) => write!(f, "{v}"),
+            ArgValue::Char(Some(c)) => write!(f, "{c:?}"),
+            ArgValue::Char(None) => write!(f, "<not a char>"),
+            ArgValue::Pointer(p) => write!(f, "{p:#x}"),
+            ArgValue::Str(s) => write!(f, "{s:?}"),
+            ArgValue::Bytes(b) | ArgValue::CStr(b) => write!(f, "\"{}\"", b.escape_ascii()),
+            ArgValue::Unavailable => write!(f, "<unavailable>"),
+        }
+    }
+}
+
+/// The value of a register by its 64-bit name.
+fn register(regs: &Regs, name: &str) -> Option<u64> {
+    Some(match name {
+        "rax" => regs.rax,
+        "rbx" => regs.rbx,
+        "rcx" => regs.rcx,
+        "rdx" => regs.rdx,
+        "rsi" => regs.rsi,
+        "rdi" => regs.rdi,
+        "rbp" => regs.rbp,
+        "rsp" => regs.rsp,
+        "r8" => regs.r8,
+        "r9" => regs.r9,
+        "r10" => regs.r10,
+        "r11" => regs.r11,
+        "r12" => regs.r12,
+        "r13" => regs.r13,
+        "r14" => regs.r14,
+        "r15" => regs.r15,
+        _ => return None,
+    })
+}
+
+/// The raw 64 bits at `location`, the low `size` bytes meaningful.
+fn raw(location: &ArgLocation, regs: &Regs) -> Option<u64> {
+    match location {
+        ArgLocation::Register { name, .. } => register(regs, name),
+        ArgLocation::Immediate(value) => Some(*value as u64),
+        ArgLocation::Memory { base, offset } => {
+            let addr = register(regs, base)?.wrapping_add(*offset as u64);
+            // SAFETY: an SDT memory operand is what the compiler used at this very
+            // instruction (a stack slot, a field): it is mapped and holds the value now,
+            // on this thread, which is stopped at the site.
+            Some(unsafe { std::ptr::read_unaligned(addr as *const u64) })
+        }
+        ArgLocation::Other(_) => None,
+    }
+}
+
+fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
+    let Some(value) = raw(&arg.location, regs) else { return ArgValue::Unavailable };
+    let bits = u32::from(arg.kind.size()) * 8;
+    let low = if bits >= 64 { value } else { value & ((1u64 << bits) - 1) };
+    let signed = if bits >= 64 { value as i64 } else { ((value << (64 - bits)) as i64) >> (64 - bits) };
+    match arg.kind {
+        ArgKind::Bool => ArgValue::Bool(low != 0),
+        ArgKind::Char => ArgValue::Char(char::from_u32(low as u32)),
+        ArgKind::Pointer => ArgValue::Pointer(value),
+        ArgKind::Str | ArgKind::Bytes => {
+            let Some(len) = arg.length.as_ref().and_then(|l| raw(l, regs)) else { return ArgValue::Unavailable };
+            let bytes: &'a [u8] = if len == 0 {
+                &[]
+            } else {
+                // SAFETY: the site's record says these slots are a `&str`/`&[u8]` the
+                // marker passed: pointer and length of memory that stays borrowed while the
+                // thread is at the NOP, which it is until the handler returns.
+                unsafe { std::slice::from_raw_parts(value as *const u8, len as usize) }
+            };
+            match (arg.kind, std::str::from_utf8(bytes)) {
+                (ArgKind::Str, Ok(s)) => ArgValue::Str(s),
+                _ => ArgValue::Bytes(bytes),
+            }
+        }
+        ArgKind::CStr => {
+            if value == 0 {
+                return ArgValue::CStr(&[]);
+            }
+            let start = value as *const u8;
+            let mut len = 0;
+            // SAFETY: the C header passes a `char *` as this kind: a NUL-terminated string
+            // that is readable up to its NUL while the thread is at the site. Reading stops
+            // at the NUL (or at MAX_CSTR), never past it.
+            while len < MAX_CSTR && unsafe { *start.add(len) } != 0 {
+                len += 1;
+            }
+            // SAFETY: the `len` bytes were just read one by one.
+            ArgValue::CStr(unsafe { std::slice::from_raw_parts(start, len) })
+        }
+        kind if kind.is_signed() => ArgValue::Signed(signed),
+        _ => ArgValue::Unsigned(low),
+    }
+}
+
+/// Handlers attached to the sites of a marker. Dropping it detaches them (errors ignored;
+/// [`MarkerHandle::detach`] reports them).
+pub struct MarkerHandle {
+    probes: Vec<ProbeHandle>,
+    sites: Vec<Arc<MarkerSite>>,
+}
+
+impl MarkerHandle {
+    /// The sites the handler is attached to.
+    pub fn sites(&self) -> impl Iterator<Item = &MarkerSite> {
+        self.sites.iter().map(|s| &**s)
+    }
+
+    /// How many times the handler ran, over every site.
+    pub fn hits(&self) -> u64 {
+        self.probes.iter().map(ProbeHandle::hits).sum()
+    }
+
+    /// Hits not handled because the thread was already inside a probe handler.
+    pub fn nmissed(&self) -> u64 {
+        self.probes.iter().map(ProbeHandle::nmissed).sum()
+    }
+
+    /// Whether every site's probe is a jump to a detour (not a breakpoint): the fast path.
+    pub fn all_optimized(&self) -> bool {
+        self.probes.iter().all(|p| p.info().optimized)
+    }
+
+    /// Removes the handler from every site, restoring the NOPs; returns once no thread is
+    /// still inside it, with the final counts. A site whose probe could not be removed
+    /// keeps working as if leaked, and the first such error is returned.
+    pub fn detach(mut self) -> Result<MarkerStats, MarkerError> {
+        let mut stats = MarkerStats { hits: 0, nmissed: 0 };
+        let mut first_error = None;
+        for (probe, site) in self.probes.drain(..).zip(&self.sites) {
+            match probe.unregister() {
+                Ok(counts) => {
+                    stats.hits += counts.hits;
+                    stats.nmissed += counts.nmissed;
+                }
+                Err(error) => {
+                    first_error.get_or_insert(MarkerError::Probe { site: site.spec(), addr: site.addr, error });
+                }
+            }
+        }
+        first_error.map_or(Ok(stats), Err)
+    }
+}
+
+impl fmt::Debug for MarkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sites: Vec<String> = self.sites.iter().map(|s| format!("{} at {:#x}", s.spec(), s.addr)).collect();
+        f.debug_struct("MarkerHandle").field("sites", &sites).finish()
+    }
+}
+
+/// A detached marker's final counts, from [`MarkerHandle::detach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkerStats {
+    /// Handler runs.
+    pub hits: u64,
+    /// Hits not handled (the thread was already inside a handler).
+    pub nmissed: u64,
+}
+
+/// Why a marker could not be found, attached or detached.
+#[derive(Debug)]
+pub enum MarkerError {
+    /// The spec is not `provider:name`.
+    BadSpec {
+        /// The spec as given.
+        spec: String,
+    },
+    /// No loaded module has a marker of that name.
+    Unknown {
+        /// The spec as given.
+        spec: String,
+        /// Close `provider:name`s that do exist, best first.
+        suggestions: Vec<String>,
+    },
+    /// The modules or their markers could not be read.
+    Symbols(SymbolError),
+    /// The probe on a site could not be placed or removed.
+    Probe {
+        /// The marker's `provider:name`.
+        site: String,
+        /// The site's address.
+        addr: u64,
+        /// Why.
+        error: ProbeError,
+    },
+}
+
+impl fmt::Display for MarkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MarkerError::BadSpec { spec } => {
+                write!(f, "`{spec}` is not a marker: write `provider:name` (either part may be `*`)")
+            }
+            MarkerError::Unknown { spec, suggestions } => {
+                write!(f, "no marker `{spec}` in any module of the process")?;
+                match suggestions.as_slice() {
+                    [] => write!(f, " (`dynprobe list-markers -p PID` lists them)"),
+                    [one] => write!(f, "; did you mean `{one}`?"),
+                    many => write!(f, "; did you mean one of `{}`?", many.join("`, `")),
+                }
+            }
+            MarkerError::Symbols(e) => write!(f, "reading the process's markers: {e}"),
+            MarkerError::Probe { site, addr: 0, error } => write!(f, "{site}: {error}"),
+            MarkerError::Probe { site, addr, error } => write!(f, "marker `{site}` at {addr:#x}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for MarkerError {}
+
+impl From<SymbolError> for MarkerError {
+    fn from(e: SymbolError) -> Self {
+        MarkerError::Symbols(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(args: Vec<MarkerArg>) -> MarkerSite {
+        MarkerSite {
+            provider: "p".into(),
+            name: "n".into(),
+            addr: 0,
+            file_offset: 0,
+            path: "x".into(),
+            semaphore: 0,
+            args,
+            dynprobe: true,
+            sdt_args: String::new(),
+        }
+    }
+
+    fn reg(name: &'static str, size: u8) -> ArgLocation {
+        ArgLocation::Register { name, size }
+    }
+
+    #[test]
+    fn arguments_decode_by_kind_from_their_registers() {
+        let text = "hello";
+        let regs = Regs {
+            rdi: 0xffff_ffff_ffff_fffe,
+            rsi: text.as_ptr() as u64,
+            rdx: text.len() as u64,
+            rcx: 0x1_0000_00ff,
+            r8: 1,
+            r9: 'λ' as u64,
+            ..Regs::default()
+        };
+        let site = site(vec![
+            MarkerArg { kind: ArgKind::I32, location: reg("rdi", 4), length: None },
+            MarkerArg { kind: ArgKind::Str, location: reg("rsi", 8), length: Some(reg("rdx", 8)) },
+            MarkerArg { kind: ArgKind::U8, location: reg("rcx", 1), length: None },
+            MarkerArg { kind: ArgKind::Bool, location: reg("r8", 1), length: None },
+            MarkerArg { kind: ArgKind::Char, location: reg("r9", 4), length: None },
+            MarkerArg { kind: ArgKind::I64, location: ArgLocation::Immediate(-3), length: None },
+            MarkerArg { kind: ArgKind::U64, location: ArgLocation::Other("sym(%rip)".into()), length: None },
+        ]);
+        let hit = MarkerHit { site: &site, regs: &regs };
+        let values: Vec<ArgValue> = hit.args().collect();
+        assert_eq!(
+            values,
+            [
+                ArgValue::Signed(-2),
+                ArgValue::Str("hello"),
+                ArgValue::Unsigned(0xff),
+                ArgValue::Bool(true),
+                ArgValue::Char(Some('λ')),
+                ArgValue::Signed(-3),
+                ArgValue::Unavailable
+            ]
+        );
+        let shown: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        assert_eq!(shown, ["-2", "\"hello\"", "255", "true", "'λ'", "-3", "<unavailable>"]);
+    }
+
+    #[test]
+    fn c_strings_stop_at_their_nul() {
+        let text = b"abc\0def";
+        let regs = Regs { rdi: text.as_ptr() as u64, ..Regs::default() };
+        let site = site(vec![MarkerArg { kind: ArgKind::CStr, location: reg("rdi", 8), length: None }]);
+        assert_eq!(MarkerHit { site: &site, regs: &regs }.arg(0), Some(ArgValue::CStr(b"abc")));
+        assert_eq!(MarkerHit { site: &site, regs: &regs }.arg(1), None);
+    }
+
+    #[test]
+    fn specs_need_a_provider_and_a_name() {
+        assert_eq!(split_spec("app:tick").unwrap(), ("app", "tick"));
+        assert_eq!(split_spec("*:tick").unwrap(), ("*", "tick"));
+        for bad in ["tick", ":tick", "app:", "a:b:c"] {
+            let e = split_spec(bad).unwrap_err();
+            assert!(e.to_string().contains("provider:name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_emitted_kind_codes_are_the_readers() {
+        // The macro's const tables and the ELF reader share ArgKind: check the descriptors.
+        type Args = (u32, &'static str, i8, *const u8);
+        assert_eq!(<Args as MarkerArgs>::KINDS, [0x04, 0x48, 0x11, 0x38, 0, 0]);
+        assert_eq!(<Args as MarkerArgs>::SLOT_DESC, [4, 8, 8, 0x11, 8, 0]);
+        assert_eq!(<Args as MarkerArgs>::COUNT, 4);
+        let p = 0x1234 as *const u8;
+        assert_eq!((7u32, "ab", -1i8, p).into_slots()[..5], [7, "ab".as_ptr() as u64, 2, u64::MAX, 0x1234]);
+    }
+}
