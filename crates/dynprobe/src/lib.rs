@@ -5,6 +5,4 @@ pub mod fetch;
 pub mod line;
 pub mod marker;
 pub use marker::{markers, Marker, MarkerHandle, MarkerHit};
-pub mod marker;
-pub use marker::{markers, Marker, MarkerHandle, MarkerHit};
 pub mod spec;
