@@ -62,10 +62,15 @@ impl Target {
     /// Starts `program` with `env` and reads its ready line.
     pub fn start(program: &Path, env: &[(&str, &Path)]) -> Target {
         let mut command = Command::new(program);
-        command.stdin(Stdio::piped()).stdout(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }
+        Target::start_command(command)
+    }
+
+    /// Starts `command` (which must run a program printing a ready line) and reads that line.
+    pub fn start_command(mut command: Command) -> Target {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = command.spawn().expect("starting the target");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
