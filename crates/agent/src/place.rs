@@ -6,7 +6,7 @@ use crate::channel::Channel;
 use crate::event::Event;
 use dynprobe::spec::{ProbeKind, ProbeSpec};
 use dynprobe::{Probe, ProbeHandle, ReturnProbe, ReturnProbeHandle, DEFAULT_MAXACTIVE};
-use dynprobe_symbols::{SymbolError, SymbolTable};
+use dynprobe_symbols::SymbolTable;
 use std::sync::Arc;
 
 /// A placed probe of either kind.
@@ -38,14 +38,14 @@ impl Placed {
 }
 
 /// Places `spec`, whose hits go to `channel` as event lines. Its `@SYMBOL`s are looked up
-/// in the symbol table of the process as it is now (function symbols, then data symbols).
+/// in the modules loaded now (data objects, then functions).
 /// The probe starts as a breakpoint and is jump-optimized in the background; call
 /// [`dynprobe::wait_for_optimizer`] to have that done.
 pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let mut spec = spec.clone();
     if spec.needs_symbols() {
-        let table = SymbolTable::current_process().map_err(|e| e.to_string())?;
-        spec.resolve_symbols(|name| lookup(&table, name))?;
+        let mut resolver = Resolver::current_process()?;
+        spec.resolve_symbols(|name| resolver.lookup(name))?;
     }
     let event = Arc::new(Event::new(&spec, channel)?);
     let placed = match spec.kind {
@@ -65,42 +65,94 @@ pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     placed.map_err(|e| e.to_string())
 }
 
-/// The address of `[module:]name`: a function from the table, else a data object (a
-/// global variable) from the module files' symbol tables, which the table leaves out.
-fn lookup(table: &SymbolTable, spec: &str) -> Result<u64, String> {
-    match table.lookup(spec) {
-        Ok(symbol) => Ok(symbol.addr),
-        Err(err @ SymbolError::UnknownSymbol { .. }) => data_symbol(table, spec).ok_or_else(|| err.to_string()),
-        Err(err) => Err(err.to_string()),
+/// Resolves the `@SYMBOL`s of one spec: data objects (global variables, which the
+/// function table leaves out) first, read from the module files' symbol tables once each,
+/// then functions from the table.
+struct Resolver {
+    table: SymbolTable,
+    /// Per module (index as in the table): its defined data objects, once read.
+    objects: Vec<Option<Vec<DataObject>>>,
+}
+
+/// A defined data symbol (`STT_OBJECT`) of a module.
+struct DataObject {
+    name: String,
+    /// The runtime address.
+    addr: u64,
+    /// Exported (in `.dynsym`): the dynamic linker binds every module's references to it.
+    exported: bool,
+}
+
+impl Resolver {
+    fn current_process() -> Result<Resolver, String> {
+        let table = SymbolTable::current_process().map_err(|e| e.to_string())?;
+        let objects = table.modules().iter().map(|_| None).collect();
+        Ok(Resolver { table, objects })
+    }
+
+    /// The address of `[module:]name`.
+    fn lookup(&mut self, spec: &str) -> Result<u64, String> {
+        let (module, name) = match spec.split_once(':') {
+            Some((module, name)) if !module.is_empty() && !name.starts_with(':') => (Some(module), name),
+            _ => (None, spec),
+        };
+        let in_scope: Vec<usize> = (0..self.table.modules().len())
+            .filter(|&i| module.map_or(true, |wanted| names_module(&self.table.modules()[i], wanted)))
+            .collect();
+        for i in in_scope {
+            let Some(found) = self.objects(i).iter().find(|o| o.name == name) else { continue };
+            let (addr, exported) = (found.addr, found.exported);
+            // An executable that uses a library's variable has its own copy of it (a copy
+            // relocation), which the library's code uses too: that copy is the variable.
+            if exported && !self.table.modules()[i].is_main {
+                if let Some(main) = self.table.modules().iter().position(|m| m.is_main) {
+                    if let Some(copy) = self.objects(main).iter().find(|o| o.exported && o.name == name) {
+                        return Ok(copy.addr);
+                    }
+                }
+            }
+            return Ok(addr);
+        }
+        self.table.lookup(spec).map(|symbol| symbol.addr).map_err(|e| e.to_string())
+    }
+
+    /// The data objects of module `i`, read from its file the first time (none when it
+    /// cannot be read, as the vdso).
+    fn objects(&mut self, i: usize) -> &[DataObject] {
+        let module = &self.table.modules()[i];
+        self.objects[i].get_or_insert_with(|| read_objects(&module.path, module.bias))
     }
 }
 
-/// A data symbol's runtime address, searched in the module `spec` names (matched like the
-/// table matches modules: its file name, its path, or a prefix of the name ending at `.`
-/// or `-`) or in every module.
-fn data_symbol(table: &SymbolTable, spec: &str) -> Option<u64> {
+/// Whether `module` is the one `wanted` names: its file name, its path, or a prefix of the
+/// name that stops at a `.` or `-` (`libc` → `libc.so.6`), as function lookups match it.
+fn names_module(module: &dynprobe_symbols::Module, wanted: &str) -> bool {
+    module.name == wanted
+        || module.path.as_os_str() == wanted
+        || module.name.strip_prefix(wanted).is_some_and(|rest| rest.starts_with(['.', '-']))
+}
+
+/// The defined data objects of the ELF file at `path` loaded with `bias`, from `.symtab`
+/// and `.dynsym`.
+fn read_objects(path: &std::path::Path, bias: u64) -> Vec<DataObject> {
     use object::{Object, ObjectSymbol, SymbolKind};
-    let (module, name) = match spec.split_once(':') {
-        Some((module, name)) if !name.starts_with(':') && !module.is_empty() => (Some(module), name),
-        _ => (None, spec),
-    };
-    let in_scope = |m: &dynprobe_symbols::Module| match module {
-        None => true,
-        Some(wanted) => {
-            m.name == wanted
-                || m.path.as_os_str() == wanted
-                || m.name.strip_prefix(wanted).is_some_and(|rest| rest.starts_with(['.', '-']))
-        }
-    };
-    table.modules().iter().filter(|m| in_scope(m)).find_map(|m| {
-        let data = std::fs::read(&m.path).ok()?;
-        let file = object::File::parse(&*data).ok()?;
-        let found = file
-            .symbols()
-            .chain(file.dynamic_symbols())
-            .find(|s| s.kind() == SymbolKind::Data && s.is_definition() && s.name() == Ok(name))?;
-        Some(found.address().wrapping_add(m.bias))
-    })
+    let Ok(data) = std::fs::read(path) else { return Vec::new() };
+    let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
+    let defined = |s: &object::Symbol| s.kind() == SymbolKind::Data && s.is_definition();
+    let mut objects: Vec<DataObject> = file
+        .dynamic_symbols()
+        .filter(defined)
+        .filter_map(|s| Some(DataObject { name: s.name().ok()?.to_string(), addr: s.address(), exported: true }))
+        .collect();
+    objects.extend(
+        file.symbols()
+            .filter(defined)
+            .filter_map(|s| Some(DataObject { name: s.name().ok()?.to_string(), addr: s.address(), exported: false })),
+    );
+    for object in &mut objects {
+        object.addr = object.addr.wrapping_add(bias);
+    }
+    objects
 }
 
 #[cfg(test)]
@@ -113,12 +165,24 @@ mod tests {
 
     #[test]
     fn data_symbols_resolve_to_their_runtime_address() {
-        let table = SymbolTable::current_process().unwrap();
-        let addr = lookup(&table, "DYNPROBE_AGENT_TEST_GLOBAL").unwrap();
+        let mut resolver = Resolver::current_process().unwrap();
+        let addr = resolver.lookup("DYNPROBE_AGENT_TEST_GLOBAL").unwrap();
         assert_eq!(addr, std::ptr::addr_of!(DYNPROBE_AGENT_TEST_GLOBAL) as u64);
-        // Functions come from the table itself.
-        assert_eq!(lookup(&table, "libc:malloc").unwrap(), table.lookup("libc:malloc").unwrap().addr);
-        let err = lookup(&table, "no_such_symbol_anywhere").unwrap_err();
+        // A library's variable: where its code reads it (through its GOT, a copy in the
+        // executable or its own).
+        let environ = std::ptr::addr_of!(libc_environ) as u64;
+        assert_eq!(resolver.lookup("libc:environ").unwrap(), environ);
+        // Functions come from the table.
+        let malloc = resolver.table.lookup("libc:malloc").unwrap().addr;
+        assert_eq!(resolver.lookup("libc:malloc").unwrap(), malloc);
+        let err = resolver.lookup("no_such_symbol_anywhere").unwrap_err();
         assert!(err.contains("no_such_symbol_anywhere"), "{err}");
+        let err = resolver.lookup("libnosuchmodule:x").unwrap_err();
+        assert!(err.contains("libnosuchmodule"), "{err}");
+    }
+
+    extern "C" {
+        #[link_name = "environ"]
+        static libc_environ: *const *const libc::c_char;
     }
 }
