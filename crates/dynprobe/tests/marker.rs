@@ -55,7 +55,9 @@ fn the_file_describes_each_site_with_typed_arguments() {
     assert_eq!(tick.sdt_args, "4@%edi -8@%rsi 8@%rdx 8@%rcx 8@%r8");
     assert_eq!(tick.semaphore, 0);
 
-    // At runtime the same site, moved by the load bias, holding the NOP.
+    // At runtime the same site, moved by the load bias, holding the NOP (no test has a
+    // handler on it meanwhile).
+    let _turn = ATTACH.lock().unwrap_or_else(|e| e.into_inner());
     let live = sites("dynprobe_test:tick");
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].file_offset, tick.file_offset);
