@@ -63,7 +63,7 @@ fn reason(pid: i32, target: &Status) -> PermissionReason {
         if target.uids.iter().any(|&u| u != ours.uids[0]) || target.gids.iter().any(|&g| g != ours.gids[0]) {
             return PermissionReason::DifferentUser { target_uid: target.uids[1], our_uid: ours.uids[1] };
         }
-        // A non-dumpable process's /proc/PID entries belong to root whatever its uid.
+        // A non-dumpable process's /proc/PID files belong to root whatever its uid.
         if proc::owner_uid(pid) == Some(0) && target.uids[1] != 0 {
             return PermissionReason::NotDumpable;
         }

@@ -58,9 +58,10 @@ pub(crate) fn exists(pid: i32) -> bool {
     pid > 0 && fs::metadata(format!("/proc/{pid}")).is_ok()
 }
 
-/// The owner of `/proc/PID`: the process's euid, or root when it is not dumpable.
+/// The owner of `/proc/PID/status`: the process's euid, or root when it is not dumpable
+/// (the directory `/proc/PID` itself keeps the euid on current kernels).
 pub(crate) fn owner_uid(pid: i32) -> Option<u32> {
-    fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())
+    fs::metadata(format!("/proc/{pid}/status")).ok().map(|m| m.uid())
 }
 
 /// Whether process `pid` descends from process `ancestor` (Yama scope 1 allows those).

@@ -135,3 +135,70 @@ fn attaching_while_another_tracer_holds_it() {
 fn current_tid() -> i32 {
     std::fs::read_link("/proc/thread-self").unwrap().file_name().unwrap().to_str().unwrap().parse().unwrap()
 }
+
+/// The attach error seen by a forked child of this test that runs as uid/gid `nobody`
+/// (so without CAP_SYS_PTRACE), as its `Debug` and `Display`.
+fn attach_error_as_nobody(pid: i32) -> (String, String) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid two-int array for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only drops privileges, attaches, writes to the pipe and _exits;
+    // glibc's fork leaves the allocator usable in the child.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: plain system calls in the forked child, ending in _exit.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(NOBODY) != 0 || libc::setuid(NOBODY) != 0 {
+                libc::_exit(3);
+            }
+            let text = match Tracee::seize(pid, Options::NONE) {
+                Ok(_) => "attached\nattached".to_string(),
+                Err(e) => format!("{e:?}\n{e}"),
+            };
+            libc::write(fds[1], text.as_ptr().cast(), text.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end, reading the read end, reaping the child.
+    let text = unsafe {
+        libc::close(fds[1]);
+        let mut buf = vec![0u8; 4096];
+        let n = libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fds[0]);
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status}");
+        String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned()
+    };
+    let (debug, display) = text.split_once('\n').unwrap();
+    (debug.to_string(), display.to_string())
+}
+
+const NOBODY: u32 = 65534;
+
+#[test]
+fn not_permitted_another_user() {
+    let target = Target::start(&worker_program(), &[]);
+    let pid = target.pid();
+    let (debug, display) = attach_error_as_nobody(pid);
+    assert!(debug.contains("DifferentUser { target_uid: 0, our_uid: 65534 }"), "{debug}");
+    assert!(
+        display.starts_with(&format!(
+            "not permitted to trace process {pid}: the process runs as uid 0 and we as uid 65534"
+        )),
+        "{display}"
+    );
+}
+
+#[test]
+fn not_permitted_not_dumpable() {
+    // Same user as the tracer, but non-dumpable (as a setuid program would be).
+    let mut command = Command::new(worker_program());
+    std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
+    std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
+    command.env("WORKER_NOT_DUMPABLE", "1");
+    let target = Target::start_command(command);
+    let (debug, display) = attach_error_as_nobody(target.pid());
+    assert!(debug.contains("NotDumpable"), "{debug}");
+    assert!(display.contains("the process is not dumpable"), "{display}");
+}

@@ -5,10 +5,12 @@
  * compute checksums. After stdin delivers a line, everything the program saw is printed:
  * what read returned, whether nanosleep slept its whole time, the checksums, the globals,
  * and how many SIGUSR1 it handled. With nothing done to it, the output after the ready
- * line is always the same. */
+ * line is always the same. With WORKER_NOT_DUMPABLE set it makes itself non-dumpable. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -83,6 +85,8 @@ static void *sleeper(void *arg)
 
 int main(void)
 {
+	if (getenv("WORKER_NOT_DUMPABLE"))
+		prctl(PR_SET_DUMPABLE, 0);
 	struct sigaction sa;
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_usr1;
