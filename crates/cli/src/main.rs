@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod markers;
 mod probe;
 mod record;
 mod trace;
@@ -42,6 +43,10 @@ enum Command {
     Report(trace::report::ReportArgs),
     /// Write a recorded trace as Chrome trace-event JSON (Perfetto) or folded stacks (flame graphs).
     Export(trace::export::ExportArgs),
+    /// List the static markers (dynprobe's and SDT/USDT probes) of a program or a process.
+    ///
+    /// Example: `dynprobe list-markers ./server` or `dynprobe list-markers -p 4242`.
+    ListMarkers(markers::ListMarkersArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
+        Command::ListMarkers(args) => markers::run(&args),
         // These report their own errors: their exit status is the program's.
         Command::Probe(args) => return probe::run(&args),
         Command::Demo(args) => return demo::run(&args),
