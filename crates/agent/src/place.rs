@@ -19,6 +19,17 @@ pub enum Placed {
 }
 
 impl Placed {
+    /// The probe's line of the listing (for `r`, its entry probe's): address, symbol,
+    /// whether it is jump-optimized. Panics when called from inside a handler. (Only the
+    /// tests ask yet; a listing of attached probes would.)
+    #[cfg(test)]
+    pub fn info(&self) -> dynprobe::ProbeInfo {
+        match self {
+            Placed::Entry(handle) => handle.info(),
+            Placed::Return(handle) => handle.info(),
+        }
+    }
+
     /// Removes the probe, restoring the patched bytes.
     pub fn unregister(self) -> Result<(), String> {
         match self {
@@ -179,6 +190,58 @@ mod tests {
         assert!(err.contains("no_such_symbol_anywhere"), "{err}");
         let err = resolver.lookup("libnosuchmodule:x").unwrap_err();
         assert!(err.contains("libnosuchmodule"), "{err}");
+    }
+
+    /// The function the return probe test probes: long enough to be jump-optimized.
+    #[no_mangle]
+    #[inline(never)]
+    extern "C" fn dynprobe_agent_test_work(seed: u64, out: &mut u32) -> i64 {
+        let mut h = std::hint::black_box(seed);
+        for i in 0..std::hint::black_box(8) {
+            h = h.wrapping_mul(31).wrapping_add(i);
+        }
+        *out = (h & 0xffff) as u32;
+        -(seed as i64)
+    }
+
+    #[test]
+    fn a_return_spec_is_optimized_and_reports_every_call() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 stores.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        let channel = Channel::new(fds[1]).unwrap();
+        let spec = ProbeSpec::parse(
+            "r:ev dynprobe_agent_test_work ret=$retval:s64 seed=$arg1 out=+0($arg2):u32 t=$duration \
+             g=@DYNPROBE_AGENT_TEST_GLOBAL:x64",
+        )
+        .unwrap();
+        let placed = place(&spec, channel).unwrap();
+        dynprobe::wait_for_optimizer().unwrap();
+        let info = placed.info();
+        assert!(info.optimized, "not optimized: {:?}", info.not_optimized);
+        let mut outs = Vec::new();
+        for seed in [3u64, 40] {
+            let mut out = 0;
+            assert_eq!(dynprobe_agent_test_work(seed, &mut out), -(seed as i64));
+            outs.push(out);
+        }
+        placed.unregister().unwrap();
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into `buf`, writable for its length, from our pipe.
+        let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: closes the two descriptors made above.
+        unsafe { (libc::close(fds[0]), libc::close(fds[1])) };
+        let lines = String::from_utf8_lossy(&buf[..usize::try_from(n).unwrap()]).into_owned();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (line, (seed, out)) in lines.iter().zip([3u64, 40].into_iter().zip(outs)) {
+            let (head, t) = line.rsplit_once(" t=").unwrap();
+            let (t, g) = t.split_once(' ').unwrap();
+            assert!(t.parse::<u64>().unwrap() > 0, "{line}");
+            assert_eq!(g, "g=0x5eed");
+            let fields = head.splitn(3, ' ').nth(2).unwrap();
+            assert_eq!(fields, format!("ev ret=-{seed} seed={seed} out={out}"));
+        }
     }
 
     extern "C" {
