@@ -120,9 +120,9 @@ mod tests {
         ]);
         assert_eq!(
             text,
-            "MARKER    ADDRESS  OFFSET  KIND      ARGUMENTS                FILE\n\
+            "MARKER    ADDRESS  OFFSET  KIND      ARGUMENTS                 FILE\n\
              app:tick  0x1149   0x149   dynprobe  u32 %edi, &str %rsi,%rdx  /bin/app\n\
-             app:idle  0x1149   0x149   sdt       -                        /bin/app\n"
+             app:idle  0x1149   0x149   sdt       -                         /bin/app\n"
         );
     }
 }
