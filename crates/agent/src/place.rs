@@ -108,7 +108,7 @@ impl Resolver {
             _ => (None, spec),
         };
         let in_scope: Vec<usize> = (0..self.table.modules().len())
-            .filter(|&i| module.map_or(true, |wanted| names_module(&self.table.modules()[i], wanted)))
+            .filter(|&i| module.is_none_or(|wanted| names_module(&self.table.modules()[i], wanted)))
             .collect();
         for i in in_scope {
             let Some(found) = self.objects(i).iter().find(|o| o.name == name) else { continue };
