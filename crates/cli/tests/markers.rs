@@ -1,0 +1,253 @@
+//! Static markers in real programs: `targets/markers.c` (the C header) and
+//! `targets/markers_rs.rs` (the Rust macro, built against the `dynprobe` library). Each
+//! computes the right thing with nothing attached, `readelf -n` shows its markers as stapsdt
+//! notes, `dynprobe list-markers` lists them from the file and from the running process,
+//! and a USDT probe attached through the kernel (`perf_event_open` on the uprobe PMU at the
+//! note's file offset) fires once per hit without changing the output.
+
+use std::ffi::{c_ulong, CString};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use perf_event_open_sys as sys;
+
+fn scratch() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("markers-test");
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir
+}
+
+fn targets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets")
+}
+
+fn dynprobe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dynprobe"))
+}
+
+/// `targets/markers.c` with `dynprobe/marker.h`, built once.
+fn c_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = scratch().join("markers-c");
+        let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
+        let status = Command::new("gcc")
+            .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
+            .arg(include)
+            .arg(targets().join("markers.c"))
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .expect("run gcc (scripts/setup installs it)");
+        assert!(status.success(), "gcc markers.c failed");
+        out
+    })
+}
+
+/// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built
+/// for the `dynprobe` binary.
+fn dynprobe_rlib() -> (PathBuf, PathBuf) {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let rlib = std::fs::read_dir(&deps)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libdynprobe-") && name.ends_with(".rlib")
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("no libdynprobe-*.rlib in {}", deps.display()))
+        .path();
+    (rlib, deps)
+}
+
+/// `targets/markers_rs.rs` built with rustc against the `dynprobe` library, once.
+fn rust_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = scratch().join("markers-rs");
+        let (rlib, deps) = dynprobe_rlib();
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let status = Command::new(rustc)
+            .args(["--edition", "2021", "-O", "-o"])
+            .arg(&out)
+            .arg("--extern")
+            .arg(format!("dynprobe={}", rlib.display()))
+            .arg("-L")
+            .arg(format!("dependency={}", deps.display()))
+            .arg(targets().join("markers_rs.rs"))
+            .status()
+            .expect("run rustc");
+        assert!(status.success(), "rustc markers_rs.rs failed");
+        out
+    })
+}
+
+/// What both programs print for `rounds`: the same loop, computed here.
+fn expected_output(rounds: u64) -> String {
+    let names = ["alpha", "beta", "gamma"];
+    let sum =
+        (0..rounds).fold(0u64, |sum, i| sum.wrapping_mul(31).wrapping_add(i ^ names[i as usize % 3].len() as u64));
+    format!("rounds {rounds} sum {sum}\n")
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The program started with `--wait`: it runs its loop after a line on stdin.
+fn start_waiting(program: &Path, rounds: u64) -> Child {
+    Command::new(program)
+        .args([&rounds.to_string(), "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the target")
+}
+
+/// Lets a waiting program run to its end; returns its output.
+fn release(mut child: Child) -> String {
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    stdout_of(&child.wait_with_output().unwrap())
+}
+
+/// `dynprobe list-markers ARGS`: the table's lines.
+fn list_markers(args: &[&str]) -> Vec<String> {
+    let out = dynprobe().arg("list-markers").args(args).output().unwrap();
+    stdout_of(&out).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+}
+
+/// `provider:name`'s file offset as `list-markers PROG` shows it.
+fn file_offset(program: &Path, spec: &str) -> u64 {
+    let lines = list_markers(&[program.to_str().unwrap()]);
+    let line = lines.iter().find(|l| l.starts_with(&format!("{spec} "))).unwrap_or_else(|| panic!("{spec}: {lines:?}"));
+    let offset = line.split(' ').nth(2).unwrap();
+    u64::from_str_radix(offset.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// A kernel uprobe counting hits of process `pid` at `offset` of `path` (the USDT way:
+/// `perf_event_open` on the uprobe PMU, `config1` the path, `config2` the file offset).
+fn kernel_uprobe(pid: u32, path: &Path, offset: u64) -> OwnedFd {
+    const UPROBE_TYPE: &str = "/sys/bus/event_source/devices/uprobe/type";
+    let pmu: u32 = std::fs::read_to_string(UPROBE_TYPE)
+        .unwrap_or_else(|e| panic!("no uprobe PMU ({UPROBE_TYPE}: {e})"))
+        .trim()
+        .parse()
+        .unwrap();
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = sys::bindings::perf_event_attr {
+        type_: pmu,
+        size: std::mem::size_of::<sys::bindings::perf_event_attr>() as u32,
+        ..Default::default()
+    };
+    attr.__bindgen_anon_3.config1 = path.as_ptr() as u64;
+    attr.__bindgen_anon_4.config2 = offset;
+    // SAFETY: `attr` is valid with its own size; the path outlives the call (the kernel
+    // copies it); a counting event for one process on any CPU, no group.
+    let fd =
+        unsafe { sys::perf_event_open(&mut attr, pid as i32, -1, -1, sys::bindings::PERF_FLAG_FD_CLOEXEC as c_ulong) };
+    assert!(fd >= 0, "perf_event_open(uprobe): {} (needs root or CAP_PERFMON)", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn count(event: &OwnedFd) -> u64 {
+    let mut count = 0u64;
+    // SAFETY: reads 8 bytes into a u64 we own from an open perf event.
+    let read = unsafe { libc::read(event.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+    assert_eq!(read, 8, "read the uprobe's count: {}", std::io::Error::last_os_error());
+    count
+}
+
+/// The stapsdt note of `name` in `readelf -n`'s output for `program`.
+fn readelf_note(program: &Path, name: &str) -> String {
+    let out = Command::new("readelf").arg("-n").arg(program).output().expect("run readelf (binutils)");
+    let text = stdout_of(&out);
+    let note = text.split("stapsdt ").find(|n| n.contains(&format!("Name: {name}\n")));
+    note.unwrap_or_else(|| panic!("no stapsdt note named {name} in {text}")).to_string()
+}
+
+#[test]
+fn the_c_program_runs_unchanged_and_its_markers_are_stapsdt_notes() {
+    let program = c_program();
+    let out = Command::new(program).arg("1000").output().unwrap();
+    assert_eq!(stdout_of(&out), expected_output(1000));
+
+    let tick = readelf_note(program, "tick");
+    assert!(tick.contains("NT_STAPSDT (SystemTap probe descriptors)"), "{tick}");
+    assert!(tick.contains("Provider: cmarkers"), "{tick}");
+    assert!(tick.contains("Arguments: -4@%edi -8@%rsi 8@%rdx 8@%rcx"), "{tick}");
+    let done = readelf_note(program, "done");
+    assert!(done.contains("Arguments: 8@%rdi 1@%sil -2@%dx 1@%cl"), "{done}");
+}
+
+#[test]
+fn the_rust_program_runs_unchanged_and_its_markers_are_stapsdt_notes() {
+    let program = rust_program();
+    let out = Command::new(program).arg("1000").output().unwrap();
+    assert_eq!(stdout_of(&out), expected_output(1000));
+    let tick = readelf_note(program, "tick");
+    assert!(tick.contains("Provider: rmarkers"), "{tick}");
+    assert!(tick.contains("Arguments: 4@%edi -8@%rsi 8@%rdx 8@%rcx 8@%r8"), "{tick}");
+    assert!(readelf_note(program, "done").contains("Arguments: 8@%rdi"));
+}
+
+#[test]
+fn list_markers_reads_the_program_files() {
+    let c = c_program().to_str().unwrap();
+    let lines = list_markers(&[c]);
+    assert_eq!(lines[0], "MARKER ADDRESS OFFSET KIND ARGUMENTS FILE");
+    let tick = lines.iter().find(|l| l.starts_with("cmarkers:tick ")).expect("cmarkers:tick listed");
+    assert!(tick.ends_with(&format!("dynprobe i32 %edi, i64 %rsi, ptr %rdx, char* %rcx {c}")), "{tick}");
+    let done = lines.iter().find(|l| l.starts_with("cmarkers:done ")).expect("cmarkers:done listed");
+    assert!(done.contains("u64 %rdi, u8 %sil, i16 %dx, bool %cl"), "{done}");
+
+    let rust = rust_program().to_str().unwrap();
+    let lines = list_markers(&[rust]);
+    let tick = lines.iter().find(|l| l.starts_with("rmarkers:tick ")).expect("rmarkers:tick listed");
+    assert!(tick.ends_with(&format!("dynprobe u32 %edi, i64 %rsi, ptr %rdx, &str %rcx,%r8 {rust}")), "{tick}");
+
+    let out = dynprobe().args(["list-markers", "/no/such/program"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/program"));
+}
+
+#[test]
+fn list_markers_of_a_running_process_shows_runtime_addresses() {
+    for program in [c_program(), rust_program()] {
+        let in_file = list_markers(&[program.to_str().unwrap()]);
+        let child = start_waiting(program, 10);
+        let pid = child.id().to_string();
+        let live = list_markers(&["-p", &pid]);
+        assert_eq!(release(child), expected_output(10));
+        for line in &in_file[1..] {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (spec, link, offset) = (fields[0], fields[1], fields[2]);
+            let running = live
+                .iter()
+                .find(|l| l.starts_with(&format!("{spec} ")))
+                .unwrap_or_else(|| panic!("{spec} not listed for pid {pid}: {live:?}"));
+            let running: Vec<&str> = running.split(' ').collect();
+            // A PIE is loaded at a bias: the address moves, the file offset and the rest do not.
+            assert_ne!(running[1], link, "{running:?}");
+            assert_eq!(running[2..], fields[2..], "{spec} at offset {offset}");
+        }
+    }
+}
+
+#[test]
+fn a_kernel_usdt_probe_fires_once_per_hit() {
+    for (program, spec) in [(c_program(), "cmarkers:tick"), (rust_program(), "rmarkers:tick")] {
+        let offset = file_offset(program, spec);
+        let child = start_waiting(program, 500);
+        let event = kernel_uprobe(child.id(), program, offset);
+        assert_eq!(release(child), expected_output(500), "{spec}: the output is unchanged under the uprobe");
+        assert_eq!(count(&event), 500, "{spec}: one hit per round");
+    }
+}
