@@ -251,3 +251,24 @@ fn a_kernel_usdt_probe_fires_once_per_hit() {
         assert_eq!(count(&event), 500, "{spec}: one hit per round");
     }
 }
+
+#[test]
+fn the_marker_bench_rows_measure() {
+    let out = dynprobe()
+        .args(["bench", "--json", "--iterations", "200", "--rows", "marker-disabled,marker-enabled"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout_of(&out)).expect("JSON on stdout");
+    let rows = json["rows"].as_array().unwrap();
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name}: {rows:?}"));
+    // Each row found its one site holding the NOP, and the enabled row's handler saw every
+    // call through a jump-optimized probe (otherwise the row carries an error, no number).
+    for name in ["marker-disabled", "marker-enabled"] {
+        let r = row(name);
+        assert!(r["ns_per_hit"].is_number(), "{r}");
+        assert_eq!(r["batches_ns_per_call"].as_array().map(Vec::len), Some(5), "{r}");
+    }
+    let enabled = row("marker-enabled");
+    assert!(enabled["ns_per_hit"].as_f64().unwrap() > 0.0, "{enabled}");
+    assert!(enabled["x_kernel_uprobe_nop5"].is_number() && enabled["x_optimized_probe"].is_number(), "{enabled}");
+}

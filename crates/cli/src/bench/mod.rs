@@ -7,6 +7,7 @@
 //! tracer row runs a program under the tracer, which times its own calls ([`program`]).
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
+mod marker;
 mod measure;
 mod program;
 mod report;

@@ -9,6 +9,7 @@ use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
 
+use super::marker;
 use super::program::Tracer;
 use super::target::{self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_target, Target};
 use super::uprobe;
@@ -167,6 +168,19 @@ pub static ROWS: &[Row] = &[
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
         measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
         compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE],
+    },
+    Row {
+        name: "marker-disabled",
+        about: "the same work behind a dynprobe::marker! with nothing attached: its NOP and argument moves \
+                (within baseline-call's batch spread = not measurable)",
+        measure: Measure::Call { target: marker::bench_marker, setup: marker::disabled },
+        compare_to: &[],
+    },
+    Row {
+        name: "marker-enabled",
+        about: "the same marker with an empty handler attached (its NOP a jump to a detour)",
+        measure: Measure::Call { target: marker::bench_marker, setup: marker::enabled },
+        compare_to: &[KERNEL_UPROBE_NOP5, "optimized-probe"],
     },
     Row {
         name: GRAPH_PLAIN,
