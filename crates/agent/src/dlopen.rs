@@ -1,21 +1,17 @@
-//! Record mode's watch for libraries loaded after start: `-F 'libfoo:*'` for a library the
-//! program `dlopen`s later, or `-F '*:name'`, reaches it once it is there.
+//! The watch for libraries loaded after start, for the agent's two modes: record mode
+//! traces a library matching `-F 'libfoo:*'` (or `-F '*:name'`) once it is there, and an
+//! attach session places a probe on `libfoo:f` once `libfoo` is loaded.
 //!
 //! A return probe on `dlopen` (and `dlmopen`) asks a thread of the agent's, untraced, to
-//! choose the new libraries' functions with the same patterns and add them to the tracer in
-//! one batch, appending to the image's function list (and rewriting its site summary) so
-//! that the recorder picks them up — and waits for it before `dlopen` returns: the program's
-//! first call into the library is traced. (Its constructors, run inside `dlopen`, are not.)
-//! The return handler runs from the return trampoline, not a signal handler, so the
-//! watcher's stop of the other threads reaches it while it waits.
+//! run the mode's callback — and waits for it before `dlopen` returns: the program's first
+//! call into the library is seen. (Its constructors, run inside `dlopen`, are not.) The
+//! return handler runs from the return trampoline, not a signal handler, so the watcher's
+//! stop of the other threads (to patch code) reaches it while it waits.
 
-use crate::record::{function_list, site_list};
-use dynprobe_ftrace::{Filter, Selection, Tracer};
-use std::collections::HashSet;
-use std::io::Write;
+use dynprobe::ReturnProbeHandle;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a `dlopen` waits for the watcher before it returns anyway.
@@ -24,56 +20,96 @@ const WAIT_FOR_WATCHER: Duration = Duration::from_secs(5);
 /// `dlopen`s that returned so far, and how many of them the watcher has handled.
 static REQUESTED: AtomicU64 = AtomicU64::new(0);
 static HANDLED: AtomicU64 = AtomicU64::new(0);
-/// The process the watcher thread runs in: a forked child has no watcher (threads do not
-/// survive `fork`), so its `dlopen`s do not wait (their libraries are not traced).
+/// The process the watcher thread runs in (0: none): a forked child has no watcher
+/// (threads do not survive `fork`), so its `dlopen`s do not wait.
 static WATCHER_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Starts watching; keeps `tracer` for the rest of the process's life (also when watching
-/// cannot start: tracing goes on without it).
-pub fn watch(
-    tracer: Tracer,
-    filter: Filter,
-    mut known: HashSet<PathBuf>,
-    funcs: PathBuf,
-    sites: PathBuf,
-    exe: PathBuf,
-) -> Result<(), String> {
-    let tracer: &'static mut Tracer = Box::leak(Box::new(tracer));
+/// A running watch: the return probes on `dlopen` and the watcher thread. One at a time
+/// per process (record mode keeps its for the process's life; an attach session stops its
+/// own at detach).
+pub struct ModuleWatch {
+    probes: Vec<ReturnProbeHandle>,
+    /// The write end of the wake-up pipe; closing it ends the watcher thread.
+    wake: OwnedFd,
+    thread: JoinHandle<()>,
+}
+
+/// Starts watching: after each `dlopen` returns, `on_load` runs on the watcher thread
+/// (which is untraced) before `dlopen`'s caller goes on. `on_load` itself decides whether
+/// anything new was loaded (`dynprobe_symbols::loaded_code_paths` is the cheap check).
+pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, String> {
+    if WATCHER_PID.load(Ordering::Relaxed) != 0 {
+        return Err("another dynprobe session already watches this process's dlopen calls".into());
+    }
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 stores.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == -1 {
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let wake = write.as_raw_fd();
-    std::mem::forget(write);
+    let (read, wake) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wake_fd = wake.as_raw_fd();
+    let mut probes = Vec::new();
     for name in [c"dlopen", c"dlmopen"] {
         // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
         let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as u64;
         if addr == 0 {
             continue;
         }
-        let probe = dynprobe::ReturnProbe::at(addr).on_return(move |_, _| wait_for_watcher(wake));
-        let handle = probe.register().map_err(|e| format!("cannot probe {}'s return: {e}", name.to_string_lossy()))?;
-        handle.leak();
+        let probe = dynprobe::ReturnProbe::at(addr).on_return(move |_, _| wait_for_watcher(wake_fd));
+        match probe.register() {
+            Ok(handle) => probes.push(handle),
+            Err(e) => {
+                unregister(probes);
+                return Err(format!("cannot probe {}'s return: {e}", name.to_string_lossy()));
+            }
+        }
     }
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     let spawned = std::thread::Builder::new().name("dynprobe-dlopen".into()).spawn(move || {
         dynprobe::set_current_thread_traced(false);
-        loop {
-            if !wait_for_change(&read) {
-                return;
-            }
+        while wait_for_change(&read) {
             let requested = REQUESTED.load(Ordering::Acquire);
-            if let Err(e) = add_new_modules(tracer, &filter, &mut known, &funcs, &sites, &exe) {
-                eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
-            }
+            on_load();
             HANDLED.store(requested, Ordering::Release);
         }
     });
-    spawned.map(drop).map_err(|e| format!("cannot start the watcher thread: {e}"))
+    match spawned {
+        Ok(thread) => Ok(ModuleWatch { probes, wake, thread }),
+        Err(e) => {
+            WATCHER_PID.store(0, Ordering::Relaxed);
+            unregister(probes);
+            Err(format!("cannot start the watcher thread: {e}"))
+        }
+    }
+}
+
+impl ModuleWatch {
+    /// Keeps watching for the rest of the process's life.
+    pub fn keep(self) {
+        self.probes.into_iter().for_each(ReturnProbeHandle::leak);
+        std::mem::forget(self.wake);
+        drop(self.thread);
+    }
+
+    /// Stops watching: `dlopen` is unprobed (its bytes restored) and the watcher thread
+    /// has ended when this returns.
+    pub fn stop(self) {
+        // The return handlers use the wake-up pipe: it closes only once no handler can run.
+        unregister(self.probes);
+        drop(self.wake);
+        let _ = self.thread.join();
+        WATCHER_PID.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Unregisters `probes`, best effort: a return probe whose byte cannot be restored stays
+/// and keeps waking a watcher that is gone, which `wait_for_watcher` bounds.
+fn unregister(probes: Vec<ReturnProbeHandle>) {
+    for probe in probes {
+        let _ = probe.unregister();
+    }
 }
 
 /// `dlopen`'s return handler: wakes the watcher and waits (boundedly) until it has handled
@@ -92,7 +128,8 @@ fn wait_for_watcher(wake: i32) {
     }
 }
 
-/// Blocks until a `dlopen` returned, then empties the pipe; false if the pipe broke.
+/// Blocks until a `dlopen` returned, then empties the pipe; false once the pipe is closed
+/// ([`ModuleWatch::stop`]) or broken.
 fn wait_for_change(read: &OwnedFd) -> bool {
     let mut poll = libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one initialized pollfd.
@@ -102,44 +139,13 @@ fn wait_for_change(read: &OwnedFd) -> bool {
         }
     }
     let mut buf = [0u8; 64];
-    // SAFETY: reads into a local buffer from our non-blocking pipe.
-    while unsafe { libc::read(read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-    true
-}
-
-/// Chooses the functions of modules not seen before and traces them.
-fn add_new_modules(
-    tracer: &mut Tracer,
-    filter: &Filter,
-    known: &mut HashSet<PathBuf>,
-    funcs: &Path,
-    sites: &Path,
-    exe: &Path,
-) -> Result<(), String> {
-    // Most dlopens load nothing new (a library already there, a reference count bumped):
-    // seen in the memory map alone, before any symbol table is built.
-    let paths = dynprobe_symbols::loaded_code_paths().map_err(|e| e.to_string())?;
-    if paths.iter().all(|p| known.contains(p)) {
-        return Ok(());
+    loop {
+        // SAFETY: reads into a local buffer from our non-blocking pipe.
+        match unsafe { libc::read(read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } {
+            // End of file: every write end is closed.
+            0 => return false,
+            n if n > 0 => continue,
+            _ => return std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock,
+        }
     }
-    let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
-    let first_id = tracer.functions().len() as u32;
-    let mut selection = Selection::new_modules(&table, filter, known, first_id).map_err(|e| e.to_string())?;
-    selection.pending = Selection::pending_patterns(&table, filter);
-    *known = Selection::module_paths(&table);
-    if selection.functions.is_empty() {
-        return Ok(());
-    }
-    // The names first: a record of a new function must never come before its name.
-    let lines = function_list(&selection.functions);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(funcs)
-        .and_then(|mut f| f.write_all(lines.as_bytes()))
-        .map_err(|e| format!("cannot extend {}: {e}", funcs.display()))?;
-    tracer.add(selection).map_err(|e| e.to_string())?;
-    let tmp = sites.with_extension("sites.tmp");
-    std::fs::write(&tmp, site_list(exe, tracer.summary()))
-        .and_then(|()| std::fs::rename(&tmp, sites))
-        .map_err(|e| format!("cannot update {}: {e}", sites.display()))
 }

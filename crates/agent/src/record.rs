@@ -23,7 +23,9 @@ use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
 use dynprobe_ftrace::{Filter, FtraceError, Selection, TracedFunction, Tracer};
 use std::cell::UnsafeCell;
+use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The ring directory; its presence selects record mode.
@@ -130,9 +132,7 @@ fn try_start(dir: &Path) -> Result<u64, NotTraced> {
     if watch {
         // Libraries `dlopen`ed later are matched against the patterns too.
         let known = Selection::module_paths(&table);
-        if let Err(e) = crate::dlopen::watch(tracer, filter, known, funcs, path("sites"), exe) {
-            eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}");
-        }
+        watch_libraries(tracer, filter, known, funcs, path("sites"), exe);
     } else {
         // Tracing lasts as long as the process.
         std::mem::forget(tracer);
@@ -312,4 +312,65 @@ fn write_small_file(path: &std::ffi::CStr, content: &[u8]) {
             libc::close(fd);
         }
     }
+}
+
+/// Traces the libraries `dlopen`ed later that the patterns match, for the rest of the
+/// process's life. Keeps `tracer` for good, also when watching cannot start (tracing goes
+/// on without it): leaked up front, so that no path drops it and unregisters the
+/// program's probes.
+fn watch_libraries(
+    tracer: Tracer,
+    filter: Filter,
+    mut known: HashSet<PathBuf>,
+    funcs: PathBuf,
+    sites: PathBuf,
+    exe: PathBuf,
+) {
+    let tracer: &'static mut Tracer = Box::leak(Box::new(tracer));
+    let on_load = move || {
+        if let Err(e) = add_new_modules(tracer, &filter, &mut known, &funcs, &sites, &exe) {
+            eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
+        }
+    };
+    match crate::dlopen::watch(on_load) {
+        Ok(watch) => watch.keep(),
+        Err(e) => eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}"),
+    }
+}
+
+/// Chooses the functions of modules not seen before and traces them.
+fn add_new_modules(
+    tracer: &mut Tracer,
+    filter: &Filter,
+    known: &mut HashSet<PathBuf>,
+    funcs: &Path,
+    sites: &Path,
+    exe: &Path,
+) -> Result<(), String> {
+    // Most dlopens load nothing new (a library already there, a reference count bumped):
+    // seen in the memory map alone, before any symbol table is built.
+    let paths = dynprobe_symbols::loaded_code_paths().map_err(|e| e.to_string())?;
+    if paths.iter().all(|p| known.contains(p)) {
+        return Ok(());
+    }
+    let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
+    let first_id = tracer.functions().len() as u32;
+    let mut selection = Selection::new_modules(&table, filter, known, first_id).map_err(|e| e.to_string())?;
+    selection.pending = Selection::pending_patterns(&table, filter);
+    *known = Selection::module_paths(&table);
+    if selection.functions.is_empty() {
+        return Ok(());
+    }
+    // The names first: a record of a new function must never come before its name.
+    let lines = function_list(&selection.functions);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(funcs)
+        .and_then(|mut f| f.write_all(lines.as_bytes()))
+        .map_err(|e| format!("cannot extend {}: {e}", funcs.display()))?;
+    tracer.add(selection).map_err(|e| e.to_string())?;
+    let tmp = sites.with_extension("sites.tmp");
+    std::fs::write(&tmp, site_list(exe, tracer.summary()))
+        .and_then(|()| std::fs::rename(&tmp, sites))
+        .map_err(|e| format!("cannot update {}: {e}", sites.display()))
 }
