@@ -1,13 +1,21 @@
-//! The event channel to the CLI: a pipe inherited as a file descriptor.
+//! The event channel to the CLI: a pipe, inherited as a file descriptor (a program started
+//! by `dynprobe probe`) or passed over the control socket (an attach session).
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The write end of the CLI's pipe. Every line goes out in one `write`: lines are at most
 /// [`crate::line::LINE_MAX`] bytes, below `PIPE_BUF`, so the kernel writes each one
 /// atomically and lines of different threads never interleave.
+///
+/// A blocking channel makes a hit wait while the CLI is behind (a program the CLI started
+/// and that must not lose an event); a lossy one never waits — a line that does not fit in
+/// the pipe is dropped and counted (a running process someone attached to, whose pace must
+/// not depend on the reader, as `perf` counts lost samples).
 #[derive(Debug, Clone, Copy)]
 pub struct Channel {
     fd: RawFd,
+    lost: Option<&'static AtomicU64>,
 }
 
 impl Channel {
@@ -18,13 +26,19 @@ impl Channel {
         if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
             return Err(format!("the event fd {fd} is not open: {}", std::io::Error::last_os_error()));
         }
-        Ok(Channel { fd })
+        Ok(Channel { fd, lost: None })
+    }
+
+    /// A lossy channel on `fd`, which must be non-blocking: lines that do not fit are
+    /// counted in `lost`.
+    pub fn lossy(fd: RawFd, lost: &'static AtomicU64) -> Channel {
+        Channel { fd, lost: Some(lost) }
     }
 
     /// A channel that writes nowhere, for formatting tests.
     #[cfg(test)]
     pub(crate) fn closed() -> Channel {
-        Channel { fd: -1 }
+        Channel { fd: -1, lost: None }
     }
 
     /// Writes `bytes` whole. Async-signal-safe: no allocation, and `errno` is restored,
@@ -42,6 +56,15 @@ impl Channel {
             match n {
                 // SAFETY: reading this thread's errno, as above.
                 -1 if unsafe { *errno } == libc::EINTR => continue,
+                // A lossy channel's pipe is full. Lines are below PIPE_BUF, so the kernel
+                // wrote none of this one.
+                // SAFETY: reading this thread's errno, as above.
+                -1 if unsafe { *errno } == libc::EAGAIN => {
+                    if let Some(lost) = self.lost {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
                 n if n <= 0 => break,
                 n => bytes = &bytes[n as usize..],
             }

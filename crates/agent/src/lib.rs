@@ -11,12 +11,16 @@
 //! <mono_ns> <tid> <event> name=value...   one hit (CLOCK_MONOTONIC nanoseconds)
 //! ```
 //!
+//! Loaded into a running process by `dynprobe probe -p PID` instead, the agent does
+//! nothing at load time; the CLI then calls its `dynprobe_attach` (the `attach` module).
+//!
 //! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`];
 //! `DYNPROBE_OPTIMIZE=0` keeps them breakpoint probes.
 //!
 //! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
 //! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the pipe.
 
+mod attach;
 mod channel;
 mod dlopen;
 mod event;
@@ -171,9 +175,13 @@ impl Drop for ProfTimerPause {
     }
 }
 
-/// The variable's value, removed from the environment.
+/// The variable's value, removed from the environment. An unset variable is left alone:
+/// loaded into a running process (attach mode), the agent's constructor runs on a thread
+/// the CLI interrupted, maybe inside `setenv` holding the C library's environment lock.
 fn take_env(name: &str) -> Option<String> {
     let value = std::env::var(name).ok();
-    std::env::remove_var(name);
+    if value.is_some() {
+        std::env::remove_var(name);
+    }
     value
 }

@@ -1,0 +1,420 @@
+//! Attach mode: `dynprobe probe -p PID` loads this library into a running process (a
+//! `dlopen` the CLI makes the process call, through ptrace) and then calls
+//! [`dynprobe_attach`] with the path of its control socket. Everything after that happens
+//! here, in-process, on a thread of the agent's: the CLI has already let go of ptrace.
+//!
+//! The control socket (`SOCK_SEQPACKET`: one message per `send`, never split or merged):
+//!
+//! ```text
+//! CLI → agent   attach\n[optimize 0\n]<spec>\n<spec>...   with the event pipe's two ends (SCM_RIGHTS)
+//!               detach
+//! agent → CLI   !ready <placed> <pending>                 every probe placed, or pending
+//!               !error <spec>: <why>                      refused: nothing is left placed, the session ends
+//!               !pending <spec>: <why>                    its module is not loaded yet
+//!               !placed <spec>                            a pending probe's module was loaded: placed now
+//!               !lost <n>                                 events dropped so far (a full pipe)
+//!               !warning <text>                           something the user should know
+//!               !detached <lost>[ <problem>]              every probe removed, every byte restored
+//! ```
+//!
+//! Hits go to the event pipe in the line format of the crate's protocol. The pipe is
+//! lossy: a process someone attached to must not slow down because the reader is behind;
+//! what does not fit is counted and reported (`!lost`). The agent keeps the pipe's read end
+//! open too, so a hit after the CLI died meets a full pipe, never `SIGPIPE`.
+//!
+//! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
+//! even by `SIGKILL` — and either way every probe is unregistered, which restores every
+//! byte, and the process carries on. The library stays loaded (a thread may still be
+//! returning through one of its trampolines); a later attach reuses it.
+//!
+//! Only the user who attached may control the session: the socket lives in a directory
+//! only that user can enter, the agent connects (it never listens), and it checks the
+//! peer's credentials (`SO_PEERCRED`) — the same user as this process, or root. The CLI in
+//! turn checks that the peer is the process it attached to.
+
+use crate::channel::Channel;
+use crate::dlopen::{self, ModuleWatch};
+use crate::place::{place, Placed};
+use dynprobe::spec::ProbeSpec;
+use dynprobe::Location;
+use dynprobe_symbols::{SymbolError, SymbolTable};
+use std::ffi::{c_char, c_int, CStr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Whether a session is running: one at a time.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Events the current session dropped.
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// How long the session waits for the CLI's first message.
+const FIRST_MESSAGE_TIMEOUT_MS: libc::c_int = 10_000;
+/// How often the session reports a changed `!lost` count.
+const LOST_REPORT_MS: libc::c_int = 200;
+/// The largest control message (every spec of a session in one).
+const MESSAGE_MAX: usize = 256 * 1024;
+
+/// Starts an attach session: connects to the CLI's control socket at `socket` (a
+/// NUL-terminated path), checks the peer, and hands the session to a new thread. Returns
+/// at once, because the CLI calls it on a thread of the program's that it interrupted.
+///
+/// Returns 0, or a negative `errno`: `-EBUSY` when a session is already running,
+/// `-EACCES` when the socket's owner is neither this process's user nor root, `-EINVAL`
+/// for a bad argument, or the error of `socket`/`connect`/`pthread_create`.
+#[no_mangle]
+pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
+    // A panic must not unwind into the program's frames (the CLI's injected call).
+    std::panic::catch_unwind(|| {
+        if socket.is_null() {
+            return -libc::EINVAL;
+        }
+        // SAFETY: the CLI passes a NUL-terminated path it wrote into this process's memory.
+        let path = unsafe { CStr::from_ptr(socket) };
+        if ACTIVE.swap(true, Ordering::AcqRel) {
+            return -libc::EBUSY;
+        }
+        let started = connect(path).and_then(|socket| {
+            std::thread::Builder::new()
+                .name("dynprobe-attach".into())
+                .spawn(move || session(socket))
+                .map(drop)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
+        });
+        match started {
+            Ok(()) => 0,
+            Err(errno) => {
+                ACTIVE.store(false, Ordering::Release);
+                -errno
+            }
+        }
+    })
+    .unwrap_or(-libc::EFAULT)
+}
+
+/// Connects to the control socket and checks who listens on it.
+fn connect(path: &CStr) -> Result<OwnedFd, c_int> {
+    let bytes = path.to_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeros is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
+        return Err(libc::EINVAL);
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as c_char;
+    }
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd == -1 {
+        return Err(errno());
+    }
+    // SAFETY: the descriptor was just created and is ours alone.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) } == -1 {
+        return Err(errno());
+    }
+    let peer = peer_credentials(fd)?;
+    // SAFETY: getuid/geteuid cannot fail.
+    let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+    if peer.uid != 0 && peer.uid != uid && peer.uid != euid {
+        return Err(libc::EACCES);
+    }
+    Ok(socket)
+}
+
+/// The credentials of the process at the other end of the connected socket `fd`.
+fn peer_credentials(fd: RawFd) -> Result<libc::ucred, c_int> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable ucred and `len` its size.
+    let got = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    if got == -1 {
+        return Err(errno());
+    }
+    Ok(cred)
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The session thread: places the probes, serves the socket, and removes every probe
+/// when the CLI says `detach` or goes away.
+fn session(socket: OwnedFd) {
+    dynprobe::set_current_thread_traced(false);
+    LOST.store(0, Ordering::Relaxed);
+    let control = Control { fd: socket.as_raw_fd() };
+    if let Some(setup) = first_message(&control) {
+        run(&control, setup);
+    }
+    drop(socket);
+    ACTIVE.store(false, Ordering::Release);
+}
+
+/// The control socket's sending side.
+#[derive(Clone, Copy)]
+struct Control {
+    fd: RawFd,
+}
+
+impl Control {
+    /// Sends one message; a CLI that is gone is noticed by the session loop, not here.
+    fn send(&self, message: &str) {
+        // SAFETY: sends a live byte slice; MSG_NOSIGNAL: a closed peer gives EPIPE, not
+        // SIGPIPE (which would kill the program).
+        unsafe { libc::send(self.fd, message.as_ptr().cast(), message.len(), libc::MSG_NOSIGNAL) };
+    }
+}
+
+/// What the CLI's first message asks for.
+struct Setup {
+    specs: Vec<String>,
+    optimize: bool,
+    /// The event pipe: hits are written to `write`; `read` is only held open.
+    write: OwnedFd,
+    read: OwnedFd,
+}
+
+/// Waits for and parses the `attach` message; `None` (after telling the CLI why, when it
+/// is still there) if it is missing or malformed.
+fn first_message(control: &Control) -> Option<Setup> {
+    let mut poll = libc::pollfd { fd: control.fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one initialized pollfd.
+    if unsafe { libc::poll(&mut poll, 1, FIRST_MESSAGE_TIMEOUT_MS) } != 1 {
+        return None;
+    }
+    let (text, fds) = receive_with_fds(control.fd)?;
+    let [write, read]: [OwnedFd; 2] = match fds.try_into() {
+        Ok(fds) => fds,
+        Err(_) => {
+            control.send("!error attach: the attach message must carry the event pipe's two ends");
+            return None;
+        }
+    };
+    let mut lines = text.lines();
+    if lines.next() != Some("attach") {
+        control.send("!error attach: the first message must be `attach`");
+        return None;
+    }
+    let mut optimize = true;
+    let mut specs = Vec::new();
+    for line in lines.map(str::trim).filter(|l| !l.is_empty()) {
+        match line.strip_prefix("optimize ") {
+            Some(value) => optimize = value != "0",
+            None => specs.push(line.to_string()),
+        }
+    }
+    Some(Setup { specs, optimize, write, read })
+}
+
+/// Receives one message and the descriptors it carries.
+fn receive_with_fds(fd: RawFd) -> Option<(String, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MESSAGE_MAX];
+    // Room for a few descriptors' control message, aligned for cmsghdr.
+    let mut cmsg = [0u64; 16];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; all zeros is valid before the fields are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    // SAFETY: `msg` points at live buffers of the sizes it states; MSG_CMSG_CLOEXEC keeps
+    // the received descriptors out of programs this one execs.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return None;
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, within
+    // msg_controllen; SCM_RIGHTS data is an array of descriptors now owned by us.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                let count = ((*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    buf.truncate(n as usize);
+    Some((String::from_utf8_lossy(&buf).into_owned(), fds))
+}
+
+/// The probes of a session: placed ones, and those waiting for their module.
+struct Probes {
+    placed: Vec<Placed>,
+    pending: Vec<ProbeSpec>,
+}
+
+/// Places the probes, serves the socket until `detach` or until it closes, then removes
+/// every probe.
+fn run(control: &Control, setup: Setup) {
+    // SAFETY: F_SETFL on a descriptor we own; a lossy channel needs O_NONBLOCK (the CLI
+    // sets it too, on the same open file; this makes sure).
+    unsafe { libc::fcntl(setup.write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let channel = Channel::lossy(setup.write.as_raw_fd(), &LOST);
+    // Only fails inside a handler, which this thread is not.
+    let _ = dynprobe::set_optimization(setup.optimize);
+    let probes = Arc::new(Mutex::new(Probes { placed: Vec::new(), pending: Vec::new() }));
+    if let Err(refused) = place_all(&setup.specs, channel, &probes) {
+        let removed = remove_all(&probes);
+        control.send(&format!("!error {refused}{}", problem_suffix(&removed)));
+        return;
+    }
+    let watch = start_watch(control, channel, &probes);
+    // Jump-optimizes what was placed: the program's hits cost nanoseconds from here on.
+    let _ = dynprobe::wait_for_optimizer();
+    {
+        let probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+        for spec in &probes.pending {
+            control.send(&format!(
+                "!pending {}: module {} is not loaded yet",
+                spec.text,
+                module_of(spec).unwrap_or("?")
+            ));
+        }
+        control.send(&format!("!ready {} {}", probes.placed.len(), probes.pending.len()));
+    }
+    let detach_asked = serve(control);
+    if let Some(watch) = watch {
+        watch.stop();
+    }
+    let removed = remove_all(&probes);
+    if detach_asked {
+        control.send(&format!("!detached {}{}", LOST.load(Ordering::Relaxed), problem_suffix(&removed)));
+    }
+    // The pipe closes only now: no handler can run any more.
+    drop(setup.write);
+    drop(setup.read);
+}
+
+/// Places every spec, or the specs whose module is not loaded yet become pending;
+/// `Err("<spec>: <why>")` on the first refusal.
+fn place_all(specs: &[String], channel: Channel, probes: &Mutex<Probes>) -> Result<(), String> {
+    let table = SymbolTable::current_process().map_err(|e| format!("attach: cannot read the symbol tables: {e}"))?;
+    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+    for text in specs {
+        let spec = ProbeSpec::parse(text).map_err(|e| format!("{text}: {e}"))?;
+        if module_missing(&spec, &table) {
+            probes.pending.push(spec);
+            continue;
+        }
+        let placed = place(&spec, channel).map_err(|why| format!("{text}: {}", why.replace('\n', " ")))?;
+        probes.placed.push(placed);
+    }
+    Ok(())
+}
+
+/// Watches `dlopen` when some probes wait for their module; those are placed, and the CLI
+/// told, as soon as it is loaded.
+fn start_watch(control: &Control, channel: Channel, probes: &Arc<Mutex<Probes>>) -> Option<ModuleWatch> {
+    if probes.lock().unwrap_or_else(|e| e.into_inner()).pending.is_empty() {
+        return None;
+    }
+    let control = *control;
+    let shared = Arc::clone(probes);
+    let on_load = move || place_pending(&control, channel, &shared);
+    match dlopen::watch(on_load) {
+        Ok(watch) => Some(watch),
+        Err(why) => {
+            control.send(&format!("!warning the pending probes cannot wait for their module: {why}"));
+            None
+        }
+    }
+}
+
+/// After a `dlopen`: places the pending probes whose module is there now.
+fn place_pending(control: &Control, channel: Channel, probes: &Mutex<Probes>) {
+    let Ok(table) = SymbolTable::current_process() else { return };
+    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+    let (ready, waiting): (Vec<ProbeSpec>, Vec<ProbeSpec>) =
+        std::mem::take(&mut probes.pending).into_iter().partition(|spec| !module_missing(spec, &table));
+    probes.pending = waiting;
+    if ready.is_empty() {
+        return;
+    }
+    for spec in ready {
+        match place(&spec, channel) {
+            Ok(placed) => {
+                probes.placed.push(placed);
+                control.send(&format!("!placed {}", spec.text));
+            }
+            Err(why) => control.send(&format!("!error {}: {}", spec.text, why.replace('\n', " "))),
+        }
+    }
+    // Still inside `dlopen`'s return: the program's first call into the library comes
+    // after this, and finds a jump.
+    let _ = dynprobe::wait_for_optimizer();
+}
+
+/// The module part of the spec's location (`libfoo` of `libfoo:f+8`).
+fn module_of(spec: &ProbeSpec) -> Option<&str> {
+    match &spec.location {
+        Location::Symbol(name) | Location::SymbolOffset(name, _) => name.split_once(':').map(|(module, _)| module),
+        Location::Address(_) => None,
+    }
+}
+
+/// Whether the spec names a module that is not loaded (yet).
+fn module_missing(spec: &ProbeSpec, table: &SymbolTable) -> bool {
+    let (Location::Symbol(name) | Location::SymbolOffset(name, _)) = &spec.location else { return false };
+    matches!(table.lookup(name), Err(SymbolError::UnknownModule { .. }))
+}
+
+/// Serves the socket until the CLI says `detach` (true) or is gone (false), reporting
+/// changes of the lost-event count meanwhile.
+fn serve(control: &Control) -> bool {
+    let mut reported = 0;
+    loop {
+        let mut poll = libc::pollfd { fd: control.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one initialized pollfd.
+        let ready = unsafe { libc::poll(&mut poll, 1, LOST_REPORT_MS) };
+        if ready == -1 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+        if ready == 1 {
+            let mut buf = [0u8; 64];
+            // SAFETY: receives into a local buffer.
+            let n = unsafe { libc::recv(control.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                // End of file or a reset: the CLI exited or was killed.
+                return false;
+            }
+            match &buf[..n as usize] {
+                b"detach" => return true,
+                other => control.send(&format!("!error unknown command `{}`", String::from_utf8_lossy(other))),
+            }
+        }
+        let lost = LOST.load(Ordering::Relaxed);
+        if lost != reported {
+            control.send(&format!("!lost {lost}"));
+            reported = lost;
+        }
+    }
+}
+
+/// Unregisters every placed probe (restoring its bytes) and forgets the pending ones;
+/// the problems, if any probe could not be removed.
+fn remove_all(probes: &Mutex<Probes>) -> Vec<String> {
+    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+    probes.pending.clear();
+    probes.placed.drain(..).filter_map(|placed| placed.unregister().err()).collect()
+}
+
+/// ` <problem>; <problem>` for a message, or nothing.
+fn problem_suffix(problems: &[String]) -> String {
+    match problems.is_empty() {
+        true => String::new(),
+        false => format!(" (while removing the probes: {})", problems.join("; ").replace('\n', " ")),
+    }
+}
