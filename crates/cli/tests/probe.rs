@@ -264,10 +264,10 @@ fn a_missing_program_is_a_clear_error() {
 }
 
 #[test]
-fn attaching_is_not_implemented_yet() {
-    let out = dynprobe(&["probe", "-p", "1", "p:main"]);
+fn a_pid_and_a_program_together_are_refused() {
+    let out = dynprobe(&["probe", "-p", "1", "p:main", "--", "/bin/true"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("not implemented yet (issue 5)"));
+    assert!(text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -1,10 +1,12 @@
-//! `dynprobe probe` and `dynprobe demo`: run a program with probes placed by the agent,
-//! printing one line per hit.
+//! `dynprobe probe` and `dynprobe demo`: run a program with probes placed by the agent, or
+//! attach to a running one, printing one line per hit.
 //!
 //! The CLI parses every spec first (a syntax error stops here, with its column), then
-//! starts the program with `libdynprobe_agent.so` preloaded; the agent places the probes
-//! before `main` and sends its lines over a pipe (protocol in the `dynprobe-agent` crate).
+//! starts the program with `libdynprobe_agent.so` preloaded — the agent places the probes
+//! before `main` and sends its lines over a pipe (protocol in the `dynprobe-agent` crate) —
+//! or loads the agent into a running process (`attach`).
 
+mod attach;
 pub(crate) mod output;
 pub(crate) mod session;
 
@@ -29,9 +31,14 @@ pub struct ProbeArgs {
     /// 8, 16 and 32 bits). Example: 'p:checksum seed=$arg1 n=$arg2:x64'.
     #[arg(value_name = "SPEC", required = true)]
     specs: Vec<String>,
-    /// Attach to the running process PID instead of starting one (not implemented yet).
-    #[arg(short = 'p', long = "pid", value_name = "PID")]
-    pid: Option<u32>,
+    /// Attach to the running process PID instead of starting one; Ctrl-C (or --duration)
+    /// detaches, and the process goes on with every probed byte restored.
+    #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "command")]
+    pid: Option<i32>,
+    /// Detach after this long (`10s`, `500ms`; a bare number is seconds). With a program
+    /// started by dynprobe this is not allowed: it runs to its end.
+    #[arg(long, value_name = "TIME", requires = "pid")]
+    duration: Option<String>,
     /// Keep every probe a breakpoint probe (no jump optimization), like setting the kernel's
     /// `debug.kprobes_optimization` to 0.
     #[arg(long)]
@@ -56,9 +63,14 @@ pub(crate) struct OutputArgs {
 
 /// Runs `dynprobe probe`.
 pub fn run(args: &ProbeArgs) -> ExitCode {
-    if args.pid.is_some() {
-        eprintln!("dynprobe: attaching to a running process is not implemented yet (issue 5)");
-        return ExitCode::from(EXIT_USAGE);
+    if let Some(pid) = args.pid {
+        return match try_attach(args, pid) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("dynprobe: {message}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        };
     }
     if args.command.is_empty() {
         eprintln!("dynprobe: no program to run; give it after `--`, as in `dynprobe probe 'p:main' -- ./prog`");
@@ -78,24 +90,57 @@ pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, outp
     }
 }
 
-fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> Result<ExitCode, String> {
+/// `dynprobe probe -p PID`.
+fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let duration = args.duration.as_deref().map(parse_duration).transpose()?;
+    let lines = spec_lines(&args.specs)?;
+    let agent = agent_path()?;
+    let mut printer = printer(&args.output)?;
+    let request = attach::Request { pid, specs: &lines, optimize: !args.no_optimize, duration, agent: &agent, started };
+    let result = attach::run(&request, &mut printer);
+    let _ = printer.flush();
+    result
+}
+
+/// `--duration`: a duration with a unit, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let with_unit = match text.trim().ends_with(|c: char| c.is_ascii_digit()) {
+        true => format!("{}s", text.trim()),
+        false => text.trim().to_string(),
+    };
+    crate::trace::filter::parse_duration(&with_unit)
+        .map(std::time::Duration::from_nanos)
+        .map_err(|e| format!("--duration: {e}"))
+}
+
+/// Parses every spec (a syntax error stops here, with its column) and gives each as one
+/// line: a spec from the command line could hold a newline, which is only white space to
+/// the grammar but would split it in two for the agent.
+fn spec_lines(specs: &[String]) -> Result<Vec<String>, String> {
     let parsed = specs
         .iter()
         .map(|text| ProbeSpec::parse(text))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
-    let agent = agent_path()?;
+    Ok(parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect())
+}
+
+/// The printer `output` asks for.
+fn printer(output: &OutputArgs) -> Result<Printer, String> {
     let out: Box<dyn Write> = match &output.file {
         Some(path) => Box::new(BufWriter::new(
             File::create(path).map_err(|e| format!("cannot create `{}`: {e}", path.display()))?,
         )),
         None => Box::new(BufWriter::new(io::stdout())),
     };
-    let mut printer = Printer::new(out, output.json, dynprobe::monotonic_ns());
-    // One spec a line: a spec from the command line could hold a newline, which is only
-    // white space to the grammar but would split it in two for the agent.
-    let lines: Vec<String> =
-        parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    Ok(Printer::new(out, output.json, dynprobe::monotonic_ns()))
+}
+
+fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> Result<ExitCode, String> {
+    let lines = spec_lines(specs)?;
+    let agent = agent_path()?;
+    let mut printer = printer(output)?;
     let mut env = vec![("DYNPROBE_PROBES", OsString::from(lines.join("\n")))];
     if !optimize {
         env.push(("DYNPROBE_OPTIMIZE", OsString::from("0")));

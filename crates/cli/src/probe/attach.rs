@@ -1,0 +1,563 @@
+//! `dynprobe probe -p PID`: probing a process that is already running.
+//!
+//! 1. A control socket is made in a fresh directory only the target's user can enter.
+//! 2. The agent library is loaded into the target by a `dlopen` the target is made to
+//!    call through ptrace, and then its `dynprobe_attach(socket)` is called the same way
+//!    (`dynprobe_remote::inject_library`); ptrace lets go right after.
+//! 3. The agent connects; the CLI accepts only the target itself (`SO_PEERCRED`), sends
+//!    the specs and an event pipe, and relays hits until Ctrl-C, `--duration`, or the
+//!    target's exit. Detaching asks the agent to remove every probe and waits for it to
+//!    say so. If this CLI dies instead, the agent sees the socket close and does the same.
+//!
+//! The control protocol is described in the agent's `attach` module.
+
+use super::output::{Message, Printer};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long the agent has to connect after `dynprobe_attach` returned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent has to place the probes (symbol tables, optimizer) and to remove
+/// them at detach.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The event pipe's size: room for ~16,000 lines while the CLI is behind.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// What `dynprobe probe -p` was asked to do.
+pub(crate) struct Request<'a> {
+    /// The target.
+    pub pid: i32,
+    /// The specs, one a line, as the agent parses them.
+    pub specs: &'a [String],
+    /// False keeps every probe a breakpoint probe.
+    pub optimize: bool,
+    /// Detach after this long.
+    pub duration: Option<Duration>,
+    /// The agent library.
+    pub agent: &'a Path,
+    /// When `dynprobe` started, for the attach time it reports.
+    pub started: Instant,
+}
+
+/// Attaches, relays hits to `printer` until it is time to detach, and detaches. `Err` is a
+/// message for the user; by then nothing is left in the target.
+pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String> {
+    let name = process_name(request.pid)?;
+    let socket = ControlSocket::listen(request.pid)?;
+    let injected =
+        dynprobe_remote::inject_library(request.pid, request.agent, "dynprobe_attach", &socket.path.to_string_lossy())
+            .map_err(|e| format!("cannot attach to {} ({name}): {e}", request.pid))?;
+    if injected.entry_return != 0 {
+        return Err(attach_refused(request.pid, &name, -injected.entry_return));
+    }
+    let control = socket.accept(request.pid)?;
+    let events = EventPipe::new()?;
+    control.send_setup(request, &events)?;
+    let mut session =
+        Session { pid: request.pid, name: &name, control, events: events.read, printer, lines: Vec::new(), lost: 0 };
+    session.relay(request)
+}
+
+/// The message for a negative errno from `dynprobe_attach`.
+fn attach_refused(pid: i32, name: &str, errno: i32) -> String {
+    match errno {
+        libc::EBUSY => {
+            format!("{pid} ({name}) already has a dynprobe session: detach that one first (Ctrl-C in its dynprobe)")
+        }
+        libc::EACCES => format!("the agent in {pid} ({name}) refused the control socket: it belongs to another user"),
+        errno => format!("the agent in {pid} ({name}) could not start: {}", io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// The target's command name, which also tells whether it exists.
+fn process_name(pid: i32) -> Result<String, String> {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => Ok(comm.trim_end().to_string()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!("no process with pid {pid}")),
+        Err(e) => Err(format!("cannot read /proc/{pid}/comm: {e}")),
+    }
+}
+
+/// The listening control socket, in a directory of its own that is removed with it.
+struct ControlSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: OwnedFd,
+}
+
+impl ControlSocket {
+    /// A socket only `pid`'s user (and root) can reach: the directory is mode 0700 and,
+    /// when dynprobe runs as root for another user's process, owned by that user.
+    fn listen(pid: i32) -> Result<ControlSocket, String> {
+        let template = std::env::temp_dir().join("dynprobe-XXXXXX");
+        let mut template =
+            CString::new(template.as_os_str().as_bytes()).map_err(|e| e.to_string())?.into_bytes_with_nul();
+        // SAFETY: mkdtemp rewrites the XXXXXX of the NUL-terminated buffer in place.
+        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
+            return Err(format!("cannot make a directory for the control socket: {}", io::Error::last_os_error()));
+        }
+        template.pop();
+        let dir = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(template));
+        let socket = ControlSocket::bind(dir.clone(), pid);
+        if socket.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        socket
+    }
+
+    fn bind(dir: PathBuf, pid: i32) -> Result<ControlSocket, String> {
+        let path = dir.join("control");
+        // SAFETY: plain socket creation.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+        if fd == -1 {
+            return Err(format!("cannot make the control socket: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: the descriptor was just created and is ours alone.
+        let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (addr, len) = sockaddr(&path)?;
+        // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
+        if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } == -1
+            // SAFETY: listen on our bound socket.
+            || unsafe { libc::listen(fd, 1) } == -1
+        {
+            return Err(format!("cannot listen on {}: {}", path.display(), io::Error::last_os_error()));
+        }
+        let socket = ControlSocket { dir, path, listener };
+        socket.hand_to_owner_of(pid)?;
+        Ok(socket)
+    }
+
+    /// As root, gives the directory and socket to the target's user, so its agent can
+    /// connect while nobody else can.
+    fn hand_to_owner_of(&self, pid: i32) -> Result<(), String> {
+        let owner = std::fs::metadata(format!("/proc/{pid}"))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .map_err(|_| format!("no process with pid {pid}"))?;
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 || owner == 0 {
+            return Ok(());
+        }
+        for path in [&self.dir, &self.path] {
+            std::os::unix::fs::chown(path, Some(owner), None)
+                .map_err(|e| format!("cannot give {} to uid {owner}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the agent of `pid` to connect; a connection from any other process is
+    /// closed and waited past.
+    fn accept(&self, pid: i32) -> Result<Control, String> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !wait_readable(self.listener.as_raw_fd(), left) {
+                return Err(format!(
+                    "the agent loaded into {pid} did not connect within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ));
+            }
+            // SAFETY: accept4 on our listening socket; the peer address is not wanted.
+            let fd = unsafe {
+                libc::accept4(self.listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+            };
+            if fd == -1 {
+                continue;
+            }
+            // SAFETY: accept4 returned a new descriptor, ours alone.
+            let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+            if peer_pid(conn.as_raw_fd()) == Some(pid) {
+                return Ok(Control { fd: conn });
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `sockaddr_un` for `path`.
+fn sockaddr(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t), String> {
+    // SAFETY: sockaddr_un is plain data; all zeros is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(format!("the socket path {} is too long (set TMPDIR to a shorter directory)", path.display()));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    Ok((addr, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+}
+
+/// The pid of the process at the other end of a connected socket.
+fn peer_pid(fd: RawFd) -> Option<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable ucred and `len` its size.
+    let got = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    (got == 0).then_some(cred.pid)
+}
+
+/// Whether `fd` becomes readable within `timeout`.
+fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one initialized pollfd.
+    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+}
+
+/// The event pipe: the agent gets both ends (it holds the read end open so that a hit
+/// after this CLI died meets a full pipe, never `SIGPIPE`); the CLI keeps the read end.
+struct EventPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl EventPipe {
+    fn new() -> Result<EventPipe, String> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 stores.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+            return Err(format!("cannot make the event pipe: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntls on our own descriptors. A bigger pipe is best effort (the
+        // system's pipe-max-size may forbid it); the write end never blocks a hit.
+        unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+            libc::fcntl(write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        }
+        Ok(EventPipe { read, write })
+    }
+}
+
+/// The accepted control connection.
+struct Control {
+    fd: OwnedFd,
+}
+
+impl Control {
+    /// Sends `attach`, the options and the specs, with the event pipe's two ends.
+    fn send_setup(&self, request: &Request, events: &EventPipe) -> Result<(), String> {
+        let mut text = String::from("attach\n");
+        if !request.optimize {
+            text.push_str("optimize 0\n");
+        }
+        for spec in request.specs {
+            text.push_str(spec);
+            text.push('\n');
+        }
+        let fds = [events.write.as_raw_fd(), events.read.as_raw_fd()];
+        let mut iov = libc::iovec { iov_base: text.as_ptr() as *mut _, iov_len: text.len() };
+        let mut cmsg = [0u64; 8];
+        // SAFETY: msghdr is plain data; all zeros is valid before the fields are set.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a size computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(&fds) as u32) } as usize;
+        // SAFETY: the control buffer is large enough for one SCM_RIGHTS header with two
+        // descriptors (CMSG_SPACE of 8 bytes is 24 bytes; the buffer has 64); the CMSG_*
+        // macros stay inside it.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&fds) as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(header).cast::<RawFd>(), fds.len());
+        }
+        // SAFETY: `msg` describes live buffers; MSG_NOSIGNAL: a gone agent gives EPIPE.
+        if unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } == -1 {
+            return Err(format!("cannot send the probes to the agent: {}", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn send(&self, text: &str) {
+        // SAFETY: sends a live byte slice; MSG_NOSIGNAL as above.
+        unsafe { libc::send(self.fd.as_raw_fd(), text.as_ptr().cast(), text.len(), libc::MSG_NOSIGNAL) };
+    }
+
+    /// One message, or `None` once the agent closed the socket.
+    fn receive(&self) -> Option<String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // SAFETY: receives into a live buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            let err = io::Error::last_os_error();
+            return match n == -1 && err.kind() == io::ErrorKind::WouldBlock {
+                true => Some(String::new()),
+                false => None,
+            };
+        }
+        buf.truncate(n as usize);
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// The signals that end a session (Ctrl-C, `kill`, a closed terminal), read from a
+/// signalfd so that the relay loop sees them as one more descriptor.
+struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    fn block() -> Result<Signals, String> {
+        // SAFETY: builds a signal set on the stack and blocks it for this (only) thread,
+        // then makes a signalfd for it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, signal);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd == -1 {
+                return Err(format!("signalfd: {}", io::Error::last_os_error()));
+            }
+            Ok(Signals { fd: OwnedFd::from_raw_fd(fd) })
+        }
+    }
+
+    /// Consumes the pending signals; true if there was one.
+    fn take(&self) -> bool {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        let mut any = false;
+        // SAFETY: reads whole siginfo records into a buffer of that size.
+        while unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {
+            any = true;
+        }
+        any
+    }
+}
+
+/// Whether the target has exited (a zombie counts), the socket's closing being ambiguous.
+fn exited(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
+    match pidfd {
+        Some(fd) => wait_readable(fd.as_raw_fd(), Duration::from_millis(100)),
+        None => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))),
+    }
+}
+
+/// Where a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `!ready` (or `!error`).
+    Placing,
+    /// Relaying hits.
+    Running,
+    /// `detach` sent; waiting for `!detached`.
+    Detaching,
+}
+
+/// What a control message means for the session.
+enum Step {
+    /// Nothing changes.
+    Stay,
+    /// `!ready`: every probe is placed (or pending).
+    Ready,
+    /// `!detached`: every probe is removed; the session is over.
+    Detached,
+}
+
+/// A session after the agent connected.
+struct Session<'a> {
+    pid: i32,
+    name: &'a str,
+    control: Control,
+    events: OwnedFd,
+    printer: &'a mut Printer,
+    /// An incomplete last line read from the event pipe.
+    lines: Vec<u8>,
+    /// Events the agent reported dropped.
+    lost: u64,
+}
+
+impl Session<'_> {
+    fn relay(&mut self, request: &Request) -> Result<(), String> {
+        let signals = Signals::block()?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        // SAFETY: the descriptor (when there is one) was just returned and is ours alone.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        let mut phase = Phase::Placing;
+        let mut deadline = Some(Instant::now() + AGENT_TIMEOUT);
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: self.control.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+            ];
+            let ms = deadline.map_or(-1, |at| {
+                at.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as libc::c_int
+            });
+            // SAFETY: `fds` is an array of four initialized pollfds (a negative fd is ignored).
+            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) } == -1 {
+                continue;
+            }
+            if fds[1].revents != 0 {
+                self.read_events();
+            }
+            if fds[0].revents != 0 {
+                loop {
+                    let message = match self.control.receive() {
+                        Some(message) if message.is_empty() => break,
+                        Some(message) => message,
+                        None => {
+                            self.read_events();
+                            if exited(self.pid, pidfd.as_ref()) {
+                                eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
+                                return Ok(());
+                            }
+                            return Err(format!(
+                                "the agent in {} ({}) ended the session unexpectedly",
+                                self.pid, self.name
+                            ));
+                        }
+                    };
+                    match self.control_message(&message, request)? {
+                        Step::Stay => {}
+                        Step::Ready => {
+                            phase = Phase::Running;
+                            deadline = request.duration.map(|d| Instant::now() + d);
+                        }
+                        Step::Detached => {
+                            self.read_events();
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let _ = self.printer.flush();
+            if fds[3].revents != 0 {
+                self.read_events();
+                eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
+                return Ok(());
+            }
+            let interrupted = fds[2].revents != 0 && signals.take();
+            let timed_out = deadline.is_some_and(|at| Instant::now() >= at);
+            match phase {
+                Phase::Placing | Phase::Detaching if timed_out => {
+                    return Err(format!(
+                        "the agent in {} ({}) did not answer within {} s",
+                        self.pid,
+                        self.name,
+                        AGENT_TIMEOUT.as_secs()
+                    ))
+                }
+                Phase::Detaching if interrupted => {
+                    eprintln!("dynprobe: still detaching: waiting for the agent to restore every probed byte")
+                }
+                Phase::Placing | Phase::Running if interrupted || timed_out => {
+                    self.control.send("detach");
+                    phase = Phase::Detaching;
+                    deadline = Some(Instant::now() + AGENT_TIMEOUT);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Acts on one message of the agent's.
+    fn control_message(&mut self, message: &str, request: &Request) -> Result<Step, String> {
+        let (word, rest) = message.split_once(' ').unwrap_or((message, ""));
+        match word {
+            "!ready" => {
+                let mut counts = rest.split(' ').map(|n| n.parse::<usize>().unwrap_or(0));
+                let (placed, pending) = (counts.next().unwrap_or(0), counts.next().unwrap_or(0));
+                let ms = request.started.elapsed().as_secs_f64() * 1e3;
+                let waiting = match pending {
+                    0 => String::new(),
+                    n => format!(", {n} waiting for their library"),
+                };
+                eprintln!(
+                    "dynprobe: attached to {} ({}) in {ms:.1} ms: {placed} probe{} placed{waiting}; Ctrl-C to detach",
+                    self.pid,
+                    self.name,
+                    if placed == 1 { "" } else { "s" }
+                );
+                Ok(Step::Ready)
+            }
+            "!error" => Err(format!(
+                "cannot place probe {rest}; nothing was left in {} ({}), which goes on running",
+                self.pid, self.name
+            )),
+            "!pending" => {
+                eprintln!("dynprobe: probe {rest}: it is placed when the library is loaded");
+                Ok(Step::Stay)
+            }
+            "!placed" => {
+                eprintln!("dynprobe: probe `{rest}` placed: its library was loaded");
+                Ok(Step::Stay)
+            }
+            "!warning" => {
+                eprintln!("dynprobe: warning: {rest}");
+                Ok(Step::Stay)
+            }
+            "!lost" => {
+                self.lost = rest.trim().parse().unwrap_or(self.lost);
+                Ok(Step::Stay)
+            }
+            "!detached" => {
+                let (lost, problem) = rest.split_once(' ').unwrap_or((rest, ""));
+                self.lost = lost.parse().unwrap_or(self.lost);
+                if self.lost > 0 {
+                    eprintln!(
+                        "dynprobe: warning: {} events were lost: {} hit the probes faster than they could be read",
+                        self.lost, self.name
+                    );
+                }
+                if !problem.is_empty() {
+                    return Err(format!("detached from {} ({}) {problem}", self.pid, self.name));
+                }
+                eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
+                Ok(Step::Detached)
+            }
+            _ => {
+                eprintln!("dynprobe: unexpected message from the agent: {message}");
+                Ok(Step::Stay)
+            }
+        }
+    }
+
+    /// Reads what the event pipe holds and prints every complete line.
+    fn read_events(&mut self) {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            // SAFETY: reads into a local buffer; the pipe's read end is non-blocking.
+            let n = unsafe { libc::read(self.events.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            self.lines.extend_from_slice(&buf[..n as usize]);
+            let complete = self.lines.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let text = String::from_utf8_lossy(&self.lines[..complete]).into_owned();
+            self.lines.drain(..complete);
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                match Message::parse(line) {
+                    Message::Hit(hit) => {
+                        // A closed `| head`: keep reading, so the agent's pipe drains.
+                        let _ = self.printer.hit(&hit);
+                    }
+                    _ => eprintln!("dynprobe: unexpected line from the agent: {line}"),
+                }
+            }
+        }
+    }
+}

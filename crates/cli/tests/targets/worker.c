@@ -1,0 +1,115 @@
+/* The target of the attach tests: a multi-threaded program that is already running when
+ * dynprobe attaches to it.
+ *
+ * It prints "ready <pid>" and then obeys lines on stdin (so it waits in `read`, a system
+ * call an injected call can interrupt and restart):
+ *   go     four threads each make ROUNDS calls of mix() and label(), then it prints
+ *          "checksum <hex>" — the same in every round and every run, probed or not
+ *   load P dlopen()s the library P and prints "plugin <plugin_work(7)>"
+ *   quit   it exits with status 0
+ * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
+ * test can compare the probe events with what the program really did:
+ *   mix <tid> <seed> <round> <result>
+ *   label <tid> <name> <weight> <result>
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define THREADS 4
+#define ROUNDS 300
+
+struct item {
+	long id;
+	int weight;
+};
+
+static FILE *log_file;
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+
+__attribute__((noinline)) long mix(long seed, int round)
+{
+	unsigned long h = (unsigned long)seed * 0x9e3779b97f4a7c15ul;
+	for (int i = 0; i < round % 7 + 1; i++)
+		h ^= h >> 29, h *= 0xbf58476d1ce4e5b9ul;
+	return (long)(h >> 1);
+}
+
+__attribute__((noinline)) int label(const char *name, const struct item *item)
+{
+	return (int)strlen(name) * 1000 + item->weight;
+}
+
+static void log_line(const char *fmt, long a, long b, long c, const char *s)
+{
+	pthread_mutex_lock(&log_lock);
+	if (s)
+		fprintf(log_file, fmt, (long)gettid(), s, b, c);
+	else
+		fprintf(log_file, fmt, (long)gettid(), a, b, c);
+	pthread_mutex_unlock(&log_lock);
+}
+
+static void *work(void *arg)
+{
+	long t = (long)arg;
+	unsigned long sum = 0;
+	char name[32];
+	for (int i = 0; i < ROUNDS; i++) {
+		long seed = t * 100000 + i;
+		long m = mix(seed, i);
+		log_line("mix %ld %ld %ld %ld\n", seed, i, m, NULL);
+		struct item item = { .id = seed, .weight = (int)(seed % 97) - 40 };
+		snprintf(name, sizeof name, "item-%ld-%d", t, i);
+		int l = label(name, &item);
+		log_line("label %ld %s %ld %ld\n", 0, item.weight, l, name);
+		sum += (unsigned long)m ^ (unsigned long)l;
+		/* Slow enough for the reader: ~2,400 events per round of the four threads. */
+		usleep(200);
+	}
+	return (void *)sum;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		fprintf(stderr, "usage: worker LOGFILE\n");
+		return 2;
+	}
+	log_file = fopen(argv[1], "a");
+	if (!log_file)
+		return 2;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready %d\n", (int)getpid());
+	char line[4096];
+	while (fgets(line, sizeof line, stdin)) {
+		if (strncmp(line, "quit", 4) == 0)
+			break;
+		if (strncmp(line, "load ", 5) == 0) {
+			line[strcspn(line, "\n")] = 0;
+			void *lib = dlopen(line + 5, RTLD_NOW);
+			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
+			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "go", 2) != 0)
+			continue;
+		pthread_t threads[THREADS];
+		unsigned long checksum = 0;
+		for (long t = 0; t < THREADS; t++)
+			pthread_create(&threads[t], NULL, work, (void *)(t + 1));
+		for (long t = 0; t < THREADS; t++) {
+			void *sum;
+			pthread_join(threads[t], &sum);
+			checksum = checksum * 31 + (unsigned long)sum;
+		}
+		fflush(log_file);
+		printf("checksum %lx\n", checksum);
+	}
+	fclose(log_file);
+	return 0;
+}
