@@ -7,6 +7,7 @@
 //! tracer row runs a program under the tracer, which times its own calls ([`program`]).
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
+mod attach;
 mod marker;
 mod measure;
 mod program;
@@ -103,6 +104,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         }
         Measure::Program(tracer) => program::measure(tracer, plan),
         Measure::SiteBatch => program::measure_site_batch(),
+        Measure::Attach => attach::measure_attach(),
     })
 }
 

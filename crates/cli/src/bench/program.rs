@@ -219,7 +219,7 @@ fn uftrace_losses(stderr: &str) -> Option<String> {
 }
 
 /// The last few lines of a command's output, on one line, for an error message.
-fn last_lines(text: &str) -> String {
+pub(super) fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
     if tail.is_empty() {

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::measure::Timing;
-use super::rows::{Row, KERNEL_UPROBE, SIGTRAP_FLOOR};
+use super::rows::{Measure, Row, KERNEL_UPROBE, SIGTRAP_FLOOR};
 
 /// The reference rows that get a column of their own in the table; ratios to others are
 /// in the note (and all of them in the JSON).
@@ -27,6 +27,9 @@ struct ReportRow {
     /// Median nanoseconds per call, instrumentation included.
     #[serde(skip_serializing_if = "Option::is_none")]
     ns_per_call: Option<f64>,
+    /// Milliseconds, for a row whose figure is one operation's duration (`attach-ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ms: Option<f64>,
     /// Why the row has no number.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -63,6 +66,7 @@ impl Report {
                     name: row.name,
                     ns_per_hit: None,
                     ns_per_call: None,
+                    ms: None,
                     error: None,
                     ratios: BTreeMap::new(),
                     calls_per_batch: None,
@@ -78,6 +82,9 @@ impl Report {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
+                        if matches!(row.measure, Measure::Attach) {
+                            report.ms = Some(round(timing.ns_per_call() / 1e6, 100.0));
+                        }
                         report.calls_per_batch = Some(timing.calls_per_batch);
                         report.batches_ns_per_call = timing.batches.iter().map(|&ns| round(ns, 100.0)).collect();
                         if let Some(remark) = &timing.remark {

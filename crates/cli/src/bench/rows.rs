@@ -74,6 +74,8 @@ pub enum Measure {
     /// `dynprobe record` of a program with 10,000 NOP sites: the time of their one batch
     /// of patches, per site.
     SiteBatch,
+    /// `dynprobe probe -p` attaching to a running process: nanoseconds per attach.
+    Attach,
 }
 
 impl Row {
@@ -84,7 +86,7 @@ impl Row {
         match self.measure {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
-            Measure::SiteBatch => None,
+            Measure::SiteBatch | Measure::Attach => None,
         }
     }
 }
@@ -198,6 +200,12 @@ pub static ROWS: &[Row] = &[
         name: "enable-sites",
         about: "dynprobe record turning 10,000 mcount NOPs into calls in one batch (one stop), ns per site",
         measure: Measure::SiteBatch,
+        compare_to: &[],
+    },
+    Row {
+        name: "attach-ms",
+        about: "dynprobe probe -p of a running process: command start to probe armed (ns per attach)",
+        measure: Measure::Attach,
         compare_to: &[],
     },
     Row {
