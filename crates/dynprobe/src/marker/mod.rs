@@ -129,11 +129,7 @@ impl Marker {
             handle.probes.push(probe);
             handle.sites.push(site);
         }
-        dynprobe_probe::wait_for_optimizer().map_err(|error| MarkerError::Probe {
-            site: "the optimizer".to_string(),
-            addr: 0,
-            error,
-        })?;
+        dynprobe_probe::wait_for_optimizer().map_err(MarkerError::Optimizer)?;
         Ok(handle)
     }
 }
@@ -387,6 +383,9 @@ pub enum MarkerError {
     },
     /// The modules or their markers could not be read.
     Symbols(SymbolError),
+    /// The probes were placed but the optimizer's pass that turns them into jumps failed
+    /// (a thread that would not stop); they were removed again.
+    Optimizer(ProbeError),
     /// The probe on a site could not be placed or removed.
     Probe {
         /// The marker's `provider:name`.
@@ -413,7 +412,7 @@ impl fmt::Display for MarkerError {
                 }
             }
             MarkerError::Symbols(e) => write!(f, "reading the process's markers: {e}"),
-            MarkerError::Probe { site, addr: 0, error } => write!(f, "{site}: {error}"),
+            MarkerError::Optimizer(e) => write!(f, "optimizing the markers' probes into jumps: {e}"),
             MarkerError::Probe { site, addr, error } => write!(f, "marker `{site}` at {addr:#x}: {error}"),
         }
     }
