@@ -1,0 +1,294 @@
+//! The ptrace fallback against a statically linked, multi-threaded C program
+//! (`targets/static_work.c`), driven through the crate's `dynprobe-uprobes` binary, which
+//! runs the tracer in its own process as the CLI does.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+
+const TRACER: &str = env!("CARGO_BIN_EXE_dynprobe-uprobes");
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dynprobe-uprobes-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Compiles `source` statically, once per test run.
+fn build(source: &str, name: &str) -> PathBuf {
+    let out = scratch().join(name);
+    let status = Command::new("cc")
+        .args(["-static", "-O1", "-fno-inline", "-fcf-protection=none", "-pthread", "-o"])
+        .arg(&out)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(source))
+        .status()
+        .expect("cannot run cc");
+    assert!(status.success(), "cc -static {source} failed (is the static glibc, libc6-dev, installed?)");
+    out
+}
+
+fn target() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("tests/targets/static_work.c", "static_work"))
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    a.wrapping_mul(31).wrapping_add(b ^ 0x5bd1e995)
+}
+
+fn fold(x: u64, k: u64) -> u64 {
+    ((x >> 3).wrapping_add(k.wrapping_mul(7))) ^ mix(x, k)
+}
+
+/// Every (x, k) one run passes to fold (and fold to mix).
+fn calls(threads: u64, rounds: u64) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> =
+        (0..threads).flat_map(|t| (0..rounds).map(move |i| (t * 1000003 + i, i & 7))).collect();
+    all.sort_unstable();
+    all
+}
+
+/// The checksum line of an unprobed run.
+fn unprobed(threads: u64, rounds: u64, wait: u8) -> String {
+    let mut child = Command::new(target())
+        .args([threads.to_string(), rounds.to_string(), wait.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_string()
+}
+
+/// The target started and waiting for "go", with its pid.
+struct Program {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    pid: i32,
+}
+
+impl Program {
+    fn start(threads: u64, rounds: u64, wait: u8) -> Program {
+        let mut child = Command::new(target())
+            .args([threads.to_string(), rounds.to_string(), wait.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("waiting ").unwrap().parse().unwrap();
+        Program { child, stdin, stdout, pid }
+    }
+
+    fn go(&mut self) {
+        self.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    /// Its checksum line, once it finished with status 0.
+    fn finish(mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(self.child.wait().unwrap().success());
+        line.trim().to_string()
+    }
+}
+
+/// The tracer process: protocol lines from its stdout, control through its stdin.
+struct Tracer {
+    child: Child,
+    control: Option<ChildStdin>,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Tracer {
+    fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(TRACER).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let control = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        Tracer { child, control, lines }
+    }
+
+    fn attach(pid: i32, specs: &[&str]) -> Tracer {
+        let pid = pid.to_string();
+        let mut args = vec!["-p", pid.as_str()];
+        args.extend(specs);
+        Tracer::start(&args)
+    }
+
+    fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        (self.lines.read_line(&mut line).unwrap() > 0).then(|| line.trim_end().to_string())
+    }
+
+    /// Every line until the tracer's output ends, and whether it exited successfully.
+    fn rest(mut self) -> (Vec<String>, bool) {
+        let mut all = Vec::new();
+        while let Some(line) = self.line() {
+            all.push(line);
+        }
+        drop(self.control.take());
+        (all, self.child.wait().unwrap().success())
+    }
+}
+
+/// `name=value` fields of a hit line, by event.
+fn hits<'a>(lines: &'a [String], event: &str) -> Vec<HashMap<&'a str, &'a str>> {
+    lines
+        .iter()
+        .filter(|l| l.split(' ').nth(2) == Some(event))
+        .map(|l| l.split(' ').skip(3).map(|w| w.split_once('=').unwrap()).collect())
+        .collect()
+}
+
+fn num(text: &str) -> u64 {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+        None => text.parse().unwrap(),
+    }
+}
+
+const SPECS: [&str; 4] = ["p:mix a=$arg1 b=$arg2", "r:mix r=$retval:x64", "p:fold x=$arg1 k=$arg2", "r:fold r=$retval"];
+
+/// Checks the four probes' events against what a run of `threads` × `rounds` did.
+fn check_events(lines: &[String], threads: u64, rounds: u64) {
+    let expected = calls(threads, rounds);
+    let pairs = |event: &str, a: &str, b: &str| {
+        let mut got: Vec<(u64, u64)> = hits(lines, event).iter().map(|h| (num(h[a]), num(h[b]))).collect();
+        got.sort_unstable();
+        got
+    };
+    assert_eq!(pairs("mix", "a", "b"), expected, "mix's arguments");
+    assert_eq!(pairs("fold", "x", "k"), expected, "fold's arguments");
+    let returns = |event: &str, f: fn(u64, u64) -> u64| {
+        let mut got: Vec<u64> = hits(lines, event).iter().map(|h| num(h["r"])).collect();
+        got.sort_unstable();
+        let mut want: Vec<u64> = expected.iter().map(|&(x, k)| f(x, k)).collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "{event}'s return values");
+    };
+    returns("mix__return", mix);
+    returns("fold__return", fold);
+}
+
+#[test]
+fn attached_probes_see_every_call_with_its_arguments_and_return_value() {
+    let (threads, rounds) = (4, 300);
+    let reference = unprobed(threads, rounds, 1);
+    let mut program = Program::start(threads, rounds, 1);
+    let mut tracer = Tracer::attach(program.pid, &SPECS);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 4"));
+    program.go();
+    // Read the events meanwhile: a full pipe would hold the tracer, and the program with it.
+    let events = std::thread::spawn(move || tracer.rest());
+    let checksum = program.finish();
+    let (lines, ok) = events.join().unwrap();
+    assert!(ok);
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    check_events(&lines, threads, rounds);
+    // Same work, same signals delivered (every 64th round raises SIGUSR1).
+    assert_eq!(checksum, reference);
+    assert!(checksum.contains(&format!("signals={}", threads * (rounds / 64))), "{checksum}");
+}
+
+#[test]
+fn a_started_program_is_probed_from_its_first_instruction() {
+    let (threads, rounds) = (3, 100);
+    let out = scratch().join("command.txt");
+    let reference = unprobed(threads, rounds, 0);
+    let mut args: Vec<&str> = SPECS.to_vec();
+    let (t, r) = (threads.to_string(), rounds.to_string());
+    args.extend(["--", target().to_str().unwrap(), &t, &r, "0", out.to_str().unwrap()]);
+    let mut tracer = Tracer::start(&args);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 4"));
+    let (lines, ok) = tracer.rest();
+    assert!(ok);
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    check_events(&lines, threads, rounds);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), reference);
+}
+
+/// Attaches to a long run, lets `hits` events come, then ends control with `end`; the
+/// program must finish with the unprobed checksum.
+fn detach_midway(end: fn(&mut Tracer)) {
+    let (threads, rounds) = (4, 2000);
+    let reference = unprobed(threads, rounds, 2);
+    let mut program = Program::start(threads, rounds, 2);
+    let mut tracer = Tracer::attach(program.pid, &SPECS);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 4"));
+    program.go();
+    for _ in 0..400 {
+        let line = tracer.line().expect("events");
+        assert!(!line.starts_with('!'), "{line}");
+    }
+    end(&mut tracer);
+    let events = std::thread::spawn(move || tracer.rest());
+    assert_eq!(program.finish(), reference);
+    let (lines, ok) = events.join().unwrap();
+    assert!(ok);
+    assert!(lines.iter().all(|l| !l.starts_with("!exited")), "the program ended before detaching");
+}
+
+#[test]
+fn detaching_midway_leaves_the_program_unharmed() {
+    detach_midway(|t| t.control.as_mut().unwrap().write_all(b"detach\n").unwrap());
+}
+
+#[test]
+fn a_dead_controller_closing_the_control_pipe_detaches_cleanly() {
+    detach_midway(|t| drop(t.control.take()));
+}
+
+/// A refused spec gives one `!error` line and a failing tracer, and the program runs on
+/// untouched; returns the message.
+fn refused(spec: &str) -> String {
+    let (threads, rounds) = (2, 100);
+    let reference = unprobed(threads, rounds, 1);
+    let mut program = Program::start(threads, rounds, 1);
+    // A valid probe first: it must be taken back too.
+    let tracer = Tracer::attach(program.pid, &["p:fold", spec]);
+    let (lines, ok) = tracer.rest();
+    assert!(!ok);
+    program.go();
+    assert_eq!(program.finish(), reference);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let prefix = format!("!error {spec}: ");
+    lines[0].strip_prefix(&prefix).unwrap_or_else(|| panic!("{lines:?}")).to_string()
+}
+
+#[test]
+fn an_unknown_symbol_is_refused_with_suggestions() {
+    assert_eq!(refused("p:mxi"), "unknown symbol `mxi`; did you mean `mix`?");
+}
+
+#[test]
+fn an_offset_inside_an_instruction_is_refused() {
+    // mix starts with `mov %rdi,%rax` (3 bytes) at -O1.
+    let message = refused("p:mix+1");
+    assert!(message.contains("is inside the instruction at") && message.contains("mov"), "{message}");
+}
+
+#[test]
+fn a_missing_process_is_a_clear_error() {
+    let out = Command::new(TRACER).args(["-p", "999999999", "p:mix"]).stdin(Stdio::piped()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no process with pid 999999999") || stderr.contains("999999999"), "{stderr}");
+}
+
+#[test]
+fn the_benchmark_counts_every_hit() {
+    let program = build("bench/ptrace_probe.c", "ptrace_probe");
+    let out = Command::new(TRACER).arg("--bench").arg(&program).arg("20000").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("hits=20000"), "{text}");
+    eprintln!("ptrace-probe: {text}");
+}
