@@ -8,9 +8,9 @@
 //! ```text
 //! CLI → agent   attach\n[optimize 0\n]<spec>\n<spec>...   with the event pipe's two ends (SCM_RIGHTS)
 //!               detach
-//! agent → CLI   !ready <placed> <pending>                 every probe placed, or pending
+//! agent → CLI   !pending <spec>: <why>                    (before !ready) its module is not loaded yet
+//!               !ready <placed>                           every other probe is placed
 //!               !error <spec>: <why>                      refused: nothing is left placed, the session ends
-//!               !pending <spec>: <why>                    its module is not loaded yet
 //!               !placed <spec>                            a pending probe's module was loaded: placed now
 //!               !lost <n>                                 events dropped so far (a full pipe)
 //!               !warning <text>                           something the user should know
@@ -33,11 +33,7 @@
 //! turn checks that the peer is the process it attached to.
 
 use crate::channel::Channel;
-use crate::dlopen::{self, ModuleWatch};
-use crate::place::{place, Placed};
-use dynprobe::spec::ProbeSpec;
-use dynprobe::Location;
-use dynprobe_symbols::{SymbolError, SymbolTable};
+use crate::probes::{ProbeSet, Report};
 use std::ffi::{c_char, c_int, CStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -250,12 +246,6 @@ fn receive_with_fds(fd: RawFd) -> Option<(String, Vec<OwnedFd>)> {
     Some((String::from_utf8_lossy(&buf).into_owned(), fds))
 }
 
-/// The probes of a session: placed ones, and those waiting for their module.
-struct Probes {
-    placed: Vec<Placed>,
-    pending: Vec<ProbeSpec>,
-}
-
 /// Places the probes, serves the socket until `detach` or until it closes, then removes
 /// every probe.
 fn run(control: &Control, setup: Setup) {
@@ -265,110 +255,40 @@ fn run(control: &Control, setup: Setup) {
     let channel = Channel::lossy(setup.write.as_raw_fd(), &LOST);
     // Only fails inside a handler, which this thread is not.
     let _ = dynprobe::set_optimization(setup.optimize);
-    let probes = Arc::new(Mutex::new(Probes { placed: Vec::new(), pending: Vec::new() }));
-    if let Err(refused) = place_all(&setup.specs, channel, &probes) {
-        let removed = remove_all(&probes);
-        control.send(&format!("!error {refused}{}", problem_suffix(&removed)));
-        return;
-    }
-    let watch = start_watch(control, channel, &probes);
+    let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
+        Ok(set) => Arc::new(Mutex::new(set)),
+        Err(refused) => return control.send(&format!("!error {refused}")),
+    };
+    let report: Report = {
+        let control = *control;
+        Box::new(move |line| control.send(line))
+    };
+    let watch = ProbeSet::watch_pending(&set, report).unwrap_or_else(|why| {
+        control.send(&format!("!warning the probes waiting for a library will not be placed: {why}"));
+        None
+    });
     // Jump-optimizes what was placed: the program's hits cost nanoseconds from here on.
     let _ = dynprobe::wait_for_optimizer();
     {
-        let probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-        for spec in &probes.pending {
-            control.send(&format!(
-                "!pending {}: module {} is not loaded yet",
-                spec.text,
-                module_of(spec).unwrap_or("?")
-            ));
-        }
-        control.send(&format!("!ready {} {}", probes.placed.len(), probes.pending.len()));
+        let set = set.lock().unwrap_or_else(|e| e.into_inner());
+        set.pending_lines().iter().for_each(|line| control.send(line));
+        control.send(&format!("!ready {}", set.placed()));
     }
     let detach_asked = serve(control);
     if let Some(watch) = watch {
         watch.stop();
     }
-    let removed = remove_all(&probes);
+    let problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
     if detach_asked {
-        control.send(&format!("!detached {}{}", LOST.load(Ordering::Relaxed), problem_suffix(&removed)));
+        let problems = match problems.is_empty() {
+            true => String::new(),
+            false => format!(" (while removing the probes: {})", problems.join("; ")),
+        };
+        control.send(&format!("!detached {}{problems}", LOST.load(Ordering::Relaxed)));
     }
     // The pipe closes only now: no handler can run any more.
     drop(setup.write);
     drop(setup.read);
-}
-
-/// Places every spec, or the specs whose module is not loaded yet become pending;
-/// `Err("<spec>: <why>")` on the first refusal.
-fn place_all(specs: &[String], channel: Channel, probes: &Mutex<Probes>) -> Result<(), String> {
-    let table = SymbolTable::current_process().map_err(|e| format!("attach: cannot read the symbol tables: {e}"))?;
-    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-    for text in specs {
-        let spec = ProbeSpec::parse(text).map_err(|e| format!("{text}: {e}"))?;
-        if module_missing(&spec, &table) {
-            probes.pending.push(spec);
-            continue;
-        }
-        let placed = place(&spec, channel).map_err(|why| format!("{text}: {}", why.replace('\n', " ")))?;
-        probes.placed.push(placed);
-    }
-    Ok(())
-}
-
-/// Watches `dlopen` when some probes wait for their module; those are placed, and the CLI
-/// told, as soon as it is loaded.
-fn start_watch(control: &Control, channel: Channel, probes: &Arc<Mutex<Probes>>) -> Option<ModuleWatch> {
-    if probes.lock().unwrap_or_else(|e| e.into_inner()).pending.is_empty() {
-        return None;
-    }
-    let control = *control;
-    let shared = Arc::clone(probes);
-    let on_load = move || place_pending(&control, channel, &shared);
-    match dlopen::watch(on_load) {
-        Ok(watch) => Some(watch),
-        Err(why) => {
-            control.send(&format!("!warning the pending probes cannot wait for their module: {why}"));
-            None
-        }
-    }
-}
-
-/// After a `dlopen`: places the pending probes whose module is there now.
-fn place_pending(control: &Control, channel: Channel, probes: &Mutex<Probes>) {
-    let Ok(table) = SymbolTable::current_process() else { return };
-    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-    let (ready, waiting): (Vec<ProbeSpec>, Vec<ProbeSpec>) =
-        std::mem::take(&mut probes.pending).into_iter().partition(|spec| !module_missing(spec, &table));
-    probes.pending = waiting;
-    if ready.is_empty() {
-        return;
-    }
-    for spec in ready {
-        match place(&spec, channel) {
-            Ok(placed) => {
-                probes.placed.push(placed);
-                control.send(&format!("!placed {}", spec.text));
-            }
-            Err(why) => control.send(&format!("!error {}: {}", spec.text, why.replace('\n', " "))),
-        }
-    }
-    // Still inside `dlopen`'s return: the program's first call into the library comes
-    // after this, and finds a jump.
-    let _ = dynprobe::wait_for_optimizer();
-}
-
-/// The module part of the spec's location (`libfoo` of `libfoo:f+8`).
-fn module_of(spec: &ProbeSpec) -> Option<&str> {
-    match &spec.location {
-        Location::Symbol(name) | Location::SymbolOffset(name, _) => name.split_once(':').map(|(module, _)| module),
-        Location::Address(_) => None,
-    }
-}
-
-/// Whether the spec names a module that is not loaded (yet).
-fn module_missing(spec: &ProbeSpec, table: &SymbolTable) -> bool {
-    let (Location::Symbol(name) | Location::SymbolOffset(name, _)) = &spec.location else { return false };
-    matches!(table.lookup(name), Err(SymbolError::UnknownModule { .. }))
 }
 
 /// Serves the socket until the CLI says `detach` (true) or is gone (false), reporting
@@ -400,21 +320,5 @@ fn serve(control: &Control) -> bool {
             control.send(&format!("!lost {lost}"));
             reported = lost;
         }
-    }
-}
-
-/// Unregisters every placed probe (restoring its bytes) and forgets the pending ones;
-/// the problems, if any probe could not be removed.
-fn remove_all(probes: &Mutex<Probes>) -> Vec<String> {
-    let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-    probes.pending.clear();
-    probes.placed.drain(..).filter_map(|placed| placed.unregister().err()).collect()
-}
-
-/// ` <problem>; <problem>` for a message, or nothing.
-fn problem_suffix(problems: &[String]) -> String {
-    match problems.is_empty() {
-        true => String::new(),
-        false => format!(" (while removing the probes: {})", problems.join("; ").replace('\n', " ")),
     }
 }

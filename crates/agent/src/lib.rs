@@ -5,9 +5,13 @@
 //! The protocol, on the pipe whose write end is `DYNPROBE_EVENT_FD`:
 //!
 //! ```text
-//! !ready <n>                        every probe of DYNPROBE_PROBES is placed; main runs next
+//! !pending <spec>: <why>            its library is not loaded yet: placed when a dlopen loads it
+//! !ready <n>                        every other probe of DYNPROBE_PROBES is placed; main runs next
 //! !error <spec>: <message>          a probe was refused; none is left placed and the
-//!                                   program exits with status 127 before main
+//!                                   program exits with status 127 before main (after
+//!                                   !ready: a pending probe refused once its library came)
+//! !placed <spec>                    a pending probe was placed, its library loaded
+//! !warning <text>                   something the user should know
 //! <mono_ns> <tid> <event> name=value...   one hit (CLOCK_MONOTONIC nanoseconds)
 //! ```
 //!
@@ -25,14 +29,16 @@ mod channel;
 mod dlopen;
 mod event;
 mod place;
+mod probes;
 mod record;
 
 use channel::Channel;
 // The line writer lives in `dynprobe`, shared with every backend; `crate::line` keeps
 // naming it here.
+use dlopen::ModuleWatch;
 use dynprobe::line;
-use dynprobe::spec::ProbeSpec;
-use place::Placed;
+use probes::{ProbeSet, Report};
+use std::sync::{Arc, Mutex};
 
 /// The environment variable holding the probe specs, one a line.
 pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
@@ -96,46 +102,33 @@ fn start() {
         // SAFETY: _exit ends the process at once, before main, as intended.
         unsafe { libc::_exit(EXIT_NOT_RUN) }
     });
-    match place_all(&probes, channel) {
-        Ok(handles) => {
-            let n = handles.len();
+    match ProbeSet::place_all(probes.lines(), channel) {
+        Ok(set) => {
+            let n = set.placed();
+            let pending = set.pending_lines();
+            let set = Arc::new(Mutex::new(set));
+            let report: Report = Box::new(move |line| channel.send(format!("{line}\n").as_bytes()));
+            match ProbeSet::watch_pending(&set, report) {
+                Ok(watch) => watch.into_iter().for_each(ModuleWatch::keep),
+                Err(why) => channel
+                    .send(format!("!warning the probes waiting for a library will not be placed: {why}\n").as_bytes()),
+            }
             // Only this thread exists yet, so jump-optimizing now costs no stop of anyone
             // and the program's first hits are already nanosecond ones. A probe that cannot
             // be optimized keeps working as a breakpoint.
             let _ = dynprobe::wait_for_optimizer();
-            handles.into_iter().for_each(Placed::leak);
+            // The probes stay for the process's life (the watch holds the set too).
+            std::mem::forget(set);
+            pending.iter().for_each(|line| channel.send(format!("{line}\n").as_bytes()));
             channel.send(format!("!ready {n}\n").as_bytes());
         }
-        Err((spec, message)) => {
-            // A message spanning lines would break the line protocol.
-            let message = message.replace('\n', " ");
-            channel.send(format!("!error {spec}: {message}\n").as_bytes());
+        Err(refused) => {
+            channel.send(format!("!error {refused}\n").as_bytes());
             // SAFETY: _exit ends the process before main ran, which is the point: the
             // program must not run without the probes the user asked for.
             unsafe { libc::_exit(EXIT_NOT_RUN) };
         }
     }
-}
-
-/// Places every probe of `specs`; on the first failure unregisters those already placed
-/// and returns the failing spec and why.
-fn place_all(specs: &str, channel: Channel) -> Result<Vec<Placed>, (String, String)> {
-    let mut handles = Vec::new();
-    for text in specs.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let placed = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| place::place(&spec, channel));
-        match placed {
-            Ok(handle) => handles.push(handle),
-            Err(message) => {
-                for handle in handles {
-                    // Best effort: the process exits right after, and an error here means
-                    // the byte could not be restored, which exiting makes moot.
-                    let _ = handle.unregister();
-                }
-                return Err((text.to_string(), message));
-            }
-        }
-    }
-    Ok(handles)
 }
 
 /// A `-pg` program that `exec`s leaves its profiling timer (`ITIMER_PROF`, which survives

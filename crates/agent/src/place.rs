@@ -38,14 +38,6 @@ impl Placed {
         }
         .map_err(|e| e.to_string())
     }
-
-    /// Keeps the probe for the rest of the process's life.
-    pub fn leak(self) {
-        match self {
-            Placed::Entry(handle) => handle.leak(),
-            Placed::Return(handle) => handle.leak(),
-        }
-    }
 }
 
 /// Places `spec`, whose hits go to `channel` as event lines. Its `@SYMBOL`s are looked up

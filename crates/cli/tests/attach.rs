@@ -420,3 +420,27 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(worker.round(), expected_sum);
     worker.quit();
 }
+
+#[test]
+fn a_started_program_gets_its_probes_on_a_library_loaded_later_too() {
+    let log = scratch().join(format!("launched-{}.log", std::process::id()));
+    let mut child = Command::new(dynprobe_exe())
+        .args(["probe", "--json", "p:pw libplugin:plugin_work x=$arg1:s32", "--"])
+        .arg(worker_exe())
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dynprobe");
+    writeln!(child.stdin.as_mut().unwrap(), "load {}\nquit", plugin_lib().display()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("it is placed when that library is loaded"), "{stderr}");
+    assert!(stderr.contains("placed: its library was loaded"), "{stderr}");
+    assert!(stdout.contains("plugin 77"), "{stdout}");
+    let event = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no event: {stdout}"));
+    let event: Value = serde_json::from_str(event).unwrap();
+    assert_eq!((event["event"].as_str(), event["args"]["x"].as_i64()), (Some("pw"), Some(7)), "{stdout}");
+}

@@ -57,8 +57,17 @@ pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String
     let control = socket.accept(request.pid)?;
     let events = EventPipe::new()?;
     control.send_setup(request, &events)?;
-    let mut session =
-        Session { pid: request.pid, name: &name, control, events: events.read, printer, lines: Vec::new(), lost: 0 };
+    let mut session = Session {
+        pid: request.pid,
+        name: &name,
+        control,
+        events: events.read,
+        printer,
+        lines: Vec::new(),
+        lost: 0,
+        pending: 0,
+        ready: false,
+    };
     session.relay(request)
 }
 
@@ -386,6 +395,10 @@ struct Session<'a> {
     lines: Vec<u8>,
     /// Events the agent reported dropped.
     lost: u64,
+    /// Probes waiting for their library.
+    pending: usize,
+    /// Whether `!ready` came.
+    ready: bool,
 }
 
 impl Session<'_> {
@@ -434,6 +447,7 @@ impl Session<'_> {
                     match self.control_message(&message, request)? {
                         Step::Stay => {}
                         Step::Ready => {
+                            self.ready = true;
                             phase = Phase::Running;
                             deadline = request.duration.map(|d| Instant::now() + d);
                         }
@@ -475,14 +489,16 @@ impl Session<'_> {
     }
 
     /// Acts on one message of the agent's.
-    fn control_message(&mut self, message: &str, request: &Request) -> Result<Step, String> {
-        let (word, rest) = message.split_once(' ').unwrap_or((message, ""));
-        match word {
-            "!ready" => {
-                let mut counts = rest.split(' ').map(|n| n.parse::<usize>().unwrap_or(0));
-                let (placed, pending) = (counts.next().unwrap_or(0), counts.next().unwrap_or(0));
+    fn control_message(&mut self, text: &str, request: &Request) -> Result<Step, String> {
+        let message = Message::parse(text);
+        if let Some(note) = message.note() {
+            eprintln!("dynprobe: {note}");
+        }
+        match message {
+            Message::Pending(_) => self.pending += 1,
+            Message::Ready(placed) => {
                 let ms = request.started.elapsed().as_secs_f64() * 1e3;
-                let waiting = match pending {
+                let waiting = match self.pending {
                     0 => String::new(),
                     n => format!(", {n} waiting for their library"),
                 };
@@ -492,31 +508,18 @@ impl Session<'_> {
                     self.name,
                     if placed == 1 { "" } else { "s" }
                 );
-                Ok(Step::Ready)
+                return Ok(Step::Ready);
             }
-            "!error" => Err(format!(
-                "cannot place probe {rest}; nothing was left in {} ({}), which goes on running",
-                self.pid, self.name
-            )),
-            "!pending" => {
-                eprintln!("dynprobe: probe {rest}: it is placed when the library is loaded");
-                Ok(Step::Stay)
+            Message::Error(error) if self.ready => eprintln!("dynprobe: cannot place probe {error}"),
+            Message::Error(error) => {
+                return Err(format!(
+                    "cannot place probe {error}; nothing was left in {} ({}), which goes on running",
+                    self.pid, self.name
+                ))
             }
-            "!placed" => {
-                eprintln!("dynprobe: probe `{rest}` placed: its library was loaded");
-                Ok(Step::Stay)
-            }
-            "!warning" => {
-                eprintln!("dynprobe: warning: {rest}");
-                Ok(Step::Stay)
-            }
-            "!lost" => {
-                self.lost = rest.trim().parse().unwrap_or(self.lost);
-                Ok(Step::Stay)
-            }
-            "!detached" => {
-                let (lost, problem) = rest.split_once(' ').unwrap_or((rest, ""));
-                self.lost = lost.parse().unwrap_or(self.lost);
+            Message::Lost(lost) => self.lost = lost,
+            Message::Detached { lost, problem } => {
+                self.lost = lost;
                 if self.lost > 0 {
                     eprintln!(
                         "dynprobe: warning: {} events were lost: {} hit the probes faster than they could be read",
@@ -527,13 +530,12 @@ impl Session<'_> {
                     return Err(format!("detached from {} ({}) {problem}", self.pid, self.name));
                 }
                 eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
-                Ok(Step::Detached)
+                return Ok(Step::Detached);
             }
-            _ => {
-                eprintln!("dynprobe: unexpected message from the agent: {message}");
-                Ok(Step::Stay)
-            }
+            Message::Placed(_) | Message::Warning(_) => {}
+            Message::Hit(_) | Message::Unknown(_) => eprintln!("dynprobe: unexpected message from the agent: {text}"),
         }
+        Ok(Step::Stay)
     }
 
     /// Reads what the event pipe holds and prints every complete line.

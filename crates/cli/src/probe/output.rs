@@ -22,8 +22,20 @@ pub enum Message<'a> {
     /// `!pending <spec>: <why>`: a probe is placed later, when its module loads (the text
     /// after `!pending `).
     Pending(&'a str),
-    /// `!lost <n>`: n events were dropped (a full channel) since the last `!lost`.
+    /// `!lost <n>`: n events were dropped so far (a full channel).
     Lost(u64),
+    /// `!placed <spec>`: a pending probe was placed, its module loaded.
+    Placed(&'a str),
+    /// `!warning <text>`.
+    Warning(&'a str),
+    /// `!detached <lost>[ <problem>]`: an attach session removed every probe (or says
+    /// what it could not remove).
+    Detached {
+        /// Events dropped over the whole session.
+        lost: u64,
+        /// What went wrong while removing the probes, if anything.
+        problem: &'a str,
+    },
     /// One hit.
     Hit(Hit<'a>),
     /// A line this CLI does not understand (an agent of another version?).
@@ -45,6 +57,17 @@ pub struct Hit<'a> {
 }
 
 impl<'a> Message<'a> {
+    /// What to tell the user on stderr about a message that only informs (a probe
+    /// waiting for its library, placed later, a warning); `None` for the others.
+    pub fn note(&self) -> Option<String> {
+        match self {
+            Message::Pending(pending) => Some(format!("probe {pending}: it is placed when that library is loaded")),
+            Message::Placed(spec) => Some(format!("probe `{spec}` placed: its library was loaded")),
+            Message::Warning(text) => Some(format!("warning: {text}")),
+            _ => None,
+        }
+    }
+
     /// Parses one line, without its `\n`.
     pub fn parse(line: &'a str) -> Message<'a> {
         if let Some(n) = line.strip_prefix("!ready ") {
@@ -58,6 +81,16 @@ impl<'a> Message<'a> {
         }
         if let Some(n) = line.strip_prefix("!lost ") {
             return n.parse().map_or(Message::Unknown(line), Message::Lost);
+        }
+        if let Some(rest) = line.strip_prefix("!placed ") {
+            return Message::Placed(rest);
+        }
+        if let Some(rest) = line.strip_prefix("!warning ") {
+            return Message::Warning(rest);
+        }
+        if let Some(rest) = line.strip_prefix("!detached ") {
+            let (lost, problem) = rest.split_once(' ').unwrap_or((rest, ""));
+            return lost.parse().map_or(Message::Unknown(line), |lost| Message::Detached { lost, problem });
         }
         Self::hit(line).map_or(Message::Unknown(line), Message::Hit)
     }

@@ -179,11 +179,19 @@ impl Relay<'_> {
     fn line(&mut self, line: &str) {
         match Message::parse(line) {
             Message::Ready(sites) => self.placement = Placement::Ready(sites),
+            // After `!ready`, a probe that waited for its library and was refused once it
+            // came: the program runs on with the others.
+            Message::Error(error) if matches!(self.placement, Placement::Ready(_)) => {
+                eprintln!("dynprobe: cannot place probe {error}")
+            }
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
-            Message::Pending(pending) => eprintln!("dynprobe: waiting for a module to load: {pending}"),
-            Message::Lost(n) => eprintln!("dynprobe: {n} events lost (the agent's channel was full)"),
             Message::Hit(hit) => self.hits.hit(&hit),
-            Message::Unknown(line) => eprintln!("dynprobe: unexpected line from the agent: {line}"),
+            message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_)) => {
+                eprintln!("dynprobe: {}", message.note().unwrap_or_default())
+            }
+            Message::Lost(_) | Message::Detached { .. } | Message::Unknown(_) => {
+                eprintln!("dynprobe: unexpected line from the agent: {line}")
+            }
         }
     }
 }

@@ -1,0 +1,127 @@
+//! The probes of one `dynprobe probe` run, launched or attached: placing every spec (or
+//! none), keeping those whose library is not loaded yet until a `dlopen` brings it, and
+//! removing them all.
+
+use crate::channel::Channel;
+use crate::dlopen::{self, ModuleWatch};
+use crate::place::{place, Placed};
+use dynprobe::spec::ProbeSpec;
+use dynprobe::Location;
+use dynprobe_symbols::{SymbolError, SymbolTable};
+use std::sync::{Arc, Mutex};
+
+/// Placed probes, and the specs waiting for their module.
+pub struct ProbeSet {
+    placed: Vec<Placed>,
+    pending: Vec<ProbeSpec>,
+    /// Where hits go.
+    channel: Channel,
+}
+
+/// How the CLI is told about probes placed (or refused) after the start: one status line
+/// without its newline, `!placed <spec>` or `!error <spec>: <why>`.
+pub type Report = Box<dyn Fn(&str) + Send + Sync>;
+
+impl ProbeSet {
+    /// Places every spec, hits going to `channel`; a spec naming a library that is not
+    /// loaded yet waits for it. On the first refusal every probe placed so far is removed
+    /// and the error is `<spec>: <why>` (one line).
+    pub fn place_all<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
+        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), channel };
+        let mut table = None;
+        for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
+            let placed = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
+                if table.is_none() && spec_module(&spec).is_some() {
+                    table = Some(SymbolTable::current_process().map_err(|e| e.to_string())?);
+                }
+                if table.as_ref().is_some_and(|table| module_missing(&spec, table)) {
+                    set.pending.push(spec);
+                    return Ok(None);
+                }
+                place(&spec, channel).map(Some)
+            });
+            match placed {
+                Ok(Some(placed)) => set.placed.push(placed),
+                Ok(None) => {}
+                Err(why) => {
+                    // Best effort: an error here means a byte could not be restored, and
+                    // the refusal is what the user must hear about.
+                    let _ = set.remove_all();
+                    return Err(format!("{text}: {}", why.replace('\n', " ")));
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// How many probes are placed.
+    pub fn placed(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// One `!pending <spec>: <why>` line (without its newline) per waiting spec.
+    pub fn pending_lines(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .map(|spec| {
+                format!("!pending {}: module {} is not loaded yet", spec.text, spec_module(spec).unwrap_or("?"))
+            })
+            .collect()
+    }
+
+    /// Places the waiting specs whose module is loaded now, telling `report` about each.
+    fn place_pending(&mut self, report: &Report) {
+        let Ok(table) = SymbolTable::current_process() else { return };
+        let (ready, waiting): (Vec<ProbeSpec>, Vec<ProbeSpec>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|spec| !module_missing(spec, &table));
+        self.pending = waiting;
+        if ready.is_empty() {
+            return;
+        }
+        for spec in ready {
+            match place(&spec, self.channel) {
+                Ok(placed) => {
+                    self.placed.push(placed);
+                    report(&format!("!placed {}", spec.text));
+                }
+                Err(why) => report(&format!("!error {}: {}", spec.text, why.replace('\n', " "))),
+            }
+        }
+        // Still inside `dlopen`'s return: the program's first call into the library comes
+        // after this, and finds a jump.
+        let _ = dynprobe::wait_for_optimizer();
+    }
+
+    /// Unregisters every placed probe, restoring its bytes, and forgets the waiting ones;
+    /// the problems, if some probe could not be removed.
+    pub fn remove_all(&mut self) -> Vec<String> {
+        self.pending.clear();
+        self.placed.drain(..).filter_map(|placed| placed.unregister().err()).collect()
+    }
+
+    /// Watches `dlopen` when specs wait for their module, so each is placed before the
+    /// `dlopen` that loads it returns; `None` when nothing waits. `Err` if the watch
+    /// cannot start (the waiting specs then never fire).
+    pub fn watch_pending(set: &Arc<Mutex<ProbeSet>>, report: Report) -> Result<Option<ModuleWatch>, String> {
+        if set.lock().unwrap_or_else(|e| e.into_inner()).pending.is_empty() {
+            return Ok(None);
+        }
+        let shared = Arc::clone(set);
+        let on_load = move || shared.lock().unwrap_or_else(|e| e.into_inner()).place_pending(&report);
+        dlopen::watch(on_load).map(Some)
+    }
+}
+
+/// The module part of the spec's location (`libfoo` of `libfoo:f+8`).
+fn spec_module(spec: &ProbeSpec) -> Option<&str> {
+    match &spec.location {
+        Location::Symbol(name) | Location::SymbolOffset(name, _) => name.split_once(':').map(|(module, _)| module),
+        Location::Address(_) => None,
+    }
+}
+
+/// Whether the spec names a module that is not loaded (yet).
+fn module_missing(spec: &ProbeSpec, table: &SymbolTable) -> bool {
+    let (Location::Symbol(name) | Location::SymbolOffset(name, _)) = &spec.location else { return false };
+    matches!(table.lookup(name), Err(SymbolError::UnknownModule { .. }))
+}
