@@ -28,6 +28,7 @@ mod attach;
 mod channel;
 mod dlopen;
 mod event;
+mod marker;
 mod place;
 mod probes;
 mod record;

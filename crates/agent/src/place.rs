@@ -1,11 +1,12 @@
 //! Placing one parsed probe spec in this process: `@SYMBOL`s resolved, the event format
 //! built, an entry probe (`p`) or a return probe (`r`) registered with the handlers of
-//! [`Event`].
+//! [`Event`], or every site of a marker (`m`) with the handler of [`MarkerEvent`].
 
 use crate::channel::Channel;
 use crate::event::Event;
-use dynprobe::spec::{ProbeKind, ProbeSpec};
-use dynprobe::{Probe, ProbeHandle, ReturnProbe, ReturnProbeHandle, DEFAULT_MAXACTIVE};
+use crate::marker::MarkerEvent;
+use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
+use dynprobe::{Marker, MarkerHandle, Probe, ProbeHandle, ReturnProbe, ReturnProbeHandle, DEFAULT_MAXACTIVE};
 use dynprobe_symbols::SymbolTable;
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ pub enum Placed {
     Entry(ProbeHandle),
     /// An `r` spec's return probe.
     Return(ReturnProbeHandle),
+    /// An `m` spec's probes, one on each site of the marker.
+    Marker(MarkerHandle),
 }
 
 impl Placed {
@@ -27,37 +30,48 @@ impl Placed {
         match self {
             Placed::Entry(handle) => handle.info(),
             Placed::Return(handle) => handle.info(),
+            Placed::Marker(_) => panic!("a marker's probes have one line each"),
         }
     }
 
     /// Removes the probe, restoring the patched bytes.
     pub fn unregister(self) -> Result<(), String> {
         match self {
-            Placed::Entry(handle) => handle.unregister().map(drop),
-            Placed::Return(handle) => handle.unregister().map(drop),
+            Placed::Entry(handle) => handle.unregister().map(drop).map_err(|e| e.to_string()),
+            Placed::Return(handle) => handle.unregister().map(drop).map_err(|e| e.to_string()),
+            Placed::Marker(handle) => handle.detach().map(drop).map_err(|e| e.to_string()),
         }
-        .map_err(|e| e.to_string())
     }
 }
 
 /// Places `spec`, whose hits go to `channel` as event lines. Its `@SYMBOL`s are looked up
-/// in the modules loaded now (data objects, then functions).
-/// The probe starts as a breakpoint and is jump-optimized in the background; call
-/// [`dynprobe::wait_for_optimizer`] to have that done.
+/// in the modules loaded now (data objects, then functions), and so are the sites of a
+/// marker (an unknown one is refused with the nearest names).
+/// A `p` or `r` probe starts as a breakpoint and is jump-optimized in the background; call
+/// [`dynprobe::wait_for_optimizer`] to have that done (a marker's are optimized already).
 pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let mut spec = spec.clone();
     if spec.needs_symbols() {
         let mut resolver = Resolver::current_process()?;
         spec.resolve_symbols(|name| resolver.lookup(name))?;
     }
+    let location = match &spec.location {
+        Target::Code(location) => location.clone(),
+        Target::Marker(marker) => {
+            let sites = Marker::find(marker).map_err(|e| e.to_string())?;
+            let event = MarkerEvent::new(&spec, &sites, channel)?;
+            let handle = Marker::attach_sites(sites, move |hit| event.hit(hit)).map_err(|e| e.to_string())?;
+            return Ok(Placed::Marker(handle));
+        }
+    };
     let event = Arc::new(Event::new(&spec, channel)?);
     let placed = match spec.kind {
-        ProbeKind::Entry => {
-            Probe::at(spec.location.clone()).on_hit(move |regs| event.hit(regs)).register().map(Placed::Entry)
+        ProbeKind::Entry | ProbeKind::Marker => {
+            Probe::at(location).on_hit(move |regs| event.hit(regs)).register().map(Placed::Entry)
         }
         ProbeKind::Return => {
             let at_entry = event.clone();
-            ReturnProbe::at(spec.location.clone())
+            ReturnProbe::at(location)
                 .maxactive(spec.maxactive.unwrap_or(DEFAULT_MAXACTIVE))
                 .on_entry(move |regs, data| at_entry.enter(regs, data))
                 .on_return(move |regs, data| event.returned(regs, data))

@@ -114,7 +114,7 @@ impl ProbeSet {
 
 /// The module part of the spec's location (`libfoo` of `libfoo:f+8`).
 fn spec_module(spec: &ProbeSpec) -> Option<&str> {
-    match &spec.location {
+    match spec.location.code()? {
         Location::Symbol(name) | Location::SymbolOffset(name, _) => name.split_once(':').map(|(module, _)| module),
         Location::Address(_) => None,
     }
@@ -122,6 +122,6 @@ fn spec_module(spec: &ProbeSpec) -> Option<&str> {
 
 /// Whether the spec names a module that is not loaded (yet).
 fn module_missing(spec: &ProbeSpec, table: &SymbolTable) -> bool {
-    let (Location::Symbol(name) | Location::SymbolOffset(name, _)) = &spec.location else { return false };
+    let Some(Location::Symbol(name) | Location::SymbolOffset(name, _)) = spec.location.code() else { return false };
     matches!(table.lookup(name), Err(SymbolError::UnknownModule { .. }))
 }

@@ -5,101 +5,17 @@
 //! and a USDT probe attached through the kernel (`perf_event_open` on the uprobe PMU at the
 //! note's file offset) fires once per hit without changing the output.
 
+mod common;
+
 use std::ffi::{c_ulong, CString};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
+use common::{c_program, dynprobe, expected_output, rust_program, stdout_of};
 use perf_event_open_sys as sys;
-
-fn scratch() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("markers-test");
-    std::fs::create_dir_all(&dir).expect("create the scratch directory");
-    dir
-}
-
-fn targets() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets")
-}
-
-fn dynprobe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_dynprobe"))
-}
-
-/// `targets/markers.c` with `dynprobe/marker.h`, built once.
-fn c_program() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = scratch().join("markers-c");
-        let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
-        let status = Command::new("gcc")
-            .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
-            .arg(include)
-            .arg(targets().join("markers.c"))
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .expect("run gcc (scripts/setup installs it)");
-        assert!(status.success(), "gcc markers.c failed");
-        out
-    })
-}
-
-/// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built
-/// for the `dynprobe` binary.
-fn dynprobe_rlib() -> (PathBuf, PathBuf) {
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
-    let rlib = std::fs::read_dir(&deps)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libdynprobe-") && name.ends_with(".rlib")
-        })
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| panic!("no libdynprobe-*.rlib in {}", deps.display()))
-        .path();
-    (rlib, deps)
-}
-
-/// `targets/markers_rs.rs` built with rustc against the `dynprobe` library, once.
-fn rust_program() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = scratch().join("markers-rs");
-        let (rlib, deps) = dynprobe_rlib();
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let status = Command::new(rustc)
-            .args(["--edition", "2021", "-O", "-o"])
-            .arg(&out)
-            .arg("--extern")
-            .arg(format!("dynprobe={}", rlib.display()))
-            .arg("-L")
-            .arg(format!("dependency={}", deps.display()))
-            .arg(targets().join("markers_rs.rs"))
-            .status()
-            .expect("run rustc");
-        assert!(status.success(), "rustc markers_rs.rs failed");
-        out
-    })
-}
-
-/// What both programs print for `rounds`: the same loop, computed here.
-fn expected_output(rounds: u64) -> String {
-    let names = ["alpha", "beta", "gamma"];
-    let sum =
-        (0..rounds).fold(0u64, |sum, i| sum.wrapping_mul(31).wrapping_add(i ^ names[i as usize % 3].len() as u64));
-    format!("rounds {rounds} sum {sum}\n")
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// The program started with `--wait`: it runs its loop after a line on stdin.
 fn start_waiting(program: &Path, rounds: u64) -> Child {

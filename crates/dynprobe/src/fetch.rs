@@ -265,8 +265,13 @@ impl FetchProgram {
                 Fetch::Arg(n) => match kind {
                     ProbeKind::Entry => break Base::Arg(*n),
                     ProbeKind::Return => break Base::Entry(entry.slot(*n)),
+                    // A marker's arguments are where its site's record says, not in fixed
+                    // registers: `marker::spec_for_site` puts that place in `$argN`'s stead.
+                    ProbeKind::Marker => {
+                        return Err(format!("`$arg{n}` of a marker is not resolved (marker::spec_for_site)"))
+                    }
                 },
-                Fetch::Retval | Fetch::Duration if kind == ProbeKind::Entry => {
+                Fetch::Retval | Fetch::Duration if kind != ProbeKind::Return => {
                     return Err("`$retval` and `$duration` are only available in return probes".to_string())
                 }
                 Fetch::Retval => break Base::Retval,

@@ -4,6 +4,7 @@
 //! ```text
 //! p[:[GROUP/]EVENT] [MODULE:]SYMBOL[+OFFSET]|0xADDR [NAME=FETCHARG[:TYPE]]...
 //! r[MAXACTIVE][:[GROUP/]EVENT] [MODULE:]SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...
+//! m[:[GROUP/]EVENT] PROVIDER:NAME [NAME=FETCHARG[:TYPE]]...
 //!
 //! FETCHARG  %REG        a register: %rax..%r15, %rip (%ip), %rsp, %rflags; kernel names
 //!                       such as %ax or %di work too
@@ -39,6 +40,13 @@
 //! - An event is named after its location unless named: `SYMBOL` for `p` and
 //!   `SYMBOL__return` for `r` (as `perf probe` names them), `p_SYMBOL_OFFSET` for an offset,
 //!   `p_0xADDR` / `r_0xADDR` for an address.
+//! - `m` probes a static marker ([`crate::marker`]): every site of `PROVIDER:NAME`, where
+//!   either part may be `*` (every provider, every name). Without fields, an event shows
+//!   every argument of the marker, `arg1`..`argN`, typed by the site's record; with fields,
+//!   `$argN` is the marker's Nth argument where the site keeps it (a register or a stack
+//!   slot, read as the field's type), and the rest is as for `p` at the site. An unnamed
+//!   marker event is named `PROVIDER/NAME` (its group is the provider, as `perf` names SDT
+//!   events `sdt_PROVIDER:NAME`); a `*` there stands for the name of the marker hit.
 //!
 //! As a shorthand, `p:SYMBOL NAME=...` probes SYMBOL: the kernel's `p:EVENT SYMBOL` names
 //! an event and then a location, so the word after `p:` is an event name only when a
@@ -87,8 +95,9 @@ pub struct ProbeSpec {
     pub group: Option<String>,
     /// The event's name: as given, or derived from the location like the kernel does.
     pub event: String,
-    /// Where the probe goes (for `r`, the function whose calls are probed).
-    pub location: Location,
+    /// Where the probe goes (for `r`, the function whose calls are probed; for `m`, the
+    /// marker).
+    pub location: Target,
     /// The values recorded at each hit, in order.
     pub args: Vec<FetchArg>,
 }
@@ -100,14 +109,37 @@ pub enum ProbeKind {
     Entry,
     /// `r`: a probe on a function's return.
     Return,
+    /// `m`: a probe on every site of a static marker.
+    Marker,
 }
 
 impl ProbeKind {
-    /// The spec's first letter: `p` or `r`.
+    /// The spec's first letter: `p`, `r` or `m`.
     pub fn letter(self) -> char {
         match self {
             ProbeKind::Entry => 'p',
             ProbeKind::Return => 'r',
+            ProbeKind::Marker => 'm',
+        }
+    }
+}
+
+/// What a spec probes: a place in the code (`p`, `r`) or a static marker (`m`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An instruction or a function.
+    Code(Location),
+    /// `PROVIDER:NAME` of a marker, either part possibly `*`, as
+    /// [`Marker::find`](crate::marker::Marker::find) takes it.
+    Marker(String),
+}
+
+impl Target {
+    /// The code location, `None` for a marker.
+    pub fn code(&self) -> Option<&Location> {
+        match self {
+            Target::Code(location) => Some(location),
+            Target::Marker(_) => None,
         }
     }
 }
@@ -209,6 +241,11 @@ pub enum Reg {
 }
 
 impl Reg {
+    /// The register of a name as `%NAME` takes it (`rdi`, or the kernel's `di`).
+    pub fn from_name(name: &str) -> Option<Reg> {
+        REG_NAMES.iter().find(|(n, _)| *n == name).map(|&(_, reg)| reg)
+    }
+
     /// Whether a return probe's return handler knows the register: the return value's
     /// `rax` and `rdx`, the caller's `rsp` and the return address `rip`.
     pub fn known_at_return(self) -> bool {
@@ -509,7 +546,8 @@ impl<'a> Parser<'a> {
         self.kind = match head.text.as_bytes()[0] {
             b'p' => ProbeKind::Entry,
             b'r' => ProbeKind::Return,
-            _ => return Err(self.error(head.start, "a probe spec starts with `p` or `r`, as in `p:work x=$arg1`")),
+            b'm' => ProbeKind::Marker,
+            _ => return Err(self.error(head.start, "a probe spec starts with `p`, `r` or `m`, as in `p:work x=$arg1`")),
         };
         let letter = self.kind.letter();
         let (maxactive, after_kind) = self.maxactive(head.from(1))?;
@@ -534,7 +572,10 @@ impl<'a> Parser<'a> {
                 }
             }
         };
-        let location_parsed = self.location(location)?;
+        let location_parsed = match self.kind {
+            ProbeKind::Marker => self.marker(location)?,
+            ProbeKind::Entry | ProbeKind::Return => Target::Code(self.location(location)?),
+        };
         let (group, event) = match event_span {
             Some(span) => {
                 let (group, event) = match span.split_once('/') {
@@ -543,7 +584,7 @@ impl<'a> Parser<'a> {
                 };
                 (group, self.ident(event, "event name")?)
             }
-            None => (None, default_event_name(self.kind, &location_parsed)),
+            None => default_event_name(self.kind, &location_parsed),
         };
         let mut args: Vec<FetchArg> = Vec::new();
         for &word in rest {
@@ -635,6 +676,32 @@ impl<'a> Parser<'a> {
         })
     }
 
+    /// A marker's `PROVIDER:NAME`, either part an identifier or `*`.
+    fn marker(&self, span: Span<'a>) -> Result<Target, SpecError> {
+        let Some((provider, name)) = span.split_once(':') else {
+            return Err(self.error(
+                span.start,
+                format!("expected a marker `PROVIDER:NAME` (either part may be `*`), found `{}`", span.text),
+            ));
+        };
+        for (part, what) in [(provider, "marker provider"), (name, "marker name")] {
+            if part.text.is_empty() {
+                return Err(self.error(part.start, format!("empty {what} in `PROVIDER:NAME`")));
+            }
+            let (ident, rest) = part.split_ident();
+            if part.text != "*" {
+                if let Some(c) = rest.text.chars().next() {
+                    return Err(self.error(
+                        rest.start,
+                        format!("invalid character `{c}` in {what} (use letters, digits and `_`, or `*` alone)"),
+                    ));
+                }
+                debug_assert_eq!(ident.text, part.text);
+            }
+        }
+        Ok(Target::Marker(span.text.to_string()))
+    }
+
     fn fetch_arg(&self, word: Span<'a>) -> Result<FetchArg, SpecError> {
         let Some((name, value)) = word.split_once('=') else {
             return Err(
@@ -719,10 +786,7 @@ impl<'a> Parser<'a> {
 
     /// `%NAME`, without the `%`.
     fn register(&self, word: Span<'a>) -> Result<Reg, SpecError> {
-        let reg = REG_NAMES
-            .iter()
-            .find(|(name, _)| *name == word.text)
-            .map(|&(_, reg)| reg)
+        let reg = Reg::from_name(word.text)
             .ok_or_else(|| self.error(word.start, format!("unknown register `{}`", word.text)))?;
         if self.kind == ProbeKind::Return && !reg.known_at_return() {
             return Err(self.error(
@@ -741,7 +805,7 @@ impl<'a> Parser<'a> {
     fn variable(&self, word: Span<'a>) -> Result<Fetch, SpecError> {
         let return_only = |fetch: Fetch| match self.kind {
             ProbeKind::Return => Ok(fetch),
-            ProbeKind::Entry => {
+            ProbeKind::Entry | ProbeKind::Marker => {
                 Err(self.error(word.start, format!("`${}` is only available in return probes (r:)", word.text)))
             }
         };
@@ -904,19 +968,28 @@ fn parse_type(text: &str) -> Option<FetchType> {
     Some(FetchType::Int(IntType { format, bits }))
 }
 
-/// The kernel's default event name: the symbol for an offset of 0 (`SYMBOL__return` for a
-/// return probe, as `perf probe` names it), `p_SYMBOL_OFFSET` otherwise, `p_0xADDR` for an
-/// address; characters that are not allowed in an event name (the `:` of `MODULE:SYMBOL`,
-/// the `.` of `foo.cold`) become `_`.
-fn default_event_name(kind: ProbeKind, location: &Location) -> String {
+/// The kernel's default event name and group: the symbol for an offset of 0
+/// (`SYMBOL__return` for a return probe, as `perf probe` names it), `p_SYMBOL_OFFSET`
+/// otherwise, `p_0xADDR` for an address; characters that are not allowed in an event name
+/// (the `:` of `MODULE:SYMBOL`, the `.` of `foo.cold`) become `_`. A marker's event is
+/// `PROVIDER/NAME` (a part may be `*`, see the module documentation).
+fn default_event_name(kind: ProbeKind, target: &Target) -> (Option<String>, String) {
     let sanitize = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect() };
     let letter = kind.letter();
-    match (kind, location) {
-        (ProbeKind::Entry, Location::Symbol(symbol)) => sanitize(symbol),
+    let location = match target {
+        Target::Marker(spec) => {
+            let (provider, name) = spec.split_once(':').unwrap_or(("*", spec));
+            return (Some(provider.to_string()), name.to_string());
+        }
+        Target::Code(location) => location,
+    };
+    let event = match (kind, location) {
         (ProbeKind::Return, Location::Symbol(symbol)) => format!("{}__return", sanitize(symbol)),
+        (_, Location::Symbol(symbol)) => sanitize(symbol),
         (_, Location::SymbolOffset(symbol, offset)) => format!("{letter}_{}_{offset}", sanitize(symbol)),
         (_, Location::Address(addr)) => format!("{letter}_0x{addr:x}"),
-    }
+    };
+    (None, event)
 }
 
 fn parse_number(text: &str) -> Option<u64> {
@@ -1077,11 +1150,37 @@ mod tests {
             assert_eq!(spec.kind, kind, "{text}");
             assert_eq!(spec.group.as_deref(), group, "{text}");
             assert_eq!(spec.event, event, "{text}");
-            assert_eq!(spec.location, location, "{text}");
+            assert_eq!(spec.location, Target::Code(location), "{text}");
             assert_eq!(spec.args, args, "{text}");
             assert_eq!(spec.text, text.trim());
             assert_eq!(spec.maxactive, None);
         }
+    }
+
+    #[test]
+    fn marker_specs() {
+        let marker = |s: &str| Target::Marker(s.into());
+        // (spec, group, event, marker, fields)
+        let cases = [
+            ("m:app:tick", Some("app"), "tick", "app:tick", 0),
+            ("m app:tick", Some("app"), "tick", "app:tick", 0),
+            ("m:app:*", Some("app"), "*", "app:*", 0),
+            ("m *:tick", Some("*"), "tick", "*:tick", 0),
+            ("m:ev app:tick", None, "ev", "app:tick", 0),
+            ("m:grp/ev *:*", Some("grp"), "ev", "*:*", 0),
+            ("m:app:tick n=$arg1:s32 s=+0($arg2):string", Some("app"), "tick", "app:tick", 2),
+        ];
+        for (text, group, event, target, fields) in cases {
+            let spec = ProbeSpec::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(spec.kind, ProbeKind::Marker, "{text}");
+            assert_eq!((spec.group.as_deref(), spec.event.as_str()), (group, event), "{text}");
+            assert_eq!(spec.location, marker(target), "{text}");
+            assert_eq!(spec.location.code(), None);
+            assert_eq!(spec.args.len(), fields, "{text}");
+        }
+        let spec = ProbeSpec::parse("m:app:tick n=$arg1:s32").unwrap();
+        assert_eq!(spec.args[0].fetch, Fetch::Arg(1));
+        assert_eq!(spec.full_event_name(), "app/tick");
     }
 
     #[test]
@@ -1122,7 +1221,17 @@ mod tests {
         let cases = [
             ("p:work x=%rdz", "unknown register `rdz`", 11),
             ("", "empty probe spec; expected e.g. `p:work x=$arg1`", 1),
-            ("q work", "a probe spec starts with `p` or `r`, as in `p:work x=$arg1`", 1),
+            ("q work", "a probe spec starts with `p`, `r` or `m`, as in `p:work x=$arg1`", 1),
+            ("m", "missing probe location", 2),
+            ("m4:app:tick", "expected `:EVENT` or a space after the probe kind `m`", 2),
+            ("m:tick", "expected a marker `PROVIDER:NAME` (either part may be `*`), found `tick`", 3),
+            ("m:ev tick", "expected a marker `PROVIDER:NAME` (either part may be `*`), found `tick`", 6),
+            ("m::tick", "empty marker provider in `PROVIDER:NAME`", 3),
+            ("m app:", "empty marker name in `PROVIDER:NAME`", 7),
+            ("m app:ti-ck", "invalid character `-` in marker name (use letters, digits and `_`, or `*` alone)", 9),
+            ("m app*:tick", "invalid character `*` in marker provider (use letters, digits and `_`, or `*` alone)", 6),
+            ("m app:tick:x", "invalid character `:` in marker name (use letters, digits and `_`, or `*` alone)", 11),
+            ("m app:tick x=$retval", "`$retval` is only available in return probes (r:)", 15),
             ("px work", "expected `:EVENT` or a space after the probe kind `p`", 2),
             ("p5 work", "expected `:EVENT` or a space after the probe kind `p`", 2),
             ("rx work", "expected `:EVENT` or a space after the probe kind `r`", 2),

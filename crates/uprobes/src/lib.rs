@@ -262,10 +262,12 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     let mut points = Vec::new();
     for spec in specs {
         let refused = |message: String| Error::Refused { spec: spec.text.clone(), message };
+        // The location first: it refuses what this mode cannot probe at all (markers).
+        let point = place::resolve(&table, spec, &read).map_err(refused)?;
         let mut resolved = spec.clone();
         resolved.resolve_symbols(|name| place::lookup_address(&table, name)).map_err(refused)?;
         tracer.formats.push(EventFormat::new(&resolved).map_err(refused)?);
-        points.push(place::resolve(&table, spec, &read).map_err(refused)?);
+        points.push(point);
     }
     // One site per address, shared by every probe there.
     let mut sites: Vec<(place::Point, Vec<usize>, Vec<usize>)> = Vec::new();
@@ -280,6 +282,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
         match specs[i].kind {
             ProbeKind::Entry => sites[index].1.push(i),
             ProbeKind::Return => sites[index].2.push(i),
+            ProbeKind::Marker => unreachable!("place::resolve refuses marker specs"),
         }
     }
     if sites.is_empty() {

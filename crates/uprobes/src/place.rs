@@ -3,7 +3,7 @@
 //! can run out of line. The refusals are the probe layer's own [`ProbeError`]s, so the
 //! fallback mode and the agent word them alike.
 
-use dynprobe::spec::{ProbeKind, ProbeSpec};
+use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
 use dynprobe::{Location, ProbeError, RETURNS_TWICE};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn};
 use dynprobe_symbols::{SymbolError, SymbolTable};
@@ -28,7 +28,7 @@ pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>
 /// Resolves `spec`'s location in `table` and checks the instruction there, reading code
 /// through `read`. Nothing is written.
 pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<Point, String> {
-    let (addr, function) = locate(table, spec).map_err(|e| e.to_string())?;
+    let (addr, function) = locate(table, spec)?;
     let unreadable = |e: String| format!("cannot read the code at {addr:#x}: {e}");
     let insn = match function {
         Some((start, size)) if size > 0 => {
@@ -54,8 +54,27 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
 }
 
 /// The probe address and the bounds of its function (start, size) when known.
-fn locate(table: &SymbolTable, spec: &ProbeSpec) -> Result<(u64, Option<(u64, u64)>), ProbeError> {
-    let (name, offset) = match &spec.location {
+fn locate(table: &SymbolTable, spec: &ProbeSpec) -> Result<(u64, Option<(u64, u64)>), String> {
+    let location = match &spec.location {
+        Target::Code(location) => location,
+        // A marker's probes are placed by the agent, which finds its sites in every module
+        // and formats its typed arguments; this mode places one breakpoint per code spec.
+        Target::Marker(_) => {
+            return Err("marker probes (m:) need the in-process agent, and this program runs without it \
+                        (the ptrace fallback probes code locations only)"
+                .to_string())
+        }
+    };
+    locate_code(table, spec, location).map_err(|e| e.to_string())
+}
+
+/// [`locate`] for a code location.
+fn locate_code(
+    table: &SymbolTable,
+    spec: &ProbeSpec,
+    location: &Location,
+) -> Result<(u64, Option<(u64, u64)>), ProbeError> {
+    let (name, offset) = match location {
         Location::Symbol(name) => (name.as_str(), 0),
         Location::SymbolOffset(name, offset) => (name.as_str(), *offset),
         Location::Address(addr) => {
@@ -113,4 +132,18 @@ fn read_up_to(read: ReadCode, addr: u64, len: usize) -> Result<Vec<u8>, String> 
 /// `@SYMBOL` fetches).
 pub(crate) fn lookup_address(table: &SymbolTable, name: &str) -> Result<u64, String> {
     table.lookup(name).map(|s| s.addr).map_err(|e: SymbolError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_specs_are_refused_with_the_reason() {
+        let table = SymbolTable::current_process().unwrap();
+        let spec = ProbeSpec::parse("m:app:tick").unwrap();
+        let read: ReadCode = &|_, _| panic!("nothing is read for a marker spec");
+        let err = resolve(&table, &spec, read).unwrap_err();
+        assert!(err.starts_with("marker probes (m:) need the in-process agent"), "{err}");
+    }
 }

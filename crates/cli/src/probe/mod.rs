@@ -29,6 +29,9 @@ pub struct ProbeArgs {
     /// Probe specs: `p[:[GROUP/]EVENT] SYMBOL[+OFFSET]|MODULE:SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...`
     /// where FETCHARG is %REG or $argN (1-based) and TYPE u64 (default), s64 or x64 (also
     /// 8, 16 and 32 bits). Example: 'p:checksum seed=$arg1 n=$arg2:x64'.
+    /// `m[:[GROUP/]EVENT] PROVIDER:NAME` probes every site of a static marker (either part
+    /// may be `*`); each hit shows the marker's arguments arg1..argN, typed by its record
+    /// (`dynprobe list-markers` lists them). Example: 'm:app:request'.
     #[arg(value_name = "SPEC", required = true)]
     specs: Vec<String>,
     /// Attach to the running process PID instead of starting one; Ctrl-C (or --duration)

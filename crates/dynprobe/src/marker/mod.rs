@@ -42,6 +42,8 @@ mod emit;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::line::Text;
+use crate::spec::{Fetch, ProbeSpec, Reg};
 use dynprobe_probe::{Location, Probe, ProbeError, ProbeHandle, Regs};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 
@@ -216,6 +218,81 @@ impl fmt::Display for ArgValue<'_> {
             ArgValue::Unavailable => write!(f, "<unavailable>"),
         }
     }
+}
+
+impl ArgValue<'_> {
+    /// What a line shows for an argument that cannot be read (see [`ArgValue::Unavailable`]).
+    pub const UNAVAILABLE: &'static str = "(unavailable)";
+
+    /// Appends the value to an event line in the line protocol ([`crate::line`]): integers
+    /// in decimal, pointers in hex, `true`/`false`, strings and chars quoted. Unlike
+    /// [`Display`](fmt::Display) it neither allocates nor uses `core::fmt`, so a marker
+    /// handler may call it.
+    pub fn write_to<const N: usize>(&self, text: &mut Text<N>) {
+        match *self {
+            ArgValue::Unsigned(v) => text.dec(v),
+            ArgValue::Signed(v) => text.signed(v),
+            ArgValue::Bool(v) => text.bytes(if v { b"true" } else { b"false" }),
+            ArgValue::Char(Some(c)) => text.quoted(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            ArgValue::Char(None) => text.bytes(Self::UNAVAILABLE.as_bytes()),
+            ArgValue::Pointer(p) => text.hex(p),
+            ArgValue::Str(s) => text.quoted(s.as_bytes()),
+            ArgValue::Bytes(b) | ArgValue::CStr(b) => text.quoted(b),
+            ArgValue::Unavailable => text.bytes(Self::UNAVAILABLE.as_bytes()),
+        };
+    }
+}
+
+/// An `m:` spec made ready for one of its sites: a `*` in its (default) event name becomes
+/// the site's provider or name, and each `$argN` of its fields becomes the place where the
+/// site keeps argument N (a register, or a stack slot as `+OFF(%REG)`). A constant argument
+/// or one in a form the reader does not know cannot be fetched: the error names it.
+pub fn spec_for_site(spec: &ProbeSpec, site: &MarkerSite) -> Result<ProbeSpec, String> {
+    fn resolve(fetch: &mut Fetch, site: &MarkerSite) -> Result<(), String> {
+        match fetch {
+            Fetch::Arg(n) => {
+                let Some(arg) = site.args.get(usize::from(*n) - 1) else {
+                    return Err(format!(
+                        "marker `{}` at {:#x} has {} argument(s), not an argument {n}",
+                        site.spec(),
+                        site.addr,
+                        site.args.len()
+                    ));
+                };
+                let reg = |name: &str| {
+                    Reg::from_name(name).ok_or_else(|| format!("argument {n} is in register `{name}`, unknown here"))
+                };
+                *fetch = match &arg.location {
+                    ArgLocation::Register { name, .. } => Fetch::Reg(reg(name)?),
+                    ArgLocation::Memory { base, offset } => {
+                        Fetch::Deref { offset: *offset, base: Box::new(Fetch::Reg(reg(base)?)) }
+                    }
+                    other => {
+                        return Err(format!(
+                            "argument {n} of marker `{}` at {:#x} is `{other}`, which has no place to read from; \
+                             leave out the fields to see every argument",
+                            site.spec(),
+                            site.addr
+                        ))
+                    }
+                };
+                Ok(())
+            }
+            Fetch::Deref { base, .. } => resolve(base, site),
+            _ => Ok(()),
+        }
+    }
+    let mut spec = spec.clone();
+    if spec.group.as_deref() == Some("*") {
+        spec.group = Some(site.provider.clone());
+    }
+    if spec.event == "*" {
+        spec.event = site.name.clone();
+    }
+    for arg in &mut spec.args {
+        resolve(&mut arg.fetch, site).map_err(|e| format!("field `{}`: {e}", arg.name))?;
+    }
+    Ok(spec)
 }
 
 /// The value of a register by its 64-bit name.
@@ -485,6 +562,50 @@ mod tests {
         );
         let shown: Vec<String> = values.iter().map(|v| v.to_string()).collect();
         assert_eq!(shown, ["-2", "\"hello\"", "255", "true", "'λ'", "-3", "<unavailable>"]);
+    }
+
+    #[test]
+    fn values_write_to_a_line_as_the_protocol_says() {
+        let values = [
+            ArgValue::Unsigned(7),
+            ArgValue::Signed(-2),
+            ArgValue::Bool(true),
+            ArgValue::Char(Some('λ')),
+            ArgValue::Pointer(0x1000),
+            ArgValue::Str("a \"b\""),
+            ArgValue::CStr(b"c\n"),
+            ArgValue::Unavailable,
+        ];
+        let mut line = crate::line::Line::new();
+        for v in values {
+            v.write_to(&mut line);
+            line.byte(b' ');
+        }
+        assert_eq!(line.as_bytes(), b"7 -2 true \"\\xce\\xbb\" 0x1000 \"a \\\"b\\\"\" \"c\\n\" (unavailable) ");
+    }
+
+    #[test]
+    fn a_marker_spec_is_made_for_each_site() {
+        let mut s = site(vec![
+            MarkerArg { kind: ArgKind::I32, location: reg("rdi", 4), length: None },
+            MarkerArg { kind: ArgKind::U64, location: ArgLocation::Memory { base: "rbp", offset: -24 }, length: None },
+            MarkerArg { kind: ArgKind::U64, location: ArgLocation::Immediate(5), length: None },
+        ]);
+        s.name = "tick".into();
+        let spec = ProbeSpec::parse("m:p:* a=$arg1:s32 b=+8($arg2) c=%rax").unwrap();
+        let for_site = spec_for_site(&spec, &s).unwrap();
+        assert_eq!(for_site.full_event_name(), "p/tick");
+        assert_eq!(for_site.args[0].fetch, Fetch::Reg(Reg::Rdi));
+        let slot = Fetch::Deref { offset: -24, base: Box::new(Fetch::Reg(Reg::Rbp)) };
+        assert_eq!(for_site.args[1].fetch, Fetch::Deref { offset: 8, base: Box::new(slot) });
+        assert_eq!(for_site.args[2].fetch, Fetch::Reg(Reg::Rax));
+        // A named event keeps its name.
+        let named = spec_for_site(&ProbeSpec::parse("m:g/ev *:*").unwrap(), &s).unwrap();
+        assert_eq!(named.full_event_name(), "g/ev");
+        let err = spec_for_site(&ProbeSpec::parse("m:p:tick c=$arg3").unwrap(), &s).unwrap_err();
+        assert_eq!(err, "field `c`: argument 3 of marker `p:tick` at 0x0 is `$5`, which has no place to read from; leave out the fields to see every argument");
+        let err = spec_for_site(&ProbeSpec::parse("m:p:tick d=$arg4").unwrap(), &s).unwrap_err();
+        assert_eq!(err, "field `d`: marker `p:tick` at 0x0 has 3 argument(s), not an argument 4");
     }
 
     #[test]

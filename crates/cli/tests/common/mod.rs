@@ -1,0 +1,108 @@
+//! What the marker tests share: the two marker programs (`targets/markers.c` with the C
+//! header, `targets/markers_rs.rs` with the Rust macro), built once per test binary, what
+//! they print, and the `dynprobe` binary.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// This test binary's scratch directory: the programs are built there, apart from other
+/// test binaries that build them at the same time.
+pub fn scratch() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let name = exe.file_stem().expect("a file name").to_string_lossy().into_owned();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("markers-{name}"));
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir
+}
+
+/// The directory of the test programs' sources.
+pub fn targets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets")
+}
+
+/// The `dynprobe` binary.
+pub fn dynprobe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dynprobe"))
+}
+
+/// `targets/markers.c` with `dynprobe/marker.h`, built once.
+pub fn c_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = scratch().join("markers-c");
+        let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
+        let status = Command::new("gcc")
+            .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
+            .arg(include)
+            .arg(targets().join("markers.c"))
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .expect("run gcc (scripts/setup installs it)");
+        assert!(status.success(), "gcc markers.c failed");
+        out
+    })
+}
+
+/// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built
+/// for the `dynprobe` binary.
+fn dynprobe_rlib() -> (PathBuf, PathBuf) {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let rlib = std::fs::read_dir(&deps)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libdynprobe-") && name.ends_with(".rlib")
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("no libdynprobe-*.rlib in {}", deps.display()))
+        .path();
+    (rlib, deps)
+}
+
+/// `targets/markers_rs.rs` built with rustc against the `dynprobe` library, once.
+pub fn rust_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = scratch().join("markers-rs");
+        let (rlib, deps) = dynprobe_rlib();
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let status = Command::new(rustc)
+            .args(["--edition", "2021", "-O", "-o"])
+            .arg(&out)
+            .arg("--extern")
+            .arg(format!("dynprobe={}", rlib.display()))
+            .arg("-L")
+            .arg(format!("dependency={}", deps.display()))
+            .arg(targets().join("markers_rs.rs"))
+            .status()
+            .expect("run rustc");
+        assert!(status.success(), "rustc markers_rs.rs failed");
+        out
+    })
+}
+
+/// The names the programs' `tick` markers pass, round `i` passing `NAMES[i % 3]`.
+pub const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// What both programs compute for `rounds`: the same loop, computed here.
+pub fn expected_sum(rounds: u64) -> u64 {
+    (0..rounds).fold(0u64, |sum, i| sum.wrapping_mul(31).wrapping_add(i ^ NAMES[i as usize % 3].len() as u64))
+}
+
+/// What both programs print for `rounds`.
+pub fn expected_output(rounds: u64) -> String {
+    format!("rounds {rounds} sum {}\n", expected_sum(rounds))
+}
+
+/// The standard output of a command that must have succeeded.
+pub fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
