@@ -55,6 +55,13 @@ fn worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie", "-ldl"])
 }
 
+/// The same worker, statically linked: the agent cannot be loaded into it, so dynprobe
+/// falls back to probes driven from outside with ptrace.
+fn static_worker_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "worker.c", "worker-static", &["-O1", "-g", "-fno-inline", "-pthread", "-static"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -74,24 +81,25 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
     log: PathBuf,
     pid: i32,
+    exe: &'static Path,
 }
 
 impl Worker {
     fn start(test: &str) -> Worker {
+        Worker::start_exe(test, worker_exe())
+    }
+
+    fn start_exe(test: &str, exe: &'static Path) -> Worker {
         let log = scratch().join(format!("{test}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(worker_exe())
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the worker");
+        let mut child =
+            Command::new(exe).arg(&log).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the worker");
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         let pid = line.trim().strip_prefix("ready ").unwrap_or_else(|| panic!("worker said {line:?}")).parse().unwrap();
-        Worker { child, stdin, stdout, log, pid }
+        Worker { child, stdin, stdout, log, pid, exe }
     }
 
     /// Sends a command and returns the worker's answer line.
@@ -110,7 +118,7 @@ impl Worker {
 
     /// The bytes at the start of `symbol` in the running worker.
     fn code(&self, symbol: &str) -> Vec<u8> {
-        let addr = symbol_address(symbol);
+        let addr = symbol_address(self.exe, symbol);
         let mut bytes = vec![0u8; 8];
         let mut mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
         std::os::unix::fs::FileExt::read_exact_at(&mut mem, &mut bytes, addr).unwrap();
@@ -140,17 +148,19 @@ impl Drop for Worker {
     }
 }
 
-/// The worker's (non-PIE) symbol address, from `nm`.
-fn symbol_address(symbol: &str) -> u64 {
-    let out = Command::new("nm").arg(worker_exe()).output().expect("run nm (binutils)");
+/// A (non-PIE) worker's symbol address, from `nm`.
+fn symbol_address(exe: &Path, symbol: &str) -> u64 {
+    let out = Command::new("nm").arg(exe).output().expect("run nm (binutils)");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.ends_with(&format!(" T {symbol}"))).expect("symbol in nm");
     u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
 }
 
-/// A `dynprobe probe -p` running, its stderr lines arriving on a channel.
+/// A `dynprobe probe -p` running, its stderr lines arriving on a channel and its stdout
+/// read all along (a full pipe would stall dynprobe, and with ptrace probes the program).
 struct Session {
     child: Child,
+    stdout: std::thread::JoinHandle<String>,
     stderr: Receiver<String>,
     seen: Vec<String>,
 }
@@ -167,6 +177,12 @@ impl Session {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run dynprobe");
+        let mut stdout = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            stdout.read_to_string(&mut text).unwrap();
+            text
+        });
         let stderr = child.stderr.take().unwrap();
         let (send, receive) = channel();
         std::thread::spawn(move || {
@@ -176,7 +192,7 @@ impl Session {
                 }
             }
         });
-        Session { child, stderr: receive, seen: Vec::new() }
+        Session { child, stdout, stderr: receive, seen: Vec::new() }
     }
 
     /// Waits for a stderr line containing `text` (panics, with all stderr, on timeout or exit).
@@ -202,9 +218,8 @@ impl Session {
             // SAFETY: kill sends a signal to our own child.
             unsafe { libc::kill(self.child.id() as i32, signal) };
         }
-        let mut stdout = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
         let status = self.child.wait().unwrap();
+        let stdout = self.stdout.join().unwrap();
         self.seen.extend(self.stderr.iter());
         (status.code(), stdout, self.seen.join("\n"))
     }
@@ -293,10 +308,25 @@ fn unprobed_checksum() -> String {
 
 #[test]
 fn every_call_is_seen_with_its_values_and_detach_restores_the_program() {
+    every_call_is_seen(worker_exe(), &[]);
+}
+
+#[test]
+fn a_static_program_is_probed_through_ptrace_with_the_same_results() {
+    every_call_is_seen(static_worker_exe(), &["driven from outside with ptrace"]);
+}
+
+/// Attaches with SPECS to a worker built as `exe`, runs a round, detaches, and checks the
+/// events against the worker's log, the checksum, and the code bytes; `notes` must be on
+/// stderr.
+fn every_call_is_seen(exe: &'static Path, notes: &[&str]) {
     let expected_sum = unprobed_checksum();
-    let mut worker = Worker::start("detach");
+    let mut worker = Worker::start_exe(&format!("detach-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = (worker.code("mix"), worker.code("label"));
     let mut session = Session::start(worker.pid, SPECS, &["--json"]);
+    for note in notes {
+        session.wait_for(note);
+    }
     let attached = session.wait_for("attached to");
     assert!(attached.contains("4 probes placed"), "{attached}");
     assert_ne!(worker.code("mix")[..5], before.0[..5], "mix is not patched while attached");
@@ -323,8 +353,20 @@ fn every_call_is_seen_with_its_values_and_detach_restores_the_program() {
 
 #[test]
 fn killing_the_controller_restores_the_program() {
+    killing_the_controller_restores(worker_exe());
+}
+
+#[test]
+fn killing_the_controller_of_ptrace_probes_restores_the_program() {
+    killing_the_controller_restores(static_worker_exe());
+}
+
+/// Kills `dynprobe probe -p` mid-round (SIGKILL): the agent, or the ptrace tracer (a
+/// child of dynprobe's that outlives it), must restore every byte, and the round finish
+/// with the unprobed checksum. Then a second session attaches and ends by `--duration`.
+fn killing_the_controller_restores(exe: &'static Path) {
     let expected_sum = unprobed_checksum();
-    let mut worker = Worker::start("kill");
+    let mut worker = Worker::start_exe(&format!("kill-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = worker.code("mix");
     let mut session = Session::start(worker.pid, SPECS, &[]);
     session.wait_for("attached to");
@@ -443,4 +485,28 @@ fn a_started_program_gets_its_probes_on_a_library_loaded_later_too() {
     let event = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no event: {stdout}"));
     let event: Value = serde_json::from_str(event).unwrap();
     assert_eq!((event["event"].as_str(), event["args"]["x"].as_i64()), (Some("pw"), Some(7)), "{stdout}");
+}
+
+#[test]
+fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
+    let log = scratch().join(format!("static-launch-{}.log", std::process::id()));
+    let mut child = Command::new(dynprobe_exe())
+        .args(["probe", "--json", SPECS[0], SPECS[3], "--"])
+        .arg(static_worker_exe())
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dynprobe");
+    writeln!(child.stdin.as_mut().unwrap(), "go\nquit").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("statically linked") && stderr.contains("ptrace"), "{stderr}");
+    assert!(stdout.contains(&unprobed_checksum()), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    let got = events(&lines.join("\n"));
+    assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
+    assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
 }

@@ -31,8 +31,8 @@ pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
     ptrs.push(std::ptr::null());
     let gate = pipe().map_err(spawn_error)?;
     let report = pipe().map_err(spawn_error)?;
-    // SAFETY: the child only makes async-signal-safe calls (close, read, execvp, write,
-    // _exit) on memory prepared before the fork.
+    // SAFETY: the child only makes async-signal-safe calls (close, read, signal, execvp,
+    // write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(spawn_error(io::Error::last_os_error()));
@@ -45,6 +45,9 @@ pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
             let mut byte = 0u8;
             // Returns at end of file, once the parent has seized us.
             libc::read(gate[0], (&mut byte as *mut u8).cast(), 1);
+            // The program starts with SIGPIPE's default action, as under a shell: the
+            // Rust runtime and the tracer ignore it, and ignored signals survive exec.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::execvp(ptrs[0], ptrs.as_ptr());
             let errno = *libc::__errno_location();
             libc::write(report[1], (&errno as *const i32).cast(), 4);

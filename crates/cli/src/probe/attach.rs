@@ -12,6 +12,9 @@
 //! The control protocol is described in the agent's `attach` module.
 
 use super::output::{Message, Printer};
+use super::ptrace::{self, Tracer};
+use dynprobe::spec::ProbeSpec;
+use dynprobe_uprobes::Target;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -41,34 +44,83 @@ pub(crate) struct Request<'a> {
     pub agent: &'a Path,
     /// When `dynprobe` started, for the attach time it reports.
     pub started: Instant,
+    /// Use the ptrace fallback even where the agent could be loaded.
+    pub ptrace: bool,
 }
 
 /// Attaches, relays hits to `printer` until it is time to detach, and detaches. `Err` is a
 /// message for the user; by then nothing is left in the target.
 pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String> {
     let name = process_name(request.pid)?;
-    let socket = ControlSocket::listen(request.pid)?;
-    let injected =
-        dynprobe_remote::inject_library(request.pid, request.agent, "dynprobe_attach", &socket.path.to_string_lossy())
-            .map_err(|e| format!("cannot attach to {} ({name}): {e}", request.pid))?;
-    if injected.entry_return != 0 {
-        return Err(attach_refused(request.pid, &name, -injected.entry_return));
-    }
-    let control = socket.accept(request.pid)?;
-    let events = EventPipe::new()?;
-    control.send_setup(request, &events)?;
+    let (backend, events) = match request.ptrace {
+        true => ptrace_backend(request)?,
+        false => match agent_backend(request, &name)? {
+            Some(attached) => attached,
+            None => {
+                eprintln!(
+                    "{}",
+                    ptrace::fallback_note(&format!("{} ({name})", request.pid), "it cannot load libraries")
+                );
+                ptrace_backend(request)?
+            }
+        },
+    };
     let mut session = Session {
         pid: request.pid,
         name: &name,
-        control,
-        events: events.read,
+        backend,
+        events,
         printer,
         lines: Vec::new(),
         lost: 0,
         pending: 0,
         ready: false,
     };
-    session.relay(request)
+    let result = session.relay(request);
+    if let Backend::Ptrace(tracer) = session.backend {
+        let status = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
+        if status != 0 && result.is_ok() {
+            return Err(format!("the ptrace tracer of {} ({name}) failed (status {status})", request.pid));
+        }
+    }
+    result
+}
+
+/// Loads the agent into the target and hands it the specs; `None` when the target cannot
+/// load libraries (statically linked), which calls for the ptrace fallback.
+fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, OwnedFd)>, String> {
+    let socket = ControlSocket::listen(request.pid)?;
+    let injected = match dynprobe_remote::inject_library(
+        request.pid,
+        request.agent,
+        "dynprobe_attach",
+        &socket.path.to_string_lossy(),
+    ) {
+        Ok(injected) => injected,
+        Err(dynprobe_remote::InjectError::NoLoader { .. }) => return Ok(None),
+        Err(e) => return Err(format!("cannot attach to {} ({name}): {e}", request.pid)),
+    };
+    if injected.entry_return != 0 {
+        return Err(attach_refused(request.pid, name, -injected.entry_return));
+    }
+    let control = socket.accept(request.pid)?;
+    let events = EventPipe::new()?;
+    control.send_setup(request, &events)?;
+    Ok(Some((Backend::Agent(control), events.read)))
+}
+
+/// Starts the ptrace-driven tracer on the target.
+fn ptrace_backend(request: &Request) -> Result<(Backend, OwnedFd), String> {
+    let specs = request
+        .specs
+        .iter()
+        .map(|text| ProbeSpec::parse(text).map_err(|e| format!("bad probe spec: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tracer, out) =
+        Tracer::start(Target::Pid(request.pid), specs).map_err(|e| format!("cannot start the ptrace tracer: {e}"))?;
+    // SAFETY: F_SETFL on our own descriptor: the relay reads until the pipe is empty.
+    unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    Ok((Backend::Ptrace(tracer), out))
 }
 
 /// The message for a negative errno from `dynprobe_attach`.
@@ -384,11 +436,20 @@ enum Step {
     Detached,
 }
 
-/// A session after the agent connected.
+/// Who places the probes in the target.
+enum Backend {
+    /// The agent, loaded into it: status messages on the control socket.
+    Agent(Control),
+    /// The ptrace tracer (a child process): status lines among the hits.
+    Ptrace(Tracer),
+}
+
+/// A session after the probes were handed over.
 struct Session<'a> {
     pid: i32,
     name: &'a str,
-    control: Control,
+    backend: Backend,
+    /// Hit lines (and, from the ptrace tracer, status lines).
     events: OwnedFd,
     printer: &'a mut Printer,
     /// An incomplete last line read from the event pipe.
@@ -411,8 +472,12 @@ impl Session<'_> {
         let mut phase = Phase::Placing;
         let mut deadline = Some(Instant::now() + AGENT_TIMEOUT);
         loop {
+            let control_fd = match &self.backend {
+                Backend::Agent(control) => control.fd.as_raw_fd(),
+                Backend::Ptrace(_) => -1,
+            };
             let mut fds = [
-                libc::pollfd { fd: self.control.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: control_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
@@ -424,45 +489,63 @@ impl Session<'_> {
             if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) } == -1 {
                 continue;
             }
+            let mut status = Vec::new();
+            let mut ended = false;
             if fds[1].revents != 0 {
-                self.read_events();
+                ended |= self.read_events(&mut status);
             }
-            if fds[0].revents != 0 {
-                loop {
-                    let message = match self.control.receive() {
-                        Some(message) if message.is_empty() => break,
-                        Some(message) => message,
-                        None => {
-                            self.read_events();
-                            if exited(self.pid, pidfd.as_ref()) {
-                                eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
-                                return Ok(());
+            if let Backend::Agent(control) = &self.backend {
+                if fds[0].revents != 0 {
+                    loop {
+                        match control.receive() {
+                            Some(message) if message.is_empty() => break,
+                            Some(message) => status.push(message),
+                            None => {
+                                ended = true;
+                                break;
                             }
-                            return Err(format!(
-                                "the agent in {} ({}) ended the session unexpectedly",
-                                self.pid, self.name
-                            ));
-                        }
-                    };
-                    match self.control_message(&message, request)? {
-                        Step::Stay => {}
-                        Step::Ready => {
-                            self.ready = true;
-                            phase = Phase::Running;
-                            deadline = request.duration.map(|d| Instant::now() + d);
-                        }
-                        Step::Detached => {
-                            self.read_events();
-                            return Ok(());
                         }
                     }
                 }
             }
+            for message in status {
+                match self.control_message(&message, request)? {
+                    Step::Stay => {}
+                    Step::Ready => {
+                        self.ready = true;
+                        phase = Phase::Running;
+                        deadline = request.duration.map(|d| Instant::now() + d);
+                    }
+                    Step::Detached => {
+                        self.read_events(&mut Vec::new());
+                        return Ok(());
+                    }
+                }
+            }
             let _ = self.printer.flush();
-            if fds[3].revents != 0 {
-                self.read_events();
-                eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
-                return Ok(());
+            if ended || fds[3].revents != 0 {
+                // The agent's socket or the tracer's pipe closed, or the target ended.
+                self.read_events(&mut Vec::new());
+                let _ = self.printer.flush();
+                if exited(self.pid, pidfd.as_ref()) {
+                    eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
+                    return Ok(());
+                }
+                return match (&self.backend, phase) {
+                    (Backend::Ptrace(_), Phase::Detaching) => {
+                        eprintln!(
+                            "dynprobe: detached from {} ({}): every probed byte is restored",
+                            self.pid, self.name
+                        );
+                        Ok(())
+                    }
+                    (Backend::Ptrace(_), _) => {
+                        Err(format!("the ptrace tracer of {} ({}) ended unexpectedly", self.pid, self.name))
+                    }
+                    (Backend::Agent(_), _) => {
+                        Err(format!("the agent in {} ({}) ended the session unexpectedly", self.pid, self.name))
+                    }
+                };
             }
             let interrupted = fds[2].revents != 0 && signals.take();
             let timed_out = deadline.is_some_and(|at| Instant::now() >= at);
@@ -476,10 +559,13 @@ impl Session<'_> {
                     ))
                 }
                 Phase::Detaching if interrupted => {
-                    eprintln!("dynprobe: still detaching: waiting for the agent to restore every probed byte")
+                    eprintln!("dynprobe: still detaching: waiting for every probed byte to be restored")
                 }
                 Phase::Placing | Phase::Running if interrupted || timed_out => {
-                    self.control.send("detach");
+                    match &mut self.backend {
+                        Backend::Agent(control) => control.send("detach"),
+                        Backend::Ptrace(tracer) => tracer.detach(),
+                    }
                     phase = Phase::Detaching;
                     deadline = Some(Instant::now() + AGENT_TIMEOUT);
                 }
@@ -532,20 +618,21 @@ impl Session<'_> {
                 eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
                 return Ok(Step::Detached);
             }
-            Message::Placed(_) | Message::Warning(_) => {}
+            Message::Placed(_) | Message::Warning(_) | Message::Ended(_) => {}
             Message::Hit(_) | Message::Unknown(_) => eprintln!("dynprobe: unexpected message from the agent: {text}"),
         }
         Ok(Step::Stay)
     }
 
-    /// Reads what the event pipe holds and prints every complete line.
-    fn read_events(&mut self) {
+    /// Reads what the event pipe holds and prints every complete hit line; status lines
+    /// (the ptrace tracer's) go to `status`. True once the pipe is closed.
+    fn read_events(&mut self, status: &mut Vec<String>) -> bool {
         let mut buf = [0u8; 64 * 1024];
         loop {
             // SAFETY: reads into a local buffer; the pipe's read end is non-blocking.
             let n = unsafe { libc::read(self.events.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
-                break;
+                return n == 0;
             }
             self.lines.extend_from_slice(&buf[..n as usize]);
             let complete = self.lines.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -557,7 +644,7 @@ impl Session<'_> {
                         // A closed `| head`: keep reading, so the agent's pipe drains.
                         let _ = self.printer.hit(&hit);
                     }
-                    _ => eprintln!("dynprobe: unexpected line from the agent: {line}"),
+                    _ => status.push(line.to_string()),
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 mod attach;
 pub(crate) mod output;
+mod ptrace;
 pub(crate) mod session;
 
 use dynprobe::spec::ProbeSpec;
@@ -46,6 +47,11 @@ pub struct ProbeArgs {
     /// `debug.kprobes_optimization` to 0.
     #[arg(long)]
     no_optimize: bool,
+    /// Drive the probes from outside with ptrace (int3 traps handled by dynprobe, tens of
+    /// microseconds a hit), as for a statically linked program, instead of loading the
+    /// agent into the process.
+    #[arg(long)]
+    ptrace: bool,
     #[command(flatten)]
     output: OutputArgs,
     /// The program to run and its arguments, after `--`.
@@ -79,12 +85,18 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
         eprintln!("dynprobe: no program to run; give it after `--`, as in `dynprobe probe 'p:main' -- ./prog`");
         return ExitCode::from(EXIT_USAGE);
     }
-    probe(&args.specs, &args.command, !args.no_optimize, &args.output)
+    match try_probe(&args.specs, &args.command, !args.no_optimize, args.ptrace, &args.output) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("dynprobe: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 /// Runs `command` with the probes `specs`, printing hits as `output` says.
 pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> ExitCode {
-    match try_probe(specs, command, optimize, output) {
+    match try_probe(specs, command, optimize, false, output) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
@@ -100,7 +112,15 @@ fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
     let lines = spec_lines(&args.specs)?;
     let agent = agent_path()?;
     let mut printer = printer(&args.output)?;
-    let request = attach::Request { pid, specs: &lines, optimize: !args.no_optimize, duration, agent: &agent, started };
+    let request = attach::Request {
+        pid,
+        specs: &lines,
+        optimize: !args.no_optimize,
+        duration,
+        agent: &agent,
+        started,
+        ptrace: args.ptrace,
+    };
     let result = attach::run(&request, &mut printer);
     let _ = printer.flush();
     result
@@ -140,10 +160,25 @@ fn printer(output: &OutputArgs) -> Result<Printer, String> {
     Ok(Printer::new(out, output.json, dynprobe::monotonic_ns()))
 }
 
-fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &OutputArgs) -> Result<ExitCode, String> {
+fn try_probe(
+    specs: &[String],
+    command: &[OsString],
+    optimize: bool,
+    force_ptrace: bool,
+    output: &OutputArgs,
+) -> Result<ExitCode, String> {
     let lines = spec_lines(specs)?;
-    let agent = agent_path()?;
     let mut printer = printer(output)?;
+    let static_program = ptrace::static_program(&command[0]);
+    if force_ptrace || static_program.is_some() {
+        if let Some(why) = static_program {
+            eprintln!("{}", ptrace::fallback_note(&format!("`{}`", command[0].to_string_lossy()), &why));
+        }
+        let result = probe_with_ptrace(&lines, command, &mut printer);
+        let _ = printer.flush();
+        return result;
+    }
+    let agent = agent_path()?;
     let mut env = vec![("DYNPROBE_PROBES", OsString::from(lines.join("\n")))];
     if !optimize {
         env.push(("DYNPROBE_OPTIMIZE", OsString::from("0")));
@@ -159,6 +194,30 @@ fn try_probe(specs: &[String], command: &[OsString], optimize: bool, output: &Ou
         Placement::Ready(_) => {}
     }
     Ok(exit_code(&command[0], outcome.status))
+}
+
+/// `dynprobe probe SPEC -- PROG` with the ptrace-driven probes: the tracer child starts the
+/// program and its exit status is the program's.
+fn probe_with_ptrace(lines: &[String], command: &[OsString], printer: &mut Printer) -> Result<ExitCode, String> {
+    let specs = lines.iter().map(|line| ProbeSpec::parse(line).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let (tracer, out) = ptrace::Tracer::start(ptrace::command(command), specs)
+        .map_err(|e| format!("cannot start the ptrace tracer: {e}"))?;
+    // As with the agent: Ctrl-C is the program's to handle; dynprobe stays to relay its
+    // last events and its exit status.
+    // SAFETY: setting a signal to SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let placement = session::relay(&out, tracer.pid() as u32, &mut session::PrintHits::new(printer))
+        .map_err(|e| format!("cannot read the ptrace tracer's events: {e}"))?;
+    let status = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
+    match placement {
+        Placement::Refused(error) => {
+            let (spec, why) = split_error(&error, lines);
+            Err(format!("cannot place probe `{spec}`: {why}; the program was not run"))
+        }
+        // The tracer said why on stderr.
+        Placement::Silent => Ok(ExitCode::from(EXIT_USAGE)),
+        Placement::Ready(_) => Ok(ExitCode::from(status as u8)),
+    }
 }
 
 /// The message for a program that could not be started.

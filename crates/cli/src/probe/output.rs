@@ -28,6 +28,9 @@ pub enum Message<'a> {
     Placed(&'a str),
     /// `!warning <text>`.
     Warning(&'a str),
+    /// `!exited <status>` or `!killed <signal>`: the ptrace tracer's program ended (its
+    /// status is the tracer's exit status).
+    Ended(&'a str),
     /// `!detached <lost>[ <problem>]`: an attach session removed every probe (or says
     /// what it could not remove).
     Detached {
@@ -89,8 +92,16 @@ impl<'a> Message<'a> {
             return Message::Warning(rest);
         }
         if let Some(rest) = line.strip_prefix("!detached ") {
+            // The agent's `!detached <lost>[ <problem>]`, or the ptrace tracer's
+            // `!detached <why>` when the program exec'd and the probes were gone with it.
             let (lost, problem) = rest.split_once(' ').unwrap_or((rest, ""));
-            return lost.parse().map_or(Message::Unknown(line), |lost| Message::Detached { lost, problem });
+            return match lost.parse() {
+                Ok(lost) => Message::Detached { lost, problem },
+                Err(_) => Message::Detached { lost: 0, problem: rest },
+            };
+        }
+        if line.starts_with("!exited ") || line.starts_with("!killed ") {
+            return Message::Ended(&line[1..]);
         }
         Self::hit(line).map_or(Message::Unknown(line), Message::Hit)
     }

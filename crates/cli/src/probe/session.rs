@@ -121,16 +121,16 @@ pub fn run(command: &[OsString], agent: &Path, env: &[(&str, OsString)], hits: &
     // are inherited across exec.
     // SAFETY: setting a signal to SIG_IGN installs no handler code.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let placement = relay(&pipe.read, &child, hits);
+    let placement = relay(&pipe.read, child.id(), hits);
     let status = child.wait()?;
     Ok(Outcome { placement: placement?, status })
 }
 
 /// Reads the agent's lines until end-of-file or until the program exits (a process it
 /// forked may keep the pipe open), then what is left in the pipe.
-fn relay(read: &OwnedFd, child: &Child, hits: &mut dyn Hits) -> io::Result<Placement> {
+pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Result<Placement> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) };
     // Without pidfds (kernels before 5.3) we wait for end-of-file only.
     let pidfd = (pidfd >= 0).then(|| {
         // SAFETY: the descriptor was just returned by pidfd_open and is ours alone.
@@ -189,7 +189,10 @@ impl Relay<'_> {
             message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_)) => {
                 eprintln!("dynprobe: {}", message.note().unwrap_or_default())
             }
-            Message::Lost(_) | Message::Detached { .. } | Message::Unknown(_) => {
+            // The tracer's exit status is the program's; the line says nothing more.
+            Message::Ended(_) => {}
+            Message::Detached { problem, .. } => eprintln!("dynprobe: {problem}"),
+            Message::Lost(_) | Message::Unknown(_) => {
                 eprintln!("dynprobe: unexpected line from the agent: {line}")
             }
         }
