@@ -16,6 +16,25 @@ fn main() {
     build_demo();
     build_bench_graph();
     build_bench_sites();
+    build_bench_ptrace();
+}
+
+/// Builds the ptrace-probe row's program, `crates/uprobes/bench/ptrace_probe.c` (the one
+/// source the uprobes crate's own benchmark uses too), statically linked as the programs
+/// that get ptrace-driven probes are. The path is baked in as `DYNPROBE_BENCH_PTRACE`.
+fn build_bench_ptrace() {
+    let source = "../uprobes/bench/ptrace_probe.c";
+    println!("cargo:rerun-if-changed={source}");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ptrace_probe");
+    let compiler = cc::Build::new().opt_level(1).flag_if_supported("-fcf-protection=none").get_compiler();
+    let status = compiler
+        .to_command()
+        .args(["-static", "-fno-inline", source, "-o"])
+        .arg(&out)
+        .status()
+        .expect("run the C compiler");
+    assert!(status.success(), "compiling {source} statically failed (is libc6-dev installed?)");
+    println!("cargo:rustc-env=DYNPROBE_BENCH_PTRACE={}", out.display());
 }
 
 /// Links `demo/demo.c` into an executable in OUT_DIR and bakes its path into the binary

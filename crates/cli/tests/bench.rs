@@ -95,6 +95,17 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     assert!(ns_per_hit(&rows, "enable-sites") > 0.0, "{sites}");
     assert_eq!(sites["calls_per_batch"], 10_001, "{sites}");
     assert!(sites["note"].as_str().unwrap().contains("10001 sites in "), "{sites}");
+
+    // Attaching to a running process: a duration, in milliseconds too.
+    let attach = row(&rows, "attach-ms");
+    assert!(ns_per_hit(&rows, "attach-ms") > 0.0, "{attach}");
+    assert!(attach["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{attach}");
+
+    // The ptrace fallback: every hit was printed (the row checks), and it costs more than
+    // the in-process probes.
+    let ptrace = row(&rows, "ptrace-probe");
+    assert!(ns_per_hit(&rows, "ptrace-probe") > ns_per_hit(&rows, "optimized-probe"), "{ptrace}");
+    assert!(ptrace["x_kernel_uprobe"].as_f64().is_some(), "{ptrace}");
 }
 
 #[test]

@@ -76,6 +76,9 @@ pub enum Measure {
     SiteBatch,
     /// `dynprobe probe -p` attaching to a running process: nanoseconds per attach.
     Attach,
+    /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
+    /// its own probed and unprobed calls: nanoseconds added per hit.
+    PtraceProbe,
 }
 
 impl Row {
@@ -86,7 +89,7 @@ impl Row {
         match self.measure {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
-            Measure::SiteBatch | Measure::Attach => None,
+            Measure::SiteBatch | Measure::Attach | Measure::PtraceProbe => None,
         }
     }
 }
@@ -201,6 +204,12 @@ pub static ROWS: &[Row] = &[
         about: "dynprobe record turning 10,000 mcount NOPs into calls in one batch (one stop), ns per site",
         measure: Measure::SiteBatch,
         compare_to: &[],
+    },
+    Row {
+        name: "ptrace-probe",
+        about: "dynprobe's fallback for static programs: int3 handled by the ptrace tracer, boosted out-of-line copy, event printed",
+        measure: Measure::PtraceProbe,
+        compare_to: &[KERNEL_UPROBE],
     },
     Row {
         name: "attach-ms",
