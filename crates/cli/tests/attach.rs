@@ -463,50 +463,48 @@ fn bad_requests_are_refused_and_change_nothing() {
     worker.quit();
 }
 
-#[test]
-fn a_started_program_gets_its_probes_on_a_library_loaded_later_too() {
-    let log = scratch().join(format!("launched-{}.log", std::process::id()));
+/// `dynprobe probe --json SPECS -- EXE LOG` with `input` on the worker's stdin: (the
+/// JSON events, the worker's own lines, stderr), after checking dynprobe succeeded.
+fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> (String, String, String) {
+    let log = scratch().join(format!("{test}-{}.log", std::process::id()));
     let mut child = Command::new(dynprobe_exe())
-        .args(["probe", "--json", "p:pw libplugin:plugin_work x=$arg1:s32", "--"])
-        .arg(worker_exe())
+        .args(["probe", "--json"])
+        .args(specs)
+        .arg("--")
+        .arg(exe)
         .arg(&log)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run dynprobe");
-    writeln!(child.stdin.as_mut().unwrap(), "load {}\nquit", plugin_lib().display()).unwrap();
+    child.stdin.as_mut().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");
+    let (events, own): (Vec<&str>, Vec<&str>) = stdout.lines().partition(|l| l.starts_with('{'));
+    (events.join("\n"), own.join("\n"), stderr.into_owned())
+}
+
+#[test]
+fn a_started_program_gets_its_probes_on_a_library_loaded_later_too() {
+    let specs = ["p:pw libplugin:plugin_work x=$arg1:s32"];
+    let input = format!("load {}\nquit\n", plugin_lib().display());
+    let (events, own, stderr) = start_under_dynprobe("launched", &specs, worker_exe(), &input);
     assert!(stderr.contains("it is placed when that library is loaded"), "{stderr}");
     assert!(stderr.contains("placed: its library was loaded"), "{stderr}");
-    assert!(stdout.contains("plugin 77"), "{stdout}");
-    let event = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no event: {stdout}"));
-    let event: Value = serde_json::from_str(event).unwrap();
-    assert_eq!((event["event"].as_str(), event["args"]["x"].as_i64()), (Some("pw"), Some(7)), "{stdout}");
+    assert!(own.contains("plugin 77"), "{own}");
+    let event: Value = serde_json::from_str(&events).unwrap_or_else(|e| panic!("not one event: {events} ({e})"));
+    assert_eq!((event["event"].as_str(), event["args"]["x"].as_i64()), (Some("pw"), Some(7)), "{events}");
 }
 
 #[test]
 fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
-    let log = scratch().join(format!("static-launch-{}.log", std::process::id()));
-    let mut child = Command::new(dynprobe_exe())
-        .args(["probe", "--json", SPECS[0], SPECS[3], "--"])
-        .arg(static_worker_exe())
-        .arg(&log)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dynprobe");
-    writeln!(child.stdin.as_mut().unwrap(), "go\nquit").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
+    let specs = [SPECS[0], SPECS[3]];
+    let (lines, own, stderr) = start_under_dynprobe("static-launch", &specs, static_worker_exe(), "go\nquit\n");
     assert!(stderr.contains("statically linked") && stderr.contains("ptrace"), "{stderr}");
-    assert!(stdout.contains(&unprobed_checksum()), "{stdout}");
-    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
-    let got = events(&lines.join("\n"));
+    assert!(own.contains(&unprobed_checksum()), "{own}");
+    let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
 }
