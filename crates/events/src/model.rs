@@ -5,6 +5,7 @@
 //! [`crate::trace`] reads a trace directory into this form; `dynprobe replay`, `report`
 //! and `export` work on it.
 
+use std::fmt;
 use std::path::PathBuf;
 
 /// A whole trace.
@@ -41,6 +42,71 @@ pub struct ProcessTrace {
     pub sites: SiteSummary,
     /// The threads that recorded anything.
     pub threads: Vec<ThreadTrace>,
+    /// The marker sites recorded (`record -M`); a marker event's site id indexes this.
+    pub markers: Vec<MarkerSite>,
+}
+
+/// A static marker site whose hits were recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MarkerSite {
+    /// The marker's provider.
+    pub provider: String,
+    /// The marker's name.
+    pub name: String,
+    /// The site's runtime address.
+    pub addr: u64,
+}
+
+/// One argument of a recorded marker hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerValue {
+    /// An unsigned integer.
+    Unsigned(u64),
+    /// A signed integer.
+    Signed(i64),
+    /// A `bool`.
+    Bool(bool),
+    /// A `char`'s code point (not necessarily a valid one).
+    Char(u32),
+    /// A pointer.
+    Pointer(u64),
+    /// A string's bytes (the first `MARKER_STRING_MAX` of them).
+    Str {
+        /// The bytes kept.
+        bytes: Vec<u8>,
+        /// Whether the string was longer.
+        cut: bool,
+    },
+    /// The value could not be read at the hit.
+    Unavailable,
+    /// The values from here on did not fit in the hit's records.
+    Omitted,
+}
+
+impl fmt::Display for MarkerValue {
+    /// As the event lines of `dynprobe probe` show values: integers in decimal, pointers in
+    /// hex, strings and chars quoted with escapes (a cut string followed by `...`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MarkerValue::Unsigned(v) => write!(f, "{v}"),
+            MarkerValue::Signed(v) => write!(f, "{v}"),
+            MarkerValue::Bool(v) => write!(f, "{v}"),
+            MarkerValue::Char(code) => match char::from_u32(*code) {
+                Some(c) => write!(f, "\"{}\"", c.escape_default()),
+                None => write!(f, "(unavailable)"),
+            },
+            MarkerValue::Pointer(p) => write!(f, "{p:#x}"),
+            MarkerValue::Str { bytes, cut } => {
+                write!(f, "\"{}\"", bytes.escape_ascii())?;
+                if *cut {
+                    f.write_str("...")?;
+                }
+                Ok(())
+            }
+            MarkerValue::Unavailable => f.write_str("(unavailable)"),
+            MarkerValue::Omitted => f.write_str("..."),
+        }
+    }
 }
 
 /// A traced function.
@@ -64,6 +130,8 @@ pub struct ThreadTrace {
     /// Events lost because its ring was full (also present as [`EventKind::Lost`] events
     /// where they happened).
     pub lost: u64,
+    /// The arguments of its marker hits: [`EventKind::Marker`]'s index points here.
+    pub marker_args: Vec<Vec<MarkerValue>>,
 }
 
 /// One event of a thread.
@@ -75,7 +143,9 @@ pub struct Event {
     pub kind: EventKind,
     /// The call depth (0 for the outermost traced call).
     pub depth: u16,
-    /// The function id (index into [`ProcessTrace::functions`]); 0 for [`EventKind::Lost`].
+    /// The function id (index into [`ProcessTrace::functions`]); 0 for [`EventKind::Lost`];
+    /// for [`EventKind::Marker`], the marker site's id (index into
+    /// [`ProcessTrace::markers`]).
     pub func: u32,
 }
 
@@ -91,6 +161,9 @@ pub enum EventKind {
     Unwound,
     /// This many events were lost here (the ring buffer was full).
     Lost(u64),
+    /// A static marker was hit (inside the calls of lower depth open then); its arguments
+    /// are [`ThreadTrace::marker_args`] at this index.
+    Marker(u32),
 }
 
 /// How many sites of each kind were found and patched, and why the others were refused:

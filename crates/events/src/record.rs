@@ -5,7 +5,18 @@
 //!   word 1   bits  0..4   kind (0 is never written: a zeroed record is an unwritten one)
 //!            bits  4..16  depth: the call depth of the function (0 = outermost traced)
 //!            bits 16..64  payload: function id (entry, exit, unwound), count (lost),
-//!                         thread id (thread)
+//!                         thread id (thread), marker site id and data record count
+//!                         (marker: bits 16..48 and 48..64)
+//! ```
+//!
+//! A marker hit is a `Marker` record followed by the `MarkerData` records that carry its
+//! arguments (see [`crate::marker`]), pushed together so that nothing comes between them:
+//!
+//! ```text
+//!   MarkerData  word 0        data bytes 0..8
+//!               word 1  bits  0..4   kind
+//!                       bits  4..8   how many of the record's 15 data bytes are used
+//!                       bits  8..64  data bytes 8..15
 //! ```
 
 /// The kinds of record.
@@ -24,6 +35,11 @@ pub enum Kind {
     /// From here on the ring's records are thread `tid`'s (a ring is reused when its thread
     /// is gone, and a forked or `vfork`ed child writes with its own tid).
     Thread = 5,
+    /// A static marker was hit at this depth: the payload is the marker site's id and the
+    /// count of `MarkerData` records that follow.
+    Marker = 6,
+    /// Up to 15 bytes of the arguments of the `Marker` record before it.
+    MarkerData = 7,
 }
 
 impl Kind {
@@ -34,6 +50,8 @@ impl Kind {
             3 => Kind::Unwound,
             4 => Kind::Lost,
             5 => Kind::Thread,
+            6 => Kind::Marker,
+            7 => Kind::MarkerData,
             _ => return None,
         })
     }

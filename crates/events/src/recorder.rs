@@ -336,6 +336,8 @@ impl Recorder {
                         state.tid = rec.payload() as u32;
                     }
                     Some(Kind::Lost) => state.lost_seen += rec.payload(),
+                    // Part of the marker hit before it, already counted.
+                    Some(Kind::MarkerData) => {}
                     Some(_) => self.events += 1,
                     // Written by a program that scribbled over its ring: kept, for the reader
                     // to report where.
@@ -414,7 +416,7 @@ fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
 /// trace directory `out` (either may be missing); returns the summary's text, if any.
 fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<String>, EventsError> {
     let mut sites = None;
-    for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt")] {
+    for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt"), ("markers", "markers.txt")] {
         let from = ring_dir.join(format!("{name}.{ext}"));
         let to = out.join(to);
         let text = match fs::read_to_string(&from) {

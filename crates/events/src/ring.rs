@@ -241,13 +241,25 @@ impl RingFile {
     /// A `ring` out of range is ignored (a caller's bug, which must not write out of bounds).
     #[inline(always)]
     pub fn push(&self, ring: usize, tid: u32, rec: Record) {
+        self.push_all(ring, tid, std::slice::from_ref(&rec))
+    }
+
+    /// Appends `recs` (at least one), as thread `tid`'s, to ring `ring`, one after the other
+    /// or not at all: a record and the records that belong to it (a marker hit and its
+    /// arguments) are never separated, nor is any of them lost without the others — all of
+    /// them are counted lost when they do not fit. Otherwise as [`RingFile::push`].
+    #[inline(always)]
+    pub fn push_all(&self, ring: usize, tid: u32, recs: &[Record]) {
+        let Some(first) = recs.first() else { return };
         if ring >= self.rings {
             debug_assert!(false, "push into ring {ring} of {}", self.rings);
             return;
         }
         let h = self.ring_header(ring);
         if h.busy.load(Ordering::Relaxed) != 0 {
-            bump(&h.nested_lost);
+            for _ in recs {
+                bump(&h.nested_lost);
+            }
             return;
         }
         h.busy.store(1, Ordering::Relaxed);
@@ -262,27 +274,31 @@ impl RingFile {
         let head = h.head.load(Ordering::Relaxed);
         let tail = h.tail.load(Ordering::Acquire);
         let switch = h.tid.load(Ordering::Relaxed) != tid as u64;
-        let need = 1 + (pending != 0) as u64 + switch as u64;
+        let count = recs.len() as u64;
+        let need = count + (pending != 0) as u64 + switch as u64;
         let free = (self.capacity as u64).saturating_sub(head.wrapping_sub(tail));
         if free < need {
-            h.pending_lost.store(pending + 1, Ordering::Relaxed);
-            h.lost.store(h.lost.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            h.pending_lost.store(pending + count, Ordering::Relaxed);
+            h.lost.store(h.lost.load(Ordering::Relaxed) + count, Ordering::Relaxed);
         } else {
             let mut at = head;
             if pending != 0 {
-                self.write_slot(ring, at, Record::new(Kind::Lost, rec.time, 0, pending));
+                self.write_slot(ring, at, Record::new(Kind::Lost, first.time, 0, pending));
                 at += 1;
                 h.pending_lost.store(0, Ordering::Relaxed);
             }
             if switch {
-                self.write_slot(ring, at, Record::new(Kind::Thread, rec.time, 0, tid as u64));
+                self.write_slot(ring, at, Record::new(Kind::Thread, first.time, 0, tid as u64));
                 at += 1;
                 h.tid.store(tid as u64, Ordering::Relaxed);
                 // Published with the records by the Release store of `head` below.
                 self.used_flag(ring).store(1, Ordering::Relaxed);
             }
-            self.write_slot(ring, at, rec);
-            h.head.store(at + 1, Ordering::Release);
+            for &rec in recs {
+                self.write_slot(ring, at, rec);
+                at += 1;
+            }
+            h.head.store(at, Ordering::Release);
         }
 
         compiler_fence(Ordering::SeqCst);
@@ -704,6 +720,21 @@ mod tests {
         assert_eq!(drained(&ring, 1), [lost(20, 13), entry(20)]);
         assert_eq!(ring.lost(1), 13);
         assert_eq!(ring.lost(0), 0);
+    }
+
+    #[test]
+    fn records_pushed_together_stay_together_or_are_all_lost() {
+        let dir = TempDir::new("ring-push-all");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 8, Clock::MonotonicNs).unwrap();
+        ring.push_all(0, 3, &[entry(1), entry(2), entry(3)]);
+        ring.push_all(0, 3, &[]);
+        // Three more do not fit in the four slots left with a Lost record: all are lost.
+        ring.push(0, 3, entry(4));
+        ring.push_all(0, 3, &[entry(5), entry(6), entry(7), entry(8)]);
+        assert_eq!(ring.lost(0), 4);
+        assert_eq!(drained(&ring, 0), [thread(1, 3), entry(1), entry(2), entry(3), entry(4)]);
+        ring.push_all(0, 3, &[entry(9), entry(10)]);
+        assert_eq!(drained(&ring, 0), [lost(9, 4), entry(9), entry(10)]);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!       functions.txt      id \t addr_hex \t module \t name     (ids 0, 1, 2... in order)
 //!       sites.txt          exe \t path | parent \t pid | kind \t kind \t found \t patched
 //!                          | refused \t kind \t addr_hex \t function \t reason
+//!       markers.txt        id \t addr_hex \t provider \t name      the marker sites recorded
+//!                          (`record -M`; ids 0, 1, 2... in order)
 //!       <tid>.dat          "DYNPTRC1", u32 pid, u32 tid (little-endian), then 16-byte
 //!                          records (`Record::to_bytes`) with raw clock ticks
 //! ```
@@ -22,7 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Calibration;
 use crate::error::EventsError;
-use crate::model::{Event, EventKind, Function, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace};
+use crate::marker;
+use crate::model::{
+    Event, EventKind, Function, MarkerSite, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace,
+};
 use crate::record::{Kind, Record};
 
 /// The first 8 bytes of a `.dat` file.
@@ -118,6 +123,24 @@ pub(crate) fn parse_functions(path: &Path, text: &str) -> Result<Vec<Function>, 
         functions.push(Function { name: name.to_owned(), module: module.to_owned(), addr });
     }
     Ok(functions)
+}
+
+/// The marker sites of a `markers.txt` (or an agent's `.markers`) named `path`.
+pub(crate) fn parse_markers(path: &Path, text: &str) -> Result<Vec<MarkerSite>, EventsError> {
+    let mut markers = Vec::new();
+    for (line, l) in lines(text) {
+        let fields: Vec<&str> = l.splitn(4, '\t').collect();
+        let [id, addr, provider, name] = fields[..] else {
+            return Err(malformed(path, line, "expected id, address, provider and name separated by tabs"));
+        };
+        let id: usize = parse_number(path, line, "marker id", id)?;
+        if id != markers.len() {
+            return Err(malformed(path, line, format!("marker id {id} where {} was expected", markers.len())));
+        }
+        let addr = parse_hex(path, line, "address", addr)?;
+        markers.push(MarkerSite { provider: provider.to_owned(), name: name.to_owned(), addr });
+    }
+    Ok(markers)
 }
 
 /// What a `sites.txt` (or an agent's `.sites`) says.
@@ -259,6 +282,11 @@ fn read_process(
         Some(text) => parse_functions(&functions_path, &text)?,
         None => vec![],
     };
+    let markers_path = dir.join("markers.txt");
+    let markers = match read_optional(&markers_path)? {
+        Some(text) => parse_markers(&markers_path, &text)?,
+        None => vec![],
+    };
     let sites_path = dir.join("sites.txt");
     let mut sites = match read_optional(&sites_path)? {
         Some(text) => parse_sites(&sites_path, &text)?,
@@ -278,18 +306,24 @@ fn read_process(
     for entry in entries.filter(|_| with_events) {
         let path = entry.map_err(EventsError::io("read process directory", dir))?.path();
         if path.extension().is_some_and(|e| e == "dat") {
-            let thread = read_thread(&path, pid, functions.len(), clock)?;
+            let thread = read_thread(&path, pid, (functions.len(), markers.len()), clock)?;
             if !thread.events.is_empty() {
                 threads.push(thread);
             }
         }
     }
     threads.sort_by_key(|t| (t.events[0].ns, t.tid));
-    Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads })
+    Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads, markers })
 }
 
-/// Reads the `.dat` file `path` of process `pid`, which has `functions` functions.
-fn read_thread(path: &Path, pid: u32, functions: usize, clock: &Calibration) -> Result<ThreadTrace, EventsError> {
+/// Reads the `.dat` file `path` of process `pid`, which has `functions` functions and
+/// `markers` marker sites.
+fn read_thread(
+    path: &Path,
+    pid: u32,
+    (functions, markers): (usize, usize),
+    clock: &Calibration,
+) -> Result<ThreadTrace, EventsError> {
     let bytes = fs::read(path).map_err(EventsError::io("read", path))?;
     if bytes.len() < 8 || bytes[..8] != DAT_MAGIC {
         return Err(EventsError::BadMagic { path: path.to_owned() });
@@ -305,13 +339,41 @@ fn read_thread(path: &Path, pid: u32, functions: usize, clock: &Calibration) -> 
         return Err(corrupt(8, format!("pid {file_pid} in the directory of process {pid}")));
     }
 
-    let mut thread = ThreadTrace { tid, events: Vec::new(), lost: 0 };
+    let mut thread = ThreadTrace { tid, events: Vec::new(), lost: 0, marker_args: Vec::new() };
     // `chunks_exact` leaves out a trailing partial record: a recorder killed mid-write.
-    for (i, chunk) in bytes[DAT_HEADER_BYTES..].chunks_exact(16).enumerate() {
-        let offset = DAT_HEADER_BYTES + i * 16;
-        let rec = Record::from_bytes(chunk.try_into().expect("16 bytes"));
+    let records: Vec<Record> = bytes[DAT_HEADER_BYTES..]
+        .chunks_exact(16)
+        .map(|chunk| Record::from_bytes(chunk.try_into().expect("16 bytes")))
+        .collect();
+    let mut i = 0;
+    while i < records.len() {
+        let (offset, rec) = (DAT_HEADER_BYTES + i * 16, records[i]);
+        i += 1;
         let kind = match rec.kind() {
             Some(Kind::Thread) => continue,
+            Some(Kind::Marker) => {
+                let (site, count) = marker::marker_header(&rec);
+                if site as usize >= markers {
+                    return Err(corrupt(
+                        offset,
+                        format!("marker site id {site} out of range (the process has {markers} marker sites)"),
+                    ));
+                }
+                let Some(data) = records.get(i..i + count) else {
+                    // The file ends inside the hit: a recorder killed mid-write, as above.
+                    break;
+                };
+                i += count;
+                let values = marker::data_bytes(data)
+                    .and_then(|bytes| marker::decode(&bytes))
+                    .map_err(|e| corrupt(offset, format!("marker hit with {count} data records: {e}")))?;
+                thread.marker_args.push(values);
+                let ns = clock.to_ns(rec.time);
+                let index = thread.marker_args.len() as u32 - 1;
+                thread.events.push(Event { ns, kind: EventKind::Marker(index), depth: rec.depth(), func: site });
+                continue;
+            }
+            Some(Kind::MarkerData) => return Err(corrupt(offset, "marker data without its marker record".into())),
             Some(Kind::Entry) => EventKind::Entry,
             Some(Kind::Exit) => EventKind::Exit,
             Some(Kind::Unwound) => EventKind::Unwound,
@@ -344,6 +406,8 @@ fn read_thread(path: &Path, pid: u32, functions: usize, clock: &Calibration) -> 
 mod tests {
     use super::*;
     use crate::clock::Clock;
+    use crate::marker::MarkerRecords;
+    use crate::model::MarkerValue;
     use crate::testutil::TempDir;
 
     /// A trace directory by hand: times are ns, process 10 has functions f0..f2 and thread
@@ -493,6 +557,44 @@ mod tests {
     }
 
     #[test]
+    fn marker_hits_read_with_their_sites_and_arguments() {
+        let f = Fixture::new("trace-markers");
+        f.write("10.0/markers.txt", b"0\t1500\tapp\ttick\n1\t1600\tapp\tdone\n");
+        let mut records = vec![rec(Kind::Entry, 10, 0, 1)];
+        records.extend_from_slice(
+            MarkerRecords::new().unsigned(7).string(b"hello, world: a longer text").finish(20, 1, 0),
+        );
+        records.extend_from_slice(MarkerRecords::new().finish(25, 1, 1));
+        records.push(rec(Kind::Exit, 30, 0, 1));
+        // A hit cut by the end of the file (a recorder killed mid-write) is left out.
+        let cut = MarkerRecords::new().string(&[b'z'; 40]).finish(40, 0, 0).to_vec();
+        records.extend_from_slice(&cut[..2]);
+        f.thread(10, 0, 11, &records);
+        let trace = read(f.dir.path()).unwrap();
+        let p = &trace.processes[0];
+        assert_eq!(
+            p.markers,
+            [
+                MarkerSite { provider: "app".into(), name: "tick".into(), addr: 0x1500 },
+                MarkerSite { provider: "app".into(), name: "done".into(), addr: 0x1600 }
+            ]
+        );
+        let t = &p.threads[0];
+        let kinds: Vec<(u64, EventKind, u16, u32)> = t.events.iter().map(|e| (e.ns, e.kind, e.depth, e.func)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (10, EventKind::Entry, 0, 1),
+                (20, EventKind::Marker(0), 1, 0),
+                (25, EventKind::Marker(1), 1, 1),
+                (30, EventKind::Exit, 0, 1)
+            ]
+        );
+        let hello = MarkerValue::Str { bytes: b"hello, world: a longer text".to_vec(), cut: false };
+        assert_eq!(t.marker_args, [vec![MarkerValue::Unsigned(7), hello], vec![]]);
+    }
+
+    #[test]
     fn corrupt_thread_files_are_named_with_the_offset() {
         let f = Fixture::new("trace-corrupt");
         let dat = f.dir.path().join("10.0/11.dat");
@@ -506,8 +608,45 @@ mod tests {
             f.read_err(),
             format!("{}: corrupt record at byte 8: the header ends before its pid and tid", dat.display())
         );
-        f.thread(10, 0, 11, &[rec(Kind::Entry, 1, 0, 0), Record { time: 2, word: 0x7 }]);
-        assert_eq!(f.read_err(), format!("{}: corrupt record at byte 32: invalid record kind 7", dat.display()));
+        f.thread(10, 0, 11, &[rec(Kind::Entry, 1, 0, 0), Record { time: 2, word: 0x9 }]);
+        assert_eq!(f.read_err(), format!("{}: corrupt record at byte 32: invalid record kind 9", dat.display()));
+        // Marker hits: a site the process does not have, data without a hit, a hit whose
+        // data records are not data, bad argument bytes.
+        f.write("10.0/markers.txt", b"0\t1500\tapp\ttick\n");
+        let hit = |hit: &mut MarkerRecords, site| hit.finish(2, 0, site).to_vec();
+        f.thread(10, 0, 11, &hit(MarkerRecords::new().unsigned(1), 1));
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 16: marker site id 1 out of range (the process has 1 marker sites)",
+                dat.display()
+            )
+        );
+        let records = hit(MarkerRecords::new().unsigned(1), 0);
+        f.thread(10, 0, 11, &records[1..]);
+        assert_eq!(
+            f.read_err(),
+            format!("{}: corrupt record at byte 16: marker data without its marker record", dat.display())
+        );
+        f.thread(10, 0, 11, &[records[0], rec(Kind::Entry, 3, 0, 0)]);
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 16: marker hit with 1 data records: data record 1 of 1 is not marker data",
+                dat.display()
+            )
+        );
+        let mut bad = records.clone();
+        bad[1].time = (bad[1].time & !0xff) | 0x2a;
+        f.thread(10, 0, 11, &bad);
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 16: marker hit with 1 data records: argument 1 has the unknown tag 42",
+                dat.display()
+            )
+        );
+        fs::remove_file(f.dir.path().join("10.0/markers.txt")).unwrap();
         f.thread(10, 0, 11, &[rec(Kind::Entry, 1, 0, 0), rec(Kind::Entry, 2, 1, 1), rec(Kind::Exit, 3, 1, 3)]);
         assert_eq!(
             f.read_err(),

@@ -91,6 +91,24 @@ fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
     }
 }
 
+/// Where an event that is not a call goes: see [`crate::EventPosition`].
+pub(crate) fn event_position() -> Option<crate::EventPosition> {
+    let out = OUTPUT.get()?;
+    let at = dynprobe_probe::graph_position_from_probe()?;
+    if forking(at.slot) {
+        out.ring.count_missed();
+        return None;
+    }
+    Some(crate::EventPosition { slot: at.slot, tid: at.tid, depth: at.depth as u16, time: out.clock.now() })
+}
+
+/// Pushes the records of an event at `at`, together.
+pub(crate) fn push_event(at: &crate::EventPosition, records: &[Record]) {
+    if let Some(out) = OUTPUT.get() {
+        out.ring.push_all(at.slot, at.tid, records);
+    }
+}
+
 /// The return hooks' report of a call's end.
 pub(crate) fn on_exit(exit: &GraphExit) {
     let Some(out) = OUTPUT.get() else { return };

@@ -32,6 +32,20 @@ use dynprobe_events::model::{RefusedSite, SiteSummary};
 use dynprobe_events::ring::RingFile;
 use dynprobe_probe::{Probe, ProbeHandle};
 
+/// Where the calling thread's next event goes, for events recorded beside its calls (a
+/// static marker's hits): its ring, and the time and call depth to record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventPosition {
+    /// The thread's ring (its thread slot).
+    pub slot: usize,
+    /// The thread id.
+    pub tid: u32,
+    /// The depth a call entered now would have: the event is inside the calls of lower depth.
+    pub depth: u16,
+    /// The clock now, in the ring file's ticks.
+    pub time: u64,
+}
+
 /// Function tracing in progress in this process (one per process: records go to one ring
 /// file).
 pub struct Tracer {
@@ -139,6 +153,19 @@ impl Tracer {
     /// already (a signal arriving at that moment) or had no thread slot.
     pub fn missed() -> u64 {
         graph::output().map_or(0, |o| o.ring.missed())
+    }
+
+    /// Where an event of the calling thread goes now, from a probe's pre-handler (a
+    /// marker's); `None` when nothing is recorded (no tracer, the thread is dynprobe's own,
+    /// or it is forking). Allocation-free and lock-free.
+    pub fn event_position() -> Option<EventPosition> {
+        graph::event_position()
+    }
+
+    /// Pushes an event's `records` into the ring of `at`, together (see
+    /// [`RingFile::push_all`]). Allocation-free and lock-free.
+    pub fn push_event(at: &EventPosition, records: &[dynprobe_events::record::Record]) {
+        graph::push_event(at, records)
     }
 
     /// For a `pthread_atfork` prepare handler: the calling thread's records are dropped (and

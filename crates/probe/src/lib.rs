@@ -39,8 +39,9 @@ pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 pub use registry::{list, optimization_enabled, set_optimization, wait_for_optimizer};
 pub use retprobe::{
-    graph_enter, graph_enter_from_probe, graph_install, monotonic_ns, GraphEnter, GraphEntry, GraphExit, InstanceData,
-    ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
+    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
+    GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
+    DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
 };
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 

@@ -498,6 +498,25 @@ pub fn graph_enter_from_probe(regs: &Regs, func: u32, max_depth: usize) -> Graph
     enter_graph_call(slot, thread, regs.rsp, func, max_depth)
 }
 
+/// Where the function-graph tracer would put an event that is not a call (a marker hit)
+/// made by the calling thread now, from inside a probe's pre-handler: its slot, tid, and
+/// the depth a call entered here would get (the instances on its stack; ones abandoned by
+/// a `longjmp` and not yet noticed count too). `None` when the thread is not traced.
+/// Allocation-free and lock-free.
+pub fn graph_position_from_probe() -> Option<GraphEntry> {
+    let (slot, thread) = ThreadSlot::current()?;
+    if thread.untraced.load(Ordering::Relaxed) {
+        return None;
+    }
+    let stack = &STACKS[slot];
+    // A stack of an earlier thread of this slot is empty for this one.
+    let top = match stack.generation.load(Ordering::Relaxed) == thread.generation() {
+        true => stack.top.load(Ordering::Relaxed) as usize,
+        false => 0,
+    };
+    Some(GraphEntry { slot, tid: current_tid() as u32, depth: top })
+}
+
 #[inline(always)]
 fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
     if thread.untraced.load(Ordering::Relaxed) {
