@@ -1,11 +1,15 @@
-//! An `m:` spec's events: one line per marker hit, from whichever of its sites was reached.
+//! Marker hits: an `m:` spec's event lines ([`MarkerEvent`], `dynprobe probe`), and the
+//! records of `dynprobe record -M` ([`RecordedMarkers`]).
 
 use crate::channel::Channel;
 use dynprobe::fetch::{gettid, HitContext, SelfMemory};
 use dynprobe::line::{EventFormat, Line};
-use dynprobe::marker::{spec_for_site, MarkerHit, MarkerSite};
-use dynprobe::monotonic_ns;
+use dynprobe::marker::{spec_for_site, ArgValue, MarkerHit, MarkerSite};
 use dynprobe::spec::ProbeSpec;
+use dynprobe::{monotonic_ns, Marker};
+use dynprobe_events::marker::MarkerRecords;
+use dynprobe_ftrace::Tracer;
+use std::fmt::Write as _;
 
 /// The pre-built state of an `m:` spec's handler, one entry per site (sorted by address):
 /// built when the probes are placed, only read at a hit.
@@ -62,4 +66,77 @@ impl MarkerEvent {
             value.write_to(line);
         }
     }
+}
+
+/// The marker sites `dynprobe record -M` records, in id order (the `.markers` file's).
+#[derive(Default)]
+pub struct RecordedMarkers {
+    sites: Vec<MarkerSite>,
+}
+
+impl RecordedMarkers {
+    /// The sites of every `provider:name` pattern (one a line of `patterns`), each once.
+    /// An unknown marker is an error naming the nearest ones.
+    pub fn find(patterns: &str) -> Result<RecordedMarkers, String> {
+        let mut sites: Vec<MarkerSite> = Vec::new();
+        for pattern in patterns.lines().map(str::trim).filter(|p| !p.is_empty()) {
+            let found = Marker::find(pattern).map_err(|e| format!("-M {pattern}: {e}"))?;
+            for site in found {
+                if !sites.iter().any(|s| s.addr == site.addr) {
+                    sites.push(site);
+                }
+            }
+        }
+        sites.sort_by_key(|s| s.addr);
+        Ok(RecordedMarkers { sites })
+    }
+
+    /// Whether no site was asked for.
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
+    /// The `.markers` lines: `id \t address (hex) \t provider \t name`.
+    pub fn list(&self) -> String {
+        let mut out = String::new();
+        for (id, site) in self.sites.iter().enumerate() {
+            let _ = writeln!(out, "{id}\t{:x}\t{}\t{}", site.addr, site.provider, site.name);
+        }
+        out
+    }
+
+    /// Attaches the recording handler to every site, for the rest of the process's life:
+    /// each hit goes into its thread's ring, beside its calls (see [`record_hit`]).
+    pub fn attach(self) -> Result<(), String> {
+        let addrs: Box<[u64]> = self.sites.iter().map(|s| s.addr).collect();
+        let handle = Marker::attach_sites(self.sites, move |hit| record_hit(&addrs, hit)).map_err(|e| e.to_string())?;
+        // Recording lasts as long as the process, as the tracer's own probes do.
+        std::mem::forget(handle);
+        Ok(())
+    }
+}
+
+/// A marker hit into the thread's ring: a `Marker` record with the site's id (its index in
+/// `addrs`) and the call depth, and the arguments in the data records after it. No
+/// allocation, no lock: it runs in the marker's probe detour.
+fn record_hit(addrs: &[u64], hit: &MarkerHit<'_>) {
+    let Ok(site) = addrs.binary_search(&hit.site().addr) else { return };
+    let Some(at) = Tracer::event_position() else { return };
+    let mut records = MarkerRecords::new();
+    for value in hit.args() {
+        match value {
+            ArgValue::Unsigned(v) => records.unsigned(v),
+            ArgValue::Signed(v) => records.signed(v),
+            ArgValue::Bool(v) => records.bool(v),
+            ArgValue::Char(c) => match c {
+                Some(c) => records.char(u32::from(c)),
+                None => records.unavailable(),
+            },
+            ArgValue::Pointer(p) => records.pointer(p),
+            ArgValue::Str(s) => records.string(s.as_bytes()),
+            ArgValue::Bytes(b) | ArgValue::CStr(b) => records.string(b),
+            ArgValue::Unavailable => records.unavailable(),
+        };
+    }
+    Tracer::push_event(&at, records.finish(at.time, at.depth, site as u32));
 }

@@ -8,9 +8,13 @@
 //!
 //! ```text
 //! <pid>.<n>.funcs     id \t address (hex) \t module \t name      one line per traced function
+//! <pid>.<n>.markers   id \t address (hex) \t provider \t name    the marker sites of -M
 //! <pid>.<n>.sites     exe, parent, per-kind found/patched counts, refused sites with reasons
 //! <pid>.<n>.ring      the ring file (made as `.pending`, renamed once the sites are written)
 //! ```
+//!
+//! With `-M` patterns (`DYNPROBE_MARKERS`), the hits of those markers go into the rings too,
+//! beside the calls (see `crate::marker`); the markers file is written only then.
 //!
 //! The environment stays set, so a program this one `exec`s is traced too (its agent makes
 //! the next image). A forked child gets its own ring file from a `pthread_atfork` handler,
@@ -18,6 +22,7 @@
 
 use crate::channel::Channel;
 use crate::line::PathText;
+use crate::marker::RecordedMarkers;
 use dynprobe_events::clock::Clock;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
@@ -34,6 +39,8 @@ pub const RECORD_ENV: &str = "DYNPROBE_RECORD";
 pub const FILTER_ENV: &str = "DYNPROBE_FILTER";
 /// The deepest call recorded.
 pub const DEPTH_ENV: &str = "DYNPROBE_DEPTH";
+/// `-M` patterns, `provider:name` a line (either part may be `*`).
+pub const MARKERS_ENV: &str = "DYNPROBE_MARKERS";
 /// Records per thread ring (a power of two).
 pub const RING_RECORDS_ENV: &str = "DYNPROBE_RING_RECORDS";
 
@@ -51,7 +58,7 @@ const MAX_IMAGES: u32 = 1000;
 pub fn start(ring_dir: &str, channel: Option<Channel>) {
     // The agent's own calls (the C library's, when it is traced) are not the program's.
     dynprobe_probe::set_current_thread_traced(false);
-    let started = try_start(Path::new(ring_dir));
+    let started = try_start(Path::new(ring_dir), channel.is_some());
     dynprobe_probe::set_current_thread_traced(true);
     match started {
         Ok(patched) => {
@@ -91,8 +98,9 @@ impl From<String> for NotTraced {
 }
 
 /// Selects, writes the function list, starts the tracer, writes the summary and publishes
-/// the ring file. Returns the number of sites patched.
-fn try_start(dir: &Path) -> Result<u64, NotTraced> {
+/// the ring file. Returns the number of sites patched. The first image refuses `-M`
+/// patterns that name no marker; an image it `exec`s records the markers it has of them.
+fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
     let filter = Filter::from_lines(&std::env::var(FILTER_ENV).unwrap_or_default())?;
     let depth = match std::env::var(DEPTH_ENV) {
         Ok(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
@@ -105,6 +113,11 @@ fn try_start(dir: &Path) -> Result<u64, NotTraced> {
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let selection = Selection::new(&table, &filter)
         .map_err(|e| NotTraced { no_match: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
+    let markers = match RecordedMarkers::find(&std::env::var(MARKERS_ENV).unwrap_or_default()) {
+        Ok(markers) => markers,
+        Err(e) if first => return Err(e.into()),
+        Err(_) => RecordedMarkers::default(),
+    };
 
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() };
@@ -114,12 +127,22 @@ fn try_start(dir: &Path) -> Result<u64, NotTraced> {
     let watch = !selection.pending.is_empty() || filter.include.iter().any(|p| p.module.is_some());
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
-    let tracer = match Tracer::start(selection, ring, Clock::detect(), depth) {
+    let markers_path = (!markers.is_empty()).then(|| path("markers"));
+    let started =
+        Tracer::start(selection, ring, Clock::detect(), depth).map_err(|e| e.to_string()).and_then(|tracer| {
+            if let Some(markers_path) = &markers_path {
+                write_file(markers_path, &markers.list())?;
+                markers.attach()?;
+            }
+            Ok(tracer)
+        });
+    let tracer = match started {
         Ok(tracer) => tracer,
         Err(e) => {
-            let _ = std::fs::remove_file(&pending);
-            let _ = std::fs::remove_file(&funcs);
-            return Err(e.to_string().into());
+            for file in [Some(&pending), Some(&funcs), markers_path.as_ref()].into_iter().flatten() {
+                let _ = std::fs::remove_file(file);
+            }
+            return Err(e.into());
         }
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
@@ -128,7 +151,7 @@ fn try_start(dir: &Path) -> Result<u64, NotTraced> {
     std::fs::rename(&pending, path("ring"))
         .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))?;
     let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
-    remember_for_fork(dir, &funcs, &exe);
+    remember_for_fork(dir, &funcs, markers_path.as_deref(), &exe);
     if watch {
         // Libraries `dlopen`ed later are matched against the patterns too.
         let known = Selection::module_paths(&table);
@@ -205,6 +228,8 @@ fn field(text: &str) -> String {
 struct ForkPaths {
     dir: PathText,
     funcs: PathText,
+    /// The `.markers` file, with `-M`: a child's hits have the same sites.
+    markers: Option<PathText>,
     exe: PathText,
 }
 
@@ -218,14 +243,15 @@ unsafe impl Sync for ForkState {}
 
 static FORK: ForkState = ForkState(UnsafeCell::new(None));
 
-fn remember_for_fork(dir: &Path, funcs: &Path, exe: &Path) {
+fn remember_for_fork(dir: &Path, funcs: &Path, markers: Option<&Path>, exe: &Path) {
     let text = |p: &Path| {
         let mut t = PathText::new();
         t.bytes(p.as_os_str().as_encoded_bytes());
         t
     };
+    let paths = ForkPaths { dir: text(dir), funcs: text(funcs), markers: markers.map(text), exe: text(exe) };
     // SAFETY: no fork handler is registered yet, so no one else reads it.
-    unsafe { *FORK.0.get() = Some(ForkPaths { dir: text(dir), funcs: text(funcs), exe: text(exe) }) };
+    unsafe { *FORK.0.get() = Some(paths) };
     // SAFETY: registers plain functions; pthread_atfork copies the pointers.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
 }
@@ -273,6 +299,15 @@ fn give_child_its_ring() {
                 continue;
             }
             break;
+        }
+        if let Some(markers) = &mut paths.markers {
+            let mut link = name(n, b"markers");
+            if let (Some(from), Some(to)) = (markers.c_str(), link.c_str()) {
+                // SAFETY: both are NUL-terminated paths on the stack. A failure leaves the
+                // child's marker hits without names, which the reader reports.
+                unsafe { libc::link(from.as_ptr(), to.as_ptr()) };
+            }
+            *markers = link;
         }
         let mut sites = PathText::new();
         sites.bytes(b"exe\t").bytes(paths.exe.as_bytes()).bytes(b"\nparent\t").dec(u64::from(ppid)).byte(b'\n');

@@ -30,6 +30,11 @@ pub struct RecordArgs {
     /// Do not trace the functions matching GLOB. Repeatable; -F and -N apply in the order given.
     #[arg(short = 'N', long = "notrace", value_name = "GLOB")]
     notrace: Vec<String>,
+    /// Record the hits of the static markers PROVIDER:NAME (either part may be `*`, as in
+    /// `app:*`) with their arguments, beside the function calls. Repeatable; an unknown
+    /// marker stops the program before `main` (`dynprobe list-markers PROG` lists them).
+    #[arg(short = 'M', long = "marker", value_name = "PROVIDER:NAME")]
+    markers: Vec<String>,
     /// Record calls only down to this depth (1 = the outermost traced calls only).
     #[arg(short = 'D', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     depth: Option<u16>,
@@ -67,6 +72,7 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
         check_buffer_size(size)?;
     }
     let filter = filter_lines(args, matches)?;
+    let markers = marker_lines(&args.markers)?;
     let agent = agent_path()?;
     let mut out = OutputDir::prepare(&args.dir)?;
     let rings = RingDir::create(&args.dir)?;
@@ -76,6 +82,9 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     if let Some(depth) = args.depth {
         env.push(("DYNPROBE_DEPTH", depth.to_string().into()));
+    }
+    if !markers.is_empty() {
+        env.push(("DYNPROBE_MARKERS", markers.into()));
     }
     if let Some(size) = args.buffer_size {
         env.push(("DYNPROBE_RING_RECORDS", size.to_string().into()));
@@ -124,6 +133,21 @@ fn filter_lines(args: &RecordArgs, matches: &ArgMatches) -> Result<String, Strin
     }
     lines.sort();
     Ok(lines.into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"))
+}
+
+/// The agent's `DYNPROBE_MARKERS`: one `provider:name` a line, each checked here as the
+/// probe grammar checks an `m:` spec's marker (a bad one is named with its column).
+fn marker_lines(markers: &[String]) -> Result<String, String> {
+    for marker in markers {
+        if marker.is_empty() || marker.contains(char::is_whitespace) {
+            return Err(format!("bad -M marker `{marker}`: write PROVIDER:NAME, without spaces"));
+        }
+        dynprobe::spec::ProbeSpec::parse(&format!("m {marker}")).map_err(|e| {
+            // The column in what the user wrote, not in the spec made of it.
+            format!("bad -M marker `{marker}`: {} at column {}", e.message, e.column.saturating_sub(2).max(1))
+        })?;
+    }
+    Ok(markers.join("\n"))
 }
 
 /// The agent's ring layout needs a power of two (index masks) and room for a few records.

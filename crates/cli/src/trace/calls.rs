@@ -71,6 +71,17 @@ pub enum Item {
         /// The depth the agent recorded with the loss.
         depth: u16,
     },
+    /// A static marker was hit here (`record -M`).
+    Marker {
+        /// When.
+        ns: u64,
+        /// The marker site's id (index into the process's markers).
+        site: u32,
+        /// Its arguments' index in the thread's `marker_args`.
+        args: u32,
+        /// The depth a call made there would have had.
+        depth: u16,
+    },
 }
 
 /// A node and the nodes inside it, in time order.
@@ -142,6 +153,10 @@ impl CallTree {
                 EventKind::Lost(count) => {
                     tree.add(Item::Lost { ns: event.ns, count, depth: event.depth }, open.last().copied());
                 }
+                EventKind::Marker(args) => {
+                    let marker = Item::Marker { ns: event.ns, site: event.func, args, depth: event.depth };
+                    tree.add(marker, open.last().copied());
+                }
             }
         }
         tree
@@ -175,7 +190,7 @@ impl CallTree {
             .iter()
             .rev()
             .take_while(|&&id| match &nodes[id].item {
-                Item::Call(c) => c.depth > event.depth,
+                Item::Call(Call { depth, .. }) | Item::Marker { depth, .. } => *depth > event.depth,
                 Item::Lost { .. } => true,
             })
             .count();
@@ -190,7 +205,7 @@ impl CallTree {
     pub fn call(&self, id: NodeId) -> Option<&Call> {
         match &self.nodes[id].item {
             Item::Call(call) => Some(call),
-            Item::Lost { .. } => None,
+            Item::Lost { .. } | Item::Marker { .. } => None,
         }
     }
 
@@ -235,7 +250,7 @@ impl CallTree {
                     let (low, high) = parents.last().map_or((self.first_ns, self.last_ns), |&p| spans[p]);
                     let (begin, end) = match &self.nodes[id].item {
                         Item::Call(call) => (call.begin.unwrap_or(low), call.end_ns().unwrap_or(high)),
-                        Item::Lost { ns, .. } => (*ns, *ns),
+                        Item::Lost { ns, .. } | Item::Marker { ns, .. } => (*ns, *ns),
                     };
                     let begin = begin.clamp(low, high);
                     spans[id] = (begin, end.clamp(begin, high));
@@ -260,7 +275,26 @@ pub(crate) mod tests {
         list.iter().map(|&(ns, kind, depth, func)| Event { ns, kind, depth, func }).collect()
     }
 
-    use EventKind::{Entry, Exit, Lost, Unwound};
+    use EventKind::{Entry, Exit, Lost, Marker, Unwound};
+
+    #[test]
+    fn marker_hits_sit_in_the_call_they_happened_in() {
+        // f0 { m0 f1 { m1 } m0 }, then the exit of an unentered f2 that ran the last marker
+        // (deeper than it) inside it.
+        let tree = CallTree::build(&events(&[
+            (1, Entry, 0, 0),
+            (2, Marker(0), 1, 0),
+            (3, Entry, 1, 1),
+            (4, Marker(1), 2, 1),
+            (5, Exit, 1, 1),
+            (6, Marker(2), 1, 0),
+            (7, Exit, 0, 0),
+            (8, Marker(3), 1, 1),
+            (9, Exit, 0, 2),
+        ]));
+        assert_eq!(shape(&tree), "0[m0.0 1[m1.1 ] m0.2 ] ?2[m1.3 ]");
+        assert_eq!(tree.spans()[1], (2, 2));
+    }
 
     /// The tree as `func[children]` text, with `?` for an unknown beginning and `…` for a
     /// missing end, `~` for unwound, `!n` for losses.
@@ -280,6 +314,7 @@ pub(crate) mod tests {
                         out.push('[');
                     }
                     Item::Lost { count, .. } => out.push_str(&format!("!{count}[")),
+                    Item::Marker { site, args, .. } => out.push_str(&format!("m{site}.{args}[")),
                 },
                 Visit::Leave(..) => out.push_str("] "),
             }

@@ -9,7 +9,8 @@
 //!   (`"ph":"X"`) per call, `ts`/`dur` in microseconds (fractions carry the nanoseconds)
 //!   from the start of the recording; `args` says when the entry or exit is not recorded
 //!   or the call was unwound. Lost events are instant events (`"ph":"i"`) named
-//!   `N events lost`; process and thread names are metadata events (`"ph":"M"`).
+//!   `N events lost`, marker hits (`record -M`) instant events named `provider:name` with
+//!   their arguments; process and thread names are metadata events (`"ph":"M"`).
 //! - Folded: one line per distinct stack, `main;parse_record;checksum 512`: the
 //!   nanoseconds spent in the last function itself with that stack, summed; stacks with
 //!   no time are left out.
@@ -18,7 +19,7 @@
 
 use super::calls::{End, Item, Visit};
 use super::{check_tids, exit, file_name, load, process_threads, Error};
-use dynprobe_events::model::Trace;
+use dynprobe_events::model::{MarkerValue, Trace};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -109,6 +110,17 @@ pub fn chrome(trace: &Trace, tids: &[u32], out: &mut dyn Write) -> io::Result<()
                         "name": format!("{count} events lost"), "cat": "lost", "ph": "i", "s": "t",
                         "ts": micros(begin), "pid": pid, "tid": tid,
                     }),
+                    Item::Marker { site, args, .. } => {
+                        let args: serde_json::Map<String, Value> = thread
+                            .marker_args(*args)
+                            .into_iter()
+                            .map(|(name, value)| (name, marker_json(value)))
+                            .collect();
+                        json!({
+                            "name": thread.marker_name(*site), "cat": "marker", "ph": "i", "s": "t",
+                            "ts": micros(begin), "pid": pid, "tid": tid, "args": args,
+                        })
+                    }
                     Item::Call(call) => {
                         let function = &process.functions[call.func as usize];
                         let mut args = json!({"module": function.module});
@@ -134,6 +146,18 @@ pub fn chrome(trace: &Trace, tids: &[u32], out: &mut dyn Write) -> io::Result<()
         }
     }
     out.write_all(b"\n],\"displayTimeUnit\":\"ns\"}\n")
+}
+
+/// A marker argument in JSON: a number, or a string as `replay` shows it (pointers in hex,
+/// strings unquoted).
+fn marker_json(value: &MarkerValue) -> Value {
+    match value {
+        MarkerValue::Unsigned(v) => Value::from(*v),
+        MarkerValue::Signed(v) => Value::from(*v),
+        MarkerValue::Bool(v) => Value::from(*v),
+        MarkerValue::Str { bytes, .. } => Value::from(String::from_utf8_lossy(bytes)),
+        other => Value::from(other.to_string()),
+    }
 }
 
 /// Writes `trace` as folded stacks.

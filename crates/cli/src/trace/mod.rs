@@ -13,7 +13,7 @@ pub mod replay;
 pub mod report;
 
 use calls::CallTree;
-use dynprobe_events::model::{ProcessTrace, ThreadTrace, Trace};
+use dynprobe_events::model::{MarkerValue, ProcessTrace, ThreadTrace, Trace};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +84,20 @@ impl ThreadCalls<'_> {
     /// The name of function `func` of this thread's process.
     pub fn name(&self, func: u32) -> &str {
         self.process.functions.get(func as usize).map_or("<unknown function>", |f| f.name.as_str())
+    }
+
+    /// `provider:name` of marker site `site` of this thread's process.
+    pub fn marker_name(&self, site: u32) -> String {
+        match self.process.markers.get(site as usize) {
+            Some(marker) => format!("{}:{}", marker.provider, marker.name),
+            None => "<unknown marker>".to_string(),
+        }
+    }
+
+    /// The arguments of this thread's marker hit `args` as `(arg1, value)`, ...
+    pub fn marker_args(&self, args: u32) -> Vec<(String, &MarkerValue)> {
+        let values = self.thread.marker_args.get(args as usize).map_or(&[][..], Vec::as_slice);
+        values.iter().enumerate().map(|(i, value)| (format!("arg{}", i + 1), value)).collect()
     }
 }
 
@@ -164,8 +178,10 @@ pub(crate) mod tests {
                     tid: *tid,
                     lost: events.iter().map(|e| if let EventKind::Lost(n) = e.1 { n } else { 0 }).sum(),
                     events: events.iter().map(|&(ns, kind, depth, func)| Event { ns, kind, depth, func }).collect(),
+                    marker_args: Vec::new(),
                 })
                 .collect(),
+            markers: Vec::new(),
         }
     }
 

@@ -14,7 +14,9 @@
 //! threads' lines interleaved by time. A call with no shown children is one line; a call
 //! whose entry was not recorded shows only its closing `} /* name */`, one still running at
 //! the end only its opening line; `unwound` marks calls left by `longjmp` or an exception.
-//! Lost events are a line of their own, whatever the filters.
+//! Lost events are a line of their own, whatever the filters. A marker hit recorded with
+//! `record -M` is a line in the call it happened in, as uftrace shows events:
+//! `/* marker provider:name arg1=5 arg2="x" */`.
 
 use super::calls::{Call, End, Item, Visit};
 use super::filter::{parse_duration, parse_globs, FunctionGlob};
@@ -135,8 +137,9 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
         let (Visit::Enter(id, depth) | Visit::Leave(id, depth)) = visit;
         if depth == 0 {
             offset = match &tree.nodes[id].item {
-                Item::Call(call) => call.depth as usize,
-                Item::Lost { depth, .. } => *depth as usize,
+                Item::Call(Call { depth, .. }) | Item::Lost { depth, .. } | Item::Marker { depth, .. } => {
+                    *depth as usize
+                }
             };
         }
         let shown = |base: Option<usize>| match (filtering, base) {
@@ -148,6 +151,17 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
             Item::Lost { ns, count, .. } => {
                 let text = format!("/* {count} events lost */");
                 lines.push(Line { ns: *ns, depth: shown(base), duration: None, text });
+                return false;
+            }
+            Item::Marker { ns, site, args, .. } => {
+                if !filtering || base.is_some() {
+                    let mut text = format!("/* marker {}", thread.marker_name(*site));
+                    for (name, value) in thread.marker_args(*args) {
+                        text.push_str(&format!(" {name}={value}"));
+                    }
+                    text.push_str(" */");
+                    lines.push(Line { ns: *ns, depth: shown(base), duration: None, text });
+                }
                 return false;
             }
             Item::Call(call) => call,
