@@ -2,6 +2,10 @@
 //! allowed), reading and writing its registers and memory, calling a function or making a
 //! system call on one of its stopped threads, and loading the dynprobe agent into it.
 //!
+//! [`Tracee`] keeps track of every thread's state and polls them one by one; a tracer with
+//! its own event loop takes the threads over with [`Tracee::into_threads`] and drives them
+//! with the raw requests of [`sys`], reading and writing memory through [`Memory`].
+//!
 //! x86-64 Linux only.
 //!
 //! ```no_run
@@ -24,13 +28,15 @@ mod call;
 mod diagnose;
 mod error;
 mod inject;
+mod memory;
 mod proc;
-mod sys;
+pub mod sys;
 mod tracee;
 
 pub use call::{Arg, CallError};
 pub use diagnose::ptrace_scope;
 pub use error::{AttachError, Error, PermissionReason};
 pub use inject::{inject_library, inject_library_timeout, InjectError, Injected, DEFAULT_CALL_TIMEOUT};
-pub use proc::{thread_activity, threads, ThreadActivity};
+pub use memory::Memory;
+pub use proc::{thread_activity, thread_signal_pending, threads, ThreadActivity};
 pub use tracee::{Event, Options, Regs, Stop, Tracee};

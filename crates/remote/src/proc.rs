@@ -88,6 +88,17 @@ pub fn threads(pid: i32) -> io::Result<Vec<i32>> {
     Ok(tids)
 }
 
+/// Whether `signal` is pending for thread `tid` of process `pid` alone (`SigPnd` of its
+/// status file; the process-wide `ShdPnd` is not looked at). False if it cannot be read.
+pub fn thread_signal_pending(pid: i32, tid: i32, signal: i32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigPnd:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
 /// What a thread is doing, from `/proc/PID/task/TID/syscall`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadActivity {

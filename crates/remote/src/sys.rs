@@ -1,15 +1,15 @@
-//! Thin wrappers over the `ptrace`, `waitpid`, `tgkill` and `process_vm_readv` system calls:
-//! the one module of the crate with `unsafe`. Each wrapper returns the raw `errno` as an
-//! [`io::Error`]; the callers turn it into an error that names the cause.
+//! Thin, safe wrappers over the `ptrace`, `waitpid`, `tgkill` and `process_vm_readv` system
+//! calls: the raw layer under [`Tracee`](crate::Tracee), public for tracers that run their
+//! own event loop (as `dynprobe-uprobes` does, one blocking `waitpid(-1)` per hit) and need
+//! none of the `Tracee`'s bookkeeping.
+//!
+//! Each wrapper returns the raw `errno` as an [`io::Error`]; callers turn it into an error
+//! that names the cause. Every request must come from the thread that seized the tracee
+//! (Linux makes that *thread* the tracer). The thread ids are the kernel's (`gettid`).
 
 use std::io;
 
-/// Registers as `PTRACE_GETREGS` sees them.
-pub(crate) type Regs = libc::user_regs_struct;
-
-/// `PTRACE_EVENT_STOP`: the stop of `PTRACE_INTERRUPT`, of a group-stop, and the first stop
-/// of an automatically attached new thread (under `PTRACE_SEIZE`).
-pub(crate) const PTRACE_EVENT_STOP: i32 = 128;
+use crate::Regs;
 
 /// `NT_X86_XSTATE`: the `PTRACE_GETREGSET` note of the whole XSAVE area (x87, SSE, AVX, …).
 const NT_X86_XSTATE: libc::c_int = 0x202;
@@ -34,32 +34,39 @@ fn request(request: libc::c_uint, tid: i32, addr: usize, data: usize) -> io::Res
 }
 
 /// `PTRACE_SEIZE` with `options` (`PTRACE_O_*`): the thread keeps running.
-pub(crate) fn seize(tid: i32, options: i32) -> io::Result<()> {
+pub fn seize(tid: i32, options: i32) -> io::Result<()> {
     request(libc::PTRACE_SEIZE, tid, 0, options as usize)
 }
 
 /// `PTRACE_INTERRUPT`: the thread stops with `PTRACE_EVENT_STOP` soon after.
-pub(crate) fn interrupt(tid: i32) -> io::Result<()> {
+pub fn interrupt(tid: i32) -> io::Result<()> {
     request(libc::PTRACE_INTERRUPT, tid, 0, 0)
 }
 
+/// `PTRACE_LISTEN`: a thread in a group-stop stays stopped without being in a ptrace-stop,
+/// so that job control (a later `SIGCONT`) resumes it while it is traced; it reports its
+/// next stop as from running.
+pub fn listen(tid: i32) -> io::Result<()> {
+    request(libc::PTRACE_LISTEN, tid, 0, 0)
+}
+
 /// `PTRACE_CONT`, delivering `signal` if the thread is in a signal-delivery-stop.
-pub(crate) fn cont(tid: i32, signal: i32) -> io::Result<()> {
+pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_CONT, tid, 0, signal as usize)
 }
 
 /// `PTRACE_SINGLESTEP`, delivering `signal` like [`cont`].
-pub(crate) fn single_step(tid: i32, signal: i32) -> io::Result<()> {
+pub fn single_step(tid: i32, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_SINGLESTEP, tid, 0, signal as usize)
 }
 
 /// `PTRACE_DETACH`, delivering `signal` like [`cont`].
-pub(crate) fn detach(tid: i32, signal: i32) -> io::Result<()> {
+pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_DETACH, tid, 0, signal as usize)
 }
 
 /// `PTRACE_GETREGS`.
-pub(crate) fn get_regs(tid: i32) -> io::Result<Regs> {
+pub fn get_regs(tid: i32) -> io::Result<Regs> {
     // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
     let mut regs: Regs = unsafe { std::mem::zeroed() };
     request(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut Regs as usize)?;
@@ -67,13 +74,13 @@ pub(crate) fn get_regs(tid: i32) -> io::Result<Regs> {
 }
 
 /// `PTRACE_SETREGS`.
-pub(crate) fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
+pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
     request(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as usize)
 }
 
 /// The thread's whole XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`), as many bytes as the
 /// kernel filled.
-pub(crate) fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
+pub fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     request(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec as usize)?;
@@ -82,7 +89,7 @@ pub(crate) fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
 }
 
 /// Writes back an XSAVE area read by [`get_xstate`].
-pub(crate) fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
+pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
     // The kernel only reads through the pointer for SETREGSET.
     let mut iov = libc::iovec { iov_base: xstate.as_ptr() as *mut libc::c_void, iov_len: xstate.len() };
     request(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec as usize)
@@ -90,7 +97,7 @@ pub(crate) fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
 
 /// `PTRACE_GETSIGINFO`: the signal of a signal-delivery-stop (fails with `EINVAL` in a
 /// group-stop).
-pub(crate) fn get_siginfo(tid: i32) -> io::Result<libc::siginfo_t> {
+pub fn get_siginfo(tid: i32) -> io::Result<libc::siginfo_t> {
     // SAFETY: siginfo_t is plain data; all-zero is a valid value.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     request(libc::PTRACE_GETSIGINFO, tid, 0, &mut info as *mut libc::siginfo_t as usize)?;
@@ -98,39 +105,57 @@ pub(crate) fn get_siginfo(tid: i32) -> io::Result<libc::siginfo_t> {
 }
 
 /// `PTRACE_SETSIGINFO`: the signal the thread will be given if resumed with its number.
-pub(crate) fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
+pub fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
     request(libc::PTRACE_SETSIGINFO, tid, 0, info as *const libc::siginfo_t as usize)
 }
 
 /// `PTRACE_GETEVENTMSG`: the new thread's tid of a clone event, the exit status of an exit
 /// event, the former tid of an exec event.
-pub(crate) fn event_msg(tid: i32) -> io::Result<u64> {
+pub fn event_msg(tid: i32) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
     request(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut libc::c_ulong as usize)?;
     Ok(msg)
 }
 
-/// `waitpid(tid, __WALL | WNOHANG)`: `Some(status)` if the thread changed state.
-pub(crate) fn wait_nohang(tid: i32) -> io::Result<Option<i32>> {
+/// `waitpid(pid, __WALL)`, with `WNOHANG` if `nohang`: `Some((tid, status))` of the next
+/// state change of tracee `pid` (-1: of any child or tracee), `None` with `WNOHANG` when
+/// there is none. `EINTR` is returned as an error, for a caller that looks at its flags
+/// when a signal interrupts the wait.
+pub fn waitpid(pid: i32, nohang: bool) -> io::Result<Option<(i32, i32)>> {
     let mut status = 0;
+    let flags = libc::__WALL | if nohang { libc::WNOHANG } else { 0 };
     // SAFETY: `status` is a valid out-pointer for the duration of the call.
-    let ret = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+    let ret = unsafe { libc::waitpid(pid, &mut status, flags) };
     match ret {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(None),
-        _ => Ok(Some(status)),
+        tid => Ok(Some((tid, status))),
+    }
+}
+
+/// `waitpid(tid, __WALL)`, blocking and retried on `EINTR`: the status of thread `tid`'s
+/// next state change.
+pub fn wait_thread(tid: i32) -> io::Result<i32> {
+    loop {
+        match waitpid(tid, false) {
+            Ok(Some((_, status))) => return Ok(status),
+            // Without WNOHANG waitpid does not return 0; retry as for EINTR if it ever did.
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
 /// `tgkill(pid, tid, signal)`.
-pub(crate) fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
+pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: a plain system call with integer arguments.
     check(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) }).map(drop)
 }
 
 /// `rt_tgsigqueueinfo(pid, tid, signal, info)`: queues a signal with a whole `siginfo`
 /// (the kernel refuses `si_code >= 0` and `SI_TKILL` from another process).
-pub(crate) fn rt_tgsigqueueinfo(pid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
+pub fn rt_tgsigqueueinfo(pid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
     // SAFETY: `info` points to a whole siginfo_t that the kernel only reads.
     check(unsafe {
         libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, info.si_signo, info as *const libc::siginfo_t)
@@ -140,7 +165,7 @@ pub(crate) fn rt_tgsigqueueinfo(pid: i32, tid: i32, info: &libc::siginfo_t) -> i
 
 /// `process_vm_readv` of `buf.len()` bytes at `addr` in process `pid`; the number of bytes
 /// read (fewer when the range runs into an unmapped or unreadable page).
-pub(crate) fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_vm(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: `local` covers exactly `buf`, which outlives the call; the remote iovec is

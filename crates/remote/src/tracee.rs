@@ -2,15 +2,14 @@
 //! memory.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
 use std::ops::BitOr;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use crate::diagnose;
 use crate::error::{AttachError, Error};
+use crate::memory::Memory;
 use crate::proc;
 use crate::sys;
 
@@ -167,8 +166,8 @@ pub struct Tracee {
     threads: BTreeMap<i32, Thread>,
     /// [`Event::Passed`] events not reported yet.
     passed: VecDeque<Event>,
-    /// `/proc/PID/mem`, opened read-write: writes go through even to read-only text.
-    mem: File,
+    /// Opened before seizing: writes go through even to read-only text.
+    mem: Memory,
     /// A `syscall` instruction in the process, once found (see `call`).
     pub(crate) syscall_insn: Option<u64>,
     _one_thread: PhantomData<*const ()>,
@@ -229,7 +228,7 @@ impl Tracee {
         }
         // Opened before seizing (it takes the same permission check), so that a failure
         // leaves nothing to undo.
-        let mem = OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/mem")).map_err(|error| {
+        let mem = Memory::open(pid).map_err(|error| {
             match (error.kind(), error.raw_os_error()) {
                 (io::ErrorKind::PermissionDenied, _) => diagnose::not_permitted(pid, tid),
                 // ESRCH: a zombie has no memory any more.
@@ -410,17 +409,8 @@ impl Tracee {
     /// Reads `buf.len()` bytes at `addr` (threads may be running): `process_vm_readv`, and
     /// `/proc/PID/mem` for what that cannot read (pages without read permission).
     pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let done = sys::read_vm(self.pid, addr, buf).unwrap_or(0);
-        if done == buf.len() {
-            return Ok(());
-        }
-        let rest = &mut buf[done..];
-        self.mem.read_exact_at(rest, addr + done as u64).map_err(|error| Error::Memory {
-            op: "read",
-            addr,
-            len: buf.len(),
-            error,
-        })
+        let len = buf.len();
+        self.mem.read(addr, buf).map_err(|error| Error::Memory { op: "read", addr, len, error })
     }
 
     /// Reads a NUL-terminated string at `addr`, at most `max` bytes (without the NUL; the
@@ -452,7 +442,7 @@ impl Tracee {
     /// It does not make other threads see the change atomically: patching code that
     /// running threads may execute needs the int3-first protocol (crate `text`).
     pub fn write_memory(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
-        self.mem.write_all_at(data, addr).map_err(|error| Error::Memory { op: "write", addr, len: data.len(), error })
+        self.mem.write(addr, data).map_err(|error| Error::Memory { op: "write", addr, len: data.len(), error })
     }
 
     /// Resumes stopped thread `tid` (`PTRACE_CONT`). `signal` is delivered if the thread is
@@ -492,6 +482,40 @@ impl Tracee {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             other => other.map_err(|error| Error::Ptrace { tid, op: "PTRACE_DETACH", error }),
         }
+    }
+
+    /// Hands the seized threads over to a caller that runs its own `ptrace` loop (with the
+    /// raw requests of [`sys`](crate::sys)), without detaching them: each thread with its
+    /// stop, `None` for one that runs (a new thread whose first stop is not reported yet).
+    ///
+    /// What the caller takes over:
+    /// - a thread in a [`Stop::Signal`] is resumed with that signal to deliver it (0
+    ///   suppresses it), as with [`cont`](Self::cont);
+    /// - signals this `Tracee` held back during a [`call`](Self::call) are sent again now
+    ///   (as [`cont`](Self::cont) would), and come back as signal-delivery-stops;
+    /// - a `PTRACE_INTERRUPT` this `Tracee` sent whose stop has not come yet (another stop
+    ///   came first, or a new thread's first stop) arrives later as a `PTRACE_EVENT_STOP`
+    ///   nobody asked for;
+    /// - unreported [`Event::Passed`] events are dropped (they happened already).
+    ///
+    /// The threads stay traced by the calling thread; the caller detaches them
+    /// (`PTRACE_DETACH`), or the kernel does when our process exits.
+    pub fn into_threads(mut self) -> Vec<(i32, Option<Stop>)> {
+        let threads = std::mem::take(&mut self.threads);
+        let mut out = Vec::with_capacity(threads.len());
+        for (tid, thread) in threads {
+            for info in &thread.held {
+                // Fails only for a thread that is gone, which needs the signal no more.
+                let _ = resend(self.pid, tid, info);
+            }
+            let stop = match thread.state {
+                State::Running => None,
+                State::Stopped(stop) => Some(stop),
+            };
+            out.push((tid, stop));
+        }
+        // Dropping `self` now detaches nothing: its thread list is empty.
+        out
     }
 
     /// Detaches every thread (see [`detach_thread`](Self::detach_thread)); the first error
@@ -605,8 +629,8 @@ impl Tracee {
 
     /// One non-blocking `waitpid` for `tid`, its result decoded and recorded.
     fn poll(&mut self, tid: i32) -> Result<Option<Event>, Error> {
-        let status = match sys::wait_nohang(tid) {
-            Ok(Some(status)) => status,
+        let status = match sys::waitpid(tid, true) {
+            Ok(Some((_, status))) => status,
             Ok(None) => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                 // Not our tracee any more (reaped by someone else, or its tid changed in
@@ -637,7 +661,7 @@ impl Tracee {
                 info = Some(si);
                 Stop::Signal { signal, code: si.si_code, addr: fault_addr(&si) }
             }
-            sys::PTRACE_EVENT_STOP => match signal {
+            libc::PTRACE_EVENT_STOP => match signal {
                 libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => Stop::Group { signal },
                 _ => Stop::Interrupt,
             },
