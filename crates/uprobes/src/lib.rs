@@ -38,7 +38,6 @@ mod place;
 mod scratch;
 mod shadow;
 mod spawn;
-mod sys;
 mod tracer;
 
 use std::collections::HashMap;
@@ -235,18 +234,18 @@ fn attach(pid: i32, options: Options) -> Result<HashMap<i32, Thread>, Error> {
     tracee
         .stop_all(STOP_TIMEOUT)
         .map_err(|e| Error::Os { what: format!("stopping process {pid}"), error: io::Error::other(e.to_string()) })?;
-    let mut threads = HashMap::new();
-    for tid in tracee.threads() {
-        let signal = match tracee.stop_of(tid) {
-            Ok(Some(Stop::Signal { signal, .. })) => signal,
-            _ => 0,
-        };
-        threads.insert(tid, Thread::new(State::Stopped { signal }));
-    }
     // The threads stay seized and stopped: the tracer's loop takes them over with one
-    // blocking waitpid per hit, where the Tracee polls thread by thread. Forgetting it
-    // keeps it from detaching them.
-    std::mem::forget(tracee);
+    // blocking waitpid per hit, where the Tracee polls thread by thread.
+    let mut threads = HashMap::new();
+    for (tid, stop) in tracee.into_threads() {
+        let state = match stop {
+            Some(Stop::Signal { signal, .. }) => State::Stopped { signal },
+            Some(_) => State::Stopped { signal: 0 },
+            // A thread cloned while stopping the others: its first stop comes to the loop.
+            None => State::Running,
+        };
+        threads.insert(tid, Thread::new(state));
+    }
     Ok(threads)
 }
 
@@ -258,7 +257,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
         message: e.to_string(),
     })?;
     let mem = &tracer.mem;
-    let read = |addr: u64, len: usize| mem.read(addr, len).map_err(|e| e.to_string());
+    let read = |addr: u64, len: usize| mem.read_vec(addr, len).map_err(|e| e.to_string());
     let mut points = Vec::new();
     for spec in specs {
         let refused = |message: String| Error::Refused { spec: spec.text.clone(), message };

@@ -8,9 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use dynprobe::spec::ProbeSpec;
-use dynprobe_remote::Options;
+use dynprobe_remote::{sys, Memory, Options};
 
-use crate::sys::{self, Mem};
 use crate::{Error, Outcome, Target};
 
 /// Starts `argv` traced: forks, the child waits on a pipe until it is seized, then execs;
@@ -99,9 +98,9 @@ const SYSCALL: [u8; 2] = [0x0f, 0x05];
 /// instruction written for the moment at `code` (executable; no other thread may run).
 /// Registers and bytes are restored afterwards; signals that arrive meanwhile are sent
 /// again. Returns the raw result (`-errno` on failure).
-pub(crate) fn remote_syscall(mem: &Mem, tid: i32, code: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
+pub(crate) fn remote_syscall(mem: &Memory, tid: i32, code: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
     let saved = sys::get_regs(tid)?;
-    let original = mem.read(code, SYSCALL.len())?;
+    let original = mem.read_vec(code, SYSCALL.len())?;
     mem.write(code, &SYSCALL)?;
     let mut regs = saved;
     regs.rip = code;
@@ -114,8 +113,9 @@ pub(crate) fn remote_syscall(mem: &Mem, tid: i32, code: u64, nr: u64, args: [u64
     let (value, signals) = result?;
     restored?;
     for signal in signals {
-        // SAFETY: re-sends a signal the thread received while we borrowed it.
-        unsafe { libc::syscall(libc::SYS_tgkill, mem.pid(), tid, signal) };
+        // Re-sends a signal the thread received while we borrowed it; it fails only for a
+        // thread that is gone.
+        let _ = sys::tgkill(mem.pid(), tid, signal);
     }
     Ok(value)
 }

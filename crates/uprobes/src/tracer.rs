@@ -19,12 +19,12 @@ use dynprobe::fetch::{HitContext, TargetMemory};
 use dynprobe::line::{EventFormat, Line};
 use dynprobe::{monotonic_ns, Regs};
 use dynprobe_arch::native::INT3;
+use dynprobe_remote::{sys, thread_signal_pending, Memory, Regs as UserRegs};
 
 use crate::control::Control;
 use crate::output::Output;
 use crate::scratch::Scratch;
 use crate::shadow::{Instance, ShadowStack};
-use crate::sys::{self, Mem, UserRegs};
 use crate::{Error, ExitInfo, Outcome};
 
 /// `si_code` of a `SIGTRAP` raised by an `int3` (the kernel's `SI_KERNEL`).
@@ -100,12 +100,7 @@ impl TargetMemory for ProcMemory {
         if buf.is_empty() {
             return true;
         }
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
-        // SAFETY: `local` describes `buf`, writable for its length; the kernel checks the
-        // remote range in the other process.
-        let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
-        n == buf.len() as isize
+        matches!(sys::read_vm(self.pid, addr, buf), Ok(n) if n == buf.len())
     }
 
     fn thread_name(&self, tid: u64, buf: &mut [u8; 16]) -> usize {
@@ -120,7 +115,7 @@ impl TargetMemory for ProcMemory {
 /// The whole tracing session.
 pub(crate) struct Tracer {
     pub pid: i32,
-    pub mem: Mem,
+    pub mem: Memory,
     pub formats: Vec<EventFormat>,
     pub sites: Vec<Site>,
     pub site_at: HashMap<u64, usize>,
@@ -135,7 +130,7 @@ pub(crate) struct Tracer {
 impl Tracer {
     /// A tracer of `pid` whose threads are `threads`, with nothing placed yet.
     pub fn new(pid: i32, threads: HashMap<i32, Thread>, out: Output) -> Result<Tracer, Error> {
-        let mem = Mem::open(pid).map_err(|e| Error::Os { what: format!("opening /proc/{pid}/mem"), error: e })?;
+        let mem = Memory::open(pid).map_err(|e| Error::Os { what: format!("opening /proc/{pid}/mem"), error: e })?;
         Ok(Tracer {
             pid,
             mem,
@@ -159,11 +154,11 @@ impl Tracer {
                 self.detach_all()?;
                 return Ok(Outcome::Detached);
             }
-            let event = match sys::wait_any(true) {
+            let event = match sys::waitpid(-1, true) {
                 Ok(None) => {
                     // Nothing pending: the moment to write out the batch, then block.
                     self.out.flush();
-                    sys::wait_any(false)
+                    sys::waitpid(-1, false)
                 }
                 other => other,
             };
@@ -264,7 +259,7 @@ impl Tracer {
         let Ok(regs) = sys::get_regs(tid) else { return false };
         let at = regs.rip.wrapping_sub(1);
         (self.site_at.contains_key(&at) || (self.scratch.len > 0 && at == self.scratch.trampoline()))
-            && sys::thread_signal_pending(self.pid, tid, libc::SIGTRAP)
+            && thread_signal_pending(self.pid, tid, libc::SIGTRAP)
     }
 
     /// A `SIGTRAP` stop: one of our `int3`s (handled: true) or someone else's (false).
@@ -276,7 +271,7 @@ impl Tracer {
         if ours.is_none() && !trampoline {
             return Ok(false);
         }
-        if sys::siginfo_code(tid).map_err(|e| os(e, "reading a thread's signal"))? != SI_KERNEL {
+        if sys::get_siginfo(tid).map_err(|e| os(e, "reading a thread's signal"))?.si_code != SI_KERNEL {
             // Sent by kill/tgkill, not raised by an int3.
             return Ok(false);
         }
@@ -388,7 +383,7 @@ impl Tracer {
             let _ = sys::interrupt(tid);
         }
         while self.threads.values().any(|t| !matches!(t.state, State::Stopped { .. })) {
-            let (tid, status) = match sys::wait_any(false) {
+            let (tid, status) = match sys::waitpid(-1, false) {
                 Ok(Some(stop)) => stop,
                 Ok(None) => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
