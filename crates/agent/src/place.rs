@@ -34,6 +34,16 @@ impl Placed {
         }
     }
 
+    /// Arms a probe [`place`] registered disarmed (a marker's are armed already).
+    pub fn enable(&self) -> Result<(), String> {
+        match self {
+            Placed::Entry(handle) => handle.enable(),
+            Placed::Return(handle) => handle.enable(),
+            Placed::Marker(_) => Ok(()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
     /// Removes the probe, restoring the patched bytes.
     pub fn unregister(self) -> Result<(), String> {
         match self {
@@ -47,8 +57,10 @@ impl Placed {
 /// Places `spec`, whose hits go to `channel` as event lines. Its `@SYMBOL`s are looked up
 /// in the modules loaded now (data objects, then functions), and so are the sites of a
 /// marker (an unknown one is refused with the nearest names).
-/// A `p` or `r` probe starts as a breakpoint and is jump-optimized in the background; call
-/// [`dynprobe::wait_for_optimizer`] to have that done (a marker's are optimized already).
+/// A `p` or `r` probe is registered disarmed: [`dynprobe::prepare_optimization`] first
+/// (so that the agent's own calls never trap on it while the optimizer decodes its module),
+/// then [`Placed::enable`], then [`dynprobe::wait_for_optimizer`] for the jump. A marker's
+/// probes are armed and optimized already.
 pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let mut spec = spec.clone();
     if spec.needs_symbols() {
@@ -67,7 +79,7 @@ pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let event = Arc::new(Event::new(&spec, channel)?);
     let placed = match spec.kind {
         ProbeKind::Entry | ProbeKind::Marker => {
-            Probe::at(location).on_hit(move |regs| event.hit(regs)).register().map(Placed::Entry)
+            Probe::at(location).on_hit(move |regs| event.hit(regs)).disabled().register().map(Placed::Entry)
         }
         ProbeKind::Return => {
             let at_entry = event.clone();
@@ -75,6 +87,7 @@ pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
                 .maxactive(spec.maxactive.unwrap_or(DEFAULT_MAXACTIVE))
                 .on_entry(move |regs, data| at_entry.enter(regs, data))
                 .on_return(move |regs, data| event.returned(regs, data))
+                .disabled()
                 .register()
                 .map(Placed::Return)
         }
@@ -222,6 +235,8 @@ mod tests {
         )
         .unwrap();
         let placed = place(&spec, channel).unwrap();
+        dynprobe::prepare_optimization().unwrap();
+        placed.enable().unwrap();
         dynprobe::wait_for_optimizer().unwrap();
         let info = placed.info();
         assert!(info.optimized, "not optimized: {:?}", info.not_optimized);

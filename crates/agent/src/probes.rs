@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 /// Placed probes, and the specs waiting for their module.
 pub struct ProbeSet {
-    placed: Vec<Placed>,
+    /// Each with the text of its spec.
+    placed: Vec<(String, Placed)>,
     pending: Vec<ProbeSpec>,
     /// Where hits go.
     channel: Channel,
@@ -41,17 +42,23 @@ impl ProbeSet {
                 place(&spec, channel).map(Some)
             });
             match placed {
-                Ok(Some(placed)) => set.placed.push(placed),
+                Ok(Some(placed)) => set.placed.push((text.to_string(), placed)),
                 Ok(None) => {}
-                Err(why) => {
-                    // Best effort: an error here means a byte could not be restored, and
-                    // the refusal is what the user must hear about.
-                    let _ = set.remove_all();
-                    return Err(format!("{text}: {}", why.replace('\n', " ")));
-                }
+                Err(why) => return Err(set.refuse(text, &why)),
             }
         }
+        if let Err((spec, why)) = arm(&set.placed) {
+            return Err(set.refuse(&spec, &why));
+        }
         Ok(set)
+    }
+
+    /// Removes every probe and words the refusal of `spec`: `<spec>: <why>`, one line.
+    fn refuse(&mut self, spec: &str, why: &str) -> String {
+        // Best effort: an error here means a byte could not be restored, and the refusal
+        // is what the user must hear about.
+        let _ = self.remove_all();
+        format!("{spec}: {}", why.replace('\n', " "))
     }
 
     /// How many probes are placed.
@@ -79,7 +86,13 @@ impl ProbeSet {
             return;
         }
         for spec in ready {
-            match place(&spec, self.channel) {
+            let placed = place(&spec, self.channel).and_then(|placed| {
+                let placed = [(spec.text.clone(), placed)];
+                arm(&placed).map_err(|(_, why)| why)?;
+                let [placed] = placed;
+                Ok(placed)
+            });
+            match placed {
                 Ok(placed) => {
                     self.placed.push(placed);
                     report(&format!("!placed {}", spec.text));
@@ -96,7 +109,7 @@ impl ProbeSet {
     /// the problems, if some probe could not be removed.
     pub fn remove_all(&mut self) -> Vec<String> {
         self.pending.clear();
-        self.placed.drain(..).filter_map(|placed| placed.unregister().err()).collect()
+        self.placed.drain(..).filter_map(|(_, placed)| placed.unregister().err()).collect()
     }
 
     /// Watches `dlopen` when specs wait for their module, so each is placed before the
@@ -110,6 +123,17 @@ impl ProbeSet {
         let on_load = move || shared.lock().unwrap_or_else(|e| e.into_inner()).place_pending(&report);
         dlopen::watch(on_load).map(Some)
     }
+}
+
+/// Arms probes [`place`] registered disarmed, their jump optimization prepared first: the
+/// agent's own calls (its symbol tables, the optimizer decoding a whole library) must not
+/// trap on them, and a probe on `malloc` would make that thousands of traps. On an error,
+/// the spec that failed and why.
+fn arm(placed: &[(String, Placed)]) -> Result<(), (String, String)> {
+    // Without the preparation the probes still work, as breakpoints until the optimizer's
+    // pass: not a reason to refuse them.
+    let _ = dynprobe::prepare_optimization();
+    placed.iter().try_for_each(|(text, placed)| placed.enable().map_err(|why| (text.clone(), why)))
 }
 
 /// The module part of the spec's location (`libfoo` of `libfoo:f+8`).

@@ -37,7 +37,7 @@ pub use arch::{light_width, Regs};
 pub use error::ProbeError;
 pub use location::Location;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
-pub use registry::{list, optimization_enabled, set_optimization, wait_for_optimizer};
+pub use registry::{list, optimization_enabled, prepare_optimization, set_optimization, wait_for_optimizer};
 pub use retprobe::{
     graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,

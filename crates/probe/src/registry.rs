@@ -627,44 +627,58 @@ impl Registry {
     /// optimizable (its detour is prepared here, once) and with no other site inside its run.
     fn ready_to_jump(&mut self, addr: u64) -> Result<bool, ProbeError> {
         let Some(site) = self.sites.get(&addr) else { return Ok(false) };
+        if !site.armed.load(Ordering::Relaxed) || !self.prepare(addr)? {
+            return Ok(false);
+        }
+        let site = self.sites.get(&addr).expect("prepared above");
+        let detour = site.detour().expect("prepared above");
+        // Another site inside the covered run keeps this one a breakpoint probe while it
+        // exists (its int3 would be overwritten by the jump, or skipped by the copy).
+        Ok(self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none())
+    }
+
+    /// Prepares the detour of the site at `addr` unless it has one, is optimized or is
+    /// known not to be optimizable; whether it has a detour now. Armed or not: preparing
+    /// decodes every function of the module once, which allocates a lot, and the caller
+    /// may want that done before its probes (on `malloc`, say) are armed.
+    fn prepare(&mut self, addr: u64) -> Result<bool, ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(false) };
         if !OPTIMIZATION.load(Ordering::Relaxed)
-            || !site.armed.load(Ordering::Relaxed)
             || site.optimized.load(Ordering::Relaxed)
             || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         {
             return Ok(false);
         }
-        if site.detour().is_none() {
-            let function = site.function.clone();
-            let foreign = self.foreign_entries(addr)?;
-            let site = self.sites.get(&addr).expect("looked up above");
-            let check_run = |run: &CoveredRun| match foreign.range(run.addr + 1..run.addr + run.len as u64).next() {
-                Some((&to, &from)) => Err(format!(
-                    "{} jumps to {to:#x}, inside the bytes the jump would cover",
-                    self.symbols.as_ref().map_or_else(|| format!("{from:#x}"), |t| t.format_addr(from))
-                )),
-                None => Ok(()),
-            };
-            let prepared = match &function {
-                None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
-                Some((_, start, size)) => {
-                    let function = self.original_bytes(*start, *size as usize)?;
-                    prepare_detour(site, &function, *start, check_run)
-                }
-            };
-            match prepared {
-                Ok(detour) => site.set_detour(detour),
-                Err(reason) => {
-                    *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                    return Ok(false);
-                }
+        if site.detour().is_some() {
+            return Ok(true);
+        }
+        let function = site.function.clone();
+        let foreign = self.foreign_entries(addr)?;
+        let site = self.sites.get(&addr).expect("looked up above");
+        let check_run = |run: &CoveredRun| match foreign.range(run.addr + 1..run.addr + run.len as u64).next() {
+            Some((&to, &from)) => Err(format!(
+                "{} jumps to {to:#x}, inside the bytes the jump would cover",
+                self.symbols.as_ref().map_or_else(|| format!("{from:#x}"), |t| t.format_addr(from))
+            )),
+            None => Ok(()),
+        };
+        let prepared = match &function {
+            None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
+            Some((_, start, size)) => {
+                let function = self.original_bytes(*start, *size as usize)?;
+                prepare_detour(site, &function, *start, check_run)
+            }
+        };
+        match prepared {
+            Ok(detour) => {
+                site.set_detour(detour);
+                Ok(true)
+            }
+            Err(reason) => {
+                *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                Ok(false)
             }
         }
-        let site = self.sites.get(&addr).expect("looked up above");
-        let detour = site.detour().expect("prepared above");
-        // Another site inside the covered run keeps this one a breakpoint probe while it
-        // exists (its int3 would be overwritten by the jump, or skipped by the copy).
-        Ok(self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none())
     }
 
     /// The places other code of `addr`'s module jumps to inside some function (target →
@@ -776,6 +790,23 @@ pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
 /// Whether jump optimization is on (see [`set_optimization`]).
 pub fn optimization_enabled() -> bool {
     OPTIMIZATION.load(Ordering::Relaxed)
+}
+
+/// Prepares, now, the jump optimization of every registered probe that can have one —
+/// armed or not (a probe registered [`disabled`](crate::Probe::disabled)) — so that, once
+/// armed, [`wait_for_optimizer`] only has to write the jumps.
+///
+/// Preparing decodes every function of the probed module once, allocating as it goes; done
+/// before the probes are armed, none of that work hits them. Code that places probes on
+/// functions it calls itself (`malloc`, say) registers them disabled, prepares, enables,
+/// then waits for the optimizer: its own calls never trap on a breakpoint meanwhile.
+pub fn prepare_optimization() -> Result<(), ProbeError> {
+    let mut registry = lock()?;
+    let addrs: Vec<u64> = registry.sites.keys().copied().collect();
+    for addr in addrs {
+        registry.prepare(addr)?;
+    }
+    Ok(())
 }
 
 /// Optimizes every probe that can be, now, instead of waiting for the background
