@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{wait_in_syscall, worker_program, Target};
-use dynprobe_remote::{threads, AttachError, Options, PermissionReason, Tracee};
+use dynprobe_remote::{sys, threads, AttachError, Options, PermissionReason, Stop, Tracee};
 
 #[test]
 fn seizes_every_thread_and_reads_and_writes_memory() {
@@ -43,6 +43,32 @@ fn seizes_every_thread_and_reads_and_writes_memory() {
     }
     tracee.detach().unwrap();
     assert_eq!(target.finish("hi\n"), expected);
+}
+
+#[test]
+fn into_threads_hands_the_stopped_threads_over_without_detaching() {
+    let target = Target::start(&worker_program(), &[]);
+    let pid = target.pid();
+    let mut tracee = Tracee::seize(pid, Options::NONE).unwrap();
+    tracee.stop_all(Duration::from_secs(5)).unwrap();
+    let tids = tracee.threads();
+    let handed = tracee.into_threads();
+    assert_eq!(handed.iter().map(|&(tid, _)| tid).collect::<Vec<_>>(), tids);
+    // SAFETY: gettid has no preconditions.
+    let us = unsafe { libc::gettid() };
+    for &(tid, stop) in &handed {
+        let stop = stop.unwrap_or_else(|| panic!("thread {tid} was stopped but is handed over as running"));
+        // Still traced by this thread and stopped: raw requests work on it.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        assert!(status.lines().any(|l| l == format!("TracerPid:\t{us}")), "thread {tid}: {status}");
+        assert!(sys::get_regs(tid).unwrap().rsp != 0);
+        let signal = match stop {
+            Stop::Signal { signal, .. } => signal,
+            _ => 0,
+        };
+        sys::detach(tid, signal).unwrap();
+    }
+    assert_eq!(target.finish("hi\n"), common::undisturbed_worker_output());
 }
 
 #[test]
