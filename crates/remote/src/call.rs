@@ -22,6 +22,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::memory::Memory;
 use crate::tracee::{Regs, Stop, Tracee};
 
 /// `orig_rax` = -1: "not in a system call", so the kernel does not restart the program's
@@ -254,59 +255,18 @@ impl Tracee {
         syscall_result("munmap", ret).map(drop)
     }
 
-    /// The address of a `syscall` instruction (`0f 05`) in the process, found once: in the
-    /// vdso, else in the first executable file mapping that has one.
+    /// The address of a `syscall` instruction (`0f 05`) in the process, found once (see
+    /// [`find_syscall_instruction`]).
     pub fn syscall_instruction(&mut self) -> Result<u64, CallError> {
         if let Some(insn) = self.syscall_insn {
             return Ok(insn);
         }
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).map_err(|e| {
-            CallError::Tracee(Error::Memory { op: "read of /proc/PID/maps", addr: 0, len: 0, error: e })
-        })?;
-        let mut code: Vec<(u64, u64, bool)> = Vec::new();
-        for line in maps.lines() {
-            let mut fields = line.split_whitespace();
-            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-            let path = fields.nth(3).unwrap_or("");
-            let Some((start, end)) = range.split_once('-') else { continue };
-            let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
-                continue;
-            };
-            if perms.as_bytes().get(2) == Some(&b'x') && (path == "[vdso]" || path.starts_with('/')) {
-                code.push((start, end, path == "[vdso]"));
-            }
-        }
-        // The vdso first: it is small and always has one (its system call fallbacks).
-        code.sort_by_key(|&(_, _, vdso)| !vdso);
-        for (start, end, _) in code {
-            if let Some(insn) = self.find_syscall(start, end) {
-                self.syscall_insn = Some(insn);
-                return Ok(insn);
-            }
-        }
-        Err(CallError::NoSyscallInstruction { pid: self.pid() })
+        let insn = find_syscall_instruction(&self.mem)?;
+        self.syscall_insn = Some(insn);
+        Ok(insn)
     }
 
     // ---- internals ----
-
-    /// `0f 05` in `[start, end)`, read in chunks that overlap by one byte.
-    fn find_syscall(&self, start: u64, end: u64) -> Option<u64> {
-        const CHUNK: u64 = 64 * 1024;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut at = start;
-        while at < end {
-            let len = CHUNK.min(end - at) as usize;
-            self.read_memory(at, &mut buf[..len]).ok()?;
-            if let Some(i) = buf[..len].windows(2).position(|w| w == [0x0f, 0x05]) {
-                return Some(at + i as u64);
-            }
-            if at + len as u64 >= end {
-                break;
-            }
-            at += len as u64 - 1;
-        }
-        None
-    }
 
     /// Copies `bytes` (plus a NUL if `nul`) below `*sp`, 16-byte aligned; returns their
     /// address, which becomes the new `*sp`.
@@ -415,6 +375,53 @@ impl Tracee {
             Err(e) => e.into(),
         }
     }
+}
+
+/// The address of a `syscall` instruction (`0f 05`) in the process whose memory is
+/// `memory`: in the vdso, else in the first executable file mapping that has one. A thread
+/// made to execute it makes a system call without any byte of the program's code being
+/// written (see [`Tracee::syscall`]).
+pub fn find_syscall_instruction(memory: &Memory) -> Result<u64, CallError> {
+    let pid = memory.pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| CallError::Tracee(Error::Memory { op: "read of /proc/PID/maps", addr: 0, len: 0, error: e }))?;
+    let mut code: Vec<(u64, u64, bool)> = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let path = fields.nth(3).unwrap_or("");
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
+            continue;
+        };
+        if perms.as_bytes().get(2) == Some(&b'x') && (path == "[vdso]" || path.starts_with('/')) {
+            code.push((start, end, path == "[vdso]"));
+        }
+    }
+    // The vdso first: it is small and always has one (its system call fallbacks).
+    code.sort_by_key(|&(_, _, vdso)| !vdso);
+    code.into_iter()
+        .find_map(|(start, end, _)| find_syscall(memory, start, end))
+        .ok_or(CallError::NoSyscallInstruction { pid })
+}
+
+/// `0f 05` in `[start, end)`, read in chunks that overlap by one byte.
+fn find_syscall(memory: &Memory, start: u64, end: u64) -> Option<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut at = start;
+    while at < end {
+        let len = CHUNK.min(end - at) as usize;
+        memory.read(at, &mut buf[..len]).ok()?;
+        if let Some(i) = buf[..len].windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Some(at + i as u64);
+        }
+        if at + len as u64 >= end {
+            break;
+        }
+        at += len as u64 - 1;
+    }
+    None
 }
 
 /// A raw system call result as a value or an error.

@@ -33,7 +33,7 @@ mod proc;
 pub mod sys;
 mod tracee;
 
-pub use call::{Arg, CallError};
+pub use call::{find_syscall_instruction, Arg, CallError};
 pub use diagnose::ptrace_scope;
 pub use error::{AttachError, Error, PermissionReason};
 pub use inject::{inject_library, inject_library_timeout, InjectError, Injected, DEFAULT_CALL_TIMEOUT};

@@ -167,7 +167,7 @@ pub struct Tracee {
     /// [`Event::Passed`] events not reported yet.
     passed: VecDeque<Event>,
     /// Opened before seizing: writes go through even to read-only text.
-    mem: Memory,
+    pub(crate) mem: Memory,
     /// A `syscall` instruction in the process, once found (see `call`).
     pub(crate) syscall_insn: Option<u64>,
     _one_thread: PhantomData<*const ()>,
