@@ -49,7 +49,7 @@ use std::os::fd::RawFd;
 use dynprobe::line::EventFormat;
 use dynprobe::spec::{ProbeKind, ProbeSpec};
 use dynprobe_arch::native::{build_slot, INT3};
-use dynprobe_remote::{AttachError, Options, Stop, Tracee};
+use dynprobe_remote::{find_syscall_instruction, AttachError, Options, Stop, Tracee};
 use dynprobe_symbols::SymbolTable;
 
 use control::Control;
@@ -289,7 +289,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     }
     let lo = sites.iter().map(|s| s.0.addr).min().expect("not empty");
     let hi = sites.iter().map(|s| s.0.insn.end()).max().expect("not empty");
-    tracer.scratch = map_scratch(tracer, sites.len(), lo, hi, sites[0].0.addr)?;
+    tracer.scratch = map_scratch(tracer, sites.len(), lo, hi)?;
     let mut slots = Vec::new();
     for (i, (point, _, _)) in sites.iter().enumerate() {
         let slot_ip = tracer.scratch.slot(i);
@@ -326,9 +326,9 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
 }
 
 /// Maps the scratch area within reach of `lo..hi`, making the `mmap` system call on a
-/// stopped thread of the target with its `syscall` instruction written at `code`
-/// (a probe point: executable, and no other thread runs while every thread is stopped).
-fn map_scratch(tracer: &Tracer, slots: usize, lo: u64, hi: u64, code: u64) -> Result<Scratch, Error> {
+/// stopped thread of the target (every thread is stopped) at a `syscall` instruction of
+/// its own.
+fn map_scratch(tracer: &Tracer, slots: usize, lo: u64, hi: u64) -> Result<Scratch, Error> {
     let len = Scratch::len_for(slots);
     let tid = tracer
         .threads
@@ -337,12 +337,13 @@ fn map_scratch(tracer: &Tracer, slots: usize, lo: u64, hi: u64, code: u64) -> Re
         .or_else(|| tracer.threads.iter().next())
         .map(|(&tid, _)| tid)
         .ok_or_else(|| Error::Scratch { reason: "the process has no thread left".into() })?;
+    let insn = find_syscall_instruction(&tracer.mem).map_err(|e| Error::Scratch { reason: e.to_string() })?;
+    let syscall = |nr: i64, args| spawn::remote_syscall(tracer.pid, tid, insn, nr as u64, args);
     let mut last = String::from("no candidate address");
     for hint in scratch::hints(lo, hi, len) {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
         let args = [hint, len, (libc::PROT_READ | libc::PROT_EXEC) as u64, flags as u64, u64::MAX, 0];
-        let ret = spawn::remote_syscall(&tracer.mem, tid, code, libc::SYS_mmap as u64, args)
-            .map_err(|e| os(e, "making the mmap system call in the target"))?;
+        let ret = syscall(libc::SYS_mmap, args).map_err(|e| os(e, "making the mmap system call in the target"))?;
         if (ret as i64) < 0 && (ret as i64) > -4096 {
             last = io::Error::from_raw_os_error(-(ret as i64) as i32).to_string();
             continue;
@@ -351,7 +352,7 @@ fn map_scratch(tracer: &Tracer, slots: usize, lo: u64, hi: u64, code: u64) -> Re
             return Ok(Scratch { base: ret, len });
         }
         // An old kernel took the flag for a plain hint and put it elsewhere.
-        let _ = spawn::remote_syscall(&tracer.mem, tid, code, libc::SYS_munmap as u64, [ret, len, 0, 0, 0, 0]);
+        let _ = syscall(libc::SYS_munmap, [ret, len, 0, 0, 0, 0]);
         last = format!("the kernel placed the page at {ret:#x} instead of {hint:#x}");
     }
     Err(Error::Scratch { reason: last })

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use dynprobe::spec::ProbeSpec;
-use dynprobe_remote::{sys, Memory, Options};
+use dynprobe_remote::{sys, Options, Regs};
 
 use crate::{Error, Outcome, Target};
 
@@ -91,39 +91,46 @@ fn pipe() -> io::Result<[RawFd; 2]> {
     Ok(fds)
 }
 
-/// The `syscall` instruction.
-const SYSCALL: [u8; 2] = [0x0f, 0x05];
-
-/// Makes system call `nr` with `args` on stopped thread `tid`, executing a `syscall`
-/// instruction written for the moment at `code` (executable; no other thread may run).
-/// Registers and bytes are restored afterwards; signals that arrive meanwhile are sent
-/// again. Returns the raw result (`-errno` on failure).
-pub(crate) fn remote_syscall(mem: &Memory, tid: i32, code: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
+/// Makes system call `nr` with `args` on stopped thread `tid` of process `pid`, executing
+/// the `syscall` instruction at `insn` (one already in the process, found by
+/// [`dynprobe_remote::find_syscall_instruction`]: nothing is written into code). No other
+/// thread may run. Registers are restored afterwards; signals that arrive meanwhile are
+/// sent again. Returns the raw result (`-errno` on failure).
+///
+/// This is `Tracee::syscall` of `dynprobe-remote` without a `Tracee`, which this crate
+/// cannot use here: a started program is seized by a raw `PTRACE_SEIZE` before its
+/// `execve` (a `Tracee`'s `/proc/PID/mem` opened then would belong to the old image) and
+/// stands in its `PTRACE_EVENT_EXEC` stop, which `Tracee::syscall` refuses; an attached
+/// program's threads belong to the tracer's `waitpid(-1)` loop by now. From the exec stop,
+/// the first step only finishes the `execve` (its result overwrites `rax`, and the step
+/// traps with `rip` unchanged, before our instruction): the registers are set again and the
+/// step repeated, which [`step_over_syscall`] recognizes by `rip`.
+pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
     let saved = sys::get_regs(tid)?;
-    let original = mem.read_vec(code, SYSCALL.len())?;
-    mem.write(code, &SYSCALL)?;
     let mut regs = saved;
-    regs.rip = code;
+    regs.rip = insn;
     regs.rax = nr;
     (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
     // Not inside a system call any more: no restart logic on resuming.
     regs.orig_rax = u64::MAX;
-    let result = sys::set_regs(tid, &regs).and_then(|()| step_over_syscall(tid));
-    let restored = mem.write(code, &original).and(sys::set_regs(tid, &saved));
+    let result = step_over_syscall(tid, &regs);
+    let restored = sys::set_regs(tid, &saved);
     let (value, signals) = result?;
     restored?;
     for signal in signals {
         // Re-sends a signal the thread received while we borrowed it; it fails only for a
         // thread that is gone.
-        let _ = sys::tgkill(mem.pid(), tid, signal);
+        let _ = sys::tgkill(pid, tid, signal);
     }
     Ok(value)
 }
 
-/// Single-steps the `syscall`; returns `rax` and the signals that stopped the thread
+/// Sets `regs` (at a `syscall` instruction) and single-steps until the instruction has run
+/// (`rip` past its two bytes); returns `rax` and the signals that stopped the thread
 /// meanwhile (held back, to be sent again).
-fn step_over_syscall(tid: i32) -> io::Result<(u64, Vec<i32>)> {
+fn step_over_syscall(tid: i32, regs: &Regs) -> io::Result<(u64, Vec<i32>)> {
     let mut signals = Vec::new();
+    sys::set_regs(tid, regs)?;
     loop {
         sys::single_step(tid, 0)?;
         let status = sys::wait_thread(tid)?;
@@ -132,7 +139,14 @@ fn step_over_syscall(tid: i32) -> io::Result<(u64, Vec<i32>)> {
         }
         let sig = libc::WSTOPSIG(status);
         if status >> 16 == 0 && sig == libc::SIGTRAP {
-            return Ok((sys::get_regs(tid)?.rax, signals));
+            let now = sys::get_regs(tid)?;
+            if now.rip == regs.rip + 2 {
+                return Ok((now.rax, signals));
+            }
+            // The step ended the system call the thread was stopped in (the exec stop)
+            // without running ours, whose registers that call's return overwrote.
+            sys::set_regs(tid, regs)?;
+            continue;
         }
         if status >> 16 == 0 {
             signals.push(sig);
