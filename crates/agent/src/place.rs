@@ -127,7 +127,7 @@ impl Resolver {
             _ => (None, spec),
         };
         let in_scope: Vec<usize> = (0..self.table.modules().len())
-            .filter(|&i| module.is_none_or(|wanted| names_module(&self.table.modules()[i], wanted)))
+            .filter(|&i| module.is_none_or(|wanted| self.table.modules()[i].is_named(wanted)))
             .collect();
         for i in in_scope {
             let Some(found) = self.objects(i).iter().find(|o| o.name == name) else { continue };
@@ -156,11 +156,6 @@ impl Resolver {
 
 /// Whether `module` is the one `wanted` names: its file name, its path, or a prefix of the
 /// name that stops at a `.` or `-` (`libc` → `libc.so.6`), as function lookups match it.
-fn names_module(module: &dynprobe_symbols::Module, wanted: &str) -> bool {
-    module.name == wanted
-        || module.path.as_os_str() == wanted
-        || module.name.strip_prefix(wanted).is_some_and(|rest| rest.starts_with(['.', '-']))
-}
 
 /// The defined data objects of the ELF file at `path` loaded with `bias`, from `.symtab`
 /// and `.dynsym`.

@@ -7,7 +7,6 @@ use crate::dlopen::{self, ModuleWatch};
 use crate::place::{place, Placed};
 use dynprobe::spec::ProbeSpec;
 use dynprobe::Location;
-use dynprobe_symbols::{SymbolError, SymbolTable};
 use std::sync::{Arc, Mutex};
 
 /// Placed probes, and the specs waiting for their module.
@@ -29,13 +28,9 @@ impl ProbeSet {
     /// and the error is `<spec>: <why>` (one line).
     pub fn place_all<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
         let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), channel };
-        let mut table = None;
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             let placed = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
-                if table.is_none() && spec_module(&spec).is_some() {
-                    table = Some(SymbolTable::current_process().map_err(|e| e.to_string())?);
-                }
-                if table.as_ref().is_some_and(|table| module_missing(&spec, table)) {
+                if module_missing(&spec) {
                     set.pending.push(spec);
                     return Ok(None);
                 }
@@ -78,9 +73,8 @@ impl ProbeSet {
 
     /// Places the waiting specs whose module is loaded now, telling `report` about each.
     fn place_pending(&mut self, report: &Report) {
-        let Ok(table) = SymbolTable::current_process() else { return };
         let (ready, waiting): (Vec<ProbeSpec>, Vec<ProbeSpec>) =
-            std::mem::take(&mut self.pending).into_iter().partition(|spec| !module_missing(spec, &table));
+            std::mem::take(&mut self.pending).into_iter().partition(|spec| !module_missing(spec));
         self.pending = waiting;
         if ready.is_empty() {
             return;
@@ -136,16 +130,17 @@ fn arm(placed: &[(String, Placed)]) -> Result<(), (String, String)> {
     placed.iter().try_for_each(|(text, placed)| placed.enable().map_err(|why| (text.clone(), why)))
 }
 
-/// The module part of the spec's location (`libfoo` of `libfoo:f+8`).
+/// The module part of the spec's location (`libfoo` of `libfoo:f+8`; none in `ns::f`).
 fn spec_module(spec: &ProbeSpec) -> Option<&str> {
     match spec.location.code()? {
-        Location::Symbol(name) | Location::SymbolOffset(name, _) => name.split_once(':').map(|(module, _)| module),
+        Location::Symbol(name) | Location::SymbolOffset(name, _) => dynprobe_symbols::split_module(name).0,
         Location::Address(_) => None,
     }
 }
 
-/// Whether the spec names a module that is not loaded (yet).
-fn module_missing(spec: &ProbeSpec, table: &SymbolTable) -> bool {
-    let Some(Location::Symbol(name) | Location::SymbolOffset(name, _)) = spec.location.code() else { return false };
-    matches!(table.lookup(name), Err(SymbolError::UnknownModule { .. }))
+/// Whether the spec names a module that is not loaded (yet). Read from the memory map, not
+/// a symbol table: placing builds the one it needs, and building two costs tens of
+/// milliseconds of an attach.
+fn module_missing(spec: &ProbeSpec) -> bool {
+    spec_module(spec).is_some_and(|module| matches!(dynprobe_symbols::module_loaded(module), Ok(false)))
 }

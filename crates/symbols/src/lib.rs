@@ -28,6 +28,7 @@ mod sites;
 use std::path::PathBuf;
 
 pub use error::SymbolError;
+pub use lookup::split_spec as split_module;
 pub use markers::{
     nearest_markers, read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite, ARG_REGISTERS, MARKER_RECORD_SECTION,
     MARKER_RECORD_VERSION,
@@ -56,6 +57,32 @@ impl Module {
     pub fn contains(&self, addr: u64) -> bool {
         self.ranges.iter().any(|&(s, e)| s <= addr && addr < e)
     }
+
+    /// Whether a spec's module part `wanted` names this module exactly: its file name or
+    /// its path.
+    pub fn is_exactly(&self, wanted: &str) -> bool {
+        self.name == wanted || self.path.as_os_str() == wanted
+    }
+
+    /// Whether `wanted` names this module exactly or as a prefix of its file name that
+    /// stops at a `.` or `-` (`libc` → `libc.so.6`, `libfoo` → `libfoo-1.2.so`).
+    pub fn is_named(&self, wanted: &str) -> bool {
+        self.is_exactly(wanted) || name_has_prefix(&self.name, wanted)
+    }
+}
+
+/// Whether `wanted` is a prefix of the file `name` that stops at a `.` or `-`.
+fn name_has_prefix(name: &str, wanted: &str) -> bool {
+    name.strip_prefix(wanted).is_some_and(|rest| rest.starts_with(['.', '-']))
+}
+
+/// Whether a module that `wanted` names (as [`Module::is_named`] matches) is loaded in this
+/// process: one read of `/proc/self/maps`, no symbol table.
+pub fn module_loaded(wanted: &str) -> Result<bool, SymbolError> {
+    Ok(loaded_code_paths()?.iter().any(|path| {
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        name == wanted || path.as_os_str() == wanted || name_has_prefix(&name, wanted)
+    }))
 }
 
 /// A function symbol at its runtime address.

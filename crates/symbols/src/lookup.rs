@@ -26,7 +26,7 @@ pub(crate) fn lookup(table: &SymbolTable, spec: &str) -> Result<usize, SymbolErr
 }
 
 /// Splits `module:name` at the first lone `:` (a `::` belongs to a C++ or Rust path).
-fn split_spec(spec: &str) -> (Option<&str>, &str) {
+pub fn split_spec(spec: &str) -> (Option<&str>, &str) {
     let bytes = spec.as_bytes();
     let lone_colon = (0..bytes.len())
         .find(|&i| bytes[i] == b':' && bytes.get(i + 1) != Some(&b':') && (i == 0 || bytes[i - 1] != b':'));
@@ -40,16 +40,10 @@ fn split_spec(spec: &str) -> (Option<&str>, &str) {
 /// that stops at a `.` or `-` (`libc` → `libc.so.6`, `libfoo` → `libfoo-1.2.so`).
 fn find_module(table: &SymbolTable, wanted: &str) -> Result<usize, SymbolError> {
     let modules = table.modules();
-    let exact = modules.iter().position(|m| m.name == wanted || m.path.as_os_str() == wanted);
-    if let Some(i) = exact {
+    if let Some(i) = modules.iter().position(|m| m.is_exactly(wanted)) {
         return Ok(i);
     }
-    let by_prefix: Vec<usize> = (0..modules.len())
-        .filter(|&i| {
-            let rest = modules[i].name.strip_prefix(wanted);
-            rest.is_some_and(|r| r.starts_with(['.', '-']))
-        })
-        .collect();
+    let by_prefix: Vec<usize> = (0..modules.len()).filter(|&i| modules[i].is_named(wanted)).collect();
     match by_prefix.as_slice() {
         [one] => Ok(*one),
         [] => Err(SymbolError::UnknownModule {
