@@ -702,11 +702,22 @@ impl Registry {
         functions.sort_unstable();
         functions.dedup();
         let starts: std::collections::BTreeSet<u64> = functions.iter().map(|f| f.0).collect();
+        // The module's code in one read (a library has thousands of functions), else one
+        // read per function when the span has a hole.
+        let span = functions.first().map(|f| f.0).zip(functions.iter().map(|f| f.0 + f.1).max());
+        let whole =
+            span.and_then(|(first, end)| Some((first, self.original_bytes(first, (end - first) as usize).ok()?)));
         let mut entries = BTreeMap::new();
         for (start, size) in functions {
-            // Code that does not decode (data in a text symbol) is skipped: its branches are
-            // unknown either way.
-            let Ok(bytes) = self.original_bytes(start, size as usize) else { continue };
+            let bytes = match &whole {
+                Some((first, code)) => std::borrow::Cow::Borrowed(&code[(start - first) as usize..][..size as usize]),
+                // Code that cannot be read is skipped: its branches are unknown either way.
+                None => match self.original_bytes(start, size as usize) {
+                    Ok(bytes) => std::borrow::Cow::Owned(bytes),
+                    Err(_) => continue,
+                },
+            };
+            // Code that does not decode (data in a text symbol) is skipped likewise.
             let Ok(branches) = branches_out(&bytes, start) else { continue };
             for (from, to) in branches.into_iter().filter(|(_, to)| !starts.contains(to)) {
                 entries.entry(to).or_insert(from);

@@ -152,12 +152,12 @@ pub fn instruction_at(function_bytes: &[u8], start: u64, addr: u64) -> Result<In
     }
 }
 
-fn new_decoder(bytes: &[u8], ip: u64) -> Decoder<'_> {
+pub(crate) fn new_decoder(bytes: &[u8], ip: u64) -> Decoder<'_> {
     Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE)
 }
 
 /// Decodes the next instruction, turning iced's "invalid instruction" value into an error.
-fn next_instruction(decoder: &mut Decoder<'_>) -> Result<Instruction, DecodeError> {
+pub(crate) fn next_instruction(decoder: &mut Decoder<'_>) -> Result<Instruction, DecodeError> {
     let ip = decoder.ip();
     let instr = decoder.decode();
     match decoder.last_error() {

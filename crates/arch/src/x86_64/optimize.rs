@@ -15,7 +15,7 @@
 use std::fmt;
 
 use super::classify::check_instruction;
-use super::decode::{decode_instructions, flow_of, Disassembler};
+use super::decode::{decode_instructions, flow_of, new_decoder, next_instruction, Disassembler};
 use super::{DecodeError, Flow, Refusal, JMP_REL32_LEN};
 use iced_x86::{Instruction, OpKind, Register};
 
@@ -170,14 +170,19 @@ pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun,
 /// them lands inside.
 pub fn branches_out(code: &[u8], start: u64) -> Result<Vec<(u64, u64)>, DecodeError> {
     let end = start + code.len() as u64;
-    Ok(decode_instructions(code, start)?
-        .iter()
-        .filter_map(|instr| match flow_of(instr) {
-            Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target } => Some((instr.ip(), target)),
-            _ => None,
-        })
-        .filter(|&(_, target)| !(start..end).contains(&target))
-        .collect())
+    // Streamed, not collected: a whole library's functions go through here when a probe in
+    // it is prepared, and most instructions are not branches.
+    let mut decoder = new_decoder(code, start);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let instr = next_instruction(&mut decoder)?;
+        if let Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target } = flow_of(&instr) {
+            if !(start..end).contains(&target) {
+                out.push((instr.ip(), target));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn check_branches(instrs: &[Instruction], run: &CoveredRun) -> Result<(), OptimizeRefusal> {
