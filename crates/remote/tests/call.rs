@@ -93,7 +93,7 @@ fn a_signal_arriving_during_a_call_is_delivered_afterwards() {
     let slow_square = target.number(4);
     let mut tracee = Tracee::seize_thread(pid, pid, Options::NONE).unwrap();
     tracee.stop(pid, SECOND).unwrap();
-    // SIGUSR1 to the main thread while it runs the 300 ms call.
+    // SIGUSR1 to the main thread while it runs the 1.5 s call.
     let sender = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         // SAFETY: a plain system call with integer arguments.

@@ -40,12 +40,13 @@ static long ms_since(const struct timespec *start)
 	return (now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
 }
 
-/* Busy for 300 ms, so that a signal can arrive during a remote call of it. */
+/* Busy for 1.5 s, so that a signal sent 100 ms into a remote call of it arrives during the
+ * call even on a loaded machine (one arriving after it would meet a stopped thread). */
 __attribute__((noinline)) long slow_square(long x)
 {
 	struct timespec start;
 	clock_gettime(CLOCK_MONOTONIC, &start);
-	while (ms_since(&start) < 300)
+	while (ms_since(&start) < 1500)
 		;
 	return x * x;
 }
