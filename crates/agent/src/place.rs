@@ -154,9 +154,6 @@ impl Resolver {
     }
 }
 
-/// Whether `module` is the one `wanted` names: its file name, its path, or a prefix of the
-/// name that stops at a `.` or `-` (`libc` → `libc.so.6`), as function lookups match it.
-
 /// The defined data objects of the ELF file at `path` loaded with `bias`, from `.symtab`
 /// and `.dynsym`.
 fn read_objects(path: &std::path::Path, bias: u64) -> Vec<DataObject> {

@@ -120,8 +120,8 @@ impl Worker {
     fn code(&self, symbol: &str) -> Vec<u8> {
         let addr = symbol_address(self.exe, symbol);
         let mut bytes = vec![0u8; 8];
-        let mut mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
-        std::os::unix::fs::FileExt::read_exact_at(&mut mem, &mut bytes, addr).unwrap();
+        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
         bytes
     }
 
