@@ -546,9 +546,19 @@ static SIG_RELEASE: AtomicBool = AtomicBool::new(false);
 static SIG_DEEP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn park_inside_the_run(_: i32, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    // SAFETY: the kernel passes this SA_SIGINFO handler a valid ucontext.
-    let rip = unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
-    let inside = rip > SIG_LO.load(Ordering::Relaxed) && rip < SIG_HI.load(Ordering::Relaxed);
+    // SAFETY: the kernel passes this SA_SIGINFO handler a valid ucontext, ours until we return.
+    let gregs = unsafe { &mut (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs };
+    let mut rip = gregs[libc::REG_RIP as usize] as u64;
+    let lo = SIG_LO.load(Ordering::Relaxed);
+    if rip == lo && SIG_PARKED.load(Ordering::Relaxed) == 0 {
+        // Some hosts (an Intel Xeon) deliver the signal almost only at the call's target,
+        // never at sig_fn+3. Step the interrupted code over sig_fn's first instruction,
+        // `mov %rdi,%rax` (3 bytes), so that it resumes inside the run every time.
+        gregs[libc::REG_RAX as usize] = gregs[libc::REG_RDI as usize];
+        rip = lo + 3;
+        gregs[libc::REG_RIP as usize] = rip as i64;
+    }
+    let inside = rip > lo && rip < SIG_HI.load(Ordering::Relaxed);
     if inside && SIG_PARKED.load(Ordering::Relaxed) == 0 {
         SIG_PARKED.store(rip, Ordering::SeqCst);
         if SIG_DEEP.load(Ordering::Relaxed) {
