@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod error;
+pub mod files;
 pub mod marker;
 pub mod model;
 pub mod record;

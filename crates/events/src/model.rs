@@ -25,6 +25,30 @@ pub struct Trace {
     pub exit_code: Option<i32>,
     /// Every process image, in the order they started.
     pub processes: Vec<ProcessTrace>,
+    /// What is missing or cut short in the directory, the rest having been read (see
+    /// [`crate::trace::read`]): the events of these files, or past these offsets, are not
+    /// in the trace.
+    pub damage: Vec<Damage>,
+}
+
+/// A file of a trace directory that is missing, or ends before its data does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The file (or process directory).
+    pub path: PathBuf,
+    /// The byte offset where its complete data ends, for a file cut short.
+    pub offset: Option<u64>,
+    /// What is missing or cut, and what it costs.
+    pub what: String,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.offset {
+            Some(offset) => write!(f, "{}: at byte {offset}: {}", self.path.display(), self.what),
+            None => write!(f, "{}: {}", self.path.display(), self.what),
+        }
+    }
 }
 
 /// One process image: a process between its start (or `exec`) and its exit (or `exec`).

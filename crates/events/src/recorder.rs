@@ -9,14 +9,15 @@
 //! crash of the program loses nothing it had published, and rewrites `info.json` now and then,
 //! so a crash of the recorder leaves a readable directory.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, OpenOptions};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::clock::{self, Calibration, Clock};
 use crate::error::EventsError;
+use crate::files;
 use crate::record::{Kind, Record};
 use crate::ring::RingFile;
 use crate::trace::{self, Info, InfoProcess};
@@ -73,8 +74,8 @@ struct Image {
     /// `None` once the image is gone and drained.
     ring: Option<RingFile>,
     rings: Vec<RingState>,
-    /// The threads that have a `.dat` file.
-    threads: HashSet<u32>,
+    /// The threads that have a `.dat` file, with the bytes written into it.
+    threads: BTreeMap<u32, u64>,
     /// Where its `.dat` files go.
     out: PathBuf,
     /// The ring file's count of missed calls, last time it was read.
@@ -106,7 +107,10 @@ impl Recorder {
     /// Takes the first clock calibration samples (10 ms apart, so that even the first
     /// `info.json` converts times well) and writes a first `info.json`.
     pub fn new(ring_dir: &Path, out_dir: &Path, command: &[String]) -> Result<Recorder, EventsError> {
-        fs::create_dir_all(out_dir).map_err(EventsError::io("create directory", out_dir))?;
+        if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(EventsError::io("create directory", parent))?;
+        }
+        files::ensure_dir(out_dir).map_err(EventsError::io("create directory", out_dir))?;
         let clock = Clock::detect();
         let start = clock::sample(clock);
         // A second sample a little later gives the rate to a few parts per million at once,
@@ -268,7 +272,7 @@ impl Recorder {
             });
         }
         let out = self.out_dir.join(name);
-        fs::create_dir_all(&out).map_err(EventsError::io("create directory", &out))?;
+        files::ensure_dir(&out).map_err(EventsError::io("create directory", &out))?;
         let mut exe = String::new();
         let mut parent = ring.parent_pid();
         // Missing only on the last poll: an agent that died before writing them.
@@ -286,7 +290,7 @@ impl Recorder {
             exe,
             ring: Some(ring),
             rings,
-            threads: HashSet::new(),
+            threads: BTreeMap::new(),
             out,
             missed: 0,
             companions: companion_identity(&self.ring_dir, name),
@@ -358,13 +362,15 @@ impl Recorder {
         image.missed = missed;
         for (tid, bytes) in out {
             let path = image.out.join(format!("{tid}.dat"));
-            let mut file =
-                OpenOptions::new().create(true).append(true).open(&path).map_err(EventsError::io("open", &path))?;
-            if image.threads.insert(tid) {
+            let mut file = files::open_private(&path, true).map_err(EventsError::io("open", &path))?;
+            let written = image.threads.entry(tid).or_insert(0);
+            if *written == 0 {
                 file.write_all(&trace::dat_header(image.pid, tid)).map_err(EventsError::io("write", &path))?;
+                *written += trace::DAT_HEADER_BYTES as u64;
                 self.bytes += trace::DAT_HEADER_BYTES as u64;
             }
             file.write_all(&bytes).map_err(EventsError::io("write", &path))?;
+            *written += bytes.len() as u64;
             self.bytes += bytes.len() as u64;
         }
         Ok(())
@@ -376,13 +382,19 @@ impl Recorder {
         self.info.processes = self
             .images
             .iter()
-            .map(|i| InfoProcess { dir: i.name.clone(), pid: i.pid, parent: i.parent, exe: i.exe.clone() })
+            .map(|i| InfoProcess {
+                dir: i.name.clone(),
+                pid: i.pid,
+                parent: i.parent,
+                exe: i.exe.clone(),
+                threads: i.threads.clone(),
+            })
             .collect();
         let path = self.out_dir.join("info.json");
         let tmp = self.out_dir.join("info.json.tmp");
         let mut json = serde_json::to_string_pretty(&self.info).expect("info serializes");
         json.push('\n');
-        fs::write(&tmp, json).map_err(EventsError::io("write", &tmp))?;
+        files::write_private(&tmp, json.as_bytes()).map_err(EventsError::io("write", &tmp))?;
         fs::rename(&tmp, &path).map_err(EventsError::io("write", &path))?;
         self.info_written = Instant::now();
         Ok(())
@@ -424,7 +436,7 @@ fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<Str
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(EventsError::io("read", &from)(e)),
         };
-        fs::write(&to, &text).map_err(EventsError::io("write", &to))?;
+        files::write_private(&to, text.as_bytes()).map_err(EventsError::io("write", &to))?;
         if ext == "sites" {
             sites = Some(text);
         }
@@ -550,6 +562,26 @@ mod tests {
         let times: Vec<u64> = process.threads.iter().flat_map(|t| &t.events).map(|e| e.ns).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "times in order across threads: {times:?}");
         assert!(trace.start_ns <= times[0] && times[times.len() - 1] <= trace.end_ns);
+
+        // info.json says what each `.dat` holds (what tells a file cut short), and the whole
+        // trace is its owner's only.
+        use std::os::unix::fs::MetadataExt;
+        let info = trace::read_info(&out_dir).unwrap();
+        let image = out_dir.join(&name);
+        for (tid, bytes) in &info.processes[0].threads {
+            assert_eq!(fs::metadata(image.join(format!("{tid}.dat"))).unwrap().len(), *bytes, "thread {tid}");
+        }
+        assert_eq!(info.processes[0].threads.len(), 3);
+        assert!(trace.damage.is_empty(), "{:?}", trace.damage);
+        for path in [&out_dir, &image] {
+            assert_eq!(fs::metadata(path).unwrap().mode() & 0o777, 0o700, "{}", path.display());
+        }
+        for entry in fs::read_dir(&image).unwrap().chain(fs::read_dir(&out_dir).unwrap()) {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                assert_eq!(entry.metadata().unwrap().mode() & 0o777, 0o600, "{}", entry.path().display());
+            }
+        }
     }
 
     #[test]

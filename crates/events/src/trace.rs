@@ -17,7 +17,9 @@
 //! `Thread` records that routed them; a trailing partial record (a recorder killed mid-write)
 //! is ignored.
 
-use std::fs;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +28,7 @@ use crate::clock::Calibration;
 use crate::error::EventsError;
 use crate::marker;
 use crate::model::{
-    Event, EventKind, Function, MarkerSite, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace,
+    Damage, Event, EventKind, Function, MarkerSite, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace,
 };
 use crate::record::{Kind, Record};
 
@@ -69,6 +71,11 @@ pub(crate) struct InfoProcess {
     pub pid: u32,
     pub parent: u32,
     pub exe: String,
+    /// The bytes the recorder wrote into each thread's `.dat` file (by thread id), when it
+    /// last wrote `info.json`: what tells a `.dat` file cut short, or missing, from a
+    /// complete one. Absent from traces of older recorders.
+    #[serde(default)]
+    pub threads: BTreeMap<u32, u64>,
 }
 
 /// The header of thread `tid`'s `.dat` file in process `pid`.
@@ -107,40 +114,59 @@ fn parse_number<T: std::str::FromStr>(path: &Path, line: usize, field: &str, tex
     text.parse().map_err(|_| malformed(path, line, format!("{field} {text:?} is not a number")))
 }
 
-/// The functions of a `functions.txt` (or an agent's `.funcs`) named `path`.
-pub(crate) fn parse_functions(path: &Path, text: &str) -> Result<Vec<Function>, EventsError> {
-    let mut functions = Vec::new();
+/// A text file of a trace (`functions.txt`, `markers.txt`, `sites.txt`), parsed a line at
+/// a time: as it is read, so that a damaged one is refused at its first bad line.
+trait LineFile: Default {
+    /// Parses line number `line`, `l` (not empty), of the file `path`.
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError>;
+}
+
+fn parse<T: LineFile>(path: &Path, text: &str) -> Result<T, EventsError> {
+    let mut parsed = T::default();
     for (line, l) in lines(text) {
+        parsed.line(path, line, l)?;
+    }
+    Ok(parsed)
+}
+
+/// A `functions.txt`.
+impl LineFile for Vec<Function> {
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError> {
         let fields: Vec<&str> = l.splitn(4, '\t').collect();
         let [id, addr, module, name] = fields[..] else {
             return Err(malformed(path, line, "expected id, address, module and name separated by tabs"));
         };
         let id: usize = parse_number(path, line, "function id", id)?;
-        if id != functions.len() {
-            return Err(malformed(path, line, format!("function id {id} where {} was expected", functions.len())));
+        if id != self.len() {
+            return Err(malformed(path, line, format!("function id {id} where {} was expected", self.len())));
         }
         let addr = parse_hex(path, line, "address", addr)?;
-        functions.push(Function { name: name.to_owned(), module: module.to_owned(), addr });
+        self.push(Function { name: name.to_owned(), module: module.to_owned(), addr });
+        Ok(())
     }
-    Ok(functions)
 }
 
-/// The marker sites of a `markers.txt` (or an agent's `.markers`) named `path`.
-pub(crate) fn parse_markers(path: &Path, text: &str) -> Result<Vec<MarkerSite>, EventsError> {
-    let mut markers = Vec::new();
-    for (line, l) in lines(text) {
+/// A `markers.txt`.
+impl LineFile for Vec<MarkerSite> {
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError> {
         let fields: Vec<&str> = l.splitn(4, '\t').collect();
         let [id, addr, provider, name] = fields[..] else {
             return Err(malformed(path, line, "expected id, address, provider and name separated by tabs"));
         };
         let id: usize = parse_number(path, line, "marker id", id)?;
-        if id != markers.len() {
-            return Err(malformed(path, line, format!("marker id {id} where {} was expected", markers.len())));
+        if id != self.len() {
+            return Err(malformed(path, line, format!("marker id {id} where {} was expected", self.len())));
         }
         let addr = parse_hex(path, line, "address", addr)?;
-        markers.push(MarkerSite { provider: provider.to_owned(), name: name.to_owned(), addr });
+        self.push(MarkerSite { provider: provider.to_owned(), name: name.to_owned(), addr });
+        Ok(())
     }
-    Ok(markers)
+}
+
+/// The functions of a `functions.txt` (or an agent's `.funcs`) named `path`.
+#[cfg(test)]
+pub(crate) fn parse_functions(path: &Path, text: &str) -> Result<Vec<Function>, EventsError> {
+    parse(path, text)
 }
 
 /// What a `sites.txt` (or an agent's `.sites`) says.
@@ -151,23 +177,21 @@ pub(crate) struct Sites {
     pub summary: SiteSummary,
 }
 
-/// Parses the `sites.txt` named `path`.
-pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError> {
-    let mut sites = Sites::default();
-    for (line, l) in lines(text) {
+impl LineFile for Sites {
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError> {
         let fields: Vec<&str> = l.split('\t').collect();
         match fields[..] {
-            ["exe", exe] => sites.exe = exe.to_owned(),
-            ["parent", parent] => sites.parent = parse_number(path, line, "parent pid", parent)?,
-            ["pending", pattern] => sites.summary.pending.push(pattern.to_owned()),
-            ["patch_ns", ns] => sites.summary.patch_ns = Some(parse_number(path, line, "patch time", ns)?),
-            ["kind", kind, found, patched] => sites.summary.kinds.push((
+            ["exe", exe] => self.exe = exe.to_owned(),
+            ["parent", parent] => self.parent = parse_number(path, line, "parent pid", parent)?,
+            ["pending", pattern] => self.summary.pending.push(pattern.to_owned()),
+            ["patch_ns", ns] => self.summary.patch_ns = Some(parse_number(path, line, "patch time", ns)?),
+            ["kind", kind, found, patched] => self.summary.kinds.push((
                 kind.to_owned(),
                 parse_number(path, line, "found count", found)?,
                 parse_number(path, line, "patched count", patched)?,
             )),
             ["refused", kind, addr, function, ref reason @ ..] if !reason.is_empty() => {
-                sites.summary.refused.push(RefusedSite {
+                self.summary.refused.push(RefusedSite {
                     kind: kind.to_owned(),
                     addr: parse_hex(path, line, "address", addr)?,
                     function: function.to_owned(),
@@ -186,34 +210,87 @@ pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError>
                 ))
             }
         }
+        Ok(())
     }
-    Ok(sites)
 }
 
-/// Reads `path` if it exists.
-fn read_optional(path: &Path) -> Result<Option<String>, EventsError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+/// Parses the `sites.txt` named `path`.
+pub(crate) fn parse_sites(path: &Path, text: &str) -> Result<Sites, EventsError> {
+    parse(path, text)
+}
+
+/// The most bytes of an `info.json`: the command line and a few lines per process image,
+/// far below this even for a program that forks a million times.
+const MAX_INFO_BYTES: u64 = 256 << 20;
+/// The longest line of a trace's text files: a demangled C++ name can take tens of kilobytes.
+const MAX_LINE_BYTES: usize = 1 << 20;
+/// Bytes read from a `.dat` file at a time.
+const DAT_BUFFER_BYTES: usize = 1 << 16;
+
+/// Opens `path` for reading if it exists.
+fn open_optional(path: &Path) -> Result<Option<File>, EventsError> {
+    match File::open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(EventsError::io("read", path)(e)),
+    }
+}
+
+/// Reads and parses the text file `path` if it exists, a line at a time: never more than
+/// one line ([`MAX_LINE_BYTES`] at most) is held, whatever the file's size.
+fn read_lines<T: LineFile>(path: &Path) -> Result<Option<T>, EventsError> {
+    let Some(file) = open_optional(path)? else { return Ok(None) };
+    let mut reader = BufReader::new(file);
+    let mut parsed = T::default();
+    let mut buf = Vec::new();
+    let mut line = 0;
+    loop {
+        buf.clear();
+        let limit = MAX_LINE_BYTES as u64 + 1;
+        let n = (&mut reader).take(limit).read_until(b'\n', &mut buf).map_err(EventsError::io("read", path))?;
+        if n == 0 {
+            return Ok(Some(parsed));
+        }
+        line += 1;
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        } else if buf.len() > MAX_LINE_BYTES {
+            return Err(malformed(path, line, format!("the line is longer than {MAX_LINE_BYTES} bytes")));
+        }
+        let l = std::str::from_utf8(&buf)
+            .map_err(|e| malformed(path, line, format!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1)))?;
+        if !l.is_empty() {
+            parsed.line(path, line, l)?;
+        }
     }
 }
 
 /// Reads and checks the `info.json` of trace directory `dir`.
 pub(crate) fn read_info(dir: &Path) -> Result<Info, EventsError> {
     let path = dir.join("info.json");
-    let Some(text) = read_optional(&path)? else { return Err(EventsError::NotATrace(dir.to_owned())) };
-    let info: Info = serde_json::from_str(&text).map_err(|e| EventsError::Malformed {
+    let Some(file) = open_optional(&path)? else { return Err(EventsError::NotATrace(dir.to_owned())) };
+    let bad = |what: String| EventsError::Malformed { path: path.clone(), line: None, what };
+    let len = file.metadata().map_err(EventsError::io("stat", &path))?.len();
+    if len > MAX_INFO_BYTES {
+        return Err(bad(format!("it has {len} bytes, more than the {MAX_INFO_BYTES} of any trace's info.json")));
+    }
+    // Parsed as it is read: a damaged file is refused at its first bad byte.
+    let info: Info = serde_json::from_reader(BufReader::new(file)).map_err(|e| EventsError::Malformed {
         path: path.clone(),
         line: Some(e.line()),
         what: e.to_string(),
     })?;
-    let bad = |what: String| EventsError::Malformed { path: path.clone(), line: None, what };
     if info.format != FORMAT {
         return Err(bad(format!("format {:?}, not {FORMAT:?}", info.format)));
     }
     if info.version != VERSION {
         return Err(bad(format!("trace version {}, this dynprobe reads version {VERSION}", info.version)));
+    }
+    if let Some(p) = info.processes.iter().find(|p| parse_image_name(&p.dir).map(|(pid, _)| pid) != Some(p.pid)) {
+        return Err(bad(format!("process {} is listed in the directory {:?}, not in {}.<n>", p.pid, p.dir, p.pid)));
     }
     Ok(info)
 }
@@ -221,8 +298,13 @@ pub(crate) fn read_info(dir: &Path) -> Result<Info, EventsError> {
 /// Reads the trace directory `dir`: every process image, its functions, sites and threads,
 /// with the record times converted to `CLOCK_MONOTONIC` nanoseconds.
 ///
-/// A directory whose recorder was killed reads too: its `info.json` has no end (the last
-/// event's time stands for it) and a `.dat` file may end in a partial record (ignored).
+/// Files are validated as they are read, and nothing is allocated by a size read from a
+/// file. A corrupt file is an error that names it and the cause (with the byte offset of a
+/// bad record). What is missing or cut short while the rest reads — a `.dat` file that ends
+/// inside a record or before the bytes `info.json` says were written into it, one that is
+/// gone, a process directory that is gone — is listed in [`Trace::damage`]: a directory
+/// whose recorder was killed reads too (its `info.json` has no end, the last event's time
+/// stands for it), and says where its files stop.
 pub fn read(dir: &Path) -> Result<Trace, EventsError> {
     read_trace(dir, true)
 }
@@ -248,10 +330,28 @@ fn read_trace(dir: &Path, with_events: bool) -> Result<Trace, EventsError> {
     }
     images.sort();
 
+    let mut damage = Vec::new();
+    if with_events {
+        for listed in &info.processes {
+            if !images.iter().any(|(_, _, path)| path.file_name() == Some(listed.dir.as_ref())) {
+                damage.push(Damage {
+                    path: dir.join(&listed.dir),
+                    offset: None,
+                    what: format!(
+                        "missing: info.json lists process {} ({}) here, with {} recorded threads",
+                        listed.pid,
+                        listed.exe,
+                        listed.threads.len()
+                    ),
+                });
+            }
+        }
+    }
     let mut processes = Vec::new();
     for (pid, _, path) in images {
         let listed = info.processes.iter().find(|p| Some(p.dir.as_str()) == path.file_name().and_then(|n| n.to_str()));
-        processes.push(read_process(&path, pid, listed, &info.clock, with_events)?);
+        let events = with_events.then_some(&mut damage);
+        processes.push(read_process(&path, pid, listed, &info.clock, events)?);
     }
     // In start order; processes without events after the others, in pid order.
     let first = |p: &ProcessTrace| p.threads.iter().filter_map(|t| t.events.first()).map(|e| e.ns).min();
@@ -266,32 +366,22 @@ fn read_trace(dir: &Path, with_events: bool) -> Result<Trace, EventsError> {
         end_ns,
         exit_code: info.exit_code,
         processes,
+        damage,
     })
 }
 
-/// Reads the process image directory `dir` of process `pid`.
+/// Reads the process image directory `dir` of process `pid`, and its threads' events when
+/// given where to note what is missing or cut.
 fn read_process(
     dir: &Path,
     pid: u32,
     listed: Option<&InfoProcess>,
     clock: &Calibration,
-    with_events: bool,
+    events: Option<&mut Vec<Damage>>,
 ) -> Result<ProcessTrace, EventsError> {
-    let functions_path = dir.join("functions.txt");
-    let functions = match read_optional(&functions_path)? {
-        Some(text) => parse_functions(&functions_path, &text)?,
-        None => vec![],
-    };
-    let markers_path = dir.join("markers.txt");
-    let markers = match read_optional(&markers_path)? {
-        Some(text) => parse_markers(&markers_path, &text)?,
-        None => vec![],
-    };
-    let sites_path = dir.join("sites.txt");
-    let mut sites = match read_optional(&sites_path)? {
-        Some(text) => parse_sites(&sites_path, &text)?,
-        None => Sites::default(),
-    };
+    let functions: Vec<Function> = read_lines(&dir.join("functions.txt"))?.unwrap_or_default();
+    let markers: Vec<MarkerSite> = read_lines(&dir.join("markers.txt"))?.unwrap_or_default();
+    let mut sites: Sites = read_lines(&dir.join("sites.txt"))?.unwrap_or_default();
     if let Some(listed) = listed {
         if sites.exe.is_empty() {
             sites.exe.clone_from(&listed.exe);
@@ -302,78 +392,146 @@ fn read_process(
     }
 
     let mut threads = Vec::new();
-    let entries = fs::read_dir(dir).map_err(EventsError::io("read process directory", dir))?;
-    for entry in entries.filter(|_| with_events) {
-        let path = entry.map_err(EventsError::io("read process directory", dir))?.path();
-        if path.extension().is_some_and(|e| e == "dat") {
-            let thread = read_thread(&path, pid, (functions.len(), markers.len()), clock)?;
+    if let Some(damage) = events {
+        let no_threads = BTreeMap::new();
+        let written = listed.map_or(&no_threads, |l| &l.threads);
+        let mut found = Vec::new();
+        let entries = fs::read_dir(dir).map_err(EventsError::io("read process directory", dir))?;
+        for entry in entries {
+            let path = entry.map_err(EventsError::io("read process directory", dir))?.path();
+            if path.extension().is_none_or(|e| e != "dat") {
+                continue;
+            }
+            let tid = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok());
+            found.extend(tid);
+            let expected = tid.and_then(|tid| written.get(&tid).copied());
+            let thread = read_thread(&path, pid, (functions.len(), markers.len()), clock, expected, damage)?;
             if !thread.events.is_empty() {
                 threads.push(thread);
             }
+        }
+        for (tid, bytes) in written.iter().filter(|(tid, _)| !found.contains(tid)) {
+            damage.push(Damage {
+                path: dir.join(format!("{tid}.dat")),
+                offset: None,
+                what: format!("missing: the recorder wrote {bytes} bytes of thread {tid}'s events here"),
+            });
         }
     }
     threads.sort_by_key(|t| (t.events[0].ns, t.tid));
     Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads, markers })
 }
 
+/// Fills `buf` from `reader`; fewer bytes (the count is returned) only at the end of the file.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Reads the `.dat` file `path` of process `pid`, which has `functions` functions and
-/// `markers` marker sites.
+/// `markers` marker sites, record by record (each checked as it is read), into its
+/// thread's events. The recorder wrote `expected` bytes into it, when known. A file that
+/// ends inside a record, or before `expected` bytes, has its complete records read and is
+/// noted in `damage`.
 fn read_thread(
     path: &Path,
     pid: u32,
     (functions, markers): (usize, usize),
     clock: &Calibration,
+    expected: Option<u64>,
+    damage: &mut Vec<Damage>,
 ) -> Result<ThreadTrace, EventsError> {
-    let bytes = fs::read(path).map_err(EventsError::io("read", path))?;
-    if bytes.len() < 8 || bytes[..8] != DAT_MAGIC {
+    let file = File::open(path).map_err(EventsError::io("read", path))?;
+    let mut reader = BufReader::with_capacity(DAT_BUFFER_BYTES, file);
+    let read_err = EventsError::io("read", path);
+    let corrupt = |offset: u64, what: String| EventsError::CorruptRecord { path: path.to_owned(), offset, what };
+
+    let mut header = [0u8; DAT_HEADER_BYTES];
+    let got = read_full(&mut reader, &mut header).map_err(read_err)?;
+    if got < 8 || header[..8] != DAT_MAGIC {
         return Err(EventsError::BadMagic { path: path.to_owned() });
     }
-    let corrupt =
-        |offset: usize, what: String| EventsError::CorruptRecord { path: path.to_owned(), offset: offset as u64, what };
-    if bytes.len() < DAT_HEADER_BYTES {
+    if got < DAT_HEADER_BYTES {
         return Err(corrupt(8, "the header ends before its pid and tid".into()));
     }
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let (file_pid, tid) = (u32_at(8), u32_at(12));
     if file_pid != pid {
         return Err(corrupt(8, format!("pid {file_pid} in the directory of process {pid}")));
     }
 
     let mut thread = ThreadTrace { tid, events: Vec::new(), lost: 0, marker_args: Vec::new() };
-    // `chunks_exact` leaves out a trailing partial record: a recorder killed mid-write.
-    let records: Vec<Record> = bytes[DAT_HEADER_BYTES..]
-        .chunks_exact(16)
-        .map(|chunk| Record::from_bytes(chunk.try_into().expect("16 bytes")))
-        .collect();
-    let mut i = 0;
-    while i < records.len() {
-        let (offset, rec) = (DAT_HEADER_BYTES + i * 16, records[i]);
-        i += 1;
+    let mut offset = DAT_HEADER_BYTES as u64;
+    // Reads the next record: `Ok(None)` at the end of the file, `Err(n)` when it ends
+    // after `n` bytes of the record.
+    let mut next = |offset: &mut u64| -> Result<Result<Option<Record>, usize>, EventsError> {
+        let mut bytes = [0u8; 16];
+        let got = read_full(&mut reader, &mut bytes).map_err(EventsError::io("read", path))?;
+        *offset += got as u64;
+        Ok(match got {
+            0 => Ok(None),
+            16 => Ok(Some(Record::from_bytes(&bytes))),
+            partial => Err(partial),
+        })
+    };
+    // Where the complete records end, and why they end there when the file goes on.
+    let mut cut: Option<(u64, String)> = None;
+    loop {
+        let at = offset;
+        let rec = match next(&mut offset)? {
+            Ok(Some(rec)) => rec,
+            Ok(None) => break,
+            Err(got) => {
+                cut = Some((at, format!("the last record is cut: the file ends {got} bytes into it")));
+                break;
+            }
+        };
         let kind = match rec.kind() {
             Some(Kind::Thread) => continue,
             Some(Kind::Marker) => {
                 let (site, count) = marker::marker_header(&rec);
                 if site as usize >= markers {
                     return Err(corrupt(
-                        offset,
+                        at,
                         format!("marker site id {site} out of range (the process has {markers} marker sites)"),
                     ));
                 }
-                let Some(data) = records.get(i..i + count) else {
-                    // The file ends inside the hit: a recorder killed mid-write, as above.
+                if count > marker::MAX_DATA_RECORDS {
+                    return Err(corrupt(
+                        at,
+                        format!("marker hit with {count} data records (a hit has at most {})", marker::MAX_DATA_RECORDS),
+                    ));
+                }
+                let mut data = Vec::with_capacity(count);
+                while data.len() < count {
+                    match next(&mut offset)? {
+                        Ok(Some(rec)) => data.push(rec),
+                        _ => break,
+                    }
+                }
+                if data.len() < count {
+                    let what = format!("the file ends inside the marker hit there ({} of its {count} data records)", data.len());
+                    cut = Some((at, what));
                     break;
-                };
-                i += count;
-                let values = marker::data_bytes(data)
+                }
+                let values = marker::data_bytes(&data)
                     .and_then(|bytes| marker::decode(&bytes))
-                    .map_err(|e| corrupt(offset, format!("marker hit with {count} data records: {e}")))?;
+                    .map_err(|e| corrupt(at, format!("marker hit with {count} data records: {e}")))?;
                 thread.marker_args.push(values);
                 let ns = clock.to_ns(rec.time);
                 let index = thread.marker_args.len() as u32 - 1;
                 thread.events.push(Event { ns, kind: EventKind::Marker(index), depth: rec.depth(), func: site });
                 continue;
             }
-            Some(Kind::MarkerData) => return Err(corrupt(offset, "marker data without its marker record".into())),
+            Some(Kind::MarkerData) => return Err(corrupt(at, "marker data without its marker record".into())),
             Some(Kind::Entry) => EventKind::Entry,
             Some(Kind::Exit) => EventKind::Exit,
             Some(Kind::Unwound) => EventKind::Unwound,
@@ -381,7 +539,10 @@ fn read_thread(
                 thread.lost += rec.payload();
                 EventKind::Lost(rec.payload())
             }
-            None => return Err(corrupt(offset, format!("invalid record kind {}", rec.word & 0xf))),
+            None if rec == Record::default() => {
+                return Err(corrupt(at, "an all-zero record, never written (a hole or zeros in the file)".into()))
+            }
+            None => return Err(corrupt(at, format!("invalid record kind {}", rec.word & 0xf))),
         };
         let (depth, func) = match kind {
             EventKind::Lost(_) => (0, 0),
@@ -389,7 +550,7 @@ fn read_thread(
                 let func = rec.payload();
                 if func >= functions as u64 {
                     return Err(corrupt(
-                        offset,
+                        at,
                         format!("function id {func} out of range (the process has {functions} functions)"),
                     ));
                 }
@@ -397,6 +558,22 @@ fn read_thread(
             }
         };
         thread.events.push(Event { ns: clock.to_ns(rec.time), kind, depth, func });
+    }
+    match (expected, cut) {
+        (Some(expected), cut) if offset < expected => {
+            let at = cut.as_ref().map_or(offset, |(at, _)| *at);
+            let detail = cut.map_or(String::new(), |(_, what)| format!("; {what}"));
+            damage.push(Damage {
+                path: path.to_owned(),
+                offset: Some(at),
+                what: format!(
+                    "cut: the recorder wrote {expected} bytes, the file has {offset}{detail}; thread {tid}'s events \
+                     after it are lost"
+                ),
+            });
+        }
+        (_, Some((at, what))) => damage.push(Damage { path: path.to_owned(), offset: Some(at), what: format!("{what} (the recording stopped while writing it?); ignored") }),
+        _ => {}
     }
     thread.events.sort_by_key(|e| e.ns);
     Ok(thread)
@@ -421,7 +598,13 @@ mod tests {
             let fixture = Fixture { dir: TempDir::new(name) };
             let clock = Calibration::start(Clock::MonotonicNs, (0, 0));
             let mut info = Info::new(vec!["demo".into()], 100, clock);
-            info.processes.push(InfoProcess { dir: "10.0".into(), pid: 10, parent: 0, exe: "/from/info".into() });
+            info.processes.push(InfoProcess {
+                dir: "10.0".into(),
+                pid: 10,
+                parent: 0,
+                exe: "/from/info".into(),
+                threads: BTreeMap::new(),
+            });
             fixture.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
             fixture.write("10.0/functions.txt", b"0\t1000\tdemo\tf0\n1\t1100\tdemo\tf1\n2\t1200\tdemo\tf2\n");
             fixture
@@ -498,13 +681,130 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_last_record_is_ignored() {
+    fn a_partial_last_record_is_read_up_to_and_noted() {
         let f = Fixture::new("trace-partial");
         let mut bytes = f.thread(10, 0, 11, &[rec(Kind::Entry, 500, 0, 1)]);
         bytes.extend_from_slice(&rec(Kind::Exit, 600, 0, 1).to_bytes()[..9]);
         f.write("10.0/11.dat", &bytes);
         let trace = read(f.dir.path()).unwrap();
         assert_eq!(trace.processes[0].threads[0].events.len(), 1);
+        let dat = f.dir.path().join("10.0/11.dat");
+        assert_eq!(
+            trace.damage.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [format!(
+                "{}: at byte 32: the last record is cut: the file ends 9 bytes into it (the recording stopped while \
+                 writing it?); ignored",
+                dat.display()
+            )]
+        );
+    }
+
+    /// Sets what `info.json` says the recorder wrote of each thread of process 10.
+    fn written(f: &Fixture, threads: &[(u32, u64)]) {
+        let path = f.dir.path().join("info.json");
+        let mut info: Info = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        info.processes[0].threads = threads.iter().copied().collect();
+        f.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
+    }
+
+    #[test]
+    fn files_cut_short_or_missing_are_noted_with_what_they_cost() {
+        let f = Fixture::new("trace-cut");
+        let records = [rec(Kind::Entry, 500, 0, 1), rec(Kind::Exit, 600, 0, 1), rec(Kind::Entry, 700, 0, 2)];
+        let whole = f.thread(10, 0, 11, &records);
+        f.thread(10, 0, 12, &records[..1]);
+        // Thread 11's file lost its last record at a record boundary: only info.json can tell.
+        f.write("10.0/11.dat", &whole[..48]);
+        written(&f, &[(11, 64), (12, 32), (13, 80)]);
+        let trace = read(f.dir.path()).unwrap();
+        let p = &trace.processes[0];
+        assert_eq!(p.threads.iter().map(|t| (t.tid, t.events.len())).collect::<Vec<_>>(), [(11, 2), (12, 1)]);
+        let dir = f.dir.path().join("10.0");
+        assert_eq!(
+            trace.damage.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                format!(
+                    "{}: at byte 48: cut: the recorder wrote 64 bytes, the file has 48; thread 11's events after it \
+                     are lost",
+                    dir.join("11.dat").display()
+                ),
+                format!("{}: missing: the recorder wrote 80 bytes of thread 13's events here", dir.join("13.dat").display()),
+            ]
+        );
+        // Cut inside a record too: one note, at the last complete record.
+        f.write("10.0/11.dat", &whole[..40]);
+        let trace = read(f.dir.path()).unwrap();
+        assert!(trace.damage[0].to_string().contains("at byte 32: cut: the recorder wrote 64 bytes, the file has 40; the last record is cut: the file ends 8 bytes into it"), "{}", trace.damage[0]);
+        // A process directory that is gone.
+        fs::remove_dir_all(&dir).unwrap();
+        let trace = read(f.dir.path()).unwrap();
+        assert_eq!(
+            trace.damage.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [format!("{}: missing: info.json lists process 10 (/from/info) here, with 3 recorded threads", dir.display())]
+        );
+        assert!(read_summary(f.dir.path()).unwrap().damage.is_empty(), "the summary reads no event file");
+    }
+
+    #[test]
+    fn huge_sparse_files_are_refused_at_their_first_bad_bytes() {
+        // Each is 4 GiB of zeros after a valid start, as a hole in a sparse file reads: the
+        // reader stops at the first zeros, long before it could have read the rest.
+        const HUGE: u64 = 4 << 30;
+        let f = Fixture::new("trace-sparse");
+        f.thread(10, 0, 11, &[rec(Kind::Entry, 500, 0, 1)]);
+        let dat = f.dir.path().join("10.0/11.dat");
+        fs::OpenOptions::new().write(true).open(&dat).unwrap().set_len(HUGE).unwrap();
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 32: an all-zero record, never written (a hole or zeros in the file)",
+                dat.display()
+            )
+        );
+        fs::remove_file(&dat).unwrap();
+        let functions = f.dir.path().join("10.0/functions.txt");
+        fs::OpenOptions::new().write(true).open(&functions).unwrap().set_len(HUGE).unwrap();
+        assert_eq!(
+            f.read_err(),
+            format!("{}:4: the line is longer than {MAX_LINE_BYTES} bytes", functions.display())
+        );
+        f.write("10.0/functions.txt", b"0\t1000\tdemo\tf0\n\xff\n");
+        assert_eq!(f.read_err(), format!("{}:2: not UTF-8 text (byte 1 of the line)", functions.display()));
+        fs::remove_file(&functions).unwrap();
+        let info = f.dir.path().join("info.json");
+        fs::OpenOptions::new().write(true).open(&info).unwrap().set_len(HUGE).unwrap();
+        assert_eq!(
+            f.read_err(),
+            format!("{}: it has {HUGE} bytes, more than the {MAX_INFO_BYTES} of any trace's info.json", info.display())
+        );
+    }
+
+    #[test]
+    fn a_marker_hit_announcing_too_many_data_records_is_corrupt() {
+        let f = Fixture::new("trace-marker-count");
+        f.write("10.0/markers.txt", b"0\t1500\tapp\ttick\n");
+        let hit = Record::new(Kind::Marker, 5, 0, 60_000 << 32);
+        f.thread(10, 0, 11, &[hit]);
+        assert_eq!(
+            f.read_err(),
+            format!(
+                "{}: corrupt record at byte 16: marker hit with 60000 data records (a hit has at most 64)",
+                f.dir.path().join("10.0/11.dat").display()
+            )
+        );
+    }
+
+    #[test]
+    fn info_json_must_name_image_directories() {
+        let f = Fixture::new("trace-info-dirs");
+        let path = f.dir.path().join("info.json");
+        let mut info: Info = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        info.processes[0].dir = "../../etc".into();
+        f.write("info.json", serde_json::to_string(&info).unwrap().as_bytes());
+        assert_eq!(
+            f.read_err(),
+            format!("{}: process 10 is listed in the directory \"../../etc\", not in 10.<n>", path.display())
+        );
     }
 
     #[test]
@@ -571,6 +871,14 @@ mod tests {
         records.extend_from_slice(&cut[..2]);
         f.thread(10, 0, 11, &records);
         let trace = read(f.dir.path()).unwrap();
+        assert!(
+            trace.damage[0].to_string().ends_with(
+                "at byte 128: the file ends inside the marker hit there (1 of its 3 data records) (the recording \
+                 stopped while writing it?); ignored"
+            ),
+            "{:?}",
+            trace.damage
+        );
         let p = &trace.processes[0];
         assert_eq!(
             p.markers,
