@@ -24,6 +24,7 @@ use crate::channel::Channel;
 use crate::line::PathText;
 use crate::marker::RecordedMarkers;
 use dynprobe_events::clock::Clock;
+use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
 use dynprobe_ftrace::{Filter, FtraceError, Selection, TracedFunction, Tracer};
@@ -174,7 +175,8 @@ fn claim_image(dir: &Path, pid: i32, content: &str) -> Result<(PathBuf, PathBuf)
     for n in 0..MAX_IMAGES {
         let base = dir.join(format!("{pid}.{n}"));
         let funcs = dir.join(format!("{pid}.{n}.funcs"));
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&funcs) {
+        // Owner-only, as every file of the trace (the ring directory is too).
+        match files::create_private(&funcs) {
             Ok(mut file) => {
                 file.write_all(content.as_bytes())
                     .map_err(|e| format!("cannot write the function list {}: {e}", funcs.display()))?;
@@ -188,7 +190,7 @@ fn claim_image(dir: &Path, pid: i32, content: &str) -> Result<(PathBuf, PathBuf)
 }
 
 fn write_file(path: &Path, content: &str) -> Result<(), String> {
-    std::fs::write(path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    files::write_private(path, content.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// The `.funcs` lines of `functions`.
@@ -405,7 +407,7 @@ fn add_new_modules(
         .map_err(|e| format!("cannot extend {}: {e}", funcs.display()))?;
     tracer.add(selection).map_err(|e| e.to_string())?;
     let tmp = sites.with_extension("sites.tmp");
-    std::fs::write(&tmp, site_list(exe, tracer.summary()))
+    files::write_private(&tmp, site_list(exe, tracer.summary()).as_bytes())
         .and_then(|()| std::fs::rename(&tmp, sites))
         .map_err(|e| format!("cannot update {}: {e}", sites.display()))
 }

@@ -7,7 +7,8 @@
 //!   symbolic link included), mode 0700, and removed when dropped: dynprobe only ever
 //!   removes what it made itself.
 //! * [`create_dir`]: a directory of a trace, mode 0700.
-//! * [`open_private`] / [`write_private`]: a file inside a directory of dynprobe's own,
+//! * [`create_private`] / [`open_private`] / [`write_private`]: a file inside a directory
+//!   of dynprobe's own,
 //!   mode 0600, never through a symbolic link.
 //! * [`create_output`]: a file the user named (`probe -o`, `export --chrome`): it may be a
 //!   device or a link the user means (`/dev/null`, `/dev/stdout`); a new one is made 0600,
@@ -81,21 +82,29 @@ pub fn ensure_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates the file `path` for writing, mode 0600 whatever the umask; anything already
+/// there (a symbolic link included) is an error (`AlreadyExists`).
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let file = private_options().create_new(true).open(path)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
 /// Opens `path` for writing, appending when `append` and else from an empty file: a new
-/// file is made mode 0600 whatever the umask; a symbolic link there is refused (`ELOOP`).
+/// file is made as [`create_private`] makes it; a symbolic link there is refused (`ELOOP`).
 pub fn open_private(path: &Path, append: bool) -> io::Result<File> {
+    match create_private(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            private_options().append(append).truncate(!append).open(path)
+        }
+        other => other,
+    }
+}
+
+fn private_options() -> OpenOptions {
     let mut options = OpenOptions::new();
     options.write(true).mode(FILE_MODE).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    match options.clone().create_new(true).open(path) {
-        Ok(file) => {
-            file.set_permissions(Permissions::from_mode(FILE_MODE))?;
-            Ok(file)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            options.append(append).truncate(!append).open(path)
-        }
-        Err(e) => Err(e),
-    }
+    options
 }
 
 /// Writes `content` as the whole of `path` (see [`open_private`]).

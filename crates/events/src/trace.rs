@@ -507,7 +507,10 @@ fn read_thread(
                 if count > marker::MAX_DATA_RECORDS {
                     return Err(corrupt(
                         at,
-                        format!("marker hit with {count} data records (a hit has at most {})", marker::MAX_DATA_RECORDS),
+                        format!(
+                            "marker hit with {count} data records (a hit has at most {})",
+                            marker::MAX_DATA_RECORDS
+                        ),
                     ));
                 }
                 let mut data = Vec::with_capacity(count);
@@ -518,7 +521,10 @@ fn read_thread(
                     }
                 }
                 if data.len() < count {
-                    let what = format!("the file ends inside the marker hit there ({} of its {count} data records)", data.len());
+                    let what = format!(
+                        "the file ends inside the marker hit there ({} of its {count} data records)",
+                        data.len()
+                    );
                     cut = Some((at, what));
                     break;
                 }
@@ -572,7 +578,11 @@ fn read_thread(
                 ),
             });
         }
-        (_, Some((at, what))) => damage.push(Damage { path: path.to_owned(), offset: Some(at), what: format!("{what} (the recording stopped while writing it?); ignored") }),
+        (_, Some((at, what))) => damage.push(Damage {
+            path: path.to_owned(),
+            offset: Some(at),
+            what: format!("{what} (the recording stopped while writing it?); ignored"),
+        }),
         _ => {}
     }
     thread.events.sort_by_key(|e| e.ns);
@@ -728,7 +738,10 @@ mod tests {
                      are lost",
                     dir.join("11.dat").display()
                 ),
-                format!("{}: missing: the recorder wrote 80 bytes of thread 13's events here", dir.join("13.dat").display()),
+                format!(
+                    "{}: missing: the recorder wrote 80 bytes of thread 13's events here",
+                    dir.join("13.dat").display()
+                ),
             ]
         );
         // Cut inside a record too: one note, at the last complete record.
@@ -740,7 +753,10 @@ mod tests {
         let trace = read(f.dir.path()).unwrap();
         assert_eq!(
             trace.damage.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            [format!("{}: missing: info.json lists process 10 (/from/info) here, with 3 recorded threads", dir.display())]
+            [format!(
+                "{}: missing: info.json lists process 10 (/from/info) here, with 3 recorded threads",
+                dir.display()
+            )]
         );
         assert!(read_summary(f.dir.path()).unwrap().damage.is_empty(), "the summary reads no event file");
     }
@@ -764,10 +780,7 @@ mod tests {
         fs::remove_file(&dat).unwrap();
         let functions = f.dir.path().join("10.0/functions.txt");
         fs::OpenOptions::new().write(true).open(&functions).unwrap().set_len(HUGE).unwrap();
-        assert_eq!(
-            f.read_err(),
-            format!("{}:4: the line is longer than {MAX_LINE_BYTES} bytes", functions.display())
-        );
+        assert_eq!(f.read_err(), format!("{}:4: the line is longer than {MAX_LINE_BYTES} bytes", functions.display()));
         f.write("10.0/functions.txt", b"0\t1000\tdemo\tf0\n\xff\n");
         assert_eq!(f.read_err(), format!("{}:2: not UTF-8 text (byte 1 of the line)", functions.display()));
         fs::remove_file(&functions).unwrap();
