@@ -45,7 +45,11 @@ pub fn run(args: &DemoArgs) -> ExitCode {
 /// through this very executable, in a directory removed afterwards.
 fn record_and_replay(program: &str) -> Result<ExitCode, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find the dynprobe executable: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("dynprobe-demo-{}", std::process::id()));
+    // In a fresh directory of its own, removed with it: never at a name another user could
+    // have made first.
+    let scratch = dynprobe_events::files::PrivateDir::new_in(&std::env::temp_dir(), "dynprobe-demo-")
+        .map_err(|e| e.to_string())?;
+    let dir = scratch.path().join("trace");
     let dir_text = dir.display().to_string();
     let steps: [&[&str]; 3] =
         [&["record", "-o", &dir_text, "--", program], &["replay", &dir_text], &["report", &dir_text]];
@@ -58,6 +62,5 @@ fn record_and_replay(program: &str) -> Result<ExitCode, String> {
             break;
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(code)
 }

@@ -125,10 +125,32 @@ fn texts(graph: &[(String, String)]) -> Vec<String> {
 
 /// `dynprobe record -o <scratch>/<name> extra… -- program args…`.
 fn record(name: &str, extra: &[&str], program: &Path, args: &[&str]) -> Recorded {
+    record_with(name, extra, program, args, &[], |_| {})
+}
+
+/// [`record`] run by the command `launcher` (`unshare …`; none when empty), with `setup`
+/// applied to the command.
+fn record_with(
+    name: &str,
+    extra: &[&str],
+    program: &Path,
+    args: &[&str],
+    launcher: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Recorded {
     let dir = scratch().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(dir.with_extension("old"));
-    let output = dynprobe()
+    let mut command = match launcher {
+        [] => dynprobe(),
+        [first, rest @ ..] => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(env!("CARGO_BIN_EXE_dynprobe"));
+            command
+        }
+    };
+    setup(&mut command);
+    let output = command
         .arg("record")
         .arg("-o")
         .arg(&dir)
@@ -477,4 +499,109 @@ fn a_library_loaded_later_is_traced_from_its_first_call() {
     // A misspelt library waits in vain, and the end of the recording says so.
     let r = record_unchanged("dlopen-typo", &["-F", "libplugn:*", "-F", "main"], &program, &[plugin_arg]);
     assert!(r.stderr().contains("WARNING: -F 'libplugn:*' matched nothing"), "{}", r.stderr());
+}
+
+/// The uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Makes `command` run with the umask `mask`.
+fn with_umask(command: &mut Command, mask: libc::mode_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and only sets the child's mask.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        })
+    };
+}
+
+/// The `dir PATH MODE` and `file EXT MODE` lines of `traced ringdir`: the ring directory's
+/// path and mode, and the files the agent made in it.
+fn ring_dir_listing(r: &Recorded) -> (String, String, Vec<String>) {
+    let stdout = String::from_utf8_lossy(&r.output.stdout).into_owned();
+    let dir = stdout.lines().find_map(|l| l.strip_prefix("dir ")).unwrap_or_else(|| panic!("{stdout}{}", r.stderr()));
+    let (path, mode) = dir.rsplit_once(' ').unwrap();
+    let mut files: Vec<String> = stdout.lines().filter_map(|l| l.strip_prefix("file ")).map(String::from).collect();
+    files.sort();
+    (path.to_string(), mode.to_string(), files)
+}
+
+/// The ring directory's name is fresh and unpredictable: a directory of another user's
+/// at the name it had before, `/dev/shm/dynprobe-<pid of dynprobe>` (made for pids to come),
+/// neither stops `record` nor is removed by root's. Run in a new pid namespace, `record` is
+/// pid 1 there: the name it would have taken is known beforehand.
+#[test]
+fn another_user_s_directory_at_the_old_ring_path_is_left_alone() {
+    use std::os::unix::fs::MetadataExt;
+    assert!(Path::new("/dev/shm").is_dir(), "the test needs /dev/shm");
+    let squatted = Path::new("/dev/shm/dynprobe-1");
+    // Only this test makes it (a run killed before its end leaves it behind).
+    let _ = std::fs::remove_dir_all(squatted);
+    std::fs::create_dir(squatted).unwrap();
+    let theirs = squatted.join("theirs.txt");
+    std::fs::write(&theirs, "keep").unwrap();
+    for path in [squatted, &theirs] {
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown (the tests run as root)");
+    }
+    let launcher = ["unshare", "--pid", "--fork", "--mount-proc"];
+    let r = record_with("squatted", &[], traced_c(Sites::Mcount), &["ringdir"], &launcher, |_| {});
+    let (ring_dir, mode, _) = ring_dir_listing(&r);
+    assert!(r.output.status.success(), "{}", r.stderr());
+    assert!(ring_dir.starts_with("/dev/shm/dynprobe-") && ring_dir != "/dev/shm/dynprobe-1", "{ring_dir}");
+    assert_eq!(mode, "700");
+    assert!(!Path::new(&ring_dir).exists(), "the ring directory is removed at the end");
+    assert_eq!(texts(&r.graph(&[])), ["main();"]);
+    assert_eq!(std::fs::read_to_string(&theirs).expect("their file is still there"), "keep");
+    assert_eq!(std::fs::metadata(squatted).unwrap().uid(), NOBODY);
+    std::fs::remove_dir_all(squatted).unwrap();
+}
+
+/// A trace holds the program's data: its directories are 0700 and its files 0600 whatever
+/// the umask, as `perf record` makes `perf.data`, and so are the ring directory and the
+/// files the agent makes in it, a `probe -o` file and an export.
+#[test]
+fn traces_rings_and_outputs_are_their_owner_s_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777;
+    let program = traced_c(Sites::Mcount);
+    let r = record_with("private", &[], program, &["ringdir"], &[], |c| with_umask(c, 0));
+    assert!(r.output.status.success(), "{}", r.stderr());
+    let (_, ring_mode, ring_files) = ring_dir_listing(&r);
+    assert_eq!(
+        (ring_mode.as_str(), ring_files),
+        ("700", vec!["funcs 600".into(), "ring 600".into(), "sites 600".into()])
+    );
+    let mut seen = 0;
+    let mut dirs = vec![r.dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 4, "info.json, functions.txt, sites.txt and a .dat: {seen} files");
+
+    let chrome = scratch().join("private.json");
+    let probed = scratch().join("private.probe");
+    for path in [&chrome, &probed] {
+        let _ = std::fs::remove_file(path);
+    }
+    let mut export = dynprobe();
+    export.arg("export").arg("--chrome").arg(&chrome).arg(&r.dir);
+    let mut probe = dynprobe();
+    probe.arg("probe").arg("-o").arg(&probed).args(["p:fib", "--"]).arg(program).current_dir(scratch());
+    for command in [&mut export, &mut probe] {
+        with_umask(command, 0);
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(std::fs::read_to_string(&probed).unwrap().contains("fib"), "the probe's events are in the file");
+    assert_eq!((mode(&chrome), mode(&probed)), (0o600, 0o600));
 }

@@ -248,3 +248,126 @@ fn export_of_a_recorded_trace() {
         .collect();
     assert_eq!(names, ["main", "parse_record", "checksum", "checksum", "checksum"]);
 }
+
+/// A copy of the recorded trace, to damage.
+fn damaged(name: &str) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = scratch(name).join("t.data");
+    copy(recorded(), &dir);
+    dir
+}
+
+/// The `.dat` files of threads A and B in the trace `dir`.
+fn thread_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let image = dir.join(format!("{}.0", std::process::id()));
+    (image.join(format!("{TID_A}.dat")), image.join(format!("{TID_B}.dat")))
+}
+
+/// A 4 GiB `.dat` file of a valid start and then zeros (a hole of a sparse file) is
+/// refused at its first zero record: read and checked a record at a time, never read whole
+/// (reading it whole took 26 s and 8.4 GB). The readers run with 1 GiB of address space.
+#[test]
+fn a_sparse_multi_gib_thread_file_is_refused_at_once_in_bounded_memory() {
+    use std::os::unix::process::CommandExt;
+    let dir = damaged("sparse");
+    let (dat, _) = thread_files(&dir);
+    let valid = std::fs::metadata(&dat).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&dat).unwrap().set_len(4 << 30).unwrap();
+    let chrome = dir.with_extension("json");
+    let (dir, chrome) = (dir.to_str().unwrap(), chrome.to_str().unwrap());
+    for args in [vec!["replay", dir], vec!["report", dir], vec!["export", "--chrome", chrome, dir]] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dynprobe"));
+        command.args(&args);
+        // SAFETY: setrlimit is async-signal-safe and only limits the child.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit { rlim_cur: 1 << 30, rlim_max: 1 << 30 };
+                match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            })
+        };
+        let stderr = failed(&command.output().expect("run dynprobe"));
+        assert_eq!(
+            stderr,
+            format!(
+                "dynprobe: {}: corrupt record at byte {valid}: an all-zero record, never written (a hole or zeros in \
+                 the file)\n",
+                dat.display()
+            ),
+            "{args:?}"
+        );
+    }
+    assert!(!Path::new(chrome).exists(), "nothing is written for a corrupt trace");
+}
+
+/// A `.dat` file cut short (inside a record, or at a record boundary: `info.json` says how
+/// much the recorder wrote) or missing is named with the byte where its data stops, on
+/// stderr, by each reader, which shows the rest; when nothing is left, that is the error.
+#[test]
+fn a_cut_or_missing_thread_file_is_said_loudly_and_the_rest_shown() {
+    let dir = damaged("cut");
+    let dir_text = dir.to_str().unwrap();
+    let (a, b) = thread_files(&dir);
+    let whole = std::fs::read(&a).unwrap();
+    let (len, b_len) = (whole.len(), std::fs::metadata(&b).unwrap().len());
+    let chrome = dir.with_extension("json");
+    let readers = [
+        vec!["replay", dir_text],
+        vec!["report", dir_text],
+        vec!["export", "--chrome", chrome.to_str().unwrap(), dir_text],
+    ];
+    let warned = |expected: &[String]| {
+        for args in &readers {
+            let out = dynprobe(args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+            let mut lines: Vec<&str> = stderr.lines().collect();
+            let last = lines.pop().unwrap();
+            assert_eq!(
+                lines,
+                expected.iter().map(|e| format!("dynprobe: warning: {e}")).collect::<Vec<_>>(),
+                "{args:?}"
+            );
+            assert!(last.starts_with("dynprobe: warning: the trace is incomplete ("), "{last}");
+        }
+    };
+
+    std::fs::write(&a, &whole[..len - 8]).unwrap();
+    warned(&[format!(
+        "{}: at byte {}: cut: the recorder wrote {len} bytes, the file has {}; the last record is cut: the file ends 8 \
+         bytes into it; thread {TID_A}'s events after it are lost",
+        a.display(),
+        len - 16,
+        len - 8
+    )]);
+    let replay = text(&dynprobe(&["replay", dir_text]).stdout);
+    assert!(replay.contains("main() {") && !replay.contains("/* main */"), "main's exit was cut: {replay}");
+
+    std::fs::write(&a, &whole[..len - 16]).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    warned(&[
+        format!(
+            "{}: at byte {}: cut: the recorder wrote {len} bytes, the file has {}; thread {TID_A}'s events after it are lost",
+            a.display(),
+            len - 16,
+            len - 16
+        ),
+        format!("{}: missing: the recorder wrote {b_len} bytes of thread {TID_B}'s events here", b.display()),
+    ]);
+
+    std::fs::remove_file(&a).unwrap();
+    readers_fail(&dir, &format!("nothing left to show in {dir_text}: "));
+}

@@ -5,6 +5,7 @@
 //! tracer's set-up and the writing of the trace at exit stay out of it. Each run is one
 //! batch; the plain run is the baseline the traced runs are compared with.
 
+use dynprobe_events::files::PrivateDir;
 use std::env;
 use std::ffi::OsString;
 use std::fs;
@@ -76,14 +77,14 @@ pub fn measure_site_batch() -> Result<Timing, String> {
     for _ in 0..BATCHES {
         let scratch = Scratch::new()?;
         let mut command = Command::new(&me);
-        command.args(["record", "-o"]).arg(&scratch.0).arg("--").arg(SITES);
+        command.args(["record", "-o"]).arg(&scratch.path).arg("--").arg(SITES);
         let shown = format!("{command:?}");
         let output = command.output().map_err(|err| format!("cannot run {shown}: {err}"))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             return Err(format!("{shown} failed ({}): {}", output.status, last_lines(&stderr)));
         }
-        let trace = dynprobe_events::trace::read(&scratch.0).map_err(|err| format!("{shown}: {err}"))?;
+        let trace = dynprobe_events::trace::read(&scratch.path).map_err(|err| format!("{shown}: {err}"))?;
         let process = trace.processes.first().ok_or_else(|| format!("{shown} recorded no process"))?;
         let patched: u64 = process.sites.kinds.iter().filter(|(kind, _, _)| kind == "mcount").map(|k| k.2).sum();
         let ns = process.sites.patch_ns.ok_or_else(|| format!("{shown}: the trace says nothing of the patch time"))?;
@@ -140,7 +141,7 @@ impl TracedCommand {
     /// Runs the program once, with a scratch trace directory that is removed afterwards.
     fn run(&self) -> Result<Run, String> {
         let scratch = Scratch::new()?;
-        let dir = scratch.0.as_os_str();
+        let dir = scratch.path.as_os_str();
         let iterations = OsString::from(self.iterations.to_string());
         let mut command = match &self.launcher {
             Some(launcher) => Command::new(launcher),
@@ -239,28 +240,20 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// A trace directory that does not exist yet, for one run, removed when dropped. On tmpfs
-/// when there is one, so that neither tracer waits for a disk.
-struct Scratch(PathBuf);
+/// when there is one, so that neither tracer waits for a disk; inside a fresh directory of
+/// its own (`mkdtemp`), never at a name another user could have made first.
+struct Scratch {
+    /// The trace directory's path.
+    path: PathBuf,
+    /// Holds it; removed with it.
+    _parent: PrivateDir,
+}
 
 impl Scratch {
     fn new() -> Result<Scratch, String> {
         let shm = Path::new("/dev/shm");
         let parent = if shm.is_dir() { shm.to_path_buf() } else { env::temp_dir() };
-        let path = parent.join(format!("dynprobe-bench-{}", std::process::id()));
-        Self::remove(&path).map_err(|err| format!("cannot remove the stale {}: {err}", path.display()))?;
-        Ok(Scratch(path))
-    }
-
-    fn remove(path: &Path) -> std::io::Result<()> {
-        match fs::remove_dir_all(path) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Self::remove(&self.0);
+        let parent = PrivateDir::new_in(&parent, "dynprobe-bench-").map_err(|err| err.to_string())?;
+        Ok(Scratch { path: parent.path().join("trace"), _parent: parent })
     }
 }

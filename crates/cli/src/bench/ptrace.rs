@@ -3,6 +3,7 @@
 //! program runs under `dynprobe probe 'p:bench_probed'` and times, in the same run, a loop
 //! of calls to an unprobed function and one to an identical probed one.
 
+use dynprobe_events::files::PrivateDir;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -21,8 +22,11 @@ pub fn measure_ptrace_probe() -> Result<Timing, String> {
     let me = std::env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
     let mut timing = Timing { calls_per_batch: CALLS, batches: Vec::new(), total_calls: 0, remark: None };
     let mut plain = Vec::new();
-    for batch in 0..BATCHES {
-        let result = std::env::temp_dir().join(format!("dynprobe-bench-ptrace-{}-{batch}", std::process::id()));
+    for _ in 0..BATCHES {
+        // In a fresh directory of its own: the program writes it, and a fixed name in /tmp
+        // could be another user's link to a file of ours.
+        let scratch = PrivateDir::new_in(&std::env::temp_dir(), "dynprobe-bench-ptrace-").map_err(|e| e.to_string())?;
+        let result = scratch.path().join("result");
         let mut command = Command::new(&me);
         command.args(["probe", "p:bench_probed", "--", PROGRAM, &CALLS.to_string()]).arg(&result);
         let shown = format!("{command:?}");
@@ -34,7 +38,6 @@ pub fn measure_ptrace_probe() -> Result<Timing, String> {
         let hits = BufReader::new(child.stdout.take().expect("stdout is piped")).lines().count() as u64;
         let output = child.wait_with_output().map_err(|err| format!("{shown}: {err}"))?;
         let text = std::fs::read_to_string(&result).unwrap_or_default();
-        let _ = std::fs::remove_file(&result);
         let field = |name: &str| {
             text.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse::<f64>().ok())
         };

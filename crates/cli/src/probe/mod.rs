@@ -15,7 +15,6 @@ use dynprobe::spec::ProbeSpec;
 use output::Printer;
 use session::Placement;
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -153,7 +152,9 @@ fn spec_lines(specs: &[String]) -> Result<Vec<String>, String> {
 fn printer(output: &OutputArgs) -> Result<Printer, String> {
     let out: Box<dyn Write> = match &output.file {
         Some(path) => Box::new(BufWriter::new(
-            File::create(path).map_err(|e| format!("cannot create `{}`: {e}", path.display()))?,
+            // Owner-only: the events carry the program's arguments and strings.
+            dynprobe_events::files::create_output(path)
+                .map_err(|e| format!("cannot create `{}`: {e}", path.display()))?,
         )),
         None => Box::new(BufWriter::new(io::stdout())),
     };

@@ -14,9 +14,10 @@ use crate::probe::output::Hit;
 use crate::probe::session::{self, Hits, Placement};
 use crate::probe::{agent_path, cannot_run, exit_code, warn_not_loaded, EXIT_USAGE};
 use clap::ArgMatches;
+use dynprobe_events::files::{self, PrivateDir};
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -75,8 +76,8 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     let markers = marker_lines(&args.markers)?;
     let agent = agent_path()?;
     let mut out = OutputDir::prepare(&args.dir)?;
-    let rings = RingDir::create(&args.dir)?;
-    let mut env = vec![("DYNPROBE_RECORD", OsString::from(&rings.path))];
+    let rings = ring_dir(&args.dir).inspect_err(|_| out.restore())?;
+    let mut env = vec![("DYNPROBE_RECORD", OsString::from(rings.path()))];
     if !filter.is_empty() {
         env.push(("DYNPROBE_FILTER", OsString::from(filter)));
     }
@@ -93,7 +94,7 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
         env.push(("DYNPROBE_OPTIMIZE", "0".into()));
     }
     let command: Vec<String> = args.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-    let recording = progress::Recording::start(&rings.path, &args.dir, &command)
+    let recording = progress::Recording::start(rings.path(), &args.dir, &command)
         .map_err(|e| format!("cannot start recording: {e}"))?;
     let outcome = session::run(&args.command, &agent, &env, &mut UnexpectedHits);
     let outcome = match outcome {
@@ -181,9 +182,11 @@ struct OutputDir {
 }
 
 impl OutputDir {
-    /// Makes `dir` an empty directory: an older trace there moves to `DIR.old` (replacing
-    /// an older `.old`), like `uftrace record`; anything else that is not empty stays and
-    /// is an error.
+    /// Makes `dir` an empty directory only its owner can enter (mode 0700, as `perf record`
+    /// makes `perf.data` 0600: a trace holds the program's data): an older trace there moves
+    /// to `DIR.old` (replacing an older `.old`), like `uftrace record`; an empty directory
+    /// of the user's is used (and made 0700 when it is theirs); anything else that is not
+    /// empty stays and is an error.
     fn prepare(dir: &Path) -> Result<OutputDir, String> {
         let shown = dir.display();
         let mut out = OutputDir { dir: dir.to_path_buf(), old: None, existed: false };
@@ -205,7 +208,7 @@ impl OutputDir {
                     .map_err(|e| format!("cannot move the trace `{shown}` to `{}`: {e}", old.display()))?;
                 out.old = Some(old);
             }
-            Ok(_) => {
+            Ok(meta) => {
                 let mut entries = fs::read_dir(dir).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
                 if entries.next().is_some() {
                     return Err(format!(
@@ -213,19 +216,39 @@ impl OutputDir {
                          choose another directory with -o DIR"
                     ));
                 }
+                // SAFETY: geteuid cannot fail.
+                if meta.uid() == unsafe { libc::geteuid() } {
+                    fs::set_permissions(dir, fs::Permissions::from_mode(files::DIR_MODE))
+                        .map_err(|e| format!("cannot make `{shown}` private: {e}"))?;
+                }
                 out.existed = true;
+                return Ok(out);
             }
         }
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create `{shown}`: {e}"))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| format!("cannot create `{}`: {e}", parent.display()))?;
+        }
+        files::create_dir(dir).map_err(|e| format!("cannot create `{shown}`: {e}"))?;
         Ok(out)
     }
 
-    /// Puts things back as they were (the program did not run): the new directory goes,
-    /// the older trace comes back.
+    /// Puts things back as they were (the program did not run): a directory made here goes
+    /// (one that was there is emptied of what was written into it), the older trace comes
+    /// back.
     fn restore(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
         if self.existed {
-            let _ = fs::create_dir(&self.dir);
+            if let Ok(entries) = fs::read_dir(&self.dir) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        fs::remove_dir_all(path)
+                    } else {
+                        fs::remove_file(path)
+                    };
+                }
+            }
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
         }
         if let Some(old) = self.old.take() {
             let _ = fs::rename(old, &self.dir);
@@ -233,35 +256,20 @@ impl OutputDir {
     }
 }
 
-/// The directory of the ring files, removed when dropped: `/dev/shm/dynprobe-<pid>`
-/// (memory, never written back to disk), else `DIR/.rings`.
-struct RingDir {
-    path: PathBuf,
-}
-
-impl RingDir {
-    fn create(out_dir: &Path) -> Result<RingDir, String> {
-        let path = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from(format!("/dev/shm/dynprobe-{}", std::process::id()))
-        } else {
-            out_dir.join(".rings")
-        };
-        // Left by an earlier dynprobe that had our pid and was killed: nobody uses it.
-        if path.exists() {
-            fs::remove_dir_all(&path).map_err(|e| format!("cannot remove the stale `{}`: {e}", path.display()))?;
-        }
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| format!("cannot create the ring directory `{}`: {e}", path.display()))?;
-        Ok(RingDir { path })
-    }
-}
-
-impl Drop for RingDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
+/// The directory of the ring files, made for this recording and removed when dropped: in
+/// `/dev/shm` (memory, never written back to disk) when there is one, else in the trace
+/// directory `out_dir`. Its name is unpredictable and it is made exclusively (`mkdtemp`):
+/// a fixed name (`dynprobe-<pid>`) could be made first by another user, for pids to come,
+/// to make `record` fail, or be one of theirs that root's `record` would have removed. The
+/// agent learns the name from `DYNPROBE_RECORD`.
+///
+/// Mode 0700: the agents that write into it run as the user that runs `record` (a program
+/// `record` starts that switches to another user before it `exec`s is not traced: its
+/// agent says it cannot write there), and the ring files inside are 0600.
+fn ring_dir(out_dir: &Path) -> Result<PrivateDir, String> {
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() { shm } else { out_dir };
+    PrivateDir::new_in(parent, "dynprobe-").map_err(|e| format!("cannot create the ring directory: {e}"))
 }
 
 #[cfg(test)]
@@ -300,11 +308,13 @@ mod tests {
         }
     }
 
+    /// The uid of `nobody`.
+    const NOBODY: u32 = 65534;
+
     #[test]
     fn an_older_trace_moves_aside_and_comes_back() {
-        let root = std::env::temp_dir().join(format!("dynprobe-outdir-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).unwrap();
+        let tmp = PrivateDir::new_in(&std::env::temp_dir(), "dynprobe-outdir-").unwrap();
+        let root = tmp.path();
         let dir = root.join("t.data");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("info.json"), "{}").unwrap();
@@ -314,6 +324,7 @@ mod tests {
         let mut out = OutputDir::prepare(&dir).unwrap();
         assert_eq!(fs::read_to_string(root.join("t.data.old/info.json")).unwrap(), "{}");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "a new, empty directory");
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700, "only its owner's");
         out.restore();
         assert_eq!(fs::read_to_string(dir.join("info.json")).unwrap(), "{}");
 
@@ -326,6 +337,23 @@ mod tests {
 
         fs::write(root.join("file"), "").unwrap();
         assert!(OutputDir::prepare(&root.join("file")).err().unwrap().contains("is not a directory"));
-        fs::remove_dir_all(&root).unwrap();
+
+        // An empty directory of the user's becomes theirs only; one of another user's (as
+        // root) is used as it is, and given back empty, still theirs.
+        let mine = root.join("mine");
+        fs::create_dir(&mine).unwrap();
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o755)).unwrap();
+        OutputDir::prepare(&mine).unwrap();
+        assert_eq!(fs::metadata(&mine).unwrap().mode() & 0o777, 0o700);
+        let theirs = root.join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).expect("chown (the tests run as root)");
+        let mut out = OutputDir::prepare(&theirs).unwrap();
+        fs::create_dir(theirs.join("1.0")).unwrap();
+        fs::write(theirs.join("info.json"), "{}").unwrap();
+        out.restore();
+        let meta = fs::metadata(&theirs).unwrap();
+        assert_eq!((fs::read_dir(&theirs).unwrap().count(), meta.uid(), meta.mode() & 0o777), (0, NOBODY, 0o755));
     }
 }

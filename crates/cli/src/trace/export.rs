@@ -22,7 +22,6 @@ use super::{check_tids, exit, file_name, load, process_threads, Error};
 use dynprobe_events::model::{MarkerValue, Trace};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -72,7 +71,9 @@ fn write_to(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -
         write(&mut out)?;
         return out.flush().map_err(Error::from);
     }
-    let file = File::create(path).map_err(|e| Error::from(format!("cannot create `{}`: {e}", path.display())))?;
+    // Owner-only, as the trace it comes from.
+    let file = dynprobe_events::files::create_output(path)
+        .map_err(|e| Error::from(format!("cannot create `{}`: {e}", path.display())))?;
     let mut out = BufWriter::new(file);
     write(&mut out).map_err(named)?;
     out.flush().map_err(named)

@@ -4,7 +4,10 @@
 //! a flame graph.
 //!
 //! All three fail with exit status 2 and the reader's message when the directory is
-//! missing, unreadable, not a trace or corrupt.
+//! missing, unreadable, not a trace or corrupt (the file, and the byte offset of a bad
+//! record). A trace with files missing or cut short (a killed recorder, a full disk, a
+//! copy that stopped) is shown when something is left of it, after a warning on stderr for
+//! each file that says where its data stops; when nothing is left, that is the error.
 
 pub mod calls;
 pub mod export;
@@ -21,10 +24,33 @@ use std::process::ExitCode;
 /// Where `dynprobe record` writes and the other commands read, unless told otherwise.
 pub const DEFAULT_DIR: &str = "dynprobe.data";
 
-/// Reads the trace in `dir` (the default one when `None`).
+/// Reads the trace in `dir` (the default one when `None`); what is missing or cut in it is
+/// said on stderr (see the module documentation).
 fn load(dir: Option<&Path>) -> Result<Trace, String> {
     let dir = dir.map_or_else(|| PathBuf::from(DEFAULT_DIR), Path::to_path_buf);
-    dynprobe_events::trace::read(&dir).map_err(|e| e.to_string())
+    let trace = dynprobe_events::trace::read(&dir).map_err(|e| e.to_string())?;
+    eprint!("{}", damage_report(&trace)?);
+    Ok(trace)
+}
+
+/// The warnings about `trace`'s missing and cut files, or the error when no event is left.
+fn damage_report(trace: &Trace) -> Result<String, String> {
+    if trace.damage.is_empty() {
+        return Ok(String::new());
+    }
+    let list: Vec<String> = trace.damage.iter().map(ToString::to_string).collect();
+    let events = trace.processes.iter().flat_map(|p| &p.threads).any(|t| !t.events.is_empty());
+    if !events {
+        return Err(format!("nothing left to show in {}: {}", trace.dir.display(), list.join("; ")));
+    }
+    let mut report: String = list.iter().map(|d| format!("dynprobe: warning: {d}\n")).collect();
+    report.push_str(&format!(
+        "dynprobe: warning: the trace is incomplete ({} file{} missing or cut): what follows shows only what was \
+         read, and a call open where a thread's file stops has no exit\n",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    ));
+    Ok(report)
 }
 
 /// The exit status of a trace command: success, or the message and status 2. A closed
@@ -157,6 +183,7 @@ pub(crate) mod tests {
             end_ns: threads.iter().flat_map(|t| t.1.iter().map(|e| e.0)).max().unwrap_or(0),
             exit_code: Some(0),
             processes: vec![process(100, names, threads)],
+            damage: Vec::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 /* The program `dynprobe record` tests trace: each mode exercises one thing the function
  * tracer must get right, and prints what it did, so the test can check the program's own
  * output is unchanged under tracing. Built with each kind of site (see tests/record.rs). */
+#include <dirent.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -135,6 +137,21 @@ int main(int argc, char **argv) {
         long n = argc > 2 ? atol(argv[2]) : 1000000, sum = 0;
         for (long i = 0; i < n; i++) sum += step((int)i);
         printf("loop sum = %ld\n", sum);
+    } else if (!strcmp(mode, "ringdir")) {
+        /* The ring directory dynprobe record made (its path is what the agent was given),
+           and the files the agent made there: each with its mode. */
+        const char *dir = getenv("DYNPROBE_RECORD");
+        struct stat st;
+        if (!dir || stat(dir, &st)) return 1;
+        printf("dir %s %o\n", dir, st.st_mode & 07777);
+        DIR *d = opendir(dir);
+        for (struct dirent *e; d && (e = readdir(d));) {
+            char path[4096];
+            if (e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if (!stat(path, &st)) printf("file %s %o\n", strrchr(e->d_name, '.') + 1, st.st_mode & 07777);
+        }
+        if (d) closedir(d);
     } else if (!strcmp(mode, "crash")) {
         printf("step = %d\n", step(4));
         fflush(stdout);
