@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   info.json              the command, start and end, exit status, clock calibration,
-//!                          the processes (rewritten while recording, so always readable)
+//!                          the processes with the bytes written into each thread's
+//!                          `.dat` (rewritten while recording, so always readable)
 //!   <pid>.<n>/             one process image (n counts the images of a pid: `exec`)
 //!       functions.txt      id \t addr_hex \t module \t name     (ids 0, 1, 2... in order)
 //!       sites.txt          exe \t path | parent \t pid | kind \t kind \t found \t patched
@@ -14,8 +15,9 @@
 //! ```
 //!
 //! A `.dat` file holds its thread's records as they came out of the rings, including the
-//! `Thread` records that routed them; a trailing partial record (a recorder killed mid-write)
-//! is ignored.
+//! `Thread` records that routed them. A trailing partial record (a recorder killed
+//! mid-write), a file shorter than `info.json` says, or one missing, is read up to where it
+//! stops and noted in [`Trace::damage`]. Everything is 0700/0600 ([`crate::files`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
