@@ -50,7 +50,10 @@ impl PrivateDir {
             return Err(io::Error::new(err.kind(), format!("cannot make a directory in {}: {err}", parent.display())));
         }
         template.pop();
-        Ok(PrivateDir { path: PathBuf::from(OsString::from_vec(template)) })
+        let dir = PrivateDir { path: PathBuf::from(OsString::from_vec(template)) };
+        // mkdtemp's 0700 went through the umask.
+        fs::set_permissions(&dir.path, Permissions::from_mode(DIR_MODE))?;
+        Ok(dir)
     }
 
     /// Its path.
@@ -162,7 +165,7 @@ mod tests {
     #[test]
     fn private_dirs_are_fresh_owner_only_and_removed() {
         let tmp = TempDir::new("files-private-dir");
-        let (a, b) = with_umask(0, || {
+        let (a, b) = with_umask(0o277, || {
             (PrivateDir::new_in(tmp.path(), "x-").unwrap(), PrivateDir::new_in(tmp.path(), "x-").unwrap())
         });
         assert_ne!(a.path(), b.path());
