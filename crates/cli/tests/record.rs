@@ -503,6 +503,9 @@ fn a_library_loaded_later_is_traced_from_its_first_call() {
 
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
+/// A uid and gid no one else on the machine has: another user than `nobody`.
+const USER: u32 = 65533;
+const USER_TEXT: &str = "65533";
 
 /// Makes `command` run with the umask `mask`.
 fn with_umask(command: &mut Command, mask: libc::mode_t) {
@@ -529,8 +532,8 @@ fn ring_dir_listing(r: &Recorded) -> (String, String, Vec<String>) {
 
 /// The ring directory's name is fresh and unpredictable: a directory of another user's
 /// at the name it had before, `/dev/shm/dynprobe-<pid of dynprobe>` (made for pids to come),
-/// neither stops `record` nor is removed by root's. Run in a new pid namespace, `record` is
-/// pid 1 there: the name it would have taken is known beforehand.
+/// neither stops `record` (it could not remove it) nor is removed by root's. Run in a new
+/// pid namespace, `record` is pid 1 there: the name it would have taken is known beforehand.
 #[test]
 fn another_user_s_directory_at_the_old_ring_path_is_left_alone() {
     use std::os::unix::fs::MetadataExt;
@@ -544,17 +547,28 @@ fn another_user_s_directory_at_the_old_ring_path_is_left_alone() {
     for path in [squatted, &theirs] {
         std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown (the tests run as root)");
     }
-    let launcher = ["unshare", "--pid", "--fork", "--mount-proc"];
-    let r = record_with("squatted", &[], traced_c(Sites::Mcount), &["ringdir"], &launcher, |_| {});
-    let (ring_dir, mode, _) = ring_dir_listing(&r);
-    assert!(r.output.status.success(), "{}", r.stderr());
-    assert!(ring_dir.starts_with("/dev/shm/dynprobe-") && ring_dir != "/dev/shm/dynprobe-1", "{ring_dir}");
-    assert_eq!(mode, "700");
-    assert!(!Path::new(&ring_dir).exists(), "the ring directory is removed at the end");
-    assert_eq!(texts(&r.graph(&[])), ["main();"]);
-    assert_eq!(std::fs::read_to_string(&theirs).expect("their file is still there"), "keep");
-    assert_eq!(std::fs::metadata(squatted).unwrap().uid(), NOBODY);
+    // Recorded by root, and by a user with no rights on the squatter's directory (its trace
+    // in a directory of its own; a target without -pg, which would write gmon.out here).
+    let user = scratch().join("squatted-user");
+    let _ = std::fs::remove_dir_all(&user);
+    std::fs::create_dir(&user).unwrap();
+    std::os::unix::fs::chown(&user, Some(USER), Some(USER)).unwrap();
+    let pid_namespace = ["unshare", "--pid", "--fork", "--mount-proc"];
+    let as_user =
+        [&pid_namespace[..], &["setpriv", "--reuid", USER_TEXT, "--regid", USER_TEXT, "--clear-groups"]].concat();
+    for (name, launcher) in [("squatted", &pid_namespace[..]), ("squatted-user/t.data", &as_user[..])] {
+        let r = record_with(name, &[], traced_c(Sites::Patchable), &["ringdir"], launcher, |_| {});
+        assert!(r.output.status.success(), "{name}: {}", r.stderr());
+        let (ring_dir, mode, _) = ring_dir_listing(&r);
+        assert!(ring_dir.starts_with("/dev/shm/dynprobe-") && ring_dir != "/dev/shm/dynprobe-1", "{ring_dir}");
+        assert_eq!(mode, "700");
+        assert!(!Path::new(&ring_dir).exists(), "the ring directory is removed at the end");
+        assert_eq!(texts(&r.graph(&[])), ["main();"]);
+        assert_eq!(std::fs::read_to_string(&theirs).expect("their file is still there"), "keep");
+        assert_eq!(std::fs::metadata(squatted).unwrap().uid(), NOBODY);
+    }
     std::fs::remove_dir_all(squatted).unwrap();
+    std::fs::remove_dir_all(&user).unwrap();
 }
 
 /// A trace holds the program's data: its directories are 0700 and its files 0600 whatever
