@@ -278,7 +278,7 @@ impl Transaction {
     /// [`Transaction::begin`] with every other thread stopped, none left running: for
     /// callers that must see every thread.
     pub fn begin_stopping_all(timeout: Duration) -> Result<Transaction, TextError> {
-        Transaction::begin(vec![0..u64::MAX], timeout)
+        Transaction::begin(std::iter::once(0..u64::MAX).collect(), timeout)
     }
 
     /// The stopped threads (and how many were left running).
@@ -409,10 +409,9 @@ fn undo_heads(writer: &mut CodeWriter, edits: &mut Edits<'_>) {
     for (i, stage) in edits.stage.iter_mut().enumerate() {
         if *stage == Stage::HeadArmed {
             let (addr, expected, new) = edits.items[i];
-            if expected.len() > 1 && expected[0] != INT3 && expected[1..] != new[1..] {
-                if writer.write_verified(addr, INT3_BYTE, &expected[..1]).is_err() {
-                    let _ = writer.write_verified(addr, INT3_BYTE, &expected[..1]);
-                }
+            let ours = expected.len() > 1 && expected[0] != INT3 && expected[1..] != new[1..];
+            if ours && writer.write_verified(addr, INT3_BYTE, &expected[..1]).is_err() {
+                let _ = writer.write_verified(addr, INT3_BYTE, &expected[..1]);
             }
             *stage = Stage::Failed;
         }

@@ -244,22 +244,30 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
     let (rd, wr) = (fds[0], fds[1]);
     let ts = libc::timespec { tv_sec: 1, tv_nsec: 500_000_000 };
     let mut threads = vec![
-        // SAFETY (each closure): plain system calls on valid arguments owned by the closure
-        // or by this test, which outlives the threads.
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("nanosleep", move || unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) as i64 }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("clock_nanosleep", move || unsafe {
             libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut()) as i64
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("poll", move || unsafe {
             let mut p = libc::pollfd { fd: rd, events: libc::POLLPRI, revents: 0 };
             libc::poll(&mut p, 1, WAIT_MS as i32) as i64
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("select", move || unsafe {
             let mut set: libc::fd_set = std::mem::zeroed();
             libc::FD_SET(rd, &mut set);
             let mut tv = libc::timeval { tv_sec: 1, tv_usec: 500_000 };
             libc::select(rd + 1, std::ptr::null_mut(), std::ptr::null_mut(), &mut set, &mut tv) as i64
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("epoll_wait", move || unsafe {
             let ep = libc::epoll_create1(0);
             let mut ev = libc::epoll_event { events: libc::EPOLLPRI as u32, u64: 0 };
@@ -268,6 +276,8 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
             libc::close(ep);
             rc
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("sigtimedwait", move || unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -275,10 +285,14 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) as i64
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("futex", move || unsafe {
             let word = 0u32;
             libc::syscall(libc::SYS_futex, &word, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, 0, &ts) as i64
         }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
         blocked_in("read", move || unsafe {
             let mut byte = 0u8;
             libc::read(rd, (&mut byte as *mut u8).cast(), 1) as i64
@@ -290,7 +304,7 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
     while started.elapsed() < Duration::from_millis(900) {
         synchronize().unwrap();
         let here = tids as *const () as u64;
-        let world = stop_threads_touching(&[here..here + 16], TIMEOUT).unwrap();
+        let world = stop_threads_touching(std::slice::from_ref(&(here..here + 16)), TIMEOUT).unwrap();
         most_left = most_left.max(world.left_running());
         drop(world);
         stops += 2;
@@ -312,6 +326,6 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
             _ => 0,
         };
         assert_eq!(rc, expected, "{name} returned {rc} (errno {errno}): cut short by a stop");
-        assert_ne!(errno == libc::EINTR && rc == -1, true, "{name} returned EINTR");
+        assert!(!(errno == libc::EINTR && rc == -1), "{name} returned EINTR");
     }
 }
