@@ -48,14 +48,16 @@ const SPAN_GAP: u64 = 64 << 10;
 /// ...of at most this many bytes.
 const SPAN_MAX: u64 = 4 << 20;
 
-/// Transactions in progress (0 or 1: the code writer serializes them). The trap dispatcher
-/// reads it to tell a transient `int3` from a foreign one.
-static IN_PROGRESS: AtomicU32 = AtomicU32::new(0);
+/// Bumped when a transaction begins and when it ends (the code writer serializes them), so
+/// it is odd while one is in progress: a sequence lock through which the trap dispatcher
+/// tells a transient `int3` (seen while a transaction was in progress) from a foreign one
+/// (seen with none in progress before, during and after the look).
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// Whether a transaction is writing code now: an `int3` that no owner registered may be a
 /// transient head of it.
 pub fn in_progress() -> bool {
-    IN_PROGRESS.load(Ordering::Acquire) != 0
+    SEQUENCE.load(Ordering::Acquire) % 2 == 1
 }
 
 /// Threads waiting in the trap dispatcher for a transient head to change (their tids; 0 =
@@ -80,6 +82,7 @@ pub(crate) fn resolve_transient(addr: u64) -> bool {
     let mut entry = None;
     let mut bytes = [0u8; 2];
     let gone = loop {
+        let before = SEQUENCE.load(Ordering::Acquire);
         let readable = raw::read(addr.wrapping_sub(1), &mut bytes)
             || raw::read(addr, &mut bytes[1..]) && {
                 bytes[0] = 0;
@@ -91,7 +94,8 @@ pub(crate) fn resolve_transient(addr: u64) -> bool {
         if bytes[1] != INT3 {
             break true;
         }
-        if !in_progress() {
+        if before % 2 == 0 && SEQUENCE.load(Ordering::Acquire) == before {
+            // No transaction wrote while we looked, and the int3 is there: not a transient.
             break false;
         }
         if entry.is_none() {
@@ -138,6 +142,8 @@ enum Stage {
     TailWritten,
     /// Every byte is the new one.
     Done,
+    /// Left out by the caller after its head was armed: the head is to be put back.
+    Skipped,
     /// Its bytes were not what was expected, or a write failed: left as it was.
     Failed,
 }
@@ -192,6 +198,18 @@ impl<'a> Edits<'a> {
     /// The code the edits change, one range per edit: what a stop must look at.
     pub fn ranges(&self) -> Vec<Range<u64>> {
         self.items.iter().map(|&(addr, expected, _)| addr..addr + expected.len() as u64).collect()
+    }
+
+    /// Leaves the edit at `addr` out (between [`Transaction::arm_heads`] and
+    /// [`Transaction::finish`]): its bytes stay as they were — a transient head is put back.
+    pub fn skip(&mut self, addr: u64) {
+        if let Ok(i) = self.items.binary_search_by_key(&addr, |&(a, _, _)| a) {
+            if self.stage[i] == Stage::HeadArmed {
+                self.stage[i] = Stage::Skipped;
+            } else if self.stage[i] == Stage::Planned {
+                self.stage[i] = Stage::Failed;
+            }
+        }
     }
 
     /// The edits, sorted by address, each with whether it was written (after
@@ -262,6 +280,8 @@ pub struct Transaction {
     writer: CodeWriter,
     ranges: Vec<Range<u64>>,
     timeout: Duration,
+    /// An error of [`Self::arm_heads`] that did not stop the transaction, for [`Self::finish`].
+    first_error: Option<TextError>,
 }
 
 impl Transaction {
@@ -269,10 +289,12 @@ impl Transaction {
     /// `ranges` — the bytes that will change, and any code (slots, detours) the caller will
     /// inspect threads for or free — leaving alone the threads blocked elsewhere.
     pub fn begin(ranges: Vec<Range<u64>>, timeout: Duration) -> Result<Transaction, TextError> {
+        // A thread left running may meet a transient head: the dispatcher must be there.
+        crate::trap::install()?;
         let writer = CodeWriter::lock()?;
         let world = stop::stop_threads_touching(&ranges, timeout)?;
-        IN_PROGRESS.fetch_add(1, Ordering::AcqRel);
-        Ok(Transaction { world, writer, ranges, timeout })
+        SEQUENCE.fetch_add(1, Ordering::AcqRel);
+        Ok(Transaction { world, writer, ranges, timeout, first_error: None })
     }
 
     /// [`Transaction::begin`] with every other thread stopped, none left running: for
@@ -297,12 +319,10 @@ impl Transaction {
         &mut self.writer
     }
 
-    /// Writes every edit. When other threads were left running, multi-byte edits go
-    /// int3-first and the threads that could have slipped in are stopped before the tails
-    /// are written. `move_threads` runs once every thread that could be inside the changing
-    /// bytes is stopped and before any tail is written: the caller moves such threads (and
-    /// signal-interrupted code) with the [`StoppedWorld`] and the [`InterruptedSet`] given.
-    /// Allocates nothing.
+    /// Writes every edit (see [`Self::arm_heads`] and [`Self::finish`]); `move_threads` runs
+    /// between the two, once every thread that could be inside the changing bytes is
+    /// stopped: the caller moves such threads (and signal-interrupted code) with the
+    /// [`StoppedWorld`] and the [`InterruptedSet`] given. Allocates nothing.
     ///
     /// Returns the first error; [`Edits::outcomes`] says which edits were written (an edit
     /// whose bytes were not the expected ones is left alone, and so is its part of a span a
@@ -312,44 +332,52 @@ impl Transaction {
         edits: &mut Edits<'_>,
         move_threads: impl FnOnce(&mut StoppedWorld, &InterruptedSet),
     ) -> Result<(), TextError> {
-        let protected = self.world.left_running() > 0;
-        let mut first_error: Option<TextError> = None;
-        if protected {
-            // Phase 1: the heads of multi-byte edits become int3s (a head that already is
-            // one, the caller's own breakpoint, stays).
-            let e = edits.phase(
-                &mut self.writer,
-                Stage::Planned,
-                Stage::HeadArmed,
-                Stage::Failed,
-                |addr, expected, new| {
-                    (expected.len() > 1 && expected[0] != INT3 && expected[1..] != new[1..]).then_some((
-                        addr,
-                        &expected[..1],
-                        INT3_BYTE,
-                    ))
-                },
-            );
-            first_error = first_error.or(e);
-            let synced = try_sync_core();
-            let settled = synced.and_then(|()| self.world.settle(&self.ranges, self.timeout));
-            if let Err(e) = settled {
-                // A thread may be inside: write no tail. Put the heads back.
-                undo_heads(&mut self.writer, edits);
-                let _ = try_sync_core();
-                return Err(first_error.unwrap_or(e));
-            }
-        } else {
-            for stage in &mut edits.stage {
-                *stage = Stage::HeadArmed;
-            }
-        }
-        let interrupted = self.world.all_interrupted_contexts();
+        let interrupted = self.arm_heads(edits)?;
         move_threads(&mut self.world, &interrupted);
-        if !protected {
-            // Every other thread is stopped: each edit is written whole.
+        self.finish(edits)
+    }
+
+    /// The first half of writing `edits`. When other threads were left running, the heads
+    /// of multi-byte edits become `int3`s (a head that already is one, the caller's own
+    /// breakpoint, stays), the cores are serialized and the threads that could have slipped
+    /// inside meanwhile are stopped ([`StoppedWorld::settle`]); from then on no thread can
+    /// enter the changing bytes but through their heads. Returns the signal frames of every
+    /// stopped thread, for the caller to find code interrupted inside the changing bytes.
+    /// The caller then moves threads, may [`Edits::skip`] edits, and calls [`Self::finish`].
+    /// On an error no tail was written and every head is back.
+    pub fn arm_heads(&mut self, edits: &mut Edits<'_>) -> Result<InterruptedSet, TextError> {
+        if self.world.left_running() == 0 {
+            for stage in &mut edits.stage {
+                if *stage == Stage::Planned {
+                    *stage = Stage::HeadArmed;
+                }
+            }
+            return Ok(self.world.all_interrupted_contexts());
+        }
+        let armed = edits.phase(&mut self.writer, Stage::Planned, Stage::HeadArmed, Stage::Failed, |a, e, n| {
+            needs_transient_head(e, n).then_some((a, &e[..1], INT3_BYTE))
+        });
+        let settled = try_sync_core().and_then(|()| self.world.settle(&self.ranges, self.timeout));
+        if let Err(e) = settled {
+            // A thread may be inside: write no tail. Put the heads back.
+            undo_heads(&mut self.writer, edits);
+            let _ = try_sync_core();
+            return Err(armed.unwrap_or(e));
+        }
+        self.first_error = armed;
+        Ok(self.world.all_interrupted_contexts())
+    }
+
+    /// The second half of writing `edits` (after [`Self::arm_heads`]): with every other
+    /// thread stopped, each edit is written whole; otherwise the tails are written behind
+    /// the `int3` heads, the cores serialized, then the heads. An edit whose tail could not
+    /// be written gets its old head back. Returns the first error of either half.
+    pub fn finish(&mut self, edits: &mut Edits<'_>) -> Result<(), TextError> {
+        let mut first_error = self.first_error.take();
+        if self.world.left_running() == 0 {
             let e =
                 edits.phase(&mut self.writer, Stage::HeadArmed, Stage::Done, Stage::Failed, |a, e, n| Some((a, e, n)));
+            undo_heads(&mut self.writer, edits);
             return first_error.or(e).map_or(Ok(()), Err);
         }
         // Phase 2: the tails, behind int3 heads.
@@ -361,18 +389,17 @@ impl Transaction {
             |addr, expected, new| (expected.len() > 1).then(|| (addr + 1, &expected[1..], &new[1..])),
         );
         first_error = first_error.or(e);
-        let synced = try_sync_core();
-        if let Err(e) = synced {
+        if let Err(e) = try_sync_core() {
             first_error.get_or_insert(e);
         }
-        // Phase 3: the heads. An edit whose tail failed gets its old head back.
+        // Phase 3: the heads.
         let e = edits.phase(
             &mut self.writer,
             Stage::TailWritten,
             Stage::Done,
             Stage::TailWritten,
             |addr, expected, new| {
-                let head = if expected.len() > 1 && expected[1..] != new[1..] { INT3_BYTE } else { &expected[..1] };
+                let head = if needs_transient_head(expected, new) { INT3_BYTE } else { &expected[..1] };
                 Some((addr, head, &new[..1]))
             },
         );
@@ -402,15 +429,25 @@ impl Transaction {
     }
 }
 
+/// Whether an edit changes more than its head, in bytes a thread may be fetching, and so
+/// needs a transient `int3` head (unless its head already is one, the caller's own).
+fn needs_transient_head(expected: &[u8], new: &[u8]) -> bool {
+    expected.len() > 1 && expected[0] != INT3 && expected[1..] != new[1..]
+}
+
 /// Puts the original head back on every edit left with our transient `int3` (its tail was
 /// not written, or was put back). A failed restore is tried once more: an `int3` left behind
 /// with no owner would be passed on to the program as its own trap.
 fn undo_heads(writer: &mut CodeWriter, edits: &mut Edits<'_>) {
     for (i, stage) in edits.stage.iter_mut().enumerate() {
-        if *stage == Stage::HeadArmed {
+        if matches!(*stage, Stage::HeadArmed | Stage::Skipped) {
             let (addr, expected, new) = edits.items[i];
-            let ours = expected.len() > 1 && expected[0] != INT3 && expected[1..] != new[1..];
-            if ours && writer.write_verified(addr, INT3_BYTE, &expected[..1]).is_err() {
+            // Where no transient head was written (every thread was stopped) the verify
+            // finds no int3 and nothing is written.
+            if needs_transient_head(expected, new)
+                && writer.write_verified(addr, INT3_BYTE, &expected[..1]).is_err()
+                && memory::verify(addr, INT3_BYTE).is_ok()
+            {
                 let _ = writer.write_verified(addr, INT3_BYTE, &expected[..1]);
             }
             *stage = Stage::Failed;
@@ -420,7 +457,7 @@ fn undo_heads(writer: &mut CodeWriter, edits: &mut Edits<'_>) {
 
 impl Drop for Transaction {
     fn drop(&mut self) {
-        IN_PROGRESS.fetch_sub(1, Ordering::AcqRel);
+        SEQUENCE.fetch_add(1, Ordering::AcqRel);
     }
 }
 
