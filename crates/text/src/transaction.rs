@@ -57,7 +57,7 @@ static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 /// Whether a transaction is writing code now: an `int3` that no owner registered may be a
 /// transient head of it.
 pub fn in_progress() -> bool {
-    SEQUENCE.load(Ordering::Acquire) % 2 == 1
+    SEQUENCE.load(Ordering::Acquire) & 1 == 1
 }
 
 /// Threads waiting in the trap dispatcher for a transient head to change (their tids; 0 =
@@ -94,7 +94,7 @@ pub(crate) fn resolve_transient(addr: u64) -> bool {
         if bytes[1] != INT3 {
             break true;
         }
-        if before % 2 == 0 && SEQUENCE.load(Ordering::Acquire) == before {
+        if before & 1 == 0 && SEQUENCE.load(Ordering::Acquire) == before {
             // No transaction wrote while we looked, and the int3 is there: not a transient.
             break false;
         }
