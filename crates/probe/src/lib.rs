@@ -45,6 +45,15 @@ pub use retprobe::{
 };
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
+/// How many blocking system calls of the program placing, optimizing or removing probes has
+/// cut short (`EINTR`) so far in this process. Threads blocked in the kernel away from the
+/// code being changed are never disturbed; this counts the rare call a thread entered in the
+/// microseconds between being seen running and being stopped, so that it is reported rather
+/// than silent.
+pub fn interrupted_system_calls() -> u64 {
+    dynprobe_text::stop::interrupted_system_calls()
+}
+
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.
 pub fn format_list() -> String {

@@ -962,7 +962,18 @@ fn is_quiescent(tid: i32, ranges: &[Range<u64>], restorer: u64) -> bool {
     if crate::transaction::is_waiting(tid) {
         return true;
     }
-    let Some((sp, pc)) = blocked_at(tid) else { return false };
+    // A thread seen running may be on its way into a blocking call: a signal landing then
+    // would cut it short. Look twice more, yielding in between, before calling it running.
+    let mut blocked = blocked_at(tid);
+    for _ in 0..2 {
+        if blocked.is_some() {
+            break;
+        }
+        // SAFETY: sched_yield takes no arguments.
+        unsafe { raw::syscall4(libc::SYS_sched_yield, 0, 0, 0, 0) };
+        blocked = blocked_at(tid);
+    }
+    let Some((sp, pc)) = blocked else { return false };
     if restorer == 0 || ranges.iter().any(|r| r.contains(&pc)) {
         return false;
     }
