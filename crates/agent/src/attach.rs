@@ -253,6 +253,7 @@ fn run(control: &Control, setup: Setup) {
     // sets it too, on the same open file; this makes sure).
     unsafe { libc::fcntl(setup.write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     let channel = Channel::lossy(setup.write.as_raw_fd(), &LOST);
+    let interrupted_before = dynprobe::interrupted_system_calls();
     // Only fails inside a handler, which this thread is not.
     let _ = dynprobe::set_optimization(setup.optimize);
     let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
@@ -279,6 +280,13 @@ fn run(control: &Control, setup: Setup) {
         watch.stop();
     }
     let problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+    let interrupted = dynprobe::interrupted_system_calls() - interrupted_before;
+    if interrupted > 0 {
+        control.send(&format!(
+            "!warning {interrupted} blocking system call(s) of the program returned early (EINTR): a thread \
+             entered them as dynprobe stopped it to change code"
+        ));
+    }
     if detach_asked {
         let problems = match problems.is_empty() {
             true => String::new(),

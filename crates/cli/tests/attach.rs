@@ -62,6 +62,11 @@ fn static_worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker-static", &["-O1", "-g", "-fno-inline", "-pthread", "-static"])
 }
 
+fn blocking_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "blocking.c", "blocking", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -507,4 +512,44 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
     let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
+}
+
+/// Twenty sessions on a program whose threads sit in nanosleep, clock_nanosleep, poll,
+/// ppoll, select, epoll_wait, sigtimedwait, a timed futex wait, read and accept, checking
+/// each call's result: attaching, placing and optimizing the probe, and detaching never make
+/// one of them return early (EINTR), and each session sees the probed calls.
+#[test]
+fn blocking_calls_of_the_program_never_return_early_across_twenty_sessions() {
+    let mut child = Command::new(blocking_exe())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the blocking program");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().strip_prefix("ready ").unwrap_or_else(|| panic!("it said {line:?}")).parse().unwrap();
+    let mut warnings = Vec::new();
+    for session in 0..20 {
+        let probe = Session::start(pid, &["p:work n=$arg1:s64"], &["--duration", "150ms"]);
+        let (status, events, stderr) = probe.end(None);
+        assert_eq!(status, Some(0), "session {session}: {stderr}");
+        warnings.extend(stderr.lines().filter(|l| l.contains("EINTR")).map(str::to_string));
+        assert!(
+            events.lines().any(|l| l.contains("work: n=100")),
+            "session {session} saw no call:\n{events}\n{stderr}"
+        );
+    }
+    writeln!(stdin, "quit").unwrap();
+    let mut report = String::new();
+    stdout.read_to_string(&mut report).unwrap();
+    assert!(child.wait().unwrap().success(), "the program failed: {report}");
+    let calls: u64 = report.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a report");
+    assert!(calls > 100, "only {calls} blocking calls were made: {report}");
+    assert!(
+        report.contains(" eintr 0 "),
+        "blocking calls returned early:\n{report}\ndynprobe said:\n{}",
+        warnings.join("\n")
+    );
 }

@@ -2,9 +2,10 @@
 //! kernel's `ftrace_replace_code` under `stop_machine`).
 //!
 //! Every site's bytes are compared with the NOP the compiler records before anything is
-//! written: a site that holds something else is reported and never touched. Then every
-//! other thread of the process is stopped once, each site is rewritten, all cores are
-//! serialized, and the threads go on. A five-byte NOP is one instruction, but
+//! written: a site that holds something else is reported and never touched. Then one
+//! patching transaction of the text layer rewrites them all (the threads that could be at
+//! a site stopped once, the others left in their blocking calls, int3-first while any runs),
+//! serializes the cores, and lets the threads go on. A five-byte NOP is one instruction, but
 //! `-fpatchable-function-entry=5` emits five one-byte NOPs and a thread may be stopped
 //! between them (or a signal handler may have interrupted it there): such a thread is moved
 //! past the run, which skips nothing but NOPs.
@@ -14,9 +15,8 @@ use dynprobe_arch::native::ftrace::{build_caller, stub, MCOUNT_NOP, PATCHABLE_NO
 use dynprobe_arch::native::{call_rel32, INT3};
 use dynprobe_events::model::RefusedSite;
 use dynprobe_symbols::SiteKind;
-use dynprobe_text::memory::{self, CodeWriter};
-use dynprobe_text::stop::{self, InterruptedSet, StoppedWorld};
-use dynprobe_text::sync_core::try_sync_core;
+use dynprobe_text::memory;
+use dynprobe_text::transaction::{move_out_of, Edits, Transaction};
 use dynprobe_text::{pool, TextError};
 use std::time::Duration;
 
@@ -133,50 +133,43 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
         memory::write_verified(block.addr, &vec![INT3; code.len()], &code)?;
     }
 
-    // Room for every outcome is made before the stop: nothing may allocate while other
-    // threads are held (one of them may hold the allocator's lock).
-    let spans: Vec<&[Planned]> = spans(&planned, |p| p.addr).collect();
-    let mut scratch: Vec<Vec<u8>> =
-        spans.iter().map(|span| vec![0u8; (span[span.len() - 1].addr + 5 - span[0].addr) as usize]).collect();
-    let mut edits: Vec<(u64, &[u8], &[u8])> = Vec::with_capacity(planned.len());
-    let mut applied = vec![false; planned.len()];
-    let mut written: Vec<Result<(), TextError>> = Vec::with_capacity(spans.len());
-    let mut writer = CodeWriter::lock()?;
-    let mut world = stop::stop_other_threads(STOP_TIMEOUT)?;
-    let interrupted = world.all_interrupted_contexts();
-    let mut first = 0;
-    for (span, scratch) in spans.iter().zip(&mut scratch) {
-        for site in span.iter() {
-            move_out_of(&mut world, &interrupted, site.addr);
-        }
-        edits.clear();
-        // Five 1-byte NOPs can hold a thread between them; if not every signal frame could
-        // be looked at, one may resume there: such sites are left alone (reported below).
-        let sure = interrupted.complete();
-        edits.extend(span.iter().map(|p| {
-            let new = if sure || p.nop != PATCHABLE_NOPS { &p.call[..] } else { &p.nop[..] };
-            (p.addr, &p.nop[..], new)
-        }));
-        let applied = &mut applied[first..first + span.len()];
-        written.push(writer.write_span(span[0].addr, scratch, &edits, applied));
-        first += span.len();
-    }
-    let synced = try_sync_core();
-    drop(world);
-    drop(writer);
-    let outcomes = spans.iter().zip(written).flat_map(|(span, w)| span.iter().map(move |p| (p, w.clone())));
-    for ((site, written), ok) in outcomes.zip(applied) {
-        let reason = match (written, ok) {
-            (Ok(()), true) if !interrupted.complete() && site.nop == PATCHABLE_NOPS => {
-                "more signal frames than could be checked for a thread between its NOPs; left alone".to_string()
+    // The transaction plans every edit before it stops anyone: nothing may allocate while
+    // other threads are held (one of them may hold the allocator's lock). A thread between
+    // the five 1-byte NOPs of a patchable entry — or code a signal interrupted there — is
+    // moved past them; if not every signal frame could be looked at, one may resume there,
+    // so such sites are left alone (reported below).
+    let mut edits = Edits::new(planned.iter().map(|p| (p.addr, &p.nop[..], &p.call[..])).collect());
+    let mut txn = Transaction::begin(edits.ranges(), STOP_TIMEOUT)?;
+    let mut unsure = false;
+    let written = txn.arm_heads(&mut edits).and_then(|interrupted| {
+        unsure = !interrupted.complete();
+        for site in &planned {
+            if unsure && site.nop == PATCHABLE_NOPS {
+                edits.skip(site.addr);
+            } else {
+                move_out_of(txn.world_mut(), &interrupted, site.addr, site.nop.len());
             }
-            (Ok(()), true) => {
+        }
+        txn.finish(&mut edits)
+    });
+    let synced = txn.commit();
+    if let Err(e @ TextError::StopFailed { .. }) = written {
+        return Err(e);
+    }
+    let mut by_addr: Vec<&Planned> = planned.iter().collect();
+    by_addr.sort_by_key(|p| p.addr);
+    for ((_, done), site) in edits.outcomes().zip(by_addr) {
+        let reason = match (&written, done) {
+            (_, true) => {
                 let kind = functions[site.function].method.kind_name();
                 result.patched.push(PatchedSite { addr: site.addr, nop: site.nop, call: site.call, kind });
                 continue;
             }
+            _ if unsure && site.nop == PATCHABLE_NOPS => {
+                "more signal frames than could be checked for a thread between its NOPs; left alone".to_string()
+            }
+            (Err(e), false) => format!("the site could not be written: {e}"),
             (Ok(()), false) => "the site changed between the first look and the write; left alone".to_string(),
-            (Err(e), _) => format!("the site could not be written: {e}"),
         };
         result.refused.push(refusal(&functions[site.function], site.addr, reason));
     }
@@ -203,49 +196,18 @@ fn spans<T>(items: &[T], addr: impl Fn(&T) -> u64) -> impl Iterator<Item = &[T]>
 /// Puts the NOPs back, in one batch. A thread inside a stub or the caller finishes its
 /// trip: stubs are never freed.
 pub(crate) fn disable(sites: &[PatchedSite]) -> Result<(), TextError> {
-    let spans: Vec<&[PatchedSite]> = spans(sites, |p| p.addr).collect();
-    let mut scratch: Vec<Vec<u8>> =
-        spans.iter().map(|span| vec![0u8; (span[span.len() - 1].addr + 5 - span[0].addr) as usize]).collect();
-    let mut edits: Vec<(u64, &[u8], &[u8])> = Vec::with_capacity(sites.len());
-    let mut applied = vec![false; sites.len()];
-    let mut written: Vec<Result<(), TextError>> = Vec::with_capacity(spans.len());
-    let mut writer = CodeWriter::lock()?;
-    let world = stop::stop_other_threads(STOP_TIMEOUT)?;
     // A thread cannot be stopped inside a call instruction: nobody to move.
-    let mut first = 0;
-    for (span, scratch) in spans.iter().zip(&mut scratch) {
-        edits.clear();
-        edits.extend(span.iter().map(|p| (p.addr, &p.call[..], &p.nop[..])));
-        written.push(writer.write_span(span[0].addr, scratch, &edits, &mut applied[first..first + span.len()]));
-        first += span.len();
-    }
-    let synced = try_sync_core();
-    drop(world);
-    drop(writer);
-    written.into_iter().collect::<Result<(), _>>()?;
-    if let Some(i) = applied.iter().position(|&ok| !ok) {
-        let found = memory::read_vec(sites[i].addr, 5).unwrap_or_default();
-        return Err(TextError::Unexpected { addr: sites[i].addr, expected: sites[i].call.to_vec(), found });
+    let mut edits = Edits::new(sites.iter().map(|p| (p.addr, &p.call[..], &p.nop[..])).collect());
+    let mut txn = Transaction::begin(edits.ranges(), STOP_TIMEOUT)?;
+    let written = txn.write(&mut edits, |_, _| {});
+    let synced = txn.commit();
+    written?;
+    if let Some((addr, _)) = edits.outcomes().find(|&(_, done)| !done) {
+        let site = sites.iter().find(|p| p.addr == addr).expect("an edit per site");
+        let found = memory::read_vec(addr, 5).unwrap_or_default();
+        return Err(TextError::Unexpected { addr, expected: site.call.to_vec(), found });
     }
     synced
-}
-
-/// Moves every thread stopped, or interrupted by a signal, strictly inside the 5 bytes at
-/// `addr` to the instruction after them. Allocates nothing.
-fn move_out_of(world: &mut StoppedWorld, interrupted: &InterruptedSet, addr: u64) {
-    let inside = |ip: u64| ip > addr && ip < addr + 5;
-    for i in 0..world.threads().len() {
-        let thread = world.threads()[i];
-        if inside(thread.ip) {
-            world.set_ip(thread.tid, addr + 5);
-        }
-    }
-    for context in interrupted.contexts() {
-        if inside(context.rip) {
-            // Fails only when the frame changed under us, which a stopped thread cannot do.
-            let _ = world.set_interrupted_ip(context, addr + 5);
-        }
-    }
 }
 
 /// A site of `f` at `addr` left alone, and why.

@@ -45,6 +45,28 @@ pub use retprobe::{
 };
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
+/// Handler runs of every probe kind that panicked, in this process (see
+/// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the
+/// probed code runs on — and counted, never silent.
+pub fn handler_panics() -> u64 {
+    HANDLER_PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static HANDLER_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn count_handler_panic() {
+    HANDLER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many blocking system calls of the program placing, optimizing or removing probes has
+/// cut short (`EINTR`) so far in this process. Threads blocked in the kernel away from the
+/// code being changed are never disturbed; this counts the rare call a thread entered in the
+/// microseconds between being seen running and being stopped, so that it is reported rather
+/// than silent.
+pub fn interrupted_system_calls() -> u64 {
+    dynprobe_text::stop::interrupted_system_calls()
+}
+
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.
 pub fn format_list() -> String {

@@ -22,6 +22,8 @@ pub(crate) struct ProbeShared {
     enabled: AtomicBool,
     hits: PerThreadCounter,
     nmissed: AtomicU64,
+    /// Handler runs that panicked (contained: the probed code still ran).
+    panicked: AtomicU64,
 }
 
 impl ProbeShared {
@@ -44,6 +46,20 @@ impl ProbeShared {
     }
     pub(crate) fn nmissed(&self) -> u64 {
         self.nmissed.load(Ordering::Relaxed)
+    }
+    pub(crate) fn panicked(&self) -> u64 {
+        self.panicked.load(Ordering::Relaxed)
+    }
+
+    /// Calls one of this probe's handlers. A panic must not unwind through the signal
+    /// frame or the detour (that aborts the program): it is contained and counted, and
+    /// the probed instruction still runs.
+    #[inline]
+    pub(crate) fn call(&self, handler: &Handler, regs: &mut crate::Regs) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(regs))).is_err() {
+            self.panicked.fetch_add(1, Ordering::Relaxed);
+            crate::count_handler_panic();
+        }
     }
 }
 
@@ -115,6 +131,7 @@ impl Probe {
             enabled: AtomicBool::new(self.enabled),
             hits: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
         }
     }
 }
@@ -143,6 +160,12 @@ impl ProbeHandle {
     /// How many hits were not handled because the thread was already inside a handler.
     pub fn nmissed(&self) -> u64 {
         self.shared().nmissed()
+    }
+
+    /// How many handler runs panicked. A panic is contained (the probed code runs on as if
+    /// the handler had returned) and counted here, never silent.
+    pub fn panicked(&self) -> u64 {
+        self.shared().panicked()
     }
 
     /// True while the probe is enabled.
@@ -191,7 +214,7 @@ impl ProbeHandle {
     pub fn unregister(mut self) -> Result<ProbeStats, ProbeError> {
         let shared = self.shared.take().expect("a live handle always holds its probe");
         registry::unregister(&shared)?;
-        Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed() })
+        Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed(), panicked: shared.panicked() })
     }
 
     /// Keeps the probe registered for the rest of the process's life.
@@ -203,7 +226,15 @@ impl ProbeHandle {
 impl Drop for ProbeHandle {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            let _ = registry::unregister(&shared);
+            if let Err(e) = registry::unregister(&shared) {
+                // A destructor cannot return the error, and a probe left behind must not go
+                // unnoticed: say so (call `unregister` to handle it instead).
+                eprintln!(
+                    "dynprobe: the probe at {:#x} could not be removed when its handle was dropped ({e}); it \
+                     stays registered and working",
+                    shared.addr
+                );
+            }
         }
     }
 }
@@ -224,6 +255,8 @@ pub struct ProbeStats {
     pub hits: u64,
     /// Hits not handled (the thread was already inside a handler).
     pub nmissed: u64,
+    /// Handler runs that panicked (contained and counted).
+    pub panicked: u64,
 }
 
 /// One line of the probe listing, like the kernel's debugfs `kprobes/list`.

@@ -4,7 +4,7 @@
 //! period ([`dynprobe_text::stop::synchronize`]).
 
 use crate::arch::{
-    disown_detour, on_post_trap, on_site_trap, prepare_detour, prepare_slots, remove_jump, write_jump, JumpError,
+    bytes_under_jump, disown_detour, move_into_copy, on_post_trap, on_site_trap, prepare_detour, prepare_slots,
 };
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
@@ -15,8 +15,10 @@ use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 use dynprobe_text::pool::ExecSlot;
+use dynprobe_text::transaction::{Edits, Transaction};
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -310,7 +312,7 @@ fn disown_traps(site: &PatchSite) {
 fn wait_until_no_thread_in(start: u64, len: u64) -> Result<(), ProbeError> {
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     loop {
-        let world = stop::stop_other_threads(STOP_TIMEOUT)?;
+        let world = stop::stop_threads_touching(std::slice::from_ref(&(start..start + len)), STOP_TIMEOUT)?;
         let busy = world.threads().iter().any(|t| t.ip.wrapping_sub(start) < len);
         drop(world);
         if !busy {
@@ -480,14 +482,16 @@ impl Registry {
                     .map_err(|e| all(e.into()))?;
             }
         }
-        // Room for the outcome before the stop: nothing may allocate under it.
-        let mut failed: Vec<u64> = Vec::with_capacity(changes.len());
+        // One byte per site, fetched whole by any thread, old or new: no thread needs
+        // stopping (stopping them would only risk cutting their blocking calls short), the
+        // writer lock and one core serialization at the end suffice.
+        let mut failed: Vec<u64> = Vec::new();
         let mut first_error = None;
-        let mut stopped = stop_world().map_err(all)?;
+        let mut writer = memory::CodeWriter::lock().map_err(|e| all(e.into()))?;
         for &(addr, want) in &changes {
             let site = self.sites.get(&addr).expect("collected above");
             let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
-            match stopped.writer.write_verified(addr, &[from], &[to]) {
+            match writer.write_verified(addr, &[from], &[to]) {
                 Ok(()) => site.armed.store(want, Ordering::Relaxed),
                 Err(e) => {
                     failed.push(addr);
@@ -496,7 +500,7 @@ impl Registry {
             }
         }
         let synced = try_sync_core();
-        drop(stopped);
+        drop(writer);
         match (first_error, synced) {
             (Some(e), _) => Err((failed, e.into())),
             (None, Err(e)) => Err((Vec::new(), e.into())),
@@ -514,15 +518,18 @@ impl Registry {
         // A thread may still come back to a slot or detour long after: from a signal handler
         // whose frame holds a `rip` in it (the jump writer may even have put it there). Free
         // only what no thread and no such frame refers to; the rest waits for the next round.
-        let (free, still_used): (Vec<_>, Vec<_>) = match (!expired.is_empty()).then(stop_world) {
+        let memory: Vec<Range<u64>> =
+            expired.iter().flat_map(|(old, _)| site_memory(old)).map(|(start, size)| start..start + size).collect();
+        let (free, still_used): (Vec<_>, Vec<_>) = match (!expired.is_empty()).then(|| begin(memory)) {
             None => (Vec::new(), Vec::new()),
             Some(Ok(stopped)) => {
                 // An incomplete set could miss a frame that returns into a site: free none.
-                let interrupted = stopped.world.all_interrupted_contexts();
+                let world = stopped.txn.world();
+                let interrupted = world.all_interrupted_contexts();
                 expired.into_iter().partition(|(old, _)| {
                     let inside = |ip: u64| site_memory(old).any(|(start, size)| ip.wrapping_sub(start) < size);
                     interrupted.complete()
-                        && !stopped.world.threads().iter().any(|t| inside(t.ip))
+                        && !world.threads().iter().any(|t| inside(t.ip))
                         && !interrupted.contexts().iter().any(|c| inside(c.rip))
                 })
             }
@@ -559,21 +566,27 @@ impl Registry {
     }
 }
 
-/// Every other thread held stopped, with the code writer taken first (a stopped thread may
-/// have held it). Until it is dropped, probes this thread hits count as missed instead of
-/// running their handlers: a handler could wait for a lock one of the stopped threads holds.
+/// A patching transaction about `ranges` (the text layer's one protocol: the code writer
+/// taken, every thread that could be in `ranges` stopped). Until it is dropped, probes this
+/// thread hits count as missed instead of running their handlers: a handler could wait for
+/// a lock one of the stopped threads holds.
 struct Stopped {
-    // Fields drop in order: the world is released before the writer and the guard.
-    world: stop::StoppedWorld,
-    writer: memory::CodeWriter,
+    // Fields drop in order: the threads are released before the guard.
+    txn: Transaction,
     _own_hits_missed: Option<HandlerGuard>,
 }
 
-fn stop_world() -> Result<Stopped, ProbeError> {
+fn begin(ranges: Vec<Range<u64>>) -> Result<Stopped, ProbeError> {
     let guard = HandlerGuard::enter();
-    let writer = memory::CodeWriter::lock()?;
-    let world = stop::stop_other_threads(STOP_TIMEOUT)?;
-    Ok(Stopped { world, writer, _own_hits_missed: guard })
+    let txn = Transaction::begin(ranges, STOP_TIMEOUT)?;
+    Ok(Stopped { txn, _own_hits_missed: guard })
+}
+
+/// The code a jump at `site` changes or sends threads back into: the covered run, and the
+/// breakpoint slot, which jumps back into the run.
+fn jump_ranges(site: &PatchSite, detour: &crate::arch::SiteDetour) -> [Range<u64>; 2] {
+    let slot = site.slots.slot;
+    [site.addr..site.addr + detour.run.len as u64, slot.addr..slot.addr + slot.size as u64]
 }
 
 /// The executable memory of a site: its breakpoint slot, and its detour if it has one.
@@ -600,24 +613,66 @@ impl Registry {
             return Ok(false);
         }
         let mut retry = false;
-        // Room made before the stop: nothing may allocate while the others are stopped.
-        let mut failed = Vec::with_capacity(ready.len());
-        let mut stopped = stop_world()?;
-        let interrupted = stopped.world.all_interrupted_contexts();
-        for &addr in &ready {
-            let site = self.sites.get(&addr).expect("ready sites are registered");
-            let detour = site.detour().expect("ready sites have a detour");
-            match write_jump(&mut stopped.world, &mut stopped.writer, &interrupted, site, detour) {
-                Ok(()) => site.optimized.store(true, Ordering::Release),
-                Err(JumpError::Busy) => retry = true,
-                Err(JumpError::Text(e)) => failed.push((addr, e)),
-            }
+        // Room made before the transaction: nothing may allocate while threads are stopped.
+        let sites: Vec<&PatchSite> = ready.iter().map(|addr| &**self.sites.get(addr).expect("ready")).collect();
+        let under: Vec<[u8; 5]> = sites.iter().map(|site| bytes_under_jump(site.detour().expect("ready"))).collect();
+        let mut edits = Edits::new(
+            sites
+                .iter()
+                .zip(&under)
+                .map(|(site, under)| (site.addr, &under[..], &site.detour().expect("ready").jump[..]))
+                .collect(),
+        );
+        let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
+        let mut busy = Vec::with_capacity(ready.len());
+        let mut stopped = begin(ranges)?;
+        // From here a thread trapping on a site goes on in its detour's copy, never back
+        // through the breakpoint slot into bytes the jump is about to cover; the threads
+        // that went that way before are stopped by now (arm_heads settles them) and moved.
+        for site in &sites {
+            site.optimized.store(true, Ordering::Release);
         }
-        let synced = try_sync_core();
-        drop(stopped);
+        let written = stopped.txn.arm_heads(&mut edits).and_then(|interrupted| {
+            for site in &sites {
+                if move_into_copy(stopped.txn.world_mut(), &interrupted, site, site.detour().expect("ready")).is_err() {
+                    busy.push(site.addr);
+                    edits.skip(site.addr);
+                }
+            }
+            stopped.txn.finish(&mut edits)
+        });
+        let synced = stopped.txn.commit();
+        let mut failed = Vec::new();
+        for ((addr, done), (site, under)) in edits.outcomes().zip(sites.iter().zip(&under)) {
+            if done {
+                continue;
+            }
+            site.optimized.store(false, Ordering::Release);
+            if busy.contains(&addr) {
+                retry = true;
+                continue;
+            }
+            let reason = match &written {
+                // No stop, no verdict on the site: the optimizer tries again.
+                Err(TextError::StopFailed { .. }) => {
+                    retry = true;
+                    continue;
+                }
+                Err(e) => e.clone(),
+                Ok(()) => TextError::Unexpected {
+                    addr,
+                    expected: under.to_vec(),
+                    found: memory::read_vec(addr, 5).unwrap_or_default(),
+                },
+            };
+            failed.push((addr, reason));
+        }
         for (addr, e) in failed {
             let site = self.sites.get(&addr).expect("ready sites are registered");
             *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
+        if let Err(e @ TextError::StopFailed { .. }) = written {
+            return Err(e.into());
         }
         synced?;
         Ok(retry)
@@ -741,16 +796,43 @@ impl Registry {
         if optimized.is_empty() {
             return Ok(());
         }
-        let mut stopped = stop_world()?;
-        let removed = optimized.iter().try_for_each(|site| {
-            remove_jump(&mut stopped.writer, site, site.detour().expect("filtered above"))?;
-            site.optimized.store(false, Ordering::Release);
-            Ok::<(), TextError>(())
-        });
-        let synced = try_sync_core();
-        drop(stopped);
-        removed?;
+        // The jump goes, the int3 and the rest of the covered run's bytes come back. A
+        // thread cannot be inside a jump; one in the detour finishes in its copy, which
+        // jumps past the covered run.
+        let restored: Vec<[u8; 5]> =
+            optimized.iter().map(|site| bytes_under_jump(site.detour().expect("filtered above"))).collect();
+        let mut edits = Edits::new(
+            optimized
+                .iter()
+                .zip(&restored)
+                .map(|(site, under)| (site.addr, &site.detour().expect("filtered above").jump[..], &under[..]))
+                .collect(),
+        );
+        let ranges = optimized.iter().map(|site| site.addr..site.addr + JMP_REL32_LEN as u64).collect();
+        let mut stopped = begin(ranges)?;
+        let written = stopped.txn.write(&mut edits, |_, _| {});
+        let synced = stopped.txn.commit();
+        // The sites are walked in address order, as the edits are.
+        let mut by_addr = optimized.clone();
+        by_addr.sort_by_key(|site| site.addr);
+        let mut first_failed = None;
+        for ((addr, done), site) in edits.outcomes().zip(by_addr) {
+            if done {
+                site.optimized.store(false, Ordering::Release);
+            } else {
+                first_failed.get_or_insert(addr);
+            }
+        }
+        written?;
         synced?;
+        if let Some(addr) = first_failed {
+            return Err(TextError::Unexpected {
+                addr,
+                expected: self.sites[&addr].detour().expect("optimized").jump.to_vec(),
+                found: memory::read_vec(addr, JMP_REL32_LEN).unwrap_or_default(),
+            }
+            .into());
+        }
         Ok(())
     }
 

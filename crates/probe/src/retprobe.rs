@@ -658,8 +658,10 @@ fn run_return_handler(slot: usize, inst: &Instance, regs: &mut Regs) {
         if rp.id == inst.id {
             rp.returns.add(Some(slot));
             if let Some(handler) = &rp.ret {
-                // A panic must not unwind into the trampoline: contained here.
-                let _ = catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data)));
+                // A panic must not unwind into the trampoline: contained and counted here.
+                if catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data))).is_err() {
+                    crate::count_handler_panic();
+                }
             }
         }
     }

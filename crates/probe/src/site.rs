@@ -4,7 +4,6 @@
 use crate::arch::{PreparedSlots, Regs, SiteDetour};
 use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -134,7 +133,7 @@ impl PatchSite {
             probe.count_hit(Some(guard.slot_index()));
             wants_post |= probe.post.is_some();
             if let Some(pre) = &probe.pre {
-                call(pre, regs);
+                probe.call(pre, regs);
                 if regs.ip != self.addr {
                     break;
                 }
@@ -147,7 +146,7 @@ impl PatchSite {
     pub(crate) fn run_post_handlers(&self, regs: &mut Regs) {
         for probe in self.probes().iter().filter(|p| p.enabled()) {
             if let Some(post) = &probe.post {
-                call(post, regs);
+                probe.call(post, regs);
             }
         }
     }
@@ -168,11 +167,4 @@ impl Drop for PatchSite {
             drop(unsafe { Box::from_raw(detour) });
         }
     }
-}
-
-/// Calls a user handler. A panic must not unwind through the signal frame (that aborts the
-/// program); it is contained here and the probed instruction still runs.
-#[inline]
-fn call(handler: &crate::probe::Handler, regs: &mut Regs) {
-    let _ = catch_unwind(AssertUnwindSafe(|| handler(regs)));
 }

@@ -365,7 +365,8 @@ fn a_failed_unregister_leaves_the_probe_working() {
     let t = target();
     let f = t.func1("f_spare");
     let addr = t.addr("f_spare");
-    // A thread that blocks every signal cannot be stopped, so no grace period can complete.
+    // A thread that runs with every signal blocked cannot be stopped, so no grace period can
+    // complete. (Blocked in a system call instead, it would be left alone and not matter.)
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let blocker = std::thread::spawn(move || {
@@ -376,7 +377,9 @@ fn a_failed_unregister_leaves_the_probe_working() {
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
         }
         ready_tx.send(()).unwrap();
-        done_rx.recv().unwrap();
+        while done_rx.try_recv().is_err() {
+            std::hint::spin_loop();
+        }
     });
     ready_rx.recv().unwrap();
     let probe = Probe::at(sym!("f_spare")).on_hit(|_| {}).register().unwrap();

@@ -692,3 +692,27 @@ fn probes_registered_together_are_optimized_in_one_pass() {
         probe.unregister().unwrap();
     }
 }
+
+#[test]
+fn a_panicking_handler_is_contained_and_counted_on_both_paths() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_push");
+    let before = dynprobe_probe::handler_panics();
+    // Quiet the default hook's message for the panics this test makes on purpose.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    for optimize in [false, true] {
+        dynprobe_probe::set_optimization(optimize).unwrap();
+        let probe = optimized(Probe::at(sym!("opt_push")).on_hit(|_| panic!("a handler bug")));
+        assert_eq!(probe.info().optimized, optimize, "{}", probe.info());
+        assert_eq!(f(41), 42, "the probed code runs on after the panic");
+        assert_eq!(f(1), 2);
+        assert_eq!(probe.panicked(), 2);
+        let stats = probe.unregister().unwrap();
+        assert_eq!((stats.hits, stats.panicked), (2, 2));
+    }
+    std::panic::set_hook(hook);
+    dynprobe_probe::set_optimization(true).unwrap();
+    assert_eq!(dynprobe_probe::handler_panics() - before, 4);
+}

@@ -3,8 +3,9 @@
 //! * [`memory`]: verify-then-modify. Every write first compares the bytes in place with what
 //!   the caller expects; unreadable, unexpected and unwritable each give their own error
 //!   (the ftrace seed's `EFAULT` / `EINVAL` / `EPERM`).
-//! * [`poke`]: multi-byte cross-modification by the int3-first protocol, serializing every
-//!   core between steps ([`sync_core`]).
+//! * [`transaction`]: the one protocol every writer of live code uses — take the writer,
+//!   bring the other threads to a safe state, verify and write (int3-first when some threads
+//!   were left running), serialize the cores ([`sync_core`]), release.
 //! * [`pool`]: executable memory within ±2 GiB of a given address, for slots and detours.
 //! * [`stop`]: bringing every other thread to a stop (to inspect or move their `rip`), and
 //!   the grace period that proves no thread is still inside the trap handler.
@@ -15,10 +16,11 @@
 
 pub mod error;
 pub mod memory;
-pub mod poke;
 pub mod pool;
+mod raw;
 pub mod stop;
 pub mod sync_core;
+pub mod transaction;
 pub mod trap;
 
 pub use error::TextError;

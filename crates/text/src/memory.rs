@@ -67,7 +67,7 @@ static PROC_MEM: Mutex<Option<(u32, File)>> = Mutex::new(None);
 /// Verify-then-modify in one raw write: checks that `addr` holds `expected`, then writes
 /// `new` (same length). No cross-modification protocol: use it for a single byte, or for
 /// memory no thread can be executing (a fresh slot). For live multi-byte code use
-/// [`crate::poke::poke`].
+/// [`crate::transaction`].
 ///
 /// # Panics
 ///

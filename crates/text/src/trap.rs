@@ -1,12 +1,15 @@
 //! The process's one `SIGTRAP` dispatcher.
 //!
-//! Owners of `int3` sites (the probe layer, and [`crate::poke`] for its transient `int3`)
-//! register the site's address with a plain function and a word of data. The dispatcher
-//! finds the owner with a lock-free lookup, allocates nothing, takes no lock, and:
+//! Owners of `int3` sites (the probe layer) register the site's address with a plain
+//! function and a word of data. The dispatcher finds the owner with a lock-free lookup,
+//! allocates nothing, takes no lock, and:
 //! * calls the owner, which may change every register through the context;
 //! * for an `int3` that was ours but has been removed meanwhile, rewinds `rip` so the thread
 //!   re-executes whatever is there now (the kernel's "the breakpoint was removed by another
 //!   CPU" case in `kprobe_int3_handler`);
+//! * for an `int3` no owner registered, while a patching transaction is in progress, waits
+//!   until its byte changes and rewinds likewise: the transient head of an edit written
+//!   int3-first ([`crate::transaction`]);
 //! * passes every other trap on to the handler installed before ours (or the default action).
 //!
 //! The dispatcher runs with `SA_NODEFER`: a probe hit inside a handler must be dispatched
@@ -195,6 +198,9 @@ extern "C" fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut li
                     return;
                 }
             }
+        } else if crate::transaction::resolve_transient(addr) {
+            uc_ref.uc_mcontext.gregs[libc::REG_RIP as usize] = addr as i64;
+            return;
         }
     }
     // SAFETY: the arguments are the ones the kernel gave us.

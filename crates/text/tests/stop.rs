@@ -3,7 +3,7 @@
 
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{alloc_near, ExecSlot};
-use dynprobe_text::stop::{stop_other_threads, stop_signal, synchronize, StoppedWorld};
+use dynprobe_text::stop::{stop_other_threads, stop_signal, stop_threads_touching, synchronize, StoppedWorld};
 use dynprobe_text::TextError;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -219,4 +219,113 @@ fn threads_created_during_a_stop_are_stopped_too() {
     }
     quit.store(true, Ordering::Relaxed);
     spawner.join().unwrap();
+}
+
+/// What one blocking call returned: its result and errno.
+type Outcome = (&'static str, i64, i32);
+
+/// Runs `call` on a new thread, returning its outcome when joined.
+fn blocked_in(name: &'static str, call: impl FnOnce() -> i64 + Send + 'static) -> thread::JoinHandle<Outcome> {
+    thread::spawn(move || {
+        let rc = call();
+        (name, rc, std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    })
+}
+
+/// Threads blocked in the kernel outside the code a stop is about are left alone: none of
+/// their blocking calls returns early (EINTR), however many stops and grace periods run.
+#[test]
+fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_short() {
+    let _serial = serial();
+    const WAIT_MS: i64 = 1500;
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (rd, wr) = (fds[0], fds[1]);
+    let ts = libc::timespec { tv_sec: 1, tv_nsec: 500_000_000 };
+    let mut threads = vec![
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("nanosleep", move || unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) as i64 }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("clock_nanosleep", move || unsafe {
+            libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut()) as i64
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("poll", move || unsafe {
+            let mut p = libc::pollfd { fd: rd, events: libc::POLLPRI, revents: 0 };
+            libc::poll(&mut p, 1, WAIT_MS as i32) as i64
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("select", move || unsafe {
+            let mut set: libc::fd_set = std::mem::zeroed();
+            libc::FD_SET(rd, &mut set);
+            let mut tv = libc::timeval { tv_sec: 1, tv_usec: 500_000 };
+            libc::select(rd + 1, std::ptr::null_mut(), std::ptr::null_mut(), &mut set, &mut tv) as i64
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("epoll_wait", move || unsafe {
+            let ep = libc::epoll_create1(0);
+            let mut ev = libc::epoll_event { events: libc::EPOLLPRI as u32, u64: 0 };
+            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, rd, &mut ev);
+            let rc = libc::epoll_wait(ep, &mut ev, 1, WAIT_MS as i32) as i64;
+            libc::close(ep);
+            rc
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("sigtimedwait", move || unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) as i64
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("futex", move || unsafe {
+            let word = 0u32;
+            libc::syscall(libc::SYS_futex, &word, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, 0, &ts) as i64
+        }),
+        // SAFETY: plain system calls on valid arguments owned by the closure or by
+        // this test, which outlives the thread.
+        blocked_in("read", move || unsafe {
+            let mut byte = 0u8;
+            libc::read(rd, (&mut byte as *mut u8).cast(), 1) as i64
+        }),
+    ];
+    thread::sleep(Duration::from_millis(200));
+    let (mut stops, mut most_left) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(900) {
+        synchronize().unwrap();
+        let here = tids as *const () as u64;
+        let world = stop_threads_touching(std::slice::from_ref(&(here..here + 16)), TIMEOUT).unwrap();
+        most_left = most_left.max(world.left_running());
+        drop(world);
+        stops += 2;
+    }
+    // SAFETY: writes one byte to the pipe's write end, ending the `read`.
+    assert_eq!(unsafe { libc::write(wr, b"x".as_ptr().cast(), 1) }, 1);
+    let outcomes: Vec<Outcome> = threads.drain(..).map(|t| t.join().unwrap()).collect();
+    // SAFETY: closes the pipe created above, once.
+    unsafe {
+        libc::close(rd);
+        libc::close(wr);
+    }
+    eprintln!("{stops} stops; at most {most_left} threads left alone; {outcomes:?}");
+    assert!(most_left >= 8, "the blocked threads were signalled instead of left alone ({most_left} left)");
+    for (name, rc, errno) in outcomes {
+        let expected = match name {
+            "read" => 1,
+            "sigtimedwait" | "futex" => -1, // EAGAIN / ETIMEDOUT at the timeout
+            _ => 0,
+        };
+        assert_eq!(rc, expected, "{name} returned {rc} (errno {errno}): cut short by a stop");
+        assert!(!(errno == libc::EINTR && rc == -1), "{name} returned EINTR");
+    }
 }

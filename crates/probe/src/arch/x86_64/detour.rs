@@ -18,19 +18,14 @@ use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET};
 use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
-use dynprobe_text::memory::CodeWriter;
 use dynprobe_text::pool::{self, ExecSlot};
-use dynprobe_text::stop::{InterruptedContext, InterruptedSet, StoppedWorld};
+use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
-use dynprobe_text::TextError;
 use std::sync::OnceLock;
 
 /// Bytes reserved per detour: the code with AVX-512 is about 1 KiB, plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
 const DETOUR_SIZE: usize = 1536;
-
-/// Most threads one jump write moves out of the covered bytes; more is retried later.
-const MAX_MOVED: usize = 64;
 
 /// A site's prepared detour.
 pub(crate) struct SiteDetour {
@@ -40,7 +35,7 @@ pub(crate) struct SiteDetour {
     pub(crate) original: Vec<u8>,
     code: Detour,
     /// The 5 bytes written over the probe point.
-    jump: [u8; 5],
+    pub(crate) jump: [u8; 5],
 }
 
 impl SiteDetour {
@@ -141,61 +136,51 @@ pub(crate) fn disown_detour(detour: &SiteDetour) {
     trap::unregister_site(detour.trap_addr());
 }
 
-/// Why a jump could not be written now.
-pub(crate) enum JumpError {
-    /// A thread is in the middle of the breakpoint slot's relocated instruction: try again
-    /// once it has moved on.
-    Busy,
-    /// The bytes were not as expected, or could not be written.
-    Text(TextError),
+/// A jump cannot be written now: a thread is in the middle of the breakpoint slot's
+/// relocated instruction. Try again once it has moved on.
+pub(crate) struct Busy;
+
+/// The bytes the jump replaces: the armed `int3`, then the rest of the covered run's first
+/// five bytes.
+pub(crate) fn bytes_under_jump(detour: &SiteDetour) -> [u8; 5] {
+    let mut bytes = [INT3; 5];
+    bytes[1..].copy_from_slice(&detour.original[1..5]);
+    bytes
 }
 
-/// Writes the jump over the probe point, whose `int3` is armed. Every other thread must be
-/// held stopped in `world`; those inside the covered bytes, or in the breakpoint slot (which
-/// jumps back into them), are moved to the copy first — and so is code a signal interrupted
-/// there whose handler a thread is still running.
+/// Moves, before the jump over the probe point is written, every stopped thread inside the
+/// covered bytes or in the breakpoint slot (which jumps back into them) to the matching place
+/// of the detour's copy — and so code a signal interrupted there whose handler a thread is
+/// still running. `Busy` (nothing moved) when a thread is in the middle of the slot's
+/// relocated instruction, which has no counterpart in the copy. Allocates nothing.
 ///
-/// `interrupted` is [`StoppedWorld::all_interrupted_contexts`] of this stop, gathered once for
-/// all the jumps written under it.
-pub(crate) fn write_jump(
+/// Every thread that could be there must be held stopped in `world` (a transaction whose
+/// heads are armed; the site's own `int3` is its head), and `interrupted` is
+/// [`StoppedWorld::all_interrupted_contexts`] of that stop.
+pub(crate) fn move_into_copy(
     world: &mut StoppedWorld,
-    writer: &mut CodeWriter,
     interrupted: &InterruptedSet,
     site: &PatchSite,
     detour: &SiteDetour,
-) -> Result<(), JumpError> {
+) -> Result<(), Busy> {
     if !interrupted.complete() {
-        return Err(JumpError::Busy);
+        return Err(Busy);
     }
-    // No allocation while the other threads are stopped: one of them may hold malloc's lock.
-    let mut moves = [(0i32, 0u64); MAX_MOVED];
-    let mut moved = 0;
-    let mut frames = [(InterruptedContext { rip_at: 0, rip: 0 }, 0u64); MAX_MOVED];
-    let mut framed = 0;
-    for thread in world.threads() {
+    // Checked for every thread and frame first, so that a Busy site moves nobody.
+    for ip in world.threads().iter().map(|t| t.ip).chain(interrupted.contexts().iter().map(|c| c.rip)) {
+        moved_ip(site, detour, ip)?;
+    }
+    for i in 0..world.threads().len() {
+        let thread = world.threads()[i];
         if let Some(ip) = moved_ip(site, detour, thread.ip)? {
-            *moves.get_mut(moved).ok_or(JumpError::Busy)? = (thread.tid, ip);
-            moved += 1;
+            world.set_ip(thread.tid, ip);
         }
     }
     for &context in interrupted.contexts() {
         if let Some(ip) = moved_ip(site, detour, context.rip)? {
-            *frames.get_mut(framed).ok_or(JumpError::Busy)? = (context, ip);
-            framed += 1;
+            // Read a moment ago with every thread stopped: it cannot have changed.
+            let _ = world.set_interrupted_ip(&context, ip);
         }
-    }
-    let head = [INT3];
-    writer.write_verified(site.addr + 1, &detour.original[1..5], &detour.jump[1..]).map_err(JumpError::Text)?;
-    if let Err(e) = writer.write_verified(site.addr, &head, &detour.jump[..1]) {
-        let _ = writer.write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5]);
-        return Err(JumpError::Text(e));
-    }
-    for &(tid, ip) in &moves[..moved] {
-        world.set_ip(tid, ip);
-    }
-    for (context, ip) in &frames[..framed] {
-        // Read a moment ago with every thread stopped: it cannot have changed.
-        let _ = world.set_interrupted_ip(context, *ip);
     }
     Ok(())
 }
@@ -203,7 +188,7 @@ pub(crate) fn write_jump(
 /// Where a thread (or interrupted code) at `ip` must continue once the jump is written:
 /// `None` when `ip` is not affected; `Busy` when it is in the middle of the breakpoint
 /// slot's relocated instruction, which has no counterpart in the copy.
-fn moved_ip(site: &PatchSite, detour: &SiteDetour, ip: u64) -> Result<Option<u64>, JumpError> {
+fn moved_ip(site: &PatchSite, detour: &SiteDetour, ip: u64) -> Result<Option<u64>, Busy> {
     let boost = &site.slots;
     let new_ip = if detour.run.strictly_inside(ip) {
         detour.redirect(ip)
@@ -212,20 +197,13 @@ fn moved_ip(site: &PatchSite, detour: &SiteDetour, ip: u64) -> Result<Option<u64
     } else if ip == boost.boost_back {
         detour.redirect(boost.boost_resume)
     } else if ip > boost.boost_ip && ip < boost.boost_back {
-        return Err(JumpError::Busy);
+        return Err(Busy);
     } else {
         return Ok(None);
     };
     // A thread between two covered instructions' boundaries cannot exist: it would be
     // inside an instruction.
-    new_ip.map(Some).ok_or(JumpError::Busy)
-}
-
-/// Puts the `int3` and the original covered bytes back (every other thread held stopped).
-/// A thread inside the detour finishes in its copy, which jumps past the covered run.
-pub(crate) fn remove_jump(writer: &mut CodeWriter, site: &PatchSite, detour: &SiteDetour) -> Result<(), TextError> {
-    writer.write_verified(site.addr, &detour.jump[..1], &[INT3])?;
-    writer.write_verified(site.addr + 1, &detour.jump[1..], &detour.original[1..5])
+    new_ip.map(Some).ok_or(Busy)
 }
 
 /// Runs a site's handlers for a thread that came through the detour, with its registers in

@@ -1,0 +1,116 @@
+//! Raw system calls for code that runs in signal handlers and while other threads are
+//! stopped: it must not call into libc, whose functions may carry probes (an `int3` hit while
+//! `SIGTRAP` is blocked kills the process) and whose `syscall()` wrapper writes `errno`.
+
+/// `syscall(nr, a1, a2, a3, a4)`.
+///
+/// # Safety
+///
+/// The arguments must be valid for system call `nr`.
+pub(crate) unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the `syscall` instruction clobbers only rax, rcx and r11, all declared;
+    // it does not touch the stack. The caller vouches for the arguments.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a1,
+            in("rsi") a2,
+            in("rdx") a3,
+            in("r10") a4,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Reads `buf.len()` bytes at `addr` of this process with `process_vm_readv`, so that an
+/// unmapped address is an error, not a fault. True when every byte was read.
+pub(crate) fn read(addr: u64, buf: &mut [u8]) -> bool {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: getpid takes no arguments.
+    let pid = unsafe { syscall4(libc::SYS_getpid, 0, 0, 0, 0) };
+    // SAFETY: process_vm_readv(pid, local, 1, remote, 1, 0): both iovecs are valid for the
+    // call and `local` describes `buf`; the kernel checks the remote one.
+    let n = unsafe {
+        syscall6(
+            libc::SYS_process_vm_readv,
+            pid as u64,
+            &local as *const libc::iovec as u64,
+            1,
+            &remote as *const libc::iovec as u64,
+            1,
+            0,
+        )
+    };
+    n >= 0 && n as usize == buf.len()
+}
+
+/// Whether the two bytes before `rip` are a `syscall` instruction (`0f 05`).
+pub(crate) fn follows_syscall(rip: u64) -> bool {
+    let mut bytes = [0u8; 2];
+    read(rip.wrapping_sub(2), &mut bytes) && bytes == [0x0f, 0x05]
+}
+
+/// `syscall(nr, a1, …, a6)`.
+///
+/// # Safety
+///
+/// The arguments must be valid for system call `nr`.
+pub(crate) unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: as in `syscall4`; r8 and r9 carry the fifth and sixth arguments.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a1,
+            in("rsi") a2,
+            in("rdx") a3,
+            in("r10") a4,
+            in("r8") a5,
+            in("r9") a6,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+pub(crate) fn gettid() -> i32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { syscall4(libc::SYS_gettid, 0, 0, 0, 0) as i32 }
+}
+
+/// Sleeps while `*word == expected` (or until a signal / spurious wake; callers loop).
+pub(crate) fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
+    // SAFETY: `word` is a valid, aligned u32 for the whole call; no timeout pointer.
+    unsafe {
+        syscall4(
+            libc::SYS_futex,
+            word.as_ptr() as u64,
+            (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as u64,
+            expected as u64,
+            0,
+        )
+    };
+}
+
+/// Wakes every waiter on `word`.
+pub(crate) fn futex_wake_all(word: &core::sync::atomic::AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE only reads its address.
+    unsafe {
+        syscall4(
+            libc::SYS_futex,
+            word.as_ptr() as u64,
+            (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as u64,
+            i32::MAX as u64,
+            0,
+        )
+    };
+}
