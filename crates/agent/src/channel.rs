@@ -29,6 +29,25 @@ impl Channel {
         Ok(Channel { fd, lost: None })
     }
 
+    /// The inherited `fd`, left open across `exec` so that the programs the target runs
+    /// are probed into the same pipe. With `pipe` (the inode number the CLI gave its
+    /// pipe) the descriptor must still be that pipe: a program may close its descriptors
+    /// before an `exec` (Python's `subprocess` does), and the number may name another
+    /// file by then, which must never receive event lines.
+    pub fn inherited(fd: RawFd, pipe: Option<u64>) -> Result<Channel, String> {
+        // SAFETY: `stat` is plain data, filled by fstat; a bad fd gives EBADF.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into the local `stat`.
+        if unsafe { libc::fstat(fd, &mut stat) } == -1 {
+            return Err(format!("the event fd {fd} is not open: {}", std::io::Error::last_os_error()));
+        }
+        let is_pipe = stat.st_mode & libc::S_IFMT == libc::S_IFIFO;
+        if !is_pipe || pipe.is_some_and(|ino| ino != stat.st_ino) {
+            return Err(format!("the event fd {fd} is no longer dynprobe's pipe (the program closed or reused it)"));
+        }
+        Ok(Channel { fd, lost: None })
+    }
+
     /// A lossy channel on `fd`, which must be non-blocking: lines that do not fit are
     /// counted in `lost`.
     pub fn lossy(fd: RawFd, lost: &'static AtomicU64) -> Channel {

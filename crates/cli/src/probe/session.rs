@@ -3,6 +3,7 @@
 //! agent and in what they do with its hits.
 
 use super::output::{Hit, Message, Printer};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -55,10 +56,21 @@ fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd:
         preload.push(":");
         preload.push(existing);
     }
+    // SAFETY: `stat` is plain data that fstat fills; a failure leaves the pipe unnamed
+    // (0), which the agent then takes on trust.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of our own descriptor into the local `stat`.
+    let pipe_ino = match unsafe { libc::fstat(event_fd, &mut stat) } {
+        0 => stat.st_ino,
+        _ => 0,
+    };
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..])
         .env("LD_PRELOAD", preload)
         .env("DYNPROBE_EVENT_FD", event_fd.to_string())
+        // What lets the programs it `exec`s find the same pipe, and know they came later.
+        .env("DYNPROBE_EVENT_PIPE", pipe_ino.to_string())
+        .env("DYNPROBE_FIRST_IMAGE", "1")
         .envs(env.iter().map(|(name, value)| (name, value)));
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
@@ -137,7 +149,7 @@ pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Resu
         unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
     });
     let mut lines = Lines::default();
-    let mut state = Relay { hits, placement: Placement::Silent };
+    let mut state = Relay { hits, placement: Placement::Silent, said: HashSet::new() };
     loop {
         let mut fds = [
             libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -173,6 +185,9 @@ pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Resu
 struct Relay<'h> {
     hits: &'h mut dyn Hits,
     placement: Placement,
+    /// The notes printed so far: every process the program runs (it and the programs it
+    /// `exec`s, each with its own agent) may send the same one, which is printed once.
+    said: HashSet<String>,
 }
 
 impl Relay<'_> {
@@ -182,12 +197,12 @@ impl Relay<'_> {
             // After `!ready`, a probe that waited for its library and was refused once it
             // came: the program runs on with the others.
             Message::Error(error) if matches!(self.placement, Placement::Ready(_)) => {
-                eprintln!("dynprobe: cannot place probe {error}")
+                self.say(format!("cannot place probe {error}"))
             }
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
             Message::Hit(hit) => self.hits.hit(&hit),
             message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_)) => {
-                eprintln!("dynprobe: {}", message.note().unwrap_or_default())
+                self.say(message.note().unwrap_or_default())
             }
             // The tracer's exit status is the program's; the line says nothing more.
             Message::Ended(_) => {}
@@ -195,6 +210,16 @@ impl Relay<'_> {
             Message::Lost(_) | Message::Unknown(_) => {
                 eprintln!("dynprobe: unexpected line from the agent: {line}")
             }
+        }
+    }
+}
+
+impl Relay<'_> {
+    /// Prints `note` on stderr, unless it was printed already.
+    fn say(&mut self, note: String) {
+        if !self.said.contains(&note) {
+            eprintln!("dynprobe: {note}");
+            self.said.insert(note);
         }
     }
 }
