@@ -148,10 +148,19 @@ fn a_marker_probe_runs_alongside_a_code_probe() {
 
 #[test]
 fn a_usdt_probe_guarded_by_its_semaphore_fires_at_every_round() {
+    a_usdt_probe_fires_at_every_round("usdt", &[]);
+}
+
+#[test]
+fn a_usdt_probe_driven_through_ptrace_fires_at_every_round_too() {
+    a_usdt_probe_fires_at_every_round("usdt-ptrace", &["--ptrace"]);
+}
+
+fn a_usdt_probe_fires_at_every_round(test: &str, options: &[&str]) {
     let rounds = 100;
     let unprobed = std::process::Command::new(usdt_program()).arg(rounds.to_string()).output().unwrap();
     assert_eq!(stdout_of(&unprobed), "enabled 0 semaphore 0\n", "nobody raised the semaphore");
-    let (out, lines) = probe("usdt", &[], &["m:usdt_app:work"], usdt_program(), rounds);
+    let (out, lines) = probe(test, options, &["m:usdt_app:work"], usdt_program(), rounds);
     // The program sees the semaphore raised (one count, for the one site) at every round.
     assert_eq!(stdout_of(&out), format!("enabled {rounds} semaphore 1\n"));
     let events: Vec<(String, String)> = lines.iter().map(|l| parse(l)).collect();

@@ -50,6 +50,7 @@ use dynprobe_symbols::{SymbolError, SymbolTable};
 
 pub use dynprobe_symbols::{read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite};
 pub use emit::{MarkerArgs, MarkerValue};
+pub use semaphore::check_semaphore;
 
 /// The bytes of a marker site while no probe is on it: the 5-byte NOP
 /// `nopl 0x0(%rax,%rax,1)`.
@@ -69,7 +70,11 @@ pub const MAX_CSTR: usize = 4096;
 /// # Ok::<(), dynprobe::marker::MarkerError>(())
 /// ```
 pub fn markers() -> Result<Vec<MarkerSite>, MarkerError> {
-    let table = SymbolTable::current_process()?;
+    markers_in(&SymbolTable::current_process()?)
+}
+
+/// [`markers`] of the process `table` describes (this one or another).
+pub fn markers_in(table: &SymbolTable) -> Result<Vec<MarkerSite>, MarkerError> {
     let mut sites = Vec::new();
     for module in 0..table.modules().len() {
         sites.extend(table.markers(module)?);
@@ -85,8 +90,13 @@ impl Marker {
     /// may be `*` (every provider, every name). An unknown marker is
     /// [`MarkerError::Unknown`], with the nearest names.
     pub fn find(spec: &str) -> Result<Vec<MarkerSite>, MarkerError> {
+        Marker::find_in(&SymbolTable::current_process()?, spec)
+    }
+
+    /// [`Marker::find`] in the process `table` describes (this one or another).
+    pub fn find_in(table: &SymbolTable, spec: &str) -> Result<Vec<MarkerSite>, MarkerError> {
         let (provider, name) = split_spec(spec)?;
-        let all = markers()?;
+        let all = markers_in(table)?;
         let part = |want: &str, have: &str| want == "*" || want == have;
         let (found, others): (Vec<MarkerSite>, Vec<MarkerSite>) =
             all.into_iter().partition(|s| part(provider, &s.provider) && part(name, &s.name));

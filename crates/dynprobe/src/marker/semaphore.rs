@@ -41,11 +41,19 @@ fn counter(addr: u64) -> &'static AtomicU16 {
 /// mapping of `/proc/self/maps` with write permission (writing anywhere else would fault
 /// in the program).
 fn check(addr: u64) -> Result<(), String> {
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| format!("cannot read /proc/self/maps to check its semaphore at {addr:#x}: {e}"))?;
+    check_semaphore(&maps, addr)
+}
+
+/// Checks that a marker's semaphore at `addr` can be raised: 2-byte aligned and inside a
+/// writable mapping of `maps` (the text of the process's `/proc/PID/maps`). The error
+/// says why not, as the end of "marker … cannot fire: …". A tracer writing through
+/// `/proc/PID/mem` checks this first: such writes succeed even into read-only memory.
+pub fn check_semaphore(maps: &str, addr: u64) -> Result<(), String> {
     if !addr.is_multiple_of(2) {
         return Err(format!("its semaphore at {addr:#x} is not 2-byte aligned"));
     }
-    let maps = std::fs::read_to_string("/proc/self/maps")
-        .map_err(|e| format!("cannot read /proc/self/maps to check its semaphore at {addr:#x}: {e}"))?;
     let writable = maps.lines().any(|line| {
         let mut fields = line.split_whitespace();
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { return false };
