@@ -87,6 +87,12 @@ extern "C" fn init() {
 
 /// Reads the agent's environment, then places the probes (or starts recording).
 fn start() {
+    if !preloaded() {
+        // Loaded by `dynprobe probe -p` into a running process: the environment it has may
+        // still hold the settings of a `dynprobe probe` that started one of its ancestors,
+        // which are not for this session (it is set up through `dynprobe_attach`).
+        return;
+    }
     // Removed by the first image only: the images its processes `exec` later find it gone.
     let first = take_env(FIRST_IMAGE_ENV).is_some();
     let pipe = std::env::var(EVENT_PIPE_ENV).ok().and_then(|ino| ino.parse().ok());
@@ -175,6 +181,24 @@ fn keep(set: ProbeSet, channel: Channel) {
     let _ = dynprobe::wait_for_optimizer();
     // The probes stay for the process's life (the watch holds the set too).
     std::mem::forget(set);
+}
+
+/// Whether the dynamic loader loaded this library for `LD_PRELOAD` (a program dynprobe
+/// started, or one that program ran) rather than for a `dlopen` an attaching CLI made the
+/// process call. When the loader cannot say, the environment decides as before.
+fn preloaded() -> bool {
+    // SAFETY: `Dl_info` is plain data that dladdr fills; `init` is a function of this
+    // library, so the answer names its file.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::dladdr(init as *const libc::c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return true;
+    }
+    // SAFETY: dladdr gave a NUL-terminated name that lives as long as the library.
+    let me = unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes();
+    // The loader splits LD_PRELOAD at colons and spaces (ld.so(8)).
+    std::env::var_os("LD_PRELOAD")
+        .is_some_and(|preload| preload.as_encoded_bytes().split(|&b| b == b':' || b == b' ').any(|path| path == me))
 }
 
 /// This process's executable, for messages.
