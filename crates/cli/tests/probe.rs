@@ -254,6 +254,21 @@ fn a_probe_an_execd_image_lacks_is_a_warning_once_and_the_rest_keep_working() {
 }
 
 #[test]
+fn a_probe_refused_in_a_wrapper_script_says_the_script_was_probed_first() {
+    let script = scratch().join(format!("wrapper-{}.sh", std::process::id()));
+    std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let marker = marker("wrapper-script");
+    let out = probe_through(&[script.to_str().unwrap()], &["p:checksum"], &[], &marker);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!marker.exists(), "the program ran");
+    assert!(stderr.contains("unknown symbol `checksum`"), "{stderr}");
+    let hint = format!("`{}` is a script run by `/bin/sh`, which is probed first", script.display());
+    assert!(stderr.contains(&hint), "{stderr}");
+}
+
+#[test]
 fn json_lines_have_every_field() {
     let marker = marker("json");
     let out = probe(&["p:grp/sum checksum+0 seed=$arg1 n=$arg2:x64 ip=%rip:x64"], &["--json"], &marker);
