@@ -2,7 +2,7 @@
 //! (`LD_PRELOAD`), which places the requested probes before `main` runs and streams one
 //! line per hit back to the CLI.
 //!
-//! The protocol, on the pipe whose write end is `DYNPROBE_EVENT_FD`:
+//! The protocol, on the stream socket whose write end is `DYNPROBE_EVENT_FD`:
 //!
 //! ```text
 //! !pending <spec>: <why>            its library is not loaded yet: placed when a dlopen loads it
@@ -21,16 +21,16 @@
 //! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`];
 //! `DYNPROBE_OPTIMIZE=0` keeps them breakpoint probes.
 //!
-//! The settings stay in the environment and the pipe stays open across `exec`, so a
-//! program the started one (or any child of it) `exec`s is probed too, into the same pipe
+//! The settings stay in the environment and the socket stays open across `exec`, so a
+//! program the started one (or any child of it) `exec`s is probed too, into the same socket
 //! (`bash -c 'exec …'`, `env`, `nice`, `timeout`, a pyenv shim). Only the first image's
 //! refusals are fatal (it finds and removes `DYNPROBE_FIRST_IMAGE`); a later image places
 //! each spec it can and reports the others as `!warning probe `<spec>` is not placed in
-//! `<exe>` (exec'd): <why>`. `DYNPROBE_EVENT_PIPE` (the pipe's inode number) lets a later
-//! image check that its descriptor is still the pipe: a program may have closed it first.
+//! `<exe>` (exec'd): <why>`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
+//! image check that its descriptor is still the socket: a program may have closed it first.
 //!
 //! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
-//! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the pipe.
+//! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the socket.
 
 mod attach;
 mod channel;
@@ -54,10 +54,10 @@ use std::sync::{Arc, Mutex};
 pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
 /// `0` keeps every probe a breakpoint probe (`dynprobe probe --no-optimize`).
 pub const OPTIMIZE_ENV: &str = "DYNPROBE_OPTIMIZE";
-/// The environment variable holding the event pipe's file descriptor.
+/// The environment variable holding the event socket's file descriptor.
 pub const EVENT_FD_ENV: &str = "DYNPROBE_EVENT_FD";
-/// The event pipe's inode number: an image `exec`'d later checks that its descriptor is
-/// still that pipe.
+/// The event channel's inode number: an image `exec`'d later checks that its descriptor
+/// is still that channel.
 pub const EVENT_PIPE_ENV: &str = "DYNPROBE_EVENT_PIPE";
 /// Set by the CLI for the program it starts; that image's agent removes it, so an image
 /// `exec`'d later knows it is not the first (its refusals are warnings, not fatal).
@@ -107,7 +107,7 @@ fn start() {
         let channel = fd.as_deref().and_then(|fd| fd.parse().ok()).and_then(|fd| Channel::new(fd).ok());
         return record::start(&dir, channel);
     }
-    // Probe mode keeps its settings in the environment too, and the event pipe open across
+    // Probe mode keeps its settings in the environment too, and the event socket open across
     // `exec`: a program this one (or a child of it) execs is probed into the same output.
     let Ok(probes) = std::env::var(PROBES_ENV) else { return };
     if std::env::var(OPTIMIZE_ENV).as_deref() == Ok("0") {

@@ -254,6 +254,31 @@ fn a_probe_an_execd_image_lacks_is_a_warning_once_and_the_rest_keep_working() {
 }
 
 #[test]
+fn a_probed_program_that_outlives_dynprobe_is_not_killed_by_its_probes() {
+    // The shell exits at once and dynprobe with it; a second later its background child
+    // runs the target, still probed, whose hits find no reader any more.
+    let marker = marker("outlives");
+    let status = scratch().join(format!("outlives-status-{}", std::process::id()));
+    let _ = std::fs::remove_file(&status);
+    let module = target().file_name().unwrap().to_str().unwrap();
+    let spec = format!("p:checksum {module}:checksum seed=$arg1 n=$arg2");
+    let script = "(sleep 1; \"$0\" \"$1\"; echo $? > \"$2\") </dev/null >/dev/null 2>&1 &";
+    let target = target().to_str().unwrap();
+    let args = ["probe", &spec, "--", "bash", "-c", script, target, marker.to_str().unwrap(), status.to_str().unwrap()];
+    let out = dynprobe(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !status.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let code = std::fs::read_to_string(&status).expect("the background target never finished");
+    // 141 would be 128 + SIGPIPE.
+    assert_eq!(code.trim(), TARGET_STATUS.to_string(), "the target died");
+    assert!(marker.exists());
+}
+
+#[test]
 fn a_probe_refused_in_a_wrapper_script_says_the_script_was_probed_first() {
     let script = scratch().join(format!("wrapper-{}.sh", std::process::id()));
     std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();

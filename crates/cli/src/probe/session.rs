@@ -31,20 +31,31 @@ pub struct Outcome {
     pub status: ExitStatus,
 }
 
-/// A pipe: the read end stays here (close-on-exec), the write end goes to the program.
+/// The event channel: the read end stays here (close-on-exec), the write end goes to the
+/// program and every program it runs.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
+/// A Unix stream socket pair rather than a pipe: the agent sends with `MSG_NOSIGNAL`, so a
+/// probed program that outlives this CLI (a daemon it started) loses its lines instead of
+/// dying of `SIGPIPE` (see the agent's `Channel`).
 fn pipe() -> io::Result<Pipe> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 stores.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+    // SAFETY: `fds` has room for the two descriptors socketpair stores.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } == -1 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: pipe2 just returned these two descriptors, owned by nobody else.
+    // SAFETY: socketpair just returned these two descriptors, owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Only the program writes, and only this end reads; a failure changes nothing that
+    // matters.
+    // SAFETY: shutdown of our own sockets.
+    unsafe {
+        libc::shutdown(read.as_raw_fd(), libc::SHUT_WR);
+        libc::shutdown(write.as_raw_fd(), libc::SHUT_RD);
+    }
     Ok(Pipe { read, write })
 }
 
@@ -56,22 +67,21 @@ fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd:
         preload.push(":");
         preload.push(existing);
     }
-    // SAFETY: `stat` is plain data that fstat fills; a failure leaves the pipe unnamed
-    // (0), which the agent then takes on trust.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat of our own descriptor into the local `stat`.
-    let pipe_ino = match unsafe { libc::fstat(event_fd, &mut stat) } {
-        0 => stat.st_ino,
-        _ => 0,
-    };
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..])
         .env("LD_PRELOAD", preload)
         .env("DYNPROBE_EVENT_FD", event_fd.to_string())
-        // What lets the programs it `exec`s find the same pipe, and know they came later.
-        .env("DYNPROBE_EVENT_PIPE", pipe_ino.to_string())
+        // Tells the first image from those its processes `exec` later.
         .env("DYNPROBE_FIRST_IMAGE", "1")
         .envs(env.iter().map(|(name, value)| (name, value)));
+    // SAFETY: `stat` is plain data that fstat fills.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of our own descriptor into the local `stat`. Without an answer the
+    // agents take the descriptor on trust.
+    if unsafe { libc::fstat(event_fd, &mut stat) } == 0 {
+        // Lets a program `exec`'d later check that its descriptor is still the channel.
+        cmd.env("DYNPROBE_EVENT_PIPE", stat.st_ino.to_string());
+    }
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
     // close-on-exec so no other child of ours inherits it, survive this one exec.
