@@ -152,9 +152,9 @@ fn place_first(probes: &str, channel: Channel) {
 }
 
 /// An image a probed program (or a child of it) `exec`'d: the probes are placed again in
-/// the new program, each on its own. One it lacks (a wrapper's `exec` target has the
-/// symbol, the wrapper does not) is reported as a warning, and the program runs with the
-/// others; one waiting for its library was reported by the first image already.
+/// the new program, each on its own. One whose symbol it lacks (a probe meant for the
+/// wrapper that ran it) is reported as a warning, and the program runs with the others;
+/// one waiting for its library was reported by the first image already.
 fn place_exec(probes: &str, channel: Channel) {
     let exe = exe_name();
     let refused = |spec: &str, why: &str| {
