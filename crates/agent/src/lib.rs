@@ -2,7 +2,7 @@
 //! (`LD_PRELOAD`), which places the requested probes before `main` runs and streams one
 //! line per hit back to the CLI.
 //!
-//! The protocol, on the pipe whose write end is `DYNPROBE_EVENT_FD`:
+//! The protocol, on the stream socket whose write end is `DYNPROBE_EVENT_FD`:
 //!
 //! ```text
 //! !pending <spec>: <why>            its library is not loaded yet: placed when a dlopen loads it
@@ -21,8 +21,16 @@
 //! `DYNPROBE_PROBES` holds the specs, one a line, in the grammar of [`dynprobe::spec`];
 //! `DYNPROBE_OPTIMIZE=0` keeps them breakpoint probes.
 //!
+//! The settings stay in the environment and the socket stays open across `exec`, so a
+//! program the started one (or any child of it) `exec`s is probed too, into the same socket
+//! (`bash -c 'exec …'`, `env`, `nice`, `timeout`, a pyenv shim). Only the first image's
+//! refusals are fatal (it finds and removes `DYNPROBE_FIRST_IMAGE`); a later image places
+//! each spec it can and reports the others as `!warning probe `<spec>` is not placed in
+//! `<exe>` (exec'd): <why>`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
+//! image check that its descriptor is still the socket: a program may have closed it first.
+//!
 //! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
-//! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the pipe.
+//! (see the `record` module): `!ready <sites patched>` or `!error <message>` on the socket.
 
 mod attach;
 mod channel;
@@ -39,14 +47,21 @@ use channel::Channel;
 use dlopen::ModuleWatch;
 use dynprobe::line;
 use probes::{ProbeSet, Report};
+use std::ffi::CStr;
 use std::sync::{Arc, Mutex};
 
 /// The environment variable holding the probe specs, one a line.
 pub const PROBES_ENV: &str = "DYNPROBE_PROBES";
 /// `0` keeps every probe a breakpoint probe (`dynprobe probe --no-optimize`).
 pub const OPTIMIZE_ENV: &str = "DYNPROBE_OPTIMIZE";
-/// The environment variable holding the event pipe's file descriptor.
+/// The environment variable holding the event socket's file descriptor.
 pub const EVENT_FD_ENV: &str = "DYNPROBE_EVENT_FD";
+/// The event channel's inode number: an image `exec`'d later checks that its descriptor
+/// is still that channel.
+pub const EVENT_PIPE_ENV: &str = "DYNPROBE_EVENT_PIPE";
+/// Set by the CLI for the program it starts; that image's agent removes it, so an image
+/// `exec`'d later knows it is not the first (its refusals are warnings, not fatal).
+pub const FIRST_IMAGE_ENV: &str = "DYNPROBE_FIRST_IMAGE";
 
 /// The exit status when probes cannot be placed: the shell's "command could not run".
 pub(crate) const EXIT_NOT_RUN: libc::c_int = 127;
@@ -70,56 +85,60 @@ extern "C" fn init() {
     }
 }
 
-/// Reads and removes the agent's environment, then places the probes.
+/// Reads the agent's environment, then places the probes (or starts recording).
 fn start() {
-    // Removed so that programs this one starts do not inherit them (they would inherit
-    // `LD_PRELOAD` too, but an agent without DYNPROBE_PROBES does nothing). The loader
-    // runs constructors on one thread, so changing the environment here races with no one.
-    let probes = take_env(PROBES_ENV);
-    let fd = take_env(EVENT_FD_ENV);
-    // Record mode keeps its own settings in the environment: a program this one execs is
-    // traced too.
-    let record = std::env::var(record::RECORD_ENV).ok();
-    let optimize = match record {
-        Some(_) => std::env::var(OPTIMIZE_ENV).ok(),
-        None => take_env(OPTIMIZE_ENV),
-    };
-    if optimize.as_deref() == Some("0") {
-        // Only fails inside a handler, which the loader's constructor is not.
-        let _ = dynprobe::set_optimization(false);
+    if !preloaded() {
+        // Loaded by `dynprobe probe -p` into a running process: the environment it has may
+        // still hold the settings of a `dynprobe probe` that started one of its ancestors,
+        // which are not for this session (it is set up through `dynprobe_attach`).
+        return;
     }
-    if let Some(dir) = record {
+    // Removed by the first image only: the images its processes `exec` later find it gone.
+    let first = take_env(FIRST_IMAGE_ENV).is_some();
+    let pipe = std::env::var(EVENT_PIPE_ENV).ok().and_then(|ino| ino.parse().ok());
+    if let Ok(dir) = std::env::var(record::RECORD_ENV) {
+        // Record mode keeps its own settings in the environment (a program this one execs
+        // is traced too); only the first image reports to the CLI.
+        let fd = take_env(EVENT_FD_ENV);
+        if std::env::var(OPTIMIZE_ENV).as_deref() == Ok("0") {
+            // Only fails inside a handler, which the loader's constructor is not.
+            let _ = dynprobe::set_optimization(false);
+        }
         let channel = fd.as_deref().and_then(|fd| fd.parse().ok()).and_then(|fd| Channel::new(fd).ok());
         return record::start(&dir, channel);
     }
-    let Some(probes) = probes else { return };
-    let channel = match fd.as_deref().map(str::parse) {
-        Some(Ok(fd)) => Channel::new(fd),
+    // Probe mode keeps its settings in the environment too, and the event socket open across
+    // `exec`: a program this one (or a child of it) execs is probed into the same output.
+    let Ok(probes) = std::env::var(PROBES_ENV) else { return };
+    if std::env::var(OPTIMIZE_ENV).as_deref() == Ok("0") {
+        let _ = dynprobe::set_optimization(false);
+    }
+    let channel = match std::env::var(EVENT_FD_ENV).map(|fd| fd.parse()) {
+        Ok(Ok(fd)) => Channel::inherited(fd, pipe),
         _ => Err(format!("{EVENT_FD_ENV} is missing or not a number")),
     };
-    let channel = channel.unwrap_or_else(|message| {
-        // Without a channel there is no CLI to tell; stderr is the only way left.
-        eprintln!("dynprobe agent: {message}; the program was not run");
-        // SAFETY: _exit ends the process at once, before main, as intended.
-        unsafe { libc::_exit(EXIT_NOT_RUN) }
-    });
+    match (channel, first) {
+        (Ok(channel), true) => place_first(&probes, channel),
+        (Ok(channel), false) => place_exec(&probes, channel),
+        (Err(message), true) => {
+            // Without a channel there is no CLI to tell; stderr is the only way left.
+            eprintln!("dynprobe agent: {message}; the program was not run");
+            // SAFETY: _exit ends the process at once, before main, as intended.
+            unsafe { libc::_exit(EXIT_NOT_RUN) }
+        }
+        // A program exec'd further down cannot reach the CLI: it runs unprobed, and says so.
+        (Err(message), false) => eprintln!("dynprobe agent: `{}` is not probed: {message}", exe_name()),
+    }
+}
+
+/// The first image (the program `dynprobe probe` started): every probe is placed before
+/// `main`, or none and the program does not run.
+fn place_first(probes: &str, channel: Channel) {
     match ProbeSet::place_all(probes.lines(), channel) {
         Ok(set) => {
             let n = set.placed();
             let pending = set.pending_lines();
-            let set = Arc::new(Mutex::new(set));
-            let report: Report = Box::new(move |line| channel.send(format!("{line}\n").as_bytes()));
-            match ProbeSet::watch_pending(&set, report) {
-                Ok(watch) => watch.into_iter().for_each(ModuleWatch::keep),
-                Err(why) => channel
-                    .send(format!("!warning the probes waiting for a library will not be placed: {why}\n").as_bytes()),
-            }
-            // Only this thread exists yet, so jump-optimizing now costs no stop of anyone
-            // and the program's first hits are already nanosecond ones. A probe that cannot
-            // be optimized keeps working as a breakpoint.
-            let _ = dynprobe::wait_for_optimizer();
-            // The probes stay for the process's life (the watch holds the set too).
-            std::mem::forget(set);
+            keep(set, channel);
             pending.iter().for_each(|line| channel.send(format!("{line}\n").as_bytes()));
             channel.send(format!("!ready {n}\n").as_bytes());
         }
@@ -130,6 +149,61 @@ fn start() {
             unsafe { libc::_exit(EXIT_NOT_RUN) };
         }
     }
+}
+
+/// An image a probed program (or a child of it) `exec`'d: the probes are placed again in
+/// the new program, each on its own. One whose symbol it lacks (a probe meant for the
+/// wrapper that ran it) is reported as a warning, and the program runs with the others;
+/// one waiting for its library was reported by the first image already.
+fn place_exec(probes: &str, channel: Channel) {
+    let exe = exe_name();
+    let refused = |spec: &str, why: &str| {
+        let why = why.replace('\n', " ");
+        channel.send(format!("!warning probe `{spec}` is not placed in `{exe}` (exec'd): {why}\n").as_bytes());
+    };
+    keep(ProbeSet::place_each(probes.lines(), channel, &refused), channel);
+}
+
+/// Keeps `set` for the process's life: the probes waiting for a library are placed when a
+/// `dlopen` brings it, and every probe becomes a jump before `main`.
+fn keep(set: ProbeSet, channel: Channel) {
+    let set = Arc::new(Mutex::new(set));
+    let report: Report = Box::new(move |line| channel.send(format!("{line}\n").as_bytes()));
+    match ProbeSet::watch_pending(&set, report) {
+        Ok(watch) => watch.into_iter().for_each(ModuleWatch::keep),
+        Err(why) => {
+            channel.send(format!("!warning the probes waiting for a library will not be placed: {why}\n").as_bytes())
+        }
+    }
+    // Only this thread exists yet, so jump-optimizing now costs no stop of anyone and the
+    // program's first hits are already nanosecond ones. A probe that cannot be optimized
+    // keeps working as a breakpoint.
+    let _ = dynprobe::wait_for_optimizer();
+    // The probes stay for the process's life (the watch holds the set too).
+    std::mem::forget(set);
+}
+
+/// Whether the dynamic loader loaded this library for `LD_PRELOAD` (a program dynprobe
+/// started, or one that program ran) rather than for a `dlopen` an attaching CLI made the
+/// process call. When the loader cannot say, the environment decides as before.
+fn preloaded() -> bool {
+    // SAFETY: `Dl_info` is plain data that dladdr fills; `init` is a function of this
+    // library, so the answer names its file.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::dladdr(init as *const libc::c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return true;
+    }
+    // SAFETY: dladdr gave a NUL-terminated name that lives as long as the library.
+    let me = unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes();
+    // The loader splits LD_PRELOAD at colons and spaces (ld.so(8)).
+    std::env::var_os("LD_PRELOAD")
+        .is_some_and(|preload| preload.as_encoded_bytes().split(|&b| b == b':' || b == b' ').any(|path| path == me))
+}
+
+/// This process's executable, for messages.
+fn exe_name() -> String {
+    std::fs::read_link("/proc/self/exe").map_or_else(|_| "?".to_string(), |p| p.display().to_string())
 }
 
 /// A `-pg` program that `exec`s leaves its profiling timer (`ITIMER_PROF`, which survives
@@ -172,10 +246,37 @@ impl Drop for ProfTimerPause {
 /// The variable's value, removed from the environment. An unset variable is left alone:
 /// loaded into a running process (attach mode), the agent's constructor runs on a thread
 /// the CLI interrupted, maybe inside `setenv` holding the C library's environment lock.
+///
+/// The entry is taken out of the `environ` array in place, as glibc's `unsetenv` does,
+/// rather than through `unsetenv`: bash defines its own `unsetenv`, which before bash's
+/// `main` has run changes nothing, and bash's `main` then exports the whole `environ` to
+/// every program it runs. The loader runs constructors on one thread, so nothing else
+/// reads the array meanwhile.
 fn take_env(name: &str) -> Option<String> {
-    let value = std::env::var(name).ok();
-    if value.is_some() {
-        std::env::remove_var(name);
+    let value = std::env::var(name).ok()?;
+    // SAFETY: `environ` is the C library's NULL-terminated array of NUL-terminated
+    // strings; entries are only moved down within it (never past its terminator), on the
+    // only thread running (see above).
+    unsafe {
+        let mut read = environ;
+        let mut write = environ;
+        while !read.is_null() && !(*read).is_null() {
+            let entry = CStr::from_ptr(*read).to_bytes();
+            let named = entry.strip_prefix(name.as_bytes()).is_some_and(|rest| rest.first() == Some(&b'='));
+            if !named {
+                *write = *read;
+                write = write.add(1);
+            }
+            read = read.add(1);
+        }
+        if !write.is_null() {
+            *write = std::ptr::null_mut();
+        }
     }
-    value
+    Some(value)
+}
+
+extern "C" {
+    /// The process's environment (environ(7)).
+    static mut environ: *mut *mut std::ffi::c_char;
 }

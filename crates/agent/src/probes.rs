@@ -71,8 +71,36 @@ impl ProbeSet {
             .collect()
     }
 
+    /// Places what it can of `specs` (an image a probed program `exec`'d): each spec on
+    /// its own, one naming a library not loaded yet waits for it, and one refused is
+    /// handed to `refused` with why and left out, the others staying placed.
+    pub fn place_each<'s>(
+        specs: impl IntoIterator<Item = &'s str>,
+        channel: Channel,
+        refused: &dyn Fn(&str, &str),
+    ) -> ProbeSet {
+        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), channel };
+        for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
+            // The CLI parsed every spec before it started the first image.
+            match ProbeSpec::parse(text) {
+                Ok(spec) => set.pending.push(spec),
+                Err(e) => refused(text, &e.to_string()),
+            }
+        }
+        set.place_loaded(&|_| {}, refused);
+        set
+    }
+
     /// Places the waiting specs whose module is loaded now, telling `report` about each.
     fn place_pending(&mut self, report: &Report) {
+        self.place_loaded(&|spec| report(&format!("!placed {spec}")), &|spec, why| {
+            report(&format!("!error {spec}: {}", why.replace('\n', " ")))
+        });
+    }
+
+    /// Places the waiting specs whose module is loaded, each on its own: `placed` or
+    /// `refused` (with why) is called with each spec's text.
+    fn place_loaded(&mut self, placed: &dyn Fn(&str), refused: &dyn Fn(&str, &str)) {
         let (ready, waiting): (Vec<ProbeSpec>, Vec<ProbeSpec>) =
             std::mem::take(&mut self.pending).into_iter().partition(|spec| !module_missing(spec));
         self.pending = waiting;
@@ -80,18 +108,18 @@ impl ProbeSet {
             return;
         }
         for spec in ready {
-            let placed = place(&spec, self.channel).and_then(|placed| {
-                let placed = [(spec.text.clone(), placed)];
-                arm(&placed).map_err(|(_, why)| why)?;
-                let [placed] = placed;
-                Ok(placed)
+            let done = place(&spec, self.channel).and_then(|done| {
+                let done = [(spec.text.clone(), done)];
+                arm(&done).map_err(|(_, why)| why)?;
+                let [done] = done;
+                Ok(done)
             });
-            match placed {
-                Ok(placed) => {
-                    self.placed.push(placed);
-                    report(&format!("!placed {}", spec.text));
+            match done {
+                Ok(done) => {
+                    self.placed.push(done);
+                    placed(&spec.text);
                 }
-                Err(why) => report(&format!("!error {}: {}", spec.text, why.replace('\n', " "))),
+                Err(why) => refused(&spec.text, &why),
             }
         }
         // Still inside `dlopen`'s return: the program's first call into the library comes

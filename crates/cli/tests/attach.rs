@@ -95,10 +95,20 @@ impl Worker {
     }
 
     fn start_exe(test: &str, exe: &'static Path) -> Worker {
+        Worker::start_with_env(test, exe, &[])
+    }
+
+    /// A worker built as `exe` with `env` added to its environment.
+    fn start_with_env(test: &str, exe: &'static Path, env: &[(&str, &str)]) -> Worker {
         let log = scratch().join(format!("{test}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let mut child =
-            Command::new(exe).arg(&log).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the worker");
+        let mut child = Command::new(exe)
+            .arg(&log)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the worker");
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -398,6 +408,23 @@ fn killing_the_controller_restores(exe: &'static Path) {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("detached from"), "{stderr}");
     assert_eq!(worker.code("mix"), before);
+    worker.quit();
+}
+
+#[test]
+fn settings_a_started_program_left_in_the_environment_do_not_apply_to_an_attach() {
+    // What a program run under `dynprobe probe` passes on to the programs it runs: the
+    // agent's settings (here naming stdout, a pipe, as the event descriptor). An attach
+    // loads the agent by a dlopen, which must not act on them (it used to place these
+    // probes and, refused, end the process with status 127).
+    let env =
+        [("DYNPROBE_PROBES", "p:no_such_function_anywhere"), ("DYNPROBE_EVENT_FD", "1"), ("DYNPROBE_FIRST_IMAGE", "1")];
+    let mut worker = Worker::start_with_env("inherited-env", worker_exe(), &env);
+    let mut session = Session::start(worker.pid, &["p:mix"], &[]);
+    session.wait_for("attached to");
+    assert_eq!(worker.round(), unprobed_checksum(), "the worker's output changed");
+    let (code, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
     worker.quit();
 }
 

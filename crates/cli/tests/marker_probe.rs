@@ -2,11 +2,15 @@
 //! and `targets/markers_rs.rs` (the Rust macro) probed in a program dynprobe starts. Every
 //! hit is one event with the marker's arguments, typed by its record; the program's output
 //! is unchanged; an unknown marker is refused before `main` with the nearest names; marker
-//! and code probes run side by side.
+//! and code probes run side by side. A USDT probe guarded by its semaphore
+//! (`targets/usdt.c`, `sys/sdt.h`) fires because the semaphore is raised while it is
+//! probed, and so does CPython's `python:function__entry`.
 
 mod common;
 
-use common::{c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, NAMES};
+use common::{
+    c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, usdt_program, NAMES,
+};
 use std::path::Path;
 use std::process::Output;
 
@@ -140,4 +144,56 @@ fn a_marker_probe_runs_alongside_a_code_probe() {
             ("cmarkers/done".to_string(), format!("arg1={} arg2=7 arg3=-3 arg4=true", expected_sum(rounds))),
         ]
     );
+}
+
+#[test]
+fn a_usdt_probe_guarded_by_its_semaphore_fires_at_every_round() {
+    a_usdt_probe_fires_at_every_round("usdt", &[]);
+}
+
+#[test]
+fn a_usdt_probe_driven_through_ptrace_fires_at_every_round_too() {
+    a_usdt_probe_fires_at_every_round("usdt-ptrace", &["--ptrace"]);
+}
+
+fn a_usdt_probe_fires_at_every_round(test: &str, options: &[&str]) {
+    let rounds = 100;
+    let unprobed = std::process::Command::new(usdt_program()).arg(rounds.to_string()).output().unwrap();
+    assert_eq!(stdout_of(&unprobed), "enabled 0 semaphore 0\n", "nobody raised the semaphore");
+    let (out, lines) = probe(test, options, &["m:usdt_app:work"], usdt_program(), rounds);
+    // The program sees the semaphore raised (one count, for the one site) at every round.
+    assert_eq!(stdout_of(&out), format!("enabled {rounds} semaphore 1\n"));
+    let events: Vec<(String, String)> = lines.iter().map(|l| parse(l)).collect();
+    let expected: Vec<(String, String)> =
+        (0..rounds).map(|i| ("usdt_app/work".to_string(), format!("arg1={i} arg2={}", i + 1))).collect();
+    assert_eq!(events, expected);
+}
+
+#[test]
+fn python_function_entry_fires_at_every_call() {
+    // Debian's interpreter, whose notes carry semaphores (`dynprobe list-markers`).
+    let python = Path::new("/usr/bin/python3.11");
+    assert!(python.is_file(), "{} is missing: scripts/setup installs python3.11-minimal", python.display());
+    let calls = 150;
+    let events = scratch().join("events-python");
+    let _ = std::fs::remove_file(&events);
+    // Calls from C (`map`) and calls from Python code. CPython 3.11 fires function__entry
+    // of a Python-to-Python call only on its tracing path, which the `line` marker's
+    // semaphore turns on (`DTRACE_FUNCTION_ENTRY()` sits under `DO_TRACING` in its
+    // Python/ceval.c): probing `line` too raises that semaphore as well.
+    let script = "def probed(x): return x\nlist(map(probed, range(100)))\nfor i in range(50): probed(i)\nprint('done')";
+    let out = dynprobe()
+        .args(["probe", "-o"])
+        .arg(&events)
+        .args(["m:python:function__entry file=$arg1:string fn=$arg2:string line=$arg3:s32", "m:python:line"])
+        .arg("--")
+        .arg(python)
+        .args(["-c", script])
+        .output()
+        .expect("run dynprobe");
+    assert_eq!(stdout_of(&out), "done\n");
+    let lines = std::fs::read_to_string(&events).unwrap();
+    let entries: Vec<&str> = lines.lines().filter(|l| l.contains("python/function__entry:")).collect();
+    let probed = entries.iter().filter(|l| l.ends_with(r#"file="<string>" fn="probed" line=1"#)).count();
+    assert_eq!(probed, calls, "{} entries, {probed} of `probed`", entries.len());
 }

@@ -117,12 +117,20 @@ fn dynprobe(args: &[&str]) -> Output {
 
 /// `dynprobe probe SPECS... [OPTIONS...] -- target MARKER`.
 fn probe(specs: &[&str], options: &[&str], marker: &Path) -> Output {
+    probe_through(&[], specs, options, marker)
+}
+
+/// `dynprobe probe SPECS... [OPTIONS...] -- WRAPPER... target MARKER`: the target run by
+/// the programs of `wrapper` (`env`, `bash -c '...'`).
+fn probe_through(wrapper: &[&str], specs: &[&str], options: &[&str], marker: &Path) -> Output {
     let target = target().to_str().unwrap();
     let marker = marker.to_str().unwrap();
     let mut args = vec!["probe"];
     args.extend(specs);
     args.extend(options);
-    args.extend(["--", target, marker]);
+    args.push("--");
+    args.extend(wrapper);
+    args.extend([target, marker]);
     dynprobe(&args)
 }
 
@@ -181,6 +189,108 @@ fn every_call_is_one_event(options: &[&str], name: &str) {
         })
         .collect();
     assert!(tids[0] != tids[1] && tids[1] != tids[2] && tids[0] != tids[2], "{tids:?}");
+}
+
+/// The target's `checksum` calls among the text events in `path`, sorted.
+fn calls_in(path: &Path) -> Vec<(u64, u64)> {
+    let lines = std::fs::read_to_string(path).unwrap();
+    let mut calls: Vec<(u64, u64)> = lines.lines().map(parse_text_event).map(|(_, seed, n)| (seed, n)).collect();
+    calls.sort();
+    calls
+}
+
+#[test]
+fn probes_follow_exec_through_wrappers_and_their_children() {
+    // `p:MODULE:checksum` waits in the wrappers (their images lack the module) and is
+    // placed in each image of the target, however it was reached.
+    let module = target().file_name().unwrap().to_str().unwrap();
+    let spec = format!("p:checksum {module}:checksum seed=$arg1 n=$arg2");
+    let cases: [(&str, &[&str], usize); 4] = [
+        ("exec", &["bash", "-c", "exec \"$0\" \"$@\""], 1),
+        ("env", &["env"], 1),
+        // A child of the started shell, then an exec chain through env, nice and timeout
+        // (which runs the program as its child).
+        ("chain", &["bash", "-c", "\"$0\" \"$@\"; exec env nice timeout 600 \"$0\" \"$@\""], 2),
+        ("nice", &["nice", "-n", "1"], 1),
+    ];
+    for (name, wrapper, runs) in cases {
+        let marker = marker(&format!("exec-{name}"));
+        let events = scratch().join(format!("events-exec-{name}-{}.txt", std::process::id()));
+        let out = probe_through(wrapper, &[&spec], &["-o", events.to_str().unwrap()], &marker);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(TARGET_STATUS), "{name}: {stderr}");
+        assert!(marker.exists(), "{name}: the target did not run");
+        let expected: Vec<(u64, u64)> =
+            expected_calls().into_iter().flat_map(|call| std::iter::repeat_n(call, runs)).collect();
+        assert_eq!(calls_in(&events), expected, "{name}: {stderr}");
+        assert!(!stderr.contains("warning"), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn a_probe_an_execd_image_lacks_is_a_warning_once_and_the_rest_keep_working() {
+    // bash's `execute_command` is not in the target, which bash runs twice.
+    let marker = marker("exec-missing");
+    let events = scratch().join(format!("events-exec-missing-{}.txt", std::process::id()));
+    let module = target().file_name().unwrap().to_str().unwrap();
+    let spec = format!("p:checksum {module}:checksum seed=$arg1 n=$arg2");
+    let wrapper = ["bash", "-c", "\"$0\" \"$@\"; exec \"$0\" \"$@\""];
+    let out = probe_through(&wrapper, &["p:execute_command", &spec], &["-o", events.to_str().unwrap()], &marker);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(TARGET_STATUS), "{stderr}");
+    let warning = format!(
+        "dynprobe: warning: probe `p:execute_command` is not placed in `{}` (exec'd): unknown symbol",
+        target().display()
+    );
+    assert_eq!(stderr.matches(&warning).count(), 1, "{stderr}");
+    let lines = std::fs::read_to_string(&events).unwrap();
+    let (shell, checksum): (Vec<&str>, Vec<&str>) = lines.lines().partition(|l| l.contains("] execute_command:"));
+    assert!(!shell.is_empty(), "bash's own probe never fired: {lines}");
+    let mut calls: Vec<(u64, u64)> =
+        checksum.iter().map(|l| parse_text_event(l)).map(|(_, seed, n)| (seed, n)).collect();
+    calls.sort();
+    let twice: Vec<(u64, u64)> = expected_calls().into_iter().flat_map(|c| [c, c]).collect();
+    assert_eq!(calls, twice);
+}
+
+#[test]
+fn a_probed_program_that_outlives_dynprobe_is_not_killed_by_its_probes() {
+    // The shell exits at once and dynprobe with it; a second later its background child
+    // runs the target, still probed, whose hits find no reader any more.
+    let marker = marker("outlives");
+    let status = scratch().join(format!("outlives-status-{}", std::process::id()));
+    let _ = std::fs::remove_file(&status);
+    let module = target().file_name().unwrap().to_str().unwrap();
+    let spec = format!("p:checksum {module}:checksum seed=$arg1 n=$arg2");
+    let script = "(sleep 1; \"$0\" \"$1\"; echo $? > \"$2\") </dev/null >/dev/null 2>&1 &";
+    let target = target().to_str().unwrap();
+    let args = ["probe", &spec, "--", "bash", "-c", script, target, marker.to_str().unwrap(), status.to_str().unwrap()];
+    let out = dynprobe(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !status.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let code = std::fs::read_to_string(&status).expect("the background target never finished");
+    // 141 would be 128 + SIGPIPE.
+    assert_eq!(code.trim(), TARGET_STATUS.to_string(), "the target died");
+    assert!(marker.exists());
+}
+
+#[test]
+fn a_probe_refused_in_a_wrapper_script_says_the_script_was_probed_first() {
+    let script = scratch().join(format!("wrapper-{}.sh", std::process::id()));
+    std::fs::write(&script, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let marker = marker("wrapper-script");
+    let out = probe_through(&[script.to_str().unwrap()], &["p:checksum"], &[], &marker);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!marker.exists(), "the program ran");
+    assert!(stderr.contains("unknown symbol `checksum`"), "{stderr}");
+    let hint = format!("`{}` is a script run by `/bin/sh`, which is probed first", script.display());
+    assert!(stderr.contains(&hint), "{stderr}");
 }
 
 #[test]

@@ -33,6 +33,7 @@
 //! control descriptor (the CLI dying) is safe: `run` detaches cleanly.
 
 mod control;
+mod marker;
 mod output;
 mod place;
 mod scratch;
@@ -258,19 +259,29 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     })?;
     let mem = &tracer.mem;
     let read = |addr: u64, len: usize| mem.read_vec(addr, len).map_err(|e| e.to_string());
+    // Per probe (a marker spec has one per site): where, which spec, its kind.
     let mut points = Vec::new();
-    for spec in specs {
+    let mut semaphores = Vec::new();
+    for (s, spec) in specs.iter().enumerate() {
         let refused = |message: String| Error::Refused { spec: spec.text.clone(), message };
-        // The location first: it refuses what this mode cannot probe at all (markers).
+        if spec.kind == ProbeKind::Marker {
+            for site in marker::resolve(&table, spec, &read).map_err(refused)? {
+                tracer.formats.push(site.format);
+                points.push((site.point, s, ProbeKind::Entry));
+                semaphores.extend((site.semaphore != 0).then_some((s, site.semaphore)));
+            }
+            continue;
+        }
         let point = place::resolve(&table, spec, &read).map_err(refused)?;
         let mut resolved = spec.clone();
         resolved.resolve_symbols(|name| place::lookup_address(&table, name)).map_err(refused)?;
         tracer.formats.push(EventFormat::new(&resolved).map_err(refused)?);
-        points.push(point);
+        points.push((point, s, spec.kind));
     }
     // One site per address, shared by every probe there.
     let mut sites: Vec<(place::Point, Vec<usize>, Vec<usize>)> = Vec::new();
-    for (i, point) in points.into_iter().enumerate() {
+    let spec_of: Vec<usize> = points.iter().map(|(_, s, _)| *s).collect();
+    for (i, (point, _, kind)) in points.into_iter().enumerate() {
         let index = match sites.iter().position(|(p, _, _)| p.addr == point.addr) {
             Some(index) => index,
             None => {
@@ -278,12 +289,13 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
                 sites.len() - 1
             }
         };
-        match specs[i].kind {
-            ProbeKind::Entry => sites[index].1.push(i),
+        match kind {
             ProbeKind::Return => sites[index].2.push(i),
-            ProbeKind::Marker => unreachable!("place::resolve refuses marker specs"),
+            ProbeKind::Entry | ProbeKind::Marker => sites[index].1.push(i),
         }
     }
+    // The spec of probe `p`, for a refusal.
+    let spec_text = |p: usize| specs[spec_of[p]].text.clone();
     if sites.is_empty() {
         return Ok(());
     }
@@ -294,7 +306,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     for (i, (point, _, _)) in sites.iter().enumerate() {
         let slot_ip = tracer.scratch.slot(i);
         let code = build_slot(&point.bytes, point.addr, slot_ip, point.insn.end()).map_err(|e| Error::Refused {
-            spec: specs[sites[i].1.first().or(sites[i].2.first()).copied().unwrap_or(0)].text.clone(),
+            spec: spec_text(sites[i].1.first().or(sites[i].2.first()).copied().unwrap_or(0)),
             message: e.to_string(),
         })?;
         assert!(scratch::fits(&code), "a slot of {} bytes does not fit in {}", code.len(), scratch::SLOT_SIZE);
@@ -310,7 +322,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
             }
             tracer.sites.clear();
             tracer.site_at.clear();
-            let spec = specs[entries.first().or(returns.first()).copied().unwrap_or(0)].text.clone();
+            let spec = spec_text(entries.first().or(returns.first()).copied().unwrap_or(0));
             return Err(Error::Refused { spec, message: format!("cannot write the breakpoint: {e}") });
         }
         tracer.site_at.insert(point.addr, i);
@@ -321,6 +333,32 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
             entries,
             returns,
         });
+    }
+    raise_semaphores(tracer, specs, &semaphores)
+}
+
+/// Raises the semaphore of every marker site that has one, the breakpoints being in (see
+/// the `marker` module). On a refusal everything placed is taken back: a marker that
+/// cannot fire is refused with the reason, never silently dead.
+fn raise_semaphores(tracer: &mut Tracer, specs: &[ProbeSpec], semaphores: &[(usize, u64)]) -> Result<(), Error> {
+    for &(s, addr) in semaphores {
+        if let Err(why) = marker::raise_semaphore(&tracer.mem, tracer.pid, addr) {
+            tracer.lower_semaphores();
+            for site in &tracer.sites {
+                let _ = tracer.mem.replace(site.addr, &[INT3], &[site.orig]);
+            }
+            tracer.sites.clear();
+            tracer.site_at.clear();
+            let marker = match &specs[s].location {
+                dynprobe::spec::Target::Marker(marker) => marker.as_str(),
+                dynprobe::spec::Target::Code(_) => "?",
+            };
+            return Err(Error::Refused {
+                spec: specs[s].text.clone(),
+                message: format!("marker `{marker}` cannot fire: {why}"),
+            });
+        }
+        tracer.semaphores.push(addr);
     }
     Ok(())
 }

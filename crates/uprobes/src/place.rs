@@ -57,13 +57,8 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
 fn locate(table: &SymbolTable, spec: &ProbeSpec) -> Result<(u64, Option<(u64, u64)>), String> {
     let location = match &spec.location {
         Target::Code(location) => location,
-        // A marker's probes are placed by the agent, which finds its sites in every module
-        // and formats its typed arguments; this mode places one breakpoint per code spec.
-        Target::Marker(_) => {
-            return Err("marker probes (m:) need the in-process agent, and this program runs without it \
-                        (the ptrace fallback probes code locations only)"
-                .to_string())
-        }
+        // A marker has no one location: `crate::marker` resolves each of its sites.
+        Target::Marker(marker) => return Err(format!("marker `{marker}` has one probe per site, not one location")),
     };
     locate_code(table, spec, location).map_err(|e| e.to_string())
 }
@@ -144,6 +139,6 @@ mod tests {
         let spec = ProbeSpec::parse("m:app:tick").unwrap();
         let read: ReadCode = &|_, _| panic!("nothing is read for a marker spec");
         let err = resolve(&table, &spec, read).unwrap_err();
-        assert!(err.starts_with("marker probes (m:) need the in-process agent"), "{err}");
+        assert_eq!(err, "marker `app:tick` has one probe per site, not one location");
     }
 }

@@ -124,6 +124,8 @@ pub(crate) struct Tracer {
     pub out: Output,
     pub target: ProcMemory,
     pub info: ExitInfo,
+    /// The marker semaphores raised (one count each), lowered at detach.
+    pub semaphores: Vec<u64>,
     line: Line,
 }
 
@@ -142,6 +144,7 @@ impl Tracer {
             out,
             target: ProcMemory { pid },
             info: ExitInfo::default(),
+            semaphores: Vec::new(),
             line: Line::new(),
         })
     }
@@ -426,7 +429,7 @@ impl Tracer {
             }
             Some(_) => return Ok(()),
         }
-        let mut failures = Vec::new();
+        let mut failures = self.lower_semaphores();
         for site in &self.sites {
             if let Err(e) = self.mem.replace(site.addr, &[INT3], &[site.orig]) {
                 failures.push(format!("restoring {:#x}: {e}", site.addr));
@@ -454,6 +457,12 @@ impl Tracer {
         } else {
             Err(Error::Restore { failures })
         }
+    }
+
+    /// Lowers every marker semaphore raised (every thread stopped), first: the program
+    /// stops taking the markers' paths before their breakpoints go. What failed, if any.
+    pub fn lower_semaphores(&mut self) -> Vec<String> {
+        self.semaphores.drain(..).filter_map(|addr| crate::marker::lower_semaphore(&self.mem, addr).err()).collect()
     }
 
     /// Puts back every return address of `tid` still pointing at the trampoline, and sends
@@ -487,6 +496,8 @@ impl Tracer {
     /// that remains.
     pub fn exec_detach(&mut self) {
         self.out.line(b"!detached the program executed a new image, which has none of the probes\n");
+        // The semaphores went with the old image too.
+        self.semaphores.clear();
         for &tid in self.threads.keys() {
             let _ = sys::detach(tid, 0);
         }

@@ -292,3 +292,39 @@ fn the_benchmark_counts_every_hit() {
     assert!(text.contains("hits=20000"), "{text}");
     eprintln!("ptrace-probe: {text}");
 }
+
+#[test]
+fn a_usdt_semaphore_is_raised_while_attached_and_lowered_at_detach() {
+    // The CLI's USDT target (sys/sdt.h, a semaphore-guarded probe), statically linked:
+    // the ptrace backend's own case. It answers each number of rounds on stdin with
+    // `enabled E semaphore S`.
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let exe = BUILT.get_or_init(|| build("../cli/tests/targets/usdt.c", "usdt"));
+    let mut child = Command::new(exe).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), format!("ready {}", child.id()));
+    let pid = child.id() as i32;
+    let mut ask = |rounds: u32| {
+        writeln!(stdin, "{rounds}").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask(10), "enabled 0 semaphore 0", "nobody listens");
+    let mut tracer = Tracer::attach(pid, &["m:usdt_app:work"]);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
+    assert_eq!(ask(10), "enabled 10 semaphore 1", "raised while attached");
+    let events: Vec<String> = (0..10).map(|_| tracer.line().expect("an event")).collect();
+    let fields: Vec<(u64, u64)> =
+        hits(&events, "usdt_app/work").iter().map(|h| (num(h["arg1"]), num(h["arg2"]))).collect();
+    assert_eq!(fields, (0..10).map(|i| (i, i + 1)).collect::<Vec<_>>(), "{events:#?}");
+    tracer.control.as_mut().unwrap().write_all(b"detach\n").unwrap();
+    let (rest, ok) = tracer.rest();
+    assert!(ok, "{rest:?}");
+    assert_eq!(ask(10), "enabled 0 semaphore 0", "lowered at detach");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

@@ -189,12 +189,32 @@ fn try_probe(
     match outcome.placement {
         Placement::Refused(error) => {
             let (spec, why) = split_error(&error, &lines);
-            return Err(format!("cannot place probe `{spec}`: {why}; the program was not run"));
+            let hint = script_hint(&command[0]).unwrap_or_default();
+            return Err(format!("cannot place probe `{spec}`: {why}; the program was not run{hint}"));
         }
         Placement::Silent => warn_not_loaded(&command[0], "no probe was placed"),
         Placement::Ready(_) => {}
     }
     Ok(exit_code(&command[0], outcome.status))
+}
+
+/// When `program` is a `#!` script (a wrapper such as a pyenv shim), a second line saying
+/// that its interpreter was probed first and how to reach the program it runs.
+fn script_hint(program: &std::ffi::OsStr) -> Option<String> {
+    let path = std::path::Path::new(program);
+    let path = match program.as_encoded_bytes().contains(&b'/') {
+        true => path.to_path_buf(),
+        false => std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())?,
+    };
+    let mut head = [0u8; 256];
+    let n = std::io::Read::read(&mut File::open(&path).ok()?, &mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
+    let interpreter = String::from_utf8_lossy(line).trim().to_string();
+    Some(format!(
+        "\n`{}` is a script run by `{interpreter}`, which is probed first: name the module of a probe meant \
+         for the program the script runs (`p:MODULE:SYMBOL` waits for it), or run that program directly",
+        program.to_string_lossy()
+    ))
 }
 
 /// `dynprobe probe SPEC -- PROG` with the ptrace-driven probes: the tracer child starts the

@@ -3,6 +3,7 @@
 //! agent and in what they do with its hits.
 
 use super::output::{Hit, Message, Printer};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -30,20 +31,31 @@ pub struct Outcome {
     pub status: ExitStatus,
 }
 
-/// A pipe: the read end stays here (close-on-exec), the write end goes to the program.
+/// The event channel: the read end stays here (close-on-exec), the write end goes to the
+/// program and every program it runs.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
+/// A Unix stream socket pair rather than a pipe: the agent sends with `MSG_NOSIGNAL`, so a
+/// probed program that outlives this CLI (a daemon it started) loses its lines instead of
+/// dying of `SIGPIPE` (see the agent's `Channel`).
 fn pipe() -> io::Result<Pipe> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 stores.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+    // SAFETY: `fds` has room for the two descriptors socketpair stores.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } == -1 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: pipe2 just returned these two descriptors, owned by nobody else.
+    // SAFETY: socketpair just returned these two descriptors, owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Only the program writes, and only this end reads; a failure changes nothing that
+    // matters.
+    // SAFETY: shutdown of our own sockets.
+    unsafe {
+        libc::shutdown(read.as_raw_fd(), libc::SHUT_WR);
+        libc::shutdown(write.as_raw_fd(), libc::SHUT_RD);
+    }
     Ok(Pipe { read, write })
 }
 
@@ -59,7 +71,17 @@ fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd:
     cmd.args(&command[1..])
         .env("LD_PRELOAD", preload)
         .env("DYNPROBE_EVENT_FD", event_fd.to_string())
+        // Tells the first image from those its processes `exec` later.
+        .env("DYNPROBE_FIRST_IMAGE", "1")
         .envs(env.iter().map(|(name, value)| (name, value)));
+    // SAFETY: `stat` is plain data that fstat fills.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of our own descriptor into the local `stat`. Without an answer the
+    // agents take the descriptor on trust.
+    if unsafe { libc::fstat(event_fd, &mut stat) } == 0 {
+        // Lets a program `exec`'d later check that its descriptor is still the channel.
+        cmd.env("DYNPROBE_EVENT_PIPE", stat.st_ino.to_string());
+    }
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: fcntl is one. It lets the write end, created
     // close-on-exec so no other child of ours inherits it, survive this one exec.
@@ -137,7 +159,7 @@ pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Resu
         unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
     });
     let mut lines = Lines::default();
-    let mut state = Relay { hits, placement: Placement::Silent };
+    let mut state = Relay { hits, placement: Placement::Silent, said: HashSet::new() };
     loop {
         let mut fds = [
             libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -173,6 +195,9 @@ pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Resu
 struct Relay<'h> {
     hits: &'h mut dyn Hits,
     placement: Placement,
+    /// The notes printed so far: every process the program runs (it and the programs it
+    /// `exec`s, each with its own agent) may send the same one, which is printed once.
+    said: HashSet<String>,
 }
 
 impl Relay<'_> {
@@ -182,12 +207,12 @@ impl Relay<'_> {
             // After `!ready`, a probe that waited for its library and was refused once it
             // came: the program runs on with the others.
             Message::Error(error) if matches!(self.placement, Placement::Ready(_)) => {
-                eprintln!("dynprobe: cannot place probe {error}")
+                self.say(format!("cannot place probe {error}"))
             }
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
             Message::Hit(hit) => self.hits.hit(&hit),
             message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_)) => {
-                eprintln!("dynprobe: {}", message.note().unwrap_or_default())
+                self.say(message.note().unwrap_or_default())
             }
             // The tracer's exit status is the program's; the line says nothing more.
             Message::Ended(_) => {}
@@ -195,6 +220,16 @@ impl Relay<'_> {
             Message::Lost(_) | Message::Unknown(_) => {
                 eprintln!("dynprobe: unexpected line from the agent: {line}")
             }
+        }
+    }
+}
+
+impl Relay<'_> {
+    /// Prints `note` on stderr, unless it was printed already.
+    fn say(&mut self, note: String) {
+        if !self.said.contains(&note) {
+            eprintln!("dynprobe: {note}");
+            self.said.insert(note);
         }
     }
 }

@@ -32,20 +32,31 @@ pub fn dynprobe() -> Command {
 /// `targets/markers.c` with `dynprobe/marker.h`, built once.
 pub fn c_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let out = scratch().join("markers-c");
-        let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
-        let status = Command::new("gcc")
-            .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
-            .arg(include)
-            .arg(targets().join("markers.c"))
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .expect("run gcc (scripts/setup installs it)");
-        assert!(status.success(), "gcc markers.c failed");
-        out
-    })
+    BUILT.get_or_init(|| gcc("markers.c", "markers-c"))
+}
+
+/// `targets/usdt.c`: a USDT probe (`usdt_app:work`) of `sys/sdt.h` guarded by its
+/// semaphore, built once.
+pub fn usdt_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| gcc("usdt.c", "usdt"))
+}
+
+/// Builds `targets/SOURCE` into the scratch directory as `output`, with the dynprobe
+/// headers on the include path.
+fn gcc(source: &str, output: &str) -> PathBuf {
+    let out = scratch().join(output);
+    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
+    let status = Command::new("gcc")
+        .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
+        .arg(include)
+        .arg(targets().join(source))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run gcc (scripts/setup installs it)");
+    assert!(status.success(), "gcc {source} failed (sys/sdt.h: scripts/setup installs systemtap-sdt-dev)");
+    out
 }
 
 /// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built

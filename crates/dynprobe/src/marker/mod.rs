@@ -38,6 +38,7 @@
 //! ```
 
 mod emit;
+mod semaphore;
 
 use std::fmt;
 use std::sync::Arc;
@@ -49,6 +50,7 @@ use dynprobe_symbols::{SymbolError, SymbolTable};
 
 pub use dynprobe_symbols::{read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite};
 pub use emit::{MarkerArgs, MarkerValue};
+pub use semaphore::check_semaphore;
 
 /// The bytes of a marker site while no probe is on it: the 5-byte NOP
 /// `nopl 0x0(%rax,%rax,1)`.
@@ -68,7 +70,11 @@ pub const MAX_CSTR: usize = 4096;
 /// # Ok::<(), dynprobe::marker::MarkerError>(())
 /// ```
 pub fn markers() -> Result<Vec<MarkerSite>, MarkerError> {
-    let table = SymbolTable::current_process()?;
+    markers_in(&SymbolTable::current_process()?)
+}
+
+/// [`markers`] of the process `table` describes (this one or another).
+pub fn markers_in(table: &SymbolTable) -> Result<Vec<MarkerSite>, MarkerError> {
     let mut sites = Vec::new();
     for module in 0..table.modules().len() {
         sites.extend(table.markers(module)?);
@@ -84,8 +90,13 @@ impl Marker {
     /// may be `*` (every provider, every name). An unknown marker is
     /// [`MarkerError::Unknown`], with the nearest names.
     pub fn find(spec: &str) -> Result<Vec<MarkerSite>, MarkerError> {
+        Marker::find_in(&SymbolTable::current_process()?, spec)
+    }
+
+    /// [`Marker::find`] in the process `table` describes (this one or another).
+    pub fn find_in(table: &SymbolTable, spec: &str) -> Result<Vec<MarkerSite>, MarkerError> {
         let (provider, name) = split_spec(spec)?;
-        let all = markers()?;
+        let all = markers_in(table)?;
         let part = |want: &str, have: &str| want == "*" || want == have;
         let (found, others): (Vec<MarkerSite>, Vec<MarkerSite>) =
             all.into_iter().partition(|s| part(provider, &s.provider) && part(name, &s.name));
@@ -112,14 +123,19 @@ impl Marker {
 
     /// [`Marker::attach`] for sites already found (by [`markers`] or [`Marker::find`]):
     /// one probe per site, all with `handler`, optimized into jumps before this returns.
-    /// On an error no site keeps a probe.
+    /// A site whose SDT note names a semaphore has it raised once the probe is in place
+    /// (and lowered at detach), or the attach is refused: without it the program would
+    /// skip the marker. On an error no site keeps a probe and no semaphore stays raised.
     pub fn attach_sites(
         sites: Vec<MarkerSite>,
         handler: impl Fn(&MarkerHit<'_>) + Send + Sync + 'static,
     ) -> Result<MarkerHandle, MarkerError> {
         let handler: Arc<dyn Fn(&MarkerHit<'_>) + Send + Sync> = Arc::new(handler);
-        let mut handle =
-            MarkerHandle { probes: Vec::with_capacity(sites.len()), sites: Vec::with_capacity(sites.len()) };
+        let mut handle = MarkerHandle {
+            probes: Vec::with_capacity(sites.len()),
+            sites: Vec::with_capacity(sites.len()),
+            semaphores: Vec::new(),
+        };
         for site in sites {
             let site = Arc::new(site);
             let (on_hit, at) = (handler.clone(), site.clone());
@@ -132,6 +148,18 @@ impl Marker {
             handle.sites.push(site);
         }
         dynprobe_probe::wait_for_optimizer().map_err(MarkerError::Optimizer)?;
+        // Raised last: the program takes the marker's path only once a probe is there.
+        for site in &handle.sites {
+            if site.semaphore != 0 {
+                // A failure drops `handle`, which lowers the ones raised so far.
+                semaphore::raise(site.semaphore).map_err(|reason| MarkerError::Semaphore {
+                    site: site.spec(),
+                    addr: site.addr,
+                    reason,
+                })?;
+                handle.semaphores.push(site.semaphore);
+            }
+        }
         Ok(handle)
     }
 }
@@ -383,6 +411,8 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
 pub struct MarkerHandle {
     probes: Vec<ProbeHandle>,
     sites: Vec<Arc<MarkerSite>>,
+    /// The semaphores raised (one count per site that has one), lowered at detach.
+    semaphores: Vec<u64>,
 }
 
 impl MarkerHandle {
@@ -410,6 +440,7 @@ impl MarkerHandle {
     /// still inside it, with the final counts. A site whose probe could not be removed
     /// keeps working as if leaked, and the first such error is returned.
     pub fn detach(mut self) -> Result<MarkerStats, MarkerError> {
+        self.lower_semaphores();
         let mut stats = MarkerStats { hits: 0, nmissed: 0 };
         let mut first_error = None;
         for (probe, site) in self.probes.drain(..).zip(&self.sites) {
@@ -424,6 +455,20 @@ impl MarkerHandle {
             }
         }
         first_error.map_or(Ok(stats), Err)
+    }
+}
+
+impl MarkerHandle {
+    /// Lowers the semaphores this handle raised, first: the program stops taking the
+    /// markers' paths before their probes go.
+    fn lower_semaphores(&mut self) {
+        self.semaphores.drain(..).for_each(semaphore::lower);
+    }
+}
+
+impl Drop for MarkerHandle {
+    fn drop(&mut self) {
+        self.lower_semaphores();
     }
 }
 
@@ -463,6 +508,15 @@ pub enum MarkerError {
     /// The probes were placed but the optimizer's pass that turns them into jumps failed
     /// (a thread that would not stop); they were removed again.
     Optimizer(ProbeError),
+    /// A site's semaphore could not be raised, so the program would never reach it.
+    Semaphore {
+        /// The marker's `provider:name`.
+        site: String,
+        /// The site's address.
+        addr: u64,
+        /// Why.
+        reason: String,
+    },
     /// The probe on a site could not be placed or removed.
     Probe {
         /// The marker's `provider:name`.
@@ -491,6 +545,9 @@ impl fmt::Display for MarkerError {
             MarkerError::Symbols(e) => write!(f, "reading the process's markers: {e}"),
             MarkerError::Optimizer(e) => write!(f, "optimizing the markers' probes into jumps: {e}"),
             MarkerError::Probe { site, addr, error } => write!(f, "marker `{site}` at {addr:#x}: {error}"),
+            MarkerError::Semaphore { site, addr, reason } => {
+                write!(f, "marker `{site}` at {addr:#x} cannot fire: {reason}")
+            }
         }
     }
 }
