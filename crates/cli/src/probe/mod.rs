@@ -207,7 +207,7 @@ fn script_hint(program: &std::ffi::OsStr) -> Option<String> {
         false => std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())?,
     };
     let mut head = [0u8; 256];
-    let n = std::io::Read::read(&mut File::open(&path).ok()?, &mut head).ok()?;
+    let n = std::io::Read::read(&mut std::fs::File::open(&path).ok()?, &mut head).ok()?;
     let line = head[..n].strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
     let interpreter = String::from_utf8_lossy(line).trim().to_string();
     Some(format!(
