@@ -128,7 +128,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let mut guard = lock()?;
     let registry = &mut *guard;
     let target = registry.resolve(&probe.location)?;
-    registry.check_blacklist(&target)?;
+    registry.check_blacklist(&target, probe.internal)?;
     let wants_post = probe.post.is_some();
     let shared = Arc::new(probe.into_shared(target.addr));
 
@@ -265,7 +265,11 @@ pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
 /// ```
 pub fn list() -> Vec<ProbeInfo> {
     let Ok(registry) = lock() else { return Vec::new() };
-    registry.sites.values().flat_map(|site| site.probes().iter().map(|p| describe(site, p))).collect()
+    registry
+        .sites
+        .values()
+        .flat_map(|site| site.probes().iter().filter(|p| !p.internal).map(|p| describe(site, p)))
+        .collect()
 }
 
 fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
@@ -372,7 +376,10 @@ impl Registry {
         Ok(Target { addr, label: format!("{addr:#x}"), function: None })
     }
 
-    fn check_blacklist(&self, target: &Target) -> Result<(), ProbeError> {
+    /// Whether a probe may go at `target`. dynprobe's own signal guards (`internal`) may go
+    /// on the C library functions its trap path calls (`syscall`): a hit from inside a
+    /// handler is only counted as missed, and a guard has nothing to do for dynprobe.
+    fn check_blacklist(&self, target: &Target, internal: bool) -> Result<(), ProbeError> {
         if pool::contains(target.addr) {
             let what = "an out-of-line slot of another probe".to_string();
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
@@ -384,7 +391,7 @@ impl Registry {
                 return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
             }
             let inside = |addr: u64| addr == *start || addr.wrapping_sub(*start) < *size;
-            if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| inside(*addr)) {
+            if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| !internal && inside(*addr)) {
                 let what = format!("{name} (the `{called}` dynprobe's trap handler calls)");
                 return Err(ProbeError::Blacklisted { addr: target.addr, what });
             }

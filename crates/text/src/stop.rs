@@ -112,8 +112,8 @@ static HOLDER: AtomicI32 = AtomicI32::new(0);
 
 /// Raw system calls for the signal handler: it must not call into libc, whose functions may
 /// carry probes (an `int3` hit while `SIGTRAP` is blocked kills the process) and whose
-/// `syscall()` wrapper writes `errno`.
-mod raw {
+/// `syscall()` wrapper writes `errno`. (The trap dispatcher uses them too.)
+pub(crate) mod raw {
     /// `syscall(nr, a1, a2, a3, a4)`.
     ///
     /// # Safety
