@@ -33,19 +33,25 @@ pub fn dynprobe() -> Command {
 pub fn c_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let out = scratch().join("markers-c");
         let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
-        let status = Command::new("gcc")
-            .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
-            .arg(include)
-            .arg(targets().join("markers.c"))
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .expect("run gcc (scripts/setup installs it)");
-        assert!(status.success(), "gcc markers.c failed");
-        out
+        build_c("markers.c", "markers-c", &["-I".as_ref(), include.as_os_str()])
     })
+}
+
+/// Builds `targets/{source}` with gcc (`-O2 -Wall -Werror -fcf-protection=none -pthread`
+/// plus `flags`) into the scratch directory as `out`; panics with the reason when it fails.
+pub fn build_c(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
+    let out = scratch().join(out);
+    let status = Command::new("gcc")
+        .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-pthread"])
+        .args(flags)
+        .arg(targets().join(source))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run gcc (scripts/setup installs it)");
+    assert!(status.success(), "gcc {source} failed");
+    out
 }
 
 /// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built
