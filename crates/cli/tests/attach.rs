@@ -62,6 +62,12 @@ fn static_worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker-static", &["-O1", "-g", "-fno-inline", "-pthread", "-static"])
 }
 
+/// A program that uses SIGTRAP itself and blocks every signal in its threads.
+fn signals_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "signals.c", "signals", &["-O2", "-pthread"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -507,4 +513,23 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
     let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
+}
+
+#[test]
+fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() {
+    let mut worker = Worker::start_exe("signals", signals_exe());
+    let alone = worker.round();
+    assert!(alone.contains("traps=3 reset=1"), "{alone}");
+    for options in [&["--no-optimize"][..], &[]] {
+        let mut session = Session::start(worker.pid, &["p:work"], options);
+        session.wait_for("attached to");
+        assert_eq!(worker.round(), alone, "{options:?}: attached");
+        let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("while removing"), "{stderr}");
+        // Three workers of 200 calls and one call from the main thread.
+        assert_eq!(stdout.lines().filter(|l| l.contains("work")).count(), 601, "{options:?}: {stdout}");
+        assert_eq!(worker.round(), alone, "{options:?}: after detach");
+    }
+    worker.quit();
 }

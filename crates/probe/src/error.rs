@@ -49,6 +49,11 @@ pub enum ProbeError {
     Text(TextError),
     /// A probe was unregistered from inside a handler, which would wait for itself.
     InsideHandler,
+    /// dynprobe's signal guards cannot be removed while other probes remain.
+    SignalsInUse {
+        /// How many probes remain.
+        probes: usize,
+    },
     /// A return probe must be at a function's first instruction, where the return address
     /// is at `rsp`.
     ReturnProbeNotAtEntry {
@@ -113,6 +118,10 @@ impl fmt::Display for ProbeError {
                 write!(f, "{max} return probes are registered already; unregister one first")
             }
             ProbeError::ReturnProbeSetup { reason } => write!(f, "return probes: {reason}"),
+            ProbeError::SignalsInUse { probes } => write!(
+                f,
+                "SIGTRAP cannot be given back to the program while {probes} probe(s) remain (their int3s need dynprobe's handler)"
+            ),
             ProbeError::InsideHandler => {
                 write!(f, "a probe cannot be unregistered from inside a probe handler (it would wait for itself)")
             }

@@ -44,7 +44,7 @@ pub use retprobe::{
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
     DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
 };
-pub use signals::guard_failure;
+pub use signals::{guard_failure, release_signals};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
 /// The listing of every registered probe, one line each, like the kernel's debugfs

@@ -248,6 +248,11 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// How many probes are registered (dynprobe's own guards included).
+pub(crate) fn probe_count() -> Result<usize, ProbeError> {
+    Ok(lock()?.sites.values().map(|site| site.probes().len()).sum())
+}
+
 pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
     let registry = lock().ok()?;
     let site = registry.sites.get(&probe.addr)?;

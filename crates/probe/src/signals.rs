@@ -28,11 +28,12 @@
 //! `abort`) are raw system calls in its code, a few instructions long, and are not guarded.
 
 use crate::guard::HandlerGuard;
+use crate::probe::ProbeShared;
 use crate::thread_slot::ThreadSlot;
-use crate::{registry, Probe, Regs};
+use crate::{registry, Probe, ProbeError, Regs};
 use dynprobe_text::trap::{self, KernelSigaction, SA_RESTORER, TRAP_BIT};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The glibc-internal signals (`SIGCANCEL`, `SIGSETXID`) that `sigaction` refuses and
 /// `pthread_sigmask` never blocks.
@@ -48,6 +49,8 @@ static ASKED_TRAP_IN_MASK: AtomicU64 = AtomicU64::new(0);
 /// functions — a static program — has nothing to guard).
 static GUARDED: AtomicBool = AtomicBool::new(false);
 static PLACING: Mutex<Option<String>> = Mutex::new(None);
+/// The guards placed, removed by [`release_signals`].
+static PLACED: Mutex<Vec<Arc<ProbeShared>>> = Mutex::new(Vec::new());
 
 /// A guard: the pre-handler of the probe at a guarded function's entry.
 type Guard = fn(&mut Regs);
@@ -100,8 +103,8 @@ fn place_guards() -> Result<(), String> {
         let mut probe = Probe::at(addr).on_hit(guard);
         probe.internal = true;
         match registry::register(probe) {
-            // Kept for the life of the process: the guards are the program's SIGTRAP.
-            Ok(shared) => std::mem::forget(shared),
+            // Kept until release_signals: the guards are the program's SIGTRAP.
+            Ok(shared) => PLACED.lock().unwrap_or_else(|e| e.into_inner()).push(shared),
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
@@ -115,6 +118,38 @@ fn place_guards() -> Result<(), String> {
     } else {
         Err(format!("signal guards not placed: {}", failures.join("; ")))
     }
+}
+
+/// Removes the guards and gives `SIGTRAP` back to the program — its own action becomes the
+/// kernel's again, and the calling thread blocks it for real if the program asked — once
+/// no other probe is left (the end of an attach session: nothing of dynprobe runs in the
+/// program afterwards). The next probe places the guards again.
+///
+/// Other threads that asked to block `SIGTRAP` do not get it blocked for real: a thread's
+/// mask can only be changed by that thread.
+pub fn release_signals() -> Result<(), ProbeError> {
+    let _placing = PLACING.lock().unwrap_or_else(|e| e.into_inner());
+    if !GUARDED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let mut placed = PLACED.lock().unwrap_or_else(|e| e.into_inner());
+    let others = registry::probe_count()? - placed.len();
+    if others > 0 {
+        return Err(ProbeError::SignalsInUse { probes: others });
+    }
+    while let Some(guard) = placed.pop() {
+        if let Err(e) = registry::unregister(&guard) {
+            placed.push(guard);
+            return Err(e);
+        }
+    }
+    trap::uninstall()?;
+    if trap::set_program_blocks_trap(false) {
+        // SAFETY: a valid mask.
+        unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, &TRAP_BIT, std::ptr::null_mut()) };
+    }
+    GUARDED.store(false, Ordering::Release);
+    Ok(())
 }
 
 /// The calling thread's virtual `SIGTRAP` state (see [`trap::set_thread_state_source`]).

@@ -176,6 +176,27 @@ pub fn install() -> Result<(), TextError> {
     Ok(())
 }
 
+/// Gives `SIGTRAP` back to the program: its chained action becomes the kernel's action
+/// again, as at the end of a session (no `int3` of ours may be left). The next
+/// [`install`] starts afresh from the action then in place.
+pub fn uninstall() -> Result<(), TextError> {
+    let _writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+    if !INSTALLED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let action = program_action();
+    // SAFETY: a valid kernel action, as the program (or the C library for it) set it.
+    let rc = unsafe { rt_sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(TextError::Unwritable {
+            addr: 0,
+            reason: format!("cannot give SIGTRAP's action back: {}", std::io::Error::from_raw_os_error(-rc as i32)),
+        });
+    }
+    INSTALLED.store(false, Ordering::Release);
+    Ok(())
+}
+
 /// Makes `handler(data, ..)` the owner of the `int3` at `addr`. Must be called before the
 /// `int3` is written. Installs the dispatcher if needed.
 pub fn register_site(addr: u64, handler: TrapFn, data: usize) -> Result<(), TextError> {

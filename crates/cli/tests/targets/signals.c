@@ -3,7 +3,9 @@
  * raise(SIGTRAP) itself, installs a handler with a raw rt_sigaction, and runs work() in
  * threads that block every signal (pthread_sigmask, sigprocmask, raw rt_sigprocmask).
  * Prints what it computed and how many of its own traps it saw: the same with and
- * without dynprobe. Usage: signals ROUNDS */
+ * without dynprobe. Usage: `signals ROUNDS` runs once; `signals LOG` (the attach tests'
+ * worker protocol; LOG unused) says "ready PID", then runs 200 rounds per "go" line on
+ * stdin, answering with its line, until "quit". */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
@@ -58,8 +60,9 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-int main(int argc, char **argv) {
-    rounds = argc > 1 ? atol(argv[1]) : 100;
+/* One run: the line the program prints. */
+static void run(void) {
+    traps = 0;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_trap;
@@ -95,8 +98,26 @@ int main(int argc, char **argv) {
         pthread_join(t, NULL);
         total += sum;
     }
+    sigset_t old;
+    pthread_sigmask(SIG_BLOCK, NULL, &old);
     block_all(1);
     total += work(1);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     printf("total=%ld traps=%ld reset=%ld\n", total, traps, reset);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && atol(argv[1]) > 0) {
+        rounds = atol(argv[1]);
+        run();
+        return 0;
+    }
+    rounds = 200;
+    printf("ready %d\n", (int)getpid());
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin) && strncmp(line, "quit", 4) != 0)
+        run();
     return 0;
 }
