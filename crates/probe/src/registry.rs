@@ -9,7 +9,7 @@ use crate::arch::{
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
-use crate::{optimizer, thread_slot};
+use crate::{optimizer, signals, thread_slot};
 use crate::{Location, Probe, ProbeError};
 use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 /// Demangled-name prefixes of dynprobe's own code, on which probes are refused. (A probe on
 /// the trap path would trap inside the trap handler.)
-const BLACKLISTED_CODE: &[&str] =
+pub(crate) const BLACKLISTED_CODE: &[&str] =
     &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::", "dynprobe_ftrace::", "dynprobe_events::"];
 /// C library functions on the signal path itself (the `sigreturn` trampoline), and the
 /// C library's internal cancellation switches, which every cancellable system-call
@@ -168,6 +168,15 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         return Err(e.into());
     }
     registry.sites.insert(target.addr, site);
+    if let Some(refusal) = registry.breakpoint_refusal(target.addr) {
+        let site = registry.sites.remove(&target.addr).expect("just inserted");
+        disown_traps(&site);
+        if let Some(detour) = site.detour() {
+            pool::free(detour.slot);
+        }
+        pool::free(site.slots.slot);
+        return Err(refusal);
+    }
     if let Err(e) = registry.update_arming(target.addr) {
         let site = registry.sites.remove(&target.addr).expect("just inserted");
         if site.armed.load(Ordering::Relaxed) {
@@ -341,6 +350,22 @@ impl Registry {
             self.symbols = Some(SymbolTable::current_process()?);
         }
         Ok(self.symbols.as_ref().expect("just loaded"))
+    }
+
+    /// Why the new site at `addr` must not be a breakpoint, if so: `SIGTRAP` may be blocked
+    /// when it is hit ([`signals::breakpoint_hazard`]) and it cannot be jump-optimized.
+    fn breakpoint_refusal(&mut self, addr: u64) -> Option<ProbeError> {
+        let hazard = signals::breakpoint_hazard(self.symbols(false).ok()?)?;
+        match self.prepare(addr) {
+            Ok(true) => None,
+            Ok(false) => {
+                let site = self.sites.get(&addr)?;
+                let reason = site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let not_optimized = reason.unwrap_or_else(|| "jump optimization is switched off".into());
+                Some(ProbeError::BreakpointUnsafe { addr, hazard, not_optimized })
+            }
+            Err(e) => Some(e),
+        }
     }
 
     /// Looks a symbol up, re-reading the process's modules once if it is not known (a
@@ -655,7 +680,7 @@ impl Registry {
     /// may want that done before its probes (on `malloc`, say) are armed.
     fn prepare(&mut self, addr: u64) -> Result<bool, ProbeError> {
         let Some(site) = self.sites.get(&addr) else { return Ok(false) };
-        if !OPTIMIZATION.load(Ordering::Relaxed)
+        if !(OPTIMIZATION.load(Ordering::Relaxed) || site.internal())
             || site.optimized.load(Ordering::Relaxed)
             || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         {
@@ -806,7 +831,9 @@ pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
         optimizer::kick();
         return Ok(());
     }
-    let addrs: Vec<u64> = registry.sites.keys().copied().collect();
+    // dynprobe's own guards stay jumps: the switch is about the user's probes, and a guard
+    // on `syscall()` would otherwise trap on dynprobe's own system calls.
+    let addrs: Vec<u64> = registry.sites.iter().filter(|(_, site)| !site.internal()).map(|(&a, _)| a).collect();
     registry.unoptimize_all(&addrs)
 }
 

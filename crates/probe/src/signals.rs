@@ -31,9 +31,14 @@ use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
 use crate::thread_slot::ThreadSlot;
 use crate::{registry, Probe, ProbeError, Regs};
+use dynprobe_arch::native::signal_syscalls;
+use dynprobe_symbols::SymbolTable;
+use dynprobe_text::memory;
 use dynprobe_text::trap::{self, KernelSigaction, SA_RESTORER, TRAP_BIT};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The glibc-internal signals (`SIGCANCEL`, `SIGSETXID`) that `sigaction` refuses and
 /// `pthread_sigmask` never blocks.
@@ -361,4 +366,118 @@ fn guard_syscall(regs: &mut Regs) {
         regs.rcx = 0;
         regs.r8 = 8;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the guards cannot cover.
+
+/// Why `SIGTRAP` may be blocked when a breakpoint is hit in this process, despite the guards:
+/// a thread that blocked it before they were placed (a process attached to), or code outside
+/// the C library that changes masks or actions with its own `syscall` instruction (found by
+/// decoding the loaded modules once each). `None` when neither is known.
+///
+/// A "none" is kept for a moment: registering thousands of probes looks once. (A hazard is
+/// looked for again each time: it may be gone, and a stale one would refuse probes.)
+pub(crate) fn breakpoint_hazard(symbols: &SymbolTable) -> Option<String> {
+    static LAST: Mutex<Option<(Instant, Option<String>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((when, None)) = &*last {
+        if when.elapsed() < HAZARD_FRESH {
+            return None;
+        }
+    }
+    let found = match thread_blocking_trap() {
+        Some(tid) => Some(format!("thread {tid} blocks SIGTRAP (it did before dynprobe's signal guards were placed)")),
+        None => raw_signal_syscall(symbols).map(|at| {
+            format!("{at} changes signal masks or actions with its own syscall instruction, which no guard sees")
+        }),
+    };
+    *last = Some((Instant::now(), found.clone()));
+    found
+}
+
+/// How long an answer of [`breakpoint_hazard`] is trusted.
+const HAZARD_FRESH: Duration = Duration::from_millis(100);
+
+/// A thread of this process whose real mask blocks `SIGTRAP` and keeps it blocked (`SigBlk`
+/// of /proc/self/task/TID/status, see proc(5)). Some masks block everything for a moment —
+/// a thread being created (glibc blocks every signal around `clone`), one in `raise`, one
+/// leaving dynprobe's stop handler — so a thread counts only if it still blocks `SIGTRAP`
+/// when looked at again a little later.
+fn thread_blocking_trap() -> Option<i32> {
+    const LOOK_AGAIN: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(50)];
+    let blocks = |tid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+        let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+        Some(u64::from_str_radix(blocked.trim(), 16).ok()? & TRAP_BIT != 0)
+    };
+    let mut candidates: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .filter_map(|task| task.ok()?.file_name().into_string().ok())
+        .filter(|tid| blocks(tid) == Some(true))
+        .collect();
+    for pause in LOOK_AGAIN {
+        if candidates.is_empty() {
+            return None;
+        }
+        std::thread::sleep(pause);
+        candidates.retain(|tid| blocks(tid) == Some(true));
+    }
+    candidates.first()?.parse().ok()
+}
+
+/// Modules whose own signal system calls are the guarded ones, or dynprobe's.
+fn signal_code_is_known(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("libc.so") || name.starts_with("ld-linux") || name.starts_with("libdynprobe_agent")
+}
+
+/// The first signal system call outside the C library and dynprobe, as `symbol+offset`.
+fn raw_signal_syscall(symbols: &SymbolTable) -> Option<String> {
+    type Scanned = HashMap<(String, u64), Arc<Vec<u64>>>;
+    static SCANNED: Mutex<Option<Scanned>> = Mutex::new(None);
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut scanned = SCANNED.lock().unwrap_or_else(|e| e.into_inner());
+    let scanned = scanned.get_or_insert_with(HashMap::new);
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [range, perms, _, _, _, path] = fields[..] else { continue };
+        if !perms.contains('x') || !path.starts_with('/') || signal_code_is_known(path) {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        let found = scanned.entry((path.to_string(), start)).or_insert_with(|| Arc::new(scan_code(start, end))).clone();
+        let foreign = found.iter().find(|&&at| {
+            let name = symbols.resolve(at).map(|(sym, _)| sym.name.as_str()).unwrap_or("");
+            !registry::BLACKLISTED_CODE
+                .iter()
+                .any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")))
+        });
+        if let Some(&at) = foreign {
+            // A module loaded after the table was read has no symbols in it: name the file.
+            return Some(match symbols.resolve(at) {
+                Some(_) => symbols.format_addr(at),
+                None => format!("the code at {at:#x} in {path}"),
+            });
+        }
+    }
+    None
+}
+
+/// [`signal_syscalls`] of the code in `[start, end)`, read a chunk at a time, each with the
+/// bytes before it where the `mov` of a system call at its start may be.
+fn scan_code(start: u64, end: u64) -> Vec<u64> {
+    const CHUNK: u64 = 1 << 20;
+    const BEFORE: u64 = 64;
+    let mut found = Vec::new();
+    let mut at = start;
+    while at < end {
+        let from = at.saturating_sub(BEFORE).max(start);
+        let to = (at + CHUNK + 1).min(end);
+        let Ok(code) = memory::read_vec(from, (to - from) as usize) else { break };
+        found.extend(signal_syscalls(&code, from).into_iter().filter(|&a| a >= at && a < at + CHUNK));
+        at += CHUNK;
+    }
+    found
 }

@@ -73,6 +73,11 @@ impl PatchSite {
     }
 
     /// The current probe list.
+    /// Whether every probe here is one of dynprobe's own (signal guards).
+    pub(crate) fn internal(&self) -> bool {
+        self.probes().iter().all(|p| p.internal)
+    }
+
     pub(crate) fn probes(&self) -> &ProbeList {
         // SAFETY: the pointer is always a leaked Box<ProbeList>, freed only after it was
         // replaced and a grace period passed, so it outlives any reader in a trap handler
