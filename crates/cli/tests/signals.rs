@@ -27,44 +27,41 @@ fn alone() -> String {
     text
 }
 
-#[test]
-fn probe_started_with_breakpoints_and_jumps_sees_every_call_and_changes_nothing() {
+/// Runs `dynprobe COMMAND -o OUT OPTIONS SPEC -- program ROUNDS` for each of breakpoint
+/// probes (`--no-optimize`) and jumps, checks that the program printed what it prints
+/// alone, and returns, per mode, how many of `OUT`'s (or its replay's) lines name `work`.
+fn run_under(command: &str, spec: &[&str], out_name: &str) -> Vec<usize> {
+    let mut counts = Vec::new();
     for options in [&["--no-optimize"][..], &[]] {
-        let hits = common::scratch().join(format!("signals-hits{}", options.len()));
+        let out_path = common::scratch().join(format!("{out_name}{}", options.len()));
+        let _ = std::fs::remove_dir_all(&out_path);
         let out = dynprobe()
-            .args(["probe", "-o"])
-            .arg(&hits)
+            .args([command, "-o"])
+            .arg(&out_path)
             .args(options)
-            .args(["p:work", "--"])
+            .args(spec)
+            .arg("--")
             .arg(program())
             .arg(ROUNDS)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{options:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout_of(&out), alone(), "{options:?}");
-        let lines = std::fs::read_to_string(&hits).unwrap();
-        assert_eq!(lines.lines().filter(|l| l.contains("work")).count(), CALLS, "{options:?}");
+        assert!(out.status.success(), "{command} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout_of(&out), alone(), "{command} {options:?}");
+        let lines = match command {
+            "record" => stdout_of(&dynprobe().arg("replay").arg(&out_path).output().unwrap()),
+            _ => std::fs::read_to_string(&out_path).unwrap(),
+        };
+        counts.push(lines.lines().filter(|l| l.contains("work")).count());
     }
+    counts
+}
+
+#[test]
+fn probe_started_with_breakpoints_and_jumps_sees_every_call_and_changes_nothing() {
+    assert_eq!(run_under("probe", &["p:work"], "signals-hits"), [CALLS, CALLS]);
 }
 
 #[test]
 fn record_started_with_breakpoints_and_jumps_sees_every_call_and_changes_nothing() {
-    for options in [&["--no-optimize"][..], &[]] {
-        let dir = common::scratch().join(format!("signals-trace{}", options.len()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = dynprobe()
-            .args(["record", "-o"])
-            .arg(&dir)
-            .args(options)
-            .args(["-F", "work", "--"])
-            .arg(program())
-            .arg(ROUNDS)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{options:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout_of(&out), alone(), "{options:?}");
-        let replay = dynprobe().arg("replay").arg(&dir).output().unwrap();
-        let calls = stdout_of(&replay).lines().filter(|l| l.contains("work()")).count();
-        assert_eq!(calls, CALLS, "{options:?}");
-    }
+    assert_eq!(run_under("record", &["-F", "work"], "signals-trace"), [CALLS, CALLS]);
 }
