@@ -138,7 +138,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         }
         let before = site.probes().clone();
         let mut list = before.clone();
-        list.push(shared.clone());
+        // dynprobe's own guards run last: they rewrite the call's arguments, which the
+        // program's probes at the same place must see as the program passed them.
+        let at = if shared.internal { list.len() } else { list.iter().position(|p| p.internal).unwrap_or(list.len()) };
+        list.insert(at, shared.clone());
         registry.retired.push(site.publish(list));
         if let Err(e) = registry.update_arming(target.addr) {
             // Leave the site exactly as it was: without the new probe.

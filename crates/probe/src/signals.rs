@@ -118,6 +118,17 @@ fn place_guards() -> Result<(), String> {
     if let Err(e) = registry::wait_for_optimizer() {
         failures.push(format!("the guards stay breakpoints: {e}"));
     }
+    // A guard left a breakpoint still works, but traps on every call it guards.
+    for guard in PLACED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        match registry::info(guard) {
+            Some(info) if !info.optimized => failures.push(format!(
+                "{} stays a breakpoint: {}",
+                info.symbol,
+                info.not_optimized.as_deref().unwrap_or("not yet optimized")
+            )),
+            _ => {}
+        }
+    }
     if failures.is_empty() {
         Ok(())
     } else {

@@ -170,3 +170,24 @@ fn a_handler_whose_mask_blocks_every_signal_still_takes_a_breakpoint_probe() {
     assert_eq!(call("usr1_full_mask", 0), 1042, "the handler's call ran; its mask reads back as set");
     assert_eq!(bp.hits(), 1);
 }
+
+#[test]
+fn a_probe_on_a_guarded_function_sees_the_programs_own_arguments() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static ACT: AtomicU64 = AtomicU64::new(0);
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    let probe = Probe::at("libc:sigaction")
+        .on_hit(|regs| {
+            if regs.arg(0) == libc::SIGTRAP as u64 {
+                ACT.store(regs.arg(1), Ordering::Relaxed);
+            }
+        })
+        .register()
+        .unwrap();
+    assert_eq!(call("install_handler", 0), 0);
+    assert_ne!(ACT.load(Ordering::Relaxed), 0, "the probe ran before the guard rewrote the arguments");
+    assert_eq!(call("trap_handler_is", 0), 1);
+    assert!(probe.unregister().unwrap().hits >= 2);
+    assert_eq!(call("trap_disposition", 0), 0);
+}
