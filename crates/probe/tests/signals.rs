@@ -191,3 +191,23 @@ fn a_probe_on_a_guarded_function_sees_the_programs_own_arguments() {
     assert!(probe.unregister().unwrap().hits >= 2);
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn a_guarded_call_from_inside_a_probe_handler_is_still_guarded() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    let ignore = Probe::at(sym!("sig_jump"))
+        .on_hit(|_| {
+            // SAFETY: signal() with a valid signal and SIG_IGN.
+            unsafe { libc::signal(libc::SIGTRAP, libc::SIG_IGN) };
+        })
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert_eq!(call("sig_jump", 1), 2);
+    assert_eq!(call("trap_handler_is", 0), 2, "the handler's signal() set the program's action");
+    assert_eq!(call("sig_bp", 1), 3, "and left dynprobe's in place");
+    assert_eq!(bp.hits(), 1);
+    ignore.unregister().unwrap();
+    assert_eq!(call("trap_disposition", 0), 0);
+}

@@ -96,8 +96,13 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
-            // A hit from inside a handler: counted, not recursed into.
+            // A hit from inside a handler: counted, not recursed into (but guarded).
             site.count_missed();
+            let uc = ctx.ucontext();
+            let mut regs = Regs::from_ucontext(uc);
+            let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
+            site.run_nested_guards(&mut regs, frame_mask);
+            regs.to_ucontext(uc);
             ctx.set_ip(site.resume_after_pre());
             return;
         }
