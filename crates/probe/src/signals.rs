@@ -137,7 +137,8 @@ fn place_guards() -> Result<(), String> {
 }
 
 /// Removes the guards and gives `SIGTRAP` back to the program — its own action becomes the
-/// kernel's again, and the calling thread blocks it for real if the program asked — once
+/// kernel's again, the handlers whose `sa_mask` it asked `SIGTRAP` in get it back, and the
+/// calling thread blocks it for real if the program asked — once
 /// no other probe is left (the end of an attach session: nothing of dynprobe runs in the
 /// program afterwards). The next probe places the guards again.
 ///
@@ -160,6 +161,7 @@ pub fn release_signals() -> Result<(), ProbeError> {
         }
     }
     trap::uninstall()?;
+    restore_trap_in_masks();
     if trap::set_program_blocks_trap(false) {
         // SAFETY: a valid mask.
         unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, &TRAP_BIT, std::ptr::null_mut()) };
@@ -189,6 +191,20 @@ fn strip_trap_from_installed_masks() {
         action.mask &= !TRAP_BIT;
         // SAFETY: the action just read back, with one bit less.
         unsafe { trap::rt_sigaction(sig, &action, std::ptr::null_mut()) };
+    }
+}
+
+/// Puts `SIGTRAP` back into the `sa_mask` of the handlers the program asked it for.
+fn restore_trap_in_masks() {
+    let asked = ASKED_TRAP_IN_MASK.swap(0, Ordering::Relaxed);
+    for sig in (1..=64).filter(|&sig| asked & trap::sigbit(sig) != 0) {
+        let mut action = KernelSigaction::default();
+        // SAFETY: a query into a valid KernelSigaction.
+        if unsafe { trap::rt_sigaction(sig, std::ptr::null(), &mut action) } == 0 {
+            action.mask |= TRAP_BIT;
+            // SAFETY: the action just read back, with the bit the program asked for.
+            unsafe { trap::rt_sigaction(sig, &action, std::ptr::null_mut()) };
+        }
     }
 }
 

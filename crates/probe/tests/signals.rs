@@ -211,3 +211,28 @@ fn a_guarded_call_from_inside_a_probe_handler_is_still_guarded() {
     ignore.unregister().unwrap();
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn released_signals_go_back_to_the_program_and_come_back_with_the_next_probe() {
+    let _serial = common::serial();
+    {
+        let (_bp, _jump) = probes();
+        assert_eq!(call("install_handler", 0), 0);
+        assert!(matches!(
+            dynprobe_probe::release_signals(),
+            Err(dynprobe_probe::ProbeError::SignalsInUse { probes: 2 })
+        ));
+    }
+    dynprobe_probe::release_signals().unwrap();
+    assert_eq!(call("trap_handler_is", 1), 1, "the kernel's action is the program's handler again");
+    let seen = call("traps_seen", 0);
+    assert_eq!(call("own_int3", 0), 0);
+    assert_eq!(call("traps_seen", 0), seen + 1);
+
+    let (bp, _jump) = probes();
+    assert_eq!(call("trap_handler_is", 0), 1, "the program's handler, read back through the guards");
+    assert_eq!(call("sig_bp", 0), 2);
+    assert_eq!(call("own_int3", 0), 0);
+    assert_eq!((bp.hits(), call("traps_seen", 0)), (1, seen + 2));
+    assert_eq!(call("trap_disposition", 0), 0);
+}
