@@ -279,7 +279,13 @@ fn run(control: &Control, setup: Setup) {
     if let Some(watch) = watch {
         watch.stop();
     }
-    let problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+    let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+    // SIGTRAP goes back to the program with the guards; probes dynprobe keeps for the
+    // process's life (a return probe's unwinder hook) keep them too.
+    match dynprobe_probe::release_signals() {
+        Ok(()) | Err(dynprobe_probe::ProbeError::SignalsInUse { .. }) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
     let interrupted = dynprobe::interrupted_system_calls() - interrupted_before;
     if interrupted > 0 {
         control.send(&format!(

@@ -67,6 +67,12 @@ fn blocking_exe() -> &'static Path {
     build(&EXE, "blocking.c", "blocking", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie"])
 }
 
+/// A program that uses SIGTRAP itself and blocks every signal in its threads.
+fn signals_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "signals.c", "signals", &["-O2", "-pthread"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -579,4 +585,21 @@ fn blocking_calls_of_the_program_never_return_early_across_twenty_sessions() {
         "blocking calls returned early:\n{report}\ndynprobe said:\n{}",
         warnings.join("\n")
     );
+#[test]
+fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() {
+    let mut worker = Worker::start_exe("signals", signals_exe());
+    let alone = worker.round();
+    assert!(alone.contains("traps=3 reset=1"), "{alone}");
+    for options in [&["--no-optimize"][..], &[]] {
+        let mut session = Session::start(worker.pid, &["p:work"], options);
+        session.wait_for("attached to");
+        assert_eq!(worker.round(), alone, "{options:?}: attached");
+        let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("while removing"), "{stderr}");
+        // Three workers of 200 calls and one call from the main thread.
+        assert_eq!(stdout.lines().filter(|l| l.contains("work")).count(), 601, "{options:?}: {stdout}");
+        assert_eq!(worker.round(), alone, "{options:?}: after detach");
+    }
+    worker.quit();
 }

@@ -49,6 +49,21 @@ pub enum ProbeError {
     Text(TextError),
     /// A probe was unregistered from inside a handler, which would wait for itself.
     InsideHandler,
+    /// The probe point cannot be jump-optimized, and a breakpoint there could be hit while
+    /// `SIGTRAP` is blocked, which the kernel turns into the death of the process.
+    BreakpointUnsafe {
+        /// The probe point.
+        addr: u64,
+        /// Why `SIGTRAP` may be blocked.
+        hazard: String,
+        /// Why it cannot be jump-optimized.
+        not_optimized: String,
+    },
+    /// dynprobe's signal guards cannot be removed while other probes remain.
+    SignalsInUse {
+        /// How many probes remain.
+        probes: usize,
+    },
     /// A return probe must be at a function's first instruction, where the return address
     /// is at `rsp`.
     ReturnProbeNotAtEntry {
@@ -113,6 +128,16 @@ impl fmt::Display for ProbeError {
                 write!(f, "{max} return probes are registered already; unregister one first")
             }
             ProbeError::ReturnProbeSetup { reason } => write!(f, "return probes: {reason}"),
+            ProbeError::BreakpointUnsafe { addr, hazard, not_optimized } => write!(
+                f,
+                "refusing a breakpoint probe at {addr:#x}: {hazard}, and the kernel kills a process \
+                 that hits an int3 with SIGTRAP blocked; it cannot be jump-optimized instead \
+                 ({not_optimized})"
+            ),
+            ProbeError::SignalsInUse { probes } => write!(
+                f,
+                "SIGTRAP cannot be given back to the program while {probes} probe(s) remain (their int3s need dynprobe's handler)"
+            ),
             ProbeError::InsideHandler => {
                 write!(f, "a probe cannot be unregistered from inside a probe handler (it would wait for itself)")
             }

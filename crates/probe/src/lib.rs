@@ -30,6 +30,7 @@ mod optimizer;
 mod probe;
 mod registry;
 mod retprobe;
+mod signals;
 mod site;
 mod thread_slot;
 
@@ -43,6 +44,7 @@ pub use retprobe::{
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
     DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
 };
+pub use signals::{guard_failure, release_signals};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
 /// Handler runs of every probe kind that panicked, in this process (see

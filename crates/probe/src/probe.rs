@@ -19,6 +19,8 @@ pub(crate) struct ProbeShared {
     pub(crate) post: Option<Handler>,
     /// The entry probe of a return probe (listed as `r`).
     pub(crate) return_probe: bool,
+    /// One of dynprobe's own (a signal guard): not listed.
+    pub(crate) internal: bool,
     enabled: AtomicBool,
     hits: PerThreadCounter,
     nmissed: AtomicU64,
@@ -83,13 +85,14 @@ pub struct Probe {
     pub(crate) post: Option<Handler>,
     pub(crate) enabled: bool,
     pub(crate) return_probe: bool,
+    pub(crate) internal: bool,
 }
 
 impl Probe {
     /// A probe at `location` (a [`Location`], a `&str` such as `"work+0x4"` or
     /// `"libc:malloc"`, or an address).
     pub fn at(location: impl Into<Location>) -> Probe {
-        Probe { location: location.into(), pre: None, post: None, enabled: true, return_probe: false }
+        Probe { location: location.into(), pre: None, post: None, enabled: true, return_probe: false, internal: false }
     }
 
     /// The pre-handler: runs before the probed instruction, with the thread's registers.
@@ -117,6 +120,7 @@ impl Probe {
     /// Places the probe. On error nothing in the process has changed.
     pub fn register(self) -> Result<ProbeHandle, ProbeError> {
         let enabled = self.enabled;
+        crate::signals::ensure_guards();
         let shared = registry::register(self)?;
         debug_assert_eq!(shared.enabled(), enabled);
         Ok(ProbeHandle { shared: Some(shared) })
@@ -128,6 +132,7 @@ impl Probe {
             pre: self.pre,
             post: self.post,
             return_probe: self.return_probe,
+            internal: self.internal,
             enabled: AtomicBool::new(self.enabled),
             hits: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),

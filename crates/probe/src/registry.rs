@@ -9,7 +9,7 @@ use crate::arch::{
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
-use crate::{optimizer, thread_slot};
+use crate::{optimizer, signals, thread_slot};
 use crate::{Location, Probe, ProbeError};
 use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// Demangled-name prefixes of dynprobe's own code, on which probes are refused. (A probe on
 /// the trap path would trap inside the trap handler.)
-const BLACKLISTED_CODE: &[&str] =
+pub(crate) const BLACKLISTED_CODE: &[&str] =
     &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::", "dynprobe_ftrace::", "dynprobe_events::"];
 /// C library functions on the signal path itself (the `sigreturn` trampoline), and the
 /// C library's internal cancellation switches, which every cancellable system-call
@@ -130,7 +130,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let mut guard = lock()?;
     let registry = &mut *guard;
     let target = registry.resolve(&probe.location)?;
-    registry.check_blacklist(&target)?;
+    registry.check_blacklist(&target, probe.internal)?;
     let wants_post = probe.post.is_some();
     let shared = Arc::new(probe.into_shared(target.addr));
 
@@ -140,7 +140,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         }
         let before = site.probes().clone();
         let mut list = before.clone();
-        list.push(shared.clone());
+        // dynprobe's own guards run last: they rewrite the call's arguments, which the
+        // program's probes at the same place must see as the program passed them.
+        let at = if shared.internal { list.len() } else { list.iter().position(|p| p.internal).unwrap_or(list.len()) };
+        list.insert(at, shared.clone());
         registry.retired.push(site.publish(list));
         if let Err(e) = registry.update_arming(target.addr) {
             // Leave the site exactly as it was: without the new probe.
@@ -170,6 +173,15 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         return Err(e.into());
     }
     registry.sites.insert(target.addr, site);
+    if let Some(refusal) = registry.breakpoint_refusal(target.addr) {
+        let site = registry.sites.remove(&target.addr).expect("just inserted");
+        disown_traps(&site);
+        if let Some(detour) = site.detour() {
+            pool::free(detour.slot);
+        }
+        pool::free(site.slots.slot);
+        return Err(refusal);
+    }
     if let Err(e) = registry.update_arming(target.addr) {
         let site = registry.sites.remove(&target.addr).expect("just inserted");
         if site.armed.load(Ordering::Relaxed) {
@@ -250,6 +262,11 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// How many probes are registered (dynprobe's own guards included).
+pub(crate) fn probe_count() -> Result<usize, ProbeError> {
+    Ok(lock()?.sites.values().map(|site| site.probes().len()).sum())
+}
+
 pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
     let registry = lock().ok()?;
     let site = registry.sites.get(&probe.addr)?;
@@ -267,7 +284,11 @@ pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
 /// ```
 pub fn list() -> Vec<ProbeInfo> {
     let Ok(registry) = lock() else { return Vec::new() };
-    registry.sites.values().flat_map(|site| site.probes().iter().map(|p| describe(site, p))).collect()
+    registry
+        .sites
+        .values()
+        .flat_map(|site| site.probes().iter().filter(|p| !p.internal).map(|p| describe(site, p)))
+        .collect()
 }
 
 fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
@@ -336,6 +357,22 @@ impl Registry {
         Ok(self.symbols.as_ref().expect("just loaded"))
     }
 
+    /// Why the new site at `addr` must not be a breakpoint, if so: `SIGTRAP` may be blocked
+    /// when it is hit ([`signals::breakpoint_hazard`]) and it cannot be jump-optimized.
+    fn breakpoint_refusal(&mut self, addr: u64) -> Option<ProbeError> {
+        let hazard = signals::breakpoint_hazard(self.symbols(false).ok()?)?;
+        match self.prepare(addr) {
+            Ok(true) => None,
+            Ok(false) => {
+                let site = self.sites.get(&addr)?;
+                let reason = site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let not_optimized = reason.unwrap_or_else(|| "jump optimization is switched off".into());
+                Some(ProbeError::BreakpointUnsafe { addr, hazard, not_optimized })
+            }
+            Err(e) => Some(e),
+        }
+    }
+
     /// Looks a symbol up, re-reading the process's modules once if it is not known (a
     /// library may have been loaded since the table was read).
     fn lookup(&mut self, name: &str) -> Result<(String, u64, u64), ProbeError> {
@@ -374,7 +411,10 @@ impl Registry {
         Ok(Target { addr, label: format!("{addr:#x}"), function: None })
     }
 
-    fn check_blacklist(&self, target: &Target) -> Result<(), ProbeError> {
+    /// Whether a probe may go at `target`. dynprobe's own signal guards (`internal`) may go
+    /// on the C library functions its trap path calls (`syscall`): a hit from inside a
+    /// handler is only counted as missed, and a guard has nothing to do for dynprobe.
+    fn check_blacklist(&self, target: &Target, internal: bool) -> Result<(), ProbeError> {
         if pool::contains(target.addr) {
             let what = "an out-of-line slot of another probe".to_string();
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
@@ -386,7 +426,7 @@ impl Registry {
                 return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
             }
             let inside = |addr: u64| addr == *start || addr.wrapping_sub(*start) < *size;
-            if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| inside(*addr)) {
+            if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| !internal && inside(*addr)) {
                 let what = format!("{name} (the `{called}` dynprobe's trap handler calls)");
                 return Err(ProbeError::Blacklisted { addr: target.addr, what });
             }
@@ -698,7 +738,7 @@ impl Registry {
     /// may want that done before its probes (on `malloc`, say) are armed.
     fn prepare(&mut self, addr: u64) -> Result<bool, ProbeError> {
         let Some(site) = self.sites.get(&addr) else { return Ok(false) };
-        if !OPTIMIZATION.load(Ordering::Relaxed)
+        if !(OPTIMIZATION.load(Ordering::Relaxed) || site.internal())
             || site.optimized.load(Ordering::Relaxed)
             || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         {
@@ -876,7 +916,9 @@ pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
         optimizer::kick();
         return Ok(());
     }
-    let addrs: Vec<u64> = registry.sites.keys().copied().collect();
+    // dynprobe's own guards stay jumps: the switch is about the user's probes, and a guard
+    // on `syscall()` would otherwise trap on dynprobe's own system calls.
+    let addrs: Vec<u64> = registry.sites.iter().filter(|(_, site)| !site.internal()).map(|(&a, _)| a).collect();
     registry.unoptimize_all(&addrs)
 }
 

@@ -72,6 +72,11 @@ impl PatchSite {
     }
 
     /// The current probe list.
+    /// Whether every probe here is one of dynprobe's own (signal guards).
+    pub(crate) fn internal(&self) -> bool {
+        self.probes().iter().all(|p| p.internal)
+    }
+
     pub(crate) fn probes(&self) -> &ProbeList {
         // SAFETY: the pointer is always a leaked Box<ProbeList>, freed only after it was
         // replaced and a grace period passed, so it outlives any reader in a trap handler
@@ -140,6 +145,27 @@ impl PatchSite {
             }
         }
         wants_post
+    }
+
+    /// Runs the pre-handlers of dynprobe's own probes here (signal guards) for a hit that
+    /// found its thread already inside a handler: the program's probes miss it, but a guard
+    /// must not (a `sigaction` passed through would replace dynprobe's `SIGTRAP` handler). A
+    /// guard only makes raw system calls and rewrites arguments, so it may nest. `frame_mask`
+    /// is the mask word the hit's signal frame restores, 0 on the detour path.
+    pub(crate) fn run_nested_guards(&self, regs: &mut Regs, frame_mask: usize) {
+        if !self.probes().iter().any(|p| p.internal) {
+            return;
+        }
+        let slot = crate::thread_slot::ThreadSlot::existing();
+        let outer = slot.map(|s| s.trap_mask.swap(frame_mask, Ordering::Relaxed));
+        for probe in self.probes().iter().filter(|p| p.internal && p.enabled()) {
+            if let Some(pre) = &probe.pre {
+                probe.call(pre, regs);
+            }
+        }
+        if let (Some(slot), Some(outer)) = (slot, outer) {
+            slot.trap_mask.store(outer, Ordering::Relaxed);
+        }
     }
 
     /// Runs the enabled probes' post-handlers.

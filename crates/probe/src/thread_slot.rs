@@ -11,7 +11,7 @@
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
 use crate::arch::{current_tid, thread_pointer};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -41,6 +41,12 @@ pub(crate) struct ThreadSlot {
     /// The owner's calls are not recorded by the function-graph tracer (dynprobe's own
     /// threads, and the agent while it sets up).
     pub(crate) untraced: AtomicBool,
+    /// The owner's virtual `SIGTRAP` state (see `dynprobe_text::trap::ThreadStateFn`).
+    pub(crate) trap_state: AtomicU8,
+    /// While the owner runs the pre-handlers of a breakpoint hit: the address of the mask
+    /// word its signal frame restores at `sigreturn` (a signal guard's mask change must go
+    /// there, or it would be undone); 0 otherwise.
+    pub(crate) trap_mask: AtomicUsize,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -51,6 +57,8 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
         untraced: AtomicBool::new(false),
+        trap_state: AtomicU8::new(0),
+        trap_mask: AtomicUsize::new(0),
     }
 }; MAX_THREADS];
 
@@ -120,6 +128,8 @@ impl ThreadSlot {
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
         self.untraced.store(false, Ordering::Relaxed);
+        self.trap_state.store(0, Ordering::Relaxed);
+        self.trap_mask.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }

@@ -189,17 +189,24 @@ impl CodeWriter {
         }
     }
 }
-/// `pwrite(2)` through the raw system call rather than the C library's wrapper: the code
-/// being patched may be that very wrapper (a probe on `pwrite64`), which the writer must not
-/// run while the bytes it is made of are half-written. (`syscall` itself is refused as a
-/// probe point, see the probe layer's blacklist.)
+/// `pwrite(2)` through the `syscall` instruction rather than a C library function: the code
+/// being patched may be that very function (a probe on `pwrite64`, or the probe layer's
+/// signal guard on `syscall()`), which the writer must not run while the bytes it is made
+/// of are half-written.
 fn pwrite(mem: &File, bytes: &[u8], addr: u64) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: writes `bytes.len()` bytes from a live slice to our own open descriptor.
-    let n =
-        unsafe { libc::syscall(libc::SYS_pwrite64, mem.as_raw_fd(), bytes.as_ptr(), bytes.len(), addr as libc::off_t) };
+    let n = unsafe {
+        crate::raw::syscall4(
+            libc::SYS_pwrite64,
+            mem.as_raw_fd() as u64,
+            bytes.as_ptr() as u64,
+            bytes.len() as u64,
+            addr,
+        )
+    };
     if n < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(std::io::Error::from_raw_os_error(-n as i32));
     }
     Ok(n as usize)
 }

@@ -10,16 +10,45 @@
 //! * for an `int3` no owner registered, while a patching transaction is in progress, waits
 //!   until its byte changes and rewinds likewise: the transient head of an edit written
 //!   int3-first ([`crate::transaction`]);
-//! * passes every other trap on to the handler installed before ours (or the default action).
+//! * delivers every other trap to the program, as the kernel would have (below).
 //!
 //! The dispatcher runs with `SA_NODEFER`: a probe hit inside a handler must be dispatched
 //! again (the owner counts it as missed), because the kernel turns a *blocked* `SIGTRAP`
 //! from `int3` into a fatal one. It blocks the stop signal of [`crate::stop`] so that a
 //! thread held by a stop is never inside the dispatcher: one stop is a grace period.
+//!
+//! # The program's `SIGTRAP` stays the program's
+//!
+//! The kernel's `force_sig_info_to_task` (kernel/signal.c) delivers the `SIGTRAP` of an
+//! `int3` to the handler installed *now*, and kills the process when the signal is blocked
+//! or ignored. So a program that installs its own `SIGTRAP` handler after dynprobe (LLVM
+//! does, with `SA_RESETHAND`) or whose threads block every signal (thread pools, xz's
+//! workers) would die at the next breakpoint probe. As Frida's exceptor does, dispatcher
+//! stays in front instead, and what the program sees of `SIGTRAP` becomes *virtual*:
+//! * the kernel's action is always [`dispatch`]; the action the program asked for is the
+//!   *chained action* kept here ([`program_action`], [`set_program_action`]), which the
+//!   program reads back as its own;
+//! * no thread really blocks `SIGTRAP`; whether the program asked a thread to block it is
+//!   a per-thread bit ([`program_blocks_trap`], [`set_program_blocks_trap`]), kept where
+//!   the caller of [`set_thread_state_source`] says (the probe layer's thread slots).
+//!
+//! Both are kept by the probe layer's guards on the C library's `sigaction` and
+//! `pthread_sigmask` and on `syscall()` (jump-optimized probes whose handlers rewrite the
+//! call). A trap that is not dynprobe's is then delivered here with the kernel's rules
+//! (kernel/signal.c `force_sig_info_to_task`, `get_signal`; arch/x86/kernel/signal.c
+//! `handle_signal`): an `int3` or single step (forced: `si_code` is `SI_KERNEL` or a
+//! positive `TRAP_*`) with the signal blocked, ignored or default kills the process with
+//! `SIGTRAP`; a sent one (`kill`, `raise`) is discarded when ignored, left pending while the
+//! thread blocks it (delivered when it unblocks), and kills under `SIG_DFL`; otherwise the
+//! program's handler runs with its `sa_mask` (and `SIGTRAP` itself unless `SA_NODEFER`)
+//! blocked, after its `SA_RESETHAND` reset the action. Not reproduced: `SA_ONSTACK` (the
+//! handler runs on the stack the trap happened on) and `SA_RESTART`'s absence for a sent
+//! `SIGTRAP` that interrupts a system call (it is restarted).
 
+use crate::raw;
 use crate::TextError;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// A site owner's trap handler: `data` is the word given at registration.
 pub type TrapFn = fn(data: usize, ctx: &mut TrapContext<'_>);
@@ -75,8 +104,11 @@ static TABLE: [Entry; CAPACITY] = [EMPTY; CAPACITY];
 /// Serializes writers of the table and installation; the dispatcher never takes it.
 static WRITERS: Mutex<usize> = Mutex::new(0);
 
-/// The `SIGTRAP` action that was in place before ours, to pass foreign traps on to.
-static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// Set once the dispatcher is the kernel's `SIGTRAP` action.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The C library's signal return trampoline (`__restore_rt`), read back from our own
+/// installation, for actions the probe layer installs with `rt_sigaction` itself.
+static RESTORER: AtomicU64 = AtomicU64::new(0);
 
 fn slot_of(addr: u64) -> usize {
     // Fibonacci hashing spreads the low-entropy, 1-byte-apart code addresses.
@@ -97,10 +129,11 @@ fn find(addr: u64) -> Option<&'static Entry> {
     None
 }
 
-/// Installs the dispatcher (idempotent).
+/// Installs the dispatcher (idempotent). The action it replaces becomes the program's
+/// chained action (see the module documentation).
 pub fn install() -> Result<(), TextError> {
     let _writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
-    if PREVIOUS.get().is_some() {
+    if INSTALLED.load(Ordering::Acquire) {
         return Ok(());
     }
     // SAFETY: an all-zero sigaction is a valid value to be filled in (SIG_DFL, empty mask).
@@ -114,6 +147,9 @@ pub fn install() -> Result<(), TextError> {
     }
     // SAFETY: as above, a zeroed sigaction is valid storage for the old action.
     let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // Through the C library, once, so that the kernel gets its signal return trampoline
+    // (SA_RESTORER): no guard is in place yet, since guards are probes and every probe
+    // installs the dispatcher first.
     // SAFETY: both pointers are to valid sigaction values; `dispatch` has the SA_SIGINFO
     // signature and is async-signal-safe.
     let rc = unsafe { libc::sigaction(libc::SIGTRAP, &action, &mut previous) };
@@ -123,9 +159,44 @@ pub fn install() -> Result<(), TextError> {
             reason: format!("cannot install the SIGTRAP handler: {}", std::io::Error::last_os_error()),
         });
     }
-    // The dispatcher may run from here on; a trap before PREVIOUS is set can only be a
-    // foreign one, which `pass_on` then treats as SIG_DFL — the behaviour without us.
-    let _ = PREVIOUS.set(previous);
+    // The dispatcher may run from here on; a trap before the record is written can only be
+    // a foreign one, which then meets SIG_DFL — the behaviour without us.
+    // SAFETY: sa_mask's first word holds signals 1..=64, the kernel's whole mask.
+    let mask = unsafe { *(&previous.sa_mask as *const libc::sigset_t as *const u64) };
+    let sa_restorer = previous.sa_restorer.map_or(0, |f| f as usize as u64);
+    set_program_action(&KernelSigaction {
+        handler: previous.sa_sigaction as u64,
+        flags: previous.sa_flags as u32 as u64,
+        restorer: sa_restorer,
+        mask,
+    });
+    let mut ours = KernelSigaction::default();
+    // SAFETY: a query of SIGTRAP's action into a valid KernelSigaction.
+    if unsafe { rt_sigaction(libc::SIGTRAP, std::ptr::null(), &mut ours) } == 0 {
+        RESTORER.store(ours.restorer, Ordering::Relaxed);
+    }
+    INSTALLED.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Gives `SIGTRAP` back to the program: its chained action becomes the kernel's action
+/// again, as at the end of a session (no `int3` of ours may be left). The next
+/// [`install`] starts afresh from the action then in place.
+pub fn uninstall() -> Result<(), TextError> {
+    let _writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+    if !INSTALLED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let action = program_action();
+    // SAFETY: a valid kernel action, as the program (or the C library for it) set it.
+    let rc = unsafe { rt_sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(TextError::Unwritable {
+            addr: 0,
+            reason: format!("cannot give SIGTRAP's action back: {}", std::io::Error::from_raw_os_error(-rc as i32)),
+        });
+    }
+    INSTALLED.store(false, Ordering::Release);
     Ok(())
 }
 
@@ -169,6 +240,172 @@ pub fn is_registered(addr: u64) -> bool {
     find(addr).is_some_and(|e| e.handler.load(Ordering::Acquire) != 0)
 }
 
+// ---------------------------------------------------------------------------------------
+// The program's virtual SIGTRAP: its chained action and per-thread blocked bit.
+
+/// The kernel's `struct sigaction` as `rt_sigaction(2)` takes it on x86-64
+/// (include/linux/signal_types.h), not the C library's, whose mask has 1024 bits.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelSigaction {
+    /// `SIG_DFL` (0), `SIG_IGN` (1) or the handler's address.
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// The signal return trampoline (with `SA_RESTORER`).
+    pub restorer: u64,
+    /// Signals blocked while the handler runs: bit `n - 1` for signal `n`.
+    pub mask: u64,
+}
+
+/// `SA_RESTORER` (arch/x86/include/uapi/asm/signal.h): the C library sets it on every action.
+pub const SA_RESTORER: u64 = 0x0400_0000;
+
+/// Bit of signal `sig` in a kernel signal mask.
+pub const fn sigbit(sig: i32) -> u64 {
+    1 << (sig - 1)
+}
+
+/// `SIGTRAP`'s bit in a kernel signal mask.
+pub const TRAP_BIT: u64 = sigbit(libc::SIGTRAP);
+
+/// One version of the chained action, read under a sequence count (a seqlock: the writer
+/// never waits, a reader retries while a write is under way).
+struct ActionRecord {
+    seq: AtomicU64,
+    words: [AtomicU64; 4],
+}
+
+/// Versions written round-robin; the current one is [`CURRENT_ACTION`]. A version is
+/// overwritten only after this many later `sigaction(SIGTRAP)` calls.
+const ACTION_RECORDS: usize = 64;
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_ACTION: ActionRecord = ActionRecord { seq: AtomicU64::new(0), words: [const { AtomicU64::new(0) }; 4] };
+static ACTIONS: [ActionRecord; ACTION_RECORDS] = [NO_ACTION; ACTION_RECORDS];
+/// Index of the current version (record 0, all zero, is `SIG_DFL`).
+static CURRENT_ACTION: AtomicUsize = AtomicUsize::new(0);
+static NEXT_ACTION: AtomicUsize = AtomicUsize::new(1);
+
+fn read_action(index: usize) -> KernelSigaction {
+    let record = &ACTIONS[index % ACTION_RECORDS];
+    loop {
+        let before = record.seq.load(Ordering::Acquire);
+        let w: [u64; 4] = std::array::from_fn(|i| record.words[i].load(Ordering::Relaxed));
+        fence(Ordering::Acquire);
+        if before & 1 == 0 && record.seq.load(Ordering::Relaxed) == before {
+            return KernelSigaction { handler: w[0], flags: w[1], restorer: w[2], mask: w[3] };
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Writes `action` as a new version (not yet current); returns its index.
+fn write_action(action: &KernelSigaction) -> usize {
+    let index = NEXT_ACTION.fetch_add(1, Ordering::Relaxed) % ACTION_RECORDS;
+    let record = &ACTIONS[index];
+    record.seq.fetch_add(1, Ordering::Relaxed);
+    fence(Ordering::Release);
+    for (word, value) in record.words.iter().zip([action.handler, action.flags, action.restorer, action.mask]) {
+        word.store(value, Ordering::Relaxed);
+    }
+    record.seq.fetch_add(1, Ordering::Release);
+    index
+}
+
+/// The `SIGTRAP` action the program asked for (what it would have in the kernel without
+/// dynprobe): the action traps that are not dynprobe's are delivered with.
+pub fn program_action() -> KernelSigaction {
+    read_action(CURRENT_ACTION.load(Ordering::Acquire))
+}
+
+/// Makes `action` the program's `SIGTRAP` action; returns the one it replaces, which the
+/// program reads back as its old action. Lock-free: callable from a probe handler.
+pub fn set_program_action(action: &KernelSigaction) -> KernelSigaction {
+    let index = write_action(action);
+    read_action(CURRENT_ACTION.swap(index, Ordering::AcqRel))
+}
+
+/// The C library's signal return trampoline, for an action installed with a raw
+/// `rt_sigaction` in the C library's place (0 before the dispatcher is installed).
+pub fn c_library_restorer() -> u64 {
+    RESTORER.load(Ordering::Relaxed)
+}
+
+/// Where the calling thread's virtual `SIGTRAP` state lives: a byte owned by that thread
+/// (`None` when it has none, e.g. too many threads), found without locks or allocation.
+pub type ThreadStateFn = fn() -> Option<&'static AtomicU8>;
+
+static THREAD_STATE: AtomicUsize = AtomicUsize::new(0);
+/// The program asked this thread to block `SIGTRAP`.
+const BLOCKED: u8 = 1;
+/// A sent `SIGTRAP` arrived while blocked: delivered when the thread unblocks it.
+const PENDING: u8 = 2;
+
+/// Says where each thread's virtual `SIGTRAP` state is kept (the probe layer's per-thread
+/// slots). Until it is called no thread is seen as blocking `SIGTRAP`.
+pub fn set_thread_state_source(source: ThreadStateFn) {
+    THREAD_STATE.store(source as *const () as usize, Ordering::Release);
+}
+
+fn thread_state() -> Option<&'static AtomicU8> {
+    let source = THREAD_STATE.load(Ordering::Acquire);
+    if source == 0 {
+        return None;
+    }
+    // SAFETY: non-zero words are only ever stored from a `ThreadStateFn`.
+    let source: ThreadStateFn = unsafe { std::mem::transmute::<usize, ThreadStateFn>(source) };
+    source()
+}
+
+/// Whether the program asked the calling thread to block `SIGTRAP`.
+pub fn program_blocks_trap() -> bool {
+    thread_state().is_some_and(|s| s.load(Ordering::Relaxed) & BLOCKED != 0)
+}
+
+/// Records whether the program asked the calling thread to block `SIGTRAP`; returns the
+/// previous answer. Unblocking delivers a `SIGTRAP` that was sent meanwhile, as the kernel
+/// does when a mask change unblocks a pending signal.
+pub fn set_program_blocks_trap(blocked: bool) -> bool {
+    let Some(state) = thread_state() else { return false };
+    if blocked {
+        return state.fetch_or(BLOCKED, Ordering::Relaxed) & BLOCKED != 0;
+    }
+    let old = state.fetch_and(!(BLOCKED | PENDING), Ordering::Relaxed);
+    if old & PENDING != 0 {
+        raise_here(libc::SIGTRAP);
+    }
+    old & BLOCKED != 0
+}
+
+/// `rt_sigaction(sig, new, old)` as a raw system call: the C library's `sigaction` carries
+/// a guard, and this layer's callers must not write `errno`. Returns 0 or `-errno`.
+///
+/// # Safety
+/// `new` and `old` must be null or valid for the kernel to read / write.
+pub unsafe fn rt_sigaction(sig: i32, new: *const KernelSigaction, old: *mut KernelSigaction) -> i64 {
+    // SAFETY: the caller vouches for the pointers; the size is the kernel's mask size.
+    unsafe { raw::syscall4(libc::SYS_rt_sigaction, sig as u64, new as u64, old as u64, 8) }
+}
+
+/// `rt_sigprocmask(how, set, old)` as a raw system call, on the kernel's 64-bit mask.
+/// Returns 0 or `-errno`.
+///
+/// # Safety
+/// `set` and `old` must be null or valid for the kernel to read / write.
+pub unsafe fn rt_sigprocmask(how: i32, set: *const u64, old: *mut u64) -> i64 {
+    // SAFETY: the caller vouches for the pointers; the size is the kernel's mask size.
+    unsafe { raw::syscall4(libc::SYS_rt_sigprocmask, how as u64, set as u64, old as u64, 8) }
+}
+
+/// Sends `sig` to the calling thread (raw `tgkill`).
+fn raise_here(sig: i32) {
+    // SAFETY: getpid takes no arguments; tgkill to our own thread with a valid signal.
+    unsafe {
+        let pid = raw::syscall4(libc::SYS_getpid, 0, 0, 0, 0);
+        raw::syscall4(libc::SYS_tgkill, pid as u64, raw::gettid() as u64, sig as u64, 0);
+    }
+}
+
 /// `si_code` of a `SIGTRAP` raised by `int3` (the kernel's `force_sig(SIGTRAP)`).
 const SI_KERNEL: i32 = 0x80;
 
@@ -204,41 +441,84 @@ extern "C" fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut li
         }
     }
     // SAFETY: the arguments are the ones the kernel gave us.
-    unsafe { pass_on(sig, info, uc) }
+    unsafe { deliver_to_program(sig, info, uc) }
 }
 
-/// Hands a trap that is not ours to the previous action, as if we had never been installed.
+/// Delivers a trap that is not ours as the kernel would have without us, by the program's
+/// chained action and virtual blocked bit (see the module documentation).
 ///
 /// # Safety
 /// The arguments must be those of a signal handler invocation.
-unsafe fn pass_on(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    let previous = PREVIOUS.get();
-    let handler = previous.map_or(libc::SIG_DFL, |p| p.sa_sigaction);
-    if handler == libc::SIG_IGN {
+unsafe fn deliver_to_program(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: as the caller vouches, `info` is the kernel's siginfo.
+    let code = unsafe { (*info).si_code };
+    // An int3 (SI_KERNEL) or a debug exception (TRAP_BRKPT, TRAP_TRACE, ...): the kernel's
+    // force_sig, which neither waits for an unblock nor respects SIG_IGN.
+    let forced = code == SI_KERNEL || code > 0;
+    let index = CURRENT_ACTION.load(Ordering::Acquire);
+    let action = read_action(index);
+    let blocked = program_blocks_trap();
+    let ignored = action.handler == libc::SIG_IGN as u64;
+    let default = action.handler == libc::SIG_DFL as u64;
+    if forced && (blocked || ignored || default) {
+        die_by(sig);
         return;
     }
-    if handler == libc::SIG_DFL {
-        // The default action of SIGTRAP terminates with a core dump: restore it and raise
-        // the signal again, delivered when this handler returns.
-        // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask; sigaction, getpid,
-        // gettid and tgkill are async-signal-safe.
-        unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
+    if ignored {
+        return;
+    }
+    if blocked {
+        if let Some(state) = thread_state() {
+            state.fetch_or(PENDING, Ordering::Relaxed);
         }
         return;
     }
-    let siginfo = previous.is_some_and(|p| p.sa_flags & libc::SA_SIGINFO != 0);
-    if siginfo {
-        // SAFETY: the previous owner installed this function with SA_SIGINFO.
+    if default {
+        die_by(sig);
+        return;
+    }
+    if action.flags & libc::SA_RESETHAND as u64 != 0 {
+        // Only the version delivered with is reset: a sigaction that came in between wins.
+        let dfl = write_action(&KernelSigaction::default());
+        let _ = CURRENT_ACTION.compare_exchange(index, dfl, Ordering::AcqRel, Ordering::Acquire);
+    }
+    // The handler runs with the interrupted code's mask plus its sa_mask (without the stop
+    // signal this dispatcher blocks: a long handler must not hold up a stop); SIGTRAP's
+    // part of that is virtual.
+    // SAFETY: the kernel's ucontext for this invocation; its mask's first word is the
+    // kernel's whole 64-signal mask.
+    let interrupted =
+        unsafe { *(&(*(uc as *const libc::ucontext_t)).uc_sigmask as *const libc::sigset_t as *const u64) };
+    let during = (interrupted | action.mask) & !TRAP_BIT;
+    // SAFETY: a valid mask; sigreturn restores the interrupted one from the ucontext.
+    unsafe { rt_sigprocmask(libc::SIG_SETMASK, &during, std::ptr::null_mut()) };
+    let trap_blocked = action.mask & TRAP_BIT != 0 || action.flags & libc::SA_NODEFER as u64 == 0;
+    set_program_blocks_trap(trap_blocked);
+    if action.flags & libc::SA_SIGINFO as u64 != 0 {
+        // SAFETY: the program installed this function with SA_SIGINFO.
         let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { std::mem::transmute(handler) };
+            unsafe { std::mem::transmute(action.handler as usize) };
         f(sig, info, uc);
     } else {
-        // SAFETY: the previous owner installed this function as a plain handler.
-        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+        // SAFETY: the program installed this function as a plain handler.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(action.handler as usize) };
         f(sig);
     }
+    // As sigreturn restores the interrupted mask: a SIGTRAP sent to this thread while its
+    // handler blocked it is delivered now.
+    set_program_blocks_trap(false);
+}
+
+/// Ends the process by `sig`'s default action, as the kernel does: the kernel's action is
+/// reset to `SIG_DFL` and the signal sent again, delivered as this handler returns.
+fn die_by(sig: libc::c_int) {
+    let dfl = KernelSigaction::default();
+    set_program_action(&dfl);
+    let unblock = sigbit(sig);
+    // SAFETY: valid pointers to a zeroed (SIG_DFL) action and a mask.
+    unsafe {
+        rt_sigaction(sig, &dfl, std::ptr::null_mut());
+        rt_sigprocmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+    }
+    raise_here(sig);
 }

@@ -248,11 +248,71 @@ pub(crate) fn is_near_ret(code: Code) -> bool {
     matches!(code, Code::Retnw | Code::Retnw_imm16 | Code::Retnd | Code::Retnd_imm16 | Code::Retnq | Code::Retnq_imm16)
 }
 
+/// How far before a `syscall` [`signal_syscalls`] looks for the `mov` of its number.
+const SYSCALL_NUMBER_REACH: usize = 32;
+
+/// The `syscall` instructions in `code` (starting at `start`) that change a signal action or
+/// a thread's signal mask: `rt_sigaction` (13) or `rt_sigprocmask` (14), their number set by
+/// `mov $13/$14, %eax` (or `%rax`) a few sequential instructions before. Code that does this
+/// outside the C library bypasses dynprobe's signal guards.
+///
+/// ```
+/// # use dynprobe_arch::x86_64::signal_syscalls;
+/// // mov $14,%eax ; xor %edi,%edi ; syscall ; ret
+/// let code = [0xb8, 0x0e, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0xc3];
+/// assert_eq!(signal_syscalls(&code, 0x1000), [0x1007]);
+/// ```
+pub fn signal_syscalls(code: &[u8], start: u64) -> Vec<u64> {
+    let mut found = Vec::new();
+    let syscalls = code.windows(2).enumerate().filter(|(_, w)| *w == [0x0f, 0x05]).map(|(i, _)| i);
+    for at in syscalls {
+        let from = at.saturating_sub(SYSCALL_NUMBER_REACH);
+        let window = &code[from..at];
+        let movs = (0..window.len()).filter(|&i| {
+            let rest = &window[i..];
+            matches!(rest, [0xb8, 13 | 14, 0, 0, 0, ..] | [0x48, 0xc7, 0xc0, 13 | 14, 0, 0, 0, ..])
+        });
+        // From the mov, instruction by instruction, the syscall must be reached in sequence.
+        let reaches = |i: usize| {
+            let mut ip = from + i;
+            while ip < at {
+                match decode_one(&code[ip..], start + ip as u64) {
+                    Ok(insn) if insn.flow == Flow::Sequential => ip += insn.len,
+                    _ => return false,
+                }
+            }
+            ip == at
+        };
+        if movs.into_iter().any(reaches) {
+            found.push(start + at as u64);
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const IP: u64 = 0x40_1000;
+
+    #[test]
+    fn signal_syscalls_are_the_rt_sigaction_and_rt_sigprocmask_ones_reached_in_sequence() {
+        #[rustfmt::skip]
+        let cases: &[(&[u8], &[u64])] = &[
+            // mov $0xd,%rax ; syscall                           rt_sigaction
+            (&[0x48, 0xc7, 0xc0, 0x0d, 0, 0, 0, 0x0f, 0x05], &[IP + 7]),
+            // mov $0xe,%eax ; mov %rsi,%rdx ; syscall            rt_sigprocmask
+            (&[0xb8, 0x0e, 0, 0, 0, 0x48, 0x89, 0xf2, 0x0f, 0x05], &[IP + 8]),
+            // mov $0x27,%eax ; syscall                           getpid
+            (&[0xb8, 0x27, 0, 0, 0, 0x0f, 0x05], &[]),
+            // mov $0xe,%eax ; jmp +0 ; syscall                   not in sequence
+            (&[0xb8, 0x0e, 0, 0, 0, 0xeb, 0x00, 0x0f, 0x05], &[]),
+        ];
+        for (code, want) in cases {
+            assert_eq!(signal_syscalls(code, IP), *want, "{code:02x?}");
+        }
+    }
 
     /// (bytes, expected length, expected flow, expected GNU disassembly)
     #[rustfmt::skip]

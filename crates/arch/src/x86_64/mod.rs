@@ -20,6 +20,6 @@ pub mod relocate;
 pub mod trampoline;
 
 pub use classify::{check_out_of_line, Refusal};
-pub use decode::{decode_function, decode_one, instruction_at, DecodeError, Flow, Insn};
+pub use decode::{decode_function, decode_one, instruction_at, signal_syscalls, DecodeError, Flow, Insn};
 pub use encode::{call_rel32, jmp_abs, jmp_any, jmp_rel32, rel32_reaches, INT3, JMP_ABS_LEN, JMP_REL32_LEN, NOP5};
 pub use relocate::{build_post_slot, build_slot, relocate, PostSlot, RelocError, Relocated};

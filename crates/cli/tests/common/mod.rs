@@ -32,30 +32,34 @@ pub fn dynprobe() -> Command {
 /// `targets/markers.c` with `dynprobe/marker.h`, built once.
 pub fn c_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| gcc("markers.c", "markers-c"))
+    BUILT.get_or_init(|| build_c("markers.c", "markers-c", &["-I".as_ref(), include().as_os_str()]))
 }
 
 /// `targets/usdt.c`: a USDT probe (`usdt_app:work`) of `sys/sdt.h` guarded by its
-/// semaphore, built once.
+/// semaphore, built once (sys/sdt.h: scripts/setup installs systemtap-sdt-dev).
 pub fn usdt_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| gcc("usdt.c", "usdt"))
+    BUILT.get_or_init(|| build_c("usdt.c", "usdt", &["-I".as_ref(), include().as_os_str()]))
 }
 
-/// Builds `targets/SOURCE` into the scratch directory as `output`, with the dynprobe
-/// headers on the include path.
-fn gcc(source: &str, output: &str) -> PathBuf {
-    let out = scratch().join(output);
-    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include");
+/// The dynprobe headers' directory (`dynprobe/marker.h`).
+fn include() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include")
+}
+
+/// Builds `targets/{source}` with gcc (`-O2 -Wall -Werror -fcf-protection=none -pthread`
+/// plus `flags`) into the scratch directory as `out`; panics with the reason when it fails.
+pub fn build_c(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
+    let out = scratch().join(out);
     let status = Command::new("gcc")
-        .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-I"])
-        .arg(include)
+        .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-pthread"])
+        .args(flags)
         .arg(targets().join(source))
         .arg("-o")
         .arg(&out)
         .status()
         .expect("run gcc (scripts/setup installs it)");
-    assert!(status.success(), "gcc {source} failed (sys/sdt.h: scripts/setup installs systemtap-sdt-dev)");
+    assert!(status.success(), "gcc {source} failed");
     out
 }
 

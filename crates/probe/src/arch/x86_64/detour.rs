@@ -220,6 +220,8 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
         Ok(guard) => guard,
         Err(_miss) => {
             site.count_missed();
+            // Guards rewrite argument registers only: the fast way out still fits.
+            site.run_nested_guards(regs, 0);
             return 0;
         }
     };

@@ -20,6 +20,7 @@ use dynprobe_arch::native::{build_post_slot, build_slot, relocate, INT3};
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::trap::TrapContext;
+use std::sync::atomic::Ordering;
 
 /// Bytes of executable memory per probe site: the boosted slot, then the post slot.
 const SLOT_SIZE: usize = 128;
@@ -95,8 +96,13 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
-            // A hit from inside a handler: counted, not recursed into.
+            // A hit from inside a handler: counted, not recursed into (but guarded).
             site.count_missed();
+            let uc = ctx.ucontext();
+            let mut regs = Regs::from_ucontext(uc);
+            let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
+            site.run_nested_guards(&mut regs, frame_mask);
+            regs.to_ucontext(uc);
             ctx.set_ip(site.resume_after_pre());
             return;
         }
@@ -104,7 +110,11 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
     regs.ip = site.addr;
+    // A signal guard's mask change must outlive this frame's sigreturn (crate::signals).
+    let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
+    guard.thread().trap_mask.store(frame_mask, Ordering::Relaxed);
     let wants_post = site.run_pre_handlers(&mut regs, &guard);
+    guard.thread().trap_mask.store(0, Ordering::Relaxed);
     let diverted = regs.ip != site.addr;
     if diverted {
         regs.ip = site.redirect(regs.ip);

@@ -1,0 +1,163 @@
+/* A program's own use of signals, for the tests of probes that must survive it: threads
+ * that block every signal, SIGTRAP handlers installed every way, its own int3 and raise.
+ * Built by the harness as a shared object (-O1 -fPIC) and loaded with dlopen. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define FUNC(name, body)                                                   \
+    __asm__(".text\n.globl " #name "\n.type " #name ",@function\n" #name   \
+            ":\n" body "\n.size " #name ",.-" #name "\n");
+
+/* x + 2, after a short jmp: cannot be jump-optimized, stays a breakpoint probe. */
+FUNC(sig_bp, "jmp 1f\n ud2\n1: lea 2(%rdi),%rax\n ret")
+/* x + 1 through a frame: jump-optimized. */
+FUNC(sig_jump, "push %rbp\n mov %rsp,%rbp\n lea 1(%rdi),%rax\n pop %rbp\n ret")
+
+/* The kernel's struct sigaction (rt_sigaction takes it, not the C library's). */
+/* arch/x86/include/uapi/asm/signal.h */
+#define SA_RESTORER 0x04000000
+
+struct kernel_sigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    unsigned long mask;
+};
+
+/* Blocks every signal in the calling thread: 0 with pthread_sigmask, 1 with sigprocmask,
+ * 2 with a raw rt_sigprocmask through syscall(). Returns 0 on success. */
+long block_all(long way) {
+    sigset_t all;
+    sigfillset(&all);
+    if (way == 0)
+        return pthread_sigmask(SIG_SETMASK, &all, NULL);
+    if (way == 1)
+        return sigprocmask(SIG_SETMASK, &all, NULL);
+    unsigned long raw = ~0UL;
+    return syscall(SYS_rt_sigprocmask, SIG_SETMASK, &raw, NULL, 8);
+}
+
+/* 1 when the calling thread blocks SIGTRAP, as the program reads its own mask. */
+long trap_blocked(long unused) {
+    (void)unused;
+    sigset_t now;
+    sigemptyset(&now);
+    pthread_sigmask(SIG_BLOCK, NULL, &now);
+    return sigismember(&now, SIGTRAP);
+}
+
+/* SIG_BLOCK (1) or SIG_UNBLOCK (0) of SIGTRAP alone. */
+long block_trap(long on) {
+    sigset_t trap;
+    sigemptyset(&trap);
+    sigaddset(&trap, SIGTRAP);
+    return pthread_sigmask(on ? SIG_BLOCK : SIG_UNBLOCK, &trap, NULL);
+}
+
+static volatile long traps;
+static volatile long last_code;
+
+static void on_trap(int sig, siginfo_t *info, void *uc) {
+    (void)sig;
+    (void)uc;
+    traps++;
+    last_code = info->si_code;
+}
+
+/* How many SIGTRAPs the program's handler saw; the si_code of the last one. */
+long traps_seen(long unused) { (void)unused; return traps; }
+long last_trap_code(long unused) { (void)unused; return last_code; }
+
+/* Installs on_trap with sigaction and SA_SIGINFO | flags. */
+long install_handler(long flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap;
+    sa.sa_flags = SA_SIGINFO | (int)flags;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGTRAP, &sa, NULL);
+}
+
+/* Sets SIGTRAP's action to SIG_DFL (0) or SIG_IGN (1) with signal(). */
+long trap_disposition(long ignore) {
+    return signal(SIGTRAP, ignore ? SIG_IGN : SIG_DFL) == SIG_ERR ? -1 : 0;
+}
+
+/* Installs on_trap with a raw rt_sigaction through syscall(), the C library's signal
+ * return trampoline borrowed from SIGUSR2's action. Returns the old handler's address. */
+long install_raw(long flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGUSR2, &sa, NULL);
+    struct kernel_sigaction usr2, act, old;
+    syscall(SYS_rt_sigaction, SIGUSR2, NULL, &usr2, 8);
+    memset(&act, 0, sizeof act);
+    act.handler = (void *)on_trap;
+    act.flags = SA_SIGINFO | SA_RESTORER | (unsigned long)flags;
+    act.restorer = usr2.restorer;
+    if (syscall(SYS_rt_sigaction, SIGTRAP, &act, &old, 8) != 0)
+        return -1;
+    return (long)old.handler;
+}
+
+/* 1 when SIGTRAP's handler, as the program reads it, is on_trap; 0 for SIG_DFL; 2 for
+ * SIG_IGN; -1 otherwise. `raw` reads it with syscall(SYS_rt_sigaction). */
+long trap_handler_is(long raw) {
+    void *handler;
+    if (raw) {
+        struct kernel_sigaction old;
+        syscall(SYS_rt_sigaction, SIGTRAP, NULL, &old, 8);
+        handler = old.handler;
+    } else {
+        struct sigaction old;
+        sigaction(SIGTRAP, NULL, &old);
+        handler = (void *)old.sa_sigaction;
+    }
+    if (handler == (void *)on_trap)
+        return 1;
+    if (handler == (void *)SIG_DFL)
+        return 0;
+    if (handler == (void *)SIG_IGN)
+        return 2;
+    return -1;
+}
+
+/* Executes an int3 of the program's own; returns x. */
+long own_int3(long x) {
+    __asm__ volatile("int3");
+    return x;
+}
+
+/* raise(SIGTRAP); returns its result. */
+long own_raise(long unused) {
+    (void)unused;
+    return raise(SIGTRAP);
+}
+
+long sig_bp(long x);
+static volatile long in_usr1;
+
+/* Calls sig_bp, which carries a breakpoint probe, with every signal blocked. */
+static void on_usr1(int sig) {
+    (void)sig;
+    in_usr1 = sig_bp(40);
+}
+
+/* Installs a SIGUSR1 handler whose sa_mask is every signal and raises SIGUSR1. Returns
+ * what the handler's call of sig_bp returned, plus 1000 when reading the action back
+ * shows SIGTRAP in that mask, as set. */
+long usr1_full_mask(long unused) {
+    (void)unused;
+    struct sigaction sa, back;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigfillset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    raise(SIGUSR1);
+    sigaction(SIGUSR1, NULL, &back);
+    return in_usr1 + 1000 * sigismember(&back.sa_mask, SIGTRAP);
+}
