@@ -585,6 +585,8 @@ fn blocking_calls_of_the_program_never_return_early_across_twenty_sessions() {
         "blocking calls returned early:\n{report}\ndynprobe said:\n{}",
         warnings.join("\n")
     );
+}
+
 #[test]
 fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() {
     let mut worker = Worker::start_exe("signals", signals_exe());
