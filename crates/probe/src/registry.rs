@@ -115,6 +115,19 @@ fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     Ok(REGISTRY.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Drops what the registry keeps for placing probes — the process's symbol table, each
+/// module's branch targets: megabytes for the C library — when no probe is left. An attach
+/// session ends with it, so that the process it leaves does not keep them; the next probe
+/// builds them again. Does nothing inside a handler.
+pub fn release_caches() {
+    if let Ok(mut registry) = lock() {
+        if registry.sites.is_empty() {
+            registry.symbols = None;
+            registry.foreign.clear();
+        }
+    }
+}
+
 /// A resolved probe point.
 struct Target {
     addr: u64,

@@ -486,6 +486,10 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
 /// call. [`graph_install`] must have succeeded first.
 #[inline]
 pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    // dynprobe's own threads are never traced, from their first instruction on.
+    if crate::own_thread::current_thread_is_own() {
+        return GraphEnter::Skipped;
+    }
     let Some(guard) = HandlerGuard::enter() else { return GraphEnter::Missed };
     enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
 }
