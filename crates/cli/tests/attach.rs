@@ -578,8 +578,29 @@ fn twenty_sessions_leave_no_thread_and_nothing_growing() {
         assert!(rss <= *first_rss + 12 * 1024, "session {round}: VmRSS {rss} KiB, {first_rss} KiB after the first");
     }
     assert!(!thread_names(pid).iter().any(|t| t.starts_with("dynprobe")), "{:?}", thread_names(pid));
+    // Return probes hide their trampoline from backtraces with a probe on libgcc's
+    // `_Unwind_Backtrace`: gone too, so that no code of dynprobe's runs between sessions.
+    let (ours, theirs) = (module_base(std::process::id() as i32, "libgcc_s"), module_base(pid, "libgcc_s"));
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+    let unwind = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_Unwind_Backtrace".as_ptr()) } as u64;
+    assert_ne!(unwind, 0, "this test's own process has libgcc's unwinder");
+    let mut bytes = [0u8; 8];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, unwind - ours + theirs).unwrap();
+    // SAFETY: reads 8 bytes of code of a function of this process.
+    assert_eq!(bytes, unsafe { *(unwind as *const [u8; 8]) }, "_Unwind_Backtrace is still probed");
     assert_eq!(worker.round(), expected_sum);
     worker.quit();
+}
+
+/// Where the module whose file name starts with `name` is loaded in process `pid`.
+fn module_base(pid: i32, name: &str) -> u64 {
+    let maps = mappings(pid);
+    let line = maps
+        .iter()
+        .find(|l| l.rsplit('/').next().is_some_and(|file| file.starts_with(name)))
+        .unwrap_or_else(|| panic!("{name} is not loaded in {pid}"));
+    u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap()
 }
 
 /// dynprobe's own threads (the session, the optimizer, the dlopen watcher) call malloc and

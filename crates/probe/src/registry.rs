@@ -116,10 +116,13 @@ fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
 }
 
 /// Drops what the registry keeps for placing probes — the process's symbol table, each
-/// module's branch targets: megabytes for the C library — when no probe is left. An attach
-/// session ends with it, so that the process it leaves does not keep them; the next probe
-/// builds them again. Does nothing inside a handler.
+/// module's branch targets: megabytes for the C library — when no probe is left, and the
+/// backtrace filter of return probes when no call can still return through their
+/// trampoline. An attach session ends with it, so that the process it leaves does not keep
+/// them and runs none of dynprobe's code; the next probe builds them again. Does nothing
+/// inside a handler.
 pub fn release_caches() {
+    crate::retprobe::release_backtrace_filter();
     if let Ok(mut registry) = lock() {
         if registry.sites.is_empty() {
             registry.symbols = None;

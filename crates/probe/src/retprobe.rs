@@ -682,6 +682,20 @@ struct Setup {
     next_index: usize,
 }
 
+/// Removes what return probes keep between uses — the probe on `_Unwind_Backtrace` that
+/// hides the trampoline from backtraces — when no return probe is registered and no call
+/// is still to return through the trampoline on any thread, so that no code of dynprobe's
+/// runs when the program takes a backtrace. The next return probe places it again.
+pub(crate) fn release_backtrace_filter() {
+    let Ok(mut setup) = setup() else { return };
+    let registered = PROBES.iter().any(|p| !p.load(Ordering::Acquire).is_null());
+    // Conservative: a stack left by a thread that has exited counts as in use.
+    let pending = STACKS.iter().any(|s| s.top.load(Ordering::Acquire) != 0);
+    if setup.filter && !registered && !pending && rethook::show_backtraces_again() {
+        setup.filter = false;
+    }
+}
+
 static SETUP: Mutex<Setup> =
     Mutex::new(Setup { trampoline: false, light: false, filter: false, next_id: 1, next_index: 0 });
 
