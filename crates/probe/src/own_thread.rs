@@ -17,6 +17,7 @@
 //! thread); the synchronous ones, and the stop signal of the text layer, stay deliverable.
 
 use crate::arch::stack_pointer;
+use crate::thread_slot::thread_alive;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -179,13 +180,6 @@ static REAPER: Mutex<()> = Mutex::new(());
 static REAPER_TID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 /// The reaper stack's entry in the table (`usize::MAX` until registered).
 static REAPER_ENTRY: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-/// True when thread `tid` of this process still exists (`tgkill(2)` with signal 0).
-fn thread_alive(tid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the thread exists.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
 
 /// What the new thread runs.
 struct Start {

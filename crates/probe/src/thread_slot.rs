@@ -146,7 +146,7 @@ fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
 }
 
 /// True when thread `tid` of this process still exists.
-fn thread_alive(tid: i32) -> bool {
+pub(crate) fn thread_alive(tid: i32) -> bool {
     crate::arch::preserving_errno(|| {
         // SAFETY: signal 0 only checks that the thread exists; raw syscalls are
         // async-signal-safe.
