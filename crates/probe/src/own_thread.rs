@@ -17,7 +17,7 @@
 //! thread); the synchronous ones, and the stop signal of the text layer, stay deliverable.
 
 use crate::arch::stack_pointer;
-use crate::thread_slot::thread_alive;
+use crate::thread_slot::{thread_alive, ThreadSlot};
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,20 +37,43 @@ static USED: AtomicUsize = AtomicUsize::new(0);
 /// Serializes the writers of the table (thread creation and joining, both rare).
 static TABLE: Mutex<()> = Mutex::new(());
 
-/// True when the calling thread is one of dynprobe's own (see the module documentation).
-/// Allocation-free, lock-free, no system call.
+/// How many threads are hidden by [`set_current_thread_hidden`] now: while none is, the
+/// hot path does not look for the caller's slot.
+static HIDDEN: AtomicUsize = AtomicUsize::new(0);
+
+/// True when the calling thread is one of dynprobe's own (see the module documentation),
+/// or is hidden for now ([`set_current_thread_hidden`]). Allocation-free, lock-free, no
+/// system call.
 #[inline]
 pub fn current_thread_is_own() -> bool {
     let used = USED.load(Ordering::Relaxed);
-    if used == 0 {
-        return false;
+    if used != 0 {
+        let sp = stack_pointer();
+        // A length is published (Release) after its base: a reader that sees it sees the base.
+        let own = (0..used).any(|i| {
+            let len = LEN[i].load(Ordering::Acquire);
+            len != 0 && sp.wrapping_sub(LOW[i].load(Ordering::Relaxed)) < len
+        });
+        if own {
+            return true;
+        }
     }
-    let sp = stack_pointer();
-    // A length is published (Release) after its base: a reader that sees it sees the base.
-    (0..used).any(|i| {
-        let len = LEN[i].load(Ordering::Acquire);
-        len != 0 && sp.wrapping_sub(LOW[i].load(Ordering::Relaxed)) < len
-    })
+    HIDDEN.load(Ordering::Relaxed) != 0 && ThreadSlot::existing().is_some_and(|s| s.hidden.load(Ordering::Relaxed))
+}
+
+/// Hides (`true`) or shows again (`false`) the calling thread from every probe, for dynprobe
+/// work that runs on a thread of the program: the agent placing probes from the loader's
+/// constructor, on the main thread, before `main` (its allocations would be hits of a probe
+/// on `malloc`). Calls must pair on one thread.
+pub fn set_current_thread_hidden(hidden: bool) {
+    let Some((_, slot)) = ThreadSlot::current() else { return };
+    if slot.hidden.swap(hidden, Ordering::Relaxed) != hidden {
+        if hidden {
+            HIDDEN.fetch_add(1, Ordering::Relaxed);
+        } else {
+            HIDDEN.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A running own thread; [`OwnThread::join`] waits for it and frees its stack.

@@ -41,6 +41,9 @@ pub(crate) struct ThreadSlot {
     /// The owner's calls are not recorded by the function-graph tracer (dynprobe's own
     /// threads, and the agent while it sets up).
     pub(crate) untraced: AtomicBool,
+    /// The owner runs dynprobe's own work for now (the agent setting up on the program's
+    /// main thread): probes do not see it (`own_thread::set_current_thread_hidden`).
+    pub(crate) hidden: AtomicBool,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -51,6 +54,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
         untraced: AtomicBool::new(false),
+        hidden: AtomicBool::new(false),
     }
 }; MAX_THREADS];
 
@@ -120,6 +124,7 @@ impl ThreadSlot {
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
         self.untraced.store(false, Ordering::Relaxed);
+        self.hidden.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
