@@ -368,6 +368,7 @@ fn killing_the_controller_restores(exe: &'static Path) {
     let expected_sum = unprobed_checksum();
     let mut worker = Worker::start_exe(&format!("kill-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = worker.code("mix");
+    let threads = thread_names(worker.pid).len();
     let mut session = Session::start(worker.pid, SPECS, &[]);
     session.wait_for("attached to");
     writeln!(worker.stdin, "go").unwrap();
@@ -384,6 +385,8 @@ fn killing_the_controller_restores(exe: &'static Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(worker.code("mix"), before, "bytes not restored after the controller died");
+    // And no thread of dynprobe's is left in it.
+    wait_for_thread_count(worker.pid, threads);
     assert_eq!(worker.round(), expected_sum);
 
     // The agent is still loaded: a second attach reuses it, and --duration detaches.
