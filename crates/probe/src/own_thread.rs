@@ -81,7 +81,9 @@ pub fn set_current_thread_hidden(hidden: bool) {
 pub struct OwnThread {
     thread: libc::pthread_t,
     entry: usize,
+    /// The mapping: a guard page, then `size` bytes of stack.
     stack: usize,
+    size: usize,
 }
 
 // SAFETY: the fields are a pthread id and addresses owned by this value; joining from any
@@ -92,21 +94,22 @@ unsafe impl Send for OwnThread {}
 /// `prctl(2)` `PR_SET_NAME`). Fails with the error of `mmap` or `pthread_create`, or
 /// `EAGAIN` when [`MAX_OWN`] own threads already run.
 pub fn spawn(name: &'static CStr, f: impl FnOnce() + Send + 'static) -> io::Result<OwnThread> {
-    let stack = map_stack()?;
-    let Some(entry) = register(stack, STACK_SIZE + PAGE) else {
-        unmap_stack(stack);
+    let size = stack_size();
+    let stack = map_stack(size)?;
+    let Some(entry) = register(stack, size + PAGE) else {
+        unmap_stack(stack, size);
         return Err(io::Error::from_raw_os_error(libc::EAGAIN));
     };
     let start: Box<Start> = Box::new(Start { name, f: Box::new(f) });
     let arg = Box::into_raw(start);
     // SAFETY: the stack above the guard page is fresh and ours alone.
-    match unsafe { create(stack + PAGE, STACK_SIZE, false, arg) } {
-        Ok(thread) => Ok(OwnThread { thread, entry, stack }),
+    match unsafe { create(stack + PAGE, size, false, arg) } {
+        Ok(thread) => Ok(OwnThread { thread, entry, stack, size }),
         Err(e) => {
             // SAFETY: the thread was not created: the box is still ours alone.
             drop(unsafe { Box::from_raw(arg) });
             unregister(entry);
-            unmap_stack(stack);
+            unmap_stack(stack, size);
             Err(e)
         }
     }
@@ -118,7 +121,7 @@ impl OwnThread {
         // SAFETY: the thread is joinable and joined once (this consumes the handle).
         unsafe { libc::pthread_join(self.thread, std::ptr::null_mut()) };
         unregister(self.entry);
-        unmap_stack(self.stack);
+        unmap_stack(self.stack, self.size);
     }
 
     /// Lets the thread run for the rest of the process's life (its stack stays).
@@ -222,13 +225,39 @@ extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
     std::ptr::null_mut()
 }
 
-/// Maps a stack with a guard page at its low end; returns its base (the guard page's).
-fn map_stack() -> io::Result<usize> {
+/// The stack size to ask for: [`STACK_SIZE`] for our code, plus what the C library takes
+/// from the top of a stack it is given — the static TLS blocks of every module, which a
+/// program's large `__thread` arrays make large — as Rust's standard library computes it
+/// (glibc's `__pthread_get_minstack`, when it has one).
+fn stack_size() -> usize {
+    type MinStack = unsafe extern "C" fn(*const libc::pthread_attr_t) -> usize;
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
+    let found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__pthread_get_minstack".as_ptr()) };
+    let extra = match found.is_null() {
+        true => libc::PTHREAD_STACK_MIN,
+        false => {
+            // SAFETY: glibc's function of this name has this signature; the attribute is
+            // initialized before and destroyed after the call.
+            unsafe {
+                let get: MinStack = std::mem::transmute(found);
+                let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+                libc::pthread_attr_init(&mut attr);
+                let min = get(&attr);
+                libc::pthread_attr_destroy(&mut attr);
+                min
+            }
+        }
+    };
+    (STACK_SIZE + extra).next_multiple_of(PAGE)
+}
+
+/// Maps a stack of `size` bytes with a guard page below; returns its base (the guard page's).
+fn map_stack(size: usize) -> io::Result<usize> {
     // SAFETY: a fresh anonymous private mapping, no address hint.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            STACK_SIZE + PAGE,
+            size + PAGE,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_STACK,
             -1,
@@ -241,15 +270,15 @@ fn map_stack() -> io::Result<usize> {
     // SAFETY: the first page of the mapping just made, ours alone.
     if unsafe { libc::mprotect(base, PAGE, libc::PROT_NONE) } == -1 {
         let e = io::Error::last_os_error();
-        unmap_stack(base as usize);
+        unmap_stack(base as usize, size);
         return Err(e);
     }
     Ok(base as usize)
 }
 
-fn unmap_stack(base: usize) {
+fn unmap_stack(base: usize, size: usize) {
     // SAFETY: unmaps a stack `map_stack` made, whose thread has ended (or never started).
-    unsafe { libc::munmap(base as *mut libc::c_void, STACK_SIZE + PAGE) };
+    unsafe { libc::munmap(base as *mut libc::c_void, size + PAGE) };
 }
 
 /// Records the stack `[base, base + len)` in a free entry; its index.
