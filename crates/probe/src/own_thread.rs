@@ -134,10 +134,16 @@ impl OwnThread {
     /// hands over its own handle as its last act (an attach session, which nobody waits
     /// for). The join runs on the *reaper*, a short-lived own thread whose small stack is
     /// part of this library's own memory (no mapping of its own) and which, detached, leaves
-    /// nothing behind either. If the previous reaper has not ended within a second, the
-    /// thread is kept instead (its stack stays mapped) and the error says so.
+    /// nothing behind either. If no reaper can run (the previous one has not ended within a
+    /// second, or the C library needs more than its stack for a program's large static TLS),
+    /// the error says so and the thread is joined by the next call instead: its stack stays
+    /// mapped until then, one at a time.
     pub fn join_when_ended(self) -> io::Result<()> {
         let _reaper = REAPER.lock().unwrap_or_else(|e| e.into_inner());
+        // Threads no reaper could take: ended long ago (each handed itself over as its last
+        // act), so joining them here is immediate.
+        let left = std::mem::take(&mut *UNJOINED.lock().unwrap_or_else(|e| e.into_inner()));
+        left.into_iter().for_each(OwnThread::join);
         // The reaper's stack is reused: the previous reaper must have left it entirely.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
@@ -146,7 +152,7 @@ impl OwnThread {
                 break;
             }
             if std::time::Instant::now() > deadline {
-                self.keep();
+                UNJOINED.lock().unwrap_or_else(|e| e.into_inner()).push(self);
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the previous reaper thread did not end"));
             }
             std::thread::sleep(std::time::Duration::from_micros(100));
@@ -182,7 +188,7 @@ impl OwnThread {
                 // SAFETY: no thread was created: the box is still ours alone.
                 drop(unsafe { Box::from_raw(arg) });
                 if let Some(thread) = handle.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    thread.keep();
+                    UNJOINED.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
                 }
                 Err(e)
             }
@@ -202,6 +208,8 @@ unsafe impl Sync for ReaperStack {}
 static REAPER_STACK: ReaperStack = ReaperStack(std::cell::UnsafeCell::new([0; REAPER_STACK_SIZE]));
 /// Serializes reaper starts.
 static REAPER: Mutex<()> = Mutex::new(());
+/// Threads handed over when no reaper could run: joined by the next hand-over.
+static UNJOINED: Mutex<Vec<OwnThread>> = Mutex::new(Vec::new());
 /// The last reaper's tid; -1 while one starts, 0 before the first.
 static REAPER_TID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 /// The reaper stack's entry in the table (`usize::MAX` until registered).
