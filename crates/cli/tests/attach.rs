@@ -62,6 +62,12 @@ fn static_worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker-static", &["-O1", "-g", "-fno-inline", "-pthread", "-static"])
 }
 
+/// The worker with 8 MiB of static TLS (`-DBIG_TLS`).
+fn big_tls_worker_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "worker.c", "worker-big-tls", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie", "-DBIG_TLS"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -641,5 +647,26 @@ fn probes_on_the_agent_are_refused_and_module_globs_match_loaded_modules() {
     let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(events(&stdout)["mix_in"].len(), 4 * 300, "{stderr}");
+    worker.quit();
+}
+
+/// dynprobe's threads get their stack from dynprobe, and the C library takes a program's
+/// static TLS from its top: with 8 MiB of `__thread` data, sessions still run, and leave
+/// no thread and no growing mapping behind.
+#[test]
+fn a_program_with_large_static_tls_is_attached_and_left_as_it_was() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe("big-tls", big_tls_worker_exe());
+    let threads = thread_names(worker.pid).len();
+    let mut after_first = None;
+    for _ in 0..4 {
+        let (code, _, stderr) = Session::start(worker.pid, &["p:mix", "r:label"], &["--duration", "0.2"]).end(None);
+        assert_eq!(code, Some(0), "{stderr}");
+        wait_for_thread_count(worker.pid, threads);
+        let maps = mappings(worker.pid).len();
+        let first = *after_first.get_or_insert(maps);
+        assert!(maps <= first + 4, "{maps} mappings, {first} after the first session");
+    }
+    assert_eq!(worker.round(), expected_sum);
     worker.quit();
 }
