@@ -25,7 +25,10 @@
 //! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
 //! even by `SIGKILL` — and either way every probe is unregistered, which restores every
 //! byte, and the process carries on. The library stays loaded (a thread may still be
-//! returning through one of its trampolines); a later attach reuses it.
+//! returning through one of its trampolines); a later attach reuses it. No thread of the
+//! agent's outlives the session (the session thread, the optimizer, the `dlopen` watcher),
+//! and none of them is ever seen by a probe: they are dynprobe's own threads
+//! (`dynprobe::own_thread`), told apart by their stacks from their first instruction.
 //!
 //! Only the user who attached may control the session: the socket lives in a directory
 //! only that user can enter, the agent connects (it never listens), and it checks the
@@ -41,6 +44,8 @@ use std::sync::{Arc, Mutex};
 
 /// Whether a session is running: one at a time.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The running session's thread, which hands itself over to be joined at its end.
+static SESSION_THREAD: Mutex<Option<dynprobe::own_thread::OwnThread>> = Mutex::new(None);
 /// Events the current session dropped.
 static LOST: AtomicU64 = AtomicU64::new(0);
 
@@ -70,11 +75,11 @@ pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
         if ACTIVE.swap(true, Ordering::AcqRel) {
             return -libc::EBUSY;
         }
+        // Held until the handle is stored: the session takes it back at its end.
+        let mut thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner());
         let started = connect(path).and_then(|socket| {
-            std::thread::Builder::new()
-                .name("dynprobe-attach".into())
-                .spawn(move || session(socket))
-                .map(drop)
+            dynprobe::own_thread::spawn(c"dynprobe-attach", move || session(socket))
+                .map(|handle| *thread = Some(handle))
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
         });
         match started {
@@ -149,7 +154,22 @@ fn session(socket: OwnedFd) {
         run(&control, setup);
     }
     drop(socket);
+    // No thread of dynprobe's is left running after the session, refused or not: the
+    // optimizer ends here, the dlopen watcher ended with `run`, and this thread is joined
+    // (its stack unmapped) once it has returned.
+    dynprobe::stop_optimizer();
+    dynprobe::release_caches();
+    // What the session allocated (symbol tables, decoded code: megabytes) is free now but
+    // still resident in the C library's arenas: give those pages back (`malloc_trim(3)`;
+    // it releases free memory only, the program's included, which it does not notice).
+    // SAFETY: malloc_trim takes each arena's lock like malloc does; no lock is held here.
+    unsafe { libc::malloc_trim(0) };
+    let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
     ACTIVE.store(false, Ordering::Release);
+    if let Some(thread) = thread {
+        // On failure the thread's stack stays mapped; nothing of the session runs on.
+        let _ = thread.join_when_ended();
+    }
 }
 
 /// The control socket's sending side.

@@ -8,10 +8,10 @@
 //! return handler runs from the return trampoline, not a signal handler, so the watcher's
 //! stop of the other threads (to patch code) reaches it while it waits.
 
+use dynprobe::own_thread::OwnThread;
 use dynprobe::ReturnProbeHandle;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a `dlopen` waits for the watcher before it returns anyway.
@@ -31,7 +31,7 @@ pub struct ModuleWatch {
     probes: Vec<ReturnProbeHandle>,
     /// The write end of the wake-up pipe; closing it ends the watcher thread.
     wake: OwnedFd,
-    thread: JoinHandle<()>,
+    thread: OwnThread,
 }
 
 /// Starts watching: after each `dlopen` returns, `on_load` runs on the watcher thread
@@ -67,8 +67,8 @@ pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, 
     }
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
-    let spawned = std::thread::Builder::new().name("dynprobe-dlopen".into()).spawn(move || {
-        dynprobe::set_current_thread_traced(false);
+    // One of dynprobe's own threads: no probe sees it, from its first instruction on.
+    let spawned = dynprobe::own_thread::spawn(c"dynprobe-dlopen", move || {
         while wait_for_change(&read) {
             let requested = REQUESTED.load(Ordering::Acquire);
             on_load();
@@ -90,7 +90,7 @@ impl ModuleWatch {
     pub fn keep(self) {
         self.probes.into_iter().for_each(ReturnProbeHandle::leak);
         std::mem::forget(self.wake);
-        drop(self.thread);
+        self.thread.keep();
     }
 
     /// Stops watching: `dlopen` is unprobed (its bytes restored) and the watcher thread
@@ -99,7 +99,7 @@ impl ModuleWatch {
         // The return handlers use the wake-up pipe: it closes only once no handler can run.
         unregister(self.probes);
         drop(self.wake);
-        let _ = self.thread.join();
+        self.thread.join();
         WATCHER_PID.store(0, Ordering::Relaxed);
     }
 }

@@ -76,7 +76,11 @@ extern "C" fn init() {
     // Unwinding out of an `extern "C"` function aborts; a panic here is a bug in dynprobe,
     // so report it like a refused probe rather than dying with SIGABRT.
     let paused = ProfTimerPause::new();
+    // The agent's own calls on the program's main thread (allocations, reading symbol
+    // tables, the optimizer's pass) are not the program's: no probe sees them.
+    dynprobe::own_thread::set_current_thread_hidden(true);
     let result = std::panic::catch_unwind(start);
+    dynprobe::own_thread::set_current_thread_hidden(false);
     drop(paused);
     if result.is_err() {
         eprintln!("dynprobe agent: internal error while placing probes");

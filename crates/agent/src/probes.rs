@@ -5,8 +5,9 @@
 use crate::channel::Channel;
 use crate::dlopen::{self, ModuleWatch};
 use crate::place::{place, Placed};
-use dynprobe::spec::ProbeSpec;
+use dynprobe::spec::{ProbeSpec, Target};
 use dynprobe::Location;
+use dynprobe_ftrace::filter::glob_match;
 use std::sync::{Arc, Mutex};
 
 /// Placed probes, and the specs waiting for their module.
@@ -14,6 +15,8 @@ pub struct ProbeSet {
     /// Each with the text of its spec.
     placed: Vec<(String, Placed)>,
     pending: Vec<ProbeSpec>,
+    /// `!warning` lines about how specs were read (what a module glob matched).
+    notes: Vec<String>,
     /// Where hits go.
     channel: Channel,
 }
@@ -27,19 +30,26 @@ impl ProbeSet {
     /// loaded yet waits for it. On the first refusal every probe placed so far is removed
     /// and the error is `<spec>: <why>` (one line).
     pub fn place_all<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
-        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), channel };
+        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), channel };
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
-            let placed = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
+            let expanded = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
+                let Some((specs, matched)) = expand_module_glob(&spec)? else { return Ok(vec![spec]) };
+                set.notes.push(format!("!warning {text}: the module glob matched {matched}"));
+                Ok(specs)
+            });
+            let specs = match expanded {
+                Ok(specs) => specs,
+                Err(why) => return Err(set.refuse(text, &why)),
+            };
+            for spec in specs {
                 if module_missing(&spec) {
                     set.pending.push(spec);
-                    return Ok(None);
+                    continue;
                 }
-                place(&spec, channel).map(Some)
-            });
-            match placed {
-                Ok(Some(placed)) => set.placed.push((text.to_string(), placed)),
-                Ok(None) => {}
-                Err(why) => return Err(set.refuse(text, &why)),
+                match place(&spec, channel) {
+                    Ok(placed) => set.placed.push((text.to_string(), placed)),
+                    Err(why) => return Err(set.refuse(text, &why)),
+                }
             }
         }
         if let Err((spec, why)) = arm(&set.placed) {
@@ -61,14 +71,13 @@ impl ProbeSet {
         self.placed.len()
     }
 
-    /// One `!pending <spec>: <why>` line (without its newline) per waiting spec.
+    /// What to tell before `!ready` (lines without their newline): the notes on how specs
+    /// were read (`!warning`), then one `!pending <spec>: <why>` per waiting spec.
     pub fn pending_lines(&self) -> Vec<String> {
-        self.pending
-            .iter()
-            .map(|spec| {
-                format!("!pending {}: module {} is not loaded yet", spec.text, spec_module(spec).unwrap_or("?"))
-            })
-            .collect()
+        let pending = self.pending.iter().map(|spec| {
+            format!("!pending {}: module {} is not loaded yet", spec.text, spec_module(spec).unwrap_or("?"))
+        });
+        self.notes.iter().cloned().chain(pending).collect()
     }
 
     /// Places what it can of `specs` (an image a probed program `exec`'d): each spec on
@@ -79,7 +88,7 @@ impl ProbeSet {
         channel: Channel,
         refused: &dyn Fn(&str, &str),
     ) -> ProbeSet {
-        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), channel };
+        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), channel };
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             // The CLI parsed every spec before it started the first image.
             match ProbeSpec::parse(text) {
@@ -164,6 +173,46 @@ fn spec_module(spec: &ProbeSpec) -> Option<&str> {
         Location::Symbol(name) | Location::SymbolOffset(name, _) => dynprobe_symbols::split_module(name).0,
         Location::Address(_) => None,
     }
+}
+
+/// A spec whose module part is a glob (`p:*:malloc`, `p:libz*:inflate`) stands for the same
+/// spec on each loaded module the glob matches (by file name, as `-F 'module:glob'` does)
+/// that defines the symbol: those specs, and the matched modules' names to tell the user.
+/// `None` for a spec without a module glob. A glob matches only what is loaded now: one
+/// that matches no module defining the symbol is refused, naming the loaded modules,
+/// rather than waiting for a library literally named `*`.
+fn expand_module_glob(spec: &ProbeSpec) -> Result<Option<(Vec<ProbeSpec>, String)>, String> {
+    let Some(glob) = spec_module(spec).filter(|m| m.contains(['*', '?'])) else { return Ok(None) };
+    let (symbol, offset) = match spec.location.code() {
+        Some(Location::Symbol(name)) => (dynprobe_symbols::split_module(name).1, None),
+        Some(Location::SymbolOffset(name, offset)) => (dynprobe_symbols::split_module(name).1, Some(*offset)),
+        _ => return Ok(None),
+    };
+    let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
+    let mut specs = Vec::new();
+    let mut matched = Vec::new();
+    for module in table.modules().iter().filter(|m| glob_match(glob.as_bytes(), m.name.as_bytes())) {
+        let name = format!("{}:{symbol}", module.name);
+        if table.lookup(&name).is_err() || matched.contains(&module.name) {
+            continue;
+        }
+        let mut one = spec.clone();
+        one.location = Target::Code(match offset {
+            None => Location::Symbol(name),
+            Some(offset) => Location::SymbolOffset(name, offset),
+        });
+        specs.push(one);
+        matched.push(module.name.clone());
+    }
+    if specs.is_empty() {
+        let loaded: Vec<&str> = table.modules().iter().map(|m| m.name.as_str()).collect();
+        return Err(format!(
+            "no loaded module matching `{glob}` defines `{symbol}` (a module glob matches the modules \
+             loaded now: {}); name the library to wait for one loaded later",
+            loaded.join(", ")
+        ));
+    }
+    Ok(Some((specs, matched.join(", "))))
 }
 
 /// Whether the spec names a module that is not loaded (yet). Read from the memory map, not

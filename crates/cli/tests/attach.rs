@@ -73,6 +73,12 @@ fn signals_exe() -> &'static Path {
     build(&EXE, "signals.c", "signals", &["-O2", "-pthread"])
 }
 
+/// The worker with 8 MiB of static TLS (`-DBIG_TLS`).
+fn big_tls_worker_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "worker.c", "worker-big-tls", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie", "-DBIG_TLS"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -389,6 +395,7 @@ fn killing_the_controller_restores(exe: &'static Path) {
     let expected_sum = unprobed_checksum();
     let mut worker = Worker::start_exe(&format!("kill-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = worker.code("mix");
+    let threads = thread_names(worker.pid).len();
     let mut session = Session::start(worker.pid, SPECS, &[]);
     session.wait_for("attached to");
     writeln!(worker.stdin, "go").unwrap();
@@ -405,6 +412,8 @@ fn killing_the_controller_restores(exe: &'static Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(worker.code("mix"), before, "bytes not restored after the controller died");
+    // And no thread of dynprobe's is left in it.
+    wait_for_thread_count(worker.pid, threads);
     assert_eq!(worker.round(), expected_sum);
 
     // The agent is still loaded: a second attach reuses it, and --duration detaches.
@@ -603,5 +612,158 @@ fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() 
         assert_eq!(stdout.lines().filter(|l| l.contains("work")).count(), 601, "{options:?}: {stdout}");
         assert_eq!(worker.round(), alone, "{options:?}: after detach");
     }
+    worker.quit();
+}
+
+/// The process's thread names (`/proc/PID/task/*/comm`).
+fn thread_names(pid: i32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.filter_map(Result::ok).filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect()
+}
+
+/// The lines of `/proc/PID/maps`.
+fn mappings(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().map(str::to_string).collect()
+}
+
+/// The process's resident set (`VmRSS`), in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until the process has `count` threads again (a session's threads end just after
+/// dynprobe has exited); panics with their names if they do not.
+fn wait_for_thread_count(pid: i32, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while thread_names(pid).len() != count {
+        assert!(Instant::now() < deadline, "threads left after the session: {:?}", thread_names(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Twenty sessions in a row on one process — placed, refused, with a probe waiting for a
+/// library (the dlopen watcher), return probes, the C library probed — leave its thread
+/// count exactly as before the first, its mappings as after the first (the agent library
+/// stays mapped, once: a return trampoline may still be on a stack; the C library keeps
+/// the malloc arenas dynprobe's threads used, for the next threads), and its resident set
+/// within 6 MiB of the first's.
+#[test]
+fn twenty_sessions_leave_no_thread_and_nothing_growing() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("twenty");
+    let pid = worker.pid;
+    let threads = thread_names(pid).len();
+    let specs: [&[&str]; 3] = [
+        &["p:mix_in mix seed=$arg1", "r:mix_out mix ret=$retval", "p:libc:malloc", "p:libnothere:f"],
+        &["p:mix", "p:no_such_function"],
+        &["p:label", "r:libc:free"],
+    ];
+    let mut after_first = None;
+    for round in 0..20 {
+        let specs = specs[round % specs.len()];
+        let (code, _, stderr) = Session::start(pid, specs, &["--duration", "0.2"]).end(None);
+        let refused = specs.contains(&"p:no_such_function");
+        assert_eq!(code, Some(if refused { 2 } else { 0 }), "session {round}: {stderr}");
+        wait_for_thread_count(pid, threads);
+        let (maps, rss) = (mappings(pid), rss_kib(pid));
+        let (first_maps, first_rss) = after_first.get_or_insert_with(|| (maps.clone(), rss));
+        let new: Vec<&String> = maps.iter().filter(|m| !first_maps.contains(m)).collect();
+        // The C library's malloc may keep one more arena (two lines) and a few large chunks
+        // mapped from one session to the next; a leak of thread stacks or code pools would
+        // add two or more per session, past this bound within the twenty.
+        assert!(
+            maps.len() <= first_maps.len() + 4,
+            "session {round}: {} mappings, {} after the first; new: {new:#?}",
+            maps.len(),
+            first_maps.len()
+        );
+        // What the agent keeps allocated is the same after every session (2.7 MB, mallinfo2);
+        // its malloc arena's fragmentation adds up to 2 MiB over twenty sessions. The bound
+        // catches a session that keeps its symbol tables (10 MiB with the debug agent's).
+        assert!(rss <= *first_rss + 6 * 1024, "session {round}: VmRSS {rss} KiB, {first_rss} KiB after the first");
+    }
+    assert!(!thread_names(pid).iter().any(|t| t.starts_with("dynprobe")), "{:?}", thread_names(pid));
+    // Return probes hide their trampoline from backtraces with a probe on libgcc's
+    // `_Unwind_Backtrace`: gone too, so that no code of dynprobe's runs between sessions.
+    let (ours, theirs) = (module_base(std::process::id() as i32, "libgcc_s"), module_base(pid, "libgcc_s"));
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+    let unwind = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_Unwind_Backtrace".as_ptr()) } as u64;
+    assert_ne!(unwind, 0, "this test's own process has libgcc's unwinder");
+    let mut bytes = [0u8; 8];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, unwind - ours + theirs).unwrap();
+    // SAFETY: reads 8 bytes of code of a function of this process.
+    assert_eq!(bytes, unsafe { *(unwind as *const [u8; 8]) }, "_Unwind_Backtrace is still probed");
+    assert_eq!(worker.round(), expected_sum);
+    worker.quit();
+}
+
+/// Where the module whose file name starts with `name` is loaded in process `pid`.
+fn module_base(pid: i32, name: &str) -> u64 {
+    let maps = mappings(pid);
+    let line = maps
+        .iter()
+        .find(|l| l.rsplit('/').next().is_some_and(|file| file.starts_with(name)))
+        .unwrap_or_else(|| panic!("{name} is not loaded in {pid}"));
+    u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap()
+}
+
+/// dynprobe's own threads (the session, the optimizer, the dlopen watcher) call malloc and
+/// free, and start with the C library's start_thread: a probe on them sees only the
+/// program's threads — here none, the worker being idle in `read`.
+#[test]
+fn dynprobe_threads_never_hit_a_probe() {
+    let worker = Worker::start("invisible");
+    let specs = ["p:libc:malloc", "p:libc:free", "r:libc:calloc", "p:libnothere:f"];
+    let (code, stdout, stderr) = Session::start(worker.pid, &specs, &["--duration", "1"]).end(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "", "hits of an idle program: dynprobe's own threads were seen");
+    worker.quit();
+}
+
+#[test]
+fn probes_on_the_agent_are_refused_and_module_globs_match_loaded_modules() {
+    let mut worker = Worker::start("globs");
+    let refusals = [
+        ("p:libdynprobe_agent:dynprobe_attach", "libdynprobe_agent.so, the library dynprobe itself runs from"),
+        ("p:*:no_such_function", "no loaded module matching `*` defines `no_such_function`"),
+    ];
+    for (spec, why) in refusals {
+        let (code, _, stderr) = Session::start(worker.pid, &[spec], &[]).end(None);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(why) && stderr.contains("nothing was left"), "{stderr}");
+    }
+
+    let mut session = Session::start(worker.pid, &["p:mix_in *:mix seed=$arg1:s64 round=$arg2:s32"], &["--json"]);
+    let worker_name = worker.exe.file_name().unwrap().to_string_lossy().into_owned();
+    session.wait_for(&format!("the module glob matched {worker_name}"));
+    session.wait_for("attached to");
+    worker.round();
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(events(&stdout)["mix_in"].len(), 4 * 300, "{stderr}");
+    worker.quit();
+}
+
+/// dynprobe's threads get their stack from dynprobe, and the C library takes a program's
+/// static TLS from its top: with 8 MiB of `__thread` data, sessions still run, and leave
+/// no thread and no growing mapping behind.
+#[test]
+fn a_program_with_large_static_tls_is_attached_and_left_as_it_was() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe("big-tls", big_tls_worker_exe());
+    let threads = thread_names(worker.pid).len();
+    let mut after_first = None;
+    for _ in 0..4 {
+        let (code, _, stderr) = Session::start(worker.pid, &["p:mix", "r:label"], &["--duration", "0.2"]).end(None);
+        assert_eq!(code, Some(0), "{stderr}");
+        wait_for_thread_count(worker.pid, threads);
+        let maps = mappings(worker.pid).len();
+        let first = *after_first.get_or_insert(maps);
+        assert!(maps <= first + 4, "{maps} mappings, {first} after the first session");
+    }
+    assert_eq!(worker.round(), expected_sum);
     worker.quit();
 }

@@ -407,3 +407,16 @@ fn demo_records_the_demo_and_replays_its_call_graph() {
     assert_eq!(stdout.matches("|   checksum();").count(), 3, "{stdout}");
     assert!(stdout.contains("| } /* main */"), "{stdout}");
 }
+
+/// The agent places the probes from the loader's constructor, on the program's main thread,
+/// before `main`: its own allocations are not the program's, and no probe sees them. (Run
+/// without the marker argument, the target allocates nothing before its first `checksum`.)
+#[test]
+fn the_agent_setting_up_is_never_seen_by_a_probe() {
+    let target = target().to_str().unwrap();
+    let out = dynprobe(&["probe", "p:libc:malloc", "p:libc:free", "p:checksum", "--", target]);
+    assert_eq!(out.status.code(), Some(TARGET_STATUS), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let first = stdout.lines().find(|l| l.contains("] libc_") || l.contains("] checksum"));
+    assert!(first.is_some_and(|l| l.contains("] checksum")), "a hit before main's first call: {first:?}\n{stdout}");
+}

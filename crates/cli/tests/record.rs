@@ -450,6 +450,10 @@ fn tracing_the_whole_c_library_keeps_the_program_working() {
     let main = graph.iter().position(|l| l.trim_start().starts_with("main() {")).expect("main is traced");
     // printf's first call allocates stdout's buffer.
     assert!(graph[main..].iter().any(|l| l.contains("malloc")), "{graph:?}");
+    // dynprobe's dlopen watcher calls the C library from its first instruction
+    // (start_thread, pthread_setname_np): none of it is the program's.
+    assert!(summary.contains("from 1 thread of 1 process"), "dynprobe's own thread was traced: {summary}");
+    assert!(!graph.iter().any(|l| l.contains("start_thread")), "{graph:?}");
 
     // system and posix_spawn run a child in this process's memory with every signal
     // handler reset: no breakpoint may be left in the C library for it to hit.

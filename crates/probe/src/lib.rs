@@ -27,6 +27,7 @@ mod error;
 mod guard;
 mod location;
 mod optimizer;
+pub mod own_thread;
 mod probe;
 mod registry;
 mod retprobe;
@@ -37,8 +38,12 @@ mod thread_slot;
 pub use arch::{light_width, Regs};
 pub use error::ProbeError;
 pub use location::Location;
+pub use optimizer::stop_optimizer;
+pub use own_thread::current_thread_is_own;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
-pub use registry::{list, optimization_enabled, prepare_optimization, set_optimization, wait_for_optimizer};
+pub use registry::{
+    list, optimization_enabled, prepare_optimization, release_caches, set_optimization, wait_for_optimizer,
+};
 pub use retprobe::{
     graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,

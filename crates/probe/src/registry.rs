@@ -117,6 +117,48 @@ fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     Ok(REGISTRY.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Drops what the registry keeps for placing probes — the process's symbol table, each
+/// module's branch targets: megabytes for the C library — when no probe is left, and the
+/// backtrace filter of return probes when no call can still return through their
+/// trampoline. An attach session ends with it, so that the process it leaves does not keep
+/// them and runs none of dynprobe's code; the next probe builds them again. Does nothing
+/// inside a handler.
+pub fn release_caches() {
+    crate::retprobe::release_backtrace_filter();
+    if let Ok(mut registry) = lock() {
+        if registry.sites.is_empty() {
+            registry.symbols = None;
+            registry.foreign.clear();
+        }
+    }
+}
+
+/// When dynprobe runs from a shared library of its own (the agent), and `addr` lies in
+/// it, that library's path. The whole library is dynprobe's, whatever name or path it was
+/// loaded under, so it is found by address (`dladdr(3)`), not by name. When dynprobe is
+/// linked into the program itself, only its own code is refused (by name, above).
+fn own_library_at(addr: u64) -> Option<String> {
+    let object_of = |addr: u64| {
+        // SAFETY: Dl_info is plain data; dladdr only fills it in.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr accepts any address and reports whether an object contains it.
+        let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
+        (found && !info.dli_fbase.is_null()).then_some(info)
+    };
+    let ours = object_of(own_library_at as *const () as u64)?;
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let main = object_of(unsafe { libc::getauxval(libc::AT_PHDR) });
+    if main.is_some_and(|main| main.dli_fbase == ours.dli_fbase) {
+        return None;
+    }
+    let target = object_of(addr)?;
+    if target.dli_fbase != ours.dli_fbase {
+        return None;
+    }
+    // SAFETY: dladdr's dli_fname is the loader's NUL-terminated name of the object.
+    Some(unsafe { std::ffi::CStr::from_ptr(ours.dli_fname) }.to_string_lossy().into_owned())
+}
+
 /// A resolved probe point.
 struct Target {
     addr: u64,
@@ -417,6 +459,10 @@ impl Registry {
     fn check_blacklist(&self, target: &Target, internal: bool) -> Result<(), ProbeError> {
         if pool::contains(target.addr) {
             let what = "an out-of-line slot of another probe".to_string();
+            return Err(ProbeError::Blacklisted { addr: target.addr, what });
+        }
+        if let Some(library) = own_library_at(target.addr) {
+            let what = format!("inside {library}, the library dynprobe itself runs from");
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
         }
         if let Some((name, start, size)) = &target.function {

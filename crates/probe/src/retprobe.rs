@@ -486,6 +486,10 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
 /// call. [`graph_install`] must have succeeded first.
 #[inline]
 pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    // dynprobe's own threads are never traced, from their first instruction on.
+    if crate::own_thread::current_thread_is_own() {
+        return GraphEnter::Skipped;
+    }
     let Some(guard) = HandlerGuard::enter() else { return GraphEnter::Missed };
     enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
 }
@@ -678,6 +682,20 @@ struct Setup {
     filter: bool,
     next_id: u32,
     next_index: usize,
+}
+
+/// Removes what return probes keep between uses — the probe on `_Unwind_Backtrace` that
+/// hides the trampoline from backtraces — when no return probe is registered and no call
+/// is still to return through the trampoline on any thread, so that no code of dynprobe's
+/// runs when the program takes a backtrace. The next return probe places it again.
+pub(crate) fn release_backtrace_filter() {
+    let Ok(mut setup) = setup() else { return };
+    let registered = PROBES.iter().any(|p| !p.load(Ordering::Acquire).is_null());
+    // Conservative: a stack left by a thread that has exited counts as in use.
+    let pending = STACKS.iter().any(|s| s.top.load(Ordering::Acquire) != 0);
+    if setup.filter && !registered && !pending && rethook::show_backtraces_again() {
+        setup.filter = false;
+    }
 }
 
 static SETUP: Mutex<Setup> =

@@ -47,6 +47,9 @@ pub(crate) struct ThreadSlot {
     /// word its signal frame restores at `sigreturn` (a signal guard's mask change must go
     /// there, or it would be undone); 0 otherwise.
     pub(crate) trap_mask: AtomicUsize,
+    /// The owner runs dynprobe's own work for now (the agent setting up on the program's
+    /// main thread): probes do not see it (`own_thread::set_current_thread_hidden`).
+    pub(crate) hidden: AtomicBool,
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -59,6 +62,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         untraced: AtomicBool::new(false),
         trap_state: AtomicU8::new(0),
         trap_mask: AtomicUsize::new(0),
+        hidden: AtomicBool::new(false),
     }
 }; MAX_THREADS];
 
@@ -130,6 +134,7 @@ impl ThreadSlot {
         self.untraced.store(false, Ordering::Relaxed);
         self.trap_state.store(0, Ordering::Relaxed);
         self.trap_mask.store(0, Ordering::Relaxed);
+        self.hidden.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
@@ -156,7 +161,7 @@ fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
 }
 
 /// True when thread `tid` of this process still exists.
-fn thread_alive(tid: i32) -> bool {
+pub(crate) fn thread_alive(tid: i32) -> bool {
     crate::arch::preserving_errno(|| {
         // SAFETY: signal 0 only checks that the thread exists; raw syscalls are
         // async-signal-safe.

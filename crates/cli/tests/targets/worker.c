@@ -74,8 +74,17 @@ static void *work(void *arg)
 	return (void *)sum;
 }
 
+#ifdef BIG_TLS
+/* Built with -DBIG_TLS: 8 MiB of static TLS, which the C library takes from the top of every
+ * thread's stack — dynprobe's own threads' too. */
+__thread volatile char big_tls[8 << 20];
+#endif
+
 int main(int argc, char **argv)
 {
+#ifdef BIG_TLS
+	big_tls[0] = 1;
+#endif
 	if (argc < 2) {
 		fprintf(stderr, "usage: worker LOGFILE\n");
 		return 2;

@@ -216,6 +216,10 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
     // SAFETY: the detour passes its register frame, which is a `Regs` (see the arch layer's
     // detour layout) on this thread's stack, not aliased while the call runs.
     let regs = unsafe { &mut *frame };
+    if crate::own_thread::current_thread_is_own() {
+        // dynprobe's own thread: no handler runs and nothing is counted, as if unprobed.
+        return 0;
+    }
     let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {

@@ -339,9 +339,12 @@ static RECORDS: [[TraceRecord; RING]; MAX_THREADS] =
 /// Each thread's next ring position; written only by its owner.
 static NEXT_RECORD: [AtomicU64; MAX_THREADS] = [const { AtomicU64::new(0) }; MAX_THREADS];
 
+/// The probe [`hide_from_backtraces`] placed.
+static BACKTRACE_FILTER: std::sync::Mutex<Option<crate::ProbeHandle>> = std::sync::Mutex::new(None);
+
 /// Places a probe on libgcc's `_Unwind_Backtrace` that hides sled frames from every
 /// backtrace: its pre-handler swaps the (callback, argument) pair for [`skip_sled_frames`]
-/// and a per-thread record of the pair. Kept for the life of the process.
+/// and a per-thread record of the pair. Kept until [`show_backtraces_again`].
 pub(crate) fn hide_from_backtraces() -> Result<(), ProbeError> {
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
     let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_Unwind_Backtrace".as_ptr()) } as u64;
@@ -349,8 +352,16 @@ pub(crate) fn hide_from_backtraces() -> Result<(), ProbeError> {
         // No libgcc unwinder in the process: no backtrace can meet the sled.
         return Ok(());
     }
-    Probe::at(addr).on_hit(redirect_backtrace).register()?.leak();
+    let probe = Probe::at(addr).on_hit(redirect_backtrace).register()?;
+    *BACKTRACE_FILTER.lock().unwrap_or_else(|e| e.into_inner()) = Some(probe);
     Ok(())
+}
+
+/// Removes the probe of [`hide_from_backtraces`], for when no call can return through the
+/// sled any more (so no backtrace can meet it); false if it could not be removed (it stays).
+pub(crate) fn show_backtraces_again() -> bool {
+    let Some(probe) = BACKTRACE_FILTER.lock().unwrap_or_else(|e| e.into_inner()).take() else { return true };
+    probe.unregister().is_ok()
 }
 
 /// Pre-handler at `_Unwind_Backtrace(trace, arg)`.

@@ -16,6 +16,18 @@ pub(crate) fn thread_pointer() -> usize {
     tp
 }
 
+/// The calling thread's stack pointer: which stack the thread runs on tells dynprobe's own
+/// threads apart (see `own_thread`), from their first instruction on.
+#[inline(always)]
+pub(crate) fn stack_pointer() -> usize {
+    let sp: usize;
+    // SAFETY: copies %rsp into a register; reads no memory.
+    unsafe {
+        std::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags));
+    }
+    sp
+}
+
 /// Where glibc's `struct pthread` keeps the kernel thread id (`tid`), relative to the thread
 /// pointer, on x86-64. The kernel clears it when the thread exits (`CLONE_CHILD_CLEARTID`),
 /// and glibc reuses a dead thread's TCB for a new thread, so the pair (thread pointer, tid)

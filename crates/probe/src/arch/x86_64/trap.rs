@@ -93,6 +93,11 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // SAFETY: `data` is the address of the boxed PatchSite registered with this handler;
     // the registry frees a site only after unregistering it and waiting a grace period.
     let site = unsafe { &*(data as *const PatchSite) };
+    if crate::own_thread::current_thread_is_own() {
+        // dynprobe's own thread: no handler runs and nothing is counted, as if unprobed.
+        ctx.set_ip(site.resume_after_pre());
+        return;
+    }
     let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
