@@ -342,9 +342,9 @@ fn threads_hit_while_another_registers_and_unregisters() {
     // The process's first probe places dynprobe's signal guards (once, and slow in a debug
     // build): not part of the rounds counted.
     Probe::at(sym!("hot")).on_hit(|_| {}).register().unwrap().unregister().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // A number of rounds, not a time: how many fit in a second depends on the host's load.
     let (mut rounds, mut counted) = (0u64, 0u64);
-    while Instant::now() < deadline {
+    while rounds < 100 {
         let h = handled.clone();
         let probe = Probe::at(sym!("hot")).on_hit(move |_| {
             h.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +356,6 @@ fn threads_hit_while_another_registers_and_unregisters() {
     }
     stop.store(true, Ordering::Relaxed);
     let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    assert!(rounds > 100, "only {rounds} register/unregister rounds");
     assert_eq!(handled.load(Ordering::Relaxed), counted, "every handler run is counted as a hit of its probe");
     assert!(counted > 0 && counted <= calls, "{counted} hits for {calls} calls");
     eprintln!("{rounds} rounds, {counted} hits, {calls} calls");
