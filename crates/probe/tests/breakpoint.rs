@@ -7,7 +7,7 @@ use common::{code, Target};
 use dynprobe_probe::{sym, Location, Probe, ProbeError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn target() -> &'static Target {
     static TARGET: OnceLock<Target> = OnceLock::new();
