@@ -65,30 +65,17 @@ impl Channel {
         Channel { fd: -1, lost: None, socket: false }
     }
 
-    /// Writes `bytes` whole. Async-signal-safe: no allocation, and `errno` is restored,
-    /// because the interrupted code may be about to read its own. A failed write (the CLI
-    /// is gone) loses the line: the target must go on running regardless.
+    /// Writes `bytes` whole. Async-signal-safe: no allocation, and `errno` is untouched (the
+    /// interrupted code may be about to read its own): raw system calls, which also keep
+    /// dynprobe's own writes out of the program's probes on `write`/`send`. A failed write
+    /// (the CLI is gone) loses the line: the target must go on running regardless.
     pub fn send(&self, mut bytes: &[u8]) {
-        // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's
-        // life.
-        let errno = unsafe { libc::__errno_location() };
-        // SAFETY: as above; the slot is a plain int.
-        let saved = unsafe { *errno };
         while !bytes.is_empty() {
-            // SAFETY: `bytes` is a live slice of `bytes.len()` readable bytes.
-            let n = unsafe {
-                match self.socket {
-                    true => libc::send(self.fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL),
-                    false => libc::write(self.fd, bytes.as_ptr().cast(), bytes.len()),
-                }
-            };
-            match n {
-                // SAFETY: reading this thread's errno, as above.
-                -1 if unsafe { *errno } == libc::EINTR => continue,
+            match dynprobe_probe::raw::write(self.fd, bytes, self.socket) {
+                n if n == -(libc::EINTR as i64) => continue,
                 // A lossy channel's pipe is full. Lines are below PIPE_BUF, so the kernel
                 // wrote none of this one.
-                // SAFETY: reading this thread's errno, as above.
-                -1 if unsafe { *errno } == libc::EAGAIN => {
+                n if n == -(libc::EAGAIN as i64) => {
                     if let Some(lost) = self.lost {
                         lost.fetch_add(1, Ordering::Relaxed);
                     }
@@ -98,8 +85,6 @@ impl Channel {
                 n => bytes = &bytes[n as usize..],
             }
         }
-        // SAFETY: restoring this thread's errno, as above.
-        unsafe { *errno = saved };
     }
 }
 

@@ -4,6 +4,8 @@
 //! The agent must be built beside the `dynprobe` binary first (`cargo test` only builds
 //! it as part of the whole workspace): `cargo build --workspace && cargo test --workspace`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -419,4 +421,38 @@ fn the_agent_setting_up_is_never_seen_by_a_probe() {
     let stdout = text(&out.stdout);
     let first = stdout.lines().find(|l| l.contains("] libc_") || l.contains("] checksum"));
     assert!(first.is_some_and(|l| l.contains("] checksum")), "a hit before main's first call: {first:?}\n{stdout}");
+}
+
+/// libc's `write` and `syscall` can be probed, with and without optimization: the events are
+/// exactly the program's own calls — dynprobe's event writer makes raw system calls, so its
+/// writes are neither events nor misses.
+#[test]
+fn write_and_syscall_are_probed_and_only_the_programs_own_calls_are_seen() {
+    let exe = common::build_c("writes.c", "writes", &[]);
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    for options in [&[][..], &["--no-optimize"]] {
+        let events = dir.join(format!("writes-{}.txt", options.len()));
+        let out = Command::new(env!("CARGO_BIN_EXE_dynprobe"))
+            .arg("probe")
+            .args(options)
+            .arg("-o")
+            .arg(&events)
+            .args(["p:libc:write fd=$arg1:s32 n=$arg3:u64", "p:libc:syscall nr=$arg1:s64"])
+            .arg("--")
+            .arg(&exe)
+            .arg("300")
+            .output()
+            .expect("run dynprobe");
+        assert!(out.status.success(), "{options:?}: {}", text(&out.stderr));
+        let program_lines = text(&out.stdout).lines().count();
+        assert_eq!(program_lines, 300, "{options:?}: the program's output changed");
+        let events = std::fs::read_to_string(&events).unwrap();
+        let writes: Vec<&str> = events.lines().filter(|l| l.contains("libc_write:")).collect();
+        assert_eq!(writes.len(), 300, "{options:?}: {} write events for 300 calls:\n{events}", writes.len());
+        for (i, line) in writes.iter().enumerate() {
+            assert!(line.ends_with(&format!("fd=1 n={}", 1 + i % 40)), "{options:?}: call {i}: {line}");
+        }
+        assert!(!text(&out.stderr).contains("missed"), "{options:?}: {}", text(&out.stderr));
+    }
 }

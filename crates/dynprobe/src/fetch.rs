@@ -61,13 +61,9 @@ impl TargetMemory for SelfMemory {
         if buf.is_empty() {
             return true;
         }
-        let _errno = ErrnoGuard::new();
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
-        // SAFETY: `local` describes `buf`, writable for its length; the kernel checks the
-        // remote range and fails with EFAULT instead of touching an unmapped page.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        n == buf.len() as isize
+        // A raw process_vm_readv: the kernel checks the range and fails with EFAULT instead
+        // of touching an unmapped page, and the program's probes on libc never see it.
+        dynprobe_probe::raw::read(addr, buf)
     }
 
     fn thread_name(&self, tid: u64, buf: &mut [u8; 16]) -> usize {
@@ -117,8 +113,7 @@ impl Drop for ErrnoGuard {
 
 /// The calling thread's id (the `gettid` system call is async-signal-safe).
 pub fn gettid() -> u64 {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+    dynprobe_probe::raw::gettid() as u64
 }
 
 /// Everything a fetch may read at one hit.

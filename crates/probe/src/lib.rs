@@ -52,6 +52,11 @@ pub use retprobe::{
 pub use signals::{guard_failure, release_signals};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
+/// Raw system calls for handlers and event writers: they reach the kernel without going
+/// through the C library, whose functions the program may have probed (`p:libc:write`), so
+/// dynprobe's own writes and reads never show up as the program's events or misses.
+pub use dynprobe_text::raw;
+
 /// Handler runs of every probe kind that panicked, in this process (see
 /// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the
 /// probed code runs on — and counted, never silent.

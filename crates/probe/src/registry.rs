@@ -31,26 +31,14 @@ pub(crate) const BLACKLISTED_CODE: &[&str] =
 /// C library's internal cancellation switches, which every cancellable system-call
 /// wrapper of the stop path (`open`, `read`, `close`) runs.
 const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt", "__pthread_enable_asynccancel", "__pthread_disable_asynccancel"];
-/// C library functions dynprobe's `SIGTRAP` handler may call (the copies and comparisons
-/// the compiler emits, and the system-call wrappers of the trap and event paths). The
-/// handler runs with `SIGTRAP` blocked, so a breakpoint in one of them would make the
-/// kernel kill the process rather than nest: refused like dynprobe's own code. Found by
-/// the address the dynamic linker resolves the name to, so an ifunc's chosen variant is
-/// the one refused.
-const MACHINERY_LIBC: &[&str] = &[
-    "memcpy",
-    "memmove",
-    "memset",
-    "memcmp",
-    "bcmp",
-    "__errno_location",
-    "syscall",
-    "getpid",
-    "gettid",
-    "process_vm_readv",
-    "clock_gettime",
-    "write",
-];
+/// C library functions dynprobe's signal handlers may call: the copies and comparisons the
+/// compiler emits, `errno`'s location and the clock. The stop signal's handler runs with
+/// every signal blocked, so a breakpoint in one of them would make the kernel kill the
+/// process rather than nest: refused like dynprobe's own code. (System calls — `write`,
+/// `read`, `syscall`, `process_vm_readv` — are made raw on every path of a hit, so those can
+/// be probed like any other function.) Found by the address the dynamic linker resolves the
+/// name to, so an ifunc's chosen variant is the one refused.
+const MACHINERY_LIBC: &[&str] = &["memcpy", "memmove", "memset", "memcmp", "bcmp", "__errno_location", "clock_gettime"];
 
 /// The addresses [`MACHINERY_LIBC`] resolve to in this process, with their names.
 fn machinery_functions() -> &'static [(u64, &'static str)] {

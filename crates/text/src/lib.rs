@@ -17,7 +17,7 @@
 pub mod error;
 pub mod memory;
 pub mod pool;
-mod raw;
+pub mod raw;
 pub mod stop;
 pub mod sync_core;
 pub mod transaction;

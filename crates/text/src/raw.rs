@@ -1,6 +1,8 @@
-//! Raw system calls for code that runs in signal handlers and while other threads are
-//! stopped: it must not call into libc, whose functions may carry probes (an `int3` hit while
-//! `SIGTRAP` is blocked kills the process) and whose `syscall()` wrapper writes `errno`.
+//! Raw system calls for code that runs in signal handlers, while other threads are stopped,
+//! and on the paths of a probe hit: it must not call into libc, whose functions may carry
+//! the program's probes (an `int3` hit while `SIGTRAP` is blocked kills the process; a hit
+//! inside a handler is a miss of the program's probe, and an event the program did not make)
+//! and whose wrappers write `errno`. Errors come back as `-errno`; `errno` is never touched.
 
 /// `syscall(nr, a1, a2, a3, a4)`.
 ///
@@ -29,7 +31,7 @@ pub(crate) unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i6
 
 /// Reads `buf.len()` bytes at `addr` of this process with `process_vm_readv`, so that an
 /// unmapped address is an error, not a fault. True when every byte was read.
-pub(crate) fn read(addr: u64, buf: &mut [u8]) -> bool {
+pub fn read(addr: u64, buf: &mut [u8]) -> bool {
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let remote = libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: getpid takes no arguments.
@@ -82,7 +84,8 @@ pub(crate) unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u
     ret
 }
 
-pub(crate) fn gettid() -> i32 {
+/// The calling thread's id.
+pub fn gettid() -> i32 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { syscall4(libc::SYS_gettid, 0, 0, 0, 0) as i32 }
 }
@@ -113,4 +116,26 @@ pub(crate) fn futex_wake_all(word: &core::sync::atomic::AtomicU32) {
             0,
         )
     };
+}
+
+/// `write(fd, bytes)`, or `send(fd, bytes, MSG_NOSIGNAL)` when `socket` (a peer gone away
+/// then gives `-EPIPE`, not `SIGPIPE`): the bytes written, or `-errno`.
+pub fn write(fd: i32, bytes: &[u8], socket: bool) -> i64 {
+    // SAFETY: `bytes` is a live slice of `bytes.len()` readable bytes; sendto with no
+    // address is send.
+    unsafe {
+        if socket {
+            syscall6(
+                libc::SYS_sendto,
+                fd as u64,
+                bytes.as_ptr() as u64,
+                bytes.len() as u64,
+                libc::MSG_NOSIGNAL as u64,
+                0,
+                0,
+            )
+        } else {
+            syscall4(libc::SYS_write, fd as u64, bytes.as_ptr() as u64, bytes.len() as u64, 0)
+        }
+    }
 }
