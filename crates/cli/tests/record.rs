@@ -466,6 +466,19 @@ fn tracing_the_whole_c_library_keeps_the_program_working() {
     assert!(sites.contains("would kill a posix_spawn/vfork child"), "{sites}");
 }
 
+/// `--no-optimize` makes the program's functions breakpoints, but the C library's entries
+/// keep their jumps: the child `system`/`posix_spawn` run in the parent's memory with every
+/// handler reset, and a thread being created (every signal blocked), would die on a
+/// breakpoint there. The whole C library traced that way leaves the program working.
+#[test]
+fn tracing_the_whole_c_library_without_optimization_keeps_the_program_working() {
+    for (name, args) in [("libc-no-opt", &["fib"][..]), ("libc-spawn-no-opt", &["spawn"])] {
+        let r = record_unchanged(name, &["--no-optimize", "-F", "libc:*", "-F", "main"], traced_c(Sites::Plain), args);
+        let graph = texts(&r.graph(&[]));
+        assert!(graph.iter().any(|l| l.contains("malloc")), "{name}: {graph:?}");
+    }
+}
+
 /// A library the program `dlopen`s after recording began: the pattern naming it waits for
 /// it (no error), and its functions are patched — its NOP sites in one batch — before
 /// `dlopen` returns, so the program's first call into it is traced.

@@ -193,12 +193,6 @@ impl Tracer {
     }
 }
 
-/// Whether functions of module `name` may run in the C library's `posix_spawn` child (the C
-/// library and the dynamic linker).
-fn runs_in_spawn_children(name: &str) -> bool {
-    name.starts_with("libc.so") || name.starts_with("ld-linux")
-}
-
 /// The entry probes that became jumps, or need not; the C library's others are taken out
 /// and listed as refused.
 ///
@@ -207,14 +201,15 @@ fn runs_in_spawn_children(name: &str) -> bool {
 /// after resetting every signal handler to the default, and `SIGTRAP`'s default ends the
 /// process. The jumps need no signal. The program's own functions, which that child does
 /// not run, keep their breakpoints when they cannot be jump-optimized (short functions).
-/// (With optimization switched off — `record --no-optimize` — every breakpoint is kept:
-/// the user chose them.)
+/// With optimization switched off (`record --no-optimize`) the others get breakpoints, but
+/// the C library's entries still get their jumps (the probe layer keeps them, for the same
+/// reason), and those that cannot have one are refused here just the same.
 fn keep_optimized(
     probes: Vec<ProbeHandle>,
     functions: &[&TracedFunction],
     refused: &mut Vec<RefusedSite>,
 ) -> Vec<ProbeHandle> {
-    if probes.is_empty() || !dynprobe_probe::optimization_enabled() {
+    if probes.is_empty() {
         return probes;
     }
     if let Err(e) = dynprobe_probe::wait_for_optimizer() {
@@ -229,7 +224,7 @@ fn keep_optimized(
     let (kept, dropped): (Vec<_>, Vec<_>) = probes
         .into_iter()
         .zip(functions)
-        .partition(|(p, f)| !runs_in_spawn_children(&f.module) || !p.is_enabled() || p.info().optimized);
+        .partition(|(p, f)| !dynprobe_symbols::is_c_runtime(&f.module) || !p.is_enabled() || p.info().optimized);
     let (dropped, names): (Vec<ProbeHandle>, Vec<&TracedFunction>) = dropped.into_iter().unzip();
     let reasons: Vec<String> = dropped.iter().map(|p| p.info().not_optimized.unwrap_or_default()).collect();
     // Disarmed in one batch and kept registered, disabled: unregistering each would wait
@@ -242,7 +237,7 @@ fn keep_optimized(
         probe.leak();
         let reason = format!(
             "not jump-optimized ({why}), and a breakpoint there would kill a posix_spawn/vfork child that calls \
-             it; use --no-optimize to trace it with a breakpoint"
+             it"
         );
         refused.push(batch::refusal(f, addr, reason));
     }

@@ -196,7 +196,9 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     // breakpoint probe again (and stays one while this site exists).
     registry.unoptimize_covering(target.addr)?;
     let function = target.function.clone().filter(|f| f.2 > 0);
-    let site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()]);
+    let c_runtime = registry.symbols(false)?.module_of(insn.ip).is_some_and(|m| m.is_c_runtime());
+    let site =
+        PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()], c_runtime);
     if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
         pool::free(site.slots.slot);
@@ -772,7 +774,7 @@ impl Registry {
     /// may want that done before its probes (on `malloc`, say) are armed.
     fn prepare(&mut self, addr: u64) -> Result<bool, ProbeError> {
         let Some(site) = self.sites.get(&addr) else { return Ok(false) };
-        if !(OPTIMIZATION.load(Ordering::Relaxed) || site.internal())
+        if !(OPTIMIZATION.load(Ordering::Relaxed) || site.jumps_regardless())
             || site.optimized.load(Ordering::Relaxed)
             || site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         {
@@ -951,8 +953,10 @@ pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
         return Ok(());
     }
     // dynprobe's own guards stay jumps: the switch is about the user's probes, and a guard
-    // on `syscall()` would otherwise trap on dynprobe's own system calls.
-    let addrs: Vec<u64> = registry.sites.iter().filter(|(_, site)| !site.internal()).map(|(&a, _)| a).collect();
+    // on `syscall()` would otherwise trap on dynprobe's own system calls. So do probes in
+    // the C library, which vfork-like children and threads being created run with every
+    // signal blocked: a breakpoint there would kill them.
+    let addrs: Vec<u64> = registry.sites.iter().filter(|(_, site)| !site.jumps_regardless()).map(|(&a, _)| a).collect();
     registry.unoptimize_all(&addrs)
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct PatchSite {
     pub(crate) slots: PreparedSlots,
     /// The containing function's name, start and size, when known (needed to optimize).
     pub(crate) function: Option<(String, u64, u64)>,
+    /// The site is in the C library or the dynamic linker (see [`Self::jumps_regardless`]).
+    c_runtime: bool,
     /// True while the `int3` is written; changed only under the registry lock.
     pub(crate) armed: AtomicBool,
     /// True while the detour jump is written over the `int3` (the probe is optimized).
@@ -50,6 +52,7 @@ impl PatchSite {
         function: Option<(String, u64, u64)>,
         slots: PreparedSlots,
         probes: ProbeList,
+        c_runtime: bool,
     ) -> Box<PatchSite> {
         let mut site = Box::new(PatchSite {
             addr,
@@ -58,6 +61,7 @@ impl PatchSite {
             symbol,
             slots,
             function,
+            c_runtime,
             armed: AtomicBool::new(false),
             optimized: AtomicBool::new(false),
             not_optimized: Mutex::new(None),
@@ -75,6 +79,14 @@ impl PatchSite {
     /// Whether every probe here is one of dynprobe's own (signal guards).
     pub(crate) fn internal(&self) -> bool {
         self.probes().iter().all(|p| p.internal)
+    }
+
+    /// Whether the site gets its jump even with optimization switched off: dynprobe's own
+    /// guards, and the C library's and dynamic linker's code, which `vfork`-like children
+    /// and threads being created run with every signal blocked — a breakpoint there would
+    /// kill them (see `Module::is_c_runtime`).
+    pub(crate) fn jumps_regardless(&self) -> bool {
+        self.c_runtime || self.internal()
     }
 
     pub(crate) fn probes(&self) -> &ProbeList {

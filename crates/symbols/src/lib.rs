@@ -52,7 +52,20 @@ pub struct Module {
     pub is_main: bool,
 }
 
+/// Whether the module named `name` (a file name, `libc.so.6`) is the C library or the
+/// dynamic linker (see [`Module::is_c_runtime`]).
+pub fn is_c_runtime(name: &str) -> bool {
+    name.starts_with("libc.so") || name.starts_with("ld-linux")
+}
+
 impl Module {
+    /// Whether this is the C library or the dynamic linker: code that a `vfork`-like child
+    /// (`posix_spawn`, `system`) and a thread being created run with every signal blocked
+    /// or reset, so a breakpoint there would kill them.
+    pub fn is_c_runtime(&self) -> bool {
+        is_c_runtime(&self.name)
+    }
+
     /// Whether `addr` falls in one of the module's mappings.
     pub fn contains(&self, addr: u64) -> bool {
         self.ranges.iter().any(|&(s, e)| s <= addr && addr < e)
