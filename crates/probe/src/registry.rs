@@ -197,8 +197,8 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     registry.unoptimize_covering(target.addr)?;
     let function = target.function.clone().filter(|f| f.2 > 0);
     let c_runtime = registry.symbols(false)?.module_of(insn.ip).is_some_and(|m| m.is_c_runtime());
-    let site =
-        PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()], c_runtime);
+    let mut site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()]);
+    site.c_runtime = c_runtime;
     if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
         pool::free(site.slots.slot);

@@ -23,8 +23,9 @@ pub(crate) struct PatchSite {
     pub(crate) slots: PreparedSlots,
     /// The containing function's name, start and size, when known (needed to optimize).
     pub(crate) function: Option<(String, u64, u64)>,
-    /// The site is in the C library or the dynamic linker (see [`Self::jumps_regardless`]).
-    c_runtime: bool,
+    /// The site is in the C library or the dynamic linker (see [`Self::jumps_regardless`]);
+    /// set by the registry right after `new`.
+    pub(crate) c_runtime: bool,
     /// True while the `int3` is written; changed only under the registry lock.
     pub(crate) armed: AtomicBool,
     /// True while the detour jump is written over the `int3` (the probe is optimized).
@@ -52,7 +53,6 @@ impl PatchSite {
         function: Option<(String, u64, u64)>,
         slots: PreparedSlots,
         probes: ProbeList,
-        c_runtime: bool,
     ) -> Box<PatchSite> {
         let mut site = Box::new(PatchSite {
             addr,
@@ -61,7 +61,7 @@ impl PatchSite {
             symbol,
             slots,
             function,
-            c_runtime,
+            c_runtime: false,
             armed: AtomicBool::new(false),
             optimized: AtomicBool::new(false),
             not_optimized: Mutex::new(None),
