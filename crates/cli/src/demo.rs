@@ -62,5 +62,11 @@ fn record_and_replay(program: &str) -> Result<ExitCode, String> {
             break;
         }
     }
+    // `record` named the trace directory, which goes away with the demo: say so, and what
+    // to run instead.
+    eprintln!(
+        "\n(the demo's trace was in a scratch directory, removed now; `dynprobe record -o DIR -- PROGRAM` keeps \
+         one of your own, then `dynprobe replay DIR`)"
+    );
     Ok(code)
 }

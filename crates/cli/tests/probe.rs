@@ -400,6 +400,9 @@ fn demo_records_the_demo_and_replays_its_call_graph() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("$ dynprobe record -o "), "{stderr}");
     assert!(stderr.contains("$ dynprobe replay "), "{stderr}");
+    // The trace's directory is gone with the demo: the last word says so, and what to run.
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(last.contains("removed now") && last.contains("dynprobe record -o DIR"), "{stderr}");
     let stdout = text(&out.stdout);
     // The program's own output, then the call graph: main calls parse_record for each of
     // the 4 records and checksum for the 3 well-formed ones.
