@@ -178,7 +178,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         pool::free(site.slots.slot);
         return Err(e);
     }
-    optimizer::kick();
+    // A disabled probe has nothing to optimize yet: its enabling kicks the optimizer.
+    if registry.sites.get(&target.addr).is_some_and(|site| site.armed.load(Ordering::Relaxed)) {
+        optimizer::kick();
+    }
     Ok(shared)
 }
 
@@ -201,9 +204,12 @@ pub(crate) fn set_enabled_all(probes: &[&Arc<ProbeShared>], on: bool) -> Result<
     probes.iter().for_each(|p| p.set_enabled(on));
     let addrs: Vec<u64> = probes.iter().map(|p| p.addr).collect();
     let failed = registry.update_arming_all(&addrs);
-    for (probe, was) in probes.iter().zip(was) {
-        if failed.as_ref().is_err_and(|(addrs, _)| addrs.contains(&probe.addr)) {
-            probe.set_enabled(was);
+    if let Err((addrs, _)) = &failed {
+        let addrs: std::collections::HashSet<u64> = addrs.iter().copied().collect();
+        for (probe, was) in probes.iter().zip(was) {
+            if addrs.contains(&probe.addr) {
+                probe.set_enabled(was);
+            }
         }
     }
     optimizer::kick();
@@ -456,35 +462,54 @@ impl Registry {
     /// [`Self::update_arming`] for many sites at once: the jumps of those to disarm are taken
     /// out first (one batch), then every byte is written under one stop and the cores are
     /// serialized once. On failure returns the sites left as they were, and the first error.
+    ///
+    /// A site to arm whose detour is prepared already (see [`prepare_optimization`]) is armed
+    /// directly as its jump, under the same stop: its `int3` is written and at once replaced
+    /// by the jump (the optimizer's [`write_jump`]), so that no thread ever traps there and
+    /// no optimizer pass has to stop the world again. Each site succeeds or fails on its own:
+    /// one that cannot be owned (a full trap table) or written is left as it was, the others
+    /// are changed.
     fn update_arming_all(&self, addrs: &[u64]) -> Result<(), (Vec<u64>, ProbeError)> {
         let mut changes: Vec<(u64, bool)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for &addr in addrs {
             if let Some(site) = self.sites.get(&addr) {
                 let want = site.any_enabled();
-                if want != site.armed.load(Ordering::Relaxed) && !changes.iter().any(|&(a, _)| a == addr) {
+                if want != site.armed.load(Ordering::Relaxed) && seen.insert(addr) {
                     changes.push((addr, want));
                 }
             }
         }
-        let all = |e: ProbeError| (changes.iter().map(|&(a, _)| a).collect::<Vec<_>>(), e);
+        let every: Vec<u64> = changes.iter().map(|&(a, _)| a).collect();
+        let all = |e: ProbeError| (every.clone(), e);
         let disarm: Vec<u64> = changes.iter().filter(|&&(_, want)| !want).map(|&(a, _)| a).collect();
         if !disarm.is_empty() {
             // The int3s are under the jumps: the jumps go first.
             self.unoptimize_all(&disarm).map_err(all)?;
         }
-        for &(addr, want) in &changes {
-            if want {
-                let site = self.sites.get(&addr).expect("collected above");
-                // Every int3 we write has an owner first (see update_arming).
-                trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)
-                    .map_err(|e| all(e.into()))?;
-            }
-        }
         // Room for the outcome before the stop: nothing may allocate under it.
         let mut failed: Vec<u64> = Vec::with_capacity(changes.len());
         let mut first_error = None;
+        changes.retain(|&(addr, want)| {
+            if !want {
+                return true;
+            }
+            let site = self.sites.get(&addr).expect("collected above");
+            // Every int3 we write has an owner first (see update_arming).
+            match trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed.push(addr);
+                    first_error.get_or_insert(e);
+                    false
+                }
+            }
+        });
+        let direct: Vec<bool> = changes.iter().map(|&(addr, want)| want && self.jump_ready(addr)).collect();
+        let mut jump_failed = Vec::with_capacity(direct.iter().filter(|&&d| d).count());
         let mut stopped = stop_world().map_err(all)?;
-        for &(addr, want) in &changes {
+        let interrupted = direct.contains(&true).then(|| stopped.world.all_interrupted_contexts());
+        for (&(addr, want), &direct) in changes.iter().zip(&direct) {
             let site = self.sites.get(&addr).expect("collected above");
             let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
             match stopped.writer.write_verified(addr, &[from], &[to]) {
@@ -492,16 +517,41 @@ impl Registry {
                 Err(e) => {
                     failed.push(addr);
                     first_error.get_or_insert(e);
+                    continue;
+                }
+            }
+            if let (true, Some(interrupted)) = (direct, &interrupted) {
+                let detour = site.detour().expect("jump_ready checked it");
+                // Busy or not: the site is armed as a breakpoint probe meanwhile, and the
+                // optimizer tries its jump again.
+                match write_jump(&mut stopped.world, &mut stopped.writer, interrupted, site, detour) {
+                    Ok(()) => site.optimized.store(true, Ordering::Release),
+                    Err(JumpError::Busy) => {}
+                    Err(JumpError::Text(e)) => jump_failed.push((addr, e)),
                 }
             }
         }
         let synced = try_sync_core();
         drop(stopped);
+        for (addr, e) in jump_failed {
+            let site = self.sites.get(&addr).expect("collected above");
+            *site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
         match (first_error, synced) {
             (Some(e), _) => Err((failed, e.into())),
             (None, Err(e)) => Err((Vec::new(), e.into())),
             (None, Ok(())) => Ok(()),
         }
+    }
+
+    /// Whether the disarmed site at `addr` can be armed directly as its jump: its detour
+    /// is prepared, optimization is on, and no other site lies inside its covered run.
+    fn jump_ready(&self, addr: u64) -> bool {
+        let Some(site) = self.sites.get(&addr) else { return false };
+        let Some(detour) = site.detour() else { return false };
+        OPTIMIZATION.load(Ordering::Relaxed)
+            && !site.optimized.load(Ordering::Relaxed)
+            && self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none()
     }
 
     /// Retires a removed site; frees those whose quarantine is over.
