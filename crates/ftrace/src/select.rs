@@ -82,7 +82,8 @@ impl Selection {
     /// Chooses, from every module of `table` that `filter` covers, the functions it selects.
     /// Every `-F` pattern must match something: one that does not is an error naming the
     /// nearest function names. Functions that return twice (`setjmp`, `vfork`) and the C
-    /// runtime's start-up code are never traced; neither is dynprobe's own module.
+    /// runtime's start-up code are never traced; neither is dynprobe's own module. A
+    /// function's `.cold` part is not a function: it is neither counted nor patched.
     ///
     /// A pattern naming a module that is not loaded (yet) is not an error: it is
     /// [`pending`](Self::pending), for [`Selection::new_modules`] to match once a `dlopen`
@@ -171,7 +172,11 @@ impl Selection {
                 }
             }
             for (sym_index, sym) in table.symbols().iter().enumerate().filter(|(_, s)| s.module == index) {
-                if !seen.insert(sym.addr) || C_RUNTIME.contains(&sym.name.as_str()) || table.is_ifunc(sym) {
+                if !seen.insert(sym.addr)
+                    || C_RUNTIME.contains(&sym.name.as_str())
+                    || table.is_ifunc(sym)
+                    || is_fragment(&sym.name)
+                {
                     continue;
                 }
                 for (i, p) in filter.include.iter().enumerate() {
@@ -260,6 +265,14 @@ fn untraceable(name: &str) -> Option<&'static str> {
         "it is not entered by a call (a PLT or TLS-descriptor trampoline, a context start, the signal return): \
          no return address is at rsp on its first instruction",
     )
+}
+
+/// Whether `name` is a part of a function the compiler moved out of it (GCC's and LLVM's
+/// `f.cold`, `f.cold.1`: the rarely run blocks of `f`, entered by a jump from `f`, never by
+/// a call): not a function of its own, so not counted, patched or traced apart from `f`.
+/// (`f.part.0`, `f.isra.0`, `f.constprop.0` are clones that are called: they are functions.)
+fn is_fragment(name: &str) -> bool {
+    name.split('.').skip(1).any(|part| part == "cold")
 }
 
 fn kind_name(kind: SiteKind) -> &'static str {
