@@ -8,12 +8,14 @@
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
 mod attach;
+mod many;
 mod marker;
 mod measure;
 mod program;
 mod ptrace;
 mod report;
 mod rows;
+mod startup;
 mod target;
 mod uprobe;
 
@@ -107,6 +109,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),
+        Measure::Startup(case) => startup::measure(case),
     })
 }
 

@@ -240,10 +240,10 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// A trace directory that does not exist yet, for one run, removed when dropped. On tmpfs
 /// when there is one, so that neither tracer waits for a disk.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(pub(super) PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Scratch, String> {
+    pub(super) fn new() -> Result<Scratch, String> {
         let shm = Path::new("/dev/shm");
         let parent = if shm.is_dir() { shm.to_path_buf() } else { env::temp_dir() };
         let path = parent.join(format!("dynprobe-bench-{}", std::process::id()));
