@@ -63,6 +63,12 @@ pub struct Selection {
 const NOT_CALLED: &[&str] =
     &["_dl_runtime_resolve", "_dl_runtime_profile", "_dl_tlsdesc_", "__start_context", "__restore_rt"];
 
+/// The name prefix of V8's embedded builtins (`Builtins_InterpreterEntryTrampoline`, …):
+/// code of the JavaScript engine in `node` and other V8 embedders, compiled ahead of time
+/// into the executable's text with symbols like functions'. Tracing all of `node` with them
+/// hung it in a loop through the tracer's return trampoline; without them it runs.
+const V8_BUILTIN: &str = "Builtins_";
+
 /// Start-up and tear-down code of the C runtime: it runs before the tracer exists or calls
 /// `main` without returning, and no compiler site is recorded in it.
 const C_RUNTIME: &[&str] = &[
@@ -261,6 +267,12 @@ fn untraceable(name: &str) -> Option<&'static str> {
             "it returns twice (setjmp, vfork, getcontext): the second return would find its return address consumed",
         );
     }
+    if name.starts_with(V8_BUILTIN) {
+        return Some(
+            "it is a V8 embedded builtin (JavaScript engine code with its own calling convention, whose frames V8 \
+             walks by their return addresses): a replaced return address sends V8 into a loop",
+        );
+    }
     NOT_CALLED.iter().any(|prefix| name.starts_with(prefix)).then_some(
         "it is not entered by a call (a PLT or TLS-descriptor trampoline, a context start, the signal return): \
          no return address is at rsp on its first instruction",
@@ -307,5 +319,25 @@ fn usable(site: &CompilerSite, function: u64) -> Result<(), String> {
             Err(format!("only {nops} patchable NOPs (a call needs 5: build with -fpatchable-function-entry=5)"))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v8_builtins_and_trampolines_are_refused_with_the_reason() {
+        let why = untraceable("Builtins_InterpreterEntryTrampoline").expect("refused");
+        assert!(why.contains("V8 embedded builtin"), "{why}");
+        assert!(untraceable("_dl_runtime_resolve_xsavec").is_some());
+        assert!(untraceable("setjmp").is_some());
+        assert!(untraceable("v8::internal::Heap::CollectGarbage").is_none() && untraceable("parse_record").is_none());
+    }
+
+    #[test]
+    fn cold_parts_are_not_functions() {
+        assert!(is_fragment("hot.cold") && is_fragment("f.cold.12") && is_fragment("f.part.0.cold"));
+        assert!(!is_fragment("f.part.0") && !is_fragment("coldstart") && !is_fragment("f.isra.0"));
     }
 }
