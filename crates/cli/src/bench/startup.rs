@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use super::many;
-use super::measure::{Timing, BATCHES};
+use super::measure::{Plan, Timing, BATCHES};
 use super::program::{last_lines, Scratch};
 
 /// Groups of [`many::GROUP`] functions in the program: 80,000.
@@ -69,14 +69,16 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// Spawns the program [`BATCHES`] times as `case` says; each batch is one start, its
-/// figure the nanoseconds from the spawn to `main`.
-pub fn measure(case: Startup) -> Result<Timing, String> {
+/// Spawns the program [`BATCHES`] times as `case` says — once with `--iterations`, which
+/// asks for a quick run of fixed work (a start of 80,000 functions in a debug build takes
+/// seconds) — each batch one start, its figure the nanoseconds from the spawn to `main`.
+pub fn measure(case: Startup, plan: Plan) -> Result<Timing, String> {
+    let starts = if plan.calls_per_batch.is_some() { 1 } else { BATCHES };
     let program = program()?;
     let me = std::env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
     let mut timing = Timing { calls_per_batch: 1, batches: Vec::new(), total_calls: 0, remark: None };
     let mut patched = 0;
-    for _ in 0..BATCHES {
+    for _ in 0..starts {
         let scratch = Scratch::new()?;
         let mut command = match case {
             Startup::Plain => Command::new(&program),
@@ -110,14 +112,7 @@ pub fn measure(case: Startup) -> Result<Timing, String> {
             patched = process.sites.kinds.iter().map(|k| k.2).sum();
         }
     }
-    let mut ms: Vec<f64> = timing.batches.iter().map(|ns| ns / 1e6).collect();
-    ms.sort_by(f64::total_cmp);
     let sites = if matches!(case, Startup::Plain) { String::new() } else { format!(", {patched} sites patched") };
-    timing.remark = Some(format!(
-        "spawn to main in {:.1} ms (median; {:.1}–{:.1}){sites}",
-        ms[ms.len() / 2],
-        ms[0],
-        ms[ms.len() - 1]
-    ));
+    timing.remark = Some(format!("spawn to main in {}{sites}", timing.ms_spread()));
     Ok(timing)
 }
