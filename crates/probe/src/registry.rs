@@ -420,15 +420,23 @@ impl Registry {
     /// The instruction at the target, decoded from its function's start so that an address
     /// inside an instruction is refused, with its original bytes.
     fn decode(&self, target: &Target) -> Result<(Insn, Vec<u8>), ProbeError> {
-        let insn = match target.function {
+        let (insn, code, code_start) = match target.function {
             Some((_, start, size)) if size > 0 => {
                 let function = self.original_bytes(start, size as usize)?;
-                instruction_at(&function, start, target.addr)?
+                (instruction_at(&function, start, target.addr)?, function, start)
             }
             // No known function bounds: the caller vouches for the boundary.
-            _ => decode_one(&self.original_bytes(target.addr, 15)?, target.addr)?,
+            _ => {
+                let bytes = self.original_bytes(target.addr, 15)?;
+                (decode_one(&bytes, target.addr)?, bytes, target.addr)
+            }
         };
-        let bytes = self.original_bytes(insn.ip, insn.len)?;
+        // The instruction's bytes are in what was read already.
+        let at = (insn.ip - code_start) as usize;
+        let bytes = match code.get(at..at + insn.len) {
+            Some(bytes) => bytes.to_vec(),
+            None => self.original_bytes(insn.ip, insn.len)?,
+        };
         Ok((insn, bytes))
     }
 
