@@ -5,7 +5,8 @@
 //! number of them (`-F 'g0_*'`: 10,000; `-F 'g[0-3]_*'`: 40,000), plus `hot`, a function
 //! with a `.cold` part as GCC's hot/cold partitioning makes, and `main`. `main` calls a few
 //! of them and prints their sum; run as `PROGRAM clock` it first prints `main_ns <N>`, the
-//! `CLOCK_MONOTONIC` time at which `main` began.
+//! `CLOCK_MONOTONIC` time at which `main` began, and `cpu_ns <N>`, the CPU time the process
+//! had used by then (all its threads).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -38,9 +39,13 @@ pub fn source(groups: usize) -> String {
         "int hot(int x);\n\n",
     ));
     c.push_str("int main(int argc, char **argv) {\n");
-    c.push_str("    struct timespec now;\n    clock_gettime(CLOCK_MONOTONIC, &now);\n");
+    c.push_str("    struct timespec now, cpu;\n    clock_gettime(CLOCK_MONOTONIC, &now);\n");
+    c.push_str("    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);\n");
     c.push_str("    if (argc > 1 && strcmp(argv[1], \"clock\") == 0)\n");
-    c.push_str("        printf(\"main_ns %lld\\n\", (long long)now.tv_sec * 1000000000LL + now.tv_nsec);\n");
+    c.push_str(
+        "        printf(\"main_ns %lld\\ncpu_ns %lld\\n\", (long long)now.tv_sec * 1000000000LL + now.tv_nsec,\n",
+    );
+    c.push_str("               (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);\n");
     c.push_str("    long sum = hot(-3) + hot(4);\n");
     if groups > 0 {
         let _ = writeln!(c, "    sum += {}(1) + {}(2);", name(0, 0), name(groups - 1, GROUP - 1));
