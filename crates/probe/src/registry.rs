@@ -862,13 +862,15 @@ pub fn optimization_enabled() -> bool {
 }
 
 /// Prepares, now, the jump optimization of every registered probe that can have one —
-/// armed or not (a probe registered [`disabled`](crate::Probe::disabled)) — so that, once
-/// armed, [`wait_for_optimizer`] only has to write the jumps.
+/// armed or not (a probe registered [`disabled`](crate::Probe::disabled)) — so that a
+/// disabled one is armed directly as its jump by
+/// [`ProbeHandle::enable_all`](crate::ProbeHandle::enable_all) (never trapping meanwhile),
+/// and an armed one only needs [`wait_for_optimizer`] to write its jump.
 ///
 /// Preparing decodes every function of the probed module once, allocating as it goes; done
 /// before the probes are armed, none of that work hits them. Code that places probes on
-/// functions it calls itself (`malloc`, say) registers them disabled, prepares, enables,
-/// then waits for the optimizer: its own calls never trap on a breakpoint meanwhile.
+/// functions it calls itself (`malloc`, say) registers them disabled, prepares, and enables them
+/// (directly as jumps where they can be): its own calls never trap on a breakpoint.
 pub fn prepare_optimization() -> Result<(), ProbeError> {
     let mut registry = lock()?;
     let addrs: Vec<u64> = registry.sites.keys().copied().collect();
