@@ -101,6 +101,16 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     assert!(ns_per_hit(&rows, "attach-ms") > 0.0, "{attach}");
     assert!(attach["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{attach}");
 
+    // Start-up under record: a duration beside the untraced start, with every site of
+    // the row's share of the generated program patched.
+    assert_eq!(ns_per_hit(&rows, "startup-plain"), 0.0);
+    for (name, sites) in [("startup-10k", 10_000), ("startup-40k", 40_000), ("startup-80k", 80_000)] {
+        let startup = row(&rows, name);
+        assert!(ns_per_hit(&rows, name) > 0.0 && startup["ms"].as_f64().is_some(), "{startup}");
+        assert!(startup["note"].as_str().unwrap().contains(&format!(", {sites} sites patched")), "{startup}");
+    }
+    assert!(ns_per_hit(&rows, "startup-libc") > 0.0, "{}", row(&rows, "startup-libc"));
+
     // The ptrace fallback: every hit was printed (the row checks), and it costs more than
     // the in-process probes.
     let ptrace = row(&rows, "ptrace-probe");

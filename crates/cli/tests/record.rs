@@ -636,3 +636,78 @@ fn traces_rings_and_outputs_are_their_owner_s_only_whatever_the_umask() {
     assert!(std::fs::read_to_string(&probed).unwrap().contains("fib"), "the probe's events are in the file");
     assert_eq!((mode(&chrome), mode(&probed)), (0o600, 0o600));
 }
+
+/// The generated program of `dynprobe bench`'s start-up rows (its `g<G>_<NNNN>` functions).
+#[path = "../src/bench/many.rs"]
+mod many;
+
+/// The site summaries of every image of a recording, by kind: (found, patched), and the
+/// refused sites' lines.
+fn site_counts(r: &Recorded) -> (Vec<(String, u64, u64)>, Vec<String>) {
+    let mut kinds = Vec::new();
+    let mut refused = Vec::new();
+    for entry in std::fs::read_dir(&r.dir).unwrap().filter_map(Result::ok) {
+        let Ok(sites) = std::fs::read_to_string(entry.path().join("sites.txt")) else { continue };
+        for line in sites.lines() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            match fields[..] {
+                ["kind", kind, found, patched] => {
+                    kinds.push((kind.to_string(), found.parse().unwrap(), patched.parse().unwrap()))
+                }
+                ["refused", ..] => refused.push(line.to_string()),
+                _ => {}
+            }
+        }
+    }
+    (kinds, refused)
+}
+
+/// A program of 40,000 functions, as many as cargo has, traced whole: every function is
+/// patched (at its plain entry, armed directly as a jump) or refused with its own reason,
+/// never all or nothing; a function's `.cold` part is not counted as a function, and glob
+/// character classes select a known share of them.
+#[test]
+fn every_function_of_a_40k_function_program_is_patched_or_refused_on_its_own() {
+    let program = scratch().join("many-40k");
+    many::build(4, &program).unwrap();
+    let r = record_unchanged("many", &[], &program, &[]);
+    let (kinds, refused) = site_counts(&r);
+    let entry = kinds.iter().find(|k| k.0 == "entry").unwrap_or_else(|| panic!("{kinds:?}"));
+    let (found, patched) = (entry.1, entry.2);
+    assert!(patched >= 4 * many::GROUP as u64, "{kinds:?}\n{}", r.stderr());
+    assert_eq!(found - patched, refused.len() as u64, "every refused site is listed: {refused:?}");
+    assert!(refused.iter().all(|l| l.split('\t').nth(4).is_some_and(|why| !why.trim().is_empty())), "{refused:?}");
+    let functions: String = std::fs::read_dir(&r.dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("functions.txt")).ok())
+        .collect();
+    let names: Vec<&str> = functions.lines().filter_map(|l| l.split('\t').nth(3)).collect();
+    assert!(names.contains(&"hot") && !names.iter().any(|n| n.contains(".cold")), "hot.cold is part of hot");
+    // The generated functions, main and hot: nothing else of the executable is a function.
+    assert_eq!(found, 4 * many::GROUP as u64 + 2, "{kinds:?}");
+    let graph = texts(&r.graph(&[]));
+    assert!(graph.contains(&"  g3_9999();".to_string()) && graph.contains(&"  hot();".to_string()), "{graph:?}");
+
+    let r = record_unchanged("many-class", &["-F", "g[!0-2]_[0-4]*"], &program, &[]);
+    let (kinds, _) = site_counts(&r);
+    assert_eq!(kinds.iter().map(|k| k.1).sum::<u64>(), many::GROUP as u64 / 2, "{kinds:?}");
+}
+
+/// A real large binary traced whole: the cargo running this test (about 40,000
+/// functions) prints its version as without dynprobe, with most of its functions patched
+/// (each refused one listed with its reason) and its calls recorded.
+#[test]
+fn cargo_traced_whole_patches_most_of_its_functions() {
+    let cargo = std::env::var("CARGO").expect("cargo test sets CARGO");
+    let r = record_unchanged("cargo", &[], Path::new(&cargo), &["--version"]);
+    let (kinds, refused) = site_counts(&r);
+    let (found, patched) = kinds.iter().fold((0, 0), |(f, p), k| (f + k.1, p + k.2));
+    assert!(found > 10_000 && patched * 10 >= found * 9, "{kinds:?}\n{}", r.stderr());
+    assert_eq!(found - patched, refused.len() as u64, "every refused site is listed");
+    let err = r.stderr();
+    let events: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("recorded ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(events > 1000, "{err}");
+}

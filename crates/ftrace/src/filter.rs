@@ -1,7 +1,7 @@
 //! Which functions to trace: `-F` / `-N` patterns (the kernel's `set_ftrace_filter` and
 //! `set_ftrace_notrace`).
 //!
-//! A pattern is a glob (`*`, `?`) on the function's readable name, optionally restricted to
+//! A pattern is a glob (`*`, `?`, `[a-f]`, `[!x]`) on the function's readable name, optionally restricted to
 //! modules: `parse_*` looks in the main executable, `libc:malloc` in modules whose file
 //! name starts with `libc`, `*:malloc` in every module.
 
@@ -97,32 +97,73 @@ impl Filter {
     }
 }
 
-/// Glob matching with `*` (any run) and `?` (any one byte), iterative with backtracking to
-/// the last `*`.
+/// Glob matching as the shell does (`glob(7)`): `*` (any run), `?` (any one byte) and
+/// character classes `[a-f_]`, negated by a leading `!` or `^` (`[!x]`), where a `]` right
+/// after the opening (or the negation) is a member and a `[` without a closing `]` is
+/// itself. Iterative with backtracking to the last `*`.
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
-        match pattern.get(p) {
+        let step = match pattern.get(p) {
             Some(b'*') => {
                 star = Some((p, t));
                 p += 1;
+                continue;
             }
-            Some(&c) if c == b'?' || c == text[t] => {
-                p += 1;
+            Some(b'?') => Some(1),
+            Some(b'[') => match class_match(&pattern[p..], text[t]) {
+                Some((len, true)) => Some(len),
+                Some((_, false)) => None,
+                // No closing `]`: a plain `[`.
+                None => (text[t] == b'[').then_some(1),
+            },
+            Some(&c) => (c == text[t]).then_some(1),
+            None => None,
+        };
+        match (step, star) {
+            (Some(len), _) => {
+                p += len;
                 t += 1;
             }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
+            (None, Some((sp, st))) => {
+                p = sp + 1;
+                t = st + 1;
+                star = Some((sp, st + 1));
+            }
+            (None, None) => return false,
         }
     }
     pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// The class at the start of `pattern` (which begins with `[`): its length in the pattern
+/// and whether `byte` is in it; `None` when no `]` closes it.
+fn class_match(pattern: &[u8], byte: u8) -> Option<(usize, bool)> {
+    let mut i = 1;
+    let negated = matches!(pattern.get(i), Some(b'!' | b'^'));
+    if negated {
+        i += 1;
+    }
+    let mut found = false;
+    let mut first = true;
+    loop {
+        let c = *pattern.get(i)?;
+        if c == b']' && !first {
+            return Some((i + 1, found != negated));
+        }
+        first = false;
+        match (pattern.get(i + 1), pattern.get(i + 2)) {
+            (Some(b'-'), Some(&hi)) if hi != b']' => {
+                found |= (c..=hi).contains(&byte);
+                i += 3;
+            }
+            _ => {
+                found |= c == byte;
+                i += 1;
+            }
+        }
+    }
 }
 
 /// Up to `max` names of `names` close to `word` (a pattern's wildcards are ignored): the
@@ -183,6 +224,21 @@ mod tests {
         assert!(!glob_match(b"parse_*x", b"parse_record"));
         assert!(glob_match(b"a*b*c", b"aXXbYYbZc"));
         assert!(!glob_match(b"a?c", b"ac"));
+    }
+
+    #[test]
+    fn globs_have_character_classes() {
+        assert!(glob_match(b"parse_[a-f]*", b"parse_body"));
+        assert!(!glob_match(b"parse_[a-f]*", b"parse_record"));
+        assert!(glob_match(b"parse_[!a-f]*", b"parse_record"));
+        assert!(glob_match(b"parse_[^a-f]*", b"parse_record"));
+        assert!(!glob_match(b"parse_[!a-f]*", b"parse_body"));
+        assert!(glob_match(b"f[xyz_]", b"f_") && !glob_match(b"f[xyz_]", b"fa"));
+        assert!(glob_match(b"[]]x", b"]x") && glob_match(b"[!]]x", b"ax") && !glob_match(b"[!]]x", b"]x"));
+        assert!(glob_match(b"a[-z]", b"a-") && glob_match(b"a[z-]", b"a-"));
+        // An unclosed `[` is itself.
+        assert!(glob_match(b"a[b", b"a[b") && !glob_match(b"a[b", b"ab"));
+        assert!(glob_match(b"*[0-9]", b"f12") && !glob_match(b"*[0-9]", b"f1x"));
     }
 
     #[test]

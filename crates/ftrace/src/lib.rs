@@ -90,8 +90,11 @@ impl Tracer {
         let took = started.elapsed().as_nanos() as u64;
         self.summary.patch_ns = Some(self.summary.patch_ns.unwrap_or(0) + took);
         self.summary.refused.extend(batch.refused);
-        // Entry probes are placed disarmed, then armed together: one stop of the other
-        // threads for all their int3s, like the NOPs.
+        // Entry probes are placed disarmed, their detours prepared, then armed together:
+        // one stop of the other threads for all of them, like the NOPs, and those that can
+        // be jump-optimized armed directly as jumps — no breakpoint phase, so no call of
+        // the program's (or of this set-up's own, into a traced C library) ever traps on
+        // them.
         let mut probes = Vec::new();
         let mut probed = Vec::new();
         for f in functions.iter().filter(|f| f.method == SiteMethod::Entry) {
@@ -103,6 +106,10 @@ impl Tracer {
                 }
                 Err(e) => self.summary.refused.push(batch::refusal(f, f.addr, e.to_string())),
             }
+        }
+        if !probes.is_empty() && dynprobe_probe::optimization_enabled() {
+            // A failure leaves the probes breakpoint probes, for the optimizer to try again.
+            let _ = dynprobe_probe::prepare_optimization();
         }
         if let Err(e) = ProbeHandle::enable_all(&probes) {
             for (probe, f) in probes.iter().zip(&probed).filter(|(p, _)| !p.is_enabled()) {

@@ -63,6 +63,12 @@ pub struct Selection {
 const NOT_CALLED: &[&str] =
     &["_dl_runtime_resolve", "_dl_runtime_profile", "_dl_tlsdesc_", "__start_context", "__restore_rt"];
 
+/// The name prefix of V8's embedded builtins (`Builtins_InterpreterEntryTrampoline`, …):
+/// code of the JavaScript engine in `node` and other V8 embedders, compiled ahead of time
+/// into the executable's text with symbols like functions'. Tracing all of `node` with them
+/// hung it in a loop through the tracer's return trampoline; without them it runs.
+const V8_BUILTIN: &str = "Builtins_";
+
 /// Start-up and tear-down code of the C runtime: it runs before the tracer exists or calls
 /// `main` without returning, and no compiler site is recorded in it.
 const C_RUNTIME: &[&str] = &[
@@ -82,7 +88,8 @@ impl Selection {
     /// Chooses, from every module of `table` that `filter` covers, the functions it selects.
     /// Every `-F` pattern must match something: one that does not is an error naming the
     /// nearest function names. Functions that return twice (`setjmp`, `vfork`) and the C
-    /// runtime's start-up code are never traced; neither is dynprobe's own module.
+    /// runtime's start-up code are never traced; neither is dynprobe's own module. A
+    /// function's `.cold` part is not a function: it is neither counted nor patched.
     ///
     /// A pattern naming a module that is not loaded (yet) is not an error: it is
     /// [`pending`](Self::pending), for [`Selection::new_modules`] to match once a `dlopen`
@@ -171,7 +178,11 @@ impl Selection {
                 }
             }
             for (sym_index, sym) in table.symbols().iter().enumerate().filter(|(_, s)| s.module == index) {
-                if !seen.insert(sym.addr) || C_RUNTIME.contains(&sym.name.as_str()) || table.is_ifunc(sym) {
+                if !seen.insert(sym.addr)
+                    || C_RUNTIME.contains(&sym.name.as_str())
+                    || table.is_ifunc(sym)
+                    || is_fragment(&sym.name)
+                {
                     continue;
                 }
                 for (i, p) in filter.include.iter().enumerate() {
@@ -256,10 +267,24 @@ fn untraceable(name: &str) -> Option<&'static str> {
             "it returns twice (setjmp, vfork, getcontext): the second return would find its return address consumed",
         );
     }
+    if name.starts_with(V8_BUILTIN) {
+        return Some(
+            "it is a V8 embedded builtin (JavaScript engine code with its own calling convention, whose frames V8 \
+             walks by their return addresses): a replaced return address sends V8 into a loop",
+        );
+    }
     NOT_CALLED.iter().any(|prefix| name.starts_with(prefix)).then_some(
         "it is not entered by a call (a PLT or TLS-descriptor trampoline, a context start, the signal return): \
          no return address is at rsp on its first instruction",
     )
+}
+
+/// Whether `name` is a part of a function the compiler moved out of it (GCC's and LLVM's
+/// `f.cold`, `f.cold.1`: the rarely run blocks of `f`, entered by a jump from `f`, never by
+/// a call): not a function of its own, so not counted, patched or traced apart from `f`.
+/// (`f.part.0`, `f.isra.0`, `f.constprop.0` are clones that are called: they are functions.)
+fn is_fragment(name: &str) -> bool {
+    name.split('.').skip(1).any(|part| part == "cold")
 }
 
 fn kind_name(kind: SiteKind) -> &'static str {
@@ -294,5 +319,25 @@ fn usable(site: &CompilerSite, function: u64) -> Result<(), String> {
             Err(format!("only {nops} patchable NOPs (a call needs 5: build with -fpatchable-function-entry=5)"))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v8_builtins_and_trampolines_are_refused_with_the_reason() {
+        let why = untraceable("Builtins_InterpreterEntryTrampoline").expect("refused");
+        assert!(why.contains("V8 embedded builtin"), "{why}");
+        assert!(untraceable("_dl_runtime_resolve_xsavec").is_some());
+        assert!(untraceable("setjmp").is_some());
+        assert!(untraceable("v8::internal::Heap::CollectGarbage").is_none() && untraceable("parse_record").is_none());
+    }
+
+    #[test]
+    fn cold_parts_are_not_functions() {
+        assert!(is_fragment("hot.cold") && is_fragment("f.cold.12") && is_fragment("f.part.0.cold"));
+        assert!(!is_fragment("f.part.0") && !is_fragment("coldstart") && !is_fragment("f.isra.0"));
     }
 }

@@ -224,7 +224,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         pool::free(site.slots.slot);
         return Err(e);
     }
-    optimizer::kick();
+    // A disabled probe has nothing to optimize yet: its enabling kicks the optimizer.
+    if registry.sites.get(&target.addr).is_some_and(|site| site.armed.load(Ordering::Relaxed)) {
+        optimizer::kick();
+    }
     Ok(shared)
 }
 
@@ -247,9 +250,12 @@ pub(crate) fn set_enabled_all(probes: &[&Arc<ProbeShared>], on: bool) -> Result<
     probes.iter().for_each(|p| p.set_enabled(on));
     let addrs: Vec<u64> = probes.iter().map(|p| p.addr).collect();
     let failed = registry.update_arming_all(&addrs);
-    for (probe, was) in probes.iter().zip(was) {
-        if failed.as_ref().is_err_and(|(addrs, _)| addrs.contains(&probe.addr)) {
-            probe.set_enabled(was);
+    if let Err((addrs, _)) = &failed {
+        let addrs: std::collections::HashSet<u64> = addrs.iter().copied().collect();
+        for (probe, was) in probes.iter().zip(was) {
+            if addrs.contains(&probe.addr) {
+                probe.set_enabled(was);
+            }
         }
     }
     optimizer::kick();
@@ -492,15 +498,23 @@ impl Registry {
     /// The instruction at the target, decoded from its function's start so that an address
     /// inside an instruction is refused, with its original bytes.
     fn decode(&self, target: &Target) -> Result<(Insn, Vec<u8>), ProbeError> {
-        let insn = match target.function {
+        let (insn, code, code_start) = match target.function {
             Some((_, start, size)) if size > 0 => {
                 let function = self.original_bytes(start, size as usize)?;
-                instruction_at(&function, start, target.addr)?
+                (instruction_at(&function, start, target.addr)?, function, start)
             }
             // No known function bounds: the caller vouches for the boundary.
-            _ => decode_one(&self.original_bytes(target.addr, 15)?, target.addr)?,
+            _ => {
+                let bytes = self.original_bytes(target.addr, 15)?;
+                (decode_one(&bytes, target.addr)?, bytes, target.addr)
+            }
         };
-        let bytes = self.original_bytes(insn.ip, insn.len)?;
+        // The instruction's bytes are in what was read already.
+        let at = (insn.ip - code_start) as usize;
+        let bytes = match code.get(at..at + insn.len) {
+            Some(bytes) => bytes.to_vec(),
+            None => self.original_bytes(insn.ip, insn.len)?,
+        };
         Ok((insn, bytes))
     }
 
@@ -532,39 +546,64 @@ impl Registry {
     }
 
     /// [`Self::update_arming`] for many sites at once: the jumps of those to disarm are taken
-    /// out first (one batch), then every byte is written under one stop and the cores are
-    /// serialized once. On failure returns the sites left as they were, and the first error.
+    /// out first (one batch), then every byte is written and the cores are serialized once. On failure returns the sites left as they were, and the first error.
+    ///
+    /// A site to arm whose detour is prepared already (see [`prepare_optimization`]) is armed
+    /// directly as its jump ([`Self::arm_as_jumps`], one transaction for all of them), so
+    /// that no thread ever traps there and no optimizer pass has to stop anyone again. Each site succeeds or fails on its own:
+    /// one that cannot be owned (a full trap table) or written is left as it was, the others
+    /// are changed.
     fn update_arming_all(&self, addrs: &[u64]) -> Result<(), (Vec<u64>, ProbeError)> {
         let mut changes: Vec<(u64, bool)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for &addr in addrs {
             if let Some(site) = self.sites.get(&addr) {
                 let want = site.any_enabled();
-                if want != site.armed.load(Ordering::Relaxed) && !changes.iter().any(|&(a, _)| a == addr) {
+                if want != site.armed.load(Ordering::Relaxed) && seen.insert(addr) {
                     changes.push((addr, want));
                 }
             }
         }
-        let all = |e: ProbeError| (changes.iter().map(|&(a, _)| a).collect::<Vec<_>>(), e);
+        let every: Vec<u64> = changes.iter().map(|&(a, _)| a).collect();
+        let all = |e: ProbeError| (every.clone(), e);
         let disarm: Vec<u64> = changes.iter().filter(|&&(_, want)| !want).map(|&(a, _)| a).collect();
         if !disarm.is_empty() {
             // The int3s are under the jumps: the jumps go first.
             self.unoptimize_all(&disarm).map_err(all)?;
         }
-        for &(addr, want) in &changes {
-            if want {
-                let site = self.sites.get(&addr).expect("collected above");
-                // Every int3 we write has an owner first (see update_arming).
-                trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)
-                    .map_err(|e| all(e.into()))?;
-            }
-        }
-        // One byte per site, fetched whole by any thread, old or new: no thread needs
-        // stopping (stopping them would only risk cutting their blocking calls short), the
-        // writer lock and one core serialization at the end suffice.
-        let mut failed: Vec<u64> = Vec::new();
+        // Room for the outcome made first: nothing may allocate while threads are stopped.
+        let mut failed: Vec<u64> = Vec::with_capacity(changes.len());
         let mut first_error = None;
+        changes.retain(|&(addr, want)| {
+            if !want {
+                return true;
+            }
+            let site = self.sites.get(&addr).expect("collected above");
+            // Every int3 we write has an owner first (see update_arming).
+            match trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed.push(addr);
+                    first_error.get_or_insert(e);
+                    false
+                }
+            }
+        });
+        // Sites armed directly as their jumps, in one transaction: no thread ever traps there
+        // and no optimizer pass has to stop anyone again. One left out (a thread in the
+        // middle of its breakpoint slot) or not written falls back to a breakpoint below, and
+        // the optimizer tries its jump again.
+        let direct: Vec<u64> =
+            changes.iter().filter(|&&(addr, want)| want && self.jump_ready(addr)).map(|c| c.0).collect();
+        let jumped = match direct.is_empty() {
+            true => Vec::new(),
+            false => self.arm_as_jumps(&direct).map_err(all)?,
+        };
+        // The rest is one byte per site, fetched whole by any thread, old or new: no thread
+        // needs stopping (stopping them would only risk cutting their blocking calls short),
+        // the writer lock and one core serialization at the end suffice.
         let mut writer = memory::CodeWriter::lock().map_err(|e| all(e.into()))?;
-        for &(addr, want) in &changes {
+        for &(addr, want) in changes.iter().filter(|(addr, _)| !jumped.contains(addr)) {
             let site = self.sites.get(&addr).expect("collected above");
             let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
             match writer.write_verified(addr, &[from], &[to]) {
@@ -582,6 +621,63 @@ impl Registry {
             (None, Err(e)) => Err((Vec::new(), e.into())),
             (None, Ok(())) => Ok(()),
         }
+    }
+
+    /// Whether the disarmed site at `addr` can be armed directly as its jump: its detour
+    /// is prepared, optimization is on, and no other site lies inside its covered run.
+    fn jump_ready(&self, addr: u64) -> bool {
+        let Some(site) = self.sites.get(&addr) else { return false };
+        let Some(detour) = site.detour() else { return false };
+        OPTIMIZATION.load(Ordering::Relaxed)
+            && !site.optimized.load(Ordering::Relaxed)
+            && self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none()
+    }
+
+    /// Arms the disarmed sites at `addrs` (each [`Self::jump_ready`], owner registered)
+    /// directly as their jumps, in one patching transaction: the original bytes become the
+    /// jump, int3-first when threads were left running (the head's `int3` is the site's own,
+    /// so a thread meeting it runs the probe and goes on in the detour's copy). Returns the
+    /// sites armed that way; the others are left as they were.
+    fn arm_as_jumps(&self, addrs: &[u64]) -> Result<Vec<u64>, ProbeError> {
+        let sites: Vec<&PatchSite> = addrs.iter().map(|addr| &**self.sites.get(addr).expect("registered")).collect();
+        let mut edits = Edits::new(
+            sites
+                .iter()
+                .map(|site| {
+                    let detour = site.detour().expect("jump_ready checked it");
+                    (site.addr, &detour.original[..JMP_REL32_LEN], &detour.jump[..])
+                })
+                .collect(),
+        );
+        let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
+        let mut stopped = begin(ranges)?;
+        // A thread meeting a head's int3 from now on goes on in the detour's copy, never
+        // through the breakpoint slot into the bytes the jump covers.
+        for site in &sites {
+            site.optimized.store(true, Ordering::Release);
+        }
+        let written = stopped.txn.arm_heads(&mut edits).and_then(|interrupted| {
+            for site in &sites {
+                if move_into_copy(stopped.txn.world_mut(), &interrupted, site, site.detour().expect("ready")).is_err() {
+                    edits.skip(site.addr);
+                }
+            }
+            stopped.txn.finish(&mut edits)
+        });
+        let synced = stopped.txn.commit();
+        let mut jumped = Vec::with_capacity(sites.len());
+        for ((addr, done), site) in edits.outcomes().zip(&sites) {
+            site.optimized.store(done, Ordering::Release);
+            site.armed.store(done, Ordering::Relaxed);
+            if done {
+                jumped.push(addr);
+            }
+        }
+        if let Err(e @ TextError::StopFailed { .. }) = written {
+            return Err(e.into());
+        }
+        synced?;
+        Ok(jumped)
     }
 
     /// Retires a removed site; frees those whose quarantine is over.
@@ -966,13 +1062,15 @@ pub fn optimization_enabled() -> bool {
 }
 
 /// Prepares, now, the jump optimization of every registered probe that can have one —
-/// armed or not (a probe registered [`disabled`](crate::Probe::disabled)) — so that, once
-/// armed, [`wait_for_optimizer`] only has to write the jumps.
+/// armed or not (a probe registered [`disabled`](crate::Probe::disabled)) — so that a
+/// disabled one is armed directly as its jump by
+/// [`ProbeHandle::enable_all`](crate::ProbeHandle::enable_all) (never trapping meanwhile),
+/// and an armed one only needs [`wait_for_optimizer`] to write its jump.
 ///
 /// Preparing decodes every function of the probed module once, allocating as it goes; done
 /// before the probes are armed, none of that work hits them. Code that places probes on
-/// functions it calls itself (`malloc`, say) registers them disabled, prepares, enables,
-/// then waits for the optimizer: its own calls never trap on a breakpoint meanwhile.
+/// functions it calls itself (`malloc`, say) registers them disabled, prepares, and enables them
+/// (directly as jumps where they can be): its own calls never trap on a breakpoint.
 pub fn prepare_optimization() -> Result<(), ProbeError> {
     let mut registry = lock()?;
     let addrs: Vec<u64> = registry.sites.keys().copied().collect();

@@ -4,7 +4,7 @@
 //! distance of the code they serve. Fresh memory is filled with `int3`; slots are written
 //! with [`crate::memory::write_verified`] expecting those `int3` bytes.
 //!
-//! The pool maps *chunks* of [`CHUNK_SIZE`] bytes into free gaps of the address space, as
+//! The pool maps *chunks* of at least [`CHUNK_SIZE`] bytes (larger as the pool grows) into free gaps of the address space, as
 //! close to the target as it can, and carves them into slots with a first-fit allocator in
 //! units of [`SLOT_ALIGN`] bytes. A process needs several chunks: a non-PIE executable at
 //! `0x400000` and the libraries near `0x7f…` are far more than 2 GiB apart. Chunks are never
@@ -16,6 +16,9 @@ use std::sync::Mutex;
 
 /// Bytes mapped at a time (more when a single request is larger).
 pub const CHUNK_SIZE: usize = 64 * 1024;
+/// The largest chunk the pool's growth maps at a time (a single larger request gets its
+/// own size).
+const MAX_GROWN_CHUNK: u64 = 8 << 20;
 /// Slot sizes and addresses are multiples of this (a cache-line half: keeps slot starts
 /// aligned for the decoder and leaves room for small alignment needs of relocated code).
 pub const SLOT_ALIGN: usize = 16;
@@ -115,13 +118,24 @@ pub fn alloc_near(target: u64, size: usize) -> Result<ExecSlot, TextError> {
     let size = round_up(size.max(1) as u64, SLOT_ALIGN as u64);
     let (lo, hi) = window(target, size);
     let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
-    for chunk in chunks.iter_mut() {
+    // Newest first: older chunks are the ones most likely full.
+    for chunk in chunks.iter_mut().rev() {
         if let Some(addr) = chunk.take(size, lo, hi) {
             return Ok(ExecSlot { addr, size: size as usize });
         }
     }
-    let chunk_size = round_up(size, CHUNK_SIZE as u64);
-    let base = map_chunk_near(target, chunk_size, lo, hi).ok_or(no_memory)?;
+    // Chunks grow with the pool (half of what is mapped, up to MAX_GROWN_CHUNK): tracing
+    // every function of a large program asks for a hundred megabytes of slots and detours,
+    // which in 64 KiB chunks would be thousands of mappings, each placed after a read of
+    // the memory map and each scanned by every later allocation.
+    let needed = round_up(size, CHUNK_SIZE as u64);
+    let mapped: u64 = chunks.iter().map(|c| c.size).sum();
+    let grown = round_up((mapped / 2).min(MAX_GROWN_CHUNK), CHUNK_SIZE as u64).max(needed);
+    let (base, chunk_size) = match map_chunk_near(target, grown, lo, hi) {
+        Some(base) => (base, grown),
+        None if grown > needed => (map_chunk_near(target, needed, lo, hi).ok_or(no_memory)?, needed),
+        None => return Err(no_memory),
+    };
     let mut chunk = Chunk { base, size: chunk_size, free: vec![(base, base + chunk_size)] };
     let addr = chunk.take(size, lo, hi).expect("a fresh chunk inside the window has room");
     chunks.push(chunk);

@@ -82,9 +82,12 @@ impl TrapContext<'_> {
 }
 
 /// Capacity of the site table. Keys are never removed (a removed site must still be known
-/// as "was ours" to rewind late trappers), so the table only grows; 64 Ki addresses is far
-/// more than breakpoint sites in practice, since batch patching uses transient sites only.
-const CAPACITY: usize = 1 << 16;
+/// as "was ours" to rewind late trappers), so the table only grows. A probe site owns up to
+/// three keys (its `int3`, its post slot's exits, its detour's slow-path `int3`), and a
+/// program traced whole has as many sites as functions: `node` has 78k. 512 Ki entries
+/// hold that with room to spare; they are 12 MiB of zero pages in `.bss`, of which only the
+/// pages keys land on are ever touched.
+const CAPACITY: usize = 1 << 19;
 /// Refuse new keys past this fill, so lookups stay short.
 const MAX_KEYS: usize = CAPACITY / 4 * 3;
 
@@ -112,7 +115,7 @@ static RESTORER: AtomicU64 = AtomicU64::new(0);
 
 fn slot_of(addr: u64) -> usize {
     // Fibonacci hashing spreads the low-entropy, 1-byte-apart code addresses.
-    (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize & (CAPACITY - 1)
+    (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CAPACITY.trailing_zeros())) as usize
 }
 
 /// Lock-free: the entry whose key is `addr`, if it was ever registered.

@@ -139,7 +139,16 @@ impl Detour {
 
 /// Builds the detour for `spec`.
 pub fn build_detour(spec: &DetourSpec<'_>) -> Result<Detour, RelocError> {
-    let mut prefix = save_call_restore(spec)?.assemble(spec.detour_ip)?;
+    build_detour_from(None, spec)
+}
+
+/// [`build_detour`], taking everything before the copy from `prefix` when it
+/// [fits](DetourPrefix::fits) `spec` (the same bytes, without assembling them again).
+pub fn build_detour_from(prefix: Option<&DetourPrefix>, spec: &DetourSpec<'_>) -> Result<Detour, RelocError> {
+    let mut prefix = match prefix.filter(|p| p.fits(spec)) {
+        Some(prefix) => prefix.fill(spec),
+        None => save_call_restore(spec)?.assemble(spec.detour_ip)?,
+    };
     let copy_ip = spec.detour_ip + prefix.len() as u64;
     let copy = relocate(spec.covered, spec.probe_ip, copy_ip)?;
     let copy_offset = prefix.len() as u32;
@@ -148,6 +157,103 @@ pub fn build_detour(spec: &DetourSpec<'_>) -> Result<Detour, RelocError> {
     prefix.extend(jmp_any(back_ip, spec.probe_ip + spec.covered.len() as u64));
     let copy_map = copy.offsets.iter().map(|&(old, new)| (old, new + copy_offset)).collect();
     Ok(Detour { code: prefix, copy_offset, copy_map })
+}
+
+/// Everything before the copy (the prologue, the call and the epilogue), assembled once for
+/// one kind of detour and filled in for each site: assembling the ~150 instructions of an
+/// AVX-512 save and restore was most of the cost of preparing a detour, and a program
+/// traced whole has one per function (80,000 in `node`).
+///
+/// The bytes depend on the site only through three fields: the probe address and the
+/// dispatcher's context (each a `mov` of a 64-bit immediate) and, when the dispatcher is
+/// in `rel32` reach, the call's displacement; its branches are internal (relative to the
+/// prefix itself). [`DetourPrefix::new`] finds the fields in an assembled prefix and checks,
+/// by assembling a second one for other values, that filling them in gives exactly the
+/// bytes the assembler would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetourPrefix {
+    save: StateSave,
+    dispatch: u64,
+    direct_call: bool,
+    code: Vec<u8>,
+    probe_ip_at: usize,
+    context_at: usize,
+    /// Where the call's `rel32` is, for a direct call.
+    call_at: Option<usize>,
+}
+
+impl DetourPrefix {
+    /// The prefix of `spec`'s kind of detour; `None` when its per-site fields cannot be
+    /// found unambiguously (then every detour is assembled whole).
+    pub fn new(spec: &DetourSpec<'_>) -> Result<Option<DetourPrefix>, RelocError> {
+        let code = save_call_restore(spec)?.assemble(spec.detour_ip)?;
+        let direct_call = direct_call(spec);
+        let unique = |bytes: &[u8]| {
+            let mut at = code.windows(bytes.len()).enumerate().filter(|(_, w)| *w == bytes).map(|(i, _)| i);
+            at.next().filter(|_| at.next().is_none())
+        };
+        let (Some(probe_ip_at), Some(context_at)) =
+            (unique(&spec.probe_ip.to_le_bytes()), unique(&spec.context.to_le_bytes()))
+        else {
+            return Ok(None);
+        };
+        let call_at = if direct_call {
+            let rel = |i: usize| spec.dispatch.wrapping_sub(spec.detour_ip + i as u64 + 4) as i64;
+            let mut at = (1..code.len().saturating_sub(3))
+                .filter(|&i| code[i - 1] == 0xe8)
+                .filter(|&i| i64::from(i32::from_le_bytes(code[i..i + 4].try_into().expect("4 bytes"))) == rel(i));
+            match (at.next(), at.next()) {
+                (Some(i), None) => Some(i),
+                _ => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let prefix = DetourPrefix {
+            save: spec.save,
+            dispatch: spec.dispatch,
+            direct_call,
+            code,
+            probe_ip_at,
+            context_at,
+            call_at,
+        };
+        // Other values, the same kind of detour: the filled-in bytes must be the assembler's.
+        let other = DetourSpec {
+            detour_ip: spec.detour_ip + 0x40,
+            probe_ip: spec.probe_ip ^ 0x0101_0101_0101,
+            context: spec.context ^ 0x0202_0202_0202,
+            ..*spec
+        };
+        if !prefix.fits(&other) || prefix.fill(&other) != save_call_restore(&other)?.assemble(other.detour_ip)? {
+            return Ok(None);
+        }
+        Ok(Some(prefix))
+    }
+
+    /// Whether this prefix is the one `spec` would assemble (the same state saved, the same
+    /// dispatcher, called the same way).
+    pub fn fits(&self, spec: &DetourSpec<'_>) -> bool {
+        self.save == spec.save && self.dispatch == spec.dispatch && self.direct_call == direct_call(spec)
+    }
+
+    /// The prefix's bytes for `spec`.
+    fn fill(&self, spec: &DetourSpec<'_>) -> Vec<u8> {
+        let mut code = self.code.clone();
+        code[self.probe_ip_at..][..8].copy_from_slice(&spec.probe_ip.to_le_bytes());
+        code[self.context_at..][..8].copy_from_slice(&spec.context.to_le_bytes());
+        if let Some(at) = self.call_at {
+            let rel = spec.dispatch.wrapping_sub(spec.detour_ip + at as u64 + 4) as i32;
+            code[at..][..4].copy_from_slice(&rel.to_le_bytes());
+        }
+        code
+    }
+}
+
+/// Whether the detour calls its dispatcher directly (`call rel32`), as [`save_call_restore`]
+/// decides.
+fn direct_call(spec: &DetourSpec<'_>) -> bool {
+    rel32_reaches(spec.detour_ip, spec.dispatch) && rel32_reaches(spec.detour_ip + 4096, spec.dispatch)
 }
 
 /// The prologue, the call and the epilogue: everything before the copy.
@@ -193,7 +299,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     // A direct call when the dispatcher is in reach of the detour (both near the probed
     // code, as in a probed executable); otherwise through a register.
     // (The call sits somewhere in the detour's first kilobytes.)
-    if rel32_reaches(spec.detour_ip, spec.dispatch) && rel32_reaches(spec.detour_ip + 4096, spec.dispatch) {
+    if direct_call(spec) {
         a.call(spec.dispatch)?;
     } else {
         a.mov(rax, spec.dispatch)?;
@@ -350,6 +456,29 @@ mod tests {
         let last = instrs.last().unwrap();
         assert_eq!(last.near_branch_target(), s.probe_ip + 7, "jumps back after the covered run");
         assert!(detour.code[..ENTRY_OFFSET].iter().all(|&b| b == 0xcc));
+    }
+
+    #[test]
+    fn a_filled_in_prefix_is_what_the_assembler_makes() {
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        for save in [ENTRY, MID, StateSave { flags: false, width: VectorWidth::Sse }] {
+            for dispatch in [0x5555_0000_2000, 0x7f00_0100_0000] {
+                let first = DetourSpec { dispatch, ..spec(save, &covered) };
+                let prefix = DetourPrefix::new(&first).unwrap().expect("the fields are found");
+                let again = DetourSpec {
+                    detour_ip: 0x7f00_0030_0000,
+                    probe_ip: 0x7f00_1234_5678,
+                    context: 0x5555_0000_1230,
+                    ..first
+                };
+                assert!(prefix.fits(&again));
+                assert_eq!(build_detour_from(Some(&prefix), &again).unwrap(), build_detour(&again).unwrap());
+                // Another kind of detour is assembled whole.
+                let other = DetourSpec { save: StateSave { flags: !save.flags, ..save }, ..again };
+                assert!(!prefix.fits(&other));
+                assert_eq!(build_detour_from(Some(&prefix), &other).unwrap(), build_detour(&other).unwrap());
+            }
+        }
     }
 
     #[test]

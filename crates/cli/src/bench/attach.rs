@@ -49,14 +49,7 @@ pub fn measure_attach() -> Result<Timing, String> {
             _ => return Err(format!("dynprobe probe -p failed ({status}): {}", last_lines(&seen))),
         }
     }
-    let mut ms: Vec<f64> = timing.batches.iter().map(|ns| ns / 1e6).collect();
-    ms.sort_by(f64::total_cmp);
-    timing.remark = Some(format!(
-        "attached in {:.1} ms (median; {:.1}–{:.1}); target ≤ 50 ms",
-        ms[ms.len() / 2],
-        ms[0],
-        ms[ms.len() - 1]
-    ));
+    timing.remark = Some(format!("attached in {}; target ≤ 50 ms", timing.ms_spread()));
     Ok(timing)
 }
 

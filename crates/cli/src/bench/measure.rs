@@ -39,6 +39,14 @@ pub struct Timing {
 }
 
 impl Timing {
+    /// The batches as milliseconds, `M ms (median; MIN–MAX)`: for rows whose batch is one
+    /// operation (an attach, a start).
+    pub fn ms_spread(&self) -> String {
+        let mut ms: Vec<f64> = self.batches.iter().map(|ns| ns / 1e6).collect();
+        ms.sort_by(f64::total_cmp);
+        format!("{:.1} ms (median; {:.1}–{:.1})", ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
+    }
+
     /// Median nanoseconds per call over the batches.
     pub fn ns_per_call(&self) -> f64 {
         let mut sorted = self.batches.clone();

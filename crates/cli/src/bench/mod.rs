@@ -8,12 +8,14 @@
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
 mod attach;
+mod many;
 mod marker;
 mod measure;
 mod program;
 mod ptrace;
 mod report;
 mod rows;
+mod startup;
 mod target;
 mod uprobe;
 
@@ -32,7 +34,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
 
-    /// Calls per measured batch, for every row [default: calibrated to ~0.1 s per batch].
+    /// Calls per measured batch, for every row [default: calibrated to ~0.1 s per batch];
+    /// the start-up rows then start their program once instead of five times.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     iterations: Option<u64>,
 
@@ -107,6 +110,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),
+        Measure::Startup(case) => startup::measure(case, plan),
     })
 }
 

@@ -242,15 +242,15 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 /// A trace directory that does not exist yet, for one run, removed when dropped. On tmpfs
 /// when there is one, so that neither tracer waits for a disk; inside a fresh directory of
 /// its own (`mkdtemp`), never at a name another user could have made first.
-struct Scratch {
+pub(super) struct Scratch {
     /// The trace directory's path.
-    path: PathBuf,
+    pub(super) path: PathBuf,
     /// Holds it; removed with it.
     _parent: PrivateDir,
 }
 
 impl Scratch {
-    fn new() -> Result<Scratch, String> {
+    pub(super) fn new() -> Result<Scratch, String> {
         let shm = Path::new("/dev/shm");
         let parent = if shm.is_dir() { shm.to_path_buf() } else { env::temp_dir() };
         let parent = PrivateDir::new_in(&parent, "dynprobe-bench-").map_err(|err| err.to_string())?;

@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use super::marker;
 use super::program::Tracer;
+use super::startup::Startup;
 use super::target::{self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_target, Target};
 use super::uprobe;
 
@@ -26,6 +27,8 @@ pub const KERNEL_UPROBE_NOP5: &str = "kernel-uprobe-nop5";
 pub const KERNEL_URETPROBE: &str = "kernel-uretprobe";
 /// `bench/graph.c` untraced: the baseline of the function-graph rows.
 pub const GRAPH_PLAIN: &str = "graph-plain";
+/// The start-up rows' program without dynprobe: their baseline.
+pub const STARTUP_PLAIN: &str = "startup-plain";
 /// `bench/graph.c` under uftrace, the function tracer a user would compare with.
 pub const UFTRACE: &str = "uftrace";
 
@@ -79,6 +82,9 @@ pub enum Measure {
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
+    /// A program of many functions started under `dynprobe record`, or without it (the
+    /// baseline): nanoseconds from the spawn to `main`.
+    Startup(Startup),
 }
 
 impl Row {
@@ -89,6 +95,7 @@ impl Row {
         match self.measure {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
+            Measure::Startup(_) => Some(STARTUP_PLAIN),
             Measure::SiteBatch | Measure::Attach | Measure::PtraceProbe => None,
         }
     }
@@ -215,6 +222,36 @@ pub static ROWS: &[Row] = &[
         name: "attach-ms",
         about: "dynprobe probe -p of a running process: command start to probe armed (ns per attach)",
         measure: Measure::Attach,
+        compare_to: &[],
+    },
+    Row {
+        name: STARTUP_PLAIN,
+        about: "a program of 80,000 functions started without dynprobe: spawn to main (the start-up rows' baseline)",
+        measure: Measure::Startup(Startup::Plain),
+        compare_to: &[],
+    },
+    Row {
+        name: "startup-10k",
+        about: "dynprobe record -F 'g0_*' of it (10,000 functions at plain entries): start-up added before main",
+        measure: Measure::Startup(Startup::Functions(10_000)),
+        compare_to: &[],
+    },
+    Row {
+        name: "startup-40k",
+        about: "dynprobe record -F 'g[0-3]_*' (40,000 functions): start-up added before main",
+        measure: Measure::Startup(Startup::Functions(40_000)),
+        compare_to: &[],
+    },
+    Row {
+        name: "startup-80k",
+        about: "dynprobe record of all 80,000: start-up added before main; target ≤ 1 s",
+        measure: Measure::Startup(Startup::Functions(80_000)),
+        compare_to: &[],
+    },
+    Row {
+        name: "startup-libc",
+        about: "dynprobe record -F 'libc:*' of it (the C library's functions): start-up added before main",
+        measure: Measure::Startup(Startup::Libc),
         compare_to: &[],
     },
     Row {

@@ -23,28 +23,44 @@ pub fn print(dir: &Path, stats: &RecordStats) {
     eprint!("{}", totals(dir, stats));
 }
 
-/// The site tables, one per distinct image (forked children share their parent's).
+/// Whether two processes ran the same program with the same outcome: the same sites found,
+/// patched and refused for the same reasons. Where the sites were (address-space layout
+/// randomization) and how long patching took do not count: a helper a shell script runs
+/// 36 times is one table, not 36.
+fn same_image(a: &ProcessTrace, b: &ProcessTrace) -> bool {
+    fn refusals(p: &ProcessTrace) -> impl Iterator<Item = (&str, &str, &str)> {
+        p.sites.refused.iter().map(|r| (r.kind.as_str(), r.function.as_str(), r.reason.as_str()))
+    }
+    a.exe == b.exe
+        && a.sites.kinds == b.sites.kinds
+        && a.sites.pending == b.sites.pending
+        && refusals(a).eq(refusals(b))
+}
+
+/// The site tables, one per distinct image (forked children share their parent's); each
+/// warning once.
 fn sites(trace: &Trace) -> String {
     let mut out = String::new();
     let mut shown: Vec<&ProcessTrace> = Vec::new();
+    let mut warned = std::collections::HashSet::new();
     for process in &trace.processes {
         // A forked child runs its parent's image, patched once: it is counted with it.
         let forked = trace.processes.iter().any(|p| p.pid == process.parent && p.exe == process.exe);
-        if forked || shown.iter().any(|p| p.exe == process.exe && p.sites == process.sites) {
+        if forked || shown.iter().any(|p| same_image(p, process)) {
             continue;
         }
         shown.push(process);
         let same = trace
             .processes
             .iter()
-            .filter(|p| p.exe == process.exe && (p.sites == process.sites || p.parent == process.pid))
+            .filter(|p| same_image(p, process) || (p.exe == process.exe && p.parent == process.pid))
             .count();
         let others = match same - 1 {
             0 => String::new(),
             1 => ", and 1 more process".to_string(),
             n => format!(", and {n} more processes"),
         };
-        for pattern in &process.sites.pending {
+        for pattern in process.sites.pending.iter().filter(|p| warned.insert(p.as_str())) {
             let _ = writeln!(
                 out,
                 "dynprobe: WARNING: -F '{pattern}' matched nothing: no library of that name was loaded (misspelt? \
@@ -174,6 +190,31 @@ mod tests {
         assert_eq!(lines[15], "dynprobe: function sites in /bin/sh (pid 12):");
         assert!(lines[20].starts_with("dynprobe: no function sites found in /bin/dash (pid 13): "), "{}", lines[20]);
         assert_eq!(lines.len(), 21);
+    }
+
+    /// A helper a wrapper script runs again and again (a shell, `env`) is one table, however
+    /// its sites moved (ASLR) and however long its patching took; a warning is given once.
+    #[test]
+    fn one_table_per_program_however_often_it_ran() {
+        let run = |pid: u32, shift: u64| {
+            let mut p = image(pid, "/bin/sh", 2);
+            p.sites.refused.iter_mut().for_each(|r| r.addr += shift);
+            p.sites.patch_ns = Some(1000 + shift);
+            p.sites.pending = vec!["libfoo:*".into()];
+            p
+        };
+        let mut stripped = image(40, "/usr/bin/env", 0);
+        stripped.sites.kinds = vec![("entry".into(), 0, 0)];
+        let mut processes: Vec<ProcessTrace> = (0..36).map(|i| run(20 + i, u64::from(i) << 12)).collect();
+        processes.extend((0..3).map(|i| ProcessTrace { pid: 40 + i, ..stripped.clone() }));
+        let text = sites(&Trace { processes, ..Default::default() });
+        assert_eq!(text.matches("matched nothing").count(), 1, "{text}");
+        assert_eq!(text.matches("function sites in /bin/sh (pid 20, and 35 more processes").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("no function sites found in /usr/bin/env (pid 40, and 2 more processes)").count(),
+            1,
+            "{text}"
+        );
     }
 
     #[test]

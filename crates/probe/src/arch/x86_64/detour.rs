@@ -15,13 +15,15 @@ use super::trap::write_code;
 use super::Regs;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
-use dynprobe_arch::native::detour::{build_detour, Detour, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET};
+use dynprobe_arch::native::detour::{
+    build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET,
+};
 use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Bytes reserved per detour: the code with AVX-512 is about 1 KiB, plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
@@ -113,7 +115,7 @@ pub(crate) fn prepare_detour(
             dispatch: detour_dispatch as *const () as u64,
             context: site as *const PatchSite as u64,
         };
-        let code = build_detour(&spec).map_err(|e| e.to_string())?;
+        let code = build_detour_from(prefix_for(&spec).as_ref(), &spec).map_err(|e| e.to_string())?;
         let jump = jmp_rel32(site.addr, slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64)
             .ok_or("the detour is out of rel32 reach")?;
         if code.code.len() > DETOUR_SIZE {
@@ -129,6 +131,38 @@ pub(crate) fn prepare_detour(
         pool::free(slot);
     }
     built
+}
+
+/// The assembled prefix that fits `spec` (see [`DetourPrefix`]), made on first need: a
+/// process has a few kinds of detour (at a function entry or not, dispatcher in reach or
+/// not), and a program traced whole has a detour per function.
+fn prefix_for(spec: &DetourSpec<'_>) -> Option<DetourPrefix> {
+    /// Kinds seen so far; a kind whose prefix could not be made is not retried (`None`).
+    static PREFIXES: Mutex<Vec<(DetourSpecKind, Option<DetourPrefix>)>> = Mutex::new(Vec::new());
+    let kind = DetourSpecKind::of(spec);
+    let mut prefixes = PREFIXES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, prefix)) = prefixes.iter().find(|(k, _)| *k == kind) {
+        return prefix.clone().filter(|p| p.fits(spec));
+    }
+    let prefix = DetourPrefix::new(spec).ok().flatten();
+    prefixes.push((kind, prefix.clone()));
+    prefix
+}
+
+/// What tells kinds of detour apart, for [`prefix_for`]'s cache.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct DetourSpecKind {
+    save: StateSave,
+    dispatch: u64,
+    /// The detour's 2 GiB window, roughly: whether the dispatcher is in `rel32` reach
+    /// changes with it ([`DetourPrefix::fits`] checks exactly).
+    region: u64,
+}
+
+impl DetourSpecKind {
+    fn of(spec: &DetourSpec<'_>) -> DetourSpecKind {
+        DetourSpecKind { save: spec.save, dispatch: spec.dispatch, region: spec.detour_ip >> 31 }
+    }
 }
 
 /// Gives up the detour's trap ownership (its memory is freed by the caller's quarantine).

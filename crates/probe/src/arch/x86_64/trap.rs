@@ -59,11 +59,14 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
         let resume = addr + insn.len() as u64;
         let boost = build_slot(insn, addr, slot.addr, resume)?;
         let boost_back = slot.addr + relocate(insn, addr, slot.addr)?.code.len() as u64;
-        write_code(slot.addr, &boost, POST_OFFSET as usize)?;
+        assert!(boost.len() <= POST_OFFSET as usize, "a boosted slot of {} bytes overflows its room", boost.len());
+        // Both paths in one write: a program traced whole places a site per function.
+        let mut code = boost;
         let post_ip = slot.addr + POST_OFFSET;
         let post = match build_post_slot(insn, addr, post_ip) {
             Ok(post) => {
-                write_code(post_ip, &post.code, SLOT_SIZE - POST_OFFSET as usize)?;
+                code.resize(POST_OFFSET as usize, INT3);
+                code.extend_from_slice(&post.code);
                 let exits = post.exits.iter().map(|&(offset, resume)| PostExit {
                     site: std::ptr::null(),
                     addr: post_ip + u64::from(offset),
@@ -73,6 +76,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
             }
             Err(e) => Err(e.to_string()),
         };
+        write_code(slot.addr, &code, SLOT_SIZE)?;
         Ok(PreparedSlots { slot, boost_ip: slot.addr, boost_back, boost_resume: resume, post_ip, post })
     })();
     if written.is_err() {
