@@ -5,7 +5,8 @@
 
 use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
 use dynprobe::{Location, ProbeError, RETURNS_TWICE};
-use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn};
+use dynprobe_arch::native::optimize::covered_run_of;
+use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 
 /// The longest x86-64 instruction.
@@ -16,11 +17,19 @@ const MAX_INSN_LEN: usize = 15;
 pub(crate) struct Point {
     /// Its address.
     pub addr: u64,
-    /// The instruction at `addr`.
-    pub insn: Insn,
-    /// The instruction's original bytes.
+    /// The original bytes of the run the breakpoint covers: the instruction, and the next
+    /// one too when the instruction is a single byte (see [`RUN`]).
     pub bytes: Vec<u8>,
 }
+
+/// The fewest bytes a breakpoint covers, all of them `int3`: a thread the tracer held at
+/// the first one when it died resumes at the second (the kernel drops the trap of a tracee
+/// whose tracer exits), traps again, and the fallback handler left in the target (see
+/// `crate::fallback`) sends it back to the probed instruction. A one-byte instruction
+/// (`push %rbx`) takes the next instruction with it, when the function's code shows that
+/// nothing jumps there (the checks of a jump-optimized probe's covered run); otherwise the
+/// run is that one byte, and a thread held there when the tracer dies would skip it.
+pub(crate) const RUN: usize = 2;
 
 /// Reads the target's memory: `addr`, `len` bytes, or an error naming what failed.
 pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>;
@@ -30,10 +39,15 @@ pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>
 pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<Point, String> {
     let (addr, function) = locate(table, spec)?;
     let unreadable = |e: String| format!("cannot read the code at {addr:#x}: {e}");
+    let mut run = 0;
     let insn = match function {
         Some((start, size)) if size > 0 => {
             let code = read(start, size as usize).map_err(unreadable)?;
-            instruction_at(&code, start, addr).map_err(|e| ProbeError::from(e).to_string())?
+            let insn = instruction_at(&code, start, addr).map_err(|e| ProbeError::from(e).to_string())?;
+            if insn.len < RUN {
+                run = covered_run_of(&code, start, addr, RUN).map_or(0, |r| r.len);
+            }
+            insn
         }
         // No known bounds (a raw address outside any sized function): the user vouches for
         // the boundary, as the agent's probe layer does.
@@ -42,15 +56,15 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
             decode_one(&code, addr).map_err(|e| ProbeError::from(e).to_string())?
         }
     };
-    let bytes = read(addr, insn.len).map_err(unreadable)?;
+    let bytes = read(addr, insn.len.max(run)).map_err(unreadable)?;
     if bytes.first() == Some(&dynprobe_arch::native::INT3) {
         return Err(format!(
             "the instruction at {addr:#x} is an int3 already (another debugger's breakpoint?); \
              detach that debugger first"
         ));
     }
-    check_out_of_line(&bytes, addr).map_err(|e| ProbeError::from(e).to_string())?;
-    Ok(Point { addr, insn, bytes })
+    check_out_of_line(&bytes[..insn.len], addr).map_err(|e| ProbeError::from(e).to_string())?;
+    Ok(Point { addr, bytes })
 }
 
 /// The probe address and the bounds of its function (start, size) when known.
