@@ -53,7 +53,7 @@ use std::os::fd::RawFd;
 use dynprobe::line::EventFormat;
 use dynprobe::spec::{ProbeKind, ProbeSpec};
 use dynprobe_arch::native::{build_slot, relocate, INT3};
-use dynprobe_remote::{find_syscall_instruction, AttachError, Options, Stop, Tracee};
+use dynprobe_remote::{find_syscall_instruction, sys, AttachError, Options, Stop, Tracee};
 use dynprobe_symbols::SymbolTable;
 
 use control::Control;
@@ -63,6 +63,10 @@ use scratch::SlotArea;
 use tracer::{Site, State, Thread, Tracer};
 
 pub use spawn::{measure_hit_ns, HitCost, BENCH_SOURCE};
+
+/// What `!detached` says when the program executed a new image (the session is over, the
+/// probes gone with the old image).
+pub const EXEC_NOTE: &str = "the program executed a new image, which has none of the probes";
 
 /// The process to probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +193,12 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
         Target::Pid(pid) => (*pid, attach(*pid, options)?, false),
         Target::Command(argv) => {
             let pid = spawn::start(argv, options)?;
+            if let Err(e) = spawn::run_to_entry(pid, &argv[0].to_string_lossy()) {
+                // SAFETY: kill of our own child, which has not run an instruction of its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = sys::wait_thread(pid);
+                return Err(e);
+            }
             let mut threads = HashMap::new();
             threads.insert(pid, Thread::new(State::Stopped { signal: 0 }));
             (pid, threads, true)

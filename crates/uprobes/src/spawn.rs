@@ -8,7 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use dynprobe::spec::ProbeSpec;
-use dynprobe_remote::{sys, Options, Regs};
+use dynprobe_arch::native::INT3;
+use dynprobe_remote::{sys, Memory, Options, Regs};
 
 use crate::{Error, Outcome, Target};
 
@@ -80,6 +81,70 @@ pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
         return Ok(pid);
     }
     Err(spawn_error(io::Error::other(format!("it did not stop at its exec (wait status {status:#x})"))))
+}
+
+/// `AT_ENTRY` of the auxiliary vector (`<elf.h>`): the executable's entry point.
+const AT_ENTRY: u64 = 9;
+
+/// Runs a program stopped at its exec stop on to its own entry point (`AT_ENTRY`, read from
+/// `/proc/PID/auxv`), where the dynamic loader has mapped every library it needs (its
+/// `DT_NEEDED`s) and run nothing of the program yet: probes on `libc` can be placed then.
+/// A static program is at its entry already. On the way, signals are delivered as they
+/// come; the temporary `int3` at the entry is taken back before returning.
+pub(crate) fn run_to_entry(pid: i32, program: &str) -> Result<(), Error> {
+    let failed = |what: &str, error: io::Error| Error::Spawn {
+        program: program.to_string(),
+        error: io::Error::other(format!("{what}: {error}")),
+    };
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| failed("reading its auxiliary vector", e))?;
+    let entry = auxv
+        .chunks_exact(16)
+        .map(|pair| {
+            (
+                u64::from_le_bytes(pair[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(pair[8..].try_into().expect("8 bytes")),
+            )
+        })
+        .find(|&(key, _)| key == AT_ENTRY)
+        .map(|(_, value)| value)
+        .ok_or_else(|| failed("reading its auxiliary vector", io::Error::other("no AT_ENTRY")))?;
+    let regs = sys::get_regs(pid).map_err(|e| failed("reading its registers", e))?;
+    if regs.rip == entry {
+        return Ok(());
+    }
+    let mem = Memory::open(pid).map_err(|e| failed("opening its memory", e))?;
+    let orig = mem.read_vec(entry, 1).map_err(|e| failed("reading its entry point", e))?;
+    mem.replace(entry, &orig, &[INT3]).map_err(|e| failed("writing a breakpoint at its entry point", e))?;
+    let mut signal = 0;
+    let reached = loop {
+        if let Err(e) = sys::cont(pid, signal) {
+            break Err(failed("resuming it", e));
+        }
+        let status = match sys::wait_thread(pid) {
+            Ok(status) => status,
+            Err(e) => break Err(failed("waiting for it", e)),
+        };
+        if !libc::WIFSTOPPED(status) {
+            // Its loader failed (a missing library): it ended before its first instruction.
+            let how = match libc::WIFEXITED(status) {
+                true => format!("exited with status {}", libc::WEXITSTATUS(status)),
+                false => format!("was killed by signal {}", libc::WTERMSIG(status)),
+            };
+            return Err(Error::Spawn {
+                program: program.to_string(),
+                error: io::Error::other(format!("it {how} before reaching its entry point")),
+            });
+        }
+        signal = if status >> 16 == 0 { libc::WSTOPSIG(status) } else { 0 };
+        if signal == libc::SIGTRAP && sys::get_regs(pid).is_ok_and(|r| r.rip == entry + 1) {
+            break Ok(());
+        }
+    };
+    mem.replace(entry, &[INT3], &orig).map_err(|e| failed("taking back the breakpoint at its entry point", e))?;
+    reached?;
+    let mut regs = sys::get_regs(pid).map_err(|e| failed("reading its registers", e))?;
+    regs.rip = entry;
+    sys::set_regs(pid, &regs).map_err(|e| failed("setting its registers", e))
 }
 
 fn pipe() -> io::Result<[RawFd; 2]> {
