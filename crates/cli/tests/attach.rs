@@ -233,6 +233,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("label_in", &["name", "weight"]),
     ("label_out", &["ret", "took"]),
     ("pw", &["x"]),
+    ("us", &["t"]),
 ];
 
 /// The events of `--json` output, grouped by event name, each as (tid, fields...), sorted.
@@ -507,4 +508,174 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
     let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
+}
+
+/// The first child process of `pid` (dynprobe's ptrace tracer, the tracer's program).
+fn child_of(pid: u32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children.split_whitespace().next().unwrap_or_else(|| panic!("{pid} has no child")).parse().unwrap()
+}
+
+/// Waits until `symbol`'s bytes in `worker` are `before` again, running rounds meanwhile:
+/// the handler a killed tracer leaves in the program restores them at a hit half a second
+/// after its first.
+fn wait_restored(worker: &mut Worker, symbol: &str, before: &[u8], expected_sum: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.code(symbol) != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(worker.round(), expected_sum, "a round after the tracer died differs");
+    }
+    assert_eq!(worker.code(symbol), before, "{symbol}'s bytes not restored after the tracer died");
+}
+
+#[test]
+fn killing_the_ptrace_tracer_leaves_the_program_running_and_says_so() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe("kill-tracer", static_worker_exe());
+    let before = worker.code("mix");
+    let mut session = Session::start(worker.pid, SPECS, &[]);
+    session.wait_for("attached to");
+    let tracer = child_of(session.child.id());
+    writeln!(worker.stdin, "go").unwrap();
+    // Mid-round: the tracer dies with hits flowing.
+    std::thread::sleep(Duration::from_millis(30));
+    // SAFETY: kill of dynprobe's child, the tracer.
+    unsafe { libc::kill(tracer, libc::SIGKILL) };
+    let (code, _, stderr) = session.end(None);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("the ptrace tracer (pid {tracer}) was killed by signal 9")), "{stderr}");
+    assert!(stderr.contains("runs on"), "{stderr}");
+    let mut line = String::new();
+    worker.stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected_sum, "the round during which the tracer died differs");
+    wait_restored(&mut worker, "mix", &before, &expected_sum);
+    worker.quit();
+}
+
+#[test]
+fn killing_dynprobe_and_its_ptrace_tracer_at_once_leaves_the_program_running() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe("kill-both", static_worker_exe());
+    let before = worker.code("label");
+    let mut session = Session::start(worker.pid, SPECS, &[]);
+    session.wait_for("attached to");
+    let tracer = child_of(session.child.id());
+    writeln!(worker.stdin, "go").unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    // SAFETY: kills of our child dynprobe and of its child, the tracer.
+    unsafe {
+        libc::kill(session.child.id() as i32, libc::SIGKILL);
+        libc::kill(tracer, libc::SIGKILL);
+    }
+    session.end(None);
+    let mut line = String::new();
+    worker.stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected_sum, "the round during which both died differs");
+    wait_restored(&mut worker, "label", &before, &expected_sum);
+    worker.quit();
+}
+
+#[test]
+fn killing_the_ptrace_tracer_of_a_started_program_says_so() {
+    let log = scratch().join(format!("kill-tracer-started-{}.log", std::process::id()));
+    let mut child = Command::new(dynprobe_exe())
+        .args(["probe", SPECS[0], "--"])
+        .arg(static_worker_exe())
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dynprobe");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready "), "{line}");
+    let tracer = child_of(child.id());
+    let program = child_of(tracer as u32);
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    stdout.read_line(&mut line).unwrap();
+    // SAFETY: kill of dynprobe's child, the tracer.
+    unsafe { libc::kill(tracer, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    // The program holds dynprobe's stderr too: read up to the message, not to the end.
+    let mut stderr = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        stderr.push_str(&line);
+        if line.contains("killed by signal") {
+            break;
+        }
+    }
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("was killed by signal 9") && stderr.contains("runs on"), "{stderr}");
+    // The program (the tracer's child, now an orphan) still answers, with its pipes.
+    writeln!(stdin, "go").unwrap();
+    let mut rest = String::new();
+    let sum = loop {
+        rest.clear();
+        stdout.read_line(&mut rest).unwrap();
+        assert!(!rest.is_empty(), "the program ended");
+        if rest.starts_with("checksum") {
+            break rest.trim().to_string();
+        }
+    };
+    assert_eq!(sum, unprobed_checksum());
+    writeln!(stdin, "quit").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{program}/exe")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_executable_and_libc_are_probed_together_under_ptrace_when_attached() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("ptrace-libc");
+    let specs = [SPECS[0], "p:us libc:usleep t=$arg1"];
+    let mut session = Session::start(worker.pid, &specs, &["--json", "--ptrace"]);
+    let attached = session.wait_for("attached to");
+    assert!(attached.contains("2 probes placed"), "{attached}");
+    assert_eq!(worker.round(), expected_sum);
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    let got = events(&stdout);
+    assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
+    assert!(got["us"].len() == 4 * 300 && got["us"].iter().all(|e| e[1] == "200"), "{:?}", got["us"]);
+    worker.quit();
+}
+
+#[test]
+fn the_executable_and_libc_are_probed_together_under_ptrace_when_started() {
+    let specs = ["--ptrace", SPECS[0], "p:us libc:usleep t=$arg1"];
+    let (lines, own, stderr) = start_under_dynprobe("ptrace-libc-started", &specs, worker_exe(), "go\nquit\n");
+    assert!(own.contains(&unprobed_checksum()), "{own}");
+    let got = events(&lines);
+    assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
+    assert_eq!(got["us"].len(), 4 * 300, "{stderr}");
+}
+
+/// Attaches with `options`, has the worker built as `exe` execute itself, and checks that
+/// the session ends cleanly (exit 0) saying why, and that the new image works.
+fn exec_ends_the_session(exe: &'static Path, options: &[&str]) {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe(&format!("exec-{}", exe.file_name().unwrap().to_string_lossy()), exe);
+    let mut session = Session::start(worker.pid, &[SPECS[0]], options);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    let (code, _, stderr) = session.end(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("executed a new program") && stderr.contains("probes went with the old image"), "{stderr}");
+    assert_eq!(worker.round(), expected_sum);
+    worker.quit();
+}
+
+#[test]
+fn an_exec_ends_an_agent_session_cleanly() {
+    exec_ends_the_session(worker_exe(), &[]);
+}
+
+#[test]
+fn an_exec_ends_a_ptrace_session_cleanly() {
+    exec_ends_the_session(static_worker_exe(), &[]);
 }

@@ -660,7 +660,7 @@ impl Tracer {
     /// After an `exec`: the old image (and every byte we wrote) is gone; detach the thread
     /// that remains.
     pub fn exec_detach(&mut self) {
-        self.out.line(b"!detached the program executed a new image, which has none of the probes\n");
+        self.out.line(format!("!detached {}\n", crate::EXEC_NOTE).as_bytes());
         for &tid in self.threads.keys() {
             let _ = sys::detach(tid, 0);
         }
