@@ -187,6 +187,21 @@ impl Fallback {
         [libc::SIGTRAP as u64, self.data + REPLACED_ACTION, 0, 8, 0, 0]
     }
 
+    /// `rt_sigaction` arguments that read the current action into the scratch action.
+    pub fn query_args(&self) -> [u64; 6] {
+        [libc::SIGTRAP as u64, 0, self.data + REPLACED_ACTION, 8, 0, 0]
+    }
+
+    /// `rt_sigaction` arguments that make the saved program's action the current one.
+    pub fn restore_saved_args(&self) -> [u64; 6] {
+        [libc::SIGTRAP as u64, self.data + SAVED_ACTION, 0, 8, 0, 0]
+    }
+
+    /// Where the saved program's action is, and where the scratch action is (32 bytes each).
+    pub fn saved_and_replaced(&self) -> (u64, u64) {
+        (self.data + SAVED_ACTION, self.data + REPLACED_ACTION)
+    }
+
     /// `rt_sigaction` arguments that make our handler the action again, after one delivery
     /// under the program's.
     pub fn reinstall_args(&self) -> [u64; 6] {

@@ -178,7 +178,19 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
     (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
     // Not inside a system call any more: no restart logic on resuming.
     regs.orig_rax = u64::MAX;
+    // The step's trap is a forced SIGTRAP, and the kernel resets the action of a forced
+    // signal the thread blocks to the default (`force_sig_info_to_task`, kernel/signal.c):
+    // stepping a thread inside a SIGTRAP handler would take the program's handler (or our
+    // fallback) away. So SIGTRAP is unblocked for the step and blocked again after.
+    let mask = sig_mask(tid)?;
+    let trap_bit = 1u64 << (libc::SIGTRAP - 1);
+    if mask & trap_bit != 0 {
+        set_sig_mask(tid, mask & !trap_bit)?;
+    }
     let result = step_over_syscall(tid, &regs);
+    if mask & trap_bit != 0 {
+        let _ = set_sig_mask(tid, mask);
+    }
     let restored = sys::set_regs(tid, &saved);
     let (value, signals) = result?;
     restored?;
@@ -188,6 +200,31 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
         let _ = sys::tgkill(pid, tid, signal);
     }
     Ok(value)
+}
+
+/// `PTRACE_GETSIGMASK` and `PTRACE_SETSIGMASK` (`<linux/ptrace.h>`, since Linux 3.11).
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+
+/// The blocked-signal mask of stopped thread `tid` (bit `n - 1` for signal `n`).
+fn sig_mask(tid: i32) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
+    let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mask)
+}
+
+/// Sets the blocked-signal mask of stopped thread `tid`.
+fn set_sig_mask(tid: i32, mask: u64) -> io::Result<()> {
+    // SAFETY: the kernel reads 8 bytes (the size passed) from `mask`.
+    let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sets `regs` (at a `syscall` instruction) and single-steps until the instruction has run

@@ -310,15 +310,15 @@ impl Tracer {
     /// `kernel/signal.c` reports a stepping thread) — and our handler installed again. A
     /// program without a handler of its own dies of the signal, as it would untraced.
     fn deliver_foreign_trap(&mut self, tid: i32) {
-        let Some(fallback) = &self.fallback else { return };
-        let (uninstall, reinstall) = (fallback.uninstall_args(), fallback.reinstall_args());
         let info = sys::get_siginfo(tid);
-        if info.is_err() || self.syscall(tid, libc::SYS_rt_sigaction, uninstall).is_err() {
+        if info.is_err() || self.program_action_back(tid).is_err() {
             // The thread is gone (its exit report follows), or the action cannot be
             // changed: deliver it as it is.
             let _ = sys::cont(tid, libc::SIGTRAP);
             return;
         }
+        let Some(fallback) = &self.fallback else { return };
+        let reinstall = fallback.reinstall_args();
         let info = info.expect("checked above");
         let _ = sys::set_siginfo(tid, &info);
         let mut signal = libc::SIGTRAP;
@@ -346,6 +346,23 @@ impl Tracer {
             let _ = sys::tgkill(self.pid, tid, sig);
         }
         let _ = sys::cont(tid, 0);
+    }
+
+    /// Makes the program's own `SIGTRAP` action the current one, on stopped thread `tid`:
+    /// the saved one while ours is installed, or the one the program installed over ours
+    /// since — which becomes the saved one, put back at detach.
+    fn program_action_back(&mut self, tid: i32) -> io::Result<()> {
+        let Some(fallback) = &self.fallback else { return Ok(()) };
+        let (query, restore, ours) = (fallback.query_args(), fallback.restore_saved_args(), fallback.handler());
+        let (saved, current) = fallback.saved_and_replaced();
+        self.syscall(tid, libc::SYS_rt_sigaction, query)?;
+        if self.mem.read_u64(current)? == ours {
+            self.syscall(tid, libc::SYS_rt_sigaction, restore)?;
+        } else {
+            let action = self.mem.read_vec(current, 32)?;
+            self.mem.write(saved, &action)?;
+        }
+        Ok(())
     }
 
     /// The return trampoline's address, once mapped.

@@ -391,3 +391,34 @@ fn killing_the_tracer_leaves_a_started_program_running_with_its_original_code() 
     }
     assert_same_run(std::fs::read_to_string(&out).unwrap_or_default().trim(), &reference, threads);
 }
+
+fn traps_target() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("tests/targets/static_traps.c", "static_traps"))
+}
+
+#[test]
+fn the_programs_own_traps_reach_its_own_handler_while_probed() {
+    let target = traps_target().to_str().unwrap();
+    let plain = Command::new(target).arg("200").output().unwrap();
+    let reference = String::from_utf8(plain.stdout).unwrap();
+    assert!(reference.starts_with("traps=40 bad=0 "), "{reference}");
+    let tracer = Tracer::start(&["p:work i=$arg1", "r:work r=$retval", "--", target, "200"]);
+    let child = tracer.child.id();
+    let (lines, ok) = tracer.rest();
+    assert!(ok, "tracer {child} failed: {lines:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    // The program shares the tracer's stdout: its own line is among the events.
+    assert!(lines.contains(&reference.trim().to_string()), "every trap handled by the program: {lines:?}");
+    assert_eq!(hits(&lines, "work").len(), 200);
+    assert_eq!(hits(&lines, "work__return").len(), 200);
+}
+
+#[test]
+fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
+    let target = traps_target().to_str().unwrap();
+    let tracer = Tracer::start(&["p:work", "--", target, "200", "nohandler"]);
+    let (lines, _) = tracer.rest();
+    assert_eq!(lines.last().map(String::as_str), Some("!killed 5"), "{lines:?}");
+    assert_eq!(hits(&lines, "work").len(), 10, "it died at its first int3, after 10 calls");
+}
