@@ -464,13 +464,13 @@ fn bad_requests_are_refused_and_change_nothing() {
     worker.quit();
 }
 
-/// `dynprobe probe --json SPECS -- EXE LOG` with `input` on the worker's stdin: (the
-/// JSON events, the worker's own lines, stderr), after checking dynprobe succeeded.
-fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> (String, String, String) {
+/// `dynprobe probe ARGS -- EXE LOG` started, its three standard streams piped (the worker,
+/// started by it, shares them).
+fn probe_command(test: &str, args: &[&str], exe: &Path) -> Child {
     let log = scratch().join(format!("{test}-{}.log", std::process::id()));
-    let mut child = Command::new(dynprobe_exe())
-        .args(["probe", "--json"])
-        .args(specs)
+    Command::new(dynprobe_exe())
+        .arg("probe")
+        .args(args)
         .arg("--")
         .arg(exe)
         .arg(&log)
@@ -478,7 +478,13 @@ fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run dynprobe");
+        .expect("run dynprobe")
+}
+
+/// `dynprobe probe --json SPECS -- EXE LOG` with `input` on the worker's stdin: (the
+/// JSON events, the worker's own lines, stderr), after checking dynprobe succeeded.
+fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> (String, String, String) {
+    let mut child = probe_command(test, &[&["--json"], specs].concat(), exe);
     child.stdin.as_mut().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -530,63 +536,49 @@ fn wait_restored(worker: &mut Worker, symbol: &str, before: &[u8], expected_sum:
 
 #[test]
 fn killing_the_ptrace_tracer_leaves_the_program_running_and_says_so() {
+    let (tracer, code, stderr) = kill_mid_round("kill-tracer", "mix", false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("the ptrace tracer (pid {tracer}) was killed by signal 9")), "{stderr}");
+    assert!(stderr.contains("runs on"), "{stderr}");
+}
+
+#[test]
+fn killing_dynprobe_and_its_ptrace_tracer_at_once_leaves_the_program_running() {
+    kill_mid_round("kill-both", "label", true);
+}
+
+/// Attaches to the static worker (ptrace probes), kills the tracer (and dynprobe too, with
+/// `and_dynprobe`) mid-round, and checks that the round ends with the unprobed checksum and
+/// that `symbol`'s bytes come back; (the tracer's pid, dynprobe's exit code, its stderr).
+fn kill_mid_round(test: &str, symbol: &str, and_dynprobe: bool) -> (i32, Option<i32>, String) {
     let expected_sum = unprobed_checksum();
-    let mut worker = Worker::start_exe("kill-tracer", static_worker_exe());
-    let before = worker.code("mix");
+    let mut worker = Worker::start_exe(test, static_worker_exe());
+    let before = worker.code(symbol);
     let mut session = Session::start(worker.pid, SPECS, &[]);
     session.wait_for("attached to");
     let tracer = child_of(session.child.id());
     writeln!(worker.stdin, "go").unwrap();
     // Mid-round: the tracer dies with hits flowing.
     std::thread::sleep(Duration::from_millis(30));
-    // SAFETY: kill of dynprobe's child, the tracer.
-    unsafe { libc::kill(tracer, libc::SIGKILL) };
+    // SAFETY: kills of our child dynprobe and of its child, the tracer.
+    unsafe {
+        if and_dynprobe {
+            libc::kill(session.child.id() as i32, libc::SIGKILL);
+        }
+        libc::kill(tracer, libc::SIGKILL);
+    }
     let (code, _, stderr) = session.end(None);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("the ptrace tracer (pid {tracer}) was killed by signal 9")), "{stderr}");
-    assert!(stderr.contains("runs on"), "{stderr}");
     let mut line = String::new();
     worker.stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), expected_sum, "the round during which the tracer died differs");
-    wait_restored(&mut worker, "mix", &before, &expected_sum);
+    wait_restored(&mut worker, symbol, &before, &expected_sum);
     worker.quit();
-}
-
-#[test]
-fn killing_dynprobe_and_its_ptrace_tracer_at_once_leaves_the_program_running() {
-    let expected_sum = unprobed_checksum();
-    let mut worker = Worker::start_exe("kill-both", static_worker_exe());
-    let before = worker.code("label");
-    let mut session = Session::start(worker.pid, SPECS, &[]);
-    session.wait_for("attached to");
-    let tracer = child_of(session.child.id());
-    writeln!(worker.stdin, "go").unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    // SAFETY: kills of our child dynprobe and of its child, the tracer.
-    unsafe {
-        libc::kill(session.child.id() as i32, libc::SIGKILL);
-        libc::kill(tracer, libc::SIGKILL);
-    }
-    session.end(None);
-    let mut line = String::new();
-    worker.stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), expected_sum, "the round during which both died differs");
-    wait_restored(&mut worker, "label", &before, &expected_sum);
-    worker.quit();
+    (tracer, code, stderr)
 }
 
 #[test]
 fn killing_the_ptrace_tracer_of_a_started_program_says_so() {
-    let log = scratch().join(format!("kill-tracer-started-{}.log", std::process::id()));
-    let mut child = Command::new(dynprobe_exe())
-        .args(["probe", SPECS[0], "--"])
-        .arg(static_worker_exe())
-        .arg(&log)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dynprobe");
+    let mut child = probe_command("kill-tracer-started", &[SPECS[0]], static_worker_exe());
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();

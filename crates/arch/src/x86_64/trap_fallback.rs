@@ -130,6 +130,19 @@ pub fn build_trap_fallback(ip: u64, tables: &Tables) -> Result<TrapFallback, Rel
     const RWX: i32 = 7;
 
     let mut a = CodeAssembler::new(64)?;
+    // pread64/pwrite64(fd = r14, buf = rsp, len, offset = [rbx] (+ r8)): one table entry's
+    // address, through /proc/self/mem.
+    let at_entry = |a: &mut CodeAssembler, nr: i32, len: i32, plus_r8: bool| -> Result<(), IcedError> {
+        a.mov(eax, nr)?;
+        a.mov(rdi, r14)?;
+        a.mov(rsi, rsp)?;
+        a.mov(edx, len)?;
+        a.mov(r10, qword_ptr(rbx))?;
+        if plus_r8 {
+            a.add(r10, r8)?;
+        }
+        a.syscall()
+    };
     // The restorer first, at offset 0.
     a.mov(eax, SYS_RT_SIGRETURN)?;
     a.syscall()?;
@@ -218,12 +231,7 @@ pub fn build_trap_fallback(ip: u64, tables: &Tables) -> Result<TrapFallback, Rel
         a.jz(done)?;
         a.cmp(qword_ptr(rbx), 0)?;
         a.je(next)?;
-        a.mov(eax, SYS_READ_AT)?;
-        a.mov(rdi, r14)?;
-        a.mov(rsi, rsp)?;
-        a.mov(edx, 8)?;
-        a.mov(r10, qword_ptr(rbx))?;
-        a.syscall()?;
+        at_entry(&mut a, SYS_READ_AT, 8, false)?;
         a.cmp(rax, 8)?;
         a.jne(next)?;
         a.mov(rax, tables.trampoline)?;
@@ -231,12 +239,7 @@ pub fn build_trap_fallback(ip: u64, tables: &Tables) -> Result<TrapFallback, Rel
         a.jne(next)?;
         a.mov(rax, qword_ptr(rbx + 8))?;
         a.mov(qword_ptr(rsp), rax)?;
-        a.mov(eax, SYS_WRITE_AT)?;
-        a.mov(rdi, r14)?;
-        a.mov(rsi, rsp)?;
-        a.mov(edx, 8)?;
-        a.mov(r10, qword_ptr(rbx))?;
-        a.syscall()?;
+        at_entry(&mut a, SYS_WRITE_AT, 8, false)?;
         a.set_label(&mut next)?;
         a.add(rbx, RETURN_ENTRY as i32)?;
         a.dec(r9)?;
@@ -290,26 +293,14 @@ pub fn build_trap_fallback(ip: u64, tables: &Tables) -> Result<TrapFallback, Rel
         a.test(r8, r8)?;
         a.jz(next)?;
         a.dec(r8)?;
-        a.mov(eax, SYS_READ_AT)?;
-        a.mov(rdi, r14)?;
-        a.mov(rsi, rsp)?;
-        a.mov(edx, 1)?;
-        a.mov(r10, qword_ptr(rbx))?;
-        a.add(r10, r8)?;
-        a.syscall()?;
+        at_entry(&mut a, SYS_READ_AT, 1, true)?;
         a.cmp(rax, 1)?;
         a.jne(byte)?;
         a.cmp(byte_ptr(rsp), 0xcc)?;
         a.jne(byte)?;
         a.mov(al, byte_ptr(rbx + r8 + SITE_ORIG))?;
         a.mov(byte_ptr(rsp), al)?;
-        a.mov(eax, SYS_WRITE_AT)?;
-        a.mov(rdi, r14)?;
-        a.mov(rsi, rsp)?;
-        a.mov(edx, 1)?;
-        a.mov(r10, qword_ptr(rbx))?;
-        a.add(r10, r8)?;
-        a.syscall()?;
+        at_entry(&mut a, SYS_WRITE_AT, 1, true)?;
         a.jmp(byte)?;
         // No /proc: make the run's pages writable (and still executable: other threads may
         // run in them), store, and give them their protection back.
