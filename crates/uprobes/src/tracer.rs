@@ -384,7 +384,7 @@ impl Tracer {
     fn trap_pending(&self, tid: i32) -> bool {
         let Ok(regs) = sys::get_regs(tid) else { return false };
         let at = regs.rip.wrapping_sub(1);
-        (self.site_at.contains_key(&at) || self.trampoline() == Some(at))
+        (self.site_at.contains_key(&at) || self.inside.contains_key(&at) || self.trampoline() == Some(at))
             && thread_signal_pending(self.pid, tid, libc::SIGTRAP)
     }
 
