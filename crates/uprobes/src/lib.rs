@@ -285,6 +285,10 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     }
     // One site per address, shared by every probe there.
     let mut sites: Vec<(place::Point, Vec<usize>, Vec<usize>)> = Vec::new();
+    let addrs: Vec<u64> = points.iter().map(|p| p.addr).collect();
+    for point in &mut points {
+        point.yield_to(&addrs);
+    }
     for (i, point) in points.into_iter().enumerate() {
         let index = match sites.iter().position(|(p, _, _)| p.addr == point.addr) {
             Some(index) => index,

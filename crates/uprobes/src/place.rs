@@ -20,6 +20,19 @@ pub(crate) struct Point {
     /// The original bytes of the run the breakpoint covers: the instruction, and the next
     /// one too when the instruction is a single byte (see [`RUN`]).
     pub bytes: Vec<u8>,
+    /// The length of the probed instruction itself.
+    pub insn_len: usize,
+}
+
+impl Point {
+    /// Gives up the instructions after the first when another probe point is among them:
+    /// that one gets its own breakpoint.
+    pub fn yield_to(&mut self, others: &[u64]) {
+        let end = self.addr + self.bytes.len() as u64;
+        if others.iter().any(|&o| o > self.addr && o < end) {
+            self.bytes.truncate(self.insn_len);
+        }
+    }
 }
 
 /// The fewest bytes a breakpoint covers, all of them `int3`: a thread the tracer held at
@@ -64,7 +77,7 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
         ));
     }
     check_out_of_line(&bytes[..insn.len], addr).map_err(|e| ProbeError::from(e).to_string())?;
-    Ok(Point { addr, bytes })
+    Ok(Point { addr, bytes, insn_len: insn.len })
 }
 
 /// The probe address and the bounds of its function (start, size) when known.
@@ -151,6 +164,18 @@ pub(crate) fn lookup_address(table: &SymbolTable, name: &str) -> Result<u64, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_gives_way_to_another_probe_inside_it() {
+        // push %rbx; mov %rdi,%rbx: one run, unless the mov is probed too.
+        let point = Point { addr: 0x1000, bytes: vec![0x53, 0x48, 0x89, 0xfb], insn_len: 1 };
+        let mut alone = point.clone();
+        alone.yield_to(&[0x1000, 0x2000, 0x1004]);
+        assert_eq!(alone.bytes.len(), 4);
+        let mut shared = point;
+        shared.yield_to(&[0x1000, 0x1001]);
+        assert_eq!(shared.bytes, vec![0x53]);
+    }
 
     #[test]
     fn marker_specs_are_refused_with_the_reason() {
