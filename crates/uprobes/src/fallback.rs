@@ -29,12 +29,25 @@
 //!                   ...  returns                  (stack slot, original return address); 0: free
 //! ```
 //!
-//! Still impossible: a program that installs its own `SIGTRAP` action while probed (the
-//! tracer only sees that at detach, so a trap after the tracer's death goes to the program's
-//! handler), a thread that blocks `SIGTRAP` when it hits a probe (the kernel then resets the
-//! action to the default, `force_sig_info_to_task` in `kernel/signal.c`), hijacked return
-//! addresses the program copied elsewhere and more pending returns than the table holds
-//! ([`RETURN_CAPACITY`]: further return probes are not armed, and counted as missed).
+//! Still impossible, or not done:
+//! - a program that installs its own `SIGTRAP` action while probed replaces the fallback
+//!   until the tracer next delivers one of the program's own traps (which re-arms it and
+//!   keeps the program's action as the one to put back) or detaches;
+//! - a thread that blocks `SIGTRAP` when it hits a probe makes the kernel reset the action
+//!   to the default (`force_sig_info_to_task` in `kernel/signal.c`), the fallback with it;
+//! - signals the tracer held at a signal-delivery-stop when it died are lost (the kernel
+//!   drops them), the program's own included;
+//! - a thread held at the trap of a one-byte instruction whose successor is a branch target
+//!   (so its run is that one byte) skips that instruction when the tracer dies, and one not
+//!   scheduled within `RESTORE_DELAY_NS` of the first trap meets restored bytes mid-run;
+//! - a thread returning from a signal handler into the second instruction of a run after
+//!   the tracer died is sent to the run's start and runs the first instruction again;
+//! - the tracer killed during one of its own system calls in the target (placing, detaching,
+//!   delivering one of the program's traps: microseconds) leaves that thread at the
+//!   `syscall` instruction it borrowed, with the call's registers;
+//! - hijacked return addresses the program copied elsewhere, and more pending returns than
+//!   the table holds ([`RETURN_CAPACITY`]: further return probes are not armed, and are
+//!   counted as missed).
 
 use dynprobe_arch::native::trap_fallback::{
     build_trap_fallback, Tables, RETURN_ENTRY, SITE_ENTRY, SITE_LEN, SITE_ORIG, SITE_PROT, SITE_SLOT,
