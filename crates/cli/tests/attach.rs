@@ -260,6 +260,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("label_in", &["name", "weight"]),
     ("label_out", &["ret", "took"]),
     ("pw", &["x"]),
+    ("us", &["t"]),
 ];
 
 /// The events of `--json` output, grouped by event name, each as (tid, fields...), sorted.
@@ -510,13 +511,13 @@ fn bad_requests_are_refused_and_change_nothing() {
     worker.quit();
 }
 
-/// `dynprobe probe --json SPECS -- EXE LOG` with `input` on the worker's stdin: (the
-/// JSON events, the worker's own lines, stderr), after checking dynprobe succeeded.
-fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> (String, String, String) {
+/// `dynprobe probe ARGS -- EXE LOG` started, its three standard streams piped (the worker,
+/// started by it, shares them).
+fn probe_command(test: &str, args: &[&str], exe: &Path) -> Child {
     let log = scratch().join(format!("{test}-{}.log", std::process::id()));
-    let mut child = Command::new(dynprobe_exe())
-        .args(["probe", "--json"])
-        .args(specs)
+    Command::new(dynprobe_exe())
+        .arg("probe")
+        .args(args)
         .arg("--")
         .arg(exe)
         .arg(&log)
@@ -524,7 +525,13 @@ fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run dynprobe");
+        .expect("run dynprobe")
+}
+
+/// `dynprobe probe --json SPECS -- EXE LOG` with `input` on the worker's stdin: (the
+/// JSON events, the worker's own lines, stderr), after checking dynprobe succeeded.
+fn start_under_dynprobe(test: &str, specs: &[&str], exe: &Path, input: &str) -> (String, String, String) {
+    let mut child = probe_command(test, &[&["--json"], specs].concat(), exe);
     child.stdin.as_mut().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -766,4 +773,160 @@ fn a_program_with_large_static_tls_is_attached_and_left_as_it_was() {
     }
     assert_eq!(worker.round(), expected_sum);
     worker.quit();
+}
+
+/// The first child process of `pid` (dynprobe's ptrace tracer, the tracer's program).
+fn child_of(pid: u32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children.split_whitespace().next().unwrap_or_else(|| panic!("{pid} has no child")).parse().unwrap()
+}
+
+/// Waits until `symbol`'s bytes in `worker` are `before` again, running rounds meanwhile:
+/// the handler a killed tracer leaves in the program restores them at a hit half a second
+/// after its first.
+fn wait_restored(worker: &mut Worker, symbol: &str, before: &[u8], expected_sum: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.code(symbol) != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(worker.round(), expected_sum, "a round after the tracer died differs");
+    }
+    assert_eq!(worker.code(symbol), before, "{symbol}'s bytes not restored after the tracer died");
+}
+
+#[test]
+fn killing_the_ptrace_tracer_leaves_the_program_running_and_says_so() {
+    let (tracer, code, stderr) = kill_mid_round("kill-tracer", "mix", false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("the ptrace tracer (pid {tracer}) was killed by signal 9")), "{stderr}");
+    assert!(stderr.contains("runs on"), "{stderr}");
+}
+
+#[test]
+fn killing_dynprobe_and_its_ptrace_tracer_at_once_leaves_the_program_running() {
+    kill_mid_round("kill-both", "label", true);
+}
+
+/// Attaches to the static worker (ptrace probes), kills the tracer (and dynprobe too, with
+/// `and_dynprobe`) mid-round, and checks that the round ends with the unprobed checksum and
+/// that `symbol`'s bytes come back; (the tracer's pid, dynprobe's exit code, its stderr).
+fn kill_mid_round(test: &str, symbol: &str, and_dynprobe: bool) -> (i32, Option<i32>, String) {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe(test, static_worker_exe());
+    let before = worker.code(symbol);
+    let mut session = Session::start(worker.pid, SPECS, &[]);
+    session.wait_for("attached to");
+    let tracer = child_of(session.child.id());
+    writeln!(worker.stdin, "go").unwrap();
+    // Mid-round: the tracer dies with hits flowing.
+    std::thread::sleep(Duration::from_millis(30));
+    // SAFETY: kills of our child dynprobe and of its child, the tracer.
+    unsafe {
+        if and_dynprobe {
+            libc::kill(session.child.id() as i32, libc::SIGKILL);
+        }
+        libc::kill(tracer, libc::SIGKILL);
+    }
+    let (code, _, stderr) = session.end(None);
+    let mut line = String::new();
+    worker.stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected_sum, "the round during which the tracer died differs");
+    wait_restored(&mut worker, symbol, &before, &expected_sum);
+    worker.quit();
+    (tracer, code, stderr)
+}
+
+#[test]
+fn killing_the_ptrace_tracer_of_a_started_program_says_so() {
+    let mut child = probe_command("kill-tracer-started", &[SPECS[0]], static_worker_exe());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready "), "{line}");
+    let tracer = child_of(child.id());
+    let program = child_of(tracer as u32);
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    stdout.read_line(&mut line).unwrap();
+    // SAFETY: kill of dynprobe's child, the tracer.
+    unsafe { libc::kill(tracer, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    // The program holds dynprobe's stderr too: read up to the message, not to the end.
+    let mut stderr = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        stderr.push_str(&line);
+        if line.contains("killed by signal") {
+            break;
+        }
+    }
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("was killed by signal 9") && stderr.contains("runs on"), "{stderr}");
+    // The program (the tracer's child, now an orphan) still answers, with its pipes.
+    writeln!(stdin, "go").unwrap();
+    let mut rest = String::new();
+    let sum = loop {
+        rest.clear();
+        stdout.read_line(&mut rest).unwrap();
+        assert!(!rest.is_empty(), "the program ended");
+        if rest.starts_with("checksum") {
+            break rest.trim().to_string();
+        }
+    };
+    assert_eq!(sum, unprobed_checksum());
+    writeln!(stdin, "quit").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{program}/exe")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_executable_and_libc_are_probed_together_under_ptrace_when_attached() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("ptrace-libc");
+    let specs = [SPECS[0], "p:us libc:usleep t=$arg1"];
+    let mut session = Session::start(worker.pid, &specs, &["--json", "--ptrace"]);
+    let attached = session.wait_for("attached to");
+    assert!(attached.contains("2 probes placed"), "{attached}");
+    assert_eq!(worker.round(), expected_sum);
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    let got = events(&stdout);
+    assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
+    assert!(got["us"].len() == 4 * 300 && got["us"].iter().all(|e| e[1] == "200"), "{:?}", got["us"]);
+    worker.quit();
+}
+
+#[test]
+fn the_executable_and_libc_are_probed_together_under_ptrace_when_started() {
+    let specs = ["--ptrace", SPECS[0], "p:us libc:usleep t=$arg1"];
+    let (lines, own, stderr) = start_under_dynprobe("ptrace-libc-started", &specs, worker_exe(), "go\nquit\n");
+    assert!(own.contains(&unprobed_checksum()), "{own}");
+    let got = events(&lines);
+    assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
+    assert_eq!(got["us"].len(), 4 * 300, "{stderr}");
+}
+
+/// Attaches with `options`, has the worker built as `exe` execute itself, and checks that
+/// the session ends cleanly (exit 0) saying why, and that the new image works.
+fn exec_ends_the_session(exe: &'static Path, options: &[&str]) {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe(&format!("exec-{}", exe.file_name().unwrap().to_string_lossy()), exe);
+    let mut session = Session::start(worker.pid, &[SPECS[0]], options);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    let (code, _, stderr) = session.end(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("executed a new program") && stderr.contains("probes went with the old image"), "{stderr}");
+    assert_eq!(worker.round(), expected_sum);
+    worker.quit();
+}
+
+#[test]
+fn an_exec_ends_an_agent_session_cleanly() {
+    exec_ends_the_session(worker_exe(), &[]);
+}
+
+#[test]
+fn an_exec_ends_a_ptrace_session_cleanly() {
+    exec_ends_the_session(static_worker_exe(), &[]);
 }

@@ -28,11 +28,15 @@
 //! and installs a no-op `SIGURG` handler (the control channel's wake-up).
 //!
 //! **If the tracer itself is killed** (`kill -9` of the process running `run`, not of the
-//! CLI), the kernel detaches the threads but cannot remove the `int3`s: the next hit kills
-//! the program with `SIGTRAP`, as with the kernel's own ptrace debuggers. Closing the
-//! control descriptor (the CLI dying) is safe: `run` detaches cleanly.
+//! CLI), the kernel detaches the threads but cannot remove the `int3`s. The program runs on
+//! all the same: while probes are placed its `SIGTRAP` action is a handler the tracer left
+//! in it, which sends every later hit through the out-of-line copy, puts the hijacked
+//! return addresses back, and the original bytes too half a second later (see
+//! `src/fallback.rs` for how, and for what it cannot do). Closing the control
+//! descriptor (the CLI dying) is safe: `run` detaches cleanly.
 
 mod control;
+mod fallback;
 mod marker;
 mod output;
 mod place;
@@ -49,16 +53,21 @@ use std::os::fd::RawFd;
 
 use dynprobe::line::EventFormat;
 use dynprobe::spec::{ProbeKind, ProbeSpec};
-use dynprobe_arch::native::{build_slot, INT3};
-use dynprobe_remote::{find_syscall_instruction, AttachError, Options, Stop, Tracee};
+use dynprobe_arch::native::{build_slot, relocate, INT3};
+use dynprobe_remote::{find_syscall_instruction, sys, AttachError, Options, Stop, Tracee};
 use dynprobe_symbols::SymbolTable;
 
 use control::Control;
+use fallback::{Fallback, SiteEntry};
 use output::Output;
-use scratch::Scratch;
+use scratch::SlotArea;
 use tracer::{Site, State, Thread, Tracer};
 
 pub use spawn::{measure_hit_ns, HitCost, BENCH_SOURCE};
+
+/// What `!detached` says when the program executed a new image (the session is over, the
+/// probes gone with the old image).
+pub const EXEC_NOTE: &str = "the program executed a new image, which has none of the probes";
 
 /// The process to probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +194,12 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
         Target::Pid(pid) => (*pid, attach(*pid, options)?, false),
         Target::Command(argv) => {
             let pid = spawn::start(argv, options)?;
+            if let Err(e) = spawn::run_to_entry(pid, &argv[0].to_string_lossy()) {
+                // SAFETY: kill of our own child, which has not run an instruction of its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = sys::wait_thread(pid);
+                return Err(e);
+            }
             let mut threads = HashMap::new();
             threads.insert(pid, Thread::new(State::Stopped { signal: 0 }));
             (pid, threads, true)
@@ -280,7 +295,11 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
     }
     // One site per address, shared by every probe there.
     let mut sites: Vec<(place::Point, Vec<usize>, Vec<usize>)> = Vec::new();
-    let spec_of: Vec<usize> = points.iter().map(|(_, s, _)| *s).collect();
+    let addrs: Vec<u64> = points.iter().map(|(p, _, _)| p.addr).collect();
+    for (point, _, _) in &mut points {
+        point.yield_to(&addrs);
+    }
+    let spec_index: Vec<usize> = points.iter().map(|(_, s, _)| *s).collect();
     for (i, (point, _, kind)) in points.into_iter().enumerate() {
         let index = match sites.iter().position(|(p, _, _)| p.addr == point.addr) {
             Some(index) => index,
@@ -294,61 +313,135 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
             ProbeKind::Entry | ProbeKind::Marker => sites[index].1.push(i),
         }
     }
-    // The spec of probe `p`, for a refusal.
-    let spec_text = |p: usize| specs[spec_of[p]].text.clone();
     if sites.is_empty() {
         return Ok(());
     }
-    let lo = sites.iter().map(|s| s.0.addr).min().expect("not empty");
-    let hi = sites.iter().map(|s| s.0.insn.end()).max().expect("not empty");
-    tracer.scratch = map_scratch(tracer, sites.len(), lo, hi)?;
-    let mut slots = Vec::new();
-    for (i, (point, _, _)) in sites.iter().enumerate() {
-        let slot_ip = tracer.scratch.slot(i);
-        let code = build_slot(&point.bytes, point.addr, slot_ip, point.insn.end()).map_err(|e| Error::Refused {
-            spec: spec_text(sites[i].1.first().or(sites[i].2.first()).copied().unwrap_or(0)),
-            message: e.to_string(),
-        })?;
-        assert!(scratch::fits(&code), "a slot of {} bytes does not fit in {}", code.len(), scratch::SLOT_SIZE);
-        slots.push(code);
+    let tid = stopped_thread(tracer)?;
+    tracer.syscall_insn =
+        find_syscall_instruction(&tracer.mem).map_err(|e| Error::Scratch { reason: e.to_string() })?;
+    // The spec of a site's first probe, for a refusal.
+    let spec_of = |entries: &[usize], returns: &[usize]| {
+        specs[spec_index[entries.first().or(returns.first()).copied().unwrap_or(0)]].text.clone()
+    };
+
+    // The slots: one area per region of probed code, each within reach of its region.
+    let spans: Vec<(u64, u64)> = sites.iter().map(|s| (s.0.addr, s.0.addr + s.0.bytes.len() as u64)).collect();
+    let mut slot_of = vec![0u64; sites.len()];
+    for region in scratch::regions(&spans) {
+        let lo = region.iter().map(|&i| spans[i].0).min().expect("a region has sites");
+        let hi = region.iter().map(|&i| spans[i].1).max().expect("a region has sites");
+        let area = map_near(tracer, tid, SlotArea::len_for(region.len()), lo, hi)?;
+        let mut slots = Vec::new();
+        for (j, &i) in region.iter().enumerate() {
+            let (point, entries, returns) = &sites[i];
+            slot_of[i] = area.slot(j);
+            let refused = |e: dynprobe_arch::native::RelocError| Error::Refused {
+                spec: spec_of(entries, returns),
+                message: e.to_string(),
+            };
+            let code = build_slot(&point.bytes, point.addr, slot_of[i], spans[i].1).map_err(refused)?;
+            // Where a thread that reached an instruction inside the run continues (one held
+            // there at attach, or returning there from a signal handler).
+            for (old, new) in relocate(&point.bytes, point.addr, slot_of[i]).map_err(refused)?.offsets {
+                if old > 0 {
+                    tracer.inside.insert(point.addr + u64::from(old), slot_of[i] + u64::from(new));
+                }
+            }
+            assert!(scratch::fits(&code), "a slot of {} bytes does not fit in {}", code.len(), scratch::SLOT_SIZE);
+            slots.push(code);
+        }
+        tracer.mem.write(area.base, &area.image(&slots)).map_err(|e| os(e, "writing the out-of-line slots"))?;
+        tracer.areas.push(area);
     }
-    let image = tracer.scratch.image(&slots);
-    tracer.mem.write(tracer.scratch.base, &image).map_err(|e| os(e, "writing the out-of-line slots"))?;
+
+    // The trampoline and the handler that outlives us (see `fallback`), installed as the
+    // SIGTRAP action before the first int3 is written.
+    let base = map_anywhere(tracer, tid, Fallback::len_for(sites.len()))?;
+    let mut fallback = Fallback::at(base, sites.len());
+    let addrs: Vec<u64> = sites.iter().map(|s| s.0.addr).collect();
+    let prots = fallback::page_protections(tracer.pid, &addrs);
+    let table: Vec<SiteEntry> = sites
+        .iter()
+        .zip(prots)
+        .enumerate()
+        .map(|(i, (s, prot))| SiteEntry { addr: s.0.addr, slot: slot_of[i], orig: s.0.bytes.clone(), prot })
+        .collect();
+    let code = fallback.code_image().map_err(|reason| Error::Scratch { reason })?;
+    let data = fallback.data_image(&table);
+    tracer.mem.write(fallback.code, &code).map_err(|e| os(e, "writing the fallback handler"))?;
+    tracer.mem.write(fallback.data, &data).map_err(|e| os(e, "writing the fallback handler's tables"))?;
+    let args = [
+        fallback.data,
+        fallback.len - (fallback.data - fallback.code),
+        (libc::PROT_READ | libc::PROT_WRITE) as u64,
+        0,
+        0,
+        0,
+    ];
+    tracer.syscall(tid, libc::SYS_mprotect, args).map_err(|e| os(e, "making the fallback's tables writable"))?;
+    let install = fallback.install_args();
+    tracer.fallback = Some(fallback);
+    tracer
+        .syscall(tid, libc::SYS_rt_sigaction, install)
+        .map_err(|e| os(e, "installing the fallback SIGTRAP handler"))?;
+    if let Some(f) = &mut tracer.fallback {
+        f.installed = true;
+    }
+
+    // A thread stopped inside a run goes to the same place in the slot.
+    let tids: Vec<i32> = tracer.threads.keys().copied().collect();
+    for tid in tids {
+        let Ok(mut regs) = dynprobe_remote::sys::get_regs(tid) else { continue };
+        if let Some(&to) = tracer.inside.get(&regs.rip) {
+            regs.rip = to;
+            dynprobe_remote::sys::set_regs(tid, &regs).map_err(|e| os(e, "moving a thread out of a probed run"))?;
+        }
+    }
     for (i, (point, entries, returns)) in sites.into_iter().enumerate() {
-        if let Err(e) = tracer.mem.replace(point.addr, &point.bytes[..1], &[INT3]) {
+        // The first byte first: from then on no thread enters the rest.
+        let traps = vec![INT3; point.bytes.len()];
+        let written = tracer
+            .mem
+            .replace(point.addr, &point.bytes[..1], &traps[..1])
+            .and_then(|()| tracer.mem.replace(point.addr + 1, &point.bytes[1..], &traps[1..]));
+        if let Err(e) = written {
             // Take back what is written, then refuse.
+            let _ = tracer.mem.replace(point.addr, &traps[..1], &point.bytes[..1]);
             for site in &tracer.sites {
-                let _ = tracer.mem.replace(site.addr, &[INT3], &[site.orig]);
+                site.restore(&tracer.mem).ok();
             }
             tracer.sites.clear();
             tracer.site_at.clear();
-            let spec = spec_text(entries.first().or(returns.first()).copied().unwrap_or(0));
+            tracer.inside.clear();
+            let _ = tracer.uninstall_fallback(tid);
+            let spec = spec_of(&entries, &returns);
             return Err(Error::Refused { spec, message: format!("cannot write the breakpoint: {e}") });
         }
         tracer.site_at.insert(point.addr, i);
-        tracer.sites.push(Site {
-            addr: point.addr,
-            orig: point.bytes[0],
-            slot: tracer.scratch.slot(i),
-            entries,
-            returns,
-        });
+        tracer.sites.push(Site { addr: point.addr, orig: point.bytes, slot: slot_of[i], entries, returns });
     }
-    raise_semaphores(tracer, specs, &semaphores)
+    raise_semaphores(tracer, tid, specs, &semaphores)
 }
 
 /// Raises the semaphore of every marker site that has one, the breakpoints being in (see
 /// the `marker` module). On a refusal everything placed is taken back: a marker that
 /// cannot fire is refused with the reason, never silently dead.
-fn raise_semaphores(tracer: &mut Tracer, specs: &[ProbeSpec], semaphores: &[(usize, u64)]) -> Result<(), Error> {
+fn raise_semaphores(
+    tracer: &mut Tracer,
+    tid: i32,
+    specs: &[ProbeSpec],
+    semaphores: &[(usize, u64)],
+) -> Result<(), Error> {
     for &(s, addr) in semaphores {
         if let Err(why) = marker::raise_semaphore(&tracer.mem, tracer.pid, addr) {
             tracer.lower_semaphores();
             for site in &tracer.sites {
-                let _ = tracer.mem.replace(site.addr, &[INT3], &[site.orig]);
+                site.restore(&tracer.mem).ok();
             }
             tracer.sites.clear();
             tracer.site_at.clear();
+            tracer.inside.clear();
+            let _ = tracer.uninstall_fallback(tid);
             let marker = match &specs[s].location {
                 dynprobe::spec::Target::Marker(marker) => marker.as_str(),
                 dynprobe::spec::Target::Code(_) => "?",
@@ -363,37 +456,48 @@ fn raise_semaphores(tracer: &mut Tracer, specs: &[ProbeSpec], semaphores: &[(usi
     Ok(())
 }
 
-/// Maps the scratch area within reach of `lo..hi`, making the `mmap` system call on a
-/// stopped thread of the target (every thread is stopped) at a `syscall` instruction of
-/// its own.
-fn map_scratch(tracer: &Tracer, slots: usize, lo: u64, hi: u64) -> Result<Scratch, Error> {
-    let len = Scratch::len_for(slots);
-    let tid = tracer
+/// A thread of the target stopped by us (every thread is, while placing), to make system
+/// calls on.
+fn stopped_thread(tracer: &Tracer) -> Result<i32, Error> {
+    tracer
         .threads
         .iter()
         .find(|(_, t)| t.state == State::Stopped { signal: 0 })
         .or_else(|| tracer.threads.iter().next())
         .map(|(&tid, _)| tid)
-        .ok_or_else(|| Error::Scratch { reason: "the process has no thread left".into() })?;
-    let insn = find_syscall_instruction(&tracer.mem).map_err(|e| Error::Scratch { reason: e.to_string() })?;
-    let syscall = |nr: i64, args| spawn::remote_syscall(tracer.pid, tid, insn, nr as u64, args);
+        .ok_or_else(|| Error::Scratch { reason: "the process has no thread left".into() })
+}
+
+/// Maps `len` bytes (read-execute) within reach of `lo..hi`, making the `mmap` system call
+/// on stopped thread `tid` at a `syscall` instruction of the target's own.
+fn map_near(tracer: &Tracer, tid: i32, len: u64, lo: u64, hi: u64) -> Result<SlotArea, Error> {
     let mut last = String::from("no candidate address");
     for hint in scratch::hints(lo, hi, len) {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
         let args = [hint, len, (libc::PROT_READ | libc::PROT_EXEC) as u64, flags as u64, u64::MAX, 0];
-        let ret = syscall(libc::SYS_mmap, args).map_err(|e| os(e, "making the mmap system call in the target"))?;
-        if (ret as i64) < 0 && (ret as i64) > -4096 {
-            last = io::Error::from_raw_os_error(-(ret as i64) as i32).to_string();
-            continue;
-        }
+        let ret = match tracer.syscall(tid, libc::SYS_mmap, args) {
+            Ok(ret) => ret,
+            Err(e) if e.raw_os_error().is_some() => {
+                last = e.to_string();
+                continue;
+            }
+            Err(e) => return Err(os(e, "making the mmap system call in the target")),
+        };
         if ret == hint {
-            return Ok(Scratch { base: ret, len });
+            return Ok(SlotArea { base: ret, len });
         }
         // An old kernel took the flag for a plain hint and put it elsewhere.
-        let _ = syscall(libc::SYS_munmap, [ret, len, 0, 0, 0, 0]);
+        let _ = tracer.syscall(tid, libc::SYS_munmap, [ret, len, 0, 0, 0, 0]);
         last = format!("the kernel placed the page at {ret:#x} instead of {hint:#x}");
     }
-    Err(Error::Scratch { reason: last })
+    Err(Error::Scratch { reason: format!("{last} (for the code at {lo:#x}..{hi:#x})") })
+}
+
+/// Maps `len` bytes (read-execute) wherever the kernel likes, on stopped thread `tid`.
+fn map_anywhere(tracer: &Tracer, tid: i32, len: u64) -> Result<u64, Error> {
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let args = [0, len, (libc::PROT_READ | libc::PROT_EXEC) as u64, flags, u64::MAX, 0];
+    tracer.syscall(tid, libc::SYS_mmap, args).map_err(|e| Error::Scratch { reason: e.to_string() })
 }
 
 #[cfg(test)]

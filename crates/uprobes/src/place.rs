@@ -5,7 +5,8 @@
 
 use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
 use dynprobe::{Location, ProbeError, RETURNS_TWICE};
-use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn};
+use dynprobe_arch::native::optimize::covered_run_of;
+use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 
 /// The longest x86-64 instruction.
@@ -16,11 +17,32 @@ const MAX_INSN_LEN: usize = 15;
 pub(crate) struct Point {
     /// Its address.
     pub addr: u64,
-    /// The instruction at `addr`.
-    pub insn: Insn,
-    /// The instruction's original bytes.
+    /// The original bytes of the run the breakpoint covers: the instruction, and the next
+    /// one too when the instruction is a single byte (see [`RUN`]).
     pub bytes: Vec<u8>,
+    /// The length of the probed instruction itself.
+    pub insn_len: usize,
 }
+
+impl Point {
+    /// Gives up the instructions after the first when another probe point is among them:
+    /// that one gets its own breakpoint.
+    pub fn yield_to(&mut self, others: &[u64]) {
+        let end = self.addr + self.bytes.len() as u64;
+        if others.iter().any(|&o| o > self.addr && o < end) {
+            self.bytes.truncate(self.insn_len);
+        }
+    }
+}
+
+/// The fewest bytes a breakpoint covers, all of them `int3`: a thread the tracer held at
+/// the first one when it died resumes at the second (the kernel drops the trap of a tracee
+/// whose tracer exits), traps again, and the fallback handler left in the target (see
+/// `crate::fallback`) sends it back to the probed instruction. A one-byte instruction
+/// (`push %rbx`) takes the next instruction with it, when the function's code shows that
+/// nothing jumps there (the checks of a jump-optimized probe's covered run); otherwise the
+/// run is that one byte, and a thread held there when the tracer dies would skip it.
+pub(crate) const RUN: usize = 2;
 
 /// Reads the target's memory: `addr`, `len` bytes, or an error naming what failed.
 pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>;
@@ -30,10 +52,15 @@ pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>
 pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<Point, String> {
     let (addr, function) = locate(table, spec)?;
     let unreadable = |e: String| format!("cannot read the code at {addr:#x}: {e}");
+    let mut run = 0;
     let insn = match function {
         Some((start, size)) if size > 0 => {
             let code = read(start, size as usize).map_err(unreadable)?;
-            instruction_at(&code, start, addr).map_err(|e| ProbeError::from(e).to_string())?
+            let insn = instruction_at(&code, start, addr).map_err(|e| ProbeError::from(e).to_string())?;
+            if insn.len < RUN {
+                run = covered_run_of(&code, start, addr, RUN).map_or(0, |r| r.len);
+            }
+            insn
         }
         // No known bounds (a raw address outside any sized function): the user vouches for
         // the boundary, as the agent's probe layer does.
@@ -42,15 +69,15 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
             decode_one(&code, addr).map_err(|e| ProbeError::from(e).to_string())?
         }
     };
-    let bytes = read(addr, insn.len).map_err(unreadable)?;
+    let bytes = read(addr, insn.len.max(run)).map_err(unreadable)?;
     if bytes.first() == Some(&dynprobe_arch::native::INT3) {
         return Err(format!(
             "the instruction at {addr:#x} is an int3 already (another debugger's breakpoint?); \
              detach that debugger first"
         ));
     }
-    check_out_of_line(&bytes, addr).map_err(|e| ProbeError::from(e).to_string())?;
-    Ok(Point { addr, insn, bytes })
+    check_out_of_line(&bytes[..insn.len], addr).map_err(|e| ProbeError::from(e).to_string())?;
+    Ok(Point { addr, bytes, insn_len: insn.len })
 }
 
 /// The probe address and the bounds of its function (start, size) when known.
@@ -132,6 +159,18 @@ pub(crate) fn lookup_address(table: &SymbolTable, name: &str) -> Result<u64, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_gives_way_to_another_probe_inside_it() {
+        // push %rbx; mov %rdi,%rbx: one run, unless the mov is probed too.
+        let point = Point { addr: 0x1000, bytes: vec![0x53, 0x48, 0x89, 0xfb], insn_len: 1 };
+        let mut alone = point.clone();
+        alone.yield_to(&[0x1000, 0x2000, 0x1004]);
+        assert_eq!(alone.bytes.len(), 4);
+        let mut shared = point;
+        shared.yield_to(&[0x1000, 0x1001]);
+        assert_eq!(shared.bytes, vec![0x53]);
+    }
 
     #[test]
     fn marker_specs_are_refused_with_the_reason() {

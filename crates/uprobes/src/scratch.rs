@@ -1,17 +1,17 @@
-//! The scratch pages the tracer maps into the target: the return trampoline and one
-//! out-of-line slot per probed instruction.
+//! The out-of-line slots the tracer maps into the target: one area per ±2 GiB region of
+//! probed code (an executable at `0x400000` and a library near the top of the address
+//! space are terabytes apart, and a slot's relocated RIP-relative operands and its jump back
+//! must reach both ways), each holding one slot per probed instruction of its region.
 //!
 //! ```text
-//! base + 0      int3              the return trampoline: hijacked returns land here
-//! base + 1..16  int3 ...          (filler: a stray jump traps instead of running garbage)
-//! base + 16     slot 0            relocated instruction; jmp back to the next original one
-//! base + 80     slot 1
-//! ...           int3 ...
+//! base + 0      slot 0            relocated instruction; jmp back to the next original one
+//! base + 64     slot 1
+//! ...           int3 ...          (filler: a stray jump traps instead of running garbage)
 //! ```
 //!
-//! The pages stay mapped after detaching: a thread may be inside a slot at that moment, and
-//! a return address the tracer could not restore (copied elsewhere by the program) may still
-//! point at the trampoline.
+//! The return trampoline and the fallback `SIGTRAP` handler live in the area of
+//! [`crate::fallback`], which needs no particular address. The areas stay mapped after
+//! detaching: a thread may be inside a slot at that moment.
 
 use dynprobe_arch::native::{rel32_reaches, INT3};
 
@@ -19,34 +19,30 @@ use dynprobe_arch::native::{rel32_reaches, INT3};
 /// push and a jump, about 25 bytes) plus the jump back (14 bytes when absolute).
 pub(crate) const SLOT_SIZE: u64 = 64;
 
-/// Where the first slot starts.
-const SLOTS_START: u64 = 16;
-
 const PAGE: u64 = 4096;
 
-/// The mapped scratch area.
+/// The widest span of probed code one area serves: half of rel32's reach, so that an area
+/// placed just outside the span still reaches all of it.
+pub(crate) const REGION_SPAN: u64 = 1 << 30;
+
+/// A mapped area of slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Scratch {
+pub(crate) struct SlotArea {
     /// First byte.
     pub base: u64,
     /// Length in bytes (whole pages).
     pub len: u64,
 }
 
-impl Scratch {
+impl SlotArea {
     /// The length needed for `slots` slots, in whole pages.
     pub fn len_for(slots: usize) -> u64 {
-        (SLOTS_START + slots as u64 * SLOT_SIZE).div_ceil(PAGE) * PAGE
-    }
-
-    /// Address of the return trampoline's `int3`.
-    pub fn trampoline(&self) -> u64 {
-        self.base
+        (slots as u64 * SLOT_SIZE).div_ceil(PAGE).max(1) * PAGE
     }
 
     /// Address of slot `index`.
     pub fn slot(&self, index: usize) -> u64 {
-        self.base + SLOTS_START + index as u64 * SLOT_SIZE
+        self.base + index as u64 * SLOT_SIZE
     }
 
     /// The area's whole contents, given each slot's code in order. Panics if a slot's code
@@ -59,6 +55,26 @@ impl Scratch {
         }
         image
     }
+}
+
+/// Groups probed instructions (`(start, end)` each, in any order) into regions no wider
+/// than [`REGION_SPAN`], each to get its own slot area: the indices of each group, by
+/// address.
+pub(crate) fn regions(spans: &[(u64, u64)]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&i| spans[i].0);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut lo = 0;
+    for i in order {
+        match groups.last_mut() {
+            Some(group) if spans[i].1 - lo <= REGION_SPAN => group.push(i),
+            _ => {
+                lo = spans[i].0;
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
 }
 
 /// Whether a slot's code fits its reserved space.
@@ -88,19 +104,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layout_puts_the_trampoline_first_and_slots_after() {
-        assert_eq!(Scratch::len_for(1), 4096);
-        assert_eq!(Scratch::len_for(63), 4096);
-        assert_eq!(Scratch::len_for(64), 8192);
-        let s = Scratch { base: 0x10000, len: 4096 };
-        assert_eq!(s.trampoline(), 0x10000);
-        assert_eq!(s.slot(0), 0x10010);
-        assert_eq!(s.slot(2), 0x10090);
+    fn slots_follow_each_other_in_whole_pages() {
+        assert_eq!(SlotArea::len_for(1), 4096);
+        assert_eq!(SlotArea::len_for(64), 4096);
+        assert_eq!(SlotArea::len_for(65), 8192);
+        let s = SlotArea { base: 0x10000, len: 4096 };
+        assert_eq!(s.slot(0), 0x10000);
+        assert_eq!(s.slot(2), 0x10080);
         let image = s.image(&[vec![0x90, 0xc3], vec![0x55]]);
         assert_eq!(image.len(), 4096);
-        assert_eq!(image[0], INT3);
-        assert_eq!(&image[0x10..0x13], &[0x90, 0xc3, INT3]);
-        assert_eq!(image[0x50], 0x55);
+        assert_eq!(&image[0..3], &[0x90, 0xc3, INT3]);
+        assert_eq!(image[0x40], 0x55);
+    }
+
+    #[test]
+    fn an_executable_and_a_library_get_a_region_each() {
+        let exe = (0x401000, 0x401005);
+        let libc = (0x7f12_3456_7000, 0x7f12_3456_7003);
+        let exe2 = (0x402000, 0x402004);
+        assert_eq!(regions(&[libc, exe, exe2]), vec![vec![1, 2], vec![0]]);
+        assert_eq!(regions(&[exe, (0x401000 + REGION_SPAN + 1, 0x401000 + REGION_SPAN + 3)]), vec![vec![0], vec![1]]);
+        assert!(regions(&[]).is_empty());
     }
 
     #[test]

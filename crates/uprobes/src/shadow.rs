@@ -22,6 +22,8 @@ pub(crate) struct Instance {
     pub entry_ns: u64,
     /// Values the return specs fetched at entry (their `$argN`...), per spec in order.
     pub values: Vec<u64>,
+    /// Its entry in the fallback's return table (see [`crate::fallback`]).
+    pub entry: usize,
 }
 
 /// The pending returns of one thread, innermost last.
@@ -38,9 +40,9 @@ pub(crate) const MAX_DEPTH: usize = 4096;
 impl ShadowStack {
     /// Records a hijacked call whose return address was at `instance.slot`. Instances at or
     /// below that address (deeper in a downward-growing stack) belong to frames that are no
-    /// longer live — the new frame reuses their stack — and are dropped; their count is
-    /// returned. Returns `Err(instance)` when the stack is full.
-    pub fn push(&mut self, instance: Instance) -> Result<usize, Instance> {
+    /// longer live — the new frame reuses their stack — and are dropped and returned.
+    /// Returns `Err(instance)` when the stack is full.
+    pub fn push(&mut self, instance: Instance) -> Result<Vec<Instance>, Instance> {
         let dropped = self.drop_below(instance.slot + 1);
         if self.frames.len() >= MAX_DEPTH {
             return Err(instance);
@@ -51,25 +53,22 @@ impl ShadowStack {
 
     /// The instance a thread reaching the trampoline with stack pointer `rsp` is returning
     /// from: the `ret` popped the address at `rsp - 8`. Instances deeper than that one were
-    /// abandoned and are dropped (their count is the second value). When no instance sits
+    /// abandoned and are dropped (the second value). When no instance sits
     /// exactly at `rsp - 8` (the stack was switched, as by `swapcontext`), the innermost one
     /// is used, as the kernel's kretprobes do.
-    pub fn pop(&mut self, rsp: u64) -> (Option<Instance>, usize) {
+    pub fn pop(&mut self, rsp: u64) -> (Option<Instance>, Vec<Instance>) {
         let slot = rsp.wrapping_sub(8);
         let dropped = match self.frames.iter().rposition(|f| f.slot == slot) {
-            Some(i) => self.frames.len() - 1 - i,
-            None => 0,
+            Some(i) => self.frames.split_off(i + 1),
+            None => Vec::new(),
         };
-        self.frames.truncate(self.frames.len() - dropped);
         (self.frames.pop(), dropped)
     }
 
     /// Drops every instance whose slot is below `limit` (deeper than the live frames).
-    fn drop_below(&mut self, limit: u64) -> usize {
+    fn drop_below(&mut self, limit: u64) -> Vec<Instance> {
         let keep = self.frames.iter().rposition(|f| f.slot >= limit).map_or(0, |i| i + 1);
-        let dropped = self.frames.len() - keep;
-        self.frames.truncate(keep);
-        dropped
+        self.frames.split_off(keep)
     }
 
     /// Every pending instance, outermost first.
@@ -77,9 +76,9 @@ impl ShadowStack {
         &self.frames
     }
 
-    /// Forgets every instance (after their return addresses were restored).
-    pub fn clear(&mut self) {
-        self.frames.clear();
+    /// Forgets every instance (after their return addresses were restored), returning them.
+    pub fn take(&mut self) -> Vec<Instance> {
+        std::mem::take(&mut self.frames)
     }
 }
 
@@ -88,17 +87,17 @@ mod tests {
     use super::*;
 
     fn inst(slot: u64, ret_addr: u64) -> Instance {
-        Instance { slot, ret_addr, site: 0, entry_ns: 0, values: Vec::new() }
+        Instance { slot, ret_addr, site: 0, entry_ns: 0, values: Vec::new(), entry: 0 }
     }
 
     #[test]
     fn nested_calls_return_innermost_first() {
         let mut s = ShadowStack::default();
-        assert_eq!(s.push(inst(0x1000, 1)), Ok(0));
-        assert_eq!(s.push(inst(0xf00, 2)), Ok(0));
-        assert_eq!(s.pop(0xf08), (Some(inst(0xf00, 2)), 0));
-        assert_eq!(s.pop(0x1008), (Some(inst(0x1000, 1)), 0));
-        assert_eq!(s.pop(0x1008), (None, 0));
+        assert_eq!(s.push(inst(0x1000, 1)), Ok(vec![]));
+        assert_eq!(s.push(inst(0xf00, 2)), Ok(vec![]));
+        assert_eq!(s.pop(0xf08), (Some(inst(0xf00, 2)), vec![]));
+        assert_eq!(s.pop(0x1008), (Some(inst(0x1000, 1)), vec![]));
+        assert_eq!(s.pop(0x1008), (None, vec![]));
     }
 
     #[test]
@@ -108,7 +107,7 @@ mod tests {
         s.push(inst(0xf00, 2)).unwrap();
         s.push(inst(0xe00, 3)).unwrap();
         // The two inner frames were abandoned; the outer one returns.
-        assert_eq!(s.pop(0x1008), (Some(inst(0x1000, 1)), 2));
+        assert_eq!(s.pop(0x1008), (Some(inst(0x1000, 1)), vec![inst(0xf00, 2), inst(0xe00, 3)]));
         assert!(s.frames().is_empty());
     }
 
@@ -119,9 +118,9 @@ mod tests {
         s.push(inst(0xf00, 2)).unwrap();
         // longjmp back to the outer function, which calls again: same slot as before, or a
         // higher one.
-        assert_eq!(s.push(inst(0xf00, 4)), Ok(1));
+        assert_eq!(s.push(inst(0xf00, 4)), Ok(vec![inst(0xf00, 2)]));
         assert_eq!(s.frames(), &[inst(0x1000, 1), inst(0xf00, 4)]);
-        assert_eq!(s.push(inst(0xff0, 5)), Ok(1));
+        assert_eq!(s.push(inst(0xff0, 5)), Ok(vec![inst(0xf00, 4)]));
         assert_eq!(s.frames(), &[inst(0x1000, 1), inst(0xff0, 5)]);
     }
 
@@ -131,7 +130,7 @@ mod tests {
         s.push(inst(0x1000, 1)).unwrap();
         s.push(inst(0xf00, 2)).unwrap();
         // A return on another stack matches no slot: nothing is dropped.
-        assert_eq!(s.pop(0x9_0000), (Some(inst(0xf00, 2)), 0));
+        assert_eq!(s.pop(0x9_0000), (Some(inst(0xf00, 2)), vec![]));
         assert_eq!(s.frames(), &[inst(0x1000, 1)]);
     }
 

@@ -8,7 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use dynprobe::spec::ProbeSpec;
-use dynprobe_remote::{sys, Options, Regs};
+use dynprobe_arch::native::INT3;
+use dynprobe_remote::{sys, Memory, Options, Regs};
 
 use crate::{Error, Outcome, Target};
 
@@ -82,6 +83,70 @@ pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
     Err(spawn_error(io::Error::other(format!("it did not stop at its exec (wait status {status:#x})"))))
 }
 
+/// `AT_ENTRY` of the auxiliary vector (`<elf.h>`): the executable's entry point.
+const AT_ENTRY: u64 = 9;
+
+/// Runs a program stopped at its exec stop on to its own entry point (`AT_ENTRY`, read from
+/// `/proc/PID/auxv`), where the dynamic loader has mapped every library it needs (its
+/// `DT_NEEDED`s) and run nothing of the program yet: probes on `libc` can be placed then.
+/// A static program is at its entry already. On the way, signals are delivered as they
+/// come; the temporary `int3` at the entry is taken back before returning.
+pub(crate) fn run_to_entry(pid: i32, program: &str) -> Result<(), Error> {
+    let failed = |what: &str, error: io::Error| Error::Spawn {
+        program: program.to_string(),
+        error: io::Error::other(format!("{what}: {error}")),
+    };
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| failed("reading its auxiliary vector", e))?;
+    let entry = auxv
+        .chunks_exact(16)
+        .map(|pair| {
+            (
+                u64::from_le_bytes(pair[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(pair[8..].try_into().expect("8 bytes")),
+            )
+        })
+        .find(|&(key, _)| key == AT_ENTRY)
+        .map(|(_, value)| value)
+        .ok_or_else(|| failed("reading its auxiliary vector", io::Error::other("no AT_ENTRY")))?;
+    let regs = sys::get_regs(pid).map_err(|e| failed("reading its registers", e))?;
+    if regs.rip == entry {
+        return Ok(());
+    }
+    let mem = Memory::open(pid).map_err(|e| failed("opening its memory", e))?;
+    let orig = mem.read_vec(entry, 1).map_err(|e| failed("reading its entry point", e))?;
+    mem.replace(entry, &orig, &[INT3]).map_err(|e| failed("writing a breakpoint at its entry point", e))?;
+    let mut signal = 0;
+    let reached = loop {
+        if let Err(e) = sys::cont(pid, signal) {
+            break Err(failed("resuming it", e));
+        }
+        let status = match sys::wait_thread(pid) {
+            Ok(status) => status,
+            Err(e) => break Err(failed("waiting for it", e)),
+        };
+        if !libc::WIFSTOPPED(status) {
+            // Its loader failed (a missing library): it ended before its first instruction.
+            let how = match libc::WIFEXITED(status) {
+                true => format!("exited with status {}", libc::WEXITSTATUS(status)),
+                false => format!("was killed by signal {}", libc::WTERMSIG(status)),
+            };
+            return Err(Error::Spawn {
+                program: program.to_string(),
+                error: io::Error::other(format!("it {how} before reaching its entry point")),
+            });
+        }
+        signal = if status >> 16 == 0 { libc::WSTOPSIG(status) } else { 0 };
+        if signal == libc::SIGTRAP && sys::get_regs(pid).is_ok_and(|r| r.rip == entry + 1) {
+            break Ok(());
+        }
+    };
+    mem.replace(entry, &[INT3], &orig).map_err(|e| failed("taking back the breakpoint at its entry point", e))?;
+    reached?;
+    let mut regs = sys::get_regs(pid).map_err(|e| failed("reading its registers", e))?;
+    regs.rip = entry;
+    sys::set_regs(pid, &regs).map_err(|e| failed("setting its registers", e))
+}
+
 fn pipe() -> io::Result<[RawFd; 2]> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array for pipe2 to fill.
@@ -113,7 +178,19 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
     (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
     // Not inside a system call any more: no restart logic on resuming.
     regs.orig_rax = u64::MAX;
+    // The step's trap is a forced SIGTRAP, and the kernel resets the action of a forced
+    // signal the thread blocks to the default (`force_sig_info_to_task`, kernel/signal.c):
+    // stepping a thread inside a SIGTRAP handler would take the program's handler (or our
+    // fallback) away. So SIGTRAP is unblocked for the step and blocked again after.
+    let mask = sig_mask(tid)?;
+    let trap_bit = 1u64 << (libc::SIGTRAP - 1);
+    if mask & trap_bit != 0 {
+        set_sig_mask(tid, mask & !trap_bit)?;
+    }
     let result = step_over_syscall(tid, &regs);
+    if mask & trap_bit != 0 {
+        let _ = set_sig_mask(tid, mask);
+    }
     let restored = sys::set_regs(tid, &saved);
     let (value, signals) = result?;
     restored?;
@@ -123,6 +200,31 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
         let _ = sys::tgkill(pid, tid, signal);
     }
     Ok(value)
+}
+
+/// `PTRACE_GETSIGMASK` and `PTRACE_SETSIGMASK` (`<linux/ptrace.h>`, since Linux 3.11).
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+
+/// The blocked-signal mask of stopped thread `tid` (bit `n - 1` for signal `n`).
+fn sig_mask(tid: i32) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
+    let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mask)
+}
+
+/// Sets the blocked-signal mask of stopped thread `tid`.
+fn set_sig_mask(tid: i32, mask: u64) -> io::Result<()> {
+    // SAFETY: the kernel reads 8 bytes (the size passed) from `mask`.
+    let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sets `regs` (at a `syscall` instruction) and single-steps until the instruction has run

@@ -4,8 +4,11 @@
 //! registers, write the event line, point `rip` at the site's out-of-line slot (the original
 //! instruction relocated, then a jump back: "boosted", so no single-step) and resume it with
 //! the signal suppressed. A return probe's entry also swaps the return address at `[rsp]`
-//! for the scratch page's trampoline `int3`, whose hit writes the return event and resumes
+//! for the fallback page's trampoline `int3`, whose hit writes the return event and resumes
 //! the thread at the original return address.
+//!
+//! A `SIGTRAP` that is not ours is delivered under the program's own action, which the
+//! fallback handler stands in for while probes are placed (see [`crate::fallback`]).
 //!
 //! Every other stop is passed through: a foreign `SIGTRAP` and any other signal are
 //! delivered unchanged; a group-stop (`SIGSTOP`, `SIGTSTP`...) is left in effect with
@@ -22,9 +25,11 @@ use dynprobe_arch::native::INT3;
 use dynprobe_remote::{sys, thread_signal_pending, Memory, Regs as UserRegs};
 
 use crate::control::Control;
+use crate::fallback::Fallback;
 use crate::output::Output;
-use crate::scratch::Scratch;
+use crate::scratch::SlotArea;
 use crate::shadow::{Instance, ShadowStack};
+use crate::spawn::remote_syscall;
 use crate::{Error, ExitInfo, Outcome};
 
 /// `si_code` of a `SIGTRAP` raised by an `int3` (the kernel's `SI_KERNEL`).
@@ -35,14 +40,24 @@ const SI_KERNEL: i32 = 0x80;
 pub(crate) struct Site {
     /// The probed instruction's address.
     pub addr: u64,
-    /// The byte our `int3` replaced.
-    pub orig: u8,
+    /// The bytes our `int3`s replaced: the run (see `place::RUN`).
+    pub orig: Vec<u8>,
     /// The out-of-line slot.
     pub slot: u64,
     /// Indices of the entry (`p`) probes here.
     pub entries: Vec<usize>,
     /// Indices of the return (`r`) probes here.
     pub returns: Vec<usize>,
+}
+
+impl Site {
+    /// Puts the original bytes back where our `int3`s still are: the rest of the run first,
+    /// then its first byte, so that no thread enters a half-restored run.
+    pub fn restore(&self, mem: &Memory) -> io::Result<()> {
+        let traps = vec![INT3; self.orig.len()];
+        mem.replace(self.addr + 1, &traps[1..], &self.orig[1..])?;
+        mem.replace(self.addr, &traps[..1], &self.orig[..1])
+    }
 }
 
 /// What a traced thread is doing, as far as we know.
@@ -119,7 +134,17 @@ pub(crate) struct Tracer {
     pub formats: Vec<EventFormat>,
     pub sites: Vec<Site>,
     pub site_at: HashMap<u64, usize>,
-    pub scratch: Scratch,
+    /// Instructions inside a site's run past its first, and where they are in the slot.
+    pub inside: HashMap<u64, u64>,
+    /// The slot areas, one per region of probed code.
+    pub areas: Vec<SlotArea>,
+    /// The trampoline and the in-target `SIGTRAP` handler, once mapped.
+    pub fallback: Option<Fallback>,
+    /// A `syscall` instruction of the target's, for system calls made on its threads.
+    pub syscall_insn: u64,
+    /// Wait statuses consumed outside the main loop (a thread that died while we stepped
+    /// it), handled before the next `waitpid`.
+    deferred: Vec<(i32, i32)>,
     pub threads: HashMap<i32, Thread>,
     pub out: Output,
     pub target: ProcMemory,
@@ -139,7 +164,11 @@ impl Tracer {
             formats: Vec::new(),
             sites: Vec::new(),
             site_at: HashMap::new(),
-            scratch: Scratch { base: 0, len: 0 },
+            inside: HashMap::new(),
+            areas: Vec::new(),
+            fallback: None,
+            syscall_insn: 0,
+            deferred: Vec::new(),
             threads,
             out,
             target: ProcMemory { pid },
@@ -157,7 +186,11 @@ impl Tracer {
                 self.detach_all()?;
                 return Ok(Outcome::Detached);
             }
-            let event = match sys::waitpid(-1, true) {
+            let event = match self.deferred.pop() {
+                Some(stop) => Ok(Some(stop)),
+                None => sys::waitpid(-1, true),
+            };
+            let event = match event {
                 Ok(None) => {
                     // Nothing pending: the moment to write out the batch, then block.
                     self.out.flush();
@@ -185,7 +218,11 @@ impl Tracer {
     /// Handles one `waitpid` report of thread `tid`.
     pub fn handle(&mut self, tid: i32, status: i32, mode: Mode) -> Result<Flow, Error> {
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            self.threads.remove(&tid);
+            if let Some(mut thread) = self.threads.remove(&tid) {
+                // Its stack is gone: only the table entries are freed.
+                let frames = thread.shadow.take();
+                self.free_returns(&frames);
+            }
             if tid == self.pid {
                 // The leader is reported last, once every other thread is gone.
                 self.threads.clear();
@@ -251,9 +288,98 @@ impl Tracer {
     }
 
     fn resume(&mut self, tid: i32, signal: i32) {
-        // ESRCH: the thread died meanwhile (killed with its process); its exit report follows.
-        let _ = sys::cont(tid, signal);
+        if signal == libc::SIGTRAP && self.fallback.as_ref().is_some_and(|f| f.installed) {
+            self.deliver_foreign_trap(tid);
+        } else {
+            // ESRCH: the thread died meanwhile (killed with its process); its exit report follows.
+            let _ = sys::cont(tid, signal);
+        }
         self.set_state(tid, State::Running);
+    }
+
+    /// Makes system call `nr` on stopped thread `tid` (see [`remote_syscall`]).
+    pub fn syscall(&self, tid: i32, nr: i64, args: [u64; 6]) -> io::Result<u64> {
+        let ret = remote_syscall(self.pid, tid, self.syscall_insn, nr as u64, args)?;
+        if (ret as i64) < 0 && (ret as i64) > -4096 {
+            return Err(io::Error::from_raw_os_error(-(ret as i64) as i32));
+        }
+        Ok(ret)
+    }
+
+    /// Delivers the `SIGTRAP` thread `tid` is stopped with, which is not ours, under the
+    /// program's own action rather than the fallback handler standing in for it: that
+    /// action is put back, the signal delivered with a single step — the kernel stops the
+    /// thread again as soon as the handler's frame is set up (`signal_setup_done` in
+    /// `kernel/signal.c` reports a stepping thread) — and our handler installed again. A
+    /// program without a handler of its own dies of the signal, as it would untraced.
+    fn deliver_foreign_trap(&mut self, tid: i32) {
+        let info = sys::get_siginfo(tid);
+        if info.is_err() || self.program_action_back(tid).is_err() {
+            // The thread is gone (its exit report follows), or the action cannot be
+            // changed: deliver it as it is.
+            let _ = sys::cont(tid, libc::SIGTRAP);
+            return;
+        }
+        let Some(fallback) = &self.fallback else { return };
+        let reinstall = fallback.reinstall_args();
+        let info = info.expect("checked above");
+        let _ = sys::set_siginfo(tid, &info);
+        let mut signal = libc::SIGTRAP;
+        let mut held = Vec::new();
+        loop {
+            if sys::single_step(tid, signal).is_err() {
+                return;
+            }
+            signal = 0;
+            let Ok(status) = sys::wait_thread(tid) else { return };
+            if !libc::WIFSTOPPED(status) {
+                // It died of it (the default action): the main loop hears of it.
+                self.deferred.push((tid, status));
+                return;
+            }
+            let sig = libc::WSTOPSIG(status);
+            if status >> 16 == 0 && sig != libc::SIGTRAP {
+                held.push(sig);
+                continue;
+            }
+            break;
+        }
+        let _ = self.syscall(tid, libc::SYS_rt_sigaction, reinstall);
+        for sig in held {
+            let _ = sys::tgkill(self.pid, tid, sig);
+        }
+        let _ = sys::cont(tid, 0);
+    }
+
+    /// Makes the program's own `SIGTRAP` action the current one, on stopped thread `tid`:
+    /// the saved one while ours is installed, or the one the program installed over ours
+    /// since — which becomes the saved one, put back at detach.
+    fn program_action_back(&mut self, tid: i32) -> io::Result<()> {
+        let Some(fallback) = &self.fallback else { return Ok(()) };
+        let (query, restore, ours) = (fallback.query_args(), fallback.restore_saved_args(), fallback.handler());
+        let (saved, current) = fallback.saved_and_replaced();
+        self.syscall(tid, libc::SYS_rt_sigaction, query)?;
+        if self.mem.read_u64(current)? == ours {
+            self.syscall(tid, libc::SYS_rt_sigaction, restore)?;
+        } else {
+            let action = self.mem.read_vec(current, 32)?;
+            self.mem.write(saved, &action)?;
+        }
+        Ok(())
+    }
+
+    /// The return trampoline's address, once mapped.
+    fn trampoline(&self) -> Option<u64> {
+        self.fallback.as_ref().map(Fallback::trampoline)
+    }
+
+    /// Frees the return-table entries of `frames` in the target and here.
+    fn free_returns(&mut self, frames: &[Instance]) {
+        let Some(fallback) = &mut self.fallback else { return };
+        for frame in frames {
+            let _ = self.mem.write(fallback.return_entry(frame.entry), &0u64.to_le_bytes());
+            fallback.give_back_return(frame.entry);
+        }
     }
 
     /// Whether thread `tid`, stopped, sits just after one of our `int3`s with a `SIGTRAP`
@@ -261,7 +387,7 @@ impl Tracer {
     fn trap_pending(&self, tid: i32) -> bool {
         let Ok(regs) = sys::get_regs(tid) else { return false };
         let at = regs.rip.wrapping_sub(1);
-        (self.site_at.contains_key(&at) || (self.scratch.len > 0 && at == self.scratch.trampoline()))
+        (self.site_at.contains_key(&at) || self.inside.contains_key(&at) || self.trampoline() == Some(at))
             && thread_signal_pending(self.pid, tid, libc::SIGTRAP)
     }
 
@@ -270,8 +396,9 @@ impl Tracer {
         let mut regs = sys::get_regs(tid).map_err(|e| os(e, "reading a thread's registers"))?;
         let at = regs.rip.wrapping_sub(1);
         let ours = self.site_at.get(&at).copied();
-        let trampoline = self.scratch.len > 0 && at == self.scratch.trampoline();
-        if ours.is_none() && !trampoline {
+        let trampoline = self.trampoline() == Some(at);
+        let inside = self.inside.get(&at).copied();
+        if ours.is_none() && !trampoline && inside.is_none() {
             return Ok(false);
         }
         if sys::get_siginfo(tid).map_err(|e| os(e, "reading a thread's signal"))?.si_code != SI_KERNEL {
@@ -279,12 +406,23 @@ impl Tracer {
             return Ok(false);
         }
         let now = monotonic_ns();
-        if let Some(index) = ours {
+        let mut returned = None;
+        if let Some(to) = inside {
+            // A thread that got inside a run without passing its first byte (back from a
+            // signal handler that interrupted it there): on in the slot.
+            regs.rip = to;
+        } else if let Some(index) = ours {
             self.on_site_hit(tid, index, &mut regs, now);
-        } else if !self.on_return(tid, &mut regs, now) {
-            return Ok(false);
+        } else {
+            returned = self.on_return(tid, &mut regs, now);
+            if returned.is_none() {
+                return Ok(false);
+            }
         }
         sys::set_regs(tid, &regs).map_err(|e| os(e, "setting a thread's registers"))?;
+        // Only now: should we die before the thread left the trampoline, the fallback
+        // handler still finds where it returns to.
+        self.free_returns(returned.as_slice());
         Ok(true)
     }
 
@@ -321,32 +459,56 @@ impl Tracer {
             self.info.missed_returns += 1;
             return;
         };
-        let instance = Instance { slot: regs.rsp, ret_addr, site: index, entry_ns: now, values };
+        // The fallback's table learns the original first: if we die after the swap, the
+        // target's own handler finds it there.
+        let Some(fallback) = &mut self.fallback else { return };
+        let trampoline = fallback.trampoline().to_le_bytes();
+        let Some(entry) = fallback.take_return() else {
+            self.info.missed_returns += 1;
+            return;
+        };
+        let mut record = [0u8; 16];
+        record[..8].copy_from_slice(&regs.rsp.to_le_bytes());
+        record[8..].copy_from_slice(&ret_addr.to_le_bytes());
+        if self.mem.write(fallback.return_entry(entry), &record).is_err() {
+            fallback.give_back_return(entry);
+            self.info.missed_returns += 1;
+            return;
+        }
+        let instance = Instance { slot: regs.rsp, ret_addr, site: index, entry_ns: now, values, entry };
         let Some(thread) = self.threads.get_mut(&tid) else { return };
-        match thread.shadow.push(instance) {
+        let dropped = match thread.shadow.push(instance) {
             Ok(dropped) => {
-                self.info.abandoned_returns += dropped as u64;
-                let trampoline = self.scratch.trampoline().to_le_bytes();
+                self.info.abandoned_returns += dropped.len() as u64;
                 if self.mem.write(regs.rsp, &trampoline).is_err() {
                     // The stack is not writable?! Forget the instance: no return event.
-                    thread.shadow.pop(regs.rsp + 8);
+                    let (instance, _) = thread.shadow.pop(regs.rsp + 8);
                     self.info.missed_returns += 1;
+                    dropped.into_iter().chain(instance).collect()
+                } else {
+                    dropped
                 }
             }
-            Err(_) => self.info.missed_returns += 1,
-        }
+            Err(instance) => {
+                self.info.missed_returns += 1;
+                vec![instance]
+            }
+        };
+        self.free_returns(&dropped);
     }
 
     /// The trampoline's `int3`: the return events, and `rip` back at the original return
-    /// address. False if the thread has no instance (it cannot be ours).
-    fn on_return(&mut self, tid: i32, user: &mut UserRegs, now: u64) -> bool {
-        let Some(thread) = self.threads.get_mut(&tid) else { return false };
+    /// address. Returns the instance, whose table entry the caller frees once `rip` is set;
+    /// `None` if the thread has none (the trap cannot be ours).
+    fn on_return(&mut self, tid: i32, user: &mut UserRegs, now: u64) -> Option<Instance> {
+        let thread = self.threads.get_mut(&tid)?;
         let (instance, dropped) = thread.shadow.pop(user.rsp);
-        self.info.abandoned_returns += dropped as u64;
-        let Some(instance) = instance else { return false };
+        self.info.abandoned_returns += dropped.len() as u64;
+        self.free_returns(&dropped);
+        let instance = instance?;
         self.write_return_events(tid, user, &instance, now);
         user.rip = instance.ret_addr;
-        true
+        Some(instance)
     }
 
     fn write_return_events(&mut self, tid: i32, user: &UserRegs, instance: &Instance, now: u64) {
@@ -419,7 +581,7 @@ impl Tracer {
 
     /// Detaches cleanly: every thread stopped, every byte restored, every hijacked return
     /// address put back, threads on the trampoline sent on, then `PTRACE_DETACH` with each
-    /// thread's pending signal. The scratch pages stay mapped.
+    /// thread's pending signal. The slot areas and the fallback page stay mapped.
     pub fn detach_all(&mut self) -> Result<(), Error> {
         match self.stop_all()? {
             None => {}
@@ -431,15 +593,21 @@ impl Tracer {
         }
         let mut failures = self.lower_semaphores();
         for site in &self.sites {
-            if let Err(e) = self.mem.replace(site.addr, &[INT3], &[site.orig]) {
+            if let Err(e) = site.restore(&self.mem) {
                 failures.push(format!("restoring {:#x}: {e}", site.addr));
             }
         }
         self.sites.clear();
         self.site_at.clear();
+        self.inside.clear();
         let tids: Vec<i32> = self.threads.keys().copied().collect();
-        for tid in tids {
+        for &tid in &tids {
             if let Err(e) = self.release_returns(tid) {
+                failures.push(e);
+            }
+        }
+        if let Some(&tid) = tids.first() {
+            if let Err(e) = self.uninstall_fallback(tid) {
                 failures.push(e);
             }
         }
@@ -468,13 +636,14 @@ impl Tracer {
     /// Puts back every return address of `tid` still pointing at the trampoline, and sends
     /// the thread on if it stands on the trampoline itself.
     fn release_returns(&mut self, tid: i32) -> Result<(), String> {
-        let trampoline = self.scratch.trampoline();
+        let Some(trampoline) = self.trampoline() else { return Ok(()) };
         let Ok(mut regs) = sys::get_regs(tid) else { return Ok(()) };
-        if self.scratch.len > 0 && regs.rip == trampoline {
+        if regs.rip == trampoline {
             // It returned into the trampoline but has not trapped yet.
             let now = monotonic_ns();
-            if self.on_return(tid, &mut regs, now) {
+            if let Some(instance) = self.on_return(tid, &mut regs, now) {
                 sys::set_regs(tid, &regs).map_err(|e| format!("moving thread {tid} off the trampoline: {e}"))?;
+                self.free_returns(&[instance]);
             }
         }
         let Some(thread) = self.threads.get_mut(&tid) else { return Ok(()) };
@@ -488,14 +657,36 @@ impl Tracer {
                 }
             }
         }
-        thread.shadow.clear();
+        let frames = thread.shadow.take();
+        self.free_returns(&frames);
         result
+    }
+
+    /// Puts the program's own `SIGTRAP` action back, making the system call on stopped
+    /// thread `tid` — unless the program installed an action of its own meanwhile, which
+    /// stays.
+    pub fn uninstall_fallback(&mut self, tid: i32) -> Result<(), String> {
+        let Some(fallback) = &self.fallback else { return Ok(()) };
+        if !fallback.installed {
+            return Ok(());
+        }
+        let (ours, replaced) = (fallback.handler(), fallback.replaced_handler_addr());
+        let (uninstall, reinstate) = (fallback.uninstall_args(), fallback.reinstate_replaced_args());
+        let failed = |e: io::Error| format!("putting the program's SIGTRAP action back: {e}");
+        self.syscall(tid, libc::SYS_rt_sigaction, uninstall).map_err(failed)?;
+        if let Some(f) = &mut self.fallback {
+            f.installed = false;
+        }
+        if self.mem.read_u64(replaced).map_err(failed)? != ours {
+            self.syscall(tid, libc::SYS_rt_sigaction, reinstate).map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// After an `exec`: the old image (and every byte we wrote) is gone; detach the thread
     /// that remains.
     pub fn exec_detach(&mut self) {
-        self.out.line(b"!detached the program executed a new image, which has none of the probes\n");
+        self.out.line(format!("!detached {}\n", crate::EXEC_NOTE).as_bytes());
         // The semaphores went with the old image too.
         self.semaphores.clear();
         for &tid in self.threads.keys() {

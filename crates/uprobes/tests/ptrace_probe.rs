@@ -328,3 +328,133 @@ fn a_usdt_semaphore_is_raised_while_attached_and_lowered_at_detach() {
     drop(stdin);
     assert!(child.wait().unwrap().success());
 }
+
+/// The first bytes of `symbol` in process `pid` (the target is static and not PIE: its
+/// addresses are `nm`'s).
+fn code(pid: i32, symbol: &str) -> Vec<u8> {
+    let out = Command::new("nm").arg(target()).output().expect("run nm (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.ends_with(&format!(" T {symbol}"))).expect("the symbol in nm's list");
+    let addr = u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut bytes = vec![0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
+    bytes
+}
+
+/// Polls until `mix` and `fold` of `pid` hold `before` again (the fallback handler left in
+/// the target restores them at its first trap half a second after the tracer's death).
+fn wait_restored(pid: i32, before: &[Vec<u8>; 2]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let now = || [code(pid, "mix"), code(pid, "fold")];
+    while &now() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(&now(), before, "the probed bytes were not restored after the tracer died");
+}
+
+/// Kills the tracer with SIGKILL once `lines` hit lines came, with hits in flight.
+fn kill_after(mut tracer: Tracer, lines: usize) {
+    for _ in 0..lines {
+        let line = tracer.line().expect("events");
+        assert!(!line.starts_with('!'), "{line}");
+    }
+    tracer.child.kill().unwrap();
+    tracer.child.wait().unwrap();
+}
+
+/// `checksum=… signals=… calls=…` of a run whose tracer was killed equals the unprobed
+/// one's, but for SIGUSR1s the tracer held at that moment: the kernel drops the signal of a
+/// signal-delivery-stop whose tracer dies (at most one per thread).
+fn assert_same_run(got: &str, reference: &str, threads: u64) {
+    let field = |line: &str, name: &str| -> u64 {
+        let value = line.split(' ').find_map(|w| w.strip_prefix(name)).unwrap_or_else(|| panic!("{line:?}"));
+        u64::from_str_radix(value, if name == "checksum=" { 16 } else { 10 }).unwrap()
+    };
+    assert_eq!(field(got, "checksum="), field(reference, "checksum="), "{got} vs {reference}");
+    assert_eq!(field(got, "calls="), field(reference, "calls="), "{got} vs {reference}");
+    let (signals, expected) = (field(got, "signals="), field(reference, "signals="));
+    assert!(signals <= expected && signals + threads >= expected, "{got} vs {reference}");
+}
+
+/// The original first bytes of `mix` and `fold`, from a run nobody probes.
+fn original_code() -> [Vec<u8>; 2] {
+    let mut program = Program::start(1, 1, 1);
+    let code = [code(program.pid, "mix"), code(program.pid, "fold")];
+    program.go();
+    program.finish();
+    code
+}
+
+#[test]
+fn killing_the_tracer_leaves_an_attached_program_running_with_its_original_code() {
+    let (threads, rounds) = (4, 32000);
+    let reference = unprobed(threads, rounds, 2);
+    let mut program = Program::start(threads, rounds, 2);
+    let before = [code(program.pid, "mix"), code(program.pid, "fold")];
+    let mut tracer = Tracer::attach(program.pid, &SPECS);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 4"));
+    assert_ne!(code(program.pid, "mix"), before[0], "mix is not patched");
+    program.go();
+    kill_after(tracer, 400);
+    wait_restored(program.pid, &before);
+    assert_same_run(&program.finish(), &reference, threads);
+}
+
+#[test]
+fn killing_the_tracer_leaves_a_started_program_running_with_its_original_code() {
+    let (threads, rounds) = (4, 32000);
+    let out = scratch().join("killed-tracer.txt");
+    let _ = std::fs::remove_file(&out);
+    let reference = unprobed(threads, rounds, 0);
+    let mut args: Vec<&str> = SPECS.to_vec();
+    let (t, r) = (threads.to_string(), rounds.to_string());
+    args.extend(["--", target().to_str().unwrap(), &t, &r, "3", out.to_str().unwrap()]);
+    let mut tracer = Tracer::start(&args);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 4"));
+    // The program is the tracer's child.
+    let tracer_pid = tracer.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{tracer_pid}/task/{tracer_pid}/children")).unwrap();
+    let pid: i32 = children.split_whitespace().next().expect("the started program").parse().unwrap();
+    let before = original_code();
+    assert_ne!(code(pid, "mix"), before[0], "mix is not patched");
+    kill_after(tracer, 400);
+    wait_restored(pid, &before);
+    // It is not our child: its result file tells when it is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_same_run(std::fs::read_to_string(&out).unwrap_or_default().trim(), &reference, threads);
+}
+
+fn traps_target() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("tests/targets/static_traps.c", "static_traps"))
+}
+
+#[test]
+fn the_programs_own_traps_reach_its_own_handler_while_probed() {
+    let target = traps_target().to_str().unwrap();
+    let plain = Command::new(target).arg("200").output().unwrap();
+    let reference = String::from_utf8(plain.stdout).unwrap();
+    assert!(reference.starts_with("traps=40 bad=0 "), "{reference}");
+    let tracer = Tracer::start(&["p:work i=$arg1", "r:work r=$retval", "--", target, "200"]);
+    let child = tracer.child.id();
+    let (lines, ok) = tracer.rest();
+    assert!(ok, "tracer {child} failed: {lines:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    // The program shares the tracer's stdout: its own line is among the events.
+    assert!(lines.contains(&reference.trim().to_string()), "every trap handled by the program: {lines:?}");
+    assert_eq!(hits(&lines, "work").len(), 200);
+    assert_eq!(hits(&lines, "work__return").len(), 200);
+}
+
+#[test]
+fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
+    let target = traps_target().to_str().unwrap();
+    let tracer = Tracer::start(&["p:work", "--", target, "200", "nohandler"]);
+    let (lines, _) = tracer.rest();
+    assert_eq!(lines.last().map(String::as_str), Some("!killed 5"), "{lines:?}");
+    assert_eq!(hits(&lines, "work").len(), 10, "it died at its first int3, after 10 calls");
+}

@@ -8,6 +8,8 @@
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`trampoline`]: the code a return probe's trampoline runs.
 //! * [`ftrace`]: the code a traced function's entry site calls.
+//! * [`trap_fallback`]: the `SIGTRAP` handler a ptrace tracer leaves in its target, which
+//!   restores the original bytes if the tracer dies.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
 pub mod classify;
@@ -18,6 +20,7 @@ pub mod ftrace;
 pub mod optimize;
 pub mod relocate;
 pub mod trampoline;
+pub mod trap_fallback;
 
 pub use classify::{check_out_of_line, Refusal};
 pub use decode::{decode_function, decode_one, instruction_at, signal_syscalls, DecodeError, Flow, Insn};

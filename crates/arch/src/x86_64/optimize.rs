@@ -126,6 +126,13 @@ impl From<DecodeError> for OptimizeRefusal {
 /// assert_eq!(run.len, 7); // push, mov, mov: the first whole instructions covering 5 bytes
 /// ```
 pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun, OptimizeRefusal> {
+    covered_run_of(function, start, addr, JMP_REL32_LEN)
+}
+
+/// [`covered_run`] for a run of at least `min_len` bytes instead of a jump's 5: the
+/// instructions from `addr` that a patch of `min_len` bytes would cover, with the same
+/// checks (the ptrace tracer covers two bytes, see `dynprobe-uprobes`).
+pub fn covered_run_of(function: &[u8], start: u64, addr: u64, min_len: usize) -> Result<CoveredRun, OptimizeRefusal> {
     if function.is_empty() {
         return Err(OptimizeRefusal::NoFunctionBounds);
     }
@@ -149,11 +156,11 @@ pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun,
         check_instruction(instr).map_err(OptimizeRefusal::NotRelocatable)?;
         covered.push(instr);
         len += instr.len();
-        if len >= JMP_REL32_LEN {
+        if len >= min_len {
             break;
         }
     }
-    if len < JMP_REL32_LEN {
+    if len < min_len {
         return Err(OptimizeRefusal::PastFunctionEnd { available: len });
     }
     let run = CoveredRun { addr, len, insns: Vec::new() };

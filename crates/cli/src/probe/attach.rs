@@ -78,8 +78,11 @@ pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String
     };
     let result = session.relay(request);
     if let Backend::Ptrace(tracer) = session.backend {
-        let status = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
-        if status != 0 && result.is_ok() {
+        let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
+        if let Some(death) = end.death(&format!("{} ({name})", request.pid)) {
+            return Err(death);
+        }
+        if let (ptrace::TracerEnd::Exited(status @ 1..), Ok(())) = (end, &result) {
             return Err(format!("the ptrace tracer of {} ({name}) failed (status {status})", request.pid));
         }
     }
@@ -531,6 +534,10 @@ impl Session<'_> {
                     eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
                     return Ok(());
                 }
+                if matches!(self.backend, Backend::Agent(_)) && super::exec::agent_gone(self.pid, request.agent) {
+                    eprintln!("dynprobe: {}", super::exec::note(self.pid, self.name));
+                    return Ok(());
+                }
                 return match (&self.backend, phase) {
                     (Backend::Ptrace(_), Phase::Detaching) => {
                         eprintln!(
@@ -611,6 +618,10 @@ impl Session<'_> {
                         "dynprobe: warning: {} events were lost: {} hit the probes faster than they could be read",
                         self.lost, self.name
                     );
+                }
+                if super::exec::is_exec_note(problem) {
+                    eprintln!("dynprobe: {}", super::exec::note(self.pid, self.name));
+                    return Ok(Step::Detached);
                 }
                 if !problem.is_empty() {
                     return Err(format!("detached from {} ({}) {problem}", self.pid, self.name));

@@ -7,6 +7,7 @@
 //! or loads the agent into a running process (`attach`).
 
 mod attach;
+mod exec;
 pub(crate) mod output;
 mod ptrace;
 pub(crate) mod session;
@@ -229,7 +230,11 @@ fn probe_with_ptrace(lines: &[String], command: &[OsString], printer: &mut Print
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let placement = session::relay(&out, tracer.pid() as u32, &mut session::PrintHits::new(printer))
         .map_err(|e| format!("cannot read the ptrace tracer's events: {e}"))?;
-    let status = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
+    let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
+    if let Some(death) = end.death(&format!("`{}`", command[0].to_string_lossy())) {
+        return Err(death);
+    }
+    let ptrace::TracerEnd::Exited(status) = end else { unreachable!("a killed tracer has its message") };
     match placement {
         Placement::Refused(error) => {
             let (spec, why) = split_error(&error, lines);

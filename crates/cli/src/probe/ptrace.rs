@@ -68,8 +68,9 @@ impl Tracer {
     }
 
     /// Waits for the tracer to end: its exit status, which is the program's for a started
-    /// one (`128 + signal` for a program a signal killed).
-    pub fn wait(mut self) -> io::Result<i32> {
+    /// one (`128 + signal` for a program a signal killed), or the signal that killed the
+    /// tracer itself.
+    pub fn wait(mut self) -> io::Result<TracerEnd> {
         self.control = None;
         let mut status = 0;
         // SAFETY: waits for our own child.
@@ -80,10 +81,40 @@ impl Tracer {
             }
         }
         Ok(match (libc::WIFEXITED(status), libc::WIFSIGNALED(status)) {
-            (true, _) => libc::WEXITSTATUS(status),
-            (_, true) => 128 + libc::WTERMSIG(status),
-            _ => 1,
+            (true, _) => TracerEnd::Exited(libc::WEXITSTATUS(status)),
+            (_, true) => TracerEnd::Killed { pid: self.pid, signal: libc::WTERMSIG(status) },
+            _ => TracerEnd::Exited(1),
         })
+    }
+}
+
+/// How the tracer child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TracerEnd {
+    /// It exited with this status (the started program's, or 0 after a detach).
+    Exited(i32),
+    /// It was killed (`kill -9`, the OOM killer).
+    Killed {
+        /// The tracer's pid.
+        pid: libc::pid_t,
+        /// The signal.
+        signal: i32,
+    },
+}
+
+impl TracerEnd {
+    /// The message for a tracer that was killed while probing `target` (`pid (name)`), or
+    /// `None` if it ended by itself.
+    pub fn death(&self, target: &str) -> Option<String> {
+        let TracerEnd::Killed { pid, signal } = *self else { return None };
+        // SAFETY: strsignal returns a NUL-terminated string valid until the next call on
+        // this thread; it is copied at once.
+        let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) }.to_string_lossy().into_owned();
+        Some(format!(
+            "the ptrace tracer (pid {pid}) was killed by signal {signal} ({name}), so no more events come; \
+             {target} runs on: the SIGTRAP handler dynprobe left in it runs each probe hit through its \
+             out-of-line copy and puts the original bytes back"
+        ))
     }
 }
 

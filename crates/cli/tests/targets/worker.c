@@ -6,6 +6,8 @@
  *   go     four threads each make ROUNDS calls of mix() and label(), then it prints
  *          "checksum <hex>" — the same in every round and every run, probed or not
  *   load P dlopen()s the library P and prints "plugin <plugin_work(7)>"
+ *   exec   it executes itself again (/proc/self/exe, same arguments): the new image says
+ *          "ready <pid>" with the same pid
  *   quit   it exits with status 0
  * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
  * test can compare the probe events with what the program really did:
@@ -103,6 +105,12 @@ int main(int argc, char **argv)
 			void *lib = dlopen(line + 5, RTLD_NOW);
 			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "exec", 4) == 0) {
+			fflush(log_file);
+			execv("/proc/self/exe", argv);
+			printf("exec failed\n");
 			continue;
 		}
 		if (strncmp(line, "go", 2) != 0)

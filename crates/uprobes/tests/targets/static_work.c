@@ -6,7 +6,8 @@
  * THREADS threads each call fold() ROUNDS times (fold calls mix()), raise SIGUSR1 every 64
  * rounds, and add the results into a checksum. With WAIT=1 they start only after a line
  * arrives on stdin, so a tracer can attach first; with WAIT=2 each thread also sleeps 1 ms
- * every 16 rounds, so a run lasts long enough to be detached from midway. The checksum,
+ * every 16 rounds, so a run lasts long enough to be detached from midway; WAIT=3 sleeps
+ * the same without waiting for stdin (for a program the tracer starts). The checksum,
  * the number of SIGUSR1 handled and the rounds are printed as one line, to OUT if given
  * (else stdout):
  *
@@ -51,7 +52,7 @@ static void *worker(void *arg)
         sum += fold(t * 1000003UL + (unsigned long)i, (unsigned long)(i & 7));
         if (i % 64 == 63)
             pthread_kill(pthread_self(), SIGUSR1);
-        if (wait_mode == 2 && i % 16 == 15) {
+        if (wait_mode >= 2 && i % 16 == 15) {
             struct timespec ms = {0, 1000000};
             nanosleep(&ms, NULL);
         }
@@ -69,7 +70,7 @@ int main(int argc, char **argv)
     rounds = atoi(argv[2]);
     wait_mode = atoi(argv[3]);
     signal(SIGUSR1, on_usr1);
-    if (wait_mode) {
+    if (wait_mode == 1 || wait_mode == 2) {
         char line[16];
         printf("waiting %d\n", (int)getpid());
         fflush(stdout);
