@@ -62,6 +62,13 @@ fn static_worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker-static", &["-O1", "-g", "-fno-inline", "-pthread", "-static"])
 }
 
+/// `targets/hot.c`: threads calling `work` without a pause, and commands that misbehave
+/// around a session.
+fn hot_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "hot.c", "hot", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -92,8 +99,17 @@ impl Worker {
     fn start_exe(test: &str, exe: &'static Path) -> Worker {
         let log = scratch().join(format!("{test}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
+        Worker::start_with(exe, &log.clone().into_os_string(), log)
+    }
+
+    /// `targets/hot.c` with `threads` hot threads (it keeps no log).
+    fn start_hot(threads: u32) -> Worker {
+        Worker::start_with(hot_exe(), threads.to_string().as_ref(), PathBuf::new())
+    }
+
+    fn start_with(exe: &'static Path, arg: &std::ffi::OsStr, log: PathBuf) -> Worker {
         let mut child =
-            Command::new(exe).arg(&log).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the worker");
+            Command::new(exe).arg(arg).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the worker");
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -167,21 +183,39 @@ struct Session {
 
 impl Session {
     fn start(pid: i32, specs: &[&str], options: &[&str]) -> Session {
-        let mut child = Command::new(dynprobe_exe())
-            .arg("probe")
-            .arg("-p")
-            .arg(pid.to_string())
-            .args(options)
-            .args(specs)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run dynprobe");
+        Session::start_with(pid, specs, options, |_| {}, None)
+    }
+
+    /// [`Session::start`] with the command set up by `setup` (a user, an environment), and
+    /// its standard output read `pace` at a time when given: a reader slower than the hits.
+    fn start_with(
+        pid: i32,
+        specs: &[&str],
+        options: &[&str],
+        setup: impl FnOnce(&mut Command),
+        pace: Option<(usize, Duration)>,
+    ) -> Session {
+        let mut command = Command::new(dynprobe_exe());
+        command.arg("probe").arg("-p").arg(pid.to_string()).args(options).args(specs);
+        setup(&mut command);
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run dynprobe");
         let mut stdout = child.stdout.take().unwrap();
         let stdout = std::thread::spawn(move || {
-            let mut text = String::new();
-            stdout.read_to_string(&mut text).unwrap();
-            text
+            let mut bytes = Vec::new();
+            match pace {
+                None => {
+                    stdout.read_to_end(&mut bytes).unwrap();
+                }
+                Some((size, pause)) => {
+                    let mut chunk = vec![0u8; size];
+                    while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+                        bytes.extend_from_slice(&chunk[..n]);
+                        std::thread::sleep(pause);
+                    }
+                }
+            }
+            // Lossy: what a hostile target writes may not be UTF-8.
+            String::from_utf8_lossy(&bytes).into_owned()
         });
         let stderr = child.stderr.take().unwrap();
         let (send, receive) = channel();
@@ -213,10 +247,25 @@ impl Session {
     }
 
     /// Sends `signal`, waits for dynprobe to end; (status code, stdout, whole stderr).
-    fn end(mut self, signal: Option<i32>) -> (Option<i32>, String, String) {
+    fn end(self, signal: Option<i32>) -> (Option<i32>, String, String) {
+        self.end_within(signal, Duration::from_secs(600))
+    }
+
+    /// [`Session::end`], failing if dynprobe has not ended `limit` after the signal.
+    fn end_within(mut self, signal: Option<i32>, limit: Duration) -> (Option<i32>, String, String) {
         if let Some(signal) = signal {
             // SAFETY: kill sends a signal to our own child.
             unsafe { libc::kill(self.child.id() as i32, signal) };
+        }
+        let deadline = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.child.try_wait().unwrap().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.seen.extend(self.stderr.try_iter());
+            panic!("dynprobe still ran {limit:?} after it was told to end; its stderr:\n{}", self.seen.join("\n"));
         }
         let status = self.child.wait().unwrap();
         let stdout = self.stdout.join().unwrap();
@@ -507,4 +556,26 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
     let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
+}
+
+/// The probe every session on `targets/hot.c` places: a steady stream of hits.
+const HOT_SPEC: &str = "p:work x=$arg1";
+
+#[test]
+fn another_users_process_is_refused_with_that_reason() {
+    // SAFETY: getuid cannot fail.
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test runs dynprobe as `nobody` against root's process");
+    let worker = Worker::start_hot(1);
+    let as_nobody = |command: &mut Command| {
+        let program = command.get_program().to_owned();
+        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+        *command = Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program).args(args);
+    };
+    let session = Session::start_with(worker.pid, &[HOT_SPEC], &[], as_nobody, None);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("another user's process"), "{stderr}");
+    assert!(!stderr.contains("/maps"), "{stderr}");
+    worker.quit();
 }
