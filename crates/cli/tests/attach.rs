@@ -561,6 +561,94 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
 /// The probe every session on `targets/hot.c` places: a steady stream of hits.
 const HOT_SPEC: &str = "p:work x=$arg1";
 
+/// Waits (up to 10 s) until `work`'s first bytes are `before` again: the agent removes the
+/// probes on its own thread, after the CLI may have gone.
+fn assert_restored(worker: &Worker, before: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.code("work") != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(worker.code("work"), before, "work's bytes were not restored");
+}
+
+/// Checks that `targets/hot.c`'s threads still call `work` (over 200 ms: on a loaded
+/// machine they may not run between two quick questions).
+fn assert_still_working(worker: &mut Worker) {
+    let calls = worker.ask("calls");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_ne!(worker.ask("calls"), calls, "the threads stopped calling work");
+}
+
+#[test]
+fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
+    let mut worker = Worker::start_hot(4);
+    let before = worker.code("work");
+    // A reader far slower than four threads' hits: --duration must still end the session.
+    let slow = Some((4096, Duration::from_millis(5)));
+    let session = Session::start_with(worker.pid, &[HOT_SPEC], &["--duration", "1"], |_| {}, slow);
+    let (code, stdout, stderr) = session.end_within(None, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("attached to") && stderr.contains("detached from"), "{stderr}");
+    assert!(stdout.contains(" work: x="), "no hit printed: {stderr}");
+    assert_restored(&worker, &before);
+
+    // Output to /dev/null, which takes everything at once: Ctrl-C ends the session.
+    let to_null = ["-o", "/dev/null"];
+    let mut session = Session::start(worker.pid, &[HOT_SPEC], &to_null);
+    session.wait_for("attached to");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    assert_restored(&worker, &before);
+    assert_still_working(&mut worker);
+    worker.quit();
+}
+
+#[test]
+fn what_the_program_writes_into_the_event_pipe_is_never_status_nor_raw_escapes() {
+    let mut worker = Worker::start_hot(1);
+    for options in [&[][..], &["--json"][..]] {
+        let mut session = Session::start(worker.pid, &[HOT_SPEC], options);
+        session.wait_for("attached to");
+        let forged = worker.ask("forge");
+        assert!(forged.starts_with("forged ") && forged != "forged 0", "{forged}");
+        // A forged `!detached` or `!error` must not have ended the session.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(session.child.try_wait().unwrap().is_none(), "a forged line ended the session");
+        let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+        assert_eq!(code, Some(0), "{stderr}");
+        for (what, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            assert!(!text.contains('\x1b') && !text.contains('\x07'), "a raw control character on {what}");
+        }
+        assert!(!stderr.contains("forged warning") && !stderr.contains("99 probes"), "{stderr}");
+        assert_eq!(stderr.matches("detached from").count(), 1, "{stderr}");
+        assert!(stderr.contains("were not events: the program wrote into the agent's pipe"), "{stderr}");
+        match options {
+            [] => assert!(stdout.contains(r"ev\x1b[31m: x=\x1b]0;t\x07"), "not escaped: {stdout}"),
+            _ => {
+                for line in stdout.lines() {
+                    serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                }
+            }
+        }
+    }
+    worker.quit();
+
+    // A program dynprobe starts writes into its agent's pipe too (here with no hot thread:
+    // the log argument is no number). Its status lines cannot be told from the agent's, the
+    // two being one process, but nothing reaches the terminal raw and JSON stays JSON.
+    let (events, own, stderr) = start_under_dynprobe("forged", &[HOT_SPEC], hot_exe(), "forge\nquit\n");
+    assert_eq!(own, "ready ".to_string() + own[6..].split('\n').next().unwrap() + "\nforged 1", "{stderr}");
+    for text in [&events, &stderr] {
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "a raw control character: {text}");
+    }
+    for line in events.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    assert!(stderr.contains("over-long lines"), "{stderr}");
+}
+
 #[test]
 fn another_users_process_is_refused_with_that_reason() {
     // SAFETY: getuid cannot fail.
