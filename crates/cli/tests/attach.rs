@@ -649,6 +649,55 @@ fn what_the_program_writes_into_the_event_pipe_is_never_status_nor_raw_escapes()
     assert!(stderr.contains("over-long lines"), "{stderr}");
 }
 
+/// /proc/PID/stat's state letter.
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+#[test]
+fn a_stopped_process_is_named_as_such_at_once() {
+    let mut worker = Worker::start_hot(1);
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(worker.pid, libc::SIGSTOP) };
+    while state(worker.pid) != 'T' {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let session = Session::start(worker.pid, &[HOT_SPEC], &[]);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is stopped (state T") && stderr.contains("kill -CONT"), "{stderr}");
+    // SAFETY: as above.
+    unsafe { libc::kill(worker.pid, libc::SIGCONT) };
+    assert!(worker.ask("calls").starts_with("calls "));
+    worker.quit();
+}
+
+#[test]
+fn ctrl_c_at_any_moment_of_the_attach_leaves_the_program_whole_and_no_file_behind() {
+    let mut worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let tmp = scratch().join(format!("interrupted-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for round in 0..20u64 {
+        let env = |command: &mut Command| {
+            command.env("TMPDIR", &tmp);
+        };
+        let session = Session::start_with(worker.pid, &[HOT_SPEC], &["-o", "/dev/null"], env, None);
+        // From dynprobe's start, through the injection, to the agent's answer, 4 ms apart.
+        std::thread::sleep(Duration::from_millis(4 * round));
+        let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+        // Ended by the signal, silent, only if it came before dynprobe blocked it, which it
+        // does before it touches anything.
+        assert!(code == Some(0) || (code.is_none() && stderr.is_empty()), "round {round}: {code:?} {stderr}");
+        assert_restored(&worker, &before);
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "round {round} left {left:?}");
+        assert!(worker.ask("calls").starts_with("calls "), "round {round}");
+    }
+    worker.quit();
+}
+
 #[test]
 fn another_users_process_is_refused_with_that_reason() {
     // SAFETY: getuid cannot fail.

@@ -52,7 +52,14 @@ pub(crate) struct Request<'a> {
 /// detaches. `Err` is a message for the user: by then nothing is left in the target, or the
 /// message says precisely what is.
 pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), String> {
+    // Blocked before anything touches the target: a Ctrl-C while the injection has a thread
+    // of the target stopped in a call of ours (its registers and stack borrowed) would kill
+    // this process there, leave that thread to run on from a half-made call (a SIGSEGV) and
+    // the control socket's directory behind. Blocked, the signals wait in the signalfd
+    // and the relay loop takes them at its first round: it detaches as usual.
+    let signals = Signals::block()?;
     let name = process_name(request.pid)?;
+    check_not_stopped(request.pid, &name, request.ptrace)?;
     let (backend, events) = match request.ptrace {
         true => ptrace_backend(request)?,
         false => match agent_backend(request, &name)? {
@@ -79,7 +86,6 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         pending: 0,
         ready: false,
     };
-    let signals = Signals::block()?;
     let result = session.relay(request, &signals);
     session.out.finish();
     session.report_strays();
@@ -138,6 +144,30 @@ fn attach_refused(pid: i32, name: &str, errno: i32) -> String {
         libc::EACCES => format!("the agent in {pid} ({name}) refused the control socket: it belongs to another user"),
         errno => format!("the agent in {pid} ({name}) could not start: {}", io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// Refuses a stopped target (state `T`: `SIGSTOP`, `SIGTSTP`, Ctrl-Z; proc(5)) at once: it
+/// would take the injected call only once continued, and the agent would never answer. The
+/// ptrace tracer can attach to it: there it is a warning, the probes firing once it runs.
+fn check_not_stopped(pid: i32, name: &str, ptrace: bool) -> Result<(), String> {
+    if process_state(pid) != Some('T') {
+        return Ok(());
+    }
+    let why = format!("{pid} ({name}) is stopped (state T: SIGSTOP, SIGTSTP or Ctrl-Z)");
+    if ptrace {
+        eprintln!("dynprobe: warning: {why}: its probes fire once it is continued (`kill -CONT {pid}`)");
+        return Ok(());
+    }
+    Err(format!(
+        "{why}, so it cannot load the agent: continue it first (`kill -CONT {pid}`), or probe it with --ptrace"
+    ))
+}
+
+/// The state letter of `/proc/PID/stat` (proc(5)): after the command name, which is in
+/// parentheses and may itself hold `) `.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 /// The target's command name, which also tells whether it exists.
