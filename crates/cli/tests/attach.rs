@@ -606,6 +606,33 @@ fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
 }
 
 #[test]
+fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor() {
+    let mut worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let mut session = Session::start(worker.pid, &[HOT_SPEC], &[]);
+    session.wait_for("attached to");
+    assert_ne!(worker.code("work")[..5], before[..5], "work is not patched while attached");
+    // A thread that blocks the stop signal and spins in user code: the jump cannot come
+    // out, as no thread may be inside the bytes it covers and this one cannot be stopped.
+    assert_eq!(worker.ask("spin"), "spinning");
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(120));
+    assert_eq!(code, Some(2), "a detach that left probes behind must fail: {stderr}");
+    assert!(stderr.contains("could not restore: `p:work x=$arg1` at work+0x0 (0x"), "{stderr}");
+    assert!(!stderr.contains("every probed byte is restored"), "{stderr}");
+
+    // The program's next file gets a descriptor no probe handler writes into.
+    let file = scratch().join(format!("reused-{}", std::process::id()));
+    let fd = worker.ask(&format!("open {}", file.display()));
+    assert!(fd.starts_with("fd "), "{fd}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(worker.ask("again"), "wrote");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(written, "mine\nmine\n", "the program's file (its {fd}) got more than it wrote");
+    assert_still_working(&mut worker);
+    worker.quit();
+}
+
+#[test]
 fn what_the_program_writes_into_the_event_pipe_is_never_status_nor_raw_escapes() {
     let mut worker = Worker::start_hot(1);
     for options in [&[][..], &["--json"][..]] {
