@@ -415,6 +415,7 @@ fn killing_the_controller_of_ptrace_probes_restores_the_program() {
 /// with the unprobed checksum. Then a second session attaches and ends by `--duration`.
 fn killing_the_controller_restores(exe: &'static Path) {
     let expected_sum = unprobed_checksum();
+    let _cpu = cpu_hungry();
     let mut worker = Worker::start_exe(&format!("kill-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = worker.code("mix");
     let mut session = Session::start(worker.pid, SPECS, &[]);
@@ -561,6 +562,14 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
 /// The probe every session on `targets/hot.c` places: a steady stream of hits.
 const HOT_SPEC: &str = "p:work x=$arg1";
 
+/// Held by the tests whose threads take every CPU they can get (`targets/hot.c` with its
+/// hot threads), and by those that need their worker to run within a few milliseconds:
+/// on a machine of two cores, one of each at once starves the other.
+fn cpu_hungry() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Waits (up to 10 s) until `work`'s first bytes are `before` again: the agent removes the
 /// probes on its own thread, after the CLI may have gone.
 fn assert_restored(worker: &Worker, before: &[u8]) {
@@ -581,9 +590,10 @@ fn assert_still_working(worker: &mut Worker) {
 
 #[test]
 fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
-    let mut worker = Worker::start_hot(4);
+    let _cpu = cpu_hungry();
+    let mut worker = Worker::start_hot(2);
     let before = worker.code("work");
-    // A reader far slower than four threads' hits: --duration must still end the session.
+    // A reader far slower than two threads' hits: --duration must still end the session.
     let slow = Some((4096, Duration::from_millis(5)));
     let session = Session::start_with(worker.pid, &[HOT_SPEC], &["--duration", "1"], |_| {}, slow);
     let (code, stdout, stderr) = session.end_within(None, Duration::from_secs(60));
@@ -607,6 +617,7 @@ fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
 
 #[test]
 fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor() {
+    let _cpu = cpu_hungry();
     let mut worker = Worker::start_hot(2);
     let before = worker.code("work");
     let mut session = Session::start(worker.pid, &[HOT_SPEC], &[]);
@@ -634,6 +645,7 @@ fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor()
 
 #[test]
 fn what_the_program_writes_into_the_event_pipe_is_never_status_nor_raw_escapes() {
+    let _cpu = cpu_hungry();
     let mut worker = Worker::start_hot(1);
     for options in [&[][..], &["--json"][..]] {
         let mut session = Session::start(worker.pid, &[HOT_SPEC], options);
@@ -702,6 +714,7 @@ fn a_stopped_process_is_named_as_such_at_once() {
 
 #[test]
 fn ctrl_c_at_any_moment_of_the_attach_leaves_the_program_whole_and_no_file_behind() {
+    let _cpu = cpu_hungry();
     let mut worker = Worker::start_hot(2);
     let before = worker.code("work");
     let tmp = scratch().join(format!("interrupted-{}", std::process::id()));

@@ -81,6 +81,7 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         out,
         format,
         lines: LineBuf::default(),
+        events_closed: false,
         strays: 0,
         lost: 0,
         pending: 0,
@@ -499,6 +500,10 @@ struct Session<'a> {
     format: Format,
     /// What was read from the event pipe, split into lines.
     lines: LineBuf,
+    /// The event pipe reached its end. The agent's session ends by its socket, not by its
+    /// pipe: a detach that leaves probes behind points the pipe's write end at /dev/null
+    /// just before it says so.
+    events_closed: bool,
     /// Lines of the agent's event pipe that were not events: the program wrote them (it
     /// holds the pipe, as it holds everything of the agent's). Dropped and counted.
     strays: u64,
@@ -534,7 +539,7 @@ impl Session<'_> {
             };
             // While the output queue is full the pipe is left unread: the agent counts
             // what does not fit as lost.
-            let events_fd = if self.out.full() { -1 } else { self.events.as_raw_fd() };
+            let events_fd = if self.out.full() || self.events_closed { -1 } else { self.events.as_raw_fd() };
             let out_fd = if self.out.waiting() { self.out.fd() } else { -1 };
             let mut fds = [
                 libc::pollfd { fd: control_fd, events: libc::POLLIN, revents: 0 },
@@ -552,8 +557,11 @@ impl Session<'_> {
             }
             let mut status = Vec::new();
             let mut ended = false;
-            if fds[1].revents != 0 {
-                ended |= self.read_events(&mut status) == Read::Closed;
+            if fds[1].revents != 0 && self.read_events(&mut status) == Read::Closed {
+                match self.backend {
+                    Backend::Agent(_) => self.events_closed = true,
+                    Backend::Ptrace(_) => ended = true,
+                }
             }
             if fds[4].revents != 0 {
                 self.out.write_some();
