@@ -76,6 +76,8 @@ pub enum Measure {
     SiteBatch,
     /// `dynprobe probe -p` attaching to a running process: nanoseconds per attach.
     Attach,
+    /// Ctrl-C of `dynprobe probe -p` to every probed byte restored: nanoseconds per detach.
+    Detach,
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
@@ -89,7 +91,7 @@ impl Row {
         match self.measure {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
-            Measure::SiteBatch | Measure::Attach | Measure::PtraceProbe => None,
+            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::PtraceProbe => None,
         }
     }
 }
@@ -215,6 +217,12 @@ pub static ROWS: &[Row] = &[
         name: "attach-ms",
         about: "dynprobe probe -p of a running process: command start to probe armed (ns per attach)",
         measure: Measure::Attach,
+        compare_to: &[],
+    },
+    Row {
+        name: "detach-ms",
+        about: "Ctrl-C of dynprobe probe -p to every probed byte restored, 4 threads hitting the probe (ns per detach)",
+        measure: Measure::Detach,
         compare_to: &[],
     },
     Row {
