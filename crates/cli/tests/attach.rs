@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -179,6 +181,8 @@ struct Session {
     stdout: std::thread::JoinHandle<String>,
     stderr: Receiver<String>,
     seen: Vec<String>,
+    /// Set once dynprobe ended: a paced reader reads the rest at once.
+    ended: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -200,6 +204,8 @@ impl Session {
         setup(&mut command);
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run dynprobe");
         let mut stdout = child.stdout.take().unwrap();
+        let ended = Arc::new(AtomicBool::new(false));
+        let hurry = Arc::clone(&ended);
         let stdout = std::thread::spawn(move || {
             let mut bytes = Vec::new();
             match pace {
@@ -210,7 +216,9 @@ impl Session {
                     let mut chunk = vec![0u8; size];
                     while let Ok(n @ 1..) = stdout.read(&mut chunk) {
                         bytes.extend_from_slice(&chunk[..n]);
-                        std::thread::sleep(pause);
+                        if !hurry.load(Ordering::Relaxed) {
+                            std::thread::sleep(pause);
+                        }
                     }
                 }
             }
@@ -226,7 +234,7 @@ impl Session {
                 }
             }
         });
-        Session { child, stdout, stderr: receive, seen: Vec::new() }
+        Session { child, stdout, stderr: receive, seen: Vec::new(), ended }
     }
 
     /// Waits for a stderr line containing `text` (panics, with all stderr, on timeout or exit).
@@ -268,6 +276,7 @@ impl Session {
             panic!("dynprobe still ran {limit:?} after it was told to end; its stderr:\n{}", self.seen.join("\n"));
         }
         let status = self.child.wait().unwrap();
+        self.ended.store(true, Ordering::Relaxed);
         let stdout = self.stdout.join().unwrap();
         self.seen.extend(self.stderr.iter());
         (status.code(), stdout, self.seen.join("\n"))
@@ -613,6 +622,22 @@ fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
     assert_restored(&worker, &before);
     assert_still_working(&mut worker);
     worker.quit();
+}
+
+#[test]
+fn a_reader_that_hardly_reads_never_holds_dynprobe_past_a_second_ctrl_c() {
+    let _cpu = cpu_hungry();
+    let worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let crawl = Some((64, Duration::from_millis(200)));
+    let mut session = Session::start_with(worker.pid, &[HOT_SPEC], &["--duration", "1"], |_| {}, crawl);
+    session.wait_for("detached from");
+    // Detached: the target has its bytes back while dynprobe still has events to write.
+    assert_restored(&worker, &before);
+    session.wait_for("the reader is behind");
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted: ") && stderr.contains("were dropped"), "{stderr}");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //!
 //! The control protocol is described in the agent's `attach` module.
 
-use super::output::{poll_one, sanitize, Format, LineBuf, Message, Outbox};
+use super::output::{poll_one, sanitize, Format, LineBuf, Message, Outbox, OUTBOX_MAX};
 use super::ptrace::{self, Tracer};
 use dynprobe::spec::ProbeSpec;
 use dynprobe_uprobes::Target;
@@ -83,12 +83,13 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         lines: LineBuf::default(),
         events_closed: false,
         strays: 0,
+        unprinted: 0,
         lost: 0,
         pending: 0,
         ready: false,
     };
     let result = session.relay(request, &signals);
-    session.out.finish();
+    session.out.finish(signals.fd.as_raw_fd());
     session.report_strays();
     if let Backend::Ptrace(tracer) = session.backend {
         let status = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
@@ -507,6 +508,8 @@ struct Session<'a> {
     /// Lines of the agent's event pipe that were not events: the program wrote them (it
     /// holds the pipe, as it holds everything of the agent's). Dropped and counted.
     strays: u64,
+    /// Events read after the end with the output queue full: dropped and counted.
+    unprinted: u64,
     /// Events the agent reported dropped.
     lost: u64,
     /// Probes waiting for their library.
@@ -705,9 +708,10 @@ impl Session<'_> {
         if n <= 0 {
             return if n == 0 { Read::Closed } else { Read::Empty };
         }
-        let (format, out, strays) = (&self.format, &mut self.out, &mut self.strays);
+        let (format, out, strays, unprinted) = (&self.format, &mut self.out, &mut self.strays, &mut self.unprinted);
         let agent = matches!(self.backend, Backend::Agent(_));
         self.lines.push(&buf[..n as usize], &mut |line| match Message::parse(line) {
+            Message::Hit(_) if out.full() => *unprinted += 1,
             Message::Hit(hit) => out.push(&format.line(&hit)),
             _ if agent => *strays += 1,
             _ => status.push(line.to_string()),
@@ -726,8 +730,16 @@ impl Session<'_> {
         }
     }
 
-    /// Says how many lines of the event pipe were not the agent's.
+    /// Says how many lines of the event pipe were not the agent's, and how many events
+    /// were not printed.
     fn report_strays(&self) {
+        if self.unprinted > 0 {
+            eprintln!(
+                "dynprobe: warning: {} events in the pipe at the end were not printed: the output was {} KiB behind",
+                self.unprinted,
+                OUTBOX_MAX / 1024
+            );
+        }
         let strays = self.strays + self.lines.overlong;
         if strays > 0 && matches!(self.backend, Backend::Ptrace(_)) {
             eprintln!("dynprobe: warning: {strays} over-long lines from the ptrace tracer were dropped");

@@ -381,9 +381,35 @@ impl Outbox {
         self.compact();
     }
 
-    /// Writes everything queued, waiting for the reader (the session is over by then).
-    pub fn finish(&mut self) {
-        while self.waiting() && self.write_chunk(64 * 1024) {}
+    /// Writes everything queued, waiting for the reader (the session is over by then),
+    /// unless `interrupt` (a signalfd) becomes readable first: a reader far behind could
+    /// make that minutes, and the user asked for the end. Says so on stderr when the
+    /// reader keeps it waiting, and what was dropped. The signal is left to read.
+    pub fn finish(&mut self, interrupt: RawFd) {
+        let mut told = false;
+        while self.waiting() {
+            let mut fds = [
+                libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 },
+                libc::pollfd { fd: interrupt, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two initialized pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if fds[1].revents != 0 {
+                let lines = self.queue[self.done..].iter().filter(|&&b| b == b'\n').count();
+                eprintln!("dynprobe: interrupted: {lines} event lines the reader had not taken were dropped");
+                self.queue.clear();
+                self.done = 0;
+                return;
+            }
+            if ready == 0 && !told {
+                let kib = (self.queue.len() - self.done).div_ceil(1024);
+                eprintln!("dynprobe: the reader is behind: writing the last {kib} KiB of events (Ctrl-C drops them)");
+                told = true;
+            }
+            if fds[0].revents != 0 && !self.write_chunk(libc::PIPE_BUF) {
+                break;
+            }
+        }
         self.compact();
     }
 
