@@ -17,24 +17,39 @@ fn main() {
     build_bench_graph();
     build_bench_sites();
     build_bench_ptrace();
+    build_bench_hot();
 }
 
 /// Builds the ptrace-probe row's program, `crates/uprobes/bench/ptrace_probe.c` (the one
 /// source the uprobes crate's own benchmark uses too), statically linked as the programs
 /// that get ptrace-driven probes are. The path is baked in as `DYNPROBE_BENCH_PTRACE`.
 fn build_bench_ptrace() {
-    let source = "../uprobes/bench/ptrace_probe.c";
+    build_program("../uprobes/bench/ptrace_probe.c", &["-static"], "DYNPROBE_BENCH_PTRACE");
+}
+
+/// Builds the detach-ms row's program, `tests/targets/hot.c` (the attach tests' hot
+/// target): threads that call `work` without a pause. The path is baked in as
+/// `DYNPROBE_BENCH_HOT`.
+fn build_bench_hot() {
+    build_program("tests/targets/hot.c", &["-pthread"], "DYNPROBE_BENCH_HOT");
+}
+
+/// Compiles the C program `source` with `flags` (its functions kept out of line) into
+/// OUT_DIR, and bakes its path into the binary as the environment variable `env`.
+fn build_program(source: &str, flags: &[&str], env: &str) {
     println!("cargo:rerun-if-changed={source}");
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ptrace_probe");
+    let name = std::path::Path::new(source).file_stem().expect("a file name");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join(name);
     let compiler = cc::Build::new().opt_level(1).flag_if_supported("-fcf-protection=none").get_compiler();
     let status = compiler
         .to_command()
-        .args(["-static", "-fno-inline", source, "-o"])
+        .args(flags)
+        .args(["-fno-inline", source, "-o"])
         .arg(&out)
         .status()
         .expect("run the C compiler");
-    assert!(status.success(), "compiling {source} statically failed (is libc6-dev installed?)");
-    println!("cargo:rustc-env=DYNPROBE_BENCH_PTRACE={}", out.display());
+    assert!(status.success(), "compiling {source} with {flags:?} failed (is libc6-dev installed?)");
+    println!("cargo:rustc-env={env}={}", out.display());
 }
 
 /// Links `demo/demo.c` into an executable in OUT_DIR and bakes its path into the binary

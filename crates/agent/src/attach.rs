@@ -14,8 +14,15 @@
 //!               !placed <spec>                            a pending probe's module was loaded: placed now
 //!               !lost <n>                                 events dropped so far (a full pipe)
 //!               !warning <text>                           something the user should know
-//!               !detached <lost>[ <problem>]              every probe removed, every byte restored
+//!               !detached <lost>[ could not restore: …]   every probe removed, every byte restored
+//!                                                         (or which probes could not be, and why)
 //! ```
+//!
+//! Status goes only over this socket, events only through the pipe: the CLI takes no line
+//! of the pipe as status. The program holds both (they are in its descriptor table and its
+//! memory, as the agent is), so neither is proof against a hostile program; keeping them
+//! apart makes a stray write into the pipe harmless, and the CLI prints whatever comes with
+//! its control characters escaped.
 //!
 //! Hits go to the event pipe in the line format of the crate's protocol. The pipe is
 //! lossy: a process someone attached to must not slow down because the reader is behind;
@@ -24,11 +31,14 @@
 //!
 //! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
 //! even by `SIGKILL` — and either way every probe is unregistered, which restores every
-//! byte, and the process carries on. The library stays loaded (a thread may still be
-//! returning through one of its trampolines); a later attach reuses it. No thread of the
-//! agent's outlives the session (the session thread, the optimizer, the `dlopen` watcher),
-//! and none of them is ever seen by a probe: they are dynprobe's own threads
-//! (`dynprobe::own_thread`), told apart by their stacks from their first instruction.
+//! byte, and the process carries on. A probe that cannot be removed (a thread that blocks
+//! the stop signal while the jump must come out) stays, its events going to `/dev/null`:
+//! the pipe's descriptor number is never freed for the program to reuse. The library stays
+//! loaded (a thread may still be returning through one of its trampolines); a later attach
+//! reuses it. No thread of the agent's outlives the session (the session thread, the
+//! optimizer, the `dlopen` watcher), and none of them is ever seen by a probe: they are
+//! dynprobe's own threads (`dynprobe::own_thread`), told apart by their stacks from their
+//! first instruction.
 //!
 //! Only the user who attached may control the session: the socket lives in a directory
 //! only that user can enter, the agent connects (it never listens), and it checks the
@@ -38,7 +48,7 @@
 use crate::channel::Channel;
 use crate::probes::{ProbeSet, Report};
 use std::ffi::{c_char, c_int, CStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -300,6 +310,10 @@ fn run(control: &Control, setup: Setup) {
         watch.stop();
     }
     let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+    if !problems.is_empty() {
+        // Those probes stay armed, their handlers writing to the event pipe's descriptor.
+        discard_events(setup.write, setup.read);
+    }
     // SIGTRAP goes back to the program with the guards; probes dynprobe keeps for the
     // process's life (a return probe's unwinder hook) keep them too.
     match dynprobe_probe::release_signals() {
@@ -316,13 +330,38 @@ fn run(control: &Control, setup: Setup) {
     if detach_asked {
         let problems = match problems.is_empty() {
             true => String::new(),
-            false => format!(" (while removing the probes: {})", problems.join("; ")),
+            false => format!(
+                " could not restore: {}; these probes stay in place, their events discarded",
+                problems.join("; ")
+            ),
         };
         control.send(&format!("!detached {}{problems}", LOST.load(Ordering::Relaxed)));
     }
-    // The pipe closes only now: no handler can run any more.
-    drop(setup.write);
-    drop(setup.read);
+    // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
+}
+
+/// Points the event pipe's write end at `/dev/null` for good, for probes that could not be
+/// removed and whose handlers go on writing to that descriptor number. Closing it would
+/// let the program's next `open` get the number and fill its file with event lines.
+/// `dup3` swaps the file under the number atomically (dup2(2)): a handler writes to the
+/// pipe or to `/dev/null`, never to a closed or reused descriptor. The number stays taken
+/// for the rest of the process's life (the probes do too).
+fn discard_events(write: OwnedFd, read: OwnedFd) {
+    // SAFETY: opens a path from a NUL-terminated literal.
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    // SAFETY: dup3 of our own descriptors, then closing the spare one.
+    let swapped = null >= 0 && unsafe { libc::dup3(null, write.as_raw_fd(), libc::O_CLOEXEC) } != -1;
+    if null >= 0 {
+        // SAFETY: `null` is ours and nothing else refers to it.
+        unsafe { libc::close(null) };
+    }
+    // Kept open either way. Without /dev/null, both pipe ends stay: hits fill the pipe
+    // nobody reads and are counted lost (the write end is non-blocking; the read end held
+    // open means EAGAIN, never SIGPIPE).
+    let _ = write.into_raw_fd();
+    if !swapped {
+        let _ = read.into_raw_fd();
+    }
 }
 
 /// Serves the socket until the CLI says `detach` (true) or is gone (false), reporting

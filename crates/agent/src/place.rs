@@ -34,6 +34,17 @@ impl Placed {
         }
     }
 
+    /// Where the probe is, for a message: `symbol+offset (0xaddress)`, or the number of a
+    /// marker's sites.
+    pub fn location(&self) -> String {
+        let info = match self {
+            Placed::Entry(handle) => handle.info(),
+            Placed::Return(handle) => handle.info(),
+            Placed::Marker(handle) => return format!("the {} sites of its marker", handle.sites().count()),
+        };
+        format!("{} ({:#x})", info.symbol, info.addr)
+    }
+
     /// Arms a probe [`place`] registered disarmed (a marker's are armed already).
     pub fn enable(&self) -> Result<(), String> {
         match self {

@@ -137,10 +137,18 @@ impl ProbeSet {
     }
 
     /// Unregisters every placed probe, restoring its bytes, and forgets the waiting ones;
-    /// the problems, if some probe could not be removed.
+    /// the problems, if some probe could not be removed, each naming the spec and where
+    /// its probe is: `` `<spec>` at <symbol+offset> (<address>): <why> ``. A probe that
+    /// could not be removed stays registered, and armed, as it was.
     pub fn remove_all(&mut self) -> Vec<String> {
         self.pending.clear();
-        self.placed.drain(..).filter_map(|(_, placed)| placed.unregister().err()).collect()
+        self.placed
+            .drain(..)
+            .filter_map(|(text, placed)| {
+                let at = placed.location();
+                placed.unregister().err().map(|why| format!("`{text}` at {at}: {}", why.replace('\n', " ")))
+            })
+            .collect()
     }
 
     /// Watches `dlopen` when specs wait for their module, so each is placed before the

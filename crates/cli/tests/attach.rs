@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -79,6 +81,13 @@ fn big_tls_worker_exe() -> &'static Path {
     build(&EXE, "worker.c", "worker-big-tls", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie", "-DBIG_TLS"])
 }
 
+/// `targets/hot.c`: threads calling `work` without a pause, and commands that misbehave
+/// around a session.
+fn hot_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "hot.c", "hot", &["-O1", "-g", "-fno-inline", "-pthread", "-no-pie"])
+}
+
 fn plugin_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
@@ -114,8 +123,17 @@ impl Worker {
     fn start_with_env(test: &str, exe: &'static Path, env: &[(&str, &str)]) -> Worker {
         let log = scratch().join(format!("{test}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
+        Worker::start_with(exe, &log.clone().into_os_string(), log, env)
+    }
+
+    /// `targets/hot.c` with `threads` hot threads (it keeps no log).
+    fn start_hot(threads: u32) -> Worker {
+        Worker::start_with(hot_exe(), threads.to_string().as_ref(), PathBuf::new(), &[])
+    }
+
+    fn start_with(exe: &'static Path, arg: &std::ffi::OsStr, log: PathBuf, env: &[(&str, &str)]) -> Worker {
         let mut child = Command::new(exe)
-            .arg(&log)
+            .arg(arg)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -190,25 +208,49 @@ struct Session {
     stdout: std::thread::JoinHandle<String>,
     stderr: Receiver<String>,
     seen: Vec<String>,
+    /// Set once dynprobe ended: a paced reader reads the rest at once.
+    ended: Arc<AtomicBool>,
 }
 
 impl Session {
     fn start(pid: i32, specs: &[&str], options: &[&str]) -> Session {
-        let mut child = Command::new(dynprobe_exe())
-            .arg("probe")
-            .arg("-p")
-            .arg(pid.to_string())
-            .args(options)
-            .args(specs)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run dynprobe");
+        Session::start_with(pid, specs, options, |_| {}, None)
+    }
+
+    /// [`Session::start`] with the command set up by `setup` (a user, an environment), and
+    /// its standard output read `pace` at a time when given: a reader slower than the hits.
+    fn start_with(
+        pid: i32,
+        specs: &[&str],
+        options: &[&str],
+        setup: impl FnOnce(&mut Command),
+        pace: Option<(usize, Duration)>,
+    ) -> Session {
+        let mut command = Command::new(dynprobe_exe());
+        command.arg("probe").arg("-p").arg(pid.to_string()).args(options).args(specs);
+        setup(&mut command);
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run dynprobe");
         let mut stdout = child.stdout.take().unwrap();
+        let ended = Arc::new(AtomicBool::new(false));
+        let hurry = Arc::clone(&ended);
         let stdout = std::thread::spawn(move || {
-            let mut text = String::new();
-            stdout.read_to_string(&mut text).unwrap();
-            text
+            let mut bytes = Vec::new();
+            match pace {
+                None => {
+                    stdout.read_to_end(&mut bytes).unwrap();
+                }
+                Some((size, pause)) => {
+                    let mut chunk = vec![0u8; size];
+                    while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+                        bytes.extend_from_slice(&chunk[..n]);
+                        if !hurry.load(Ordering::Relaxed) {
+                            std::thread::sleep(pause);
+                        }
+                    }
+                }
+            }
+            // Lossy: what a hostile target writes may not be UTF-8.
+            String::from_utf8_lossy(&bytes).into_owned()
         });
         let stderr = child.stderr.take().unwrap();
         let (send, receive) = channel();
@@ -219,7 +261,7 @@ impl Session {
                 }
             }
         });
-        Session { child, stdout, stderr: receive, seen: Vec::new() }
+        Session { child, stdout, stderr: receive, seen: Vec::new(), ended }
     }
 
     /// Waits for a stderr line containing `text` (panics, with all stderr, on timeout or exit).
@@ -240,12 +282,28 @@ impl Session {
     }
 
     /// Sends `signal`, waits for dynprobe to end; (status code, stdout, whole stderr).
-    fn end(mut self, signal: Option<i32>) -> (Option<i32>, String, String) {
+    fn end(self, signal: Option<i32>) -> (Option<i32>, String, String) {
+        self.end_within(signal, Duration::from_secs(600))
+    }
+
+    /// [`Session::end`], failing if dynprobe has not ended `limit` after the signal.
+    fn end_within(mut self, signal: Option<i32>, limit: Duration) -> (Option<i32>, String, String) {
         if let Some(signal) = signal {
             // SAFETY: kill sends a signal to our own child.
             unsafe { libc::kill(self.child.id() as i32, signal) };
         }
+        let deadline = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.child.try_wait().unwrap().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.seen.extend(self.stderr.try_iter());
+            panic!("dynprobe still ran {limit:?} after it was told to end; its stderr:\n{}", self.seen.join("\n"));
+        }
         let status = self.child.wait().unwrap();
+        self.ended.store(true, Ordering::Relaxed);
         let stdout = self.stdout.join().unwrap();
         self.seen.extend(self.stderr.iter());
         (status.code(), stdout, self.seen.join("\n"))
@@ -394,6 +452,7 @@ fn killing_the_controller_of_ptrace_probes_restores_the_program() {
 /// with the unprobed checksum. Then a second session attaches and ends by `--duration`.
 fn killing_the_controller_restores(exe: &'static Path) {
     let expected_sum = unprobed_checksum();
+    let _cpu = cpu_hungry();
     let mut worker = Worker::start_exe(&format!("kill-{}", exe.file_name().unwrap().to_string_lossy()), exe);
     let before = worker.code("mix");
     let threads = thread_names(worker.pid).len();
@@ -929,4 +988,218 @@ fn an_exec_ends_an_agent_session_cleanly() {
 #[test]
 fn an_exec_ends_a_ptrace_session_cleanly() {
     exec_ends_the_session(static_worker_exe(), &[]);
+}
+
+/// The probe every session on `targets/hot.c` places: a steady stream of hits.
+const HOT_SPEC: &str = "p:work x=$arg1";
+
+/// Held by the tests whose threads take every CPU they can get (`targets/hot.c` with its
+/// hot threads), and by those that need their worker to run within a few milliseconds:
+/// on a machine of two cores, one of each at once starves the other.
+fn cpu_hungry() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits (up to 10 s) until `work`'s first bytes are `before` again: the agent removes the
+/// probes on its own thread, after the CLI may have gone.
+fn assert_restored(worker: &Worker, before: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.code("work") != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(worker.code("work"), before, "work's bytes were not restored");
+}
+
+/// Checks that `targets/hot.c`'s threads still call `work` (over 200 ms: on a loaded
+/// machine they may not run between two quick questions).
+fn assert_still_working(worker: &mut Worker) {
+    let calls = worker.ask("calls");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_ne!(worker.ask("calls"), calls, "the threads stopped calling work");
+}
+
+#[test]
+fn a_hot_probe_with_a_slow_reader_still_ends_on_time() {
+    let _cpu = cpu_hungry();
+    let mut worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    // A reader far slower than two threads' hits: --duration must still end the session.
+    let slow = Some((4096, Duration::from_millis(5)));
+    let session = Session::start_with(worker.pid, &[HOT_SPEC], &["--duration", "1"], |_| {}, slow);
+    let (code, stdout, stderr) = session.end_within(None, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("attached to") && stderr.contains("detached from"), "{stderr}");
+    assert!(stdout.contains(" work: x="), "no hit printed: {stderr}");
+    assert_restored(&worker, &before);
+
+    // Output to /dev/null, which takes everything at once: Ctrl-C ends the session.
+    let to_null = ["-o", "/dev/null"];
+    let mut session = Session::start(worker.pid, &[HOT_SPEC], &to_null);
+    session.wait_for("attached to");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    assert_restored(&worker, &before);
+    assert_still_working(&mut worker);
+    worker.quit();
+}
+
+#[test]
+fn a_reader_that_hardly_reads_never_holds_dynprobe_past_a_second_ctrl_c() {
+    let _cpu = cpu_hungry();
+    let worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let crawl = Some((64, Duration::from_millis(200)));
+    let mut session = Session::start_with(worker.pid, &[HOT_SPEC], &["--duration", "1"], |_| {}, crawl);
+    session.wait_for("detached from");
+    // Detached: the target has its bytes back while dynprobe still has events to write.
+    assert_restored(&worker, &before);
+    session.wait_for("the reader is behind");
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted: ") && stderr.contains("were dropped"), "{stderr}");
+}
+
+#[test]
+fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor() {
+    let _cpu = cpu_hungry();
+    let mut worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let mut session = Session::start(worker.pid, &[HOT_SPEC], &[]);
+    session.wait_for("attached to");
+    assert_ne!(worker.code("work")[..5], before[..5], "work is not patched while attached");
+    // A thread that blocks the stop signal and spins in user code: the jump cannot come
+    // out, as no thread may be inside the bytes it covers and this one cannot be stopped.
+    assert_eq!(worker.ask("spin"), "spinning");
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(120));
+    assert_eq!(code, Some(2), "a detach that left probes behind must fail: {stderr}");
+    assert!(stderr.contains("could not restore: `p:work x=$arg1` at work+0x0 (0x"), "{stderr}");
+    assert!(!stderr.contains("every probed byte is restored"), "{stderr}");
+
+    // The program's next file gets a descriptor no probe handler writes into.
+    let file = scratch().join(format!("reused-{}", std::process::id()));
+    let fd = worker.ask(&format!("open {}", file.display()));
+    assert!(fd.starts_with("fd "), "{fd}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(worker.ask("again"), "wrote");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(written, "mine\nmine\n", "the program's file (its {fd}) got more than it wrote");
+    assert_still_working(&mut worker);
+    worker.quit();
+}
+
+#[test]
+fn what_the_program_writes_into_the_event_pipe_is_never_status_nor_raw_escapes() {
+    let _cpu = cpu_hungry();
+    let mut worker = Worker::start_hot(1);
+    for options in [&[][..], &["--json"][..]] {
+        let mut session = Session::start(worker.pid, &[HOT_SPEC], options);
+        session.wait_for("attached to");
+        let forged = worker.ask("forge");
+        assert!(forged.starts_with("forged ") && forged != "forged 0", "{forged}");
+        // A forged `!detached` or `!error` must not have ended the session.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(session.child.try_wait().unwrap().is_none(), "a forged line ended the session");
+        let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+        assert_eq!(code, Some(0), "{stderr}");
+        for (what, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            assert!(!text.contains('\x1b') && !text.contains('\x07'), "a raw control character on {what}");
+        }
+        assert!(!stderr.contains("forged warning") && !stderr.contains("99 probes"), "{stderr}");
+        assert_eq!(stderr.matches("detached from").count(), 1, "{stderr}");
+        assert!(stderr.contains("were not events: the program wrote into the agent's pipe"), "{stderr}");
+        match options {
+            [] => assert!(stdout.contains(r"ev\x1b[31m: x=\x1b]0;t\x07"), "not escaped: {stdout}"),
+            _ => {
+                for line in stdout.lines() {
+                    serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                }
+            }
+        }
+    }
+    worker.quit();
+
+    // A program dynprobe starts writes into its agent's pipe too (here with no hot thread:
+    // the log argument is no number). Its status lines cannot be told from the agent's, the
+    // two being one process, but nothing reaches the terminal raw and JSON stays JSON.
+    let (events, own, stderr) = start_under_dynprobe("forged", &[HOT_SPEC], hot_exe(), "forge\nquit\n");
+    assert_eq!(own, "ready ".to_string() + own[6..].split('\n').next().unwrap() + "\nforged 1", "{stderr}");
+    for text in [&events, &stderr] {
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "a raw control character: {text}");
+    }
+    for line in events.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    assert!(stderr.contains("over-long lines"), "{stderr}");
+}
+
+/// /proc/PID/stat's state letter.
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+#[test]
+fn a_stopped_process_is_named_as_such_at_once() {
+    let mut worker = Worker::start_hot(1);
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(worker.pid, libc::SIGSTOP) };
+    while state(worker.pid) != 'T' {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let session = Session::start(worker.pid, &[HOT_SPEC], &[]);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is stopped (state T") && stderr.contains("kill -CONT"), "{stderr}");
+    // SAFETY: as above.
+    unsafe { libc::kill(worker.pid, libc::SIGCONT) };
+    assert!(worker.ask("calls").starts_with("calls "));
+    worker.quit();
+}
+
+#[test]
+fn ctrl_c_at_any_moment_of_the_attach_leaves_the_program_whole_and_no_file_behind() {
+    let _cpu = cpu_hungry();
+    let mut worker = Worker::start_hot(2);
+    let before = worker.code("work");
+    let tmp = scratch().join(format!("interrupted-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for round in 0..20u64 {
+        let env = |command: &mut Command| {
+            command.env("TMPDIR", &tmp);
+        };
+        let session = Session::start_with(worker.pid, &[HOT_SPEC], &["-o", "/dev/null"], env, None);
+        // From dynprobe's start, through the injection, to the agent's answer, 4 ms apart.
+        std::thread::sleep(Duration::from_millis(4 * round));
+        let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+        // Ended by the signal, silent, only if it came before dynprobe blocked it, which it
+        // does before it touches anything.
+        assert!(code == Some(0) || (code.is_none() && stderr.is_empty()), "round {round}: {code:?} {stderr}");
+        assert_restored(&worker, &before);
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "round {round} left {left:?}");
+        assert!(worker.ask("calls").starts_with("calls "), "round {round}");
+    }
+    worker.quit();
+}
+
+#[test]
+fn another_users_process_is_refused_with_that_reason() {
+    // SAFETY: getuid cannot fail.
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test runs dynprobe as `nobody` against root's process");
+    let worker = Worker::start_hot(1);
+    let as_nobody = |command: &mut Command| {
+        let program = command.get_program().to_owned();
+        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+        *command = Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program).args(args);
+    };
+    let session = Session::start_with(worker.pid, &[HOT_SPEC], &[], as_nobody, None);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("another user's process"), "{stderr}");
+    assert!(!stderr.contains("/maps"), "{stderr}");
+    worker.quit();
 }

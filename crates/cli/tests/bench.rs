@@ -100,6 +100,10 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     let attach = row(&rows, "attach-ms");
     assert!(ns_per_hit(&rows, "attach-ms") > 0.0, "{attach}");
     assert!(attach["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{attach}");
+    // And detaching from one whose threads hit the probe: Ctrl-C to every byte restored.
+    let detach = row(&rows, "detach-ms");
+    assert!(detach["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{detach}");
+    assert!(detach["note"].as_str().unwrap().contains("every byte restored"), "{detach}");
 
     // Start-up under record: a duration beside the untraced start, with every site of
     // the row's share of the generated program patched.

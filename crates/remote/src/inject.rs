@@ -201,6 +201,14 @@ pub fn inject_library_timeout(
     }
     let path = std::fs::canonicalize(path)
         .map_err(|error| InjectError::LibraryNotFound { path: path.to_path_buf(), error })?;
+    // The kernel checks the same right (ptrace_may_access, proc(5)) for reading the memory
+    // map as for attaching: a refusal here is one to explain the way an attach's is (another
+    // user's process, a non-dumpable one, Yama), not as a file that could not be read.
+    if let Err(e) = std::fs::File::open(format!("/proc/{pid}/maps")) {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            return Err(crate::diagnose::not_permitted(pid, pid).into());
+        }
+    }
     let table = SymbolTable::for_pid(pid).map_err(|e| match e {
         SymbolError::NoSuchProcess { pid } => InjectError::Attach(AttachError::NoSuchProcess { pid }),
         e => InjectError::Symbols(e),

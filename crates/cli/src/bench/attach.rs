@@ -1,10 +1,14 @@
 //! The `attach-ms` row: how long `dynprobe probe -p PID` takes, from the command's start to
 //! its probe being armed in a process that is already running (ptrace, loading the agent
 //! with the target's own `dlopen`, its symbol tables, placing and optimizing the probe).
+//! The `detach-ms` row: how long from Ctrl-C to every probed byte restored, in a process
+//! whose threads hit the probe without a pause.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::measure::{Timing, BATCHES};
 use super::program::last_lines;
@@ -20,25 +24,9 @@ pub fn measure_attach() -> Result<Timing, String> {
     for _ in 0..BATCHES {
         let target = Target::start()?;
         let started = Instant::now();
-        let mut probe = Command::new(&me)
-            .args(["probe", "-p", &target.0.id().to_string(), "--duration", "0", SPEC])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|err| format!("cannot run dynprobe probe -p: {err}"))?;
-        let mut stderr = BufReader::new(probe.stderr.take().expect("stderr is piped"));
+        let (mut probe, mut stderr) = probe_pid(&me, target.0.id(), &["--duration", "0", SPEC])?;
         let mut seen = String::new();
-        let mut line = String::new();
-        let attached = loop {
-            line.clear();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-                break None;
-            }
-            seen.push_str(&line);
-            if line.contains("attached to") {
-                break Some(started.elapsed());
-            }
-        };
+        let attached = wait_attached(&mut stderr, &mut seen).then(|| started.elapsed());
         let status = probe.wait().map_err(|err| err.to_string())?;
         let _ = std::io::copy(&mut stderr, &mut std::io::sink());
         match attached {
@@ -53,10 +41,142 @@ pub fn measure_attach() -> Result<Timing, String> {
     Ok(timing)
 }
 
-/// A running `sleep`, killed when dropped.
+/// Starts `dynprobe probe -p PID ARGS...` (this executable, `me`), its stdout discarded:
+/// the child and its stderr.
+fn probe_pid(me: &Path, pid: u32, args: &[&str]) -> Result<(Child, BufReader<ChildStderr>), String> {
+    let mut probe = Command::new(me)
+        .args(["probe", "-p", &pid.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("cannot run dynprobe probe -p: {err}"))?;
+    let stderr = BufReader::new(probe.stderr.take().expect("stderr is piped"));
+    Ok((probe, stderr))
+}
+
+/// Reads dynprobe's stderr into `seen` until it says it attached (true) or ends (false).
+fn wait_attached(stderr: &mut BufReader<ChildStderr>, seen: &mut String) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        seen.push_str(&line);
+        if line.contains("attached to") {
+            return true;
+        }
+    }
+}
+
+/// The detach row's program (`tests/targets/hot.c`, built by build.rs), and its threads
+/// that call `work` without a pause.
+const HOT: &str = env!("DYNPROBE_BENCH_HOT");
+const HOT_THREADS: &str = "4";
+
+/// The longest a detach may take before the row fails.
+const DETACH_LIMIT: Duration = Duration::from_secs(30);
+
+/// [`BATCHES`] times: attaches to a fresh hot program with a probe on `work`, lets the
+/// hits flow, sends Ctrl-C and times until `work`'s bytes are the original ones again
+/// (read from `/proc/PID/mem`, as another process sees them); the batches are nanoseconds
+/// per detach.
+pub fn measure_detach() -> Result<Timing, String> {
+    let me = std::env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
+    let mut timing = Timing { calls_per_batch: 1, batches: Vec::new(), total_calls: 0, remark: None };
+    for _ in 0..BATCHES {
+        let target = Target::hot()?;
+        let pid = target.0.id();
+        let work = Code::of(pid, "work")?;
+        let original = work.bytes()?;
+        let (mut probe, mut stderr) = probe_pid(&me, pid, &["-o", "/dev/null", "p:work x=$arg1"])?;
+        let mut seen = String::new();
+        if !wait_attached(&mut stderr, &mut seen) {
+            let status = probe.wait().map_err(|err| err.to_string())?;
+            return Err(format!("dynprobe probe -p failed ({status}): {}", last_lines(&seen)));
+        }
+        // The hits flow for a while, as in a session someone ends.
+        std::thread::sleep(Duration::from_millis(200));
+        if work.bytes()? == original {
+            let _ = probe.kill();
+            return Err("`work` was not patched while attached".to_owned());
+        }
+        let started = Instant::now();
+        // SAFETY: kill sends a signal to our own child.
+        unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+        let restored = loop {
+            if work.bytes()? == original {
+                break Some(started.elapsed());
+            }
+            if started.elapsed() > DETACH_LIMIT {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        let status = probe.wait().map_err(|err| err.to_string())?;
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut seen);
+        match restored {
+            Some(elapsed) if status.success() => {
+                timing.batches.push(elapsed.as_nanos() as f64);
+                timing.total_calls += 1;
+            }
+            Some(_) => return Err(format!("dynprobe probe -p failed ({status}): {}", last_lines(&seen))),
+            None => {
+                return Err(format!("`work` was not restored {DETACH_LIMIT:?} after Ctrl-C: {}", last_lines(&seen)))
+            }
+        }
+    }
+    timing.remark = Some(format!("every byte restored {} after Ctrl-C", timing.ms_spread()));
+    Ok(timing)
+}
+
+/// The first bytes of a function in a running process.
+struct Code {
+    mem: std::fs::File,
+    addr: u64,
+}
+
+impl Code {
+    /// `function` of process `pid`, found in its symbol tables.
+    fn of(pid: u32, function: &str) -> Result<Code, String> {
+        let table = dynprobe_symbols::SymbolTable::for_pid(pid as i32).map_err(|err| err.to_string())?;
+        let addr = table.lookup(function).map_err(|err| err.to_string())?.addr;
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+            .map_err(|err| format!("cannot open /proc/{pid}/mem: {err}"))?;
+        Ok(Code { mem, addr })
+    }
+
+    /// The 8 bytes at the function's start: what a jump-optimized probe changes.
+    fn bytes(&self) -> Result<[u8; 8], String> {
+        let mut bytes = [0u8; 8];
+        self.mem.read_exact_at(&mut bytes, self.addr).map_err(|err| format!("cannot read the target's code: {err}"))?;
+        Ok(bytes)
+    }
+}
+
+/// A running target, killed when dropped.
 struct Target(Child);
 
 impl Target {
+    /// The hot program, once it said it is ready (its threads running).
+    fn hot() -> Result<Target, String> {
+        let mut child = Command::new(HOT)
+            .arg(HOT_THREADS)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|err| format!("cannot start {HOT}: {err}"))?;
+        let mut line = String::new();
+        let stdout = child.stdout.as_mut().expect("stdout is piped");
+        BufReader::new(stdout).read_line(&mut line).map_err(|err| err.to_string())?;
+        let target = Target(child);
+        match line.starts_with("ready ") {
+            true => Ok(target),
+            false => Err(format!("{HOT} said {line:?} instead of `ready`")),
+        }
+    }
+
     fn start() -> Result<Target, String> {
         let child = Command::new("sleep")
             .arg("600")

@@ -109,6 +109,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::Program(tracer) => program::measure(tracer, plan),
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
+        Measure::Detach => attach::measure_detach(),
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),
         Measure::Startup(case) => startup::measure(case, plan),
     })

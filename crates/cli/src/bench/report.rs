@@ -27,7 +27,8 @@ struct ReportRow {
     /// Median nanoseconds per call, instrumentation included.
     #[serde(skip_serializing_if = "Option::is_none")]
     ns_per_call: Option<f64>,
-    /// Milliseconds, for a row whose figure is one operation's duration (`attach-ms`).
+    /// Milliseconds, for a row whose figure is one operation's duration (`attach-ms`,
+    /// `detach-ms`).
     #[serde(skip_serializing_if = "Option::is_none")]
     ms: Option<f64>,
     /// Why the row has no number.
@@ -82,7 +83,7 @@ impl Report {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
-                        if matches!(row.measure, Measure::Attach | Measure::Startup(_)) {
+                        if matches!(row.measure, Measure::Attach | Measure::Detach | Measure::Startup(_)) {
                             report.ms = Some(round(timing.ns_per_call() / 1e6, 100.0));
                         }
                         report.calls_per_batch = Some(timing.calls_per_batch);

@@ -79,6 +79,8 @@ pub enum Measure {
     SiteBatch,
     /// `dynprobe probe -p` attaching to a running process: nanoseconds per attach.
     Attach,
+    /// Ctrl-C of `dynprobe probe -p` to every probed byte restored: nanoseconds per detach.
+    Detach,
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
@@ -96,7 +98,7 @@ impl Row {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
-            Measure::SiteBatch | Measure::Attach | Measure::PtraceProbe => None,
+            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::PtraceProbe => None,
         }
     }
 }
@@ -252,6 +254,12 @@ pub static ROWS: &[Row] = &[
         name: "startup-libc",
         about: "dynprobe record -F 'libc:*' of it (the C library's functions): start-up added before main",
         measure: Measure::Startup(Startup::Libc),
+        compare_to: &[],
+    },
+    Row {
+        name: "detach-ms",
+        about: "Ctrl-C of dynprobe probe -p to every probed byte restored, 4 threads hitting the probe (ns per detach)",
+        measure: Measure::Detach,
         compare_to: &[],
     },
     Row {

@@ -11,7 +11,7 @@
 //!
 //! The control protocol is described in the agent's `attach` module.
 
-use super::output::{Message, Printer};
+use super::output::{poll_one, sanitize, Format, LineBuf, Message, Outbox, OUTBOX_MAX};
 use super::ptrace::{self, Tracer};
 use dynprobe::spec::ProbeSpec;
 use dynprobe_uprobes::Target;
@@ -48,10 +48,18 @@ pub(crate) struct Request<'a> {
     pub ptrace: bool,
 }
 
-/// Attaches, relays hits to `printer` until it is time to detach, and detaches. `Err` is a
-/// message for the user; by then nothing is left in the target.
-pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String> {
+/// Attaches, relays hits to `out` (as `format` says) until it is time to detach, and
+/// detaches. `Err` is a message for the user: by then nothing is left in the target, or the
+/// message says precisely what is.
+pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), String> {
+    // Blocked before anything touches the target: a Ctrl-C while the injection has a thread
+    // of the target stopped in a call of ours (its registers and stack borrowed) would kill
+    // this process there, leave that thread to run on from a half-made call (a SIGSEGV) and
+    // the control socket's directory behind. Blocked, the signals wait in the signalfd
+    // and the relay loop takes them at its first round: it detaches as usual.
+    let signals = Signals::block()?;
     let name = process_name(request.pid)?;
+    check_not_stopped(request.pid, &name, request.ptrace)?;
     let (backend, events) = match request.ptrace {
         true => ptrace_backend(request)?,
         false => match agent_backend(request, &name)? {
@@ -70,13 +78,19 @@ pub(crate) fn run(request: &Request, printer: &mut Printer) -> Result<(), String
         name: &name,
         backend,
         events,
-        printer,
-        lines: Vec::new(),
+        out,
+        format,
+        lines: LineBuf::default(),
+        events_closed: false,
+        strays: 0,
+        unprinted: 0,
         lost: 0,
         pending: 0,
         ready: false,
     };
-    let result = session.relay(request);
+    let result = session.relay(request, &signals);
+    session.out.finish(signals.fd.as_raw_fd());
+    session.report_strays();
     if let Backend::Ptrace(tracer) = session.backend {
         let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
         if let Some(death) = end.death(&format!("{} ({name})", request.pid)) {
@@ -135,6 +149,30 @@ fn attach_refused(pid: i32, name: &str, errno: i32) -> String {
         libc::EACCES => format!("the agent in {pid} ({name}) refused the control socket: it belongs to another user"),
         errno => format!("the agent in {pid} ({name}) could not start: {}", io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// Refuses a stopped target (state `T`: `SIGSTOP`, `SIGTSTP`, Ctrl-Z; proc(5)) at once: it
+/// would take the injected call only once continued, and the agent would never answer. The
+/// ptrace tracer can attach to it: there it is a warning, the probes firing once it runs.
+fn check_not_stopped(pid: i32, name: &str, ptrace: bool) -> Result<(), String> {
+    if process_state(pid) != Some('T') {
+        return Ok(());
+    }
+    let why = format!("{pid} ({name}) is stopped (state T: SIGSTOP, SIGTSTP or Ctrl-Z)");
+    if ptrace {
+        eprintln!("dynprobe: warning: {why}: its probes fire once it is continued (`kill -CONT {pid}`)");
+        return Ok(());
+    }
+    Err(format!(
+        "{why}, so it cannot load the agent: continue it first (`kill -CONT {pid}`), or probe it with --ptrace"
+    ))
+}
+
+/// The state letter of `/proc/PID/stat` (proc(5)): after the command name, which is in
+/// parentheses and may itself hold `) `.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 /// The target's command name, which also tells whether it exists.
@@ -274,10 +312,7 @@ fn peer_pid(fd: RawFd) -> Option<i32> {
 
 /// Whether `fd` becomes readable within `timeout`.
 fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one initialized pollfd.
-    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+    poll_one(fd, libc::POLLIN, timeout.as_millis().min(i32::MAX as u128) as libc::c_int)
 }
 
 /// The event pipe: the agent gets both ends (it holds the read end open so that a hit
@@ -367,8 +402,8 @@ impl Control {
                 false => None,
             };
         }
-        buf.truncate(n as usize);
-        Some(String::from_utf8_lossy(&buf).into_owned())
+        // The agent runs in the target, which can send anything on this socket too.
+        Some(sanitize(&buf[..n as usize]))
     }
 }
 
@@ -378,17 +413,27 @@ struct Signals {
     fd: OwnedFd,
 }
 
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the signals that end a session, for
+/// the calling thread; their set.
+pub(super) fn mask_ending_signals(how: libc::c_int) -> libc::sigset_t {
+    // SAFETY: builds a signal set on the stack and changes this thread's mask with it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 impl Signals {
     fn block() -> Result<Signals, String> {
-        // SAFETY: builds a signal set on the stack and blocks it for this (only) thread,
-        // then makes a signalfd for it.
+        // Blocked for this thread, the CLI's only one.
+        let set = mask_ending_signals(libc::SIG_BLOCK);
+        // SAFETY: makes a signalfd for an initialized set and owns the new descriptor.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, signal);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
             if fd == -1 {
                 return Err(format!("signalfd: {}", io::Error::last_os_error()));
@@ -454,9 +499,20 @@ struct Session<'a> {
     backend: Backend,
     /// Hit lines (and, from the ptrace tracer, status lines).
     events: OwnedFd,
-    printer: &'a mut Printer,
-    /// An incomplete last line read from the event pipe.
-    lines: Vec<u8>,
+    /// Where the hits are printed.
+    out: Outbox,
+    format: Format,
+    /// What was read from the event pipe, split into lines.
+    lines: LineBuf,
+    /// The event pipe reached its end. The agent's session ends by its socket, not by its
+    /// pipe: a detach that leaves probes behind points the pipe's write end at /dev/null
+    /// just before it says so.
+    events_closed: bool,
+    /// Lines of the agent's event pipe that were not events: the program wrote them (it
+    /// holds the pipe, as it holds everything of the agent's). Dropped and counted.
+    strays: u64,
+    /// Events read after the end with the output queue full: dropped and counted.
+    unprinted: u64,
     /// Events the agent reported dropped.
     lost: u64,
     /// Probes waiting for their library.
@@ -465,9 +521,17 @@ struct Session<'a> {
     ready: bool,
 }
 
+/// The most bytes read from the event pipe after the session ended (whatever was in it
+/// then, while a writer the program keeps could go on forever).
+const DRAIN_MAX: usize = 4 * PIPE_SIZE as usize;
+
 impl Session<'_> {
-    fn relay(&mut self, request: &Request) -> Result<(), String> {
-        let signals = Signals::block()?;
+    /// The relay loop. Each round waits for any of its descriptors and then does a bounded
+    /// amount of work on each — one read of the event pipe, the writes the output takes
+    /// without blocking — so that under a steady stream of hits, and with a reader slower
+    /// than them, Ctrl-C, `--duration` and the agent's messages are still seen in the next
+    /// round.
+    fn relay(&mut self, request: &Request, signals: &Signals) -> Result<(), String> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
         // SAFETY: the descriptor (when there is one) was just returned and is ours alone.
@@ -479,27 +543,39 @@ impl Session<'_> {
                 Backend::Agent(control) => control.fd.as_raw_fd(),
                 Backend::Ptrace(_) => -1,
             };
+            // While the output queue is full the pipe is left unread: the agent counts
+            // what does not fit as lost.
+            let events_fd = if self.out.full() || self.events_closed { -1 } else { self.events.as_raw_fd() };
+            let out_fd = if self.out.waiting() { self.out.fd() } else { -1 };
             let mut fds = [
                 libc::pollfd { fd: control_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: events_fd, events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: out_fd, events: libc::POLLOUT, revents: 0 },
             ];
             let ms = deadline.map_or(-1, |at| {
                 at.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as libc::c_int
             });
-            // SAFETY: `fds` is an array of four initialized pollfds (a negative fd is ignored).
+            // SAFETY: `fds` is an array of initialized pollfds (a negative fd is ignored).
             if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) } == -1 {
                 continue;
             }
             let mut status = Vec::new();
             let mut ended = false;
-            if fds[1].revents != 0 {
-                ended |= self.read_events(&mut status);
+            if fds[1].revents != 0 && self.read_events(&mut status) == Read::Closed {
+                match self.backend {
+                    Backend::Agent(_) => self.events_closed = true,
+                    Backend::Ptrace(_) => ended = true,
+                }
+            }
+            if fds[4].revents != 0 {
+                self.out.write_some();
             }
             if let Backend::Agent(control) = &self.backend {
                 if fds[0].revents != 0 {
-                    loop {
+                    // Bounded too: the program could flood the socket as well.
+                    for _ in 0..256 {
                         match control.receive() {
                             Some(message) if message.is_empty() => break,
                             Some(message) => status.push(message),
@@ -520,16 +596,14 @@ impl Session<'_> {
                         deadline = request.duration.map(|d| Instant::now() + d);
                     }
                     Step::Detached => {
-                        self.read_events(&mut Vec::new());
+                        self.drain_events();
                         return Ok(());
                     }
                 }
             }
-            let _ = self.printer.flush();
             if ended || fds[3].revents != 0 {
                 // The agent's socket or the tracer's pipe closed, or the target ended.
-                self.read_events(&mut Vec::new());
-                let _ = self.printer.flush();
+                self.drain_events();
                 if exited(self.pid, pidfd.as_ref()) {
                     eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
                     return Ok(());
@@ -624,7 +698,7 @@ impl Session<'_> {
                     return Ok(Step::Detached);
                 }
                 if !problem.is_empty() {
-                    return Err(format!("detached from {} ({}) {problem}", self.pid, self.name));
+                    return Err(format!("detach from {} ({}) was not complete: {problem}", self.pid, self.name));
                 }
                 eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
                 return Ok(Step::Detached);
@@ -635,29 +709,70 @@ impl Session<'_> {
         Ok(Step::Stay)
     }
 
-    /// Reads what the event pipe holds and prints every complete hit line; status lines
-    /// (the ptrace tracer's) go to `status`. True once the pipe is closed.
-    fn read_events(&mut self, status: &mut Vec<String>) -> bool {
+    /// Reads the event pipe once and prints every hit line it completes. Other lines are
+    /// the ptrace tracer's status lines, which go to `status`; in the agent's pipe they can
+    /// only be the program's (the agent's own go over the control socket), and are dropped.
+    fn read_events(&mut self, status: &mut Vec<String>) -> Read {
         let mut buf = [0u8; 64 * 1024];
-        loop {
-            // SAFETY: reads into a local buffer; the pipe's read end is non-blocking.
-            let n = unsafe { libc::read(self.events.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                return n == 0;
-            }
-            self.lines.extend_from_slice(&buf[..n as usize]);
-            let complete = self.lines.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            let text = String::from_utf8_lossy(&self.lines[..complete]).into_owned();
-            self.lines.drain(..complete);
-            for line in text.lines().filter(|l| !l.is_empty()) {
-                match Message::parse(line) {
-                    Message::Hit(hit) => {
-                        // A closed `| head`: keep reading, so the agent's pipe drains.
-                        let _ = self.printer.hit(&hit);
-                    }
-                    _ => status.push(line.to_string()),
-                }
+        // SAFETY: reads into a local buffer; the pipe's read end is non-blocking.
+        let n = unsafe { libc::read(self.events.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return if n == 0 { Read::Closed } else { Read::Empty };
+        }
+        let (format, out, strays, unprinted) = (&self.format, &mut self.out, &mut self.strays, &mut self.unprinted);
+        let agent = matches!(self.backend, Backend::Agent(_));
+        self.lines.push(&buf[..n as usize], &mut |line| match Message::parse(line) {
+            Message::Hit(_) if out.full() => *unprinted += 1,
+            Message::Hit(hit) => out.push(&format.line(&hit)),
+            _ if agent => *strays += 1,
+            _ => status.push(line.to_string()),
+        });
+        Read::Some(n as usize)
+    }
+
+    /// Reads what is left in the event pipe once the session ended, up to [`DRAIN_MAX`].
+    fn drain_events(&mut self) {
+        let mut read = 0;
+        while read < DRAIN_MAX {
+            match self.read_events(&mut Vec::new()) {
+                Read::Some(n) => read += n,
+                Read::Empty | Read::Closed => break,
             }
         }
     }
+
+    /// Says how many lines of the event pipe were not the agent's, and how many events
+    /// were not printed.
+    fn report_strays(&self) {
+        if self.unprinted > 0 {
+            eprintln!(
+                "dynprobe: warning: {} events in the pipe at the end were not printed: the output was {} KiB behind",
+                self.unprinted,
+                OUTBOX_MAX / 1024
+            );
+        }
+        let strays = self.strays + self.lines.overlong;
+        if strays > 0 && matches!(self.backend, Backend::Ptrace(_)) {
+            eprintln!("dynprobe: warning: {strays} over-long lines from the ptrace tracer were dropped");
+        } else if strays > 0 {
+            eprintln!(
+                "dynprobe: warning: {strays} line{} in the event pipe of {} ({}) were not events: the program \
+                 wrote into the agent's pipe; they were dropped",
+                if strays == 1 { "" } else { "s" },
+                self.pid,
+                self.name
+            );
+        }
+    }
+}
+
+/// What one read of the event pipe got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// This many bytes.
+    Some(usize),
+    /// Nothing for now.
+    Empty,
+    /// End of file: every writer closed its end.
+    Closed,
 }

@@ -111,7 +111,11 @@ fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
     let duration = args.duration.as_deref().map(parse_duration).transpose()?;
     let lines = spec_lines(&args.specs)?;
     let agent = agent_path()?;
-    let mut printer = printer(&args.output)?;
+    let out = match &args.output.file {
+        Some(path) => output::Outbox::file(create_output(path)?),
+        None => output::Outbox::stdout(),
+    };
+    let format = output::Format::new(args.output.json, dynprobe::monotonic_ns());
     let request = attach::Request {
         pid,
         specs: &lines,
@@ -121,9 +125,7 @@ fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
         started,
         ptrace: args.ptrace,
     };
-    let result = attach::run(&request, &mut printer);
-    let _ = printer.flush();
-    result
+    attach::run(&request, out, format)
 }
 
 /// `--duration`: a duration with a unit, or a bare number of seconds.
@@ -152,14 +154,15 @@ fn spec_lines(specs: &[String]) -> Result<Vec<String>, String> {
 /// The printer `output` asks for.
 fn printer(output: &OutputArgs) -> Result<Printer, String> {
     let out: Box<dyn Write> = match &output.file {
-        Some(path) => Box::new(BufWriter::new(
-            // Owner-only: the events carry the program's arguments and strings.
-            dynprobe_events::files::create_output(path)
-                .map_err(|e| format!("cannot create `{}`: {e}", path.display()))?,
-        )),
+        Some(path) => Box::new(BufWriter::new(create_output(path)?)),
         None => Box::new(BufWriter::new(io::stdout())),
     };
     Ok(Printer::new(out, output.json, dynprobe::monotonic_ns()))
+}
+
+/// The file of `-o`: owner-only, the events carry the program's arguments and strings.
+fn create_output(path: &std::path::Path) -> Result<std::fs::File, String> {
+    dynprobe_events::files::create_output(path).map_err(|e| format!("cannot create `{}`: {e}", path.display()))
 }
 
 fn try_probe(

@@ -10,7 +10,9 @@
 //! and the type the user chose shows), decodes quoted strings into JSON strings (bytes that
 //! are not UTF-8 become U+FFFD), and writes a fetch that faulted as `null`.
 
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 
 /// One line from the agent (see the protocol in the `dynprobe-agent` crate).
 #[derive(Debug, PartialEq, Eq)]
@@ -227,23 +229,270 @@ fn unescape(inside: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The longest line read from the agent (or the ptrace tracer): far above any real one
+/// (event lines are at most `dynprobe::line::LINE_MAX` bytes), and a bound on what a
+/// program writing into the event pipe without a newline can make dynprobe keep.
+pub const READ_LINE_MAX: usize = 64 * 1024;
+
+/// A line (or message) from the agent, made safe to print: what is not UTF-8 becomes
+/// U+FFFD, and every control character — ESC starting a terminal's escape sequence, a
+/// carriage return, the C1 controls — becomes `\xNN` per byte, as `strace` shows
+/// non-printable bytes. The agent runs inside the traced program, which can write anything
+/// into its channels: nothing it writes may reach the terminal raw (see strace(1), `-x`).
+/// Printable text, and with it the protocol's own `\xNN` escapes, is left as it is.
+pub fn sanitize(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if !text.chars().any(char::is_control) {
+        return text.into_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() {
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Splits what is read from a pipe into lines, each [`sanitize`]d; a line longer than
+/// [`READ_LINE_MAX`] is dropped whole (and counted) rather than kept growing.
+#[derive(Default)]
+pub struct LineBuf {
+    pending: Vec<u8>,
+    /// Inside an over-long line: its bytes are dropped up to its end.
+    skipping: bool,
+    /// Lines dropped for their length.
+    pub overlong: u64,
+}
+
+impl LineBuf {
+    /// Takes `bytes` (the continuation of what came before) and hands every line they
+    /// complete to `each`, without its `\n`; empty lines are skipped.
+    pub fn push(&mut self, bytes: &[u8], each: &mut dyn FnMut(&str)) {
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let part = &rest[..end];
+            rest = &rest[end + 1..];
+            if std::mem::take(&mut self.skipping) {
+                continue;
+            }
+            if self.pending.len() + part.len() > READ_LINE_MAX {
+                self.overlong += 1;
+                self.pending.clear();
+                continue;
+            }
+            let line = match self.pending.is_empty() {
+                true => part,
+                false => {
+                    self.pending.extend_from_slice(part);
+                    &self.pending[..]
+                }
+            };
+            if !line.is_empty() {
+                each(&sanitize(line));
+            }
+            self.pending.clear();
+        }
+        if self.skipping {
+            return;
+        }
+        self.pending.extend_from_slice(rest);
+        if self.pending.len() > READ_LINE_MAX {
+            self.overlong += 1;
+            self.pending.clear();
+            self.skipping = true;
+        }
+    }
+}
+
+/// Where an attach session's lines go (standard output or `-o FILE`), written only as far
+/// as the destination takes them without blocking, so that a reader slower than the hits
+/// (a pipe into another program, a terminal on hold) never keeps the session from seeing
+/// Ctrl-C, `--duration` or the agent's messages. What the reader has not taken yet waits in
+/// a queue of at most [`OUTBOX_MAX`] bytes; while it is full, the event pipe is left
+/// unread and the agent counts the hits that do not fit as lost, as `perf` does when its
+/// reader falls behind.
+pub struct Outbox {
+    fd: RawFd,
+    /// The file of `-o`, kept open for `fd`.
+    _file: Option<File>,
+    queue: Vec<u8>,
+    /// Bytes at the front of `queue` already written.
+    done: usize,
+    /// A write failed (a closed `| head`): lines are dropped from then on, and the event
+    /// pipe is still read, so that the agent's pipe drains.
+    broken: bool,
+}
+
+/// The most an [`Outbox`] keeps for a slow reader.
+pub const OUTBOX_MAX: usize = 1 << 20;
+
+impl Outbox {
+    /// Lines to standard output.
+    pub fn stdout() -> Outbox {
+        Outbox { fd: libc::STDOUT_FILENO, _file: None, queue: Vec::new(), done: 0, broken: false }
+    }
+
+    /// Lines to `file`.
+    pub fn file(file: File) -> Outbox {
+        Outbox { fd: file.as_raw_fd(), _file: Some(file), queue: Vec::new(), done: 0, broken: false }
+    }
+
+    /// The destination, for `poll`.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Queues one line (without its newline).
+    pub fn push(&mut self, line: &str) {
+        if !self.broken {
+            self.queue.extend_from_slice(line.as_bytes());
+            self.queue.push(b'\n');
+        }
+    }
+
+    /// Whether lines wait for the destination.
+    pub fn waiting(&self) -> bool {
+        self.done < self.queue.len()
+    }
+
+    /// Whether the queue is full: read no more events until the reader takes some.
+    pub fn full(&self) -> bool {
+        self.queue.len() - self.done >= OUTBOX_MAX
+    }
+
+    /// Writes what the destination takes now: chunks of at most `PIPE_BUF` bytes while
+    /// `poll` says it is writable (a pipe that polls writable takes `PIPE_BUF` bytes
+    /// without blocking, pipe(7)), at most 64 KiB a call.
+    pub fn write_some(&mut self) {
+        for _ in 0..16 {
+            if !self.waiting() || !poll_one(self.fd, libc::POLLOUT, 0) {
+                break;
+            }
+            if !self.write_chunk(libc::PIPE_BUF) {
+                break;
+            }
+        }
+        self.compact();
+    }
+
+    /// Writes everything queued, waiting for the reader (the session is over by then),
+    /// unless `interrupt` (a signalfd) becomes readable first: a reader far behind could
+    /// make that minutes, and the user asked for the end. Says so on stderr when the
+    /// reader keeps it waiting, and what was dropped. The signal is left to read.
+    pub fn finish(&mut self, interrupt: RawFd) {
+        let mut told = false;
+        while self.waiting() {
+            let mut fds = [
+                libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 },
+                libc::pollfd { fd: interrupt, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two initialized pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if fds[1].revents != 0 {
+                let lines = self.queue[self.done..].iter().filter(|&&b| b == b'\n').count();
+                eprintln!("dynprobe: interrupted: {lines} event lines the reader had not taken were dropped");
+                self.queue.clear();
+                self.done = 0;
+                return;
+            }
+            if ready == 0 && !told {
+                let kib = (self.queue.len() - self.done).div_ceil(1024);
+                eprintln!("dynprobe: the reader is behind: writing the last {kib} KiB of events (Ctrl-C drops them)");
+                told = true;
+            }
+            if fds[0].revents != 0 && !self.write_chunk(libc::PIPE_BUF) {
+                break;
+            }
+        }
+        self.compact();
+    }
+
+    /// One `write` of at most `max` bytes; false when nothing more can be written now.
+    fn write_chunk(&mut self, max: usize) -> bool {
+        let end = self.queue.len().min(self.done + max);
+        let chunk = &self.queue[self.done..end];
+        // SAFETY: writes from a live slice of `chunk.len()` bytes.
+        let n = unsafe { libc::write(self.fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n >= 0 {
+            self.done += n as usize;
+            return n > 0;
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::Interrupted => true,
+            io::ErrorKind::WouldBlock => false,
+            _ => {
+                // EPIPE and the like: the reader is gone for good.
+                self.broken = true;
+                self.queue.clear();
+                self.done = 0;
+                false
+            }
+        }
+    }
+
+    fn compact(&mut self) {
+        if self.done == self.queue.len() {
+            self.queue.clear();
+            self.done = 0;
+        } else if self.done >= 64 * 1024 && self.done * 2 >= self.queue.len() {
+            self.queue.drain(..self.done);
+            self.done = 0;
+        }
+    }
+}
+
+/// Whether `fd` polls ready for `events` within `ms` milliseconds. An error or a hang-up
+/// counts as ready: the next `read` or `write` says which.
+pub fn poll_one(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> bool {
+    let mut poll = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one initialized pollfd.
+    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+}
+
+/// How hits are written: text or JSON lines, times relative to the start of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct Format {
+    json: bool,
+    start_ns: u64,
+}
+
+impl Format {
+    /// JSON lines or text; `start_ns` is `CLOCK_MONOTONIC` when the run started.
+    pub fn new(json: bool, start_ns: u64) -> Format {
+        Format { json, start_ns }
+    }
+
+    /// One hit's line, without its newline.
+    pub fn line(&self, hit: &Hit) -> String {
+        if self.json {
+            json_line(hit, self.start_ns)
+        } else {
+            text_line(hit, self.start_ns)
+        }
+    }
+}
+
 /// Writes hits as text or JSON lines, with times relative to the start of the run.
 pub struct Printer {
     out: Box<dyn Write>,
-    json: bool,
-    start_ns: u64,
+    format: Format,
 }
 
 impl Printer {
     /// A printer to `out`; `start_ns` is `CLOCK_MONOTONIC` when the program was started.
     pub fn new(out: Box<dyn Write>, json: bool, start_ns: u64) -> Printer {
-        Printer { out, json, start_ns }
+        Printer { out, format: Format::new(json, start_ns) }
     }
 
     /// Writes one hit.
     pub fn hit(&mut self, hit: &Hit) -> io::Result<()> {
-        let line = if self.json { json_line(hit, self.start_ns) } else { text_line(hit, self.start_ns) };
-        writeln!(self.out, "{line}")
+        writeln!(self.out, "{}", self.format.line(hit))
     }
 
     /// Flushes what was written so far (after each batch read from the pipe, so output
@@ -365,5 +614,30 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed["args"]["s"], "a \"b\"\n\u{e9}\u{fffd}");
         assert!(parsed["args"]["f"].is_null());
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_printable_text_kept() {
+        assert_eq!(sanitize(b"1 2 ev s=\"a\\x1b\""), "1 2 ev s=\"a\\x1b\"");
+        assert_eq!(sanitize(b"\x1b]0;t\x07\r\x7f"), r"\x1b]0;t\x07\x0d\x7f");
+        // A C1 control (CSI, U+009B) and bytes that are not UTF-8.
+        assert_eq!(sanitize("a\u{9b}2J é".as_bytes()), r"a\xc2\x9b2J é");
+        assert_eq!(sanitize(b"\xff"), "\u{fffd}");
+    }
+
+    #[test]
+    fn lines_are_split_across_reads_and_over_long_ones_dropped() {
+        let mut split = LineBuf::default();
+        let mut got = Vec::new();
+        split.push(b"one\ntw", &mut |l| got.push(l.to_string()));
+        split.push(b"o\n\nthree\n", &mut |l| got.push(l.to_string()));
+        assert_eq!(got, ["one", "two", "three"]);
+        // Longer than READ_LINE_MAX, in one read and across reads: dropped whole, counted.
+        got.clear();
+        let long = vec![b'A'; READ_LINE_MAX + 1];
+        split.push(&long, &mut |l| got.push(l.to_string()));
+        split.push(b"AAA\nafter\n", &mut |l| got.push(l.to_string()));
+        split.push(&[&long[..], b"\nlast\n"].concat(), &mut |l| got.push(l.to_string()));
+        assert_eq!((got, split.overlong), (vec!["after".to_string(), "last".to_string()], 2));
     }
 }

@@ -42,6 +42,10 @@ impl Tracer {
             -1 => Err(io::Error::last_os_error()),
             0 => {
                 drop((out_read, control_write));
+                // An attach blocks these before it starts (attach::run takes them from a
+                // signalfd), and the mask is inherited across fork and exec (sigprocmask(2));
+                // the tracer handles them itself.
+                super::attach::mask_ending_signals(libc::SIG_UNBLOCK);
                 survive_terminal_signals();
                 let code = trace(target, &specs, out_write.as_raw_fd(), control_read.as_raw_fd());
                 // SAFETY: ends the child without running the parent's exit handlers or

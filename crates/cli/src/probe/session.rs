@@ -2,7 +2,7 @@
 //! for `dynprobe probe` and `dynprobe record`, which differ in the environment they give the
 //! agent and in what they do with its hits.
 
-use super::output::{Hit, Message, Printer};
+use super::output::{Hit, LineBuf, Message, Printer};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
@@ -188,6 +188,12 @@ pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Resu
         state.hits.flush();
     }
     state.hits.flush();
+    if lines.split.overlong > 0 {
+        eprintln!(
+            "dynprobe: warning: {} over-long lines from the agent's pipe were dropped (the program wrote into it?)",
+            lines.split.overlong
+        );
+    }
     Ok(state.placement)
 }
 
@@ -234,10 +240,11 @@ impl Relay<'_> {
     }
 }
 
-/// Splits what is read from the pipe into lines.
+/// Splits what is read from the pipe into lines ([`LineBuf`]: made safe to print, bounded
+/// in length).
 #[derive(Default)]
 struct Lines {
-    pending: Vec<u8>,
+    split: LineBuf,
 }
 
 impl Lines {
@@ -255,14 +262,7 @@ impl Lines {
                 _ => Err(err),
             };
         }
-        self.pending.extend_from_slice(&buf[..n as usize]);
-        let complete = self.pending.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        for line in self.pending[..complete].split(|&b| b == b'\n') {
-            if !line.is_empty() {
-                each(&String::from_utf8_lossy(line));
-            }
-        }
-        self.pending.drain(..complete);
+        self.split.push(&buf[..n as usize], each);
         Ok(n > 0)
     }
 }
