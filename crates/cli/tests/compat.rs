@@ -351,7 +351,8 @@ fn check(program: &Program) -> String {
 }
 
 /// The table's header, for the rows the tests print.
-pub const HEADER: &str = "| program | what it stands for | untraced | record | probe (started) | probe -p (paced input) | \
+pub const HEADER: &str =
+    "| program | what it stands for | untraced | record | probe (started) | probe -p (paced input) | \
                           events started / attached |";
 
 /// One test per program, so that each failure names its program; the rows go to stderr.
