@@ -1201,5 +1201,47 @@ fn another_users_process_is_refused_with_that_reason() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("another user's process"), "{stderr}");
     assert!(!stderr.contains("/maps"), "{stderr}");
+}
+
+/// Fault injection: fifty sessions on one worker, each ended at a pseudo-random moment of
+/// its attach, steady state or detach — by `kill -9` of dynprobe or by Ctrl-C (SIGINT), in
+/// turn — while the worker runs rounds. After each, the worker's code bytes come back
+/// unchanged and its rounds keep the unprobed checksum.
+#[test]
+fn dynprobe_killed_at_random_moments_leaves_the_program_running_with_its_code() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("faults");
+    let before = (worker.code("mix"), worker.code("label"));
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut endings = BTreeMap::new();
+    for round in 0..50 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // 0 to 1.2 s: during the injection, the placing, the optimizing, the steady state.
+        let delay = Duration::from_millis(x % 1200);
+        let signal = if round % 2 == 0 { libc::SIGKILL } else { libc::SIGINT };
+        let session = Session::start(worker.pid, SPECS, &["--duration", "2"]);
+        writeln!(worker.stdin, "go").unwrap();
+        std::thread::sleep(delay);
+        let (code, _, stderr) = session.end(Some(signal));
+        *endings.entry(format!("{signal}:{code:?}")).or_insert(0) += 1;
+        let mut line = String::new();
+        worker.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), expected_sum, "round {round} ({delay:?}, signal {signal}) differs\n{stderr}");
+        // Whatever moment it died at, the agent (or nothing, if it was never loaded) puts
+        // every byte back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (worker.code("mix"), worker.code("label")) != before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            (worker.code("mix"), worker.code("label")),
+            before,
+            "round {round} ({delay:?}, signal {signal}): bytes not restored\n{stderr}"
+        );
+        assert_eq!(worker.round(), expected_sum, "round {round}: the worker changed after the session");
+    }
+    eprintln!("endings (signal:exit code → count): {endings:?}");
     worker.quit();
 }
