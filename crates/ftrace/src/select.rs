@@ -69,6 +69,19 @@ const NOT_CALLED: &[&str] =
 /// hung it in a loop through the tracer's return trampoline; without them it runs.
 const V8_BUILTIN: &str = "Builtins_";
 
+/// Whether `name` (demangled, with its parameters) is a function that V8's generated code
+/// calls through an exit frame: a runtime function (`v8::internal::Runtime_StringSplit`), a
+/// C++ builtin (`v8::internal::Builtin_ArrayPush`), or an API callback taking a
+/// `v8::FunctionCallbackInfo` or `v8::PropertyCallbackInfo` (`node::fs::Read`). V8 finds
+/// the code an exit frame returns to by its return address, also while collecting garbage
+/// in the middle of the call (its `ExitFrame::Iterate`).
+fn called_through_v8_exit_frames(name: &str) -> bool {
+    name.starts_with("v8::internal::Runtime_")
+        || name.starts_with("v8::internal::Builtin_")
+        || name.contains("v8::FunctionCallbackInfo<")
+        || name.contains("v8::PropertyCallbackInfo<")
+}
+
 /// Start-up and tear-down code of the C runtime: it runs before the tracer exists or calls
 /// `main` without returning, and no compiler site is recorded in it.
 const C_RUNTIME: &[&str] = &[
@@ -273,6 +286,13 @@ fn untraceable(name: &str) -> Option<&'static str> {
              walks by their return addresses): a replaced return address sends V8 into a loop",
         );
     }
+    if called_through_v8_exit_frames(name) {
+        return Some(
+            "V8's generated code calls it through an exit frame (a runtime function, a C++ builtin, an API \
+             callback), whose return address V8's garbage collector reads: a replaced one makes V8 abort \
+             (\"Check failed: maybe_code.has_value()\")",
+        );
+    }
     NOT_CALLED.iter().any(|prefix| name.starts_with(prefix)).then_some(
         "it is not entered by a call (a PLT or TLS-descriptor trampoline, a context start, the signal return): \
          no return address is at rsp on its first instruction",
@@ -333,6 +353,15 @@ mod tests {
         assert!(untraceable("_dl_runtime_resolve_xsavec").is_some());
         assert!(untraceable("setjmp").is_some());
         assert!(untraceable("v8::internal::Heap::CollectGarbage").is_none() && untraceable("parse_record").is_none());
+        for exit_frame_callee in [
+            "v8::internal::Runtime_StringSplit(int, unsigned long*, v8::internal::Isolate*)",
+            "v8::internal::Builtin_ArrayPush(int, unsigned long*, v8::internal::Isolate*)",
+            "node::fs::Read(v8::FunctionCallbackInfo<v8::Value> const&)",
+            "node::GetterCallback(v8::Local<v8::Name>, v8::PropertyCallbackInfo<v8::Value> const&)",
+        ] {
+            let why = untraceable(exit_frame_callee).expect("refused");
+            assert!(why.contains("exit frame"), "{why}");
+        }
     }
 
     #[test]

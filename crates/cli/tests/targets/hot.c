@@ -10,8 +10,8 @@
  *   forge    writes forged lines (terminal escape sequences, fake status lines, a line far
  *            longer than any event) into the write end of every pipe it holds both ends of
  *            — the event pipe an attached agent holds — and into the DYNPROBE_EVENT_FD of
- *            its initial environment (the agent's pipe in a program dynprobe started), as a
- *            hostile program could;
+ *            its initial environment (the agent's socket in a program dynprobe started),
+ *            as a hostile program could;
  *            prints "forged <n>" with the number of descriptors written to
  *   open P   creates the file P, writes "mine\n" into it and prints "fd <n>": the descriptor
  *            it got, which must not be one a probe handler still writes into
@@ -94,10 +94,12 @@ static int forge(void)
 		if (fd <= 2 || n <= 0 || fd == dirfd(dir))
 			continue;
 		target[n] = 0;
-		if (sscanf(target, "pipe:[%lu]", &inodes[count]) != 1)
+		/* A started program's agent writes to a socket (DYNPROBE_EVENT_FD names it). */
+		int socket = sscanf(target, "socket:[%lu]", &inodes[count]) == 1;
+		if (!socket && sscanf(target, "pipe:[%lu]", &inodes[count]) != 1)
 			continue;
 		fds[count] = fd;
-		writes[count++] = (fcntl(fd, F_GETFL) & O_ACCMODE) == O_WRONLY;
+		writes[count++] = socket || (fcntl(fd, F_GETFL) & O_ACCMODE) == O_WRONLY;
 	}
 	if (dir)
 		closedir(dir);
