@@ -649,22 +649,8 @@ impl Registry {
                 })
                 .collect(),
         );
-        let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
-        let mut stopped = begin(ranges)?;
-        // A thread meeting a head's int3 from now on goes on in the detour's copy, never
-        // through the breakpoint slot into the bytes the jump covers.
-        for site in &sites {
-            site.optimized.store(true, Ordering::Release);
-        }
-        let written = stopped.txn.arm_heads(&mut edits).and_then(|interrupted| {
-            for site in &sites {
-                if move_into_copy(stopped.txn.world_mut(), &interrupted, site, site.detour().expect("ready")).is_err() {
-                    edits.skip(site.addr);
-                }
-            }
-            stopped.txn.finish(&mut edits)
-        });
-        let synced = stopped.txn.commit();
+        let mut busy = Vec::with_capacity(sites.len());
+        let (written, synced) = write_jumps(&sites, &mut edits, &mut busy)?;
         let mut jumped = Vec::with_capacity(sites.len());
         for ((addr, done), site) in edits.outcomes().zip(&sites) {
             site.optimized.store(done, Ordering::Release);
@@ -754,6 +740,35 @@ fn begin(ranges: Vec<Range<u64>>) -> Result<Stopped, ProbeError> {
     Ok(Stopped { txn, _own_hits_missed: guard })
 }
 
+/// What [`write_jumps`] gives back: the writes' outcome, then the core serialization's.
+type JumpsWritten = (Result<(), TextError>, Result<(), TextError>);
+
+/// Writes the jumps of `sites` (`edits`, in the same order) in one patching transaction.
+/// From its start a thread trapping on one of the sites goes on in the detour's copy, never
+/// back through the breakpoint slot into the bytes the jump covers; threads that went that
+/// way before are stopped by the time the heads are armed, and moved into the copy. A site
+/// with a thread in the middle of its slot's instruction is left out and listed in `busy`.
+/// Returns the writes' outcome and the final core serialization's; the sites' `optimized`
+/// flags are the caller's to settle from [`Edits::outcomes`]. Allocates nothing while
+/// threads are stopped (`busy` has room for every site).
+fn write_jumps(sites: &[&PatchSite], edits: &mut Edits<'_>, busy: &mut Vec<u64>) -> Result<JumpsWritten, ProbeError> {
+    let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
+    let mut stopped = begin(ranges)?;
+    for site in sites {
+        site.optimized.store(true, Ordering::Release);
+    }
+    let written = stopped.txn.arm_heads(edits).and_then(|interrupted| {
+        for site in sites {
+            if move_into_copy(stopped.txn.world_mut(), &interrupted, site, site.detour().expect("ready")).is_err() {
+                busy.push(site.addr);
+                edits.skip(site.addr);
+            }
+        }
+        stopped.txn.finish(edits)
+    });
+    Ok((written, stopped.txn.commit()))
+}
+
 /// The code a jump at `site` changes or sends threads back into: the covered run, and the
 /// breakpoint slot, which jumps back into the run.
 fn jump_ranges(site: &PatchSite, detour: &crate::arch::SiteDetour) -> [Range<u64>; 2] {
@@ -795,25 +810,8 @@ impl Registry {
                 .map(|(site, under)| (site.addr, &under[..], &site.detour().expect("ready").jump[..]))
                 .collect(),
         );
-        let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
         let mut busy = Vec::with_capacity(ready.len());
-        let mut stopped = begin(ranges)?;
-        // From here a thread trapping on a site goes on in its detour's copy, never back
-        // through the breakpoint slot into bytes the jump is about to cover; the threads
-        // that went that way before are stopped by now (arm_heads settles them) and moved.
-        for site in &sites {
-            site.optimized.store(true, Ordering::Release);
-        }
-        let written = stopped.txn.arm_heads(&mut edits).and_then(|interrupted| {
-            for site in &sites {
-                if move_into_copy(stopped.txn.world_mut(), &interrupted, site, site.detour().expect("ready")).is_err() {
-                    busy.push(site.addr);
-                    edits.skip(site.addr);
-                }
-            }
-            stopped.txn.finish(&mut edits)
-        });
-        let synced = stopped.txn.commit();
+        let (written, synced) = write_jumps(&sites, &mut edits, &mut busy)?;
         let mut failed = Vec::new();
         for ((addr, done), (site, under)) in edits.outcomes().zip(sites.iter().zip(&under)) {
             if done {

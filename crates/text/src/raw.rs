@@ -10,23 +10,8 @@
 ///
 /// The arguments must be valid for system call `nr`.
 pub(crate) unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
-    let ret: i64;
-    // SAFETY: the `syscall` instruction clobbers only rax, rcx and r11, all declared;
-    // it does not touch the stack. The caller vouches for the arguments.
-    unsafe {
-        core::arch::asm!(
-            "syscall",
-            inlateout("rax") nr => ret,
-            in("rdi") a1,
-            in("rsi") a2,
-            in("rdx") a3,
-            in("r10") a4,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    ret
+    // SAFETY: the caller vouches for the arguments; the last two are unused by such calls.
+    unsafe { syscall6(nr, a1, a2, a3, a4, 0, 0) }
 }
 
 /// Reads `buf.len()` bytes at `addr` of this process with `process_vm_readv`, so that an
