@@ -665,8 +665,13 @@ mod tests {
             .unwrap();
         let (tid, own) = handle.join().unwrap();
         assert_eq!(own, b"fetch-test-thr");
-        // The thread above has exited: its name cannot be read any more.
+        // The thread above has exited: its name cannot be read any more (once the kernel has
+        // reaped it, which may come a moment after the join).
         let mut name = [0u8; 16];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while SelfMemory.thread_name(tid, &mut name) != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(SelfMemory.thread_name(tid, &mut name), 0);
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
