@@ -407,13 +407,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
         if let Err(e) = written {
             // Take back what is written, then refuse.
             let _ = tracer.mem.replace(point.addr, &traps[..1], &point.bytes[..1]);
-            for site in &tracer.sites {
-                site.restore(&tracer.mem).ok();
-            }
-            tracer.sites.clear();
-            tracer.site_at.clear();
-            tracer.inside.clear();
-            let _ = tracer.uninstall_fallback(tid);
+            tracer.take_back_sites(tid);
             let spec = spec_of(&entries, &returns);
             return Err(Error::Refused { spec, message: format!("cannot write the breakpoint: {e}") });
         }
@@ -435,13 +429,7 @@ fn raise_semaphores(
     for &(s, addr) in semaphores {
         if let Err(why) = marker::raise_semaphore(&tracer.mem, tracer.pid, addr) {
             tracer.lower_semaphores();
-            for site in &tracer.sites {
-                site.restore(&tracer.mem).ok();
-            }
-            tracer.sites.clear();
-            tracer.site_at.clear();
-            tracer.inside.clear();
-            let _ = tracer.uninstall_fallback(tid);
+            tracer.take_back_sites(tid);
             let marker = match &specs[s].location {
                 dynprobe::spec::Target::Marker(marker) => marker.as_str(),
                 dynprobe::spec::Target::Code(_) => "?",

@@ -662,6 +662,19 @@ impl Tracer {
         result
     }
 
+    /// Takes back every breakpoint placed so far and the fallback handler (placing was
+    /// refused half-way): the original bytes, then the program's own `SIGTRAP` action, with
+    /// the system call made on stopped thread `tid`.
+    pub fn take_back_sites(&mut self, tid: i32) {
+        for site in &self.sites {
+            site.restore(&self.mem).ok();
+        }
+        self.sites.clear();
+        self.site_at.clear();
+        self.inside.clear();
+        let _ = self.uninstall_fallback(tid);
+    }
+
     /// Puts the program's own `SIGTRAP` action back, making the system call on stopped
     /// thread `tid` — unless the program installed an action of its own meanwhile, which
     /// stays.
