@@ -54,12 +54,6 @@ const SPAN_MAX: u64 = 4 << 20;
 /// (seen with none in progress before, during and after the look).
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
-/// Whether a transaction is writing code now: an `int3` that no owner registered may be a
-/// transient head of it.
-pub fn in_progress() -> bool {
-    SEQUENCE.load(Ordering::Acquire) & 1 == 1
-}
-
 /// Threads waiting in the trap dispatcher for a transient head to change (their tids; 0 =
 /// free entry). A stop leaves them alone: they hold nothing and will execute the head once
 /// it is final, so they can be inside no instruction being replaced — and they could not
@@ -297,12 +291,6 @@ impl Transaction {
         Ok(Transaction { world, writer, ranges, timeout, first_error: None })
     }
 
-    /// [`Transaction::begin`] with every other thread stopped, none left running: for
-    /// callers that must see every thread.
-    pub fn begin_stopping_all(timeout: Duration) -> Result<Transaction, TextError> {
-        Transaction::begin(std::iter::once(0..u64::MAX).collect(), timeout)
-    }
-
     /// The stopped threads (and how many were left running).
     pub fn world(&self) -> &StoppedWorld {
         &self.world
@@ -311,12 +299,6 @@ impl Transaction {
     /// The stopped threads, to move one with [`StoppedWorld::set_ip`].
     pub fn world_mut(&mut self) -> &mut StoppedWorld {
         &mut self.world
-    }
-
-    /// The code writer, for single-byte edits (an `int3` in or out), which need no
-    /// protocol: one byte is fetched whole, old or new.
-    pub fn writer(&mut self) -> &mut CodeWriter {
-        &mut self.writer
     }
 
     /// Writes every edit (see [`Self::arm_heads`] and [`Self::finish`]); `move_threads` runs
