@@ -284,6 +284,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
                 tracer.formats.push(site.format);
                 points.push((site.point, s, ProbeKind::Entry));
                 semaphores.extend((site.semaphore != 0).then_some((s, site.semaphore)));
+                semaphores.extend(site.gates.iter().map(|&gate| (s, gate)));
             }
             continue;
         }
