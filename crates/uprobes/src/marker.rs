@@ -49,7 +49,12 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
             }
             fields.resolve_symbols(|name| place::lookup_address(table, name))?;
             let format = EventFormat::new(&fields)?;
-            Ok(MarkerPoint { point, format, semaphore: site.semaphore, gates: site.gates.iter().map(|g| g.semaphore).collect() })
+            Ok(MarkerPoint {
+                point,
+                format,
+                semaphore: site.semaphore,
+                gates: site.gates.iter().map(|g| g.semaphore).collect(),
+            })
         })
         .collect()
 }
