@@ -24,6 +24,7 @@ mod lookup;
 mod maps;
 mod markers;
 mod sites;
+mod unwind;
 
 use std::path::PathBuf;
 
