@@ -47,7 +47,10 @@ impl ProbeSet {
                     continue;
                 }
                 match place(&spec, channel) {
-                    Ok(placed) => set.placed.push((text.to_string(), placed)),
+                    Ok(placed) => {
+                        set.notes.extend(gate_note(text, &placed));
+                        set.placed.push((text.to_string(), placed))
+                    }
                     Err(why) => return Err(set.refuse(text, &why)),
                 }
             }
@@ -228,4 +231,19 @@ fn expand_module_glob(spec: &ProbeSpec) -> Result<Option<(Vec<ProbeSpec>, String
 /// milliseconds of an attach.
 fn module_missing(spec: &ProbeSpec) -> bool {
     spec_module(spec).is_some_and(|module| matches!(dynprobe_symbols::module_loaded(module), Ok(false)))
+}
+
+/// The `!warning` that a marker probe also raised the semaphores of markers that gate it
+/// (`MarkerGate`): the program now takes a slower path while the probe is attached.
+fn gate_note(text: &str, placed: &Placed) -> Option<String> {
+    let Placed::Marker(handle) = placed else { return None };
+    let gates = handle.gates();
+    (!gates.is_empty()).then(|| {
+        format!(
+            "!warning {text}: also raised the semaphore of {}: the program reaches this marker only on the path \
+             that one enables (CPython 3.11 runs function__entry/__return only on its tracing path), so it runs \
+             slower while attached",
+            gates.join(", ")
+        )
+    })
 }

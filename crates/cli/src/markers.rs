@@ -105,6 +105,7 @@ mod tests {
             args,
             dynprobe,
             sdt_args: String::new(),
+            gates: Vec::new(),
         };
         let reg = |name, size| ArgLocation::Register { name, size };
         let text = table(&[

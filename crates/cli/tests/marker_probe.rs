@@ -180,18 +180,20 @@ fn python_function_entry_fires_at_every_call() {
     // Calls from C (`map`) and calls from Python code. CPython 3.11 fires function__entry
     // of a Python-to-Python call only on its tracing path, which the `line` marker's
     // semaphore turns on (`DTRACE_FUNCTION_ENTRY()` sits under `DO_TRACING` in its
-    // Python/ceval.c): probing `line` too raises that semaphore as well.
+    // Python/ceval.c): dynprobe raises that one too, and says so.
     let script = "def probed(x): return x\nlist(map(probed, range(100)))\nfor i in range(50): probed(i)\nprint('done')";
     let out = dynprobe()
         .args(["probe", "-o"])
         .arg(&events)
-        .args(["m:python:function__entry file=$arg1:string fn=$arg2:string line=$arg3:s32", "m:python:line"])
+        .arg("m:python:function__entry file=$arg1:string fn=$arg2:string line=$arg3:s32")
         .arg("--")
         .arg(python)
         .args(["-c", script])
         .output()
         .expect("run dynprobe");
     assert_eq!(stdout_of(&out), "done\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("also raised the semaphore of python:line"), "no word of the gating semaphore:\n{stderr}");
     let lines = std::fs::read_to_string(&events).unwrap();
     let entries: Vec<&str> = lines.lines().filter(|l| l.contains("python/function__entry:")).collect();
     let probed = entries.iter().filter(|l| l.ends_with(r#"file="<string>" fn="probed" line=1"#)).count();

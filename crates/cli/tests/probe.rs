@@ -256,6 +256,34 @@ fn a_probe_an_execd_image_lacks_is_a_warning_once_and_the_rest_keep_working() {
 }
 
 #[test]
+fn probes_driven_by_ptrace_follow_exec_too() {
+    // Placed in bash first (where `execute_command` is), then again in the target bash
+    // execs, which lacks that one: a warning, while libc's `pthread_create` fires for the
+    // target's two threads. The target bash runs first as a child is not followed (ptrace
+    // follows no fork), but inherits the breakpoints until its own exec and must survive
+    // them.
+    let marker = marker("exec-ptrace");
+    let events = scratch().join(format!("events-exec-ptrace-{}.txt", std::process::id()));
+    let wrapper = ["bash", "-c", "\"$0\" \"$@\"; echo child $?; exec \"$0\" \"$@\""];
+    let specs = ["p:execute_command", "p:libc:pthread_create"];
+    let out = probe_through(&wrapper, &specs, &["--ptrace", "-o", events.to_str().unwrap()], &marker);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(TARGET_STATUS), "{stderr}");
+    assert!(marker.exists(), "the target did not run: {stderr}");
+    assert!(text(&out.stdout).contains(&format!("child {TARGET_STATUS}\n")), "{}", text(&out.stdout));
+    let warning = format!(
+        "dynprobe: warning: probe `p:execute_command` is not placed in `{}` (exec'd): unknown symbol",
+        target().display()
+    );
+    assert_eq!(stderr.matches(&warning).count(), 1, "{stderr}");
+    let lines = std::fs::read_to_string(&events).unwrap();
+    let shell = lines.lines().filter(|l| l.contains("] execute_command:")).count();
+    let created = lines.lines().filter(|l| l.contains("] libc_pthread_create:")).count();
+    assert!(shell > 0, "bash's own probe never fired: {lines}");
+    assert_eq!(created, 2, "{lines}\n{stderr}");
+}
+
+#[test]
 fn a_probed_program_that_outlives_dynprobe_is_not_killed_by_its_probes() {
     // The shell exits at once and dynprobe with it; a second later its background child
     // runs the target, still probed, whose hits find no reader any more.

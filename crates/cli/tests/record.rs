@@ -216,6 +216,24 @@ fn recursion_gives_the_exact_call_graph_with_each_kind_of_site() {
 }
 
 #[test]
+fn a_stripped_executable_is_traced_by_its_unwind_entries() {
+    // Debian's executables have no symbol table; their functions are found by their
+    // `.eh_frame` entries and named by address, like a disassembler's `sub_…`.
+    let named = traced_c(Sites::Plain);
+    let stripped = build("gcc", "traced.c", "traced-stripped", &["-s"]);
+    let nm = Command::new("nm").arg(named).output().expect("run nm (binutils, installed with gcc)");
+    let address = |name: &str| {
+        let listing = String::from_utf8_lossy(&nm.stdout);
+        let line = listing.lines().find(|l| l.ends_with(&format!(" T {name}"))).unwrap_or_else(|| panic!("no {name}"));
+        u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
+    };
+    let (main, fib) = (format!("sub_{:x}", address("main")), format!("sub_{:x}", address("fib")));
+    let r = record_unchanged("stripped", &[], &stripped, &["fib"]);
+    let expected: Vec<String> = FIB_GRAPH.iter().map(|l| l.replace("main", &main).replace("fib", &fib)).collect();
+    assert_eq!(texts(&r.graph(&[])), expected, "{}", r.stderr());
+}
+
+#[test]
 fn a_function_called_from_two_threads_is_recorded_per_thread() {
     for sites in ALL_SITES {
         let r = record_unchanged(&format!("threads-{}", sites.kind()), &[], traced_c(sites), &["threads"]);

@@ -24,14 +24,15 @@ mod lookup;
 mod maps;
 mod markers;
 mod sites;
+mod unwind;
 
 use std::path::PathBuf;
 
 pub use error::SymbolError;
 pub use lookup::split_spec as split_module;
 pub use markers::{
-    nearest_markers, read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite, ARG_REGISTERS, MARKER_RECORD_SECTION,
-    MARKER_RECORD_VERSION,
+    nearest_markers, read_markers, ArgKind, ArgLocation, MarkerArg, MarkerGate, MarkerSite, ARG_REGISTERS,
+    MARKER_RECORD_SECTION, MARKER_RECORD_VERSION,
 };
 pub use sites::{CompilerSite, SiteKind};
 

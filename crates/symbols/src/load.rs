@@ -74,8 +74,10 @@ pub(crate) fn load(pid: Option<i32>) -> Result<SymbolTable, SymbolError> {
 fn load_file(view: &RootView, file: &MappedFile, is_main: bool) -> Result<Loaded, SymbolError> {
     let readable = maps::readable_path(view, file);
     let mut info = elf::read_path(&readable)?;
-    if !info.has_symtab {
-        add_debug_file_symbols(&mut info, &readable);
+    if !info.has_symtab && !add_debug_file_symbols(&mut info, &readable) && is_main {
+        // A stripped executable: its functions are still known by their unwind entries.
+        let unnamed = crate::unwind::functions_of(&readable, &info.symbols);
+        info.symbols.extend(unnamed);
     }
     // Prefer the mapping of file offset 0 (it holds the ELF header and is always the
     // first PT_LOAD); any mapping works as long as a segment covers its offset.
@@ -97,8 +99,9 @@ fn file_name(path: &Path) -> String {
 }
 
 /// Stripped binaries (Debian's libraries) keep their full symbol table in a separate
-/// debug file when the `-dbg` package is installed; merge its functions in.
-fn add_debug_file_symbols(info: &mut ElfInfo, file: &Path) {
+/// debug file when the `-dbg` package is installed; merge its functions in. Whether one
+/// was found.
+fn add_debug_file_symbols(info: &mut ElfInfo, file: &Path) -> bool {
     for candidate in elf::debug_file_candidates(info, file) {
         let Ok(debug) = elf::read_path(&candidate) else {
             continue;
@@ -109,8 +112,9 @@ fn add_debug_file_symbols(info: &mut ElfInfo, file: &Path) {
             continue;
         }
         info.symbols.extend(debug.symbols);
-        return;
+        return true;
     }
+    false
 }
 
 /// Parses the vdso from the process's memory: it has no file.

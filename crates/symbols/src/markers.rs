@@ -242,12 +242,52 @@ pub struct MarkerSite {
     pub dynprobe: bool,
     /// The SDT argument string of the note (`-4@%edi 8@%rsi`), empty without one.
     pub sdt_args: String,
+    /// Semaphores of *other* markers of the same file that the program must also see
+    /// raised before it ever reaches this one (see [`MarkerGate`]); usually none.
+    pub gates: Vec<MarkerGate>,
 }
 
 impl MarkerSite {
     /// `provider:name`.
     pub fn spec(&self) -> String {
         format!("{}:{}", self.provider, self.name)
+    }
+}
+
+/// Another marker's semaphore that gates a site: the program takes the path that holds
+/// the site only while that semaphore is raised too.
+///
+/// Known case: CPython 3.11 (`Python/ceval.c`) reaches `function__entry` and
+/// `function__return` of a Python-to-Python call only on its tracing path
+/// (`DTRACE_FUNCTION_ENTRY()` sits in the `DO_TRACING` instruction), and its dispatch
+/// switches to that path for every instruction while `PyDTrace_LINE_ENABLED()` — the `line`
+/// marker's semaphore — is raised (`OR_DTRACE_LINE` in `DISPATCH()`). Without it those
+/// markers fire only for frames entered from C. Raising it makes the interpreter slower
+/// while attached (each instruction checks for a new line), which is the price of the
+/// events: a tool attached to `function__entry` must say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkerGate {
+    /// `provider:name` of the marker whose semaphore it is.
+    pub marker: String,
+    /// The semaphore's address, like [`MarkerSite::semaphore`].
+    pub semaphore: u64,
+}
+
+/// Fills in [`MarkerSite::gates`] of the sites of the file at `path`.
+fn find_gates(path: &Path, sites: &mut [MarkerSite]) {
+    let file = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let cpython_3_11 = file == "python3.11" || file.starts_with("libpython3.11.so");
+    if !cpython_3_11 {
+        return;
+    }
+    let Some(line) = sites.iter().find(|s| s.provider == "python" && s.name == "line" && s.semaphore != 0) else {
+        return;
+    };
+    let gate = MarkerGate { marker: line.spec(), semaphore: line.semaphore };
+    for site in sites {
+        if site.provider == "python" && matches!(site.name.as_str(), "function__entry" | "function__return") {
+            site.gates.push(gate.clone());
+        }
     }
 }
 
@@ -267,7 +307,9 @@ pub fn read_markers(path: &Path) -> Result<Vec<MarkerSite>, SymbolError> {
     let file = File::open(path).map_err(|e| SymbolError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
     let cache = ReadCache::new(file);
     let found = parse(&cache).map_err(|reason| SymbolError::Parse { path: path.to_path_buf(), reason })?;
-    Ok(found.into_iter().map(|m| m.into_site(path)).collect())
+    let mut sites: Vec<MarkerSite> = found.into_iter().map(|m| m.into_site(path)).collect();
+    find_gates(path, &mut sites);
+    Ok(sites)
 }
 
 /// Markers whose `provider:name` is close to `wanted` (a typo), best first, at most three:
@@ -306,6 +348,9 @@ impl SymbolTable {
             if site.semaphore != 0 {
                 site.semaphore = site.semaphore.wrapping_add(bias);
             }
+            for gate in &mut site.gates {
+                gate.semaphore = gate.semaphore.wrapping_add(bias);
+            }
         }
         Ok(sites)
     }
@@ -335,6 +380,7 @@ impl Found {
             args: self.args,
             dynprobe: self.dynprobe,
             sdt_args: self.sdt_args,
+            gates: Vec::new(),
         }
     }
 }

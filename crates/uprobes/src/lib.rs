@@ -4,10 +4,12 @@
 //! (static binaries).
 //!
 //! [`run`] attaches to a process ([`Target::Pid`]: every thread, new ones followed) or
-//! starts one ([`Target::Command`]: the probes are placed at its `exec` stop, before its
+//! starts one ([`Target::Command`]: the probes are placed at its entry point, before its
 //! first instruction), places the probes and handles every hit until the process ends,
-//! executes a new image, or the control channel asks to detach. It speaks the agent's line
-//! protocol on `out`:
+//! executes a new image, or the control channel asks to detach. A started program that
+//! executes a new image is followed into it (its specs placed again, those that do not
+//! apply there a `!warning`), as the agent follows one through `LD_PRELOAD`; forked
+//! children are not traced. It speaks the agent's line protocol on `out`:
 //!
 //! ```text
 //! !ready <n>                   every probe placed
@@ -15,6 +17,7 @@
 //! <mono_ns> <tid> <event> name=value ...
 //! !exited <status>             (new) the program exited with this status
 //! !killed <signal>             (new) the program was killed by this signal number
+//! !warning <text>              (new) a spec not placed in an image the program executed
 //! !detached <why>              (new) the program executed a new image: probes gone, detached
 //! ```
 //!
@@ -224,8 +227,19 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
     }
     tracer.out.line(format!("!ready {}\n", specs.len()).as_bytes());
     tracer.out.flush();
-    tracer.resume_all();
-    let outcome = tracer.run(&control)?;
+    tracer.follow_exec = spawned;
+    let outcome = loop {
+        tracer.resume_all();
+        let outcome = tracer.run(&control)?;
+        if !matches!(outcome, Outcome::Exec) || !tracer.follow_exec {
+            break outcome;
+        }
+        let info = tracer.info;
+        match follow_exec(tracer, specs)? {
+            Some(next) => tracer = next,
+            None => return Ok(ExitInfo { outcome, ..info }),
+        }
+    };
     match outcome {
         Outcome::Exited(code) => tracer.out.line(format!("!exited {code}\n").as_bytes()),
         Outcome::Killed(signal) => tracer.out.line(format!("!killed {signal}\n").as_bytes()),
@@ -233,6 +247,53 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
     }
     tracer.out.flush();
     Ok(ExitInfo { outcome, ..tracer.info })
+}
+
+/// Goes on into the new image of a started program that executed one (as the agent
+/// does through `LD_PRELOAD`): the process, in its exec stop, runs to the new
+/// executable's entry point (its libraries mapped), and every spec that applies there is
+/// placed again; one that does not (its module or symbol is not in the new image) is a
+/// `!warning`, never the end of the session. `None` when nothing could be placed: the
+/// process is detached and runs on unprobed.
+fn follow_exec(old: Tracer, specs: &[ProbeSpec]) -> Result<Option<Tracer>, Error> {
+    let (pid, info) = (old.pid, old.info);
+    let Tracer { out, .. } = old;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| format!("process {pid}"));
+    spawn::run_to_entry(pid, &exe)?;
+    let mut threads = HashMap::new();
+    threads.insert(pid, Thread::new(State::Stopped { signal: 0 }));
+    let mut tracer = Tracer::new(pid, threads, out)?;
+    tracer.info = info;
+    tracer.follow_exec = true;
+    let mut left = specs.to_vec();
+    while !left.is_empty() {
+        match place_all(&mut tracer, &left) {
+            Ok(()) => break,
+            Err(Error::Refused { spec, message }) => {
+                let why = message.replace('\n', " ");
+                tracer
+                    .out
+                    .line(format!("!warning probe `{spec}` is not placed in `{exe}` (exec'd): {why}\n").as_bytes());
+                let before = left.len();
+                left.retain(|s| s.text != spec);
+                if left.len() == before {
+                    // Refused as a whole (its symbols unreadable): nothing applies.
+                    left.clear();
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracer.out.flush();
+    if left.is_empty() {
+        tracer.detach_all()?;
+        tracer.out.line(format!("!detached {EXEC_NOTE}\n").as_bytes());
+        tracer.out.flush();
+        return Ok(None);
+    }
+    Ok(Some(tracer))
 }
 
 fn out_take(out: &mut Output) -> Output {
@@ -284,6 +345,7 @@ fn place_all(tracer: &mut Tracer, specs: &[ProbeSpec]) -> Result<(), Error> {
                 tracer.formats.push(site.format);
                 points.push((site.point, s, ProbeKind::Entry));
                 semaphores.extend((site.semaphore != 0).then_some((s, site.semaphore)));
+                semaphores.extend(site.gates.iter().map(|&gate| (s, gate)));
             }
             continue;
         }

@@ -25,6 +25,8 @@ pub(crate) struct MarkerPoint {
     pub format: EventFormat,
     /// The semaphore's address (0: none).
     pub semaphore: u64,
+    /// The semaphores of other markers that gate the site (see `MarkerSite::gates`).
+    pub gates: Vec<u64>,
 }
 
 /// The sites of the marker `spec` names in the process `table` describes, each with its
@@ -47,7 +49,12 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
             }
             fields.resolve_symbols(|name| place::lookup_address(table, name))?;
             let format = EventFormat::new(&fields)?;
-            Ok(MarkerPoint { point, format, semaphore: site.semaphore })
+            Ok(MarkerPoint {
+                point,
+                format,
+                semaphore: site.semaphore,
+                gates: site.gates.iter().map(|g| g.semaphore).collect(),
+            })
         })
         .collect()
 }

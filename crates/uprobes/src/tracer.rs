@@ -151,6 +151,10 @@ pub(crate) struct Tracer {
     pub info: ExitInfo,
     /// The marker semaphores raised (one count each), lowered at detach.
     pub semaphores: Vec<u64>,
+    /// Whether an `exec` of the process ends [`run`](Self::run) with the thread left in its
+    /// exec stop (a started program: the session goes on in the new image) rather than
+    /// detaching.
+    pub follow_exec: bool,
     line: Line,
 }
 
@@ -174,6 +178,7 @@ impl Tracer {
             target: ProcMemory { pid },
             info: ExitInfo::default(),
             semaphores: Vec::new(),
+            follow_exec: false,
             line: Line::new(),
         })
     }
@@ -207,6 +212,7 @@ impl Tracer {
             match self.handle(tid, status, Mode::Run)? {
                 Flow::Continue => {}
                 Flow::Gone(outcome) => return Ok(outcome),
+                Flow::Exec if self.follow_exec => return Ok(Outcome::Exec),
                 Flow::Exec => {
                     self.exec_detach();
                     return Ok(Outcome::Exec);

@@ -74,7 +74,7 @@ fn sites(trace: &Trace) -> String {
                 let _ = writeln!(
                     out,
                     "dynprobe: no function sites found in {} (pid {}{others}): none of its functions was traced \
-                     (a stripped executable has no symbols to find them by)",
+                     (stripped, with neither a debug file nor unwind tables to find them by)",
                     process.exe, process.pid
                 );
             }

@@ -48,7 +48,7 @@ use crate::spec::{Fetch, ProbeSpec, Reg};
 use dynprobe_probe::{Location, Probe, ProbeError, ProbeHandle, Regs};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 
-pub use dynprobe_symbols::{read_markers, ArgKind, ArgLocation, MarkerArg, MarkerSite};
+pub use dynprobe_symbols::{read_markers, ArgKind, ArgLocation, MarkerArg, MarkerGate, MarkerSite};
 pub use emit::{MarkerArgs, MarkerValue};
 pub use semaphore::check_semaphore;
 
@@ -125,7 +125,9 @@ impl Marker {
     /// one probe per site, all with `handler`, optimized into jumps before this returns.
     /// A site whose SDT note names a semaphore has it raised once the probe is in place
     /// (and lowered at detach), or the attach is refused: without it the program would
-    /// skip the marker. On an error no site keeps a probe and no semaphore stays raised.
+    /// skip the marker. So are the semaphores that gate the site ([`MarkerSite::gates`];
+    /// [`MarkerHandle::gates`] lists them). On an error no site keeps a probe and no
+    /// semaphore stays raised.
     pub fn attach_sites(
         sites: Vec<MarkerSite>,
         handler: impl Fn(&MarkerHit<'_>) + Send + Sync + 'static,
@@ -150,14 +152,15 @@ impl Marker {
         dynprobe_probe::wait_for_optimizer().map_err(MarkerError::Optimizer)?;
         // Raised last: the program takes the marker's path only once a probe is there.
         for site in &handle.sites {
-            if site.semaphore != 0 {
+            let own = (site.semaphore != 0).then_some(site.semaphore);
+            for addr in own.into_iter().chain(site.gates.iter().map(|g| g.semaphore)) {
                 // A failure drops `handle`, which lowers the ones raised so far.
-                semaphore::raise(site.semaphore).map_err(|reason| MarkerError::Semaphore {
+                semaphore::raise(addr).map_err(|reason| MarkerError::Semaphore {
                     site: site.spec(),
                     addr: site.addr,
                     reason,
                 })?;
-                handle.semaphores.push(site.semaphore);
+                handle.semaphores.push(addr);
             }
         }
         Ok(handle)
@@ -421,6 +424,15 @@ impl MarkerHandle {
         self.sites.iter().map(|s| &**s)
     }
 
+    /// The other markers whose semaphores were raised because they gate these sites
+    /// (`provider:name`, each once); see [`MarkerGate`].
+    pub fn gates(&self) -> Vec<String> {
+        let mut gates: Vec<String> = self.sites.iter().flat_map(|s| s.gates.iter().map(|g| g.marker.clone())).collect();
+        gates.sort();
+        gates.dedup();
+        gates
+    }
+
     /// How many times the handler ran, over every site.
     pub fn hits(&self) -> u64 {
         self.probes.iter().map(ProbeHandle::hits).sum()
@@ -575,6 +587,7 @@ mod tests {
             args,
             dynprobe: true,
             sdt_args: String::new(),
+            gates: Vec::new(),
         }
     }
 
