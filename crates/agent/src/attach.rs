@@ -32,8 +32,10 @@
 //! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
 //! even by `SIGKILL` — and either way every probe is unregistered, which restores every
 //! byte, and the process carries on. A probe that cannot be removed (a thread that blocks
-//! the stop signal while the jump must come out) stays, its events going to `/dev/null`:
-//! the pipe's descriptor number is never freed for the program to reuse. The library stays
+//! the stop signal while the jump must come out) stays, armed and whole, its events going to
+//! `/dev/null`: the pipe's descriptor number is not freed for the program to reuse while
+//! any probe is left. The session thread then tries again, whenever no thread blocks the
+//! stop signal, until every probe is out (`retry_removal`). The library stays
 //! loaded (a thread may still be returning through one of its trampolines); a later attach
 //! reuses it. No thread of the agent's outlives the session (the session thread, the
 //! optimizer, the `dlopen` watcher), and none of them is ever seen by a probe: they are
@@ -48,7 +50,7 @@
 use crate::channel::Channel;
 use crate::probes::{ProbeSet, Report};
 use std::ffi::{c_char, c_int, CStr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -310,16 +312,10 @@ fn run(control: &Control, setup: Setup) {
         watch.stop();
     }
     let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
-    if !problems.is_empty() {
-        // Those probes stay armed, their handlers writing to the event pipe's descriptor.
-        discard_events(setup.write, setup.read);
-    }
-    // SIGTRAP goes back to the program with the guards; probes dynprobe keeps for the
-    // process's life (a return probe's unwinder hook) keep them too.
-    match dynprobe_probe::release_signals() {
-        Ok(()) | Err(dynprobe_probe::ProbeError::SignalsInUse { .. }) => {}
-        Err(e) => problems.push(e.to_string()),
-    }
+    // Those probes stay armed, their handlers writing to the event pipe's descriptor.
+    let discarded = (!problems.is_empty()).then(|| discard_events(setup.write, setup.read));
+    let left = problems.len();
+    release_signals(&mut problems, left);
     let interrupted = dynprobe::interrupted_system_calls() - interrupted_before;
     if interrupted > 0 {
         control.send(&format!(
@@ -331,22 +327,85 @@ fn run(control: &Control, setup: Setup) {
         let problems = match problems.is_empty() {
             true => String::new(),
             false => format!(
-                " could not restore: {}; these probes stay in place, their events discarded",
-                problems.join("; ")
+                " could not restore: {}; these probes stay in place, their events discarded, and the agent \
+                 tries again to remove them (every {} s at most) until it can",
+                problems.join("; "),
+                RETRY_MAX.as_secs()
             ),
         };
         control.send(&format!("!detached {}{problems}", LOST.load(Ordering::Relaxed)));
     }
+    if let Some(discarded) = discarded {
+        retry_removal(&set, control);
+        // Every probe is gone and no handler runs any more (unregistering waits for that):
+        // the descriptor number may be freed now.
+        drop(discarded);
+    }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
 }
 
-/// Points the event pipe's write end at `/dev/null` for good, for probes that could not be
-/// removed and whose handlers go on writing to that descriptor number. Closing it would
-/// let the program's next `open` get the number and fill its file with event lines.
-/// `dup3` swaps the file under the number atomically (dup2(2)): a handler writes to the
-/// pipe or to `/dev/null`, never to a closed or reused descriptor. The number stays taken
-/// for the rest of the process's life (the probes do too).
-fn discard_events(write: OwnedFd, read: OwnedFd) {
+/// The longest pause between two tries of removing the probes a detach left.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Tries again to remove the probes a detach could not (a thread of the program blocked
+/// the stop signal, for instance while it spins): each try either removes a probe whole or
+/// leaves it armed and working. A try stops the program's threads that could be in the
+/// changing code and waits for the one that does not answer, holding them meanwhile, so it
+/// is only made when no thread blocks the stop signal (`SigBlk` in proc(5)), and after a
+/// failed one the pause before the next grows (0.1 s doubling up to [`RETRY_MAX`]).
+/// Returns once every probe is removed, and the program's `SIGTRAP` action back. A CLI
+/// still listening hears what each try left, and the end.
+fn retry_removal(set: &Mutex<ProbeSet>, control: &Control) {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        std::thread::sleep(pause);
+        if stop_signal_blocked() {
+            pause = std::time::Duration::from_millis(100).max(pause.min(RETRY_MAX));
+            continue;
+        }
+        let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+        let left = problems.len();
+        release_signals(&mut problems, left);
+        if problems.is_empty() {
+            control.send("!warning the probes a detach had left are removed now: every probed byte is restored");
+            return;
+        }
+        control.send(&format!("!warning still armed, tried again: {}", problems.join("; ")));
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// Whether some thread of this process blocks the text layer's stop signal now.
+fn stop_signal_blocked() -> bool {
+    let bit = 1u64 << (dynprobe::stop_signal() - 1);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return false };
+    tasks.filter_map(Result::ok).any(|task| {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).map(str::trim);
+        mask.and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & bit != 0)
+    })
+}
+
+/// Gives `SIGTRAP` back to the program with the guards, once no probe is `left`; probes
+/// dynprobe keeps for the process's life (a return probe's unwinder hook) keep them too. A
+/// failure is added to `problems`.
+fn release_signals(problems: &mut Vec<String>, left: usize) {
+    if left > 0 {
+        return;
+    }
+    match dynprobe_probe::release_signals() {
+        Ok(()) | Err(dynprobe_probe::ProbeError::SignalsInUse { .. }) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
+}
+
+/// Points the event pipe's write end at `/dev/null`, for probes that could not be removed
+/// and whose handlers go on writing to that descriptor number. Closing it would let the
+/// program's next `open` get the number and fill its file with event lines. `dup3` swaps
+/// the file under the number atomically (dup2(2)): a handler writes to the pipe or to
+/// `/dev/null`, never to a closed or reused descriptor. What it returns holds the number
+/// (and, without `/dev/null`, the pipe's read end): drop it only once no probe is left.
+fn discard_events(write: OwnedFd, read: OwnedFd) -> (OwnedFd, Option<OwnedFd>) {
     // SAFETY: opens a path from a NUL-terminated literal.
     let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
     // SAFETY: dup3 of our own descriptors, then closing the spare one.
@@ -355,13 +414,10 @@ fn discard_events(write: OwnedFd, read: OwnedFd) {
         // SAFETY: `null` is ours and nothing else refers to it.
         unsafe { libc::close(null) };
     }
-    // Kept open either way. Without /dev/null, both pipe ends stay: hits fill the pipe
-    // nobody reads and are counted lost (the write end is non-blocking; the read end held
-    // open means EAGAIN, never SIGPIPE).
-    let _ = write.into_raw_fd();
-    if !swapped {
-        let _ = read.into_raw_fd();
-    }
+    // Without /dev/null, both pipe ends stay: hits fill the pipe nobody reads and are
+    // counted lost (the write end is non-blocking; the read end held open means EAGAIN,
+    // never SIGPIPE).
+    (write, (!swapped).then_some(read))
 }
 
 /// Serves the socket until the CLI says `detach` (true) or is gone (false), reporting

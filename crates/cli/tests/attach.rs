@@ -1069,23 +1069,28 @@ fn a_reader_that_hardly_reads_never_holds_dynprobe_past_a_second_ctrl_c() {
     assert!(stderr.contains("interrupted: ") && stderr.contains("were dropped"), "{stderr}");
 }
 
-#[test]
-fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor() {
-    let _cpu = cpu_hungry();
-    let mut worker = Worker::start_hot(2);
+/// Attaches to a `targets/hot.c` of two hot threads, has it start a thread that blocks the
+/// stop signal and spins (`spin` is its command: `spin` or `spin MS`), and detaches with
+/// Ctrl-C: the detach fails (the jump cannot come out, as no thread may be inside the bytes
+/// it covers and this one cannot be stopped), and says so. The worker, `work`'s original
+/// bytes, and dynprobe's stderr.
+fn failed_detach(spin: &str) -> (Worker, Vec<u8>, String) {
+    let worker = Worker::start_hot(2);
     let before = worker.code("work");
     let mut session = Session::start(worker.pid, &[HOT_SPEC], &[]);
     session.wait_for("attached to");
+    let mut worker = worker;
     assert_ne!(worker.code("work")[..5], before[..5], "work is not patched while attached");
-    // A thread that blocks the stop signal and spins in user code: the jump cannot come
-    // out, as no thread may be inside the bytes it covers and this one cannot be stopped.
-    assert_eq!(worker.ask("spin"), "spinning");
+    assert_eq!(worker.ask(spin), "spinning");
     let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(120));
     assert_eq!(code, Some(2), "a detach that left probes behind must fail: {stderr}");
     assert!(stderr.contains("could not restore: `p:work x=$arg1` at work+0x0 (0x"), "{stderr}");
     assert!(!stderr.contains("every probed byte is restored"), "{stderr}");
+    (worker, before, stderr)
+}
 
-    // The program's next file gets a descriptor no probe handler writes into.
+/// Checks that the program's next file gets a descriptor no probe handler writes into.
+fn assert_next_file_is_the_programs(worker: &mut Worker) {
     let file = scratch().join(format!("reused-{}", std::process::id()));
     let fd = worker.ask(&format!("open {}", file.display()));
     assert!(fd.starts_with("fd "), "{fd}");
@@ -1093,7 +1098,40 @@ fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor()
     assert_eq!(worker.ask("again"), "wrote");
     let written = std::fs::read_to_string(&file).unwrap();
     assert_eq!(written, "mine\nmine\n", "the program's file (its {fd}) got more than it wrote");
+}
+
+#[test]
+fn a_failed_detach_says_what_it_left_and_never_writes_into_a_reused_descriptor() {
+    let _cpu = cpu_hungry();
+    let (mut worker, _, _) = failed_detach("spin");
+    assert_next_file_is_the_programs(&mut worker);
     assert_still_working(&mut worker);
+    worker.quit();
+}
+
+/// A detach that failed is tried again by the agent: once the thread that blocked the stop
+/// signal lets it in, the probe comes out whole, and another session can attach.
+#[test]
+fn a_failed_detach_is_retried_until_the_probe_comes_out() {
+    let _cpu = cpu_hungry();
+    // The first removal waits 5 s for the spinning thread to stop; it unblocks at 7 s.
+    let (mut worker, before, stderr) = failed_detach("spin 7000");
+    assert!(stderr.contains("tries again to remove them"), "{stderr}");
+    // Meanwhile the probe's events go nowhere the program owns.
+    assert_next_file_is_the_programs(&mut worker);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.code("work") != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(worker.code("work"), before, "the agent never removed the probe it had left");
+    assert_still_working(&mut worker);
+    // The retrying session has ended: a new one attaches, and detaches cleanly.
+    let mut session = Session::start(worker.pid, &[HOT_SPEC], &[]);
+    session.wait_for("attached to");
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("every probed byte is restored"), "{stderr}");
+    assert_restored(&worker, &before);
     worker.quit();
 }
 

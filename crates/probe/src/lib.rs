@@ -79,6 +79,13 @@ pub fn interrupted_system_calls() -> u64 {
     dynprobe_text::stop::interrupted_system_calls()
 }
 
+/// The signal dynprobe stops the program's threads with while it changes their code; a
+/// thread that blocks it cannot be stopped, and removing a probe whose jump it may be in
+/// waits for it (and fails after a timeout, to be tried again).
+pub fn stop_signal() -> i32 {
+    dynprobe_text::stop::stop_signal()
+}
+
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.
 pub fn format_list() -> String {

@@ -952,6 +952,12 @@ impl ReturnProbeHandle {
         self.entry().info()
     }
 
+    /// False once [`Self::try_unregister`] removed the entry probe (even if retiring the
+    /// return handler failed: that is not retried).
+    pub fn is_registered(&self) -> bool {
+        self.entry.is_some()
+    }
+
     /// Keeps the return probe registered for the rest of the process's life.
     pub fn leak(self) {
         std::mem::forget(self);
@@ -961,8 +967,24 @@ impl ReturnProbeHandle {
     /// their callers as usual, without running the return handler; once this returns, no
     /// handler of the probe runs any more and they have been dropped.
     pub fn unregister(mut self) -> Result<ReturnProbeStats, ProbeError> {
-        let entry = self.entry.take().expect("a live handle always holds its entry probe");
-        let missed_at_entry = entry.unregister()?.nmissed;
+        let result = self.try_unregister();
+        // Failed: the entry probe stays registered, as if leaked; this handle lets go of it.
+        if let Some(entry) = self.entry.take() {
+            entry.leak();
+        }
+        result
+    }
+
+    /// [`Self::unregister`] that can be tried again: when the entry probe cannot be removed
+    /// (a thread blocks the stop signal), the handle keeps it, registered and working, for
+    /// a later call. Once the entry probe is gone, the return handler is retired; should a
+    /// thread stay in it, that error is final (the probe is removed, its handlers kept).
+    pub fn try_unregister(&mut self) -> Result<ReturnProbeStats, ProbeError> {
+        let Some(entry) = self.entry.as_mut() else {
+            return Ok(ReturnProbeStats { hits: 0, returns: 0, nmissed: 0 });
+        };
+        let missed_at_entry = entry.try_unregister()?.nmissed;
+        self.entry = None;
         retire(self.shared.index)?;
         Ok(ReturnProbeStats {
             hits: self.shared.hits.sum(),
