@@ -58,6 +58,10 @@ use std::sync::{Arc, Mutex};
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The running session's thread, which hands itself over to be joined at its end.
 static SESSION_THREAD: Mutex<Option<dynprobe::own_thread::OwnThread>> = Mutex::new(None);
+/// Loads of this library (`dlopen`s by an attaching CLI) that no `dlclose` undid: sessions
+/// whose CLI went away, or that had to keep the library. The next CLI that can unload it
+/// undoes them all.
+static UNDONE_LOADS: AtomicU64 = AtomicU64::new(0);
 /// Events the current session dropped.
 static LOST: AtomicU64 = AtomicU64::new(0);
 
@@ -162,20 +166,36 @@ fn session(socket: OwnedFd) {
     dynprobe::set_current_thread_traced(false);
     LOST.store(0, Ordering::Relaxed);
     let control = Control { fd: socket.as_raw_fd() };
-    if let Some(setup) = first_message(&control) {
-        run(&control, setup);
-    }
-    drop(socket);
+    let detach_asked = first_message(&control).is_some_and(|setup| run(&control, setup));
     // No thread of dynprobe's is left running after the session, refused or not: the
     // optimizer ends here, the dlopen watcher ended with `run`, and this thread is joined
     // (its stack unmapped) once it has returned.
     dynprobe::stop_optimizer();
-    dynprobe::release_caches();
+    // Everything else dynprobe put into the process goes too: code pools, the return
+    // trampoline, the stop signal's handler, the caches.
+    let released = dynprobe::release_all();
     // What the session allocated (symbol tables, decoded code: megabytes) is free now but
     // still resident in the C library's arenas: give those pages back (`malloc_trim(3)`;
     // it releases free memory only, the program's included, which it does not notice).
     // SAFETY: malloc_trim takes each arena's lock like malloc does; no lock is held here.
     unsafe { libc::malloc_trim(0) };
+    // The CLI that loaded the library unloads it (`dlclose`, as it called `dlopen`) once
+    // this thread has ended, if nothing of it is still in use; it is told how many loads
+    // to undo: this session's, and those of earlier sessions whose CLI could not.
+    match (&released, detach_asked) {
+        (Ok(()), true) => {
+            let loads = UNDONE_LOADS.swap(0, Ordering::Relaxed) + 1;
+            control.send(&format!("!unload {loads}"));
+        }
+        (Err(why), true) => {
+            UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+            control.send(&format!("!keep {why}"));
+        }
+        (_, false) => {
+            UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    drop(socket);
     let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
     ACTIVE.store(false, Ordering::Release);
     if let Some(thread) = thread {
@@ -279,8 +299,8 @@ fn receive_with_fds(fd: RawFd) -> Option<(String, Vec<OwnedFd>)> {
 }
 
 /// Places the probes, serves the socket until `detach` or until it closes, then removes
-/// every probe.
-fn run(control: &Control, setup: Setup) {
+/// every probe. True when the CLI asked for the detach (it is still there).
+fn run(control: &Control, setup: Setup) -> bool {
     // SAFETY: F_SETFL on a descriptor we own; a lossy channel needs O_NONBLOCK (the CLI
     // sets it too, on the same open file; this makes sure).
     unsafe { libc::fcntl(setup.write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
@@ -290,7 +310,11 @@ fn run(control: &Control, setup: Setup) {
     let _ = dynprobe::set_optimization(setup.optimize);
     let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
         Ok(set) => Arc::new(Mutex::new(set)),
-        Err(refused) => return control.send(&format!("!error {refused}")),
+        Err(refused) => {
+            control.send(&format!("!error {refused}"));
+            // The CLI reports the refusal and then waits for the end, as after a detach.
+            return true;
+        }
     };
     let report: Report = {
         let control = *control;
@@ -340,8 +364,11 @@ fn run(control: &Control, setup: Setup) {
         // Every probe is gone and no handler runs any more (unregistering waits for that):
         // the descriptor number may be freed now.
         drop(discarded);
+        // That CLI has reported the incomplete detach and gone: it unloads nothing.
+        return false;
     }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
+    detach_asked
 }
 
 /// The longest pause between two tries of removing the probes a detach left.

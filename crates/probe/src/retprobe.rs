@@ -698,6 +698,49 @@ pub(crate) fn release_backtrace_filter() {
     }
 }
 
+/// Takes the return trampoline and the instance table away when no return probe is
+/// registered and no call can return through the trampoline any more — no instance in use
+/// on any thread's stack (a thread that exited inside a probed call counts as in use, as
+/// does one still inside a probed call now) and no thread in the trampoline's code or
+/// coming back to it from a signal handler — so that a session's end leaves nothing of
+/// dynprobe's in the process. `Err` says why they stay. The next return probe makes them
+/// again.
+pub(crate) fn release_trampoline() -> Result<(), String> {
+    let mut setup = setup().map_err(|e| e.to_string())?;
+    if !setup.trampoline {
+        return Ok(());
+    }
+    let registered = PROBES.iter().filter(|p| !p.load(Ordering::Acquire).is_null()).count();
+    if registered > 0 {
+        return Err(format!("{registered} return probes are still registered"));
+    }
+    let in_flight = |s: &SlotStack| s.top.load(Ordering::Acquire) != 0 || s.dispatching.load(Ordering::Acquire) != 0;
+    let threads = STACKS.iter().filter(|s| in_flight(s)).count();
+    if threads > 0 {
+        return Err(format!(
+            "{threads} thread(s) are inside a function a return probe diverted (or exited there): their return \
+             goes through the trampoline"
+        ));
+    }
+    let code = rethook::memory(&rethook::FULL).into_iter().chain(rethook::memory(&rethook::LIGHT)).collect();
+    if !crate::registry::memory_unused(code).map_err(|e| e.to_string())? {
+        return Err("a thread is in the return trampoline".to_string());
+    }
+    if STACKS.iter().any(in_flight) {
+        return Err("a call was diverted meanwhile".to_string());
+    }
+    rethook::uninstall(&rethook::FULL);
+    rethook::uninstall(&rethook::LIGHT);
+    let table = INSTANCES.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    let bytes = MAX_THREADS * MAX_DEPTH * std::mem::size_of::<Instance>();
+    // SAFETY: the table `Setup::install` mapped, of that size; no thread can read it now
+    // (no instance in use, no thread in the trampoline).
+    unsafe { libc::munmap(table.cast(), bytes) };
+    setup.trampoline = false;
+    setup.light = false;
+    Ok(())
+}
+
 static SETUP: Mutex<Setup> =
     Mutex::new(Setup { trampoline: false, light: false, filter: false, next_id: 1, next_index: 0 });
 

@@ -87,10 +87,14 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         lost: 0,
         pending: 0,
         ready: false,
+        unload: false,
     };
     let result = session.relay(request, &signals);
     session.out.finish(signals.fd.as_raw_fd());
     session.report_strays();
+    if let (Backend::Agent(control), true) = (&session.backend, session.unload) {
+        unload_agent(request.pid, &name, control);
+    }
     if let Backend::Ptrace(tracer) = session.backend {
         let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
         if let Some(death) = end.death(&format!("{} ({name})", request.pid)) {
@@ -101,6 +105,63 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         }
     }
     result
+}
+
+/// How long the agent's threads have to end once it said its library can be unloaded.
+const THREADS_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Unloads the agent library at the end of a clean session, as it was loaded: the agent
+/// says `!unload <n>` once everything it put into the process is gone (code pools, the
+/// return trampoline, signal handlers), and this waits for its last threads to end (the
+/// session thread and the one that joins it, named `dynprobe-…`) and has the target
+/// `dlclose` it `n` times — this session's load and those earlier CLIs could not undo. The
+/// agent says `!keep <why>` instead when something of it must stay (a thread still to
+/// return through the return trampoline): then it stays, loaded once, for the next session
+/// to unload. Problems are warnings: the probes are gone either way.
+fn unload_agent(pid: i32, name: &str, control: &Control) {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let loads = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) {
+            eprintln!("dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it stays loaded");
+            return;
+        }
+        match control.receive() {
+            Some(message) => {
+                if let Some(loads) = message.strip_prefix("!unload ").and_then(|n| n.trim().parse::<u64>().ok()) {
+                    break loads;
+                }
+                if let Some(why) = message.strip_prefix("!keep ") {
+                    eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
+                    return;
+                }
+            }
+            None => {
+                eprintln!("dynprobe: warning: the agent in {pid} ({name}) ended without saying whether it can be unloaded; it stays loaded");
+                return;
+            }
+        }
+    };
+    let deadline = Instant::now() + THREADS_END_TIMEOUT;
+    while agent_threads(pid) > 0 {
+        if Instant::now() > deadline {
+            eprintln!("dynprobe: warning: the agent's threads in {pid} ({name}) did not end; its library stays loaded");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Err(e) = dynprobe_remote::unload_library(pid, control.handle, loads, dynprobe_remote::DEFAULT_CALL_TIMEOUT) {
+        eprintln!("dynprobe: warning: cannot unload the agent library from {pid} ({name}): {e}");
+    }
+}
+
+/// How many threads of `pid` are the agent's (named `dynprobe-…`).
+fn agent_threads(pid: i32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("dynprobe-")))
+        .count()
 }
 
 /// Loads the agent into the target and hands it the specs; `None` when the target cannot
@@ -120,7 +181,8 @@ fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, Owned
     if injected.entry_return != 0 {
         return Err(attach_refused(request.pid, name, -injected.entry_return));
     }
-    let control = socket.accept(request.pid)?;
+    let mut control = socket.accept(request.pid)?;
+    control.handle = injected.handle;
     let events = EventPipe::new()?;
     control.send_setup(request, &events)?;
     Ok(Some((Backend::Agent(control), events.read)))
@@ -272,7 +334,7 @@ impl ControlSocket {
             // SAFETY: accept4 returned a new descriptor, ours alone.
             let conn = unsafe { OwnedFd::from_raw_fd(fd) };
             if peer_pid(conn.as_raw_fd()) == Some(pid) {
-                return Ok(Control { fd: conn });
+                return Ok(Control { fd: conn, handle: 0 });
             }
         }
     }
@@ -345,6 +407,8 @@ impl EventPipe {
 /// The accepted control connection.
 struct Control {
     fd: OwnedFd,
+    /// The agent library's `dlopen` handle in the target, for the `dlclose` at the end.
+    handle: u64,
 }
 
 impl Control {
@@ -519,6 +583,9 @@ struct Session<'a> {
     pending: usize,
     /// Whether `!ready` came.
     ready: bool,
+    /// The agent ended the session cleanly (every probe removed, or none placed): it then
+    /// says whether its library can be unloaded.
+    unload: bool,
 }
 
 /// The most bytes read from the event pipe after the session ended (whatever was in it
@@ -679,10 +746,11 @@ impl Session<'_> {
             }
             Message::Error(error) if self.ready => eprintln!("dynprobe: cannot place probe {error}"),
             Message::Error(error) => {
+                self.unload = true;
                 return Err(format!(
                     "cannot place probe {error}; nothing was left in {} ({}), which goes on running",
                     self.pid, self.name
-                ))
+                ));
             }
             Message::Lost(lost) => self.lost = lost,
             Message::Detached { lost, problem } => {
@@ -701,6 +769,7 @@ impl Session<'_> {
                     return Err(format!("detach from {} ({}) was not complete: {problem}", self.pid, self.name));
                 }
                 eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
+                self.unload = true;
                 return Ok(Step::Detached);
             }
             Message::Placed(_) | Message::Warning(_) | Message::Ended(_) => {}
