@@ -86,11 +86,14 @@ pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
         if socket.is_null() {
             return -libc::EINVAL;
         }
+        // Before this session allocates anything: its memory goes with the library.
+        crate::heap::use_own_mapping();
         // SAFETY: the CLI passes a NUL-terminated path it wrote into this process's memory.
         let path = unsafe { CStr::from_ptr(socket) };
         if ACTIVE.swap(true, Ordering::AcqRel) {
             return -libc::EBUSY;
         }
+        crate::heap::set_released(false);
         // Held until the handle is stored: the session takes it back at its end.
         let mut thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner());
         let started = connect(path).and_then(|socket| {
@@ -174,14 +177,13 @@ fn session(socket: OwnedFd) {
     // Everything else dynprobe put into the process goes too: code pools, the return
     // trampoline, the stop signal's handler, the caches.
     let released = dynprobe::release_all();
-    // What the session allocated (symbol tables, decoded code: megabytes) is free now but
-    // still resident in the C library's arenas: give those pages back (`malloc_trim(3)`;
-    // it releases free memory only, the program's included, which it does not notice).
-    // SAFETY: malloc_trim takes each arena's lock like malloc does; no lock is held here.
-    unsafe { libc::malloc_trim(0) };
+    // What the session allocated (symbol tables, decoded code: megabytes) came from the
+    // agent's own heap (the `heap` module), which goes with the library: the C library's
+    // arenas, the program's, are left as they were.
     // The CLI that loaded the library unloads it (`dlclose`, as it called `dlopen`) once
     // this thread has ended, if nothing of it is still in use; it is told how many loads
     // to undo: this session's, and those of earlier sessions whose CLI could not.
+    crate::heap::set_released(released.is_ok());
     match (&released, detach_asked) {
         (Ok(()), true) => {
             let loads = UNDONE_LOADS.swap(0, Ordering::Relaxed) + 1;
@@ -405,9 +407,9 @@ fn retry_removal(set: &Mutex<ProbeSet>, control: &Control) {
 /// Whether some thread of this process blocks the text layer's stop signal now.
 fn stop_signal_blocked() -> bool {
     let bit = 1u64 << (dynprobe::stop_signal() - 1);
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return false };
-    tasks.filter_map(Result::ok).any(|task| {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+    let Ok(tids) = dynprobe::thread_ids() else { return false };
+    tids.into_iter().any(|tid| {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap_or_default();
         let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).map(str::trim);
         mask.and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & bit != 0)
     })

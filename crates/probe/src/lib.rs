@@ -126,6 +126,9 @@ pub fn release_all() -> Result<(), String> {
             kept.push(e.to_string());
         }
     }
+    if !counter::release_unused() {
+        kept.push("the hit counters of a probe not yet freed".to_string());
+    }
     let mapped = dynprobe_text::pool::release_unused();
     if kept.is_empty() && mapped > 0 {
         kept.push(format!("{mapped} bytes of code pools still in use"));
@@ -134,6 +137,15 @@ pub fn release_all() -> Result<(), String> {
         true => Ok(()),
         false => Err(kept.join("; ")),
     }
+}
+
+/// The ids of this process's threads (`/proc/self/task`), read without the C library's
+/// `opendir` (which allocates with `malloc`: on a thread of dynprobe's, that would start a
+/// malloc arena of its own). `Err` is the errno.
+pub fn thread_ids() -> Result<Vec<i32>, i32> {
+    let mut tids = Vec::new();
+    dynprobe_text::stop::for_each_task(|tid| tids.push(tid))?;
+    Ok(tids)
 }
 
 /// The signal dynprobe stops the program's threads with while it changes their code; a

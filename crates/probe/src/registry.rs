@@ -288,7 +288,7 @@ pub(crate) fn set_enabled_all(probes: &[&Arc<ProbeShared>], on: bool) -> Result<
     let addrs: Vec<u64> = probes.iter().map(|p| p.addr).collect();
     let failed = registry.update_arming_all(&addrs);
     if let Err((addrs, _)) = &failed {
-        let addrs: std::collections::HashSet<u64> = addrs.iter().copied().collect();
+        let addrs: std::collections::BTreeSet<u64> = addrs.iter().copied().collect();
         for (probe, was) in probes.iter().zip(was) {
             if addrs.contains(&probe.addr) {
                 probe.set_enabled(was);
@@ -592,7 +592,10 @@ impl Registry {
     /// are changed.
     fn update_arming_all(&self, addrs: &[u64]) -> Result<(), (Vec<u64>, ProbeError)> {
         let mut changes: Vec<(u64, bool)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // A BTreeSet, not a HashSet: its RandomState would touch the agent's thread-local
+        // storage, which the C library allocates with malloc on a thread of dynprobe's
+        // (see the agent's `heap` module).
+        let mut seen = std::collections::BTreeSet::new();
         for &addr in addrs {
             if let Some(site) = self.sites.get(&addr) {
                 let want = site.any_enabled();

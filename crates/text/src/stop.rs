@@ -841,8 +841,10 @@ fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
 
 /// Calls `f` with the id of every thread listed in `/proc/self/task`, reading the directory
 /// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
-/// holding the allocator's lock). Returns the errno when the directory cannot be read.
-fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
+/// holding the allocator's lock; and `opendir` would `malloc`, on a thread of dynprobe's
+/// the start of a malloc arena of its own). Returns the errno when the directory cannot be
+/// read.
+pub fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
     let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
     // SAFETY: the path is a NUL-terminated literal.
     let fd = unsafe { libc::open(c"/proc/self/task".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
