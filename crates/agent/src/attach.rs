@@ -176,7 +176,10 @@ fn session(socket: OwnedFd) {
     dynprobe::stop_optimizer();
     // Everything else dynprobe put into the process goes too: code pools, the return
     // trampoline, the stop signal's handler, the caches.
+    let before_release = dynprobe::interrupted_system_calls();
     let released = dynprobe::release_all();
+    // Freeing what the session leaves stops threads too (to check that none is in it).
+    warn_interrupted(&control, dynprobe::interrupted_system_calls() - before_release);
     // What the session allocated (symbol tables, decoded code: megabytes) came from the
     // agent's own heap (the `heap` module), which goes with the library: the C library's
     // arenas, the program's, are left as they were.
@@ -343,12 +346,7 @@ fn run(control: &Control, setup: Setup) -> bool {
     let left = problems.len();
     release_signals(&mut problems, left);
     let interrupted = dynprobe::interrupted_system_calls() - interrupted_before;
-    if interrupted > 0 {
-        control.send(&format!(
-            "!warning {interrupted} blocking system call(s) of the program returned early (EINTR): a thread \
-             entered them as dynprobe stopped it to change code"
-        ));
-    }
+    warn_interrupted(control, interrupted);
     if detach_asked {
         let problems = match problems.is_empty() {
             true => String::new(),
@@ -371,6 +369,17 @@ fn run(control: &Control, setup: Setup) -> bool {
     }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
     detach_asked
+}
+
+/// Tells the CLI that `count` blocking system calls of the program returned early because
+/// dynprobe stopped their threads, when some did: it never goes unsaid.
+fn warn_interrupted(control: &Control, count: u64) {
+    if count > 0 {
+        control.send(&format!(
+            "!warning {count} blocking system call(s) of the program returned early (EINTR): a thread entered \
+             them as dynprobe stopped it to change code"
+        ));
+    }
 }
 
 /// The longest pause between two tries of removing the probes a detach left.

@@ -135,6 +135,9 @@ fn unload_agent(pid: i32, name: &str, control: &Control) {
                     eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
                     return;
                 }
+                if let Some(note) = Message::parse(&message).note() {
+                    eprintln!("dynprobe: {note}");
+                }
             }
             None => {
                 eprintln!("dynprobe: warning: the agent in {pid} ({name}) ended without saying whether it can be unloaded; it stays loaded");
