@@ -16,6 +16,10 @@
 //!               !warning <text>                           something the user should know
 //!               !detached <lost>[ could not restore: …]   every probe removed, every byte restored
 //!                                                         (or which probes could not be, and why)
+//!               !unload <n>                               after !detached (or a refusal): nothing of
+//!                                                         the agent's is left in use; once its threads
+//!                                                         have ended, `dlclose` it n times
+//!               !keep <why>                               instead of !unload: something must stay
 //! ```
 //!
 //! Status goes only over this socket, events only through the pipe: the CLI takes no line
@@ -35,9 +39,12 @@
 //! the stop signal while the jump must come out) stays, armed and whole, its events going to
 //! `/dev/null`: the pipe's descriptor number is not freed for the program to reuse while
 //! any probe is left. The session thread then tries again, whenever no thread blocks the
-//! stop signal, until every probe is out (`retry_removal`). The library stays
-//! loaded (a thread may still be returning through one of its trampolines); a later attach
-//! reuses it. No thread of the agent's outlives the session (the session thread, the
+//! stop signal, until every probe is out (`retry_removal`). Then everything else the session
+//! put into the process goes (`dynprobe::release_all`: code pools, the return trampoline,
+//! signal handlers), and the CLI unloads the library (`!unload`), whose destructor unmaps
+//! the agent's heap (the `heap` module). What must stay is named (`!keep`: a thread still
+//! to return through the return trampoline), and the library stays loaded, unused, for a
+//! later session to unload. No thread of the agent's outlives the session (the session thread, the
 //! optimizer, the `dlopen` watcher), and none of them is ever seen by a probe: they are
 //! dynprobe's own threads (`dynprobe::own_thread`), told apart by their stacks from their
 //! first instruction.
@@ -82,7 +89,18 @@ const MESSAGE_MAX: usize = 256 * 1024;
 #[no_mangle]
 pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
     // A panic must not unwind into the program's frames (the CLI's injected call).
-    std::panic::catch_unwind(|| {
+    let started = std::panic::catch_unwind(|| start_session(socket)).unwrap_or(-libc::EFAULT);
+    if started != 0 {
+        // The CLI that loaded the library for this call gives up: its load stays for the
+        // next session's CLI to undo.
+        UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+    }
+    started
+}
+
+/// [`dynprobe_attach`]'s work.
+fn start_session(socket: *const c_char) -> c_int {
+    {
         if socket.is_null() {
             return -libc::EINVAL;
         }
@@ -108,8 +126,7 @@ pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
                 -errno
             }
         }
-    })
-    .unwrap_or(-libc::EFAULT)
+    }
 }
 
 /// Connects to the control socket and checks who listens on it.
@@ -187,10 +204,18 @@ fn session(socket: OwnedFd) {
     // this thread has ended, if nothing of it is still in use; it is told how many loads
     // to undo: this session's, and those of earlier sessions whose CLI could not.
     crate::heap::set_released(released.is_ok());
+    // Stored by `dynprobe_attach` (under this lock) before this thread could get here.
+    let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
     match (&released, detach_asked) {
         (Ok(()), true) => {
+            // Nothing in the process can join this thread once the library is gone (a
+            // reaper thread would run the library's code): detached, its stack is the
+            // CLI's to unmap, after the thread has ended and before the `dlclose`.
             let loads = UNDONE_LOADS.swap(0, Ordering::Relaxed) + 1;
-            control.send(&format!("!unload {loads}"));
+            let stack = thread.map(|t| t.detach_leaving_stack()).map(|(base, len)| format!(" {base:#x} {len}"));
+            control.send(&format!("!unload {loads}{}", stack.unwrap_or_default()));
+            ACTIVE.store(false, Ordering::Release);
+            return;
         }
         (Err(why), true) => {
             UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
@@ -201,7 +226,6 @@ fn session(socket: OwnedFd) {
         }
     }
     drop(socket);
-    let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
     ACTIVE.store(false, Ordering::Release);
     if let Some(thread) = thread {
         // On failure the thread's stack stays mapped; nothing of the session runs on.

@@ -10,7 +10,7 @@
 //! lock, no allocation, no atomic read-modify-write besides the statistics counters.
 //!
 //! ```text
-//!   STACKS[slot]   top ─┐            instance table (one mmap, never freed)
+//!   STACKS[slot]   top ─┐            instance table (one mmap)
 //!                       ▼            [slot * MAX_DEPTH + depth] = { original return address,
 //!   depth 0 1 2 3 ...                   return-address slot, probe index, probe id, data }
 //! ```
@@ -24,9 +24,10 @@
 //! becomes 0) and the top comes down past it later. A thread that exits inside a probed
 //! function leaves its instances to its slot's next owner, which starts afresh (the slot's
 //! generation changed) — except the thread of a forked child, whose stack still holds the
-//! parent thread's probed frames. The trampoline entries never go away, and an instance names
-//! its probe by index and id, so a return after the probe was unregistered still reaches the
-//! right caller and finds no handler.
+//! parent thread's probed frames. The trampoline entries stay while any instance is in use (and
+//! go with the instance table only when none is: `release_trampoline`, at the end of an
+//! attach session), and an instance names its probe by index and id, so a return after the
+//! probe was unregistered still reaches the right caller and finds no handler.
 
 use crate::arch::{current_tid, rethook, thread_pointer, Regs};
 use crate::counter::PerThreadCounter;
@@ -171,7 +172,8 @@ static PROBES: [AtomicPtr<RpShared>; MAX_RETURN_PROBES] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_RETURN_PROBES];
 
 /// The instance table: `MAX_THREADS * MAX_DEPTH` instances, mapped at the first
-/// registration and never unmapped (a late return may still read it).
+/// registration and unmapped only when no instance is in use (a late return may still
+/// read it): [`release_trampoline`].
 static INSTANCES: AtomicPtr<Instance> = AtomicPtr::new(std::ptr::null_mut());
 
 #[inline(always)]

@@ -49,10 +49,18 @@ impl<E: Into<InjectError>> From<E> for UnloadError {
     }
 }
 
-/// Calls `dlclose(handle)` `times` times in process `pid`, each call allowed `timeout`.
+/// Calls `dlclose(handle)` `times` times in process `pid`, each call allowed `timeout`,
+/// after unmapping `stack` (`(address, length)`: the stack of the library's last thread,
+/// ended, which nothing inside the process can free once the library is gone).
 /// `Err` when no thread could make the call, the call failed, or `dlclose` returned an
 /// error (with `dlerror()`'s reason when the process has one).
-pub fn unload_library(pid: i32, handle: u64, times: u64, timeout: Duration) -> Result<(), UnloadError> {
+pub fn unload_library(
+    pid: i32,
+    handle: u64,
+    times: u64,
+    stack: Option<(u64, u64)>,
+    timeout: Duration,
+) -> Result<(), UnloadError> {
     let table = SymbolTable::for_pid(pid).map_err(|e| match e {
         SymbolError::NoSuchProcess { pid } => InjectError::Attach(AttachError::NoSuchProcess { pid }),
         e => InjectError::Symbols(e),
@@ -73,6 +81,14 @@ pub fn unload_library(pid: i32, handle: u64, times: u64, timeout: Duration) -> R
             error,
         })
     };
+    if let Some((addr, len)) = stack {
+        tracee.munmap(tid, addr, len, timeout).map_err(|error| InjectError::Call {
+            function: "munmap".to_string(),
+            tid,
+            location: None,
+            error,
+        })?;
+    }
     for _ in 0..times {
         if call(&mut tracee, "dlclose", dlclose, &[Arg::Value(handle)])? as u32 != 0 {
             let message = match dlerror {

@@ -8,6 +8,9 @@
 //!    the specs and an event pipe, and relays hits until Ctrl-C, `--duration`, or the
 //!    target's exit. Detaching asks the agent to remove every probe and waits for it to
 //!    say so. If this CLI dies instead, the agent sees the socket close and does the same.
+//! 4. Once the agent says nothing of it is in use any more (`!unload`), and its threads
+//!    have ended, the target is made to `dlclose` the library the same way
+//!    (`dynprobe_remote::unload_library`): the process is left as it was.
 //!
 //! The control protocol is described in the agent's `attach` module.
 
@@ -120,7 +123,7 @@ const THREADS_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// to unload. Problems are warnings: the probes are gone either way.
 fn unload_agent(pid: i32, name: &str, control: &Control) {
     let deadline = Instant::now() + AGENT_TIMEOUT;
-    let loads = loop {
+    let unload = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) {
             eprintln!("dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it stays loaded");
@@ -128,8 +131,8 @@ fn unload_agent(pid: i32, name: &str, control: &Control) {
         }
         match control.receive() {
             Some(message) => {
-                if let Some(loads) = message.strip_prefix("!unload ").and_then(|n| n.trim().parse::<u64>().ok()) {
-                    break loads;
+                if let Some(unload) = message.strip_prefix("!unload ").and_then(Unload::parse) {
+                    break unload;
                 }
                 if let Some(why) = message.strip_prefix("!keep ") {
                     eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
@@ -153,8 +156,31 @@ fn unload_agent(pid: i32, name: &str, control: &Control) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    if let Err(e) = dynprobe_remote::unload_library(pid, control.handle, loads, dynprobe_remote::DEFAULT_CALL_TIMEOUT) {
+    let timeout = dynprobe_remote::DEFAULT_CALL_TIMEOUT;
+    if let Err(e) = dynprobe_remote::unload_library(pid, control.handle, unload.loads, unload.stack, timeout) {
         eprintln!("dynprobe: warning: cannot unload the agent library from {pid} ({name}): {e}");
+    }
+}
+
+/// What `!unload <loads>[ <stack> <length>]` asks: `dlclose` the library `loads` times,
+/// after unmapping the stack of the agent's last thread (which nothing inside the process
+/// can join once the library is gone).
+struct Unload {
+    loads: u64,
+    stack: Option<(u64, u64)>,
+}
+
+impl Unload {
+    fn parse(text: &str) -> Option<Unload> {
+        let mut words = text.split_whitespace();
+        let loads = words.next()?.parse().ok()?;
+        let stack = match (words.next(), words.next()) {
+            (Some(base), Some(len)) => {
+                Some((u64::from_str_radix(base.strip_prefix("0x")?, 16).ok()?, len.parse().ok()?))
+            }
+            _ => None,
+        };
+        Some(Unload { loads, stack })
     }
 }
 
