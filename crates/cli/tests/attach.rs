@@ -788,6 +788,39 @@ fn twenty_sessions_leave_no_thread_and_nothing_growing() {
     worker.quit();
 }
 
+/// A call still to return through the return trampoline when the session ends (the
+/// worker's main thread waits in a `read` a return probe diverted) keeps the agent loaded,
+/// unused, and dynprobe says why; the call then returns through the trampoline as it
+/// should, and the next session unloads everything.
+#[test]
+fn a_return_still_in_flight_keeps_the_agent_until_a_later_session() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("in-flight");
+    assert_eq!(worker.round(), expected_sum);
+    let threads = thread_names(worker.pid).len();
+    let before = mappings(worker.pid);
+    let mut session = Session::start(worker.pid, &["r:libc:read n=$retval"], &[]);
+    session.wait_for("attached to");
+    // The worker answers, then reads its next command through the probed `read`.
+    assert_eq!(worker.round(), expected_sum);
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("every probed byte is restored"), "{stderr}");
+    assert!(stderr.contains("the agent library stays loaded in") && stderr.contains("return trampoline"), "{stderr}");
+    wait_for_thread_count(worker.pid, threads);
+    assert!(mappings(worker.pid).iter().any(|l| l.contains("libdynprobe_agent")), "the agent was unloaded");
+    // The diverted read returns through the trampoline, which is still there.
+    assert_eq!(worker.round(), expected_sum);
+    let (code, _, stderr) = Session::start(worker.pid, &["p:mix"], &["--duration", "0.2"]).end(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("stays loaded"), "{stderr}");
+    wait_for_thread_count(worker.pid, threads);
+    assert_eq!(mappings(worker.pid), before, "the second session did not unload what the first kept");
+    assert_eq!(worker.round(), expected_sum);
+    worker.quit();
+}
+
 /// Where the module whose file name starts with `name` is loaded in process `pid`.
 fn module_base(pid: i32, name: &str) -> u64 {
     let maps = mappings(pid);

@@ -101,7 +101,15 @@ pub fn release_all() -> Result<(), String> {
     }
     let probes = registry::probe_count().map_err(|e| e.to_string())?;
     if probes > 0 {
-        return Err(format!("{probes} probes are still registered"));
+        // With a call still to return through the return trampoline, the probe that hides
+        // it from backtraces stays, and so do the signal guards: say why.
+        return Err(match retprobe::release_trampoline() {
+            Err(why) => format!(
+                "the return trampoline stays, with the probe that hides it from backtraces and the signal \
+                 guards: {why}"
+            ),
+            Ok(()) => format!("{probes} probes are still registered"),
+        });
     }
     // Again, now that the guards are gone too: the symbol tables go with the last site.
     registry::release_caches();
