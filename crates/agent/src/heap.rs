@@ -25,7 +25,7 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Address space reserved for the heap (backed only as it is used: `MAP_NORESERVE`).
-const REGION: usize = 16 << 30;
+const REGION: usize = 4 << 30;
 /// The smallest block.
 const MIN_SHIFT: u32 = 4;
 /// Size classes: 2^4 .. 2^34 bytes.

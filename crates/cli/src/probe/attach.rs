@@ -91,12 +91,13 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         pending: 0,
         ready: false,
         unload: false,
+        later: Vec::new(),
     };
     let result = session.relay(request, &signals);
     session.out.finish(signals.fd.as_raw_fd());
     session.report_strays();
     if let (Backend::Agent(control), true) = (&session.backend, session.unload) {
-        unload_agent(request.pid, &name, control);
+        unload_agent(request.pid, &name, control, std::mem::take(&mut session.later));
     }
     if let Backend::Ptrace(tracer) = session.backend {
         let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
@@ -121,31 +122,40 @@ const THREADS_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// agent says `!keep <why>` instead when something of it must stay (a thread still to
 /// return through the return trampoline): then it stays, loaded once, for the next session
 /// to unload. Problems are warnings: the probes are gone either way.
-fn unload_agent(pid: i32, name: &str, control: &Control) {
+fn unload_agent(pid: i32, name: &str, control: &Control, earlier: Vec<String>) {
     let deadline = Instant::now() + AGENT_TIMEOUT;
+    let mut earlier = earlier.into_iter();
     let unload = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) {
-            eprintln!("dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it stays loaded");
-            return;
-        }
-        match control.receive() {
-            Some(message) => {
-                if let Some(unload) = message.strip_prefix("!unload ").and_then(Unload::parse) {
-                    break unload;
-                }
-                if let Some(why) = message.strip_prefix("!keep ") {
-                    eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
-                    return;
-                }
-                if let Some(note) = Message::parse(&message).note() {
-                    eprintln!("dynprobe: {note}");
-                }
-            }
-            None => {
-                eprintln!("dynprobe: warning: the agent in {pid} ({name}) ended without saying whether it can be unloaded; it stays loaded");
+        let message = match earlier.next() {
+            Some(message) => message,
+            None if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) => {
+                eprintln!(
+                    "dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it \
+                     stays loaded"
+                );
                 return;
             }
+            None => match control.receive() {
+                Some(message) => message,
+                None => {
+                    eprintln!(
+                        "dynprobe: warning: the agent in {pid} ({name}) ended without saying whether it can be \
+                         unloaded; it stays loaded"
+                    );
+                    return;
+                }
+            },
+        };
+        if let Some(unload) = message.strip_prefix("!unload ").and_then(Unload::parse) {
+            break unload;
+        }
+        if let Some(why) = message.strip_prefix("!keep ") {
+            eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
+            return;
+        }
+        if let Some(note) = Message::parse(&message).note() {
+            eprintln!("dynprobe: {note}");
         }
     };
     let deadline = Instant::now() + THREADS_END_TIMEOUT;
@@ -615,6 +625,8 @@ struct Session<'a> {
     /// The agent ended the session cleanly (every probe removed, or none placed): it then
     /// says whether its library can be unloaded.
     unload: bool,
+    /// Messages of the agent's read with the one that ended the session, not yet acted on.
+    later: Vec<String>,
 }
 
 /// The most bytes read from the event pipe after the session ended (whatever was in it
@@ -683,8 +695,15 @@ impl Session<'_> {
                     }
                 }
             }
-            for message in status {
-                match self.control_message(&message, request)? {
+            let mut status = status.into_iter();
+            while let Some(message) = status.next() {
+                let step = self.control_message(&message, request);
+                if !matches!(step, Ok(Step::Stay | Step::Ready)) {
+                    // The session ends here: what the agent said after this (whether its
+                    // library can be unloaded) is for `unload_agent`.
+                    self.later.extend(status.by_ref());
+                }
+                match step? {
                     Step::Stay => {}
                     Step::Ready => {
                         self.ready = true;
