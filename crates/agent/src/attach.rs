@@ -16,6 +16,10 @@
 //!               !warning <text>                           something the user should know
 //!               !detached <lost>[ could not restore: …]   every probe removed, every byte restored
 //!                                                         (or which probes could not be, and why)
+//!               !unload <n>                               after !detached (or a refusal): nothing of
+//!                                                         the agent's is left in use; once its threads
+//!                                                         have ended, `dlclose` it n times
+//!               !keep <why>                               instead of !unload: something must stay
 //! ```
 //!
 //! Status goes only over this socket, events only through the pipe: the CLI takes no line
@@ -32,10 +36,15 @@
 //! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
 //! even by `SIGKILL` — and either way every probe is unregistered, which restores every
 //! byte, and the process carries on. A probe that cannot be removed (a thread that blocks
-//! the stop signal while the jump must come out) stays, its events going to `/dev/null`:
-//! the pipe's descriptor number is never freed for the program to reuse. The library stays
-//! loaded (a thread may still be returning through one of its trampolines); a later attach
-//! reuses it. No thread of the agent's outlives the session (the session thread, the
+//! the stop signal while the jump must come out) stays, armed and whole, its events going to
+//! `/dev/null`: the pipe's descriptor number is not freed for the program to reuse while
+//! any probe is left. The session thread then tries again, whenever no thread blocks the
+//! stop signal, until every probe is out (`retry_removal`). Then everything else the session
+//! put into the process goes (`dynprobe::release_all`: code pools, the return trampoline,
+//! signal handlers), and the CLI unloads the library (`!unload`), whose destructor unmaps
+//! the agent's heap (the `heap` module). What must stay is named (`!keep`: a thread still
+//! to return through the return trampoline), and the library stays loaded, unused, for a
+//! later session to unload. No thread of the agent's outlives the session (the session thread, the
 //! optimizer, the `dlopen` watcher), and none of them is ever seen by a probe: they are
 //! dynprobe's own threads (`dynprobe::own_thread`), told apart by their stacks from their
 //! first instruction.
@@ -48,7 +57,7 @@
 use crate::channel::Channel;
 use crate::probes::{ProbeSet, Report};
 use std::ffi::{c_char, c_int, CStr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -56,6 +65,10 @@ use std::sync::{Arc, Mutex};
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The running session's thread, which hands itself over to be joined at its end.
 static SESSION_THREAD: Mutex<Option<dynprobe::own_thread::OwnThread>> = Mutex::new(None);
+/// Loads of this library (`dlopen`s by an attaching CLI) that no `dlclose` undid: sessions
+/// whose CLI went away, or that had to keep the library. The next CLI that can unload it
+/// undoes them all.
+static UNDONE_LOADS: AtomicU64 = AtomicU64::new(0);
 /// Events the current session dropped.
 static LOST: AtomicU64 = AtomicU64::new(0);
 
@@ -76,15 +89,29 @@ const MESSAGE_MAX: usize = 256 * 1024;
 #[no_mangle]
 pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
     // A panic must not unwind into the program's frames (the CLI's injected call).
-    std::panic::catch_unwind(|| {
+    let started = std::panic::catch_unwind(|| start_session(socket)).unwrap_or(-libc::EFAULT);
+    if started != 0 {
+        // The CLI that loaded the library for this call gives up: its load stays for the
+        // next session's CLI to undo.
+        UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+    }
+    started
+}
+
+/// [`dynprobe_attach`]'s work.
+fn start_session(socket: *const c_char) -> c_int {
+    {
         if socket.is_null() {
             return -libc::EINVAL;
         }
+        // Before this session allocates anything: its memory goes with the library.
+        crate::heap::use_own_mapping();
         // SAFETY: the CLI passes a NUL-terminated path it wrote into this process's memory.
         let path = unsafe { CStr::from_ptr(socket) };
         if ACTIVE.swap(true, Ordering::AcqRel) {
             return -libc::EBUSY;
         }
+        crate::heap::set_released(false);
         // Held until the handle is stored: the session takes it back at its end.
         let mut thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner());
         let started = connect(path).and_then(|socket| {
@@ -99,8 +126,7 @@ pub extern "C" fn dynprobe_attach(socket: *const c_char) -> c_int {
                 -errno
             }
         }
-    })
-    .unwrap_or(-libc::EFAULT)
+    }
 }
 
 /// Connects to the control socket and checks who listens on it.
@@ -160,21 +186,46 @@ fn session(socket: OwnedFd) {
     dynprobe::set_current_thread_traced(false);
     LOST.store(0, Ordering::Relaxed);
     let control = Control { fd: socket.as_raw_fd() };
-    if let Some(setup) = first_message(&control) {
-        run(&control, setup);
-    }
-    drop(socket);
+    let detach_asked = first_message(&control).is_some_and(|setup| run(&control, setup));
     // No thread of dynprobe's is left running after the session, refused or not: the
     // optimizer ends here, the dlopen watcher ended with `run`, and this thread is joined
     // (its stack unmapped) once it has returned.
     dynprobe::stop_optimizer();
-    dynprobe::release_caches();
-    // What the session allocated (symbol tables, decoded code: megabytes) is free now but
-    // still resident in the C library's arenas: give those pages back (`malloc_trim(3)`;
-    // it releases free memory only, the program's included, which it does not notice).
-    // SAFETY: malloc_trim takes each arena's lock like malloc does; no lock is held here.
-    unsafe { libc::malloc_trim(0) };
+    // Everything else dynprobe put into the process goes too: code pools, the return
+    // trampoline, the stop signal's handler, the caches.
+    let before_release = dynprobe::interrupted_system_calls();
+    let released = dynprobe::release_all();
+    // Freeing what the session leaves stops threads too (to check that none is in it).
+    warn_interrupted(&control, dynprobe::interrupted_system_calls() - before_release);
+    // What the session allocated (symbol tables, decoded code: megabytes) came from the
+    // agent's own heap (the `heap` module), which goes with the library: the C library's
+    // arenas, the program's, are left as they were.
+    // The CLI that loaded the library unloads it (`dlclose`, as it called `dlopen`) once
+    // this thread has ended, if nothing of it is still in use; it is told how many loads
+    // to undo: this session's, and those of earlier sessions whose CLI could not.
+    crate::heap::set_released(released.is_ok());
+    // Stored by `dynprobe_attach` (under this lock) before this thread could get here.
     let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match (&released, detach_asked) {
+        (Ok(()), true) => {
+            // Nothing in the process can join this thread once the library is gone (a
+            // reaper thread would run the library's code): detached, its stack is the
+            // CLI's to unmap, after the thread has ended and before the `dlclose`.
+            let loads = UNDONE_LOADS.swap(0, Ordering::Relaxed) + 1;
+            let stack = thread.map(|t| t.detach_leaving_stack()).map(|(base, len)| format!(" {base:#x} {len}"));
+            control.send(&format!("!unload {loads}{}", stack.unwrap_or_default()));
+            ACTIVE.store(false, Ordering::Release);
+            return;
+        }
+        (Err(why), true) => {
+            UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+            control.send(&format!("!keep {why}"));
+        }
+        (_, false) => {
+            UNDONE_LOADS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    drop(socket);
     ACTIVE.store(false, Ordering::Release);
     if let Some(thread) = thread {
         // On failure the thread's stack stays mapped; nothing of the session runs on.
@@ -277,8 +328,8 @@ fn receive_with_fds(fd: RawFd) -> Option<(String, Vec<OwnedFd>)> {
 }
 
 /// Places the probes, serves the socket until `detach` or until it closes, then removes
-/// every probe.
-fn run(control: &Control, setup: Setup) {
+/// every probe. True when the CLI asked for the detach (it is still there).
+fn run(control: &Control, setup: Setup) -> bool {
     // SAFETY: F_SETFL on a descriptor we own; a lossy channel needs O_NONBLOCK (the CLI
     // sets it too, on the same open file; this makes sure).
     unsafe { libc::fcntl(setup.write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
@@ -288,7 +339,11 @@ fn run(control: &Control, setup: Setup) {
     let _ = dynprobe::set_optimization(setup.optimize);
     let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
         Ok(set) => Arc::new(Mutex::new(set)),
-        Err(refused) => return control.send(&format!("!error {refused}")),
+        Err(refused) => {
+            control.send(&format!("!error {refused}"));
+            // The CLI reports the refusal and then waits for the end, as after a detach.
+            return true;
+        }
     };
     let report: Report = {
         let control = *control;
@@ -310,43 +365,109 @@ fn run(control: &Control, setup: Setup) {
         watch.stop();
     }
     let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
-    if !problems.is_empty() {
-        // Those probes stay armed, their handlers writing to the event pipe's descriptor.
-        discard_events(setup.write, setup.read);
-    }
-    // SIGTRAP goes back to the program with the guards; probes dynprobe keeps for the
-    // process's life (a return probe's unwinder hook) keep them too.
-    match dynprobe_probe::release_signals() {
-        Ok(()) | Err(dynprobe_probe::ProbeError::SignalsInUse { .. }) => {}
-        Err(e) => problems.push(e.to_string()),
-    }
+    // Those probes stay armed, their handlers writing to the event pipe's descriptor.
+    let discarded = (!problems.is_empty()).then(|| discard_events(setup.write, setup.read));
+    let left = problems.len();
+    release_signals(&mut problems, left);
     let interrupted = dynprobe::interrupted_system_calls() - interrupted_before;
-    if interrupted > 0 {
-        control.send(&format!(
-            "!warning {interrupted} blocking system call(s) of the program returned early (EINTR): a thread \
-             entered them as dynprobe stopped it to change code"
-        ));
-    }
+    warn_interrupted(control, interrupted);
     if detach_asked {
         let problems = match problems.is_empty() {
             true => String::new(),
             false => format!(
-                " could not restore: {}; these probes stay in place, their events discarded",
-                problems.join("; ")
+                " could not restore: {}; these probes stay in place, their events discarded, and the agent \
+                 tries again to remove them (every {} s at most) until it can",
+                problems.join("; "),
+                RETRY_MAX.as_secs()
             ),
         };
         control.send(&format!("!detached {}{problems}", LOST.load(Ordering::Relaxed)));
     }
+    if let Some(discarded) = discarded {
+        retry_removal(&set, control);
+        // Every probe is gone and no handler runs any more (unregistering waits for that):
+        // the descriptor number may be freed now.
+        drop(discarded);
+        // That CLI has reported the incomplete detach and gone: it unloads nothing.
+        return false;
+    }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
+    detach_asked
 }
 
-/// Points the event pipe's write end at `/dev/null` for good, for probes that could not be
-/// removed and whose handlers go on writing to that descriptor number. Closing it would
-/// let the program's next `open` get the number and fill its file with event lines.
-/// `dup3` swaps the file under the number atomically (dup2(2)): a handler writes to the
-/// pipe or to `/dev/null`, never to a closed or reused descriptor. The number stays taken
-/// for the rest of the process's life (the probes do too).
-fn discard_events(write: OwnedFd, read: OwnedFd) {
+/// Tells the CLI that `count` blocking system calls of the program returned early because
+/// dynprobe stopped their threads, when some did: it never goes unsaid.
+fn warn_interrupted(control: &Control, count: u64) {
+    if count > 0 {
+        control.send(&format!(
+            "!warning {count} blocking system call(s) of the program returned early (EINTR): a thread entered \
+             them as dynprobe stopped it to change code"
+        ));
+    }
+}
+
+/// The longest pause between two tries of removing the probes a detach left.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Tries again to remove the probes a detach could not (a thread of the program blocked
+/// the stop signal, for instance while it spins): each try either removes a probe whole or
+/// leaves it armed and working. A try stops the program's threads that could be in the
+/// changing code and waits for the one that does not answer, holding them meanwhile, so it
+/// is only made when no thread blocks the stop signal (`SigBlk` in proc(5)), and after a
+/// failed one the pause before the next grows (0.1 s doubling up to [`RETRY_MAX`]).
+/// Returns once every probe is removed, and the program's `SIGTRAP` action back. A CLI
+/// still listening hears what each try left, and the end.
+fn retry_removal(set: &Mutex<ProbeSet>, control: &Control) {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        std::thread::sleep(pause);
+        if stop_signal_blocked() {
+            pause = std::time::Duration::from_millis(100).max(pause.min(RETRY_MAX));
+            continue;
+        }
+        let mut problems = set.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
+        let left = problems.len();
+        release_signals(&mut problems, left);
+        if problems.is_empty() {
+            control.send("!warning the probes a detach had left are removed now: every probed byte is restored");
+            return;
+        }
+        control.send(&format!("!warning still armed, tried again: {}", problems.join("; ")));
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// Whether some thread of this process blocks the text layer's stop signal now.
+fn stop_signal_blocked() -> bool {
+    let bit = 1u64 << (dynprobe::stop_signal() - 1);
+    let Ok(tids) = dynprobe::thread_ids() else { return false };
+    tids.into_iter().any(|tid| {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap_or_default();
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).map(str::trim);
+        mask.and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & bit != 0)
+    })
+}
+
+/// Gives `SIGTRAP` back to the program with the guards, once no probe is `left`; probes
+/// dynprobe keeps for the process's life (a return probe's unwinder hook) keep them too. A
+/// failure is added to `problems`.
+fn release_signals(problems: &mut Vec<String>, left: usize) {
+    if left > 0 {
+        return;
+    }
+    match dynprobe_probe::release_signals() {
+        Ok(()) | Err(dynprobe_probe::ProbeError::SignalsInUse { .. }) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
+}
+
+/// Points the event pipe's write end at `/dev/null`, for probes that could not be removed
+/// and whose handlers go on writing to that descriptor number. Closing it would let the
+/// program's next `open` get the number and fill its file with event lines. `dup3` swaps
+/// the file under the number atomically (dup2(2)): a handler writes to the pipe or to
+/// `/dev/null`, never to a closed or reused descriptor. What it returns holds the number
+/// (and, without `/dev/null`, the pipe's read end): drop it only once no probe is left.
+fn discard_events(write: OwnedFd, read: OwnedFd) -> (OwnedFd, Option<OwnedFd>) {
     // SAFETY: opens a path from a NUL-terminated literal.
     let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
     // SAFETY: dup3 of our own descriptors, then closing the spare one.
@@ -355,13 +476,10 @@ fn discard_events(write: OwnedFd, read: OwnedFd) {
         // SAFETY: `null` is ours and nothing else refers to it.
         unsafe { libc::close(null) };
     }
-    // Kept open either way. Without /dev/null, both pipe ends stay: hits fill the pipe
-    // nobody reads and are counted lost (the write end is non-blocking; the read end held
-    // open means EAGAIN, never SIGPIPE).
-    let _ = write.into_raw_fd();
-    if !swapped {
-        let _ = read.into_raw_fd();
-    }
+    // Without /dev/null, both pipe ends stay: hits fill the pipe nobody reads and are
+    // counted lost (the write end is non-blocking; the read end held open means EAGAIN,
+    // never SIGPIPE).
+    (write, (!swapped).then_some(read))
 }
 
 /// Serves the socket until the CLI says `detach` (true) or is gone (false), reporting

@@ -36,6 +36,7 @@ mod attach;
 mod channel;
 mod dlopen;
 mod event;
+mod heap;
 mod marker;
 mod place;
 mod probes;

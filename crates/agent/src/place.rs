@@ -45,6 +45,16 @@ impl Placed {
         format!("{} ({:#x})", info.symbol, info.addr)
     }
 
+    /// Whether the probe is still in place (an [`Placed::unregister`] that failed leaves it
+    /// so, to be tried again).
+    pub fn is_registered(&self) -> bool {
+        match self {
+            Placed::Entry(handle) => handle.is_registered(),
+            Placed::Return(handle) => handle.is_registered(),
+            Placed::Marker(handle) => handle.sites().next().is_some(),
+        }
+    }
+
     /// Arms a probe [`place`] registered disarmed (a marker's are armed already).
     pub fn enable(&self) -> Result<(), String> {
         match self {
@@ -55,12 +65,14 @@ impl Placed {
         .map_err(|e| e.to_string())
     }
 
-    /// Removes the probe, restoring the patched bytes.
-    pub fn unregister(self) -> Result<(), String> {
+    /// Removes the probe, restoring the patched bytes. On an error the probe stays placed,
+    /// armed and working, and another call tries again (a thread that blocked the stop
+    /// signal may have let it in since).
+    pub fn unregister(&mut self) -> Result<(), String> {
         match self {
-            Placed::Entry(handle) => handle.unregister().map(drop).map_err(|e| e.to_string()),
-            Placed::Return(handle) => handle.unregister().map(drop).map_err(|e| e.to_string()),
-            Placed::Marker(handle) => handle.detach().map(drop).map_err(|e| e.to_string()),
+            Placed::Entry(handle) => handle.try_unregister().map(drop).map_err(|e| e.to_string()),
+            Placed::Return(handle) => handle.try_unregister().map(drop).map_err(|e| e.to_string()),
+            Placed::Marker(handle) => handle.try_detach().map(drop).map_err(|e| e.to_string()),
         }
     }
 }
@@ -249,6 +261,7 @@ mod tests {
             assert_eq!(dynprobe_agent_test_work(seed, &mut out), -(seed as i64));
             outs.push(out);
         }
+        let mut placed = placed;
         placed.unregister().unwrap();
         let mut buf = [0u8; 4096];
         // SAFETY: reads into `buf`, writable for its length, from our pipe.

@@ -142,16 +142,18 @@ impl ProbeSet {
     /// Unregisters every placed probe, restoring its bytes, and forgets the waiting ones;
     /// the problems, if some probe could not be removed, each naming the spec and where
     /// its probe is: `` `<spec>` at <symbol+offset> (<address>): <why> ``. A probe that
-    /// could not be removed stays registered, and armed, as it was.
+    /// could not be removed stays registered, and armed, as it was, and stays in the set:
+    /// calling this again retries it.
     pub fn remove_all(&mut self) -> Vec<String> {
         self.pending.clear();
-        self.placed
-            .drain(..)
-            .filter_map(|(text, placed)| {
-                let at = placed.location();
-                placed.unregister().err().map(|why| format!("`{text}` at {at}: {}", why.replace('\n', " ")))
-            })
-            .collect()
+        let mut problems = Vec::new();
+        self.placed.retain_mut(|(text, placed)| {
+            let at = placed.location();
+            let Err(why) = placed.unregister() else { return false };
+            problems.push(format!("`{text}` at {at}: {}", why.replace('\n', " ")));
+            placed.is_registered()
+        });
+        problems
     }
 
     /// Watches `dlopen` when specs wait for their module, so each is placed before the

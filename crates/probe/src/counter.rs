@@ -35,8 +35,8 @@ const PER_BLOCK: usize = 4096 / std::mem::size_of::<AtomicU64>();
 /// Bytes of a block: mapped lazily by the kernel, backed a page at a time as threads count.
 const BLOCK_BYTES: usize = MAX_THREADS * PER_BLOCK * std::mem::size_of::<AtomicU64>();
 
-/// Every counter's cells: blocks mapped as needed and never unmapped, counter indices
-/// reused once their cells are zero again.
+/// Every counter's cells: blocks mapped as needed and unmapped only once no counter is
+/// left ([`release_unused`]), counter indices reused once their cells are zero again.
 struct Arena {
     blocks: Vec<usize>,
     free: Vec<usize>,
@@ -115,6 +115,23 @@ impl Drop for PerThreadCounter {
         }
         ARENA.lock().unwrap_or_else(|e| e.into_inner()).free.push(self.index);
     }
+}
+
+/// Unmaps the blocks once no counter is left (every probe gone, the end of an attach
+/// session), so that the process keeps no memory of dynprobe's; the next counter maps a
+/// block again. False when some counter is still alive.
+pub(crate) fn release_unused() -> bool {
+    let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+    if arena.free.len() != arena.next {
+        return false;
+    }
+    for block in arena.blocks.drain(..) {
+        // SAFETY: a block `map_zeroed` mapped; no counter points into it (all were dropped).
+        unsafe { libc::munmap(block as *mut libc::c_void, BLOCK_BYTES) };
+    }
+    arena.free.clear();
+    arena.next = 0;
+    true
 }
 
 /// `bytes` of zeroed, private memory that the kernel backs one page at a time as it is

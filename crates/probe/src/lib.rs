@@ -79,6 +79,90 @@ pub fn interrupted_system_calls() -> u64 {
     dynprobe_text::stop::interrupted_system_calls()
 }
 
+/// How long [`release_all`] waits for removed sites' memory to come out of quarantine.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes away everything dynprobe put into the process besides probes — the code pools
+/// (out-of-line slots, detour buffers), the return trampoline and its instance table, the
+/// stop signal's handler, the caches, the signal guards (`SIGTRAP` goes back to the
+/// program: [`release_signals`]) — once no probe of the program's is left, so that the process runs
+/// no code of dynprobe's and maps none of its memory: the end of an attach session, after
+/// which the agent library itself can be unloaded. A removed site's memory is freed after
+/// its quarantine, as the kernel frees a detour buffer after a quiescent period (waiting
+/// up to 5 s). `Err` names what must stay, and why (a probe left, a thread still to
+/// return through the return trampoline, a slot some thread may still run); what could be
+/// released is, either way. Call it from no handler and with no probe being placed.
+pub fn release_all() -> Result<(), String> {
+    // The return probes' backtrace filter first: the signal guards stay while it does.
+    registry::release_caches();
+    match release_signals() {
+        Ok(()) | Err(ProbeError::SignalsInUse { .. }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let probes = registry::probe_count().map_err(|e| e.to_string())?;
+    if probes > 0 {
+        // With a call still to return through the return trampoline, the probe that hides
+        // it from backtraces stays, and so do the signal guards: say why.
+        return Err(match retprobe::release_trampoline() {
+            Err(why) => format!(
+                "the return trampoline stays, with the probe that hides it from backtraces and the signal \
+                 guards: {why}"
+            ),
+            Ok(()) => format!("{probes} probes are still registered"),
+        });
+    }
+    // Again, now that the guards are gone too: the symbol tables go with the last site.
+    registry::release_caches();
+    let mut kept = Vec::new();
+    if !registry::drain_quarantine(RELEASE_TIMEOUT).map_err(|e| e.to_string())? {
+        kept.push(
+            "the memory of a removed probe some thread may still run (a signal handler's frame returns into it)"
+                .to_string(),
+        );
+    }
+    if let Err(why) = retprobe::release_trampoline() {
+        kept.push(format!("the return trampoline: {why}"));
+    }
+    // With no probe left, no int3 of ours is either: the program's own SIGTRAP action goes
+    // back (release_signals did it, but the stops above install the dispatcher again, as
+    // every patching transaction does), and so does the stop signal's.
+    if let Err(e) = dynprobe_text::trap::uninstall() {
+        kept.push(e.to_string());
+    }
+    if kept.is_empty() {
+        if let Err(e) = dynprobe_text::stop::uninstall_handler() {
+            kept.push(e.to_string());
+        }
+    }
+    if !counter::release_unused() {
+        kept.push("the hit counters of a probe not yet freed".to_string());
+    }
+    let mapped = dynprobe_text::pool::release_unused();
+    if kept.is_empty() && mapped > 0 {
+        kept.push(format!("{mapped} bytes of code pools still in use"));
+    }
+    match kept.is_empty() {
+        true => Ok(()),
+        false => Err(kept.join("; ")),
+    }
+}
+
+/// The ids of this process's threads (`/proc/self/task`), read without the C library's
+/// `opendir` (which allocates with `malloc`: on a thread of dynprobe's, that would start a
+/// malloc arena of its own). `Err` is the errno.
+pub fn thread_ids() -> Result<Vec<i32>, i32> {
+    let mut tids = Vec::new();
+    dynprobe_text::stop::for_each_task(|tid| tids.push(tid))?;
+    Ok(tids)
+}
+
+/// The signal dynprobe stops the program's threads with while it changes their code; a
+/// thread that blocks it cannot be stopped, and removing a probe whose jump it may be in
+/// waits for it (and fails after a timeout, to be tried again).
+pub fn stop_signal() -> i32 {
+    dynprobe_text::stop::stop_signal()
+}
+
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.
 pub fn format_list() -> String {

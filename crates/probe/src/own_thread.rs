@@ -124,6 +124,16 @@ impl OwnThread {
         unmap_stack(self.stack, self.size);
     }
 
+    /// Detaches the thread, leaving its stack mapped: `(base, length)` of the mapping, for
+    /// whoever unmaps it once the thread has ended (its task gone from `/proc/PID/task`;
+    /// the C library has let go of a detached thread's stack by then). For the last thread
+    /// of a library about to be unloaded, which nothing inside the process can join.
+    pub fn detach_leaving_stack(self) -> (usize, usize) {
+        // SAFETY: detaching a joinable thread we created, once.
+        unsafe { libc::pthread_detach(self.thread) };
+        (self.stack, self.size + PAGE)
+    }
+
     /// Lets the thread run for the rest of the process's life (its stack stays).
     pub fn keep(self) {
         // SAFETY: detaching a joinable thread we created, once.

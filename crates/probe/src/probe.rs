@@ -217,9 +217,28 @@ impl ProbeHandle {
     /// — the error says why and the probe stays registered and working, as if leaked: it is
     /// never left half-removed.
     pub fn unregister(mut self) -> Result<ProbeStats, ProbeError> {
-        let shared = self.shared.take().expect("a live handle always holds its probe");
-        registry::unregister(&shared)?;
+        let result = self.try_unregister();
+        // Failed: the probe stays registered, as if leaked; this handle lets go of it.
+        self.shared.take();
+        result
+    }
+
+    /// [`Self::unregister`] that can be tried again: when the wait cannot complete, the
+    /// error says why and the handle keeps the probe (registered, armed, working), so a
+    /// later call — once the thread that blocked the stop signal lets it in — removes it.
+    /// After a success the handle holds nothing and another call returns zero counts.
+    pub fn try_unregister(&mut self) -> Result<ProbeStats, ProbeError> {
+        let Some(shared) = self.shared.as_ref() else {
+            return Ok(ProbeStats { hits: 0, nmissed: 0, panicked: 0 });
+        };
+        registry::unregister(shared)?;
+        let shared = self.shared.take().expect("checked above");
         Ok(ProbeStats { hits: shared.hits(), nmissed: shared.nmissed(), panicked: shared.panicked() })
+    }
+
+    /// False once the probe was removed by [`Self::try_unregister`].
+    pub fn is_registered(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Keeps the probe registered for the rest of the process's life.

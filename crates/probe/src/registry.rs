@@ -121,6 +121,43 @@ pub fn release_caches() {
     }
 }
 
+/// Waits (up to `timeout`) until the memory of every removed site is freed: once its
+/// quarantine is over and no thread is in it or will return into it (checked as
+/// [`Registry::quarantine`] does, with the threads that could be there stopped). True when
+/// none is left.
+pub(crate) fn drain_quarantine(timeout: Duration) -> Result<bool, ProbeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut registry = lock()?;
+        registry.free_expired();
+        if registry.quarantined.is_empty() {
+            return Ok(true);
+        }
+        let next = registry.quarantined.iter().map(|(_, since)| *since + SLOT_QUARANTINE).min();
+        drop(registry);
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        let wait = next.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        std::thread::sleep(wait.max(Duration::from_millis(20)).min(deadline - now));
+    }
+}
+
+/// Whether no thread of the process is in `ranges`, nor will return into them from a signal
+/// handler it runs: checked with the threads that could be there stopped, as before a
+/// removed site's memory is freed.
+pub(crate) fn memory_unused(ranges: Vec<Range<u64>>) -> Result<bool, ProbeError> {
+    let _registry = lock()?;
+    let stopped = begin(ranges.clone())?;
+    let world = stopped.txn.world();
+    let interrupted = world.all_interrupted_contexts();
+    let inside = |ip: u64| ranges.iter().any(|r| r.contains(&ip));
+    Ok(interrupted.complete()
+        && !world.threads().iter().any(|t| inside(t.ip))
+        && !interrupted.contexts().iter().any(|c| inside(c.rip)))
+}
+
 /// When dynprobe runs from a shared library of its own (the agent), and `addr` lies in
 /// it, that library's path. The whole library is dynprobe's, whatever name or path it was
 /// loaded under, so it is found by address (`dladdr(3)`), not by name. When dynprobe is
@@ -251,7 +288,7 @@ pub(crate) fn set_enabled_all(probes: &[&Arc<ProbeShared>], on: bool) -> Result<
     let addrs: Vec<u64> = probes.iter().map(|p| p.addr).collect();
     let failed = registry.update_arming_all(&addrs);
     if let Err((addrs, _)) = &failed {
-        let addrs: std::collections::HashSet<u64> = addrs.iter().copied().collect();
+        let addrs: std::collections::BTreeSet<u64> = addrs.iter().copied().collect();
         for (probe, was) in probes.iter().zip(was) {
             if addrs.contains(&probe.addr) {
                 probe.set_enabled(was);
@@ -555,7 +592,10 @@ impl Registry {
     /// are changed.
     fn update_arming_all(&self, addrs: &[u64]) -> Result<(), (Vec<u64>, ProbeError)> {
         let mut changes: Vec<(u64, bool)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // A BTreeSet, not a HashSet: its RandomState would touch the agent's thread-local
+        // storage, which the C library allocates with malloc on a thread of dynprobe's
+        // (see the agent's `heap` module).
+        let mut seen = std::collections::BTreeSet::new();
         for &addr in addrs {
             if let Some(site) = self.sites.get(&addr) {
                 let want = site.any_enabled();
@@ -668,6 +708,13 @@ impl Registry {
 
     /// Retires a removed site; frees those whose quarantine is over.
     fn quarantine(&mut self, site: Box<PatchSite>) {
+        self.free_expired();
+        self.quarantined.push((site, Instant::now()));
+    }
+
+    /// Frees the memory of the removed sites whose quarantine is over and that no thread
+    /// can come back to.
+    fn free_expired(&mut self) {
         let now = Instant::now();
         let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.quarantined)
             .into_iter()
@@ -697,7 +744,6 @@ impl Registry {
         for (old, _) in free {
             site_memory(&old).for_each(|(start, size)| pool::free(ExecSlot { addr: start, size: size as usize }));
         }
-        self.quarantined.push((site, now));
     }
 
     /// Waits until no thread can hold a pointer handed out by the trap path before now, nor

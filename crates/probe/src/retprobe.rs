@@ -10,7 +10,7 @@
 //! lock, no allocation, no atomic read-modify-write besides the statistics counters.
 //!
 //! ```text
-//!   STACKS[slot]   top ─┐            instance table (one mmap, never freed)
+//!   STACKS[slot]   top ─┐            instance table (one mmap)
 //!                       ▼            [slot * MAX_DEPTH + depth] = { original return address,
 //!   depth 0 1 2 3 ...                   return-address slot, probe index, probe id, data }
 //! ```
@@ -24,9 +24,10 @@
 //! becomes 0) and the top comes down past it later. A thread that exits inside a probed
 //! function leaves its instances to its slot's next owner, which starts afresh (the slot's
 //! generation changed) — except the thread of a forked child, whose stack still holds the
-//! parent thread's probed frames. The trampoline entries never go away, and an instance names
-//! its probe by index and id, so a return after the probe was unregistered still reaches the
-//! right caller and finds no handler.
+//! parent thread's probed frames. The trampoline entries stay while any instance is in use (and
+//! go with the instance table only when none is: `release_trampoline`, at the end of an
+//! attach session), and an instance names its probe by index and id, so a return after the
+//! probe was unregistered still reaches the right caller and finds no handler.
 
 use crate::arch::{current_tid, rethook, thread_pointer, Regs};
 use crate::counter::PerThreadCounter;
@@ -171,7 +172,8 @@ static PROBES: [AtomicPtr<RpShared>; MAX_RETURN_PROBES] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_RETURN_PROBES];
 
 /// The instance table: `MAX_THREADS * MAX_DEPTH` instances, mapped at the first
-/// registration and never unmapped (a late return may still read it).
+/// registration and unmapped only when no instance is in use (a late return may still
+/// read it): [`release_trampoline`].
 static INSTANCES: AtomicPtr<Instance> = AtomicPtr::new(std::ptr::null_mut());
 
 #[inline(always)]
@@ -698,6 +700,49 @@ pub(crate) fn release_backtrace_filter() {
     }
 }
 
+/// Takes the return trampoline and the instance table away when no return probe is
+/// registered and no call can return through the trampoline any more — no instance in use
+/// on any thread's stack (a thread that exited inside a probed call counts as in use, as
+/// does one still inside a probed call now) and no thread in the trampoline's code or
+/// coming back to it from a signal handler — so that a session's end leaves nothing of
+/// dynprobe's in the process. `Err` says why they stay. The next return probe makes them
+/// again.
+pub(crate) fn release_trampoline() -> Result<(), String> {
+    let mut setup = setup().map_err(|e| e.to_string())?;
+    if !setup.trampoline {
+        return Ok(());
+    }
+    let registered = PROBES.iter().filter(|p| !p.load(Ordering::Acquire).is_null()).count();
+    if registered > 0 {
+        return Err(format!("{registered} return probes are still registered"));
+    }
+    let in_flight = |s: &SlotStack| s.top.load(Ordering::Acquire) != 0 || s.dispatching.load(Ordering::Acquire) != 0;
+    let threads = STACKS.iter().filter(|s| in_flight(s)).count();
+    if threads > 0 {
+        return Err(format!(
+            "{threads} thread(s) are inside a function a return probe diverted (or exited there): their return \
+             goes through the trampoline"
+        ));
+    }
+    let code = rethook::memory(&rethook::FULL).into_iter().chain(rethook::memory(&rethook::LIGHT)).collect();
+    if !crate::registry::memory_unused(code).map_err(|e| e.to_string())? {
+        return Err("a thread is in the return trampoline".to_string());
+    }
+    if STACKS.iter().any(in_flight) {
+        return Err("a call was diverted meanwhile".to_string());
+    }
+    rethook::uninstall(&rethook::FULL);
+    rethook::uninstall(&rethook::LIGHT);
+    let table = INSTANCES.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    let bytes = MAX_THREADS * MAX_DEPTH * std::mem::size_of::<Instance>();
+    // SAFETY: the table `Setup::install` mapped, of that size; no thread can read it now
+    // (no instance in use, no thread in the trampoline).
+    unsafe { libc::munmap(table.cast(), bytes) };
+    setup.trampoline = false;
+    setup.light = false;
+    Ok(())
+}
+
 static SETUP: Mutex<Setup> =
     Mutex::new(Setup { trampoline: false, light: false, filter: false, next_id: 1, next_index: 0 });
 
@@ -952,6 +997,12 @@ impl ReturnProbeHandle {
         self.entry().info()
     }
 
+    /// False once [`Self::try_unregister`] removed the entry probe (even if retiring the
+    /// return handler failed: that is not retried).
+    pub fn is_registered(&self) -> bool {
+        self.entry.is_some()
+    }
+
     /// Keeps the return probe registered for the rest of the process's life.
     pub fn leak(self) {
         std::mem::forget(self);
@@ -961,8 +1012,24 @@ impl ReturnProbeHandle {
     /// their callers as usual, without running the return handler; once this returns, no
     /// handler of the probe runs any more and they have been dropped.
     pub fn unregister(mut self) -> Result<ReturnProbeStats, ProbeError> {
-        let entry = self.entry.take().expect("a live handle always holds its entry probe");
-        let missed_at_entry = entry.unregister()?.nmissed;
+        let result = self.try_unregister();
+        // Failed: the entry probe stays registered, as if leaked; this handle lets go of it.
+        if let Some(entry) = self.entry.take() {
+            entry.leak();
+        }
+        result
+    }
+
+    /// [`Self::unregister`] that can be tried again: when the entry probe cannot be removed
+    /// (a thread blocks the stop signal), the handle keeps it, registered and working, for
+    /// a later call. Once the entry probe is gone, the return handler is retired; should a
+    /// thread stay in it, that error is final (the probe is removed, its handlers kept).
+    pub fn try_unregister(&mut self) -> Result<ReturnProbeStats, ProbeError> {
+        let Some(entry) = self.entry.as_mut() else {
+            return Ok(ReturnProbeStats { hits: 0, returns: 0, nmissed: 0 });
+        };
+        let missed_at_entry = entry.try_unregister()?.nmissed;
+        self.entry = None;
         retire(self.shared.index)?;
         Ok(ReturnProbeStats {
             hits: self.shared.hits.sum(),

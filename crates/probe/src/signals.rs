@@ -35,7 +35,7 @@ use dynprobe_arch::native::signal_syscalls;
 use dynprobe_symbols::SymbolTable;
 use dynprobe_text::memory;
 use dynprobe_text::trap::{self, KernelSigaction, SA_RESTORER, TRAP_BIT};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -438,11 +438,8 @@ fn thread_blocking_trap() -> Option<i32> {
         let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
         Some(u64::from_str_radix(blocked.trim(), 16).ok()? & TRAP_BIT != 0)
     };
-    let mut candidates: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .ok()?
-        .filter_map(|task| task.ok()?.file_name().into_string().ok())
-        .filter(|tid| blocks(tid) == Some(true))
-        .collect();
+    let mut candidates: Vec<String> =
+        crate::thread_ids().ok()?.iter().map(i32::to_string).filter(|tid| blocks(tid) == Some(true)).collect();
     for pause in LOOK_AGAIN {
         if candidates.is_empty() {
             return None;
@@ -461,11 +458,11 @@ fn signal_code_is_known(path: &str) -> bool {
 
 /// The first signal system call outside the C library and dynprobe, as `symbol+offset`.
 fn raw_signal_syscall(symbols: &SymbolTable) -> Option<String> {
-    type Scanned = HashMap<(String, u64), Arc<Vec<u64>>>;
+    type Scanned = BTreeMap<(String, u64), Arc<Vec<u64>>>;
     static SCANNED: Mutex<Option<Scanned>> = Mutex::new(None);
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let mut scanned = SCANNED.lock().unwrap_or_else(|e| e.into_inner());
-    let scanned = scanned.get_or_insert_with(HashMap::new);
+    let scanned = scanned.get_or_insert_with(BTreeMap::new);
     for line in maps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [range, perms, _, _, _, path] = fields[..] else { continue };

@@ -347,7 +347,7 @@ fn check_visible(pid: i32, path: &Path) -> Result<(), InjectError> {
 }
 
 /// Seizes and stops the thread best suited to call `dlopen` (module documentation).
-fn seize_safe_thread(pid: i32, table: &SymbolTable) -> Result<(Tracee, i32), InjectError> {
+pub(crate) fn seize_safe_thread(pid: i32, table: &SymbolTable) -> Result<(Tracee, i32), InjectError> {
     let tids = proc::threads(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
     let rank = |tid: i32| match proc::thread_activity(pid, tid) {
         Ok(ThreadActivity::InSyscall { nr, .. }) if nr != libc::SYS_futex => 0,

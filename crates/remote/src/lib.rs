@@ -32,6 +32,7 @@ mod memory;
 mod proc;
 pub mod sys;
 mod tracee;
+mod unload;
 
 pub use call::{find_syscall_instruction, Arg, CallError};
 pub use diagnose::ptrace_scope;
@@ -40,3 +41,4 @@ pub use inject::{inject_library, inject_library_timeout, InjectError, Injected, 
 pub use memory::Memory;
 pub use proc::{thread_activity, thread_signal_pending, threads, ThreadActivity};
 pub use tracee::{Event, Options, Regs, Stop, Tracee};
+pub use unload::{unload_library, UnloadError};

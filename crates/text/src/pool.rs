@@ -7,8 +7,10 @@
 //! The pool maps *chunks* of at least [`CHUNK_SIZE`] bytes (larger as the pool grows) into free gaps of the address space, as
 //! close to the target as it can, and carves them into slots with a first-fit allocator in
 //! units of [`SLOT_ALIGN`] bytes. A process needs several chunks: a non-PIE executable at
-//! `0x400000` and the libraries near `0x7f…` are far more than 2 GiB apart. Chunks are never
-//! unmapped: a stale pointer into one then hits `int3`, not an unmapped page.
+//! `0x400000` and the libraries near `0x7f…` are far more than 2 GiB apart. A chunk is only
+//! unmapped when none of its slots is in use, at the end of a session
+//! ([`release_unused`]); until then a stale pointer into one hits `int3`, not an unmapped
+//! page.
 
 use crate::memory;
 use crate::TextError;
@@ -159,6 +161,24 @@ pub fn free(slot: ExecSlot) {
     if refilled.is_ok() {
         chunk.give_back(slot.addr, slot.addr + slot.size as u64);
     }
+}
+
+/// Unmaps every chunk none of whose slots is handed out, so that a process dynprobe is done
+/// with keeps no executable memory of it (the end of an attach session). Every slot was
+/// given back through [`free`], which the caller may only do once no thread can execute
+/// it, so no thread can be in an unmapped chunk. Returns the bytes still mapped: those of
+/// chunks with a slot in use.
+pub fn release_unused() -> usize {
+    let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    chunks.retain(|chunk| {
+        let unused = chunk.free == [(chunk.base, chunk.base + chunk.size)];
+        if unused {
+            // SAFETY: the chunk is one this pool mapped, and none of its slots is handed out.
+            unsafe { libc::munmap(chunk.base as usize as *mut libc::c_void, chunk.size as usize) };
+        }
+        !unused
+    });
+    chunks.iter().map(|c| c.size as usize).sum()
 }
 
 /// True when `addr` lies in memory this pool mapped (used to refuse probes on slots).

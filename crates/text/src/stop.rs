@@ -47,7 +47,7 @@ use crate::TextError;
 use std::cell::UnsafeCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most threads one stop can hold (the handler cannot allocate, so the table is static).
@@ -193,37 +193,60 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
     raw::futex_wake_all(&LEFT_COUNT);
 }
 
-/// Installs [`on_stop_signal`] once.
+/// The stop signal's action before [`install_handler`] replaced it (`Some` while ours is
+/// installed): [`uninstall_handler`] puts it back.
+static PREVIOUS_ACTION: Mutex<Option<libc::sigaction>> = Mutex::new(None);
+
+/// Installs [`on_stop_signal`], once until [`uninstall_handler`].
 fn install_handler() -> Result<(), TextError> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; every field
-            // we rely on is set below.
-            let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-            sa.sa_sigaction = on_stop_signal as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            // Block every signal while stopped, SIGTRAP included: a stopped thread must run
-            // no code at all — not another handler that could step on the bytes being
-            // patched or enter the trap dispatcher during a grace period.
-            // SAFETY: `sa.sa_mask` is a valid sigset_t owned by us.
-            unsafe { libc::sigfillset(&mut sa.sa_mask) };
-            // SAFETY: `sa` is fully initialized; the handler is async-signal-safe.
-            if unsafe { libc::sigaction(stop_signal(), &sa, std::ptr::null_mut()) } != 0 {
-                return Err(format!("sigaction: {}", std::io::Error::last_os_error()));
-            }
-            // The C library's signal return trampoline, which every handler installed
-            // through it returns into: the first word of each signal frame.
-            // SAFETY: as above; a query only writes `installed`.
-            let mut installed: libc::sigaction = unsafe { std::mem::zeroed() };
-            // SAFETY: reads back the action just installed.
-            if unsafe { libc::sigaction(stop_signal(), std::ptr::null(), &mut installed) } == 0 {
-                RESTORER.store(installed.sa_restorer.map_or(0, |f| f as usize as u64), Ordering::Relaxed);
-            }
-            Ok(())
-        })
-        .clone()
-        .map_err(|reason| TextError::StopFailed { reason })
+    let mut previous = PREVIOUS_ACTION.lock().unwrap_or_else(|e| e.into_inner());
+    if previous.is_some() {
+        return Ok(());
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; every field we
+    // rely on is set below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_stop_signal as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // Block every signal while stopped, SIGTRAP included: a stopped thread must run no code
+    // at all — not another handler that could step on the bytes being patched or enter the
+    // trap dispatcher during a grace period.
+    // SAFETY: `sa.sa_mask` is a valid sigset_t owned by us.
+    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    // SAFETY: a zeroed sigaction is valid storage for the old action.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: `sa` is fully initialized; the handler is async-signal-safe.
+    if unsafe { libc::sigaction(stop_signal(), &sa, &mut old) } != 0 {
+        let reason = format!("sigaction: {}", std::io::Error::last_os_error());
+        return Err(TextError::StopFailed { reason });
+    }
+    *previous = Some(old);
+    // The C library's signal return trampoline, which every handler installed through it
+    // returns into: the first word of each signal frame.
+    // SAFETY: as above; a query only writes `installed`.
+    let mut installed: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reads back the action just installed.
+    if unsafe { libc::sigaction(stop_signal(), std::ptr::null(), &mut installed) } == 0 {
+        RESTORER.store(installed.sa_restorer.map_or(0, |f| f as usize as u64), Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Puts back the stop signal's action from before dynprobe (its default, for a program
+/// that does not use that real-time signal), so that a process dynprobe is done with runs
+/// no handler of it — at the end of an attach session, when no stop is under way or will
+/// be. The next stop installs dynprobe's handler again.
+pub fn uninstall_handler() -> Result<(), TextError> {
+    let _controller = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut previous = PREVIOUS_ACTION.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(old) = previous.as_ref() else { return Ok(()) };
+    // SAFETY: `old` is the action the kernel gave back when ours was installed.
+    if unsafe { libc::sigaction(stop_signal(), old, std::ptr::null_mut()) } != 0 {
+        let reason = format!("cannot put the stop signal's action back: {}", std::io::Error::last_os_error());
+        return Err(TextError::StopFailed { reason });
+    }
+    *previous = None;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -530,8 +553,10 @@ pub fn stop_threads_touching(ranges: &[Range<u64>], timeout: Duration) -> Result
             reason: "this thread already holds the other threads stopped (nested stop)".into(),
         });
     }
-    install_handler()?;
     let guard = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
+    // Under the controller lock: `uninstall_handler` cannot take the handler away between
+    // its installation and the signals this stop sends.
+    install_handler()?;
     let me = raw::gettid();
     HOLDER.store(me, Ordering::Release);
     USED.store(0, Ordering::Release);
@@ -816,8 +841,10 @@ fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
 
 /// Calls `f` with the id of every thread listed in `/proc/self/task`, reading the directory
 /// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
-/// holding the allocator's lock). Returns the errno when the directory cannot be read.
-fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
+/// holding the allocator's lock; and `opendir` would `malloc`, on a thread of dynprobe's
+/// the start of a malloc arena of its own). Returns the errno when the directory cannot be
+/// read.
+pub fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
     let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
     // SAFETY: the path is a NUL-terminated literal.
     let fd = unsafe { libc::open(c"/proc/self/task".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };

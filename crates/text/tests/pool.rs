@@ -85,3 +85,28 @@ fn contains_is_false_elsewhere() {
     let x = 0u64;
     assert!(!contains(&x as *const u64 as u64));
 }
+
+/// A chunk none of whose slots is handed out is unmapped by `release_unused` (the end of
+/// an attach session); one with a slot in use stays.
+#[test]
+fn release_unused_unmaps_only_chunks_with_no_slot_in_use() {
+    let _serial = serial();
+    let mapped = |addr: u64| {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().any(|l| {
+            let (start, end) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+            (u64::from_str_radix(start, 16).unwrap()..u64::from_str_radix(end, 16).unwrap()).contains(&addr)
+        })
+    };
+    let target = a_function_in_the_executable as *const () as usize as u64;
+    let kept = alloc_near(target, 64).unwrap();
+    let freed = alloc_near(target, 64).unwrap();
+    free(freed);
+    assert!(dynprobe_text::pool::release_unused() > 0, "the chunk with a slot in use was unmapped");
+    assert!(contains(kept.addr) && mapped(kept.addr));
+    assert_eq!(run_mov42(kept), 42);
+    free(kept);
+    dynprobe_text::pool::release_unused();
+    assert!(!contains(kept.addr), "the pool still lists the chunk");
+    assert!(!mapped(kept.addr), "the unused chunk is still mapped");
+}

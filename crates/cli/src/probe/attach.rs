@@ -8,6 +8,9 @@
 //!    the specs and an event pipe, and relays hits until Ctrl-C, `--duration`, or the
 //!    target's exit. Detaching asks the agent to remove every probe and waits for it to
 //!    say so. If this CLI dies instead, the agent sees the socket close and does the same.
+//! 4. Once the agent says nothing of it is in use any more (`!unload`), and its threads
+//!    have ended, the target is made to `dlclose` the library the same way
+//!    (`dynprobe_remote::unload_library`): the process is left as it was.
 //!
 //! The control protocol is described in the agent's `attach` module.
 
@@ -87,10 +90,15 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         lost: 0,
         pending: 0,
         ready: false,
+        unload: false,
+        later: Vec::new(),
     };
     let result = session.relay(request, &signals);
     session.out.finish(signals.fd.as_raw_fd());
     session.report_strays();
+    if let (Backend::Agent(control), true) = (&session.backend, session.unload) {
+        unload_agent(request.pid, &name, control, std::mem::take(&mut session.later));
+    }
     if let Backend::Ptrace(tracer) = session.backend {
         let end = tracer.wait().map_err(|e| format!("cannot wait for the ptrace tracer: {e}"))?;
         if let Some(death) = end.death(&format!("{} ({name})", request.pid)) {
@@ -101,6 +109,98 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         }
     }
     result
+}
+
+/// How long the agent's threads have to end once it said its library can be unloaded.
+const THREADS_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Unloads the agent library at the end of a clean session, as it was loaded: the agent
+/// says `!unload <n>` once everything it put into the process is gone (code pools, the
+/// return trampoline, signal handlers), and this waits for its last threads to end (the
+/// session thread and the one that joins it, named `dynprobe-…`) and has the target
+/// `dlclose` it `n` times — this session's load and those earlier CLIs could not undo. The
+/// agent says `!keep <why>` instead when something of it must stay (a thread still to
+/// return through the return trampoline): then it stays, loaded once, for the next session
+/// to unload. Problems are warnings: the probes are gone either way.
+fn unload_agent(pid: i32, name: &str, control: &Control, earlier: Vec<String>) {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let mut earlier = earlier.into_iter();
+    let unload = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = match earlier.next() {
+            Some(message) => message,
+            None if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) => {
+                eprintln!(
+                    "dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it \
+                     stays loaded"
+                );
+                return;
+            }
+            None => match control.receive() {
+                Some(message) => message,
+                None => {
+                    eprintln!(
+                        "dynprobe: warning: the agent in {pid} ({name}) ended without saying whether it can be \
+                         unloaded; it stays loaded"
+                    );
+                    return;
+                }
+            },
+        };
+        if let Some(unload) = message.strip_prefix("!unload ").and_then(Unload::parse) {
+            break unload;
+        }
+        if let Some(why) = message.strip_prefix("!keep ") {
+            eprintln!("dynprobe: the agent library stays loaded in {pid} ({name}), unused: {why}");
+            return;
+        }
+        if let Some(note) = Message::parse(&message).note() {
+            eprintln!("dynprobe: {note}");
+        }
+    };
+    let deadline = Instant::now() + THREADS_END_TIMEOUT;
+    while agent_threads(pid) > 0 {
+        if Instant::now() > deadline {
+            eprintln!("dynprobe: warning: the agent's threads in {pid} ({name}) did not end; its library stays loaded");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let timeout = dynprobe_remote::DEFAULT_CALL_TIMEOUT;
+    if let Err(e) = dynprobe_remote::unload_library(pid, control.handle, unload.loads, unload.stack, timeout) {
+        eprintln!("dynprobe: warning: cannot unload the agent library from {pid} ({name}): {e}");
+    }
+}
+
+/// What `!unload <loads>[ <stack> <length>]` asks: `dlclose` the library `loads` times,
+/// after unmapping the stack of the agent's last thread (which nothing inside the process
+/// can join once the library is gone).
+struct Unload {
+    loads: u64,
+    stack: Option<(u64, u64)>,
+}
+
+impl Unload {
+    fn parse(text: &str) -> Option<Unload> {
+        let mut words = text.split_whitespace();
+        let loads = words.next()?.parse().ok()?;
+        let stack = match (words.next(), words.next()) {
+            (Some(base), Some(len)) => {
+                Some((u64::from_str_radix(base.strip_prefix("0x")?, 16).ok()?, len.parse().ok()?))
+            }
+            _ => None,
+        };
+        Some(Unload { loads, stack })
+    }
+}
+
+/// How many threads of `pid` are the agent's (named `dynprobe-…`).
+fn agent_threads(pid: i32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("dynprobe-")))
+        .count()
 }
 
 /// Loads the agent into the target and hands it the specs; `None` when the target cannot
@@ -120,7 +220,8 @@ fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, Owned
     if injected.entry_return != 0 {
         return Err(attach_refused(request.pid, name, -injected.entry_return));
     }
-    let control = socket.accept(request.pid)?;
+    let mut control = socket.accept(request.pid)?;
+    control.handle = injected.handle;
     let events = EventPipe::new()?;
     control.send_setup(request, &events)?;
     Ok(Some((Backend::Agent(control), events.read)))
@@ -272,7 +373,7 @@ impl ControlSocket {
             // SAFETY: accept4 returned a new descriptor, ours alone.
             let conn = unsafe { OwnedFd::from_raw_fd(fd) };
             if peer_pid(conn.as_raw_fd()) == Some(pid) {
-                return Ok(Control { fd: conn });
+                return Ok(Control { fd: conn, handle: 0 });
             }
         }
     }
@@ -345,6 +446,8 @@ impl EventPipe {
 /// The accepted control connection.
 struct Control {
     fd: OwnedFd,
+    /// The agent library's `dlopen` handle in the target, for the `dlclose` at the end.
+    handle: u64,
 }
 
 impl Control {
@@ -519,6 +622,11 @@ struct Session<'a> {
     pending: usize,
     /// Whether `!ready` came.
     ready: bool,
+    /// The agent ended the session cleanly (every probe removed, or none placed): it then
+    /// says whether its library can be unloaded.
+    unload: bool,
+    /// Messages of the agent's read with the one that ended the session, not yet acted on.
+    later: Vec<String>,
 }
 
 /// The most bytes read from the event pipe after the session ended (whatever was in it
@@ -587,8 +695,15 @@ impl Session<'_> {
                     }
                 }
             }
-            for message in status {
-                match self.control_message(&message, request)? {
+            let mut status = status.into_iter();
+            while let Some(message) = status.next() {
+                let step = self.control_message(&message, request);
+                if !matches!(step, Ok(Step::Stay | Step::Ready)) {
+                    // The session ends here: what the agent said after this (whether its
+                    // library can be unloaded) is for `unload_agent`.
+                    self.later.extend(status.by_ref());
+                }
+                match step? {
                     Step::Stay => {}
                     Step::Ready => {
                         self.ready = true;
@@ -679,10 +794,11 @@ impl Session<'_> {
             }
             Message::Error(error) if self.ready => eprintln!("dynprobe: cannot place probe {error}"),
             Message::Error(error) => {
+                self.unload = true;
                 return Err(format!(
                     "cannot place probe {error}; nothing was left in {} ({}), which goes on running",
                     self.pid, self.name
-                ))
+                ));
             }
             Message::Lost(lost) => self.lost = lost,
             Message::Detached { lost, problem } => {
@@ -701,6 +817,7 @@ impl Session<'_> {
                     return Err(format!("detach from {} ({}) was not complete: {problem}", self.pid, self.name));
                 }
                 eprintln!("dynprobe: detached from {} ({}): every probed byte is restored", self.pid, self.name);
+                self.unload = true;
                 return Ok(Step::Detached);
             }
             Message::Placed(_) | Message::Warning(_) | Message::Ended(_) => {}

@@ -7,6 +7,8 @@
  *   calls    prints "calls <n>": the calls of work() so far (it only grows)
  *   spin     starts a thread that blocks every signal (dynprobe's stop signal, SIGRTMAX-2,
  *            among them) and spins in user code; prints "spinning"
+ *   spin MS  the same, but after MS milliseconds the thread unblocks every signal (and
+ *            spins on, now stoppable)
  *   forge    writes forged lines (terminal escape sequences, fake status lines, a line far
  *            longer than any event) into the write end of every pipe it holds both ends of
  *            — the event pipe an attached agent holds — and into the DYNPROBE_EVENT_FD of
@@ -27,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static atomic_ulong calls;
@@ -46,12 +49,26 @@ static void *hot(void *arg)
 	return NULL;
 }
 
+/* Spins with every signal blocked; `arg` milliseconds later (0: never) unblocks them. */
 static void *spin(void *arg)
 {
-	(void)arg;
+	long ms = (long)arg;
+	struct timespec start, now;
+	clock_gettime(CLOCK_MONOTONIC, &start);
 	volatile unsigned long n = 0;
-	while (!atomic_load_explicit(&quitting, memory_order_relaxed))
+	while (!atomic_load_explicit(&quitting, memory_order_relaxed)) {
 		n++;
+		if (ms > 0 && (n & 0xffff) == 0) {
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+			if (elapsed >= ms) {
+				sigset_t none;
+				sigemptyset(&none);
+				pthread_sigmask(SIG_SETMASK, &none, NULL);
+				ms = 0;
+			}
+		}
+	}
 	return NULL;
 }
 
@@ -147,12 +164,13 @@ int main(int argc, char **argv)
 			break;
 		if (strcmp(line, "calls") == 0) {
 			printf("calls %lu\n", atomic_load(&calls));
-		} else if (strcmp(line, "spin") == 0) {
+		} else if (strcmp(line, "spin") == 0 || strncmp(line, "spin ", 5) == 0) {
+			long ms = line[4] ? atol(line + 5) : 0;
 			sigset_t all, old;
 			sigfillset(&all);
 			/* The new thread inherits the mask: it never takes a signal. */
 			pthread_sigmask(SIG_BLOCK, &all, &old);
-			pthread_create(&tid, NULL, spin, NULL);
+			pthread_create(&tid, NULL, spin, (void *)ms);
 			pthread_sigmask(SIG_SETMASK, &old, NULL);
 			printf("spinning\n");
 		} else if (strcmp(line, "forge") == 0) {

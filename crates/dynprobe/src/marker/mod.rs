@@ -452,20 +452,34 @@ impl MarkerHandle {
     /// still inside it, with the final counts. A site whose probe could not be removed
     /// keeps working as if leaked, and the first such error is returned.
     pub fn detach(mut self) -> Result<MarkerStats, MarkerError> {
+        let result = self.try_detach();
+        // The sites left are kept working, as if leaked: this handle lets go of them.
+        self.probes.drain(..).for_each(ProbeHandle::leak);
+        result
+    }
+
+    /// [`Self::detach`] that can be tried again: the sites whose probe could not be removed
+    /// stay with the handle (registered and working, [`Self::sites`] lists them) for a later
+    /// call, and the first such error is returned.
+    pub fn try_detach(&mut self) -> Result<MarkerStats, MarkerError> {
         self.lower_semaphores();
         let mut stats = MarkerStats { hits: 0, nmissed: 0 };
         let mut first_error = None;
-        for (probe, site) in self.probes.drain(..).zip(&self.sites) {
-            match probe.unregister() {
+        let mut left = (Vec::new(), Vec::new());
+        for (mut probe, site) in self.probes.drain(..).zip(self.sites.drain(..)) {
+            match probe.try_unregister() {
                 Ok(counts) => {
                     stats.hits += counts.hits;
                     stats.nmissed += counts.nmissed;
                 }
                 Err(error) => {
                     first_error.get_or_insert(MarkerError::Probe { site: site.spec(), addr: site.addr, error });
+                    left.0.push(probe);
+                    left.1.push(site);
                 }
             }
         }
+        (self.probes, self.sites) = left;
         first_error.map_or(Ok(stats), Err)
     }
 }

@@ -28,7 +28,7 @@
 //! - `common` leaves through `ret` to the instruction after the entry's `call`, so the CPU's
 //!   return-stack predictor stays balanced: the caller's own `ret` later is still predicted.
 //!
-//! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame`, covers the whole
+//! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame_info`, covers the whole
 //! sled and `common`. Its return-address rule reads the sled address still held in the probed
 //! function's return-address slot, turns it into an instance index and loads the original
 //! return address from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
@@ -58,11 +58,27 @@ pub(crate) struct Sled {
     base: AtomicU64,
     entries: AtomicU64,
     common_len: AtomicU64,
+    /// The pool slot holding the code, and the registered `.eh_frame` (0 until installed).
+    slot: AtomicU64,
+    slot_size: AtomicU64,
+    eh_frame: AtomicU64,
+    eh_frame_len: AtomicU64,
+    /// libgcc's `struct object` for the registered section (room to spare).
+    object: FrameObject,
 }
 
 impl Sled {
     const fn new() -> Sled {
-        Sled { base: AtomicU64::new(0), entries: AtomicU64::new(0), common_len: AtomicU64::new(0) }
+        Sled {
+            base: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            common_len: AtomicU64::new(0),
+            slot: AtomicU64::new(0),
+            slot_size: AtomicU64::new(0),
+            eh_frame: AtomicU64::new(0),
+            eh_frame_len: AtomicU64::new(0),
+            object: FrameObject(std::cell::UnsafeCell::new([0; 16])),
+        }
     }
 
     /// The address a diverted function returns to for instance `index`.
@@ -160,15 +176,57 @@ pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stri
     let end = common_ip + common.code.len() as u64;
     let eh_frame = eh_frame(slot.addr, end, sled, common_ip, &common.cfa, table, stride);
     // The unwinder keeps a pointer to the section for the rest of the process's life.
-    let eh_frame: &'static [u8] = Vec::leak(eh_frame);
+    let eh_frame: &'static [u8] = Box::leak(eh_frame.into_boxed_slice());
     // SAFETY: `eh_frame` is a well-formed .eh_frame section (one CIE, one FDE, a zero
-    // terminator) that is never freed; libgcc copies nothing and only reads it.
-    unsafe { __register_frame(eh_frame.as_ptr()) };
+    // terminator) that is freed only after `__deregister_frame_info` (see `uninstall`);
+    // libgcc copies nothing and only reads it. The object libgcc keeps for it is this
+    // sled's own storage (`__register_frame` would `malloc` it: on a thread of dynprobe's,
+    // the start of a malloc arena of its own), untouched by us until deregistered.
+    unsafe { __register_frame_info(eh_frame.as_ptr(), sled_kind.object.0.get().cast()) };
+    sled_kind.eh_frame.store(eh_frame.as_ptr() as u64, Ordering::Relaxed);
+    sled_kind.eh_frame_len.store(eh_frame.len() as u64, Ordering::Relaxed);
+    sled_kind.slot.store(slot.addr, Ordering::Relaxed);
+    sled_kind.slot_size.store(slot.size as u64, Ordering::Relaxed);
 
     sled_kind.entries.store(entries as u64, Ordering::Relaxed);
     sled_kind.common_len.store(common.code.len() as u64, Ordering::Relaxed);
     sled_kind.base.store(sled, Ordering::Release);
     Ok(())
+}
+
+/// Storage for libgcc's `struct object` (six words in libgcc 12's unwind-dw2-fde.h).
+pub(crate) struct FrameObject(std::cell::UnsafeCell<[u64; 16]>);
+
+// SAFETY: only libgcc touches it, between registration and deregistration, under its own
+// lock.
+unsafe impl Sync for FrameObject {}
+
+/// The memory of `sled`'s code, while it is installed.
+pub(crate) fn memory(sled: &Sled) -> Option<std::ops::Range<u64>> {
+    let (addr, size) = (sled.slot.load(Ordering::Relaxed), sled.slot_size.load(Ordering::Relaxed));
+    (addr != 0).then_some(addr..addr + size)
+}
+
+/// Takes `sled` away — its unwind information deregistered, its code given back to the
+/// pool — so that nothing of dynprobe's stays in the process at the end of a session. The
+/// caller makes sure no call can return through it any more: no instance is in use and no
+/// thread is in its code or will return into it.
+pub(crate) fn uninstall(sled: &Sled) {
+    let Some(code) = memory(sled) else { return };
+    sled.base.store(0, Ordering::Release);
+    let eh_frame = sled.eh_frame.swap(0, Ordering::Relaxed) as *mut u8;
+    let len = sled.eh_frame_len.swap(0, Ordering::Relaxed) as usize;
+    // SAFETY: the section `install` registered; libgcc drops its record of it (and hands
+    // back the object storage, ours).
+    unsafe { __deregister_frame_info(eh_frame) };
+    // SAFETY: the boxed slice `install` leaked, of that length; nothing refers to it once
+    // deregistered.
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(eh_frame, len)) });
+    sled.slot.store(0, Ordering::Relaxed);
+    sled.slot_size.store(0, Ordering::Relaxed);
+    sled.entries.store(0, Ordering::Relaxed);
+    sled.common_len.store(0, Ordering::Relaxed);
+    pool::free(pool::ExecSlot { addr: code.start, size: (code.end - code.start) as usize });
 }
 
 fn setup_error(e: dynprobe_arch::native::RelocError) -> ProbeError {
@@ -312,8 +370,11 @@ fn sled_index(sled: &Sled, after_call: u64) -> usize {
 }
 
 extern "C" {
-    /// libgcc's registration of a run-time `.eh_frame` section.
-    fn __register_frame(begin: *const u8);
+    /// libgcc's registration of a run-time `.eh_frame` section, with the caller's storage
+    /// for libgcc's `struct object` (unwind-dw2-fde.h: a few words).
+    fn __register_frame_info(begin: *const u8, object: *mut u8);
+    /// libgcc: forgets a section `__register_frame_info` registered; returns its object.
+    fn __deregister_frame_info(begin: *const u8) -> *mut u8;
     /// libgcc: the instruction pointer of an unwind context.
     fn _Unwind_GetIP(ctx: *mut libc::c_void) -> usize;
 }
