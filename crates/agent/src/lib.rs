@@ -37,6 +37,7 @@ mod channel;
 mod dlopen;
 mod event;
 mod marker;
+mod mem;
 mod place;
 mod probes;
 mod record;
