@@ -148,20 +148,20 @@ mod tests {
             b.copy_within(from..from + 900, to);
             assert_eq!(a, b, "memmove {from} -> {to}");
         }
-        let x = b"abcdef\0";
-        let y = b"abcxef\0";
+        let x = c"abcdef";
+        let y = c"abcxef";
         // SAFETY: each string holds 7 bytes, NUL-terminated.
         unsafe {
-            assert_eq!(memcmp(x.as_ptr(), y.as_ptr(), 3), 0);
-            assert_eq!(memcmp(x.as_ptr(), y.as_ptr(), 0), 0);
-            assert_eq!(memcmp(x.as_ptr(), y.as_ptr(), 6), i32::from(b'd') - i32::from(b'x'));
-            assert!(memcmp(y.as_ptr(), x.as_ptr(), 6) > 0);
-            assert_ne!(bcmp(x.as_ptr(), y.as_ptr(), 6), 0);
-            assert_eq!(bcmp(x.as_ptr(), x.as_ptr(), 7), 0);
+            assert_eq!(memcmp(x.as_ptr().cast(), y.as_ptr().cast(), 3), 0);
+            assert_eq!(memcmp(x.as_ptr().cast(), y.as_ptr().cast(), 0), 0);
+            assert_eq!(memcmp(x.as_ptr().cast(), y.as_ptr().cast(), 6), i32::from(b'd') - i32::from(b'x'));
+            assert!(memcmp(y.as_ptr().cast(), x.as_ptr().cast(), 6) > 0);
+            assert_ne!(bcmp(x.as_ptr().cast(), y.as_ptr().cast(), 6), 0);
+            assert_eq!(bcmp(x.as_ptr().cast(), x.as_ptr().cast(), 7), 0);
             // Bytes compare unsigned.
             assert!(memcmp([0x80u8].as_ptr(), [0x7fu8].as_ptr(), 1) > 0);
-            assert_eq!(strlen(x.as_ptr()), 6);
-            assert_eq!(strlen(b"\0".as_ptr()), 0);
+            assert_eq!(strlen(x.as_ptr().cast()), 6);
+            assert_eq!(strlen(c"".as_ptr().cast()), 0);
         }
     }
 }
