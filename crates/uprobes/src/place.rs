@@ -112,7 +112,10 @@ fn locate_code(
     };
     let sym = table.lookup(name)?;
     if table.is_ifunc(sym) {
-        return Err(ProbeError::Ifunc { symbol: sym.name.clone() });
+        // The implementation is whatever the program's IRELATIVE relocation wrote into its
+        // GOT at start-up; this backend reads the program from outside and does not follow it.
+        let reason = "the ptrace backend does not follow the relocation that picked it".into();
+        return Err(ProbeError::Ifunc { symbol: sym.name.clone(), reason });
     }
     if sym.size > 0 && offset >= sym.size {
         return Err(ProbeError::OffsetOutsideFunction { symbol: sym.name.clone(), offset, size: sym.size });
