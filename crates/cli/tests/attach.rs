@@ -319,6 +319,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("label_out", &["ret", "took"]),
     ("pw", &["x"]),
     ("us", &["t"]),
+    ("sl", &["s"]),
 ];
 
 /// The events of `--json` output, grouped by event name, each as (tid, fields...), sorted.
@@ -433,6 +434,32 @@ fn every_call_is_seen(exe: &'static Path, notes: &[&str]) {
     assert_same_events(&got, &want);
 
     assert_eq!((worker.code("mix"), worker.code("label")), before, "bytes not restored");
+    assert_eq!(worker.round(), expected_sum, "the round after detach differs");
+    worker.quit();
+}
+
+/// Attached, a probe on glibc's `strlen` (an indirect function) goes on the implementation
+/// the worker's dynamic linker chose: every call of its `label()` is seen with its string
+/// (its `fprintf`s measure strings too), and the worker computes as before, during and
+/// after the session.
+#[test]
+fn an_attached_session_probes_the_strlen_the_program_uses() {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start("strlen");
+    let mut session = Session::start(worker.pid, &["p:sl libc:strlen s=+0($arg1):string"], &["--json"]);
+    session.wait_for("attached to");
+    assert_eq!(worker.round(), expected_sum, "the probed round's checksum differs");
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    let seen: std::collections::HashSet<Vec<String>> =
+        events(&stdout).remove("sl").unwrap_or_default().into_iter().collect();
+    let labels: Vec<Vec<String>> = worker.logged().into_iter().filter(|call| call[0] == "label").collect();
+    assert_eq!(labels.len(), 4 * 300);
+    for call in labels {
+        let (tid, name) = (&call[1], &call[2]);
+        assert!(seen.contains(&vec![tid.clone(), name.clone()]), "label({name}) on thread {tid} was not seen");
+    }
     assert_eq!(worker.round(), expected_sum, "the round after detach differs");
     worker.quit();
 }
