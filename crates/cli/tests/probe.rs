@@ -449,22 +449,9 @@ fn write_and_syscall_are_probed_and_only_the_programs_own_calls_are_seen() {
 /// Runs `exe arg` under `dynprobe probe OPTIONS -o FILE SPECS`, checks that it succeeded, and
 /// returns its output and the events written to the file.
 fn probe_into_file(exe: &Path, name: &str, options: &[&str], specs: &[&str], arg: &str) -> (Output, String) {
-    let dir = scratch();
-    std::fs::create_dir_all(&dir).unwrap();
-    let events = dir.join(format!("{name}-{}.txt", options.len()));
-    let out = Command::new(env!("CARGO_BIN_EXE_dynprobe"))
-        .arg("probe")
-        .args(options)
-        .arg("-o")
-        .arg(&events)
-        .args(specs)
-        .arg("--")
-        .arg(exe)
-        .arg(arg)
-        .output()
-        .expect("run dynprobe");
+    let (out, events) = common::probe_to_file(&format!("{name}-{}", options.len()), options, specs, exe, arg);
     assert!(out.status.success(), "{options:?}: {}", text(&out.stderr));
-    (out, std::fs::read_to_string(&events).unwrap())
+    (out, events)
 }
 
 /// glibc's memcpy, memset and strlen (indirect functions: the probes go on the
