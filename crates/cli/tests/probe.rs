@@ -443,6 +443,9 @@ fn write_and_syscall_are_probed_and_only_the_programs_own_calls_are_seen() {
             assert!(line.ends_with(&format!("fd=1 n={}", 1 + i % 40)), "{options:?}: call {i}: {line}");
         }
         assert!(!text(&out.stderr).contains("missed"), "{options:?}: {}", text(&out.stderr));
+        // glibc's memcpy and memmove share their implementation: the user is told.
+        assert!(text(&out.stderr).contains("memcpy → __mem"), "{options:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("(shared with memmove)"), "{options:?}: {}", text(&out.stderr));
     }
 }
 
