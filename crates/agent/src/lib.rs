@@ -38,6 +38,7 @@ mod dlopen;
 mod event;
 mod heap;
 mod marker;
+mod mem;
 mod place;
 mod probes;
 mod record;

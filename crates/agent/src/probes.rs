@@ -49,6 +49,15 @@ impl ProbeSet {
                 match place(&spec, channel) {
                     Ok(placed) => {
                         set.notes.extend(gate_note(text, &placed));
+                        // An indirect function whose implementation others share (glibc's
+                        // memcpy and memmove): their calls are this probe's events too.
+                        let at = placed.location();
+                        if at.contains(" (shared with ") {
+                            set.notes.push(format!(
+                                "!warning {text}: placed at {at}: the calls of the functions it is shared with are its \
+                                 events too"
+                            ));
+                        }
                         set.placed.push((text.to_string(), placed))
                     }
                     Err(why) => return Err(set.refuse(text, &why)),

@@ -319,6 +319,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("label_out", &["ret", "took"]),
     ("pw", &["x"]),
     ("us", &["t"]),
+    ("sl", &["s"]),
 ];
 
 /// The events of `--json` output, grouped by event name, each as (tid, fields...), sorted.
@@ -433,6 +434,42 @@ fn every_call_is_seen(exe: &'static Path, notes: &[&str]) {
     assert_same_events(&got, &want);
 
     assert_eq!((worker.code("mix"), worker.code("label")), before, "bytes not restored");
+    assert_eq!(worker.round(), expected_sum, "the round after detach differs");
+    worker.quit();
+}
+
+/// Attached, a probe on glibc's `strlen` (an indirect function) goes on the implementation
+/// the worker's dynamic linker chose — for a static worker, probed through ptrace, the one
+/// its start-up wrote into the GOT slot of its IRELATIVE relocation: every call of its
+/// `label()` is seen with its string (its `fprintf`s measure strings too), and the worker
+/// computes as before, during and after the session.
+#[test]
+fn an_attached_session_probes_the_strlen_the_program_uses() {
+    attached_strlen(worker_exe(), "strlen");
+}
+
+#[test]
+fn a_static_program_s_strlen_is_probed_through_ptrace_where_its_relocation_points() {
+    attached_strlen(static_worker_exe(), "strlen-static");
+}
+
+fn attached_strlen(exe: &'static Path, test: &str) {
+    let expected_sum = unprobed_checksum();
+    let mut worker = Worker::start_exe(test, exe);
+    let mut session = Session::start(worker.pid, &["p:sl strlen s=+0($arg1):string"], &["--json"]);
+    session.wait_for("attached to");
+    assert_eq!(worker.round(), expected_sum, "the probed round's checksum differs");
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    let seen: std::collections::HashSet<Vec<String>> =
+        events(&stdout).remove("sl").unwrap_or_default().into_iter().collect();
+    let labels: Vec<Vec<String>> = worker.logged().into_iter().filter(|call| call[0] == "label").collect();
+    assert_eq!(labels.len(), 4 * 300);
+    for call in labels {
+        let (tid, name) = (&call[1], &call[2]);
+        assert!(seen.contains(&vec![tid.clone(), name.clone()]), "label({name}) on thread {tid} was not seen");
+    }
     assert_eq!(worker.round(), expected_sum, "the round after detach differs");
     worker.quit();
 }
@@ -620,6 +657,19 @@ fn a_static_program_started_by_dynprobe_runs_under_ptrace_probes() {
     let got = events(&lines);
     assert_eq!(got["mix_in"].len(), 4 * 300, "{stderr}");
     assert_eq!(got["label_out"].len(), 4 * 300, "{stderr}");
+}
+
+/// A static program dynprobe starts is probed before its start-up has filled in the GOT
+/// slots of its indirect functions: a probe on `strlen` is refused with that reason (and
+/// what to do), and the program is not run.
+#[test]
+fn a_static_program_s_strlen_before_its_start_up_is_refused_with_the_reason() {
+    let child = probe_command("static-strlen", &["p:sl strlen"], static_worker_exe());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("has not applied its relocations yet") && stderr.contains("attach with -p"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"), "the program ran");
 }
 
 /// Twenty sessions on a program whose threads sit in nanosleep, clock_nanosleep, poll,

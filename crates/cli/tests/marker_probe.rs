@@ -17,21 +17,8 @@ use std::process::Output;
 /// `dynprobe probe [OPTIONS] SPECS... -- PROGRAM ROUNDS` with the events written to a file:
 /// the run's output and the event lines.
 fn probe(test: &str, options: &[&str], specs: &[&str], program: &Path, rounds: u64) -> (Output, Vec<String>) {
-    let events = scratch().join(format!("events-{test}"));
-    let _ = std::fs::remove_file(&events);
-    let out = dynprobe()
-        .arg("probe")
-        .args(options)
-        .arg("-o")
-        .arg(&events)
-        .args(specs)
-        .arg("--")
-        .arg(program)
-        .arg(rounds.to_string())
-        .output()
-        .expect("run dynprobe");
-    let lines = std::fs::read_to_string(&events).unwrap_or_default().lines().map(str::to_string).collect();
-    (out, lines)
+    let (out, events) = common::probe_to_file(test, options, specs, program, &rounds.to_string());
+    (out, events.lines().map(str::to_string).collect())
 }
 
 /// `(event, fields)` of a text event line `   0.000123 [4242] grp/ev: a=1 b="x y"` (the

@@ -460,30 +460,67 @@ fn the_agent_setting_up_is_never_seen_by_a_probe() {
 #[test]
 fn write_and_syscall_are_probed_and_only_the_programs_own_calls_are_seen() {
     let exe = common::build_c("writes.c", "writes", &[]);
-    let dir = scratch();
-    std::fs::create_dir_all(&dir).unwrap();
     for options in [&[][..], &["--no-optimize"]] {
-        let events = dir.join(format!("writes-{}.txt", options.len()));
-        let out = Command::new(env!("CARGO_BIN_EXE_dynprobe"))
-            .arg("probe")
-            .args(options)
-            .arg("-o")
-            .arg(&events)
-            .args(["p:libc:write fd=$arg1:s32 n=$arg3:u64", "p:libc:syscall nr=$arg1:s64"])
-            .arg("--")
-            .arg(&exe)
-            .arg("300")
-            .output()
-            .expect("run dynprobe");
-        assert!(out.status.success(), "{options:?}: {}", text(&out.stderr));
+        let specs = ["p:libc:write fd=$arg1:s32 n=$arg3:u64", "p:libc:syscall nr=$arg1:s64"];
+        let (out, events) = probe_into_file(&exe, "writes", options, &specs, "300");
         let program_lines = text(&out.stdout).lines().count();
         assert_eq!(program_lines, 300, "{options:?}: the program's output changed");
-        let events = std::fs::read_to_string(&events).unwrap();
         let writes: Vec<&str> = events.lines().filter(|l| l.contains("libc_write:")).collect();
         assert_eq!(writes.len(), 300, "{options:?}: {} write events for 300 calls:\n{events}", writes.len());
         for (i, line) in writes.iter().enumerate() {
             assert!(line.ends_with(&format!("fd=1 n={}", 1 + i % 40)), "{options:?}: call {i}: {line}");
         }
         assert!(!text(&out.stderr).contains("missed"), "{options:?}: {}", text(&out.stderr));
+    }
+}
+
+/// Runs `exe arg` under `dynprobe probe OPTIONS -o FILE SPECS`, checks that it succeeded, and
+/// returns its output and the events written to the file.
+fn probe_into_file(exe: &Path, name: &str, options: &[&str], specs: &[&str], arg: &str) -> (Output, String) {
+    let (out, events) = common::probe_to_file(&format!("{name}-{}", options.len()), options, specs, exe, arg);
+    assert!(out.status.success(), "{options:?}: {}: {}", out.status, text(&out.stderr));
+    (out, events)
+}
+
+/// glibc's memcpy, memset and strlen (indirect functions: the probes go on the
+/// implementations the dynamic linker chose), clock_gettime and __errno_location are
+/// probed with and without optimization, and the events are exactly the program's own
+/// calls, with the sizes it logged: the agent's copies and fills are its own, its clock
+/// the vDSO's, and it leaves errno alone.
+#[test]
+fn memcpy_memset_and_strlen_are_probed_and_only_the_programs_own_calls_are_seen() {
+    let exe = common::build_c("memfuncs.c", "memfuncs", &["-fno-builtin".as_ref()]);
+    let specs = [
+        "p:libc:memcpy n=$arg3:u64",
+        "p:libc:memset n=$arg3:u64",
+        "p:libc:strlen",
+        "r:libc:strlen len=$retval:u64",
+        "p:libc:clock_gettime clock=$arg1:s32",
+        "p:libc:__errno_location",
+    ];
+    for options in [&[][..], &["--no-optimize"]] {
+        let (out, events) = probe_into_file(&exe, "memfuncs", options, &specs, "200");
+        // The program's log: "<memset n> <memcpy n> <strlen result>" a round.
+        let mut expected = Vec::new();
+        for line in text(&out.stdout).lines() {
+            let n: Vec<&str> = line.split(' ').collect();
+            expected.extend([
+                format!("libc_memset: n={}", n[0]),
+                format!("libc_memcpy: n={}", n[1]),
+                "libc_strlen:".to_string(),
+                format!("libc_strlen__return: len={}", n[2]),
+                format!("libc_clock_gettime: clock={}", libc::CLOCK_MONOTONIC),
+                "libc___errno_location:".to_string(),
+            ]);
+        }
+        assert_eq!(expected.len(), 6 * 200, "{options:?}: the program's output changed");
+        // "   0.458570 [18728] libc_memset: n=100": the event after the thread.
+        let seen: Vec<&str> =
+            events.lines().map(|l| l.split_once("] ").unwrap_or_else(|| panic!("{l}")).1.trim_end()).collect();
+        assert_eq!(seen, expected, "{options:?}");
+        assert!(!text(&out.stderr).contains("missed"), "{options:?}: {}", text(&out.stderr));
+        // glibc's memcpy and memmove share their implementation: the user is told.
+        assert!(text(&out.stderr).contains("memcpy → __mem"), "{options:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("(shared with memmove)"), "{options:?}: {}", text(&out.stderr));
     }
 }

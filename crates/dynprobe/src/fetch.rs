@@ -67,10 +67,12 @@ impl TargetMemory for SelfMemory {
     }
 
     fn thread_name(&self, tid: u64, buf: &mut [u8; 16]) -> usize {
-        let _errno = ErrnoGuard::new();
+        // Raw system calls, not the C library's wrappers: those may carry the program's
+        // probes, and they write `errno`, which the interrupted code may be about to read.
+        use dynprobe_probe::raw::syscall4;
         if tid == gettid() {
             // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into `buf`.
-            if unsafe { libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr()) } != 0 {
+            if unsafe { syscall4(libc::SYS_prctl, libc::PR_GET_NAME as u64, buf.as_mut_ptr() as u64, 0, 0) } != 0 {
                 return 0;
             }
             return buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
@@ -78,36 +80,19 @@ impl TargetMemory for SelfMemory {
         let mut path = PathText::new();
         path.bytes(b"/proc/self/task/").dec(tid).bytes(b"/comm");
         let Some(path) = path.c_str() else { return 0 };
+        let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
         // SAFETY: `path` is a NUL-terminated string on our stack.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        let fd = unsafe { syscall4(libc::SYS_openat, libc::AT_FDCWD as u64, path.as_ptr() as u64, flags, 0) };
         if fd < 0 {
             return 0;
         }
         // SAFETY: `buf` is writable for its 16 bytes; `fd` is the descriptor just opened.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { syscall4(libc::SYS_read, fd as u64, buf.as_mut_ptr() as u64, buf.len() as u64, 0) };
         // SAFETY: closes the descriptor opened above, ours alone.
-        unsafe { libc::close(fd) };
+        unsafe { syscall4(libc::SYS_close, fd as u64, 0, 0, 0) };
         let n = usize::try_from(n).unwrap_or(0);
         // The file ends with a newline.
         buf[..n].iter().position(|&b| b == b'\n' || b == 0).unwrap_or(n)
-    }
-}
-
-/// Saves `errno` and puts it back when dropped: a probe handler interrupts code that may
-/// be about to read its own.
-struct ErrnoGuard(i32);
-
-impl ErrnoGuard {
-    fn new() -> ErrnoGuard {
-        // SAFETY: __errno_location returns this thread's errno slot, valid for its life.
-        ErrnoGuard(unsafe { *libc::__errno_location() })
-    }
-}
-
-impl Drop for ErrnoGuard {
-    fn drop(&mut self) {
-        // SAFETY: as in `new`.
-        unsafe { *libc::__errno_location() = self.0 };
     }
 }
 

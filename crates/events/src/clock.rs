@@ -89,13 +89,13 @@ fn tsc_is_stable(cpuinfo: &str) -> bool {
     has("constant_tsc") && has("nonstop_tsc")
 }
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds. Async-signal-safe.
+/// `CLOCK_MONOTONIC` now, in nanoseconds. Async-signal-safe, and never the C library's
+/// `clock_gettime`, which the traced program's own probes may be on (the hot path stamps
+/// records inside the program's calls): rustix calls the vDSO's `__vdso_clock_gettime`
+/// directly (vdso(7)), and leaves `errno` alone.
 #[inline(always)]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux, so
-    // the call cannot fail and leaves `ts` set.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -6,7 +6,7 @@ use crate::error::FtraceError;
 use crate::filter::{nearest, Filter};
 use dynprobe_events::model::RefusedSite;
 use dynprobe_symbols::{CompilerSite, SiteKind, SymbolTable};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 /// How a function's entry is patched.
@@ -190,6 +190,7 @@ impl Selection {
                     }),
                 }
             }
+            let public = ifunc_implementations(table, index, filter, &mut selection.refused);
             for (sym_index, sym) in table.symbols().iter().enumerate().filter(|(_, s)| s.module == index) {
                 if !seen.insert(sym.addr)
                     || C_RUNTIME.contains(&sym.name.as_str())
@@ -198,17 +199,23 @@ impl Selection {
                 {
                     continue;
                 }
+                // An indirect function's chosen implementation goes by the public names
+                // that lead to it (`memcpy`, not `__memmove_avx_unaligned_erms`), its own
+                // name after them.
+                let public_names = public.get(&sym.addr).map_or(&[][..], Vec::as_slice);
+                let names = public_names.iter().map(String::as_str).chain(std::iter::once(sym.name.as_str()));
                 for (i, p) in filter.include.iter().enumerate() {
-                    matched[i] |= p.matches(&module.name, module.is_main, &sym.name);
+                    matched[i] |= names.clone().any(|name| p.matches(&module.name, module.is_main, name));
                 }
-                if !filter.selects(&module.name, module.is_main, &sym.name) {
+                let Some(name) = names.clone().find(|name| filter.selects(&module.name, module.is_main, name)) else {
                     continue;
-                }
-                if let Some(reason) = untraceable(&sym.name) {
+                };
+                let name = name.to_string();
+                if let Some(reason) = untraceable(&name) {
                     selection.refused.push(RefusedSite {
                         kind: "entry".into(),
                         addr: sym.addr,
-                        function: sym.name.clone(),
+                        function: name.clone(),
                         reason: reason.into(),
                     });
                     continue;
@@ -220,7 +227,7 @@ impl Selection {
                             selection.refused.push(RefusedSite {
                                 kind: kind_name(site.kind).into(),
                                 addr: site.addr,
-                                function: sym.name.clone(),
+                                function: name.clone(),
                                 reason: format!("{reason}; probed at its entry instead"),
                             });
                             SiteMethod::Entry
@@ -236,7 +243,7 @@ impl Selection {
                     id: first_id + selection.functions.len() as u32,
                     addr: sym.addr,
                     module: module.name.clone(),
-                    name: sym.name.clone(),
+                    name,
                     method,
                 });
             }
@@ -274,6 +281,44 @@ impl Selection {
 
 /// Why the function graph cannot follow calls of `name`, if it cannot: replacing its return
 /// address would break it.
+/// The implementations the dynamic linker chose in this process for module `index`'s
+/// indirect functions (`STT_GNU_IFUNC`, default versions), each with the public names that
+/// lead to it, sorted: glibc's `memcpy` and `memmove` both lead to
+/// `__memmove_avx_unaligned_erms`. One whose implementation no symbol names (a stripped
+/// library without its debug symbols) cannot be traced — its bounds are unknown, so its
+/// entry cannot have a jump —: when the filter selects it, it is refused with that reason.
+fn ifunc_implementations(
+    table: &SymbolTable,
+    index: usize,
+    filter: &Filter,
+    refused: &mut Vec<RefusedSite>,
+) -> HashMap<u64, Vec<String>> {
+    let module = &table.modules()[index];
+    let mut public: HashMap<u64, Vec<String>> = HashMap::new();
+    let ifuncs = table.symbols().iter().filter(|s| s.module == index && !s.mangled.contains('@') && table.is_ifunc(s));
+    for sym in ifuncs {
+        let Some(addr) = dynprobe_probe::ifunc::chosen_implementation(table, sym) else { continue };
+        match table.resolve(addr) {
+            Some((_, 0)) => public.entry(addr).or_default().push(sym.name.clone()),
+            _ if filter.selects(&module.name, module.is_main, &sym.name) => refused.push(RefusedSite {
+                kind: "entry".into(),
+                addr,
+                function: sym.name.clone(),
+                reason: format!(
+                    "an indirect function whose implementation here ({addr:#x}) no symbol names, so its bounds are \
+                     unknown; the library's debug symbols name it (Debian: the -dbg package, e.g. libc6-dbg)"
+                ),
+            }),
+            _ => {}
+        }
+    }
+    for names in public.values_mut() {
+        names.sort();
+        names.dedup();
+    }
+    public
+}
+
 fn untraceable(name: &str) -> Option<&'static str> {
     if dynprobe_probe::RETURNS_TWICE.contains(&name) {
         return Some(

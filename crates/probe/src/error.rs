@@ -39,11 +39,14 @@ pub enum ProbeError {
         /// The function's size.
         size: u64,
     },
-    /// The symbol is a GNU indirect function: its address is the resolver that runs once
-    /// at load time, not the implementation calls reach.
+    /// The symbol is a GNU indirect function (its address is the resolver that runs once
+    /// at load time, not the implementation calls reach) whose implementation could not be
+    /// found.
     Ifunc {
         /// The symbol.
         symbol: String,
+        /// Why its implementation is not known.
+        reason: String,
     },
     /// Reading or writing code failed.
     Text(TextError),
@@ -107,11 +110,13 @@ impl fmt::Display for ProbeError {
             ProbeError::OffsetOutsideFunction { symbol, offset, size } => {
                 write!(f, "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long")
             }
-            ProbeError::Ifunc { symbol } => write!(
+            ProbeError::Ifunc { symbol, reason } => write!(
                 f,
                 "`{symbol}` is an IFUNC: its symbol is the resolver that picks an implementation when \
-                 the program loads, so a probe there would never fire on calls; probe the \
-                 implementation instead (e.g. `__{symbol}_avx2`, see `nm -D` of the library)"
+                 the program loads, so a probe there would never fire on calls, and the implementation \
+                 chosen is not known: {reason}; probe the implementation by its name instead (e.g. \
+                 `__memmove_avx_unaligned_erms` for memcpy, in the library's debug symbols: `nm` of \
+                 /usr/lib/debug/.build-id/…)"
             ),
             ProbeError::Text(e) => write!(f, "{e}"),
             ProbeError::ReturnProbeNotAtEntry { symbol, offset } => write!(

@@ -25,6 +25,7 @@ mod arch;
 mod counter;
 mod error;
 mod guard;
+pub mod ifunc;
 mod location;
 mod optimizer;
 pub mod own_thread;

@@ -31,22 +31,53 @@ pub(crate) const BLACKLISTED_CODE: &[&str] =
 /// C library's internal cancellation switches, which every cancellable system-call
 /// wrapper of the stop path (`open`, `read`, `close`) runs.
 const BLACKLISTED_SYMBOLS: &[&str] = &["__restore_rt", "__pthread_enable_asynccancel", "__pthread_disable_asynccancel"];
-/// C library functions dynprobe's signal handlers may call: the copies and comparisons the
-/// compiler emits, `errno`'s location and the clock. The stop signal's handler runs with
-/// every signal blocked, so a breakpoint in one of them would make the kernel kill the
-/// process rather than nest: refused like dynprobe's own code. (System calls — `write`,
-/// `read`, `syscall`, `process_vm_readv` — are made raw on every path of a hit, so those can
-/// be probed like any other function.) Found by the address the dynamic linker resolves the
-/// name to, so an ifunc's chosen variant is the one refused.
-const MACHINERY_LIBC: &[&str] = &["memcpy", "memmove", "memset", "memcmp", "bcmp", "__errno_location", "clock_gettime"];
+/// C library functions the compiler calls for copies, fills and comparisons, in dynprobe's
+/// code and in the standard library's: a probe hit, the stop signal's handler and the trap
+/// path make such calls. (Its system calls are raw, its clock is the vDSO's and it leaves
+/// `errno` alone, so `write`, `read`, `clock_gettime`, `__errno_location` are never called
+/// on those paths.) Where these calls land is a fact of the link, checked at run time by
+/// [`machinery_functions`]: the agent library has its own hidden copies, a program that
+/// links dynprobe itself calls the C library's.
+fn machinery_references() -> [(u64, &'static str); 5] {
+    extern "C" {
+        // Not declared by the libc crate; the compiler emits calls to it for `==` on slices.
+        fn bcmp(a: *const libc::c_void, b: *const libc::c_void, n: libc::size_t) -> libc::c_int;
+    }
+    [
+        (libc::memcpy as *const () as usize as u64, "memcpy"),
+        (libc::memmove as *const () as usize as u64, "memmove"),
+        (libc::memset as *const () as usize as u64, "memset"),
+        (libc::memcmp as *const () as usize as u64, "memcmp"),
+        (bcmp as *const () as usize as u64, "bcmp"),
+    ]
+}
 
-/// The addresses [`MACHINERY_LIBC`] resolve to in this process, with their names.
+/// Of [`machinery_references`], the functions outside dynprobe's own code that its calls
+/// reach in this process, with their names: none when dynprobe runs from the agent library
+/// (its references bind to its own copies), the C library's implementations — an indirect
+/// function's chosen one — when dynprobe is linked into the program. A breakpoint there
+/// could be hit while the stop signal's handler blocks every signal, which makes the kernel
+/// kill the process rather than nest: such probes are refused.
 fn machinery_functions() -> &'static [(u64, &'static str)] {
     static RESOLVED: OnceLock<Vec<(u64, &'static str)>> = OnceLock::new();
     RESOLVED.get_or_init(|| {
-        MACHINERY_LIBC
-            .iter()
-            .filter_map(|&name| {
+        let ours = object_base(machinery_functions as *const () as usize as u64);
+        machinery_references()
+            .into_iter()
+            .filter_map(|(bound, name)| {
+                if object_base(bound) != ours {
+                    // Bound into another module: the address a PIE's GOT holds is where the
+                    // calls go (for an indirect function, the implementation chosen).
+                    return Some((bound, name));
+                }
+                // In dynprobe's own module: its own copy, or the canonical PLT entry a
+                // non-PIE executable gives an imported function, whose GOT slot says where
+                // the calls go.
+                let target = plt_target(bound)?;
+                if object_base(target) != ours {
+                    return Some((target, name));
+                }
+                // A lazily bound slot points back into the PLT: ask the loader.
                 let c = std::ffi::CString::new(name).expect("no NUL in the names");
                 // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
                 let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) } as u64;
@@ -54,6 +85,34 @@ fn machinery_functions() -> &'static [(u64, &'static str)] {
             })
             .collect()
     })
+}
+
+/// The load address of the object containing `addr` (`dladdr(3)`'s `dli_fbase`).
+fn object_base(addr: u64) -> Option<usize> {
+    // SAFETY: Dl_info is plain data; dladdr only fills it in.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr accepts any address and reports whether an object contains it.
+    let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
+    (found && !info.dli_fbase.is_null()).then_some(info.dli_fbase as usize)
+}
+
+/// When `addr` is a PLT entry (`[endbr64;] [bnd] jmp *disp(%rip)`), the address in the GOT
+/// slot it jumps through.
+fn plt_target(addr: u64) -> Option<u64> {
+    let mut code = [0u8; 16];
+    memory::read(addr, &mut code).ok()?;
+    let mut at = if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) { 4 } else { 0 };
+    if code[at] == 0xf2 {
+        at += 1;
+    }
+    if code[at..at + 2] != [0xff, 0x25] {
+        return None;
+    }
+    let disp = i32::from_le_bytes(code[at + 2..at + 6].try_into().expect("4 bytes"));
+    let slot = (addr + at as u64 + 6).wrapping_add_signed(i64::from(disp));
+    let mut word = [0u8; 8];
+    memory::read(slot, &mut word).ok()?;
+    Some(u64::from_le_bytes(word))
 }
 
 /// How long unregistering waits for threads to leave a slot before giving up.
@@ -191,6 +250,40 @@ struct Target {
     label: String,
     /// The containing function's name, start and size, when known.
     function: Option<(String, u64, u64)>,
+}
+
+/// A function found by name.
+struct Found {
+    /// The function's name: for an indirect function, its implementation's (or its address
+    /// when no symbol names it).
+    name: String,
+    start: u64,
+    /// 0 when unknown.
+    size: u64,
+    /// For an indirect function: the name it was asked by, and the other indirect
+    /// functions whose calls land in the same implementation.
+    ifunc: Option<(String, Vec<String>)>,
+}
+
+impl Found {
+    fn function(sym: &dynprobe_symbols::Symbol) -> Found {
+        Found { name: sym.name.clone(), start: sym.addr, size: sym.size, ifunc: None }
+    }
+
+    /// The implementation the dynamic linker chose for the indirect function `sym`.
+    fn implementation_of(table: &SymbolTable, sym: &dynprobe_symbols::Symbol) -> Result<Found, ProbeError> {
+        let Some(start) = crate::ifunc::chosen_implementation(table, sym) else {
+            let reason = "the dynamic linker gives no implementation for it in this process (dlsym)".into();
+            return Err(ProbeError::Ifunc { symbol: sym.name.clone(), reason });
+        };
+        let (name, size) = match table.resolve(start) {
+            Some((implementation, 0)) => (implementation.name.clone(), implementation.size),
+            // A stripped library without its debug symbols names no implementation.
+            _ => (format!("{start:#x}"), 0),
+        };
+        let shared = crate::ifunc::sharing_implementation(table, sym, start);
+        Ok(Found { name, start, size, ifunc: Some((sym.name.clone(), shared)) })
+    }
 }
 
 pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
@@ -449,13 +542,14 @@ impl Registry {
     }
 
     /// Looks a symbol up, re-reading the process's modules once if it is not known (a
-    /// library may have been loaded since the table was read).
-    fn lookup(&mut self, name: &str) -> Result<(String, u64, u64), ProbeError> {
+    /// library may have been loaded since the table was read). An indirect function is
+    /// found as the implementation the dynamic linker chose for this process.
+    fn lookup(&mut self, name: &str) -> Result<Found, ProbeError> {
         for reload in [false, true] {
             let table = self.symbols(reload)?;
             match table.lookup(name) {
-                Ok(sym) if table.is_ifunc(sym) => return Err(ProbeError::Ifunc { symbol: sym.name.clone() }),
-                Ok(sym) => return Ok((sym.name.clone(), sym.addr, sym.size)),
+                Ok(sym) if table.is_ifunc(sym) => return Found::implementation_of(table, sym),
+                Ok(sym) => return Ok(Found::function(sym)),
                 Err(SymbolError::UnknownSymbol { .. } | SymbolError::UnknownModule { .. }) if !reload => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -469,11 +563,16 @@ impl Registry {
             Location::SymbolOffset(name, offset) => (name.as_str(), *offset),
             Location::Address(addr) => return self.resolve_address(*addr),
         };
-        let (name, start, size) = self.lookup(name)?;
+        let Found { name, start, size, ifunc } = self.lookup(name)?;
         if size > 0 && offset >= size {
             return Err(ProbeError::OffsetOutsideFunction { symbol: name, offset, size });
         }
-        Ok(Target { addr: start + offset, label: format!("{name}+{offset:#x}"), function: Some((name, start, size)) })
+        let label = match ifunc {
+            Some((public, shared)) if shared.is_empty() => format!("{public} → {name}+{offset:#x}"),
+            Some((public, shared)) => format!("{public} → {name}+{offset:#x} (shared with {})", shared.join(", ")),
+            None => format!("{name}+{offset:#x}"),
+        };
+        Ok(Target { addr: start + offset, label, function: Some((name, start, size)) })
     }
 
     fn resolve_address(&mut self, addr: u64) -> Result<Target, ProbeError> {
@@ -506,7 +605,11 @@ impl Registry {
             }
             let inside = |addr: u64| addr == *start || addr.wrapping_sub(*start) < *size;
             if let Some((_, called)) = machinery_functions().iter().find(|(addr, _)| !internal && inside(*addr)) {
-                let what = format!("{name} (the `{called}` dynprobe's trap handler calls)");
+                let what = format!(
+                    "{}: the `{called}` dynprobe's trap handler calls here, being linked into this program \
+                     (the agent library, which `dynprobe probe` and `record` load, has its own)",
+                    target.label
+                );
                 return Err(ProbeError::Blacklisted { addr: target.addr, what });
             }
         }

@@ -80,13 +80,11 @@ impl DerefMut for InstanceData {
     }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: a vDSO call, safe in any handler (no lock, no
-/// allocation) — for timing a call from its entry to its return.
+/// `CLOCK_MONOTONIC` in nanoseconds: the vDSO called directly, safe in any handler (no
+/// lock, no allocation, no `errno`) and never the C library's `clock_gettime`, which may
+/// carry the program's own probe — for timing a call from its entry to its return.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    dynprobe_text::raw::monotonic_ns()
 }
 
 /// An entry handler: may read and change the argument registers and fill the data area;
@@ -210,8 +208,8 @@ fn read_slot(rsp: u64) -> u64 {
 #[cold]
 fn still_diverted(slot_addr: u64, index: usize) -> bool {
     let mut word = [0u8; 8];
-    crate::arch::preserving_errno(|| dynprobe_text::memory::read(slot_addr, &mut word))
-        .is_ok_and(|()| rethook::is_entry_of(u64::from_le_bytes(word), index))
+    // A raw read: it leaves the program's `errno` alone.
+    dynprobe_text::raw::read(slot_addr, &mut word) && rethook::is_entry_of(u64::from_le_bytes(word), index)
 }
 
 /// Gives an instance back out of order (its count too): [`on_return`] does this when an

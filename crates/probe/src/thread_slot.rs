@@ -162,12 +162,8 @@ fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
 
 /// True when thread `tid` of this process still exists.
 pub(crate) fn thread_alive(tid: i32) -> bool {
-    crate::arch::preserving_errno(|| {
-        // SAFETY: signal 0 only checks that the thread exists; raw syscalls are
-        // async-signal-safe.
-        let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
-        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-    })
+    // Raw: it runs on hit paths, inside the program's calls, whose `errno` it must keep.
+    dynprobe_text::raw::thread_alive(tid)
 }
 
 /// Waits until no thread runs the handlers of the site at `site` — the grace period of the

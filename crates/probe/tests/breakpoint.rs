@@ -266,12 +266,48 @@ fn unknown_symbol_is_a_clear_error() {
     assert!(message.contains("f_push"), "suggests the near name: {message}");
 }
 
+/// The implementation the dynamic linker chose in this process for `name`.
+fn chosen(name: &std::ffi::CStr) -> u64 {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks the name up (an IFUNC's resolver runs).
+    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) as u64 }
+}
+
+/// glibc's `memcpy` and `strlen` are indirect functions: a probe goes on the
+/// implementation the dynamic linker chose for this CPU, and the listing says which. Here
+/// dynprobe is linked into the program, so its own copies call the C library's `memcpy`:
+/// that probe is refused with the reason, while `strlen`, which it never calls, is probed
+/// and sees each of the program's calls.
 #[test]
-fn ifunc_resolvers_are_refused() {
+fn ifuncs_are_probed_at_the_chosen_implementation() {
     let _serial = serial();
     let err = Probe::at(sym!("libc:memcpy")).on_hit(|_| {}).register().unwrap_err();
-    assert!(matches!(err, ProbeError::Ifunc { .. }), "{err:?}");
-    assert!(err.to_string().contains("IFUNC"), "{err}");
+    let ProbeError::Blacklisted { addr, what } = &err else { panic!("{err:?}") };
+    assert_eq!(*addr, chosen(c"memcpy"), "{err}");
+    assert!(what.starts_with("memcpy → __mem"), "names the implementation: {err}");
+    assert!(what.contains("shared with memmove"), "{err}");
+    assert!(what.contains("linked into this program"), "{err}");
+
+    static TEXT: &std::ffi::CStr = c"dynprobe: strlen";
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    // Other threads of the test harness may call strlen too: only this text's calls count.
+    let probe = Probe::at(sym!("libc:strlen"))
+        .on_hit(move |regs| {
+            if regs.arg(0) == TEXT.as_ptr() as u64 {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .register()
+        .unwrap_or_else(|e| panic!("probe on strlen: {e}"));
+    assert_eq!(probe.address(), chosen(c"strlen"));
+    let listed = dynprobe_probe::list().into_iter().find(|p| p.addr == probe.address()).expect("listed");
+    assert!(listed.symbol.starts_with("strlen → __strlen_"), "{listed}");
+    for _ in 0..50 {
+        // SAFETY: TEXT is NUL-terminated.
+        assert_eq!(unsafe { libc::strlen(std::hint::black_box(TEXT.as_ptr())) }, 16);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 50);
+    probe.unregister().unwrap();
 }
 
 #[test]

@@ -252,6 +252,39 @@ pub(crate) fn read_site_tables(path: &Path) -> Result<Vec<(SiteTable, u64)>, Sym
     site_tables(&cache).map_err(|reason| SymbolError::Parse { path: path.to_path_buf(), reason })
 }
 
+/// The `R_X86_64_IRELATIVE` relocations of the file at `path`, as (resolver, slot) link-time
+/// addresses: the dynamic linker — in a static program, the C library's start-up
+/// (`apply_irel`) — calls the resolver and writes the implementation it returns into the
+/// slot (the x86-64 psABI, "Indirect functions").
+pub(crate) fn read_irelative(path: &Path) -> Result<Vec<(u64, u64)>, SymbolError> {
+    let file = File::open(path).map_err(|e| SymbolError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
+    let cache = ReadCache::new(file);
+    irelative(&cache).map_err(|reason| SymbolError::Parse { path: path.to_path_buf(), reason })
+}
+
+fn irelative<'d, R: ReadRef<'d>>(data: R) -> Result<Vec<(u64, u64)>, String> {
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+    let mut found = Vec::new();
+    // Applied at run time, so in allocated RELA sections (`.rela.dyn`, `.rela.plt`, a
+    // static program's `.rela.iplt`).
+    for section in sections
+        .iter()
+        .filter(|s| s.sh_type(endian) == elf::SHT_RELA && s.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0)
+    {
+        let relas: &[elf::Rela64<Endianness>] =
+            section.data_as_array(endian, data).map_err(|e| format!("bad relocation section: {e}"))?;
+        found.extend(
+            relas
+                .iter()
+                .filter(|r| r.r_type(endian, false) == elf::R_X86_64_IRELATIVE)
+                .map(|r| (r.r_addend(endian) as u64, r.r_offset(endian))),
+        );
+    }
+    Ok(found)
+}
+
 /// One site table section: which table, its link-time address, its entries.
 struct TableSection {
     table: SiteTable,

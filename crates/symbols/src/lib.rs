@@ -274,6 +274,19 @@ impl SymbolTable {
             .any(|(s, e)| e.ifunc && s.mangled == sym.mangled)
     }
 
+    /// Where the implementation of the indirect function `sym` is written in its process:
+    /// the runtime address of the slot (a GOT entry) its module's `R_X86_64_IRELATIVE`
+    /// relocation fills in, which a process traced from outside can read. `None` when no
+    /// such relocation names it (a library that never calls it itself) or the file cannot
+    /// be read from here.
+    pub fn ifunc_slot(&self, sym: &Symbol) -> Result<Option<u64>, SymbolError> {
+        let bias = self.modules[sym.module].bias;
+        let Some(path) = self.files[sym.module].readable.as_deref() else { return Ok(None) };
+        let resolver = sym.addr.wrapping_sub(bias);
+        let slots = elf::read_irelative(path)?;
+        Ok(slots.into_iter().find(|&(r, _)| r == resolver).map(|(_, slot)| slot.wrapping_add(bias)))
+    }
+
     /// `[start,end)` of the function containing `addr`, if its size is known.
     pub fn function_bounds(&self, addr: u64) -> Option<(u64, u64)> {
         let (sym, _) = self.resolve(addr)?;

@@ -9,7 +9,7 @@
 /// # Safety
 ///
 /// The arguments must be valid for system call `nr`.
-pub(crate) unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
+pub unsafe fn syscall4(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
     // SAFETY: the caller vouches for the arguments; the last two are unused by such calls.
     unsafe { syscall6(nr, a1, a2, a3, a4, 0, 0) }
 }
@@ -48,7 +48,7 @@ pub(crate) fn follows_syscall(rip: u64) -> bool {
 /// # Safety
 ///
 /// The arguments must be valid for system call `nr`.
-pub(crate) unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> i64 {
+pub unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> i64 {
     let ret: i64;
     // SAFETY: as in `syscall4`; r8 and r9 carry the fifth and sixth arguments.
     unsafe {
@@ -67,6 +67,24 @@ pub(crate) unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u
         );
     }
     ret
+}
+
+/// True when thread `tid` of this process still exists (`tgkill` with signal 0, which
+/// only checks: tgkill(2)).
+pub fn thread_alive(tid: i32) -> bool {
+    // SAFETY: getpid takes no arguments; signal 0 sends nothing.
+    let r = unsafe { syscall4(libc::SYS_tgkill, syscall4(libc::SYS_getpid, 0, 0, 0, 0) as u64, tid as u64, 0, 0) };
+    r != -(libc::ESRCH as i64)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, through the vDSO's own `__vdso_clock_gettime` (found
+/// by rustix in the vDSO's symbol table, vdso(7); the system call where there is none), not
+/// the C library's `clock_gettime`, which the program may be probing and which a hit path
+/// must therefore not call. The first call finds the function; later ones take no lock,
+/// allocate nothing and never touch `errno`.
+pub fn monotonic_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The calling thread's id.

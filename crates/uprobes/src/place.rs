@@ -7,7 +7,7 @@ use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
 use dynprobe::{Location, ProbeError, RETURNS_TWICE};
 use dynprobe_arch::native::optimize::covered_run_of;
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at};
-use dynprobe_symbols::{SymbolError, SymbolTable};
+use dynprobe_symbols::{Symbol, SymbolError, SymbolTable};
 
 /// The longest x86-64 instruction.
 const MAX_INSN_LEN: usize = 15;
@@ -50,7 +50,7 @@ pub(crate) type ReadCode<'a> = &'a dyn Fn(u64, usize) -> Result<Vec<u8>, String>
 /// Resolves `spec`'s location in `table` and checks the instruction there, reading code
 /// through `read`. Nothing is written.
 pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<Point, String> {
-    let (addr, function) = locate(table, spec)?;
+    let (addr, function) = locate(table, spec, read)?;
     let unreadable = |e: String| format!("cannot read the code at {addr:#x}: {e}");
     let mut run = 0;
     let insn = match function {
@@ -81,13 +81,13 @@ pub(crate) fn resolve(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> 
 }
 
 /// The probe address and the bounds of its function (start, size) when known.
-fn locate(table: &SymbolTable, spec: &ProbeSpec) -> Result<(u64, Option<(u64, u64)>), String> {
+fn locate(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<(u64, Option<(u64, u64)>), String> {
     let location = match &spec.location {
         Target::Code(location) => location,
         // A marker has no one location: `crate::marker` resolves each of its sites.
         Target::Marker(marker) => return Err(format!("marker `{marker}` has one probe per site, not one location")),
     };
-    locate_code(table, spec, location).map_err(|e| e.to_string())
+    locate_code(table, spec, location, read).map_err(|e| e.to_string())
 }
 
 /// [`locate`] for a code location.
@@ -95,6 +95,7 @@ fn locate_code(
     table: &SymbolTable,
     spec: &ProbeSpec,
     location: &Location,
+    read: ReadCode,
 ) -> Result<(u64, Option<(u64, u64)>), ProbeError> {
     let (name, offset) = match location {
         Location::Symbol(name) => (name.as_str(), 0),
@@ -111,9 +112,7 @@ fn locate_code(
         }
     };
     let sym = table.lookup(name)?;
-    if table.is_ifunc(sym) {
-        return Err(ProbeError::Ifunc { symbol: sym.name.clone() });
-    }
+    let sym = if table.is_ifunc(sym) { implementation(table, sym, read)? } else { sym };
     if sym.size > 0 && offset >= sym.size {
         return Err(ProbeError::OffsetOutsideFunction { symbol: sym.name.clone(), offset, size: sym.size });
     }
@@ -124,6 +123,28 @@ fn locate_code(
         check_returns_once(&sym.name)?;
     }
     Ok((sym.addr + offset, Some((sym.addr, sym.size))))
+}
+
+/// The implementation the indirect function `sym` (glibc's `strlen`, …) resolved to in the
+/// target: what its module's `R_X86_64_IRELATIVE` relocation wrote into its GOT slot — a
+/// static program's C library applies those at start-up, before `main`. The probe goes
+/// there, where the calls go.
+fn implementation<'t>(table: &'t SymbolTable, sym: &Symbol, read: ReadCode) -> Result<&'t Symbol, ProbeError> {
+    let refuse = |reason: String| ProbeError::Ifunc { symbol: sym.name.clone(), reason };
+    let slot = table
+        .ifunc_slot(sym)
+        .map_err(|e| refuse(format!("its module's relocations cannot be read ({e})")))?
+        .ok_or_else(|| refuse("no IRELATIVE relocation of its module says where its implementation goes".into()))?;
+    let word = read(slot, 8).map_err(|e| refuse(format!("its GOT slot at {slot:#x} cannot be read ({e})")))?;
+    let addr = u64::from_le_bytes(word.get(..8).and_then(|w| w.try_into().ok()).unwrap_or_default());
+    match table.resolve(addr) {
+        Some((implementation, 0)) if implementation.addr != sym.addr => Ok(implementation),
+        _ => Err(refuse(format!(
+            "its GOT slot at {slot:#x} holds {addr:#x}, the start of no function: the program has not applied \
+             its relocations yet (a static program dynprobe starts is probed before its start-up runs; attach \
+             with -p once it runs)"
+        ))),
+    }
 }
 
 /// Refuses return probes on functions that return twice (`setjmp`, `vfork`): the second

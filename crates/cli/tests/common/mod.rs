@@ -29,6 +29,25 @@ pub fn dynprobe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dynprobe"))
 }
 
+/// `dynprobe probe [OPTIONS] SPECS... -- PROGRAM ARG` with the events written to the file
+/// `events-NAME` of the scratch directory: the run's output and the events' text.
+pub fn probe_to_file(name: &str, options: &[&str], specs: &[&str], program: &Path, arg: &str) -> (Output, String) {
+    let events = scratch().join(format!("events-{name}"));
+    let _ = std::fs::remove_file(&events);
+    let out = dynprobe()
+        .arg("probe")
+        .args(options)
+        .arg("-o")
+        .arg(&events)
+        .args(specs)
+        .arg("--")
+        .arg(program)
+        .arg(arg)
+        .output()
+        .expect("run dynprobe");
+    (out, std::fs::read_to_string(&events).unwrap_or_default())
+}
+
 /// `targets/markers.c` with `dynprobe/marker.h`, built once.
 pub fn c_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();

@@ -69,22 +69,5 @@ fn tcb_tid() -> i32 {
 }
 
 fn gettid() -> i32 {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
-}
-
-/// Runs `f`, keeping the thread's `errno` as it was: the probe paths run inside the traced
-/// program's calls, which may be about to read an `errno` they set (or expect unchanged),
-/// and their rare system calls (reading a stack that may be gone, asking whether a thread
-/// lives) must not leave theirs behind.
-#[inline]
-pub(crate) fn preserving_errno<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: __errno_location returns this thread's errno slot, valid for its life.
-    let errno = unsafe { libc::__errno_location() };
-    // SAFETY: reading and restoring a plain int of this thread.
-    let saved = unsafe { *errno };
-    let result = f();
-    // SAFETY: as above.
-    unsafe { *errno = saved };
-    result
+    dynprobe_text::raw::gettid()
 }
