@@ -52,6 +52,10 @@
 //!
 //! What is still lost with a killed tracer: a signal it held back during the call (see
 //! [`Tracee::call_with`]), and the signal of the stop the thread was in, if it was one.
+//! And its stub stays where it was written, for good (nobody can tell when its thread has
+//! come back through it): the next tracer takes the next [`STUB_MAX`] bytes, and once no
+//! segment end has room left, calls are refused with [`CallError::NoStubSite`] — a tail
+//! averages 2 KiB, so each module leaves room for a few such deaths.
 //! [`Tracee::syscall`] single-steps a `syscall` instruction of the process and has no such
 //! protection; the calls do not use it.
 
@@ -302,16 +306,14 @@ impl Tracee {
 
     /// Puts back the original bytes where the return stub was written, if a call wrote
     /// it (checking first that the stub is still there).
-    pub fn release_return_stub(&mut self) -> Result<(), CallError> {
+    pub fn release_return_stub(&mut self) -> Result<(), Error> {
         let Some(site) = self.stub_site.take() else { return Ok(()) };
         let Some(written) = &site.written else { return Ok(()) };
-        self.mem.replace(site.addr, written, &site.original).map_err(|error| {
-            CallError::Tracee(Error::Memory {
-                op: "restore of the return stub's bytes",
-                addr: site.addr,
-                len: written.len(),
-                error,
-            })
+        self.mem.replace(site.addr, written, &site.original).map_err(|error| Error::Memory {
+            op: "write back (where the return stub was)",
+            addr: site.addr,
+            len: written.len(),
+            error,
         })
     }
 

@@ -235,12 +235,7 @@ pub fn inject_library_timeout(
     let ret = session.call(&mut tracee, entry_symbol, entry, &[Arg::Str(entry_arg)])?;
     // Nothing of ours stays in the program: the return stub's bytes go (an error path
     // leaves that to the detach of the dropped tracee).
-    tracee.release_return_stub().map_err(|error| InjectError::Call {
-        function: "the return stub".to_string(),
-        tid,
-        location: None,
-        error,
-    })?;
+    tracee.release_return_stub()?;
     tracee.detach()?;
     Ok(Injected { handle, entry_return: ret as u32 as i32, tid, loader: loader.dlopen_name })
 }
