@@ -1325,8 +1325,9 @@ fn kill_9_during_the_injection_never_crashes_the_program() {
     worker.quit();
 }
 
-/// A `SOCK_SEQPACKET` socket listening at `path`, as dynprobe's control socket.
-fn seqpacket_listener(path: &Path) -> std::os::fd::OwnedFd {
+/// A `SOCK_SEQPACKET` socket listening at `path`, as dynprobe's control socket; `full`:
+/// with its backlog filled by connections nobody accepts, as a session busy injecting.
+fn seqpacket_listener(path: &Path, full: bool) -> Vec<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: socket creation, then bind and listen on it with an initialized sockaddr_un;
@@ -1342,8 +1343,20 @@ fn seqpacket_listener(path: &Path) -> std::os::fd::OwnedFd {
         }
         let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
         assert_eq!(libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len), 0);
-        assert_eq!(libc::listen(fd, 4), 0);
-        owned
+        assert_eq!(libc::listen(fd, 1), 0);
+        let mut fds = vec![owned];
+        // Connections until the backlog takes no more (EAGAIN).
+        let mut room = full;
+        while room {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            fds.push(std::os::fd::OwnedFd::from_raw_fd(fd));
+            room = libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) == 0;
+            if !room {
+                assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN));
+            }
+        }
+        fds
     }
 }
 
@@ -1378,11 +1391,16 @@ fn only_stale_control_directories_of_ours_are_swept() {
     // A link named like ours, to a directory that looks stale: neither is touched.
     let target = stale("elsewhere", false);
     symlink(&target, tmp.join("dynprobe-Link01")).unwrap();
-    // A live one: a session's listening socket, which accepts.
-    let live = tmp.join("dynprobe-Live01");
-    std::fs::create_dir(&live).unwrap();
-    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let _listening = seqpacket_listener(&live.join("control"));
+    // Live ones: a session's listening socket, which accepts, and one busy injecting, whose
+    // backlog is full (a blocking connect would wait for it).
+    let listening = |name: &str, full: bool| {
+        let dir = tmp.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        (seqpacket_listener(&dir.join("control"), full), dir)
+    };
+    let (_live_socket, live) = listening("dynprobe-Live01", false);
+    let (_busy_socket, busy) = listening("dynprobe-Busy01", true);
     let file = tmp.join("dynprobe-File01");
     std::fs::write(&file, "not a directory").unwrap();
 
@@ -1396,10 +1414,10 @@ fn only_stale_control_directories_of_ours_are_swept() {
         },
         None,
     );
-    let (code, _, stderr) = session.end(None);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!swept.exists(), "the stale directory is still there");
-    for kept in [&with_more, &others, &wrong_name, &target, &live, &file] {
+    for kept in [&with_more, &others, &wrong_name, &target, &live, &busy, &file] {
         assert!(kept.exists(), "{} was removed", kept.display());
     }
     assert!(target.join("control").exists(), "the link was followed");
@@ -1410,6 +1428,7 @@ fn only_stale_control_directories_of_ours_are_swept() {
         std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     let expected = [
+        "dynprobe-Busy01",
         "dynprobe-File01",
         "dynprobe-Link01",
         "dynprobe-Live01",

@@ -233,8 +233,10 @@ impl ControlSocket {
         let (addr, len) = sockaddr(&path)?;
         // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
         if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } == -1
-            // SAFETY: listen on our bound socket.
-            || unsafe { libc::listen(fd, 1) } == -1
+            // SAFETY: listen on our bound socket. Room for the agent's connection beside
+            // those of other dynprobes sweeping stale directories at their start-up: a
+            // full backlog would hold the agent's connect, and our injection with it.
+            || unsafe { libc::listen(fd, 8) } == -1
         {
             return Err(format!("cannot listen on {}: {}", path.display(), io::Error::last_os_error()));
         }
@@ -391,8 +393,11 @@ fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
     let Ok((addr, len)) = sockaddr(Path::new(&format!("/proc/self/fd/{}/control", dir.as_raw_fd()))) else {
         return false;
     };
+    // Non-blocking: a live session busy injecting accepts nothing meanwhile, and a
+    // blocking connect would wait for room in its backlog (EAGAIN here: alive, kept).
+    let kind = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
     // SAFETY: plain socket creation; the descriptor is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
     if fd == -1 {
         return false;
     }
