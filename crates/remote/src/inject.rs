@@ -233,6 +233,9 @@ pub fn inject_library_timeout(
         return Err(InjectError::NoEntry { symbol: entry_symbol.to_string(), message });
     }
     let ret = session.call(&mut tracee, entry_symbol, entry, &[Arg::Str(entry_arg)])?;
+    // Nothing of ours stays in the program: the return stub's bytes go (an error path
+    // leaves that to the detach of the dropped tracee).
+    tracee.release_return_stub()?;
     tracee.detach()?;
     Ok(Injected { handle, entry_return: ret as u32 as i32, tid, loader: loader.dlopen_name })
 }

@@ -55,6 +55,17 @@ pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_CONT, tid, 0, signal as usize)
 }
 
+/// `PTRACE_SYSCALL`: resumes the thread until its next system call entry or exit
+/// (a syscall-stop, ptrace(2)), delivering `signal` like [`cont`].
+pub fn syscall_resume(tid: i32, signal: i32) -> io::Result<()> {
+    request(libc::PTRACE_SYSCALL, tid, 0, signal as usize)
+}
+
+/// `PTRACE_SETOPTIONS`: replaces the thread's `PTRACE_O_*` options.
+pub fn set_options(tid: i32, options: i32) -> io::Result<()> {
+    request(libc::PTRACE_SETOPTIONS, tid, 0, options as usize)
+}
+
 /// `PTRACE_SINGLESTEP`, delivering `signal` like [`cont`].
 pub fn single_step(tid: i32, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_SINGLESTEP, tid, 0, signal as usize)

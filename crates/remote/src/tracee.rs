@@ -71,6 +71,9 @@ pub enum Stop {
         /// The stop signal.
         signal: i32,
     },
+    /// A syscall-stop (entry or exit, ptrace(2)): only while a [`Tracee::call`] runs the
+    /// called function under `PTRACE_SYSCALL`, watching for its return; never reported.
+    Syscall,
     /// A `PTRACE_EVENT_*` stop (clone, exec, exit) enabled by [`Options`].
     Event {
         /// `PTRACE_EVENT_CLONE`, `PTRACE_EVENT_EXEC`, `PTRACE_EVENT_EXIT`.
@@ -116,6 +119,17 @@ pub enum Event {
     },
 }
 
+/// How a stopped thread is resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// `PTRACE_CONT`.
+    Cont,
+    /// `PTRACE_SINGLESTEP`.
+    Step,
+    /// `PTRACE_SYSCALL`: to the next syscall-stop.
+    Syscall,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
@@ -134,11 +148,14 @@ struct Thread {
     /// A `PTRACE_INTERRUPT` trap is still due (we asked for a stop and another stop came
     /// first, or a new thread's first stop): its `PTRACE_EVENT_STOP` is ours, not news.
     swallow_interrupt: bool,
+    /// How it was last resumed: a swallowed interrupt stop resumes it the same way, so that
+    /// a call watching for syscall-stops keeps seeing them.
+    resume: Resume,
 }
 
 impl Thread {
     fn new(swallow_interrupt: bool) -> Thread {
-        Thread { state: State::Running, info: None, held: VecDeque::new(), swallow_interrupt }
+        Thread { state: State::Running, info: None, held: VecDeque::new(), swallow_interrupt, resume: Resume::Cont }
     }
 }
 
@@ -162,7 +179,7 @@ impl Thread {
 /// wants a ptrace loop beside other work creates the `Tracee` on a dedicated thread.
 pub struct Tracee {
     pid: i32,
-    options: Options,
+    pub(crate) options: Options,
     threads: BTreeMap<i32, Thread>,
     /// [`Event::Passed`] events not reported yet.
     passed: VecDeque<Event>,
@@ -170,6 +187,8 @@ pub struct Tracee {
     pub(crate) mem: Memory,
     /// A `syscall` instruction in the process, once found (see `call`).
     pub(crate) syscall_insn: Option<u64>,
+    /// Where calls write their return stub, once found (see `call`).
+    pub(crate) stub_site: Option<crate::call::StubSite>,
     _one_thread: PhantomData<*const ()>,
 }
 
@@ -239,7 +258,16 @@ impl Tracee {
         seize_one(pid, tid, options)?;
         let mut threads = BTreeMap::new();
         threads.insert(tid, Thread::new(false));
-        Ok(Tracee { pid, options, threads, passed: VecDeque::new(), mem, syscall_insn: None, _one_thread: PhantomData })
+        Ok(Tracee {
+            pid,
+            options,
+            threads,
+            passed: VecDeque::new(),
+            mem,
+            syscall_insn: None,
+            stub_site: None,
+            _one_thread: PhantomData,
+        })
     }
 
     /// Seizes one more thread of the process.
@@ -452,7 +480,7 @@ impl Tracee {
     /// back as new signal-delivery-stops).
     pub fn cont(&mut self, tid: i32, signal: i32) -> Result<(), Error> {
         let signal = self.release_held(tid, signal)?;
-        self.resume_raw(tid, signal, false)
+        self.resume_raw(tid, signal, Resume::Cont)
     }
 
     /// Executes one instruction of stopped thread `tid` (`PTRACE_SINGLESTEP`); it then
@@ -461,13 +489,21 @@ impl Tracee {
     /// instruction).
     pub fn step(&mut self, tid: i32, signal: i32) -> Result<(), Error> {
         let signal = self.release_held(tid, signal)?;
-        self.resume_raw(tid, signal, true)
+        self.resume_raw(tid, signal, Resume::Step)
     }
 
-    /// Detaches thread `tid`, stopping it first if it runs; held signals are delivered.
-    /// The signal of a signal-delivery-stop the caller has not resumed is suppressed.
+    /// Detaches thread `tid`, stopping it first if it runs; held signals are delivered,
+    /// and so is a signal that stopped it on the way. The signal of a signal-delivery-stop
+    /// the caller has not resumed is suppressed.
     pub fn detach_thread(&mut self, tid: i32) -> Result<(), Error> {
-        let result = self.stop(tid, Duration::from_secs(1)).and_then(|_| self.release_held(tid, 0));
+        let was_running = matches!(self.thread(tid).map(|t| t.state), Ok(State::Running));
+        let result = self.stop(tid, Duration::from_secs(1)).and_then(|stop| {
+            let arrived = match stop {
+                Stop::Signal { signal, .. } if was_running => signal,
+                _ => 0,
+            };
+            self.release_held(tid, arrived)
+        });
         let signal = match result {
             Ok(signal) => signal,
             Err(Error::Exited { .. }) | Err(Error::NotTraced { .. }) => {
@@ -519,12 +555,15 @@ impl Tracee {
     }
 
     /// Detaches every thread (see [`detach_thread`](Self::detach_thread)); the first error
-    /// is returned after trying all.
+    /// is returned after trying all. The bytes a call's return stub was written over are
+    /// put back first (best effort: see [`release_return_stub`](Self::release_return_stub)
+    /// for the error).
     pub fn detach(mut self) -> Result<(), Error> {
         self.detach_all()
     }
 
     fn detach_all(&mut self) -> Result<(), Error> {
+        let _ = self.release_return_stub();
         let mut first = None;
         for tid in self.threads() {
             if let Err(e) = self.detach_thread(tid) {
@@ -577,18 +616,28 @@ impl Tracee {
     }
 
     /// Resumes `tid` without delivering held signals.
-    pub(crate) fn resume_raw(&mut self, tid: i32, signal: i32, step: bool) -> Result<(), Error> {
+    pub(crate) fn resume_raw(&mut self, tid: i32, signal: i32, how: Resume) -> Result<(), Error> {
         self.stopped(tid)?;
-        let (op, result) = if step {
-            ("PTRACE_SINGLESTEP", sys::single_step(tid, signal))
-        } else {
-            ("PTRACE_CONT", sys::cont(tid, signal))
+        let (op, result) = match how {
+            Resume::Cont => ("PTRACE_CONT", sys::cont(tid, signal)),
+            Resume::Step => ("PTRACE_SINGLESTEP", sys::single_step(tid, signal)),
+            Resume::Syscall => ("PTRACE_SYSCALL", sys::syscall_resume(tid, signal)),
         };
         result.map_err(|error| Error::Ptrace { tid, op, error })?;
         let thread = self.thread_mut(tid)?;
         thread.state = State::Running;
         thread.info = None;
+        thread.resume = how;
         Ok(())
+    }
+
+    /// Sends `PTRACE_INTERRUPT` to `tid` now, stopped or not, for a stop the caller waits
+    /// for. An interrupt of ours still due merges with it (the kernel keeps one pending
+    /// STOP trap, and any other ptrace stop clears it: `ptrace_stop` in kernel/signal.c),
+    /// so exactly one interrupt stop comes, and it is the caller's.
+    pub(crate) fn interrupt_now(&mut self, tid: i32) -> Result<(), Error> {
+        self.thread_mut(tid)?.swallow_interrupt = false;
+        sys::interrupt(tid).map_err(|error| Error::Ptrace { tid, op: "PTRACE_INTERRUPT", error })
     }
 
     /// Waits for `tid`'s next stop (events of other threads stay queued in the kernel).
@@ -655,6 +704,8 @@ impl Tracee {
         let event = (status >> 16) & 0xff;
         let mut info = None;
         let stop = match event {
+            // PTRACE_O_TRACESYSGOOD marks syscall-stops apart from a real SIGTRAP.
+            0 if signal == libc::SIGTRAP | 0x80 => Stop::Syscall,
             0 => {
                 let si =
                     sys::get_siginfo(tid).map_err(|error| Error::Ptrace { tid, op: "PTRACE_GETSIGINFO", error })?;
@@ -681,7 +732,8 @@ impl Tracee {
         thread.info = info;
         if stop == Stop::Interrupt && thread.swallow_interrupt {
             thread.swallow_interrupt = false;
-            self.resume_raw(tid, 0, false)?;
+            let how = thread.resume;
+            self.resume_raw(tid, 0, how)?;
             return Ok(None);
         }
         Ok(Some(Event::Stopped { tid, stop }))
@@ -739,7 +791,7 @@ fn fault_addr(info: &libc::siginfo_t) -> u64 {
 /// Sends a held signal again: with its whole `siginfo` when the kernel allows that from
 /// another process (a `sigqueue` payload, `si_code < 0` but not `SI_TKILL`), else as a
 /// plain `tgkill` (the sender's pid and the fault address are lost, the signal is not).
-fn resend(pid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
+pub(crate) fn resend(pid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
     const SI_TKILL: i32 = -6;
     if info.si_code < 0 && info.si_code != SI_TKILL {
         sys::rt_tgsigqueueinfo(pid, tid, info)

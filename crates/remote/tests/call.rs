@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::{wait_in_syscall, worker_program, Target};
@@ -156,5 +157,55 @@ fn a_call_that_does_not_return_in_time_or_crashes_is_undone() {
 
     assert_eq!(format!("{before:?}"), format!("{:?}", tracee.regs(pid).unwrap()));
     tracee.detach().unwrap();
+    assert_eq!(target.finish("hi\n"), expected);
+}
+
+/// Set in the environment of this test binary run again as a tracer: "PID TID FUNCTION".
+const TRACER_OF: &str = "DYNPROBE_TEST_TRACER_OF";
+
+/// The tracer of a call is killed (`SIGKILL`) while the function runs: the thread returns
+/// through the stub the call left, which puts its registers back itself, and the program
+/// carries on exactly as without the call — on the sleeper thread, whose `nanosleep` is
+/// restarted through `restart_syscall`, then on the main thread, whose `read` is
+/// restarted. The tracer is this test binary run again with [`TRACER_OF`] set (a tracer's
+/// death detaches what it traces; the test's own process must live on).
+#[test]
+fn a_tracer_killed_during_a_call_leaves_the_program_running() {
+    if let Ok(what) = std::env::var(TRACER_OF) {
+        let [pid, tid, func]: [u64; 3] =
+            what.split(' ').map(|w| w.parse().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+        let mut tracee = Tracee::seize_thread(pid as i32, tid as i32, Options::NONE).unwrap();
+        tracee.stop(tid as i32, SECOND).unwrap();
+        println!("calling");
+        // slow_square busy-waits 1.5 s: the parent kills this process long before.
+        let result = tracee.call(tid as i32, func, &[12], SECOND);
+        panic!("the tracer lived to see the call end: {result:?}");
+    }
+    let expected = common::undisturbed_worker_output();
+    let (target, pid, sleeper) = blocked_target();
+    let slow_square = target.number(4);
+    for tid in [sleeper, pid] {
+        let mut tracer = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_tracer_killed_during_a_call_leaves_the_program_running", "--nocapture"])
+            .env(TRACER_OF, format!("{pid} {tid} {slow_square}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(tracer.stdout.take().unwrap());
+        let calling = std::io::BufRead::lines(stdout).map_while(Result::ok).any(|line| line == "calling");
+        assert!(calling, "the tracer ended before its call: {:?}", tracer.wait());
+        // Well inside slow_square's 1.5 s.
+        std::thread::sleep(Duration::from_millis(300));
+        tracer.kill().unwrap();
+        assert_eq!(tracer.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+    // Past the end of both calls: the program lives (it died of SIGSEGV when a call
+    // returned to address 0), and the main thread went back into its read (the sleeper
+    // may have ended already: its 2 s are counted from before the calls).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut target = target;
+    assert_eq!(target.child.try_wait().unwrap(), None, "the program died");
+    common::wait_in_syscall(pid, pid, libc::SYS_read);
+    // The read got its line, the sleeper slept its whole 2 s, nothing else changed.
     assert_eq!(target.finish("hi\n"), expected);
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use dynprobe::spec::ProbeSpec;
 use dynprobe_arch::native::INT3;
+use dynprobe_events::files::PrivateDir;
 use dynprobe_remote::{sys, Memory, Options, Regs};
 
 use crate::{Error, Outcome, Target};
@@ -281,10 +282,10 @@ pub struct HitCost {
 /// helper thread.
 pub fn measure_hit_ns(program: &Path, calls: u64) -> Result<HitCost, Error> {
     // In a fresh directory of its own (mkdtemp, 0700): never at a name another user could
-    // have made first, as a symbolic link to a file of ours.
-    let scratch = private_dir("dynprobe-ptrace-probe-")
+    // have made first, as a symbolic link to a file of ours; removed on every way out.
+    let scratch = PrivateDir::new_in(&std::env::temp_dir(), "dynprobe-ptrace-probe-")
         .map_err(|e| Error::Os { what: "creating the benchmark's scratch directory".into(), error: e })?;
-    let result_file = scratch.join("result.txt");
+    let result_file = scratch.path().join("result.txt");
     let argv: Vec<OsString> = vec![program.into(), calls.to_string().into(), result_file.clone().into_os_string()];
     let spec = ProbeSpec::parse("p:bench_probed")
         .map_err(|e| Error::Refused { spec: e.spec.clone(), message: e.to_string() })?;
@@ -317,7 +318,6 @@ pub fn measure_hit_ns(program: &Path, calls: u64) -> Result<HitCost, Error> {
     let hits = reader.join().unwrap_or(0);
     let info = info?;
     let text = std::fs::read_to_string(&result_file).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&scratch);
     let field =
         |name: &str| text.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse::<f64>().ok());
     match (info.outcome, field("plain_ns"), field("probed_ns")) {
@@ -329,19 +329,4 @@ pub fn measure_hit_ns(program: &Path, calls: u64) -> Result<HitCost, Error> {
             error: io::Error::other(format!("it ended with {outcome:?} and printed {text:?}")),
         }),
     }
-}
-
-/// A new directory `PREFIX` + six random characters in the temporary directory, made by
-/// `mkdtemp(3)` (mode 0700, fails rather than reuse a name).
-fn private_dir(prefix: &str) -> io::Result<std::path::PathBuf> {
-    use std::os::unix::ffi::OsStringExt;
-    let mut template = std::env::temp_dir().join(format!("{prefix}XXXXXX")).into_os_string().into_vec();
-    template.push(0);
-    // SAFETY: `template` is a writable NUL-terminated buffer ending in six X's, as mkdtemp
-    // requires; it rewrites them in place.
-    if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    template.pop();
-    Ok(std::path::PathBuf::from(OsString::from_vec(template)))
 }

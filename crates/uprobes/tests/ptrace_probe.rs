@@ -284,6 +284,20 @@ fn a_missing_process_is_a_clear_error() {
 }
 
 #[test]
+fn a_failed_benchmark_leaves_no_scratch_directory() {
+    // The result file's directory is a fresh mkdtemp one, removed however the run ends:
+    // here a program that cannot be started.
+    let tmp = scratch().join(format!("bench-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out =
+        Command::new(TRACER).args(["--bench", "/nonexistent/program", "10"]).env("TMPDIR", &tmp).output().unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn the_benchmark_counts_every_hit() {
     let program = build("bench/ptrace_probe.c", "ptrace_probe");
     let out = Command::new(TRACER).arg("--bench").arg(&program).arg("20000").output().unwrap();

@@ -10,6 +10,8 @@
 //! * [`ftrace`]: the code a traced function's entry site calls.
 //! * [`trap_fallback`]: the `SIGTRAP` handler a ptrace tracer leaves in its target, which
 //!   restores the original bytes if the tracer dies.
+//! * [`return_stub`]: where a function a ptrace tracer calls in another process returns to,
+//!   which puts the thread's registers back itself if the tracer died during the call.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
 
 pub mod classify;
@@ -19,6 +21,7 @@ pub mod encode;
 pub mod ftrace;
 pub mod optimize;
 pub mod relocate;
+pub mod return_stub;
 pub mod trampoline;
 pub mod trap_fallback;
 

@@ -206,7 +206,7 @@ fn agent_threads(pid: i32) -> usize {
 /// Loads the agent into the target and hands it the specs; `None` when the target cannot
 /// load libraries (statically linked), which calls for the ptrace fallback.
 fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, OwnedFd)>, String> {
-    let socket = ControlSocket::listen(request.pid)?;
+    let mut socket = ControlSocket::listen(request.pid)?;
     let injected = match dynprobe_remote::inject_library(
         request.pid,
         request.agent,
@@ -220,6 +220,10 @@ fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, Owned
     if injected.entry_return != 0 {
         return Err(attach_refused(request.pid, name, -injected.entry_return));
     }
+    // The agent connected inside `dynprobe_attach` (its connection waits in the backlog):
+    // the socket's name is needed no more, and a kill of this process from here on leaves
+    // no directory behind.
+    socket.remove_dir();
     let mut control = socket.accept(request.pid)?;
     control.handle = injected.handle;
     let events = EventPipe::new()?;
@@ -285,18 +289,24 @@ fn process_name(pid: i32) -> Result<String, String> {
     }
 }
 
-/// The listening control socket, in a directory of its own that is removed with it.
+/// The listening control socket, in a directory of its own that is removed with it, or as
+/// soon as the agent has connected.
 struct ControlSocket {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     path: PathBuf,
     listener: OwnedFd,
 }
 
+/// The control socket directory's name before `mkdtemp`'s six random characters.
+const DIR_PREFIX: &str = "dynprobe-";
+
 impl ControlSocket {
     /// A socket only `pid`'s user (and root) can reach: the directory is mode 0700 and,
-    /// when dynprobe runs as root for another user's process, owned by that user.
+    /// when dynprobe runs as root for another user's process, owned by that user. The
+    /// directories that killed runs left are swept first (see [`sweep_stale`]).
     fn listen(pid: i32) -> Result<ControlSocket, String> {
-        let template = std::env::temp_dir().join("dynprobe-XXXXXX");
+        sweep_stale(&std::env::temp_dir());
+        let template = std::env::temp_dir().join(format!("{DIR_PREFIX}XXXXXX"));
         let mut template =
             CString::new(template.as_os_str().as_bytes()).map_err(|e| e.to_string())?.into_bytes_with_nul();
         // SAFETY: mkdtemp rewrites the XXXXXX of the NUL-terminated buffer in place.
@@ -324,12 +334,14 @@ impl ControlSocket {
         let (addr, len) = sockaddr(&path)?;
         // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
         if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } == -1
-            // SAFETY: listen on our bound socket.
-            || unsafe { libc::listen(fd, 1) } == -1
+            // SAFETY: listen on our bound socket. Room for the agent's connection beside
+            // those of other dynprobes sweeping stale directories at their start-up: a
+            // full backlog would hold the agent's connect, and our injection with it.
+            || unsafe { libc::listen(fd, 8) } == -1
         {
             return Err(format!("cannot listen on {}: {}", path.display(), io::Error::last_os_error()));
         }
-        let socket = ControlSocket { dir, path, listener };
+        let socket = ControlSocket { dir: Some(dir), path, listener };
         socket.hand_to_owner_of(pid)?;
         Ok(socket)
     }
@@ -344,7 +356,7 @@ impl ControlSocket {
         if unsafe { libc::geteuid() } != 0 || owner == 0 {
             return Ok(());
         }
-        for path in [&self.dir, &self.path] {
+        for path in self.dir.iter().chain([&self.path]) {
             std::os::unix::fs::chown(path, Some(owner), None)
                 .map_err(|e| format!("cannot give {} to uid {owner}: {e}", path.display()))?;
         }
@@ -379,10 +391,122 @@ impl ControlSocket {
     }
 }
 
+impl ControlSocket {
+    /// Removes the socket's name and its directory; the listening socket stays.
+    fn remove_dir(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.remove_dir();
     }
+}
+
+/// Removes from `tmp` the control socket directories that runs of `dynprobe probe -p`
+/// killed during their attach left behind (a killed process removes nothing). Only what
+/// is certainly such a directory goes: a real directory (never a symbolic link: every step
+/// works through descriptors opened with `O_NOFOLLOW`) named `dynprobe-` and six `mkdtemp`
+/// characters, mode 0700, owned by our effective user, holding nothing but a socket named
+/// `control`, also ours, which refuses connections (`ECONNREFUSED`: nobody listens on it
+/// any more; a live session's socket accepts). A directory handed to another user (root
+/// attaching to that user's process) is that user's to sweep. Best effort: whatever
+/// cannot be checked is left alone.
+fn sweep_stale(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    let Ok(tmp_c) = CString::new(tmp.as_os_str().as_bytes()) else { return };
+    // SAFETY: opens a NUL-terminated path; the descriptor is owned right after.
+    let tmp_fd = unsafe { libc::open(tmp_c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if tmp_fd == -1 {
+        return;
+    }
+    // SAFETY: `open` returned a new descriptor, ours alone.
+    let tmp_fd = unsafe { OwnedFd::from_raw_fd(tmp_fd) };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(random) = name.as_bytes().strip_prefix(DIR_PREFIX.as_bytes()) else { continue };
+        if random.len() != 6 || !random.iter().all(u8::is_ascii_alphanumeric) {
+            continue;
+        }
+        let Ok(name) = CString::new(name.as_bytes()) else { continue };
+        if stale_dir(&tmp_fd, &name) {
+            // SAFETY: unlinks names relative to our directory descriptors; AT_REMOVEDIR
+            // removes only an empty directory and fails on a symbolic link.
+            unsafe {
+                if let Some(dir) = open_dir_at(&tmp_fd, &name) {
+                    libc::unlinkat(dir.as_raw_fd(), c"control".as_ptr(), 0);
+                }
+                libc::unlinkat(tmp_fd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR);
+            }
+        }
+    }
+}
+
+/// Opens directory `name` in `parent`, never through a symbolic link.
+fn open_dir_at(parent: &OwnedFd, name: &std::ffi::CStr) -> Option<OwnedFd> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat of a NUL-terminated name relative to a live directory descriptor.
+    let fd = unsafe { libc::openat(parent.as_raw_fd(), name.as_ptr(), flags) };
+    // SAFETY: a new descriptor, ours alone.
+    (fd != -1).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fstatat` without following a symbolic link.
+fn stat_at(dir: RawFd, name: &std::ffi::CStr) -> Option<libc::stat> {
+    // SAFETY: stat is plain data; fstatat fills it for a NUL-terminated name.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0).then_some(st)
+    }
+}
+
+/// Whether `name` in `tmp` is a control socket directory of ours whose socket nobody
+/// listens on any more (see [`sweep_stale`]).
+fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Some(dir) = open_dir_at(tmp, name) else { return false };
+    // SAFETY: stat is plain data; fstat fills it for a live descriptor.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(dir.as_raw_fd(), &mut st) != 0 {
+            return false;
+        }
+        st
+    };
+    if st.st_uid != euid || st.st_mode & 0o7777 != 0o700 {
+        return false;
+    }
+    let Ok(listing) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return false };
+    let names: Vec<_> = listing.flatten().map(|e| e.file_name()).collect();
+    if names.len() != 1 || names[0] != "control" {
+        return false;
+    }
+    let Some(socket) = stat_at(dir.as_raw_fd(), c"control") else { return false };
+    if socket.st_mode & libc::S_IFMT != libc::S_IFSOCK || socket.st_uid != euid {
+        return false;
+    }
+    // Connected through the directory's descriptor: the path cannot lead elsewhere.
+    let Ok((addr, len)) = sockaddr(Path::new(&format!("/proc/self/fd/{}/control", dir.as_raw_fd()))) else {
+        return false;
+    };
+    // Non-blocking: a live session busy injecting accepts nothing meanwhile, and a
+    // blocking connect would wait for room in its backlog (EAGAIN here: alive, kept).
+    let kind = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain socket creation; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
+    if fd == -1 {
+        return false;
+    }
+    // SAFETY: a new descriptor, ours alone.
+    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
+    let connected = unsafe { libc::connect(probe.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+    connected == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED)
 }
 
 /// A `sockaddr_un` for `path`.
