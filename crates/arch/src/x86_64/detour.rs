@@ -76,7 +76,7 @@ pub struct StateSave {
 /// `vzeroupper` (the `AVX` and `ZMM_Hi256` bits of XINUSE, `xgetbv` with ecx=1). A legacy
 /// SSE instruction that writes an xmm register while they are dirty pays a penalty: on the
 /// Intel Xeon (Sapphire Rapids class, KVM guest) this was measured on, about 300 ns, once per
-/// dirtying (`scripts/upper-state-penalty` measures it on any host). Compiled code keeps them
+/// dirtying (`dynprobe bench --rows upper-state-penalty` measures it on any host). Compiled code keeps them
 /// clean at calls and returns (`vzeroupper`), and handlers are SSE code. So a save ends with
 /// `vzeroupper` (the handlers start clean) after noting whether the upper halves held
 /// anything; the restore, when they did not, puts the xmm registers back with legacy moves
@@ -103,6 +103,17 @@ pub enum VectorWidth {
         /// The opmask registers are 64 bits wide (AVX512BW), not 16.
         wide_masks: bool,
     },
+}
+
+impl std::fmt::Display for VectorWidth {
+    /// What is saved, for a report: `AVX-512 (zmm0-31, k0-7, MXCSR)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VectorWidth::Sse => f.write_str("SSE (xmm0-15, MXCSR)"),
+            VectorWidth::Avx => f.write_str("AVX (ymm0-15, MXCSR)"),
+            VectorWidth::Avx512 { .. } => f.write_str("AVX-512 (zmm0-31, k0-7, MXCSR)"),
+        }
+    }
 }
 
 impl VectorWidth {
