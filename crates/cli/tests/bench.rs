@@ -99,6 +99,18 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         assert!(fast["x_kernel_uprobe"].is_number() && fast["x_kernel_uretprobe"].is_number(), "{fast}");
     }
 
+    // The parts of the return path, and a caller running SSE code after the probed call.
+    for part in ["return-probe-entry", "optimized-probe-sse", "return-probe-sse"] {
+        assert!(ns_per_hit(&rows, part) > 0.0, "{}", row(&rows, part));
+    }
+    assert!(row(&rows, "return-probe-entry")["x_return_probe"].is_number(), "{}", row(&rows, "return-probe-entry"));
+    assert_eq!(ns_per_hit(&rows, "baseline-sse"), 0.0, "the -sse rows' baseline adds nothing");
+    let penalty = row(&rows, "upper-state-penalty");
+    match std::arch::is_x86_feature_detected!("avx") {
+        true => assert!(penalty["ns_per_hit"].is_number(), "{penalty}"),
+        false => assert!(penalty["error"].as_str().unwrap().contains("no AVX"), "{penalty}"),
+    }
+
     // The tracer rows time a program against its untraced run; dynprobe's ring holds the
     // whole run, so nothing may be lost (a loss would make the figure too low).
     assert_eq!(ns_per_hit(&rows, "graph-plain"), 0.0, "the program's baseline adds nothing");
@@ -174,6 +186,11 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
         rows(args).iter().map(|row| row["name"].as_str().unwrap().to_owned()).collect()
     };
     assert_eq!(names(&["--iterations", "50", "--rows", "kernel-uprobe"]), ["baseline-call", "kernel-uprobe"]);
+    // An -sse row is measured against its own caller's baseline.
+    assert_eq!(
+        names(&["--iterations", "50", "--rows", "return-probe-sse"]),
+        ["baseline-call", "baseline-sse", "upper-state-penalty", "return-probe", "return-probe-sse"]
+    );
     // A tracer row brings its program's baseline and the tracer it is compared with.
     assert_eq!(
         names(&["--iterations", "50", "--rows", "function-graph"]),
