@@ -478,14 +478,20 @@ fn upper_state() -> Option<u32> {
     Some(xinuse & 0x44)
 }
 
+/// The target, on a CPU that has an upper state to keep (AVX); `None`, said on stderr,
+/// on one that has none.
+fn target_with_upper_state() -> Option<&'static Target> {
+    if upper_state().is_none() {
+        eprintln!("no AVX on this CPU: there is no upper state to keep, nothing to check");
+        return None;
+    }
+    Some(target())
+}
+
 #[test]
 fn a_probe_leaves_a_clean_upper_state_clean() {
     let _serial = serial();
-    let t = target();
-    if upper_state().is_none() {
-        eprintln!("no AVX on this CPU: there is no upper state to keep clean");
-        return;
-    }
+    let Some(t) = target_with_upper_state() else { return };
     // SAFETY: upper_state_after_call(long (*f)(long), long x) calls f(x).
     let after_call: extern "C" fn(u64, i64) -> i64 =
         unsafe { std::mem::transmute(t.addr("upper_state_after_call") as usize) };
@@ -526,11 +532,7 @@ fn a_probe_leaves_a_clean_upper_state_clean() {
 #[test]
 fn handlers_start_with_a_clean_upper_state_and_the_programs_dirty_upper_halves_come_back() {
     let _serial = serial();
-    let t = target();
-    if upper_state().is_none() {
-        eprintln!("no AVX on this CPU: there is no upper state to keep");
-        return;
-    }
+    let Some(t) = target_with_upper_state() else { return };
     let (upper_ones, dirty_leaf_caller) = (t.func1("upper_ones"), t.func1("dirty_leaf_caller"));
     assert_eq!((upper_ones(1), dirty_leaf_caller(1)), (-1, -1), "unprobed");
     // What each handler found; the value no read can give until one runs.

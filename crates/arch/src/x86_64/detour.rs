@@ -427,22 +427,12 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
             a.setne(upper_flag)?;
             a.vzeroupper()?;
         }
-        (VectorWidth::Avx, Direction::Restore) => {
-            let mut full = a.create_label();
-            let mut done = a.create_label();
-            a.cmp(upper_flag, 0)?;
-            a.jne(full)?;
-            a.vzeroupper()?;
-            for (i, reg) in XMM.into_iter().enumerate() {
-                a.movaps(reg, xmmword_ptr(rsp + 32 * i as i32))?;
-            }
-            a.jmp(done)?;
-            a.set_label(&mut full)?;
+        (VectorWidth::Avx, Direction::Restore) => restore_low_sixteen(a, upper_flag, 32, |a| {
             for (i, reg) in YMM.into_iter().enumerate() {
                 a.vmovdqa(reg, ymmword_ptr(rsp + 32 * i as i32))?;
             }
-            a.set_label(&mut done)?;
-        }
+            Ok(())
+        })?,
         (VectorWidth::Avx512 { wide_masks }, Direction::Save) => {
             a.stmxcsr(mxcsr)?;
             for (i, reg) in ZMM.into_iter().enumerate() {
@@ -471,20 +461,12 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
             a.vzeroupper()?;
         }
         (VectorWidth::Avx512 { wide_masks }, Direction::Restore) => {
-            let mut full = a.create_label();
-            let mut rest = a.create_label();
-            a.cmp(upper_flag, 0)?;
-            a.jne(full)?;
-            a.vzeroupper()?;
-            for (i, reg) in XMM.into_iter().enumerate() {
-                a.movaps(reg, xmmword_ptr(rsp + 64 * i as i32))?;
-            }
-            a.jmp(rest)?;
-            a.set_label(&mut full)?;
-            for (i, reg) in ZMM[..16].iter().enumerate() {
-                a.vmovdqa64(*reg, zmmword_ptr(rsp + 64 * i as i32))?;
-            }
-            a.set_label(&mut rest)?;
+            restore_low_sixteen(a, upper_flag, 64, |a| {
+                for (i, reg) in ZMM[..16].iter().enumerate() {
+                    a.vmovdqa64(*reg, zmmword_ptr(rsp + 64 * i as i32))?;
+                }
+                Ok(())
+            })?;
             for (i, reg) in ZMM.into_iter().enumerate().skip(16) {
                 a.vmovdqa64(reg, zmmword_ptr(rsp + 64 * i as i32))?;
             }
@@ -511,6 +493,31 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
         // The label binds to the callers' next instruction.
         a.set_label(&mut same)?;
     }
+    Ok(())
+}
+
+/// Restores registers 0-15 from `slot`-byte slots at `rsp`: when the save noted that their
+/// upper halves were zero (`upper_flag` clear), `vzeroupper` and the xmm registers by legacy
+/// moves, which leaves the upper state clean; otherwise `full`, the full-width moves.
+fn restore_low_sixteen(
+    a: &mut CodeAssembler,
+    upper_flag: AsmMemoryOperand,
+    slot: i32,
+    full: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut full_width = a.create_label();
+    let mut done = a.create_label();
+    a.cmp(upper_flag, 0)?;
+    a.jne(full_width)?;
+    a.vzeroupper()?;
+    for (i, reg) in XMM.into_iter().enumerate() {
+        a.movaps(reg, xmmword_ptr(rsp + slot * i as i32))?;
+    }
+    a.jmp(done)?;
+    a.set_label(&mut full_width)?;
+    full(a)?;
+    // Binds to the next instruction the caller emits.
+    a.set_label(&mut done)?;
     Ok(())
 }
 
