@@ -75,17 +75,18 @@ pub struct StateSave {
 /// 128–511) may be non-zero — "dirty" since the last VEX/EVEX write there, clean after
 /// `vzeroupper` (the `AVX` and `ZMM_Hi256` bits of XINUSE, `xgetbv` with ecx=1). A legacy
 /// SSE instruction that writes an xmm register while they are dirty pays a penalty: on the
-/// Intel Xeon (Sapphire Rapids class, KVM guest) this was measured on, about 300 ns, once per
-/// dirtying (`dynprobe bench --rows upper-state-penalty` measures it on any host). Compiled code keeps them
-/// clean at calls and returns (`vzeroupper`), and handlers are SSE code. So a save ends with
+/// Intel Xeon (family 6 model 167, AVX-512, a KVM guest) this was measured on, about 120 ns
+/// of CPU time, once per dirtying (`dynprobe bench --rows upper-state-penalty` measures it on
+/// any host). Compiled code keeps them clean at calls and returns (`vzeroupper`), and
+/// handlers are SSE code. So a save ends with
 /// `vzeroupper` (the handlers start clean) after noting whether the upper halves held
 /// anything; the restore, when they did not, puts the xmm registers back with legacy moves
 /// after a `vzeroupper` — the same values, and the program left as clean as it was — and
 /// with full-width moves only when they did. zmm16–31 and the opmask registers take no part
-/// in the penalty and are always moved whole. Measured there: a probe whose restore dirtied
-/// the upper state cost the next SSE instruction ~300 ns; 64 full-width moves plus the test
-/// cost ~11 ns in all. AMD's Zen cores have no such penalty; the test and `vzeroupper` cost
-/// them a few cycles.
+/// in the penalty and are always moved whole (measured there too). A return probe paid the
+/// penalty two or three times per call (327 ns; 62 since). The test and the `vzeroupper`s
+/// are lost in the noise of the 64 full-width moves (~11 ns in all, measured alone); AMD's
+/// Zen cores have no such penalty.
 ///
 /// They are saved with plain moves rather than `XSAVE`: on the AMD Zen 4 this was measured
 /// on, `XSAVEC` + `XRSTOR` of the same state cost about 150 ns, the moves about 15. Reading
