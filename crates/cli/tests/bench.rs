@@ -25,7 +25,8 @@ fn rows(args: &[&str]) -> Vec<Value> {
         panic!("stdout is not one JSON value ({err}):\n{}", String::from_utf8_lossy(&out.stdout))
     });
     let object = json.as_object().expect("top level is an object");
-    assert_eq!(object.keys().collect::<Vec<_>>(), ["rows"], "only `rows` at the top level");
+    assert_eq!(object.keys().collect::<Vec<_>>(), ["host", "rows"], "`host` and `rows` at the top level");
+    check_host(&object["host"]);
     let rows = object["rows"].as_array().expect("`rows` is an array").clone();
     for row in &rows {
         assert!(row["name"].is_string(), "row without a name: {row}");
@@ -36,6 +37,30 @@ fn rows(args: &[&str]) -> Vec<Value> {
         }
     }
     rows
+}
+
+/// The host a run names: the CPU as `/proc/cpuinfo` has it, what the detours save, the
+/// kernel, the load.
+fn check_host(host: &Value) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    for (key, cpuinfo_key) in [("cpu_model", "model name"), ("cpu_vendor", "vendor_id")] {
+        let value = host[key].as_str().unwrap_or_else(|| panic!("host.{key} missing: {host}"));
+        let line = cpuinfo.lines().find(|line| line.starts_with(cpuinfo_key)).unwrap();
+        assert!(line.ends_with(value) && !value.is_empty(), "host.{key} is `{value}`, /proc/cpuinfo says `{line}`");
+    }
+    assert!(host["cpu_signature"].as_str().is_some_and(|s| s.split('/').count() == 3), "{host}");
+    assert!(host["virtualized"].is_boolean() && host["cpus"].as_u64().is_some_and(|n| n > 0), "{host}");
+    let vectors = host["detour_vectors"].as_str().unwrap_or_default();
+    let expected = match (std::arch::is_x86_feature_detected!("avx512f"), std::arch::is_x86_feature_detected!("avx")) {
+        (true, _) => "AVX-512",
+        (false, true) => "AVX",
+        _ => "SSE",
+    };
+    assert!(vectors.starts_with(expected), "host.detour_vectors is `{vectors}` on a CPU with {expected}");
+    assert!(host["graph_vectors"].is_string(), "{host}");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(host["kernel"], kernel.trim(), "{host}");
+    assert!(host["load_average"].as_f64().is_some_and(|load| load >= 0.0), "{host}");
 }
 
 fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
@@ -72,6 +97,18 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         let fast = row(&rows, fast_row);
         assert!(ns_per_hit(&rows, fast_row) > 0.0, "{fast}");
         assert!(fast["x_kernel_uprobe"].is_number() && fast["x_kernel_uretprobe"].is_number(), "{fast}");
+    }
+
+    // The parts of the return path, and a caller running SSE code after the probed call.
+    for part in ["return-probe-entry", "optimized-probe-sse", "return-probe-sse"] {
+        assert!(ns_per_hit(&rows, part) > 0.0, "{}", row(&rows, part));
+    }
+    assert!(row(&rows, "return-probe-entry")["x_return_probe"].is_number(), "{}", row(&rows, "return-probe-entry"));
+    assert_eq!(ns_per_hit(&rows, "baseline-sse"), 0.0, "the -sse rows' baseline adds nothing");
+    let penalty = row(&rows, "upper-state-penalty");
+    match std::arch::is_x86_feature_detected!("avx") {
+        true => assert!(penalty["ns_per_hit"].is_number(), "{penalty}"),
+        false => assert!(penalty["error"].as_str().unwrap().contains("no AVX"), "{penalty}"),
     }
 
     // The tracer rows time a program against its untraced run; dynprobe's ring holds the
@@ -149,6 +186,11 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
         rows(args).iter().map(|row| row["name"].as_str().unwrap().to_owned()).collect()
     };
     assert_eq!(names(&["--iterations", "50", "--rows", "kernel-uprobe"]), ["baseline-call", "kernel-uprobe"]);
+    // An -sse row is measured against its own caller's baseline.
+    assert_eq!(
+        names(&["--iterations", "50", "--rows", "return-probe-sse"]),
+        ["baseline-call", "baseline-sse", "upper-state-penalty", "return-probe", "return-probe-sse"]
+    );
     // A tracer row brings its program's baseline and the tracer it is compared with.
     assert_eq!(
         names(&["--iterations", "50", "--rows", "function-graph"]),

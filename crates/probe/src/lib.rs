@@ -36,7 +36,7 @@ mod signals;
 mod site;
 mod thread_slot;
 
-pub use arch::{light_width, Regs};
+pub use arch::{light_width, vector_width, Regs};
 pub use error::ProbeError;
 pub use location::Location;
 pub use optimizer::stop_optimizer;

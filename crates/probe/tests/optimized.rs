@@ -461,6 +461,104 @@ fn vector_registers_in_their_initial_state_come_back_zeroed() {
     }
 }
 
+/// XINUSE's AVX and ZMM_Hi256 bits (`xgetbv` with ecx=1): non-zero while the upper halves of
+/// ymm/zmm0-15 may be non-zero, the "dirty" upper state in which legacy SSE code is slow on
+/// Intel cores (~300 ns per dirtying on a Xeon these tests ran on). `None` on a CPU without
+/// AVX, which has no upper state.
+fn upper_state() -> Option<u32> {
+    if !std::arch::is_x86_feature_detected!("avx") {
+        return None;
+    }
+    // Leaf 0xd exists on every CPU with AVX (XSAVE is part of it).
+    let xinuse_readable = std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0;
+    assert!(xinuse_readable, "this CPU has AVX but no xgetbv with ecx=1: the upper state cannot be read");
+    let xinuse: u32;
+    // SAFETY: xgetbv with ecx=1 is supported (checked above) and only reads XINUSE.
+    unsafe { std::arch::asm!("xgetbv", in("ecx") 1, out("eax") xinuse, out("edx") _, options(nomem, nostack)) };
+    Some(xinuse & 0x44)
+}
+
+/// The target, on a CPU that has an upper state to keep (AVX); `None`, said on stderr,
+/// on one that has none.
+fn target_with_upper_state() -> Option<&'static Target> {
+    if upper_state().is_none() {
+        eprintln!("no AVX on this CPU: there is no upper state to keep, nothing to check");
+        return None;
+    }
+    Some(target())
+}
+
+#[test]
+fn a_probe_leaves_a_clean_upper_state_clean() {
+    let _serial = serial();
+    let Some(t) = target_with_upper_state() else { return };
+    // SAFETY: upper_state_after_call(long (*f)(long), long x) calls f(x).
+    let after_call: extern "C" fn(u64, i64) -> i64 =
+        unsafe { std::mem::transmute(t.addr("upper_state_after_call") as usize) };
+    let leaf = t.addr("upper_leaf");
+    let after_mid = t.func1("upper_state_after");
+    assert_eq!((after_mid(1), after_call(leaf, 1)), (0, 0), "unprobed, the program keeps its state clean");
+
+    /// A handler that dirties it, as AVX code (libc's memcpy) may.
+    fn dirty(_: &mut dynprobe_probe::Regs) {
+        // SAFETY: only clobbers the register named.
+        unsafe { std::arch::asm!("vpcmpeqd ymm3, ymm3, ymm3", out("ymm3") _) };
+    }
+    let mid = optimized(Probe::at(Location::SymbolOffset("upper_state_after".into(), 3)).on_hit(dirty));
+    assert!(mid.info().optimized, "{}", mid.info());
+    assert_eq!(after_mid(1), 0, "a mid-function probe's detour left the upper state dirty");
+    assert_eq!(mid.hits(), 1);
+    mid.unregister().unwrap();
+
+    let entry = optimized(Probe::at(Location::Address(leaf)).on_hit(dirty));
+    assert!(entry.info().optimized, "{}", entry.info());
+    assert_eq!(after_call(leaf, 1), 0, "an entry probe's detour left the upper state dirty");
+    assert_eq!(entry.hits(), 1);
+    entry.unregister().unwrap();
+
+    let ret = dynprobe_probe::ReturnProbe::at(Location::Address(leaf))
+        .on_entry(|regs, _| {
+            dirty(regs);
+            true
+        })
+        .on_return(|regs, _| dirty(regs))
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert_eq!(after_call(leaf, 1), 0, "a return probe left the upper state dirty");
+    assert_eq!(ret.returns(), 1);
+}
+
+#[test]
+fn handlers_start_with_a_clean_upper_state_and_the_programs_dirty_upper_halves_come_back() {
+    let _serial = serial();
+    let Some(t) = target_with_upper_state() else { return };
+    let (upper_ones, dirty_leaf_caller) = (t.func1("upper_ones"), t.func1("dirty_leaf_caller"));
+    assert_eq!((upper_ones(1), dirty_leaf_caller(1)), (-1, -1), "unprobed");
+    // What each handler found; the value no read can give until one runs.
+    let seen = Arc::new(AtomicU64::new(u64::MAX));
+    let record = |seen: &Arc<AtomicU64>| {
+        let seen = seen.clone();
+        move || seen.store(u64::from(upper_state().unwrap()), Ordering::SeqCst)
+    };
+    let on_hit = record(&seen);
+    let mid = optimized(Probe::at(Location::SymbolOffset("upper_ones".into(), 4)).on_hit(move |_| on_hit()));
+    assert!(mid.info().optimized, "{}", mid.info());
+    assert_eq!(upper_ones(1), -1, "the program's upper half of ymm0 was lost");
+    assert_eq!(seen.swap(u64::MAX, Ordering::SeqCst), 0, "the handler ran with the program's dirty upper state");
+    mid.unregister().unwrap();
+
+    let on_return = record(&seen);
+    let ret = dynprobe_probe::ReturnProbe::at(Location::Address(t.addr("dirty_leaf")))
+        .on_return(move |_, _| on_return())
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert_eq!(dirty_leaf_caller(1), -1, "the upper half of ymm2 was lost at the return");
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "the return handler ran with the program's dirty upper state");
+    assert_eq!(ret.returns(), 1);
+}
+
 #[test]
 fn a_caller_keeping_values_across_the_call_is_safe_from_a_return_handler() {
     let _serial = serial();

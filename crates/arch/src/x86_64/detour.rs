@@ -71,6 +71,23 @@ pub struct StateSave {
 
 /// The vector registers a handler may clobber, by what the CPU has enabled (XCR0).
 ///
+/// **The upper state.** Intel cores track whether the upper halves of zmm0–15 (bits
+/// 128–511) may be non-zero — "dirty" since the last VEX/EVEX write there, clean after
+/// `vzeroupper` (the `AVX` and `ZMM_Hi256` bits of XINUSE, `xgetbv` with ecx=1). A legacy
+/// SSE instruction that writes an xmm register while they are dirty pays a penalty: on the
+/// Intel Xeon (family 6 model 167, AVX-512, a KVM guest) this was measured on, about 120 ns
+/// of CPU time, once per dirtying (`dynprobe bench --rows upper-state-penalty` measures it on
+/// any host). Compiled code keeps them clean at calls and returns (`vzeroupper`), and
+/// handlers are SSE code. So a save ends with
+/// `vzeroupper` (the handlers start clean) after noting whether the upper halves held
+/// anything; the restore, when they did not, puts the xmm registers back with legacy moves
+/// after a `vzeroupper` — the same values, and the program left as clean as it was — and
+/// with full-width moves only when they did. zmm16–31 and the opmask registers take no part
+/// in the penalty and are always moved whole (measured there too). A return probe paid the
+/// penalty two or three times per call (327 ns; 62 since). The test and the `vzeroupper`s
+/// are lost in the noise of the 64 full-width moves (~11 ns in all, measured alone); AMD's
+/// Zen cores have no such penalty.
+///
 /// They are saved with plain moves rather than `XSAVE`: on the AMD Zen 4 this was measured
 /// on, `XSAVEC` + `XRSTOR` of the same state cost about 150 ns, the moves about 15. Reading
 /// XINUSE (`xgetbv` with ecx=1) to skip components in their initial state was tried too:
@@ -87,6 +104,17 @@ pub enum VectorWidth {
         /// The opmask registers are 64 bits wide (AVX512BW), not 16.
         wide_masks: bool,
     },
+}
+
+impl std::fmt::Display for VectorWidth {
+    /// What is saved, for a report: `AVX-512 (zmm0-31, k0-7, MXCSR)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VectorWidth::Sse => f.write_str("SSE (xmm0-15, MXCSR)"),
+            VectorWidth::Avx => f.write_str("AVX (ymm0-15, MXCSR)"),
+            VectorWidth::Avx512 { .. } => f.write_str("AVX-512 (zmm0-31, k0-7, MXCSR)"),
+        }
+    }
 }
 
 impl VectorWidth {
@@ -347,69 +375,116 @@ pub(crate) enum Direction {
     Restore,
 }
 
+/// Offset, from the end of the save area, of the byte [`vector_moves`] sets when the upper
+/// halves of the registers it saved (bits 128 and up of ymm/zmm0–15) were not all zero.
+/// The area's last 64 bytes hold MXCSR (at -64), its scratch copy (-60), this byte, and
+/// the detour's frame address (-8).
+const UPPER_FLAG: i32 = -56;
+
+const XMM: [AsmRegisterXmm; 16] =
+    [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
+const YMM: [AsmRegisterYmm; 16] =
+    [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15];
+const ZMM: [AsmRegisterZmm; 32] = [
+    zmm0, zmm1, zmm2, zmm3, zmm4, zmm5, zmm6, zmm7, zmm8, zmm9, zmm10, zmm11, zmm12, zmm13, zmm14, zmm15, zmm16, zmm17,
+    zmm18, zmm19, zmm20, zmm21, zmm22, zmm23, zmm24, zmm25, zmm26, zmm27, zmm28, zmm29, zmm30, zmm31,
+];
+const K: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
+
 /// Moves every register of `width`, and MXCSR, between the registers and the 64-byte
-/// aligned area at `rsp`. The restore clobbers eax and the flags.
+/// aligned area at `rsp`, keeping the upper state as clean as the program had it (see
+/// [`VectorWidth`]). The save clobbers the flags and leaves the upper state clean (after
+/// it, the vector registers hold garbage); the restore clobbers eax and the flags.
 pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction: Direction) -> Result<(), IcedError> {
-    const XMM: [AsmRegisterXmm; 16] =
-        [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
-    const YMM: [AsmRegisterYmm; 16] =
-        [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14, ymm15];
-    const ZMM: [AsmRegisterZmm; 32] = [
-        zmm0, zmm1, zmm2, zmm3, zmm4, zmm5, zmm6, zmm7, zmm8, zmm9, zmm10, zmm11, zmm12, zmm13, zmm14, zmm15, zmm16,
-        zmm17, zmm18, zmm19, zmm20, zmm21, zmm22, zmm23, zmm24, zmm25, zmm26, zmm27, zmm28, zmm29, zmm30, zmm31,
-    ];
-    const K: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
-    let save = direction == Direction::Save;
-    let mxcsr = dword_ptr(rsp + (width.save_size() - 64));
-    if save {
-        a.stmxcsr(mxcsr)?;
-    }
-    match width {
-        VectorWidth::Sse => {
+    let area = width.save_size();
+    let mxcsr = dword_ptr(rsp + (area - 64));
+    let upper_flag = byte_ptr(rsp + (area + UPPER_FLAG));
+    match (width, direction) {
+        (VectorWidth::Sse, Direction::Save) => {
+            a.stmxcsr(mxcsr)?;
             for (i, reg) in XMM.into_iter().enumerate() {
-                let slot = xmmword_ptr(rsp + 16 * i as i32);
-                if save {
-                    a.movaps(slot, reg)?
-                } else {
-                    a.movaps(reg, slot)?
-                }
+                a.movaps(xmmword_ptr(rsp + 16 * i as i32), reg)?;
             }
         }
-        VectorWidth::Avx => {
+        (VectorWidth::Sse, Direction::Restore) => {
+            for (i, reg) in XMM.into_iter().enumerate() {
+                a.movaps(reg, xmmword_ptr(rsp + 16 * i as i32))?;
+            }
+        }
+        (VectorWidth::Avx, Direction::Save) => {
+            a.stmxcsr(mxcsr)?;
             for (i, reg) in YMM.into_iter().enumerate() {
-                let slot = ymmword_ptr(rsp + 32 * i as i32);
-                if save {
-                    a.vmovdqa(slot, reg)?
-                } else {
-                    a.vmovdqa(reg, slot)?
+                a.vmovdqa(ymmword_ptr(rsp + 32 * i as i32), reg)?;
+            }
+            // ymm0 = the OR of all sixteen (a tree: four steps deep), then its upper half
+            // tested.
+            for step in [1, 2, 4, 8] {
+                for i in (0..16).step_by(2 * step) {
+                    a.vorps(YMM[i], YMM[i], YMM[i + step])?;
                 }
             }
+            a.vextractf128(xmm0, ymm0, 1)?;
+            a.vptest(xmm0, xmm0)?;
+            a.setne(upper_flag)?;
+            a.vzeroupper()?;
         }
-        VectorWidth::Avx512 { wide_masks } => {
+        (VectorWidth::Avx, Direction::Restore) => restore_low_sixteen(a, upper_flag, 32, |a| {
+            for (i, reg) in YMM.into_iter().enumerate() {
+                a.vmovdqa(reg, ymmword_ptr(rsp + 32 * i as i32))?;
+            }
+            Ok(())
+        })?,
+        (VectorWidth::Avx512 { wide_masks }, Direction::Save) => {
+            a.stmxcsr(mxcsr)?;
             for (i, reg) in ZMM.into_iter().enumerate() {
-                let slot = zmmword_ptr(rsp + 64 * i as i32);
-                if save {
-                    a.vmovdqa64(slot, reg)?
-                } else {
-                    a.vmovdqa64(reg, slot)?
-                }
+                a.vmovdqa64(zmmword_ptr(rsp + 64 * i as i32), reg)?;
             }
             for (i, reg) in K.into_iter().enumerate() {
                 let at = rsp + (32 * 64 + 8 * i as i32);
-                match (wide_masks, save) {
-                    (true, true) => a.kmovq(qword_ptr(at), reg)?,
-                    (true, false) => a.kmovq(reg, qword_ptr(at))?,
-                    (false, true) => a.kmovw(word_ptr(at), reg)?,
-                    (false, false) => a.kmovw(reg, word_ptr(at))?,
+                match wide_masks {
+                    true => a.kmovq(qword_ptr(at), reg)?,
+                    false => a.kmovw(word_ptr(at), reg)?,
+                }
+            }
+            // zmm0 = the OR of zmm0-15 (three-way ORs, three steps deep); k1 = its non-zero
+            // quadwords; the lowest two are xmm0's own.
+            const OR3: i32 = 0xfe;
+            for i in [0, 3, 6, 9, 12] {
+                a.vpternlogq(ZMM[i], ZMM[i + 1], ZMM[i + 2], OR3)?;
+            }
+            a.vpternlogq(zmm0, zmm3, zmm6, OR3)?;
+            a.vpternlogq(zmm9, zmm12, zmm15, OR3)?;
+            a.vporq(zmm0, zmm0, zmm9)?;
+            a.vptestmq(k1, zmm0, zmm0)?;
+            a.kshiftrw(k1, k1, 2)?;
+            a.kortestw(k1, k1)?;
+            a.setne(upper_flag)?;
+            a.vzeroupper()?;
+        }
+        (VectorWidth::Avx512 { wide_masks }, Direction::Restore) => {
+            restore_low_sixteen(a, upper_flag, 64, |a| {
+                for (i, reg) in ZMM[..16].iter().enumerate() {
+                    a.vmovdqa64(*reg, zmmword_ptr(rsp + 64 * i as i32))?;
+                }
+                Ok(())
+            })?;
+            for (i, reg) in ZMM.into_iter().enumerate().skip(16) {
+                a.vmovdqa64(reg, zmmword_ptr(rsp + 64 * i as i32))?;
+            }
+            for (i, reg) in K.into_iter().enumerate() {
+                let at = rsp + (32 * 64 + 8 * i as i32);
+                match wide_masks {
+                    true => a.kmovq(reg, qword_ptr(at))?,
+                    false => a.kmovw(reg, word_ptr(at))?,
                 }
             }
         }
     }
-    if !save {
+    if direction == Direction::Restore {
         // ldmxcsr costs about 7 ns on the Zen 4 this was measured on, and handlers rarely
         // change MXCSR (a float operation may set a sticky exception flag): reload it only
         // when it differs. Uses eax and the flags, which the callers restore afterwards.
-        let now = dword_ptr(rsp + (width.save_size() - 60));
+        let now = dword_ptr(rsp + (area - 60));
         let mut same = a.create_label();
         a.stmxcsr(now)?;
         a.mov(eax, now)?;
@@ -419,6 +494,31 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
         // The label binds to the callers' next instruction.
         a.set_label(&mut same)?;
     }
+    Ok(())
+}
+
+/// Restores registers 0-15 from `slot`-byte slots at `rsp`: when the save noted that their
+/// upper halves were zero (`upper_flag` clear), `vzeroupper` and the xmm registers by legacy
+/// moves, which leaves the upper state clean; otherwise `full`, the full-width moves.
+fn restore_low_sixteen(
+    a: &mut CodeAssembler,
+    upper_flag: AsmMemoryOperand,
+    slot: i32,
+    full: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut full_width = a.create_label();
+    let mut done = a.create_label();
+    a.cmp(upper_flag, 0)?;
+    a.jne(full_width)?;
+    a.vzeroupper()?;
+    for (i, reg) in XMM.into_iter().enumerate() {
+        a.movaps(reg, xmmword_ptr(rsp + slot * i as i32))?;
+    }
+    a.jmp(done)?;
+    a.set_label(&mut full_width)?;
+    full(a)?;
+    // Binds to the next instruction the caller emits.
+    a.set_label(&mut done)?;
     Ok(())
 }
 
@@ -495,8 +595,9 @@ mod tests {
             assert_eq!(count(iced_x86::Mnemonic::Popfq), full as usize);
             assert_eq!(count(iced_x86::Mnemonic::Push), 0);
             assert_eq!(count(iced_x86::Mnemonic::Pop), 0);
-            // Callee-saved registers are compared with the frame, not reloaded; so is MXCSR.
-            assert_eq!(count(iced_x86::Mnemonic::Cmp), 6 + 1);
+            // Callee-saved registers are compared with the frame, not reloaded; so is MXCSR;
+            // and the restore looks at what the save noted of the upper state.
+            assert_eq!(count(iced_x86::Mnemonic::Cmp), 6 + 1 + 1);
             let movs_to_frame = instrs
                 .iter()
                 .filter(|i| {
@@ -511,6 +612,33 @@ mod tests {
                 .iter()
                 .any(|i| i.mnemonic() == iced_x86::Mnemonic::Mov && i.op1_kind() == iced_x86::OpKind::Immediate32to64);
             assert_eq!(flags_constant, !full, "the entry variant stores constant flags");
+        }
+    }
+
+    #[test]
+    fn handlers_start_with_a_clean_upper_state_and_a_clean_program_gets_it_back_clean() {
+        use iced_x86::Mnemonic::{Call, Cmp, Jne, Movaps, Vmovdqa, Vmovdqa64, Vzeroupper};
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        for (width, wide) in [(VectorWidth::Avx512 { wide_masks: true }, Vmovdqa64), (VectorWidth::Avx, Vmovdqa)] {
+            let s = spec(StateSave { flags: true, width }, &covered);
+            let detour = build_detour(&s).unwrap();
+            let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
+            let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
+            let call = instrs.iter().position(|i| i.mnemonic() == Call).unwrap();
+            // Saved whole, then vzeroupper: the handlers' SSE code pays no transition.
+            let last_vector = instrs[..call].iter().rposition(|i| i.mnemonic() == Vzeroupper).unwrap();
+            assert!(instrs[..last_vector].iter().any(|i| i.mnemonic() == wide), "{width:?}: saved full width");
+            assert!(instrs[last_vector + 1..call].iter().all(|i| i.mnemonic() != wide), "{width:?}");
+            // The restore: the noted flag, then vzeroupper and the xmm registers by legacy
+            // moves (the program stays clean), or full-width moves.
+            let restore = &instrs[call..];
+            let flag = restore.iter().position(|i| i.mnemonic() == Cmp).unwrap();
+            assert_eq!(restore[flag + 1].mnemonic(), Jne);
+            assert_eq!(restore[flag + 2].mnemonic(), Vzeroupper, "{width:?}");
+            assert!(restore[flag + 3..flag + 19].iter().all(|i| i.mnemonic() == Movaps), "{width:?}: xmm0-15");
+            let full = restore.iter().filter(|i| i.mnemonic() == wide).count();
+            let expected = if wide == Vmovdqa64 { 32 } else { 16 };
+            assert_eq!(full, expected, "{width:?}: every register of the width on the other way");
         }
     }
 }

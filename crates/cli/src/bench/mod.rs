@@ -8,6 +8,7 @@
 //! [`report`] turns the timings into added nanoseconds and ratios.
 
 mod attach;
+mod host;
 mod many;
 mod marker;
 mod measure;
@@ -30,7 +31,7 @@ use rows::{Measure, Row, ROWS};
 /// Arguments of `dynprobe bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Print `{"rows":[…]}` as JSON on stdout instead of a table.
+    /// Print `{"host":{…},"rows":[…]}` as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
 
@@ -56,8 +57,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         pin_to_current_cpu().map_err(|err| format!("--pin: {err}"))?;
     }
     let plan = Plan { calls_per_batch: args.iterations };
+    // Read before the rows run: the load average is the machine's, not the bench's own.
+    let host = host::Host::current();
     let outcomes: Vec<_> = selected.into_iter().map(|row| (row, run_row(row, plan))).collect();
-    let report = report::Report::new(&outcomes);
+    let report = report::Report::new(host, &outcomes);
     if args.json {
         println!("{}", report.to_json());
     } else {

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use super::host::Host;
 use super::measure::Timing;
 use super::rows::{Measure, Row, KERNEL_UPROBE, SIGTRAP_FLOOR};
 
@@ -12,9 +13,10 @@ use super::rows::{Measure, Row, KERNEL_UPROBE, SIGTRAP_FLOOR};
 /// in the note (and all of them in the JSON).
 const TABLE_RATIOS: [&str; 2] = [SIGTRAP_FLOOR, KERNEL_UPROBE];
 
-/// The results of one run, one entry per row that ran.
+/// The results of one run, one entry per row that ran, and the machine they ran on.
 #[derive(Serialize)]
 pub struct Report {
+    host: Host,
     rows: Vec<ReportRow>,
 }
 
@@ -50,7 +52,7 @@ struct ReportRow {
 impl Report {
     /// Computes added costs and ratios. A row whose baseline is missing gets an error
     /// rather than an absolute number posing as an added one.
-    pub fn new(outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
+    pub fn new(host: Host, outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
         let outcome = |name: &str| outcomes.iter().find(|(row, _)| row.name == name);
         let per_call = |name: &str| outcome(name)?.1.as_ref().ok().map(Timing::ns_per_call);
         // A row without a baseline subtracts nothing.
@@ -102,17 +104,17 @@ impl Report {
                 report
             })
             .collect();
-        Report { rows }
+        Report { host, rows }
     }
 
-    /// The report as `{"rows":[…]}`.
+    /// The report as `{"host":{…},"rows":[…]}`.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a report is plain data and always serializes")
     }
 
-    /// The report as an aligned text table.
+    /// The report as its host's line and an aligned text table.
     pub fn table(&self) -> String {
-        let mut out = String::new();
+        let mut out = format!("{}\n", self.host);
         let _ = writeln!(
             out,
             "{:<18} {:>10} {:>14} {:>15} {:>15}  note",

@@ -8,17 +8,27 @@
 use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::marker;
 use super::program::Tracer;
 use super::startup::Startup;
-use super::target::{self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_target, Target};
+use super::target::{
+    self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
+    dynprobe_bench_upper_dirty, Target,
+};
 use super::uprobe;
 
 /// The unprobed call: every other row's added cost is measured against it.
 pub const BASELINE: &str = "baseline-call";
+/// The unprobed call from a caller that then runs a legacy SSE instruction: the baseline of
+/// the `-sse` rows.
+pub const BASELINE_SSE: &str = "baseline-sse";
 /// The raw `int3` + SIGTRAP round trip: the floor of any breakpoint probe.
 pub const SIGTRAP_FLOOR: &str = "sigtrap-floor";
+/// The cost of legacy SSE code run with the upper halves of the vector registers dirty.
+pub const UPPER_STATE_PENALTY: &str = "upper-state-penalty";
 /// The kernel's uprobe on the same function.
 pub const KERNEL_UPROBE: &str = "kernel-uprobe";
 /// The kernel's uprobe on a 5-byte NOP, its fastest kind of site.
@@ -95,6 +105,9 @@ impl Row {
     /// `None` for a row whose figure is a cost of its own (nothing to subtract).
     pub fn baseline(&self) -> Option<&'static str> {
         match self.measure {
+            Measure::Call { target, .. } if target::address(target) == target::address(dynprobe_bench_sse) => {
+                Some(BASELINE_SSE)
+            }
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
@@ -115,6 +128,19 @@ pub static ROWS: &[Row] = &[
         name: BASELINE,
         about: "the target function, unprobed",
         measure: Measure::Call { target: dynprobe_bench_target, setup: |_| Ok(Box::new(())) },
+        compare_to: &[],
+    },
+    Row {
+        name: BASELINE_SSE,
+        about: "baseline-call's function called from one that then runs a legacy SSE instruction, unprobed",
+        measure: Measure::Call { target: dynprobe_bench_sse, setup: |_| Ok(Box::new(())) },
+        compare_to: &[],
+    },
+    Row {
+        name: UPPER_STATE_PENALTY,
+        about: "no probe: a VEX write to ymm1, then one legacy SSE instruction — what this CPU charges SSE code \
+                run while the upper halves of ymm/zmm0-15 are dirty (what a detour's restore must not leave)",
+        measure: Measure::Call { target: dynprobe_bench_upper_dirty, setup: |_| needs_avx() },
         compare_to: &[],
     },
     Row {
@@ -182,6 +208,27 @@ pub static ROWS: &[Row] = &[
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
         measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
         compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE],
+    },
+    Row {
+        name: "return-probe-entry",
+        about: "the return probe's entry alone: its detour, an instance taken and its data zeroed, an empty entry \
+                handler that declines the call (no return diverted)",
+        measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe_entry_only },
+        compare_to: &["optimized-probe", "return-probe"],
+    },
+    Row {
+        name: "optimized-probe-sse",
+        about: "optimized-probe on the function, called from one that then runs a legacy SSE instruction \
+                (pays upper-state-penalty if the detour leaves the upper state dirty)",
+        measure: Measure::Call { target: dynprobe_bench_sse, setup: |_| register_optimized_probe(dynprobe_bench_target, ProbePoint::Entry) },
+        compare_to: &["optimized-probe", UPPER_STATE_PENALTY],
+    },
+    Row {
+        name: "return-probe-sse",
+        about: "return-probe on the function, called from one that then runs a legacy SSE instruction \
+                (pays upper-state-penalty if the return path leaves the upper state dirty)",
+        measure: Measure::Call { target: dynprobe_bench_sse, setup: |_| register_return_probe(dynprobe_bench_target) },
+        compare_to: &["return-probe", UPPER_STATE_PENALTY],
     },
     Row {
         name: "marker-disabled",
@@ -279,6 +326,50 @@ fn register_return_probe(target: Target) -> Result<Box<dyn Armed>, String> {
         .map_err(|err| format!("register: {err}"))?;
     optimized(|| handle.info())?;
     Ok(Box::new(handle))
+}
+
+/// [`register_return_probe`] with an entry handler that declines every call: the entry
+/// detour and the instance bookkeeping without the return path.
+fn register_return_probe_entry_only(target: Target) -> Result<Box<dyn Armed>, String> {
+    let entries = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&entries);
+    let handle = dynprobe::ReturnProbe::at(dynprobe::Location::Address(target::address(target)))
+        .on_entry(move |_regs, _data| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            false
+        })
+        .register()
+        .map_err(|err| format!("register: {err}"))?;
+    optimized(|| handle.info())?;
+    Ok(Box::new(EntryOnly { handle, entries }))
+}
+
+/// A return probe whose entry handler declines every call, and how often it ran.
+struct EntryOnly {
+    handle: dynprobe::ReturnProbeHandle,
+    entries: Arc<AtomicU64>,
+}
+
+impl Armed for EntryOnly {
+    /// Entry handler runs; a call tracked all the same is an error.
+    fn hits(&self) -> Result<Option<u64>, String> {
+        match self.handle.hits() {
+            0 => Ok(Some(self.entries.load(Ordering::Relaxed))),
+            tracked => Err(format!("{tracked} calls tracked though the entry handler declined them all")),
+        }
+    }
+
+    fn disarm(self: Box<Self>) -> Result<(), String> {
+        Box::new(self.handle).disarm()
+    }
+}
+
+/// The setup of a row whose target needs AVX: an error on a CPU without it.
+fn needs_avx() -> Result<Box<dyn Armed>, String> {
+    match std::arch::is_x86_feature_detected!("avx") {
+        true => Ok(Box::new(())),
+        false => Err("this CPU has no AVX, so no upper state to be dirty".to_owned()),
+    }
 }
 
 /// Runs the optimizer and checks that the probe whose listing `info` gives was optimized:

@@ -17,6 +17,12 @@ extern "C" {
     pub fn dynprobe_bench_int3(x: c_long) -> c_long;
     /// [`dynprobe_bench_target`] behind a 5-byte NOP (the kernel uprobe's best case).
     pub fn dynprobe_bench_nop5(x: c_long) -> c_long;
+    /// Calls [`dynprobe_bench_target`], then runs one legacy SSE instruction that writes an
+    /// xmm register. Always sound to call.
+    pub fn dynprobe_bench_sse(x: c_long) -> c_long;
+    /// The work of [`dynprobe_bench_target`] after a VEX write to ymm1 and one legacy SSE
+    /// instruction; ends with `vzeroupper`. Sound to call only on a CPU with AVX.
+    pub fn dynprobe_bench_upper_dirty(x: c_long) -> c_long;
 }
 
 /// Where `target`'s code starts in this process: the address its probes go on.

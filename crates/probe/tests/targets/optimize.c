@@ -87,6 +87,27 @@ FUNC(opt_rbx_outer, "push %rbx\n mov %rdi,%rbx\n call opt_rbx\n pop %rbx\n ret")
 FUNC(upper_zero, "vzeroupper\n mov %rdi,%rax\n add $1,%rax\n vextracti128 $1,%ymm0,%xmm1\n vmovq %xmm1,%rax\n vzeroupper\n ret")
 FUNC(hi16_zero, "vpxord %zmm16,%zmm16,%zmm16\n mov %rdi,%rax\n add $1,%rax\n vmovq %xmm16,%rax\n ret")
 
+/* The upper state: XINUSE's AVX and ZMM_Hi256 bits (xgetbv with ecx=1), set while the
+ * upper halves of ymm/zmm0-15 may be non-zero ("dirty"), which makes legacy SSE code slow
+ * on Intel cores. Each function returns it as the program finds it after a probe:
+ * 0 when a probe left the clean state of the program clean.
+ *   upper_state_after        at +3, mid-function, entered clean (vzeroupper);
+ *   upper_state_after_call   after calling f(x) clean: probes at upper_leaf's entry or
+ *                            return. */
+FUNC(upper_state_after, "vzeroupper\n mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n mov $1,%ecx\n xgetbv\n and $0x44,%eax\n ret")
+FUNC(upper_state_after_call, "push %rbx\n mov %rdi,%rax\n mov %rsi,%rdi\n vzeroupper\n call *%rax\n"
+     " mov $1,%ecx\n xgetbv\n and $0x44,%eax\n pop %rbx\n ret")
+FUNC(upper_leaf, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n ret")
+
+/* Dirty upper halves the program keeps: ymm0 all ones across a probe at +4 (after the
+ * vpcmpeqd), and ymm2 all ones across dirty_leaf's return. Each returns the upper 64 bits
+ * of that register as the program finds it, so -1. */
+FUNC(upper_ones, "vpcmpeqd %ymm0,%ymm0,%ymm0\n mov %rdi,%rax\n add $1,%rax\n vextracti128 $1,%ymm0,%xmm1\n"
+     " vmovq %xmm1,%rax\n vzeroupper\n ret")
+FUNC(dirty_leaf, "vpcmpeqd %ymm2,%ymm2,%ymm2\n mov %rdi,%rax\n ret")
+FUNC(dirty_leaf_caller, "push %rbx\n call dirty_leaf\n vextracti128 $1,%ymm2,%xmm1\n vmovq %xmm1,%rax\n vzeroupper\n"
+     " pop %rbx\n ret")
+
 /* MXCSR as the program sees it just after a probe at +3. */
 FUNC(mxcsr_after, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n stmxcsr -4(%rsp)\n mov -4(%rsp),%eax\n ret")
 

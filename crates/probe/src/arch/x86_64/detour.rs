@@ -61,9 +61,10 @@ impl SiteDetour {
     }
 }
 
-/// The vector registers a detour saves: every one the CPU and kernel have enabled (XCR0),
-/// since a handler may clobber any of them (see [`StateSave`]).
-pub(crate) fn vector_width() -> VectorWidth {
+/// The vector registers a detour (and the return probes' trampoline) saves around a
+/// handler: every one the CPU and kernel have enabled (XCR0), since a handler may clobber
+/// any of them (see [`StateSave`]).
+pub fn vector_width() -> VectorWidth {
     static WIDTH: OnceLock<VectorWidth> = OnceLock::new();
     *WIDTH.get_or_init(|| {
         use std::arch::x86_64::__cpuid_count;
