@@ -48,16 +48,7 @@ impl ProbeSet {
                 }
                 match place(&spec, channel) {
                     Ok(placed) => {
-                        set.notes.extend(gate_note(text, &placed));
-                        // An indirect function whose implementation others share (glibc's
-                        // memcpy and memmove): their calls are this probe's events too.
-                        let at = placed.location();
-                        if at.contains(" (shared with ") {
-                            set.notes.push(format!(
-                                "!warning {text}: placed at {at}: the calls of the functions it is shared with are its \
-                                 events too"
-                            ));
-                        }
+                        set.notes.extend(placement_notes(text, &placed));
                         set.placed.push((text.to_string(), placed))
                     }
                     Err(why) => return Err(set.refuse(text, &why)),
@@ -244,17 +235,28 @@ fn module_missing(spec: &ProbeSpec) -> bool {
     spec_module(spec).is_some_and(|module| matches!(dynprobe_symbols::module_loaded(module), Ok(false)))
 }
 
-/// The `!warning` that a marker probe also raised the semaphores of markers that gate it
-/// (`MarkerGate`): the program now takes a slower path while the probe is attached.
-fn gate_note(text: &str, placed: &Placed) -> Option<String> {
-    let Placed::Marker(handle) = placed else { return None };
-    let gates = handle.gates();
-    (!gates.is_empty()).then(|| {
-        format!(
-            "!warning {text}: also raised the semaphore of {}: the program reaches this marker only on the path \
-             that one enables (CPython 3.11 runs function__entry/__return only on its tracing path), so it runs \
-             slower while attached",
-            gates.join(", ")
-        )
-    })
+/// The `!warning`s about where a probe went that the user would not guess from its spec:
+/// an indirect function whose implementation others share (glibc's `memcpy` with
+/// `memmove`: their calls are its events too), and a marker whose gating semaphores were
+/// raised too (`MarkerGate`: the program takes a slower path while it is attached).
+fn placement_notes(text: &str, placed: &Placed) -> Vec<String> {
+    let mut notes = Vec::new();
+    let at = placed.location();
+    if at.contains(" (shared with ") {
+        notes.push(format!(
+            "!warning {text}: placed at {at}: the calls of the functions it is shared with are its events too"
+        ));
+    }
+    if let Placed::Marker(handle) = placed {
+        let gates = handle.gates();
+        if !gates.is_empty() {
+            notes.push(format!(
+                "!warning {text}: also raised the semaphore of {}: the program reaches this marker only on the path \
+                 that one enables (CPython 3.11 runs function__entry/__return only on its tracing path), so it runs \
+                 slower while attached",
+                gates.join(", ")
+            ));
+        }
+    }
+    notes
 }

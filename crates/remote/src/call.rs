@@ -125,8 +125,10 @@ pub enum CallError {
         /// Its stop.
         stop: Stop,
     },
-    /// The function did not return in time. The thread was stopped and its registers
-    /// restored; whatever the function held (a lock) stays held.
+    /// The function did not return in time. A [`call_with`](Tracee::call_with) is left to
+    /// finish on its own (the thread resumed, to come back through the return stub, which
+    /// stays): stopping it there would keep whatever it holds — the loader's lock, in
+    /// `dlopen` — held for good. A system call is stopped and its registers restored.
     Timeout {
         /// The thread.
         tid: i32,
@@ -188,8 +190,8 @@ impl fmt::Display for CallError {
             }
             CallError::Timeout { tid, rip, after } => write!(
                 f,
-                "the call on thread {tid} did not return within {:.1} s; it was at {rip:#x} (stopped there, \
-                 registers restored)",
+                "the call on thread {tid} did not return within {:.1} s (it was at {rip:#x}); it is left to \
+                 finish on its own and return to where the thread was",
                 after.as_secs_f64()
             ),
             CallError::Faulted { tid, signal, addr, rip } => write!(
@@ -297,11 +299,26 @@ impl Tracee {
         set_options(tid, self.options.bits() | libc::PTRACE_O_TRACESYSGOOD)?;
         let until = Until::Stub { notified: stub_at + stub.notified, sp };
         let result = self.run(tid, &regs, until, &saved, timeout);
+        if let Err(CallError::Timeout { .. }) = result {
+            self.let_call_finish(tid)?;
+            return result;
+        }
         let result = self.finish(tid, &saved, result);
         match (result, set_options(tid, self.options.bits())) {
             (Ok(_), Err(e)) => Err(e),
             (result, _) => result,
         }
+    }
+
+    /// Lets the call that ran out of time on `tid` (stopped by [`timed_out`](Self::timed_out))
+    /// run on untraced by syscall-stops: it comes back through the return stub, which puts
+    /// the thread's registers back itself, as after a tracer's death — so the stub stays
+    /// where it is for good (a later call finds another place, see [`find_stub_site`]).
+    fn let_call_finish(&mut self, tid: i32) -> Result<(), CallError> {
+        self.stub_site = None;
+        set_options(tid, self.options.bits())?;
+        self.resume_raw(tid, 0, Resume::Cont)?;
+        Ok(())
     }
 
     /// Puts back the original bytes where the return stub was written, if a call wrote

@@ -32,7 +32,10 @@ use crate::proc::{self, ThreadActivity};
 use crate::tracee::{Options, Tracee};
 
 /// How long each call made in the target (`dlopen`, `dlsym`, the entry) may take by default.
-pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+///
+/// Generous: a call that runs out of time is left to finish on its own, so the only cost
+/// of a short one is a refused attach on a machine too loaded to run the loader in time.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The longest `dlerror()` message read back.
 const DLERROR_MAX: usize = 4096;

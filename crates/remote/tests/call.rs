@@ -130,7 +130,7 @@ fn code_written_into_read_only_text_runs() {
 }
 
 #[test]
-fn a_call_that_does_not_return_in_time_or_crashes_is_undone() {
+fn a_call_that_does_not_return_in_time_finishes_on_its_own_and_one_that_crashes_is_undone() {
     let expected = common::undisturbed_worker_output();
     let (target, pid, _) = blocked_target();
     let slow_square = target.number(4);
@@ -147,6 +147,12 @@ fn a_call_that_does_not_return_in_time_or_crashes_is_undone() {
         ref other => panic!("{other:?}"),
     }
     assert!(err.to_string().contains("did not return within 0.1 s"), "{err}");
+    assert!(err.to_string().contains("left to finish on its own"), "{err}");
+    // slow_square spins 1.5 s, then returns through the stub, which puts the thread back
+    // into its read(0) as it was: stopped again, it has the registers it had.
+    std::thread::sleep(Duration::from_millis(2500));
+    tracee.stop(pid, SECOND).unwrap();
+    assert_eq!(format!("{before:?}"), format!("{:?}", tracee.regs(pid).unwrap()));
 
     let err = tracee.call(pid, 0x10, &[], SECOND).unwrap_err();
     assert!(matches!(err, CallError::Faulted { signal: libc::SIGSEGV, rip: 0x10, .. }), "{err:?}");

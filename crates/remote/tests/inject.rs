@@ -91,22 +91,30 @@ fn dlopen_and_dlsym_failures_carry_dlerror() {
 }
 
 #[test]
-fn an_entry_that_never_returns_times_out_and_says_where() {
+fn an_entry_slower_than_the_timeout_says_where_it_was_and_is_left_to_finish() {
     let expected = common::undisturbed_worker_output();
-    let target = blocked_target(&fresh_file("ctor-hang"));
+    let target = blocked_target(&fresh_file("ctor-slow"));
     let pid = target.pid();
-    let err = inject_library_timeout(pid, &test_library(), "hang_entry", "", Duration::from_millis(500)).unwrap_err();
+    let marker = fresh_file("slow-entry");
+    let arg = marker.to_str().unwrap();
+    let err = inject_library_timeout(pid, &test_library(), "slow_entry", arg, Duration::from_millis(500)).unwrap_err();
     match &err {
         InjectError::Call { function, location: Some(location), error: CallError::Timeout { .. }, .. } => {
-            assert_eq!(function, "hang_entry");
-            // Blocked in pause(), called by hang_entry.
-            assert!(location.contains("libc.so.6") || location.contains("hang_entry"), "{location}");
+            assert_eq!(function, "slow_entry");
+            // Sleeping in nanosleep, called by slow_entry.
+            assert!(location.contains("libc.so.6") || location.contains("slow_entry"), "{location}");
         }
         other => panic!("{other:?}"),
     }
     let text = err.to_string();
-    assert!(text.contains("calling hang_entry in the target (thread") && text.contains("did not return within 0.5 s"));
-    // The thread got its registers back and the program finishes normally.
+    assert!(text.contains("calling slow_entry in the target (thread") && text.contains("did not return within 0.5 s"));
+    // Stopping it there would have kept whatever it held: it is left to finish, and
+    // returns a second later, through the stub, to the read it was taken from.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), format!("entered {arg}\n"), "the entry never finished");
     assert_eq!(target.finish("hi\n"), expected);
 }
 

@@ -483,6 +483,11 @@ fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
     }
     let Ok(listing) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return false };
     let names: Vec<_> = listing.flatten().map(|e| e.file_name()).collect();
+    if names.is_empty() {
+        // Killed between making the directory and binding its socket, or between unlinking
+        // the socket and removing the directory: microseconds apart in a live dynprobe.
+        return unchanged_for(&st, EMPTY_DIR_AGE);
+    }
     if names.len() != 1 || names[0] != "control" {
         return false;
     }
@@ -507,6 +512,15 @@ fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
     // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
     let connected = unsafe { libc::connect(probe.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
     connected == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED)
+}
+
+/// How long an empty control directory must have stood unchanged to be swept.
+const EMPTY_DIR_AGE: Duration = Duration::from_secs(2);
+
+/// Whether the file `st` describes has not changed for `age`.
+fn unchanged_for(st: &libc::stat, age: Duration) -> bool {
+    let changed = std::time::UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec.max(0) as u32);
+    std::time::SystemTime::now().duration_since(changed).is_ok_and(|d| d >= age)
 }
 
 /// A `sockaddr_un` for `path`.

@@ -1,9 +1,10 @@
 /* The library the injection tests load. Its constructor writes the file named by the
  * target's DYNPROBE_TEST_CTOR_FILE; its entry writes "entered ARG" to ARG's file and
- * returns 7; `hang_entry` never returns. */
+ * returns 7; `slow_entry` does the same after sleeping 1.5 s. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <time.h>
 
 __attribute__((constructor)) static void loaded(void)
 {
@@ -25,9 +26,10 @@ int test_entry(const char *path)
 	return 7;
 }
 
-int hang_entry(const char *arg)
+int slow_entry(const char *path)
 {
-	(void)arg;
-	for (;;)
-		pause();
+	struct timespec left = { 1, 500000000 };
+	while (nanosleep(&left, &left) != 0)
+		;
+	return test_entry(path);
 }
