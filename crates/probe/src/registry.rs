@@ -519,30 +519,13 @@ impl Registry {
     }
 
     /// Writes or removes the site's `int3` so that it is armed exactly when some probe there
-    /// is enabled. A single-byte write is atomic for instruction fetch, so no thread can see a
-    /// torn instruction; `sync_core` makes every thread see the new byte before we return.
+    /// is enabled — or, when its detour is prepared already, writes its jump directly
+    /// ([`Self::update_arming_all`] for one site): a probe registered disabled, prepared and
+    /// then enabled never has a breakpoint phase (`dynprobe probe` arms its probes so). A
+    /// single-byte write is atomic for instruction fetch, so no thread can see a torn
+    /// instruction; `sync_core` makes every thread see the new byte before we return.
     fn update_arming(&self, addr: u64) -> Result<(), ProbeError> {
-        let Some(site) = self.sites.get(&addr) else {
-            return Ok(());
-        };
-        let want = site.any_enabled();
-        if want == site.armed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        if !want {
-            // The int3 is under the jump: the jump goes first.
-            self.unoptimize_all(&[addr])?;
-        }
-        if want {
-            // Every int3 we write has an owner first, even after a failed unregister gave
-            // the ownership up: an int3 without one would be passed on as a foreign trap.
-            trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)?;
-        }
-        let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
-        memory::write_verified(addr, &[from], &[to])?;
-        site.armed.store(want, Ordering::Relaxed);
-        try_sync_core()?;
-        Ok(())
+        self.update_arming_all(&[addr]).map_err(|(_, e)| e)
     }
 
     /// [`Self::update_arming`] for many sites at once: the jumps of those to disarm are taken
@@ -603,7 +586,9 @@ impl Registry {
         // needs stopping (stopping them would only risk cutting their blocking calls short),
         // the writer lock and one core serialization at the end suffice.
         let mut writer = memory::CodeWriter::lock().map_err(|e| all(e.into()))?;
-        for &(addr, want) in changes.iter().filter(|(addr, _)| !jumped.contains(addr)) {
+        // `jumped` is in address order (see arm_as_jumps): a binary search keeps this linear
+        // in the sites, not quadratic (80,000 sites made it most of the start-up).
+        for &(addr, want) in changes.iter().filter(|(addr, _)| jumped.binary_search(addr).is_err()) {
             let site = self.sites.get(&addr).expect("collected above");
             let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
             match writer.write_verified(addr, &[from], &[to]) {
@@ -637,9 +622,12 @@ impl Registry {
     /// directly as their jumps, in one patching transaction: the original bytes become the
     /// jump, int3-first when threads were left running (the head's `int3` is the site's own,
     /// so a thread meeting it runs the probe and goes on in the detour's copy). Returns the
-    /// sites armed that way; the others are left as they were.
+    /// sites armed that way, in address order; the others are left as they were.
     fn arm_as_jumps(&self, addrs: &[u64]) -> Result<Vec<u64>, ProbeError> {
-        let sites: Vec<&PatchSite> = addrs.iter().map(|addr| &**self.sites.get(addr).expect("registered")).collect();
+        let mut sites: Vec<&PatchSite> =
+            addrs.iter().map(|addr| &**self.sites.get(addr).expect("registered")).collect();
+        // In address order, as the edits' outcomes come, to pair each outcome with its site.
+        sites.sort_by_key(|site| site.addr);
         let mut edits = Edits::new(
             sites
                 .iter()
