@@ -161,6 +161,30 @@ pub fn free(slot: ExecSlot) {
     }
 }
 
+/// Writes `code` at `addr`, in a slot this pool handed out that no code was written into
+/// yet (every byte still `int3`, as mapped or as [`free`] refilled it): verify-then-modify
+/// as [`memory::write_verified`] does, but the check reads the pool's memory directly —
+/// it is mapped readable and never unmapped — instead of with a system call, and nothing
+/// is allocated for the expected bytes. Tracing a large program whole writes two fresh
+/// slots per function.
+pub fn write_fresh(addr: u64, code: &[u8]) -> Result<(), TextError> {
+    let end = addr + code.len() as u64;
+    let ours =
+        CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr) && end <= c.base + c.size);
+    if !ours {
+        return Err(TextError::Unwritable { addr, reason: "not a slot of the executable-memory pool".into() });
+    }
+    // The writer after the pool's lock, never both: `free` takes them the other way round.
+    let mut writer = memory::CodeWriter::lock()?;
+    // SAFETY: `addr .. end` lies inside one chunk, mapped readable for the life of the
+    // process; other writers are excluded by `writer`, and the bytes are only read.
+    let now = unsafe { std::slice::from_raw_parts(addr as usize as *const u8, code.len()) };
+    if now.iter().any(|&b| b != INT3) {
+        return Err(TextError::Unexpected { addr, expected: vec![INT3; code.len()], found: now.to_vec() });
+    }
+    writer.write_checked(addr, now, code)
+}
+
 /// True when `addr` lies in memory this pool mapped (used to refuse probes on slots).
 pub fn contains(addr: u64) -> bool {
     CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr))
@@ -312,6 +336,27 @@ mod tests {
         assert_eq!(c.free, vec![(0x1000, 0x1010), (0x1020, 0x1100)]);
         c.give_back(b, b + 0x10);
         assert_eq!(c.free, vec![(0x1000, 0x1100)]);
+    }
+
+    #[test]
+    fn write_fresh_writes_only_untouched_slots_of_the_pool() {
+        let slot = alloc_near(write_fresh_writes_only_untouched_slots_of_the_pool as *const () as u64, 32).unwrap();
+        let code = [0x90, 0x90, 0xc3];
+        write_fresh(slot.addr, &code).unwrap();
+        assert_eq!(memory::read_vec(slot.addr, 4).unwrap(), [0x90, 0x90, 0xc3, INT3]);
+        // Written once: not fresh any more, and left as it is.
+        let again = write_fresh(slot.addr, &[0xc3]).unwrap_err();
+        assert!(matches!(again, TextError::Unexpected { .. }), "{again}");
+        assert_eq!(memory::read_vec(slot.addr, 3).unwrap(), code);
+        // Memory that is not the pool's is refused, whatever it holds.
+        let stack = [INT3; 4];
+        let foreign = write_fresh(stack.as_ptr() as u64, &[0x90]).unwrap_err();
+        assert!(matches!(foreign, TextError::Unwritable { .. }), "{foreign}");
+        free(slot);
+        // Given back refilled with int3: fresh again for its next owner.
+        let reused = alloc_near(slot.addr, 32).unwrap();
+        write_fresh(reused.addr, &code).unwrap();
+        free(reused);
     }
 
     #[test]

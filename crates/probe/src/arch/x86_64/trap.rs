@@ -17,7 +17,6 @@ use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use dynprobe_arch::native::{build_post_slot, build_slot, relocate, INT3};
-use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::trap::TrapContext;
 use std::sync::atomic::Ordering;
@@ -88,7 +87,7 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
 /// Writes fresh slot code, which must fit in `room` bytes.
 pub(crate) fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
     assert!(code.len() <= room, "relocated code of {} bytes overflows its {room}-byte slot", code.len());
-    write_verified(at, &vec![INT3; code.len()], code)?;
+    pool::write_fresh(at, code)?;
     Ok(())
 }
 
