@@ -121,30 +121,66 @@ pub fn release_caches() {
     }
 }
 
+/// Gives the registry a symbol table of this process that the caller has just read, for
+/// the probes it is about to place, unless the registry has one already: reading every
+/// module's symbols again costs tens of milliseconds for a large program. (A name the table
+/// does not know makes the registry read the modules again, as always.)
+pub fn adopt_symbols(table: SymbolTable) {
+    if let Ok(mut registry) = lock() {
+        registry.symbols.get_or_insert(table);
+    }
+}
+
 /// When dynprobe runs from a shared library of its own (the agent), and `addr` lies in
 /// it, that library's path. The whole library is dynprobe's, whatever name or path it was
 /// loaded under, so it is found by address (`dladdr(3)`), not by name. When dynprobe is
 /// linked into the program itself, only its own code is refused (by name, above).
 fn own_library_at(addr: u64) -> Option<String> {
-    let object_of = |addr: u64| {
-        // SAFETY: Dl_info is plain data; dladdr only fills it in.
-        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-        // SAFETY: dladdr accepts any address and reports whether an object contains it.
-        let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
-        (found && !info.dli_fbase.is_null()).then_some(info)
-    };
-    let ours = object_of(own_library_at as *const () as u64)?;
-    // SAFETY: getauxval only reads the auxiliary vector.
-    let main = object_of(unsafe { libc::getauxval(libc::AT_PHDR) });
-    if main.is_some_and(|main| main.dli_fbase == ours.dli_fbase) {
-        return None;
+    /// dynprobe's own library, when it is not the main program: its loaded segments and
+    /// path. Looked up once (this runs once per probe, 80,000 times when a large program is
+    /// traced whole, and `dladdr` searches the symbols of the object it finds).
+    static OURS: OnceLock<Option<(Vec<Range<u64>>, String)>> = OnceLock::new();
+    let (segments, path) = OURS.get_or_init(own_library).as_ref()?;
+    segments.iter().any(|s| s.contains(&addr)).then(|| path.clone())
+}
+
+/// The loaded segments and path of the shared object dynprobe's code is in, unless that is
+/// the main program (`dl_iterate_phdr(3)`).
+fn own_library() -> Option<(Vec<Range<u64>>, String)> {
+    struct Search {
+        code: u64,
+        segments: Vec<Range<u64>>,
+        path: String,
+        main: bool,
     }
-    let target = object_of(addr)?;
-    if target.dli_fbase != ours.dli_fbase {
-        return None;
+    extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `data` is the Search passed below, and `info` the loader's description of
+        // one object, valid during this call.
+        let (search, info) = unsafe { (&mut *data.cast::<Search>(), &*info) };
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers of the object.
+        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let segments: Vec<Range<u64>> = headers
+            .iter()
+            .filter(|h| h.p_type == libc::PT_LOAD)
+            .map(|h| info.dlpi_addr + h.p_vaddr..info.dlpi_addr + h.p_vaddr + h.p_memsz)
+            .collect();
+        if !segments.iter().any(|s| s.contains(&search.code)) {
+            return 0;
+        }
+        // The main program comes first, with an empty name.
+        // SAFETY: dlpi_name is a NUL-terminated string (empty for the main program).
+        let name = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned();
+        search.main = name.is_empty();
+        search.segments = segments;
+        search.path = name;
+        1
     }
-    // SAFETY: dladdr's dli_fname is the loader's NUL-terminated name of the object.
-    Some(unsafe { std::ffi::CStr::from_ptr(ours.dli_fname) }.to_string_lossy().into_owned())
+    let mut search =
+        Search { code: own_library as *const () as u64, segments: Vec::new(), path: String::new(), main: false };
+    // SAFETY: `visit` matches the callback type and only reads what the loader hands it;
+    // `search` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut search as *mut Search).cast()) };
+    (!search.main && !search.segments.is_empty()).then_some((search.segments, search.path))
 }
 
 /// A resolved probe point.
@@ -462,8 +498,11 @@ impl Registry {
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
         }
         if let Some((name, start, size)) = &target.function {
-            let ours =
-                BLACKLISTED_CODE.iter().any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
+            // `dynprobe_text::…` or `<dynprobe_text::… as Trait>::…`, found without allocating:
+            // this runs once per probe, 80,000 times when a large program is traced whole.
+            let ours = BLACKLISTED_CODE.iter().any(|prefix| {
+                name.starts_with(prefix) || name.match_indices('<').any(|(i, _)| name[i + 1..].starts_with(prefix))
+            });
             if ours || BLACKLISTED_SYMBOLS.contains(&name.as_str()) {
                 return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
             }
@@ -546,6 +585,10 @@ impl Registry {
                     changes.push((addr, want));
                 }
             }
+        }
+        if changes.is_empty() {
+            // Nothing to write (a probe registered disabled): no writer, no serialization.
+            return Ok(());
         }
         let every: Vec<u64> = changes.iter().map(|&(a, _)| a).collect();
         let all = |e: ProbeError| (every.clone(), e);
