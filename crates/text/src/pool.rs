@@ -161,6 +161,25 @@ pub fn free(slot: ExecSlot) {
     }
 }
 
+/// Gives the end of `slot` back to the pool, keeping its first `size` bytes (rounded up to
+/// [`SLOT_ALIGN`]): for code whose length is known only once it is built for its address
+/// (a detour), allocated with room for the worst case. The bytes given back must be
+/// untouched (`int3`). Returns the slot kept.
+pub fn shrink(slot: ExecSlot, size: usize) -> ExecSlot {
+    let size = round_up(size.max(1) as u64, SLOT_ALIGN as u64) as usize;
+    if size >= slot.size {
+        return slot;
+    }
+    let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    match chunks.iter_mut().find(|c| c.contains(slot.addr)) {
+        Some(chunk) => {
+            chunk.give_back(slot.addr + size as u64, slot.addr + slot.size as u64);
+            ExecSlot { addr: slot.addr, size }
+        }
+        None => slot,
+    }
+}
+
 /// Writes `code` at `addr`, in a slot this pool handed out that no code was written into
 /// yet (every byte still `int3`, as mapped or as [`free`] refilled it): verify-then-modify
 /// as [`memory::write_verified`] does, but the check reads the pool's memory directly —
@@ -357,6 +376,20 @@ mod tests {
         let reused = alloc_near(slot.addr, 32).unwrap();
         write_fresh(reused.addr, &code).unwrap();
         free(reused);
+    }
+
+    #[test]
+    fn a_shrunk_slot_gives_its_end_back() {
+        let near = a_shrunk_slot_gives_its_end_back as *const () as u64;
+        let slot = alloc_near(near, 1536).unwrap();
+        let kept = shrink(slot, 1041);
+        assert_eq!(kept, ExecSlot { addr: slot.addr, size: 1056 });
+        // The end is free again; nothing else can be handed out inside what is kept.
+        let next = alloc_near(near, 480).unwrap();
+        assert!(next.addr >= kept.addr + kept.size as u64 || next.addr + next.size as u64 <= kept.addr, "{next:?}");
+        assert_eq!(shrink(kept, 4096), kept, "a slot never grows");
+        free(next);
+        free(kept);
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub(crate) fn prepare_detour(
     let original = function[offset..offset + run.len].to_vec();
     // Flags are dead at a function entry: a call clobbers them.
     let save = StateSave { flags: site.addr != start, width: vector_width() };
-    let slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
+    let mut slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
     let built = (|| {
         let spec = DetourSpec {
             detour_ip: slot.addr,
@@ -121,7 +121,10 @@ pub(crate) fn prepare_detour(
         if code.code.len() > DETOUR_SIZE {
             return Err(format!("the detour needs {} bytes, more than its {DETOUR_SIZE}", code.code.len()));
         }
-        write_code(slot.addr, &code.code, DETOUR_SIZE).map_err(|e| e.to_string())?;
+        // The rest of the worst-case room goes back to the pool (a detour with AVX-512 is
+        // about 1 KiB of its 1.5): a program traced whole has one per function.
+        slot = pool::shrink(slot, code.code.len());
+        write_code(slot.addr, &code.code, slot.size).map_err(|e| e.to_string())?;
         // Written: the bytes are in the slot, and a program traced whole would otherwise
         // keep a second kilobyte per function on the heap.
         code.code = Vec::new();
