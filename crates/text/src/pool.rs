@@ -198,7 +198,14 @@ pub fn write_fresh(addr: u64, code: &[u8]) -> Result<(), TextError> {
     // SAFETY: `addr .. end` lies inside one chunk, mapped readable for the life of the
     // process; other writers are excluded by `writer`, and the bytes are only read.
     let now = unsafe { std::slice::from_raw_parts(addr as usize as *const u8, code.len()) };
-    if now.iter().any(|&b| b != INT3) {
+    // Compared a word at a time (a detour is about a kilobyte, and there is one per
+    // function of a program traced whole).
+    let int3s = u64::from_ne_bytes([INT3; 8]);
+    let (words, rest) = now.split_at(now.len() / 8 * 8);
+    let fresh =
+        words.chunks_exact(8).fold(0, |acc, w| acc | (u64::from_ne_bytes(w.try_into().expect("8 bytes")) ^ int3s)) == 0
+            && rest.iter().all(|&b| b == INT3);
+    if !fresh {
         return Err(TextError::Unexpected { addr, expected: vec![INT3; code.len()], found: now.to_vec() });
     }
     writer.write_checked(addr, now, code)
@@ -366,6 +373,8 @@ mod tests {
         // Written once: not fresh any more, and left as it is.
         let again = write_fresh(slot.addr, &[0xc3]).unwrap_err();
         assert!(matches!(again, TextError::Unexpected { .. }), "{again}");
+        let longer = write_fresh(slot.addr, &[0x90; 24]).unwrap_err();
+        assert!(matches!(longer, TextError::Unexpected { .. }), "{longer}");
         assert_eq!(memory::read_vec(slot.addr, 3).unwrap(), code);
         // Memory that is not the pool's is refused, whatever it holds.
         let stack = [INT3; 4];
