@@ -83,6 +83,10 @@ struct Registry {
     symbols: Option<SymbolTable>,
     /// Per module (path, load bias): where its code jumps into the middle of a function.
     foreign: BTreeMap<(std::path::PathBuf, u64), Arc<BTreeMap<u64, u64>>>,
+    /// While [`prepare_optimization`] runs: each module's code as [`Registry::foreign_entries`]
+    /// read it whole (start address, original bytes), so that preparing thousands of its
+    /// probes reads none of their functions again.
+    code: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 // SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
@@ -94,6 +98,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     retired: Vec::new(),
     symbols: None,
     foreign: BTreeMap::new(),
+    code: None,
 });
 
 fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
@@ -517,8 +522,13 @@ impl Registry {
 
     /// Reads `len` bytes at `addr` as they were before any of our `int3`s and jumps.
     fn original_bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProbeError> {
-        let mut bytes = memory::read_vec(addr, len)?;
         let end = addr + len as u64;
+        let cached =
+            self.code.iter().flatten().find(|(start, code)| *start <= addr && end <= start + code.len() as u64);
+        let mut bytes = match cached {
+            Some((start, code)) => code[(addr - start) as usize..][..len].to_vec(),
+            None => memory::read_vec(addr, len)?,
+        };
         for (&site_addr, site) in self.sites.range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..end) {
             let original: &[u8] = match site.detour() {
                 Some(detour) if site.optimized.load(Ordering::Relaxed) => &detour.original[..JMP_REL32_LEN],
@@ -979,6 +989,9 @@ impl Registry {
                 entries.entry(to).or_insert(from);
             }
         }
+        if let (Some(code), Some(whole)) = (&mut self.code, whole) {
+            code.push(whole);
+        }
         let entries = Arc::new(entries);
         self.foreign.insert(module, entries.clone());
         Ok(entries)
@@ -1103,10 +1116,12 @@ pub fn optimization_enabled() -> bool {
 pub fn prepare_optimization() -> Result<(), ProbeError> {
     let mut registry = lock()?;
     let addrs: Vec<u64> = registry.sites.keys().copied().collect();
-    for addr in addrs {
-        registry.prepare(addr)?;
-    }
-    Ok(())
+    // The code of the modules decoded for this pass is kept for its length only: read
+    // afresh at the next, it can never be stale by more than this call.
+    registry.code = Some(Vec::new());
+    let prepared = addrs.into_iter().try_for_each(|addr| registry.prepare(addr).map(drop));
+    registry.code = None;
+    prepared
 }
 
 /// Optimizes every probe that can be, now, instead of waiting for the background
