@@ -4,7 +4,8 @@
 //! period ([`dynprobe_text::stop::synchronize`]).
 
 use crate::arch::{
-    bytes_under_jump, disown_detour, move_into_copy, on_post_trap, on_site_trap, prepare_detour, prepare_slots,
+    bytes_under_jump, disown_detour, move_into_copy, on_post_trap, on_site_trap, prepare_detour, prepare_post,
+    prepare_slots,
 };
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
@@ -205,8 +206,11 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let wants_post = probe.post.is_some();
     let shared = Arc::new(probe.into_shared(target.addr));
 
+    if wants_post {
+        registry.prepare_post(target.addr)?;
+    }
     if let Some(site) = registry.sites.get(&target.addr) {
-        if let (true, Err(reason)) = (wants_post, &site.slots.post) {
+        if let (true, Some(Err(reason))) = (wants_post, site.slots.post.get()) {
             return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason: reason.clone() });
         }
         let before = site.probes().clone();
@@ -227,8 +231,8 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
 
     let (insn, bytes) = registry.decode(&target)?;
     check_out_of_line(&bytes, insn.ip)?;
-    let slots = prepare_slots(insn.ip, &bytes)?;
-    if let (true, Err(reason)) = (wants_post, &slots.post) {
+    let slots = prepare_slots(insn.ip, &bytes, wants_post)?;
+    if let (true, Some(Err(reason))) = (wants_post, slots.post.get()) {
         let reason = reason.clone();
         pool::free(slots.slot);
         return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason });
@@ -389,7 +393,7 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
 /// owned by [`Registry::update_arming`], just before it is written, so no `int3` of ours is
 /// ever without an owner.
 fn own_post_exits(site: &PatchSite) -> Result<(), TextError> {
-    if let Ok(exits) = &site.slots.post {
+    if let Some(Ok(exits)) = site.slots.post.get() {
         for exit in exits.iter() {
             trap::register_site(exit.addr, on_post_trap, exit as *const _ as usize)?;
         }
@@ -399,7 +403,7 @@ fn own_post_exits(site: &PatchSite) -> Result<(), TextError> {
 
 fn disown_traps(site: &PatchSite) {
     trap::unregister_site(site.addr);
-    if let Ok(exits) = &site.slots.post {
+    if let Some(Ok(exits)) = site.slots.post.get() {
         exits.iter().for_each(|exit| trap::unregister_site(exit.addr));
     }
     if let Some(detour) = site.detour() {
@@ -518,6 +522,17 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Writes the post path of the site at `addr`, if there is one and it has none yet
+    /// (see [`prepare_post`]).
+    fn prepare_post(&self, addr: u64) -> Result<(), ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(()) };
+        if site.slots.post.get().is_some() {
+            return Ok(());
+        }
+        let insn = self.original_bytes(addr, (site.slots.boost_resume - addr) as usize)?;
+        prepare_post(site, &insn)
     }
 
     /// Reads `len` bytes at `addr` as they were before any of our `int3`s and jumps.

@@ -110,6 +110,40 @@ fn jcc_both_ways_with_post_handler() {
     probe.unregister().unwrap();
 }
 
+/// A site is placed without its post path (a program traced whole never asks for one);
+/// a probe with a post-handler that joins it later gets it written then, and works — or is
+/// refused with the reason, leaving the site's probe as it was.
+#[test]
+fn a_post_handler_joining_a_site_gets_its_post_path_then() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("f_jcc");
+    let base = t.addr("f_jcc");
+    let first = Probe::at(sym!("f_jcc", 4)).on_hit(|_| {}).register().unwrap();
+    assert_eq!(f(9), 209);
+    let after = Arc::new(AtomicU64::new(0));
+    let a = after.clone();
+    let second = Probe::at(sym!("f_jcc", 4))
+        .on_hit(|_| {})
+        .after_hit(move |regs| a.store(regs.ip, Ordering::SeqCst))
+        .register()
+        .unwrap();
+    assert_eq!(f(9), 209);
+    assert_eq!(after.load(Ordering::SeqCst), base + 11, "post-handler sees the taken target");
+    assert_eq!(f(1), 101);
+    assert_eq!(after.load(Ordering::SeqCst), base + 6, "post-handler sees the fall-through");
+    assert_eq!((first.hits(), second.hits()), (3, 2));
+    second.unregister().unwrap();
+    first.unregister().unwrap();
+
+    let at_ret = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).register().unwrap();
+    let err = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).after_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::PostHandlerRefused { .. }), "{err:?}");
+    assert_eq!(t.func1("f_ret")(1), 4);
+    assert_eq!(at_ret.hits(), 1);
+    at_ret.unregister().unwrap();
+}
+
 #[test]
 fn relative_call_mid_function_with_post_handler() {
     let _serial = serial();

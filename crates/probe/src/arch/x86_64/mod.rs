@@ -11,4 +11,4 @@ mod trap;
 pub(crate) use detour::{bytes_under_jump, disown_detour, move_into_copy, prepare_detour, SiteDetour};
 pub use regs::Regs;
 pub(crate) use thread::{current_tid, preserving_errno, stack_pointer, thread_pointer};
-pub(crate) use trap::{on_post_trap, on_site_trap, prepare_slots, PreparedSlots};
+pub(crate) use trap::{on_post_trap, on_site_trap, prepare_post, prepare_slots, PreparedSlots};
