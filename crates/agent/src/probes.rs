@@ -241,23 +241,14 @@ fn module_missing(spec: &ProbeSpec) -> bool {
 mod tests {
     use super::*;
 
-    /// Functions for the test to probe: long enough to be jump-optimized.
+    /// The function the test probes (an entry and a return probe, one site): long enough
+    /// to be jump-optimized.
     #[no_mangle]
     #[inline(never)]
-    extern "C" fn dynprobe_agent_test_armed_entry(seed: u64) -> u64 {
+    extern "C" fn dynprobe_agent_test_armed(seed: u64) -> u64 {
         let mut h = std::hint::black_box(seed);
         for i in 0..std::hint::black_box(8) {
             h = h.wrapping_mul(33).wrapping_add(i);
-        }
-        h
-    }
-
-    #[no_mangle]
-    #[inline(never)]
-    extern "C" fn dynprobe_agent_test_armed_return(seed: u64) -> u64 {
-        let mut h = std::hint::black_box(seed);
-        for i in 0..std::hint::black_box(8) {
-            h = h.wrapping_mul(37).wrapping_add(i);
         }
         h
     }
@@ -274,7 +265,7 @@ mod tests {
         let channel = Channel::new(fds[1]).unwrap();
         // The background optimizer must not be what makes them jumps.
         dynprobe::stop_optimizer();
-        let specs = ["p:dynprobe_agent_test_armed_entry seed=$arg1", "r:dynprobe_agent_test_armed_return ret=$retval"];
+        let specs = ["p:dynprobe_agent_test_armed seed=$arg1", "r:dynprobe_agent_test_armed ret=$retval"];
         let mut set = ProbeSet::place_all(specs, channel).unwrap();
         assert_eq!(set.placed(), 2);
         for (text, placed) in &set.placed {
@@ -284,8 +275,7 @@ mod tests {
             let first = unsafe { std::ptr::read_volatile(info.addr as *const u8) };
             assert_eq!(first, 0xe9, "`{text}` begins with {first:#04x}, not its jump");
         }
-        assert_eq!(dynprobe_agent_test_armed_entry(1), dynprobe_agent_test_armed_entry(1));
-        assert_eq!(dynprobe_agent_test_armed_return(2), dynprobe_agent_test_armed_return(2));
+        assert_eq!(dynprobe_agent_test_armed(1), dynprobe_agent_test_armed(1));
         assert!(set.remove_all().is_empty());
         // SAFETY: closes the two descriptors made above.
         unsafe { (libc::close(fds[0]), libc::close(fds[1])) };
