@@ -56,7 +56,7 @@ pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, 
         if addr == 0 {
             continue;
         }
-        let probe = dynprobe::ReturnProbe::at(addr).on_return(move |_, _| wait_for_watcher(wake_fd));
+        let probe = dynprobe::ReturnProbe::at(addr).on_return(move |_, _| wait_for_watcher(wake_fd)).disabled();
         match probe.register() {
             Ok(handle) => probes.push(handle),
             Err(e) => {
@@ -64,6 +64,14 @@ pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, 
                 return Err(format!("cannot probe {}'s return: {e}", name.to_string_lossy()));
             }
         }
+    }
+    // Armed directly as jumps, together, where they can be: a thread of the program calling
+    // `dlopen` meanwhile (an attached process runs on) never meets a breakpoint there.
+    let _ = dynprobe::prepare_optimization();
+    let entries: Vec<&dynprobe::ProbeHandle> = probes.iter().map(ReturnProbeHandle::entry_probe).collect();
+    if let Err(e) = dynprobe::ProbeHandle::enable_each(&entries) {
+        unregister(probes);
+        return Err(format!("cannot arm the probes on dlopen's return: {e}"));
     }
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
@@ -147,5 +155,26 @@ fn wait_for_change(read: &OwnedFd) -> bool {
             n if n > 0 => continue,
             _ => return std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probes on `dlopen`'s return are armed once their jumps were tried, before any
+    /// optimizer pass: jumps where they can be (a thread of an attached program calling
+    /// `dlopen` meanwhile never meets a breakpoint there), breakpoints only where the
+    /// function cannot have one (glibc 2.36's `dlopen` ends in `jmp *%rax`), and said why.
+    #[test]
+    fn the_watch_on_dlopen_is_armed_directly_as_jumps_where_it_can_be() {
+        dynprobe::stop_optimizer();
+        let watch = watch(|| {}).unwrap();
+        assert!(!watch.probes.is_empty());
+        for probe in &watch.probes {
+            let info = probe.info();
+            assert!(info.optimized || info.not_optimized.is_some(), "armed before its jump was tried: {info}");
+        }
+        watch.stop();
     }
 }

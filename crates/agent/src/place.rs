@@ -55,14 +55,14 @@ impl Placed {
         }
     }
 
-    /// Arms a probe [`place`] registered disarmed (a marker's are armed already).
-    pub fn enable(&self) -> Result<(), String> {
+    /// The entry probe that arms it ([`place`] registers it disarmed): a `p` spec's probe,
+    /// an `r` spec's entry probe; none for a marker's, which are armed already.
+    pub fn entry_probe(&self) -> Option<&ProbeHandle> {
         match self {
-            Placed::Entry(handle) => handle.enable(),
-            Placed::Return(handle) => handle.enable(),
-            Placed::Marker(_) => Ok(()),
+            Placed::Entry(handle) => Some(handle),
+            Placed::Return(handle) => Some(handle.entry_probe()),
+            Placed::Marker(_) => None,
         }
-        .map_err(|e| e.to_string())
     }
 
     /// Removes the probe, restoring the patched bytes. On an error the probe stays placed,
@@ -82,8 +82,8 @@ impl Placed {
 /// marker (an unknown one is refused with the nearest names).
 /// A `p` or `r` probe is registered disarmed: [`dynprobe::prepare_optimization`] first
 /// (so that the agent's own calls never trap on it while the optimizer decodes its module),
-/// then [`Placed::enable`], then [`dynprobe::wait_for_optimizer`] for the jump. A marker's
-/// probes are armed and optimized already.
+/// then its [`Placed::entry_probe`] is enabled, directly as its jump where it can be one. A
+/// marker's probes are armed and optimized already.
 pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let mut spec = spec.clone();
     if spec.needs_symbols() {
@@ -251,8 +251,7 @@ mod tests {
         .unwrap();
         let placed = place(&spec, channel).unwrap();
         dynprobe::prepare_optimization().unwrap();
-        placed.enable().unwrap();
-        dynprobe::wait_for_optimizer().unwrap();
+        dynprobe::ProbeHandle::enable_each(&[placed.entry_probe().unwrap()]).unwrap();
         let info = placed.info();
         assert!(info.optimized, "not optimized: {:?}", info.not_optimized);
         let mut outs = Vec::new();

@@ -6,7 +6,7 @@ use crate::channel::Channel;
 use crate::dlopen::{self, ModuleWatch};
 use crate::place::{place, Placed};
 use dynprobe::spec::{ProbeSpec, Target};
-use dynprobe::Location;
+use dynprobe::{Location, ProbeHandle};
 use dynprobe_ftrace::filter::glob_match;
 use std::sync::{Arc, Mutex};
 
@@ -171,13 +171,20 @@ impl ProbeSet {
 
 /// Arms probes [`place`] registered disarmed, their jump optimization prepared first: the
 /// agent's own calls (its symbol tables, the optimizer decoding a whole library) must not
-/// trap on them, and a probe on `malloc` would make that thousands of traps. On an error,
-/// the spec that failed and why.
+/// trap on them, and a probe on `malloc` would make that thousands of traps. Then they are
+/// enabled in one batch, those that can be jump-optimized directly as jumps (one patching
+/// transaction, no breakpoint phase: the program never traps on them), the others as
+/// breakpoints. On an error, the spec that failed and why.
 fn arm(placed: &[(String, Placed)]) -> Result<(), (String, String)> {
-    // Without the preparation the probes still work, as breakpoints until the optimizer's
-    // pass: not a reason to refuse them.
+    // Without the preparation the probes still work, as breakpoints: not a reason to
+    // refuse them.
     let _ = dynprobe::prepare_optimization();
-    placed.iter().try_for_each(|(text, placed)| placed.enable().map_err(|why| (text.clone(), why)))
+    let entries: Vec<&ProbeHandle> = placed.iter().filter_map(|(_, placed)| placed.entry_probe()).collect();
+    ProbeHandle::enable_each(&entries).map_err(|e| {
+        // The probes that could not be armed stay disabled: name the first.
+        let failed = placed.iter().find(|(_, placed)| placed.entry_probe().is_some_and(|p| !p.is_enabled()));
+        (failed.map_or_else(String::new, |(text, _)| text.clone()), e.to_string())
+    })
 }
 
 /// The module part of the spec's location (`libfoo` of `libfoo:f+8`; none in `ns::f`).
@@ -259,4 +266,49 @@ fn placement_notes(text: &str, placed: &Placed) -> Vec<String> {
         }
     }
     notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The function the test probes (an entry and a return probe, one site): long enough
+    /// to be jump-optimized.
+    #[no_mangle]
+    #[inline(never)]
+    extern "C" fn dynprobe_agent_test_armed(seed: u64) -> u64 {
+        let mut h = std::hint::black_box(seed);
+        for i in 0..std::hint::black_box(8) {
+            h = h.wrapping_mul(33).wrapping_add(i);
+        }
+        h
+    }
+
+    /// `dynprobe probe` has no breakpoint phase: the probes it places that can be jumps are
+    /// jumps as soon as they are armed, before any optimizer pass — no call of the program
+    /// (a thread that blocks `SIGTRAP` behind dynprobe's back, a `posix_spawn` child) ever
+    /// meets an `int3` there.
+    #[test]
+    fn placed_probes_are_armed_directly_as_jumps() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 stores.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        let channel = Channel::new(fds[1]).unwrap();
+        // The background optimizer must not be what makes them jumps.
+        dynprobe::stop_optimizer();
+        let specs = ["p:dynprobe_agent_test_armed seed=$arg1", "r:dynprobe_agent_test_armed ret=$retval"];
+        let mut set = ProbeSet::place_all(specs, channel).unwrap();
+        assert_eq!(set.placed(), 2);
+        for (text, placed) in &set.placed {
+            let info = placed.entry_probe().unwrap().info();
+            assert!(info.optimized, "`{text}` is not a jump once armed: {:?}", info.not_optimized);
+            // SAFETY: the probed address is the start of a function of this test binary.
+            let first = unsafe { std::ptr::read_volatile(info.addr as *const u8) };
+            assert_eq!(first, 0xe9, "`{text}` begins with {first:#04x}, not its jump");
+        }
+        assert_eq!(dynprobe_agent_test_armed(1), dynprobe_agent_test_armed(1));
+        assert!(set.remove_all().is_empty());
+        // SAFETY: closes the two descriptors made above.
+        unsafe { (libc::close(fds[0]), libc::close(fds[1])) };
+    }
 }

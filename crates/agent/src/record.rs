@@ -126,6 +126,10 @@ fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
     let path = |ext: &str| PathBuf::from(format!("{}.{ext}", base.display()));
     let pending = path("pending");
     let watch = !selection.pending.is_empty() || filter.include.iter().any(|p| p.module.is_some());
+    // Libraries `dlopen`ed later are told from these; the probe layer places the entry
+    // probes with the same table rather than reading every module's symbols again.
+    let known = watch.then(|| Selection::module_paths(&table));
+    dynprobe_probe::adopt_symbols(table);
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let markers_path = (!markers.is_empty()).then(|| path("markers"));
@@ -153,9 +157,8 @@ fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
         .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))?;
     let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
     remember_for_fork(dir, &funcs, markers_path.as_deref(), &exe);
-    if watch {
+    if let Some(known) = known {
         // Libraries `dlopen`ed later are matched against the patterns too.
-        let known = Selection::module_paths(&table);
         watch_libraries(tracer, filter, known, funcs, path("sites"), exe);
     } else {
         // Tracing lasts as long as the process.

@@ -16,16 +16,12 @@ use dynprobe_arch::native::{call_rel32, INT3};
 use dynprobe_events::model::RefusedSite;
 use dynprobe_symbols::SiteKind;
 use dynprobe_text::memory;
-use dynprobe_text::transaction::{move_out_of, Edits, Transaction};
+use dynprobe_text::transaction::{self, move_out_of, Edits, Transaction};
 use dynprobe_text::{pool, TextError};
 use std::time::Duration;
 
 /// How long other threads get to acknowledge the stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Sites at most this far apart are read and written as one range...
-const SPAN_GAP: u64 = 64 << 10;
-/// ...of at most this many bytes.
-const SPAN_MAX: u64 = 4 << 20;
 /// Sites farther apart than this get separate stub blocks, so that one block near the
 /// first site is in `rel32` reach of all of them.
 const GROUP_SPAN: u64 = 256 << 20;
@@ -80,7 +76,8 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
     // A first look, before anything is allocated for them: sites that do not hold their
     // NOP are reported and left out.
     let mut looked = Vec::with_capacity(sites.len());
-    for span in spans(&sites, |s| s.1) {
+    for run in transaction::spans(&sites, |s| (s.1, s.2.len())) {
+        let span = &sites[run];
         let start = span[0].1;
         let bytes = match memory::read_vec(start, (span[span.len() - 1].1 + 5 - start) as usize) {
             Ok(bytes) => bytes,
@@ -175,22 +172,6 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
     }
     synced?;
     Ok(result)
-}
-
-/// Runs of `items` (sorted by address) close enough to be read and written as one range:
-/// one system call each way for a module's thousands of sites instead of one per site.
-fn spans<T>(items: &[T], addr: impl Fn(&T) -> u64) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        let first = addr(rest.first()?);
-        let len = rest
-            .windows(2)
-            .position(|w| addr(&w[1]) - addr(&w[0]) > SPAN_GAP || addr(&w[1]) + 5 - first > SPAN_MAX)
-            .map_or(rest.len(), |i| i + 1);
-        let (span, tail) = rest.split_at(len);
-        rest = tail;
-        Some(span)
-    })
 }
 
 /// Puts the NOPs back, in one batch. A thread inside a stub or the caller finishes its

@@ -43,7 +43,8 @@ pub use optimizer::stop_optimizer;
 pub use own_thread::current_thread_is_own;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 pub use registry::{
-    list, optimization_enabled, prepare_optimization, release_caches, set_optimization, wait_for_optimizer,
+    adopt_symbols, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
+    wait_for_optimizer,
 };
 pub use retprobe::{
     graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,

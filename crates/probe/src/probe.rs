@@ -198,6 +198,15 @@ impl ProbeHandle {
         registry::set_enabled_all(&shared, true)
     }
 
+    /// [`Self::enable_all`] for probes held elsewhere (a return probe's entry probe,
+    /// [`ReturnProbeHandle::entry_probe`](crate::ReturnProbeHandle::entry_probe), beside
+    /// plain ones): one batch, those whose jump optimization is prepared armed directly as
+    /// jumps.
+    pub fn enable_each(probes: &[&ProbeHandle]) -> Result<(), ProbeError> {
+        let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(|p| p.shared()).collect();
+        registry::set_enabled_all(&shared, true)
+    }
+
     /// [`Self::enable_all`]'s counterpart: disables every probe of `probes` in one batch.
     pub fn disable_all(probes: &[ProbeHandle]) -> Result<(), ProbeError> {
         let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(ProbeHandle::shared).collect();

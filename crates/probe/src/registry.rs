@@ -4,7 +4,8 @@
 //! period ([`dynprobe_text::stop::synchronize`]).
 
 use crate::arch::{
-    bytes_under_jump, disown_detour, move_into_copy, on_post_trap, on_site_trap, prepare_detour, prepare_slots,
+    bytes_under_jump, disown_detour, move_into_copy, on_post_trap, on_site_trap, prepare_detour, prepare_post,
+    prepare_slots,
 };
 use crate::guard::HandlerGuard;
 use crate::probe::{ProbeInfo, ProbeShared};
@@ -142,6 +143,10 @@ struct Registry {
     symbols: Option<SymbolTable>,
     /// Per module (path, load bias): where its code jumps into the middle of a function.
     foreign: BTreeMap<(std::path::PathBuf, u64), Arc<BTreeMap<u64, u64>>>,
+    /// While [`prepare_optimization`] runs: each module's code as [`Registry::foreign_entries`]
+    /// read it whole (start address, original bytes), so that preparing thousands of its
+    /// probes reads none of their functions again.
+    code: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 // SAFETY: the retired pointers are owned leaked boxes only touched under the lock.
@@ -153,6 +158,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     retired: Vec::new(),
     symbols: None,
     foreign: BTreeMap::new(),
+    code: None,
 });
 
 fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
@@ -217,30 +223,66 @@ pub(crate) fn memory_unused(ranges: Vec<Range<u64>>) -> Result<bool, ProbeError>
         && !interrupted.contexts().iter().any(|c| inside(c.rip)))
 }
 
+/// Gives the registry a symbol table of this process that the caller has just read, for
+/// the probes it is about to place, unless the registry has one already: reading every
+/// module's symbols again costs tens of milliseconds for a large program. (A name the table
+/// does not know makes the registry read the modules again, as always.)
+pub fn adopt_symbols(table: SymbolTable) {
+    if let Ok(mut registry) = lock() {
+        registry.symbols.get_or_insert(table);
+    }
+}
+
 /// When dynprobe runs from a shared library of its own (the agent), and `addr` lies in
 /// it, that library's path. The whole library is dynprobe's, whatever name or path it was
 /// loaded under, so it is found by address (`dladdr(3)`), not by name. When dynprobe is
 /// linked into the program itself, only its own code is refused (by name, above).
 fn own_library_at(addr: u64) -> Option<String> {
-    let object_of = |addr: u64| {
-        // SAFETY: Dl_info is plain data; dladdr only fills it in.
-        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-        // SAFETY: dladdr accepts any address and reports whether an object contains it.
-        let found = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0;
-        (found && !info.dli_fbase.is_null()).then_some(info)
-    };
-    let ours = object_of(own_library_at as *const () as u64)?;
-    // SAFETY: getauxval only reads the auxiliary vector.
-    let main = object_of(unsafe { libc::getauxval(libc::AT_PHDR) });
-    if main.is_some_and(|main| main.dli_fbase == ours.dli_fbase) {
-        return None;
+    /// dynprobe's own library, when it is not the main program: its loaded segments and
+    /// path. Looked up once (this runs once per probe, 80,000 times when a large program is
+    /// traced whole, and `dladdr` searches the symbols of the object it finds).
+    static OURS: OnceLock<Option<(Vec<Range<u64>>, String)>> = OnceLock::new();
+    let (segments, path) = OURS.get_or_init(own_library).as_ref()?;
+    segments.iter().any(|s| s.contains(&addr)).then(|| path.clone())
+}
+
+/// The loaded segments and path of the shared object dynprobe's code is in, unless that is
+/// the main program (`dl_iterate_phdr(3)`).
+fn own_library() -> Option<(Vec<Range<u64>>, String)> {
+    struct Search {
+        code: u64,
+        segments: Vec<Range<u64>>,
+        path: String,
+        main: bool,
     }
-    let target = object_of(addr)?;
-    if target.dli_fbase != ours.dli_fbase {
-        return None;
+    extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `data` is the Search passed below, and `info` the loader's description of
+        // one object, valid during this call.
+        let (search, info) = unsafe { (&mut *data.cast::<Search>(), &*info) };
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers of the object.
+        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let segments: Vec<Range<u64>> = headers
+            .iter()
+            .filter(|h| h.p_type == libc::PT_LOAD)
+            .map(|h| info.dlpi_addr + h.p_vaddr..info.dlpi_addr + h.p_vaddr + h.p_memsz)
+            .collect();
+        if !segments.iter().any(|s| s.contains(&search.code)) {
+            return 0;
+        }
+        // The main program comes first, with an empty name.
+        // SAFETY: dlpi_name is a NUL-terminated string (empty for the main program).
+        let name = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned();
+        search.main = name.is_empty();
+        search.segments = segments;
+        search.path = name;
+        1
     }
-    // SAFETY: dladdr's dli_fname is the loader's NUL-terminated name of the object.
-    Some(unsafe { std::ffi::CStr::from_ptr(ours.dli_fname) }.to_string_lossy().into_owned())
+    let mut search =
+        Search { code: own_library as *const () as u64, segments: Vec::new(), path: String::new(), main: false };
+    // SAFETY: `visit` matches the callback type and only reads what the loader hands it;
+    // `search` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut search as *mut Search).cast()) };
+    (!search.main && !search.segments.is_empty()).then_some((search.segments, search.path))
 }
 
 /// A resolved probe point.
@@ -294,8 +336,11 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let wants_post = probe.post.is_some();
     let shared = Arc::new(probe.into_shared(target.addr));
 
+    if wants_post {
+        registry.prepare_post(target.addr)?;
+    }
     if let Some(site) = registry.sites.get(&target.addr) {
-        if let (true, Err(reason)) = (wants_post, &site.slots.post) {
+        if let (true, Some(Err(reason))) = (wants_post, site.slots.post.get()) {
             return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason: reason.clone() });
         }
         let before = site.probes().clone();
@@ -316,8 +361,8 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
 
     let (insn, bytes) = registry.decode(&target)?;
     check_out_of_line(&bytes, insn.ip)?;
-    let slots = prepare_slots(insn.ip, &bytes)?;
-    if let (true, Err(reason)) = (wants_post, &slots.post) {
+    let slots = prepare_slots(insn.ip, &bytes, wants_post)?;
+    if let (true, Some(Err(reason))) = (wants_post, slots.post.get()) {
         let reason = reason.clone();
         pool::free(slots.slot);
         return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason });
@@ -478,7 +523,7 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
 /// owned by [`Registry::update_arming`], just before it is written, so no `int3` of ours is
 /// ever without an owner.
 fn own_post_exits(site: &PatchSite) -> Result<(), TextError> {
-    if let Ok(exits) = &site.slots.post {
+    if let Some(Ok(exits)) = site.slots.post.get() {
         for exit in exits.iter() {
             trap::register_site(exit.addr, on_post_trap, exit as *const _ as usize)?;
         }
@@ -488,7 +533,7 @@ fn own_post_exits(site: &PatchSite) -> Result<(), TextError> {
 
 fn disown_traps(site: &PatchSite) {
     trap::unregister_site(site.addr);
-    if let Ok(exits) = &site.slots.post {
+    if let Some(Ok(exits)) = site.slots.post.get() {
         exits.iter().for_each(|exit| trap::unregister_site(exit.addr));
     }
     if let Some(detour) = site.detour() {
@@ -598,8 +643,11 @@ impl Registry {
             return Err(ProbeError::Blacklisted { addr: target.addr, what });
         }
         if let Some((name, start, size)) = &target.function {
-            let ours =
-                BLACKLISTED_CODE.iter().any(|prefix| name.starts_with(prefix) || name.contains(&format!("<{prefix}")));
+            // `dynprobe_text::…` or `<dynprobe_text::… as Trait>::…`, found without allocating:
+            // this runs once per probe, 80,000 times when a large program is traced whole.
+            let ours = BLACKLISTED_CODE.iter().any(|prefix| {
+                name.starts_with(prefix) || name.match_indices('<').any(|(i, _)| name[i + 1..].starts_with(prefix))
+            });
             if ours || BLACKLISTED_SYMBOLS.contains(&name.as_str()) {
                 return Err(ProbeError::Blacklisted { addr: target.addr, what: name.clone() });
             }
@@ -616,10 +664,26 @@ impl Registry {
         Ok(())
     }
 
+    /// Writes the post path of the site at `addr`, if there is one and it has none yet
+    /// (see [`prepare_post`]).
+    fn prepare_post(&self, addr: u64) -> Result<(), ProbeError> {
+        let Some(site) = self.sites.get(&addr) else { return Ok(()) };
+        if site.slots.post.get().is_some() {
+            return Ok(());
+        }
+        let insn = self.original_bytes(addr, (site.slots.boost_resume - addr) as usize)?;
+        prepare_post(site, &insn)
+    }
+
     /// Reads `len` bytes at `addr` as they were before any of our `int3`s and jumps.
     fn original_bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProbeError> {
-        let mut bytes = memory::read_vec(addr, len)?;
         let end = addr + len as u64;
+        let cached =
+            self.code.iter().flatten().find(|(start, code)| *start <= addr && end <= start + code.len() as u64);
+        let mut bytes = match cached {
+            Some((start, code)) => code[(addr - start) as usize..][..len].to_vec(),
+            None => memory::read_vec(addr, len)?,
+        };
         for (&site_addr, site) in self.sites.range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..end) {
             let original: &[u8] = match site.detour() {
                 Some(detour) if site.optimized.load(Ordering::Relaxed) => &detour.original[..JMP_REL32_LEN],
@@ -659,30 +723,13 @@ impl Registry {
     }
 
     /// Writes or removes the site's `int3` so that it is armed exactly when some probe there
-    /// is enabled. A single-byte write is atomic for instruction fetch, so no thread can see a
-    /// torn instruction; `sync_core` makes every thread see the new byte before we return.
+    /// is enabled — or, when its detour is prepared already, writes its jump directly
+    /// ([`Self::update_arming_all`] for one site): a probe registered disabled, prepared and
+    /// then enabled never has a breakpoint phase (`dynprobe probe` arms its probes so). A
+    /// single-byte write is atomic for instruction fetch, so no thread can see a torn
+    /// instruction; `sync_core` makes every thread see the new byte before we return.
     fn update_arming(&self, addr: u64) -> Result<(), ProbeError> {
-        let Some(site) = self.sites.get(&addr) else {
-            return Ok(());
-        };
-        let want = site.any_enabled();
-        if want == site.armed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        if !want {
-            // The int3 is under the jump: the jump goes first.
-            self.unoptimize_all(&[addr])?;
-        }
-        if want {
-            // Every int3 we write has an owner first, even after a failed unregister gave
-            // the ownership up: an int3 without one would be passed on as a foreign trap.
-            trap::register_site(addr, on_site_trap, &**site as *const PatchSite as usize)?;
-        }
-        let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
-        memory::write_verified(addr, &[from], &[to])?;
-        site.armed.store(want, Ordering::Relaxed);
-        try_sync_core()?;
-        Ok(())
+        self.update_arming_all(&[addr]).map_err(|(_, e)| e)
     }
 
     /// [`Self::update_arming`] for many sites at once: the jumps of those to disarm are taken
@@ -706,6 +753,10 @@ impl Registry {
                     changes.push((addr, want));
                 }
             }
+        }
+        if changes.is_empty() {
+            // Nothing to write (a probe registered disabled): no writer, no serialization.
+            return Ok(());
         }
         let every: Vec<u64> = changes.iter().map(|&(a, _)| a).collect();
         let all = |e: ProbeError| (every.clone(), e);
@@ -746,7 +797,9 @@ impl Registry {
         // needs stopping (stopping them would only risk cutting their blocking calls short),
         // the writer lock and one core serialization at the end suffice.
         let mut writer = memory::CodeWriter::lock().map_err(|e| all(e.into()))?;
-        for &(addr, want) in changes.iter().filter(|(addr, _)| !jumped.contains(addr)) {
+        // `jumped` is in address order (see arm_as_jumps): a binary search keeps this linear
+        // in the sites, not quadratic (80,000 sites made it most of the start-up).
+        for &(addr, want) in changes.iter().filter(|(addr, _)| jumped.binary_search(addr).is_err()) {
             let site = self.sites.get(&addr).expect("collected above");
             let (from, to) = if want { (site.orig_byte, INT3) } else { (INT3, site.orig_byte) };
             match writer.write_verified(addr, &[from], &[to]) {
@@ -780,9 +833,12 @@ impl Registry {
     /// directly as their jumps, in one patching transaction: the original bytes become the
     /// jump, int3-first when threads were left running (the head's `int3` is the site's own,
     /// so a thread meeting it runs the probe and goes on in the detour's copy). Returns the
-    /// sites armed that way; the others are left as they were.
+    /// sites armed that way, in address order; the others are left as they were.
     fn arm_as_jumps(&self, addrs: &[u64]) -> Result<Vec<u64>, ProbeError> {
-        let sites: Vec<&PatchSite> = addrs.iter().map(|addr| &**self.sites.get(addr).expect("registered")).collect();
+        let mut sites: Vec<&PatchSite> =
+            addrs.iter().map(|addr| &**self.sites.get(addr).expect("registered")).collect();
+        // In address order, as the edits' outcomes come, to pair each outcome with its site.
+        sites.sort_by_key(|site| site.addr);
         let mut edits = Edits::new(
             sites
                 .iter()
@@ -1097,6 +1153,9 @@ impl Registry {
                 entries.entry(to).or_insert(from);
             }
         }
+        if let (Some(code), Some(whole)) = (&mut self.code, whole) {
+            code.push(whole);
+        }
         let entries = Arc::new(entries);
         self.foreign.insert(module, entries.clone());
         Ok(entries)
@@ -1221,10 +1280,12 @@ pub fn optimization_enabled() -> bool {
 pub fn prepare_optimization() -> Result<(), ProbeError> {
     let mut registry = lock()?;
     let addrs: Vec<u64> = registry.sites.keys().copied().collect();
-    for addr in addrs {
-        registry.prepare(addr)?;
-    }
-    Ok(())
+    // The code of the modules decoded for this pass is kept for its length only: read
+    // afresh at the next, it can never be stale by more than this call.
+    registry.code = Some(Vec::new());
+    let prepared = addrs.into_iter().try_for_each(|addr| registry.prepare(addr).map(drop));
+    registry.code = None;
+    prepared
 }
 
 /// Optimizes every probe that can be, now, instead of waiting for the background

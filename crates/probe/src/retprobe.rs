@@ -953,6 +953,12 @@ impl ReturnProbeHandle {
         self.entry.as_ref().expect("a live handle always holds its entry probe")
     }
 
+    /// The entry probe the return probe hooks calls with, for enabling it in one batch with
+    /// others ([`ProbeHandle::enable_each`]).
+    pub fn entry_probe(&self) -> &ProbeHandle {
+        self.entry()
+    }
+
     /// The probed function's address.
     pub fn address(&self) -> u64 {
         self.entry().address()

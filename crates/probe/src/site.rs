@@ -69,7 +69,7 @@ impl PatchSite {
             detour: AtomicPtr::new(std::ptr::null_mut()),
         });
         let back: *const PatchSite = &*site;
-        if let Ok(exits) = &mut site.slots.post {
+        if let Some(Ok(exits)) = site.slots.post.get_mut() {
             exits.iter_mut().for_each(|exit| exit.site = back);
         }
         site

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{code, Target};
-use dynprobe_probe::{sym, Location, Probe, ProbeError};
+use dynprobe_probe::{sym, Location, Probe, ProbeError, ProbeHandle};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -88,15 +88,14 @@ fn short_jmp_first() {
     probe_entry_and_call("f_jmp", 5, 14);
 }
 
-#[test]
-fn jcc_both_ways_with_post_handler() {
-    let _serial = serial();
-    let t = target();
+/// Registers a probe with a post-handler at `f_jcc+4`, `jg 1f` (7f 05): taken goes to
+/// base+11, not taken to base+6. Calls the function both ways and checks what the
+/// post-handler saw; returns the probe.
+fn jcc_post_handler_sees_both_ways(t: &Target) -> ProbeHandle {
     let f = t.func1("f_jcc");
     let base = t.addr("f_jcc");
     let after = Arc::new(AtomicU64::new(0));
     let a = after.clone();
-    // f_jcc+4 is `jg 1f` (7f 05): taken goes to base+11, not taken to base+6.
     let probe = Probe::at(sym!("f_jcc", 4))
         .on_hit(|_| {})
         .after_hit(move |regs| a.store(regs.ip, Ordering::SeqCst))
@@ -106,8 +105,37 @@ fn jcc_both_ways_with_post_handler() {
     assert_eq!(after.load(Ordering::SeqCst), base + 11, "post-handler sees the taken target");
     assert_eq!(f(1), 101);
     assert_eq!(after.load(Ordering::SeqCst), base + 6, "post-handler sees the fall-through");
+    probe
+}
+
+#[test]
+fn jcc_both_ways_with_post_handler() {
+    let _serial = serial();
+    let probe = jcc_post_handler_sees_both_ways(target());
     assert_eq!(probe.hits(), 2);
     probe.unregister().unwrap();
+}
+
+/// A site is placed without its post path (a program traced whole never asks for one);
+/// a probe with a post-handler that joins it later gets it written then, and works — or is
+/// refused with the reason, leaving the site's probe as it was.
+#[test]
+fn a_post_handler_joining_a_site_gets_its_post_path_then() {
+    let _serial = serial();
+    let t = target();
+    let first = Probe::at(sym!("f_jcc", 4)).on_hit(|_| {}).register().unwrap();
+    assert_eq!(t.func1("f_jcc")(9), 209);
+    let second = jcc_post_handler_sees_both_ways(t);
+    assert_eq!((first.hits(), second.hits()), (3, 2));
+    second.unregister().unwrap();
+    first.unregister().unwrap();
+
+    let at_ret = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).register().unwrap();
+    let err = Probe::at(sym!("f_ret", 4)).on_hit(|_| {}).after_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::PostHandlerRefused { .. }), "{err:?}");
+    assert_eq!(t.func1("f_ret")(1), 4);
+    assert_eq!(at_ret.hits(), 1);
+    at_ret.unregister().unwrap();
 }
 
 #[test]

@@ -768,6 +768,32 @@ fn a_detour_that_interrupted_code_will_return_into_outlives_its_probe() {
     });
 }
 
+/// A probe registered disabled and prepared is armed by `enable()` directly as its jump:
+/// there is no breakpoint phase for the optimizer to end later (the background optimizer,
+/// stopped here, plays no part).
+#[test]
+fn a_prepared_probe_is_enabled_directly_as_its_jump() {
+    let _serial = serial();
+    let t = target();
+    let (f, addr) = (t.func1("opt_push"), t.addr("opt_push"));
+    let before = code(addr, 16);
+    dynprobe_probe::stop_optimizer();
+    let probe = Probe::at(sym!("opt_push")).on_hit(|_| {}).disabled().register().unwrap();
+    dynprobe_probe::prepare_optimization().unwrap();
+    assert_eq!(code(addr, 16), before, "a disabled probe changes no byte");
+    probe.enable().unwrap();
+    assert_eq!(code(addr, 1), [JMP], "enabled as a breakpoint first");
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(1), 2);
+    assert_eq!(probe.hits(), 1);
+    probe.disable().unwrap();
+    assert_eq!(code(addr, 16), before);
+    probe.enable().unwrap();
+    assert_eq!(code(addr, 1), [JMP], "enabled again as a breakpoint");
+    probe.unregister().unwrap();
+    assert_eq!(code(addr, 16), before);
+}
+
 #[test]
 fn probes_registered_together_are_optimized_in_one_pass() {
     let _serial = serial();

@@ -45,11 +45,25 @@ pub(crate) fn load(pid: Option<i32>) -> Result<SymbolTable, SymbolError> {
     let files: Vec<MappedFile> = maps::mapped_files(&maps).into_iter().filter(MappedFile::has_code).collect();
     let main_index = exe.and_then(|exe| files.iter().position(|f| Path::new(&f.path) == exe)).unwrap_or(0);
 
+    // dynprobe's own library (the agent), when this is its process: only the functions it
+    // exports are kept. Nothing in it may be probed or traced (the probe layer refuses the
+    // whole library by its address), and the thousands of Rust symbols it holds made up
+    // most of the demangling of a small program, which every image a probed program execs
+    // pays again.
+    let own_code = pid.is_none().then_some(load as *const () as u64);
+    let is_own = |i: usize, file: &MappedFile| {
+        i != main_index && own_code.is_some_and(|at| file.mappings.iter().any(|m| (m.start..m.end).contains(&at)))
+    };
     let mut loaded = Vec::with_capacity(files.len() + 1);
     let mut warnings = Vec::new();
     for (i, file) in files.iter().enumerate() {
         match load_file(&view, file, i == main_index) {
-            Ok(l) => loaded.push(l),
+            Ok(mut l) => {
+                if is_own(i, file) {
+                    l.info.symbols.retain(|s| s.global);
+                }
+                loaded.push(l)
+            }
             // Without the executable there is nothing to trace: say why.
             Err(e) if i == main_index => return Err(e),
             Err(e) => warnings.push(e),

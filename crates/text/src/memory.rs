@@ -162,17 +162,9 @@ impl CodeWriter {
         }
     }
 
-    /// [`write_verified`] with the writer already held.
-    ///
-    /// # Panics
-    ///
-    /// If `expected` and `new` differ in length.
-    pub fn write_verified(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-        assert_eq!(expected.len(), new.len(), "write_verified: expected and new differ in length");
-        verify(addr, expected)?;
-        if expected == new {
-            return Ok(());
-        }
+    /// Writes `new` at `addr` whose bytes the caller has just checked itself, under this
+    /// writer (the pool's fresh slots: it reads its own memory without a system call).
+    pub(crate) fn write_checked(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
         let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
         match pwrite(mem, new, addr) {
             Ok(n) if n == new.len() => Ok(()),
@@ -187,6 +179,20 @@ impl CodeWriter {
             }
             Err(e) => Err(TextError::Unwritable { addr, reason: e.to_string() }),
         }
+    }
+
+    /// [`write_verified`] with the writer already held.
+    ///
+    /// # Panics
+    ///
+    /// If `expected` and `new` differ in length.
+    pub fn write_verified(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
+        assert_eq!(expected.len(), new.len(), "write_verified: expected and new differ in length");
+        verify(addr, expected)?;
+        if expected == new {
+            return Ok(());
+        }
+        self.write_checked(addr, expected, new)
     }
 }
 /// `pwrite(2)` through the `syscall` instruction rather than a C library function: the code

@@ -181,6 +181,57 @@ pub fn release_unused() -> usize {
     chunks.iter().map(|c| c.size as usize).sum()
 }
 
+/// Gives the end of `slot` back to the pool, keeping its first `size` bytes (rounded up to
+/// [`SLOT_ALIGN`]): for code whose length is known only once it is built for its address
+/// (a detour), allocated with room for the worst case. The bytes given back must be
+/// untouched (`int3`). Returns the slot kept.
+pub fn shrink(slot: ExecSlot, size: usize) -> ExecSlot {
+    let size = round_up(size.max(1) as u64, SLOT_ALIGN as u64) as usize;
+    if size >= slot.size {
+        return slot;
+    }
+    let mut chunks = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+    match chunks.iter_mut().find(|c| c.contains(slot.addr)) {
+        Some(chunk) => {
+            chunk.give_back(slot.addr + size as u64, slot.addr + slot.size as u64);
+            ExecSlot { addr: slot.addr, size }
+        }
+        None => slot,
+    }
+}
+
+/// Writes `code` at `addr`, in a slot this pool handed out that no code was written into
+/// yet (every byte still `int3`, as mapped or as [`free`] refilled it): verify-then-modify
+/// as [`memory::write_verified`] does, but the check reads the pool's memory directly —
+/// mapped readable, and never unmapped while one of its slots is handed out (see
+/// [`release_unused`]) — instead of with a system call, and nothing
+/// is allocated for the expected bytes. Tracing a large program whole writes two fresh
+/// slots per function.
+pub fn write_fresh(addr: u64, code: &[u8]) -> Result<(), TextError> {
+    let end = addr + code.len() as u64;
+    let ours =
+        CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr) && end <= c.base + c.size);
+    if !ours {
+        return Err(TextError::Unwritable { addr, reason: "not a slot of the executable-memory pool".into() });
+    }
+    // The writer after the pool's lock, never both: `free` takes them the other way round.
+    let mut writer = memory::CodeWriter::lock()?;
+    // SAFETY: `addr .. end` lies inside one chunk, mapped readable as long as the caller
+    // holds its slot; other writers are excluded by `writer`, and the bytes are only read.
+    let now = unsafe { std::slice::from_raw_parts(addr as usize as *const u8, code.len()) };
+    // Compared a word at a time (a detour is about a kilobyte, and there is one per
+    // function of a program traced whole).
+    let int3s = u64::from_ne_bytes([INT3; 8]);
+    let (words, rest) = now.split_at(now.len() / 8 * 8);
+    let fresh =
+        words.chunks_exact(8).fold(0, |acc, w| acc | (u64::from_ne_bytes(w.try_into().expect("8 bytes")) ^ int3s)) == 0
+            && rest.iter().all(|&b| b == INT3);
+    if !fresh {
+        return Err(TextError::Unexpected { addr, expected: vec![INT3; code.len()], found: now.to_vec() });
+    }
+    writer.write_checked(addr, now, code)
+}
+
 /// True when `addr` lies in memory this pool mapped (used to refuse probes on slots).
 pub fn contains(addr: u64) -> bool {
     CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr))
@@ -332,6 +383,43 @@ mod tests {
         assert_eq!(c.free, vec![(0x1000, 0x1010), (0x1020, 0x1100)]);
         c.give_back(b, b + 0x10);
         assert_eq!(c.free, vec![(0x1000, 0x1100)]);
+    }
+
+    #[test]
+    fn write_fresh_writes_only_untouched_slots_of_the_pool() {
+        let slot = alloc_near(write_fresh_writes_only_untouched_slots_of_the_pool as *const () as u64, 32).unwrap();
+        let code = [0x90, 0x90, 0xc3];
+        write_fresh(slot.addr, &code).unwrap();
+        assert_eq!(memory::read_vec(slot.addr, 4).unwrap(), [0x90, 0x90, 0xc3, INT3]);
+        // Written once: not fresh any more, and left as it is.
+        let again = write_fresh(slot.addr, &[0xc3]).unwrap_err();
+        assert!(matches!(again, TextError::Unexpected { .. }), "{again}");
+        let longer = write_fresh(slot.addr, &[0x90; 24]).unwrap_err();
+        assert!(matches!(longer, TextError::Unexpected { .. }), "{longer}");
+        assert_eq!(memory::read_vec(slot.addr, 3).unwrap(), code);
+        // Memory that is not the pool's is refused, whatever it holds.
+        let stack = [INT3; 4];
+        let foreign = write_fresh(stack.as_ptr() as u64, &[0x90]).unwrap_err();
+        assert!(matches!(foreign, TextError::Unwritable { .. }), "{foreign}");
+        free(slot);
+        // Given back refilled with int3: fresh again for its next owner.
+        let reused = alloc_near(slot.addr, 32).unwrap();
+        write_fresh(reused.addr, &code).unwrap();
+        free(reused);
+    }
+
+    #[test]
+    fn a_shrunk_slot_gives_its_end_back() {
+        let near = a_shrunk_slot_gives_its_end_back as *const () as u64;
+        let slot = alloc_near(near, 1536).unwrap();
+        let kept = shrink(slot, 1041);
+        assert_eq!(kept, ExecSlot { addr: slot.addr, size: 1056 });
+        // The end is free again; nothing else can be handed out inside what is kept.
+        let next = alloc_near(near, 480).unwrap();
+        assert!(next.addr >= kept.addr + kept.size as u64 || next.addr + next.size as u64 <= kept.addr, "{next:?}");
+        assert_eq!(shrink(kept, 4096), kept, "a slot never grows");
+        free(next);
+        free(kept);
     }
 
     #[test]

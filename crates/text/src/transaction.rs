@@ -107,6 +107,27 @@ pub(crate) fn resolve_transient(addr: u64) -> bool {
     gone
 }
 
+/// Runs of `items` — sorted by address, non-overlapping, each covering the `(address,
+/// length)` that `extent` gives — close enough to be read and written as one range: one
+/// system call each way for a module's thousands of sites instead of one per site. Each run
+/// is a range of indices into `items`; together they cover every item, in order.
+pub fn spans<T>(items: &[T], extent: impl Fn(&T) -> (u64, usize)) -> Vec<Range<usize>> {
+    let mut spans = Vec::new();
+    let mut first = 0;
+    for i in 1..=items.len() {
+        let split = i == items.len() || {
+            let ((prev, prev_len), (next, next_len)) = (extent(&items[i - 1]), extent(&items[i]));
+            let start = extent(&items[first]).0;
+            next - (prev + prev_len as u64) > SPAN_GAP || next + next_len as u64 - start > SPAN_MAX
+        };
+        if split && i > first {
+            spans.push(first..i);
+            first = i;
+        }
+    }
+    spans
+}
+
 /// A batch of byte replacements, planned before the transaction so that writing it
 /// allocates nothing. Build it with [`Edits::new`], then [`Transaction::write`] it.
 pub struct Edits<'a> {
@@ -157,19 +178,7 @@ impl<'a> Edits<'a> {
         for &(_, expected, new) in &items {
             assert_eq!(expected.len(), new.len(), "an edit's expected and new bytes differ in length");
         }
-        let mut spans = Vec::new();
-        let mut first = 0;
-        for i in 1..=items.len() {
-            let split = i == items.len() || {
-                let (prev, next) = (items[i - 1], items[i]);
-                let end = prev.0 + prev.1.len() as u64;
-                next.0 - end > SPAN_GAP || next.0 + next.1.len() as u64 - items[first].0 > SPAN_MAX
-            };
-            if split && i > first {
-                spans.push(first..i);
-                first = i;
-            }
-        }
+        let spans = spans(&items, |&(addr, expected, _)| (addr, expected.len()));
         let scratch = spans
             .iter()
             .map(|span| {
@@ -476,5 +485,26 @@ pub fn move_out_of(world: &mut StoppedWorld, interrupted: &InterruptedSet, addr:
             // Fails only when the frame changed under us, which a stopped thread cannot do.
             let _ = world.set_interrupted_ip(context, addr + len as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_split_at_wide_gaps_and_at_the_size_limit() {
+        let five = |&addr: &u64| (addr, 5);
+        assert!(spans(&[] as &[u64], five).is_empty());
+        // A gap of SPAN_GAP after an item's end stays in the span; one byte more splits it.
+        let items = [0x1000, 0x1000 + 5 + SPAN_GAP, 0x1000 + 5 + SPAN_GAP + 5 + SPAN_GAP + 1];
+        assert_eq!(spans(&items, five), [0..2, 2..3]);
+        // Items a page apart: a new span once the next one would pass SPAN_MAX bytes.
+        let items: Vec<u64> = (0..2 * SPAN_MAX / 4096).map(|i| 0x10_0000 + i * 4096).collect();
+        let runs = spans(&items, five);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].end, runs[1].start);
+        assert_eq!(runs[1].end, items.len());
+        assert!(runs.iter().all(|r| items[r.end - 1] + 5 - items[r.start] <= SPAN_MAX));
     }
 }

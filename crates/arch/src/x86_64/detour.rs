@@ -267,7 +267,10 @@ impl DetourPrefix {
 
     /// The prefix's bytes for `spec`.
     fn fill(&self, spec: &DetourSpec<'_>) -> Vec<u8> {
-        let mut code = self.code.clone();
+        // Room for the copy and the jump back too, which the caller appends: one allocation
+        // per detour (a relocated run is a few instructions, each at most ~30 bytes).
+        let mut code = Vec::with_capacity(self.code.len() + 256);
+        code.extend_from_slice(&self.code);
         code[self.probe_ip_at..][..8].copy_from_slice(&spec.probe_ip.to_le_bytes());
         code[self.context_at..][..8].copy_from_slice(&spec.context.to_le_bytes());
         if let Some(at) = self.call_at {

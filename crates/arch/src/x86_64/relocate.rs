@@ -3,8 +3,8 @@
 use std::fmt;
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Encoder, IcedError, Instruction, InstructionBlock, MemoryOperand, OpKind,
-    Register,
+    BlockEncoder, BlockEncoderOptions, Code, Encoder, FlowControl, IcedError, Instruction, InstructionBlock,
+    MemoryOperand, OpKind, Register,
 };
 
 use super::classify::check_instruction;
@@ -90,6 +90,15 @@ pub fn relocate(bytes: &[u8], old_ip: u64, new_ip: u64) -> Result<Relocated, Rel
     let instrs = decode_instructions(bytes, old_ip)?;
     for instr in &instrs {
         check_instruction(instr)?;
+    }
+    // Instructions that neither branch nor address memory relative to `rip` mean the same
+    // anywhere: they are their own relocation, copied byte for byte without a round through
+    // the block encoder (a program traced whole relocates each function's first
+    // instructions several times: its slot, its post slot, its detour's copy).
+    if instrs.iter().all(|i| i.flow_control() == FlowControl::Next && !i.is_ip_rel_memory_operand()) {
+        let len: usize = instrs.iter().map(Instruction::len).sum();
+        let offsets = instrs.iter().map(|i| ((i.ip() - old_ip) as u32, (i.ip() - old_ip) as u32)).collect();
+        return Ok(Relocated { code: bytes[..len].to_vec(), offsets });
     }
     relocate_instructions(&instrs, old_ip, new_ip)
 }
@@ -420,6 +429,20 @@ mod tests {
     fn position_independent_code_keeps_its_bytes() {
         let bytes = [0x55, 0x48, 0x83, 0xec, 0x10, 0xf3, 0x0f, 0x1e, 0xfa, 0xc3];
         assert_eq!(relocate(&bytes, OLD, NEW).unwrap().code, bytes);
+    }
+
+    #[test]
+    fn a_run_without_branches_or_rip_operands_is_copied_with_its_offsets() {
+        #[rustfmt::skip]
+        let bytes = [
+            0xf3, 0x0f, 0x1e, 0xfa,             // 0: endbr64
+            0x55,                               // 4: push %rbp
+            0x48, 0x89, 0xe5,                   // 5: mov %rsp,%rbp
+            0x48, 0x8b, 0x44, 0x24, 0x00,       // 8: mov 0x0(%rsp),%rax (a displacement an encoder may drop)
+        ];
+        let relocated = relocate(&bytes, OLD, NEW).unwrap();
+        assert_eq!(relocated.code, bytes);
+        assert_eq!(relocated.offsets, [(0, 0), (4, 4), (5, 5), (8, 8)]);
     }
 
     #[test]

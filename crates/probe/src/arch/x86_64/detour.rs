@@ -23,7 +23,7 @@ use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Bytes reserved per detour: the code with AVX-512 is about 1 KiB, plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
@@ -106,7 +106,7 @@ pub(crate) fn prepare_detour(
     let original = function[offset..offset + run.len].to_vec();
     // Flags are dead at a function entry: a call clobbers them.
     let save = StateSave { flags: site.addr != start, width: vector_width() };
-    let slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
+    let mut slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
     let built = (|| {
         let spec = DetourSpec {
             detour_ip: slot.addr,
@@ -116,13 +116,19 @@ pub(crate) fn prepare_detour(
             dispatch: detour_dispatch as *const () as u64,
             context: site as *const PatchSite as u64,
         };
-        let code = build_detour_from(prefix_for(&spec).as_ref(), &spec).map_err(|e| e.to_string())?;
+        let mut code = build_detour_from(prefix_for(&spec).as_deref(), &spec).map_err(|e| e.to_string())?;
         let jump = jmp_rel32(site.addr, slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64)
             .ok_or("the detour is out of rel32 reach")?;
         if code.code.len() > DETOUR_SIZE {
             return Err(format!("the detour needs {} bytes, more than its {DETOUR_SIZE}", code.code.len()));
         }
-        write_code(slot.addr, &code.code, DETOUR_SIZE).map_err(|e| e.to_string())?;
+        // The rest of the worst-case room goes back to the pool (a detour with AVX-512 is
+        // about 1 KiB of its 1.5): a program traced whole has one per function.
+        slot = pool::shrink(slot, code.code.len());
+        write_code(slot.addr, &code.code, slot.size).map_err(|e| e.to_string())?;
+        // Written: the bytes are in the slot, and a program traced whole would otherwise
+        // keep a second kilobyte per function on the heap.
+        code.code = Vec::new();
         let detour = SiteDetour { slot, run, original, code, jump };
         trap::register_site(detour.trap_addr(), on_detour_trap, site as *const PatchSite as usize)
             .map_err(|e| e.to_string())?;
@@ -137,15 +143,16 @@ pub(crate) fn prepare_detour(
 /// The assembled prefix that fits `spec` (see [`DetourPrefix`]), made on first need: a
 /// process has a few kinds of detour (at a function entry or not, dispatcher in reach or
 /// not), and a program traced whole has a detour per function.
-fn prefix_for(spec: &DetourSpec<'_>) -> Option<DetourPrefix> {
+fn prefix_for(spec: &DetourSpec<'_>) -> Option<Arc<DetourPrefix>> {
     /// Kinds seen so far; a kind whose prefix could not be made is not retried (`None`).
-    static PREFIXES: Mutex<Vec<(DetourSpecKind, Option<DetourPrefix>)>> = Mutex::new(Vec::new());
+    /// Shared, not copied, with each detour built from it: a prefix is about 1 KiB.
+    static PREFIXES: Mutex<Vec<(DetourSpecKind, Option<Arc<DetourPrefix>>)>> = Mutex::new(Vec::new());
     let kind = DetourSpecKind::of(spec);
     let mut prefixes = PREFIXES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, prefix)) = prefixes.iter().find(|(k, _)| *k == kind) {
         return prefix.clone().filter(|p| p.fits(spec));
     }
-    let prefix = DetourPrefix::new(spec).ok().flatten();
+    let prefix = DetourPrefix::new(spec).ok().flatten().map(Arc::new);
     prefixes.push((kind, prefix.clone()));
     prefix
 }

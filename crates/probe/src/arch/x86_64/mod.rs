@@ -12,4 +12,4 @@ pub use detour::vector_width;
 pub(crate) use detour::{bytes_under_jump, disown_detour, move_into_copy, prepare_detour, SiteDetour};
 pub use regs::Regs;
 pub(crate) use thread::{current_tid, stack_pointer, thread_pointer};
-pub(crate) use trap::{on_post_trap, on_site_trap, prepare_slots, PreparedSlots};
+pub(crate) use trap::{on_post_trap, on_site_trap, prepare_post, prepare_slots, PreparedSlots};

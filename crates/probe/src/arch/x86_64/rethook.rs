@@ -43,8 +43,6 @@ use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
 use dynprobe_arch::native::detour::VectorWidth;
 use dynprobe_arch::native::trampoline::{build_return_common, sled_entry, Cfa, SLED_ENTRY_SIZE};
-use dynprobe_arch::native::INT3;
-use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -171,7 +169,9 @@ pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stri
         code.extend_from_slice(&sled_entry(sled + i * ENTRY_SIZE, common_ip));
     }
     code.extend_from_slice(&common.code);
-    write_verified(sled, &vec![INT3; code.len()], &code)?;
+    // Fresh pool memory, checked in place: the sled is 4.7 MB (an entry per instance of
+    // every thread), which a copy of the expected int3s and a read-back would double.
+    pool::write_fresh(sled, &code)?;
 
     let end = common_ip + common.code.len() as u64;
     let eh_frame = eh_frame(slot.addr, end, sled, common_ip, &common.cfa, table, stride);

@@ -17,10 +17,10 @@ use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use dynprobe_arch::native::{build_post_slot, build_slot, relocate, INT3};
-use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::trap::TrapContext;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 /// Bytes of executable memory per probe site: the boosted slot, then the post slot.
 const SLOT_SIZE: usize = 128;
@@ -47,37 +47,45 @@ pub(crate) struct PreparedSlots {
     pub(crate) boost_resume: u64,
     /// Start of the post path.
     pub(crate) post_ip: u64,
-    /// The post path's exits, or why the instruction cannot have a post-handler.
-    pub(crate) post: Result<Box<[PostExit]>, String>,
+    /// The post path's exits, or why the instruction cannot have a post-handler; unset
+    /// until a probe with a post-handler comes (see [`prepare_post`]).
+    pub(crate) post: OnceLock<Result<Box<[PostExit]>, String>>,
 }
 
 /// Allocates a slot near `addr` and writes the out-of-line copies of the instruction
-/// `insn` (its original bytes) into it. On error nothing stays allocated.
-pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, ProbeError> {
+/// `insn` (its original bytes) into it: the boosted path, and with `post` the post path
+/// too ([`prepare_post`] writes it later, into the still untouched half, when the first
+/// probe with a post-handler comes: a program traced whole places a site per function and
+/// never a post-handler). On error nothing stays allocated.
+pub(crate) fn prepare_slots(addr: u64, insn: &[u8], post: bool) -> Result<PreparedSlots, ProbeError> {
     let slot = pool::alloc_near(addr, SLOT_SIZE)?;
     let written = (|| {
         let resume = addr + insn.len() as u64;
         let boost = build_slot(insn, addr, slot.addr, resume)?;
         let boost_back = slot.addr + relocate(insn, addr, slot.addr)?.code.len() as u64;
         assert!(boost.len() <= POST_OFFSET as usize, "a boosted slot of {} bytes overflows its room", boost.len());
-        // Both paths in one write: a program traced whole places a site per function.
+        // Both paths in one write.
         let mut code = boost;
         let post_ip = slot.addr + POST_OFFSET;
-        let post = match build_post_slot(insn, addr, post_ip) {
-            Ok(post) => {
-                code.resize(POST_OFFSET as usize, INT3);
-                code.extend_from_slice(&post.code);
-                let exits = post.exits.iter().map(|&(offset, resume)| PostExit {
-                    site: std::ptr::null(),
-                    addr: post_ip + u64::from(offset),
-                    resume,
-                });
-                Ok(exits.collect())
-            }
-            Err(e) => Err(e.to_string()),
-        };
+        let prepared = OnceLock::new();
+        if post {
+            let exits = match build_post_slot(insn, addr, post_ip) {
+                Ok(post) => {
+                    code.resize(POST_OFFSET as usize, INT3);
+                    code.extend_from_slice(&post.code);
+                    let exits = post.exits.iter().map(|&(offset, resume)| PostExit {
+                        site: std::ptr::null(),
+                        addr: post_ip + u64::from(offset),
+                        resume,
+                    });
+                    Ok(exits.collect())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = prepared.set(exits);
+        }
         write_code(slot.addr, &code, SLOT_SIZE)?;
-        Ok(PreparedSlots { slot, boost_ip: slot.addr, boost_back, boost_resume: resume, post_ip, post })
+        Ok(PreparedSlots { slot, boost_ip: slot.addr, boost_back, boost_resume: resume, post_ip, post: prepared })
     })();
     if written.is_err() {
         pool::free(slot);
@@ -85,10 +93,46 @@ pub(crate) fn prepare_slots(addr: u64, insn: &[u8]) -> Result<PreparedSlots, Pro
     written
 }
 
+/// Writes the post path of `site`'s slot, left out by [`prepare_slots`], and makes its
+/// exits' `int3`s the site's (`insn`: the probed instruction's original bytes); does
+/// nothing when it was written already. Why the instruction cannot have a post-handler is
+/// kept the same way. Called under the registry lock, before a probe with a post-handler
+/// is published at the site, so no thread can be sent to the post path before it exists.
+pub(crate) fn prepare_post(site: &PatchSite, insn: &[u8]) -> Result<(), ProbeError> {
+    if site.slots.post.get().is_some() {
+        return Ok(());
+    }
+    let post_ip = site.slots.post_ip;
+    let post = match build_post_slot(insn, site.addr, post_ip) {
+        Ok(post) => post,
+        Err(e) => {
+            let _ = site.slots.post.set(Err(e.to_string()));
+            return Ok(());
+        }
+    };
+    write_code(post_ip, &post.code, SLOT_SIZE - POST_OFFSET as usize)?;
+    let exits: Box<[PostExit]> = post
+        .exits
+        .iter()
+        .map(|&(offset, resume)| PostExit { site, addr: post_ip + u64::from(offset), resume })
+        .collect();
+    let owned = exits.iter().try_for_each(|exit| {
+        dynprobe_text::trap::register_site(exit.addr, on_post_trap, exit as *const PostExit as usize)
+    });
+    let _ = site.slots.post.set(match owned {
+        Ok(()) => Ok(exits),
+        Err(e) => {
+            exits.iter().for_each(|exit| dynprobe_text::trap::unregister_site(exit.addr));
+            Err(format!("its post path's exits could not be owned: {e}"))
+        }
+    });
+    Ok(())
+}
+
 /// Writes fresh slot code, which must fit in `room` bytes.
 pub(crate) fn write_code(at: u64, code: &[u8], room: usize) -> Result<(), ProbeError> {
     assert!(code.len() <= room, "relocated code of {} bytes overflows its {room}-byte slot", code.len());
-    write_verified(at, &vec![INT3; code.len()], code)?;
+    pool::write_fresh(at, code)?;
     Ok(())
 }
 
