@@ -236,3 +236,16 @@ fn released_signals_go_back_to_the_program_and_come_back_with_the_next_probe() {
     assert_eq!((bp.hits(), call("traps_seen", 0)), (1, seen + 2));
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn an_sa_onstack_handler_runs_on_the_threads_alternate_stack() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    // 0, and SS_AUTODISARM (include/uapi/linux/signal.h), which the libc crate lacks.
+    for flags in [0, 1i64 << 31] {
+        // The handler needs more stack than its thread has: on the thread's stack it dies.
+        assert_eq!(in_child(|| call("onstack_trap", flags) as i32), Ok(11), "sigaltstack flags {flags:#x}");
+    }
+    assert_eq!(call("sig_bp", 1), 3);
+    assert_eq!(bp.hits(), 1);
+}

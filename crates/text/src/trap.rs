@@ -41,9 +41,9 @@
 //! `SIGTRAP`; a sent one (`kill`, `raise`) is discarded when ignored, left pending while the
 //! thread blocks it (delivered when it unblocks), and kills under `SIG_DFL`; otherwise the
 //! program's handler runs with its `sa_mask` (and `SIGTRAP` itself unless `SA_NODEFER`)
-//! blocked, after its `SA_RESETHAND` reset the action. Not reproduced: `SA_ONSTACK` (the
-//! handler runs on the stack the trap happened on) and `SA_RESTART`'s absence for a sent
-//! `SIGTRAP` that interrupts a system call (it is restarted).
+//! blocked, after its `SA_RESETHAND` reset the action, on the thread's alternate signal
+//! stack with `SA_ONSTACK`. Not reproduced: `SA_RESTART`'s absence for a sent `SIGTRAP`
+//! that interrupts a system call (it is restarted).
 
 use crate::raw;
 use crate::TextError;
@@ -497,19 +497,72 @@ unsafe fn deliver_to_program(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *
     unsafe { rt_sigprocmask(libc::SIG_SETMASK, &during, std::ptr::null_mut()) };
     let trap_blocked = action.mask & TRAP_BIT != 0 || action.flags & libc::SA_NODEFER as u64 == 0;
     set_program_blocks_trap(trap_blocked);
-    if action.flags & libc::SA_SIGINFO as u64 != 0 {
-        // SAFETY: the program installed this function with SA_SIGINFO.
-        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { std::mem::transmute(action.handler as usize) };
-        f(sig, info, uc);
+    let alternate = if action.flags & libc::SA_ONSTACK as u64 != 0 {
+        // SAFETY: the kernel's ucontext for this invocation.
+        alternate_stack_top(unsafe { &*(uc as *const libc::ucontext_t) })
     } else {
-        // SAFETY: the program installed this function as a plain handler.
-        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(action.handler as usize) };
-        f(sig);
+        None
+    };
+    // A plain handler takes one argument; the other two registers are ignored by it.
+    // SAFETY: the kernel's arguments, and the handler the program installed.
+    unsafe {
+        match alternate {
+            Some(top) => run_on_stack(action.handler, sig, info, uc, top),
+            None => {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(action.handler as usize);
+                f(sig, info, uc);
+            }
+        }
     }
     // As sigreturn restores the interrupted mask: a SIGTRAP sent to this thread while its
     // handler blocked it is delivered now.
     set_program_blocks_trap(false);
+}
+
+/// Where the program's `SA_ONSTACK` handler must run: the top of the thread's alternate
+/// signal stack, when it had one armed at the trap and the trap did not come on it already
+/// (arch/x86/kernel/signal.c `get_sigframe`). The dispatcher is installed without
+/// `SA_ONSTACK`, so that dynprobe's own hits do not use a program's small alternate stack;
+/// the kernel saved that stack in the frame (`uc_stack`) all the same, disarmed it when
+/// the program asked for `SS_AUTODISARM`, and re-arms it from there at `sigreturn`.
+fn alternate_stack_top(uc: &libc::ucontext_t) -> Option<u64> {
+    let stack = &uc.uc_stack;
+    if stack.ss_flags & libc::SS_DISABLE != 0 || stack.ss_size == 0 {
+        return None;
+    }
+    let (base, size) = (stack.ss_sp as u64, stack.ss_size as u64);
+    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+    if sp.wrapping_sub(base) < size {
+        return None;
+    }
+    Some((base + size) & !15)
+}
+
+/// Calls `handler(sig, info, uc)` with `rsp` at `top`, and comes back to this stack.
+///
+/// # Safety
+/// `handler` must be a signal handler of the program, `top` the 16-byte aligned end of
+/// memory the thread may use as its stack.
+unsafe fn run_on_stack(handler: u64, sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void, top: u64) {
+    // SAFETY: r12 is callee-saved, so it holds our stack pointer across the call; the call
+    // pushes its return address at top - 8, leaving rsp 16-byte aligned at the callee's
+    // entry minus 8, as the ABI wants. Every caller-saved register is declared clobbered.
+    unsafe {
+        core::arch::asm!(
+            "mov r12, rsp",
+            "mov rsp, {top}",
+            "call {handler}",
+            "mov rsp, r12",
+            top = in(reg) top,
+            handler = in(reg) handler,
+            in("rdi") sig as i64,
+            in("rsi") info,
+            in("rdx") uc,
+            out("r12") _,
+            clobber_abi("C"),
+        );
+    }
 }
 
 /// Ends the process by `sig`'s default action, as the kernel does: the kernel's action is

@@ -161,3 +161,56 @@ long usr1_full_mask(long unused) {
     sigaction(SIGUSR1, NULL, &back);
     return in_usr1 + 1000 * sigismember(&back.sa_mask, SIGTRAP);
 }
+
+#include <pthread.h>
+#include <sys/mman.h>
+
+#define ALT_SIZE (1 << 20)
+static char *volatile alt_base;
+static volatile long on_alt;
+
+/* LLVM-style: a handler that needs more stack than the thread has, on its alternate stack. */
+static void on_trap_onstack(int sig, siginfo_t *info, void *uc) {
+    (void)sig;
+    (void)info;
+    (void)uc;
+    volatile char big[256 << 10];
+    big[0] = 1;
+    big[sizeof big - 1] = 1;
+    char *here = (char *)&big[0];
+    on_alt = here >= alt_base && here < alt_base + ALT_SIZE;
+    traps++;
+}
+
+static void *onstack_thread(void *flags) {
+    stack_t ss = {.ss_sp = alt_base, .ss_size = ALT_SIZE, .ss_flags = (int)(long)flags};
+    if (sigaltstack(&ss, NULL) != 0)
+        return (void *)-1L;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap_onstack;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESETHAND;
+    sigaction(SIGTRAP, &sa, NULL);
+    __asm__ volatile("int3");
+    stack_t after;
+    sigaltstack(NULL, &after);
+    /* The alternate stack is the thread's as before (SS_AUTODISARM re-armed it). */
+    return (void *)(on_alt + 10 * (after.ss_sp == alt_base && !(after.ss_flags & SS_DISABLE)));
+}
+
+/* Runs, in a thread with a 64 KiB stack and a 1 MiB alternate stack (sigaltstack flags
+ * `flags`: 0 or SS_AUTODISARM), an int3 whose SA_ONSTACK handler needs 256 KiB of stack.
+ * Returns 11 when the handler ran on the alternate stack and the thread still has it. */
+long onstack_trap(long flags) {
+    alt_base = mmap(NULL, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    on_alt = 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    pthread_t t;
+    void *ret;
+    pthread_create(&t, &attr, onstack_thread, (void *)flags);
+    pthread_join(t, &ret);
+    munmap(alt_base, ALT_SIZE);
+    return (long)ret;
+}
