@@ -24,9 +24,18 @@
 //! would. A guard reached through its breakpoint, before it is optimized, changes the mask
 //! saved in the signal frame, which the kernel restores at `sigreturn`.
 //!
+//! What a thread passes on is guarded too: `pthread_create` gives a thread created while
+//! its creator blocks `SIGTRAP` the blocked bit (its start routine goes through a
+//! trampoline that sets it), and `execve` (which the other `exec` functions call) makes
+//! the call itself with `SIGTRAP` really blocked, which the new image keeps; the agent of
+//! a traced new image finds it blocked and makes it virtual again before its first probe.
+//!
 //! The C library's own internal blocks (around `clone` in `pthread_create`, in `raise` and
 //! `abort`) are raw system calls in its code, a few instructions long, and are not guarded.
+//! Not carried over: the blocked bit into a `posix_spawn` child (its mask is the parent's
+//! real one), and into a child of `fork` (its thread slot starts afresh).
 
+use crate::arch::StartRoutine;
 use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
 use crate::thread_slot::ThreadSlot;
@@ -61,8 +70,13 @@ static PLACED: Mutex<Vec<Arc<ProbeShared>>> = Mutex::new(Vec::new());
 type Guard = fn(&mut Regs);
 
 /// The C library functions guarded, and their guards.
-const GUARDS: [(&str, Guard); 3] =
-    [("sigaction", guard_sigaction), ("pthread_sigmask", guard_pthread_sigmask), ("syscall", guard_syscall)];
+const GUARDS: [(&str, Guard); 5] = [
+    ("sigaction", guard_sigaction),
+    ("pthread_sigmask", guard_pthread_sigmask),
+    ("syscall", guard_syscall),
+    ("pthread_create", guard_pthread_create),
+    ("execve", guard_execve),
+];
 
 /// Places the guards once per process, before the first probe: called by every probe
 /// registration. Failing to place one is not an error of that registration (the probe
@@ -89,6 +103,7 @@ pub fn guard_failure() -> Option<String> {
 
 fn place_guards() -> Result<(), String> {
     trap::set_thread_state_source(thread_trap_state);
+    adopt_real_block();
     trap::install().map_err(|e| e.to_string())?;
     strip_trap_from_installed_masks();
     // SAFETY: a NUL-terminated name; RTLD_NOLOAD only looks the library up.
@@ -173,6 +188,20 @@ pub fn release_signals() -> Result<(), ProbeError> {
 /// The calling thread's virtual `SIGTRAP` state (see [`trap::set_thread_state_source`]).
 fn thread_trap_state() -> Option<&'static AtomicU8> {
     ThreadSlot::current().map(|(_, slot)| &slot.trap_state)
+}
+
+/// A thread that blocks `SIGTRAP` for real when the guards come — the main thread of an
+/// image `exec`'d by a thread that blocked it (the mask survives `execve`, see execve(2)) —
+/// keeps blocking it, virtually: a breakpoint would kill it otherwise.
+fn adopt_real_block() {
+    let mut mask = 0u64;
+    // SAFETY: a query into a valid u64.
+    unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) };
+    if mask & TRAP_BIT != 0 {
+        trap::set_program_blocks_trap(true);
+        // SAFETY: a valid mask.
+        unsafe { trap::rt_sigprocmask(libc::SIG_UNBLOCK, &TRAP_BIT, std::ptr::null_mut()) };
+    }
 }
 
 /// Handlers installed before the guards (a process attached to) may block `SIGTRAP` while
@@ -393,6 +422,93 @@ fn guard_syscall(regs: &mut Regs) {
         regs.rcx = 0;
         regs.r8 = 8;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// What a thread passes on: to the threads it creates, to the image it executes.
+
+/// A thread created while its creator blocks `SIGTRAP`: its start routine and argument, from
+/// `pthread_create` to the new thread's first instruction (glibc's `pthread_create` gives
+/// the new thread its creator's mask, nptl/pthread_create.c).
+pub(crate) struct BlockedStart {
+    used: AtomicBool,
+    routine: AtomicU64,
+    arg: AtomicU64,
+}
+
+/// Threads being created at once by threads that block `SIGTRAP`. A record is taken back by
+/// the new thread; a `pthread_create` that fails keeps its record for good. With every
+/// record in use, a new thread starts without the blocked bit (as it did before).
+const BLOCKED_STARTS: usize = 256;
+static STARTS: [BlockedStart; BLOCKED_STARTS] =
+    [const { BlockedStart { used: AtomicBool::new(false), routine: AtomicU64::new(0), arg: AtomicU64::new(0) } };
+        BLOCKED_STARTS];
+
+/// `int pthread_create(pthread_t *thread, const pthread_attr_t *attr, void *(*start)(void *),
+/// void *arg)`: when the creator blocks `SIGTRAP`, the new thread starts in a trampoline
+/// ([`crate::arch::blocked_start_trampoline`]) that marks it blocking too, then jumps to
+/// `start(arg)` — returning into the C library's thread start, as without it.
+fn guard_pthread_create(regs: &mut Regs) {
+    if !trap::program_blocks_trap() {
+        return;
+    }
+    let Some(record) =
+        STARTS.iter().find(|s| s.used.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
+    else {
+        return;
+    };
+    record.routine.store(regs.rdx, Ordering::Relaxed);
+    record.arg.store(regs.rcx, Ordering::Relaxed);
+    regs.rdx = crate::arch::blocked_start_trampoline();
+    regs.rcx = record as *const BlockedStart as u64;
+}
+
+/// The first call of a thread created by [`guard_pthread_create`]: marks it blocking
+/// `SIGTRAP`, frees the record and returns the program's start routine and argument.
+pub(crate) extern "C" fn take_blocked_start(record: *const BlockedStart) -> StartRoutine {
+    // SAFETY: the record guard_pthread_create passed as the start argument: one of STARTS.
+    let record = unsafe { &*record };
+    let start =
+        StartRoutine { routine: record.routine.load(Ordering::Relaxed), arg: record.arg.load(Ordering::Relaxed) };
+    record.used.store(false, Ordering::Release);
+    trap::set_program_blocks_trap(true);
+    start
+}
+
+/// `int execve(const char *path, char *const argv[], char *const envp[])` (which `execv`,
+/// `execl`, `execvp`… call): a thread that blocks `SIGTRAP` executes the new image with it
+/// blocked for real, as the mask is kept across `execve` — the guard makes the call itself,
+/// with `SIGTRAP` blocked, and on failure unblocks it and returns `-1` with `errno` set, as
+/// the C library's wrapper does.
+fn guard_execve(regs: &mut Regs) {
+    if !trap::program_blocks_trap() {
+        return;
+    }
+    // The mask the program has: in a breakpoint hit's handler, the one sigreturn restores.
+    let (real, _) = real_mask();
+    let exec_mask = real | TRAP_BIT;
+    let mut saved = 0u64;
+    // SAFETY: valid masks.
+    unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &exec_mask, &mut saved) };
+    // A vfork child shares this slot with its parent (same thread pointer and TCB tid):
+    // the new image must not leave the parent marked as inside a handler.
+    let slot = ThreadSlot::existing();
+    let marks = slot.map(|s| (s.active.swap(0, Ordering::Relaxed), s.trap_mask.swap(0, Ordering::Relaxed)));
+    // SAFETY: the program's own arguments to execve.
+    let failed = unsafe { trap::execve(regs.rdi, regs.rsi, regs.rdx) };
+    if let (Some(slot), Some((active, trap_mask))) = (slot, marks) {
+        slot.active.store(active, Ordering::Relaxed);
+        slot.trap_mask.store(trap_mask, Ordering::Relaxed);
+    }
+    // SAFETY: the mask read above.
+    unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
+    // SAFETY: the calling thread's errno.
+    unsafe { *libc::__errno_location() = -failed as i32 };
+    regs.rax = u64::MAX;
+    // Return to the caller: the return address is at the top of the stack at the entry.
+    // SAFETY: rsp at a function's entry points at its return address.
+    regs.ip = unsafe { (regs.rsp as *const u64).read() };
+    regs.rsp += 8;
 }
 
 // ---------------------------------------------------------------------------------------

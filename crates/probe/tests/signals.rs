@@ -249,3 +249,30 @@ fn an_sa_onstack_handler_runs_on_the_threads_alternate_stack() {
     assert_eq!(call("sig_bp", 1), 3);
     assert_eq!(bp.hits(), 1);
 }
+
+#[test]
+fn a_thread_created_while_its_creator_blocks_sigtrap_blocks_it_too() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    assert_eq!(call("new_thread_blocks", 0), 100, "a thread created while unblocked does not block");
+    assert_eq!(call("new_thread_blocks", 1), 111, "blocks, a raise waits for its unblock, and takes probes");
+    assert_eq!(bp.hits(), 2);
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn the_image_a_thread_blocking_sigtrap_executes_starts_with_it_blocked() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    assert_eq!(in_child(|| call("exec_blocking", 1) as i32), Ok(0), "grep reads SIGTRAP in its SigBlk");
+    assert_eq!(in_child(|| call("exec_blocking", 0) as i32), Ok(1), "and not when the thread did not block it");
+    std::thread::spawn(move || {
+        assert_eq!(call("exec_fails_blocking", 0), 1, "a failed execv returns -1, ENOENT, still blocking");
+        assert_eq!(kernel_blocked_mask() & TRAP_BIT, 0, "SIGTRAP is not really blocked after the failure");
+        assert_eq!(call("sig_bp", 1), 3);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(bp.hits(), 1);
+}

@@ -400,6 +400,16 @@ pub unsafe fn rt_sigprocmask(how: i32, set: *const u64, old: *mut u64) -> i64 {
     unsafe { raw::syscall4(libc::SYS_rt_sigprocmask, how as u64, set as u64, old as u64, 8) }
 }
 
+/// `execve(path, argv, envp)` as a raw system call, for a guard that must make it with a
+/// mask of its choosing. Returns only on failure, with `-errno`.
+///
+/// # Safety
+/// The arguments must be valid for `execve(2)`, as the program passed them.
+pub unsafe fn execve(path: u64, argv: u64, envp: u64) -> i64 {
+    // SAFETY: the caller vouches for the arguments.
+    unsafe { raw::syscall4(libc::SYS_execve, path, argv, envp, 0) }
+}
+
 /// Sends `sig` to the calling thread (raw `tgkill`).
 fn raise_here(sig: i32) {
     // SAFETY: getpid takes no arguments; tgkill to our own thread with a valid signal.

@@ -214,3 +214,48 @@ long onstack_trap(long flags) {
     munmap(alt_base, ALT_SIZE);
     return (long)ret;
 }
+
+#include <errno.h>
+
+/* In a new thread: 1 when it reads SIGTRAP in its mask, plus 10 when a raise(SIGTRAP)
+ * waited for its unblock (on_trap installed), plus 100 when a breakpoint-probed call ran. */
+static void *new_thread_view(void *unused) {
+    (void)unused;
+    long blocked = trap_blocked(0);
+    long seen = traps;
+    raise(SIGTRAP);
+    long waited = traps == seen;
+    block_trap(0);
+    long ok = blocked + 10 * (blocked && waited && traps == seen + 1) + 100 * (sig_bp(1) == 3);
+    return (void *)ok;
+}
+
+/* Creates a thread while blocking SIGTRAP (block 1) or not (0); returns new_thread_view. */
+long new_thread_blocks(long block) {
+    block_trap(block);
+    pthread_t t;
+    void *ret;
+    pthread_create(&t, NULL, new_thread_view, NULL);
+    pthread_join(t, &ret);
+    block_trap(0);
+    return (long)ret;
+}
+
+/* Blocks SIGTRAP (block 1) or not, then executes grep on its own status: the process
+ * exits 0 when the new image blocks SIGTRAP (0x10 in SigBlk, proc(5)), 1 when not. */
+long exec_blocking(long block) {
+    block_trap(block);
+    char *argv[] = {"grep", "-q", "^SigBlk:.*[13579bdf].$", "/proc/self/status", NULL};
+    execv("/usr/bin/grep", argv);
+    return 100 + errno;
+}
+
+/* Blocks SIGTRAP and executes a file that does not exist: 1 when execv failed with ENOENT
+ * and the thread still reads SIGTRAP in its mask. Leaves SIGTRAP blocked. */
+long exec_fails_blocking(long unused) {
+    (void)unused;
+    block_trap(1);
+    char *argv[] = {"none", NULL};
+    long r = execv("/nonexistent/dynprobe-test", argv);
+    return r == -1 && errno == ENOENT && trap_blocked(0);
+}
