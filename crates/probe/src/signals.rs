@@ -32,8 +32,9 @@
 //!
 //! The C library's own internal blocks (around `clone` in `pthread_create`, in `raise` and
 //! `abort`) are raw system calls in its code, a few instructions long, and are not guarded.
-//! Not carried over: the blocked bit into a `posix_spawn` child (its mask is the parent's
-//! real one), and into a child of `fork` (its thread slot starts afresh).
+//! A `fork` child keeps its thread's bit (its thread slot, copied, is kept for it; see
+//! `thread_slot`). Not carried over: the bit into a `posix_spawn` child, whose mask is
+//! the parent's real one.
 
 use crate::arch::StartRoutine;
 use crate::guard::HandlerGuard;

@@ -28,6 +28,9 @@ pub(crate) struct ThreadSlot {
     owner: AtomicUsize,
     /// The owner's kernel thread id.
     tid: AtomicI32,
+    /// The owner's process id: a slot found under the caller's thread pointer but another
+    /// process's id is the forking thread's, copied into its `fork` child.
+    pid: AtomicI32,
     /// Bumped each time the slot changes hands, so that per-slot data kept elsewhere (a
     /// return-probe instance stack) can tell it belongs to a previous owner.
     generation: AtomicU32,
@@ -56,6 +59,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
     ThreadSlot {
         owner: AtomicUsize::new(0),
         tid: AtomicI32::new(0),
+        pid: AtomicI32::new(0),
         generation: AtomicU32::new(0),
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
@@ -106,7 +110,14 @@ impl ThreadSlot {
         // Our own thread pointer in the window: ours already, or left by a dead thread whose
         // TCB we now use (thread pointers of live threads are unique), which we take over.
         if let Some(i) = window(tp).find(|&i| SLOTS[i].owner.load(Ordering::Acquire) == tp) {
+            // A fork child keeps what its thread blocked, as the kernel keeps its mask
+            // (fork(2)); a thread reusing a dead one's TCB starts afresh.
+            let forked = SLOTS[i].pid.load(Ordering::Relaxed) != current_pid();
+            let trap_state = SLOTS[i].trap_state.load(Ordering::Relaxed);
             SLOTS[i].restart(tid);
+            if forked {
+                SLOTS[i].trap_state.store(trap_state, Ordering::Relaxed);
+            }
             return Some((i, &SLOTS[i]));
         }
         for i in window(tp) {
@@ -136,6 +147,7 @@ impl ThreadSlot {
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.pid.store(current_pid(), Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
 }
@@ -158,6 +170,12 @@ pub fn set_current_thread_traced(traced: bool) {
 fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
     let start = home(tp);
     (0..WINDOW).map(move |i| (start + i) % MAX_THREADS)
+}
+
+/// The process id, by a raw system call (the C library caches it, and a probe may be on
+/// its `getpid`).
+fn current_pid() -> i32 {
+    dynprobe_text::raw::getpid()
 }
 
 /// True when thread `tid` of this process still exists.

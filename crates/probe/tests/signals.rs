@@ -276,3 +276,14 @@ fn the_image_a_thread_blocking_sigtrap_executes_starts_with_it_blocked() {
     .unwrap();
     assert_eq!(bp.hits(), 1);
 }
+
+#[test]
+fn a_fork_child_of_a_thread_blocking_sigtrap_blocks_it_too() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    let seen = call("traps_seen", 0);
+    assert_eq!(call("forked_child_blocks", 0), 11, "the child reads SIGTRAP blocked and its raise waits");
+    assert_eq!(call("traps_seen", 0), seen, "the parent saw none of it");
+    assert_eq!(call("trap_disposition", 0), 0);
+}

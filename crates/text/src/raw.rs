@@ -69,6 +69,12 @@ pub(crate) unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u
     ret
 }
 
+/// The calling process's id.
+pub fn getpid() -> i32 {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    unsafe { syscall4(libc::SYS_getpid, 0, 0, 0, 0) as i32 }
+}
+
 /// The calling thread's id.
 pub fn gettid() -> i32 {
     // SAFETY: gettid takes no arguments and cannot fail.

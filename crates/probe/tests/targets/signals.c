@@ -259,3 +259,22 @@ long exec_fails_blocking(long unused) {
     long r = execv("/nonexistent/dynprobe-test", argv);
     return r == -1 && errno == ENOENT && trap_blocked(0);
 }
+
+#include <sys/wait.h>
+
+/* Blocks SIGTRAP and forks: the child exits with 1 when it reads SIGTRAP in its mask, plus
+ * 10 when its raise(SIGTRAP) waits (on_trap installed). Returns that status. */
+long forked_child_blocks(long unused) {
+    (void)unused;
+    block_trap(1);
+    pid_t pid = fork();
+    if (pid == 0) {
+        long seen = traps;
+        raise(SIGTRAP);
+        _exit((int)(trap_blocked(0) + 10 * (traps == seen)));
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    block_trap(0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+}
