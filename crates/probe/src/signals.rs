@@ -24,6 +24,10 @@
 //! would. A guard reached through its breakpoint, before it is optimized, changes the mask
 //! saved in the signal frame, which the kernel restores at `sigreturn`.
 //!
+//! A `SIGTRAP` sent while the program blocks it is held by the dispatcher ([`trap`]); the
+//! guards on `sigtimedwait` (which `sigwait` and `sigwaitinfo` call), `sigsuspend` and
+//! `sigpending` give it to the program as the kernel would give a pending signal.
+//!
 //! What a thread passes on is guarded too: `pthread_create` gives a thread created while
 //! its creator blocks `SIGTRAP` the blocked bit (its start routine goes through a
 //! trampoline that sets it), and `execve` (which the other `exec` functions call) makes
@@ -39,14 +43,14 @@
 use crate::arch::StartRoutine;
 use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
-use crate::thread_slot::ThreadSlot;
+use crate::thread_slot::{slot_of_thread, ThreadSlot};
 use crate::{registry, Probe, ProbeError, Regs};
 use dynprobe_arch::native::signal_syscalls;
 use dynprobe_symbols::SymbolTable;
 use dynprobe_text::memory;
-use dynprobe_text::trap::{self, KernelSigaction, SA_RESTORER, TRAP_BIT};
+use dynprobe_text::trap::{self, KernelSigaction, SigInfo, TrapState, SA_RESTORER, TRAP_BIT};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,12 +75,15 @@ static PLACED: Mutex<Vec<Arc<ProbeShared>>> = Mutex::new(Vec::new());
 type Guard = fn(&mut Regs);
 
 /// The C library functions guarded, and their guards.
-const GUARDS: [(&str, Guard); 5] = [
+const GUARDS: [(&str, Guard); 8] = [
     ("sigaction", guard_sigaction),
     ("pthread_sigmask", guard_pthread_sigmask),
     ("syscall", guard_syscall),
     ("pthread_create", guard_pthread_create),
     ("execve", guard_execve),
+    ("sigtimedwait", guard_sigtimedwait),
+    ("sigsuspend", guard_sigsuspend),
+    ("sigpending", guard_sigpending),
 ];
 
 /// Places the guards once per process, before the first probe: called by every probe
@@ -103,7 +110,7 @@ pub fn guard_failure() -> Option<String> {
 }
 
 fn place_guards() -> Result<(), String> {
-    trap::set_thread_state_source(thread_trap_state);
+    trap::set_thread_state_source(thread_trap_state, thread_refuses_trap);
     adopt_real_block();
     trap::install().map_err(|e| e.to_string())?;
     strip_trap_from_installed_masks();
@@ -187,8 +194,15 @@ pub fn release_signals() -> Result<(), ProbeError> {
 }
 
 /// The calling thread's virtual `SIGTRAP` state (see [`trap::set_thread_state_source`]).
-fn thread_trap_state() -> Option<&'static AtomicU8> {
+fn thread_trap_state() -> Option<&'static TrapState> {
     ThreadSlot::current().map(|(_, slot)| &slot.trap_state)
+}
+
+/// Whether thread `tid` blocks `SIGTRAP` or is dynprobe's own (untraced): a `SIGTRAP` sent
+/// to the process must not be passed to it. A thread without a slot never called a guard,
+/// so it cannot block `SIGTRAP`.
+fn thread_refuses_trap(tid: i32) -> bool {
+    slot_of_thread(tid).is_some_and(|slot| slot.trap_state.blocked() || slot.untraced.load(Ordering::Relaxed))
 }
 
 /// A thread that blocks `SIGTRAP` for real when the guards come — the main thread of an
@@ -503,13 +517,76 @@ fn guard_execve(regs: &mut Regs) {
     }
     // SAFETY: the mask read above.
     unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
-    // SAFETY: the calling thread's errno.
-    unsafe { *libc::__errno_location() = -failed as i32 };
-    regs.rax = u64::MAX;
-    // Return to the caller: the return address is at the top of the stack at the entry.
+    fail_call(regs, -failed as i32);
+}
+
+/// Makes the guarded call return `value` to its caller at once, instead of running: the
+/// return address is at the top of the stack at a function's entry.
+fn return_from_call(regs: &mut Regs, value: u64) {
+    regs.rax = value;
     // SAFETY: rsp at a function's entry points at its return address.
     regs.ip = unsafe { (regs.rsp as *const u64).read() };
     regs.rsp += 8;
+}
+
+/// Makes the guarded call fail at once with `errno`, as the C library's wrappers do: -1.
+fn fail_call(regs: &mut Regs, errno: i32) {
+    // SAFETY: the calling thread's errno.
+    unsafe { *libc::__errno_location() = errno };
+    return_from_call(regs, u64::MAX);
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting for a signal, and asking what is pending.
+
+/// `int sigtimedwait(const sigset_t *set, siginfo_t *info, const struct timespec *timeout)`
+/// (which `sigwait` and `sigwaitinfo` call): a `SIGTRAP` held while the thread blocks it is
+/// pending, so waiting for it returns it at once with its `siginfo` — the C library's
+/// wrapper shows a `tgkill`'s `SI_TKILL` as `SI_USER` (sysdeps/unix/sysv/linux/
+/// sigtimedwait.c). One sent later is the kernel's to give the waiter
+/// ([`trap`] passes a process-directed one to a thread waiting for it).
+fn guard_sigtimedwait(regs: &mut Regs) {
+    // SAFETY: the C library reads `*set` the same way; a bad pointer faults as it would.
+    let set = unsafe { (regs.rdi as *const u64).read_volatile() };
+    if set & TRAP_BIT == 0 {
+        return;
+    }
+    let Some(mut info) = trap::take_held_trap() else { return };
+    if regs.rsi != 0 {
+        // si_code, the third int of siginfo_t.
+        if info[1] as u32 as i32 == SI_TKILL {
+            info[1] &= !0xffff_ffff;
+        }
+        // SAFETY: the program passed `info` for the kernel to write a siginfo_t there.
+        unsafe { (regs.rsi as *mut SigInfo).write_volatile(info) };
+    }
+    return_from_call(regs, libc::SIGTRAP as u64);
+}
+
+/// `si_code` of a signal sent by `tgkill`.
+const SI_TKILL: i32 = -6;
+
+/// `int sigsuspend(const sigset_t *mask)`: with `SIGTRAP` held and not in `mask`, the
+/// kernel would deliver it at once and return `EINTR`.
+fn guard_sigsuspend(regs: &mut Regs) {
+    // SAFETY: the C library reads `*mask` the same way; a bad pointer faults as it would.
+    let mask = unsafe { (regs.rdi as *const u64).read_volatile() };
+    if mask & TRAP_BIT == 0 && trap::deliver_held_now() {
+        fail_call(regs, libc::EINTR);
+    }
+}
+
+/// `int sigpending(sigset_t *set)`: a `SIGTRAP` held is pending.
+fn guard_sigpending(regs: &mut Regs) {
+    if !trap::trap_is_held() {
+        return;
+    }
+    let mut pending = 0u64;
+    // SAFETY: a valid u64 for the kernel's 8-byte set.
+    unsafe { trap::rt_sigpending(&mut pending) };
+    // SAFETY: the program passed `set` for the kernel to write; a bad one faults here.
+    unsafe { (regs.rdi as *mut u64).write_volatile(pending | TRAP_BIT) };
+    return_from_call(regs, 0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
 use crate::arch::{current_tid, thread_pointer};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use dynprobe_text::trap::TrapState;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -45,7 +46,7 @@ pub(crate) struct ThreadSlot {
     /// threads, and the agent while it sets up).
     pub(crate) untraced: AtomicBool,
     /// The owner's virtual `SIGTRAP` state (see `dynprobe_text::trap::ThreadStateFn`).
-    pub(crate) trap_state: AtomicU8,
+    pub(crate) trap_state: TrapState,
     /// While the owner runs the pre-handlers of a breakpoint hit: the address of the mask
     /// word its signal frame restores at `sigreturn` (a signal guard's mask change must go
     /// there, or it would be undone); 0 otherwise.
@@ -64,7 +65,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
         untraced: AtomicBool::new(false),
-        trap_state: AtomicU8::new(0),
+        trap_state: TrapState::new(),
         trap_mask: AtomicUsize::new(0),
         hidden: AtomicBool::new(false),
     }
@@ -113,16 +114,12 @@ impl ThreadSlot {
             // A fork child keeps what its thread blocked, as the kernel keeps its mask
             // (fork(2)); a thread reusing a dead one's TCB starts afresh.
             let forked = SLOTS[i].pid.load(Ordering::Relaxed) != current_pid();
-            let trap_state = SLOTS[i].trap_state.load(Ordering::Relaxed);
-            SLOTS[i].restart(tid);
-            if forked {
-                SLOTS[i].trap_state.store(trap_state, Ordering::Relaxed);
-            }
+            SLOTS[i].restart(tid, !forked);
             return Some((i, &SLOTS[i]));
         }
         for i in window(tp) {
             if SLOTS[i].owner.compare_exchange(0, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                SLOTS[i].restart(tid);
+                SLOTS[i].restart(tid, true);
                 return Some((i, &SLOTS[i]));
             }
         }
@@ -132,24 +129,34 @@ impl ThreadSlot {
                 && !thread_alive(SLOTS[i].tid.load(Ordering::Acquire))
                 && SLOTS[i].owner.compare_exchange(old, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             {
-                SLOTS[i].restart(tid);
+                SLOTS[i].restart(tid, true);
                 return Some((i, &SLOTS[i]));
             }
         }
         None
     }
 
-    fn restart(&self, tid: i32) {
+    /// Makes the slot thread `tid`'s; `new_thread`: also its virtual `SIGTRAP` state, which
+    /// a fork child keeps.
+    fn restart(&self, tid: i32, new_thread: bool) {
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
         self.untraced.store(false, Ordering::Relaxed);
-        self.trap_state.store(0, Ordering::Relaxed);
+        if new_thread {
+            self.trap_state.reset();
+        }
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.pid.store(current_pid(), Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
+}
+
+/// The slot of live thread `tid` of this process, if it has one (a scan of the table: for
+/// rare questions about another thread).
+pub(crate) fn slot_of_thread(tid: i32) -> Option<&'static ThreadSlot> {
+    SLOTS.iter().find(|s| s.owner.load(Ordering::Relaxed) != 0 && s.tid.load(Ordering::Relaxed) == tid)
 }
 
 /// The calling thread's slot index (below [`MAX_THREADS`]), claiming one on first use;

@@ -287,3 +287,28 @@ fn a_fork_child_of_a_thread_blocking_sigtrap_blocks_it_too() {
     assert_eq!(call("traps_seen", 0), seen, "the parent saw none of it");
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn a_sigtrap_sent_while_blocked_is_pending_for_sigwait_and_sigpending() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    for (way, sent) in ["raise", "kill"].iter().enumerate() {
+        for (how, wait) in ["sigwait", "sigwaitinfo", "sigtimedwait"].iter().enumerate() {
+            let code = (way * 10 + how) as i64;
+            assert_eq!(in_child(|| call("wait_for_held", code) as i32), Ok(0), "{sent}, then {wait}");
+        }
+    }
+    assert_eq!(in_child(|| call("suspend_with_held", 0) as i32), Ok(0), "sigsuspend delivers it");
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn a_sigtrap_sent_to_the_process_goes_to_a_thread_that_takes_it() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    assert_eq!(in_child(|| call("kill_to_blocking_process", 1) as i32), Ok(0), "to the thread in sigwaitinfo");
+    assert_eq!(in_child(|| call("kill_to_blocking_process", 0) as i32), Ok(0), "to the first thread to unblock");
+    assert_eq!(call("trap_disposition", 0), 0);
+}

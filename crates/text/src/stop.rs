@@ -817,7 +817,7 @@ fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
 /// Calls `f` with the id of every thread listed in `/proc/self/task`, reading the directory
 /// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
 /// holding the allocator's lock). Returns the errno when the directory cannot be read.
-fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
+pub(crate) fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
     let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
     // SAFETY: the path is a NUL-terminated literal.
     let fd = unsafe { libc::open(c"/proc/self/task".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
@@ -943,6 +943,16 @@ fn blocked_at(tid: i32) -> Option<(u64, u64)> {
         pc = Some(field);
     }
     Some((parse_hex(sp?)?, parse_hex(pc?)?))
+}
+
+/// The system call thread `tid` is blocked in, from `/proc/self/task/<tid>/syscall`: its
+/// number and first argument (`None` while it runs or is not in a system call).
+pub(crate) fn system_call_of(tid: i32) -> Option<(i64, u64)> {
+    let mut buf = [0u8; 256];
+    let n = read_task_file(tid, b"syscall", &mut buf).ok()?;
+    let mut fields = buf[..n].split(|&b| b == b' ' || b == b'\n').filter(|f| !f.is_empty());
+    let nr = parse_decimal(fields.next()?)?;
+    Some((i64::from(nr), parse_hex(fields.next()?)?))
 }
 
 /// `0x…` as a number.

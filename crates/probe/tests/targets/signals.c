@@ -278,3 +278,113 @@ long forked_child_blocks(long unused) {
     block_trap(0);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
 }
+
+#include <time.h>
+
+static long trap_pending(void) {
+    sigset_t pending;
+    sigemptyset(&pending);
+    sigpending(&pending);
+    return sigismember(&pending, SIGTRAP);
+}
+
+/* With SIGTRAP blocked, sends one (way 0: raise, 1: kill) and waits for it (how 0: sigwait,
+ * 1: sigwaitinfo, 2: sigtimedwait), under a 5 s alarm. Returns 0 when it was pending
+ * before the wait and not after, the wait returned it at once (with SI_USER and our pid
+ * for the two that say), no handler ran and unblocking delivers nothing; else the number
+ * of the first check that failed. */
+long wait_for_held(long way_how) {
+    long way = way_how / 10, how = way_how % 10;
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    if (way == 0)
+        raise(SIGTRAP);
+    else
+        kill(getpid(), SIGTRAP);
+    if (!trap_pending())
+        return 1;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTRAP);
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    info.si_pid = getpid();
+    int sig = -1;
+    if (how == 0) {
+        if (sigwait(&set, &sig) != 0)
+            return 2;
+    } else if (how == 1) {
+        sig = sigwaitinfo(&set, &info);
+    } else {
+        struct timespec ts = {1, 0};
+        sig = sigtimedwait(&set, &info, &ts);
+    }
+    if (sig != SIGTRAP)
+        return 3;
+    if (info.si_code != SI_USER || info.si_pid != getpid())
+        return 4;
+    if (trap_pending())
+        return 5;
+    block_trap(0);
+    return traps == seen ? 0 : 6;
+}
+
+/* With SIGTRAP blocked, raise(SIGTRAP), then sigsuspend on a mask without it: 0 when it
+ * returned EINTR after the handler ran once, and unblocking delivers nothing more. */
+long suspend_with_held(long unused) {
+    (void)unused;
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    raise(SIGTRAP);
+    sigset_t mask;
+    sigemptyset(&mask);
+    long r = sigsuspend(&mask);
+    if (r != -1 || errno != EINTR || traps != seen + 1)
+        return 1;
+    block_trap(0);
+    return traps == seen + 1 ? 0 : 2;
+}
+
+static void *wait_trap_thread(void *unused) {
+    (void)unused;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTRAP);
+    siginfo_t info;
+    return (void *)(long)sigwaitinfo(&set, &info);
+}
+
+static volatile int go;
+static void *unblock_later(void *unused) {
+    (void)unused;
+    long seen = traps;
+    while (!go)
+        usleep(1000);
+    block_trap(0);
+    return (void *)(traps - seen);
+}
+
+/* A kill(getpid(), SIGTRAP) while this thread blocks SIGTRAP, in a process whose other
+ * thread (created blocking it too) `waits` for it in sigwaitinfo (1), or unblocks it a
+ * moment later (0). Returns 0 when that thread got it (sigwaitinfo returned SIGTRAP, or
+ * its handler ran once there) and nothing reaches this thread as it unblocks. */
+long kill_to_blocking_process(long waits) {
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    go = 0;
+    pthread_t t;
+    pthread_create(&t, NULL, waits ? wait_trap_thread : unblock_later, NULL);
+    usleep(100 * 1000);
+    kill(getpid(), SIGTRAP);
+    go = 1;
+    void *ret;
+    pthread_join(t, &ret);
+    if ((long)ret != (waits ? SIGTRAP : 1))
+        return 1;
+    long after = traps;
+    block_trap(0);
+    return traps == after && after == seen + !waits ? 0 : 2;
+}
