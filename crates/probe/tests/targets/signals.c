@@ -71,15 +71,18 @@ static void on_trap(int sig, siginfo_t *info, void *uc) {
 long traps_seen(long unused) { (void)unused; return traps; }
 long last_trap_code(long unused) { (void)unused; return last_code; }
 
-/* Installs on_trap with sigaction and SA_SIGINFO | flags. */
-long install_handler(long flags) {
+/* Installs `handler` for SIGTRAP with sigaction and SA_SIGINFO | flags. */
+static long install(void (*handler)(int, siginfo_t *, void *), long flags) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_trap;
+    sa.sa_sigaction = handler;
     sa.sa_flags = SA_SIGINFO | (int)flags;
     sigemptyset(&sa.sa_mask);
     return sigaction(SIGTRAP, &sa, NULL);
 }
+
+/* Installs on_trap with sigaction and SA_SIGINFO | flags. */
+long install_handler(long flags) { return install(on_trap, flags); }
 
 /* Sets SIGTRAP's action to SIG_DFL (0) or SIG_IGN (1) with signal(). */
 long trap_disposition(long ignore) {
@@ -186,11 +189,7 @@ static void *onstack_thread(void *flags) {
     stack_t ss = {.ss_sp = alt_base, .ss_size = ALT_SIZE, .ss_flags = (int)(long)flags};
     if (sigaltstack(&ss, NULL) != 0)
         return (void *)-1L;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_trap_onstack;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESETHAND;
-    sigaction(SIGTRAP, &sa, NULL);
+    install(on_trap_onstack, SA_ONSTACK | SA_NODEFER | SA_RESETHAND);
     __asm__ volatile("int3");
     stack_t after;
     sigaltstack(NULL, &after);
