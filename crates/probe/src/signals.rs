@@ -104,6 +104,18 @@ pub(crate) fn ensure_guards() {
     GUARDED.store(true, Ordering::Release);
 }
 
+/// Places the signal guards now, as the first probe does (they stay until
+/// [`release_signals`]); `Err` says why not all of them could be placed.
+pub fn place_signal_guards() -> Result<(), String> {
+    ensure_guards();
+    guard_failure().map_or(Ok(()), Err)
+}
+
+/// Whether the signal guards are in place (or were tried) in this process.
+pub fn signal_guards_placed() -> bool {
+    GUARDED.load(Ordering::Acquire)
+}
+
 /// Why the guards could not all be placed, if so.
 pub fn guard_failure() -> Option<String> {
     PLACING.lock().unwrap_or_else(|e| e.into_inner()).clone()
