@@ -761,25 +761,44 @@ fn alternate_stack_top(uc: &libc::ucontext_t) -> Option<u64> {
 /// `handler` must be a signal handler of the program, `top` the 16-byte aligned end of
 /// memory the thread may use as its stack.
 unsafe fn run_on_stack(handler: u64, sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void, top: u64) {
-    // SAFETY: r12 is callee-saved, so it holds our stack pointer across the call; the call
-    // pushes its return address at top - 8, leaving rsp 16-byte aligned at the callee's
-    // entry minus 8, as the ABI wants. Every caller-saved register is declared clobbered.
-    unsafe {
-        core::arch::asm!(
-            "mov r12, rsp",
-            "mov rsp, {top}",
-            "call {handler}",
-            "mov rsp, r12",
-            top = in(reg) top,
-            handler = in(reg) handler,
-            in("rdi") sig as i64,
-            in("rsi") info,
-            in("rdx") uc,
-            out("r12") _,
-            clobber_abi("C"),
-        );
-    }
+    // SAFETY: the trampoline follows the C calling convention; the caller vouches for the
+    // handler and the stack.
+    unsafe { dynprobe_call_on_stack(sig as i64, info, uc, handler, top) }
 }
+
+extern "C" {
+    /// `handler(sig, info, uc)` with `rsp` at `top`. Its frame is described to unwinders
+    /// through `rbp` (`.cfi_def_cfa_register`), so that a handler that unwinds its own
+    /// stack — LLVM's prints a backtrace — walks back through the dispatcher to the signal
+    /// frame and the interrupted code, as from the kernel's own frame on that stack.
+    fn dynprobe_call_on_stack(sig: i64, info: *mut libc::siginfo_t, uc: *mut libc::c_void, handler: u64, top: u64);
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.dynprobe_call_on_stack,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl dynprobe_call_on_stack",
+    ".hidden dynprobe_call_on_stack",
+    ".type dynprobe_call_on_stack,@function",
+    "dynprobe_call_on_stack:",
+    ".cfi_startproc",
+    "push rbp",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbp, -16",
+    "mov rbp, rsp",
+    ".cfi_def_cfa_register rbp",
+    // top is 16-byte aligned: the call leaves the handler's entry at 16n + 8, as the ABI
+    // wants.
+    "mov rsp, r8",
+    "call rcx",
+    "mov rsp, rbp",
+    "pop rbp",
+    ".cfi_def_cfa rsp, 8",
+    "ret",
+    ".cfi_endproc",
+    ".size dynprobe_call_on_stack,.-dynprobe_call_on_stack",
+    ".popsection",
+);
 
 /// Ends the process by `sig`'s default action, as the kernel does: the kernel's action is
 /// reset to `SIG_DFL` and the signal sent again, delivered as this handler returns.

@@ -165,8 +165,10 @@ long usr1_full_mask(long unused) {
     return in_usr1 + 1000 * sigismember(&back.sa_mask, SIGTRAP);
 }
 
+#include <execinfo.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 
 #define ALT_SIZE (1 << 20)
 static char *volatile alt_base;
@@ -176,12 +178,18 @@ static volatile long on_alt;
 static void on_trap_onstack(int sig, siginfo_t *info, void *uc) {
     (void)sig;
     (void)info;
-    (void)uc;
     volatile char big[256 << 10];
     big[0] = 1;
     big[sizeof big - 1] = 1;
     char *here = (char *)&big[0];
     on_alt = here >= alt_base && here < alt_base + ALT_SIZE;
+    /* Its own backtrace (LLVM prints one) walks back to the interrupted code. */
+    void *frames[64];
+    int n = backtrace(frames, 64);
+    void *rip = (void *)((ucontext_t *)uc)->uc_mcontext.gregs[REG_RIP];
+    for (int i = 0; i < n; i++)
+        if (frames[i] == rip)
+            on_alt += 100;
     traps++;
 }
 
@@ -199,8 +207,11 @@ static void *onstack_thread(void *flags) {
 
 /* Runs, in a thread with a 64 KiB stack and a 1 MiB alternate stack (sigaltstack flags
  * `flags`: 0 or SS_AUTODISARM), an int3 whose SA_ONSTACK handler needs 256 KiB of stack.
- * Returns 11 when the handler ran on the alternate stack and the thread still has it. */
+ * Returns 111 when the handler ran on the alternate stack, its backtrace() reached the
+ * int3, and the thread still has the stack. */
 long onstack_trap(long flags) {
+    void *warm[1];
+    backtrace(warm, 1); /* loads the unwinder before the handler needs it */
     alt_base = mmap(NULL, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     on_alt = 0;
     pthread_attr_t attr;
