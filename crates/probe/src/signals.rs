@@ -142,6 +142,11 @@ fn place_guards() -> Result<(), String> {
         }
         let mut probe = Probe::at(addr).on_hit(guard);
         probe.internal = true;
+        if name == "syscall" {
+            // Most calls are other system calls (a Rust program's futexes): they skip the
+            // guard's detour entirely.
+            probe.entry_filter = &SIGNAL_SYSCALLS;
+        }
         match registry::register(probe) {
             // Kept until release_signals: the guards are the program's SIGTRAP.
             Ok(shared) => PLACED.lock().unwrap_or_else(|e| e.into_inner()).push(shared),
@@ -416,6 +421,9 @@ fn guard_pthread_sigmask(regs: &mut Regs) {
         regs.rdx = 0;
     }
 }
+
+/// The system call numbers [`guard_syscall`] looks at.
+const SIGNAL_SYSCALLS: [i32; 2] = [libc::SYS_rt_sigaction as i32, libc::SYS_rt_sigprocmask as i32];
 
 /// `long syscall(long nr, ...)` with `nr` `SYS_rt_sigaction` or `SYS_rt_sigprocmask`: the
 /// kernel's structures, the arguments in `rsi, rdx, rcx, r8`.

@@ -313,3 +313,32 @@ fn a_sigtrap_sent_to_the_process_goes_to_a_thread_that_takes_it() {
     assert_eq!(in_child(|| call("kill_to_blocking_process", 0) as i32), Ok(0), "to the first thread to unblock");
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn a_probe_on_syscall_sees_every_call_the_guard_lets_through() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static GETPPID: AtomicU64 = AtomicU64::new(0);
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    // The guard's detour skips calls of other system calls; a probe of the program's own on
+    // the same function must see them all.
+    let probe = Probe::at("libc:syscall")
+        .on_hit(|regs| {
+            if regs.arg(0) == libc::SYS_getppid as u64 {
+                GETPPID.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    for _ in 0..10 {
+        // SAFETY: getppid takes no arguments.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+    assert_eq!(GETPPID.load(Ordering::Relaxed), 10);
+    std::thread::spawn(|| assert_eq!(call("block_all", 2), 0, "syscall(SYS_rt_sigprocmask) is still guarded"))
+        .join()
+        .unwrap();
+    // Those calls, the thread's rt_sigprocmask, and its futexes (Rust's, through syscall()).
+    assert!(probe.unregister().unwrap().hits >= 11);
+}
