@@ -177,8 +177,9 @@ fn place_guards() -> Result<(), String> {
 }
 
 /// Removes the guards and gives `SIGTRAP` back to the program — its own action becomes the
-/// kernel's again, the handlers whose `sa_mask` it asked `SIGTRAP` in get it back, and the
-/// calling thread blocks it for real if the program asked — once
+/// kernel's again, the handlers whose `sa_mask` it asked `SIGTRAP` in get it back, the
+/// calling thread blocks it for real if the program asked, and a `SIGTRAP` held for the
+/// calling thread or the process goes back to the kernel, pending — once
 /// no other probe is left (the end of an attach session: nothing of dynprobe runs in the
 /// program afterwards). The next probe places the guards again.
 ///
@@ -202,10 +203,14 @@ pub fn release_signals() -> Result<(), ProbeError> {
     }
     trap::uninstall()?;
     restore_trap_in_masks();
-    if trap::set_program_blocks_trap(false) {
+    // The calling thread blocks SIGTRAP for real if the program asked, and dynprobe's own
+    // (the session's) from now on, before the held SIGTRAPs go back to the kernel: the
+    // program's handler must not run on dynprobe's thread.
+    if trap::take_program_blocks_trap() || crate::own_thread::current_thread_is_own() {
         // SAFETY: a valid mask.
         unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, &TRAP_BIT, std::ptr::null_mut()) };
     }
+    trap::release_held();
     GUARDED.store(false, Ordering::Release);
     Ok(())
 }

@@ -342,3 +342,30 @@ fn a_probe_on_syscall_sees_every_call_the_guard_lets_through() {
     // Those calls, the thread's rt_sigprocmask, and its futexes (Rust's, through syscall()).
     assert!(probe.unregister().unwrap().hits >= 11);
 }
+
+#[test]
+fn a_sigtrap_held_when_the_signals_are_released_stays_pending_in_the_kernel() {
+    let _serial = common::serial();
+    std::thread::spawn(|| {
+        let seen = {
+            let (_bp, _jump) = probes();
+            assert_eq!(call("install_handler", 0), 0);
+            assert_eq!(call("block_trap", 1), 0);
+            let seen = call("traps_seen", 0);
+            assert_eq!(call("own_raise", 0), 0);
+            assert_eq!(call("traps_seen", 0), seen, "held while blocked");
+            seen
+        };
+        dynprobe_probe::release_signals().unwrap();
+        assert_ne!(kernel_blocked_mask() & TRAP_BIT, 0, "SIGTRAP is blocked for real now");
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let pending = status.lines().find_map(|l| l.strip_prefix("SigPnd:")).unwrap();
+        assert_ne!(u64::from_str_radix(pending.trim(), 16).unwrap() & TRAP_BIT, 0, "and pending in the kernel");
+        assert_eq!(call("traps_seen", 0), seen);
+        assert_eq!(call("block_trap", 0), 0);
+        assert_eq!(call("traps_seen", 0), seen + 1, "delivered once at the unblock");
+        assert_eq!(call("trap_disposition", 0), 0);
+    })
+    .join()
+    .unwrap();
+}

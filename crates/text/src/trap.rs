@@ -479,6 +479,34 @@ pub fn set_program_blocks_trap(blocked: bool) -> bool {
     old
 }
 
+/// Forgets whether the program asked the calling thread to block `SIGTRAP`, delivering
+/// nothing; returns the answer (see [`release_held`]).
+pub fn take_program_blocks_trap() -> bool {
+    thread_state().is_some_and(|s| s.blocked.swap(false, Ordering::Relaxed))
+}
+
+/// Gives the `SIGTRAP`s held back to the kernel, at the end of a session (after
+/// [`uninstall`]): the calling thread's is sent to itself, pending there if it now blocks
+/// `SIGTRAP` for real; the process's is sent to the process, with its own `siginfo` when
+/// the kernel accepts it, for the kernel to give to a thread that takes it. (What other
+/// threads hold cannot be sent back as theirs: the kernel accepts another thread's
+/// `siginfo` only for a queued signal; they keep it until they unblock or wait.)
+pub fn release_held() {
+    if let Some(info) = thread_state().and_then(|s| s.held.take()) {
+        send_to(raw::gettid(), &info);
+    }
+    if let Some(info) = PROCESS_HELD.take() {
+        let pid = raw::getpid() as u64;
+        // SAFETY: a 128-byte siginfo for the kernel to read; kill of our own process.
+        unsafe {
+            let sent = raw::syscall4(libc::SYS_rt_sigqueueinfo, pid, libc::SIGTRAP as u64, info.as_ptr() as u64, 0);
+            if sent != 0 {
+                raw::syscall4(libc::SYS_kill, pid, libc::SIGTRAP as u64, 0, 0);
+            }
+        }
+    }
+}
+
 /// Delivers to the calling thread, now, the `SIGTRAP`s held for it and for the process:
 /// sent again to itself with their own `siginfo` (`rt_tgsigqueueinfo` to oneself accepts
 /// any `si_code`, kernel/signal.c `do_rt_tgsigqueueinfo`), they reach the program's action
