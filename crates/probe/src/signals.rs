@@ -14,7 +14,9 @@
 //! changes a signal action or a thread's mask — `sigaction` (which `signal`, `bsd_signal`,
 //! `sysv_signal` and `sigset` call), `pthread_sigmask` (which `sigprocmask`, `sighold`,
 //! `siglongjmp` call) and `syscall()` for `SYS_rt_sigaction` / `SYS_rt_sigprocmask`. Each
-//! is jump-optimized as soon as it is placed, so a guard costs no trap. Its handler does
+//! is jump-optimized as soon as it is placed, so a guard costs no trap; the one on
+//! `syscall()` filters at its detour's entry, so that other system calls (a Rust program's
+//! futexes) pass it without saving anything. Its handler does
 //! the call's work itself with raw system calls — `SIGTRAP`'s action into the chained
 //! action, `SIGTRAP` taken out of the mask being set (and out of every other handler's
 //! `sa_mask`, which would block it while that handler runs), the program's view written
