@@ -86,6 +86,10 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         assert!(ns > 0.0, "`{trap_row}` adds {ns} ns per hit");
     }
 
+    // The guard on syscall(): measured against the same call before the guards exist.
+    let guarded = row(&rows, "syscall-guarded");
+    assert!(ns_per_hit(&rows, "syscall-plain") > 0.0 && guarded["x_syscall_plain"].is_number(), "{guarded}");
+
     let int3_probe = row(&rows, "int3-probe");
     assert!(ns_per_hit(&rows, "int3-probe") > 0.0, "{int3_probe}");
     assert!(int3_probe["x_sigtrap_floor"].is_number(), "{int3_probe}");

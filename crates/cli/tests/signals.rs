@@ -19,18 +19,18 @@ fn program() -> &'static Path {
     BUILT.get_or_init(|| build_c("signals.c", "signals", &[]))
 }
 
-fn alone() -> String {
-    let out = Command::new(program()).arg(ROUNDS).output().unwrap();
+fn alone(args: &[&str]) -> String {
+    let out = Command::new(program()).args(args).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = stdout_of(&out);
     assert!(text.contains("traps=3 reset=1"), "the program sees each of its 3 traps once: {text}");
     text
 }
 
-/// Runs `dynprobe COMMAND -o OUT OPTIONS SPEC -- program ROUNDS` for each of breakpoint
+/// Runs `dynprobe COMMAND -o OUT OPTIONS SPEC -- program ARGS` for each of breakpoint
 /// probes (`--no-optimize`) and jumps, checks that the program printed what it prints
 /// alone, and returns, per mode, how many of `OUT`'s (or its replay's) lines name `work`.
-fn run_under(command: &str, spec: &[&str], out_name: &str) -> Vec<usize> {
+fn run_under(command: &str, spec: &[&str], args: &[&str], out_name: &str) -> Vec<usize> {
     let mut counts = Vec::new();
     for options in [&["--no-optimize"][..], &[]] {
         let out_path = common::scratch().join(format!("{out_name}{}", options.len()));
@@ -42,11 +42,11 @@ fn run_under(command: &str, spec: &[&str], out_name: &str) -> Vec<usize> {
             .args(spec)
             .arg("--")
             .arg(program())
-            .arg(ROUNDS)
+            .args(args)
             .output()
             .unwrap();
         assert!(out.status.success(), "{command} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout_of(&out), alone(), "{command} {options:?}");
+        assert_eq!(stdout_of(&out), alone(args), "{command} {options:?}");
         let lines = match command {
             "record" => stdout_of(&dynprobe().arg("replay").arg(&out_path).output().unwrap()),
             _ => std::fs::read_to_string(&out_path).unwrap(),
@@ -58,10 +58,19 @@ fn run_under(command: &str, spec: &[&str], out_name: &str) -> Vec<usize> {
 
 #[test]
 fn probe_started_with_breakpoints_and_jumps_sees_every_call_and_changes_nothing() {
-    assert_eq!(run_under("probe", &["p:work"], "signals-hits"), [CALLS, CALLS]);
+    assert_eq!(run_under("probe", &["p:work"], &[ROUNDS], "signals-hits"), [CALLS, CALLS]);
 }
 
 #[test]
 fn record_started_with_breakpoints_and_jumps_sees_every_call_and_changes_nothing() {
-    assert_eq!(run_under("record", &["-F", "work"], "signals-trace"), [CALLS, CALLS]);
+    assert_eq!(run_under("record", &["-F", "work"], &[ROUNDS], "signals-trace"), [CALLS, CALLS]);
+}
+
+#[test]
+fn an_image_executed_with_sigtrap_blocked_keeps_it_blocked_and_takes_its_probes() {
+    let args = ["exec", ROUNDS];
+    assert!(alone(&args).starts_with("blocked=1 first=4\n"), "{}", alone(&args));
+    // The new image's first call of work() comes while it blocks SIGTRAP.
+    assert_eq!(run_under("probe", &["p:work"], &args, "signals-exec-hits"), [CALLS + 1, CALLS + 1]);
+    assert_eq!(run_under("record", &["-F", "work"], &args, "signals-exec-trace"), [CALLS + 1, CALLS + 1]);
 }

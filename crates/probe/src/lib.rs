@@ -51,7 +51,7 @@ pub use retprobe::{
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
     DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
 };
-pub use signals::{guard_failure, release_signals};
+pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
 
 /// Raw system calls for handlers and event writers: they reach the kernel without going

@@ -21,6 +21,9 @@ pub(crate) struct ProbeShared {
     pub(crate) return_probe: bool,
     /// One of dynprobe's own (a signal guard): not listed.
     pub(crate) internal: bool,
+    /// The first-argument values the probe is for, at a function entry (empty: every
+    /// call); see `dynprobe_arch::native::detour::DetourSpec::entry_filter`.
+    pub(crate) entry_filter: &'static [i32],
     enabled: AtomicBool,
     hits: PerThreadCounter,
     nmissed: AtomicU64,
@@ -86,13 +89,22 @@ pub struct Probe {
     pub(crate) enabled: bool,
     pub(crate) return_probe: bool,
     pub(crate) internal: bool,
+    pub(crate) entry_filter: &'static [i32],
 }
 
 impl Probe {
     /// A probe at `location` (a [`Location`], a `&str` such as `"work+0x4"` or
     /// `"libc:malloc"`, or an address).
     pub fn at(location: impl Into<Location>) -> Probe {
-        Probe { location: location.into(), pre: None, post: None, enabled: true, return_probe: false, internal: false }
+        Probe {
+            location: location.into(),
+            pre: None,
+            post: None,
+            enabled: true,
+            return_probe: false,
+            internal: false,
+            entry_filter: &[],
+        }
     }
 
     /// The pre-handler: runs before the probed instruction, with the thread's registers.
@@ -133,6 +145,7 @@ impl Probe {
             post: self.post,
             return_probe: self.return_probe,
             internal: self.internal,
+            entry_filter: self.entry_filter,
             enabled: AtomicBool::new(self.enabled),
             hits: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),

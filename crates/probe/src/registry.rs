@@ -349,6 +349,12 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
         // program's probes at the same place must see as the program passed them.
         let at = if shared.internal { list.len() } else { list.iter().position(|p| p.internal).unwrap_or(list.len()) };
         list.insert(at, shared.clone());
+        if shared.entry_filter.is_empty() {
+            // A probe for every call: a filtered detour must stop skipping any.
+            if let Some(detour) = site.detour() {
+                detour.open_filter()?;
+            }
+        }
         registry.retired.push(site.publish(list));
         if let Err(e) = registry.update_arming(target.addr) {
             // Leave the site exactly as it was: without the new probe.

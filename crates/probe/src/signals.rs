@@ -14,7 +14,9 @@
 //! changes a signal action or a thread's mask — `sigaction` (which `signal`, `bsd_signal`,
 //! `sysv_signal` and `sigset` call), `pthread_sigmask` (which `sigprocmask`, `sighold`,
 //! `siglongjmp` call) and `syscall()` for `SYS_rt_sigaction` / `SYS_rt_sigprocmask`. Each
-//! is jump-optimized as soon as it is placed, so a guard costs no trap. Its handler does
+//! is jump-optimized as soon as it is placed, so a guard costs no trap; the one on
+//! `syscall()` filters at its detour's entry, so that other system calls (a Rust program's
+//! futexes) pass it without saving anything. Its handler does
 //! the call's work itself with raw system calls — `SIGTRAP`'s action into the chained
 //! action, `SIGTRAP` taken out of the mask being set (and out of every other handler's
 //! `sa_mask`, which would block it while that handler runs), the program's view written
@@ -24,19 +26,33 @@
 //! would. A guard reached through its breakpoint, before it is optimized, changes the mask
 //! saved in the signal frame, which the kernel restores at `sigreturn`.
 //!
+//! A `SIGTRAP` sent while the program blocks it is held by the dispatcher ([`trap`]); the
+//! guards on `sigtimedwait` (which `sigwait` and `sigwaitinfo` call), `sigsuspend` and
+//! `sigpending` give it to the program as the kernel would give a pending signal.
+//!
+//! What a thread passes on is guarded too: `pthread_create` gives a thread created while
+//! its creator blocks `SIGTRAP` the blocked bit (its start routine goes through a
+//! trampoline that sets it), and `execve` (which the other `exec` functions call) makes
+//! the call itself with `SIGTRAP` really blocked, which the new image keeps; the agent of
+//! a traced new image finds it blocked and makes it virtual again before its first probe.
+//!
 //! The C library's own internal blocks (around `clone` in `pthread_create`, in `raise` and
 //! `abort`) are raw system calls in its code, a few instructions long, and are not guarded.
+//! A `fork` child keeps its thread's bit (its thread slot, copied, is kept for it; see
+//! `thread_slot`). Not carried over: the bit into a `posix_spawn` child, whose mask is
+//! the parent's real one.
 
+use crate::arch::StartRoutine;
 use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
-use crate::thread_slot::ThreadSlot;
+use crate::thread_slot::{slot_of_thread, ThreadSlot};
 use crate::{registry, Probe, ProbeError, Regs};
 use dynprobe_arch::native::signal_syscalls;
 use dynprobe_symbols::SymbolTable;
 use dynprobe_text::memory;
-use dynprobe_text::trap::{self, KernelSigaction, SA_RESTORER, TRAP_BIT};
+use dynprobe_text::trap::{self, KernelSigaction, SigInfo, TrapState, SA_RESTORER, TRAP_BIT};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,8 +77,16 @@ static PLACED: Mutex<Vec<Arc<ProbeShared>>> = Mutex::new(Vec::new());
 type Guard = fn(&mut Regs);
 
 /// The C library functions guarded, and their guards.
-const GUARDS: [(&str, Guard); 3] =
-    [("sigaction", guard_sigaction), ("pthread_sigmask", guard_pthread_sigmask), ("syscall", guard_syscall)];
+const GUARDS: [(&str, Guard); 8] = [
+    ("sigaction", guard_sigaction),
+    ("pthread_sigmask", guard_pthread_sigmask),
+    ("syscall", guard_syscall),
+    ("pthread_create", guard_pthread_create),
+    ("execve", guard_execve),
+    ("sigtimedwait", guard_sigtimedwait),
+    ("sigsuspend", guard_sigsuspend),
+    ("sigpending", guard_sigpending),
+];
 
 /// Places the guards once per process, before the first probe: called by every probe
 /// registration. Failing to place one is not an error of that registration (the probe
@@ -82,13 +106,26 @@ pub(crate) fn ensure_guards() {
     GUARDED.store(true, Ordering::Release);
 }
 
+/// Places the signal guards now, as the first probe does (they stay until
+/// [`release_signals`]); `Err` says why not all of them could be placed.
+pub fn place_signal_guards() -> Result<(), String> {
+    ensure_guards();
+    guard_failure().map_or(Ok(()), Err)
+}
+
+/// Whether the signal guards are in place (or were tried) in this process.
+pub fn signal_guards_placed() -> bool {
+    GUARDED.load(Ordering::Acquire)
+}
+
 /// Why the guards could not all be placed, if so.
 pub fn guard_failure() -> Option<String> {
     PLACING.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 fn place_guards() -> Result<(), String> {
-    trap::set_thread_state_source(thread_trap_state);
+    trap::set_thread_state_source(thread_trap_state, thread_refuses_trap);
+    adopt_real_block();
     trap::install().map_err(|e| e.to_string())?;
     strip_trap_from_installed_masks();
     // SAFETY: a NUL-terminated name; RTLD_NOLOAD only looks the library up.
@@ -107,6 +144,11 @@ fn place_guards() -> Result<(), String> {
         }
         let mut probe = Probe::at(addr).on_hit(guard);
         probe.internal = true;
+        if name == "syscall" {
+            // Most calls are other system calls (a Rust program's futexes): they skip the
+            // guard's detour entirely.
+            probe.entry_filter = &SIGNAL_SYSCALLS;
+        }
         match registry::register(probe) {
             // Kept until release_signals: the guards are the program's SIGTRAP.
             Ok(shared) => PLACED.lock().unwrap_or_else(|e| e.into_inner()).push(shared),
@@ -137,8 +179,9 @@ fn place_guards() -> Result<(), String> {
 }
 
 /// Removes the guards and gives `SIGTRAP` back to the program — its own action becomes the
-/// kernel's again, the handlers whose `sa_mask` it asked `SIGTRAP` in get it back, and the
-/// calling thread blocks it for real if the program asked — once
+/// kernel's again, the handlers whose `sa_mask` it asked `SIGTRAP` in get it back, the
+/// calling thread blocks it for real if the program asked, and a `SIGTRAP` held for the
+/// calling thread or the process goes back to the kernel, pending — once
 /// no other probe is left (the end of an attach session: nothing of dynprobe runs in the
 /// program afterwards). The next probe places the guards again.
 ///
@@ -162,17 +205,42 @@ pub fn release_signals() -> Result<(), ProbeError> {
     }
     trap::uninstall()?;
     restore_trap_in_masks();
-    if trap::set_program_blocks_trap(false) {
+    // The calling thread blocks SIGTRAP for real if the program asked, and dynprobe's own
+    // (the session's) from now on, before the held SIGTRAPs go back to the kernel: the
+    // program's handler must not run on dynprobe's thread.
+    if trap::take_program_blocks_trap() || crate::own_thread::current_thread_is_own() {
         // SAFETY: a valid mask.
         unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, &TRAP_BIT, std::ptr::null_mut()) };
     }
+    trap::release_held();
     GUARDED.store(false, Ordering::Release);
     Ok(())
 }
 
 /// The calling thread's virtual `SIGTRAP` state (see [`trap::set_thread_state_source`]).
-fn thread_trap_state() -> Option<&'static AtomicU8> {
+fn thread_trap_state() -> Option<&'static TrapState> {
     ThreadSlot::current().map(|(_, slot)| &slot.trap_state)
+}
+
+/// Whether thread `tid` blocks `SIGTRAP` or is dynprobe's own (untraced): a `SIGTRAP` sent
+/// to the process must not be passed to it. A thread without a slot never called a guard,
+/// so it cannot block `SIGTRAP`.
+fn thread_refuses_trap(tid: i32) -> bool {
+    slot_of_thread(tid).is_some_and(|slot| slot.trap_state.blocked() || slot.untraced.load(Ordering::Relaxed))
+}
+
+/// A thread that blocks `SIGTRAP` for real when the guards come — the main thread of an
+/// image `exec`'d by a thread that blocked it (the mask survives `execve`, see execve(2)) —
+/// keeps blocking it, virtually: a breakpoint would kill it otherwise.
+fn adopt_real_block() {
+    let mut mask = 0u64;
+    // SAFETY: a query into a valid u64.
+    unsafe { trap::rt_sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) };
+    if mask & TRAP_BIT != 0 {
+        trap::set_program_blocks_trap(true);
+        // SAFETY: a valid mask.
+        unsafe { trap::rt_sigprocmask(libc::SIG_UNBLOCK, &TRAP_BIT, std::ptr::null_mut()) };
+    }
 }
 
 /// Handlers installed before the guards (a process attached to) may block `SIGTRAP` while
@@ -361,6 +429,9 @@ fn guard_pthread_sigmask(regs: &mut Regs) {
     }
 }
 
+/// The system call numbers [`guard_syscall`] looks at.
+const SIGNAL_SYSCALLS: [i32; 2] = [libc::SYS_rt_sigaction as i32, libc::SYS_rt_sigprocmask as i32];
+
 /// `long syscall(long nr, ...)` with `nr` `SYS_rt_sigaction` or `SYS_rt_sigprocmask`: the
 /// kernel's structures, the arguments in `rsi, rdx, rcx, r8`.
 fn guard_syscall(regs: &mut Regs) {
@@ -393,6 +464,156 @@ fn guard_syscall(regs: &mut Regs) {
         regs.rcx = 0;
         regs.r8 = 8;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// What a thread passes on: to the threads it creates, to the image it executes.
+
+/// A thread created while its creator blocks `SIGTRAP`: its start routine and argument, from
+/// `pthread_create` to the new thread's first instruction (glibc's `pthread_create` gives
+/// the new thread its creator's mask, nptl/pthread_create.c).
+pub(crate) struct BlockedStart {
+    used: AtomicBool,
+    routine: AtomicU64,
+    arg: AtomicU64,
+}
+
+/// Threads being created at once by threads that block `SIGTRAP`. A record is taken back by
+/// the new thread; a `pthread_create` that fails keeps its record for good. With every
+/// record in use, a new thread starts without the blocked bit (as it did before).
+const BLOCKED_STARTS: usize = 256;
+static STARTS: [BlockedStart; BLOCKED_STARTS] =
+    [const { BlockedStart { used: AtomicBool::new(false), routine: AtomicU64::new(0), arg: AtomicU64::new(0) } };
+        BLOCKED_STARTS];
+
+/// `int pthread_create(pthread_t *thread, const pthread_attr_t *attr, void *(*start)(void *),
+/// void *arg)`: when the creator blocks `SIGTRAP`, the new thread starts in a trampoline
+/// ([`crate::arch::blocked_start_trampoline`]) that marks it blocking too, then jumps to
+/// `start(arg)` — returning into the C library's thread start, as without it.
+fn guard_pthread_create(regs: &mut Regs) {
+    if !trap::program_blocks_trap() {
+        return;
+    }
+    let Some(record) =
+        STARTS.iter().find(|s| s.used.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
+    else {
+        return;
+    };
+    record.routine.store(regs.rdx, Ordering::Relaxed);
+    record.arg.store(regs.rcx, Ordering::Relaxed);
+    regs.rdx = crate::arch::blocked_start_trampoline();
+    regs.rcx = record as *const BlockedStart as u64;
+}
+
+/// The first call of a thread created by [`guard_pthread_create`]: marks it blocking
+/// `SIGTRAP`, frees the record and returns the program's start routine and argument.
+pub(crate) extern "C" fn take_blocked_start(record: *const BlockedStart) -> StartRoutine {
+    // SAFETY: the record guard_pthread_create passed as the start argument: one of STARTS.
+    let record = unsafe { &*record };
+    let start =
+        StartRoutine { routine: record.routine.load(Ordering::Relaxed), arg: record.arg.load(Ordering::Relaxed) };
+    record.used.store(false, Ordering::Release);
+    trap::set_program_blocks_trap(true);
+    start
+}
+
+/// `int execve(const char *path, char *const argv[], char *const envp[])` (which `execv`,
+/// `execl`, `execvp`… call): a thread that blocks `SIGTRAP` executes the new image with it
+/// blocked for real, as the mask is kept across `execve` — the guard makes the call itself,
+/// with `SIGTRAP` blocked, and on failure unblocks it and returns `-1` with `errno` set, as
+/// the C library's wrapper does.
+fn guard_execve(regs: &mut Regs) {
+    if !trap::program_blocks_trap() {
+        return;
+    }
+    // The mask the program has: in a breakpoint hit's handler, the one sigreturn restores.
+    let (real, _) = real_mask();
+    let exec_mask = real | TRAP_BIT;
+    let mut saved = 0u64;
+    // SAFETY: valid masks.
+    unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &exec_mask, &mut saved) };
+    // A vfork child shares this slot with its parent (same thread pointer and TCB tid):
+    // the new image must not leave the parent marked as inside a handler.
+    let slot = ThreadSlot::existing();
+    let marks = slot.map(|s| (s.active.swap(0, Ordering::Relaxed), s.trap_mask.swap(0, Ordering::Relaxed)));
+    // SAFETY: the program's own arguments to execve.
+    let failed = unsafe { trap::execve(regs.rdi, regs.rsi, regs.rdx) };
+    if let (Some(slot), Some((active, trap_mask))) = (slot, marks) {
+        slot.active.store(active, Ordering::Relaxed);
+        slot.trap_mask.store(trap_mask, Ordering::Relaxed);
+    }
+    // SAFETY: the mask read above.
+    unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
+    fail_call(regs, -failed as i32);
+}
+
+/// Makes the guarded call return `value` to its caller at once, instead of running: the
+/// return address is at the top of the stack at a function's entry.
+fn return_from_call(regs: &mut Regs, value: u64) {
+    regs.rax = value;
+    // SAFETY: rsp at a function's entry points at its return address.
+    regs.ip = unsafe { (regs.rsp as *const u64).read() };
+    regs.rsp += 8;
+}
+
+/// Makes the guarded call fail at once with `errno`, as the C library's wrappers do: -1.
+fn fail_call(regs: &mut Regs, errno: i32) {
+    // SAFETY: the calling thread's errno.
+    unsafe { *libc::__errno_location() = errno };
+    return_from_call(regs, u64::MAX);
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting for a signal, and asking what is pending.
+
+/// `int sigtimedwait(const sigset_t *set, siginfo_t *info, const struct timespec *timeout)`
+/// (which `sigwait` and `sigwaitinfo` call): a `SIGTRAP` held while the thread blocks it is
+/// pending, so waiting for it returns it at once with its `siginfo` — the C library's
+/// wrapper shows a `tgkill`'s `SI_TKILL` as `SI_USER` (sysdeps/unix/sysv/linux/
+/// sigtimedwait.c). One sent later is the kernel's to give the waiter
+/// ([`trap`] passes a process-directed one to a thread waiting for it).
+fn guard_sigtimedwait(regs: &mut Regs) {
+    // SAFETY: the C library reads `*set` the same way; a bad pointer faults as it would.
+    let set = unsafe { (regs.rdi as *const u64).read_volatile() };
+    if set & TRAP_BIT == 0 {
+        return;
+    }
+    let Some(mut info) = trap::take_held_trap() else { return };
+    if regs.rsi != 0 {
+        // si_code, the third int of siginfo_t.
+        if info[1] as u32 as i32 == SI_TKILL {
+            info[1] &= !0xffff_ffff;
+        }
+        // SAFETY: the program passed `info` for the kernel to write a siginfo_t there.
+        unsafe { (regs.rsi as *mut SigInfo).write_volatile(info) };
+    }
+    return_from_call(regs, libc::SIGTRAP as u64);
+}
+
+/// `si_code` of a signal sent by `tgkill`.
+const SI_TKILL: i32 = -6;
+
+/// `int sigsuspend(const sigset_t *mask)`: with `SIGTRAP` held and not in `mask`, the
+/// kernel would deliver it at once and return `EINTR`.
+fn guard_sigsuspend(regs: &mut Regs) {
+    // SAFETY: the C library reads `*mask` the same way; a bad pointer faults as it would.
+    let mask = unsafe { (regs.rdi as *const u64).read_volatile() };
+    if mask & TRAP_BIT == 0 && trap::deliver_held_now() {
+        fail_call(regs, libc::EINTR);
+    }
+}
+
+/// `int sigpending(sigset_t *set)`: a `SIGTRAP` held is pending.
+fn guard_sigpending(regs: &mut Regs) {
+    if !trap::trap_is_held() {
+        return;
+    }
+    let mut pending = 0u64;
+    // SAFETY: a valid u64 for the kernel's 8-byte set.
+    unsafe { trap::rt_sigpending(&mut pending) };
+    // SAFETY: the program passed `set` for the kernel to write; a bad one faults here.
+    unsafe { (regs.rdi as *mut u64).write_volatile(pending | TRAP_BIT) };
+    return_from_call(regs, 0);
 }
 
 // ---------------------------------------------------------------------------------------

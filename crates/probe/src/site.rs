@@ -81,6 +81,20 @@ impl PatchSite {
         self.probes().iter().all(|p| p.internal)
     }
 
+    /// The first-argument values every probe here is for, when all are (dynprobe's guard
+    /// on `syscall()`): a detour at a function entry goes straight on for any other. Empty:
+    /// every call runs the handlers.
+    pub(crate) fn entry_filter(&self) -> Vec<i32> {
+        let probes = self.probes();
+        if probes.is_empty() || probes.iter().any(|p| p.entry_filter.is_empty()) {
+            return Vec::new();
+        }
+        let mut values: Vec<i32> = probes.iter().flat_map(|p| p.entry_filter.iter().copied()).collect();
+        values.sort_unstable();
+        values.dedup();
+        values
+    }
+
     /// Whether the site gets its jump even with optimization switched off: dynprobe's own
     /// guards, and the C library's and dynamic linker's code, which `vfork`-like children
     /// and threads being created run with every signal blocked — a breakpoint there would

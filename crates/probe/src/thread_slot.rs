@@ -11,7 +11,8 @@
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
 use crate::arch::{current_tid, thread_pointer};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use dynprobe_text::trap::TrapState;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -28,6 +29,9 @@ pub(crate) struct ThreadSlot {
     owner: AtomicUsize,
     /// The owner's kernel thread id.
     tid: AtomicI32,
+    /// The owner's process id: a slot found under the caller's thread pointer but another
+    /// process's id is the forking thread's, copied into its `fork` child.
+    pid: AtomicI32,
     /// Bumped each time the slot changes hands, so that per-slot data kept elsewhere (a
     /// return-probe instance stack) can tell it belongs to a previous owner.
     generation: AtomicU32,
@@ -42,7 +46,7 @@ pub(crate) struct ThreadSlot {
     /// threads, and the agent while it sets up).
     pub(crate) untraced: AtomicBool,
     /// The owner's virtual `SIGTRAP` state (see `dynprobe_text::trap::ThreadStateFn`).
-    pub(crate) trap_state: AtomicU8,
+    pub(crate) trap_state: TrapState,
     /// While the owner runs the pre-handlers of a breakpoint hit: the address of the mask
     /// word its signal frame restores at `sigreturn` (a signal guard's mask change must go
     /// there, or it would be undone); 0 otherwise.
@@ -56,11 +60,12 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
     ThreadSlot {
         owner: AtomicUsize::new(0),
         tid: AtomicI32::new(0),
+        pid: AtomicI32::new(0),
         generation: AtomicU32::new(0),
         active: AtomicUsize::new(0),
         nested: AtomicUsize::new(0),
         untraced: AtomicBool::new(false),
-        trap_state: AtomicU8::new(0),
+        trap_state: TrapState::new(),
         trap_mask: AtomicUsize::new(0),
         hidden: AtomicBool::new(false),
     }
@@ -106,12 +111,15 @@ impl ThreadSlot {
         // Our own thread pointer in the window: ours already, or left by a dead thread whose
         // TCB we now use (thread pointers of live threads are unique), which we take over.
         if let Some(i) = window(tp).find(|&i| SLOTS[i].owner.load(Ordering::Acquire) == tp) {
-            SLOTS[i].restart(tid);
+            // A fork child keeps what its thread blocked, as the kernel keeps its mask
+            // (fork(2)); a thread reusing a dead one's TCB starts afresh.
+            let forked = SLOTS[i].pid.load(Ordering::Relaxed) != current_pid();
+            SLOTS[i].restart(tid, !forked);
             return Some((i, &SLOTS[i]));
         }
         for i in window(tp) {
             if SLOTS[i].owner.compare_exchange(0, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                SLOTS[i].restart(tid);
+                SLOTS[i].restart(tid, true);
                 return Some((i, &SLOTS[i]));
             }
         }
@@ -121,23 +129,34 @@ impl ThreadSlot {
                 && !thread_alive(SLOTS[i].tid.load(Ordering::Acquire))
                 && SLOTS[i].owner.compare_exchange(old, tp, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             {
-                SLOTS[i].restart(tid);
+                SLOTS[i].restart(tid, true);
                 return Some((i, &SLOTS[i]));
             }
         }
         None
     }
 
-    fn restart(&self, tid: i32) {
+    /// Makes the slot thread `tid`'s; `new_thread`: also its virtual `SIGTRAP` state, which
+    /// a fork child keeps.
+    fn restart(&self, tid: i32, new_thread: bool) {
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
         self.untraced.store(false, Ordering::Relaxed);
-        self.trap_state.store(0, Ordering::Relaxed);
+        if new_thread {
+            self.trap_state.reset();
+        }
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.pid.store(current_pid(), Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);
     }
+}
+
+/// The slot of live thread `tid` of this process, if it has one (a scan of the table: for
+/// rare questions about another thread).
+pub(crate) fn slot_of_thread(tid: i32) -> Option<&'static ThreadSlot> {
+    SLOTS.iter().find(|s| s.owner.load(Ordering::Relaxed) != 0 && s.tid.load(Ordering::Relaxed) == tid)
 }
 
 /// The calling thread's slot index (below [`MAX_THREADS`]), claiming one on first use;
@@ -158,6 +177,12 @@ pub fn set_current_thread_traced(traced: bool) {
 fn window(tp: usize) -> impl Iterator<Item = usize> + Clone {
     let start = home(tp);
     (0..WINDOW).map(move |i| (start + i) % MAX_THREADS)
+}
+
+/// The process id, by a raw system call (the C library caches it, and a probe may be on
+/// its `getpid`).
+fn current_pid() -> i32 {
+    dynprobe_text::raw::getpid()
 }
 
 /// True when thread `tid` of this process still exists.

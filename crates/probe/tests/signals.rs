@@ -236,3 +236,136 @@ fn released_signals_go_back_to_the_program_and_come_back_with_the_next_probe() {
     assert_eq!((bp.hits(), call("traps_seen", 0)), (1, seen + 2));
     assert_eq!(call("trap_disposition", 0), 0);
 }
+
+#[test]
+fn an_sa_onstack_handler_runs_on_the_threads_alternate_stack() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    // 0, and SS_AUTODISARM (include/uapi/linux/signal.h), which the libc crate lacks.
+    for flags in [0, 1i64 << 31] {
+        // The handler needs more stack than its thread has (on the thread's stack it dies),
+        // and unwinds its own stack back to the int3 (through dynprobe's frames).
+        assert_eq!(in_child(|| call("onstack_trap", flags) as i32), Ok(111), "sigaltstack flags {flags:#x}");
+    }
+    assert_eq!(call("sig_bp", 1), 3);
+    assert_eq!(bp.hits(), 1);
+}
+
+#[test]
+fn a_thread_created_while_its_creator_blocks_sigtrap_blocks_it_too() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    assert_eq!(call("new_thread_blocks", 0), 100, "a thread created while unblocked does not block");
+    assert_eq!(call("new_thread_blocks", 1), 111, "blocks, a raise waits for its unblock, and takes probes");
+    assert_eq!(bp.hits(), 2);
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn the_image_a_thread_blocking_sigtrap_executes_starts_with_it_blocked() {
+    let _serial = common::serial();
+    let (bp, _jump) = probes();
+    assert_eq!(in_child(|| call("exec_blocking", 1) as i32), Ok(0), "grep reads SIGTRAP in its SigBlk");
+    assert_eq!(in_child(|| call("exec_blocking", 0) as i32), Ok(1), "and not when the thread did not block it");
+    std::thread::spawn(move || {
+        assert_eq!(call("exec_fails_blocking", 0), 1, "a failed execv returns -1, ENOENT, still blocking");
+        assert_eq!(kernel_blocked_mask() & TRAP_BIT, 0, "SIGTRAP is not really blocked after the failure");
+        assert_eq!(call("sig_bp", 1), 3);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(bp.hits(), 1);
+}
+
+#[test]
+fn a_fork_child_of_a_thread_blocking_sigtrap_blocks_it_too() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    let seen = call("traps_seen", 0);
+    assert_eq!(call("forked_child_blocks", 0), 11, "the child reads SIGTRAP blocked and its raise waits");
+    assert_eq!(call("traps_seen", 0), seen, "the parent saw none of it");
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn a_sigtrap_sent_while_blocked_is_pending_for_sigwait_and_sigpending() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    for (way, sent) in ["raise", "kill"].iter().enumerate() {
+        for (how, wait) in ["sigwait", "sigwaitinfo", "sigtimedwait"].iter().enumerate() {
+            let code = (way * 10 + how) as i64;
+            assert_eq!(in_child(|| call("wait_for_held", code) as i32), Ok(0), "{sent}, then {wait}");
+        }
+    }
+    assert_eq!(in_child(|| call("suspend_with_held", 0) as i32), Ok(0), "sigsuspend delivers it");
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn a_sigtrap_sent_to_the_process_goes_to_a_thread_that_takes_it() {
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    assert_eq!(call("install_handler", 0), 0);
+    assert_eq!(in_child(|| call("kill_to_blocking_process", 1) as i32), Ok(0), "to the thread in sigwaitinfo");
+    assert_eq!(in_child(|| call("kill_to_blocking_process", 0) as i32), Ok(0), "to the first thread to unblock");
+    assert_eq!(call("trap_disposition", 0), 0);
+}
+
+#[test]
+fn a_probe_on_syscall_sees_every_call_the_guard_lets_through() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static GETPPID: AtomicU64 = AtomicU64::new(0);
+    let _serial = common::serial();
+    let (_bp, _jump) = probes();
+    // The guard's detour skips calls of other system calls; a probe of the program's own on
+    // the same function must see them all.
+    let probe = Probe::at("libc:syscall")
+        .on_hit(|regs| {
+            if regs.arg(0) == libc::SYS_getppid as u64 {
+                GETPPID.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .register()
+        .unwrap();
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    for _ in 0..10 {
+        // SAFETY: getppid takes no arguments.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+    assert_eq!(GETPPID.load(Ordering::Relaxed), 10);
+    std::thread::spawn(|| assert_eq!(call("block_all", 2), 0, "syscall(SYS_rt_sigprocmask) is still guarded"))
+        .join()
+        .unwrap();
+    // Those calls, the thread's rt_sigprocmask, and its futexes (Rust's, through syscall()).
+    assert!(probe.unregister().unwrap().hits >= 11);
+}
+
+#[test]
+fn a_sigtrap_held_when_the_signals_are_released_stays_pending_in_the_kernel() {
+    let _serial = common::serial();
+    std::thread::spawn(|| {
+        let seen = {
+            let (_bp, _jump) = probes();
+            assert_eq!(call("install_handler", 0), 0);
+            assert_eq!(call("block_trap", 1), 0);
+            let seen = call("traps_seen", 0);
+            assert_eq!(call("own_raise", 0), 0);
+            assert_eq!(call("traps_seen", 0), seen, "held while blocked");
+            seen
+        };
+        dynprobe_probe::release_signals().unwrap();
+        assert_ne!(kernel_blocked_mask() & TRAP_BIT, 0, "SIGTRAP is blocked for real now");
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let pending = status.lines().find_map(|l| l.strip_prefix("SigPnd:")).unwrap();
+        assert_ne!(u64::from_str_radix(pending.trim(), 16).unwrap() & TRAP_BIT, 0, "and pending in the kernel");
+        assert_eq!(call("traps_seen", 0), seen);
+        assert_eq!(call("block_trap", 0), 0);
+        assert_eq!(call("traps_seen", 0), seen + 1, "delivered once at the unblock");
+        assert_eq!(call("trap_disposition", 0), 0);
+    })
+    .join()
+    .unwrap();
+}

@@ -972,6 +972,16 @@ fn blocked_at(tid: i32) -> Option<(u64, u64)> {
     Some((parse_hex(sp?)?, parse_hex(pc?)?))
 }
 
+/// The system call thread `tid` is blocked in, from `/proc/self/task/<tid>/syscall`: its
+/// number and first argument (`None` while it runs or is not in a system call).
+pub(crate) fn system_call_of(tid: i32) -> Option<(i64, u64)> {
+    let mut buf = [0u8; 256];
+    let n = read_task_file(tid, b"syscall", &mut buf).ok()?;
+    let mut fields = buf[..n].split(|&b| b == b' ' || b == b'\n').filter(|f| !f.is_empty());
+    let nr = parse_decimal(fields.next()?)?;
+    Some((i64::from(nr), parse_hex(fields.next()?)?))
+}
+
 /// `0x…` as a number.
 fn parse_hex(field: &[u8]) -> Option<u64> {
     let digits = field.strip_prefix(b"0x")?;

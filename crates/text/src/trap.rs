@@ -38,12 +38,22 @@
 //! (kernel/signal.c `force_sig_info_to_task`, `get_signal`; arch/x86/kernel/signal.c
 //! `handle_signal`): an `int3` or single step (forced: `si_code` is `SI_KERNEL` or a
 //! positive `TRAP_*`) with the signal blocked, ignored or default kills the process with
-//! `SIGTRAP`; a sent one (`kill`, `raise`) is discarded when ignored, left pending while the
-//! thread blocks it (delivered when it unblocks), and kills under `SIG_DFL`; otherwise the
-//! program's handler runs with its `sa_mask` (and `SIGTRAP` itself unless `SA_NODEFER`)
-//! blocked, after its `SA_RESETHAND` reset the action. Not reproduced: `SA_ONSTACK` (the
-//! handler runs on the stack the trap happened on) and `SA_RESTART`'s absence for a sent
-//! `SIGTRAP` that interrupts a system call (it is restarted).
+//! `SIGTRAP`; a sent one (`kill`, `raise`) is discarded when ignored and kills under
+//! `SIG_DFL`; otherwise the program's handler runs with its `sa_mask` (and `SIGTRAP`
+//! itself unless `SA_NODEFER`) blocked, after its `SA_RESETHAND` reset the action, on the
+//! thread's alternate signal stack with `SA_ONSTACK`.
+//!
+//! A sent `SIGTRAP` that finds its thread blocking it is *held* with its `siginfo`, as the
+//! kernel keeps it pending: for the thread when it was sent to the thread (`raise`,
+//! `tgkill`); when it was sent to the process (`kill`, `sigqueue`), it goes on to a thread
+//! that would take it (one that does not block it, or one waiting for it in
+//! `sigtimedwait` or `sigsuspend`, as kernel/signal.c `complete_signal` chooses), else it
+//! is held for the process. A held `SIGTRAP` is delivered when a thread it may go to
+//! unblocks it, returned by the guarded `sigtimedwait` (so `sigwait`, `sigwaitinfo`),
+//! delivered by `sigsuspend`, and shown by `sigpending`. Not reproduced: a `signalfd` never
+//! reads a sent `SIGTRAP` (the kernel queues only what a thread really blocks), nor do the
+//! raw `rt_sigtimedwait`/`rt_sigpending` system calls see a held one; and `SA_RESTART`'s
+//! absence for a sent `SIGTRAP` that interrupts a system call (it is restarted).
 
 use crate::raw;
 use crate::TextError;
@@ -334,23 +344,109 @@ pub fn c_library_restorer() -> u64 {
     RESTORER.load(Ordering::Relaxed)
 }
 
-/// Where the calling thread's virtual `SIGTRAP` state lives: a byte owned by that thread
-/// (`None` when it has none, e.g. too many threads), found without locks or allocation.
-pub type ThreadStateFn = fn() -> Option<&'static AtomicU8>;
+/// One `SIGTRAP` sent while the program blocked it, held with its `siginfo` until the
+/// program unblocks it or waits for it. Like the kernel's queue of a standard signal, it
+/// holds one: a second sent meanwhile is merged into it (signal(7)).
+pub struct HeldTrap {
+    /// [`NOTHING`], [`BUSY`] (being written or taken) or [`FULL`].
+    state: AtomicU8,
+    info: [AtomicU64; SIGINFO_WORDS],
+}
+
+/// `siginfo_t` is 128 bytes (include/uapi/asm-generic/siginfo.h).
+const SIGINFO_WORDS: usize = 16;
+/// A `siginfo_t` as words.
+pub type SigInfo = [u64; SIGINFO_WORDS];
+const NOTHING: u8 = 0;
+const BUSY: u8 = 1;
+const FULL: u8 = 2;
+
+impl HeldTrap {
+    /// Nothing held.
+    pub const fn new() -> HeldTrap {
+        HeldTrap { state: AtomicU8::new(NOTHING), info: [const { AtomicU64::new(0) }; SIGINFO_WORDS] }
+    }
+
+    /// Holds `info`, unless one is held already (then it is merged into that one).
+    fn put(&self, info: &SigInfo) {
+        if self.state.compare_exchange(NOTHING, BUSY, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return;
+        }
+        for (word, value) in self.info.iter().zip(info) {
+            word.store(*value, Ordering::Relaxed);
+        }
+        self.state.store(FULL, Ordering::Release);
+    }
+
+    /// Takes what is held.
+    fn take(&self) -> Option<SigInfo> {
+        self.state.compare_exchange(FULL, BUSY, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        let info = std::array::from_fn(|i| self.info[i].load(Ordering::Relaxed));
+        self.state.store(NOTHING, Ordering::Release);
+        Some(info)
+    }
+
+    fn is_held(&self) -> bool {
+        self.state.load(Ordering::Acquire) != NOTHING
+    }
+}
+
+impl Default for HeldTrap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One thread's virtual `SIGTRAP`: whether the program asked it to block the signal, and a
+/// `SIGTRAP` sent to the thread (`raise`, `tgkill`) meanwhile.
+#[derive(Default)]
+pub struct TrapState {
+    blocked: AtomicBool,
+    held: HeldTrap,
+}
+
+impl TrapState {
+    /// Not blocked, nothing held.
+    pub const fn new() -> TrapState {
+        TrapState { blocked: AtomicBool::new(false), held: HeldTrap::new() }
+    }
+
+    /// Back to [`TrapState::new`], for a new thread.
+    pub fn reset(&self) {
+        self.blocked.store(false, Ordering::Relaxed);
+        self.held.take();
+    }
+
+    /// Whether the program asked this thread to block `SIGTRAP` (readable from any thread).
+    pub fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
+    }
+}
+
+/// A `SIGTRAP` sent to the process (`kill`, `sigqueue`) while the thread the kernel gave it
+/// to blocked it and no other thread could take it: the kernel keeps such a signal pending
+/// on the process until a thread unblocks or waits for it.
+static PROCESS_HELD: HeldTrap = HeldTrap::new();
+
+/// Where the calling thread's virtual `SIGTRAP` state lives: owned by that thread (`None`
+/// when it has none, e.g. too many threads), found without locks or allocation.
+pub type ThreadStateFn = fn() -> Option<&'static TrapState>;
+/// Whether thread `tid` of the process may not be given the program's `SIGTRAP` now: it
+/// blocks it, or it is one of dynprobe's own threads. Called from the dispatcher.
+pub type ThreadRefusesFn = fn(tid: i32) -> bool;
 
 static THREAD_STATE: AtomicUsize = AtomicUsize::new(0);
-/// The program asked this thread to block `SIGTRAP`.
-const BLOCKED: u8 = 1;
-/// A sent `SIGTRAP` arrived while blocked: delivered when the thread unblocks it.
-const PENDING: u8 = 2;
+static THREAD_REFUSES: AtomicUsize = AtomicUsize::new(0);
 
 /// Says where each thread's virtual `SIGTRAP` state is kept (the probe layer's per-thread
-/// slots). Until it is called no thread is seen as blocking `SIGTRAP`.
-pub fn set_thread_state_source(source: ThreadStateFn) {
+/// slots), and how to ask about another thread's. Until it is called no thread is seen as
+/// blocking `SIGTRAP`.
+pub fn set_thread_state_source(source: ThreadStateFn, refuses: ThreadRefusesFn) {
+    THREAD_REFUSES.store(refuses as *const () as usize, Ordering::Release);
     THREAD_STATE.store(source as *const () as usize, Ordering::Release);
 }
 
-fn thread_state() -> Option<&'static AtomicU8> {
+fn thread_state() -> Option<&'static TrapState> {
     let source = THREAD_STATE.load(Ordering::Acquire);
     if source == 0 {
         return None;
@@ -360,24 +456,138 @@ fn thread_state() -> Option<&'static AtomicU8> {
     source()
 }
 
+fn thread_refuses(tid: i32) -> bool {
+    let refuses = THREAD_REFUSES.load(Ordering::Acquire);
+    // SAFETY: non-zero words are only ever stored from a `ThreadRefusesFn`.
+    refuses != 0 && unsafe { std::mem::transmute::<usize, ThreadRefusesFn>(refuses) }(tid)
+}
+
 /// Whether the program asked the calling thread to block `SIGTRAP`.
 pub fn program_blocks_trap() -> bool {
-    thread_state().is_some_and(|s| s.load(Ordering::Relaxed) & BLOCKED != 0)
+    thread_state().is_some_and(TrapState::blocked)
 }
 
 /// Records whether the program asked the calling thread to block `SIGTRAP`; returns the
-/// previous answer. Unblocking delivers a `SIGTRAP` that was sent meanwhile, as the kernel
-/// does when a mask change unblocks a pending signal.
+/// previous answer. Unblocking delivers a `SIGTRAP` held for the thread or the process, as
+/// the kernel does when a mask change unblocks a pending signal.
 pub fn set_program_blocks_trap(blocked: bool) -> bool {
     let Some(state) = thread_state() else { return false };
-    if blocked {
-        return state.fetch_or(BLOCKED, Ordering::Relaxed) & BLOCKED != 0;
+    let old = state.blocked.swap(blocked, Ordering::Relaxed);
+    if !blocked {
+        deliver_held(state);
     }
-    let old = state.fetch_and(!(BLOCKED | PENDING), Ordering::Relaxed);
-    if old & PENDING != 0 {
-        raise_here(libc::SIGTRAP);
+    old
+}
+
+/// Forgets whether the program asked the calling thread to block `SIGTRAP`, delivering
+/// nothing; returns the answer (see [`release_held`]).
+pub fn take_program_blocks_trap() -> bool {
+    thread_state().is_some_and(|s| s.blocked.swap(false, Ordering::Relaxed))
+}
+
+/// Gives the `SIGTRAP`s held back to the kernel, at the end of a session (after
+/// [`uninstall`]): the calling thread's is sent to itself, pending there if it now blocks
+/// `SIGTRAP` for real; the process's is sent to the process, with its own `siginfo` when
+/// the kernel accepts it, for the kernel to give to a thread that takes it. (What other
+/// threads hold cannot be sent back as theirs: the kernel accepts another thread's
+/// `siginfo` only for a queued signal; they keep it until they unblock or wait.)
+pub fn release_held() {
+    if let Some(info) = thread_state().and_then(|s| s.held.take()) {
+        send_to(raw::gettid(), &info);
     }
-    old & BLOCKED != 0
+    if let Some(info) = PROCESS_HELD.take() {
+        let pid = raw::getpid() as u64;
+        // SAFETY: a 128-byte siginfo for the kernel to read; kill of our own process.
+        unsafe {
+            let sent = raw::syscall4(libc::SYS_rt_sigqueueinfo, pid, libc::SIGTRAP as u64, info.as_ptr() as u64, 0);
+            if sent != 0 {
+                raw::syscall4(libc::SYS_kill, pid, libc::SIGTRAP as u64, 0, 0);
+            }
+        }
+    }
+}
+
+/// Delivers to the calling thread, now, the `SIGTRAP`s held for it and for the process:
+/// sent again to itself with their own `siginfo` (`rt_tgsigqueueinfo` to oneself accepts
+/// any `si_code`, kernel/signal.c `do_rt_tgsigqueueinfo`), they reach the program's action
+/// as the system call returns.
+fn deliver_held(state: &TrapState) {
+    for held in [&state.held, &PROCESS_HELD] {
+        if let Some(info) = held.take() {
+            send_to(raw::gettid(), &info);
+        }
+    }
+}
+
+/// Takes a `SIGTRAP` held for the calling thread or the process, for the program's
+/// `sigwait`, `sigwaitinfo` or `sigtimedwait` on it, which the kernel would have returned
+/// at once. Its `siginfo`, as the kernel gave it.
+pub fn take_held_trap() -> Option<SigInfo> {
+    thread_state().and_then(|s| s.held.take()).or_else(|| PROCESS_HELD.take())
+}
+
+/// Whether a `SIGTRAP` is held for the calling thread or the process: pending, as the
+/// program's `sigpending` sees it.
+pub fn trap_is_held() -> bool {
+    thread_state().is_some_and(|s| s.held.is_held()) || PROCESS_HELD.is_held()
+}
+
+/// Delivers the held `SIGTRAP`s as if the calling thread unblocked it for a moment (the
+/// program's `sigsuspend` with a mask without it); true when there was one.
+pub fn deliver_held_now() -> bool {
+    let Some(state) = thread_state() else { return false };
+    let held = state.held.is_held() || PROCESS_HELD.is_held();
+    if held {
+        let was = state.blocked.swap(false, Ordering::Relaxed);
+        deliver_held(state);
+        state.blocked.store(was, Ordering::Relaxed);
+    }
+    held
+}
+
+/// Sends `SIGTRAP` with `info` to thread `tid` of this process; as `tgkill` (the sender
+/// becomes this process) when the kernel refuses the `siginfo` (to another thread, it
+/// accepts only an `si_code` of a queued signal).
+fn send_to(tid: i32, info: &SigInfo) {
+    let pid = raw::getpid() as u64;
+    // SAFETY: a 128-byte siginfo for the kernel to read; tgkill of a thread of ours.
+    unsafe {
+        let sent =
+            raw::syscall4(libc::SYS_rt_tgsigqueueinfo, pid, tid as u64, libc::SIGTRAP as u64, info.as_ptr() as u64);
+        if sent != 0 {
+            raw::syscall4(libc::SYS_tgkill, pid, tid as u64, libc::SIGTRAP as u64, 0);
+        }
+    }
+}
+
+/// A thread the kernel would give a process-directed `SIGTRAP` that the calling thread
+/// blocks (kernel/signal.c `complete_signal`): one that does not block it, or one waiting
+/// for it in `sigtimedwait` (which unblocks what it waits for) or in a `sigsuspend` whose
+/// mask lets it through — seen in `/proc/self/task/TID/syscall` (proc(5)).
+fn thread_taking_trap(me: i32) -> Option<i32> {
+    let mut found = None;
+    let _ = crate::stop::for_each_task(|tid| {
+        if found.is_none() && tid != me && (!thread_refuses(tid) || waits_for_trap(tid)) {
+            found = Some(tid);
+        }
+    });
+    found
+}
+
+/// Whether thread `tid` sleeps in a system call that takes a `SIGTRAP` although the
+/// thread blocks it: `rt_sigtimedwait` on a set with it, `rt_sigsuspend` on a mask without.
+fn waits_for_trap(tid: i32) -> bool {
+    let Some((nr, set)) = crate::stop::system_call_of(tid) else { return false };
+    let mut mask = [0u8; 8];
+    if !raw::read(set, &mut mask) {
+        return false;
+    }
+    let mask = u64::from_ne_bytes(mask);
+    match nr {
+        libc::SYS_rt_sigtimedwait => mask & TRAP_BIT != 0,
+        libc::SYS_rt_sigsuspend => mask & TRAP_BIT == 0,
+        _ => false,
+    }
 }
 
 /// `rt_sigaction(sig, new, old)` as a raw system call: the C library's `sigaction` carries
@@ -400,6 +610,26 @@ pub unsafe fn rt_sigprocmask(how: i32, set: *const u64, old: *mut u64) -> i64 {
     unsafe { raw::syscall4(libc::SYS_rt_sigprocmask, how as u64, set as u64, old as u64, 8) }
 }
 
+/// `rt_sigpending(set)` as a raw system call, on the kernel's 64-bit mask. Returns 0 or
+/// `-errno`.
+///
+/// # Safety
+/// `set` must be valid for the kernel to write.
+pub unsafe fn rt_sigpending(set: *mut u64) -> i64 {
+    // SAFETY: the caller vouches for the pointer; the size is the kernel's mask size.
+    unsafe { raw::syscall4(libc::SYS_rt_sigpending, set as u64, 8, 0, 0) }
+}
+
+/// `execve(path, argv, envp)` as a raw system call, for a guard that must make it with a
+/// mask of its choosing. Returns only on failure, with `-errno`.
+///
+/// # Safety
+/// The arguments must be valid for `execve(2)`, as the program passed them.
+pub unsafe fn execve(path: u64, argv: u64, envp: u64) -> i64 {
+    // SAFETY: the caller vouches for the arguments.
+    unsafe { raw::syscall4(libc::SYS_execve, path, argv, envp, 0) }
+}
+
 /// Sends `sig` to the calling thread (raw `tgkill`).
 fn raise_here(sig: i32) {
     // SAFETY: getpid takes no arguments; tgkill to our own thread with a valid signal.
@@ -411,6 +641,8 @@ fn raise_here(sig: i32) {
 
 /// `si_code` of a `SIGTRAP` raised by `int3` (the kernel's `force_sig(SIGTRAP)`).
 const SI_KERNEL: i32 = 0x80;
+/// `si_code` of a signal sent by `tkill`/`tgkill` (`raise`): directed at one thread.
+const SI_TKILL: i32 = -6;
 
 extern "C" fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO
@@ -471,8 +703,20 @@ unsafe fn deliver_to_program(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *
         return;
     }
     if blocked {
-        if let Some(state) = thread_state() {
-            state.fetch_or(PENDING, Ordering::Relaxed);
+        // SAFETY: the kernel's siginfo, 128 bytes.
+        let info = unsafe { *(info as *const SigInfo) };
+        if code == SI_TKILL {
+            // Sent to this thread (raise, tgkill): pending for it.
+            if let Some(state) = thread_state() {
+                state.held.put(&info);
+            }
+        } else {
+            // Sent to the process (kill, sigqueue): another thread may take it now, else
+            // it is pending for whichever thread unblocks or waits for it first.
+            match thread_taking_trap(raw::gettid()) {
+                Some(tid) => send_to(tid, &info),
+                None => PROCESS_HELD.put(&info),
+            }
         }
         return;
     }
@@ -497,20 +741,92 @@ unsafe fn deliver_to_program(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *
     unsafe { rt_sigprocmask(libc::SIG_SETMASK, &during, std::ptr::null_mut()) };
     let trap_blocked = action.mask & TRAP_BIT != 0 || action.flags & libc::SA_NODEFER as u64 == 0;
     set_program_blocks_trap(trap_blocked);
-    if action.flags & libc::SA_SIGINFO as u64 != 0 {
-        // SAFETY: the program installed this function with SA_SIGINFO.
-        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { std::mem::transmute(action.handler as usize) };
-        f(sig, info, uc);
+    let alternate = if action.flags & libc::SA_ONSTACK as u64 != 0 {
+        // SAFETY: the kernel's ucontext for this invocation.
+        alternate_stack_top(unsafe { &*(uc as *const libc::ucontext_t) })
     } else {
-        // SAFETY: the program installed this function as a plain handler.
-        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(action.handler as usize) };
-        f(sig);
+        None
+    };
+    // A plain handler takes one argument; the other two registers are ignored by it.
+    // SAFETY: the kernel's arguments, and the handler the program installed.
+    unsafe {
+        match alternate {
+            Some(top) => run_on_stack(action.handler, sig, info, uc, top),
+            None => {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(action.handler as usize);
+                f(sig, info, uc);
+            }
+        }
     }
     // As sigreturn restores the interrupted mask: a SIGTRAP sent to this thread while its
     // handler blocked it is delivered now.
     set_program_blocks_trap(false);
 }
+
+/// Where the program's `SA_ONSTACK` handler must run: the top of the thread's alternate
+/// signal stack, when it had one armed at the trap and the trap did not come on it already
+/// (arch/x86/kernel/signal.c `get_sigframe`). The dispatcher is installed without
+/// `SA_ONSTACK`, so that dynprobe's own hits do not use a program's small alternate stack;
+/// the kernel saved that stack in the frame (`uc_stack`) all the same, disarmed it when
+/// the program asked for `SS_AUTODISARM`, and re-arms it from there at `sigreturn`.
+fn alternate_stack_top(uc: &libc::ucontext_t) -> Option<u64> {
+    let stack = &uc.uc_stack;
+    if stack.ss_flags & libc::SS_DISABLE != 0 || stack.ss_size == 0 {
+        return None;
+    }
+    let (base, size) = (stack.ss_sp as u64, stack.ss_size as u64);
+    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+    if sp.wrapping_sub(base) < size {
+        return None;
+    }
+    Some((base + size) & !15)
+}
+
+/// Calls `handler(sig, info, uc)` with `rsp` at `top`, and comes back to this stack.
+///
+/// # Safety
+/// `handler` must be a signal handler of the program, `top` the 16-byte aligned end of
+/// memory the thread may use as its stack.
+unsafe fn run_on_stack(handler: u64, sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void, top: u64) {
+    // SAFETY: the trampoline follows the C calling convention; the caller vouches for the
+    // handler and the stack.
+    unsafe { dynprobe_call_on_stack(sig as i64, info, uc, handler, top) }
+}
+
+extern "C" {
+    /// `handler(sig, info, uc)` with `rsp` at `top`. Its frame is described to unwinders
+    /// through `rbp` (`.cfi_def_cfa_register`), so that a handler that unwinds its own
+    /// stack — LLVM's prints a backtrace — walks back through the dispatcher to the signal
+    /// frame and the interrupted code, as from the kernel's own frame on that stack.
+    fn dynprobe_call_on_stack(sig: i64, info: *mut libc::siginfo_t, uc: *mut libc::c_void, handler: u64, top: u64);
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.dynprobe_call_on_stack,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl dynprobe_call_on_stack",
+    ".hidden dynprobe_call_on_stack",
+    ".type dynprobe_call_on_stack,@function",
+    "dynprobe_call_on_stack:",
+    ".cfi_startproc",
+    "push rbp",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbp, -16",
+    "mov rbp, rsp",
+    ".cfi_def_cfa_register rbp",
+    // top is 16-byte aligned: the call leaves the handler's entry at 16n + 8, as the ABI
+    // wants.
+    "mov rsp, r8",
+    "call rcx",
+    "mov rsp, rbp",
+    "pop rbp",
+    ".cfi_def_cfa rsp, 8",
+    "ret",
+    ".cfi_endproc",
+    ".size dynprobe_call_on_stack,.-dynprobe_call_on_stack",
+    ".popsection",
+);
 
 /// Ends the process by `sig`'s default action, as the kernel does: the kernel's action is
 /// reset to `SIG_DFL` and the signal sent again, delivered as this handler returns.

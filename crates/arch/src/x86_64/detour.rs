@@ -4,7 +4,8 @@
 //! ```text
 //!  +0   trap:  int3                        slow way out: the handler asked for more than a
 //!              int3 ...                    register restore can give (see below)
-//!  +16  entry: lea -(128+144)(%rsp),%rsp   step over the red zone, room for the frame
+//!  +16  entry: [cmpb $0xcc,flag(%rip) ; jne full ; cmp $v,%rdi ; je full … ; jmp copy]
+//!        full: lea -(128+144)(%rsp),%rsp   step over the red zone, room for the frame
 //!              pushfq ; cld                (entry: movq $0x202, the flags are dead)
 //!              mov %r15..%rdi,0..112(%rsp) the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
@@ -143,7 +144,17 @@ pub struct DetourSpec<'a> {
     pub dispatch: u64,
     /// First argument of `dispatch`.
     pub context: u64,
+    /// At a function entry (`save.flags` false: the compares clobber the flags), the values
+    /// of the first argument (`rdi`) the handlers are for: any other goes straight to the
+    /// copy, without saving anything, while [`FILTER_FLAG_OFFSET`] holds `int3`. Empty: no
+    /// filter.
+    pub entry_filter: &'a [i32],
 }
+
+/// Offset of the byte that keeps a detour's entry filter on while it is `int3` (`0xcc`,
+/// as written), and off for good once it is anything else: a byte of the trap area that is
+/// never executed, read as data.
+pub const FILTER_FLAG_OFFSET: usize = ENTRY_OFFSET - 1;
 
 /// A built detour.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +212,7 @@ pub fn build_detour_from(prefix: Option<&DetourPrefix>, spec: &DetourSpec<'_>) -
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DetourPrefix {
     save: StateSave,
+    entry_filter: Vec<i32>,
     dispatch: u64,
     direct_call: bool,
     code: Vec<u8>,
@@ -239,6 +251,7 @@ impl DetourPrefix {
         };
         let prefix = DetourPrefix {
             save: spec.save,
+            entry_filter: spec.entry_filter.to_vec(),
             dispatch: spec.dispatch,
             direct_call,
             code,
@@ -262,7 +275,10 @@ impl DetourPrefix {
     /// Whether this prefix is the one `spec` would assemble (the same state saved, the same
     /// dispatcher, called the same way).
     pub fn fits(&self, spec: &DetourSpec<'_>) -> bool {
-        self.save == spec.save && self.dispatch == spec.dispatch && self.direct_call == direct_call(spec)
+        self.save == spec.save
+            && self.entry_filter == spec.entry_filter
+            && self.dispatch == spec.dispatch
+            && self.direct_call == direct_call(spec)
     }
 
     /// The prefix's bytes for `spec`.
@@ -291,9 +307,28 @@ fn direct_call(spec: &DetourSpec<'_>) -> bool {
 fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut trap = a.create_label();
+    let mut flag = a.create_label();
     a.set_label(&mut trap)?;
-    for _ in 0..ENTRY_OFFSET {
+    for i in 0..ENTRY_OFFSET {
+        if i == FILTER_FLAG_OFFSET {
+            a.set_label(&mut flag)?;
+        }
         a.int3()?;
+    }
+    // The entry filter: a call whose first argument no handler is for goes on into the copy
+    // untouched (the compares clobber only the flags, dead at a function entry).
+    let filtered = !spec.entry_filter.is_empty() && !spec.save.flags;
+    let mut full = a.create_label();
+    let mut pass = a.create_label();
+    if filtered {
+        a.cmp(byte_ptr(flag), 0xcc)?;
+        a.jne(full)?;
+        for &value in spec.entry_filter {
+            a.cmp(rdi, value)?;
+            a.je(full)?;
+        }
+        a.jmp(pass)?;
+        a.set_label(&mut full)?;
     }
 
     // Frame: [rip][rsp] below the red zone, then flags and the general registers.
@@ -363,6 +398,11 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     } else {
         // Flags are dead at a function entry (a call clobbers them), and popfq is slow.
         a.lea(rsp, ptr(rsp + (8 + 16 + RED_ZONE)))?;
+    }
+    if filtered {
+        // Where a filtered-out call joins the copy (a label needs an instruction).
+        a.set_label(&mut pass)?;
+        a.nop()?;
     }
     Ok(a)
 }
@@ -541,6 +581,7 @@ mod tests {
             save,
             dispatch: 0x5555_0000_2000,
             context: 0x5555_dead_beef,
+            entry_filter: &[],
         }
     }
 
@@ -643,5 +684,30 @@ mod tests {
             let expected = if wide == Vmovdqa64 { 32 } else { 16 };
             assert_eq!(full, expected, "{width:?}: every register of the width on the other way");
         }
+    }
+
+    #[test]
+    fn an_entry_filter_lets_other_values_through_to_the_copy_while_its_flag_is_int3() {
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        let s = DetourSpec { entry_filter: &[13, 14], ..spec(ENTRY, &covered) };
+        let detour = build_detour(&s).unwrap();
+        assert_eq!(detour.code[FILTER_FLAG_OFFSET], 0xcc);
+        let entry = s.detour_ip + ENTRY_OFFSET as u64;
+        let instrs = decode_instructions(&detour.code[ENTRY_OFFSET..], entry).unwrap();
+        // cmpb $0xcc,flag(%rip) ; jne full ; cmp $13,%rdi ; je full ; cmp $14,%rdi ; je full ; jmp pass
+        assert_eq!(instrs[0].mnemonic(), iced_x86::Mnemonic::Cmp);
+        assert_eq!(instrs[0].memory_displacement64(), s.detour_ip + FILTER_FLAG_OFFSET as u64);
+        let full = instrs[1].near_branch_target();
+        assert_eq!((instrs[2].immediate32(), instrs[4].immediate32()), (13, 14));
+        assert_eq!((instrs[3].near_branch_target(), instrs[5].near_branch_target()), (full, full));
+        assert_eq!(full, instrs[7].ip(), "the handlers' path starts after the filter");
+        let pass = instrs[6].near_branch_target();
+        assert_eq!(pass + 1, s.detour_ip + u64::from(detour.copy_offset), "a nop, then the copy");
+        // The prefix of a filtered kind is filled in like any other, and kinds differ.
+        let prefix = DetourPrefix::new(&s).unwrap().expect("the fields are found");
+        let again = DetourSpec { detour_ip: 0x7f00_0030_0000, probe_ip: 0x7f00_1234_5678, ..s };
+        assert_eq!(build_detour_from(Some(&prefix), &again).unwrap(), build_detour(&again).unwrap());
+        assert!(!prefix.fits(&DetourSpec { entry_filter: &[13], ..again }));
+        assert!(!prefix.fits(&spec(ENTRY, &covered)));
     }
 }

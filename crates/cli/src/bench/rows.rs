@@ -25,6 +25,8 @@ pub const BASELINE: &str = "baseline-call";
 /// The unprobed call from a caller that then runs a legacy SSE instruction: the baseline of
 /// the `-sse` rows.
 pub const BASELINE_SSE: &str = "baseline-sse";
+/// The C library's `syscall()` without dynprobe's guard on it.
+pub const SYSCALL_PLAIN: &str = "syscall-plain";
 /// The raw `int3` + SIGTRAP round trip: the floor of any breakpoint probe.
 pub const SIGTRAP_FLOOR: &str = "sigtrap-floor";
 /// The cost of legacy SSE code run with the upper halves of the vector registers dirty.
@@ -142,6 +144,22 @@ pub static ROWS: &[Row] = &[
                 run while the upper halves of ymm/zmm0-15 are dirty (what a detour's restore must not leave)",
         measure: Measure::Call { target: dynprobe_bench_upper_dirty, setup: |_| needs_avx() },
         compare_to: &[],
+    },
+    Row {
+        name: SYSCALL_PLAIN,
+        about: "the C library's syscall() of getppid, before dynprobe's signal guards are placed (run before any probe row)",
+        measure: Measure::Call { target: bench_syscall, setup: |_| unguarded() },
+        compare_to: &[],
+    },
+    Row {
+        name: "syscall-guarded",
+        about: "the same call through the guard on syscall() (a non-signal number: its common path); \
+                minus syscall-plain = the guard's cost per call",
+        measure: Measure::Call {
+            target: bench_syscall,
+            setup: |_| dynprobe::place_signal_guards().map(|()| Box::new(()) as Box<dyn Armed>),
+        },
+        compare_to: &[SYSCALL_PLAIN],
     },
     Row {
         name: SIGTRAP_FLOOR,
@@ -316,6 +334,21 @@ pub static ROWS: &[Row] = &[
         compare_to: &[],
     },
 ];
+
+/// `syscall(SYS_getppid) + x`: a system call through the C library's `syscall()`, which
+/// carries one of dynprobe's signal guards once a probe exists (see `dynprobe::signals`).
+unsafe extern "C" fn bench_syscall(x: std::ffi::c_long) -> std::ffi::c_long {
+    // SAFETY: getppid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getppid) + x }
+}
+
+/// Nothing to arm, but the guards must not be in place yet.
+fn unguarded() -> Result<Box<dyn Armed>, String> {
+    if dynprobe::signal_guards_placed() {
+        return Err("the signal guards are already placed in this process (a probe row ran first)".into());
+    }
+    Ok(Box::new(()))
+}
 
 /// dynprobe's return probe with empty handlers on `target`, its entry jump-optimized.
 fn register_return_probe(target: Target) -> Result<Box<dyn Armed>, String> {

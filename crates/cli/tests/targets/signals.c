@@ -5,7 +5,8 @@
  * Prints what it computed and how many of its own traps it saw: the same with and
  * without dynprobe. Usage: `signals ROUNDS` runs once; `signals LOG` (the attach tests'
  * worker protocol; LOG unused) says "ready PID", then runs 200 rounds per "go" line on
- * stdin, answering with its line, until "quit". */
+ * stdin, answering with its line, until "quit"; `signals exec ROUNDS` executes itself with
+ * SIGTRAP blocked first. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
@@ -108,6 +109,29 @@ static void run(void) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 2 && strcmp(argv[1], "exec") == 0) {
+        /* `signals exec ROUNDS`: executes itself with SIGTRAP blocked, which the new image
+         * must find blocked (the mask survives execve). */
+        sigset_t trap;
+        sigemptyset(&trap);
+        sigaddset(&trap, SIGTRAP);
+        pthread_sigmask(SIG_BLOCK, &trap, NULL);
+        execl("/proc/self/exe", argv[0], "blocked", argv[2], (char *)NULL);
+        return 127;
+    }
+    if (argc > 2 && strcmp(argv[1], "blocked") == 0) {
+        sigset_t now, trap;
+        pthread_sigmask(SIG_BLOCK, NULL, &now);
+        long blocked = sigismember(&now, SIGTRAP);
+        long first = work(blocked); /* called while SIGTRAP is blocked */
+        sigemptyset(&trap);
+        sigaddset(&trap, SIGTRAP);
+        pthread_sigmask(SIG_UNBLOCK, &trap, NULL);
+        printf("blocked=%ld first=%ld\n", blocked, first);
+        rounds = atol(argv[2]);
+        run();
+        return 0;
+    }
     if (argc > 1 && atol(argv[1]) > 0) {
         rounds = atol(argv[1]);
         run();

@@ -71,15 +71,18 @@ static void on_trap(int sig, siginfo_t *info, void *uc) {
 long traps_seen(long unused) { (void)unused; return traps; }
 long last_trap_code(long unused) { (void)unused; return last_code; }
 
-/* Installs on_trap with sigaction and SA_SIGINFO | flags. */
-long install_handler(long flags) {
+/* Installs `handler` for SIGTRAP with sigaction and SA_SIGINFO | flags. */
+static long install(void (*handler)(int, siginfo_t *, void *), long flags) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_trap;
+    sa.sa_sigaction = handler;
     sa.sa_flags = SA_SIGINFO | (int)flags;
     sigemptyset(&sa.sa_mask);
     return sigaction(SIGTRAP, &sa, NULL);
 }
+
+/* Installs on_trap with sigaction and SA_SIGINFO | flags. */
+long install_handler(long flags) { return install(on_trap, flags); }
 
 /* Sets SIGTRAP's action to SIG_DFL (0) or SIG_IGN (1) with signal(). */
 long trap_disposition(long ignore) {
@@ -160,4 +163,238 @@ long usr1_full_mask(long unused) {
     raise(SIGUSR1);
     sigaction(SIGUSR1, NULL, &back);
     return in_usr1 + 1000 * sigismember(&back.sa_mask, SIGTRAP);
+}
+
+#include <execinfo.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#define ALT_SIZE (1 << 20)
+static char *volatile alt_base;
+static volatile long on_alt;
+
+/* LLVM-style: a handler that needs more stack than the thread has, on its alternate stack. */
+static void on_trap_onstack(int sig, siginfo_t *info, void *uc) {
+    (void)sig;
+    (void)info;
+    volatile char big[256 << 10];
+    big[0] = 1;
+    big[sizeof big - 1] = 1;
+    char *here = (char *)&big[0];
+    on_alt = here >= alt_base && here < alt_base + ALT_SIZE;
+    /* Its own backtrace (LLVM prints one) walks back to the interrupted code. */
+    void *frames[64];
+    int n = backtrace(frames, 64);
+    void *rip = (void *)((ucontext_t *)uc)->uc_mcontext.gregs[REG_RIP];
+    for (int i = 0; i < n; i++)
+        if (frames[i] == rip)
+            on_alt += 100;
+    traps++;
+}
+
+static void *onstack_thread(void *flags) {
+    stack_t ss = {.ss_sp = alt_base, .ss_size = ALT_SIZE, .ss_flags = (int)(long)flags};
+    if (sigaltstack(&ss, NULL) != 0)
+        return (void *)-1L;
+    install(on_trap_onstack, SA_ONSTACK | SA_NODEFER | SA_RESETHAND);
+    __asm__ volatile("int3");
+    stack_t after;
+    sigaltstack(NULL, &after);
+    /* The alternate stack is the thread's as before (SS_AUTODISARM re-armed it). */
+    return (void *)(on_alt + 10 * (after.ss_sp == alt_base && !(after.ss_flags & SS_DISABLE)));
+}
+
+/* Runs, in a thread with a 64 KiB stack and a 1 MiB alternate stack (sigaltstack flags
+ * `flags`: 0 or SS_AUTODISARM), an int3 whose SA_ONSTACK handler needs 256 KiB of stack.
+ * Returns 111 when the handler ran on the alternate stack, its backtrace() reached the
+ * int3, and the thread still has the stack. */
+long onstack_trap(long flags) {
+    void *warm[1];
+    backtrace(warm, 1); /* loads the unwinder before the handler needs it */
+    alt_base = mmap(NULL, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    on_alt = 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    pthread_t t;
+    void *ret;
+    pthread_create(&t, &attr, onstack_thread, (void *)flags);
+    pthread_join(t, &ret);
+    munmap(alt_base, ALT_SIZE);
+    return (long)ret;
+}
+
+#include <errno.h>
+
+/* In a new thread: 1 when it reads SIGTRAP in its mask, plus 10 when a raise(SIGTRAP)
+ * waited for its unblock (on_trap installed), plus 100 when a breakpoint-probed call ran. */
+static void *new_thread_view(void *unused) {
+    (void)unused;
+    long blocked = trap_blocked(0);
+    long seen = traps;
+    raise(SIGTRAP);
+    long waited = traps == seen;
+    block_trap(0);
+    long ok = blocked + 10 * (blocked && waited && traps == seen + 1) + 100 * (sig_bp(1) == 3);
+    return (void *)ok;
+}
+
+/* Creates a thread while blocking SIGTRAP (block 1) or not (0); returns new_thread_view. */
+long new_thread_blocks(long block) {
+    block_trap(block);
+    pthread_t t;
+    void *ret;
+    pthread_create(&t, NULL, new_thread_view, NULL);
+    pthread_join(t, &ret);
+    block_trap(0);
+    return (long)ret;
+}
+
+/* Blocks SIGTRAP (block 1) or not, then executes grep on its own status: the process
+ * exits 0 when the new image blocks SIGTRAP (0x10 in SigBlk, proc(5)), 1 when not. */
+long exec_blocking(long block) {
+    block_trap(block);
+    char *argv[] = {"grep", "-q", "^SigBlk:.*[13579bdf].$", "/proc/self/status", NULL};
+    execv("/usr/bin/grep", argv);
+    return 100 + errno;
+}
+
+/* Blocks SIGTRAP and executes a file that does not exist: 1 when execv failed with ENOENT
+ * and the thread still reads SIGTRAP in its mask. Leaves SIGTRAP blocked. */
+long exec_fails_blocking(long unused) {
+    (void)unused;
+    block_trap(1);
+    char *argv[] = {"none", NULL};
+    long r = execv("/nonexistent/dynprobe-test", argv);
+    return r == -1 && errno == ENOENT && trap_blocked(0);
+}
+
+#include <sys/wait.h>
+
+/* Blocks SIGTRAP and forks: the child exits with 1 when it reads SIGTRAP in its mask, plus
+ * 10 when its raise(SIGTRAP) waits (on_trap installed). Returns that status. */
+long forked_child_blocks(long unused) {
+    (void)unused;
+    block_trap(1);
+    pid_t pid = fork();
+    if (pid == 0) {
+        long seen = traps;
+        raise(SIGTRAP);
+        _exit((int)(trap_blocked(0) + 10 * (traps == seen)));
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    block_trap(0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+}
+
+#include <time.h>
+
+static long trap_pending(void) {
+    sigset_t pending;
+    sigemptyset(&pending);
+    sigpending(&pending);
+    return sigismember(&pending, SIGTRAP);
+}
+
+/* With SIGTRAP blocked, sends one (way 0: raise, 1: kill) and waits for it (how 0: sigwait,
+ * 1: sigwaitinfo, 2: sigtimedwait), under a 5 s alarm. Returns 0 when it was pending
+ * before the wait and not after, the wait returned it at once (with SI_USER and our pid
+ * for the two that say), no handler ran and unblocking delivers nothing; else the number
+ * of the first check that failed. */
+long wait_for_held(long way_how) {
+    long way = way_how / 10, how = way_how % 10;
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    if (way == 0)
+        raise(SIGTRAP);
+    else
+        kill(getpid(), SIGTRAP);
+    if (!trap_pending())
+        return 1;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTRAP);
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    info.si_pid = getpid();
+    int sig = -1;
+    if (how == 0) {
+        if (sigwait(&set, &sig) != 0)
+            return 2;
+    } else if (how == 1) {
+        sig = sigwaitinfo(&set, &info);
+    } else {
+        struct timespec ts = {1, 0};
+        sig = sigtimedwait(&set, &info, &ts);
+    }
+    if (sig != SIGTRAP)
+        return 3;
+    if (info.si_code != SI_USER || info.si_pid != getpid())
+        return 4;
+    if (trap_pending())
+        return 5;
+    block_trap(0);
+    return traps == seen ? 0 : 6;
+}
+
+/* With SIGTRAP blocked, raise(SIGTRAP), then sigsuspend on a mask without it: 0 when it
+ * returned EINTR after the handler ran once, and unblocking delivers nothing more. */
+long suspend_with_held(long unused) {
+    (void)unused;
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    raise(SIGTRAP);
+    sigset_t mask;
+    sigemptyset(&mask);
+    long r = sigsuspend(&mask);
+    if (r != -1 || errno != EINTR || traps != seen + 1)
+        return 1;
+    block_trap(0);
+    return traps == seen + 1 ? 0 : 2;
+}
+
+static void *wait_trap_thread(void *unused) {
+    (void)unused;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTRAP);
+    siginfo_t info;
+    return (void *)(long)sigwaitinfo(&set, &info);
+}
+
+static volatile int go;
+static void *unblock_later(void *unused) {
+    (void)unused;
+    long seen = traps;
+    while (!go)
+        usleep(1000);
+    block_trap(0);
+    return (void *)(traps - seen);
+}
+
+/* A kill(getpid(), SIGTRAP) while this thread blocks SIGTRAP, in a process whose other
+ * thread (created blocking it too) `waits` for it in sigwaitinfo (1), or unblocks it a
+ * moment later (0). Returns 0 when that thread got it (sigwaitinfo returned SIGTRAP, or
+ * its handler ran once there) and nothing reaches this thread as it unblocks. */
+long kill_to_blocking_process(long waits) {
+    alarm(5);
+    block_trap(1);
+    long seen = traps;
+    go = 0;
+    pthread_t t;
+    pthread_create(&t, NULL, waits ? wait_trap_thread : unblock_later, NULL);
+    usleep(100 * 1000);
+    kill(getpid(), SIGTRAP);
+    go = 1;
+    void *ret;
+    pthread_join(t, &ret);
+    if ((long)ret != (waits ? SIGTRAP : 1))
+        return 1;
+    long after = traps;
+    block_trap(0);
+    return traps == after && after == seen + !waits ? 0 : 2;
 }

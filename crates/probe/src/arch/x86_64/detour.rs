@@ -13,17 +13,22 @@
 
 use super::trap::write_code;
 use super::Regs;
+use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{
-    build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, TRAP_OFFSET,
+    build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, FILTER_FLAG_OFFSET, TRAP_OFFSET,
 };
 use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
+use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// What [`SiteDetour::open_filter`] writes over the filter's flag.
+const NOP: u8 = 0x90;
 
 /// Bytes reserved per detour: the code with AVX-512 is about 1 KiB, plus the
 /// relocated run (a handful of instructions, each at most ~30 bytes once rewritten).
@@ -38,6 +43,8 @@ pub(crate) struct SiteDetour {
     code: Detour,
     /// The 5 bytes written over the probe point.
     pub(crate) jump: [u8; 5],
+    /// Built with an entry filter (see [`SiteDetour::open_filter`]).
+    filtered: bool,
 }
 
 impl SiteDetour {
@@ -54,6 +61,18 @@ impl SiteDetour {
             return Some(ip);
         }
         self.code.copy_address(self.slot.addr, (ip - self.run.addr) as u32)
+    }
+
+    /// Turns the entry filter off for good: a probe that wants every call joined the
+    /// site. One byte, read as data by the filter, never executed.
+    pub(crate) fn open_filter(&self) -> Result<(), ProbeError> {
+        if self.filtered {
+            let flag = self.slot.addr + FILTER_FLAG_OFFSET as u64;
+            if dynprobe_text::memory::read_vec(flag, 1)? == [INT3] {
+                write_verified(flag, &[INT3], &[NOP])?;
+            }
+        }
+        Ok(())
     }
 
     fn trap_addr(&self) -> u64 {
@@ -106,6 +125,7 @@ pub(crate) fn prepare_detour(
     let original = function[offset..offset + run.len].to_vec();
     // Flags are dead at a function entry: a call clobbers them.
     let save = StateSave { flags: site.addr != start, width: vector_width() };
+    let entry_filter = if save.flags { Vec::new() } else { site.entry_filter() };
     let mut slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
     let built = (|| {
         let spec = DetourSpec {
@@ -115,6 +135,7 @@ pub(crate) fn prepare_detour(
             save,
             dispatch: detour_dispatch as *const () as u64,
             context: site as *const PatchSite as u64,
+            entry_filter: &entry_filter,
         };
         let mut code = build_detour_from(prefix_for(&spec).as_deref(), &spec).map_err(|e| e.to_string())?;
         let jump = jmp_rel32(site.addr, slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64)
@@ -129,7 +150,7 @@ pub(crate) fn prepare_detour(
         // Written: the bytes are in the slot, and a program traced whole would otherwise
         // keep a second kilobyte per function on the heap.
         code.code = Vec::new();
-        let detour = SiteDetour { slot, run, original, code, jump };
+        let detour = SiteDetour { slot, run, original, code, jump, filtered: !entry_filter.is_empty() };
         trap::register_site(detour.trap_addr(), on_detour_trap, site as *const PatchSite as usize)
             .map_err(|e| e.to_string())?;
         Ok(detour)

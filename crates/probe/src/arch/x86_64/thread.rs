@@ -71,3 +71,45 @@ fn tcb_tid() -> i32 {
 fn gettid() -> i32 {
     dynprobe_text::raw::gettid()
 }
+
+/// A new thread's start routine and its argument, as `pthread_create` was given them.
+#[repr(C)]
+pub(crate) struct StartRoutine {
+    pub(crate) routine: u64,
+    pub(crate) arg: u64,
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.dynprobe_start_blocked,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl {trampoline}",
+    ".hidden {trampoline}",
+    ".type {trampoline},@function",
+    "{trampoline}:",
+    // The C library calls the start routine with rsp = 16n + 8; the call below needs the
+    // same, so one push of the argument (the record) keeps the alignment.
+    "push rdi",
+    "call {take}",
+    "add rsp, 8",
+    // Tail-jump into the program's own routine: it returns into the C library's
+    // start_thread, exactly as without dynprobe, and nothing of dynprobe stays on the stack.
+    "mov rdi, rdx",
+    "jmp rax",
+    ".size {trampoline},.-{trampoline}",
+    ".popsection",
+    trampoline = sym dynprobe_inherit_blocked_start,
+    take = sym crate::signals::take_blocked_start,
+);
+
+extern "C" {
+    /// The start routine `pthread_create` is given, in place of the program's, for a thread
+    /// whose creator blocks `SIGTRAP` (see `crate::signals`): `arg` is a record that
+    /// [`crate::signals::take_blocked_start`] turns back into the program's routine and
+    /// argument, after marking the new thread as blocking `SIGTRAP`.
+    fn dynprobe_inherit_blocked_start(arg: *mut libc::c_void) -> *mut libc::c_void;
+}
+
+/// The address of [`dynprobe_inherit_blocked_start`].
+pub(crate) fn blocked_start_trampoline() -> u64 {
+    dynprobe_inherit_blocked_start as *const () as u64
+}
