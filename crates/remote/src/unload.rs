@@ -24,6 +24,11 @@ pub enum UnloadError {
     Call(InjectError),
     /// The process has no `dlclose`.
     NoDlclose,
+    /// The stack of the library's last thread could not be unmapped (nothing was unloaded).
+    Stack {
+        /// Its address.
+        addr: u64,
+    },
     /// `dlclose` returned an error.
     Refused {
         /// `dlerror()`'s message.
@@ -36,6 +41,7 @@ impl fmt::Display for UnloadError {
         match self {
             UnloadError::Call(e) => e.fmt(f),
             UnloadError::NoDlclose => write!(f, "no loaded library exports dlclose"),
+            UnloadError::Stack { addr } => write!(f, "munmap of the agent's last thread stack at {addr:#x} failed"),
             UnloadError::Refused { message } => write!(f, "dlclose failed: {message}"),
         }
     }
@@ -72,6 +78,7 @@ pub fn unload_library(
         return Err(UnloadError::NoDlclose);
     };
     let dlerror = find(&["libc:dlerror", "libdl:dlerror", "dlerror"]);
+    let munmap = find(&["libc:munmap", "munmap"]);
     let (mut tracee, tid) = seize_safe_thread(pid, &table)?;
     let call = |tracee: &mut crate::Tracee, function: &str, addr: u64, args: &[Arg]| {
         tracee.call_with(tid, addr, args, timeout).map_err(|error| InjectError::Call {
@@ -81,13 +88,19 @@ pub fn unload_library(
             error,
         })
     };
+    // Through the C library's `munmap`, a call that returns through the return stub: a
+    // system call made by single-stepping a `syscall` instruction would leave the thread
+    // with the trap flag set, and killed by its SIGTRAP, were this process killed meanwhile
+    // (the kernel does not clear it when the tracer dies).
     if let Some((addr, len)) = stack {
-        tracee.munmap(tid, addr, len, timeout).map_err(|error| InjectError::Call {
-            function: "munmap".to_string(),
-            tid,
-            location: None,
-            error,
-        })?;
+        let unmapped = match munmap {
+            Some(munmap) => call(&mut tracee, "munmap", munmap, &[Arg::Value(addr), Arg::Value(len)])? as i32 == 0,
+            None => tracee.munmap(tid, addr, len, timeout).is_ok(),
+        };
+        if !unmapped {
+            tracee.detach()?;
+            return Err(UnloadError::Stack { addr });
+        }
     }
     for _ in 0..times {
         if call(&mut tracee, "dlclose", dlclose, &[Arg::Value(handle)])? as u32 != 0 {
