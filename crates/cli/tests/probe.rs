@@ -265,7 +265,8 @@ fn probes_driven_by_ptrace_follow_exec_too() {
     let marker = marker("exec-ptrace");
     let events = scratch().join(format!("events-exec-ptrace-{}.txt", std::process::id()));
     let wrapper = ["bash", "-c", "\"$0\" \"$@\"; echo child $?; exec \"$0\" \"$@\""];
-    let specs = ["p:execute_command", "p:libc:pthread_create"];
+    // The refused spec between two others: each event keeps its own spec's name.
+    let specs = ["p:libc:pthread_create", "p:execute_command", "p:libc:pthread_join"];
     let out = probe_through(&wrapper, &specs, &["--ptrace", "-o", events.to_str().unwrap()], &marker);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(TARGET_STATUS), "{stderr}");
@@ -279,8 +280,9 @@ fn probes_driven_by_ptrace_follow_exec_too() {
     let lines = std::fs::read_to_string(&events).unwrap();
     let shell = lines.lines().filter(|l| l.contains("] execute_command:")).count();
     let created = lines.lines().filter(|l| l.contains("] libc_pthread_create:")).count();
+    let joined = lines.lines().filter(|l| l.contains("] libc_pthread_join:")).count();
     assert!(shell > 0, "bash's own probe never fired: {lines}");
-    assert_eq!(created, 2, "{lines}\n{stderr}");
+    assert_eq!((created, joined), (2, 2), "{lines}\n{stderr}");
 }
 
 #[test]

@@ -125,6 +125,18 @@ pub fn release_all() -> Result<(), String> {
     if let Err(why) = retprobe::release_trampoline() {
         kept.push(format!("the return trampoline: {why}"));
     }
+    // A thread created a moment ago by one that blocks SIGTRAP starts in dynprobe's code.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while signals::blocked_starts_pending() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if signals::blocked_starts_pending() > 0 {
+        kept.push(format!(
+            "the start trampoline of {} thread(s) created while their creator blocked SIGTRAP, not started yet (or \
+             whose pthread_create failed)",
+            signals::blocked_starts_pending()
+        ));
+    }
     // With no probe left, no int3 of ours is either: the program's own SIGTRAP action goes
     // back (release_signals did it, but the stops above install the dispatcher again, as
     // every patching transaction does), and so does the stop signal's.

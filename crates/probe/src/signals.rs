@@ -505,6 +505,13 @@ fn guard_pthread_create(regs: &mut Regs) {
     regs.rcx = record as *const BlockedStart as u64;
 }
 
+/// How many threads [`guard_pthread_create`] sent through the trampoline have not reached
+/// it yet (or never will: their `pthread_create` failed). The trampoline is dynprobe's code:
+/// while one is due, dynprobe must stay loaded.
+pub(crate) fn blocked_starts_pending() -> usize {
+    STARTS.iter().filter(|s| s.used.load(Ordering::Acquire)).count()
+}
+
 /// The first call of a thread created by [`guard_pthread_create`]: marks it blocking
 /// `SIGTRAP`, frees the record and returns the program's start routine and argument.
 pub(crate) extern "C" fn take_blocked_start(record: *const BlockedStart) -> StartRoutine {

@@ -144,6 +144,8 @@ impl ThreadSlot {
         self.untraced.store(false, Ordering::Relaxed);
         if new_thread {
             self.trap_state.reset();
+        } else {
+            self.trap_state.forget_held_after_fork();
         }
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);

@@ -842,21 +842,18 @@ fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: Duration) {
 /// Calls `f` with the id of every thread listed in `/proc/self/task`, reading the directory
 /// with `getdents64` into a stack buffer (no allocation: other threads may be stopped while
 /// holding the allocator's lock; and `opendir` would `malloc`, on a thread of dynprobe's
-/// the start of a malloc arena of its own). Returns the errno when the directory cannot be
-/// read.
+/// the start of a malloc arena of its own). Raw system calls only ([`raw`]): the `SIGTRAP`
+/// dispatcher calls this, where the C library's `open`/`close` may carry the program's
+/// probes and would write the interrupted code's `errno`. Returns the errno when the
+/// directory cannot be read.
 pub fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
-    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-    // SAFETY: the path is a NUL-terminated literal.
-    let fd = unsafe { libc::open(c"/proc/self/task".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno());
-    }
+    let fd = raw_open(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
     let mut buf = [0u8; 4096];
     let result = loop {
         // SAFETY: `buf` is writable for its whole length; `fd` is the directory opened above.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        let n = unsafe { raw::syscall4(libc::SYS_getdents64, fd as u64, buf.as_mut_ptr() as u64, buf.len() as u64, 0) };
         if n < 0 {
-            break Err(errno());
+            break Err(-n as i32);
         }
         if n == 0 {
             break Ok(());
@@ -873,9 +870,26 @@ pub fn for_each_task(mut f: impl FnMut(i32)) -> Result<(), i32> {
             off += reclen;
         }
     };
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
+    raw_close(fd);
     result
+}
+
+/// `open(path, flags)` as a raw system call (no `errno`, no C library): the descriptor or
+/// the errno.
+fn raw_open(path: &std::ffi::CStr, flags: i32) -> Result<i32, i32> {
+    // SAFETY: a NUL-terminated path; openat with AT_FDCWD only opens it.
+    let fd = unsafe { raw::syscall4(libc::SYS_openat, libc::AT_FDCWD as u64, path.as_ptr() as u64, flags as u64, 0) };
+    if fd < 0 {
+        Err(-fd as i32)
+    } else {
+        Ok(fd as i32)
+    }
+}
+
+/// `close(fd)` as a raw system call.
+fn raw_close(fd: i32) {
+    // SAFETY: the caller's own descriptor, closed once.
+    unsafe { raw::syscall4(libc::SYS_close, fd as u64, 0, 0, 0) };
 }
 
 /// `name` as a positive decimal i32 (`.` and `..` are not).
@@ -939,15 +953,11 @@ fn read_task_file(tid: i32, name: &[u8], buf: &mut [u8]) -> Result<usize, i32> {
     let name = &name[..name.len().min(path.len() - end - 1)];
     path[end..end + name.len()].copy_from_slice(name);
     // The rest of `path` stays 0: the terminator.
-    // SAFETY: `path` is NUL-terminated (its last byte is never written).
-    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
-    }
+    let path = std::ffi::CStr::from_bytes_until_nul(&path).map_err(|_| libc::EINVAL)?;
+    let fd = raw_open(path, libc::O_RDONLY | libc::O_CLOEXEC)?;
     // SAFETY: `buf` is writable for its length; `fd` was just opened.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
+    let n = unsafe { raw::syscall4(libc::SYS_read, fd as u64, buf.as_mut_ptr() as u64, buf.len() as u64, 0) };
+    raw_close(fd);
     Ok(n.max(0) as usize)
 }
 

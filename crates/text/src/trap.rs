@@ -417,6 +417,14 @@ impl TrapState {
         self.held.take();
     }
 
+    /// For the thread of a fork child: what it blocked stays (fork(2) keeps the mask), but
+    /// nothing held for the parent is pending in the child — the kernel starts a child with
+    /// no pending signal, the process-wide ones included.
+    pub fn forget_held_after_fork(&self) {
+        self.held.take();
+        PROCESS_HELD.take();
+    }
+
     /// Whether the program asked this thread to block `SIGTRAP` (readable from any thread).
     pub fn blocked(&self) -> bool {
         self.blocked.load(Ordering::Relaxed)

@@ -262,16 +262,24 @@ fn follow_exec(old: Tracer, specs: &[ProbeSpec]) -> Result<Option<Tracer>, Error
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| format!("process {pid}"));
     spawn::run_to_entry(pid, &exe)?;
-    let mut threads = HashMap::new();
-    threads.insert(pid, Thread::new(State::Stopped { signal: 0 }));
-    let mut tracer = Tracer::new(pid, threads, out)?;
-    tracer.info = info;
-    tracer.follow_exec = true;
+    // A fresh tracer for each try: a refused `place_all` leaves the formats (and slot
+    // areas) of the specs before the refused one, which would misname every later event.
+    let fresh = |out: Output| -> Result<Tracer, Error> {
+        let mut threads = HashMap::new();
+        threads.insert(pid, Thread::new(State::Stopped { signal: 0 }));
+        let mut tracer = Tracer::new(pid, threads, out)?;
+        tracer.info = info;
+        tracer.follow_exec = true;
+        Ok(tracer)
+    };
+    let mut tracer = fresh(out)?;
     let mut left = specs.to_vec();
     while !left.is_empty() {
         match place_all(&mut tracer, &left) {
             Ok(()) => break,
             Err(Error::Refused { spec, message }) => {
+                let Tracer { out, .. } = tracer;
+                tracer = fresh(out)?;
                 let why = message.replace('\n', " ");
                 tracer
                     .out

@@ -249,7 +249,11 @@ fn ptrace_backend(request: &Request) -> Result<(Backend, OwnedFd), String> {
 fn attach_refused(pid: i32, name: &str, errno: i32) -> String {
     match errno {
         libc::EBUSY => {
-            format!("{pid} ({name}) already has a dynprobe session: detach that one first (Ctrl-C in its dynprobe)")
+            format!(
+                "{pid} ({name}) already has a dynprobe session: detach that one first (Ctrl-C in its dynprobe); \
+                 if its dynprobe was killed a moment ago, the session is still removing its probes: try again \
+                 in a few seconds"
+            )
         }
         libc::EACCES => format!("the agent in {pid} ({name}) refused the control socket: it belongs to another user"),
         errno => format!("the agent in {pid} ({name}) could not start: {}", io::Error::from_raw_os_error(errno)),
