@@ -61,6 +61,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use dynprobe_arch::native::return_stub::{
@@ -87,12 +88,58 @@ const ERESTART_RESTARTBLOCK: i64 = -516;
 const PAGE: u64 = 4096;
 
 /// Where the return stub is written, and what was there (module documentation).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct StubSite {
     addr: u64,
     original: Vec<u8>,
     /// The stub last written there.
     written: Option<Vec<u8>>,
+    /// Held while the site is ours: see [`lock_stub_sites`].
+    _lock: OwnedFd,
+}
+
+/// How long a tracer waits for another one calling into the same process.
+const STUB_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the per-process lock on stub sites: an abstract Unix socket address
+/// (`unix(7)`) bound by one tracer at a time, and released with the descriptor — also by a
+/// tracer's death, so nothing stale is left behind. Two tracers calling into one process
+/// at once would otherwise find the same free site, and the first to finish would put the
+/// original bytes back under the other's call.
+fn lock_stub_sites(pid: i32) -> Result<OwnedFd, CallError> {
+    let deadline = Instant::now() + STUB_LOCK_WAIT;
+    let name = format!("dynprobe-stub-{pid}");
+    loop {
+        // SAFETY: plain socket creation; the descriptor is owned right after.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd == -1 {
+            return Err(CallError::Tracee(Error::Memory {
+                op: "socket for the stub lock",
+                addr: 0,
+                len: 0,
+                error: io::Error::last_os_error(),
+            }));
+        }
+        // SAFETY: a new descriptor, ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data; all zeros is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        // sun_path[0] stays 0: the abstract namespace.
+        for (dst, &src) in addr.sun_path[1..].iter_mut().zip(name.as_bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let len = (std::mem::size_of::<libc::sa_family_t>() + 1 + name.len()) as libc::socklen_t;
+        // SAFETY: `addr` is an initialized sockaddr_un, `len` bytes of it used.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } == 0 {
+            return Ok(fd);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EADDRINUSE) || Instant::now() >= deadline {
+            return Err(CallError::StubBusy { pid, error });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// An argument of [`Tracee::call_with`].
@@ -177,6 +224,14 @@ pub enum CallError {
         /// The process.
         pid: i32,
     },
+    /// Another dynprobe kept calling into the process (its stub lock held) for longer than
+    /// a tracer waits.
+    StubBusy {
+        /// The process.
+        pid: i32,
+        /// The last `bind` error.
+        error: io::Error,
+    },
     /// Controlling the thread failed (it exited, a ptrace request failed, …).
     Tracee(Error),
 }
@@ -207,6 +262,11 @@ impl fmt::Display for CallError {
             }
             CallError::Syscall { name, error } => write!(f, "remote {name} failed: {error}"),
             CallError::Stub { why } => write!(f, "cannot build the return stub of a remote call: {why}"),
+            CallError::StubBusy { pid, error } => write!(
+                f,
+                "another dynprobe is calling into process {pid} (its lock on the return stubs is held: {error}); \
+                 try again when it is done"
+            ),
             CallError::NoStubSite { pid } => write!(
                 f,
                 "no executable segment of process {pid} ends {STUB_MAX} bytes or more before its page does: no room \
@@ -444,6 +504,7 @@ impl Tracee {
         if let Some(site) = &self.stub_site {
             return Ok(site.addr);
         }
+        let lock = lock_stub_sites(self.pid())?;
         let addr = find_stub_site(&self.mem)?;
         let original = self.mem.read_vec(addr, STUB_MAX).map_err(|error| Error::Memory {
             op: "read",
@@ -451,7 +512,7 @@ impl Tracee {
             len: STUB_MAX,
             error,
         })?;
-        self.stub_site = Some(StubSite { addr, original, written: None });
+        self.stub_site = Some(StubSite { addr, original, written: None, _lock: lock });
         Ok(addr)
     }
 

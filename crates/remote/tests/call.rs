@@ -112,6 +112,36 @@ fn a_signal_arriving_during_a_call_is_delivered_afterwards() {
 }
 
 #[test]
+fn a_call_waits_while_another_tracer_holds_the_process_stub_sites() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let expected = common::undisturbed_worker_output();
+    let (target, pid, _) = blocked_target();
+    let text_length = target.number(3);
+    // Another tracer calling into the same process holds its lock: the abstract socket name
+    // each tracer binds while it owns a stub site there.
+    let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("dynprobe-stub-{pid}")).unwrap();
+    let other = std::os::unix::net::UnixListener::bind_addr(&name).expect("bind the lock's name");
+    let released = Arc::new(AtomicBool::new(false));
+    let releaser = {
+        let released = released.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            released.store(true, Ordering::SeqCst);
+            drop(other);
+        })
+    };
+    let mut tracee = Tracee::seize_thread(pid, pid, Options::NONE).unwrap();
+    tracee.stop(pid, SECOND).unwrap();
+    assert_eq!(tracee.call_with(pid, text_length, &[Arg::Str("abcd")], SECOND).unwrap(), 4);
+    assert!(released.load(Ordering::SeqCst), "the call did not wait for the other tracer's lock");
+    releaser.join().unwrap();
+    tracee.detach().unwrap();
+    assert_eq!(target.finish("hi\n"), expected);
+}
+
+#[test]
 fn code_written_into_read_only_text_runs() {
     let expected = common::undisturbed_worker_output();
     let (target, pid, _) = blocked_target();

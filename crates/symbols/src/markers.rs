@@ -276,7 +276,9 @@ pub struct MarkerGate {
 /// Fills in [`MarkerSite::gates`] of the sites of the file at `path`.
 fn find_gates(path: &Path, sites: &mut [MarkerSite]) {
     let file = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let cpython_3_11 = file == "python3.11" || file.starts_with("libpython3.11.so");
+    // The interpreter's file: `python3.11`, `python3.11d`, `libpython3.11.so.1.0`, … (the
+    // path of a mapping is the file itself, so a `python3` symlink resolves to it).
+    let cpython_3_11 = file.starts_with("python3.11") || file.starts_with("libpython3.11");
     if !cpython_3_11 {
         return;
     }
