@@ -12,6 +12,7 @@ use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
 use crate::{optimizer, signals, thread_slot};
 use crate::{Location, Probe, ProbeError};
+use dynprobe_arch::native::jump_table::TableMemory;
 use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
@@ -142,7 +143,7 @@ struct Registry {
     retired: Vec<*mut ProbeList>,
     symbols: Option<SymbolTable>,
     /// Per module (path, load bias): where its code jumps into the middle of a function.
-    foreign: BTreeMap<(std::path::PathBuf, u64), Arc<BTreeMap<u64, u64>>>,
+    foreign: BTreeMap<(std::path::PathBuf, u64), Arc<ModuleBranches>>,
     /// While [`prepare_optimization`] runs: each module's code as [`Registry::foreign_entries`]
     /// read it whole (start address, original bytes), so that preparing thousands of its
     /// probes reads none of their functions again.
@@ -980,6 +981,15 @@ fn write_jumps(sites: &[&PatchSite], edits: &mut Edits<'_>, busy: &mut Vec<u64>)
     Ok((written, stopped.txn.commit()))
 }
 
+/// What [`Registry::foreign_entries`] knows of a module's branches.
+#[derive(Default)]
+struct ModuleBranches {
+    /// Where its code jumps into the middle of a function (target → branch).
+    entries: BTreeMap<u64, u64>,
+    /// The span of its functions: a jump table's entries point into it.
+    code: Range<u64>,
+}
+
 /// The code a jump at `site` changes or sends threads back into: the covered run, and the
 /// breakpoint slot, which jumps back into the run.
 fn jump_ranges(site: &PatchSite, detour: &crate::arch::SiteDetour) -> [Range<u64>; 2] {
@@ -1091,7 +1101,10 @@ impl Registry {
         let function = site.function.clone();
         let foreign = self.foreign_entries(addr)?;
         let site = self.sites.get(&addr).expect("looked up above");
-        let check_run = |run: &CoveredRun| match foreign.range(run.addr + 1..run.addr + run.len as u64).next() {
+        // Jump tables are read from the live process: they are data, never patched.
+        let read = |at: u64, buf: &mut [u8]| memory::read(at, buf).is_ok();
+        let tables = TableMemory { code: foreign.code.clone(), read: &read };
+        let check_run = |run: &CoveredRun| match foreign.entries.range(run.addr + 1..run.addr + run.len as u64).next() {
             Some((&to, &from)) => Err(format!(
                 "{} jumps to {to:#x}, inside the bytes the jump would cover",
                 self.symbols.as_ref().map_or_else(|| format!("{from:#x}"), |t| t.format_addr(from))
@@ -1102,7 +1115,7 @@ impl Registry {
             None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
             Some((_, start, size)) => {
                 let function = self.original_bytes(*start, *size as usize)?;
-                prepare_detour(site, &function, *start, check_run)
+                prepare_detour(site, &function, *start, &tables, check_run)
             }
         };
         match prepared {
@@ -1119,7 +1132,7 @@ impl Registry {
 
     /// The places other code of `addr`'s module jumps to inside some function (target →
     /// branch), gathered once per module by decoding each of its functions.
-    fn foreign_entries(&mut self, addr: u64) -> Result<Arc<BTreeMap<u64, u64>>, ProbeError> {
+    fn foreign_entries(&mut self, addr: u64) -> Result<Arc<ModuleBranches>, ProbeError> {
         self.symbols(false)?;
         let table = self.symbols.as_ref().expect("loaded just above");
         let Some(module) = table.module_of(addr).map(|m| (m.path.clone(), m.bias)) else {
@@ -1162,7 +1175,8 @@ impl Registry {
         if let (Some(code), Some(whole)) = (&mut self.code, whole) {
             code.push(whole);
         }
-        let entries = Arc::new(entries);
+        let code = span.map_or(0..0, |(first, end)| first..end);
+        let entries = Arc::new(ModuleBranches { entries, code });
         self.foreign.insert(module, entries.clone());
         Ok(entries)
     }

@@ -840,3 +840,33 @@ fn a_panicking_handler_is_contained_and_counted_on_both_paths() {
     dynprobe_probe::set_optimization(true).unwrap();
     assert_eq!(dynprobe_probe::handler_panics() - before, 4);
 }
+
+#[test]
+fn a_function_with_a_jump_table_or_a_pointer_tail_call_is_optimized_when_no_entry_lands_inside() {
+    let _serial = serial();
+    let t = target();
+    // A switch whose cases lie past the covered bytes, and a tail call through a pointer:
+    // their targets are known (the table is read), so the entries become jumps.
+    for (symbol, args, results) in
+        [("opt_switch", [0, 1, 2, 7], [10, 20, 30, 40]), ("opt_tailptr", [3, 0, 9, 1], [9, 6, 15, 7])]
+    {
+        let probe = optimized(Probe::at(sym!(symbol)).on_hit(|_| {}));
+        let info = probe.info();
+        assert!(info.optimized, "{info}");
+        assert_eq!(code(t.addr(symbol), 1), [JMP]);
+        let f = t.func1(symbol);
+        assert_eq!(args.map(|x| f(x)), results, "{symbol}");
+        assert_eq!(probe.hits(), 4, "{symbol}");
+    }
+    // A switch one of whose cases is 3 bytes in: the entry stays a breakpoint, and says why.
+    let probe = optimized(Probe::at(sym!("opt_switch_head")).on_hit(|_| {}));
+    let info = probe.info();
+    assert!(!info.optimized, "{info}");
+    let reason = info.not_optimized.clone().unwrap_or_default();
+    let head = t.addr("opt_switch_head") + 3;
+    assert!(reason.contains(&format!("jumps to {head:#x}")), "{reason}");
+    assert_eq!(code(t.addr("opt_switch_head"), 1), [INT3]);
+    let f = t.func1("opt_switch_head");
+    assert_eq!([f(3), f(12)], [10, 13]);
+    assert_eq!(probe.hits(), 2);
+}

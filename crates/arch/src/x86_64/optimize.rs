@@ -1,6 +1,6 @@
 //! May the instructions at a probe point be replaced by a 5-byte `jmp rel32` to a detour?
-//! The safety checks of the jump-optimization seed (§1.4.2), done by decoding the whole
-//! function:
+//! The safety checks of the kernel's jump optimization (`arch/x86/kernel/kprobes/opt.c`,
+//! `can_optimize()`), done by decoding the whole function:
 //!
 //! ```text
 //!   function:  ... | i0 | i1 |  i2  | ...        covered run: i0 i1 i2 (>= 5 bytes)
@@ -8,7 +8,8 @@
 //! ```
 //! A thread that reached `i1` or `i2` by a jump would execute the middle of the `jmp`'s
 //! displacement, so the run is refused when anything may jump there: a direct branch of the
-//! function, a jump table (an indirect jump whose targets are not known), a return into it
+//! function, an entry of a jump table (read by [`super::jump_table`]; an indirect jump whose
+//! targets cannot be shown refuses the whole function, as the kernel does), a return into it
 //! (a call inside the run), or an entry the decoder cannot see (code after an unconditional
 //! transfer, such as an exception landing pad).
 
@@ -16,8 +17,9 @@ use std::fmt;
 
 use super::classify::check_instruction;
 use super::decode::{decode_instructions, flow_of, new_decoder, next_instruction, Disassembler};
+use super::jump_table::{branch_targets, indirect_targets, IndirectTargets, TableMemory};
 use super::{DecodeError, Flow, Refusal, JMP_REL32_LEN};
-use iced_x86::{Instruction, OpKind, Register};
+use iced_x86::Instruction;
 
 /// The instructions a detour jump would cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +135,19 @@ pub fn covered_run(function: &[u8], start: u64, addr: u64) -> Result<CoveredRun,
 /// instructions from `addr` that a patch of `min_len` bytes would cover, with the same
 /// checks (the ptrace tracer covers two bytes, see `dynprobe-uprobes`).
 pub fn covered_run_of(function: &[u8], start: u64, addr: u64, min_len: usize) -> Result<CoveredRun, OptimizeRefusal> {
+    covered_run_with(function, start, addr, min_len, None)
+}
+
+/// [`covered_run_of`] with the process's memory at hand, so that the jump tables of the
+/// function are read and their entries checked like direct branches (without it a jump
+/// table refuses the run).
+pub fn covered_run_with(
+    function: &[u8],
+    start: u64,
+    addr: u64,
+    min_len: usize,
+    tables: Option<&TableMemory<'_>>,
+) -> Result<CoveredRun, OptimizeRefusal> {
     if function.is_empty() {
         return Err(OptimizeRefusal::NoFunctionBounds);
     }
@@ -165,7 +180,7 @@ pub fn covered_run_of(function: &[u8], start: u64, addr: u64, min_len: usize) ->
     }
     let run = CoveredRun { addr, len, insns: Vec::new() };
 
-    check_branches(&instrs, &run)?;
+    check_branches(&instrs, &run, tables)?;
     let mut disasm = Disassembler::new();
     Ok(CoveredRun { insns: covered.iter().map(|i| disasm.text(i)).collect(), ..run })
 }
@@ -192,28 +207,40 @@ pub fn branches_out(code: &[u8], start: u64) -> Result<Vec<(u64, u64)>, DecodeEr
     Ok(out)
 }
 
-fn check_branches(instrs: &[Instruction], run: &CoveredRun) -> Result<(), OptimizeRefusal> {
-    for instr in instrs {
+fn check_branches(
+    instrs: &[Instruction],
+    run: &CoveredRun,
+    tables: Option<&TableMemory<'_>>,
+) -> Result<(), OptimizeRefusal> {
+    let mut targets = None;
+    for (at, instr) in instrs.iter().enumerate() {
         match flow_of(instr) {
             Flow::Jump { target } | Flow::CondJump { target } | Flow::Call { target }
                 if run.strictly_inside(target) =>
             {
                 return Err(OptimizeRefusal::BranchInto { from: instr.ip(), to: target })
             }
-            Flow::IndirectJump if !is_tail_call_through_memory(instr) => {
-                return Err(OptimizeRefusal::IndirectJump { at: instr.ip(), text: Disassembler::new().text(instr) })
+            Flow::IndirectJump => {
+                let targets = targets.get_or_insert_with(|| branch_targets(instrs));
+                match indirect_targets(instrs, at, targets, tables) {
+                    IndirectTargets::TailCall => {}
+                    IndirectTargets::Table(entries) => {
+                        if let Some(&to) = entries.iter().find(|&&to| run.strictly_inside(to)) {
+                            return Err(OptimizeRefusal::BranchInto { from: instr.ip(), to });
+                        }
+                    }
+                    IndirectTargets::Unknown => {
+                        return Err(OptimizeRefusal::IndirectJump {
+                            at: instr.ip(),
+                            text: Disassembler::new().text(instr),
+                        })
+                    }
+                }
             }
             _ => {}
         }
     }
     Ok(())
-}
-
-/// `jmp *sym@GOTPCREL(%rip)`: a tail call to another function through the GOT (as with
-/// `-fno-plt`); its one target is outside this function. A jump through a register or an
-/// indexed table may land anywhere in the function.
-fn is_tail_call_through_memory(instr: &Instruction) -> bool {
-    instr.op0_kind() == OpKind::Memory && instr.memory_base() == Register::RIP && instr.memory_index() == Register::None
 }
 
 #[cfg(test)]

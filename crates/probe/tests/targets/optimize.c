@@ -113,3 +113,29 @@ FUNC(mxcsr_after, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n stmxcsr -4(%rsp)\
 
 /* x + 3 in three instructions, for the test of a thread a signal interrupted at +3. */
 FUNC(sig_fn, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n ret")
+
+/* A switch as GCC compiles it in position-independent code: a table of 32-bit offsets from
+ * the table, loaded and summed before an indirect jump. Its cases come after the bytes a
+ * jump at the entry covers (mov + and: 7 bytes), so the entry can be a jump:
+ * (x & 3) * 10 + 10. The table is followed by a value pointing far outside the code, as
+ * the rest of .rodata would, so that the table's end is the same in every build. */
+FUNC(opt_switch,
+     "mov %rdi,%rax\n and $3,%rax\n lea opt_switch_table(%rip),%rdx\n movslq (%rdx,%rax,4),%rax\n"
+     " add %rdx,%rax\n jmp *%rax\n"
+     ".Lsw0: mov $10,%eax\n ret\n.Lsw1: mov $20,%eax\n ret\n.Lsw2: mov $30,%eax\n ret\n.Lsw3: mov $40,%eax\n ret\n"
+     ".pushsection .rodata\n .align 4\nopt_switch_table:\n"
+     " .long .Lsw0-opt_switch_table, .Lsw1-opt_switch_table, .Lsw2-opt_switch_table, .Lsw3-opt_switch_table\n"
+     " .long 0x7fffffff\n.popsection")
+
+/* A loop whose head, 3 bytes into the function, is a case of its own switch: a jump at the
+ * entry would cover it. x < 10 ? 10 : x + 1. */
+FUNC(opt_switch_head,
+     "mov %rdi,%rax\n.Lhead: add $1,%rax\n cmp $10,%rax\n jge .Lout\n mov %rax,%rcx\n and $1,%rcx\n"
+     " lea opt_head_table(%rip),%rdx\n movslq (%rdx,%rcx,4),%rcx\n add %rdx,%rcx\n jmp *%rcx\n.Lout: ret\n"
+     ".pushsection .rodata\n .align 4\nopt_head_table:\n .long .Lhead-opt_head_table, .Lhead-opt_head_table\n"
+     " .long 0x7fffffff\n.popsection")
+
+/* A tail call through a function pointer loaded from memory: x + 5 + 1. */
+FUNC(opt_tail_dest, "add $1,%rax\n ret")
+FUNC(opt_tailptr, "mov %rdi,%rax\n add $5,%rax\n mov opt_tail_ptr(%rip),%rcx\n jmp *%rcx\n"
+     ".pushsection .data.rel.local,\"aw\"\n .align 8\nopt_tail_ptr: .quad opt_tail_dest\n.popsection")

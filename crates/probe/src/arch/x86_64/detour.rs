@@ -19,7 +19,8 @@ use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{
     build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, FILTER_FLAG_OFFSET, TRAP_OFFSET,
 };
-use dynprobe_arch::native::optimize::{covered_run, CoveredRun};
+use dynprobe_arch::native::jump_table::TableMemory;
+use dynprobe_arch::native::optimize::{covered_run_with, CoveredRun};
 use dynprobe_arch::native::{jmp_rel32, INT3};
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
@@ -117,9 +118,11 @@ pub(crate) fn prepare_detour(
     site: &PatchSite,
     function: &[u8],
     start: u64,
+    tables: &TableMemory<'_>,
     check_run: impl FnOnce(&CoveredRun) -> Result<(), String>,
 ) -> Result<SiteDetour, String> {
-    let run = covered_run(function, start, site.addr).map_err(|e| e.to_string())?;
+    let run = covered_run_with(function, start, site.addr, dynprobe_arch::native::JMP_REL32_LEN, Some(tables))
+        .map_err(|e| e.to_string())?;
     check_run(&run)?;
     let offset = (site.addr - start) as usize;
     let original = function[offset..offset + run.len].to_vec();
