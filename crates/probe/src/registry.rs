@@ -13,13 +13,13 @@ use crate::site::{PatchSite, ProbeList};
 use crate::{optimizer, signals, thread_slot};
 use crate::{Location, Probe, ProbeError};
 use dynprobe_arch::native::jump_table::TableMemory;
-use dynprobe_arch::native::optimize::{branches_out, CoveredRun};
+use dynprobe_arch::native::optimize::{branches_out, island_before, CoveredRun, MAX_ISLAND_GAP};
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at, Insn, INT3, JMP_REL32_LEN};
 use dynprobe_symbols::{SymbolError, SymbolTable};
 use dynprobe_text::pool::ExecSlot;
-use dynprobe_text::transaction::{Edits, Transaction};
+use dynprobe_text::transaction::{move_out_of, Edits, Transaction};
 use dynprobe_text::{memory, pool, stop, sync_core::try_sync_core, trap, TextError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -465,6 +465,9 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let slot = site.slots.slot;
     let detour = site.detour().map(|d| d.slot);
     let quiesced = registry.update_arming(probe.addr).and_then(|()| {
+        // An island left written by a failed transaction goes before its detour does.
+        let site = registry.sites.get(&probe.addr).expect("checked above");
+        write_islands(&[&**site], Islands::Restore)?;
         trap::unregister_site(probe.addr);
         registry.grace_period(Some(probe.addr))?;
         wait_until_no_thread_in(slot.addr, slot.size as u64)?;
@@ -691,15 +694,22 @@ impl Registry {
             Some((start, code)) => code[(addr - start) as usize..][..len].to_vec(),
             None => memory::read_vec(addr, len)?,
         };
-        for (&site_addr, site) in self.sites.range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..end) {
-            let original: &[u8] = match site.detour() {
-                Some(detour) if site.optimized.load(Ordering::Relaxed) => &detour.original[..JMP_REL32_LEN],
-                _ => std::slice::from_ref(&site.orig_byte),
+        // A site's island lies in the padding before it, up to MAX_ISLAND_GAP bytes back.
+        for (&site_addr, site) in
+            self.sites.range(addr.saturating_sub(JMP_REL32_LEN as u64 - 1)..end + MAX_ISLAND_GAP as u64)
+        {
+            let (original, island): (&[u8], _) = match site.detour() {
+                Some(detour) if site.optimized.load(Ordering::Relaxed) => {
+                    (detour.original_head(), detour.island.as_ref().map(|i| (i.addr, &i.original[..])))
+                }
+                _ => (std::slice::from_ref(&site.orig_byte), None),
             };
-            for (i, &byte) in original.iter().enumerate() {
-                let at = site_addr + i as u64;
-                if (addr..end).contains(&at) {
-                    bytes[(at - addr) as usize] = byte;
+            for (start, original) in std::iter::once((site_addr, original)).chain(island) {
+                for (i, &byte) in original.iter().enumerate() {
+                    let at = start + i as u64;
+                    if (addr..end).contains(&at) {
+                        bytes[(at - addr) as usize] = byte;
+                    }
                 }
             }
         }
@@ -833,7 +843,7 @@ impl Registry {
         let Some(detour) = site.detour() else { return false };
         OPTIMIZATION.load(Ordering::Relaxed)
             && !site.optimized.load(Ordering::Relaxed)
-            && self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none()
+            && self.no_other_site_under(addr, detour)
     }
 
     /// Arms the disarmed sites at `addrs` (each [`Self::jump_ready`], owner registered)
@@ -851,7 +861,7 @@ impl Registry {
                 .iter()
                 .map(|site| {
                     let detour = site.detour().expect("jump_ready checked it");
-                    (site.addr, &detour.original[..JMP_REL32_LEN], &detour.jump[..])
+                    (site.addr, detour.original_head(), detour.jump_head())
                 })
                 .collect(),
         );
@@ -964,6 +974,79 @@ type JumpsWritten = (Result<(), TextError>, Result<(), TextError>);
 /// flags are the caller's to settle from [`Edits::outcomes`]. Allocates nothing while
 /// threads are stopped (`busy` has room for every site).
 fn write_jumps(sites: &[&PatchSite], edits: &mut Edits<'_>, busy: &mut Vec<u64>) -> Result<JumpsWritten, ProbeError> {
+    // Islands first, while their entries do not jump there yet: a thread falling through
+    // the padding then goes where the entry would have taken it. A site whose island was
+    // not written keeps its breakpoint this time.
+    for (addr, written) in write_islands(sites, Islands::Write)? {
+        if !written {
+            busy.push(addr);
+            edits.skip(addr);
+        }
+    }
+    let written = write_entry_jumps(sites, edits, busy);
+    // An island whose entry jump was not written goes again: it would be a way into the
+    // detour that the site's state does not account for.
+    let jumped: BTreeSet<u64> = edits.outcomes().filter(|&(_, done)| done).map(|(addr, _)| addr).collect();
+    let unjumped: Vec<&PatchSite> = sites.iter().copied().filter(|site| !jumped.contains(&site.addr)).collect();
+    let restored = write_islands(&unjumped, Islands::Restore);
+    let written = written?;
+    restored?;
+    Ok(written)
+}
+
+/// Whether [`write_islands`] writes the islands' jumps or puts their padding back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Islands {
+    Write,
+    Restore,
+}
+
+/// Writes the islands of those `sites` that have one (or puts their padding back) in one
+/// patching transaction, unless they already are that way; returns, per such site (entry
+/// address), whether its island now is. A thread stopped in the padding before an island
+/// being written moves on to the entry, where the padding would have taken it.
+fn write_islands(sites: &[&PatchSite], what: Islands) -> Result<Vec<(u64, bool)>, ProbeError> {
+    let mut islands: Vec<(u64, crate::arch::Island)> = sites
+        .iter()
+        .filter_map(|site| site.detour().and_then(|d| d.island).map(|island| (site.addr, island)))
+        .filter(|(_, island)| {
+            let want: &[u8] = if what == Islands::Write { &island.jump } else { &island.original };
+            memory::verify(island.addr, want).is_err()
+        })
+        .collect();
+    if islands.is_empty() {
+        return Ok(Vec::new());
+    }
+    islands.sort_by_key(|(addr, _)| *addr);
+    let mut edits = Edits::new(
+        islands
+            .iter()
+            .map(|(_, i)| match what {
+                Islands::Write => (i.addr, &i.original[..], &i.jump[..]),
+                Islands::Restore => (i.addr, &i.jump[..], &i.original[..]),
+            })
+            .collect(),
+    );
+    let ranges = islands.iter().map(|(entry, island)| island.range(*entry)).collect();
+    let mut stopped = begin(ranges)?;
+    let written = stopped.txn.write(&mut edits, |world, interrupted| {
+        for (entry, island) in &islands {
+            move_out_of(world, interrupted, island.addr, (entry - island.addr) as usize);
+        }
+    });
+    let synced = stopped.txn.commit();
+    written?;
+    synced?;
+    // Islands precede their entries and do not interleave: the outcomes come in the same order.
+    Ok(islands.iter().zip(edits.outcomes()).map(|((entry, _), (_, done))| (*entry, done)).collect())
+}
+
+/// [`write_jumps`] without the islands: the probe points' own jumps, in one transaction.
+fn write_entry_jumps(
+    sites: &[&PatchSite],
+    edits: &mut Edits<'_>,
+    busy: &mut Vec<u64>,
+) -> Result<JumpsWritten, ProbeError> {
     let ranges = sites.iter().flat_map(|site| jump_ranges(site, site.detour().expect("ready"))).collect();
     let mut stopped = begin(ranges)?;
     for site in sites {
@@ -988,6 +1071,10 @@ struct ModuleBranches {
     entries: BTreeMap<u64, u64>,
     /// The span of its functions: a jump table's entries point into it.
     code: Range<u64>,
+    /// Where its functions start...
+    starts: BTreeSet<u64>,
+    /// ...and end: the padding before a function starts at the end of the one before.
+    ends: BTreeSet<u64>,
 }
 
 /// The code a jump at `site` changes or sends threads back into: the covered run, and the
@@ -1028,7 +1115,10 @@ impl Registry {
             sites
                 .iter()
                 .zip(&under)
-                .map(|(site, under)| (site.addr, &under[..], &site.detour().expect("ready").jump[..]))
+                .map(|(site, under)| {
+                    let detour = site.detour().expect("ready");
+                    (site.addr, &under[..detour.jump_len], detour.jump_head())
+                })
                 .collect(),
         );
         let mut busy = Vec::with_capacity(ready.len());
@@ -1050,11 +1140,14 @@ impl Registry {
                     continue;
                 }
                 Err(e) => e.clone(),
-                Ok(()) => TextError::Unexpected {
-                    addr,
-                    expected: under.to_vec(),
-                    found: memory::read_vec(addr, 5).unwrap_or_default(),
-                },
+                Ok(()) => {
+                    let len = site.detour().expect("ready").jump_len;
+                    TextError::Unexpected {
+                        addr,
+                        expected: under[..len].to_vec(),
+                        found: memory::read_vec(addr, len).unwrap_or_default(),
+                    }
+                }
             };
             failed.push((addr, reason));
         }
@@ -1078,9 +1171,15 @@ impl Registry {
         }
         let site = self.sites.get(&addr).expect("prepared above");
         let detour = site.detour().expect("prepared above");
-        // Another site inside the covered run keeps this one a breakpoint probe while it
-        // exists (its int3 would be overwritten by the jump, or skipped by the copy).
-        Ok(self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none())
+        Ok(self.no_other_site_under(addr, detour))
+    }
+
+    /// Whether no other site lies inside the covered run or the island of the site at
+    /// `addr`: one there keeps it a breakpoint probe while it exists (its int3 would be
+    /// overwritten by the jump, or skipped by the copy).
+    fn no_other_site_under(&self, addr: u64, detour: &crate::arch::SiteDetour) -> bool {
+        self.sites.range(addr + 1..addr + detour.run.len as u64).next().is_none()
+            && detour.island.is_none_or(|island| self.sites.range(island.range(addr)).next().is_none())
     }
 
     /// Prepares the detour of the site at `addr` unless it has one, is optimized or is
@@ -1104,10 +1203,11 @@ impl Registry {
         // Jump tables are read from the live process: they are data, never patched.
         let read = |at: u64, buf: &mut [u8]| memory::read(at, buf).is_ok();
         let tables = TableMemory { code: foreign.code.clone(), read: &read };
-        let check_run = |run: &CoveredRun| match foreign.entries.range(run.addr + 1..run.addr + run.len as u64).next() {
-            Some((&to, &from)) => Err(format!(
+        let landing = |run: &CoveredRun, from: u64| match foreign.entries.range(from..run.addr + run.len as u64).next()
+        {
+            Some((&to, &branch)) => Err(format!(
                 "{} jumps to {to:#x}, inside the bytes the jump would cover",
-                self.symbols.as_ref().map_or_else(|| format!("{from:#x}"), |t| t.format_addr(from))
+                self.symbols.as_ref().map_or_else(|| format!("{branch:#x}"), |t| t.format_addr(branch))
             )),
             None => Ok(()),
         };
@@ -1115,7 +1215,20 @@ impl Registry {
             None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
             Some((_, start, size)) => {
                 let function = self.original_bytes(*start, *size as usize)?;
-                prepare_detour(site, &function, *start, &tables, check_run)
+                let direct = prepare_detour(site, &function, *start, &tables, None, |run| landing(run, run.addr + 1));
+                // A function whose first five bytes cannot all be covered may still be
+                // entered by a short jump to the padding before it.
+                match (direct, self.island_for(&foreign, addr, *start)) {
+                    (Err(why), Some(island)) => {
+                        prepare_detour(site, &function, *start, &tables, Some(island), |run| {
+                            // Nothing may land inside the island either (its start is fine:
+                            // it goes where the entry goes).
+                            landing(run, island.0 + 1)
+                        })
+                        .map_err(|also| format!("{why}; with a short jump to the padding before it: {also}"))
+                    }
+                    (direct, _) => direct,
+                }
             }
         };
         match prepared {
@@ -1128,6 +1241,31 @@ impl Registry {
                 Ok(false)
             }
         }
+    }
+
+    /// The island for a site at `addr` when it is its function's entry (`start`): the
+    /// padding between the function before and this one, and where in it a `jmp rel32`
+    /// fits (see [`island_before`]) — its address and original bytes.
+    fn island_for(&self, module: &ModuleBranches, addr: u64, start: u64) -> Option<(u64, [u8; 5])> {
+        if addr != start {
+            return None;
+        }
+        let gap_start = *module.ends.range(..=start).next_back()?;
+        // Another function (an alias without a size, say) starting in the gap: not padding.
+        if gap_start == start || module.starts.range(gap_start..start).next().is_some() {
+            return None;
+        }
+        if start - gap_start > MAX_ISLAND_GAP as u64 {
+            return None;
+        }
+        let gap = self.original_bytes(gap_start, (start - gap_start) as usize).ok()?;
+        let island = island_before(&gap, gap_start)?;
+        // A site of any kind inside the padding keeps it.
+        if self.sites.range(island..start).next().is_some() {
+            return None;
+        }
+        let at = (island - gap_start) as usize;
+        Some((island, gap[at..at + JMP_REL32_LEN].try_into().expect("5 bytes")))
     }
 
     /// The places other code of `addr`'s module jumps to inside some function (target →
@@ -1150,7 +1288,8 @@ impl Registry {
             .collect();
         functions.sort_unstable();
         functions.dedup();
-        let starts: std::collections::BTreeSet<u64> = functions.iter().map(|f| f.0).collect();
+        let starts: BTreeSet<u64> = functions.iter().map(|f| f.0).collect();
+        let functions_ends: BTreeSet<u64> = functions.iter().map(|f| f.0 + f.1).collect();
         // The module's code in one read (a library has thousands of functions), else one
         // read per function when the span has a hole.
         let span = functions.first().map(|f| f.0).zip(functions.iter().map(|f| f.0 + f.1).max());
@@ -1176,7 +1315,8 @@ impl Registry {
             code.push(whole);
         }
         let code = span.map_or(0..0, |(first, end)| first..end);
-        let entries = Arc::new(ModuleBranches { entries, code });
+        let ends = functions_ends;
+        let entries = Arc::new(ModuleBranches { entries, code, starts, ends });
         self.foreign.insert(module, entries.clone());
         Ok(entries)
     }
@@ -1203,10 +1343,16 @@ impl Registry {
             optimized
                 .iter()
                 .zip(&restored)
-                .map(|(site, under)| (site.addr, &site.detour().expect("filtered above").jump[..], &under[..]))
+                .map(|(site, under)| {
+                    let detour = site.detour().expect("filtered above");
+                    (site.addr, detour.jump_head(), &under[..detour.jump_len])
+                })
                 .collect(),
         );
-        let ranges = optimized.iter().map(|site| site.addr..site.addr + JMP_REL32_LEN as u64).collect();
+        let ranges = optimized
+            .iter()
+            .map(|site| site.addr..site.addr + site.detour().expect("filtered above").jump_len as u64)
+            .collect();
         let mut stopped = begin(ranges)?;
         let written = stopped.txn.write(&mut edits, |_, _| {});
         let synced = stopped.txn.commit();
@@ -1214,20 +1360,26 @@ impl Registry {
         let mut by_addr = optimized.clone();
         by_addr.sort_by_key(|site| site.addr);
         let mut first_failed = None;
+        let mut unjumped = Vec::with_capacity(by_addr.len());
         for ((addr, done), site) in edits.outcomes().zip(by_addr) {
             if done {
                 site.optimized.store(false, Ordering::Release);
+                unjumped.push(site);
             } else {
                 first_failed.get_or_insert(addr);
             }
         }
+        // Only now that no entry jumps to them: the islands' padding back.
+        let islands = write_islands(&unjumped, Islands::Restore);
         written?;
         synced?;
+        islands?;
         if let Some(addr) = first_failed {
+            let detour = self.sites[&addr].detour().expect("optimized");
             return Err(TextError::Unexpected {
                 addr,
-                expected: self.sites[&addr].detour().expect("optimized").jump.to_vec(),
-                found: memory::read_vec(addr, JMP_REL32_LEN).unwrap_or_default(),
+                expected: detour.jump_head().to_vec(),
+                found: memory::read_vec(addr, detour.jump_len).unwrap_or_default(),
             }
             .into());
         }
@@ -1244,6 +1396,16 @@ impl Registry {
             .filter(|(_, site)| site.optimized.load(Ordering::Relaxed))
             .filter(|(_, site)| site.detour().is_some_and(|d| d.run.strictly_inside(addr)))
             .map(|(&a, _)| a)
+            // A site in the padding an island takes.
+            .chain(
+                self.sites
+                    .range(addr + 1..addr + 1 + MAX_ISLAND_GAP as u64)
+                    .filter(|(_, site)| site.optimized.load(Ordering::Relaxed))
+                    .filter(|(&a, site)| {
+                        site.detour().and_then(|d| d.island).is_some_and(|i| i.range(a).contains(&addr))
+                    })
+                    .map(|(&a, _)| a),
+            )
             .collect();
         self.unoptimize_all(&covering)
     }

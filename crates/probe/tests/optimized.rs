@@ -870,3 +870,88 @@ fn a_function_with_a_jump_table_or_a_pointer_tail_call_is_optimized_when_no_entr
     assert_eq!([f(3), f(12)], [10, 13]);
     assert_eq!(probe.hits(), 2);
 }
+
+#[test]
+fn an_entry_a_jump_cannot_cover_is_reached_by_a_short_jump_through_the_padding_before_it() {
+    let _serial = serial();
+    let t = target();
+    let (isl, tiny) = (t.addr("opt_isl"), t.addr("opt_isl_tiny"));
+    let padding_before = |addr: u64| code(addr - 16, 16);
+    let (isl_padding, tiny_padding) = (padding_before(isl), padding_before(tiny));
+    for (symbol, addr) in [("opt_isl", isl), ("opt_isl_tiny", tiny)] {
+        let probe = optimized(Probe::at(sym!(symbol)).on_hit(|_| {}));
+        let info = probe.info();
+        assert!(info.optimized, "{symbol}: {info}");
+        // A jmp rel8 back into the padding, where a jmp rel32 to the detour now is.
+        let head = code(addr, 2);
+        assert_eq!(head[0], 0xeb, "{symbol}: {head:x?}");
+        let island = (addr as i64 + 2 + head[1] as i8 as i64) as u64;
+        assert!(island < addr && addr - island <= 16, "{symbol}: island at {island:#x}");
+        assert_eq!(code(island, 1), [JMP], "{symbol}");
+        let (f, other, fall) = (t.func1(symbol), t.func1("opt_isl_other"), t.func1("opt_isl_fall"));
+        if symbol == "opt_isl" {
+            // The way into the middle still works, and is not a hit.
+            assert_eq!([f(5), other(5), f(-1)], [6, 106, 0]);
+            assert_eq!(probe.hits(), 2);
+        } else {
+            // Falling through the padding into the entry goes through the island: a hit,
+            // as reaching the entry is.
+            assert_eq!([f(5), fall(5), f(7)], [5, 15, 7]);
+            assert_eq!(probe.hits(), 3);
+        }
+        probe.unregister().unwrap();
+        // `mov %rdi,%rax` starts both.
+        assert_eq!(code(addr, 3), [0x48, 0x89, 0xf8], "{symbol}: entry restored");
+    }
+    assert_eq!((padding_before(isl), padding_before(tiny)), (isl_padding, tiny_padding), "padding restored");
+    assert_eq!([t.func1("opt_isl")(5), t.func1("opt_isl_other")(5), t.func1("opt_isl_fall")(5)], [6, 106, 15]);
+}
+
+#[test]
+fn threads_falling_through_the_padding_keep_working_while_islands_come_and_go() {
+    let _serial = serial();
+    let t = target();
+    let (tiny, fall, isl, other) =
+        (t.func1("opt_isl_tiny"), t.func1("opt_isl_fall"), t.func1("opt_isl"), t.func1("opt_isl_other"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..3)
+        .map(|k| {
+            let (stop, calls) = (stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = (n as i64) * 3 + k;
+                    assert_eq!([fall(x), tiny(x), isl(x), other(x)], [x + 10, x, x + 1, x + 101]);
+                    n += 1;
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let mut tiny_hits = 0;
+    for _ in 0..5 {
+        // Registered (the island written), optimization switched off and on (taken out
+        // and written again), unregistered (the padding back) — all under the workers.
+        let probe = optimized(Probe::at(sym!("opt_isl_tiny")).on_hit(|_| {}));
+        let probe_isl = optimized(Probe::at(sym!("opt_isl")).on_hit(|_| {}));
+        assert!(probe.info().optimized && probe_isl.info().optimized, "{}", probe.info());
+        dynprobe_probe::set_optimization(false).unwrap();
+        assert_eq!(code(t.addr("opt_isl_tiny"), 1), [INT3]);
+        dynprobe_probe::set_optimization(true).unwrap();
+        dynprobe_probe::wait_for_optimizer().unwrap();
+        assert!(probe.info().optimized);
+        let stats = probe.unregister().unwrap();
+        assert_eq!(stats.nmissed, 0);
+        tiny_hits += stats.hits;
+        probe_isl.unregister().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    assert!(tiny_hits > 0, "no call was seen");
+    assert!(
+        tiny_hits <= 2 * calls.load(Ordering::Relaxed),
+        "{tiny_hits} hits for {} calls",
+        calls.load(Ordering::Relaxed)
+    );
+}

@@ -22,6 +22,17 @@ pub fn call_rel32(from: u64, to: u64) -> Option<[u8; 5]> {
     with_rel32(0xE8, from, to)
 }
 
+/// Length of `jmp rel8`.
+pub const JMP_REL8_LEN: usize = 2;
+
+/// `jmp rel8` at address `from` to `to`, or `None` when out of -128..=127 bytes of the
+/// next instruction.
+pub fn jmp_rel8(from: u64, to: u64) -> Option<[u8; 2]> {
+    let next = from.wrapping_add(JMP_REL8_LEN as u64);
+    let disp = i8::try_from(to.wrapping_sub(next) as i64).ok()?;
+    Some([0xEB, disp as u8])
+}
+
 /// Length of [`jmp_abs`]: `jmp *0(%rip)` (6 bytes) and the 8-byte target after it.
 pub const JMP_ABS_LEN: usize = 14;
 
@@ -57,6 +68,15 @@ fn with_rel32(opcode: u8, from: u64, to: u64) -> Option<[u8; 5]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_jump_reaches_128_bytes_back_and_127_forward() {
+        assert_eq!(jmp_rel8(0x1000, 0x0ff8), Some([0xEB, 0xF6]));
+        assert_eq!(jmp_rel8(0x1000, 0x1002 - 128), Some([0xEB, 0x80]));
+        assert_eq!(jmp_rel8(0x1000, 0x1002 - 129), None);
+        assert_eq!(jmp_rel8(0x1000, 0x1002 + 127), Some([0xEB, 0x7F]));
+        assert_eq!(jmp_rel8(0x1000, 0x1002 + 128), None);
+    }
 
     #[test]
     fn rel32_encodings() {

@@ -29,5 +29,8 @@ pub mod trap_fallback;
 
 pub use classify::{check_out_of_line, Refusal};
 pub use decode::{decode_function, decode_one, instruction_at, signal_syscalls, DecodeError, Flow, Insn};
-pub use encode::{call_rel32, jmp_abs, jmp_any, jmp_rel32, rel32_reaches, INT3, JMP_ABS_LEN, JMP_REL32_LEN, NOP5};
+pub use encode::{
+    call_rel32, jmp_abs, jmp_any, jmp_rel32, jmp_rel8, rel32_reaches, INT3, JMP_ABS_LEN, JMP_REL32_LEN, JMP_REL8_LEN,
+    NOP5,
+};
 pub use relocate::{build_post_slot, build_slot, relocate, PostSlot, RelocError, Relocated};

@@ -19,7 +19,7 @@ use super::classify::check_instruction;
 use super::decode::{decode_instructions, flow_of, new_decoder, next_instruction, Disassembler};
 use super::jump_table::{branch_targets, indirect_targets, IndirectTargets, TableMemory};
 use super::{DecodeError, Flow, Refusal, JMP_REL32_LEN};
-use iced_x86::Instruction;
+use iced_x86::{Instruction, Mnemonic};
 
 /// The instructions a detour jump would cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +45,12 @@ impl CoveredRun {
 pub enum OptimizeRefusal {
     /// The probe point is not inside a function of known size.
     NoFunctionBounds,
-    /// The function ends before 5 bytes of whole instructions.
+    /// The function ends before the jump's bytes of whole instructions.
     PastFunctionEnd {
         /// Bytes of whole instructions available from the probe point to the function end.
         available: usize,
+        /// Bytes the jump needs.
+        needed: usize,
     },
     /// The function could not be decoded.
     Decode(DecodeError),
@@ -85,9 +87,10 @@ impl fmt::Display for OptimizeRefusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OptimizeRefusal::NoFunctionBounds => write!(f, "no function bounds are known for the probe point"),
-            OptimizeRefusal::PastFunctionEnd { available } => {
-                write!(f, "only {available} byte(s) of instructions remain before the function ends; a jump needs 5")
-            }
+            OptimizeRefusal::PastFunctionEnd { available, needed } => write!(
+                f,
+                "only {available} byte(s) of instructions remain before the function ends; a jump needs {needed}"
+            ),
             OptimizeRefusal::Decode(err) => write!(f, "the function does not decode: {err}"),
             OptimizeRefusal::BranchInto { from, to } => {
                 write!(f, "the branch at {from:#x} jumps to {to:#x}, inside the bytes the jump would cover")
@@ -176,13 +179,60 @@ pub fn covered_run_with(
         }
     }
     if len < min_len {
-        return Err(OptimizeRefusal::PastFunctionEnd { available: len });
+        return Err(OptimizeRefusal::PastFunctionEnd { available: len, needed: min_len });
     }
     let run = CoveredRun { addr, len, insns: Vec::new() };
 
     check_branches(&instrs, &run, tables)?;
     let mut disasm = Disassembler::new();
     Ok(CoveredRun { insns: covered.iter().map(|i| disasm.text(i)).collect(), ..run })
+}
+
+/// The longest gap between two functions worth looking for an island in: alignment
+/// padding is at most 63 bytes (`.p2align 6`).
+pub const MAX_ISLAND_GAP: usize = 64;
+
+/// Where, in the padding `gap` (starting at `gap_start`, a boundary: the end of the
+/// function before) that runs up to a function's entry, a 5-byte `jmp rel32` can be
+/// written for the entry's 2-byte `jmp rel8` to reach — the hot-patch layout, for a
+/// function whose first five bytes cannot all be covered (a branch lands inside them, or
+/// the function is shorter):
+///
+/// ```text
+///   before:  ... ret | nop nop nop nop nop nop | i0 i1 ...        (i0 at least 2 bytes)
+///   after:   ... ret | nop e9 <rel32 detour>  | eb <-7> i1 ...
+/// ```
+///
+/// The padding is only ever executed by falling through it into the entry, so from its
+/// first replaced byte on it may as well go where the entry goes. Every instruction of the
+/// gap must be a `nop` or an `int3`, the gap must decode exactly up to the entry, and the
+/// island starts on one of its instruction boundaries. Returns the island's address.
+///
+/// ```
+/// use dynprobe_arch::x86_64::optimize::island_before;
+/// // ret-padding of the function before: nopw 0x0(%rax,%rax,1) (6 bytes), xchg %ax,%ax (2)
+/// let gap = [0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x66, 0x90];
+/// assert_eq!(island_before(&gap, 0x1000), Some(0x1000)); // the boundary 5+ bytes before the entry
+/// assert_eq!(island_before(&gap[6..], 0x1006), None); // 2 bytes: too short
+/// assert_eq!(island_before(&[0x48, 0x89, 0xf8, 0x90, 0x90, 0x90], 0x1000), None); // code, not padding
+/// ```
+pub fn island_before(gap: &[u8], gap_start: u64) -> Option<u64> {
+    if gap.len() < JMP_REL32_LEN || gap.len() > MAX_ISLAND_GAP {
+        return None;
+    }
+    let entry = gap_start + gap.len() as u64;
+    let mut island = None;
+    let mut decoder = new_decoder(gap, gap_start);
+    while decoder.can_decode() {
+        let instr = next_instruction(&mut decoder).ok()?;
+        if !matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) {
+            return None;
+        }
+        if entry - instr.ip() >= JMP_REL32_LEN as u64 {
+            island = Some(instr.ip());
+        }
+    }
+    island
 }
 
 /// Every direct branch of the code `code` (at `start`) whose target lies outside it, as
@@ -266,7 +316,10 @@ mod tests {
     #[test]
     fn refuses_a_run_past_the_function_end() {
         // mov %rdi,%rax ; ret : 4 bytes in all
-        assert_eq!(refusal(&[0x48, 0x89, 0xf8, 0xc3], 0x1000), OptimizeRefusal::PastFunctionEnd { available: 4 });
+        assert_eq!(
+            refusal(&[0x48, 0x89, 0xf8, 0xc3], 0x1000),
+            OptimizeRefusal::PastFunctionEnd { available: 4, needed: 5 }
+        );
         // mov %rdi,%rax ; ret ; nop ; nop : the nops are reached some other way, if at all
         let f = [0x48, 0x89, 0xf8, 0xc3, 0x90, 0x90];
         assert_eq!(refusal(&f, 0x1000), OptimizeRefusal::NotFallthrough { at: 0x1004 });

@@ -139,3 +139,21 @@ FUNC(opt_switch_head,
 FUNC(opt_tail_dest, "add $1,%rax\n ret")
 FUNC(opt_tailptr, "mov %rdi,%rax\n add $5,%rax\n mov opt_tail_ptr(%rip),%rcx\n jmp *%rcx\n"
      ".pushsection .data.rel.local,\"aw\"\n .align 8\nopt_tail_ptr: .quad opt_tail_dest\n.popsection")
+
+/* Functions whose first five bytes a jump cannot cover, each after alignment padding (GNU
+ * as fills .text alignment with NOPs): the entry's short jump reaches a jump written in
+ * the padding (the hot-patch layout).
+ *   opt_isl_other: x + 100 + 1, entering opt_isl 3 bytes in, as glibc's __mempcpy enters
+ *                  __memmove (so a 5-byte jump at opt_isl would cover its landing);
+ *   opt_isl:       x + 1;
+ *   opt_isl_tiny:  x + 0, in 4 bytes;
+ *   opt_isl_fall:  x + 10, falling through the padding into opt_isl_tiny rather than
+ *                  returning. */
+__asm__(".text\n.p2align 4\n.globl opt_isl_other\n.type opt_isl_other,@function\nopt_isl_other:\n"
+        " mov %rdi,%rax\n add $100,%rax\n jmp opt_isl_body\n.size opt_isl_other,.-opt_isl_other\n"
+        ".p2align 4\n.globl opt_isl\n.type opt_isl,@function\nopt_isl:\n"
+        " mov %rdi,%rax\nopt_isl_body:\n add $1,%rax\n ret\n.size opt_isl,.-opt_isl\n"
+        ".p2align 4\n.globl opt_isl_fall\n.type opt_isl_fall,@function\nopt_isl_fall:\n"
+        " add $10,%rdi\n.size opt_isl_fall,.-opt_isl_fall\n"
+        ".p2align 4\n.globl opt_isl_tiny\n.type opt_isl_tiny,@function\nopt_isl_tiny:\n"
+        " mov %rdi,%rax\n ret\n.size opt_isl_tiny,.-opt_isl_tiny\n");

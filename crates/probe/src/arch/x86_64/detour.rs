@@ -21,7 +21,7 @@ use dynprobe_arch::native::detour::{
 };
 use dynprobe_arch::native::jump_table::TableMemory;
 use dynprobe_arch::native::optimize::{covered_run_with, CoveredRun};
-use dynprobe_arch::native::{jmp_rel32, INT3};
+use dynprobe_arch::native::{jmp_rel32, jmp_rel8, INT3, JMP_REL32_LEN, JMP_REL8_LEN};
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
@@ -42,13 +42,49 @@ pub(crate) struct SiteDetour {
     /// The original bytes of the covered run.
     pub(crate) original: Vec<u8>,
     code: Detour,
-    /// The 5 bytes written over the probe point.
+    /// The bytes written over the probe point: the first [`Self::jump_len`] of these.
     pub(crate) jump: [u8; 5],
+    /// 5 (`jmp rel32` to the detour) or 2 (`jmp rel8` to the island).
+    pub(crate) jump_len: usize,
+    /// The padding before the function that the probe point's short jump goes to, when
+    /// the first five bytes could not be covered (see [`island_before`](dynprobe_arch::native::optimize::island_before)).
+    pub(crate) island: Option<Island>,
     /// Built with an entry filter (see [`SiteDetour::open_filter`]).
     filtered: bool,
 }
 
+/// A `jmp rel32` to a detour written in the padding before a function, reached by a
+/// `jmp rel8` at its entry: the hot-patch layout of
+/// [`island_before`](dynprobe_arch::native::optimize::island_before).
+#[derive(Clone, Copy)]
+pub(crate) struct Island {
+    /// Where the `jmp rel32` goes (an instruction boundary of the padding).
+    pub(crate) addr: u64,
+    /// The padding's bytes there.
+    pub(crate) original: [u8; 5],
+    /// The `jmp rel32` to the detour.
+    pub(crate) jump: [u8; 5],
+}
+
+impl Island {
+    /// The padding from the island to the entry: where no thread may be stopped when the
+    /// island is written (it would resume inside the jump).
+    pub(crate) fn range(&self, entry: u64) -> std::ops::Range<u64> {
+        self.addr..entry
+    }
+}
+
 impl SiteDetour {
+    /// The bytes of the probe point the jump replaces, as the compiler left them.
+    pub(crate) fn original_head(&self) -> &[u8] {
+        &self.original[..self.jump_len]
+    }
+
+    /// The jump written over the probe point.
+    pub(crate) fn jump_head(&self) -> &[u8] {
+        &self.jump[..self.jump_len]
+    }
+
     /// Start of the relocated copy of the covered run.
     pub(crate) fn copy_ip(&self) -> u64 {
         self.slot.addr + u64::from(self.code.copy_offset)
@@ -119,10 +155,11 @@ pub(crate) fn prepare_detour(
     function: &[u8],
     start: u64,
     tables: &TableMemory<'_>,
+    island: Option<(u64, [u8; 5])>,
     check_run: impl FnOnce(&CoveredRun) -> Result<(), String>,
 ) -> Result<SiteDetour, String> {
-    let run = covered_run_with(function, start, site.addr, dynprobe_arch::native::JMP_REL32_LEN, Some(tables))
-        .map_err(|e| e.to_string())?;
+    let jump_len = if island.is_some() { JMP_REL8_LEN } else { JMP_REL32_LEN };
+    let run = covered_run_with(function, start, site.addr, jump_len, Some(tables)).map_err(|e| e.to_string())?;
     check_run(&run)?;
     let offset = (site.addr - start) as usize;
     let original = function[offset..offset + run.len].to_vec();
@@ -141,8 +178,18 @@ pub(crate) fn prepare_detour(
             entry_filter: &entry_filter,
         };
         let mut code = build_detour_from(prefix_for(&spec).as_deref(), &spec).map_err(|e| e.to_string())?;
-        let jump = jmp_rel32(site.addr, slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64)
-            .ok_or("the detour is out of rel32 reach")?;
+        let entry = slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64;
+        let (jump, island) = match island {
+            None => (jmp_rel32(site.addr, entry).ok_or("the detour is out of rel32 reach")?, None),
+            Some((addr, original)) => {
+                let island =
+                    Island { addr, original, jump: jmp_rel32(addr, entry).ok_or("the detour is out of rel32 reach")? };
+                let short = jmp_rel8(site.addr, addr).ok_or("the island is out of rel8 reach")?;
+                let mut jump = [INT3; 5];
+                jump[..JMP_REL8_LEN].copy_from_slice(&short);
+                (jump, Some(island))
+            }
+        };
         if code.code.len() > DETOUR_SIZE {
             return Err(format!("the detour needs {} bytes, more than its {DETOUR_SIZE}", code.code.len()));
         }
@@ -153,7 +200,8 @@ pub(crate) fn prepare_detour(
         // Written: the bytes are in the slot, and a program traced whole would otherwise
         // keep a second kilobyte per function on the heap.
         code.code = Vec::new();
-        let detour = SiteDetour { slot, run, original, code, jump, filtered: !entry_filter.is_empty() };
+        let detour =
+            SiteDetour { slot, run, original, code, jump, jump_len, island, filtered: !entry_filter.is_empty() };
         trap::register_site(detour.trap_addr(), on_detour_trap, site as *const PatchSite as usize)
             .map_err(|e| e.to_string())?;
         Ok(detour)
@@ -207,10 +255,10 @@ pub(crate) fn disown_detour(detour: &SiteDetour) {
 pub(crate) struct Busy;
 
 /// The bytes the jump replaces: the armed `int3`, then the rest of the covered run's first
-/// five bytes.
+/// [`SiteDetour::jump_len`] bytes (the first that many of the array count).
 pub(crate) fn bytes_under_jump(detour: &SiteDetour) -> [u8; 5] {
     let mut bytes = [INT3; 5];
-    bytes[1..].copy_from_slice(&detour.original[1..5]);
+    bytes[1..detour.jump_len].copy_from_slice(&detour.original[1..detour.jump_len]);
     bytes
 }
 

@@ -9,7 +9,7 @@ mod thread;
 mod trap;
 
 pub use detour::vector_width;
-pub(crate) use detour::{bytes_under_jump, disown_detour, move_into_copy, prepare_detour, SiteDetour};
+pub(crate) use detour::{bytes_under_jump, disown_detour, move_into_copy, prepare_detour, Island, SiteDetour};
 pub use regs::Regs;
 pub(crate) use thread::{blocked_start_trampoline, current_tid, stack_pointer, thread_pointer, StartRoutine};
 pub(crate) use trap::{on_post_trap, on_site_trap, prepare_post, prepare_slots, PreparedSlots};
