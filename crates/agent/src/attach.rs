@@ -441,11 +441,7 @@ fn retry_removal(set: &Mutex<ProbeSet>, control: &Control) {
 fn stop_signal_blocked() -> bool {
     let bit = 1u64 << (dynprobe::stop_signal() - 1);
     let Ok(tids) = dynprobe::thread_ids() else { return false };
-    tids.into_iter().any(|tid| {
-        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap_or_default();
-        let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).map(str::trim);
-        mask.and_then(|m| u64::from_str_radix(m, 16).ok()).is_some_and(|m| m & bit != 0)
-    })
+    tids.into_iter().any(|tid| dynprobe::blocked_signals(tid).is_some_and(|mask| mask & bit != 0))
 }
 
 /// Gives `SIGTRAP` back to the program with the guards, once no probe is `left`; probes

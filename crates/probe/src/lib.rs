@@ -177,6 +177,12 @@ pub fn stop_signal() -> i32 {
     dynprobe_text::stop::stop_signal()
 }
 
+/// The signals thread `tid` of this process blocks now (bit `n - 1` for signal `n`, from
+/// `SigBlk` in `/proc/self/task/<tid>/status`, see proc(5)); `None` when it is gone.
+pub fn blocked_signals(tid: i32) -> Option<u64> {
+    dynprobe_text::stop::blocked_signals(tid)
+}
+
 /// The listing of every registered probe, one line each, like the kernel's debugfs
 /// `kprobes/list`.
 pub fn format_list() -> String {

@@ -661,21 +661,16 @@ const HAZARD_FRESH: Duration = Duration::from_millis(100);
 /// when looked at again a little later.
 fn thread_blocking_trap() -> Option<i32> {
     const LOOK_AGAIN: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(50)];
-    let blocks = |tid: &str| {
-        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
-        let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
-        Some(u64::from_str_radix(blocked.trim(), 16).ok()? & TRAP_BIT != 0)
-    };
-    let mut candidates: Vec<String> =
-        crate::thread_ids().ok()?.iter().map(i32::to_string).filter(|tid| blocks(tid) == Some(true)).collect();
+    let blocks = |tid: &i32| crate::blocked_signals(*tid).is_some_and(|mask| mask & TRAP_BIT != 0);
+    let mut candidates: Vec<i32> = crate::thread_ids().ok()?.into_iter().filter(blocks).collect();
     for pause in LOOK_AGAIN {
         if candidates.is_empty() {
             return None;
         }
         std::thread::sleep(pause);
-        candidates.retain(|tid| blocks(tid) == Some(true));
+        candidates.retain(blocks);
     }
-    candidates.first()?.parse().ok()
+    candidates.first().copied()
 }
 
 /// Modules whose own signal system calls are the guarded ones, or dynprobe's.

@@ -43,6 +43,21 @@ pub(crate) fn follows_syscall(rip: u64) -> bool {
     read(rip.wrapping_sub(2), &mut bytes) && bytes == [0x0f, 0x05]
 }
 
+/// The number of the system call whose `syscall` instruction ends at `rip`, when the
+/// instruction right before it set it as the C library's wrappers do: `mov $nr,%eax`
+/// (`b8 imm32`) or `xor %eax,%eax` (`31 c0`, `read`). The byte before a `b8` must not be a
+/// REX prefix (`41 b8` is `mov $imm,%r8d`); anything else is `None`. Allocates nothing.
+pub(crate) fn syscall_number_before(rip: u64) -> Option<i64> {
+    let mut bytes = [0u8; 8];
+    if !read(rip.wrapping_sub(8), &mut bytes) || bytes[6..] != [0x0f, 0x05] {
+        return None;
+    }
+    if bytes[1] == 0xb8 && !(0x40..=0x4f).contains(&bytes[0]) {
+        return Some(i64::from(u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]])));
+    }
+    (bytes[4..6] == [0x31, 0xc0] && !(0x40..=0x4f).contains(&bytes[3])).then_some(0)
+}
+
 /// `syscall(nr, a1, …, a6)`.
 ///
 /// # Safety

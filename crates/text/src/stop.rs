@@ -40,13 +40,24 @@
 //! running therefore change multi-byte instructions int3-first ([`crate::transaction`]).
 //!
 //! A thread that is running when the stop looks at it is signalled; should it enter a
-//! blocking call in the microseconds before the signal lands, that call returns early. Such
-//! cases are counted ([`interrupted_system_calls`]) so that they are reported, never silent.
+//! blocking call in the microseconds before the signal lands, the kernel ends that call with
+//! `EINTR` as it delivers the signal. The handler then puts the call back: when the stop
+//! signal was not blocked in the thread as it was sent (so no handler of the program's, with
+//! a mask holding ours back, can have run first and cut the call short itself), the
+//! interrupted instruction is a `syscall` whose number the instruction before it set
+//! (`mov $nr,%eax`, as the C library's wrappers do), and the call is one of the waits that
+//! are the same call when made again with the same registers (the kernel keeps the
+//! argument registers), the handler rewinds `rip` onto the `syscall` with `rax` = its
+//! number — the kernel's own restart (`regs->ax = regs->orig_ax; regs->ip -= 2`, see
+//! `arch/x86/kernel/signal.c`), which it skips only because a handler ran. A relative
+//! timeout then starts again: the call lasts longer by the time the thread was held. Calls
+//! that cannot be put back so are counted ([`interrupted_system_calls`]) so that they are
+//! reported, never silent; those put back, by [`restarted_system_calls`].
 
 use crate::TextError;
 use std::cell::UnsafeCell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -116,11 +127,20 @@ struct Slot {
     new_ip: AtomicU64,
     /// The handler's `ucontext` (valid from STOPPED on).
     frame: AtomicU64,
+    /// Whether the thread did not block the stop signal when it was sent: a system call
+    /// the handler finds cut short was cut short by it alone (see the module's
+    /// documentation), and may be put back.
+    restartable: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used as an array initializer
-const SLOT_INIT: Slot =
-    Slot { word: AtomicU64::new(0), ip: AtomicU64::new(0), new_ip: AtomicU64::new(0), frame: AtomicU64::new(0) };
+const SLOT_INIT: Slot = Slot {
+    word: AtomicU64::new(0),
+    ip: AtomicU64::new(0),
+    new_ip: AtomicU64::new(0),
+    frame: AtomicU64::new(0),
+    restartable: AtomicBool::new(false),
+};
 
 static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
 /// Slots `0 .. USED` belong to the current stop.
@@ -135,6 +155,36 @@ static RELEASE_GEN: AtomicU32 = AtomicU32::new(0);
 static HOLDER: AtomicI32 = AtomicI32::new(0);
 /// Blocking system calls that the stop signal cut short (see [`interrupted_system_calls`]).
 static INTERRUPTED_SYSCALLS: AtomicU64 = AtomicU64::new(0);
+/// Blocking system calls that the stop signal cut short and its handler put back.
+static RESTARTED_SYSCALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The waits a stop's handler makes again when its signal cut one short: made again with
+/// the same registers each is the same call (a relative timeout starts over). `read`,
+/// `accept` and the like are here for sockets with a receive timeout, which `SA_RESTART`
+/// does not restart (signal(7)). `connect` is not: made again it fails with `EALREADY`.
+const RESTARTABLE_WAITS: [i64; 21] = [
+    libc::SYS_read,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_pause,
+    libc::SYS_nanosleep,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_wait4,
+    libc::SYS_msgrcv,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_futex,
+    libc::SYS_semtimedop,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_epoll_wait,
+    libc::SYS_waitid,
+    libc::SYS_pselect6,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_pwait,
+    libc::SYS_accept4,
+];
 
 /// How many blocking system calls of the program the stop signal has made return early
 /// (`EINTR`) so far: it reached a thread in the microseconds between the stop seeing it
@@ -142,6 +192,12 @@ static INTERRUPTED_SYSCALLS: AtomicU64 = AtomicU64::new(0);
 /// either running user code or quiescent.
 pub fn interrupted_system_calls() -> u64 {
     INTERRUPTED_SYSCALLS.load(Ordering::Relaxed)
+}
+
+/// How many blocking system calls the stop signal cut short and its handler put back, so
+/// that the program never saw them end (see the module's documentation).
+pub fn restarted_system_calls() -> u64 {
+    RESTARTED_SYSCALLS.load(Ordering::Relaxed)
 }
 
 use crate::raw;
@@ -166,11 +222,30 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
     let uc = uc.cast::<libc::ucontext_t>();
     // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO handler; it lives on this
     // thread's signal frame until the handler returns.
-    let rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let mut rip = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
     // SAFETY: as above.
     let rax = unsafe { (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] };
     if rax == -(libc::EINTR as i64) && raw::follows_syscall(rip) {
-        INTERRUPTED_SYSCALLS.fetch_add(1, Ordering::Relaxed);
+        let restart = slot
+            .restartable
+            .load(Ordering::Relaxed)
+            .then(|| raw::syscall_number_before(rip))
+            .flatten()
+            .filter(|nr| RESTARTABLE_WAITS.contains(nr));
+        match restart {
+            Some(nr) => {
+                rip -= 2;
+                // SAFETY: as above; sigreturn loads these registers from this frame.
+                unsafe {
+                    (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] = rip as i64;
+                    (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = nr;
+                }
+                RESTARTED_SYSCALLS.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                INTERRUPTED_SYSCALLS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
     slot.ip.store(rip, Ordering::Relaxed);
     slot.frame.store(uc as u64, Ordering::Relaxed);
@@ -636,8 +711,7 @@ fn likely_cause(tid: i32) -> String {
         return "exited meanwhile".into();
     };
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_string();
-    let blocked = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
-    if blocked & (1u64 << (stop_signal() - 1)) != 0 {
+    if blocks_stop_signal(tid) == Some(true) {
         return "it blocks the stop signal: masked by the program, or stuck inside the trap dispatcher".into();
     }
     let state = field("State:");
@@ -658,6 +732,7 @@ fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, 
     let pid = std::process::id() as i32;
     let restorer = RESTORER.load(Ordering::Relaxed);
     let signal = |slot: &Slot, tid: i32| -> Result<(), Failure> {
+        slot.restartable.store(blocks_stop_signal(tid) == Some(false), Ordering::Relaxed);
         slot.word.store(pack(tid, SENT), Ordering::Release);
         // SAFETY: tgkill takes plain integers; a wrong tid yields ESRCH, nothing worse.
         if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, stop_signal()) } != 0 {
@@ -961,6 +1036,36 @@ fn read_task_file(tid: i32, name: &[u8], buf: &mut [u8]) -> Result<usize, i32> {
     Ok(n.max(0) as usize)
 }
 
+/// Whether thread `tid` blocks the stop signal now, from its `SigBlk` in
+/// `/proc/self/task/<tid>/status`; `None` when that cannot be read. Allocates nothing.
+fn blocks_stop_signal(tid: i32) -> Option<bool> {
+    Some(blocked_signals(tid)? & (1u64 << (stop_signal() - 1)) != 0)
+}
+
+/// The signals thread `tid` of this process blocks now (`SigBlk` of
+/// `/proc/self/task/<tid>/status`, see proc(5); bit `n - 1` for signal `n`); `None` when
+/// the thread is gone. Allocates nothing, so a stop may ask while threads are held.
+pub fn blocked_signals(tid: i32) -> Option<u64> {
+    let mut buf = [0u8; 4096];
+    let n = read_task_file(tid, b"status", &mut buf).ok()?;
+    sig_mask_field(&buf[..n], b"SigBlk:")
+}
+
+/// The hexadecimal signal mask of the `/proc/PID/status` line starting with `name`.
+fn sig_mask_field(status: &[u8], name: &[u8]) -> Option<u64> {
+    let at = status.windows(name.len()).position(|w| w == name)?;
+    let rest = &status[at + name.len()..];
+    let line = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+    let hex = line.iter().skip_while(|b| b.is_ascii_whitespace()).take_while(|b| b.is_ascii_hexdigit());
+    let mut mask = 0u64;
+    let mut digits = 0;
+    for &b in hex {
+        mask = mask.checked_mul(16)? | u64::from((b as char).to_digit(16)?);
+        digits += 1;
+    }
+    (digits > 0).then_some(mask)
+}
+
 /// What `/proc/self/task/<tid>/syscall` says of a thread: `None` while it runs (`running`),
 /// else the user `(sp, pc)` it will resume at — blocked in a system call (`nr args… sp pc`)
 /// or in the kernel for another reason (`-1 sp pc`: stopped, faulting).
@@ -1044,6 +1149,15 @@ mod tests {
         assert_eq!(parse_decimal(b"."), None);
         assert_eq!(parse_decimal(b".."), None);
         assert_eq!(parse_decimal(b""), None);
+    }
+
+    #[test]
+    fn signal_masks_are_read_from_a_status_file() {
+        let status = b"Name:\tx\nSigPnd:\t0000000000000000\nSigBlk:\tfffffffe7ffbfeff\nSigIgn:\t0\n";
+        assert_eq!(sig_mask_field(status, b"SigBlk:"), Some(0xfffffffe7ffbfeff));
+        assert_eq!(sig_mask_field(status, b"SigIgn:"), Some(0));
+        assert_eq!(sig_mask_field(status, b"SigCgt:"), None);
+        assert_eq!(blocked_signals(raw::gettid()).map(|m| m & (1 << (stop_signal() - 1))), Some(0));
     }
 
     #[test]

@@ -329,3 +329,57 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
         assert!(!(errno == libc::EINTR && rc == -1), "{name} returned EINTR");
     }
 }
+
+/// A thread that keeps entering short blocking calls is sometimes seen running by a stop and
+/// signalled just as it enters one: the kernel cuts that call short (`EINTR`) as it
+/// delivers the stop signal, and the handler puts it back. The program never sees `EINTR`.
+#[test]
+fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
+    let _serial = serial();
+    let quit = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let sleeper = {
+        let (quit, calls) = (quit.clone(), calls.clone());
+        thread::spawn(move || {
+            let mut seen = Vec::new();
+            let short = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
+            while !quit.load(Ordering::Relaxed) {
+                // SAFETY: plain system calls on valid arguments owned by this thread.
+                let rcs = unsafe {
+                    [
+                        libc::nanosleep(&short, std::ptr::null_mut()),
+                        libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &short, std::ptr::null_mut()),
+                        libc::poll(std::ptr::null_mut(), 0, 0) | libc::poll(std::ptr::null_mut(), 0, 1),
+                    ]
+                };
+                for (call, rc) in ["nanosleep", "clock_nanosleep", "poll"].into_iter().zip(rcs) {
+                    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    // clock_nanosleep returns the error number itself.
+                    if rc == libc::EINTR || (rc == -1 && errno == libc::EINTR) {
+                        seen.push(call);
+                    }
+                }
+                calls.fetch_add(3, Ordering::Relaxed);
+            }
+            seen
+        })
+    };
+    let (restarted, interrupted) =
+        (dynprobe_text::stop::restarted_system_calls(), dynprobe_text::stop::interrupted_system_calls());
+    let here = tids as *const () as u64;
+    let started = Instant::now();
+    let mut stops = 0;
+    // Until the race was met a few times (it takes a few thousand stops), or 20 s.
+    while started.elapsed() < Duration::from_secs(20) && dynprobe_text::stop::restarted_system_calls() - restarted < 5 {
+        drop(stop_threads_touching(std::slice::from_ref(&(here..here + 16)), TIMEOUT).unwrap());
+        stops += 1;
+    }
+    quit.store(true, Ordering::Relaxed);
+    let seen = sleeper.join().unwrap();
+    let put_back = dynprobe_text::stop::restarted_system_calls() - restarted;
+    let cut_short = dynprobe_text::stop::interrupted_system_calls() - interrupted;
+    eprintln!("{stops} stops, {} calls: {put_back} put back, {cut_short} cut short", calls.load(Ordering::Relaxed));
+    assert!(seen.is_empty(), "the program saw EINTR from {seen:?}");
+    assert_eq!(cut_short, 0);
+    assert!(put_back > 0, "the race was never met in {stops} stops: the test proves nothing");
+}
