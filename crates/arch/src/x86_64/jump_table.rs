@@ -38,6 +38,9 @@ use super::decode::{flow_of, Flow};
 /// program's, and a reader that never finds the end must stop.
 const MAX_TABLE_ENTRIES: usize = 4096;
 
+/// Table entries read at once.
+const CHUNK: usize = 64;
+
 /// How far back from an indirect jump its target's loading is looked for, in instructions.
 const REACH: usize = 12;
 
@@ -314,23 +317,30 @@ fn writes(factory: &mut InstructionInfoFactory, instr: &Instruction, reg: Regist
 }
 
 /// Reads a table of `width`-byte entries at `table` (4: offsets from the table, 8: absolute
-/// addresses) until an entry points outside the module's code.
+/// addresses) until an entry points outside the module's code. Entries are read
+/// [`CHUNK`] at a time (one read each, a module has thousands of tables), one by one where
+/// a chunk runs past the end of readable memory.
 fn read_table(memory: &TableMemory<'_>, table: u64, width: usize) -> IndirectTargets {
     let mut targets = Vec::new();
-    let mut entry = [0u8; 8];
-    for i in 0..MAX_TABLE_ENTRIES {
-        let at = table.wrapping_add((i * width) as u64);
-        if !(memory.read)(at, &mut entry[..width]) {
-            break;
+    let mut chunk = [0u8; CHUNK * 8];
+    'chunks: for first in (0..MAX_TABLE_ENTRIES).step_by(CHUNK) {
+        let at = table.wrapping_add((first * width) as u64);
+        let bytes = &mut chunk[..CHUNK * width];
+        let whole = (memory.read)(at, bytes);
+        for i in 0..CHUNK {
+            let entry = &mut bytes[i * width..(i + 1) * width];
+            if !whole && !(memory.read)(at.wrapping_add((i * width) as u64), entry) {
+                break 'chunks;
+            }
+            let target = match width {
+                4 => table.wrapping_add(i32::from_le_bytes(entry[..4].try_into().expect("4 bytes")) as i64 as u64),
+                _ => u64::from_le_bytes(entry[..8].try_into().expect("8 bytes")),
+            };
+            if !memory.code.contains(&target) {
+                break 'chunks;
+            }
+            targets.push(target);
         }
-        let target = match width {
-            4 => table.wrapping_add(i32::from_le_bytes(entry[..4].try_into().expect("4 bytes")) as i64 as u64),
-            _ => u64::from_le_bytes(entry),
-        };
-        if !memory.code.contains(&target) {
-            break;
-        }
-        targets.push(target);
     }
     if targets.is_empty() {
         IndirectTargets::Unknown
