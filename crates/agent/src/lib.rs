@@ -81,7 +81,12 @@ extern "C" fn init() {
     // The agent's own calls on the program's main thread (allocations, reading symbol
     // tables, the optimizer's pass) are not the program's: no probe sees them.
     dynprobe::own_thread::set_current_thread_hidden(true);
-    let result = std::panic::catch_unwind(start);
+    let result = std::panic::catch_unwind(|| {
+        if preloaded() {
+            start();
+            carry_environment();
+        }
+    });
     dynprobe::own_thread::set_current_thread_hidden(false);
     drop(paused);
     if result.is_err() {
@@ -92,13 +97,12 @@ extern "C" fn init() {
 }
 
 /// Reads the agent's environment, then places the probes (or starts recording).
+///
+/// Only for a program dynprobe started (the library preloaded): loaded by `dynprobe probe
+/// -p` into a running process, the environment it has may still hold the settings of a
+/// `dynprobe probe` that started one of its ancestors, which are not for this session (it
+/// is set up through `dynprobe_attach`).
 fn start() {
-    if !preloaded() {
-        // Loaded by `dynprobe probe -p` into a running process: the environment it has may
-        // still hold the settings of a `dynprobe probe` that started one of its ancestors,
-        // which are not for this session (it is set up through `dynprobe_attach`).
-        return;
-    }
     // Removed by the first image only: the images its processes `exec` later find it gone.
     let first = take_env(FIRST_IMAGE_ENV).is_some();
     let pipe = std::env::var(EVENT_PIPE_ENV).ok().and_then(|ino| ino.parse().ok());
@@ -193,18 +197,83 @@ fn keep(set: ProbeSet, channel: Channel) {
 /// started, or one that program ran) rather than for a `dlopen` an attaching CLI made the
 /// process call. When the loader cannot say, the environment decides as before.
 fn preloaded() -> bool {
+    let Some(me) = own_path() else { return true };
+    // The loader splits LD_PRELOAD at colons and spaces (ld.so(8)).
+    std::env::var_os("LD_PRELOAD")
+        .is_some_and(|preload| preload.as_encoded_bytes().split(|&b| b == b':' || b == b' ').any(|path| path == me))
+}
+
+/// The path the loader loaded this library by, when it can say.
+fn own_path() -> Option<&'static [u8]> {
     // SAFETY: `Dl_info` is plain data that dladdr fills; `init` is a function of this
     // library, so the answer names its file.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::dladdr(init as *const libc::c_void, &mut info) } == 0 || info.dli_fname.is_null() {
-        return true;
+        return None;
     }
     // SAFETY: dladdr gave a NUL-terminated name that lives as long as the library.
-    let me = unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes();
-    // The loader splits LD_PRELOAD at colons and spaces (ld.so(8)).
-    std::env::var_os("LD_PRELOAD")
-        .is_some_and(|preload| preload.as_encoded_bytes().split(|&b| b == b':' || b == b' ').any(|path| path == me))
+    Some(unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes())
+}
+
+/// The variables the CLI gives a program it starts (a user's own `DYNPROBE_*` variables are
+/// not among them, and stay).
+const SETTINGS: [&str; 10] = [
+    PROBES_ENV,
+    OPTIMIZE_ENV,
+    EVENT_FD_ENV,
+    EVENT_PIPE_ENV,
+    FIRST_IMAGE_ENV,
+    record::RECORD_ENV,
+    record::FILTER_ENV,
+    record::DEPTH_ENV,
+    record::MARKERS_ENV,
+    record::RING_RECORDS_ENV,
+];
+
+/// Hands dynprobe's variables (`LD_PRELOAD`, the [`SETTINGS`]) to the `execve` guard, which
+/// gives them to every image the program `exec`s whatever environment it passes (`env -i`
+/// included), and takes them out of the program's environment, which is left as the user
+/// started it (`LD_PRELOAD` holding only the user's own preloads): the program's `env`,
+/// `getenv` and children see no trace of dynprobe. Only with the guards in place: without
+/// the `execve` guard the variables must stay for the `exec`s to inherit.
+fn carry_environment() {
+    if !dynprobe::signal_guards_placed() || dynprobe::guard_failure().is_some() {
+        return;
+    }
+    let Some(agent) = own_path() else { return };
+    let ours: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value)))
+        .filter(|(name, _)| name == "LD_PRELOAD" || SETTINGS.contains(&name.as_str()))
+        .collect();
+    // An environment without LD_PRELOAD gets the agent alone: the user's own preloads are
+    // not the program's to pass where it passes none.
+    let entries = ours
+        .iter()
+        .filter_map(|(name, value)| {
+            let mut entry = format!("{name}=").into_bytes();
+            entry.extend_from_slice(if name == "LD_PRELOAD" { agent } else { value.as_encoded_bytes() });
+            std::ffi::CString::new(entry).ok()
+        })
+        .collect();
+    dynprobe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"));
+    for (name, value) in &ours {
+        if name != "LD_PRELOAD" {
+            take_env(name);
+            continue;
+        }
+        // The loader splits LD_PRELOAD at colons and spaces (ld.so(8)).
+        let own: Vec<&[u8]> = value
+            .as_encoded_bytes()
+            .split(|&b| b == b':' || b == b' ')
+            .filter(|path| !path.is_empty() && *path != agent)
+            .collect();
+        if own.is_empty() {
+            take_env(name);
+        } else {
+            replace_env(name, &own.join(&b':'));
+        }
+    }
 }
 
 /// This process's executable, for messages.
@@ -280,6 +349,28 @@ fn take_env(name: &str) -> Option<String> {
         }
     }
     Some(value)
+}
+
+/// Gives the variable `name` the value `value` in the `environ` array, in place (see
+/// [`take_env`] for why not `setenv`). The new string is leaked: the environment keeps it.
+fn replace_env(name: &str, value: &[u8]) {
+    let mut entry = format!("{name}=").into_bytes();
+    entry.extend_from_slice(value);
+    let Ok(entry) = std::ffi::CString::new(entry) else { return };
+    let entry = entry.into_raw();
+    // SAFETY: as in `take_env`: the C library's NULL-terminated array, on the only thread
+    // running; one pointer is replaced by a string that lives forever.
+    unsafe {
+        let mut at = environ;
+        while !at.is_null() && !(*at).is_null() {
+            let current = CStr::from_ptr(*at).to_bytes();
+            if current.strip_prefix(name.as_bytes()).is_some_and(|rest| rest.first() == Some(&b'=')) {
+                *at = entry;
+                return;
+            }
+            at = at.add(1);
+        }
+    }
 }
 
 extern "C" {

@@ -201,15 +201,51 @@ fn calls_in(path: &Path) -> Vec<(u64, u64)> {
     calls
 }
 
+/// The program, and every program it runs, sees the environment it would have untraced:
+/// dynprobe's variables (`LD_PRELOAD` naming the agent, `DYNPROBE_*`) are taken out of it,
+/// and a user's own `LD_PRELOAD` stays.
+#[test]
+fn the_traced_program_sees_the_environment_it_was_started_with() {
+    let preload = "/lib/x86_64-linux-gnu/libm.so.6";
+    let environment = |out: &Output| {
+        let mut vars: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+        vars.sort();
+        vars
+    };
+    let events = scratch().join(format!("events-environment-{}.txt", std::process::id()));
+    let trace = scratch().join(format!("trace-environment-{}", std::process::id()));
+    let (events, trace) = (events.to_str().unwrap(), trace.to_str().unwrap());
+    let runs: [(&[&str], &[&str]); 3] = [
+        (&["probe", "p:libc:getenv", "-o", events, "--"], &["/usr/bin/env"]),
+        (&["record", "-F", "libc:*", "-o", trace, "--"], &["/usr/bin/env"]),
+        // Through a shell, which runs env as its child with its own copy of the environment.
+        (&["record", "-o", trace, "--"], &["sh", "-c", "/usr/bin/env; true"]),
+    ];
+    for (dynprobe, program) in runs {
+        let run = |command: &mut Command| {
+            let out = command.env("LD_PRELOAD", preload).env("TRACED_TEST", "1").output().unwrap();
+            assert!(out.status.success(), "{dynprobe:?} {program:?}: {}", text(&out.stderr));
+            environment(&out)
+        };
+        let untraced = run(Command::new(program[0]).args(&program[1..]));
+        assert!(untraced.contains(&format!("LD_PRELOAD={preload}")), "{untraced:?}");
+        assert_eq!(run(common::dynprobe().args(dynprobe).args(program)), untraced, "{dynprobe:?} {program:?}");
+    }
+}
+
 #[test]
 fn probes_follow_exec_through_wrappers_and_their_children() {
     // `p:MODULE:checksum` waits in the wrappers (their images lack the module) and is
     // placed in each image of the target, however it was reached.
     let module = target().file_name().unwrap().to_str().unwrap();
     let spec = format!("p:checksum {module}:checksum seed=$arg1 n=$arg2");
-    let cases: [(&str, &[&str], usize); 4] = [
+    let cases: [(&str, &[&str], usize); 6] = [
         ("exec", &["bash", "-c", "exec \"$0\" \"$@\""], 1),
         ("env", &["env"], 1),
+        // Programs exec'd with an environment of their caller's making, without dynprobe's
+        // variables: the execve guard gives them back.
+        ("env-i", &["env", "-i"], 1),
+        ("clean", &["bash", "-c", "env -i PATH=/usr/bin \"$0\" \"$@\"; exec env -i \"$0\" \"$@\""], 2),
         // A child of the started shell, then an exec chain through env, nice and timeout
         // (which runs the program as its child).
         ("chain", &["bash", "-c", "\"$0\" \"$@\"; exec env nice timeout 600 \"$0\" \"$@\""], 2),

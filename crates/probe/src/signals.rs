@@ -43,6 +43,7 @@
 //! the parent's real one.
 
 use crate::arch::StartRoutine;
+use crate::exec_env::ExecEnvironment;
 use crate::guard::HandlerGuard;
 use crate::probe::ProbeShared;
 use crate::thread_slot::{slot_of_thread, ThreadSlot};
@@ -525,17 +526,22 @@ pub(crate) extern "C" fn take_blocked_start(record: *const BlockedStart) -> Star
 }
 
 /// `int execve(const char *path, char *const argv[], char *const envp[])` (which `execv`,
-/// `execl`, `execvp`… call): a thread that blocks `SIGTRAP` executes the new image with it
-/// blocked for real, as the mask is kept across `execve` — the guard makes the call itself,
-/// with `SIGTRAP` blocked, and on failure unblocks it and returns `-1` with `errno` set, as
-/// the C library's wrapper does.
+/// `execl`, `execvp`, `posix_spawn`, `system`… call): the new image gets the environment
+/// dynprobe follows it by ([`crate::exec_env`]) whatever environment the program gave; and
+/// a thread that blocks `SIGTRAP` executes the new image with it blocked for real, as the
+/// mask is kept across `execve`. Either way the guard makes the call itself and, on
+/// failure, returns `-1` with `errno` set, as the C library's wrapper does.
 fn guard_execve(regs: &mut Regs) {
-    if !trap::program_blocks_trap() {
+    let mut environment = ExecEnvironment::new();
+    let envp = environment.build(regs.rdx);
+    let blocks_trap = trap::program_blocks_trap();
+    if !blocks_trap && envp.is_none() {
         return;
     }
-    // The mask the program has: in a breakpoint hit's handler, the one sigreturn restores.
+    // The new image starts with the mask the program has (in a breakpoint hit's handler,
+    // the one sigreturn restores, not the handler's), SIGTRAP in it if the program blocks it.
     let (real, _) = real_mask();
-    let exec_mask = real | TRAP_BIT;
+    let exec_mask = if blocks_trap { real | TRAP_BIT } else { real };
     let mut saved = 0u64;
     // SAFETY: valid masks.
     unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &exec_mask, &mut saved) };
@@ -543,8 +549,9 @@ fn guard_execve(regs: &mut Regs) {
     // the new image must not leave the parent marked as inside a handler.
     let slot = ThreadSlot::existing();
     let marks = slot.map(|s| (s.active.swap(0, Ordering::Relaxed), s.trap_mask.swap(0, Ordering::Relaxed)));
-    // SAFETY: the program's own arguments to execve.
-    let failed = unsafe { trap::execve(regs.rdi, regs.rsi, regs.rdx) };
+    // SAFETY: the program's own arguments to execve, but for an environment built from
+    // its own (on this stack, alive until the call returns).
+    let failed = unsafe { trap::execve(regs.rdi, regs.rsi, envp.unwrap_or(regs.rdx)) };
     if let (Some(slot), Some((active, trap_mask))) = (slot, marks) {
         slot.active.store(active, Ordering::Relaxed);
         slot.trap_mask.store(trap_mask, Ordering::Relaxed);
