@@ -357,6 +357,22 @@ mod tests {
         indirect_targets_in(code, 0x1000, jump_at, None)
     }
 
+    /// The targets of the jump at `jump_at` of `code` (at 0x1000, the module's code up to
+    /// 0x1100), the bytes at `table_at` being `table`.
+    fn targets_with_table(code: &[u8], jump_at: u64, table_at: u64, table: &[u8]) -> IndirectTargets {
+        let read = |addr: u64, buf: &mut [u8]| {
+            let at = addr.wrapping_sub(table_at) as usize;
+            table.get(at..at + buf.len()).map(|b| buf.copy_from_slice(b)).is_some()
+        };
+        let memory = TableMemory { code: 0x1000..0x1100, read: &read };
+        indirect_targets_in(code, 0x1000, jump_at, Some(&memory))
+    }
+
+    /// 32-bit table entries' bytes.
+    fn offsets(entries: &[i32]) -> Vec<u8> {
+        entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+    }
+
     #[test]
     fn a_pointer_loaded_from_a_structure_is_a_tail_call() {
         // mov (%rdi),%rax ; mov %rdx,%rdi ; jmp *%rax
@@ -393,20 +409,12 @@ mod tests {
             0x4c, 0x8d, 0x35, 0x00, 0x01, 0x00, 0x00, 0x75, 0xfe, 0x49, 0x63, 0x04, 0x86, 0x4c, 0x01, 0xf0, 0xff, 0xe0,
             0x41, 0x5e,
         ];
-        let table: Vec<u8> = [-0x107i32, -0x0fe, i32::MIN].iter().flat_map(|e| e.to_le_bytes()).collect();
-        let read = |addr: u64, buf: &mut [u8]| {
-            let at = addr.wrapping_sub(0x1107) as usize;
-            table.get(at..at + buf.len()).map(|b| buf.copy_from_slice(b)).is_some()
-        };
-        let memory = TableMemory { code: 0x1000..0x1100, read: &read };
-        assert_eq!(
-            indirect_targets_in(&code, 0x1000, 0x1010, Some(&memory)),
-            IndirectTargets::Table(vec![0x1000, 0x1009])
-        );
+        let table = offsets(&[-0x107, -0x0fe, i32::MIN]);
+        assert_eq!(targets_with_table(&code, 0x1010, 0x1107, &table), IndirectTargets::Table(vec![0x1000, 0x1009]));
         // Another write of %r14 (mov %rdi,%r14) makes its value unknown.
         let mut other = code.to_vec();
         other.extend([0x49, 0x89, 0xfe]);
-        assert_eq!(indirect_targets_in(&other, 0x1000, 0x1010, Some(&memory)), IndirectTargets::Unknown);
+        assert_eq!(targets_with_table(&other, 0x1010, 0x1107, &table), IndirectTargets::Unknown);
     }
 
     #[test]
@@ -433,13 +441,8 @@ mod tests {
         // jmpq *0x2000(,%rax,8)
         let code = [0xff, 0x24, 0xc5, 0x00, 0x20, 0x00, 0x00];
         let table: Vec<u8> = [0x1000u64, 0x1003, 0x1000, 0x9999].iter().flat_map(|e| e.to_le_bytes()).collect();
-        let read = |addr: u64, buf: &mut [u8]| {
-            let at = addr.wrapping_sub(0x2000) as usize;
-            table.get(at..at + buf.len()).map(|b| buf.copy_from_slice(b)).is_some()
-        };
-        let memory = TableMemory { code: 0x1000..0x1100, read: &read };
         assert_eq!(
-            indirect_targets_in(&code, 0x1000, 0x1000, Some(&memory)),
+            targets_with_table(&code, 0x1000, 0x2000, &table),
             IndirectTargets::Table(vec![0x1000, 0x1003, 0x1000])
         );
     }
@@ -451,15 +454,7 @@ mod tests {
         let code = [
             0x4c, 0x8d, 0x1d, 0x00, 0x01, 0x00, 0x00, 0x49, 0x63, 0x0c, 0x8b, 0x49, 0x8d, 0x0c, 0x0b, 0x3e, 0xff, 0xe1,
         ];
-        let table: Vec<u8> = [-0x107i32, -0x0f8, i32::MAX].iter().flat_map(|e| e.to_le_bytes()).collect();
-        let read = |addr: u64, buf: &mut [u8]| {
-            let at = addr.wrapping_sub(0x1107) as usize;
-            table.get(at..at + buf.len()).map(|b| buf.copy_from_slice(b)).is_some()
-        };
-        let memory = TableMemory { code: 0x1000..0x1100, read: &read };
-        assert_eq!(
-            indirect_targets_in(&code, 0x1000, 0x100f, Some(&memory)),
-            IndirectTargets::Table(vec![0x1000, 0x100f])
-        );
+        let table = offsets(&[-0x107, -0x0f8, i32::MAX]);
+        assert_eq!(targets_with_table(&code, 0x100f, 0x1107, &table), IndirectTargets::Table(vec![0x1000, 0x100f]));
     }
 }
