@@ -431,11 +431,19 @@ fn guard_pthread_sigmask(regs: &mut Regs) {
 }
 
 /// The system call numbers [`guard_syscall`] looks at.
-const SIGNAL_SYSCALLS: [i32; 2] = [libc::SYS_rt_sigaction as i32, libc::SYS_rt_sigprocmask as i32];
+const SIGNAL_SYSCALLS: [i32; 3] =
+    [libc::SYS_rt_sigaction as i32, libc::SYS_rt_sigprocmask as i32, libc::SYS_execve as i32];
 
 /// `long syscall(long nr, ...)` with `nr` `SYS_rt_sigaction` or `SYS_rt_sigprocmask`: the
-/// kernel's structures, the arguments in `rsi, rdx, rcx, r8`.
+/// kernel's structures, the arguments in `rsi, rdx, rcx, r8`; or `SYS_execve`, made as
+/// [`guard_execve`] makes it.
 fn guard_syscall(regs: &mut Regs) {
+    if regs.rdi as i64 == libc::SYS_execve {
+        if let Some(errno) = execve_for_the_program(regs.rsi, regs.rdx, regs.rcx) {
+            fail_call(regs, errno);
+        }
+        return;
+    }
     let done = match regs.rdi as i64 {
         libc::SYS_rt_sigprocmask if regs.r8 == 8 => {
             change_mask(regs.rsi, regs.rdx as *const u64, regs.rcx as *mut u64, false)
@@ -532,11 +540,21 @@ pub(crate) extern "C" fn take_blocked_start(record: *const BlockedStart) -> Star
 /// mask is kept across `execve`. Either way the guard makes the call itself and, on
 /// failure, returns `-1` with `errno` set, as the C library's wrapper does.
 fn guard_execve(regs: &mut Regs) {
+    if let Some(errno) = execve_for_the_program(regs.rdi, regs.rsi, regs.rdx) {
+        fail_call(regs, errno);
+    }
+}
+
+/// Makes the program's `execve(path, argv, envp)` here, as [`guard_execve`] describes, when
+/// it needs dynprobe to (the environment lacks dynprobe's variables, or the thread blocks
+/// `SIGTRAP`); the `errno` it failed with, or `None` when the program's own call should go
+/// on. Returns only if the call failed or was not made.
+fn execve_for_the_program(path: u64, argv: u64, envp: u64) -> Option<i32> {
     let mut environment = ExecEnvironment::new();
-    let envp = environment.build(regs.rdx);
+    let carried = environment.build(envp);
     let blocks_trap = trap::program_blocks_trap();
-    if !blocks_trap && envp.is_none() {
-        return;
+    if !blocks_trap && carried.is_none() {
+        return None;
     }
     // The new image starts with the mask the program has (in a breakpoint hit's handler,
     // the one sigreturn restores, not the handler's), SIGTRAP in it if the program blocks it.
@@ -551,14 +569,14 @@ fn guard_execve(regs: &mut Regs) {
     let marks = slot.map(|s| (s.active.swap(0, Ordering::Relaxed), s.trap_mask.swap(0, Ordering::Relaxed)));
     // SAFETY: the program's own arguments to execve, but for an environment built from
     // its own (on this stack, alive until the call returns).
-    let failed = unsafe { trap::execve(regs.rdi, regs.rsi, envp.unwrap_or(regs.rdx)) };
+    let failed = unsafe { trap::execve(path, argv, carried.unwrap_or(envp)) };
     if let (Some(slot), Some((active, trap_mask))) = (slot, marks) {
         slot.active.store(active, Ordering::Relaxed);
         slot.trap_mask.store(trap_mask, Ordering::Relaxed);
     }
     // SAFETY: the mask read above.
     unsafe { trap::rt_sigprocmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
-    fail_call(regs, -failed as i32);
+    Some(-failed as i32)
 }
 
 /// Makes the guarded call return `value` to its caller at once, instead of running: the
