@@ -139,8 +139,16 @@ int main(int argc, char **argv) {
         printf("loop sum = %ld\n", sum);
     } else if (!strcmp(mode, "ringdir")) {
         /* The ring directory dynprobe record made (its path is what the agent was given),
-           and the files the agent made there: each with its mode. */
-        const char *dir = getenv("DYNPROBE_RECORD");
+           and the files the agent made there: each with its mode. The agent took its
+           settings out of the environment; the kernel's copy of the one the program was
+           started with still has them. */
+        static char env[65536];
+        const char *dir = NULL;
+        FILE *f = fopen("/proc/self/environ", "r");
+        size_t n = f ? fread(env, 1, sizeof env - 1, f) : 0;
+        if (f) fclose(f);
+        for (size_t i = 0; i < n; i += strlen(env + i) + 1)
+            if (!strncmp(env + i, "DYNPROBE_RECORD=", 16)) dir = env + i + 16;
         struct stat st;
         if (!dir || stat(dir, &st)) return 1;
         printf("dir %s %o\n", dir, st.st_mode & 07777);
