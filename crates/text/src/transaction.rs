@@ -285,6 +285,10 @@ pub struct Transaction {
     timeout: Duration,
     /// An error of [`Self::arm_heads`] that did not stop the transaction, for [`Self::finish`].
     first_error: Option<TextError>,
+    /// Whether [`Self::arm_heads`] armed int3 heads (some thread was left running): the
+    /// write then goes on int3-first to its end, even once the settling has stopped every
+    /// thread — the heads in the code are the int3s, no longer the expected bytes.
+    int3_first: bool,
 }
 
 impl Transaction {
@@ -297,7 +301,7 @@ impl Transaction {
         let writer = CodeWriter::lock()?;
         let world = stop::stop_threads_touching(&ranges, timeout)?;
         SEQUENCE.fetch_add(1, Ordering::AcqRel);
-        Ok(Transaction { world, writer, ranges, timeout, first_error: None })
+        Ok(Transaction { world, writer, ranges, timeout, first_error: None, int3_first: false })
     }
 
     /// The stopped threads (and how many were left running).
@@ -337,7 +341,8 @@ impl Transaction {
     /// The caller then moves threads, may [`Edits::skip`] edits, and calls [`Self::finish`].
     /// On an error no tail was written and every head is back.
     pub fn arm_heads(&mut self, edits: &mut Edits<'_>) -> Result<InterruptedSet, TextError> {
-        if self.world.left_running() == 0 {
+        self.int3_first = self.world.left_running() > 0;
+        if !self.int3_first {
             for stage in &mut edits.stage {
                 if *stage == Stage::Planned {
                     *stage = Stage::HeadArmed;
@@ -359,13 +364,14 @@ impl Transaction {
         Ok(self.world.all_interrupted_contexts())
     }
 
-    /// The second half of writing `edits` (after [`Self::arm_heads`]): with every other
-    /// thread stopped, each edit is written whole; otherwise the tails are written behind
-    /// the `int3` heads, the cores serialized, then the heads. An edit whose tail could not
+    /// The second half of writing `edits` (after [`Self::arm_heads`]): when every other
+    /// thread was stopped from the start, each edit is written whole; otherwise (the heads
+    /// are `int3`s, however many threads the settling stopped since) the tails are written
+    /// behind the `int3` heads, the cores serialized, then the heads. An edit whose tail could not
     /// be written gets its old head back. Returns the first error of either half.
     pub fn finish(&mut self, edits: &mut Edits<'_>) -> Result<(), TextError> {
         let mut first_error = self.first_error.take();
-        if self.world.left_running() == 0 {
+        if !self.int3_first {
             let e =
                 edits.phase(&mut self.writer, Stage::HeadArmed, Stage::Done, Stage::Failed, |a, e, n| Some((a, e, n)));
             undo_heads(&mut self.writer, edits);

@@ -169,3 +169,82 @@ fn an_owned_int3_head_keeps_its_owner() {
     trap::unregister_site(func.addr);
     assert_eq!(as_fn(func)(), 2);
 }
+
+/// A thread left alone at the start (blocked outside the edits) that wakes before the heads
+/// are armed is stopped by the settling after them, so the world ends up wholly stopped in
+/// the middle of an int3-first write: the write must still finish as int3-first (tails,
+/// then heads over the int3s), not as if every thread had been stopped from the start —
+/// which found the int3 heads "unexpected", wrote nothing and left them in the code. Run in
+/// a child process of one thread and the sleeper: the test harness's own threads, blocked,
+/// would otherwise stay left alone.
+#[test]
+fn a_thread_left_alone_that_wakes_before_the_heads_are_armed_changes_nothing_of_the_outcome() {
+    let _serial = serial();
+    let func = slot_with(&[MOV1[0], MOV1[1], MOV1[2], MOV1[3], MOV1[4], RET]);
+    // SAFETY: fork; the child runs the scenario on its only thread and ends with _exit.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        let outcome = std::panic::catch_unwind(|| wake_a_thread_left_alone_during_an_int3_first_write(func));
+        let code = match outcome {
+            Ok(Ok(())) => 0,
+            Ok(Err(why)) => {
+                eprintln!("child: {why}");
+                1
+            }
+            Err(_) => 2,
+        };
+        // SAFETY: ends the child at once, without running the harness's exit code.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status), "the child died: status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "1: the edit was not written or an int3 was left; 2: a panic");
+}
+
+/// The scenario of the test above, in the child: `Err` when the edit was not written whole.
+fn wake_a_thread_left_alone_during_an_int3_first_write(func: ExecSlot) -> Result<(), String> {
+    use dynprobe_text::transaction::{Edits, Transaction};
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (rd, wr) = (fds[0], fds[1]);
+    let (woke, quit) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let sleeper = {
+        let (woke, quit) = (woke.clone(), quit.clone());
+        thread::spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into a local.
+            unsafe { libc::read(rd, (&mut byte as *mut u8).cast(), 1) };
+            woke.store(true, Ordering::Release);
+            // Running, not blocked: the settling stops it.
+            while !quit.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(100));
+    let mut edits = Edits::new(vec![(func.addr, &MOV1[..], &MOV2[..])]);
+    let mut txn = Transaction::begin(edits.ranges(), TIMEOUT).map_err(|e| e.to_string())?;
+    if txn.world().left_running() != 1 {
+        return Err(format!("{} threads left alone, not the sleeper alone", txn.world().left_running()));
+    }
+    // SAFETY: writes one byte to the pipe, waking the reader.
+    assert_eq!(unsafe { libc::write(wr, b"x".as_ptr().cast(), 1) }, 1);
+    while !woke.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    txn.arm_heads(&mut edits).map_err(|e| e.to_string())?;
+    let finished = txn.finish(&mut edits);
+    txn.commit().map_err(|e| e.to_string())?;
+    quit.store(true, Ordering::Relaxed);
+    sleeper.join().map_err(|_| "the sleeper panicked".to_string())?;
+    finished.map_err(|e| e.to_string())?;
+    let now = read_vec(func.addr, 6).map_err(|e| e.to_string())?;
+    if !edits.outcomes().all(|(_, done)| done) || now != [MOV2[0], MOV2[1], MOV2[2], MOV2[3], MOV2[4], RET] {
+        return Err(format!("the edit was not written whole: {now:x?}"));
+    }
+    Ok(())
+}
