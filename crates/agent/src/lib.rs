@@ -25,8 +25,8 @@
 //! program the started one (or any child of it) `exec`s is probed too, into the same socket
 //! (`bash -c 'exec …'`, `env`, `nice`, `timeout`, a pyenv shim). Only the first image's
 //! refusals are fatal (it finds and removes `DYNPROBE_FIRST_IMAGE`); a later image places
-//! each spec it can and reports the others as `!warning probe `<spec>` is not placed in
-//! `<exe>` (exec'd): <why>`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
+//! each spec it can and reports the others as `!warning probe SPEC is not placed in
+//! EXE (exec'd): WHY`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
 //! image check that its descriptor is still the socket: a program may have closed it first.
 //!
 //! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
@@ -80,9 +80,9 @@ extern "C" fn init() {
     let paused = ProfTimerPause::new();
     // The agent's own calls on the program's main thread (allocations, reading symbol
     // tables, the optimizer's pass) are not the program's: no probe sees them.
-    dynprobe::own_thread::set_current_thread_hidden(true);
+    dynprobe_probe::own_thread::set_current_thread_hidden(true);
     let result = std::panic::catch_unwind(start);
-    dynprobe::own_thread::set_current_thread_hidden(false);
+    dynprobe_probe::own_thread::set_current_thread_hidden(false);
     drop(paused);
     if result.is_err() {
         eprintln!("dynprobe agent: internal error while placing probes");

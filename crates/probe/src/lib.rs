@@ -1,4 +1,5 @@
-//! kprobes for a Linux process.
+//! kprobes for a Linux process: the engine behind the `dynprobe` crate, which is the one to
+//! depend on (it re-exports what a program needs from here, under the same names).
 //!
 //! A [`Probe`] placed at any instruction of the process — a function entry, a symbol plus
 //! offset, an address — runs a pre-handler (and optionally a post-handler) with the thread's
@@ -10,11 +11,12 @@
 //! nanoseconds. A [`ReturnProbe`] adds a handler that runs when the probed function returns.
 //!
 //! ```no_run
-//! use dynprobe_probe::{sym, Probe};
+//! # extern crate dynprobe_probe as dynprobe;
+//! use dynprobe::{sym, Probe};
 //! let probe = Probe::at(sym!("work")).on_hit(|regs| regs.set_arg(0, 42)).register()?;
 //! // every call of work(x) now runs as work(42)
 //! probe.unregister()?;
-//! # Ok::<(), dynprobe_probe::ProbeError>(())
+//! # Ok::<(), dynprobe::ProbeError>(())
 //! ```
 //!
 //! Generic logic lives in `registry`, `site`, `optimizer`, `retprobe` and `thread_slot`; what

@@ -71,7 +71,8 @@ impl ProbeShared {
 /// A probe to be registered: where, and what runs when a thread reaches it.
 ///
 /// ```no_run
-/// use dynprobe_probe::{sym, Probe};
+/// # extern crate dynprobe_probe as dynprobe;
+/// use dynprobe::{sym, Probe};
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// static LAST_ARG: AtomicU64 = AtomicU64::new(0);
 /// let probe = Probe::at(sym!("work"))
@@ -80,7 +81,7 @@ impl ProbeShared {
 /// // ... the program runs; every call of `work` stores its first argument ...
 /// println!("{} hits, {} missed", probe.hits(), probe.nmissed());
 /// probe.unregister()?;
-/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
 pub struct Probe {
     pub(crate) location: Location,

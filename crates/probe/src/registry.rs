@@ -497,7 +497,8 @@ pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
 /// thread).
 ///
 /// ```
-/// for probe in dynprobe_probe::list() {
+/// # extern crate dynprobe_probe as dynprobe;
+/// for probe in dynprobe::list() {
 ///     println!("{probe}");
 /// }
 /// ```
@@ -1247,10 +1248,11 @@ pub(crate) fn optimize_pending() -> Result<bool, ProbeError> {
 /// [`wait_for_optimizer`]).
 ///
 /// ```no_run
-/// dynprobe_probe::set_optimization(false)?; // every probe traps from now on
-/// dynprobe_probe::set_optimization(true)?;
-/// dynprobe_probe::wait_for_optimizer()?;    // ... and is optimized again
-/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// # extern crate dynprobe_probe as dynprobe;
+/// dynprobe::set_optimization(false)?; // every probe traps from now on
+/// dynprobe::set_optimization(true)?;
+/// dynprobe::wait_for_optimizer()?;    // ... and is optimized again
+/// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
 pub fn set_optimization(on: bool) -> Result<(), ProbeError> {
     let registry = lock()?;

@@ -57,11 +57,12 @@ const HANDLER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// timestamp, the arguments, …). Zeroed before the entry handler runs.
 ///
 /// ```
-/// # use dynprobe_probe::InstanceData;
+/// # extern crate dynprobe_probe as dynprobe;
+/// # use dynprobe::InstanceData;
 /// let mut data = InstanceData::default();
 /// data[0] = 42;
 /// assert_eq!(data[0], 42);
-/// assert_eq!(data.len(), dynprobe_probe::DATA_WORDS);
+/// assert_eq!(data.len(), dynprobe::DATA_WORDS);
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -786,7 +787,8 @@ impl Setup {
 /// thread it tracks at once, and what runs at entry and at return.
 ///
 /// ```no_run
-/// use dynprobe_probe::{monotonic_ns, sym, ReturnProbe};
+/// # extern crate dynprobe_probe as dynprobe;
+/// use dynprobe::{monotonic_ns, sym, ReturnProbe};
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
 /// let probe = ReturnProbe::at(sym!("work"))
@@ -802,7 +804,7 @@ impl Setup {
 /// // ... the program runs ...
 /// let stats = probe.unregister()?;
 /// println!("{} calls, {} ns, {} missed", stats.hits, TOTAL_NS.load(Ordering::Relaxed), stats.nmissed);
-/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
 pub struct ReturnProbe {
     location: Location,

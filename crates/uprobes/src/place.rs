@@ -3,8 +3,9 @@
 //! can run out of line. The refusals are the probe layer's own [`ProbeError`]s, so the
 //! fallback mode and the agent word them alike.
 
+use dynprobe::internals::RETURNS_TWICE;
 use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
-use dynprobe::{Location, ProbeError, RETURNS_TWICE};
+use dynprobe::{Location, ProbeError};
 use dynprobe_arch::native::optimize::covered_run_of;
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at};
 use dynprobe_symbols::{Symbol, SymbolError, SymbolTable};
