@@ -45,6 +45,31 @@
 //! # Ok::<(), dynprobe::ProbeError>(())
 //! ```
 //!
+//! A handle that is not kept is a probe removed as soon as it is placed, so the compiler warns
+//! about one left unused (every builder and handle is `#[must_use]`); with the warning
+//! denied, this does not build:
+//!
+//! ```compile_fail
+//! #![deny(unused_must_use)]
+//! # #[no_mangle] #[inline(never)] pub extern "C" fn guide_kept(x: u64) -> u64 { x }
+//! # fn main() -> Result<(), dynprobe::ProbeError> {
+//! # guide_kept(1);
+//! dynprobe::Probe::at(dynprobe::sym!("guide_kept")).on_hit(|_| {}).register()?;
+//! # Ok(()) }
+//! ```
+//!
+//! while the same lines with the handle kept do (and so would `.leak()`, which keeps the
+//! probe for the life of the process):
+//!
+//! ```
+//! #![deny(unused_must_use)]
+//! # #[no_mangle] #[inline(never)] pub extern "C" fn guide_kept(x: u64) -> u64 { x }
+//! # fn main() -> Result<(), dynprobe::ProbeError> {
+//! # guide_kept(1);
+//! let _probe = dynprobe::Probe::at(dynprobe::sym!("guide_kept")).on_hit(|_| {}).register()?;
+//! # Ok(()) }
+//! ```
+//!
 //! A probe that cannot be placed is refused with the reason, and changes nothing: an unknown
 //! symbol (with the nearest names), an offset inside an instruction, an instruction that
 //! cannot run out of line, dynprobe's own code ([`ProbeError`]).

@@ -383,6 +383,7 @@ impl fmt::Display for IntType {
 
 /// A syntax error in a probe spec, with the column it was found at.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SpecError {
     /// The spec.
     pub spec: String,

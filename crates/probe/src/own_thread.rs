@@ -78,6 +78,7 @@ pub fn set_current_thread_hidden(hidden: bool) {
 
 /// A running own thread; [`OwnThread::join`] waits for it and frees its stack.
 #[derive(Debug)]
+#[must_use = "an own thread must be joined, kept or detached: dropped, it is never joined and its stack stays mapped"]
 pub struct OwnThread {
     thread: libc::pthread_t,
     entry: usize,

@@ -83,6 +83,7 @@ impl ProbeShared {
 /// probe.unregister()?;
 /// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
+#[must_use = "a probe is placed only by `.register()`"]
 pub struct Probe {
     pub(crate) location: Location,
     pub(crate) pre: Option<Handler>,
@@ -157,6 +158,7 @@ impl Probe {
 
 /// A registered probe. Dropping it unregisters the probe (use [`ProbeHandle::leak`] to keep
 /// it for the life of the process).
+#[must_use = "dropping the handle unregisters the probe at once: keep it, or call `.leak()` to keep the probe for the life of the process"]
 pub struct ProbeHandle {
     shared: Option<Arc<ProbeShared>>,
 }

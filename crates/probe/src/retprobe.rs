@@ -806,6 +806,7 @@ impl Setup {
 /// println!("{} calls, {} ns, {} missed", stats.hits, TOTAL_NS.load(Ordering::Relaxed), stats.nmissed);
 /// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
+#[must_use = "a return probe is placed only by `.register()`"]
 pub struct ReturnProbe {
     location: Location,
     maxactive: usize,
@@ -945,6 +946,7 @@ fn retire(index: u32) -> Result<(), ProbeError> {
 }
 
 /// A registered return probe. Dropping it unregisters the probe.
+#[must_use = "dropping the handle unregisters the return probe at once: keep it, or call `.leak()` to keep the probe for the life of the process"]
 pub struct ReturnProbeHandle {
     entry: Option<ProbeHandle>,
     shared: Arc<RpShared>,

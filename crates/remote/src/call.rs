@@ -157,6 +157,7 @@ pub enum Arg<'a> {
 /// Why a remote call or system call failed. The thread's registers are restored in every
 /// case where it still exists.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum CallError {
     /// More than the six register arguments of the SysV ABI.
     TooManyArgs {
@@ -277,7 +278,17 @@ impl fmt::Display for CallError {
     }
 }
 
-impl std::error::Error for CallError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Syscall { error, .. } | CallError::StubBusy { error, .. } => Some(error),
+            CallError::Tracee(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<Error> for CallError {
     fn from(e: Error) -> CallError {

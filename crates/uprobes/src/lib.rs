@@ -119,6 +119,7 @@ impl Default for ExitInfo {
 
 /// Why a session could not start or end cleanly.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The process could not be traced (no such process, not permitted — with the reason).
     Attach(AttachError),
@@ -172,7 +173,17 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Attach(e) => Some(e),
+            Error::Spawn { error, .. } | Error::Os { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for Error {
     fn from(e: AttachError) -> Self {

@@ -40,6 +40,7 @@ impl CoveredRun {
 
 /// Why a probe point cannot be jump-optimized; the probe stays a breakpoint probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OptimizeRefusal {
     /// The probe point is not inside a function of known size.
     NoFunctionBounds,
@@ -106,7 +107,17 @@ impl fmt::Display for OptimizeRefusal {
     }
 }
 
-impl std::error::Error for OptimizeRefusal {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for OptimizeRefusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OptimizeRefusal::Decode(e) => Some(e),
+            OptimizeRefusal::NotRelocatable(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<DecodeError> for OptimizeRefusal {
     fn from(err: DecodeError) -> Self {

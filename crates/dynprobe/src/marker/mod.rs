@@ -411,6 +411,7 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
 
 /// Handlers attached to the sites of a marker. Dropping it detaches them (errors ignored;
 /// [`MarkerHandle::detach`] reports them).
+#[must_use = "dropping the handle detaches the handler at once: keep it for as long as the handler should run"]
 pub struct MarkerHandle {
     probes: Vec<ProbeHandle>,
     sites: Vec<Arc<MarkerSite>>,
@@ -516,6 +517,7 @@ pub struct MarkerStats {
 
 /// Why a marker could not be found, attached or detached.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum MarkerError {
     /// The spec is not `provider:name`.
     BadSpec {
@@ -578,7 +580,17 @@ impl fmt::Display for MarkerError {
     }
 }
 
-impl std::error::Error for MarkerError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for MarkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MarkerError::Symbols(e) => Some(e),
+            MarkerError::Optimizer(e) | MarkerError::Probe { error: e, .. } => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<SymbolError> for MarkerError {
     fn from(e: SymbolError) -> Self {
