@@ -149,10 +149,10 @@ fn trace(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> i32
             Outcome::Killed(signal) => 128 + signal,
             Outcome::Detached | Outcome::Exec => 0,
         },
-        Err(dynprobe_uprobes::Error::Refused { .. }) => super::EXIT_USAGE.into(),
+        Err(dynprobe_uprobes::Error::Refused { .. }) => crate::EXIT_ERROR.into(),
         Err(err) => {
             eprintln!("dynprobe: {err}");
-            super::EXIT_USAGE.into()
+            crate::EXIT_ERROR.into()
         }
     }
 }
