@@ -255,8 +255,8 @@ pub use dynprobe_probe::{
 pub mod internals {
     pub use dynprobe_probe::{
         adopt_symbols, current_thread_is_own, current_thread_slot, graph_enter, graph_enter_from_probe, graph_install,
-        graph_position_from_probe, guard_failure, ifunc, light_width, own_thread, place_signal_guards, release_caches,
-        release_signals, set_current_thread_traced, signal_guards_placed, thread_ids, vector_width, GraphEnter,
-        GraphEntry, GraphExit, MAX_DEPTH, MAX_THREADS, RETURNS_TWICE,
+        graph_position_from_probe, guard_failure, ifunc, light_width, own_thread, place_signal_guards, point,
+        release_caches, release_signals, set_current_thread_traced, signal_guards_placed, thread_ids, vector_width,
+        GraphEnter, GraphEntry, GraphExit, MAX_DEPTH, MAX_THREADS, RETURNS_TWICE,
     };
 }

@@ -31,6 +31,7 @@ pub mod ifunc;
 mod location;
 mod optimizer;
 pub mod own_thread;
+pub mod point;
 mod probe;
 mod registry;
 mod retprobe;
@@ -43,6 +44,7 @@ pub use error::ProbeError;
 pub use location::Location;
 pub use optimizer::stop_optimizer;
 pub use own_thread::current_thread_is_own;
+pub use point::RETURNS_TWICE;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 pub use registry::{
     adopt_symbols, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
@@ -51,7 +53,7 @@ pub use registry::{
 pub use retprobe::{
     graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
     GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
-    DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
+    DEFAULT_MAXACTIVE, MAX_DEPTH,
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};

@@ -859,9 +859,6 @@ impl ReturnProbe {
     /// Places the probe. On error nothing in the process has changed (except that the
     /// trampoline, once written, stays).
     pub fn register(self) -> Result<ReturnProbeHandle, ProbeError> {
-        if let Location::SymbolOffset(symbol, offset @ 1..) = &self.location {
-            return Err(ProbeError::ReturnProbeNotAtEntry { symbol: symbol.clone(), offset: *offset });
-        }
         let mut setup = setup()?;
         setup.install()?;
         let index = setup.free_index()?;
@@ -879,8 +876,9 @@ impl ReturnProbe {
         });
         PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
         let for_entry = shared.clone();
-        // Registered disarmed: the function is checked by the name the registry resolved
-        // before any call can be diverted.
+        // Registered disarmed, as a return probe's entry: the registry's resolver refuses a
+        // point away from the function's entry or on a function that returns twice
+        // (`point::resolve`) before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
         let entry = match probe.register() {
@@ -893,7 +891,7 @@ impl ReturnProbe {
                 return Err(e);
             }
         };
-        let armed = refuse_returning_twice(&entry).and_then(|()| if self.enabled { entry.enable() } else { Ok(()) });
+        let armed = if self.enabled { entry.enable() } else { Ok(()) };
         if let Err(e) = armed {
             if entry.unregister().is_ok() {
                 let _ = retire(index);
@@ -902,21 +900,6 @@ impl ReturnProbe {
         }
         Ok(ReturnProbeHandle { entry: Some(entry), shared })
     }
-}
-
-/// Functions that return more than once from one call: the second return would go through
-/// an instance the first one consumed (`setjmp` saves its return address, which by then is
-/// the trampoline's; a `vfork` child returns on the parent's stack and instance stack).
-pub const RETURNS_TWICE: &[&str] =
-    &["setjmp", "_setjmp", "__sigsetjmp", "sigsetjmp", "savectx", "vfork", "__vfork", "getcontext", "__getcontext"];
-
-fn refuse_returning_twice(entry: &ProbeHandle) -> Result<(), ProbeError> {
-    let symbol = entry.info().symbol;
-    let function = symbol.rsplit_once('+').map_or(symbol.as_str(), |(name, _)| name);
-    if RETURNS_TWICE.contains(&function) {
-        return Err(ProbeError::ReturnsTwice { symbol: function.to_string() });
-    }
-    Ok(())
 }
 
 /// Takes a probe out of [`PROBES`] once its entry probe is gone, and frees it when no thread
