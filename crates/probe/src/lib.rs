@@ -51,9 +51,8 @@ pub use registry::{
     wait_for_optimizer,
 };
 pub use retprobe::{
-    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
-    GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
-    DEFAULT_MAXACTIVE, MAX_DEPTH,
+    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, GraphEnter, GraphEntry, GraphExit,
+    InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
@@ -62,6 +61,11 @@ pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREAD
 /// through the C library, whose functions the program may have probed (`p:libc:write`), so
 /// dynprobe's own writes and reads never show up as the program's events or misses.
 pub use dynprobe_text::raw;
+
+/// `CLOCK_MONOTONIC` in nanoseconds, safe in any handler (no lock, no allocation, no
+/// `errno`, never the C library's `clock_gettime`, which may carry the program's own probe):
+/// for timing a call from its entry to its return.
+pub use dynprobe_text::raw::monotonic_ns;
 
 /// Handler runs of every probe kind that panicked, in this process (see
 /// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the

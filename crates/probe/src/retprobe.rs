@@ -81,13 +81,6 @@ impl DerefMut for InstanceData {
     }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the vDSO called directly, safe in any handler (no
-/// lock, no allocation, no `errno`) and never the C library's `clock_gettime`, which may
-/// carry the program's own probe — for timing a call from its entry to its return.
-pub fn monotonic_ns() -> u64 {
-    dynprobe_text::raw::monotonic_ns()
-}
-
 /// An entry handler: may read and change the argument registers and fill the data area;
 /// returns false to not track this call (no return handler runs for it).
 type EntryHandler = Box<dyn Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sync + 'static>;
@@ -239,9 +232,6 @@ impl SlotStack {
     }
 }
 
-/// The SysV ABI's red zone below `rsp`.
-const RED_ZONE: u64 = 128;
-
 /// The instance `probe` index of calls entered by the function-graph tracer.
 const GRAPH: u32 = u32::MAX;
 
@@ -298,7 +288,7 @@ fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
         // its memory may still hold the sled address (probe paths skip the red zone and
         // leave it as it was), so the value check cannot tell; another stack's live frame
         // cannot sit right under ours.
-        let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= RED_ZONE;
+        let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= dynprobe_arch::native::RED_ZONE;
         let abandoned = below.slot_addr == 0 || in_red_zone || (below.slot_addr <= rsp && !diverted());
         if !abandoned {
             if below.slot_addr < rsp {

@@ -67,6 +67,7 @@ use std::time::{Duration, Instant};
 use dynprobe_arch::native::return_stub::{
     build_return_stub, Resume as StubResume, FRAME_ALIGN, NOTIFY_SYSCALL, STUB_MAX, STUB_START, XSAVE_OFFSET,
 };
+use dynprobe_arch::native::RED_ZONE;
 
 use crate::error::Error;
 use crate::memory::Memory;
@@ -75,8 +76,6 @@ use crate::tracee::{resend, Regs, Resume, Stop, Tracee};
 /// `orig_rax` = -1: "not in a system call", so the kernel does not restart the program's
 /// interrupted system call into our code.
 const NO_SYSCALL: u64 = u64::MAX;
-/// The SysV ABI's red zone below `rsp`, which a leaf function may use without moving `rsp`.
-const RED_ZONE: u64 = 128;
 /// `eflags` bits a function must not start with: the direction flag (the ABI wants it
 /// clear) and the trap flag (a single-step in progress).
 const EFLAGS_DF_TF: u64 = 0x400 | 0x100;

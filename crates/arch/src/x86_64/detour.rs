@@ -47,8 +47,9 @@ pub const FRAME_FLAGS: i32 = 120;
 pub const FRAME_RSP: i32 = 128;
 /// Offset of the saved `rip` in the frame.
 pub const FRAME_IP: i32 = 136;
-/// The SysV red zone below `rsp`, which a detour must not touch.
-pub const RED_ZONE: i32 = 128;
+/// The red zone below `rsp` ([`super::RED_ZONE`]), which a detour must not touch, as an
+/// operand offset.
+const RED_ZONE: i32 = super::RED_ZONE as i32;
 /// The flags a detour at a function entry puts in the frame (only IF and the reserved bit).
 const ENTRY_FLAGS: i32 = 0x202;
 /// Offset of the detour's entry (what the probe point's `jmp` targets).

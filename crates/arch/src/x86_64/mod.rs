@@ -29,3 +29,9 @@ pub use classify::{check_out_of_line, Refusal};
 pub use decode::{decode_function, decode_one, instruction_at, signal_syscalls, DecodeError, Flow, Insn};
 pub use encode::{call_rel32, jmp_abs, jmp_any, jmp_rel32, rel32_reaches, INT3, JMP_ABS_LEN, JMP_REL32_LEN, NOP5};
 pub use relocate::{build_post_slot, build_slot, relocate, PostSlot, RelocError, Relocated};
+
+/// The red zone: the 128 bytes below `rsp` that a function may use without moving `rsp`
+/// (System V AMD64 ABI, §3.2.2 "The Stack Frame"), so a leaf function's data may be there at
+/// any instruction. Whatever dynprobe pushes on a thread's stack — a detour's frame, a return
+/// probe's bookkeeping, a call made into another process — goes below it.
+pub const RED_ZONE: u64 = 128;
