@@ -119,7 +119,7 @@ impl fmt::Display for ProbeError {
             ProbeError::Blacklisted { addr, what } => write!(
                 f,
                 "refusing to probe {addr:#x} ({what}): it is part of dynprobe's own probe machinery, \
-                 and a probe there would trap inside the trap handler"
+                 and a probe there would be hit again from inside its own hit, without end"
             ),
             ProbeError::OffsetOutsideFunction { symbol, offset, size } => {
                 write!(f, "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long")

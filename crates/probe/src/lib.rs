@@ -46,6 +46,8 @@ pub use optimizer::stop_optimizer;
 pub use own_thread::current_thread_is_own;
 pub use point::RETURNS_TWICE;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
+#[doc(hidden)]
+pub use registry::BLACKLISTED_CODE;
 pub use registry::{
     adopt_symbols, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
     wait_for_optimizer,

@@ -25,9 +25,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Demangled-name prefixes of dynprobe's own code, on which probes are refused. (A probe on
-/// the trap path would trap inside the trap handler.)
-pub(crate) const BLACKLISTED_CODE: &[&str] =
+/// Demangled-name prefixes of dynprobe's own code, on which probes are refused: the crates
+/// whose code runs on the way from a probe hit to its handler and back — the `SIGTRAP`
+/// dispatcher and out-of-line execution (text), the site lookup and handler calls (probe),
+/// detours and trampolines (arch), the function-graph tracer's entry and exit (ftrace) and
+/// the event writers (events). A probe there would be hit again from inside its own hit,
+/// before the handler guard that counts a nested hit as missed is taken: the dispatcher runs
+/// with `SA_NODEFER` (text/src/trap.rs), so it would be entered again at the same probe, and
+/// again, until the thread's stack overflows. The test
+/// `every_crate_on_the_trap_path_is_blacklisted` (tests/breakpoint.rs) walks that path.
+#[doc(hidden)]
+pub const BLACKLISTED_CODE: &[&str] =
     &["dynprobe_probe::", "dynprobe_text::", "dynprobe_arch::", "dynprobe_ftrace::", "dynprobe_events::"];
 /// C library functions on the signal path itself (the `sigreturn` trampoline), and the
 /// C library's internal cancellation switches, which every cancellable system-call
