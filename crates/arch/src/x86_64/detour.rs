@@ -1,4 +1,5 @@
-//! The detour buffer of a jump-optimized probe (seed 004 §1.4.1): where the `jmp` written
+//! The detour buffer of a jump-optimized probe (the kernel's optprobe detour buffer:
+//! Documentation/trace/kprobes.rst, "Preparing Detour Buffer"): where the `jmp` written
 //! over the probe point leads.
 //!
 //! ```text

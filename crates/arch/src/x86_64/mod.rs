@@ -4,7 +4,8 @@
 //! * [`classify`]: may this instruction run out of line, and if not, why not.
 //! * [`relocate`](mod@relocate): the bytes of a run of instructions moved to a new address, with the map
 //!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
-//! * [`optimize`]: may a probe point be covered by a detour jump (the checks of seed 004 §1.4.2).
+//! * [`optimize`]: may a probe point be covered by a detour jump (the kernel's "Safety Check",
+//!   Documentation/trace/kprobes.rst).
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`trampoline`]: the code a return probe's trampoline runs.
 //! * [`ftrace`]: the code a traced function's entry site calls.

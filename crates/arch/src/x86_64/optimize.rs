@@ -1,6 +1,7 @@
 //! May the instructions at a probe point be replaced by a 5-byte `jmp rel32` to a detour?
-//! The safety checks of the jump-optimization seed (§1.4.2), done by decoding the whole
-//! function:
+//! The safety checks of the kernel's jump optimization (Documentation/trace/kprobes.rst,
+//! "Safety Check"; `can_optimize()` in arch/x86/kernel/kprobes/opt.c), done by decoding the
+//! whole function:
 //!
 //! ```text
 //!   function:  ... | i0 | i1 |  i2  | ...        covered run: i0 i1 i2 (>= 5 bytes)

@@ -10,9 +10,10 @@
 //! protocol with the other threads stopped, the NOP becoming a jump to a detour that calls
 //! the handler — and [`MarkerHandle::detach`] puts the NOPs back.
 //!
-//! This is the idea of the kernel's markers in the seed `kprobes-xmc-markers`, whose enable
-//! state was an immediate patched into the code with an int3 first; here the whole NOP is
-//! the switch, patched through the probe layer.
+//! This is the idea of the kernel's static keys (Documentation/staging/static-keys.rst,
+//! successors of its markers): a NOP in the code that becomes a jump when enabled, written
+//! int3 first (arch/x86/kernel/jump_label.c); here the whole NOP is the switch, patched
+//! through the probe layer.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
