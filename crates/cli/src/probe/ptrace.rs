@@ -111,9 +111,7 @@ impl TracerEnd {
     /// `None` if it ended by itself.
     pub fn death(&self, target: &str) -> Option<String> {
         let TracerEnd::Killed { pid, signal } = *self else { return None };
-        // SAFETY: strsignal returns a NUL-terminated string valid until the next call on
-        // this thread; it is copied at once.
-        let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) }.to_string_lossy().into_owned();
+        let name = super::signal_name(signal);
         Some(format!(
             "the ptrace tracer (pid {pid}) was killed by signal {signal} ({name}), so no more events come; \
              {target} runs on: the SIGTRAP handler dynprobe left in it runs each probe hit through its \

@@ -217,8 +217,7 @@ impl OutputDir {
                          choose another directory with -o DIR"
                     ));
                 }
-                // SAFETY: geteuid cannot fail.
-                if meta.uid() == unsafe { libc::geteuid() } {
+                if meta.uid() == rustix::process::geteuid().as_raw() {
                     fs::set_permissions(dir, fs::Permissions::from_mode(files::DIR_MODE))
                         .map_err(|e| format!("cannot make `{shown}` private: {e}"))?;
                 }
