@@ -58,8 +58,8 @@ struct Cli {
 enum Command {
     /// Measure the per-hit cost of dynprobe's probes beside the kernel's uprobes.
     #[command(after_help = after_help(
-        "  dynprobe bench                          every row, as a table
-  dynprobe bench --rows optimized-entry --json",
+        "  dynprobe bench                               every row, as a table
+  dynprobe bench --rows optimized-probe --json  one row (and its baselines), as JSON",
         EXIT_STATUS_OWN,
     ))]
     Bench(bench::BenchArgs),
@@ -73,15 +73,15 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a program and record every call of its functions into a trace directory.
     #[command(after_help = after_help(
-        "  dynprobe record -- ./prog args                      every function of ./prog
-  dynprobe record -F 'parse_*' -N parse_header -F 'libc:malloc' -o trace.d -- ./server --port 8080
-  dynprobe record -M 'app:*' --depth 8 -- ./prog       markers too, calls 8 deep",
+        "  dynprobe record -- ./prog args               every function of ./prog
+  dynprobe record -M 'app:*' --depth 8 -- ./prog  markers too, calls 8 deep
+  dynprobe record -F 'parse_*' -N parse_header -F 'libc:malloc' -o trace.d -- ./server --port 8080",
         EXIT_STATUS,
     ))]
     Record(record::RecordArgs),
     /// Show a recorded trace as a call graph with durations, like the kernel's function_graph.
     #[command(after_help = after_help(
-        "  dynprobe replay                                 the trace in ./dynprobe.data
+        "  dynprobe replay            the trace in ./dynprobe.data
   dynprobe replay trace.d --tid 4242 --time-filter 1us -F 'parse_*'",
         EXIT_STATUS_OWN,
     ))]
@@ -91,15 +91,15 @@ enum Command {
     Report(trace::report::ReportArgs),
     /// Write a recorded trace as Chrome trace-event JSON (Perfetto) or folded stacks (flame graphs).
     #[command(after_help = after_help(
-        "  dynprobe export --chrome out.json trace.d       open in ui.perfetto.dev
+        "  dynprobe export --chrome out.json trace.d  open in ui.perfetto.dev
   dynprobe export --folded - trace.d | flamegraph.pl > calls.svg",
         EXIT_STATUS_OWN,
     ))]
     Export(trace::export::ExportArgs),
     /// List the static markers (dynprobe's and SDT/USDT probes) of a program or a process.
     #[command(after_help = after_help(
-        "  dynprobe list-markers ./server                  link-time addresses
-  dynprobe list-markers -p 4242                    every module of a running process",
+        "  dynprobe list-markers ./server   link-time addresses
+  dynprobe list-markers -p 4242    every module of a running process",
         EXIT_STATUS_OWN,
     ))]
     ListMarkers(markers::ListMarkersArgs),
