@@ -313,15 +313,9 @@ impl ControlSocket {
     /// directories that killed runs left are swept first (see [`sweep_stale`]).
     fn listen(pid: i32) -> Result<ControlSocket, String> {
         sweep_stale(&std::env::temp_dir());
-        let template = std::env::temp_dir().join(format!("{DIR_PREFIX}XXXXXX"));
-        let mut template =
-            CString::new(template.as_os_str().as_bytes()).map_err(|e| e.to_string())?.into_bytes_with_nul();
-        // SAFETY: mkdtemp rewrites the XXXXXX of the NUL-terminated buffer in place.
-        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-            return Err(format!("cannot make a directory for the control socket: {}", io::Error::last_os_error()));
-        }
-        template.pop();
-        let dir = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(template));
+        let dir = dynprobe_events::files::PrivateDir::new_in(&std::env::temp_dir(), DIR_PREFIX)
+            .map_err(|e| format!("cannot make a directory for the control socket: {e}"))?
+            .into_path();
         let socket = ControlSocket::bind(dir.clone(), pid);
         if socket.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
