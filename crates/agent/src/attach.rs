@@ -46,7 +46,7 @@
 //! to return through the return trampoline), and the library stays loaded, unused, for a
 //! later session to unload. No thread of the agent's outlives the session (the session thread, the
 //! optimizer, the `dlopen` watcher), and none of them is ever seen by a probe: they are
-//! dynprobe's own threads (`dynprobe::own_thread`), told apart by their stacks from their
+//! dynprobe's own threads (`dynprobe_probe::own_thread`), told apart by their stacks from their
 //! first instruction.
 //!
 //! Only the user who attached may control the session: the socket lives in a directory
@@ -64,7 +64,7 @@ use std::sync::{Arc, Mutex};
 /// Whether a session is running: one at a time.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The running session's thread, which hands itself over to be joined at its end.
-static SESSION_THREAD: Mutex<Option<dynprobe::own_thread::OwnThread>> = Mutex::new(None);
+static SESSION_THREAD: Mutex<Option<dynprobe_probe::own_thread::OwnThread>> = Mutex::new(None);
 /// Loads of this library (`dlopen`s by an attaching CLI) that no `dlclose` undid: sessions
 /// whose CLI went away, or that had to keep the library. The next CLI that can unload it
 /// undoes them all.
@@ -115,7 +115,7 @@ fn start_session(socket: *const c_char) -> c_int {
         // Held until the handle is stored: the session takes it back at its end.
         let mut thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner());
         let started = connect(path).and_then(|socket| {
-            dynprobe::own_thread::spawn(c"dynprobe-attach", move || session(socket))
+            dynprobe_probe::own_thread::spawn(c"dynprobe-attach", move || session(socket))
                 .map(|handle| *thread = Some(handle))
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
         });
@@ -183,7 +183,7 @@ fn errno() -> c_int {
 /// The session thread: places the probes, serves the socket, and removes every probe
 /// when the CLI says `detach` or goes away.
 fn session(socket: OwnedFd) {
-    dynprobe::set_current_thread_traced(false);
+    dynprobe_probe::set_current_thread_traced(false);
     LOST.store(0, Ordering::Relaxed);
     let control = Control { fd: socket.as_raw_fd() };
     let detach_asked = first_message(&control).is_some_and(|setup| run(&control, setup));
@@ -440,8 +440,8 @@ fn retry_removal(set: &Mutex<ProbeSet>, control: &Control) {
 /// Whether some thread of this process blocks the text layer's stop signal now.
 fn stop_signal_blocked() -> bool {
     let bit = 1u64 << (dynprobe::stop_signal() - 1);
-    let Ok(tids) = dynprobe::thread_ids() else { return false };
-    tids.into_iter().any(|tid| dynprobe::blocked_signals(tid).is_some_and(|mask| mask & bit != 0))
+    let Ok(tids) = dynprobe_probe::thread_ids() else { return false };
+    tids.into_iter().any(|tid| dynprobe_probe::blocked_signals(tid).is_some_and(|mask| mask & bit != 0))
 }
 
 /// Gives `SIGTRAP` back to the program with the guards, once no probe is `left`; probes

@@ -8,8 +8,8 @@
 //! return handler runs from the return trampoline, not a signal handler, so the watcher's
 //! stop of the other threads (to patch code) reaches it while it waits.
 
-use dynprobe::own_thread::OwnThread;
 use dynprobe::ReturnProbeHandle;
+use dynprobe_probe::own_thread::OwnThread;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -76,7 +76,7 @@ pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, 
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     // One of dynprobe's own threads: no probe sees it, from its first instruction on.
-    let spawned = dynprobe::own_thread::spawn(c"dynprobe-dlopen", move || {
+    let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-dlopen", move || {
         while wait_for_change(&read) {
             let requested = REQUESTED.load(Ordering::Acquire);
             on_load();

@@ -25,8 +25,8 @@
 //! program the started one (or any child of it) `exec`s is probed too, into the same socket
 //! (`bash -c 'exec …'`, `env`, `nice`, `timeout`, a pyenv shim). Only the first image's
 //! refusals are fatal (it finds and removes `DYNPROBE_FIRST_IMAGE`); a later image places
-//! each spec it can and reports the others as `!warning probe `<spec>` is not placed in
-//! `<exe>` (exec'd): <why>`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
+//! each spec it can and reports the others as `!warning probe SPEC is not placed in
+//! EXE (exec'd): WHY`. `DYNPROBE_EVENT_PIPE` (the channel's inode number) lets a later
 //! image check that its descriptor is still the socket: a program may have closed it first.
 //!
 //! With `DYNPROBE_RECORD` set instead, the agent traces functions for `dynprobe record`
@@ -80,14 +80,14 @@ extern "C" fn init() {
     let paused = ProfTimerPause::new();
     // The agent's own calls on the program's main thread (allocations, reading symbol
     // tables, the optimizer's pass) are not the program's: no probe sees them.
-    dynprobe::own_thread::set_current_thread_hidden(true);
+    dynprobe_probe::own_thread::set_current_thread_hidden(true);
     let result = std::panic::catch_unwind(|| {
         if preloaded() {
             start();
             carry_environment();
         }
     });
-    dynprobe::own_thread::set_current_thread_hidden(false);
+    dynprobe_probe::own_thread::set_current_thread_hidden(false);
     drop(paused);
     if result.is_err() {
         eprintln!("dynprobe agent: internal error while placing probes");
@@ -238,7 +238,7 @@ const SETTINGS: [&str; 10] = [
 /// `getenv` and children see no trace of dynprobe. Only with the guards in place: without
 /// the `execve` guard the variables must stay for the `exec`s to inherit.
 fn carry_environment() {
-    if !dynprobe::signal_guards_placed() || dynprobe::guard_failure().is_some() {
+    if !dynprobe_probe::signal_guards_placed() || dynprobe_probe::guard_failure().is_some() {
         return;
     }
     let Some(agent) = own_path() else { return };
@@ -256,7 +256,7 @@ fn carry_environment() {
             std::ffi::CString::new(entry).ok()
         })
         .collect();
-    dynprobe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"));
+    dynprobe_probe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"));
     for (name, value) in &ours {
         if name != "LD_PRELOAD" {
             take_env(name);

@@ -4,7 +4,8 @@
 //! `dynprobe probe` with two argument-fetching probes. Each step prints the command a user
 //! would type.
 
-use crate::probe::{probe, OutputArgs, EXIT_USAGE};
+use crate::probe::{probe, OutputArgs};
+use crate::EXIT_ERROR;
 use std::ffi::OsString;
 use std::process::{Command, ExitCode};
 
@@ -36,7 +37,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
-            ExitCode::from(EXIT_USAGE)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Command-line tests of `dynprobe record`, `replay`, `report` and `export`: their error
-//! paths, and the three readers on a trace written by the real recorder from ring files
-//! made here the way the agent makes them (so no agent is needed).
+//! Command-line tests: the `--help` of every subcommand and the exit-status convention
+//! they share; `dynprobe record`, `replay`, `report` and `export`'s error paths, and the
+//! three readers on a trace written by the real recorder from ring files made here the way
+//! the agent makes them (so no agent is needed).
 
 use dynprobe_events::clock::Clock;
 use dynprobe_events::record::{Kind, Record};
@@ -370,4 +371,65 @@ fn a_cut_or_missing_thread_file_is_said_loudly_and_the_rest_shown() {
 
     std::fs::remove_file(&a).unwrap();
     readers_fail(&dir, &format!("nothing left to show in {dir_text}: "));
+}
+
+/// The subcommands, as `dynprobe --help` lists them.
+const SUBCOMMANDS: [&str; 8] = ["bench", "probe", "demo", "record", "replay", "report", "export", "list-markers"];
+
+#[test]
+fn every_subcommand_help_has_examples_and_the_exit_statuses() {
+    let top = dynprobe(&["--help"]);
+    assert_eq!(top.status.code(), Some(0));
+    let listed = text(&top.stdout);
+    for sub in SUBCOMMANDS {
+        assert!(listed.contains(&format!("  {sub} ")), "`dynprobe --help` lists {sub}:\n{listed}");
+        for flag in ["-h", "--help"] {
+            let out = dynprobe(&[sub, flag]);
+            let help = text(&out.stdout);
+            assert_eq!(out.status.code(), Some(0), "{sub} {flag}: {}", text(&out.stderr));
+            let examples = help.split("Examples:\n").nth(1).unwrap_or_else(|| panic!("{sub} {flag}:\n{help}"));
+            assert!(examples.starts_with(&format!("  dynprobe {sub}")), "{sub} {flag}:\n{help}");
+            assert!(help.contains("Exit status:\n  0 "), "{sub} {flag}:\n{help}");
+            assert!(help.contains("\n  2    dynprobe's own error"), "{sub} {flag}:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn probe_help_documents_every_keyword_of_the_spec_grammar() {
+    let out = dynprobe(&["probe", "--help"]);
+    let help = text(&out.stdout);
+    let keywords = dynprobe::spec::keywords();
+    // The list is the parser's: these are among the keywords it knows.
+    for known in ["$retval", "$stackN", "$comm", "$duration", "@[MODULE:]SYMBOL", "+OFF(FETCHARG)", "r[N][:", "string"]
+    {
+        assert!(keywords.iter().any(|k| k == known), "{known} in {keywords:?}");
+    }
+    let missing: Vec<&String> = keywords.iter().filter(|k| !help.contains(k.as_str())).collect();
+    assert!(missing.is_empty(), "`probe --help` does not name {missing:?}:\n{help}");
+    // `-h` is the summary, and says where the grammar is.
+    let short = text(&dynprobe(&["probe", "-h"]).stdout);
+    assert!(!short.contains("$duration   nanoseconds") && short.contains("`--help` shows the whole spec grammar"));
+}
+
+#[test]
+fn dynprobe_errors_exit_with_2_in_every_subcommand() {
+    let missing = scratch("exit-2").join("no-such-file");
+    let missing = missing.to_str().unwrap();
+    // A command line clap refuses.
+    let stderr = failed(&dynprobe(&["replay", "--no-such-option"]));
+    assert!(stderr.contains("--no-such-option"), "{stderr}");
+    // Each subcommand's own error.
+    let stderr = failed(&dynprobe(&["list-markers", missing]));
+    assert!(stderr.contains("no-such-file"), "{stderr}");
+    let stderr = failed(&dynprobe(&["bench", "--rows", "no-such-row"]));
+    assert!(stderr.contains("no-such-row"), "{stderr}");
+    let stderr = failed(&dynprobe(&["probe", "p:work x=%rdz", "--", "true"]));
+    assert!(stderr.contains("unknown register `rdz`"), "{stderr}");
+    let stderr = failed(&dynprobe(&["record", "--", missing]));
+    assert!(stderr.contains("no such program"), "{stderr}");
+    for reader in ["replay", "report"] {
+        let stderr = failed(&dynprobe(&[reader, missing]));
+        assert!(stderr.contains("no-such-file"), "{reader}: {stderr}");
+    }
 }

@@ -1,27 +1,8 @@
 //! The probe-spec grammar of `dynprobe probe`, modelled on the kernel's `kprobe_events` and
 //! `uprobe_events`.
 //!
-//! ```text
-//! p[:[GROUP/]EVENT] [MODULE:]SYMBOL[+OFFSET]|0xADDR [NAME=FETCHARG[:TYPE]]...
-//! r[MAXACTIVE][:[GROUP/]EVENT] [MODULE:]SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...
-//! m[:[GROUP/]EVENT] PROVIDER:NAME [NAME=FETCHARG[:TYPE]]...
+#![doc = concat!("```text\n", include_str!("spec_grammar.txt"), "```")]
 //!
-//! FETCHARG  %REG        a register: %rax..%r15, %rip (%ip), %rsp, %rflags; kernel names
-//!                       such as %ax or %di work too
-//!           $argN       the Nth integer argument of a function (1-based, N = 1..6)
-//!           $retval     the return value (r only)
-//!           $stackN     the Nth 8-byte slot on the stack (N from 0: at a function's entry
-//!                       $stack0 is the return address)
-//!           $stack      the stack pointer
-//!           $comm       the name of the thread that hit the probe (a string)
-//!           $duration   nanoseconds from the function's entry to its return (r only)
-//!           @ADDR       the memory at ADDR (a number, 0x... for hex)
-//!           @[MODULE:]SYMBOL[+|-OFF]   the memory at a symbol (a global variable)
-//!           +|-OFF(FETCHARG)           the memory at FETCHARG + OFF; nests:
-//!                                      +8(+0($arg1)), and may be written +uOFF(...)
-//! TYPE      u8 u16 u32 u64 (decimal, the default), s8..s64 (signed), x8..x64 (hex),
-//!           string, ustring (a NUL-terminated string, read up to STRING_MAX bytes)
-//! ```
 //!
 //! What the kernel does, this does:
 //!
@@ -40,7 +21,7 @@
 //! - An event is named after its location unless named: `SYMBOL` for `p` and
 //!   `SYMBOL__return` for `r` (as `perf probe` names them), `p_SYMBOL_OFFSET` for an offset,
 //!   `p_0xADDR` / `r_0xADDR` for an address.
-//! - `m` probes a static marker ([`crate::marker`]): every site of `PROVIDER:NAME`, where
+//! - `m` probes a static marker ([`crate::marker`](mod@crate::marker)): every site of `PROVIDER:NAME`, where
 //!   either part may be `*` (every provider, every name). Without fields, an event shows
 //!   every argument of the marker, `arg1`..`argN`, typed by the site's record; with fields,
 //!   `$argN` is the marker's Nth argument where the site keeps it (a register or a stack
@@ -78,7 +59,8 @@
 //! assert_eq!(err.to_string(), "`$retval` is only available in return probes (r:) at column 11");
 //! ```
 
-use crate::{Location, MAX_DEPTH};
+use crate::internals::MAX_DEPTH;
+use crate::Location;
 use std::fmt;
 
 /// One parsed probe spec.
@@ -297,6 +279,66 @@ pub const MAX_DEREF: usize = 8;
 /// at its `MAX_STRING_SIZE`.
 pub const STRING_MAX: usize = 256;
 
+/// The grammar as `dynprobe probe --help` shows it (and this module's documentation).
+/// [`keywords`] lists what it must name.
+pub const GRAMMAR: &str = include_str!("spec_grammar.txt");
+
+/// Every type a fetch argument may name: the parser reads a type by finding its name here.
+pub const TYPES: [FetchType; 14] = [
+    FetchType::Int(IntType { format: Format::Unsigned, bits: 8 }),
+    FetchType::Int(IntType { format: Format::Unsigned, bits: 16 }),
+    FetchType::Int(IntType { format: Format::Unsigned, bits: 32 }),
+    FetchType::Int(IntType::U64),
+    FetchType::Int(IntType { format: Format::Signed, bits: 8 }),
+    FetchType::Int(IntType { format: Format::Signed, bits: 16 }),
+    FetchType::Int(IntType { format: Format::Signed, bits: 32 }),
+    FetchType::Int(IntType { format: Format::Signed, bits: 64 }),
+    FetchType::Int(IntType { format: Format::Hex, bits: 8 }),
+    FetchType::Int(IntType { format: Format::Hex, bits: 16 }),
+    FetchType::Int(IntType { format: Format::Hex, bits: 32 }),
+    FetchType::Int(IntType { format: Format::Hex, bits: 64 }),
+    FetchType::String,
+    FetchType::UString,
+];
+
+/// The `$` variables with a fixed name, as the parser knows them: the name after `$`, what
+/// it fetches, and whether only a return probe has it.
+const NAMED_VARIABLES: [(&str, Fetch, bool); 4] = [
+    ("retval", Fetch::Retval, true),
+    ("duration", Fetch::Duration, true),
+    ("comm", Fetch::Comm, false),
+    ("stack", Fetch::StackPointer, false),
+];
+
+/// The `$` variables that take a number after their name (`$arg1`, `$stack0`).
+const NUMBERED_VARIABLES: [&str; 2] = ["arg", "stack"];
+
+/// What a fetch argument may start with, as the parser dispatches on its first character:
+/// a register, a variable, a memory fetch at an address or a symbol, a memory fetch
+/// relative to another fetch argument.
+const FETCH_FORMS: [&str; 6] = ["%REG", "$", "@ADDR", "@[MODULE:]SYMBOL", "+OFF(FETCHARG)", "-OFF("];
+
+/// The start of each probe kind as [`GRAMMAR`] writes it (`r[N]`: the `maxactive` N).
+const KINDS: [&str; 3] = ["p[:", "r[N][:", "m[:"];
+
+/// Every keyword of the grammar the parser accepts, as a user writes it — each probe kind,
+/// each form of a fetch argument, each `$` variable, each type — for documentation to be
+/// checked against, so that it cannot fall behind the parser. [`GRAMMAR`] names them all.
+///
+/// ```
+/// for keyword in dynprobe::spec::keywords() {
+///     assert!(dynprobe::spec::GRAMMAR.contains(&keyword), "{keyword}");
+/// }
+/// ```
+pub fn keywords() -> Vec<String> {
+    let kinds = KINDS.iter().map(|k| k.to_string());
+    let forms = FETCH_FORMS.iter().filter(|f| **f != "$").map(|f| f.to_string());
+    let named = NAMED_VARIABLES.iter().map(|(name, ..)| format!("${name}"));
+    let numbered = NUMBERED_VARIABLES.iter().map(|name| format!("${name}N"));
+    let types = TYPES.iter().map(|t| t.to_string());
+    kinds.chain(forms).chain(named).chain(numbered).chain(types).chain(["+uOFF(".to_string()]).collect()
+}
+
 /// How a fetched value is read and printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchType {
@@ -382,6 +424,7 @@ impl fmt::Display for IntType {
 
 /// A syntax error in a probe spec, with the column it was found at.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SpecError {
     /// The spec.
     pub spec: String,
@@ -809,20 +852,17 @@ impl<'a> Parser<'a> {
                 Err(self.error(word.start, format!("`${}` is only available in return probes (r:)", word.text)))
             }
         };
-        match word.text {
-            "retval" => return return_only(Fetch::Retval),
-            "duration" => return return_only(Fetch::Duration),
-            "comm" => return Ok(Fetch::Comm),
-            "stack" => return Ok(Fetch::StackPointer),
-            _ => {}
+        if let Some((_, fetch, only_at_return)) = NAMED_VARIABLES.iter().find(|(name, ..)| *name == word.text) {
+            return if *only_at_return { return_only(fetch.clone()) } else { Ok(fetch.clone()) };
         }
-        if let Some(n) = word.text.strip_prefix("stack").filter(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+        let [arg, stack] = NUMBERED_VARIABLES;
+        if let Some(n) = word.text.strip_prefix(stack).filter(|n| n.bytes().all(|b| b.is_ascii_digit())) {
             return n
                 .parse::<u32>()
                 .map(Fetch::Stack)
                 .map_err(|_| self.error(word.start, format!("stack slot `{n}` is too large")));
         }
-        if let Some(n) = word.text.strip_prefix("arg").filter(|n| !n.is_empty()) {
+        if let Some(n) = word.text.strip_prefix(arg).filter(|n| !n.is_empty()) {
             return match n.parse::<u8>() {
                 Ok(n @ 1..=MAX_ARG) => Ok(Fetch::Arg(n)),
                 Ok(0) => Err(self.error(word.start, "arguments count from 1: `$arg1` is the first")),
@@ -950,22 +990,9 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// A type's name: `u8`..`x64`, `string`, `ustring`.
+/// A type's name: `u8`..`x64`, `string`, `ustring` ([`TYPES`]).
 fn parse_type(text: &str) -> Option<FetchType> {
-    match text {
-        "string" => return Some(FetchType::String),
-        "ustring" => return Some(FetchType::UString),
-        _ => {}
-    }
-    let mut chars = text.chars();
-    let format = match chars.next()? {
-        'u' => Format::Unsigned,
-        's' => Format::Signed,
-        'x' => Format::Hex,
-        _ => return None,
-    };
-    let bits = chars.as_str().parse::<u8>().ok().filter(|b| [8, 16, 32, 64].contains(b))?;
-    Some(FetchType::Int(IntType { format, bits }))
+    TYPES.into_iter().find(|ty| ty.to_string() == text)
 }
 
 /// The kernel's default event name and group: the symbol for an offset of 0

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 /// An error of this crate; each names the file and what is wrong with it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum EventsError {
     /// A system call on `path` failed.
     Io {

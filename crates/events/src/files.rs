@@ -60,6 +60,11 @@ impl PrivateDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Keeps the directory past this value: its path, for an owner that removes it itself.
+    pub fn into_path(self) -> PathBuf {
+        std::mem::take(&mut std::mem::ManuallyDrop::new(self).path)
+    }
 }
 
 impl Drop for PrivateDir {

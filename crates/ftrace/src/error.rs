@@ -4,6 +4,7 @@ use std::fmt;
 
 /// An error of the function tracer.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum FtraceError {
     /// An `-F` pattern matched no function.
     NoMatch {
@@ -49,7 +50,18 @@ impl fmt::Display for FtraceError {
     }
 }
 
-impl std::error::Error for FtraceError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for FtraceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FtraceError::Symbols(e) => Some(e),
+            FtraceError::Text(e) => Some(e),
+            FtraceError::Probe(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<dynprobe_symbols::SymbolError> for FtraceError {
     fn from(e: dynprobe_symbols::SymbolError) -> Self {

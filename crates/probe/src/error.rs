@@ -7,7 +7,21 @@ use std::fmt;
 
 /// Why a probe could not be registered, changed or removed. A refused registration leaves
 /// the process exactly as it was.
+///
+/// Its message is complete on its own; where it wraps the error of a lower layer (the
+/// symbol tables, the decoder, the code writer), [`source`](std::error::Error::source) gives
+/// that error too.
+///
+/// ```
+/// # extern crate dynprobe_probe as dynprobe;
+/// use std::error::Error;
+/// let err = dynprobe::Probe::at("no_such_function_here").on_hit(|_| {}).register().unwrap_err();
+/// assert!(err.to_string().contains("no_such_function_here"), "{err}");
+/// assert!(matches!(err, dynprobe::ProbeError::Symbol(_)));
+/// assert_eq!(err.source().map(|cause| cause.to_string()), Some(err.to_string()));
+/// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ProbeError {
     /// The symbol or module is unknown, or the symbol tables could not be read.
     Symbol(SymbolError),
@@ -105,7 +119,7 @@ impl fmt::Display for ProbeError {
             ProbeError::Blacklisted { addr, what } => write!(
                 f,
                 "refusing to probe {addr:#x} ({what}): it is part of dynprobe's own probe machinery, \
-                 and a probe there would trap inside the trap handler"
+                 and a probe there would be hit again from inside its own hit, without end"
             ),
             ProbeError::OffsetOutsideFunction { symbol, offset, size } => {
                 write!(f, "offset {offset:#x} is outside `{symbol}`, which is {size:#x} bytes long")
@@ -150,7 +164,19 @@ impl fmt::Display for ProbeError {
     }
 }
 
-impl std::error::Error for ProbeError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for ProbeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProbeError::Symbol(e) => Some(e),
+            ProbeError::Decode(e) => Some(e),
+            ProbeError::NotRelocatable(e) => Some(e),
+            ProbeError::Text(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<SymbolError> for ProbeError {
     fn from(e: SymbolError) -> Self {

@@ -1,4 +1,5 @@
-//! kprobes for a Linux process.
+//! kprobes for a Linux process: the engine behind the `dynprobe` crate, which is the one to
+//! depend on (it re-exports what a program needs from here, under the same names).
 //!
 //! A [`Probe`] placed at any instruction of the process — a function entry, a symbol plus
 //! offset, an address — runs a pre-handler (and optionally a post-handler) with the thread's
@@ -10,11 +11,12 @@
 //! nanoseconds. A [`ReturnProbe`] adds a handler that runs when the probed function returns.
 //!
 //! ```no_run
-//! use dynprobe_probe::{sym, Probe};
+//! # extern crate dynprobe_probe as dynprobe;
+//! use dynprobe::{sym, Probe};
 //! let probe = Probe::at(sym!("work")).on_hit(|regs| regs.set_arg(0, 42)).register()?;
 //! // every call of work(x) now runs as work(42)
 //! probe.unregister()?;
-//! # Ok::<(), dynprobe_probe::ProbeError>(())
+//! # Ok::<(), dynprobe::ProbeError>(())
 //! ```
 //!
 //! Generic logic lives in `registry`, `site`, `optimizer`, `retprobe` and `thread_slot`; what
@@ -30,6 +32,7 @@ pub mod ifunc;
 mod location;
 mod optimizer;
 pub mod own_thread;
+pub mod point;
 mod probe;
 mod registry;
 mod retprobe;
@@ -43,15 +46,17 @@ pub use exec_env::{carry_into_exec, exec_environment_carried};
 pub use location::Location;
 pub use optimizer::stop_optimizer;
 pub use own_thread::current_thread_is_own;
+pub use point::RETURNS_TWICE;
 pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
+#[doc(hidden)]
+pub use registry::BLACKLISTED_CODE;
 pub use registry::{
     adopt_symbols, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
     wait_for_optimizer,
 };
 pub use retprobe::{
-    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, monotonic_ns, GraphEnter,
-    GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
-    DEFAULT_MAXACTIVE, MAX_DEPTH, RETURNS_TWICE,
+    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, GraphEnter, GraphEntry, GraphExit,
+    InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
@@ -60,6 +65,11 @@ pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREAD
 /// through the C library, whose functions the program may have probed (`p:libc:write`), so
 /// dynprobe's own writes and reads never show up as the program's events or misses.
 pub use dynprobe_text::raw;
+
+/// `CLOCK_MONOTONIC` in nanoseconds, safe in any handler (no lock, no allocation, no
+/// `errno`, never the C library's `clock_gettime`, which may carry the program's own probe):
+/// for timing a call from its entry to its return.
+pub use dynprobe_text::raw::monotonic_ns;
 
 /// Handler runs of every probe kind that panicked, in this process (see
 /// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the

@@ -5,7 +5,8 @@
 /// Symbols may name a module: `"libc:malloc"`. Strings convert with [`Location::parse`]:
 ///
 /// ```
-/// # use dynprobe_probe::Location;
+/// # extern crate dynprobe_probe as dynprobe;
+/// # use dynprobe::Location;
 /// assert_eq!(Location::parse("work"), Location::Symbol("work".into()));
 /// assert_eq!(Location::parse("work+0x8"), Location::SymbolOffset("work".into(), 8));
 /// assert_eq!(Location::parse("0x401126"), Location::Address(0x401126));
@@ -59,7 +60,8 @@ impl From<u64> for Location {
 /// `sym!("libc:malloc")`, `sym!("work", 4)`.
 ///
 /// ```
-/// # use dynprobe_probe::{sym, Location};
+/// # extern crate dynprobe_probe as dynprobe;
+/// # use dynprobe::{sym, Location};
 /// assert_eq!(sym!("work"), Location::Symbol("work".into()));
 /// assert_eq!(sym!("work", 4), Location::SymbolOffset("work".into(), 4));
 /// ```

@@ -78,6 +78,7 @@ pub fn set_current_thread_hidden(hidden: bool) {
 
 /// A running own thread; [`OwnThread::join`] waits for it and frees its stack.
 #[derive(Debug)]
+#[must_use = "an own thread must be joined, kept or detached: dropped, it is never joined and its stack stays mapped"]
 pub struct OwnThread {
     thread: libc::pthread_t,
     entry: usize,
@@ -92,7 +93,7 @@ unsafe impl Send for OwnThread {}
 
 /// Starts `f` on a new own thread named `name` (the kernel keeps 15 bytes of it:
 /// `prctl(2)` `PR_SET_NAME`). Fails with the error of `mmap` or `pthread_create`, or
-/// `EAGAIN` when [`MAX_OWN`] own threads already run.
+/// `EAGAIN` when `MAX_OWN` own threads already run.
 pub fn spawn(name: &'static CStr, f: impl FnOnce() + Send + 'static) -> io::Result<OwnThread> {
     let size = stack_size();
     let stack = map_stack(size)?;

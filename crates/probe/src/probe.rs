@@ -71,7 +71,8 @@ impl ProbeShared {
 /// A probe to be registered: where, and what runs when a thread reaches it.
 ///
 /// ```no_run
-/// use dynprobe_probe::{sym, Probe};
+/// # extern crate dynprobe_probe as dynprobe;
+/// use dynprobe::{sym, Probe};
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// static LAST_ARG: AtomicU64 = AtomicU64::new(0);
 /// let probe = Probe::at(sym!("work"))
@@ -80,8 +81,9 @@ impl ProbeShared {
 /// // ... the program runs; every call of `work` stores its first argument ...
 /// println!("{} hits, {} missed", probe.hits(), probe.nmissed());
 /// probe.unregister()?;
-/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
+#[must_use = "a probe is placed only by `.register()`"]
 pub struct Probe {
     pub(crate) location: Location,
     pub(crate) pre: Option<Handler>,
@@ -156,6 +158,7 @@ impl Probe {
 
 /// A registered probe. Dropping it unregisters the probe (use [`ProbeHandle::leak`] to keep
 /// it for the life of the process).
+#[must_use = "dropping the handle unregisters the probe at once: keep it, or call `.leak()` to keep the probe for the life of the process"]
 pub struct ProbeHandle {
     shared: Option<Arc<ProbeShared>>,
 }

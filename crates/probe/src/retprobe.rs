@@ -57,11 +57,12 @@ const HANDLER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// timestamp, the arguments, …). Zeroed before the entry handler runs.
 ///
 /// ```
-/// # use dynprobe_probe::InstanceData;
+/// # extern crate dynprobe_probe as dynprobe;
+/// # use dynprobe::InstanceData;
 /// let mut data = InstanceData::default();
 /// data[0] = 42;
 /// assert_eq!(data[0], 42);
-/// assert_eq!(data.len(), dynprobe_probe::DATA_WORDS);
+/// assert_eq!(data.len(), dynprobe::DATA_WORDS);
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -78,13 +79,6 @@ impl DerefMut for InstanceData {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.0
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the vDSO called directly, safe in any handler (no
-/// lock, no allocation, no `errno`) and never the C library's `clock_gettime`, which may
-/// carry the program's own probe — for timing a call from its entry to its return.
-pub fn monotonic_ns() -> u64 {
-    dynprobe_text::raw::monotonic_ns()
 }
 
 /// An entry handler: may read and change the argument registers and fill the data area;
@@ -238,9 +232,6 @@ impl SlotStack {
     }
 }
 
-/// The SysV ABI's red zone below `rsp`.
-const RED_ZONE: u64 = 128;
-
 /// The instance `probe` index of calls entered by the function-graph tracer.
 const GRAPH: u32 = u32::MAX;
 
@@ -297,7 +288,7 @@ fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim> {
         // its memory may still hold the sled address (probe paths skip the red zone and
         // leave it as it was), so the value check cannot tell; another stack's live frame
         // cannot sit right under ours.
-        let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= RED_ZONE;
+        let in_red_zone = below.slot_addr < rsp && rsp - below.slot_addr <= dynprobe_arch::native::RED_ZONE;
         let abandoned = below.slot_addr == 0 || in_red_zone || (below.slot_addr <= rsp && !diverted());
         if !abandoned {
             if below.slot_addr < rsp {
@@ -786,7 +777,8 @@ impl Setup {
 /// thread it tracks at once, and what runs at entry and at return.
 ///
 /// ```no_run
-/// use dynprobe_probe::{monotonic_ns, sym, ReturnProbe};
+/// # extern crate dynprobe_probe as dynprobe;
+/// use dynprobe::{monotonic_ns, sym, ReturnProbe};
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
 /// let probe = ReturnProbe::at(sym!("work"))
@@ -802,8 +794,9 @@ impl Setup {
 /// // ... the program runs ...
 /// let stats = probe.unregister()?;
 /// println!("{} calls, {} ns, {} missed", stats.hits, TOTAL_NS.load(Ordering::Relaxed), stats.nmissed);
-/// # Ok::<(), dynprobe_probe::ProbeError>(())
+/// # Ok::<(), dynprobe::ProbeError>(())
 /// ```
+#[must_use = "a return probe is placed only by `.register()`"]
 pub struct ReturnProbe {
     location: Location,
     maxactive: usize,
@@ -856,9 +849,6 @@ impl ReturnProbe {
     /// Places the probe. On error nothing in the process has changed (except that the
     /// trampoline, once written, stays).
     pub fn register(self) -> Result<ReturnProbeHandle, ProbeError> {
-        if let Location::SymbolOffset(symbol, offset @ 1..) = &self.location {
-            return Err(ProbeError::ReturnProbeNotAtEntry { symbol: symbol.clone(), offset: *offset });
-        }
         let mut setup = setup()?;
         setup.install()?;
         let index = setup.free_index()?;
@@ -876,8 +866,9 @@ impl ReturnProbe {
         });
         PROBES[index as usize].store(Arc::into_raw(shared.clone()).cast_mut(), Ordering::Release);
         let for_entry = shared.clone();
-        // Registered disarmed: the function is checked by the name the registry resolved
-        // before any call can be diverted.
+        // Registered disarmed, as a return probe's entry: the registry's resolver refuses a
+        // point away from the function's entry or on a function that returns twice
+        // (`point::resolve`) before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
         let entry = match probe.register() {
@@ -890,7 +881,7 @@ impl ReturnProbe {
                 return Err(e);
             }
         };
-        let armed = refuse_returning_twice(&entry).and_then(|()| if self.enabled { entry.enable() } else { Ok(()) });
+        let armed = if self.enabled { entry.enable() } else { Ok(()) };
         if let Err(e) = armed {
             if entry.unregister().is_ok() {
                 let _ = retire(index);
@@ -899,21 +890,6 @@ impl ReturnProbe {
         }
         Ok(ReturnProbeHandle { entry: Some(entry), shared })
     }
-}
-
-/// Functions that return more than once from one call: the second return would go through
-/// an instance the first one consumed (`setjmp` saves its return address, which by then is
-/// the trampoline's; a `vfork` child returns on the parent's stack and instance stack).
-pub const RETURNS_TWICE: &[&str] =
-    &["setjmp", "_setjmp", "__sigsetjmp", "sigsetjmp", "savectx", "vfork", "__vfork", "getcontext", "__getcontext"];
-
-fn refuse_returning_twice(entry: &ProbeHandle) -> Result<(), ProbeError> {
-    let symbol = entry.info().symbol;
-    let function = symbol.rsplit_once('+').map_or(symbol.as_str(), |(name, _)| name);
-    if RETURNS_TWICE.contains(&function) {
-        return Err(ProbeError::ReturnsTwice { symbol: function.to_string() });
-    }
-    Ok(())
 }
 
 /// Takes a probe out of [`PROBES`] once its entry probe is gone, and frees it when no thread
@@ -943,6 +919,7 @@ fn retire(index: u32) -> Result<(), ProbeError> {
 }
 
 /// A registered return probe. Dropping it unregisters the probe.
+#[must_use = "dropping the handle unregisters the return probe at once: keep it, or call `.leak()` to keep the probe for the life of the process"]
 pub struct ReturnProbeHandle {
     entry: Option<ProbeHandle>,
     shared: Arc<RpShared>,

@@ -374,6 +374,47 @@ fn post_handler_on_ret_is_refused_but_pre_handler_works() {
     probe.unregister().unwrap();
 }
 
+/// The crates of the functions a breakpoint hit runs through before its handler (pre and
+/// post), read from backtraces taken inside the handlers down to the signal frame: each is
+/// on the blacklist, and a probe on such a function is refused.
+#[test]
+fn every_crate_on_the_trap_path_is_blacklisted() {
+    static TRACES: Mutex<Vec<std::backtrace::Backtrace>> = Mutex::new(Vec::new());
+    let _serial = serial();
+    let t = target();
+    // In a test only: the probed function holds no lock the capture takes.
+    let capture =
+        |_: &mut dynprobe_probe::Regs| TRACES.lock().unwrap().push(std::backtrace::Backtrace::force_capture());
+    let probe = Probe::at(sym!("f_push")).on_hit(capture).after_hit(capture).register().unwrap();
+    t.func1("f_push")(3);
+    probe.unregister().unwrap();
+    let traces: Vec<String> = TRACES.lock().unwrap().iter().map(|trace| format!("{trace:?}")).collect();
+    assert_eq!(traces.len(), 2, "a pre- and a post-handler run");
+    let mut seen = std::collections::BTreeMap::new();
+    for trace in &traces {
+        // `Backtrace [{ fn: "NAME", file: …, line: … }, …]`, innermost first, down to the
+        // signal frame (`__restore_rt`), the probed function where the unwinder steps over
+        // it, or the end (an out-of-line slot has no unwind information).
+        let names: Vec<&str> = trace.split("fn: \"").skip(1).filter_map(|f| f.split('"').next()).collect();
+        assert!(names.contains(&"dynprobe_text::trap::dispatch"), "the dispatcher is on the path: {trace}");
+        let signal_frame = names.iter().position(|n| *n == "__restore_rt" || *n == "f_push").unwrap_or(names.len());
+        for name in &names[..signal_frame] {
+            let path = name.trim_start_matches('<');
+            if path.starts_with("dynprobe") {
+                let krate = &path[..path.find("::").unwrap_or(path.len()) + 2];
+                seen.entry(krate.to_string()).or_insert_with(|| name.to_string());
+            }
+        }
+    }
+    assert!(seen.contains_key("dynprobe_text::") && seen.contains_key("dynprobe_probe::"), "{seen:?}");
+    for (krate, function) in &seen {
+        assert!(dynprobe_probe::BLACKLISTED_CODE.contains(&krate.as_str()), "{function} runs on the trap path");
+    }
+    let dispatcher = dynprobe_text::trap::install as *const () as u64;
+    let err = Probe::at(Location::Address(dispatcher)).on_hit(|_| {}).register().unwrap_err();
+    assert!(matches!(err, ProbeError::Blacklisted { .. }), "{err:?}");
+}
+
 #[test]
 fn probes_on_dynprobe_itself_are_refused() {
     let _serial = serial();

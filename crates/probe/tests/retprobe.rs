@@ -306,6 +306,12 @@ fn only_function_entries_take_return_probes() {
         Err(ProbeError::ReturnProbeNotAtEntry { symbol, offset: 4 }) => assert_eq!(symbol, "work"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // By address too: inside `work`, the return address is not at `rsp` any more.
+    match ReturnProbe::at(lib().addr("work") + 4).register() {
+        Err(ProbeError::ReturnProbeNotAtEntry { symbol, offset: 4 }) => assert_eq!(symbol, "work"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(dynprobe_probe::list().iter().all(|p| !p.return_probe), "a refused probe leaves nothing registered");
 }
 
 fn program() -> &'static Lib {

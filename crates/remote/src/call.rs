@@ -67,6 +67,7 @@ use std::time::{Duration, Instant};
 use dynprobe_arch::native::return_stub::{
     build_return_stub, Resume as StubResume, FRAME_ALIGN, NOTIFY_SYSCALL, STUB_MAX, STUB_START, XSAVE_OFFSET,
 };
+use dynprobe_arch::native::RED_ZONE;
 
 use crate::error::Error;
 use crate::memory::Memory;
@@ -75,8 +76,6 @@ use crate::tracee::{resend, Regs, Resume, Stop, Tracee};
 /// `orig_rax` = -1: "not in a system call", so the kernel does not restart the program's
 /// interrupted system call into our code.
 const NO_SYSCALL: u64 = u64::MAX;
-/// The SysV ABI's red zone below `rsp`, which a leaf function may use without moving `rsp`.
-const RED_ZONE: u64 = 128;
 /// `eflags` bits a function must not start with: the direction flag (the ABI wants it
 /// clear) and the trap flag (a single-step in progress).
 const EFLAGS_DF_TF: u64 = 0x400 | 0x100;
@@ -157,6 +156,7 @@ pub enum Arg<'a> {
 /// Why a remote call or system call failed. The thread's registers are restored in every
 /// case where it still exists.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum CallError {
     /// More than the six register arguments of the SysV ABI.
     TooManyArgs {
@@ -277,7 +277,17 @@ impl fmt::Display for CallError {
     }
 }
 
-impl std::error::Error for CallError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Syscall { error, .. } | CallError::StubBusy { error, .. } => Some(error),
+            CallError::Tracee(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<Error> for CallError {
     fn from(e: Error) -> CallError {

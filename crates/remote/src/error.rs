@@ -6,6 +6,7 @@ use std::time::Duration;
 
 /// Why attaching to a process or thread failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum AttachError {
     /// No process (or thread) with this id exists.
     NoSuchProcess {
@@ -144,10 +145,20 @@ impl fmt::Display for AttachError {
     }
 }
 
-impl std::error::Error for AttachError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for AttachError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AttachError::Os { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 /// Why an operation on an attached process failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The thread is not one the [`Tracee`](crate::Tracee) traces (never attached, detached,
     /// or exited).
@@ -217,4 +228,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Memory { error, .. } | Error::Ptrace { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}

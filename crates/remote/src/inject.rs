@@ -61,6 +61,7 @@ pub struct Injected {
 
 /// Why a library could not be loaded into a process.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum InjectError {
     /// Attaching failed (no such process, not permitted and why, …).
     Attach(AttachError),
@@ -161,7 +162,20 @@ impl fmt::Display for InjectError {
     }
 }
 
-impl std::error::Error for InjectError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for InjectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            InjectError::Attach(e) => Some(e),
+            InjectError::Symbols(e) => Some(e),
+            InjectError::LibraryNotFound { error, .. } => Some(error),
+            InjectError::Call { error, .. } => Some(error),
+            InjectError::Tracee(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for InjectError {
     fn from(e: AttachError) -> InjectError {

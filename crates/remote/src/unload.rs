@@ -19,6 +19,7 @@ use crate::inject::{seize_safe_thread, InjectError};
 
 /// Why a library could not be unloaded.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum UnloadError {
     /// No thread could make the call, or the call failed (as for a load).
     Call(InjectError),
@@ -47,7 +48,16 @@ impl fmt::Display for UnloadError {
     }
 }
 
-impl std::error::Error for UnloadError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for UnloadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UnloadError::Call(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl<E: Into<InjectError>> From<E> for UnloadError {
     fn from(e: E) -> UnloadError {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 /// Every message names the cause and says what to do next, since these end up in front of
 /// the user verbatim (`dynprobe probe 'p:wrok'`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SymbolError {
     /// No loaded module defines a function with this name.
     UnknownSymbol {

@@ -4,7 +4,8 @@
 //!
 //! The tables are read from the module's file, and so are the code bytes that tell how many
 //! NOPs a patchable site has: this crate reads files, never the process's memory. A tracer
-//! must still check the bytes in memory before it writes (the ftrace seed's `EINVAL`).
+//! must still check the bytes in memory before it writes (dynamic ftrace's `EINVAL`: the
+//! bytes are not the expected NOP; `ftrace_bug()` in kernel/trace/ftrace.c).
 
 use std::fs::File;
 use std::io;

@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Why a code read or write was refused. Nothing was written when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TextError {
     /// The bytes could not be read: the address is not mapped (`EFAULT`).
     Unreadable {

@@ -2,7 +2,8 @@
 //!
 //! * [`memory`]: verify-then-modify. Every write first compares the bytes in place with what
 //!   the caller expects; unreadable, unexpected and unwritable each give their own error
-//!   (the ftrace seed's `EFAULT` / `EINVAL` / `EPERM`).
+//!   (as the kernel's dynamic ftrace reports them: `EFAULT` / `EINVAL` / `EPERM`, see
+//!   `ftrace_bug()` in kernel/trace/ftrace.c).
 //! * [`transaction`]: the one protocol every writer of live code uses — take the writer,
 //!   bring the other threads to a safe state, verify and write (int3-first when some threads
 //!   were left running), serialize the cores ([`sync_core`]), release.

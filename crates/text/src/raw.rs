@@ -96,7 +96,9 @@ pub fn thread_alive(tid: i32) -> bool {
 /// by rustix in the vDSO's symbol table, vdso(7); the system call where there is none), not
 /// the C library's `clock_gettime`, which the program may be probing and which a hit path
 /// must therefore not call. The first call finds the function; later ones take no lock,
-/// allocate nothing and never touch `errno`.
+/// allocate nothing and never touch `errno`. The one such clock of dynprobe: the probe
+/// layer's handlers, the event writers and the CLI all read this one.
+#[inline]
 pub fn monotonic_ns() -> u64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -347,6 +347,7 @@ pub fn held_by_current_thread() -> bool {
 }
 
 /// Every other thread of the process, held stopped until this is dropped.
+#[must_use = "the other threads run again as soon as this is dropped"]
 pub struct StoppedWorld {
     /// Number of entries of [`THREADS`] that are ours.
     count: usize,

@@ -277,6 +277,7 @@ impl<'a> Edits<'a> {
 /// txn.commit()?;
 /// # Ok::<(), dynprobe_text::TextError>(())
 /// ```
+#[must_use = "nothing is written until `.commit()`"]
 pub struct Transaction {
     // Fields drop in order: the threads are released before the writer.
     world: StoppedWorld,

@@ -7,8 +7,9 @@
 //! signal is repeated until the tracer acknowledges, because one sent just before the
 //! tracer entered `waitpid` would be lost.
 
+use rustix::event::{poll, PollFd, PollFlags};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -33,43 +34,37 @@ struct Flags {
 /// Watches the control descriptor on its own thread; see the module documentation.
 pub(crate) struct Control {
     flags: Arc<Flags>,
-    /// Written to (closed) to make the control thread return when the tracer is done.
-    stop_write: RawFd,
+    /// Closed (dropped) to make the control thread return when the tracer is done.
+    stop_write: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
 extern "C" fn on_wake(_: libc::c_int) {}
 
 impl Control {
-    /// Starts watching `control` on behalf of the calling thread (the tracer).
-    pub fn start(control: RawFd) -> io::Result<Control> {
+    /// Starts watching `control` (a copy of it: the caller's stays open) on behalf of the
+    /// calling thread (the tracer).
+    pub fn start(control: BorrowedFd<'_>) -> io::Result<Control> {
         install_wake_handler()?;
-        let mut pipe = [0; 2];
-        // SAFETY: `pipe` is a valid array of two descriptors for pipe2 to fill.
-        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let control = control.try_clone_to_owned()?;
+        let (stop_read, stop_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let flags = Arc::new(Flags::default());
-        // SAFETY: gettid has no preconditions.
-        let tracer = unsafe { libc::gettid() };
-        // SAFETY: getpid has no preconditions.
-        let process = unsafe { libc::getpid() };
+        let tracer = rustix::thread::gettid().as_raw_nonzero().get();
+        let process = rustix::process::getpid().as_raw_nonzero().get();
         let shared = Arc::clone(&flags);
-        let stop_read = pipe[0];
         let thread = std::thread::Builder::new().name("dynprobe-control".into()).spawn(move || {
-            if wait_for_detach(control, stop_read) {
+            if wait_for_detach(&control, &stop_read) {
                 shared.detach.store(true, Ordering::SeqCst);
                 while !shared.seen.load(Ordering::SeqCst) {
-                    // SAFETY: tgkill with our own process and the tracer thread's id; the
-                    // tracer thread outlives this thread (it joins it in `Drop`).
+                    // SAFETY: tgkill (no wrapper in rustix or the libc crate) with our own
+                    // process and the tracer thread's id; the tracer thread outlives this
+                    // thread (it joins it in `Drop`).
                     unsafe { libc::syscall(libc::SYS_tgkill, process, tracer, WAKE_SIGNAL) };
                     std::thread::sleep(WAKE_INTERVAL);
                 }
             }
-            // SAFETY: closes the read end this thread owns.
-            unsafe { libc::close(stop_read) };
         })?;
-        Ok(Control { flags, stop_write: pipe[1], thread: Some(thread) })
+        Ok(Control { flags, stop_write: Some(stop_write), thread: Some(thread) })
     }
 
     /// Whether detaching was asked for. Calling this also tells the control thread that
@@ -86,8 +81,8 @@ impl Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.flags.seen.store(true, Ordering::SeqCst);
-        // SAFETY: closing our write end wakes the control thread's poll with POLLHUP.
-        unsafe { libc::close(self.stop_write) };
+        // Closing our write end wakes the control thread's poll with POLLHUP.
+        drop(self.stop_write.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -96,40 +91,31 @@ impl Drop for Control {
 
 /// Blocks until `control` says `detach` or reaches end of file (true), or `stop` is
 /// closed (false).
-fn wait_for_detach(control: RawFd, stop: RawFd) -> bool {
+fn wait_for_detach(control: &OwnedFd, stop: &OwnedFd) -> bool {
     let mut pending = Vec::new();
     loop {
-        let mut fds = [
-            libc::pollfd { fd: control, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        let mut fds = [PollFd::new(control, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
             // A poll that cannot work leaves no way to hear the controller: detach now
             // rather than keep probes nobody can remove.
-            return true;
+            Err(_) => return true,
+            Ok(_) => {}
         }
-        if fds[1].revents != 0 {
+        if !fds[1].revents().is_empty() {
             return false;
         }
-        if fds[0].revents == 0 {
+        if fds[0].revents().is_empty() {
             continue;
         }
         let mut buf = [0u8; 256];
-        // SAFETY: reads into a local buffer of the given length.
-        let got = unsafe { libc::read(control, buf.as_mut_ptr().cast(), buf.len()) };
-        if got < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        if got <= 0 {
+        let got = match rustix::io::read(control, &mut buf) {
+            Err(rustix::io::Errno::INTR) => continue,
             // End of file (the controller is gone, maybe killed) or a broken descriptor.
-            return true;
-        }
-        pending.extend_from_slice(&buf[..got as usize]);
+            Ok(0) | Err(_) => return true,
+            Ok(got) => got,
+        };
+        pending.extend_from_slice(&buf[..got]);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             if line.trim_ascii() == b"detach" {

@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 
 use dynprobe::line::EventFormat;
 use dynprobe::spec::{ProbeKind, ProbeSpec};
@@ -119,6 +119,7 @@ impl Default for ExitInfo {
 
 /// Why a session could not start or end cleanly.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The process could not be traced (no such process, not permitted — with the reason).
     Attach(AttachError),
@@ -172,7 +173,17 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Attach(e) => Some(e),
+            Error::Spawn { error, .. } | Error::Os { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for Error {
     fn from(e: AttachError) -> Self {
@@ -186,20 +197,25 @@ const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Probes `target` with `specs` from outside (see the crate documentation): writes the
 /// protocol lines to `out`, detaches when `control` says `detach` or is closed, and
 /// returns how the session ended. Neither descriptor is closed.
-pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> Result<ExitInfo, Error> {
+pub fn run(
+    target: Target,
+    specs: &[ProbeSpec],
+    out: BorrowedFd<'_>,
+    control: BorrowedFd<'_>,
+) -> Result<ExitInfo, Error> {
     // SAFETY: ignoring SIGPIPE only changes a write to a closed pipe from killing us (and
     // leaving int3s in the target) into an EPIPE error, which detaches cleanly.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let control = Control::start(control).map_err(|e| os(e, "starting the control thread"))?;
-    let mut out = Output::new(out);
+    let out = Output::new(out.try_clone_to_owned().map_err(|e| os(e, "duplicating the output descriptor"))?);
     let options = Options::TRACECLONE | Options::TRACEEXEC;
     let (pid, threads, spawned) = match &target {
         Target::Pid(pid) => (*pid, attach(*pid, options)?, false),
         Target::Command(argv) => {
             let pid = spawn::start(argv, options)?;
             if let Err(e) = spawn::run_to_entry(pid, &argv[0].to_string_lossy()) {
-                // SAFETY: kill of our own child, which has not run an instruction of its own.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // Our own child, which has not run an instruction of its own.
+                kill(pid);
                 let _ = sys::wait_thread(pid);
                 return Err(e);
             }
@@ -208,7 +224,7 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
             (pid, threads, true)
         }
     };
-    let mut tracer = Tracer::new(pid, threads, out_take(&mut out))?;
+    let mut tracer = Tracer::new(pid, threads, out)?;
     if let Err(e) = place_all(&mut tracer, specs) {
         if let Error::Refused { spec, message } = &e {
             tracer.out.line(format!("!error {spec}: {}\n", message.replace('\n', " ")).as_bytes());
@@ -217,8 +233,7 @@ pub fn run(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> R
         if spawned {
             // The program has not run a single instruction: it must not run without the
             // probes asked for (as with the agent).
-            // SAFETY: kill of our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            kill(pid);
             let _ = tracer.detach_all();
         } else {
             tracer.detach_all()?;
@@ -304,8 +319,11 @@ fn follow_exec(old: Tracer, specs: &[ProbeSpec]) -> Result<Option<Tracer>, Error
     Ok(Some(tracer))
 }
 
-fn out_take(out: &mut Output) -> Output {
-    std::mem::replace(out, Output::new(-1))
+/// `SIGKILL` to the program dynprobe started, `pid`.
+fn kill(pid: i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
 }
 
 fn os(error: io::Error, what: &str) -> Error {

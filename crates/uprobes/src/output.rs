@@ -5,21 +5,21 @@
 //! target's threads wait at their traps. If the reader is gone (`EPIPE`), the output is
 //! marked broken and the tracer detaches.
 
-use std::os::fd::RawFd;
+use std::os::fd::OwnedFd;
 
 /// Flush before the batch grows past this, even while stops keep coming.
 const BATCH: usize = 64 * 1024;
 
 /// The `out` descriptor with its pending batch.
 pub(crate) struct Output {
-    fd: RawFd,
+    fd: OwnedFd,
     buf: Vec<u8>,
     broken: bool,
 }
 
 impl Output {
-    /// Writes to `fd` (which stays open: the caller owns it).
-    pub fn new(fd: RawFd) -> Output {
+    /// Writes to `fd` (a copy of the caller's descriptor, which stays open).
+    pub fn new(fd: OwnedFd) -> Output {
         Output { fd, buf: Vec::with_capacity(BATCH), broken: false }
     }
 
@@ -36,14 +36,10 @@ impl Output {
         let mut done = 0;
         while done < self.buf.len() && !self.broken {
             let rest = &self.buf[done..];
-            // SAFETY: writes from a live buffer of the given length.
-            let n = unsafe { libc::write(self.fd, rest.as_ptr().cast(), rest.len()) };
-            if n > 0 {
-                done += n as usize;
-            } else if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            } else {
-                self.broken = true;
+            match rustix::io::write(&self.fd, rest) {
+                Ok(n) if n > 0 => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                _ => self.broken = true,
             }
         }
         self.buf.clear();

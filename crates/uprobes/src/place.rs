@@ -3,8 +3,9 @@
 //! can run out of line. The refusals are the probe layer's own [`ProbeError`]s, so the
 //! fallback mode and the agent word them alike.
 
+use dynprobe::internals::point;
 use dynprobe::spec::{ProbeKind, ProbeSpec, Target};
-use dynprobe::{Location, ProbeError, RETURNS_TWICE};
+use dynprobe::{Location, ProbeError};
 use dynprobe_arch::native::optimize::covered_run_of;
 use dynprobe_arch::native::{check_out_of_line, decode_one, instruction_at};
 use dynprobe_symbols::{Symbol, SymbolError, SymbolTable};
@@ -90,70 +91,38 @@ fn locate(table: &SymbolTable, spec: &ProbeSpec, read: ReadCode) -> Result<(u64,
     locate_code(table, spec, location, read).map_err(|e| e.to_string())
 }
 
-/// [`locate`] for a code location.
+/// [`locate`] for a code location: the probe layer's own resolver and checks
+/// ([`point::resolve`]), with an indirect function's implementation read from the target.
 fn locate_code(
     table: &SymbolTable,
     spec: &ProbeSpec,
     location: &Location,
     read: ReadCode,
 ) -> Result<(u64, Option<(u64, u64)>), ProbeError> {
-    let (name, offset) = match location {
-        Location::Symbol(name) => (name.as_str(), 0),
-        Location::SymbolOffset(name, offset) => (name.as_str(), *offset),
-        Location::Address(addr) => {
-            if spec.kind == ProbeKind::Return {
-                return match table.resolve(*addr) {
-                    Some((sym, 0)) => check_returns_once(&sym.name).map(|()| (*addr, Some((sym.addr, sym.size)))),
-                    Some((sym, offset)) => Err(ProbeError::ReturnProbeNotAtEntry { symbol: sym.name.clone(), offset }),
-                    None => Ok((*addr, None)),
-                };
-            }
-            return Ok((*addr, table.resolve(*addr).map(|(sym, _)| (sym.addr, sym.size))));
-        }
-    };
-    let sym = table.lookup(name)?;
-    let sym = if table.is_ifunc(sym) { implementation(table, sym, read)? } else { sym };
-    if sym.size > 0 && offset >= sym.size {
-        return Err(ProbeError::OffsetOutsideFunction { symbol: sym.name.clone(), offset, size: sym.size });
-    }
-    if spec.kind == ProbeKind::Return {
-        if offset != 0 {
-            return Err(ProbeError::ReturnProbeNotAtEntry { symbol: sym.name.clone(), offset });
-        }
-        check_returns_once(&sym.name)?;
-    }
-    Ok((sym.addr + offset, Some((sym.addr, sym.size))))
+    let point =
+        point::resolve(table, location, spec.kind == ProbeKind::Return, &|sym| implementation(table, sym, read))?;
+    Ok((point.addr, point.function.map(|f| (f.start, f.size))))
 }
 
 /// The implementation the indirect function `sym` (glibc's `strlen`, …) resolved to in the
 /// target: what its module's `R_X86_64_IRELATIVE` relocation wrote into its GOT slot — a
 /// static program's C library applies those at start-up, before `main`. The probe goes
 /// there, where the calls go.
-fn implementation<'t>(table: &'t SymbolTable, sym: &Symbol, read: ReadCode) -> Result<&'t Symbol, ProbeError> {
-    let refuse = |reason: String| ProbeError::Ifunc { symbol: sym.name.clone(), reason };
+fn implementation(table: &SymbolTable, sym: &Symbol, read: ReadCode) -> Result<u64, String> {
     let slot = table
         .ifunc_slot(sym)
-        .map_err(|e| refuse(format!("its module's relocations cannot be read ({e})")))?
-        .ok_or_else(|| refuse("no IRELATIVE relocation of its module says where its implementation goes".into()))?;
-    let word = read(slot, 8).map_err(|e| refuse(format!("its GOT slot at {slot:#x} cannot be read ({e})")))?;
+        .map_err(|e| format!("its module's relocations cannot be read ({e})"))?
+        .ok_or_else(|| "no IRELATIVE relocation of its module says where its implementation goes".to_string())?;
+    let word = read(slot, 8).map_err(|e| format!("its GOT slot at {slot:#x} cannot be read ({e})"))?;
     let addr = u64::from_le_bytes(word.get(..8).and_then(|w| w.try_into().ok()).unwrap_or_default());
     match table.resolve(addr) {
-        Some((implementation, 0)) if implementation.addr != sym.addr => Ok(implementation),
-        _ => Err(refuse(format!(
+        Some((implementation, 0)) if implementation.addr != sym.addr => Ok(addr),
+        _ => Err(format!(
             "its GOT slot at {slot:#x} holds {addr:#x}, the start of no function: the program has not applied \
              its relocations yet (a static program dynprobe starts is probed before its start-up runs; attach \
              with -p once it runs)"
-        ))),
+        )),
     }
-}
-
-/// Refuses return probes on functions that return twice (`setjmp`, `vfork`): the second
-/// return would find its instance consumed.
-fn check_returns_once(name: &str) -> Result<(), ProbeError> {
-    if RETURNS_TWICE.contains(&name) {
-        return Err(ProbeError::ReturnsTwice { symbol: name.to_string() });
-    }
-    Ok(())
 }
 
 /// Reads up to `len` bytes at `addr`, fewer when the mapping ends sooner (an instruction at

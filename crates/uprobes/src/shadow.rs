@@ -4,7 +4,8 @@
 //! At a return probe's entry the tracer replaces the return address at `[rsp]` with the
 //! address of the trampoline `int3` and pushes an [`Instance`] here; when the thread reaches
 //! the trampoline it pops the matching instance and sends the thread to the original return
-//! address. The kernel's kretprobes find the instance by task (seed: kretprobe redesign);
+//! address. The kernel's kretprobes find the instance by task (its `rethooks` list,
+//! kernel/trace/rethook.c);
 //! ptrace sees the stack pointer too, which lets a frame that was left without returning
 //! (`longjmp`, a C++ exception unwinding through it) be recognised and dropped instead of
 //! being matched with the wrong return.

@@ -3,7 +3,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -30,52 +30,46 @@ pub(crate) fn start(argv: &[OsString], options: Options) -> Result<i32, Error> {
         .map_err(|e| spawn_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
-    let gate = pipe().map_err(spawn_error)?;
-    let report = pipe().map_err(spawn_error)?;
-    // SAFETY: the child only makes async-signal-safe calls (close, read, signal, execvp,
-    // write, _exit) on memory prepared before the fork.
+    let (gate_read, gate_write) = pipe().map_err(spawn_error)?;
+    let (report_read, report_write) = pipe().map_err(spawn_error)?;
+    // SAFETY: the child only makes async-signal-safe calls (rustix's raw close, read and
+    // write; signal, execvp, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(spawn_error(io::Error::last_os_error()));
     }
     if pid == 0 {
+        drop((gate_write, report_read));
+        // Returns at end of file, once the parent has seized us.
+        let _ = rustix::io::read(&gate_read, &mut [0u8; 1]);
         // SAFETY: see above; the pointers stay valid (the parent's memory is copied).
-        unsafe {
-            libc::close(gate[1]);
-            libc::close(report[0]);
-            let mut byte = 0u8;
-            // Returns at end of file, once the parent has seized us.
-            libc::read(gate[0], (&mut byte as *mut u8).cast(), 1);
+        let errno = unsafe {
             // The program starts with SIGPIPE's default action, as under a shell: the
             // Rust runtime and the tracer ignore it, and ignored signals survive exec.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::execvp(ptrs[0], ptrs.as_ptr());
-            let errno = *libc::__errno_location();
-            libc::write(report[1], (&errno as *const i32).cast(), 4);
-            libc::_exit(127);
-        }
+            *libc::__errno_location()
+        };
+        let _ = rustix::io::write(&report_write, &errno.to_ne_bytes());
+        // SAFETY: ends the child that could not exec, running none of the parent's exit
+        // handlers.
+        unsafe { libc::_exit(127) };
     }
-    // SAFETY: closes the ends the parent does not use.
-    unsafe {
-        libc::close(gate[0]);
-        libc::close(report[1]);
-    }
+    drop((gate_read, report_write));
     let seized = sys::seize(pid, options.bits());
-    // SAFETY: closing the gate lets the child exec.
-    unsafe { libc::close(gate[1]) };
-    let mut errno = 0i32;
-    // SAFETY: reads at most 4 bytes into `errno`; end of file means the exec happened
-    // (the report pipe is close-on-exec).
-    let got = unsafe { libc::read(report[0], (&mut errno as *mut i32).cast(), 4) };
-    // SAFETY: our descriptor.
-    unsafe { libc::close(report[0]) };
+    // Closing the gate lets the child exec.
+    drop(gate_write);
+    let mut errno = [0u8; 4];
+    // End of file means the exec happened (the report pipe is close-on-exec).
+    let got = rustix::io::read(&report_read, &mut errno);
+    drop(report_read);
     if let Err(e) = seized {
         let _ = sys::wait_thread(pid);
         return Err(Error::Os { what: format!("PTRACE_SEIZE of the new process {pid}"), error: e });
     }
-    if got == 4 {
+    if got == Ok(4) {
         let _ = sys::wait_thread(pid);
-        return Err(spawn_error(io::Error::from_raw_os_error(errno)));
+        return Err(spawn_error(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))));
     }
     let status = sys::wait_thread(pid).map_err(spawn_error)?;
     if libc::WIFSTOPPED(status) && status >> 16 == libc::PTRACE_EVENT_EXEC {
@@ -148,13 +142,9 @@ pub(crate) fn run_to_entry(pid: i32, program: &str) -> Result<(), Error> {
     sys::set_regs(pid, &regs).map_err(|e| failed("setting its registers", e))
 }
 
-fn pipe() -> io::Result<[RawFd; 2]> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fds)
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// Makes system call `nr` with `args` on stopped thread `tid` of process `pid`, executing
@@ -289,32 +279,20 @@ pub fn measure_hit_ns(program: &Path, calls: u64) -> Result<HitCost, Error> {
     let argv: Vec<OsString> = vec![program.into(), calls.to_string().into(), result_file.clone().into_os_string()];
     let spec = ProbeSpec::parse("p:bench_probed")
         .map_err(|e| Error::Refused { spec: e.spec.clone(), message: e.to_string() })?;
-    let out = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
-    let control = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
+    let (out_read, out_write) = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
+    let (control_read, control_write) = pipe().map_err(|e| Error::Os { what: "creating a pipe".into(), error: e })?;
     let reader = std::thread::spawn(move || {
         let mut hits = 0u64;
         let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: reads into a live buffer of its length from our pipe.
-            let n = unsafe { libc::read(out[0], buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break;
-            }
+        while let Ok(n @ 1..) = rustix::io::read(&out_read, &mut buf) {
             hits +=
-                buf[..n as usize].split(|&b| b == b'\n').filter(|l| l.first().is_some_and(u8::is_ascii_digit)).count()
-                    as u64;
+                buf[..n].split(|&b| b == b'\n').filter(|l| l.first().is_some_and(u8::is_ascii_digit)).count() as u64;
         }
-        // SAFETY: our descriptor.
-        unsafe { libc::close(out[0]) };
         hits
     });
-    let info = crate::run(Target::Command(argv), &[spec], out[1], control[0]);
-    // SAFETY: our descriptors; closing the write end ends the reader.
-    unsafe {
-        libc::close(out[1]);
-        libc::close(control[0]);
-        libc::close(control[1]);
-    }
+    let info = crate::run(Target::Command(argv), &[spec], out_write.as_fd(), control_read.as_fd());
+    // Closing the write end ends the reader.
+    drop((out_write, control_read, control_write));
     let hits = reader.join().unwrap_or(0);
     let info = info?;
     let text = std::fs::read_to_string(&result_file).unwrap_or_default();

@@ -10,6 +10,7 @@ use super::DecodeError;
 /// Why an instruction cannot be executed out of line. `Display` names the instruction and
 /// says what the user can do instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Refusal {
     /// Address of the refused instruction.
     pub ip: u64,

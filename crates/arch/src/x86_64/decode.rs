@@ -60,6 +60,7 @@ impl Insn {
 
 /// Why an address is not a usable instruction start.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The bytes at `ip` do not decode to a valid x86-64 instruction.
     Invalid {

@@ -1,4 +1,5 @@
-//! The detour buffer of a jump-optimized probe (seed 004 §1.4.1): where the `jmp` written
+//! The detour buffer of a jump-optimized probe (the kernel's optprobe detour buffer:
+//! Documentation/trace/kprobes.rst, "Preparing Detour Buffer"): where the `jmp` written
 //! over the probe point leads.
 //!
 //! ```text
@@ -47,8 +48,9 @@ pub const FRAME_FLAGS: i32 = 120;
 pub const FRAME_RSP: i32 = 128;
 /// Offset of the saved `rip` in the frame.
 pub const FRAME_IP: i32 = 136;
-/// The SysV red zone below `rsp`, which a detour must not touch.
-pub const RED_ZONE: i32 = 128;
+/// The red zone below `rsp` ([`super::RED_ZONE`]), which a detour must not touch, as an
+/// operand offset.
+const RED_ZONE: i32 = super::RED_ZONE as i32;
 /// The flags a detour at a function entry puts in the frame (only IF and the reserved bit).
 const ENTRY_FLAGS: i32 = 0x202;
 /// Offset of the detour's entry (what the probe point's `jmp` targets).

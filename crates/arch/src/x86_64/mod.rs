@@ -4,8 +4,8 @@
 //! * [`classify`]: may this instruction run out of line, and if not, why not.
 //! * [`relocate`](mod@relocate): the bytes of a run of instructions moved to a new address, with the map
 //!   from old to new offsets, and the out-of-line "slots" the probe layer executes.
-//! * [`optimize`]: may a probe point be covered by a detour jump (the checks of the kernel's
-//!   `arch/x86/kernel/kprobes/opt.c`), with [`jump_table`] telling where indirect jumps go.
+//! * [`optimize`]: may a probe point be covered by a detour jump (the kernel's "Safety Check",
+//!   Documentation/trace/kprobes.rst), with [`jump_table`] telling where indirect jumps go.
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`trampoline`]: the code a return probe's trampoline runs.
 //! * [`ftrace`]: the code a traced function's entry site calls.
@@ -34,3 +34,9 @@ pub use encode::{
     NOP5,
 };
 pub use relocate::{build_post_slot, build_slot, relocate, PostSlot, RelocError, Relocated};
+
+/// The red zone: the 128 bytes below `rsp` that a function may use without moving `rsp`
+/// (System V AMD64 ABI, §3.2.2 "The Stack Frame"), so a leaf function's data may be there at
+/// any instruction. Whatever dynprobe pushes on a thread's stack — a detour's frame, a return
+/// probe's bookkeeping, a call made into another process — goes below it.
+pub const RED_ZONE: u64 = 128;

@@ -1,6 +1,7 @@
 //! May the instructions at a probe point be replaced by a 5-byte `jmp rel32` to a detour?
-//! The safety checks of the kernel's jump optimization (`arch/x86/kernel/kprobes/opt.c`,
-//! `can_optimize()`), done by decoding the whole function:
+//! The safety checks of the kernel's jump optimization (Documentation/trace/kprobes.rst,
+//! "Safety Check"; `can_optimize()` in arch/x86/kernel/kprobes/opt.c), done by decoding the
+//! whole function:
 //!
 //! ```text
 //!   function:  ... | i0 | i1 |  i2  | ...        covered run: i0 i1 i2 (>= 5 bytes)
@@ -42,6 +43,7 @@ impl CoveredRun {
 
 /// Why a probe point cannot be jump-optimized; the probe stays a breakpoint probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OptimizeRefusal {
     /// The probe point is not inside a function of known size.
     NoFunctionBounds,
@@ -111,7 +113,17 @@ impl fmt::Display for OptimizeRefusal {
     }
 }
 
-impl std::error::Error for OptimizeRefusal {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for OptimizeRefusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OptimizeRefusal::Decode(e) => Some(e),
+            OptimizeRefusal::NotRelocatable(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<DecodeError> for OptimizeRefusal {
     fn from(err: DecodeError) -> Self {

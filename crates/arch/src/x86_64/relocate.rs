@@ -14,6 +14,7 @@ use super::{DecodeError, Flow, Refusal};
 
 /// Why a run of instructions could not be relocated.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RelocError {
     /// An instruction in the run may not run out of line.
     Refused(super::Refusal),
@@ -45,7 +46,17 @@ impl fmt::Display for RelocError {
     }
 }
 
-impl std::error::Error for RelocError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for RelocError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RelocError::Refused(e) => Some(e),
+            RelocError::Decode(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<Refusal> for RelocError {
     fn from(refusal: Refusal) -> Self {

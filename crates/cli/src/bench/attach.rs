@@ -103,8 +103,10 @@ pub fn measure_detach() -> Result<Timing, String> {
             return Err("`work` was not patched while attached".to_owned());
         }
         let started = Instant::now();
-        // SAFETY: kill sends a signal to our own child.
-        unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+        // Our own child, `dynprobe probe -p`: Ctrl-C for it.
+        if let Some(pid) = rustix::process::Pid::from_raw(probe.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
         let restored = loop {
             if work.bytes()? == original {
                 break Some(started.elapsed());

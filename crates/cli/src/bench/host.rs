@@ -56,8 +56,8 @@ impl Host {
             cpu_signature: format!("{}/{}/{}", field("cpu family"), field("model"), field("stepping")),
             virtualized: field("flags").split_whitespace().any(|flag| flag == "hypervisor"),
             cpus: std::thread::available_parallelism().map_or(0, usize::from),
-            detour_vectors: dynprobe::vector_width().to_string(),
-            graph_vectors: dynprobe::light_width().to_string(),
+            detour_vectors: dynprobe::internals::vector_width().to_string(),
+            graph_vectors: dynprobe::internals::light_width().to_string(),
             kernel: first_line("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".to_owned()),
             load_average: first_line("/proc/loadavg")
                 .and_then(|line| line.split_whitespace().next().and_then(|load| load.parse().ok())),

@@ -137,19 +137,8 @@ fn catch_panic<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
 
 /// Restricts this process to the CPU it is running on now.
 fn pin_to_current_cpu() -> io::Result<()> {
-    // SAFETY: `sched_getcpu` has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    if cpu < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: an all-zero `cpu_set_t` is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `CPU_SET` writes within `set`; `cpu` is below `CPU_SETSIZE` because the
-    // kernel just reported it as a CPU of this machine.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; pid 0 is this thread.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(rustix::thread::sched_getcpu());
+    // `None`: this thread.
+    Ok(rustix::thread::sched_setaffinity(None, &set)?)
 }

@@ -168,7 +168,7 @@ pub static ROWS: &[Row] = &[
                 minus syscall-plain = the guard's cost per call",
         measure: Measure::Call {
             target: bench_syscall,
-            setup: |_| dynprobe::place_signal_guards().map(|()| Box::new(()) as Box<dyn Armed>),
+            setup: |_| dynprobe::internals::place_signal_guards().map(|()| Box::new(()) as Box<dyn Armed>),
         },
         compare_to: &[SYSCALL_PLAIN],
     },
@@ -346,7 +346,7 @@ unsafe extern "C" fn bench_syscall(x: std::ffi::c_long) -> std::ffi::c_long {
 
 /// Nothing to arm, but the guards must not be in place yet.
 fn unguarded() -> Result<Box<dyn Armed>, String> {
-    if dynprobe::signal_guards_placed() {
+    if dynprobe::internals::signal_guards_placed() {
         return Err("the signal guards are already placed in this process (a probe row ran first)".into());
     }
     Ok(Box::new(()))

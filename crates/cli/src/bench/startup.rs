@@ -63,13 +63,6 @@ fn program() -> Result<PathBuf, String> {
         .clone()
 }
 
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// Spawns the program [`BATCHES`] times as `case` says — once with `--iterations`, which
 /// asks for a quick run of fixed work (a start of 80,000 functions in a debug build takes
 /// seconds) — each batch one start, its figure the nanoseconds from the spawn to `main`.
@@ -92,7 +85,7 @@ pub fn measure(case: Startup, plan: Plan) -> Result<Timing, String> {
         };
         command.arg("clock");
         let shown = format!("{command:?}");
-        let spawned = monotonic_ns();
+        let spawned = dynprobe::monotonic_ns();
         let output = command.output().map_err(|err| format!("cannot run {shown}: {err}"))?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {

@@ -8,7 +8,7 @@
 use std::ffi::{c_ulong, CString};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -81,14 +81,11 @@ impl Uprobe {
 impl Armed for Uprobe {
     /// The event's count: one per hit.
     fn hits(&self) -> Result<Option<u64>, String> {
-        let mut count = 0u64;
-        // SAFETY: reads at most 8 bytes into a `u64` we own; the fd is open for our life.
-        let read =
-            unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), std::mem::size_of::<u64>()) };
-        match read {
-            8 => Ok(Some(count)),
-            -1 => Err(format!("reading the uprobe's count: {}", io::Error::last_os_error())),
-            short => Err(format!("reading the uprobe's count: {short} bytes")),
+        let mut count = [0u8; 8];
+        match rustix::io::read(&self.fd, &mut count) {
+            Ok(8) => Ok(Some(u64::from_ne_bytes(count))),
+            Ok(short) => Err(format!("reading the uprobe's count: {short} bytes")),
+            Err(e) => Err(format!("reading the uprobe's count: {e}")),
         }
     }
 
@@ -107,7 +104,7 @@ fn open_error(err: io::Error) -> String {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "?".to_owned());
             // SAFETY: `geteuid` has no preconditions.
-            let who = if unsafe { libc::geteuid() } == 0 { "root" } else { "not root" };
+            let who = if rustix::process::geteuid().is_root() { "root" } else { "not root" };
             format!(
                 "not permitted: perf_event_paranoid={paranoid} and {who} \
                  (the uprobe PMU needs CAP_PERFMON or CAP_SYS_ADMIN): {err}"

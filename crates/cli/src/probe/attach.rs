@@ -18,9 +18,12 @@ use super::output::{poll_one, sanitize, Format, LineBuf, Message, Outbox, OUTBOX
 use super::ptrace::{self, Tracer};
 use dynprobe::spec::ProbeSpec;
 use dynprobe_uprobes::Target;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::net::{self, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -94,7 +97,7 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         later: Vec::new(),
     };
     let result = session.relay(request, &signals);
-    session.out.finish(signals.fd.as_raw_fd());
+    session.out.finish(signals.fd.as_fd());
     session.report_strays();
     if let (Backend::Agent(control), true) = (&session.backend, session.unload) {
         unload_agent(request.pid, &name, control, std::mem::take(&mut session.later));
@@ -129,7 +132,7 @@ fn unload_agent(pid: i32, name: &str, control: &Control, earlier: Vec<String>) {
         let left = deadline.saturating_duration_since(Instant::now());
         let message = match earlier.next() {
             Some(message) => message,
-            None if left.is_zero() || !wait_readable(control.fd.as_raw_fd(), left) => {
+            None if left.is_zero() || !wait_readable(&control.fd, left) => {
                 eprintln!(
                     "dynprobe: warning: the agent in {pid} ({name}) did not say whether it can be unloaded; it \
                      stays loaded"
@@ -240,8 +243,8 @@ fn ptrace_backend(request: &Request) -> Result<(Backend, OwnedFd), String> {
         .collect::<Result<Vec<_>, _>>()?;
     let (tracer, out) =
         Tracer::start(Target::Pid(request.pid), specs).map_err(|e| format!("cannot start the ptrace tracer: {e}"))?;
-    // SAFETY: F_SETFL on our own descriptor: the relay reads until the pipe is empty.
-    unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    // The relay reads until the pipe is empty.
+    let _ = rustix::fs::fcntl_setfl(&out, rustix::fs::OFlags::NONBLOCK);
     Ok((Backend::Ptrace(tracer), out))
 }
 
@@ -310,15 +313,9 @@ impl ControlSocket {
     /// directories that killed runs left are swept first (see [`sweep_stale`]).
     fn listen(pid: i32) -> Result<ControlSocket, String> {
         sweep_stale(&std::env::temp_dir());
-        let template = std::env::temp_dir().join(format!("{DIR_PREFIX}XXXXXX"));
-        let mut template =
-            CString::new(template.as_os_str().as_bytes()).map_err(|e| e.to_string())?.into_bytes_with_nul();
-        // SAFETY: mkdtemp rewrites the XXXXXX of the NUL-terminated buffer in place.
-        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-            return Err(format!("cannot make a directory for the control socket: {}", io::Error::last_os_error()));
-        }
-        template.pop();
-        let dir = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(template));
+        let dir = dynprobe_events::files::PrivateDir::new_in(&std::env::temp_dir(), DIR_PREFIX)
+            .map_err(|e| format!("cannot make a directory for the control socket: {e}"))?
+            .into_path();
         let socket = ControlSocket::bind(dir.clone(), pid);
         if socket.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -328,22 +325,14 @@ impl ControlSocket {
 
     fn bind(dir: PathBuf, pid: i32) -> Result<ControlSocket, String> {
         let path = dir.join("control");
-        // SAFETY: plain socket creation.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-        if fd == -1 {
-            return Err(format!("cannot make the control socket: {}", io::Error::last_os_error()));
-        }
-        // SAFETY: the descriptor was just created and is ours alone.
-        let listener = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (addr, len) = sockaddr(&path)?;
-        // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
-        if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } == -1
-            // SAFETY: listen on our bound socket. Room for the agent's connection beside
-            // those of other dynprobes sweeping stale directories at their start-up: a
-            // full backlog would hold the agent's connect, and our injection with it.
-            || unsafe { libc::listen(fd, 8) } == -1
-        {
-            return Err(format!("cannot listen on {}: {}", path.display(), io::Error::last_os_error()));
+        let listener = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+            .map_err(|e| format!("cannot make the control socket: {e}"))?;
+        let addr = sockaddr(&path)?;
+        // Room in the backlog for the agent's connection beside those of other dynprobes
+        // sweeping stale directories at their start-up: a full backlog would hold the
+        // agent's connect, and our injection with it.
+        if let Err(e) = net::bind(&listener, &addr).and_then(|()| net::listen(&listener, 8)) {
+            return Err(format!("cannot listen on {}: {e}", path.display()));
         }
         let socket = ControlSocket { dir: Some(dir), path, listener };
         socket.hand_to_owner_of(pid)?;
@@ -356,8 +345,7 @@ impl ControlSocket {
         let owner = std::fs::metadata(format!("/proc/{pid}"))
             .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
             .map_err(|_| format!("no process with pid {pid}"))?;
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 || owner == 0 {
+        if !rustix::process::geteuid().is_root() || owner == 0 {
             return Ok(());
         }
         for path in self.dir.iter().chain([&self.path]) {
@@ -373,22 +361,14 @@ impl ControlSocket {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !wait_readable(self.listener.as_raw_fd(), left) {
+            if left.is_zero() || !wait_readable(&self.listener, left) {
                 return Err(format!(
                     "the agent loaded into {pid} did not connect within {} s",
                     CONNECT_TIMEOUT.as_secs()
                 ));
             }
-            // SAFETY: accept4 on our listening socket; the peer address is not wanted.
-            let fd = unsafe {
-                libc::accept4(self.listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
-            };
-            if fd == -1 {
-                continue;
-            }
-            // SAFETY: accept4 returned a new descriptor, ours alone.
-            let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-            if peer_pid(conn.as_raw_fd()) == Some(pid) {
+            let Ok(conn) = net::accept_with(&self.listener, SocketFlags::CLOEXEC) else { continue };
+            if peer_pid(&conn) == Some(pid) {
                 return Ok(Control { fd: conn, handle: 0 });
             }
         }
@@ -422,14 +402,8 @@ impl Drop for ControlSocket {
 /// cannot be checked is left alone.
 fn sweep_stale(tmp: &Path) {
     let Ok(entries) = std::fs::read_dir(tmp) else { return };
-    let Ok(tmp_c) = CString::new(tmp.as_os_str().as_bytes()) else { return };
-    // SAFETY: opens a NUL-terminated path; the descriptor is owned right after.
-    let tmp_fd = unsafe { libc::open(tmp_c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-    if tmp_fd == -1 {
-        return;
-    }
-    // SAFETY: `open` returned a new descriptor, ours alone.
-    let tmp_fd = unsafe { OwnedFd::from_raw_fd(tmp_fd) };
+    let directory = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let Ok(tmp_fd) = rustix::fs::open(tmp, directory, Mode::empty()) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(random) = name.as_bytes().strip_prefix(DIR_PREFIX.as_bytes()) else { continue };
@@ -438,50 +412,33 @@ fn sweep_stale(tmp: &Path) {
         }
         let Ok(name) = CString::new(name.as_bytes()) else { continue };
         if stale_dir(&tmp_fd, &name) {
-            // SAFETY: unlinks names relative to our directory descriptors; AT_REMOVEDIR
-            // removes only an empty directory and fails on a symbolic link.
-            unsafe {
-                if let Some(dir) = open_dir_at(&tmp_fd, &name) {
-                    libc::unlinkat(dir.as_raw_fd(), c"control".as_ptr(), 0);
-                }
-                libc::unlinkat(tmp_fd.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR);
+            // Names relative to our directory descriptors; REMOVEDIR removes only an empty
+            // directory and fails on a symbolic link.
+            if let Some(dir) = open_dir_at(&tmp_fd, &name) {
+                let _ = rustix::fs::unlinkat(&dir, c"control", AtFlags::empty());
             }
+            let _ = rustix::fs::unlinkat(&tmp_fd, name.as_c_str(), AtFlags::REMOVEDIR);
         }
     }
 }
 
 /// Opens directory `name` in `parent`, never through a symbolic link.
 fn open_dir_at(parent: &OwnedFd, name: &std::ffi::CStr) -> Option<OwnedFd> {
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: openat of a NUL-terminated name relative to a live directory descriptor.
-    let fd = unsafe { libc::openat(parent.as_raw_fd(), name.as_ptr(), flags) };
-    // SAFETY: a new descriptor, ours alone.
-    (fd != -1).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(parent, name, flags, Mode::empty()).ok()
 }
 
 /// `fstatat` without following a symbolic link.
-fn stat_at(dir: RawFd, name: &std::ffi::CStr) -> Option<libc::stat> {
-    // SAFETY: stat is plain data; fstatat fills it for a NUL-terminated name.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0).then_some(st)
-    }
+fn stat_at(dir: &OwnedFd, name: &std::ffi::CStr) -> Option<Stat> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()
 }
 
 /// Whether `name` in `tmp` is a control socket directory of ours whose socket nobody
 /// listens on any more (see [`sweep_stale`]).
 fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     let Some(dir) = open_dir_at(tmp, name) else { return false };
-    // SAFETY: stat is plain data; fstat fills it for a live descriptor.
-    let st = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(dir.as_raw_fd(), &mut st) != 0 {
-            return false;
-        }
-        st
-    };
+    let Ok(st) = rustix::fs::fstat(&dir) else { return false };
     if st.st_uid != euid || st.st_mode & 0o7777 != 0o700 {
         return false;
     }
@@ -495,67 +452,44 @@ fn stale_dir(tmp: &OwnedFd, name: &std::ffi::CStr) -> bool {
     if names.len() != 1 || names[0] != "control" {
         return false;
     }
-    let Some(socket) = stat_at(dir.as_raw_fd(), c"control") else { return false };
-    if socket.st_mode & libc::S_IFMT != libc::S_IFSOCK || socket.st_uid != euid {
+    let Some(socket) = stat_at(&dir, c"control") else { return false };
+    if FileType::from_raw_mode(socket.st_mode) != FileType::Socket || socket.st_uid != euid {
         return false;
     }
     // Connected through the directory's descriptor: the path cannot lead elsewhere.
-    let Ok((addr, len)) = sockaddr(Path::new(&format!("/proc/self/fd/{}/control", dir.as_raw_fd()))) else {
+    let Ok(addr) = sockaddr(Path::new(&format!("/proc/self/fd/{}/control", dir.as_raw_fd()))) else {
         return false;
     };
     // Non-blocking: a live session busy injecting accepts nothing meanwhile, and a
     // blocking connect would wait for room in its backlog (EAGAIN here: alive, kept).
-    let kind = libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-    // SAFETY: plain socket creation; the descriptor is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
-    if fd == -1 {
-        return false;
-    }
-    // SAFETY: a new descriptor, ours alone.
-    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes.
-    let connected = unsafe { libc::connect(probe.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
-    connected == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED)
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let Ok(probe) = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None) else { return false };
+    net::connect(&probe, &addr) == Err(rustix::io::Errno::CONNREFUSED)
 }
 
 /// How long an empty control directory must have stood unchanged to be swept.
 const EMPTY_DIR_AGE: Duration = Duration::from_secs(2);
 
 /// Whether the file `st` describes has not changed for `age`.
-fn unchanged_for(st: &libc::stat, age: Duration) -> bool {
-    let changed = std::time::UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec.max(0) as u32);
+fn unchanged_for(st: &Stat, age: Duration) -> bool {
+    let changed = std::time::UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
     std::time::SystemTime::now().duration_since(changed).is_ok_and(|d| d >= age)
 }
 
-/// A `sockaddr_un` for `path`.
-fn sockaddr(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t), String> {
-    // SAFETY: sockaddr_un is plain data; all zeros is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(format!("the socket path {} is too long (set TMPDIR to a shorter directory)", path.display()));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    Ok((addr, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+/// A Unix socket address for `path`.
+fn sockaddr(path: &Path) -> Result<SocketAddrUnix, String> {
+    SocketAddrUnix::new(path)
+        .map_err(|_| format!("the socket path {} is too long (set TMPDIR to a shorter directory)", path.display()))
 }
 
 /// The pid of the process at the other end of a connected socket.
-fn peer_pid(fd: RawFd) -> Option<i32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` is a writable ucred and `len` its size.
-    let got = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
-    };
-    (got == 0).then_some(cred.pid)
+fn peer_pid(socket: &OwnedFd) -> Option<i32> {
+    net::sockopt::socket_peercred(socket).ok().map(|cred| cred.pid.as_raw_nonzero().get())
 }
 
 /// Whether `fd` becomes readable within `timeout`.
-fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    poll_one(fd, libc::POLLIN, timeout.as_millis().min(i32::MAX as u128) as libc::c_int)
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    poll_one(fd.as_fd(), PollFlags::IN, timeout.as_millis().min(i32::MAX as u128) as u64)
 }
 
 /// The event pipe: the agent gets both ends (it holds the read end open so that a hit
@@ -567,20 +501,13 @@ struct EventPipe {
 
 impl EventPipe {
     fn new() -> Result<EventPipe, String> {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 stores.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
-            return Err(format!("cannot make the event pipe: {}", io::Error::last_os_error()));
-        }
-        // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntls on our own descriptors. A bigger pipe is best effort (the
-        // system's pipe-max-size may forbid it); the write end never blocks a hit.
-        unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-            libc::fcntl(write.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-            libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-        }
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| format!("cannot make the event pipe: {e}"))?;
+        // A bigger pipe is best effort (the system's pipe-max-size may forbid it); the
+        // write end never blocks a hit.
+        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE as usize);
+        let _ = rustix::fs::fcntl_setfl(&write, OFlags::NONBLOCK);
+        let _ = rustix::fs::fcntl_setfl(&read, OFlags::NONBLOCK);
         Ok(EventPipe { read, write })
     }
 }
@@ -603,52 +530,32 @@ impl Control {
             text.push_str(spec);
             text.push('\n');
         }
-        let fds = [events.write.as_raw_fd(), events.read.as_raw_fd()];
-        let mut iov = libc::iovec { iov_base: text.as_ptr() as *mut _, iov_len: text.len() };
-        let mut cmsg = [0u64; 8];
-        // SAFETY: msghdr is plain data; all zeros is valid before the fields are set.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE is a size computation.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(&fds) as u32) } as usize;
-        // SAFETY: the control buffer is large enough for one SCM_RIGHTS header with two
-        // descriptors (CMSG_SPACE of 8 bytes is 24 bytes; the buffer has 64); the CMSG_*
-        // macros stay inside it.
-        unsafe {
-            let header = libc::CMSG_FIRSTHDR(&msg);
-            (*header).cmsg_level = libc::SOL_SOCKET;
-            (*header).cmsg_type = libc::SCM_RIGHTS;
-            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&fds) as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(header).cast::<RawFd>(), fds.len());
-        }
-        // SAFETY: `msg` describes live buffers; MSG_NOSIGNAL: a gone agent gives EPIPE.
-        if unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } == -1 {
-            return Err(format!("cannot send the probes to the agent: {}", io::Error::last_os_error()));
-        }
+        let fds = [events.write.as_fd(), events.read.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = net::SendAncillaryBuffer::new(&mut space);
+        control.push(net::SendAncillaryMessage::ScmRights(&fds));
+        // NOSIGNAL: a gone agent gives EPIPE.
+        net::sendmsg(&self.fd, &[io::IoSlice::new(text.as_bytes())], &mut control, SendFlags::NOSIGNAL)
+            .map_err(|e| format!("cannot send the probes to the agent: {e}"))?;
         Ok(())
     }
 
     fn send(&self, text: &str) {
-        // SAFETY: sends a live byte slice; MSG_NOSIGNAL as above.
-        unsafe { libc::send(self.fd.as_raw_fd(), text.as_ptr().cast(), text.len(), libc::MSG_NOSIGNAL) };
+        // NOSIGNAL as above.
+        let _ = net::send(&self.fd, text.as_bytes(), SendFlags::NOSIGNAL);
     }
 
     /// One message, or `None` once the agent closed the socket.
     fn receive(&self) -> Option<String> {
         let mut buf = vec![0u8; 64 * 1024];
-        // SAFETY: receives into a live buffer of `buf.len()` bytes.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n <= 0 {
-            let err = io::Error::last_os_error();
-            return match n == -1 && err.kind() == io::ErrorKind::WouldBlock {
-                true => Some(String::new()),
-                false => None,
-            };
-        }
+        let n = match net::recv(&self.fd, &mut buf[..], net::RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return None,
+            Ok((n, _)) => n,
+            Err(rustix::io::Errno::WOULDBLOCK) => return Some(String::new()),
+            Err(_) => return None,
+        };
         // The agent runs in the target, which can send anything on this socket too.
-        Some(sanitize(&buf[..n as usize]))
+        Some(sanitize(&buf[..n]))
     }
 }
 
@@ -691,8 +598,8 @@ impl Signals {
     fn take(&self) -> bool {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         let mut any = false;
-        // SAFETY: reads whole siginfo records into a buffer of that size.
-        while unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {
+        // Whole siginfo records, into a buffer of that size.
+        while rustix::io::read(&self.fd, &mut info).is_ok_and(|n| n > 0) {
             any = true;
         }
         any
@@ -702,7 +609,7 @@ impl Signals {
 /// Whether the target has exited (a zombie counts), the socket's closing being ambiguous.
 fn exited(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
-        Some(fd) => wait_readable(fd.as_raw_fd(), Duration::from_millis(100)),
+        Some(fd) => wait_readable(fd, Duration::from_millis(100)),
         None => std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))),
     }
@@ -782,48 +689,52 @@ impl Session<'_> {
     /// than them, Ctrl-C, `--duration` and the agent's messages are still seen in the next
     /// round.
     fn relay(&mut self, request: &Request, signals: &Signals) -> Result<(), String> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
-        // SAFETY: the descriptor (when there is one) was just returned and is ours alone.
-        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        let pidfd = rustix::process::Pid::from_raw(self.pid)
+            .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
         let mut phase = Phase::Placing;
         let mut deadline = Some(Instant::now() + AGENT_TIMEOUT);
         loop {
             let control_fd = match &self.backend {
-                Backend::Agent(control) => control.fd.as_raw_fd(),
-                Backend::Ptrace(_) => -1,
+                Backend::Agent(control) => Some(control.fd.as_fd()),
+                Backend::Ptrace(_) => None,
             };
             // While the output queue is full the pipe is left unread: the agent counts
             // what does not fit as lost.
-            let events_fd = if self.out.full() || self.events_closed { -1 } else { self.events.as_raw_fd() };
-            let out_fd = if self.out.waiting() { self.out.fd() } else { -1 };
-            let mut fds = [
-                libc::pollfd { fd: control_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: events_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: out_fd, events: libc::POLLOUT, revents: 0 },
+            let events_fd = (!self.out.full() && !self.events_closed).then(|| self.events.as_fd());
+            let out_fd = self.out.waiting().then(|| self.out.fd());
+            // Which of them are ready, in this order; one not asked about is not.
+            let asked = [
+                (control_fd, PollFlags::IN),
+                (events_fd, PollFlags::IN),
+                (Some(signals.fd.as_fd()), PollFlags::IN),
+                (pidfd.as_ref().map(|fd| fd.as_fd()), PollFlags::IN),
+                (out_fd, PollFlags::OUT),
             ];
-            let ms = deadline.map_or(-1, |at| {
-                at.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as libc::c_int
+            let mut fds: Vec<PollFd> =
+                asked.iter().filter_map(|&(fd, flags)| Some(PollFd::from_borrowed_fd(fd?, flags))).collect();
+            let timeout = deadline.map(|at| {
+                Timespec::try_from(at.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 })
             });
-            // SAFETY: `fds` is an array of initialized pollfds (a negative fd is ignored).
-            if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) } == -1 {
+            if poll(&mut fds, timeout.as_ref()).is_err() {
                 continue;
             }
+            let mut polled = fds.iter().map(|fd| !fd.revents().is_empty());
+            let ready: [bool; 5] = std::array::from_fn(|i| asked[i].0.is_some() && polled.next() == Some(true));
+            drop(fds);
             let mut status = Vec::new();
             let mut ended = false;
-            if fds[1].revents != 0 && self.read_events(&mut status) == Read::Closed {
+            if ready[1] && self.read_events(&mut status) == Read::Closed {
                 match self.backend {
                     Backend::Agent(_) => self.events_closed = true,
                     Backend::Ptrace(_) => ended = true,
                 }
             }
-            if fds[4].revents != 0 {
+            if ready[4] {
                 self.out.write_some();
             }
             if let Backend::Agent(control) = &self.backend {
-                if fds[0].revents != 0 {
+                if ready[0] {
                     // Bounded too: the program could flood the socket as well.
                     for _ in 0..256 {
                         match control.receive() {
@@ -858,7 +769,7 @@ impl Session<'_> {
                     }
                 }
             }
-            if ended || fds[3].revents != 0 {
+            if ended || ready[3] {
                 // The agent's socket or the tracer's pipe closed, or the target ended.
                 self.drain_events();
                 if exited(self.pid, pidfd.as_ref()) {
@@ -885,7 +796,7 @@ impl Session<'_> {
                     }
                 };
             }
-            let interrupted = fds[2].revents != 0 && signals.take();
+            let interrupted = ready[2] && signals.take();
             let timed_out = deadline.is_some_and(|at| Instant::now() >= at);
             match phase {
                 Phase::Placing | Phase::Detaching if timed_out => {
@@ -973,20 +884,21 @@ impl Session<'_> {
     /// only be the program's (the agent's own go over the control socket), and are dropped.
     fn read_events(&mut self, status: &mut Vec<String>) -> Read {
         let mut buf = [0u8; 64 * 1024];
-        // SAFETY: reads into a local buffer; the pipe's read end is non-blocking.
-        let n = unsafe { libc::read(self.events.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return if n == 0 { Read::Closed } else { Read::Empty };
-        }
+        // The pipe's read end is non-blocking.
+        let n = match rustix::io::read(&self.events, &mut buf) {
+            Ok(0) => return Read::Closed,
+            Ok(n) => n,
+            Err(_) => return Read::Empty,
+        };
         let (format, out, strays, unprinted) = (&self.format, &mut self.out, &mut self.strays, &mut self.unprinted);
         let agent = matches!(self.backend, Backend::Agent(_));
-        self.lines.push(&buf[..n as usize], &mut |line| match Message::parse(line) {
+        self.lines.push(&buf[..n], &mut |line| match Message::parse(line) {
             Message::Hit(_) if out.full() => *unprinted += 1,
             Message::Hit(hit) => out.push(&format.line(&hit)),
             _ if agent => *strays += 1,
             _ => status.push(line.to_string()),
         });
-        Read::Some(n as usize)
+        Read::Some(n)
     }
 
     /// Reads what is left in the event pipe once the session ended, up to [`DRAIN_MAX`].

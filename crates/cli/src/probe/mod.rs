@@ -20,19 +20,27 @@ use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The exit status for dynprobe's own errors (bad spec, refused probe, no agent), apart
-/// from the program's, which is passed through.
-pub(crate) const EXIT_USAGE: u8 = 2;
+use crate::EXIT_ERROR;
+
+/// The examples of `probe --help`.
+pub(crate) const EXAMPLES: &str = "  dynprobe probe 'p:checksum seed=$arg1 n=$arg2:x64' -- ./prog
+  dynprobe probe 'r:parse ret=$retval:s32 name=+8($arg1):string t=$duration' -- ./prog
+  dynprobe probe -p 4242 --duration 10s 'p:libc:malloc size=%rdi:u64' 'r:libc:malloc ptr=$retval:x64'
+  dynprobe probe 'm:app:request' -- ./server";
+
+/// The spec grammar for `probe --help`: the parser's own ([`dynprobe::spec::GRAMMAR`]).
+pub(crate) fn grammar_help() -> String {
+    let indented = |line: &str| if line.is_empty() { "\n".to_string() } else { format!("  {line}\n") };
+    format!("Spec grammar:\n{}", dynprobe::spec::GRAMMAR.lines().map(indented).collect::<String>().trim_end())
+}
 
 /// Arguments of `dynprobe probe`.
 #[derive(clap::Args)]
 pub struct ProbeArgs {
-    /// Probe specs: `p[:[GROUP/]EVENT] SYMBOL[+OFFSET]|MODULE:SYMBOL|0xADDR [NAME=FETCHARG[:TYPE]]...`
-    /// where FETCHARG is %REG or $argN (1-based) and TYPE u64 (default), s64 or x64 (also
-    /// 8, 16 and 32 bits). Example: 'p:checksum seed=$arg1 n=$arg2:x64'.
-    /// `m[:[GROUP/]EVENT] PROVIDER:NAME` probes every site of a static marker (either part
-    /// may be `*`); each hit shows the marker's arguments arg1..argN, typed by its record
-    /// (`dynprobe list-markers` lists them). Example: 'm:app:request'.
+    /// Probe specs, as the kernel's kprobe_events: `p` at an instruction, `r` at a
+    /// function's return, `m` at a static marker's sites (without fields, a marker's hit
+    /// shows its arguments arg1..argN, typed by its record: `dynprobe list-markers` lists
+    /// them). `--help` shows the whole grammar.
     #[arg(value_name = "SPEC", required = true)]
     specs: Vec<String>,
     /// Attach to the running process PID instead of starting one; Ctrl-C (or --duration)
@@ -77,19 +85,19 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("dynprobe: {message}");
-                ExitCode::from(EXIT_USAGE)
+                ExitCode::from(EXIT_ERROR)
             }
         };
     }
     if args.command.is_empty() {
         eprintln!("dynprobe: no program to run; give it after `--`, as in `dynprobe probe 'p:main' -- ./prog`");
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(EXIT_ERROR);
     }
     match try_probe(&args.specs, &args.command, !args.no_optimize, args.ptrace, &args.output) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
-            ExitCode::from(EXIT_USAGE)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -100,7 +108,7 @@ pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, outp
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
-            ExitCode::from(EXIT_USAGE)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -244,7 +252,7 @@ fn probe_with_ptrace(lines: &[String], command: &[OsString], printer: &mut Print
             Err(format!("cannot place probe `{spec}`: {why}; the program was not run"))
         }
         // The tracer said why on stderr.
-        Placement::Silent => Ok(ExitCode::from(EXIT_USAGE)),
+        Placement::Silent => Ok(ExitCode::from(EXIT_ERROR)),
         Placement::Ready(_) => Ok(ExitCode::from(status as u8)),
     }
 }

@@ -10,9 +10,11 @@
 //! and the type the user chose shows), decodes quoted strings into JSON strings (bytes that
 //! are not UTF-8 become U+FFFD), and writes a fetch that faulted as `null`.
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// One line from the agent (see the protocol in the `dynprobe-agent` crate).
 #[derive(Debug, PartialEq, Eq)]
@@ -318,9 +320,8 @@ impl LineBuf {
 /// unread and the agent counts the hits that do not fit as lost, as `perf` does when its
 /// reader falls behind.
 pub struct Outbox {
-    fd: RawFd,
-    /// The file of `-o`, kept open for `fd`.
-    _file: Option<File>,
+    /// Standard output, or the file of `-o`.
+    destination: Destination,
     queue: Vec<u8>,
     /// Bytes at the front of `queue` already written.
     done: usize,
@@ -329,23 +330,32 @@ pub struct Outbox {
     broken: bool,
 }
 
+/// Where an [`Outbox`] writes.
+enum Destination {
+    Stdout(io::Stdout),
+    File(File),
+}
+
 /// The most an [`Outbox`] keeps for a slow reader.
 pub const OUTBOX_MAX: usize = 1 << 20;
 
 impl Outbox {
     /// Lines to standard output.
     pub fn stdout() -> Outbox {
-        Outbox { fd: libc::STDOUT_FILENO, _file: None, queue: Vec::new(), done: 0, broken: false }
+        Outbox { destination: Destination::Stdout(io::stdout()), queue: Vec::new(), done: 0, broken: false }
     }
 
     /// Lines to `file`.
     pub fn file(file: File) -> Outbox {
-        Outbox { fd: file.as_raw_fd(), _file: Some(file), queue: Vec::new(), done: 0, broken: false }
+        Outbox { destination: Destination::File(file), queue: Vec::new(), done: 0, broken: false }
     }
 
     /// The destination, for `poll`.
-    pub fn fd(&self) -> RawFd {
-        self.fd
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.destination {
+            Destination::Stdout(stdout) => stdout.as_fd(),
+            Destination::File(file) => file.as_fd(),
+        }
     }
 
     /// Queues one line (without its newline).
@@ -371,7 +381,7 @@ impl Outbox {
     /// without blocking, pipe(7)), at most 64 KiB a call.
     pub fn write_some(&mut self) {
         for _ in 0..16 {
-            if !self.waiting() || !poll_one(self.fd, libc::POLLOUT, 0) {
+            if !self.waiting() || !poll_one(self.fd(), PollFlags::OUT, 0) {
                 break;
             }
             if !self.write_chunk(libc::PIPE_BUF) {
@@ -385,16 +395,16 @@ impl Outbox {
     /// unless `interrupt` (a signalfd) becomes readable first: a reader far behind could
     /// make that minutes, and the user asked for the end. Says so on stderr when the
     /// reader keeps it waiting, and what was dropped. The signal is left to read.
-    pub fn finish(&mut self, interrupt: RawFd) {
+    pub fn finish(&mut self, interrupt: BorrowedFd<'_>) {
         let mut told = false;
         while self.waiting() {
             let mut fds = [
-                libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 },
-                libc::pollfd { fd: interrupt, events: libc::POLLIN, revents: 0 },
+                PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT),
+                PollFd::from_borrowed_fd(interrupt, PollFlags::IN),
             ];
-            // SAFETY: two initialized pollfds.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-            if fds[1].revents != 0 {
+            let ready = poll(&mut fds, Some(&Timespec { tv_sec: 1, tv_nsec: 0 })).unwrap_or(1);
+            let (writable, interrupted) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            if interrupted {
                 let lines = self.queue[self.done..].iter().filter(|&&b| b == b'\n').count();
                 eprintln!("dynprobe: interrupted: {lines} event lines the reader had not taken were dropped");
                 self.queue.clear();
@@ -406,7 +416,7 @@ impl Outbox {
                 eprintln!("dynprobe: the reader is behind: writing the last {kib} KiB of events (Ctrl-C drops them)");
                 told = true;
             }
-            if fds[0].revents != 0 && !self.write_chunk(libc::PIPE_BUF) {
+            if writable && !self.write_chunk(libc::PIPE_BUF) {
                 break;
             }
         }
@@ -417,16 +427,14 @@ impl Outbox {
     fn write_chunk(&mut self, max: usize) -> bool {
         let end = self.queue.len().min(self.done + max);
         let chunk = &self.queue[self.done..end];
-        // SAFETY: writes from a live slice of `chunk.len()` bytes.
-        let n = unsafe { libc::write(self.fd, chunk.as_ptr().cast(), chunk.len()) };
-        if n >= 0 {
-            self.done += n as usize;
-            return n > 0;
-        }
-        match io::Error::last_os_error().kind() {
-            io::ErrorKind::Interrupted => true,
-            io::ErrorKind::WouldBlock => false,
-            _ => {
+        match rustix::io::write(self.fd(), chunk) {
+            Ok(n) => {
+                self.done += n;
+                n > 0
+            }
+            Err(Errno::INTR) => true,
+            Err(Errno::WOULDBLOCK) => false,
+            Err(_) => {
                 // EPIPE and the like: the reader is gone for good.
                 self.broken = true;
                 self.queue.clear();
@@ -449,10 +457,9 @@ impl Outbox {
 
 /// Whether `fd` polls ready for `events` within `ms` milliseconds. An error or a hang-up
 /// counts as ready: the next `read` or `write` says which.
-pub fn poll_one(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> bool {
-    let mut poll = libc::pollfd { fd, events, revents: 0 };
-    // SAFETY: one initialized pollfd.
-    unsafe { libc::poll(&mut poll, 1, ms) == 1 }
+pub fn poll_one(fd: BorrowedFd<'_>, events: PollFlags, ms: u64) -> bool {
+    let timeout = Timespec { tv_sec: (ms / 1000) as i64, tv_nsec: (ms % 1000 * 1_000_000) as i64 };
+    poll(&mut [PollFd::from_borrowed_fd(fd, events)], Some(&timeout)) == Ok(1)
 }
 
 /// How hits are written: text or JSON lines, times relative to the start of the run.

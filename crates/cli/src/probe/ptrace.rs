@@ -10,7 +10,7 @@ use dynprobe::spec::ProbeSpec;
 use dynprobe_uprobes::{Outcome, Target};
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 /// The message for a user whose program gets the fallback.
@@ -47,7 +47,7 @@ impl Tracer {
                 // the tracer handles them itself.
                 super::attach::mask_ending_signals(libc::SIG_UNBLOCK);
                 survive_terminal_signals();
-                let code = trace(target, &specs, out_write.as_raw_fd(), control_read.as_raw_fd());
+                let code = trace(target, &specs, out_write.as_fd(), control_read.as_fd());
                 // SAFETY: ends the child without running the parent's exit handlers or
                 // flushing its copies of the parent's buffers.
                 unsafe { libc::_exit(code) }
@@ -64,9 +64,9 @@ impl Tracer {
     /// Asks the tracer to detach (it restores every byte and lets the program go on).
     pub fn detach(&mut self) {
         if let Some(control) = &self.control {
-            // SAFETY: writes a constant to our pipe; the tracer may be gone (EPIPE, and
-            // SIGPIPE is ignored by the caller or harmless: the tracer only ends then).
-            unsafe { libc::write(control.as_raw_fd(), b"detach\n".as_ptr().cast(), 7) };
+            // The tracer may be gone (EPIPE, and SIGPIPE is ignored by the caller or
+            // harmless: the tracer only ends then).
+            let _ = rustix::io::write(control, b"detach\n");
         }
         self.control = None;
     }
@@ -76,17 +76,17 @@ impl Tracer {
     /// tracer itself.
     pub fn wait(mut self) -> io::Result<TracerEnd> {
         self.control = None;
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        while unsafe { libc::waitpid(self.pid, &mut status, 0) } == -1 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
+        let pid = rustix::process::Pid::from_raw(self.pid).ok_or_else(|| io::Error::other("no tracer process"))?;
+        let status = loop {
+            match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(err) => return Err(err.into()),
+                Ok(status) => break status.map(|(_, status)| status),
             }
-        }
-        Ok(match (libc::WIFEXITED(status), libc::WIFSIGNALED(status)) {
-            (true, _) => TracerEnd::Exited(libc::WEXITSTATUS(status)),
-            (_, true) => TracerEnd::Killed { pid: self.pid, signal: libc::WTERMSIG(status) },
+        };
+        Ok(match (status.and_then(|s| s.exit_status()), status.and_then(|s| s.terminating_signal())) {
+            (Some(code), _) => TracerEnd::Exited(code),
+            (_, Some(signal)) => TracerEnd::Killed { pid: self.pid, signal },
             _ => TracerEnd::Exited(1),
         })
     }
@@ -111,9 +111,7 @@ impl TracerEnd {
     /// `None` if it ended by itself.
     pub fn death(&self, target: &str) -> Option<String> {
         let TracerEnd::Killed { pid, signal } = *self else { return None };
-        // SAFETY: strsignal returns a NUL-terminated string valid until the next call on
-        // this thread; it is copied at once.
-        let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) }.to_string_lossy().into_owned();
+        let name = super::signal_name(signal);
         Some(format!(
             "the ptrace tracer (pid {pid}) was killed by signal {signal} ({name}), so no more events come; \
              {target} runs on: the SIGTRAP handler dynprobe left in it runs each probe hit through its \
@@ -142,29 +140,23 @@ fn survive_terminal_signals() {
 }
 
 /// The child's work: runs the tracer, says why it could not, and returns the exit code.
-fn trace(target: Target, specs: &[ProbeSpec], out: RawFd, control: RawFd) -> i32 {
+fn trace(target: Target, specs: &[ProbeSpec], out: BorrowedFd<'_>, control: BorrowedFd<'_>) -> i32 {
     match dynprobe_uprobes::run(target, specs, out, control) {
         Ok(info) => match info.outcome {
             Outcome::Exited(code) => code,
             Outcome::Killed(signal) => 128 + signal,
             Outcome::Detached | Outcome::Exec => 0,
         },
-        Err(dynprobe_uprobes::Error::Refused { .. }) => super::EXIT_USAGE.into(),
+        Err(dynprobe_uprobes::Error::Refused { .. }) => crate::EXIT_ERROR.into(),
         Err(err) => {
             eprintln!("dynprobe: {err}");
-            super::EXIT_USAGE.into()
+            crate::EXIT_ERROR.into()
         }
     }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 stores.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// Why the agent cannot be loaded into `program` (a path or a name looked up in `PATH`),

@@ -3,10 +3,13 @@
 //! agent and in what they do with its hits.
 
 use super::output::{Hit, LineBuf, Message, Printer};
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, Shutdown, SocketFlags, SocketType};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
@@ -42,26 +45,18 @@ struct Pipe {
 /// probed program that outlives this CLI (a daemon it started) loses its lines instead of
 /// dying of `SIGPIPE` (see the agent's `Channel`).
 fn pipe() -> io::Result<Pipe> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors socketpair stores.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socketpair just returned these two descriptors, owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, write) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
     // Only the program writes, and only this end reads; a failure changes nothing that
     // matters.
-    // SAFETY: shutdown of our own sockets.
-    unsafe {
-        libc::shutdown(read.as_raw_fd(), libc::SHUT_WR);
-        libc::shutdown(write.as_raw_fd(), libc::SHUT_RD);
-    }
+    let _ = rustix::net::shutdown(&read, Shutdown::Write);
+    let _ = rustix::net::shutdown(&write, Shutdown::Read);
     Ok(Pipe { read, write })
 }
 
 /// Starts `command` with the agent preloaded, `event_fd` (the agent's channel) open in it,
 /// and `env`: what the agent is to do (`DYNPROBE_PROBES`, `DYNPROBE_RECORD`...).
-fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd: RawFd) -> io::Result<Child> {
+fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event: &OwnedFd) -> io::Result<Child> {
+    let event_fd: RawFd = event.as_raw_fd();
     let mut preload = OsString::from(agent);
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -74,11 +69,8 @@ fn spawn(command: &[OsString], agent: &Path, env: &[(&str, OsString)], event_fd:
         // Tells the first image from those its processes `exec` later.
         .env("DYNPROBE_FIRST_IMAGE", "1")
         .envs(env.iter().map(|(name, value)| (name, value)));
-    // SAFETY: `stat` is plain data that fstat fills.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat of our own descriptor into the local `stat`. Without an answer the
-    // agents take the descriptor on trust.
-    if unsafe { libc::fstat(event_fd, &mut stat) } == 0 {
+    // Without an answer the agents take the descriptor on trust.
+    if let Ok(stat) = rustix::fs::fstat(event) {
         // Lets a program `exec`'d later check that its descriptor is still the channel.
         cmd.env("DYNPROBE_EVENT_PIPE", stat.st_ino.to_string());
     }
@@ -134,7 +126,7 @@ impl Hits for PrintHits<'_> {
 /// hit the agent reports to `hits`, until the program exits.
 pub fn run(command: &[OsString], agent: &Path, env: &[(&str, OsString)], hits: &mut dyn Hits) -> io::Result<Outcome> {
     let pipe = pipe()?;
-    let mut child = spawn(command, agent, env, pipe.write.as_raw_fd())?;
+    let mut child = spawn(command, agent, env, &pipe.write)?;
     // Only the program may hold the write end, so the read end sees end-of-file when it
     // (and whatever it forked) is gone.
     drop(pipe.write);
@@ -151,37 +143,28 @@ pub fn run(command: &[OsString], agent: &Path, env: &[(&str, OsString)], hits: &
 /// Reads the agent's lines until end-of-file or until the program exits (a process it
 /// forked may keep the pipe open), then what is left in the pipe.
 pub(crate) fn relay(read: &OwnedFd, child: u32, hits: &mut dyn Hits) -> io::Result<Placement> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) };
     // Without pidfds (kernels before 5.3) we wait for end-of-file only.
-    let pidfd = (pidfd >= 0).then(|| {
-        // SAFETY: the descriptor was just returned by pidfd_open and is ours alone.
-        unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
-    });
+    let pidfd = rustix::process::Pid::from_raw(child as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
     let mut lines = Lines::default();
     let mut state = Relay { hits, placement: Placement::Silent, said: HashSet::new() };
     loop {
-        let mut fds = [
-            libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()), events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is an array of two initialized pollfds (a negative fd is ignored).
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } == -1 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
+        let mut fds = vec![PollFd::new(read, PollFlags::IN)];
+        fds.extend(pidfd.as_ref().map(|pidfd| PollFd::new(pidfd, PollFlags::IN)));
+        match poll(&mut fds, None) {
+            Err(Errno::INTR) => continue,
+            Err(err) => return Err(err.into()),
+            Ok(_) => {}
         }
-        if fds[0].revents != 0 {
+        let (data, exited) = (!fds[0].revents().is_empty(), fds.get(1).is_some_and(|fd| !fd.revents().is_empty()));
+        if data {
             if !lines.fill(read, &mut |l| state.line(l))? {
                 break;
             }
-        } else if fds[1].revents != 0 {
+        } else if exited {
             // The program exited: everything it wrote is in the pipe now. Read it
             // without waiting for writers it may have left behind.
-            // SAFETY: F_SETFL with O_NONBLOCK on our own descriptor.
-            unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            let _ = rustix::fs::fcntl_setfl(read, rustix::fs::OFlags::NONBLOCK);
             while lines.fill(read, &mut |l| state.line(l))? {}
             break;
         }
@@ -252,17 +235,13 @@ impl Lines {
     /// a non-blocking pipe is empty).
     fn fill(&mut self, fd: &OwnedFd, each: &mut dyn FnMut(&str)) -> io::Result<bool> {
         let mut buf = [0u8; 64 * 1024];
-        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
-                io::ErrorKind::Interrupted => Ok(true),
-                io::ErrorKind::WouldBlock => Ok(false),
-                _ => Err(err),
-            };
-        }
-        self.split.push(&buf[..n as usize], each);
+        let n = match rustix::io::read(fd, &mut buf) {
+            Ok(n) => n,
+            Err(Errno::INTR) => return Ok(true),
+            Err(Errno::WOULDBLOCK) => return Ok(false),
+            Err(err) => return Err(err.into()),
+        };
+        self.split.push(&buf[..n], each);
         Ok(n > 0)
     }
 }

@@ -12,7 +12,8 @@ mod summary;
 
 use crate::probe::output::Hit;
 use crate::probe::session::{self, Hits, Placement};
-use crate::probe::{agent_path, cannot_run, exit_code, warn_not_loaded, EXIT_USAGE};
+use crate::probe::{agent_path, cannot_run, exit_code, warn_not_loaded};
+use crate::EXIT_ERROR;
 use clap::ArgMatches;
 use dynprobe_events::files::{self, PrivateDir};
 use std::ffi::OsString;
@@ -60,7 +61,7 @@ pub fn run(args: &RecordArgs, matches: &ArgMatches) -> ExitCode {
         Ok(code) => code,
         Err(message) => {
             eprintln!("dynprobe: {message}");
-            ExitCode::from(EXIT_USAGE)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -216,8 +217,7 @@ impl OutputDir {
                          choose another directory with -o DIR"
                     ));
                 }
-                // SAFETY: geteuid cannot fail.
-                if meta.uid() == unsafe { libc::geteuid() } {
+                if meta.uid() == rustix::process::geteuid().as_raw() {
                     fs::set_permissions(dir, fs::Permissions::from_mode(files::DIR_MODE))
                         .map_err(|e| format!("cannot make `{shown}` private: {e}"))?;
                 }

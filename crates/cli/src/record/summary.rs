@@ -125,7 +125,7 @@ fn totals(dir: &Path, stats: &RecordStats) -> String {
             "dynprobe: WARNING: {} calls were NOT TRACED: they came while their thread was inside the tracer \
              (a signal handler interrupting it) or {} traced calls deep already.",
             stats.missed,
-            dynprobe::MAX_DEPTH
+            dynprobe::internals::MAX_DEPTH
         );
     }
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });

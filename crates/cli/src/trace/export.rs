@@ -30,7 +30,7 @@ use std::process::ExitCode;
 #[derive(clap::Args)]
 pub struct ExportArgs {
     /// Write Chrome trace-event JSON to this file (`-` for standard output); open it in
-    /// https://ui.perfetto.dev or chrome://tracing.
+    /// Perfetto (ui.perfetto.dev) or chrome://tracing.
     #[arg(long, value_name = "OUT.json")]
     chrome: Option<PathBuf>,
     /// Write folded stacks to this file (`-` for standard output), for `inferno-flamegraph`

@@ -61,7 +61,7 @@ fn exit(result: Result<(), Error>) -> ExitCode {
         Err(Error::Io(err)) if err.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dynprobe: {err}");
-            ExitCode::from(crate::probe::EXIT_USAGE)
+            ExitCode::from(crate::EXIT_ERROR)
         }
     }
 }

@@ -10,9 +10,10 @@
 //! protocol with the other threads stopped, the NOP becoming a jump to a detour that calls
 //! the handler — and [`MarkerHandle::detach`] puts the NOPs back.
 //!
-//! This is the idea of the kernel's markers in the seed `kprobes-xmc-markers`, whose enable
-//! state was an immediate patched into the code with an int3 first; here the whole NOP is
-//! the switch, patched through the probe layer.
+//! This is the idea of the kernel's static keys (Documentation/staging/static-keys.rst,
+//! successors of its markers): a NOP in the code that becomes a jump when enabled, written
+//! int3 first (arch/x86/kernel/jump_label.c); here the whole NOP is the switch, patched
+//! through the probe layer.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
@@ -411,6 +412,7 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
 
 /// Handlers attached to the sites of a marker. Dropping it detaches them (errors ignored;
 /// [`MarkerHandle::detach`] reports them).
+#[must_use = "dropping the handle detaches the handler at once: keep it for as long as the handler should run"]
 pub struct MarkerHandle {
     probes: Vec<ProbeHandle>,
     sites: Vec<Arc<MarkerSite>>,
@@ -516,6 +518,7 @@ pub struct MarkerStats {
 
 /// Why a marker could not be found, attached or detached.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum MarkerError {
     /// The spec is not `provider:name`.
     BadSpec {
@@ -578,7 +581,17 @@ impl fmt::Display for MarkerError {
     }
 }
 
-impl std::error::Error for MarkerError {}
+/// The error this one wraps, where it wraps one (its message is part of this one's
+/// `Display` too, which is complete on its own).
+impl std::error::Error for MarkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MarkerError::Symbols(e) => Some(e),
+            MarkerError::Optimizer(e) | MarkerError::Probe { error: e, .. } => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<SymbolError> for MarkerError {
     fn from(e: SymbolError) -> Self {

@@ -9,6 +9,7 @@
 //! ```
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use dynprobe::spec::ProbeSpec;
@@ -47,7 +48,7 @@ fn main_with(args: Vec<OsString>) -> Result<ExitCode, String> {
         .iter()
         .map(|s| ProbeSpec::parse(&s.to_string_lossy()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let info = run(target, &specs, 1, 0).map_err(|e| e.to_string())?;
+    let info = run(target, &specs, std::io::stdout().as_fd(), std::io::stdin().as_fd()).map_err(|e| e.to_string())?;
     eprintln!(
         "dynprobe-uprobes: {:?}, {} hits, {} missed returns, {} abandoned returns",
         info.outcome, info.hits, info.missed_returns, info.abandoned_returns

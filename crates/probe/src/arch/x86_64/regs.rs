@@ -5,7 +5,8 @@
 /// skips the probed instruction, as a kprobe pre-handler may.
 ///
 /// ```
-/// # use dynprobe_probe::Regs;
+/// # extern crate dynprobe_probe as dynprobe;
+/// # use dynprobe::Regs;
 /// let mut regs = Regs::default();
 /// regs.set_arg(0, 7);
 /// assert_eq!(regs.arg(0), 7);
