@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::attached::{Session, Worker};
+use common::attached::{mappings, thread_names, Session, Worker};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -570,17 +570,6 @@ fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() 
         assert_eq!(worker.round(), alone, "{options:?}: after detach");
     }
     worker.quit();
-}
-
-/// The process's thread names (`/proc/PID/task/*/comm`).
-fn thread_names(pid: i32) -> Vec<String> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks.filter_map(Result::ok).filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect()
-}
-
-/// The lines of `/proc/PID/maps`.
-fn mappings(pid: i32) -> Vec<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().map(str::to_string).collect()
 }
 
 /// The process's resident set (`VmRSS`), in KiB.

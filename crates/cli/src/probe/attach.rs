@@ -671,7 +671,7 @@ struct Signals {
 
 /// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the signals that end a session, for
 /// the calling thread; their set.
-pub(super) fn mask_ending_signals(how: libc::c_int) -> libc::sigset_t {
+pub(crate) fn mask_ending_signals(how: libc::c_int) -> libc::sigset_t {
     // SAFETY: builds a signal set on the stack and changes this thread's mask with it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

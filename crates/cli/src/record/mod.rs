@@ -158,6 +158,10 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     lines.extend(args.depth.map(|depth| format!("depth {depth}")));
     lines.extend(args.buffer_size.map(|size| format!("ring-records {size}")));
     lines.extend(markers.lines().map(|marker| format!("marker {marker}")));
+    // Blocked before the recorder's thread starts, which inherits the mask: the session
+    // takes Ctrl-C from its signalfd (and detaches); the default action on a thread that
+    // did not block it would kill this process mid-session.
+    crate::probe::attach::mask_ending_signals(libc::SIG_BLOCK);
     let recording = progress::Recording::start(rings.path(), &args.dir, &command)
         .map_err(|e| format!("cannot start recording: {e}"))?;
     let request = crate::probe::attach::Request {

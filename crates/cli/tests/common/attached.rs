@@ -185,3 +185,14 @@ impl Session {
         (status.code(), stdout, self.seen.join("\n"))
     }
 }
+
+/// The process's thread names (`/proc/PID/task/*/comm`).
+pub fn thread_names(pid: i32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.filter_map(Result::ok).filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect()
+}
+
+/// The lines of `/proc/PID/maps`.
+pub fn mappings(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().map(str::to_string).collect()
+}
