@@ -20,9 +20,13 @@ use std::time::{Duration, Instant};
 fn server_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| {
-        let flags: Vec<&OsStr> = ["-O1", "-g", "-fno-inline", "-no-pie"].iter().map(OsStr::new).collect();
-        common::build_with("g++", "server.cpp", "record-attach-server", &flags)
+        common::build_with("g++", "server.cpp", "record-attach-server", &os(&["-O1", "-g", "-fno-inline", "-no-pie"]))
     })
+}
+
+/// Compiler flags as `build_with` takes them.
+fn os(flags: &[&'static str]) -> Vec<&'static OsStr> {
+    flags.iter().copied().map(OsStr::new).collect()
 }
 
 /// The server, its log written to `<test>.log` in the scratch directory; `throw` makes its
@@ -42,8 +46,12 @@ fn start_server_exe(test: &str, exe: &'static Path, throw: bool) -> Worker {
 fn static_server_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| {
-        let flags: Vec<&OsStr> = ["-O1", "-g", "-fno-inline", "-static"].iter().map(OsStr::new).collect();
-        common::build_with("g++", "server.cpp", "record-attach-server-static", &flags)
+        common::build_with(
+            "g++",
+            "server.cpp",
+            "record-attach-server-static",
+            &os(&["-O1", "-g", "-fno-inline", "-static"]),
+        )
     })
 }
 
@@ -265,6 +273,44 @@ fn processes_that_cannot_be_recorded_are_refused_with_the_reason() {
     assert_eq!(status, Some(0), "{stderr}");
     assert_eq!(server.ask("run 5 5 5 5"), untraced("refused", "5 5 5 5", false));
     server.quit();
+}
+
+/// `targets/worker.c` (threads created and ended every round, a `dlopen` on request) and
+/// `targets/plugin.c`, built once.
+fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
+    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let worker = common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-ldl"]));
+        let plugin = common::build_c("plugin.c", "libplugin-record-attach.so", &os(&["-shared", "-fPIC"]));
+        (worker, plugin)
+    })
+}
+
+#[test]
+fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
+    let (worker_exe, plugin) = worker_and_plugin();
+    let log = common::scratch().join(format!("threads-{}.log", std::process::id()));
+    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let untraced = worker.round();
+    let dir = trace_dir("threads");
+    let mut session = record(worker.pid, &dir, &["-F", "mix", "-F", "libplugin-record-attach:*"]);
+    session.wait_for("attached to");
+    // Four threads are created, make their calls and end, all while recording; the
+    // library comes with a dlopen during the session, its functions traced from then on.
+    assert_eq!(worker.round(), untraced, "the same checksum while recorded");
+    assert_eq!(worker.ask(&format!("load {}", plugin.display())), "plugin 77");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains("from 4 threads") || stderr.contains("from 5 threads"), "{stderr}");
+    let report = dynprobe_ok(&["report".as_ref(), dir.as_os_str()]);
+    let calls = |name: &str| -> u64 {
+        let line = report.lines().find(|l| l.ends_with(&format!(" {name}"))).unwrap_or_else(|| panic!("{report}"));
+        line.split_whitespace().nth_back(1).unwrap().parse().unwrap()
+    };
+    // worker.c: 4 threads × 300 rounds of mix; plugin_work(7) calls plugin_leaf twice.
+    assert_eq!((calls("mix"), calls("plugin_work"), calls("plugin_leaf")), (1200, 1, 2), "{report}");
+    assert_eq!(worker.round(), untraced, "and after");
+    worker.quit();
 }
 
 /// Waits up to 30 s for `done`.
