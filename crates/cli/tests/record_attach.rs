@@ -73,7 +73,12 @@ fn record(pid: i32, dir: &Path, options: &[&str]) -> Session {
 /// Records `pid` for `duration` with `-F 'srv_*'`; dynprobe's whole stderr, after checking
 /// that it attached, detached and exited 0.
 fn record_for(pid: i32, dir: &Path, duration: &str) -> String {
-    let session = record(pid, dir, &["-F", "srv_*", "--duration", duration]);
+    record_for_with(pid, dir, &["-F", "srv_*", "--duration", duration])
+}
+
+/// [`record_for`] with these options.
+fn record_for_with(pid: i32, dir: &Path, options: &[&str]) -> String {
+    let session = record(pid, dir, options);
     let (status, _, stderr) = session.end(None);
     assert_eq!(status, Some(0), "record -p failed:\n{stderr}");
     assert!(stderr.contains(&format!("attached to {pid} (")), "{stderr}");
@@ -311,6 +316,32 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
     assert_eq!((calls("mix"), calls("plugin_work"), calls("plugin_leaf")), (1200, 1, 2), "{report}");
     assert_eq!(worker.round(), untraced, "and after");
     worker.quit();
+}
+
+#[test]
+fn blocking_calls_never_return_early_unreported_across_ten_sessions() {
+    // targets/blocking.c: ten threads in blocking calls, each result checked; `work` is
+    // called from the main thread every 20 ms.
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| common::build_c("blocking.c", "record-attach-blocking", &os(&["-O1", "-fno-inline"])));
+    let mut program = Worker::start_with(exe, OsStr::new("-"), PathBuf::new(), &[]);
+    let mut reported = 0;
+    for session in 0..10 {
+        let dir = trace_dir(&format!("blocking-{session}"));
+        let stderr = record_for_with(program.pid, &dir, &["-F", "work", "--duration", "0.4"]);
+        reported += stderr
+            .lines()
+            .filter(|l| l.contains("EINTR"))
+            .filter_map(|w| w.split("warning: ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        assert!(stderr.contains("recorded ") && !stderr.contains("recorded 0 events"), "{stderr}");
+    }
+    let report = program.ask("quit");
+    let eintr: u64 = report.split_whitespace().nth(3).and_then(|n| n.parse().ok()).expect("a report");
+    // A thread blocked in its call is never disturbed; one seen running that entered its
+    // call as the stop signal was on its way is the one way left, and is always said.
+    assert_eq!(eintr, reported, "blocking calls returned early unreported: {report}");
+    assert!(eintr <= 3, "{eintr} blocking calls returned early in 10 sessions: {report}");
 }
 
 /// Waits up to 30 s for `done`.
