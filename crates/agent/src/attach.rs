@@ -1,4 +1,5 @@
-//! Attach mode: `dynprobe probe -p PID` loads this library into a running process (a
+//! Attach mode: `dynprobe probe -p PID` (or `record -p PID`, which asks for a recording of
+//! the process's calls instead of probes) loads this library into a running process (a
 //! `dlopen` the CLI makes the process call, through ptrace) and then calls
 //! [`dynprobe_attach`] with the path of its control socket. Everything after that happens
 //! here, in-process, on a thread of the agent's: the CLI has already let go of ptrace.

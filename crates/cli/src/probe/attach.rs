@@ -1,4 +1,6 @@
-//! `dynprobe probe -p PID`: probing a process that is already running.
+//! `dynprobe probe -p PID`: probing a process that is already running. `dynprobe record -p
+//! PID` goes through the same steps, its request (`Request::record`) asking the agent to
+//! record the process's calls into rings instead of placing probes.
 //!
 //! 1. A control socket is made in a fresh directory only the target's user can enter.
 //! 2. The agent library is loaded into the target by a `dlopen` the target is made to
