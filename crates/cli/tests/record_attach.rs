@@ -212,6 +212,7 @@ fn exceptions_and_recursion_in_flight_at_attach_and_detach_over_twenty_sessions(
         assert!(!stderr.contains("already has a dynprobe session"), "session {round}:\n{stderr}");
         let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
         unwound += replay.matches("unwound").count();
+        assert_eq!(exit_without_entry(&replay), None, "session {round}:\n{stderr}");
         let _ = std::fs::remove_dir_all(&dir);
     }
     assert!(unwound > 0, "exceptions thrown through recorded calls show them unwound");
@@ -226,6 +227,44 @@ fn exceptions_and_recursion_in_flight_at_attach_and_detach_over_twenty_sessions(
     let mut names = thread_names(server.pid);
     names.sort();
     assert_eq!(names, names_before, "no thread of dynprobe's is left");
+    server.quit();
+}
+
+/// The first line of `replay` output that closes a call whose entry is not in the trace
+/// (no duration, a closing brace).
+fn exit_without_entry(replay: &str) -> Option<&str> {
+    replay.lines().find(|line| {
+        let call = line.split_once("] | ").map(|(_, call)| call.trim_start());
+        line.trim_start().starts_with('[') && call.is_some_and(|c| c.starts_with('}'))
+    })
+}
+
+#[test]
+fn a_call_entered_in_one_session_and_ended_in_the_next_ends_in_neither_trace() {
+    let mut server = start_server("two", false);
+    let (first, second) = (trace_dir("two-first"), trace_dir("two-second"));
+    let mut session = record(server.pid, &first, &["-F", "srv_*"]);
+    session.wait_for("attached to");
+    // Every thread enters srv_serve while recording, and is still in it at the detach:
+    // its return address stays diverted, the agent stays loaded for it.
+    writeln_go(&mut server);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert!(status == Some(0) && stderr.contains("stays loaded"), "{stderr}");
+    let mut session = record(server.pid, &second, &["-F", "srv_*"]);
+    session.wait_for("attached to");
+    // Those srv_serve calls return now, through the trampoline, while the second session
+    // records: they are the first session's calls, whose exit this trace must not show.
+    let (line, counts) = stop(&mut server);
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), first.as_os_str()]);
+    assert_eq!(replay.matches("| srv_serve() {").count(), 4, "the first trace has their entries");
+    let replay = dynprobe_ok(&["replay".as_ref(), second.as_os_str()]);
+    assert_eq!(exit_without_entry(&replay), None, "the second trace has no exit of theirs:\n{replay}");
+    assert!(!replay.contains("srv_serve"), "{replay}");
+    assert_eq!(line, untraced("two", &counts, false), "the same result as an untraced run");
     server.quit();
 }
 
