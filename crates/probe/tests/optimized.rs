@@ -840,3 +840,41 @@ fn a_panicking_handler_is_contained_and_counted_on_both_paths() {
     dynprobe_probe::set_optimization(true).unwrap();
     assert_eq!(dynprobe_probe::handler_panics() - before, 4);
 }
+
+#[test]
+fn disabled_probes_come_out_together_while_threads_call_them() {
+    let _serial = serial();
+    let t = target();
+    let hot = t.func1("opt_hot");
+    let (hot_addr, push_addr) = (t.addr("opt_hot"), t.addr("opt_push"));
+    let (hot_before, push_before) = (code(hot_addr, 16), code(push_addr, 16));
+    // Two probes alone at their site, and two sharing one: those come out one by one.
+    let probes = vec![
+        optimized(Probe::at(sym!("opt_hot")).on_hit(|regs| regs.rax ^= 0)),
+        optimized(Probe::at(sym!("opt_push")).on_hit(|_| {})),
+        optimized(Probe::at(sym!("opt_push")).on_hit(|_| {})),
+    ];
+    assert_eq!(code(hot_addr, 1), [JMP]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|k| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(hot(n * 2 + k), (n * 2 + k) * 2 + 1);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    ProbeHandle::disable_all(&probes).unwrap();
+    ProbeHandle::unregister_all(probes).unwrap();
+    assert_eq!((code(hot_addr, 16), code(push_addr, 16)), (hot_before, push_before), "every byte restored");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    let left: Vec<String> = dynprobe_probe::list().iter().map(ToString::to_string).collect();
+    assert!(!left.iter().any(|p| p.contains("opt_hot") || p.contains("opt_push")), "{left:?}");
+}
