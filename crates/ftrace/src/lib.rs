@@ -201,8 +201,9 @@ impl Tracer {
     pub fn stop(self) -> Result<(), FtraceError> {
         batch::disable(&self.patched)?;
         ProbeHandle::disable_all(&self.probes)?;
-        // Disabled together, removed together: one grace period for all of them.
-        ProbeHandle::unregister_all(self.probes)?;
+        for probe in self.probes {
+            probe.unregister()?;
+        }
         Ok(())
     }
 
