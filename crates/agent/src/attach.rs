@@ -1,4 +1,5 @@
-//! Attach mode: `dynprobe probe -p PID` loads this library into a running process (a
+//! Attach mode: `dynprobe probe -p PID` (or `record -p PID`, which asks for a recording of
+//! the process's calls instead of probes) loads this library into a running process (a
 //! `dlopen` the CLI makes the process call, through ptrace) and then calls
 //! [`dynprobe_attach`] with the path of its control socket. Everything after that happens
 //! here, in-process, on a thread of the agent's: the CLI has already let go of ptrace.
@@ -7,9 +8,14 @@
 //!
 //! ```text
 //! CLI → agent   attach\n[optimize 0\n]<spec>\n<spec>...   with the event pipe's two ends (SCM_RIGHTS)
+//!               attach\nrecord <ring dir>\n<setting>...     instead: record the process's function calls
+//!                                                         (`dynprobe record -p`); settings `F <glob>`,
+//!                                                         `N <glob>`, `depth <n>`, `ring-records <n>`,
+//!                                                         `marker <provider:name>` (the `record` module)
 //!               detach
 //! agent → CLI   !pending <spec>: <why>                    (before !ready) its module is not loaded yet
-//!               !ready <placed>                           every other probe is placed
+//!               !ready <placed>                           every other probe is placed (recording: the
+//!                                                         sites patched; the calls go into the rings)
 //!               !error <spec>: <why>                      refused: nothing is left placed, the session ends
 //!               !placed <spec>                            a pending probe's module was loaded: placed now
 //!               !lost <n>                                 events dropped so far (a full pipe)
@@ -204,6 +210,11 @@ fn session(socket: OwnedFd) {
     // this thread has ended, if nothing of it is still in use; it is told how many loads
     // to undo: this session's, and those of earlier sessions whose CLI could not.
     crate::heap::set_released(released.is_ok());
+    if released.is_ok() {
+        // No site calls the function-graph tracer any more and no call is still to return
+        // through its trampoline: what ended recordings kept can go.
+        dynprobe_ftrace::Tracer::free_ended();
+    }
     // Stored by `dynprobe_attach` (under this lock) before this thread could get here.
     let thread = SESSION_THREAD.lock().unwrap_or_else(|e| e.into_inner()).take();
     match (&released, detach_asked) {
@@ -251,6 +262,8 @@ impl Control {
 /// What the CLI's first message asks for.
 struct Setup {
     specs: Vec<String>,
+    /// `record <ring dir>` and the recording's settings, instead of specs.
+    record: Option<(String, Vec<String>)>,
     optimize: bool,
     /// The event pipe: hits are written to `write`; `read` is only held open.
     write: OwnedFd,
@@ -280,13 +293,16 @@ fn first_message(control: &Control) -> Option<Setup> {
     }
     let mut optimize = true;
     let mut specs = Vec::new();
+    let mut record = None;
     for line in lines.map(str::trim).filter(|l| !l.is_empty()) {
-        match line.strip_prefix("optimize ") {
-            Some(value) => optimize = value != "0",
-            None => specs.push(line.to_string()),
+        match (line.strip_prefix("optimize "), line.strip_prefix("record "), &mut record) {
+            (Some(value), _, _) => optimize = value != "0",
+            (None, Some(dir), None) => record = Some((dir.to_string(), Vec::new())),
+            (None, _, Some((_, settings))) => settings.push(line.to_string()),
+            (None, _, None) => specs.push(line.to_string()),
         }
     }
-    Some(Setup { specs, optimize, write, read })
+    Some(Setup { specs, record, optimize, write, read })
 }
 
 /// Receives one message and the descriptors it carries.
@@ -337,6 +353,9 @@ fn run(control: &Control, setup: Setup) -> bool {
     let interrupted_before = dynprobe::interrupted_system_calls();
     // Only fails inside a handler, which this thread is not.
     let _ = dynprobe::set_optimization(setup.optimize);
+    if let Some((dir, settings)) = &setup.record {
+        return record(control, dir, settings, interrupted_before);
+    }
     let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
         Ok(set) => Arc::new(Mutex::new(set)),
         Err(refused) => {
@@ -393,6 +412,38 @@ fn run(control: &Control, setup: Setup) -> bool {
     }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
     detach_asked
+}
+
+/// [`run`] for `dynprobe record -p`: starts recording into the ring directory `dir` as
+/// `settings` say, serves the socket until `detach` or until it closes, then ends the
+/// recording (every patched site restored). True when the CLI asked for the detach and
+/// everything was restored (it then unloads the library if nothing of it is in use).
+fn record(control: &Control, dir: &str, settings: &[String], interrupted_before: u64) -> bool {
+    let attached = crate::record::Settings::from_lines(settings.iter().map(String::as_str))
+        .and_then(|settings| crate::record::attach(std::path::Path::new(dir), &settings));
+    let attached = match attached {
+        Ok(attached) => attached,
+        Err(why) => {
+            control.send(&format!("!error record: {}", why.replace('\n', " ")));
+            return true;
+        }
+    };
+    control.send(&format!("!ready {}", attached.patched));
+    let detach_asked = serve(control);
+    let mut problems: Vec<String> = attached.end().err().into_iter().collect();
+    let left = problems.len();
+    release_signals(&mut problems, left);
+    warn_interrupted(control, dynprobe::interrupted_system_calls() - interrupted_before);
+    if detach_asked {
+        let problems = match problems.is_empty() {
+            true => String::new(),
+            // The sites left record nothing more (the recording is over): they only cost
+            // the time of a call into the tracer, which returns at once.
+            false => format!(" could not restore: {}", problems.join("; ")),
+        };
+        control.send(&format!("!detached 0{problems}"));
+    }
+    detach_asked && problems.is_empty()
 }
 
 /// Tells the CLI that `count` blocking system calls of the program returned early because

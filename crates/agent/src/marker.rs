@@ -6,7 +6,7 @@ use dynprobe::fetch::{gettid, HitContext, SelfMemory};
 use dynprobe::line::{EventFormat, Line};
 use dynprobe::marker::{spec_for_site, ArgValue, MarkerHit, MarkerSite};
 use dynprobe::spec::ProbeSpec;
-use dynprobe::{monotonic_ns, Marker};
+use dynprobe::{monotonic_ns, Marker, MarkerHandle};
 use dynprobe_events::marker::MarkerRecords;
 use dynprobe_ftrace::Tracer;
 use std::fmt::Write as _;
@@ -105,14 +105,12 @@ impl RecordedMarkers {
         out
     }
 
-    /// Attaches the recording handler to every site, for the rest of the process's life:
-    /// each hit goes into its thread's ring, beside its calls (see [`record_hit`]).
-    pub fn attach(self) -> Result<(), String> {
+    /// Attaches the recording handler to every site, until the handle is detached (or
+    /// forgotten, for the rest of the process's life): each hit goes into its thread's
+    /// ring, beside its calls (see [`record_hit`]).
+    pub fn attach(self) -> Result<MarkerHandle, String> {
         let addrs: Box<[u64]> = self.sites.iter().map(|s| s.addr).collect();
-        let handle = Marker::attach_sites(self.sites, move |hit| record_hit(&addrs, hit)).map_err(|e| e.to_string())?;
-        // Recording lasts as long as the process, as the tracer's own probes do.
-        std::mem::forget(handle);
-        Ok(())
+        Marker::attach_sites(self.sites, move |hit| record_hit(&addrs, hit)).map_err(|e| e.to_string())
     }
 }
 

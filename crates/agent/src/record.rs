@@ -28,11 +28,12 @@ use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
 use dynprobe_ftrace::{Filter, FtraceError, Selection, TracedFunction, Tracer};
-use std::cell::UnsafeCell;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The ring directory; its presence selects record mode.
 pub const RECORD_ENV: &str = "DYNPROBE_RECORD";
@@ -59,7 +60,14 @@ const MAX_IMAGES: u32 = 1000;
 pub fn start(ring_dir: &str, channel: Option<Channel>) {
     // The agent's own calls (the C library's, when it is traced) are not the program's.
     dynprobe_probe::set_current_thread_traced(false);
-    let started = try_start(Path::new(ring_dir), channel.is_some());
+    let started = Settings::from_env()
+        .map_err(NotTraced::from)
+        .and_then(|settings| try_start(Path::new(ring_dir), channel.is_some(), &settings));
+    let started = started.map(|started| {
+        let patched = started.patched;
+        started.keep();
+        patched
+    });
     dynprobe_probe::set_current_thread_traced(true);
     match started {
         Ok(patched) => {
@@ -85,6 +93,123 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     }
 }
 
+/// A recording of a process that was already running (`dynprobe record -p`, through the
+/// `attach` module), which ends with the session: [`Attached::end`].
+pub(crate) struct Attached {
+    tracer: Arc<Mutex<Option<Tracer>>>,
+    watch: Option<crate::dlopen::ModuleWatch>,
+    markers: Option<dynprobe::MarkerHandle>,
+    /// Sites patched at the start.
+    pub(crate) patched: u64,
+}
+
+/// Starts recording this running process into the ring directory `dir`, as `settings`
+/// say: the message is the `!error` text when nothing could start (nothing is left then).
+pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String> {
+    let started = try_start(dir, true, settings).map_err(|e| e.message)?;
+    let patched = started.patched;
+    // A child forked during the session gets its own ring file (see `in_child`).
+    remember_for_fork(&started.dir, &started.funcs, started.markers_path.as_deref(), &started.exe);
+    let tracer = Arc::new(Mutex::new(Some(started.tracer)));
+    let watch = match started.libraries {
+        Some(libraries) => match libraries.watch(Arc::clone(&tracer)) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                let mut attached = Attached { tracer, watch: None, markers: started.markers, patched };
+                let _ = attached.end_tracing();
+                return Err(format!("cannot watch for libraries loaded later: {e}"));
+            }
+        },
+        None => None,
+    };
+    let _ = dynprobe_probe::wait_for_optimizer();
+    Ok(Attached { tracer, watch, markers: started.markers, patched })
+}
+
+impl Attached {
+    /// Ends the recording: the `dlopen` watch and the marker handlers go, every patched site
+    /// gets its bytes back, and nothing more is recorded (calls in flight return to their
+    /// callers through the return trampoline, unrecorded). `Err` says what could not be
+    /// restored.
+    pub(crate) fn end(mut self) -> Result<(), String> {
+        if let Some(watch) = self.watch.take() {
+            watch.stop();
+        }
+        self.end_tracing()
+    }
+
+    fn end_tracing(&mut self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if let Some(markers) = self.markers.take() {
+            if let Err(e) = markers.detach() {
+                problems.push(format!("a marker site: {e}"));
+            }
+        }
+        let tracer = self.tracer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Err(e)) = tracer.map(Tracer::end) {
+            problems.push(e.to_string());
+        }
+        forget_fork_paths();
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems.join("; ")),
+        }
+    }
+}
+
+/// What `dynprobe record` asked for: from the environment of a program it starts, or from
+/// the attach message of `record -p`.
+pub(crate) struct Settings {
+    filter: Filter,
+    /// The deepest call recorded.
+    depth: usize,
+    /// Records per thread ring.
+    records: usize,
+    /// `-M` patterns, `provider:name` a line.
+    markers: String,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings, String> {
+        let var = |name| std::env::var(name).ok();
+        Settings::new(&var(FILTER_ENV).unwrap_or_default(), var(DEPTH_ENV), var(RING_RECORDS_ENV), var(MARKERS_ENV))
+    }
+
+    /// The settings of an attach message's lines: `F <glob>` / `N <glob>` (the filter, in
+    /// order), `depth <n>`, `ring-records <n>`, `marker <provider:name>`.
+    pub(crate) fn from_lines<'a>(lines: impl Iterator<Item = &'a str>) -> Result<Settings, String> {
+        let (mut filter, mut depth, mut records, mut markers) = (Vec::new(), None, None, Vec::new());
+        for line in lines {
+            match line.split_once(' ') {
+                Some(("F" | "N", _)) => filter.push(line),
+                Some(("depth", n)) => depth = Some(n.to_string()),
+                Some(("ring-records", n)) => records = Some(n.to_string()),
+                Some(("marker", m)) => markers.push(m),
+                _ => return Err(format!("unknown record setting `{line}`")),
+            }
+        }
+        Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))
+    }
+
+    fn new(
+        filter: &str,
+        depth: Option<String>,
+        records: Option<String>,
+        markers: Option<String>,
+    ) -> Result<Settings, String> {
+        let filter = Filter::from_lines(filter)?;
+        let depth = match depth {
+            Some(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
+            None => usize::MAX,
+        };
+        let records = match records {
+            Some(v) => v.parse::<usize>().map_err(|_| format!("{RING_RECORDS_ENV}={v} is not a number"))?,
+            None => DEFAULT_RING_RECORDS,
+        };
+        Ok(Settings { filter, depth, records, markers: markers.unwrap_or_default() })
+    }
+}
+
 /// Why an image is not traced.
 struct NotTraced {
     message: String,
@@ -98,23 +223,53 @@ impl From<String> for NotTraced {
     }
 }
 
+/// A recording that started: what a started program keeps for its life
+/// ([`Started::keep`]) and an attach session until its end.
+struct Started {
+    tracer: Tracer,
+    /// The ring directory.
+    dir: PathBuf,
+    patched: u64,
+    funcs: PathBuf,
+    markers_path: Option<PathBuf>,
+    markers: Option<dynprobe::MarkerHandle>,
+    exe: PathBuf,
+    /// When patterns name libraries: what the `dlopen` watch needs.
+    libraries: Option<Libraries>,
+}
+
+impl Started {
+    /// Keeps recording for the rest of the process's life: forked children get their own
+    /// ring files, libraries `dlopen`ed later are traced too.
+    fn keep(self) {
+        remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
+        // Recording lasts as long as the process, as the tracer's own probes do.
+        std::mem::forget(self.markers);
+        let tracer = Arc::new(Mutex::new(Some(self.tracer)));
+        match self.libraries.map(|libraries| libraries.watch(Arc::clone(&tracer))) {
+            Some(Ok(watch)) => watch.keep(),
+            Some(Err(e)) => eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}"),
+            None => {}
+        }
+        // Tracing lasts as long as the process: no path may drop the tracer and unregister
+        // the program's probes.
+        std::mem::forget(tracer);
+        // Every probe placed so far (the watcher's on `dlopen` too) becomes a jump before
+        // `main`, while this is the only thread: a program that blocks every signal later
+        // could not be stopped for it, and a breakpoint hit with SIGTRAP blocked kills.
+        let _ = dynprobe_probe::wait_for_optimizer();
+    }
+}
+
 /// Selects, writes the function list, starts the tracer, writes the summary and publishes
-/// the ring file. Returns the number of sites patched. The first image refuses `-M`
-/// patterns that name no marker; an image it `exec`s records the markers it has of them.
-fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
-    let filter = Filter::from_lines(&std::env::var(FILTER_ENV).unwrap_or_default())?;
-    let depth = match std::env::var(DEPTH_ENV) {
-        Ok(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
-        Err(_) => usize::MAX,
-    };
-    let records = match std::env::var(RING_RECORDS_ENV) {
-        Ok(v) => v.parse::<usize>().map_err(|_| format!("{RING_RECORDS_ENV}={v} is not a number"))?,
-        Err(_) => DEFAULT_RING_RECORDS,
-    };
+/// the ring file. The first image (and an attach session) refuses `-M` patterns that name
+/// no marker; an image it `exec`s records the markers it has of them.
+fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, NotTraced> {
+    let filter = &settings.filter;
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
-    let selection = Selection::new(&table, &filter)
+    let selection = Selection::new(&table, filter)
         .map_err(|e| NotTraced { no_match: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
-    let markers = match RecordedMarkers::find(&std::env::var(MARKERS_ENV).unwrap_or_default()) {
+    let markers = match RecordedMarkers::find(&settings.markers) {
         Ok(markers) => markers,
         Err(e) if first => return Err(e.into()),
         Err(_) => RecordedMarkers::default(),
@@ -130,19 +285,23 @@ fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
     // probes with the same table rather than reading every module's symbols again.
     let known = watch.then(|| Selection::module_paths(&table));
     dynprobe_probe::adopt_symbols(table);
-    let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, records, Clock::detect())
+    let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, settings.records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let markers_path = (!markers.is_empty()).then(|| path("markers"));
     let started =
-        Tracer::start(selection, ring, Clock::detect(), depth).map_err(|e| e.to_string()).and_then(|tracer| {
-            if let Some(markers_path) = &markers_path {
-                write_file(markers_path, &markers.list())?;
-                markers.attach()?;
+        Tracer::start(selection, ring, Clock::detect(), settings.depth).map_err(|e| e.to_string()).and_then(|tracer| {
+            let Some(markers_path) = &markers_path else { return Ok((tracer, None)) };
+            let attached = write_file(markers_path, &markers.list()).and_then(|()| markers.attach());
+            match attached {
+                Ok(handle) => Ok((tracer, Some(handle))),
+                Err(e) => {
+                    let _ = tracer.end();
+                    Err(e)
+                }
             }
-            Ok(tracer)
         });
-    let tracer = match started {
-        Ok(tracer) => tracer,
+    let (tracer, marker_handle) = match started {
+        Ok(started) => started,
         Err(e) => {
             for file in [Some(&pending), Some(&funcs), markers_path.as_ref()].into_iter().flatten() {
                 let _ = std::fs::remove_file(file);
@@ -152,23 +311,27 @@ fn try_start(dir: &Path, first: bool) -> Result<u64, NotTraced> {
     };
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
     let sites = site_list(&exe, tracer.summary());
-    write_file(&path("sites"), &sites)?;
-    std::fs::rename(&pending, path("ring"))
-        .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))?;
-    let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
-    remember_for_fork(dir, &funcs, markers_path.as_deref(), &exe);
-    if let Some(known) = known {
-        // Libraries `dlopen`ed later are matched against the patterns too.
-        watch_libraries(tracer, filter, known, funcs, path("sites"), exe);
-    } else {
-        // Tracing lasts as long as the process.
-        std::mem::forget(tracer);
+    let published = write_file(&path("sites"), &sites).and_then(|()| {
+        std::fs::rename(&pending, path("ring"))
+            .map_err(|e| format!("cannot publish the ring file {}: {e}", pending.display()))
+    });
+    if let Err(e) = published {
+        // Nothing is left recording (an attach session goes on without it).
+        if let Some(handle) = marker_handle {
+            let _ = handle.detach();
+        }
+        let _ = tracer.end();
+        return Err(e.into());
     }
-    // Every probe placed so far (the watcher's on `dlopen` too) becomes a jump before
-    // `main`, while this is the only thread: a program that blocks every signal later
-    // could not be stopped for it, and a breakpoint hit with SIGTRAP blocked kills.
-    let _ = dynprobe_probe::wait_for_optimizer();
-    Ok(patched)
+    let patched = tracer.summary().kinds.iter().map(|(_, _, patched)| patched).sum();
+    let libraries = known.map(|known| Libraries {
+        filter: filter.clone(),
+        known,
+        funcs: funcs.clone(),
+        sites: path("sites"),
+        exe: exe.clone(),
+    });
+    Ok(Started { tracer, dir: dir.to_path_buf(), patched, funcs, markers_path, markers: marker_handle, exe, libraries })
 }
 
 /// Takes the first free `<pid>.<n>` by creating its `.funcs` file (exclusively) with
@@ -238,15 +401,11 @@ struct ForkPaths {
     exe: PathText,
 }
 
-/// Written once by `remember_for_fork` before any fork handler can run, then read (and
-/// `funcs` rewritten) only by the fork child handler, in a child that has a single thread.
-struct ForkState(UnsafeCell<Option<ForkPaths>>);
-
-// SAFETY: see the type: one writer before handlers exist, then only a forked child's
-// single thread.
-unsafe impl Sync for ForkState {}
-
-static FORK: ForkState = ForkState(UnsafeCell::new(None));
+/// The current recording's [`ForkPaths`] (a leaked `Box`), or null when there is none: a
+/// child forked then is not recorded. Replaced only by this process's threads outside fork
+/// handlers; read, and changed, by the fork child handler, in a child that has a single
+/// thread and its own copy of the memory.
+static FORK: AtomicPtr<ForkPaths> = AtomicPtr::new(std::ptr::null_mut());
 
 fn remember_for_fork(dir: &Path, funcs: &Path, markers: Option<&Path>, exe: &Path) {
     let text = |p: &Path| {
@@ -255,10 +414,28 @@ fn remember_for_fork(dir: &Path, funcs: &Path, markers: Option<&Path>, exe: &Pat
         t
     };
     let paths = ForkPaths { dir: text(dir), funcs: text(funcs), markers: markers.map(text), exe: text(exe) };
-    // SAFETY: no fork handler is registered yet, so no one else reads it.
-    unsafe { *FORK.0.get() = Some(paths) };
-    // SAFETY: registers plain functions; pthread_atfork copies the pointers.
-    unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
+    set_fork_paths(Box::into_raw(Box::new(paths)));
+    // The handlers are registered once per load of this library (an attach session after
+    // another finds them there); dlclose unregisters them (glibc's __cxa_finalize).
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if !REGISTERED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registers plain functions; pthread_atfork copies the pointers.
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
+    }
+}
+
+/// The end of an attach session's recording: a child forked from now on is not recorded.
+fn forget_fork_paths() {
+    set_fork_paths(std::ptr::null_mut());
+}
+
+fn set_fork_paths(paths: *mut ForkPaths) {
+    let old = FORK.swap(paths, Ordering::AcqRel);
+    if !old.is_null() {
+        // SAFETY: a Box leaked by `remember_for_fork` and just taken out of FORK. Only a fork
+        // child's handler uses it otherwise, on the child's own copy of the memory.
+        drop(unsafe { Box::from_raw(old) });
+    }
 }
 
 /// The `pthread_atfork` prepare handler: this thread's records wait until the fork is
@@ -283,9 +460,14 @@ extern "C" fn in_child() {
 }
 
 fn give_child_its_ring() {
-    // SAFETY: this thread is the child's only one (see ForkState).
-    let Some(paths) = (unsafe { &mut *FORK.0.get() }) else { return };
     let Some(ring) = Tracer::ring() else { return };
+    // SAFETY: this thread is the child's only one, and the memory the child's own (see FORK).
+    let Some(paths) = (unsafe { FORK.load(Ordering::Acquire).as_mut() }) else {
+        // Recording, but not for children (an attach session's end is under way): the
+        // child must not write into its parent's rings.
+        ring.detach_in_child();
+        return;
+    };
     // SAFETY: getpid and getppid cannot fail.
     let (pid, ppid) = unsafe { (libc::getpid() as u64, libc::getppid() as u32) };
     let dir = &paths.dir;
@@ -354,27 +536,28 @@ fn write_small_file(path: &std::ffi::CStr, content: &[u8]) {
     }
 }
 
-/// Traces the libraries `dlopen`ed later that the patterns match, for the rest of the
-/// process's life. Keeps `tracer` for good, also when watching cannot start (tracing goes
-/// on without it): leaked up front, so that no path drops it and unregisters the
-/// program's probes.
-fn watch_libraries(
-    tracer: Tracer,
+/// What tracing the libraries `dlopen`ed later that the patterns match needs.
+struct Libraries {
     filter: Filter,
-    mut known: HashSet<PathBuf>,
+    /// The modules seen so far.
+    known: HashSet<PathBuf>,
     funcs: PathBuf,
     sites: PathBuf,
     exe: PathBuf,
-) {
-    let tracer: &'static mut Tracer = Box::leak(Box::new(tracer));
-    let on_load = move || {
-        if let Err(e) = add_new_modules(tracer, &filter, &mut known, &funcs, &sites, &exe) {
-            eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
-        }
-    };
-    match crate::dlopen::watch(on_load) {
-        Ok(watch) => watch.keep(),
-        Err(e) => eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}"),
+}
+
+impl Libraries {
+    /// Starts the `dlopen` watch that adds the new libraries' functions to `tracer` (while
+    /// it is there: an ended recording's is taken).
+    fn watch(mut self, tracer: Arc<Mutex<Option<Tracer>>>) -> Result<crate::dlopen::ModuleWatch, String> {
+        crate::dlopen::watch(move || {
+            let mut tracer = tracer.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(tracer) = tracer.as_mut() else { return };
+            let Libraries { filter, known, funcs, sites, exe } = &mut self;
+            if let Err(e) = add_new_modules(tracer, filter, known, funcs, sites, exe) {
+                eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
+            }
+        })
     }
 }
 

@@ -3,8 +3,10 @@
  * of calls to small functions, built by build.rs with compiler NOP sites at every entry
  * (-pg -mfentry -mnop-mcount -mrecord-mcount), the tracers' fast path.
  *
- *   graph ITERATIONS
+ *   graph ITERATIONS [wait]
  *
+ * With `wait` it prints "ready" and waits for a line on stdin before its loop: the
+ * `after-detach` row records it with `dynprobe record -p` meanwhile, then times the loop.
  * Each iteration makes CALLS_PER_ITERATION traced calls: graph_outer, which calls
  * graph_leaf, so the tracer keeps a depth-2 shadow stack as real code makes it do. The
  * loop alone is timed, so neither process start-up, nor the tracer's set-up, nor the
@@ -15,6 +17,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define CALLS_PER_ITERATION 2
@@ -44,10 +47,18 @@ static double now_ns(void)
 int main(int argc, char **argv)
 {
 	char *end;
-	long iterations = argc == 2 ? strtol(argv[1], &end, 10) : 0;
-	if (argc != 2 || *end != '\0' || iterations <= 0) {
-		fprintf(stderr, "usage: %s ITERATIONS (a positive number)\n", argv[0]);
+	long iterations = argc >= 2 ? strtol(argv[1], &end, 10) : 0;
+	int wait = argc == 3 && strcmp(argv[2], "wait") == 0;
+	if (argc < 2 || argc > 2 + wait || *end != '\0' || iterations <= 0) {
+		fprintf(stderr, "usage: %s ITERATIONS [wait] (a positive number)\n", argv[0]);
 		return 2;
+	}
+	if (wait) {
+		char line[64];
+		printf("ready\n");
+		fflush(stdout);
+		if (!fgets(line, sizeof line, stdin))
+			return 2;
 	}
 	/* volatile: the sum is stored every iteration, so the calls can neither be dropped
 	 * nor merged, and a call does not wait on the previous one's result. */

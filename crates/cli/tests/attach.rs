@@ -6,14 +6,14 @@
 //! Needs ptrace rights over the test's own children (root, or Yama's ptrace_scope ≤ 1) and
 //! the agent built beside `dynprobe` (`cargo build --workspace` first).
 
+mod common;
+
+use common::attached::{mappings, thread_names, Session, Worker};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -100,16 +100,6 @@ fn dynprobe_exe() -> &'static Path {
     exe
 }
 
-/// A running worker, driven through its stdin and stdout.
-struct Worker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    log: PathBuf,
-    pid: i32,
-    exe: &'static Path,
-}
-
 impl Worker {
     fn start(test: &str) -> Worker {
         Worker::start_exe(test, worker_exe())
@@ -130,86 +120,6 @@ impl Worker {
     fn start_hot(threads: u32) -> Worker {
         Worker::start_with(hot_exe(), threads.to_string().as_ref(), PathBuf::new(), &[])
     }
-
-    fn start_with(exe: &'static Path, arg: &std::ffi::OsStr, log: PathBuf, env: &[(&str, &str)]) -> Worker {
-        let mut child = Command::new(exe)
-            .arg(arg)
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the worker");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let pid = line.trim().strip_prefix("ready ").unwrap_or_else(|| panic!("worker said {line:?}")).parse().unwrap();
-        Worker { child, stdin, stdout, log, pid, exe }
-    }
-
-    /// Sends a command and returns the worker's answer line.
-    fn ask(&mut self, command: &str) -> String {
-        writeln!(self.stdin, "{command}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the worker ended instead of answering {command:?}");
-        line.trim().to_string()
-    }
-
-    /// Runs one round of work: its checksum.
-    fn round(&mut self) -> String {
-        self.ask("go")
-    }
-
-    /// The bytes at the start of `symbol` in the running worker.
-    fn code(&self, symbol: &str) -> Vec<u8> {
-        let addr = symbol_address(self.exe, symbol);
-        let mut bytes = vec![0u8; 8];
-        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
-        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
-        bytes
-    }
-
-    /// The calls logged so far, as (kind, tid, fields).
-    fn logged(&self) -> Vec<Vec<String>> {
-        std::fs::read_to_string(&self.log)
-            .unwrap()
-            .lines()
-            .map(|l| l.split(' ').map(str::to_string).collect())
-            .collect()
-    }
-
-    fn quit(mut self) {
-        writeln!(self.stdin, "quit").unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the worker failed: {status}");
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A (non-PIE) worker's symbol address, from `nm`.
-fn symbol_address(exe: &Path, symbol: &str) -> u64 {
-    let out = Command::new("nm").arg(exe).output().expect("run nm (binutils)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.ends_with(&format!(" T {symbol}"))).expect("symbol in nm");
-    u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
-}
-
-/// A `dynprobe probe -p` running, its stderr lines arriving on a channel and its stdout
-/// read all along (a full pipe would stall dynprobe, and with ptrace probes the program).
-struct Session {
-    child: Child,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: Receiver<String>,
-    seen: Vec<String>,
-    /// Set once dynprobe ended: a paced reader reads the rest at once.
-    ended: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -229,84 +139,7 @@ impl Session {
         let mut command = Command::new(dynprobe_exe());
         command.arg("probe").arg("-p").arg(pid.to_string()).args(options).args(specs);
         setup(&mut command);
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run dynprobe");
-        let mut stdout = child.stdout.take().unwrap();
-        let ended = Arc::new(AtomicBool::new(false));
-        let hurry = Arc::clone(&ended);
-        let stdout = std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            match pace {
-                None => {
-                    stdout.read_to_end(&mut bytes).unwrap();
-                }
-                Some((size, pause)) => {
-                    let mut chunk = vec![0u8; size];
-                    while let Ok(n @ 1..) = stdout.read(&mut chunk) {
-                        bytes.extend_from_slice(&chunk[..n]);
-                        if !hurry.load(Ordering::Relaxed) {
-                            std::thread::sleep(pause);
-                        }
-                    }
-                }
-            }
-            // Lossy: what a hostile target writes may not be UTF-8.
-            String::from_utf8_lossy(&bytes).into_owned()
-        });
-        let stderr = child.stderr.take().unwrap();
-        let (send, receive) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Session { child, stdout, stderr: receive, seen: Vec::new(), ended }
-    }
-
-    /// Waits for a stderr line containing `text` (panics, with all stderr, on timeout or exit).
-    fn wait_for(&mut self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(text) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("dynprobe never said {text:?}; its stderr:\n{}", self.seen.join("\n"));
-    }
-
-    /// Sends `signal`, waits for dynprobe to end; (status code, stdout, whole stderr).
-    fn end(self, signal: Option<i32>) -> (Option<i32>, String, String) {
-        self.end_within(signal, Duration::from_secs(600))
-    }
-
-    /// [`Session::end`], failing if dynprobe has not ended `limit` after the signal.
-    fn end_within(mut self, signal: Option<i32>, limit: Duration) -> (Option<i32>, String, String) {
-        if let Some(signal) = signal {
-            // SAFETY: kill sends a signal to our own child.
-            unsafe { libc::kill(self.child.id() as i32, signal) };
-        }
-        let deadline = Instant::now() + limit;
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if self.child.try_wait().unwrap().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.seen.extend(self.stderr.try_iter());
-            panic!("dynprobe still ran {limit:?} after it was told to end; its stderr:\n{}", self.seen.join("\n"));
-        }
-        let status = self.child.wait().unwrap();
-        self.ended.store(true, Ordering::Relaxed);
-        let stdout = self.stdout.join().unwrap();
-        self.seen.extend(self.stderr.iter());
-        (status.code(), stdout, self.seen.join("\n"))
+        Session::spawn(command, pace)
     }
 }
 
@@ -738,17 +571,6 @@ fn a_program_using_sigtrap_and_blocking_every_signal_works_attached_and_after() 
         assert_eq!(worker.round(), alone, "{options:?}: after detach");
     }
     worker.quit();
-}
-
-/// The process's thread names (`/proc/PID/task/*/comm`).
-fn thread_names(pid: i32) -> Vec<String> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks.filter_map(Result::ok).filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect()
-}
-
-/// The lines of `/proc/PID/maps`.
-fn mappings(pid: i32) -> Vec<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().map(str::to_string).collect()
 }
 
 /// The process's resident set (`VmRSS`), in KiB.

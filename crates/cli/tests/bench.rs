@@ -145,6 +145,13 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     let detach = row(&rows, "detach-ms");
     assert!(detach["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{detach}");
     assert!(detach["note"].as_str().unwrap().contains("every byte restored"), "{detach}");
+    // Recording a running process: 10,000 sites patched, in milliseconds; and the loop of a
+    // program recorded and detached from costs what it cost untraced (a figure, not
+    // compared here: timing is the bench's business, not a test's).
+    let record = row(&rows, "record-attach-ms");
+    assert!(record["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{record}");
+    assert!(record["note"].as_str().unwrap().contains("10000 sites patched"), "{record}");
+    assert!(ns_per_hit(&rows, "after-detach").is_finite(), "{}", row(&rows, "after-detach"));
 
     // Start-up under record: a duration beside the untraced start, with every site of
     // the row's share of the generated program patched.

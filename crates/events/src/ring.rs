@@ -326,10 +326,19 @@ impl RingFile {
     /// nobody drains (the child's records are lost, but the parent's rings stay intact).
     /// For a child that cannot get a ring file of its own; system calls only.
     pub fn detach_in_child(&self) {
+        self.let_go_of_file();
+    }
+
+    /// Lets go of the file while producers may still be pushing (the end of a recording of
+    /// a process that goes on running): the mapping becomes anonymous memory at the same
+    /// address, so that a push under way completes into memory nobody drains, and the
+    /// file's pages are freed once the consumer removes it. System calls only.
+    pub fn let_go_of_file(&self) {
         // SAFETY: replaces exactly this object's own mapping (same address and length) with
-        // zeroed shared memory; in a fork child only this thread exists, so no one is inside
-        // the old mapping. It cannot fail for lack of address space, the range being ours
-        // already.
+        // zeroed shared memory in one mmap(2) call (MAP_FIXED replaces the old pages
+        // atomically): a thread writing into a ring meanwhile writes into the file or into
+        // the new memory, never into unmapped space. It cannot fail for lack of address
+        // space, the range being ours already.
         unsafe {
             libc::mmap(
                 self.base.cast(),

@@ -10,8 +10,8 @@
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
 use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::Mutex;
 
 /// Where records go.
 pub(crate) struct Output {
@@ -19,9 +19,35 @@ pub(crate) struct Output {
     pub(crate) clock: Clock,
     /// The deepest call recorded (`--depth`).
     pub(crate) max_depth: usize,
+    /// This output's tag, in the bits above [`ID_BITS`] of every function id it hands the
+    /// return hooks: a call entered for an earlier output (an attach session that ended
+    /// while the call was in flight, its return still diverted) ends unrecorded, never
+    /// under another session's function of the same number.
+    pub(crate) tag: u32,
 }
 
-static OUTPUT: OnceLock<Output> = OnceLock::new();
+/// The bits of a function id handed to the return hooks that are the tracer's id; the
+/// bits above are the output's tag.
+pub(crate) const ID_BITS: u32 = 24;
+const ID_MASK: u32 = (1 << ID_BITS) - 1;
+
+/// A fresh tag for an output (one of 255, cycling: a call still in flight 255 sessions
+/// later could be taken for the current session's).
+pub(crate) fn next_tag() -> u32 {
+    static LAST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = LAST.fetch_add(1, Ordering::Relaxed) % 255 + 1;
+    n << ID_BITS
+}
+
+/// The current output, or null: set by [`set_output`], taken away by [`retire_output`] at
+/// the end of an attach session (a later session of the same loaded agent sets its own).
+/// The hot paths read it once per event.
+static OUTPUT: AtomicPtr<Output> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Outputs taken away while a thread may still be using them (it read the pointer just
+/// before it went): kept allocated, their rings moved onto anonymous memory, until
+/// [`free_retired`] says no thread can be.
+static RETIRED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
 /// Per thread slot: the slot's thread is inside `fork`. Between the fork's prepare handler
 /// and the parent's or child's, that thread's records are dropped (and counted), because
@@ -54,28 +80,63 @@ fn forking(slot: usize) -> bool {
 
 /// Sets where records go; false when an output was set already.
 pub(crate) fn set_output(output: Output) -> bool {
-    OUTPUT.set(output).is_ok()
+    let new = Box::into_raw(Box::new(output));
+    let set = OUTPUT.compare_exchange(std::ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire).is_ok();
+    if !set {
+        // SAFETY: `new` came from Box::into_raw just above and was never shared.
+        drop(unsafe { Box::from_raw(new) });
+    }
+    set
 }
 
 /// The output, once set.
+#[inline(always)]
 pub(crate) fn output() -> Option<&'static Output> {
-    OUTPUT.get()
+    // SAFETY: a non-null pointer is a leaked Box that is freed only by `free_retired`,
+    // once no thread can be using it (see there).
+    unsafe { OUTPUT.load(Ordering::Acquire).as_ref() }
+}
+
+/// Ends recording: from now on the hot paths record nothing. The ring file is let go (its
+/// mapping becomes anonymous memory, so a thread that read the output just before still
+/// writes somewhere harmless, and the file's memory is freed once the recorder removes it);
+/// the output itself stays allocated until [`free_retired`].
+pub(crate) fn retire_output() {
+    let old = OUTPUT.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    // SAFETY: as in `output`: still allocated, and stays so until `free_retired`.
+    if let Some(out) = unsafe { old.as_ref() } {
+        out.ring.let_go_of_file();
+        RETIRED.lock().unwrap_or_else(|e| e.into_inner()).push(old as usize);
+    }
+}
+
+/// Frees the outputs [`retire_output`] took away (unmapping their rings). The caller knows
+/// that no thread is inside a hot path of this module any more, or can enter one with an
+/// output it read before: no site calls the tracer and no return is still to come through
+/// its trampoline (`dynprobe_probe::release_all` succeeded).
+pub(crate) fn free_retired() {
+    let retired = std::mem::take(&mut *RETIRED.lock().unwrap_or_else(|e| e.into_inner()));
+    for old in retired {
+        // SAFETY: a pointer `set_output` leaked and `retire_output` took out of OUTPUT, freed
+        // once (it is taken out of the list here); no thread uses it any more (see above).
+        drop(unsafe { Box::from_raw(old as *mut Output) });
+    }
 }
 
 /// Called by the ftrace caller (see `dynprobe_arch`'s `ftrace` module) at a compiler site:
 /// `ra_slot` is the traced function's return-address slot.
 pub(crate) extern "C" fn caller_dispatch(id: u64, ra_slot: u64) {
-    let Some(out) = OUTPUT.get() else { return };
+    let Some(out) = output() else { return };
     // Entering may report calls found abandoned (with their own, later, clock reading):
     // the entry's time is read after, so that its record sorts after theirs.
-    let entry = graph_enter(ra_slot, id as u32, out.max_depth);
+    let entry = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth);
     record_entry(out, entry, out.clock.now(), id);
 }
 
 /// The pre-handler of a plain-entry site's probe.
 pub(crate) fn probe_entry(id: u32, regs: &Regs) {
-    let Some(out) = OUTPUT.get() else { return };
-    let entry = graph_enter_from_probe(regs, id, out.max_depth);
+    let Some(out) = output() else { return };
+    let entry = graph_enter_from_probe(regs, id | out.tag, out.max_depth);
     record_entry(out, entry, out.clock.now(), u64::from(id));
 }
 
@@ -93,7 +154,7 @@ fn record_entry(out: &Output, entry: GraphEnter, time: u64, id: u64) {
 
 /// Where an event that is not a call goes: see [`crate::EventPosition`].
 pub(crate) fn event_position() -> Option<crate::EventPosition> {
-    let out = OUTPUT.get()?;
+    let out = output()?;
     let at = dynprobe_probe::graph_position_from_probe()?;
     if forking(at.slot) {
         out.ring.count_missed();
@@ -104,17 +165,22 @@ pub(crate) fn event_position() -> Option<crate::EventPosition> {
 
 /// Pushes the records of an event at `at`, together.
 pub(crate) fn push_event(at: &crate::EventPosition, records: &[Record]) {
-    if let Some(out) = OUTPUT.get() {
+    if let Some(out) = output() {
         out.ring.push_all(at.slot, at.tid, records);
     }
 }
 
 /// The return hooks' report of a call's end.
 pub(crate) fn on_exit(exit: &GraphExit) {
-    let Some(out) = OUTPUT.get() else { return };
+    let Some(out) = output() else { return };
+    if exit.func & !ID_MASK != out.tag {
+        // Entered for an earlier session's output: not this trace's call.
+        return;
+    }
     if forking(exit.slot) {
         return out.ring.count_missed();
     }
     let kind = if exit.unwound { Kind::Unwound } else { Kind::Exit };
-    out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, u64::from(exit.func)));
+    let func = u64::from(exit.func & ID_MASK);
+    out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, func));
 }

@@ -65,7 +65,7 @@ impl Tracer {
         if ring.rings() < dynprobe_probe::MAX_THREADS {
             return Err(FtraceError::TooFewRings { rings: ring.rings(), needed: dynprobe_probe::MAX_THREADS });
         }
-        if !graph::set_output(graph::Output { ring, clock, max_depth }) {
+        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag() }) {
             return Err(FtraceError::AlreadyRunning);
         }
         dynprobe_probe::graph_install(graph::on_exit)?;
@@ -81,7 +81,15 @@ impl Tracer {
     /// [`summary`](Self::summary) adds them up.
     pub fn add(&mut self, selection: Selection) -> Result<u64, FtraceError> {
         let found = selection.counts();
-        let Selection { functions, refused, pending } = selection;
+        let Selection { mut functions, mut refused, pending } = selection;
+        // The return hooks carry the output's tag above the id (see `graph::Output::tag`).
+        functions.retain(|f| {
+            let fits = f.id < 1 << graph::ID_BITS;
+            if !fits {
+                refused.push(batch::refusal(f, f.addr, format!("more than 2^{} functions traced", graph::ID_BITS)));
+            }
+            fits
+        });
         // The newest selection knows which library patterns still wait for their library.
         self.summary.pending = pending;
         self.summary.refused.extend(refused);
@@ -197,6 +205,25 @@ impl Tracer {
             probe.unregister()?;
         }
         Ok(())
+    }
+
+    /// Ends tracing in a process that goes on running (the end of `dynprobe record -p`):
+    /// [`stop`](Self::stop), then nothing more is recorded — calls still in flight return
+    /// through the return trampoline to their callers unrecorded — and the ring file is let
+    /// go ([`RingFile::let_go_of_file`]). A later [`Tracer::start`] in this process records
+    /// into a ring file of its own. Whatever `stop` could not restore is the error; the
+    /// recording ends either way.
+    pub fn end(self) -> Result<(), FtraceError> {
+        let stopped = self.stop();
+        graph::retire_output();
+        stopped
+    }
+
+    /// Frees what [`end`](Self::end) had to keep (the ended outputs and their mappings)
+    /// once nothing of the tracer can run any more: no site is patched and no call is still
+    /// to return through the return trampoline (`dynprobe_probe::release_all` succeeded).
+    pub fn free_ended() {
+        graph::free_retired();
     }
 }
 

@@ -2,7 +2,8 @@
 //! its probe being armed in a process that is already running (ptrace, loading the agent
 //! with the target's own `dlopen`, its symbol tables, placing and optimizing the probe).
 //! The `detach-ms` row: how long from Ctrl-C to every probed byte restored, in a process
-//! whose threads hit the probe without a pause.
+//! whose threads hit the probe without a pause. The `record-attach-ms` row: how long
+//! `dynprobe record -p PID` takes to start recording 10,000 functions of a running process.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -41,11 +42,61 @@ pub fn measure_attach() -> Result<Timing, String> {
     Ok(timing)
 }
 
+/// [`BATCHES`] times: starts the start-up rows' program of 80,000 functions calling some of
+/// group 0 in a loop, and times `dynprobe record -p PID -F 'g0_*'` from its start to its
+/// saying it records (every one of the 10,000 sites patched: the looping program's next
+/// call is recorded); the recording must then hold events. The batches are nanoseconds per
+/// attach. With `--iterations` (a quick run) it attaches once.
+pub fn measure_record_attach(plan: super::measure::Plan) -> Result<Timing, String> {
+    let attaches = if plan.calls_per_batch.is_some() { 1 } else { BATCHES };
+    let me = std::env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
+    let program = super::startup::program()?;
+    let mut timing = Timing { calls_per_batch: 1, batches: Vec::new(), total_calls: 0, remark: None };
+    let mut sites = String::new();
+    for _ in 0..attaches {
+        let target = Target::ready(Command::new(&program).arg("loop"))?;
+        let scratch = super::program::Scratch::new()?;
+        let dir = scratch.path.to_string_lossy().into_owned();
+        let args = ["-F", "g0_*", "--duration", "0.2", "-o", &dir];
+        let started = Instant::now();
+        let (mut record, mut stderr) = dynprobe_pid(&me, "record", target.0.id(), &args)?;
+        let mut seen = String::new();
+        let attached = wait_attached(&mut stderr, &mut seen).then(|| started.elapsed());
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut seen);
+        let status = record.wait().map_err(|err| err.to_string())?;
+        let recorded = seen.lines().find_map(|l| l.strip_prefix("recorded ")?.split(' ').next()?.parse::<u64>().ok());
+        match (attached, recorded) {
+            (Some(elapsed), Some(1..)) if status.success() => {
+                timing.batches.push(elapsed.as_nanos() as f64);
+                timing.total_calls += 1;
+            }
+            _ => {
+                return Err(format!("dynprobe record -p failed or recorded nothing ({status}): {}", last_lines(&seen)))
+            }
+        }
+        sites =
+            seen.lines().find_map(|l| Some(l.split_once("ms: ")?.1.split(';').next()?.to_string())).unwrap_or_default();
+    }
+    timing.remark = Some(format!("recording in {}: {sites}", timing.ms_spread()));
+    Ok(timing)
+}
+
 /// Starts `dynprobe probe -p PID ARGS...` (this executable, `me`), its stdout discarded:
 /// the child and its stderr.
 fn probe_pid(me: &Path, pid: u32, args: &[&str]) -> Result<(Child, BufReader<ChildStderr>), String> {
+    dynprobe_pid(me, "probe", pid, args)
+}
+
+/// Starts `dynprobe SUBCOMMAND -p PID ARGS...`, its stdout discarded: the child and its
+/// stderr.
+fn dynprobe_pid(
+    me: &Path,
+    subcommand: &str,
+    pid: u32,
+    args: &[&str],
+) -> Result<(Child, BufReader<ChildStderr>), String> {
     let mut probe = Command::new(me)
-        .args(["probe", "-p", &pid.to_string()])
+        .args([subcommand, "-p", &pid.to_string()])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -163,19 +214,24 @@ struct Target(Child);
 impl Target {
     /// The hot program, once it said it is ready (its threads running).
     fn hot() -> Result<Target, String> {
-        let mut child = Command::new(HOT)
-            .arg(HOT_THREADS)
+        Target::ready(Command::new(HOT).arg(HOT_THREADS))
+    }
+
+    /// `command`'s program, once it said it is ready (`ready` on its first line).
+    fn ready(command: &mut Command) -> Result<Target, String> {
+        let shown = format!("{command:?}");
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|err| format!("cannot start {HOT}: {err}"))?;
+            .map_err(|err| format!("cannot start {shown}: {err}"))?;
         let mut line = String::new();
         let stdout = child.stdout.as_mut().expect("stdout is piped");
         BufReader::new(stdout).read_line(&mut line).map_err(|err| err.to_string())?;
         let target = Target(child);
-        match line.starts_with("ready ") {
+        match line.starts_with("ready") {
             true => Ok(target),
-            false => Err(format!("{HOT} said {line:?} instead of `ready`")),
+            false => Err(format!("{shown} said {line:?} instead of `ready`")),
         }
     }
 

@@ -6,7 +6,9 @@
 //! with a `.cold` part as GCC's hot/cold partitioning makes, and `main`. `main` calls a few
 //! of them and prints their sum; run as `PROGRAM clock` it first prints `main_ns <N>`, the
 //! `CLOCK_MONOTONIC` time at which `main` began, and `cpu_ns <N>`, the CPU time the process
-//! had used by then (all its threads).
+//! had used by then (all its threads). Run as `PROGRAM loop` it prints `ready` and calls
+//! the first 16 functions of group 0 in a loop until killed, a hundred microseconds apart:
+//! a running process for `record -p`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,7 +24,7 @@ pub fn name(group: usize, i: usize) -> String {
 
 /// The C source of a program with `groups` groups of functions.
 pub fn source(groups: usize) -> String {
-    let mut c = String::from("#include <stdio.h>\n#include <string.h>\n#include <time.h>\n\n");
+    let mut c = String::from("#include <stdio.h>\n#include <string.h>\n#include <time.h>\n#include <unistd.h>\n\n");
     for group in 0..groups {
         for i in 0..GROUP {
             let _ = writeln!(c, "int {}(int x) {{ return x * {} + {i}; }}", name(group, i), i % 97 + 3);
@@ -48,6 +50,12 @@ pub fn source(groups: usize) -> String {
     c.push_str("               (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);\n");
     c.push_str("    long sum = hot(-3) + hot(4);\n");
     if groups > 0 {
+        c.push_str("    if (argc > 1 && strcmp(argv[1], \"loop\") == 0) {\n");
+        c.push_str("        printf(\"ready\\n\");\n        fflush(stdout);\n        for (;;) {\n");
+        for i in 0..16 {
+            let _ = writeln!(c, "            sum += {}((int)sum);", name(0, i));
+        }
+        c.push_str("            usleep(100);\n        }\n    }\n");
         let _ = writeln!(c, "    sum += {}(1) + {}(2);", name(0, 0), name(groups - 1, GROUP - 1));
     }
     c.push_str("    printf(\"sum %ld\\n\", sum);\n    return 0;\n}\n");

@@ -113,6 +113,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
         Measure::Detach => attach::measure_detach(),
+        Measure::RecordAttach => attach::measure_record_attach(plan),
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),
         Measure::Startup(case) => startup::measure(case, plan),
     })

@@ -45,6 +45,9 @@ pub enum Tracer {
     Dynprobe,
     /// `uftrace record`, which patches the same NOP sites (its dynamic tracing).
     Uftrace,
+    /// Nothing any more: `dynprobe record -p` recorded the running program (every NOP
+    /// patched, then put back) before its timed loop starts.
+    AfterDetach,
 }
 
 /// Runs the program [`BATCHES`] times under `tracer`; each run is one batch.
@@ -129,7 +132,7 @@ impl TracedCommand {
     /// Finds what `tracer` needs: an error when it is missing.
     fn new(tracer: Tracer, iterations: u64) -> Result<TracedCommand, String> {
         let launcher = match tracer {
-            Tracer::None => None,
+            Tracer::None | Tracer::AfterDetach => None,
             Tracer::Dynprobe => {
                 Some(env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?)
             }
@@ -149,6 +152,7 @@ impl TracedCommand {
         };
         match self.tracer {
             Tracer::None => command.arg(&iterations),
+            Tracer::AfterDetach => return after_detach(command.arg(&iterations).arg("wait"), dir),
             Tracer::Dynprobe => {
                 // A ring that holds the whole run: nothing can be lost however the drain
                 // keeps pace, so every call pays for its records. The traced thread also
@@ -172,22 +176,73 @@ impl TracedCommand {
         if !output.status.success() {
             return Err(format!("{shown} failed ({}): {}", output.status, last_lines(&stderr)));
         }
-        let field = |name: &str| {
-            stdout
-                .lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-                .ok_or_else(|| format!("{shown} printed no `{name}` line: {}", last_lines(&stdout)))
-        };
-        let number_error = |name: &str| format!("{shown}: `{name}` is not a number");
-        let calls: u64 = field("calls")?.trim().parse().map_err(|_| number_error("calls"))?;
-        let ns_per_call: f64 = field("ns_per_call")?.trim().parse().map_err(|_| number_error("ns_per_call"))?;
+        let (calls, ns_per_call) = loop_figures(&shown, &stdout)?;
         let remark = match self.tracer {
-            Tracer::None => None,
+            Tracer::None | Tracer::AfterDetach => None,
             Tracer::Dynprobe => dynprobe_losses(&stderr, calls)?,
             Tracer::Uftrace => uftrace_losses(&stderr),
         };
         Ok(Run { calls, ns_per_call, remark })
     }
+}
+
+/// The `calls` and `ns_per_call` lines the program printed.
+fn loop_figures(shown: &str, stdout: &str) -> Result<(u64, f64), String> {
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .ok_or_else(|| format!("{shown} printed no `{name}` line: {}", last_lines(stdout)))
+    };
+    let number_error = |name: &str| format!("{shown}: `{name}` is not a number");
+    let calls: u64 = field("calls")?.trim().parse().map_err(|_| number_error("calls"))?;
+    let ns_per_call: f64 = field("ns_per_call")?.trim().parse().map_err(|_| number_error("ns_per_call"))?;
+    Ok((calls, ns_per_call))
+}
+
+/// Starts the program `command` (`graph N wait`), has `dynprobe record -p` record it into
+/// `dir` and detach while it waits, then lets its loop run: the loop's figures, after a
+/// session that patched and restored every one of its sites.
+fn after_detach(command: &mut Command, dir: &std::ffi::OsStr) -> Result<Run, String> {
+    use std::io::{BufRead, Write};
+    let shown = format!("{command:?}");
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("cannot run {shown}: {err}"))?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut line = String::new();
+    let ready = stdout.read_line(&mut line).is_ok() && line.trim() == "ready";
+    let me = env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?;
+    let record = ready.then(|| {
+        Command::new(me).args(["record", "-p", &child.id().to_string(), "--duration", "0.1", "-o"]).arg(dir).output()
+    });
+    let detached = match record {
+        Some(Ok(output)) if output.status.success() => Ok(()),
+        Some(Ok(output)) => Err(format!(
+            "dynprobe record -p failed ({}): {}",
+            output.status,
+            last_lines(&String::from_utf8_lossy(&output.stderr))
+        )),
+        Some(Err(err)) => Err(format!("cannot run dynprobe record -p: {err}")),
+        None => Err(format!("{shown} said {line:?}, not `ready`")),
+    };
+    if let Err(err) = detached {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(err);
+    }
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let _ = writeln!(stdin, "go");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let status = child.wait().map_err(|err| err.to_string())?;
+    if !status.success() {
+        return Err(format!("{shown} failed after the detach ({status})"));
+    }
+    let (calls, ns_per_call) = loop_figures(&shown, &rest)?;
+    Ok(Run { calls, ns_per_call, remark: None })
 }
 
 /// Reads `dynprobe record`'s last line, `recorded E events (L lost) …`: lost events are a

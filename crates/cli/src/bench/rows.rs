@@ -93,6 +93,9 @@ pub enum Measure {
     Attach,
     /// Ctrl-C of `dynprobe probe -p` to every probed byte restored: nanoseconds per detach.
     Detach,
+    /// `dynprobe record -p` of a running process with 10,000 functions traced: nanoseconds
+    /// from the command's start to recording.
+    RecordAttach,
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
@@ -113,7 +116,9 @@ impl Row {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
-            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::PtraceProbe => None,
+            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::RecordAttach | Measure::PtraceProbe => {
+                None
+            }
         }
     }
 }
@@ -282,6 +287,12 @@ pub static ROWS: &[Row] = &[
         compare_to: &[],
     },
     Row {
+        name: "after-detach",
+        about: "the same program's loop after dynprobe record -p recorded it and detached (0 within graph-plain's spread)",
+        measure: Measure::Program(Tracer::AfterDetach),
+        compare_to: &[],
+    },
+    Row {
         name: "ptrace-probe",
         about: "dynprobe's fallback for static programs: int3 handled by the ptrace tracer, boosted out-of-line copy, event printed",
         measure: Measure::PtraceProbe,
@@ -291,6 +302,12 @@ pub static ROWS: &[Row] = &[
         name: "attach-ms",
         about: "dynprobe probe -p of a running process: command start to probe armed (ns per attach)",
         measure: Measure::Attach,
+        compare_to: &[],
+    },
+    Row {
+        name: "record-attach-ms",
+        about: "dynprobe record -p -F 'g0_*' of a running program (10,000 functions): command start to recording",
+        measure: Measure::RecordAttach,
         compare_to: &[],
     },
     Row {

@@ -1,4 +1,6 @@
-//! `dynprobe probe -p PID`: probing a process that is already running.
+//! `dynprobe probe -p PID`: probing a process that is already running. `dynprobe record -p
+//! PID` goes through the same steps, its request (`Request::record`) asking the agent to
+//! record the process's calls into rings instead of placing probes.
 //!
 //! 1. A control socket is made in a fresh directory only the target's user can enter.
 //! 2. The agent library is loaded into the target by a `dlopen` the target is made to
@@ -52,6 +54,9 @@ pub(crate) struct Request<'a> {
     pub started: Instant,
     /// Use the ptrace fallback even where the agent could be loaded.
     pub ptrace: bool,
+    /// `dynprobe record -p`: the attach message's lines (`record <ring dir>` and the
+    /// recording's settings, see the agent's `attach` module) instead of specs.
+    pub record: Option<&'a [String]>,
 }
 
 /// Attaches, relays hits to `out` (as `format` says) until it is time to detach, and
@@ -70,6 +75,14 @@ pub(crate) fn run(request: &Request, out: Outbox, format: Format) -> Result<(), 
         true => ptrace_backend(request)?,
         false => match agent_backend(request, &name)? {
             Some(attached) => attached,
+            None if request.record.is_some() => {
+                return Err(format!(
+                    "{} ({name}) cannot load libraries (statically linked), so its calls cannot be recorded: \
+                     `dynprobe probe -p {} --ptrace 'p:FUNCTION' 'r:FUNCTION took=$duration'` probes chosen \
+                     functions of it from outside",
+                    request.pid, request.pid
+                ))
+            }
             None => {
                 eprintln!(
                     "{}",
@@ -526,7 +539,7 @@ impl Control {
         if !request.optimize {
             text.push_str("optimize 0\n");
         }
-        for spec in request.specs {
+        for spec in request.record.unwrap_or_default().iter().chain(request.specs) {
             text.push_str(spec);
             text.push('\n');
         }
@@ -567,7 +580,7 @@ struct Signals {
 
 /// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the signals that end a session, for
 /// the calling thread; their set.
-pub(super) fn mask_ending_signals(how: libc::c_int) -> libc::sigset_t {
+pub(crate) fn mask_ending_signals(how: libc::c_int) -> libc::sigset_t {
     // SAFETY: builds a signal set on the stack and changes this thread's mask with it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -837,15 +850,22 @@ impl Session<'_> {
                     0 => String::new(),
                     n => format!(", {n} waiting for their library"),
                 };
-                eprintln!(
-                    "dynprobe: attached to {} ({}) in {ms:.1} ms: {placed} probe{} placed{waiting}; Ctrl-C to detach",
-                    self.pid,
-                    self.name,
-                    if placed == 1 { "" } else { "s" }
-                );
+                let what = match request.record {
+                    Some(_) => format!("{placed} site{} patched, recording", if placed == 1 { "" } else { "s" }),
+                    None => format!("{placed} probe{} placed{waiting}", if placed == 1 { "" } else { "s" }),
+                };
+                eprintln!("dynprobe: attached to {} ({}) in {ms:.1} ms: {what}; Ctrl-C to detach", self.pid, self.name);
                 return Ok(Step::Ready);
             }
             Message::Error(error) if self.ready => eprintln!("dynprobe: cannot place probe {error}"),
+            Message::Error(error) if request.record.is_some() => {
+                self.unload = true;
+                let why = error.strip_prefix("record: ").unwrap_or(error);
+                return Err(format!(
+                    "cannot record {} ({}): {why}; nothing was left in it, and it goes on running",
+                    self.pid, self.name
+                ));
+            }
             Message::Error(error) => {
                 self.unload = true;
                 return Err(format!(

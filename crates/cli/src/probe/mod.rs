@@ -6,7 +6,7 @@
 //! before `main` and sends its lines over a pipe (protocol in the `dynprobe-agent` crate) —
 //! or loads the agent into a running process (`attach`).
 
-mod attach;
+pub(crate) mod attach;
 mod exec;
 pub(crate) mod output;
 mod ptrace;
@@ -132,12 +132,13 @@ fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
         agent: &agent,
         started,
         ptrace: args.ptrace,
+        record: None,
     };
     attach::run(&request, out, format)
 }
 
 /// `--duration`: a duration with a unit, or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let with_unit = match text.trim().ends_with(|c: char| c.is_ascii_digit()) {
         true => format!("{}s", text.trim()),
         false => text.trim().to_string(),

@@ -6,6 +6,11 @@
 //! entry and exit goes into a ring in shared memory under the ring directory; a
 //! [`dynprobe_events::recorder::Recorder`] on a thread of ours drains them every 20 ms
 //! ([`progress`]). At the end: the site summary and what was recorded ([`summary`]).
+//!
+//! `record -p PID` records a process that is already running: the agent is loaded into it
+//! as for `probe -p` (the same attach, session and unload code, `crate::probe::attach`),
+//! told to record instead of probing, and the same recorder drains the rings until Ctrl-C,
+//! `--duration` or the process's exit; then every patched site gets its bytes back.
 
 mod progress;
 mod summary;
@@ -50,6 +55,13 @@ pub struct RecordArgs {
     /// Patch plain function entries with breakpoint probes only (no jump optimization).
     #[arg(long)]
     no_optimize: bool,
+    /// Record the running process PID instead of starting one: until Ctrl-C, --duration or
+    /// its exit; then every patched byte is restored and the process goes on.
+    #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "command")]
+    pid: Option<i32>,
+    /// With -p: detach after this long (`10s`, `500ms`; a bare number is seconds).
+    #[arg(long, value_name = "TIME", requires = "pid")]
+    duration: Option<String>,
     /// The program to run and its arguments, after `--`.
     #[arg(last = true, value_name = "PROG")]
     command: Vec<OsString>,
@@ -67,6 +79,9 @@ pub fn run(args: &RecordArgs, matches: &ArgMatches) -> ExitCode {
 }
 
 fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
+    if let Some(pid) = args.pid {
+        return record_attached(args, matches, pid);
+    }
     let Some(program) = args.command.first() else {
         return Err("no program to run; give it after `--`, as in `dynprobe record -- ./prog`".into());
     };
@@ -118,6 +133,93 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     summary::print(&args.dir, &stats);
     Ok(exit_code(program, outcome.status))
+}
+
+/// `dynprobe record -p PID`: attaches, records until the session ends, detaches, and
+/// completes the trace (its exit code is unknown: the process goes on, or was not ours).
+fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<ExitCode, String> {
+    let started = std::time::Instant::now();
+    if args.no_optimize {
+        return Err("--no-optimize is for a program record starts: an attached process's threads run on while \
+                    sites are patched, and a breakpoint there could meet a thread that blocks SIGTRAP"
+            .into());
+    }
+    let duration = args.duration.as_deref().map(crate::probe::parse_duration).transpose()?;
+    if let Some(size) = args.buffer_size {
+        check_buffer_size(size)?;
+    }
+    let filter = filter_lines(args, matches)?;
+    let markers = marker_lines(&args.markers)?;
+    let agent = agent_path()?;
+    let command = attached_command(pid)?;
+    let mut out = OutputDir::prepare(&args.dir)?;
+    let rings = ring_dir(&args.dir).and_then(|rings| give_to_owner_of(pid, rings)).inspect_err(|_| out.restore())?;
+    let mut lines = vec![format!("record {}", rings.path().display())];
+    lines.extend(filter.lines().map(str::to_string));
+    lines.extend(args.depth.map(|depth| format!("depth {depth}")));
+    lines.extend(args.buffer_size.map(|size| format!("ring-records {size}")));
+    lines.extend(markers.lines().map(|marker| format!("marker {marker}")));
+    // Blocked before the recorder's thread starts, which inherits the mask: the session
+    // takes Ctrl-C from its signalfd (and detaches); the default action on a thread that
+    // did not block it would kill this process mid-session.
+    crate::probe::attach::mask_ending_signals(libc::SIG_BLOCK);
+    let recording = progress::Recording::start(rings.path(), &args.dir, &command)
+        .map_err(|e| format!("cannot start recording: {e}"))?;
+    let request = crate::probe::attach::Request {
+        pid,
+        specs: &[],
+        optimize: true,
+        duration,
+        agent: &agent,
+        started,
+        ptrace: false,
+        record: Some(&lines),
+    };
+    let format = crate::probe::output::Format::new(false, dynprobe::monotonic_ns());
+    let session = crate::probe::attach::run(&request, crate::probe::output::Outbox::stdout(), format);
+    // Whatever reached the rings is kept, also after a session that ended badly (its
+    // message says what is left in the process).
+    let stats = match recording.finish(None) {
+        Ok(stats) => stats,
+        Err(e) if session.is_err() => {
+            out.restore();
+            return session.map(|()| ExitCode::SUCCESS).map_err(|s| format!("{s} ({e})"));
+        }
+        Err(e) => return Err(e),
+    };
+    drop(rings);
+    if stats.events == 0 && session.is_err() {
+        out.restore();
+        return session.map(|()| ExitCode::SUCCESS);
+    }
+    summary::print(&args.dir, &stats);
+    session.map(|()| ExitCode::SUCCESS)
+}
+
+/// What the trace names as its command: the process's command line (proc(5)).
+fn attached_command(pid: i32) -> Result<Vec<String>, String> {
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(bytes) => Ok(bytes
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("no process with pid {pid}")),
+        Err(e) => Err(format!("cannot read /proc/{pid}/cmdline: {e}")),
+    }
+}
+
+/// As root recording another user's process, gives the ring directory to that user: the
+/// agent, which runs as the process's user, makes its files there. Nobody else can enter
+/// it either way (mode 0700).
+fn give_to_owner_of(pid: i32, rings: PrivateDir) -> Result<PrivateDir, String> {
+    let owner = fs::metadata(format!("/proc/{pid}")).map_err(|_| format!("no process with pid {pid}"))?.uid();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 && owner != 0 {
+        std::os::unix::fs::chown(rings.path(), Some(owner), None)
+            .map_err(|e| format!("cannot give the ring directory to uid {owner}: {e}"))?;
+    }
+    Ok(rings)
 }
 
 /// The agent's `DYNPROBE_FILTER`: one `F <glob>` or `N <glob>` line per flag, in the order

@@ -113,11 +113,14 @@ struct Progress {
     shown: Option<Instant>,
     /// The last line shown.
     last: String,
+    /// When the events counted last were counted, and how many there were then: the rate
+    /// the line shows is since then.
+    counted: Option<(Instant, u64)>,
 }
 
 impl Progress {
     fn new(terminal: bool) -> Progress {
-        Progress { terminal, started: Instant::now(), shown: None, last: String::new() }
+        Progress { terminal, started: Instant::now(), shown: None, last: String::new(), counted: None }
     }
 
     fn show(&mut self, stats: &RecordStats) {
@@ -134,7 +137,11 @@ impl Progress {
         if !due {
             return;
         }
-        let line = line(stats);
+        let (since, before) = self.counted.unwrap_or((self.started, 0));
+        let seconds = now.duration_since(since).as_secs_f64();
+        let rate = if seconds > 0.0 { (stats.events.saturating_sub(before)) as f64 / seconds } else { 0.0 };
+        self.counted = Some((now, stats.events));
+        let line = line(stats, rate as u64);
         // A terminal's line is only rewritten when it changes.
         if self.terminal && self.shown.is_some() && line == self.last {
             return;
@@ -155,11 +162,13 @@ impl Progress {
     }
 }
 
-/// `recording: 1.2 M events, 0 lost, 3 threads, 19 MB`.
-fn line(stats: &RecordStats) -> String {
+/// `recording: 1.2 M events (350.0 k/s), 0 lost, 3 threads, 19 MB`: `rate` events a second
+/// lately.
+fn line(stats: &RecordStats, rate: u64) -> String {
     format!(
-        "recording: {} events, {} lost, {} thread{}, {}",
+        "recording: {} events ({}/s), {} lost, {} thread{}, {}",
         count(stats.events),
+        count(rate),
         count(stats.lost),
         stats.threads,
         if stats.threads == 1 { "" } else { "s" },
@@ -194,9 +203,9 @@ mod tests {
     #[test]
     fn the_progress_line() {
         let stats = RecordStats { events: 1_234_567, lost: 0, processes: 1, threads: 3, bytes: 19_753_072, missed: 0 };
-        assert_eq!(line(&stats), "recording: 1.2 M events, 0 lost, 3 threads, 19 MB");
+        assert_eq!(line(&stats, 350_000), "recording: 1.2 M events (350.0 k/s), 0 lost, 3 threads, 19 MB");
         let one = RecordStats { events: 950, lost: 12_345, processes: 1, threads: 1, bytes: 15_200, missed: 0 };
-        assert_eq!(line(&one), "recording: 950 events, 12.3 k lost, 1 thread, 15 kB");
+        assert_eq!(line(&one, 12), "recording: 950 events (12/s), 12.3 k lost, 1 thread, 15 kB");
         assert_eq!(count(3_400_000_000), "3.4 G");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1_500_000_000), "1.5 GB");
