@@ -1,0 +1,524 @@
+//! Functions, inlined copies and line tables: where a source location is in the code.
+
+use gimli::{AttributeValue, Reader, UnitOffset};
+
+use super::load::{DebugInfo, R};
+use super::DwarfError;
+
+/// A source location a probe can name, as `perf probe` takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourcePoint {
+    /// `FUNC` or `FUNC@FILE`: the function's entry, and that of each inlined copy.
+    Function {
+        /// The function's name.
+        name: String,
+        /// `@FILE`: the file it is defined in, when several define one of that name.
+        file: Option<String>,
+    },
+    /// `FUNC:RELLINE` (or `FUNC@FILE:RELLINE`): a line counted from the function's opening
+    /// line (the one with its name, line 0).
+    FunctionLine {
+        /// The function's name.
+        name: String,
+        /// `@FILE`, as for [`SourcePoint::Function`].
+        file: Option<String>,
+        /// Lines after the function's declaration line.
+        line: u64,
+    },
+    /// `FILE:LINE`: an absolute line of a source file (matched by its name or the end of
+    /// its path).
+    FileLine {
+        /// The file.
+        file: String,
+        /// The line, 1-based.
+        line: u64,
+    },
+}
+
+impl std::fmt::Display for SourcePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourcePoint::Function { name, file: None } => write!(f, "{name}"),
+            SourcePoint::Function { name, file: Some(file) } => write!(f, "{name}@{file}"),
+            SourcePoint::FunctionLine { name, file: None, line } => write!(f, "{name}:{line}"),
+            SourcePoint::FunctionLine { name, file: Some(file), line } => write!(f, "{name}@{file}:{line}"),
+            SourcePoint::FileLine { file, line } => write!(f, "{file}:{line}"),
+        }
+    }
+}
+
+/// One function of the program, with its inlined copies.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// Its name (as the source spells it).
+    pub name: String,
+    /// The file it is declared in (full path as the compiler saw it).
+    pub file: String,
+    /// Its declaration line (the line of its name).
+    pub line: u64,
+    /// The address ranges of its out-of-line copy (empty when it exists only inlined).
+    pub ranges: Vec<(u64, u64)>,
+    /// Each inlined copy: its ranges and where it starts.
+    pub inlined: Vec<Inlined>,
+    /// The compilation unit it belongs to.
+    pub(crate) unit: usize,
+    /// Its abstract (or only) DIE.
+    pub(crate) die: UnitOffset,
+}
+
+/// One inlined copy of a function.
+#[derive(Debug, Clone)]
+pub struct Inlined {
+    /// Its address ranges.
+    pub ranges: Vec<(u64, u64)>,
+    /// Where it starts (`DW_AT_entry_pc`, else its lowest address).
+    pub entry: u64,
+    /// The line of the call it replaces.
+    pub call_line: u64,
+}
+
+impl Function {
+    /// The address of the out-of-line copy's entry.
+    pub fn entry(&self) -> Option<u64> {
+        self.ranges.iter().map(|r| r.0).min()
+    }
+}
+
+/// A place in the code that a source location resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSite {
+    /// Link-time address.
+    pub addr: u64,
+    /// The function whose code this is (for an inlined copy, the inlined function).
+    pub function: String,
+    /// The source file and line of the code there.
+    pub file: String,
+    /// The line.
+    pub line: u64,
+    /// Whether the code is an inlined copy of `function`.
+    pub inlined: bool,
+    /// Whether this is the function's entry (its parameters are in the ABI's registers).
+    pub entry: bool,
+    /// Set when the line asked for had no code: what was probed instead.
+    pub note: Option<String>,
+    /// The compilation unit (for variables).
+    pub(crate) unit: usize,
+}
+
+/// A row of a line table, as kept here.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    addr: u64,
+    file: u64,
+    line: u64,
+    is_stmt: bool,
+    /// The first row of its sequence, or one after an end of sequence.
+    starts_sequence: bool,
+}
+
+impl DebugInfo {
+    /// Every function with a name, out-of-line or inlined only (built once, on first use).
+    pub fn functions(&self) -> &[Function] {
+        self.functions.get_or_init(|| self.index_functions())
+    }
+
+    fn index_functions(&self) -> Vec<Function> {
+        let mut functions: Vec<Function> = Vec::new();
+        let mut by_die = std::collections::HashMap::new();
+        for (u, unit) in self.units.iter().enumerate() {
+            let mut cursor = unit.entries();
+            while let Ok(Some(entry)) = cursor.next_dfs() {
+                let tag = entry.tag();
+                if tag != gimli::DW_TAG_subprogram && tag != gimli::DW_TAG_inlined_subroutine {
+                    continue;
+                }
+                let origin = origin(unit, entry.offset(), entry);
+                let ranges = self.ranges(unit, entry);
+                if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
+                    continue;
+                }
+                let key = (u, origin);
+                let index = match by_die.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        let Some((name, file, line)) = self.name_of(unit, origin) else { continue };
+                        functions.push(Function {
+                            name,
+                            file,
+                            line,
+                            ranges: Vec::new(),
+                            inlined: Vec::new(),
+                            unit: u,
+                            die: origin,
+                        });
+                        by_die.insert(key, functions.len() - 1);
+                        functions.len() - 1
+                    }
+                };
+                if tag == gimli::DW_TAG_subprogram {
+                    functions[index].ranges.extend(ranges);
+                } else {
+                    // DW_AT_entry_pc is the first instruction of the copy even when it lies in
+                    // an empty range (GCC merges a copy's code into its caller's and leaves a
+                    // zero-length range at the place it would start); else the low end.
+                    let address =
+                        |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                    let entry_pc = address(gimli::DW_AT_entry_pc)
+                        .or_else(|| address(gimli::DW_AT_low_pc))
+                        .or_else(|| ranges.iter().map(|r| r.0).min());
+                    let Some(entry_pc) = entry_pc.filter(|&pc| pc != 0) else { continue };
+                    let call_line = match entry.attr_value(gimli::DW_AT_call_line) {
+                        Some(v) => v.udata_value().unwrap_or(0),
+                        None => 0,
+                    };
+                    functions[index].inlined.push(Inlined { entry: entry_pc, ranges, call_line });
+                }
+            }
+        }
+        functions.retain(|f| !f.ranges.is_empty() || !f.inlined.is_empty());
+        functions.sort_by(|a, b| a.name.cmp(&b.name).then(a.entry().cmp(&b.entry())));
+        functions
+    }
+
+    /// The address ranges of a DIE (empty when it has none or they are malformed).
+    pub(crate) fn ranges(&self, unit: &gimli::Unit<R>, entry: &gimli::DebuggingInformationEntry<R>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Ok(mut ranges) = self.dwarf.die_ranges(unit, entry) {
+            while let Ok(Some(r)) = ranges.next() {
+                if r.begin <= r.end && r.begin != 0 {
+                    out.push((r.begin, r.end));
+                }
+            }
+        }
+        out
+    }
+
+    /// Name, declaration file and line of the DIE at `offset` (following
+    /// `DW_AT_abstract_origin` and `DW_AT_specification` for what it lacks).
+    fn name_of(&self, unit: &gimli::Unit<R>, offset: UnitOffset) -> Option<(String, String, u64)> {
+        let mut offset = offset;
+        let (mut name, mut file, mut line) = (None, None, None);
+        for _ in 0..4 {
+            let entry = unit.entry(offset).ok()?;
+            if name.is_none() {
+                name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
+            }
+            if file.is_none() {
+                file = entry.attr_value(gimli::DW_AT_decl_file).and_then(|v| match v {
+                    AttributeValue::FileIndex(i) => Some(i),
+                    v => v.udata_value(),
+                });
+            }
+            if line.is_none() {
+                line = entry.attr_value(gimli::DW_AT_decl_line).and_then(|v| v.udata_value());
+            }
+            match entry
+                .attr_value(gimli::DW_AT_specification)
+                .or_else(|| entry.attr_value(gimli::DW_AT_abstract_origin))
+            {
+                Some(AttributeValue::UnitRef(next)) => offset = next,
+                _ => break,
+            }
+        }
+        let file = file.and_then(|f| self.file_name(unit, f)).unwrap_or_default();
+        Some((name?, file, line.unwrap_or(0)))
+    }
+
+    /// A string attribute's text.
+    pub(crate) fn string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
+        let s = self.dwarf.attr_string(unit, value).ok()?;
+        Some(s.to_string_lossy().ok()?.into_owned())
+    }
+
+    /// The path of file `index` of the unit's line table, joined to its directory.
+    pub(crate) fn file_name(&self, unit: &gimli::Unit<R>, index: u64) -> Option<String> {
+        let header = unit.line_program.as_ref()?.header();
+        let file = header.file(index)?;
+        let name = self.string(unit, file.path_name())?;
+        if name.starts_with('/') {
+            return Some(name);
+        }
+        let dir = file.directory(header).and_then(|d| self.string(unit, d)).unwrap_or_default();
+        let dir = match (dir.starts_with('/'), &unit.comp_dir) {
+            (false, Some(comp_dir)) => {
+                let comp_dir = comp_dir.to_string_lossy().ok()?.into_owned();
+                match dir.is_empty() {
+                    true => comp_dir,
+                    false => format!("{comp_dir}/{dir}"),
+                }
+            }
+            _ => dir,
+        };
+        Some(match dir.is_empty() {
+            true => name,
+            false => format!("{dir}/{name}"),
+        })
+    }
+
+    /// The rows of a unit's line table, in sequence order.
+    fn rows(&self, unit: &gimli::Unit<R>) -> Vec<Row> {
+        let Some(program) = unit.line_program.clone() else { return Vec::new() };
+        let mut rows = program.rows();
+        let mut out = Vec::new();
+        let mut start = true;
+        while let Ok(Some((_, row))) = rows.next_row() {
+            if row.end_sequence() {
+                start = true;
+                continue;
+            }
+            let line = row.line().map_or(0, |l| l.get());
+            out.push(Row {
+                addr: row.address(),
+                file: row.file_index(),
+                line,
+                is_stmt: row.is_stmt(),
+                starts_sequence: start,
+            });
+            start = false;
+        }
+        out
+    }
+
+    /// The functions `name` (and `@file`) names: every function of that name, or the one
+    /// the file narrows it to.
+    pub fn find_functions(&self, name: &str, file: Option<&str>) -> Result<Vec<&Function>, DwarfError> {
+        let found: Vec<&Function> = self
+            .functions()
+            .iter()
+            .filter(|f| f.name == name && file.is_none_or(|w| file_matches(&f.file, w)))
+            .collect();
+        if found.is_empty() {
+            let mut near: Vec<(usize, &str)> =
+                self.functions().iter().map(|f| (edit_distance(&f.name, name), f.name.as_str())).collect();
+            near.sort();
+            near.dedup_by_key(|n| n.1);
+            let suggestions = near.iter().filter(|n| n.0 <= 3).take(3).map(|n| n.1.to_string()).collect();
+            let shown = match file {
+                Some(file) => format!("{name}@{file}"),
+                None => name.to_string(),
+            };
+            return Err(DwarfError::UnknownFunction { name: shown, suggestions });
+        }
+        Ok(found)
+    }
+
+    /// The places in the code `point` names: a site at the entry of a function and of each
+    /// inlined copy, or at each place a line's code starts.
+    pub fn resolve(&self, point: &SourcePoint) -> Result<Vec<SourceSite>, DwarfError> {
+        match point {
+            SourcePoint::Function { name, file } => {
+                let mut sites = Vec::new();
+                for f in self.find_functions(name, file.as_deref())? {
+                    let site = |addr, inlined| SourceSite {
+                        addr,
+                        function: f.name.clone(),
+                        file: f.file.clone(),
+                        line: f.line,
+                        inlined,
+                        entry: !inlined,
+                        note: None,
+                        unit: f.unit,
+                    };
+                    sites.extend(f.entry().map(|addr| site(addr, false)));
+                    sites.extend(f.inlined.iter().map(|i| site(i.entry, true)));
+                }
+                Ok(sites)
+            }
+            SourcePoint::FunctionLine { name, file, line } => {
+                let mut sites = Vec::new();
+                let mut last_error = None;
+                for f in self.find_functions(name, file.as_deref())? {
+                    let wanted = f.line + line;
+                    let mut ranges: Vec<((u64, u64), bool)> = f.ranges.iter().map(|&r| (r, false)).collect();
+                    for i in &f.inlined {
+                        ranges.extend(i.ranges.iter().map(|&r| (r, true)));
+                    }
+                    match self.line_sites(f.unit, &f.file, wanted, Some(&ranges), &point.to_string()) {
+                        Ok(found) => sites.extend(found),
+                        Err(e) => last_error = Some(e),
+                    }
+                }
+                match (sites.is_empty(), last_error) {
+                    (true, Some(e)) => Err(e),
+                    _ => Ok(sites),
+                }
+            }
+            SourcePoint::FileLine { file, line } => {
+                let units: Vec<usize> = (0..self.units.len())
+                    .filter(|&u| {
+                        let unit = &self.units[u];
+                        let Some(program) = &unit.line_program else { return false };
+                        let count = program.header().file_names().len() as u64 + 1;
+                        (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
+                    })
+                    .collect();
+                if units.is_empty() {
+                    return Err(DwarfError::UnknownFile { name: file.clone() });
+                }
+                let mut sites = Vec::new();
+                let mut last_error = None;
+                for u in units {
+                    match self.line_sites(u, file, *line, None, &point.to_string()) {
+                        Ok(found) => sites.extend(found),
+                        Err(e) => last_error = Some(e),
+                    }
+                }
+                // A header's line compiled into several units gives the same address once.
+                sites.sort_by_key(|s| s.addr);
+                sites.dedup_by_key(|s| s.addr);
+                match (sites.is_empty(), last_error) {
+                    (true, Some(e)) => Err(e),
+                    _ => Ok(sites),
+                }
+            }
+        }
+    }
+
+    /// The sites of `line` of `file` in unit `u`, within `ranges` when given (each marked
+    /// inlined or not): where a run of that line's statements starts. A line without code
+    /// resolves to the next line that has some.
+    fn line_sites(
+        &self,
+        u: usize,
+        file: &str,
+        line: u64,
+        ranges: Option<&[((u64, u64), bool)]>,
+        what: &str,
+    ) -> Result<Vec<SourceSite>, DwarfError> {
+        let unit = &self.units[u];
+        let rows = self.rows(unit);
+        let mut names = std::collections::HashMap::new();
+        let mut matches_file = |index: u64| {
+            *names.entry(index).or_insert_with(|| self.file_name(unit, index).is_some_and(|n| file_matches(&n, file)))
+        };
+        let in_ranges = |addr: u64| match ranges {
+            None => Some(false),
+            Some(ranges) => ranges.iter().find(|((lo, hi), _)| *lo <= addr && addr < *hi).map(|r| r.1),
+        };
+        // The first line at or after `line` that has a statement here.
+        let candidates: Vec<&Row> =
+            rows.iter().filter(|r| r.is_stmt && r.line >= line && in_ranges(r.addr).is_some()).collect();
+        let chosen = candidates.iter().filter(|r| matches_file(r.file)).map(|r| r.line).min();
+        let Some(chosen) = chosen else {
+            return Err(DwarfError::NoCode {
+                what: what.to_string(),
+                reason: format!("no statement of line {line} or after it is in the line table"),
+            });
+        };
+        let mut sites: Vec<SourceSite> = Vec::new();
+        let mut previous: Option<&Row> = None;
+        for row in &rows {
+            let continues = !row.starts_sequence && previous.is_some_and(|p| p.line == row.line && p.file == row.file);
+            previous = Some(row);
+            if !row.is_stmt || row.line != chosen || continues || !matches_file(row.file) {
+                continue;
+            }
+            let Some(inlined) = in_ranges(row.addr) else { continue };
+            if sites.iter().any(|s| s.addr == row.addr) {
+                continue;
+            }
+            let (function, inlined) = match self.function_at(u, row.addr) {
+                Some((name, inline)) => (name, inlined || inline),
+                None => (String::new(), inlined),
+            };
+            sites.push(SourceSite {
+                addr: row.addr,
+                function,
+                file: self.file_name(unit, row.file).unwrap_or_default(),
+                line: chosen,
+                inlined,
+                entry: !inlined && self.function_entered_at(row.addr).is_some(),
+                note: (chosen != line).then(|| format!("line {line} has no code; probed at line {chosen}")),
+                unit: u,
+            });
+        }
+        sites.sort_by_key(|s| s.addr);
+        Ok(sites)
+    }
+
+    /// The innermost function (out-of-line or inlined) of unit `u` whose code is at
+    /// `addr`, and whether that is an inlined copy.
+    pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
+        let mut best: Option<(u64, &str, bool)> = None;
+        for f in self.functions().iter().filter(|f| f.unit == u) {
+            let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
+                if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
+                    let _ = lo;
+                    let size: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>().max(hi - lo);
+                    if best.is_none_or(|b| size < b.0) {
+                        best = Some((size, &f.name, inlined));
+                    }
+                }
+            };
+            consider(&f.ranges, false);
+            for i in &f.inlined {
+                consider(&i.ranges, true);
+            }
+        }
+        best.map(|(_, name, inlined)| (name.to_string(), inlined))
+    }
+
+    /// The function whose entry is at `addr`, if any.
+    pub(crate) fn function_entered_at(&self, addr: u64) -> Option<&Function> {
+        self.functions().iter().find(|f| f.entry() == Some(addr))
+    }
+
+    /// The lines of `f`'s source file from its declaration to its end, each with whether
+    /// it has a statement (a probe can go there), as `perf probe -L` shows them.
+    pub fn function_lines(&self, f: &Function) -> Vec<(u64, bool)> {
+        let unit = &self.units[f.unit];
+        let rows = self.rows(unit);
+        let mut ranges: Vec<(u64, u64)> = f.ranges.clone();
+        for i in &f.inlined {
+            ranges.extend(&i.ranges);
+        }
+        let mut names = std::collections::HashMap::new();
+        let mut lines: Vec<u64> = rows
+            .iter()
+            .filter(|r| r.is_stmt && ranges.iter().any(|(lo, hi)| *lo <= r.addr && r.addr < *hi))
+            .filter(|r| {
+                *names.entry(r.file).or_insert_with(|| self.file_name(unit, r.file).as_deref() == Some(&f.file))
+            })
+            .map(|r| r.line)
+            .collect();
+        lines.sort();
+        lines.dedup();
+        let last = lines.last().copied().unwrap_or(f.line).max(f.line);
+        (f.line..=last).map(|l| (l, lines.binary_search(&l).is_ok())).collect()
+    }
+}
+
+/// The DIE a subprogram or inlined copy is a copy of (`DW_AT_abstract_origin`), or its own
+/// (only that unit's references are followed; cross-unit ones keep the DIE itself).
+fn origin(_unit: &gimli::Unit<R>, offset: UnitOffset, entry: &gimli::DebuggingInformationEntry<R>) -> UnitOffset {
+    match entry.attr_value(gimli::DW_AT_abstract_origin).or_else(|| entry.attr_value(gimli::DW_AT_specification)) {
+        Some(AttributeValue::UnitRef(origin)) => origin,
+        _ => offset,
+    }
+}
+
+/// Whether a subprogram without code is an abstract one that inlined copies refer to.
+fn is_inline_candidate(entry: &gimli::DebuggingInformationEntry<R>) -> bool {
+    entry.attr_value(gimli::DW_AT_inline).is_some()
+}
+
+/// Whether the path `have` is the file `wanted` names: the same, or ending with `/wanted`.
+pub(crate) fn file_matches(have: &str, wanted: &str) -> bool {
+    have == wanted || have.ends_with(&format!("/{wanted}"))
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
