@@ -11,6 +11,7 @@ mod exec;
 pub(crate) mod output;
 mod ptrace;
 pub(crate) mod session;
+pub(crate) mod source;
 
 use dynprobe::spec::ProbeSpec;
 use output::Printer;
@@ -109,7 +110,7 @@ pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, outp
 fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
     let started = std::time::Instant::now();
     let duration = args.duration.as_deref().map(parse_duration).transpose()?;
-    let lines = spec_lines(&args.specs)?;
+    let lines = spec_lines(&args.specs, Some(&PathBuf::from(format!("/proc/{pid}/exe"))))?;
     let agent = agent_path()?;
     let out = match &args.output.file {
         Some(path) => output::Outbox::file(create_output(path)?),
@@ -142,12 +143,17 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 /// Parses every spec (a syntax error stops here, with its column) and gives each as one
 /// line: a spec from the command line could hold a newline, which is only white space to
 /// the grammar but would split it in two for the agent.
-fn spec_lines(specs: &[String]) -> Result<Vec<String>, String> {
+/// Source-level specs are lowered first, for `program` ([`source::lower`]).
+fn spec_lines(specs: &[String], program: Option<&std::path::Path>) -> Result<Vec<String>, String> {
     let parsed = specs
         .iter()
         .map(|text| ProbeSpec::parse(text))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
+    let (parsed, notes) = source::lower(parsed, program)?;
+    for note in notes {
+        eprintln!("dynprobe: {note}");
+    }
     Ok(parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect())
 }
 
@@ -172,7 +178,7 @@ fn try_probe(
     force_ptrace: bool,
     output: &OutputArgs,
 ) -> Result<ExitCode, String> {
-    let lines = spec_lines(specs)?;
+    let lines = spec_lines(specs, source::program_path(&command[0]).as_deref())?;
     let mut printer = printer(output)?;
     let static_program = ptrace::static_program(&command[0]);
     if force_ptrace || static_program.is_some() {

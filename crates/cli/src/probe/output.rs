@@ -511,7 +511,13 @@ fn seconds(hit: &Hit, start_ns: u64) -> f64 {
 fn text_line(hit: &Hit, start_ns: u64) -> String {
     let mut line = format!("{:12.6} [{}] {}:", seconds(hit, start_ns), hit.tid, hit.event);
     for (name, value) in &hit.args {
-        line.push_str(&format!(" {name}={value}"));
+        match super::source::render_value(hit.event, name, value) {
+            Some(shown) => line.push_str(&format!(" {name}={shown}")),
+            None => line.push_str(&format!(" {name}={value}")),
+        }
+    }
+    for (name, text) in super::source::extra_fields(hit.event) {
+        line.push_str(&format!(" {name}={text}"));
     }
     line
 }
@@ -521,8 +527,16 @@ fn text_line(hit: &Hit, start_ns: u64) -> String {
 /// arguments, in order.
 fn json_line(hit: &Hit, start_ns: u64) -> String {
     let string = |s: &str| serde_json::Value::from(s).to_string();
-    let args: Vec<String> =
-        hit.args.iter().map(|(name, value)| format!("{}:{}", string(name), Value::parse(value).json())).collect();
+    // A value typed by DWARF (an enumerator's name, `true`, `'x'`) is a JSON string.
+    let json = |name: &str, value: &str| match super::source::render_value(hit.event, name, value) {
+        Some(shown) => string(&shown),
+        None => Value::parse(value).json(),
+    };
+    let mut args: Vec<String> =
+        hit.args.iter().map(|(name, value)| format!("{}:{}", string(name), json(name, value))).collect();
+    args.extend(
+        super::source::extra_fields(hit.event).iter().map(|(name, text)| format!("{}:{}", string(name), string(text))),
+    );
     format!(
         r#"{{"time":{:.6},"ns":{},"tid":{},"event":{},"args":{{{}}}}}"#,
         seconds(hit, start_ns),

@@ -292,7 +292,7 @@ impl DebugInfo {
                 self.functions().iter().map(|f| (edit_distance(&f.name, name), f.name.as_str())).collect();
             near.sort();
             near.dedup_by_key(|n| n.1);
-            let suggestions = near.iter().filter(|n| n.0 <= 3).take(3).map(|n| n.1.to_string()).collect();
+            let suggestions = near.iter().filter(|n| n.0 <= 2).take(3).map(|n| n.1.to_string()).collect();
             let shown = match file {
                 Some(file) => format!("{name}@{file}"),
                 None => name.to_string(),

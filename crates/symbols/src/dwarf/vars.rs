@@ -227,17 +227,22 @@ impl DebugInfo {
                 }
                 gimli::DW_TAG_subprogram | gimli::DW_TAG_lexical_block | gimli::DW_TAG_inlined_subroutine => {
                     let ranges = self.ranges(unit, entry);
-                    if !ranges.iter().any(|(lo, hi)| *lo <= site.addr && site.addr < *hi) {
+                    // An inlined copy whose code merged into its caller's has only an entry
+                    // address (see `Function::inlined`): a site there is in it.
+                    let at_entry = || {
+                        let address =
+                            |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                        entry.tag() == gimli::DW_TAG_inlined_subroutine
+                            && address(gimli::DW_AT_entry_pc).or_else(|| address(gimli::DW_AT_low_pc))
+                                == Some(site.addr)
+                    };
+                    if !ranges.iter().any(|(lo, hi)| *lo <= site.addr && site.addr < *hi) && !at_entry() {
                         continue;
                     }
                     let frame_base = match entry.attr_value(gimli::DW_AT_frame_base) {
                         Some(AttributeValue::Exprloc(e)) => Some(e),
                         _ => scope.and_then(|s| s.frame_base.clone()),
                     };
-                    if entry.tag() == gimli::DW_TAG_inlined_subroutine {
-                        // The variables of the function this copy was inlined into are still
-                        // visible to the user, but the copy's own hide them.
-                    }
                     let inner = Scope { frame_base };
                     self.walk(site, child, Some(&inner), depth + 1, out)?;
                 }

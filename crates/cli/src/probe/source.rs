@@ -1,0 +1,399 @@
+//! Source-level specs (`p:handle:3 total req->path`, `p source.c:31`, `r:count_up`
+//! typed by DWARF) lowered to the kernel grammar the agent and the ptrace tracer speak:
+//! one `SYMBOL+OFF` spec per place the source location compiled to, each variable a fetch
+//! of registers and memory (`+8(%rdi)`), typed from its DWARF type.
+//!
+//! The fetches run in the probe handler as before, allocation-free; what the kernel's
+//! types cannot say — enumerators by name, `bool`, `char`, floating point, a variable
+//! optimized out at that place — is put back when the CLI prints the event
+//! ([`render_value`], [`extra_fields`]), from a table built here once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use dynprobe::spec::{
+    Address, Fetch, FetchArg, FetchType, Format, IntType, ProbeKind, ProbeSpec, Reg, SourceLocation, Target, VarExpr,
+    VarStep, MAX_DEREF,
+};
+use dynprobe::Location;
+use dynprobe_symbols::dwarf::{
+    Access, DebugInfo, Place, SourcePoint, SourceSite, TypeKind, TypeRef, VarError, ARGUMENT_REGISTERS,
+    DWARF_REGISTER_NAMES,
+};
+
+/// How a printed integer is shown again by its DWARF type.
+#[derive(Debug, Clone, PartialEq)]
+enum Render {
+    Bool,
+    Char,
+    Enum(Vec<(i64, String)>),
+    Float,
+}
+
+/// What the printer adds to events of lowered specs.
+#[derive(Debug, Default)]
+struct Renderings {
+    /// By event and field.
+    fields: HashMap<(String, String), Render>,
+    /// Fields with no fetch (optimized out there), by event.
+    extra: HashMap<String, Vec<(String, String)>>,
+}
+
+static RENDERINGS: OnceLock<Renderings> = OnceLock::new();
+
+/// `value` of field `name` of `event` as its DWARF type shows it, when that differs from
+/// the integer the agent printed.
+pub(crate) fn render_value(event: &str, name: &str, value: &str) -> Option<String> {
+    let render = RENDERINGS.get()?.fields.get(&(event.to_string(), name.to_string()))?;
+    let number = || -> Option<i128> {
+        match value.strip_prefix("0x") {
+            Some(hex) => i128::from_str_radix(hex, 16).ok(),
+            None => value.parse().ok(),
+        }
+    };
+    Some(match render {
+        Render::Bool => (number()? != 0).to_string(),
+        Render::Char => {
+            let c = number()? as u8;
+            match c {
+                b' '..=b'~' if c != b'\'' && c != b'\\' => format!("'{}'", c as char),
+                _ => format!("'\\x{c:02x}'"),
+            }
+        }
+        Render::Enum(values) => {
+            let n = number()? as i64;
+            match values.iter().find(|(v, _)| *v == n) {
+                Some((_, name)) => name.clone(),
+                None => n.to_string(),
+            }
+        }
+        Render::Float => {
+            let hex = value.strip_prefix("0x")?;
+            let bits = u64::from_str_radix(hex, 16).ok()?;
+            match hex.len() {
+                ..=8 => format!("{}", f32::from_bits(bits as u32)),
+                _ => format!("{}", f64::from_bits(bits)),
+            }
+        }
+    })
+}
+
+/// Fields of `event` that have no fetch: `(name, text)`, e.g. `seen=(optimized out)`.
+pub(crate) fn extra_fields(event: &str) -> &'static [(String, String)] {
+    RENDERINGS.get().and_then(|r| r.extra.get(event)).map_or(&[], Vec::as_slice)
+}
+
+/// Whether a spec reads the DWARF: a source location or a source variable.
+fn needs_dwarf(spec: &ProbeSpec) -> bool {
+    let location = spec.location.code();
+    location.is_some_and(|l| SourceLocation::of(l).is_some())
+        || spec.args.iter().any(|a| matches!(a.fetch, Fetch::Var(_)))
+}
+
+/// Whether an `r:` spec on a plain function of the program has `$retval` without a type:
+/// typed by the DWARF when the program has it.
+fn wants_typed_retval(spec: &ProbeSpec) -> bool {
+    spec.kind == ProbeKind::Return
+        && matches!(spec.location.code(), Some(Location::Symbol(s)) if !s.contains(':'))
+        && spec.args.iter().any(|a| a.fetch == Fetch::Retval && a.ty == FetchType::DEFAULT)
+}
+
+/// The program a started command runs: its path, or found in `PATH`.
+pub(crate) fn program_path(program: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return Some(path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())
+}
+
+/// The specs with their source-level parts lowered for `program` (one line each), and what
+/// to tell the user about them (a line moved to the next with code, inlined copies).
+pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Vec<ProbeSpec>, Vec<String>), String> {
+    if !specs.iter().any(|s| needs_dwarf(s) || wants_typed_retval(s)) {
+        return Ok((specs, Vec::new()));
+    }
+    let info: Result<DebugInfo, String> = program
+        .ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())
+        .and_then(|program| DebugInfo::open(program).map_err(|e| e.to_string()));
+    let debug = |_: Option<&Path>| info.as_ref().map_err(Clone::clone);
+    let mut renderings = Renderings::default();
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    for spec in specs {
+        if !needs_dwarf(&spec) {
+            // `$retval` typed when the DWARF is there; without it the spec stays as written.
+            if wants_typed_retval(&spec) {
+                if let Ok(info) = debug(program) {
+                    if let Ok(lowered) = lower_one(&spec, info, &mut renderings, &mut notes) {
+                        out.extend(lowered);
+                        continue;
+                    }
+                }
+            }
+            out.push(spec);
+            continue;
+        }
+        let info = debug(program).map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
+        out.extend(
+            lower_one(&spec, info, &mut renderings, &mut notes).map_err(|e| format!("probe `{}`: {e}", spec.text))?,
+        );
+    }
+    let _ = RENDERINGS.set(renderings);
+    Ok((out, notes))
+}
+
+/// The sites of a spec's location.
+pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
+    let location = spec.location.code().ok_or("a marker has no source location")?;
+    let point = match SourceLocation::of(location) {
+        Some(SourceLocation::Function { name, file }) => SourcePoint::Function { name, file },
+        Some(SourceLocation::FunctionLine { name, file, line }) => SourcePoint::FunctionLine { name, file, line },
+        Some(SourceLocation::FileLine { file, line }) => SourcePoint::FileLine { file, line },
+        None => match location {
+            Location::Symbol(name) if !name.contains(':') => SourcePoint::Function { name: name.clone(), file: None },
+            _ => return Err("source variables need a function or a source line as the location".into()),
+        },
+    };
+    if spec.kind == ProbeKind::Return && !matches!(point, SourcePoint::Function { .. }) {
+        return Err("a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)".into());
+    }
+    let mut sites = info.resolve(&point).map_err(|e| e.to_string())?;
+    if spec.kind == ProbeKind::Return {
+        // An inlined copy is never called, so it never returns.
+        sites.retain(|s| !s.inlined);
+        if sites.is_empty() {
+            return Err(format!("`{point}` is only inlined: no call of it returns"));
+        }
+    }
+    Ok(sites)
+}
+
+/// One spec lowered: a spec per site.
+fn lower_one(
+    spec: &ProbeSpec,
+    info: &DebugInfo,
+    renderings: &mut Renderings,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ProbeSpec>, String> {
+    let sites = sites(spec, info)?;
+    let mut out = Vec::new();
+    for site in &sites {
+        let (symbol, offset) = info
+            .symbol_at(site.addr)
+            .ok_or_else(|| format!("no symbol of `{}` contains 0x{:x}", info.binary.display(), site.addr))?;
+        let location = match (spec.kind, offset) {
+            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.to_string()),
+            (_, offset) => Location::SymbolOffset(symbol.to_string(), offset),
+        };
+        let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
+        let event = lowered.full_event_name();
+        let mut extra = Vec::new();
+        for arg in &spec.args {
+            for (name, fetch, ty, render) in lower_arg(arg, spec.kind, site, info)? {
+                match fetch {
+                    Some(fetch) => {
+                        if let Some(render) = render {
+                            renderings.fields.insert((event.clone(), name.clone()), render);
+                        }
+                        lowered.args.push(FetchArg { name, fetch, ty });
+                    }
+                    None => extra.push((name, "(optimized out)".to_string())),
+                }
+            }
+        }
+        if !extra.is_empty() {
+            renderings.extra.insert(event.clone(), extra);
+        }
+        lowered.text = spec_text(&lowered);
+        if let Some(note) = &site.note {
+            notes.push(format!("`{}`: {note}", spec.text));
+        }
+        if site.inlined {
+            notes.push(format!(
+                "`{}`: a site at 0x{:x} ({symbol}+0x{offset:x}) is an inlined copy of {}",
+                spec.text, site.addr, site.function
+            ));
+        }
+        out.push(lowered);
+    }
+    Ok(out)
+}
+
+/// A lowered field: its name, its fetch (`None`: optimized out there), type and rendering.
+type LoweredArg = (String, Option<Fetch>, FetchType, Option<Render>);
+
+/// The fields one argument becomes (a struct gives one per member).
+fn lower_arg(arg: &FetchArg, kind: ProbeKind, site: &SourceSite, info: &DebugInfo) -> Result<Vec<LoweredArg>, String> {
+    let (place, ty) = match &arg.fetch {
+        Fetch::Var(var) => match info.resolve_variable(site, &var.name, &accesses(var)) {
+            Ok(found) => found,
+            Err(VarError::OptimizedOut) => return Ok(vec![(arg.name.clone(), None, arg.ty, None)]),
+            Err(e) => return Err(format!("field `{}` (`{var}`): {e}", arg.name)),
+        },
+        Fetch::Retval if arg.ty == FetchType::DEFAULT => match info.return_type(site) {
+            Some(ty) => return typed(&arg.name, Fetch::Retval, Some(ty), info, 0),
+            None => return Ok(vec![(arg.name.clone(), Some(Fetch::Retval), arg.ty, None)]),
+        },
+        other => return Ok(vec![(arg.name.clone(), Some(other.clone()), arg.ty, None)]),
+    };
+    let fetch = place_fetch(&place, kind, site).map_err(|e| format!("field `{}`: {e}", arg.name))?;
+    if arg.ty != FetchType::DEFAULT {
+        return Ok(vec![(arg.name.clone(), Some(fetch), arg.ty, None)]);
+    }
+    typed(&arg.name, fetch, ty, info, 0)
+}
+
+/// The `Access` steps of a variable: its leading `*`s apply last (`*p->q` is `*(p->q)`).
+fn accesses(var: &VarExpr) -> Vec<Access> {
+    let mut out: Vec<Access> = var
+        .steps
+        .iter()
+        .map(|s| match s {
+            VarStep::Field(m) => Access::Field(m.clone()),
+            VarStep::Arrow(m) => Access::Arrow(m.clone()),
+            VarStep::Index(i) => Access::Index(*i),
+        })
+        .collect();
+    out.extend(std::iter::repeat_n(Access::Deref, var.derefs));
+    out
+}
+
+/// The fetch reading a place. In a return probe only the entry's argument registers are
+/// known (as `$argN`).
+fn place_fetch(place: &Place, kind: ProbeKind, site: &SourceSite) -> Result<Fetch, String> {
+    if place.reads() > MAX_DEREF {
+        return Err(format!("it takes more than {MAX_DEREF} memory reads"));
+    }
+    Ok(match place {
+        Place::Register(n) if kind == ProbeKind::Return => {
+            match ARGUMENT_REGISTERS.iter().position(|r| r == n).filter(|_| site.entry) {
+                Some(i) => Fetch::Arg(i as u8 + 1),
+                None => return Err(format!("{place} is not known at the return; a return probe has the arguments")),
+            }
+        }
+        Place::Register(n) => {
+            let name = DWARF_REGISTER_NAMES.get(usize::from(*n)).ok_or_else(|| {
+                format!("it is in {place}; vector registers cannot be fetched (probe where it is in memory)")
+            })?;
+            Fetch::Reg(Reg::from_name(name).ok_or_else(|| format!("register {name} cannot be fetched"))?)
+        }
+        Place::Memory { base, offset } => {
+            Fetch::Deref { offset: *offset, base: Box::new(place_fetch(base, kind, site)?) }
+        }
+    })
+}
+
+/// The fields a value of DWARF type `ty` read by `fetch` prints as: one for a scalar, one
+/// per scalar member for a struct (`req_len`), shallowly.
+fn typed(
+    name: &str,
+    fetch: Fetch,
+    ty: Option<TypeRef>,
+    info: &DebugInfo,
+    depth: usize,
+) -> Result<Vec<LoweredArg>, String> {
+    let Some(ty) = ty else { return Ok(vec![(name.to_string(), Some(fetch), FetchType::DEFAULT, None)]) };
+    let ty = info.type_of(ty);
+    let int = |format, bytes: u64| {
+        let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
+        FetchType::Int(IntType { format, bits })
+    };
+    let signed = |signed: bool| if signed { Format::Signed } else { Format::Unsigned };
+    let one = |ty: FetchType, render| Ok(vec![(name.to_string(), Some(fetch.clone()), ty, render)]);
+    match ty.kind {
+        TypeKind::Signed => one(int(Format::Signed, ty.size), None),
+        TypeKind::Unsigned => one(int(Format::Unsigned, ty.size), None),
+        TypeKind::Bool => one(int(Format::Unsigned, ty.size), Some(Render::Bool)),
+        TypeKind::Char { signed: s } => one(int(signed(s), ty.size), Some(Render::Char)),
+        TypeKind::Enum(values) => {
+            let negative = values.iter().any(|(v, _)| *v < 0);
+            one(int(signed(negative), ty.size), Some(Render::Enum(values)))
+        }
+        TypeKind::Float => match fetch {
+            Fetch::Deref { .. } => one(int(Format::Hex, ty.size), Some(Render::Float)),
+            _ => Err(format!("field `{name}`: a floating-point value in a vector register cannot be fetched")),
+        },
+        TypeKind::Pointer(target) => {
+            let to_char = target.is_some_and(|t| matches!(info.type_of(t).kind, TypeKind::Char { .. }));
+            match to_char && fetch_depth(&fetch) < MAX_DEREF {
+                // `char *`: the string it points to.
+                true => one_string(name, fetch),
+                false => one(FetchType::Int(IntType { format: Format::Hex, bits: 64 }), None),
+            }
+        }
+        TypeKind::Struct(members) if depth == 0 => {
+            let Fetch::Deref { offset, base } = fetch else {
+                return Err(format!("field `{name}`: the struct is in a register here; name its members"));
+            };
+            let mut out = Vec::new();
+            for m in members {
+                let inner = info.type_of(m.ty);
+                if matches!(inner.kind, TypeKind::Struct(_) | TypeKind::Array { .. } | TypeKind::Other) {
+                    continue;
+                }
+                let fetch = Fetch::Deref { offset: offset + m.offset as i64, base: base.clone() };
+                out.extend(typed(&format!("{name}_{}", m.name), fetch, Some(m.ty), info, depth + 1)?);
+            }
+            Ok(out)
+        }
+        TypeKind::Array { .. } => {
+            Err(format!("field `{name}`: `{}` is an array; name an element (`{name}[0]`)", ty.name))
+        }
+        _ => Err(format!("field `{name}`: a value of type `{}` cannot be printed; give a :TYPE", ty.name)),
+    }
+}
+
+fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {
+    // `+0(V):string` is the string at the address V holds (the kernel's rule for a memory
+    // fetch with `:string`).
+    Ok(vec![(name.to_string(), Some(Fetch::Deref { offset: 0, base: Box::new(fetch) }), FetchType::String, None)])
+}
+
+fn fetch_depth(fetch: &Fetch) -> usize {
+    let mut n = 0;
+    fetch.walk(&mut |f| n += usize::from(matches!(f, Fetch::Deref { .. })));
+    n
+}
+
+/// A lowered spec as the grammar writes it, for the agent to parse again.
+fn spec_text(spec: &ProbeSpec) -> String {
+    let mut text = String::new();
+    text.push(spec.kind.letter());
+    if let Some(n) = spec.maxactive {
+        text.push_str(&n.to_string());
+    }
+    text.push(':');
+    text.push_str(&spec.full_event_name());
+    text.push(' ');
+    match &spec.location {
+        Target::Code(Location::Symbol(s)) => text.push_str(s),
+        Target::Code(Location::SymbolOffset(s, off)) => text.push_str(&format!("{s}+0x{off:x}")),
+        Target::Code(Location::Address(a)) => text.push_str(&format!("0x{a:x}")),
+        Target::Marker(m) => text.push_str(m),
+    }
+    for arg in &spec.args {
+        text.push_str(&format!(" {}={}:{}", arg.name, fetch_text(&arg.fetch), arg.ty));
+    }
+    text
+}
+
+fn fetch_text(fetch: &Fetch) -> String {
+    match fetch {
+        Fetch::Reg(r) => format!("%{}", format!("{r:?}").to_lowercase()),
+        Fetch::Arg(n) => format!("$arg{n}"),
+        Fetch::Retval => "$retval".into(),
+        Fetch::Stack(n) => format!("$stack{n}"),
+        Fetch::StackPointer => "$stack".into(),
+        Fetch::Comm => "$comm".into(),
+        Fetch::Duration => "$duration".into(),
+        Fetch::Memory(Address::Absolute(a)) => format!("@0x{a:x}"),
+        Fetch::Memory(Address::Symbol { symbol, offset }) => format!("@{symbol}{offset:+}"),
+        Fetch::Var(var) => var.to_string(),
+        Fetch::Deref { offset, base } => match *offset < 0 {
+            true => format!("-{}({})", offset.unsigned_abs(), fetch_text(base)),
+            false => format!("+{offset}({})", fetch_text(base)),
+        },
+    }
+}

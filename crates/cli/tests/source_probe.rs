@@ -1,0 +1,139 @@
+//! Source-level probes end to end: `dynprobe probe` on `source.c` (the symbols crate's
+//! DWARF target) at `-O0` and `-O2`, by function line, file line and `FUNC@FILE`, with
+//! variables, members through pointers, enums, chars, bools, strings, inlined copies,
+//! optimized-out values and `$retval` typed from the DWARF. Each event is compared with
+//! what the program prints for that round.
+//!
+//! The agent must be built beside the `dynprobe` binary first: `cargo build --workspace`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{build_c, dynprobe, probe_to_file};
+
+/// `source.c` built with `-g` and `opt` (after the harness's `-O2`).
+fn program(opt: &'static str) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    let (slot, out) = match opt {
+        "-O0" => (&BUILT[0], "source-o0"),
+        _ => (&BUILT[1], "source-o2"),
+    };
+    slot.get_or_init(|| build_c("../../../symbols/tests/targets/source.c", out, &["-g".as_ref(), opt.as_ref()]))
+}
+
+/// The events of a run (their text after `EVENT:`), checking that it succeeded.
+fn events(name: &str, specs: &[&str], opt: &'static str, rounds: u64) -> Vec<String> {
+    let (out, events) = probe_to_file(name, &[], specs, program(opt), &rounds.to_string());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "dynprobe failed: {stderr}");
+    events.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e).to_string()).collect()
+}
+
+#[test]
+fn a_function_line_fetches_what_the_program_prints_at_o0_and_o2() {
+    let spec = "p:handle:3 total round req->path req->color req->urgent req->tag req->limits[2].hard";
+    for opt in ["-O0", "-O2"] {
+        let got = events(&format!("line{opt}"), &[spec], opt, 3);
+        // At line 31 `total` is `req->len + round`; `len` is 11 and grows by one a round.
+        let want: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "handle_L3: total={} round={i} req_path=\"/index.html\" req_color=GREEN req_urgent=true \
+                     req_tag='x' req_limits_2_hard=6",
+                    11 + 2 * i
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{opt}");
+    }
+}
+
+#[test]
+fn a_file_line_a_function_in_a_file_and_a_blank_line_moved_to_the_next() {
+    let (out, text) =
+        probe_to_file("file-line", &[], &["p source.c:29 req->len", "p:handle:2 round"], program("-O0"), "2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`p:handle:2 round`: line 30 has no code; probed at line 31"), "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(got, ["source_c_29: req_len=11", "handle_L2: round=0", "source_c_29: req_len=12", "handle_L2: round=1"]);
+
+    let got = events("func-at-file", &["p count_up@source.c step *count"], "-O2", 3);
+    // At the entry `*count` is the sum of the steps before: 0, 1, 1 + 2.
+    assert_eq!(got, ["count_up: step=1 count=0", "count_up: step=2 count=1", "count_up: step=3 count=3"]);
+}
+
+#[test]
+fn every_inlined_copy_is_probed_and_the_listing_says_so() {
+    // At -O0 `scale` (always_inline) has a copy in handle, count_up and main: three calls a
+    // round, with the arguments round, step (round + 1) and the loop index.
+    let (out, text) = probe_to_file("inline", &[], &["p scale v"], program("-O0"), "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("is an inlined copy of scale").count(), 3, "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(got, ["scale: v=0", "scale: v=1", "scale: v=0", "scale: v=1", "scale: v=2", "scale: v=1"]);
+}
+
+#[test]
+fn retval_takes_the_return_type_and_parameters_are_kept_from_the_entry() {
+    for opt in ["-O0", "-O2"] {
+        let got = events(&format!("retval{opt}"), &["r:count_up ret=$retval step"], opt, 3);
+        // count_up returns count * scale(step) = count * (2 * step + 1); count is 1, 3, 6.
+        assert_eq!(
+            got,
+            ["count_up__return: ret=3 step=1", "count_up__return: ret=15 step=2", "count_up__return: ret=42 step=3"],
+            "{opt}"
+        );
+    }
+}
+
+#[test]
+fn an_optimized_out_variable_says_so() {
+    // At -O2 GCC folds the inlined copy's `v` into its caller's arithmetic.
+    let got = events("optimized-out", &["p scale v"], "-O2", 1);
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|e| e == "scale: v=(optimized out)"), "{got:?}");
+}
+
+#[test]
+fn bad_source_specs_are_refused_with_the_reason_and_nothing_runs() {
+    let refused = |specs: &[&str], program: &Path| {
+        let out = dynprobe().arg("probe").args(specs).arg("--").arg(program).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty(), "the program ran");
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    };
+    assert_eq!(
+        refused(&["p:handle:3 nope"], program("-O0")),
+        "dynprobe: probe `p:handle:3 nope`: field `nope` (`nope`): no variable `nope` at this point (visible: req, \
+         round, total)"
+    );
+    assert_eq!(
+        refused(&["p:handle:3 req->size"], program("-O0")),
+        "dynprobe: probe `p:handle:3 req->size`: field `req_size` (`req->size`): `struct request *` has no member \
+         `size` (members: path, len, color, urgent, tag, limits)"
+    );
+    assert_eq!(
+        refused(&["p:hadle:3"], program("-O0")),
+        "dynprobe: probe `p:hadle:3`: no function `hadle` in the debugging information (nearest: handle)"
+    );
+    assert_eq!(
+        refused(&["r:handle:3"], program("-O0")),
+        "dynprobe: probe `r:handle:3`: a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)"
+    );
+    let stripped = common::scratch().join("source-stripped");
+    std::fs::copy(program("-O2"), &stripped).unwrap();
+    assert!(std::process::Command::new("strip").arg("-g").arg(&stripped).status().unwrap().success());
+    let message = refused(&["p:handle:3 total"], &stripped);
+    assert!(
+        message.starts_with(&format!(
+            "dynprobe: cannot place probe `p:handle:3 total`: `{}` has no DWARF",
+            stripped.display()
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with("rebuild it with `-g` (or install its separate debug file)"), "{message}");
+}
