@@ -137,3 +137,50 @@ fn bad_source_specs_are_refused_with_the_reason_and_nothing_runs() {
     );
     assert!(message.ends_with("rebuild it with `-g` (or install its separate debug file)"), "{message}");
 }
+
+/// `dynprobe probe ARGS -x PROGRAM`'s standard output, checking that it succeeded.
+fn discover(args: &[&str], program: &Path) -> String {
+    let out = dynprobe().arg("probe").args(args).arg("-x").arg(program).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn funcs_lines_vars_and_dry_run_show_the_source_without_running_it() {
+    let o0 = program("-O0");
+    assert_eq!(discover(&["--funcs"], o0), "count_up\nhandle\nmain\nscale\n");
+    // At -O2 glibc's inline `atoi` (a wrapper of strtol in <stdlib.h>) is inlined into main.
+    assert_eq!(discover(&["--funcs", "a*"], program("-O2")), "atoi\n");
+    assert_eq!(discover(&["--funcs", "*u*"], o0), "count_up\n");
+
+    let lines = discover(&["--lines", "handle"], o0);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../symbols/tests/targets/source.c");
+    let first = lines.lines().next().unwrap();
+    assert!(first.starts_with("<handle@") && first.ends_with("source.c:0>"), "{first}");
+    let text = std::fs::read_to_string(source).unwrap();
+    let body: Vec<&str> = text.lines().skip(27).take(9).collect();
+    let want: Vec<String> = [Some(0), Some(1), None, Some(3), Some(4), Some(5), Some(6), Some(7), Some(8)]
+        .iter()
+        .zip(&body)
+        .map(|(n, b)| match n {
+            Some(n) => format!("{n:>7}  {b}"),
+            None => format!("         {b}"),
+        })
+        .collect();
+    assert_eq!(lines.lines().skip(1).collect::<Vec<_>>(), want);
+
+    assert_eq!(
+        discover(&["--vars", "count_up:2"], o0),
+        "Available variables at count_up:2 (count_up+0x24, line 40)\n        long int * count\t-24(%rbp)\n        \
+         short int step\t-28(%rbp)\n        long int seen\t-8(%rbp)\n"
+    );
+    let o2 = discover(&["--vars", "scale"], program("-O2"));
+    assert!(o2.contains(", inlined copy of scale)\n"), "{o2}");
+    assert!(o2.contains("        int v\t(optimized out"), "{o2}");
+
+    assert_eq!(
+        discover(&["--dry-run", "r:count_up ret=$retval step", "p:handle:3 req->path req->color"], o0),
+        "r:count_up__return count_up ret=$retval:s64 step=$arg2:s16\n\
+         p:handle_L3 handle+0x1e req_path=+0(+0(-24(%rbp))):string req_color=+12(-24(%rbp)):u32\n"
+    );
+}

@@ -34,8 +34,10 @@ pub struct ProbeArgs {
     /// `m[:[GROUP/]EVENT] PROVIDER:NAME` probes every site of a static marker (either part
     /// may be `*`); each hit shows the marker's arguments arg1..argN, typed by its record
     /// (`dynprobe list-markers` lists them). Example: 'm:app:request'.
-    #[arg(value_name = "SPEC", required = true)]
+    #[arg(value_name = "SPEC", required_unless_present_any = ["funcs", "lines", "vars"])]
     specs: Vec<String>,
+    #[command(flatten)]
+    discovery: source::DiscoveryArgs,
     /// Attach to the running process PID instead of starting one; Ctrl-C (or --duration)
     /// detaches, and the process goes on with every probed byte restored.
     #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "command")]
@@ -73,6 +75,18 @@ pub(crate) struct OutputArgs {
 
 /// Runs `dynprobe probe`.
 pub fn run(args: &ProbeArgs) -> ExitCode {
+    if let Some(result) = source::discover(&args.discovery, &args.specs, args.pid, &args.command) {
+        return match result {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("dynprobe: {message}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        };
+    }
     if let Some(pid) = args.pid {
         return match try_attach(args, pid) {
             Ok(()) => ExitCode::SUCCESS,

@@ -397,3 +397,128 @@ fn fetch_text(fetch: &Fetch) -> String {
         },
     }
 }
+
+/// `perf probe -F/-L/-V`-like discovery, and `--dry-run`.
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct DiscoveryArgs {
+    /// List the program's functions (from its DWARF; those matching GLOB), and exit.
+    #[arg(long, value_name = "GLOB", num_args = 0..=1, default_missing_value = "*")]
+    funcs: Option<String>,
+    /// Print FUNC's source with the lines a probe can go on numbered from its first line
+    /// (as `FUNC:RELLINE` takes them), and exit.
+    #[arg(long, value_name = "FUNC")]
+    lines: Option<String>,
+    /// List the variables available at each site of a source location (`FUNC:RELLINE`,
+    /// `FILE:LINE`, `FUNC`), with their types and where they are, and exit.
+    #[arg(long, value_name = "LOCATION")]
+    vars: Option<String>,
+    /// Resolve the specs and print what would be placed (sites, registers, fetches)
+    /// without running anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// The program to inspect for --funcs, --lines, --vars and --dry-run (else the one
+    /// after `--`, or that of `-p PID`).
+    #[arg(short = 'x', long = "exec", value_name = "PROG")]
+    exec: Option<PathBuf>,
+}
+
+/// Runs the discovery `args` ask for, if any: the text to print, or the error.
+pub(crate) fn discover(
+    args: &DiscoveryArgs,
+    specs: &[String],
+    pid: Option<i32>,
+    command: &[std::ffi::OsString],
+) -> Option<Result<String, String>> {
+    if args.funcs.is_none() && args.lines.is_none() && args.vars.is_none() && !args.dry_run {
+        return None;
+    }
+    let program = match (&args.exec, pid, command.first()) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, Some(pid), _) => Some(PathBuf::from(format!("/proc/{pid}/exe"))),
+        (None, None, Some(program)) => program_path(program),
+        (None, None, None) => None,
+    };
+    let Some(program) = program else {
+        return Some(Err("name the program to inspect: `-x PROG`, `-p PID` or `-- PROG`".into()));
+    };
+    Some(run_discovery(args, specs, &program))
+}
+
+fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Result<String, String> {
+    if args.dry_run {
+        let parsed = specs
+            .iter()
+            .map(|text| ProbeSpec::parse(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
+        let (lowered, notes) = lower(parsed, Some(program))?;
+        let mut out = String::new();
+        for note in notes {
+            out.push_str(&format!("# {note}\n"));
+        }
+        for spec in lowered {
+            out.push_str(&spec_text(&spec));
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
+    if let Some(glob) = &args.funcs {
+        let mut names: Vec<&str> = info
+            .functions()
+            .iter()
+            .filter(|f| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), f.name.as_bytes()))
+            .map(|f| f.name.as_str())
+            .collect();
+        names.dedup();
+        return Ok(names.iter().map(|n| format!("{n}\n")).collect());
+    }
+    if let Some(name) = &args.lines {
+        let (name, file) = match name.split_once('@') {
+            Some((name, file)) => (name, Some(file)),
+            None => (name.as_str(), None),
+        };
+        let mut out = String::new();
+        for f in info.find_functions(name, file).map_err(|e| e.to_string())? {
+            out.push_str(&format!("<{}@{}:0>\n", f.name, f.file));
+            let source = std::fs::read_to_string(&f.file).ok();
+            let text: Vec<&str> = source.as_deref().map_or(Vec::new(), |s| s.lines().collect());
+            for (line, has_code) in info.function_lines(f) {
+                let body = text.get(line as usize - 1).copied().unwrap_or("");
+                match has_code {
+                    true => out.push_str(&format!("{:>7}  {body}\n", line - f.line)),
+                    false => out.push_str(&format!("         {body}\n")),
+                }
+            }
+            if source.is_none() {
+                out.push_str(&format!("(the source file `{}` cannot be read: only line numbers are shown)\n", f.file));
+            }
+        }
+        return Ok(out);
+    }
+    let location = args.vars.as_deref().unwrap_or_default();
+    let spec = ProbeSpec::parse(&format!("p {location}")).map_err(|e| format!("bad location `{location}`: {e}"))?;
+    let mut out = String::new();
+    for site in sites(&spec, &info)? {
+        let (symbol, offset) = info.symbol_at(site.addr).unwrap_or(("?", 0));
+        let inlined = if site.inlined { format!(", inlined copy of {}", site.function) } else { String::new() };
+        out.push_str(&format!(
+            "Available variables at {location} ({symbol}+0x{offset:x}, line {}{inlined})\n",
+            site.line
+        ));
+        for var in info.variables(&site) {
+            let ty = var.ty.map_or("?".to_string(), |t| info.type_of(t).name);
+            let place = match &var.place {
+                Ok(place) => place.to_string(),
+                Err(VarError::OptimizedOut) if !var.available.is_empty() => {
+                    let ranges: Vec<String> =
+                        var.available.iter().map(|(lo, hi)| format!("0x{lo:x}-0x{hi:x}")).collect();
+                    format!("(optimized out; available at {})", ranges.join(", "))
+                }
+                Err(e) => e.to_string(),
+            };
+            out.push_str(&format!("        {ty} {}\t{place}\n", var.name));
+        }
+    }
+    Ok(out)
+}
