@@ -156,3 +156,25 @@ fn a_build_id_directory_and_the_message_when_nothing_is_found() {
     assert_eq!(searched[0], binary.with_extension("debug"));
     assert!(err.to_string().ends_with("; rebuild it with `-g` (or install its separate debug file)"), "{err}");
 }
+
+#[test]
+fn minidebuginfo_is_looked_into_and_named_when_it_has_no_dwarf() {
+    // As Fedora's find-debuginfo.sh makes it: the symbol table alone, xz-compressed, in
+    // `.gnu_debugdata` of the stripped binary.
+    let binary = build("src-mini", &["-O2", "-g"]);
+    let dir = binary.parent().unwrap();
+    let symbols = dir.join("src-mini.symbols");
+    objcopy(&["--only-keep-debug".as_ref(), "--strip-debug".as_ref(), binary.as_os_str(), symbols.as_os_str()]);
+    let status = Command::new("xz").arg("-f").arg("-k").arg(&symbols).status().expect("run xz (xz-utils)");
+    assert!(status.success());
+    let xz = dir.join("src-mini.symbols.xz");
+    objcopy(&["--strip-all".as_ref(), binary.as_os_str()]);
+    let section = format!(".gnu_debugdata={}", xz.display());
+    objcopy(&["--add-section".as_ref(), section.as_ref(), binary.as_os_str()]);
+    let err = DebugInfo::open_in(&binary, &[]).unwrap_err();
+    assert!(matches!(err, DwarfError::NoDebugInfo { minidebuginfo: true, .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("(its .gnu_debugdata, MiniDebugInfo, has symbols but no lines or variables)"),
+        "{err}"
+    );
+}

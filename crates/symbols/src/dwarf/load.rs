@@ -93,22 +93,19 @@ impl DebugInfo {
             let (dwarf, debug_frame) = load_dwarf(&debug, candidate)?;
             return DebugInfo::finish(binary, candidate, dwarf, symbols, eh_frame, debug_frame);
         }
-        let minidebuginfo = match object.section_by_name(".gnu_debugdata").and_then(|s| s.data().ok()) {
-            Some(xz) => match mini_debuginfo(xz) {
-                Some(mini) => {
-                    if let Ok(inner) = object::File::parse(&*mini) {
-                        if has_dwarf(&inner) {
-                            let (dwarf, debug_frame) = load_dwarf(&inner, binary)?;
-                            symbols.extend(elf::read_bytes(&mini).map(|i| i.symbols).unwrap_or_default());
-                            return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame);
-                        }
-                    }
-                    true
+        // MiniDebugInfo: an ELF file with a symbol table, rarely DWARF; said in the error
+        // when it is readable (a damaged one counts as none).
+        let mut minidebuginfo = false;
+        if let Some(mini) = object.section_by_name(".gnu_debugdata").and_then(|s| mini_debuginfo(s.data().ok()?)) {
+            if let Ok(inner) = object::File::parse(&*mini) {
+                if has_dwarf(&inner) {
+                    let (dwarf, debug_frame) = load_dwarf(&inner, binary)?;
+                    symbols.extend(elf::read_bytes(&mini).map(|i| i.symbols).unwrap_or_default());
+                    return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame);
                 }
-                None => true,
-            },
-            None => false,
-        };
+                minidebuginfo = true;
+            }
+        }
         Err(DwarfError::NoDebugInfo {
             binary: binary.to_path_buf(),
             searched: candidates,

@@ -598,7 +598,11 @@ impl DebugInfo {
         match entry.tag() {
             gimli::DW_TAG_pointer_type => inner("", " *").replace("* *", "**"),
             gimli::DW_TAG_reference_type => inner("", " &"),
-            gimli::DW_TAG_const_type => inner("const ", ""),
+            // GCC qualifies both an array and its elements: say `const` once.
+            gimli::DW_TAG_const_type => {
+                let name = inner("const ", "");
+                name.strip_prefix("const const ").map_or(name.clone(), |rest| format!("const {rest}"))
+            }
             gimli::DW_TAG_volatile_type => inner("volatile ", ""),
             gimli::DW_TAG_structure_type => format!("struct {}", name.unwrap_or_else(|| "(anonymous)".into())),
             gimli::DW_TAG_union_type => format!("union {}", name.unwrap_or_else(|| "(anonymous)".into())),
