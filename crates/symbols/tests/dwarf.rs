@@ -91,12 +91,15 @@ fn check(info: &DebugInfo, optimized: bool) {
 }
 
 #[test]
-fn dwarf5_and_dwarf4_at_o0_and_o2() {
+fn dwarf5_and_dwarf4_at_o0_and_o2_and_with_lto() {
     for (name, flags, optimized) in [
         ("src-o0", &["-O0", "-g"][..], false),
         ("src-o2", &["-O2", "-g"][..], true),
         ("src-o0-dwarf4", &["-O0", "-gdwarf-4"][..], false),
         ("src-o2-dwarf4", &["-O2", "-gdwarf-4"][..], true),
+        // Link-time optimization: the code's units refer to the compiler's early ones
+        // (DW_FORM_ref_addr), as in Debian's python3.11.
+        ("src-lto", &["-O2", "-g", "-flto"][..], true),
     ] {
         let info = DebugInfo::open(&build(name, flags)).unwrap();
         check(&info, optimized);

@@ -516,7 +516,7 @@ fn text_line(hit: &Hit, start_ns: u64) -> String {
             None => line.push_str(&format!(" {name}={value}")),
         }
     }
-    for (name, text) in super::source::extra_fields(hit.event) {
+    for (name, text) in super::source::extra_fields(hit.event, hit.args.iter().map(|a| a.0)) {
         line.push_str(&format!(" {name}={text}"));
     }
     line
@@ -534,9 +534,8 @@ fn json_line(hit: &Hit, start_ns: u64) -> String {
     };
     let mut args: Vec<String> =
         hit.args.iter().map(|(name, value)| format!("{}:{}", string(name), json(name, value))).collect();
-    args.extend(
-        super::source::extra_fields(hit.event).iter().map(|(name, text)| format!("{}:{}", string(name), string(text))),
-    );
+    let missing = super::source::extra_fields(hit.event, hit.args.iter().map(|a| a.0));
+    args.extend(missing.iter().map(|(name, text)| format!("{}:{}", string(name), string(text))));
     format!(
         r#"{{"time":{:.6},"ns":{},"tid":{},"event":{},"args":{{{}}}}}"#,
         seconds(hit, start_ns),

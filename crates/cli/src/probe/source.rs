@@ -36,8 +36,9 @@ enum Render {
 struct Renderings {
     /// By event and field.
     fields: HashMap<(String, String), Render>,
-    /// Fields with no fetch (optimized out there), by event.
-    extra: HashMap<String, Vec<(String, String)>>,
+    /// Fields that have no fetch at some site of an event (optimized out there), and what
+    /// to print for them: by event, in field order.
+    missing: HashMap<String, Vec<(String, String)>>,
 }
 
 static RENDERINGS: OnceLock<Renderings> = OnceLock::new();
@@ -79,9 +80,12 @@ pub(crate) fn render_value(event: &str, name: &str, value: &str) -> Option<Strin
     })
 }
 
-/// Fields of `event` that have no fetch: `(name, text)`, e.g. `seen=(optimized out)`.
-pub(crate) fn extra_fields(event: &str) -> &'static [(String, String)] {
-    RENDERINGS.get().and_then(|r| r.extra.get(event)).map_or(&[], Vec::as_slice)
+/// The fields of `event` a hit lacks (`present` are those it has) because they have no
+/// fetch at the site it came from: `(name, text)`, e.g. `seen=(optimized out)`.
+pub(crate) fn extra_fields<'h>(event: &str, present: impl Iterator<Item = &'h str>) -> Vec<(String, String)> {
+    let Some(missing) = RENDERINGS.get().and_then(|r| r.missing.get(event)) else { return Vec::new() };
+    let present: Vec<&str> = present.collect();
+    missing.iter().filter(|(name, _)| !present.contains(&name.as_str())).cloned().collect()
 }
 
 /// Whether a spec reads the DWARF: a source location or a source variable.
@@ -189,22 +193,23 @@ fn lower_one(
         };
         let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
         let event = lowered.full_event_name();
-        let mut extra = Vec::new();
         for arg in &spec.args {
             for (name, fetch, ty, render) in lower_arg(arg, spec.kind, site, info)? {
                 match fetch {
-                    Some(fetch) => {
+                    Ok(fetch) => {
                         if let Some(render) = render {
                             renderings.fields.insert((event.clone(), name.clone()), render);
                         }
                         lowered.args.push(FetchArg { name, fetch, ty });
                     }
-                    None => extra.push((name, "(optimized out)".to_string())),
+                    Err(text) => {
+                        let missing = renderings.missing.entry(event.clone()).or_default();
+                        if !missing.iter().any(|(n, _)| *n == name) {
+                            missing.push((name, text));
+                        }
+                    }
                 }
             }
-        }
-        if !extra.is_empty() {
-            renderings.extra.insert(event.clone(), extra);
         }
         lowered.text = spec_text(&lowered);
         if let Some(note) = &site.note {
@@ -221,26 +226,33 @@ fn lower_one(
     Ok(out)
 }
 
-/// A lowered field: its name, its fetch (`None`: optimized out there), type and rendering.
-type LoweredArg = (String, Option<Fetch>, FetchType, Option<Render>);
+/// A lowered field: its name, its fetch (else what to print: `(optimized out)`), type and
+/// rendering.
+type LoweredArg = (String, Result<Fetch, String>, FetchType, Option<Render>);
 
 /// The fields one argument becomes (a struct gives one per member).
 fn lower_arg(arg: &FetchArg, kind: ProbeKind, site: &SourceSite, info: &DebugInfo) -> Result<Vec<LoweredArg>, String> {
     let (place, ty) = match &arg.fetch {
         Fetch::Var(var) => match info.resolve_variable(site, &var.name, &accesses(var)) {
             Ok(found) => found,
-            Err(VarError::OptimizedOut) => return Ok(vec![(arg.name.clone(), None, arg.ty, None)]),
+            // Not readable at this site (but maybe at others): the event says so.
+            Err(VarError::OptimizedOut) => {
+                return Ok(vec![(arg.name.clone(), Err("(optimized out)".into()), arg.ty, None)])
+            }
+            Err(VarError::Constant(_) | VarError::Unsupported(_)) if site.inlined || !site.entry => {
+                return Ok(vec![(arg.name.clone(), Err("(unavailable)".into()), arg.ty, None)])
+            }
             Err(e) => return Err(format!("field `{}` (`{var}`): {e}", arg.name)),
         },
         Fetch::Retval if arg.ty == FetchType::DEFAULT => match info.return_type(site) {
             Some(ty) => return typed(&arg.name, Fetch::Retval, Some(ty), info, 0),
-            None => return Ok(vec![(arg.name.clone(), Some(Fetch::Retval), arg.ty, None)]),
+            None => return Ok(vec![(arg.name.clone(), Ok(Fetch::Retval), arg.ty, None)]),
         },
-        other => return Ok(vec![(arg.name.clone(), Some(other.clone()), arg.ty, None)]),
+        other => return Ok(vec![(arg.name.clone(), Ok(other.clone()), arg.ty, None)]),
     };
     let fetch = place_fetch(&place, kind, site).map_err(|e| format!("field `{}`: {e}", arg.name))?;
     if arg.ty != FetchType::DEFAULT {
-        return Ok(vec![(arg.name.clone(), Some(fetch), arg.ty, None)]);
+        return Ok(vec![(arg.name.clone(), Ok(fetch), arg.ty, None)]);
     }
     typed(&arg.name, fetch, ty, info, 0)
 }
@@ -294,14 +306,14 @@ fn typed(
     info: &DebugInfo,
     depth: usize,
 ) -> Result<Vec<LoweredArg>, String> {
-    let Some(ty) = ty else { return Ok(vec![(name.to_string(), Some(fetch), FetchType::DEFAULT, None)]) };
+    let Some(ty) = ty else { return Ok(vec![(name.to_string(), Ok(fetch), FetchType::DEFAULT, None)]) };
     let ty = info.type_of(ty);
     let int = |format, bytes: u64| {
         let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
         FetchType::Int(IntType { format, bits })
     };
     let signed = |signed: bool| if signed { Format::Signed } else { Format::Unsigned };
-    let one = |ty: FetchType, render| Ok(vec![(name.to_string(), Some(fetch.clone()), ty, render)]);
+    let one = |ty: FetchType, render| Ok(vec![(name.to_string(), Ok(fetch.clone()), ty, render)]);
     match ty.kind {
         TypeKind::Signed => one(int(Format::Signed, ty.size), None),
         TypeKind::Unsigned => one(int(Format::Unsigned, ty.size), None),
@@ -348,7 +360,7 @@ fn typed(
 fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {
     // `+0(V):string` is the string at the address V holds (the kernel's rule for a memory
     // fetch with `:string`).
-    Ok(vec![(name.to_string(), Some(Fetch::Deref { offset: 0, base: Box::new(fetch) }), FetchType::String, None)])
+    Ok(vec![(name.to_string(), Ok(Fetch::Deref { offset: 0, base: Box::new(fetch) }), FetchType::String, None)])
 }
 
 fn fetch_depth(fetch: &Fetch) -> usize {

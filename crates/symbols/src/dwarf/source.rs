@@ -62,8 +62,13 @@ pub struct Function {
     pub inlined: Vec<Inlined>,
     /// The compilation unit it belongs to.
     pub(crate) unit: usize,
-    /// Its abstract (or only) DIE.
+    /// Its abstract (or only) DIE, in `unit`.
     pub(crate) die: UnitOffset,
+    /// The unit of its out-of-line copy's code (another than `unit` after link-time
+    /// optimization).
+    pub(crate) code_unit: Option<usize>,
+    /// Where its out-of-line copy is entered.
+    pub(crate) entry_pc: Option<u64>,
 }
 
 /// One inlined copy of a function.
@@ -75,12 +80,14 @@ pub struct Inlined {
     pub entry: u64,
     /// The line of the call it replaces.
     pub call_line: u64,
+    /// The compilation unit its code is in.
+    pub(crate) unit: usize,
 }
 
 impl Function {
     /// The address of the out-of-line copy's entry.
     pub fn entry(&self) -> Option<u64> {
-        self.ranges.iter().map(|r| r.0).min()
+        self.entry_pc
     }
 }
 
@@ -117,6 +124,43 @@ struct Row {
 }
 
 impl DebugInfo {
+    /// The unit and DIE a reference attribute of a DIE of unit `u` points to: in the same
+    /// unit, or anywhere in `.debug_info` (`DW_FORM_ref_addr`, which link-time optimization
+    /// uses between the units it makes).
+    pub(crate) fn reference(&self, u: usize, value: AttributeValue<R>) -> Option<(usize, UnitOffset)> {
+        match value {
+            AttributeValue::UnitRef(offset) => Some((u, offset)),
+            AttributeValue::DebugInfoRef(offset) => {
+                let i = self
+                    .units
+                    .partition_point(|unit| unit.header.debug_info_offset().is_some_and(|o| o <= offset))
+                    .checked_sub(1)?;
+                Some((i, offset.to_unit_offset(&self.units[i].header)?))
+            }
+            _ => None,
+        }
+    }
+
+    /// The DIE a subprogram or inlined copy is a copy of (`DW_AT_abstract_origin`, or
+    /// `DW_AT_specification`), or its own.
+    /// Link-time optimization chains them: a copy in one of its units refers to a DIE
+    /// that refers to the compiler's early one; the end of the chain is the function.
+    fn origin(&self, u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> (usize, UnitOffset) {
+        let next = |u, e: &gimli::DebuggingInformationEntry<R>| {
+            e.attr_value(gimli::DW_AT_abstract_origin)
+                .or_else(|| e.attr_value(gimli::DW_AT_specification))
+                .and_then(|v| self.reference(u, v))
+        };
+        let mut at = (u, entry.offset());
+        let mut link = next(u, entry);
+        for _ in 0..4 {
+            let Some((nu, offset)) = link else { break };
+            at = (nu, offset);
+            link = self.units[nu].entry(offset).ok().and_then(|e| next(nu, &e));
+        }
+        at
+    }
+
     /// Every function with a name, out-of-line or inlined only (built once, on first use).
     pub fn functions(&self) -> &[Function] {
         self.functions.get_or_init(|| self.index_functions())
@@ -132,30 +176,41 @@ impl DebugInfo {
                 if tag != gimli::DW_TAG_subprogram && tag != gimli::DW_TAG_inlined_subroutine {
                     continue;
                 }
-                let origin = origin(unit, entry.offset(), entry);
+                let (ou, origin) = self.origin(u, entry);
                 let ranges = self.ranges(unit, entry);
                 if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
                     continue;
                 }
-                let key = (u, origin);
+                let key = (ou, origin);
                 let index = match by_die.get(&key) {
                     Some(&i) => i,
                     None => {
-                        let Some((name, file, line)) = self.name_of(unit, origin) else { continue };
+                        let Some((name, file, line)) = self.name_of(ou, origin) else { continue };
                         functions.push(Function {
                             name,
                             file,
                             line,
                             ranges: Vec::new(),
                             inlined: Vec::new(),
-                            unit: u,
+                            unit: ou,
                             die: origin,
+                            code_unit: None,
+                            entry_pc: None,
                         });
                         by_die.insert(key, functions.len() - 1);
                         functions.len() - 1
                     }
                 };
+                let address = |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
                 if tag == gimli::DW_TAG_subprogram {
+                    if !ranges.is_empty() {
+                        functions[index].code_unit = Some(u);
+                        // Where it is entered: its low_pc, or the first of its ranges (a GCC
+                        // `.cold` part may lie below it).
+                        functions[index].entry_pc = address(gimli::DW_AT_entry_pc)
+                            .or_else(|| address(gimli::DW_AT_low_pc))
+                            .or_else(|| ranges.first().map(|r| r.0));
+                    }
                     functions[index].ranges.extend(ranges);
                 } else {
                     // DW_AT_entry_pc is the first instruction of the copy even when it lies in
@@ -171,7 +226,7 @@ impl DebugInfo {
                         Some(v) => v.udata_value().unwrap_or(0),
                         None => 0,
                     };
-                    functions[index].inlined.push(Inlined { entry: entry_pc, ranges, call_line });
+                    functions[index].inlined.push(Inlined { entry: entry_pc, ranges, call_line, unit: u });
                 }
             }
         }
@@ -195,19 +250,23 @@ impl DebugInfo {
 
     /// Name, declaration file and line of the DIE at `offset` (following
     /// `DW_AT_abstract_origin` and `DW_AT_specification` for what it lacks).
-    fn name_of(&self, unit: &gimli::Unit<R>, offset: UnitOffset) -> Option<(String, String, u64)> {
-        let mut offset = offset;
+    fn name_of(&self, u: usize, offset: UnitOffset) -> Option<(String, String, u64)> {
+        let (mut u, mut offset) = (u, offset);
         let (mut name, mut file, mut line) = (None, None, None);
         for _ in 0..4 {
+            let unit = &self.units[u];
             let entry = unit.entry(offset).ok()?;
             if name.is_none() {
                 name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
             }
             if file.is_none() {
-                file = entry.attr_value(gimli::DW_AT_decl_file).and_then(|v| match v {
-                    AttributeValue::FileIndex(i) => Some(i),
-                    v => v.udata_value(),
-                });
+                file = entry
+                    .attr_value(gimli::DW_AT_decl_file)
+                    .and_then(|v| match v {
+                        AttributeValue::FileIndex(i) => Some(i),
+                        v => v.udata_value(),
+                    })
+                    .and_then(|f| self.file_name(unit, f));
             }
             if line.is_none() {
                 line = entry.attr_value(gimli::DW_AT_decl_line).and_then(|v| v.udata_value());
@@ -215,13 +274,13 @@ impl DebugInfo {
             match entry
                 .attr_value(gimli::DW_AT_specification)
                 .or_else(|| entry.attr_value(gimli::DW_AT_abstract_origin))
+                .and_then(|v| self.reference(u, v))
             {
-                Some(AttributeValue::UnitRef(next)) => offset = next,
-                _ => break,
+                Some(next) => (u, offset) = next,
+                None => break,
             }
         }
-        let file = file.and_then(|f| self.file_name(unit, f)).unwrap_or_default();
-        Some((name?, file, line.unwrap_or(0)))
+        Some((name?, file.unwrap_or_default(), line.unwrap_or(0)))
     }
 
     /// A string attribute's text.
@@ -309,7 +368,7 @@ impl DebugInfo {
             SourcePoint::Function { name, file } => {
                 let mut sites = Vec::new();
                 for f in self.find_functions(name, file.as_deref())? {
-                    let site = |addr, inlined| SourceSite {
+                    let site = |addr, inlined, unit| SourceSite {
                         addr,
                         function: f.name.clone(),
                         file: f.file.clone(),
@@ -317,11 +376,14 @@ impl DebugInfo {
                         inlined,
                         entry: !inlined,
                         note: None,
-                        unit: f.unit,
+                        unit,
                     };
-                    sites.extend(f.entry().map(|addr| site(addr, false)));
-                    sites.extend(f.inlined.iter().map(|i| site(i.entry, true)));
+                    sites.extend(f.entry().map(|addr| site(addr, false, f.code_unit.unwrap_or(f.unit))));
+                    sites.extend(f.inlined.iter().map(|i| site(i.entry, true, i.unit)));
                 }
+                // Nested copies (a copy inlined into a copy) can start at one address.
+                let mut seen = std::collections::HashSet::new();
+                sites.retain(|s| seen.insert(s.addr));
                 Ok(sites)
             }
             SourcePoint::FunctionLine { name, file, line } => {
@@ -329,13 +391,23 @@ impl DebugInfo {
                 let mut last_error = None;
                 for f in self.find_functions(name, file.as_deref())? {
                     let wanted = f.line + line;
-                    let mut ranges: Vec<((u64, u64), bool)> = f.ranges.iter().map(|&r| (r, false)).collect();
-                    for i in &f.inlined {
-                        ranges.extend(i.ranges.iter().map(|&r| (r, true)));
-                    }
-                    match self.line_sites(f.unit, &f.file, wanted, Some(&ranges), &point.to_string()) {
-                        Ok(found) => sites.extend(found),
-                        Err(e) => last_error = Some(e),
+                    // The line tables to read are those of the units the copies' code is in.
+                    let mut units: Vec<usize> =
+                        f.code_unit.into_iter().chain(f.inlined.iter().map(|i| i.unit)).collect();
+                    units.sort();
+                    units.dedup();
+                    for u in units {
+                        let mut ranges: Vec<((u64, u64), bool)> = Vec::new();
+                        if f.code_unit == Some(u) {
+                            ranges.extend(f.ranges.iter().map(|&r| (r, false)));
+                        }
+                        for i in f.inlined.iter().filter(|i| i.unit == u) {
+                            ranges.extend(i.ranges.iter().map(|&r| (r, true)));
+                        }
+                        match self.line_sites(u, &f.file, wanted, Some(&ranges), &point.to_string()) {
+                            Ok(found) => sites.extend(found),
+                            Err(e) => last_error = Some(e),
+                        }
                     }
                 }
                 match (sites.is_empty(), last_error) {
@@ -440,7 +512,7 @@ impl DebugInfo {
     /// `addr`, and whether that is an inlined copy.
     pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
         let mut best: Option<(u64, &str, bool)> = None;
-        for f in self.functions().iter().filter(|f| f.unit == u) {
+        for f in self.functions() {
             let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
                 if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
                     let _ = lo;
@@ -450,8 +522,10 @@ impl DebugInfo {
                     }
                 }
             };
-            consider(&f.ranges, false);
-            for i in &f.inlined {
+            if f.code_unit == Some(u) {
+                consider(&f.ranges, false);
+            }
+            for i in f.inlined.iter().filter(|i| i.unit == u) {
                 consider(&i.ranges, true);
             }
         }
@@ -466,34 +540,31 @@ impl DebugInfo {
     /// The lines of `f`'s source file from its declaration to its end, each with whether
     /// it has a statement (a probe can go there), as `perf probe -L` shows them.
     pub fn function_lines(&self, f: &Function) -> Vec<(u64, bool)> {
-        let unit = &self.units[f.unit];
-        let rows = self.rows(unit);
         let mut ranges: Vec<(u64, u64)> = f.ranges.clone();
         for i in &f.inlined {
             ranges.extend(&i.ranges);
         }
-        let mut names = std::collections::HashMap::new();
-        let mut lines: Vec<u64> = rows
-            .iter()
-            .filter(|r| r.is_stmt && ranges.iter().any(|(lo, hi)| *lo <= r.addr && r.addr < *hi))
-            .filter(|r| {
-                *names.entry(r.file).or_insert_with(|| self.file_name(unit, r.file).as_deref() == Some(&f.file))
-            })
-            .map(|r| r.line)
-            .collect();
+        let mut units: Vec<usize> = f.code_unit.into_iter().chain(f.inlined.iter().map(|i| i.unit)).collect();
+        units.sort();
+        units.dedup();
+        let mut lines: Vec<u64> = Vec::new();
+        for u in units {
+            let unit = &self.units[u];
+            let mut names = std::collections::HashMap::new();
+            lines.extend(
+                self.rows(unit)
+                    .iter()
+                    .filter(|r| r.is_stmt && ranges.iter().any(|(lo, hi)| *lo <= r.addr && r.addr < *hi))
+                    .filter(|r| {
+                        *names.entry(r.file).or_insert_with(|| self.file_name(unit, r.file).as_deref() == Some(&f.file))
+                    })
+                    .map(|r| r.line),
+            );
+        }
         lines.sort();
         lines.dedup();
         let last = lines.last().copied().unwrap_or(f.line).max(f.line);
         (f.line..=last).map(|l| (l, lines.binary_search(&l).is_ok())).collect()
-    }
-}
-
-/// The DIE a subprogram or inlined copy is a copy of (`DW_AT_abstract_origin`), or its own
-/// (only that unit's references are followed; cross-unit ones keep the DIE itself).
-fn origin(_unit: &gimli::Unit<R>, offset: UnitOffset, entry: &gimli::DebuggingInformationEntry<R>) -> UnitOffset {
-    match entry.attr_value(gimli::DW_AT_abstract_origin).or_else(|| entry.attr_value(gimli::DW_AT_specification)) {
-        Some(AttributeValue::UnitRef(origin)) => origin,
-        _ => offset,
     }
 }
 

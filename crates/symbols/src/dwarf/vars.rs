@@ -304,11 +304,12 @@ impl DebugInfo {
     ) -> Option<(String, Option<TypeRef>)> {
         let unit = &self.units[u];
         let mut name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
-        let mut ty = type_attr(u, entry);
-        if let Some(AttributeValue::UnitRef(origin)) = entry.attr_value(gimli::DW_AT_abstract_origin) {
-            if let Ok(origin) = unit.entry(origin) {
-                name = name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v)));
-                ty = ty.or_else(|| type_attr(u, &origin));
+        let mut ty = self.type_attr(u, entry);
+        if let Some((ou, origin)) = entry.attr_value(gimli::DW_AT_abstract_origin).and_then(|v| self.reference(u, v)) {
+            if let Ok(origin) = self.units[ou].entry(origin) {
+                name =
+                    name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(&self.units[ou], v)));
+                ty = ty.or_else(|| self.type_attr(ou, &origin));
             }
         }
         Some((name?, ty))
@@ -531,19 +532,19 @@ impl DebugInfo {
     /// The type `ty` is, typedefs and qualifiers taken off (the outermost name kept).
     pub fn type_of(&self, ty: TypeRef) -> Type {
         let name = self.type_name(ty, 0);
-        let unit = &self.units[ty.unit];
-        let mut die = ty.die;
+        let mut ty = ty;
         for _ in 0..16 {
-            let Ok(entry) = unit.entry(die) else { break };
+            let die = ty.die;
+            let Ok(entry) = self.units[ty.unit].entry(die) else { break };
             let size = entry.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value()).unwrap_or(0);
             let kind = match entry.tag() {
                 gimli::DW_TAG_typedef
                 | gimli::DW_TAG_const_type
                 | gimli::DW_TAG_volatile_type
                 | gimli::DW_TAG_restrict_type
-                | gimli::DW_TAG_atomic_type => match type_attr(ty.unit, &entry) {
+                | gimli::DW_TAG_atomic_type => match self.type_attr(ty.unit, &entry) {
                     Some(next) => {
-                        die = next.die;
+                        ty = next;
                         continue;
                     }
                     None => TypeKind::Other,
@@ -564,13 +565,13 @@ impl DebugInfo {
                 }
                 gimli::DW_TAG_enumeration_type => TypeKind::Enum(self.enumerators(ty.unit, die)),
                 gimli::DW_TAG_pointer_type | gimli::DW_TAG_reference_type | gimli::DW_TAG_rvalue_reference_type => {
-                    return Type { name, size: 8, kind: TypeKind::Pointer(type_attr(ty.unit, &entry)) }
+                    return Type { name, size: 8, kind: TypeKind::Pointer(self.type_attr(ty.unit, &entry)) }
                 }
                 gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type | gimli::DW_TAG_class_type => {
                     TypeKind::Struct(self.members(ty.unit, die))
                 }
                 gimli::DW_TAG_array_type => {
-                    let Some(element) = type_attr(ty.unit, &entry) else { break };
+                    let Some(element) = self.type_attr(ty.unit, &entry) else { break };
                     let count = self.array_count(ty.unit, die);
                     let element_size = self.type_of(element).size;
                     return Type {
@@ -591,7 +592,7 @@ impl DebugInfo {
         let unit = &self.units[ty.unit];
         let Ok(entry) = unit.entry(ty.die) else { return "?".into() };
         let name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
-        let inner = |prefix: &str, suffix: &str| match (type_attr(ty.unit, &entry), depth < 8) {
+        let inner = |prefix: &str, suffix: &str| match (self.type_attr(ty.unit, &entry), depth < 8) {
             (Some(next), true) => format!("{prefix}{}{suffix}", self.type_name(next, depth + 1)),
             _ => format!("{prefix}void{suffix}"),
         };
@@ -649,7 +650,7 @@ impl DebugInfo {
             if e.tag() != gimli::DW_TAG_member {
                 return;
             }
-            let Some(ty) = type_attr(u, e) else { return };
+            let Some(ty) = self.type_attr(u, e) else { return };
             let name = e.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v)).unwrap_or_default();
             let offset = e.attr_value(gimli::DW_AT_data_member_location).and_then(|v| v.udata_value()).unwrap_or(0);
             out.push(Member { name, offset, ty });
@@ -670,12 +671,18 @@ impl DebugInfo {
         count
     }
 
+    /// The `DW_AT_type` of a DIE of unit `u`, wherever it is.
+    fn type_attr(&self, u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> Option<TypeRef> {
+        let (unit, die) = self.reference(u, entry.attr_value(gimli::DW_AT_type)?)?;
+        Some(TypeRef { unit, die })
+    }
+
     /// The return type of the function `site` is the entry of.
     pub fn return_type(&self, site: &SourceSite) -> Option<TypeRef> {
         let f = self.function_entered_at(site.addr)?;
         let unit = &self.units[f.unit];
         let entry = unit.entry(f.die).ok()?;
-        type_attr(f.unit, &entry)
+        self.type_attr(f.unit, &entry)
     }
 }
 
@@ -684,12 +691,4 @@ fn find_member<'m>(members: &'m [Member], name: &str, what: &str) -> Result<&'m 
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
         VarError::BadAccess(format!("{what} has no member `{name}` (members: {})", names.join(", ")))
     })
-}
-
-/// The `DW_AT_type` of a DIE, in the same unit.
-fn type_attr(u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> Option<TypeRef> {
-    match entry.attr_value(gimli::DW_AT_type) {
-        Some(AttributeValue::UnitRef(die)) => Some(TypeRef { unit: u, die }),
-        _ => None,
-    }
 }
