@@ -85,7 +85,10 @@ impl Report {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
-                        if matches!(row.measure, Measure::Attach | Measure::Detach | Measure::Startup(_)) {
+                        if matches!(
+                            row.measure,
+                            Measure::Attach | Measure::Detach | Measure::Startup(_) | Measure::Resolve
+                        ) {
                             report.ms = Some(round(timing.ns_per_call() / 1e6, 100.0));
                         }
                         report.calls_per_batch = Some(timing.calls_per_batch);

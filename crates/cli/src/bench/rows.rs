@@ -93,6 +93,8 @@ pub enum Measure {
     Attach,
     /// Ctrl-C of `dynprobe probe -p` to every probed byte restored: nanoseconds per detach.
     Detach,
+    /// Resolving a source-level spec from a program's DWARF: nanoseconds per resolution.
+    Resolve,
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
@@ -113,7 +115,7 @@ impl Row {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
-            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::PtraceProbe => None,
+            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::PtraceProbe | Measure::Resolve => None,
         }
     }
 }
@@ -291,6 +293,12 @@ pub static ROWS: &[Row] = &[
         name: "attach-ms",
         about: "dynprobe probe -p of a running process: command start to probe armed (ns per attach)",
         measure: Measure::Attach,
+        compare_to: &[],
+    },
+    Row {
+        name: "resolve-ms",
+        about: "a source-level spec (FUNC:LINE var->field) resolved from python3.11's DWARF (ns per resolution)",
+        measure: Measure::Resolve,
         compare_to: &[],
     },
     Row {

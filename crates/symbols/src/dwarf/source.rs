@@ -145,7 +145,7 @@ impl DebugInfo {
     /// `DW_AT_specification`), or its own.
     /// Link-time optimization chains them: a copy in one of its units refers to a DIE
     /// that refers to the compiler's early one; the end of the chain is the function.
-    fn origin(&self, u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> (usize, UnitOffset) {
+    pub(crate) fn origin(&self, u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> (usize, UnitOffset) {
         let next = |u, e: &gimli::DebuggingInformationEntry<R>| {
             e.attr_value(gimli::DW_AT_abstract_origin)
                 .or_else(|| e.attr_value(gimli::DW_AT_specification))
@@ -170,12 +170,16 @@ impl DebugInfo {
         let mut functions: Vec<Function> = Vec::new();
         let mut by_die = std::collections::HashMap::new();
         for (u, unit) in self.units.iter().enumerate() {
-            let mut cursor = unit.entries();
-            while let Ok(Some(entry)) = cursor.next_dfs() {
-                let tag = entry.tag();
-                if tag != gimli::DW_TAG_subprogram && tag != gimli::DW_TAG_inlined_subroutine {
-                    continue;
+            let mut offsets = Vec::new();
+            if let Ok(mut tree) = unit.entries_tree(None) {
+                if let Ok(root) = tree.root() {
+                    let _ = code_dies(root, &mut offsets);
                 }
+            }
+            for offset in offsets {
+                let Ok(entry) = unit.entry(offset) else { continue };
+                let entry = &entry;
+                let tag = entry.tag();
                 let (ou, origin) = self.origin(u, entry);
                 let ranges = self.ranges(unit, entry);
                 if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
@@ -295,7 +299,7 @@ impl DebugInfo {
         let file = header.file(index)?;
         let name = self.string(unit, file.path_name())?;
         if name.starts_with('/') {
-            return Some(name);
+            return Some(normalize(&name));
         }
         let dir = file.directory(header).and_then(|d| self.string(unit, d)).unwrap_or_default();
         let dir = match (dir.starts_with('/'), &unit.comp_dir) {
@@ -308,10 +312,10 @@ impl DebugInfo {
             }
             _ => dir,
         };
-        Some(match dir.is_empty() {
+        Some(normalize(&match dir.is_empty() {
             true => name,
             false => format!("{dir}/{name}"),
-        })
+        }))
     }
 
     /// The rows of a unit's line table, in sequence order.
@@ -404,7 +408,7 @@ impl DebugInfo {
                         for i in f.inlined.iter().filter(|i| i.unit == u) {
                             ranges.extend(i.ranges.iter().map(|&r| (r, true)));
                         }
-                        match self.line_sites(u, &f.file, wanted, Some(&ranges), &point.to_string()) {
+                        match self.line_sites(u, &f.file, wanted, Some(&ranges), Some(&f.name), &point.to_string()) {
                             Ok(found) => sites.extend(found),
                             Err(e) => last_error = Some(e),
                         }
@@ -430,7 +434,7 @@ impl DebugInfo {
                 let mut sites = Vec::new();
                 let mut last_error = None;
                 for u in units {
-                    match self.line_sites(u, file, *line, None, &point.to_string()) {
+                    match self.line_sites(u, file, *line, None, None, &point.to_string()) {
                         Ok(found) => sites.extend(found),
                         Err(e) => last_error = Some(e),
                     }
@@ -455,6 +459,7 @@ impl DebugInfo {
         file: &str,
         line: u64,
         ranges: Option<&[((u64, u64), bool)]>,
+        function: Option<&str>,
         what: &str,
     ) -> Result<Vec<SourceSite>, DwarfError> {
         let unit = &self.units[u];
@@ -489,9 +494,11 @@ impl DebugInfo {
             if sites.iter().any(|s| s.addr == row.addr) {
                 continue;
             }
-            let (function, inlined) = match self.function_at(u, row.addr) {
-                Some((name, inline)) => (name, inlined || inline),
-                None => (String::new(), inlined),
+            // The function the line is in: the one named, else the innermost there.
+            let (function, inlined) = match (function, self.function_at(u, row.addr)) {
+                (Some(name), _) => (name.to_string(), inlined),
+                (None, Some((name, inline))) => (name, inlined || inline),
+                (None, None) => (String::new(), inlined),
             };
             sites.push(SourceSite {
                 addr: row.addr,
@@ -556,7 +563,9 @@ impl DebugInfo {
                     .iter()
                     .filter(|r| r.is_stmt && ranges.iter().any(|(lo, hi)| *lo <= r.addr && r.addr < *hi))
                     .filter(|r| {
-                        *names.entry(r.file).or_insert_with(|| self.file_name(unit, r.file).as_deref() == Some(&f.file))
+                        *names
+                            .entry(r.file)
+                            .or_insert_with(|| self.file_name(unit, r.file).is_some_and(|n| file_matches(&n, &f.file)))
                     })
                     .map(|r| r.line),
             );
@@ -568,9 +577,44 @@ impl DebugInfo {
     }
 }
 
+/// The offsets of the subprograms and inlined copies under `node`, found without reading
+/// the types' subtrees (most of the DIEs of a program): only functions, blocks and
+/// namespaces are descended into.
+fn code_dies(node: gimli::EntriesTreeNode<R>, out: &mut Vec<UnitOffset>) -> gimli::Result<()> {
+    let mut children = node.children();
+    while let Some(child) = children.next()? {
+        match child.entry().tag() {
+            gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine => {
+                out.push(child.entry().offset());
+                code_dies(child, out)?;
+            }
+            gimli::DW_TAG_lexical_block | gimli::DW_TAG_namespace | gimli::DW_TAG_module => code_dies(child, out)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Whether a subprogram without code is an abstract one that inlined copies refer to.
 fn is_inline_candidate(entry: &gimli::DebuggingInformationEntry<R>) -> bool {
     entry.attr_value(gimli::DW_AT_inline).is_some()
+}
+
+/// A path with its `.` and `dir/..` taken out, as written, without looking at the file
+/// system: the units of one program name a file from different directories
+/// (`./build/../Objects/list.c` and `Objects/list.c` after link-time optimization).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "." | "" if !parts.is_empty() || part == "." => {}
+            ".." if parts.last().is_some_and(|p| !p.is_empty() && *p != "..") => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    parts.join("/")
 }
 
 /// Whether the path `have` is the file `wanted` names: the same, or ending with `/wanted`.
@@ -592,4 +636,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized_as_written() {
+        assert_eq!(normalize("./build-static/../Objects/listobject.c"), "Objects/listobject.c");
+        assert_eq!(normalize("/usr/src/./glibc/malloc/../malloc/malloc.c"), "/usr/src/glibc/malloc/malloc.c");
+        assert_eq!(normalize("../x/./y.c"), "../x/y.c");
+        assert!(file_matches("/src/app/Objects/listobject.c", "listobject.c"));
+        assert!(!file_matches("/src/app/Objects/xlistobject.c", "listobject.c"));
+    }
 }

@@ -194,7 +194,7 @@ impl DebugInfo {
         let mut out: Vec<Variable> = Vec::new();
         if let Ok(mut tree) = unit.entries_tree(None) {
             if let Ok(root) = tree.root() {
-                let _ = self.walk(site, root, None, 0, &mut out);
+                let _ = self.walk(site, root, None, false, 0, &mut out);
             }
         }
         // Inner declarations come later: keep the last of each name.
@@ -212,6 +212,7 @@ impl DebugInfo {
         site: &SourceSite,
         node: gimli::EntriesTreeNode<R>,
         scope: Option<&Scope>,
+        entered: bool,
         depth: usize,
         out: &mut Vec<Variable>,
     ) -> gimli::Result<()> {
@@ -243,12 +244,30 @@ impl DebugInfo {
                         Some(AttributeValue::Exprloc(e)) => Some(e),
                         _ => scope.and_then(|s| s.frame_base.clone()),
                     };
+                    // Once inside the site's function, a copy of another function inlined
+                    // there is not the line's scope: its parameters would hide the
+                    // function's own (`op` of an inlined `Py_INCREF(op)`).
+                    let name = match entry.tag() {
+                        gimli::DW_TAG_lexical_block => None,
+                        _ => {
+                            let (ou, origin) = self.origin(site.unit, entry);
+                            self.units[ou]
+                                .entry(origin)
+                                .ok()
+                                .and_then(|e| e.attr_value(gimli::DW_AT_name))
+                                .and_then(|v| self.string(&self.units[ou], v))
+                        }
+                    };
+                    let is_function = name.as_deref() == Some(site.function.as_str());
+                    if entered && entry.tag() == gimli::DW_TAG_inlined_subroutine && !is_function {
+                        continue;
+                    }
                     let inner = Scope { frame_base };
-                    self.walk(site, child, Some(&inner), depth + 1, out)?;
+                    self.walk(site, child, Some(&inner), entered || is_function, depth + 1, out)?;
                 }
                 gimli::DW_TAG_namespace | gimli::DW_TAG_structure_type | gimli::DW_TAG_class_type if depth < 8 => {
                     // C++ member functions are defined inside these.
-                    self.walk(site, child, scope, depth + 1, out)?;
+                    self.walk(site, child, scope, entered, depth + 1, out)?;
                 }
                 _ => {}
             }
