@@ -184,3 +184,54 @@ fn funcs_lines_vars_and_dry_run_show_the_source_without_running_it() {
          p:handle_L3 handle+0x1e req_path=+0(+0(-24(%rbp))):string req_color=+12(-24(%rbp)):u32\n"
     );
 }
+
+/// `targets/source_rs.rs` built with rustc `-g -O`, once.
+fn rust_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = common::scratch().join("source-rs");
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let status = std::process::Command::new(rustc)
+            .args(["--edition", "2021", "-g", "-O", "-o"])
+            .arg(&out)
+            .arg(common::targets().join("source_rs.rs"))
+            .status()
+            .expect("run rustc");
+        assert!(status.success(), "rustc source_rs.rs failed");
+        out
+    })
+}
+
+#[test]
+fn rust_str_and_slices_by_length_and_first_element() {
+    let (out, text) =
+        probe_to_file("rust", &[], &["p weigh:1 name count list", "r:weigh ret=$retval"], rust_program(), "3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        "weigh name=apple count=0 len=1 first=7 total=6\nweigh name=kiwi count=1 len=2 first=7 total=7\n\
+         weigh name=banana count=2 len=3 first=7 total=11\n"
+    );
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    // A `&str` is its bytes up to its length (the program's strings are not NUL-terminated).
+    assert_eq!(
+        got,
+        [
+            "weigh_L1: name=\"apple\" count=0 list_len=1 list_0=7",
+            "weigh__return: ret=6",
+            "weigh_L1: name=\"kiwi\" count=1 list_len=2 list_0=7",
+            "weigh__return: ret=7",
+            "weigh_L1: name=\"banana\" count=2 list_len=3 list_0=7",
+            "weigh__return: ret=11",
+        ]
+    );
+    // At the entry rustc's frame (based on rsp) is not made yet: the reason, not a wrong value.
+    let err = dynprobe().args(["probe", "p weigh name", "--"]).arg(rust_program()).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&err.stderr).trim(),
+        "dynprobe: probe `p weigh name`: field `name` (`name`): its frame is not made yet at the function's entry; \
+         probe a line of the function (FUNC:1)"
+    );
+}

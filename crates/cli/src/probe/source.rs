@@ -17,8 +17,10 @@ use dynprobe::spec::{
     VarStep, MAX_DEREF,
 };
 use dynprobe::Location;
+
+use super::output;
 use dynprobe_symbols::dwarf::{
-    Access, DebugInfo, Place, SourcePoint, SourceSite, TypeKind, TypeRef, VarError, ARGUMENT_REGISTERS,
+    Access, DebugInfo, Member, Place, SourcePoint, SourceSite, TypeKind, TypeRef, VarError, ARGUMENT_REGISTERS,
     DWARF_REGISTER_NAMES,
 };
 
@@ -29,6 +31,8 @@ enum Render {
     Char,
     Enum(Vec<(i64, String)>),
     Float,
+    /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
+    CutTo(String),
 }
 
 /// What the printer adds to events of lowered specs.
@@ -36,6 +40,8 @@ enum Render {
 struct Renderings {
     /// By event and field.
     fields: HashMap<(String, String), Render>,
+    /// The events of lowered specs.
+    events: std::collections::HashSet<String>,
     /// Fields that have no fetch at some site of an event (optimized out there), and what
     /// to print for them: by event, in field order.
     missing: HashMap<String, Vec<(String, String)>>,
@@ -43,10 +49,86 @@ struct Renderings {
 
 static RENDERINGS: OnceLock<Renderings> = OnceLock::new();
 
-/// `value` of field `name` of `event` as its DWARF type shows it, when that differs from
-/// the integer the agent printed.
-pub(crate) fn render_value(event: &str, name: &str, value: &str) -> Option<String> {
-    let render = RENDERINGS.get()?.fields.get(&(event.to_string(), name.to_string()))?;
+/// How a field of a hit is shown.
+pub(crate) enum Shown<'a> {
+    /// As the agent wrote it.
+    Raw(&'a str),
+    /// As its DWARF type shows it (an enumerator, `true`, `'x'`, `(optimized out)`).
+    Typed(String),
+    /// A string cut to its length (Rust's `&str`).
+    Str(Vec<u8>),
+}
+
+impl Shown<'_> {
+    /// The text form of the value, as the event line shows it.
+    pub(crate) fn text(&self) -> String {
+        match self {
+            Shown::Raw(raw) => raw.to_string(),
+            Shown::Typed(text) => text.clone(),
+            Shown::Str(bytes) => {
+                // The agent's escapes (`dynprobe::line`): one event stays one line.
+                let mut out = String::from("\"");
+                for &b in bytes {
+                    match b {
+                        b'"' => out.push_str("\\\""),
+                        b'\\' => out.push_str("\\\\"),
+                        b'\n' => out.push_str("\\n"),
+                        b'\t' => out.push_str("\\t"),
+                        b' '..=b'~' => out.push(b as char),
+                        _ => out.push_str(&format!("\\x{b:02x}")),
+                    }
+                }
+                out.push('"');
+                out
+            }
+        }
+    }
+}
+
+/// The fields of a hit of `event` as they are shown: values typed by DWARF where the spec
+/// was lowered from source, the length field of a cut string left out, and the fields that
+/// had no fetch at the site the hit came from (`seen=(optimized out)`) added.
+pub(crate) fn shown<'a>(event: &str, args: &[(&'a str, &'a str)]) -> Vec<(String, Shown<'a>)> {
+    let raw = || args.iter().map(|(n, v)| (n.to_string(), Shown::Raw(v))).collect();
+    let Some(renderings) = RENDERINGS.get() else { return raw() };
+    if !renderings.events.contains(event) {
+        return raw();
+    }
+    let value_of = |name: &str| args.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let mut hidden = Vec::new();
+    let mut out: Vec<(String, Shown<'a>)> = Vec::new();
+    for (name, value) in args {
+        let render = renderings.fields.get(&(event.to_string(), name.to_string()));
+        let shown = match render {
+            Some(Render::CutTo(length_field)) => {
+                hidden.push(length_field.as_str());
+                let length = value_of(length_field).and_then(|v| v.parse::<usize>().ok());
+                match (output::Value::parse(value), length) {
+                    (output::Value::Str(mut bytes), Some(length)) => {
+                        bytes.truncate(length);
+                        Shown::Str(bytes)
+                    }
+                    _ => Shown::Raw(value),
+                }
+            }
+            Some(render) => render_value(render, value).map_or(Shown::Raw(value), Shown::Typed),
+            None => Shown::Raw(value),
+        };
+        out.push((name.to_string(), shown));
+    }
+    out.retain(|(name, _)| !hidden.contains(&name.as_str()));
+    if let Some(missing) = renderings.missing.get(event) {
+        for (name, text) in missing {
+            if !args.iter().any(|(n, _)| n == name) {
+                out.push((name.clone(), Shown::Typed(text.clone())));
+            }
+        }
+    }
+    out
+}
+
+/// `value` as `render` shows it; `None` when it is not a number (a fault).
+fn render_value(render: &Render, value: &str) -> Option<String> {
     let number = || -> Option<i128> {
         match value.strip_prefix("0x") {
             Some(hex) => i128::from_str_radix(hex, 16).ok(),
@@ -77,15 +159,8 @@ pub(crate) fn render_value(event: &str, name: &str, value: &str) -> Option<Strin
                 _ => format!("{}", f64::from_bits(bits)),
             }
         }
+        Render::CutTo(_) => return None,
     })
-}
-
-/// The fields of `event` a hit lacks (`present` are those it has) because they have no
-/// fetch at the site it came from: `(name, text)`, e.g. `seen=(optimized out)`.
-pub(crate) fn extra_fields<'h>(event: &str, present: impl Iterator<Item = &'h str>) -> Vec<(String, String)> {
-    let Some(missing) = RENDERINGS.get().and_then(|r| r.missing.get(event)) else { return Vec::new() };
-    let present: Vec<&str> = present.collect();
-    missing.iter().filter(|(name, _)| !present.contains(&name.as_str())).cloned().collect()
 }
 
 /// Whether a spec reads the DWARF: a source location or a source variable.
@@ -193,6 +268,7 @@ fn lower_one(
         };
         let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
         let event = lowered.full_event_name();
+        renderings.events.insert(event.clone());
         for arg in &spec.args {
             for (name, fetch, ty, render) in lower_arg(arg, spec.kind, site, info)? {
                 match fetch {
@@ -250,6 +326,26 @@ fn lower_arg(arg: &FetchArg, kind: ProbeKind, site: &SourceSite, info: &DebugInf
         },
         other => return Ok(vec![(arg.name.clone(), Ok(other.clone()), arg.ty, None)]),
     };
+    if let Place::Pieces(pieces) = &place {
+        // A struct in pieces (Rust's `&str` and slices in two registers): each member from
+        // its piece.
+        let members = match ty.map(|t| info.type_of(t).kind) {
+            Some(TypeKind::Struct(members)) => members,
+            _ => return Err(format!("field `{}`: its value is in pieces, which only a struct's can be", arg.name)),
+        };
+        let fetches = members
+            .iter()
+            .map(|m| {
+                let piece = pieces.iter().find(|p| p.offset == m.offset).and_then(|p| p.place.as_ref());
+                let fetch = match piece {
+                    Some(place) => place_fetch(place, kind, site),
+                    None => Err("(optimized out)".to_string()),
+                };
+                (m.clone(), fetch)
+            })
+            .collect();
+        return struct_fields(&arg.name, ty, fetches, info);
+    }
     let fetch = place_fetch(&place, kind, site).map_err(|e| format!("field `{}`: {e}", arg.name))?;
     if arg.ty != FetchType::DEFAULT {
         return Ok(vec![(arg.name.clone(), Ok(fetch), arg.ty, None)]);
@@ -294,6 +390,7 @@ fn place_fetch(place: &Place, kind: ProbeKind, site: &SourceSite) -> Result<Fetc
         Place::Memory { base, offset } => {
             Fetch::Deref { offset: *offset, base: Box::new(place_fetch(base, kind, site)?) }
         }
+        Place::Pieces(_) => return Err("its value is in pieces; name a member".into()),
     })
 }
 
@@ -306,8 +403,8 @@ fn typed(
     info: &DebugInfo,
     depth: usize,
 ) -> Result<Vec<LoweredArg>, String> {
-    let Some(ty) = ty else { return Ok(vec![(name.to_string(), Ok(fetch), FetchType::DEFAULT, None)]) };
-    let ty = info.type_of(ty);
+    let Some(struct_ty) = ty else { return Ok(vec![(name.to_string(), Ok(fetch), FetchType::DEFAULT, None)]) };
+    let ty = info.type_of(struct_ty);
     let int = |format, bytes: u64| {
         let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
         FetchType::Int(IntType { format, bits })
@@ -339,22 +436,64 @@ fn typed(
             let Fetch::Deref { offset, base } = fetch else {
                 return Err(format!("field `{name}`: the struct is in a register here; name its members"));
             };
-            let mut out = Vec::new();
-            for m in members {
-                let inner = info.type_of(m.ty);
-                if matches!(inner.kind, TypeKind::Struct(_) | TypeKind::Array { .. } | TypeKind::Other) {
-                    continue;
-                }
-                let fetch = Fetch::Deref { offset: offset + m.offset as i64, base: base.clone() };
-                out.extend(typed(&format!("{name}_{}", m.name), fetch, Some(m.ty), info, depth + 1)?);
-            }
-            Ok(out)
+            let fetches = members
+                .into_iter()
+                .map(|m| {
+                    let fetch = Fetch::Deref { offset: offset + m.offset as i64, base: base.clone() };
+                    (m, Ok(fetch))
+                })
+                .collect();
+            struct_fields(name, Some(struct_ty), fetches, info)
         }
         TypeKind::Array { .. } => {
             Err(format!("field `{name}`: `{}` is an array; name an element (`{name}[0]`)", ty.name))
         }
         _ => Err(format!("field `{name}`: a value of type `{}` cannot be printed; give a :TYPE", ty.name)),
     }
+}
+
+/// A struct's fields, shallowly, from each member's fetch (or why it has none): one field
+/// per scalar member (`req_len`); Rust's `&str` as its string (cut to its length when
+/// printed), a slice (`&[T]`) as its length and first element.
+fn struct_fields(
+    name: &str,
+    ty: Option<TypeRef>,
+    members: Vec<(Member, Result<Fetch, String>)>,
+    info: &DebugInfo,
+) -> Result<Vec<LoweredArg>, String> {
+    let type_name = ty.map(|t| info.type_of(t).name).unwrap_or_default();
+    let member = |wanted: &str| members.iter().find(|(m, _)| m.name == wanted);
+    if let (Some((ptr, Ok(data))), Some((_, Ok(length)))) = (member("data_ptr"), member("length")) {
+        let length_field = format!("{name}_len");
+        let length = (length_field.clone(), Ok(length.clone()), FetchType::Int(IntType::U64), None);
+        let TypeKind::Pointer(element) = info.type_of(ptr.ty).kind else {
+            return Err(format!("field `{name}`: `{type_name}` has no pointer"));
+        };
+        if type_name == "&str" || type_name == "&mut str" {
+            let string = Fetch::Deref { offset: 0, base: Box::new(data.clone()) };
+            let render = Render::CutTo(length_field);
+            return Ok(vec![(name.to_string(), Ok(string), FetchType::String, Some(render)), length]);
+        }
+        let mut out = vec![length];
+        if fetch_depth(data) < MAX_DEREF {
+            let first = Fetch::Deref { offset: 0, base: Box::new(data.clone()) };
+            out.extend(typed(&format!("{name}_0"), first, element, info, 1)?);
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    for (m, fetch) in members {
+        let inner = info.type_of(m.ty);
+        if matches!(inner.kind, TypeKind::Struct(_) | TypeKind::Array { .. } | TypeKind::Other) {
+            continue;
+        }
+        let field = format!("{name}_{}", m.name);
+        match fetch {
+            Ok(fetch) => out.extend(typed(&field, fetch, Some(m.ty), info, 1)?),
+            Err(text) => out.push((field, Err(text), FetchType::DEFAULT, None)),
+        }
+    }
+    Ok(out)
 }
 
 fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {

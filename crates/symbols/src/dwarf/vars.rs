@@ -27,13 +27,27 @@ pub enum Place {
         /// Added to it.
         offset: i64,
     },
+    /// In pieces (`DW_OP_piece`): a struct whose members are in different places, as Rust
+    /// passes a `&str` or a slice in two registers.
+    Pieces(Vec<Piece>),
+}
+
+/// One part of a value in pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Its first byte in the value.
+    pub offset: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where it is; `None` when it is not available there.
+    pub place: Option<Place>,
 }
 
 impl Place {
     /// How many memory reads reading the value takes.
     pub fn reads(&self) -> usize {
         match self {
-            Place::Register(_) => 0,
+            Place::Register(_) | Place::Pieces(_) => 0,
             Place::Memory { base, .. } => 1 + base.reads(),
         }
     }
@@ -48,6 +62,16 @@ impl std::fmt::Display for Place {
                 None => write!(f, "dwarf register {r}"),
             },
             Place::Memory { base, offset } => write!(f, "{offset:+}({base})"),
+            Place::Pieces(pieces) => {
+                let parts: Vec<String> = pieces
+                    .iter()
+                    .map(|p| match &p.place {
+                        Some(place) => format!("{place}"),
+                        None => "?".to_string(),
+                    })
+                    .collect();
+                write!(f, "{{{}}}", parts.join(", "))
+            }
         }
     }
 }
@@ -346,14 +370,32 @@ impl DebugInfo {
                 Err(e) => return Err(VarError::Unsupported(format!("a location gimli cannot read: {e}"))),
             }
         }
-        // One piece that is the whole value is the value.
-        if let [rest @ .., Operation::Piece { bit_offset: None, .. }] = ops.as_slice() {
-            if rest.iter().any(|op| matches!(op, Operation::Piece { .. })) {
-                return Err(VarError::Unsupported("its value is split in pieces (composite location)".into()));
+        // Pieces: each part of the value where it is (a part is none of the forms below, or
+        // has no location, is unavailable).
+        let pieces = ops.iter().filter(|op| matches!(op, Operation::Piece { .. })).count();
+        if pieces > 1 || (pieces == 1 && !matches!(ops.last(), Some(Operation::Piece { .. }))) {
+            let mut out = Vec::new();
+            let mut offset = 0;
+            for part in ops.split_inclusive(|op| matches!(op, Operation::Piece { .. })) {
+                let (Operation::Piece { size_in_bits, bit_offset: None }, body) = part.split_last().unwrap() else {
+                    return Err(VarError::Unsupported("a piece of it is a bit field".into()));
+                };
+                let size = size_in_bits / 8;
+                out.push(Piece { offset, size, place: self.single(site, body, scope).ok() });
+                offset += size;
             }
+            return Ok(Place::Pieces(out));
+        }
+        if pieces == 1 {
             ops.truncate(ops.len() - 1);
         }
-        match ops.as_slice() {
+        self.single(site, &ops, scope)
+    }
+
+    /// The place of a location expression that is not in pieces.
+    fn single(&self, site: &SourceSite, ops: &[Operation<R>], scope: &Scope) -> Result<Place, VarError> {
+        let unit = &self.units[site.unit];
+        match ops {
             [Operation::Register { register }] => Ok(Place::Register(register.0)),
             [Operation::RegisterOffset { register, offset, .. }] => {
                 Ok(Place::Memory { base: Box::new(Place::Register(register.0)), offset: *offset })
@@ -407,6 +449,15 @@ impl DebugInfo {
         };
         match ops.as_slice() {
             [Operation::CallFrameCFA] => self.cfa(site.addr),
+            // A frame base in `rsp` (rustc's) holds once the prologue has made the frame, not
+            // at the entry.
+            [Operation::Register { register }] | [Operation::RegisterOffset { register, .. }]
+                if site.entry && register.0 == 7 =>
+            {
+                Err(VarError::Unsupported(
+                    "its frame is not made yet at the function's entry; probe a line of the function (FUNC:1)".into(),
+                ))
+            }
             [Operation::Register { register }] => Ok((Place::Register(register.0), 0)),
             [Operation::RegisterOffset { register, offset, .. }] => Ok((Place::Register(register.0), *offset)),
             _ => Err(VarError::Unsupported("its function's frame base is an expression not read here".into())),
@@ -503,6 +554,12 @@ impl DebugInfo {
                         Place::Memory { base, offset } => {
                             (Place::Memory { base, offset: offset + member.offset as i64 }, Some(member.ty))
                         }
+                        Place::Pieces(pieces) => {
+                            let piece = pieces.iter().find(|p| p.offset == member.offset).ok_or_else(|| {
+                                VarError::Unsupported(format!("`.{m}` is not one of the pieces the value is in"))
+                            })?;
+                            (piece.place.clone().ok_or(VarError::OptimizedOut)?, Some(member.ty))
+                        }
                         Place::Register(_) => {
                             return Err(VarError::Unsupported(format!(
                                 "`.{m}`: the struct is in a register here, not in memory"
@@ -523,7 +580,7 @@ impl DebugInfo {
                         Place::Memory { base, offset } => {
                             (Place::Memory { base, offset: offset + size * *i as i64 }, Some(element))
                         }
-                        Place::Register(_) => {
+                        Place::Register(_) | Place::Pieces(_) => {
                             return Err(VarError::Unsupported("the array is in a register here, not in memory".into()))
                         }
                     }
@@ -624,7 +681,11 @@ impl DebugInfo {
                 name.strip_prefix("const const ").map_or(name.clone(), |rest| format!("const {rest}"))
             }
             gimli::DW_TAG_volatile_type => inner("volatile ", ""),
-            gimli::DW_TAG_structure_type => format!("struct {}", name.unwrap_or_else(|| "(anonymous)".into())),
+            // Rust's structs (`&str`, `Vec<u8>`, `Option<u8>`) go by their own names.
+            gimli::DW_TAG_structure_type => match name {
+                Some(name) if name.starts_with('&') || name.contains(['<', ':']) => name,
+                name => format!("struct {}", name.unwrap_or_else(|| "(anonymous)".into())),
+            },
             gimli::DW_TAG_union_type => format!("union {}", name.unwrap_or_else(|| "(anonymous)".into())),
             gimli::DW_TAG_enumeration_type => format!("enum {}", name.unwrap_or_else(|| "(anonymous)".into())),
             gimli::DW_TAG_array_type => {
