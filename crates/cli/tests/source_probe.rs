@@ -235,3 +235,29 @@ fn rust_str_and_slices_by_length_and_first_element() {
          probe a line of the function (FUNC:1)"
     );
 }
+
+#[test]
+fn a_cxx_member_function_by_its_lines_with_this() {
+    let build =
+        |opt: &str| common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()]);
+    let lines = |name: &str, spec: &str, program: &Path| {
+        let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        // `items` is argc + 2 = 4 (the program and one argument).
+        assert!(stdout.starts_with("weigh items=4 extra=0 total=40\n"), "{stdout}");
+        text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
+    };
+    for opt in ["-O0", "-O2"] {
+        let got = lines(&format!("cxx{opt}"), "p weigh:1 this->items extra", &build(opt));
+        assert_eq!(
+            got,
+            ["weigh_L1: this_items=4 extra=0", "weigh_L1: this_items=4 extra=1", "weigh_L1: this_items=4 extra=2"],
+            "{opt}"
+        );
+    }
+    // At -O2, past the entry, GCC describes `this` only by its value at the entry
+    // (DW_OP_entry_value), which a probe there cannot read.
+    let got = lines("cxx-entry-value", "p weigh:2 extra this->items", &build("-O2"));
+    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(unavailable)");
+}

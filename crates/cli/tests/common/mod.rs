@@ -69,16 +69,25 @@ fn include() -> PathBuf {
 /// Builds `targets/{source}` with gcc (`-O2 -Wall -Werror -fcf-protection=none -pthread`
 /// plus `flags`) into the scratch directory as `out`; panics with the reason when it fails.
 pub fn build_c(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
+    build_with("gcc", source, out, flags)
+}
+
+/// [`build_c`] for a C++ source, with g++.
+pub fn build_cxx(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
+    build_with("g++", source, out, flags)
+}
+
+fn build_with(compiler: &str, source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
     let out = scratch().join(out);
-    let status = Command::new("gcc")
+    let status = Command::new(compiler)
         .args(["-O2", "-Wall", "-Werror", "-fcf-protection=none", "-pthread"])
         .args(flags)
         .arg(targets().join(source))
         .arg("-o")
         .arg(&out)
         .status()
-        .expect("run gcc (scripts/setup installs it)");
-    assert!(status.success(), "gcc {source} failed");
+        .expect("run the compiler (scripts/setup installs gcc and g++)");
+    assert!(status.success(), "{compiler} {source} failed");
     out
 }
 

@@ -208,6 +208,11 @@ impl DebugInfo {
                 let address = |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
                 if tag == gimli::DW_TAG_subprogram {
                     if !ranges.is_empty() {
+                        // The definition's own line: a C++ member defined outside its class
+                        // refers (DW_AT_specification) to a declaration on another line.
+                        if let Some((_, file, line)) = self.name_of(u, entry.offset()) {
+                            (functions[index].file, functions[index].line) = (file, line);
+                        }
                         functions[index].code_unit = Some(u);
                         // Where it is entered: its low_pc, or the first of its ranges (a GCC
                         // `.cold` part may lie below it).
