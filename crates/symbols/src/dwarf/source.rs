@@ -171,11 +171,8 @@ impl DebugInfo {
         let mut by_die = std::collections::HashMap::new();
         for (u, unit) in self.units.iter().enumerate() {
             let mut offsets = Vec::new();
-            if let Ok(mut tree) = unit.entries_tree(None) {
-                if let Ok(root) = tree.root() {
-                    let _ = code_dies(root, &mut offsets);
-                }
-            }
+            // A damaged unit gives the functions read before the damage.
+            let _ = code_dies(unit, &mut offsets);
             for offset in offsets {
                 let Ok(entry) = unit.entry(offset) else { continue };
                 let entry = &entry;
@@ -582,20 +579,18 @@ impl DebugInfo {
     }
 }
 
-/// The offsets of the subprograms and inlined copies under `node`, found without reading
-/// the types' subtrees (most of the DIEs of a program): only functions, blocks and
-/// namespaces are descended into.
-fn code_dies(node: gimli::EntriesTreeNode<R>, out: &mut Vec<UnitOffset>) -> gimli::Result<()> {
-    let mut children = node.children();
-    while let Some(child) = children.next()? {
-        match child.entry().tag() {
-            gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine => {
-                out.push(child.entry().offset());
-                code_dies(child, out)?;
-            }
-            gimli::DW_TAG_lexical_block | gimli::DW_TAG_namespace | gimli::DW_TAG_module => code_dies(child, out)?,
-            _ => {}
+/// The offsets of the subprograms and inlined copies of a unit, found by reading only each
+/// DIE's abbreviation and skipping its attributes (most of a program's DIEs are types,
+/// variables and call sites, whose attributes a full parse would decode for nothing).
+fn code_dies(unit: &gimli::Unit<R>, out: &mut Vec<UnitOffset>) -> gimli::Result<()> {
+    let mut raw = unit.entries_raw(None)?;
+    while !raw.is_empty() {
+        let offset = raw.next_offset();
+        let Some(abbrev) = raw.read_abbreviation()? else { continue };
+        if matches!(abbrev.tag(), gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine) {
+            out.push(offset);
         }
+        raw.skip_attributes(abbrev.attributes())?;
     }
     Ok(())
 }
