@@ -262,72 +262,43 @@ impl fmt::Display for VarExpr {
 /// `probe --help` and its test that every form is documented.
 pub const SOURCE_FORMS: &[&str] = &["FUNC:RELLINE", "FILE:LINE", "FUNC@FILE", "VAR", "->", "[N]"];
 
-/// A probe location that names the source: `FUNC:RELLINE`, `FILE:LINE`, `FUNC@FILE`
-/// (and `FUNC@FILE:RELLINE`), or a plain function when its variables are wanted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceLocation {
-    /// `FUNC` or `FUNC@FILE`.
-    Function {
-        /// The function.
-        name: String,
-        /// `@FILE`.
-        file: Option<String>,
-    },
-    /// `FUNC:RELLINE` or `FUNC@FILE:RELLINE`: lines from the function's first line.
-    FunctionLine {
-        /// The function.
-        name: String,
-        /// `@FILE`.
-        file: Option<String>,
-        /// The relative line.
-        line: u64,
-    },
-    /// `FILE:LINE`.
-    FileLine {
-        /// The file (its name or the end of its path).
-        file: String,
-        /// The line.
-        line: u64,
-    },
+/// A probe location that names the source (`FUNC:RELLINE`, `FILE:LINE`, `FUNC@FILE`), as
+/// the symbols crate's DWARF reader resolves it.
+pub use dynprobe_symbols::dwarf::SourcePoint;
+
+/// The source location a location's text names, if it names one: a symbol with `@`, or
+/// ending in `:DIGITS` (a file when the part before has a `.` or `/`, else a function).
+/// `MODULE:SYMBOL` and `SYMBOL+OFF` are not source locations.
+pub fn source_point(location: &Location) -> Option<SourcePoint> {
+    let Location::Symbol(text) = location else { return None };
+    let (head, line) = match text.rsplit_once(':') {
+        Some((head, line)) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => {
+            (head, Some(line.parse::<u64>().ok()?))
+        }
+        _ => (text.as_str(), None),
+    };
+    let (name, file) = match head.split_once('@') {
+        Some((name, file)) => (name, Some(file.to_string())),
+        None => (head, None),
+    };
+    match (line, file) {
+        (None, None) => None,
+        (None, Some(file)) => Some(SourcePoint::Function { name: name.to_string(), file: Some(file) }),
+        (Some(line), None) if name.contains(['.', '/']) => Some(SourcePoint::FileLine { file: name.to_string(), line }),
+        (Some(line), file) => Some(SourcePoint::FunctionLine { name: name.to_string(), file, line }),
+    }
 }
 
-impl SourceLocation {
-    /// The source location a location's text names, if it names one: a symbol with `@`,
-    /// or ending in `:DIGITS` (a file when the part before has a `.` or `/`, else a
-    /// function). `MODULE:SYMBOL` and `SYMBOL+OFF` are not source locations.
-    pub fn of(location: &Location) -> Option<SourceLocation> {
-        let Location::Symbol(text) = location else { return None };
-        let (head, line) = match text.rsplit_once(':') {
-            Some((head, line)) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => {
-                (head, Some(line.parse::<u64>().ok()?))
-            }
-            _ => (text.as_str(), None),
-        };
-        let (name, file) = match head.split_once('@') {
-            Some((name, file)) => (name, Some(file.to_string())),
-            None => (head, None),
-        };
-        match (line, file) {
-            (None, None) => None,
-            (None, Some(file)) => Some(SourceLocation::Function { name: name.to_string(), file: Some(file) }),
-            (Some(line), None) if name.contains(['.', '/']) => {
-                Some(SourceLocation::FileLine { file: name.to_string(), line })
-            }
-            (Some(line), file) => Some(SourceLocation::FunctionLine { name: name.to_string(), file, line }),
-        }
-    }
-
-    /// The event name a probe here gets by default: `FUNC`, `FUNC_L3`, `source_c_31`.
-    pub fn event_name(&self) -> String {
-        let sanitize =
-            |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect() };
-        match self {
-            SourceLocation::Function { name, .. } => sanitize(name),
-            SourceLocation::FunctionLine { name, line, .. } => format!("{}_L{line}", sanitize(name)),
-            SourceLocation::FileLine { file, line } => {
-                let base = file.rsplit('/').next().unwrap_or(file);
-                format!("{}_{line}", sanitize(base))
-            }
+/// The event name a probe at a source location gets by default: `FUNC`, `FUNC_L3`,
+/// `source_c_31`.
+fn source_event_name(point: &SourcePoint) -> String {
+    let sanitize = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect() };
+    match point {
+        SourcePoint::Function { name, .. } => sanitize(name),
+        SourcePoint::FunctionLine { name, line, .. } => format!("{}_L{line}", sanitize(name)),
+        SourcePoint::FileLine { file, line } => {
+            let base = file.rsplit('/').next().unwrap_or(file);
+            format!("{}_{line}", sanitize(base))
         }
     }
 }
@@ -1170,8 +1141,8 @@ fn default_event_name(kind: ProbeKind, target: &Target) -> (Option<String>, Stri
         }
         Target::Code(location) => location,
     };
-    if let Some(source) = SourceLocation::of(location) {
-        let event = source.event_name();
+    if let Some(source) = source_point(location) {
+        let event = source_event_name(&source);
         return (None, if kind == ProbeKind::Return { format!("{event}__return") } else { event });
     }
     let event = match (kind, location) {
@@ -1354,8 +1325,8 @@ mod tests {
         assert_eq!(spec.event, "handle_L3");
         let location = spec.location.code().unwrap();
         assert_eq!(
-            SourceLocation::of(location),
-            Some(SourceLocation::FunctionLine { name: "handle".into(), file: None, line: 3 })
+            source_point(location),
+            Some(SourcePoint::FunctionLine { name: "handle".into(), file: None, line: 3 })
         );
         let var = |derefs, name: &str, steps: Vec<VarStep>| Fetch::Var(VarExpr { derefs, name: name.into(), steps });
         let names: Vec<&str> = spec.args.iter().map(|a| a.name.as_str()).collect();
@@ -1366,15 +1337,15 @@ mod tests {
         assert_eq!(spec.args[4].fetch, var(1, "p", vec![VarStep::Arrow("q".into())]));
         assert_eq!(spec.args[4].ty, int(Format::Signed, 32));
 
-        let of = |text: &str| SourceLocation::of(ProbeSpec::parse(text).unwrap().location.code().unwrap());
-        assert_eq!(of("p src/main.c:42"), Some(SourceLocation::FileLine { file: "src/main.c".into(), line: 42 }));
+        let of = |text: &str| source_point(ProbeSpec::parse(text).unwrap().location.code().unwrap());
+        assert_eq!(of("p src/main.c:42"), Some(SourcePoint::FileLine { file: "src/main.c".into(), line: 42 }));
         assert_eq!(
             of("p:ev parse@a.c x=$arg1"),
-            Some(SourceLocation::Function { name: "parse".into(), file: Some("a.c".into()) })
+            Some(SourcePoint::Function { name: "parse".into(), file: Some("a.c".into()) })
         );
         assert_eq!(
             of("p parse@a.c:2"),
-            Some(SourceLocation::FunctionLine { name: "parse".into(), file: Some("a.c".into()), line: 2 })
+            Some(SourcePoint::FunctionLine { name: "parse".into(), file: Some("a.c".into()), line: 2 })
         );
         assert_eq!(of("p libc:malloc"), None);
         assert_eq!(of("p work+8"), None);

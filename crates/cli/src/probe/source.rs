@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use dynprobe::spec::{
-    Address, Fetch, FetchArg, FetchType, Format, IntType, ProbeKind, ProbeSpec, Reg, SourceLocation, Target, VarExpr,
-    VarStep, MAX_DEREF,
+    Address, Fetch, FetchArg, FetchType, Format, IntType, ProbeKind, ProbeSpec, Reg, Target, VarExpr, VarStep,
+    MAX_DEREF,
 };
 use dynprobe::Location;
 
@@ -166,7 +166,7 @@ fn render_value(render: &Render, value: &str) -> Option<String> {
 /// Whether a spec reads the DWARF: a source location or a source variable.
 fn needs_dwarf(spec: &ProbeSpec) -> bool {
     let location = spec.location.code();
-    location.is_some_and(|l| SourceLocation::of(l).is_some())
+    location.is_some_and(|l| dynprobe::spec::source_point(l).is_some())
         || spec.args.iter().any(|a| matches!(a.fetch, Fetch::Var(_)))
 }
 
@@ -226,10 +226,8 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
 /// The sites of a spec's location.
 pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
     let location = spec.location.code().ok_or("a marker has no source location")?;
-    let point = match SourceLocation::of(location) {
-        Some(SourceLocation::Function { name, file }) => SourcePoint::Function { name, file },
-        Some(SourceLocation::FunctionLine { name, file, line }) => SourcePoint::FunctionLine { name, file, line },
-        Some(SourceLocation::FileLine { file, line }) => SourcePoint::FileLine { file, line },
+    let point = match dynprobe::spec::source_point(location) {
+        Some(point) => point,
         None => match location {
             Location::Symbol(name) if !name.contains(':') => SourcePoint::Function { name: name.clone(), file: None },
             _ => return Err("source variables need a function or a source line as the location".into()),

@@ -353,11 +353,7 @@ impl DebugInfo {
             .filter(|f| f.name == name && file.is_none_or(|w| file_matches(&f.file, w)))
             .collect();
         if found.is_empty() {
-            let mut near: Vec<(usize, &str)> =
-                self.functions().iter().map(|f| (edit_distance(&f.name, name), f.name.as_str())).collect();
-            near.sort();
-            near.dedup_by_key(|n| n.1);
-            let suggestions = near.iter().filter(|n| n.0 <= 2).take(3).map(|n| n.1.to_string()).collect();
+            let suggestions = crate::error::suggest(name, self.functions().iter().map(|f| f.name.as_str()));
             let shown = match file {
                 Some(file) => format!("{name}@{file}"),
                 None => name.to_string(),
@@ -620,22 +616,6 @@ fn normalize(path: &str) -> String {
 /// Whether the path `have` is the file `wanted` names: the same, or ending with `/wanted`.
 pub(crate) fn file_matches(have: &str, wanted: &str) -> bool {
     have == wanted || have.ends_with(&format!("/{wanted}"))
-}
-
-/// Levenshtein distance, for suggestions.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
