@@ -267,18 +267,15 @@ fn debian_python_by_its_debug_package() {
     // python3.11's DWARF is in python3.11-dbg's build-id file (scripts/setup installs it),
     // link-time optimized: PyLong_FromLong is out of line and inlined at dozens of places.
     let python = Path::new("/usr/bin/python3.11");
-    let out = dynprobe()
-        .args(["probe", "p:ev PyLong_FromLong@longobject.c ival", "--"])
-        .arg(python)
-        .args(["-c", "x = 123456789; print(x * 10 + 7)"])
-        .output()
-        .unwrap();
+    let script = common::scratch().join("long.py");
+    std::fs::write(&script, "x = 123456789\nprint(x * 10 + 7)\n").unwrap();
+    let (out, events) =
+        probe_to_file("python", &[], &["p:ev PyLong_FromLong@longobject.c ival"], python, script.to_str().unwrap());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("1234567897\n"), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1234567897\n");
     let inlined = stderr.matches("is an inlined copy of PyLong_FromLong").count();
     assert!(inlined > 10, "{inlined} inlined copies: {stderr}");
     // The multiplication's operand is made from the constant 123456789 by PyLong_FromLong.
-    assert!(stdout.lines().any(|l| l.ends_with("] ev: ival=123456789")), "{stdout}");
+    assert!(events.lines().any(|l| l.ends_with("] ev: ival=123456789")), "{events}");
 }
