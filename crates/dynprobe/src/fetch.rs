@@ -256,6 +256,9 @@ impl FetchProgram {
                 }
                 Fetch::Retval => break Base::Retval,
                 Fetch::Duration => break Base::Duration,
+                Fetch::Var(var) => {
+                    return Err(format!("the variable `{var}` is not resolved (the CLI lowers it with the DWARF)"))
+                }
                 Fetch::StackPointer => break Base::StackPointer,
                 Fetch::Comm => break Base::Comm,
             }

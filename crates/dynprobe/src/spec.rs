@@ -133,7 +133,8 @@ pub struct FetchArg {
     pub name: String,
     /// Where the value comes from.
     pub fetch: Fetch,
-    /// How the value is sized and printed.
+    /// How the value is sized and printed. A source variable (and `$retval` of a function
+    /// with DWARF) left at the default `u64` takes its type from the DWARF.
     pub ty: FetchType,
 }
 
@@ -160,6 +161,10 @@ pub enum Fetch {
     Duration,
     /// `@ADDR`, `@SYMBOL+OFF`: the memory at a fixed address.
     Memory(Address),
+    /// `NAME`, `req->path`, `cfg.limits[2]`, `*count`: a variable of the program's source,
+    /// read from its DWARF (see [`VarExpr`]). The CLI lowers it to the other forms before a
+    /// probe is placed.
+    Var(VarExpr),
     /// `+OFF(FETCHARG)`: the memory at `base + offset`.
     Deref {
         /// Added to the base's value (wrapping).
@@ -181,6 +186,103 @@ pub enum Address {
         /// Bytes past the symbol.
         offset: i64,
     },
+}
+
+/// A source variable with member accesses, as `perf probe` takes them:
+/// `*`… `NAME` ( `.MEMBER` | `->MEMBER` | `[N]` )….
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VarExpr {
+    /// How many `*` precede the name.
+    pub derefs: usize,
+    /// The variable's name.
+    pub name: String,
+    /// What follows it, in order.
+    pub steps: Vec<VarStep>,
+}
+
+/// One access after a variable's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VarStep {
+    /// `.MEMBER`.
+    Field(String),
+    /// `->MEMBER`.
+    Arrow(String),
+    /// `[N]`.
+    Index(u64),
+}
+
+impl VarExpr {
+    /// The field name an unnamed variable gets: `req->path` → `req_path`, `*count` →
+    /// `count`, `cfg.limits[2]` → `cfg_limits_2`.
+    pub fn field_name(&self) -> String {
+        let mut name = self.name.clone();
+        for step in &self.steps {
+            match step {
+                VarStep::Field(m) | VarStep::Arrow(m) => name.push_str(&format!("_{m}")),
+                VarStep::Index(i) => name.push_str(&format!("_{i}")),
+            }
+        }
+        name
+    }
+}
+
+impl fmt::Display for VarExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", "*".repeat(self.derefs), self.name)?;
+        for step in &self.steps {
+            match step {
+                VarStep::Field(m) => write!(f, ".{m}")?,
+                VarStep::Arrow(m) => write!(f, "->{m}")?,
+                VarStep::Index(i) => write!(f, "[{i}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The forms of a probe location and fetch argument that read the program's DWARF, for
+/// `probe --help` and its test that every form is documented.
+pub const SOURCE_FORMS: &[&str] = &["FUNC:RELLINE", "FILE:LINE", "FUNC@FILE", "VAR", "->", "[N]"];
+
+/// A probe location that names the source (`FUNC:RELLINE`, `FILE:LINE`, `FUNC@FILE`), as
+/// the symbols crate's DWARF reader resolves it.
+pub use dynprobe_symbols::dwarf::SourcePoint;
+
+/// The source location a location's text names, if it names one: a symbol with `@`, or
+/// ending in `:DIGITS` (a file when the part before has a `.` or `/`, else a function).
+/// `MODULE:SYMBOL` and `SYMBOL+OFF` are not source locations.
+pub fn source_point(location: &Location) -> Option<SourcePoint> {
+    let Location::Symbol(text) = location else { return None };
+    let (head, line) = match text.rsplit_once(':') {
+        Some((head, line)) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => {
+            (head, Some(line.parse::<u64>().ok()?))
+        }
+        _ => (text.as_str(), None),
+    };
+    let (name, file) = match head.split_once('@') {
+        Some((name, file)) => (name, Some(file.to_string())),
+        None => (head, None),
+    };
+    match (line, file) {
+        (None, None) => None,
+        (None, Some(file)) => Some(SourcePoint::Function { name: name.to_string(), file: Some(file) }),
+        (Some(line), None) if name.contains(['.', '/']) => Some(SourcePoint::FileLine { file: name.to_string(), line }),
+        (Some(line), file) => Some(SourcePoint::FunctionLine { name: name.to_string(), file, line }),
+    }
+}
+
+/// The event name a probe at a source location gets by default: `FUNC`, `FUNC_L3`,
+/// `source_c_31`.
+fn source_event_name(point: &SourcePoint) -> String {
+    let sanitize = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect() };
+    match point {
+        SourcePoint::Function { name, .. } => sanitize(name),
+        SourcePoint::FunctionLine { name, line, .. } => format!("{}_L{line}", sanitize(name)),
+        SourcePoint::FileLine { file, line } => {
+            let base = file.rsplit('/').next().unwrap_or(file);
+            format!("{}_{line}", sanitize(base))
+        }
+    }
 }
 
 impl Fetch {
@@ -336,7 +438,8 @@ pub fn keywords() -> Vec<String> {
     let named = NAMED_VARIABLES.iter().map(|(name, ..)| format!("${name}"));
     let numbered = NUMBERED_VARIABLES.iter().map(|name| format!("${name}N"));
     let types = TYPES.iter().map(|t| t.to_string());
-    kinds.chain(forms).chain(named).chain(numbered).chain(types).chain(["+uOFF(".to_string()]).collect()
+    let source = SOURCE_FORMS.iter().map(|f| f.to_string());
+    kinds.chain(forms).chain(named).chain(numbered).chain(types).chain(source).chain(["+uOFF(".to_string()]).collect()
 }
 
 /// How a fetched value is read and printed.
@@ -609,8 +712,11 @@ impl<'a> Parser<'a> {
                 if name.text.is_empty() {
                     return Err(self.error(name.start, format!("missing event name or location after `{letter}:`")));
                 }
+                // `p:handle:3 total` probes a source line: a word that cannot be an event
+                // name (`[GROUP/]EVENT`) is the location.
+                let is_event = !name.text.contains([':', '@', '.']);
                 match words.get(1) {
-                    Some(&location) if !location.text.contains('=') => (Some(name), location, &words[2..]),
+                    Some(&location) if !location.text.contains('=') && is_event => (Some(name), location, &words[2..]),
                     _ => (None, name, &words[1..]),
                 }
             }
@@ -746,6 +852,17 @@ impl<'a> Parser<'a> {
     }
 
     fn fetch_arg(&self, word: Span<'a>) -> Result<FetchArg, SpecError> {
+        // A bare source variable, as `perf probe` takes it: named after itself.
+        if !word.text.contains('=') && word.text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_' || c == '*')
+        {
+            let (var, rest) = self.var(word)?;
+            let ty = match rest.text.strip_prefix(':') {
+                Some(_) => self.fetch_type(rest.from(1))?,
+                None if rest.text.is_empty() => FetchType::DEFAULT,
+                None => return Err(self.error(rest.start, format!("unexpected `{}` after the variable", rest.text))),
+            };
+            return Ok(FetchArg { name: var.field_name(), fetch: Fetch::Var(var), ty });
+        }
         let Some((name, value)) = word.split_once('=') else {
             return Err(
                 self.error(word.start, format!("expected NAME=FETCHARG (e.g. `x=$arg1`), found `{}`", word.text))
@@ -797,6 +914,10 @@ impl<'a> Parser<'a> {
                 Ok((fetch, rest))
             }
             '+' | '-' => self.deref(span, reads),
+            'a'..='z' | 'A'..='Z' | '_' | '*' if reads == 0 => {
+                let (var, rest) = self.var(span)?;
+                Ok((Fetch::Var(var), rest))
+            }
             '@' => {
                 self.check_depth(span, reads)?;
                 self.memory(after)
@@ -812,11 +933,49 @@ impl<'a> Parser<'a> {
                 span.start,
                 format!(
                     "unknown fetch argument `{}`; expected %REG, $argN, $retval, $stackN, $stack, $comm, \
-                     $duration, @ADDR, @SYMBOL or +OFF(FETCHARG)",
+                     $duration, @ADDR, @SYMBOL, +OFF(FETCHARG) or a source variable (NAME, NAME->MEMBER, ...)",
                     span.text
                 ),
             )),
         }
+    }
+
+    /// A source variable at the start of `span` (see [`VarExpr`]) and the rest.
+    fn var(&self, span: Span<'a>) -> Result<(VarExpr, Span<'a>), SpecError> {
+        let (stars, after) = span.split_while(|c| c == '*');
+        let (name, mut rest) = after.split_ident();
+        if name.text.is_empty() || name.text.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(self.error(after.start, "expected a variable name after `*`"));
+        }
+        let mut steps = Vec::new();
+        loop {
+            let (member, arrow) = match () {
+                _ if rest.text.starts_with("->") => (rest.from(2), true),
+                _ if rest.text.starts_with('.') => (rest.from(1), false),
+                _ if rest.text.starts_with('[') => {
+                    let Some((digits, after)) = rest.from(1).split_once(']') else {
+                        return Err(self.error(rest.start, "missing `]`"));
+                    };
+                    let index = parse_number(digits.text).ok_or_else(|| {
+                        self.error(digits.start, format!("bad index `{}`; expected a number", digits.text))
+                    })?;
+                    steps.push(VarStep::Index(index));
+                    rest = after;
+                    continue;
+                }
+                _ => break,
+            };
+            let (ident, after) = member.split_ident();
+            if ident.text.is_empty() {
+                return Err(self.error(member.start, "expected a member name"));
+            }
+            steps.push(match arrow {
+                true => VarStep::Arrow(ident.text.to_string()),
+                false => VarStep::Field(ident.text.to_string()),
+            });
+            rest = after;
+        }
+        Ok((VarExpr { derefs: stars.text.len(), name: name.text.to_string(), steps }, rest))
     }
 
     /// Refuses one more memory read at `span` when `reads` are already nested.
@@ -1010,6 +1169,10 @@ fn default_event_name(kind: ProbeKind, target: &Target) -> (Option<String>, Stri
         }
         Target::Code(location) => location,
     };
+    if let Some(source) = source_point(location) {
+        let event = source_event_name(&source);
+        return (None, if kind == ProbeKind::Return { format!("{event}__return") } else { event });
+    }
     let event = match (kind, location) {
         (ProbeKind::Return, Location::Symbol(symbol)) => format!("{}__return", sanitize(symbol)),
         (_, Location::Symbol(symbol)) => sanitize(symbol),
@@ -1185,6 +1348,46 @@ mod tests {
     }
 
     #[test]
+    fn source_locations_and_variables() {
+        let spec = ProbeSpec::parse("p:handle:3 total req->path cfg.limits[2] *count n=*p->q:s32").unwrap();
+        assert_eq!(spec.event, "handle_L3");
+        let location = spec.location.code().unwrap();
+        assert_eq!(
+            source_point(location),
+            Some(SourcePoint::FunctionLine { name: "handle".into(), file: None, line: 3 })
+        );
+        let var = |derefs, name: &str, steps: Vec<VarStep>| Fetch::Var(VarExpr { derefs, name: name.into(), steps });
+        let names: Vec<&str> = spec.args.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["total", "req_path", "cfg_limits_2", "count", "n"]);
+        assert_eq!(spec.args[1].fetch, var(0, "req", vec![VarStep::Arrow("path".into())]));
+        assert_eq!(spec.args[2].fetch, var(0, "cfg", vec![VarStep::Field("limits".into()), VarStep::Index(2)]));
+        assert_eq!(spec.args[3].fetch, var(1, "count", vec![]));
+        assert_eq!(spec.args[4].fetch, var(1, "p", vec![VarStep::Arrow("q".into())]));
+        assert_eq!(spec.args[4].ty, int(Format::Signed, 32));
+
+        let of = |text: &str| source_point(ProbeSpec::parse(text).unwrap().location.code().unwrap());
+        assert_eq!(of("p src/main.c:42"), Some(SourcePoint::FileLine { file: "src/main.c".into(), line: 42 }));
+        assert_eq!(
+            of("p:ev parse@a.c x=$arg1"),
+            Some(SourcePoint::Function { name: "parse".into(), file: Some("a.c".into()) })
+        );
+        assert_eq!(
+            of("p parse@a.c:2"),
+            Some(SourcePoint::FunctionLine { name: "parse".into(), file: Some("a.c".into()), line: 2 })
+        );
+        assert_eq!(of("p libc:malloc"), None);
+        assert_eq!(of("p work+8"), None);
+        assert_eq!(ProbeSpec::parse("p a.c:7").unwrap().event, "a_c_7");
+        assert_eq!(ProbeSpec::parse("r:parse@a.c").unwrap().event, "parse__return");
+        // `p:EVENT LOCATION` keeps the kernel's meaning.
+        assert_eq!(ProbeSpec::parse("p:ev work").unwrap().event, "ev");
+        let err = ProbeSpec::parse("p work x=req->").unwrap_err();
+        assert_eq!(err.to_string(), "expected a member name at column 15");
+        let err = ProbeSpec::parse("p work x=a[b]").unwrap_err();
+        assert_eq!(err.to_string(), "bad index `b`; expected a number at column 12");
+    }
+
+    #[test]
     fn marker_specs() {
         let marker = |s: &str| Target::Marker(s.into());
         // (spec, group, event, marker, fields)
@@ -1275,7 +1478,7 @@ mod tests {
             ("p :malloc", "empty module name before `:`", 3),
             ("r:work+4", "a return probe goes on a function's entry: no offset is allowed (write `r:SYMBOL`)", 7),
             ("r:ev libc:malloc+0x10", "a return probe goes on a function's entry: no offset is allowed (write `r:SYMBOL`)", 17),
-            ("p work x", "expected NAME=FETCHARG (e.g. `x=$arg1`), found `x`", 8),
+            ("p work 5x", "expected NAME=FETCHARG (e.g. `x=$arg1`), found `5x`", 8),
             ("p work 1x=%rax", "field name must not start with a digit", 8),
             ("p work x=", "missing fetch argument after `=`", 10),
             ("p work x=$arg7", "`$arg7` is not passed in a register; $arg1..$arg6 are (read the others with $stackN)", 11),
@@ -1311,7 +1514,7 @@ mod tests {
             ("p work x=@sym+q", "bad offset `q`; expected a number like 8 or 0x8", 15),
             ("p work x=@sym*2", "invalid character `*` in a symbol name", 14),
             ("p work x=@:sym:u8", "empty module name before `:`", 11),
-            ("p work x=rdi", "unknown fetch argument `rdi`; expected %REG, $argN, $retval, $stackN, $stack, $comm, $duration, @ADDR, @SYMBOL or +OFF(FETCHARG)", 10),
+            ("p work x=#rdi", "unknown fetch argument `#rdi`; expected %REG, $argN, $retval, $stackN, $stack, $comm, $duration, @ADDR, @SYMBOL, +OFF(FETCHARG) or a source variable (NAME, NAME->MEMBER, ...)", 10),
             ("p work x=%rdi:u65", "unknown type `u65`; expected u64, s64, x64 (or 8, 16, 32 bits), string or ustring", 15),
             ("p work x=%rdi:symbol", "type `symbol` is not supported; print the address with x64", 15),
             ("p work x=%rdi:u8[4]", "array types (`TYPE[N]`) are not supported", 15),

@@ -17,6 +17,7 @@
 //! ```
 
 mod demangle;
+pub mod dwarf;
 mod elf;
 mod error;
 mod load;

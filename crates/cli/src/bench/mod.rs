@@ -15,6 +15,7 @@ mod measure;
 mod program;
 mod ptrace;
 mod report;
+mod resolve;
 mod rows;
 mod startup;
 mod target;
@@ -112,6 +113,7 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::Program(tracer) => program::measure(tracer, plan),
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
+        Measure::Resolve => resolve::measure_resolve(),
         Measure::Detach => attach::measure_detach(),
         Measure::RecordAttach => attach::measure_record_attach(plan),
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),

@@ -87,7 +87,11 @@ impl Report {
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
                         if matches!(
                             row.measure,
-                            Measure::Attach | Measure::Detach | Measure::RecordAttach | Measure::Startup(_)
+                            Measure::Attach
+                                | Measure::Detach
+                                | Measure::RecordAttach
+                                | Measure::Startup(_)
+                                | Measure::Resolve
                         ) {
                             report.ms = Some(round(timing.ns_per_call() / 1e6, 100.0));
                         }

@@ -96,6 +96,8 @@ pub enum Measure {
     /// `dynprobe record -p` of a running process with 10,000 functions traced: nanoseconds
     /// from the command's start to recording.
     RecordAttach,
+    /// Resolving a source-level spec from a program's DWARF: nanoseconds per resolution.
+    Resolve,
     /// A statically linked program under `dynprobe probe` (ptrace-driven probes), timing
     /// its own probed and unprobed calls: nanoseconds added per hit.
     PtraceProbe,
@@ -116,9 +118,12 @@ impl Row {
             Measure::Call { .. } => Some(BASELINE),
             Measure::Program(_) => Some(GRAPH_PLAIN),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
-            Measure::SiteBatch | Measure::Attach | Measure::Detach | Measure::RecordAttach | Measure::PtraceProbe => {
-                None
-            }
+            Measure::SiteBatch
+            | Measure::Attach
+            | Measure::Detach
+            | Measure::RecordAttach
+            | Measure::PtraceProbe
+            | Measure::Resolve => None,
         }
     }
 }
@@ -308,6 +313,12 @@ pub static ROWS: &[Row] = &[
         name: "record-attach-ms",
         about: "dynprobe record -p -F 'g0_*' of a running program (10,000 functions): command start to recording",
         measure: Measure::RecordAttach,
+        compare_to: &[],
+    },
+    Row {
+        name: "resolve-ms",
+        about: "a source-level spec (FUNC:LINE var->field) resolved from python3.11's DWARF (ns per resolution)",
+        measure: Measure::Resolve,
         compare_to: &[],
     },
     Row {

@@ -11,6 +11,7 @@ mod exec;
 pub(crate) mod output;
 mod ptrace;
 pub(crate) mod session;
+pub(crate) mod source;
 
 use dynprobe::spec::ProbeSpec;
 use output::Printer;
@@ -41,8 +42,10 @@ pub struct ProbeArgs {
     /// function's return, `m` at a static marker's sites (without fields, a marker's hit
     /// shows its arguments arg1..argN, typed by its record: `dynprobe list-markers` lists
     /// them). `--help` shows the whole grammar.
-    #[arg(value_name = "SPEC", required = true)]
+    #[arg(value_name = "SPEC", required_unless_present_any = ["funcs", "lines", "vars"])]
     specs: Vec<String>,
+    #[command(flatten)]
+    discovery: source::DiscoveryArgs,
     /// Attach to the running process PID instead of starting one; Ctrl-C (or --duration)
     /// detaches, and the process goes on with every probed byte restored.
     #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "command")]
@@ -80,6 +83,18 @@ pub(crate) struct OutputArgs {
 
 /// Runs `dynprobe probe`.
 pub fn run(args: &ProbeArgs) -> ExitCode {
+    if let Some(result) = source::discover(&args.discovery, &args.specs, args.pid, &args.command) {
+        return match result {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("dynprobe: {message}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        };
+    }
     if let Some(pid) = args.pid {
         return match try_attach(args, pid) {
             Ok(()) => ExitCode::SUCCESS,
@@ -117,7 +132,7 @@ pub(crate) fn probe(specs: &[String], command: &[OsString], optimize: bool, outp
 fn try_attach(args: &ProbeArgs, pid: i32) -> Result<(), String> {
     let started = std::time::Instant::now();
     let duration = args.duration.as_deref().map(parse_duration).transpose()?;
-    let lines = spec_lines(&args.specs)?;
+    let lines = spec_lines(&args.specs, Some(&PathBuf::from(format!("/proc/{pid}/exe"))))?;
     let agent = agent_path()?;
     let out = match &args.output.file {
         Some(path) => output::Outbox::file(create_output(path)?),
@@ -151,12 +166,17 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> 
 /// Parses every spec (a syntax error stops here, with its column) and gives each as one
 /// line: a spec from the command line could hold a newline, which is only white space to
 /// the grammar but would split it in two for the agent.
-fn spec_lines(specs: &[String]) -> Result<Vec<String>, String> {
+/// Source-level specs are lowered first, for `program` ([`source::lower`]).
+fn spec_lines(specs: &[String], program: Option<&std::path::Path>) -> Result<Vec<String>, String> {
     let parsed = specs
         .iter()
         .map(|text| ProbeSpec::parse(text))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
+    let (parsed, notes) = source::lower(parsed, program)?;
+    for note in notes {
+        eprintln!("dynprobe: {note}");
+    }
     Ok(parsed.iter().map(|spec| spec.text.split_whitespace().collect::<Vec<_>>().join(" ")).collect())
 }
 
@@ -181,7 +201,7 @@ fn try_probe(
     force_ptrace: bool,
     output: &OutputArgs,
 ) -> Result<ExitCode, String> {
-    let lines = spec_lines(specs)?;
+    let lines = spec_lines(specs, source::program_path(&command[0]).as_deref())?;
     let mut printer = printer(output)?;
     let static_program = ptrace::static_program(&command[0]);
     if force_ptrace || static_program.is_some() {

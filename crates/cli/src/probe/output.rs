@@ -517,8 +517,8 @@ fn seconds(hit: &Hit, start_ns: u64) -> f64 {
 /// `    0.000123 [4242] checksum: seed=1 n=0x10 name="a b"`.
 fn text_line(hit: &Hit, start_ns: u64) -> String {
     let mut line = format!("{:12.6} [{}] {}:", seconds(hit, start_ns), hit.tid, hit.event);
-    for (name, value) in &hit.args {
-        line.push_str(&format!(" {name}={value}"));
+    for (name, value) in super::source::shown(hit.event, &hit.args) {
+        line.push_str(&format!(" {name}={}", value.text()));
     }
     line
 }
@@ -528,8 +528,16 @@ fn text_line(hit: &Hit, start_ns: u64) -> String {
 /// arguments, in order.
 fn json_line(hit: &Hit, start_ns: u64) -> String {
     let string = |s: &str| serde_json::Value::from(s).to_string();
-    let args: Vec<String> =
-        hit.args.iter().map(|(name, value)| format!("{}:{}", string(name), Value::parse(value).json())).collect();
+    // A value typed by DWARF (an enumerator's name, `true`, `'x'`) is a JSON string.
+    let json = |value: &super::source::Shown| match value {
+        super::source::Shown::Raw(raw) => Value::parse(raw).json(),
+        super::source::Shown::Typed(text) => string(text),
+        super::source::Shown::Str(bytes) => string(&String::from_utf8_lossy(bytes)),
+    };
+    let args: Vec<String> = super::source::shown(hit.event, &hit.args)
+        .iter()
+        .map(|(name, value)| format!("{}:{}", string(name), json(value)))
+        .collect();
     format!(
         r#"{{"time":{:.6},"ns":{},"tid":{},"event":{},"args":{{{}}}}}"#,
         seconds(hit, start_ns),

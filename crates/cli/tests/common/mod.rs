@@ -74,6 +74,11 @@ pub fn build_c(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
     build_with("gcc", source, out, flags)
 }
 
+/// [`build_c`] for a C++ source, with g++.
+pub fn build_cxx(source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
+    build_with("g++", source, out, flags)
+}
+
 /// [`build_c`] with another compiler driver (`g++` for a C++ source).
 pub fn build_with(compiler: &str, source: &str, out: &str, flags: &[&std::ffi::OsStr]) -> PathBuf {
     let out = scratch().join(out);

@@ -1,0 +1,673 @@
+//! Source-level specs (`p:handle:3 total req->path`, `p source.c:31`, `r:count_up`
+//! typed by DWARF) lowered to the kernel grammar the agent and the ptrace tracer speak:
+//! one `SYMBOL+OFF` spec per place the source location compiled to, each variable a fetch
+//! of registers and memory (`+8(%rdi)`), typed from its DWARF type.
+//!
+//! The fetches run in the probe handler as before, allocation-free; what the kernel's
+//! types cannot say — enumerators by name, `bool`, `char`, floating point, a variable
+//! optimized out at that place — is put back when the CLI prints the event
+//! ([`render_value`], [`extra_fields`]), from a table built here once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use dynprobe::spec::{
+    Address, Fetch, FetchArg, FetchType, Format, IntType, ProbeKind, ProbeSpec, Reg, Target, VarExpr, VarStep,
+    MAX_DEREF,
+};
+use dynprobe::Location;
+
+use super::output;
+use dynprobe_symbols::dwarf::{
+    Access, DebugInfo, Member, Place, SourcePoint, SourceSite, TypeKind, TypeRef, VarError, ARGUMENT_REGISTERS,
+    DWARF_REGISTER_NAMES,
+};
+
+/// How a printed integer is shown again by its DWARF type.
+#[derive(Debug, Clone, PartialEq)]
+enum Render {
+    Bool,
+    Char,
+    Enum(Vec<(i64, String)>),
+    Float,
+    /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
+    CutTo(String),
+}
+
+/// What the printer adds to events of lowered specs.
+#[derive(Debug, Default)]
+struct Renderings {
+    /// By event and field.
+    fields: HashMap<(String, String), Render>,
+    /// The events of lowered specs.
+    events: std::collections::HashSet<String>,
+    /// Fields that have no fetch at some site of an event (optimized out there), and what
+    /// to print for them: by event, in field order.
+    missing: HashMap<String, Vec<(String, String)>>,
+}
+
+static RENDERINGS: OnceLock<Renderings> = OnceLock::new();
+
+/// How a field of a hit is shown.
+pub(crate) enum Shown<'a> {
+    /// As the agent wrote it.
+    Raw(&'a str),
+    /// As its DWARF type shows it (an enumerator, `true`, `'x'`, `(optimized out)`).
+    Typed(String),
+    /// A string cut to its length (Rust's `&str`).
+    Str(Vec<u8>),
+}
+
+impl Shown<'_> {
+    /// The text form of the value, as the event line shows it.
+    pub(crate) fn text(&self) -> String {
+        match self {
+            Shown::Raw(raw) => raw.to_string(),
+            Shown::Typed(text) => text.clone(),
+            Shown::Str(bytes) => {
+                // The agent's escapes (`dynprobe::line`): one event stays one line.
+                let mut out = String::from("\"");
+                for &b in bytes {
+                    match b {
+                        b'"' => out.push_str("\\\""),
+                        b'\\' => out.push_str("\\\\"),
+                        b'\n' => out.push_str("\\n"),
+                        b'\t' => out.push_str("\\t"),
+                        b' '..=b'~' => out.push(b as char),
+                        _ => out.push_str(&format!("\\x{b:02x}")),
+                    }
+                }
+                out.push('"');
+                out
+            }
+        }
+    }
+}
+
+/// The fields of a hit of `event` as they are shown: values typed by DWARF where the spec
+/// was lowered from source, the length field of a cut string left out, and the fields that
+/// had no fetch at the site the hit came from (`seen=(optimized out)`) added.
+pub(crate) fn shown<'a>(event: &str, args: &[(&'a str, &'a str)]) -> Vec<(String, Shown<'a>)> {
+    let raw = || args.iter().map(|(n, v)| (n.to_string(), Shown::Raw(v))).collect();
+    let Some(renderings) = RENDERINGS.get() else { return raw() };
+    if !renderings.events.contains(event) {
+        return raw();
+    }
+    let value_of = |name: &str| args.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let mut hidden = Vec::new();
+    let mut out: Vec<(String, Shown<'a>)> = Vec::new();
+    for (name, value) in args {
+        let render = renderings.fields.get(&(event.to_string(), name.to_string()));
+        let shown = match render {
+            Some(Render::CutTo(length_field)) => {
+                hidden.push(length_field.as_str());
+                let length = value_of(length_field).and_then(|v| v.parse::<usize>().ok());
+                match (output::Value::parse(value), length) {
+                    (output::Value::Str(mut bytes), Some(length)) => {
+                        bytes.truncate(length);
+                        Shown::Str(bytes)
+                    }
+                    _ => Shown::Raw(value),
+                }
+            }
+            Some(render) => render_value(render, value).map_or(Shown::Raw(value), Shown::Typed),
+            None => Shown::Raw(value),
+        };
+        out.push((name.to_string(), shown));
+    }
+    out.retain(|(name, _)| !hidden.contains(&name.as_str()));
+    if let Some(missing) = renderings.missing.get(event) {
+        for (name, text) in missing {
+            if !args.iter().any(|(n, _)| n == name) {
+                out.push((name.clone(), Shown::Typed(text.clone())));
+            }
+        }
+    }
+    out
+}
+
+/// `value` as `render` shows it; `None` when it is not a number (a fault).
+fn render_value(render: &Render, value: &str) -> Option<String> {
+    let number = || -> Option<i128> {
+        match value.strip_prefix("0x") {
+            Some(hex) => i128::from_str_radix(hex, 16).ok(),
+            None => value.parse().ok(),
+        }
+    };
+    Some(match render {
+        Render::Bool => (number()? != 0).to_string(),
+        Render::Char => {
+            let c = number()? as u8;
+            match c {
+                b' '..=b'~' if c != b'\'' && c != b'\\' => format!("'{}'", c as char),
+                _ => format!("'\\x{c:02x}'"),
+            }
+        }
+        Render::Enum(values) => {
+            let n = number()? as i64;
+            match values.iter().find(|(v, _)| *v == n) {
+                Some((_, name)) => name.clone(),
+                None => n.to_string(),
+            }
+        }
+        Render::Float => {
+            let hex = value.strip_prefix("0x")?;
+            let bits = u64::from_str_radix(hex, 16).ok()?;
+            match hex.len() {
+                ..=8 => format!("{}", f32::from_bits(bits as u32)),
+                _ => format!("{}", f64::from_bits(bits)),
+            }
+        }
+        Render::CutTo(_) => return None,
+    })
+}
+
+/// Whether a spec reads the DWARF: a source location or a source variable.
+fn needs_dwarf(spec: &ProbeSpec) -> bool {
+    let location = spec.location.code();
+    location.is_some_and(|l| dynprobe::spec::source_point(l).is_some())
+        || spec.args.iter().any(|a| matches!(a.fetch, Fetch::Var(_)))
+}
+
+/// Whether an `r:` spec on a plain function of the program has `$retval` without a type:
+/// typed by the DWARF when the program has it.
+fn wants_typed_retval(spec: &ProbeSpec) -> bool {
+    spec.kind == ProbeKind::Return
+        && matches!(spec.location.code(), Some(Location::Symbol(s)) if !s.contains(':'))
+        && spec.args.iter().any(|a| a.fetch == Fetch::Retval && a.ty == FetchType::DEFAULT)
+}
+
+/// The program a started command runs: its path, or found in `PATH`.
+pub(crate) fn program_path(program: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return Some(path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())
+}
+
+/// The specs with their source-level parts lowered for `program` (one line each), and what
+/// to tell the user about them (a line moved to the next with code, inlined copies).
+pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Vec<ProbeSpec>, Vec<String>), String> {
+    if !specs.iter().any(|s| needs_dwarf(s) || wants_typed_retval(s)) {
+        return Ok((specs, Vec::new()));
+    }
+    let info: Result<DebugInfo, String> = program
+        .ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())
+        .and_then(|program| DebugInfo::open(program).map_err(|e| e.to_string()));
+    let debug = |_: Option<&Path>| info.as_ref().map_err(Clone::clone);
+    let mut renderings = Renderings::default();
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    for spec in specs {
+        if !needs_dwarf(&spec) {
+            // `$retval` typed when the DWARF is there; without it the spec stays as written.
+            if wants_typed_retval(&spec) {
+                if let Ok(info) = debug(program) {
+                    if let Ok(lowered) = lower_one(&spec, info, &mut renderings, &mut notes) {
+                        out.extend(lowered);
+                        continue;
+                    }
+                }
+            }
+            out.push(spec);
+            continue;
+        }
+        let info = debug(program).map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
+        out.extend(
+            lower_one(&spec, info, &mut renderings, &mut notes).map_err(|e| format!("probe `{}`: {e}", spec.text))?,
+        );
+    }
+    let _ = RENDERINGS.set(renderings);
+    Ok((out, notes))
+}
+
+/// The sites of a spec's location.
+pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
+    let location = spec.location.code().ok_or("a marker has no source location")?;
+    let point = match dynprobe::spec::source_point(location) {
+        Some(point) => point,
+        None => match location {
+            Location::Symbol(name) if !name.contains(':') => SourcePoint::Function { name: name.clone(), file: None },
+            _ => return Err("source variables need a function or a source line as the location".into()),
+        },
+    };
+    if spec.kind == ProbeKind::Return && !matches!(point, SourcePoint::Function { .. }) {
+        return Err("a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)".into());
+    }
+    let mut sites = info.resolve(&point).map_err(|e| e.to_string())?;
+    if spec.kind == ProbeKind::Return {
+        // An inlined copy is never called, so it never returns.
+        sites.retain(|s| !s.inlined);
+        if sites.is_empty() {
+            return Err(format!("`{point}` is only inlined: no call of it returns"));
+        }
+    }
+    Ok(sites)
+}
+
+/// One spec lowered: a spec per site.
+fn lower_one(
+    spec: &ProbeSpec,
+    info: &DebugInfo,
+    renderings: &mut Renderings,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ProbeSpec>, String> {
+    let sites = sites(spec, info)?;
+    let mut out = Vec::new();
+    for site in &sites {
+        let (symbol, offset) = info
+            .symbol_at(site.addr)
+            .ok_or_else(|| format!("no symbol of `{}` contains 0x{:x}", info.binary.display(), site.addr))?;
+        let location = match (spec.kind, offset) {
+            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.to_string()),
+            (_, offset) => Location::SymbolOffset(symbol.to_string(), offset),
+        };
+        let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
+        let event = lowered.full_event_name();
+        renderings.events.insert(event.clone());
+        for arg in &spec.args {
+            for (name, fetch, ty, render) in lower_arg(arg, spec.kind, site, info)? {
+                match fetch {
+                    Ok(fetch) => {
+                        if let Some(render) = render {
+                            renderings.fields.insert((event.clone(), name.clone()), render);
+                        }
+                        lowered.args.push(FetchArg { name, fetch, ty });
+                    }
+                    Err(text) => {
+                        let missing = renderings.missing.entry(event.clone()).or_default();
+                        if !missing.iter().any(|(n, _)| *n == name) {
+                            missing.push((name, text));
+                        }
+                    }
+                }
+            }
+        }
+        lowered.text = spec_text(&lowered);
+        if let Some(note) = &site.note {
+            notes.push(format!("`{}`: {note}", spec.text));
+        }
+        if site.inlined {
+            notes.push(format!(
+                "`{}`: a site at 0x{:x} ({symbol}+0x{offset:x}) is an inlined copy of {}",
+                spec.text, site.addr, site.function
+            ));
+        }
+        out.push(lowered);
+    }
+    Ok(out)
+}
+
+/// A lowered field: its name, its fetch (else what to print: `(optimized out)`), type and
+/// rendering.
+type LoweredArg = (String, Result<Fetch, String>, FetchType, Option<Render>);
+
+/// The fields one argument becomes (a struct gives one per member).
+fn lower_arg(arg: &FetchArg, kind: ProbeKind, site: &SourceSite, info: &DebugInfo) -> Result<Vec<LoweredArg>, String> {
+    let (place, ty) = match &arg.fetch {
+        Fetch::Var(var) => match info.resolve_variable(site, &var.name, &accesses(var)) {
+            Ok(found) => found,
+            // Not readable at this site (but maybe at others): the event says so.
+            Err(VarError::OptimizedOut) => {
+                return Ok(vec![(arg.name.clone(), Err("(optimized out)".into()), arg.ty, None)])
+            }
+            Err(VarError::Constant(_) | VarError::Unsupported(_)) if site.inlined || !site.entry => {
+                return Ok(vec![(arg.name.clone(), Err("(unavailable)".into()), arg.ty, None)])
+            }
+            Err(e) => return Err(format!("field `{}` (`{var}`): {e}", arg.name)),
+        },
+        Fetch::Retval if arg.ty == FetchType::DEFAULT => match info.return_type(site) {
+            Some(ty) => return typed(&arg.name, Fetch::Retval, Some(ty), info, 0),
+            None => return Ok(vec![(arg.name.clone(), Ok(Fetch::Retval), arg.ty, None)]),
+        },
+        other => return Ok(vec![(arg.name.clone(), Ok(other.clone()), arg.ty, None)]),
+    };
+    if let Place::Pieces(pieces) = &place {
+        // A struct in pieces (Rust's `&str` and slices in two registers): each member from
+        // its piece.
+        let members = match ty.map(|t| info.type_of(t).kind) {
+            Some(TypeKind::Struct(members)) => members,
+            _ => return Err(format!("field `{}`: its value is in pieces, which only a struct's can be", arg.name)),
+        };
+        let fetches = members
+            .iter()
+            .map(|m| {
+                let piece = pieces.iter().find(|p| p.offset == m.offset).and_then(|p| p.place.as_ref());
+                let fetch = match piece {
+                    Some(place) => place_fetch(place, kind, site),
+                    None => Err("(optimized out)".to_string()),
+                };
+                (m.clone(), fetch)
+            })
+            .collect();
+        return struct_fields(&arg.name, ty, fetches, info);
+    }
+    let fetch = place_fetch(&place, kind, site).map_err(|e| format!("field `{}`: {e}", arg.name))?;
+    if arg.ty != FetchType::DEFAULT {
+        return Ok(vec![(arg.name.clone(), Ok(fetch), arg.ty, None)]);
+    }
+    typed(&arg.name, fetch, ty, info, 0)
+}
+
+/// The `Access` steps of a variable: its leading `*`s apply last (`*p->q` is `*(p->q)`).
+fn accesses(var: &VarExpr) -> Vec<Access> {
+    let mut out: Vec<Access> = var
+        .steps
+        .iter()
+        .map(|s| match s {
+            VarStep::Field(m) => Access::Field(m.clone()),
+            VarStep::Arrow(m) => Access::Arrow(m.clone()),
+            VarStep::Index(i) => Access::Index(*i),
+        })
+        .collect();
+    out.extend(std::iter::repeat_n(Access::Deref, var.derefs));
+    out
+}
+
+/// The fetch reading a place. In a return probe only the entry's argument registers are
+/// known (as `$argN`).
+fn place_fetch(place: &Place, kind: ProbeKind, site: &SourceSite) -> Result<Fetch, String> {
+    if place.reads() > MAX_DEREF {
+        return Err(format!("it takes more than {MAX_DEREF} memory reads"));
+    }
+    Ok(match place {
+        Place::Register(n) if kind == ProbeKind::Return => {
+            match ARGUMENT_REGISTERS.iter().position(|r| r == n).filter(|_| site.entry) {
+                Some(i) => Fetch::Arg(i as u8 + 1),
+                None => return Err(format!("{place} is not known at the return; a return probe has the arguments")),
+            }
+        }
+        Place::Register(n) => {
+            let name = DWARF_REGISTER_NAMES.get(usize::from(*n)).ok_or_else(|| {
+                format!("it is in {place}; vector registers cannot be fetched (probe where it is in memory)")
+            })?;
+            Fetch::Reg(Reg::from_name(name).ok_or_else(|| format!("register {name} cannot be fetched"))?)
+        }
+        Place::Memory { base, offset } => {
+            Fetch::Deref { offset: *offset, base: Box::new(place_fetch(base, kind, site)?) }
+        }
+        Place::Pieces(_) => return Err("its value is in pieces; name a member".into()),
+    })
+}
+
+/// The fields a value of DWARF type `ty` read by `fetch` prints as: one for a scalar, one
+/// per scalar member for a struct (`req_len`), shallowly.
+fn typed(
+    name: &str,
+    fetch: Fetch,
+    ty: Option<TypeRef>,
+    info: &DebugInfo,
+    depth: usize,
+) -> Result<Vec<LoweredArg>, String> {
+    let Some(struct_ty) = ty else { return Ok(vec![(name.to_string(), Ok(fetch), FetchType::DEFAULT, None)]) };
+    let ty = info.type_of(struct_ty);
+    let int = |format, bytes: u64| {
+        let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
+        FetchType::Int(IntType { format, bits })
+    };
+    let signed = |signed: bool| if signed { Format::Signed } else { Format::Unsigned };
+    let one = |ty: FetchType, render| Ok(vec![(name.to_string(), Ok(fetch.clone()), ty, render)]);
+    match ty.kind {
+        TypeKind::Signed => one(int(Format::Signed, ty.size), None),
+        TypeKind::Unsigned => one(int(Format::Unsigned, ty.size), None),
+        TypeKind::Bool => one(int(Format::Unsigned, ty.size), Some(Render::Bool)),
+        TypeKind::Char { signed: s } => one(int(signed(s), ty.size), Some(Render::Char)),
+        TypeKind::Enum(values) => {
+            let negative = values.iter().any(|(v, _)| *v < 0);
+            one(int(signed(negative), ty.size), Some(Render::Enum(values)))
+        }
+        TypeKind::Float => match fetch {
+            Fetch::Deref { .. } => one(int(Format::Hex, ty.size), Some(Render::Float)),
+            _ => Err(format!("field `{name}`: a floating-point value in a vector register cannot be fetched")),
+        },
+        TypeKind::Pointer(target) => {
+            let to_char = target.is_some_and(|t| matches!(info.type_of(t).kind, TypeKind::Char { .. }));
+            match to_char && fetch_depth(&fetch) < MAX_DEREF {
+                // `char *`: the string it points to.
+                true => one_string(name, fetch),
+                false => one(FetchType::Int(IntType { format: Format::Hex, bits: 64 }), None),
+            }
+        }
+        TypeKind::Struct(members) if depth == 0 => {
+            let Fetch::Deref { offset, base } = fetch else {
+                return Err(format!("field `{name}`: the struct is in a register here; name its members"));
+            };
+            let fetches = members
+                .into_iter()
+                .map(|m| {
+                    let fetch = Fetch::Deref { offset: offset + m.offset as i64, base: base.clone() };
+                    (m, Ok(fetch))
+                })
+                .collect();
+            struct_fields(name, Some(struct_ty), fetches, info)
+        }
+        TypeKind::Array { .. } => {
+            Err(format!("field `{name}`: `{}` is an array; name an element (`{name}[0]`)", ty.name))
+        }
+        _ => Err(format!("field `{name}`: a value of type `{}` cannot be printed; give a :TYPE", ty.name)),
+    }
+}
+
+/// A struct's fields, shallowly, from each member's fetch (or why it has none): one field
+/// per scalar member (`req_len`); Rust's `&str` as its string (cut to its length when
+/// printed), a slice (`&[T]`) as its length and first element.
+fn struct_fields(
+    name: &str,
+    ty: Option<TypeRef>,
+    members: Vec<(Member, Result<Fetch, String>)>,
+    info: &DebugInfo,
+) -> Result<Vec<LoweredArg>, String> {
+    let type_name = ty.map(|t| info.type_of(t).name).unwrap_or_default();
+    let member = |wanted: &str| members.iter().find(|(m, _)| m.name == wanted);
+    if let (Some((ptr, Ok(data))), Some((_, Ok(length)))) = (member("data_ptr"), member("length")) {
+        let length_field = format!("{name}_len");
+        let length = (length_field.clone(), Ok(length.clone()), FetchType::Int(IntType::U64), None);
+        let TypeKind::Pointer(element) = info.type_of(ptr.ty).kind else {
+            return Err(format!("field `{name}`: `{type_name}` has no pointer"));
+        };
+        if type_name == "&str" || type_name == "&mut str" {
+            let string = Fetch::Deref { offset: 0, base: Box::new(data.clone()) };
+            let render = Render::CutTo(length_field);
+            return Ok(vec![(name.to_string(), Ok(string), FetchType::String, Some(render)), length]);
+        }
+        let mut out = vec![length];
+        if fetch_depth(data) < MAX_DEREF {
+            let first = Fetch::Deref { offset: 0, base: Box::new(data.clone()) };
+            out.extend(typed(&format!("{name}_0"), first, element, info, 1)?);
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    for (m, fetch) in members {
+        let inner = info.type_of(m.ty);
+        if matches!(inner.kind, TypeKind::Struct(_) | TypeKind::Array { .. } | TypeKind::Other) {
+            continue;
+        }
+        let field = format!("{name}_{}", m.name);
+        match fetch {
+            Ok(fetch) => out.extend(typed(&field, fetch, Some(m.ty), info, 1)?),
+            Err(text) => out.push((field, Err(text), FetchType::DEFAULT, None)),
+        }
+    }
+    Ok(out)
+}
+
+fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {
+    // `+0(V):string` is the string at the address V holds (the kernel's rule for a memory
+    // fetch with `:string`).
+    Ok(vec![(name.to_string(), Ok(Fetch::Deref { offset: 0, base: Box::new(fetch) }), FetchType::String, None)])
+}
+
+fn fetch_depth(fetch: &Fetch) -> usize {
+    let mut n = 0;
+    fetch.walk(&mut |f| n += usize::from(matches!(f, Fetch::Deref { .. })));
+    n
+}
+
+/// A lowered spec as the grammar writes it, for the agent to parse again.
+fn spec_text(spec: &ProbeSpec) -> String {
+    let mut text = String::new();
+    text.push(spec.kind.letter());
+    if let Some(n) = spec.maxactive {
+        text.push_str(&n.to_string());
+    }
+    text.push(':');
+    text.push_str(&spec.full_event_name());
+    text.push(' ');
+    match &spec.location {
+        Target::Code(Location::Symbol(s)) => text.push_str(s),
+        Target::Code(Location::SymbolOffset(s, off)) => text.push_str(&format!("{s}+0x{off:x}")),
+        Target::Code(Location::Address(a)) => text.push_str(&format!("0x{a:x}")),
+        Target::Marker(m) => text.push_str(m),
+    }
+    for arg in &spec.args {
+        text.push_str(&format!(" {}={}:{}", arg.name, fetch_text(&arg.fetch), arg.ty));
+    }
+    text
+}
+
+fn fetch_text(fetch: &Fetch) -> String {
+    match fetch {
+        Fetch::Reg(r) => format!("%{}", format!("{r:?}").to_lowercase()),
+        Fetch::Arg(n) => format!("$arg{n}"),
+        Fetch::Retval => "$retval".into(),
+        Fetch::Stack(n) => format!("$stack{n}"),
+        Fetch::StackPointer => "$stack".into(),
+        Fetch::Comm => "$comm".into(),
+        Fetch::Duration => "$duration".into(),
+        Fetch::Memory(Address::Absolute(a)) => format!("@0x{a:x}"),
+        Fetch::Memory(Address::Symbol { symbol, offset }) => format!("@{symbol}{offset:+}"),
+        Fetch::Var(var) => var.to_string(),
+        Fetch::Deref { offset, base } => match *offset < 0 {
+            true => format!("-{}({})", offset.unsigned_abs(), fetch_text(base)),
+            false => format!("+{offset}({})", fetch_text(base)),
+        },
+    }
+}
+
+/// `perf probe -F/-L/-V`-like discovery, and `--dry-run`.
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct DiscoveryArgs {
+    /// List the program's functions (from its DWARF; those matching GLOB), and exit.
+    #[arg(long, value_name = "GLOB", num_args = 0..=1, default_missing_value = "*")]
+    funcs: Option<String>,
+    /// Print FUNC's source with the lines a probe can go on numbered from its first line
+    /// (as `FUNC:RELLINE` takes them), and exit.
+    #[arg(long, value_name = "FUNC")]
+    lines: Option<String>,
+    /// List the variables available at each site of a source location (`FUNC:RELLINE`,
+    /// `FILE:LINE`, `FUNC`), with their types and where they are, and exit.
+    #[arg(long, value_name = "LOCATION")]
+    vars: Option<String>,
+    /// Resolve the specs and print what would be placed (sites, registers, fetches)
+    /// without running anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// The program to inspect for --funcs, --lines, --vars and --dry-run (else the one
+    /// after `--`, or that of `-p PID`).
+    #[arg(short = 'x', long = "exec", value_name = "PROG")]
+    exec: Option<PathBuf>,
+}
+
+/// Runs the discovery `args` ask for, if any: the text to print, or the error.
+pub(crate) fn discover(
+    args: &DiscoveryArgs,
+    specs: &[String],
+    pid: Option<i32>,
+    command: &[std::ffi::OsString],
+) -> Option<Result<String, String>> {
+    if args.funcs.is_none() && args.lines.is_none() && args.vars.is_none() && !args.dry_run {
+        return None;
+    }
+    let program = match (&args.exec, pid, command.first()) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, Some(pid), _) => Some(PathBuf::from(format!("/proc/{pid}/exe"))),
+        (None, None, Some(program)) => program_path(program),
+        (None, None, None) => None,
+    };
+    let Some(program) = program else {
+        return Some(Err("name the program to inspect: `-x PROG`, `-p PID` or `-- PROG`".into()));
+    };
+    Some(run_discovery(args, specs, &program))
+}
+
+fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Result<String, String> {
+    if args.dry_run {
+        let parsed = specs
+            .iter()
+            .map(|text| ProbeSpec::parse(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad probe spec: {e}\n{}", e.caret()))?;
+        let (lowered, notes) = lower(parsed, Some(program))?;
+        let mut out = String::new();
+        for note in notes {
+            out.push_str(&format!("# {note}\n"));
+        }
+        for spec in lowered {
+            out.push_str(&spec_text(&spec));
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
+    if let Some(glob) = &args.funcs {
+        let mut names: Vec<&str> = info
+            .functions()
+            .iter()
+            .filter(|f| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), f.name.as_bytes()))
+            .map(|f| f.name.as_str())
+            .collect();
+        names.dedup();
+        return Ok(names.iter().map(|n| format!("{n}\n")).collect());
+    }
+    if let Some(name) = &args.lines {
+        let (name, file) = match name.split_once('@') {
+            Some((name, file)) => (name, Some(file)),
+            None => (name.as_str(), None),
+        };
+        let mut out = String::new();
+        for f in info.find_functions(name, file).map_err(|e| e.to_string())? {
+            out.push_str(&format!("<{}@{}:0>\n", f.name, f.file));
+            let source = std::fs::read_to_string(&f.file).ok();
+            let text: Vec<&str> = source.as_deref().map_or(Vec::new(), |s| s.lines().collect());
+            for (line, has_code) in info.function_lines(f) {
+                let body = text.get(line as usize - 1).copied().unwrap_or("");
+                match has_code {
+                    true => out.push_str(&format!("{:>7}  {body}\n", line - f.line)),
+                    false => out.push_str(&format!("         {body}\n")),
+                }
+            }
+            if source.is_none() {
+                out.push_str(&format!("(the source file `{}` cannot be read: only line numbers are shown)\n", f.file));
+            }
+        }
+        return Ok(out);
+    }
+    let location = args.vars.as_deref().unwrap_or_default();
+    let spec = ProbeSpec::parse(&format!("p {location}")).map_err(|e| format!("bad location `{location}`: {e}"))?;
+    let mut out = String::new();
+    for site in sites(&spec, &info)? {
+        let (symbol, offset) = info.symbol_at(site.addr).unwrap_or(("?", 0));
+        let inlined = if site.inlined { format!(", inlined copy of {}", site.function) } else { String::new() };
+        out.push_str(&format!(
+            "Available variables at {location} ({symbol}+0x{offset:x}, line {}{inlined})\n",
+            site.line
+        ));
+        for var in info.variables(&site) {
+            let ty = var.ty.map_or("?".to_string(), |t| info.type_of(t).name);
+            let place = match &var.place {
+                Ok(place) => place.to_string(),
+                Err(VarError::OptimizedOut) if !var.available.is_empty() => {
+                    let ranges: Vec<String> =
+                        var.available.iter().map(|(lo, hi)| format!("0x{lo:x}-0x{hi:x}")).collect();
+                    format!("(optimized out; available at {})", ranges.join(", "))
+                }
+                Err(e) => e.to_string(),
+            };
+            out.push_str(&format!("        {ty} {}\t{place}\n", var.name));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,281 @@
+//! Source-level probes end to end: `dynprobe probe` on `source.c` (the symbols crate's
+//! DWARF target) at `-O0` and `-O2`, by function line, file line and `FUNC@FILE`, with
+//! variables, members through pointers, enums, chars, bools, strings, inlined copies,
+//! optimized-out values and `$retval` typed from the DWARF. Each event is compared with
+//! what the program prints for that round.
+//!
+//! The agent must be built beside the `dynprobe` binary first: `cargo build --workspace`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{build_c, dynprobe, probe_to_file};
+
+/// `source.c` built with `-g` and `opt` (after the harness's `-O2`).
+fn program(opt: &'static str) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    let (slot, out) = match opt {
+        "-O0" => (&BUILT[0], "source-o0"),
+        _ => (&BUILT[1], "source-o2"),
+    };
+    slot.get_or_init(|| build_c("../../../symbols/tests/targets/source.c", out, &["-g".as_ref(), opt.as_ref()]))
+}
+
+/// The events of a run (their text after `EVENT:`), checking that it succeeded.
+fn events(name: &str, specs: &[&str], opt: &'static str, rounds: u64) -> Vec<String> {
+    let (out, events) = probe_to_file(name, &[], specs, program(opt), &rounds.to_string());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "dynprobe failed: {stderr}");
+    events.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e).to_string()).collect()
+}
+
+#[test]
+fn a_function_line_fetches_what_the_program_prints_at_o0_and_o2() {
+    let spec = "p:handle:3 total round req->path req->color req->urgent req->tag req->limits[2].hard";
+    for opt in ["-O0", "-O2"] {
+        let got = events(&format!("line{opt}"), &[spec], opt, 3);
+        // At line 31 `total` is `req->len + round`; `len` is 11 and grows by one a round.
+        let want: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "handle_L3: total={} round={i} req_path=\"/index.html\" req_color=GREEN req_urgent=true \
+                     req_tag='x' req_limits_2_hard=6",
+                    11 + 2 * i
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{opt}");
+    }
+}
+
+#[test]
+fn a_file_line_a_function_in_a_file_and_a_blank_line_moved_to_the_next() {
+    let (out, text) =
+        probe_to_file("file-line", &[], &["p source.c:29 req->len", "p:handle:2 round"], program("-O0"), "2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`p:handle:2 round`: line 30 has no code; probed at line 31"), "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(got, ["source_c_29: req_len=11", "handle_L2: round=0", "source_c_29: req_len=12", "handle_L2: round=1"]);
+
+    let got = events("func-at-file", &["p count_up@source.c step *count"], "-O2", 3);
+    // At the entry `*count` is the sum of the steps before: 0, 1, 1 + 2.
+    assert_eq!(got, ["count_up: step=1 count=0", "count_up: step=2 count=1", "count_up: step=3 count=3"]);
+}
+
+#[test]
+fn every_inlined_copy_is_probed_and_the_listing_says_so() {
+    // At -O0 `scale` (always_inline) has a copy in handle, count_up and main: three calls a
+    // round, with the arguments round, step (round + 1) and the loop index.
+    let (out, text) = probe_to_file("inline", &[], &["p scale v"], program("-O0"), "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("is an inlined copy of scale").count(), 3, "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(got, ["scale: v=0", "scale: v=1", "scale: v=0", "scale: v=1", "scale: v=2", "scale: v=1"]);
+}
+
+#[test]
+fn retval_takes_the_return_type_and_parameters_are_kept_from_the_entry() {
+    for opt in ["-O0", "-O2"] {
+        let got = events(&format!("retval{opt}"), &["r:count_up ret=$retval step"], opt, 3);
+        // count_up returns count * scale(step) = count * (2 * step + 1); count is 1, 3, 6.
+        assert_eq!(
+            got,
+            ["count_up__return: ret=3 step=1", "count_up__return: ret=15 step=2", "count_up__return: ret=42 step=3"],
+            "{opt}"
+        );
+    }
+}
+
+#[test]
+fn an_optimized_out_variable_says_so() {
+    // At -O2 GCC folds the inlined copy's `v` into its caller's arithmetic.
+    let got = events("optimized-out", &["p scale v"], "-O2", 1);
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|e| e == "scale: v=(optimized out)"), "{got:?}");
+}
+
+#[test]
+fn bad_source_specs_are_refused_with_the_reason_and_nothing_runs() {
+    let refused = |specs: &[&str], program: &Path| {
+        let out = dynprobe().arg("probe").args(specs).arg("--").arg(program).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty(), "the program ran");
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    };
+    assert_eq!(
+        refused(&["p:handle:3 nope"], program("-O0")),
+        "dynprobe: probe `p:handle:3 nope`: field `nope` (`nope`): no variable `nope` at this point (visible: req, \
+         round, total)"
+    );
+    assert_eq!(
+        refused(&["p:handle:3 req->size"], program("-O0")),
+        "dynprobe: probe `p:handle:3 req->size`: field `req_size` (`req->size`): `struct request *` has no member \
+         `size` (members: path, len, color, urgent, tag, limits)"
+    );
+    assert_eq!(
+        refused(&["p:hadle:3"], program("-O0")),
+        "dynprobe: probe `p:hadle:3`: no function `hadle` in the debugging information (nearest: handle)"
+    );
+    assert_eq!(
+        refused(&["r:handle:3"], program("-O0")),
+        "dynprobe: probe `r:handle:3`: a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)"
+    );
+    let stripped = common::scratch().join("source-stripped");
+    std::fs::copy(program("-O2"), &stripped).unwrap();
+    assert!(std::process::Command::new("strip").arg("-g").arg(&stripped).status().unwrap().success());
+    let message = refused(&["p:handle:3 total"], &stripped);
+    assert!(
+        message.starts_with(&format!(
+            "dynprobe: cannot place probe `p:handle:3 total`: `{}` has no DWARF",
+            stripped.display()
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with("rebuild it with `-g` (or install its separate debug file)"), "{message}");
+}
+
+/// `dynprobe probe ARGS -x PROGRAM`'s standard output, checking that it succeeded.
+fn discover(args: &[&str], program: &Path) -> String {
+    let out = dynprobe().arg("probe").args(args).arg("-x").arg(program).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn funcs_lines_vars_and_dry_run_show_the_source_without_running_it() {
+    let o0 = program("-O0");
+    assert_eq!(discover(&["--funcs"], o0), "count_up\nhandle\nmain\nscale\n");
+    // At -O2 glibc's inline `atoi` (a wrapper of strtol in <stdlib.h>) is inlined into main.
+    assert_eq!(discover(&["--funcs", "a*"], program("-O2")), "atoi\n");
+    assert_eq!(discover(&["--funcs", "*u*"], o0), "count_up\n");
+
+    let lines = discover(&["--lines", "handle"], o0);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../symbols/tests/targets/source.c");
+    let first = lines.lines().next().unwrap();
+    assert!(first.starts_with("<handle@") && first.ends_with("source.c:0>"), "{first}");
+    let text = std::fs::read_to_string(source).unwrap();
+    let body: Vec<&str> = text.lines().skip(27).take(9).collect();
+    let want: Vec<String> = [Some(0), Some(1), None, Some(3), Some(4), Some(5), Some(6), Some(7), Some(8)]
+        .iter()
+        .zip(&body)
+        .map(|(n, b)| match n {
+            Some(n) => format!("{n:>7}  {b}"),
+            None => format!("         {b}"),
+        })
+        .collect();
+    assert_eq!(lines.lines().skip(1).collect::<Vec<_>>(), want);
+
+    assert_eq!(
+        discover(&["--vars", "count_up:2"], o0),
+        "Available variables at count_up:2 (count_up+0x24, line 40)\n        long int * count\t-24(%rbp)\n        \
+         short int step\t-28(%rbp)\n        long int seen\t-8(%rbp)\n"
+    );
+    let o2 = discover(&["--vars", "scale"], program("-O2"));
+    assert!(o2.contains(", inlined copy of scale)\n"), "{o2}");
+    assert!(o2.contains("        int v\t(optimized out"), "{o2}");
+
+    assert_eq!(
+        discover(&["--dry-run", "r:count_up ret=$retval step", "p:handle:3 req->path req->color"], o0),
+        "r:count_up__return count_up ret=$retval:s64 step=$arg2:s16\n\
+         p:handle_L3 handle+0x1e req_path=+0(+0(-24(%rbp))):string req_color=+12(-24(%rbp)):u32\n"
+    );
+}
+
+/// `targets/source_rs.rs` built with rustc `-g -O`, once.
+fn rust_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = common::scratch().join("source-rs");
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let status = std::process::Command::new(rustc)
+            .args(["--edition", "2021", "-g", "-O", "-o"])
+            .arg(&out)
+            .arg(common::targets().join("source_rs.rs"))
+            .status()
+            .expect("run rustc");
+        assert!(status.success(), "rustc source_rs.rs failed");
+        out
+    })
+}
+
+#[test]
+fn rust_str_and_slices_by_length_and_first_element() {
+    let (out, text) =
+        probe_to_file("rust", &[], &["p weigh:1 name count list", "r:weigh ret=$retval"], rust_program(), "3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        "weigh name=apple count=0 len=1 first=7 total=6\nweigh name=kiwi count=1 len=2 first=7 total=7\n\
+         weigh name=banana count=2 len=3 first=7 total=11\n"
+    );
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    // A `&str` is its bytes up to its length (the program's strings are not NUL-terminated).
+    assert_eq!(
+        got,
+        [
+            "weigh_L1: name=\"apple\" count=0 list_len=1 list_0=7",
+            "weigh__return: ret=6",
+            "weigh_L1: name=\"kiwi\" count=1 list_len=2 list_0=7",
+            "weigh__return: ret=7",
+            "weigh_L1: name=\"banana\" count=2 list_len=3 list_0=7",
+            "weigh__return: ret=11",
+        ]
+    );
+    // At the entry rustc's frame (based on rsp) is not made yet: the reason, not a wrong value.
+    let err = dynprobe().args(["probe", "p weigh name", "--"]).arg(rust_program()).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&err.stderr).trim(),
+        "dynprobe: probe `p weigh name`: field `name` (`name`): its frame is not made yet at the function's entry; \
+         probe a line of the function (FUNC:1)"
+    );
+}
+
+#[test]
+fn a_cxx_member_function_by_its_lines_with_this() {
+    let build =
+        |opt: &str| common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()]);
+    let lines = |name: &str, spec: &str, program: &Path| {
+        let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        // `items` is argc + 2 = 4 (the program and one argument).
+        assert!(stdout.starts_with("weigh items=4 extra=0 total=40\n"), "{stdout}");
+        text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
+    };
+    for opt in ["-O0", "-O2"] {
+        let got = lines(&format!("cxx{opt}"), "p weigh:1 this->items extra", &build(opt));
+        assert_eq!(
+            got,
+            ["weigh_L1: this_items=4 extra=0", "weigh_L1: this_items=4 extra=1", "weigh_L1: this_items=4 extra=2"],
+            "{opt}"
+        );
+    }
+    // At -O2, past the entry, GCC describes `this` only by its value at the entry
+    // (DW_OP_entry_value), which a probe there cannot read.
+    let got = lines("cxx-entry-value", "p weigh:2 extra this->items", &build("-O2"));
+    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(unavailable)");
+}
+
+#[test]
+fn debian_python_by_its_debug_package() {
+    // python3.11's DWARF is in python3.11-dbg's build-id file (scripts/setup installs it),
+    // link-time optimized: PyLong_FromLong is out of line and inlined at dozens of places.
+    let python = Path::new("/usr/bin/python3.11");
+    let script = common::scratch().join("long.py");
+    std::fs::write(&script, "x = 123456789\nprint(x * 10 + 7)\n").unwrap();
+    let (out, events) =
+        probe_to_file("python", &[], &["p:ev PyLong_FromLong@longobject.c ival"], python, script.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1234567897\n");
+    let inlined = stderr.matches("is an inlined copy of PyLong_FromLong").count();
+    assert!(inlined > 10, "{inlined} inlined copies: {stderr}");
+    // The multiplication's operand is made from the constant 123456789 by PyLong_FromLong.
+    assert!(events.lines().any(|l| l.ends_with("] ev: ival=123456789")), "{events}");
+}

@@ -1,0 +1,633 @@
+//! Functions, inlined copies and line tables: where a source location is in the code.
+
+use gimli::{AttributeValue, Reader, UnitOffset};
+
+use super::load::{DebugInfo, R};
+use super::DwarfError;
+
+/// A source location a probe can name, as `perf probe` takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourcePoint {
+    /// `FUNC` or `FUNC@FILE`: the function's entry, and that of each inlined copy.
+    Function {
+        /// The function's name.
+        name: String,
+        /// `@FILE`: the file it is defined in, when several define one of that name.
+        file: Option<String>,
+    },
+    /// `FUNC:RELLINE` (or `FUNC@FILE:RELLINE`): a line counted from the function's opening
+    /// line (the one with its name, line 0).
+    FunctionLine {
+        /// The function's name.
+        name: String,
+        /// `@FILE`, as for [`SourcePoint::Function`].
+        file: Option<String>,
+        /// Lines after the function's declaration line.
+        line: u64,
+    },
+    /// `FILE:LINE`: an absolute line of a source file (matched by its name or the end of
+    /// its path).
+    FileLine {
+        /// The file.
+        file: String,
+        /// The line, 1-based.
+        line: u64,
+    },
+}
+
+impl std::fmt::Display for SourcePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourcePoint::Function { name, file: None } => write!(f, "{name}"),
+            SourcePoint::Function { name, file: Some(file) } => write!(f, "{name}@{file}"),
+            SourcePoint::FunctionLine { name, file: None, line } => write!(f, "{name}:{line}"),
+            SourcePoint::FunctionLine { name, file: Some(file), line } => write!(f, "{name}@{file}:{line}"),
+            SourcePoint::FileLine { file, line } => write!(f, "{file}:{line}"),
+        }
+    }
+}
+
+/// One function of the program, with its inlined copies.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// Its name (as the source spells it).
+    pub name: String,
+    /// The file it is declared in (full path as the compiler saw it).
+    pub file: String,
+    /// Its declaration line (the line of its name).
+    pub line: u64,
+    /// The address ranges of its out-of-line copy (empty when it exists only inlined).
+    pub ranges: Vec<(u64, u64)>,
+    /// Each inlined copy: its ranges and where it starts.
+    pub inlined: Vec<Inlined>,
+    /// The compilation unit it belongs to.
+    pub(crate) unit: usize,
+    /// Its abstract (or only) DIE, in `unit`.
+    pub(crate) die: UnitOffset,
+    /// The unit of its out-of-line copy's code (another than `unit` after link-time
+    /// optimization).
+    pub(crate) code_unit: Option<usize>,
+    /// Where its out-of-line copy is entered.
+    pub(crate) entry_pc: Option<u64>,
+}
+
+/// One inlined copy of a function.
+#[derive(Debug, Clone)]
+pub struct Inlined {
+    /// Its address ranges.
+    pub ranges: Vec<(u64, u64)>,
+    /// Where it starts (`DW_AT_entry_pc`, else its lowest address).
+    pub entry: u64,
+    /// The line of the call it replaces.
+    pub call_line: u64,
+    /// The compilation unit its code is in.
+    pub(crate) unit: usize,
+}
+
+impl Function {
+    /// The address of the out-of-line copy's entry.
+    pub fn entry(&self) -> Option<u64> {
+        self.entry_pc
+    }
+}
+
+/// A place in the code that a source location resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSite {
+    /// Link-time address.
+    pub addr: u64,
+    /// The function whose code this is (for an inlined copy, the inlined function).
+    pub function: String,
+    /// The source file and line of the code there.
+    pub file: String,
+    /// The line.
+    pub line: u64,
+    /// Whether the code is an inlined copy of `function`.
+    pub inlined: bool,
+    /// Whether this is the function's entry (its parameters are in the ABI's registers).
+    pub entry: bool,
+    /// Set when the line asked for had no code: what was probed instead.
+    pub note: Option<String>,
+    /// The compilation unit (for variables).
+    pub(crate) unit: usize,
+}
+
+/// A row of a line table, as kept here.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    addr: u64,
+    file: u64,
+    line: u64,
+    is_stmt: bool,
+    /// The first row of its sequence, or one after an end of sequence.
+    starts_sequence: bool,
+}
+
+impl DebugInfo {
+    /// The unit and DIE a reference attribute of a DIE of unit `u` points to: in the same
+    /// unit, or anywhere in `.debug_info` (`DW_FORM_ref_addr`, which link-time optimization
+    /// uses between the units it makes).
+    pub(crate) fn reference(&self, u: usize, value: AttributeValue<R>) -> Option<(usize, UnitOffset)> {
+        match value {
+            AttributeValue::UnitRef(offset) => Some((u, offset)),
+            AttributeValue::DebugInfoRef(offset) => {
+                let i = self
+                    .units
+                    .partition_point(|unit| unit.header.debug_info_offset().is_some_and(|o| o <= offset))
+                    .checked_sub(1)?;
+                Some((i, offset.to_unit_offset(&self.units[i].header)?))
+            }
+            _ => None,
+        }
+    }
+
+    /// The DIE a subprogram or inlined copy is a copy of (`DW_AT_abstract_origin`, or
+    /// `DW_AT_specification`), or its own.
+    /// Link-time optimization chains them: a copy in one of its units refers to a DIE
+    /// that refers to the compiler's early one; the end of the chain is the function.
+    pub(crate) fn origin(&self, u: usize, entry: &gimli::DebuggingInformationEntry<R>) -> (usize, UnitOffset) {
+        let next = |u, e: &gimli::DebuggingInformationEntry<R>| {
+            e.attr_value(gimli::DW_AT_abstract_origin)
+                .or_else(|| e.attr_value(gimli::DW_AT_specification))
+                .and_then(|v| self.reference(u, v))
+        };
+        let mut at = (u, entry.offset());
+        let mut link = next(u, entry);
+        for _ in 0..4 {
+            let Some((nu, offset)) = link else { break };
+            at = (nu, offset);
+            link = self.units[nu].entry(offset).ok().and_then(|e| next(nu, &e));
+        }
+        at
+    }
+
+    /// Every function with a name, out-of-line or inlined only (built once, on first use).
+    pub fn functions(&self) -> &[Function] {
+        self.functions.get_or_init(|| self.index_functions())
+    }
+
+    fn index_functions(&self) -> Vec<Function> {
+        let mut functions: Vec<Function> = Vec::new();
+        let mut by_die = std::collections::HashMap::new();
+        for (u, unit) in self.units.iter().enumerate() {
+            let mut offsets = Vec::new();
+            // A damaged unit gives the functions read before the damage.
+            let _ = code_dies(unit, &mut offsets);
+            for offset in offsets {
+                let Ok(entry) = unit.entry(offset) else { continue };
+                let entry = &entry;
+                let tag = entry.tag();
+                let (ou, origin) = self.origin(u, entry);
+                let ranges = self.ranges(unit, entry);
+                if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
+                    continue;
+                }
+                let key = (ou, origin);
+                let index = match by_die.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        let Some((name, file, line)) = self.name_of(ou, origin) else { continue };
+                        functions.push(Function {
+                            name,
+                            file,
+                            line,
+                            ranges: Vec::new(),
+                            inlined: Vec::new(),
+                            unit: ou,
+                            die: origin,
+                            code_unit: None,
+                            entry_pc: None,
+                        });
+                        by_die.insert(key, functions.len() - 1);
+                        functions.len() - 1
+                    }
+                };
+                let address = |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                if tag == gimli::DW_TAG_subprogram {
+                    if !ranges.is_empty() {
+                        // The definition's own line: a C++ member defined outside its class
+                        // refers (DW_AT_specification) to a declaration on another line.
+                        if let Some((_, file, line)) = self.name_of(u, entry.offset()) {
+                            (functions[index].file, functions[index].line) = (file, line);
+                        }
+                        functions[index].code_unit = Some(u);
+                        // Where it is entered: its low_pc, or the first of its ranges (a GCC
+                        // `.cold` part may lie below it).
+                        functions[index].entry_pc = address(gimli::DW_AT_entry_pc)
+                            .or_else(|| address(gimli::DW_AT_low_pc))
+                            .or_else(|| ranges.first().map(|r| r.0));
+                    }
+                    functions[index].ranges.extend(ranges);
+                } else {
+                    // DW_AT_entry_pc is the first instruction of the copy even when it lies in
+                    // an empty range (GCC merges a copy's code into its caller's and leaves a
+                    // zero-length range at the place it would start); else the low end.
+                    let address =
+                        |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                    let entry_pc = address(gimli::DW_AT_entry_pc)
+                        .or_else(|| address(gimli::DW_AT_low_pc))
+                        .or_else(|| ranges.iter().map(|r| r.0).min());
+                    let Some(entry_pc) = entry_pc.filter(|&pc| pc != 0) else { continue };
+                    let call_line = match entry.attr_value(gimli::DW_AT_call_line) {
+                        Some(v) => v.udata_value().unwrap_or(0),
+                        None => 0,
+                    };
+                    functions[index].inlined.push(Inlined { entry: entry_pc, ranges, call_line, unit: u });
+                }
+            }
+        }
+        functions.retain(|f| !f.ranges.is_empty() || !f.inlined.is_empty());
+        functions.sort_by(|a, b| a.name.cmp(&b.name).then(a.entry().cmp(&b.entry())));
+        functions
+    }
+
+    /// The address ranges of a DIE (empty when it has none or they are malformed).
+    pub(crate) fn ranges(&self, unit: &gimli::Unit<R>, entry: &gimli::DebuggingInformationEntry<R>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Ok(mut ranges) = self.dwarf.die_ranges(unit, entry) {
+            while let Ok(Some(r)) = ranges.next() {
+                if r.begin <= r.end && r.begin != 0 {
+                    out.push((r.begin, r.end));
+                }
+            }
+        }
+        out
+    }
+
+    /// Name, declaration file and line of the DIE at `offset` (following
+    /// `DW_AT_abstract_origin` and `DW_AT_specification` for what it lacks).
+    fn name_of(&self, u: usize, offset: UnitOffset) -> Option<(String, String, u64)> {
+        let (mut u, mut offset) = (u, offset);
+        let (mut name, mut file, mut line) = (None, None, None);
+        for _ in 0..4 {
+            let unit = &self.units[u];
+            let entry = unit.entry(offset).ok()?;
+            if name.is_none() {
+                name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
+            }
+            if file.is_none() {
+                file = entry
+                    .attr_value(gimli::DW_AT_decl_file)
+                    .and_then(|v| match v {
+                        AttributeValue::FileIndex(i) => Some(i),
+                        v => v.udata_value(),
+                    })
+                    .and_then(|f| self.file_name(unit, f));
+            }
+            if line.is_none() {
+                line = entry.attr_value(gimli::DW_AT_decl_line).and_then(|v| v.udata_value());
+            }
+            match entry
+                .attr_value(gimli::DW_AT_specification)
+                .or_else(|| entry.attr_value(gimli::DW_AT_abstract_origin))
+                .and_then(|v| self.reference(u, v))
+            {
+                Some(next) => (u, offset) = next,
+                None => break,
+            }
+        }
+        Some((name?, file.unwrap_or_default(), line.unwrap_or(0)))
+    }
+
+    /// A string attribute's text.
+    pub(crate) fn string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
+        let s = self.dwarf.attr_string(unit, value).ok()?;
+        Some(s.to_string_lossy().ok()?.into_owned())
+    }
+
+    /// The path of file `index` of the unit's line table, joined to its directory.
+    pub(crate) fn file_name(&self, unit: &gimli::Unit<R>, index: u64) -> Option<String> {
+        let header = unit.line_program.as_ref()?.header();
+        let file = header.file(index)?;
+        let name = self.string(unit, file.path_name())?;
+        if name.starts_with('/') {
+            return Some(normalize(&name));
+        }
+        let dir = file.directory(header).and_then(|d| self.string(unit, d)).unwrap_or_default();
+        let dir = match (dir.starts_with('/'), &unit.comp_dir) {
+            (false, Some(comp_dir)) => {
+                let comp_dir = comp_dir.to_string_lossy().ok()?.into_owned();
+                match dir.is_empty() {
+                    true => comp_dir,
+                    false => format!("{comp_dir}/{dir}"),
+                }
+            }
+            _ => dir,
+        };
+        Some(normalize(&match dir.is_empty() {
+            true => name,
+            false => format!("{dir}/{name}"),
+        }))
+    }
+
+    /// The rows of a unit's line table, in sequence order.
+    fn rows(&self, unit: &gimli::Unit<R>) -> Vec<Row> {
+        let Some(program) = unit.line_program.clone() else { return Vec::new() };
+        let mut rows = program.rows();
+        let mut out = Vec::new();
+        let mut start = true;
+        while let Ok(Some((_, row))) = rows.next_row() {
+            if row.end_sequence() {
+                start = true;
+                continue;
+            }
+            let line = row.line().map_or(0, |l| l.get());
+            out.push(Row {
+                addr: row.address(),
+                file: row.file_index(),
+                line,
+                is_stmt: row.is_stmt(),
+                starts_sequence: start,
+            });
+            start = false;
+        }
+        out
+    }
+
+    /// The functions `name` (and `@file`) names: every function of that name, or the one
+    /// the file narrows it to.
+    pub fn find_functions(&self, name: &str, file: Option<&str>) -> Result<Vec<&Function>, DwarfError> {
+        let found: Vec<&Function> = self
+            .functions()
+            .iter()
+            .filter(|f| f.name == name && file.is_none_or(|w| file_matches(&f.file, w)))
+            .collect();
+        if found.is_empty() {
+            let suggestions = crate::error::suggest(name, self.functions().iter().map(|f| f.name.as_str()));
+            let shown = match file {
+                Some(file) => format!("{name}@{file}"),
+                None => name.to_string(),
+            };
+            return Err(DwarfError::UnknownFunction { name: shown, suggestions });
+        }
+        Ok(found)
+    }
+
+    /// The places in the code `point` names: a site at the entry of a function and of each
+    /// inlined copy, or at each place a line's code starts.
+    pub fn resolve(&self, point: &SourcePoint) -> Result<Vec<SourceSite>, DwarfError> {
+        match point {
+            SourcePoint::Function { name, file } => {
+                let mut sites = Vec::new();
+                for f in self.find_functions(name, file.as_deref())? {
+                    let site = |addr, inlined, unit| SourceSite {
+                        addr,
+                        function: f.name.clone(),
+                        file: f.file.clone(),
+                        line: f.line,
+                        inlined,
+                        entry: !inlined,
+                        note: None,
+                        unit,
+                    };
+                    sites.extend(f.entry().map(|addr| site(addr, false, f.code_unit.unwrap_or(f.unit))));
+                    sites.extend(f.inlined.iter().map(|i| site(i.entry, true, i.unit)));
+                }
+                // Nested copies (a copy inlined into a copy) can start at one address.
+                let mut seen = std::collections::HashSet::new();
+                sites.retain(|s| seen.insert(s.addr));
+                Ok(sites)
+            }
+            SourcePoint::FunctionLine { name, file, line } => {
+                let mut sites = Vec::new();
+                let mut last_error = None;
+                for f in self.find_functions(name, file.as_deref())? {
+                    let wanted = f.line + line;
+                    // The line tables to read are those of the units the copies' code is in.
+                    let mut units: Vec<usize> =
+                        f.code_unit.into_iter().chain(f.inlined.iter().map(|i| i.unit)).collect();
+                    units.sort();
+                    units.dedup();
+                    for u in units {
+                        let mut ranges: Vec<((u64, u64), bool)> = Vec::new();
+                        if f.code_unit == Some(u) {
+                            ranges.extend(f.ranges.iter().map(|&r| (r, false)));
+                        }
+                        for i in f.inlined.iter().filter(|i| i.unit == u) {
+                            ranges.extend(i.ranges.iter().map(|&r| (r, true)));
+                        }
+                        match self.line_sites(u, &f.file, wanted, Some(&ranges), Some(&f.name), &point.to_string()) {
+                            Ok(found) => sites.extend(found),
+                            Err(e) => last_error = Some(e),
+                        }
+                    }
+                }
+                match (sites.is_empty(), last_error) {
+                    (true, Some(e)) => Err(e),
+                    _ => Ok(sites),
+                }
+            }
+            SourcePoint::FileLine { file, line } => {
+                let units: Vec<usize> = (0..self.units.len())
+                    .filter(|&u| {
+                        let unit = &self.units[u];
+                        let Some(program) = &unit.line_program else { return false };
+                        let count = program.header().file_names().len() as u64 + 1;
+                        (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
+                    })
+                    .collect();
+                if units.is_empty() {
+                    return Err(DwarfError::UnknownFile { name: file.clone() });
+                }
+                let mut sites = Vec::new();
+                let mut last_error = None;
+                for u in units {
+                    match self.line_sites(u, file, *line, None, None, &point.to_string()) {
+                        Ok(found) => sites.extend(found),
+                        Err(e) => last_error = Some(e),
+                    }
+                }
+                // A header's line compiled into several units gives the same address once.
+                sites.sort_by_key(|s| s.addr);
+                sites.dedup_by_key(|s| s.addr);
+                match (sites.is_empty(), last_error) {
+                    (true, Some(e)) => Err(e),
+                    _ => Ok(sites),
+                }
+            }
+        }
+    }
+
+    /// The sites of `line` of `file` in unit `u`, within `ranges` when given (each marked
+    /// inlined or not): where a run of that line's statements starts. A line without code
+    /// resolves to the next line that has some.
+    fn line_sites(
+        &self,
+        u: usize,
+        file: &str,
+        line: u64,
+        ranges: Option<&[((u64, u64), bool)]>,
+        function: Option<&str>,
+        what: &str,
+    ) -> Result<Vec<SourceSite>, DwarfError> {
+        let unit = &self.units[u];
+        let rows = self.rows(unit);
+        let mut names = std::collections::HashMap::new();
+        let mut matches_file = |index: u64| {
+            *names.entry(index).or_insert_with(|| self.file_name(unit, index).is_some_and(|n| file_matches(&n, file)))
+        };
+        let in_ranges = |addr: u64| match ranges {
+            None => Some(false),
+            Some(ranges) => ranges.iter().find(|((lo, hi), _)| *lo <= addr && addr < *hi).map(|r| r.1),
+        };
+        // The first line at or after `line` that has a statement here.
+        let candidates: Vec<&Row> =
+            rows.iter().filter(|r| r.is_stmt && r.line >= line && in_ranges(r.addr).is_some()).collect();
+        let chosen = candidates.iter().filter(|r| matches_file(r.file)).map(|r| r.line).min();
+        let Some(chosen) = chosen else {
+            return Err(DwarfError::NoCode {
+                what: what.to_string(),
+                reason: format!("no statement of line {line} or after it is in the line table"),
+            });
+        };
+        let mut sites: Vec<SourceSite> = Vec::new();
+        let mut previous: Option<&Row> = None;
+        for row in &rows {
+            let continues = !row.starts_sequence && previous.is_some_and(|p| p.line == row.line && p.file == row.file);
+            previous = Some(row);
+            if !row.is_stmt || row.line != chosen || continues || !matches_file(row.file) {
+                continue;
+            }
+            let Some(inlined) = in_ranges(row.addr) else { continue };
+            if sites.iter().any(|s| s.addr == row.addr) {
+                continue;
+            }
+            // The function the line is in: the one named, else the innermost there.
+            let (function, inlined) = match (function, self.function_at(u, row.addr)) {
+                (Some(name), _) => (name.to_string(), inlined),
+                (None, Some((name, inline))) => (name, inlined || inline),
+                (None, None) => (String::new(), inlined),
+            };
+            sites.push(SourceSite {
+                addr: row.addr,
+                function,
+                file: self.file_name(unit, row.file).unwrap_or_default(),
+                line: chosen,
+                inlined,
+                entry: !inlined && self.function_entered_at(row.addr).is_some(),
+                note: (chosen != line).then(|| format!("line {line} has no code; probed at line {chosen}")),
+                unit: u,
+            });
+        }
+        sites.sort_by_key(|s| s.addr);
+        Ok(sites)
+    }
+
+    /// The innermost function (out-of-line or inlined) of unit `u` whose code is at
+    /// `addr`, and whether that is an inlined copy.
+    pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
+        let mut best: Option<(u64, &str, bool)> = None;
+        for f in self.functions() {
+            let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
+                if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
+                    let _ = lo;
+                    let size: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>().max(hi - lo);
+                    if best.is_none_or(|b| size < b.0) {
+                        best = Some((size, &f.name, inlined));
+                    }
+                }
+            };
+            if f.code_unit == Some(u) {
+                consider(&f.ranges, false);
+            }
+            for i in f.inlined.iter().filter(|i| i.unit == u) {
+                consider(&i.ranges, true);
+            }
+        }
+        best.map(|(_, name, inlined)| (name.to_string(), inlined))
+    }
+
+    /// The function whose entry is at `addr`, if any.
+    pub(crate) fn function_entered_at(&self, addr: u64) -> Option<&Function> {
+        self.functions().iter().find(|f| f.entry() == Some(addr))
+    }
+
+    /// The lines of `f`'s source file from its declaration to its end, each with whether
+    /// it has a statement (a probe can go there), as `perf probe -L` shows them.
+    pub fn function_lines(&self, f: &Function) -> Vec<(u64, bool)> {
+        let mut ranges: Vec<(u64, u64)> = f.ranges.clone();
+        for i in &f.inlined {
+            ranges.extend(&i.ranges);
+        }
+        let mut units: Vec<usize> = f.code_unit.into_iter().chain(f.inlined.iter().map(|i| i.unit)).collect();
+        units.sort();
+        units.dedup();
+        let mut lines: Vec<u64> = Vec::new();
+        for u in units {
+            let unit = &self.units[u];
+            let mut names = std::collections::HashMap::new();
+            lines.extend(
+                self.rows(unit)
+                    .iter()
+                    .filter(|r| r.is_stmt && ranges.iter().any(|(lo, hi)| *lo <= r.addr && r.addr < *hi))
+                    .filter(|r| {
+                        *names
+                            .entry(r.file)
+                            .or_insert_with(|| self.file_name(unit, r.file).is_some_and(|n| file_matches(&n, &f.file)))
+                    })
+                    .map(|r| r.line),
+            );
+        }
+        lines.sort();
+        lines.dedup();
+        let last = lines.last().copied().unwrap_or(f.line).max(f.line);
+        (f.line..=last).map(|l| (l, lines.binary_search(&l).is_ok())).collect()
+    }
+}
+
+/// The offsets of the subprograms and inlined copies of a unit, found by reading only each
+/// DIE's abbreviation and skipping its attributes (most of a program's DIEs are types,
+/// variables and call sites, whose attributes a full parse would decode for nothing).
+fn code_dies(unit: &gimli::Unit<R>, out: &mut Vec<UnitOffset>) -> gimli::Result<()> {
+    let mut raw = unit.entries_raw(None)?;
+    while !raw.is_empty() {
+        let offset = raw.next_offset();
+        let Some(abbrev) = raw.read_abbreviation()? else { continue };
+        if matches!(abbrev.tag(), gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine) {
+            out.push(offset);
+        }
+        raw.skip_attributes(abbrev.attributes())?;
+    }
+    Ok(())
+}
+
+/// Whether a subprogram without code is an abstract one that inlined copies refer to.
+fn is_inline_candidate(entry: &gimli::DebuggingInformationEntry<R>) -> bool {
+    entry.attr_value(gimli::DW_AT_inline).is_some()
+}
+
+/// A path with its `.` and `dir/..` taken out, as written, without looking at the file
+/// system: the units of one program name a file from different directories
+/// (`./build/../Objects/list.c` and `Objects/list.c` after link-time optimization).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "." | "" if !parts.is_empty() || part == "." => {}
+            ".." if parts.last().is_some_and(|p| !p.is_empty() && *p != "..") => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    parts.join("/")
+}
+
+/// Whether the path `have` is the file `wanted` names: the same, or ending with `/wanted`.
+pub(crate) fn file_matches(have: &str, wanted: &str) -> bool {
+    have == wanted || have.ends_with(&format!("/{wanted}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized_as_written() {
+        assert_eq!(normalize("./build-static/../Objects/listobject.c"), "Objects/listobject.c");
+        assert_eq!(normalize("/usr/src/./glibc/malloc/../malloc/malloc.c"), "/usr/src/glibc/malloc/malloc.c");
+        assert_eq!(normalize("../x/./y.c"), "../x/y.c");
+        assert!(file_matches("/src/app/Objects/listobject.c", "listobject.c"));
+        assert!(!file_matches("/src/app/Objects/xlistobject.c", "listobject.c"));
+    }
+}

@@ -1,0 +1,183 @@
+//! Source-level facts from DWARF, on `targets/source.c` built as distributions and users
+//! build programs: `-O0` and `-O2`, DWARF 4 and 5, compressed debug sections, and the
+//! debugging information split off into a `.gnu_debuglink` file or a build-id directory.
+
+#[allow(dead_code)] // this test uses only part of it
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dynprobe_symbols::dwarf::{Access, DebugInfo, DwarfError, Place, SourcePoint, TypeKind, VarError};
+
+/// `targets/source.c` built with gcc and `flags` into `name` in this test's scratch
+/// directory.
+fn build(name: &str, flags: &[&str]) -> PathBuf {
+    let out = common::scratch_dir("dwarf").join(name);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/targets/source.c");
+    let status = Command::new("gcc")
+        .args(["-Wall", "-Werror", "-fcf-protection=none"])
+        .args(flags)
+        .arg(&source)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run gcc (scripts/setup installs it)");
+    assert!(status.success(), "gcc {flags:?} failed");
+    out
+}
+
+fn objcopy(args: &[&std::ffi::OsStr]) {
+    let status = Command::new("objcopy").args(args).status().expect("run objcopy (binutils)");
+    assert!(status.success(), "objcopy {args:?} failed");
+}
+
+fn line(point: &str) -> SourcePoint {
+    let (name, line) = point.split_once(':').unwrap();
+    SourcePoint::FunctionLine { name: name.into(), file: None, line: line.parse().unwrap() }
+}
+
+/// What every build must give: the functions, the line `handle:3` (`if (req->urgent)`),
+/// the blank `handle:2` moved to it, its variables and their types.
+fn check(info: &DebugInfo, optimized: bool) {
+    let handle = &info.find_functions("handle", None).unwrap()[0];
+    assert!(handle.file.ends_with("tests/targets/source.c"), "{}", handle.file);
+    assert_eq!(handle.line, 28);
+    let sites = info.resolve(&line("handle:3")).unwrap();
+    assert_eq!(sites.len(), 1, "{sites:?}");
+    assert_eq!((sites[0].line, sites[0].function.as_str(), sites[0].inlined), (31, "handle", false));
+    assert_eq!(info.symbol_at(sites[0].addr).map(|s| s.0), Some("handle"));
+    let blank = info.resolve(&line("handle:2")).unwrap();
+    assert_eq!(blank[0].addr, sites[0].addr);
+    assert_eq!(blank[0].note.as_deref(), Some("line 30 has no code; probed at line 31"));
+
+    let names: Vec<String> = info.variables(&sites[0]).iter().map(|v| v.name.clone()).collect();
+    assert_eq!(names, ["req", "round", "total"]);
+    let (place, ty) = info.resolve_variable(&sites[0], "req", &[Access::Arrow("path".into())]).unwrap();
+    assert_eq!(info.type_of(ty.unwrap()).name, "const char *");
+    assert!(matches!(place, Place::Memory { offset: 0, .. }), "{place}");
+    let (_, ty) = info.resolve_variable(&sites[0], "req", &[Access::Arrow("color".into())]).unwrap();
+    let color = info.type_of(ty.unwrap());
+    assert_eq!(color.kind, TypeKind::Enum(vec![(0, "RED".into()), (5, "GREEN".into()), (6, "BLUE".into())]));
+    let limits = [Access::Arrow("limits".into()), Access::Index(2), Access::Field("hard".into())];
+    let (place, _) = info.resolve_variable(&sites[0], "req", &limits).unwrap();
+    // `limits` is at 20 in `struct request`, element 2 at 20 + 2 * 8, `hard` 4 further.
+    assert!(matches!(place, Place::Memory { offset: 40, .. }), "{place}");
+    let err = info.resolve_variable(&sites[0], "req", &[Access::Arrow("size".into())]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`struct request *` has no member `size` (members: path, len, color, urgent, tag, limits)"
+    );
+    let err = info.resolve_variable(&sites[0], "nope", &[]).unwrap_err();
+    assert_eq!(err.to_string(), "no variable `nope` at this point (visible: req, round, total)");
+
+    // At the entry, parameters are in the ABI's registers whatever the optimization.
+    let entry = info.resolve(&SourcePoint::Function { name: "count_up".into(), file: None }).unwrap();
+    assert_eq!(entry.len(), 1);
+    assert!(entry[0].entry);
+    let (place, ty) = info.resolve_variable(&entry[0], "step", &[]).unwrap();
+    assert_eq!((place, info.type_of(ty.unwrap()).name), (Place::Register(4), "short int".to_string()));
+
+    // `scale` is inlined (always_inline) into handle, count_up and main.
+    let scale = info.resolve(&SourcePoint::Function { name: "scale".into(), file: None }).unwrap();
+    assert!(scale.iter().all(|s| s.inlined), "{scale:?}");
+    assert!(scale.len() >= 2, "{scale:?}");
+    if optimized {
+        let seen = info.resolve(&line("count_up:2")).unwrap();
+        let vars = info.variables(&seen[0]);
+        let seen_var = vars.iter().find(|v| v.name == "seen").unwrap();
+        assert!(matches!(seen_var.place, Err(VarError::OptimizedOut) | Ok(_)));
+    }
+}
+
+#[test]
+fn dwarf5_and_dwarf4_at_o0_and_o2_and_with_lto() {
+    for (name, flags, optimized) in [
+        ("src-o0", &["-O0", "-g"][..], false),
+        ("src-o2", &["-O2", "-g"][..], true),
+        ("src-o0-dwarf4", &["-O0", "-gdwarf-4"][..], false),
+        ("src-o2-dwarf4", &["-O2", "-gdwarf-4"][..], true),
+        // Link-time optimization: the code's units refer to the compiler's early ones
+        // (DW_FORM_ref_addr), as in Debian's python3.11.
+        ("src-lto", &["-O2", "-g", "-flto"][..], true),
+    ] {
+        let info = DebugInfo::open(&build(name, flags)).unwrap();
+        check(&info, optimized);
+    }
+}
+
+#[test]
+fn compressed_sections_zlib_and_zstd() {
+    let zlib = build("src-zlib", &["-O2", "-g", "-gz=zlib"]);
+    check(&DebugInfo::open(&zlib).unwrap(), true);
+    let zstd = build("src-zstd", &["-O2", "-g"]);
+    objcopy(&["--compress-debug-sections=zstd".as_ref(), zstd.as_os_str()]);
+    let header = Command::new("readelf").arg("-S").arg("-W").arg(&zstd).output().unwrap();
+    let sections = String::from_utf8_lossy(&header.stdout);
+    let info_line = sections.lines().find(|l| l.contains(".debug_info")).unwrap();
+    assert!(info_line.contains(" C "), "objcopy did not compress: {info_line}");
+    check(&DebugInfo::open(&zstd).unwrap(), true);
+}
+
+/// `objcopy --only-keep-debug` + `--strip-debug` + `--add-gnu-debuglink`, as Debian's
+/// dh_strip does: the stripped binary names its debug file.
+fn split(name: &str) -> (PathBuf, PathBuf) {
+    let binary = build(name, &["-O2", "-g", "-Wl,--build-id"]);
+    let debug = binary.with_extension("debug");
+    objcopy(&["--only-keep-debug".as_ref(), binary.as_os_str(), debug.as_os_str()]);
+    objcopy(&["--strip-debug".as_ref(), binary.as_os_str()]);
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    objcopy(&[link.as_ref(), binary.as_os_str()]);
+    (binary, debug)
+}
+
+#[test]
+fn a_debuglink_file_beside_the_binary() {
+    let (binary, debug) = split("src-linked");
+    let info = DebugInfo::open_in(&binary, &[]).unwrap();
+    assert_eq!(info.debug_file, debug);
+    check(&info, true);
+}
+
+#[test]
+fn a_build_id_directory_and_the_message_when_nothing_is_found() {
+    let (binary, debug) = split("src-buildid");
+    let root = common::scratch_dir("dwarf/debug-root");
+    let out = Command::new("readelf").arg("-n").arg(&binary).output().unwrap();
+    let notes = String::from_utf8_lossy(&out.stdout);
+    let id = notes.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap().trim().to_string();
+    let in_root = root.join(format!(".build-id/{}/{}.debug", &id[..2], &id[2..]));
+    std::fs::create_dir_all(in_root.parent().unwrap()).unwrap();
+    std::fs::rename(&debug, &in_root).unwrap();
+    let info = DebugInfo::open_in(&binary, std::slice::from_ref(&root)).unwrap();
+    assert_eq!(info.debug_file, in_root);
+    check(&info, true);
+
+    // Without the root, nothing is found, and the message says where it looked.
+    let err = DebugInfo::open_in(&binary, &[]).unwrap_err();
+    let DwarfError::NoDebugInfo { searched, package: None, minidebuginfo: false, .. } = &err else { panic!("{err}") };
+    assert_eq!(searched[0], binary.with_extension("debug"));
+    assert!(err.to_string().ends_with("; rebuild it with `-g` (or install its separate debug file)"), "{err}");
+}
+
+#[test]
+fn minidebuginfo_is_looked_into_and_named_when_it_has_no_dwarf() {
+    // As Fedora's find-debuginfo.sh makes it: the symbol table alone, xz-compressed, in
+    // `.gnu_debugdata` of the stripped binary.
+    let binary = build("src-mini", &["-O2", "-g"]);
+    let dir = binary.parent().unwrap();
+    let symbols = dir.join("src-mini.symbols");
+    objcopy(&["--only-keep-debug".as_ref(), "--strip-debug".as_ref(), binary.as_os_str(), symbols.as_os_str()]);
+    let status = Command::new("xz").arg("-f").arg("-k").arg(&symbols).status().expect("run xz (xz-utils)");
+    assert!(status.success());
+    let xz = dir.join("src-mini.symbols.xz");
+    objcopy(&["--strip-all".as_ref(), binary.as_os_str()]);
+    let section = format!(".gnu_debugdata={}", xz.display());
+    objcopy(&["--add-section".as_ref(), section.as_ref(), binary.as_os_str()]);
+    let err = DebugInfo::open_in(&binary, &[]).unwrap_err();
+    assert!(matches!(err, DwarfError::NoDebugInfo { minidebuginfo: true, .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("(its .gnu_debugdata, MiniDebugInfo, has symbols but no lines or variables)"),
+        "{err}"
+    );
+}
