@@ -26,6 +26,7 @@ mod counter;
 mod error;
 mod guard;
 pub mod ifunc;
+mod light;
 mod location;
 mod optimizer;
 pub mod own_thread;

@@ -37,7 +37,9 @@ use crate::{Location, Probe, ProbeError, ProbeHandle, ProbeInfo};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{compiler_fence, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    compiler_fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -380,9 +382,14 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
     }
     // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
     let inst = unsafe { &mut *instance(c.base + c.top) };
-    inst.data = InstanceData::default();
+    // Word by word: a struct store is compiled to vector moves, which a light detour
+    // does not allow (see `crate::light`).
+    for word in inst.data.0.iter_mut() {
+        // SAFETY: a word of the instance, which only this thread uses.
+        unsafe { std::ptr::write_volatile(word, 0) };
+    }
     if let Some(entry) = &rp.entry {
-        if !entry(regs, &mut inst.data) || regs.rsp != rsp {
+        if !call_entry_handler(&**entry, regs, &mut inst.data) || regs.rsp != rsp {
             return;
         }
     }
@@ -435,6 +442,34 @@ pub enum GraphEnter {
 
 /// The function-graph tracer's exit hook; set once by [`graph_install`].
 static GRAPH_HOOK: OnceLock<fn(&GraphExit)> = OnceLock::new();
+/// Set, before [`GRAPH_HOOK`], when the hook is not proven light: no detour may then run
+/// code that reaches it on its light path.
+static GRAPH_HOOK_HEAVY: AtomicBool = AtomicBool::new(false);
+
+/// Whether the function-graph tracer's exit hook, which the entry of any return hook may
+/// call (for calls it finds abandoned), is light (see `crate::light`).
+#[inline]
+pub(crate) fn graph_hook_light() -> bool {
+    !GRAPH_HOOK_HEAVY.load(Ordering::Relaxed)
+}
+
+/// The one place the graph tracer's hook is called from: the light proofs do not walk into
+/// it (an indirect call), [`graph_install`] proves the hook itself.
+#[inline(never)]
+pub(crate) fn call_graph_hook(hook: fn(&GraphExit), exit: &GraphExit) {
+    hook(exit)
+}
+
+/// The one place a return probe's entry handler is called from: the light proofs do not
+/// walk into it (a `dyn` call); each entry handler is proven from its own code.
+#[inline(never)]
+pub(crate) fn call_entry_handler(
+    handler: &(dyn Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sync),
+    regs: &mut Regs,
+    data: &mut InstanceData,
+) -> bool {
+    handler(regs, data)
+}
 
 /// Reports the end of a graph instance.
 #[inline(always)]
@@ -445,7 +480,7 @@ fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool) {
 #[inline(always)]
 fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: bool) {
     if let Some(hook) = GRAPH_HOOK.get() {
-        hook(&GraphExit { slot, tid: current_tid() as u32, depth, func, unwound });
+        call_graph_hook(*hook, &GraphExit { slot, tid: current_tid() as u32, depth, func, unwound });
     }
 }
 
@@ -474,6 +509,13 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
         let stride = std::mem::size_of::<Instance>() as u64;
         rethook::install(&rethook::LIGHT, MAX_THREADS * MAX_DEPTH, INSTANCES.load(Ordering::Relaxed) as u64, stride)?;
         setup.light = true;
+    }
+    if GRAPH_HOOK.get().is_none() {
+        // Until the hook is set no call is entered by the tracer, so no hook can be called
+        // by a hit that checked the flag before it is set.
+        if crate::registry::prove_light(&[hook as *const () as u64]).is_err() {
+            GRAPH_HOOK_HEAVY.store(true, Ordering::Relaxed);
+        }
     }
     let _ = GRAPH_HOOK.set(hook);
     Ok(())
@@ -810,13 +852,22 @@ pub struct ReturnProbe {
     entry: Option<EntryHandler>,
     ret: Option<ReturnHandler>,
     enabled: bool,
+    /// The entry handler's code, for the light proof.
+    entry_code: Option<u64>,
 }
 
 impl ReturnProbe {
     /// A return probe on the function at `location` (a symbol, `symbol+0`, or the address of
     /// a function's first instruction).
     pub fn at(location: impl Into<Location>) -> ReturnProbe {
-        ReturnProbe { location: location.into(), maxactive: DEFAULT_MAXACTIVE, entry: None, ret: None, enabled: true }
+        ReturnProbe {
+            location: location.into(),
+            maxactive: DEFAULT_MAXACTIVE,
+            entry: None,
+            ret: None,
+            enabled: true,
+            entry_code: None,
+        }
     }
 
     /// The most calls of this function one thread may have in flight with their return
@@ -834,6 +885,7 @@ impl ReturnProbe {
         mut self,
         handler: impl Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sync + 'static,
     ) -> ReturnProbe {
+        self.entry_code = Some(crate::light::entry_code_of(&handler));
         self.entry = Some(Box::new(handler));
         self
     }
@@ -880,6 +932,8 @@ impl ReturnProbe {
         // before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
+        // The entry handler runs behind `call_entry_handler`: proven on its own.
+        probe.code_roots.extend(self.entry_code);
         let entry = match probe.register() {
             Ok(entry) => entry,
             Err(e) => {
