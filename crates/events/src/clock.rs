@@ -91,12 +91,12 @@ fn tsc_is_stable(cpuinfo: &str) -> bool {
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds. Async-signal-safe, and never the C library's
 /// `clock_gettime`, which the traced program's own probes may be on (the hot path stamps
-/// records inside the program's calls): rustix calls the vDSO's `__vdso_clock_gettime`
-/// directly (vdso(7)), and leaves `errno` alone.
+/// records inside the program's calls): the vDSO's `__vdso_clock_gettime` called directly
+/// (vdso(7)) through the gate light detours' proofs know (`dynprobe_text::raw`), leaving
+/// `errno` alone.
 #[inline(always)]
 pub fn monotonic_ns() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    dynprobe_text::raw::monotonic_ns()
 }
 
 /// Converts a clock's ticks to `CLOCK_MONOTONIC` nanoseconds: the line through the samples

@@ -60,6 +60,26 @@ pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREAD
 /// dynprobe's own writes and reads never show up as the program's events or misses.
 pub use dynprobe_text::raw;
 
+/// Whether `handler`, as a probe's pre-handler, may run in a light detour — one that saves
+/// only the general registers and the flags — or why not: its machine code and everything
+/// it reaches by direct calls are decoded, and any vector, x87 or MXCSR instruction, call
+/// through an unknown pointer, or call that may unwind makes it heavy (see
+/// [`Probe::on_hit`]). For tests that keep a hot path light.
+pub fn light_verdict<F: Fn(&mut Regs)>(handler: &F) -> Result<(), String> {
+    registry::prove_light(&[light::code_of(handler)])
+}
+
+/// [`light_verdict`] for the function at `code` (an `extern "C" fn` a trampoline calls, a
+/// hook), with everything it reaches.
+pub fn function_light_verdict(code: u64) -> Result<(), String> {
+    registry::prove_light(&[code])
+}
+
+/// [`light_verdict`] for a return probe's entry handler.
+pub fn entry_light_verdict<F: Fn(&mut Regs, &mut InstanceData) -> bool>(handler: &F) -> Result<(), String> {
+    registry::prove_light(&[light::entry_code_of(handler)])
+}
+
 /// Handler runs of every probe kind that panicked, in this process (see
 /// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the
 /// probed code runs on — and counted, never silent.

@@ -58,15 +58,23 @@ pub(super) static INSTANCES: AtomicPtr<Instance> = AtomicPtr::new(std::ptr::null
 
 #[inline(always)]
 pub(super) fn instance(index: usize) -> *mut Instance {
-    debug_assert!(index < MAX_THREADS * MAX_DEPTH);
     // SAFETY: the table holds MAX_THREADS * MAX_DEPTH instances and every caller computes
     // `index` as slot * MAX_DEPTH + depth with both in range.
     unsafe { INSTANCES.load(Ordering::Relaxed).add(index) }
 }
 
+/// The instance stack of thread slot `slot` (below [`MAX_THREADS`]). Masked rather than
+/// checked: the hit paths must have no index check that could panic (see `crate::light`).
+#[inline(always)]
+pub(super) fn stack(slot: usize) -> &'static SlotStack {
+    &STACKS[slot & (MAX_THREADS - 1)]
+}
+
+const _: () = assert!(MAX_THREADS.is_power_of_two() && MAX_RETURN_PROBES.is_power_of_two());
+
 #[inline(always)]
 pub(super) fn count(slot: usize, probe: u32) -> &'static AtomicU8 {
-    &COUNTS[slot][probe as usize]
+    &COUNTS[slot & (MAX_THREADS - 1)][probe as usize & (MAX_RETURN_PROBES - 1)]
 }
 
 /// Adds `delta` to a count only the calling thread writes (no read-modify-write needed).
@@ -112,7 +120,7 @@ impl SlotStack {
         let forked = self.owner_tp.load(Ordering::Relaxed) == tp && self.pid.load(Ordering::Relaxed) != pid;
         if !forked {
             self.top.store(0, Ordering::Relaxed);
-            COUNTS[slot].iter().for_each(|c| c.store(0, Ordering::Relaxed));
+            COUNTS[slot & (MAX_THREADS - 1)].iter().for_each(|c| c.store(0, Ordering::Relaxed));
         }
         self.owner_tp.store(tp, Ordering::Relaxed);
         self.pid.store(pid, Ordering::Relaxed);
@@ -158,7 +166,7 @@ pub(super) fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim>
         // alignment, and the trampoline aligns its own frame.)
         return None;
     }
-    let stack = &STACKS[slot];
+    let stack = stack(slot);
     if stack.generation.load(Ordering::Relaxed) != thread.generation() {
         stack.restart(slot, thread.generation());
     }
@@ -236,7 +244,7 @@ pub(super) fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::S
     if probe != GRAPH {
         bump(count(c.slot, probe), 1);
     }
-    STACKS[c.slot].top.store(c.top as u32 + 1, Ordering::Relaxed);
+    stack(c.slot).top.store(c.top as u32 + 1, Ordering::Relaxed);
     // The instance is complete before the function can return into its entry.
     compiler_fence(Ordering::SeqCst);
     // SAFETY: `rsp` at a function entry points at the return address pushed by its call.
@@ -273,7 +281,7 @@ pub(super) fn tracked_by(base: usize, top: usize, slot_addr: u64, index: u32, id
 pub(super) fn end_calls(index: usize, rsp: u64, mut each: impl FnMut(usize, usize, &Instance)) {
     let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
     let base = slot * MAX_DEPTH;
-    let stack = &STACKS[slot];
+    let stack = stack(slot);
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let returning = unsafe { &*instance(index) };
     let top = stack.top.load(Ordering::Relaxed) as usize;

@@ -210,7 +210,7 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
 
 #[inline]
 fn run_return_handler(slot: usize, inst: &Instance, regs: &mut Regs) {
-    let stack = &STACKS[slot];
+    let stack = stack(slot);
     stack.dispatching.store(inst.probe + 1, Ordering::Relaxed);
     // Unregistering clears the table entry, then waits out a stop of every thread, then
     // waits for `dispatching`: this store is ordered before the load below by program
