@@ -3,9 +3,11 @@
 //! exit of a traced function.
 //!
 //! Both run on the traced thread, at every call: no allocation, no lock, no C library
-//! routine and no vector register beyond xmm0–15 (the caller and the light return
-//! trampoline save only those; see `dynprobe_arch`'s `ftrace` module). The thread's ring is
-//! its thread slot's, which the return hooks hand out.
+//! routine, no vector register and nothing that could panic — proven by decoding when the
+//! trampolines are built (`dynprobe_probe::graph_width`, and the test below), so that the
+//! caller and the light return trampoline save the general registers only (otherwise
+//! xmm0–15 and MXCSR; see `dynprobe_arch`'s `ftrace` module). The thread's ring is its
+//! thread slot's, which the return hooks hand out.
 
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
@@ -132,5 +134,8 @@ mod tests {
         dynprobe_probe::light_verdict(&|regs: &mut Regs| probe_entry(7, regs)).unwrap();
         dynprobe_probe::function_light_verdict(caller_dispatch as *const () as u64).unwrap();
         dynprobe_probe::function_light_verdict(on_exit as *const () as u64).unwrap();
+        // And so the entry caller saves no vector register.
+        let width = dynprobe_probe::graph_width(caller_dispatch as *const () as u64);
+        assert_eq!(width, dynprobe_arch::native::detour::VectorWidth::None);
     }
 }

@@ -222,5 +222,7 @@ mod tests {
     fn dynprobes_own_dispatchers_are_light() {
         let table = SymbolTable::current_process().unwrap();
         dispatcher(Some(&table)).unwrap();
+        // The light return sled's path (the tracer's hook behind its gate is proven apart).
+        prove(&[crate::arch::rethook::light_dispatch_code()], Some(&table)).unwrap();
     }
 }

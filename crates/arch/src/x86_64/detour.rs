@@ -120,6 +120,9 @@ pub struct StateSave {
 /// saved: Rust code does not use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VectorWidth {
+    /// Nothing: the code called is proven to leave the vector, x87 and MXCSR state alone
+    /// (see [`super::vector_use`]).
+    None,
     /// xmm0–15.
     Sse,
     /// ymm0–15.
@@ -135,6 +138,7 @@ impl std::fmt::Display for VectorWidth {
     /// What is saved, for a report: `AVX-512 (zmm0-31, k0-7, MXCSR)`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VectorWidth::None => f.write_str("none (handlers proven light)"),
             VectorWidth::Sse => f.write_str("SSE (xmm0-15, MXCSR)"),
             VectorWidth::Avx => f.write_str("AVX (ymm0-15, MXCSR)"),
             VectorWidth::Avx512 { .. } => f.write_str("AVX-512 (zmm0-31, k0-7, MXCSR)"),
@@ -146,6 +150,7 @@ impl VectorWidth {
     /// Bytes of the save area.
     pub fn save_size(self) -> i32 {
         match self {
+            VectorWidth::None => 64,
             VectorWidth::Sse => 16 * 16 + 64,
             VectorWidth::Avx => 16 * 32 + 64,
             VectorWidth::Avx512 { .. } => 32 * 64 + 8 * 8 + 64,
@@ -516,6 +521,7 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
     let mxcsr = dword_ptr(rsp + (area - 64));
     let upper_flag = byte_ptr(rsp + (area + UPPER_FLAG));
     match (width, direction) {
+        (VectorWidth::None, _) => return Ok(()),
         (VectorWidth::Sse, Direction::Save) => {
             a.stmxcsr(mxcsr)?;
             for (i, reg) in XMM.into_iter().enumerate() {

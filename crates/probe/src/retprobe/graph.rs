@@ -3,6 +3,7 @@
 //! exit hook every entered call reaches exactly once.
 
 use super::*;
+use dynprobe_arch::native::detour::VectorWidth;
 
 /// A call entered by the function-graph tracer has ended, or was found abandoned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,16 +85,14 @@ pub(super) fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: b
 /// `hook`, which every call entered by [`graph_enter`] reaches exactly once — when it
 /// returns, or when it is found abandoned. `hook` runs on the traced thread, with the
 /// returning function's registers saved only as far as the light trampoline saves them:
-/// it must allocate nothing, take no lock, and use no vector register beyond xmm0–15 (no
-/// C library routine such as `memcpy`). Only the first call's hook is kept.
+/// it must allocate nothing, take no lock, and leave the vector state alone (no C library
+/// routine such as `memcpy`). When it and the return path are proven to (by decoding, see
+/// [`crate::light_verdict`]) the light trampoline saves the general registers only;
+/// otherwise xmm0–15 and MXCSR too ([`crate::light_width`]). Only the first call's hook is
+/// kept.
 pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
     let mut setup = setup()?;
     setup.install()?;
-    if !setup.light {
-        let stride = std::mem::size_of::<Instance>() as u64;
-        rethook::install(&rethook::LIGHT, MAX_THREADS * MAX_DEPTH, INSTANCES.load(Ordering::Relaxed) as u64, stride)?;
-        setup.light = true;
-    }
     if GRAPH_HOOK.get().is_none() {
         // Until the hook is set no call is entered by the tracer, so no hook can be called
         // by a hit that checked the flag before it is set.
@@ -101,8 +100,36 @@ pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
             GRAPH_HOOK_HEAVY.store(true, Ordering::Relaxed);
         }
     }
+    if !setup.light {
+        let stride = std::mem::size_of::<Instance>() as u64;
+        let path_light = crate::registry::prove_light(&[rethook::light_dispatch_code()]).is_ok();
+        let width = match graph_hook_light() && path_light {
+            true => VectorWidth::None,
+            false => crate::light_width(),
+        };
+        let table = INSTANCES.load(Ordering::Relaxed) as u64;
+        rethook::install(&rethook::LIGHT, MAX_THREADS * MAX_DEPTH, table, stride, width)?;
+        setup.light = true;
+    }
     let _ = GRAPH_HOOK.set(hook);
     Ok(())
+}
+
+/// What the function-graph tracer's trampolines save of the vector state around a
+/// dispatcher at `dispatch` (an `extern "C" fn` of the tracer's, as its entry caller calls):
+/// nothing when the dispatcher and everything it reaches are proven to leave it alone (see
+/// [`crate::light_verdict`]), else xmm0–15 and MXCSR ([`crate::light_width`]).
+pub fn graph_width(dispatch: u64) -> VectorWidth {
+    match crate::registry::prove_light(&[dispatch]) {
+        Ok(()) => VectorWidth::None,
+        Err(_) => crate::light_width(),
+    }
+}
+
+/// What the light return trampoline saves of the vector state, once installed by
+/// [`graph_install`].
+pub fn graph_return_width() -> Option<VectorWidth> {
+    rethook::light_sled_width()
 }
 
 /// Enters a call for the function-graph tracer: `rsp` is the stack pointer at the entry of

@@ -91,7 +91,8 @@ impl Setup {
                 .map_err(|e| ProbeError::ReturnProbeSetup { reason: format!("cannot map the instance table: {e}") })?;
             INSTANCES.store(table.cast(), Ordering::Release);
             let stride = std::mem::size_of::<Instance>() as u64;
-            rethook::install(&rethook::FULL, MAX_THREADS * MAX_DEPTH, table as u64, stride)?;
+            let width = crate::vector_width();
+            rethook::install(&rethook::FULL, MAX_THREADS * MAX_DEPTH, table as u64, stride, width)?;
             self.trampoline = true;
         }
         if !self.filter {

@@ -149,12 +149,20 @@ pub(crate) fn contains(ip: u64) -> bool {
 
 /// Writes `sled` for `entries` instances and registers its unwind information. `table` is
 /// the address of the instance table: instance `i`'s original return address is the `u64`
-/// at `table + i * stride`. Called once per sled, before any call can be diverted to it.
-pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
-    let (width, dispatch) = if std::ptr::eq(sled_kind, &LIGHT) {
-        (light_width(), light_dispatch as *const () as u64)
+/// at `table + i * stride`; `common` saves the vector state of `width`. Called once per
+/// sled, before any call can be diverted to it.
+pub(crate) fn install(
+    sled_kind: &'static Sled,
+    entries: usize,
+    table: u64,
+    stride: u64,
+    width: VectorWidth,
+) -> Result<(), ProbeError> {
+    let dispatch = if std::ptr::eq(sled_kind, &LIGHT) {
+        let _ = LIGHT_WIDTH.set(width);
+        light_dispatch as *const () as u64
     } else {
-        (super::detour::vector_width(), full_dispatch as *const () as u64)
+        full_dispatch as *const () as u64
     };
     // `common` is built once for its length, then again at its final address (its call is
     // absolute, so the length does not depend on the address).
@@ -355,6 +363,19 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
     save.rax = regs.rax;
     save.rdx = regs.rdx;
     ret
+}
+
+/// What the light sled's `common` saves (set at its first installation).
+static LIGHT_WIDTH: std::sync::OnceLock<VectorWidth> = std::sync::OnceLock::new();
+
+/// What the light sled saves of the vector state, once installed.
+pub(crate) fn light_sled_width() -> Option<VectorWidth> {
+    LIGHT_WIDTH.get().copied()
+}
+
+/// The light sled's dispatcher, for its proof.
+pub(crate) fn light_dispatch_code() -> u64 {
+    light_dispatch as *const () as u64
 }
 
 /// [`full_dispatch`] for the light sled: only the function-graph tracer's calls return
