@@ -55,13 +55,22 @@ pub(crate) fn entry_code_of<F: Fn(&mut Regs, &mut InstanceData) -> bool>(_handle
     invoke::<F> as *const () as u64
 }
 
+/// [`code_of`] for a return probe's return handler.
+pub(crate) fn return_code_of<F: Fn(&mut Regs, &InstanceData)>(_handler: &F) -> u64 {
+    fn invoke<F: Fn(&mut Regs, &InstanceData)>(handler: &F, regs: &mut Regs, data: &InstanceData) {
+        handler(regs, data)
+    }
+    invoke::<F> as *const () as u64
+}
+
 /// The gates the dispatchers call handlers through (see [`call_handler`]), each with its
 /// handlers proven on their own.
-fn gates() -> [u64; 3] {
+fn gates() -> [u64; 4] {
     [
         call_handler as *const () as u64,
         crate::retprobe::call_entry_handler as *const () as u64,
         crate::retprobe::call_graph_hook as *const () as u64,
+        crate::retprobe::call_return_handler as *const () as u64,
     ]
 }
 
@@ -158,7 +167,7 @@ struct Own<'a> {
     pages: HashMap<u64, Option<Vec<u8>>>,
     read_only: Vec<std::ops::Range<u64>>,
     table: Option<&'a SymbolTable>,
-    gates: [u64; 3],
+    gates: [u64; 4],
 }
 
 const PAGE: u64 = 4096;
@@ -224,5 +233,7 @@ mod tests {
         dispatcher(Some(&table)).unwrap();
         // The light return sled's path (the tracer's hook behind its gate is proven apart).
         prove(&[crate::arch::rethook::light_dispatch_code()], Some(&table)).unwrap();
+        // The light return sled of return probes (their handlers behind their gate).
+        prove(&[crate::arch::rethook::light_return_dispatch_code()], Some(&table)).unwrap();
     }
 }

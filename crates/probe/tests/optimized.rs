@@ -917,3 +917,52 @@ fn a_heavy_handler_joining_a_light_site_turns_its_detour_heavy() {
     heavy.unregister().unwrap();
     light.unregister().unwrap();
 }
+
+/// Zeroes ymm2, behind a chain of direct calls: the vector use a return handler hides.
+#[inline(never)]
+fn clobber_ymm2() {
+    // SAFETY: only clobbers the register named.
+    unsafe { std::arch::asm!("vpxor ymm2, ymm2, ymm2", out("ymm2") _) };
+}
+
+/// Calls [`clobber_ymm2`].
+#[inline(never)]
+fn through_another_helper() {
+    clobber_ymm2();
+    std::hint::black_box(());
+}
+
+#[test]
+fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use_does_not() {
+    let _serial = serial();
+    assert!(std::arch::is_x86_feature_detected!("avx2"), "the test needs AVX2 (vpcmpeqd on ymm)");
+    let t = target();
+    // dirty_leaf_caller keeps ymm2 all ones across dirty_leaf's return: -1 unless the
+    // return path lets a handler's vector use reach it.
+    let caller = t.func1("dirty_leaf_caller");
+    assert_eq!(caller(1), -1, "unprobed");
+    static RETURNS: AtomicU64 = AtomicU64::new(0);
+    let light = dynprobe_probe::ReturnProbe::at(sym!("dirty_leaf"))
+        .on_return(|regs, _| {
+            RETURNS.fetch_add(regs.rax, Ordering::Relaxed);
+        })
+        .register()
+        .unwrap();
+    assert!(light.returns_light());
+    for _ in 0..50 {
+        assert_eq!(caller(1), -1, "the program's ymm2 across a light return");
+    }
+    assert_eq!((light.returns(), RETURNS.load(Ordering::Relaxed)), (50, 50));
+    light.unregister().unwrap();
+
+    let heavy = dynprobe_probe::ReturnProbe::at(sym!("dirty_leaf"))
+        .on_return(|_, _| through_another_helper())
+        .register()
+        .unwrap();
+    assert!(!heavy.returns_light(), "vpxor behind two direct calls");
+    for round in 0..50 {
+        assert_eq!(caller(1), -1, "round {round}: the return handler's vpxor reached the program's ymm2");
+    }
+    assert_eq!(heavy.returns(), 50);
+    heavy.unregister().unwrap();
+}

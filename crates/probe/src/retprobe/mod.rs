@@ -126,6 +126,9 @@ struct RpShared {
     maxactive: u8,
     entry: Option<EntryHandler>,
     ret: Option<ReturnHandler>,
+    /// The return handler (none counts) and the light return path are proven to leave the
+    /// vector state alone: its calls return through the light sled.
+    ret_light: bool,
     /// Calls tracked, per thread.
     hits: PerThreadCounter,
     /// Return handler runs, per thread.
@@ -175,8 +178,15 @@ fn on_entry(rp: &RpShared, regs: &mut Regs) {
             return;
         }
     }
-    // Return handlers are user code: the sled that saves every register.
-    commit(&c, rsp, rp.index, rp.id, &rethook::FULL);
+    // A return handler proven light, on a call no other instance diverts, returns
+    // through the sled that saves the general registers only; any other through the one
+    // that saves every register (a graph instance or another probe joining this call later
+    // writes that one's entry).
+    let sled = match rp.ret_light && !c.shared {
+        true => &rethook::RP_LIGHT,
+        false => &rethook::FULL,
+    };
+    commit(&c, rsp, rp.index, rp.id, sled);
     rp.hits.add(Some(slot));
 }
 
@@ -195,6 +205,17 @@ pub(crate) fn call_entry_handler(
 /// function returned into and the return registers; returns where execution continues.
 #[inline]
 pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
+    return_path::<false>(index, regs)
+}
+
+/// [`on_return`] for the light sled: only a light probe's calls return through it (see
+/// `on_entry`), and its handler is called without `catch_unwind` (it cannot unwind).
+pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
+    return_path::<true>(index, regs)
+}
+
+#[inline(always)]
+fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs) -> u64 {
     let guard = HandlerGuard::enter();
     // SAFETY: the trampoline entry says this thread pushed this instance.
     regs.ip = unsafe { (*instance(index)).orig };
@@ -203,31 +224,48 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
         if inst.probe == GRAPH {
             graph_exit(slot, k, inst, false);
         } else if guard.is_some() {
-            run_return_handler(slot, inst, regs);
+            run_return_handler::<LIGHT>(slot, inst, regs);
         }
     });
     regs.ip
 }
 
+/// The one place a light return probe's handler is called from (see
+/// `crate::light::call_handler`): the proofs stop here, each return handler is proven on its
+/// own.
+#[inline(never)]
+pub(crate) fn call_return_handler(
+    handler: &(dyn Fn(&mut Regs, &InstanceData) + Send + Sync),
+    regs: &mut Regs,
+    data: &InstanceData,
+) {
+    handler(regs, data)
+}
+
 #[inline]
-fn run_return_handler(slot: usize, inst: &Instance, regs: &mut Regs) {
+fn run_return_handler<const LIGHT: bool>(slot: usize, inst: &Instance, regs: &mut Regs) {
     let stack = stack(slot);
     stack.dispatching.store(inst.probe + 1, Ordering::Relaxed);
     // Unregistering clears the table entry, then waits out a stop of every thread, then
     // waits for `dispatching`: this store is ordered before the load below by program
     // order on this thread, and the stop's signal delivery publishes it.
     compiler_fence(Ordering::SeqCst);
-    let rp = PROBES[inst.probe as usize].load(Ordering::Acquire);
+    // Masked: no index check may panic on the light path (probe indices are below it).
+    let rp = PROBES[inst.probe as usize & (MAX_RETURN_PROBES - 1)].load(Ordering::Acquire);
     if !rp.is_null() {
         // SAFETY: non-null entries are live Arcs; unregistering frees one only after it
         // saw `dispatching` clear of its index.
         let rp = unsafe { &*rp };
         if rp.id == inst.id {
             rp.returns.add(Some(slot));
-            if let Some(handler) = &rp.ret {
+            match (&rp.ret, LIGHT) {
+                (None, _) => {}
+                (Some(handler), true) => call_return_handler(&**handler, regs, &inst.data),
                 // A panic must not unwind into the trampoline: contained and counted here.
-                if catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data))).is_err() {
-                    crate::count_handler_panic();
+                (Some(handler), false) => {
+                    if catch_unwind(AssertUnwindSafe(|| handler(regs, &inst.data))).is_err() {
+                        crate::count_handler_panic();
+                    }
                 }
             }
         }
@@ -265,6 +303,8 @@ pub struct ReturnProbe {
     enabled: bool,
     /// The entry handler's code, for the light proof.
     entry_code: Option<u64>,
+    /// The return handler's code, for the light proof.
+    ret_code: Option<u64>,
 }
 
 impl ReturnProbe {
@@ -278,6 +318,7 @@ impl ReturnProbe {
             ret: None,
             enabled: true,
             entry_code: None,
+            ret_code: None,
         }
     }
 
@@ -301,11 +342,24 @@ impl ReturnProbe {
         self
     }
 
+    /// Whether the return handler, and the light sled's return path, are proven to leave
+    /// the vector state alone (see [`crate::light_verdict`]); installs that sled if so.
+    fn return_path_light(&self, setup: &mut Setup) -> bool {
+        let proven = |roots: &[u64]| crate::registry::prove_light(roots).is_ok();
+        let handler = self.ret_code.is_none_or(|code| proven(&[code]));
+        handler && proven(&[rethook::light_return_dispatch_code()]) && setup.install_light_return().is_ok()
+    }
+
     /// The return handler: runs when a tracked call returns, with `rax`, `rdx` (the return
     /// value), `rsp` (as in the caller after the return) and `ip` (the caller's return
     /// address) set — the other registers read as 0 — and the data area the entry handler
     /// filled. Changing `rax`/`rdx` changes the value returned; changing `ip` returns there.
+    ///
+    /// A return handler proven, by decoding, to leave the vector, x87 and MXCSR state alone
+    /// (as [`Probe::on_hit`]'s) runs behind a trampoline that saves only the general
+    /// registers; any other behind one that saves the vector state too.
     pub fn on_return(mut self, handler: impl Fn(&mut Regs, &InstanceData) + Send + Sync + 'static) -> ReturnProbe {
+        self.ret_code = Some(crate::light::return_code_of(&handler));
         self.ret = Some(Box::new(handler));
         self
     }
@@ -327,12 +381,14 @@ impl ReturnProbe {
         let index = setup.free_index()?;
         let id = setup.next_id;
         setup.next_id = setup.next_id.wrapping_add(1).max(1);
+        let ret_light = self.return_path_light(&mut setup);
         let shared = Arc::new(RpShared {
             index,
             id,
             maxactive: self.maxactive as u8,
             entry: self.entry,
             ret: self.ret,
+            ret_light,
             hits: PerThreadCounter::new(),
             returns: PerThreadCounter::new(),
             nmissed: AtomicU64::new(0),
@@ -448,6 +504,14 @@ impl ReturnProbeHandle {
     /// True while the probe is enabled.
     pub fn is_enabled(&self) -> bool {
         self.entry().is_enabled()
+    }
+
+    /// Whether the probe's calls return through the trampoline that saves only the general
+    /// registers: its return handler is proven to leave the vector state alone (see
+    /// [`ReturnProbe::on_return`]). A call another probe or the function-graph tracer also
+    /// diverts returns through the one that saves everything all the same.
+    pub fn returns_light(&self) -> bool {
+        self.shared.ret_light
     }
 
     /// Enables the probe.

@@ -2,6 +2,7 @@
 //! trampoline sleds (`arch::rethook`) and the probe that hides them from backtraces.
 
 use super::*;
+use dynprobe_arch::native::detour::VectorWidth;
 
 /// Registration state; never touched by the hit paths.
 pub(super) struct Setup {
@@ -9,6 +10,8 @@ pub(super) struct Setup {
     pub(super) trampoline: bool,
     /// The light trampoline of the function-graph tracer is written.
     pub(super) light: bool,
+    /// The light trampoline of return probes is written.
+    pub(super) light_return: bool,
     /// Backtraces skip the trampoline.
     pub(super) filter: bool,
     pub(super) next_id: u32,
@@ -53,7 +56,7 @@ pub(crate) fn release_trampoline() -> Result<(), String> {
              goes through the trampoline"
         ));
     }
-    let code = rethook::memory(&rethook::FULL).into_iter().chain(rethook::memory(&rethook::LIGHT)).collect();
+    let code = [&rethook::FULL, &rethook::LIGHT, &rethook::RP_LIGHT].into_iter().filter_map(rethook::memory).collect();
     if !crate::registry::memory_unused(code).map_err(|e| e.to_string())? {
         return Err("a thread is in the return trampoline".to_string());
     }
@@ -62,6 +65,7 @@ pub(crate) fn release_trampoline() -> Result<(), String> {
     }
     rethook::uninstall(&rethook::FULL);
     rethook::uninstall(&rethook::LIGHT);
+    rethook::uninstall(&rethook::RP_LIGHT);
     let table = INSTANCES.swap(std::ptr::null_mut(), Ordering::AcqRel);
     let bytes = MAX_THREADS * MAX_DEPTH * std::mem::size_of::<Instance>();
     // SAFETY: the table `Setup::install` mapped, of that size; no thread can read it now
@@ -69,11 +73,18 @@ pub(crate) fn release_trampoline() -> Result<(), String> {
     unsafe { libc::munmap(table.cast(), bytes) };
     setup.trampoline = false;
     setup.light = false;
+    setup.light_return = false;
     Ok(())
 }
 
-pub(super) static SETUP: Mutex<Setup> =
-    Mutex::new(Setup { trampoline: false, light: false, filter: false, next_id: 1, next_index: 0 });
+pub(super) static SETUP: Mutex<Setup> = Mutex::new(Setup {
+    trampoline: false,
+    light: false,
+    light_return: false,
+    filter: false,
+    next_id: 1,
+    next_index: 0,
+});
 
 pub(super) fn setup() -> Result<MutexGuard<'static, Setup>, ProbeError> {
     if HandlerGuard::current_thread_inside() {
@@ -83,6 +94,17 @@ pub(super) fn setup() -> Result<MutexGuard<'static, Setup>, ProbeError> {
 }
 
 impl Setup {
+    /// Writes the light trampoline of return probes (after [`Setup::install`]), once.
+    pub(super) fn install_light_return(&mut self) -> Result<(), ProbeError> {
+        if !self.light_return {
+            let stride = std::mem::size_of::<Instance>() as u64;
+            let table = INSTANCES.load(Ordering::Relaxed) as u64;
+            rethook::install(&rethook::RP_LIGHT, MAX_THREADS * MAX_DEPTH, table, stride, VectorWidth::None)?;
+            self.light_return = true;
+        }
+        Ok(())
+    }
+
     /// Maps the instance table, writes the trampoline and hides it from backtraces, once.
     pub(super) fn install(&mut self) -> Result<(), ProbeError> {
         if !self.trampoline {
