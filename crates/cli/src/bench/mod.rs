@@ -109,7 +109,22 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
                 _ => Ok(timing),
             }
         }
-        Measure::Program(tracer) => program::measure(tracer, plan),
+        Measure::CallThreads { target, setup } => {
+            let armed = setup(target)?;
+            // SAFETY: as for `Measure::Call`, from every thread.
+            let timing = unsafe { measure::measure_threads(target, plan) };
+            let hits = armed.hits();
+            armed.disarm()?;
+            match hits? {
+                Some(hits) if hits < timing.total_calls => Err(format!(
+                    "fired {hits} times for {} calls: the number would not be a probe's cost",
+                    timing.total_calls
+                )),
+                _ => Ok(timing),
+            }
+        }
+        Measure::Program(tracer) => program::measure(tracer, plan, None),
+        Measure::ProgramThreads(tracer) => program::measure(tracer, plan, Some(measure::threads())),
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
         Measure::Detach => attach::measure_detach(),
