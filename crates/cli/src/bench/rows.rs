@@ -303,7 +303,7 @@ pub static ROWS: &[Row] = &[
         about: "kernel-uprobe hit from nproc threads at once on the one site",
         measure: Measure::CallThreads {
             target: dynprobe_bench_target,
-            setup: |target| uprobe::arm(target, uprobe::Kind::Entry),
+            setup: |target| uprobe::arm_every_cpu(target, uprobe::Kind::Entry),
         },
         compare_to: &[KERNEL_UPROBE],
     },
