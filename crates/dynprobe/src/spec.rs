@@ -40,7 +40,7 @@
 //! - An event is named after its location unless named: `SYMBOL` for `p` and
 //!   `SYMBOL__return` for `r` (as `perf probe` names them), `p_SYMBOL_OFFSET` for an offset,
 //!   `p_0xADDR` / `r_0xADDR` for an address.
-//! - `m` probes a static marker ([`crate::marker`]): every site of `PROVIDER:NAME`, where
+//! - `m` probes a static marker ([`crate::marker`](mod@crate::marker)): every site of `PROVIDER:NAME`, where
 //!   either part may be `*` (every provider, every name). Without fields, an event shows
 //!   every argument of the marker, `arg1`..`argN`, typed by the site's record; with fields,
 //!   `$argN` is the marker's Nth argument where the site keeps it (a register or a stack

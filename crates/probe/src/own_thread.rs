@@ -94,7 +94,7 @@ unsafe impl Send for OwnThread {}
 
 /// Starts `f` on a new own thread named `name` (the kernel keeps 15 bytes of it:
 /// `prctl(2)` `PR_SET_NAME`). Fails with the error of `mmap` or `pthread_create`, or
-/// `EAGAIN` when [`MAX_OWN`] own threads already run.
+/// `EAGAIN` when `MAX_OWN` (8) own threads already run.
 pub fn spawn(name: &'static CStr, f: impl FnOnce() + Send + 'static) -> io::Result<OwnThread> {
     let size = stack_size();
     let stack = map_stack(size)?;

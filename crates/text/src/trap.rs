@@ -25,7 +25,7 @@
 //! does, with `SA_RESETHAND`) or whose threads block every signal (thread pools, xz's
 //! workers) would die at the next breakpoint probe. As Frida's exceptor does, dispatcher
 //! stays in front instead, and what the program sees of `SIGTRAP` becomes *virtual*:
-//! * the kernel's action is always [`dispatch`]; the action the program asked for is the
+//! * the kernel's action is always `dispatch`; the action the program asked for is the
 //!   *chained action* kept here ([`program_action`], [`set_program_action`]), which the
 //!   program reads back as its own;
 //! * no thread really blocks `SIGTRAP`; whether the program asked a thread to block it is
