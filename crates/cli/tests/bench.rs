@@ -139,7 +139,10 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         assert!(ns_per_hit(&rows, name) > 0.0, "{scaled}");
     }
     assert!(row(&rows, "optimized-probe-threads")["x_kernel_uprobe_threads"].is_number());
-    assert!(row(&rows, "optimized-probe-threads")["note"].as_str().unwrap().contains(&format!("{threads} threads at once")));
+    assert!(row(&rows, "optimized-probe-threads")["note"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{threads} threads at once")));
     let graph_threads = row(&rows, "function-graph-threads");
     assert_eq!(graph_threads["calls_per_batch"], 200 * threads as u64, "each thread made the calls: {graph_threads}");
     assert!(!graph_threads["note"].as_str().unwrap().contains("LOST"), "{graph_threads}");

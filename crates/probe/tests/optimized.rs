@@ -949,6 +949,8 @@ fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use
         .register()
         .unwrap();
     assert!(light.returns_light());
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert!(light.info().light, "the entry's detour too: {}", light.info());
     for _ in 0..50 {
         assert_eq!(caller(1), -1, "the program's ymm2 across a light return");
     }

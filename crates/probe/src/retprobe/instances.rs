@@ -239,8 +239,13 @@ pub(super) fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::S
     // SAFETY: as above.
     inst.orig = if c.shared { unsafe { (*instance(c.base + c.top - 1)).orig } } else { c.current };
     inst.slot_addr = rsp;
-    inst.probe = probe;
-    inst.id = id;
+    // Volatile: the two neighbouring u32 stores were merged into one 8-byte vector move in
+    // a release build, which the light proof refuses.
+    // SAFETY: fields of this thread's free instance.
+    unsafe {
+        std::ptr::write_volatile(&mut inst.probe, probe);
+        std::ptr::write_volatile(&mut inst.id, id);
+    }
     if probe != GRAPH {
         bump(count(c.slot, probe), 1);
     }
