@@ -11,10 +11,11 @@
 //! - an instruction that reads or writes a vector, x87, MMX or opmask register, or MXCSR,
 //!   or saves/restores that state (`xsave`, `fxrstor`, …), or any VEX/EVEX/XOP encoding
 //!   (`vzeroupper` names no register but zeroes the upper halves);
-//! - an indirect call or jump (a `dyn` method, a jump table): its target is not known from
-//!   the bytes — except through a pointer the caller vouches for, a read-only GOT slot
+//! - an indirect call or jump whose target is not a constant (a `dyn` method, a function
+//!   pointer in writable memory). Constant targets are followed: a read-only GOT slot
 //!   (`call *f@GOTPCREL(%rip)`, how position-independent code calls another object's
-//!   function, Rust's own standard library included), which is a direct call to its value;
+//!   function, Rust's standard library included), loaded into a register first or not,
+//!   and the entries of a position-independent jump table (see [`prove_light`]);
 //! - a callee the caller names as heavy (one that unwinds: the unwinder copies its
 //!   contexts with the C library's vector `memcpy`);
 //! - bytes that cannot be read or decoded, or more code than the walk's limit.
