@@ -92,7 +92,7 @@ fn build_bench_graph() {
     let mut compile: Vec<&OsStr> = flags.iter().map(OsStr::new).collect();
     compile.extend(["bench/graph.c".as_ref(), "-o".as_ref(), object.as_os_str()]);
     run("compiling", &compile);
-    run("linking", &["-no-pie".as_ref(), object.as_os_str(), "-o".as_ref(), exe.as_os_str()]);
+    run("linking", &["-no-pie".as_ref(), "-pthread".as_ref(), object.as_os_str(), "-o".as_ref(), exe.as_os_str()]);
     println!("cargo:rustc-env=DYNPROBE_BENCH_GRAPH={}", exe.display());
 }
 

@@ -131,6 +131,22 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
         None => assert_eq!(uftrace["error"], UFTRACE_MISSING, "{uftrace}"),
     }
 
+    // The thread-scaling rows: every thread's hits counted (the row checks), from nproc
+    // threads at once, beside their one-thread rows and the kernel uprobe doing the same.
+    let threads = std::thread::available_parallelism().unwrap().get();
+    for name in ["kernel-uprobe-threads", "optimized-probe-threads", "return-probe-threads", "function-graph-threads"] {
+        let scaled = row(&rows, name);
+        assert!(ns_per_hit(&rows, name) > 0.0, "{scaled}");
+    }
+    assert!(row(&rows, "optimized-probe-threads")["x_kernel_uprobe_threads"].is_number());
+    assert!(row(&rows, "optimized-probe-threads")["note"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{threads} threads at once")));
+    let graph_threads = row(&rows, "function-graph-threads");
+    assert_eq!(graph_threads["calls_per_batch"], 200 * threads as u64, "each thread made the calls: {graph_threads}");
+    assert!(!graph_threads["note"].as_str().unwrap().contains("LOST"), "{graph_threads}");
+
     // The batch row patched every one of its program's 10,000 functions (and `main`).
     let sites = row(&rows, "enable-sites");
     assert!(ns_per_hit(&rows, "enable-sites") > 0.0, "{sites}");

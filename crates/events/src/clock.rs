@@ -91,8 +91,13 @@ fn tsc_is_stable(cpuinfo: &str) -> bool {
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: async-signal-safe, and never the C library's
 /// `clock_gettime`, which the traced program's own probes may be on (the hot path stamps
-/// records inside the program's calls) — the raw-syscall layer's vDSO call.
-pub use dynprobe_text::raw::monotonic_ns;
+/// records inside the program's calls): the vDSO's `__vdso_clock_gettime` called directly
+/// (vdso(7)) through the gate light detours' proofs know (`dynprobe_text::raw`), leaving
+/// `errno` alone.
+#[inline(always)]
+pub fn monotonic_ns() -> u64 {
+    dynprobe_text::raw::monotonic_ns()
+}
 
 /// Converts a clock's ticks to `CLOCK_MONOTONIC` nanoseconds: the line through the samples
 /// (`t0`, `ns0`) and (`t1`, `ns1`).

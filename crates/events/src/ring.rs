@@ -239,6 +239,10 @@ impl RingFile {
     /// * When the ring has no room for all that, `rec` is dropped and counted.
     ///
     /// A `ring` out of range is ignored (a caller's bug, which must not write out of bounds).
+    ///
+    /// Nothing here can panic, and the arithmetic wraps (it cannot overflow: counts of
+    /// records): the push runs in light detours, whose proof refuses any path to a panic
+    /// (`dynprobe_probe::light_verdict`).
     #[inline(always)]
     pub fn push(&self, ring: usize, tid: u32, rec: Record) {
         self.push_all(ring, tid, std::slice::from_ref(&rec))
@@ -252,7 +256,6 @@ impl RingFile {
     pub fn push_all(&self, ring: usize, tid: u32, recs: &[Record]) {
         let Some(first) = recs.first() else { return };
         if ring >= self.rings {
-            debug_assert!(false, "push into ring {ring} of {}", self.rings);
             return;
         }
         let h = self.ring_header(ring);
@@ -268,35 +271,37 @@ impl RingFile {
         compiler_fence(Ordering::SeqCst);
 
         let nested = h.nested_lost.load(Ordering::Relaxed);
-        let pending =
-            h.pending_lost.load(Ordering::Relaxed) + nested.wrapping_sub(h.nested_seen.load(Ordering::Relaxed));
+        let pending = h
+            .pending_lost
+            .load(Ordering::Relaxed)
+            .wrapping_add(nested.wrapping_sub(h.nested_seen.load(Ordering::Relaxed)));
         h.nested_seen.store(nested, Ordering::Relaxed);
         let head = h.head.load(Ordering::Relaxed);
         let tail = h.tail.load(Ordering::Acquire);
         let switch = h.tid.load(Ordering::Relaxed) != tid as u64;
         let count = recs.len() as u64;
-        let need = count + (pending != 0) as u64 + switch as u64;
+        let need = count.wrapping_add((pending != 0) as u64).wrapping_add(switch as u64);
         let free = (self.capacity as u64).saturating_sub(head.wrapping_sub(tail));
         if free < need {
-            h.pending_lost.store(pending + count, Ordering::Relaxed);
-            h.lost.store(h.lost.load(Ordering::Relaxed) + count, Ordering::Relaxed);
+            h.pending_lost.store(pending.wrapping_add(count), Ordering::Relaxed);
+            h.lost.store(h.lost.load(Ordering::Relaxed).wrapping_add(count), Ordering::Relaxed);
         } else {
             let mut at = head;
             if pending != 0 {
                 self.write_slot(ring, at, Record::new(Kind::Lost, first.time, 0, pending));
-                at += 1;
+                at = at.wrapping_add(1);
                 h.pending_lost.store(0, Ordering::Relaxed);
             }
             if switch {
                 self.write_slot(ring, at, Record::new(Kind::Thread, first.time, 0, tid as u64));
-                at += 1;
+                at = at.wrapping_add(1);
                 h.tid.store(tid as u64, Ordering::Relaxed);
                 // Published with the records by the Release store of `head` below.
                 self.used_flag(ring).store(1, Ordering::Relaxed);
             }
             for &rec in recs {
                 self.write_slot(ring, at, rec);
-                at += 1;
+                at = at.wrapping_add(1);
             }
             h.head.store(at, Ordering::Release);
         }
@@ -553,17 +558,25 @@ impl RingFile {
         // SAFETY: `ring < rings` (the callers check), so the header lies inside the mapping,
         // 64-byte aligned (ring_offset and stride are multiples of 64); it is only accessed
         // through atomics, and zeroed memory is a valid RingHeader.
-        unsafe { &*self.base.add(self.layout.ring_offset + ring * self.layout.stride).cast::<RingHeader>() }
+        unsafe {
+            let at = self.layout.ring_offset.wrapping_add(ring.wrapping_mul(self.layout.stride));
+            &*self.base.add(at).cast::<RingHeader>()
+        }
     }
 
     /// The two words of the slot of record `index` in ring `ring`.
     #[inline(always)]
     fn slot(&self, ring: usize, index: u64) -> &[AtomicU64; 2] {
-        let slot = index as usize & (self.capacity - 1);
-        let ring_start = self.layout.ring_offset + ring * self.layout.stride;
+        let slot = index as usize & self.capacity.wrapping_sub(1);
+        let ring_start = self.layout.ring_offset.wrapping_add(ring.wrapping_mul(self.layout.stride));
         // SAFETY: `ring < rings` (the callers check) and `slot < capacity`, so the record lies
         // inside the ring's data; it is 16-byte aligned and only accessed through atomics.
-        unsafe { &*self.base.add(ring_start + RING_HEADER_BYTES + slot * RECORD_BYTES).cast() }
+        unsafe {
+            &*self
+                .base
+                .add(ring_start.wrapping_add(RING_HEADER_BYTES).wrapping_add(slot.wrapping_mul(RECORD_BYTES)))
+                .cast()
+        }
     }
 
     /// Ring `ring`'s in-use byte.
@@ -571,7 +584,7 @@ impl RingFile {
     fn used_flag(&self, ring: usize) -> &AtomicU8 {
         // SAFETY: `ring < rings` (the callers check), and the in-use bytes (`rings` of them)
         // follow the header page inside the mapping; only accessed through atomics.
-        unsafe { &*self.base.add(HEADER_BYTES + ring).cast::<AtomicU8>() }
+        unsafe { &*self.base.add(HEADER_BYTES.wrapping_add(ring)).cast::<AtomicU8>() }
     }
 
     #[inline(always)]

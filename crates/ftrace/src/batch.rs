@@ -104,13 +104,14 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
     }
     let sites = looked;
 
-    let caller_len =
-        build_caller(0, dispatch, dynprobe_probe::light_width()).map_err(|e| build_error(&e))?.len() as u64;
+    // Nothing of the vector state is saved when the dispatcher is proven to leave it alone.
+    let width = dynprobe_probe::graph_width(dispatch);
+    let caller_len = build_caller(0, dispatch, width).map_err(|e| build_error(&e))?.len() as u64;
     let mut planned = Vec::with_capacity(sites.len());
     for group in sites.chunk_by(|a, b| b.1 - a.1 < GROUP_SPAN) {
         let block_len = caller_len.next_multiple_of(STUB_SIZE) + STUB_SIZE * group.len() as u64;
         let block = pool::alloc_near(group[0].1, block_len as usize)?;
-        let caller = build_caller(block.addr, dispatch, dynprobe_probe::light_width()).map_err(|e| build_error(&e))?;
+        let caller = build_caller(block.addr, dispatch, width).map_err(|e| build_error(&e))?;
         let mut code = caller;
         code.resize(caller_len.next_multiple_of(STUB_SIZE) as usize, INT3);
         for &(i, addr, nop) in group {

@@ -3,9 +3,11 @@
 //! exit of a traced function.
 //!
 //! Both run on the traced thread, at every call: no allocation, no lock, no C library
-//! routine and no vector register beyond xmm0–15 (the caller and the light return
-//! trampoline save only those; see `dynprobe_arch`'s `ftrace` module). The thread's ring is
-//! its thread slot's, which the return hooks hand out.
+//! routine, no vector register and nothing that could panic — proven by decoding when the
+//! trampolines are built (`dynprobe_probe::graph_width`, and the test below), so that the
+//! caller and the light return trampoline save the general registers only (otherwise
+//! xmm0–15 and MXCSR; see `dynprobe_arch`'s `ftrace` module). The thread's ring is its
+//! thread slot's, which the return hooks hand out.
 
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
@@ -75,7 +77,8 @@ pub(crate) fn fork_done() {
 /// True when records of thread slot `slot` must be dropped now (see [`FORKING`]).
 #[inline(always)]
 fn forking(slot: usize) -> bool {
-    FORKING[slot].load(Ordering::Relaxed)
+    // `get`: no index check that could panic on the hot path (see `dynprobe_probe::light_verdict`).
+    FORKING.get(slot).is_some_and(|f| f.load(Ordering::Relaxed))
 }
 
 /// Sets where records go; false when an output was set already.
@@ -183,4 +186,22 @@ pub(crate) fn on_exit(exit: &GraphExit) {
     let kind = if exit.unwound { Kind::Unwound } else { Kind::Exit };
     let func = u64::from(exit.func & ID_MASK);
     out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, func));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tracer's hot paths leave the vector state alone, proven by decoding: a change that
+    /// makes one heavy (a struct copy compiled to vector moves, a call of the C library, a
+    /// possible panic) fails here with the instruction and the call chain to it.
+    #[test]
+    fn the_entry_and_exit_paths_are_light() {
+        dynprobe_probe::light_verdict(&|regs: &mut Regs| probe_entry(7, regs)).unwrap();
+        dynprobe_probe::function_light_verdict(caller_dispatch as *const () as u64).unwrap();
+        dynprobe_probe::function_light_verdict(on_exit as *const () as u64).unwrap();
+        // And so the entry caller saves no vector register.
+        let width = dynprobe_probe::graph_width(caller_dispatch as *const () as u64);
+        assert_eq!(width, dynprobe_arch::native::detour::VectorWidth::None);
+    }
 }

@@ -24,6 +24,13 @@ mod graph;
 pub mod select;
 
 pub use error::FtraceError;
+
+/// What the tracer's entry caller saves of the vector state around its dispatcher: nothing
+/// when the dispatcher is proven to leave it alone (`dynprobe_probe::graph_width`), which
+/// the light return trampoline then matches.
+pub fn trampoline_width() -> dynprobe_arch::native::detour::VectorWidth {
+    dynprobe_probe::graph_width(graph::caller_dispatch as *const () as u64)
+}
 pub use filter::{Filter, Pattern};
 pub use select::{Selection, SiteMethod, TracedFunction};
 

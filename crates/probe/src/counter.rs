@@ -69,7 +69,9 @@ impl PerThreadCounter {
     fn cell(&self, slot: usize) -> &AtomicU64 {
         // SAFETY: slot < MAX_THREADS and the block holds PER_BLOCK cells for each of them,
         // zero-initialised atomics that live as long as the process.
-        unsafe { &*self.cells.add(slot * PER_BLOCK) }
+        // (Wrapping arithmetic: it cannot overflow, and no check may panic on a light
+        // detour's path, see `crate::light`.)
+        unsafe { &*self.cells.add(slot.wrapping_mul(PER_BLOCK)) }
     }
 
     /// Adds one for the thread owning slot `slot` (`None`: a thread without a slot).
@@ -82,7 +84,7 @@ impl PerThreadCounter {
         match slot {
             Some(i) if !self.cells.is_null() => {
                 let cell = self.cell(i);
-                cell.store(cell.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                cell.store(cell.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
             }
             _ => {
                 self.shared.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,7 @@ mod error;
 mod exec_env;
 mod guard;
 pub mod ifunc;
+mod light;
 mod location;
 mod optimizer;
 pub mod own_thread;
@@ -55,8 +56,9 @@ pub use registry::{
     wait_for_optimizer,
 };
 pub use retprobe::{
-    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, GraphEnter, GraphEntry, GraphExit,
-    InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
+    graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, graph_return_width, graph_width,
+    GraphEnter, GraphEntry, GraphExit, InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS,
+    DEFAULT_MAXACTIVE, MAX_DEPTH,
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
@@ -70,6 +72,26 @@ pub use dynprobe_text::raw;
 /// `errno`, never the C library's `clock_gettime`, which may carry the program's own probe):
 /// for timing a call from its entry to its return.
 pub use dynprobe_text::raw::monotonic_ns;
+
+/// Whether `handler`, as a probe's pre-handler, may run in a light detour — one that saves
+/// only the general registers and the flags — or why not: its machine code and everything
+/// it reaches by direct calls are decoded, and any vector, x87 or MXCSR instruction, call
+/// through an unknown pointer, or call that may unwind makes it heavy (see
+/// [`Probe::on_hit`]). For tests that keep a hot path light.
+pub fn light_verdict<F: Fn(&mut Regs)>(handler: &F) -> Result<(), String> {
+    registry::prove_light(&[light::code_of(handler)])
+}
+
+/// [`light_verdict`] for the function at `code` (an `extern "C" fn` a trampoline calls, a
+/// hook), with everything it reaches.
+pub fn function_light_verdict(code: u64) -> Result<(), String> {
+    registry::prove_light(&[code])
+}
+
+/// [`light_verdict`] for a return probe's entry handler.
+pub fn entry_light_verdict<F: Fn(&mut Regs, &mut InstanceData) -> bool>(handler: &F) -> Result<(), String> {
+    registry::prove_light(&[light::entry_code_of(handler)])
+}
 
 /// Handler runs of every probe kind that panicked, in this process (see
 /// [`ProbeHandle::panicked`] for one probe's). A panic in a handler is contained — the

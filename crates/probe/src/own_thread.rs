@@ -50,9 +50,11 @@ pub fn current_thread_is_own() -> bool {
     if used != 0 {
         let sp = stack_pointer();
         // A length is published (Release) after its base: a reader that sees it sees the base.
-        let own = (0..used).any(|i| {
-            let len = LEN[i].load(Ordering::Acquire);
-            len != 0 && sp.wrapping_sub(LOW[i].load(Ordering::Relaxed)) < len
+        // Iterated, not indexed: the detours' dispatcher calls this, and must not be able
+        // to panic (see `crate::light`).
+        let own = LOW.iter().zip(&LEN).take(used).any(|(low, len)| {
+            let len = len.load(Ordering::Acquire);
+            len != 0 && sp.wrapping_sub(low.load(Ordering::Relaxed)) < len
         });
         if own {
             return true;
@@ -93,7 +95,7 @@ unsafe impl Send for OwnThread {}
 
 /// Starts `f` on a new own thread named `name` (the kernel keeps 15 bytes of it:
 /// `prctl(2)` `PR_SET_NAME`). Fails with the error of `mmap` or `pthread_create`, or
-/// `EAGAIN` when `MAX_OWN` own threads already run.
+/// `EAGAIN` when `MAX_OWN` (8) own threads already run.
 pub fn spawn(name: &'static CStr, f: impl FnOnce() + Send + 'static) -> io::Result<OwnThread> {
     let size = stack_size();
     let stack = map_stack(size)?;

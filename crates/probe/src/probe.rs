@@ -24,6 +24,8 @@ pub(crate) struct ProbeShared {
     /// The first-argument values the probe is for, at a function entry (empty: every
     /// call); see `dynprobe_arch::native::detour::DetourSpec::entry_filter`.
     pub(crate) entry_filter: &'static [i32],
+    /// Whether the pre-handler may run in a light detour (see `crate::light`), or why not.
+    pub(crate) light: crate::light::Verdict,
     enabled: AtomicBool,
     hits: PerThreadCounter,
     nmissed: AtomicU64,
@@ -61,7 +63,9 @@ impl ProbeShared {
     /// the probed instruction still runs.
     #[inline]
     pub(crate) fn call(&self, handler: &Handler, regs: &mut crate::Regs) {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(regs))).is_err() {
+        // Through the one gate the light proofs know (see `crate::light::call_handler`).
+        let call = || crate::light::call_handler(&**handler, regs);
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).is_err() {
             self.panicked.fetch_add(1, Ordering::Relaxed);
             crate::count_handler_panic();
         }
@@ -92,6 +96,9 @@ pub struct Probe {
     pub(crate) return_probe: bool,
     pub(crate) internal: bool,
     pub(crate) entry_filter: &'static [i32],
+    /// The code the light proof starts from: the pre-handler's, and what a return probe's
+    /// entry handler runs.
+    pub(crate) code_roots: Vec<u64>,
 }
 
 impl Probe {
@@ -106,13 +113,23 @@ impl Probe {
             return_probe: false,
             internal: false,
             entry_filter: &[],
+            code_roots: Vec::new(),
         }
     }
 
     /// The pre-handler: runs before the probed instruction, with the thread's registers.
     /// Setting `regs.ip` to another address diverts the thread there and skips the probed
     /// instruction and the post-handlers.
+    ///
+    /// A jump-optimized probe saves only the general registers and the flags around a
+    /// handler proven, by decoding its machine code and everything it reaches by direct
+    /// calls, to leave the vector, x87 and MXCSR state alone (the listing says
+    /// `[OPTIMIZED, light]`); around any other, every vector register too (`[OPTIMIZED]`,
+    /// and why). A handler that calls the C library (whose `memcpy` uses AVX), calls
+    /// through a pointer or a `dyn` method, or may panic (the unwinder uses vector
+    /// registers) is heavy.
     pub fn on_hit(mut self, handler: impl Fn(&mut Regs) + Send + Sync + 'static) -> Probe {
+        self.code_roots = vec![crate::light::code_of(&handler)];
         self.pre = Some(Box::new(handler));
         self
     }
@@ -140,9 +157,10 @@ impl Probe {
         Ok(ProbeHandle { shared: Some(shared) })
     }
 
-    pub(crate) fn into_shared(self, addr: u64) -> ProbeShared {
+    pub(crate) fn into_shared(self, addr: u64, light: crate::light::Verdict) -> ProbeShared {
         ProbeShared {
             addr,
+            light,
             pre: self.pre,
             post: self.post,
             return_probe: self.return_probe,
@@ -331,20 +349,31 @@ pub struct ProbeInfo {
     pub not_optimized: Option<String>,
     /// Whether this is the entry probe of a return probe.
     pub return_probe: bool,
+    /// Whether the probe's detour saves only the general registers and the flags around
+    /// its handlers (all of them proven to leave the vector state alone).
+    pub light: bool,
+    /// Why the detour saves the vector state too, when it is optimized and not light.
+    pub heavy: Option<String>,
 }
 
 impl fmt::Display for ProbeInfo {
-    /// `0000000000401126  k  work+0x0    [OPTIMIZED]`, as in `kprobes/list` (`k`: a kprobe,
-    /// `r`: a return probe; `[DISABLED]`, `[OPTIMIZED]` as there), followed by why a probe is
-    /// not optimized when it cannot be.
+    /// `0000000000401126  k  work+0x0    [OPTIMIZED, light]`, as in `kprobes/list` (`k`: a
+    /// kprobe, `r`: a return probe; `[DISABLED]`, `[OPTIMIZED]` as there, `light` when the
+    /// detour saves no vector state), followed by why a probe is not optimized when it cannot
+    /// be, or why its detour saves the vector state.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = if self.return_probe { 'r' } else { 'k' };
         write!(f, "{:016x}  {kind}  {}", self.addr, self.symbol)?;
         if !self.enabled {
             write!(f, "    [DISABLED]")?;
         }
-        if self.optimized {
-            write!(f, "    [OPTIMIZED]")?;
+        match (self.optimized, self.light) {
+            (true, true) => write!(f, "    [OPTIMIZED, light]")?,
+            (true, false) => write!(f, "    [OPTIMIZED]")?,
+            (false, _) => {}
+        }
+        if let (true, false, Some(why)) = (self.optimized, self.light, &self.heavy) {
+            write!(f, "    (heavy: {why})")?;
         }
         if let Some(reason) = &self.not_optimized {
             write!(f, "    (not optimized: {reason})")?;

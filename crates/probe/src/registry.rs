@@ -8,6 +8,7 @@ use crate::arch::{
     prepare_slots,
 };
 use crate::guard::HandlerGuard;
+use crate::light;
 use crate::point::{self, ProbePoint};
 use crate::probe::{ProbeInfo, ProbeShared};
 use crate::site::{PatchSite, ProbeList};
@@ -310,7 +311,8 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let target = registry.resolve(&probe.location, probe.return_probe)?;
     registry.check_blacklist(&target, probe.internal)?;
     let wants_post = probe.post.is_some();
-    let shared = Arc::new(probe.into_shared(target.addr));
+    let light = registry.light_verdict(&probe.code_roots);
+    let shared = Arc::new(probe.into_shared(target.addr, light));
 
     if wants_post {
         registry.prepare_post(target.addr)?;
@@ -329,6 +331,12 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
             // A probe for every call: a filtered detour must stop skipping any.
             if let Some(detour) = site.detour() {
                 detour.open_filter()?;
+            }
+        }
+        if shared.light.is_err() {
+            // A heavy handler: the detour saves the vector state from now on.
+            if let Some(detour) = site.detour() {
+                detour.make_heavy()?;
             }
         }
         registry.retired.push(site.publish(list));
@@ -465,6 +473,14 @@ pub(crate) fn probe_count() -> Result<usize, ProbeError> {
     Ok(lock()?.sites.values().map(|site| site.probes().len()).sum())
 }
 
+/// Proves the code at `roots` light (see [`light::prove`]), naming callees with the
+/// registry's symbol table.
+pub(crate) fn prove_light(roots: &[u64]) -> light::Verdict {
+    let mut registry = lock().map_err(|e| e.to_string())?;
+    let table = registry.symbols(false).ok();
+    light::prove(roots, table)
+}
+
 pub(crate) fn info(probe: &Arc<ProbeShared>) -> Option<ProbeInfo> {
     let registry = lock().ok()?;
     let site = registry.sites.get(&probe.addr)?;
@@ -500,6 +516,11 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
         hits: probe.hits(),
         nmissed: probe.nmissed(),
         optimized: site.optimized.load(Ordering::Relaxed),
+        light: site.detour().is_some_and(|d| d.is_light()),
+        heavy: match probe.light.clone().err() {
+            Some(why) => Some(why),
+            None => site.heavy_reason().map(|why| format!("a probe sharing its site: {why}")),
+        },
         not_optimized: site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         return_probe: probe.return_probe,
     }
@@ -549,6 +570,14 @@ fn wait_until_no_thread_in(start: u64, len: u64) -> Result<(), ProbeError> {
 }
 
 impl Registry {
+    /// Whether a probe whose handlers run the code at `roots` may run in a light detour,
+    /// or why not (see [`light`]).
+    fn light_verdict(&mut self, roots: &[u64]) -> light::Verdict {
+        let table = self.symbols(false).ok();
+        light::dispatcher(table)?;
+        light::prove(roots, table)
+    }
+
     fn symbols(&mut self, reload: bool) -> Result<&SymbolTable, ProbeError> {
         if reload || self.symbols.is_none() {
             self.symbols = Some(SymbolTable::current_process()?);
@@ -1180,16 +1209,18 @@ impl Registry {
             )),
             None => Ok(()),
         };
+        let light = PatchSite::all_light(site.probes()) && light::dispatcher(self.symbols.as_ref()).is_ok();
         let prepared = match &function {
             None => Err("no function bounds are known for the probe point (no symbol with a size)".to_string()),
             Some((_, start, size)) => {
                 let function = self.original_bytes(*start, *size as usize)?;
-                let direct = prepare_detour(site, &function, *start, &tables, None, |run| landing(run, run.addr + 1));
+                let direct =
+                    prepare_detour(site, &function, *start, &tables, None, light, |run| landing(run, run.addr + 1));
                 // A function whose first five bytes cannot all be covered may still be
                 // entered by a short jump to the padding before it.
                 match (direct, self.island_for(&foreign, addr, *start)) {
                     (Err(why), Some(island)) => {
-                        prepare_detour(site, &function, *start, &tables, Some(island), |run| {
+                        prepare_detour(site, &function, *start, &tables, Some(island), light, |run| {
                             // Nothing may land inside the island either (its start is fine:
                             // it goes where the entry goes).
                             landing(run, island.0 + 1)

@@ -150,21 +150,39 @@ impl PatchSite {
         self.jump_written().and_then(|d| d.redirect(ip)).unwrap_or(ip)
     }
 
+    /// Whether every probe of `probes` (enabled or not: one may be enabled while a hit runs)
+    /// is light, so that a hit may run their handlers in a light detour.
+    #[inline]
+    pub(crate) fn all_light(probes: &ProbeList) -> bool {
+        probes.iter().all(|p| p.light.is_ok()) && crate::retprobe::graph_hook_light()
+    }
+
+    /// Why the site's detour must save the vector state: the first heavy probe's reason.
+    pub(crate) fn heavy_reason(&self) -> Option<String> {
+        self.probes().iter().find_map(|p| p.light.clone().err())
+    }
+
     /// True when some probe here is enabled.
     pub(crate) fn any_enabled(&self) -> bool {
         self.probes().iter().any(|p| p.enabled())
     }
 
     /// Runs the enabled probes' pre-handlers in registration order, stopping after one that
-    /// diverts `ip`. Returns true when an enabled probe has a post-handler.
+    /// diverts `ip`. Returns true when an enabled probe has a post-handler. `LIGHT`: on a
+    /// light detour's path, every probe of `probes` light (see [`Self::call`]).
     #[inline]
-    pub(crate) fn run_pre_handlers(&self, regs: &mut Regs, guard: &HandlerGuard) -> bool {
+    pub(crate) fn run_pre_handlers<const LIGHT: bool>(
+        &self,
+        probes: &ProbeList,
+        regs: &mut Regs,
+        guard: &HandlerGuard,
+    ) -> bool {
         let mut wants_post = false;
-        for probe in self.probes().iter().filter(|p| p.enabled()) {
+        for probe in probes.iter().filter(|p| p.enabled()) {
             probe.count_hit(Some(guard.slot_index()));
             wants_post |= probe.post.is_some();
             if let Some(pre) = &probe.pre {
-                probe.call(pre, regs);
+                Self::call::<LIGHT>(probe, pre, regs);
                 if regs.ip != self.addr {
                     break;
                 }
@@ -178,19 +196,29 @@ impl PatchSite {
     /// must not (a `sigaction` passed through would replace dynprobe's `SIGTRAP` handler). A
     /// guard only makes raw system calls and rewrites arguments, so it may nest. `frame_mask`
     /// is the mask word the hit's signal frame restores, 0 on the detour path.
-    pub(crate) fn run_nested_guards(&self, regs: &mut Regs, frame_mask: usize) {
-        if !self.probes().iter().any(|p| p.internal) {
+    pub(crate) fn run_nested_guards<const LIGHT: bool>(&self, probes: &ProbeList, regs: &mut Regs, frame_mask: usize) {
+        if !probes.iter().any(|p| p.internal) {
             return;
         }
         let slot = crate::thread_slot::ThreadSlot::existing();
         let outer = slot.map(|s| s.trap_mask.swap(frame_mask, Ordering::Relaxed));
-        for probe in self.probes().iter().filter(|p| p.internal && p.enabled()) {
+        for probe in probes.iter().filter(|p| p.internal && p.enabled()) {
             if let Some(pre) = &probe.pre {
-                probe.call(pre, regs);
+                Self::call::<LIGHT>(probe, pre, regs);
             }
         }
         if let (Some(slot), Some(outer)) = (slot, outer) {
             slot.trap_mask.store(outer, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls a pre-handler: on a light detour's path (`LIGHT`) directly, for a light
+    /// handler cannot unwind (a call that may is heavy); elsewhere with its panic contained.
+    #[inline(always)]
+    fn call<const LIGHT: bool>(probe: &ProbeShared, handler: &crate::probe::Handler, regs: &mut Regs) {
+        match LIGHT {
+            true => crate::light::call_handler(&**handler, regs),
+            false => probe.call(handler, regs),
         }
     }
 

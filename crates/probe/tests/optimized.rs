@@ -53,7 +53,8 @@ fn an_entry_probe_becomes_a_jump_and_runs_its_handler() {
     }));
     let info = probe.info();
     assert!(info.optimized, "{info}");
-    assert!(info.to_string().ends_with("[OPTIMIZED]"), "{info}");
+    // The handler asserts: it may panic, and the unwinder uses vector registers.
+    assert!(info.to_string().contains("[OPTIMIZED]    (heavy: a call of core::panicking::"), "{info}");
     assert_eq!(code(addr, 1), [JMP]);
     assert_eq!(&code(addr, 16)[5..], &before[5..], "only the 5 bytes of the jump change");
     for i in 0..1000 {
@@ -942,4 +943,131 @@ fn threads_falling_through_the_padding_keep_working_while_islands_come_and_go() 
     let calls = stop_hammering(hammering);
     assert!(tiny_hits > 0, "no call was seen");
     assert!(tiny_hits <= 2 * calls, "{tiny_hits} hits for {calls} calls");
+}
+
+/// Zeroes ymm0: the vector use a handler hides behind a chain of direct calls.
+#[inline(never)]
+fn clobber_ymm0() {
+    // SAFETY: only clobbers the register named.
+    unsafe { std::arch::asm!("vpxor ymm0, ymm0, ymm0", out("ymm0") _) };
+}
+
+/// Calls [`clobber_ymm0`] (the second link of the chain).
+#[inline(never)]
+fn through_a_helper() {
+    clobber_ymm0();
+    std::hint::black_box(());
+}
+
+/// `upper_ones` keeps ymm0 all ones across its instruction at +4 and returns its upper 64
+/// bits: -1 unless a probe there lets its handler's vector use reach the program.
+fn upper_ones() -> (extern "C" fn(i64) -> i64, Location) {
+    assert!(std::arch::is_x86_feature_detected!("avx2"), "the light-detour tests need AVX2 (vpcmpeqd on ymm)");
+    (target().func1("upper_ones"), Location::SymbolOffset("upper_ones".into(), 4))
+}
+
+#[test]
+fn a_handler_proven_light_gets_a_detour_that_saves_no_vector_register() {
+    let _serial = serial();
+    let (f, at) = upper_ones();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let probe = optimized(Probe::at(at).on_hit(|regs| {
+        HITS.fetch_add(regs.rdi, Ordering::Relaxed);
+    }));
+    let info = probe.info();
+    assert!(info.light, "{info}");
+    assert!(info.to_string().ends_with("[OPTIMIZED, light]"), "{info}");
+    for _ in 0..100 {
+        assert_eq!(f(5), -1, "the program's ymm0");
+    }
+    assert_eq!((probe.hits(), HITS.load(Ordering::Relaxed)), (100, 500));
+    probe.unregister().unwrap();
+}
+
+#[test]
+fn a_handler_hiding_vector_use_behind_direct_calls_is_heavy_and_the_program_keeps_its_registers() {
+    let _serial = serial();
+    let (f, at) = upper_ones();
+    assert_eq!(f(5), -1, "unprobed");
+    let probe = optimized(Probe::at(at.clone()).on_hit(|_| through_a_helper()));
+    let info = probe.info();
+    assert!(info.optimized && !info.light, "{info}");
+    let why = info.heavy.clone().unwrap_or_default();
+    assert!(why.contains("vpxor %ymm0,%ymm0,%ymm0") && why.contains("clobber_ymm0"), "{why}");
+    assert!(info.to_string().contains("[OPTIMIZED]    (heavy: a vector instruction `vpxor"), "{info}");
+    for round in 0..100 {
+        assert_eq!(f(5), -1, "round {round}: the handler's vpxor reached the program's ymm0");
+    }
+    assert_eq!(probe.hits(), 100);
+    probe.unregister().unwrap();
+}
+
+#[test]
+fn a_heavy_handler_joining_a_light_site_turns_its_detour_heavy() {
+    let _serial = serial();
+    let (f, at) = upper_ones();
+    let light = optimized(Probe::at(at.clone()).on_hit(|_| {}));
+    assert!(light.info().light, "{}", light.info());
+    assert_eq!(f(5), -1);
+    let heavy = optimized(Probe::at(at).on_hit(|_| through_a_helper()));
+    let info = light.info();
+    assert!(info.optimized && !info.light, "{info}");
+    assert!(info.heavy.as_deref().is_some_and(|why| why.starts_with("a probe sharing its site: ")), "{info}");
+    for round in 0..100 {
+        assert_eq!(f(5), -1, "round {round}: the heavy handler ran in the light detour");
+    }
+    assert_eq!((light.hits(), heavy.hits()), (101, 100));
+    heavy.unregister().unwrap();
+    light.unregister().unwrap();
+}
+
+/// Zeroes ymm2, behind a chain of direct calls: the vector use a return handler hides.
+#[inline(never)]
+fn clobber_ymm2() {
+    // SAFETY: only clobbers the register named.
+    unsafe { std::arch::asm!("vpxor ymm2, ymm2, ymm2", out("ymm2") _) };
+}
+
+/// Calls [`clobber_ymm2`].
+#[inline(never)]
+fn through_another_helper() {
+    clobber_ymm2();
+    std::hint::black_box(());
+}
+
+#[test]
+fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use_does_not() {
+    let _serial = serial();
+    assert!(std::arch::is_x86_feature_detected!("avx2"), "the test needs AVX2 (vpcmpeqd on ymm)");
+    let t = target();
+    // dirty_leaf_caller keeps ymm2 all ones across dirty_leaf's return: -1 unless the
+    // return path lets a handler's vector use reach it.
+    let caller = t.func1("dirty_leaf_caller");
+    assert_eq!(caller(1), -1, "unprobed");
+    static RETURNS: AtomicU64 = AtomicU64::new(0);
+    let light = dynprobe_probe::ReturnProbe::at(sym!("dirty_leaf"))
+        .on_return(|regs, _| {
+            RETURNS.fetch_add(regs.rax, Ordering::Relaxed);
+        })
+        .register()
+        .unwrap();
+    assert!(light.returns_light());
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    assert!(light.info().light, "the entry's detour too: {}", light.info());
+    for _ in 0..50 {
+        assert_eq!(caller(1), -1, "the program's ymm2 across a light return");
+    }
+    assert_eq!((light.returns(), RETURNS.load(Ordering::Relaxed)), (50, 50));
+    light.unregister().unwrap();
+
+    let heavy = dynprobe_probe::ReturnProbe::at(sym!("dirty_leaf"))
+        .on_return(|_, _| through_another_helper())
+        .register()
+        .unwrap();
+    assert!(!heavy.returns_light(), "vpxor behind two direct calls");
+    for round in 0..50 {
+        assert_eq!(caller(1), -1, "round {round}: the return handler's vpxor reached the program's ymm2");
+    }
+    assert_eq!(heavy.returns(), 50);
+    heavy.unregister().unwrap();
 }

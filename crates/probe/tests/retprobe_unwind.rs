@@ -204,7 +204,11 @@ fn glibc_backtrace_inside_probed_functions_shows_the_real_callers() {
     for probed in &runs[1..] {
         let names: Vec<String> = probed.iter().map(|&a| symbol_of(a)).collect();
         assert_eq!(&names[..3], ["bt_inner", "bt_middle", "bt_outer"], "{names:?}");
-        assert_eq!(probed, &runs[0], "the same frames as without probes (no trampoline frame): {names:?}");
+        // The C frames and c_backtrace's exactly, and as many frames in all (no trampoline
+        // frame); the test harness's frames above may differ in return address, as the
+        // optimizer may copy `with_probes`' call of `f` into each of its paths.
+        assert_eq!(probed.len(), runs[0].len(), "as many frames as without probes (no trampoline frame): {names:?}");
+        assert_eq!(probed[..4], runs[0][..4], "the same frames as without probes: {names:?}");
     }
 }
 

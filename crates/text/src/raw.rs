@@ -92,16 +92,112 @@ pub fn thread_alive(tid: i32) -> bool {
     r != -(libc::ESRCH as i64)
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds, through the vDSO's own `__vdso_clock_gettime` (found
-/// by rustix in the vDSO's symbol table, vdso(7); the system call where there is none), not
-/// the C library's `clock_gettime`, which the program may be probing and which a hit path
-/// must therefore not call. The first call finds the function; later ones take no lock,
-/// allocate nothing and never touch `errno`. The one such clock of dynprobe: the probe
-/// layer's handlers, the event writers and the CLI all read this one.
-#[inline]
+/// `CLOCK_MONOTONIC` in nanoseconds, through the vDSO's own `__vdso_clock_gettime`
+/// (vdso(7)) once [`vdso_clock_gettime`] has found it, the system call before (or where
+/// there is no vDSO) — never the C library's `clock_gettime`, which the program may be
+/// probing and which a hit path must therefore not call. Takes no lock, allocates nothing,
+/// never touches `errno`, and calls the vDSO through one gate ([`call_vdso_clock_gettime`])
+/// whose target a light detour's proof checks (the kernel builds the vDSO without SSE:
+/// arch/x86/entry/vdso/Makefile).
 pub fn monotonic_ns() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let mut ts = std::mem::MaybeUninit::<libc::timespec>::uninit();
+    let ts = ts.as_mut_ptr();
+    // Through the pointer, one word at a time: a struct literal, or a move of the struct, is
+    // compiled to vector stores, which this hot path must not contain (a light detour saves
+    // no vector register).
+    // SAFETY: field pointers of the local; both fields are written before they are read.
+    unsafe {
+        std::ptr::write_volatile(std::ptr::addr_of_mut!((*ts).tv_sec), 0);
+        std::ptr::write_volatile(std::ptr::addr_of_mut!((*ts).tv_nsec), 0);
+    }
+    let function = VDSO_CLOCK_GETTIME.load(std::sync::atomic::Ordering::Acquire);
+    let done = function > 1 && call_vdso_clock_gettime(function, libc::CLOCK_MONOTONIC, ts) == 0;
+    if !done {
+        // SAFETY: clock_gettime(CLOCK_MONOTONIC, ts) writes the local `ts`.
+        unsafe { syscall4(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC as u64, ts as u64, 0, 0) };
+    }
+    // SAFETY: as above, initialized.
+    let (sec, nsec) = unsafe {
+        (
+            std::ptr::read_volatile(std::ptr::addr_of!((*ts).tv_sec)),
+            std::ptr::read_volatile(std::ptr::addr_of!((*ts).tv_nsec)),
+        )
+    };
+    (sec as u64).wrapping_mul(1_000_000_000).wrapping_add(nsec as u64)
+}
+
+/// The vDSO's `__vdso_clock_gettime`: 0 until looked up, 1 when there is none.
+static VDSO_CLOCK_GETTIME: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The only place [`monotonic_ns`] calls the vDSO from: a proof that a hit path leaves the
+/// vector state alone stops here and checks the vDSO's function itself. Never inlined: its
+/// address is what the proof knows.
+#[inline(never)]
+pub fn call_vdso_clock_gettime(function: usize, clock: libc::clockid_t, ts: *mut libc::timespec) -> i32 {
+    // SAFETY: `function` is the vDSO's `__vdso_clock_gettime`, whose C signature this is.
+    let f: extern "C" fn(libc::clockid_t, *mut libc::timespec) -> i32 = unsafe { std::mem::transmute(function) };
+    f(clock, ts)
+}
+
+/// The address of the vDSO's `__vdso_clock_gettime`, looked up in the vDSO's dynamic
+/// symbol table on the first call (a cold path: call it before the hot paths need the
+/// clock); `None` without a vDSO. From then on [`monotonic_ns`] calls it.
+pub fn vdso_clock_gettime() -> Option<usize> {
+    use std::sync::atomic::Ordering;
+    if VDSO_CLOCK_GETTIME.load(Ordering::Acquire) == 0 {
+        let found = find_vdso_symbol(b"__vdso_clock_gettime").unwrap_or(1);
+        VDSO_CLOCK_GETTIME.store(found, Ordering::Release);
+    }
+    Some(VDSO_CLOCK_GETTIME.load(Ordering::Acquire)).filter(|&f| f > 1)
+}
+
+/// The address of the vDSO's dynamic symbol `name`, from the image the kernel maps at
+/// `getauxval(AT_SYSINFO_EHDR)` (vdso(7)): its program headers give the load bias and the
+/// dynamic section, whose `DT_HASH` gives the number of symbols.
+fn find_vdso_symbol(name: &[u8]) -> Option<usize> {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: the kernel maps the whole vDSO image at `base` for the life of the process:
+    // every read below is of its ELF headers and tables, inside the image, as elf(5) lays
+    // them out (offsets checked against the image's size where they come from the file).
+    unsafe {
+        let ehdr = &*(base as *const libc::Elf64_Ehdr);
+        let phdrs =
+            std::slice::from_raw_parts((base + ehdr.e_phoff as usize) as *const libc::Elf64_Phdr, ehdr.e_phnum.into());
+        let load = phdrs.iter().find(|p| p.p_type == libc::PT_LOAD)?;
+        let bias = base.wrapping_sub(load.p_vaddr as usize);
+        let size = load.p_memsz as usize;
+        let dynamic = phdrs.iter().find(|p| p.p_type == libc::PT_DYNAMIC)?;
+        let inside = |addr: usize| addr.wrapping_sub(base) < size;
+        // Elf64_Dyn: { d_tag: i64, d_un: u64 }; DT_NULL 0, DT_HASH 4, DT_STRTAB 5, DT_SYMTAB 6.
+        let (mut symtab, mut strtab, mut hash) = (0, 0, 0);
+        let mut dynent = bias.wrapping_add(dynamic.p_vaddr as usize) as *const [u64; 2];
+        while inside(dynent as usize) && (*dynent)[0] != 0 {
+            let value = bias.wrapping_add((*dynent)[1] as usize);
+            match (*dynent)[0] {
+                4 => hash = value,
+                5 => strtab = value,
+                6 => symtab = value,
+                _ => {}
+            }
+            dynent = dynent.add(1);
+        }
+        if !(inside(symtab) && inside(strtab) && inside(hash)) {
+            return None;
+        }
+        let count = *(hash as *const u32).add(1) as usize;
+        let symbols = std::slice::from_raw_parts(symtab as *const libc::Elf64_Sym, count);
+        symbols.iter().find_map(|sym| {
+            let at = strtab + sym.st_name as usize;
+            let matches = inside(at + name.len())
+                && std::slice::from_raw_parts(at as *const u8, name.len() + 1) == [name, b"\0"].concat().as_slice();
+            (matches && sym.st_shndx != 0 && inside(bias.wrapping_add(sym.st_value as usize)))
+                .then(|| bias.wrapping_add(sym.st_value as usize))
+        })
+    }
 }
 
 /// The calling process's id.
@@ -163,5 +259,22 @@ pub fn write(fd: i32, bytes: &[u8], socket: bool) -> i64 {
         } else {
             syscall4(libc::SYS_write, fd as u64, bytes.as_ptr() as u64, bytes.len() as u64, 0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_reads_the_vdso_once_found_and_agrees_with_the_system_call() {
+        let before = monotonic_ns();
+        assert!(vdso_clock_gettime().is_some(), "this x86-64 Linux maps a vDSO with __vdso_clock_gettime");
+        let through_vdso = monotonic_ns();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the local `ts`.
+        unsafe { syscall4(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC as u64, &mut ts as *mut _ as u64, 0, 0) };
+        let after = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        assert!(before <= through_vdso && through_vdso <= after, "{before} {through_vdso} {after}");
     }
 }

@@ -5,19 +5,27 @@
 //! ```text
 //!  +0   trap:  int3                        slow way out: the handler asked for more than a
 //!              int3 ...                    register restore can give (see below)
-//!  +16  entry: [cmpb $0xcc,flag(%rip) ; jne full ; cmp $v,%rdi ; je full … ; jmp copy]
+//!  +16  entry: [cmpb $0xcc,filter(%rip) ; jne full ; cmp $v,%rdi ; je full … ; jmp copy]
 //!        full: lea -(128+144)(%rsp),%rsp   step over the red zone, room for the frame
 //!              pushfq ; cld                (entry: movq $0x202, the flags are dead)
 //!              mov %r15..%rdi,0..112(%rsp) the frame is now a `Regs`: r15 at the lowest address
 //!              (store the original rsp and the probe address in the frame)
 //!              mov %rsp,%rsi               the frame, dispatch's second argument
-//!              and $-align,%rsp ; sub $area,%rsp ; mov %rsi,area-8(%rsp)
+//!              mov $context,%rdi
+//!       [light path, when built light (see below):
+//!              cmpb $0xcc,light(%rip) ; jne vectors
+//!              and $-16,%rsp ; sub $16,%rsp ; mov %rsi,8(%rsp) ; mov %rdi,(%rsp)
+//!              call light_dispatch(context, frame)
+//!              mov %eax,%r11d ; mov (%rsp),%rdi ; mov 8(%rsp),%rsp
+//!              cmp $2,%r11d ; jne tail     2: a heavy handler joined, do it again with…
+//!              mov %rsp,%rsi]
+//!     vectors: and $-align,%rsp ; sub $area,%rsp ; mov %rsi,area-8(%rsp)
 //!              <save vector state>         MXCSR and every vector register (see StateSave)
 //!              call dispatch(context, frame)
 //!              mov %eax,%r11d
 //!              <restore vector state>
 //!              mov area-8(%rsp),%rsp
-//!              test %r11d,%r11d ; jnz trap
+//!        tail: test %r11d,%r11d ; jnz trap
 //!              mov 0..112(%rsp),<caller-saved>  registers as the handlers left them; the
 //!              cmp <callee-saved> ; jne trap    dispatcher kept the callee-saved ones
 //!              popfq                       (entry: flags are dead at a call, skipped)
@@ -26,10 +34,19 @@
 //!              jmp <probe point + covered length>
 //! ```
 //!
-//! `dispatch` returns 0 to continue into the copy, or non-zero when the thread must go
+//! `dispatch` returns 0 to continue into the copy, or 1 when the thread must go
 //! somewhere a restore cannot take it without a spare register: a new `rip` (a diversion, or
 //! the post-handler path), a new `rsp`. Then the thread executes the `int3` at `trap` with
 //! `rsp` at the frame, and the trap's owner loads the whole frame into the thread's context.
+//!
+//! **Light detours.** When every handler of the site is proven to leave the vector, x87 and
+//! MXCSR state alone (see [`super::vector_use`]), the detour is built with a light path
+//! that saves only the general registers and the flags (the 2 KiB of AVX-512 state are
+//! most of a full detour's cost). It is taken while the byte at [`LIGHT_FLAG_OFFSET`] is
+//! `int3`; the probe layer writes a `nop` there for good when a heavy handler joins the
+//! site. A thread that read the flag just before sees the heavy handler in the site's list:
+//! the dispatcher then runs no handler and returns [`REDO_FULL`], and the detour does the
+//! call again with the vector state saved.
 //!
 //! The frame layout is the one of the probe layer's `Regs`: 18 quadwords, `r15 r14 r13 r12
 //! r11 r10 r9 r8 rbp rbx rax rcx rdx rsi rdi rflags rsp rip`.
@@ -57,6 +74,13 @@ const ENTRY_FLAGS: i32 = 0x202;
 pub const ENTRY_OFFSET: usize = 16;
 /// Offset of the slow-path `int3`.
 pub const TRAP_OFFSET: usize = 0;
+/// What a light call of the dispatcher returns when a handler of the site is heavy: it ran
+/// no handler, and the detour calls it again with the vector state saved.
+pub const REDO_FULL: u32 = 2;
+/// Offset of the byte that keeps a light detour's light path on while it is `int3` (as
+/// written), and off for good once it is anything else (a byte of the trap area, read as
+/// data, never executed).
+pub const LIGHT_FLAG_OFFSET: usize = ENTRY_OFFSET - 2;
 
 /// What the detour saves around the handlers besides the general registers.
 ///
@@ -98,6 +122,9 @@ pub struct StateSave {
 /// saved: Rust code does not use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VectorWidth {
+    /// Nothing: the code called is proven to leave the vector, x87 and MXCSR state alone
+    /// (see [`super::vector_use`]).
+    None,
     /// xmm0–15.
     Sse,
     /// ymm0–15.
@@ -113,6 +140,7 @@ impl std::fmt::Display for VectorWidth {
     /// What is saved, for a report: `AVX-512 (zmm0-31, k0-7, MXCSR)`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VectorWidth::None => f.write_str("none (handlers proven light)"),
             VectorWidth::Sse => f.write_str("SSE (xmm0-15, MXCSR)"),
             VectorWidth::Avx => f.write_str("AVX (ymm0-15, MXCSR)"),
             VectorWidth::Avx512 { .. } => f.write_str("AVX-512 (zmm0-31, k0-7, MXCSR)"),
@@ -124,6 +152,7 @@ impl VectorWidth {
     /// Bytes of the save area.
     pub fn save_size(self) -> i32 {
         match self {
+            VectorWidth::None => 64,
             VectorWidth::Sse => 16 * 16 + 64,
             VectorWidth::Avx => 16 * 32 + 64,
             VectorWidth::Avx512 { .. } => 32 * 64 + 8 * 8 + 64,
@@ -144,6 +173,9 @@ pub struct DetourSpec<'a> {
     pub save: StateSave,
     /// `extern "C" fn(context: u64, frame: *mut Regs) -> u32` run with the frame.
     pub dispatch: u64,
+    /// The same, called on the light path (when `light`), which may also return
+    /// [`REDO_FULL`].
+    pub light_dispatch: u64,
     /// First argument of `dispatch`.
     pub context: u64,
     /// At a function entry (`save.flags` false: the compares clobber the flags), the values
@@ -151,6 +183,8 @@ pub struct DetourSpec<'a> {
     /// copy, without saving anything, while [`FILTER_FLAG_OFFSET`] holds `int3`. Empty: no
     /// filter.
     pub entry_filter: &'a [i32],
+    /// Build the light path too (every handler of the site is proven light).
+    pub light: bool,
 }
 
 /// Offset of the byte that keeps a detour's entry filter on while it is `int3` (`0xcc`,
@@ -216,12 +250,15 @@ pub struct DetourPrefix {
     save: StateSave,
     entry_filter: Vec<i32>,
     dispatch: u64,
+    light_dispatch: u64,
     direct_call: bool,
     code: Vec<u8>,
     probe_ip_at: usize,
     context_at: usize,
-    /// Where the call's `rel32` is, for a direct call.
-    call_at: Option<usize>,
+    /// Where the calls' `rel32`s are, for direct calls, and whether each is the light
+    /// dispatcher's.
+    call_at: Vec<(usize, bool)>,
+    light: bool,
 }
 
 impl DetourPrefix {
@@ -240,26 +277,39 @@ impl DetourPrefix {
             return Ok(None);
         };
         let call_at = if direct_call {
-            let rel = |i: usize| spec.dispatch.wrapping_sub(spec.detour_ip + i as u64 + 4) as i64;
-            let mut at = (1..code.len().saturating_sub(3))
-                .filter(|&i| code[i - 1] == 0xe8)
-                .filter(|&i| i64::from(i32::from_le_bytes(code[i..i + 4].try_into().expect("4 bytes"))) == rel(i));
-            match (at.next(), at.next()) {
-                (Some(i), None) => Some(i),
-                _ => return Ok(None),
+            let rel = |i: usize, to: u64| to.wrapping_sub(spec.detour_ip + i as u64 + 4) as i64;
+            let calls = |to: u64| -> Vec<(usize, bool)> {
+                (1..code.len().saturating_sub(3))
+                    .filter(|&i| code[i - 1] == 0xe8)
+                    .filter(|&i| {
+                        i64::from(i32::from_le_bytes(code[i..i + 4].try_into().expect("4 bytes"))) == rel(i, to)
+                    })
+                    .map(|i| (i, to == spec.light_dispatch && spec.light))
+                    .collect()
+            };
+            let mut at = calls(spec.dispatch);
+            if spec.light {
+                at.extend(calls(spec.light_dispatch));
             }
+            // One call of each dispatcher; anything else is not what was assembled.
+            if at.len() != 1 + usize::from(spec.light) {
+                return Ok(None);
+            }
+            at
         } else {
-            None
+            Vec::new()
         };
         let prefix = DetourPrefix {
             save: spec.save,
             entry_filter: spec.entry_filter.to_vec(),
             dispatch: spec.dispatch,
+            light_dispatch: spec.light_dispatch,
             direct_call,
             code,
             probe_ip_at,
             context_at,
             call_at,
+            light: spec.light,
         };
         // Other values, the same kind of detour: the filled-in bytes must be the assembler's.
         let other = DetourSpec {
@@ -280,7 +330,9 @@ impl DetourPrefix {
         self.save == spec.save
             && self.entry_filter == spec.entry_filter
             && self.dispatch == spec.dispatch
+            && (!spec.light || self.light_dispatch == spec.light_dispatch)
             && self.direct_call == direct_call(spec)
+            && self.light == spec.light
     }
 
     /// The prefix's bytes for `spec`.
@@ -291,8 +343,9 @@ impl DetourPrefix {
         code.extend_from_slice(&self.code);
         code[self.probe_ip_at..][..8].copy_from_slice(&spec.probe_ip.to_le_bytes());
         code[self.context_at..][..8].copy_from_slice(&spec.context.to_le_bytes());
-        if let Some(at) = self.call_at {
-            let rel = spec.dispatch.wrapping_sub(spec.detour_ip + at as u64 + 4) as i32;
+        for &(at, light) in &self.call_at {
+            let to = if light { spec.light_dispatch } else { spec.dispatch };
+            let rel = to.wrapping_sub(spec.detour_ip + at as u64 + 4) as i32;
             code[at..][..4].copy_from_slice(&rel.to_le_bytes());
         }
         code
@@ -302,7 +355,8 @@ impl DetourPrefix {
 /// Whether the detour calls its dispatcher directly (`call rel32`), as [`save_call_restore`]
 /// decides.
 fn direct_call(spec: &DetourSpec<'_>) -> bool {
-    rel32_reaches(spec.detour_ip, spec.dispatch) && rel32_reaches(spec.detour_ip + 4096, spec.dispatch)
+    let reaches = |to: u64| rel32_reaches(spec.detour_ip, to) && rel32_reaches(spec.detour_ip + 4096, to);
+    reaches(spec.dispatch) && (!spec.light || reaches(spec.light_dispatch))
 }
 
 /// The prologue, the call and the epilogue: everything before the copy.
@@ -310,10 +364,14 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     let mut a = CodeAssembler::new(64)?;
     let mut trap = a.create_label();
     let mut flag = a.create_label();
+    let mut light_flag = a.create_label();
     a.set_label(&mut trap)?;
     for i in 0..ENTRY_OFFSET {
         if i == FILTER_FLAG_OFFSET {
             a.set_label(&mut flag)?;
+        }
+        if i == LIGHT_FLAG_OFFSET {
+            a.set_label(&mut light_flag)?;
         }
         a.int3()?;
     }
@@ -355,6 +413,35 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     a.mov(rax, spec.probe_ip)?;
     a.mov(qword_ptr(rsp + FRAME_IP), rax)?;
     a.mov(rsi, rsp)?;
+    a.mov(rdi, spec.context)?;
+    // A direct call when the dispatcher is in reach of the detour (both near the probed
+    // code, as in a probed executable); otherwise through a register.
+    // (The call sits somewhere in the detour's first kilobytes.)
+    let call = |a: &mut CodeAssembler, to: u64| match direct_call(spec) {
+        true => a.call(to),
+        false => a.mov(rax, to).and_then(|()| a.call(rax)),
+    };
+    let mut tail = a.create_label();
+    if spec.light {
+        // The light path: the general registers and flags are in the frame, and the
+        // handlers are proven to leave every other register alone.
+        let mut vectors = a.create_label();
+        a.cmp(byte_ptr(light_flag), 0xcc)?;
+        a.jne(vectors)?;
+        a.and(rsp, -16)?;
+        a.sub(rsp, 16)?;
+        a.mov(qword_ptr(rsp + 8), rsi)?;
+        a.mov(qword_ptr(rsp), rdi)?;
+        call(&mut a, spec.light_dispatch)?;
+        a.mov(r11d, eax)?;
+        a.mov(rdi, qword_ptr(rsp))?;
+        a.mov(rsp, qword_ptr(rsp + 8))?;
+        a.cmp(r11d, REDO_FULL as i32)?;
+        a.jne(tail)?;
+        // A heavy handler joined the site: no handler ran and the frame is as built.
+        a.mov(rsi, rsp)?;
+        a.set_label(&mut vectors)?;
+    }
 
     // The vector save area, aligned, with the frame's address in its last quadword.
     let area = spec.save.width.save_size();
@@ -362,22 +449,13 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     a.sub(rsp, area)?;
     a.mov(qword_ptr(rsp + (area - 8)), rsi)?;
     vector_moves(&mut a, spec.save.width, Direction::Save)?;
-
-    a.mov(rdi, spec.context)?;
-    // A direct call when the dispatcher is in reach of the detour (both near the probed
-    // code, as in a probed executable); otherwise through a register.
-    // (The call sits somewhere in the detour's first kilobytes.)
-    if direct_call(spec) {
-        a.call(spec.dispatch)?;
-    } else {
-        a.mov(rax, spec.dispatch)?;
-        a.call(rax)?;
-    }
+    call(&mut a, spec.dispatch)?;
     // r11 holds the decision through the vector restore, which uses eax and the flags; r11
     // itself is reloaded from the frame afterwards.
     a.mov(r11d, eax)?;
     vector_moves(&mut a, spec.save.width, Direction::Restore)?;
     a.mov(rsp, qword_ptr(rsp + (area - 8)))?;
+    a.set_label(&mut tail)?;
     a.test(r11d, r11d)?;
     a.jnz(trap)?;
     // The dispatcher preserved the callee-saved registers, so they still hold the values in
@@ -445,6 +523,7 @@ pub(crate) fn vector_moves(a: &mut CodeAssembler, width: VectorWidth, direction:
     let mxcsr = dword_ptr(rsp + (area - 64));
     let upper_flag = byte_ptr(rsp + (area + UPPER_FLAG));
     match (width, direction) {
+        (VectorWidth::None, _) => return Ok(()),
         (VectorWidth::Sse, Direction::Save) => {
             a.stmxcsr(mxcsr)?;
             for (i, reg) in XMM.into_iter().enumerate() {
@@ -584,6 +663,8 @@ mod tests {
             dispatch: 0x5555_0000_2000,
             context: 0x5555_dead_beef,
             entry_filter: &[],
+            light: false,
+            light_dispatch: 0x5555_0000_3000,
         }
     }
 
@@ -685,6 +766,47 @@ mod tests {
             let full = restore.iter().filter(|i| i.mnemonic() == wide).count();
             let expected = if wide == Vmovdqa64 { 32 } else { 16 };
             assert_eq!(full, expected, "{width:?}: every register of the width on the other way");
+        }
+    }
+
+    #[test]
+    fn a_light_path_saves_no_vector_register_and_falls_back_to_the_full_save_on_redo() {
+        use iced_x86::Mnemonic::{Call, Cmp, Jne, Mov, Vmovdqa64};
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        for save in [ENTRY, MID] {
+            let s = DetourSpec {
+                light: true,
+                dispatch: 0x7f00_0100_0000,
+                light_dispatch: 0x7f00_0100_1000,
+                ..spec(save, &covered)
+            };
+            let detour = build_detour(&s).unwrap();
+            assert_eq!(detour.code[LIGHT_FLAG_OFFSET], 0xcc, "built on");
+            let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
+            let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
+            let calls: Vec<usize> =
+                instrs.iter().enumerate().filter(|(_, i)| i.mnemonic() == Call).map(|(k, _)| k).collect();
+            assert_eq!(calls.len(), 2, "light, then full");
+            // The light path: its flag tested, no vector register touched up to its call
+            // of the light dispatcher; the full save calls the other.
+            let test = instrs.iter().position(|i| i.mnemonic() == Cmp && i.is_ip_rel_memory_operand()).unwrap();
+            assert_eq!(instrs[test].ip_rel_memory_address(), s.detour_ip + LIGHT_FLAG_OFFSET as u64);
+            let vectors = instrs[test + 1].near_branch_target();
+            assert!(instrs[test..calls[0]].iter().all(|i| i.mnemonic() != Vmovdqa64));
+            assert_eq!(instrs[calls[0]].near_branch_target(), s.light_dispatch);
+            assert_eq!(instrs[calls[1]].near_branch_target(), s.dispatch);
+            // After it: 2 sends the thread to the full save, with the frame in rsi again.
+            let redo = instrs[calls[0]..].iter().position(|i| i.mnemonic() == Cmp).unwrap() + calls[0];
+            assert_eq!(instrs[redo].immediate32(), REDO_FULL);
+            assert_eq!(instrs[redo + 1].mnemonic(), Jne);
+            assert_eq!(instrs[redo + 2].mnemonic(), Mov);
+            assert_eq!(instrs[redo + 3].ip(), vectors, "the full save follows");
+            assert!(instrs[redo + 3..calls[1]].iter().any(|i| i.mnemonic() == Vmovdqa64));
+            // Its prefix is filled in like any other, and light and full kinds differ.
+            let prefix = DetourPrefix::new(&s).unwrap().expect("the fields are found");
+            let again = DetourSpec { detour_ip: 0x7f00_0030_0000, probe_ip: 0x7f00_1234_5678, ..s };
+            assert_eq!(build_detour_from(Some(&prefix), &again).unwrap(), build_detour(&again).unwrap());
+            assert!(!prefix.fits(&DetourSpec { light: false, ..again }));
         }
     }
 

@@ -116,6 +116,19 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_for_a_light_dispatcher_saves_no_vector_register() {
+        let code = build_caller(0x7000_0000, 0x5000_0000, VectorWidth::None).unwrap();
+        let instrs = decode_instructions(&code, 0x7000_0000).unwrap();
+        let mut info = iced_x86::InstructionInfoFactory::new();
+        for insn in &instrs {
+            let used = info.info(insn).used_registers().iter().map(|u| u.register()).collect::<Vec<_>>();
+            assert!(used.iter().all(|r| !r.is_xmm() && !r.is_ymm() && !r.is_zmm()), "{insn}");
+            assert!(!matches!(insn.mnemonic(), Mnemonic::Stmxcsr | Mnemonic::Ldmxcsr), "{insn}");
+        }
+        assert_eq!(instrs.last().unwrap().mnemonic(), Mnemonic::Ret);
+    }
+
+    #[test]
     fn the_caller_keeps_the_stack_aligned_and_restores_what_it_saved() {
         let code = build_caller(0x7000_0000, 0x5000_0000, VectorWidth::Sse).unwrap();
         let instrs = decode_instructions(&code, 0x7000_0000).unwrap();

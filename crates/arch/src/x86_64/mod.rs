@@ -14,6 +14,7 @@
 //! * [`return_stub`]: where a function a ptrace tracer calls in another process returns to,
 //!   which puts the thread's registers back itself if the tracer died during the call.
 //! * [`encode`]: the few fixed encodings dynprobe writes (int3, jmp/call rel32, NOP5).
+//! * [`vector_use`]: the proof, by decoding, that a handler leaves the vector state alone.
 
 pub mod classify;
 pub mod decode;
@@ -26,6 +27,7 @@ pub mod relocate;
 pub mod return_stub;
 pub mod trampoline;
 pub mod trap_fallback;
+pub mod vector_use;
 
 pub use classify::{check_out_of_line, Refusal};
 pub use decode::{decode_function, decode_one, instruction_at, signal_syscalls, DecodeError, Flow, Insn};

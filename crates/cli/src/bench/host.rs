@@ -22,10 +22,12 @@ pub struct Host {
     virtualized: bool,
     /// CPUs this process may run on.
     cpus: usize,
-    /// The vector state a detour saves around a handler: what the CPU and kernel have
-    /// enabled (`AVX-512 (zmm0-31, k0-7, MXCSR)`, `AVX (…)`, `SSE (…)`).
+    /// The vector state a detour saves around a handler not proven light: what the CPU and
+    /// kernel have enabled (`AVX-512 (zmm0-31, k0-7, MXCSR)`, `AVX (…)`, `SSE (…)`); around
+    /// a handler proven light, none.
     detour_vectors: String,
-    /// The vector state the function-graph tracer's trampolines save.
+    /// The vector state the function-graph tracer's trampolines save (`none (handlers
+    /// proven light)` when its hot paths are proven to leave it alone).
     graph_vectors: String,
     /// The kernel's release (`uname -r`).
     kernel: String,
@@ -57,7 +59,7 @@ impl Host {
             virtualized: field("flags").split_whitespace().any(|flag| flag == "hypervisor"),
             cpus: std::thread::available_parallelism().map_or(0, usize::from),
             detour_vectors: dynprobe::internals::vector_width().to_string(),
-            graph_vectors: dynprobe::internals::light_width().to_string(),
+            graph_vectors: dynprobe_ftrace::trampoline_width().to_string(),
             kernel: first_line("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".to_owned()),
             load_average: first_line("/proc/loadavg")
                 .and_then(|line| line.split_whitespace().next().and_then(|load| load.parse().ok())),
@@ -73,8 +75,8 @@ impl fmt::Display for Host {
         let load = self.load_average.map_or_else(|| "unknown".to_owned(), |load| format!("{load:.2}"));
         write!(
             f,
-            "host: {} ({}, family/model/stepping {}{vm}), {} CPUs, kernel {}, load {load}; detours save {}, \
-             function-graph saves {}",
+            "host: {} ({}, family/model/stepping {}{vm}), {} CPUs, kernel {}, load {load}; detours save {} \
+             (general registers only around handlers proven light), function-graph saves {}",
             self.cpu_model,
             self.cpu_vendor,
             self.cpu_signature,

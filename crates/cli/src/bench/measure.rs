@@ -100,6 +100,50 @@ pub unsafe fn measure(target: Target, plan: Plan) -> Timing {
     Timing { calls_per_batch, batches, total_calls, remark: None }
 }
 
+/// How many threads the thread-scaling rows run: one per CPU (`nproc`).
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// [`measure`] from [`threads`] threads at once: each batch starts every thread at one
+/// barrier, each times its own calls in its own CPU time, and the batch's figure is their
+/// mean per call. Per-hit cost that grows with the threads (a cache line every hit of every
+/// thread writes) shows here against the one-thread row.
+///
+/// # Safety
+///
+/// As for [`measure`], from any thread.
+pub unsafe fn measure_threads(target: Target, plan: Plan) -> Timing {
+    // Calibrated (and warmed up) on this thread: the batch then takes each thread about
+    // BATCH_TIME of CPU.
+    // SAFETY: forwarded from the caller.
+    let single = unsafe { measure(target, plan) };
+    let calls_per_batch = single.calls_per_batch;
+    let n = threads();
+    let mut total_calls = single.total_calls;
+    let batches = (0..BATCHES)
+        .map(|_| {
+            let barrier = std::sync::Barrier::new(n);
+            let times: Vec<Duration> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..n)
+                    .map(|_| {
+                        let barrier = &barrier;
+                        scope.spawn(move || {
+                            barrier.wait();
+                            // SAFETY: forwarded from the caller, sound from any thread.
+                            unsafe { time_calls(target, calls_per_batch) }
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+            });
+            total_calls += calls_per_batch * n as u64;
+            times.iter().map(|t| t.as_nanos() as f64).sum::<f64>() / n as f64 / calls_per_batch as f64
+        })
+        .collect();
+    Timing { calls_per_batch, batches, total_calls, remark: Some(format!("{n} threads at once")) }
+}
+
 /// Calls `target` `calls` times and returns the CPU time that took.
 ///
 /// The pointer and each argument go through `black_box`, so the compiler can neither

@@ -100,17 +100,16 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
             // (the contract of `Measure::Call::target`), and it stays armed until after the
             // measurement.
             let timing = unsafe { measure::measure(target, plan) };
-            let hits = armed.hits();
-            armed.disarm()?;
-            match hits? {
-                Some(hits) if hits < timing.total_calls => Err(format!(
-                    "fired {hits} times for {} calls: the number would not be a probe's cost",
-                    timing.total_calls
-                )),
-                _ => Ok(timing),
-            }
+            all_calls_hit(armed, timing)
         }
-        Measure::Program(tracer) => program::measure(tracer, plan),
+        Measure::CallThreads { target, setup } => {
+            let armed = setup(target)?;
+            // SAFETY: as for `Measure::Call`, from every thread.
+            let timing = unsafe { measure::measure_threads(target, plan) };
+            all_calls_hit(armed, timing)
+        }
+        Measure::Program(tracer) => program::measure(tracer, plan, None),
+        Measure::ProgramThreads(tracer) => program::measure(tracer, plan, Some(measure::threads())),
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),
         Measure::Resolve => resolve::measure_resolve(),
@@ -119,6 +118,19 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
         Measure::PtraceProbe => ptrace::measure_ptrace_probe(),
         Measure::Startup(case) => startup::measure(case, plan),
     })
+}
+
+/// Disarms `armed` and returns `timing`, unless the instrumentation counted fewer hits than
+/// the calls made: the number would then not be its cost.
+fn all_calls_hit(armed: Box<dyn rows::Armed>, timing: Timing) -> Result<Timing, String> {
+    let hits = armed.hits();
+    armed.disarm()?;
+    match hits? {
+        Some(hits) if hits < timing.total_calls => {
+            Err(format!("fired {hits} times for {} calls: the number would not be a probe's cost", timing.total_calls))
+        }
+        _ => Ok(timing),
+    }
 }
 
 /// Runs `f`, turning a panic into an error that says where and why, without the default

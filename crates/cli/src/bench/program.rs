@@ -50,10 +50,12 @@ pub enum Tracer {
     AfterDetach,
 }
 
-/// Runs the program [`BATCHES`] times under `tracer`; each run is one batch.
-pub fn measure(tracer: Tracer, plan: Plan) -> Result<Timing, String> {
+/// Runs the program [`BATCHES`] times under `tracer`; each run is one batch. With
+/// `threads`, that many threads of the program run the loop at once, each timing its own
+/// calls in CPU time (see `bench/graph.c`).
+pub fn measure(tracer: Tracer, plan: Plan, threads: Option<usize>) -> Result<Timing, String> {
     let iterations = (plan.calls_per_batch.unwrap_or(DEFAULT_CALLS) / CALLS_PER_ITERATION).max(1);
-    let command = TracedCommand::new(tracer, iterations)?;
+    let command = TracedCommand::new(tracer, iterations, threads)?;
     let mut timing = Timing { calls_per_batch: 0, batches: Vec::new(), total_calls: 0, remark: None };
     for _ in 0..BATCHES {
         let run = command.run()?;
@@ -125,12 +127,14 @@ struct TracedCommand {
     tracer: Tracer,
     /// The program that runs the others, when there is one.
     launcher: Option<PathBuf>,
+    /// Loop iterations, of each thread.
     iterations: u64,
+    threads: Option<usize>,
 }
 
 impl TracedCommand {
     /// Finds what `tracer` needs: an error when it is missing.
-    fn new(tracer: Tracer, iterations: u64) -> Result<TracedCommand, String> {
+    fn new(tracer: Tracer, iterations: u64, threads: Option<usize>) -> Result<TracedCommand, String> {
         let launcher = match tracer {
             Tracer::None | Tracer::AfterDetach => None,
             Tracer::Dynprobe => {
@@ -138,7 +142,7 @@ impl TracedCommand {
             }
             Tracer::Uftrace => Some(find_on_path("uftrace").ok_or(UFTRACE_MISSING)?),
         };
-        Ok(TracedCommand { tracer, launcher, iterations })
+        Ok(TracedCommand { tracer, launcher, iterations, threads })
     }
 
     /// Runs the program once, with a scratch trace directory that is removed afterwards.
@@ -146,27 +150,39 @@ impl TracedCommand {
         let scratch = Scratch::new()?;
         let dir = scratch.path.as_os_str();
         let iterations = OsString::from(self.iterations.to_string());
+        let threads: Vec<OsString> = self.threads.iter().map(|n| OsString::from(n.to_string())).collect();
         let mut command = match &self.launcher {
             Some(launcher) => Command::new(launcher),
             None => Command::new(GRAPH),
         };
         match self.tracer {
-            Tracer::None => command.arg(&iterations),
+            Tracer::None => command.arg(&iterations).args(&threads),
             Tracer::AfterDetach => return after_detach(command.arg(&iterations).arg("wait"), dir),
             Tracer::Dynprobe => {
                 // A ring that holds the whole run: nothing can be lost however the drain
                 // keeps pace, so every call pays for its records. The traced thread also
                 // touches each ring page first (its page faults are in the figure), which a
-                // ring that wraps pays once per lap only.
+                // ring that wraps pays once per lap only. Each thread has a ring of its own.
                 let records =
                     (RECORDS_PER_CALL * CALLS_PER_ITERATION * self.iterations + RING_MARGIN).next_power_of_two();
                 let buffer = records.to_string();
-                command.args(["record", "--buffer-size", &buffer, "-o"]).arg(dir).arg("--").arg(GRAPH).arg(&iterations)
+                command
+                    .args(["record", "--buffer-size", &buffer, "-o"])
+                    .arg(dir)
+                    .arg("--")
+                    .arg(GRAPH)
+                    .arg(&iterations)
+                    .args(&threads)
             }
             Tracer::Uftrace => {
                 // -P .: every function through the NOP sites, as dynprobe patches them;
                 // --no-libcall: the program's own functions only, as dynprobe records.
-                command.args(["record", "-P", ".", "--no-libcall", "-d"]).arg(dir).arg(GRAPH).arg(&iterations)
+                command
+                    .args(["record", "-P", ".", "--no-libcall", "-d"])
+                    .arg(dir)
+                    .arg(GRAPH)
+                    .arg(&iterations)
+                    .args(&threads)
             }
         };
         let shown = format!("{command:?}");

@@ -43,6 +43,12 @@ pub const GRAPH_PLAIN: &str = "graph-plain";
 pub const STARTUP_PLAIN: &str = "startup-plain";
 /// `bench/graph.c` under uftrace, the function tracer a user would compare with.
 pub const UFTRACE: &str = "uftrace";
+/// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
+pub const BASELINE_THREADS: &str = "baseline-call-threads";
+/// The kernel's uprobe hit from every CPU at once.
+pub const KERNEL_UPROBE_THREADS: &str = "kernel-uprobe-threads";
+/// `bench/graph.c` untraced, its loop run by every CPU at once.
+pub const GRAPH_PLAIN_THREADS: &str = "graph-plain-threads";
 
 /// Instrumentation a row has armed; it stays armed until [`Armed::disarm`].
 pub trait Armed {
@@ -84,8 +90,17 @@ pub enum Measure {
         /// Arms the instrumentation on `target`.
         setup: fn(Target) -> Result<Box<dyn Armed>, String>,
     },
+    /// As `Call`, from every CPU at once (`nproc` threads on the one site).
+    CallThreads {
+        /// As for `Call`, called from every thread.
+        target: Target,
+        /// As for `Call`.
+        setup: fn(Target) -> Result<Box<dyn Armed>, String>,
+    },
     /// `bench/graph.c` runs under a tracer and times its own calls.
     Program(Tracer),
+    /// As `Program`, the loop run by `nproc` threads of the program at once.
+    ProgramThreads(Tracer),
     /// `dynprobe record` of a program with 10,000 NOP sites: the time of their one batch
     /// of patches, per site.
     SiteBatch,
@@ -116,7 +131,9 @@ impl Row {
                 Some(BASELINE_SSE)
             }
             Measure::Call { .. } => Some(BASELINE),
+            Measure::CallThreads { .. } => Some(BASELINE_THREADS),
             Measure::Program(_) => Some(GRAPH_PLAIN),
+            Measure::ProgramThreads(_) => Some(GRAPH_PLAIN_THREADS),
             Measure::Startup(_) => Some(STARTUP_PLAIN),
             Measure::SiteBatch
             | Measure::Attach
@@ -286,6 +303,49 @@ pub static ROWS: &[Row] = &[
         compare_to: &[UFTRACE],
     },
     Row {
+        name: BASELINE_THREADS,
+        about: "baseline-call from nproc threads at once (CPU time per call, mean of the threads)",
+        measure: Measure::CallThreads { target: dynprobe_bench_target, setup: |_| Ok(Box::new(())) },
+        compare_to: &[],
+    },
+    Row {
+        name: KERNEL_UPROBE_THREADS,
+        about: "kernel-uprobe hit from nproc threads at once on the one site",
+        measure: Measure::CallThreads {
+            target: dynprobe_bench_target,
+            setup: |target| uprobe::arm_every_cpu(target, uprobe::Kind::Entry),
+        },
+        compare_to: &[KERNEL_UPROBE],
+    },
+    Row {
+        name: "optimized-probe-threads",
+        about: "optimized-probe hit from nproc threads at once on the one site: flat against optimized-probe \
+                unless every hit writes a cache line all threads share",
+        measure: Measure::CallThreads {
+            target: dynprobe_bench_target,
+            setup: |target| register_optimized_probe(target, ProbePoint::Entry),
+        },
+        compare_to: &["optimized-probe", KERNEL_UPROBE_THREADS],
+    },
+    Row {
+        name: "return-probe-threads",
+        about: "return-probe hit from nproc threads at once on the one function",
+        measure: Measure::CallThreads { target: dynprobe_bench_target, setup: register_return_probe },
+        compare_to: &["return-probe", KERNEL_UPROBE_THREADS],
+    },
+    Row {
+        name: GRAPH_PLAIN_THREADS,
+        about: "graph-plain's loop run by nproc threads of the program at once (CPU time per call)",
+        measure: Measure::ProgramThreads(Tracer::None),
+        compare_to: &[],
+    },
+    Row {
+        name: "function-graph-threads",
+        about: "function-graph with nproc threads of the program calling at once, each into its own ring",
+        measure: Measure::ProgramThreads(Tracer::Dynprobe),
+        compare_to: &["function-graph", KERNEL_UPROBE_THREADS],
+    },
+    Row {
         name: "enable-sites",
         about: "dynprobe record turning 10,000 mcount NOPs into calls in one batch (one stop), ns per site",
         measure: Measure::SiteBatch,
@@ -388,6 +448,9 @@ fn register_return_probe(target: Target) -> Result<Box<dyn Armed>, String> {
         .register()
         .map_err(|err| format!("register: {err}"))?;
     optimized(|| handle.info())?;
+    if !handle.returns_light() {
+        return Err("the empty return handler's calls do not return through the light trampoline".to_owned());
+    }
     Ok(Box::new(handle))
 }
 
@@ -437,11 +500,17 @@ fn needs_avx() -> Result<Box<dyn Armed>, String> {
 
 /// Runs the optimizer and checks that the probe whose listing `info` gives was optimized:
 /// a row must not report a breakpoint's cost under an optimized probe's name.
+/// The rows' handlers are empty, so their detours must be light (no vector state saved):
+/// a handler or dispatcher that stopped being proven so is an error with the reason, not a
+/// slower figure under the same name.
 fn optimized(info: impl FnOnce() -> dynprobe::ProbeInfo) -> Result<(), String> {
     dynprobe::wait_for_optimizer().map_err(|err| format!("optimizer: {err}"))?;
     let info = info();
     if !info.optimized {
         return Err(format!("the probe was not optimized: {info}"));
+    }
+    if !info.light {
+        return Err(format!("the empty handler's detour is not light: {info}"));
     }
     Ok(())
 }

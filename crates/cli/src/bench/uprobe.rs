@@ -3,7 +3,10 @@
 //! The `uprobe` PMU takes the probe straight in the attribute — `config1` points at the
 //! file's path, `config2` is the file offset, bit 0 of `config` asks for a return probe —
 //! so no tracefs, no `perf` tool and no event names are involved. A counting event with
-//! `pid = 0` and `cpu = -1` fires on every hit by this process, on any CPU.
+//! `pid = 0` and `cpu = -1` fires on every hit by this thread, on any CPU; the
+//! thread-scaling rows open one per CPU with `pid = -1` instead ([`arm_every_cpu`]), which
+//! counts the hits of every thread (an inherited per-thread event did not count the
+//! threads created after it on the 6.18 kernel this was written on).
 
 use std::ffi::{c_ulong, CString};
 use std::fs;
@@ -34,6 +37,28 @@ pub fn arm(target: Target, kind: Kind) -> Result<Box<dyn Armed>, String> {
     Ok(Box::new(Uprobe::attach(target, kind)?))
 }
 
+/// [`arm`] counting every thread's hits: one event per CPU.
+pub fn arm_every_cpu(target: Target, kind: Kind) -> Result<Box<dyn Armed>, String> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as i32;
+    let events = (0..cpus).map(|cpu| Uprobe::attach_on(target, kind, -1, cpu)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Box::new(EveryCpu(events)))
+}
+
+/// One uprobe event per CPU, for every thread's hits.
+struct EveryCpu(Vec<Uprobe>);
+
+impl Armed for EveryCpu {
+    /// The sum of the CPUs' counts.
+    fn hits(&self) -> Result<Option<u64>, String> {
+        let mut total = 0;
+        for event in &self.0 {
+            total += event.hits()?.unwrap_or(0);
+        }
+        Ok(Some(total))
+    }
+}
+
 /// A kernel uprobe, live while the perf event's file descriptor is open.
 pub struct Uprobe {
     fd: OwnedFd,
@@ -45,6 +70,11 @@ impl Uprobe {
     /// Errors say why the kernel refused, e.g. missing privileges with the
     /// `perf_event_paranoid` setting that applied.
     pub fn attach(target: Target, kind: Kind) -> Result<Self, String> {
+        Self::attach_on(target, kind, 0, -1)
+    }
+
+    /// [`Uprobe::attach`] for perf_event_open(2)'s `pid` and `cpu`.
+    fn attach_on(target: Target, kind: Kind, pid: i32, cpu: i32) -> Result<Self, String> {
         let pmu_type =
             fs::read_to_string(UPROBE_TYPE).map_err(|err| format!("no uprobe PMU ({UPROBE_TYPE}: {err})"))?;
         let pmu_type: u32 = pmu_type.trim().parse().map_err(|err| format!("{UPROBE_TYPE}: {err}"))?;
@@ -66,9 +96,10 @@ impl Uprobe {
         // `disabled` stays 0: the probe is live from the moment the event is open.
 
         // SAFETY: `attr` is a valid attribute whose `size` is its own; the path it points
-        // at outlives the call (the kernel copies it); pid 0 / cpu -1 / no group is a
-        // per-process counting event.
-        let fd = unsafe { sys::perf_event_open(&mut attr, 0, -1, -1, sys::bindings::PERF_FLAG_FD_CLOEXEC as c_ulong) };
+        // at outlives the call (the kernel copies it); pid 0 / cpu -1 / no group counts this
+        // thread's hits on any CPU, pid -1 / one cpu every thread's on that CPU.
+        let fd =
+            unsafe { sys::perf_event_open(&mut attr, pid, cpu, -1, sys::bindings::PERF_FLAG_FD_CLOEXEC as c_ulong) };
         if fd < 0 {
             return Err(open_error(io::Error::last_os_error()));
         }

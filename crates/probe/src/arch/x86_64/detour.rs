@@ -17,7 +17,8 @@ use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use dynprobe_arch::native::detour::{
-    build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, FILTER_FLAG_OFFSET, TRAP_OFFSET,
+    build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, FILTER_FLAG_OFFSET, LIGHT_FLAG_OFFSET,
+    REDO_FULL, TRAP_OFFSET,
 };
 use dynprobe_arch::native::jump_table::TableMemory;
 use dynprobe_arch::native::optimize::{covered_run_with, CoveredRun};
@@ -51,6 +52,8 @@ pub(crate) struct SiteDetour {
     pub(crate) island: Option<Island>,
     /// Built with an entry filter (see [`SiteDetour::open_filter`]).
     filtered: bool,
+    /// Built with a light path (see [`SiteDetour::make_heavy`]).
+    light: bool,
 }
 
 /// A `jmp rel32` to a detour written in the padding before a function, reached by a
@@ -112,6 +115,24 @@ impl SiteDetour {
         Ok(())
     }
 
+    /// Turns the light path off for good: a heavy handler joined the site. One byte, read
+    /// as data by the detour, never executed. A thread that read it a moment before finds
+    /// the heavy handler in the site's list and comes back through the full save
+    /// (`detour_dispatch`).
+    pub(crate) fn make_heavy(&self) -> Result<(), ProbeError> {
+        if self.is_light() {
+            let flag = self.slot.addr + LIGHT_FLAG_OFFSET as u64;
+            write_verified(flag, &[INT3], &[NOP])?;
+        }
+        Ok(())
+    }
+
+    /// Whether the light path is on.
+    pub(crate) fn is_light(&self) -> bool {
+        self.light
+            && dynprobe_text::memory::read_vec(self.slot.addr + LIGHT_FLAG_OFFSET as u64, 1).is_ok_and(|b| b == [INT3])
+    }
+
     fn trap_addr(&self) -> u64 {
         self.slot.addr + TRAP_OFFSET as u64
     }
@@ -148,14 +169,16 @@ pub fn vector_width() -> VectorWidth {
 
 /// Checks the probe point against its function (`function`, the original bytes from
 /// `start`) and against what the caller knows of the rest of the program (`check_run`:
-/// jumps from other functions into the run), and writes its detour. `Err` is the reason it
-/// stays a breakpoint probe.
+/// jumps from other functions into the run), and writes its detour, with a light path when
+/// `light` (every handler of the site is proven light, and so is the dispatcher). `Err` is
+/// the reason it stays a breakpoint probe.
 pub(crate) fn prepare_detour(
     site: &PatchSite,
     function: &[u8],
     start: u64,
     tables: &TableMemory<'_>,
     island: Option<(u64, [u8; 5])>,
+    light: bool,
     check_run: impl FnOnce(&CoveredRun) -> Result<(), String>,
 ) -> Result<SiteDetour, String> {
     let jump_len = if island.is_some() { JMP_REL8_LEN } else { JMP_REL32_LEN };
@@ -174,8 +197,10 @@ pub(crate) fn prepare_detour(
             covered: &original,
             save,
             dispatch: detour_dispatch as *const () as u64,
+            light_dispatch: light_detour_dispatch as *const () as u64,
             context: site as *const PatchSite as u64,
             entry_filter: &entry_filter,
+            light,
         };
         let mut code = build_detour_from(prefix_for(&spec).as_deref(), &spec).map_err(|e| e.to_string())?;
         let entry = slot.addr + dynprobe_arch::native::detour::ENTRY_OFFSET as u64;
@@ -201,7 +226,7 @@ pub(crate) fn prepare_detour(
         // keep a second kilobyte per function on the heap.
         code.code = Vec::new();
         let detour =
-            SiteDetour { slot, run, original, code, jump, jump_len, island, filtered: !entry_filter.is_empty() };
+            SiteDetour { slot, run, original, code, jump, jump_len, island, filtered: !entry_filter.is_empty(), light };
         trap::register_site(detour.trap_addr(), on_detour_trap, site as *const PatchSite as usize)
             .map_err(|e| e.to_string())?;
         Ok(detour)
@@ -320,10 +345,33 @@ fn moved_ip(site: &PatchSite, detour: &SiteDetour, ip: u64) -> Result<Option<u64
     new_ip.map(Some).ok_or(Busy)
 }
 
+/// The address of the light detours' dispatcher, whose code the light proof walks.
+pub(crate) fn detour_dispatch_code() -> u64 {
+    light_detour_dispatch as *const () as u64
+}
+
 /// Runs a site's handlers for a thread that came through the detour, with its registers in
 /// `frame`. Returns 0 to continue into the copy of the covered run; 1 when the thread must
 /// take the detour's trap, which loads the whole frame (a new `rip` or `rsp`).
 extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
+    dispatch::<false>(site, frame)
+}
+
+/// [`detour_dispatch`] on a detour's light path (no vector state saved): returns
+/// [`REDO_FULL`] when a probe of the site is heavy — then it has run nothing, and the detour
+/// calls [`detour_dispatch`] with everything saved. Handlers are called without
+/// `catch_unwind`: a light handler cannot unwind (a call that may is heavy), and the
+/// catching code, reached by the proof's walk, drops a `dyn` payload.
+///
+/// Everything this reaches, but the handlers (behind `crate::light::call_handler`), is
+/// proven light by decoding (`crate::light`): it allocates nothing, takes no lock, and must
+/// not be able to panic.
+extern "C" fn light_detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
+    dispatch::<true>(site, frame)
+}
+
+#[inline(always)]
+fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 {
     // SAFETY: `site` is the context baked into this site's detour; the registry keeps the
     // site alive until no thread can be in the detour (see registry::retire_site).
     let site = unsafe { &*site };
@@ -334,17 +382,22 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
         // dynprobe's own thread: no handler runs and nothing is counted, as if unprobed.
         return 0;
     }
+    // One list for the check and the run: a list published meanwhile is the next hit's.
+    let probes = site.probes();
+    if LIGHT && !PatchSite::all_light(probes) {
+        return REDO_FULL;
+    }
     let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
             site.count_missed();
             // Guards rewrite argument registers only: the fast way out still fits.
-            site.run_nested_guards(regs, 0);
+            site.run_nested_guards::<LIGHT>(probes, regs, 0);
             return 0;
         }
     };
     let rsp = regs.rsp;
-    let wants_post = site.run_pre_handlers(regs, &guard);
+    let wants_post = site.run_pre_handlers::<LIGHT>(probes, regs, &guard);
     if regs.ip != site.addr {
         return 1;
     }

@@ -8,6 +8,7 @@ pub use rethook::light_width;
 mod thread;
 mod trap;
 
+pub(crate) use detour::detour_dispatch_code;
 pub use detour::vector_width;
 pub(crate) use detour::{bytes_under_jump, disown_detour, move_into_copy, prepare_detour, Island, SiteDetour};
 pub use regs::Regs;

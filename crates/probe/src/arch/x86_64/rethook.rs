@@ -105,6 +105,11 @@ pub(crate) static FULL: Sled = Sled::new();
 /// dynprobe's own function-graph tracer alone, whose return path is built for the baseline
 /// x86-64 and calls no C library routine (see `dynprobe_arch`'s `ftrace` module).
 pub(crate) static LIGHT: Sled = Sled::new();
+/// The sled whose `common` saves the general registers only, for return probes whose
+/// return handler is proven to leave the vector state alone (see `crate::light`) on calls
+/// no other instance diverts; its dispatcher calls that handler without `catch_unwind`
+/// (a light handler cannot unwind).
+pub(crate) static RP_LIGHT: Sled = Sled::new();
 
 /// What `common` saved of the registers a function may clobber, in
 /// [`SAVED_GPRS`](dynprobe_arch::native::trampoline::SAVED_GPRS) order.
@@ -139,22 +144,32 @@ pub fn light_width() -> VectorWidth {
 /// function returned.
 #[inline(always)]
 pub(crate) fn is_entry_of(addr: u64, index: usize) -> bool {
-    FULL.is_entry_of(addr, index) || LIGHT.is_entry_of(addr, index)
+    FULL.is_entry_of(addr, index) || LIGHT.is_entry_of(addr, index) || RP_LIGHT.is_entry_of(addr, index)
 }
 
 /// True when `ip` lies in a trampoline.
 pub(crate) fn contains(ip: u64) -> bool {
-    FULL.contains(ip) || LIGHT.contains(ip)
+    FULL.contains(ip) || LIGHT.contains(ip) || RP_LIGHT.contains(ip)
 }
 
 /// Writes `sled` for `entries` instances and registers its unwind information. `table` is
 /// the address of the instance table: instance `i`'s original return address is the `u64`
-/// at `table + i * stride`. Called once per sled, before any call can be diverted to it.
-pub(crate) fn install(sled_kind: &'static Sled, entries: usize, table: u64, stride: u64) -> Result<(), ProbeError> {
-    let (width, dispatch) = if std::ptr::eq(sled_kind, &LIGHT) {
-        (light_width(), light_dispatch as *const () as u64)
+/// at `table + i * stride`; `common` saves the vector state of `width`. Called once per
+/// sled, before any call can be diverted to it.
+pub(crate) fn install(
+    sled_kind: &'static Sled,
+    entries: usize,
+    table: u64,
+    stride: u64,
+    width: VectorWidth,
+) -> Result<(), ProbeError> {
+    let dispatch = if std::ptr::eq(sled_kind, &LIGHT) {
+        let _ = LIGHT_WIDTH.set(width);
+        light_dispatch as *const () as u64
+    } else if std::ptr::eq(sled_kind, &RP_LIGHT) {
+        light_return_dispatch as *const () as u64
     } else {
-        (super::detour::vector_width(), full_dispatch as *const () as u64)
+        full_dispatch as *const () as u64
     };
     // `common` is built once for its length, then again at its final address (its call is
     // absolute, so the length does not depend on the address).
@@ -355,6 +370,61 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
     save.rax = regs.rax;
     save.rdx = regs.rdx;
     ret
+}
+
+/// [`full_dispatch`] for the [`RP_LIGHT`] sled: the same return path, its handler called
+/// directly. The register record is built field by field (a struct literal with
+/// `..Default::default()` is compiled to vector stores, which this path must not have).
+extern "C" fn light_return_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+    // SAFETY: `common` passes its own stack save area, live for the whole call.
+    let save = unsafe { &mut *save };
+    let mut storage = std::mem::MaybeUninit::<Regs>::uninit();
+    let words = storage.as_mut_ptr().cast::<u64>();
+    for i in 0..std::mem::size_of::<Regs>() / 8 {
+        // SAFETY: `Regs` is a `repr(C)` struct of u64 fields: `i` words into it are in it.
+        unsafe { std::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every word written just above; used in place (a move would be a vector copy).
+    let regs = unsafe { &mut *storage.as_mut_ptr() };
+    // One word at a time (volatile), or neighbouring copies are merged into vector moves.
+    let pairs = [
+        (&mut regs.rax, save.rax),
+        (&mut regs.rdx, save.rdx),
+        (&mut regs.rcx, save.rcx),
+        (&mut regs.rsi, save.rsi),
+        (&mut regs.rdi, save.rdi),
+        (&mut regs.r8, save.r8),
+        (&mut regs.r9, save.r9),
+        (&mut regs.r10, save.r10),
+        (&mut regs.r11, save.r11),
+        (&mut regs.rsp, caller_rsp),
+    ];
+    for (field, value) in pairs {
+        // SAFETY: a field of the local record.
+        unsafe { std::ptr::write_volatile(field, value) };
+    }
+    let ret = crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs);
+    save.rax = regs.rax;
+    save.rdx = regs.rdx;
+    ret
+}
+
+/// The light return-probe sled's dispatcher, for its proof.
+pub(crate) fn light_return_dispatch_code() -> u64 {
+    light_return_dispatch as *const () as u64
+}
+
+/// What the light sled's `common` saves (set at its first installation).
+static LIGHT_WIDTH: std::sync::OnceLock<VectorWidth> = std::sync::OnceLock::new();
+
+/// What the light sled saves of the vector state, once installed.
+pub(crate) fn light_sled_width() -> Option<VectorWidth> {
+    LIGHT_WIDTH.get().copied()
+}
+
+/// The light sled's dispatcher, for its proof.
+pub(crate) fn light_dispatch_code() -> u64 {
+    light_dispatch as *const () as u64
 }
 
 /// [`full_dispatch`] for the light sled: only the function-graph tracer's calls return

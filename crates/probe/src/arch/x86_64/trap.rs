@@ -154,7 +154,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
             let uc = ctx.ucontext();
             let mut regs = Regs::from_ucontext(uc);
             let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
-            site.run_nested_guards(&mut regs, frame_mask);
+            site.run_nested_guards::<false>(site.probes(), &mut regs, frame_mask);
             regs.to_ucontext(uc);
             ctx.set_ip(site.resume_after_pre());
             return;
@@ -166,7 +166,7 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // A signal guard's mask change must outlive this frame's sigreturn (crate::signals).
     let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
     guard.thread().trap_mask.store(frame_mask, Ordering::Relaxed);
-    let wants_post = site.run_pre_handlers(&mut regs, &guard);
+    let wants_post = site.run_pre_handlers::<false>(site.probes(), &mut regs, &guard);
     guard.thread().trap_mask.store(0, Ordering::Relaxed);
     let diverted = regs.ip != site.addr;
     if diverted {

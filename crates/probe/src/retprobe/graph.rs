@@ -1,0 +1,213 @@
+//! The return hooks only dynprobe's function-graph tracer uses (the kernel's `fprobe` on
+//! `rethook`): entering a call for the tracer, the light sled's return path, and the one
+//! exit hook every entered call reaches exactly once.
+
+use super::*;
+use dynprobe_arch::native::detour::VectorWidth;
+
+/// A call entered by the function-graph tracer has ended, or was found abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphExit {
+    /// The thread's slot index (below [`MAX_THREADS`]): what the tracer keys per-thread
+    /// buffers by.
+    pub slot: usize,
+    /// The thread's kernel id.
+    pub tid: u32,
+    /// The call's depth on the thread's instance stack.
+    pub depth: usize,
+    /// The function id the tracer gave [`graph_enter`].
+    pub func: u32,
+    /// True when the call was left without returning (a `longjmp`, an exception), noticed
+    /// now; false for a return.
+    pub unwound: bool,
+}
+
+/// A call entered by [`graph_enter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphEntry {
+    /// As in [`GraphExit`].
+    pub slot: usize,
+    /// As in [`GraphExit`].
+    pub tid: u32,
+    /// As in [`GraphExit`].
+    pub depth: usize,
+}
+
+/// What [`graph_enter`] did with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphEnter {
+    /// The call is tracked: its end will be reported.
+    Entered(GraphEntry),
+    /// Not tracked, as asked: deeper than the caller's limit, the very call already tracked
+    /// (a tail call), or a thread whose calls are not traced.
+    Skipped,
+    /// Not tracked though it should have been: the thread was inside a probe handler (a
+    /// signal arriving in the tracer itself), had no thread slot or no return address at
+    /// its stack pointer, or [`MAX_DEPTH`] calls are in flight on it already.
+    Missed,
+}
+
+/// The function-graph tracer's exit hook; set once by [`graph_install`].
+pub(super) static GRAPH_HOOK: OnceLock<fn(&GraphExit)> = OnceLock::new();
+/// Set, before [`GRAPH_HOOK`], when the hook is not proven light: no detour may then run
+/// code that reaches it on its light path.
+pub(super) static GRAPH_HOOK_HEAVY: AtomicBool = AtomicBool::new(false);
+
+/// Whether the function-graph tracer's exit hook, which the entry of any return hook may
+/// call (for calls it finds abandoned), is light (see `crate::light`).
+#[inline]
+pub(crate) fn graph_hook_light() -> bool {
+    !GRAPH_HOOK_HEAVY.load(Ordering::Relaxed)
+}
+
+/// The one place the graph tracer's hook is called from: the light proofs do not walk into
+/// it (an indirect call), [`graph_install`] proves the hook itself.
+#[inline(never)]
+pub(crate) fn call_graph_hook(hook: fn(&GraphExit), exit: &GraphExit) {
+    hook(exit)
+}
+
+/// Reports the end of a graph instance.
+#[inline(always)]
+pub(super) fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool) {
+    report_graph_exit(slot, depth, inst.data[0] as u32, unwound);
+}
+
+#[inline(always)]
+pub(super) fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: bool) {
+    if let Some(hook) = GRAPH_HOOK.get() {
+        call_graph_hook(*hook, &GraphExit { slot, tid: current_tid() as u32, depth, func, unwound });
+    }
+}
+
+/// Prepares the return hooks for dynprobe's function-graph tracer (the kernel's `fprobe`
+/// on `rethook`): the instance table, the light trampoline and the backtrace filter, and
+/// `hook`, which every call entered by [`graph_enter`] reaches exactly once — when it
+/// returns, or when it is found abandoned. `hook` runs on the traced thread, with the
+/// returning function's registers saved only as far as the light trampoline saves them:
+/// it must allocate nothing, take no lock, and leave the vector state alone (no C library
+/// routine such as `memcpy`). When it and the return path are proven to (by decoding, see
+/// [`crate::light_verdict`]) the light trampoline saves the general registers only;
+/// otherwise xmm0–15 and MXCSR too ([`crate::light_width`]). Only the first call's hook is
+/// kept.
+pub fn graph_install(hook: fn(&GraphExit)) -> Result<(), ProbeError> {
+    let mut setup = setup()?;
+    setup.install()?;
+    if GRAPH_HOOK.get().is_none() {
+        // Until the hook is set no call is entered by the tracer, so no hook can be called
+        // by a hit that checked the flag before it is set.
+        if crate::registry::prove_light(&[hook as *const () as u64]).is_err() {
+            GRAPH_HOOK_HEAVY.store(true, Ordering::Relaxed);
+        }
+    }
+    if !setup.light {
+        let stride = std::mem::size_of::<Instance>() as u64;
+        let path_light = crate::registry::prove_light(&[rethook::light_dispatch_code()]).is_ok();
+        let width = match graph_hook_light() && path_light {
+            true => VectorWidth::None,
+            false => crate::light_width(),
+        };
+        let table = INSTANCES.load(Ordering::Relaxed) as u64;
+        rethook::install(&rethook::LIGHT, MAX_THREADS * MAX_DEPTH, table, stride, width)?;
+        setup.light = true;
+    }
+    let _ = GRAPH_HOOK.set(hook);
+    Ok(())
+}
+
+/// What the function-graph tracer's trampolines save of the vector state around a
+/// dispatcher at `dispatch` (an `extern "C" fn` of the tracer's, as its entry caller calls):
+/// nothing when the dispatcher and everything it reaches are proven to leave it alone (see
+/// [`crate::light_verdict`]), else xmm0–15 and MXCSR ([`crate::light_width`]).
+pub fn graph_width(dispatch: u64) -> VectorWidth {
+    match crate::registry::prove_light(&[dispatch]) {
+        Ok(()) => VectorWidth::None,
+        Err(_) => crate::light_width(),
+    }
+}
+
+/// What the light return trampoline saves of the vector state, once installed by
+/// [`graph_install`].
+pub fn graph_return_width() -> Option<VectorWidth> {
+    rethook::light_sled_width()
+}
+
+/// Enters a call for the function-graph tracer: `rsp` is the stack pointer at the entry of
+/// function `func` (it points at the return address), `max_depth` the deepest call to
+/// track. Diverts the return address so that [`graph_install`]'s hook hears of the call's
+/// end, and says whether the call is tracked and where. Allocation-free and lock-free: it runs on the traced thread at every
+/// call. [`graph_install`] must have succeeded first.
+#[inline]
+pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    // dynprobe's own threads are never traced, from their first instruction on.
+    if crate::own_thread::current_thread_is_own() {
+        return GraphEnter::Skipped;
+    }
+    let Some(guard) = HandlerGuard::enter() else { return GraphEnter::Missed };
+    enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
+}
+
+/// [`graph_enter`] from inside a probe's pre-handler at a function's first instruction
+/// (the tracer's plain-entry sites), where the probe site already holds the thread's
+/// handler guard.
+pub fn graph_enter_from_probe(regs: &Regs, func: u32, max_depth: usize) -> GraphEnter {
+    let Some((slot, thread)) = ThreadSlot::current() else { return GraphEnter::Missed };
+    enter_graph_call(slot, thread, regs.rsp, func, max_depth)
+}
+
+/// Where the function-graph tracer would put an event that is not a call (a marker hit)
+/// made by the calling thread now, from inside a probe's pre-handler: its slot, tid, and
+/// the depth a call entered here would get (the instances on its stack; ones abandoned by
+/// a `longjmp` and not yet noticed count too). `None` when the thread is not traced.
+/// Allocation-free and lock-free.
+pub fn graph_position_from_probe() -> Option<GraphEntry> {
+    let (slot, thread) = ThreadSlot::current()?;
+    if thread.untraced.load(Ordering::Relaxed) {
+        return None;
+    }
+    let stack = stack(slot);
+    // A stack of an earlier thread of this slot is empty for this one.
+    let top = match stack.generation.load(Ordering::Relaxed) == thread.generation() {
+        true => stack.top.load(Ordering::Relaxed) as usize,
+        false => 0,
+    };
+    Some(GraphEntry { slot, tid: current_tid() as u32, depth: top })
+}
+
+#[inline(always)]
+pub(super) fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    if thread.untraced.load(Ordering::Relaxed) {
+        return GraphEnter::Skipped;
+    }
+    let Some(c) = claim(slot, thread, rsp) else { return GraphEnter::Missed };
+    if (c.shared && tracked_by(c.base, c.top, rsp, GRAPH, 0)) || c.top >= max_depth {
+        return GraphEnter::Skipped;
+    }
+    if c.top >= MAX_DEPTH {
+        // Deeper than the instance stacks go: not what the user asked for.
+        return GraphEnter::Missed;
+    }
+    // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
+    let inst = unsafe { &mut *instance(c.base + c.top) };
+    inst.data[0] = u64::from(func);
+    // A return probe on this same call needs every register saved on the way back.
+    let sled = if c.shared { &rethook::FULL } else { &rethook::LIGHT };
+    commit(&c, rsp, GRAPH, 0, sled);
+    GraphEnter::Entered(GraphEntry { slot: c.slot, tid: current_tid() as u32, depth: c.top })
+}
+
+/// The return path of the light sled: every instance diverting this return-address slot is
+/// the function-graph tracer's (a return probe joining a call writes the full sled's
+/// entry), so there are no handlers to give registers to.
+#[inline]
+pub(crate) fn on_graph_return(index: usize, caller_rsp: u64) -> u64 {
+    // Held so that a signal handler's traced call cannot push onto the stack while the
+    // instances are given back (it counts as missed instead).
+    let _guard = HandlerGuard::enter();
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    let orig = unsafe { (*instance(index)).orig };
+    end_calls(index, caller_rsp, |slot, k, inst| {
+        graph_exit(slot, k, inst, false);
+    });
+    orig
+}
