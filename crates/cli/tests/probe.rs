@@ -75,7 +75,10 @@ fn expected_calls() -> Vec<(u64, u64)> {
 }
 
 fn scratch() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("probe-test")
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("probe-test");
+    // Made here, not only by the first test to build the target: any test may come first.
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir
 }
 
 /// The target, compiled once per test run.
@@ -83,7 +86,6 @@ fn target() -> &'static Path {
     static TARGET: OnceLock<PathBuf> = OnceLock::new();
     TARGET.get_or_init(|| {
         let dir = scratch();
-        std::fs::create_dir_all(&dir).unwrap();
         let source = dir.join("target.c");
         std::fs::write(&source, TARGET_C).unwrap();
         let exe = dir.join(format!("target-{}", std::process::id()));
