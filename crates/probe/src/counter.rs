@@ -98,7 +98,10 @@ impl PerThreadCounter {
         if self.cells.is_null() {
             return shared;
         }
-        shared + (0..MAX_THREADS).map(|i| self.cell(i).load(Ordering::Relaxed)).sum::<u64>()
+        // Only a thread with a slot writes a cell: the slots ever claimed are enough to read.
+        let mut total = shared;
+        crate::thread_slot::for_each_claimed_slot(|i| total += self.cell(i).load(Ordering::Relaxed));
+        total
     }
 }
 
@@ -110,11 +113,11 @@ impl Drop for PerThreadCounter {
         // No thread counts any more (the probe is gone after a grace period): zero what was
         // counted (reading an untouched page backs nothing) and let the next counter reuse
         // the cells.
-        for i in 0..MAX_THREADS {
+        crate::thread_slot::for_each_claimed_slot(|i| {
             if self.cell(i).load(Ordering::Relaxed) != 0 {
                 self.cell(i).store(0, Ordering::Relaxed);
             }
-        }
+        });
         ARENA.lock().unwrap_or_else(|e| e.into_inner()).free.push(self.index);
     }
 }
@@ -163,17 +166,22 @@ mod tests {
 
     #[test]
     fn neighbouring_counters_share_pages_and_a_reused_one_starts_at_zero() {
+        // Slots of real threads (a cell is only ever written by a thread that claimed it).
+        let slots: Vec<usize> = (0..3)
+            .map(|_| std::thread::spawn(crate::thread_slot::current_thread_slot).join().unwrap().expect("a slot"))
+            .collect();
         let a = PerThreadCounter::new();
         let b = PerThreadCounter::new();
         assert!(!a.cells.is_null() && !b.cells.is_null());
-        for slot in [Some(0), Some(5), Some(MAX_THREADS - 1), Some(5), None] {
+        for slot in [Some(slots[0]), Some(slots[1]), Some(slots[2]), Some(slots[1]), None] {
             a.add(slot);
         }
-        b.add(Some(5));
+        b.add(Some(slots[1]));
         assert_eq!((a.sum(), b.sum()), (5, 1));
         if a.index / PER_BLOCK == b.index / PER_BLOCK {
             // One thread's cells of both counters are on one page.
-            assert_eq!(a.cell(5) as *const _ as usize / 4096, b.cell(5) as *const _ as usize / 4096);
+            let page = |c: &PerThreadCounter| c.cell(slots[1]) as *const _ as usize / 4096;
+            assert_eq!(page(&a), page(&b));
         }
         let index = a.index;
         drop(a);

@@ -12,7 +12,7 @@
 
 use crate::arch::{current_tid, thread_pointer};
 use dynprobe_text::trap::TrapState;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -54,6 +54,24 @@ pub(crate) struct ThreadSlot {
     /// The owner runs dynprobe's own work for now (the agent setting up on the program's
     /// main thread): probes do not see it (`own_thread::set_current_thread_hidden`).
     pub(crate) hidden: AtomicBool,
+}
+
+/// Bit `i` set once slot `i` has ever been claimed: what [`for_each_claimed_slot`] walks, so
+/// that summing a per-thread table (a probe's hit counter) reads the cells of the threads
+/// that can have written one, not all [`MAX_THREADS`] of them, a page apart each.
+static EVER_CLAIMED: [AtomicU64; MAX_THREADS / 64] = [const { AtomicU64::new(0) }; MAX_THREADS / 64];
+
+/// Calls `f` with the index of every slot some thread has claimed since the process began
+/// (a superset of the slots in use: a slot's bit is never cleared).
+pub(crate) fn for_each_claimed_slot(mut f: impl FnMut(usize)) {
+    for (word_index, word) in EVER_CLAIMED.iter().enumerate() {
+        let mut bits = word.load(Ordering::Acquire);
+        while bits != 0 {
+            let bit = bits.trailing_zeros() as usize;
+            f(word_index * 64 + bit);
+            bits &= bits - 1;
+        }
+    }
 }
 
 static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
@@ -139,6 +157,8 @@ impl ThreadSlot {
     /// Makes the slot thread `tid`'s; `new_thread`: also its virtual `SIGTRAP` state, which
     /// a fork child keeps.
     fn restart(&self, tid: i32, new_thread: bool) {
+        let index = (self as *const ThreadSlot as usize - SLOTS.as_ptr() as usize) / std::mem::size_of::<ThreadSlot>();
+        EVER_CLAIMED[index / 64].fetch_or(1 << (index % 64), Ordering::Release);
         self.active.store(0, Ordering::Relaxed);
         self.nested.store(0, Ordering::Relaxed);
         self.untraced.store(false, Ordering::Relaxed);
