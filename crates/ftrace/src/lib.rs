@@ -208,9 +208,8 @@ impl Tracer {
     pub fn stop(self) -> Result<(), FtraceError> {
         batch::disable(&self.patched)?;
         ProbeHandle::disable_all(&self.probes)?;
-        for probe in self.probes {
-            probe.unregister()?;
-        }
+        // Disabled together, removed together: one grace period for all of them.
+        ProbeHandle::unregister_all(self.probes)?;
         Ok(())
     }
 

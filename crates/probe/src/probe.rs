@@ -247,6 +247,32 @@ impl ProbeHandle {
         registry::set_enabled_all(&shared, false)
     }
 
+    /// Removes every probe of `probes`, as [`Self::unregister`] does each: those disabled
+    /// already and alone at their address (disable them first with [`Self::disable_all`])
+    /// in one batch — one grace period and one stop of the threads that could be in their
+    /// slots, instead of one per probe — and the others one by one. The first error is
+    /// returned; the probes it concerns stay registered and working, as if leaked.
+    pub fn unregister_all(probes: Vec<ProbeHandle>) -> Result<(), ProbeError> {
+        let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(ProbeHandle::shared).collect();
+        let removed: Vec<*const ProbeShared> = match registry::unregister_all(&shared) {
+            Ok(removed) => removed.into_iter().map(Arc::as_ptr).collect(),
+            // One by one, below.
+            Err(_) => Vec::new(),
+        };
+        let mut first = Ok(());
+        for mut probe in probes {
+            if removed.contains(&Arc::as_ptr(probe.shared())) {
+                probe.shared.take();
+                continue;
+            }
+            if let Err(e) = probe.try_unregister() {
+                probe.shared.take();
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+
     /// This probe's line of the listing. Panics when called from inside a probe handler.
     pub fn info(&self) -> ProbeInfo {
         registry::info(self.shared()).expect("a live handle is registered")

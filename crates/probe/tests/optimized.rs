@@ -1071,3 +1071,28 @@ fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use
     assert_eq!(heavy.returns(), 50);
     heavy.unregister().unwrap();
 }
+
+#[test]
+fn disabled_probes_come_out_together_while_threads_call_them() {
+    let _serial = serial();
+    let t = target();
+    let hot = t.func1("opt_hot");
+    let (hot_addr, push_addr) = (t.addr("opt_hot"), t.addr("opt_push"));
+    let (hot_before, push_before) = (code(hot_addr, 16), code(push_addr, 16));
+    // Two probes alone at their site, and two sharing one: those come out one by one.
+    let probes = vec![
+        optimized(Probe::at(sym!("opt_hot")).on_hit(|regs| regs.rax ^= 0)),
+        optimized(Probe::at(sym!("opt_push")).on_hit(|_| {})),
+        optimized(Probe::at(sym!("opt_push")).on_hit(|_| {})),
+    ];
+    assert_eq!(code(hot_addr, 1), [JMP]);
+    let hammering = hammer(move |x| assert_eq!(hot(x), x * 2 + 1));
+    std::thread::sleep(Duration::from_millis(50));
+    ProbeHandle::disable_all(&probes).unwrap();
+    ProbeHandle::unregister_all(probes).unwrap();
+    assert_eq!((code(hot_addr, 16), code(push_addr, 16)), (hot_before, push_before), "every byte restored");
+    std::thread::sleep(Duration::from_millis(50));
+    stop_hammering(hammering);
+    let left: Vec<String> = dynprobe_probe::list().iter().map(ToString::to_string).collect();
+    assert!(!left.iter().any(|p| p.contains("opt_hot") || p.contains("opt_push")), "{left:?}");
+}
