@@ -533,14 +533,12 @@ fn wait_until_no_thread_in_any(ranges: &[std::ops::Range<u64>]) -> Result<(), Pr
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     loop {
         let world = stop::stop_threads_touching(ranges, STOP_TIMEOUT)?;
-        let busy = world.threads().iter().any(|t| ranges.iter().any(|r| r.contains(&t.ip)));
+        let busy = ranges.iter().find(|r| world.threads().iter().any(|t| r.contains(&t.ip))).cloned();
         drop(world);
-        if !busy {
-            return Ok(());
-        }
+        let Some(busy) = busy else { return Ok(()) };
         if Instant::now() > deadline {
             return Err(TextError::StopFailed {
-                reason: format!("a thread stayed inside a removed probe's slot for {QUIESCE_TIMEOUT:?}"),
+                reason: format!("a thread stayed inside the probe's slot at {:#x} for {QUIESCE_TIMEOUT:?}", busy.start),
             }
             .into());
         }
@@ -631,22 +629,7 @@ fn disown_traps(site: &PatchSite) {
 /// Polls, with every other thread stopped each time, until none is executing in
 /// `[start, start + len)`.
 fn wait_until_no_thread_in(start: u64, len: u64) -> Result<(), ProbeError> {
-    let deadline = Instant::now() + QUIESCE_TIMEOUT;
-    loop {
-        let world = stop::stop_threads_touching(std::slice::from_ref(&(start..start + len)), STOP_TIMEOUT)?;
-        let busy = world.threads().iter().any(|t| t.ip.wrapping_sub(start) < len);
-        drop(world);
-        if !busy {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(TextError::StopFailed {
-                reason: format!("a thread stayed inside the probe's slot at {start:#x} for {QUIESCE_TIMEOUT:?}"),
-            }
-            .into());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    wait_until_no_thread_in_any(std::slice::from_ref(&(start..start + len)))
 }
 
 impl Registry {
