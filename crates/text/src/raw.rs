@@ -43,19 +43,21 @@ pub(crate) fn follows_syscall(rip: u64) -> bool {
     read(rip.wrapping_sub(2), &mut bytes) && bytes == [0x0f, 0x05]
 }
 
-/// The number of the system call whose `syscall` instruction ends at `rip`, when the
-/// instruction right before it set it as the C library's wrappers do: `mov $nr,%eax`
-/// (`b8 imm32`) or `xor %eax,%eax` (`31 c0`, `read`). The byte before a `b8` must not be a
-/// REX prefix (`41 b8` is `mov $imm,%r8d`); anything else is `None`. Allocates nothing.
+/// The number of the system call whose `syscall` instruction ends at `rip`, when the code
+/// before it set it as the C library's wrappers do: `mov $nr,%eax` (or `xor %eax,%eax`),
+/// possibly followed by a few loads of arguments into other registers
+/// ([`dynprobe_arch::native::decode::syscall_numbers`]); `None` when no such number, or
+/// several that disagree, can be read there. Allocates nothing.
 pub(crate) fn syscall_number_before(rip: u64) -> Option<i64> {
-    let mut bytes = [0u8; 8];
-    if !read(rip.wrapping_sub(8), &mut bytes) || bytes[6..] != [0x0f, 0x05] {
-        return None;
-    }
-    if bytes[1] == 0xb8 && !(0x40..=0x4f).contains(&bytes[0]) {
-        return Some(i64::from(u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]])));
-    }
-    (bytes[4..6] == [0x31, 0xc0] && !(0x40..=0x4f).contains(&bytes[3])).then_some(0)
+    use dynprobe_arch::native::decode::{syscall_numbers, SYSCALL_NUMBER_REACH};
+    let mut bytes = [0u8; SYSCALL_NUMBER_REACH];
+    let syscall = rip.wrapping_sub(2);
+    // The code may start less than the full reach before the call (a mapping's first page).
+    let reach =
+        [SYSCALL_NUMBER_REACH, 16, 8].into_iter().find(|&n| read(syscall.wrapping_sub(n as u64), &mut bytes[..n]))?;
+    let mut numbers = syscall_numbers(&bytes[..reach]);
+    let number = numbers.next()?;
+    numbers.all(|other| other == number).then_some(i64::from(number))
 }
 
 /// `syscall(nr, a1, …, a6)`.

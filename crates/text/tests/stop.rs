@@ -332,7 +332,8 @@ fn threads_blocked_in_system_calls_are_left_alone_and_their_calls_never_cut_shor
 
 /// A thread that keeps entering short blocking calls is sometimes seen running by a stop and
 /// signalled just as it enters one: the kernel cuts that call short (`EINTR`) as it
-/// delivers the stop signal, and the handler puts it back. The program never sees `EINTR`.
+/// delivers the stop signal, and the handler puts it back — also where the C library loads
+/// arguments between the number and the `syscall`. The program never sees `EINTR`.
 #[test]
 fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
     let _serial = serial();
@@ -343,24 +344,43 @@ fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
         thread::spawn(move || {
             let mut seen = Vec::new();
             let short = libc::timespec { tv_sec: 0, tv_nsec: 20_000 };
+            // SAFETY: epoll_create1 takes a flag word.
+            let epoll = unsafe { libc::epoll_create1(0) };
+            assert!(epoll >= 0);
+            let mut event = libc::epoll_event { events: 0, u64: 0 };
             while !quit.load(Ordering::Relaxed) {
-                // SAFETY: plain system calls on valid arguments owned by this thread.
+                // SAFETY: plain system calls on valid arguments owned by this thread. In a
+                // process with several threads, glibc's wrappers of epoll_pwait and pselect
+                // load arguments between the `mov` of the number and the `syscall`.
                 let rcs = unsafe {
                     [
                         libc::nanosleep(&short, std::ptr::null_mut()),
                         libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &short, std::ptr::null_mut()),
                         libc::poll(std::ptr::null_mut(), 0, 0) | libc::poll(std::ptr::null_mut(), 0, 1),
+                        libc::epoll_pwait(epoll, &mut event, 1, 0, std::ptr::null())
+                            | libc::epoll_pwait(epoll, &mut event, 1, 1, std::ptr::null()),
+                        libc::pselect(
+                            0,
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut(),
+                            &short,
+                            std::ptr::null(),
+                        ),
                     ]
                 };
-                for (call, rc) in ["nanosleep", "clock_nanosleep", "poll"].into_iter().zip(rcs) {
+                let names = ["nanosleep", "clock_nanosleep", "poll", "epoll_pwait", "pselect"];
+                for (call, rc) in names.into_iter().zip(rcs) {
                     let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
                     // clock_nanosleep returns the error number itself.
                     if rc == libc::EINTR || (rc == -1 && errno == libc::EINTR) {
                         seen.push(call);
                     }
                 }
-                calls.fetch_add(3, Ordering::Relaxed);
+                calls.fetch_add(rcs.len() as u64, Ordering::Relaxed);
             }
+            // SAFETY: the descriptor is this thread's own.
+            unsafe { libc::close(epoll) };
             seen
         })
     };
@@ -369,8 +389,10 @@ fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
     let here = tids as *const () as u64;
     let started = Instant::now();
     let mut stops = 0;
-    // Until the race was met a few times (it takes a few thousand stops), or 20 s.
-    while started.elapsed() < Duration::from_secs(20) && dynprobe_text::stop::restarted_system_calls() - restarted < 5 {
+    // Until the race was met 30 times (a few thousand stops each; 3 of the 7 calls a round
+    // are the wrappers that load arguments after the number), or 20 s.
+    while started.elapsed() < Duration::from_secs(20) && dynprobe_text::stop::restarted_system_calls() - restarted < 30
+    {
         drop(stop_threads_touching(std::slice::from_ref(&(here..here + 16)), TIMEOUT).unwrap());
         stops += 1;
     }

@@ -96,7 +96,8 @@ impl Program {
     fn finish(mut self) -> String {
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        assert!(self.child.wait().unwrap().success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the program ended with {status} after printing {line:?}");
         line.trim().to_string()
     }
 }

@@ -249,13 +249,94 @@ pub(crate) fn is_near_ret(code: Code) -> bool {
     matches!(code, Code::Retnw | Code::Retnw_imm16 | Code::Retnd | Code::Retnd_imm16 | Code::Retnq | Code::Retnq_imm16)
 }
 
-/// How far before a `syscall` [`signal_syscalls`] looks for the `mov` of its number.
-const SYSCALL_NUMBER_REACH: usize = 32;
+/// How far before a `syscall` [`syscall_numbers`] looks for the `mov` of its number.
+pub const SYSCALL_NUMBER_REACH: usize = 32;
+
+/// Most instructions between the `mov` of a system call's number and the `syscall`.
+const SYSCALL_NUMBER_GAP: usize = 6;
+
+/// The system call numbers `code` — the bytes right before a `syscall` instruction, at
+/// most [`SYSCALL_NUMBER_REACH`] of them — can leave in `eax`: each start in `code` that
+/// decodes, instruction by instruction, to exactly its end as `mov $nr,%eax` (or `%rax`, or
+/// `xor %eax,%eax` for 0) followed by instructions that leave `rax` alone (moves, address
+/// arithmetic and logic into other registers or memory). The C library's wrappers load
+/// their arguments around the number: `mov $0x119,%eax; mov 0x4(%rsp),%edi; syscall` in
+/// glibc's `epoll_pwait`. One number when the code is such a wrapper; none, or several that
+/// disagree, when the bytes are something else — callers decide what that means. Decoding
+/// backwards is ambiguous: a start right after a prefix byte is skipped, since the prefix
+/// makes it another instruction (`41 b8 imm` is `mov $imm,%r8d`, not `mov $imm,%eax`).
+///
+/// Allocates nothing (it runs in a signal handler).
+///
+/// ```
+/// # use dynprobe_arch::x86_64::decode::syscall_numbers;
+/// // mov $0x119,%eax ; mov 0x4(%rsp),%edi ; (syscall)
+/// let code = [0xb8, 0x19, 0x01, 0, 0, 0x8b, 0x7c, 0x24, 0x04];
+/// assert_eq!(syscall_numbers(&code).collect::<Vec<_>>(), [0x119]);
+/// ```
+pub fn syscall_numbers(code: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let code = &code[code.len().saturating_sub(SYSCALL_NUMBER_REACH)..];
+    let after_prefix = |start: usize| start > 0 && matches!(code[start - 1], 0x40..=0x4f | 0x66 | 0x67 | 0xf2 | 0xf3);
+    (0..code.len())
+        .filter(move |&start| !after_prefix(start))
+        .filter_map(move |start| syscall_number_from(&code[start..]))
+}
+
+/// The number `code` leaves in `eax` when its first instruction sets it and every other
+/// one, to its very end, leaves `rax` alone.
+fn syscall_number_from(code: &[u8]) -> Option<u32> {
+    use iced_x86::{Mnemonic, OpKind, Register};
+    let mut decoder = Decoder::new(64, code, DecoderOptions::NONE);
+    let first = decoder.decode();
+    let number = match (first.mnemonic(), first.op0_kind(), first.op_count()) {
+        _ if first.is_invalid() || first.op0_kind() != OpKind::Register => return None,
+        (Mnemonic::Mov, _, 2) if matches!(first.op0_register(), Register::EAX | Register::RAX) => {
+            match first.op1_kind() {
+                OpKind::Immediate32 => first.immediate32(),
+                OpKind::Immediate32to64 => u32::try_from(first.immediate32to64()).ok()?,
+                _ => return None,
+            }
+        }
+        (Mnemonic::Xor, _, 2)
+            if first.op0_register() == Register::EAX
+                && first.op1_kind() == OpKind::Register
+                && first.op1_register() == Register::EAX =>
+        {
+            0
+        }
+        _ => return None,
+    };
+    for _ in 0..SYSCALL_NUMBER_GAP {
+        if decoder.position() == code.len() {
+            return Some(number);
+        }
+        let insn = decoder.decode();
+        let leaves_rax_alone = matches!(
+            insn.mnemonic(),
+            Mnemonic::Mov
+                | Mnemonic::Movzx
+                | Mnemonic::Movsx
+                | Mnemonic::Movsxd
+                | Mnemonic::Lea
+                | Mnemonic::Xor
+                | Mnemonic::Or
+                | Mnemonic::And
+                | Mnemonic::Add
+                | Mnemonic::Sub
+                | Mnemonic::Nop
+        ) && (insn.op0_kind() != OpKind::Register
+            || insn.op0_register().full_register() != Register::RAX);
+        if insn.is_invalid() || !leaves_rax_alone {
+            return None;
+        }
+    }
+    (decoder.position() == code.len()).then_some(number)
+}
 
 /// The `syscall` instructions in `code` (starting at `start`) that change a signal action or
-/// a thread's signal mask: `rt_sigaction` (13) or `rt_sigprocmask` (14), their number set by
-/// `mov $13/$14, %eax` (or `%rax`) a few sequential instructions before. Code that does this
-/// outside the C library bypasses dynprobe's signal guards.
+/// a thread's signal mask: `rt_sigaction` (13) or `rt_sigprocmask` (14), their number set a
+/// few instructions before ([`syscall_numbers`]). Code that does this outside the C library
+/// bypasses dynprobe's signal guards.
 ///
 /// ```
 /// # use dynprobe_arch::x86_64::signal_syscalls;
@@ -264,31 +345,11 @@ const SYSCALL_NUMBER_REACH: usize = 32;
 /// assert_eq!(signal_syscalls(&code, 0x1000), [0x1007]);
 /// ```
 pub fn signal_syscalls(code: &[u8], start: u64) -> Vec<u64> {
-    let mut found = Vec::new();
     let syscalls = code.windows(2).enumerate().filter(|(_, w)| *w == [0x0f, 0x05]).map(|(i, _)| i);
-    for at in syscalls {
-        let from = at.saturating_sub(SYSCALL_NUMBER_REACH);
-        let window = &code[from..at];
-        let movs = (0..window.len()).filter(|&i| {
-            let rest = &window[i..];
-            matches!(rest, [0xb8, 13 | 14, 0, 0, 0, ..] | [0x48, 0xc7, 0xc0, 13 | 14, 0, 0, 0, ..])
-        });
-        // From the mov, instruction by instruction, the syscall must be reached in sequence.
-        let reaches = |i: usize| {
-            let mut ip = from + i;
-            while ip < at {
-                match decode_one(&code[ip..], start + ip as u64) {
-                    Ok(insn) if insn.flow == Flow::Sequential => ip += insn.len,
-                    _ => return false,
-                }
-            }
-            ip == at
-        };
-        if movs.into_iter().any(reaches) {
-            found.push(start + at as u64);
-        }
-    }
-    found
+    syscalls
+        .filter(|&at| syscall_numbers(&code[..at]).any(|nr| nr == 13 || nr == 14))
+        .map(|at| start + at as u64)
+        .collect()
 }
 
 #[cfg(test)]
@@ -309,9 +370,44 @@ mod tests {
             (&[0xb8, 0x27, 0, 0, 0, 0x0f, 0x05], &[]),
             // mov $0xe,%eax ; jmp +0 ; syscall                   not in sequence
             (&[0xb8, 0x0e, 0, 0, 0, 0xeb, 0x00, 0x0f, 0x05], &[]),
+            // mov $0xe,%eax ; mov %edx,%eax ; syscall            eax overwritten
+            (&[0xb8, 0x0e, 0, 0, 0, 0x89, 0xd0, 0x0f, 0x05], &[]),
         ];
         for (code, want) in cases {
             assert_eq!(signal_syscalls(code, IP), *want, "{code:02x?}");
+        }
+    }
+
+    /// The numbers glibc 2.36's cancellable wrappers (multi-threaded path) leave in `eax`,
+    /// from their bytes (Debian 12's libc.so.6, `objdump -d`), and code that sets none.
+    #[test]
+    fn syscall_numbers_are_read_through_the_argument_loads_around_them() {
+        #[rustfmt::skip]
+        let cases: &[(&[u8], &[u32])] = &[
+            // epoll_pwait: mov $0x119,%eax ; mov 0x4(%rsp),%edi
+            (&[0xb8, 0x19, 0x01, 0, 0, 0x8b, 0x7c, 0x24, 0x04], &[0x119]),
+            // recvfrom: mov $0x2d,%eax ; mov 0x10(%rsp),%rdx ; mov 0x8(%rsp),%rsi
+            (&[0xb8, 0x2d, 0, 0, 0, 0x48, 0x8b, 0x54, 0x24, 0x10, 0x48, 0x8b, 0x74, 0x24, 0x08], &[0x2d]),
+            // read: mov %eax,%r8d ; mov 0x8(%rsp),%edi ; xor %eax,%eax
+            (&[0x41, 0x89, 0xc0, 0x8b, 0x7c, 0x24, 0x08, 0x31, 0xc0], &[0]),
+            // waitid: xor %r8d,%r8d ; mov $0xf7,%eax
+            (&[0x45, 0x31, 0xc0, 0xb8, 0xf7, 0, 0, 0], &[0xf7]),
+            // mov $0xca,%rax (REX.W)
+            (&[0x48, 0xc7, 0xc0, 0xca, 0, 0, 0], &[0xca]),
+            // glibc's syscall(): mov %rdi,%rax ; mov %rsi,%rdi — the number came in a register
+            (&[0x48, 0x89, 0xf8, 0x48, 0x89, 0xf7], &[]),
+            // mov $0x119,%eax ; mov %edx,%eax — overwritten
+            (&[0xb8, 0x19, 0x01, 0, 0, 0x89, 0xd0], &[]),
+            // mov $0x119,%eax ; call … — not in sequence
+            (&[0xb8, 0x19, 0x01, 0, 0, 0xe8, 0, 0, 0, 0], &[]),
+            // mov $0x7,%r8d — another register
+            (&[0x41, 0xb8, 0x07, 0, 0, 0], &[]),
+        ];
+        for (code, want) in cases {
+            // `48 c7 c0 imm` also decodes, one byte on, as `c7 c0 imm`: the same number twice.
+            let mut got: Vec<u32> = syscall_numbers(code).collect();
+            got.dedup();
+            assert_eq!(got, *want, "{code:02x?}");
         }
     }
 
