@@ -656,44 +656,74 @@ fn guard_sigpending(regs: &mut Regs) {
 /// the C library that changes masks or actions with its own `syscall` instruction (found by
 /// decoding the loaded modules once each). `None` when neither is known.
 ///
-/// A "none" is kept for a moment: registering thousands of probes looks once. (A hazard is
-/// looked for again each time: it may be gone, and a stale one would refuse probes.)
+/// A "none" is kept for a moment: registering thousands of probes looks once. A thread found
+/// blocking `SIGTRAP` is looked at again alone, with no pause: it blocked it for the
+/// [`thread_blocking_trap`] pauses already, and a program may keep such a thread for its
+/// whole life (node's signal-inspector thread blocks every signal), so placing hundreds of
+/// probes must not pay the pauses each time. Another hazard is looked for again each time:
+/// it may be gone, and a stale one would refuse probes.
 pub(crate) fn breakpoint_hazard(symbols: &SymbolTable) -> Option<String> {
-    static LAST: Mutex<Option<(Instant, Option<String>)>> = Mutex::new(None);
+    static LAST: Mutex<Option<(Instant, Option<Hazard>)>> = Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((when, None)) = &*last {
-        if when.elapsed() < HAZARD_FRESH {
-            return None;
+    match &*last {
+        Some((when, None)) if when.elapsed() < HAZARD_FRESH => return None,
+        Some((_, Some(Hazard::BlockingThread(tid)))) if blocks_trap(*tid) => {
+            return Some(Hazard::BlockingThread(*tid).to_string())
         }
+        _ => {}
     }
     let found = match thread_blocking_trap() {
-        Some(tid) => Some(format!("thread {tid} blocks SIGTRAP (it did before dynprobe's signal guards were placed)")),
-        None => raw_signal_syscall(symbols).map(|at| {
-            format!("{at} changes signal masks or actions with its own syscall instruction, which no guard sees")
-        }),
+        Some(tid) => Some(Hazard::BlockingThread(tid)),
+        None => raw_signal_syscall(symbols).map(Hazard::RawSyscall),
     };
-    *last = Some((Instant::now(), found.clone()));
-    found
+    let reason = found.as_ref().map(Hazard::to_string);
+    *last = Some((Instant::now(), found));
+    reason
 }
 
-/// How long an answer of [`breakpoint_hazard`] is trusted.
+/// What may keep `SIGTRAP` blocked at a breakpoint ([`breakpoint_hazard`]).
+enum Hazard {
+    /// This thread blocks it, and did before the guards were placed.
+    BlockingThread(i32),
+    /// This code (`symbol+offset`) changes masks or actions with its own `syscall`.
+    RawSyscall(String),
+}
+
+impl std::fmt::Display for Hazard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hazard::BlockingThread(tid) => {
+                write!(f, "thread {tid} blocks SIGTRAP (it did before dynprobe's signal guards were placed)")
+            }
+            Hazard::RawSyscall(at) => {
+                write!(f, "{at} changes signal masks or actions with its own syscall instruction, which no guard sees")
+            }
+        }
+    }
+}
+
+/// How long a "none" of [`breakpoint_hazard`] is trusted.
 const HAZARD_FRESH: Duration = Duration::from_millis(100);
 
-/// A thread of this process whose real mask blocks `SIGTRAP` and keeps it blocked (`SigBlk`
-/// of /proc/self/task/TID/status, see proc(5)). Some masks block everything for a moment —
-/// a thread being created (glibc blocks every signal around `clone`), one in `raise`, one
-/// leaving dynprobe's stop handler — so a thread counts only if it still blocks `SIGTRAP`
-/// when looked at again a little later.
+/// Whether thread `tid`'s real mask blocks `SIGTRAP` now (`SigBlk` of
+/// /proc/self/task/TID/status, see proc(5)); false once it is gone.
+fn blocks_trap(tid: i32) -> bool {
+    crate::blocked_signals(tid).is_some_and(|mask| mask & TRAP_BIT != 0)
+}
+
+/// A thread of this process whose real mask blocks `SIGTRAP` and keeps it blocked. Some
+/// masks block everything for a moment — a thread being created (glibc blocks every signal
+/// around `clone`), one in `raise`, one leaving dynprobe's stop handler — so a thread counts
+/// only if it still blocks `SIGTRAP` when looked at again a little later.
 fn thread_blocking_trap() -> Option<i32> {
     const LOOK_AGAIN: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(50)];
-    let blocks = |tid: &i32| crate::blocked_signals(*tid).is_some_and(|mask| mask & TRAP_BIT != 0);
-    let mut candidates: Vec<i32> = crate::thread_ids().ok()?.into_iter().filter(blocks).collect();
+    let mut candidates: Vec<i32> = crate::thread_ids().ok()?.into_iter().filter(|&tid| blocks_trap(tid)).collect();
     for pause in LOOK_AGAIN {
         if candidates.is_empty() {
             return None;
         }
         std::thread::sleep(pause);
-        candidates.retain(blocks);
+        candidates.retain(|&tid| blocks_trap(tid));
     }
     candidates.first().copied()
 }
