@@ -110,15 +110,26 @@ pub(crate) fn resolve_transient(addr: u64) -> bool {
 /// Runs of `items` — sorted by address, non-overlapping, each covering the `(address,
 /// length)` that `extent` gives — close enough to be read and written as one range: one
 /// system call each way for a module's thousands of sites instead of one per site. Each run
-/// is a range of indices into `items`; together they cover every item, in order.
+/// is a range of indices into `items`; together they cover every item, in order. No run
+/// crosses the start or end of a mapping of this process (/proc/self/maps): the bytes between
+/// two sites may be a hole — node's text has an unmapped gap of two pages right below its
+/// last executable page — and one unreadable byte fails the whole range.
 pub fn spans<T>(items: &[T], extent: impl Fn(&T) -> (u64, usize)) -> Vec<Range<usize>> {
+    spans_within(items, extent, &mapping_boundaries())
+}
+
+/// [`spans`], splitting between two items wherever one of `boundaries` (sorted) lies
+/// between them.
+fn spans_within<T>(items: &[T], extent: impl Fn(&T) -> (u64, usize), boundaries: &[u64]) -> Vec<Range<usize>> {
     let mut spans = Vec::new();
     let mut first = 0;
     for i in 1..=items.len() {
         let split = i == items.len() || {
             let ((prev, prev_len), (next, next_len)) = (extent(&items[i - 1]), extent(&items[i]));
             let start = extent(&items[first]).0;
-            next - (prev + prev_len as u64) > SPAN_GAP || next + next_len as u64 - start > SPAN_MAX
+            let prev_end = prev + prev_len as u64;
+            let crossing = boundaries.get(boundaries.partition_point(|&b| b < prev_end)).is_some_and(|&b| b <= next);
+            crossing || next - prev_end > SPAN_GAP || next + next_len as u64 - start > SPAN_MAX
         };
         if split && i > first {
             spans.push(first..i);
@@ -126,6 +137,21 @@ pub fn spans<T>(items: &[T], extent: impl Fn(&T) -> (u64, usize)) -> Vec<Range<u
         }
     }
     spans
+}
+
+/// Where this process's mappings start and end, sorted; empty when /proc/self/maps cannot
+/// be read (the runs then only split at wide gaps).
+fn mapping_boundaries() -> Vec<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut boundaries: Vec<u64> = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.split_once('-'))
+        .flat_map(|(start, end)| [u64::from_str_radix(start, 16).ok(), u64::from_str_radix(end, 16).ok()])
+        .flatten()
+        .collect();
+    boundaries.sort_unstable();
+    boundaries.dedup();
+    boundaries
 }
 
 /// A batch of byte replacements, planned before the transaction so that writing it
@@ -513,5 +539,18 @@ mod tests {
         assert_eq!(runs[0].end, runs[1].start);
         assert_eq!(runs[1].end, items.len());
         assert!(runs.iter().all(|r| items[r.end - 1] + 5 - items[r.start] <= SPAN_MAX));
+    }
+
+    #[test]
+    fn spans_split_where_a_mapping_starts_or_ends_between_two_items() {
+        let five = |&addr: &u64| (addr, 5);
+        // Three sites of one text, the last beyond a two-page hole (node's layout).
+        let items = [0x25f_d000, 0x25f_d800, 0x260_0000];
+        let boundaries = [0xb7_2000, 0x25f_e000, 0x260_0000, 0x260_1000];
+        assert_eq!(spans_within(&items, five, &boundaries), [0..2, 2..3]);
+        // A boundary right at an item's end or start still splits; none between, none.
+        assert_eq!(spans_within(&items, five, &[0x25f_d005]), [0..1, 1..3]);
+        assert_eq!(spans_within(&items, five, &[0x25f_d800]), [0..1, 1..3]);
+        assert_eq!(spans_within(&items, five, &[0x25f_d002, 0x300_0000]), [0..3]);
     }
 }

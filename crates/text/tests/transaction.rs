@@ -6,7 +6,7 @@
 use dynprobe_text::memory::{read_vec, write_verified};
 use dynprobe_text::pool::{alloc_near, ExecSlot};
 use dynprobe_text::stop;
-use dynprobe_text::transaction::replace;
+use dynprobe_text::transaction::{replace, Edits, Transaction};
 use dynprobe_text::trap::{self, TrapContext};
 use dynprobe_text::TextError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,4 +247,41 @@ fn wake_a_thread_left_alone_during_an_int3_first_write(func: ExecSlot) -> Result
         return Err(format!("the edit was not written whole: {now:x?}"));
     }
     Ok(())
+}
+
+/// Two edits a few pages apart with a hole between them — node's text has an unmapped gap
+/// below its last executable page — are written as two ranges, not one that the hole makes
+/// unreadable (which failed the whole transaction with EFAULT).
+#[test]
+fn edits_on_both_sides_of_an_unmapped_hole_are_written() {
+    let _serial = serial();
+    const PAGE: usize = 4096;
+    // SAFETY: a fresh anonymous mapping of three pages, owned by this test.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * PAGE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let base = base as u64;
+    // SAFETY: the middle page of the mapping made above, which nothing else uses.
+    assert_eq!(unsafe { libc::munmap((base + PAGE as u64) as *mut libc::c_void, PAGE) }, 0);
+    let (low, high) = (base + PAGE as u64 - 16, base + 2 * PAGE as u64 + 16);
+    let zeros = [0u8; 5];
+    let mut edits = Edits::new(vec![(low, &zeros[..], &MOV1[..]), (high, &zeros[..], &MOV2[..])]);
+    let mut txn = Transaction::begin(edits.ranges(), Duration::from_secs(5)).unwrap();
+    txn.write(&mut edits, |_, _| {}).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(read_vec(low, 5).unwrap(), MOV1);
+    assert_eq!(read_vec(high, 5).unwrap(), MOV2);
+    // SAFETY: the two pages left of the mapping made above.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, PAGE);
+        libc::munmap((base + 2 * PAGE as u64) as *mut libc::c_void, PAGE);
+    }
 }
