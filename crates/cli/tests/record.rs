@@ -750,6 +750,27 @@ fn every_function_of_a_40k_function_program_is_patched_or_refused_on_its_own() {
     assert_eq!(kinds.iter().map(|k| k.1).sum::<u64>(), many::GROUP as u64 / 2, "{kinds:?}");
 }
 
+/// A C++ function's part that GCC moved out of it (`… [clone .cold]`, as a demangler spells
+/// it) is entered by a jump, with the hot part's locals at `rsp`: traced as a function, its
+/// "return address" would be one of them, replaced — node's compiler threads crashed so.
+/// It is not a function: not listed, not patched, and the program computes what it does
+/// untraced, its exceptions thrown from that part included.
+#[test]
+fn a_cxx_function_s_cold_part_is_not_traced_as_a_function() {
+    let program = build("g++", "cold_cxx.cpp", "cold_cxx", &["-O2"]);
+    let r = record_unchanged("cold-cxx", &[], &program, &[]);
+    let functions: String = std::fs::read_dir(&r.dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("functions.txt")).ok())
+        .collect();
+    let names: Vec<&str> = functions.lines().filter_map(|l| l.split('\t').nth(3)).collect();
+    assert!(names.iter().any(|n| n.starts_with("work::Parser::parse")), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("cold")), "a cold part is traced as a function: {names:?}");
+    let graph = texts(&r.graph(&[]));
+    let calls = graph.iter().filter(|l| l.trim_start().starts_with("work::Parser::parse")).count();
+    assert_eq!(calls, 2000, "each call of parse is recorded once");
+}
+
 /// A real large binary traced whole: the cargo running this test (about 40,000
 /// functions) prints its version as without dynprobe, with most of its functions patched
 /// (each refused one listed with its reason) and its calls recorded.

@@ -195,7 +195,7 @@ impl Selection {
                 if !seen.insert(sym.addr)
                     || C_RUNTIME.contains(&sym.name.as_str())
                     || table.is_ifunc(sym)
-                    || is_fragment(&sym.name)
+                    || is_fragment(&sym.mangled)
                 {
                     continue;
                 }
@@ -344,10 +344,13 @@ fn untraceable(name: &str) -> Option<&'static str> {
     )
 }
 
-/// Whether `name` is a part of a function the compiler moved out of it (GCC's and LLVM's
-/// `f.cold`, `f.cold.1`: the rarely run blocks of `f`, entered by a jump from `f`, never by
-/// a call): not a function of its own, so not counted, patched or traced apart from `f`.
-/// (`f.part.0`, `f.isra.0`, `f.constprop.0` are clones that are called: they are functions.)
+/// Whether `name`, as the symbol table spells it, is a part of a function the compiler moved
+/// out of it (GCC's and LLVM's `f.cold`, `f.cold.1`: the rarely run blocks of `f`, entered
+/// by a jump from `f`, never by a call): not a function of its own, so not counted, patched
+/// or traced apart from `f` — its first instruction finds one of `f`'s locals at `rsp`, not a
+/// return address. The mangled name, since a demangler spells a C++ one's suffix
+/// `f(int) [clone .cold]`. (`f.part.0`, `f.isra.0`, `f.constprop.0` are clones that are
+/// called: they are functions.)
 fn is_fragment(name: &str) -> bool {
     name.split('.').skip(1).any(|part| part == "cold")
 }
@@ -413,5 +416,6 @@ mod tests {
     fn cold_parts_are_not_functions() {
         assert!(is_fragment("hot.cold") && is_fragment("f.cold.12") && is_fragment("f.part.0.cold"));
         assert!(!is_fragment("f.part.0") && !is_fragment("coldstart") && !is_fragment("f.isra.0"));
+        assert!(is_fragment("_ZN4node6loader10ModuleWrap8EvaluateERKN2v820FunctionCallbackInfoINS1_5ValueEEE.cold"));
     }
 }
