@@ -254,14 +254,17 @@ impl ProbeHandle {
     /// returned; the probes it concerns stay registered and working, as if leaked.
     pub fn unregister_all(probes: Vec<ProbeHandle>) -> Result<(), ProbeError> {
         let shared: Vec<&Arc<ProbeShared>> = probes.iter().map(ProbeHandle::shared).collect();
-        let removed: Vec<*const ProbeShared> = match registry::unregister_all(&shared) {
+        let mut removed: Vec<*const ProbeShared> = match registry::unregister_all(&shared) {
             Ok(removed) => removed.into_iter().map(Arc::as_ptr).collect(),
             // One by one, below.
             Err(_) => Vec::new(),
         };
+        // Looked up once per probe: sorted, not scanned (70,000 probes scanned so took
+        // record -p of node 20 s to end).
+        removed.sort_unstable();
         let mut first = Ok(());
         for mut probe in probes {
-            if removed.contains(&Arc::as_ptr(probe.shared())) {
+            if removed.binary_search(&Arc::as_ptr(probe.shared())).is_ok() {
                 probe.shared.take();
                 continue;
             }
