@@ -517,8 +517,7 @@ pub(crate) fn unregister_all<'a>(probes: &[&'a Arc<ProbeShared>]) -> Result<Vec<
     // On an error they stay registered and disabled (no byte of theirs in the code), as
     // `unregister` leaves a probe it could not remove: the caller removes them one by one.
     quiesced?;
-    let sites: Vec<Box<PatchSite>> =
-        batch.iter().map(|p| registry.sites.remove(&p.addr).expect("checked above")).collect();
+    let sites: Vec<_> = batch.iter().map(|p| registry.sites.remove(&p.addr).expect("checked above")).collect();
     sites.iter().for_each(|site| disown_traps(site));
     registry.quarantine_all(sites);
     Ok(batch)
@@ -944,13 +943,13 @@ impl Registry {
 
     /// Retires a removed site; frees those whose quarantine is over.
     fn quarantine(&mut self, site: Box<PatchSite>) {
-        self.quarantine_all(vec![site]);
+        self.quarantine_all([site]);
     }
 
     /// [`Self::quarantine`] for many sites: one look for expired memory (a stop of the
     /// threads when there is some), not one per site — 70,000 sites removed at the end of a
     /// `record -p` of node each stopped every thread.
-    fn quarantine_all(&mut self, sites: Vec<Box<PatchSite>>) {
+    fn quarantine_all(&mut self, sites: impl IntoIterator<Item = Box<PatchSite>>) {
         self.free_expired();
         let now = Instant::now();
         self.quarantined.extend(sites.into_iter().map(|site| (site, now)));
