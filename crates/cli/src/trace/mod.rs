@@ -205,7 +205,7 @@ pub(crate) mod tests {
                     tid: *tid,
                     lost: events.iter().map(|e| if let EventKind::Lost(n) = e.1 { n } else { 0 }).sum(),
                     events: events.iter().map(|&(ns, kind, depth, func)| Event { ns, kind, depth, func }).collect(),
-                    marker_args: Vec::new(),
+                    ..ThreadTrace::default()
                 })
                 .collect(),
             markers: Vec::new(),
