@@ -303,6 +303,15 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, settings.records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let markers_path = (!markers.is_empty()).then(|| path("markers"));
+    // With `record -a`: which functions' calls carry values, before the ring is published.
+    let values_listed = values.is_some();
+    if let Some(values) = &values {
+        write_file(&path("values"), &values.list()).map_err(|e| {
+            let _ = std::fs::remove_file(&funcs);
+            e
+        })?;
+    }
+    let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);
     let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, values)
         .map_err(|e| e.to_string())
         .and_then(|tracer| {
@@ -319,7 +328,10 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     let (tracer, marker_handle) = match started {
         Ok(started) => started,
         Err(e) => {
-            for file in [Some(&pending), Some(&funcs), markers_path.as_ref()].into_iter().flatten() {
+            let values_path = values_listed.then(|| path("values"));
+            for file in
+                [Some(&pending), Some(&funcs), markers_path.as_ref(), values_path.as_ref()].into_iter().flatten()
+            {
                 let _ = std::fs::remove_file(file);
             }
             return Err(e.into());
@@ -356,12 +368,12 @@ fn call_values(
     settings: &Settings,
     table: &dynprobe_symbols::SymbolTable,
     functions: &[TracedFunction],
-) -> Result<Option<Box<dyn dynprobe_ftrace::CallValues>>, String> {
+) -> Result<Option<crate::values::Values>, String> {
     let Some(path) = &settings.values else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let Some(main) = table.modules().iter().find(|m| m.is_main) else { return Ok(None) };
     let values = crate::values::Values::new(&text, functions, main)?;
-    Ok(Some(Box::new(values)))
+    Ok(Some(values))
 }
 
 /// Takes the first free `<pid>.<n>` by creating its `.funcs` file (exclusively) with

@@ -41,6 +41,8 @@ enum Source {
 /// One function's values.
 #[derive(Default)]
 struct Function {
+    /// Its description's key in the `args` file.
+    key: u64,
     args: Vec<Source>,
     retval: Option<Source>,
 }
@@ -75,7 +77,7 @@ impl Values {
                 }
                 ["f", addr, _name] => {
                     let addr = u64::from_str_radix(addr, 16).map_err(|_| bad(format!("bad address `{addr}`")))?;
-                    described.entry(addr).or_default();
+                    described.entry(addr).or_default().key = addr;
                     current = Some(addr);
                 }
                 ["a", _field, _shown, source] => {
@@ -104,6 +106,16 @@ impl Values {
             }
         }
         Ok(Values { functions: by_id })
+    }
+
+    /// The `.values` companion of the image: `id \t key` for each function described, the
+    /// key (its link-time address, hex) naming its description in the `args` file.
+    pub(crate) fn list(&self) -> String {
+        self.functions
+            .iter()
+            .enumerate()
+            .filter_map(|(id, f)| f.as_ref().map(|f| format!("{id}\t{:x}\n", f.key)))
+            .collect()
     }
 
     fn function(&self, id: u32) -> Option<&Function> {
@@ -198,6 +210,7 @@ mod tests {
         let regs = Regs { rdi: line.as_ptr() as u64, rsi: 8, ..Regs::default() };
         let mut out = MarkerRecords::new();
         values.entry(0, &regs, &[0, 2.5f64.to_bits(), 0, 0, 0, 0, 0, 0], &mut out);
+        assert_eq!(values.list(), "0\t1000\n");
         let got = values_of(out.finish_as(Kind::Entry, 1, 0, 0));
         let want = [
             MarkerValue::Str { bytes: b"alpha,12".to_vec(), cut: false },

@@ -68,6 +68,9 @@ pub struct ProcessTrace {
     pub threads: Vec<ThreadTrace>,
     /// The marker sites recorded (`record -M`); a marker event's site id indexes this.
     pub markers: Vec<MarkerSite>,
+    /// The functions whose calls carry values (`record -a`), by id: the key of each one's
+    /// description in the trace directory's `args` file.
+    pub described: std::collections::BTreeMap<u32, u64>,
 }
 
 /// A static marker site whose hits were recorded.

@@ -10,6 +10,9 @@
 //!                          | refused \t kind \t addr_hex \t function \t reason
 //!       markers.txt        id \t addr_hex \t provider \t name      the marker sites recorded
 //!                          (`record -M`; ids 0, 1, 2... in order)
+//!       values.txt         id \t key_hex   the functions whose calls carry values
+//!                          (`record -a`), each with its description's key (its link-time
+//!                          address) in the trace's `args` file, which the CLI reads
 //!       <tid>.dat          "DYNPTRC1", u32 pid, u32 tid (little-endian), then 16-byte
 //!                          records (`Record::to_bytes`) with raw clock ticks
 //! ```
@@ -162,6 +165,18 @@ impl LineFile for Vec<MarkerSite> {
         }
         let addr = parse_hex(path, line, "address", addr)?;
         self.push(MarkerSite { provider: provider.to_owned(), name: name.to_owned(), addr });
+        Ok(())
+    }
+}
+
+/// A `values.txt`.
+impl LineFile for BTreeMap<u32, u64> {
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError> {
+        let Some((id, key)) = l.split_once('\t') else {
+            return Err(malformed(path, line, "expected a function id and a key separated by a tab"));
+        };
+        let id: u32 = parse_number(path, line, "function id", id)?;
+        self.insert(id, parse_hex(path, line, "key", key)?);
         Ok(())
     }
 }
@@ -384,6 +399,7 @@ fn read_process(
 ) -> Result<ProcessTrace, EventsError> {
     let functions: Vec<Function> = read_lines(&dir.join("functions.txt"))?.unwrap_or_default();
     let markers: Vec<MarkerSite> = read_lines(&dir.join("markers.txt"))?.unwrap_or_default();
+    let described: BTreeMap<u32, u64> = read_lines(&dir.join("values.txt"))?.unwrap_or_default();
     let mut sites: Sites = read_lines(&dir.join("sites.txt"))?.unwrap_or_default();
     if let Some(listed) = listed {
         if sites.exe.is_empty() {
@@ -422,7 +438,16 @@ fn read_process(
         }
     }
     threads.sort_by_key(|t| (t.events[0].ns, t.tid));
-    Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads, markers })
+    Ok(ProcessTrace {
+        pid,
+        parent: sites.parent,
+        exe: sites.exe,
+        functions,
+        sites: sites.summary,
+        threads,
+        markers,
+        described,
+    })
 }
 
 /// Fills `buf` from `reader`; fewer bytes (the count is returned) only at the end of the file.

@@ -209,6 +209,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             markers: Vec::new(),
+            described: Default::default(),
         }
     }
 
