@@ -43,6 +43,11 @@ enum Source {
 struct Function {
     /// Its description's key in the `args` file.
     key: u64,
+    /// Whether its vector registers can be read at its entry: at a compiler site the
+    /// tracer's caller reaches the dispatcher without touching them, but a plain entry's
+    /// probe runs the probe layer's dispatcher first, which may have (its floating-point
+    /// arguments are recorded as unavailable, shown `(unknown)`).
+    vectors: bool,
     args: Vec<Source>,
     retval: Option<Source>,
 }
@@ -99,7 +104,8 @@ impl Values {
             if f.module != main_module {
                 continue;
             }
-            if let Some(values) = described.remove(&f.addr.wrapping_sub(bias)) {
+            if let Some(mut values) = described.remove(&f.addr.wrapping_sub(bias)) {
+                values.vectors = f.method != dynprobe_ftrace::SiteMethod::Entry;
                 if let Some(slot) = by_id.get_mut(f.id as usize) {
                     *slot = Some(values);
                 }
@@ -142,8 +148,9 @@ fn compile(source: &str, kind: ProbeKind) -> Result<Source, String> {
         .map_err(|e| format!("fetch `{source}`: {e}"))
 }
 
-/// Adds the value `source` reads in `ctx` to `out`.
-fn add(source: &Source, ctx: &HitContext, vector: &[u64; 8], out: &mut MarkerRecords) {
+/// Adds the value `source` reads in `ctx` to `out` (`vector` is `None` when the vector
+/// registers cannot be read).
+fn add(source: &Source, ctx: &HitContext, vector: Option<&[u64; 8]>, out: &mut MarkerRecords) {
     match source {
         Source::Fetch(program) => {
             let mut buf = [0u8; STRING_MAX];
@@ -154,7 +161,10 @@ fn add(source: &Source, ctx: &HitContext, vector: &[u64; 8], out: &mut MarkerRec
             };
         }
         Source::Vector(n) => {
-            out.unsigned(vector[*n]);
+            match vector {
+                Some(vector) => out.unsigned(vector[*n]),
+                None => out.unavailable(),
+            };
         }
         Source::Unknown => {
             out.unavailable();
@@ -167,7 +177,7 @@ impl CallValues for Values {
         let Some(f) = self.function(id) else { return };
         let ctx = HitContext::entry(regs, &SelfMemory, 0);
         for source in &f.args {
-            add(source, &ctx, vector, out);
+            add(source, &ctx, f.vectors.then_some(vector), out);
         }
     }
 
@@ -175,7 +185,9 @@ impl CallValues for Values {
         let Some(Function { retval: Some(source), .. }) = self.function(id) else { return };
         let regs = Regs { rax, ..Regs::default() };
         let ctx = HitContext { retval: Some(rax), ..HitContext::entry(&regs, &SelfMemory, 0) };
-        add(source, &ctx, &[xmm0, 0, 0, 0, 0, 0, 0, 0], out);
+        // The return trampoline reaches the exit hook without touching xmm0, whatever the
+        // entry's site.
+        add(source, &ctx, Some(&[xmm0, 0, 0, 0, 0, 0, 0, 0]), out);
     }
 }
 
@@ -188,7 +200,9 @@ mod tests {
     use dynprobe_ftrace::SiteMethod;
 
     fn function(id: u32, addr: u64, module: &str) -> TracedFunction {
-        TracedFunction { id, addr, module: module.into(), name: format!("f{id}"), method: SiteMethod::Entry }
+        let site = dynprobe_symbols::CompilerSite { addr, kind: dynprobe_symbols::SiteKind::Mcount, function: None };
+        let method = SiteMethod::Compiler(site);
+        TracedFunction { id, addr, module: module.into(), name: format!("f{id}"), method }
     }
 
     fn module(name: &str, bias: u64) -> dynprobe_symbols::Module {

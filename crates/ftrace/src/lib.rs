@@ -35,9 +35,9 @@ pub use filter::{Filter, Pattern};
 pub use select::{Selection, SiteMethod, TracedFunction};
 
 use dynprobe_events::clock::Clock;
+use dynprobe_events::marker::MarkerRecords;
 use dynprobe_events::model::{RefusedSite, SiteSummary};
 use dynprobe_events::ring::RingFile;
-use dynprobe_events::marker::MarkerRecords;
 use dynprobe_probe::{Probe, ProbeHandle, Regs};
 
 /// Where the calling thread's next event goes, for events recorded beside its calls (a
@@ -110,7 +110,8 @@ impl Tracer {
         if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values }) {
             return Err(FtraceError::AlreadyRunning);
         }
-        let exit_hook: fn(&dynprobe_probe::GraphExit) = if with_values { graph::on_exit_values } else { graph::on_exit };
+        let exit_hook: fn(&dynprobe_probe::GraphExit) =
+            if with_values { graph::on_exit_values } else { graph::on_exit };
         dynprobe_probe::graph_install(exit_hook)?;
         let mut tracer = Tracer {
             values: with_values,

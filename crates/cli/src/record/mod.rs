@@ -14,6 +14,7 @@
 
 mod progress;
 mod summary;
+mod values;
 
 use crate::probe::output::Hit;
 use crate::probe::session::{self, Hits, Placement};
@@ -52,6 +53,12 @@ pub struct RecordArgs {
     /// fewer events when the program calls faster than dynprobe drains.
     #[arg(long, value_name = "RECORDS")]
     buffer_size: Option<u64>,
+    /// Record each traced function's arguments at its entry and its return value at its exit,
+    /// typed from the program's DWARF (uftrace's -a): `replay` shows
+    /// `parse_record(line="alpha,12", len=8) { ... } = 12`. Functions without DWARF, and
+    /// those of shared libraries, are recorded as without -a.
+    #[arg(short = 'a', long = "args")]
+    args: bool,
     /// Patch plain function entries with breakpoint probes only (no jump optimization).
     #[arg(long)]
     no_optimize: bool,
@@ -95,7 +102,7 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     let rings = ring_dir(&args.dir).inspect_err(|_| out.restore())?;
     let mut env = vec![("DYNPROBE_RECORD", OsString::from(rings.path()))];
     if !filter.is_empty() {
-        env.push(("DYNPROBE_FILTER", OsString::from(filter)));
+        env.push(("DYNPROBE_FILTER", OsString::from(&filter)));
     }
     if let Some(depth) = args.depth {
         env.push(("DYNPROBE_DEPTH", depth.to_string().into()));
@@ -108,6 +115,12 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     if args.no_optimize {
         env.push(("DYNPROBE_OPTIMIZE", "0".into()));
+    }
+    if args.args {
+        let program = crate::probe::source::program_path(program).unwrap_or_else(|| PathBuf::from(program));
+        if let Some(path) = describe_values(&program, &filter, rings.path(), &args.dir) {
+            env.push(("DYNPROBE_ARGS", path.into()));
+        }
     }
     let command: Vec<String> = args.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let recording = progress::Recording::start(rings.path(), &args.dir, &command)
@@ -159,6 +172,12 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     lines.extend(args.depth.map(|depth| format!("depth {depth}")));
     lines.extend(args.buffer_size.map(|size| format!("ring-records {size}")));
     lines.extend(markers.lines().map(|marker| format!("marker {marker}")));
+    if args.args {
+        let program = PathBuf::from(format!("/proc/{pid}/exe"));
+        if let Some(path) = describe_values(&program, &filter, rings.path(), &args.dir) {
+            lines.push(format!("args {}", path.display()));
+        }
+    }
     // Blocked before the recorder's thread starts, which inherits the mask: the session
     // takes Ctrl-C from its signalfd (and detaches); the default action on a thread that
     // did not block it would kill this process mid-session.
@@ -194,6 +213,19 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     }
     summary::print(&args.dir, &stats);
     session.map(|()| ExitCode::SUCCESS)
+}
+
+/// With `-a`: describes the values of `program`'s calls into the ring directory (for the
+/// agent) and the trace directory (for replay); returns the agent's copy. Without DWARF the
+/// program is recorded as without -a, and a warning says why.
+fn describe_values(program: &Path, filter: &str, rings: &Path, trace: &Path) -> Option<PathBuf> {
+    match values::write_args(program, filter, &[rings, trace]) {
+        Ok(_) => Some(rings.join(values::ARGS_FILE)),
+        Err(e) => {
+            eprintln!("dynprobe: -a: no argument is recorded: {e}");
+            None
+        }
+    }
 }
 
 /// What the trace names as its command: the process's command line (proc(5)).

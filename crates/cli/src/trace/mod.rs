@@ -14,6 +14,7 @@ pub mod export;
 pub mod filter;
 pub mod replay;
 pub mod report;
+pub mod values;
 
 use calls::CallTree;
 use dynprobe_events::model::{MarkerValue, ProcessTrace, ThreadTrace, Trace};

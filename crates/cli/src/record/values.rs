@@ -1,0 +1,60 @@
+//! `dynprobe record -a`: the `args` file describing the values each traced function's calls
+//! carry — written here from the program's DWARF before the program runs, compiled by the
+//! agent into fetch programs (`dynprobe_agent`'s `values` module documents the format), and
+//! read again by replay, report and export to show the raw values by type
+//! (`crate::trace::values`).
+
+use crate::probe::source::{call_values, CallValue};
+use dynprobe_events::files;
+use dynprobe_ftrace::Filter;
+use dynprobe_symbols::dwarf::{DebugInfo, SourcePoint};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// The file's name in the trace directory (and in the ring directory, for the agent).
+pub(crate) const ARGS_FILE: &str = "args";
+
+/// Describes the functions of `program` that `filter` (the agent's `F`/`N` lines) selects
+/// and that have DWARF, into `ARGS_FILE` in each of `dirs`; returns how many were described.
+/// A program without DWARF is an error naming it (the caller warns and records without
+/// values).
+pub(crate) fn write_args(program: &Path, filter: &str, dirs: &[&Path]) -> Result<usize, String> {
+    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
+    let filter = Filter::from_lines(filter)?;
+    let module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let exe = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_path_buf());
+    let mut text =
+        format!("# dynprobe record -a: what each call records (see `dynprobe record --help`)\np\t{}\n", exe.display());
+    let mut described = std::collections::HashSet::new();
+    for f in info.functions() {
+        if f.ranges.is_empty() {
+            continue;
+        }
+        let point = SourcePoint::Function { name: f.name.clone(), file: Some(f.file.clone()) };
+        let Ok(sites) = info.resolve(&point) else { continue };
+        for site in sites.iter().filter(|s| !s.inlined && s.entry) {
+            // Only a function entered at its own symbol: a compiler's clone (`.isra`,
+            // `.constprop`, `.part`) may take its parameters otherwise than the source says.
+            let Some((symbol, 0)) = info.symbol_at(site.addr) else { continue };
+            let selected = filter.selects(&module, true, &f.name) || filter.selects(&module, true, symbol);
+            // A C++ name in the trace is the demangled symbol (`Parser::parse(char const*)`),
+            // which the DWARF name alone does not give: those are all described.
+            if symbol.contains('.') || !(selected || symbol.starts_with("_Z")) || !described.insert(site.addr) {
+                continue;
+            }
+            let (args, retval) = call_values(&info, site);
+            let _ = writeln!(text, "f\t{:x}\t{}", site.addr, f.name);
+            for CallValue { name, shown, source } in args {
+                let _ = writeln!(text, "a\t{name}\t{shown}\t{source}");
+            }
+            if let Some(CallValue { shown, source, .. }) = retval {
+                let _ = writeln!(text, "r\t{shown}\t{source}");
+            }
+        }
+    }
+    for dir in dirs {
+        let path = dir.join(ARGS_FILE);
+        files::write_private(&path, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(described.len())
+}
