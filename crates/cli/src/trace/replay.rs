@@ -192,15 +192,15 @@ fn thread_lines(thread: &ThreadCalls, options: &Options, values: &Descriptions) 
                 match (call.begin, leaf) {
                     (Some(begin), true) if call.end != End::Missing => {
                         let unwound = if matches!(call.end, End::Unwound(_)) { " /* unwound */" } else { "" };
-                        let parens = values.parens(process, recorded, call, name);
-                        let text = format!("{name}{parens}{retval};{unwound}");
+                        let signature = values.signature(process, recorded, call, name);
+                        let text = format!("{signature}{retval};{unwound}");
                         lines.push(Line { ns: begin, depth: indent, duration: call.duration(), text });
                     }
                     (Some(begin), _) => lines.push(Line {
                         ns: begin,
                         depth: indent,
                         duration: None,
-                        text: format!("{name}{} {{", values.parens(process, recorded, call, name)),
+                        text: format!("{} {{", values.signature(process, recorded, call, name)),
                     }),
                     (None, true) => lines.extend(closing_line(call, name, &retval, indent)),
                     (None, false) => {}

@@ -101,18 +101,41 @@ impl Descriptions {
         Some(values.first().map_or("(unknown)".to_string(), |v| show(d, v)))
     }
 
-    /// `(line="alpha,12", len=8)` for a call with recorded arguments, else `()` (or
-    /// nothing for a C++ name that carries its parameter list).
-    pub fn parens(&self, process: &ProcessTrace, thread: &ThreadTrace, call: &Call, name: &str) -> String {
+    /// How a call of `name` is shown: `parse_record(line="alpha,12", len=8)` with recorded
+    /// arguments (a C++ name's parameter list replaced by them), else `name()` (a C++ name
+    /// that carries its parameter list as it is: `catcher(int)`).
+    pub fn signature(&self, process: &ProcessTrace, thread: &ThreadTrace, call: &Call, name: &str) -> String {
         match self.args(process, thread, call) {
             Some(args) => {
                 let args: Vec<String> = args.iter().map(|(n, v)| format!("{n}={v}")).collect();
-                format!("({})", args.join(", "))
+                format!("{}({})", without_parameters(name), args.join(", "))
             }
-            None if name.ends_with(')') => String::new(),
-            None => "()".into(),
+            None if name.ends_with(')') => name.to_string(),
+            None => format!("{name}()"),
         }
     }
+}
+
+/// `name` without the parameter list a demangled C++ name ends with (`Parser::parse(char
+/// const*)` → `Parser::parse`).
+fn without_parameters(name: &str) -> &str {
+    if !name.ends_with(')') {
+        return name;
+    }
+    let mut depth = 0;
+    for (i, c) in name.char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &name[..i];
+                }
+            }
+            _ => {}
+        }
+    }
+    name
 }
 
 /// The function being described at line `n` (0-based) of an `args` file.
@@ -197,6 +220,13 @@ mod tests {
         assert_eq!(show(&d("str"), &MarkerValue::Unavailable), "(fault)");
         assert_eq!(show(&d("f64"), &MarkerValue::Unavailable), "(unknown)");
         assert_eq!(show(&Described { unknown: true, ..d("?") }, &MarkerValue::Unavailable), "(unknown)");
+    }
+
+    #[test]
+    fn a_cxx_name_loses_its_parameter_list() {
+        assert_eq!(without_parameters("Parser::parse(char const*, int)"), "Parser::parse");
+        assert_eq!(without_parameters("apply(void (*)(int), int)"), "apply");
+        assert_eq!(without_parameters("parse_record"), "parse_record");
     }
 
     #[test]

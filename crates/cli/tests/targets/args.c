@@ -1,18 +1,31 @@
-/* The target of `dynprobe record -a` (tests/record_args.rs): functions taking strings,
- * ints, negative ints, enums, a pointer, doubles, a struct by value and more than six
- * integer arguments. Each call logs its arguments and its result on stderr, in the form
- * replay shows them, for the test to compare with the trace. */
+/* The C target of `dynprobe record -a` (tests/record_args.rs): functions taking strings,
+ * ints, negative ints, chars, bools, enums, a pointer, doubles and a float, a struct by
+ * value and more than six integer arguments. Each call writes its arguments and result
+ * into the log file (argv[2]) as `dynprobe replay` shows them, for the test to compare. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum color { RED, GREEN = 5, BLUE };
 
-struct pair { long a, b, c; }; /* 24 bytes: passed on the stack */
+struct triple { long a, b, c; }; /* 24 bytes: passed on the stack */
+
+static FILE *log_file;
+
+/* A string as replay shows it: quoted, its first 64 bytes, `...` when longer. */
+static void log_string(const char *s) {
+    fprintf(log_file, "\"%.64s\"%s", s, strlen(s) > 64 ? "..." : "");
+}
+
+static const char *color_name(enum color c) {
+    return c == RED ? "RED" : c == GREEN ? "GREEN" : c == BLUE ? "BLUE" : "?";
+}
 
 __attribute__((noinline)) int parse_record(const char *line, int len) {
     int n = atoi(strchr(line, ',') + 1);
-    fprintf(stderr, "parse_record(line=\"%s\", len=%d) = %d\n", line, len, n);
+    fprintf(log_file, "parse_record(line=");
+    log_string(line);
+    fprintf(log_file, ", len=%d) = %d;\n", len, n);
     return n;
 }
 
@@ -20,57 +33,64 @@ __attribute__((noinline)) long scale(long value, short factor, unsigned char shi
     long r = (value * factor) >> shift;
     if (neg)
         r = -r;
-    fprintf(stderr, "scale(value=%ld, factor=%d, shift=%u, neg=%s) = %ld\n", value, factor, shift,
+    fprintf(log_file, "scale(value=%ld, factor=%d, shift='\\x%02x', neg=%s) = %ld;\n", value, factor, shift,
             neg ? "true" : "false", r);
     return r;
 }
 
 __attribute__((noinline)) enum color paint(enum color c, char tag, int *slot) {
     *slot += c;
-    enum color next = c == BLUE ? RED : c + 1;
-    fprintf(stderr, "paint(c=%s, tag='%c', slot=%p) = %s\n", c == RED ? "RED" : c == GREEN ? "GREEN" : "BLUE", tag,
-            (void *)slot, next == RED ? "RED" : next == GREEN ? "GREEN" : next == BLUE ? "BLUE" : "?");
+    enum color next = c == RED ? GREEN : c == GREEN ? BLUE : RED;
+    fprintf(log_file, "paint(c=%s, tag='%c', slot=%p) = %s;\n", color_name(c), tag, (void *)slot, color_name(next));
     return next;
 }
 
 __attribute__((noinline)) double mix(double x, int k, float y) {
     double r = x * k + y;
-    fprintf(stderr, "mix(x=%g, k=%d, y=%g) = %g\n", x, k, (double)y, r);
+    fprintf(log_file, "mix(x=%g, k=%d, y=%g) = %g;\n", x, k, (double)y, r);
     return r;
 }
 
 __attribute__((noinline)) long many(long a1, long a2, long a3, long a4, long a5, long a6, long a7, int a8) {
     long r = a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8;
-    fprintf(stderr, "many(a1=%ld, a2=%ld, a3=%ld, a4=%ld, a5=%ld, a6=%ld, a7=%ld, a8=%d) = %ld\n", a1, a2, a3, a4, a5,
+    fprintf(log_file, "many(a1=%ld, a2=%ld, a3=%ld, a4=%ld, a5=%ld, a6=%ld, a7=%ld, a8=%d) = %ld;\n", a1, a2, a3, a4, a5,
             a6, a7, a8, r);
     return r;
 }
 
-__attribute__((noinline)) long sum_pair(int first, struct pair p, int last) {
-    long r = first + p.a + p.b + p.c + last;
-    fprintf(stderr, "sum_pair(first=%d, p_a=%ld, p_b=%ld, p_c=%ld, last=%d) = %ld\n", first, p.a, p.b, p.c, last, r);
+__attribute__((noinline)) long sum_triple(int first, struct triple t, int last) {
+    long r = first + t.a + t.b + t.c + last;
+    fprintf(log_file, "sum_triple(first=%d, t_a=%ld, t_b=%ld, t_c=%ld, last=%d) = %ld;\n", first, t.a, t.b, t.c, last, r);
     return r;
 }
 
 __attribute__((noinline)) void note(const char *what) {
-    fprintf(stderr, "note(what=\"%s\")\n", what);
+    fprintf(log_file, "note(what=");
+    log_string(what);
+    fprintf(log_file, ");\n");
 }
 
 int main(int argc, char **argv) {
-    int rounds = argc > 1 ? atoi(argv[1]) : 2;
-    static const char *lines[] = {"alpha,12", "beta,-7", "a rather long line that is cut by the recorder,3"};
+    int rounds = argc > 1 ? atoi(argv[1]) : 3;
+    log_file = fopen(argc > 2 ? argv[2] : "/dev/null", "w");
+    if (!log_file)
+        return 1;
+    static const char *lines[] = {"alpha,12", "beta,-7",
+                                  "a rather long line that the recorder cuts, being longer than 64 bytes,3"};
+    static const enum color colors[] = {RED, GREEN, BLUE};
     int slot = 0;
     long total = 0;
     for (int i = 0; i < rounds; i++) {
         const char *line = lines[i % 3];
         total += parse_record(line, (int)strlen(line));
         total += scale(-1000 - i, (short)(3 - i), (unsigned char)(i % 4), i % 2);
-        paint((enum color[]){RED, GREEN, BLUE}[i % 3], 'a' + i, &slot);
+        paint(colors[i % 3], 'a' + i, &slot);
         total += (long)mix(1.5 + i, i - 1, 0.25f);
         total += many(1, -2, 3, -4, 5, -6, 7 + i, -8);
-        total += sum_pair(i, (struct pair){10, -20, 30 + i}, -i);
+        total += sum_triple(i, (struct triple){10, -20, 30 + i}, -i);
         note(i % 2 ? "odd" : "even");
     }
+    fclose(log_file);
     printf("total %ld slot %d\n", total, slot);
     return 0;
 }
