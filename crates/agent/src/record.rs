@@ -295,9 +295,8 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     // Libraries `dlopen`ed later are told from these; the probe layer places the entry
     // probes with the same table rather than reading every module's symbols again.
     let known = watch.then(|| Selection::module_paths(&table));
-    let values = call_values(settings, &table, &selection.functions).map_err(|e| {
+    let values = call_values(settings, &table, &selection.functions).inspect_err(|_| {
         let _ = std::fs::remove_file(&funcs);
-        e
     })?;
     dynprobe_probe::adopt_symbols(table);
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, settings.records, Clock::detect())
@@ -306,9 +305,8 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     // With `record -a`: which functions' calls carry values, before the ring is published.
     let values_listed = values.is_some();
     if let Some(values) = &values {
-        write_file(&path("values"), &values.list()).map_err(|e| {
+        write_file(&path("values"), &values.list()).inspect_err(|_| {
             let _ = std::fs::remove_file(&funcs);
-            e
         })?;
     }
     let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);

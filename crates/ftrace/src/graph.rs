@@ -197,7 +197,6 @@ pub(crate) fn on_exit(exit: &GraphExit) {
 /// heavy dispatcher only makes them save the vector state, unchanged, around it.
 #[inline(always)]
 fn vector_arguments() -> [u64; 8] {
-    let v: [u64; 8];
     let (v0, v1, v2, v3, v4, v5, v6, v7): (u64, u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: reads registers only.
     unsafe {
@@ -209,8 +208,7 @@ fn vector_arguments() -> [u64; 8] {
             options(nomem, nostack, preserves_flags),
         );
     }
-    v = [v0, v1, v2, v3, v4, v5, v6, v7];
-    v
+    [v0, v1, v2, v3, v4, v5, v6, v7]
 }
 
 /// [`caller_dispatch`] with `record -a`: the entry record carries the call's arguments, read
