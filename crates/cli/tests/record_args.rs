@@ -10,10 +10,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::attached::{Session, Worker};
 use common::{build_c, build_cxx, dynprobe, scratch, stdout_of};
 
 /// The functions of `args.c` that log their calls.
-const C_FUNCTIONS: [&str; 7] = ["parse_record", "scale", "paint", "mix", "many", "sum_triple", "note"];
+const C_FUNCTIONS: [&str; 8] = ["parse_record", "scale", "paint", "mix", "many", "sum_triple", "shift_point", "note"];
 
 /// How a target's entries are traced: the compiler's NOPs, or probes on plain entries.
 const MCOUNT: &[&str] = &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"];
@@ -161,4 +162,34 @@ fn a_trace_recorded_without_values_reads_as_before() {
     let with = record_c("values-dropped", "-O0", MCOUNT, true);
     std::fs::remove_file(with.dir.join("args")).unwrap();
     assert_eq!(calls_of(&with.dir), r.calls);
+}
+
+#[test]
+fn record_p_records_the_values_of_a_running_process_s_calls() {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| program("worker.c", "args-worker", "-O2", &["-fno-pie", "-no-pie"]));
+    let log = scratch().join(format!("args-worker-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let mut worker = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
+    let dir = scratch().join("args-trace-attached");
+    let mut command = dynprobe();
+    command.args(["record", "-a", "-F", "mix", "-p", &worker.pid.to_string(), "-o"]).arg(&dir);
+    let mut session = Session::spawn(command, None);
+    session.wait_for(&format!("attached to {} (", worker.pid));
+    worker.round();
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "record -p failed:\n{stderr}");
+    // Every call of the round, as the worker logged it: `mix <tid> <seed> <round> <result>`.
+    let mut want: Vec<String> = worker
+        .logged()
+        .iter()
+        .filter(|f| f[0] == "mix")
+        .map(|f| format!("mix(seed={}, round={}) = {};", f[2], f[3], f[4]))
+        .collect();
+    let mut got = calls_of(&dir);
+    want.sort();
+    got.sort();
+    assert_eq!(got.len(), 4 * 300);
+    assert_eq!(got, want);
+    worker.quit();
 }

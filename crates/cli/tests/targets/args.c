@@ -1,6 +1,6 @@
 /* The C target of `dynprobe record -a` (tests/record_args.rs): functions taking strings,
  * ints, negative ints, chars, bools, enums, a pointer, doubles and a float, a struct by
- * value and more than six integer arguments. Each call writes its arguments and result
+ * value (on the stack, and in a register) and more than six integer arguments. Each call writes its arguments and result
  * into the log file (argv[2]) as `dynprobe replay` shows them, for the test to compare. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +9,7 @@
 enum color { RED, GREEN = 5, BLUE };
 
 struct triple { long a, b, c; }; /* 24 bytes: passed on the stack */
+struct point { int x, y; };       /* 8 bytes: passed in a register, shown (unknown) */
 
 static FILE *log_file;
 
@@ -64,6 +65,12 @@ __attribute__((noinline)) long sum_triple(int first, struct triple t, int last) 
     return r;
 }
 
+__attribute__((noinline)) int shift_point(struct point p, int dx) {
+    int r = p.x + dx + p.y;
+    fprintf(log_file, "shift_point(p=(unknown), dx=%d) = %d;\n", dx, r);
+    return r;
+}
+
 __attribute__((noinline)) void note(const char *what) {
     fprintf(log_file, "note(what=");
     log_string(what);
@@ -88,6 +95,7 @@ int main(int argc, char **argv) {
         total += (long)mix(1.5 + i, i - 1, 0.25f);
         total += many(1, -2, 3, -4, 5, -6, 7 + i, -8);
         total += sum_triple(i, (struct triple){10, -20, 30 + i}, -i);
+        total += shift_point((struct point){i, -i * 2}, 3 + i);
         note(i % 2 ? "odd" : "even");
     }
     fclose(log_file);
