@@ -618,16 +618,7 @@ enum Class {
 /// The class of a value of type `ty`; `None` when it is not sure.
 fn abi_class(ty: &dynprobe_symbols::dwarf::Type, info: &DebugInfo) -> Option<Class> {
     let scalar = |ty: &dynprobe_symbols::dwarf::Type| match ty.kind {
-        TypeKind::Signed
-        | TypeKind::Unsigned
-        | TypeKind::Bool
-        | TypeKind::Char { .. }
-        | TypeKind::Enum(_)
-        | TypeKind::Pointer(_)
-            if (1..=8).contains(&ty.size) =>
-        {
-            Some(Class::Integer)
-        }
+        _ if ty.is_integer_scalar() && ty.size > 0 => Some(Class::Integer),
         TypeKind::Float if ty.size == 4 || ty.size == 8 => Some(Class::Sse),
         _ => None,
     };
