@@ -193,3 +193,32 @@ fn record_p_records_the_values_of_a_running_process_s_calls() {
     assert_eq!(got, want);
     worker.quit();
 }
+
+#[test]
+fn a_and_r_options_replace_what_the_dwarf_says() {
+    let program = program("args.c", "args-o0-mcount", "-O0", MCOUNT);
+    let options = [
+        "-a",
+        "-F",
+        "parse_record",
+        "-F",
+        "scale",
+        "-A",
+        "parse_*@n=$arg2:x16 first=+0($arg1):u8",
+        "-R",
+        "scale@$retval:x64",
+    ];
+    let r = record("overrides", &options, &program, 2);
+    let want = [
+        "parse_record(n=0x8, first=97) = 12;".to_string(),
+        format!("scale(value=-1000, factor=3, shift='\\x00', neg=false) = {:#x};", -3000i64 as u64),
+        "parse_record(n=0x7, first=98) = -7;".to_string(),
+        format!("scale(value=-1001, factor=2, shift='\\x01', neg=true) = {:#x};", 1001),
+    ];
+    assert_eq!(r.calls, want);
+    // A bad one is refused before anything runs, naming it.
+    let out = dynprobe().args(["record", "-a", "-A", "parse_record@x=line", "--"]).arg(&program).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`x=line`: name registers, `$argN` or `$stackN`"), "{stderr}");
+}

@@ -494,6 +494,31 @@ fn struct_fields(
     Ok(out)
 }
 
+/// The values `-A FUNC@FIELDS` (`-R FUNC@FETCH` when `retval`) gives in place of the DWARF's:
+/// fields as a probe spec writes them (`line=+0($arg1):string len=$arg2:s32`), each shown
+/// by its type; `Err` says what is wrong with the text.
+pub(crate) fn override_values(text: &str, retval: bool) -> Result<Vec<CallValue>, String> {
+    let spec = match retval {
+        true => ProbeSpec::parse(&format!("r:a f retval={text}")),
+        false => ProbeSpec::parse(&format!("p:a f {text}")),
+    }
+    .map_err(|e| format!("bad {} `{text}`: {e}", if retval { "return value" } else { "arguments" }))?;
+    spec.args
+        .iter()
+        .map(|arg| {
+            let mut named = false;
+            arg.fetch.walk(&mut |f| named |= matches!(f, Fetch::Var(_)));
+            if named {
+                return Err(format!(
+                    "`{text}`: name registers, `$argN` or `$stackN` (a source variable needs a probe point)"
+                ));
+            }
+            let source = format!("{}:{}", fetch_text(&arg.fetch), arg.ty);
+            Ok(CallValue { name: arg.name.clone(), shown: shown_type(arg.ty, None), source })
+        })
+        .collect()
+}
+
 /// One value `record -a` records with a call: its name, how it is shown (see
 /// `crate::trace::values`) and where the agent reads it (a fetch as the grammar writes it,
 /// `xmmN`, or `-` when it cannot be read at the entry).
@@ -696,7 +721,8 @@ fn spec_text(spec: &ProbeSpec) -> String {
     text
 }
 
-fn fetch_text(fetch: &Fetch) -> String {
+/// A fetch as the grammar writes it.
+pub(crate) fn fetch_text(fetch: &Fetch) -> String {
     match fetch {
         Fetch::Reg(r) => format!("%{}", format!("{r:?}").to_lowercase()),
         Fetch::Arg(n) => format!("$arg{n}"),

@@ -59,6 +59,15 @@ pub struct RecordArgs {
     /// those of shared libraries, are recorded as without -a.
     #[arg(short = 'a', long = "args")]
     args: bool,
+    /// With -a: record these arguments of the functions matching FUNC (a glob) instead of
+    /// the DWARF's, as a probe spec writes fields: `-A 'parse_record@line=+0($arg1):string
+    /// len=$arg2:s32'`. Repeatable; the last matching wins.
+    #[arg(short = 'A', long = "argument", value_name = "FUNC@FIELDS", requires = "args")]
+    argument: Vec<String>,
+    /// With -a: record this return value of the functions matching FUNC instead of the
+    /// DWARF's: `-R 'parse_record@$retval:x32'`. Repeatable; the last matching wins.
+    #[arg(short = 'R', long = "retval", value_name = "FUNC@FETCH", requires = "args")]
+    retval: Vec<String>,
     /// Patch plain function entries with breakpoint probes only (no jump optimization).
     #[arg(long)]
     no_optimize: bool,
@@ -97,6 +106,7 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     let filter = filter_lines(args, matches)?;
     let markers = marker_lines(&args.markers)?;
+    let overrides = values::Overrides::parse(&args.argument, &args.retval)?;
     let agent = agent_path()?;
     let mut out = OutputDir::prepare(&args.dir)?;
     let rings = ring_dir(&args.dir).inspect_err(|_| out.restore())?;
@@ -118,7 +128,7 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     if args.args {
         let program = crate::probe::source::program_path(program).unwrap_or_else(|| PathBuf::from(program));
-        if let Some(path) = describe_values(&program, &filter, rings.path(), &args.dir) {
+        if let Some(path) = describe_values(&program, &filter, &overrides, rings.path(), &args.dir) {
             env.push(("DYNPROBE_ARGS", path.into()));
         }
     }
@@ -163,6 +173,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     }
     let filter = filter_lines(args, matches)?;
     let markers = marker_lines(&args.markers)?;
+    let overrides = values::Overrides::parse(&args.argument, &args.retval)?;
     let agent = agent_path()?;
     let command = attached_command(pid)?;
     let mut out = OutputDir::prepare(&args.dir)?;
@@ -174,7 +185,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     lines.extend(markers.lines().map(|marker| format!("marker {marker}")));
     if args.args {
         let program = PathBuf::from(format!("/proc/{pid}/exe"));
-        if let Some(path) = describe_values(&program, &filter, rings.path(), &args.dir) {
+        if let Some(path) = describe_values(&program, &filter, &overrides, rings.path(), &args.dir) {
             lines.push(format!("args {}", path.display()));
         }
     }
@@ -218,8 +229,14 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
 /// With `-a`: describes the values of `program`'s calls into the ring directory (for the
 /// agent) and the trace directory (for replay); returns the agent's copy. Without DWARF the
 /// program is recorded as without -a, and a warning says why.
-fn describe_values(program: &Path, filter: &str, rings: &Path, trace: &Path) -> Option<PathBuf> {
-    match values::write_args(program, filter, &[rings, trace]) {
+fn describe_values(
+    program: &Path,
+    filter: &str,
+    overrides: &values::Overrides,
+    rings: &Path,
+    trace: &Path,
+) -> Option<PathBuf> {
+    match values::write_args(program, filter, overrides, &[rings, trace]) {
         Ok(_) => Some(rings.join(values::ARGS_FILE)),
         Err(e) => {
             eprintln!("dynprobe: -a: no argument is recorded: {e}");

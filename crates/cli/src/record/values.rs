@@ -4,7 +4,7 @@
 //! read again by replay, report and export to show the raw values by type
 //! (`crate::trace::values`).
 
-use crate::probe::source::{call_values, CallValue};
+use crate::probe::source::{call_values, override_values, CallValue};
 use dynprobe_events::files;
 use dynprobe_ftrace::Filter;
 use dynprobe_symbols::dwarf::{DebugInfo, SourcePoint};
@@ -14,11 +14,51 @@ use std::path::Path;
 /// The file's name in the trace directory (and in the ring directory, for the agent).
 pub(crate) const ARGS_FILE: &str = "args";
 
+/// What `-A FUNC@FIELDS` and `-R FUNC@FETCH` say: for the functions matching each glob, the
+/// arguments or the return value recorded in place of the DWARF's.
+#[derive(Debug, Default)]
+pub(crate) struct Overrides {
+    args: Vec<(String, Vec<CallValue>)>,
+    retvals: Vec<(String, CallValue)>,
+}
+
+impl Overrides {
+    /// The overrides of the `-A` and `-R` options; `Err` names a bad one.
+    pub(crate) fn parse(args: &[String], retvals: &[String]) -> Result<Overrides, String> {
+        let split = |option: &str, text: &str| -> Result<(String, String), String> {
+            let (glob, rest) = text.split_once('@').ok_or_else(|| format!("{option} `{text}`: write FUNC@…"))?;
+            Ok((glob.to_string(), rest.to_string()))
+        };
+        let mut out = Overrides::default();
+        for text in args {
+            let (glob, fields) = split("-A", text)?;
+            out.args.push((glob, override_values(&fields, false)?));
+        }
+        for text in retvals {
+            let (glob, fetch) = split("-R", text)?;
+            let value = override_values(&fetch, true)?.into_iter().next().ok_or(format!("-R `{text}`: no value"))?;
+            out.retvals.push((glob, value));
+        }
+        Ok(out)
+    }
+
+    /// `args` and `retval` of function `name` as the overrides leave them.
+    fn apply(&self, name: &str, args: &mut Vec<CallValue>, retval: &mut Option<CallValue>) {
+        let matches = |glob: &str| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), name.as_bytes());
+        if let Some((_, values)) = self.args.iter().rev().find(|(glob, _)| matches(glob)) {
+            args.clone_from(values);
+        }
+        if let Some((_, value)) = self.retvals.iter().rev().find(|(glob, _)| matches(glob)) {
+            *retval = Some(value.clone());
+        }
+    }
+}
+
 /// Describes the functions of `program` that `filter` (the agent's `F`/`N` lines) selects
-/// and that have DWARF, into `ARGS_FILE` in each of `dirs`; returns how many were described.
-/// A program without DWARF is an error naming it (the caller warns and records without
-/// values).
-pub(crate) fn write_args(program: &Path, filter: &str, dirs: &[&Path]) -> Result<usize, String> {
+/// and that have DWARF, as `overrides` change them, into `ARGS_FILE` in each of `dirs`;
+/// returns how many were described. A program without DWARF is an error naming it (the
+/// caller warns and records without values).
+pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, dirs: &[&Path]) -> Result<usize, String> {
     let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
     let filter = Filter::from_lines(filter)?;
     let module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -42,7 +82,8 @@ pub(crate) fn write_args(program: &Path, filter: &str, dirs: &[&Path]) -> Result
             if symbol.contains('.') || !(selected || symbol.starts_with("_Z")) || !described.insert(site.addr) {
                 continue;
             }
-            let (args, retval) = call_values(&info, site);
+            let (mut args, mut retval) = call_values(&info, site);
+            overrides.apply(&f.name, &mut args, &mut retval);
             let _ = writeln!(text, "f\t{:x}\t{}", site.addr, f.name);
             for CallValue { name, shown, source } in args {
                 let _ = writeln!(text, "a\t{name}\t{shown}\t{source}");
