@@ -14,7 +14,8 @@ use common::attached::{Session, Worker};
 use common::{build_c, build_cxx, dynprobe, scratch, stdout_of};
 
 /// The functions of `args.c` that log their calls.
-const C_FUNCTIONS: [&str; 8] = ["parse_record", "scale", "paint", "mix", "many", "sum_triple", "shift_point", "note"];
+const C_FUNCTIONS: [&str; 9] =
+    ["parse_record", "scale", "paint", "mix", "many", "sum_triple", "shift_point", "make_triple", "note"];
 
 /// How a target's entries are traced: the compiler's NOPs, or probes on plain entries.
 const MCOUNT: &[&str] = &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"];

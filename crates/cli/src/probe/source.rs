@@ -541,7 +541,13 @@ pub(crate) struct CallValue {
 /// not sure (a nested aggregate, `long double`, `__int128`), that parameter and every one
 /// after it is `(unknown)`: never a value read from the wrong place. The types lower as
 /// the `probe` command's do ([`typed`]).
-pub(crate) fn call_values(info: &DebugInfo, site: &SourceSite) -> (Vec<CallValue>, Option<CallValue>) {
+///
+/// A struct returned in memory takes a hidden pointer in `rdi` first. `c_abi` false (a C++
+/// or Rust function) trusts the convention for scalars only: C++ passes a class that is not
+/// trivially copyable by invisible reference, and Rust's own ABI is unspecified for
+/// aggregates — a by-value aggregate there makes it and every parameter after it
+/// `(unknown)`, and an aggregate return value all of them.
+pub(crate) fn call_values(info: &DebugInfo, site: &SourceSite, c_abi: bool) -> (Vec<CallValue>, Option<CallValue>) {
     let unknown = |name: &str| CallValue { name: name.to_string(), shown: "?".into(), source: "-".into() };
     let lowered = |name: &str, fetch: Fetch, ty: Option<TypeRef>| -> Vec<CallValue> {
         match typed(name, fetch, ty, info, 0) {
@@ -559,13 +565,30 @@ pub(crate) fn call_values(info: &DebugInfo, site: &SourceSite) -> (Vec<CallValue
             Err(_) => vec![unknown(name)],
         }
     };
+    let class_of = |ty: &dynprobe_symbols::dwarf::Type| match abi_class(ty, info) {
+        Some(Class::Integer | Class::Sse) | None => abi_class(ty, info),
+        Some(_) if c_abi => abi_class(ty, info),
+        Some(_) => None,
+    };
+    let returned = info.return_type(site).map(|t| info.type_of(t));
+    // The integer registers the hidden pointer of a struct returned in memory takes; `None`
+    // when that is not sure.
+    let hidden = match &returned {
+        None => Some(0),
+        Some(ty) => match class_of(ty) {
+            Some(Class::Memory(_)) => Some(1),
+            Some(_) => Some(0),
+            None if c_abi && ty.size > 16 => Some(1),
+            None => None,
+        },
+    };
     let mut args = Vec::new();
-    let (mut ints, mut vectors, mut slots) = (0usize, 0usize, 0i64);
-    let mut sure = true;
+    let (mut ints, mut vectors, mut slots) = (hidden.unwrap_or(0), 0usize, 0i64);
+    let mut sure = hidden.is_some();
     for var in info.variables(site).into_iter().filter(|v| v.parameter) {
         let ty = var.ty.map(|t| info.type_of(t));
         let class = match (&ty, sure) {
-            (Some(ty), true) => abi_class(ty, info),
+            (Some(ty), true) => class_of(ty),
             _ => None,
         };
         let Some(class) = class else {

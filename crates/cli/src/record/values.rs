@@ -67,7 +67,11 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
         format!("# dynprobe record -a: what each call records (see `dynprobe record --help`)\np\t{}\n", exe.display());
     let mut described = std::collections::HashSet::new();
     for f in info.functions() {
-        if f.ranges.is_empty() {
+        let Some(&(start, _)) = f.ranges.first() else { continue };
+        // Resolving is the cost: only for a function the filter selects, by the name the
+        // agent selects it by (its symbol's, demangled: `Parser::parse(char const*)`).
+        let readable = |symbol: &str| dynprobe_symbols::readable_name(symbol);
+        if !info.symbol_at(start).is_some_and(|(s, _)| filter.selects(&module, true, &readable(s))) {
             continue;
         }
         let point = SourcePoint::Function { name: f.name.clone(), file: Some(f.file.clone()) };
@@ -76,14 +80,14 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
             // Only a function entered at its own symbol: a compiler's clone (`.isra`,
             // `.constprop`, `.part`) may take its parameters otherwise than the source says.
             let Some((symbol, 0)) = info.symbol_at(site.addr) else { continue };
-            let selected = filter.selects(&module, true, &f.name) || filter.selects(&module, true, symbol);
-            // A C++ name in the trace is the demangled symbol (`Parser::parse(char const*)`),
-            // which the DWARF name alone does not give: those are all described.
-            if symbol.contains('.') || !(selected || symbol.starts_with("_Z")) || !described.insert(site.addr) {
+            let name = readable(symbol);
+            if symbol.contains('.') || !filter.selects(&module, true, &name) || !described.insert(site.addr) {
                 continue;
             }
-            let (mut args, mut retval) = call_values(&info, site);
-            overrides.apply(&f.name, &mut args, &mut retval);
+            // C++ and Rust names are mangled; their ABI for aggregates is not C's.
+            let c_abi = !symbol.starts_with("_Z") && !symbol.starts_with("_R");
+            let (mut args, mut retval) = call_values(&info, site, c_abi);
+            overrides.apply(&name, &mut args, &mut retval);
             let _ = writeln!(text, "f\t{:x}\t{}", site.addr, f.name);
             for CallValue { name, shown, source } in args {
                 let _ = writeln!(text, "a\t{name}\t{shown}\t{source}");

@@ -71,6 +71,13 @@ __attribute__((noinline)) int shift_point(struct point p, int dx) {
     return r;
 }
 
+/* Returned in memory: the caller passes where in rdi, and the arguments come after it. */
+__attribute__((noinline)) struct triple make_triple(long a, int b) {
+    struct triple t = {a, b, a + b};
+    fprintf(log_file, "make_triple(a=%ld, b=%d) = (unknown);\n", a, b);
+    return t;
+}
+
 __attribute__((noinline)) void note(const char *what) {
     fprintf(log_file, "note(what=");
     log_string(what);
@@ -96,6 +103,7 @@ int main(int argc, char **argv) {
         total += many(1, -2, 3, -4, 5, -6, 7 + i, -8);
         total += sum_triple(i, (struct triple){10, -20, 30 + i}, -i);
         total += shift_point((struct point){i, -i * 2}, 3 + i);
+        total += make_triple(5 + i, -3 - i).c;
         note(i % 2 ? "odd" : "even");
     }
     fclose(log_file);
