@@ -236,8 +236,17 @@ fn describe_values(
     rings: &Path,
     trace: &Path,
 ) -> Option<PathBuf> {
-    match values::write_args(program, filter, overrides, &[rings, trace]) {
-        Ok(_) => Some(rings.join(values::ARGS_FILE)),
+    let written = values::write_args(program, filter, overrides, &[rings, trace]).and_then(|_| {
+        // The agent runs as the process's user, who owns the ring directory (`record -p` of
+        // another user's process): its copy is theirs too.
+        let path = rings.join(values::ARGS_FILE);
+        let owner = fs::metadata(rings).map_err(|e| format!("cannot read {}: {e}", rings.display()))?.uid();
+        std::os::unix::fs::chown(&path, Some(owner), None)
+            .map_err(|e| format!("cannot give {} to uid {owner}: {e}", path.display()))?;
+        Ok(path)
+    });
+    match written {
+        Ok(path) => Some(path),
         Err(e) => {
             eprintln!("dynprobe: -a: no argument is recorded: {e}");
             None
