@@ -244,6 +244,23 @@ mod tests {
     }
 
     #[test]
+    fn at_a_plain_entry_a_vector_argument_is_unavailable() {
+        let text = "f\t1000\tmix\na\tx\tf64\txmm0\na\tk\ts32\t%rdi:s32\nr\tf64\txmm0\n";
+        let plain = TracedFunction { method: SiteMethod::Entry, ..function(0, 0x1000, "prog") };
+        let values = Values::new(text, &[plain], &module("prog", 0)).unwrap();
+        let mut out = MarkerRecords::new();
+        values.entry(0, &Regs { rdi: 3, ..Regs::default() }, &[1.5f64.to_bits(); 8], &mut out);
+        assert_eq!(
+            values_of(out.finish_as(Kind::Entry, 1, 0, 0)),
+            [MarkerValue::Unavailable, MarkerValue::Unsigned(3)]
+        );
+        // The exit's xmm0 is read on the return path, whatever the entry's site.
+        let mut out = MarkerRecords::new();
+        values.exit(0, 0, 2.5f64.to_bits(), &mut out);
+        assert_eq!(values_of(out.finish_as(Kind::Exit, 2, 0, 0)), [MarkerValue::Unsigned(2.5f64.to_bits())]);
+    }
+
+    #[test]
     fn a_bad_line_is_named() {
         let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n", &[], &module("p", 0)).err().unwrap();
         assert!(err.starts_with("args file line 2: bad fetch `%nope`"), "{err}");
