@@ -83,7 +83,9 @@ fn build_bench_graph() {
     println!("cargo:rerun-if-changed=bench/graph.c");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let (object, exe) = (out_dir.join("graph.o"), out_dir.join("graph"));
-    let compiler = cc::Build::new().opt_level(2).pic(false).flag_if_supported("-fcf-protection=none").get_compiler();
+    // With DWARF (`-g` changes no code), for the `function-graph-args` row's `record -a`.
+    let compiler =
+        cc::Build::new().opt_level(2).debug(true).pic(false).flag_if_supported("-fcf-protection=none").get_compiler();
     let run = |what: &str, args: &[&OsStr]| {
         let status = compiler.to_command().args(args).status().expect("run the C compiler");
         assert!(status.success(), "{what} bench/graph.c failed");

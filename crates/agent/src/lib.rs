@@ -42,6 +42,7 @@ mod mem;
 mod place;
 mod probes;
 mod record;
+mod values;
 
 use channel::Channel;
 // The line writer lives in `dynprobe`, shared with every backend; `crate::line` keeps

@@ -167,20 +167,30 @@ pub(crate) struct Settings {
     records: usize,
     /// `-M` patterns, `provider:name` a line.
     markers: String,
+    /// With `record -a`: the `args` file describing the calls' values (see `crate::values`).
+    values: Option<PathBuf>,
 }
 
 impl Settings {
     fn from_env() -> Result<Settings, String> {
         let var = |name| std::env::var(name).ok();
-        Settings::new(&var(FILTER_ENV).unwrap_or_default(), var(DEPTH_ENV), var(RING_RECORDS_ENV), var(MARKERS_ENV))
+        let settings = Settings::new(
+            &var(FILTER_ENV).unwrap_or_default(),
+            var(DEPTH_ENV),
+            var(RING_RECORDS_ENV),
+            var(MARKERS_ENV),
+        );
+        settings.map(|s| Settings { values: var(crate::values::ARGS_ENV).map(PathBuf::from), ..s })
     }
 
     /// The settings of an attach message's lines: `F <glob>` / `N <glob>` (the filter, in
-    /// order), `depth <n>`, `ring-records <n>`, `marker <provider:name>`.
+    /// order), `depth <n>`, `ring-records <n>`, `marker <provider:name>`, `args <path>`.
     pub(crate) fn from_lines<'a>(lines: impl Iterator<Item = &'a str>) -> Result<Settings, String> {
         let (mut filter, mut depth, mut records, mut markers) = (Vec::new(), None, None, Vec::new());
+        let mut values = None;
         for line in lines {
             match line.split_once(' ') {
+                Some(("args", path)) => values = Some(PathBuf::from(path)),
                 Some(("F" | "N", _)) => filter.push(line),
                 Some(("depth", n)) => depth = Some(n.to_string()),
                 Some(("ring-records", n)) => records = Some(n.to_string()),
@@ -188,7 +198,8 @@ impl Settings {
                 _ => return Err(format!("unknown record setting `{line}`")),
             }
         }
-        Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))
+        let settings = Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))?;
+        Ok(Settings { values, ..settings })
     }
 
     fn new(
@@ -206,7 +217,7 @@ impl Settings {
             Some(v) => v.parse::<usize>().map_err(|_| format!("{RING_RECORDS_ENV}={v} is not a number"))?,
             None => DEFAULT_RING_RECORDS,
         };
-        Ok(Settings { filter, depth, records, markers: markers.unwrap_or_default() })
+        Ok(Settings { filter, depth, records, markers: markers.unwrap_or_default(), values: None })
     }
 }
 
@@ -284,12 +295,24 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     // Libraries `dlopen`ed later are told from these; the probe layer places the entry
     // probes with the same table rather than reading every module's symbols again.
     let known = watch.then(|| Selection::module_paths(&table));
+    let values = call_values(settings, &table, &selection.functions).inspect_err(|_| {
+        let _ = std::fs::remove_file(&funcs);
+    })?;
     dynprobe_probe::adopt_symbols(table);
     let ring = RingFile::create(&pending, dynprobe_probe::MAX_THREADS, settings.records, Clock::detect())
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let markers_path = (!markers.is_empty()).then(|| path("markers"));
-    let started =
-        Tracer::start(selection, ring, Clock::detect(), settings.depth).map_err(|e| e.to_string()).and_then(|tracer| {
+    // With `record -a`: which functions' calls carry values, before the ring is published.
+    let values_listed = values.is_some();
+    if let Some(values) = &values {
+        write_file(&path("values"), &values.list()).inspect_err(|_| {
+            let _ = std::fs::remove_file(&funcs);
+        })?;
+    }
+    let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);
+    let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, values)
+        .map_err(|e| e.to_string())
+        .and_then(|tracer| {
             let Some(markers_path) = &markers_path else { return Ok((tracer, None)) };
             let attached = write_file(markers_path, &markers.list()).and_then(|()| markers.attach());
             match attached {
@@ -303,7 +326,10 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
     let (tracer, marker_handle) = match started {
         Ok(started) => started,
         Err(e) => {
-            for file in [Some(&pending), Some(&funcs), markers_path.as_ref()].into_iter().flatten() {
+            let values_path = values_listed.then(|| path("values"));
+            for file in
+                [Some(&pending), Some(&funcs), markers_path.as_ref(), values_path.as_ref()].into_iter().flatten()
+            {
                 let _ = std::fs::remove_file(file);
             }
             return Err(e.into());
@@ -332,6 +358,20 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
         exe: exe.clone(),
     });
     Ok(Started { tracer, dir: dir.to_path_buf(), patched, funcs, markers_path, markers: marker_handle, exe, libraries })
+}
+
+/// With `record -a`: the values the calls of `functions` carry, from the `args` file the
+/// settings name (see `crate::values`).
+fn call_values(
+    settings: &Settings,
+    table: &dynprobe_symbols::SymbolTable,
+    functions: &[TracedFunction],
+) -> Result<Option<crate::values::Values>, String> {
+    let Some(path) = &settings.values else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let Some(main) = table.modules().iter().find(|m| m.is_main) else { return Ok(None) };
+    let values = crate::values::Values::new(&text, functions, main)?;
+    Ok(Some(values))
 }
 
 /// Takes the first free `<pid>.<n>` by creating its `.funcs` file (exclusively) with

@@ -122,6 +122,12 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     assert!(ns_per_hit(&rows, "function-graph") > 0.0, "{graph}");
     assert_eq!(graph["calls_per_batch"], 200, "the program made the calls asked for: {graph}");
     assert!(!graph["note"].as_str().unwrap().contains("LOST"), "{graph}");
+    // With -a, beside it: the same calls, each carrying its argument and return value.
+    let with_args = row(&rows, "function-graph-args");
+    assert!(ns_per_hit(&rows, "function-graph-args") > 0.0, "{with_args}");
+    assert_eq!(with_args["calls_per_batch"], 200, "{with_args}");
+    assert!(!with_args["note"].as_str().unwrap().contains("LOST"), "{with_args}");
+    assert!(with_args["x_function_graph"].is_number(), "{with_args}");
     let uftrace = row(&rows, "uftrace");
     match uftrace["ns_per_hit"].as_f64() {
         Some(ns) => {

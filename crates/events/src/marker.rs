@@ -123,14 +123,23 @@ impl MarkerRecords {
     /// The records of the hit of site `site` at `time` and call `depth`: the `Marker`
     /// record, then the data.
     pub fn finish(&mut self, time: u64, depth: u16, site: u32) -> &[Record] {
+        self.finish_as(Kind::Marker, time, depth, site)
+    }
+
+    /// The records of a traced call's entry or exit (`kind` [`Kind::Entry`] or
+    /// [`Kind::Exit`]) of function `id`, with the values added as its typed arguments or
+    /// return value (`dynprobe record -a`): the call's record, whose payload counts the data
+    /// records after it as a marker hit's does, then the data. A call without values is the
+    /// one record it always was (a count of 0).
+    pub fn finish_as(&mut self, kind: Kind, time: u64, depth: u16, id: u32) -> &[Record] {
         if self.full {
             // `value` kept a byte free for this.
             self.data[self.len] = OMITTED;
             self.len += 1;
         }
         let chunks = self.len.div_ceil(DATA_PER_RECORD);
-        let payload = u64::from(site) | (chunks as u64) << 32;
-        self.records[0] = Record::new(Kind::Marker, time, depth, payload);
+        let payload = u64::from(id) | (chunks as u64) << 32;
+        self.records[0] = Record::new(kind, time, depth, payload);
         for (i, chunk) in self.data[..self.len].chunks(DATA_PER_RECORD).enumerate() {
             let mut bytes = [0u8; 16];
             let low = chunk.len().min(8);
@@ -151,7 +160,8 @@ impl Default for MarkerRecords {
     }
 }
 
-/// The site id and the number of data records a `Marker` record announces.
+/// The site id and the number of data records a `Marker` record announces (for an `Entry`
+/// or `Exit` record: the function id and its values' data records).
 pub fn marker_header(record: &Record) -> (u32, usize) {
     let payload = record.payload();
     ((payload & 0xffff_ffff) as u32, (payload >> 32) as usize)

@@ -68,6 +68,9 @@ pub struct ProcessTrace {
     pub threads: Vec<ThreadTrace>,
     /// The marker sites recorded (`record -M`); a marker event's site id indexes this.
     pub markers: Vec<MarkerSite>,
+    /// The functions whose calls carry values (`record -a`), by id: the key of each one's
+    /// description in the trace directory's `args` file.
+    pub described: std::collections::BTreeMap<u32, u64>,
 }
 
 /// A static marker site whose hits were recorded.
@@ -156,6 +159,10 @@ pub struct ThreadTrace {
     pub lost: u64,
     /// The arguments of its marker hits: [`EventKind::Marker`]'s index points here.
     pub marker_args: Vec<Vec<MarkerValue>>,
+    /// The values recorded with calls (`dynprobe record -a`), untyped: a call's arguments by
+    /// (its entry's time, function id, `false`), its return value by (its exit's time,
+    /// function id, `true`). The trace directory's `args` file says how to show them.
+    pub call_values: std::collections::BTreeMap<(u64, u32, bool), Vec<MarkerValue>>,
 }
 
 /// One event of a thread.

@@ -9,6 +9,11 @@
 //!                         (marker: bits 16..48 and 48..64)
 //! ```
 //!
+//! With `dynprobe record -a` an entry carries the call's arguments and an exit its return
+//! value the way a marker hit carries its arguments: the payload's bits 48..64 count the
+//! `MarkerData` records after it (function ids stay below 2^24, so a trace recorded without
+//! `-a` has 0 there and reads as before).
+//!
 //! A marker hit is a `Marker` record followed by the `MarkerData` records that carry its
 //! arguments (see [`crate::marker`]), pushed together so that nothing comes between them:
 //!
@@ -38,7 +43,8 @@ pub enum Kind {
     /// A static marker was hit at this depth: the payload is the marker site's id and the
     /// count of `MarkerData` records that follow.
     Marker = 6,
-    /// Up to 15 bytes of the arguments of the `Marker` record before it.
+    /// Up to 15 bytes of the arguments of the `Marker` record before it (or of the values of
+    /// the `Entry` or `Exit` record before it).
     MarkerData = 7,
 }
 

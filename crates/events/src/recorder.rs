@@ -428,7 +428,9 @@ fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
 /// trace directory `out` (either may be missing); returns the summary's text, if any.
 fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<String>, EventsError> {
     let mut sites = None;
-    for (ext, to) in [("funcs", "functions.txt"), ("sites", "sites.txt"), ("markers", "markers.txt")] {
+    let companions =
+        [("funcs", "functions.txt"), ("sites", "sites.txt"), ("markers", "markers.txt"), ("values", "values.txt")];
+    for (ext, to) in companions {
         let from = ring_dir.join(format!("{name}.{ext}"));
         let to = out.join(to);
         let text = match fs::read_to_string(&from) {

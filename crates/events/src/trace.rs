@@ -10,6 +10,9 @@
 //!                          | refused \t kind \t addr_hex \t function \t reason
 //!       markers.txt        id \t addr_hex \t provider \t name      the marker sites recorded
 //!                          (`record -M`; ids 0, 1, 2... in order)
+//!       values.txt         id \t key_hex   the functions whose calls carry values
+//!                          (`record -a`), each with its description's key (its link-time
+//!                          address) in the trace's `args` file, which the CLI reads
 //!       <tid>.dat          "DYNPTRC1", u32 pid, u32 tid (little-endian), then 16-byte
 //!                          records (`Record::to_bytes`) with raw clock ticks
 //! ```
@@ -30,7 +33,8 @@ use crate::clock::Calibration;
 use crate::error::EventsError;
 use crate::marker;
 use crate::model::{
-    Damage, Event, EventKind, Function, MarkerSite, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace, Trace,
+    Damage, Event, EventKind, Function, MarkerSite, MarkerValue, ProcessTrace, RefusedSite, SiteSummary, ThreadTrace,
+    Trace,
 };
 use crate::record::{Kind, Record};
 
@@ -161,6 +165,18 @@ impl LineFile for Vec<MarkerSite> {
         }
         let addr = parse_hex(path, line, "address", addr)?;
         self.push(MarkerSite { provider: provider.to_owned(), name: name.to_owned(), addr });
+        Ok(())
+    }
+}
+
+/// A `values.txt`.
+impl LineFile for BTreeMap<u32, u64> {
+    fn line(&mut self, path: &Path, line: usize, l: &str) -> Result<(), EventsError> {
+        let Some((id, key)) = l.split_once('\t') else {
+            return Err(malformed(path, line, "expected a function id and a key separated by a tab"));
+        };
+        let id: u32 = parse_number(path, line, "function id", id)?;
+        self.insert(id, parse_hex(path, line, "key", key)?);
         Ok(())
     }
 }
@@ -383,6 +399,7 @@ fn read_process(
 ) -> Result<ProcessTrace, EventsError> {
     let functions: Vec<Function> = read_lines(&dir.join("functions.txt"))?.unwrap_or_default();
     let markers: Vec<MarkerSite> = read_lines(&dir.join("markers.txt"))?.unwrap_or_default();
+    let described: BTreeMap<u32, u64> = read_lines(&dir.join("values.txt"))?.unwrap_or_default();
     let mut sites: Sites = read_lines(&dir.join("sites.txt"))?.unwrap_or_default();
     if let Some(listed) = listed {
         if sites.exe.is_empty() {
@@ -421,7 +438,16 @@ fn read_process(
         }
     }
     threads.sort_by_key(|t| (t.events[0].ns, t.tid));
-    Ok(ProcessTrace { pid, parent: sites.parent, exe: sites.exe, functions, sites: sites.summary, threads, markers })
+    Ok(ProcessTrace {
+        pid,
+        parent: sites.parent,
+        exe: sites.exe,
+        functions,
+        sites: sites.summary,
+        threads,
+        markers,
+        described,
+    })
 }
 
 /// Fills `buf` from `reader`; fewer bytes (the count is returned) only at the end of the file.
@@ -470,7 +496,7 @@ fn read_thread(
         return Err(corrupt(8, format!("pid {file_pid} in the directory of process {pid}")));
     }
 
-    let mut thread = ThreadTrace { tid, events: Vec::new(), lost: 0, marker_args: Vec::new() };
+    let mut thread = ThreadTrace { tid, ..ThreadTrace::default() };
     let mut offset = DAT_HEADER_BYTES as u64;
     // Reads the next record: `Ok(None)` at the end of the file, `Err(n)` when it ends
     // after `n` bytes of the record.
@@ -506,33 +532,13 @@ fn read_thread(
                         format!("marker site id {site} out of range (the process has {markers} marker sites)"),
                     ));
                 }
-                if count > marker::MAX_DATA_RECORDS {
-                    return Err(corrupt(
-                        at,
-                        format!(
-                            "marker hit with {count} data records (a hit has at most {})",
-                            marker::MAX_DATA_RECORDS
-                        ),
-                    ));
-                }
-                let mut data = Vec::with_capacity(count);
-                while data.len() < count {
-                    match next(&mut offset)? {
-                        Ok(Some(rec)) => data.push(rec),
-                        _ => break,
+                let values = match data_after(&mut next, &corrupt, at, count, "marker hit", &mut offset)? {
+                    Ok(values) => values,
+                    Err(what) => {
+                        cut = Some((at, what));
+                        break;
                     }
-                }
-                if data.len() < count {
-                    let what = format!(
-                        "the file ends inside the marker hit there ({} of its {count} data records)",
-                        data.len()
-                    );
-                    cut = Some((at, what));
-                    break;
-                }
-                let values = marker::data_bytes(&data)
-                    .and_then(|bytes| marker::decode(&bytes))
-                    .map_err(|e| corrupt(at, format!("marker hit with {count} data records: {e}")))?;
+                };
                 thread.marker_args.push(values);
                 let ns = clock.to_ns(rec.time);
                 let index = thread.marker_args.len() as u32 - 1;
@@ -555,7 +561,25 @@ fn read_thread(
         let (depth, func) = match kind {
             EventKind::Lost(_) => (0, 0),
             _ => {
-                let func = rec.payload();
+                // With `record -a`, an entry's arguments or an exit's return value follow.
+                let (id, count) = marker::marker_header(&rec);
+                let func = match kind {
+                    EventKind::Entry | EventKind::Exit => u64::from(id),
+                    _ => rec.payload(),
+                };
+                if count > 0 && func < functions as u64 {
+                    let what = if kind == EventKind::Entry { "call's entry" } else { "call's exit" };
+                    match data_after(&mut next, &corrupt, at, count, what, &mut offset)? {
+                        Ok(values) => {
+                            let key = (clock.to_ns(rec.time), func as u32, kind == EventKind::Exit);
+                            thread.call_values.insert(key, values);
+                        }
+                        Err(what) => {
+                            cut = Some((at, what));
+                            break;
+                        }
+                    }
+                }
                 if func >= functions as u64 {
                     return Err(corrupt(
                         at,
@@ -589,6 +613,39 @@ fn read_thread(
     }
     thread.events.sort_by_key(|e| e.ns);
     Ok(thread)
+}
+
+/// The values in the `count` data records after the record at `at` (a marker hit's, a
+/// call's with `record -a`), read with `next` (`corrupt` makes the error of bad ones): `Ok(Err(what))` when the file ends before
+/// them.
+fn data_after(
+    next: &mut impl FnMut(&mut u64) -> Result<Result<Option<Record>, usize>, EventsError>,
+    corrupt: &impl Fn(u64, String) -> EventsError,
+    at: u64,
+    count: usize,
+    what: &str,
+    offset: &mut u64,
+) -> Result<Result<Vec<MarkerValue>, String>, EventsError> {
+    if count > marker::MAX_DATA_RECORDS {
+        return Err(corrupt(
+            at,
+            format!("{what} with {count} data records (at most {} can follow one)", marker::MAX_DATA_RECORDS),
+        ));
+    }
+    let mut data = Vec::with_capacity(count);
+    while data.len() < count {
+        match next(offset)? {
+            Ok(Some(rec)) => data.push(rec),
+            _ => break,
+        }
+    }
+    if data.len() < count {
+        return Ok(Err(format!("the file ends inside the {what} there ({} of its {count} data records)", data.len())));
+    }
+    marker::data_bytes(&data)
+        .and_then(|bytes| marker::decode(&bytes))
+        .map(Ok)
+        .map_err(|e| corrupt(at, format!("{what} with {count} data records: {e}")))
 }
 
 #[cfg(test)]
@@ -803,7 +860,7 @@ mod tests {
         assert_eq!(
             f.read_err(),
             format!(
-                "{}: corrupt record at byte 16: marker hit with 60000 data records (a hit has at most 64)",
+                "{}: corrupt record at byte 16: marker hit with 60000 data records (at most 64 can follow one)",
                 f.dir.path().join("10.0/11.dat").display()
             )
         );
@@ -915,6 +972,42 @@ mod tests {
         );
         let hello = MarkerValue::Str { bytes: b"hello, world: a longer text".to_vec(), cut: false };
         assert_eq!(t.marker_args, [vec![MarkerValue::Unsigned(7), hello], vec![]]);
+    }
+
+    #[test]
+    fn call_values_read_with_their_calls_and_plain_calls_as_before() {
+        let f = Fixture::new("trace-call-values");
+        let mut records = MarkerRecords::new().string(b"alpha,12").signed(-8).finish_as(Kind::Entry, 10, 0, 1).to_vec();
+        records.push(rec(Kind::Entry, 15, 1, 2));
+        records.push(rec(Kind::Exit, 18, 1, 2));
+        records.extend_from_slice(MarkerRecords::new().unsigned(12).finish_as(Kind::Exit, 20, 0, 1));
+        // An entry whose values the file cuts is left out, as a marker hit's.
+        let cut = MarkerRecords::new().string(&[b'z'; 40]).finish_as(Kind::Entry, 30, 0, 0).to_vec();
+        records.extend_from_slice(&cut[..2]);
+        f.thread(10, 0, 11, &records);
+        let trace = read(f.dir.path()).unwrap();
+        assert!(
+            trace.damage[0]
+                .to_string()
+                .contains("the file ends inside the call's entry there (1 of its 3 data records)"),
+            "{:?}",
+            trace.damage
+        );
+        let t = &trace.processes[0].threads[0];
+        let kinds: Vec<(u64, EventKind, u16, u32)> = t.events.iter().map(|e| (e.ns, e.kind, e.depth, e.func)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (10, EventKind::Entry, 0, 1),
+                (15, EventKind::Entry, 1, 2),
+                (18, EventKind::Exit, 1, 2),
+                (20, EventKind::Exit, 0, 1)
+            ]
+        );
+        let line = MarkerValue::Str { bytes: b"alpha,12".to_vec(), cut: false };
+        assert_eq!(t.call_values[&(10, 1, false)], [line, MarkerValue::Signed(-8)]);
+        assert_eq!(t.call_values[&(20, 1, true)], [MarkerValue::Unsigned(12)]);
+        assert_eq!(t.call_values.len(), 2);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! xmm0–15 and MXCSR; see `dynprobe_arch`'s `ftrace` module). The thread's ring is its
 //! thread slot's, which the return hooks hand out.
 
+use dynprobe_events::marker::MarkerRecords;
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_events::{clock::Clock, ring::RingFile};
 use dynprobe_probe::{graph_enter, graph_enter_from_probe, GraphEnter, GraphExit, Regs};
@@ -26,6 +27,8 @@ pub(crate) struct Output {
     /// while the call was in flight, its return still diverted) ends unrecorded, never
     /// under another session's function of the same number.
     pub(crate) tag: u32,
+    /// With `record -a`: what each call's entry and exit records carry.
+    pub(crate) values: Option<Box<dyn crate::CallValues>>,
 }
 
 /// The bits of a function id handed to the return hooks that are the tracer's id; the
@@ -186,6 +189,86 @@ pub(crate) fn on_exit(exit: &GraphExit) {
     let kind = if exit.unwound { Kind::Unwound } else { Kind::Exit };
     let func = u64::from(exit.func & ID_MASK);
     out.ring.push(exit.slot, exit.tid, Record::new(kind, out.clock.now(), exit.depth as u16, func));
+}
+
+/// The vector argument registers xmm0–7 (their low 64 bits), read before anything here can
+/// have changed them: the entry caller and the light return trampoline run no vector
+/// instruction on the way to a dispatcher (see `dynprobe_arch`'s `ftrace` module), and a
+/// heavy dispatcher only makes them save the vector state, unchanged, around it.
+#[inline(always)]
+fn vector_arguments() -> [u64; 8] {
+    let (v0, v1, v2, v3, v4, v5, v6, v7): (u64, u64, u64, u64, u64, u64, u64, u64);
+    // SAFETY: reads registers only.
+    unsafe {
+        std::arch::asm!(
+            "movq {0}, xmm0", "movq {1}, xmm1", "movq {2}, xmm2", "movq {3}, xmm3",
+            "movq {4}, xmm4", "movq {5}, xmm5", "movq {6}, xmm6", "movq {7}, xmm7",
+            out(reg) v0, out(reg) v1, out(reg) v2, out(reg) v3,
+            out(reg) v4, out(reg) v5, out(reg) v6, out(reg) v7,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    [v0, v1, v2, v3, v4, v5, v6, v7]
+}
+
+/// [`caller_dispatch`] with `record -a`: the entry record carries the call's arguments, read
+/// from the argument registers the caller saved below `ra_slot`, the stack above it and the
+/// vector registers. Not the plain path: it reads the vector registers and calls the
+/// fetches (raw system calls), so its caller saves the vector state around it.
+pub(crate) extern "C" fn caller_dispatch_values(id: u64, ra_slot: u64) {
+    let vector = vector_arguments();
+    let Some(out) = output() else { return };
+    let entry = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth);
+    let time = out.clock.now();
+    let word = |below: u64| {
+        // SAFETY: the caller pushed these registers on this thread's stack, just below the
+        // return-address slot (`ARGUMENTS_BELOW_SLOT`).
+        unsafe { *((ra_slot - below) as *const u64) }
+    };
+    let [rdi, rsi, rdx, rcx, r8, r9] = dynprobe_arch::native::ftrace::ARGUMENTS_BELOW_SLOT.map(word);
+    let regs = Regs { rdi, rsi, rdx, rcx, r8, r9, rsp: ra_slot, ..Regs::default() };
+    record_entry_values(out, entry, time, id as u32, &regs, &vector);
+}
+
+/// [`probe_entry`] with `record -a` (see [`caller_dispatch_values`]).
+pub(crate) fn probe_entry_values(id: u32, regs: &Regs) {
+    let vector = vector_arguments();
+    let Some(out) = output() else { return };
+    let entry = graph_enter_from_probe(regs, id | out.tag, out.max_depth);
+    record_entry_values(out, entry, out.clock.now(), id, regs, &vector);
+}
+
+fn record_entry_values(out: &Output, entry: GraphEnter, time: u64, id: u32, regs: &Regs, vector: &[u64; 8]) {
+    let (Some(values), GraphEnter::Entered(e)) = (&out.values, entry) else {
+        return record_entry(out, entry, time, u64::from(id));
+    };
+    if forking(e.slot) {
+        return out.ring.count_missed();
+    }
+    let mut records = MarkerRecords::new();
+    // The fetches are dynprobe's work: a traced function they reach (the C library's
+    // `memset`, when it is traced) is not the program's call, and must not recurse here.
+    dynprobe_probe::set_current_thread_traced(false);
+    values.entry(id, regs, vector, &mut records);
+    dynprobe_probe::set_current_thread_traced(true);
+    out.ring.push_all(e.slot, e.tid, records.finish_as(Kind::Entry, time, e.depth as u16, id));
+}
+
+/// [`on_exit`] with `record -a`: the exit record carries the return value (`rax`, or xmm0).
+pub(crate) fn on_exit_values(exit: &GraphExit) {
+    let xmm0 = vector_arguments()[0];
+    let Some(out) = output() else { return };
+    let Some(values) = &out.values else { return on_exit(exit) };
+    if exit.func & !ID_MASK != out.tag || exit.unwound || forking(exit.slot) {
+        return on_exit(exit);
+    }
+    let time = out.clock.now();
+    let func = exit.func & ID_MASK;
+    let mut records = MarkerRecords::new();
+    dynprobe_probe::set_current_thread_traced(false);
+    values.exit(func, exit.retval, xmm0, &mut records);
+    dynprobe_probe::set_current_thread_traced(true);
+    out.ring.push_all(exit.slot, exit.tid, records.finish_as(Kind::Exit, time, exit.depth as u16, func));
 }
 
 #[cfg(test)]

@@ -35,9 +35,10 @@ pub use filter::{Filter, Pattern};
 pub use select::{Selection, SiteMethod, TracedFunction};
 
 use dynprobe_events::clock::Clock;
+use dynprobe_events::marker::MarkerRecords;
 use dynprobe_events::model::{RefusedSite, SiteSummary};
 use dynprobe_events::ring::RingFile;
-use dynprobe_probe::{Probe, ProbeHandle};
+use dynprobe_probe::{Probe, ProbeHandle, Regs};
 
 /// Where the calling thread's next event goes, for events recorded beside its calls (a
 /// static marker's hits): its ring, and the time and call depth to record.
@@ -53,9 +54,27 @@ pub struct EventPosition {
     pub time: u64,
 }
 
+/// What `record -a` records with each call (uftrace's `-a`): the values its entry record and
+/// its exit record carry. Called on the traced thread at every entry and exit of a traced
+/// function, after the call is entered (so on the calls [`Tracer`] records only), with the
+/// thread's calls untraced meanwhile: implementations allocate nothing, take no lock and read
+/// memory without faulting (raw system calls; see `dynprobe::fetch`).
+pub trait CallValues: Send + Sync {
+    /// Adds the arguments of function `id`'s call (none when it has no description) to `out`:
+    /// `regs` holds the integer argument registers and `rsp` (pointing at the return
+    /// address), `vector` the low 64 bits of xmm0–7.
+    fn entry(&self, id: u32, regs: &Regs, vector: &[u64; 8], out: &mut MarkerRecords);
+    /// Adds the return value of function `id`'s call to `out`: `rax` and the low 64 bits of
+    /// xmm0 as it returned.
+    fn exit(&self, id: u32, rax: u64, xmm0: u64, out: &mut MarkerRecords);
+}
+
 /// Function tracing in progress in this process (one per process: records go to one ring
 /// file).
 pub struct Tracer {
+    /// Whether calls carry values (`record -a`): the entry sites use the dispatchers that
+    /// fetch them.
+    values: bool,
     functions: Vec<TracedFunction>,
     summary: SiteSummary,
     patched: Vec<batch::PatchedSite>,
@@ -69,15 +88,38 @@ impl Tracer {
     /// listed in the [`summary`](Self::summary), not errors; an error means nothing is
     /// traced.
     pub fn start(selection: Selection, ring: RingFile, clock: Clock, max_depth: usize) -> Result<Tracer, FtraceError> {
+        Tracer::start_with_values(selection, ring, clock, max_depth, None)
+    }
+
+    /// [`start`](Self::start), the calls carrying the `values` given (`record -a`). With
+    /// values the entry sites call a dispatcher that fetches them and that is not proven
+    /// light: its caller saves the vector state, and so does the return trampoline (the
+    /// first tracer of a process chooses the exit hook for its life: a later one with values
+    /// after one without records its exits without them).
+    pub fn start_with_values(
+        selection: Selection,
+        ring: RingFile,
+        clock: Clock,
+        max_depth: usize,
+        values: Option<Box<dyn CallValues>>,
+    ) -> Result<Tracer, FtraceError> {
         if ring.rings() < dynprobe_probe::MAX_THREADS {
             return Err(FtraceError::TooFewRings { rings: ring.rings(), needed: dynprobe_probe::MAX_THREADS });
         }
-        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag() }) {
+        let with_values = values.is_some();
+        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values }) {
             return Err(FtraceError::AlreadyRunning);
         }
-        dynprobe_probe::graph_install(graph::on_exit)?;
-        let mut tracer =
-            Tracer { functions: Vec::new(), summary: SiteSummary::default(), patched: Vec::new(), probes: Vec::new() };
+        let exit_hook: fn(&dynprobe_probe::GraphExit) =
+            if with_values { graph::on_exit_values } else { graph::on_exit };
+        dynprobe_probe::graph_install(exit_hook)?;
+        let mut tracer = Tracer {
+            values: with_values,
+            functions: Vec::new(),
+            summary: SiteSummary::default(),
+            patched: Vec::new(),
+            probes: Vec::new(),
+        };
         tracer.add(selection)?;
         Ok(tracer)
     }
@@ -101,7 +143,11 @@ impl Tracer {
         self.summary.pending = pending;
         self.summary.refused.extend(refused);
         let started = std::time::Instant::now();
-        let batch = batch::enable(&functions, graph::caller_dispatch as *const () as u64)?;
+        let dispatch = match self.values {
+            true => graph::caller_dispatch_values as *const () as u64,
+            false => graph::caller_dispatch as *const () as u64,
+        };
+        let batch = batch::enable(&functions, dispatch)?;
         let took = started.elapsed().as_nanos() as u64;
         self.summary.patch_ns = Some(self.summary.patch_ns.unwrap_or(0) + took);
         self.summary.refused.extend(batch.refused);
@@ -114,7 +160,11 @@ impl Tracer {
         let mut probed = Vec::new();
         for f in functions.iter().filter(|f| f.method == SiteMethod::Entry) {
             let id = f.id;
-            match Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)).disabled().register() {
+            let probe = match self.values {
+                true => Probe::at(f.addr).on_hit(move |regs| graph::probe_entry_values(id, regs)),
+                false => Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)),
+            };
+            match probe.disabled().register() {
                 Ok(handle) => {
                     probes.push(handle);
                     probed.push(f);

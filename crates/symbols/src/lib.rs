@@ -30,6 +30,12 @@ mod unwind;
 use std::path::PathBuf;
 
 pub use error::SymbolError;
+
+/// The name a linker name `mangled` goes by in symbol tables and traces (`SymbolTable`'s
+/// [`Symbol::name`]): Rust without its hash, C++ with its parameters, C as it is.
+pub fn readable_name(mangled: &str) -> String {
+    demangle::demangle(mangled).name
+}
 pub use lookup::split_spec as split_module;
 pub use markers::{
     nearest_markers, read_markers, ArgKind, ArgLocation, MarkerArg, MarkerGate, MarkerSite, ARG_REGISTERS,

@@ -52,6 +52,12 @@ pub const STUB_SIZE: u64 = 16;
 /// The general registers the caller saves, in push order.
 const SAVED: [AsmRegister64; 9] = [rdi, rsi, rdx, rcx, rax, r8, r9, r10, r11];
 
+/// The integer argument registers of the SysV ABI (`rdi rsi rdx rcx r8 r9`) as the caller
+/// saved them on entry: bytes below the traced function's return-address slot (the
+/// dispatcher's `ra_slot`), between which lie the stub's id and the site's return address.
+/// A dispatcher that records arguments (`record -a`) reads them there.
+pub const ARGUMENTS_BELOW_SLOT: [u64; 6] = [24, 32, 40, 48, 64, 72];
+
 /// The stub for function `id` at `stub_ip`, jumping to the caller at `caller_ip`; `None`
 /// when the caller is out of `rel32` reach or `id` does not fit a sign-extended imm32.
 pub fn stub(stub_ip: u64, id: u32, caller_ip: u64) -> Option<[u8; STUB_SIZE as usize]> {
@@ -145,6 +151,12 @@ mod tests {
         assert_eq!(instrs[call - 3].memory_base(), Register::RBP);
         assert_eq!(instrs[call - 3].memory_displacement64(), 80);
         assert_eq!(instrs[call - 2].memory_displacement64(), 96);
+        // The argument registers lie where ARGUMENTS_BELOW_SLOT says: pushed in SAVED's order
+        // below the id and the site's return address.
+        for (k, reg) in [rdi, rsi, rdx, rcx, r8, r9].into_iter().enumerate() {
+            let pushed = SAVED.iter().position(|r| *r == reg).unwrap() as u64;
+            assert_eq!(ARGUMENTS_BELOW_SLOT[k], 24 + 8 * pushed);
+        }
         assert_eq!(instrs.last().unwrap().mnemonic(), Mnemonic::Ret);
     }
 }

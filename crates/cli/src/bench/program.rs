@@ -43,6 +43,8 @@ pub enum Tracer {
     None,
     /// `dynprobe record` of every function of the program.
     Dynprobe,
+    /// `dynprobe record -a`: the same, each call's argument and return value too.
+    DynprobeArgs,
     /// `uftrace record`, which patches the same NOP sites (its dynamic tracing).
     Uftrace,
     /// Nothing any more: `dynprobe record -p` recorded the running program (every NOP
@@ -137,7 +139,7 @@ impl TracedCommand {
     fn new(tracer: Tracer, iterations: u64, threads: Option<usize>) -> Result<TracedCommand, String> {
         let launcher = match tracer {
             Tracer::None | Tracer::AfterDetach => None,
-            Tracer::Dynprobe => {
+            Tracer::Dynprobe | Tracer::DynprobeArgs => {
                 Some(env::current_exe().map_err(|err| format!("cannot find the dynprobe executable: {err}"))?)
             }
             Tracer::Uftrace => Some(find_on_path("uftrace").ok_or(UFTRACE_MISSING)?),
@@ -158,16 +160,25 @@ impl TracedCommand {
         match self.tracer {
             Tracer::None => command.arg(&iterations).args(&threads),
             Tracer::AfterDetach => return after_detach(command.arg(&iterations).arg("wait"), dir),
-            Tracer::Dynprobe => {
+            Tracer::Dynprobe | Tracer::DynprobeArgs => {
                 // A ring that holds the whole run: nothing can be lost however the drain
                 // keeps pace, so every call pays for its records. The traced thread also
                 // touches each ring page first (its page faults are in the figure), which a
                 // ring that wraps pays once per lap only. Each thread has a ring of its own.
-                let records =
-                    (RECORDS_PER_CALL * CALLS_PER_ITERATION * self.iterations + RING_MARGIN).next_power_of_two();
+                // With -a each entry and exit carries one value: a data record more each.
+                let per_call = match self.tracer {
+                    Tracer::DynprobeArgs => 2 * RECORDS_PER_CALL,
+                    _ => RECORDS_PER_CALL,
+                };
+                let records = (per_call * CALLS_PER_ITERATION * self.iterations + RING_MARGIN).next_power_of_two();
                 let buffer = records.to_string();
+                if matches!(self.tracer, Tracer::DynprobeArgs) {
+                    command.arg("record").arg("-a");
+                } else {
+                    command.arg("record");
+                }
                 command
-                    .args(["record", "--buffer-size", &buffer, "-o"])
+                    .args(["--buffer-size", &buffer, "-o"])
                     .arg(dir)
                     .arg("--")
                     .arg(GRAPH)
@@ -195,7 +206,7 @@ impl TracedCommand {
         let (calls, ns_per_call) = loop_figures(&shown, &stdout)?;
         let remark = match self.tracer {
             Tracer::None | Tracer::AfterDetach => None,
-            Tracer::Dynprobe => dynprobe_losses(&stderr, calls)?,
+            Tracer::Dynprobe | Tracer::DynprobeArgs => dynprobe_losses(&stderr, calls)?,
             Tracer::Uftrace => uftrace_losses(&stderr),
         };
         Ok(Run { calls, ns_per_call, remark })

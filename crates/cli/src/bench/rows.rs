@@ -303,6 +303,13 @@ pub static ROWS: &[Row] = &[
         compare_to: &[UFTRACE],
     },
     Row {
+        name: "function-graph-args",
+        about: "function-graph with record -a: each call's argument and return value fetched by DWARF type into \
+                the ring too",
+        measure: Measure::Program(Tracer::DynprobeArgs),
+        compare_to: &["function-graph", UFTRACE],
+    },
+    Row {
         name: BASELINE_THREADS,
         about: "baseline-call from nproc threads at once (CPU time per call, mean of the threads)",
         measure: Measure::CallThreads { target: dynprobe_bench_target, setup: |_| Ok(Box::new(())) },

@@ -494,6 +494,222 @@ fn struct_fields(
     Ok(out)
 }
 
+/// The values `-A FUNC@FIELDS` (`-R FUNC@FETCH` when `retval`) gives in place of the DWARF's:
+/// fields as a probe spec writes them (`line=+0($arg1):string len=$arg2:s32`), each shown
+/// by its type; `Err` says what is wrong with the text.
+pub(crate) fn override_values(text: &str, retval: bool) -> Result<Vec<CallValue>, String> {
+    let spec = match retval {
+        true => ProbeSpec::parse(&format!("r:a f retval={text}")),
+        false => ProbeSpec::parse(&format!("p:a f {text}")),
+    }
+    .map_err(|e| format!("bad {} `{text}`: {e}", if retval { "return value" } else { "arguments" }))?;
+    spec.args
+        .iter()
+        .map(|arg| {
+            let mut named = false;
+            arg.fetch.walk(&mut |f| named |= matches!(f, Fetch::Var(_)));
+            if named {
+                return Err(format!(
+                    "`{text}`: name registers, `$argN` or `$stackN` (a source variable needs a probe point)"
+                ));
+            }
+            let source = format!("{}:{}", fetch_text(&arg.fetch), arg.ty);
+            Ok(CallValue { name: arg.name.clone(), shown: shown_type(arg.ty, None), source })
+        })
+        .collect()
+}
+
+/// One value `record -a` records with a call: its name, how it is shown (see
+/// `crate::trace::values`) and where the agent reads it (a fetch as the grammar writes it,
+/// `xmmN`, or `-` when it cannot be read at the entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CallValue {
+    pub(crate) name: String,
+    pub(crate) shown: String,
+    pub(crate) source: String,
+}
+
+/// The values `record -a` records for a call of the function entered at `site`: its
+/// parameters at the entry and its return value (`None` for `void`).
+///
+/// At the entry the DWARF locations of an unoptimized build describe the stack slots the
+/// prologue has not written yet, so the places come from the SysV x86-64 calling convention
+/// (its §3.2.3 "Parameter Passing"), as uftrace's `-a` takes them: integer classes in
+/// `rdi rsi rdx rcx r8 r9`, floating point in xmm0–7, the rest on the stack above the
+/// return address, a struct of more than 16 bytes on the stack, one of up to 16 bytes in
+/// registers by its eightbytes' classes (shown `(unknown)`). Where the classification is
+/// not sure (a nested aggregate, `long double`, `__int128`), that parameter and every one
+/// after it is `(unknown)`: never a value read from the wrong place. The types lower as
+/// the `probe` command's do ([`typed`]).
+///
+/// A struct returned in memory takes a hidden pointer in `rdi` first. `c_abi` false (a C++
+/// or Rust function) trusts the convention for scalars only: C++ passes a class that is not
+/// trivially copyable by invisible reference, and Rust's own ABI is unspecified for
+/// aggregates — a by-value aggregate there makes it and every parameter after it
+/// `(unknown)`, and an aggregate return value all of them.
+pub(crate) fn call_values(info: &DebugInfo, site: &SourceSite, c_abi: bool) -> (Vec<CallValue>, Option<CallValue>) {
+    let unknown = |name: &str| CallValue { name: name.to_string(), shown: "?".into(), source: "-".into() };
+    let lowered = |name: &str, fetch: Fetch, ty: Option<TypeRef>| -> Vec<CallValue> {
+        match typed(name, fetch, ty, info, 0) {
+            Ok(fields) => fields
+                .into_iter()
+                .map(|(name, fetch, ty, render)| match fetch {
+                    Ok(fetch) => CallValue {
+                        shown: shown_type(ty, render.as_ref()),
+                        source: format!("{}:{ty}", fetch_text(&fetch)),
+                        name,
+                    },
+                    Err(_) => unknown(&name),
+                })
+                .collect(),
+            Err(_) => vec![unknown(name)],
+        }
+    };
+    let class_of = |ty: &dynprobe_symbols::dwarf::Type| match abi_class(ty, info) {
+        Some(Class::Integer | Class::Sse) | None => abi_class(ty, info),
+        Some(_) if c_abi => abi_class(ty, info),
+        Some(_) => None,
+    };
+    let returned = info.return_type(site).map(|t| info.type_of(t));
+    // The integer registers the hidden pointer of a struct returned in memory takes; `None`
+    // when that is not sure.
+    let hidden = match &returned {
+        None => Some(0),
+        Some(ty) => match class_of(ty) {
+            Some(Class::Memory(_)) => Some(1),
+            Some(_) => Some(0),
+            None if c_abi && ty.size > 16 => Some(1),
+            None => None,
+        },
+    };
+    let mut args = Vec::new();
+    let (mut ints, mut vectors, mut slots) = (hidden.unwrap_or(0), 0usize, 0i64);
+    let mut sure = hidden.is_some();
+    for var in info.variables(site).into_iter().filter(|v| v.parameter) {
+        let ty = var.ty.map(|t| info.type_of(t));
+        let class = match (&ty, sure) {
+            (Some(ty), true) => class_of(ty),
+            _ => None,
+        };
+        let Some(class) = class else {
+            sure = false;
+            args.push(unknown(&var.name));
+            continue;
+        };
+        match class {
+            Class::Integer if ints < 6 => {
+                ints += 1;
+                args.extend(lowered(&var.name, Fetch::Arg(ints as u8), var.ty));
+            }
+            Class::Sse if vectors < 8 => {
+                let bits = ty.as_ref().map_or(8, |t| t.size) * 8;
+                args.push(CallValue { name: var.name, shown: format!("f{bits}"), source: format!("xmm{vectors}") });
+                vectors += 1;
+            }
+            Class::Integer | Class::Sse => {
+                slots += 1;
+                match class {
+                    Class::Sse => {
+                        let bits = ty.as_ref().map_or(8, |t| t.size) * 8;
+                        let fetch = Fetch::Stack(slots as u32);
+                        let source = format!("{}:x{bits}", fetch_text(&fetch));
+                        args.push(CallValue { name: var.name, shown: format!("f{bits}"), source });
+                    }
+                    _ => args.extend(lowered(&var.name, Fetch::Stack(slots as u32), var.ty)),
+                }
+            }
+            Class::Registers { ints: n, vectors: m } if ints + n <= 6 && vectors + m <= 8 => {
+                ints += n;
+                vectors += m;
+                args.push(unknown(&var.name));
+            }
+            Class::Registers { .. } | Class::Memory(_) => {
+                let words = match class {
+                    Class::Memory(words) => words,
+                    _ => ty.as_ref().map_or(1, |t| t.size.div_ceil(8) as i64),
+                };
+                let fetch = Fetch::Deref { offset: 8 * (slots + 1), base: Box::new(Fetch::StackPointer) };
+                slots += words;
+                args.extend(lowered(&var.name, fetch, var.ty));
+            }
+        }
+    }
+    let retval = info.return_type(site).map(|ty| {
+        let kind = info.type_of(ty);
+        match abi_class(&kind, info) {
+            Some(Class::Integer) => {
+                lowered("retval", Fetch::Retval, Some(ty)).into_iter().next().unwrap_or_else(|| unknown("retval"))
+            }
+            Some(Class::Sse) => {
+                CallValue { name: "retval".into(), shown: format!("f{}", kind.size * 8), source: "xmm0".into() }
+            }
+            _ => unknown("retval"),
+        }
+    });
+    (args, retval)
+}
+
+/// How the SysV x86-64 ABI passes a value (§3.2.3), as far as [`call_values`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// In the next integer register (or stack slot).
+    Integer,
+    /// In the next vector register (or stack slot): `float`, `double`.
+    Sse,
+    /// A struct of up to 16 bytes in this many integer and vector registers (on the stack
+    /// when they do not all fit).
+    Registers { ints: usize, vectors: usize },
+    /// On the stack, in this many eightbytes.
+    Memory(i64),
+}
+
+/// The class of a value of type `ty`; `None` when it is not sure.
+fn abi_class(ty: &dynprobe_symbols::dwarf::Type, info: &DebugInfo) -> Option<Class> {
+    let scalar = |ty: &dynprobe_symbols::dwarf::Type| match ty.kind {
+        _ if ty.is_integer_scalar() && ty.size > 0 => Some(Class::Integer),
+        TypeKind::Float if ty.size == 4 || ty.size == 8 => Some(Class::Sse),
+        _ => None,
+    };
+    match &ty.kind {
+        TypeKind::Struct(_) if ty.size > 16 => Some(Class::Memory(ty.size.div_ceil(8) as i64)),
+        TypeKind::Struct(members) if ty.size > 0 => {
+            // Each eightbyte is INTEGER when any member in it is, else SSE.
+            let mut integer = [false; 2];
+            let mut used = [false; 2];
+            for m in members {
+                let class = scalar(&info.type_of(m.ty))?;
+                let word = (m.offset / 8) as usize;
+                *used.get_mut(word)? = true;
+                integer[word] |= class == Class::Integer;
+            }
+            let words = ty.size.div_ceil(8) as usize;
+            if used[..words].iter().any(|u| !u) {
+                return None;
+            }
+            let ints = integer[..words].iter().filter(|i| **i).count();
+            Some(Class::Registers { ints, vectors: words - ints })
+        }
+        _ => scalar(ty),
+    }
+}
+
+/// How `record -a` shows a value of fetch type `ty` rendered as `render` (read by
+/// `crate::trace::values`): `s32`, `u8`, `x64` (a pointer), `bool`, `char`, `str`, `f32`,
+/// `f64`, `enum:0=RED,1=GREEN`.
+fn shown_type(ty: FetchType, render: Option<&Render>) -> String {
+    match (ty, render) {
+        (FetchType::String | FetchType::UString, _) | (_, Some(Render::CutTo(_))) => "str".into(),
+        (_, Some(Render::Bool)) => "bool".into(),
+        (_, Some(Render::Char)) => "char".into(),
+        (FetchType::Int(int), Some(Render::Float)) => format!("f{}", int.bits),
+        (_, Some(Render::Enum(values))) => {
+            let values: Vec<String> = values.iter().map(|(v, name)| format!("{v}={name}")).collect();
+            format!("enum:{}", values.join(","))
+        }
+        (FetchType::Int(int), None) => int.to_string(),
+    }
+}
+
 fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {
     // `+0(V):string` is the string at the address V holds (the kernel's rule for a memory
     // fetch with `:string`).
@@ -528,7 +744,8 @@ fn spec_text(spec: &ProbeSpec) -> String {
     text
 }
 
-fn fetch_text(fetch: &Fetch) -> String {
+/// A fetch as the grammar writes it.
+pub(crate) fn fetch_text(fetch: &Fetch) -> String {
     match fetch {
         Fetch::Reg(r) => format!("%{}", format!("{r:?}").to_lowercase()),
         Fetch::Arg(n) => format!("$arg{n}"),

@@ -14,6 +14,7 @@
 
 mod progress;
 mod summary;
+mod values;
 
 use crate::probe::output::Hit;
 use crate::probe::session::{self, Hits, Placement};
@@ -52,6 +53,21 @@ pub struct RecordArgs {
     /// fewer events when the program calls faster than dynprobe drains.
     #[arg(long, value_name = "RECORDS")]
     buffer_size: Option<u64>,
+    /// Record each traced function's arguments at its entry and its return value at its exit,
+    /// typed from the program's DWARF (uftrace's -a): `replay` shows
+    /// `parse_record(line="alpha,12", len=8) { ... } = 12`. Functions without DWARF, and
+    /// those of shared libraries, are recorded as without -a.
+    #[arg(short = 'a', long = "args")]
+    args: bool,
+    /// With -a: record these arguments of the functions matching FUNC (a glob) instead of
+    /// the DWARF's, as a probe spec writes fields: `-A 'parse_record@line=+0($arg1):string
+    /// len=$arg2:s32'`. Repeatable; the last matching wins.
+    #[arg(short = 'A', long = "argument", value_name = "FUNC@FIELDS", requires = "args")]
+    argument: Vec<String>,
+    /// With -a: record this return value of the functions matching FUNC instead of the
+    /// DWARF's: `-R 'parse_record@$retval:x32'`. Repeatable; the last matching wins.
+    #[arg(short = 'R', long = "retval", value_name = "FUNC@FETCH", requires = "args")]
+    retval: Vec<String>,
     /// Patch plain function entries with breakpoint probes only (no jump optimization).
     #[arg(long)]
     no_optimize: bool,
@@ -90,12 +106,13 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     let filter = filter_lines(args, matches)?;
     let markers = marker_lines(&args.markers)?;
+    let overrides = values::Overrides::parse(&args.argument, &args.retval)?;
     let agent = agent_path()?;
     let mut out = OutputDir::prepare(&args.dir)?;
     let rings = ring_dir(&args.dir).inspect_err(|_| out.restore())?;
     let mut env = vec![("DYNPROBE_RECORD", OsString::from(rings.path()))];
     if !filter.is_empty() {
-        env.push(("DYNPROBE_FILTER", OsString::from(filter)));
+        env.push(("DYNPROBE_FILTER", OsString::from(&filter)));
     }
     if let Some(depth) = args.depth {
         env.push(("DYNPROBE_DEPTH", depth.to_string().into()));
@@ -108,6 +125,12 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
     }
     if args.no_optimize {
         env.push(("DYNPROBE_OPTIMIZE", "0".into()));
+    }
+    if args.args {
+        let program = crate::probe::source::program_path(program).unwrap_or_else(|| PathBuf::from(program));
+        if let Some(path) = describe_values(&program, &filter, &overrides, rings.path(), &args.dir) {
+            env.push(("DYNPROBE_ARGS", path.into()));
+        }
     }
     let command: Vec<String> = args.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let recording = progress::Recording::start(rings.path(), &args.dir, &command)
@@ -150,6 +173,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     }
     let filter = filter_lines(args, matches)?;
     let markers = marker_lines(&args.markers)?;
+    let overrides = values::Overrides::parse(&args.argument, &args.retval)?;
     let agent = agent_path()?;
     let command = attached_command(pid)?;
     let mut out = OutputDir::prepare(&args.dir)?;
@@ -159,6 +183,12 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     lines.extend(args.depth.map(|depth| format!("depth {depth}")));
     lines.extend(args.buffer_size.map(|size| format!("ring-records {size}")));
     lines.extend(markers.lines().map(|marker| format!("marker {marker}")));
+    if args.args {
+        let program = PathBuf::from(format!("/proc/{pid}/exe"));
+        if let Some(path) = describe_values(&program, &filter, &overrides, rings.path(), &args.dir) {
+            lines.push(format!("args {}", path.display()));
+        }
+    }
     // Blocked before the recorder's thread starts, which inherits the mask: the session
     // takes Ctrl-C from its signalfd (and detaches); the default action on a thread that
     // did not block it would kill this process mid-session.
@@ -194,6 +224,34 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     }
     summary::print(&args.dir, &stats);
     session.map(|()| ExitCode::SUCCESS)
+}
+
+/// With `-a`: describes the values of `program`'s calls into the ring directory (for the
+/// agent) and the trace directory (for replay); returns the agent's copy. Without DWARF the
+/// program is recorded as without -a, and a warning says why.
+fn describe_values(
+    program: &Path,
+    filter: &str,
+    overrides: &values::Overrides,
+    rings: &Path,
+    trace: &Path,
+) -> Option<PathBuf> {
+    let written = values::write_args(program, filter, overrides, &[rings, trace]).and_then(|_| {
+        // The agent runs as the process's user, who owns the ring directory (`record -p` of
+        // another user's process): its copy is theirs too.
+        let path = rings.join(values::ARGS_FILE);
+        let owner = fs::metadata(rings).map_err(|e| format!("cannot read {}: {e}", rings.display()))?.uid();
+        std::os::unix::fs::chown(&path, Some(owner), None)
+            .map_err(|e| format!("cannot give {} to uid {owner}: {e}", path.display()))?;
+        Ok(path)
+    });
+    match written {
+        Ok(path) => Some(path),
+        Err(e) => {
+            eprintln!("dynprobe: -a: no argument is recorded: {e}");
+            None
+        }
+    }
 }
 
 /// What the trace names as its command: the process's command line (proc(5)).

@@ -8,7 +8,8 @@
 //! - Chrome: `{"traceEvents":[...],"displayTimeUnit":"ns"}` with one complete event
 //!   (`"ph":"X"`) per call, `ts`/`dur` in microseconds (fractions carry the nanoseconds)
 //!   from the start of the recording; `args` says when the entry or exit is not recorded
-//!   or the call was unwound. Lost events are instant events (`"ph":"i"`) named
+//!   or the call was unwound, and, in a trace recorded with `record -a`, the call's arguments
+//!   and `retval` as `replay` shows them. Lost events are instant events (`"ph":"i"`) named
 //!   `N events lost`, marker hits (`record -M`) instant events named `provider:name` with
 //!   their arguments; process and thread names are metadata events (`"ph":"M"`).
 //! - Folded: one line per distinct stack, `main;parse_record;checksum 512`: the
@@ -81,6 +82,7 @@ fn write_to(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -
 
 /// Writes `trace` as Chrome trace-event JSON.
 pub fn chrome(trace: &Trace, tids: &[u32], out: &mut dyn Write) -> io::Result<()> {
+    let values = super::values::Descriptions::load(&trace.dir).map_err(io::Error::other)?;
     let micros = |ns: u64| Value::from(ns.saturating_sub(trace.start_ns) as f64 / 1e3);
     out.write_all(b"{\"traceEvents\":[")?;
     let mut first = true;
@@ -132,6 +134,14 @@ pub fn chrome(trace: &Trace, tids: &[u32], out: &mut dyn Write) -> io::Result<()
                             End::Missing => args["exit"] = "not recorded".into(),
                             End::Unwound(_) => args["exit"] = "unwound".into(),
                             End::Returned(_) => {}
+                        }
+                        // With `record -a`: the call's arguments and return value, as replay
+                        // shows them.
+                        for (name, value) in values.args(process, thread.thread, call).unwrap_or_default() {
+                            args[name] = value.into();
+                        }
+                        if let Some(retval) = values.retval(process, thread.thread, call) {
+                            args["retval"] = retval.into();
                         }
                         json!({
                             "name": function.name, "cat": "function", "ph": "X",

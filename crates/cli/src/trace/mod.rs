@@ -14,6 +14,7 @@ pub mod export;
 pub mod filter;
 pub mod replay;
 pub mod report;
+pub mod values;
 
 use calls::CallTree;
 use dynprobe_events::model::{MarkerValue, ProcessTrace, ThreadTrace, Trace};
@@ -205,10 +206,11 @@ pub(crate) mod tests {
                     tid: *tid,
                     lost: events.iter().map(|e| if let EventKind::Lost(n) = e.1 { n } else { 0 }).sum(),
                     events: events.iter().map(|&(ns, kind, depth, func)| Event { ns, kind, depth, func }).collect(),
-                    marker_args: Vec::new(),
+                    ..ThreadTrace::default()
                 })
                 .collect(),
             markers: Vec::new(),
+            described: Default::default(),
         }
     }
 

@@ -17,9 +17,14 @@
 //! Lost events are a line of their own, whatever the filters. A marker hit recorded with
 //! `record -M` is a line in the call it happened in, as uftrace shows events:
 //! `/* marker provider:name arg1=5 arg2="x" */`.
+//!
+//! A trace recorded with `record -a` shows each call's arguments and return value, typed:
+//! `parse_record(line="alpha,12", len=8) {` … `} = 12; /* parse_record */`, or
+//! `parse_record(line="alpha,12", len=8) = 12;` for a leaf.
 
 use super::calls::{Call, End, Item, Visit};
 use super::filter::{parse_duration, parse_globs, FunctionGlob};
+use super::values::Descriptions;
 use super::{check_tids, exit, file_name, load, process_threads, Error, ThreadCalls};
 use dynprobe_events::model::Trace;
 use std::cmp::Reverse;
@@ -81,6 +86,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
 
 /// Writes the call graph of `trace`.
 pub fn replay(trace: &Trace, options: &Options, out: &mut dyn Write) -> io::Result<()> {
+    let values = &Descriptions::load(&trace.dir).map_err(io::Error::other)?;
     writeln!(out, "# DURATION     TID     FUNCTION")?;
     for process in &trace.processes {
         let threads = process_threads(process, &options.tids);
@@ -89,7 +95,7 @@ pub fn replay(trace: &Trace, options: &Options, out: &mut dyn Write) -> io::Resu
         }
         let forked = if process.parent != 0 { format!(", forked from {}", process.parent) } else { String::new() };
         writeln!(out, "# pid {} ({}){forked}", process.pid, file_name(&process.exe))?;
-        let lines: Vec<Vec<Line>> = threads.iter().map(|t| thread_lines(t, options)).collect();
+        let lines: Vec<Vec<Line>> = threads.iter().map(|t| thread_lines(t, options, values)).collect();
         // Interleave the threads by time; each thread's lines keep their order.
         let mut next = vec![0; lines.len()];
         let mut heads: BinaryHeap<Reverse<(u64, usize)>> =
@@ -118,7 +124,7 @@ struct Line {
 }
 
 /// A thread's lines, filtered.
-fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
+fn thread_lines(thread: &ThreadCalls, options: &Options, values: &Descriptions) -> Vec<Line> {
     let tree = &thread.tree;
     let function = |call: &Call| &thread.process.functions[call.func as usize];
     let hidden = |call: &Call| {
@@ -167,6 +173,8 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
             Item::Call(call) => call,
         };
         let name = thread.name(call.func);
+        let (process, recorded) = (thread.process, thread.thread);
+        let retval = values.retval(process, recorded, call).map(|v| format!(" = {v}")).unwrap_or_default();
         match visit {
             Visit::Enter(..) => {
                 if hidden(call) {
@@ -184,16 +192,17 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
                 match (call.begin, leaf) {
                     (Some(begin), true) if call.end != End::Missing => {
                         let unwound = if matches!(call.end, End::Unwound(_)) { " /* unwound */" } else { "" };
-                        let text = format!("{name}{};{unwound}", call_parens(name));
+                        let signature = values.signature(process, recorded, call, name);
+                        let text = format!("{signature}{retval};{unwound}");
                         lines.push(Line { ns: begin, depth: indent, duration: call.duration(), text });
                     }
                     (Some(begin), _) => lines.push(Line {
                         ns: begin,
                         depth: indent,
                         duration: None,
-                        text: format!("{name}{} {{", call_parens(name)),
+                        text: format!("{} {{", values.signature(process, recorded, call, name)),
                     }),
-                    (None, true) => lines.extend(closing_line(call, name, indent)),
+                    (None, true) => lines.extend(closing_line(call, name, &retval, indent)),
                     (None, false) => {}
                 }
                 if leaf && base == Some(depth) {
@@ -205,7 +214,7 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
                 if filtering && base.is_none() {
                     return true;
                 }
-                lines.extend(closing_line(call, name, shown(base)));
+                lines.extend(closing_line(call, name, &retval, shown(base)));
                 if base == Some(depth) {
                     base = None;
                 }
@@ -216,24 +225,19 @@ fn thread_lines(thread: &ThreadCalls, options: &Options) -> Vec<Line> {
     lines
 }
 
-/// The `} /* name */` line of a call that ended (none for one that did not).
-fn closing_line(call: &Call, name: &str, depth: usize) -> Option<Line> {
+/// The `} /* name */` line of a call that ended (none for one that did not); with the
+/// return value `retval` recorded (` = 12`): `} = 12; /* name */`.
+fn closing_line(call: &Call, name: &str, retval: &str, depth: usize) -> Option<Line> {
     let (ns, unwound) = match call.end {
         End::Returned(ns) => (ns, ""),
         End::Unwound(ns) => (ns, ": unwound"),
         End::Missing => return None,
     };
-    Some(Line { ns, depth, duration: call.duration(), text: format!("}} /* {name}{unwound} */") })
-}
-
-/// The `()` a call line adds to a function name; none for a C++ name that carries its
-/// parameter list already (`catcher(int)`).
-fn call_parens(name: &str) -> &'static str {
-    if name.ends_with(')') {
-        ""
-    } else {
-        "()"
-    }
+    let text = match retval {
+        "" => format!("}} /* {name}{unwound} */"),
+        retval => format!("}}{retval}; /* {name}{unwound} */"),
+    };
+    Some(Line { ns, depth, duration: call.duration(), text })
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub struct GraphExit {
     /// True when the call was left without returning (a `longjmp`, an exception), noticed
     /// now; false for a return.
     pub unwound: bool,
+    /// What the function returned in `rax` (0 when it was unwound): `record -a` records it.
+    pub retval: u64,
 }
 
 /// A call entered by [`graph_enter`].
@@ -69,14 +71,14 @@ pub(crate) fn call_graph_hook(hook: fn(&GraphExit), exit: &GraphExit) {
 
 /// Reports the end of a graph instance.
 #[inline(always)]
-pub(super) fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool) {
-    report_graph_exit(slot, depth, inst.data[0] as u32, unwound);
+pub(super) fn graph_exit(slot: usize, depth: usize, inst: &Instance, unwound: bool, retval: u64) {
+    report_graph_exit(slot, depth, inst.data[0] as u32, unwound, retval);
 }
 
 #[inline(always)]
-pub(super) fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: bool) {
+pub(super) fn report_graph_exit(slot: usize, depth: usize, func: u32, unwound: bool, retval: u64) {
     if let Some(hook) = GRAPH_HOOK.get() {
-        call_graph_hook(*hook, &GraphExit { slot, tid: current_tid() as u32, depth, func, unwound });
+        call_graph_hook(*hook, &GraphExit { slot, tid: current_tid() as u32, depth, func, unwound, retval });
     }
 }
 
@@ -198,16 +200,17 @@ pub(super) fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func:
 
 /// The return path of the light sled: every instance diverting this return-address slot is
 /// the function-graph tracer's (a return probe joining a call writes the full sled's
-/// entry), so there are no handlers to give registers to.
+/// entry), so there are no handlers to give registers to; `retval` is the returning
+/// function's `rax`, for the exit hook.
 #[inline]
-pub(crate) fn on_graph_return(index: usize, caller_rsp: u64) -> u64 {
+pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64 {
     // Held so that a signal handler's traced call cannot push onto the stack while the
     // instances are given back (it counts as missed instead).
     let _guard = HandlerGuard::enter();
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let orig = unsafe { (*instance(index)).orig };
     end_calls(index, caller_rsp, |slot, k, inst| {
-        graph_exit(slot, k, inst, false);
+        graph_exit(slot, k, inst, false, retval);
     });
     orig
 }

@@ -259,7 +259,7 @@ pub(super) fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::S
 #[inline]
 pub(super) fn abandon(slot: usize, depth: usize, probe: u32, func: u64) {
     if probe == GRAPH {
-        report_graph_exit(slot, depth, func as u32, true);
+        report_graph_exit(slot, depth, func as u32, true, 0);
     }
     uncount(slot, probe);
 }

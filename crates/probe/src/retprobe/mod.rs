@@ -216,7 +216,7 @@ fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs) -> u64 {
     let rsp = regs.rsp;
     end_calls(index, rsp, |slot, k, inst| {
         if inst.probe == GRAPH {
-            graph_exit(slot, k, inst, false);
+            graph_exit(slot, k, inst, false, regs.rax);
         } else if guard.is_some() {
             run_return_handler::<LIGHT>(slot, inst, regs);
         }

@@ -145,6 +145,24 @@ pub struct Type {
     pub kind: TypeKind,
 }
 
+impl Type {
+    /// Whether the System V x86-64 ABI (3.2.3) passes a value of this type in an integer
+    /// register: a scalar of the INTEGER class (an integer, `bool`, a character, an enum, a
+    /// pointer) of at most 8 bytes.
+    pub fn is_integer_scalar(&self) -> bool {
+        let integer = matches!(
+            self.kind,
+            TypeKind::Signed
+                | TypeKind::Unsigned
+                | TypeKind::Bool
+                | TypeKind::Char { .. }
+                | TypeKind::Enum(_)
+                | TypeKind::Pointer(_)
+        );
+        integer && self.size <= 8
+    }
+}
+
 /// The kinds of type values are printed by.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TypeKind {
@@ -507,14 +525,7 @@ impl DebugInfo {
         for v in vars.iter_mut().filter(|v| v.parameter) {
             let Some(ty) = v.ty.map(|t| self.type_of(t)) else { return };
             match ty.kind {
-                TypeKind::Signed
-                | TypeKind::Unsigned
-                | TypeKind::Bool
-                | TypeKind::Char { .. }
-                | TypeKind::Enum(_)
-                | TypeKind::Pointer(_)
-                    if ty.size <= 8 && ints < ARGUMENT_REGISTERS.len() =>
-                {
+                _ if ty.is_integer_scalar() && ints < ARGUMENT_REGISTERS.len() => {
                     v.place = Ok(Place::Register(ARGUMENT_REGISTERS[ints]));
                     ints += 1;
                 }

@@ -428,9 +428,11 @@ pub(crate) fn light_dispatch_code() -> u64 {
 }
 
 /// [`full_dispatch`] for the light sled: only the function-graph tracer's calls return
-/// through it, and they need no registers.
-extern "C" fn light_dispatch(after_call: u64, _save: *mut SaveArea, caller_rsp: u64) -> u64 {
-    crate::retprobe::on_graph_return(sled_index(&LIGHT, after_call), caller_rsp)
+/// through it, and they need no registers but the return value (`record -a` records it).
+extern "C" fn light_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+    // SAFETY: the sled's `common` passes its save area, on this thread's stack, filled.
+    let retval = unsafe { (*save).rax };
+    crate::retprobe::on_graph_return(sled_index(&LIGHT, after_call), caller_rsp, retval)
 }
 
 /// The instance index of the sled entry whose `call` pushed `after_call`.

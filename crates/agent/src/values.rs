@@ -1,0 +1,279 @@
+//! `dynprobe record -a`: the values each traced call's records carry (uftrace's `-a`).
+//!
+//! The CLI lowers each function's parameters and return value from the program's DWARF to
+//! fetches (the `probe` command's lowering) and writes them into the trace directory's
+//! `args` file, which the agent reads at start-up (`DYNPROBE_ARGS`):
+//!
+//! ```text
+//! p \t PATH                      the program described (another one it `exec`s gets none)
+//! f \t ADDRESS \t NAME            a function, by its link-time entry address (hex)
+//! a \t FIELD \t SHOWN \t SOURCE   one of its arguments, in order
+//! r \t SHOWN \t SOURCE            its return value (none for `void`)
+//! ```
+//!
+//! `SOURCE` is a fetch as the probe grammar writes it (`+0(%di):string`, `$retval:s32`),
+//! `xmmN` (the low 64 bits of a vector register: a `float` or `double`), or `-` (not
+//! readable at the entry: `(unknown)`). `SHOWN` is for the CLI, which formats the raw
+//! values by it when the trace is read; the agent records raw values only.
+//!
+//! Everything is compiled here once, into programs indexed by function id: a call's hook
+//! evaluates them without allocating, as a probe's fetches are evaluated.
+
+use dynprobe::fetch::{EntryValues, FetchProgram, HitContext, SelfMemory, Value};
+use dynprobe::spec::{ProbeKind, ProbeSpec, STRING_MAX};
+use dynprobe::Regs;
+use dynprobe_events::marker::MarkerRecords;
+use dynprobe_ftrace::{CallValues, TracedFunction};
+use std::collections::HashMap;
+
+/// The `args` file's path, set by `dynprobe record -a`.
+pub const ARGS_ENV: &str = "DYNPROBE_ARGS";
+
+/// Where one value is read.
+enum Source {
+    Fetch(FetchProgram),
+    /// The low 64 bits of xmm0–7.
+    Vector(usize),
+    /// Not readable: recorded as unavailable.
+    Unknown,
+}
+
+/// One function's values.
+#[derive(Default)]
+struct Function {
+    /// Its description's key in the `args` file.
+    key: u64,
+    /// Whether its vector registers can be read at its entry: at a compiler site the
+    /// tracer's caller reaches the dispatcher without touching them, but a plain entry's
+    /// probe runs the probe layer's dispatcher first, which may have (its floating-point
+    /// arguments are recorded as unavailable, shown `(unknown)`).
+    vectors: bool,
+    args: Vec<Source>,
+    retval: Option<Source>,
+}
+
+/// The values of the traced functions that have a description, by function id.
+pub(crate) struct Values {
+    functions: Vec<Option<Function>>,
+}
+
+impl Values {
+    /// The programs of the `args` file `text` for the `functions` traced: those of the main
+    /// executable (`main`, loaded `bias` bytes above its link-time addresses) that the file
+    /// describes, when it describes this executable. `Err` names the line that cannot be
+    /// compiled.
+    pub(crate) fn new(
+        text: &str,
+        functions: &[TracedFunction],
+        main: &dynprobe_symbols::Module,
+    ) -> Result<Values, String> {
+        let (main_module, bias) = (main.name.as_str(), main.bias);
+        let mut described: HashMap<u64, Function> = HashMap::new();
+        let mut current: Option<u64> = None;
+        for (n, line) in text.lines().enumerate() {
+            let bad = |why: String| format!("args file line {}: {why}", n + 1);
+            let fields: Vec<&str> = line.split('\t').collect();
+            match fields.as_slice() {
+                ["p", path] => {
+                    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+                    if same(std::path::Path::new(path)) != same(&main.path) {
+                        return Ok(Values { functions: Vec::new() });
+                    }
+                }
+                ["f", addr, _name] => {
+                    let addr = u64::from_str_radix(addr, 16).map_err(|_| bad(format!("bad address `{addr}`")))?;
+                    described.entry(addr).or_default().key = addr;
+                    current = Some(addr);
+                }
+                ["a", _field, _shown, source] => {
+                    let f = current.and_then(|a| described.get_mut(&a)).ok_or_else(|| bad("no function".into()))?;
+                    f.args.push(compile(source, ProbeKind::Entry).map_err(bad)?);
+                }
+                ["r", _shown, source] => {
+                    let f = current.and_then(|a| described.get_mut(&a)).ok_or_else(|| bad("no function".into()))?;
+                    f.retval = Some(compile(source, ProbeKind::Return).map_err(bad)?);
+                }
+                [""] => {}
+                [first, ..] if first.starts_with('#') => {}
+                _ => return Err(bad(format!("cannot read `{line}`"))),
+            }
+        }
+        let mut by_id: Vec<Option<Function>> = Vec::new();
+        by_id.resize_with(functions.len(), || None);
+        for f in functions {
+            if f.module != main_module {
+                continue;
+            }
+            if let Some(mut values) = described.remove(&f.addr.wrapping_sub(bias)) {
+                values.vectors = f.method != dynprobe_ftrace::SiteMethod::Entry;
+                if let Some(slot) = by_id.get_mut(f.id as usize) {
+                    *slot = Some(values);
+                }
+            }
+        }
+        Ok(Values { functions: by_id })
+    }
+
+    /// The `.values` companion of the image: `id \t key` for each function described, the
+    /// key (its link-time address, hex) naming its description in the `args` file.
+    pub(crate) fn list(&self) -> String {
+        self.functions
+            .iter()
+            .enumerate()
+            .filter_map(|(id, f)| f.as_ref().map(|f| format!("{id}\t{:x}\n", f.key)))
+            .collect()
+    }
+
+    fn function(&self, id: u32) -> Option<&Function> {
+        self.functions.get(id as usize).and_then(Option::as_ref)
+    }
+}
+
+/// A source of the `args` file, compiled.
+fn compile(source: &str, kind: ProbeKind) -> Result<Source, String> {
+    if source == "-" {
+        return Ok(Source::Unknown);
+    }
+    if let Some(n) = source.strip_prefix("xmm") {
+        return match n.parse::<usize>() {
+            Ok(n) if n < 8 => Ok(Source::Vector(n)),
+            _ => Err(format!("no vector argument register `{source}`")),
+        };
+    }
+    let spec = ProbeSpec::parse(&format!("{}:v f v={source}", kind.letter()))
+        .map_err(|e| format!("bad fetch `{source}`: {e}"))?;
+    let arg = &spec.args[0];
+    FetchProgram::new(&arg.fetch, arg.ty, kind, &mut EntryValues::default())
+        .map(Source::Fetch)
+        .map_err(|e| format!("fetch `{source}`: {e}"))
+}
+
+/// Adds the value `source` reads in `ctx` to `out` (`vector` is `None` when the vector
+/// registers cannot be read).
+fn add(source: &Source, ctx: &HitContext, vector: Option<&[u64; 8]>, out: &mut MarkerRecords) {
+    match source {
+        Source::Fetch(program) => {
+            let mut buf = [0u8; STRING_MAX];
+            match program.eval(ctx, &mut buf) {
+                Value::Int(v) => out.unsigned(v),
+                Value::Str(bytes) => out.string(bytes),
+                Value::Fault => out.unavailable(),
+            };
+        }
+        Source::Vector(n) => {
+            match vector {
+                Some(vector) => out.unsigned(vector[*n]),
+                None => out.unavailable(),
+            };
+        }
+        Source::Unknown => {
+            out.unavailable();
+        }
+    }
+}
+
+impl CallValues for Values {
+    fn entry(&self, id: u32, regs: &Regs, vector: &[u64; 8], out: &mut MarkerRecords) {
+        let Some(f) = self.function(id) else { return };
+        let ctx = HitContext::entry(regs, &SelfMemory, 0);
+        for source in &f.args {
+            add(source, &ctx, f.vectors.then_some(vector), out);
+        }
+    }
+
+    fn exit(&self, id: u32, rax: u64, xmm0: u64, out: &mut MarkerRecords) {
+        let Some(Function { retval: Some(source), .. }) = self.function(id) else { return };
+        let regs = Regs { rax, ..Regs::default() };
+        let ctx = HitContext { retval: Some(rax), ..HitContext::entry(&regs, &SelfMemory, 0) };
+        // The return trampoline reaches the exit hook without touching xmm0, whatever the
+        // entry's site.
+        add(source, &ctx, Some(&[xmm0, 0, 0, 0, 0, 0, 0, 0]), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynprobe_events::marker::{data_bytes, decode};
+    use dynprobe_events::model::MarkerValue;
+    use dynprobe_events::record::Kind;
+    use dynprobe_ftrace::SiteMethod;
+
+    fn function(id: u32, addr: u64, module: &str) -> TracedFunction {
+        let site = dynprobe_symbols::CompilerSite { addr, kind: dynprobe_symbols::SiteKind::Mcount, function: None };
+        let method = SiteMethod::Compiler(site);
+        TracedFunction { id, addr, module: module.into(), name: format!("f{id}"), method }
+    }
+
+    fn module(name: &str, bias: u64) -> dynprobe_symbols::Module {
+        let path = std::env::current_exe().unwrap();
+        dynprobe_symbols::Module { path, name: name.into(), bias, ranges: vec![], is_main: true }
+    }
+
+    fn values_of(records: &[dynprobe_events::record::Record]) -> Vec<MarkerValue> {
+        decode(&data_bytes(&records[1..]).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn described_functions_of_the_executable_get_their_values() {
+        let text = "# args\nf\t1000\tparse\na\tline\tstr\t+0(%rdi):string\na\tlen\ts32\t%rsi:s32\n\
+                    a\tx\tf64\txmm1\na\tbig\t?\t-\nr\ts32\t$retval:s32\nf\t2000\tvoid_fn\n";
+        let functions = [function(0, 0x5000_1000, "prog"), function(1, 0x5000_2000, "libc.so.6")];
+        let values = Values::new(text, &functions, &module("prog", 0x5000_0000)).unwrap();
+        let line = b"alpha,12\0";
+        let regs = Regs { rdi: line.as_ptr() as u64, rsi: 8, ..Regs::default() };
+        let mut out = MarkerRecords::new();
+        values.entry(0, &regs, &[0, 2.5f64.to_bits(), 0, 0, 0, 0, 0, 0], &mut out);
+        assert_eq!(values.list(), "0\t1000\n");
+        let got = values_of(out.finish_as(Kind::Entry, 1, 0, 0));
+        let want = [
+            MarkerValue::Str { bytes: b"alpha,12".to_vec(), cut: false },
+            MarkerValue::Unsigned(8),
+            MarkerValue::Unsigned(2.5f64.to_bits()),
+            MarkerValue::Unavailable,
+        ];
+        assert_eq!(got, want);
+        let mut out = MarkerRecords::new();
+        values.exit(0, 12, 0, &mut out);
+        assert_eq!(values_of(out.finish_as(Kind::Exit, 2, 0, 0)), [MarkerValue::Unsigned(12)]);
+        // Not described (a library's function, an id beyond): no values, one record.
+        let mut out = MarkerRecords::new();
+        values.entry(1, &regs, &[0; 8], &mut out);
+        values.exit(7, 1, 0, &mut out);
+        assert_eq!(out.finish_as(Kind::Entry, 1, 0, 1).len(), 1);
+    }
+
+    #[test]
+    fn at_a_plain_entry_a_vector_argument_is_unavailable() {
+        let text = "f\t1000\tmix\na\tx\tf64\txmm0\na\tk\ts32\t%rdi:s32\nr\tf64\txmm0\n";
+        let plain = TracedFunction { method: SiteMethod::Entry, ..function(0, 0x1000, "prog") };
+        let values = Values::new(text, &[plain], &module("prog", 0)).unwrap();
+        let mut out = MarkerRecords::new();
+        values.entry(0, &Regs { rdi: 3, ..Regs::default() }, &[1.5f64.to_bits(); 8], &mut out);
+        assert_eq!(
+            values_of(out.finish_as(Kind::Entry, 1, 0, 0)),
+            [MarkerValue::Unavailable, MarkerValue::Unsigned(3)]
+        );
+        // The exit's xmm0 is read on the return path, whatever the entry's site.
+        let mut out = MarkerRecords::new();
+        values.exit(0, 0, 2.5f64.to_bits(), &mut out);
+        assert_eq!(values_of(out.finish_as(Kind::Exit, 2, 0, 0)), [MarkerValue::Unsigned(2.5f64.to_bits())]);
+    }
+
+    #[test]
+    fn a_bad_line_is_named() {
+        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n", &[], &module("p", 0)).err().unwrap();
+        assert!(err.starts_with("args file line 2: bad fetch `%nope`"), "{err}");
+        let err = Values::new("a\tx\ts32\t%rdi\n", &[], &module("p", 0)).err().unwrap();
+        assert_eq!(err, "args file line 1: no function");
+    }
+
+    #[test]
+    fn another_program_gets_no_values() {
+        let text = "p\t/bin/true\nf\t1000\tparse\na\tlen\ts32\t%rsi:s32\n";
+        let values = Values::new(text, &[function(0, 0x1000, "prog")], &module("prog", 0)).unwrap();
+        let mut out = MarkerRecords::new();
+        values.entry(0, &Regs::default(), &[0; 8], &mut out);
+        assert_eq!(out.finish_as(Kind::Entry, 1, 0, 0).len(), 1);
+    }
+}
