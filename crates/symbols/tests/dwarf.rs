@@ -13,12 +13,18 @@ use dynprobe_symbols::dwarf::{Access, DebugInfo, DwarfError, Place, SourcePoint,
 /// `targets/source.c` built with gcc and `flags` into `name` in this test's scratch
 /// directory.
 fn build(name: &str, flags: &[&str]) -> PathBuf {
+    build_with(name, flags, &[])
+}
+
+/// [`build`], with more source files linked in.
+fn build_with(name: &str, flags: &[&str], more: &[PathBuf]) -> PathBuf {
     let out = common::scratch_dir("dwarf").join(name);
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/targets/source.c");
     let status = Command::new("gcc")
         .args(["-Wall", "-Werror", "-fcf-protection=none"])
         .args(flags)
         .arg(&source)
+        .args(more)
         .arg("-o")
         .arg(&out)
         .status()
@@ -180,4 +186,69 @@ fn minidebuginfo_is_looked_into_and_named_when_it_has_no_dwarf() {
         err.to_string().contains("(its .gnu_debugdata, MiniDebugInfo, has symbols but no lines or variables)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_lookup_reads_only_the_units_that_hold_the_function() {
+    // Three more units beside source.c's, none of which has `handle`'s code or names its file.
+    let dir = common::scratch_dir("dwarf");
+    let more: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let file = dir.join(format!("other{i}.c"));
+            let text = format!(
+                "struct other{i} {{ int a; long b; }};\nlong other{i}(struct other{i} *o) {{ return o->a + o->b; }}\n"
+            );
+            std::fs::write(&file, text).unwrap();
+            file
+        })
+        .collect();
+    let info = DebugInfo::open(&build_with("src-units", &["-O2", "-g"], &more)).unwrap();
+    assert!(info.unit_count() >= 4, "{} units", info.unit_count());
+    let sites = info.resolve(&line("handle:3")).unwrap();
+    info.resolve_variable(&sites[0], "req", &[Access::Arrow("path".into())]).unwrap();
+    assert_eq!(info.units_indexed(), 1, "of {} units", info.unit_count());
+    // A file's line reads the units whose line tables name it, and only those.
+    info.resolve(&SourcePoint::FileLine { file: "other1.c".into(), line: 2 }).unwrap();
+    assert_eq!(info.units_indexed(), 2);
+    // `--funcs` lists every function: that alone reads all of them.
+    assert!(info.functions().iter().any(|f| f.name == "other2"));
+}
+
+#[test]
+fn debians_compressed_debug_file_is_inflated_once_into_the_cache() {
+    // python3.11-dbg's build-id file (scripts/setup installs it): zlib-compressed sections, as
+    // Debian's dh_strip writes them, and link-time optimized units.
+    let cache = common::scratch_dir("dwarf/cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    // No other test of this file opens a debug file with sections large enough to be cached.
+    std::env::set_var(dynprobe_symbols::dwarf::CACHE_DIR_ENV, &cache);
+    let python = Path::new("/usr/bin/python3.11");
+    let resolve = || {
+        let info = DebugInfo::open(python).unwrap();
+        let sites = info.resolve(&line("PyList_Append:1")).unwrap();
+        let (place, _) = info.resolve_variable(&sites[0], "op", &[Access::Arrow("ob_type".into())]).unwrap();
+        // Its out-of-line copy and the copies inlined into other units, found without
+        // reading every unit.
+        assert!(sites.len() > 1, "{sites:?}");
+        assert!(info.units_indexed() < info.unit_count(), "{} of {}", info.units_indexed(), info.unit_count());
+        (sites, place.to_string(), info.debug_file.clone())
+    };
+    let first = resolve();
+    assert!(first.2.starts_with("/usr/lib/debug/.build-id/"), "{}", first.2.display());
+    let inflated: Vec<_> = std::fs::read_dir(cache.join("dwarf")).unwrap().flatten().collect();
+    assert_eq!(inflated.len(), 1, "one directory for the one debug file");
+    let info_section = inflated[0].path().join(".debug_info");
+    let size = std::fs::metadata(&info_section).unwrap().len();
+    let compressed = Command::new("readelf").arg("-SW").arg(&first.2).output().unwrap();
+    let header = String::from_utf8_lossy(&compressed.stdout);
+    let line = header.lines().find(|l| l.contains(".debug_info")).unwrap();
+    // Flags `C`: compressed on disk, and smaller than the inflated copy.
+    assert!(line.contains(" C "), "{line}");
+    // `NAME TYPE ADDRESS OFFSET SIZE`: the size four after the name.
+    let fields: Vec<&str> = line.split_whitespace().skip_while(|f| *f != ".debug_info").collect();
+    let on_disk = u64::from_str_radix(fields[4], 16).unwrap();
+    assert!(size > on_disk, "{size} inflated vs {on_disk} on disk");
+    // The second opening maps the cached copy and finds the same.
+    assert_eq!(resolve(), first);
+    std::env::remove_var(dynprobe_symbols::dwarf::CACHE_DIR_ENV);
 }

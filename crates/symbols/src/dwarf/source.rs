@@ -131,11 +131,8 @@ impl DebugInfo {
         match value {
             AttributeValue::UnitRef(offset) => Some((u, offset)),
             AttributeValue::DebugInfoRef(offset) => {
-                let i = self
-                    .units
-                    .partition_point(|unit| unit.header.debug_info_offset().is_some_and(|o| o <= offset))
-                    .checked_sub(1)?;
-                Some((i, offset.to_unit_offset(&self.units[i].header)?))
+                let i = self.unit_containing(offset)?;
+                Some((i, offset.to_unit_offset(&self.headers[i])?))
             }
             _ => None,
         }
@@ -156,20 +153,37 @@ impl DebugInfo {
         for _ in 0..4 {
             let Some((nu, offset)) = link else { break };
             at = (nu, offset);
-            link = self.units[nu].entry(offset).ok().and_then(|e| next(nu, &e));
+            link = self.unit(nu).and_then(|unit| unit.entry(offset).ok()).and_then(|e| next(nu, &e));
         }
         at
     }
 
-    /// Every function with a name, out-of-line or inlined only (built once, on first use).
-    pub fn functions(&self) -> &[Function] {
-        self.functions.get_or_init(|| self.index_functions())
+    /// The unit whose part of `.debug_info` holds `offset`.
+    pub(crate) fn unit_containing(&self, offset: gimli::DebugInfoOffset) -> Option<usize> {
+        self.headers.partition_point(|h| h.debug_info_offset().is_some_and(|o| o <= offset)).checked_sub(1)
     }
 
-    fn index_functions(&self) -> Vec<Function> {
+    /// Every function with a name, out-of-line or inlined only (built once, on first use:
+    /// this reads every unit, which lookups by name or address avoid, see
+    /// [`DebugInfo::find_functions`]).
+    pub fn functions(&self) -> &[Function] {
+        self.functions.get_or_init(|| self.index_functions(0..self.unit_count()))
+    }
+
+    /// The functions with code (out of line or an inlined copy) in unit `u`, each with only
+    /// the code that is in `u` (indexed once, on first use).
+    pub(crate) fn unit_functions(&self, u: usize) -> &[Function] {
+        match self.unit_functions.get(u) {
+            Some(cell) => cell.get_or_init(|| self.index_functions(u..u + 1)),
+            None => &[],
+        }
+    }
+
+    fn index_functions(&self, units: std::ops::Range<usize>) -> Vec<Function> {
         let mut functions: Vec<Function> = Vec::new();
         let mut by_die = std::collections::HashMap::new();
-        for (u, unit) in self.units.iter().enumerate() {
+        for u in units {
+            let Some(unit) = self.unit(u) else { continue };
             let mut offsets = Vec::new();
             // A damaged unit gives the functions read before the damage.
             let _ = code_dies(unit, &mut offsets);
@@ -260,7 +274,7 @@ impl DebugInfo {
         let (mut u, mut offset) = (u, offset);
         let (mut name, mut file, mut line) = (None, None, None);
         for _ in 0..4 {
-            let unit = &self.units[u];
+            let unit = self.unit(u)?;
             let entry = unit.entry(offset).ok()?;
             if name.is_none() {
                 name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
@@ -346,12 +360,22 @@ impl DebugInfo {
 
     /// The functions `name` (and `@file`) names: every function of that name, or the one
     /// the file narrows it to.
+    ///
+    /// Without reading every unit: the symbol table gives the addresses of the functions of
+    /// that name, `.debug_aranges` (else the units' own ranges) the units their code is in,
+    /// and only those are indexed — then the units whose line tables name the function's
+    /// file, the only ones that can hold copies of it inlined (a function defined in a
+    /// header, or split among units by link-time optimization). A name no symbol has (a
+    /// function that exists only inlined) is looked for in every unit.
     pub fn find_functions(&self, name: &str, file: Option<&str>) -> Result<Vec<&Function>, DwarfError> {
-        let found: Vec<&Function> = self
-            .functions()
-            .iter()
-            .filter(|f| f.name == name && file.is_none_or(|w| file_matches(&f.file, w)))
-            .collect();
+        let matches = |f: &&Function| f.name == name && file.is_none_or(|w| file_matches(&f.file, w));
+        let mut found: Vec<&Function> = match self.functions.get() {
+            Some(all) => all.iter().filter(matches).collect(),
+            None => self.find_functions_lazily(name, &matches),
+        };
+        if found.is_empty() && self.functions.get().is_none() {
+            found = self.functions().iter().filter(matches).collect();
+        }
         if found.is_empty() {
             let suggestions = crate::error::suggest(name, self.functions().iter().map(|f| f.name.as_str()));
             let shown = match file {
@@ -361,6 +385,109 @@ impl DebugInfo {
             return Err(DwarfError::UnknownFunction { name: shown, suggestions });
         }
         Ok(found)
+    }
+
+    /// [`DebugInfo::find_functions`] through the symbol table and the units it leads to.
+    fn find_functions_lazily(&self, name: &str, matches: &dyn Fn(&&Function) -> bool) -> Vec<&Function> {
+        let mut units: Vec<usize> = self.symbol_addresses(name).into_iter().filter_map(|a| self.unit_at(a)).collect();
+        units.sort();
+        units.dedup();
+        let mut found: Vec<&Function> =
+            units.iter().flat_map(|&u| self.unit_functions(u)).filter(|f| matches(f)).collect();
+        let mut files: Vec<&str> = found.iter().map(|f| f.file.as_str()).collect();
+        files.sort();
+        files.dedup();
+        for file in files.into_iter().filter(|f| !f.is_empty()) {
+            for u in self.units_naming(file) {
+                if units.binary_search(&u).is_err() {
+                    found.extend(self.unit_functions(u).iter().filter(|f| matches(f) && f.file == file));
+                }
+            }
+        }
+        found
+    }
+
+    /// The addresses of the function symbols named `name` (for C++ and Rust, by their
+    /// demangled name without parameters, or its last component).
+    fn symbol_addresses(&self, name: &str) -> Vec<u64> {
+        let last = name.rsplit("::").next().unwrap_or(name);
+        self.symbols
+            .iter()
+            .filter(|s| {
+                if s.mangled == name {
+                    return true;
+                }
+                // The mangled name spells each component of the path as it is.
+                if !s.mangled.starts_with("_Z") && !s.mangled.starts_with("_R") || !s.mangled.contains(last) {
+                    return false;
+                }
+                let d = crate::demangle::demangle(&s.mangled);
+                let short = d.short.unwrap_or(d.name);
+                let short = crate::demangle::strip_rust_hash(&short).unwrap_or(&short);
+                short == name || short.rsplit("::").next() == Some(name)
+            })
+            .map(|s| s.value)
+            .collect()
+    }
+
+    /// The unit whose code contains `addr`: by `.debug_aranges`, and for the units it does
+    /// not list, by their root DIEs' ranges.
+    pub(crate) fn unit_at(&self, addr: u64) -> Option<usize> {
+        let ranges = self.aranges.get_or_init(|| self.read_aranges());
+        let i = ranges.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+        // Ranges may nest (a unit's whole span listed, then a part): look back a little.
+        ranges[..=i].iter().rev().take(8).find(|r| r.0 <= addr && addr < r.1).and_then(|r| self.unit_containing(r.2))
+    }
+
+    fn read_aranges(&self) -> Vec<(u64, u64, gimli::DebugInfoOffset)> {
+        let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut headers = self.dwarf.debug_aranges.headers();
+        while let Ok(Some(header)) = headers.next() {
+            listed.insert(header.debug_info_offset());
+            let mut entries = header.entries();
+            while let Ok(Some(entry)) = entries.next() {
+                let range = entry.range();
+                if range.begin < range.end && range.begin != 0 {
+                    out.push((range.begin, range.end, header.debug_info_offset()));
+                }
+            }
+        }
+        for (u, header) in self.headers.iter().enumerate() {
+            let Some(offset) = header.debug_info_offset() else { continue };
+            if listed.contains(&offset) {
+                continue;
+            }
+            let Some(unit) = self.unit(u) else { continue };
+            let Ok(mut ranges) = self.dwarf.unit_ranges(unit) else { continue };
+            while let Ok(Some(r)) = ranges.next() {
+                if r.begin < r.end && r.begin != 0 {
+                    out.push((r.begin, r.end, offset));
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.0, r.1));
+        out
+    }
+
+    /// The units whose line tables name the source file `file` (by its name or the end of
+    /// its path): their line-program headers are read, not their rows or DIEs.
+    pub(crate) fn units_naming(&self, file: &str) -> Vec<usize> {
+        (0..self.unit_count())
+            .filter(|&u| {
+                let Some(unit) = self.unit(u) else { return false };
+                let Some(program) = &unit.line_program else { return false };
+                let header = program.header();
+                // A cheap look at the bare names first: most units do not have the file.
+                let base = file.rsplit('/').next().unwrap_or(file);
+                let named = header
+                    .file_names()
+                    .iter()
+                    .any(|f| self.string(unit, f.path_name()).is_some_and(|n| n.rsplit('/').next() == Some(base)));
+                let count = header.file_names().len() as u64 + 1;
+                named && (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
+            })
+            .collect()
     }
 
     /// The places in the code `point` names: a site at the entry of a function and of each
@@ -418,14 +545,7 @@ impl DebugInfo {
                 }
             }
             SourcePoint::FileLine { file, line } => {
-                let units: Vec<usize> = (0..self.units.len())
-                    .filter(|&u| {
-                        let unit = &self.units[u];
-                        let Some(program) = &unit.line_program else { return false };
-                        let count = program.header().file_names().len() as u64 + 1;
-                        (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
-                    })
-                    .collect();
+                let units = self.units_naming(file);
                 if units.is_empty() {
                     return Err(DwarfError::UnknownFile { name: file.clone() });
                 }
@@ -460,7 +580,7 @@ impl DebugInfo {
         function: Option<&str>,
         what: &str,
     ) -> Result<Vec<SourceSite>, DwarfError> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Ok(Vec::new()) };
         let rows = self.rows(unit);
         let mut names = std::collections::HashMap::new();
         let mut matches_file = |index: u64| {
@@ -517,7 +637,7 @@ impl DebugInfo {
     /// `addr`, and whether that is an inlined copy.
     pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
         let mut best: Option<(u64, &str, bool)> = None;
-        for f in self.functions() {
+        for f in self.unit_functions(u) {
             let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
                 if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
                     let _ = lo;
@@ -539,7 +659,10 @@ impl DebugInfo {
 
     /// The function whose entry is at `addr`, if any.
     pub(crate) fn function_entered_at(&self, addr: u64) -> Option<&Function> {
-        self.functions().iter().find(|f| f.entry() == Some(addr))
+        match self.unit_at(addr) {
+            Some(u) => self.unit_functions(u).iter().find(|f| f.entry() == Some(addr)),
+            None => self.functions().iter().find(|f| f.entry() == Some(addr)),
+        }
     }
 
     /// The lines of `f`'s source file from its declaration to its end, each with whether
@@ -554,7 +677,7 @@ impl DebugInfo {
         units.dedup();
         let mut lines: Vec<u64> = Vec::new();
         for u in units {
-            let unit = &self.units[u];
+            let Some(unit) = self.unit(u) else { continue };
             let mut names = std::collections::HashMap::new();
             lines.extend(
                 self.rows(unit)

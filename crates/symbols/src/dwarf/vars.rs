@@ -214,7 +214,7 @@ impl DebugInfo {
     /// The variables and parameters visible at `site`, innermost scope last; a name
     /// declared again in an inner scope hides the outer one.
     pub fn variables(&self, site: &SourceSite) -> Vec<Variable> {
-        let unit = &self.units[site.unit];
+        let Some(unit) = self.unit(site.unit) else { return Vec::new() };
         let mut out: Vec<Variable> = Vec::new();
         if let Ok(mut tree) = unit.entries_tree(None) {
             if let Ok(root) = tree.root() {
@@ -240,7 +240,7 @@ impl DebugInfo {
         depth: usize,
         out: &mut Vec<Variable>,
     ) -> gimli::Result<()> {
-        let unit = &self.units[site.unit];
+        let Some(unit) = self.unit(site.unit) else { return Ok(()) };
         let mut children = node.children();
         while let Some(child) = children.next()? {
             let entry = child.entry();
@@ -275,11 +275,11 @@ impl DebugInfo {
                         gimli::DW_TAG_lexical_block => None,
                         _ => {
                             let (ou, origin) = self.origin(site.unit, entry);
-                            self.units[ou]
-                                .entry(origin)
-                                .ok()
+                            let origin_unit = self.unit(ou);
+                            origin_unit
+                                .and_then(|unit| unit.entry(origin).ok())
                                 .and_then(|e| e.attr_value(gimli::DW_AT_name))
-                                .and_then(|v| self.string(&self.units[ou], v))
+                                .and_then(|v| self.string(origin_unit?, v))
                         }
                     };
                     let is_function = name.as_deref() == Some(site.function.as_str());
@@ -306,7 +306,7 @@ impl DebugInfo {
         entry: &gimli::DebuggingInformationEntry<R>,
         scope: &Scope,
     ) -> Option<Variable> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit)?;
         let (name, ty) = self.name_and_type(site.unit, entry)?;
         let mut available = Vec::new();
         let place = match entry.attr_value(gimli::DW_AT_location) {
@@ -345,13 +345,12 @@ impl DebugInfo {
         u: usize,
         entry: &gimli::DebuggingInformationEntry<R>,
     ) -> Option<(String, Option<TypeRef>)> {
-        let unit = &self.units[u];
+        let unit = self.unit(u)?;
         let mut name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
         let mut ty = self.type_attr(u, entry);
         if let Some((ou, origin)) = entry.attr_value(gimli::DW_AT_abstract_origin).and_then(|v| self.reference(u, v)) {
-            if let Ok(origin) = self.units[ou].entry(origin) {
-                name =
-                    name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(&self.units[ou], v)));
+            if let Some((origin_unit, Ok(origin))) = self.unit(ou).map(|unit| (unit, unit.entry(origin))) {
+                name = name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(origin_unit, v)));
                 ty = ty.or_else(|| self.type_attr(ou, &origin));
             }
         }
@@ -360,7 +359,7 @@ impl DebugInfo {
 
     /// The place a location expression describes at `site`.
     fn place(&self, site: &SourceSite, expr: Expression<R>, scope: &Scope) -> Result<Place, VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         let mut ops = Vec::new();
         let mut iter = expr.operations(unit.encoding());
         loop {
@@ -394,7 +393,7 @@ impl DebugInfo {
 
     /// The place of a location expression that is not in pieces.
     fn single(&self, site: &SourceSite, ops: &[Operation<R>], scope: &Scope) -> Result<Place, VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         match ops {
             [Operation::Register { register }] => Ok(Place::Register(register.0)),
             [Operation::RegisterOffset { register, offset, .. }] => {
@@ -435,7 +434,7 @@ impl DebugInfo {
 
     /// The frame base at `site` as a register and an offset.
     fn frame_base(&self, site: &SourceSite, scope: &Scope) -> Result<(Place, i64), VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         let Some(expr) = scope.frame_base.clone() else {
             return Err(VarError::Unsupported("its function has no frame base".into()));
         };
@@ -611,7 +610,7 @@ impl DebugInfo {
         let mut ty = ty;
         for _ in 0..16 {
             let die = ty.die;
-            let Ok(entry) = self.units[ty.unit].entry(die) else { break };
+            let Some(Ok(entry)) = self.unit(ty.unit).map(|unit| unit.entry(die)) else { break };
             let size = entry.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value()).unwrap_or(0);
             let kind = match entry.tag() {
                 gimli::DW_TAG_typedef
@@ -665,7 +664,7 @@ impl DebugInfo {
 
     /// The C spelling of a type.
     fn type_name(&self, ty: TypeRef, depth: usize) -> String {
-        let unit = &self.units[ty.unit];
+        let Some(unit) = self.unit(ty.unit) else { return "?".into() };
         let Ok(entry) = unit.entry(ty.die) else { return "?".into() };
         let name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
         let inner = |prefix: &str, suffix: &str| match (self.type_attr(ty.unit, &entry), depth < 8) {
@@ -697,7 +696,7 @@ impl DebugInfo {
     }
 
     fn children(&self, u: usize, die: UnitOffset, mut each: impl FnMut(&gimli::DebuggingInformationEntry<R>)) {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return };
         let Ok(mut tree) = unit.entries_tree(Some(die)) else { return };
         let Ok(root) = tree.root() else { return };
         let mut children = root.children();
@@ -707,7 +706,7 @@ impl DebugInfo {
     }
 
     fn enumerators(&self, u: usize, die: UnitOffset) -> Vec<(i64, String)> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Vec::new() };
         let mut out = Vec::new();
         self.children(u, die, |e| {
             if e.tag() == gimli::DW_TAG_enumerator {
@@ -724,7 +723,7 @@ impl DebugInfo {
     }
 
     fn members(&self, u: usize, die: UnitOffset) -> Vec<Member> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Vec::new() };
         let mut out = Vec::new();
         self.children(u, die, |e| {
             if e.tag() != gimli::DW_TAG_member {
@@ -760,7 +759,7 @@ impl DebugInfo {
     /// The return type of the function `site` is the entry of.
     pub fn return_type(&self, site: &SourceSite) -> Option<TypeRef> {
         let f = self.function_entered_at(site.addr)?;
-        let unit = &self.units[f.unit];
+        let unit = self.unit(f.unit)?;
         let entry = unit.entry(f.die).ok()?;
         self.type_attr(f.unit, &entry)
     }
