@@ -278,4 +278,64 @@ fn debian_python_by_its_debug_package() {
     assert!(inlined > 10, "{inlined} inlined copies: {stderr}");
     // The multiplication's operand is made from the constant 123456789 by PyLong_FromLong.
     assert!(events.lines().any(|l| l.ends_with("] ev: ival=123456789")), "{events}");
+    // Its copies are in several units (each read on its own): the listing shows it once.
+    let lines = discover(&["--lines", "PyLong_FromLong"], python);
+    assert_eq!(lines.matches("<PyLong_FromLong@").count(), 1, "{lines}");
+}
+
+/// `source.c` built as a shared library (`-g`, its `main` with it) and a program of nothing
+/// but that library, whose `main` the C runtime then calls: the same code, in a library.
+fn library_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let flags = ["-g", "-O0", "-shared", "-fPIC"].map(std::ffi::OsStr::new);
+        let library = build_c("../../../symbols/tests/targets/source.c", "libsrcdwarf.so", &flags);
+        let out = common::scratch().join("source-in-lib");
+        let rpath = format!("-Wl,-rpath,{}", library.parent().unwrap().display());
+        let status = std::process::Command::new("gcc").arg(&library).arg(rpath).arg("-o").arg(&out).status().unwrap();
+        assert!(status.success(), "linking the program of libsrcdwarf.so failed");
+        out
+    })
+}
+
+#[test]
+fn source_locations_in_a_shared_library() {
+    // The library by its name as probe specs take them (`libsrcdwarf` → libsrcdwarf.so),
+    // found among those the program loads; its symbols named with it in the lowered spec.
+    let specs = ["p:libsrcdwarf:handle:3 total req->path", "p libsrcdwarf:source.c:29 req->len"];
+    let (out, text) = probe_to_file("library", &[], &specs, library_program(), "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(
+        got,
+        [
+            "libsrcdwarf_source_c_29: req_len=11",
+            "libsrcdwarf_handle_L3: total=11 req_path=\"/index.html\"",
+            "libsrcdwarf_source_c_29: req_len=12",
+            "libsrcdwarf_handle_L3: total=13 req_path=\"/index.html\"",
+        ]
+    );
+    let dry = dynprobe()
+        .args(["probe", "--dry-run", "p:libsrcdwarf:handle:3 round", "--"])
+        .arg(library_program())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout),
+        "p:libsrcdwarf_handle_L3 libsrcdwarf:handle+0x1e round=-28(%rbp):s32\n"
+    );
+    // Debian's C library, by libc6-dbg's build-id file (scripts/setup installs it).
+    let libc = dynprobe()
+        .args(["probe", "--dry-run", "p:libc:__libc_free mem"])
+        .arg("--")
+        .arg(library_program())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&libc.stdout), "p:libc___libc_free libc:__libc_free mem=%rdi:x64\n");
+    // A library the program does not load is named in the refusal.
+    let refused =
+        dynprobe().args(["probe", "p:libnothere:handle:3 round", "--"]).arg(library_program()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("loads no library named `libnothere`"), "{stderr}");
 }

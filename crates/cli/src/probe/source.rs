@@ -188,15 +188,24 @@ pub(crate) fn program_path(program: &std::ffi::OsStr) -> Option<PathBuf> {
 }
 
 /// The specs with their source-level parts lowered for `program` (one line each), and what
-/// to tell the user about them (a line moved to the next with code, inlined copies).
+/// to tell the user about them (a line moved to the next with code, inlined copies). A spec
+/// whose location names a library (`p:libfoo:parse:3`, `p libfoo:parse.c:40`) reads that
+/// library's DWARF: the library the program loads (for `-p PID`, has loaded) of that name.
 pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Vec<ProbeSpec>, Vec<String>), String> {
     if !specs.iter().any(|s| needs_dwarf(s) || wants_typed_retval(s)) {
         return Ok((specs, Vec::new()));
     }
-    let info: Result<DebugInfo, String> = program
-        .ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())
-        .and_then(|program| DebugInfo::open(program).map_err(|e| e.to_string()));
-    let debug = |_: Option<&Path>| info.as_ref().map_err(Clone::clone);
+    // The DWARF of the program (`None`) and of each library named, opened once each.
+    let module_of = |spec: &ProbeSpec| spec.location.code().and_then(module_point).and_then(|(module, _)| module);
+    let mut opened: HashMap<Option<String>, Result<DebugInfo, String>> = HashMap::new();
+    for spec in &specs {
+        let module = if needs_dwarf(spec) { module_of(spec) } else { None };
+        if let std::collections::hash_map::Entry::Vacant(slot) = opened.entry(module) {
+            let info = open_module(program, slot.key().as_deref());
+            slot.insert(info);
+        }
+    }
+    let debug = |module: Option<String>| &opened[&module];
     let mut renderings = Renderings::default();
     let mut out = Vec::new();
     let mut notes = Vec::new();
@@ -204,7 +213,7 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
         if !needs_dwarf(&spec) {
             // `$retval` typed when the DWARF is there; without it the spec stays as written.
             if wants_typed_retval(&spec) {
-                if let Ok(info) = debug(program) {
+                if let Ok(info) = debug(None) {
                     if let Ok(lowered) = lower_one(&spec, info, &mut renderings, &mut notes) {
                         out.extend(lowered);
                         continue;
@@ -214,7 +223,7 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
             out.push(spec);
             continue;
         }
-        let info = debug(program).map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
+        let info = debug(module_of(&spec)).as_ref().map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
         out.extend(
             lower_one(&spec, info, &mut renderings, &mut notes).map_err(|e| format!("probe `{}`: {e}", spec.text))?,
         );
@@ -223,16 +232,101 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
     Ok((out, notes))
 }
 
-/// The sites of a spec's location.
-pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
-    let location = spec.location.code().ok_or("a marker has no source location")?;
+/// The DWARF of `program`, or of its library `module`.
+fn open_module(program: Option<&Path>, module: Option<&str>) -> Result<DebugInfo, String> {
+    let program =
+        program.ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())?;
+    let path = match module {
+        None => program.to_path_buf(),
+        Some(module) => module_path(program, module)?,
+    };
+    DebugInfo::open(&path).map_err(|e| e.to_string())
+}
+
+/// The file of the library `module` names (its path, its file name, or a prefix of it that
+/// stops at a `.` or `-`: `libc` → `libc.so.6`, as probe specs name modules): among the
+/// files a running process (`/proc/PID/exe`) has mapped, else among the libraries the
+/// dynamic linker would load for `program` (as `ldd` lists them, see ld.so(8)).
+pub(crate) fn module_path(program: &Path, module: &str) -> Result<PathBuf, String> {
+    if module.contains('/') {
+        return Ok(PathBuf::from(module));
+    }
+    let pid = program.strip_prefix("/proc").ok().filter(|rest| rest.ends_with("exe")).and_then(|rest| rest.parent());
+    let files: Vec<PathBuf> = match pid {
+        Some(pid) => {
+            let maps = std::fs::read_to_string(Path::new("/proc").join(pid).join("maps"))
+                .map_err(|e| format!("cannot read the mappings of process {}: {e}", pid.display()))?;
+            maps.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .filter(|p| p.starts_with('/'))
+                .map(PathBuf::from)
+                .collect()
+        }
+        None => {
+            let out = std::process::Command::new("ldd")
+                .arg(program)
+                .output()
+                .map_err(|e| format!("cannot run ldd to find `{module}`: {e}"))?;
+            // `\tlibm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x…)`, or a path alone.
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let l = l.trim();
+                    let path = l.split_once("=> ").map_or(l, |(_, p)| p);
+                    path.split(" (").next().filter(|p| p.starts_with('/')).map(PathBuf::from)
+                })
+                .collect()
+        }
+    };
+    let named = |path: &&PathBuf| {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name == module || name.strip_prefix(module).is_some_and(|rest| rest.starts_with(['.', '-']))
+    };
+    match files.iter().find(named) {
+        Some(path) => Ok(path.clone()),
+        None => Err(format!(
+            "`{}` loads no library named `{module}` (give its path, `p:/path/to/{module}.so:FUNC:LINE`, for one it \
+             opens with dlopen)",
+            program.display()
+        )),
+    }
+}
+
+/// A spec location's source point and the library it names, if any: `libfoo:parse:3` is
+/// line 3 of `parse` in `libfoo`, `libfoo:parse` (with variables) its entry.
+fn module_point(location: &Location) -> Option<(Option<String>, SourcePoint)> {
     let point = match dynprobe::spec::source_point(location) {
         Some(point) => point,
         None => match location {
-            Location::Symbol(name) if !name.contains(':') => SourcePoint::Function { name: name.clone(), file: None },
-            _ => return Err("source variables need a function or a source line as the location".into()),
+            Location::Symbol(name) => SourcePoint::Function { name: name.clone(), file: None },
+            _ => return None,
         },
     };
+    let split = |text: &str| -> (Option<String>, String) {
+        let (module, rest) = dynprobe_symbols::split_module(text);
+        (module.map(str::to_string), rest.to_string())
+    };
+    Some(match point {
+        SourcePoint::Function { name, file } => {
+            let (module, name) = split(&name);
+            (module, SourcePoint::Function { name, file })
+        }
+        SourcePoint::FunctionLine { name, file, line } => {
+            let (module, name) = split(&name);
+            (module, SourcePoint::FunctionLine { name, file, line })
+        }
+        SourcePoint::FileLine { file, line } => {
+            let (module, file) = split(&file);
+            (module, SourcePoint::FileLine { file, line })
+        }
+    })
+}
+
+/// The sites of a spec's location, in `info` (the DWARF of the module it names).
+pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
+    let location = spec.location.code().ok_or("a marker has no source location")?;
+    let (_, point) =
+        module_point(location).ok_or("source variables need a function or a source line as the location")?;
     if spec.kind == ProbeKind::Return && !matches!(point, SourcePoint::Function { .. }) {
         return Err("a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)".into());
     }
@@ -260,9 +354,14 @@ fn lower_one(
         let (symbol, offset) = info
             .symbol_at(site.addr)
             .ok_or_else(|| format!("no symbol of `{}` contains 0x{:x}", info.binary.display(), site.addr))?;
+        // In a library, the symbol is named with the library, as the spec named it.
+        let symbol = match spec.location.code().and_then(module_point).and_then(|(module, _)| module) {
+            Some(module) => format!("{module}:{symbol}"),
+            None => symbol.to_string(),
+        };
         let location = match (spec.kind, offset) {
-            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.to_string()),
-            (_, offset) => Location::SymbolOffset(symbol.to_string(), offset),
+            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.clone()),
+            (_, offset) => Location::SymbolOffset(symbol.clone(), offset),
         };
         let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
         let event = lowered.full_event_name();
@@ -628,11 +727,29 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
             None => (name.as_str(), None),
         };
         let mut out = String::new();
-        for f in info.find_functions(name, file).map_err(|e| e.to_string())? {
+        let found = info.find_functions(name, file).map_err(|e| e.to_string())?;
+        // One function may come as several entries, its out-of-line copy in one unit and its
+        // inlined copies in others: shown once, with the lines any of them has code for.
+        let mut shown: Vec<(&str, u64)> = Vec::new();
+        for f in &found {
+            if shown.contains(&(f.file.as_str(), f.line)) {
+                continue;
+            }
+            shown.push((f.file.as_str(), f.line));
             out.push_str(&format!("<{}@{}:0>\n", f.name, f.file));
             let source = std::fs::read_to_string(&f.file).ok();
             let text: Vec<&str> = source.as_deref().map_or(Vec::new(), |s| s.lines().collect());
-            for (line, has_code) in info.function_lines(f) {
+            let mut lines: Vec<(u64, bool)> = Vec::new();
+            for same in found.iter().filter(|g| g.file == f.file && g.line == f.line) {
+                for (line, has_code) in info.function_lines(same) {
+                    match lines.iter_mut().find(|(l, _)| *l == line) {
+                        Some(known) => known.1 |= has_code,
+                        None => lines.push((line, has_code)),
+                    }
+                }
+            }
+            lines.sort();
+            for (line, has_code) in lines {
                 let body = text.get(line as usize - 1).copied().unwrap_or("");
                 match has_code {
                     true => out.push_str(&format!("{:>7}  {body}\n", line - f.line)),
@@ -647,8 +764,12 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
     }
     let location = args.vars.as_deref().unwrap_or_default();
     let spec = ProbeSpec::parse(&format!("p {location}")).map_err(|e| format!("bad location `{location}`: {e}"))?;
+    // A location in a library reads the library's DWARF.
+    let module = spec.location.code().and_then(module_point).and_then(|(module, _)| module);
+    let library = module.map(|module| open_module(Some(program), Some(&module))).transpose()?;
+    let info = library.as_ref().unwrap_or(&info);
     let mut out = String::new();
-    for site in sites(&spec, &info)? {
+    for site in sites(&spec, info)? {
         let (symbol, offset) = info.symbol_at(site.addr).unwrap_or(("?", 0));
         let inlined = if site.inlined { format!(", inlined copy of {}", site.function) } else { String::new() };
         out.push_str(&format!(
