@@ -236,20 +236,26 @@ fn rust_str_and_slices_by_length_and_first_element() {
     );
 }
 
+/// `targets/source_cxx.cpp` built with `-g` and `opt`.
+fn cxx_program(opt: &str) -> PathBuf {
+    common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()])
+}
+
+/// The events of one run of a spec on `program`, which must print what the first calls see.
+fn cxx_events(name: &str, spec: &str, program: &Path) -> Vec<String> {
+    let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `items` is argc + 2 = 4 (the program and one argument), `boxes` argc + 4.
+    assert!(stdout.starts_with("weigh items=4 extra=0 total=40\ncrate boxes=6 extra=0 total=600\n"), "{stdout}");
+    text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
+}
+
 #[test]
 fn a_cxx_member_function_by_its_lines_with_this() {
-    let build =
-        |opt: &str| common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()]);
-    let lines = |name: &str, spec: &str, program: &Path| {
-        let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        // `items` is argc + 2 = 4 (the program and one argument).
-        assert!(stdout.starts_with("weigh items=4 extra=0 total=40\n"), "{stdout}");
-        text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
-    };
     for opt in ["-O0", "-O2"] {
-        let got = lines(&format!("cxx{opt}"), "p weigh:1 this->items extra", &build(opt));
+        let got =
+            cxx_events(&format!("cxx{opt}"), "p:weigh_L1 shop::Basket::weigh:1 this->items extra", &cxx_program(opt));
         assert_eq!(
             got,
             ["weigh_L1: this_items=4 extra=0", "weigh_L1: this_items=4 extra=1", "weigh_L1: this_items=4 extra=2"],
@@ -258,8 +264,32 @@ fn a_cxx_member_function_by_its_lines_with_this() {
     }
     // At -O2, past the entry, GCC describes `this` only by its value at the entry
     // (DW_OP_entry_value), which a probe there cannot read.
-    let got = lines("cxx-entry-value", "p weigh:2 extra this->items", &build("-O2"));
+    let got = cxx_events("cxx-entry-value", "p:weigh_L2 shop::Basket::weigh:2 extra this->items", &cxx_program("-O2"));
     assert_eq!(got[0], "weigh_L2: extra=0 this_items=(unavailable)");
+}
+
+#[test]
+fn cxx_names_by_their_namespace_and_class_and_a_site_for_each_overload() {
+    let program = cxx_program("-O2");
+    // Listed as a spec names them; the bare name matches too.
+    assert_eq!(discover(&["--funcs", "weigh"], &program), "shop::Basket::weigh\nshop::Crate::weigh\nshop::weigh\n");
+    // The bare name: a site in each class and for each overload (the first line of each).
+    let dry = discover(&["--dry-run", "p weigh:1"], &program);
+    let mut symbols: Vec<&str> = dry.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    symbols.sort();
+    assert_eq!(
+        symbols,
+        ["_ZN4shop5weighEdf", "_ZN4shop5weighEl", "_ZNK4shop5Crate5weighEi", "_ZNK4shop6Basket5weighEi"]
+    );
+    // The qualified name: that class's only.
+    let got = cxx_events("cxx-crate", "p:crate shop::Crate::weigh:1 this->boxes extra", &program);
+    assert_eq!(got, ["crate: this_boxes=6 extra=0", "crate: this_boxes=6 extra=1", "crate: this_boxes=6 extra=2"]);
+    let out = dynprobe().args(["probe", "p shop::Sack::weigh:1", "--"]).arg(&program).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "dynprobe: probe `p shop::Sack::weigh:1`: no function `shop::Sack::weigh` in the debugging information \
+         (nearest: shop::Basket::weigh, shop::Crate::weigh)"
+    );
 }
 
 #[test]

@@ -712,12 +712,16 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
     }
     let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
     if let Some(glob) = &args.funcs {
+        // By the name a spec takes: with its namespaces and classes (`shop::Basket::weigh`),
+        // matched by that or by the bare name.
+        let glob_match = |name: &str| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), name.as_bytes());
         let mut names: Vec<&str> = info
             .functions()
             .iter()
-            .filter(|f| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), f.name.as_bytes()))
-            .map(|f| f.name.as_str())
+            .filter(|f| glob_match(&f.name) || glob_match(&f.qualified_name))
+            .map(|f| f.qualified_name.as_str())
             .collect();
+        names.sort();
         names.dedup();
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());
     }

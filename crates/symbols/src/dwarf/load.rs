@@ -144,6 +144,9 @@ pub struct DebugInfo {
     /// The functions whose code (or an inlined copy) is in each unit, indexed unit by unit
     /// as lookups need them.
     pub(crate) unit_functions: Vec<OnceCell<Vec<Function>>>,
+    /// The C++/Rust scope (`ns::Class`) of each subprogram DIE declared inside namespaces,
+    /// classes or structs, unit by unit, read as names are asked for.
+    pub(crate) scopes: Vec<OnceCell<std::collections::HashMap<gimli::UnitOffset, String>>>,
     /// `.debug_aranges`: address ranges and the offset of the unit each is in, by address
     /// (read on first use).
     pub(crate) aranges: OnceCell<Vec<(u64, u64, gimli::DebugInfoOffset)>>,
@@ -242,6 +245,7 @@ impl DebugInfo {
             dwarf,
             units: headers.iter().map(|_| OnceCell::new()).collect(),
             unit_functions: headers.iter().map(|_| OnceCell::new()).collect(),
+            scopes: headers.iter().map(|_| OnceCell::new()).collect(),
             headers,
             symbols,
             eh_frame,

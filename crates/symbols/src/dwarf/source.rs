@@ -52,6 +52,9 @@ impl std::fmt::Display for SourcePoint {
 pub struct Function {
     /// Its name (as the source spells it).
     pub name: String,
+    /// Its name with the namespaces and classes it is declared in (`shop::Basket::weigh`,
+    /// a Rust `crate::module::function`); the name alone at file scope.
+    pub qualified_name: String,
     /// The file it is declared in (full path as the compiler saw it).
     pub file: String,
     /// Its declaration line (the line of its name).
@@ -201,7 +204,12 @@ impl DebugInfo {
                     Some(&i) => i,
                     None => {
                         let Some((name, file, line)) = self.name_of(ou, origin) else { continue };
+                        let qualified_name = match self.scope_of(ou, origin) {
+                            Some(scope) => format!("{scope}::{name}"),
+                            None => name.clone(),
+                        };
                         functions.push(Function {
+                            qualified_name,
                             name,
                             file,
                             line,
@@ -303,6 +311,68 @@ impl DebugInfo {
         Some((name?, file.unwrap_or_default(), line.unwrap_or(0)))
     }
 
+    /// The namespaces and classes the subprogram DIE at `offset` of unit `u` is declared
+    /// in, joined by `::`, if any.
+    fn scope_of(&self, u: usize, offset: UnitOffset) -> Option<&str> {
+        let scopes = self.scopes.get(u)?.get_or_init(|| {
+            let mut out = std::collections::HashMap::new();
+            if let Some(unit) = self.unit(u) {
+                // A damaged unit gives the scopes read before the damage.
+                let _ = self.read_scopes(unit, &mut out);
+            }
+            out
+        });
+        scopes.get(&offset).map(String::as_str)
+    }
+
+    /// One pass over a unit's DIEs reading only the names of namespaces, classes, structs
+    /// and unions (each subprogram inside them gets their path), skipping everything else.
+    fn read_scopes(
+        &self,
+        unit: &gimli::Unit<R>,
+        out: &mut std::collections::HashMap<UnitOffset, String>,
+    ) -> gimli::Result<()> {
+        let mut raw = unit.entries_raw(None)?;
+        let mut stack: Vec<(isize, String)> = Vec::new();
+        while !raw.is_empty() {
+            let depth = raw.next_depth();
+            let offset = raw.next_offset();
+            let Some(abbrev) = raw.read_abbreviation()? else { continue };
+            while stack.last().is_some_and(|(d, _)| *d >= depth) {
+                stack.pop();
+            }
+            match abbrev.tag() {
+                gimli::DW_TAG_namespace
+                | gimli::DW_TAG_class_type
+                | gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_union_type => {
+                    let mut name = None;
+                    for spec in abbrev.attributes() {
+                        let attr = raw.read_attribute(*spec)?;
+                        if attr.name() == gimli::DW_AT_name {
+                            name = self.string(unit, attr.value());
+                        }
+                    }
+                    let name = name.unwrap_or_else(|| match abbrev.tag() {
+                        gimli::DW_TAG_namespace => "(anonymous namespace)".into(),
+                        _ => "(anonymous)".into(),
+                    });
+                    if abbrev.has_children() {
+                        stack.push((depth, name));
+                    }
+                }
+                tag => {
+                    if tag == gimli::DW_TAG_subprogram && !stack.is_empty() {
+                        let path: Vec<&str> = stack.iter().map(|(_, n)| n.as_str()).collect();
+                        out.insert(offset, path.join("::"));
+                    }
+                    raw.skip_attributes(abbrev.attributes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A string attribute's text.
     pub(crate) fn string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
         let s = self.dwarf.attr_string(unit, value).ok()?;
@@ -368,7 +438,12 @@ impl DebugInfo {
     /// header, or split among units by link-time optimization). A name no symbol has (a
     /// function that exists only inlined) is looked for in every unit.
     pub fn find_functions(&self, name: &str, file: Option<&str>) -> Result<Vec<&Function>, DwarfError> {
-        let matches = |f: &&Function| f.name == name && file.is_none_or(|w| file_matches(&f.file, w));
+        // `ns::Class::method` by the path it is declared in, `method` in any scope.
+        let qualified = name.contains("::");
+        let matches = |f: &&Function| {
+            (if qualified { f.qualified_name == name } else { f.name == name })
+                && file.is_none_or(|w| file_matches(&f.file, w))
+        };
         let mut found: Vec<&Function> = match self.functions.get() {
             Some(all) => all.iter().filter(matches).collect(),
             None => self.find_functions_lazily(name, &matches),
@@ -377,7 +452,8 @@ impl DebugInfo {
             found = self.functions().iter().filter(matches).collect();
         }
         if found.is_empty() {
-            let suggestions = crate::error::suggest(name, self.functions().iter().map(|f| f.name.as_str()));
+            let names = self.functions().iter().map(|f| if qualified { &f.qualified_name } else { &f.name });
+            let suggestions = crate::error::suggest(name, names.map(String::as_str));
             let shown = match file {
                 Some(file) => format!("{name}@{file}"),
                 None => name.to_string(),
