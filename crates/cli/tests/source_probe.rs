@@ -203,7 +203,7 @@ fn rust_program() -> &'static Path {
 }
 
 #[test]
-fn rust_str_and_slices_by_length_and_first_element() {
+fn rust_str_slices_string_vec_and_option() {
     let (out, text) =
         probe_to_file("rust", &[], &["p weigh:1 name count list", "r:weigh ret=$retval"], rust_program(), "3");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -211,8 +211,9 @@ fn rust_str_and_slices_by_length_and_first_element() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout,
-        "weigh name=apple count=0 len=1 first=7 total=6\nweigh name=kiwi count=1 len=2 first=7 total=7\n\
-         weigh name=banana count=2 len=3 first=7 total=11\n"
+        "weigh name=apple count=0 len=1 first=7 total=6\npack label=box0 sizes=[0] limit=None n=5\n\
+         weigh name=kiwi count=1 len=2 first=7 total=7\npack label=box1 sizes=[0, 3] limit=Some(7) n=13\n\
+         weigh name=banana count=2 len=3 first=7 total=11\npack label=box2 sizes=[0, 3, 6] limit=None n=7\n"
     );
     let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
     // A `&str` is its bytes up to its length (the program's strings are not NUL-terminated).
@@ -225,6 +226,20 @@ fn rust_str_and_slices_by_length_and_first_element() {
             "weigh__return: ret=7",
             "weigh_L1: name=\"banana\" count=2 list_len=3 list_0=7",
             "weigh__return: ret=11",
+        ]
+    );
+    // A `String` as its text, a `Vec` as its length and the elements below it, an `Option`
+    // of a scalar as `Some(v)` or `None` (line 2: rustc stores the payload after line 1's
+    // first instruction, though its DWARF places it there from the start).
+    let (out, text) = probe_to_file("rust-owned", &[], &["p pack:2 label sizes limit"], rust_program(), "3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(
+        got,
+        [
+            "pack_L2: label=\"box0\" sizes_len=1 sizes_0=0 limit=None",
+            "pack_L2: label=\"box1\" sizes_len=2 sizes_0=0 sizes_1=3 limit=Some(7)",
+            "pack_L2: label=\"box2\" sizes_len=3 sizes_0=0 sizes_1=3 sizes_2=6 limit=None",
         ]
     );
     // At the entry rustc's frame (based on rsp) is not made yet: the reason, not a wrong value.

@@ -33,6 +33,21 @@ enum Render {
     Float,
     /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
     CutTo(String),
+    /// Element `index` of a Rust `Vec`, shown only when it is below the length in the
+    /// named field (the memory past it is the vector's spare capacity), as `inner` shows it.
+    Element {
+        length: String,
+        index: u64,
+        inner: Option<Box<Render>>,
+    },
+    /// The payload of a Rust enum's variant (`Option<u32>`'s `Some`): `Some(7)` when the tag
+    /// in the named field selects it, else the name of the variant the tag selects (`None`).
+    Variant {
+        tag: String,
+        payload: (u64, String),
+        variants: Vec<(u64, String)>,
+        inner: Option<Box<Render>>,
+    },
 }
 
 /// What the printer adds to events of lowered specs.
@@ -100,6 +115,32 @@ pub(crate) fn shown<'a>(event: &str, args: &[(&'a str, &'a str)]) -> Vec<(String
     for (name, value) in args {
         let render = renderings.fields.get(&(event.to_string(), name.to_string()));
         let shown = match render {
+            Some(Render::Element { length, index, inner }) => {
+                let below = value_of(length).and_then(|v| v.parse::<u64>().ok()).is_some_and(|l| *index < l);
+                if !below {
+                    hidden.push(*name);
+                }
+                match inner {
+                    Some(inner) => render_value(inner, value).map_or(Shown::Raw(value), Shown::Typed),
+                    None => Shown::Raw(value),
+                }
+            }
+            Some(Render::Variant { tag, payload, variants, inner }) => {
+                hidden.push(tag.as_str());
+                let selected = value_of(tag).and_then(|v| v.parse::<u64>().ok());
+                let text = match selected {
+                    Some(t) if t == payload.0 => {
+                        let value = inner.as_ref().and_then(|r| render_value(r, value)).unwrap_or(value.to_string());
+                        format!("{}({value})", payload.1)
+                    }
+                    Some(t) => match variants.iter().find(|(d, _)| *d == t) {
+                        Some((_, name)) => name.clone(),
+                        None => format!("(tag {t})"),
+                    },
+                    None => value.to_string(),
+                };
+                Shown::Typed(text)
+            }
             Some(Render::CutTo(length_field)) => {
                 hidden.push(length_field.as_str());
                 let length = value_of(length_field).and_then(|v| v.parse::<usize>().ok());
@@ -159,7 +200,7 @@ fn render_value(render: &Render, value: &str) -> Option<String> {
                 _ => format!("{}", f64::from_bits(bits)),
             }
         }
-        Render::CutTo(_) => return None,
+        Render::CutTo(_) | Render::Element { .. } | Render::Variant { .. } => return None,
     })
 }
 
@@ -533,6 +574,9 @@ fn typed(
             let Fetch::Deref { offset, base } = fetch else {
                 return Err(format!("field `{name}`: the struct is in a register here; name its members"));
             };
+            if let Some(fields) = rust_value(name, struct_ty, &members, offset, &base, info)? {
+                return Ok(fields);
+            }
             let fetches = members
                 .into_iter()
                 .map(|m| {
@@ -591,6 +635,107 @@ fn struct_fields(
         }
     }
     Ok(out)
+}
+
+/// How many elements of a Rust `Vec` a value shows (those below its length).
+const VEC_ELEMENTS: u64 = 3;
+
+/// The fields of a Rust `String`, `Vec<T>` or enum with a tag (`Option<u32>`) in memory at
+/// `offset` from `base`'s value: a `String` as its text cut to its length, a `Vec` as its
+/// length and first elements, an `Option` of a scalar as `Some(v)` or `None` (other enums
+/// as their variant's name). `None` for any other struct.
+fn rust_value(
+    name: &str,
+    ty: TypeRef,
+    members: &[Member],
+    offset: i64,
+    base: &Fetch,
+    info: &DebugInfo,
+) -> Result<Option<Vec<LoweredArg>>, String> {
+    let at = |off: u64| Fetch::Deref { offset: offset + off as i64, base: Box::new(base.clone()) };
+    let unsigned = |bytes: u64| {
+        let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
+        FetchType::Int(IntType { format: Format::Unsigned, bits })
+    };
+    if let Some(variants) = info.variants(ty) {
+        let tag_field = format!("{name}_tag");
+        let tag_fetch = at(variants.tag_offset);
+        let names: Vec<(u64, String)> =
+            variants.variants.iter().filter_map(|v| Some((v.discr?, v.name.clone()))).collect();
+        let with_payload: Vec<_> = variants.variants.iter().filter(|v| !v.fields.is_empty()).collect();
+        if let [variant] = with_payload.as_slice() {
+            if let (Some(discr), [field]) = (variant.discr, variant.fields.as_slice()) {
+                let payload = typed(name, at(field.offset), Some(field.ty), info, 1)?;
+                if let [(_, Ok(fetch), fetch_ty, inner)] = payload.as_slice() {
+                    let render = Render::Variant {
+                        tag: tag_field.clone(),
+                        payload: (discr, variant.name.clone()),
+                        variants: names,
+                        inner: inner.clone().map(Box::new),
+                    };
+                    let tag = (tag_field, Ok(tag_fetch), unsigned(variants.tag_size), None);
+                    return Ok(Some(vec![(name.to_string(), Ok(fetch.clone()), *fetch_ty, Some(render)), tag]));
+                }
+            }
+        }
+        // Any other enum: the name of its variant.
+        let names = names.into_iter().map(|(d, n)| (d as i64, n)).collect();
+        return Ok(Some(vec![(
+            name.to_string(),
+            Ok(tag_fetch),
+            unsigned(variants.tag_size),
+            Some(Render::Enum(names)),
+        )]));
+    }
+    let member = |name: &str| members.iter().find(|m| m.name == name);
+    // `String { vec: Vec<u8> }`: its bytes, cut to its length when printed.
+    if let (Some(vec), 1) = (member("vec"), members.len()) {
+        let TypeKind::Struct(inner) = info.type_of(vec.ty).kind else { return Ok(None) };
+        let Some((data, length)) = vec_layout(&inner, info) else { return Ok(None) };
+        let length_field = format!("{name}_len");
+        let text = Fetch::Deref { offset: 0, base: Box::new(at(vec.offset + data)) };
+        let length = (length_field.clone(), Ok(at(vec.offset + length)), FetchType::Int(IntType::U64), None);
+        return Ok(Some(vec![
+            (name.to_string(), Ok(text), FetchType::String, Some(Render::CutTo(length_field))),
+            length,
+        ]));
+    }
+    // `Vec<T> { buf, len }`: its length and first elements (the element type from `T`).
+    let Some((data, length)) = vec_layout(members, info) else { return Ok(None) };
+    let Some((_, element)) = info.type_parameters(ty).into_iter().find(|(n, _)| n == "T") else { return Ok(None) };
+    let size = info.type_of(element).size.max(1);
+    let length_field = format!("{name}_len");
+    let mut out = vec![(length_field.clone(), Ok(at(length)), FetchType::Int(IntType::U64), None)];
+    if fetch_depth(&at(data)) < MAX_DEREF {
+        for index in 0..VEC_ELEMENTS {
+            let fetch = Fetch::Deref { offset: (index * size) as i64, base: Box::new(at(data)) };
+            for (field, fetch, fetch_ty, inner) in typed(&format!("{name}_{index}"), fetch, Some(element), info, 1)? {
+                let render = Render::Element { length: length_field.clone(), index, inner: inner.map(Box::new) };
+                out.push((field, fetch, fetch_ty, Some(render)));
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Where a Rust `Vec`'s data pointer and length are in it: `len`, and the first pointer
+/// inside `buf` (`RawVec` → `RawVecInner` → `Unique` → `NonNull` → the pointer, in the
+/// standard library of the time; searched for rather than spelled out).
+fn vec_layout(members: &[Member], info: &DebugInfo) -> Option<(u64, u64)> {
+    let buf = members.iter().find(|m| m.name == "buf")?;
+    let len = members.iter().find(|m| m.name == "len")?;
+    Some((buf.offset + first_pointer(buf.ty, info, 0)?, len.offset))
+}
+
+/// The offset of the first pointer inside a value of type `ty`, looking into structs.
+fn first_pointer(ty: TypeRef, info: &DebugInfo, depth: usize) -> Option<u64> {
+    match info.type_of(ty).kind {
+        TypeKind::Pointer(_) => Some(0),
+        TypeKind::Struct(members) if depth < 8 => {
+            members.iter().find_map(|m| Some(m.offset + first_pointer(m.ty, info, depth + 1)?))
+        }
+        _ => None,
+    }
 }
 
 fn one_string(name: &str, fetch: Fetch) -> Result<Vec<LoweredArg>, String> {

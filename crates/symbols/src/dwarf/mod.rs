@@ -32,7 +32,7 @@ use std::path::PathBuf;
 
 pub use load::{debug_roots, DebugInfo, CACHE_DIR_ENV, DEBUG_DIRS_ENV};
 pub use source::{Function, SourcePoint, SourceSite};
-pub use vars::{Access, Member, Piece, Place, Type, TypeKind, TypeRef, VarError, Variable};
+pub use vars::{Access, Member, Piece, Place, Type, TypeKind, TypeRef, VarError, Variable, Variant, Variants};
 
 /// Why debugging information could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -189,6 +189,30 @@ pub struct Member {
     pub ty: TypeRef,
 }
 
+/// A Rust enum's tag and variants (`DW_TAG_variant_part`, DWARF 5 section 5.7.10), as rustc
+/// describes `Option<u32>`: a discriminant member, then one `DW_TAG_variant` per variant
+/// with the tag value that selects it and a member whose struct holds its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variants {
+    /// Bytes from the start of the value to the tag.
+    pub tag_offset: u64,
+    /// The tag's size in bytes.
+    pub tag_size: u64,
+    /// Each variant.
+    pub variants: Vec<Variant>,
+}
+
+/// One variant of a Rust enum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Its name (`Some`).
+    pub name: String,
+    /// The tag value that selects it; `None` for the default variant.
+    pub discr: Option<u64>,
+    /// Its fields (`__0`), offsets from the start of the whole value.
+    pub fields: Vec<Member>,
+}
+
 /// A variable or parameter visible at a site.
 #[derive(Debug, Clone)]
 pub struct Variable {
@@ -705,6 +729,76 @@ impl DebugInfo {
         }
     }
 
+    /// The tag and variants of a Rust enum type with an explicit tag (`Option<u32>`); `None`
+    /// for any other type, and for enums whose tag is folded into a field's unused values
+    /// (`Option<&T>`, which has no discriminant member).
+    pub fn variants(&self, ty: TypeRef) -> Option<Variants> {
+        let unit = self.unit(ty.unit)?;
+        let mut tree = unit.entries_tree(Some(ty.die)).ok()?;
+        let root = tree.root().ok()?;
+        let mut children = root.children();
+        while let Ok(Some(part)) = children.next() {
+            if part.entry().tag() != gimli::DW_TAG_variant_part {
+                continue;
+            }
+            let discr = match part.entry().attr_value(gimli::DW_AT_discr)? {
+                AttributeValue::UnitRef(offset) => offset,
+                _ => return None,
+            };
+            let mut out = Variants { tag_offset: 0, tag_size: 0, variants: Vec::new() };
+            let mut found_tag = false;
+            let mut inner = part.children();
+            while let Ok(Some(node)) = inner.next() {
+                let entry = node.entry().clone();
+                match entry.tag() {
+                    gimli::DW_TAG_member if entry.offset() == discr => {
+                        out.tag_offset = member_offset(&entry);
+                        out.tag_size = self.type_attr(ty.unit, &entry).map_or(0, |t| self.type_of(t).size);
+                        found_tag = true;
+                    }
+                    gimli::DW_TAG_variant => {
+                        let value = entry.attr_value(gimli::DW_AT_discr_value).and_then(|v| v.udata_value());
+                        let mut members = node.children();
+                        while let Ok(Some(member)) = members.next() {
+                            let member = member.entry();
+                            if member.tag() != gimli::DW_TAG_member {
+                                continue;
+                            }
+                            let name = member.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
+                            let Some(variant) = self.type_attr(ty.unit, member) else { continue };
+                            let base = member_offset(member);
+                            let fields = self
+                                .members(variant.unit, variant.die)
+                                .into_iter()
+                                .map(|m| Member { offset: base + m.offset, ..m })
+                                .collect();
+                            out.variants.push(Variant { name: name.unwrap_or_default(), discr: value, fields });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return found_tag.then_some(out);
+        }
+        None
+    }
+
+    /// The types of a generic type's parameters (`DW_TAG_template_type_param`), by name:
+    /// `T` of a Rust `Vec<T>`.
+    pub fn type_parameters(&self, ty: TypeRef) -> Vec<(String, TypeRef)> {
+        let Some(unit) = self.unit(ty.unit) else { return Vec::new() };
+        let mut out = Vec::new();
+        self.children(ty.unit, ty.die, |e| {
+            if e.tag() == gimli::DW_TAG_template_type_parameter {
+                let name = e.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v)).unwrap_or_default();
+                if let Some(t) = self.type_attr(ty.unit, e) {
+                    out.push((name, t));
+                }
+            }
+        });
+        out
+    }
+
     fn enumerators(&self, u: usize, die: UnitOffset) -> Vec<(i64, String)> {
         let Some(unit) = self.unit(u) else { return Vec::new() };
         let mut out = Vec::new();
@@ -763,6 +857,11 @@ impl DebugInfo {
         let entry = unit.entry(f.die).ok()?;
         self.type_attr(f.unit, &entry)
     }
+}
+
+/// A member's `DW_AT_data_member_location` as a constant (0 when absent).
+fn member_offset(entry: &gimli::DebuggingInformationEntry<R>) -> u64 {
+    entry.attr_value(gimli::DW_AT_data_member_location).and_then(|v| v.udata_value()).unwrap_or(0)
 }
 
 fn find_member<'m>(members: &'m [Member], name: &str, what: &str) -> Result<&'m Member, VarError> {
