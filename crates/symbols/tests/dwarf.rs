@@ -252,3 +252,35 @@ fn debians_compressed_debug_file_is_inflated_once_into_the_cache() {
     assert_eq!(resolve(), first);
     std::env::remove_var(dynprobe_symbols::dwarf::CACHE_DIR_ENV);
 }
+
+#[test]
+fn split_dwarf_in_dwo_files_and_in_a_dwp_package() {
+    for (name, version) in [("src-split", "-gdwarf-5"), ("src-split-dwarf4", "-gdwarf-4")] {
+        // The binary keeps skeleton units and the line table; the DIEs are in a .dwo file
+        // beside it, named in the skeleton.
+        let binary = build(name, &["-O2", version, "-gsplit-dwarf"]);
+        let dir = binary.parent().unwrap();
+        // gcc names it after the output and the source when it compiles and links at once.
+        let dwo = dir.join(format!("{name}-source.dwo"));
+        assert!(dwo.is_file(), "no {}", dwo.display());
+        check(&DebugInfo::open_in(&binary, &[]).unwrap(), true);
+
+        // Packaged (`llvm-dwp`, as a distribution would ship it), the .dwo gone.
+        let package = PathBuf::from(format!("{}.dwp", binary.display()));
+        let status = Command::new("llvm-dwp-14")
+            .arg("-e")
+            .arg(&binary)
+            .arg("-o")
+            .arg(&package)
+            .status()
+            .expect("run llvm-dwp-14 (scripts/setup installs llvm-14; GNU dwp cannot read DWARF 5)");
+        assert!(status.success(), "llvm-dwp failed");
+        std::fs::remove_file(&dwo).unwrap();
+        check(&DebugInfo::open_in(&binary, &[]).unwrap(), true);
+
+        // Neither: the skeleton alone has lines but no functions.
+        std::fs::remove_file(&package).unwrap();
+        let err = DebugInfo::open_in(&binary, &[]).unwrap().find_functions("handle", None).unwrap_err();
+        assert!(matches!(err, DwarfError::UnknownFunction { .. }), "{err}");
+    }
+}

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use gimli::LittleEndian;
+use gimli::{LittleEndian, Reader as _};
 use object::{Object, ObjectSection};
 
 use super::source::Function;
@@ -132,7 +132,12 @@ pub struct DebugInfo {
     /// The header of each unit, in `.debug_info` order: read when the file is opened (a
     /// few bytes a unit), the unit itself parsed only when asked for ([`DebugInfo::unit`]).
     pub(crate) headers: Vec<gimli::UnitHeader<R>>,
-    units: Vec<OnceCell<Option<gimli::Unit<R>>>>,
+    units: Vec<OnceCell<Option<Loaded>>>,
+    /// The split units read so far (`-gsplit-dwarf`), by DWO id: the index of their
+    /// skeleton's unit.
+    dwo_units: std::cell::RefCell<std::collections::HashMap<u64, usize>>,
+    /// The DWARF package (`.dwp`) beside the debug file, if there is one (looked for once).
+    dwp: OnceCell<Option<gimli::DwarfPackage<R>>>,
     /// Function symbols of the binary and the debug file, by address.
     pub(crate) symbols: Vec<RawSymbol>,
     /// `.eh_frame` of the binary (and its address), for the CFA at an address.
@@ -244,6 +249,8 @@ impl DebugInfo {
             debug_file: debug_file.to_path_buf(),
             dwarf,
             units: headers.iter().map(|_| OnceCell::new()).collect(),
+            dwo_units: Default::default(),
+            dwp: OnceCell::new(),
             unit_functions: headers.iter().map(|_| OnceCell::new()).collect(),
             scopes: headers.iter().map(|_| OnceCell::new()).collect(),
             headers,
@@ -257,8 +264,81 @@ impl DebugInfo {
 
     /// Unit `u`, parsed on first use (its abbreviations, root and line-program header);
     /// `None` when it is malformed (its functions are then not found, as if it had none).
+    ///
+    /// A skeleton unit (`-gsplit-dwarf`) is replaced by its split unit, from the DWARF
+    /// package `FILE.dwp` beside the debug file, else from its `.dwo` file (named by
+    /// `DW_AT_dwo_name`, relative to its compilation directory, else beside the binary), as
+    /// gdb looks for them; without either, the skeleton stays: lines without functions.
     pub(crate) fn unit(&self, u: usize) -> Option<&gimli::Unit<R>> {
-        self.units.get(u)?.get_or_init(|| self.dwarf.unit(self.headers[u].clone()).ok()).as_ref()
+        self.units.get(u)?.get_or_init(|| self.load_unit(u)).as_ref().map(|l| &l.unit)
+    }
+
+    fn load_unit(&self, u: usize) -> Option<Loaded> {
+        let unit = self.dwarf.unit(self.headers[u].clone()).ok()?;
+        let skeleton = !matches!(unit.header.type_(), gimli::UnitType::SplitCompilation(_));
+        if let (Some(id), true) = (unit.dwo_id, skeleton) {
+            if let Some(split) = self.split_dwarf(&unit, id) {
+                if let Some(loaded) = split_unit(&unit, split) {
+                    self.dwo_units.borrow_mut().insert(id.0, u);
+                    return Some(loaded);
+                }
+            }
+        }
+        Some(Loaded { unit, split: None })
+    }
+
+    /// The DWARF of the split unit `id` of `skeleton`: from the package, else its `.dwo`.
+    fn split_dwarf(&self, skeleton: &gimli::Unit<R>, id: gimli::DwoId) -> Option<gimli::Dwarf<R>> {
+        let dwp = self.dwp.get_or_init(|| {
+            let mut path = self.debug_file.clone().into_os_string();
+            path.push(".dwp");
+            let mut binary_dwp = self.binary.clone().into_os_string();
+            binary_dwp.push(".dwp");
+            [PathBuf::from(path), PathBuf::from(binary_dwp)].iter().find_map(|p| load_dwp(p))
+        });
+        if let Some(dwp) = dwp {
+            if let Ok(Some(dwarf)) = dwp.find_cu(id, &self.dwarf) {
+                return Some(dwarf);
+            }
+        }
+        let name = skeleton.dwo_name().ok().flatten().and_then(|v| self.dwarf.attr_string(skeleton, v).ok())?;
+        let name = PathBuf::from(name.to_string_lossy().ok()?.into_owned());
+        let comp_dir = skeleton.comp_dir.as_ref().and_then(|d| d.to_string_lossy().ok()).map(|d| PathBuf::from(&*d));
+        let mut candidates = vec![match &comp_dir {
+            Some(dir) => dir.join(&name),
+            None => name.clone(),
+        }];
+        if let (Some(dir), Some(file)) = (self.binary.parent(), name.file_name()) {
+            candidates.push(dir.join(file));
+        }
+        candidates.iter().find_map(|path| {
+            let data = Bytes::map(path).ok()?;
+            let file = object::File::parse(&*data).ok()?;
+            let mut dwarf = gimli::Dwarf::load(|id: gimli::SectionId| -> Result<R, ()> {
+                let section = id.dwo_name().and_then(|name| file.section_by_name(name)).and_then(|s| s.file_range());
+                let bytes = section.map_or_else(|| Bytes::heap(Vec::new()), |(offset, size)| data.slice(offset, size));
+                Ok(gimli::EndianReader::new(bytes, LittleEndian))
+            })
+            .ok()?;
+            dwarf.make_dwo(&self.dwarf);
+            Some(dwarf)
+        })
+    }
+
+    /// The sections attributes of `unit`'s DIEs are read from: its split DWARF's for a
+    /// split unit, else the file's.
+    pub(crate) fn dwarf_for(&self, unit: &gimli::Unit<R>) -> &gimli::Dwarf<R> {
+        // A DWARF 4 (GNU) split unit's header does not say it is one: the unit is the one
+        // read in place of the skeleton of its DWO id, or is that skeleton.
+        if let Some(id) = unit.dwo_id {
+            let u = self.dwo_units.borrow().get(&id.0).copied();
+            if let Some(Some(Loaded { unit: split, split: Some(dwarf) })) = u.and_then(|u| self.units[u].get()) {
+                if std::ptr::eq(split, unit) {
+                    return dwarf;
+                }
+            }
+        }
+        &self.dwarf
     }
 
     /// How many compilation units the DWARF has.
@@ -291,6 +371,46 @@ impl DebugInfo {
             + d.debug_str.reader().len()
             + d.debug_line_str.reader().len()
     }
+}
+
+/// A unit as read: a skeleton's split unit comes with the DWARF it was read from.
+struct Loaded {
+    unit: gimli::Unit<R>,
+    split: Option<Box<gimli::Dwarf<R>>>,
+}
+
+/// The split unit of `skeleton` in `dwarf` (a `.dwo` file's or a package's), with what the
+/// skeleton holds for it: its base address and address table (`copy_relocated_attributes`),
+/// its compilation directory, and the line table, whose rows only the skeleton has (the
+/// split unit's is a header for the files its DIEs name, the same file list GCC writes in
+/// both).
+fn split_unit(skeleton: &gimli::Unit<R>, dwarf: gimli::Dwarf<R>) -> Option<Loaded> {
+    let header = dwarf.units().next().ok()??;
+    let mut unit = dwarf.unit(header).ok()?;
+    unit.copy_relocated_attributes(skeleton);
+    if unit.comp_dir.is_none() {
+        unit.comp_dir = skeleton.comp_dir.clone();
+    }
+    if skeleton.line_program.is_some() {
+        unit.line_program = skeleton.line_program.clone();
+    }
+    Some(Loaded { unit, split: Some(Box::new(dwarf)) })
+}
+
+/// The DWARF package at `path`, if there is one.
+fn load_dwp(path: &Path) -> Option<gimli::DwarfPackage<R>> {
+    let data = Bytes::map(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let empty = gimli::EndianReader::new(Bytes::heap(Vec::new()), LittleEndian);
+    gimli::DwarfPackage::load(
+        |id: gimli::SectionId| -> Result<R, gimli::Error> {
+            let section = id.dwo_name().and_then(|name| file.section_by_name(name)).and_then(|s| s.file_range());
+            let bytes = section.map_or_else(|| Bytes::heap(Vec::new()), |(offset, size)| data.slice(offset, size));
+            Ok(gimli::EndianReader::new(bytes, LittleEndian))
+        },
+        empty,
+    )
+    .ok()
 }
 
 /// Whether the file has a `.debug_info` with something in it (a stripped binary may keep

@@ -20,8 +20,9 @@
 //! up front: a function is found through the symbol table and `.debug_aranges` (else the
 //! units' own address ranges), and only the units holding its code — and those whose line
 //! tables name its file, where copies of it may be inlined — are read
-//! ([`DebugInfo::find_functions`]); `--funcs` alone reads every unit. Split DWARF (`.dwo`/`.dwp`) is not followed: such a
-//! unit is reported as having no lines.
+//! ([`DebugInfo::find_functions`]); `--funcs` alone reads every unit. Split DWARF
+//! (`-gsplit-dwarf`, DWARF 4 and 5): a skeleton unit is read from the package `FILE.dwp`
+//! beside it, else from its `.dwo`.
 
 mod load;
 mod source;

@@ -224,7 +224,8 @@ impl DebugInfo {
                         functions.len() - 1
                     }
                 };
-                let address = |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                let address =
+                    |at| entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten());
                 if tag == gimli::DW_TAG_subprogram {
                     if !ranges.is_empty() {
                         // The definition's own line: a C++ member defined outside its class
@@ -244,8 +245,9 @@ impl DebugInfo {
                     // DW_AT_entry_pc is the first instruction of the copy even when it lies in
                     // an empty range (GCC merges a copy's code into its caller's and leaves a
                     // zero-length range at the place it would start); else the low end.
-                    let address =
-                        |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                    let address = |at| {
+                        entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                    };
                     let entry_pc = address(gimli::DW_AT_entry_pc)
                         .or_else(|| address(gimli::DW_AT_low_pc))
                         .or_else(|| ranges.iter().map(|r| r.0).min());
@@ -266,7 +268,7 @@ impl DebugInfo {
     /// The address ranges of a DIE (empty when it has none or they are malformed).
     pub(crate) fn ranges(&self, unit: &gimli::Unit<R>, entry: &gimli::DebuggingInformationEntry<R>) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        if let Ok(mut ranges) = self.dwarf.die_ranges(unit, entry) {
+        if let Ok(mut ranges) = self.dwarf_for(unit).die_ranges(unit, entry) {
             while let Ok(Some(r)) = ranges.next() {
                 if r.begin <= r.end && r.begin != 0 {
                     out.push((r.begin, r.end));
@@ -375,6 +377,13 @@ impl DebugInfo {
 
     /// A string attribute's text.
     pub(crate) fn string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
+        let s = self.dwarf_for(unit).attr_string(unit, value).ok()?;
+        Some(s.to_string_lossy().ok()?.into_owned())
+    }
+
+    /// A string of a unit's line-table header: in the file's own sections, where the line
+    /// table is even for a split unit (its skeleton's).
+    fn line_string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
         let s = self.dwarf.attr_string(unit, value).ok()?;
         Some(s.to_string_lossy().ok()?.into_owned())
     }
@@ -383,11 +392,11 @@ impl DebugInfo {
     pub(crate) fn file_name(&self, unit: &gimli::Unit<R>, index: u64) -> Option<String> {
         let header = unit.line_program.as_ref()?.header();
         let file = header.file(index)?;
-        let name = self.string(unit, file.path_name())?;
+        let name = self.line_string(unit, file.path_name())?;
         if name.starts_with('/') {
             return Some(normalize(&name));
         }
-        let dir = file.directory(header).and_then(|d| self.string(unit, d)).unwrap_or_default();
+        let dir = file.directory(header).and_then(|d| self.line_string(unit, d)).unwrap_or_default();
         let dir = match (dir.starts_with('/'), &unit.comp_dir) {
             (false, Some(comp_dir)) => {
                 let comp_dir = comp_dir.to_string_lossy().ok()?.into_owned();
@@ -535,7 +544,7 @@ impl DebugInfo {
                 continue;
             }
             let Some(unit) = self.unit(u) else { continue };
-            let Ok(mut ranges) = self.dwarf.unit_ranges(unit) else { continue };
+            let Ok(mut ranges) = self.dwarf_for(unit).unit_ranges(unit) else { continue };
             while let Ok(Some(r)) = ranges.next() {
                 if r.begin < r.end && r.begin != 0 {
                     out.push((r.begin, r.end, offset));
@@ -559,7 +568,7 @@ impl DebugInfo {
                 let named = header
                     .file_names()
                     .iter()
-                    .any(|f| self.string(unit, f.path_name()).is_some_and(|n| n.rsplit('/').next() == Some(base)));
+                    .any(|f| self.line_string(unit, f.path_name()).is_some_and(|n| n.rsplit('/').next() == Some(base)));
                 let count = header.file_names().len() as u64 + 1;
                 named && (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
             })

@@ -279,8 +279,9 @@ impl DebugInfo {
                     // An inlined copy whose code merged into its caller's has only an entry
                     // address (see `Function::inlined`): a site there is in it.
                     let at_entry = || {
-                        let address =
-                            |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                        let address = |at| {
+                            entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                        };
                         entry.tag() == gimli::DW_TAG_inlined_subroutine
                             && address(gimli::DW_AT_entry_pc).or_else(|| address(gimli::DW_AT_low_pc))
                                 == Some(site.addr)
@@ -335,7 +336,7 @@ impl DebugInfo {
         let mut available = Vec::new();
         let place = match entry.attr_value(gimli::DW_AT_location) {
             Some(AttributeValue::Exprloc(expr)) => self.place(site, expr, scope),
-            Some(value) => match self.dwarf.attr_locations(unit, value) {
+            Some(value) => match self.dwarf_for(unit).attr_locations(unit, value) {
                 Ok(Some(mut list)) => {
                     let mut found = None;
                     while let Ok(Some(e)) = list.next() {
