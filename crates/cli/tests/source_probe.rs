@@ -277,10 +277,14 @@ fn a_cxx_member_function_by_its_lines_with_this() {
             "{opt}"
         );
     }
-    // At -O2, past the entry, GCC describes `this` only by its value at the entry
-    // (DW_OP_entry_value), which a probe there cannot read.
+    // At -O2, past the call of printf, GCC describes `this` only by its value at the entry
+    // (DW_OP_entry_value): rdi, reused since, and the value left only in the caller's frame.
+    // Optimized out there, and `--vars` says where it can be read.
     let got = cxx_events("cxx-entry-value", "p:weigh_L2 shop::Basket::weigh:2 extra this->items", &cxx_program("-O2"));
-    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(unavailable)");
+    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(optimized out)");
+    let vars = discover(&["--vars", "shop::Basket::weigh:2"], &cxx_program("-O2"));
+    let this = vars.lines().find(|l| l.contains(" this\t")).unwrap();
+    assert!(this.contains("\t(optimized out; available at 0x"), "{vars}");
 }
 
 #[test]

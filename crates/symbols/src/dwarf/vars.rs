@@ -340,7 +340,15 @@ impl DebugInfo {
                 Ok(Some(mut list)) => {
                     let mut found = None;
                     while let Ok(Some(e)) = list.next() {
-                        available.push((e.range.begin, e.range.end));
+                        // A value known only at the entry (`DW_OP_entry_value`) cannot be read
+                        // in the range it is given for, past the entry.
+                        let entry_only = matches!(
+                            e.data.clone().operations(unit.encoding()).next(),
+                            Ok(Some(Operation::EntryValue { .. }))
+                        );
+                        if !entry_only {
+                            available.push((e.range.begin, e.range.end));
+                        }
                         if e.range.begin <= site.addr && site.addr < e.range.end && found.is_none() {
                             found = Some(e.data);
                         }
@@ -436,11 +444,11 @@ impl DebugInfo {
                 let mut inner_ops = inner.operations(unit.encoding());
                 match (inner_ops.next(), site.entry) {
                     (Ok(Some(Operation::Register { register })), true) => Ok(Place::Register(register.0)),
-                    _ => Err(VarError::Unsupported(
-                        "only its value at the function's entry is described (DW_OP_entry_value), which is \
-                         not kept here; probe the function's entry"
-                            .into(),
-                    )),
+                    // Past the entry the register has been reused: the value is only in the
+                    // caller's frame (its DW_TAG_call_site_parameter), which depends on which
+                    // caller it was — not something a probe here can read. Optimized out
+                    // here, then, and `--vars` lists where it can still be read.
+                    _ => Err(VarError::OptimizedOut),
                 }
             }
             [Operation::Address { address }] => {
