@@ -382,6 +382,17 @@ fn source_locations_in_a_shared_library() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&libc.stdout), "p:libc___libc_free libc:__libc_free mem=%rdi:x64\n");
+    // In a running process, the library it has mapped: Debian's C library in `sleep`, which
+    // has no DWARF of its own.
+    let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let vars =
+        dynprobe().args(["probe", "--vars", "libc:__libc_free", "-p", &sleeper.id().to_string()]).output().unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(vars.status.success(), "{}", String::from_utf8_lossy(&vars.stderr));
+    let listing = String::from_utf8_lossy(&vars.stdout);
+    assert!(listing.starts_with("Available variables at libc:__libc_free (__libc_free+0x0, line "), "{listing}");
+    assert!(listing.contains("        void * mem\t%rdi\n"), "{listing}");
     // A library the program does not load is named in the refusal.
     let refused =
         dynprobe().args(["probe", "p:libnothere:handle:3 round", "--"]).arg(library_program()).output().unwrap();

@@ -855,7 +855,16 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
         }
         return Ok(out);
     }
-    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
+    // `--vars` of a location in a library reads the library's DWARF (not the program's,
+    // which may have none).
+    let vars_module = match (&args.funcs, &args.lines, &args.vars) {
+        (None, None, Some(location)) => ProbeSpec::parse(&format!("p {location}"))
+            .ok()
+            .and_then(|spec| spec.location.code().and_then(module_point))
+            .and_then(|(module, _)| module),
+        _ => None,
+    };
+    let info = open_module(Some(program), vars_module.as_deref())?;
     if let Some(glob) = &args.funcs {
         // By the name a spec takes: with its namespaces and classes (`shop::Basket::weigh`),
         // matched by that or by the bare name.
@@ -913,12 +922,8 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
     }
     let location = args.vars.as_deref().unwrap_or_default();
     let spec = ProbeSpec::parse(&format!("p {location}")).map_err(|e| format!("bad location `{location}`: {e}"))?;
-    // A location in a library reads the library's DWARF.
-    let module = spec.location.code().and_then(module_point).and_then(|(module, _)| module);
-    let library = module.map(|module| open_module(Some(program), Some(&module))).transpose()?;
-    let info = library.as_ref().unwrap_or(&info);
     let mut out = String::new();
-    for site in sites(&spec, info)? {
+    for site in sites(&spec, &info)? {
         let (symbol, offset) = info.symbol_at(site.addr).unwrap_or(("?", 0));
         let inlined = if site.inlined { format!(", inlined copy of {}", site.function) } else { String::new() };
         out.push_str(&format!(
