@@ -185,6 +185,10 @@ impl DebugInfo {
     fn index_functions(&self, units: std::ops::Range<usize>) -> Vec<Function> {
         let mut functions: Vec<Function> = Vec::new();
         let mut by_die = std::collections::HashMap::new();
+        // The end of each chain of origins, by its first link: a C++ unit has thousands of
+        // inlined copies of a few hundred functions, each DIE of a chain parsed once.
+        let mut origins: std::collections::HashMap<(usize, UnitOffset), (usize, UnitOffset)> =
+            std::collections::HashMap::new();
         for u in units {
             let Some(unit) = self.unit(u) else { continue };
             let mut offsets = Vec::new();
@@ -194,11 +198,23 @@ impl DebugInfo {
                 let Ok(entry) = unit.entry(offset) else { continue };
                 let entry = &entry;
                 let tag = entry.tag();
-                let (ou, origin) = self.origin(u, entry);
                 let ranges = self.ranges(unit, entry);
                 if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
                     continue;
                 }
+                let link = entry
+                    .attr_value(gimli::DW_AT_abstract_origin)
+                    .or_else(|| entry.attr_value(gimli::DW_AT_specification))
+                    .and_then(|v| self.reference(u, v));
+                let (ou, origin) = match link {
+                    None => (u, entry.offset()),
+                    Some(link) => *origins.entry(link).or_insert_with(|| {
+                        match self.unit(link.0).and_then(|lu| lu.entry(link.1).ok()) {
+                            Some(linked) => self.origin(link.0, &linked),
+                            None => link,
+                        }
+                    }),
+                };
                 let key = (ou, origin);
                 let index = match by_die.get(&key) {
                     Some(&i) => i,
