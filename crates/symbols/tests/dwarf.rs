@@ -195,8 +195,11 @@ fn a_lookup_reads_only_the_units_that_hold_the_function() {
     let more: Vec<PathBuf> = (0..3)
         .map(|i| {
             let file = dir.join(format!("other{i}.c"));
+            // `twice` is only out of line as GCC's clone for k = 2, `twice.constprop.0`.
             let text = format!(
-                "struct other{i} {{ int a; long b; }};\nlong other{i}(struct other{i} *o) {{ return o->a + o->b; }}\n"
+                "struct other{i} {{ int a; long b; }};\n\
+                 static __attribute__((noinline)) long twice{i}(long v, int k) {{ return v * k + {i}; }}\n\
+                 long other{i}(struct other{i} *o) {{ return twice{i}(o->a, 2) + twice{i}(o->b, 2); }}\n"
             );
             std::fs::write(&file, text).unwrap();
             file
@@ -210,6 +213,10 @@ fn a_lookup_reads_only_the_units_that_hold_the_function() {
     // A file's line reads the units whose line tables name it, and only those.
     info.resolve(&SourcePoint::FileLine { file: "other1.c".into(), line: 2 }).unwrap();
     assert_eq!(info.units_indexed(), 2);
+    // A function whose only code is a clone is found through the clone's symbol.
+    let twice = info.find_functions("twice2", None).unwrap();
+    assert!(twice.iter().any(|f| f.entry().is_some()), "{twice:?}");
+    assert_eq!(info.units_indexed(), 3);
     // `--funcs` lists every function: that alone reads all of them.
     assert!(info.functions().iter().any(|f| f.name == "other2"));
 }

@@ -508,14 +508,15 @@ impl DebugInfo {
         found
     }
 
-    /// The addresses of the function symbols named `name` (for C++ and Rust, by their
-    /// demangled name without parameters, or its last component).
+    /// The addresses of the function symbols named `name`, or GCC's clones of it (for C++
+    /// and Rust, by their demangled name without parameters, or its last component).
     fn symbol_addresses(&self, name: &str) -> Vec<u64> {
         let last = name.rsplit("::").next().unwrap_or(name);
         self.symbols
             .iter()
             .filter(|s| {
-                if s.mangled == name {
+                // GCC's clones keep the name before a dot (`parse.constprop.0`, `parse.cold`).
+                if s.mangled == name || s.mangled.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
                     return true;
                 }
                 // The mangled name spells each component of the path as it is.
