@@ -210,13 +210,15 @@ fn a_lookup_reads_only_the_units_that_hold_the_function() {
     let sites = info.resolve(&line("handle:3")).unwrap();
     info.resolve_variable(&sites[0], "req", &[Access::Arrow("path".into())]).unwrap();
     assert_eq!(info.units_indexed(), 1, "of {} units", info.unit_count());
-    // A file's line reads the units whose line tables name it, and only those.
-    info.resolve(&SourcePoint::FileLine { file: "other1.c".into(), line: 2 }).unwrap();
-    assert_eq!(info.units_indexed(), 2);
+    // A file's line reads the line tables of the units that name it, and finds its function
+    // by walking down to it, indexing none.
+    let sites = info.resolve(&SourcePoint::FileLine { file: "other1.c".into(), line: 3 }).unwrap();
+    assert_eq!(sites.iter().map(|s| (s.function.as_str(), s.entry)).collect::<Vec<_>>(), [("other1", true)]);
+    assert_eq!(info.units_indexed(), 1);
     // A function whose only code is a clone is found through the clone's symbol.
     let twice = info.find_functions("twice2", None).unwrap();
     assert!(twice.iter().any(|f| f.entry().is_some()), "{twice:?}");
-    assert_eq!(info.units_indexed(), 3);
+    assert_eq!(info.units_indexed(), 2);
     // `--funcs` lists every function: that alone reads all of them.
     assert!(info.functions().iter().any(|f| f.name == "other2"));
 }
@@ -290,4 +292,40 @@ fn split_dwarf_in_dwo_files_and_in_a_dwp_package() {
         let err = DebugInfo::open_in(&binary, &[]).unwrap().find_functions("handle", None).unwrap_err();
         assert!(matches!(err, DwarfError::UnknownFunction { .. }), "{err}");
     }
+}
+
+#[test]
+fn code_the_linker_discarded_has_no_sites() {
+    // `twice` (an inline function of a header, not inlined at -O0) is compiled into both
+    // units; `unused` is garbage-collected (`--gc-sections`), its line-table sequence left
+    // at address 0 by GNU ld. A line of the one is its kept copy, once; of the other, none.
+    let dir = common::scratch_dir("dwarf/discarded");
+    std::fs::write(dir.join("twice.h"), "inline int twice(int v) {\n    return v * 2;\n}\n").unwrap();
+    std::fs::write(
+        dir.join("a.cc"),
+        "#include \"twice.h\"\nint from_a(int v) { return twice(v) + 1; }\nint unused(int v) {\n    return v * 3;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.cc"),
+        "#include \"twice.h\"\nint from_a(int);\nint main(int argc, char **) { return twice(argc) + from_a(argc); }\n",
+    )
+    .unwrap();
+    let binary = dir.join("discarded");
+    let status = Command::new("g++")
+        .args(["-O0", "-g", "-ffunction-sections", "-Wl,--gc-sections"])
+        .arg(dir.join("a.cc"))
+        .arg(dir.join("b.cc"))
+        .arg("-o")
+        .arg(&binary)
+        .status()
+        .expect("run g++");
+    assert!(status.success());
+    let info = DebugInfo::open_in(&binary, &[]).unwrap();
+    let sites = info.resolve(&SourcePoint::FileLine { file: "twice.h".into(), line: 2 }).unwrap();
+    assert_eq!(sites.len(), 1, "{sites:?}");
+    assert_eq!(info.symbol_at(sites[0].addr).map(|(name, _)| name), Some("_Z5twicei"), "{sites:?}");
+    assert_eq!(sites[0].function, "twice");
+    let err = info.resolve(&SourcePoint::FileLine { file: "a.cc".into(), line: 4 }).unwrap_err();
+    assert!(matches!(err, DwarfError::NoCode { .. }), "{err}");
 }

@@ -152,6 +152,9 @@ pub struct DebugInfo {
     /// The C++/Rust scope (`ns::Class`) of each subprogram DIE declared inside namespaces,
     /// classes or structs, unit by unit, read as names are asked for.
     pub(crate) scopes: Vec<OnceCell<std::collections::HashMap<gimli::UnitOffset, String>>>,
+    /// The addresses of the binary's executable sections: a line-table row elsewhere is code
+    /// the linker discarded (`--gc-sections`), whose addresses GNU ld resolves near 0.
+    pub(crate) code: Vec<(u64, u64)>,
     /// `.debug_aranges`: address ranges and the offset of the unit each is in, by address
     /// (read on first use).
     pub(crate) aranges: OnceCell<Vec<(u64, u64, gimli::DebugInfoOffset)>>,
@@ -177,13 +180,19 @@ impl DebugInfo {
         let data = Bytes::map(binary).map_err(|e| file_error(binary, e.to_string()))?;
         let object = object::File::parse(&*data).map_err(|e| file_error(binary, e.to_string()))?;
         let mut symbols = elf::read_bytes(&data).map(|info| info.symbols).unwrap_or_default();
+        let code: Vec<(u64, u64)> = object
+            .sections()
+            .filter(|s| matches!(s.kind(), object::SectionKind::Text) && s.size() > 0)
+            .map(|s| (s.address(), s.address() + s.size()))
+            .collect();
+        let with_code = |info: DebugInfo| DebugInfo { code: code.clone(), ..info };
         let eh_frame = object.section_by_name(".eh_frame").and_then(|s| {
             let (offset, size) = s.file_range()?;
             Some((data.slice(offset, size), s.address()))
         });
         if has_dwarf(&object) {
             let (dwarf, debug_frame) = load_dwarf(&object, &data, binary)?;
-            return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame);
+            return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame).map(with_code);
         }
         let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
         let candidates = candidates(binary, build_id.as_deref(), debug_link(&object).as_deref(), roots);
@@ -203,7 +212,7 @@ impl DebugInfo {
                 symbols.extend(info.symbols);
             }
             let (dwarf, debug_frame) = load_dwarf(&debug, &debug_data, candidate)?;
-            return DebugInfo::finish(binary, candidate, dwarf, symbols, eh_frame, debug_frame);
+            return DebugInfo::finish(binary, candidate, dwarf, symbols, eh_frame, debug_frame).map(with_code);
         }
         // MiniDebugInfo: an ELF file with a symbol table, rarely DWARF; said in the error
         // when it is readable (a damaged one counts as none).
@@ -213,7 +222,7 @@ impl DebugInfo {
                 if has_dwarf(&inner) {
                     let (dwarf, debug_frame) = load_dwarf(&inner, &Bytes::heap(mini.clone()), binary)?;
                     symbols.extend(elf::read_bytes(&mini).map(|i| i.symbols).unwrap_or_default());
-                    return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame);
+                    return DebugInfo::finish(binary, binary, dwarf, symbols, eh_frame, debug_frame).map(with_code);
                 }
                 minidebuginfo = true;
             }
@@ -259,6 +268,7 @@ impl DebugInfo {
             debug_frame,
             functions: OnceCell::new(),
             aranges: OnceCell::new(),
+            code: Vec::new(),
         })
     }
 

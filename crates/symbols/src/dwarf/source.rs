@@ -429,14 +429,21 @@ impl DebugInfo {
         }))
     }
 
-    /// The rows of a unit's line table, in sequence order.
+    /// The rows of a unit's line table, in sequence order. Rows outside the binary's
+    /// executable sections are left out: they are the code of functions the linker
+    /// discarded (`--gc-sections`), whose addresses GNU ld resolves near 0.
     fn rows(&self, unit: &gimli::Unit<R>) -> Vec<Row> {
         let Some(program) = unit.line_program.clone() else { return Vec::new() };
         let mut rows = program.rows();
         let mut out = Vec::new();
         let mut start = true;
+        let in_code = |addr: u64| self.code.is_empty() || self.code.iter().any(|(lo, hi)| *lo <= addr && addr < *hi);
         while let Ok(Some((_, row))) = rows.next_row() {
             if row.end_sequence() {
+                start = true;
+                continue;
+            }
+            if !in_code(row.address()) {
                 start = true;
                 continue;
             }
@@ -636,7 +643,10 @@ impl DebugInfo {
                             ranges.extend(i.ranges.iter().map(|&r| (r, true)));
                         }
                         match self.line_sites(u, &f.file, wanted, Some(&ranges), Some(&f.name), &point.to_string()) {
-                            Ok(found) => sites.extend(found),
+                            Ok(found) => sites.extend(found.into_iter().map(|mut site| {
+                                site.entry = !site.inlined && f.entry() == Some(site.addr);
+                                site
+                            })),
                             Err(e) => last_error = Some(e),
                         }
                     }
@@ -702,6 +712,14 @@ impl DebugInfo {
                 reason: format!("no statement of line {line} or after it is in the line table"),
             });
         };
+        // Where no function is named, the innermost one at each place, all found in one walk.
+        let scopes = match function {
+            Some(_) => std::collections::HashMap::new(),
+            None => {
+                let addrs: Vec<u64> = rows.iter().filter(|r| r.is_stmt && r.line == chosen).map(|r| r.addr).collect();
+                self.scopes_at(u, &addrs)
+            }
+        };
         let mut sites: Vec<SourceSite> = Vec::new();
         let mut previous: Option<&Row> = None;
         for row in &rows {
@@ -714,11 +732,14 @@ impl DebugInfo {
             if sites.iter().any(|s| s.addr == row.addr) {
                 continue;
             }
-            // The function the line is in: the one named, else the innermost there.
-            let (function, inlined) = match (function, self.function_at(u, row.addr)) {
-                (Some(name), _) => (name.to_string(), inlined),
-                (None, Some((name, inline))) => (name, inlined || inline),
-                (None, None) => (String::new(), inlined),
+            // The function the line is in: the one named (whose caller says whether this is
+            // its entry), else the innermost there.
+            let (function, inlined, entry) = match function {
+                Some(name) => (name.to_string(), inlined, false),
+                None => match scopes.get(&row.addr) {
+                    Some((name, inline, entered)) => (name.clone(), inlined || *inline, *entered && !*inline),
+                    None => (String::new(), inlined, false),
+                },
             };
             sites.push(SourceSite {
                 addr: row.addr,
@@ -726,7 +747,7 @@ impl DebugInfo {
                 file: self.file_name(unit, row.file).unwrap_or_default(),
                 line: chosen,
                 inlined,
-                entry: !inlined && self.function_entered_at(row.addr).is_some(),
+                entry,
                 note: (chosen != line).then(|| format!("line {line} has no code; probed at line {chosen}")),
                 unit: u,
             });
@@ -738,25 +759,87 @@ impl DebugInfo {
     /// The innermost function (out-of-line or inlined) of unit `u` whose code is at
     /// `addr`, and whether that is an inlined copy.
     pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
-        let mut best: Option<(u64, &str, bool)> = None;
-        for f in self.unit_functions(u) {
-            let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
-                if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
-                    let _ = lo;
-                    let size: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>().max(hi - lo);
-                    if best.is_none_or(|b| size < b.0) {
-                        best = Some((size, &f.name, inlined));
+        self.scope_at(u, addr).map(|(name, inlined, _)| (name, inlined))
+    }
+
+    /// The innermost function of unit `u` whose code is at `addr`, whether it is an inlined
+    /// copy, and whether `addr` is the entry of the (out-of-line) function: found by walking
+    /// down the DIEs whose ranges contain it, without indexing the unit.
+    fn scope_at(&self, u: usize, addr: u64) -> Option<(String, bool, bool)> {
+        self.scopes_at(u, &[addr]).remove(&addr)
+    }
+
+    /// [`DebugInfo::scope_at`] for several addresses in one walk (a header's line can be
+    /// at thousands of places of one unit).
+    fn scopes_at(&self, u: usize, addrs: &[u64]) -> std::collections::HashMap<u64, (String, bool, bool)> {
+        let mut out = std::collections::HashMap::new();
+        let Some(unit) = self.unit(u) else { return out };
+        let Ok(mut tree) = unit.entries_tree(None) else { return out };
+        let Ok(root) = tree.root() else { return out };
+        // A damaged unit gives what was found before the damage.
+        let _ = self.walk_scopes(u, unit, root, addrs, 0, &mut out);
+        out
+    }
+
+    fn walk_scopes(
+        &self,
+        u: usize,
+        unit: &gimli::Unit<R>,
+        node: gimli::EntriesTreeNode<R>,
+        addrs: &[u64],
+        depth: usize,
+        out: &mut std::collections::HashMap<u64, (String, bool, bool)>,
+    ) -> gimli::Result<()> {
+        let mut children = node.children();
+        while let Some(child) = children.next()? {
+            let entry = child.entry();
+            let tag = entry.tag();
+            match tag {
+                gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine | gimli::DW_TAG_lexical_block => {
+                    let address = |at| {
+                        entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                    };
+                    let ranges = self.ranges(unit, entry);
+                    let start = address(gimli::DW_AT_entry_pc)
+                        .or_else(|| address(gimli::DW_AT_low_pc))
+                        .or_else(|| ranges.first().map(|r| r.0));
+                    // An inlined copy merged into its caller's code has only its entry (see
+                    // `Inlined::entry`).
+                    let inside: Vec<u64> = addrs
+                        .iter()
+                        .copied()
+                        .filter(|&addr| {
+                            ranges.iter().any(|(lo, hi)| *lo <= addr && addr < *hi)
+                                || (tag == gimli::DW_TAG_inlined_subroutine && start == Some(addr))
+                        })
+                        .collect();
+                    if inside.is_empty() {
+                        continue;
                     }
+                    if tag != gimli::DW_TAG_lexical_block {
+                        let (ou, origin) = self.origin(u, entry);
+                        if let Some((name, _, _)) = self.name_of(ou, origin) {
+                            let inlined = tag == gimli::DW_TAG_inlined_subroutine;
+                            for &addr in &inside {
+                                out.insert(addr, (name.clone(), inlined, !inlined && start == Some(addr)));
+                            }
+                        }
+                    }
+                    self.walk_scopes(u, unit, child, &inside, depth + 1, out)?;
                 }
-            };
-            if f.code_unit == Some(u) {
-                consider(&f.ranges, false);
-            }
-            for i in f.inlined.iter().filter(|i| i.unit == u) {
-                consider(&i.ranges, true);
+                gimli::DW_TAG_namespace
+                | gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_class_type
+                | gimli::DW_TAG_union_type
+                    if depth < 8 =>
+                {
+                    // C++ member functions are defined inside these.
+                    self.walk_scopes(u, unit, child, addrs, depth + 1, out)?;
+                }
+                _ => {}
             }
         }
-        best.map(|(_, name, inlined)| (name.to_string(), inlined))
+        Ok(())
     }
 
     /// The function whose entry is at `addr`, if any.
