@@ -93,6 +93,12 @@ fn plugin_lib() -> &'static Path {
     build(&LIB, "plugin.c", "libplugin.so", &["-O1", "-shared", "-fPIC"])
 }
 
+/// `targets/plugin.c` with its DWARF (`-g`), for source-level specs in an attached session.
+fn plugin_lib_with_dwarf() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    build(&LIB, "plugin.c", "libplugdwarf.so", &["-O1", "-g", "-shared", "-fPIC"])
+}
+
 fn dynprobe_exe() -> &'static Path {
     let exe = Path::new(env!("CARGO_BIN_EXE_dynprobe"));
     let agent = exe.with_file_name("libdynprobe_agent.so");
@@ -398,6 +404,26 @@ fn a_probe_on_a_library_loaded_later_fires_once_it_is_loaded() {
     assert_eq!(code, Some(0), "{stderr}");
     let got = events(&stdout);
     assert_eq!(got["pw"], vec![vec![worker.pid.to_string(), "7".to_string()]], "{stdout}");
+    worker.quit();
+}
+
+#[test]
+fn a_source_level_spec_in_a_library_the_process_has_loaded() {
+    // The library is found among the process's mappings, its DWARF read for the variable.
+    let mut worker = Worker::start("source-lib");
+    assert_eq!(worker.ask(&format!("load {}", plugin_lib_with_dwarf().display())), "plugin 77");
+    let mut session = Session::start(worker.pid, &["p:pl libplugdwarf:plugin_leaf x"], &["--json"]);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask(&format!("load {}", plugin_lib_with_dwarf().display())), "plugin 77");
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    let values: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("\"pl\""))
+        .map(|l| l.split("\"x\":").nth(1).unwrap().trim_end_matches('}'))
+        .collect();
+    // plugin_work(7) calls plugin_leaf(7) and plugin_leaf(8).
+    assert_eq!(values, ["7", "8"], "{stdout}");
     worker.quit();
 }
 

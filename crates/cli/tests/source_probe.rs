@@ -203,7 +203,7 @@ fn rust_program() -> &'static Path {
 }
 
 #[test]
-fn rust_str_and_slices_by_length_and_first_element() {
+fn rust_str_slices_string_vec_and_option() {
     let (out, text) =
         probe_to_file("rust", &[], &["p weigh:1 name count list", "r:weigh ret=$retval"], rust_program(), "3");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -211,8 +211,9 @@ fn rust_str_and_slices_by_length_and_first_element() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout,
-        "weigh name=apple count=0 len=1 first=7 total=6\nweigh name=kiwi count=1 len=2 first=7 total=7\n\
-         weigh name=banana count=2 len=3 first=7 total=11\n"
+        "weigh name=apple count=0 len=1 first=7 total=6\npack label=box0 sizes=[0] limit=None n=5\n\
+         weigh name=kiwi count=1 len=2 first=7 total=7\npack label=box1 sizes=[0, 3] limit=Some(7) n=13\n\
+         weigh name=banana count=2 len=3 first=7 total=11\npack label=box2 sizes=[0, 3, 6] limit=None n=7\n"
     );
     let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
     // A `&str` is its bytes up to its length (the program's strings are not NUL-terminated).
@@ -227,6 +228,20 @@ fn rust_str_and_slices_by_length_and_first_element() {
             "weigh__return: ret=11",
         ]
     );
+    // A `String` as its text, a `Vec` as its length and the elements below it, an `Option`
+    // of a scalar as `Some(v)` or `None` (line 2: rustc stores the payload after line 1's
+    // first instruction, though its DWARF places it there from the start).
+    let (out, text) = probe_to_file("rust-owned", &[], &["p pack:2 label sizes limit"], rust_program(), "3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(
+        got,
+        [
+            "pack_L2: label=\"box0\" sizes_len=1 sizes_0=0 limit=None",
+            "pack_L2: label=\"box1\" sizes_len=2 sizes_0=0 sizes_1=3 limit=Some(7)",
+            "pack_L2: label=\"box2\" sizes_len=3 sizes_0=0 sizes_1=3 sizes_2=6 limit=None",
+        ]
+    );
     // At the entry rustc's frame (based on rsp) is not made yet: the reason, not a wrong value.
     let err = dynprobe().args(["probe", "p weigh name", "--"]).arg(rust_program()).output().unwrap();
     assert_eq!(
@@ -236,30 +251,64 @@ fn rust_str_and_slices_by_length_and_first_element() {
     );
 }
 
+/// `targets/source_cxx.cpp` built with `-g` and `opt`.
+fn cxx_program(opt: &str) -> PathBuf {
+    common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()])
+}
+
+/// The events of one run of a spec on `program`, which must print what the first calls see.
+fn cxx_events(name: &str, spec: &str, program: &Path) -> Vec<String> {
+    let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `items` is argc + 2 = 4 (the program and one argument), `boxes` argc + 4.
+    assert!(stdout.starts_with("weigh items=4 extra=0 total=40\ncrate boxes=6 extra=0 total=600\n"), "{stdout}");
+    text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
+}
+
 #[test]
 fn a_cxx_member_function_by_its_lines_with_this() {
-    let build =
-        |opt: &str| common::build_cxx("source_cxx.cpp", &format!("source-cxx{opt}"), &["-g".as_ref(), opt.as_ref()]);
-    let lines = |name: &str, spec: &str, program: &Path| {
-        let (out, text) = probe_to_file(name, &[], &[spec], program, "x");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        // `items` is argc + 2 = 4 (the program and one argument).
-        assert!(stdout.starts_with("weigh items=4 extra=0 total=40\n"), "{stdout}");
-        text.lines().map(|l| l.split_once("] ").unwrap().1.to_string()).collect::<Vec<_>>()
-    };
     for opt in ["-O0", "-O2"] {
-        let got = lines(&format!("cxx{opt}"), "p weigh:1 this->items extra", &build(opt));
+        let got =
+            cxx_events(&format!("cxx{opt}"), "p:weigh_L1 shop::Basket::weigh:1 this->items extra", &cxx_program(opt));
         assert_eq!(
             got,
             ["weigh_L1: this_items=4 extra=0", "weigh_L1: this_items=4 extra=1", "weigh_L1: this_items=4 extra=2"],
             "{opt}"
         );
     }
-    // At -O2, past the entry, GCC describes `this` only by its value at the entry
-    // (DW_OP_entry_value), which a probe there cannot read.
-    let got = lines("cxx-entry-value", "p weigh:2 extra this->items", &build("-O2"));
-    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(unavailable)");
+    // At -O2, past the call of printf, GCC describes `this` only by its value at the entry
+    // (DW_OP_entry_value): rdi, reused since, and the value left only in the caller's frame.
+    // Optimized out there, and `--vars` says where it can be read.
+    let got = cxx_events("cxx-entry-value", "p:weigh_L2 shop::Basket::weigh:2 extra this->items", &cxx_program("-O2"));
+    assert_eq!(got[0], "weigh_L2: extra=0 this_items=(optimized out)");
+    let vars = discover(&["--vars", "shop::Basket::weigh:2"], &cxx_program("-O2"));
+    let this = vars.lines().find(|l| l.contains(" this\t")).unwrap();
+    assert!(this.contains("\t(optimized out; available at 0x"), "{vars}");
+}
+
+#[test]
+fn cxx_names_by_their_namespace_and_class_and_a_site_for_each_overload() {
+    let program = cxx_program("-O2");
+    // Listed as a spec names them; the bare name matches too.
+    assert_eq!(discover(&["--funcs", "weigh"], &program), "shop::Basket::weigh\nshop::Crate::weigh\nshop::weigh\n");
+    // The bare name: a site in each class and for each overload (the first line of each).
+    let dry = discover(&["--dry-run", "p weigh:1"], &program);
+    let mut symbols: Vec<&str> = dry.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    symbols.sort();
+    assert_eq!(
+        symbols,
+        ["_ZN4shop5weighEdf", "_ZN4shop5weighEl", "_ZNK4shop5Crate5weighEi", "_ZNK4shop6Basket5weighEi"]
+    );
+    // The qualified name: that class's only.
+    let got = cxx_events("cxx-crate", "p:crate shop::Crate::weigh:1 this->boxes extra", &program);
+    assert_eq!(got, ["crate: this_boxes=6 extra=0", "crate: this_boxes=6 extra=1", "crate: this_boxes=6 extra=2"]);
+    let out = dynprobe().args(["probe", "p shop::Sack::weigh:1", "--"]).arg(&program).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "dynprobe: probe `p shop::Sack::weigh:1`: no function `shop::Sack::weigh` in the debugging information \
+         (nearest: shop::Basket::weigh, shop::Crate::weigh)"
+    );
 }
 
 #[test]
@@ -278,4 +327,75 @@ fn debian_python_by_its_debug_package() {
     assert!(inlined > 10, "{inlined} inlined copies: {stderr}");
     // The multiplication's operand is made from the constant 123456789 by PyLong_FromLong.
     assert!(events.lines().any(|l| l.ends_with("] ev: ival=123456789")), "{events}");
+    // Its copies are in several units (each read on its own): the listing shows it once.
+    let lines = discover(&["--lines", "PyLong_FromLong"], python);
+    assert_eq!(lines.matches("<PyLong_FromLong@").count(), 1, "{lines}");
+}
+
+/// `source.c` built as a shared library (`-g`, its `main` with it) and a program of nothing
+/// but that library, whose `main` the C runtime then calls: the same code, in a library.
+fn library_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let flags = ["-g", "-O0", "-shared", "-fPIC"].map(std::ffi::OsStr::new);
+        let library = build_c("../../../symbols/tests/targets/source.c", "libsrcdwarf.so", &flags);
+        let out = common::scratch().join("source-in-lib");
+        let rpath = format!("-Wl,-rpath,{}", library.parent().unwrap().display());
+        let status = std::process::Command::new("gcc").arg(&library).arg(rpath).arg("-o").arg(&out).status().unwrap();
+        assert!(status.success(), "linking the program of libsrcdwarf.so failed");
+        out
+    })
+}
+
+#[test]
+fn source_locations_in_a_shared_library() {
+    // The library by its name as probe specs take them (`libsrcdwarf` → libsrcdwarf.so),
+    // found among those the program loads; its symbols named with it in the lowered spec.
+    let specs = ["p:libsrcdwarf:handle:3 total req->path", "p libsrcdwarf:source.c:29 req->len"];
+    let (out, text) = probe_to_file("library", &[], &specs, library_program(), "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(
+        got,
+        [
+            "libsrcdwarf_source_c_29: req_len=11",
+            "libsrcdwarf_handle_L3: total=11 req_path=\"/index.html\"",
+            "libsrcdwarf_source_c_29: req_len=12",
+            "libsrcdwarf_handle_L3: total=13 req_path=\"/index.html\"",
+        ]
+    );
+    let dry = dynprobe()
+        .args(["probe", "--dry-run", "p:libsrcdwarf:handle:3 round", "--"])
+        .arg(library_program())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout),
+        "p:libsrcdwarf_handle_L3 libsrcdwarf:handle+0x1e round=-28(%rbp):s32\n"
+    );
+    // Debian's C library, by libc6-dbg's build-id file (scripts/setup installs it).
+    let libc = dynprobe()
+        .args(["probe", "--dry-run", "p:libc:__libc_free mem"])
+        .arg("--")
+        .arg(library_program())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&libc.stdout), "p:libc___libc_free libc:__libc_free mem=%rdi:x64\n");
+    // In a running process, the library it has mapped: Debian's C library in `sleep`, which
+    // has no DWARF of its own.
+    let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let vars =
+        dynprobe().args(["probe", "--vars", "libc:__libc_free", "-p", &sleeper.id().to_string()]).output().unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(vars.status.success(), "{}", String::from_utf8_lossy(&vars.stderr));
+    let listing = String::from_utf8_lossy(&vars.stdout);
+    assert!(listing.starts_with("Available variables at libc:__libc_free (__libc_free+0x0, line "), "{listing}");
+    assert!(listing.contains("        void * mem\t%rdi\n"), "{listing}");
+    // A library the program does not load is named in the refusal.
+    let refused =
+        dynprobe().args(["probe", "p:libnothere:handle:3 round", "--"]).arg(library_program()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("loads no library named `libnothere`"), "{stderr}");
 }

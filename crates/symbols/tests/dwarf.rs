@@ -13,12 +13,18 @@ use dynprobe_symbols::dwarf::{Access, DebugInfo, DwarfError, Place, SourcePoint,
 /// `targets/source.c` built with gcc and `flags` into `name` in this test's scratch
 /// directory.
 fn build(name: &str, flags: &[&str]) -> PathBuf {
+    build_with(name, flags, &[])
+}
+
+/// [`build`], with more source files linked in.
+fn build_with(name: &str, flags: &[&str], more: &[PathBuf]) -> PathBuf {
     let out = common::scratch_dir("dwarf").join(name);
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/targets/source.c");
     let status = Command::new("gcc")
         .args(["-Wall", "-Werror", "-fcf-protection=none"])
         .args(flags)
         .arg(&source)
+        .args(more)
         .arg("-o")
         .arg(&out)
         .status()
@@ -180,4 +186,146 @@ fn minidebuginfo_is_looked_into_and_named_when_it_has_no_dwarf() {
         err.to_string().contains("(its .gnu_debugdata, MiniDebugInfo, has symbols but no lines or variables)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_lookup_reads_only_the_units_that_hold_the_function() {
+    // Three more units beside source.c's, none of which has `handle`'s code or names its file.
+    let dir = common::scratch_dir("dwarf");
+    let more: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let file = dir.join(format!("other{i}.c"));
+            // `twice` is only out of line as GCC's clone for k = 2, `twice.constprop.0`.
+            let text = format!(
+                "struct other{i} {{ int a; long b; }};\n\
+                 static __attribute__((noinline)) long twice{i}(long v, int k) {{ return v * k + {i}; }}\n\
+                 long other{i}(struct other{i} *o) {{ return twice{i}(o->a, 2) + twice{i}(o->b, 2); }}\n"
+            );
+            std::fs::write(&file, text).unwrap();
+            file
+        })
+        .collect();
+    let info = DebugInfo::open(&build_with("src-units", &["-O2", "-g"], &more)).unwrap();
+    assert!(info.unit_count() >= 4, "{} units", info.unit_count());
+    let sites = info.resolve(&line("handle:3")).unwrap();
+    info.resolve_variable(&sites[0], "req", &[Access::Arrow("path".into())]).unwrap();
+    assert_eq!(info.units_indexed(), 1, "of {} units", info.unit_count());
+    // A file's line reads the line tables of the units that name it, and finds its function
+    // by walking down to it, indexing none.
+    let sites = info.resolve(&SourcePoint::FileLine { file: "other1.c".into(), line: 3 }).unwrap();
+    assert_eq!(sites.iter().map(|s| (s.function.as_str(), s.entry)).collect::<Vec<_>>(), [("other1", true)]);
+    assert_eq!(info.units_indexed(), 1);
+    // A function whose only code is a clone is found through the clone's symbol.
+    let twice = info.find_functions("twice2", None).unwrap();
+    assert!(twice.iter().any(|f| f.entry().is_some()), "{twice:?}");
+    assert_eq!(info.units_indexed(), 2);
+    // `--funcs` lists every function: that alone reads all of them.
+    assert!(info.functions().iter().any(|f| f.name == "other2"));
+}
+
+#[test]
+fn debians_compressed_debug_file_is_inflated_once_into_the_cache() {
+    // python3.11-dbg's build-id file (scripts/setup installs it): zlib-compressed sections, as
+    // Debian's dh_strip writes them, and link-time optimized units.
+    let cache = common::scratch_dir("dwarf/cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    // No other test of this file opens a debug file with sections large enough to be cached.
+    std::env::set_var(dynprobe_symbols::dwarf::CACHE_DIR_ENV, &cache);
+    let python = Path::new("/usr/bin/python3.11");
+    let resolve = || {
+        let info = DebugInfo::open(python).unwrap();
+        let sites = info.resolve(&line("PyList_Append:1")).unwrap();
+        let (place, _) = info.resolve_variable(&sites[0], "op", &[Access::Arrow("ob_type".into())]).unwrap();
+        // Its out-of-line copy and the copies inlined into other units, found without
+        // reading every unit.
+        assert!(sites.len() > 1, "{sites:?}");
+        assert!(info.units_indexed() < info.unit_count(), "{} of {}", info.units_indexed(), info.unit_count());
+        (sites, place.to_string(), info.debug_file.clone())
+    };
+    let first = resolve();
+    assert!(first.2.starts_with("/usr/lib/debug/.build-id/"), "{}", first.2.display());
+    let inflated: Vec<_> = std::fs::read_dir(cache.join("dwarf")).unwrap().flatten().collect();
+    assert_eq!(inflated.len(), 1, "one directory for the one debug file");
+    let info_section = inflated[0].path().join(".debug_info");
+    let size = std::fs::metadata(&info_section).unwrap().len();
+    let compressed = Command::new("readelf").arg("-SW").arg(&first.2).output().unwrap();
+    let header = String::from_utf8_lossy(&compressed.stdout);
+    let line = header.lines().find(|l| l.contains(".debug_info")).unwrap();
+    // Flags `C`: compressed on disk, and smaller than the inflated copy.
+    assert!(line.contains(" C "), "{line}");
+    // `NAME TYPE ADDRESS OFFSET SIZE`: the size four after the name.
+    let fields: Vec<&str> = line.split_whitespace().skip_while(|f| *f != ".debug_info").collect();
+    let on_disk = u64::from_str_radix(fields[4], 16).unwrap();
+    assert!(size > on_disk, "{size} inflated vs {on_disk} on disk");
+    // The second opening maps the cached copy and finds the same.
+    assert_eq!(resolve(), first);
+    std::env::remove_var(dynprobe_symbols::dwarf::CACHE_DIR_ENV);
+}
+
+#[test]
+fn split_dwarf_in_dwo_files_and_in_a_dwp_package() {
+    for (name, version) in [("src-split", "-gdwarf-5"), ("src-split-dwarf4", "-gdwarf-4")] {
+        // The binary keeps skeleton units and the line table; the DIEs are in a .dwo file
+        // beside it, named in the skeleton.
+        let binary = build(name, &["-O2", version, "-gsplit-dwarf"]);
+        let dir = binary.parent().unwrap();
+        // gcc names it after the output and the source when it compiles and links at once.
+        let dwo = dir.join(format!("{name}-source.dwo"));
+        assert!(dwo.is_file(), "no {}", dwo.display());
+        check(&DebugInfo::open_in(&binary, &[]).unwrap(), true);
+
+        // Packaged (`llvm-dwp`, as a distribution would ship it), the .dwo gone.
+        let package = PathBuf::from(format!("{}.dwp", binary.display()));
+        let status = Command::new("llvm-dwp-14")
+            .arg("-e")
+            .arg(&binary)
+            .arg("-o")
+            .arg(&package)
+            .status()
+            .expect("run llvm-dwp-14 (scripts/setup installs llvm-14; GNU dwp cannot read DWARF 5)");
+        assert!(status.success(), "llvm-dwp failed");
+        std::fs::remove_file(&dwo).unwrap();
+        check(&DebugInfo::open_in(&binary, &[]).unwrap(), true);
+
+        // Neither: the skeleton alone has lines but no functions.
+        std::fs::remove_file(&package).unwrap();
+        let err = DebugInfo::open_in(&binary, &[]).unwrap().find_functions("handle", None).unwrap_err();
+        assert!(matches!(err, DwarfError::UnknownFunction { .. }), "{err}");
+    }
+}
+
+#[test]
+fn code_the_linker_discarded_has_no_sites() {
+    // `twice` (an inline function of a header, not inlined at -O0) is compiled into both
+    // units; `unused` is garbage-collected (`--gc-sections`), its line-table sequence left
+    // at address 0 by GNU ld. A line of the one is its kept copy, once; of the other, none.
+    let dir = common::scratch_dir("dwarf/discarded");
+    std::fs::write(dir.join("twice.h"), "inline int twice(int v) {\n    return v * 2;\n}\n").unwrap();
+    std::fs::write(
+        dir.join("a.cc"),
+        "#include \"twice.h\"\nint from_a(int v) { return twice(v) + 1; }\nint unused(int v) {\n    return v * 3;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.cc"),
+        "#include \"twice.h\"\nint from_a(int);\nint main(int argc, char **) { return twice(argc) + from_a(argc); }\n",
+    )
+    .unwrap();
+    let binary = dir.join("discarded");
+    let status = Command::new("g++")
+        .args(["-O0", "-g", "-ffunction-sections", "-Wl,--gc-sections"])
+        .arg(dir.join("a.cc"))
+        .arg(dir.join("b.cc"))
+        .arg("-o")
+        .arg(&binary)
+        .status()
+        .expect("run g++");
+    assert!(status.success());
+    let info = DebugInfo::open_in(&binary, &[]).unwrap();
+    let sites = info.resolve(&SourcePoint::FileLine { file: "twice.h".into(), line: 2 }).unwrap();
+    assert_eq!(sites.len(), 1, "{sites:?}");
+    assert_eq!(info.symbol_at(sites[0].addr).map(|(name, _)| name), Some("_Z5twicei"), "{sites:?}");
+    assert_eq!(sites[0].function, "twice");
+    let err = info.resolve(&SourcePoint::FileLine { file: "a.cc".into(), line: 4 }).unwrap_err();
+    assert!(matches!(err, DwarfError::NoCode { .. }), "{err}");
 }

@@ -384,7 +384,7 @@ pub static ROWS: &[Row] = &[
     },
     Row {
         name: "resolve-ms",
-        about: "a source-level spec (FUNC:LINE var->field) resolved from python3.11's DWARF (ns per resolution)",
+        about: "a source-level spec (FUNC:LINE var->field) resolved from libceph-common.so.2's DWARF, librados2-dbg (ns per resolution)",
         measure: Measure::Resolve,
         compare_to: &[],
     },

@@ -33,6 +33,21 @@ enum Render {
     Float,
     /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
     CutTo(String),
+    /// Element `index` of a Rust `Vec`, shown only when it is below the length in the
+    /// named field (the memory past it is the vector's spare capacity), as `inner` shows it.
+    Element {
+        length: String,
+        index: u64,
+        inner: Option<Box<Render>>,
+    },
+    /// The payload of a Rust enum's variant (`Option<u32>`'s `Some`): `Some(7)` when the tag
+    /// in the named field selects it, else the name of the variant the tag selects (`None`).
+    Variant {
+        tag: String,
+        payload: (u64, String),
+        variants: Vec<(u64, String)>,
+        inner: Option<Box<Render>>,
+    },
 }
 
 /// What the printer adds to events of lowered specs.
@@ -100,6 +115,32 @@ pub(crate) fn shown<'a>(event: &str, args: &[(&'a str, &'a str)]) -> Vec<(String
     for (name, value) in args {
         let render = renderings.fields.get(&(event.to_string(), name.to_string()));
         let shown = match render {
+            Some(Render::Element { length, index, inner }) => {
+                let below = value_of(length).and_then(|v| v.parse::<u64>().ok()).is_some_and(|l| *index < l);
+                if !below {
+                    hidden.push(*name);
+                }
+                match inner {
+                    Some(inner) => render_value(inner, value).map_or(Shown::Raw(value), Shown::Typed),
+                    None => Shown::Raw(value),
+                }
+            }
+            Some(Render::Variant { tag, payload, variants, inner }) => {
+                hidden.push(tag.as_str());
+                let selected = value_of(tag).and_then(|v| v.parse::<u64>().ok());
+                let text = match selected {
+                    Some(t) if t == payload.0 => {
+                        let value = inner.as_ref().and_then(|r| render_value(r, value)).unwrap_or(value.to_string());
+                        format!("{}({value})", payload.1)
+                    }
+                    Some(t) => match variants.iter().find(|(d, _)| *d == t) {
+                        Some((_, name)) => name.clone(),
+                        None => format!("(tag {t})"),
+                    },
+                    None => value.to_string(),
+                };
+                Shown::Typed(text)
+            }
             Some(Render::CutTo(length_field)) => {
                 hidden.push(length_field.as_str());
                 let length = value_of(length_field).and_then(|v| v.parse::<usize>().ok());
@@ -159,7 +200,7 @@ fn render_value(render: &Render, value: &str) -> Option<String> {
                 _ => format!("{}", f64::from_bits(bits)),
             }
         }
-        Render::CutTo(_) => return None,
+        Render::CutTo(_) | Render::Element { .. } | Render::Variant { .. } => return None,
     })
 }
 
@@ -188,15 +229,24 @@ pub(crate) fn program_path(program: &std::ffi::OsStr) -> Option<PathBuf> {
 }
 
 /// The specs with their source-level parts lowered for `program` (one line each), and what
-/// to tell the user about them (a line moved to the next with code, inlined copies).
+/// to tell the user about them (a line moved to the next with code, inlined copies). A spec
+/// whose location names a library (`p:libfoo:parse:3`, `p libfoo:parse.c:40`) reads that
+/// library's DWARF: the library the program loads (for `-p PID`, has loaded) of that name.
 pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Vec<ProbeSpec>, Vec<String>), String> {
     if !specs.iter().any(|s| needs_dwarf(s) || wants_typed_retval(s)) {
         return Ok((specs, Vec::new()));
     }
-    let info: Result<DebugInfo, String> = program
-        .ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())
-        .and_then(|program| DebugInfo::open(program).map_err(|e| e.to_string()));
-    let debug = |_: Option<&Path>| info.as_ref().map_err(Clone::clone);
+    // The DWARF of the program (`None`) and of each library named, opened once each.
+    let module_of = |spec: &ProbeSpec| spec.location.code().and_then(module_point).and_then(|(module, _)| module);
+    let mut opened: HashMap<Option<String>, Result<DebugInfo, String>> = HashMap::new();
+    for spec in &specs {
+        let module = if needs_dwarf(spec) { module_of(spec) } else { None };
+        if let std::collections::hash_map::Entry::Vacant(slot) = opened.entry(module) {
+            let info = open_module(program, slot.key().as_deref());
+            slot.insert(info);
+        }
+    }
+    let debug = |module: Option<String>| &opened[&module];
     let mut renderings = Renderings::default();
     let mut out = Vec::new();
     let mut notes = Vec::new();
@@ -204,7 +254,7 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
         if !needs_dwarf(&spec) {
             // `$retval` typed when the DWARF is there; without it the spec stays as written.
             if wants_typed_retval(&spec) {
-                if let Ok(info) = debug(program) {
+                if let Ok(info) = debug(None) {
                     if let Ok(lowered) = lower_one(&spec, info, &mut renderings, &mut notes) {
                         out.extend(lowered);
                         continue;
@@ -214,7 +264,7 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
             out.push(spec);
             continue;
         }
-        let info = debug(program).map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
+        let info = debug(module_of(&spec)).as_ref().map_err(|e| format!("cannot place probe `{}`: {e}", spec.text))?;
         out.extend(
             lower_one(&spec, info, &mut renderings, &mut notes).map_err(|e| format!("probe `{}`: {e}", spec.text))?,
         );
@@ -223,16 +273,101 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
     Ok((out, notes))
 }
 
-/// The sites of a spec's location.
-pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
-    let location = spec.location.code().ok_or("a marker has no source location")?;
+/// The DWARF of `program`, or of its library `module`.
+fn open_module(program: Option<&Path>, module: Option<&str>) -> Result<DebugInfo, String> {
+    let program =
+        program.ok_or_else(|| "a source-level probe needs the program's path (`-- PROG` or `-p PID`)".to_string())?;
+    let path = match module {
+        None => program.to_path_buf(),
+        Some(module) => module_path(program, module)?,
+    };
+    DebugInfo::open(&path).map_err(|e| e.to_string())
+}
+
+/// The file of the library `module` names (its path, its file name, or a prefix of it that
+/// stops at a `.` or `-`: `libc` → `libc.so.6`, as probe specs name modules): among the
+/// files a running process (`/proc/PID/exe`) has mapped, else among the libraries the
+/// dynamic linker would load for `program` (as `ldd` lists them, see ld.so(8)).
+pub(crate) fn module_path(program: &Path, module: &str) -> Result<PathBuf, String> {
+    if module.contains('/') {
+        return Ok(PathBuf::from(module));
+    }
+    let pid = program.strip_prefix("/proc").ok().filter(|rest| rest.ends_with("exe")).and_then(|rest| rest.parent());
+    let files: Vec<PathBuf> = match pid {
+        Some(pid) => {
+            let maps = std::fs::read_to_string(Path::new("/proc").join(pid).join("maps"))
+                .map_err(|e| format!("cannot read the mappings of process {}: {e}", pid.display()))?;
+            maps.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .filter(|p| p.starts_with('/'))
+                .map(PathBuf::from)
+                .collect()
+        }
+        None => {
+            let out = std::process::Command::new("ldd")
+                .arg(program)
+                .output()
+                .map_err(|e| format!("cannot run ldd to find `{module}`: {e}"))?;
+            // `\tlibm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x…)`, or a path alone.
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let l = l.trim();
+                    let path = l.split_once("=> ").map_or(l, |(_, p)| p);
+                    path.split(" (").next().filter(|p| p.starts_with('/')).map(PathBuf::from)
+                })
+                .collect()
+        }
+    };
+    let named = |path: &&PathBuf| {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name == module || name.strip_prefix(module).is_some_and(|rest| rest.starts_with(['.', '-']))
+    };
+    match files.iter().find(named) {
+        Some(path) => Ok(path.clone()),
+        None => Err(format!(
+            "`{}` loads no library named `{module}` (give its path, `p:/path/to/{module}.so:FUNC:LINE`, for one it \
+             opens with dlopen)",
+            program.display()
+        )),
+    }
+}
+
+/// A spec location's source point and the library it names, if any: `libfoo:parse:3` is
+/// line 3 of `parse` in `libfoo`, `libfoo:parse` (with variables) its entry.
+fn module_point(location: &Location) -> Option<(Option<String>, SourcePoint)> {
     let point = match dynprobe::spec::source_point(location) {
         Some(point) => point,
         None => match location {
-            Location::Symbol(name) if !name.contains(':') => SourcePoint::Function { name: name.clone(), file: None },
-            _ => return Err("source variables need a function or a source line as the location".into()),
+            Location::Symbol(name) => SourcePoint::Function { name: name.clone(), file: None },
+            _ => return None,
         },
     };
+    let split = |text: &str| -> (Option<String>, String) {
+        let (module, rest) = dynprobe_symbols::split_module(text);
+        (module.map(str::to_string), rest.to_string())
+    };
+    Some(match point {
+        SourcePoint::Function { name, file } => {
+            let (module, name) = split(&name);
+            (module, SourcePoint::Function { name, file })
+        }
+        SourcePoint::FunctionLine { name, file, line } => {
+            let (module, name) = split(&name);
+            (module, SourcePoint::FunctionLine { name, file, line })
+        }
+        SourcePoint::FileLine { file, line } => {
+            let (module, file) = split(&file);
+            (module, SourcePoint::FileLine { file, line })
+        }
+    })
+}
+
+/// The sites of a spec's location, in `info` (the DWARF of the module it names).
+pub(crate) fn sites(spec: &ProbeSpec, info: &DebugInfo) -> Result<Vec<SourceSite>, String> {
+    let location = spec.location.code().ok_or("a marker has no source location")?;
+    let (_, point) =
+        module_point(location).ok_or("source variables need a function or a source line as the location")?;
     if spec.kind == ProbeKind::Return && !matches!(point, SourcePoint::Function { .. }) {
         return Err("a return probe goes on a function: write `r:FUNC` (or `r:FUNC@FILE`)".into());
     }
@@ -260,9 +395,14 @@ fn lower_one(
         let (symbol, offset) = info
             .symbol_at(site.addr)
             .ok_or_else(|| format!("no symbol of `{}` contains 0x{:x}", info.binary.display(), site.addr))?;
+        // In a library, the symbol is named with the library, as the spec named it.
+        let symbol = match spec.location.code().and_then(module_point).and_then(|(module, _)| module) {
+            Some(module) => format!("{module}:{symbol}"),
+            None => symbol.to_string(),
+        };
         let location = match (spec.kind, offset) {
-            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.to_string()),
-            (_, offset) => Location::SymbolOffset(symbol.to_string(), offset),
+            (ProbeKind::Return, _) | (_, 0) => Location::Symbol(symbol.clone()),
+            (_, offset) => Location::SymbolOffset(symbol.clone(), offset),
         };
         let mut lowered = ProbeSpec { location: Target::Code(location), args: Vec::new(), ..spec.clone() };
         let event = lowered.full_event_name();
@@ -434,6 +574,9 @@ fn typed(
             let Fetch::Deref { offset, base } = fetch else {
                 return Err(format!("field `{name}`: the struct is in a register here; name its members"));
             };
+            if let Some(fields) = rust_value(name, struct_ty, &members, offset, &base, info)? {
+                return Ok(fields);
+            }
             let fetches = members
                 .into_iter()
                 .map(|m| {
@@ -707,6 +850,110 @@ fn shown_type(ty: FetchType, render: Option<&Render>) -> String {
             format!("enum:{}", values.join(","))
         }
         (FetchType::Int(int), None) => int.to_string(),
+        // A Rust `Vec`'s elements and `Option`s need the values beside them: record -a
+        // passes Rust aggregates as unknown, so these are never its own.
+        (FetchType::Int(_), Some(Render::Element { .. } | Render::Variant { .. })) => "?".into(),
+    }
+}
+
+/// How many elements of a Rust `Vec` a value shows (those below its length).
+const VEC_ELEMENTS: u64 = 3;
+
+/// The fields of a Rust `String`, `Vec<T>` or enum with a tag (`Option<u32>`) in memory at
+/// `offset` from `base`'s value: a `String` as its text cut to its length, a `Vec` as its
+/// length and first elements, an `Option` of a scalar as `Some(v)` or `None` (other enums
+/// as their variant's name). `None` for any other struct.
+fn rust_value(
+    name: &str,
+    ty: TypeRef,
+    members: &[Member],
+    offset: i64,
+    base: &Fetch,
+    info: &DebugInfo,
+) -> Result<Option<Vec<LoweredArg>>, String> {
+    let at = |off: u64| Fetch::Deref { offset: offset + off as i64, base: Box::new(base.clone()) };
+    let unsigned = |bytes: u64| {
+        let bits = (bytes.clamp(1, 8) * 8).next_power_of_two().min(64) as u8;
+        FetchType::Int(IntType { format: Format::Unsigned, bits })
+    };
+    if let Some(variants) = info.variants(ty) {
+        let tag_field = format!("{name}_tag");
+        let tag_fetch = at(variants.tag_offset);
+        let names: Vec<(u64, String)> =
+            variants.variants.iter().filter_map(|v| Some((v.discr?, v.name.clone()))).collect();
+        let with_payload: Vec<_> = variants.variants.iter().filter(|v| !v.fields.is_empty()).collect();
+        if let [variant] = with_payload.as_slice() {
+            if let (Some(discr), [field]) = (variant.discr, variant.fields.as_slice()) {
+                let payload = typed(name, at(field.offset), Some(field.ty), info, 1)?;
+                if let [(_, Ok(fetch), fetch_ty, inner)] = payload.as_slice() {
+                    let render = Render::Variant {
+                        tag: tag_field.clone(),
+                        payload: (discr, variant.name.clone()),
+                        variants: names,
+                        inner: inner.clone().map(Box::new),
+                    };
+                    let tag = (tag_field, Ok(tag_fetch), unsigned(variants.tag_size), None);
+                    return Ok(Some(vec![(name.to_string(), Ok(fetch.clone()), *fetch_ty, Some(render)), tag]));
+                }
+            }
+        }
+        // Any other enum: the name of its variant.
+        let names = names.into_iter().map(|(d, n)| (d as i64, n)).collect();
+        return Ok(Some(vec![(
+            name.to_string(),
+            Ok(tag_fetch),
+            unsigned(variants.tag_size),
+            Some(Render::Enum(names)),
+        )]));
+    }
+    let member = |name: &str| members.iter().find(|m| m.name == name);
+    // `String { vec: Vec<u8> }`: its bytes, cut to its length when printed.
+    if let (Some(vec), 1) = (member("vec"), members.len()) {
+        let TypeKind::Struct(inner) = info.type_of(vec.ty).kind else { return Ok(None) };
+        let Some((data, length)) = vec_layout(&inner, info) else { return Ok(None) };
+        let length_field = format!("{name}_len");
+        let text = Fetch::Deref { offset: 0, base: Box::new(at(vec.offset + data)) };
+        let length = (length_field.clone(), Ok(at(vec.offset + length)), FetchType::Int(IntType::U64), None);
+        return Ok(Some(vec![
+            (name.to_string(), Ok(text), FetchType::String, Some(Render::CutTo(length_field))),
+            length,
+        ]));
+    }
+    // `Vec<T> { buf, len }`: its length and first elements (the element type from `T`).
+    let Some((data, length)) = vec_layout(members, info) else { return Ok(None) };
+    let Some((_, element)) = info.type_parameters(ty).into_iter().find(|(n, _)| n == "T") else { return Ok(None) };
+    let size = info.type_of(element).size.max(1);
+    let length_field = format!("{name}_len");
+    let mut out = vec![(length_field.clone(), Ok(at(length)), FetchType::Int(IntType::U64), None)];
+    if fetch_depth(&at(data)) < MAX_DEREF {
+        for index in 0..VEC_ELEMENTS {
+            let fetch = Fetch::Deref { offset: (index * size) as i64, base: Box::new(at(data)) };
+            for (field, fetch, fetch_ty, inner) in typed(&format!("{name}_{index}"), fetch, Some(element), info, 1)? {
+                let render = Render::Element { length: length_field.clone(), index, inner: inner.map(Box::new) };
+                out.push((field, fetch, fetch_ty, Some(render)));
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Where a Rust `Vec`'s data pointer and length are in it: `len`, and the first pointer
+/// inside `buf` (`RawVec` → `RawVecInner` → `Unique` → `NonNull` → the pointer, in the
+/// standard library of the time; searched for rather than spelled out).
+fn vec_layout(members: &[Member], info: &DebugInfo) -> Option<(u64, u64)> {
+    let buf = members.iter().find(|m| m.name == "buf")?;
+    let len = members.iter().find(|m| m.name == "len")?;
+    Some((buf.offset + first_pointer(buf.ty, info, 0)?, len.offset))
+}
+
+/// The offset of the first pointer inside a value of type `ty`, looking into structs.
+fn first_pointer(ty: TypeRef, info: &DebugInfo, depth: usize) -> Option<u64> {
+    match info.type_of(ty).kind {
+        TypeKind::Pointer(_) => Some(0),
+        TypeKind::Struct(members) if depth < 8 => {
+            members.iter().find_map(|m| Some(m.offset + first_pointer(m.ty, info, depth + 1)?))
+        }
+        _ => None,
     }
 }
 
@@ -828,14 +1075,27 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
         }
         return Ok(out);
     }
-    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
+    // `--vars` of a location in a library reads the library's DWARF (not the program's,
+    // which may have none).
+    let vars_module = match (&args.funcs, &args.lines, &args.vars) {
+        (None, None, Some(location)) => ProbeSpec::parse(&format!("p {location}"))
+            .ok()
+            .and_then(|spec| spec.location.code().and_then(module_point))
+            .and_then(|(module, _)| module),
+        _ => None,
+    };
+    let info = open_module(Some(program), vars_module.as_deref())?;
     if let Some(glob) = &args.funcs {
+        // By the name a spec takes: with its namespaces and classes (`shop::Basket::weigh`),
+        // matched by that or by the bare name.
+        let glob_match = |name: &str| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), name.as_bytes());
         let mut names: Vec<&str> = info
             .functions()
             .iter()
-            .filter(|f| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), f.name.as_bytes()))
-            .map(|f| f.name.as_str())
+            .filter(|f| glob_match(&f.name) || glob_match(&f.qualified_name))
+            .map(|f| f.qualified_name.as_str())
             .collect();
+        names.sort();
         names.dedup();
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());
     }
@@ -845,11 +1105,29 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
             None => (name.as_str(), None),
         };
         let mut out = String::new();
-        for f in info.find_functions(name, file).map_err(|e| e.to_string())? {
+        let found = info.find_functions(name, file).map_err(|e| e.to_string())?;
+        // One function may come as several entries, its out-of-line copy in one unit and its
+        // inlined copies in others: shown once, with the lines any of them has code for.
+        let mut shown: Vec<(&str, u64)> = Vec::new();
+        for f in &found {
+            if shown.contains(&(f.file.as_str(), f.line)) {
+                continue;
+            }
+            shown.push((f.file.as_str(), f.line));
             out.push_str(&format!("<{}@{}:0>\n", f.name, f.file));
             let source = std::fs::read_to_string(&f.file).ok();
             let text: Vec<&str> = source.as_deref().map_or(Vec::new(), |s| s.lines().collect());
-            for (line, has_code) in info.function_lines(f) {
+            let mut lines: Vec<(u64, bool)> = Vec::new();
+            for same in found.iter().filter(|g| g.file == f.file && g.line == f.line) {
+                for (line, has_code) in info.function_lines(same) {
+                    match lines.iter_mut().find(|(l, _)| *l == line) {
+                        Some(known) => known.1 |= has_code,
+                        None => lines.push((line, has_code)),
+                    }
+                }
+            }
+            lines.sort();
+            for (line, has_code) in lines {
                 let body = text.get(line as usize - 1).copied().unwrap_or("");
                 match has_code {
                     true => out.push_str(&format!("{:>7}  {body}\n", line - f.line)),

@@ -15,8 +15,14 @@
 //! - `.gnu_debugdata` (MiniDebugInfo, an xz-compressed ELF file, as Fedora ships) holds a
 //!   symbol table but no DWARF: it is looked into, and the error says so.
 //!
-//! DWARF 4 and 5 are read by `gimli`. Split DWARF (`.dwo`/`.dwp`) is not followed: such a
-//! unit is reported as having no lines.
+//! DWARF 4 and 5 are read by `gimli`, from the files mapped into memory (compressed
+//! sections inflated once into a cache, see [`CACHE_DIR_ENV`]). Nothing reads all of it
+//! up front: a function is found through the symbol table and `.debug_aranges` (else the
+//! units' own address ranges), and only the units holding its code — and those whose line
+//! tables name its file, where copies of it may be inlined — are read
+//! ([`DebugInfo::find_functions`]); `--funcs` alone reads every unit. Split DWARF
+//! (`-gsplit-dwarf`, DWARF 4 and 5): a skeleton unit is read from the package `FILE.dwp`
+//! beside it, else from its `.dwo`.
 
 mod load;
 mod source;
@@ -25,9 +31,9 @@ mod vars;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use load::{debug_roots, DebugInfo, DEBUG_DIRS_ENV};
+pub use load::{debug_roots, DebugInfo, CACHE_DIR_ENV, DEBUG_DIRS_ENV};
 pub use source::{Function, SourcePoint, SourceSite};
-pub use vars::{Access, Member, Piece, Place, Type, TypeKind, TypeRef, VarError, Variable};
+pub use vars::{Access, Member, Piece, Place, Type, TypeKind, TypeRef, VarError, Variable, Variant, Variants};
 
 /// Why debugging information could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]

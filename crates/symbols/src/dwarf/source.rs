@@ -52,6 +52,9 @@ impl std::fmt::Display for SourcePoint {
 pub struct Function {
     /// Its name (as the source spells it).
     pub name: String,
+    /// Its name with the namespaces and classes it is declared in (`shop::Basket::weigh`,
+    /// a Rust `crate::module::function`); the name alone at file scope.
+    pub qualified_name: String,
     /// The file it is declared in (full path as the compiler saw it).
     pub file: String,
     /// Its declaration line (the line of its name).
@@ -131,11 +134,8 @@ impl DebugInfo {
         match value {
             AttributeValue::UnitRef(offset) => Some((u, offset)),
             AttributeValue::DebugInfoRef(offset) => {
-                let i = self
-                    .units
-                    .partition_point(|unit| unit.header.debug_info_offset().is_some_and(|o| o <= offset))
-                    .checked_sub(1)?;
-                Some((i, offset.to_unit_offset(&self.units[i].header)?))
+                let i = self.unit_containing(offset)?;
+                Some((i, offset.to_unit_offset(&self.headers[i])?))
             }
             _ => None,
         }
@@ -156,20 +156,41 @@ impl DebugInfo {
         for _ in 0..4 {
             let Some((nu, offset)) = link else { break };
             at = (nu, offset);
-            link = self.units[nu].entry(offset).ok().and_then(|e| next(nu, &e));
+            link = self.unit(nu).and_then(|unit| unit.entry(offset).ok()).and_then(|e| next(nu, &e));
         }
         at
     }
 
-    /// Every function with a name, out-of-line or inlined only (built once, on first use).
-    pub fn functions(&self) -> &[Function] {
-        self.functions.get_or_init(|| self.index_functions())
+    /// The unit whose part of `.debug_info` holds `offset`.
+    pub(crate) fn unit_containing(&self, offset: gimli::DebugInfoOffset) -> Option<usize> {
+        self.headers.partition_point(|h| h.debug_info_offset().is_some_and(|o| o <= offset)).checked_sub(1)
     }
 
-    fn index_functions(&self) -> Vec<Function> {
+    /// Every function with a name, out-of-line or inlined only (built once, on first use:
+    /// this reads every unit, which lookups by name or address avoid, see
+    /// [`DebugInfo::find_functions`]).
+    pub fn functions(&self) -> &[Function] {
+        self.functions.get_or_init(|| self.index_functions(0..self.unit_count()))
+    }
+
+    /// The functions with code (out of line or an inlined copy) in unit `u`, each with only
+    /// the code that is in `u` (indexed once, on first use).
+    pub(crate) fn unit_functions(&self, u: usize) -> &[Function] {
+        match self.unit_functions.get(u) {
+            Some(cell) => cell.get_or_init(|| self.index_functions(u..u + 1)),
+            None => &[],
+        }
+    }
+
+    fn index_functions(&self, units: std::ops::Range<usize>) -> Vec<Function> {
         let mut functions: Vec<Function> = Vec::new();
         let mut by_die = std::collections::HashMap::new();
-        for (u, unit) in self.units.iter().enumerate() {
+        // The end of each chain of origins, by its first link: a C++ unit has thousands of
+        // inlined copies of a few hundred functions, each DIE of a chain parsed once.
+        let mut origins: std::collections::HashMap<(usize, UnitOffset), (usize, UnitOffset)> =
+            std::collections::HashMap::new();
+        for u in units {
+            let Some(unit) = self.unit(u) else { continue };
             let mut offsets = Vec::new();
             // A damaged unit gives the functions read before the damage.
             let _ = code_dies(unit, &mut offsets);
@@ -177,17 +198,34 @@ impl DebugInfo {
                 let Ok(entry) = unit.entry(offset) else { continue };
                 let entry = &entry;
                 let tag = entry.tag();
-                let (ou, origin) = self.origin(u, entry);
                 let ranges = self.ranges(unit, entry);
                 if tag == gimli::DW_TAG_subprogram && ranges.is_empty() && !is_inline_candidate(entry) {
                     continue;
                 }
+                let link = entry
+                    .attr_value(gimli::DW_AT_abstract_origin)
+                    .or_else(|| entry.attr_value(gimli::DW_AT_specification))
+                    .and_then(|v| self.reference(u, v));
+                let (ou, origin) = match link {
+                    None => (u, entry.offset()),
+                    Some(link) => *origins.entry(link).or_insert_with(|| {
+                        match self.unit(link.0).and_then(|lu| lu.entry(link.1).ok()) {
+                            Some(linked) => self.origin(link.0, &linked),
+                            None => link,
+                        }
+                    }),
+                };
                 let key = (ou, origin);
                 let index = match by_die.get(&key) {
                     Some(&i) => i,
                     None => {
                         let Some((name, file, line)) = self.name_of(ou, origin) else { continue };
+                        let qualified_name = match self.scope_of(ou, origin) {
+                            Some(scope) => format!("{scope}::{name}"),
+                            None => name.clone(),
+                        };
                         functions.push(Function {
+                            qualified_name,
                             name,
                             file,
                             line,
@@ -202,7 +240,8 @@ impl DebugInfo {
                         functions.len() - 1
                     }
                 };
-                let address = |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                let address =
+                    |at| entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten());
                 if tag == gimli::DW_TAG_subprogram {
                     if !ranges.is_empty() {
                         // The definition's own line: a C++ member defined outside its class
@@ -222,8 +261,9 @@ impl DebugInfo {
                     // DW_AT_entry_pc is the first instruction of the copy even when it lies in
                     // an empty range (GCC merges a copy's code into its caller's and leaves a
                     // zero-length range at the place it would start); else the low end.
-                    let address =
-                        |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                    let address = |at| {
+                        entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                    };
                     let entry_pc = address(gimli::DW_AT_entry_pc)
                         .or_else(|| address(gimli::DW_AT_low_pc))
                         .or_else(|| ranges.iter().map(|r| r.0).min());
@@ -244,7 +284,7 @@ impl DebugInfo {
     /// The address ranges of a DIE (empty when it has none or they are malformed).
     pub(crate) fn ranges(&self, unit: &gimli::Unit<R>, entry: &gimli::DebuggingInformationEntry<R>) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        if let Ok(mut ranges) = self.dwarf.die_ranges(unit, entry) {
+        if let Ok(mut ranges) = self.dwarf_for(unit).die_ranges(unit, entry) {
             while let Ok(Some(r)) = ranges.next() {
                 if r.begin <= r.end && r.begin != 0 {
                     out.push((r.begin, r.end));
@@ -260,7 +300,7 @@ impl DebugInfo {
         let (mut u, mut offset) = (u, offset);
         let (mut name, mut file, mut line) = (None, None, None);
         for _ in 0..4 {
-            let unit = &self.units[u];
+            let unit = self.unit(u)?;
             let entry = unit.entry(offset).ok()?;
             if name.is_none() {
                 name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
@@ -289,8 +329,77 @@ impl DebugInfo {
         Some((name?, file.unwrap_or_default(), line.unwrap_or(0)))
     }
 
+    /// The namespaces and classes the subprogram DIE at `offset` of unit `u` is declared
+    /// in, joined by `::`, if any.
+    fn scope_of(&self, u: usize, offset: UnitOffset) -> Option<&str> {
+        let scopes = self.scopes.get(u)?.get_or_init(|| {
+            let mut out = std::collections::HashMap::new();
+            if let Some(unit) = self.unit(u) {
+                // A damaged unit gives the scopes read before the damage.
+                let _ = self.read_scopes(unit, &mut out);
+            }
+            out
+        });
+        scopes.get(&offset).map(String::as_str)
+    }
+
+    /// One pass over a unit's DIEs reading only the names of namespaces, classes, structs
+    /// and unions (each subprogram inside them gets their path), skipping everything else.
+    fn read_scopes(
+        &self,
+        unit: &gimli::Unit<R>,
+        out: &mut std::collections::HashMap<UnitOffset, String>,
+    ) -> gimli::Result<()> {
+        let mut raw = unit.entries_raw(None)?;
+        let mut stack: Vec<(isize, String)> = Vec::new();
+        while !raw.is_empty() {
+            let depth = raw.next_depth();
+            let offset = raw.next_offset();
+            let Some(abbrev) = raw.read_abbreviation()? else { continue };
+            while stack.last().is_some_and(|(d, _)| *d >= depth) {
+                stack.pop();
+            }
+            match abbrev.tag() {
+                gimli::DW_TAG_namespace
+                | gimli::DW_TAG_class_type
+                | gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_union_type => {
+                    let mut name = None;
+                    for spec in abbrev.attributes() {
+                        let attr = raw.read_attribute(*spec)?;
+                        if attr.name() == gimli::DW_AT_name {
+                            name = self.string(unit, attr.value());
+                        }
+                    }
+                    let name = name.unwrap_or_else(|| match abbrev.tag() {
+                        gimli::DW_TAG_namespace => "(anonymous namespace)".into(),
+                        _ => "(anonymous)".into(),
+                    });
+                    if abbrev.has_children() {
+                        stack.push((depth, name));
+                    }
+                }
+                tag => {
+                    if tag == gimli::DW_TAG_subprogram && !stack.is_empty() {
+                        let path: Vec<&str> = stack.iter().map(|(_, n)| n.as_str()).collect();
+                        out.insert(offset, path.join("::"));
+                    }
+                    raw.skip_attributes(abbrev.attributes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A string attribute's text.
     pub(crate) fn string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
+        let s = self.dwarf_for(unit).attr_string(unit, value).ok()?;
+        Some(s.to_string_lossy().ok()?.into_owned())
+    }
+
+    /// A string of a unit's line-table header: in the file's own sections, where the line
+    /// table is even for a split unit (its skeleton's).
+    fn line_string(&self, unit: &gimli::Unit<R>, value: AttributeValue<R>) -> Option<String> {
         let s = self.dwarf.attr_string(unit, value).ok()?;
         Some(s.to_string_lossy().ok()?.into_owned())
     }
@@ -299,11 +408,11 @@ impl DebugInfo {
     pub(crate) fn file_name(&self, unit: &gimli::Unit<R>, index: u64) -> Option<String> {
         let header = unit.line_program.as_ref()?.header();
         let file = header.file(index)?;
-        let name = self.string(unit, file.path_name())?;
+        let name = self.line_string(unit, file.path_name())?;
         if name.starts_with('/') {
             return Some(normalize(&name));
         }
-        let dir = file.directory(header).and_then(|d| self.string(unit, d)).unwrap_or_default();
+        let dir = file.directory(header).and_then(|d| self.line_string(unit, d)).unwrap_or_default();
         let dir = match (dir.starts_with('/'), &unit.comp_dir) {
             (false, Some(comp_dir)) => {
                 let comp_dir = comp_dir.to_string_lossy().ok()?.into_owned();
@@ -320,14 +429,21 @@ impl DebugInfo {
         }))
     }
 
-    /// The rows of a unit's line table, in sequence order.
+    /// The rows of a unit's line table, in sequence order. Rows outside the binary's
+    /// executable sections are left out: they are the code of functions the linker
+    /// discarded (`--gc-sections`), whose addresses GNU ld resolves near 0.
     fn rows(&self, unit: &gimli::Unit<R>) -> Vec<Row> {
         let Some(program) = unit.line_program.clone() else { return Vec::new() };
         let mut rows = program.rows();
         let mut out = Vec::new();
         let mut start = true;
+        let in_code = |addr: u64| self.code.is_empty() || self.code.iter().any(|(lo, hi)| *lo <= addr && addr < *hi);
         while let Ok(Some((_, row))) = rows.next_row() {
             if row.end_sequence() {
+                start = true;
+                continue;
+            }
+            if !in_code(row.address()) {
                 start = true;
                 continue;
             }
@@ -346,14 +462,30 @@ impl DebugInfo {
 
     /// The functions `name` (and `@file`) names: every function of that name, or the one
     /// the file narrows it to.
+    ///
+    /// Without reading every unit: the symbol table gives the addresses of the functions of
+    /// that name, `.debug_aranges` (else the units' own ranges) the units their code is in,
+    /// and only those are indexed — then the units whose line tables name the function's
+    /// file, the only ones that can hold copies of it inlined (a function defined in a
+    /// header, or split among units by link-time optimization). A name no symbol has (a
+    /// function that exists only inlined) is looked for in every unit.
     pub fn find_functions(&self, name: &str, file: Option<&str>) -> Result<Vec<&Function>, DwarfError> {
-        let found: Vec<&Function> = self
-            .functions()
-            .iter()
-            .filter(|f| f.name == name && file.is_none_or(|w| file_matches(&f.file, w)))
-            .collect();
+        // `ns::Class::method` by the path it is declared in, `method` in any scope.
+        let qualified = name.contains("::");
+        let matches = |f: &&Function| {
+            (if qualified { f.qualified_name == name } else { f.name == name })
+                && file.is_none_or(|w| file_matches(&f.file, w))
+        };
+        let mut found: Vec<&Function> = match self.functions.get() {
+            Some(all) => all.iter().filter(matches).collect(),
+            None => self.find_functions_lazily(name, &matches),
+        };
+        if found.is_empty() && self.functions.get().is_none() {
+            found = self.functions().iter().filter(matches).collect();
+        }
         if found.is_empty() {
-            let suggestions = crate::error::suggest(name, self.functions().iter().map(|f| f.name.as_str()));
+            let names = self.functions().iter().map(|f| if qualified { &f.qualified_name } else { &f.name });
+            let suggestions = crate::error::suggest(name, names.map(String::as_str));
             let shown = match file {
                 Some(file) => format!("{name}@{file}"),
                 None => name.to_string(),
@@ -361,6 +493,110 @@ impl DebugInfo {
             return Err(DwarfError::UnknownFunction { name: shown, suggestions });
         }
         Ok(found)
+    }
+
+    /// [`DebugInfo::find_functions`] through the symbol table and the units it leads to.
+    fn find_functions_lazily(&self, name: &str, matches: &dyn Fn(&&Function) -> bool) -> Vec<&Function> {
+        let mut units: Vec<usize> = self.symbol_addresses(name).into_iter().filter_map(|a| self.unit_at(a)).collect();
+        units.sort();
+        units.dedup();
+        let mut found: Vec<&Function> =
+            units.iter().flat_map(|&u| self.unit_functions(u)).filter(|f| matches(f)).collect();
+        let mut files: Vec<&str> = found.iter().map(|f| f.file.as_str()).collect();
+        files.sort();
+        files.dedup();
+        for file in files.into_iter().filter(|f| !f.is_empty()) {
+            for u in self.units_naming(file) {
+                if units.binary_search(&u).is_err() {
+                    found.extend(self.unit_functions(u).iter().filter(|f| matches(f) && f.file == file));
+                }
+            }
+        }
+        found
+    }
+
+    /// The addresses of the function symbols named `name`, or GCC's clones of it (for C++
+    /// and Rust, by their demangled name without parameters, or its last component).
+    fn symbol_addresses(&self, name: &str) -> Vec<u64> {
+        let last = name.rsplit("::").next().unwrap_or(name);
+        self.symbols
+            .iter()
+            .filter(|s| {
+                // GCC's clones keep the name before a dot (`parse.constprop.0`, `parse.cold`).
+                if s.mangled == name || s.mangled.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
+                    return true;
+                }
+                // The mangled name spells each component of the path as it is.
+                if !s.mangled.starts_with("_Z") && !s.mangled.starts_with("_R") || !s.mangled.contains(last) {
+                    return false;
+                }
+                let d = crate::demangle::demangle(&s.mangled);
+                let short = d.short.unwrap_or(d.name);
+                let short = crate::demangle::strip_rust_hash(&short).unwrap_or(&short);
+                short == name || short.rsplit("::").next() == Some(name)
+            })
+            .map(|s| s.value)
+            .collect()
+    }
+
+    /// The unit whose code contains `addr`: by `.debug_aranges`, and for the units it does
+    /// not list, by their root DIEs' ranges.
+    pub(crate) fn unit_at(&self, addr: u64) -> Option<usize> {
+        let ranges = self.aranges.get_or_init(|| self.read_aranges());
+        let i = ranges.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+        // Ranges may nest (a unit's whole span listed, then a part): look back a little.
+        ranges[..=i].iter().rev().take(8).find(|r| r.0 <= addr && addr < r.1).and_then(|r| self.unit_containing(r.2))
+    }
+
+    fn read_aranges(&self) -> Vec<(u64, u64, gimli::DebugInfoOffset)> {
+        let mut out = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        let mut headers = self.dwarf.debug_aranges.headers();
+        while let Ok(Some(header)) = headers.next() {
+            listed.insert(header.debug_info_offset());
+            let mut entries = header.entries();
+            while let Ok(Some(entry)) = entries.next() {
+                let range = entry.range();
+                if range.begin < range.end && range.begin != 0 {
+                    out.push((range.begin, range.end, header.debug_info_offset()));
+                }
+            }
+        }
+        for (u, header) in self.headers.iter().enumerate() {
+            let Some(offset) = header.debug_info_offset() else { continue };
+            if listed.contains(&offset) {
+                continue;
+            }
+            let Some(unit) = self.unit(u) else { continue };
+            let Ok(mut ranges) = self.dwarf_for(unit).unit_ranges(unit) else { continue };
+            while let Ok(Some(r)) = ranges.next() {
+                if r.begin < r.end && r.begin != 0 {
+                    out.push((r.begin, r.end, offset));
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.0, r.1));
+        out
+    }
+
+    /// The units whose line tables name the source file `file` (by its name or the end of
+    /// its path): their line-program headers are read, not their rows or DIEs.
+    pub(crate) fn units_naming(&self, file: &str) -> Vec<usize> {
+        (0..self.unit_count())
+            .filter(|&u| {
+                let Some(unit) = self.unit(u) else { return false };
+                let Some(program) = &unit.line_program else { return false };
+                let header = program.header();
+                // A cheap look at the bare names first: most units do not have the file.
+                let base = file.rsplit('/').next().unwrap_or(file);
+                let named = header
+                    .file_names()
+                    .iter()
+                    .any(|f| self.line_string(unit, f.path_name()).is_some_and(|n| n.rsplit('/').next() == Some(base)));
+                let count = header.file_names().len() as u64 + 1;
+                named && (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
+            })
+            .collect()
     }
 
     /// The places in the code `point` names: a site at the entry of a function and of each
@@ -407,7 +643,10 @@ impl DebugInfo {
                             ranges.extend(i.ranges.iter().map(|&r| (r, true)));
                         }
                         match self.line_sites(u, &f.file, wanted, Some(&ranges), Some(&f.name), &point.to_string()) {
-                            Ok(found) => sites.extend(found),
+                            Ok(found) => sites.extend(found.into_iter().map(|mut site| {
+                                site.entry = !site.inlined && f.entry() == Some(site.addr);
+                                site
+                            })),
                             Err(e) => last_error = Some(e),
                         }
                     }
@@ -418,14 +657,7 @@ impl DebugInfo {
                 }
             }
             SourcePoint::FileLine { file, line } => {
-                let units: Vec<usize> = (0..self.units.len())
-                    .filter(|&u| {
-                        let unit = &self.units[u];
-                        let Some(program) = &unit.line_program else { return false };
-                        let count = program.header().file_names().len() as u64 + 1;
-                        (0..count).any(|i| self.file_name(unit, i).is_some_and(|n| file_matches(&n, file)))
-                    })
-                    .collect();
+                let units = self.units_naming(file);
                 if units.is_empty() {
                     return Err(DwarfError::UnknownFile { name: file.clone() });
                 }
@@ -460,7 +692,7 @@ impl DebugInfo {
         function: Option<&str>,
         what: &str,
     ) -> Result<Vec<SourceSite>, DwarfError> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Ok(Vec::new()) };
         let rows = self.rows(unit);
         let mut names = std::collections::HashMap::new();
         let mut matches_file = |index: u64| {
@@ -480,6 +712,14 @@ impl DebugInfo {
                 reason: format!("no statement of line {line} or after it is in the line table"),
             });
         };
+        // Where no function is named, the innermost one at each place, all found in one walk.
+        let scopes = match function {
+            Some(_) => std::collections::HashMap::new(),
+            None => {
+                let addrs: Vec<u64> = rows.iter().filter(|r| r.is_stmt && r.line == chosen).map(|r| r.addr).collect();
+                self.scopes_at(u, &addrs)
+            }
+        };
         let mut sites: Vec<SourceSite> = Vec::new();
         let mut previous: Option<&Row> = None;
         for row in &rows {
@@ -492,11 +732,14 @@ impl DebugInfo {
             if sites.iter().any(|s| s.addr == row.addr) {
                 continue;
             }
-            // The function the line is in: the one named, else the innermost there.
-            let (function, inlined) = match (function, self.function_at(u, row.addr)) {
-                (Some(name), _) => (name.to_string(), inlined),
-                (None, Some((name, inline))) => (name, inlined || inline),
-                (None, None) => (String::new(), inlined),
+            // The function the line is in: the one named (whose caller says whether this is
+            // its entry), else the innermost there.
+            let (function, inlined, entry) = match function {
+                Some(name) => (name.to_string(), inlined, false),
+                None => match scopes.get(&row.addr) {
+                    Some((name, inline, entered)) => (name.clone(), inlined || *inline, *entered && !*inline),
+                    None => (String::new(), inlined, false),
+                },
             };
             sites.push(SourceSite {
                 addr: row.addr,
@@ -504,7 +747,7 @@ impl DebugInfo {
                 file: self.file_name(unit, row.file).unwrap_or_default(),
                 line: chosen,
                 inlined,
-                entry: !inlined && self.function_entered_at(row.addr).is_some(),
+                entry,
                 note: (chosen != line).then(|| format!("line {line} has no code; probed at line {chosen}")),
                 unit: u,
             });
@@ -516,30 +759,95 @@ impl DebugInfo {
     /// The innermost function (out-of-line or inlined) of unit `u` whose code is at
     /// `addr`, and whether that is an inlined copy.
     pub fn function_at(&self, u: usize, addr: u64) -> Option<(String, bool)> {
-        let mut best: Option<(u64, &str, bool)> = None;
-        for f in self.functions() {
-            let mut consider = |ranges: &[(u64, u64)], inlined: bool| {
-                if let Some(&(lo, hi)) = ranges.iter().find(|(lo, hi)| *lo <= addr && addr < *hi) {
-                    let _ = lo;
-                    let size: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>().max(hi - lo);
-                    if best.is_none_or(|b| size < b.0) {
-                        best = Some((size, &f.name, inlined));
+        self.scope_at(u, addr).map(|(name, inlined, _)| (name, inlined))
+    }
+
+    /// The innermost function of unit `u` whose code is at `addr`, whether it is an inlined
+    /// copy, and whether `addr` is the entry of the (out-of-line) function: found by walking
+    /// down the DIEs whose ranges contain it, without indexing the unit.
+    fn scope_at(&self, u: usize, addr: u64) -> Option<(String, bool, bool)> {
+        self.scopes_at(u, &[addr]).remove(&addr)
+    }
+
+    /// [`DebugInfo::scope_at`] for several addresses in one walk (a header's line can be
+    /// at thousands of places of one unit).
+    fn scopes_at(&self, u: usize, addrs: &[u64]) -> std::collections::HashMap<u64, (String, bool, bool)> {
+        let mut out = std::collections::HashMap::new();
+        let Some(unit) = self.unit(u) else { return out };
+        let Ok(mut tree) = unit.entries_tree(None) else { return out };
+        let Ok(root) = tree.root() else { return out };
+        // A damaged unit gives what was found before the damage.
+        let _ = self.walk_scopes(u, unit, root, addrs, 0, &mut out);
+        out
+    }
+
+    fn walk_scopes(
+        &self,
+        u: usize,
+        unit: &gimli::Unit<R>,
+        node: gimli::EntriesTreeNode<R>,
+        addrs: &[u64],
+        depth: usize,
+        out: &mut std::collections::HashMap<u64, (String, bool, bool)>,
+    ) -> gimli::Result<()> {
+        let mut children = node.children();
+        while let Some(child) = children.next()? {
+            let entry = child.entry();
+            let tag = entry.tag();
+            match tag {
+                gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine | gimli::DW_TAG_lexical_block => {
+                    let address = |at| {
+                        entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                    };
+                    let ranges = self.ranges(unit, entry);
+                    let start = address(gimli::DW_AT_entry_pc)
+                        .or_else(|| address(gimli::DW_AT_low_pc))
+                        .or_else(|| ranges.first().map(|r| r.0));
+                    // An inlined copy merged into its caller's code has only its entry (see
+                    // `Inlined::entry`).
+                    let inside: Vec<u64> = addrs
+                        .iter()
+                        .copied()
+                        .filter(|&addr| {
+                            ranges.iter().any(|(lo, hi)| *lo <= addr && addr < *hi)
+                                || (tag == gimli::DW_TAG_inlined_subroutine && start == Some(addr))
+                        })
+                        .collect();
+                    if inside.is_empty() {
+                        continue;
                     }
+                    if tag != gimli::DW_TAG_lexical_block {
+                        let (ou, origin) = self.origin(u, entry);
+                        if let Some((name, _, _)) = self.name_of(ou, origin) {
+                            let inlined = tag == gimli::DW_TAG_inlined_subroutine;
+                            for &addr in &inside {
+                                out.insert(addr, (name.clone(), inlined, !inlined && start == Some(addr)));
+                            }
+                        }
+                    }
+                    self.walk_scopes(u, unit, child, &inside, depth + 1, out)?;
                 }
-            };
-            if f.code_unit == Some(u) {
-                consider(&f.ranges, false);
-            }
-            for i in f.inlined.iter().filter(|i| i.unit == u) {
-                consider(&i.ranges, true);
+                gimli::DW_TAG_namespace
+                | gimli::DW_TAG_structure_type
+                | gimli::DW_TAG_class_type
+                | gimli::DW_TAG_union_type
+                    if depth < 8 =>
+                {
+                    // C++ member functions are defined inside these.
+                    self.walk_scopes(u, unit, child, addrs, depth + 1, out)?;
+                }
+                _ => {}
             }
         }
-        best.map(|(_, name, inlined)| (name.to_string(), inlined))
+        Ok(())
     }
 
     /// The function whose entry is at `addr`, if any.
     pub(crate) fn function_entered_at(&self, addr: u64) -> Option<&Function> {
-        self.functions().iter().find(|f| f.entry() == Some(addr))
+        match self.unit_at(addr) {
+            Some(u) => self.unit_functions(u).iter().find(|f| f.entry() == Some(addr)),
+            None => self.functions().iter().find(|f| f.entry() == Some(addr)),
+        }
     }
 
     /// The lines of `f`'s source file from its declaration to its end, each with whether
@@ -554,7 +862,7 @@ impl DebugInfo {
         units.dedup();
         let mut lines: Vec<u64> = Vec::new();
         for u in units {
-            let unit = &self.units[u];
+            let Some(unit) = self.unit(u) else { continue };
             let mut names = std::collections::HashMap::new();
             lines.extend(
                 self.rows(unit)

@@ -207,6 +207,30 @@ pub struct Member {
     pub ty: TypeRef,
 }
 
+/// A Rust enum's tag and variants (`DW_TAG_variant_part`, DWARF 5 section 5.7.10), as rustc
+/// describes `Option<u32>`: a discriminant member, then one `DW_TAG_variant` per variant
+/// with the tag value that selects it and a member whose struct holds its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variants {
+    /// Bytes from the start of the value to the tag.
+    pub tag_offset: u64,
+    /// The tag's size in bytes.
+    pub tag_size: u64,
+    /// Each variant.
+    pub variants: Vec<Variant>,
+}
+
+/// One variant of a Rust enum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Its name (`Some`).
+    pub name: String,
+    /// The tag value that selects it; `None` for the default variant.
+    pub discr: Option<u64>,
+    /// Its fields (`__0`), offsets from the start of the whole value.
+    pub fields: Vec<Member>,
+}
+
 /// A variable or parameter visible at a site.
 #[derive(Debug, Clone)]
 pub struct Variable {
@@ -232,7 +256,7 @@ impl DebugInfo {
     /// The variables and parameters visible at `site`, innermost scope last; a name
     /// declared again in an inner scope hides the outer one.
     pub fn variables(&self, site: &SourceSite) -> Vec<Variable> {
-        let unit = &self.units[site.unit];
+        let Some(unit) = self.unit(site.unit) else { return Vec::new() };
         let mut out: Vec<Variable> = Vec::new();
         if let Ok(mut tree) = unit.entries_tree(None) {
             if let Ok(root) = tree.root() {
@@ -258,7 +282,7 @@ impl DebugInfo {
         depth: usize,
         out: &mut Vec<Variable>,
     ) -> gimli::Result<()> {
-        let unit = &self.units[site.unit];
+        let Some(unit) = self.unit(site.unit) else { return Ok(()) };
         let mut children = node.children();
         while let Some(child) = children.next()? {
             let entry = child.entry();
@@ -273,8 +297,9 @@ impl DebugInfo {
                     // An inlined copy whose code merged into its caller's has only an entry
                     // address (see `Function::inlined`): a site there is in it.
                     let at_entry = || {
-                        let address =
-                            |at| entry.attr_value(at).and_then(|v| self.dwarf.attr_address(unit, v).ok().flatten());
+                        let address = |at| {
+                            entry.attr_value(at).and_then(|v| self.dwarf_for(unit).attr_address(unit, v).ok().flatten())
+                        };
                         entry.tag() == gimli::DW_TAG_inlined_subroutine
                             && address(gimli::DW_AT_entry_pc).or_else(|| address(gimli::DW_AT_low_pc))
                                 == Some(site.addr)
@@ -293,11 +318,11 @@ impl DebugInfo {
                         gimli::DW_TAG_lexical_block => None,
                         _ => {
                             let (ou, origin) = self.origin(site.unit, entry);
-                            self.units[ou]
-                                .entry(origin)
-                                .ok()
+                            let origin_unit = self.unit(ou);
+                            origin_unit
+                                .and_then(|unit| unit.entry(origin).ok())
                                 .and_then(|e| e.attr_value(gimli::DW_AT_name))
-                                .and_then(|v| self.string(&self.units[ou], v))
+                                .and_then(|v| self.string(origin_unit?, v))
                         }
                     };
                     let is_function = name.as_deref() == Some(site.function.as_str());
@@ -324,16 +349,24 @@ impl DebugInfo {
         entry: &gimli::DebuggingInformationEntry<R>,
         scope: &Scope,
     ) -> Option<Variable> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit)?;
         let (name, ty) = self.name_and_type(site.unit, entry)?;
         let mut available = Vec::new();
         let place = match entry.attr_value(gimli::DW_AT_location) {
             Some(AttributeValue::Exprloc(expr)) => self.place(site, expr, scope),
-            Some(value) => match self.dwarf.attr_locations(unit, value) {
+            Some(value) => match self.dwarf_for(unit).attr_locations(unit, value) {
                 Ok(Some(mut list)) => {
                     let mut found = None;
                     while let Ok(Some(e)) = list.next() {
-                        available.push((e.range.begin, e.range.end));
+                        // A value known only at the entry (`DW_OP_entry_value`) cannot be read
+                        // in the range it is given for, past the entry.
+                        let entry_only = matches!(
+                            e.data.clone().operations(unit.encoding()).next(),
+                            Ok(Some(Operation::EntryValue { .. }))
+                        );
+                        if !entry_only {
+                            available.push((e.range.begin, e.range.end));
+                        }
                         if e.range.begin <= site.addr && site.addr < e.range.end && found.is_none() {
                             found = Some(e.data);
                         }
@@ -363,13 +396,12 @@ impl DebugInfo {
         u: usize,
         entry: &gimli::DebuggingInformationEntry<R>,
     ) -> Option<(String, Option<TypeRef>)> {
-        let unit = &self.units[u];
+        let unit = self.unit(u)?;
         let mut name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
         let mut ty = self.type_attr(u, entry);
         if let Some((ou, origin)) = entry.attr_value(gimli::DW_AT_abstract_origin).and_then(|v| self.reference(u, v)) {
-            if let Ok(origin) = self.units[ou].entry(origin) {
-                name =
-                    name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(&self.units[ou], v)));
+            if let Some((origin_unit, Ok(origin))) = self.unit(ou).map(|unit| (unit, unit.entry(origin))) {
+                name = name.or_else(|| origin.attr_value(gimli::DW_AT_name).and_then(|v| self.string(origin_unit, v)));
                 ty = ty.or_else(|| self.type_attr(ou, &origin));
             }
         }
@@ -378,7 +410,7 @@ impl DebugInfo {
 
     /// The place a location expression describes at `site`.
     fn place(&self, site: &SourceSite, expr: Expression<R>, scope: &Scope) -> Result<Place, VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         let mut ops = Vec::new();
         let mut iter = expr.operations(unit.encoding());
         loop {
@@ -412,7 +444,7 @@ impl DebugInfo {
 
     /// The place of a location expression that is not in pieces.
     fn single(&self, site: &SourceSite, ops: &[Operation<R>], scope: &Scope) -> Result<Place, VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         match ops {
             [Operation::Register { register }] => Ok(Place::Register(register.0)),
             [Operation::RegisterOffset { register, offset, .. }] => {
@@ -430,11 +462,11 @@ impl DebugInfo {
                 let mut inner_ops = inner.operations(unit.encoding());
                 match (inner_ops.next(), site.entry) {
                     (Ok(Some(Operation::Register { register })), true) => Ok(Place::Register(register.0)),
-                    _ => Err(VarError::Unsupported(
-                        "only its value at the function's entry is described (DW_OP_entry_value), which is \
-                         not kept here; probe the function's entry"
-                            .into(),
-                    )),
+                    // Past the entry the register has been reused: the value is only in the
+                    // caller's frame (its DW_TAG_call_site_parameter), which depends on which
+                    // caller it was — not something a probe here can read. Optimized out
+                    // here, then, and `--vars` lists where it can still be read.
+                    _ => Err(VarError::OptimizedOut),
                 }
             }
             [Operation::Address { address }] => {
@@ -453,7 +485,7 @@ impl DebugInfo {
 
     /// The frame base at `site` as a register and an offset.
     fn frame_base(&self, site: &SourceSite, scope: &Scope) -> Result<(Place, i64), VarError> {
-        let unit = &self.units[site.unit];
+        let unit = self.unit(site.unit).ok_or(VarError::OptimizedOut)?;
         let Some(expr) = scope.frame_base.clone() else {
             return Err(VarError::Unsupported("its function has no frame base".into()));
         };
@@ -622,7 +654,7 @@ impl DebugInfo {
         let mut ty = ty;
         for _ in 0..16 {
             let die = ty.die;
-            let Ok(entry) = self.units[ty.unit].entry(die) else { break };
+            let Some(Ok(entry)) = self.unit(ty.unit).map(|unit| unit.entry(die)) else { break };
             let size = entry.attr_value(gimli::DW_AT_byte_size).and_then(|v| v.udata_value()).unwrap_or(0);
             let kind = match entry.tag() {
                 gimli::DW_TAG_typedef
@@ -676,7 +708,7 @@ impl DebugInfo {
 
     /// The C spelling of a type.
     fn type_name(&self, ty: TypeRef, depth: usize) -> String {
-        let unit = &self.units[ty.unit];
+        let Some(unit) = self.unit(ty.unit) else { return "?".into() };
         let Ok(entry) = unit.entry(ty.die) else { return "?".into() };
         let name = entry.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
         let inner = |prefix: &str, suffix: &str| match (self.type_attr(ty.unit, &entry), depth < 8) {
@@ -708,7 +740,7 @@ impl DebugInfo {
     }
 
     fn children(&self, u: usize, die: UnitOffset, mut each: impl FnMut(&gimli::DebuggingInformationEntry<R>)) {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return };
         let Ok(mut tree) = unit.entries_tree(Some(die)) else { return };
         let Ok(root) = tree.root() else { return };
         let mut children = root.children();
@@ -717,8 +749,78 @@ impl DebugInfo {
         }
     }
 
+    /// The tag and variants of a Rust enum type with an explicit tag (`Option<u32>`); `None`
+    /// for any other type, and for enums whose tag is folded into a field's unused values
+    /// (`Option<&T>`, which has no discriminant member).
+    pub fn variants(&self, ty: TypeRef) -> Option<Variants> {
+        let unit = self.unit(ty.unit)?;
+        let mut tree = unit.entries_tree(Some(ty.die)).ok()?;
+        let root = tree.root().ok()?;
+        let mut children = root.children();
+        while let Ok(Some(part)) = children.next() {
+            if part.entry().tag() != gimli::DW_TAG_variant_part {
+                continue;
+            }
+            let discr = match part.entry().attr_value(gimli::DW_AT_discr)? {
+                AttributeValue::UnitRef(offset) => offset,
+                _ => return None,
+            };
+            let mut out = Variants { tag_offset: 0, tag_size: 0, variants: Vec::new() };
+            let mut found_tag = false;
+            let mut inner = part.children();
+            while let Ok(Some(node)) = inner.next() {
+                let entry = node.entry().clone();
+                match entry.tag() {
+                    gimli::DW_TAG_member if entry.offset() == discr => {
+                        out.tag_offset = member_offset(&entry);
+                        out.tag_size = self.type_attr(ty.unit, &entry).map_or(0, |t| self.type_of(t).size);
+                        found_tag = true;
+                    }
+                    gimli::DW_TAG_variant => {
+                        let value = entry.attr_value(gimli::DW_AT_discr_value).and_then(|v| v.udata_value());
+                        let mut members = node.children();
+                        while let Ok(Some(member)) = members.next() {
+                            let member = member.entry();
+                            if member.tag() != gimli::DW_TAG_member {
+                                continue;
+                            }
+                            let name = member.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v));
+                            let Some(variant) = self.type_attr(ty.unit, member) else { continue };
+                            let base = member_offset(member);
+                            let fields = self
+                                .members(variant.unit, variant.die)
+                                .into_iter()
+                                .map(|m| Member { offset: base + m.offset, ..m })
+                                .collect();
+                            out.variants.push(Variant { name: name.unwrap_or_default(), discr: value, fields });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return found_tag.then_some(out);
+        }
+        None
+    }
+
+    /// The types of a generic type's parameters (`DW_TAG_template_type_param`), by name:
+    /// `T` of a Rust `Vec<T>`.
+    pub fn type_parameters(&self, ty: TypeRef) -> Vec<(String, TypeRef)> {
+        let Some(unit) = self.unit(ty.unit) else { return Vec::new() };
+        let mut out = Vec::new();
+        self.children(ty.unit, ty.die, |e| {
+            if e.tag() == gimli::DW_TAG_template_type_parameter {
+                let name = e.attr_value(gimli::DW_AT_name).and_then(|v| self.string(unit, v)).unwrap_or_default();
+                if let Some(t) = self.type_attr(ty.unit, e) {
+                    out.push((name, t));
+                }
+            }
+        });
+        out
+    }
+
     fn enumerators(&self, u: usize, die: UnitOffset) -> Vec<(i64, String)> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Vec::new() };
         let mut out = Vec::new();
         self.children(u, die, |e| {
             if e.tag() == gimli::DW_TAG_enumerator {
@@ -735,7 +837,7 @@ impl DebugInfo {
     }
 
     fn members(&self, u: usize, die: UnitOffset) -> Vec<Member> {
-        let unit = &self.units[u];
+        let Some(unit) = self.unit(u) else { return Vec::new() };
         let mut out = Vec::new();
         self.children(u, die, |e| {
             if e.tag() != gimli::DW_TAG_member {
@@ -771,10 +873,15 @@ impl DebugInfo {
     /// The return type of the function `site` is the entry of.
     pub fn return_type(&self, site: &SourceSite) -> Option<TypeRef> {
         let f = self.function_entered_at(site.addr)?;
-        let unit = &self.units[f.unit];
+        let unit = self.unit(f.unit)?;
         let entry = unit.entry(f.die).ok()?;
         self.type_attr(f.unit, &entry)
     }
+}
+
+/// A member's `DW_AT_data_member_location` as a constant (0 when absent).
+fn member_offset(entry: &gimli::DebuggingInformationEntry<R>) -> u64 {
+    entry.attr_value(gimli::DW_AT_data_member_location).and_then(|v| v.udata_value()).unwrap_or(0)
 }
 
 fn find_member<'m>(members: &'m [Member], name: &str, what: &str) -> Result<&'m Member, VarError> {
