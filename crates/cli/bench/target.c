@@ -88,6 +88,9 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
  *   dynprobe_floor_gprs        + the register frame: 15 general registers stored, rsp and
  *                              rip stored, caller-saved reloaded, callee-saved compared
  *   dynprobe_floor_flags       + pushfq/cld ... popfq around it (a probe mid-function)
+ *   dynprobe_floor_sahf        dynprobe_floor_flags with the flags put back as a mid-function
+ *                              detour does when they are arithmetic ones only: sahf, and
+ *                              OF by an add (no popfq)
  *   dynprobe_floor_call        dynprobe_floor_gprs + the aligned call of a dispatcher that
  *                              returns 0 at once, as a light detour makes it
  *   dynprobe_floor_ret_swap    a return hook's bookkeeping without the hook: the return
@@ -149,6 +152,11 @@ FLOOR_ENTRY("dynprobe_floor_gprs", ENTRY_FRAME("dynprobe_floor_gprs", ""));
 FLOOR_ENTRY("dynprobe_floor_flags",
 	    "	lea -144(%rsp),%rsp\n	pushfq\n	cld\n	lea -120(%rsp),%rsp\n" FRAME_SAVE("dynprobe_floor_flags")
 		    FRAME_RESTORE "	popfq\n	lea 144(%rsp),%rsp\n");
+FLOOR_ENTRY("dynprobe_floor_sahf",
+	    "	lea -144(%rsp),%rsp\n	pushfq\n	cld\n	lea -120(%rsp),%rsp\n" FRAME_SAVE("dynprobe_floor_sahf")
+		    "	mov 120(%rsp),%rax\n	test $0xfffff528,%eax\n	jnz dynprobe_floor_trap\n	mov %eax,%ecx\n"
+		    "	shr $11,%ecx\n	and $1,%ecx\n	mov %al,%ah\n	mov %cl,%al\n	add $0x7f,%al\n	sahf\n"
+		    FRAME_RESTORE "	lea 152(%rsp),%rsp\n");
 FLOOR_ENTRY("dynprobe_floor_call", ENTRY_FRAME("dynprobe_floor_call", LIGHT_CALL));
 
 /* A return floor: NAME's entry keeps the caller's address in NAME_slot and puts what

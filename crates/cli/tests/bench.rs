@@ -191,10 +191,11 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 /// divided by.
 #[test]
 fn the_floor_rows_measure_each_part_of_the_hot_paths_beside_the_real_ones() {
-    const FLOORS: [&str; 8] = [
+    const FLOORS: [&str; 9] = [
         "floor-jump",
         "floor-gprs",
         "floor-flags",
+        "floor-sahf",
         "floor-call",
         "floor-ret-swap",
         "floor-ret-miss",
@@ -209,7 +210,7 @@ fn the_floor_rows_measure_each_part_of_the_hot_paths_beside_the_real_ones() {
     // The real rows are divided by the floors they stand on.
     for (real, floors) in [
         ("optimized-probe", &["x_floor_jump", "x_floor_call"][..]),
-        ("optimized-probe-mid", &["x_floor_flags"]),
+        ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
         ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call"]),
     ] {
         let real = row(&rows, real).as_object().unwrap();

@@ -17,7 +17,8 @@ use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
     dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_jump,
-    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, Target,
+    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap,
+    dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -50,6 +51,8 @@ pub const FLOOR_JUMP: &str = "floor-jump";
 pub const FLOOR_GPRS: &str = "floor-gprs";
 /// The same with the flags saved too, as mid-function.
 pub const FLOOR_FLAGS: &str = "floor-flags";
+/// floor-flags with the flags put back by `sahf`, as a mid-function detour does.
+pub const FLOOR_SAHF: &str = "floor-sahf";
 /// The hand-built entry detour calling a dispatcher that returns at once.
 pub const FLOOR_CALL: &str = "floor-call";
 /// A return address kept aside and written back unchanged.
@@ -247,6 +250,12 @@ pub static ROWS: &[Row] = &[
     floor(FLOOR_GPRS, "floor-jump + the entry detour's register frame (15 registers stored, caller-saved reloaded, \
                        callee-saved compared)", dynprobe_floor_gprs),
     floor(FLOOR_FLAGS, "floor-gprs + pushfq/cld/popfq, as mid-function (pushfq and popfq are microcoded)", dynprobe_floor_flags),
+    floor(
+        FLOOR_SAHF,
+        "floor-flags with the flags put back by sahf and an add for OF, as mid-function detours do when only \
+         arithmetic flags are set (no popfq)",
+        dynprobe_floor_sahf,
+    ),
     floor(FLOOR_CALL, "floor-gprs + the light path's aligned call of a dispatcher that returns at once: \
                        optimized-probe minus this is dynprobe's dispatch", dynprobe_floor_call),
     floor(FLOOR_RET_SWAP, "a return address kept aside and written back unchanged (a return hook's bookkeeping, no hook)",
@@ -274,12 +283,12 @@ pub static ROWS: &[Row] = &[
     },
     Row {
         name: "optimized-probe-mid",
-        about: "dynprobe jump-optimized probe mid-function (flags, MXCSR, all vector registers saved)",
+        about: "dynprobe jump-optimized probe mid-function (flags saved by pushfq, put back by sahf)",
         measure: Measure::Call {
             target: dynprobe_bench_target,
             setup: |target| register_optimized_probe(target, ProbePoint::Middle),
         },
-        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_FLAGS],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_FLAGS, FLOOR_SAHF],
     },
     Row {
         name: "return-probe",

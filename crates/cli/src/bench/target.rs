@@ -31,6 +31,8 @@ extern "C" {
     pub fn dynprobe_floor_gprs(x: c_long) -> c_long;
     /// [`dynprobe_floor_gprs`] + `pushfq`/`popfq`.
     pub fn dynprobe_floor_flags(x: c_long) -> c_long;
+    /// [`dynprobe_floor_flags`] with the flags put back by `sahf` (no `popfq`).
+    pub fn dynprobe_floor_sahf(x: c_long) -> c_long;
     /// [`dynprobe_floor_gprs`] + the call of a dispatcher that returns at once.
     pub fn dynprobe_floor_call(x: c_long) -> c_long;
     /// The work with its return address kept aside and written back unchanged. Calls from
