@@ -179,5 +179,9 @@ mod tests {
         assert_eq!(encode_every_kind(b"abc", 7), 4);
         let gate = encode_every_kind as fn(&[u8], u64) -> usize;
         dynprobe_probe::function_light_verdict(gate as *const () as u64).unwrap();
+        // The whole handler: the site's lookup, the arguments read from the registers and
+        // memory, the ring's position and push.
+        let handler = record_hit as fn(&[u64], &MarkerHit<'_>);
+        dynprobe_probe::function_light_verdict(handler as *const () as u64).unwrap();
     }
 }
