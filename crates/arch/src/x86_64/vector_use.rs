@@ -709,6 +709,14 @@ mod tests {
         assert!(prove_light(&[0x1000], &mut unbounded, 20).unwrap_err().reason.contains("indirect branch"));
     }
 
+    /// `code`, one function at 0x1000, proven with the jump table `entries` at 0x2000.
+    fn prove_with_table(code: &[u8], entries: &[i32]) -> Result<Light, Heavy> {
+        let mut p = program(&[(0x1000, code)]);
+        p.constants.insert(0x2000, entries.iter().flat_map(|e| e.to_le_bytes()).collect());
+        p.functions.push((0x1000, 0x1000 + code.len() as u64));
+        prove_light(&[0x1000], &mut p, 40)
+    }
+
     #[test]
     fn a_jump_table_checked_by_a_compare_is_read_up_to_the_bound_only() {
         // 0x1000: cmp $N,%edi ; ja 0x1016 ; lea 0xff4(%rip),%rcx (table 0x2000) ;
@@ -720,15 +728,9 @@ mod tests {
                 0x01, 0xc8, 0xff, 0xe0, 0xc3, 0xc3, 0x0f, 0x11, 0x07, 0xc3,
             ]
         };
-        let with_bound = |n: u8| {
-            let code = code(n);
-            let mut p = program(&[(0x1000, &code)]);
-            // Two entries, then another table's: relative to this one, its entry leads to
-            // the vector store.
-            p.constants.insert(0x2000, [-0xfebi32, -0xfea, -0xfe9].iter().flat_map(|e| e.to_le_bytes()).collect());
-            p.functions.push((0x1000, 0x101b));
-            prove_light(&[0x1000], &mut p, 40)
-        };
+        // Two entries, then another table's: relative to this one, its entry leads to the
+        // vector store.
+        let with_bound = |n: u8| prove_with_table(&code(n), &[-0xfeb, -0xfea, -0xfe9]);
         // Index at most 1: the two entries only.
         assert!(with_bound(1).is_ok(), "{:?}", with_bound(1));
         // Index at most 2: the third entry is a target too.
@@ -753,15 +755,9 @@ mod tests {
             ];
             [&head[..], lea, &[0x0f, 0x11, 0x07, 0xc3]].concat()
         };
-        let prove = |next_table: bool| {
-            let code = code(next_table);
-            let mut p = program(&[(0x1000, &code)]);
-            // This table's two entries, then the next table's, which relative to this one
-            // leads to the vector store.
-            p.constants.insert(0x2000, [-0xfedi32, -0xfec, -0xfe4].iter().flat_map(|e| e.to_le_bytes()).collect());
-            p.functions.push((0x1000, 0x1020));
-            prove_light(&[0x1000], &mut p, 40)
-        };
+        // This table's two entries, then the next table's, which relative to this one leads
+        // to the vector store.
+        let prove = |next_table: bool| prove_with_table(&code(next_table), &[-0xfed, -0xfec, -0xfe4]);
         assert!(prove(true).is_ok(), "{:?}", prove(true));
         // Nothing says where the table ends: its entries are read on (the cautious way).
         assert_eq!(prove(false).unwrap_err().at, 0x101c);
