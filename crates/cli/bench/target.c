@@ -72,3 +72,127 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
 			 "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
 	return work(x);
 }
+
+/*
+ * The floors of the optimized and return paths: hand-built copies of what dynprobe's
+ * detours and return sled do, one part added at a time, on the same work as
+ * dynprobe_bench_target (written out in assembly as gcc -O2 compiles it, so every copy is
+ * that function's code). Each row's added cost minus the previous one's is what that part
+ * costs on the host; dynprobe's real rows minus the last floor is dynprobe's own work.
+ * The layouts copy dynprobe_arch's detour.rs (the entry variant: no flags saved) and
+ * trampoline.rs (the return sled's `common`, general registers only); where those load a
+ * 64-bit immediate, these use a rip-relative lea (no text relocation in a PIE).
+ *
+ *   dynprobe_floor_jump        the probe point's jmp to a detour in another section, the
+ *                              covered instructions there, the jmp back
+ *   dynprobe_floor_gprs        + the register frame: 15 general registers stored, rsp and
+ *                              rip stored, caller-saved reloaded, callee-saved compared
+ *   dynprobe_floor_flags       + pushfq/cld ... popfq around it (a probe mid-function)
+ *   dynprobe_floor_sahf        dynprobe_floor_flags with the flags put back as a mid-function
+ *                              detour does when they are arithmetic ones only: sahf, and
+ *                              OF by an add (no popfq)
+ *   dynprobe_floor_call        dynprobe_floor_gprs + the aligned call of a dispatcher that
+ *                              returns 0 at once, as a light detour makes it
+ *   dynprobe_floor_ret_swap    a return hook's bookkeeping without the hook: the return
+ *                              address kept aside and written back unchanged
+ *   dynprobe_floor_ret_miss    the return address replaced by a trampoline's: one
+ *                              mispredicted ret, then an indirect jmp back to the caller
+ *                              (the floor of any return hook)
+ *   dynprobe_floor_ret_sled    + the sled's shape: `call common`, common's frame, the
+ *                              original address left below rsp, `ret` and `jmp *-16(%rsp)`
+ *   dynprobe_floor_ret_call    + common's nine general registers saved and restored around
+ *                              the call of a dispatcher that only returns the address
+ *
+ * The return floors keep the caller's address in one static slot: their rows run on one
+ * thread.
+ */
+#define FLOOR_COPY "	mov %rdi,%rax\n	shr $0x1f,%rax\n"
+#define FLOOR_REST                                                                                                   \
+	"	xor %rdi,%rax\n	imul $0x7e3779b9,%rax,%rax\n	mov %rax,%rdx\n	shr $0x1d,%rdx\n	xor %rdx,%rax\n" \
+	"	ret\n"
+
+/* A function whose first 7 bytes (the covered run) are a jmp to DETOUR then int3 padding. */
+#define FLOOR_ENTRY(name, detour)                                                                                    \
+	__asm__(".text\n.globl " name "\n.type " name ",@function\n.p2align 4\n" name ":\n"                          \
+		"	jmp " name "_detour\n	int3\n	int3\n" name "_back:\n" FLOOR_REST ".size " name ", .-" name      \
+		"\n.section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 6\n" name "_detour:\n" detour FLOOR_COPY  \
+		"	jmp " name "_back\n	int3\n.text\n")
+
+/* The entry frame of detour.rs: below the red zone, constant flags, the registers in Regs
+ * order (r15 at the lowest address), the original rsp and the probe address. */
+#define FRAME_SAVE(name)                                                                                             \
+	"	mov %r15,0(%rsp)\n	mov %r14,8(%rsp)\n	mov %r13,16(%rsp)\n	mov %r12,24(%rsp)\n"                          \
+	"	mov %r11,32(%rsp)\n	mov %r10,40(%rsp)\n	mov %r9,48(%rsp)\n	mov %r8,56(%rsp)\n"                           \
+	"	mov %rbp,64(%rsp)\n	mov %rbx,72(%rsp)\n	mov %rax,80(%rsp)\n	mov %rcx,88(%rsp)\n"                          \
+	"	mov %rdx,96(%rsp)\n	mov %rsi,104(%rsp)\n	mov %rdi,112(%rsp)\n"                                             \
+	"	lea 272(%rsp),%rax\n	mov %rax,128(%rsp)\n	lea " name "(%rip),%rax\n	mov %rax,136(%rsp)\n"
+#define FRAME_RESTORE                                                                                                \
+	"	cmp %r15,0(%rsp)\n	jne dynprobe_floor_trap\n	cmp %r14,8(%rsp)\n	jne dynprobe_floor_trap\n"          \
+	"	cmp %r13,16(%rsp)\n	jne dynprobe_floor_trap\n	cmp %r12,24(%rsp)\n	jne dynprobe_floor_trap\n"         \
+	"	mov 32(%rsp),%r11\n	mov 40(%rsp),%r10\n	mov 48(%rsp),%r9\n	mov 56(%rsp),%r8\n"                           \
+	"	cmp %rbp,64(%rsp)\n	jne dynprobe_floor_trap\n	cmp %rbx,72(%rsp)\n	jne dynprobe_floor_trap\n"         \
+	"	mov 80(%rsp),%rax\n	mov 88(%rsp),%rcx\n	mov 96(%rsp),%rdx\n	mov 104(%rsp),%rsi\n"                         \
+	"	mov 112(%rsp),%rdi\n	lea 120(%rsp),%rsp\n"
+#define ENTRY_FRAME(name, inside)                                                                                    \
+	"	lea -272(%rsp),%rsp\n	movq $0x202,120(%rsp)\n" FRAME_SAVE(name) inside FRAME_RESTORE                    \
+	"	lea 152(%rsp),%rsp\n"
+/* The light path's call: rsp aligned, the frame and context kept across the call. */
+#define LIGHT_CALL                                                                                                   \
+	"	mov %rsp,%rsi\n	movabs $0,%rdi\n	and $-16,%rsp\n	sub $16,%rsp\n	mov %rsi,8(%rsp)\n"                  \
+	"	mov %rdi,(%rsp)\n	call dynprobe_floor_dispatch\n	mov %eax,%r11d\n	mov (%rsp),%rdi\n"                   \
+	"	mov 8(%rsp),%rsp\n	test %r11d,%r11d\n	jnz dynprobe_floor_trap\n"
+
+__asm__(".section .text.dynprobe_floor,\"ax\",@progbits\n"
+	".p2align 4\ndynprobe_floor_trap:\n	ud2\n"
+	".p2align 4\ndynprobe_floor_dispatch:\n	xor %eax,%eax\n	ret\n"
+	".text\n");
+
+FLOOR_ENTRY("dynprobe_floor_jump", "");
+FLOOR_ENTRY("dynprobe_floor_gprs", ENTRY_FRAME("dynprobe_floor_gprs", ""));
+FLOOR_ENTRY("dynprobe_floor_flags",
+	    "	lea -144(%rsp),%rsp\n	pushfq\n	cld\n	lea -120(%rsp),%rsp\n" FRAME_SAVE("dynprobe_floor_flags")
+		    FRAME_RESTORE "	popfq\n	lea 144(%rsp),%rsp\n");
+FLOOR_ENTRY("dynprobe_floor_sahf",
+	    "	lea -144(%rsp),%rsp\n	pushfq\n	cld\n	lea -120(%rsp),%rsp\n" FRAME_SAVE("dynprobe_floor_sahf")
+		    "	mov 120(%rsp),%rax\n	test $0xfffff528,%eax\n	jnz dynprobe_floor_trap\n	mov %eax,%ecx\n"
+		    "	shr $11,%ecx\n	and $1,%ecx\n	mov %al,%ah\n	mov %cl,%al\n	add $0x7f,%al\n	sahf\n"
+		    FRAME_RESTORE "	lea 152(%rsp),%rsp\n");
+FLOOR_ENTRY("dynprobe_floor_call", ENTRY_FRAME("dynprobe_floor_call", LIGHT_CALL));
+
+/* A return floor: NAME's entry keeps the caller's address in NAME_slot and puts what
+ * LOAD loads into %r11 in its place; NAME_tramp (in the floor section) is TRAMP. */
+#define FLOOR_RETURN(name, load, tramp)                                                                              \
+	__asm__(".bss\n.p2align 3\n" name "_slot:\n	.zero 8\n"                                                        \
+		".text\n.globl " name "\n.type " name ",@function\n.p2align 4\n" name ":\n"                          \
+		"	mov (%rsp),%r11\n	mov %r11," name "_slot(%rip)\n" load "	mov %r11,(%rsp)\n" FLOOR_COPY     \
+		FLOOR_REST ".size " name ", .-" name "\n"                                                            \
+		".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 6\n" name "_tramp:\n" tramp "	int3\n.text\n")
+#define TO_TRAMP(name) "	lea " name "_tramp(%rip),%r11\n"
+
+/* common of trampoline.rs with nothing saved: its frame, the original address at 8(%rbp). */
+#define SLED_COMMON(name, inside)                                                                                    \
+	"	call " name "_common\n	jmp *-16(%rsp)\n	int3\n.p2align 4\n" name "_common:\n"                          \
+	"	lea -8(%rsp),%rsp\n	push %rbp\n	mov %rsp,%rbp\n" inside "	mov %rbp,%rsp\n	pop %rbp\n"              \
+	"	lea 8(%rsp),%rsp\n	ret\n"
+/* The nine registers a function may clobber, around the call of a dispatcher that returns
+ * the original address. */
+#define SLED_CALL(name)                                                                                              \
+	"	and $-64,%rsp\n	sub $192,%rsp\n	mov %rax,64(%rsp)\n	mov %rdx,72(%rsp)\n	mov %rcx,80(%rsp)\n"         \
+	"	mov %rsi,88(%rsp)\n	mov %rdi,96(%rsp)\n	mov %r8,104(%rsp)\n	mov %r9,112(%rsp)\n"                          \
+	"	mov %r10,120(%rsp)\n	mov %r11,128(%rsp)\n	mov 16(%rbp),%rdi\n	lea 64(%rsp),%rsi\n"                     \
+	"	lea 24(%rbp),%rdx\n	lea " name "_dispatch(%rip),%rax\n	call *%rax\n	mov %rax,8(%rbp)\n"                 \
+	"	mov 64(%rsp),%rax\n	mov 72(%rsp),%rdx\n	mov 80(%rsp),%rcx\n	mov 88(%rsp),%rsi\n"                          \
+	"	mov 96(%rsp),%rdi\n	mov 104(%rsp),%r8\n	mov 112(%rsp),%r9\n	mov 120(%rsp),%r10\n"                         \
+	"	mov 128(%rsp),%r11\n"
+
+/* ret_swap's trampoline is never reached: its entry writes the caller's address back. */
+FLOOR_RETURN("dynprobe_floor_ret_swap", "	mov dynprobe_floor_ret_swap_slot(%rip),%r11\n", "");
+FLOOR_RETURN("dynprobe_floor_ret_miss", TO_TRAMP("dynprobe_floor_ret_miss"),
+	     "	jmp *dynprobe_floor_ret_miss_slot(%rip)\n");
+FLOOR_RETURN("dynprobe_floor_ret_sled", TO_TRAMP("dynprobe_floor_ret_sled"),
+	     SLED_COMMON("dynprobe_floor_ret_sled",
+			 "	mov dynprobe_floor_ret_sled_slot(%rip),%r11\n	mov %r11,8(%rbp)\n"));
+FLOOR_RETURN("dynprobe_floor_ret_call", TO_TRAMP("dynprobe_floor_ret_call"),
+	     SLED_COMMON("dynprobe_floor_ret_call", SLED_CALL("dynprobe_floor_ret_call")));
+__asm__(".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_ret_call_dispatch:\n	mov dynprobe_floor_ret_call_slot(%rip),%rax\n	ret\n.text\n");

@@ -192,6 +192,38 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
     assert!(ptrace["x_kernel_uprobe"].as_f64().is_some(), "{ptrace}");
 }
 
+/// The floors of the optimized and return paths: hand-built copies of each part, which
+/// compute what the target does (their setup checks) and are what the real rows are
+/// divided by.
+#[test]
+fn the_floor_rows_measure_each_part_of_the_hot_paths_beside_the_real_ones() {
+    const FLOORS: [&str; 9] = [
+        "floor-jump",
+        "floor-gprs",
+        "floor-flags",
+        "floor-sahf",
+        "floor-call",
+        "floor-ret-swap",
+        "floor-ret-miss",
+        "floor-ret-sled",
+        "floor-ret-call",
+    ];
+    let wanted = [&FLOORS[..], &["optimized-probe", "optimized-probe-mid", "return-probe"]].concat().join(",");
+    let rows = rows(&["--iterations", "2000", "--rows", &wanted]);
+    for floor in FLOORS {
+        assert!(ns_per_hit(&rows, floor).is_finite(), "{}", row(&rows, floor));
+    }
+    // The real rows are divided by the floors they stand on.
+    for (real, floors) in [
+        ("optimized-probe", &["x_floor_jump", "x_floor_call"][..]),
+        ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
+        ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call"]),
+    ] {
+        let real = row(&rows, real).as_object().unwrap();
+        assert!(floors.iter().all(|ratio| real.contains_key(*ratio)), "{real:?}");
+    }
+}
+
 #[test]
 fn the_uftrace_row_says_when_uftrace_is_not_installed() {
     // A PATH with nothing on it: the program rows run their programs by absolute path.

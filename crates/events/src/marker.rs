@@ -24,6 +24,8 @@
 //! assert_eq!(values, [MarkerValue::Unsigned(5), MarkerValue::Str { bytes: b"x".to_vec(), cut: false }]);
 //! ```
 
+use std::mem::MaybeUninit;
+
 use crate::model::MarkerValue;
 use crate::record::{Kind, Record};
 
@@ -48,80 +50,125 @@ const OMITTED: u8 = 9;
 
 /// One marker hit being encoded: add its arguments in order, then [`finish`](Self::finish).
 /// Everything is in the value itself, so it can live on a probed thread's stack.
+///
+/// It runs in a marker's probe detour, which a light proof (the probe layer's `light`
+/// module) lets save no vector register: so it has no code that touches one. Nothing is
+/// zeroed in advance (the 2 KiB would be a `memset`), and every byte is moved by a volatile
+/// access of its own, which the compiler can neither merge into vector moves nor turn into
+/// a call of the C library's `memcpy`.
 pub struct MarkerRecords {
-    data: [u8; MAX_DATA_BYTES],
+    /// Written up to `len`.
+    data: [MaybeUninit<u8>; MAX_DATA_BYTES],
     len: usize,
     /// A value did not fit: the rest are left out (an `omitted` tag ends the data).
     full: bool,
-    records: [Record; 1 + MAX_DATA_RECORDS],
+    /// Written by `finish`, up to the count it returns.
+    records: [MaybeUninit<Record>; 1 + MAX_DATA_RECORDS],
 }
 
 impl MarkerRecords {
     /// No argument yet.
     pub const fn new() -> MarkerRecords {
         MarkerRecords {
-            data: [0; MAX_DATA_BYTES],
+            data: [const { MaybeUninit::uninit() }; MAX_DATA_BYTES],
             len: 0,
             full: false,
-            records: [Record { time: 0, word: 0 }; 1 + MAX_DATA_RECORDS],
+            records: [const { MaybeUninit::uninit() }; 1 + MAX_DATA_RECORDS],
         }
     }
 
-    /// Appends a tag and its value, or marks the hit full when they do not fit (one byte
-    /// stays free for the `omitted` tag).
-    fn value(&mut self, tag: u8, bytes: &[u8]) -> &mut Self {
-        if self.full || self.len + 1 + bytes.len() >= MAX_DATA_BYTES {
-            self.full = true;
-            return self;
+    /// Writes `byte` at `at` (below `MAX_DATA_BYTES`: the callers check; beyond is ignored).
+    #[inline(always)]
+    fn put(&mut self, at: usize, byte: u8) {
+        if let Some(slot) = self.data.get_mut(at) {
+            // SAFETY: a byte of this value's own array.
+            unsafe { std::ptr::write_volatile(slot.as_mut_ptr(), byte) };
         }
-        self.data[self.len] = tag;
-        self.data[self.len + 1..self.len + 1 + bytes.len()].copy_from_slice(bytes);
-        self.len += 1 + bytes.len();
+    }
+
+    /// The data byte at `at`, written before (`at < len`); 0 past the array.
+    #[inline(always)]
+    fn byte(&self, at: usize) -> u8 {
+        match self.data.get(at) {
+            // SAFETY: the callers read below `len`, which `put` wrote.
+            Some(slot) => unsafe { std::ptr::read_volatile(slot.as_ptr()) },
+            None => 0,
+        }
+    }
+
+    /// Whether a tag and `bytes` more fit, one byte staying free for the `omitted` tag;
+    /// marks the hit full when not.
+    fn room(&mut self, bytes: usize) -> bool {
+        if self.full || self.len + 1 + bytes >= MAX_DATA_BYTES {
+            self.full = true;
+        }
+        !self.full
+    }
+
+    /// Appends a tag and the `n` low bytes of `v`, little-endian, or marks the hit full
+    /// when they do not fit.
+    #[inline(never)]
+    fn value(&mut self, tag: u8, v: u64, n: usize) -> &mut Self {
+        if self.room(n) {
+            self.put(self.len, tag);
+            for k in 0..n.min(8) {
+                self.put(self.len + 1 + k, (v >> (8 * k)) as u8);
+            }
+            self.len += 1 + n.min(8);
+        }
         self
     }
 
     /// An unsigned integer.
     pub fn unsigned(&mut self, v: u64) -> &mut Self {
-        self.value(UNSIGNED, &v.to_le_bytes())
+        self.value(UNSIGNED, v, 8)
     }
 
     /// A signed integer.
     pub fn signed(&mut self, v: i64) -> &mut Self {
-        self.value(SIGNED, &v.to_le_bytes())
+        self.value(SIGNED, v as u64, 8)
     }
 
     /// A `bool`.
     pub fn bool(&mut self, v: bool) -> &mut Self {
-        self.value(BOOL, &[u8::from(v)])
+        self.value(BOOL, u64::from(v), 1)
     }
 
     /// A `char`, as its code point (what was passed, even if it is not a valid one).
     pub fn char(&mut self, code: u32) -> &mut Self {
-        self.value(CHAR, &code.to_le_bytes())
+        self.value(CHAR, u64::from(code), 4)
     }
 
     /// A pointer.
     pub fn pointer(&mut self, v: u64) -> &mut Self {
-        self.value(POINTER, &v.to_le_bytes())
+        self.value(POINTER, v, 8)
     }
 
     /// A string's bytes, of which the first [`MARKER_STRING_MAX`] are kept.
+    #[inline(never)]
     pub fn string(&mut self, bytes: &[u8]) -> &mut Self {
-        let kept = &bytes[..bytes.len().min(MARKER_STRING_MAX)];
-        let tag = if kept.len() < bytes.len() { CUT_STRING } else { STRING };
-        let mut buf = [0u8; 1 + MARKER_STRING_MAX];
-        buf[0] = kept.len() as u8;
-        buf[1..=kept.len()].copy_from_slice(kept);
-        self.value(tag, &buf[..=kept.len()])
+        let kept = bytes.len().min(MARKER_STRING_MAX);
+        let tag = if kept < bytes.len() { CUT_STRING } else { STRING };
+        if self.room(1 + kept) {
+            self.put(self.len, tag);
+            self.put(self.len + 1, kept as u8);
+            for (k, b) in bytes.iter().take(kept).enumerate() {
+                // SAFETY: a byte of `bytes`, read on its own (see the type's documentation).
+                self.put(self.len + 2 + k, unsafe { std::ptr::read_volatile(b) });
+            }
+            self.len += 2 + kept;
+        }
+        self
     }
 
     /// A value that could not be read.
     pub fn unavailable(&mut self) -> &mut Self {
-        self.value(UNAVAILABLE, &[])
+        self.value(UNAVAILABLE, 0, 0)
     }
 
     /// The records of the hit of site `site` at `time` and call `depth`: the `Marker`
     /// record, then the data.
+    #[inline(never)]
     pub fn finish(&mut self, time: u64, depth: u16, site: u32) -> &[Record] {
         self.finish_as(Kind::Marker, time, depth, site)
     }
@@ -133,24 +180,46 @@ impl MarkerRecords {
     /// one record it always was (a count of 0).
     pub fn finish_as(&mut self, kind: Kind, time: u64, depth: u16, id: u32) -> &[Record] {
         if self.full {
-            // `value` kept a byte free for this.
-            self.data[self.len] = OMITTED;
+            // `room` kept a byte free for this.
+            self.put(self.len, OMITTED);
             self.len += 1;
         }
         let chunks = self.len.div_ceil(DATA_PER_RECORD);
         let payload = u64::from(id) | (chunks as u64) << 32;
-        self.records[0] = Record::new(kind, time, depth, payload);
-        for (i, chunk) in self.data[..self.len].chunks(DATA_PER_RECORD).enumerate() {
-            let mut bytes = [0u8; 16];
-            let low = chunk.len().min(8);
-            bytes[..low].copy_from_slice(&chunk[..low]);
-            if chunk.len() > 8 {
-                bytes[9..9 + chunk.len() - 8].copy_from_slice(&chunk[8..]);
+        self.write_record(0, Record::new(kind, time, depth, payload));
+        for i in 0..chunks {
+            // A data record's bytes: up to 8 data bytes, the kind and length byte, up to 7
+            // more (see `data_bytes`).
+            let start = i * DATA_PER_RECORD;
+            let n = (self.len - start).min(DATA_PER_RECORD);
+            let mut low = 0u64;
+            for k in 0..n.min(8) {
+                low |= u64::from(self.byte(start + k)) << (8 * k);
             }
-            bytes[8] = Kind::MarkerData as u8 | (chunk.len() as u8) << 4;
-            self.records[1 + i] = Record::from_bytes(&bytes);
+            let mut high = u64::from(Kind::MarkerData as u8 | (n as u8) << 4);
+            for k in 8..n {
+                high |= u64::from(self.byte(start + k)) << (8 * (k - 7));
+            }
+            self.write_record(1 + i, Record { time: low, word: high });
         }
-        &self.records[..1 + chunks]
+        let written = &self.records[..(1 + chunks).min(self.records.len())];
+        // SAFETY: `MaybeUninit<Record>` has `Record`'s layout, and the records up to
+        // `1 + chunks` were written just above.
+        unsafe { std::slice::from_raw_parts(written.as_ptr().cast::<Record>(), written.len()) }
+    }
+
+    /// Stores `record` at `at`, word by word (two neighbouring stores would be merged into
+    /// one vector move).
+    #[inline(always)]
+    fn write_record(&mut self, at: usize, record: Record) {
+        if let Some(slot) = self.records.get_mut(at) {
+            let slot = slot.as_mut_ptr();
+            // SAFETY: fields of this value's own record slot.
+            unsafe {
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*slot).time), record.time);
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*slot).word), record.word);
+            }
+        }
     }
 }
 

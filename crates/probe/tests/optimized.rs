@@ -426,6 +426,39 @@ fn handlers_run_with_the_direction_flag_clear_and_the_programs_flag_survives() {
     assert_eq!(probe.hits(), 1);
 }
 
+/// A mid-function light detour puts the arithmetic flags back without `popfq` (by `sahf`
+/// and an `add` for OF): every one of CF PF AF ZF SF OF must survive it, a handler's change
+/// to one in the frame must reach the program, and so must one to DF (the `popfq` way).
+#[test]
+fn every_arithmetic_flag_survives_a_mid_function_probe_and_a_handlers_change_reaches_the_program() {
+    let _serial = serial();
+    let t = target_o2();
+    let f = t.func1("flags_of_double");
+    const SHOWN: i64 = 0xfff; // CF .. OF, DF, IF
+                              // x + x: zero (ZF PF), carries (CF), overflows (OF), negatives (SF), nibble carries (AF).
+    let inputs = [0, 1, 3, 8, 0x7f, 0x4000_0000_0000_0000, i64::MIN, -0x4000_0000_0000_0000, -1, 0x5555];
+    let expected: Vec<i64> = inputs.iter().map(|&x| f(x) & SHOWN).collect();
+    let all: i64 = expected.iter().fold(0, |acc, flags| acc | flags);
+    assert_eq!(all & 0x8d5, 0x8d5, "the inputs set every arithmetic flag: {all:#x}");
+    let probe = optimized(Probe::at(Location::SymbolOffset("flags_of_double".into(), 6)).on_hit(|_| {}));
+    let info = probe.info();
+    assert!(info.optimized && info.light, "{info}");
+    let probed: Vec<i64> = inputs.iter().map(|&x| f(x) & SHOWN).collect();
+    assert_eq!(probed, expected, "flags after a probed run differ");
+    probe.unregister().unwrap();
+
+    // A handler's change to the frame's flags: CF set (the sahf way), then DF (popfq's).
+    for (set, name) in [(0x1u64, "CF"), (0x400, "DF")] {
+        let probe = optimized(Probe::at(Location::SymbolOffset("flags_of_double".into(), 6)).on_hit(move |regs| {
+            regs.rflags |= set;
+        }));
+        assert!(probe.info().optimized, "{}", probe.info());
+        assert_eq!(f(0) & set as i64, set as i64, "the handler's {name} did not reach the program");
+        assert_eq!(f(1) & SHOWN & !(set as i64), expected[1] & !(set as i64), "{name}: the other flags changed");
+        probe.unregister().unwrap();
+    }
+}
+
 #[test]
 fn a_jump_from_another_function_into_the_run_keeps_it_a_breakpoint() {
     let _serial = serial();

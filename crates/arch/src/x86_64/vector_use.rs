@@ -108,9 +108,12 @@ const MAX_TABLE: u64 = 4096;
 /// through a read-only pointer (`call *f@GOTPCREL(%rip)`, or that pointer loaded into a
 /// register first), and a jump table as compilers emit it for position-independent code
 /// (`lea table(%rip),%rcx ; movslq (%rcx,%rax,4),%rax ; add %rcx,%rax ; jmp *%rax`), whose
-/// entries are all read: every one that leads into the function is a target (entries past
-/// the table's end that happen to as well are walked too, which can only make the verdict
-/// more cautious). A register's value is trusted only on the path that set it: an
+/// entries are read: every one that leads into the function is a target. When the path
+/// bounds the index (`cmp $n,%eax ; ja default` before it, or a `movzbl` that loaded it),
+/// only that many entries are: a table is often followed in memory by another, whose
+/// entries, relative to the other table's address, would lead into the middle of
+/// instructions. Without a bound, entries past the table's end that happen to lead into
+/// the function are walked too, which can only make the verdict more cautious. A register's value is trusted only on the path that set it: an
 /// instruction is walked once per set of such values.
 pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) -> Result<Light, Heavy> {
     let mut seen: HashSet<(u64, Known)> = HashSet::new();
@@ -133,6 +136,8 @@ pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) ->
             path.reverse();
             path
         };
+        // The instruction walked just before on this path (a compare, for a branch's bound).
+        let mut previous: Option<Instruction> = None;
         loop {
             if !seen.insert((ip, known.clone())) {
                 break;
@@ -171,8 +176,8 @@ pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) ->
                 FlowControl::IndirectBranch | FlowControl::IndirectCall => match insn.op0_kind() {
                     OpKind::Register => match known.get(insn.op0_register()) {
                         Some(Value::Pointer(to)) => vec![to],
-                        Some(Value::TableTarget(table)) if flow == FlowControl::IndirectBranch => {
-                            table_targets(program, table, ip).ok_or_else(unknown)?
+                        Some(Value::TableTarget(table, entries)) if flow == FlowControl::IndirectBranch => {
+                            table_targets(program, table, entries, ip).ok_or_else(unknown)?
                         }
                         _ => return Err(unknown()),
                     },
@@ -196,6 +201,9 @@ pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) ->
             if let Some((reg, value)) = constant_set(program, &insn, &before) {
                 known.set(reg, value);
             }
+            // The index bound of an unsigned compare and branch: (register, bound on the
+            // taken path, bound on the fall-through path).
+            let bounded = previous.as_ref().and_then(|cmp| compare_bound(cmp, &insn));
             match flow {
                 FlowControl::Next => {}
                 FlowControl::Return | FlowControl::Exception | FlowControl::Interrupt => break,
@@ -235,7 +243,18 @@ pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) ->
                     }
                     break;
                 }
-                FlowControl::ConditionalBranch => todo.push_back((insn.near_branch_target(), known.clone(), function)),
+                FlowControl::ConditionalBranch => {
+                    let mut taken = known.clone();
+                    if let Some((reg, on_taken, on_fall)) = bounded {
+                        if let Some(n) = on_taken {
+                            taken.set(reg, Value::Below(n));
+                        }
+                        if let Some(n) = on_fall {
+                            known.set(reg, Value::Below(n));
+                        }
+                    }
+                    todo.push_back((insn.near_branch_target(), taken, function))
+                }
                 FlowControl::XbeginXabortXend => {
                     return Err(Heavy {
                         at: ip,
@@ -245,6 +264,7 @@ pub fn prove_light(entries: &[u64], program: &mut impl Program, limit: usize) ->
                 }
             }
             ip = insn.next_ip();
+            previous = Some(insn);
         }
     }
     Ok(Light { instructions: seen.iter().map(|(ip, _)| *ip).collect::<HashSet<_>>().len(), functions: functions.len() })
@@ -258,10 +278,15 @@ fn pointer(program: &mut impl Program, addr: u64) -> Option<u64> {
 
 /// The targets of a jump through the table at `table` (32-bit offsets from the table) made
 /// at `ip`: every entry that leads into `ip`'s function, up to the first that does not.
-fn table_targets(program: &mut impl Program, table: u64, ip: u64) -> Option<Vec<u64>> {
+/// `entries`: how many the path's bound on the index allows, when it has one.
+fn table_targets(program: &mut impl Program, table: u64, entries: Option<u64>, ip: u64) -> Option<Vec<u64>> {
     let (start, end) = program.function(ip)?;
+    let next = next_object(program, start, end, table);
     let mut targets = Vec::new();
-    for i in 0..MAX_TABLE {
+    for i in 0..entries.unwrap_or(MAX_TABLE).min(MAX_TABLE) {
+        if next.is_some_and(|next| table + 4 * i >= next) {
+            break;
+        }
         let Some(entry) = program.constant(table + 4 * i, 4) else { break };
         let target = table.wrapping_add_signed(i64::from(i32::from_le_bytes(entry.try_into().ok()?)));
         if !(start..end).contains(&target) {
@@ -272,9 +297,38 @@ fn table_targets(program: &mut impl Program, table: u64, ip: u64) -> Option<Vec<
     (!targets.is_empty()).then_some(targets)
 }
 
+/// The lowest address above `table` that the function `[start, end)` takes with a
+/// `lea …(%rip)`: another object (a compiler lays a function's jump tables out one after
+/// the other), where `table` ends at the latest. Decoded linearly from the function's start.
+fn next_object(program: &mut impl Program, start: u64, end: u64, table: u64) -> Option<u64> {
+    let mut next: Option<u64> = None;
+    let mut ip = start;
+    while ip < end {
+        let bytes = program.code(ip)?;
+        let insn = Decoder::with_ip(64, &bytes, ip, DecoderOptions::NONE).decode();
+        if insn.is_invalid() {
+            break;
+        }
+        if insn.mnemonic() == Mnemonic::Lea && insn.is_ip_rel_memory_operand() {
+            let at = insn.ip_rel_memory_address();
+            if at > table && next.is_none_or(|n| at < n) {
+                next = Some(at);
+            }
+        }
+        ip = insn.next_ip();
+    }
+    next
+}
+
 /// A constant `insn` puts in a general register, given what the registers held before.
 fn constant_set(program: &mut impl Program, insn: &Instruction, before: &Known) -> Option<(Register, Value)> {
-    if insn.op0_kind() != OpKind::Register || !insn.op0_register().is_gpr64() {
+    if insn.op0_kind() != OpKind::Register {
+        return None;
+    }
+    if insn.op0_register().is_gpr32() {
+        return index_bound(insn, before);
+    }
+    if !insn.op0_register().is_gpr64() {
         return None;
     }
     let dst = insn.op0_register();
@@ -291,25 +345,88 @@ fn constant_set(program: &mut impl Program, insn: &Instruction, before: &Known) 
                 && insn.memory_index_scale() == 4
                 && insn.memory_displacement64() == 0 =>
         {
+            let entries = match before.get(insn.memory_index()) {
+                Some(Value::Below(n)) => Some(n),
+                _ => None,
+            };
             match before.get(insn.memory_base()) {
-                Some(Value::Address(table)) => Some((dst, Value::TableEntry(table))),
+                Some(Value::Address(table)) => Some((dst, Value::TableEntry(table, entries))),
                 _ => None,
             }
         }
         // add %rcx,%rax
         Mnemonic::Add if insn.op1_kind() == OpKind::Register => {
             match (before.get(dst), before.get(insn.op1_register())) {
-                (Some(Value::TableEntry(t)), Some(Value::Address(a)))
-                | (Some(Value::Address(a)), Some(Value::TableEntry(t)))
+                (Some(Value::TableEntry(t, n)), Some(Value::Address(a)))
+                | (Some(Value::Address(a)), Some(Value::TableEntry(t, n)))
                     if a == t =>
                 {
-                    Some((dst, Value::TableTarget(t)))
+                    Some((dst, Value::TableTarget(t, n)))
                 }
                 _ => None,
             }
         }
         _ => None,
     }
+}
+
+/// The bound a 32-bit write puts on a register used as a table index (a 32-bit write
+/// clears the upper half): `movzbl`/`movzwl` load a value below 256 or 65,536, and
+/// `mov %eax,%eax` keeps the bound its source had.
+fn index_bound(insn: &Instruction, before: &Known) -> Option<(Register, Value)> {
+    let dst = insn.op0_register().full_register();
+    match insn.mnemonic() {
+        Mnemonic::Movzx => {
+            let size = match insn.op1_kind() {
+                OpKind::Register => insn.op1_register().size(),
+                _ => insn.memory_size().size(),
+            };
+            match size {
+                1 => Some((dst, Value::Below(1 << 8))),
+                2 => Some((dst, Value::Below(1 << 16))),
+                _ => None,
+            }
+        }
+        Mnemonic::Mov if insn.op1_kind() == OpKind::Register => match before.get(insn.op1_register()) {
+            Some(Value::Below(n)) if insn.op1_register().is_gpr32() => Some((dst, Value::Below(n))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// For `cmp $imm,%reg` (`compare`) followed by the unsigned conditional jump `branch`: the
+/// register and the bound (exclusive) its value has where the jump is taken and where it
+/// falls through — compilers check a table index this way before the table's jump, and the
+/// program itself relies on the check, so the entries past it are not targets.
+fn compare_bound(compare: &Instruction, branch: &Instruction) -> Option<(Register, Option<u64>, Option<u64>)> {
+    if compare.mnemonic() != Mnemonic::Cmp
+        || compare.op0_kind() != OpKind::Register
+        || !matches!(
+            compare.op1_kind(),
+            OpKind::Immediate8to32 | OpKind::Immediate32 | OpKind::Immediate8to64 | OpKind::Immediate32to64
+        )
+    {
+        return None;
+    }
+    let reg = compare.op0_register();
+    if !(reg.is_gpr32() || reg.is_gpr64()) {
+        return None;
+    }
+    let imm = compare.immediate(1);
+    if imm >= MAX_TABLE {
+        return None;
+    }
+    let (taken, fall) = match branch.mnemonic() {
+        // Above: taken when > imm.
+        Mnemonic::Ja => (None, Some(imm + 1)),
+        // Above or equal: taken when >= imm.
+        Mnemonic::Jae => (None, Some(imm)),
+        Mnemonic::Jb => (Some(imm), None),
+        Mnemonic::Jbe => (Some(imm + 1), None),
+        _ => return None,
+    };
+    Some((reg.full_register(), taken, fall))
 }
 
 /// What a general register is known to hold on the path walked.
@@ -319,10 +436,13 @@ enum Value {
     Pointer(u64),
     /// An address (a `lea` of a table).
     Address(u64),
-    /// Some entry of the jump table at this address.
-    TableEntry(u64),
-    /// Some target of the jump table at this address.
-    TableTarget(u64),
+    /// Some entry of the jump table at this address, and how many entries the index's
+    /// bound allows, when it has one.
+    TableEntry(u64, Option<u64>),
+    /// Some target of the jump table at this address (and the entries allowed).
+    TableTarget(u64, Option<u64>),
+    /// An unsigned value below this bound (a table index checked on the path).
+    Below(u64),
 }
 
 /// General registers with a [`Value`] known on the path walked.
@@ -587,6 +707,60 @@ mod tests {
         let mut unbounded = table(&[-0xff0]);
         unbounded.functions.clear();
         assert!(prove_light(&[0x1000], &mut unbounded, 20).unwrap_err().reason.contains("indirect branch"));
+    }
+
+    /// `code`, one function at 0x1000, proven with the jump table `entries` at 0x2000.
+    fn prove_with_table(code: &[u8], entries: &[i32]) -> Result<Light, Heavy> {
+        let mut p = program(&[(0x1000, code)]);
+        p.constants.insert(0x2000, entries.iter().flat_map(|e| e.to_le_bytes()).collect());
+        p.functions.push((0x1000, 0x1000 + code.len() as u64));
+        prove_light(&[0x1000], &mut p, 40)
+    }
+
+    #[test]
+    fn a_jump_table_checked_by_a_compare_is_read_up_to_the_bound_only() {
+        // 0x1000: cmp $N,%edi ; ja 0x1016 ; lea 0xff4(%rip),%rcx (table 0x2000) ;
+        //         movslq (%rcx,%rdi,4),%rax ; add %rcx,%rax ; jmp *%rax
+        // 0x1015: ret        0x1016: ret        0x1017: movups %xmm0,(%rdi) ; ret
+        let code = |n: u8| -> Vec<u8> {
+            vec![
+                0x83, 0xff, n, 0x77, 0x11, 0x48, 0x8d, 0x0d, 0xf4, 0x0f, 0x00, 0x00, 0x48, 0x63, 0x04, 0xb9, 0x48,
+                0x01, 0xc8, 0xff, 0xe0, 0xc3, 0xc3, 0x0f, 0x11, 0x07, 0xc3,
+            ]
+        };
+        // Two entries, then another table's: relative to this one, its entry leads to the
+        // vector store.
+        let with_bound = |n: u8| prove_with_table(&code(n), &[-0xfeb, -0xfea, -0xfe9]);
+        // Index at most 1: the two entries only.
+        assert!(with_bound(1).is_ok(), "{:?}", with_bound(1));
+        // Index at most 2: the third entry is a target too.
+        assert_eq!(with_bound(2).unwrap_err().at, 0x1017);
+    }
+
+    #[test]
+    fn a_jump_table_ends_where_the_function_takes_the_address_of_the_next_one() {
+        // 0x1000: movzbl (%rsi),%edi ; lea 0xff6(%rip),%rcx (table 0x2000) ;
+        //         movslq (%rcx,%rdi,4),%rax ; add %rcx,%rax ; jmp *%rax
+        // 0x1013: ret        0x1014: ret
+        // 0x1015: lea 0xfec(%rip),%rdx (the next table, 0x2008), or 7 NOPs
+        // 0x101c: movups %xmm0,(%rdi) ; ret
+        let code = |next_table: bool| -> Vec<u8> {
+            let lea: &[u8] = match next_table {
+                true => &[0x48, 0x8d, 0x15, 0xec, 0x0f, 0x00, 0x00],
+                false => &[0x90; 7],
+            };
+            let head = [
+                0x0f, 0xb6, 0x3e, 0x48, 0x8d, 0x0d, 0xf6, 0x0f, 0x00, 0x00, 0x48, 0x63, 0x04, 0xb9, 0x48, 0x01, 0xc8,
+                0xff, 0xe0, 0xc3, 0xc3,
+            ];
+            [&head[..], lea, &[0x0f, 0x11, 0x07, 0xc3]].concat()
+        };
+        // This table's two entries, then the next table's, which relative to this one leads
+        // to the vector store.
+        let prove = |next_table: bool| prove_with_table(&code(next_table), &[-0xfed, -0xfec, -0xfe4]);
+        assert!(prove(true).is_ok(), "{:?}", prove(true));
+        // Nothing says where the table ends: its entries are read on (the cautious way).
+        assert_eq!(prove(false).unwrap_err().at, 0x101c);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use super::program::Tracer;
 use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
-    dynprobe_bench_upper_dirty, Target,
+    dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_jump,
+    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap,
+    dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -43,6 +45,24 @@ pub const GRAPH_PLAIN: &str = "graph-plain";
 pub const STARTUP_PLAIN: &str = "startup-plain";
 /// `bench/graph.c` under uftrace, the function tracer a user would compare with.
 pub const UFTRACE: &str = "uftrace";
+/// A hand-built detour's jump out and back, nothing else: the floor of any optimized probe.
+pub const FLOOR_JUMP: &str = "floor-jump";
+/// The hand-built detour with the entry detour's register frame.
+pub const FLOOR_GPRS: &str = "floor-gprs";
+/// The same with the flags saved too, as mid-function.
+pub const FLOOR_FLAGS: &str = "floor-flags";
+/// floor-flags with the flags put back by `sahf`, as a mid-function detour does.
+pub const FLOOR_SAHF: &str = "floor-sahf";
+/// The hand-built entry detour calling a dispatcher that returns at once.
+pub const FLOOR_CALL: &str = "floor-call";
+/// A return address kept aside and written back unchanged.
+pub const FLOOR_RET_SWAP: &str = "floor-ret-swap";
+/// One mispredicted return into a trampoline and the jump back: the floor of any return hook.
+pub const FLOOR_RET_MISS: &str = "floor-ret-miss";
+/// The same through the return sled's shape (its call, frame and ret, and jump back).
+pub const FLOOR_RET_SLED: &str = "floor-ret-sled";
+/// The sled's shape with its registers saved around an empty dispatcher's call.
+pub const FLOOR_RET_CALL: &str = "floor-ret-call";
 /// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
 pub const BASELINE_THREADS: &str = "baseline-call-threads";
 /// The kernel's uprobe hit from every CPU at once.
@@ -226,6 +246,26 @@ pub static ROWS: &[Row] = &[
         },
         compare_to: &[],
     },
+    floor(FLOOR_JUMP, "hand-built detour: the probe point's jmp, the covered instructions, the jmp back", dynprobe_floor_jump),
+    floor(FLOOR_GPRS, "floor-jump + the entry detour's register frame (15 registers stored, caller-saved reloaded, \
+                       callee-saved compared)", dynprobe_floor_gprs),
+    floor(FLOOR_FLAGS, "floor-gprs + pushfq/cld/popfq, as mid-function (pushfq and popfq are microcoded)", dynprobe_floor_flags),
+    floor(
+        FLOOR_SAHF,
+        "floor-flags with the flags put back by sahf and an add for OF, as mid-function detours do when only \
+         arithmetic flags are set (no popfq)",
+        dynprobe_floor_sahf,
+    ),
+    floor(FLOOR_CALL, "floor-gprs + the light path's aligned call of a dispatcher that returns at once: \
+                       optimized-probe minus this is dynprobe's dispatch", dynprobe_floor_call),
+    floor(FLOOR_RET_SWAP, "a return address kept aside and written back unchanged (a return hook's bookkeeping, no hook)",
+          dynprobe_floor_ret_swap),
+    floor(FLOOR_RET_MISS, "the return address replaced: one mispredicted ret into a trampoline, its indirect jmp back \
+                           (the floor of any return hook)", dynprobe_floor_ret_miss),
+    floor(FLOOR_RET_SLED, "floor-ret-miss through the sled's shape: call common, its frame, ret, jmp *-16(%rsp)",
+          dynprobe_floor_ret_sled),
+    floor(FLOOR_RET_CALL, "floor-ret-sled + nine registers saved around an empty dispatcher's call: return-probe \
+                           minus return-probe-entry minus this is dynprobe's return dispatch", dynprobe_floor_ret_call),
     Row {
         name: "int3-probe",
         about: "dynprobe breakpoint probe, empty handler",
@@ -239,22 +279,22 @@ pub static ROWS: &[Row] = &[
             target: dynprobe_bench_target,
             setup: |target| register_optimized_probe(target, ProbePoint::Entry),
         },
-        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_JUMP, FLOOR_CALL],
     },
     Row {
         name: "optimized-probe-mid",
-        about: "dynprobe jump-optimized probe mid-function (flags, MXCSR, all vector registers saved)",
+        about: "dynprobe jump-optimized probe mid-function (flags saved by pushfq, put back by sahf)",
         measure: Measure::Call {
             target: dynprobe_bench_target,
             setup: |target| register_optimized_probe(target, ProbePoint::Middle),
         },
-        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_FLAGS, FLOOR_SAHF],
     },
     Row {
         name: "return-probe",
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
         measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
-        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE],
+        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE, FLOOR_RET_MISS, FLOOR_RET_CALL],
     },
     Row {
         name: "return-probe-entry",
@@ -288,7 +328,7 @@ pub static ROWS: &[Row] = &[
         name: "marker-enabled",
         about: "the same marker with an empty handler attached (its NOP a jump to a detour)",
         measure: Measure::Call { target: marker::bench_marker, setup: marker::enabled },
-        compare_to: &[KERNEL_UPROBE_NOP5, "optimized-probe"],
+        compare_to: &[KERNEL_UPROBE_NOP5, "optimized-probe", FLOOR_CALL],
     },
     Row {
         name: GRAPH_PLAIN,
@@ -431,6 +471,26 @@ pub static ROWS: &[Row] = &[
         compare_to: &[],
     },
 ];
+
+/// A floor row: `target`, one of the hand-built copies of a part of dynprobe's paths in
+/// `bench/target.c`, called with nothing armed.
+const fn floor(name: &'static str, about: &'static str, target: Target) -> Row {
+    Row { name, about, measure: Measure::Call { target, setup: computes_the_same }, compare_to: &[] }
+}
+
+/// A floor's setup: the hand-built copy must compute what [`dynprobe_bench_target`] does
+/// (a copy that went wrong would time something else).
+fn computes_the_same(floor: Target) -> Result<Box<dyn Armed>, String> {
+    for x in [0, 1, -1, 0x1234_5678_9abc, std::ffi::c_long::MIN] {
+        // SAFETY: the floors and the target are pure arithmetic on their argument (see
+        // `target`), sound to call at any time from one thread.
+        let (got, want) = unsafe { (floor(x), dynprobe_bench_target(x)) };
+        if got != want {
+            return Err(format!("the floor returned {got:#x} for {x:#x}, the target {want:#x}"));
+        }
+    }
+    Ok(Box::new(()))
+}
 
 /// `syscall(SYS_getppid) + x`: a system call through the C library's `syscall()`, which
 /// carries one of dynprobe's signal guards once a probe exists (see `dynprobe::signals`).

@@ -23,6 +23,29 @@ extern "C" {
     /// The work of [`dynprobe_bench_target`] after a VEX write to ymm1 and one legacy SSE
     /// instruction; ends with `vzeroupper`. Sound to call only on a CPU with AVX.
     pub fn dynprobe_bench_upper_dirty(x: c_long) -> c_long;
+    /// [`dynprobe_bench_target`]'s work behind a jump to a hand-built detour that only
+    /// runs the covered instructions and jumps back (the floors are described in
+    /// `bench/target.c`). Every `dynprobe_floor_*` function is sound to call.
+    pub fn dynprobe_floor_jump(x: c_long) -> c_long;
+    /// [`dynprobe_floor_jump`] + a detour's register frame.
+    pub fn dynprobe_floor_gprs(x: c_long) -> c_long;
+    /// [`dynprobe_floor_gprs`] + `pushfq`/`popfq`.
+    pub fn dynprobe_floor_flags(x: c_long) -> c_long;
+    /// [`dynprobe_floor_flags`] with the flags put back by `sahf` (no `popfq`).
+    pub fn dynprobe_floor_sahf(x: c_long) -> c_long;
+    /// [`dynprobe_floor_gprs`] + the call of a dispatcher that returns at once.
+    pub fn dynprobe_floor_call(x: c_long) -> c_long;
+    /// The work with its return address kept aside and written back unchanged. Calls from
+    /// one thread at a time only (one static slot).
+    pub fn dynprobe_floor_ret_swap(x: c_long) -> c_long;
+    /// The work returning into a trampoline that jumps back to the caller: one
+    /// mispredicted return. One thread at a time.
+    pub fn dynprobe_floor_ret_miss(x: c_long) -> c_long;
+    /// [`dynprobe_floor_ret_miss`] through the return sled's shape. One thread at a time.
+    pub fn dynprobe_floor_ret_sled(x: c_long) -> c_long;
+    /// [`dynprobe_floor_ret_sled`] + the general registers saved around the call of a
+    /// dispatcher that only returns the address. One thread at a time.
+    pub fn dynprobe_floor_ret_call(x: c_long) -> c_long;
 }
 
 /// Where `target`'s code starts in this process: the address its probes go on.

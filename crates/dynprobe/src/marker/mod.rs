@@ -388,9 +388,13 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
                 // thread is at the NOP, which it is until the handler returns.
                 unsafe { std::slice::from_raw_parts(value as *const u8, len as usize) }
             };
-            match (arg.kind, std::str::from_utf8(bytes)) {
-                (ArgKind::Str, Ok(s)) => ArgValue::Str(s),
-                _ => ArgValue::Bytes(bytes),
+            // The check alone, then the same pointer and length: moving the `&str` out of
+            // from_utf8's `Result` is a 16-byte vector copy, which a light detour's
+            // handler must not have (see `dynprobe_probe::light_verdict`).
+            match arg.kind == ArgKind::Str && std::str::from_utf8(bytes).is_ok() {
+                // SAFETY: checked to be UTF-8 just now.
+                true => ArgValue::Str(unsafe { std::str::from_utf8_unchecked(bytes) }),
+                false => ArgValue::Bytes(bytes),
             }
         }
         ArgKind::CStr => {

@@ -24,6 +24,10 @@ double ipa_work(const double *v, int n)
 /* The direction flag is set at +1: std ; mov ; add ; add ; cld ; ret. Returns x + 3. */
 FUNC(df_set, "std\n mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n cld\n ret")
 
+/* The flags of x + x, read after two moves (the probed run, at +6: moves leave the flags
+ * alone); cld after the read, in case a handler set DF in the frame. */
+FUNC(flags_of_double, "mov %rdi,%rax\n add %rdi,%rax\n mov %rdi,%rdx\n mov %rdi,%rcx\n pushfq\n pop %rax\n cld\n ret")
+
 /* Two entries into one body, like glibc's __mempcpy jumping into __memmove: shared_a
  * continues at shared_b+3, inside a jump written at shared_b's entry. */
 FUNC(shared_a, "mov %rdi,%rax\n add $100,%rax\n jmp .Lshared_mid")

@@ -380,29 +380,27 @@ extern "C" fn light_return_dispatch(after_call: u64, save: *mut SaveArea, caller
     let save = unsafe { &mut *save };
     let mut storage = std::mem::MaybeUninit::<Regs>::uninit();
     let words = storage.as_mut_ptr().cast::<u64>();
-    for i in 0..std::mem::size_of::<Regs>() / 8 {
-        // SAFETY: `Regs` is a `repr(C)` struct of u64 fields: `i` words into it are in it.
-        unsafe { std::ptr::write_volatile(words.add(i), 0) };
+    // Each word written once, in `Regs` order: what the return path has for it, 0 for the
+    // registers it does not (callee-saved ones, flags, rip: set by the return path). One
+    // volatile store each, or neighbouring stores are merged into vector moves.
+    let values = [
+        0, // r15
+        0, // r14
+        0, // r13
+        0, // r12
+        save.r11, save.r10, save.r9, save.r8, 0, // rbp
+        0, // rbx
+        save.rax, save.rcx, save.rdx, save.rsi, save.rdi, 0, // rflags
+        caller_rsp, 0, // ip
+    ];
+    const _: () = assert!(std::mem::size_of::<Regs>() == 18 * 8);
+    for (i, value) in values.into_iter().enumerate() {
+        // SAFETY: `Regs` is a `repr(C)` struct of 18 u64 fields (checked above): `i` words
+        // into it are in it.
+        unsafe { std::ptr::write_volatile(words.add(i), value) };
     }
     // SAFETY: every word written just above; used in place (a move would be a vector copy).
     let regs = unsafe { &mut *storage.as_mut_ptr() };
-    // One word at a time (volatile), or neighbouring copies are merged into vector moves.
-    let pairs = [
-        (&mut regs.rax, save.rax),
-        (&mut regs.rdx, save.rdx),
-        (&mut regs.rcx, save.rcx),
-        (&mut regs.rsi, save.rsi),
-        (&mut regs.rdi, save.rdi),
-        (&mut regs.r8, save.r8),
-        (&mut regs.r9, save.r9),
-        (&mut regs.r10, save.r10),
-        (&mut regs.r11, save.r11),
-        (&mut regs.rsp, caller_rsp),
-    ];
-    for (field, value) in pairs {
-        // SAFETY: a field of the local record.
-        unsafe { std::ptr::write_volatile(field, value) };
-    }
     let ret = crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs);
     save.rax = regs.rax;
     save.rdx = regs.rdx;
