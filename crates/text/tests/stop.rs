@@ -383,3 +383,34 @@ fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
     assert_eq!(cut_short, 0);
     assert!(put_back > 0, "the race was never met in {stops} stops: the test proves nothing");
 }
+
+/// A stop of every thread signals threads blocked in the kernel too; a wait cut short is put
+/// back even when no `mov` before its `syscall` names the call, as in the C library's
+/// `syscall(2)` function, which takes the number as an argument: the stop saw the thread
+/// blocked in that very call (the same instruction and arguments) before signalling it.
+#[test]
+fn a_futex_wait_made_through_syscall_is_put_back_after_a_stop_of_every_thread() {
+    let _serial = serial();
+    static WORD: AtomicI32 = AtomicI32::new(0);
+    let waiter = blocked_in("futex", || {
+        let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+        // SAFETY: FUTEX_WAIT on a static word with a relative timeout; nothing wakes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                WORD.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0,
+                &timeout as *const libc::timespec,
+                0usize,
+                0u32,
+            )
+        }
+    });
+    thread::sleep(Duration::from_millis(200));
+    let restarted = dynprobe_text::stop::restarted_system_calls();
+    drop(stop_other_threads(TIMEOUT).unwrap());
+    let (name, rc, errno) = waiter.join().unwrap();
+    assert_eq!((name, rc, errno), ("futex", -1, libc::ETIMEDOUT), "cut short by the stop");
+    assert!(dynprobe_text::stop::restarted_system_calls() > restarted, "the stop signal landed in the wait");
+}
