@@ -428,6 +428,16 @@ fn record(control: &Control, dir: &str, settings: &[String], interrupted_before:
             return true;
         }
     };
+    match &attached.in_flight {
+        Ok(found) if found.unreadable > 0 => control.send(&format!(
+            "!warning {} of {} thread(s) were stopped where their stack could not be unwound (code without \
+             call-frame information, a signal handler): their calls in flight at the attach are shown from \
+             where the unwinding stopped",
+            found.unreadable, found.threads
+        )),
+        Ok(_) => {}
+        Err(why) => control.send(&format!("!warning the calls in flight at the attach are not shown: {why}")),
+    }
     control.send(&format!("!ready {}", attached.patched));
     let detach_asked = serve(control);
     let mut problems: Vec<String> = attached.end().err().into_iter().collect();

@@ -107,19 +107,26 @@ fn dynprobe_ok(args: &[&OsStr]) -> String {
     common::stdout_of(&out)
 }
 
-/// The calls whose entry `replay --tid TID` shows, in order, as (name, depth).
-fn recorded_entries(dir: &Path, tid: &str) -> Vec<(String, usize)> {
+/// Calls as (name, depth), in order.
+type Calls = Vec<(String, usize)>;
+
+/// The calls whose entry `replay --tid TID` shows: those marked as entered before the
+/// attach, and the others.
+fn recorded_entries(dir: &Path, tid: &str) -> (Calls, Calls) {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str(), "--tid".as_ref(), tid.as_ref()]);
-    replay
+    let (before, after): (Vec<_>, Vec<_>) = replay
         .lines()
         .filter_map(|line| line.split_once("] | ").map(|(_, call)| call))
         .filter_map(|call| {
             let name = call.trim_start();
             let depth = (call.len() - name.len()) / 2;
+            let before = call.contains("/* entered before attach");
             let name = name.split_once("()")?.0;
-            (!name.starts_with('}')).then(|| (name.to_string(), depth))
+            (!name.starts_with('}')).then(|| (before, (name.to_string(), depth)))
         })
-        .collect()
+        .partition(|(before, _)| *before);
+    let strip = |calls: Vec<(bool, (String, usize))>| calls.into_iter().map(|(_, call)| call).collect();
+    (strip(before), strip(after))
 }
 
 /// The server's log of thread 1's calls: its tid and the calls as (name, depth).
@@ -143,15 +150,10 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
     assert_eq!(line, untraced("match", &counts, false), "the same result as an untraced run");
 
     // Thread 1's recorded calls are exactly a run of its logged calls, none missing, none
-    // added: the calls it made between the attach and the detach.
-    let (tid, logged) = logged_entries(&server);
-    let recorded = recorded_entries(&dir, &tid);
-    assert!(recorded.len() > 100, "only {} calls of thread {tid} were recorded", recorded.len());
-    let window = find_window(&logged, &recorded).unwrap_or_else(|| {
-        panic!("thread {tid}'s {} recorded calls are no run of its {} logged calls", recorded.len(), logged.len())
-    });
+    // added: the calls it made between the attach and the detach, and before them the
+    // calls it was inside at the attach, found on its stack.
+    let window = assert_calls_match_the_log(&server, &dir);
     assert!(window > 0, "the calls before the attach are not in the trace");
-    assert!(window + recorded.len() < logged.len(), "nor those after the detach");
 
     // The trace reads as one of a started program does.
     let report = dynprobe_ok(&["report".as_ref(), dir.as_os_str()]);
@@ -164,26 +166,84 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
     server.quit();
 }
 
+#[test]
+fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_and_match_the_log() {
+    let mut server = start_server("inflight", true);
+    writeln_go(&mut server);
+    std::thread::sleep(Duration::from_millis(200));
+    // At each attach every thread is inside srv_serve, srv_handle and a srv_depth recursion
+    // 1 to 6 deep, whose innermost call throws for every other request: sessions go on
+    // until a call in flight at the attach was unwound by an exception (1 in 16 sessions
+    // has none). Between sessions the calls the last one diverted are still in flight.
+    let (mut dirs, mut unwound, mut deepest) = (Vec::new(), 0, 0);
+    while unwound == 0 && dirs.len() < 8 {
+        let dir = trace_dir(&format!("inflight-{}", dirs.len()));
+        record_for(server.pid, &dir, "0.3");
+        let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+        assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
+        unwound += replay.matches("/* entered before attach, unwound */").count();
+        let recursion = replay.lines().filter(|l| l.contains("srv_depth() { /* entered before attach */")).count();
+        deepest = deepest.max(recursion);
+        let chrome = dir.with_extension("json");
+        dynprobe_ok(&["export".as_ref(), "--chrome".as_ref(), chrome.as_os_str(), dir.as_os_str()]);
+        assert_sane_chrome(&chrome);
+        let json = std::fs::read_to_string(&chrome).unwrap();
+        assert!(json.contains("before the attach"), "the Chrome export marks the calls entered before it");
+        dirs.push(dir);
+    }
+    assert!(unwound > 0, "an exception went through calls in flight at the attach in {} sessions", dirs.len());
+    assert!(deepest > 0, "a recursion was in flight at an attach");
+    let report = dynprobe_ok(&["report".as_ref(), dirs[0].as_os_str()]);
+    assert!(report.contains("were entered before the attach"), "{report}");
+    let (line, counts) = stop(&mut server);
+    assert_eq!(line, untraced("inflight", &counts, true), "the same result as an untraced run");
+    // The first session's calls in flight were not diverted before (later ones may find
+    // srv_serve diverted still, from the session before: it is then not shown again).
+    assert!(assert_calls_match_the_log(&server, &dirs[0]) > 0);
+    server.quit();
+}
+
 /// Starts the server's `go` (it answers only at `stop`).
 fn writeln_go(server: &mut Worker) {
     use std::io::Write;
     writeln!(server.stdin, "go").unwrap();
 }
 
+/// Checks that thread 1's calls in the trace `dir` are exactly a run of the calls it
+/// logged: those recorded as entered before the attach are the calls it was inside then,
+/// outermost first at depths from 0, and the others follow them in the log with the
+/// depths it logged. Returns where the run starts in the log; panics with the
+/// difference otherwise.
+fn assert_calls_match_the_log(server: &Worker, dir: &Path) -> usize {
+    let (tid, logged) = logged_entries(server);
+    let (before, recorded) = recorded_entries(dir, &tid);
+    assert!(recorded.len() > 100, "only {} calls of thread {tid} were recorded", recorded.len());
+    assert!(!before.is_empty(), "thread {tid} was inside srv_serve at the attach: {:?}", &recorded[..5]);
+    find_window(&logged, &before, &recorded).unwrap_or_else(|| {
+        panic!(
+            "thread {tid}'s {} recorded calls, after {before:?} entered before the attach, are no run of its {} \
+             logged calls",
+            recorded.len(),
+            logged.len()
+        )
+    })
+}
+
 /// Where `recorded` lies in `logged`: the index of a run of logged calls of the same names
-/// whose depths are the recorded ones plus the frames entered before the attach — those
-/// of the calls under way then, which are not in the trace (at least the thread's
-/// `srv_serve`, never fewer as the calls go on, and exactly it once the first call at
-/// depth 1 was recorded).
-fn find_window(logged: &[(String, usize)], recorded: &[(String, usize)]) -> Option<usize> {
-    (0..logged.len().checked_sub(recorded.len())?).find(|&start| {
-        let mut offset = usize::MAX;
-        logged[start..start + recorded.len()].iter().zip(recorded).all(|((lname, ldepth), (rname, rdepth))| {
-            let Some(now) = ldepth.checked_sub(*rdepth) else { return false };
-            let fits = lname == rname && now >= 1 && now <= offset && (offset > 1 || now == 1);
-            offset = now;
-            fits
-        })
+/// and depths, just after calls whose chain of callers (the latest logged call of each
+/// depth) starts with `before` — the calls in flight at the attach, which include every
+/// caller of the first recorded call.
+fn find_window(logged: &[(String, usize)], before: &[(String, usize)], recorded: &[(String, usize)]) -> Option<usize> {
+    (1..=logged.len().checked_sub(recorded.len())?).find(|&start| {
+        logged[start..start + recorded.len()] == *recorded && {
+            let innermost = logged[start - 1].1;
+            let chain: Vec<&(String, usize)> =
+                (0..=innermost).filter_map(|depth| logged[..start].iter().rev().find(|(_, d)| *d == depth)).collect();
+            let callers = recorded[0].1;
+            before.len() >= callers
+                && before.len() <= chain.len()
+                && before.iter().zip(&chain).all(|(call, logged)| call == *logged)
+        }
     })
 }
 
