@@ -379,12 +379,14 @@ fn processes_that_cannot_be_recorded_are_refused_with_the_reason() {
     server.quit();
 }
 
-/// `targets/worker.c` (threads created and ended every round, a `dlopen` on request) and
+/// `targets/worker.c` (threads created and ended every round, a `dlopen` or a `fork` on
+/// request; not PIE: `Worker::code` reads its bytes by `nm`'s addresses) and
 /// `targets/plugin.c`, built once.
 fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let worker = common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-ldl"]));
+        let worker =
+            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-no-pie", "-ldl"]));
         let plugin = common::build_c("plugin.c", "libplugin-record-attach.so", &os(&["-shared", "-fPIC"]));
         (worker, plugin)
     })
@@ -415,6 +417,37 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
     assert_eq!((calls("mix"), calls("plugin_work"), calls("plugin_leaf")), (1200, 1, 2), "{report}");
     assert_eq!(worker.round(), untraced, "and after");
     worker.quit();
+}
+
+#[test]
+fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("fork-{}.log", std::process::id()));
+    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let untraced = worker.code("mix");
+    let dir = trace_dir("fork");
+    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    session.wait_for("attached to");
+    // The child calls mix every 10 ms until the worker exits, recorded meanwhile as a
+    // started program's child is.
+    let forked = worker.ask("fork");
+    let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix has its bytes back");
+    assert_eq!(worker.code("mix"), untraced, "and the worker's");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
+    assert!(section.starts_with(&format!("record-attach-worker), forked from {}\n", worker.pid)), "{replay}");
+    assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
+    // The child runs on, its calls untraced, and ends with the worker.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
 }
 
 #[test]
