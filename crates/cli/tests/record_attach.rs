@@ -36,9 +36,14 @@ fn start_server(test: &str, throw: bool) -> Worker {
 }
 
 fn start_server_exe(test: &str, exe: &'static Path, throw: bool) -> Worker {
+    let env: &[(&str, &str)] = if throw { &[("SERVER_THROW", "1")] } else { &[] };
+    start_server_with(test, exe, env)
+}
+
+/// The server with this environment (`SERVER_THROW`, `SERVER_BACKTRACE`: see server.cpp).
+fn start_server_with(test: &str, exe: &'static Path, env: &[(&str, &str)]) -> Worker {
     let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
-    let env: &[(&str, &str)] = if throw { &[("SERVER_THROW", "1")] } else { &[] };
     Worker::start_with(exe, &log.clone().into_os_string(), log, env)
 }
 
@@ -168,7 +173,9 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
 
 #[test]
 fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_and_match_the_log() {
-    let mut server = start_server("inflight", true);
+    // Every innermost srv_depth also checks a backtrace of its callers: through the calls
+    // in flight at an attach (srv_serve's stays diverted from the first session on).
+    let mut server = start_server_with("inflight", server_exe(), &[("SERVER_THROW", "1"), ("SERVER_BACKTRACE", "1")]);
     writeln_go(&mut server);
     std::thread::sleep(Duration::from_millis(200));
     // At each attach every thread is inside srv_serve, srv_handle and a srv_depth recursion
@@ -197,6 +204,9 @@ fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_
     assert!(report.contains("were entered before the attach"), "{report}");
     let (line, counts) = stop(&mut server);
     assert_eq!(line, untraced("inflight", &counts, true), "the same result as an untraced run");
+    let backtraces = server.ask("backtraces");
+    let fields: Vec<u64> = backtraces.split(' ').skip(1).filter_map(|n| n.parse().ok()).collect();
+    assert!(fields.len() == 2 && fields[0] > 1000 && fields[1] == 0, "backtraces taken, wrong: {backtraces}");
     // The first session's calls in flight were not diverted before (later ones may find
     // srv_serve diverted still, from the session before: it is then not shown again).
     assert!(assert_calls_match_the_log(&server, &dirs[0]) > 0);
