@@ -461,6 +461,28 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
 }
 
 #[test]
+fn a_controller_killed_before_it_unloads_the_agent_leaves_its_load_to_the_next_one() {
+    let mut server = start_server("unload", false);
+    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
+    // The first dynprobe is told `!unload` and killed before its `dlclose`: its load stays.
+    let dir = trace_dir("unload-killed");
+    let mut command = common::dynprobe();
+    command.args(["record", "-p", &server.pid.to_string(), "-F", "srv_*", "--duration", "0.2", "-o"]).arg(&dir);
+    command.env("DYNPROBE_TEST_PAUSE_BEFORE_UNLOAD_MS", "20000");
+    let mut session = Session::spawn(command, None);
+    session.wait_for("detached from");
+    // The agent's session thread says `!unload` once it is done, then ends.
+    wait_until(|| !thread_names(server.pid).iter().any(|t| t.starts_with("dynprobe")), "the agent's threads ended");
+    session.end(Some(libc::SIGKILL));
+    assert!(agent_loaded(server.pid), "the killed dynprobe unloaded nothing");
+    // The next session undoes both loads: the library goes.
+    record_for(server.pid, &trace_dir("unload-next"), "0.2");
+    wait_until(|| !agent_loaded(server.pid), "the agent library unloaded by the next session");
+    assert_eq!(server.ask("run 5 5 5 5"), untraced("unload", "5 5 5 5", false), "the server runs on");
+    server.quit();
+}
+
+#[test]
 fn blocking_calls_never_return_early_unreported_across_ten_sessions() {
     // targets/blocking.c: ten threads in blocking calls, each result checked; `work` is
     // called from the main thread every 20 ms.
