@@ -442,6 +442,16 @@ fn record(control: &Control, dir: &str, settings: &[String], interrupted_before:
         Ok(_) => {}
         Err(why) => control.send(&format!("!warning the calls in flight at the attach are not shown: {why}")),
     }
+    if let Ok(found) = &attached.in_flight {
+        if found.left > 0 {
+            control.send(&format!(
+                "!warning {} thread(s) block dynprobe's stop signal ({}): their calls in flight at the attach are \
+                 not shown",
+                found.left,
+                dynprobe::stop_signal()
+            ));
+        }
+    }
     control.send(&format!("!ready {}", attached.patched));
     let detach_asked = serve(control);
     let mut problems: Vec<String> = attached.end().err().into_iter().collect();

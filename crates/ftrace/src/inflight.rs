@@ -63,6 +63,9 @@ pub struct InFlight {
     /// call-frame information, a stack outside every mapping): their calls in flight are
     /// not shown.
     pub unreadable: usize,
+    /// Threads left running because they block the stop signal: their calls in flight are
+    /// not shown.
+    pub left: usize,
 }
 
 /// A loaded module's call-frame information.
@@ -104,12 +107,14 @@ impl Walker {
     /// records, and publishes the held output before the threads run again.
     pub(crate) fn adopt_and_publish(&mut self) -> Result<InFlight, String> {
         let Some(out) = graph::held_output() else { return Ok(InFlight::default()) };
-        let world = dynprobe_text::stop::stop_other_threads(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+        // A thread that blocks the stop signal (a program's signal-handling thread) cannot be
+        // held: it is left running, its calls in flight not shown (`InFlight::left`).
+        let world = dynprobe_text::stop::stop_threads_that_answer(STOP_TIMEOUT).map_err(|e| e.to_string())?;
         // Nothing below allocates: the vectors were given their capacity beforehand.
         let time = out.clock.now();
         read_maps(&mut self.maps);
         self.modules.retain(|m| m.bounds.iter().all(|&at| dynprobe_text::raw::read(at, &mut [0u8])));
-        let mut found = InFlight::default();
+        let mut found = InFlight { left: world.left_running(), ..InFlight::default() };
         for thread in world.threads() {
             found.threads += 1;
             let Some(regs) = registers(thread.frame) else {

@@ -411,7 +411,7 @@ impl StoppedWorld {
         if self.left_running == 0 {
             return Ok(());
         }
-        match stop_all(raw::gettid(), ranges, Instant::now() + timeout) {
+        match stop_all(raw::gettid(), ranges, Instant::now() + timeout, false) {
             Ok(count) => {
                 self.count = count;
                 self.left_running = count_in(QUIESCENT);
@@ -660,6 +660,19 @@ const EVERYWHERE: Range<u64> = 0..u64::MAX;
 /// # Ok::<(), dynprobe_text::TextError>(())
 /// ```
 pub fn stop_threads_touching(ranges: &[Range<u64>], timeout: Duration) -> Result<StoppedWorld, TextError> {
+    stop_threads(ranges, timeout, false)
+}
+
+/// [`stop_other_threads`] that leaves alone, running, the threads that block the stop
+/// signal (a program's signal-handling thread that blocks every signal): they are not in
+/// [`StoppedWorld::threads`] and count in [`StoppedWorld::left_running`]. For a caller that
+/// wants every thread it can hold still and no other (the unwinding of the threads' stacks
+/// at a `record -p` attach), not for one that changes code they may run.
+pub fn stop_threads_that_answer(timeout: Duration) -> Result<StoppedWorld, TextError> {
+    stop_threads(&[EVERYWHERE], timeout, true)
+}
+
+fn stop_threads(ranges: &[Range<u64>], timeout: Duration, leave_blocking: bool) -> Result<StoppedWorld, TextError> {
     if held_by_current_thread() {
         return Err(TextError::StopFailed {
             reason: "this thread already holds the other threads stopped (nested stop)".into(),
@@ -675,7 +688,7 @@ pub fn stop_threads_touching(ranges: &[Range<u64>], timeout: Duration) -> Result
     ARRIVED.store(0, Ordering::Release);
     LEFT_COUNT.store(0, Ordering::Release);
 
-    match stop_all(me, ranges, Instant::now() + timeout) {
+    match stop_all(me, ranges, Instant::now() + timeout, leave_blocking) {
         Ok(count) => Ok(StoppedWorld { count, left_running: count_in(QUIESCENT), _guard: guard }),
         Err(failure) => {
             release_all();
@@ -765,7 +778,7 @@ fn likely_cause(tid: i32) -> String {
 
 /// Sends the stop signal to every other thread and waits for all of them, until the task
 /// list is stable. Returns how many are stopped, with their entries copied to [`THREADS`].
-fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, Failure> {
+fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant, leave_blocking: bool) -> Result<usize, Failure> {
     let pid = std::process::id() as i32;
     let restorer = RESTORER.load(Ordering::Relaxed);
     let signal = |slot: &Slot, tid: i32| -> Result<(), Failure> {
@@ -811,7 +824,8 @@ fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, 
             let slot = &SLOTS[i];
             slot.new_ip.store(0, Ordering::Relaxed);
             slot.ip.store(0, Ordering::Relaxed);
-            let quiescent = is_quiescent(tid, ranges, restorer);
+            let quiescent =
+                is_quiescent(tid, ranges, restorer) || (leave_blocking && blocks_stop_signal(tid) == Some(true));
             slot.word.store(pack(tid, if quiescent { QUIESCENT } else { SENT }), Ordering::Release);
             USED.store(i as u32 + 1, Ordering::Release);
             if !quiescent {

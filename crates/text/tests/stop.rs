@@ -3,7 +3,9 @@
 
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{alloc_near, ExecSlot};
-use dynprobe_text::stop::{stop_other_threads, stop_signal, stop_threads_touching, synchronize, StoppedWorld};
+use dynprobe_text::stop::{
+    stop_other_threads, stop_signal, stop_threads_that_answer, stop_threads_touching, synchronize, StoppedWorld,
+};
 use dynprobe_text::TextError;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -150,7 +152,7 @@ fn nested_stop_fails_instead_of_deadlocking_and_synchronize_is_immediate() {
 }
 
 #[test]
-fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
+fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume_or_is_left_alone_when_asked() {
     let _serial = serial();
     let quit = Arc::new(AtomicBool::new(false));
     let free = spinner(&quit);
@@ -184,6 +186,14 @@ fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
     // The thread that did stop was resumed.
     let c = free.count.load(Ordering::SeqCst);
     assert!(eventually(|| free.count.load(Ordering::Relaxed) > c));
+
+    // The stop that leaves such a thread alone holds the others, at once.
+    let started = Instant::now();
+    let world = stop_threads_that_answer(TIMEOUT).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!tids(&world).contains(&tid) && tids(&world).contains(&free.tid.load(Ordering::SeqCst)));
+    assert_eq!(world.left_running(), 1, "the thread that blocks the signal runs on");
+    drop(world);
 
     unblock.store(true, Ordering::Relaxed);
     blocked.join().unwrap();
