@@ -222,7 +222,11 @@ fn session(socket: OwnedFd) {
             // Nothing in the process can join this thread once the library is gone (a
             // reaper thread would run the library's code): detached, its stack is the
             // CLI's to unmap, after the thread has ended and before the `dlclose`.
-            let loads = UNDONE_LOADS.swap(0, Ordering::Relaxed) + 1;
+            // This session's load counts as undone until the CLI has undone it: the count
+            // goes with the library once unloaded, and stays right for the next CLI if this
+            // one is killed before its `dlclose` calls (it stops calling `dlclose` once the
+            // library is gone, should it be killed between two of them).
+            let loads = UNDONE_LOADS.fetch_add(1, Ordering::Relaxed) + 1;
             let stack = thread.map(|t| t.detach_leaving_stack()).map(|(base, len)| format!(" {base:#x} {len}"));
             control.send(&format!("!unload {loads}{}", stack.unwrap_or_default()));
             ACTIVE.store(false, Ordering::Release);
@@ -428,6 +432,26 @@ fn record(control: &Control, dir: &str, settings: &[String], interrupted_before:
             return true;
         }
     };
+    match &attached.in_flight {
+        Ok(found) if found.unreadable > 0 => control.send(&format!(
+            "!warning {} of {} thread(s) were stopped where their stack could not be unwound (code without \
+             call-frame information, a signal handler): their calls in flight at the attach are shown from \
+             where the unwinding stopped",
+            found.unreadable, found.threads
+        )),
+        Ok(_) => {}
+        Err(why) => control.send(&format!("!warning the calls in flight at the attach are not shown: {why}")),
+    }
+    if let Ok(found) = &attached.in_flight {
+        if found.left > 0 {
+            control.send(&format!(
+                "!warning {} thread(s) block dynprobe's stop signal ({}): their calls in flight at the attach are \
+                 not shown",
+                found.left,
+                dynprobe::stop_signal()
+            ));
+        }
+    }
     control.send(&format!("!ready {}", attached.patched));
     let detach_asked = serve(control);
     let mut problems: Vec<String> = attached.end().err().into_iter().collect();

@@ -62,7 +62,7 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     dynprobe_probe::set_current_thread_traced(false);
     let started = Settings::from_env()
         .map_err(NotTraced::from)
-        .and_then(|settings| try_start(Path::new(ring_dir), channel.is_some(), &settings));
+        .and_then(|settings| try_start(Path::new(ring_dir), channel.is_some(), false, &settings));
     let started = started.map(|started| {
         let patched = started.patched;
         started.keep();
@@ -101,12 +101,14 @@ pub(crate) struct Attached {
     markers: Option<dynprobe::MarkerHandle>,
     /// Sites patched at the start.
     pub(crate) patched: u64,
+    /// The calls found in flight at the start, or why none could be looked for.
+    pub(crate) in_flight: Result<dynprobe_ftrace::InFlight, String>,
 }
 
 /// Starts recording this running process into the ring directory `dir`, as `settings`
 /// say: the message is the `!error` text when nothing could start (nothing is left then).
 pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String> {
-    let started = try_start(dir, true, settings).map_err(|e| e.message)?;
+    let started = try_start(dir, true, true, settings).map_err(|e| e.message)?;
     let patched = started.patched;
     // A child forked during the session gets its own ring file (see `in_child`).
     remember_for_fork(&started.dir, &started.funcs, started.markers_path.as_deref(), &started.exe);
@@ -115,7 +117,8 @@ pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String
         Some(libraries) => match libraries.watch(Arc::clone(&tracer)) {
             Ok(watch) => Some(watch),
             Err(e) => {
-                let mut attached = Attached { tracer, watch: None, markers: started.markers, patched };
+                let in_flight = Ok(Default::default());
+                let mut attached = Attached { tracer, watch: None, markers: started.markers, patched, in_flight };
                 let _ = attached.end_tracing();
                 return Err(format!("cannot watch for libraries loaded later: {e}"));
             }
@@ -123,7 +126,11 @@ pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String
         None => None,
     };
     let _ = dynprobe_probe::wait_for_optimizer();
-    Ok(Attached { tracer, watch, markers: started.markers, patched })
+    // Every site is live now (the entry probes jumps): the calls in flight are taken up and
+    // the recording starts, in one stop of the threads.
+    let in_flight = tracer.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Tracer::adopt_in_flight);
+    let in_flight = in_flight.unwrap_or(Ok(Default::default()));
+    Ok(Attached { tracer, watch, markers: started.markers, patched, in_flight })
 }
 
 impl Attached {
@@ -274,8 +281,9 @@ impl Started {
 
 /// Selects, writes the function list, starts the tracer, writes the summary and publishes
 /// the ring file. The first image (and an attach session) refuses `-M` patterns that name
-/// no marker; an image it `exec`s records the markers it has of them.
-fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, NotTraced> {
+/// no marker; an image it `exec`s records the markers it has of them. An `attached`
+/// session's tracer records nothing until [`Tracer::adopt_in_flight`].
+fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Result<Started, NotTraced> {
     let filter = &settings.filter;
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let selection = Selection::new(&table, filter)
@@ -310,9 +318,9 @@ fn try_start(dir: &Path, first: bool, settings: &Settings) -> Result<Started, No
         })?;
     }
     let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);
-    let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, values)
-        .map_err(|e| e.to_string())
-        .and_then(|tracer| {
+    let start = if attached { Tracer::start_attached } else { Tracer::start_with_values };
+    let started =
+        start(selection, ring, Clock::detect(), settings.depth, values).map_err(|e| e.to_string()).and_then(|tracer| {
             let Some(markers_path) = &markers_path else { return Ok((tracer, None)) };
             let attached = write_file(markers_path, &markers.list()).and_then(|()| markers.attach());
             match attached {

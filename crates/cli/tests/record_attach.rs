@@ -36,9 +36,14 @@ fn start_server(test: &str, throw: bool) -> Worker {
 }
 
 fn start_server_exe(test: &str, exe: &'static Path, throw: bool) -> Worker {
+    let env: &[(&str, &str)] = if throw { &[("SERVER_THROW", "1")] } else { &[] };
+    start_server_with(test, exe, env)
+}
+
+/// The server with this environment (`SERVER_THROW`, `SERVER_BACKTRACE`: see server.cpp).
+fn start_server_with(test: &str, exe: &'static Path, env: &[(&str, &str)]) -> Worker {
     let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
-    let env: &[(&str, &str)] = if throw { &[("SERVER_THROW", "1")] } else { &[] };
     Worker::start_with(exe, &log.clone().into_os_string(), log, env)
 }
 
@@ -107,19 +112,26 @@ fn dynprobe_ok(args: &[&OsStr]) -> String {
     common::stdout_of(&out)
 }
 
-/// The calls whose entry `replay --tid TID` shows, in order, as (name, depth).
-fn recorded_entries(dir: &Path, tid: &str) -> Vec<(String, usize)> {
+/// Calls as (name, depth), in order.
+type Calls = Vec<(String, usize)>;
+
+/// The calls whose entry `replay --tid TID` shows: those marked as entered before the
+/// attach, and the others.
+fn recorded_entries(dir: &Path, tid: &str) -> (Calls, Calls) {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str(), "--tid".as_ref(), tid.as_ref()]);
-    replay
+    let (before, after): (Vec<_>, Vec<_>) = replay
         .lines()
         .filter_map(|line| line.split_once("] | ").map(|(_, call)| call))
         .filter_map(|call| {
             let name = call.trim_start();
             let depth = (call.len() - name.len()) / 2;
+            let before = call.contains("/* entered before attach");
             let name = name.split_once("()")?.0;
-            (!name.starts_with('}')).then(|| (name.to_string(), depth))
+            (!name.starts_with('}')).then(|| (before, (name.to_string(), depth)))
         })
-        .collect()
+        .partition(|(before, _)| *before);
+    let strip = |calls: Vec<(bool, (String, usize))>| calls.into_iter().map(|(_, call)| call).collect();
+    (strip(before), strip(after))
 }
 
 /// The server's log of thread 1's calls: its tid and the calls as (name, depth).
@@ -143,15 +155,10 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
     assert_eq!(line, untraced("match", &counts, false), "the same result as an untraced run");
 
     // Thread 1's recorded calls are exactly a run of its logged calls, none missing, none
-    // added: the calls it made between the attach and the detach.
-    let (tid, logged) = logged_entries(&server);
-    let recorded = recorded_entries(&dir, &tid);
-    assert!(recorded.len() > 100, "only {} calls of thread {tid} were recorded", recorded.len());
-    let window = find_window(&logged, &recorded).unwrap_or_else(|| {
-        panic!("thread {tid}'s {} recorded calls are no run of its {} logged calls", recorded.len(), logged.len())
-    });
+    // added: the calls it made between the attach and the detach, and before them the
+    // calls it was inside at the attach, found on its stack.
+    let window = assert_calls_match_the_log(&server, &dir);
     assert!(window > 0, "the calls before the attach are not in the trace");
-    assert!(window + recorded.len() < logged.len(), "nor those after the detach");
 
     // The trace reads as one of a started program does.
     let report = dynprobe_ok(&["report".as_ref(), dir.as_os_str()]);
@@ -164,26 +171,89 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
     server.quit();
 }
 
+#[test]
+fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_and_match_the_log() {
+    // Every innermost srv_depth also checks a backtrace of its callers: through the calls
+    // in flight at an attach (srv_serve's stays diverted from the first session on).
+    let mut server = start_server_with("inflight", server_exe(), &[("SERVER_THROW", "1"), ("SERVER_BACKTRACE", "1")]);
+    writeln_go(&mut server);
+    std::thread::sleep(Duration::from_millis(200));
+    // At each attach every thread is inside srv_serve, srv_handle and a srv_depth recursion
+    // 1 to 6 deep, whose innermost call throws for every other request: sessions go on
+    // until a call in flight at the attach was unwound by an exception (1 in 16 sessions
+    // has none). Between sessions the calls the last one diverted are still in flight.
+    let (mut dirs, mut unwound, mut deepest) = (Vec::new(), 0, 0);
+    while unwound == 0 && dirs.len() < 8 {
+        let dir = trace_dir(&format!("inflight-{}", dirs.len()));
+        record_for(server.pid, &dir, "0.3");
+        let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+        assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
+        unwound += replay.matches("/* entered before attach, unwound */").count();
+        let recursion = replay.lines().filter(|l| l.contains("srv_depth() { /* entered before attach */")).count();
+        deepest = deepest.max(recursion);
+        let chrome = dir.with_extension("json");
+        dynprobe_ok(&["export".as_ref(), "--chrome".as_ref(), chrome.as_os_str(), dir.as_os_str()]);
+        assert_sane_chrome(&chrome);
+        let json = std::fs::read_to_string(&chrome).unwrap();
+        assert!(json.contains("before the attach"), "the Chrome export marks the calls entered before it");
+        dirs.push(dir);
+    }
+    assert!(unwound > 0, "an exception went through calls in flight at the attach in {} sessions", dirs.len());
+    assert!(deepest > 0, "a recursion was in flight at an attach");
+    let report = dynprobe_ok(&["report".as_ref(), dirs[0].as_os_str()]);
+    assert!(report.contains("were entered before the attach"), "{report}");
+    let (line, counts) = stop(&mut server);
+    assert_eq!(line, untraced("inflight", &counts, true), "the same result as an untraced run");
+    let backtraces = server.ask("backtraces");
+    let fields: Vec<u64> = backtraces.split(' ').skip(1).filter_map(|n| n.parse().ok()).collect();
+    assert!(fields.len() == 2 && fields[0] > 1000 && fields[1] == 0, "backtraces taken, wrong: {backtraces}");
+    // The first session's calls in flight were not diverted before (later ones may find
+    // srv_serve diverted still, from the session before: it is then not shown again).
+    assert!(assert_calls_match_the_log(&server, &dirs[0]) > 0);
+    server.quit();
+}
+
 /// Starts the server's `go` (it answers only at `stop`).
 fn writeln_go(server: &mut Worker) {
     use std::io::Write;
     writeln!(server.stdin, "go").unwrap();
 }
 
+/// Checks that thread 1's calls in the trace `dir` are exactly a run of the calls it
+/// logged: those recorded as entered before the attach are the calls it was inside then,
+/// outermost first at depths from 0, and the others follow them in the log with the
+/// depths it logged. Returns where the run starts in the log; panics with the
+/// difference otherwise.
+fn assert_calls_match_the_log(server: &Worker, dir: &Path) -> usize {
+    let (tid, logged) = logged_entries(server);
+    let (before, recorded) = recorded_entries(dir, &tid);
+    assert!(recorded.len() > 100, "only {} calls of thread {tid} were recorded", recorded.len());
+    assert!(!before.is_empty(), "thread {tid} was inside srv_serve at the attach: {:?}", &recorded[..5]);
+    find_window(&logged, &before, &recorded).unwrap_or_else(|| {
+        panic!(
+            "thread {tid}'s {} recorded calls, after {before:?} entered before the attach, are no run of its {} \
+             logged calls",
+            recorded.len(),
+            logged.len()
+        )
+    })
+}
+
 /// Where `recorded` lies in `logged`: the index of a run of logged calls of the same names
-/// whose depths are the recorded ones plus the frames entered before the attach — those
-/// of the calls under way then, which are not in the trace (at least the thread's
-/// `srv_serve`, never fewer as the calls go on, and exactly it once the first call at
-/// depth 1 was recorded).
-fn find_window(logged: &[(String, usize)], recorded: &[(String, usize)]) -> Option<usize> {
-    (0..logged.len().checked_sub(recorded.len())?).find(|&start| {
-        let mut offset = usize::MAX;
-        logged[start..start + recorded.len()].iter().zip(recorded).all(|((lname, ldepth), (rname, rdepth))| {
-            let Some(now) = ldepth.checked_sub(*rdepth) else { return false };
-            let fits = lname == rname && now >= 1 && now <= offset && (offset > 1 || now == 1);
-            offset = now;
-            fits
-        })
+/// and depths, just after calls whose chain of callers (the latest logged call of each
+/// depth) starts with `before` — the calls in flight at the attach, which include every
+/// caller of the first recorded call.
+fn find_window(logged: &[(String, usize)], before: &[(String, usize)], recorded: &[(String, usize)]) -> Option<usize> {
+    (1..=logged.len().checked_sub(recorded.len())?).find(|&start| {
+        logged[start..start + recorded.len()] == *recorded && {
+            let innermost = logged[start - 1].1;
+            let chain: Vec<&(String, usize)> =
+                (0..=innermost).filter_map(|depth| logged[..start].iter().rev().find(|(_, d)| *d == depth)).collect();
+            let callers = recorded[0].1;
+            before.len() >= callers
+                && before.len() <= chain.len()
+                && before.iter().zip(&chain).all(|(call, logged)| call == *logged)
+        }
     })
 }
 
@@ -319,12 +389,14 @@ fn processes_that_cannot_be_recorded_are_refused_with_the_reason() {
     server.quit();
 }
 
-/// `targets/worker.c` (threads created and ended every round, a `dlopen` on request) and
+/// `targets/worker.c` (threads created and ended every round, a `dlopen` or a `fork` on
+/// request; not PIE: `Worker::code` reads its bytes by `nm`'s addresses) and
 /// `targets/plugin.c`, built once.
 fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let worker = common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-ldl"]));
+        let worker =
+            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-no-pie", "-ldl"]));
         let plugin = common::build_c("plugin.c", "libplugin-record-attach.so", &os(&["-shared", "-fPIC"]));
         (worker, plugin)
     })
@@ -355,6 +427,59 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
     assert_eq!((calls("mix"), calls("plugin_work"), calls("plugin_leaf")), (1200, 1, 2), "{report}");
     assert_eq!(worker.round(), untraced, "and after");
     worker.quit();
+}
+
+#[test]
+fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("fork-{}.log", std::process::id()));
+    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let untraced = worker.code("mix");
+    let dir = trace_dir("fork");
+    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    session.wait_for("attached to");
+    // The child calls mix every 10 ms until the worker exits, recorded meanwhile as a
+    // started program's child is.
+    let forked = worker.ask("fork");
+    let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix has its bytes back");
+    assert_eq!(worker.code("mix"), untraced, "and the worker's");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
+    assert!(section.starts_with(&format!("record-attach-worker), forked from {}\n", worker.pid)), "{replay}");
+    assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
+    // The child runs on, its calls untraced, and ends with the worker.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+}
+
+#[test]
+fn a_controller_killed_before_it_unloads_the_agent_leaves_its_load_to_the_next_one() {
+    let mut server = start_server("unload", false);
+    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
+    // The first dynprobe is told `!unload` and killed before its `dlclose`: its load stays.
+    let dir = trace_dir("unload-killed");
+    let mut command = common::dynprobe();
+    command.args(["record", "-p", &server.pid.to_string(), "-F", "srv_*", "--duration", "0.2", "-o"]).arg(&dir);
+    command.env("DYNPROBE_TEST_PAUSE_BEFORE_UNLOAD_MS", "20000");
+    let mut session = Session::spawn(command, None);
+    session.wait_for("detached from");
+    // The agent's session thread says `!unload` once it is done, then ends.
+    wait_until(|| !thread_names(server.pid).iter().any(|t| t.starts_with("dynprobe")), "the agent's threads ended");
+    session.end(Some(libc::SIGKILL));
+    assert!(agent_loaded(server.pid), "the killed dynprobe unloaded nothing");
+    // The next session undoes both loads: the library goes.
+    record_for(server.pid, &trace_dir("unload-next"), "0.2");
+    wait_until(|| !agent_loaded(server.pid), "the agent library unloaded by the next session");
+    assert_eq!(server.ask("run 5 5 5 5"), untraced("unload", "5 5 5 5", false), "the server runs on");
+    server.quit();
 }
 
 #[test]

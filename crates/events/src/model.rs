@@ -185,6 +185,10 @@ pub struct Event {
 pub enum EventKind {
     /// The function was entered.
     Entry,
+    /// The function was already running when recording started in a running process
+    /// (`record -p`): found on the thread's stack at the attach, which is `ns` (its real
+    /// entry is unknown); its exit follows if it ends during the recording.
+    EntryBeforeAttach,
     /// The function returned.
     Exit,
     /// The function was left without returning (`longjmp`, exception); `ns` is when this

@@ -4,7 +4,7 @@
 //!   word 0   time     raw clock ticks (see `Clock`): TSC ticks, or CLOCK_MONOTONIC ns
 //!   word 1   bits  0..4   kind (0 is never written: a zeroed record is an unwritten one)
 //!            bits  4..16  depth: the call depth of the function (0 = outermost traced)
-//!            bits 16..64  payload: function id (entry, exit, unwound), count (lost),
+//!            bits 16..64  payload: function id (entry, entry before attach, exit, unwound), count (lost),
 //!                         thread id (thread), marker site id and data record count
 //!                         (marker: bits 16..48 and 48..64)
 //! ```
@@ -46,6 +46,10 @@ pub enum Kind {
     /// Up to 15 bytes of the arguments of the `Marker` record before it (or of the values of
     /// the `Entry` or `Exit` record before it).
     MarkerData = 7,
+    /// A traced function that was already running when recording started in a running
+    /// process (`record -p`), found on the thread's stack: the time is the attach, not its
+    /// entry, and its `Exit` (or `Unwound`) follows when it ends during the recording.
+    EntryBeforeAttach = 8,
 }
 
 impl Kind {
@@ -58,6 +62,7 @@ impl Kind {
             5 => Kind::Thread,
             6 => Kind::Marker,
             7 => Kind::MarkerData,
+            8 => Kind::EntryBeforeAttach,
             _ => return None,
         })
     }

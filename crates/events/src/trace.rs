@@ -547,6 +547,7 @@ fn read_thread(
             }
             Some(Kind::MarkerData) => return Err(corrupt(at, "marker data without its marker record".into())),
             Some(Kind::Entry) => EventKind::Entry,
+            Some(Kind::EntryBeforeAttach) => EventKind::EntryBeforeAttach,
             Some(Kind::Exit) => EventKind::Exit,
             Some(Kind::Unwound) => EventKind::Unwound,
             Some(Kind::Lost) => {

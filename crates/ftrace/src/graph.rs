@@ -34,7 +34,7 @@ pub(crate) struct Output {
 /// The bits of a function id handed to the return hooks that are the tracer's id; the
 /// bits above are the output's tag.
 pub(crate) const ID_BITS: u32 = 24;
-const ID_MASK: u32 = (1 << ID_BITS) - 1;
+pub(crate) const ID_MASK: u32 = (1 << ID_BITS) - 1;
 
 /// A fresh tag for an output (one of 255, cycling: a call still in flight 255 sessions
 /// later could be taken for the current session's).
@@ -84,15 +84,43 @@ fn forking(slot: usize) -> bool {
     FORKING.get(slot).is_some_and(|f| f.load(Ordering::Relaxed))
 }
 
-/// Sets where records go; false when an output was set already.
-pub(crate) fn set_output(output: Output) -> bool {
+/// An output set but not published yet (see [`set_output`]), or null.
+static HELD: AtomicPtr<Output> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Sets where records go, at once (`publish`) or held back until [`publish_held`]; false
+/// when an output was set already.
+pub(crate) fn set_output(output: Output, publish: bool) -> bool {
     let new = Box::into_raw(Box::new(output));
-    let set = OUTPUT.compare_exchange(std::ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire).is_ok();
+    let null = std::ptr::null_mut();
+    let set = match publish {
+        true => {
+            HELD.load(Ordering::Acquire).is_null()
+                && OUTPUT.compare_exchange(null, new, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        }
+        false => {
+            OUTPUT.load(Ordering::Acquire).is_null()
+                && HELD.compare_exchange(null, new, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        }
+    };
     if !set {
         // SAFETY: `new` came from Box::into_raw just above and was never shared.
         drop(unsafe { Box::from_raw(new) });
     }
     set
+}
+
+/// The output held back by [`set_output`], if any.
+pub(crate) fn held_output() -> Option<&'static Output> {
+    // SAFETY: as in `output`: a leaked Box, freed only once retired and unused.
+    unsafe { HELD.load(Ordering::Acquire).as_ref() }
+}
+
+/// Publishes the held output: the hot paths record from now on.
+pub(crate) fn publish_held() {
+    let held = HELD.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    if !held.is_null() {
+        OUTPUT.store(held, Ordering::Release);
+    }
 }
 
 /// The output, once set.
@@ -108,6 +136,8 @@ pub(crate) fn output() -> Option<&'static Output> {
 /// writes somewhere harmless, and the file's memory is freed once the recorder removes it);
 /// the output itself stays allocated until [`free_retired`].
 pub(crate) fn retire_output() {
+    // A recording that ends before it was published ends unpublished.
+    publish_held();
     let old = OUTPUT.swap(std::ptr::null_mut(), Ordering::AcqRel);
     // SAFETY: as in `output`: still allocated, and stays so until `free_retired`.
     if let Some(out) = unsafe { old.as_ref() } {

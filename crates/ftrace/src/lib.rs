@@ -21,6 +21,7 @@ mod batch;
 pub mod error;
 pub mod filter;
 mod graph;
+mod inflight;
 pub mod select;
 
 pub use error::FtraceError;
@@ -32,6 +33,7 @@ pub fn trampoline_width() -> dynprobe_arch::native::detour::VectorWidth {
     dynprobe_probe::graph_width(graph::caller_dispatch as *const () as u64)
 }
 pub use filter::{Filter, Pattern};
+pub use inflight::InFlight;
 pub use select::{Selection, SiteMethod, TracedFunction};
 
 use dynprobe_events::clock::Clock;
@@ -88,7 +90,7 @@ impl Tracer {
     /// listed in the [`summary`](Self::summary), not errors; an error means nothing is
     /// traced.
     pub fn start(selection: Selection, ring: RingFile, clock: Clock, max_depth: usize) -> Result<Tracer, FtraceError> {
-        Tracer::start_with_values(selection, ring, clock, max_depth, None)
+        Tracer::start_with(selection, ring, clock, max_depth, None, true)
     }
 
     /// [`start`](Self::start), the calls carrying the `values` given (`record -a`). With
@@ -103,11 +105,36 @@ impl Tracer {
         max_depth: usize,
         values: Option<Box<dyn CallValues>>,
     ) -> Result<Tracer, FtraceError> {
+        Tracer::start_with(selection, ring, clock, max_depth, values, true)
+    }
+
+    /// [`start_with_values`](Self::start_with_values) in a process that was already running
+    /// (`dynprobe record -p`): the sites are patched but nothing is recorded until
+    /// [`Self::adopt_in_flight`] has found the calls already in flight on every thread and
+    /// published the recording.
+    pub fn start_attached(
+        selection: Selection,
+        ring: RingFile,
+        clock: Clock,
+        max_depth: usize,
+        values: Option<Box<dyn CallValues>>,
+    ) -> Result<Tracer, FtraceError> {
+        Tracer::start_with(selection, ring, clock, max_depth, values, false)
+    }
+
+    fn start_with(
+        selection: Selection,
+        ring: RingFile,
+        clock: Clock,
+        max_depth: usize,
+        values: Option<Box<dyn CallValues>>,
+        publish: bool,
+    ) -> Result<Tracer, FtraceError> {
         if ring.rings() < dynprobe_probe::MAX_THREADS {
             return Err(FtraceError::TooFewRings { rings: ring.rings(), needed: dynprobe_probe::MAX_THREADS });
         }
         let with_values = values.is_some();
-        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values }) {
+        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values }, publish) {
             return Err(FtraceError::AlreadyRunning);
         }
         let exit_hook: fn(&dynprobe_probe::GraphExit) =
@@ -203,6 +230,21 @@ impl Tracer {
         self.patched.extend(batch.patched);
         self.probes.extend(probes);
         Ok(total)
+    }
+
+    /// Shows the calls already in flight when a recording of a running process starts, and
+    /// starts recording ([`Self::start_attached`] held it back): in one stop of every other
+    /// thread, each thread's stack is unwound, the calls of traced functions on it are
+    /// tracked from then on (their returns diverted like those of calls entered later, below
+    /// them on the thread's instance stack) and recorded as entered before the attach, and
+    /// the recording is published, so that every call entered after the stop is recorded.
+    /// See the `inflight` module for how and why. An error (the threads could not be
+    /// stopped) says why no call in flight is shown; recording starts all the same.
+    pub fn adopt_in_flight(&self) -> Result<InFlight, String> {
+        let mut walker = inflight::Walker::new(self.functions.iter().map(|f| (f.addr, f.id)));
+        let adopted = walker.adopt_and_publish();
+        graph::publish_held();
+        adopted
     }
 
     /// The traced functions, by id.

@@ -63,6 +63,17 @@ pub fn current_thread_is_own() -> bool {
     HIDDEN.load(Ordering::Relaxed) != 0 && ThreadSlot::existing().is_some_and(|s| s.hidden.load(Ordering::Relaxed))
 }
 
+/// True when `sp` lies on the stack of one of dynprobe's own threads: another thread, held
+/// stopped, is told apart by the stack pointer it was stopped with, as a thread tells
+/// itself apart in [`current_thread_is_own`].
+pub(crate) fn is_own_stack(sp: u64) -> bool {
+    let used = USED.load(Ordering::Relaxed);
+    LOW.iter().zip(&LEN).take(used).any(|(low, len)| {
+        let len = len.load(Ordering::Acquire);
+        len != 0 && (sp as usize).wrapping_sub(low.load(Ordering::Relaxed)) < len
+    })
+}
+
 /// Hides (`true`) or shows again (`false`) the calling thread from every probe, for dynprobe
 /// work that runs on a thread of the program: the agent placing probes from the loader's
 /// constructor, on the main thread, before `main` (its allocations would be hits of a probe

@@ -109,6 +109,18 @@ impl ThreadSlot {
         Self::find_or_claim(tp, tid)
     }
 
+    /// The slot of another thread of this process, (`tp`, `tid`), claimed for it as the
+    /// thread itself would claim it ([`Self::current`]) if it has none. The caller holds
+    /// that thread stopped (the text layer's stop), so that it cannot claim one meanwhile.
+    pub(crate) fn of_stopped_thread(tp: usize, tid: i32) -> Option<(usize, &'static ThreadSlot)> {
+        let found = window(tp)
+            .find(|&i| SLOTS[i].owner.load(Ordering::Acquire) == tp && SLOTS[i].tid.load(Ordering::Relaxed) == tid);
+        match found {
+            Some(i) => Some((i, &SLOTS[i])),
+            None => Self::find_or_claim(tp, tid),
+        }
+    }
+
     /// The calling thread's slot if it has one (never claims).
     pub(crate) fn existing() -> Option<&'static ThreadSlot> {
         let (tp, tid) = (thread_pointer(), current_tid());

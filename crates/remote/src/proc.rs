@@ -80,6 +80,11 @@ pub(crate) fn is_descendant(pid: i32, ancestor: i32) -> bool {
     false
 }
 
+/// Whether a mapping of process `pid` is of the file `path` (`/proc/PID/maps`).
+pub(crate) fn maps_name(pid: i32, path: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| maps.lines().any(|l| l.ends_with(path)))
+}
+
 /// The thread ids of process `pid` (`/proc/PID/task`), sorted, the main thread first.
 pub fn threads(pid: i32) -> io::Result<Vec<i32>> {
     let mut tids: Vec<i32> =

@@ -112,7 +112,19 @@ pub fn unload_library(
             return Err(UnloadError::Stack { addr });
         }
     }
-    for _ in 0..times {
+    // The library's path, from its `struct link_map` (`l_addr`, then `l_name`; <link.h>):
+    // the agent counts loads a killed CLI left undone, so `times` may be one more than the
+    // loads left should an earlier CLI have been killed between two `dlclose` calls, and a
+    // `dlclose` of a library already unloaded would use a freed handle. Each call after the
+    // first is made only while the library is still mapped.
+    let mut name_at = [0u8; 8];
+    tracee.read_memory(handle + 8, &mut name_at)?;
+    let path = tracee.read_c_string(u64::from_le_bytes(name_at), 4096)?;
+    let path = String::from_utf8_lossy(&path).into_owned();
+    for n in 0..times {
+        if n > 0 && !path.is_empty() && !crate::proc::maps_name(pid, &path) {
+            break;
+        }
         if call(&mut tracee, "dlclose", dlclose, &[Arg::Value(handle)])? as u32 != 0 {
             let message = match dlerror {
                 Some(dlerror) => match call(&mut tracee, "dlerror", dlerror, &[])? {

@@ -214,6 +214,15 @@ pub fn gettid() -> i32 {
     unsafe { syscall4(libc::SYS_gettid, 0, 0, 0, 0) as i32 }
 }
 
+/// The calling thread's thread pointer: the word at `%fs:0`, which the x86-64 TLS ABI
+/// sets to the thread control block's own address in every thread the C library made.
+pub fn thread_pointer() -> u64 {
+    let tp: u64;
+    // SAFETY: a read of `%fs:0`, set for every thread (see above); nothing is written.
+    unsafe { std::arch::asm!("mov {}, qword ptr fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    tp
+}
+
 /// Sleeps while `*word == expected` (or until a signal / spurious wake; callers loop).
 pub(crate) fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
     // SAFETY: `word` is a valid, aligned u32 for the whole call; no timeout pointer.

@@ -57,7 +57,7 @@
 use crate::TextError;
 use std::cell::UnsafeCell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,9 @@ pub struct StoppedThread {
     /// Address of the stop handler's `ucontext` on the thread's stack: signal frames the
     /// thread was already in lie above it (see [`StoppedWorld::interrupted_contexts`]).
     pub frame: u64,
+    /// Its thread pointer (`%fs:0`, the C library's TCB address), by which per-thread
+    /// tables find a thread without its help.
+    pub tp: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -127,10 +130,20 @@ struct Slot {
     new_ip: AtomicU64,
     /// The handler's `ucontext` (valid from STOPPED on).
     frame: AtomicU64,
+    /// The thread pointer (valid from STOPPED on).
+    tp: AtomicU64,
     /// Whether the thread did not block the stop signal when it was sent: a system call
     /// the handler finds cut short was cut short by it alone (see the module's
     /// documentation), and may be put back.
     restartable: AtomicBool,
+    /// The system call the thread was blocked in when the signal was sent (its number, or
+    /// -1), its six arguments and the `pc` after its `syscall`, from
+    /// `/proc/self/task/<tid>/syscall`: the handler's way to the number when no `mov`
+    /// before the `syscall` names it (the C library's `syscall(2)` function takes it as an
+    /// argument).
+    blocked_nr: AtomicI64,
+    blocked_args: [AtomicU64; 6],
+    blocked_pc: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used as an array initializer
@@ -139,7 +152,11 @@ const SLOT_INIT: Slot = Slot {
     ip: AtomicU64::new(0),
     new_ip: AtomicU64::new(0),
     frame: AtomicU64::new(0),
+    tp: AtomicU64::new(0),
     restartable: AtomicBool::new(false),
+    blocked_nr: AtomicI64::new(-1),
+    blocked_args: [const { AtomicU64::new(0) }; 6],
+    blocked_pc: AtomicU64::new(0),
 };
 
 static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
@@ -229,7 +246,7 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
         let restart = slot
             .restartable
             .load(Ordering::Relaxed)
-            .then(|| raw::syscall_number_before(rip))
+            .then(|| raw::syscall_number_before(rip).or_else(|| blocked_call_number(slot, uc, rip)))
             .flatten()
             .filter(|nr| RESTARTABLE_WAITS.contains(nr));
         match restart {
@@ -249,6 +266,7 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
     }
     slot.ip.store(rip, Ordering::Relaxed);
     slot.frame.store(uc as u64, Ordering::Relaxed);
+    slot.tp.store(raw::thread_pointer(), Ordering::Relaxed);
     slot.word.store(pack(me, STOPPED), Ordering::Release);
     ARRIVED.fetch_add(1, Ordering::AcqRel);
     raw::futex_wake_all(&ARRIVED);
@@ -266,6 +284,24 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
     slot.word.store(pack(me, LEFT), Ordering::Release);
     LEFT_COUNT.fetch_add(1, Ordering::AcqRel);
     raw::futex_wake_all(&LEFT_COUNT);
+}
+
+/// The number of the system call a thread was seen blocked in as its signal was sent, when
+/// the call the handler finds cut short at `rip` is that very call: the same `syscall`
+/// instruction with the same six argument registers (the kernel leaves them as they were,
+/// `rax` alone carries the result). Async-signal-safe.
+fn blocked_call_number(slot: &Slot, uc: *const libc::ucontext_t, rip: u64) -> Option<i64> {
+    let nr = slot.blocked_nr.load(Ordering::Relaxed);
+    if nr < 0 || slot.blocked_pc.load(Ordering::Relaxed) != rip {
+        return None;
+    }
+    let registers = [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX, libc::REG_R10, libc::REG_R8, libc::REG_R9];
+    let same = registers.iter().zip(&slot.blocked_args).all(|(&reg, arg)| {
+        // SAFETY: the handler's ucontext, valid until it returns (see `on_stop_signal`).
+        let value = unsafe { (*uc).uc_mcontext.gregs[reg as usize] } as u64;
+        value == arg.load(Ordering::Relaxed)
+    });
+    same.then_some(nr)
 }
 
 /// The stop signal's action before [`install_handler`] replaced it (`Some` while ours is
@@ -337,7 +373,7 @@ struct ThreadTable(UnsafeCell<[StoppedThread; MAX_STOPPED_THREADS]>);
 // a StoppedWorld, which holds CONTROLLER's guard for as long as the borrow lives.
 unsafe impl Sync for ThreadTable {}
 static THREADS: ThreadTable =
-    ThreadTable(UnsafeCell::new([StoppedThread { tid: 0, ip: 0, frame: 0 }; MAX_STOPPED_THREADS]));
+    ThreadTable(UnsafeCell::new([StoppedThread { tid: 0, ip: 0, frame: 0, tp: 0 }; MAX_STOPPED_THREADS]));
 /// The signal return trampoline (`sa_restorer`) of the C library; 0 when unknown.
 static RESTORER: AtomicU64 = AtomicU64::new(0);
 
@@ -375,7 +411,7 @@ impl StoppedWorld {
         if self.left_running == 0 {
             return Ok(());
         }
-        match stop_all(raw::gettid(), ranges, Instant::now() + timeout) {
+        match stop_all(raw::gettid(), ranges, Instant::now() + timeout, false) {
             Ok(count) => {
                 self.count = count;
                 self.left_running = count_in(QUIESCENT);
@@ -624,6 +660,19 @@ const EVERYWHERE: Range<u64> = 0..u64::MAX;
 /// # Ok::<(), dynprobe_text::TextError>(())
 /// ```
 pub fn stop_threads_touching(ranges: &[Range<u64>], timeout: Duration) -> Result<StoppedWorld, TextError> {
+    stop_threads(ranges, timeout, false)
+}
+
+/// [`stop_other_threads`] that leaves alone, running, the threads that block the stop
+/// signal (a program's signal-handling thread that blocks every signal): they are not in
+/// [`StoppedWorld::threads`] and count in [`StoppedWorld::left_running`]. For a caller that
+/// wants every thread it can hold still and no other (the unwinding of the threads' stacks
+/// at a `record -p` attach), not for one that changes code they may run.
+pub fn stop_threads_that_answer(timeout: Duration) -> Result<StoppedWorld, TextError> {
+    stop_threads(&[EVERYWHERE], timeout, true)
+}
+
+fn stop_threads(ranges: &[Range<u64>], timeout: Duration, leave_blocking: bool) -> Result<StoppedWorld, TextError> {
     if held_by_current_thread() {
         return Err(TextError::StopFailed {
             reason: "this thread already holds the other threads stopped (nested stop)".into(),
@@ -639,7 +688,7 @@ pub fn stop_threads_touching(ranges: &[Range<u64>], timeout: Duration) -> Result
     ARRIVED.store(0, Ordering::Release);
     LEFT_COUNT.store(0, Ordering::Release);
 
-    match stop_all(me, ranges, Instant::now() + timeout) {
+    match stop_all(me, ranges, Instant::now() + timeout, leave_blocking) {
         Ok(count) => Ok(StoppedWorld { count, left_running: count_in(QUIESCENT), _guard: guard }),
         Err(failure) => {
             release_all();
@@ -729,11 +778,16 @@ fn likely_cause(tid: i32) -> String {
 
 /// Sends the stop signal to every other thread and waits for all of them, until the task
 /// list is stable. Returns how many are stopped, with their entries copied to [`THREADS`].
-fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, Failure> {
+fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant, leave_blocking: bool) -> Result<usize, Failure> {
     let pid = std::process::id() as i32;
     let restorer = RESTORER.load(Ordering::Relaxed);
     let signal = |slot: &Slot, tid: i32| -> Result<(), Failure> {
         slot.restartable.store(blocks_stop_signal(tid) == Some(false), Ordering::Relaxed);
+        let (nr, args, pc) = blocked_call(tid).unwrap_or((-1, [0; 6], 0));
+        slot.blocked_nr.store(nr, Ordering::Relaxed);
+        slot.blocked_pc.store(pc, Ordering::Relaxed);
+        slot.blocked_args.iter().zip(args).for_each(|(a, v)| a.store(v, Ordering::Relaxed));
+        // Published to the handler by the Release store of SENT, which it acquires.
         slot.word.store(pack(tid, SENT), Ordering::Release);
         // SAFETY: tgkill takes plain integers; a wrong tid yields ESRCH, nothing worse.
         if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, stop_signal()) } != 0 {
@@ -770,7 +824,8 @@ fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, 
             let slot = &SLOTS[i];
             slot.new_ip.store(0, Ordering::Relaxed);
             slot.ip.store(0, Ordering::Relaxed);
-            let quiescent = is_quiescent(tid, ranges, restorer);
+            let quiescent =
+                is_quiescent(tid, ranges, restorer) || (leave_blocking && blocks_stop_signal(tid) == Some(true));
             slot.word.store(pack(tid, if quiescent { QUIESCENT } else { SENT }), Ordering::Release);
             USED.store(i as u32 + 1, Ordering::Release);
             if !quiescent {
@@ -797,8 +852,12 @@ fn stop_all(me: i32, ranges: &[Range<u64>], deadline: Instant) -> Result<usize, 
     for slot in &SLOTS[..USED.load(Ordering::Acquire) as usize] {
         let (tid, state) = unpack(slot.word.load(Ordering::Acquire));
         if state == STOPPED {
-            table[count] =
-                StoppedThread { tid, ip: slot.ip.load(Ordering::Relaxed), frame: slot.frame.load(Ordering::Relaxed) };
+            table[count] = StoppedThread {
+                tid,
+                ip: slot.ip.load(Ordering::Relaxed),
+                frame: slot.frame.load(Ordering::Relaxed),
+                tp: slot.tp.load(Ordering::Relaxed),
+            };
             count += 1;
         }
     }
@@ -1086,6 +1145,22 @@ fn blocked_at(tid: i32) -> Option<(u64, u64)> {
         pc = Some(field);
     }
     Some((parse_hex(sp?)?, parse_hex(pc?)?))
+}
+
+/// The system call thread `tid` is blocked in, from `/proc/self/task/<tid>/syscall`
+/// (`nr arg1 … arg6 sp pc`): its number, its six arguments and the `pc` it resumes at.
+/// `None` while it runs or is in the kernel for another reason. Allocates nothing.
+fn blocked_call(tid: i32) -> Option<(i64, [u64; 6], u64)> {
+    let mut buf = [0u8; 256];
+    let n = read_task_file(tid, b"syscall", &mut buf).ok()?;
+    let mut fields = buf[..n].split(|&b| b == b' ' || b == b'\n').filter(|f| !f.is_empty());
+    let nr = i64::from(parse_decimal(fields.next()?)?);
+    let mut args = [0u64; 6];
+    for arg in args.iter_mut() {
+        *arg = parse_hex(fields.next()?)?;
+    }
+    let _sp = fields.next()?;
+    Some((nr, args, parse_hex(fields.next()?)?))
 }
 
 /// The system call thread `tid` is blocked in, from `/proc/self/task/<tid>/syscall`: its

@@ -3,7 +3,9 @@
 
 use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{alloc_near, ExecSlot};
-use dynprobe_text::stop::{stop_other_threads, stop_signal, stop_threads_touching, synchronize, StoppedWorld};
+use dynprobe_text::stop::{
+    stop_other_threads, stop_signal, stop_threads_that_answer, stop_threads_touching, synchronize, StoppedWorld,
+};
 use dynprobe_text::TextError;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -150,7 +152,7 @@ fn nested_stop_fails_instead_of_deadlocking_and_synchronize_is_immediate() {
 }
 
 #[test]
-fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
+fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume_or_is_left_alone_when_asked() {
     let _serial = serial();
     let quit = Arc::new(AtomicBool::new(false));
     let free = spinner(&quit);
@@ -184,6 +186,14 @@ fn a_thread_blocking_the_signal_fails_the_stop_and_the_others_resume() {
     // The thread that did stop was resumed.
     let c = free.count.load(Ordering::SeqCst);
     assert!(eventually(|| free.count.load(Ordering::Relaxed) > c));
+
+    // The stop that leaves such a thread alone holds the others, at once.
+    let started = Instant::now();
+    let world = stop_threads_that_answer(TIMEOUT).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!tids(&world).contains(&tid) && tids(&world).contains(&free.tid.load(Ordering::SeqCst)));
+    assert_eq!(world.left_running(), 1, "the thread that blocks the signal runs on");
+    drop(world);
 
     unblock.store(true, Ordering::Relaxed);
     blocked.join().unwrap();
@@ -404,4 +414,35 @@ fn a_blocking_call_entered_just_as_the_stop_signal_lands_is_put_back() {
     assert!(seen.is_empty(), "the program saw EINTR from {seen:?}");
     assert_eq!(cut_short, 0);
     assert!(put_back > 0, "the race was never met in {stops} stops: the test proves nothing");
+}
+
+/// A stop of every thread signals threads blocked in the kernel too; a wait cut short is put
+/// back even when no `mov` before its `syscall` names the call, as in the C library's
+/// `syscall(2)` function, which takes the number as an argument: the stop saw the thread
+/// blocked in that very call (the same instruction and arguments) before signalling it.
+#[test]
+fn a_futex_wait_made_through_syscall_is_put_back_after_a_stop_of_every_thread() {
+    let _serial = serial();
+    static WORD: AtomicI32 = AtomicI32::new(0);
+    let waiter = blocked_in("futex", || {
+        let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+        // SAFETY: FUTEX_WAIT on a static word with a relative timeout; nothing wakes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                WORD.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0,
+                &timeout as *const libc::timespec,
+                0usize,
+                0u32,
+            )
+        }
+    });
+    thread::sleep(Duration::from_millis(200));
+    let restarted = dynprobe_text::stop::restarted_system_calls();
+    drop(stop_other_threads(TIMEOUT).unwrap());
+    let (name, rc, errno) = waiter.join().unwrap();
+    assert_eq!((name, rc, errno), ("futex", -1, libc::ETIMEDOUT), "cut short by the stop");
+    assert!(dynprobe_text::stop::restarted_system_calls() > restarted, "the stop signal landed in the wait");
 }

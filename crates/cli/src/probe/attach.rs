@@ -174,6 +174,10 @@ fn unload_agent(pid: i32, name: &str, control: &Control, earlier: Vec<String>) {
             eprintln!("dynprobe: {note}");
         }
     };
+    // For tests: the window in which a killed CLI leaves the loads it was to undo.
+    if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_UNLOAD_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let deadline = Instant::now() + THREADS_END_TIMEOUT;
     while agent_threads(pid) > 0 {
         if Instant::now() > deadline {

@@ -12,6 +12,7 @@
 //! told to record instead of probing, and the same recorder drains the rings until Ctrl-C,
 //! `--duration` or the process's exit; then every patched site gets its bytes back.
 
+mod children;
 mod progress;
 mod summary;
 mod values;
@@ -207,6 +208,23 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     };
     let format = crate::probe::output::Format::new(false, dynprobe::monotonic_ns());
     let session = crate::probe::attach::run(&request, crate::probe::output::Outbox::stdout(), format);
+    // The children forked meanwhile inherited the patched code; the process has its own
+    // back now, they get the same (see `children`).
+    let agent_name = agent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for child in children::restore_forked(pid, &agent_name) {
+        match child.result {
+            Ok(0) => {}
+            Ok(runs) => eprintln!(
+                "dynprobe: process {} (forked during the session): its code restored as {pid}'s ({runs} patched \
+                 range(s))",
+                child.pid
+            ),
+            Err(why) => eprintln!(
+                "dynprobe: warning: process {} (forked during the session) keeps patched code: {why}",
+                child.pid
+            ),
+        }
+    }
     // Whatever reached the rings is kept, also after a session that ended badly (its
     // message says what is left in the process).
     let stats = match recording.finish(None) {

@@ -12,6 +12,9 @@
 //!   without an end, and the exit closes the call it names.
 //! - **Calls still open at the end** (the program exited or was killed inside them): no end.
 //! - **Unwound** calls (`longjmp`, exceptions) end when the agent noticed it.
+//! - **Calls entered before the attach** (`record -p`: found on the thread's stack when
+//!   recording started) begin at the attach, flagged, and pair with their exits as any
+//!   entry does; they are the outermost calls of their thread's first events.
 
 use dynprobe_events::model::{Event, EventKind};
 
@@ -36,10 +39,14 @@ pub struct Call {
     pub func: u32,
     /// The call depth the agent recorded.
     pub depth: u16,
-    /// When it was entered; `None` when the entry was not recorded.
+    /// When it was entered; `None` when the entry was not recorded. For a call entered
+    /// before the attach, the attach.
     pub begin: Option<u64>,
     /// How it ended.
     pub end: End,
+    /// It was already running when recording started in a running process (`record -p`):
+    /// `begin` is the attach, and its duration counts from there.
+    pub before_attach: bool,
 }
 
 impl Call {
@@ -128,8 +135,15 @@ impl CallTree {
         let mut open: Vec<NodeId> = Vec::new();
         for event in events {
             match event.kind {
-                EventKind::Entry => {
-                    let call = Call { func: event.func, depth: event.depth, begin: Some(event.ns), end: End::Missing };
+                EventKind::Entry | EventKind::EntryBeforeAttach => {
+                    let before_attach = event.kind == EventKind::EntryBeforeAttach;
+                    let call = Call {
+                        func: event.func,
+                        depth: event.depth,
+                        begin: Some(event.ns),
+                        end: End::Missing,
+                        before_attach,
+                    };
                     let id = tree.add(Item::Call(call), open.last().copied());
                     open.push(id);
                 }
@@ -180,7 +194,7 @@ impl CallTree {
     /// Adds a call whose exit is `event` and whose entry was not recorded: the calls just
     /// before it that are deeper ran inside it (with the losses among them).
     fn add_unentered(&mut self, event: &Event, end: End, parent: Option<NodeId>) {
-        let call = Call { func: event.func, depth: event.depth, begin: None, end };
+        let call = Call { func: event.func, depth: event.depth, begin: None, end, before_attach: false };
         let nodes = &self.nodes;
         let siblings = match parent {
             Some(parent) => &nodes[parent].children,
@@ -275,7 +289,7 @@ pub(crate) mod tests {
         list.iter().map(|&(ns, kind, depth, func)| Event { ns, kind, depth, func }).collect()
     }
 
-    use EventKind::{Entry, Exit, Lost, Marker, Unwound};
+    use EventKind::{Entry, EntryBeforeAttach, Exit, Lost, Marker, Unwound};
 
     #[test]
     fn marker_hits_sit_in_the_call_they_happened_in() {
@@ -354,6 +368,23 @@ pub(crate) mod tests {
         ]));
         assert_eq!(shape(&tree), "?1[?2[4 ] 3 ]");
         assert_eq!(tree.call(tree.roots[0]).unwrap().duration(), None);
+    }
+
+    #[test]
+    fn calls_entered_before_the_attach_begin_there_and_pair_with_their_exits() {
+        let tree = CallTree::build(&events(&[
+            (5, EntryBeforeAttach, 0, 1),
+            (5, EntryBeforeAttach, 1, 2),
+            (7, Unwound, 1, 2),
+            (8, Entry, 1, 3),
+            (9, Exit, 1, 3),
+            (12, Exit, 0, 1),
+        ]));
+        assert_eq!(shape(&tree), "1[2~ 3 ]");
+        let outer = tree.call(tree.roots[0]).unwrap();
+        assert_eq!((outer.begin, outer.duration(), outer.before_attach), (Some(5), Some(7), true));
+        let inner = tree.call(tree.nodes[tree.roots[0]].children[1]).unwrap();
+        assert!(!inner.before_attach);
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub fn chrome(trace: &Trace, tids: &[u32], out: &mut dyn Write) -> io::Result<()
                         if call.begin.is_none() {
                             args["entry"] = "not recorded (running when recording started)".into();
                         }
+                        if call.before_attach {
+                            args["entry"] = "before the attach (record -p): the span starts at the attach".into();
+                        }
                         match call.end {
                             End::Missing => args["exit"] = "not recorded".into(),
                             End::Unwound(_) => args["exit"] = "unwound".into(),

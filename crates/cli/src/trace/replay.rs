@@ -13,7 +13,9 @@
 //! Each process image has a `# pid` header (`, forked from P` for a forked child) and its
 //! threads' lines interleaved by time. A call with no shown children is one line; a call
 //! whose entry was not recorded shows only its closing `} /* name */`, one still running at
-//! the end only its opening line; `unwound` marks calls left by `longjmp` or an exception.
+//! the end only its opening line; `unwound` marks calls left by `longjmp` or an exception,
+//! `entered before attach` calls that were running when `record -p` attached (their time
+//! and duration count from the attach).
 //! Lost events are a line of their own, whatever the filters. A marker hit recorded with
 //! `record -M` is a line in the call it happened in, as uftrace shows events:
 //! `/* marker provider:name arg1=5 arg2="x" */`.
@@ -191,16 +193,25 @@ fn thread_lines(thread: &ThreadCalls, options: &Options, values: &Descriptions) 
                 let leaf = !tree.nodes[id].children.iter().any(|&child| visible(child));
                 match (call.begin, leaf) {
                     (Some(begin), true) if call.end != End::Missing => {
-                        let unwound = if matches!(call.end, End::Unwound(_)) { " /* unwound */" } else { "" };
+                        let note = match (call.before_attach, matches!(call.end, End::Unwound(_))) {
+                            (true, true) => " /* entered before attach, unwound */",
+                            (true, false) => BEFORE_ATTACH,
+                            (false, true) => " /* unwound */",
+                            (false, false) => "",
+                        };
                         let signature = values.signature(process, recorded, call, name);
-                        let text = format!("{signature}{retval};{unwound}");
+                        let text = format!("{signature}{retval};{note}");
                         lines.push(Line { ns: begin, depth: indent, duration: call.duration(), text });
                     }
                     (Some(begin), _) => lines.push(Line {
                         ns: begin,
                         depth: indent,
                         duration: None,
-                        text: format!("{} {{", values.signature(process, recorded, call, name)),
+                        text: format!(
+                            "{} {{{}",
+                            values.signature(process, recorded, call, name),
+                            if call.before_attach { BEFORE_ATTACH } else { "" }
+                        ),
                     }),
                     (None, true) => lines.extend(closing_line(call, name, &retval, indent)),
                     (None, false) => {}
@@ -225,6 +236,10 @@ fn thread_lines(thread: &ThreadCalls, options: &Options, values: &Descriptions) 
     lines
 }
 
+/// What marks a call that was already running at the attach (`record -p`): its line's
+/// time, and the duration on its closing line, count from the attach.
+const BEFORE_ATTACH: &str = " /* entered before attach */";
+
 /// The `} /* name */` line of a call that ended (none for one that did not); with the
 /// return value `retval` recorded (` = 12`): `} = 12; /* name */`.
 fn closing_line(call: &Call, name: &str, retval: &str, depth: usize) -> Option<Line> {
@@ -233,9 +248,10 @@ fn closing_line(call: &Call, name: &str, retval: &str, depth: usize) -> Option<L
         End::Unwound(ns) => (ns, ": unwound"),
         End::Missing => return None,
     };
+    let before = if call.before_attach { ": entered before attach" } else { "" };
     let text = match retval {
-        "" => format!("}} /* {name}{unwound} */"),
-        retval => format!("}}{retval}; /* {name}{unwound} */"),
+        "" => format!("}} /* {name}{unwound}{before} */"),
+        retval => format!("}}{retval}; /* {name}{unwound}{before} */"),
     };
     Some(Line { ns, depth, duration: call.duration(), text })
 }
@@ -244,7 +260,7 @@ fn closing_line(call: &Call, name: &str, retval: &str, depth: usize) -> Option<L
 mod tests {
     use super::*;
     use crate::trace::tests::{process, trace};
-    use dynprobe_events::model::EventKind::{Entry, Exit, Lost, Unwound};
+    use dynprobe_events::model::EventKind::{Entry, EntryBeforeAttach, Exit, Lost, Unwound};
 
     fn render(trace: &Trace, options: &Options) -> String {
         let mut out = Vec::new();
@@ -287,6 +303,35 @@ mod tests {
       50 ns [     7] |     fib();
    1.000 us [     7] |   } /* fib */
    2.000 ms [     7] | } /* main */
+"
+        );
+    }
+
+    #[test]
+    fn calls_entered_before_the_attach_are_marked_and_timed_from_it() {
+        // record -p found main and fib in flight at 1_000: fib returned, then main made a
+        // call and was still running at the end.
+        let t = trace(
+            NAMES,
+            &[(
+                7,
+                &[
+                    (1_000, EntryBeforeAttach, 0, 0),
+                    (1_000, EntryBeforeAttach, 1, 3),
+                    (1_300, Exit, 1, 3),
+                    (1_400, Entry, 1, 2),
+                    (1_450, Exit, 1, 2),
+                ],
+            )],
+        );
+        assert_eq!(
+            render(&t, &Options::default()),
+            "\
+# DURATION     TID     FUNCTION
+# pid 100 (demo)
+            [     7] | main() { /* entered before attach */
+     300 ns [     7] |   fib(); /* entered before attach */
+      50 ns [     7] |   checksum();
 "
         );
     }

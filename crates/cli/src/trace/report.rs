@@ -16,6 +16,8 @@
 //!   summed over every call (recursive ones included), so the self times add up to the
 //!   traced time.
 //! - **Avg** and **Max** are over the calls with a time.
+//! - Calls **entered before the attach** (`record -p`) count in Calls only: their time
+//!   from the attach is not the call's (a footnote says how many).
 //!
 //! Functions of the same name and module in several process images (a `fork`) are one row.
 
@@ -86,10 +88,12 @@ impl Row {
 }
 
 /// The figures of every function in `trace` (the threads in `tids`, all when empty),
-/// sorted by `key`, and how many calls had no time.
-pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64) {
+/// sorted by `key`, how many calls had no time, and how many of those were entered before
+/// the attach (`record -p`: their time from the attach is counted in no column).
+pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64, u64) {
     let mut rows: HashMap<(&str, &str), Row> = HashMap::new();
     let mut untimed = 0;
+    let mut before_attach = 0;
     for process in &trace.processes {
         for thread in process_threads(process, tids) {
             let tree = &thread.tree;
@@ -109,11 +113,13 @@ pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64) {
                         let row = rows.entry(key).or_default();
                         row.calls += 1;
                         match call.duration() {
+                            // Its time counts from the attach: not the call's.
+                            Some(_) if call.before_attach => before_attach += 1,
                             Some(duration) => {
                                 let inside: u64 = tree.nodes[id]
                                     .children
                                     .iter()
-                                    .filter_map(|&child| tree.call(child)?.duration())
+                                    .filter_map(|&child| tree.call(child).filter(|c| !c.before_attach)?.duration())
                                     .sum();
                                 row.timed += 1;
                                 row.sum += duration;
@@ -156,7 +162,7 @@ pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64) {
         };
         by_key.then_with(|| a.name.cmp(&b.name))
     });
-    (rows, untimed)
+    (rows, untimed + before_attach, before_attach)
 }
 
 /// Runs `dynprobe report`.
@@ -172,7 +178,7 @@ pub fn run(args: &ReportArgs) -> ExitCode {
 
 /// Writes the table.
 pub fn report(trace: &Trace, tids: &[u32], key: SortKey, out: &mut dyn Write) -> io::Result<()> {
-    let (rows, untimed) = rows(trace, tids, key);
+    let (rows, untimed, before_attach) = rows(trace, tids, key);
     let rule = "==========";
     writeln!(out, "  Total time   Self time    Avg time    Max time       Calls  Function")?;
     writeln!(out, "  {rule}  {rule}  {rule}  {rule}  {rule}  {rule}{rule}")?;
@@ -189,11 +195,19 @@ pub fn report(trace: &Trace, tids: &[u32], key: SortKey, out: &mut dyn Write) ->
             row.name
         )?;
     }
-    if untimed > 0 {
+    if untimed > before_attach {
         writeln!(
             out,
-            "\n# {untimed} call(s) have no time: their entry or exit was not recorded (running when \
-             recording started or ended, or lost)"
+            "\n# {} call(s) have no time: their entry or exit was not recorded (running when \
+             recording started or ended, or lost)",
+            untimed - before_attach
+        )?;
+    }
+    if before_attach > 0 {
+        writeln!(
+            out,
+            "\n# {before_attach} call(s) were entered before the attach: counted in Calls, their time from the \
+             attach in no column"
         )?;
     }
     let lost: u64 = trace
@@ -246,7 +260,7 @@ mod tests {
 
     #[test]
     fn recursion_counts_total_once_and_self_in_every_call() {
-        let (rows, untimed) = rows(&recursive(), &[], SortKey::Total);
+        let (rows, untimed, _) = rows(&recursive(), &[], SortKey::Total);
         assert_eq!(untimed, 0);
         let row = |name: &str| rows.iter().find(|r| r.name == name).unwrap().clone();
         assert_eq!(
@@ -303,7 +317,7 @@ mod tests {
 # WARNING: 4 events were lost: the figures of the calls around the losses are incomplete
 "
         );
-        let (only7, _) = rows(&t, &[7], SortKey::Total);
+        let (only7, _, _) = rows(&t, &[7], SortKey::Total);
         assert_eq!(only7.iter().map(|r| r.calls).collect::<Vec<_>>(), [1, 1]);
     }
 }

@@ -52,9 +52,14 @@ impl Worker {
 
     /// The bytes at the start of `symbol` in the running worker.
     pub fn code(&self, symbol: &str) -> Vec<u8> {
+        self.code_in(self.pid, symbol)
+    }
+
+    /// The bytes at the start of `symbol` in process `pid`, a child the worker forked.
+    pub fn code_in(&self, pid: i32, symbol: &str) -> Vec<u8> {
         let addr = symbol_address(self.exe, symbol);
         let mut bytes = vec![0u8; 8];
-        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
         std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
         bytes
     }

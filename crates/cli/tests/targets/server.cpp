@@ -9,6 +9,7 @@
  *                 every thread's results and how many requests each served
  *   run N1 N2 N3 N4  every thread serves exactly that many requests; prints the same line
  *                 (what an untraced run computes for the counts a traced `go` served)
+ *   backtraces    prints "backtraces <taken> <wrong>" (see SERVER_BACKTRACE below)
  *   quit          exits with status 0
  * Between rounds the threads wait on a condition variable (a futex), blocked.
  *
@@ -19,8 +20,15 @@
  * catches it. Thread 1 logs the entry of every srv_* call it makes to LOG, one line each,
  * "<tid> <depth> <name>" (depth 0 for srv_serve, the thread's loop), so that a test can
  * compare the calls recorded with the calls made.
+ * With SERVER_BACKTRACE=1, the innermost srv_depth takes a backtrace (glibc's backtrace(),
+ * libgcc's unwinder) after its sleep and checks it: every frame in a loaded object (no
+ * trampoline of a tracer shown), and its callers in order — every srv_depth of the
+ * recursion, srv_handle, srv_serve; a backtrace that is not so counts as wrong.
  */
+#include <atomic>
 #include <condition_variable>
+#include <dlfcn.h>
+#include <execinfo.h>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -54,6 +62,46 @@ struct Enter {
 	~Enter() { depth--; }
 };
 
+static bool backtracing;
+static std::atomic<long> backtraces_taken, backtraces_wrong;
+
+extern "C" unsigned long srv_depth(int n, unsigned long seed);
+extern "C" unsigned long srv_handle(unsigned long seed);
+extern "C" unsigned long srv_serve(int t, long max, long *count);
+
+/* The function of ours whose code holds `addr` (the one starting nearest below it), or
+ * NULL when none starts below it within 4 KiB. */
+static void *function_of(void *addr)
+{
+	void *functions[] = { (void *)srv_depth, (void *)srv_handle, (void *)srv_serve };
+	void *best = NULL;
+	for (void *f : functions)
+		if ((char *)f <= (char *)addr && (char *)addr - (char *)f < 4096 && (!best || f > best))
+			best = f;
+	return best;
+}
+
+/* Checks a backtrace taken in the innermost of `depths` srv_depth calls (see above): after
+ * this function's own frame come exactly those, srv_handle and srv_serve. */
+static void check_backtrace(int depths)
+{
+	void *frames[64];
+	int n = backtrace(frames, 64);
+	bool wrong = n < depths + 3;
+	for (int i = 0; i < n; i++) {
+		Dl_info info;
+		if (!dladdr(frames[i], &info) || !info.dli_fname)
+			wrong = true;
+	}
+	for (int i = 1; !wrong && i < depths + 3; i++) {
+		void *expected = i <= depths ? (void *)srv_depth : i == depths + 1 ? (void *)srv_handle : (void *)srv_serve;
+		wrong = function_of(frames[i]) != expected;
+	}
+	backtraces_taken++;
+	if (wrong)
+		backtraces_wrong++;
+}
+
 struct Boom : std::runtime_error {
 	unsigned long value;
 	explicit Boom(unsigned long v) : std::runtime_error("boom"), value(v) {}
@@ -81,6 +129,8 @@ __attribute__((noinline)) unsigned long srv_depth(int n, unsigned long seed)
 	Enter e("srv_depth");
 	if (n == 0) {
 		usleep(100);
+		if (backtracing)
+			check_backtrace((int)(seed % 5) + 2);
 		if (throwing && seed % 2)
 			throw Boom(seed * 3);
 		return seed;
@@ -187,6 +237,7 @@ int main(int argc, char **argv)
 	if (!log_file)
 		return 2;
 	throwing = getenv("SERVER_THROW") && strcmp(getenv("SERVER_THROW"), "1") == 0;
+	backtracing = getenv("SERVER_BACKTRACE") && strcmp(getenv("SERVER_BACKTRACE"), "1") == 0;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	std::thread threads[THREADS];
 	for (int t = 0; t < THREADS; t++)
@@ -199,6 +250,8 @@ int main(int argc, char **argv)
 		if (strncmp(line, "go", 2) == 0 && !serving) {
 			long forever[THREADS] = { -1, -1, -1, -1 };
 			start(forever);
+		} else if (strncmp(line, "backtraces", 10) == 0) {
+			printf("backtraces %ld %ld\n", backtraces_taken.load(), backtraces_wrong.load());
 		} else if (strncmp(line, "stop", 4) == 0 && serving) {
 			finish();
 		} else if (strncmp(line, "run ", 4) == 0 && !serving) {

@@ -8,6 +8,8 @@
  *   load P dlopen()s the library P and prints "plugin <plugin_work(7)>"
  *   exec   it executes itself again (/proc/self/exe, same arguments): the new image says
  *          "ready <pid>" with the same pid
+ *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
+ *          prints "forked <child pid>"
  *   quit   it exits with status 0
  * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
  * test can compare the probe events with what the program really did:
@@ -105,6 +107,22 @@ int main(int argc, char **argv)
 			void *lib = dlopen(line + 5, RTLD_NOW);
 			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "fork", 4) == 0) {
+			fflush(log_file);
+			pid_t parent = getpid();
+			pid_t child = fork();
+			if (child == 0) {
+				/* Kept: an unused result would let the compiler drop the call. */
+				static volatile long sink;
+				for (long i = 0; getppid() == parent; i++) {
+					sink += mix(i, (int)i);
+					usleep(10000);
+				}
+				_exit(0);
+			}
+			printf("forked %d\n", (int)child);
 			continue;
 		}
 		if (strncmp(line, "exec", 4) == 0) {

@@ -214,3 +214,109 @@ pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64
     });
     orig
 }
+
+/// True when `addr` lies in a return trampoline (a return address a return hook diverted):
+/// an unwinder reaching one has reached a call already tracked. Allocation-free.
+pub fn is_return_trampoline(addr: u64) -> bool {
+    rethook::contains(addr)
+}
+
+/// A call that was already in flight on a thread when the function-graph tracer started,
+/// found on its stack by unwinding: [`graph_adopt`] tracks its return from then on as if
+/// [`graph_enter`] had entered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InFlightCall {
+    /// Where its return address is: its frame's canonical frame address − 8.
+    pub slot_addr: u64,
+    /// The return address found there.
+    pub ret: u64,
+    /// The function id for the exit hook, as [`graph_enter`] takes it.
+    pub func: u32,
+}
+
+/// Where [`graph_adopt`] put a thread's calls: `count` calls from depth `first_depth` on,
+/// outermost first, on the instance stack of thread slot `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adopted {
+    /// The thread's slot (as in [`GraphExit::slot`]).
+    pub slot: usize,
+    /// The depth of the outermost adopted call (calls already tracked lie below it).
+    pub first_depth: usize,
+    /// How many of the calls given were adopted: the outermost ones; the others (deeper
+    /// than `max_depth` or [`MAX_DEPTH`], or whose return address changed) are left alone.
+    pub count: usize,
+}
+
+/// Tracks the calls `calls` (outermost first) of thread (`tp`, `tid`), which is held
+/// stopped with its stack pointer at `sp`: each gets an instance on the thread's instance
+/// stack, above those already there, and its return address diverted to that instance's
+/// light sled entry, so that its return (or its being unwound) reaches [`graph_install`]'s
+/// hook exactly as a call [`graph_enter`] entered. The stack is the one the thread finds
+/// when it runs again: the calls it then makes go above them, in the order their frames
+/// lie on its stack.
+///
+/// `None` when the thread is not to be touched: dynprobe's own, running a probe handler
+/// or the return path (its instance stack is being changed), or without a thread slot.
+/// Allocates nothing and takes no lock, for callers that hold the other threads stopped.
+///
+/// # Safety
+///
+/// The thread must be another thread of this process, held stopped (the text layer's stop)
+/// for the whole call, and `calls` must have been read from its stack in this stop, each
+/// return-address slot inside its stack's mapping and newer frames' slots lower.
+pub unsafe fn graph_adopt(tp: u64, tid: i32, sp: u64, calls: &[InFlightCall], max_depth: usize) -> Option<Adopted> {
+    if crate::own_thread::is_own_stack(sp) {
+        return None;
+    }
+    let (slot, thread) = ThreadSlot::of_stopped_thread(tp as usize, tid)?;
+    if thread.active.load(Ordering::Acquire) != 0 || thread.untraced.load(Ordering::Relaxed) {
+        return None;
+    }
+    let stack = stack(slot);
+    if stack.generation.load(Ordering::Relaxed) != thread.generation() {
+        stack.restart_for(slot, thread.generation(), tp as usize);
+    }
+    let base = slot * MAX_DEPTH;
+    // Instances whose call is over (left by a longjmp, an exception, or an earlier session
+    // whose calls have returned) come off first, as `claim` would take them off.
+    let mut top = stack.top.load(Ordering::Relaxed) as usize;
+    while top > 0 {
+        // SAFETY: an instance of the stopped thread's stack below `top`.
+        let below = unsafe { &*instance(base + top - 1) };
+        if below.slot_addr != 0 && still_diverted(below.slot_addr, base + top - 1) {
+            break;
+        }
+        uncount(slot, below.probe);
+        top -= 1;
+    }
+    stack.top.store(top as u32, Ordering::Relaxed);
+    // A call still tracked lies deeper on the stack than every adopted one (the unwinding
+    // stops at a diverted return address): any frame at or past it is not adopted.
+    let floor = match top {
+        0 => u64::MAX,
+        // SAFETY: as above.
+        _ => unsafe { (*instance(base + top - 1)).slot_addr },
+    };
+    let first_depth = top;
+    let mut count = 0;
+    for call in calls {
+        let unchanged = {
+            let mut word = [0u8; 8];
+            dynprobe_text::raw::read(call.slot_addr, &mut word) && u64::from_le_bytes(word) == call.ret
+        };
+        if top >= max_depth.min(MAX_DEPTH) || call.slot_addr >= floor || call.slot_addr & 7 != 0 || !unchanged {
+            break;
+        }
+        // SAFETY: the instance at `top` is free; its thread is stopped and uses it only
+        // once it runs again, after the stop's release orders these writes before it.
+        let inst = unsafe { &mut *instance(base + top) };
+        inst.data[0] = u64::from(call.func);
+        let c = Claim { slot, base, top, current: call.ret, shared: false };
+        // Writes the sled entry over the return address just read back unchanged, in the
+        // stopped thread's stack mapping.
+        commit(&c, call.slot_addr, GRAPH, 0, &rethook::LIGHT);
+        top += 1;
+        count += 1;
+    }
+    Some(Adopted { slot, first_depth, count })
+}

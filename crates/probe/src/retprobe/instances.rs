@@ -114,7 +114,13 @@ impl SlotStack {
     /// of a forked child (its stack still has the parent thread's probed frames on it).
     #[cold]
     pub(super) fn restart(&self, slot: usize, generation: u32) {
-        let tp = thread_pointer();
+        self.restart_for(slot, generation, thread_pointer());
+    }
+
+    /// [`Self::restart`] for the owner whose thread pointer is `tp` (the calling thread, or
+    /// one held stopped in this process).
+    #[cold]
+    pub(super) fn restart_for(&self, slot: usize, generation: u32, tp: usize) {
         // SAFETY: getpid has no arguments and cannot fail.
         let pid = unsafe { libc::getpid() };
         let forked = self.owner_tp.load(Ordering::Relaxed) == tp && self.pid.load(Ordering::Relaxed) != pid;

@@ -1,0 +1,160 @@
+//! Processes forked during a `record -p` session: they are recorded as a started program's
+//! children are (the agent's `pthread_atfork` handler gives each its own ring file), and
+//! they inherited the patched code of the process they were forked from. When the session
+//! ends, that process gets its bytes back from its agent; a child has no session thread to
+//! do it (`fork` copies only the calling thread), so this does it from outside, with every
+//! thread of the child stopped by ptrace: each executable mapping of a file that the child
+//! shares with the attached process (same file, offset and address: inherited) is made
+//! byte for byte what it is in the attached process, now restored. The patched bytes are
+//! the sites, the markers, the `dlopen` watch and the signal guards — whatever the session
+//! wrote, without a list to keep. A child that `exec`ed runs a new image (nothing of the
+//! session's); one forked before the session has no agent.
+//!
+//! Left in a child: the agent library, unused, as in a process whose calls were in flight
+//! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
+//! only for dynprobe's stop signal and for a breakpoint, and none is left).
+
+use dynprobe_remote::{Memory, Options, Tracee};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long the threads of a child may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes compared at a time.
+const CHUNK: usize = 1 << 20;
+
+/// What was done for one child.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Restored {
+    /// The child's pid.
+    pub(crate) pid: i32,
+    /// How many runs of bytes were put back, or why it could not be done.
+    pub(crate) result: Result<usize, String>,
+}
+
+/// Restores the code of every live descendant of `pid` that has the agent library mapped
+/// (it was forked while the agent was there) to what `pid`'s code is now.
+pub(crate) fn restore_forked(pid: i32, agent: &str) -> Vec<Restored> {
+    descendants(pid)
+        .into_iter()
+        .filter(|&child| maps(child).iter().any(|m| m.path.ends_with(agent)))
+        .map(|child| Restored { pid: child, result: restore(pid, child) })
+        .collect()
+}
+
+/// The live descendants of `pid`, from every process's parent in `/proc/PID/stat`.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // The fields after the command name, which may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        if let Some(ppid) = rest.split(' ').nth(1).and_then(|f| f.parse::<i32>().ok()) {
+            children.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        for &child in children.get(&p).into_iter().flatten() {
+            found.push(child);
+            next.push(child);
+        }
+    }
+    found
+}
+
+/// A mapping of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    perms: String,
+    offset: u64,
+    path: String,
+}
+
+fn maps(pid: i32) -> Vec<Mapping> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines().filter_map(parse_mapping).collect()
+}
+
+fn parse_mapping(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.to_string();
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let path = fields.nth(2).unwrap_or("").to_string();
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+    Some(Mapping { start: hex(start)?, end: hex(end)?, perms, offset, path })
+}
+
+/// Puts `parent`'s bytes into `child` wherever their shared code mappings differ, with the
+/// child's threads stopped; how many runs of bytes differed.
+fn restore(parent: i32, child: i32) -> Result<usize, String> {
+    let code = |pid: i32| -> Vec<Mapping> {
+        maps(pid).into_iter().filter(|m| m.perms.contains('x') && m.path.starts_with('/')).collect()
+    };
+    let shared: Vec<Mapping> = {
+        let parent_code = code(parent);
+        code(child).into_iter().filter(|m| parent_code.contains(m)).collect()
+    };
+    let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
+    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
+    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+    let (mut want, mut have) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut runs = 0;
+    for mapping in &shared {
+        let mut at = mapping.start;
+        while at < mapping.end {
+            let len = CHUNK.min((mapping.end - at) as usize);
+            let (want, have) = (&mut want[..len], &mut have[..len]);
+            source.read(at, want).map_err(|e| format!("cannot read {at:#x} of process {parent}: {e}"))?;
+            tracee.read_memory(at, have).map_err(|e| e.to_string())?;
+            for (start, end) in differences(want, have) {
+                tracee.write_memory(at + start as u64, &want[start..end]).map_err(|e| e.to_string())?;
+                runs += 1;
+            }
+            at += len as u64;
+        }
+    }
+    // Dropped: every thread of the child is let go and runs on.
+    drop(tracee);
+    Ok(runs)
+}
+
+/// The runs `[start, end)` where `a` and `b` differ.
+fn differences(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] == b[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < a.len() && a[i] != b[i] {
+            i += 1;
+        }
+        runs.push((start, i));
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differing_runs_and_maps_lines() {
+        assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
+        assert_eq!(differences(b"same", b"same"), []);
+        let line = "00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/worker";
+        let m = parse_mapping(line).unwrap();
+        assert_eq!(
+            (m.start, m.end, m.perms.as_str(), m.offset, m.path.as_str()),
+            (0x401000, 0x402000, "r-xp", 0x1000, "/usr/bin/worker")
+        );
+    }
+}

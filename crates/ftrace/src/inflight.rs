@@ -1,0 +1,397 @@
+//! Calls already in flight when tracing starts in a running process (`dynprobe record -p`):
+//! found by unwinding every thread's stack, tracked from then on, and recorded as entered
+//! before the attach (`Kind::EntryBeforeAttach`).
+//!
+//! ```text
+//!   patch every site, recording held back      calls entered now are not diverted
+//!   stop every other thread (text::stop)       each parked in the stop handler, its
+//!                                              interrupted registers in its ucontext
+//!   per thread: unwind from those registers    .eh_frame_hdr / .eh_frame of the loaded
+//!     with the modules' call-frame information  modules, gimli, a context made beforehand
+//!   frames of traced functions -> instances    at the bottom of the thread's instance
+//!     (dynprobe_probe::graph_adopt)            stack, return addresses to the light sled
+//!   their records, the recording published     every call entered after this is recorded
+//!   the threads run again
+//! ```
+//!
+//! Why in-process, from the controlling thread, while the others are stopped: the patched
+//! sites are live and no thread can move (so its stack holds still while it is read and its
+//! return addresses are replaced), the thread's registers are those of the code it was
+//! stopped in (saved by the kernel in the stop handler's `ucontext`), and the instance
+//! stacks are this process's memory. The unwinding itself runs on the controller, not in
+//! each thread's signal handler: it may read large tables, and the controller can prepare
+//! everything it needs first. While the threads are stopped it allocates nothing and takes
+//! no lock a stopped thread could hold (the gimli context and every buffer are made
+//! before the stop, and the module list too: `dl_iterate_phdr` takes the loader's lock).
+//! Reads of a stack go through `process_vm_readv` (`dynprobe_text::raw::read`), which never
+//! faults, and only inside the stack's mapping found at the stop (`/proc/self/maps`, read
+//! with raw system calls into a buffer made beforehand); the call-frame tables are read
+//! where the loader mapped them, checked to be still mapped once the threads are stopped.
+//!
+//! The unwinding follows the CFA and register rules of the System V x86-64 ABI (`.eh_frame`
+//! as in the Linux Standard Base Core specification, "Exception Frames"); a frame whose rule
+//! is a DWARF expression (the C library's signal trampoline) or whose code has no FDE (a
+//! JIT, dynprobe's own trampolines) ends the walk: the frames found until then are adopted,
+//! those beyond are not (their returns go unrecorded, as before the attach).
+
+use crate::graph;
+use dynprobe_events::record::{Kind, Record};
+use dynprobe_probe::InFlightCall;
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, ParsedEhFrameHdr, Register, RegisterRule,
+    UnwindContext, UnwindSection, X86_64,
+};
+use std::time::Duration;
+
+type Slice = EndianSlice<'static, LittleEndian>;
+
+/// The most frames one thread's walk follows (deeper stacks end the walk).
+const MAX_FRAMES: usize = 4096;
+/// How long the stop of the other threads may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for `/proc/self/maps` read during the stop.
+const MAPS_BUFFER: usize = 4 << 20;
+
+/// What [`crate::Tracer::adopt_in_flight`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Threads looked at.
+    pub threads: usize,
+    /// Calls found in flight and tracked (recorded as entered before the attach).
+    pub calls: usize,
+    /// Threads whose stack could not be read from where they were stopped (code without
+    /// call-frame information, a stack outside every mapping): their calls in flight are
+    /// not shown.
+    pub unreadable: usize,
+    /// Threads left running because they block the stop signal: their calls in flight are
+    /// not shown.
+    pub left: usize,
+}
+
+/// A loaded module's call-frame information.
+struct Module {
+    /// Its executable segments.
+    code: Vec<(u64, u64)>,
+    eh_frame: EhFrame<Slice>,
+    hdr: ParsedEhFrameHdr<Slice>,
+    bases: BaseAddresses,
+    /// The first and last byte of its tables, checked to be mapped still at the stop.
+    bounds: [u64; 2],
+}
+
+/// Everything the walk needs, made before the stop.
+pub(crate) struct Walker {
+    modules: Vec<Module>,
+    /// Traced functions' (address, id), sorted by address.
+    functions: Vec<(u64, u32)>,
+    context: Box<UnwindContext<usize>>,
+    maps: Vec<u8>,
+    /// One thread's calls, innermost first, then reversed.
+    calls: Vec<InFlightCall>,
+}
+
+impl Walker {
+    pub(crate) fn new(functions: impl Iterator<Item = (u64, u32)>) -> Walker {
+        let mut functions: Vec<(u64, u32)> = functions.collect();
+        functions.sort_unstable();
+        Walker {
+            modules: loaded_modules(),
+            functions,
+            context: Box::new(UnwindContext::new()),
+            maps: Vec::with_capacity(MAPS_BUFFER),
+            calls: Vec::with_capacity(MAX_FRAMES),
+        }
+    }
+
+    /// Stops every other thread, tracks the traced calls in flight on each, pushes their
+    /// records, and publishes the held output before the threads run again.
+    pub(crate) fn adopt_and_publish(&mut self) -> Result<InFlight, String> {
+        let Some(out) = graph::held_output() else { return Ok(InFlight::default()) };
+        // A thread that blocks the stop signal (a program's signal-handling thread) cannot be
+        // held: it is left running, its calls in flight not shown (`InFlight::left`).
+        let world = dynprobe_text::stop::stop_threads_that_answer(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+        // Nothing below allocates: the vectors were given their capacity beforehand.
+        let time = out.clock.now();
+        read_maps(&mut self.maps);
+        self.modules.retain(|m| m.bounds.iter().all(|&at| dynprobe_text::raw::read(at, &mut [0u8])));
+        let mut found = InFlight { left: world.left_running(), ..InFlight::default() };
+        for thread in world.threads() {
+            found.threads += 1;
+            let Some(regs) = registers(thread.frame) else {
+                found.unreadable += 1;
+                continue;
+            };
+            let sp = regs[X86_64::RSP.0 as usize].unwrap_or(0);
+            let Some(stack_end) = mapping_end(&self.maps, sp) else {
+                found.unreadable += 1;
+                continue;
+            };
+            self.calls.clear();
+            if !self.walk(regs, sp, stack_end) {
+                found.unreadable += 1;
+            }
+            self.calls.reverse();
+            for call in self.calls.iter_mut() {
+                call.func |= out.tag;
+            }
+            // SAFETY: the thread is held stopped by `world` for the whole call, and the calls
+            // were read from its stack, inside its mapping, in this stop.
+            let adopted = unsafe { dynprobe_probe::graph_adopt(thread.tp, thread.tid, sp, &self.calls, out.max_depth) };
+            let Some(adopted) = adopted else { continue };
+            for (k, call) in self.calls.iter().take(adopted.count).enumerate() {
+                let depth = (adopted.first_depth + k) as u16;
+                let func = u64::from(call.func & graph::ID_MASK);
+                out.ring.push(adopted.slot, thread.tid as u32, Record::new(Kind::EntryBeforeAttach, time, depth, func));
+            }
+            found.calls += adopted.count;
+        }
+        graph::publish_held();
+        drop(world);
+        Ok(found)
+    }
+
+    /// Walks one thread's stack from its interrupted registers, collecting the frames of
+    /// traced functions into `self.calls`, innermost first. False when the walk ended
+    /// somewhere other than the outermost frame (or the first frame of an unknown code).
+    fn walk(&mut self, mut regs: [Option<u64>; 17], sp: u64, stack_end: u64) -> bool {
+        let Walker { modules, functions, context, calls, .. } = self;
+        let Some(mut pc) = regs[X86_64::RA.0 as usize] else { return false };
+        for frame in 0..MAX_FRAMES {
+            // A return address is the instruction after a call: its call-frame row is the
+            // call's (the call may be the function's last instruction).
+            let lookup = if frame == 0 { pc } else { pc.wrapping_sub(1) };
+            let Some(module) = modules.iter().find(|m| m.code.iter().any(|&(lo, hi)| lo <= lookup && lookup < hi))
+            else {
+                return false;
+            };
+            let Some(table) = module.hdr.table() else { return false };
+            let Ok(fde) = table.fde_for_address(&module.eh_frame, &module.bases, lookup, EhFrame::cie_from_offset)
+            else {
+                return false;
+            };
+            let Ok(row) = fde.unwind_info_for_address(&module.eh_frame, &module.bases, context, lookup) else {
+                return false;
+            };
+            let cfa = match *row.cfa() {
+                CfaRule::RegisterAndOffset { register, offset } => {
+                    match regs.get(register.0 as usize).copied().flatten() {
+                        Some(value) => value.wrapping_add_signed(offset),
+                        None => return false,
+                    }
+                }
+                CfaRule::Expression(_) => return false,
+            };
+            if cfa <= sp || cfa > stack_end {
+                return false;
+            }
+            let read = |rule: RegisterRule<usize>| -> Option<Option<u64>> {
+                match rule {
+                    RegisterRule::Offset(n) => {
+                        let at = cfa.wrapping_add_signed(n);
+                        if at < sp || at + 8 > stack_end {
+                            return None;
+                        }
+                        let mut word = [0u8; 8];
+                        dynprobe_text::raw::read(at, &mut word).then(|| Some(u64::from_le_bytes(word)))
+                    }
+                    RegisterRule::ValOffset(n) => Some(Some(cfa.wrapping_add_signed(n))),
+                    _ => None,
+                }
+            };
+            let (ret_at, ret) = match row.register(X86_64::RA) {
+                Some(RegisterRule::Undefined) => (0, None),
+                Some(rule @ RegisterRule::Offset(n)) => match read(rule) {
+                    Some(ret) => (cfa.wrapping_add_signed(n), ret),
+                    None => return false,
+                },
+                _ => return false,
+            };
+            let start = fde.initial_address();
+            // A thread stopped on the first bytes of a traced function has not been through
+            // its site yet: it enters it, recorded, when it runs again.
+            let entered = frame > 0 || pc >= start + 5;
+            let traced = functions.binary_search_by_key(&start, |&(addr, _)| addr).ok();
+            match (traced, ret) {
+                // Adopted only when it returns into known code: a return address already
+                // replaced (by an earlier session, still in flight) ends the walk below.
+                (Some(i), Some(ret)) if entered && in_code(modules, ret) && calls.len() < calls.capacity() => {
+                    calls.push(InFlightCall { slot_addr: ret_at, ret, func: functions[i].1 })
+                }
+                _ => {}
+            }
+            let Some(ret) = ret else { return true };
+            if dynprobe_probe::is_return_trampoline(ret) {
+                // A call tracked already (by an earlier session, still in flight): the calls
+                // below it are not taken up (see `graph_adopt`), and the walk ends well.
+                return true;
+            }
+            // The caller's callee-saved registers; the others are unknown there.
+            let mut caller = [None; 17];
+            for reg in [X86_64::RBX, X86_64::RBP, X86_64::R12, X86_64::R13, X86_64::R14, X86_64::R15] {
+                let r = reg.0 as usize;
+                caller[r] = match row.register(reg) {
+                    None | Some(RegisterRule::SameValue) => regs[r],
+                    Some(rule) => read(rule).flatten(),
+                };
+            }
+            caller[X86_64::RSP.0 as usize] = Some(cfa);
+            regs = caller;
+            if ret == 0 {
+                return true;
+            }
+            pc = ret;
+        }
+        false
+    }
+}
+
+/// Whether the return address `addr` returns into the code of a module of `modules`.
+fn in_code(modules: &[Module], addr: u64) -> bool {
+    addr != 0 && modules.iter().any(|m| m.code.iter().any(|&(lo, hi)| lo < addr && addr <= hi))
+}
+
+/// The interrupted registers saved in the stop handler's `ucontext` at `frame`, by DWARF
+/// register number (the return-address column holds `rip`).
+fn registers(frame: u64) -> Option<[Option<u64>; 17]> {
+    // `gregset_t`: 23 registers (<sys/ucontext.h>).
+    const GREGS: usize = 23;
+    let mut bytes = [0u8; GREGS * 8];
+    let at = frame + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) as u64;
+    if !dynprobe_text::raw::read(at, &mut bytes) {
+        return None;
+    }
+    let greg = |i: libc::c_int| {
+        let i = i as usize * 8;
+        Some(u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes")))
+    };
+    let mut regs = [None; 17];
+    let map: [(Register, libc::c_int); 17] = [
+        (X86_64::RAX, libc::REG_RAX),
+        (X86_64::RDX, libc::REG_RDX),
+        (X86_64::RCX, libc::REG_RCX),
+        (X86_64::RBX, libc::REG_RBX),
+        (X86_64::RSI, libc::REG_RSI),
+        (X86_64::RDI, libc::REG_RDI),
+        (X86_64::RBP, libc::REG_RBP),
+        (X86_64::RSP, libc::REG_RSP),
+        (X86_64::R8, libc::REG_R8),
+        (X86_64::R9, libc::REG_R9),
+        (X86_64::R10, libc::REG_R10),
+        (X86_64::R11, libc::REG_R11),
+        (X86_64::R12, libc::REG_R12),
+        (X86_64::R13, libc::REG_R13),
+        (X86_64::R14, libc::REG_R14),
+        (X86_64::R15, libc::REG_R15),
+        (X86_64::RA, libc::REG_RIP),
+    ];
+    for (reg, index) in map {
+        regs[reg.0 as usize] = greg(index);
+    }
+    Some(regs)
+}
+
+/// Reads `/proc/self/maps` into `buf` (within its capacity) with raw system calls.
+fn read_maps(buf: &mut Vec<u8>) {
+    buf.clear();
+    // SAFETY: opens a NUL-terminated literal path; the descriptor is closed below.
+    let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    while buf.len() < buf.capacity() {
+        let room = buf.capacity() - buf.len();
+        // SAFETY: reads into the vector's spare capacity, then sets the length to cover
+        // exactly the bytes read.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), room) };
+        if n <= 0 {
+            break;
+        }
+        // SAFETY: as above: `n` more bytes were written.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+}
+
+/// The end of the writable mapping of `maps` that holds `addr`.
+fn mapping_end(maps: &[u8], addr: u64) -> Option<u64> {
+    maps.split(|&b| b == b'\n').find_map(|line| {
+        let (range, rest) = split_at_byte(line, b' ')?;
+        let (lo, hi) = split_at_byte(range, b'-')?;
+        let (lo, hi) = (hex(lo)?, hex(hi)?);
+        (lo <= addr && addr < hi && rest.get(1) == Some(&b'w')).then_some(hi)
+    })
+}
+
+fn split_at_byte(s: &[u8], b: u8) -> Option<(&[u8], &[u8])> {
+    let i = s.iter().position(|&c| c == b)?;
+    Some((&s[..i], &s[i + 1..]))
+}
+
+fn hex(s: &[u8]) -> Option<u64> {
+    s.iter().try_fold(0u64, |v, &c| Some(v.checked_mul(16)? + (c as char).to_digit(16)? as u64))
+}
+
+/// The loaded modules that have an `.eh_frame_hdr` (`PT_GNU_EH_FRAME`), read from the
+/// loader's list (`dl_iterate_phdr(3)`).
+fn loaded_modules() -> Vec<Module> {
+    let mut modules: Vec<Module> = Vec::new();
+    extern "C" fn each(info: *mut libc::dl_phdr_info, _size: libc::size_t, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `data` is the `&mut Vec<Module>` passed below, and `info` the loader's
+        // entry for one object, valid during this call.
+        let (modules, info) = unsafe { (&mut *data.cast::<Vec<Module>>(), &*info) };
+        // SAFETY: the loader's program headers of this object: `dlpi_phnum` of them.
+        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        if let Some(module) = module_of(info.dlpi_addr, headers) {
+            modules.push(module);
+        }
+        0
+    }
+    // SAFETY: the callback only reads the entries it is given and pushes onto `modules`.
+    unsafe { libc::dl_iterate_phdr(Some(each), (&mut modules as *mut Vec<Module>).cast()) };
+    modules
+}
+
+fn module_of(base: u64, headers: &[libc::Elf64_Phdr]) -> Option<Module> {
+    let segment = |h: &libc::Elf64_Phdr| (base + h.p_vaddr, base + h.p_vaddr + h.p_memsz);
+    let loads: Vec<(u64, u64)> = headers.iter().filter(|h| h.p_type == libc::PT_LOAD).map(segment).collect();
+    let code: Vec<(u64, u64)> =
+        headers.iter().filter(|h| h.p_type == libc::PT_LOAD && h.p_flags & libc::PF_X != 0).map(segment).collect();
+    let eh = headers.iter().find(|h| h.p_type == libc::PT_GNU_EH_FRAME)?;
+    let (hdr_lo, hdr_hi) = segment(eh);
+    if code.is_empty() || !loads.iter().any(|&(lo, hi)| lo <= hdr_lo && hdr_hi <= hi) || hdr_hi <= hdr_lo {
+        return None;
+    }
+    // SAFETY: the header table lies inside a loaded segment of this object, mapped (and
+    // readable: the unwinder of the C library reads it) while the object is loaded.
+    let hdr_bytes: &'static [u8] =
+        unsafe { std::slice::from_raw_parts(hdr_lo as usize as *const u8, (hdr_hi - hdr_lo) as usize) };
+    let bases = BaseAddresses::default().set_eh_frame_hdr(hdr_lo);
+    let hdr = EhFrameHdr::new(hdr_bytes, LittleEndian).parse(&bases, 8).ok()?;
+    let eh_lo = match hdr.eh_frame_ptr() {
+        gimli::Pointer::Direct(addr) => addr,
+        gimli::Pointer::Indirect(_) => return None,
+    };
+    // `.eh_frame` has no length of its own here: it runs at most to its segment's end.
+    let &(_, eh_hi) = loads.iter().find(|&&(lo, hi)| lo <= eh_lo && eh_lo < hi)?;
+    // SAFETY: as above, within one loaded segment of the object.
+    let eh_bytes: &'static [u8] =
+        unsafe { std::slice::from_raw_parts(eh_lo as usize as *const u8, (eh_hi - eh_lo) as usize) };
+    let mut eh_frame = EhFrame::new(eh_bytes, LittleEndian);
+    eh_frame.set_address_size(8);
+    let bases = bases.set_eh_frame(eh_lo).set_text(code[0].0);
+    Some(Module { code, eh_frame, hdr, bases, bounds: [hdr_lo, eh_hi - 1] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_give_the_end_of_the_writable_mapping() {
+        let maps = b"00400000-00401000 r-xp 00000000 08:01 1 /bin/x\n7ffc0000-7ffd0000 rw-p 00000000 00:00 0 [stack]\n";
+        assert_eq!(mapping_end(maps, 0x7ffc1234), Some(0x7ffd0000));
+        assert_eq!(mapping_end(maps, 0x400100), None, "not writable");
+        assert_eq!(mapping_end(maps, 0x10), None);
+    }
+}
