@@ -315,6 +315,9 @@ fn cxx_names_by_their_namespace_and_class_and_a_site_for_each_overload() {
 fn debian_python_by_its_debug_package() {
     // python3.11's DWARF is in python3.11-dbg's build-id file (scripts/setup installs it),
     // link-time optimized: PyLong_FromLong is out of line and inlined at dozens of places.
+    // The sections dynprobe inflates go to the scratch directory, not the user's cache (set
+    // for this test binary's children: none of its tests compares their environment).
+    std::env::set_var("DYNPROBE_CACHE_DIR", common::scratch().join("dwarf-cache"));
     let python = Path::new("/usr/bin/python3.11");
     let script = common::scratch().join("long.py");
     std::fs::write(&script, "x = 123456789\nprint(x * 10 + 7)\n").unwrap();

@@ -26,12 +26,9 @@ pub fn targets() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/targets")
 }
 
-/// The `dynprobe` binary, keeping the debug sections it inflates (python3.11-dbg's) in the
-/// scratch directory rather than the user's cache.
+/// The `dynprobe` binary.
 pub fn dynprobe() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dynprobe"));
-    command.env("DYNPROBE_CACHE_DIR", scratch().join("dwarf-cache"));
-    command
+    Command::new(env!("CARGO_BIN_EXE_dynprobe"))
 }
 
 /// `dynprobe probe [OPTIONS] SPECS... -- PROGRAM ARG` with the events written to the file
