@@ -152,6 +152,36 @@ fn the_chrome_export_carries_the_arguments_and_the_return_value() {
     assert_eq!(calls[1]["args"]["retval"], "-7");
 }
 
+/// `report --args` gives each distinct call of a function a row of its own, named as replay
+/// writes the call; without it a function is one row.
+#[test]
+fn report_args_has_a_row_for_each_distinct_call() {
+    let r = record_c("report", "-O0", MCOUNT, true);
+    let report = |extra: &[&str]| {
+        let out = stdout_of(&dynprobe().arg("report").args(extra).arg(&r.dir).output().expect("run report"));
+        // (calls, name) of each row.
+        out.lines()
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .map(|l| {
+                // Five right-aligned columns of 10 characters, two spaces before each.
+                let calls: u64 = l[50..60].trim().parse().unwrap_or_else(|_| panic!("{l}"));
+                (calls, l[62..].to_string())
+            })
+            .collect::<Vec<_>>()
+    };
+    let plain = report(&[]);
+    assert!(plain.contains(&(4, "parse_record".to_string())), "{plain:?}");
+    let by_args = report(&["--args"]);
+    let parse: Vec<&(u64, String)> = by_args.iter().filter(|(_, n)| n.starts_with("parse_record(")).collect();
+    assert_eq!(parse.iter().map(|(c, _)| c).sum::<u64>(), 4, "{by_args:?}");
+    // Each row is a call the program logged, with its return value.
+    for (_, row) in &parse {
+        assert!(r.log.iter().any(|l| l.trim_end_matches(';') == row.as_str()), "{row} is not in {:#?}", r.log);
+    }
+    assert!(parse.iter().any(|(_, n)| n == "parse_record(line=\"alpha,12\", len=8) = 12"), "{parse:?}");
+}
+
 #[test]
 fn a_trace_recorded_without_values_reads_as_before() {
     let r = record_c("plain-trace", "-O0", MCOUNT, false);

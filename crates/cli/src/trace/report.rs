@@ -20,10 +20,15 @@
 //!   from the attach is not the call's (a footnote says how many).
 //!
 //! Functions of the same name and module in several process images (a `fork`) are one row.
+//! With `--args` (a trace recorded with `record -a`) a function has a row for each
+//! distinct arguments and return value its calls had: `parse_record(line="alpha,12",
+//! len=8) = 12`, as replay writes them.
 
 use super::calls::Visit;
+use super::values::Descriptions;
 use super::{check_tids, exit, load, process_threads, Error};
 use dynprobe_events::model::Trace;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
@@ -41,6 +46,10 @@ pub struct ReportArgs {
     /// Only count this thread's calls (repeatable).
     #[arg(long = "tid", value_name = "TID")]
     tids: Vec<u32>,
+    /// A row for each distinct arguments and return value of a function (a trace recorded
+    /// with `record -a`), written as replay writes them.
+    #[arg(long = "args")]
+    by_args: bool,
 }
 
 /// The column `report` sorts by.
@@ -89,25 +98,31 @@ impl Row {
 
 /// The figures of every function in `trace` (the threads in `tids`, all when empty),
 /// sorted by `key`, how many calls had no time, and how many of those were entered before
-/// the attach (`record -p`: their time from the attach is counted in no column).
-pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64, u64) {
-    let mut rows: HashMap<(&str, &str), Row> = HashMap::new();
+/// the attach (`record -p`: their time from the attach is counted in no column). With
+/// `values`, a row for each distinct call signature and return value of a function.
+pub fn rows(trace: &Trace, tids: &[u32], key: SortKey, values: Option<&Descriptions>) -> (Vec<Row>, u64, u64) {
+    let mut rows: HashMap<(&str, Cow<str>), Row> = HashMap::new();
     let mut untimed = 0;
     let mut before_attach = 0;
     for process in &trace.processes {
         for thread in process_threads(process, tids) {
             let tree = &thread.tree;
-            let function = |func: u32| {
-                let f = &process.functions[func as usize];
-                (f.module.as_str(), f.name.as_str())
-            };
             // How many calls of each function are open on the path being walked.
-            let mut active: HashMap<(&str, &str), u32> = HashMap::new();
+            let mut active: HashMap<(&str, Cow<str>), u32> = HashMap::new();
             tree.walk(|visit| {
                 let (Visit::Enter(id, _) | Visit::Leave(id, _)) = visit;
                 let Some(call) = tree.call(id) else { return false };
-                let key = function(call.func);
-                let depth = active.entry(key).or_default();
+                let f = &process.functions[call.func as usize];
+                let name = match values {
+                    Some(values) => {
+                        let retval = values.retval(process, thread.thread, call).map(|v| format!(" = {v}"));
+                        let signature = values.signature(process, thread.thread, call, &f.name);
+                        Cow::Owned(signature + retval.as_deref().unwrap_or(""))
+                    }
+                    None => Cow::Borrowed(f.name.as_str()),
+                };
+                let key = (f.module.as_str(), name);
+                let depth = active.entry(key.clone()).or_default();
                 match visit {
                     Visit::Enter(..) => {
                         let row = rows.entry(key).or_default();
@@ -140,14 +155,14 @@ pub fn rows(trace: &Trace, tids: &[u32], key: SortKey) -> (Vec<Row>, u64, u64) {
         }
     }
     // A name in two modules is shown with its module.
-    let mut modules: HashMap<&str, u32> = HashMap::new();
+    let mut modules: HashMap<String, u32> = HashMap::new();
     for (_, name) in rows.keys() {
-        *modules.entry(name).or_default() += 1;
+        *modules.entry(name.to_string()).or_default() += 1;
     }
     let mut rows: Vec<Row> = rows
         .into_iter()
         .map(|((module, name), row)| {
-            let name = if modules[name] > 1 { format!("{module}:{name}") } else { name.to_string() };
+            let name = if modules[name.as_ref()] > 1 { format!("{module}:{name}") } else { name.into_owned() };
             Row { name, ..row }
         })
         .collect();
@@ -170,15 +185,25 @@ pub fn run(args: &ReportArgs) -> ExitCode {
     exit((|| {
         let trace = load(Some(&args.dir))?;
         check_tids(&trace, &args.tids)?;
+        let values = match args.by_args {
+            true => Some(Descriptions::load(&trace.dir)?),
+            false => None,
+        };
         let mut out = BufWriter::new(io::stdout().lock());
-        report(&trace, &args.tids, args.sort, &mut out)?;
+        report(&trace, &args.tids, args.sort, values.as_ref(), &mut out)?;
         out.flush().map_err(Error::from)
     })())
 }
 
-/// Writes the table.
-pub fn report(trace: &Trace, tids: &[u32], key: SortKey, out: &mut dyn Write) -> io::Result<()> {
-    let (rows, untimed, before_attach) = rows(trace, tids, key);
+/// Writes the table (a row per distinct call with `values`, see [`rows`]).
+pub fn report(
+    trace: &Trace,
+    tids: &[u32],
+    key: SortKey,
+    values: Option<&Descriptions>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let (rows, untimed, before_attach) = rows(trace, tids, key, values);
     let rule = "==========";
     writeln!(out, "  Total time   Self time    Avg time    Max time       Calls  Function")?;
     writeln!(out, "  {rule}  {rule}  {rule}  {rule}  {rule}  {rule}{rule}")?;
@@ -260,7 +285,7 @@ mod tests {
 
     #[test]
     fn recursion_counts_total_once_and_self_in_every_call() {
-        let (rows, untimed, _) = rows(&recursive(), &[], SortKey::Total);
+        let (rows, untimed, _) = rows(&recursive(), &[], SortKey::Total, None);
         assert_eq!(untimed, 0);
         let row = |name: &str| rows.iter().find(|r| r.name == name).unwrap().clone();
         assert_eq!(
@@ -286,7 +311,7 @@ mod tests {
     #[test]
     fn sort_keys() {
         let t = recursive();
-        let order = |key| rows(&t, &[], key).0.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        let order = |key| rows(&t, &[], key, None).0.into_iter().map(|r| r.name).collect::<Vec<_>>();
         assert_eq!(order(SortKey::SelfTime), ["main", "fib", "leaf"]);
         assert_eq!(order(SortKey::Calls), ["fib", "leaf", "main"]);
         assert_eq!(order(SortKey::Avg), ["main", "fib", "leaf"]);
@@ -304,7 +329,7 @@ mod tests {
             ],
         );
         let mut out = Vec::new();
-        report(&t, &[], SortKey::Total, &mut out).unwrap();
+        report(&t, &[], SortKey::Total, None, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "  Total time   Self time    Avg time    Max time       Calls  Function
@@ -317,7 +342,7 @@ mod tests {
 # WARNING: 4 events were lost: the figures of the calls around the losses are incomplete
 "
         );
-        let (only7, _, _) = rows(&t, &[7], SortKey::Total);
+        let (only7, _, _) = rows(&t, &[7], SortKey::Total, None);
         assert_eq!(only7.iter().map(|r| r.calls).collect::<Vec<_>>(), [1, 1]);
     }
 }
