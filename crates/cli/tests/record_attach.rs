@@ -402,11 +402,17 @@ fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// `targets/worker.c`, its log written to `<test>-<pid>.log` in the scratch directory.
+fn start_worker(test: &str) -> Worker {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[])
+}
+
 #[test]
 fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
-    let (worker_exe, plugin) = worker_and_plugin();
-    let log = common::scratch().join(format!("threads-{}.log", std::process::id()));
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let (_, plugin) = worker_and_plugin();
+    let mut worker = start_worker("threads");
     let untraced = worker.round();
     let dir = trace_dir("threads");
     let mut session = record(worker.pid, &dir, &["-F", "mix", "-F", "libplugin-record-attach:*"]);
@@ -431,9 +437,7 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
 
 #[test]
 fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
-    let (worker_exe, _) = worker_and_plugin();
-    let log = common::scratch().join(format!("fork-{}.log", std::process::id()));
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let mut worker = start_worker("fork");
     let untraced = worker.code("mix");
     let dir = trace_dir("fork");
     let mut session = record(worker.pid, &dir, &["-F", "mix"]);
@@ -458,6 +462,35 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
     worker.quit();
     wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+}
+
+#[test]
+fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not() {
+    let mut worker = start_worker("exec");
+    let untraced = worker.round();
+    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
+    let dir = trace_dir("exec");
+    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    session.wait_for("attached to");
+    // worker.c: `exec` runs /proc/self/exe again, whose `go` makes 4 × 300 calls of mix,
+    // recorded as an image `record` follows through its exec is.
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains("recorded 2400 events (0 lost) from 4 threads of 2 processes"), "{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert_eq!(replay.matches("| mix();").count(), 1200, "{replay}");
+    // The session is over: the image recorded keeps its agent, but the next exec carries
+    // nothing, and neither does an exec of a process attached to once and detached.
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    assert!(!agent_loaded(worker.pid), "an exec after the session is not traced: {:#?}", mappings(worker.pid));
+    record_for_with(worker.pid, &trace_dir("exec-again"), &["-F", "mix", "--duration", "0.3"]);
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    assert!(!agent_loaded(worker.pid), "nor after a session that saw no exec: {:#?}", mappings(worker.pid));
+    assert_eq!(worker.round(), untraced, "and it computes the same");
+    worker.quit();
 }
 
 #[test]
