@@ -435,33 +435,64 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
     worker.quit();
 }
 
-#[test]
-fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
-    let mut worker = start_worker("fork");
+/// What [`record_a_child`] saw.
+struct ChildRun {
+    worker: Worker,
+    /// The first bytes of mix, untraced.
+    untraced: Vec<u8>,
+    child: i32,
+    /// dynprobe's stderr.
+    stderr: String,
+    /// The child's part of the replay, from its pid's header on.
+    section: String,
+}
+
+/// Records the worker with `-F mix` while it runs `command` (`fork`, `forkexec`), whose
+/// child calls mix every 10 ms until the worker exits; `during` runs before the session
+/// ends. Checks that dynprobe exited 0 and that the child's calls were recorded.
+fn record_a_child(test: &str, command: &str, during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
+    let mut worker = start_worker(test);
     let untraced = worker.code("mix");
-    let dir = trace_dir("fork");
+    let dir = trace_dir(test);
     let mut session = record(worker.pid, &dir, &["-F", "mix"]);
     session.wait_for("attached to");
-    // The child calls mix every 10 ms until the worker exits, recorded meanwhile as a
-    // started program's child is.
-    let forked = worker.ask("fork");
+    let forked = worker.ask(command);
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     std::thread::sleep(Duration::from_millis(300));
-    assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    during(&worker, child, &untraced);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
-    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
-    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix has its bytes back");
-    assert_eq!(worker.code("mix"), untraced, "and the worker's");
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
-    assert!(section.starts_with(&format!("record-attach-worker), forked from {}\n", worker.pid)), "{replay}");
     assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
+    ChildRun { worker, untraced, child, stderr, section: section.to_string() }
+}
+
+impl ChildRun {
+    /// Ends the worker, and with it the child.
+    fn quit(self) {
+        let child = self.child;
+        self.worker.quit();
+        wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+    }
+}
+
+#[test]
+fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
+    // The child is recorded meanwhile as a started program's child is.
+    let run = record_a_child("fork", "fork", |worker, child, untraced| {
+        assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    });
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(run.worker.code_in(child, "mix"), *untraced, "the child's mix has its bytes back");
+    assert_eq!(run.worker.code("mix"), *untraced, "and the worker's");
+    let parent = run.worker.pid;
+    assert!(run.section.starts_with(&format!("record-attach-worker), forked from {parent}\n")), "{}", run.section);
     // The child runs on, its calls untraced, and ends with the worker.
     std::thread::sleep(Duration::from_millis(100));
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
-    worker.quit();
-    wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+    run.quit();
 }
 
 #[test]
@@ -491,6 +522,18 @@ fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not
     assert!(!agent_loaded(worker.pid), "nor after a session that saw no exec: {:#?}", mappings(worker.pid));
     assert_eq!(worker.round(), untraced, "and it computes the same");
     worker.quit();
+}
+
+#[test]
+fn a_child_forked_during_the_session_that_execs_is_recorded_and_keeps_its_own_code() {
+    // The child executes the worker again (not PIE: mapped where the worker is), whose new
+    // image makes the calls, recorded as an image `record` follows through an exec.
+    let run = record_a_child("forkexec", "forkexec", |_, _, _| {});
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(!stderr.contains(&format!("process {child}")), "the exec'd child is not the worker's to restore: {stderr}");
+    assert_ne!(run.worker.code_in(child, "mix")[..5], untraced[..5], "the child's mix is its own agent's");
+    assert_eq!(run.worker.code("mix"), *untraced, "the worker's mix has its bytes back");
+    run.quit();
 }
 
 #[test]
