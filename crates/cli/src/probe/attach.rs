@@ -804,8 +804,10 @@ impl Session<'_> {
                             // The new image records on, as `record` follows an exec.
                             eprintln!("dynprobe: {}", super::exec::recorded_note(self.pid, self.name));
                             let end = match phase {
+                                Phase::Placing => request.duration.map(|d| Instant::now() + d),
                                 Phase::Running => deadline,
-                                _ => request.duration.map(|d| Instant::now() + d),
+                                // The end was asked for already: what is in the rings is kept.
+                                Phase::Detaching => Some(Instant::now()),
                             };
                             super::exec::wait_for_end(self.pid, pidfd.as_ref(), end, &|| signals.take());
                             return Ok(());
