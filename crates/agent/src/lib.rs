@@ -205,7 +205,7 @@ fn preloaded() -> bool {
 }
 
 /// The path the loader loaded this library by, when it can say.
-fn own_path() -> Option<&'static [u8]> {
+pub(crate) fn own_path() -> Option<&'static [u8]> {
     // SAFETY: `Dl_info` is plain data that dladdr fills; `init` is a function of this
     // library, so the answer names its file.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
@@ -257,7 +257,13 @@ fn carry_environment() {
             std::ffi::CString::new(entry).ok()
         })
         .collect();
-    dynprobe_probe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"));
+    // A recording's images carry it only while its ring directory is there: a process that
+    // outlives the recording execs untraced.
+    let alive_while = ours
+        .iter()
+        .find(|(name, _)| name == record::RECORD_ENV)
+        .and_then(|(_, dir)| std::ffi::CString::new(dir.as_encoded_bytes()).ok());
+    dynprobe_probe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"), alive_while);
     for (name, value) in &ours {
         if name != "LD_PRELOAD" {
             take_env(name);

@@ -103,6 +103,8 @@ pub(crate) struct Attached {
     pub(crate) patched: u64,
     /// The calls found in flight at the start, or why none could be looked for.
     pub(crate) in_flight: Result<dynprobe_ftrace::InFlight, String>,
+    /// Whether the session's `exec`s carry the agent and its settings (until its end).
+    carrying: bool,
 }
 
 /// Starts recording this running process into the ring directory `dir`, as `settings`
@@ -118,7 +120,8 @@ pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String
             Ok(watch) => Some(watch),
             Err(e) => {
                 let in_flight = Ok(Default::default());
-                let mut attached = Attached { tracer, watch: None, markers: started.markers, patched, in_flight };
+                let mut attached =
+                    Attached { tracer, watch: None, markers: started.markers, patched, in_flight, carrying: false };
                 let _ = attached.end_tracing();
                 return Err(format!("cannot watch for libraries loaded later: {e}"));
             }
@@ -130,7 +133,35 @@ pub(crate) fn attach(dir: &Path, settings: &Settings) -> Result<Attached, String
     // the recording starts, in one stop of the threads.
     let in_flight = tracer.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Tracer::adopt_in_flight);
     let in_flight = in_flight.unwrap_or(Ok(Default::default()));
-    Ok(Attached { tracer, watch, markers: started.markers, patched, in_flight })
+    let carrying = carry_session_into_exec(&started.dir, settings);
+    Ok(Attached { tracer, watch, markers: started.markers, patched, in_flight, carrying })
+}
+
+/// Makes every `exec` of the process (and of the children it forks) during the session
+/// carry the agent and the session's settings, as a program `dynprobe record` started
+/// carries its own (`crate::carry_environment`): the new image is recorded into the same
+/// ring directory, as an `exec`'d image of a started program is. Until [`Attached::end`].
+/// `false` when nothing could be carried (the agent's path unknown, the `execve` guard not
+/// in place, or a carried environment already there): the `exec`s then run untraced.
+fn carry_session_into_exec(dir: &Path, settings: &Settings) -> bool {
+    if !dynprobe_probe::signal_guards_placed() || dynprobe_probe::guard_failure().is_some() {
+        return false;
+    }
+    let Some(agent) = crate::own_path() else { return false };
+    let mut entries = vec![(b"LD_PRELOAD".as_slice(), agent.to_vec())];
+    entries.push((RECORD_ENV.as_bytes(), dir.as_os_str().as_encoded_bytes().to_vec()));
+    entries.extend(settings.environment.iter().map(|(name, value)| (name.as_bytes(), value.clone().into_bytes())));
+    let entries: Option<Vec<std::ffi::CString>> =
+        entries.into_iter().map(|(name, value)| std::ffi::CString::new([name, b"=", &value].concat()).ok()).collect();
+    match (entries, std::ffi::CString::new(agent)) {
+        (Some(entries), Ok(agent)) => {
+            // A child forked during the session keeps what is carried: the ring directory's
+            // removal at the end of the recording ends it there too.
+            let alive_while = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok();
+            dynprobe_probe::carry_into_exec(entries, agent, alive_while)
+        }
+        _ => false,
+    }
 }
 
 impl Attached {
@@ -139,6 +170,10 @@ impl Attached {
     /// callers through the return trampoline, unrecorded). `Err` says what could not be
     /// restored.
     pub(crate) fn end(mut self) -> Result<(), String> {
+        if self.carrying {
+            // An image exec'd from now on is not the session's: it runs untraced.
+            dynprobe_probe::stop_carrying_into_exec();
+        }
         if let Some(watch) = self.watch.take() {
             watch.stop();
         }
@@ -176,6 +211,9 @@ pub(crate) struct Settings {
     markers: String,
     /// With `record -a`: the `args` file describing the calls' values (see `crate::values`).
     values: Option<PathBuf>,
+    /// The settings as the variables of a started program's environment (`DYNPROBE_FILTER`
+    /// …), for the images an attach session `exec`s.
+    environment: Vec<(&'static str, String)>,
 }
 
 impl Settings {
@@ -215,6 +253,12 @@ impl Settings {
         records: Option<String>,
         markers: Option<String>,
     ) -> Result<Settings, String> {
+        let environment =
+            [(FILTER_ENV, Some(filter)), (DEPTH_ENV, depth.as_deref()), (RING_RECORDS_ENV, records.as_deref())]
+                .into_iter()
+                .chain([(MARKERS_ENV, markers.as_deref())])
+                .filter_map(|(name, value)| Some((name, value.filter(|v| !v.is_empty())?.to_string())))
+                .collect();
         let filter = Filter::from_lines(filter)?;
         let depth = match depth {
             Some(v) => v.parse::<usize>().map_err(|_| format!("{DEPTH_ENV}={v} is not a number"))?,
@@ -224,7 +268,7 @@ impl Settings {
             Some(v) => v.parse::<usize>().map_err(|_| format!("{RING_RECORDS_ENV}={v} is not a number"))?,
             None => DEFAULT_RING_RECORDS,
         };
-        Ok(Settings { filter, depth, records, markers: markers.unwrap_or_default(), values: None })
+        Ok(Settings { filter, depth, records, markers: markers.unwrap_or_default(), values: None, environment })
     }
 }
 

@@ -402,11 +402,17 @@ fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// `targets/worker.c`, its log written to `<test>-<pid>.log` in the scratch directory.
+fn start_worker(test: &str) -> Worker {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[])
+}
+
 #[test]
 fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
-    let (worker_exe, plugin) = worker_and_plugin();
-    let log = common::scratch().join(format!("threads-{}.log", std::process::id()));
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+    let (_, plugin) = worker_and_plugin();
+    let mut worker = start_worker("threads");
     let untraced = worker.round();
     let dir = trace_dir("threads");
     let mut session = record(worker.pid, &dir, &["-F", "mix", "-F", "libplugin-record-attach:*"]);
@@ -429,35 +435,105 @@ fn threads_created_and_a_library_loaded_during_the_session_are_recorded() {
     worker.quit();
 }
 
-#[test]
-fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
-    let (worker_exe, _) = worker_and_plugin();
-    let log = common::scratch().join(format!("fork-{}.log", std::process::id()));
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[]);
+/// What [`record_a_child`] saw.
+struct ChildRun {
+    worker: Worker,
+    /// The first bytes of mix, untraced.
+    untraced: Vec<u8>,
+    child: i32,
+    /// dynprobe's stderr.
+    stderr: String,
+    /// The child's part of the replay, from its pid's header on.
+    section: String,
+}
+
+/// Records the worker with `-F mix` while it runs `command` (`fork`, `forkexec`), whose
+/// child calls mix every 10 ms until the worker exits; `during` runs before the session
+/// ends. Checks that dynprobe exited 0 and that the child's calls were recorded.
+fn record_a_child(test: &str, command: &str, during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
+    let mut worker = start_worker(test);
     let untraced = worker.code("mix");
-    let dir = trace_dir("fork");
+    let dir = trace_dir(test);
     let mut session = record(worker.pid, &dir, &["-F", "mix"]);
     session.wait_for("attached to");
-    // The child calls mix every 10 ms until the worker exits, recorded meanwhile as a
-    // started program's child is.
-    let forked = worker.ask("fork");
+    let forked = worker.ask(command);
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     std::thread::sleep(Duration::from_millis(300));
-    assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    during(&worker, child, &untraced);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
-    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
-    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix has its bytes back");
-    assert_eq!(worker.code("mix"), untraced, "and the worker's");
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
-    assert!(section.starts_with(&format!("record-attach-worker), forked from {}\n", worker.pid)), "{replay}");
     assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
+    ChildRun { worker, untraced, child, stderr, section: section.to_string() }
+}
+
+impl ChildRun {
+    /// Ends the worker, and with it the child.
+    fn quit(self) {
+        let child = self.child;
+        self.worker.quit();
+        wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+    }
+}
+
+#[test]
+fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
+    // The child is recorded meanwhile as a started program's child is.
+    let run = record_a_child("fork", "fork", |worker, child, untraced| {
+        assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    });
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(run.worker.code_in(child, "mix"), *untraced, "the child's mix has its bytes back");
+    assert_eq!(run.worker.code("mix"), *untraced, "and the worker's");
+    let parent = run.worker.pid;
+    assert!(run.section.starts_with(&format!("record-attach-worker), forked from {parent}\n")), "{}", run.section);
     // The child runs on, its calls untraced, and ends with the worker.
     std::thread::sleep(Duration::from_millis(100));
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    run.quit();
+}
+
+#[test]
+fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not() {
+    let mut worker = start_worker("exec");
+    let untraced = worker.round();
+    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
+    let dir = trace_dir("exec");
+    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    session.wait_for("attached to");
+    // worker.c: `exec` runs /proc/self/exe again, whose `go` makes 4 × 300 calls of mix,
+    // recorded as an image `record` follows through its exec is.
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains("recorded 2400 events (0 lost) from 4 threads of 2 processes"), "{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert_eq!(replay.matches("| mix();").count(), 1200, "{replay}");
+    // The session is over: the image recorded keeps its agent, but the next exec carries
+    // nothing, and neither does an exec of a process attached to once and detached.
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    assert!(!agent_loaded(worker.pid), "an exec after the session is not traced: {:#?}", mappings(worker.pid));
+    record_for_with(worker.pid, &trace_dir("exec-again"), &["-F", "mix", "--duration", "0.3"]);
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    assert!(!agent_loaded(worker.pid), "nor after a session that saw no exec: {:#?}", mappings(worker.pid));
+    assert_eq!(worker.round(), untraced, "and it computes the same");
     worker.quit();
-    wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+}
+
+#[test]
+fn a_child_forked_during_the_session_that_execs_is_recorded_and_keeps_its_own_code() {
+    // The child executes the worker again (not PIE: mapped where the worker is), whose new
+    // image makes the calls, recorded as an image `record` follows through an exec.
+    let run = record_a_child("forkexec", "forkexec", |_, _, _| {});
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(!stderr.contains(&format!("process {child}")), "the exec'd child is not the worker's to restore: {stderr}");
+    assert_ne!(run.worker.code_in(child, "mix")[..5], untraced[..5], "the child's mix is its own agent's");
+    assert_eq!(run.worker.code("mix"), *untraced, "the worker's mix has its bytes back");
+    run.quit();
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! [`MAX_ENTRIES`] variables. A larger environment is passed on as the program made it.
 
 use std::ffi::CString;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// The most variables an environment rebuilt on the stack holds.
 pub(crate) const MAX_ENTRIES: usize = 384;
@@ -25,26 +25,71 @@ const PRELOAD_MAX: usize = 1024;
 /// The longest variable name compared (ours are shorter).
 const NAME_MAX: usize = 64;
 
-/// What every `exec` must carry: set once, by the agent, before the program runs.
+/// What every `exec` must carry: set by the agent before a program it was preloaded into
+/// runs (for the process's life), or for the length of an attach session.
 struct Carried {
     /// `NAME=value`, as the program was started with them.
     entries: Vec<CString>,
     /// The agent's path, which `LD_PRELOAD` must name.
     agent: CString,
+    /// A directory that exists as long as the session does (a recording's ring directory,
+    /// which the CLI removes at its end): once it is gone, nothing is carried.
+    alive_while: Option<CString>,
 }
 
-static CARRIED: OnceLock<Carried> = OnceLock::new();
+/// The `execve` guard reads this in a handler (and in a `vfork` child), where it may take
+/// no lock and allocate nothing: so a plain pointer to a value that is never freed. A value
+/// replaced or cleared stays allocated (leaked), as a guard may still be reading it; one
+/// attach session leaks one, a few hundred bytes.
+static CARRIED: AtomicPtr<Carried> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Makes every `exec` of this process carry `entries` (`NAME=value` strings, `LD_PRELOAD`
 /// among them, naming `agent` first) from now on, whatever environment the program gives
-/// it; see the module's documentation. Set once: later calls are ignored.
-pub fn carry_into_exec(entries: Vec<CString>, agent: CString) {
-    let _ = CARRIED.set(Carried { entries, agent });
+/// it; see the module's documentation. With `alive_while`, only while that directory
+/// exists: the session they are for lasts as long (a process that outlives it, a child
+/// forked during an attach session, `exec`s untraced afterwards). Only when nothing is
+/// carried yet: `false` (and no change) when something is, as for a program started with
+/// the agent preloaded, whose environment lasts its life.
+pub fn carry_into_exec(entries: Vec<CString>, agent: CString, alive_while: Option<CString>) -> bool {
+    let carried = Box::into_raw(Box::new(Carried { entries, agent, alive_while }));
+    let set = CARRIED.compare_exchange(std::ptr::null_mut(), carried, Ordering::AcqRel, Ordering::Acquire);
+    if set.is_err() {
+        // SAFETY: made by Box::into_raw above and published nowhere.
+        drop(unsafe { Box::from_raw(carried) });
+    }
+    set.is_ok()
 }
 
-/// Whether [`carry_into_exec`] was called.
+/// Makes the `exec`s from now on carry nothing (an attach session ended): they get the
+/// environment the program gives them. What was carried stays allocated, as a guard running
+/// on another thread may still be reading it.
+pub fn stop_carrying_into_exec() {
+    CARRIED.store(std::ptr::null_mut(), Ordering::Release);
+}
+
+/// Whether something is carried into the `exec`s now ([`carry_into_exec`]).
 pub fn exec_environment_carried() -> bool {
-    CARRIED.get().is_some()
+    !CARRIED.load(Ordering::Acquire).is_null()
+}
+
+/// What is carried now, if anything.
+fn carried() -> Option<&'static Carried> {
+    // SAFETY: a non-null value came from Box::into_raw in carry_into_exec and is never freed
+    // once published (see CARRIED).
+    unsafe { CARRIED.load(Ordering::Acquire).as_ref() }
+}
+
+impl Carried {
+    /// Whether the session is on: its directory (if it has one) exists. A raw
+    /// `faccessat` (access(2)), as the guard calls nothing of the C library.
+    fn alive(&self) -> bool {
+        let Some(dir) = &self.alive_while else { return true };
+        // SAFETY: a NUL-terminated path that lives as long as `self`.
+        let result = unsafe {
+            crate::raw::syscall4(libc::SYS_faccessat, libc::AT_FDCWD as u64, dir.as_ptr() as u64, libc::F_OK as u64, 0)
+        };
+        result == 0
+    }
 }
 
 /// An environment rebuilt for one `execve`, on the caller's stack.
@@ -65,8 +110,8 @@ impl ExecEnvironment {
     /// untraced). Reads the program's strings with `process_vm_readv`, so a bad pointer is
     /// never a fault here. Allocates nothing.
     pub(crate) fn build(&mut self, envp: u64) -> Option<u64> {
-        let carried = CARRIED.get()?;
-        if envp == 0 {
+        let carried = carried()?;
+        if envp == 0 || !carried.alive() {
             return None;
         }
         // The program's variables, then ours that it lacks.

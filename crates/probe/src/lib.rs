@@ -43,7 +43,7 @@ mod thread_slot;
 
 pub use arch::{light_width, vector_width, Regs};
 pub use error::ProbeError;
-pub use exec_env::{carry_into_exec, exec_environment_carried};
+pub use exec_env::{carry_into_exec, exec_environment_carried, stop_carrying_into_exec};
 pub use location::Location;
 pub use optimizer::stop_optimizer;
 pub use own_thread::current_thread_is_own;

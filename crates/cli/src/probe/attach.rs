@@ -246,6 +246,9 @@ fn agent_backend(request: &Request, name: &str) -> Result<Option<(Backend, Owned
     socket.remove_dir();
     let mut control = socket.accept(request.pid)?;
     control.handle = injected.handle;
+    // Before the agent has its settings: an image the process `exec`s during `record -p`
+    // maps the agent too, elsewhere (see `super::exec`).
+    control.mapping = super::exec::agent_mapping(request.pid, request.agent);
     let events = EventPipe::new()?;
     control.send_setup(request, &events)?;
     Ok(Some((Backend::Agent(control), events.read)))
@@ -386,7 +389,7 @@ impl ControlSocket {
             }
             let Ok(conn) = net::accept_with(&self.listener, SocketFlags::CLOEXEC) else { continue };
             if peer_pid(&conn) == Some(pid) {
-                return Ok(Control { fd: conn, handle: 0 });
+                return Ok(Control { fd: conn, handle: 0, mapping: None });
             }
         }
     }
@@ -534,6 +537,8 @@ struct Control {
     fd: OwnedFd,
     /// The agent library's `dlopen` handle in the target, for the `dlclose` at the end.
     handle: u64,
+    /// The agent library's first line in the target's `/proc/PID/maps` once loaded.
+    mapping: Option<String>,
 }
 
 impl Control {
@@ -624,7 +629,7 @@ impl Signals {
 }
 
 /// Whether the target has exited (a zombie counts), the socket's closing being ambiguous.
-fn exited(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
+pub(super) fn exited(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
         Some(fd) => wait_readable(fd, Duration::from_millis(100)),
         None => std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -793,9 +798,23 @@ impl Session<'_> {
                     eprintln!("dynprobe: process {} ({}) exited", self.pid, self.name);
                     return Ok(());
                 }
-                if matches!(self.backend, Backend::Agent(_)) && super::exec::agent_gone(self.pid, request.agent) {
-                    eprintln!("dynprobe: {}", super::exec::note(self.pid, self.name));
-                    return Ok(());
+                if let Backend::Agent(control) = &self.backend {
+                    if super::exec::executed(self.pid, request.agent, control.mapping.as_deref()) {
+                        if request.record.is_some() {
+                            // The new image records on, as `record` follows an exec.
+                            eprintln!("dynprobe: {}", super::exec::recorded_note(self.pid, self.name));
+                            let end = match phase {
+                                Phase::Placing => request.duration.map(|d| Instant::now() + d),
+                                Phase::Running => deadline,
+                                // The end was asked for already: what is in the rings is kept.
+                                Phase::Detaching => Some(Instant::now()),
+                            };
+                            super::exec::wait_for_end(self.pid, pidfd.as_ref(), end, &|| signals.take());
+                            return Ok(());
+                        }
+                        eprintln!("dynprobe: {}", super::exec::note(self.pid, self.name));
+                        return Ok(());
+                    }
                 }
                 return match (&self.backend, phase) {
                     (Backend::Ptrace(_), Phase::Detaching) => {

@@ -7,8 +7,9 @@
 //! shares with the attached process (same file, offset and address: inherited) is made
 //! byte for byte what it is in the attached process, now restored. The patched bytes are
 //! the sites, the markers, the `dlopen` watch and the signal guards — whatever the session
-//! wrote, without a list to keep. A child that `exec`ed runs a new image (nothing of the
-//! session's); one forked before the session has no agent.
+//! wrote, without a list to keep. A child that `exec`ed during the session runs a new image
+//! with an agent of its own, recording for its life as an image `record` follows through
+//! an `exec` does: it is left alone. One forked before the session has no agent.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
@@ -16,6 +17,7 @@
 
 use dynprobe_remote::{Memory, Options, Tracee};
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 /// How long the threads of a child may take to stop.
@@ -33,13 +35,27 @@ pub(crate) struct Restored {
 }
 
 /// Restores the code of every live descendant of `pid` that has the agent library mapped
-/// (it was forked while the agent was there) to what `pid`'s code is now.
-pub(crate) fn restore_forked(pid: i32, agent: &str) -> Vec<Restored> {
+/// (it was forked while the agent was there) to what `pid`'s code is now. A descendant that
+/// runs an image `exec`'d during the session is left alone: it was started with the agent
+/// preloaded for the recording in `rings` and records as a started program does (its code
+/// is its own, even where a non-PIE program exec'd itself and maps its file where `pid`
+/// does).
+pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restored> {
     descendants(pid)
         .into_iter()
         .filter(|&child| maps(child).iter().any(|m| m.path.ends_with(agent)))
+        .filter(|&child| !started_for(child, rings))
         .map(|child| Restored { pid: child, result: restore(pid, child) })
         .collect()
+}
+
+/// Whether process `pid`'s image was started with `DYNPROBE_RECORD=<rings>`: an `exec`
+/// during the session carried it. `/proc/PID/environ` (proc(5)) shows the environment the
+/// image started with, which the agent's taking its variables out later does not change.
+fn started_for(pid: i32, rings: &Path) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
+    let wanted = [b"DYNPROBE_RECORD=".as_slice(), rings.as_os_str().as_encoded_bytes()].concat();
+    environ.split(|&b| b == 0).any(|entry| entry == wanted)
 }
 
 /// The live descendants of `pid`, from every process's parent in `/proc/PID/stat`.

@@ -211,7 +211,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     // The children forked meanwhile inherited the patched code; the process has its own
     // back now, they get the same (see `children`).
     let agent_name = agent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    for child in children::restore_forked(pid, &agent_name) {
+    for child in children::restore_forked(pid, &agent_name, rings.path()) {
         match child.result {
             Ok(0) => {}
             Ok(runs) => eprintln!(

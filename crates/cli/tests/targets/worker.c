@@ -10,6 +10,8 @@
  *          "ready <pid>" with the same pid
  *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
  *          prints "forked <child pid>"
+ *   forkexec  the same, but the child first executes this program again (argument
+ *          `child` after LOGFILE), whose new image makes those calls
  *   quit   it exits with status 0
  * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
  * test can compare the probe events with what the program really did:
@@ -84,6 +86,19 @@ static void *work(void *arg)
 __thread volatile char big_tls[8 << 20];
 #endif
 
+/* A forked child's work: mix() every 10 ms until its parent is gone. */
+static void call_mix_while_parent_lives(void)
+{
+	pid_t parent = getppid();
+	/* Kept: an unused result would let the compiler drop the call. */
+	static volatile long sink;
+	for (long i = 0; getppid() == parent; i++) {
+		sink += mix(i, (int)i);
+		usleep(10000);
+	}
+	_exit(0);
+}
+
 int main(int argc, char **argv)
 {
 #ifdef BIG_TLS
@@ -93,6 +108,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: worker LOGFILE\n");
 		return 2;
 	}
+	if (argc > 2 && strcmp(argv[2], "child") == 0)
+		call_mix_while_parent_lives();
 	log_file = fopen(argv[1], "a");
 	if (!log_file)
 		return 2;
@@ -111,16 +128,14 @@ int main(int argc, char **argv)
 		}
 		if (strncmp(line, "fork", 4) == 0) {
 			fflush(log_file);
-			pid_t parent = getpid();
 			pid_t child = fork();
 			if (child == 0) {
-				/* Kept: an unused result would let the compiler drop the call. */
-				static volatile long sink;
-				for (long i = 0; getppid() == parent; i++) {
-					sink += mix(i, (int)i);
-					usleep(10000);
+				if (strncmp(line, "forkexec", 8) == 0) {
+					char *child_argv[] = { argv[0], argv[1], "child", NULL };
+					execv("/proc/self/exe", child_argv);
+					_exit(127);
 				}
-				_exit(0);
+				call_mix_while_parent_lives();
 			}
 			printf("forked %d\n", (int)child);
 			continue;
