@@ -237,10 +237,11 @@ pub fn contains(addr: u64) -> bool {
     CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.contains(addr))
 }
 
-/// One line of `/proc/self/maps`, reduced to what placement needs.
-struct Mapping {
-    start: u64,
-    end: u64,
+/// One line of `/proc/self/maps`, reduced to what placement (and a transaction's runs of
+/// edits, which must not cross one's start or end) needs.
+pub(crate) struct Mapping {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
     /// `[heap]`, or the main executable's own mapping (the break starts after it).
     heap_like: bool,
     /// `[stack]`, or a mapping that grows down.
@@ -248,7 +249,7 @@ struct Mapping {
 }
 
 /// Reads the current mappings, sorted by address.
-fn mappings() -> Vec<Mapping> {
+pub(crate) fn mappings() -> Vec<Mapping> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let exe = std::fs::read_link("/proc/self/exe").ok();
     let mut out: Vec<Mapping> = maps

@@ -142,14 +142,8 @@ fn spans_within<T>(items: &[T], extent: impl Fn(&T) -> (u64, usize), boundaries:
 /// Where this process's mappings start and end, sorted; empty when /proc/self/maps cannot
 /// be read (the runs then only split at wide gaps).
 fn mapping_boundaries() -> Vec<u64> {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut boundaries: Vec<u64> = maps
-        .lines()
-        .filter_map(|line| line.split_whitespace().next()?.split_once('-'))
-        .flat_map(|(start, end)| [u64::from_str_radix(start, 16).ok(), u64::from_str_radix(end, 16).ok()])
-        .flatten()
-        .collect();
-    boundaries.sort_unstable();
+    // Sorted by start and disjoint: the ends and starts come in order, a shared one twice.
+    let mut boundaries: Vec<u64> = crate::pool::mappings().iter().flat_map(|m| [m.start, m.end]).collect();
     boundaries.dedup();
     boundaries
 }
