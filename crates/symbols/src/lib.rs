@@ -22,7 +22,7 @@ mod elf;
 mod error;
 mod load;
 mod lookup;
-mod maps;
+pub mod maps;
 mod markers;
 mod sites;
 mod unwind;

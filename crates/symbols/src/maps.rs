@@ -6,11 +6,14 @@
 
 use std::path::PathBuf;
 
-/// One line of `/proc/PID/maps`.
+/// One line of `/proc/PID/maps` (proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Mapping {
+pub struct Mapping {
+    /// First address.
     pub start: u64,
+    /// The address after the last.
     pub end: u64,
+    /// Whether it is executable (`x` in the permissions).
     pub exec: bool,
     /// File offset of `start`.
     pub offset: u64,
@@ -44,7 +47,7 @@ impl MappedFile {
 }
 
 /// Parses one line; `None` for lines that do not have the documented shape.
-pub(crate) fn parse_line(line: &str) -> Option<Mapping> {
+pub fn parse_line(line: &str) -> Option<Mapping> {
     // address perms offset dev inode [path]; the path may itself contain spaces, so split
     // off the five fixed columns and keep the rest whole.
     let mut rest = line;

@@ -16,6 +16,7 @@
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
 use dynprobe_remote::{Memory, Options, Tracee};
+use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
@@ -43,7 +44,7 @@ pub(crate) struct Restored {
 pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restored> {
     descendants(pid)
         .into_iter()
-        .filter(|&child| maps(child).iter().any(|m| m.path.ends_with(agent)))
+        .filter(|&child| maps(child).iter().any(|m| m.path.as_deref().is_some_and(|p| p.ends_with(agent))))
         .filter(|&child| !started_for(child, rings))
         .map(|child| Restored { pid: child, result: restore(pid, child) })
         .collect()
@@ -81,36 +82,16 @@ fn descendants(pid: i32) -> Vec<i32> {
     found
 }
 
-/// A mapping of `/proc/PID/maps`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    perms: String,
-    offset: u64,
-    path: String,
-}
-
 fn maps(pid: i32) -> Vec<Mapping> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    text.lines().filter_map(parse_mapping).collect()
-}
-
-fn parse_mapping(line: &str) -> Option<Mapping> {
-    let mut fields = line.split_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?.to_string();
-    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-    let path = fields.nth(2).unwrap_or("").to_string();
-    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-    Some(Mapping { start: hex(start)?, end: hex(end)?, perms, offset, path })
+    text.lines().filter_map(parse_line).collect()
 }
 
 /// Puts `parent`'s bytes into `child` wherever their shared code mappings differ, with the
 /// child's threads stopped; how many runs of bytes differed.
 fn restore(parent: i32, child: i32) -> Result<usize, String> {
     let code = |pid: i32| -> Vec<Mapping> {
-        maps(pid).into_iter().filter(|m| m.perms.contains('x') && m.path.starts_with('/')).collect()
+        maps(pid).into_iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/'))).collect()
     };
     let shared: Vec<Mapping> = {
         let parent_code = code(parent);
@@ -167,10 +148,10 @@ mod tests {
         assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
         assert_eq!(differences(b"same", b"same"), []);
         let line = "00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/worker";
-        let m = parse_mapping(line).unwrap();
+        let m = parse_line(line).unwrap();
         assert_eq!(
-            (m.start, m.end, m.perms.as_str(), m.offset, m.path.as_str()),
-            (0x401000, 0x402000, "r-xp", 0x1000, "/usr/bin/worker")
+            (m.start, m.end, m.exec, m.offset, m.path.as_deref()),
+            (0x401000, 0x402000, true, 0x1000, Some("/usr/bin/worker"))
         );
     }
 }
