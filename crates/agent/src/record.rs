@@ -27,7 +27,7 @@ use dynprobe_events::clock::Clock;
 use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
-use dynprobe_ftrace::{Filter, FtraceError, Selection, TracedFunction, Tracer};
+use dynprobe_ftrace::{Filter, FtraceError, Recording, Selection, TracedFunction, Tracer};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -362,9 +362,10 @@ fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Re
         })?;
     }
     let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);
-    let start = if attached { Tracer::start_attached } else { Tracer::start_with_values };
-    let started =
-        start(selection, ring, Clock::detect(), settings.depth, values).map_err(|e| e.to_string()).and_then(|tracer| {
+    let recording = if attached { Recording::AfterAdoption } else { Recording::Now };
+    let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, values, recording)
+        .map_err(|e| e.to_string())
+        .and_then(|tracer| {
             let Some(markers_path) = &markers_path else { return Ok((tracer, None)) };
             let attached = write_file(markers_path, &markers.list()).and_then(|()| markers.attach());
             match attached {

@@ -83,6 +83,17 @@ pub struct Tracer {
     probes: Vec<ProbeHandle>,
 }
 
+/// When a tracer's records begin ([`Tracer::start_with_values`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recording {
+    /// As soon as the sites are patched.
+    Now,
+    /// In a process that was already running (`dynprobe record -p`): the sites are patched
+    /// but nothing is recorded until [`Tracer::adopt_in_flight`] has found the calls
+    /// already in flight on every thread and published the recording.
+    AfterAdoption,
+}
+
 impl Tracer {
     /// Starts tracing the functions of `selection`: records go to `ring` (one ring per
     /// thread slot, so it needs [`dynprobe_probe::MAX_THREADS`] rings), timed by `clock`;
@@ -90,51 +101,29 @@ impl Tracer {
     /// listed in the [`summary`](Self::summary), not errors; an error means nothing is
     /// traced.
     pub fn start(selection: Selection, ring: RingFile, clock: Clock, max_depth: usize) -> Result<Tracer, FtraceError> {
-        Tracer::start_with(selection, ring, clock, max_depth, None, true)
+        Tracer::start_with_values(selection, ring, clock, max_depth, None, Recording::Now)
     }
 
-    /// [`start`](Self::start), the calls carrying the `values` given (`record -a`). With
-    /// values the entry sites call a dispatcher that fetches them and that is not proven
-    /// light: its caller saves the vector state, and so does the return trampoline (the
-    /// first tracer of a process chooses the exit hook for its life: a later one with values
-    /// after one without records its exits without them).
+    /// [`start`](Self::start), the calls carrying the `values` given (`record -a`), the
+    /// recording beginning as `recording` says. With values the entry sites call a
+    /// dispatcher that fetches them and that is not proven light: its caller saves the
+    /// vector state, and so does the return trampoline (the first tracer of a process
+    /// chooses the exit hook for its life: a later one with values after one without
+    /// records its exits without them).
     pub fn start_with_values(
         selection: Selection,
         ring: RingFile,
         clock: Clock,
         max_depth: usize,
         values: Option<Box<dyn CallValues>>,
-    ) -> Result<Tracer, FtraceError> {
-        Tracer::start_with(selection, ring, clock, max_depth, values, true)
-    }
-
-    /// [`start_with_values`](Self::start_with_values) in a process that was already running
-    /// (`dynprobe record -p`): the sites are patched but nothing is recorded until
-    /// [`Self::adopt_in_flight`] has found the calls already in flight on every thread and
-    /// published the recording.
-    pub fn start_attached(
-        selection: Selection,
-        ring: RingFile,
-        clock: Clock,
-        max_depth: usize,
-        values: Option<Box<dyn CallValues>>,
-    ) -> Result<Tracer, FtraceError> {
-        Tracer::start_with(selection, ring, clock, max_depth, values, false)
-    }
-
-    fn start_with(
-        selection: Selection,
-        ring: RingFile,
-        clock: Clock,
-        max_depth: usize,
-        values: Option<Box<dyn CallValues>>,
-        publish: bool,
+        recording: Recording,
     ) -> Result<Tracer, FtraceError> {
         if ring.rings() < dynprobe_probe::MAX_THREADS {
             return Err(FtraceError::TooFewRings { rings: ring.rings(), needed: dynprobe_probe::MAX_THREADS });
         }
         let with_values = values.is_some();
-        if !graph::set_output(graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values }, publish) {
+        let output = graph::Output { ring, clock, max_depth, tag: graph::next_tag(), values };
+        if !graph::set_output(output, recording == Recording::Now) {
             return Err(FtraceError::AlreadyRunning);
         }
         let exit_hook: fn(&dynprobe_probe::GraphExit) =
@@ -233,7 +222,7 @@ impl Tracer {
     }
 
     /// Shows the calls already in flight when a recording of a running process starts, and
-    /// starts recording ([`Self::start_attached`] held it back): in one stop of every other
+    /// starts recording (held back by [`Recording::AfterAdoption`]): in one stop of every other
     /// thread, each thread's stack is unwound, the calls of traced functions on it are
     /// tracked from then on (their returns diverted like those of calls entered later, below
     /// them on the thread's instance stack) and recorded as entered before the attach, and
