@@ -147,10 +147,22 @@ fn a_server_recorded_mid_run_computes_the_same_and_one_thread_s_calls_match_its_
     let before = server.code("srv_handle");
     writeln_go(&mut server);
     std::thread::sleep(Duration::from_millis(200));
-    let dir = trace_dir("match");
-    let stderr = record_for(server.pid, &dir, "1");
-    assert!(stderr.contains("(0 lost)"), "{stderr}");
-    assert_eq!(server.code("srv_handle"), before, "srv_handle's bytes are restored");
+    // A thread stopped inside dynprobe's own hook code at the attach (no call-frame
+    // information there) has its walk end at once, and none of its calls in flight shown:
+    // sessions go on until one found thread 1's, as the in-flight test's do.
+    let mut sessions = 0;
+    let dir = loop {
+        let dir = trace_dir(&format!("match-{sessions}"));
+        sessions += 1;
+        let stderr = record_for(server.pid, &dir, "1");
+        assert!(stderr.contains("(0 lost)"), "{stderr}");
+        assert_eq!(server.code("srv_handle"), before, "srv_handle's bytes are restored");
+        // Thread 1's id, from the log's first line (the server is still writing its last).
+        let tid = server.logged().first().expect("thread 1 logged its calls")[0].clone();
+        if !recorded_entries(&dir, &tid).0.is_empty() || sessions == 4 {
+            break dir;
+        }
+    };
     let (line, counts) = stop(&mut server);
     assert_eq!(line, untraced("match", &counts, false), "the same result as an untraced run");
 
