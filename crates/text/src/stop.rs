@@ -351,6 +351,24 @@ pub fn uninstall_handler() -> Result<(), TextError> {
     let _controller = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
     let mut previous = PREVIOUS_ACTION.lock().unwrap_or_else(|e| e.into_inner());
     let Some(old) = previous.as_ref() else { return Ok(()) };
+    // A stop signal can still be pending after its stop: in a thread that blocked it (the
+    // stop gave up on it) or that was waiting in the trap dispatcher (left alone). Under the
+    // program's own action — the default, for a real-time signal, ends the process — it would
+    // kill the program the moment that thread unblocks it. Setting SIG_IGN discards a pending
+    // signal in every thread, blocked or not (sigaction(2), and POSIX's "Signal Actions"),
+    // so the action goes back with nothing of ours left queued. Only when the program had no
+    // handler of its own for the signal: a pending one might then be its own.
+    let default_or_ignored = [libc::SIG_DFL, libc::SIG_IGN].contains(&old.sa_sigaction);
+    if default_or_ignored {
+        // SAFETY: a zeroed sigaction with SIG_IGN (0 flags, empty mask) is a valid action.
+        let mut ignore: libc::sigaction = unsafe { std::mem::zeroed() };
+        ignore.sa_sigaction = libc::SIG_IGN;
+        // SAFETY: `ignore` is fully initialized; no handler runs for an ignored signal.
+        if unsafe { libc::sigaction(stop_signal(), &ignore, std::ptr::null_mut()) } != 0 {
+            let reason = format!("cannot discard pending stop signals: {}", std::io::Error::last_os_error());
+            return Err(TextError::StopFailed { reason });
+        }
+    }
     // SAFETY: `old` is the action the kernel gave back when ours was installed.
     if unsafe { libc::sigaction(stop_signal(), old, std::ptr::null_mut()) } != 0 {
         let reason = format!("cannot put the stop signal's action back: {}", std::io::Error::last_os_error());
