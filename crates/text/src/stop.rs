@@ -246,7 +246,9 @@ extern "C" fn on_stop_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc:
         let restart = slot
             .restartable
             .load(Ordering::Relaxed)
-            .then(|| raw::syscall_number_before(rip).or_else(|| blocked_call_number(slot, uc, rip)))
+            // The call seen blocked as the signal was sent, when it is this one, is a fact;
+            // the number decoded from the instructions before the `syscall` is an inference.
+            .then(|| blocked_call_number(slot, uc, rip).or_else(|| raw::syscall_number_before(rip)))
             .flatten()
             .filter(|nr| RESTARTABLE_WAITS.contains(nr));
         match restart {
