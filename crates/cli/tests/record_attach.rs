@@ -119,9 +119,15 @@ type Calls = Vec<(String, usize)>;
 /// attach, and the others.
 fn recorded_entries(dir: &Path, tid: &str) -> (Calls, Calls) {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str(), "--tid".as_ref(), tid.as_ref()]);
+    thread_entries(&replay, tid)
+}
+
+/// [`recorded_entries`] of thread `tid`, from a whole trace's `replay`.
+fn thread_entries(replay: &str, tid: &str) -> (Calls, Calls) {
     let (before, after): (Vec<_>, Vec<_>) = replay
         .lines()
-        .filter_map(|line| line.split_once("] | ").map(|(_, call)| call))
+        .filter_map(|line| line.split_once("] | "))
+        .filter_map(|(head, call)| (head.rsplit_once('[')?.1.trim() == tid).then_some(call))
         .filter_map(|call| {
             let name = call.trim_start();
             let depth = (call.len() - name.len()) / 2;
@@ -610,4 +616,51 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
 fn process_state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+/// `targets/busy.c`, built once: four threads always inside traced calls (plain-entry
+/// sites: detours) that call a traced leaf in a tight loop.
+fn busy_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| common::build_c("busy.c", "record-attach-busy", &os(&["-O1", "-fno-inline", "-pthread"])))
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_the_tracer_s_own_code() {
+    // busy.c's threads spend most of their time in the tracer's detours and dispatcher, so
+    // the attach's stop often finds a thread there. Each session is on a fresh program: a
+    // call an earlier session diverted stays diverted (busy_thread never returns), and is
+    // not shown again.
+    let depth_of = |name: &str| ["busy_thread", "busy_outer", "busy_leaf"].iter().position(|n| *n == name);
+    for session in 0..3 {
+        let log = common::scratch().join(format!("busy-{session}-{}.log", std::process::id()));
+        let mut busy = Worker::start_with(busy_exe(), log.as_os_str(), log.clone(), &[]);
+        assert_eq!(busy.ask("threads"), "threads 4");
+        let dir = trace_dir(&format!("busy-{session}"));
+        let stderr = record_for_with(busy.pid, &dir, &["-F", "busy_*", "--duration", "0.05"]);
+        assert!(!stderr.contains("could not be unwound"), "session {session}: {stderr}");
+        let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+        assert_eq!(exit_without_entry(&replay), None, "session {session}: every exit has its entry");
+        // Every thread is inside busy_thread, and inside busy_outer whenever it is inside
+        // busy_leaf (its log says which threads): the calls entered before the attach are
+        // the outermost of those, from depth 0, and every call recorded after them sits at
+        // its own depth.
+        for line in busy.logged() {
+            let tid = &line[0];
+            let (before, after) = thread_entries(&replay, tid);
+            assert!(
+                before.first().is_some_and(|(name, depth)| name == "busy_thread" && *depth == 0),
+                "session {session}: thread {tid}'s calls in flight at the attach: {before:?}, then {:?}",
+                &after[..after.len().min(3)]
+            );
+            for (k, (name, depth)) in before.iter().enumerate() {
+                assert_eq!((depth_of(name), *depth), (Some(k), k), "session {session}: thread {tid}: {before:?}");
+            }
+            assert!(after.len() > 100, "session {session}: thread {tid}: {} calls recorded", after.len());
+            let wrong = after.iter().find(|(name, depth)| depth_of(name) != Some(*depth));
+            assert_eq!(wrong, None, "session {session}: thread {tid}, after {before:?} entered before the attach");
+        }
+        busy.quit();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
