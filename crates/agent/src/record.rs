@@ -243,7 +243,12 @@ impl Settings {
                 _ => return Err(format!("unknown record setting `{line}`")),
             }
         }
-        let settings = Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))?;
+        let mut settings = Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))?;
+        // An image the session `exec`s reads the same description (it names the program it
+        // describes: another program gets none), as an `exec`'d image of a started program.
+        if let Some(path) = &values {
+            settings.environment.push((crate::values::ARGS_ENV, path.to_string_lossy().into_owned()));
+        }
         Ok(Settings { values, ..settings })
     }
 

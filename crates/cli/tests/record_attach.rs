@@ -413,8 +413,9 @@ fn processes_that_cannot_be_recorded_are_refused_with_the_reason() {
 fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
+        // -g: `record -a` reads mix's parameters from its DWARF.
         let worker =
-            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-no-pie", "-ldl"]));
+            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-g", "-fno-inline", "-no-pie", "-ldl"]));
         let plugin = common::build_c("plugin.c", "libplugin-record-attach.so", &os(&["-shared", "-fPIC"]));
         (worker, plugin)
     })
@@ -539,6 +540,26 @@ fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not
     assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
     assert!(!agent_loaded(worker.pid), "nor after a session that saw no exec: {:#?}", mappings(worker.pid));
     assert_eq!(worker.round(), untraced, "and it computes the same");
+    worker.quit();
+}
+
+#[test]
+fn an_image_exec_d_during_a_session_with_args_records_the_values_of_its_calls() {
+    let mut worker = start_worker("exec-args");
+    let untraced = worker.round();
+    let dir = trace_dir("exec-args");
+    let mut session = record(worker.pid, &dir, &["-a", "-F", "mix"]);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded with values");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    // The new image's calls carry their arguments and return values, as the first image's
+    // would: `mix(seed=3, round=12) = 4567;`.
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert_eq!(replay.matches("| mix(seed=").count(), 1200, "{}", &replay[..replay.len().min(2000)]);
+    assert_eq!(replay.matches("| mix();").count(), 0, "no call without its values");
     worker.quit();
 }
 
