@@ -514,22 +514,30 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     run.quit();
 }
 
+/// Records the worker with these options while it `exec`s itself and makes a round of
+/// calls in the new image (worker.c: `exec` runs /proc/self/exe again, whose `go` makes
+/// 4 × 300 calls of mix, recorded as an image `record` follows through its exec is), which
+/// must compute `untraced`; ends the session (dynprobe exits 0): the trace directory and
+/// dynprobe's stderr.
+fn record_through_an_exec(worker: &mut Worker, test: &str, options: &[&str], untraced: &str) -> (PathBuf, String) {
+    let dir = trace_dir(test);
+    let mut session = record(worker.pid, &dir, options);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    (dir, stderr)
+}
+
 #[test]
 fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not() {
     let mut worker = start_worker("exec");
     let untraced = worker.round();
     let untraced_code = worker.code("mix");
     let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
-    let dir = trace_dir("exec");
-    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
-    session.wait_for("attached to");
-    // worker.c: `exec` runs /proc/self/exe again, whose `go` makes 4 × 300 calls of mix,
-    // recorded as an image `record` follows through its exec is.
-    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
-    session.wait_for("executed a new program");
-    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
-    let (status, _, stderr) = session.end(Some(libc::SIGINT));
-    assert_eq!(status, Some(0), "{stderr}");
+    let (dir, stderr) = record_through_an_exec(&mut worker, "exec", &["-F", "mix"], &untraced);
     assert!(stderr.contains("recorded 2400 events (0 lost) from 4 threads of 2 processes"), "{stderr}");
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     assert_eq!(replay.matches("| mix();").count(), 1200, "{replay}");
@@ -550,14 +558,7 @@ fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not
 fn an_image_exec_d_during_a_session_with_args_records_the_values_of_its_calls() {
     let mut worker = start_worker("exec-args");
     let untraced = worker.round();
-    let dir = trace_dir("exec-args");
-    let mut session = record(worker.pid, &dir, &["-a", "-F", "mix"]);
-    session.wait_for("attached to");
-    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
-    session.wait_for("executed a new program");
-    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded with values");
-    let (status, _, stderr) = session.end(Some(libc::SIGINT));
-    assert_eq!(status, Some(0), "{stderr}");
+    let (dir, _) = record_through_an_exec(&mut worker, "exec-args", &["-a", "-F", "mix"], &untraced);
     // The new image's calls carry their arguments and return values, as the first image's
     // would: `mix(seed=3, round=12) = 4567;`.
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
