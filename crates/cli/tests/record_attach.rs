@@ -663,8 +663,12 @@ fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_the_tracer_
         let mut busy = Worker::start_with(busy_exe(), log.as_os_str(), log.clone(), &[]);
         assert_eq!(busy.ask("threads"), "threads 4");
         let dir = trace_dir(&format!("busy-{session}"));
-        let stderr = record_for_with(busy.pid, &dir, &["-F", "busy_*", "--duration", "0.05"]);
+        // Rings of 4 Mi records: a thread records ~25 M a second here, and an exit lost with
+        // a full ring would nest the next calls deeper in the replay.
+        let options = ["-F", "busy_*", "--duration", "0.05", "--buffer-size", "4194304"];
+        let stderr = record_for_with(busy.pid, &dir, &options);
         assert!(!stderr.contains("could not be unwound"), "session {session}: {stderr}");
+        assert!(stderr.contains("(0 lost)"), "session {session}: {stderr}");
         let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
         assert_eq!(exit_without_entry(&replay), None, "session {session}: every exit has its entry");
         // Every thread is inside busy_thread, and inside busy_outer whenever it is inside
