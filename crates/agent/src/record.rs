@@ -63,9 +63,13 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     let started = Settings::from_env()
         .map_err(NotTraced::from)
         .and_then(|settings| try_start(Path::new(ring_dir), channel.is_some(), false, &settings));
+    let first = channel.is_some();
     let started = started.map(|started| {
         let patched = started.patched;
-        started.keep();
+        match first {
+            true => started.keep(),
+            false => started.keep_while_recording(),
+        }
         patched
     });
     dynprobe_probe::set_current_thread_traced(true);
@@ -243,7 +247,12 @@ impl Settings {
                 _ => return Err(format!("unknown record setting `{line}`")),
             }
         }
-        let settings = Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))?;
+        let mut settings = Settings::new(&filter.join("\n"), depth, records, Some(markers.join("\n")))?;
+        // An image the session `exec`s reads the same description (it names the program it
+        // describes: another program gets none), as an `exec`'d image of a started program.
+        if let Some(path) = &values {
+            settings.environment.push((crate::values::ARGS_ENV, path.to_string_lossy().into_owned()));
+        }
         Ok(Settings { values, ..settings })
     }
 
@@ -322,6 +331,59 @@ impl Started {
         let _ = dynprobe_probe::wait_for_optimizer();
     }
 }
+
+impl Started {
+    /// Keeps recording an image `exec`'d during a recording for as long as that recording
+    /// lasts, then ends it as an attach session's ends ([`Attached::end`]: every patched site
+    /// restored, nothing recorded, no child forked afterwards recorded): a process that
+    /// outlives the recording (`dynprobe record -p` detached from it) runs on untraced. The
+    /// recording lasts as long as its ring directory, which the CLI removes at its end (the
+    /// `exec`s carried from this image stop then too: see `carry_environment`).
+    fn keep_while_recording(self) {
+        remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
+        let tracer = Arc::new(Mutex::new(Some(self.tracer)));
+        let watch = match self.libraries.map(|libraries| libraries.watch(Arc::clone(&tracer))) {
+            Some(Ok(watch)) => Some(watch),
+            Some(Err(e)) => {
+                eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}");
+                None
+            }
+            None => None,
+        };
+        // As in `keep`: every probe becomes a jump while this is the only thread.
+        let _ = dynprobe_probe::wait_for_optimizer();
+        let in_flight = Ok(Default::default());
+        let attached =
+            Attached { tracer, watch, markers: self.markers, patched: self.patched, in_flight, carrying: false };
+        let attached = Arc::new(Mutex::new(Some(attached)));
+        let ends = Arc::clone(&attached);
+        let dir = self.dir;
+        let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
+            while dir.is_dir() {
+                std::thread::sleep(RECORDING_POLL);
+            }
+            let Some(attached) = ends.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+            if let Err(e) = attached.end() {
+                eprintln!("dynprobe agent: the recording ended, but {e}");
+                return;
+            }
+            // Nothing of the recording runs any more, as at an attach session's end (the
+            // agent stays loaded: the loader preloaded it).
+            dynprobe::stop_optimizer();
+            if dynprobe::release_all().is_ok() {
+                Tracer::free_ended();
+            }
+        });
+        match spawned {
+            Ok(thread) => thread.keep(),
+            // Without the watch the image records for its life, as a started program does.
+            Err(_) => std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take()),
+        }
+    }
+}
+
+/// How often an `exec`'d image looks whether its recording is over.
+const RECORDING_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Selects, writes the function list, starts the tracer, writes the summary and publishes
 /// the ring file. The first image (and an attach session) refuses `-M` patterns that name

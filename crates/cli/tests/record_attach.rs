@@ -119,9 +119,15 @@ type Calls = Vec<(String, usize)>;
 /// attach, and the others.
 fn recorded_entries(dir: &Path, tid: &str) -> (Calls, Calls) {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str(), "--tid".as_ref(), tid.as_ref()]);
+    thread_entries(&replay, tid)
+}
+
+/// [`recorded_entries`] of thread `tid`, from a whole trace's `replay`.
+fn thread_entries(replay: &str, tid: &str) -> (Calls, Calls) {
     let (before, after): (Vec<_>, Vec<_>) = replay
         .lines()
-        .filter_map(|line| line.split_once("] | ").map(|(_, call)| call))
+        .filter_map(|line| line.split_once("] | "))
+        .filter_map(|(head, call)| (head.rsplit_once('[')?.1.trim() == tid).then_some(call))
         .filter_map(|call| {
             let name = call.trim_start();
             let depth = (call.len() - name.len()) / 2;
@@ -407,8 +413,9 @@ fn processes_that_cannot_be_recorded_are_refused_with_the_reason() {
 fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
+        // -g: `record -a` reads mix's parameters from its DWARF.
         let worker =
-            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-fno-inline", "-no-pie", "-ldl"]));
+            common::build_c("worker.c", "record-attach-worker", &os(&["-O1", "-g", "-fno-inline", "-no-pie", "-ldl"]));
         let plugin = common::build_c("plugin.c", "libplugin-record-attach.so", &os(&["-shared", "-fPIC"]));
         (worker, plugin)
     })
@@ -507,26 +514,37 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     run.quit();
 }
 
-#[test]
-fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not() {
-    let mut worker = start_worker("exec");
-    let untraced = worker.round();
-    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
-    let dir = trace_dir("exec");
-    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+/// Records the worker with these options while it `exec`s itself and makes a round of
+/// calls in the new image (worker.c: `exec` runs /proc/self/exe again, whose `go` makes
+/// 4 × 300 calls of mix, recorded as an image `record` follows through its exec is), which
+/// must compute `untraced`; ends the session (dynprobe exits 0): the trace directory and
+/// dynprobe's stderr.
+fn record_through_an_exec(worker: &mut Worker, test: &str, options: &[&str], untraced: &str) -> (PathBuf, String) {
+    let dir = trace_dir(test);
+    let mut session = record(worker.pid, &dir, options);
     session.wait_for("attached to");
-    // worker.c: `exec` runs /proc/self/exe again, whose `go` makes 4 × 300 calls of mix,
-    // recorded as an image `record` follows through its exec is.
     assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
     session.wait_for("executed a new program");
     assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
+    (dir, stderr)
+}
+
+#[test]
+fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not() {
+    let mut worker = start_worker("exec");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let agent_loaded = |pid: i32| mappings(pid).iter().any(|m| m.contains("libdynprobe_agent"));
+    let (dir, stderr) = record_through_an_exec(&mut worker, "exec", &["-F", "mix"], &untraced);
     assert!(stderr.contains("recorded 2400 events (0 lost) from 4 threads of 2 processes"), "{stderr}");
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     assert_eq!(replay.matches("| mix();").count(), 1200, "{replay}");
-    // The session is over: the image recorded keeps its agent, but the next exec carries
+    // The session is over, for the image exec'd during it too: its recording ends, its
+    // sites get their bytes back (it keeps its agent, preloaded), the next exec carries
     // nothing, and neither does an exec of a process attached to once and detached.
+    wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
     assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
     assert!(!agent_loaded(worker.pid), "an exec after the session is not traced: {:#?}", mappings(worker.pid));
     record_for_with(worker.pid, &trace_dir("exec-again"), &["-F", "mix", "--duration", "0.3"]);
@@ -537,13 +555,27 @@ fn an_image_exec_d_during_the_session_is_recorded_and_one_exec_d_after_it_is_not
 }
 
 #[test]
-fn a_child_forked_during_the_session_that_execs_is_recorded_and_keeps_its_own_code() {
+fn an_image_exec_d_during_a_session_with_args_records_the_values_of_its_calls() {
+    let mut worker = start_worker("exec-args");
+    let untraced = worker.round();
+    let (dir, _) = record_through_an_exec(&mut worker, "exec-args", &["-a", "-F", "mix"], &untraced);
+    // The new image's calls carry their arguments and return values, as the first image's
+    // would: `mix(seed=3, round=12) = 4567;`.
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert_eq!(replay.matches("| mix(seed=").count(), 1200, "{}", &replay[..replay.len().min(2000)]);
+    assert_eq!(replay.matches("| mix();").count(), 0, "no call without its values");
+    worker.quit();
+}
+
+#[test]
+fn a_child_forked_during_the_session_that_execs_is_recorded_and_its_recording_ends_with_the_session() {
     // The child executes the worker again (not PIE: mapped where the worker is), whose new
     // image makes the calls, recorded as an image `record` follows through an exec.
     let run = record_a_child("forkexec", "forkexec", |_, _, _| {});
     let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
     assert!(!stderr.contains(&format!("process {child}")), "the exec'd child is not the worker's to restore: {stderr}");
-    assert_ne!(run.worker.code_in(child, "mix")[..5], untraced[..5], "the child's mix is its own agent's");
+    // Its own agent ends its recording with the session: its mix gets its bytes back.
+    wait_until(|| run.worker.code_in(child, "mix") == *untraced, "the exec'd child's mix restored after the session");
     assert_eq!(run.worker.code("mix"), *untraced, "the worker's mix has its bytes back");
     run.quit();
 }
@@ -610,4 +642,55 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
 fn process_state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+/// `targets/busy.c`, built once: four threads always inside traced calls (plain-entry
+/// sites: detours) that call a traced leaf in a tight loop.
+fn busy_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| common::build_c("busy.c", "record-attach-busy", &os(&["-O1", "-fno-inline", "-pthread"])))
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_the_tracer_s_own_code() {
+    // busy.c's threads spend most of their time in the tracer's detours and dispatcher, so
+    // the attach's stop often finds a thread there. Each session is on a fresh program: a
+    // call an earlier session diverted stays diverted (busy_thread never returns), and is
+    // not shown again.
+    let depth_of = |name: &str| ["busy_thread", "busy_outer", "busy_leaf"].iter().position(|n| *n == name);
+    for session in 0..3 {
+        let log = common::scratch().join(format!("busy-{session}-{}.log", std::process::id()));
+        let mut busy = Worker::start_with(busy_exe(), log.as_os_str(), log.clone(), &[]);
+        assert_eq!(busy.ask("threads"), "threads 4");
+        let dir = trace_dir(&format!("busy-{session}"));
+        // Rings of 4 Mi records: a thread records ~25 M a second here, and an exit lost with
+        // a full ring would nest the next calls deeper in the replay.
+        let options = ["-F", "busy_*", "--duration", "0.05", "--buffer-size", "4194304"];
+        let stderr = record_for_with(busy.pid, &dir, &options);
+        assert!(!stderr.contains("could not be unwound"), "session {session}: {stderr}");
+        assert!(stderr.contains("(0 lost)"), "session {session}: {stderr}");
+        let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+        assert_eq!(exit_without_entry(&replay), None, "session {session}: every exit has its entry");
+        // Every thread is inside busy_thread, and inside busy_outer whenever it is inside
+        // busy_leaf (its log says which threads): the calls entered before the attach are
+        // the outermost of those, from depth 0, and every call recorded after them sits at
+        // its own depth.
+        for line in busy.logged() {
+            let tid = &line[0];
+            let (before, after) = thread_entries(&replay, tid);
+            assert!(
+                before.first().is_some_and(|(name, depth)| name == "busy_thread" && *depth == 0),
+                "session {session}: thread {tid}'s calls in flight at the attach: {before:?}, then {:?}",
+                &after[..after.len().min(3)]
+            );
+            for (k, (name, depth)) in before.iter().enumerate() {
+                assert_eq!((depth_of(name), *depth), (Some(k), k), "session {session}: thread {tid}: {before:?}");
+            }
+            assert!(after.len() > 100, "session {session}: thread {tid}: {} calls recorded", after.len());
+            let wrong = after.iter().find(|(name, depth)| depth_of(name) != Some(*depth));
+            assert_eq!(wrong, None, "session {session}: thread {tid}, after {before:?} entered before the attach");
+        }
+        busy.quit();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

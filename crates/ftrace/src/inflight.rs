@@ -31,12 +31,25 @@
 //! The unwinding follows the CFA and register rules of the System V x86-64 ABI (`.eh_frame`
 //! as in the Linux Standard Base Core specification, "Exception Frames"); a frame whose rule
 //! is a DWARF expression (the C library's signal trampoline) or whose code has no FDE (a
-//! JIT, dynprobe's own trampolines) ends the walk: the frames found until then are adopted,
-//! those beyond are not (their returns go unrecorded, as before the attach).
+//! JIT) ends the walk: the frames found until then are adopted, those beyond are not (their
+//! returns go unrecorded, as before the attach).
+//!
+//! A thread is often stopped inside dynprobe's own hook code: a plain-entry site's detour
+//! buffer, which has no call-frame information, or the dispatcher and handlers it calls
+//! (the agent's own code, whose frames gimli unwinds back into the detour). The walk steps
+//! through the detour by its known layout: `dynprobe_arch`'s `hook_frame` finds, from the
+//! detour's code, where the `rsp` the thread entered it with is at the instruction it is at
+//! (or returns to), and the frame continues as the probed function's first instruction with
+//! that `rsp`; a thread in the relocated copy of the covered instructions continues as the
+//! probed instruction the copy stands for. Stopped before the dispatcher was called, the
+//! thread has not entered the function yet (it does, recorded, once it runs again); inside
+//! or after it, the function is in flight and adopted. Still not stepped through: the
+//! compiler sites' entry caller and the return trampoline's sled (a return in progress).
 
 use crate::graph;
+use dynprobe_arch::native::hook_frame::EntryRsp;
 use dynprobe_events::record::{Kind, Record};
-use dynprobe_probe::InFlightCall;
+use dynprobe_probe::{DetourSpan, InFlightCall};
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, ParsedEhFrameHdr, Register, RegisterRule,
     UnwindContext, UnwindSection, X86_64,
@@ -45,6 +58,12 @@ use std::time::Duration;
 
 type Slice = EndianSlice<'static, LittleEndian>;
 
+/// The most bytes of a detour's code before its copy (see `dynprobe_arch`'s `detour`
+/// module: about 1 KiB with the AVX-512 save).
+const DETOUR_MAX: usize = 4096;
+/// The DWARF register number (System V x86-64 ABI, figure 3.36) of each general register by
+/// its number in the instruction encoding (rax rcx rdx rbx rsp rbp rsi rdi r8 … r15).
+const DWARF_OF_GPR: [usize; 16] = [0, 2, 1, 3, 7, 6, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15];
 /// The most frames one thread's walk follows (deeper stacks end the walk).
 const MAX_FRAMES: usize = 4096;
 /// How long the stop of the other threads may take.
@@ -66,6 +85,9 @@ pub struct InFlight {
     /// Threads left running because they block the stop signal: their calls in flight are
     /// not shown.
     pub left: usize,
+    /// Threads stopped inside dynprobe's own hook code (a detour buffer, or the handlers it
+    /// calls), whose walk stepped through it into the program's frames.
+    pub in_hooks: usize,
 }
 
 /// A loaded module's call-frame information.
@@ -88,6 +110,22 @@ pub(crate) struct Walker {
     maps: Vec<u8>,
     /// One thread's calls, innermost first, then reversed.
     calls: Vec<InFlightCall>,
+    /// The optimized probes' detour buffers (the plain-entry sites' hook code), by address.
+    detours: Vec<DetourSpan>,
+    /// Room for one detour's code, read during the stop.
+    code: Vec<u8>,
+}
+
+/// Where a walk is: the registers of a frame, and how its `pc` is to be read.
+struct Frame {
+    regs: [Option<u64>; 17],
+    pc: u64,
+    /// `pc` is where the thread is (the first frame, or a frame dynprobe's hook code stood
+    /// for), not a return address (which is looked up one byte back, in its call).
+    exact: bool,
+    /// The thread has been through the entry site of the function `pc` is in (its hook
+    /// code called the dispatcher, or was calling it): it is inside that call.
+    entered: bool,
 }
 
 impl Walker {
@@ -100,6 +138,8 @@ impl Walker {
             context: Box::new(UnwindContext::new()),
             maps: Vec::with_capacity(MAPS_BUFFER),
             calls: Vec::with_capacity(MAX_FRAMES),
+            detours: dynprobe_probe::detours(),
+            code: Vec::with_capacity(DETOUR_MAX),
         }
     }
 
@@ -127,9 +167,9 @@ impl Walker {
                 continue;
             };
             self.calls.clear();
-            if !self.walk(regs, sp, stack_end) {
-                found.unreadable += 1;
-            }
+            let (whole, in_hooks) = self.walk(regs, sp, stack_end);
+            found.unreadable += usize::from(!whole);
+            found.in_hooks += usize::from(in_hooks);
             self.calls.reverse();
             for call in self.calls.iter_mut() {
                 call.func |= out.tag;
@@ -151,97 +191,170 @@ impl Walker {
     }
 
     /// Walks one thread's stack from its interrupted registers, collecting the frames of
-    /// traced functions into `self.calls`, innermost first. False when the walk ended
-    /// somewhere other than the outermost frame (or the first frame of an unknown code).
-    fn walk(&mut self, mut regs: [Option<u64>; 17], sp: u64, stack_end: u64) -> bool {
-        let Walker { modules, functions, context, calls, .. } = self;
-        let Some(mut pc) = regs[X86_64::RA.0 as usize] else { return false };
-        for frame in 0..MAX_FRAMES {
-            // A return address is the instruction after a call: its call-frame row is the
-            // call's (the call may be the function's last instruction).
-            let lookup = if frame == 0 { pc } else { pc.wrapping_sub(1) };
-            let Some(module) = modules.iter().find(|m| m.code.iter().any(|&(lo, hi)| lo <= lookup && lookup < hi))
-            else {
-                return false;
-            };
-            let Some(table) = module.hdr.table() else { return false };
-            let Ok(fde) = table.fde_for_address(&module.eh_frame, &module.bases, lookup, EhFrame::cie_from_offset)
-            else {
-                return false;
-            };
-            let Ok(row) = fde.unwind_info_for_address(&module.eh_frame, &module.bases, context, lookup) else {
-                return false;
-            };
-            let cfa = match *row.cfa() {
-                CfaRule::RegisterAndOffset { register, offset } => {
-                    match regs.get(register.0 as usize).copied().flatten() {
-                        Some(value) => value.wrapping_add_signed(offset),
-                        None => return false,
-                    }
-                }
-                CfaRule::Expression(_) => return false,
-            };
-            if cfa <= sp || cfa > stack_end {
-                return false;
+    /// traced functions into `self.calls`, innermost first. The first value is false when
+    /// the walk ended somewhere other than the outermost frame (or the first frame of an
+    /// unknown code); the second says whether it went through dynprobe's hook code.
+    fn walk(&mut self, regs: [Option<u64>; 17], sp: u64, stack_end: u64) -> (bool, bool) {
+        let mut in_hooks = false;
+        let Some(pc) = regs[X86_64::RA.0 as usize] else { return (false, false) };
+        let mut at = Frame { regs, pc, exact: true, entered: false };
+        for _ in 0..MAX_FRAMES {
+            if let Some(step) = self.step_through_hook(&at, sp, stack_end) {
+                let Some(program) = step else { return (false, true) };
+                at = program;
+                in_hooks = true;
             }
-            let read = |rule: RegisterRule<usize>| -> Option<Option<u64>> {
-                match rule {
-                    RegisterRule::Offset(n) => {
-                        let at = cfa.wrapping_add_signed(n);
-                        if at < sp || at + 8 > stack_end {
-                            return None;
-                        }
-                        let mut word = [0u8; 8];
-                        dynprobe_text::raw::read(at, &mut word).then(|| Some(u64::from_le_bytes(word)))
-                    }
-                    RegisterRule::ValOffset(n) => Some(Some(cfa.wrapping_add_signed(n))),
-                    _ => None,
-                }
-            };
-            let (ret_at, ret) = match row.register(X86_64::RA) {
-                Some(RegisterRule::Undefined) => (0, None),
-                Some(rule @ RegisterRule::Offset(n)) => match read(rule) {
-                    Some(ret) => (cfa.wrapping_add_signed(n), ret),
-                    None => return false,
-                },
-                _ => return false,
-            };
-            let start = fde.initial_address();
-            // A thread stopped on the first bytes of a traced function has not been through
-            // its site yet: it enters it, recorded, when it runs again.
-            let entered = frame > 0 || pc >= start + 5;
-            let traced = functions.binary_search_by_key(&start, |&(addr, _)| addr).ok();
-            match (traced, ret) {
-                // Adopted only when it returns into known code: a return address already
-                // replaced (by an earlier session, still in flight) ends the walk below.
-                (Some(i), Some(ret)) if entered && in_code(modules, ret) && calls.len() < calls.capacity() => {
-                    calls.push(InFlightCall { slot_addr: ret_at, ret, func: functions[i].1 })
-                }
-                _ => {}
+            match self.unwind(&mut at, sp, stack_end) {
+                Some(true) => {}
+                Some(false) => return (true, in_hooks),
+                None => return (false, in_hooks),
             }
-            let Some(ret) = ret else { return true };
-            if dynprobe_probe::is_return_trampoline(ret) {
-                // A call tracked already (by an earlier session, still in flight): the calls
-                // below it are not taken up (see `graph_adopt`), and the walk ends well.
-                return true;
-            }
-            // The caller's callee-saved registers; the others are unknown there.
-            let mut caller = [None; 17];
-            for reg in [X86_64::RBX, X86_64::RBP, X86_64::R12, X86_64::R13, X86_64::R14, X86_64::R15] {
-                let r = reg.0 as usize;
-                caller[r] = match row.register(reg) {
-                    None | Some(RegisterRule::SameValue) => regs[r],
-                    Some(rule) => read(rule).flatten(),
-                };
-            }
-            caller[X86_64::RSP.0 as usize] = Some(cfa);
-            regs = caller;
-            if ret == 0 {
-                return true;
-            }
-            pc = ret;
         }
-        false
+        (false, in_hooks)
+    }
+
+    /// When `at` is in a detour buffer (or returns into one, from the handlers it called):
+    /// the frame of the probed function it stands for — its first instruction, with the
+    /// `rsp` the thread entered the detour with, or the probed instruction a relocated
+    /// copy stands for — or `Some(None)` when it cannot be told. The detour changes no
+    /// callee-saved register (checked from its code), and the unwinding of the handlers
+    /// put theirs back, so the registers the walk holds are the program's.
+    fn step_through_hook(&mut self, at: &Frame, sp: u64, stack_end: u64) -> Option<Option<Frame>> {
+        let lookup = if at.exact { at.pc } else { at.pc.wrapping_sub(1) };
+        let i = self.detours.partition_point(|d| d.start <= lookup).checked_sub(1)?;
+        let d = &self.detours[i];
+        if lookup >= d.end {
+            return None;
+        }
+        let rsp = at.regs[X86_64::RSP.0 as usize];
+        let mut program = Frame { regs: at.regs, pc: d.probe_ip, exact: true, entered: true };
+        if at.pc >= d.copy {
+            // The relocated copy runs on the program's stack with its registers: the probed
+            // instruction it stands for has the same call-frame row (a return address into
+            // the copy is the instruction after a relocated call, or the jump back).
+            let offset = (at.pc - d.start) as u32;
+            program.pc = match d.copy_map.iter().find(|&&(_, new)| new == offset) {
+                Some(&(old, _)) => d.probe_ip + u64::from(old),
+                None if d.copy_map.iter().all(|&(_, new)| new < offset) => d.probe_ip + u64::from(d.covered),
+                None => return Some(None),
+            };
+            program.exact = at.exact || program.pc == d.probe_ip + u64::from(d.covered);
+            return Some(Some(program));
+        }
+        if lookup < d.entry {
+            return Some(None);
+        }
+        self.code.clear();
+        let len = ((d.copy - d.entry) as usize).min(self.code.capacity());
+        self.code.resize(len, 0);
+        if !dynprobe_text::raw::read(d.entry, &mut self.code) {
+            return Some(None);
+        }
+        let Some(position) = dynprobe_arch::native::hook_frame::entry_rsp(&self.code, d.entry, at.pc) else {
+            return Some(None);
+        };
+        let word = |addr: u64| {
+            let mut word = [0u8; 8];
+            (addr >= sp && addr + 8 <= stack_end && dynprobe_text::raw::read(addr, &mut word))
+                .then(|| u64::from_le_bytes(word))
+        };
+        let entry_rsp = match position.rsp {
+            EntryRsp::Rsp(k) => rsp.map(|rsp| rsp.wrapping_add_signed(k)),
+            EntryRsp::Register { reg, offset } => {
+                DWARF_OF_GPR.get(reg as usize).and_then(|&r| at.regs[r]).map(|v| v.wrapping_add_signed(offset))
+            }
+            EntryRsp::Word { at: slot, offset } => {
+                rsp.and_then(|rsp| word(rsp.wrapping_add_signed(slot))).map(|v| v.wrapping_add_signed(offset))
+            }
+        };
+        let Some(entry_rsp) = entry_rsp else { return Some(None) };
+        program.regs[X86_64::RSP.0 as usize] = Some(entry_rsp);
+        // Stopped before the dispatcher was called, the thread enters the function through
+        // it once it runs again (recorded then); inside the dispatcher or after it, the call
+        // is under way (a dispatcher that ran while the recording was held entered nothing).
+        program.entered = position.called || !at.exact;
+        Some(Some(program))
+    }
+
+    /// Unwinds one frame: `Some(true)` when `at` is now its caller's frame, `Some(false)`
+    /// when the walk ended well (the outermost frame, or a call tracked already), `None`
+    /// when it cannot go on.
+    fn unwind(&mut self, at: &mut Frame, sp: u64, stack_end: u64) -> Option<bool> {
+        let Walker { modules, functions, context, calls, .. } = self;
+        let (regs, pc) = (at.regs, at.pc);
+        // A return address is the instruction after a call: its call-frame row is the
+        // call's (the call may be the function's last instruction).
+        let lookup = if at.exact { pc } else { pc.wrapping_sub(1) };
+        let module = modules.iter().find(|m| m.code.iter().any(|&(lo, hi)| lo <= lookup && lookup < hi))?;
+        let table = module.hdr.table()?;
+        let fde = table.fde_for_address(&module.eh_frame, &module.bases, lookup, EhFrame::cie_from_offset).ok()?;
+        let row = fde.unwind_info_for_address(&module.eh_frame, &module.bases, context, lookup).ok()?;
+        let cfa = match *row.cfa() {
+            CfaRule::RegisterAndOffset { register, offset } => match regs.get(register.0 as usize).copied().flatten() {
+                Some(value) => value.wrapping_add_signed(offset),
+                None => return None,
+            },
+            CfaRule::Expression(_) => return None,
+        };
+        if cfa <= sp || cfa > stack_end {
+            return None;
+        }
+        let read = |rule: RegisterRule<usize>| -> Option<Option<u64>> {
+            match rule {
+                RegisterRule::Offset(n) => {
+                    let at = cfa.wrapping_add_signed(n);
+                    if at < sp || at + 8 > stack_end {
+                        return None;
+                    }
+                    let mut word = [0u8; 8];
+                    dynprobe_text::raw::read(at, &mut word).then(|| Some(u64::from_le_bytes(word)))
+                }
+                RegisterRule::ValOffset(n) => Some(Some(cfa.wrapping_add_signed(n))),
+                _ => None,
+            }
+        };
+        let (ret_at, ret) = match row.register(X86_64::RA) {
+            Some(RegisterRule::Undefined) => (0, None),
+            Some(rule @ RegisterRule::Offset(n)) => match read(rule) {
+                Some(ret) => (cfa.wrapping_add_signed(n), ret),
+                None => return None,
+            },
+            _ => return None,
+        };
+        let start = fde.initial_address();
+        // A thread stopped on the first bytes of a traced function has not been through
+        // its site yet: it enters it, recorded, when it runs again.
+        let entered = !at.exact || at.entered || pc >= start + 5;
+        let traced = functions.binary_search_by_key(&start, |&(addr, _)| addr).ok();
+        match (traced, ret) {
+            // Adopted only when it returns into known code: a return address already
+            // replaced (by an earlier session, still in flight) ends the walk below.
+            (Some(i), Some(ret)) if entered && in_code(modules, ret) && calls.len() < calls.capacity() => {
+                calls.push(InFlightCall { slot_addr: ret_at, ret, func: functions[i].1 })
+            }
+            _ => {}
+        }
+        let Some(ret) = ret else { return Some(false) };
+        if dynprobe_probe::is_return_trampoline(ret) {
+            // A call tracked already (by an earlier session, still in flight): the calls
+            // below it are not taken up (see `graph_adopt`), and the walk ends well.
+            return Some(false);
+        }
+        // The caller's callee-saved registers; the others are unknown there.
+        let mut caller = [None; 17];
+        for reg in [X86_64::RBX, X86_64::RBP, X86_64::R12, X86_64::R13, X86_64::R14, X86_64::R15] {
+            let r = reg.0 as usize;
+            caller[r] = match row.register(reg) {
+                None | Some(RegisterRule::SameValue) => regs[r],
+                Some(rule) => read(rule).flatten(),
+            };
+        }
+        caller[X86_64::RSP.0 as usize] = Some(cfa);
+        if ret == 0 {
+            return Some(false);
+        }
+        *at = Frame { regs: caller, pc: ret, exact: false, entered: false };
+        Some(true)
     }
 }
 

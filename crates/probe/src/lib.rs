@@ -52,7 +52,7 @@ pub use probe::{Probe, ProbeHandle, ProbeInfo, ProbeStats};
 #[doc(hidden)]
 pub use registry::BLACKLISTED_CODE;
 pub use registry::{
-    adopt_symbols, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
+    adopt_symbols, detours, list, optimization_enabled, prepare_optimization, release_caches, set_optimization,
     wait_for_optimizer,
 };
 pub use retprobe::{
@@ -62,6 +62,26 @@ pub use retprobe::{
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};
+
+/// An optimized probe's detour buffer (see `dynprobe_arch`'s `detour` module): the code a
+/// thread runs between the probe point's jump and its return into the probed function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetourSpan {
+    /// Its first byte (the slow path's `int3`s).
+    pub start: u64,
+    /// Where the probe point's jump enters it, with the program's `rsp`.
+    pub entry: u64,
+    /// The relocated copy of the covered instructions.
+    pub copy: u64,
+    /// The end of its code (after the jump back).
+    pub end: u64,
+    /// The probe point.
+    pub probe_ip: u64,
+    /// Bytes of the probed code the copy stands for, from the probe point.
+    pub covered: u32,
+    /// (offset in the covered run, offset in the detour) of each covered instruction.
+    pub copy_map: Vec<(u32, u32)>,
+}
 
 /// Raw system calls for handlers and event writers: they reach the kernel without going
 /// through the C library, whose functions the program may have probed (`p:libc:write`), so

@@ -181,6 +181,21 @@ fn lock() -> Result<MutexGuard<'static, Registry>, ProbeError> {
     Ok(REGISTRY.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// The detour buffers of the optimized probes now placed, sorted by address: for an
+/// unwinder that meets a thread stopped in one (`dynprobe record -p` at the attach). Takes
+/// the registry's lock (not from inside a handler: empty then).
+pub fn detours() -> Vec<crate::DetourSpan> {
+    let Ok(registry) = lock() else { return Vec::new() };
+    let mut spans: Vec<crate::DetourSpan> = registry
+        .sites
+        .values()
+        .filter(|site| site.optimized.load(Ordering::Acquire))
+        .filter_map(|site| site.detour().map(|d| d.span()))
+        .collect();
+    spans.sort_unstable_by_key(|span| span.start);
+    spans
+}
+
 /// Drops what the registry keeps for placing probes — the process's symbol table, each
 /// module's branch targets: megabytes for the C library — when no probe is left, and the
 /// backtrace filter of return probes when no call can still return through their

@@ -9,6 +9,7 @@
 //! * [`detour`]: the detour buffer a jump-optimized probe jumps to.
 //! * [`trampoline`]: the code a return probe's trampoline runs.
 //! * [`ftrace`]: the code a traced function's entry site calls.
+//! * [`hook_frame`]: where the program's stack pointer is while a thread runs that code.
 //! * [`trap_fallback`]: the `SIGTRAP` handler a ptrace tracer leaves in its target, which
 //!   restores the original bytes if the tracer dies.
 //! * [`return_stub`]: where a function a ptrace tracer calls in another process returns to,
@@ -21,6 +22,7 @@ pub mod decode;
 pub mod detour;
 pub mod encode;
 pub mod ftrace;
+pub mod hook_frame;
 pub mod jump_table;
 pub mod optimize;
 pub mod relocate;

@@ -255,9 +255,14 @@ pub struct Adopted {
 /// when it runs again: the calls it then makes go above them, in the order their frames
 /// lie on its stack.
 ///
-/// `None` when the thread is not to be touched: dynprobe's own, running a probe handler
-/// or the return path (its instance stack is being changed), or without a thread slot.
-/// Allocates nothing and takes no lock, for callers that hold the other threads stopped.
+/// `None` when the thread is not to be touched: dynprobe's own, in the return path or
+/// another handler of no site (its instance stack may be being changed), or without a
+/// thread slot. A thread stopped inside a probe site's handlers is taken up: the caller
+/// makes sure no handler placed then changes an instance stack (the function-graph
+/// tracer's entry handlers change nothing until its recording is published, and a call
+/// they enter after that finds its return address diverted already and is not entered
+/// twice). Allocates nothing and takes no lock, for callers that hold the other threads
+/// stopped.
 ///
 /// # Safety
 ///
@@ -269,7 +274,8 @@ pub unsafe fn graph_adopt(tp: u64, tid: i32, sp: u64, calls: &[InFlightCall], ma
         return None;
     }
     let (slot, thread) = ThreadSlot::of_stopped_thread(tp as usize, tid)?;
-    if thread.active.load(Ordering::Acquire) != 0 || thread.untraced.load(Ordering::Relaxed) {
+    if thread.active.load(Ordering::Acquire) == crate::thread_slot::ANY_SITE || thread.untraced.load(Ordering::Relaxed)
+    {
         return None;
     }
     let stack = stack(slot);

@@ -136,6 +136,21 @@ impl SiteDetour {
     fn trap_addr(&self) -> u64 {
         self.slot.addr + TRAP_OFFSET as u64
     }
+
+    /// Where this detour's code lies and how it maps back to the probed code, for an
+    /// unwinder that meets a thread in it.
+    pub(crate) fn span(&self) -> crate::DetourSpan {
+        let start = self.slot.addr;
+        crate::DetourSpan {
+            start,
+            entry: start + dynprobe_arch::native::detour::ENTRY_OFFSET as u64,
+            copy: self.copy_ip(),
+            end: start + self.slot.size as u64,
+            probe_ip: self.run.addr,
+            covered: self.run.len as u32,
+            copy_map: self.code.copy_map.clone(),
+        }
+    }
 }
 
 /// The vector registers a detour (and the return probes' trampoline) saves around a
