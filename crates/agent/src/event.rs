@@ -11,6 +11,8 @@ use dynprobe::{monotonic_ns, InstanceData, Regs};
 pub struct Event {
     format: EventFormat,
     channel: Channel,
+    /// A fetch reads a vector register: the probe saves them at each hit (`hit_xmm`).
+    reads_vectors: bool,
 }
 
 /// A return probe's data area: the entry time, then the `$argN` values fetched at the entry.
@@ -20,7 +22,17 @@ const ENTRY_VALUES_AT: usize = 1;
 impl Event {
     /// The event of `spec` (its `@SYMBOL`s resolved), sent to `channel`.
     pub fn new(spec: &ProbeSpec, channel: Channel) -> Result<Event, String> {
-        Ok(Event { format: EventFormat::new(spec)?, channel })
+        Ok(Event { format: EventFormat::new(spec)?, channel, reads_vectors: spec.reads_vectors() })
+    }
+
+    /// Whether a fetch reads a vector register (see [`dynprobe::Probe::reads_vectors`]).
+    pub fn reads_vectors(&self) -> bool {
+        self.reads_vectors
+    }
+
+    /// The hit's vector registers, when a fetch reads them.
+    fn xmm(&self) -> Option<[u64; 16]> {
+        self.reads_vectors.then(dynprobe::hit_xmm).flatten()
     }
 
     /// An entry probe's pre-handler: formats `<mono_ns> <tid> <event> name=value...` and
@@ -29,7 +41,9 @@ impl Event {
     pub fn hit(&self, regs: &Regs) {
         let mut line = Line::new();
         // The clock the CLI reads at start, so it can print times relative to it.
-        self.format.write(&mut line, monotonic_ns(), &HitContext::entry(regs, &SelfMemory, gettid()));
+        let xmm = self.xmm();
+        let ctx = HitContext { xmm: xmm.as_ref(), ..HitContext::entry(regs, &SelfMemory, gettid()) };
+        self.format.write(&mut line, monotonic_ns(), &ctx);
         self.channel.send(line.finish());
     }
 
@@ -52,7 +66,9 @@ impl Event {
 
     fn format_return(&self, line: &mut Line, now: u64, tid: u64, regs: &Regs, data: &InstanceData) {
         let entry = &data[ENTRY_VALUES_AT..ENTRY_VALUES_AT + self.format.entry_count()];
+        let xmm = self.xmm();
         let ctx = HitContext {
+            xmm: xmm.as_ref(),
             regs,
             target: &SelfMemory,
             tid,

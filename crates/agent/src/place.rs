@@ -102,17 +102,29 @@ pub fn place(spec: &ProbeSpec, channel: Channel) -> Result<Placed, String> {
     let event = Arc::new(Event::new(&spec, channel)?);
     let placed = match spec.kind {
         ProbeKind::Entry | ProbeKind::Marker => {
-            Probe::at(location).on_hit(move |regs| event.hit(regs)).disabled().register().map(Placed::Entry)
+            let vectors = event.reads_vectors();
+            let probe = Probe::at(location).on_hit(move |regs| event.hit(regs)).disabled();
+            match vectors {
+                true => probe.reads_vectors(),
+                false => probe,
+            }
+            .register()
+            .map(Placed::Entry)
         }
         ProbeKind::Return => {
             let at_entry = event.clone();
-            ReturnProbe::at(location)
+            let vectors = event.reads_vectors();
+            let probe = ReturnProbe::at(location)
                 .maxactive(spec.maxactive.unwrap_or(DEFAULT_MAXACTIVE))
                 .on_entry(move |regs, data| at_entry.enter(regs, data))
                 .on_return(move |regs, data| event.returned(regs, data))
-                .disabled()
-                .register()
-                .map(Placed::Return)
+                .disabled();
+            match vectors {
+                true => probe.reads_vectors(),
+                false => probe,
+            }
+            .register()
+            .map(Placed::Return)
         }
     };
     placed.map_err(|e| e.to_string())

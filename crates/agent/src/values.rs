@@ -43,11 +43,6 @@ enum Source {
 struct Function {
     /// Its description's key in the `args` file.
     key: u64,
-    /// Whether its vector registers can be read at its entry: at a compiler site the
-    /// tracer's caller reaches the dispatcher without touching them, but a plain entry's
-    /// probe runs the probe layer's dispatcher first, which may have (its floating-point
-    /// arguments are recorded as unavailable, shown `(unknown)`).
-    vectors: bool,
     args: Vec<Source>,
     retval: Option<Source>,
 }
@@ -104,8 +99,7 @@ impl Values {
             if f.module != main_module {
                 continue;
             }
-            if let Some(mut values) = described.remove(&f.addr.wrapping_sub(bias)) {
-                values.vectors = f.method != dynprobe_ftrace::SiteMethod::Entry;
+            if let Some(values) = described.remove(&f.addr.wrapping_sub(bias)) {
                 if let Some(slot) = by_id.get_mut(f.id as usize) {
                     *slot = Some(values);
                 }
@@ -173,11 +167,11 @@ fn add(source: &Source, ctx: &HitContext, vector: Option<&[u64; 8]>, out: &mut M
 }
 
 impl CallValues for Values {
-    fn entry(&self, id: u32, regs: &Regs, vector: &[u64; 8], out: &mut MarkerRecords) {
+    fn entry(&self, id: u32, regs: &Regs, vector: Option<&[u64; 8]>, out: &mut MarkerRecords) {
         let Some(f) = self.function(id) else { return };
         let ctx = HitContext::entry(regs, &SelfMemory, 0);
         for source in &f.args {
-            add(source, &ctx, f.vectors.then_some(vector), out);
+            add(source, &ctx, vector, out);
         }
     }
 
@@ -223,7 +217,7 @@ mod tests {
         let line = b"alpha,12\0";
         let regs = Regs { rdi: line.as_ptr() as u64, rsi: 8, ..Regs::default() };
         let mut out = MarkerRecords::new();
-        values.entry(0, &regs, &[0, 2.5f64.to_bits(), 0, 0, 0, 0, 0, 0], &mut out);
+        values.entry(0, &regs, Some(&[0, 2.5f64.to_bits(), 0, 0, 0, 0, 0, 0]), &mut out);
         assert_eq!(values.list(), "0\t1000\n");
         let got = values_of(out.finish_as(Kind::Entry, 1, 0, 0));
         let want = [
@@ -238,21 +232,28 @@ mod tests {
         assert_eq!(values_of(out.finish_as(Kind::Exit, 2, 0, 0)), [MarkerValue::Unsigned(12)]);
         // Not described (a library's function, an id beyond): no values, one record.
         let mut out = MarkerRecords::new();
-        values.entry(1, &regs, &[0; 8], &mut out);
+        values.entry(1, &regs, Some(&[0; 8]), &mut out);
         values.exit(7, 1, 0, &mut out);
         assert_eq!(out.finish_as(Kind::Entry, 1, 0, 1).len(), 1);
     }
 
     #[test]
-    fn at_a_plain_entry_a_vector_argument_is_unavailable() {
+    fn without_the_vector_registers_a_vector_argument_is_unavailable() {
         let text = "f\t1000\tmix\na\tx\tf64\txmm0\na\tk\ts32\t%rdi:s32\nr\tf64\txmm0\n";
         let plain = TracedFunction { method: SiteMethod::Entry, ..function(0, 0x1000, "prog") };
         let values = Values::new(text, &[plain], &module("prog", 0)).unwrap();
         let mut out = MarkerRecords::new();
-        values.entry(0, &Regs { rdi: 3, ..Regs::default() }, &[1.5f64.to_bits(); 8], &mut out);
+        values.entry(0, &Regs { rdi: 3, ..Regs::default() }, None, &mut out);
         assert_eq!(
             values_of(out.finish_as(Kind::Entry, 1, 0, 0)),
             [MarkerValue::Unavailable, MarkerValue::Unsigned(3)]
+        );
+        // With them (a plain entry's probe saves them), the value.
+        let mut out = MarkerRecords::new();
+        values.entry(0, &Regs { rdi: 3, ..Regs::default() }, Some(&[1.5f64.to_bits(); 8]), &mut out);
+        assert_eq!(
+            values_of(out.finish_as(Kind::Entry, 1, 0, 0)),
+            [MarkerValue::Unsigned(1.5f64.to_bits()), MarkerValue::Unsigned(3)]
         );
         // The exit's xmm0 is read on the return path, whatever the entry's site.
         let mut out = MarkerRecords::new();
@@ -273,7 +274,7 @@ mod tests {
         let text = "p\t/bin/true\nf\t1000\tparse\na\tlen\ts32\t%rsi:s32\n";
         let values = Values::new(text, &[function(0, 0x1000, "prog")], &module("prog", 0)).unwrap();
         let mut out = MarkerRecords::new();
-        values.entry(0, &Regs::default(), &[0; 8], &mut out);
+        values.entry(0, &Regs::default(), Some(&[0; 8]), &mut out);
         assert_eq!(out.finish_as(Kind::Entry, 1, 0, 0).len(), 1);
     }
 }

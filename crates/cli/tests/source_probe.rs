@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -136,6 +137,57 @@ fn bad_source_specs_are_refused_with_the_reason_and_nothing_runs() {
         "{message}"
     );
     assert!(message.ends_with("rebuild it with `-g` (or install its separate debug file)"), "{message}");
+}
+
+/// `targets/floats.c` built with `-g` and `opt`.
+fn floats_program(opt: &str) -> PathBuf {
+    build_c("floats.c", &format!("floats{opt}"), &["-g".as_ref(), opt.as_ref()])
+}
+
+/// The events `floats.c`'s output says each probe of
+/// [`float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds`] must
+/// see: its `mix …` and `round …` lines turned into what `p mix x y k`, `p:mix:3 scaled x`,
+/// `r mix` and `r halve` print.
+fn floats_events_printed(stdout: &str) -> Vec<String> {
+    let mut want = Vec::new();
+    for line in stdout.lines() {
+        let fields: HashMap<&str, &str> = line.split(' ').filter_map(|f| f.split_once('=')).collect();
+        if line.starts_with("mix ") {
+            want.push(format!("mix: x={} y={} k={}", fields["x"], fields["y"], fields["k"]));
+            want.push(format!("mix_L3: scaled={} x={}", fields["scaled"], fields["x"]));
+        } else if line.starts_with("round ") {
+            want.push(format!("mix__return: ret={}", fields["mix"]));
+            want.push(format!("halve__return: ret={}", fields["halve"]));
+        }
+    }
+    want
+}
+
+#[test]
+fn float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds() {
+    // At -O2 every value here lives in an xmm register at its probe point (x in xmm0 and y
+    // in xmm1 at the entry, `scaled` in xmm2 at the printf); at -O0 the parameters are in
+    // xmm0-1 at the entry and the locals on the stack. The return values are xmm0's.
+    let specs = ["p mix x y k", "p:mix:3 scaled x", "r mix ret=$retval", "r halve ret=$retval"];
+    for opt in ["-O0", "-O2"] {
+        let program = floats_program(opt);
+        for options in [&[][..], &["--no-optimize"]] {
+            let (out, text) = probe_to_file(&format!("floats{opt}"), options, &specs, &program, "3");
+            assert!(out.status.success(), "{opt} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let want = floats_events_printed(&String::from_utf8_lossy(&out.stdout));
+            assert_eq!(want.len(), 12, "{opt}: three rounds of four events");
+            let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
+            assert_eq!(got, want, "{opt} {options:?}");
+        }
+    }
+    // A `long double` is x87 state, not a vector register's: refused by name, not garbage.
+    for spec in ["r widen ret=$retval", "p widen v"] {
+        let out = dynprobe().arg("probe").arg(spec).arg("--").arg(floats_program("-O0")).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{spec}");
+        assert!(out.stdout.is_empty(), "the program ran");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("`long double` (16 bytes, x87 extended precision) is not supported"), "{stderr}");
+    }
 }
 
 /// `dynprobe probe ARGS -x PROGRAM`'s standard output, checking that it succeeded.

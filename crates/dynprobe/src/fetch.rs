@@ -116,12 +116,15 @@ pub struct HitContext<'a> {
     pub entry: &'a [u64],
     /// `Some` at a return probe's return: nanoseconds since the call's entry.
     pub duration_ns: Option<u64>,
+    /// The low 64 bits of xmm0–15 at the hit ([`crate::hit_xmm`] in a handler of a probe
+    /// that [reads them](crate::Probe::reads_vectors)); `None`: `%xmmN` reads as a fault.
+    pub xmm: Option<&'a [u64; 16]>,
 }
 
 impl<'a> HitContext<'a> {
     /// The context of an entry (`p`) hit, or of a return probe's entry.
     pub fn entry(regs: &'a Regs, target: &'a dyn TargetMemory, tid: u64) -> HitContext<'a> {
-        HitContext { regs, target, tid, retval: None, entry: &[], duration_ns: None }
+        HitContext { regs, target, tid, retval: None, entry: &[], duration_ns: None, xmm: None }
     }
 }
 
@@ -278,7 +281,13 @@ impl FetchProgram {
     /// The value at this hit; a string is read into `buf`.
     pub fn eval<'b>(&self, ctx: &HitContext, buf: &'b mut [u8; STRING_MAX]) -> Value<'b> {
         let mut value = match self.base {
-            Base::Reg(reg) => register(reg, ctx.regs),
+            Base::Reg(reg) => match reg.xmm() {
+                None => register(reg, ctx.regs),
+                Some(n) => match ctx.xmm {
+                    Some(xmm) => xmm[n],
+                    None => return Value::Fault,
+                },
+            },
             Base::Arg(n) => ctx.regs.arg(usize::from(n) - 1),
             Base::Entry(i) => match ctx.entry.get(usize::from(i)) {
                 Some(&v) => v,
@@ -356,7 +365,7 @@ fn read_string<'b>(target: &dyn TargetMemory, addr: u64, buf: &'b mut [u8; STRIN
     Value::Str(&buf[..])
 }
 
-/// The register's value.
+/// The general register's value (0 for a vector register, which `Regs` does not hold).
 pub fn register(reg: Reg, regs: &Regs) -> u64 {
     match reg {
         Reg::Rax => regs.rax,
@@ -377,6 +386,23 @@ pub fn register(reg: Reg, regs: &Regs) -> u64 {
         Reg::R15 => regs.r15,
         Reg::Rip => regs.ip,
         Reg::Rflags => regs.rflags,
+        // Not in `Regs`: a hit's vector registers are `HitContext::xmm`.
+        Reg::Xmm0
+        | Reg::Xmm1
+        | Reg::Xmm2
+        | Reg::Xmm3
+        | Reg::Xmm4
+        | Reg::Xmm5
+        | Reg::Xmm6
+        | Reg::Xmm7
+        | Reg::Xmm8
+        | Reg::Xmm9
+        | Reg::Xmm10
+        | Reg::Xmm11
+        | Reg::Xmm12
+        | Reg::Xmm13
+        | Reg::Xmm14
+        | Reg::Xmm15 => 0,
     }
 }
 
@@ -569,6 +595,18 @@ mod tests {
     }
 
     #[test]
+    fn vector_registers_come_from_the_hits_xmm_or_fault_without_them() {
+        let (m, regs) = (memory(), regs());
+        let xmm: [u64; 16] = std::array::from_fn(|i| 1.5f64.to_bits() + i as u64);
+        let ctx = HitContext { xmm: Some(&xmm), ..HitContext::entry(&regs, &m, 9) };
+        assert_eq!(eval("p f d=%xmm0:x64 e=%xmm15:x64", 0, &ctx), Ok(Owned::Int(1.5f64.to_bits())));
+        assert_eq!(eval("p f d=%xmm0:x64 e=%xmm15:x64", 1, &ctx), Ok(Owned::Int(1.5f64.to_bits() + 15)));
+        // No vector state at this hit: a fault, never a general register's value.
+        let ctx = HitContext::entry(&regs, &m, 9);
+        assert_eq!(eval("p f d=%xmm0:x64", 0, &ctx), Ok(Owned::Fault));
+    }
+
+    #[test]
     fn comm_is_the_thread_name() {
         let (m, regs) = (memory(), regs());
         let ctx = HitContext::entry(&regs, &m, 77);
@@ -595,6 +633,7 @@ mod tests {
             retval: Some(at_return.rax),
             entry: &kept[..2],
             duration_ns: Some(1234),
+            xmm: None,
         };
         let ints: Vec<u64> = programs
             .iter()

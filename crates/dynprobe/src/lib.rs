@@ -217,6 +217,8 @@ pub use dynprobe_probe::{
     format_list,
     // Health and the end of a session.
     handler_panics,
+    // For handlers.
+    hit_xmm,
     interrupted_system_calls,
     list,
     // For handlers.

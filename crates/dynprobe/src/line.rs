@@ -377,6 +377,7 @@ mod tests {
             retval: Some(at_return.rax),
             entry: &kept,
             duration_ns: Some(250),
+            xmm: None,
         };
         let mut line = Line::new();
         format.write(&mut line, 1000, &ctx);

@@ -322,18 +322,61 @@ pub enum Reg {
     R15,
     Rip,
     Rflags,
+    Xmm0,
+    Xmm1,
+    Xmm2,
+    Xmm3,
+    Xmm4,
+    Xmm5,
+    Xmm6,
+    Xmm7,
+    Xmm8,
+    Xmm9,
+    Xmm10,
+    Xmm11,
+    Xmm12,
+    Xmm13,
+    Xmm14,
+    Xmm15,
 }
 
 impl Reg {
+    /// The vector registers, `%xmm0`..`%xmm15`: a fetch reads the low 64 bits (a
+    /// `double`; a `float` is the low 32, `:x32`).
+    pub const XMM: [Reg; 16] = [
+        Reg::Xmm0,
+        Reg::Xmm1,
+        Reg::Xmm2,
+        Reg::Xmm3,
+        Reg::Xmm4,
+        Reg::Xmm5,
+        Reg::Xmm6,
+        Reg::Xmm7,
+        Reg::Xmm8,
+        Reg::Xmm9,
+        Reg::Xmm10,
+        Reg::Xmm11,
+        Reg::Xmm12,
+        Reg::Xmm13,
+        Reg::Xmm14,
+        Reg::Xmm15,
+    ];
+
+    /// `n` for `%xmmN`, `None` for a general register.
+    pub fn xmm(self) -> Option<usize> {
+        Reg::XMM.iter().position(|&r| r == self)
+    }
+
     /// The register of a name as `%NAME` takes it (`rdi`, or the kernel's `di`).
     pub fn from_name(name: &str) -> Option<Reg> {
         REG_NAMES.iter().find(|(n, _)| *n == name).map(|&(_, reg)| reg)
     }
 
     /// Whether a return probe's return handler knows the register: the return value's
-    /// `rax` and `rdx`, the caller's `rsp` and the return address `rip`.
+    /// `rax` and `rdx` (`xmm0` and `xmm1` for floating point), the caller's `rsp` and the
+    /// return address `rip`.
     pub fn known_at_return(self) -> bool {
-        matches!(self, Reg::Rax | Reg::Rdx | Reg::Rsp | Reg::Rip)
+        matches!(self, Reg::Rax | Reg::Rdx | Reg::Rsp | Reg::Rip | Reg::Xmm0 | Reg::Xmm1)
     }
 }
 
@@ -358,6 +401,22 @@ const REG_NAMES: &[(&str, Reg)] = &[
     ("r15", Reg::R15),
     ("rip", Reg::Rip),
     ("rflags", Reg::Rflags),
+    ("xmm0", Reg::Xmm0),
+    ("xmm1", Reg::Xmm1),
+    ("xmm2", Reg::Xmm2),
+    ("xmm3", Reg::Xmm3),
+    ("xmm4", Reg::Xmm4),
+    ("xmm5", Reg::Xmm5),
+    ("xmm6", Reg::Xmm6),
+    ("xmm7", Reg::Xmm7),
+    ("xmm8", Reg::Xmm8),
+    ("xmm9", Reg::Xmm9),
+    ("xmm10", Reg::Xmm10),
+    ("xmm11", Reg::Xmm11),
+    ("xmm12", Reg::Xmm12),
+    ("xmm13", Reg::Xmm13),
+    ("xmm14", Reg::Xmm14),
+    ("xmm15", Reg::Xmm15),
     ("ax", Reg::Rax),
     ("bx", Reg::Rbx),
     ("cx", Reg::Rcx),
@@ -572,6 +631,16 @@ impl ProbeSpec {
         let mut found = false;
         for arg in &self.args {
             arg.fetch.walk(&mut |f| found |= matches!(f, Fetch::Memory(Address::Symbol { .. })));
+        }
+        found
+    }
+
+    /// Whether some fetch reads a vector register (`%xmmN`): its probe must be built with
+    /// [`crate::Probe::reads_vectors`].
+    pub fn reads_vectors(&self) -> bool {
+        let mut found = false;
+        for arg in &self.args {
+            arg.fetch.walk(&mut |f| found |= matches!(f, Fetch::Reg(r) if r.xmm().is_some()));
         }
         found
     }
@@ -994,8 +1063,8 @@ impl<'a> Parser<'a> {
             return Err(self.error(
                 word.start,
                 format!(
-                    "`%{}` is not known at a return; a return probe has %rax, %rdx, %rsp and %rip (and $argN \
-                     from the entry)",
+                    "`%{}` is not known at a return; a return probe has %rax, %rdx, %xmm0, %xmm1, %rsp and \
+                     %rip (and $argN from the entry)",
                     word.text
                 ),
             ));
@@ -1495,7 +1564,7 @@ mod tests {
             ("p work x=$stack99999999999", "stack slot `99999999999` is too large", 11),
             (
                 "r work x=%rdi",
-                "`%rdi` is not known at a return; a return probe has %rax, %rdx, %rsp and %rip (and $argN from the entry)",
+                "`%rdi` is not known at a return; a return probe has %rax, %rdx, %xmm0, %xmm1, %rsp and %rip (and $argN from the entry)",
                 11,
             ),
             ("p work x=8(%rdi)", "a memory fetch starts with `+` or `-`, as in `+8(%rdi)`", 10),

@@ -257,18 +257,21 @@ pub(crate) extern "C" fn caller_dispatch_values(id: u64, ra_slot: u64) {
     };
     let [rdi, rsi, rdx, rcx, r8, r9] = dynprobe_arch::native::ftrace::ARGUMENTS_BELOW_SLOT.map(word);
     let regs = Regs { rdi, rsi, rdx, rcx, r8, r9, rsp: ra_slot, ..Regs::default() };
-    record_entry_values(out, entry, time, id as u32, &regs, &vector);
+    record_entry_values(out, entry, time, id as u32, &regs, Some(&vector));
 }
 
-/// [`probe_entry`] with `record -a` (see [`caller_dispatch_values`]).
+/// [`probe_entry`] with `record -a` (see [`caller_dispatch_values`]): the vector arguments
+/// as the probe's path saved them before its dispatcher ran (its probe
+/// [reads them](dynprobe_probe::Probe::reads_vectors)).
 pub(crate) fn probe_entry_values(id: u32, regs: &Regs) {
-    let vector = vector_arguments();
+    let xmm = dynprobe_probe::hit_xmm();
     let Some(out) = output() else { return };
     let entry = graph_enter_from_probe(regs, id | out.tag, out.max_depth);
-    record_entry_values(out, entry, out.clock.now(), id, regs, &vector);
+    let vector = xmm.map(|x| std::array::from_fn::<u64, 8, _>(|i| x[i]));
+    record_entry_values(out, entry, out.clock.now(), id, regs, vector.as_ref());
 }
 
-fn record_entry_values(out: &Output, entry: GraphEnter, time: u64, id: u32, regs: &Regs, vector: &[u64; 8]) {
+fn record_entry_values(out: &Output, entry: GraphEnter, time: u64, id: u32, regs: &Regs, vector: Option<&[u64; 8]>) {
     let (Some(values), GraphEnter::Entered(e)) = (&out.values, entry) else {
         return record_entry(out, entry, time, u64::from(id));
     };

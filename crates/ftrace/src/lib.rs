@@ -64,8 +64,9 @@ pub struct EventPosition {
 pub trait CallValues: Send + Sync {
     /// Adds the arguments of function `id`'s call (none when it has no description) to `out`:
     /// `regs` holds the integer argument registers and `rsp` (pointing at the return
-    /// address), `vector` the low 64 bits of xmm0–7.
-    fn entry(&self, id: u32, regs: &Regs, vector: &[u64; 8], out: &mut MarkerRecords);
+    /// address), `vector` the low 64 bits of xmm0–7 (`None` when the entry's path could not
+    /// read them: the values they hold are recorded as unavailable).
+    fn entry(&self, id: u32, regs: &Regs, vector: Option<&[u64; 8]>, out: &mut MarkerRecords);
     /// Adds the return value of function `id`'s call to `out`: `rax` and the low 64 bits of
     /// xmm0 as it returned.
     fn exit(&self, id: u32, rax: u64, xmm0: u64, out: &mut MarkerRecords);
@@ -177,7 +178,9 @@ impl Tracer {
         for f in functions.iter().filter(|f| f.method == SiteMethod::Entry) {
             let id = f.id;
             let probe = match self.values {
-                true => Probe::at(f.addr).on_hit(move |regs| graph::probe_entry_values(id, regs)),
+                // The values read xmm0-7 as the probe's path saved them (`hit_xmm`): the
+                // dispatcher runs before and may have used them itself.
+                true => Probe::at(f.addr).on_hit(move |regs| graph::probe_entry_values(id, regs)).reads_vectors(),
                 false => Probe::at(f.addr).on_hit(move |regs| graph::probe_entry(id, regs)),
             };
             match probe.disabled().register() {

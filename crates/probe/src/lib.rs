@@ -41,7 +41,7 @@ mod signals;
 mod site;
 mod thread_slot;
 
-pub use arch::{light_width, vector_width, Regs};
+pub use arch::{hit_xmm, light_width, vector_width, Regs};
 pub use error::ProbeError;
 pub use exec_env::{carry_into_exec, exec_environment_carried, stop_carrying_into_exec};
 pub use location::Location;

@@ -99,6 +99,8 @@ pub struct Probe {
     /// The code the light proof starts from: the pre-handler's, and what a return probe's
     /// entry handler runs.
     pub(crate) code_roots: Vec<u64>,
+    /// The handlers read the vector registers ([`Probe::reads_vectors`]).
+    pub(crate) reads_vectors: bool,
 }
 
 impl Probe {
@@ -114,6 +116,7 @@ impl Probe {
             internal: false,
             entry_filter: &[],
             code_roots: Vec::new(),
+            reads_vectors: false,
         }
     }
 
@@ -139,6 +142,15 @@ impl Probe {
     /// `ret` and indirect branches, whose successor is not known in advance.
     pub fn after_hit(mut self, handler: impl Fn(&mut Regs) + Send + Sync + 'static) -> Probe {
         self.post = Some(Box::new(handler));
+        self
+    }
+
+    /// The handlers read the probed thread's vector registers with [`crate::hit_xmm`]
+    /// (a `float` or `double` argument, local or value in a register): every hit saves
+    /// them, as for a heavy handler (a light detour leaves them in place, where a handler
+    /// cannot read them without vector instructions of its own).
+    pub fn reads_vectors(mut self) -> Probe {
+        self.reads_vectors = true;
         self
     }
 

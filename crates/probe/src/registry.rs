@@ -326,7 +326,11 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let target = registry.resolve(&probe.location, probe.return_probe)?;
     registry.check_blacklist(&target, probe.internal)?;
     let wants_post = probe.post.is_some();
-    let light = registry.light_verdict(&probe.code_roots);
+    let light = match probe.reads_vectors {
+        // Only the full save puts them where `hit_xmm` finds them.
+        true => Err("it reads the vector registers (Probe::reads_vectors)".to_string()),
+        false => registry.light_verdict(&probe.code_roots),
+    };
     let shared = Arc::new(probe.into_shared(target.addr, light));
 
     if wants_post {

@@ -54,6 +54,9 @@ pub(crate) struct ThreadSlot {
     /// The owner runs dynprobe's own work for now (the agent setting up on the program's
     /// main thread): probes do not see it (`own_thread::set_current_thread_hidden`).
     pub(crate) hidden: AtomicBool,
+    /// While the owner runs the handlers of a hit whose path saved the vector registers:
+    /// where (a packed `VectorSave`, read by `hit_xmm`); 0 otherwise.
+    pub(crate) vectors: AtomicUsize,
 }
 
 /// Bit `i` set once slot `i` has ever been claimed: what [`for_each_claimed_slot`] walks, so
@@ -86,6 +89,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         trap_state: TrapState::new(),
         trap_mask: AtomicUsize::new(0),
         hidden: AtomicBool::new(false),
+        vectors: AtomicUsize::new(0),
     }
 }; MAX_THREADS];
 
@@ -181,6 +185,7 @@ impl ThreadSlot {
         }
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);
+        self.vectors.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.pid.store(current_pid(), Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);

@@ -533,6 +533,8 @@ impl Tracer {
                 retval: Some(regs.rax),
                 entry,
                 duration_ns: Some(now.saturating_sub(instance.entry_ns)),
+                // The vector registers are not read from outside (`%xmmN` reads as a fault).
+                xmm: None,
             };
             self.line = Line::new();
             self.formats[p].write(&mut self.line, now, &ctx);

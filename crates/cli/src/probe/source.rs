@@ -30,7 +30,8 @@ enum Render {
     Bool,
     Char,
     Enum(Vec<(i64, String)>),
-    Float,
+    /// A `float` (32) or `double` (64) from its bits, printed in hex.
+    Float(u8),
     /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
     CutTo(String),
     /// Element `index` of a Rust `Vec`, shown only when it is below the length in the
@@ -192,11 +193,10 @@ fn render_value(render: &Render, value: &str) -> Option<String> {
                 None => n.to_string(),
             }
         }
-        Render::Float => {
-            let hex = value.strip_prefix("0x")?;
-            let bits = u64::from_str_radix(hex, 16).ok()?;
-            match hex.len() {
-                ..=8 => format!("{}", f32::from_bits(bits as u32)),
+        Render::Float(width) => {
+            let bits = u64::from_str_radix(value.strip_prefix("0x")?, 16).ok()?;
+            match width {
+                32 => format!("{}", f32::from_bits(bits as u32)),
                 _ => format!("{}", f64::from_bits(bits)),
             }
         }
@@ -255,9 +255,14 @@ pub(crate) fn lower(specs: Vec<ProbeSpec>, program: Option<&Path>) -> Result<(Ve
             // `$retval` typed when the DWARF is there; without it the spec stays as written.
             if wants_typed_retval(&spec) {
                 if let Ok(info) = debug(None) {
-                    if let Ok(lowered) = lower_one(&spec, info, &mut renderings, &mut notes) {
-                        out.extend(lowered);
-                        continue;
+                    match lower_one(&spec, info, &mut renderings, &mut notes) {
+                        Ok(lowered) => {
+                            out.extend(lowered);
+                            continue;
+                        }
+                        // `rax` would be garbage: say why instead.
+                        Err(e) if e.contains(X87_UNSUPPORTED) => return Err(format!("probe `{}`: {e}", spec.text)),
+                        Err(_) => {}
                     }
                 }
             }
@@ -519,10 +524,12 @@ fn place_fetch(place: &Place, kind: ProbeKind, site: &SourceSite) -> Result<Fetc
                 None => return Err(format!("{place} is not known at the return; a return probe has the arguments")),
             }
         }
+        // DWARF numbers 17..=32 are xmm0..xmm15 (System V x86-64 ABI, figure 3.36).
+        Place::Register(n @ 17..=32) => Fetch::Reg(Reg::XMM[usize::from(*n) - 17]),
         Place::Register(n) => {
-            let name = DWARF_REGISTER_NAMES.get(usize::from(*n)).ok_or_else(|| {
-                format!("it is in {place}; vector registers cannot be fetched (probe where it is in memory)")
-            })?;
+            let name = DWARF_REGISTER_NAMES
+                .get(usize::from(*n))
+                .ok_or_else(|| format!("it is in {place}, which cannot be fetched"))?;
             Fetch::Reg(Reg::from_name(name).ok_or_else(|| format!("register {name} cannot be fetched"))?)
         }
         Place::Memory { base, offset } => {
@@ -531,6 +538,9 @@ fn place_fetch(place: &Place, kind: ProbeKind, site: &SourceSite) -> Result<Fetc
         Place::Pieces(_) => return Err("its value is in pieces; name a member".into()),
     })
 }
+
+/// Why a `long double` cannot be shown (the end of the message that says so).
+const X87_UNSUPPORTED: &str = "x87 extended precision) is not supported; float and double are";
 
 /// The fields a value of DWARF type `ty` read by `fetch` prints as: one for a scalar, one
 /// per scalar member for a struct (`req_len`), shallowly.
@@ -558,10 +568,25 @@ fn typed(
             let negative = values.iter().any(|(v, _)| *v < 0);
             one(int(signed(negative), ty.size), Some(Render::Enum(values)))
         }
-        TypeKind::Float => match fetch {
-            Fetch::Deref { .. } => one(int(Format::Hex, ty.size), Some(Render::Float)),
-            _ => Err(format!("field `{name}`: a floating-point value in a vector register cannot be fetched")),
-        },
+        // `long double` is 80 bits in x87 format, in memory or in st0 (a return value): not
+        // a vector register's low bits.
+        TypeKind::Float if ty.size > 8 => {
+            Err(format!("field `{name}`: `{}` ({} bytes, {X87_UNSUPPORTED}", ty.name, ty.size))
+        }
+        TypeKind::Float => {
+            let float = |fetch: Fetch| {
+                let ty = int(Format::Hex, ty.size);
+                let FetchType::Int(IntType { bits, .. }) = ty else { unreachable!("int() is an integer type") };
+                Ok(vec![(name.to_string(), Ok(fetch), ty, Some(Render::Float(bits)))])
+            };
+            match fetch {
+                Fetch::Deref { .. } => float(fetch),
+                Fetch::Reg(reg) if reg.xmm().is_some() => float(fetch),
+                // The SysV ABI returns a `float` or `double` in xmm0 (its §3.2.3).
+                Fetch::Retval => float(Fetch::Reg(Reg::Xmm0)),
+                _ => Err(format!("field `{name}`: a floating-point value in a general register cannot be shown")),
+            }
+        }
         TypeKind::Pointer(target) => {
             let to_char = target.is_some_and(|t| matches!(info.type_of(t).kind, TypeKind::Char { .. }));
             match to_char && fetch_depth(&fetch) < MAX_DEREF {
@@ -844,7 +869,7 @@ fn shown_type(ty: FetchType, render: Option<&Render>) -> String {
         (FetchType::String | FetchType::UString, _) | (_, Some(Render::CutTo(_))) => "str".into(),
         (_, Some(Render::Bool)) => "bool".into(),
         (_, Some(Render::Char)) => "char".into(),
-        (FetchType::Int(int), Some(Render::Float)) => format!("f{}", int.bits),
+        (_, Some(Render::Float(bits))) => format!("f{bits}"),
         (_, Some(Render::Enum(values))) => {
             let values: Vec<String> = values.iter().map(|(v, name)| format!("{v}={name}")).collect();
             format!("enum:{}", values.join(","))

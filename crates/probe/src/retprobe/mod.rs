@@ -34,7 +34,7 @@
 //! uses), `sled` (setting up and taking away the instance table, the trampolines and the
 //! backtrace filter), and this module, the public [`ReturnProbe`] and its handlers.
 
-use crate::arch::{current_tid, rethook, thread_pointer, Regs};
+use crate::arch::{current_tid, rethook, thread_pointer, Regs, VectorSave};
 use crate::counter::PerThreadCounter;
 use crate::guard::HandlerGuard;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
@@ -197,20 +197,25 @@ pub(crate) fn call_entry_handler(
 
 /// The return path, called by the trampoline with the index of the instance whose entry the
 /// function returned into and the return registers; returns where execution continues.
+/// `vectors`: where the trampoline saved the vector registers, for the handlers
+/// (`crate::hit_xmm`).
 #[inline]
-pub(crate) fn on_return(index: usize, regs: &mut Regs) -> u64 {
-    return_path::<false>(index, regs)
+pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u64 {
+    return_path::<false>(index, regs, vectors)
 }
 
 /// [`on_return`] for the light sled: only a light probe's calls return through it (see
 /// `on_entry`), and its handler is called without `catch_unwind` (it cannot unwind).
 pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
-    return_path::<true>(index, regs)
+    return_path::<true>(index, regs, VectorSave::NONE)
 }
 
 #[inline(always)]
-fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs) -> u64 {
+fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs, vectors: VectorSave) -> u64 {
     let guard = HandlerGuard::enter();
+    if let (false, Some(guard)) = (LIGHT, &guard) {
+        guard.thread().vectors.store(vectors.word(), Ordering::Relaxed);
+    }
     // SAFETY: the trampoline entry says this thread pushed this instance.
     regs.ip = unsafe { (*instance(index)).orig };
     let rsp = regs.rsp;
@@ -221,6 +226,9 @@ fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs) -> u64 {
             run_return_handler::<LIGHT>(slot, inst, regs);
         }
     });
+    if let (false, Some(guard)) = (LIGHT, &guard) {
+        guard.thread().vectors.store(0, Ordering::Relaxed);
+    }
     regs.ip
 }
 
@@ -301,6 +309,8 @@ pub struct ReturnProbe {
     entry_code: Option<u64>,
     /// The return handler's code, for the light proof.
     ret_code: Option<u64>,
+    /// The handlers read the vector registers ([`ReturnProbe::reads_vectors`]).
+    reads_vectors: bool,
 }
 
 impl ReturnProbe {
@@ -315,6 +325,7 @@ impl ReturnProbe {
             enabled: true,
             entry_code: None,
             ret_code: None,
+            reads_vectors: false,
         }
     }
 
@@ -342,7 +353,7 @@ impl ReturnProbe {
     /// the vector state alone (see [`crate::light_verdict`]); installs that sled if so.
     fn return_path_light(&self, setup: &mut Setup) -> bool {
         let proven = |roots: &[u64]| crate::registry::prove_light(roots).is_ok();
-        let handler = self.ret_code.is_none_or(|code| proven(&[code]));
+        let handler = !self.reads_vectors && self.ret_code.is_none_or(|code| proven(&[code]));
         handler && proven(&[rethook::light_return_dispatch_code()]) && setup.install_light_return().is_ok()
     }
 
@@ -357,6 +368,14 @@ impl ReturnProbe {
     pub fn on_return(mut self, handler: impl Fn(&mut Regs, &InstanceData) + Send + Sync + 'static) -> ReturnProbe {
         self.ret_code = Some(crate::light::return_code_of(&handler));
         self.ret = Some(Box::new(handler));
+        self
+    }
+
+    /// The handlers read the probed thread's vector registers with [`crate::hit_xmm`] (at
+    /// the return, xmm0 holds a `float` or `double` return value): the calls return
+    /// through the trampoline that saves them, and the entry probe saves them too.
+    pub fn reads_vectors(mut self) -> ReturnProbe {
+        self.reads_vectors = true;
         self
     }
 
@@ -393,6 +412,7 @@ impl ReturnProbe {
         // (`point::resolve`) before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
+        probe.reads_vectors = self.reads_vectors;
         // The entry handler runs behind `call_entry_handler`: proven on its own.
         probe.code_roots.extend(self.entry_code);
         let entry = match probe.register() {

@@ -11,6 +11,7 @@
 //! moving any thread stopped inside the covered bytes (or in the breakpoint slot, which
 //! jumps back into them) to the matching place of the copy.
 
+use super::regs::VectorSave;
 use super::trap::write_code;
 use super::Regs;
 use crate::error::ProbeError;
@@ -27,6 +28,7 @@ use dynprobe_text::memory::write_verified;
 use dynprobe_text::pool::{self, ExecSlot};
 use dynprobe_text::stop::{InterruptedSet, StoppedWorld};
 use dynprobe_text::trap::{self, TrapContext};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What [`SiteDetour::open_filter`] writes over the filter's flag.
@@ -412,7 +414,14 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
         }
     };
     let rsp = regs.rsp;
+    if !LIGHT {
+        // The full path saved the vector registers below the frame (`hit_xmm`).
+        guard.thread().vectors.store(full_save(frame).word(), Ordering::Relaxed);
+    }
     let wants_post = site.run_pre_handlers::<LIGHT>(probes, regs, &guard);
+    if !LIGHT {
+        guard.thread().vectors.store(0, Ordering::Relaxed);
+    }
     if regs.ip != site.addr {
         return 1;
     }
@@ -423,6 +432,16 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
     // A new rsp needs the slow way out; so does a changed callee-saved register, which the
     // detour itself notices.
     (regs.rsp != rsp) as u32
+}
+
+/// Where the full path of a detour whose register frame is at `frame` saved the vector
+/// registers: it aligns `rsp`, the frame's address, down to 64 bytes and reserves the save
+/// area of [`vector_width`] below (`save_call_restore` in `dynprobe_arch`'s detour module,
+/// on the way in and again after a light call returned `REDO_FULL`).
+#[inline(always)]
+fn full_save(frame: *mut Regs) -> VectorSave {
+    let width = vector_width();
+    VectorSave::of_area((frame as usize & !63) - width.save_size() as usize, width)
 }
 
 /// The trap owner of a detour's slow-path `int3`: the thread's `rsp` is at its register

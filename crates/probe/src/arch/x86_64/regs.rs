@@ -1,4 +1,6 @@
-//! The register set handlers see.
+//! The register set handlers see, and the vector registers a hit saved.
+
+use dynprobe_arch::native::detour::VectorWidth;
 
 /// The general registers, flags and instruction pointer of the probed thread at the probe
 /// point. A pre-handler may change any of them; changing `ip` diverts execution there and
@@ -110,4 +112,87 @@ impl Regs {
             uc.uc_mcontext.gregs[greg as usize] = *field(&mut self) as i64;
         }
     }
+}
+
+/// Where a hit's path left the probed thread's vector registers, for [`hit_xmm`]: the
+/// address of xmm0's low bytes and the distance between two registers, packed in one word
+/// (the address is 16-byte aligned; the low bits say the distance). 0: not available.
+///
+/// - a breakpoint hit: the `fpstate` of the signal frame, `_xmm[16]` of the FXSAVE layout
+///   (16 bytes apart; `struct _libc_fpstate` in glibc's `sys/ucontext.h`, the kernel's
+///   `struct fxregs_state` in `arch/x86/include/asm/fpu/types.h`);
+/// - a detour's or the return trampoline's full save: the save area `vector_moves` lays out
+///   in `dynprobe_arch` (registers 16, 32 or 64 bytes apart by [`VectorWidth`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct VectorSave(usize);
+
+impl VectorSave {
+    /// Nothing saved (a light path).
+    pub(crate) const NONE: VectorSave = VectorSave(0);
+
+    /// The registers at `xmm0`, `stride` bytes apart (16, 32 or 64).
+    fn new(xmm0: usize, stride: usize) -> VectorSave {
+        debug_assert_eq!(xmm0 % 16, 0);
+        let code = match stride {
+            16 => 1,
+            32 => 2,
+            _ => 3,
+        };
+        VectorSave(xmm0 | code)
+    }
+
+    /// The registers a signal frame's FPU state holds; `NONE` without one.
+    pub(crate) fn of_ucontext(uc: &libc::ucontext_t) -> VectorSave {
+        let fpstate = uc.uc_mcontext.fpregs;
+        if fpstate.is_null() {
+            return VectorSave::NONE;
+        }
+        // SAFETY: only the field's address is taken: the kernel's fpstate of this frame.
+        VectorSave::new(unsafe { std::ptr::addr_of!((*fpstate)._xmm) } as usize, 16)
+    }
+
+    /// The save area of `width` whose first register is at `area`.
+    pub(crate) fn of_area(area: usize, width: VectorWidth) -> VectorSave {
+        match width {
+            VectorWidth::None => VectorSave::NONE,
+            VectorWidth::Sse => VectorSave::new(area, 16),
+            VectorWidth::Avx => VectorSave::new(area, 32),
+            VectorWidth::Avx512 { .. } => VectorSave::new(area, 64),
+        }
+    }
+
+    /// The packed word, for a thread slot.
+    pub(crate) fn word(self) -> usize {
+        self.0
+    }
+}
+
+/// The low 64 bits of xmm0–15 of the probed thread at the hit whose handler calls this (a
+/// `double` in a register is its low 64 bits, a `float` its low 32), as they were when the
+/// thread reached the probe (at a return probe's return: as the function returned, xmm0
+/// holding a floating-point return value). `None` outside a handler, and in a handler of a
+/// probe not built with [`Probe::reads_vectors`](crate::Probe::reads_vectors) (its detour
+/// may not have saved them). Allocates nothing and takes no lock.
+pub fn hit_xmm() -> Option<[u64; 16]> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let slot = crate::thread_slot::ThreadSlot::existing()?;
+    let word = slot.vectors.load(Relaxed);
+    if slot.active.load(Relaxed) == 0 {
+        return None;
+    }
+    let stride = match word & 0xf {
+        1 => 16,
+        2 => 32,
+        3 => 64,
+        _ => return None,
+    };
+    let base = word & !0xf;
+    let mut out = [0u64; 16];
+    for (i, value) in out.iter_mut().enumerate() {
+        // SAFETY: the path that runs this thread's handlers stored the word pointing at the
+        // vector state it saved on this thread's stack (or in its signal frame), live until
+        // it clears the word after the handlers return: 16 registers `stride` bytes apart.
+        *value = unsafe { ((base + i * stride) as *const u64).read() };
+    }
+    Some(out)
 }

@@ -37,6 +37,7 @@
 //! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
 //! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
 
+use super::regs::VectorSave;
 use super::Regs;
 use crate::error::ProbeError;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
@@ -366,7 +367,11 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
         rsp: caller_rsp,
         ..Regs::default()
     };
-    let ret = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs);
+    // `common` saved the vector registers just below the general ones (`build_return_common`
+    // in `dynprobe_arch`'s trampoline module), with the width the sled was built for.
+    let width = super::detour::vector_width();
+    let vectors = VectorSave::of_area(save as *mut SaveArea as usize - width.save_size() as usize, width);
+    let ret = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs, vectors);
     save.rax = regs.rax;
     save.rdx = regs.rdx;
     ret

@@ -12,6 +12,7 @@
 //! instruction ends in its own `int3`, whose trap runs the post-handlers and resumes at the
 //! original successor.
 
+use super::regs::VectorSave;
 use super::Regs;
 use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
@@ -166,7 +167,10 @@ pub(crate) fn on_site_trap(data: usize, ctx: &mut TrapContext<'_>) {
     // A signal guard's mask change must outlive this frame's sigreturn (crate::signals).
     let frame_mask = &mut uc.uc_sigmask as *mut libc::sigset_t as usize;
     guard.thread().trap_mask.store(frame_mask, Ordering::Relaxed);
+    // The signal frame holds the vector registers as the thread had them (`hit_xmm`).
+    guard.thread().vectors.store(VectorSave::of_ucontext(uc).word(), Ordering::Relaxed);
     let wants_post = site.run_pre_handlers::<false>(site.probes(), &mut regs, &guard);
+    guard.thread().vectors.store(0, Ordering::Relaxed);
     guard.thread().trap_mask.store(0, Ordering::Relaxed);
     let diverted = regs.ip != site.addr;
     if diverted {
@@ -185,7 +189,7 @@ pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let exit = unsafe { &*(data as *const PostExit) };
     // SAFETY: set before the exit was registered; same lifetime argument as above.
     let site = unsafe { &*exit.site };
-    let _guard = match HandlerGuard::enter_site(site.addr) {
+    let guard = match HandlerGuard::enter_site(site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
             site.count_missed();
@@ -196,7 +200,9 @@ pub(crate) fn on_post_trap(data: usize, ctx: &mut TrapContext<'_>) {
     let uc = ctx.ucontext();
     let mut regs = Regs::from_ucontext(uc);
     regs.ip = exit.resume;
+    guard.thread().vectors.store(VectorSave::of_ucontext(uc).word(), Ordering::Relaxed);
     site.run_post_handlers(&mut regs);
+    guard.thread().vectors.store(0, Ordering::Relaxed);
     if regs.ip == exit.resume {
         regs.ip = site.redirect(exit.resume);
     }
