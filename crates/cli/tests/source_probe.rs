@@ -178,6 +178,15 @@ fn float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds() 
             assert_eq!(want.len(), 12, "{opt}: three rounds of four events");
             let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
             assert_eq!(got, want, "{opt} {options:?}");
+            // The same values named by register and type, without the DWARF: the ABI's
+            // argument and return registers at the entry and the return.
+            let by_register =
+                ["p mix x=%xmm0:f64 y=%xmm1:f32 k=%di:s32", "r mix ret=%xmm0:f64", "r halve ret=%xmm0:f32"];
+            let (out, text) = probe_to_file(&format!("floats-typed{opt}"), options, &by_register, &program, "3");
+            assert!(out.status.success(), "{opt} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let typed: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
+            let at_entry_and_return: Vec<&str> = got.iter().filter(|e| !e.starts_with("mix_L3")).copied().collect();
+            assert_eq!(typed, at_entry_and_return, "{opt} {options:?}: f64/f32 of xmm registers");
         }
     }
     // A `long double` is x87 state, not a vector register's: refused by name, not garbage.

@@ -321,6 +321,10 @@ impl FetchProgram {
                     Some(v) => v,
                     None => return Value::Fault,
                 },
+                FetchType::Float(bits) if last => match read_int(ctx.target, addr, usize::from(bits / 8)) {
+                    Some(v) => v,
+                    None => return Value::Fault,
+                },
                 _ => match read_int(ctx.target, addr, 8) {
                     Some(v) => v,
                     None => return Value::Fault,
@@ -328,7 +332,7 @@ impl FetchProgram {
             };
         }
         match self.ty {
-            FetchType::Int(_) => Value::Int(value),
+            FetchType::Int(_) | FetchType::Float(_) => Value::Int(value),
             // No memory read: the value is the string's address.
             FetchType::String | FetchType::UString => read_string(ctx.target, value, buf),
         }

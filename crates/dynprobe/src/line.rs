@@ -130,6 +130,26 @@ impl<const N: usize> Text<N> {
         }
     }
 
+    /// Appends the `float` (`bits` 32: the low 32 bits of `raw`) or `double` whose bits are
+    /// `raw`, as Rust's `Display` writes it: the shortest decimal that reads back the same
+    /// value (`0.1`, `119.5625`, `inf`, `NaN`). Formatting into the line allocates nothing.
+    pub fn float(&mut self, bits: u8, raw: u64) -> &mut Self {
+        use std::fmt::Write;
+        /// The line as a `fmt::Write` sink: what does not fit is cut, as everywhere.
+        struct Sink<'l, const M: usize>(&'l mut Text<M>);
+        impl<const M: usize> Write for Sink<'_, M> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                self.0.bytes(s.as_bytes());
+                Ok(())
+            }
+        }
+        let _ = match bits {
+            32 => write!(Sink(self), "{}", f32::from_bits(raw as u32)),
+            _ => write!(Sink(self), "{}", f64::from_bits(raw)),
+        };
+        self
+    }
+
     /// Appends `bytes` double-quoted and escaped (see the module documentation). When the
     /// text is nearly full the string is cut, but its closing quote is always written.
     pub fn quoted(&mut self, bytes: &[u8]) -> &mut Self {
@@ -172,6 +192,7 @@ impl<const N: usize> Text<N> {
     pub fn fetched(&mut self, ty: FetchType, value: Value) -> &mut Self {
         match (value, ty) {
             (Value::Int(raw), FetchType::Int(int)) => self.value(int, raw),
+            (Value::Int(raw), FetchType::Float(bits)) => self.float(bits, raw),
             // A program compiled for a string type yields strings; should an integer reach
             // a string type, it is printed rather than lost.
             (Value::Int(raw), _) => self.hex(raw),
@@ -282,6 +303,16 @@ mod tests {
             FetchType::Int(int) => int,
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn floats_print_their_shortest_exact_form_from_their_bits() {
+        let mut line = Line::new();
+        line.fetched(FetchType::Float(64), Value::Int(119.5625f64.to_bits())).byte(b' ');
+        // A float is the low 32 bits: what is above them (the rest of an xmm register) is not its.
+        line.fetched(FetchType::Float(32), Value::Int(0xdead_beef_0000_0000 | u64::from(0.1f32.to_bits()))).byte(b' ');
+        line.float(64, f64::NEG_INFINITY.to_bits()).byte(b' ').float(64, f64::NAN.to_bits());
+        assert_eq!(text(&mut line), "119.5625 0.1 -inf NaN\n");
     }
 
     #[test]

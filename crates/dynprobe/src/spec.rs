@@ -445,7 +445,7 @@ pub const STRING_MAX: usize = 256;
 pub const GRAMMAR: &str = include_str!("spec_grammar.txt");
 
 /// Every type a fetch argument may name: the parser reads a type by finding its name here.
-pub const TYPES: [FetchType; 14] = [
+pub const TYPES: [FetchType; 16] = [
     FetchType::Int(IntType { format: Format::Unsigned, bits: 8 }),
     FetchType::Int(IntType { format: Format::Unsigned, bits: 16 }),
     FetchType::Int(IntType { format: Format::Unsigned, bits: 32 }),
@@ -458,6 +458,8 @@ pub const TYPES: [FetchType; 14] = [
     FetchType::Int(IntType { format: Format::Hex, bits: 16 }),
     FetchType::Int(IntType { format: Format::Hex, bits: 32 }),
     FetchType::Int(IntType { format: Format::Hex, bits: 64 }),
+    FetchType::Float(32),
+    FetchType::Float(64),
     FetchType::String,
     FetchType::UString,
 ];
@@ -510,6 +512,10 @@ pub enum FetchType {
     String,
     /// `ustring`: the same (the kernel's user-space string; here everything is user space).
     UString,
+    /// `f32`, `f64`: an IEEE 754 `float` or `double` (its width in bits), from the low bits
+    /// of a register (`%xmm0`'s for a `double` argument) or from memory — which the kernel's
+    /// types leave out and `bpftrace` users expect.
+    Float(u8),
 }
 
 impl FetchType {
@@ -528,6 +534,7 @@ impl fmt::Display for FetchType {
             FetchType::Int(int) => int.fmt(f),
             FetchType::String => f.write_str("string"),
             FetchType::UString => f.write_str("ustring"),
+            FetchType::Float(bits) => write!(f, "f{bits}"),
         }
     }
 }
@@ -1212,13 +1219,13 @@ impl<'a> Parser<'a> {
             "symbol" | "symstr" => format!("type `{}` is not supported; print the address with x64", span.text),
             t if t.contains('[') => "array types (`TYPE[N]`) are not supported".to_string(),
             t if t.starts_with('b') => "bitfield types are not supported; use u8..u64 and mask the value".to_string(),
-            t => format!("unknown type `{t}`; expected u64, s64, x64 (or 8, 16, 32 bits), string or ustring"),
+            t => format!("unknown type `{t}`; expected u64, s64, x64 (or 8, 16, 32 bits), f32, f64, string or ustring"),
         };
         Err(self.error(span.start, message))
     }
 }
 
-/// A type's name: `u8`..`x64`, `string`, `ustring` ([`TYPES`]).
+/// A type's name: `u8`..`x64`, `f32`, `f64`, `string`, `ustring` ([`TYPES`]).
 fn parse_type(text: &str) -> Option<FetchType> {
     TYPES.into_iter().find(|ty| ty.to_string() == text)
 }
@@ -1584,7 +1591,7 @@ mod tests {
             ("p work x=@sym*2", "invalid character `*` in a symbol name", 14),
             ("p work x=@:sym:u8", "empty module name before `:`", 11),
             ("p work x=#rdi", "unknown fetch argument `#rdi`; expected %REG, $argN, $retval, $stackN, $stack, $comm, $duration, @ADDR, @SYMBOL, +OFF(FETCHARG) or a source variable (NAME, NAME->MEMBER, ...)", 10),
-            ("p work x=%rdi:u65", "unknown type `u65`; expected u64, s64, x64 (or 8, 16, 32 bits), string or ustring", 15),
+            ("p work x=%rdi:u65", "unknown type `u65`; expected u64, s64, x64 (or 8, 16, 32 bits), f32, f64, string or ustring", 15),
             ("p work x=%rdi:symbol", "type `symbol` is not supported; print the address with x64", 15),
             ("p work x=%rdi:u8[4]", "array types (`TYPE[N]`) are not supported", 15),
             ("p work x=%rdi:b4@2/32", "bitfield types are not supported; use u8..u64 and mask the value", 15),

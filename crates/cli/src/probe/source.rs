@@ -30,8 +30,6 @@ enum Render {
     Bool,
     Char,
     Enum(Vec<(i64, String)>),
-    /// A `float` (32) or `double` (64) from its bits, printed in hex.
-    Float(u8),
     /// A string cut to the length in the named field (Rust's `&str`, not NUL-terminated).
     CutTo(String),
     /// Element `index` of a Rust `Vec`, shown only when it is below the length in the
@@ -191,13 +189,6 @@ fn render_value(render: &Render, value: &str) -> Option<String> {
             match values.iter().find(|(v, _)| *v == n) {
                 Some((_, name)) => name.clone(),
                 None => n.to_string(),
-            }
-        }
-        Render::Float(width) => {
-            let bits = u64::from_str_radix(value.strip_prefix("0x")?, 16).ok()?;
-            match width {
-                32 => format!("{}", f32::from_bits(bits as u32)),
-                _ => format!("{}", f64::from_bits(bits)),
             }
         }
         Render::CutTo(_) | Render::Element { .. } | Render::Variant { .. } => return None,
@@ -574,11 +565,8 @@ fn typed(
             Err(format!("field `{name}`: `{}` ({} bytes, {X87_UNSUPPORTED}", ty.name, ty.size))
         }
         TypeKind::Float => {
-            let float = |fetch: Fetch| {
-                let ty = int(Format::Hex, ty.size);
-                let FetchType::Int(IntType { bits, .. }) = ty else { unreachable!("int() is an integer type") };
-                Ok(vec![(name.to_string(), Ok(fetch), ty, Some(Render::Float(bits)))])
-            };
+            let float =
+                |fetch: Fetch| Ok(vec![(name.to_string(), Ok(fetch), FetchType::Float(ty.size as u8 * 8), None)]);
             match fetch {
                 Fetch::Deref { .. } => float(fetch),
                 Fetch::Reg(reg) if reg.xmm().is_some() => float(fetch),
@@ -869,7 +857,7 @@ fn shown_type(ty: FetchType, render: Option<&Render>) -> String {
         (FetchType::String | FetchType::UString, _) | (_, Some(Render::CutTo(_))) => "str".into(),
         (_, Some(Render::Bool)) => "bool".into(),
         (_, Some(Render::Char)) => "char".into(),
-        (_, Some(Render::Float(bits))) => format!("f{bits}"),
+        (FetchType::Float(bits), _) => format!("f{bits}"),
         (_, Some(Render::Enum(values))) => {
             let values: Vec<String> = values.iter().map(|(v, name)| format!("{v}={name}")).collect();
             format!("enum:{}", values.join(","))
