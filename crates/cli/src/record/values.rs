@@ -72,10 +72,10 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
     let mut text =
         format!("# dynprobe record -a: what each call records (see `dynprobe record --help`)\np\t{}\n", exe.display());
     let main = DebugInfo::open(program).map_err(|e| e.to_string());
+    let exe_module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut count = 0;
     if let Ok(info) = &main {
-        let module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        count += describe(info, &module, true, 0, &filter, overrides, &mut text);
+        count += describe(info, &exe_module, true, 0, &filter, overrides, &mut text);
     }
     // The libraries the patterns name (not `*:…`, every module: each library's DWARF
     // would be opened), each once.
@@ -88,6 +88,8 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
                     libraries.push(path);
                 }
             }
+            // `-F PROG:GLOB` names the executable itself (described above).
+            Err(_) if exe_module.starts_with(module) => {}
             Err(e) => eprintln!("dynprobe: -a: no argument of `{module}:…` is recorded: {e}"),
         }
     }
