@@ -484,8 +484,7 @@ fn call_values(
 ) -> Result<Option<crate::values::Values>, String> {
     let Some(path) = &settings.values else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let Some(main) = table.modules().iter().find(|m| m.is_main) else { return Ok(None) };
-    let values = crate::values::Values::new(&text, functions, main)?;
+    let values = crate::values::Values::new(&text, functions, table.modules())?;
     Ok(Some(values))
 }
 

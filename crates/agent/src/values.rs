@@ -6,10 +6,16 @@
 //!
 //! ```text
 //! p \t PATH                      the program described (another one it `exec`s gets none)
-//! f \t ADDRESS \t NAME            a function, by its link-time entry address (hex)
+//! f \t KEY \t NAME                a function, by its link-time entry address (hex)
 //! a \t FIELD \t SHOWN \t SOURCE   one of its arguments, in order
 //! r \t SHOWN \t SOURCE            its return value (none for `void`)
+//! l \t PATH                      a library's section: its `f`/`a`/`r` lines follow
 //! ```
+//!
+//! A library section's functions are matched by the library's path among the process's
+//! modules and located by its load bias; its `KEY`s carry the section's number from bit 48
+//! up (the link-time address below), so that keys are unique across the file. A library not
+//! loaded at start-up gets no values.
 //!
 //! `SOURCE` is a fetch as the probe grammar writes it (`+0(%di):string`, `$retval:s32`),
 //! `xmmN` (the low 64 bits of a vector register: a `float` or `double`), or `-` (not
@@ -54,39 +60,55 @@ pub(crate) struct Values {
 
 impl Values {
     /// The programs of the `args` file `text` for the `functions` traced: those of the main
-    /// executable (`main`, loaded `bias` bytes above its link-time addresses) that the file
-    /// describes, when it describes this executable. `Err` names the line that cannot be
+    /// executable (the `modules`' `is_main` one) when the file describes this executable,
+    /// and those of each library section (`l PATH`) whose library is among `modules`,
+    /// matched by path and located by its load bias. `Err` names the line that cannot be
     /// compiled.
     pub(crate) fn new(
         text: &str,
         functions: &[TracedFunction],
-        main: &dynprobe_symbols::Module,
+        modules: &[dynprobe_symbols::Module],
     ) -> Result<Values, String> {
-        let (main_module, bias) = (main.name.as_str(), main.bias);
-        let mut described: HashMap<u64, Function> = HashMap::new();
-        let mut current: Option<u64> = None;
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        // The descriptions, by (module name, link-time address).
+        let mut described: HashMap<(&str, u64), Function> = HashMap::new();
+        // The module the current section describes, `None` when it is not this process's.
+        let mut section: Option<&dynprobe_symbols::Module> = modules.iter().find(|m| m.is_main);
+        let mut current: Option<(&str, u64)> = None;
         for (n, line) in text.lines().enumerate() {
             let bad = |why: String| format!("args file line {}: {why}", n + 1);
             let fields: Vec<&str> = line.split('\t').collect();
             match fields.as_slice() {
                 ["p", path] => {
-                    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-                    if same(std::path::Path::new(path)) != same(&main.path) {
-                        return Ok(Values { functions: Vec::new() });
+                    let path = same(std::path::Path::new(path));
+                    section = modules.iter().find(|m| m.is_main && same(&m.path) == path);
+                    current = None;
+                }
+                ["l", path] => {
+                    let path = same(std::path::Path::new(path));
+                    section = modules.iter().find(|m| !m.is_main && path.is_some() && same(&m.path) == path);
+                    current = None;
+                }
+                ["f", key, _name] => {
+                    let key = u64::from_str_radix(key, 16).map_err(|_| bad(format!("bad address `{key}`")))?;
+                    current = section.map(|m| (m.name.as_str(), key & LINK_ADDRESS));
+                    if let Some(at) = current {
+                        described.entry(at).or_default().key = key;
                     }
                 }
-                ["f", addr, _name] => {
-                    let addr = u64::from_str_radix(addr, 16).map_err(|_| bad(format!("bad address `{addr}`")))?;
-                    described.entry(addr).or_default().key = addr;
-                    current = Some(addr);
-                }
                 ["a", _field, _shown, source] => {
-                    let f = current.and_then(|a| described.get_mut(&a)).ok_or_else(|| bad("no function".into()))?;
-                    f.args.push(compile(source, ProbeKind::Entry).map_err(bad)?);
+                    let f = function(&mut described, section, current).map_err(bad)?;
+                    let source = compile(source, ProbeKind::Entry).map_err(bad)?;
+                    if let Some(f) = f {
+                        f.args.push(source);
+                    }
                 }
                 ["r", _shown, source] => {
-                    let f = current.and_then(|a| described.get_mut(&a)).ok_or_else(|| bad("no function".into()))?;
-                    f.retval = Some(compile(source, ProbeKind::Return).map_err(bad)?);
+                    let f = function(&mut described, section, current).map_err(bad)?;
+                    let source = compile(source, ProbeKind::Return).map_err(bad)?;
+                    if let Some(f) = f {
+                        f.retval = Some(source);
+                    }
                 }
                 [""] => {}
                 [first, ..] if first.starts_with('#') => {}
@@ -96,10 +118,8 @@ impl Values {
         let mut by_id: Vec<Option<Function>> = Vec::new();
         by_id.resize_with(functions.len(), || None);
         for f in functions {
-            if f.module != main_module {
-                continue;
-            }
-            if let Some(values) = described.remove(&f.addr.wrapping_sub(bias)) {
+            let Some(module) = modules.iter().find(|m| m.name == f.module) else { continue };
+            if let Some(values) = described.remove(&(f.module.as_str(), f.addr.wrapping_sub(module.bias))) {
                 if let Some(slot) = by_id.get_mut(f.id as usize) {
                     *slot = Some(values);
                 }
@@ -120,6 +140,24 @@ impl Values {
 
     fn function(&self, id: u32) -> Option<&Function> {
         self.functions.get(id as usize).and_then(Option::as_ref)
+    }
+}
+
+/// The link-time address in a key: a library section's keys carry its number above it
+/// (the CLI's `record::values::LIBRARY_KEY_SHIFT`), the main executable's are the address.
+const LINK_ADDRESS: u64 = (1 << 48) - 1;
+
+/// The description the `a`/`r` line of `section` adds to: that of function `current`
+/// (`None` in a section this process does not have); `Err` when no `f` line came before.
+fn function<'a, 'k>(
+    described: &'a mut HashMap<(&'k str, u64), Function>,
+    section: Option<&dynprobe_symbols::Module>,
+    current: Option<(&'k str, u64)>,
+) -> Result<Option<&'a mut Function>, String> {
+    match (section, current) {
+        (None, _) => Ok(None),
+        (Some(_), Some(at)) => Ok(described.get_mut(&at)),
+        (Some(_), None) => Err("no function".into()),
     }
 }
 
@@ -213,7 +251,7 @@ mod tests {
         let text = "# args\nf\t1000\tparse\na\tline\tstr\t+0(%rdi):string\na\tlen\ts32\t%rsi:s32\n\
                     a\tx\tf64\txmm1\na\tbig\t?\t-\nr\ts32\t$retval:s32\nf\t2000\tvoid_fn\n";
         let functions = [function(0, 0x5000_1000, "prog"), function(1, 0x5000_2000, "libc.so.6")];
-        let values = Values::new(text, &functions, &module("prog", 0x5000_0000)).unwrap();
+        let values = Values::new(text, &functions, &[module("prog", 0x5000_0000)]).unwrap();
         let line = b"alpha,12\0";
         let regs = Regs { rdi: line.as_ptr() as u64, rsi: 8, ..Regs::default() };
         let mut out = MarkerRecords::new();
@@ -241,7 +279,7 @@ mod tests {
     fn without_the_vector_registers_a_vector_argument_is_unavailable() {
         let text = "f\t1000\tmix\na\tx\tf64\txmm0\na\tk\ts32\t%rdi:s32\nr\tf64\txmm0\n";
         let plain = TracedFunction { method: SiteMethod::Entry, ..function(0, 0x1000, "prog") };
-        let values = Values::new(text, &[plain], &module("prog", 0)).unwrap();
+        let values = Values::new(text, &[plain], &[module("prog", 0)]).unwrap();
         let mut out = MarkerRecords::new();
         values.entry(0, &Regs { rdi: 3, ..Regs::default() }, None, &mut out);
         assert_eq!(
@@ -263,16 +301,38 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named() {
-        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n", &[], &module("p", 0)).err().unwrap();
+        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n", &[], &[module("p", 0)]).err().unwrap();
         assert!(err.starts_with("args file line 2: bad fetch `%nope`"), "{err}");
-        let err = Values::new("a\tx\ts32\t%rdi\n", &[], &module("p", 0)).err().unwrap();
+        let err = Values::new("a\tx\ts32\t%rdi\n", &[], &[module("p", 0)]).err().unwrap();
         assert_eq!(err, "args file line 1: no function");
+    }
+
+    #[test]
+    fn a_library_section_describes_that_library_s_functions_by_its_bias() {
+        // Section 1's key carries its number from bit 48; the main executable has a
+        // function at the same link-time address, a section of a library not loaded none.
+        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/nonexistent/libgone.so\nf\t1000001000\tgone\n\
+                    a\tx\ts32\t%rsi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
+        let library = dynprobe_symbols::Module {
+            path: "/bin/sh".into(),
+            is_main: false,
+            ..module("libfoo.so", 0x7f00_0000_0000)
+        };
+        let functions = [function(0, 0x1000, "prog"), function(1, 0x7f00_0000_1000, "libfoo.so")];
+        let values = Values::new(text, &functions, &[module("prog", 0), library]).unwrap();
+        assert_eq!(values.list(), "0\t1000\n1\t1000000001000\n");
+        let regs = Regs { rdi: 3, rsi: 4, ..Regs::default() };
+        for (id, want) in [(0, 3), (1, 4)] {
+            let mut out = MarkerRecords::new();
+            values.entry(id, &regs, None, &mut out);
+            assert_eq!(values_of(out.finish_as(Kind::Entry, 1, 0, 0)), [MarkerValue::Unsigned(want)]);
+        }
     }
 
     #[test]
     fn another_program_gets_no_values() {
         let text = "p\t/bin/true\nf\t1000\tparse\na\tlen\ts32\t%rsi:s32\n";
-        let values = Values::new(text, &[function(0, 0x1000, "prog")], &module("prog", 0)).unwrap();
+        let values = Values::new(text, &[function(0, 0x1000, "prog")], &[module("prog", 0)]).unwrap();
         let mut out = MarkerRecords::new();
         values.entry(0, &Regs::default(), Some(&[0; 8]), &mut out);
         assert_eq!(out.finish_as(Kind::Entry, 1, 0, 0).len(), 1);

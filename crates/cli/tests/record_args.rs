@@ -242,3 +242,35 @@ fn a_and_r_options_replace_what_the_dwarf_says() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`x=line`: name registers, `$argN` or `$stackN`"), "{stderr}");
 }
+
+/// `targets/argslib.c` built with `-g` as a shared library (`sites` its entries), and
+/// `targets/argslib_main.c` linked against it (found through its run path) as `name`.
+fn library_program(name: &str, sites: &[&str]) -> PathBuf {
+    let mut flags = vec!["-shared", "-fPIC"];
+    flags.extend(sites);
+    let library = program("argslib.c", &format!("libargslib-{name}.so"), "-O2", &flags);
+    let dir = library.parent().unwrap().display().to_string();
+    // The library comes before the program's source on the command line: without
+    // `--no-as-needed` the linker would drop it as not needed yet.
+    let link = ["-Wl,--no-as-needed", library.to_str().unwrap(), &format!("-Wl,-rpath,{dir}")];
+    program("argslib_main.c", &format!("argslib-{name}"), "-O0", &link)
+}
+
+#[test]
+fn a_shared_library_s_functions_named_by_f_module_record_their_values() {
+    for (name, sites) in [("patchable", PATCHABLE), ("plain", PLAIN)] {
+        let program = library_program(name, sites);
+        let filter = format!("libargslib-{name}:lib_*");
+        let r = record(&format!("library-{name}"), &["-a", "-F", &filter], &program, 4);
+        assert_eq!(r.calls.len(), 4 * 3, "{name}: {:#?}", r.calls);
+        assert_eq!(r.calls, r.log, "{name}");
+        // Ints (a negative one), a string, a char and doubles, from the library's DWARF.
+        assert_eq!(
+            r.calls[..3],
+            ["lib_add(a=0, b=0) = 0;", "lib_count(text=\"banana\", c='a') = 3;", "lib_scale(x=0.5, n=3) = 1.5;"]
+        );
+        assert!(r.calls.contains(&"lib_add(a=1, b=-7) = -6;".to_string()), "{name}: {:#?}", r.calls);
+        let args = std::fs::read_to_string(r.dir.join("args")).unwrap();
+        assert!(args.lines().any(|l| l.starts_with("l\t") && l.ends_with(&format!("libargslib-{name}.so"))), "{args}");
+    }
+}

@@ -56,8 +56,10 @@ pub struct RecordArgs {
     buffer_size: Option<u64>,
     /// Record each traced function's arguments at its entry and its return value at its exit,
     /// typed from the program's DWARF (uftrace's -a): `replay` shows
-    /// `parse_record(line="alpha,12", len=8) { ... } = 12`. Functions without DWARF, and
-    /// those of shared libraries, are recorded as without -a.
+    /// `parse_record(line="alpha,12", len=8) { ... } = 12`. A shared library's functions
+    /// get theirs from the library's own DWARF when a `-F LIB:GLOB` names the library (not
+    /// `-F '*:…'`) and it is loaded at start-up. Functions without DWARF, and those of a
+    /// library opened later with dlopen, are recorded as without -a.
     #[arg(short = 'a', long = "args")]
     args: bool,
     /// With -a: record these arguments of the functions matching FUNC (a glob) instead of

@@ -9,7 +9,7 @@ use dynprobe_events::files;
 use dynprobe_ftrace::Filter;
 use dynprobe_symbols::dwarf::{DebugInfo, SourcePoint};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The file's name in the trace directory (and in the ring directory, for the agent).
 pub(crate) const ARGS_FILE: &str = "args";
@@ -54,24 +54,87 @@ impl Overrides {
     }
 }
 
+/// Where a library section's keys start: section `n` (1-based, in file order) keys its
+/// functions `n << LIBRARY_KEY_SHIFT | link-time address`, so that keys stay distinct
+/// across modules (link-time addresses of an x86-64 shared object are far below 2^48).
+pub(crate) const LIBRARY_KEY_SHIFT: u32 = 48;
+
 /// Describes the functions of `program` that `filter` (the agent's `F`/`N` lines) selects
 /// and that have DWARF, as `overrides` change them, into `ARGS_FILE` in each of `dirs`;
-/// returns how many were described. A program without DWARF is an error naming it (the
-/// caller warns and records without values).
+/// then, in a section of its own (`l PATH`), those of each library a `-F MODULE:…` pattern
+/// names, from the library's own DWARF. Returns how many were described. A program
+/// without DWARF is an error naming it (the caller warns and records without values),
+/// unless a library named by the filter has some; a library that cannot be found or has
+/// no DWARF is a warning naming it.
 pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, dirs: &[&Path]) -> Result<usize, String> {
-    let info = DebugInfo::open(program).map_err(|e| e.to_string())?;
     let filter = Filter::from_lines(filter)?;
-    let module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let exe = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_path_buf());
     let mut text =
         format!("# dynprobe record -a: what each call records (see `dynprobe record --help`)\np\t{}\n", exe.display());
+    let main = DebugInfo::open(program).map_err(|e| e.to_string());
+    let exe_module = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut count = 0;
+    if let Ok(info) = &main {
+        count += describe(info, &exe_module, true, 0, &filter, overrides, &mut text);
+    }
+    // The libraries the patterns name (not `*:…`, every module: each library's DWARF
+    // would be opened), each once.
+    let mut libraries: Vec<PathBuf> = Vec::new();
+    for module in filter.include.iter().filter_map(|p| p.module.as_deref()).filter(|m| *m != "*") {
+        match crate::probe::source::module_path(program, module) {
+            Ok(path) => {
+                let path = std::fs::canonicalize(&path).unwrap_or(path);
+                if !libraries.contains(&path) {
+                    libraries.push(path);
+                }
+            }
+            // `-F PROG:GLOB` names the executable itself (described above).
+            Err(_) if exe_module.starts_with(module) => {}
+            Err(e) => eprintln!("dynprobe: -a: no argument of `{module}:…` is recorded: {e}"),
+        }
+    }
+    let mut sections: u64 = 0;
+    for path in &libraries {
+        let info = match DebugInfo::open(path) {
+            Ok(info) => info,
+            Err(e) => {
+                eprintln!("dynprobe: -a: no argument of {} is recorded: {e}", path.display());
+                continue;
+            }
+        };
+        sections += 1;
+        let _ = writeln!(text, "l\t{}", path.display());
+        let module = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        count += describe(&info, &module, false, sections << LIBRARY_KEY_SHIFT, &filter, overrides, &mut text);
+    }
+    if let (Err(e), 0) = (&main, sections) {
+        return Err(e.clone());
+    }
+    for dir in dirs {
+        let path = dir.join(ARGS_FILE);
+        files::write_private(&path, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(count)
+}
+
+/// Adds to `text` the `f`/`a`/`r` lines of the functions of `info` (module `module`) that
+/// `filter` selects, keyed `tag | link-time address`; returns how many.
+fn describe(
+    info: &DebugInfo,
+    module: &str,
+    is_main: bool,
+    tag: u64,
+    filter: &Filter,
+    overrides: &Overrides,
+    text: &mut String,
+) -> usize {
     let mut described = std::collections::HashSet::new();
     for f in info.functions() {
         let Some(&(start, _)) = f.ranges.first() else { continue };
         // Resolving is the cost: only for a function the filter selects, by the name the
         // agent selects it by (its symbol's, demangled: `Parser::parse(char const*)`).
         let readable = |symbol: &str| dynprobe_symbols::readable_name(symbol);
-        if !info.symbol_at(start).is_some_and(|(s, _)| filter.selects(&module, true, &readable(s))) {
+        if !info.symbol_at(start).is_some_and(|(s, _)| filter.selects(module, is_main, &readable(s))) {
             continue;
         }
         let point = SourcePoint::Function { name: f.name.clone(), file: Some(f.file.clone()) };
@@ -81,14 +144,14 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
             // `.constprop`, `.part`) may take its parameters otherwise than the source says.
             let Some((symbol, 0)) = info.symbol_at(site.addr) else { continue };
             let name = readable(symbol);
-            if symbol.contains('.') || !filter.selects(&module, true, &name) || !described.insert(site.addr) {
+            if symbol.contains('.') || !filter.selects(module, is_main, &name) || !described.insert(site.addr) {
                 continue;
             }
             // C++ and Rust names are mangled; their ABI for aggregates is not C's.
             let c_abi = !symbol.starts_with("_Z") && !symbol.starts_with("_R");
-            let (mut args, mut retval) = call_values(&info, site, c_abi);
+            let (mut args, mut retval) = call_values(info, site, c_abi);
             overrides.apply(&name, &mut args, &mut retval);
-            let _ = writeln!(text, "f\t{:x}\t{}", site.addr, f.name);
+            let _ = writeln!(text, "f\t{:x}\t{}", tag | site.addr, f.name);
             for CallValue { name, shown, source } in args {
                 let _ = writeln!(text, "a\t{name}\t{shown}\t{source}");
             }
@@ -97,9 +160,5 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
             }
         }
     }
-    for dir in dirs {
-        let path = dir.join(ARGS_FILE);
-        files::write_private(&path, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(described.len())
+    described.len()
 }

@@ -68,7 +68,7 @@ impl Descriptions {
                 ["r", shown, source] => {
                     function(&mut functions, current, n)?.retval = Some(described("retval", shown, source))
                 }
-                ["p", _] | [""] => {}
+                ["p", _] | ["l", _] | [""] => {}
                 [first, ..] if first.starts_with('#') => {}
                 _ => return Err(format!("line {}: cannot read `{line}`", n + 1)),
             }
