@@ -250,8 +250,13 @@ impl Tracer {
         match event {
             libc::PTRACE_EVENT_CLONE => {
                 if let Ok(new) = sys::event_msg(tid) {
-                    // Its first stop may have been reported already.
-                    self.threads.entry(new as i32).or_insert_with(|| Thread::new(State::Running));
+                    // Its first stop may have been reported already — and a short-lived
+                    // thread's whole life, its exit included, before its creator reached
+                    // this stop: a thread we reaped is not listed in /proc any more, and
+                    // must not be waited for (stop_all would wait for it forever).
+                    if std::path::Path::new(&format!("/proc/{}/task/{new}", self.pid)).exists() {
+                        self.threads.entry(new as i32).or_insert_with(|| Thread::new(State::Running));
+                    }
                 }
                 self.settle(tid, 0, mode);
             }

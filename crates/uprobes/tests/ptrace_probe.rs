@@ -551,3 +551,39 @@ fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
     assert_eq!(lines.last().map(String::as_str), Some("!killed 5"), "{lines:?}");
     assert_eq!(hits(&lines, "work").len(), 10, "it died at its first int3, after 10 calls");
 }
+
+fn sleepers_target() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("tests/targets/static_sleepers.c", "static_sleepers"))
+}
+
+/// What `static_sleepers` prints when every blocking call returned as it would untraced
+/// and every thread it created started once.
+const SLEEPERS_OK: &str = "clock_nanosleep ok\nnanosleep ok\nfutex ok\nread ok\nthreads ok\n";
+
+#[test]
+fn blocked_calls_and_threads_being_created_come_through_many_sessions_unharmed() {
+    // Each session stops every thread (some asleep in their calls, the spawner often inside
+    // clone3), makes system calls on one of them to map the slots and install the fallback
+    // SIGTRAP action, lets hits come, and stops them all again to put the action back.
+    const SESSIONS: usize = 30;
+    let mut program = Program::start_exe(sleepers_target(), &[]);
+    let specs = ["p:tick kind=$arg1", "r:tick r=$retval", "p:spawned seq=$arg1"];
+    let mut created = 0;
+    for session in 0..SESSIONS {
+        let mut tracer = Tracer::attach(program.pid, &specs);
+        assert_eq!(tracer.line().as_deref(), Some("!ready 3"), "session {session}");
+        for _ in 0..20 {
+            let line = tracer.line().unwrap_or_else(|| panic!("session {session}: the tracer ended"));
+            assert!(!line.starts_with('!'), "session {session}: {line}");
+        }
+        tracer.control.as_mut().unwrap().write_all(b"detach\n").unwrap();
+        let (lines, ok) = tracer.rest();
+        assert!(ok, "session {session}: {lines:?}");
+        assert!(lines.iter().all(|l| !l.starts_with('!')), "session {session}: {lines:?}");
+        created += hits(&lines, "spawned").len();
+    }
+    assert!(created > 0, "no thread was created while probed");
+    program.go();
+    assert_eq!(program.output(), SLEEPERS_OK);
+}
