@@ -22,7 +22,8 @@ use dynprobe::fetch::{HitContext, TargetMemory};
 use dynprobe::line::{EventFormat, Line};
 use dynprobe::{monotonic_ns, Regs};
 use dynprobe_arch::native::INT3;
-use dynprobe_remote::{sys, thread_signal_pending, Memory, Regs as UserRegs};
+use dynprobe_remote::{deliverable_signal_pending, sys, thread_signal_pending, Memory, Regs as UserRegs};
+use dynprobe_text::stop::RESTARTABLE_WAITS;
 
 use crate::control::Control;
 use crate::fallback::Fallback;
@@ -34,6 +35,9 @@ use crate::{Error, ExitInfo, Outcome};
 
 /// `si_code` of a `SIGTRAP` raised by an `int3` (the kernel's `SI_KERNEL`).
 const SI_KERNEL: i32 = 0x80;
+
+/// The `syscall` instruction.
+const SYSCALL: [u8; 2] = [0x0f, 0x05];
 
 /// One patched address and the probes that share it (the kernels' aggregate probe).
 #[derive(Debug)]
@@ -270,6 +274,11 @@ impl Tracer {
                     // this stop: let it come, or it would be delivered after detaching.
                     self.resume(tid, 0);
                 } else {
+                    if !group_stop {
+                        // Our PTRACE_INTERRUPT's stop (a group-stop is the program's own
+                        // job control, which cuts the same calls short without us).
+                        put_back_cut_call(self.pid, tid);
+                    }
                     self.settle(tid, 0, mode);
                 }
             }
@@ -725,6 +734,36 @@ impl Tracer {
 
 fn os(error: io::Error, what: &str) -> Error {
     Error::Os { what: what.to_string(), error }
+}
+
+/// Puts back a blocking system call of thread `tid`, in its interrupt stop, that our
+/// `PTRACE_INTERRUPT` cut short. The interrupt wakes the thread as a signal would, and the
+/// calls the kernel does not restart after a stop return `EINTR` (`epoll_wait`,
+/// `sigtimedwait`, socket calls with a timeout…; signal(7), "Interruption of system calls
+/// and library functions by stop signals"): a thread of the program's would see one at
+/// every attach and detach. When nothing else can have cut the call short — it returned
+/// `EINTR`, it is one of the waits that are the same call when made again with the same
+/// registers ([`RESTARTABLE_WAITS`]; the kernel keeps the argument registers), the
+/// instruction before `rip` is the `syscall` that made it, and no signal the thread does
+/// not block is pending (one would be delivered next, and the call must end for its
+/// handler) — `rip` goes back onto the `syscall` with `rax` its number: the kernel's own
+/// restart (`regs->ax = regs->orig_ax; regs->ip -= 2`, arch/x86/kernel/signal.c). A
+/// relative timeout starts over: the call lasts longer by the time it had waited.
+pub(crate) fn put_back_cut_call(pid: i32, tid: i32) {
+    let Ok(mut regs) = sys::get_regs(tid) else { return };
+    let nr = regs.orig_rax as i64;
+    if regs.rax as i64 != -i64::from(libc::EINTR) || !RESTARTABLE_WAITS.contains(&nr) {
+        return;
+    }
+    let mut insn = [0u8; 2];
+    let is_syscall = matches!(sys::read_vm(pid, regs.rip.wrapping_sub(2), &mut insn), Ok(2)) && insn == SYSCALL;
+    if !is_syscall || deliverable_signal_pending(pid, tid) {
+        return;
+    }
+    regs.rax = regs.orig_rax;
+    regs.rip -= 2;
+    // ESRCH: the thread is gone (killed with its process); its exit report follows.
+    let _ = sys::set_regs(tid, &regs);
 }
 
 /// ptrace's register block as the probe layer's [`Regs`].

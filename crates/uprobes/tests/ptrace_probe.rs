@@ -559,7 +559,7 @@ fn sleepers_target() -> &'static Path {
 
 /// What `static_sleepers` prints when every blocking call returned as it would untraced
 /// and every thread it created started once.
-const SLEEPERS_OK: &str = "clock_nanosleep ok\nnanosleep ok\nfutex ok\nread ok\nthreads ok\n";
+const SLEEPERS_OK: &str = "clock_nanosleep ok\nnanosleep ok\nfutex ok\nepoll_wait ok\nread ok\nthreads ok\n";
 
 #[test]
 fn blocked_calls_and_threads_being_created_come_through_many_sessions_unharmed() {

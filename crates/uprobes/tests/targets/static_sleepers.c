@@ -7,7 +7,7 @@
  *   static_sleepers
  *
  * Prints "waiting PID" and runs until its stdin ends. Meanwhile one thread each loops on
- * clock_nanosleep, nanosleep and a futex wait, each with a relative timeout of
+ * clock_nanosleep, nanosleep, a futex wait and epoll_wait, each with a relative timeout of
  * WAIT_MS, checking every call: its result (0, or the timeout's error), never EINTR, never
  * back before WAIT_MS (CLOCK_MONOTONIC) and never later than LATE_MS. One thread reads a
  * pipe another writes a byte to every WAIT_MS (every byte read in order, never EINTR). One
@@ -22,6 +22,7 @@
  *   clock_nanosleep ok
  *   nanosleep ok
  *   futex ok
+ *   epoll_wait ok
  *   read ok
  *   threads ok */
 #define _GNU_SOURCE
@@ -32,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,8 +42,8 @@
 /* Far beyond a stop of every thread by the tracer, even on a loaded machine. */
 #define LATE_MS 3000
 
-enum { CLOCK_NANOSLEEP, NANOSLEEP, FUTEX, READ, KINDS };
-static const char *names[KINDS] = {"clock_nanosleep", "nanosleep", "futex", "read"};
+enum { CLOCK_NANOSLEEP, NANOSLEEP, FUTEX, EPOLL_WAIT, READ, KINDS };
+static const char *names[KINDS] = {"clock_nanosleep", "nanosleep", "futex", "epoll_wait", "read"};
 
 struct tally {
     atomic_long calls, eintr, wrong, early, late, worst_ns;
@@ -130,6 +132,24 @@ static void *futexer(void *arg)
     return NULL;
 }
 
+static void *epoller(void *arg)
+{
+    (void)arg;
+    int fds[2];
+    if (pipe(fds))
+        abort();
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fds[0], &ev))
+        abort();
+    while (!quitting) {
+        long start = now_ns();
+        int rc = epoll_wait(ep, &ev, 1, WAIT_MS);
+        record(EPOLL_WAIT, rc == 0, errno, start);
+    }
+    return NULL;
+}
+
 static void *reader(void *arg)
 {
     (void)arg;
@@ -196,7 +216,7 @@ int main(void)
 {
     if (pipe(pipe_fds))
         abort();
-    void *(*bodies[])(void *) = {clock_sleeper, sleeper, futexer, reader, writer, spawner};
+    void *(*bodies[])(void *) = {clock_sleeper, sleeper, futexer, epoller, reader, writer, spawner};
     enum { BODIES = sizeof bodies / sizeof *bodies };
     pthread_t threads[BODIES];
     for (int i = 0; i < BODIES; i++)
