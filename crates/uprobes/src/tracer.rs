@@ -376,13 +376,13 @@ impl Tracer {
     /// since — which becomes the saved one, put back at detach.
     fn program_action_back(&mut self, tid: i32) -> io::Result<()> {
         let Some(fallback) = &self.fallback else { return Ok(()) };
-        let (query, restore, ours) = (fallback.query_args(), fallback.restore_saved_args(), fallback.handler());
+        let (query, restore) = (fallback.query_args(), fallback.restore_saved_args());
         let (saved, current) = fallback.saved_and_replaced();
         self.syscall(tid, libc::SYS_rt_sigaction, query)?;
-        if self.mem.read_u64(current)? == ours {
+        let action = self.mem.read_vec(current, 32)?;
+        if self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
             self.syscall(tid, libc::SYS_rt_sigaction, restore)?;
         } else {
-            let action = self.mem.read_vec(current, 32)?;
             self.mem.write(saved, &action)?;
         }
         Ok(())
@@ -703,14 +703,15 @@ impl Tracer {
         if !fallback.installed {
             return Ok(());
         }
-        let (ours, replaced) = (fallback.handler(), fallback.replaced_handler_addr());
+        let replaced = fallback.replaced_handler_addr();
         let (uninstall, reinstate) = (fallback.uninstall_args(), fallback.reinstate_replaced_args());
         let failed = |e: io::Error| format!("putting the program's SIGTRAP action back: {e}");
         self.syscall(tid, libc::SYS_rt_sigaction, uninstall).map_err(failed)?;
         if let Some(f) = &mut self.fallback {
             f.installed = false;
         }
-        if self.mem.read_u64(replaced).map_err(failed)? != ours {
+        let action = self.mem.read_vec(replaced, 32).map_err(failed)?;
+        if !self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
             self.syscall(tid, libc::SYS_rt_sigaction, reinstate).map_err(failed)?;
         }
         Ok(())

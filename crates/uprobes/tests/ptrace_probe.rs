@@ -544,6 +544,28 @@ fn the_programs_own_traps_reach_its_own_handler_while_probed() {
 }
 
 #[test]
+fn a_thread_blocking_every_signal_leaves_the_programs_own_trap_handler_in_place() {
+    // Attached once the program's SIGTRAP handler is in place; the probe's int3s are all hit
+    // by a thread that blocks every signal, which makes the kernel reset the action each
+    // time; the program's own traps come after, while still attached, to its own handler.
+    let target = traps_target();
+    let args = ["200".to_string(), "blocked".to_string()];
+    let mut plain = Program::start_exe(target, &args);
+    plain.go();
+    let reference = plain.output();
+    assert!(reference.starts_with("traps=40 bad=0 "), "{reference}");
+    let mut program = Program::start_exe(target, &args);
+    let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
+    program.go();
+    assert_eq!(program.output(), reference, "every trap handled by the program");
+    let (lines, ok) = tracer.rest();
+    assert!(ok, "{lines:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    assert_eq!(hits(&lines, "work").len(), 200);
+}
+
+#[test]
 fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
     let target = traps_target().to_str().unwrap();
     let tracer = Tracer::start(&["p:work", "--", target, "200", "nohandler"]);
