@@ -35,10 +35,10 @@
 //!   keeps the program's action as the one to put back) or detaches;
 //! - a thread that blocks `SIGTRAP` when it hits a probe makes the kernel reset the action's
 //!   handler to the default (`force_sig_info_to_task` in `kernel/signal.c`), and unblock
-//!   `SIGTRAP` in that thread: our action so reset is known by its restorer and put back at
-//!   the next delivery of one of the program's traps, and the program's at detach
-//!   ([`Fallback::is_ours`]) — but until then the fallback is gone (a tracer killed
-//!   meanwhile leaves `int3`s that kill), and an action the program installed over ours
+//!   `SIGTRAP` in that thread: our action so reset is known by its restorer
+//!   ([`Fallback::is_ours`]) and installed again right after that hit (the tracer sees
+//!   `SIGTRAP` missing from `SigCgt`), and the program's is put back at detach — but the
+//!   signal stays unblocked in that thread, and an action the program installed over ours
 //!   since is lost to such a reset;
 //! - signals the tracer held at a signal-delivery-stop when it died are lost (the kernel
 //!   drops them), the program's own included;

@@ -254,7 +254,7 @@ const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 
 /// The blocked-signal mask of stopped thread `tid` (bit `n - 1` for signal `n`).
-fn sig_mask(tid: i32) -> io::Result<u64> {
+pub(crate) fn sig_mask(tid: i32) -> io::Result<u64> {
     let mut mask = 0u64;
     // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
     let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };

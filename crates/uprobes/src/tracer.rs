@@ -83,11 +83,13 @@ pub(crate) enum State {
 pub(crate) struct Thread {
     pub state: State,
     pub shadow: ShadowStack,
+    /// Whether it hit one of our `int3`s before (see [`Tracer::keep_fallback`]).
+    pub hit_before: bool,
 }
 
 impl Thread {
     pub fn new(state: State) -> Thread {
-        Thread { state, shadow: ShadowStack::default() }
+        Thread { state, shadow: ShadowStack::default(), hit_before: false }
     }
 }
 
@@ -284,6 +286,9 @@ impl Tracer {
             }
             0 if sig == libc::SIGTRAP => {
                 let handled = self.on_trap(tid)?;
+                if handled {
+                    self.keep_fallback(tid);
+                }
                 self.settle(tid, if handled { 0 } else { libc::SIGTRAP }, mode);
             }
             0 => self.settle(tid, sig, mode),
@@ -369,6 +374,41 @@ impl Tracer {
             let _ = sys::tgkill(self.pid, tid, sig);
         }
         let _ = sys::cont(tid, 0);
+    }
+
+    /// After thread `tid` hit one of our `int3`s: if a thread blocked `SIGTRAP`, the kernel reset
+    /// the action's handler to `SIG_DFL` and unblocked the signal in the thread
+    /// (`force_sig_info_to_task`, kernel/signal.c) — the fallback gone, a tracer killed from
+    /// then on left `int3`s that killed the program (`xz -T2`, whose worker threads block
+    /// every signal, with a probe on `malloc`). Seen as `SIGTRAP` missing from the caught
+    /// signals (`SigCgt`), with our action so reset the current one: our action is
+    /// installed again (checked as said below). The signal stays unblocked in the thread
+    /// that blocked it (another
+    /// thread's hit may be the one that sees the reset, and must not get it blocked), and a
+    /// reset action of the program's own cannot be put back (nobody outside knows it).
+    fn keep_fallback(&mut self, tid: i32) {
+        if !self.fallback.as_ref().is_some_and(|f| f.installed) {
+            return;
+        }
+        // Reading SigCgt at every hit tripled a hit's cost: it is read at a thread's first
+        // hit, and at each hit of a thread that still blocks some signal — the kernel
+        // unblocked only SIGTRAP, a thread that blocks nothing else now gets no check.
+        let first = self.threads.get_mut(&tid).is_some_and(|t| !std::mem::replace(&mut t.hit_before, true));
+        let blocks_some = crate::spawn::sig_mask(tid).map_or(true, |mask| mask != 0);
+        if !(first || blocks_some) || trap_caught(self.pid) {
+            return;
+        }
+        let Some(fallback) = &self.fallback else { return };
+        let (query, reinstall) = (fallback.query_args(), fallback.reinstall_args());
+        let (_, current) = fallback.saved_and_replaced();
+        if self.syscall(tid, libc::SYS_rt_sigaction, query).is_err() {
+            return;
+        }
+        let Ok(action) = self.mem.read_vec(current, 32) else { return };
+        if !self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
+            return;
+        }
+        let _ = self.syscall(tid, libc::SYS_rt_sigaction, reinstall);
     }
 
     /// Makes the program's own `SIGTRAP` action the current one, on stopped thread `tid`:
@@ -735,6 +775,16 @@ impl Tracer {
 
 fn os(error: io::Error, what: &str) -> Error {
     Error::Os { what: what.to_string(), error }
+}
+
+/// Whether process `pid` catches `SIGTRAP` (its `SigCgt`); true if that cannot be read.
+fn trap_caught(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_none_or(|caught| caught & (1 << (libc::SIGTRAP - 1)) != 0)
 }
 
 /// Puts back a blocking system call of thread `tid`, in its interrupt stop, that our

@@ -566,6 +566,23 @@ fn a_thread_blocking_every_signal_leaves_the_programs_own_trap_handler_in_place(
 }
 
 #[test]
+fn killing_the_tracer_after_a_thread_blocking_every_signal_hit_a_probe_leaves_the_program_running() {
+    // Each hit of the blocking thread resets the SIGTRAP action; the tracer dies among them,
+    // and the rest of the hits must find the fallback handler in place, not SIG_DFL.
+    let target = traps_target();
+    let args = ["200".to_string(), "blocked".to_string()];
+    let mut plain = Program::start_exe(target, &args);
+    plain.go();
+    let reference = plain.output();
+    let mut program = Program::start_exe(target, &args);
+    let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
+    program.go();
+    kill_after(tracer, 50);
+    assert_eq!(program.output(), reference);
+}
+
+#[test]
 fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
     let target = traps_target().to_str().unwrap();
     let tracer = Tracer::start(&["p:work", "--", target, "200", "nohandler"]);

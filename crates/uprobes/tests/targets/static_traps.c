@@ -10,8 +10,9 @@
  * one's si_code) and the sum of work's results. With "nohandler" it installs no handler
  * and the first int3 kills it. With "blocked", it prints "waiting PID" once its handler is
  * installed and waits for a line on stdin (a tracer attaches meanwhile); then every work()
- * call is made first, by a thread that blocks every signal (a probe's int3 hit there is a
- * SIGTRAP forced on a thread that blocks it), and the traps after, by the main thread. */
+ * call is made first, 1 ms apart, by a thread that blocks every signal (a probe's int3 hit
+ * there is a SIGTRAP forced on a thread that blocks it), and the traps after, by the main
+ * thread. */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -38,8 +39,10 @@ static void *blocked_worker(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     unsigned long sum = 0;
-    for (long i = 0; i < rounds; i++)
+    for (long i = 0; i < rounds; i++) {
         sum += work((unsigned long)i);
+        usleep(1000);
+    }
     return (void *)sum;
 }
 
