@@ -104,6 +104,23 @@ pub fn thread_signal_pending(pid: i32, tid: i32, signal: i32) -> bool {
         .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
 }
 
+/// Whether a signal is pending that thread `tid` of process `pid` does not block: one for
+/// it (`SigPnd`) or for the process (`ShdPnd`), not in its `SigBlk`. True if it cannot be
+/// read (the careful answer for a caller about to assume there is none).
+pub fn deliverable_signal_pending(pid: i32, tid: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else { return true };
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+    };
+    match (mask("SigPnd"), mask("ShdPnd"), mask("SigBlk")) {
+        (Some(own), Some(shared), Some(blocked)) => (own | shared) & !blocked != 0,
+        _ => true,
+    }
+}
+
 /// What a thread is doing, from `/proc/PID/task/TID/syscall`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadActivity {

@@ -158,6 +158,13 @@ pub fn wait_thread(tid: i32) -> io::Result<i32> {
     }
 }
 
+/// The calling thread's id: the tracer of every thread it seized, and of every thread those
+/// create under `PTRACE_O_TRACECLONE`.
+pub fn gettid() -> i32 {
+    // SAFETY: a plain system call without arguments; it cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
 /// `tgkill(pid, tid, signal)`.
 pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: a plain system call with integer arguments.

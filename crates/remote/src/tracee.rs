@@ -8,7 +8,7 @@ use std::ops::BitOr;
 use std::time::{Duration, Instant};
 
 use crate::diagnose;
-use crate::error::{AttachError, Error};
+use crate::error::{AttachError, Error, PermissionReason};
 use crate::memory::Memory;
 use crate::proc;
 use crate::sys;
@@ -232,6 +232,15 @@ impl Tracee {
                     // A thread that exited between listing and seizing is no loss.
                     Err(AttachError::NotAThreadOf { .. }) | Err(AttachError::Exited { .. }) if proc::exists(pid) => {
                         continue
+                    }
+                    // Created since by a thread seized with PTRACE_O_TRACECLONE, which made
+                    // this thread ours already (it starts in a PTRACE_EVENT_STOP, ptrace(2)
+                    // "Attaching and detaching"): adopted as seized.
+                    Err(AttachError::NotPermitted {
+                        reason: PermissionReason::AlreadyTraced { tracer_pid, .. },
+                        ..
+                    }) if tracer_pid == sys::gettid() => {
+                        tracee.threads.insert(tid, Thread::new(false));
                     }
                     other => other?,
                 }

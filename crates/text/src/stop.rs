@@ -179,7 +179,8 @@ static RESTARTED_SYSCALLS: AtomicU64 = AtomicU64::new(0);
 /// the same registers each is the same call (a relative timeout starts over). `read`,
 /// `accept` and the like are here for sockets with a receive timeout, which `SA_RESTART`
 /// does not restart (signal(7)). `connect` is not: made again it fails with `EALREADY`.
-const RESTARTABLE_WAITS: [i64; 21] = [
+/// (The ptrace backend puts back the same calls when its `PTRACE_INTERRUPT` cut one short.)
+pub const RESTARTABLE_WAITS: [i64; 21] = [
     libc::SYS_read,
     libc::SYS_poll,
     libc::SYS_select,

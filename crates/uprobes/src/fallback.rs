@@ -33,8 +33,13 @@
 //! - a program that installs its own `SIGTRAP` action while probed replaces the fallback
 //!   until the tracer next delivers one of the program's own traps (which re-arms it and
 //!   keeps the program's action as the one to put back) or detaches;
-//! - a thread that blocks `SIGTRAP` when it hits a probe makes the kernel reset the action
-//!   to the default (`force_sig_info_to_task` in `kernel/signal.c`), the fallback with it;
+//! - a thread that blocks `SIGTRAP` when it hits a probe makes the kernel reset the action's
+//!   handler to the default (`force_sig_info_to_task` in `kernel/signal.c`), and unblock
+//!   `SIGTRAP` in that thread: our action so reset is known by its restorer
+//!   ([`Fallback::is_ours`]) and installed again right after that hit (the tracer sees
+//!   `SIGTRAP` missing from `SigCgt`), and the program's is put back at detach — but the
+//!   signal stays unblocked in that thread, and an action the program installed over ours
+//!   since is lost to such a reset;
 //! - signals the tracer held at a signal-delivery-stop when it died are lost (the kernel
 //!   drops them), the program's own included;
 //! - a thread held at the trap of a one-byte instruction whose successor is a branch target
@@ -227,8 +232,20 @@ impl Fallback {
     }
 
     /// Our handler's address (the `sa_sigaction` of our action).
+    #[cfg(test)]
     pub fn handler(&self) -> u64 {
         self.handler
+    }
+
+    /// Whether `action` (a `struct sigaction` of the syscall ABI, as `rt_sigaction` wrote
+    /// it) is ours — or was: a `SIGTRAP` forced on a thread that blocks it (our `int3` hit
+    /// by a thread blocking every signal) resets the action's handler alone to `SIG_DFL`
+    /// (`force_sig_info_to_task`, kernel/signal.c), and our restorer stays, which no action
+    /// of the program's has. Taken for the program's, that reset lost the program's own
+    /// handler: its next trap killed it.
+    pub fn is_ours(&self, action: &[u8]) -> bool {
+        let word = |i: usize| action.get(8 * i..8 * i + 8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        word(0) == Some(self.handler) || (word(0) == Some(0) && word(2) == Some(self.code + RESTORER))
     }
 
     /// A free return entry, or `None` when the table is full.

@@ -343,6 +343,10 @@ fn attach(pid: i32, options: Options) -> Result<HashMap<i32, Thread>, Error> {
     for (tid, stop) in tracee.into_threads() {
         let state = match stop {
             Some(Stop::Signal { signal, .. }) => State::Stopped { signal },
+            Some(Stop::Interrupt) => {
+                tracer::put_back_cut_call(pid, tid);
+                State::Stopped { signal: 0 }
+            }
             Some(_) => State::Stopped { signal: 0 },
             // A thread cloned while stopping the others: its first stop comes to the loop.
             None => State::Running,

@@ -157,11 +157,21 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// cannot use here: a started program is seized by a raw `PTRACE_SEIZE` before its
 /// `execve` (a `Tracee`'s `/proc/PID/mem` opened then would belong to the old image) and
 /// stands in its `PTRACE_EVENT_EXEC` stop, which `Tracee::syscall` refuses; an attached
-/// program's threads belong to the tracer's `waitpid(-1)` loop by now. From the exec stop,
-/// the first step only finishes the `execve` (its result overwrites `rax`, and the step
-/// traps with `rip` unchanged, before our instruction): the registers are set again and the
-/// step repeated, which [`step_over_syscall`] recognizes by `rip`.
+/// program's threads belong to the tracer's `waitpid(-1)` loop by now.
+///
+/// A thread stopped *inside* a system call of its own — at a ptrace event the call reports
+/// before it returns: `PTRACE_EVENT_CLONE` in the middle of `clone3`, whose child exists
+/// already, or the exec stop — is first let out of that call ([`finish_syscall`]). Its
+/// registers at the event are the call's entry state (`rax` = `-ENOSYS`): saved there and
+/// put back, they made the call return `-ENOSYS` to the program after it had done its work,
+/// and glibc's `pthread_create` then falls back to `clone` and starts the same thread a
+/// second time, on the same stack — the two corrupt each other's frames until one returns
+/// to address 0.
 pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
+    let mut signals = Vec::new();
+    if stopped_inside_syscall(tid) {
+        finish_syscall(tid, &mut signals)?;
+    }
     let saved = sys::get_regs(tid)?;
     let mut regs = saved;
     regs.rip = insn;
@@ -178,19 +188,65 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
     if mask & trap_bit != 0 {
         set_sig_mask(tid, mask & !trap_bit)?;
     }
-    let result = step_over_syscall(tid, &regs);
+    let result = step_over_syscall(tid, &regs, &mut signals);
     if mask & trap_bit != 0 {
         let _ = set_sig_mask(tid, mask);
     }
     let restored = sys::set_regs(tid, &saved);
-    let (value, signals) = result?;
-    restored?;
     for signal in signals {
         // Re-sends a signal the thread received while we borrowed it; it fails only for a
         // thread that is gone.
         let _ = sys::tgkill(pid, tid, signal);
     }
+    let value = result?;
+    restored?;
     Ok(value)
+}
+
+/// The ptrace events a system call reports from inside itself, before it returns
+/// (`ptrace_event` called by `kernel_clone` and `exec_binprm`, ptrace(2) "PTRACE_EVENT
+/// stops").
+const EVENTS_INSIDE_A_CALL: [i32; 5] = [
+    libc::PTRACE_EVENT_FORK,
+    libc::PTRACE_EVENT_VFORK,
+    libc::PTRACE_EVENT_CLONE,
+    libc::PTRACE_EVENT_EXEC,
+    libc::PTRACE_EVENT_VFORK_DONE,
+];
+
+/// Whether stopped thread `tid` is in a ptrace-event stop inside one of its system calls:
+/// the stop's siginfo says `SIGTRAP | event << 8` (`ptrace_do_notify`, kernel/signal.c).
+fn stopped_inside_syscall(tid: i32) -> bool {
+    sys::get_siginfo(tid).is_ok_and(|info| {
+        info.si_signo == libc::SIGTRAP
+            && info.si_code & 0xff == libc::SIGTRAP
+            && EVENTS_INSIDE_A_CALL.contains(&(info.si_code >> 8))
+    })
+}
+
+/// Lets thread `tid`, stopped inside a system call of its own, finish it: one step returns
+/// from the call, which the kernel reports at the call's exit, before any instruction of
+/// the program's (`syscall_exit_work` in kernel/entry/common.c) — the call's result is in
+/// `rax` then, as the program will see it. A stop of ours still pending comes first
+/// (`PTRACE_EVENT_STOP`), the step's trap after it; signals of the program's that come are
+/// held in `signals`, to be sent again.
+fn finish_syscall(tid: i32, signals: &mut Vec<i32>) -> io::Result<()> {
+    // Each stop but the last is one of a few: the pending interrupt, a signal or two.
+    for _ in 0..16 {
+        sys::single_step(tid, 0)?;
+        let status = sys::wait_thread(tid)?;
+        if !libc::WIFSTOPPED(status) {
+            return Err(io::Error::other("the thread ended in its system call"));
+        }
+        let (sig, event) = (libc::WSTOPSIG(status), status >> 16);
+        if event == 0 && sig == libc::SIGTRAP {
+            return Ok(());
+        }
+        if event == 0 {
+            signals.push(sig);
+        }
+    }
+    Err(io::Error::other("the thread did not come out of its system call"))
 }
 
 /// `PTRACE_GETSIGMASK` and `PTRACE_SETSIGMASK` (`<linux/ptrace.h>`, since Linux 3.11).
@@ -198,7 +254,7 @@ const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 
 /// The blocked-signal mask of stopped thread `tid` (bit `n - 1` for signal `n`).
-fn sig_mask(tid: i32) -> io::Result<u64> {
+pub(crate) fn sig_mask(tid: i32) -> io::Result<u64> {
     let mut mask = 0u64;
     // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
     let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };
@@ -219,10 +275,9 @@ fn set_sig_mask(tid: i32, mask: u64) -> io::Result<()> {
 }
 
 /// Sets `regs` (at a `syscall` instruction) and single-steps until the instruction has run
-/// (`rip` past its two bytes); returns `rax` and the signals that stopped the thread
-/// meanwhile (held back, to be sent again).
-fn step_over_syscall(tid: i32, regs: &Regs) -> io::Result<(u64, Vec<i32>)> {
-    let mut signals = Vec::new();
+/// (`rip` past its two bytes); returns `rax`. Signals that stopped the thread meanwhile go
+/// to `signals` (held back, to be sent again).
+fn step_over_syscall(tid: i32, regs: &Regs, signals: &mut Vec<i32>) -> io::Result<u64> {
     sys::set_regs(tid, regs)?;
     loop {
         sys::single_step(tid, 0)?;
@@ -234,10 +289,10 @@ fn step_over_syscall(tid: i32, regs: &Regs) -> io::Result<(u64, Vec<i32>)> {
         if status >> 16 == 0 && sig == libc::SIGTRAP {
             let now = sys::get_regs(tid)?;
             if now.rip == regs.rip + 2 {
-                return Ok((now.rax, signals));
+                return Ok(now.rax);
             }
-            // The step ended the system call the thread was stopped in (the exec stop)
-            // without running ours, whose registers that call's return overwrote.
+            // A SIGTRAP queued before the step, delivered before our instruction ran (and
+            // suppressed): set the registers again and step on.
             sys::set_regs(tid, regs)?;
             continue;
         }

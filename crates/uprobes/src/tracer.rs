@@ -22,7 +22,8 @@ use dynprobe::fetch::{HitContext, TargetMemory};
 use dynprobe::line::{EventFormat, Line};
 use dynprobe::{monotonic_ns, Regs};
 use dynprobe_arch::native::INT3;
-use dynprobe_remote::{sys, thread_signal_pending, Memory, Regs as UserRegs};
+use dynprobe_remote::{deliverable_signal_pending, sys, thread_signal_pending, Memory, Regs as UserRegs};
+use dynprobe_text::stop::RESTARTABLE_WAITS;
 
 use crate::control::Control;
 use crate::fallback::Fallback;
@@ -34,6 +35,9 @@ use crate::{Error, ExitInfo, Outcome};
 
 /// `si_code` of a `SIGTRAP` raised by an `int3` (the kernel's `SI_KERNEL`).
 const SI_KERNEL: i32 = 0x80;
+
+/// The `syscall` instruction.
+const SYSCALL: [u8; 2] = [0x0f, 0x05];
 
 /// One patched address and the probes that share it (the kernels' aggregate probe).
 #[derive(Debug)]
@@ -79,11 +83,13 @@ pub(crate) enum State {
 pub(crate) struct Thread {
     pub state: State,
     pub shadow: ShadowStack,
+    /// Whether it hit one of our `int3`s before (see [`Tracer::keep_fallback`]).
+    pub hit_before: bool,
 }
 
 impl Thread {
     pub fn new(state: State) -> Thread {
-        Thread { state, shadow: ShadowStack::default() }
+        Thread { state, shadow: ShadowStack::default(), hit_before: false }
     }
 }
 
@@ -250,8 +256,13 @@ impl Tracer {
         match event {
             libc::PTRACE_EVENT_CLONE => {
                 if let Ok(new) = sys::event_msg(tid) {
-                    // Its first stop may have been reported already.
-                    self.threads.entry(new as i32).or_insert_with(|| Thread::new(State::Running));
+                    // Its first stop may have been reported already — and a short-lived
+                    // thread's whole life, its exit included, before its creator reached
+                    // this stop: a thread we reaped is not listed in /proc any more, and
+                    // must not be waited for (stop_all would wait for it forever).
+                    if std::path::Path::new(&format!("/proc/{}/task/{new}", self.pid)).exists() {
+                        self.threads.entry(new as i32).or_insert_with(|| Thread::new(State::Running));
+                    }
                 }
                 self.settle(tid, 0, mode);
             }
@@ -265,11 +276,19 @@ impl Tracer {
                     // this stop: let it come, or it would be delivered after detaching.
                     self.resume(tid, 0);
                 } else {
+                    if !group_stop {
+                        // Our PTRACE_INTERRUPT's stop (a group-stop is the program's own
+                        // job control, which cuts the same calls short without us).
+                        put_back_cut_call(self.pid, tid);
+                    }
                     self.settle(tid, 0, mode);
                 }
             }
             0 if sig == libc::SIGTRAP => {
                 let handled = self.on_trap(tid)?;
+                if handled {
+                    self.keep_fallback(tid);
+                }
                 self.settle(tid, if handled { 0 } else { libc::SIGTRAP }, mode);
             }
             0 => self.settle(tid, sig, mode),
@@ -357,18 +376,53 @@ impl Tracer {
         let _ = sys::cont(tid, 0);
     }
 
+    /// After thread `tid` hit one of our `int3`s: if a thread blocked `SIGTRAP`, the kernel reset
+    /// the action's handler to `SIG_DFL` and unblocked the signal in the thread
+    /// (`force_sig_info_to_task`, kernel/signal.c) — the fallback gone, a tracer killed from
+    /// then on left `int3`s that killed the program (`xz -T2`, whose worker threads block
+    /// every signal, with a probe on `malloc`). Seen as `SIGTRAP` missing from the caught
+    /// signals (`SigCgt`), with our action so reset the current one: our action is
+    /// installed again (checked as said below). The signal stays unblocked in the thread
+    /// that blocked it (another
+    /// thread's hit may be the one that sees the reset, and must not get it blocked), and a
+    /// reset action of the program's own cannot be put back (nobody outside knows it).
+    fn keep_fallback(&mut self, tid: i32) {
+        if !self.fallback.as_ref().is_some_and(|f| f.installed) {
+            return;
+        }
+        // Reading SigCgt at every hit tripled a hit's cost: it is read at a thread's first
+        // hit, and at each hit of a thread that still blocks some signal — the kernel
+        // unblocked only SIGTRAP, a thread that blocks nothing else now gets no check.
+        let first = self.threads.get_mut(&tid).is_some_and(|t| !std::mem::replace(&mut t.hit_before, true));
+        let blocks_some = crate::spawn::sig_mask(tid).map_or(true, |mask| mask != 0);
+        if !(first || blocks_some) || trap_caught(self.pid) {
+            return;
+        }
+        let Some(fallback) = &self.fallback else { return };
+        let (query, reinstall) = (fallback.query_args(), fallback.reinstall_args());
+        let (_, current) = fallback.saved_and_replaced();
+        if self.syscall(tid, libc::SYS_rt_sigaction, query).is_err() {
+            return;
+        }
+        let Ok(action) = self.mem.read_vec(current, 32) else { return };
+        if !self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
+            return;
+        }
+        let _ = self.syscall(tid, libc::SYS_rt_sigaction, reinstall);
+    }
+
     /// Makes the program's own `SIGTRAP` action the current one, on stopped thread `tid`:
     /// the saved one while ours is installed, or the one the program installed over ours
     /// since — which becomes the saved one, put back at detach.
     fn program_action_back(&mut self, tid: i32) -> io::Result<()> {
         let Some(fallback) = &self.fallback else { return Ok(()) };
-        let (query, restore, ours) = (fallback.query_args(), fallback.restore_saved_args(), fallback.handler());
+        let (query, restore) = (fallback.query_args(), fallback.restore_saved_args());
         let (saved, current) = fallback.saved_and_replaced();
         self.syscall(tid, libc::SYS_rt_sigaction, query)?;
-        if self.mem.read_u64(current)? == ours {
+        let action = self.mem.read_vec(current, 32)?;
+        if self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
             self.syscall(tid, libc::SYS_rt_sigaction, restore)?;
         } else {
-            let action = self.mem.read_vec(current, 32)?;
             self.mem.write(saved, &action)?;
         }
         Ok(())
@@ -691,14 +745,15 @@ impl Tracer {
         if !fallback.installed {
             return Ok(());
         }
-        let (ours, replaced) = (fallback.handler(), fallback.replaced_handler_addr());
+        let replaced = fallback.replaced_handler_addr();
         let (uninstall, reinstate) = (fallback.uninstall_args(), fallback.reinstate_replaced_args());
         let failed = |e: io::Error| format!("putting the program's SIGTRAP action back: {e}");
         self.syscall(tid, libc::SYS_rt_sigaction, uninstall).map_err(failed)?;
         if let Some(f) = &mut self.fallback {
             f.installed = false;
         }
-        if self.mem.read_u64(replaced).map_err(failed)? != ours {
+        let action = self.mem.read_vec(replaced, 32).map_err(failed)?;
+        if !self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
             self.syscall(tid, libc::SYS_rt_sigaction, reinstate).map_err(failed)?;
         }
         Ok(())
@@ -722,6 +777,46 @@ impl Tracer {
 
 fn os(error: io::Error, what: &str) -> Error {
     Error::Os { what: what.to_string(), error }
+}
+
+/// Whether process `pid` catches `SIGTRAP` (its `SigCgt`); true if that cannot be read.
+fn trap_caught(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_none_or(|caught| caught & (1 << (libc::SIGTRAP - 1)) != 0)
+}
+
+/// Puts back a blocking system call of thread `tid`, in its interrupt stop, that our
+/// `PTRACE_INTERRUPT` cut short. The interrupt wakes the thread as a signal would, and the
+/// calls the kernel does not restart after a stop return `EINTR` (`epoll_wait`,
+/// `sigtimedwait`, socket calls with a timeout…; signal(7), "Interruption of system calls
+/// and library functions by stop signals"): a thread of the program's would see one at
+/// every attach and detach. When nothing else can have cut the call short — it returned
+/// `EINTR`, it is one of the waits that are the same call when made again with the same
+/// registers ([`RESTARTABLE_WAITS`]; the kernel keeps the argument registers), the
+/// instruction before `rip` is the `syscall` that made it, and no signal the thread does
+/// not block is pending (one would be delivered next, and the call must end for its
+/// handler) — `rip` goes back onto the `syscall` with `rax` its number: the kernel's own
+/// restart (`regs->ax = regs->orig_ax; regs->ip -= 2`, arch/x86/kernel/signal.c). A
+/// relative timeout starts over: the call lasts longer by the time it had waited.
+pub(crate) fn put_back_cut_call(pid: i32, tid: i32) {
+    let Ok(mut regs) = sys::get_regs(tid) else { return };
+    let nr = regs.orig_rax as i64;
+    if regs.rax as i64 != -i64::from(libc::EINTR) || !RESTARTABLE_WAITS.contains(&nr) {
+        return;
+    }
+    let mut insn = [0u8; 2];
+    let is_syscall = matches!(sys::read_vm(pid, regs.rip.wrapping_sub(2), &mut insn), Ok(2)) && insn == SYSCALL;
+    if !is_syscall || deliverable_signal_pending(pid, tid) {
+        return;
+    }
+    regs.rax = regs.orig_rax;
+    regs.rip -= 2;
+    // ESRCH: the thread is gone (killed with its process); its exit report follows.
+    let _ = sys::set_regs(tid, &regs);
 }
 
 /// ptrace's register block as the probe layer's [`Regs`].

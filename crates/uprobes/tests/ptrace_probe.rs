@@ -3,10 +3,12 @@
 //! runs the tracer in its own process as the CLI does.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_dynprobe-uprobes");
 
@@ -50,6 +52,57 @@ fn calls(threads: u64, rounds: u64) -> Vec<(u64, u64)> {
     all
 }
 
+/// How long any one wait of these tests lasts before the test fails, saying what it waited
+/// for: a stuck tracer or program must fail its test, never hang CI.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// The lines a child writes, read on a thread of their own (a full pipe would stall the
+/// child, and with a tracer the program it holds).
+struct Lines {
+    lines: Receiver<String>,
+    /// Who writes them, for a failure message.
+    who: String,
+}
+
+impl Lines {
+    fn read(from: impl Read + Send + 'static, who: &str) -> Lines {
+        let (send, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { lines, who: who.to_string() }
+    }
+
+    /// The next line, `None` once the output ended; fails the test after [`PATIENCE`].
+    fn next(&mut self) -> Option<String> {
+        match self.lines.recv_timeout(PATIENCE) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => panic!("{} wrote no line for {PATIENCE:?}", self.who),
+        }
+    }
+}
+
+/// Waits for `child` to end; after [`PATIENCE`] kills it and fails the test.
+fn wait_within(child: &mut Child, who: &str) -> ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{who} still ran {PATIENCE:?} after it should have ended");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The checksum line of an unprobed run.
 fn unprobed(threads: u64, rounds: u64, wait: u8) -> String {
     let mut child = Command::new(target())
@@ -59,61 +112,79 @@ fn unprobed(threads: u64, rounds: u64, wait: u8) -> String {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_string()
+    let mut stdout = child.stdout.take().unwrap();
+    assert!(wait_within(&mut child, "the unprobed program").success());
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    out.lines().last().unwrap().to_string()
 }
 
-/// The target started and waiting for "go", with its pid.
+/// A target started and waiting for "go" (it printed `waiting PID`), with its pid; killed
+/// if the test ends without finishing it.
 struct Program {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    stdout: Lines,
     pid: i32,
 }
 
 impl Program {
     fn start(threads: u64, rounds: u64, wait: u8) -> Program {
-        let mut child = Command::new(target())
-            .args([threads.to_string(), rounds.to_string(), wait.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Program::start_exe(target(), &[threads.to_string(), rounds.to_string(), wait.to_string()])
+    }
+
+    fn start_exe(exe: &Path, args: &[String]) -> Program {
+        let mut child = Command::new(exe).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let pid = line.trim().strip_prefix("waiting ").unwrap().parse().unwrap();
+        let mut stdout = Lines::read(child.stdout.take().unwrap(), &exe.display().to_string());
+        let line = stdout.next().unwrap_or_default();
+        let pid = line.trim().strip_prefix("waiting ").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
         Program { child, stdin, stdout, pid }
     }
 
+    /// Sends "go" and ends its stdin.
     fn go(&mut self) {
         self.stdin.take().unwrap().write_all(b"go\n").unwrap();
     }
 
     /// Its checksum line, once it finished with status 0.
-    fn finish(mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the program ended with {status} after printing {line:?}");
-        line.trim().to_string()
+    fn finish(self) -> String {
+        self.output().lines().last().unwrap_or_default().trim().to_string()
+    }
+
+    /// Everything it printed after `waiting PID`, once it finished with status 0.
+    fn output(mut self) -> String {
+        let mut text = String::new();
+        while let Some(line) = self.stdout.next() {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let status = wait_within(&mut self.child, &self.stdout.who);
+        assert!(status.success(), "the program ended with {status} after printing {text:?}");
+        text
     }
 }
 
-/// The tracer process: protocol lines from its stdout, control through its stdin.
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tracer process: protocol lines from its stdout, control through its stdin; killed
+/// if the test ends before it did.
 struct Tracer {
     child: Child,
     control: Option<ChildStdin>,
-    lines: BufReader<ChildStdout>,
+    lines: Lines,
 }
 
 impl Tracer {
     fn start(args: &[&str]) -> Tracer {
         let mut child = Command::new(TRACER).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let control = child.stdin.take();
-        let lines = BufReader::new(child.stdout.take().unwrap());
+        let lines = Lines::read(child.stdout.take().unwrap(), &format!("the tracer ({args:?})"));
         Tracer { child, control, lines }
     }
 
@@ -125,8 +196,7 @@ impl Tracer {
     }
 
     fn line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        (self.lines.read_line(&mut line).unwrap() > 0).then(|| line.trim_end().to_string())
+        self.lines.next().map(|line| line.trim_end().to_string())
     }
 
     /// Every line until the tracer's output ends, and whether it exited successfully.
@@ -136,7 +206,15 @@ impl Tracer {
             all.push(line);
         }
         drop(self.control.take());
-        (all, self.child.wait().unwrap().success())
+        let status = wait_within(&mut self.child, &self.lines.who);
+        (all, status.success())
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -466,10 +544,85 @@ fn the_programs_own_traps_reach_its_own_handler_while_probed() {
 }
 
 #[test]
+fn a_thread_blocking_every_signal_leaves_the_programs_own_trap_handler_in_place() {
+    // Attached once the program's SIGTRAP handler is in place; the probe's int3s are all hit
+    // by a thread that blocks every signal, which makes the kernel reset the action each
+    // time; the program's own traps come after, while still attached, to its own handler.
+    let target = traps_target();
+    let args = ["200".to_string(), "blocked".to_string()];
+    let mut plain = Program::start_exe(target, &args);
+    plain.go();
+    let reference = plain.output();
+    assert!(reference.starts_with("traps=40 bad=0 "), "{reference}");
+    let mut program = Program::start_exe(target, &args);
+    let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
+    program.go();
+    assert_eq!(program.output(), reference, "every trap handled by the program");
+    let (lines, ok) = tracer.rest();
+    assert!(ok, "{lines:?}");
+    assert_eq!(lines.last().map(String::as_str), Some("!exited 0"));
+    assert_eq!(hits(&lines, "work").len(), 200);
+}
+
+#[test]
+fn killing_the_tracer_after_a_thread_blocking_every_signal_hit_a_probe_leaves_the_program_running() {
+    // Each hit of the blocking thread resets the SIGTRAP action; the tracer dies among them,
+    // and the rest of the hits must find the fallback handler in place, not SIG_DFL.
+    let target = traps_target();
+    let args = ["200".to_string(), "blocked".to_string()];
+    let mut plain = Program::start_exe(target, &args);
+    plain.go();
+    let reference = plain.output();
+    let mut program = Program::start_exe(target, &args);
+    let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
+    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
+    program.go();
+    kill_after(tracer, 50);
+    assert_eq!(program.output(), reference);
+}
+
+#[test]
 fn a_trap_the_program_does_not_handle_kills_it_as_untraced() {
     let target = traps_target().to_str().unwrap();
     let tracer = Tracer::start(&["p:work", "--", target, "200", "nohandler"]);
     let (lines, _) = tracer.rest();
     assert_eq!(lines.last().map(String::as_str), Some("!killed 5"), "{lines:?}");
     assert_eq!(hits(&lines, "work").len(), 10, "it died at its first int3, after 10 calls");
+}
+
+fn sleepers_target() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("tests/targets/static_sleepers.c", "static_sleepers"))
+}
+
+/// What `static_sleepers` prints when every blocking call returned as it would untraced
+/// and every thread it created started once.
+const SLEEPERS_OK: &str = "clock_nanosleep ok\nnanosleep ok\nfutex ok\nepoll_wait ok\nread ok\nthreads ok\n";
+
+#[test]
+fn blocked_calls_and_threads_being_created_come_through_many_sessions_unharmed() {
+    // Each session stops every thread (some asleep in their calls, the spawner often inside
+    // clone3), makes system calls on one of them to map the slots and install the fallback
+    // SIGTRAP action, lets hits come, and stops them all again to put the action back.
+    const SESSIONS: usize = 30;
+    let mut program = Program::start_exe(sleepers_target(), &[]);
+    let specs = ["p:tick kind=$arg1", "r:tick r=$retval", "p:spawned seq=$arg1"];
+    let mut created = 0;
+    for session in 0..SESSIONS {
+        let mut tracer = Tracer::attach(program.pid, &specs);
+        assert_eq!(tracer.line().as_deref(), Some("!ready 3"), "session {session}");
+        for _ in 0..20 {
+            let line = tracer.line().unwrap_or_else(|| panic!("session {session}: the tracer ended"));
+            assert!(!line.starts_with('!'), "session {session}: {line}");
+        }
+        tracer.control.as_mut().unwrap().write_all(b"detach\n").unwrap();
+        let (lines, ok) = tracer.rest();
+        assert!(ok, "session {session}: {lines:?}");
+        assert!(lines.iter().all(|l| !l.starts_with('!')), "session {session}: {lines:?}");
+        created += hits(&lines, "spawned").len();
+    }
+    assert!(created > 0, "no thread was created while probed");
+    program.go();
+    assert_eq!(program.output(), SLEEPERS_OK);
 }
