@@ -362,6 +362,10 @@ pub fn uninstall_handler() -> Result<(), TextError> {
     // so the action goes back with nothing of ours left queued. Only when the program had no
     // handler of its own for the signal: a pending one might then be its own.
     let default_or_ignored = [libc::SIG_DFL, libc::SIG_IGN].contains(&old.sa_sigaction);
+    // SAFETY: a zeroed sigaction is valid storage for the action queried into it.
+    let mut ours: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a query of the current action into `ours`.
+    unsafe { libc::sigaction(stop_signal(), std::ptr::null(), &mut ours) };
     if default_or_ignored {
         // SAFETY: a zeroed sigaction with SIG_IGN (0 flags, empty mask) is a valid action.
         let mut ignore: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -375,6 +379,9 @@ pub fn uninstall_handler() -> Result<(), TextError> {
     // SAFETY: `old` is the action the kernel gave back when ours was installed.
     if unsafe { libc::sigaction(stop_signal(), old, std::ptr::null_mut()) } != 0 {
         let reason = format!("cannot put the stop signal's action back: {}", std::io::Error::last_os_error());
+        // Ours again, as before the call (not the SIG_IGN set above): an error changes nothing.
+        // SAFETY: `ours` is the action the kernel gave back above.
+        unsafe { libc::sigaction(stop_signal(), &ours, std::ptr::null_mut()) };
         return Err(TextError::StopFailed { reason });
     }
     *previous = None;

@@ -77,7 +77,12 @@ fn wake_a_thread_left_alone_during_an_int3_first_write() -> Result<(), String> {
             tid.store(unsafe { libc::gettid() }, Ordering::Release);
             let mut byte = 0u8;
             // SAFETY: reads one byte into a local.
-            unsafe { libc::read(rd, (&mut byte as *mut u8).cast(), 1) };
+            let n = unsafe { libc::read(rd, (&mut byte as *mut u8).cast(), 1) };
+            // Woken by the byte, not cut short (EINTR would be the very fault the stop
+            // must never cause): otherwise `woke` stays false and the test says so.
+            if n != 1 {
+                return;
+            }
             woke.store(true, Ordering::Release);
             // Running, not blocked: the settling stops it.
             while !quit.load(Ordering::Relaxed) {
@@ -109,6 +114,11 @@ fn wake_a_thread_left_alone_during_an_int3_first_write() -> Result<(), String> {
     quit.store(true, Ordering::Relaxed);
     until(|| done.load(Ordering::Acquire), "the sleeper, released, to end")?;
     sleeper.join().map_err(|_| "the sleeper panicked".to_string())?;
+    // SAFETY: the pipe's two ends, used by nothing any more.
+    unsafe {
+        libc::close(rd);
+        libc::close(wr);
+    }
     finished.map_err(|e| e.to_string())?;
     let now = read_vec(func.addr, 6).map_err(|e| e.to_string())?;
     if !edits.outcomes().all(|(_, done)| done) || now != [MOV2[0], MOV2[1], MOV2[2], MOV2[3], MOV2[4], RET] {

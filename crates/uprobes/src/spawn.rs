@@ -170,7 +170,11 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64; 6]) -> io::Result<u64> {
     let mut signals = Vec::new();
     if stopped_inside_syscall(tid) {
-        finish_syscall(tid, &mut signals)?;
+        if let Err(e) = finish_syscall(tid, &mut signals) {
+            // The program's signals held meanwhile are its own: sent again even so.
+            resend(pid, tid, signals);
+            return Err(e);
+        }
     }
     let saved = sys::get_regs(tid)?;
     let mut regs = saved;
@@ -193,14 +197,18 @@ pub(crate) fn remote_syscall(pid: i32, tid: i32, insn: u64, nr: u64, args: [u64;
         let _ = set_sig_mask(tid, mask);
     }
     let restored = sys::set_regs(tid, &saved);
-    for signal in signals {
-        // Re-sends a signal the thread received while we borrowed it; it fails only for a
-        // thread that is gone.
-        let _ = sys::tgkill(pid, tid, signal);
-    }
+    resend(pid, tid, signals);
     let value = result?;
     restored?;
     Ok(value)
+}
+
+/// Re-sends the signals thread `tid` received while we borrowed it; a send fails only for
+/// a thread that is gone.
+fn resend(pid: i32, tid: i32, signals: Vec<i32>) {
+    for signal in signals {
+        let _ = sys::tgkill(pid, tid, signal);
+    }
 }
 
 /// The ptrace events a system call reports from inside itself, before it returns
