@@ -449,6 +449,13 @@ fn source_locations_in_a_shared_library() {
     // In a running process, the library it has mapped: Debian's C library in `sleep`, which
     // has no DWARF of its own.
     let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    // `spawn` returns once `sleep` is exec'd, before its loader has mapped the C library.
+    let maps = format!("/proc/{}/maps", sleeper.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("/libc.so")) {
+        assert!(std::time::Instant::now() < deadline, "sleep did not map the C library within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let vars =
         dynprobe().args(["probe", "--vars", "libc:__libc_free", "-p", &sleeper.id().to_string()]).output().unwrap();
     let _ = sleeper.kill();
