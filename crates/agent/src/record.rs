@@ -316,11 +316,9 @@ impl Started {
         remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
         // Recording lasts as long as the process, as the tracer's own probes do.
         std::mem::forget(self.markers);
-        let tracer = Arc::new(Mutex::new(Some(self.tracer)));
-        match self.libraries.map(|libraries| libraries.watch(Arc::clone(&tracer))) {
-            Some(Ok(watch)) => watch.keep(),
-            Some(Err(e)) => eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}"),
-            None => {}
+        let (tracer, watch) = shared_and_watched(self.tracer, self.libraries);
+        if let Some(watch) = watch {
+            watch.keep();
         }
         // Tracing lasts as long as the process: no path may drop the tracer and unregister
         // the program's probes.
@@ -341,15 +339,7 @@ impl Started {
     /// `exec`s carried from this image stop then too: see `carry_environment`).
     fn keep_while_recording(self) {
         remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
-        let tracer = Arc::new(Mutex::new(Some(self.tracer)));
-        let watch = match self.libraries.map(|libraries| libraries.watch(Arc::clone(&tracer))) {
-            Some(Ok(watch)) => Some(watch),
-            Some(Err(e)) => {
-                eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}");
-                None
-            }
-            None => None,
-        };
+        let (tracer, watch) = shared_and_watched(self.tracer, self.libraries);
         // As in `keep`: every probe becomes a jump while this is the only thread.
         let _ = dynprobe_probe::wait_for_optimizer();
         let in_flight = Ok(Default::default());
@@ -380,6 +370,23 @@ impl Started {
             Err(_) => std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take()),
         }
     }
+}
+
+/// `tracer`, shared with the `dlopen` watch that adds the libraries loaded later to it (no
+/// watch when no pattern names a library, or when it cannot be started: said, and the
+/// recording goes on without them).
+fn shared_and_watched(
+    tracer: Tracer,
+    libraries: Option<Libraries>,
+) -> (Arc<Mutex<Option<Tracer>>>, Option<crate::dlopen::ModuleWatch>) {
+    let tracer = Arc::new(Mutex::new(Some(tracer)));
+    let watch = libraries.and_then(|libraries| {
+        libraries
+            .watch(Arc::clone(&tracer))
+            .map_err(|e| eprintln!("dynprobe agent: libraries loaded later will not be traced: {e}"))
+            .ok()
+    });
+    (tracer, watch)
 }
 
 /// How often an `exec`'d image looks whether its recording is over.
