@@ -39,6 +39,8 @@ pub use diagnose::ptrace_scope;
 pub use error::{AttachError, Error, PermissionReason};
 pub use inject::{inject_library, inject_library_timeout, InjectError, Injected, DEFAULT_CALL_TIMEOUT};
 pub use memory::Memory;
-pub use proc::{deliverable_signal_pending, thread_activity, thread_signal_pending, threads, ThreadActivity};
+pub use proc::{
+    deliverable_signal_pending, signal_mask, thread_activity, thread_signal_pending, threads, ThreadActivity,
+};
 pub use tracee::{Event, Options, Regs, Stop, Tracee};
 pub use unload::{unload_library, UnloadError};

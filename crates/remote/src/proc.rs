@@ -97,11 +97,16 @@ pub fn threads(pid: i32) -> io::Result<Vec<i32>> {
 /// status file; the process-wide `ShdPnd` is not looked at). False if it cannot be read.
 pub fn thread_signal_pending(pid: i32, tid: i32, signal: i32) -> bool {
     let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    signal_mask(&status, "SigPnd").is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// The signal mask `field` (`SigPnd`, `ShdPnd`, `SigBlk`, `SigIgn`, `SigCgt`) of a
+/// `/proc/PID[/task/TID]/status` text: bit `n - 1` for signal `n`.
+pub fn signal_mask(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("SigPnd:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
 }
 
 /// Whether a signal is pending that thread `tid` of process `pid` does not block: one for
@@ -109,12 +114,7 @@ pub fn thread_signal_pending(pid: i32, tid: i32, signal: i32) -> bool {
 /// read (the careful answer for a caller about to assume there is none).
 pub fn deliverable_signal_pending(pid: i32, tid: i32) -> bool {
     let Ok(status) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else { return true };
-    let mask = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-    };
+    let mask = |field| signal_mask(&status, field);
     match (mask("SigPnd"), mask("ShdPnd"), mask("SigBlk")) {
         (Some(own), Some(shared), Some(blocked)) => (own | shared) & !blocked != 0,
         _ => true,

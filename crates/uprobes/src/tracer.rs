@@ -22,7 +22,7 @@ use dynprobe::fetch::{HitContext, TargetMemory};
 use dynprobe::line::{EventFormat, Line};
 use dynprobe::{monotonic_ns, Regs};
 use dynprobe_arch::native::INT3;
-use dynprobe_remote::{deliverable_signal_pending, sys, thread_signal_pending, Memory, Regs as UserRegs};
+use dynprobe_remote::{deliverable_signal_pending, signal_mask, sys, thread_signal_pending, Memory, Regs as UserRegs};
 use dynprobe_text::stop::RESTARTABLE_WAITS;
 
 use crate::control::Control;
@@ -782,11 +782,7 @@ fn os(error: io::Error, what: &str) -> Error {
 /// Whether process `pid` catches `SIGTRAP` (its `SigCgt`); true if that cannot be read.
 fn trap_caught(pid: i32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_none_or(|caught| caught & (1 << (libc::SIGTRAP - 1)) != 0)
+    signal_mask(&status, "SigCgt").is_none_or(|caught| caught & (1 << (libc::SIGTRAP - 1)) != 0)
 }
 
 /// Puts back a blocking system call of thread `tid`, in its interrupt stop, that our
