@@ -144,8 +144,8 @@ impl Values {
 }
 
 /// The link-time address in a key: a library section's keys carry its number above it
-/// (the CLI's `record::values::LIBRARY_KEY_SHIFT`), the main executable's are the address.
-const LINK_ADDRESS: u64 = (1 << 48) - 1;
+/// ([`dynprobe_ftrace::LIBRARY_KEY_SHIFT`]), the main executable's are the address.
+const LINK_ADDRESS: u64 = (1 << dynprobe_ftrace::LIBRARY_KEY_SHIFT) - 1;
 
 /// The description the `a`/`r` line of `section` adds to: that of function `current`
 /// (`None` in a section this process does not have); `Err` when no `f` line came before.

@@ -56,6 +56,13 @@ pub struct EventPosition {
     pub time: u64,
 }
 
+/// How `record -a`'s description of the calls (written by the CLI, read by the agent) keys a
+/// shared library's functions: section `n` (1-based, in file order) keys them
+/// `n << LIBRARY_KEY_SHIFT | link-time address`, so that keys stay distinct across modules
+/// (link-time addresses of an x86-64 shared object are far below 2^48); the main
+/// executable's keys are its link-time addresses.
+pub const LIBRARY_KEY_SHIFT: u32 = 48;
+
 /// What `record -a` records with each call (uftrace's `-a`): the values its entry record and
 /// its exit record carry. Called on the traced thread at every entry and exit of a traced
 /// function, after the call is entered (so on the calls [`Tracer`] records only), with the

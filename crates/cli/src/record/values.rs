@@ -54,11 +54,6 @@ impl Overrides {
     }
 }
 
-/// Where a library section's keys start: section `n` (1-based, in file order) keys its
-/// functions `n << LIBRARY_KEY_SHIFT | link-time address`, so that keys stay distinct
-/// across modules (link-time addresses of an x86-64 shared object are far below 2^48).
-pub(crate) const LIBRARY_KEY_SHIFT: u32 = 48;
-
 /// Describes the functions of `program` that `filter` (the agent's `F`/`N` lines) selects
 /// and that have DWARF, as `overrides` change them, into `ARGS_FILE` in each of `dirs`;
 /// then, in a section of its own (`l PATH`), those of each library a `-F MODULE:…` pattern
@@ -105,7 +100,15 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
         sections += 1;
         let _ = writeln!(text, "l\t{}", path.display());
         let module = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        count += describe(&info, &module, false, sections << LIBRARY_KEY_SHIFT, &filter, overrides, &mut text);
+        count += describe(
+            &info,
+            &module,
+            false,
+            sections << dynprobe_ftrace::LIBRARY_KEY_SHIFT,
+            &filter,
+            overrides,
+            &mut text,
+        );
     }
     if let (Err(e), 0) = (&main, sections) {
         return Err(e.clone());
