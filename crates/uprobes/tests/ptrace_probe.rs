@@ -548,15 +548,8 @@ fn a_thread_blocking_every_signal_leaves_the_programs_own_trap_handler_in_place(
     // Attached once the program's SIGTRAP handler is in place; the probe's int3s are all hit
     // by a thread that blocks every signal, which makes the kernel reset the action each
     // time; the program's own traps come after, while still attached, to its own handler.
-    let target = traps_target();
-    let args = ["200".to_string(), "blocked".to_string()];
-    let mut plain = Program::start_exe(target, &args);
-    plain.go();
-    let reference = plain.output();
+    let (reference, mut program, tracer) = blocked_traps_attached();
     assert!(reference.starts_with("traps=40 bad=0 "), "{reference}");
-    let mut program = Program::start_exe(target, &args);
-    let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
-    assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
     program.go();
     assert_eq!(program.output(), reference, "every trap handled by the program");
     let (lines, ok) = tracer.rest();
@@ -569,17 +562,25 @@ fn a_thread_blocking_every_signal_leaves_the_programs_own_trap_handler_in_place(
 fn killing_the_tracer_after_a_thread_blocking_every_signal_hit_a_probe_leaves_the_program_running() {
     // Each hit of the blocking thread resets the SIGTRAP action; the tracer dies among them,
     // and the rest of the hits must find the fallback handler in place, not SIG_DFL.
+    let (reference, mut program, tracer) = blocked_traps_attached();
+    program.go();
+    kill_after(tracer, 50);
+    assert_eq!(program.output(), reference);
+}
+
+/// The traps target in its `blocked` mode (its probed calls made by a thread that blocks
+/// every signal, its own traps after): the output of an untraced run, and a second run
+/// waiting for "go" with a tracer attached (`p:work`, ready).
+fn blocked_traps_attached() -> (String, Program, Tracer) {
     let target = traps_target();
     let args = ["200".to_string(), "blocked".to_string()];
     let mut plain = Program::start_exe(target, &args);
     plain.go();
     let reference = plain.output();
-    let mut program = Program::start_exe(target, &args);
+    let program = Program::start_exe(target, &args);
     let mut tracer = Tracer::attach(program.pid, &["p:work i=$arg1"]);
     assert_eq!(tracer.line().as_deref(), Some("!ready 1"));
-    program.go();
-    kill_after(tracer, 50);
-    assert_eq!(program.output(), reference);
+    (reference, program, tracer)
 }
 
 #[test]
