@@ -231,6 +231,38 @@ fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_
     server.quit();
 }
 
+/// An exception on its way at the attach: the C++ runtime has found the function that
+/// catches it and is running a cleanup below it (blocked there) when dynprobe adopts the
+/// calls in flight, which puts a sled frame under the catching function that the runtime's
+/// search did not see. The exception must still be caught there (before the fix: libgcc
+/// aborted the program in `_Unwind_Resume`).
+#[test]
+fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| {
+        common::build_with(
+            "g++",
+            "unwinding.cpp",
+            "record-attach-unwinding",
+            &os(&["-O1", "-g", "-fno-inline", "-no-pie"]),
+        )
+    });
+    let log = common::scratch().join(format!("unwinding-{}.log", std::process::id()));
+    let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
+    assert_eq!(program.ask("throw"), "unwinding", "the thread stopped in the cleanup");
+    let dir = trace_dir("unwinding");
+    let mut session = record(program.pid, &dir, &["-F", "ex_*"]);
+    session.wait_for("attached to");
+    assert_eq!(program.ask("resume"), "caught 42", "the exception reached ex_catch's handler");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "record -p failed:\n{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert!(replay.contains("ex_catch() { /* entered before attach */"), "{replay}");
+    assert!(replay.contains("ex_middle(); /* entered before attach, unwound */"), "{replay}");
+    assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
+    program.quit();
+}
+
 /// Starts the server's `go` (it answers only at `stop`).
 fn writeln_go(server: &mut Worker) {
     use std::io::Write;

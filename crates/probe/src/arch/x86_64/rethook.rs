@@ -33,7 +33,9 @@
 //! function's return-address slot, turns it into an instance index and loads the original
 //! return address from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
 //! `pthread_cancel` unwind through a probed frame into the real caller (see [`eh_frame`] for
-//! why the trampoline's CFA sits 8 bytes above the probed function's). Backtraces would still
+//! why the trampoline's CFA sits 8 bytes above the probed function's). Its personality
+//! routine lets a C++ exception already on its way when a return address was diverted
+//! under it still reach its handler (see [`sled_personality`]). Backtraces would still
 //! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
 //! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
 
@@ -278,9 +280,13 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], 
     const RA: u8 = 16;
 
     let mut out = Vec::new();
-    // CIE: version 1, "zR", code alignment 1, data alignment -8, RA column 16, absolute
-    // pointers; CFA = rsp + 8 as for any call (the FDE's rules below override it).
-    let cie = [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 8]].concat();
+    // CIE: version 1, "zPR", code alignment 1, data alignment -8, RA column 16, ten bytes of
+    // augmentation data (the personality routine as an absolute pointer, then absolute
+    // pointers for the FDE); CFA = rsp + 8 as for any call (the FDE's rules below override
+    // it).
+    let personality = (sled_personality as *const () as u64).to_le_bytes();
+    let cie =
+        [&[1u8][..], b"zPR\0", &[1, 0x78, RA, 10, 0x00], &personality, &[0x00], &[DW_CFA_DEF_CFA, RSP, 8]].concat();
     push_entry(&mut out, 0, &cie);
 
     let mut expr = vec![0x40, 0x1c, 0x06]; // lit16, minus, deref: *(CFA - 16)
@@ -335,6 +341,71 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], 
     push_entry(&mut out, cie_pointer, &fde);
     out.extend_from_slice(&0u32.to_le_bytes());
     out
+}
+
+/// `_Unwind_Action` and `_Unwind_Reason_Code` values (the Itanium C++ ABI's "Exception
+/// Handling" chapter, as in libgcc's `unwind.h`).
+const UA_HANDLER_FRAME: libc::c_int = 4;
+const URC_FATAL_PHASE2_ERROR: libc::c_int = 2;
+const URC_CONTINUE_UNWIND: libc::c_int = 8;
+
+/// An `_Unwind_Personality_Fn`.
+type PersonalityFn =
+    unsafe extern "C" fn(libc::c_int, libc::c_int, u64, *mut libc::c_void, *mut libc::c_void) -> libc::c_int;
+
+/// The C++ runtime's personality routine, looked up when first needed (0: not yet, 1: none).
+static CXX_PERSONALITY: AtomicU64 = AtomicU64::new(0);
+
+/// The personality routine of the sled's frame, which libgcc calls for it in both phases of
+/// every exception that goes through a diverted return.
+///
+/// It has one job. libgcc names the frame that catches an exception, between its search
+/// phase and its cleanup phase, by the CFA of the frame below it (`uw_identify_context` in
+/// libgcc's `unwind-dw2.c`). A return address diverted while an exception is already on its
+/// way — `record -p` adopting the calls in flight of a thread stopped in the middle of
+/// one, in the unwinder or in a cleanup landing pad — puts a sled frame between the
+/// catching function and its callee that the search phase did not see: the sled frame
+/// then has the name the search phase gave the catching frame, the cleanup phase calls
+/// this routine for it as the handler frame, and without one libgcc aborts. The sled's
+/// registers at that point are exactly the catching function's after its callee returned
+/// (`rsp` the callee's CFA, callee-saved registers restored), so installing the catching
+/// function's landing pad here is right: for a C++ exception its runtime's personality
+/// routine does so from what its search phase cached in the exception (the landing pad and
+/// the handler's switch value: libstdc++'s `eh_personality.cc` and libc++abi's
+/// `cxa_personality.cpp` both take that shortcut for a handler frame without reading the
+/// frame's own tables). Any other exception found in that position still ends the
+/// process, as it did before this routine existed.
+extern "C" fn sled_personality(
+    version: libc::c_int,
+    actions: libc::c_int,
+    class: u64,
+    exception: *mut libc::c_void,
+    context: *mut libc::c_void,
+) -> libc::c_int {
+    if actions & UA_HANDLER_FRAME == 0 {
+        return URC_CONTINUE_UNWIND;
+    }
+    // "GNUCC++\0" / "GNUCC++\x01" (libstdc++: primary and dependent exceptions) and
+    // "CLNGC++\0" / "CLNGC++\x01" (libc++abi), as the runtimes compare them.
+    let cxx = matches!(class & !1, 0x474e_5543_432b_2b00 | 0x434c_4e47_432b_2b00);
+    let Some(personality) = cxx.then(cxx_personality).flatten() else { return URC_FATAL_PHASE2_ERROR };
+    // SAFETY: the C++ runtime's personality routine, called with the arguments libgcc gave
+    // this one, for the frame whose registers are the catching function's (see above).
+    unsafe { personality(version, actions, class, exception, context) }
+}
+
+/// `__gxx_personality_v0` of the C++ runtime in the process, if there is one.
+fn cxx_personality() -> Option<PersonalityFn> {
+    let mut addr = CXX_PERSONALITY.load(Ordering::Relaxed);
+    if addr == 0 {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up
+        // (no lock of the unwinder's is held while it calls a personality routine).
+        addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__gxx_personality_v0".as_ptr()) } as u64;
+        addr = addr.max(1);
+        CXX_PERSONALITY.store(addr, Ordering::Relaxed);
+    }
+    // SAFETY: a function of that name has the personality routine's signature.
+    (addr > 1).then(|| unsafe { std::mem::transmute::<usize, PersonalityFn>(addr as usize) })
 }
 
 /// Appends one CIE/FDE: length, id (0 for a CIE, else the CIE pointer), body, `DW_CFA_nop`
