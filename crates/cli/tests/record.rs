@@ -7,6 +7,8 @@
 //! The agent must be built beside the `dynprobe` binary first: `cargo build --workspace &&
 //! cargo test --workspace`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -398,15 +400,7 @@ fn a_cxx_exception_unwinds_through_traced_frames() {
 
 #[test]
 fn a_rust_program_is_traced_at_plain_entries_through_a_panic() {
-    let program = scratch().join("traced-rs");
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let status = Command::new(rustc)
-        .args(["--edition", "2021", "-O", "-C", "panic=unwind", "-o"])
-        .arg(&program)
-        .arg(targets().join("traced_rs.rs"))
-        .status()
-        .expect("run rustc");
-    assert!(status.success());
+    let program = common::build_rust("traced_rs.rs", "traced-rs");
     let r = record_unchanged("rust", &["-F", "traced_rs::*"], &program, &[]);
     let graph = texts(&r.graph(&[]));
     assert_eq!(graph[0], "traced_rs::main() {");

@@ -247,18 +247,38 @@ fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_
             &os(&["-O1", "-g", "-fno-inline", "-no-pie"]),
         )
     });
-    let log = common::scratch().join(format!("unwinding-{}.log", std::process::id()));
+    assert_caught_although_adopted_on_its_way(exe, "ex_*", "");
+}
+
+/// [`an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to`] for
+/// a Rust panic caught by `catch_unwind`: the same frames, another language's personality
+/// routine (before the fix, one that re-reads the catching frame's own tables, as C++'s
+/// does not: the program aborted).
+#[test]
+fn a_panic_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| common::build_rust("unwinding_rs.rs", "record-attach-unwinding-rs"));
+    assert_caught_although_adopted_on_its_way(exe, "unwinding_rs::*", "unwinding_rs::");
+}
+
+/// Runs `targets/unwinding.cpp`'s protocol on `exe`: its thread stopped in a cleanup on the
+/// way to `ex_catch`, `record -p -F FILTER` attached, the thread let go; the exception must
+/// be caught where it was going, and the replay show `ex_catch` (named `PREFIX`ex_catch)
+/// and `ex_middle` entered before the attach, `ex_middle` unwound.
+fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, prefix: &str) {
+    let name = exe.file_name().unwrap().to_string_lossy();
+    let log = common::scratch().join(format!("{name}-{}.log", std::process::id()));
     let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
     assert_eq!(program.ask("throw"), "unwinding", "the thread stopped in the cleanup");
-    let dir = trace_dir("unwinding");
-    let mut session = record(program.pid, &dir, &["-F", "ex_*"]);
+    let dir = trace_dir(&name);
+    let mut session = record(program.pid, &dir, &["-F", filter]);
     session.wait_for("attached to");
     assert_eq!(program.ask("resume"), "caught 42", "the exception reached ex_catch's handler");
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "record -p failed:\n{stderr}");
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
-    assert!(replay.contains("ex_catch() { /* entered before attach */"), "{replay}");
-    assert!(replay.contains("ex_middle(); /* entered before attach, unwound */"), "{replay}");
+    assert!(replay.contains(&format!("{prefix}ex_catch() {{ /* entered before attach */")), "{replay}");
+    assert!(replay.contains(&format!("{prefix}ex_middle(); /* entered before attach, unwound */")), "{replay}");
     assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
     program.quit();
 }

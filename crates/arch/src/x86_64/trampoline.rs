@@ -120,6 +120,41 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
     Ok(ReturnCommon { code, cfa })
 }
 
+/// Bytes of the resume stub ([`resume_stub`]).
+pub const RESUME_STUB_SIZE: usize = 23;
+/// Offset, in the resume stub, of the instruction after its `push %rdx` (CFA = rsp + 8
+/// from there, the return address at CFA - 8).
+pub const RESUME_STUB_PUSHED: u32 = 1;
+/// Offset, in the resume stub, of the instruction after its `sub $8,%rsp` (CFA = rsp + 16
+/// from there: the call of `resume` and the `ud2` after it).
+pub const RESUME_STUB_ALIGNED: u32 = 5;
+
+/// The resume stub: entered with `rsp` where a function that was diverted returned to (its
+/// caller's `rsp` after the call), its original return address in `rdx` and an exception
+/// object in `rax`, it makes a frame that looks like that function's own just before its
+/// `ret` — the return address pushed back at its slot — and calls `resume`
+/// (`_Unwind_Resume(exception)`, which never returns) from it, so that the unwinder goes on
+/// from the caller exactly as if the return had never been diverted.
+///
+/// ```text
+///   push %rdx                the original return address, back in its slot
+///   sub  $8,%rsp             the call below with rsp 16-byte aligned (System V ABI 3.2.2)
+///   mov  %rax,%rdi           the exception object: resume's argument
+///   movabs $resume,%r11 ; call *%r11
+///   ud2
+/// ```
+pub fn resume_stub(resume: u64) -> [u8; RESUME_STUB_SIZE] {
+    let r = resume.to_le_bytes();
+    [
+        0x52, // push %rdx
+        0x48, 0x83, 0xec, 0x08, // sub $8,%rsp
+        0x48, 0x89, 0xc7, // mov %rax,%rdi
+        0x49, 0xbb, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], // movabs $resume,%r11
+        0x41, 0xff, 0xd3, // call *%r11
+        0x0f, 0x0b, // ud2
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +185,20 @@ mod tests {
         for (offset, _) in &common.cfa {
             assert!(starts.contains(&u64::from(*offset)), "{offset} is not an instruction start");
         }
+    }
+
+    #[test]
+    fn the_resume_stub_pushes_the_return_address_back_and_calls_resume_aligned() {
+        let stub = resume_stub(0x1234_5678_9abc);
+        let instrs = decode_instructions(&stub, 0x1000).unwrap();
+        let mnemonics: Vec<_> = instrs.iter().map(|i| i.mnemonic()).collect();
+        use iced_x86::Mnemonic::*;
+        assert_eq!(mnemonics, [Push, Sub, Mov, Mov, Call, Ud2]);
+        assert_eq!(instrs[0].op0_register(), iced_x86::Register::RDX);
+        assert_eq!(instrs[1].immediate(1), 8);
+        assert_eq!(instrs[3].immediate(1), 0x1234_5678_9abc);
+        assert_eq!(instrs[1].ip() - 0x1000, u64::from(RESUME_STUB_PUSHED));
+        assert_eq!(instrs[2].ip() - 0x1000, u64::from(RESUME_STUB_ALIGNED));
+        assert_eq!(instrs.last().unwrap().next_ip() - 0x1000, RESUME_STUB_SIZE as u64);
     }
 }

@@ -94,6 +94,21 @@ pub fn build_with(compiler: &str, source: &str, out: &str, flags: &[&std::ffi::O
     out
 }
 
+/// `targets/SOURCE` (a Rust program of one file) built with rustc, optimized, panics
+/// unwinding, into the scratch directory as `out`.
+pub fn build_rust(source: &str, out: &str) -> PathBuf {
+    let out = scratch().join(out);
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["--edition", "2021", "-O", "-C", "panic=unwind", "-o"])
+        .arg(&out)
+        .arg(targets().join(source))
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "rustc {source} failed");
+    out
+}
+
 /// The newest `libdynprobe-*.rlib` beside this test's executable: the library cargo built
 /// for the `dynprobe` binary.
 fn dynprobe_rlib() -> (PathBuf, PathBuf) {

@@ -11,6 +11,7 @@
 //!   base + 9i+5 jmp  *-16(%rsp)                  ...common returns here, having left the
 //!                                                original return address 16 bytes below rsp
 //!   base + 9N   common                           see dynprobe_arch's trampoline module
+//!   after it    the resume stub                  see `sled_personality`
 //! ```
 //!
 //! There are two sleds over the same instance table: [`FULL`], whose `common` saves every
@@ -34,7 +35,7 @@
 //! return address from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
 //! `pthread_cancel` unwind through a probed frame into the real caller (see [`eh_frame`] for
 //! why the trampoline's CFA sits 8 bytes above the probed function's). Its personality
-//! routine lets a C++ exception already on its way when a return address was diverted
+//! routine lets an exception that was already on its way when a return address was diverted
 //! under it still reach its handler (see [`sled_personality`]). Backtraces would still
 //! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
 //! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
@@ -45,7 +46,10 @@ use crate::error::ProbeError;
 use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
 use dynprobe_arch::native::detour::VectorWidth;
-use dynprobe_arch::native::trampoline::{build_return_common, sled_entry, Cfa, SLED_ENTRY_SIZE};
+use dynprobe_arch::native::trampoline::{
+    build_return_common, resume_stub, sled_entry, Cfa, RESUME_STUB_ALIGNED, RESUME_STUB_PUSHED, RESUME_STUB_SIZE,
+    SLED_ENTRY_SIZE,
+};
 use dynprobe_text::pool;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,6 +68,11 @@ pub(crate) struct Sled {
     slot_size: AtomicU64,
     eh_frame: AtomicU64,
     eh_frame_len: AtomicU64,
+    /// The instance table and its stride (see [`install`]), and the resume stub after
+    /// `common` (see [`sled_personality`]).
+    table: AtomicU64,
+    stride: AtomicU64,
+    stub: AtomicU64,
     /// libgcc's `struct object` for the registered section (room to spare).
     object: FrameObject,
 }
@@ -78,6 +87,9 @@ impl Sled {
             slot_size: AtomicU64::new(0),
             eh_frame: AtomicU64::new(0),
             eh_frame_len: AtomicU64::new(0),
+            table: AtomicU64::new(0),
+            stride: AtomicU64::new(0),
+            stub: AtomicU64::new(0),
             object: FrameObject(std::cell::UnsafeCell::new([0; 16])),
         }
     }
@@ -91,6 +103,21 @@ impl Sled {
     fn is_entry_of(&self, addr: u64, index: usize) -> bool {
         let e = self.entry(index);
         addr == e || addr == e + 5
+    }
+
+    /// The original return address of the call diverted to sled entry `addr` (its start,
+    /// or what its `call` pushed), if `addr` is one of this sled's entries.
+    fn original_return(&self, addr: u64) -> Option<u64> {
+        let base = self.base.load(Ordering::Acquire);
+        let index = addr.checked_sub(base)? / ENTRY_SIZE;
+        if base == 0 || index >= self.entries.load(Ordering::Relaxed) {
+            return None;
+        }
+        let at = self.table.load(Ordering::Relaxed) + index * self.stride.load(Ordering::Relaxed);
+        // SAFETY: the instance table holds `entries` instances of `stride` bytes, mapped for
+        // as long as the sled is installed; an instance starts with its original return
+        // address (see `retprobe`'s `Instance`).
+        Some(unsafe { std::ptr::read_volatile(at as *const u64) })
     }
 
     fn contains(&self, ip: u64) -> bool {
@@ -177,7 +204,7 @@ pub(crate) fn install(
     // `common` is built once for its length, then again at its final address (its call is
     // absolute, so the length does not depend on the address).
     let common_len = build_return_common(0, dispatch, width).map_err(setup_error)?.code.len();
-    let size = LEAD as usize + entries * ENTRY_SIZE as usize + common_len;
+    let size = LEAD as usize + entries * ENTRY_SIZE as usize + common_len + RESUME_STUB_SIZE;
     let slot = pool::alloc_near(dispatch, size)?;
     let sled = slot.addr + LEAD;
     let common_ip = sled + entries as u64 * ENTRY_SIZE;
@@ -187,12 +214,13 @@ pub(crate) fn install(
         code.extend_from_slice(&sled_entry(sled + i * ENTRY_SIZE, common_ip));
     }
     code.extend_from_slice(&common.code);
+    let stub = common_ip + common.code.len() as u64;
+    code.extend_from_slice(&resume_stub(_Unwind_Resume as *const () as u64));
     // Fresh pool memory, checked in place: the sled is 4.7 MB (an entry per instance of
     // every thread), which a copy of the expected int3s and a read-back would double.
     pool::write_fresh(sled, &code)?;
 
-    let end = common_ip + common.code.len() as u64;
-    let eh_frame = eh_frame(slot.addr, end, sled, common_ip, &common.cfa, table, stride);
+    let eh_frame = eh_frame(slot.addr, stub, sled, common_ip, &common.cfa, table, stride);
     // The unwinder keeps a pointer to the section for the rest of the process's life.
     let eh_frame: &'static [u8] = Box::leak(eh_frame.into_boxed_slice());
     // SAFETY: `eh_frame` is a well-formed .eh_frame section (one CIE, one FDE, a zero
@@ -206,6 +234,9 @@ pub(crate) fn install(
     sled_kind.slot.store(slot.addr, Ordering::Relaxed);
     sled_kind.slot_size.store(slot.size as u64, Ordering::Relaxed);
 
+    sled_kind.table.store(table, Ordering::Relaxed);
+    sled_kind.stride.store(stride, Ordering::Relaxed);
+    sled_kind.stub.store(stub, Ordering::Relaxed);
     sled_kind.entries.store(entries as u64, Ordering::Relaxed);
     sled_kind.common_len.store(common.code.len() as u64, Ordering::Relaxed);
     sled_kind.base.store(sled, Ordering::Release);
@@ -244,6 +275,7 @@ pub(crate) fn uninstall(sled: &Sled) {
     sled.slot_size.store(0, Ordering::Relaxed);
     sled.entries.store(0, Ordering::Relaxed);
     sled.common_len.store(0, Ordering::Relaxed);
+    sled.stub.store(0, Ordering::Relaxed);
     pool::free(pool::ExecSlot { addr: code.start, size: (code.end - code.start) as usize });
 }
 
@@ -251,7 +283,8 @@ fn setup_error(e: dynprobe_arch::native::RelocError) -> ProbeError {
     ProbeError::ReturnProbeSetup { reason: format!("the trampoline could not be encoded: {e}") }
 }
 
-/// One CIE and one FDE covering `[start, end)`, then the zero terminator.
+/// One CIE and one FDE covering `[start, stub)` (the sled and `common`), a CIE and an FDE
+/// for the resume stub at `stub`, then the zero terminator.
 ///
 /// The trampoline's frame is given a CFA 8 bytes *above* the probed function's (rsp + 8 in
 /// the sled, where rsp is the probed function's CFA): unwinders identify a frame by the CFA
@@ -267,7 +300,8 @@ fn setup_error(e: dynprobe_arch::native::RelocError) -> ProbeError {
 ///
 /// CFA by location: in the sled rsp + 8; in `common`, as `rules` (from the generated code)
 /// say: rsp + 16 on entry, then rbp-based while its frame is up.
-fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], table: u64, stride: u64) -> Vec<u8> {
+fn eh_frame(start: u64, stub: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], table: u64, stride: u64) -> Vec<u8> {
+    let end = stub;
     const DW_CFA_DEF_CFA: u8 = 0x0c;
     const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
     const DW_CFA_VAL_OFFSET: u8 = 0x14;
@@ -339,6 +373,25 @@ fn eh_frame(start: u64, end: u64, sled: u64, common: u64, rules: &[(u32, Cfa)], 
     }
     let cie_pointer = out.len() as u32 + 4; // from the FDE's CIE-pointer field back to offset 0
     push_entry(&mut out, cie_pointer, &fde);
+
+    // The resume stub's frame is the diverted function's just before its `ret`: CFA = rsp
+    // on entry (its caller's rsp after the call), the return address pushed back at CFA - 8,
+    // every other register the caller's. No personality routine.
+    let stub_cie_at = out.len() as u32;
+    let stub_cie = [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 0]].concat();
+    push_entry(&mut out, 0, &stub_cie);
+    let mut fde = Vec::new();
+    fde.extend_from_slice(&stub.to_le_bytes());
+    fde.extend_from_slice(&(RESUME_STUB_SIZE as u64).to_le_bytes());
+    fde.push(0); // no augmentation data
+    fde.push(DW_CFA_ADVANCE_LOC4);
+    fde.extend_from_slice(&RESUME_STUB_PUSHED.to_le_bytes());
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 8, DW_CFA_OFFSET | RA, 1]);
+    fde.push(DW_CFA_ADVANCE_LOC4);
+    fde.extend_from_slice(&(RESUME_STUB_ALIGNED - RESUME_STUB_PUSHED).to_le_bytes());
+    fde.extend_from_slice(&[DW_CFA_DEF_CFA_OFFSET, 16]);
+    let cie_pointer = out.len() as u32 + 4 - stub_cie_at;
+    push_entry(&mut out, cie_pointer, &fde);
     out.extend_from_slice(&0u32.to_le_bytes());
     out
 }
@@ -349,12 +402,11 @@ const UA_HANDLER_FRAME: libc::c_int = 4;
 const URC_FATAL_PHASE2_ERROR: libc::c_int = 2;
 const URC_CONTINUE_UNWIND: libc::c_int = 8;
 
-/// An `_Unwind_Personality_Fn`.
-type PersonalityFn =
-    unsafe extern "C" fn(libc::c_int, libc::c_int, u64, *mut libc::c_void, *mut libc::c_void) -> libc::c_int;
-
-/// The C++ runtime's personality routine, looked up when first needed (0: not yet, 1: none).
-static CXX_PERSONALITY: AtomicU64 = AtomicU64::new(0);
+/// `_URC_INSTALL_CONTEXT`, and the DWARF numbers of the two registers a personality
+/// routine may set for a landing pad (`__builtin_eh_return_data_regno`: rax and rdx).
+const URC_INSTALL_CONTEXT: libc::c_int = 7;
+const EH_DATA_RAX: libc::c_int = 0;
+const EH_DATA_RDX: libc::c_int = 1;
 
 /// The personality routine of the sled's frame, which libgcc calls for it in both phases of
 /// every exception that goes through a diverted return.
@@ -365,47 +417,39 @@ static CXX_PERSONALITY: AtomicU64 = AtomicU64::new(0);
 /// way — `record -p` adopting the calls in flight of a thread stopped in the middle of
 /// one, in the unwinder or in a cleanup landing pad — puts a sled frame between the
 /// catching function and its callee that the search phase did not see: the sled frame
-/// then has the name the search phase gave the catching frame, the cleanup phase calls
-/// this routine for it as the handler frame, and without one libgcc aborts. The sled's
-/// registers at that point are exactly the catching function's after its callee returned
-/// (`rsp` the callee's CFA, callee-saved registers restored), so installing the catching
-/// function's landing pad here is right: for a C++ exception its runtime's personality
-/// routine does so from what its search phase cached in the exception (the landing pad and
-/// the handler's switch value: libstdc++'s `eh_personality.cc` and libc++abi's
-/// `cxa_personality.cpp` both take that shortcut for a handler frame without reading the
-/// frame's own tables). Any other exception found in that position still ends the
-/// process, as it did before this routine existed.
+/// then has the name the search phase gave the catching frame, and the cleanup phase calls
+/// this routine for it as the handler frame (without one, libgcc aborts). The sled frame's
+/// registers are the catching function's after its callee returned, so this routine
+/// installs them with the resume stub as the landing pad ([`resume_stub`]): it pushes the
+/// original return address back into its slot and calls `_Unwind_Resume` from a frame shaped
+/// like the callee's own just before its return. The unwinder then goes on into the
+/// catching function as if the return had never been diverted, that function has the name
+/// the search phase gave it, and its own personality routine installs its handler — for an
+/// exception of any language.
 extern "C" fn sled_personality(
-    version: libc::c_int,
+    _version: libc::c_int,
     actions: libc::c_int,
-    class: u64,
+    _class: u64,
     exception: *mut libc::c_void,
     context: *mut libc::c_void,
 ) -> libc::c_int {
     if actions & UA_HANDLER_FRAME == 0 {
         return URC_CONTINUE_UNWIND;
     }
-    // "GNUCC++\0" / "GNUCC++\x01" (libstdc++: primary and dependent exceptions) and
-    // "CLNGC++\0" / "CLNGC++\x01" (libc++abi), as the runtimes compare them.
-    let cxx = matches!(class & !1, 0x474e_5543_432b_2b00 | 0x434c_4e47_432b_2b00);
-    let Some(personality) = cxx.then(cxx_personality).flatten() else { return URC_FATAL_PHASE2_ERROR };
-    // SAFETY: the C++ runtime's personality routine, called with the arguments libgcc gave
-    // this one, for the frame whose registers are the catching function's (see above).
-    unsafe { personality(version, actions, class, exception, context) }
-}
-
-/// `__gxx_personality_v0` of the C++ runtime in the process, if there is one.
-fn cxx_personality() -> Option<PersonalityFn> {
-    let mut addr = CXX_PERSONALITY.load(Ordering::Relaxed);
-    if addr == 0 {
-        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up
-        // (no lock of the unwinder's is held while it calls a personality routine).
-        addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__gxx_personality_v0".as_ptr()) } as u64;
-        addr = addr.max(1);
-        CXX_PERSONALITY.store(addr, Ordering::Relaxed);
+    // SAFETY: `context` is the live unwind context libgcc passes its personality routines.
+    let ip = unsafe { _Unwind_GetIP(context) } as u64;
+    let sled = [&FULL, &LIGHT, &RP_LIGHT].into_iter().find(|s| s.original_return(ip).is_some());
+    let Some((sled, orig)) = sled.and_then(|s| Some((s, s.original_return(ip)?))) else {
+        return URC_FATAL_PHASE2_ERROR;
+    };
+    // SAFETY: the same context; rax and rdx are the registers a personality routine sets
+    // for a landing pad, and the IP the resume stub of the sled it was diverted to.
+    unsafe {
+        _Unwind_SetGR(context, EH_DATA_RAX, exception as usize);
+        _Unwind_SetGR(context, EH_DATA_RDX, orig as usize);
+        _Unwind_SetIP(context, sled.stub.load(Ordering::Relaxed) as usize);
     }
-    // SAFETY: a function of that name has the personality routine's signature.
-    (addr > 1).then(|| unsafe { std::mem::transmute::<usize, PersonalityFn>(addr as usize) })
+    URC_INSTALL_CONTEXT
 }
 
 /// Appends one CIE/FDE: length, id (0 for a CIE, else the CIE pointer), body, `DW_CFA_nop`
@@ -523,6 +567,12 @@ extern "C" {
     fn __deregister_frame_info(begin: *const u8) -> *mut u8;
     /// libgcc: the instruction pointer of an unwind context.
     fn _Unwind_GetIP(ctx: *mut libc::c_void) -> usize;
+    /// libgcc: sets a register of an unwind context, for the landing pad it installs.
+    fn _Unwind_SetGR(ctx: *mut libc::c_void, index: libc::c_int, value: usize);
+    /// libgcc: sets the instruction pointer of an unwind context: where it is installed.
+    fn _Unwind_SetIP(ctx: *mut libc::c_void, value: usize);
+    /// libgcc: goes on unwinding with `exception` from its caller's frame; never returns.
+    fn _Unwind_Resume(exception: *mut libc::c_void) -> !;
 }
 
 /// An `_Unwind_Trace_Fn`.
