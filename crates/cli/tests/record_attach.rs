@@ -644,29 +644,80 @@ fn process_state(pid: i32) -> char {
     stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
 }
 
-/// `targets/busy.c`, built once: four threads always inside traced calls (plain-entry
-/// sites: detours) that call a traced leaf in a tight loop.
-fn busy_exe() -> &'static Path {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| common::build_c("busy.c", "record-attach-busy", &os(&["-O1", "-fno-inline", "-pthread"])))
+/// How busy.c's traced functions are entered: which hook code its threads spend their time in.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// Plain entries: jump-optimized probes, whose detours call the dispatcher.
+    Detour,
+    /// `-pg -mfentry -mnop-mcount -mrecord-mcount` NOPs, turned into calls of a stub and the
+    /// ftrace caller (not PIE: GCC refuses these flags with -fPIC).
+    Mcount,
+    /// `-fpatchable-function-entry=5` NOPs, turned into the same calls.
+    Patchable,
+}
+
+impl Entry {
+    /// The site kind the summary names (`entry`, `mcount`, `patchable`).
+    fn kind(self) -> &'static str {
+        match self {
+            Entry::Detour => "entry",
+            Entry::Mcount => "mcount",
+            Entry::Patchable => "patchable",
+        }
+    }
+}
+
+/// `targets/busy.c`, built once per [`Entry`]: four threads always inside traced calls that
+/// call a traced leaf in a tight loop.
+fn busy_exe(entry: Entry) -> &'static Path {
+    static EXES: [OnceLock<PathBuf>; 3] = [const { OnceLock::new() }; 3];
+    EXES[entry as usize].get_or_init(|| {
+        let flags: &[&'static str] = match entry {
+            Entry::Detour => &[],
+            Entry::Mcount => &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"],
+            Entry::Patchable => &["-fpatchable-function-entry=5"],
+        };
+        let out = format!("record-attach-busy-{}", entry.kind());
+        common::build_c("busy.c", &out, &os(&[&["-O1", "-fno-inline", "-pthread"], flags].concat()))
+    })
 }
 
 #[test]
 fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_the_tracer_s_own_code() {
-    // busy.c's threads spend most of their time in the tracer's detours and dispatcher, so
-    // the attach's stop often finds a thread there. Each session is on a fresh program: a
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Detour);
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_an_mcount_site_s_caller() {
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Mcount);
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_a_patchable_site_s_caller() {
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Patchable);
+}
+
+/// Records busy.c, built with `entry`'s sites, in three sessions, each on a fresh program,
+/// and checks that every thread's calls in flight at the attach were adopted.
+fn assert_every_thread_s_calls_in_flight_are_adopted(entry: Entry) {
+    // busy.c's threads spend most of their time in the tracer's hook code (a detour and its
+    // dispatcher, or a compiler site's stub, the caller and its dispatcher), so the
+    // attach's stop often finds a thread there. Each session is on a fresh program: a
     // call an earlier session diverted stays diverted (busy_thread never returns), and is
     // not shown again.
     let depth_of = |name: &str| ["busy_thread", "busy_outer", "busy_leaf"].iter().position(|n| *n == name);
+    let kind = entry.kind();
     for session in 0..3 {
-        let log = common::scratch().join(format!("busy-{session}-{}.log", std::process::id()));
-        let mut busy = Worker::start_with(busy_exe(), log.as_os_str(), log.clone(), &[]);
+        let log = common::scratch().join(format!("busy-{kind}-{session}-{}.log", std::process::id()));
+        let mut busy = Worker::start_with(busy_exe(entry), log.as_os_str(), log.clone(), &[]);
         assert_eq!(busy.ask("threads"), "threads 4");
-        let dir = trace_dir(&format!("busy-{session}"));
+        let dir = trace_dir(&format!("busy-{kind}-{session}"));
         // Rings of 4 Mi records: a thread records ~25 M a second here, and an exit lost with
         // a full ring would nest the next calls deeper in the replay.
         let options = ["-F", "busy_*", "--duration", "0.05", "--buffer-size", "4194304"];
         let stderr = record_for_with(busy.pid, &dir, &options);
+        let row = |l: &str| l.split_whitespace().collect::<Vec<_>>() == [kind, "3", "3", "0"];
+        assert!(stderr.lines().any(row), "session {session}: busy.c's 3 functions have {kind} sites: {stderr}");
         assert!(!stderr.contains("could not be unwound"), "session {session}: {stderr}");
         assert!(stderr.contains("(0 lost)"), "session {session}: {stderr}");
         let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
