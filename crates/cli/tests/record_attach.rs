@@ -481,10 +481,22 @@ fn record_a_child(test: &str, command: &str, during: impl FnOnce(&Worker, i32, &
     during(&worker, child, &untraced);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
+    let section = child_section(&dir, child);
+    ChildRun { worker, untraced, child, stderr, section }
+}
+
+/// The part of the trace `dir`'s replay from process `child`'s header on, after checking
+/// that it shows at least ten calls of mix.
+fn child_section(dir: &Path, child: i32) -> String {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
     assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
-    ChildRun { worker, untraced, child, stderr, section: section.to_string() }
+    section.to_string()
+}
+
+/// Waits until process `pid` (a child of a worker that quit) has ended.
+fn wait_for_the_end_of(pid: i32) {
+    wait_until(|| process_state(pid) == 'Z' || !Path::new(&format!("/proc/{pid}")).exists(), "the child ended");
 }
 
 impl ChildRun {
@@ -492,7 +504,7 @@ impl ChildRun {
     fn quit(self) {
         let child = self.child;
         self.worker.quit();
-        wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+        wait_for_the_end_of(child);
     }
 }
 
@@ -520,12 +532,24 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
 /// must compute `untraced`; ends the session (dynprobe exits 0): the trace directory and
 /// dynprobe's stderr.
 fn record_through_an_exec(worker: &mut Worker, test: &str, options: &[&str], untraced: &str) -> (PathBuf, String) {
+    record_through_an_exec_then(worker, test, options, untraced, |_| {})
+}
+
+/// [`record_through_an_exec`], `during` running in the new image's session before it ends.
+fn record_through_an_exec_then(
+    worker: &mut Worker,
+    test: &str,
+    options: &[&str],
+    untraced: &str,
+    during: impl FnOnce(&mut Worker),
+) -> (PathBuf, String) {
     let dir = trace_dir(test);
     let mut session = record(worker.pid, &dir, options);
     session.wait_for("attached to");
     assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
     session.wait_for("executed a new program");
     assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    during(worker);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     (dir, stderr)
@@ -565,6 +589,33 @@ fn an_image_exec_d_during_a_session_with_args_records_the_values_of_its_calls() 
     assert_eq!(replay.matches("| mix(seed=").count(), 1200, "{}", &replay[..replay.len().min(2000)]);
     assert_eq!(replay.matches("| mix();").count(), 0, "no call without its values");
     worker.quit();
+}
+
+#[test]
+fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code_restored_at_the_end() {
+    let mut worker = start_worker("exec-fork");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let mut child = 0;
+    // The new image forks a child that calls mix every 10 ms: it inherits the image's
+    // patched code and recording, but not the agent's thread that ends the image's.
+    let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &["-F", "mix"], &untraced, |worker| {
+        let forked = worker.ask("fork");
+        child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    });
+    let pid = worker.pid;
+    let said =
+        format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored");
+    assert!(stderr.contains(&said), "{stderr}");
+    // Both the image and the child have their bytes back, and the child runs on.
+    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the child's mix restored after the session");
+    wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
+    child_section(&dir, child);
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
 }
 
 #[test]
