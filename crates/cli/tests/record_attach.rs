@@ -748,6 +748,41 @@ fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_a_patchable
     assert_every_thread_s_calls_in_flight_are_adopted(Entry::Patchable);
 }
 
+#[test]
+fn the_attach_says_how_many_threads_it_found_in_hook_code_and_stepped_through() {
+    // busy.c's threads are mostly inside a compiler site's stub, the caller or its
+    // dispatcher: sessions go on until a stop found one there (3 in 4 threads are, per stop).
+    let log = common::scratch().join(format!("busy-note-{}.log", std::process::id()));
+    let mut busy = Worker::start_with(busy_exe(Entry::Mcount), log.as_os_str(), log.clone(), &[]);
+    assert_eq!(busy.ask("threads"), "threads 4");
+    let mut sessions = 0;
+    loop {
+        let dir = trace_dir(&format!("busy-note-{sessions}"));
+        sessions += 1;
+        let stderr = record_for_with(busy.pid, &dir, &["-F", "busy_*", "--duration", "0.05"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let line = stderr.lines().find_map(|l| l.strip_prefix("dynprobe: calls in flight at the attach: "));
+        let line = line.unwrap_or_else(|| panic!("no line about the calls in flight: {stderr}"));
+        let numbers: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+        if line.ends_with("; none was inside dynprobe's hook code") && sessions < 5 {
+            continue;
+        }
+        // "C adopted on T thread(s); H thread(s) inside dynprobe's hook code (D in entry
+        // detours, K in compiler-site callers), S stepped through into the program's frames"
+        let [_calls, threads, in_hooks, in_detours, in_callers, stepped] = numbers[..] else {
+            panic!("the line does not say how many threads were in hook code after {sessions} sessions: {line}")
+        };
+        assert!(threads >= 5 && in_hooks <= 4, "busy.c's 4 threads and its main one: {line}");
+        assert_eq!(
+            (in_detours, in_callers, stepped),
+            (0, in_hooks, in_hooks),
+            "all in callers, stepped through: {line}"
+        );
+        break;
+    }
+    busy.quit();
+}
+
 /// Records busy.c, built with `entry`'s sites, in three sessions, each on a fresh program,
 /// and checks that every thread's calls in flight at the attach were adopted.
 fn assert_every_thread_s_calls_in_flight_are_adopted(entry: Entry) {

@@ -104,6 +104,25 @@ pub struct InFlight {
     pub in_callers: usize,
 }
 
+impl InFlight {
+    /// What the attach found, for the user: the calls adopted, and the threads found inside
+    /// dynprobe's hook code, by kind, and how many of those the walk stepped through (the
+    /// others are among the threads whose calls in flight are shown from where the walk
+    /// stopped).
+    pub fn describe(&self) -> String {
+        let mut line = format!("calls in flight at the attach: {} adopted on {} thread(s)", self.calls, self.threads);
+        match self.in_hooks {
+            0 => line.push_str("; none was inside dynprobe's hook code"),
+            n => line.push_str(&format!(
+                "; {n} thread(s) inside dynprobe's hook code ({} in entry detours, {} in compiler-site callers), \
+                 {} stepped through into the program's frames",
+                self.in_detours, self.in_callers, self.stepped
+            )),
+        }
+        line
+    }
+}
+
 /// The hook code one thread's walk met, and whether it got through.
 #[derive(Debug, Clone, Copy, Default)]
 struct Hooks {
@@ -591,6 +610,20 @@ fn module_of(base: u64, headers: &[libc::Elf64_Phdr]) -> Option<Module> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_description_names_the_threads_in_hook_code_by_kind() {
+        let none = InFlight { threads: 6, calls: 3, ..InFlight::default() };
+        assert_eq!(
+            none.describe(),
+            "calls in flight at the attach: 3 adopted on 6 thread(s); none was inside dynprobe's hook code"
+        );
+        let some = InFlight { threads: 6, calls: 9, in_hooks: 3, stepped: 2, in_detours: 1, in_callers: 2, ..none };
+        assert!(some.describe().ends_with(
+            "; 3 thread(s) inside dynprobe's hook code (1 in entry detours, 2 in compiler-site callers), 2 stepped \
+             through into the program's frames"
+        ));
+    }
 
     #[test]
     fn maps_lines_give_the_end_of_the_writable_mapping() {
