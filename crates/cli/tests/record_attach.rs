@@ -466,20 +466,21 @@ struct ChildRun {
     section: String,
 }
 
-/// Records the worker with `-F mix` while it runs `command` (`fork`, `forkexec`), whose
-/// child calls mix every 10 ms until the worker exits; `during` runs before the session
-/// ends. Checks that dynprobe exited 0 and that the child's calls were recorded.
-fn record_a_child(test: &str, command: &str, during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
+/// Records the worker with `options` (which trace mix) while it runs `command` (`fork`,
+/// `forkexec`), whose child calls mix every 10 ms until the worker exits; `during` runs
+/// before the session ends. Checks that dynprobe ended within a minute of its Ctrl-C,
+/// exited 0, and that the child's calls were recorded.
+fn record_a_child(test: &str, command: &str, options: &[&str], during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
     let mut worker = start_worker(test);
     let untraced = worker.code("mix");
     let dir = trace_dir(test);
-    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    let mut session = record(worker.pid, &dir, options);
     session.wait_for("attached to");
     let forked = worker.ask(command);
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     std::thread::sleep(Duration::from_millis(300));
     during(&worker, child, &untraced);
-    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    let (status, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
     assert_eq!(status, Some(0), "{stderr}");
     let section = child_section(&dir, child);
     ChildRun { worker, untraced, child, stderr, section }
@@ -511,7 +512,7 @@ impl ChildRun {
 #[test]
 fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
     // The child is recorded meanwhile as a started program's child is.
-    let run = record_a_child("fork", "fork", |worker, child, untraced| {
+    let run = record_a_child("fork", "fork", &["-F", "mix"], |worker, child, untraced| {
         assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
     });
     let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
@@ -523,6 +524,19 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     // The child runs on, its calls untraced, and ends with the worker.
     std::thread::sleep(Duration::from_millis(100));
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    run.quit();
+}
+
+#[test]
+fn a_child_forked_during_a_session_that_watches_for_libraries_does_not_hold_up_its_end() {
+    // A pattern naming a library starts the agent's dlopen watch, whose wake-up pipe the
+    // child inherits: the session's end must not wait for that pipe to close.
+    let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
+    let run = record_a_child("fork-watch", "fork", &options, |_, _, _| {});
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(stderr.contains(&format!("detached from {} (", run.worker.pid)), "{stderr}");
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(run.worker.code_in(child, "mix"), *untraced, "the child's mix has its bytes back");
     run.quit();
 }
 
@@ -599,7 +613,10 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
     let mut child = 0;
     // The new image forks a child that calls mix every 10 ms: it inherits the image's
     // patched code and recording, but not the agent's thread that ends the image's.
-    let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &["-F", "mix"], &untraced, |worker| {
+    // With a library pattern the image watches its dlopen calls too, through a pipe the
+    // child inherits: the image's end must not wait for it.
+    let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
+    let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &options, &untraced, |worker| {
         let forked = worker.ask("fork");
         child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
         std::thread::sleep(Duration::from_millis(300));
@@ -622,7 +639,7 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
 fn a_child_forked_during_the_session_that_execs_is_recorded_and_its_recording_ends_with_the_session() {
     // The child executes the worker again (not PIE: mapped where the worker is), whose new
     // image makes the calls, recorded as an image `record` follows through an exec.
-    let run = record_a_child("forkexec", "forkexec", |_, _, _| {});
+    let run = record_a_child("forkexec", "forkexec", &["-F", "mix"], |_, _, _| {});
     let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
     assert!(!stderr.contains(&format!("process {child}")), "the exec'd child is not the worker's to restore: {stderr}");
     // Its own agent ends its recording with the session: its mix gets its bytes back.
