@@ -443,6 +443,7 @@ fn record(control: &Control, dir: &str, settings: &[String], interrupted_before:
         Err(why) => control.send(&format!("!warning the calls in flight at the attach are not shown: {why}")),
     }
     if let Ok(found) = &attached.in_flight {
+        control.send(&format!("!note {}", found.describe()));
         if found.left > 0 {
             control.send(&format!(
                 "!warning {} thread(s) block dynprobe's stop signal ({}): their calls in flight at the attach are \

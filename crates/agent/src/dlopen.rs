@@ -11,7 +11,8 @@
 use dynprobe::ReturnProbeHandle;
 use dynprobe_probe::own_thread::OwnThread;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a `dlopen` waits for the watcher before it returns anyway.
@@ -29,8 +30,13 @@ static WATCHER_PID: AtomicI32 = AtomicI32::new(0);
 /// own at detach).
 pub struct ModuleWatch {
     probes: Vec<ReturnProbeHandle>,
-    /// The write end of the wake-up pipe; closing it ends the watcher thread.
+    /// The write end of the wake-up pipe.
     wake: OwnedFd,
+    /// Set, then the watcher woken, to end the watcher thread. Closing the write end is not
+    /// enough: a child forked meanwhile holds a copy of it (`fork` duplicates every
+    /// descriptor, `O_CLOEXEC` closes them only at an `exec`), so the pipe would never reach
+    /// its end of file and [`ModuleWatch::stop`] would wait for the thread forever.
+    stopping: Arc<AtomicBool>,
     thread: OwnThread,
 }
 
@@ -75,16 +81,18 @@ pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, 
     }
     // SAFETY: getpid cannot fail.
     WATCHER_PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::clone(&stopping);
     // One of dynprobe's own threads: no probe sees it, from its first instruction on.
     let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-dlopen", move || {
-        while wait_for_change(&read) {
+        while wait_for_change(&read) && !stop.load(Ordering::Acquire) {
             let requested = REQUESTED.load(Ordering::Acquire);
             on_load();
             HANDLED.store(requested, Ordering::Release);
         }
     });
     match spawned {
-        Ok(thread) => Ok(ModuleWatch { probes, wake, thread }),
+        Ok(thread) => Ok(ModuleWatch { probes, wake, stopping, thread }),
         Err(e) => {
             WATCHER_PID.store(0, Ordering::Relaxed);
             unregister(probes);
@@ -106,6 +114,10 @@ impl ModuleWatch {
     pub fn stop(self) {
         // The return handlers use the wake-up pipe: it closes only once no handler can run.
         unregister(self.probes);
+        self.stopping.store(true, Ordering::Release);
+        // SAFETY: writes one byte from a local to our non-blocking pipe; a full pipe already
+        // holds a wake-up.
+        unsafe { libc::write(self.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         drop(self.wake);
         self.thread.join();
         WATCHER_PID.store(0, Ordering::Relaxed);
@@ -136,8 +148,8 @@ fn wait_for_watcher(wake: i32) {
     }
 }
 
-/// Blocks until a `dlopen` returned, then empties the pipe; false once the pipe is closed
-/// ([`ModuleWatch::stop`]) or broken.
+/// Blocks until a `dlopen` returned (or [`ModuleWatch::stop`] woke it), then empties the
+/// pipe; false once the pipe is closed or broken.
 fn wait_for_change(read: &OwnedFd) -> bool {
     let mut poll = libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one initialized pollfd.

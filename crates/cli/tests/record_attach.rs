@@ -518,25 +518,38 @@ struct ChildRun {
     section: String,
 }
 
-/// Records the worker with `-F mix` while it runs `command` (`fork`, `forkexec`), whose
-/// child calls mix every 10 ms until the worker exits; `during` runs before the session
-/// ends. Checks that dynprobe exited 0 and that the child's calls were recorded.
-fn record_a_child(test: &str, command: &str, during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
+/// Records the worker with `options` (which trace mix) while it runs `command` (`fork`,
+/// `forkexec`), whose child calls mix every 10 ms until the worker exits; `during` runs
+/// before the session ends. Checks that dynprobe ended within a minute of its Ctrl-C,
+/// exited 0, and that the child's calls were recorded.
+fn record_a_child(test: &str, command: &str, options: &[&str], during: impl FnOnce(&Worker, i32, &[u8])) -> ChildRun {
     let mut worker = start_worker(test);
     let untraced = worker.code("mix");
     let dir = trace_dir(test);
-    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    let mut session = record(worker.pid, &dir, options);
     session.wait_for("attached to");
     let forked = worker.ask(command);
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     std::thread::sleep(Duration::from_millis(300));
     during(&worker, child, &untraced);
-    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    let (status, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
     assert_eq!(status, Some(0), "{stderr}");
+    let section = child_section(&dir, child);
+    ChildRun { worker, untraced, child, stderr, section }
+}
+
+/// The part of the trace `dir`'s replay from process `child`'s header on, after checking
+/// that it shows at least ten calls of mix.
+fn child_section(dir: &Path, child: i32) -> String {
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     let section = replay.split_once(&format!("# pid {child} (")).map(|(_, rest)| rest).unwrap_or_default();
     assert!(section.matches("| mix();").count() >= 10, "the child's calls were recorded:\n{replay}");
-    ChildRun { worker, untraced, child, stderr, section: section.to_string() }
+    section.to_string()
+}
+
+/// Waits until process `pid` (a child of a worker that quit) has ended.
+fn wait_for_the_end_of(pid: i32) {
+    wait_until(|| process_state(pid) == 'Z' || !Path::new(&format!("/proc/{pid}")).exists(), "the child ended");
 }
 
 impl ChildRun {
@@ -544,14 +557,14 @@ impl ChildRun {
     fn quit(self) {
         let child = self.child;
         self.worker.quit();
-        wait_until(|| process_state(child) == 'Z' || !Path::new(&format!("/proc/{child}")).exists(), "the child ended");
+        wait_for_the_end_of(child);
     }
 }
 
 #[test]
 fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code() {
     // The child is recorded meanwhile as a started program's child is.
-    let run = record_a_child("fork", "fork", |worker, child, untraced| {
+    let run = record_a_child("fork", "fork", &["-F", "mix"], |worker, child, untraced| {
         assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
     });
     let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
@@ -566,18 +579,43 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     run.quit();
 }
 
+#[test]
+fn a_child_forked_during_a_session_that_watches_for_libraries_does_not_hold_up_its_end() {
+    // A pattern naming a library starts the agent's dlopen watch, whose wake-up pipe the
+    // child inherits: the session's end must not wait for that pipe to close.
+    let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
+    let run = record_a_child("fork-watch", "fork", &options, |_, _, _| {});
+    let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(stderr.contains(&format!("detached from {} (", run.worker.pid)), "{stderr}");
+    assert!(stderr.contains(&format!("process {child} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(run.worker.code_in(child, "mix"), *untraced, "the child's mix has its bytes back");
+    run.quit();
+}
+
 /// Records the worker with these options while it `exec`s itself and makes a round of
 /// calls in the new image (worker.c: `exec` runs /proc/self/exe again, whose `go` makes
 /// 4 × 300 calls of mix, recorded as an image `record` follows through its exec is), which
 /// must compute `untraced`; ends the session (dynprobe exits 0): the trace directory and
 /// dynprobe's stderr.
 fn record_through_an_exec(worker: &mut Worker, test: &str, options: &[&str], untraced: &str) -> (PathBuf, String) {
+    record_through_an_exec_then(worker, test, options, untraced, |_| {})
+}
+
+/// [`record_through_an_exec`], `during` running in the new image's session before it ends.
+fn record_through_an_exec_then(
+    worker: &mut Worker,
+    test: &str,
+    options: &[&str],
+    untraced: &str,
+    during: impl FnOnce(&mut Worker),
+) -> (PathBuf, String) {
     let dir = trace_dir(test);
     let mut session = record(worker.pid, &dir, options);
     session.wait_for("attached to");
     assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
     session.wait_for("executed a new program");
     assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    during(worker);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     (dir, stderr)
@@ -620,10 +658,40 @@ fn an_image_exec_d_during_a_session_with_args_records_the_values_of_its_calls() 
 }
 
 #[test]
+fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code_restored_at_the_end() {
+    let mut worker = start_worker("exec-fork");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let mut child = 0;
+    // The new image forks a child that calls mix every 10 ms: it inherits the image's
+    // patched code and recording, but not the agent's thread that ends the image's.
+    // With a library pattern the image watches its dlopen calls too, through a pipe the
+    // child inherits: the image's end must not wait for it.
+    let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
+    let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &options, &untraced, |worker| {
+        let forked = worker.ask("fork");
+        child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    });
+    let pid = worker.pid;
+    let said =
+        format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored");
+    assert!(stderr.contains(&said), "{stderr}");
+    // Both the image and the child have their bytes back, and the child runs on.
+    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the child's mix restored after the session");
+    wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
+    child_section(&dir, child);
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+#[test]
 fn a_child_forked_during_the_session_that_execs_is_recorded_and_its_recording_ends_with_the_session() {
     // The child executes the worker again (not PIE: mapped where the worker is), whose new
     // image makes the calls, recorded as an image `record` follows through an exec.
-    let run = record_a_child("forkexec", "forkexec", |_, _, _| {});
+    let run = record_a_child("forkexec", "forkexec", &["-F", "mix"], |_, _, _| {});
     let (child, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
     assert!(!stderr.contains(&format!("process {child}")), "the exec'd child is not the worker's to restore: {stderr}");
     // Its own agent ends its recording with the session: its mix gets its bytes back.
@@ -696,29 +764,115 @@ fn process_state(pid: i32) -> char {
     stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
 }
 
-/// `targets/busy.c`, built once: four threads always inside traced calls (plain-entry
-/// sites: detours) that call a traced leaf in a tight loop.
-fn busy_exe() -> &'static Path {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| common::build_c("busy.c", "record-attach-busy", &os(&["-O1", "-fno-inline", "-pthread"])))
+/// How busy.c's traced functions are entered: which hook code its threads spend their time in.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// Plain entries: jump-optimized probes, whose detours call the dispatcher.
+    Detour,
+    /// `-pg -mfentry -mnop-mcount -mrecord-mcount` NOPs, turned into calls of a stub and the
+    /// ftrace caller (not PIE: GCC refuses these flags with -fPIC).
+    Mcount,
+    /// `-fpatchable-function-entry=5` NOPs, turned into the same calls.
+    Patchable,
+}
+
+impl Entry {
+    /// The site kind the summary names (`entry`, `mcount`, `patchable`).
+    fn kind(self) -> &'static str {
+        match self {
+            Entry::Detour => "entry",
+            Entry::Mcount => "mcount",
+            Entry::Patchable => "patchable",
+        }
+    }
+}
+
+/// `targets/busy.c`, built once per [`Entry`]: four threads always inside traced calls that
+/// call a traced leaf in a tight loop.
+fn busy_exe(entry: Entry) -> &'static Path {
+    static EXES: [OnceLock<PathBuf>; 3] = [const { OnceLock::new() }; 3];
+    EXES[entry as usize].get_or_init(|| {
+        let flags: &[&'static str] = match entry {
+            Entry::Detour => &[],
+            Entry::Mcount => &["-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount", "-fno-pie", "-no-pie"],
+            Entry::Patchable => &["-fpatchable-function-entry=5"],
+        };
+        let out = format!("record-attach-busy-{}", entry.kind());
+        common::build_c("busy.c", &out, &os(&[&["-O1", "-fno-inline", "-pthread"], flags].concat()))
+    })
 }
 
 #[test]
 fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_the_tracer_s_own_code() {
-    // busy.c's threads spend most of their time in the tracer's detours and dispatcher, so
-    // the attach's stop often finds a thread there. Each session is on a fresh program: a
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Detour);
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_an_mcount_site_s_caller() {
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Mcount);
+}
+
+#[test]
+fn every_thread_s_calls_in_flight_are_adopted_when_the_stop_lands_in_a_patchable_site_s_caller() {
+    assert_every_thread_s_calls_in_flight_are_adopted(Entry::Patchable);
+}
+
+#[test]
+fn the_attach_says_how_many_threads_it_found_in_hook_code_and_stepped_through() {
+    // busy.c's threads are mostly inside a compiler site's stub, the caller or its
+    // dispatcher: sessions go on until a stop found one there (3 in 4 threads are, per stop).
+    let log = common::scratch().join(format!("busy-note-{}.log", std::process::id()));
+    let mut busy = Worker::start_with(busy_exe(Entry::Mcount), log.as_os_str(), log.clone(), &[]);
+    assert_eq!(busy.ask("threads"), "threads 4");
+    let mut sessions = 0;
+    loop {
+        let dir = trace_dir(&format!("busy-note-{sessions}"));
+        sessions += 1;
+        let stderr = record_for_with(busy.pid, &dir, &["-F", "busy_*", "--duration", "0.05"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let line = stderr.lines().find_map(|l| l.strip_prefix("dynprobe: calls in flight at the attach: "));
+        let line = line.unwrap_or_else(|| panic!("no line about the calls in flight: {stderr}"));
+        let numbers: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+        if line.ends_with("; none was inside dynprobe's hook code") && sessions < 5 {
+            continue;
+        }
+        // "C adopted on T thread(s); H thread(s) inside dynprobe's hook code (D in entry
+        // detours, K in compiler-site callers), S stepped through into the program's frames"
+        let [_calls, threads, in_hooks, in_detours, in_callers, stepped] = numbers[..] else {
+            panic!("the line does not say how many threads were in hook code after {sessions} sessions: {line}")
+        };
+        assert!(threads >= 5 && in_hooks <= 4, "busy.c's 4 threads and its main one: {line}");
+        assert_eq!(
+            (in_detours, in_callers, stepped),
+            (0, in_hooks, in_hooks),
+            "all in callers, stepped through: {line}"
+        );
+        break;
+    }
+    busy.quit();
+}
+
+/// Records busy.c, built with `entry`'s sites, in three sessions, each on a fresh program,
+/// and checks that every thread's calls in flight at the attach were adopted.
+fn assert_every_thread_s_calls_in_flight_are_adopted(entry: Entry) {
+    // busy.c's threads spend most of their time in the tracer's hook code (a detour and its
+    // dispatcher, or a compiler site's stub, the caller and its dispatcher), so the
+    // attach's stop often finds a thread there. Each session is on a fresh program: a
     // call an earlier session diverted stays diverted (busy_thread never returns), and is
     // not shown again.
     let depth_of = |name: &str| ["busy_thread", "busy_outer", "busy_leaf"].iter().position(|n| *n == name);
+    let kind = entry.kind();
     for session in 0..3 {
-        let log = common::scratch().join(format!("busy-{session}-{}.log", std::process::id()));
-        let mut busy = Worker::start_with(busy_exe(), log.as_os_str(), log.clone(), &[]);
+        let log = common::scratch().join(format!("busy-{kind}-{session}-{}.log", std::process::id()));
+        let mut busy = Worker::start_with(busy_exe(entry), log.as_os_str(), log.clone(), &[]);
         assert_eq!(busy.ask("threads"), "threads 4");
-        let dir = trace_dir(&format!("busy-{session}"));
+        let dir = trace_dir(&format!("busy-{kind}-{session}"));
         // Rings of 4 Mi records: a thread records ~25 M a second here, and an exit lost with
         // a full ring would nest the next calls deeper in the replay.
         let options = ["-F", "busy_*", "--duration", "0.05", "--buffer-size", "4194304"];
         let stderr = record_for_with(busy.pid, &dir, &options);
+        let row = |l: &str| l.split_whitespace().collect::<Vec<_>>() == [kind, "3", "3", "0"];
+        assert!(stderr.lines().any(row), "session {session}: busy.c's 3 functions have {kind} sites: {stderr}");
         assert!(!stderr.contains("could not be unwound"), "session {session}: {stderr}");
         assert!(stderr.contains("(0 lost)"), "session {session}: {stderr}");
         let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);

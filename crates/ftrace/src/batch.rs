@@ -18,6 +18,7 @@ use dynprobe_symbols::SiteKind;
 use dynprobe_text::memory;
 use dynprobe_text::transaction::{self, move_out_of, Edits, Transaction};
 use dynprobe_text::{pool, TextError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long other threads get to acknowledge the stop.
@@ -25,6 +26,31 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sites farther apart than this get separate stub blocks, so that one block near the
 /// first site is in `rel32` reach of all of them.
 const GROUP_SPAN: u64 = 256 << 20;
+
+/// A block of executable memory holding the caller and, after it, the stubs of a group of
+/// sites: where a thread between a site's call and its return is (see `dynprobe_arch`'s
+/// `ftrace` module for the layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallerBlock {
+    /// The caller's first instruction.
+    pub(crate) start: u64,
+    /// The caller's code (the stubs start at its length rounded up to [`STUB_SIZE`]).
+    pub(crate) caller_len: u64,
+    /// The end of the last stub.
+    pub(crate) end: u64,
+}
+
+/// Every block placed in this process, for the unwinding of the calls in flight at an
+/// attach (`crate::inflight`): blocks are never freed (a thread may be inside one at any
+/// time), so the list only grows.
+static BLOCKS: Mutex<Vec<CallerBlock>> = Mutex::new(Vec::new());
+
+/// The blocks placed so far, by address.
+pub(crate) fn caller_blocks() -> Vec<CallerBlock> {
+    let mut blocks = BLOCKS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    blocks.sort_unstable_by_key(|b| b.start);
+    blocks
+}
 
 /// A site turned into a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +155,8 @@ pub(crate) fn enable(functions: &[TracedFunction], dispatch: u64) -> Result<Batc
             }
         }
         memory::write_verified(block.addr, &vec![INT3; code.len()], &code)?;
+        let end = block.addr + code.len() as u64;
+        BLOCKS.lock().unwrap_or_else(|e| e.into_inner()).push(CallerBlock { start: block.addr, caller_len, end });
     }
 
     // The transaction plans every edit before it stops anyone: nothing may allocate while

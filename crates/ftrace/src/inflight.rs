@@ -43,10 +43,16 @@
 //! that `rsp`; a thread in the relocated copy of the covered instructions continues as the
 //! probed instruction the copy stands for. Stopped before the dispatcher was called, the
 //! thread has not entered the function yet (it does, recorded, once it runs again); inside
-//! or after it, the function is in flight and adopted. Still not stepped through: the
-//! compiler sites' entry caller and the return trampoline's sled (a return in progress).
+//! or after it, the function is in flight and adopted. A compiler site's stub and the
+//! caller it jumps to (`dynprobe_arch`'s `ftrace` module) are stepped through the same way:
+//! `caller_position` finds, from their code, where the `rsp` the site's `call` was made with
+//! is (and the program's `rbp`, which the caller saves while it uses its own), and the frame
+//! continues as the site's instruction with that `rsp`. Still not stepped through: the
+//! return trampoline's sled (a return in progress, which only a call diverted by an earlier
+//! session can be making at an attach); such a walk ends there.
 
 use crate::graph;
+use dynprobe_arch::native::ftrace::{caller_position, SiteRsp, CALLER_ENTRY_DEPTH, STUB_ENTRY_DEPTH, STUB_SIZE};
 use dynprobe_arch::native::hook_frame::EntryRsp;
 use dynprobe_events::record::{Kind, Record};
 use dynprobe_probe::{DetourSpan, InFlightCall};
@@ -64,6 +70,8 @@ const DETOUR_MAX: usize = 4096;
 /// The DWARF register number (System V x86-64 ABI, figure 3.36) of each general register by
 /// its number in the instruction encoding (rax rcx rdx rbx rsp rbp rsi rdi r8 … r15).
 const DWARF_OF_GPR: [usize; 16] = [0, 2, 1, 3, 7, 6, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15];
+/// Bytes of a compiler site's `call` of its stub.
+const CALL_LEN: u64 = 5;
 /// The most frames one thread's walk follows (deeper stacks end the walk).
 const MAX_FRAMES: usize = 4096;
 /// How long the stop of the other threads may take.
@@ -85,9 +93,43 @@ pub struct InFlight {
     /// Threads left running because they block the stop signal: their calls in flight are
     /// not shown.
     pub left: usize,
-    /// Threads stopped inside dynprobe's own hook code (a detour buffer, or the handlers it
-    /// calls), whose walk stepped through it into the program's frames.
+    /// Threads stopped inside dynprobe's own hook code (a detour buffer, a compiler site's
+    /// stub or caller, or the handlers they call).
     pub in_hooks: usize,
+    /// Of those, the threads whose walk stepped through it into the program's frames.
+    pub stepped: usize,
+    /// Of `in_hooks`, the threads inside a plain-entry site's detour (or its handlers).
+    pub in_detours: usize,
+    /// Of `in_hooks`, the threads inside a compiler site's stub or caller (or its dispatcher).
+    pub in_callers: usize,
+}
+
+impl InFlight {
+    /// What the attach found, for the user: the calls adopted, and the threads found inside
+    /// dynprobe's hook code, by kind, and how many of those the walk stepped through (the
+    /// others are among the threads whose calls in flight are shown from where the walk
+    /// stopped).
+    pub fn describe(&self) -> String {
+        let mut line = format!("calls in flight at the attach: {} adopted on {} thread(s)", self.calls, self.threads);
+        match self.in_hooks {
+            0 => line.push_str("; none was inside dynprobe's hook code"),
+            n => line.push_str(&format!(
+                "; {n} thread(s) inside dynprobe's hook code ({} in entry detours, {} in compiler-site callers), \
+                 {} stepped through into the program's frames",
+                self.in_detours, self.in_callers, self.stepped
+            )),
+        }
+        line
+    }
+}
+
+/// The hook code one thread's walk met, and whether it got through.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hooks {
+    detour: bool,
+    caller: bool,
+    /// Hook code the walk could not step through.
+    stuck: bool,
 }
 
 /// A loaded module's call-frame information.
@@ -112,7 +154,9 @@ pub(crate) struct Walker {
     calls: Vec<InFlightCall>,
     /// The optimized probes' detour buffers (the plain-entry sites' hook code), by address.
     detours: Vec<DetourSpan>,
-    /// Room for one detour's code, read during the stop.
+    /// The compiler sites' stubs and callers (`crate::batch`), by address.
+    callers: Vec<crate::batch::CallerBlock>,
+    /// Room for one detour's or caller's code, read during the stop.
     code: Vec<u8>,
 }
 
@@ -139,6 +183,7 @@ impl Walker {
             maps: Vec::with_capacity(MAPS_BUFFER),
             calls: Vec::with_capacity(MAX_FRAMES),
             detours: dynprobe_probe::detours(),
+            callers: crate::batch::caller_blocks(),
             code: Vec::with_capacity(DETOUR_MAX),
         }
     }
@@ -167,9 +212,14 @@ impl Walker {
                 continue;
             };
             self.calls.clear();
-            let (whole, in_hooks) = self.walk(regs, sp, stack_end);
+            let (whole, hooks) = self.walk(regs, sp, stack_end);
             found.unreadable += usize::from(!whole);
-            found.in_hooks += usize::from(in_hooks);
+            if hooks.detour || hooks.caller || hooks.stuck {
+                found.in_hooks += 1;
+                found.stepped += usize::from(!hooks.stuck);
+                found.in_detours += usize::from(hooks.detour);
+                found.in_callers += usize::from(hooks.caller);
+            }
             self.calls.reverse();
             for call in self.calls.iter_mut() {
                 call.func |= out.tag;
@@ -193,24 +243,85 @@ impl Walker {
     /// Walks one thread's stack from its interrupted registers, collecting the frames of
     /// traced functions into `self.calls`, innermost first. The first value is false when
     /// the walk ended somewhere other than the outermost frame (or the first frame of an
-    /// unknown code); the second says whether it went through dynprobe's hook code.
-    fn walk(&mut self, regs: [Option<u64>; 17], sp: u64, stack_end: u64) -> (bool, bool) {
-        let mut in_hooks = false;
-        let Some(pc) = regs[X86_64::RA.0 as usize] else { return (false, false) };
+    /// unknown code); the second says which of dynprobe's hook code it went through.
+    fn walk(&mut self, regs: [Option<u64>; 17], sp: u64, stack_end: u64) -> (bool, Hooks) {
+        let mut hooks = Hooks::default();
+        let Some(pc) = regs[X86_64::RA.0 as usize] else { return (false, hooks) };
         let mut at = Frame { regs, pc, exact: true, entered: false };
         for _ in 0..MAX_FRAMES {
-            if let Some(step) = self.step_through_hook(&at, sp, stack_end) {
-                let Some(program) = step else { return (false, true) };
+            let step = match self.step_through_hook(&at, sp, stack_end) {
+                Some(step) => {
+                    hooks.detour = true;
+                    Some(step)
+                }
+                None => self.step_through_caller(&at, sp, stack_end).inspect(|_| hooks.caller = true),
+            };
+            if let Some(step) = step {
+                let Some(program) = step else {
+                    hooks.stuck = true;
+                    return (false, hooks);
+                };
                 at = program;
-                in_hooks = true;
             }
             match self.unwind(&mut at, sp, stack_end) {
                 Some(true) => {}
-                Some(false) => return (true, in_hooks),
-                None => return (false, in_hooks),
+                Some(false) => return (true, hooks),
+                None => return (false, hooks),
             }
         }
-        (false, in_hooks)
+        (false, hooks)
+    }
+
+    /// When `at` is in a compiler site's stub or caller (or returns into the caller, from
+    /// its dispatcher): the frame of the traced function at its site — the site's
+    /// instruction, with the `rsp` and `rbp` the thread had there — or `Some(None)` when it
+    /// cannot be told. The stub and the caller change no callee-saved register but `rbp`,
+    /// which they save where `dynprobe_arch`'s `caller_position` says.
+    fn step_through_caller(&mut self, at: &Frame, sp: u64, stack_end: u64) -> Option<Option<Frame>> {
+        let lookup = if at.exact { at.pc } else { at.pc.wrapping_sub(1) };
+        let i = self.callers.partition_point(|b| b.start <= lookup).checked_sub(1)?;
+        let block = self.callers[i];
+        if lookup >= block.end {
+            return None;
+        }
+        let stubs = block.start + block.caller_len.next_multiple_of(STUB_SIZE);
+        let (code_ip, len, depth) = if lookup < block.start + block.caller_len {
+            (block.start, block.caller_len, CALLER_ENTRY_DEPTH)
+        } else if lookup >= stubs {
+            (stubs + (lookup - stubs) / STUB_SIZE * STUB_SIZE, STUB_SIZE, STUB_ENTRY_DEPTH)
+        } else {
+            return Some(None);
+        };
+        self.code.clear();
+        self.code.resize((len as usize).min(self.code.capacity()), 0);
+        if !dynprobe_text::raw::read(code_ip, &mut self.code) {
+            return Some(None);
+        }
+        let Some(position) = caller_position(&self.code, code_ip, depth, at.pc) else { return Some(None) };
+        let word = |addr: u64| {
+            let mut word = [0u8; 8];
+            (addr >= sp && addr + 8 <= stack_end && dynprobe_text::raw::read(addr, &mut word))
+                .then(|| u64::from_le_bytes(word))
+        };
+        let site_rsp = match position.site_rsp {
+            SiteRsp::Rsp(d) => at.regs[X86_64::RSP.0 as usize].map(|rsp| rsp + u64::from(d)),
+            SiteRsp::Rbp(d) => at.regs[X86_64::RBP.0 as usize].map(|rbp| rbp + u64::from(d)),
+        };
+        let Some(site_rsp) = site_rsp else { return Some(None) };
+        // The site's `call` pushed the address of the instruction after it.
+        let Some(after_site) = word(site_rsp.wrapping_sub(8)).filter(|&ret| in_code(&self.modules, ret)) else {
+            return Some(None);
+        };
+        let mut regs = at.regs;
+        regs[X86_64::RSP.0 as usize] = Some(site_rsp);
+        if let Some(d) = position.rbp_saved {
+            regs[X86_64::RBP.0 as usize] = word(site_rsp.wrapping_sub(u64::from(d)));
+        }
+        // Stopped before the dispatcher was called, the thread enters the function through
+        // it once it runs again (recorded then); inside the dispatcher or after it, the call
+        // is under way, as in a detour.
+        let entered = position.called || !at.exact;
+        Some(Some(Frame { regs, pc: after_site - CALL_LEN, exact: true, entered }))
     }
 
     /// When `at` is in a detour buffer (or returns into one, from the handlers it called):
@@ -499,6 +610,20 @@ fn module_of(base: u64, headers: &[libc::Elf64_Phdr]) -> Option<Module> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_description_names_the_threads_in_hook_code_by_kind() {
+        let none = InFlight { threads: 6, calls: 3, ..InFlight::default() };
+        assert_eq!(
+            none.describe(),
+            "calls in flight at the attach: 3 adopted on 6 thread(s); none was inside dynprobe's hook code"
+        );
+        let some = InFlight { threads: 6, calls: 9, in_hooks: 3, stepped: 2, in_detours: 1, in_callers: 2, ..none };
+        assert!(some.describe().ends_with(
+            "; 3 thread(s) inside dynprobe's hook code (1 in entry detours, 2 in compiler-site callers), 2 stepped \
+             through into the program's frames"
+        ));
+    }
 
     #[test]
     fn maps_lines_give_the_end_of_the_writable_mapping() {

@@ -104,11 +104,211 @@ pub fn build_caller(ip: u64, dispatch: u64, width: VectorWidth) -> Result<Vec<u8
     Ok(a.assemble(ip)?)
 }
 
+/// Bytes a thread has pushed when it enters a stub: the site's return address.
+pub const STUB_ENTRY_DEPTH: u32 = 8;
+/// Bytes a thread has pushed when it enters the caller: the site's return address and the
+/// stub's id.
+pub const CALLER_ENTRY_DEPTH: u32 = 16;
+
+/// Where the traced function's stack pointer at its site (the `rsp` its `call` of the stub
+/// was made with) is, seen from a thread inside a stub or the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteRsp {
+    /// `rsp` + the offset.
+    Rsp(u32),
+    /// `rbp` + the offset (the caller's frame pointer is up; `rsp` was aligned by hand).
+    Rbp(u32),
+}
+
+/// What [`caller_position`] found at an instruction of a stub or the caller: how an
+/// unwinder gets from there back to the traced function's site (the site's return address
+/// is the word just below the site's `rsp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerPosition {
+    /// Where the site's `rsp` is.
+    pub site_rsp: SiteRsp,
+    /// The program's `rbp` is saved at the site's `rsp` minus this (the caller uses `rbp` as
+    /// its frame pointer); `None`: `rbp` holds the program's.
+    pub rbp_saved: Option<u32>,
+    /// The dispatcher has been called (the call is under way or over).
+    pub called: bool,
+}
+
+/// Where a thread at `pc` in `code` (a stub or the caller, placed at `code_ip`, entered at
+/// its first byte with `entry_depth` bytes pushed below the site's `rsp`:
+/// [`STUB_ENTRY_DEPTH`] or [`CALLER_ENTRY_DEPTH`]) finds the traced function's site;
+/// `None` when `pc` is not an instruction of `code` reached from its entry, or the code
+/// moves `rsp` or `rbp` in a way this does not follow. `pc` may be where a thread is
+/// stopped or the return address of the caller's call of the dispatcher.
+///
+/// The code is run forward from its entry, as [`super::hook_frame`] does for a detour,
+/// following the few instructions [`build_caller`] and [`stub`] emit: pushes and pops,
+/// `mov %rsp,%rbp` / `mov %rbp,%rsp` around the stack's alignment, `lea n(%rsp),%rsp`, the
+/// call. Nothing is allocated: an unwinder calls this while the other threads are stopped.
+pub fn caller_position(code: &[u8], code_ip: u64, entry_depth: u32, pc: u64) -> Option<CallerPosition> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+    let mut decoder = Decoder::with_ip(64, code, code_ip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    // How many bytes below the site's rsp the current rsp is (`Some` while rsp is
+    // followed), and rbp while the caller's frame pointer is up.
+    let (mut below_rsp, mut below_rbp): (Option<u32>, Option<u32>) = (Some(entry_depth), None);
+    let mut rbp_saved = None;
+    let mut called = false;
+    // Forward branches within the code: (target, the state they take there).
+    #[allow(clippy::type_complexity)]
+    let mut pending: [Option<(u64, Option<u32>, Option<u32>, Option<u32>, bool)>; 4] = [None; 4];
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() || insn.ip() > pc {
+            return None;
+        }
+        if insn.ip() == pc {
+            let site_rsp = match (below_rsp, below_rbp) {
+                (Some(d), _) => SiteRsp::Rsp(d),
+                (None, Some(d)) => SiteRsp::Rbp(d),
+                (None, None) => return None,
+            };
+            return Some(CallerPosition { site_rsp, rbp_saved, called });
+        }
+        let op0 = (insn.op_count() > 0 && insn.op0_kind() == OpKind::Register).then(|| insn.op0_register());
+        let op1 = (insn.op_count() > 1 && insn.op1_kind() == OpKind::Register).then(|| insn.op1_register());
+        match (insn.mnemonic(), op0, op1) {
+            (Mnemonic::Push, reg, _) => {
+                let d = below_rsp? + 8;
+                below_rsp = Some(d);
+                if reg == Some(Register::RBP) && below_rbp.is_none() && rbp_saved.is_none() {
+                    rbp_saved = Some(d);
+                }
+            }
+            (Mnemonic::Pop, Some(reg), _) => {
+                below_rsp = Some(below_rsp?.checked_sub(8)?);
+                if reg == Register::RBP {
+                    // The program's rbp is back in rbp.
+                    (below_rbp, rbp_saved) = (None, None);
+                }
+            }
+            (Mnemonic::Mov, Some(Register::RBP), Some(Register::RSP)) => below_rbp = Some(below_rsp?),
+            (Mnemonic::Mov, Some(Register::RSP), Some(Register::RBP)) => below_rsp = Some(below_rbp?),
+            (Mnemonic::And | Mnemonic::Sub, Some(Register::RSP), None) => {
+                // Aligned or grown by hand: followed through rbp from now on.
+                below_rbp?;
+                below_rsp = None;
+            }
+            (Mnemonic::Lea, Some(Register::RSP), _)
+                if insn.memory_base() == Register::RSP && insn.memory_index() == Register::None =>
+            {
+                let d = i64::from(below_rsp?) - insn.memory_displacement64() as i64;
+                below_rsp = Some(u32::try_from(d).ok()?);
+            }
+            (Mnemonic::Call, _, _) => called = true,
+            (_, Some(reg), _) if reg.full_register() == Register::RSP || reg.full_register() == Register::RBP => {
+                return None;
+            }
+            _ => {}
+        }
+        match insn.flow_control() {
+            // The caller's vector restore jumps forward over one of its two ways: the
+            // instructions after the jump are reached only from a branch to them, with the
+            // state the branch had (checked to be the state followed so far when it lands).
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+                if insn.near_branch_target() > insn.ip() && insn.near_branch_target() < code_ip + code.len() as u64 =>
+            {
+                let state = (insn.near_branch_target(), below_rsp, below_rbp, rbp_saved, called);
+                *pending.iter_mut().find(|p| p.is_none())? = Some(state);
+            }
+            // The end of the stub (its jump to the caller) or of the caller.
+            FlowControl::UnconditionalBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::Return
+            | FlowControl::IndirectBranch
+            | FlowControl::Interrupt => return None,
+            _ => {}
+        }
+        let next = insn.next_ip();
+        for p in pending.iter_mut() {
+            if let Some((target, rsp_at, rbp_at, saved_at, called_at)) = *p {
+                if target == next {
+                    if (rsp_at, rbp_at, saved_at, called_at) != (below_rsp, below_rbp, rbp_saved, called) {
+                        return None;
+                    }
+                    *p = None;
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::x86_64::decode::decode_instructions;
     use iced_x86::{Mnemonic, Register};
+
+    /// Runs `code` on a model machine (the instructions the stub and the caller use), from
+    /// its entry with `entry_depth` bytes pushed below the site's `rsp`, and checks at every
+    /// instruction that [`caller_position`] finds the site's `rsp` and the program's `rbp`
+    /// again from the machine's registers and memory. Returns how many it checked.
+    fn check_every_instruction(code: &[u8], ip: u64, entry_depth: u32) -> usize {
+        const SITE_RSP: u64 = 0x7fff_0000_1008;
+        const PROGRAM_RBP: u64 = 0x1234_5678_9abc;
+        let instrs = decode_instructions(code, ip).unwrap();
+        let (mut stack_ptr, mut frame_ptr) = (SITE_RSP - u64::from(entry_depth), PROGRAM_RBP);
+        let mut memory = std::collections::HashMap::<u64, u64>::new();
+        let mut called = false;
+        for insn in &instrs {
+            let found =
+                caller_position(code, ip, entry_depth, insn.ip()).unwrap_or_else(|| panic!("no rule at {insn}"));
+            let site = match found.site_rsp {
+                SiteRsp::Rsp(d) => stack_ptr + u64::from(d),
+                SiteRsp::Rbp(d) => frame_ptr + u64::from(d),
+            };
+            assert_eq!(site, SITE_RSP, "at {insn}");
+            let program_rbp = found.rbp_saved.map_or(frame_ptr, |d| memory[&(SITE_RSP - u64::from(d))]);
+            assert_eq!(program_rbp, PROGRAM_RBP, "at {insn}");
+            assert_eq!(found.called, called, "at {insn}");
+            match (insn.mnemonic(), insn.op0_register(), insn.op1_register()) {
+                (Mnemonic::Push, reg, _) => {
+                    stack_ptr -= 8;
+                    memory.insert(stack_ptr, if reg == Register::RBP { frame_ptr } else { 0 });
+                }
+                (Mnemonic::Pop, reg, _) => {
+                    if reg == Register::RBP {
+                        frame_ptr = memory[&stack_ptr];
+                    }
+                    stack_ptr += 8;
+                }
+                (Mnemonic::Mov, Register::RBP, Register::RSP) => frame_ptr = stack_ptr,
+                (Mnemonic::Mov, Register::RSP, Register::RBP) => stack_ptr = frame_ptr,
+                (Mnemonic::And, Register::RSP, _) => stack_ptr &= insn.immediate(1),
+                (Mnemonic::Sub, Register::RSP, _) => stack_ptr -= insn.immediate(1),
+                (Mnemonic::Lea, Register::RSP, _) => stack_ptr = stack_ptr.wrapping_add(insn.memory_displacement64()),
+                (Mnemonic::Call, _, _) => called = true,
+                _ => {}
+            }
+        }
+        instrs.len()
+    }
+
+    #[test]
+    fn the_site_is_found_from_every_instruction_of_the_stub_and_the_caller() {
+        let ip = 0x7000_0000;
+        for width in [VectorWidth::None, VectorWidth::Sse, VectorWidth::Avx512 { wide_masks: true }] {
+            let caller = build_caller(ip, 0x5000_0000, width).unwrap();
+            assert!(check_every_instruction(&caller, ip, CALLER_ENTRY_DEPTH) > 20);
+            // The dispatcher's return address (the instruction after the call) has a rule.
+            let instrs = decode_instructions(&caller, ip).unwrap();
+            let call = instrs.iter().find(|i| i.mnemonic() == Mnemonic::Call).unwrap();
+            assert!(caller_position(&caller, ip, CALLER_ENTRY_DEPTH, call.next_ip()).is_some_and(|p| p.called));
+            // An address inside an instruction, or past the code, has none.
+            let long = instrs.iter().find(|i| i.len() > 1).unwrap();
+            assert_eq!(caller_position(&caller, ip, CALLER_ENTRY_DEPTH, long.ip() + 1), None);
+            assert_eq!(caller_position(&caller, ip, CALLER_ENTRY_DEPTH, ip + caller.len() as u64), None);
+        }
+        let code = stub(ip, 7, ip + 0x1000).unwrap();
+        assert_eq!(check_every_instruction(&code[..10], ip, STUB_ENTRY_DEPTH), 2);
+        assert_eq!(caller_position(&code, ip, STUB_ENTRY_DEPTH, ip + 10), None, "the padding is never run");
+    }
 
     #[test]
     fn a_stub_pushes_its_id_and_jumps_to_the_caller() {

@@ -916,7 +916,7 @@ impl Session<'_> {
                 self.unload = true;
                 return Ok(Step::Detached);
             }
-            Message::Placed(_) | Message::Warning(_) | Message::Ended(_) => {}
+            Message::Placed(_) | Message::Warning(_) | Message::Note(_) | Message::Ended(_) => {}
             Message::Hit(_) | Message::Unknown(_) => eprintln!("dynprobe: unexpected message from the agent: {text}"),
         }
         Ok(Step::Stay)

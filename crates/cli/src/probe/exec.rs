@@ -67,8 +67,8 @@ pub(crate) fn recorded_note(pid: i32, name: &str) -> String {
     let became = became(pid, name);
     format!(
         "{pid} ({name}) executed a new program{became}: its exec carried the agent, so the new image is \
-         recorded as under `record` (it keeps the agent, recording, for its life), until it exits, Ctrl-C or \
-         --duration"
+         recorded as under `record` until it exits, Ctrl-C or --duration (it keeps the agent; its recording, \
+         and that of the children it forks, ends with the session)"
     )
 }
 

@@ -32,6 +32,9 @@ pub enum Message<'a> {
     Placed(&'a str),
     /// `!warning <text>`.
     Warning(&'a str),
+    /// `!note <text>`: something the user is told once, not a warning (what a `record -p`
+    /// attach found in flight).
+    Note(&'a str),
     /// `!exited <status>` or `!killed <signal>`: the ptrace tracer's program ended (its
     /// status is the tracer's exit status).
     Ended(&'a str),
@@ -71,6 +74,7 @@ impl<'a> Message<'a> {
             Message::Pending(pending) => Some(format!("probe {pending}: it is placed when that library is loaded")),
             Message::Placed(spec) => Some(format!("probe `{spec}` placed: its library was loaded")),
             Message::Warning(text) => Some(format!("warning: {text}")),
+            Message::Note(text) => Some(text.to_string()),
             _ => None,
         }
     }
@@ -94,6 +98,9 @@ impl<'a> Message<'a> {
         }
         if let Some(rest) = line.strip_prefix("!warning ") {
             return Message::Warning(rest);
+        }
+        if let Some(rest) = line.strip_prefix("!note ") {
+            return Message::Note(rest);
         }
         if let Some(rest) = line.strip_prefix("!detached ") {
             // The agent's `!detached <lost>[ <problem>]`, or the ptrace tracer's
@@ -561,6 +568,8 @@ mod tests {
             Message::Pending("p:libz:inflate: libz is not loaded yet")
         );
         assert_eq!(Message::parse("!lost 17"), Message::Lost(17));
+        let note = Message::parse("!note calls in flight at the attach: 3 adopted on 5 thread(s)");
+        assert_eq!(note.note().as_deref(), Some("calls in flight at the attach: 3 adopted on 5 thread(s)"));
         assert_eq!(Message::parse("!lost many"), Message::Unknown("!lost many"));
         assert_eq!(
             Message::parse("1500 7 grp/ev a=1 b=0x10"),

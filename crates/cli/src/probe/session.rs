@@ -200,7 +200,7 @@ impl Relay<'_> {
             }
             Message::Error(error) => self.placement = Placement::Refused(error.to_string()),
             Message::Hit(hit) => self.hits.hit(&hit),
-            message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_)) => {
+            message @ (Message::Pending(_) | Message::Placed(_) | Message::Warning(_) | Message::Note(_)) => {
                 self.say(message.note().unwrap_or_default())
             }
             // The tracer's exit status is the program's; the line says nothing more.

@@ -9,7 +9,10 @@
 //! the sites, the markers, the `dlopen` watch and the signal guards — whatever the session
 //! wrote, without a list to keep. A child that `exec`ed during the session runs a new image
 //! with an agent of its own, recording for its life as an image `record` follows through
-//! an `exec` does: it is left alone. One forked before the session has no agent.
+//! an `exec` does: it is left alone, its agent ends its recording when the session does. A
+//! child such an image forks has no thread to do that (`fork` copies only the calling
+//! thread): once the image has restored its own code, the child gets the image's bytes the
+//! same way. One forked before the session has no agent.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
@@ -50,6 +53,99 @@ pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restore
         .collect()
 }
 
+/// A process forked during the session by an image `exec`'d during it (or by a child that
+/// image forked): it inherited that image's patched code and recording, but not the thread
+/// with which the image's agent ends its recording when the session does (`fork` copies only
+/// the calling thread).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ForkedByImage {
+    /// The forked process.
+    pub(crate) pid: i32,
+    /// The exec'd image it was forked from, whose agent restores its own code.
+    pub(crate) image: i32,
+}
+
+/// The agent's thread that ends an `exec`'d image's recording with the session (see the
+/// agent's `record` module).
+const IMAGE_RECORDING_THREAD: &str = "dynprobe-record";
+/// How long an `exec`'d image's agent may take to end its recording once the ring
+/// directory is gone (it looks every 100 ms, then restores its sites).
+const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The live descendants of `pid` (and `pid`'s own children when it `exec`'d itself) forked
+/// by an image `exec`'d during the session recording into `rings`, with that image. Looked
+/// for while the session's recording lasts: an `exec`'d image is told from a child it forked
+/// by its agent's recording thread, which ends with the recording.
+pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path) -> Vec<ForkedByImage> {
+    let images: Vec<i32> =
+        std::iter::once(pid).chain(descendants(pid)).filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD)).collect();
+    descendants(pid)
+        .into_iter()
+        .filter(|&p| !images.contains(&p) && started_for(p, rings))
+        .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
+        .filter_map(|p| {
+            // The nearest ancestor that is such an image.
+            let mut at = p;
+            for _ in 0..64 {
+                at = parent_of(at)?;
+                if images.contains(&at) {
+                    return Some(ForkedByImage { pid: p, image: at });
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+/// Once the session's recording is over (its ring directory removed): waits until each
+/// image of `forked` has ended its own recording (its agent's recording thread gone, every
+/// site it patched restored), then makes the code of the process it forked byte for byte
+/// that image's, as [`restore_forked`] does for the attached process's children.
+pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage]) -> Vec<Restored> {
+    forked
+        .iter()
+        .map(|f| {
+            let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
+            let result = loop {
+                if !Path::new(&format!("/proc/{}", f.image)).exists() {
+                    break Err(format!("the image it was forked from ({}) ended first", f.image));
+                }
+                if !has_thread(f.image, IMAGE_RECORDING_THREAD) {
+                    break restore(f.image, f.pid);
+                }
+                if std::time::Instant::now() > deadline {
+                    break Err(format!(
+                        "the image it was forked from ({}) did not end its recording within {} s",
+                        f.image,
+                        IMAGE_END_TIMEOUT.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            Restored { pid: f.pid, result }
+        })
+        .collect()
+}
+
+/// Whether a thread of process `pid` is named `name` (`/proc/PID/task/TID/comm`).
+fn has_thread(pid: i32, name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+}
+
+/// Process `pid`'s parent (`/proc/PID/stat`).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_parent(&stat)
+}
+
+/// The parent's pid in a `/proc/PID/stat` line: the second field after the command name,
+/// which may hold spaces and parentheses.
+fn stat_parent(stat: &str) -> Option<i32> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
 /// Whether process `pid`'s image was started with `DYNPROBE_RECORD=<rings>`: an `exec`
 /// during the session carried it. `/proc/PID/environ` (proc(5)) shows the environment the
 /// image started with, which the agent's taking its variables out later does not change.
@@ -64,10 +160,7 @@ fn descendants(pid: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        // The fields after the command name, which may hold spaces and parentheses.
-        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
-        if let Some(ppid) = rest.split(' ').nth(1).and_then(|f| f.parse::<i32>().ok()) {
+        if let Some(ppid) = parent_of(p) {
             children.entry(ppid).or_default().push(p);
         }
     }
@@ -147,6 +240,7 @@ mod tests {
     fn differing_runs_and_maps_lines() {
         assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
         assert_eq!(differences(b"same", b"same"), []);
+        assert_eq!(stat_parent("42 (a) b) S 7 42 42 0"), Some(7), "a command name with ') '");
         let line = "00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/worker";
         let m = parse_line(line).unwrap();
         assert_eq!(

@@ -227,6 +227,8 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
             ),
         }
     }
+    // Told apart from the images exec'd during the session while their recording lasts.
+    let forked_by_images = children::forked_by_images(pid, &agent_name, rings.path());
     // Whatever reached the rings is kept, also after a session that ended badly (its
     // message says what is left in the process).
     let stats = match recording.finish(None) {
@@ -237,7 +239,24 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
         }
         Err(e) => return Err(e),
     };
+    // The ring directory's removal ends the recording of every image exec'd during the
+    // session (each restores its own sites); the children they forked get those bytes.
     drop(rings);
+    for child in children::restore_forked_by_images(&forked_by_images) {
+        let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
+        match child.result {
+            Ok(runs) => eprintln!(
+                "dynprobe: process {} (forked during the session by {image}, an image exec'd during it): its code \
+                 restored as {image}'s ({runs} patched range(s))",
+                child.pid
+            ),
+            Err(why) => eprintln!(
+                "dynprobe: warning: process {} (forked during the session by {image}, an image exec'd during it) \
+                 keeps patched code: {why}",
+                child.pid
+            ),
+        }
+    }
     if stats.events == 0 && session.is_err() {
         out.restore();
         return session.map(|()| ExitCode::SUCCESS);
