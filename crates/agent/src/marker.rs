@@ -58,7 +58,8 @@ impl MarkerEvent {
         let Ok(at) = self.sites.binary_search_by_key(&hit.site().addr, |s| s.addr) else { return };
         let site = &self.sites[at];
         if let Some(format) = &site.fields {
-            return format.write(line, ns, &HitContext::entry(hit.regs(), &SelfMemory, tid));
+            let ctx = HitContext { xmm: hit.xmm(), ..HitContext::entry(hit.regs(), &SelfMemory, tid) };
+            return format.write(line, ns, &ctx);
         }
         line.dec(ns).byte(b' ').dec(tid).byte(b' ').bytes(site.name.as_bytes());
         for (i, value) in hit.args().enumerate() {
@@ -144,6 +145,7 @@ fn encode_arg(records: &mut MarkerRecords, value: &ArgValue<'_>) {
         ArgValue::Pointer(p) => records.pointer(p),
         ArgValue::Str(s) => records.string(s.as_bytes()),
         ArgValue::Bytes(b) | ArgValue::CStr(b) => records.string(b),
+        ArgValue::Float { bits, raw } => records.float(bits, raw),
         ArgValue::Unavailable => records.unavailable(),
     };
 }
@@ -163,6 +165,7 @@ mod tests {
             ArgValue::Char(char::from_u32(v as u32)),
             ArgValue::Pointer(v),
             ArgValue::Bytes(bytes),
+            ArgValue::Float { bits: 64, raw: v },
             ArgValue::Unavailable,
         ] {
             encode_arg(&mut records, &value);
@@ -175,8 +178,8 @@ mod tests {
     /// recorded pays the full vector save. Fails with the instruction that made it heavy.
     #[test]
     fn the_marker_record_writer_is_light() {
-        // 40 data bytes: three data records after the marker record.
-        assert_eq!(encode_every_kind(b"abc", 7), 4);
+        // 49 data bytes: four data records after the marker record.
+        assert_eq!(encode_every_kind(b"abc", 7), 5);
         let gate = encode_every_kind as fn(&[u8], u64) -> usize;
         dynprobe_probe::function_light_verdict(gate as *const () as u64).unwrap();
         // The whole handler: the site's lookup, the arguments read from the registers and

@@ -23,6 +23,7 @@
 use crate::channel::Channel;
 use crate::line::PathText;
 use crate::marker::RecordedMarkers;
+use crate::values::Values;
 use dynprobe_events::clock::Clock;
 use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
@@ -424,15 +425,19 @@ fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Re
         .map_err(|e| format!("cannot create the ring file {}: {e}", pending.display()))?;
     let markers_path = (!markers.is_empty()).then(|| path("markers"));
     // With `record -a`: which functions' calls carry values, before the ring is published.
+    let values = match values {
+        Some((values, list)) => {
+            write_file(&path("values"), &list).inspect_err(|_| {
+                let _ = std::fs::remove_file(&funcs);
+            })?;
+            Some((values, path("values")))
+        }
+        None => None,
+    };
     let values_listed = values.is_some();
-    if let Some(values) = &values {
-        write_file(&path("values"), &values.list()).inspect_err(|_| {
-            let _ = std::fs::remove_file(&funcs);
-        })?;
-    }
-    let values = values.map(|v| Box::new(v) as Box<dyn dynprobe_ftrace::CallValues>);
+    let calls = values.as_ref().map(|(v, _)| Box::new(v.clone()) as Box<dyn dynprobe_ftrace::CallValues>);
     let recording = if attached { Recording::AfterAdoption } else { Recording::Now };
-    let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, values, recording)
+    let started = Tracer::start_with_values(selection, ring, Clock::detect(), settings.depth, calls, recording)
         .map_err(|e| e.to_string())
         .and_then(|tracer| {
             let Some(markers_path) = &markers_path else { return Ok((tracer, None)) };
@@ -478,21 +483,23 @@ fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Re
         funcs: funcs.clone(),
         sites: path("sites"),
         exe: exe.clone(),
+        values,
     });
     Ok(Started { tracer, dir: dir.to_path_buf(), patched, funcs, markers_path, markers: marker_handle, exe, libraries })
 }
 
 /// With `record -a`: the values the calls of `functions` carry, from the `args` file the
-/// settings name (see `crate::values`).
+/// settings name (see `crate::values`), and the lines of the `.values` companion.
 fn call_values(
     settings: &Settings,
     table: &dynprobe_symbols::SymbolTable,
     functions: &[TracedFunction],
-) -> Result<Option<crate::values::Values>, String> {
+) -> Result<Option<(Values, String)>, String> {
     let Some(path) = &settings.values else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let values = crate::values::Values::new(&text, functions, table.modules())?;
-    Ok(Some(values))
+    let values = Values::new(text)?;
+    let list = values.describe(functions, table.modules())?;
+    Ok(Some((values, list)))
 }
 
 /// Takes the first free `<pid>.<n>` by creating its `.funcs` file (exclusively) with
@@ -705,6 +712,8 @@ struct Libraries {
     funcs: PathBuf,
     sites: PathBuf,
     exe: PathBuf,
+    /// With `record -a`: the calls' values, and their `.values` companion.
+    values: Option<(Values, PathBuf)>,
 }
 
 impl Libraries {
@@ -714,8 +723,8 @@ impl Libraries {
         crate::dlopen::watch(move || {
             let mut tracer = tracer.lock().unwrap_or_else(|e| e.into_inner());
             let Some(tracer) = tracer.as_mut() else { return };
-            let Libraries { filter, known, funcs, sites, exe } = &mut self;
-            if let Err(e) = add_new_modules(tracer, filter, known, funcs, sites, exe) {
+            let Libraries { filter, known, funcs, sites, exe, values } = &mut self;
+            if let Err(e) = add_new_modules(tracer, filter, known, funcs, sites, exe, values.as_ref()) {
                 eprintln!("dynprobe agent: a library loaded later is not traced: {e}");
             }
         })
@@ -730,6 +739,7 @@ fn add_new_modules(
     funcs: &Path,
     sites: &Path,
     exe: &Path,
+    values: Option<&(Values, PathBuf)>,
 ) -> Result<(), String> {
     // Most dlopens load nothing new (a library already there, a reference count bumped):
     // seen in the memory map alone, before any symbol table is built.
@@ -745,16 +755,28 @@ fn add_new_modules(
     if selection.functions.is_empty() {
         return Ok(());
     }
+    // Their values (`record -a`) are set before their sites are armed: the first call
+    // carries them. The companion is extended before the function list, which the
+    // recorder watches to copy both.
+    if let Some((values, path)) = values {
+        let list = values.describe(&selection.functions, table.modules())?;
+        append(path, &list)?;
+    }
     // The names first: a record of a new function must never come before its name.
     let lines = function_list(&selection.functions);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(funcs)
-        .and_then(|mut f| f.write_all(lines.as_bytes()))
-        .map_err(|e| format!("cannot extend {}: {e}", funcs.display()))?;
+    append(funcs, &lines)?;
     tracer.add(selection).map_err(|e| e.to_string())?;
     let tmp = sites.with_extension("sites.tmp");
     files::write_private(&tmp, site_list(exe, tracer.summary()).as_bytes())
         .and_then(|()| std::fs::rename(&tmp, sites))
         .map_err(|e| format!("cannot update {}: {e}", sites.display()))
+}
+
+/// Appends `lines` to the file at `path`.
+fn append(path: &Path, lines: &str) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(lines.as_bytes()))
+        .map_err(|e| format!("cannot extend {}: {e}", path.display()))
 }

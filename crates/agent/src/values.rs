@@ -14,8 +14,9 @@
 //!
 //! A library section's functions are matched by the library's path among the process's
 //! modules and located by its load bias; its `KEY`s carry the section's number from bit 48
-//! up (the link-time address below), so that keys are unique across the file. A library not
-//! loaded at start-up gets no values.
+//! up (the link-time address below), so that keys are unique across the file. A library
+//! loaded later (`dlopen`) gets its section's values when the `dlopen` watch traces its
+//! functions ([`Values::describe`]), before their sites are armed.
 //!
 //! `SOURCE` is a fetch as the probe grammar writes it (`+0(%di):string`, `$retval:s32`),
 //! `xmmN` (the low 64 bits of a vector register: a `float` or `double`), or `-` (not
@@ -23,7 +24,10 @@
 //! values by it when the trace is read; the agent records raw values only.
 //!
 //! Everything is compiled here once, into programs indexed by function id: a call's hook
-//! evaluates them without allocating, as a probe's fetches are evaluated.
+//! evaluates them without allocating, as a probe's fetches are evaluated. The table of
+//! programs is allocated before any hook reads it and each slot is filled once, by the
+//! thread that places the function's sites, before it arms them: a hook reads a slot with
+//! one acquire load (`OnceLock::get`) and never waits for a writer.
 
 use dynprobe::fetch::{EntryValues, FetchProgram, HitContext, SelfMemory, Value};
 use dynprobe::spec::{ProbeKind, ProbeSpec, STRING_MAX};
@@ -31,6 +35,7 @@ use dynprobe::Regs;
 use dynprobe_events::marker::MarkerRecords;
 use dynprobe_ftrace::{CallValues, TracedFunction};
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 /// The `args` file's path, set by `dynprobe record -a`.
 pub const ARGS_ENV: &str = "DYNPROBE_ARGS";
@@ -53,111 +58,147 @@ struct Function {
     retval: Option<Source>,
 }
 
-/// The values of the traced functions that have a description, by function id.
-pub(crate) struct Values {
-    functions: Vec<Option<Function>>,
+/// The most functions a tracer traces: its function ids have 24 bits (`dynprobe_ftrace`'s
+/// `graph::ID_BITS`).
+const MAX_FUNCTIONS: usize = 1 << 24;
+/// The slots of one chunk of the table, allocated together the first time one of them is
+/// filled.
+const CHUNK: usize = 4096;
+
+/// The values of the traced functions that have a description, by function id: shared by
+/// the tracer's hooks, which read it, and the `dlopen` watch, which describes the functions
+/// of the libraries loaded later.
+#[derive(Clone)]
+pub(crate) struct Values(Arc<Table>);
+
+struct Table {
+    /// The `args` file.
+    text: String,
+    /// Chunk `id / CHUNK`, slot `id % CHUNK`: function `id`'s values, set once.
+    chunks: Box<[OnceLock<Chunk>]>,
 }
 
+/// [`CHUNK`] slots of the table, each set once.
+type Chunk = Box<[OnceLock<Function>]>;
+
 impl Values {
-    /// The programs of the `args` file `text` for the `functions` traced: those of the main
-    /// executable (the `modules`' `is_main` one) when the file describes this executable,
-    /// and those of each library section (`l PATH`) whose library is among `modules`,
-    /// matched by path and located by its load bias. `Err` names the line that cannot be
-    /// compiled.
-    pub(crate) fn new(
-        text: &str,
-        functions: &[TracedFunction],
-        modules: &[dynprobe_symbols::Module],
-    ) -> Result<Values, String> {
-        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-        // The descriptions, by (module name, link-time address).
-        let mut described: HashMap<(&str, u64), Function> = HashMap::new();
-        // The module the current section describes, `None` when it is not this process's.
-        let mut section: Option<&dynprobe_symbols::Module> = modules.iter().find(|m| m.is_main);
-        let mut current: Option<(&str, u64)> = None;
-        for (n, line) in text.lines().enumerate() {
-            let bad = |why: String| format!("args file line {}: {why}", n + 1);
-            let fields: Vec<&str> = line.split('\t').collect();
-            match fields.as_slice() {
-                ["p", path] => {
-                    let path = same(std::path::Path::new(path));
-                    section = modules.iter().find(|m| m.is_main && same(&m.path) == path);
-                    current = None;
-                }
-                ["l", path] => {
-                    let path = same(std::path::Path::new(path));
-                    section = modules.iter().find(|m| !m.is_main && path.is_some() && same(&m.path) == path);
-                    current = None;
-                }
-                ["f", key, _name] => {
-                    let key = u64::from_str_radix(key, 16).map_err(|_| bad(format!("bad address `{key}`")))?;
-                    current = section.map(|m| (m.name.as_str(), key & LINK_ADDRESS));
-                    if let Some(at) = current {
-                        described.entry(at).or_default().key = key;
-                    }
-                }
-                ["a", _field, _shown, source] => {
-                    let f = function(&mut described, section, current).map_err(bad)?;
-                    let source = compile(source, ProbeKind::Entry).map_err(bad)?;
-                    if let Some(f) = f {
-                        f.args.push(source);
-                    }
-                }
-                ["r", _shown, source] => {
-                    let f = function(&mut described, section, current).map_err(bad)?;
-                    let source = compile(source, ProbeKind::Return).map_err(bad)?;
-                    if let Some(f) = f {
-                        f.retval = Some(source);
-                    }
-                }
-                [""] => {}
-                [first, ..] if first.starts_with('#') => {}
-                _ => return Err(bad(format!("cannot read `{line}`"))),
-            }
-        }
-        let mut by_id: Vec<Option<Function>> = Vec::new();
-        by_id.resize_with(functions.len(), || None);
-        for f in functions {
-            let Some(module) = modules.iter().find(|m| m.name == f.module) else { continue };
-            if let Some(values) = described.remove(&(f.module.as_str(), f.addr.wrapping_sub(module.bias))) {
-                if let Some(slot) = by_id.get_mut(f.id as usize) {
-                    *slot = Some(values);
-                }
-            }
-        }
-        Ok(Values { functions: by_id })
+    /// The values the `args` file `text` describes, no function's yet ([`describe`](Self::describe)).
+    /// `Err` names the line that cannot be compiled.
+    pub(crate) fn new(text: String) -> Result<Values, String> {
+        // Every line is compiled once here, so that a description made later cannot fail.
+        described(&text, &[])?;
+        let chunks = (0..MAX_FUNCTIONS / CHUNK).map(|_| OnceLock::new()).collect();
+        Ok(Values(Arc::new(Table { text, chunks })))
     }
 
-    /// The `.values` companion of the image: `id \t key` for each function described, the
-    /// key (its link-time address, hex) naming its description in the `args` file.
-    pub(crate) fn list(&self) -> String {
-        self.functions
-            .iter()
-            .enumerate()
-            .filter_map(|(id, f)| f.as_ref().map(|f| format!("{id}\t{:x}\n", f.key)))
-            .collect()
+    /// Gives each of `functions` that the file describes its values: those of the main
+    /// executable (the `modules`' `is_main` one) when the file describes this executable,
+    /// and those of each library section (`l PATH`) whose library is among `modules`,
+    /// matched by path and located by its load bias. A function that has values keeps
+    /// them. Call it before the functions' sites are armed. Returns the lines of the `.values`
+    /// companion for those described: `id \t key`, the key (hex) naming the description in
+    /// the `args` file.
+    pub(crate) fn describe(
+        &self,
+        functions: &[TracedFunction],
+        modules: &[dynprobe_symbols::Module],
+    ) -> Result<String, String> {
+        let mut described = described(&self.0.text, modules)?;
+        let mut list = String::new();
+        for f in functions {
+            let Some(module) = modules.iter().find(|m| m.name == f.module) else { continue };
+            let Some(values) = described.remove(&(f.module.as_str(), f.addr.wrapping_sub(module.bias))) else {
+                continue;
+            };
+            let id = f.id as usize;
+            let Some(chunk) = self.0.chunks.get(id / CHUNK) else { continue };
+            let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| OnceLock::new()).collect());
+            let key = values.key;
+            // The release that publishes it to the hooks: `OnceLock` completes with one.
+            if chunk[id % CHUNK].set(values).is_ok() {
+                list.push_str(&format!("{id}\t{key:x}\n"));
+            }
+        }
+        Ok(list)
     }
 
     fn function(&self, id: u32) -> Option<&Function> {
-        self.functions.get(id as usize).and_then(Option::as_ref)
+        let id = id as usize;
+        self.0.chunks.get(id / CHUNK)?.get()?.get(id % CHUNK)?.get()
     }
+}
+
+/// The descriptions of the `args` file `text` for `modules`, by (module name, link-time
+/// address); `Err` names the line that cannot be compiled.
+fn described<'m>(
+    text: &str,
+    modules: &'m [dynprobe_symbols::Module],
+) -> Result<HashMap<(&'m str, u64), Function>, String> {
+    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let mut described: HashMap<(&str, u64), Function> = HashMap::new();
+    // The module the current section describes, `None` when it is not this process's.
+    let mut section: Option<&dynprobe_symbols::Module> = modules.iter().find(|m| m.is_main);
+    let mut current: Option<(&str, u64)> = None;
+    // Whether an `f` line came since the section began.
+    let mut in_function = false;
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: String| format!("args file line {}: {why}", n + 1);
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            ["p", path] => {
+                let path = same(std::path::Path::new(path));
+                section = modules.iter().find(|m| m.is_main && same(&m.path) == path);
+                (current, in_function) = (None, false);
+            }
+            ["l", path] => {
+                let path = same(std::path::Path::new(path));
+                section = modules.iter().find(|m| !m.is_main && path.is_some() && same(&m.path) == path);
+                (current, in_function) = (None, false);
+            }
+            ["f", key, _name] => {
+                let key = u64::from_str_radix(key, 16).map_err(|_| bad(format!("bad address `{key}`")))?;
+                current = section.map(|m| (m.name.as_str(), key & LINK_ADDRESS));
+                in_function = true;
+                if let Some(at) = current {
+                    described.entry(at).or_default().key = key;
+                }
+            }
+            ["a", _field, _shown, source] => {
+                let f = function(&mut described, in_function, current).map_err(bad)?;
+                let source = compile(source, ProbeKind::Entry).map_err(bad)?;
+                if let Some(f) = f {
+                    f.args.push(source);
+                }
+            }
+            ["r", _shown, source] => {
+                let f = function(&mut described, in_function, current).map_err(bad)?;
+                let source = compile(source, ProbeKind::Return).map_err(bad)?;
+                if let Some(f) = f {
+                    f.retval = Some(source);
+                }
+            }
+            [""] => {}
+            [first, ..] if first.starts_with('#') => {}
+            _ => return Err(bad(format!("cannot read `{line}`"))),
+        }
+    }
+    Ok(described)
 }
 
 /// The link-time address in a key: a library section's keys carry its number above it
 /// ([`dynprobe_ftrace::LIBRARY_KEY_SHIFT`]), the main executable's are the address.
 const LINK_ADDRESS: u64 = (1 << dynprobe_ftrace::LIBRARY_KEY_SHIFT) - 1;
 
-/// The description the `a`/`r` line of `section` adds to: that of function `current`
-/// (`None` in a section this process does not have); `Err` when no `f` line came before.
+/// The description the `a`/`r` line adds to: that of function `current` (`None` in a
+/// section this process does not have); `Err` when no `f` line came before in its section.
 fn function<'a, 'k>(
     described: &'a mut HashMap<(&'k str, u64), Function>,
-    section: Option<&dynprobe_symbols::Module>,
+    in_function: bool,
     current: Option<(&'k str, u64)>,
 ) -> Result<Option<&'a mut Function>, String> {
-    match (section, current) {
-        (None, _) => Ok(None),
-        (Some(_), Some(at)) => Ok(described.get_mut(&at)),
-        (Some(_), None) => Err("no function".into()),
+    match in_function {
+        true => Ok(current.and_then(|at| described.get_mut(&at))),
+        false => Err("no function".into()),
     }
 }
 
@@ -242,6 +283,17 @@ mod tests {
         dynprobe_symbols::Module { path, name: name.into(), bias, ranges: vec![], is_main: true }
     }
 
+    /// The values of `text` for `functions`, and the `.values` lines of those described.
+    fn described(
+        text: &str,
+        functions: &[TracedFunction],
+        modules: &[dynprobe_symbols::Module],
+    ) -> Result<(Values, String), String> {
+        let values = Values::new(text.to_string())?;
+        let list = values.describe(functions, modules)?;
+        Ok((values, list))
+    }
+
     fn values_of(records: &[dynprobe_events::record::Record]) -> Vec<MarkerValue> {
         decode(&data_bytes(&records[1..]).unwrap()).unwrap()
     }
@@ -251,12 +303,12 @@ mod tests {
         let text = "# args\nf\t1000\tparse\na\tline\tstr\t+0(%rdi):string\na\tlen\ts32\t%rsi:s32\n\
                     a\tx\tf64\txmm1\na\tbig\t?\t-\nr\ts32\t$retval:s32\nf\t2000\tvoid_fn\n";
         let functions = [function(0, 0x5000_1000, "prog"), function(1, 0x5000_2000, "libc.so.6")];
-        let values = Values::new(text, &functions, &[module("prog", 0x5000_0000)]).unwrap();
+        let (values, list) = described(text, &functions, &[module("prog", 0x5000_0000)]).unwrap();
         let line = b"alpha,12\0";
         let regs = Regs { rdi: line.as_ptr() as u64, rsi: 8, ..Regs::default() };
         let mut out = MarkerRecords::new();
         values.entry(0, &regs, Some(&[0, 2.5f64.to_bits(), 0, 0, 0, 0, 0, 0]), &mut out);
-        assert_eq!(values.list(), "0\t1000\n");
+        assert_eq!(list, "0\t1000\n");
         let got = values_of(out.finish_as(Kind::Entry, 1, 0, 0));
         let want = [
             MarkerValue::Str { bytes: b"alpha,12".to_vec(), cut: false },
@@ -279,7 +331,7 @@ mod tests {
     fn without_the_vector_registers_a_vector_argument_is_unavailable() {
         let text = "f\t1000\tmix\na\tx\tf64\txmm0\na\tk\ts32\t%rdi:s32\nr\tf64\txmm0\n";
         let plain = TracedFunction { method: SiteMethod::Entry, ..function(0, 0x1000, "prog") };
-        let values = Values::new(text, &[plain], &[module("prog", 0)]).unwrap();
+        let (values, _) = described(text, &[plain], &[module("prog", 0)]).unwrap();
         let mut out = MarkerRecords::new();
         values.entry(0, &Regs { rdi: 3, ..Regs::default() }, None, &mut out);
         assert_eq!(
@@ -301,9 +353,9 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named() {
-        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n", &[], &[module("p", 0)]).err().unwrap();
+        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n".into()).err().unwrap();
         assert!(err.starts_with("args file line 2: bad fetch `%nope`"), "{err}");
-        let err = Values::new("a\tx\ts32\t%rdi\n", &[], &[module("p", 0)]).err().unwrap();
+        let err = Values::new("a\tx\ts32\t%rdi\n".into()).err().unwrap();
         assert_eq!(err, "args file line 1: no function");
     }
 
@@ -319,8 +371,8 @@ mod tests {
             ..module("libfoo.so", 0x7f00_0000_0000)
         };
         let functions = [function(0, 0x1000, "prog"), function(1, 0x7f00_0000_1000, "libfoo.so")];
-        let values = Values::new(text, &functions, &[module("prog", 0), library]).unwrap();
-        assert_eq!(values.list(), "0\t1000\n1\t1000000001000\n");
+        let (values, list) = described(text, &functions, &[module("prog", 0), library]).unwrap();
+        assert_eq!(list, "0\t1000\n1\t1000000001000\n");
         let regs = Regs { rdi: 3, rsi: 4, ..Regs::default() };
         for (id, want) in [(0, 3), (1, 4)] {
             let mut out = MarkerRecords::new();
@@ -332,9 +384,39 @@ mod tests {
     #[test]
     fn another_program_gets_no_values() {
         let text = "p\t/bin/true\nf\t1000\tparse\na\tlen\ts32\t%rsi:s32\n";
-        let values = Values::new(text, &[function(0, 0x1000, "prog")], &[module("prog", 0)]).unwrap();
+        let (values, _) = described(text, &[function(0, 0x1000, "prog")], &[module("prog", 0)]).unwrap();
         let mut out = MarkerRecords::new();
         values.entry(0, &Regs::default(), Some(&[0; 8]), &mut out);
         assert_eq!(out.finish_as(Kind::Entry, 1, 0, 0).len(), 1);
+    }
+
+    /// A library `dlopen`ed later: its functions, with ids following those traced at the
+    /// start, get their section's values when they are described, and those described
+    /// before keep theirs.
+    #[test]
+    fn a_library_loaded_later_gets_its_section_s_values_when_its_functions_are_described() {
+        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\n\
+                    a\tn\ts32\t%rsi:s32\n";
+        let main = module("prog", 0);
+        let (values, list) = described(text, &[function(0, 0x1000, "prog")], std::slice::from_ref(&main)).unwrap();
+        assert_eq!(list, "0\t1000\n");
+        let regs = Regs { rdi: 3, rsi: 4, ..Regs::default() };
+        let entry = |id| {
+            let mut out = MarkerRecords::new();
+            values.entry(id, &regs, None, &mut out);
+            out.finish_as(Kind::Entry, 1, 0, 0).to_vec()
+        };
+        // Id 5000 is in a chunk of its own, not allocated yet: no values, one record.
+        assert_eq!(entry(5000).len(), 1);
+        let library = dynprobe_symbols::Module {
+            path: "/bin/sh".into(),
+            is_main: false,
+            ..module("libplug.so", 0x7f00_0000_0000)
+        };
+        let later = [function(5000, 0x7f00_0000_1000, "libplug.so"), function(0, 0x1000, "prog")];
+        let list = values.describe(&later, &[main, library]).unwrap();
+        assert_eq!(list, "5000\t1000000001000\n");
+        assert_eq!(values_of(&entry(5000)), [MarkerValue::Unsigned(4)]);
+        assert_eq!(values_of(&entry(0)), [MarkerValue::Unsigned(3)]);
     }
 }

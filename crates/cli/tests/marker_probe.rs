@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, usdt_program, NAMES,
+    c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, usdt_floats_events,
+    usdt_floats_program, usdt_program, NAMES,
 };
 use std::path::Path;
 use std::process::Output;
@@ -154,6 +155,24 @@ fn a_usdt_probe_fires_at_every_round(test: &str, options: &[&str]) {
     let expected: Vec<(String, String)> =
         (0..rounds).map(|i| ("usdt_app/work".to_string(), format!("arg1={i} arg2={}", i + 1))).collect();
     assert_eq!(events, expected);
+}
+
+/// A USDT argument in a vector register (`8f@%xmm2`) is read from the probe's save of
+/// them, in process and through ptrace, and every `f` argument prints as a float (before:
+/// the `%xmm` ones `(unavailable)`, the others their bits as an integer).
+#[test]
+fn usdt_floating_point_arguments_in_vector_and_general_registers_print_as_passed() {
+    let rounds = 20;
+    for opt in ["-O0", "-O2"] {
+        for options in [&[][..], &["--ptrace"]] {
+            let test = format!("usdt-floats{opt}{}", options.len());
+            let (out, lines) = probe(&test, options, &["m:floats:*"], &usdt_floats_program(opt), rounds);
+            let want = usdt_floats_events(&stdout_of(&out));
+            assert_eq!(want.len() as u64, 2 * rounds, "{opt} {options:?}");
+            let events: Vec<(String, String)> = lines.iter().map(|l| parse(l)).collect();
+            assert_eq!(events, want, "{opt} {options:?}");
+        }
+    }
 }
 
 #[test]

@@ -243,12 +243,18 @@ fn a_and_r_options_replace_what_the_dwarf_says() {
     assert!(stderr.contains("`x=line`: name registers, `$argN` or `$stackN`"), "{stderr}");
 }
 
-/// `targets/argslib.c` built with `-g` as a shared library (`sites` its entries), and
-/// `targets/argslib_main.c` linked against it (found through its run path) as `name`.
-fn library_program(name: &str, sites: &[&str]) -> PathBuf {
+/// `targets/argslib.c` built with `-g` as the shared library `libargslib-{name}.so`
+/// (`sites` its entries).
+fn library(name: &str, sites: &[&str]) -> PathBuf {
     let mut flags = vec!["-shared", "-fPIC"];
     flags.extend(sites);
-    let library = program("argslib.c", &format!("libargslib-{name}.so"), "-O2", &flags);
+    program("argslib.c", &format!("libargslib-{name}.so"), "-O2", &flags)
+}
+
+/// [`library`], and `targets/argslib_main.c` linked against it (found through its run path)
+/// as `name`.
+fn library_program(name: &str, sites: &[&str]) -> PathBuf {
+    let library = library(name, sites);
     let dir = library.parent().unwrap().display().to_string();
     // The library comes before the program's source on the command line: without
     // `--no-as-needed` the linker would drop it as not needed yet.
@@ -265,12 +271,62 @@ fn a_shared_library_s_functions_named_by_f_module_record_their_values() {
         assert_eq!(r.calls.len(), 4 * 3, "{name}: {:#?}", r.calls);
         assert_eq!(r.calls, r.log, "{name}");
         // Ints (a negative one), a string, a char and doubles, from the library's DWARF.
-        assert_eq!(
-            r.calls[..3],
-            ["lib_add(a=0, b=0) = 0;", "lib_count(text=\"banana\", c='a') = 3;", "lib_scale(x=0.5, n=3) = 1.5;"]
-        );
+        assert_eq!(r.calls[..3], LIBRARY_FIRST_ROUND);
         assert!(r.calls.contains(&"lib_add(a=1, b=-7) = -6;".to_string()), "{name}: {:#?}", r.calls);
         let args = std::fs::read_to_string(r.dir.join("args")).unwrap();
         assert!(args.lines().any(|l| l.starts_with("l\t") && l.ends_with(&format!("libargslib-{name}.so"))), "{args}");
     }
+}
+
+/// [`library`], and `targets/argslib_main.c` built as `name` to `dlopen` it by its path
+/// (after start: `ldd` does not list it); (program, library).
+fn dlopen_program(name: &str, sites: &[&str]) -> (PathBuf, PathBuf) {
+    let library = library(name, sites);
+    let define = format!("-DARGSLIB_DLOPEN=\"{}\"", library.display());
+    (program("argslib_main.c", &format!("argslib-{name}"), "-O0", &[&define, "-ldl"]), library)
+}
+
+/// The first round's calls, as `argslib_main.c` makes them and the library logs them.
+const LIBRARY_FIRST_ROUND: [&str; 3] =
+    ["lib_add(a=0, b=0) = 0;", "lib_count(text=\"banana\", c='a') = 3;", "lib_scale(x=0.5, n=3) = 1.5;"];
+
+#[test]
+fn a_library_the_program_dlopens_later_records_its_values_when_f_names_its_path() {
+    let (program, library) = dlopen_program("dlopened", PATCHABLE);
+    let filter = format!("{}:lib_*", library.display());
+    let r = record("library-dlopened", &["-a", "-F", &filter], &program, 4);
+    assert_eq!(r.calls.len(), 4 * 3, "{:#?}", r.calls);
+    assert_eq!(r.calls, r.log);
+    assert_eq!(r.calls[..3], LIBRARY_FIRST_ROUND);
+}
+
+#[test]
+fn record_p_records_the_values_of_a_library_dlopened_during_the_session() {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| {
+        let (exe, library) = dlopen_program("dlopened-attached", PLAIN);
+        LIBRARY.get_or_init(|| library);
+        exe
+    });
+    let library = LIBRARY.get().unwrap();
+    let log = scratch().join(format!("args-dlopened-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let mut worker = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
+    let dir = scratch().join("args-trace-dlopened-attached");
+    let filter = format!("{}:lib_*", library.display());
+    let mut command = dynprobe();
+    command.args(["record", "-a", "-F", &filter, "-p", &worker.pid.to_string(), "-o"]).arg(&dir);
+    let mut session = Session::spawn(command, None);
+    session.wait_for(&format!("attached to {} (", worker.pid));
+    // The library is loaded now, by the round's first call.
+    assert!(worker.round().starts_with("total "));
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "record -p failed:\n{stderr}");
+    let log: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+    let calls = calls_of(&dir);
+    assert_eq!(calls.len(), 4 * 3, "{calls:#?}\n{stderr}");
+    assert_eq!(calls, log);
+    assert_eq!(calls[..3], LIBRARY_FIRST_ROUND);
+    worker.quit();
 }

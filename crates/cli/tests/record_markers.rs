@@ -5,12 +5,23 @@
 
 mod common;
 
-use common::{c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, NAMES};
+use common::{
+    c_program, dynprobe, expected_output, expected_sum, rust_program, scratch, stdout_of, usdt_floats_events,
+    usdt_floats_program, NAMES,
+};
 use std::path::{Path, PathBuf};
 
 /// `dynprobe record -o DIR ARGS... -- PROGRAM ROUNDS`, which must succeed with the
 /// program's output unchanged; returns the trace directory.
 fn record(test: &str, args: &[&str], program: &Path, rounds: u64) -> PathBuf {
+    let (dir, stdout) = record_output(test, args, program, rounds);
+    assert_eq!(stdout, expected_output(rounds), "the program's output is unchanged");
+    dir
+}
+
+/// `dynprobe record -o DIR ARGS... -- PROGRAM ROUNDS`, which must succeed: the trace
+/// directory and the program's output.
+fn record_output(test: &str, args: &[&str], program: &Path, rounds: u64) -> (PathBuf, String) {
     let dir = scratch().join(format!("{test}.data"));
     let _ = std::fs::remove_dir_all(&dir);
     let out = dynprobe()
@@ -23,8 +34,7 @@ fn record(test: &str, args: &[&str], program: &Path, rounds: u64) -> PathBuf {
         .arg(rounds.to_string())
         .output()
         .expect("run dynprobe record");
-    assert_eq!(stdout_of(&out), expected_output(rounds), "the program's output is unchanged");
-    dir
+    (dir, stdout_of(&out))
 }
 
 /// `dynprobe replay DIR`'s call graph: each line's text after the `|`, indentation kept.
@@ -124,6 +134,28 @@ fn markers_of_the_rust_program_are_recorded_with_its_functions() {
     assert_eq!(lines, want);
     let hits = chrome(&dir).into_iter().filter(|e| e["cat"] == "marker").count();
     assert_eq!(hits as u64, rounds + 1);
+}
+
+/// `float`/`double` arguments of USDT probes (`8f@%xmm2`, `8f@%rax`, `4f@-28(%rbp)`) are
+/// recorded as floats and replayed as passed (before: their bits as integers, or
+/// unavailable in a vector register).
+#[test]
+fn usdt_floating_point_arguments_are_recorded_as_passed() {
+    let rounds = 6;
+    for opt in ["-O0", "-O2"] {
+        let test = format!("usdt-floats{opt}");
+        let (dir, stdout) = record_output(&test, &["-M", "floats:*", "-F", "work"], &usdt_floats_program(opt), rounds);
+        let mut want = Vec::new();
+        for pair in usdt_floats_events(&stdout).chunks(2) {
+            want.push("work() {".to_string());
+            for (event, args) in pair {
+                want.push(format!("  /* marker {} {args} */", event.replace('/', ":")));
+            }
+            want.push("} /* work */".to_string());
+        }
+        assert_eq!(want.len() as u64, 4 * rounds, "{opt}");
+        assert_eq!(replay(&dir), want, "{opt}");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -163,30 +164,36 @@ fn floats_events_printed(stdout: &str) -> Vec<String> {
     want
 }
 
-#[test]
-fn float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds() {
+/// Probes `floats.c` built as `program` (`name` for its files) with `options`: the
+/// `float`/`double` values its DWARF names, and the same by register and type, must be
+/// what the program prints.
+fn floats_probed_as_printed(name: &str, program: &Path, options: &[&str]) {
     // At -O2 every value here lives in an xmm register at its probe point (x in xmm0 and y
     // in xmm1 at the entry, `scaled` in xmm2 at the printf); at -O0 the parameters are in
     // xmm0-1 at the entry and the locals on the stack. The return values are xmm0's.
     let specs = ["p mix x y k", "p:mix:3 scaled x", "r mix ret=$retval", "r halve ret=$retval"];
+    let (out, text) = probe_to_file(name, options, &specs, program, "3");
+    assert!(out.status.success(), "{name} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let want = floats_events_printed(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(want.len(), 12, "{name}: three rounds of four events");
+    let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
+    assert_eq!(got, want, "{name} {options:?}");
+    // The same values named by register and type, without the DWARF: the ABI's argument
+    // and return registers at the entry and the return.
+    let by_register = ["p mix x=%xmm0:f64 y=%xmm1:f32 k=%di:s32", "r mix ret=%xmm0:f64", "r halve ret=%xmm0:f32"];
+    let (out, text) = probe_to_file(&format!("{name}-typed"), options, &by_register, program, "3");
+    assert!(out.status.success(), "{name} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let typed: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
+    let at_entry_and_return: Vec<&str> = got.iter().filter(|e| !e.starts_with("mix_L3")).copied().collect();
+    assert_eq!(typed, at_entry_and_return, "{name} {options:?}: f64/f32 of xmm registers");
+}
+
+#[test]
+fn float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds() {
     for opt in ["-O0", "-O2"] {
         let program = floats_program(opt);
         for options in [&[][..], &["--no-optimize"]] {
-            let (out, text) = probe_to_file(&format!("floats{opt}"), options, &specs, &program, "3");
-            assert!(out.status.success(), "{opt} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
-            let want = floats_events_printed(&String::from_utf8_lossy(&out.stdout));
-            assert_eq!(want.len(), 12, "{opt}: three rounds of four events");
-            let got: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
-            assert_eq!(got, want, "{opt} {options:?}");
-            // The same values named by register and type, without the DWARF: the ABI's
-            // argument and return registers at the entry and the return.
-            let by_register =
-                ["p mix x=%xmm0:f64 y=%xmm1:f32 k=%di:s32", "r mix ret=%xmm0:f64", "r halve ret=%xmm0:f32"];
-            let (out, text) = probe_to_file(&format!("floats-typed{opt}"), options, &by_register, &program, "3");
-            assert!(out.status.success(), "{opt} {options:?}: {}", String::from_utf8_lossy(&out.stderr));
-            let typed: Vec<&str> = text.lines().map(|l| l.split_once("] ").map_or(l, |(_, e)| e)).collect();
-            let at_entry_and_return: Vec<&str> = got.iter().filter(|e| !e.starts_with("mix_L3")).copied().collect();
-            assert_eq!(typed, at_entry_and_return, "{opt} {options:?}: f64/f32 of xmm registers");
+            floats_probed_as_printed(&format!("floats{opt}"), &program, options);
         }
     }
     // A `long double` is x87 state, not a vector register's: refused by name, not garbage.
@@ -196,6 +203,16 @@ fn float_and_double_values_come_from_the_vector_registers_on_both_probe_kinds() 
         assert!(out.stdout.is_empty(), "the program ran");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("`long double` (16 bytes, x87 extended precision) is not supported"), "{stderr}");
+    }
+}
+
+/// The ptrace fallback (a static program) reads the vector registers with
+/// `PTRACE_GETFPREGS`: the same specs print the same values (before, each read `(fault)`).
+#[test]
+fn on_a_static_program_the_ptrace_fallback_reads_float_and_double_values_too() {
+    for opt in ["-O0", "-O2"] {
+        let program = build_c("floats.c", &format!("floats-static{opt}"), &["-g", opt, "-static"].map(OsStr::new));
+        floats_probed_as_printed(&format!("floats-static{opt}"), &program, &["--ptrace"]);
     }
 }
 

@@ -240,6 +240,8 @@ pub struct EventFormat {
     kind: ProbeKind,
     fields: Box<[Field]>,
     entry: EntryValues,
+    /// A field reads a vector register ([`ProbeSpec::reads_vectors`]).
+    reads_vectors: bool,
 }
 
 impl EventFormat {
@@ -256,7 +258,14 @@ impl EventFormat {
                 Ok(Field { name: arg.name.as_str().into(), program })
             })
             .collect::<Result<_, String>>()?;
-        Ok(EventFormat { name: spec.full_event_name().into(), kind: spec.kind, fields, entry })
+        let reads_vectors = spec.reads_vectors();
+        Ok(EventFormat { name: spec.full_event_name().into(), kind: spec.kind, fields, entry, reads_vectors })
+    }
+
+    /// Whether a field reads a vector register: [`write`](Self::write)'s context needs its
+    /// [`xmm`](HitContext::xmm) then.
+    pub fn reads_vectors(&self) -> bool {
+        self.reads_vectors
     }
 
     /// The probe's kind.

@@ -8,6 +8,7 @@
 //!   3 bool       1 byte                       7 string    the same, cut: it was longer
 //!   4 char       4 bytes (a code point)       8 unavailable (nothing follows)
 //!   9 omitted: the values after this did not fit (nothing follows)
+//!  10 float      4 bytes (its bits)          11 double   8 bytes (its bits)
 //! ```
 //!
 //! [`MarkerRecords`] encodes a hit on the traced thread (no allocation: fixed arrays on its
@@ -47,6 +48,8 @@ const STRING: u8 = 6;
 const CUT_STRING: u8 = 7;
 const UNAVAILABLE: u8 = 8;
 const OMITTED: u8 = 9;
+const FLOAT: u8 = 10;
+const DOUBLE: u8 = 11;
 
 /// One marker hit being encoded: add its arguments in order, then [`finish`](Self::finish).
 /// Everything is in the value itself, so it can live on a probed thread's stack.
@@ -161,6 +164,14 @@ impl MarkerRecords {
         self
     }
 
+    /// A `float` (`bits` 32: the low 32 bits of `raw`) or a `double`, by its bits.
+    pub fn float(&mut self, bits: u8, raw: u64) -> &mut Self {
+        match bits {
+            32 => self.value(FLOAT, raw, 4),
+            _ => self.value(DOUBLE, raw, 8),
+        }
+    }
+
     /// A value that could not be read.
     pub fn unavailable(&mut self) -> &mut Self {
         self.value(UNAVAILABLE, 0, 0)
@@ -273,6 +284,8 @@ pub fn decode(data: &[u8]) -> Result<Vec<MarkerValue>, String> {
             POINTER => (MarkerValue::Pointer(u64::from_le_bytes(word(8)?)), 8),
             BOOL => (MarkerValue::Bool(word(1)?[0] != 0), 1),
             CHAR => (MarkerValue::Char(u64::from_le_bytes(word(4)?) as u32), 4),
+            FLOAT => (MarkerValue::Float { bits: 32, raw: u64::from_le_bytes(word(4)?) }, 4),
+            DOUBLE => (MarkerValue::Float { bits: 64, raw: u64::from_le_bytes(word(8)?) }, 8),
             STRING | CUT_STRING => {
                 let len = usize::from(word(1)?[0]);
                 let bytes =
@@ -305,6 +318,7 @@ mod tests {
         let mut hit = MarkerRecords::new();
         hit.unsigned(u64::MAX).signed(i64::MIN).bool(true).char('λ' as u32).pointer(0x7fff_0000);
         hit.string(b"").string(&[b'x'; 100]).unavailable();
+        hit.float(32, u64::from(0.1f32.to_bits())).float(64, (-2.5f64).to_bits());
         let (_, values) = round_trip(&mut hit);
         assert_eq!(
             values,
@@ -317,8 +331,12 @@ mod tests {
                 MarkerValue::Str { bytes: vec![], cut: false },
                 MarkerValue::Str { bytes: vec![b'x'; MARKER_STRING_MAX], cut: true },
                 MarkerValue::Unavailable,
+                MarkerValue::Float { bits: 32, raw: u64::from(0.1f32.to_bits()) },
+                MarkerValue::Float { bits: 64, raw: (-2.5f64).to_bits() },
             ]
         );
+        assert_eq!(values[8].to_string(), "0.1");
+        assert_eq!(values[9].to_string(), "-2.5");
     }
 
     #[test]

@@ -97,6 +97,13 @@ pub enum MarkerValue {
     Char(u32),
     /// A pointer.
     Pointer(u64),
+    /// A `float` (`bits` 32) or `double` (`bits` 64), by its bits.
+    Float {
+        /// 32 or 64.
+        bits: u8,
+        /// The value's bits (a `float`'s in the low 32).
+        raw: u64,
+    },
     /// A string's bytes (the first `MARKER_STRING_MAX` of them).
     Str {
         /// The bytes kept.
@@ -123,6 +130,8 @@ impl fmt::Display for MarkerValue {
                 None => write!(f, "(unavailable)"),
             },
             MarkerValue::Pointer(p) => write!(f, "{p:#x}"),
+            MarkerValue::Float { bits: 32, raw } => write!(f, "{}", f32::from_bits(*raw as u32)),
+            MarkerValue::Float { raw, .. } => write!(f, "{}", f64::from_bits(*raw)),
             MarkerValue::Str { bytes, cut } => {
                 write!(f, "\"{}\"", bytes.escape_ascii())?;
                 if *cut {

@@ -3,14 +3,17 @@
 //!
 //! A pattern is a glob (`*`, `?`, `[a-f]`, `[!x]`) on the function's readable name, optionally restricted to
 //! modules: `parse_*` looks in the main executable, `libc:malloc` in modules whose file
-//! name starts with `libc`, `*:malloc` in every module.
+//! name starts with `libc`, `/opt/x/libplug.so:run` in the module of that file name (a
+//! library the program `dlopen`s by its path, which no list of libraries names before it is
+//! loaded), `*:malloc` in every module.
 
 /// One `-F` or `-N` pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
     /// As given, for messages.
     pub text: String,
-    /// The module file-name prefix; `None` for the main executable, `Some("*")` for all.
+    /// The module file-name prefix, or a path (it has a `/`) whose file name is the
+    /// module's; `None` for the main executable, `Some("*")` for all.
     pub module: Option<String>,
     /// The glob on the function name.
     pub glob: String,
@@ -43,6 +46,7 @@ impl Pattern {
         match self.module.as_deref() {
             None => is_main,
             Some("*") => true,
+            Some(path) if path.contains('/') => path.rsplit('/').next() == Some(module),
             Some(prefix) => module.starts_with(prefix),
         }
     }
@@ -249,6 +253,8 @@ mod tests {
         assert!(p.matches("demo", true, "work") && !p.matches("libc.so.6", false, "work"));
         assert_eq!(Pattern::parse("a::b::c").glob, "a::b::c");
         assert_eq!(Pattern::parse("libfoo:ns::f").module.as_deref(), Some("libfoo"));
+        let p = Pattern::parse("/opt/x/libplug.so:run");
+        assert!(p.matches("libplug.so", false, "run") && !p.matches("libplug.so.1", false, "run"));
     }
 
     #[test]

@@ -89,6 +89,15 @@ pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
     request(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as usize)
 }
 
+/// `PTRACE_GETFPREGS`: the x87 and SSE state (the FXSAVE layout: xmm0–15 in
+/// `xmm_space`, 16 bytes each, `<sys/user.h>`).
+pub fn get_fpregs(tid: i32) -> io::Result<libc::user_fpregs_struct> {
+    // SAFETY: user_fpregs_struct is plain integers; all-zero is a valid value.
+    let mut regs: libc::user_fpregs_struct = unsafe { std::mem::zeroed() };
+    request(libc::PTRACE_GETFPREGS, tid, 0, &mut regs as *mut libc::user_fpregs_struct as usize)?;
+    Ok(regs)
+}
+
 /// The thread's whole XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`), as many bytes as the
 /// kernel filled.
 pub fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {

@@ -83,6 +83,10 @@ pub enum ArgKind {
     Bytes = 0x58,
     /// C's `char *`: one slot, a NUL-terminated string.
     CStr = 0x68,
+    /// `float`: an SDT argument `4f@…` (only SDT notes have floating-point arguments).
+    F32 = 0x74,
+    /// `double`: an SDT argument `8f@…`.
+    F64 = 0x78,
 }
 
 impl ArgKind {
@@ -126,10 +130,24 @@ impl ArgKind {
         self as u8 >> 4 == 1
     }
 
-    /// The integer kind an SDT argument's `[-]N@` prefix describes.
-    fn from_sdt(size: u8, signed: bool) -> Option<ArgKind> {
-        let code = size | if signed { 0x10 } else { 0 };
-        ArgKind::ALL[..8].iter().copied().find(|k| *k as u8 == code)
+    /// Whether the value is a `float` or `double` ([`size`](Self::size) 4 or 8).
+    pub fn is_float(self) -> bool {
+        self as u8 >> 4 == 7
+    }
+
+    /// The kind an SDT argument's `[-]N[f]@` prefix describes: an integer of `size` bytes,
+    /// or with `f` (how `sys/sdt.h` marks a floating-point argument: its `_SDT_ARGFMT`) a
+    /// `float` or `double`.
+    fn from_sdt(size: u8, signed: bool, float: bool) -> Option<ArgKind> {
+        match (float, size) {
+            (true, 4) => Some(ArgKind::F32),
+            (true, 8) => Some(ArgKind::F64),
+            (true, _) => None,
+            (false, _) => {
+                let code = size | if signed { 0x10 } else { 0 };
+                ArgKind::ALL[..8].iter().copied().find(|k| *k as u8 == code)
+            }
+        }
     }
 }
 
@@ -151,6 +169,8 @@ impl fmt::Display for ArgKind {
             ArgKind::Str => "&str",
             ArgKind::Bytes => "&[u8]",
             ArgKind::CStr => "char*",
+            ArgKind::F32 => "f32",
+            ArgKind::F64 => "f64",
         })
     }
 }
@@ -159,10 +179,10 @@ impl fmt::Display for ArgKind {
 /// string states it (`8@%rdi`, `4@$5`, `-4@-20(%rbp)`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgLocation {
-    /// In a general register, named by its 64-bit name (`rdi`), of which the low `size`
-    /// bytes are the value.
+    /// In a general register, named by its 64-bit name (`rdi`), or in a vector register
+    /// (`xmm0` … `xmm15`), of which the low `size` bytes are the value.
     Register {
-        /// The 64-bit register (`rax` … `r15`).
+        /// The 64-bit register (`rax` … `r15`) or the vector register.
         name: &'static str,
         /// How many low bytes hold the value.
         size: u8,
@@ -179,6 +199,17 @@ pub enum ArgLocation {
     /// An operand form this reader does not understand (a symbol, an index register),
     /// kept verbatim.
     Other(String),
+}
+
+impl ArgLocation {
+    /// The vector register `N` (`xmmN`) the value is in, if it is in one: a reader needs the
+    /// thread's vector state then, not only its general registers.
+    pub fn vector(&self) -> Option<usize> {
+        match self {
+            ArgLocation::Register { name, .. } => XMM.iter().position(|x| x == name),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for ArgLocation {
@@ -568,23 +599,34 @@ fn read_note(desc: &[u8]) -> Result<Note, String> {
     Ok(Note { pc: word(0), base: word(1), semaphore: word(2), provider, name, args })
 }
 
-/// The arguments an SDT argument string describes: `[-]N@OPERAND` separated by spaces.
-/// An argument whose size is not 1, 2, 4 or 8 is taken as 8 bytes, as SystemTap does.
+/// The arguments an SDT argument string describes: `[-]N[f]@OPERAND` separated by spaces.
+/// An argument whose size is not 1, 2, 4 or 8 (or a floating-point one not 4 or 8: an x87
+/// `long double`) is taken as an 8-byte integer, as SystemTap does.
 fn sdt_args(text: &str) -> Vec<MarkerArg> {
     text.split_whitespace()
         .map(|arg| {
             let (size, operand) = arg.split_once('@').unwrap_or(("8", arg));
             let signed = size.starts_with('-');
-            let size: u8 = size.trim_start_matches('-').parse().unwrap_or(8);
-            let kind = ArgKind::from_sdt(size, signed).unwrap_or(ArgKind::U64);
+            let size = size.trim_start_matches('-');
+            let (size, float) = match size.strip_suffix('f') {
+                Some(size) => (size, true),
+                None => (size, false),
+            };
+            let size: u8 = size.parse().unwrap_or(8);
+            let kind = ArgKind::from_sdt(size, signed, float).unwrap_or(ArgKind::U64);
             MarkerArg { kind, location: parse_operand(operand), length: None }
         })
         .collect()
 }
 
-/// `%reg`, `$imm`, `disp(%reg)` or `(%reg)`; anything else is [`ArgLocation::Other`].
+/// `%reg`, `%xmmN`, `$imm`, `disp(%reg)` or `(%reg)`; anything else is
+/// [`ArgLocation::Other`].
 fn parse_operand(text: &str) -> ArgLocation {
     let other = || ArgLocation::Other(text.to_string());
+    if let Some(name) = text.strip_prefix('%').and_then(|reg| XMM.iter().find(|x| **x == reg)) {
+        // Its low 8 bytes at most: what a `double` or an integer argument takes.
+        return ArgLocation::Register { name, size: 8 };
+    }
     if let Some(reg) = text.strip_prefix('%') {
         return register(reg).map_or_else(other, |(name, size)| ArgLocation::Register { name, size });
     }
@@ -634,6 +676,12 @@ const REGISTERS: [[&str; 4]; 16] = [
     ["r15", "r15d", "r15w", "r15b"],
 ];
 
+/// The vector registers an SDT operand may name (`8f@%xmm1`, `-8@%xmm0`).
+const XMM: [&str; 16] = [
+    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13",
+    "xmm14", "xmm15",
+];
+
 /// Sizes of the names in each row of [`REGISTERS`].
 const SIZES: [u8; 4] = [8, 4, 2, 1];
 
@@ -667,6 +715,13 @@ mod tests {
         assert_eq!(args[5].location, ArgLocation::Other("foo(%rip)".into()));
         let shown: Vec<String> = args.iter().map(|a| a.location.to_string()).collect();
         assert_eq!(shown, ["%edi", "%rsi", "$5", "-24(%rbp)", "%r8b", "foo(%rip)"]);
+        // Floating-point arguments (sdt.h marks them `f`), in vector or general registers.
+        let args = sdt_args("8f@%xmm1 -8@%xmm0 4f@%edx 8f@-8(%rbp) 16f@%xmm2");
+        let kinds: Vec<ArgKind> = args.iter().map(|a| a.kind).collect();
+        assert_eq!(kinds, [ArgKind::F64, ArgKind::I64, ArgKind::F32, ArgKind::F64, ArgKind::U64]);
+        let vectors: Vec<Option<usize>> = args.iter().map(|a| a.location.vector()).collect();
+        assert_eq!(vectors, [Some(1), Some(0), None, None, Some(2)]);
+        assert_eq!(args[0].location.to_string(), "%xmm1");
     }
 
     #[test]

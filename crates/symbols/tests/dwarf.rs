@@ -188,9 +188,9 @@ fn minidebuginfo_is_looked_into_and_named_when_it_has_no_dwarf() {
     );
 }
 
-#[test]
-fn a_lookup_reads_only_the_units_that_hold_the_function() {
-    // Three more units beside source.c's, none of which has `handle`'s code or names its file.
+/// `source.c` with three more units, none of which has `handle`'s code or names its file:
+/// `other{i}.c`, with `other{i}` and a static `twice{i}` each.
+fn program_of_four_units() -> PathBuf {
     let dir = common::scratch_dir("dwarf");
     let more: Vec<PathBuf> = (0..3)
         .map(|i| {
@@ -205,7 +205,12 @@ fn a_lookup_reads_only_the_units_that_hold_the_function() {
             file
         })
         .collect();
-    let info = DebugInfo::open(&build_with("src-units", &["-O2", "-g"], &more)).unwrap();
+    build_with("src-units", &["-O2", "-g"], &more)
+}
+
+#[test]
+fn a_lookup_reads_only_the_units_that_hold_the_function() {
+    let info = DebugInfo::open(&program_of_four_units()).unwrap();
     assert!(info.unit_count() >= 4, "{} units", info.unit_count());
     let sites = info.resolve(&line("handle:3")).unwrap();
     info.resolve_variable(&sites[0], "req", &[Access::Arrow("path".into())]).unwrap();
@@ -221,6 +226,33 @@ fn a_lookup_reads_only_the_units_that_hold_the_function() {
     assert_eq!(info.units_indexed(), 2);
     // `--funcs` lists every function: that alone reads all of them.
     assert!(info.functions().iter().any(|f| f.name == "other2"));
+}
+
+/// `probe --funcs GLOB` indexes only the units holding the code of the symbols the glob
+/// matches (a static function by its clone's symbol, `twice1.constprop.0`), and lists what
+/// the whole index would.
+#[test]
+fn functions_by_a_glob_read_only_the_units_of_the_symbols_it_matches() {
+    let info = DebugInfo::open(&program_of_four_units()).unwrap();
+    let names = |functions: Vec<&dynprobe_symbols::dwarf::Function>| {
+        let mut names: Vec<String> = functions.iter().map(|f| f.qualified_name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    // As `twice1*`, `*1` and `other*` match.
+    assert_eq!(names(info.functions_matching(&|n| n.starts_with("twice1"))), ["twice1"]);
+    assert_eq!(info.units_indexed(), 1, "of {} units", info.unit_count());
+    assert_eq!(names(info.functions_matching(&|n| n.ends_with('1'))), ["other1", "twice1"]);
+    assert_eq!(info.units_indexed(), 1);
+    let lazily = names(info.functions_matching(&|n| n.starts_with("other")));
+    assert_eq!(info.units_indexed(), 3);
+    // What the whole index says.
+    let all: Vec<&str> =
+        info.functions().iter().filter(|f| f.name.starts_with("other")).map(|f| f.name.as_str()).collect();
+    assert_eq!(lazily, all);
+    // No symbol matches: every unit is read, for a function that exists only inlined.
+    assert!(info.functions_matching(&|n| n.starts_with("nothing")).is_empty());
 }
 
 #[test]

@@ -77,6 +77,8 @@ fn default_fields(site: &MarkerSite) -> Vec<FetchArg> {
                 ArgKind::CStr => FetchType::String,
                 // A `&str`/`&[u8]` is a pointer and a length: its pointer is shown.
                 ArgKind::Pointer | ArgKind::Str | ArgKind::Bytes => int(Format::Hex, 8),
+                // Read from the FP state when in a vector register (`8f@%xmm1`).
+                kind if kind.is_float() => FetchType::Float(kind.size() * 8),
                 kind if kind.is_signed() => int(Format::Signed, kind.size()),
                 kind => int(Format::Unsigned, kind.size()),
             };

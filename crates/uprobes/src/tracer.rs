@@ -493,8 +493,9 @@ impl Tracer {
         let site = &self.sites[index];
         let mut regs = to_regs(user);
         regs.ip = site.addr;
+        let xmm = self.vectors(tid, &site.entries);
         for &p in &site.entries {
-            let ctx = HitContext::entry(&regs, &self.target, tid as u64);
+            let ctx = HitContext { xmm: xmm.as_ref(), ..HitContext::entry(&regs, &self.target, tid as u64) };
             self.line = Line::new();
             self.formats[p].write(&mut self.line, now, &ctx);
             self.out.line(self.line.finish());
@@ -575,6 +576,7 @@ impl Tracer {
         self.info.hits += 1;
         let mut regs = to_regs(user);
         regs.ip = instance.ret_addr;
+        let xmm = self.vectors(tid, &self.sites[instance.site].returns);
         let mut start = 0;
         for &p in &self.sites[instance.site].returns {
             let count = self.formats[p].entry_count();
@@ -587,13 +589,24 @@ impl Tracer {
                 retval: Some(regs.rax),
                 entry,
                 duration_ns: Some(now.saturating_sub(instance.entry_ns)),
-                // The vector registers are not read from outside (`%xmmN` reads as a fault).
-                xmm: None,
+                xmm: xmm.as_ref(),
             };
             self.line = Line::new();
             self.formats[p].write(&mut self.line, now, &ctx);
             self.out.line(self.line.finish());
         }
+    }
+
+    /// The low 64 bits of stopped thread `tid`'s xmm0–15 when one of the `probes` reads a
+    /// vector register (`%xmm0`, a DWARF `double`), else `None` (a `PTRACE_GETFPREGS` per
+    /// hit is spared); `None` too if they cannot be read (then `%xmmN` reads as a fault).
+    fn vectors(&self, tid: i32, probes: &[usize]) -> Option<[u64; 16]> {
+        if !probes.iter().any(|&p| self.formats[p].reads_vectors()) {
+            return None;
+        }
+        let fp = sys::get_fpregs(tid).ok()?;
+        // FXSAVE keeps each register in 16 bytes, as four 32-bit words, low word first.
+        Some(std::array::from_fn(|n| u64::from(fp.xmm_space[4 * n]) | u64::from(fp.xmm_space[4 * n + 1]) << 32))
     }
 
     /// Stops every thread: interrupts those running and handles stops (hits included)

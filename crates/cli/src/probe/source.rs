@@ -1102,12 +1102,9 @@ fn run_discovery(args: &DiscoveryArgs, specs: &[String], program: &Path) -> Resu
         // By the name a spec takes: with its namespaces and classes (`shop::Basket::weigh`),
         // matched by that or by the bare name.
         let glob_match = |name: &str| dynprobe_ftrace::filter::glob_match(glob.as_bytes(), name.as_bytes());
-        let mut names: Vec<&str> = info
-            .functions()
-            .iter()
-            .filter(|f| glob_match(&f.name) || glob_match(&f.qualified_name))
-            .map(|f| f.qualified_name.as_str())
-            .collect();
+        // Only the units that name a function the glob matches are indexed.
+        let mut names: Vec<&str> =
+            info.functions_matching(&glob_match).iter().map(|f| f.qualified_name.as_str()).collect();
         names.sort();
         names.dedup();
         return Ok(names.iter().map(|n| format!("{n}\n")).collect());

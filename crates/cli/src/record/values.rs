@@ -57,7 +57,8 @@ impl Overrides {
 /// Describes the functions of `program` that `filter` (the agent's `F`/`N` lines) selects
 /// and that have DWARF, as `overrides` change them, into `ARGS_FILE` in each of `dirs`;
 /// then, in a section of its own (`l PATH`), those of each library a `-F MODULE:…` pattern
-/// names, from the library's own DWARF. Returns how many were described. A program
+/// names, from the library's own DWARF (a pattern naming a library by its path finds one the
+/// program loads later with `dlopen`). Returns how many were described. A program
 /// without DWARF is an error naming it (the caller warns and records without values),
 /// unless a library named by the filter has some; a library that cannot be found or has
 /// no DWARF is a warning naming it.
@@ -85,7 +86,11 @@ pub(crate) fn write_args(program: &Path, filter: &str, overrides: &Overrides, di
             }
             // `-F PROG:GLOB` names the executable itself (described above).
             Err(_) if exe_module.starts_with(module) => {}
-            Err(e) => eprintln!("dynprobe: -a: no argument of `{module}:…` is recorded: {e}"),
+            Err(e) => {
+                eprintln!(
+                    "dynprobe: -a: no argument of `{module}:…` is recorded: {e}; in -F: '/path/to/{module}.so:GLOB'"
+                )
+            }
         }
     }
     let mut sections: u64 = 0;

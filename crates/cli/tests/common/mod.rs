@@ -63,6 +63,31 @@ pub fn usdt_program() -> &'static Path {
     BUILT.get_or_init(|| build_c("usdt.c", "usdt", &["-I".as_ref(), include().as_os_str()]))
 }
 
+/// `targets/usdt_floats.c` built with `opt`, once per level.
+pub fn usdt_floats_program(opt: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, path)) = built.iter().find(|(o, _)| o == opt) {
+        return path.clone();
+    }
+    let path = build_c("usdt_floats.c", &format!("usdt-floats{opt}"), &[std::ffi::OsStr::new(opt)]);
+    built.push((opt.to_string(), path.clone()));
+    path
+}
+
+/// The events `usdt_floats.c`'s output says its markers' probes must see: each line
+/// `mix D F K` an event `floats/mix: arg1=D arg2=F arg3=K`.
+pub fn usdt_floats_events(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let (name, values) = l.split_once(' ').unwrap();
+            let values: Vec<String> = values.split(' ').enumerate().map(|(i, v)| format!("arg{}={v}", i + 1)).collect();
+            (format!("floats/{name}"), values.join(" "))
+        })
+        .collect()
+}
+
 /// The dynprobe headers' directory (`dynprobe/marker.h`).
 fn include() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dynprobe/include")

@@ -145,11 +145,21 @@ impl Marker {
         for site in sites {
             let site = Arc::new(site);
             let (on_hit, at) = (handler.clone(), site.clone());
+            let probe = Probe::at(Location::Address(site.addr));
+            // An argument in a vector register (an SDT note's `8f@%xmm1`) is read where the
+            // probe's path saved them; only such a site pays for the save.
+            let probe = match site.args.iter().any(|a| a.location.vector().is_some()) {
+                true => probe
+                    .on_hit(move |regs| {
+                        let xmm = dynprobe_probe::hit_xmm();
+                        on_hit(&MarkerHit { site: &at, regs, xmm: xmm.as_ref() })
+                    })
+                    .reads_vectors(),
+                false => probe.on_hit(move |regs| on_hit(&MarkerHit { site: &at, regs, xmm: None })),
+            };
             // A failure drops `handle`, which unregisters the probes placed so far.
-            let probe = Probe::at(Location::Address(site.addr))
-                .on_hit(move |regs| on_hit(&MarkerHit { site: &at, regs }))
-                .register()
-                .map_err(|error| MarkerError::Probe { site: site.spec(), addr: site.addr, error })?;
+            let probe =
+                probe.register().map_err(|error| MarkerError::Probe { site: site.spec(), addr: site.addr, error })?;
             handle.probes.push(probe);
             handle.sites.push(site);
         }
@@ -184,6 +194,8 @@ fn split_spec(spec: &str) -> Result<(&str, &str), MarkerError> {
 pub struct MarkerHit<'a> {
     site: &'a MarkerSite,
     regs: &'a Regs,
+    /// The low 64 bits of xmm0–15, when an argument of the site is in one.
+    xmm: Option<&'a [u64; 16]>,
 }
 
 impl<'a> MarkerHit<'a> {
@@ -197,6 +209,12 @@ impl<'a> MarkerHit<'a> {
         self.regs
     }
 
+    /// The low 64 bits of the thread's xmm0–15 at the site, when an argument of the site is
+    /// in a vector register (`None` otherwise: they were not saved).
+    pub fn xmm(&self) -> Option<&'a [u64; 16]> {
+        self.xmm
+    }
+
     /// How many arguments the marker has.
     pub fn arg_count(&self) -> usize {
         self.site.args.len()
@@ -205,12 +223,12 @@ impl<'a> MarkerHit<'a> {
     /// Argument `n` (0-based), decoded by its kind; `None` past the last one.
     pub fn arg(&self, n: usize) -> Option<ArgValue<'a>> {
         let arg = self.site.args.get(n)?;
-        Some(decode(arg, self.regs))
+        Some(decode(arg, self.regs, self.xmm))
     }
 
     /// Every argument, in order.
     pub fn args(&self) -> impl Iterator<Item = ArgValue<'a>> + '_ {
-        self.site.args.iter().map(|arg| decode(arg, self.regs))
+        self.site.args.iter().map(|arg| decode(arg, self.regs, self.xmm))
     }
 }
 
@@ -233,6 +251,15 @@ pub enum ArgValue<'a> {
     Bytes(&'a [u8]),
     /// A C string, without its NUL, cut at [`MAX_CSTR`] bytes; empty for a null pointer.
     CStr(&'a [u8]),
+    /// A `float` (`bits` 32, the low 32 bits of `raw`) or a `double` (`bits` 64), by its
+    /// bits (`f64::from_bits(raw)`): kept as an integer, so that handing it on takes no
+    /// vector register.
+    Float {
+        /// 32 or 64.
+        bits: u8,
+        /// The value's bits.
+        raw: u64,
+    },
     /// Where the value is cannot be read here (an SDT operand form this reader does not
     /// know, see [`ArgLocation::Other`]).
     Unavailable,
@@ -250,6 +277,8 @@ impl fmt::Display for ArgValue<'_> {
             ArgValue::Pointer(p) => write!(f, "{p:#x}"),
             ArgValue::Str(s) => write!(f, "{s:?}"),
             ArgValue::Bytes(b) | ArgValue::CStr(b) => write!(f, "\"{}\"", b.escape_ascii()),
+            ArgValue::Float { bits: 32, raw } => write!(f, "{}", f32::from_bits(*raw as u32)),
+            ArgValue::Float { raw, .. } => write!(f, "{}", f64::from_bits(*raw)),
             ArgValue::Unavailable => write!(f, "<unavailable>"),
         }
     }
@@ -273,6 +302,7 @@ impl ArgValue<'_> {
             ArgValue::Pointer(p) => text.hex(p),
             ArgValue::Str(s) => text.quoted(s.as_bytes()),
             ArgValue::Bytes(b) | ArgValue::CStr(b) => text.quoted(b),
+            ArgValue::Float { bits, raw } => text.float(bits, raw),
             ArgValue::Unavailable => text.bytes(Self::UNAVAILABLE.as_bytes()),
         };
     }
@@ -330,8 +360,9 @@ pub fn spec_for_site(spec: &ProbeSpec, site: &MarkerSite) -> Result<ProbeSpec, S
     Ok(spec)
 }
 
-/// The value of a register by its 64-bit name.
-fn register(regs: &Regs, name: &str) -> Option<u64> {
+/// The value of a register by its 64-bit name, or the low 64 bits of vector register `xmmN`
+/// (from `xmm`, the hit's, when it was saved).
+fn register(regs: &Regs, xmm: Option<&[u64; 16]>, name: &str) -> Option<u64> {
     Some(match name {
         "rax" => regs.rax,
         "rbx" => regs.rbx,
@@ -349,17 +380,17 @@ fn register(regs: &Regs, name: &str) -> Option<u64> {
         "r13" => regs.r13,
         "r14" => regs.r14,
         "r15" => regs.r15,
-        _ => return None,
+        _ => return xmm?.get(name.strip_prefix("xmm")?.parse::<usize>().ok()?).copied(),
     })
 }
 
 /// The raw 64 bits at `location`, the low `size` bytes meaningful.
-fn raw(location: &ArgLocation, regs: &Regs) -> Option<u64> {
+fn raw(location: &ArgLocation, regs: &Regs, xmm: Option<&[u64; 16]>) -> Option<u64> {
     match location {
-        ArgLocation::Register { name, .. } => register(regs, name),
+        ArgLocation::Register { name, .. } => register(regs, xmm, name),
         ArgLocation::Immediate(value) => Some(*value as u64),
         ArgLocation::Memory { base, offset } => {
-            let addr = register(regs, base)?.wrapping_add(*offset as u64);
+            let addr = register(regs, None, base)?.wrapping_add(*offset as u64);
             // SAFETY: an SDT memory operand is what the compiler used at this very
             // instruction (a stack slot, a field): it is mapped and holds the value now,
             // on this thread, which is stopped at the site.
@@ -369,8 +400,8 @@ fn raw(location: &ArgLocation, regs: &Regs) -> Option<u64> {
     }
 }
 
-fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
-    let Some(value) = raw(&arg.location, regs) else { return ArgValue::Unavailable };
+fn decode<'a>(arg: &MarkerArg, regs: &Regs, xmm: Option<&[u64; 16]>) -> ArgValue<'a> {
+    let Some(value) = raw(&arg.location, regs, xmm) else { return ArgValue::Unavailable };
     let bits = u32::from(arg.kind.size()) * 8;
     let low = if bits >= 64 { value } else { value & ((1u64 << bits) - 1) };
     let signed = if bits >= 64 { value as i64 } else { ((value << (64 - bits)) as i64) >> (64 - bits) };
@@ -379,7 +410,7 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
         ArgKind::Char => ArgValue::Char(char::from_u32(low as u32)),
         ArgKind::Pointer => ArgValue::Pointer(value),
         ArgKind::Str | ArgKind::Bytes => {
-            let Some(len) = arg.length.as_ref().and_then(|l| raw(l, regs)) else { return ArgValue::Unavailable };
+            let Some(len) = arg.length.as_ref().and_then(|l| raw(l, regs, xmm)) else { return ArgValue::Unavailable };
             let bytes: &'a [u8] = if len == 0 {
                 &[]
             } else {
@@ -412,6 +443,7 @@ fn decode<'a>(arg: &MarkerArg, regs: &Regs) -> ArgValue<'a> {
             // SAFETY: the `len` bytes were just read one by one.
             ArgValue::CStr(unsafe { std::slice::from_raw_parts(start, len) })
         }
+        kind if kind.is_float() => ArgValue::Float { bits: kind.size() * 8, raw: low },
         kind if kind.is_signed() => ArgValue::Signed(signed),
         _ => ArgValue::Unsigned(low),
     }
@@ -650,7 +682,7 @@ mod tests {
             MarkerArg { kind: ArgKind::I64, location: ArgLocation::Immediate(-3), length: None },
             MarkerArg { kind: ArgKind::U64, location: ArgLocation::Other("sym(%rip)".into()), length: None },
         ]);
-        let hit = MarkerHit { site: &site, regs: &regs };
+        let hit = MarkerHit { site: &site, regs: &regs, xmm: None };
         let values: Vec<ArgValue> = hit.args().collect();
         assert_eq!(
             values,
@@ -717,8 +749,8 @@ mod tests {
         let text = b"abc\0def";
         let regs = Regs { rdi: text.as_ptr() as u64, ..Regs::default() };
         let site = site(vec![MarkerArg { kind: ArgKind::CStr, location: reg("rdi", 8), length: None }]);
-        assert_eq!(MarkerHit { site: &site, regs: &regs }.arg(0), Some(ArgValue::CStr(b"abc")));
-        assert_eq!(MarkerHit { site: &site, regs: &regs }.arg(1), None);
+        assert_eq!(MarkerHit { site: &site, regs: &regs, xmm: None }.arg(0), Some(ArgValue::CStr(b"abc")));
+        assert_eq!(MarkerHit { site: &site, regs: &regs, xmm: None }.arg(1), None);
     }
 
     #[test]

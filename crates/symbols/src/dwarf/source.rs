@@ -173,6 +173,43 @@ impl DebugInfo {
         self.functions.get_or_init(|| self.index_functions(0..self.unit_count()))
     }
 
+    /// The functions whose name or qualified name (`ns::Class::method`) `matches` says yes
+    /// to (`probe --funcs GLOB`), without indexing every unit: as `perf probe -F` lists
+    /// functions, through the symbol table — the units that hold the code of a function
+    /// symbol `matches` takes (by its demangled name without parameters, or that name's last
+    /// component) are indexed, and their functions that match are given, those inlined
+    /// there included. A function may come once per unit that has code of it. When no
+    /// symbol leads to one, every unit is read ([`functions`](Self::functions)): a function
+    /// that exists only inlined is found then, not beside ones that have a symbol.
+    pub fn functions_matching(&self, matches: &dyn Fn(&str) -> bool) -> Vec<&Function> {
+        let wanted = |f: &&Function| matches(&f.name) || matches(&f.qualified_name);
+        if self.functions.get().is_none() {
+            let mut units: Vec<usize> = self
+                .symbols
+                .iter()
+                .filter(|s| {
+                    // GCC's clones keep the name before a dot (`parse.constprop.0`).
+                    let plain = s.mangled.split('.').next().unwrap_or(&s.mangled);
+                    if !plain.starts_with("_Z") && !plain.starts_with("_R") {
+                        return matches(plain);
+                    }
+                    let d = crate::demangle::demangle(plain);
+                    let short = d.short.unwrap_or(d.name);
+                    let short = crate::demangle::strip_rust_hash(&short).unwrap_or(&short);
+                    matches(short) || short.rsplit("::").next().is_some_and(matches)
+                })
+                .filter_map(|s| self.unit_at(s.value))
+                .collect();
+            units.sort();
+            units.dedup();
+            let found: Vec<&Function> = units.iter().flat_map(|&u| self.unit_functions(u)).filter(wanted).collect();
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        self.functions().iter().filter(wanted).collect()
+    }
+
     /// The functions with code (out of line or an inlined copy) in unit `u`, each with only
     /// the code that is in `u` (indexed once, on first use).
     pub(crate) fn unit_functions(&self, u: usize) -> &[Function] {
