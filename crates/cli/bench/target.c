@@ -102,6 +102,9 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
  *                              original address left below rsp, `ret` and `jmp *-16(%rsp)`
  *   dynprobe_floor_ret_call    + common's nine general registers saved and restored around
  *                              the call of a dispatcher that only returns the address
+ *   dynprobe_floor_ret_probe   dynprobe_floor_call whose dispatcher diverts the return
+ *                              address into dynprobe_floor_ret_call's sled: both paths of a
+ *                              return probe with an optimized entry, nothing done in either
  *
  * The return floors keep the caller's address in one static slot: their rows run on one
  * thread.
@@ -136,11 +139,13 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
 #define ENTRY_FRAME(name, inside)                                                                                    \
 	"	lea -272(%rsp),%rsp\n	movq $0x202,120(%rsp)\n" FRAME_SAVE(name) inside FRAME_RESTORE                    \
 	"	lea 152(%rsp),%rsp\n"
-/* The light path's call: rsp aligned, the frame and context kept across the call. */
-#define LIGHT_CALL                                                                                                   \
+/* The light path's call of DISPATCH(context, frame): rsp aligned, the frame and context kept
+ * across the call. */
+#define LIGHT_CALL_TO(dispatch)                                                                                      \
 	"	mov %rsp,%rsi\n	movabs $0,%rdi\n	and $-16,%rsp\n	sub $16,%rsp\n	mov %rsi,8(%rsp)\n"                  \
-	"	mov %rdi,(%rsp)\n	call dynprobe_floor_dispatch\n	mov %eax,%r11d\n	mov (%rsp),%rdi\n"                   \
+	"	mov %rdi,(%rsp)\n	call " dispatch "\n	mov %eax,%r11d\n	mov (%rsp),%rdi\n"                             \
 	"	mov 8(%rsp),%rsp\n	test %r11d,%r11d\n	jnz dynprobe_floor_trap\n"
+#define LIGHT_CALL LIGHT_CALL_TO("dynprobe_floor_dispatch")
 
 __asm__(".section .text.dynprobe_floor,\"ax\",@progbits\n"
 	".p2align 4\ndynprobe_floor_trap:\n	ud2\n"
@@ -196,3 +201,18 @@ FLOOR_RETURN("dynprobe_floor_ret_call", TO_TRAMP("dynprobe_floor_ret_call"),
 	     SLED_COMMON("dynprobe_floor_ret_call", SLED_CALL("dynprobe_floor_ret_call")));
 __asm__(".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
 	"dynprobe_floor_ret_call_dispatch:\n	mov dynprobe_floor_ret_call_slot(%rip),%rax\n	ret\n.text\n");
+
+/* Both floors in one: floor-call's entry, whose dispatcher diverts the return address (in
+ * the frame's rsp slot, 128 bytes in) to a sled entry, and floor-ret-call's sled behind it —
+ * what a return probe with an optimized entry costs before any of dynprobe's work. */
+__asm__(".bss\n.p2align 3\ndynprobe_floor_ret_probe_slot:\n	.zero 8\n"
+	".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_ret_probe_divert:\n	mov 128(%rsi),%rax\n	mov (%rax),%rcx\n"
+	"	mov %rcx,dynprobe_floor_ret_probe_slot(%rip)\n	lea dynprobe_floor_ret_probe_tramp(%rip),%rcx\n"
+	"	mov %rcx,(%rax)\n	xor %eax,%eax\n	ret\n"
+	".p2align 6\ndynprobe_floor_ret_probe_tramp:\n"
+	SLED_COMMON("dynprobe_floor_ret_probe", SLED_CALL("dynprobe_floor_ret_probe")) "	int3\n"
+	".p2align 4\ndynprobe_floor_ret_probe_dispatch:\n	mov dynprobe_floor_ret_probe_slot(%rip),%rax\n	ret\n"
+	".text\n");
+FLOOR_ENTRY("dynprobe_floor_ret_probe",
+	    ENTRY_FRAME("dynprobe_floor_ret_probe", LIGHT_CALL_TO("dynprobe_floor_ret_probe_divert")));

@@ -198,7 +198,7 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 /// divided by. (Checked within the all-rows run: two bench processes at once would see each
 /// other's kernel uprobes on their common binary.)
 fn check_floors(rows: &[Value]) {
-    const FLOORS: [&str; 9] = [
+    const FLOORS: [&str; 10] = [
         "floor-jump",
         "floor-gprs",
         "floor-flags",
@@ -208,6 +208,7 @@ fn check_floors(rows: &[Value]) {
         "floor-ret-miss",
         "floor-ret-sled",
         "floor-ret-call",
+        "floor-ret-probe",
     ];
     for floor in FLOORS {
         assert!(ns_per_hit(rows, floor).is_finite(), "{}", row(rows, floor));
@@ -216,7 +217,7 @@ fn check_floors(rows: &[Value]) {
     for (real, floors) in [
         ("optimized-probe", &["x_floor_jump", "x_floor_call"][..]),
         ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
-        ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call"]),
+        ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call", "x_floor_ret_probe"]),
     ] {
         let real = row(rows, real).as_object().unwrap();
         assert!(floors.iter().all(|ratio| real.contains_key(*ratio)), "{real:?}");
@@ -260,6 +261,19 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
         names(&["--iterations", "50", "--rows", "function-graph"]),
         ["graph-plain", "function-graph", "uftrace"]
     );
+}
+
+/// The return probe's floor (an optimized entry diverting the return into a sled, nothing
+/// done in either) runs alone: its setup calls it beside the target and refuses a floor that
+/// computes something else, and the loop's calls return through its sled to their caller.
+#[test]
+fn the_return_probe_floor_computes_what_the_target_does() {
+    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe"]);
+    let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline-call", "floor-ret-probe"]);
+    let floor = row(&rows, "floor-ret-probe");
+    assert!(floor["error"].is_null() && ns_per_hit(&rows, "floor-ret-probe").is_finite(), "{floor}");
+    assert_eq!(floor["calls_per_batch"], 1000, "{floor}");
 }
 
 #[test]

@@ -17,8 +17,8 @@ use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
     dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_jump,
-    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap,
-    dynprobe_floor_sahf, Target,
+    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_probe, dynprobe_floor_ret_sled,
+    dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -63,6 +63,8 @@ pub const FLOOR_RET_MISS: &str = "floor-ret-miss";
 pub const FLOOR_RET_SLED: &str = "floor-ret-sled";
 /// The sled's shape with its registers saved around an empty dispatcher's call.
 pub const FLOOR_RET_CALL: &str = "floor-ret-call";
+/// floor-call diverting the return into floor-ret-call's sled: the floor of a return probe.
+pub const FLOOR_RET_PROBE: &str = "floor-ret-probe";
 /// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
 pub const BASELINE_THREADS: &str = "baseline-call-threads";
 /// The kernel's uprobe hit from every CPU at once.
@@ -266,6 +268,9 @@ pub static ROWS: &[Row] = &[
           dynprobe_floor_ret_sled),
     floor(FLOOR_RET_CALL, "floor-ret-sled + nine registers saved around an empty dispatcher's call: return-probe \
                            minus return-probe-entry minus this is dynprobe's return dispatch", dynprobe_floor_ret_call),
+    floor(FLOOR_RET_PROBE, "floor-call whose dispatcher diverts the return into floor-ret-call's sled: a return \
+                            probe's entry and return with nothing done in either (return-probe's floor on this host)",
+          dynprobe_floor_ret_probe),
     Row {
         name: "int3-probe",
         about: "dynprobe breakpoint probe, empty handler",
@@ -294,7 +299,7 @@ pub static ROWS: &[Row] = &[
         name: "return-probe",
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
         measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
-        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE, FLOOR_RET_MISS, FLOOR_RET_CALL],
+        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE, FLOOR_RET_MISS, FLOOR_RET_CALL, FLOOR_RET_PROBE],
     },
     Row {
         name: "return-probe-entry",

@@ -46,6 +46,10 @@ extern "C" {
     /// [`dynprobe_floor_ret_sled`] + the general registers saved around the call of a
     /// dispatcher that only returns the address. One thread at a time.
     pub fn dynprobe_floor_ret_call(x: c_long) -> c_long;
+    /// [`dynprobe_floor_call`] whose dispatcher diverts the return address into
+    /// [`dynprobe_floor_ret_call`]'s sled: a return probe's two paths with nothing done in
+    /// either. One thread at a time.
+    pub fn dynprobe_floor_ret_probe(x: c_long) -> c_long;
 }
 
 /// Where `target`'s code starts in this process: the address its probes go on.
