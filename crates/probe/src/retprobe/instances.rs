@@ -22,6 +22,9 @@ pub(super) struct Instance {
 
 /// A thread slot's instance stack header. Written only by the slot's owner thread (plain
 /// loads and stores through atomics), except `dispatching`, which unregistering reads.
+/// Every tracked call writes `top` twice and its return writes `dispatching` twice: aligned
+/// as [`ThreadSlot`] is, so that threads of neighbouring slots never write one cache line.
+#[repr(align(128))]
 pub(super) struct SlotStack {
     /// The [`ThreadSlot`] generation the stack belongs to.
     pub(super) generation: AtomicU32,
@@ -47,9 +50,14 @@ pub(super) static STACKS: [SlotStack; MAX_THREADS] = [const {
 }; MAX_THREADS];
 
 /// Per thread slot and probe index: instances of that probe in the slot's stack (for
-/// `maxactive`). Owner-written only.
-pub(super) static COUNTS: [[AtomicU8; MAX_RETURN_PROBES]; MAX_THREADS] =
-    [const { [const { AtomicU8::new(0) }; MAX_RETURN_PROBES] }; MAX_THREADS];
+/// `maxactive`). Owner-written only, on every tracked call and its return.
+pub(super) static COUNTS: [SlotCounts; MAX_THREADS] =
+    [const { SlotCounts([const { AtomicU8::new(0) }; MAX_RETURN_PROBES]) }; MAX_THREADS];
+
+/// One thread slot's row of [`COUNTS`], aligned as [`SlotStack`] is (an array of bytes
+/// alone may start anywhere, and its rows would then straddle lines shared by two slots).
+#[repr(align(128))]
+pub(super) struct SlotCounts(pub(super) [AtomicU8; MAX_RETURN_PROBES]);
 
 /// The instance table: `MAX_THREADS * MAX_DEPTH` instances, mapped at the first
 /// registration and unmapped only when no instance is in use (a late return may still
@@ -74,7 +82,7 @@ const _: () = assert!(MAX_THREADS.is_power_of_two() && MAX_RETURN_PROBES.is_powe
 
 #[inline(always)]
 pub(super) fn count(slot: usize, probe: u32) -> &'static AtomicU8 {
-    &COUNTS[slot & (MAX_THREADS - 1)][probe as usize & (MAX_RETURN_PROBES - 1)]
+    &COUNTS[slot & (MAX_THREADS - 1)].0[probe as usize & (MAX_RETURN_PROBES - 1)]
 }
 
 /// Adds `delta` to a count only the calling thread writes (no read-modify-write needed).
@@ -126,7 +134,7 @@ impl SlotStack {
         let forked = self.owner_tp.load(Ordering::Relaxed) == tp && self.pid.load(Ordering::Relaxed) != pid;
         if !forked {
             self.top.store(0, Ordering::Relaxed);
-            COUNTS[slot & (MAX_THREADS - 1)].iter().for_each(|c| c.store(0, Ordering::Relaxed));
+            COUNTS[slot & (MAX_THREADS - 1)].0.iter().for_each(|c| c.store(0, Ordering::Relaxed));
         }
         self.owner_tp.store(tp, Ordering::Relaxed);
         self.pid.store(pid, Ordering::Relaxed);
@@ -335,5 +343,28 @@ pub(super) fn end_calls(index: usize, rsp: u64, mut each: impl FnMut(usize, usiz
     compiler_fence(Ordering::SeqCst);
     if !live_above {
         stack.top.store(k as u32, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a hit writes for its thread — the thread slot's `active` mark, the instance
+    /// stack's `top` and `dispatching`, the `maxactive` counts — lies in 128-byte blocks
+    /// (a pair of cache lines, see [`ThreadSlot`]) no other thread slot writes: an array's
+    /// element aligned to 128 has a size that is a multiple of it.
+    #[test]
+    fn no_two_thread_slots_write_one_pair_of_cache_lines() {
+        let layouts = [
+            ("ThreadSlot", std::mem::align_of::<ThreadSlot>()),
+            ("SlotStack", std::mem::align_of::<SlotStack>()),
+            ("SlotCounts", std::mem::align_of::<SlotCounts>()),
+        ];
+        for (name, align) in layouts {
+            assert_eq!(align % 128, 0, "{name} is aligned to {align} bytes: neighbouring slots share cache lines");
+        }
+        let (first, second) = (&STACKS[0] as *const SlotStack as usize, &STACKS[1] as *const SlotStack as usize);
+        assert!(first % 128 == 0 && second - first >= 128, "{first:#x} {second:#x}");
     }
 }
