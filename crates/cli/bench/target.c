@@ -93,6 +93,10 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
  *                              OF by an add (no popfq)
  *   dynprobe_floor_call        dynprobe_floor_gprs + the aligned call of a dispatcher that
  *                              returns 0 at once, as a light detour makes it
+ *   dynprobe_floor_least       dynprobe_floor_call whose dispatcher does the least any
+ *                              in-process probe must: the thread's slot found, the
+ *                              recursion guard set and cleared, the hit counted per thread,
+ *                              an empty handler called through a pointer
  *   dynprobe_floor_ret_swap    a return hook's bookkeeping without the hook: the return
  *                              address kept aside and written back unchanged
  *   dynprobe_floor_ret_miss    the return address replaced by a trampoline's: one
@@ -163,6 +167,29 @@ FLOOR_ENTRY("dynprobe_floor_sahf",
 		    "	shr $11,%ecx\n	and $1,%ecx\n	mov %al,%ah\n	mov %cl,%al\n	add $0x7f,%al\n	sahf\n"
 		    FRAME_RESTORE "	lea 152(%rsp),%rsp\n");
 FLOOR_ENTRY("dynprobe_floor_call", ENTRY_FRAME("dynprobe_floor_call", LIGHT_CALL));
+
+/* floor-call whose dispatcher does what any in-process probe's must, and nothing else: find
+ * the calling thread's slot without thread-local storage (its thread pointer hashed as
+ * dynprobe's thread_slot.rs does, into 4096 slots of 128 bytes, owner and tid compared;
+ * the tid read where glibc keeps it in the TCB, as dynprobe's thread.rs does), refuse a hit
+ * from inside a handler (the recursion guard: a mark set and cleared), count the hit in the
+ * thread's own cell, and call the handler through a pointer (an empty one). A slot not the
+ * caller's is claimed, once. One thread at a time (the claim is not atomic). */
+__asm__(".bss\n.p2align 7\ndynprobe_floor_slots:\n	.zero 4096 * 128\n"
+	".section .data.rel.local,\"aw\",@progbits\n.p2align 3\n"
+	"dynprobe_floor_handler:\n	.quad dynprobe_floor_empty_handler\n"
+	".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_empty_handler:\n	ret\n"
+	".p2align 4\ndynprobe_floor_dispatch_min:\n"
+	"	mov %fs:0,%rax\n	movabs $0x9e3779b97f4a7c15,%rcx\n	imul %rax,%rcx\n	shr $52,%rcx\n"
+	"	shl $7,%rcx\n	lea dynprobe_floor_slots(%rip),%rdx\n	add %rcx,%rdx\n	mov %fs:0x2d0,%ecx\n"
+	"	cmp %rax,(%rdx)\n	jne 3f\n	cmp %ecx,8(%rdx)\n	jne 3f\n"
+	"1:	cmpq $0,16(%rdx)\n	jne 2f\n	movq $1,16(%rdx)\n	incq 24(%rdx)\n	push %rdx\n"
+	"	mov %rsi,%rdi\n	call *dynprobe_floor_handler(%rip)\n	pop %rdx\n	movq $0,16(%rdx)\n"
+	"2:	xor %eax,%eax\n	ret\n"
+	"3:	mov %rax,(%rdx)\n	mov %ecx,8(%rdx)\n	jmp 1b\n"
+	".text\n");
+FLOOR_ENTRY("dynprobe_floor_least", ENTRY_FRAME("dynprobe_floor_least", LIGHT_CALL_TO("dynprobe_floor_dispatch_min")));
 
 /* A return floor: NAME's entry keeps the caller's address in NAME_slot and puts what
  * LOAD loads into %r11 in its place; NAME_tramp (in the floor section) is TRAMP. */

@@ -198,12 +198,13 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 /// divided by. (Checked within the all-rows run: two bench processes at once would see each
 /// other's kernel uprobes on their common binary.)
 fn check_floors(rows: &[Value]) {
-    const FLOORS: [&str; 10] = [
+    const FLOORS: [&str; 11] = [
         "floor-jump",
         "floor-gprs",
         "floor-flags",
         "floor-sahf",
         "floor-call",
+        "floor-dispatch",
         "floor-ret-swap",
         "floor-ret-miss",
         "floor-ret-sled",
@@ -215,7 +216,7 @@ fn check_floors(rows: &[Value]) {
     }
     // The real rows are divided by the floors they stand on.
     for (real, floors) in [
-        ("optimized-probe", &["x_floor_jump", "x_floor_call"][..]),
+        ("optimized-probe", &["x_floor_jump", "x_floor_call", "x_floor_dispatch"][..]),
         ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
         ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call", "x_floor_ret_probe"]),
     ] {
@@ -263,17 +264,21 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
     );
 }
 
-/// The return probe's floor (an optimized entry diverting the return into a sled, nothing
-/// done in either) runs alone: its setup calls it beside the target and refuses a floor that
-/// computes something else, and the loop's calls return through its sled to their caller.
+/// The floors of a whole probe run alone: an optimized entry whose dispatcher does the least
+/// any probe must (thread slot, recursion guard, per-thread count, handler call), and an
+/// optimized entry diverting the return into a sled, nothing done in either. Their setup
+/// calls each beside the target and refuses one that computes something else; the loop's
+/// calls come back through the detour and the sled to their caller.
 #[test]
-fn the_return_probe_floor_computes_what_the_target_does() {
-    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe"]);
+fn the_floors_of_whole_probes_compute_what_the_target_does() {
+    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe,floor-dispatch"]);
     let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["baseline-call", "floor-ret-probe"]);
-    let floor = row(&rows, "floor-ret-probe");
-    assert!(floor["error"].is_null() && ns_per_hit(&rows, "floor-ret-probe").is_finite(), "{floor}");
-    assert_eq!(floor["calls_per_batch"], 1000, "{floor}");
+    assert_eq!(names, ["baseline-call", "floor-dispatch", "floor-ret-probe"]);
+    for name in ["floor-dispatch", "floor-ret-probe"] {
+        let floor = row(&rows, name);
+        assert!(floor["error"].is_null() && ns_per_hit(&rows, name).is_finite(), "{floor}");
+        assert_eq!(floor["calls_per_batch"], 1000, "{floor}");
+    }
 }
 
 #[test]

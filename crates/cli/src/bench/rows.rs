@@ -17,8 +17,8 @@ use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
     dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_jump,
-    dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_probe, dynprobe_floor_ret_sled,
-    dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
+    dynprobe_floor_least, dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_probe,
+    dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -55,6 +55,8 @@ pub const FLOOR_FLAGS: &str = "floor-flags";
 pub const FLOOR_SAHF: &str = "floor-sahf";
 /// The hand-built entry detour calling a dispatcher that returns at once.
 pub const FLOOR_CALL: &str = "floor-call";
+/// floor-call with a dispatcher doing only what any in-process probe's must.
+pub const FLOOR_DISPATCH: &str = "floor-dispatch";
 /// A return address kept aside and written back unchanged.
 pub const FLOOR_RET_SWAP: &str = "floor-ret-swap";
 /// One mispredicted return into a trampoline and the jump back: the floor of any return hook.
@@ -260,6 +262,13 @@ pub static ROWS: &[Row] = &[
     ),
     floor(FLOOR_CALL, "floor-gprs + the light path's aligned call of a dispatcher that returns at once: \
                        optimized-probe minus this is dynprobe's dispatch", dynprobe_floor_call),
+    floor(
+        FLOOR_DISPATCH,
+        "floor-call whose dispatcher does only what any in-process probe's must: the thread's slot found by its \
+         thread pointer, a recursion guard set and cleared, the hit counted per thread, an empty handler called \
+         through a pointer (optimized-probe's floor on this host)",
+        dynprobe_floor_least,
+    ),
     floor(FLOOR_RET_SWAP, "a return address kept aside and written back unchanged (a return hook's bookkeeping, no hook)",
           dynprobe_floor_ret_swap),
     floor(FLOOR_RET_MISS, "the return address replaced: one mispredicted ret into a trampoline, its indirect jmp back \
@@ -284,7 +293,7 @@ pub static ROWS: &[Row] = &[
             target: dynprobe_bench_target,
             setup: |target| register_optimized_probe(target, ProbePoint::Entry),
         },
-        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_JUMP, FLOOR_CALL],
+        compare_to: &[KERNEL_UPROBE, KERNEL_UPROBE_NOP5, KERNEL_URETPROBE, FLOOR_JUMP, FLOOR_CALL, FLOOR_DISPATCH],
     },
     Row {
         name: "optimized-probe-mid",

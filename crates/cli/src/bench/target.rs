@@ -35,6 +35,10 @@ extern "C" {
     pub fn dynprobe_floor_sahf(x: c_long) -> c_long;
     /// [`dynprobe_floor_gprs`] + the call of a dispatcher that returns at once.
     pub fn dynprobe_floor_call(x: c_long) -> c_long;
+    /// [`dynprobe_floor_call`] whose dispatcher finds the thread's slot, sets and clears a
+    /// recursion guard, counts the hit per thread and calls an empty handler through a
+    /// pointer. One thread at a time.
+    pub fn dynprobe_floor_least(x: c_long) -> c_long;
     /// The work with its return address kept aside and written back unchanged. Calls from
     /// one thread at a time only (one static slot).
     pub fn dynprobe_floor_ret_swap(x: c_long) -> c_long;
