@@ -8,8 +8,6 @@
 use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use super::marker;
 use super::program::Tracer;
@@ -538,40 +536,35 @@ fn register_return_probe(target: Target) -> Result<Box<dyn Armed>, String> {
 /// [`register_return_probe`] with an entry handler that declines every call: the entry
 /// detour and the instance bookkeeping without the return path.
 fn register_return_probe_entry_only(target: Target) -> Result<Box<dyn Armed>, String> {
-    let entries = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&entries);
+    // Counted by the probes' own per-thread counters, not by the handler: an atomic add in
+    // it is a locked instruction, a full barrier that in a detour waits for the frame's
+    // register stores to drain (see dynprobe_probe's counter module), and was timed as the
+    // entry's cost.
     let handle = dynprobe::ReturnProbe::at(dynprobe::Location::Address(target::address(target)))
-        .on_entry(move |_regs, _data| {
-            // A load and a store, not `fetch_add`: a locked add is a full barrier, which in a
-            // detour waits for the frame's register stores to drain (see dynprobe_probe's
-            // counter module) and was timed as the entry's cost. The row's calls come from
-            // one thread, so no count is lost.
-            counted.store(counted.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            false
-        })
+        .on_entry(|_regs, _data| false)
         .register()
         .map_err(|err| format!("register: {err}"))?;
     optimized(|| handle.info())?;
-    Ok(Box::new(EntryOnly { handle, entries }))
+    Ok(Box::new(EntryOnly(handle)))
 }
 
-/// A return probe whose entry handler declines every call, and how often it ran.
-struct EntryOnly {
-    handle: dynprobe::ReturnProbeHandle,
-    entries: Arc<AtomicU64>,
-}
+/// A return probe whose entry handler declines every call.
+struct EntryOnly(dynprobe::ReturnProbeHandle);
 
 impl Armed for EntryOnly {
-    /// Entry handler runs; a call tracked all the same is an error.
+    /// Entry handler runs: the entry probe's hits but those the return probe missed before
+    /// calling the handler (its misses beyond the entry probe's own); a call tracked all the
+    /// same is an error.
     fn hits(&self) -> Result<Option<u64>, String> {
-        match self.handle.hits() {
-            0 => Ok(Some(self.entries.load(Ordering::Relaxed))),
+        let (handle, entry) = (&self.0, self.0.entry_probe());
+        match handle.hits() {
+            0 => Ok(Some(entry.hits().saturating_sub(handle.nmissed().saturating_sub(entry.nmissed())))),
             tracked => Err(format!("{tracked} calls tracked though the entry handler declined them all")),
         }
     }
 
     fn disarm(self: Box<Self>) -> Result<(), String> {
-        Box::new(self.handle).disarm()
+        Box::new(self.0).disarm()
     }
 }
 
