@@ -22,7 +22,9 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -75,8 +77,17 @@ static void *spin(void *arg)
 /* Writes `text` whole into a non-blocking descriptor, giving up when the pipe is full. */
 static void put(int fd, const char *text, size_t len)
 {
+	/* The agent's pipe is non-blocking and the hot thread's events may keep it full: wait
+	 * for room, as a determined program would (bounded: 2 s per call). Giving up at the
+	 * first EAGAIN forged nothing on a loaded machine. */
+	int waits = 0;
 	while (len > 0) {
 		ssize_t n = write(fd, text, len);
+		if (n < 0 && errno == EAGAIN && waits++ < 200) {
+			struct pollfd room = { .fd = fd, .events = POLLOUT };
+			poll(&room, 1, 10);
+			continue;
+		}
 		if (n <= 0)
 			return;
 		text += n;
