@@ -14,12 +14,12 @@
 //!   after it    the resume stub                  see `sled_personality`
 //! ```
 //!
-//! There are two sleds over the same instance table: [`FULL`], whose `common` saves every
-//! register a return handler written by the user may clobber, and [`LIGHT`], which saves
-//! the general registers and xmm0–15 only, for calls diverted by dynprobe's function-graph
-//! tracer alone (its return path is dynprobe's own baseline-x86-64 code). An instance's
-//! index is the same in both; only the address written into the return-address slot says
-//! which `common` runs.
+//! There are three sleds over the same instance table: [`FULL`], whose `common` saves every
+//! register a return handler written by the user may clobber, [`LIGHT`], which saves the
+//! general registers and xmm0–15 only, for calls diverted by dynprobe's function-graph
+//! tracer alone (its return path is dynprobe's own baseline-x86-64 code), and [`RP_LIGHT`],
+//! for return probes whose handler is proven light. An instance's index is the same in all
+//! of them; only the address written into the return-address slot says which `common` runs.
 //!
 //! Why this shape:
 //! - `common` saves every register a function may clobber (GCC's `-fipa-ra` lets a caller
@@ -30,7 +30,7 @@
 //!   return-stack predictor stays balanced: the caller's own `ret` later is still predicted.
 //!
 //! **Unwinding.** One DWARF FDE, registered with libgcc's `__register_frame_info`, covers the whole
-//! sled and `common`. Its return-address rule reads the sled address still held in the probed
+//! sled and `common` (a second one the resume stub). Its return-address rule reads the sled address still held in the probed
 //! function's return-address slot, turns it into an instance index and loads the original
 //! return address from the instance table, so C++ exceptions, Rust panics, `pthread_exit` and
 //! `pthread_cancel` unwind through a probed frame into the real caller (see [`eh_frame`] for
@@ -223,7 +223,7 @@ pub(crate) fn install(
     let eh_frame = eh_frame(slot.addr, stub, sled, common_ip, &common.cfa, table, stride);
     // The unwinder keeps a pointer to the section for the rest of the process's life.
     let eh_frame: &'static [u8] = Box::leak(eh_frame.into_boxed_slice());
-    // SAFETY: `eh_frame` is a well-formed .eh_frame section (one CIE, one FDE, a zero
+    // SAFETY: `eh_frame` is a well-formed .eh_frame section (two CIEs and their FDEs, a zero
     // terminator) that is freed only after `__deregister_frame_info` (see `uninstall`);
     // libgcc copies nothing and only reads it. The object libgcc keeps for it is this
     // sled's own storage (`__register_frame` would `malloc` it: on a thread of dynprobe's,
@@ -309,6 +309,7 @@ fn eh_frame(start: u64, stub: u64, sled: u64, common: u64, rules: &[(u32, Cfa)],
     const DW_CFA_ADVANCE_LOC4: u8 = 0x04;
     const DW_CFA_SAME_VALUE: u8 = 0x08;
     const DW_CFA_OFFSET: u8 = 0x80;
+    const DW_CFA_REGISTER: u8 = 0x09;
     const RSP: u8 = 7;
     const RBP: u8 = 6;
     const RA: u8 = 16;
@@ -378,7 +379,9 @@ fn eh_frame(start: u64, stub: u64, sled: u64, common: u64, rules: &[(u32, Cfa)],
     // on entry (its caller's rsp after the call), the return address pushed back at CFA - 8,
     // every other register the caller's. No personality routine.
     let stub_cie_at = out.len() as u32;
-    let stub_cie = [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 0]].concat();
+    // At its first instruction the return address is still in rdx (DWARF register 1).
+    let stub_cie =
+        [&[1u8][..], b"zR\0", &[1, 0x78, RA, 1, 0x00], &[DW_CFA_DEF_CFA, RSP, 0, DW_CFA_REGISTER, RA, 1]].concat();
     push_entry(&mut out, 0, &stub_cie);
     let mut fde = Vec::new();
     fde.extend_from_slice(&stub.to_le_bytes());
@@ -646,4 +649,51 @@ extern "C" fn skip_sled_frames(ctx: *mut libc::c_void, record: *mut libc::c_void
     // SAFETY: the record holds the `_Unwind_Trace_Fn` the caller passed.
     let trace: TraceFn = unsafe { std::mem::transmute(trace as usize) };
     trace(ctx, record.arg.load(Ordering::Relaxed) as *mut libc::c_void)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gimli::{
+        BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64,
+    };
+
+    /// The section libgcc is given, read back by another reader: the sled's FDE names the
+    /// personality routine, the stub's does not, and the stub's frame at its call of
+    /// `_Unwind_Resume` is the diverted function's own just before its `ret`.
+    #[test]
+    fn the_unwind_section_names_the_personality_and_gives_the_stub_the_diverted_function_s_frame() {
+        let (start, sled, stub) = (0x10_0000u64, 0x10_0010u64, 0x10_0100u64);
+        let common = sled + 4 * ENTRY_SIZE;
+        let bytes = eh_frame(start, stub, sled, common, &[(0, Cfa::Rsp(16))], 0x20_0000, 96);
+        let section = EhFrame::new(&bytes, LittleEndian);
+        let bases = BaseAddresses::default();
+        let mut entries = section.entries(&bases);
+        let mut fdes = Vec::new();
+        while let Some(entry) = entries.next().unwrap() {
+            if let CieOrFde::Fde(partial) = entry {
+                fdes.push(partial.parse(EhFrame::cie_from_offset).unwrap());
+            }
+        }
+        let [sled_fde, stub_fde] = &fdes[..] else { panic!("{} FDEs", fdes.len()) };
+        assert_eq!((sled_fde.initial_address(), sled_fde.len()), (start, stub - start));
+        let personality = sled_personality as *const () as u64;
+        assert_eq!(sled_fde.personality(), Some(gimli::Pointer::Direct(personality)));
+        assert_eq!((stub_fde.initial_address(), stub_fde.len()), (stub, RESUME_STUB_SIZE as u64));
+        assert_eq!(stub_fde.personality(), None);
+        let mut context = UnwindContext::new();
+        // Where an unwinder looks, one byte before the return address of the stub's call.
+        let at_call = stub + RESUME_STUB_SIZE as u64 - 3;
+        let row = stub_fde.unwind_info_for_address(&section, &bases, &mut context, at_call).unwrap();
+        assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: X86_64::RSP, offset: 16 });
+        assert_eq!(row.register(X86_64::RA), Some(RegisterRule::Offset(-8)));
+        let row = stub_fde.unwind_info_for_address(&section, &bases, &mut context, stub).unwrap();
+        assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: X86_64::RSP, offset: 0 });
+        assert_eq!(row.register(X86_64::RA), Some(RegisterRule::Register(X86_64::RDX)));
+        // In the sled the caller's rsp is the CFA - 8, the trampoline's CFA 8 above the
+        // diverted function's (see `eh_frame`).
+        let row = sled_fde.unwind_info_for_address(&section, &bases, &mut context, sled + 2).unwrap();
+        assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: X86_64::RSP, offset: 8 });
+        assert_eq!(row.register(X86_64::RSP), Some(RegisterRule::ValOffset(-8)));
+    }
 }
