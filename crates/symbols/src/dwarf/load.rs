@@ -359,6 +359,10 @@ impl DebugInfo {
     /// How many units' DIEs have been read so far: lookups read only those of the units
     /// that hold what they look for (a measure of that, for tests and the bench).
     pub fn units_indexed(&self) -> usize {
+        if self.functions.get().is_some() {
+            // The whole index was built (`functions`): every unit was read.
+            return self.unit_count();
+        }
         self.unit_functions.iter().filter(|cell| cell.get().is_some()).count()
     }
 
