@@ -162,6 +162,14 @@ const SLOT_INIT: Slot = Slot {
 static SLOTS: [Slot; MAX_STOPPED_THREADS] = [SLOT_INIT; MAX_STOPPED_THREADS];
 /// Slots `0 .. USED` belong to the current stop.
 static USED: AtomicU32 = AtomicU32::new(0);
+/// The threads a stop gave up on at its deadline (the first [`LATE_NAMED`]) and how many
+/// there were, kept for the error's description: a slot's ABANDONED state does not last
+/// (a late handler that runs after the deadline moves it on), so the description cannot
+/// read it from the slots.
+static LATE: [AtomicI32; LATE_NAMED] = [const { AtomicI32::new(0) }; LATE_NAMED];
+static LATE_COUNT: AtomicU32 = AtomicU32::new(0);
+/// How many late threads an error names.
+const LATE_NAMED: usize = 8;
 /// Threads that reached STOPPED in the current stop (futex word the controller waits on).
 static ARRIVED: AtomicU32 = AtomicU32::new(0);
 /// Threads that reached LEFT in the current stop (futex word the controller waits on).
@@ -746,8 +754,8 @@ enum Failure {
     TaskDir(i32),
     /// `tgkill` failed for this thread with this errno.
     Signal(i32, i32),
-    /// These slots were still SENT at the deadline (now ABANDONED); their tids are read
-    /// after release.
+    /// Threads were still SENT at the deadline (now ABANDONED); their tids are in
+    /// [`LATE`], read after release.
     Timeout,
 }
 
@@ -765,13 +773,15 @@ impl Failure {
                 std::io::Error::from_raw_os_error(errno)
             ),
             Failure::Timeout => {
-                let used = USED.load(Ordering::Acquire) as usize;
-                let late: Vec<String> = SLOTS[..used]
+                let count = LATE_COUNT.load(Ordering::Acquire) as usize;
+                let mut late: Vec<String> = LATE[..count.min(LATE_NAMED)]
                     .iter()
-                    .map(|s| unpack(s.word.load(Ordering::Acquire)))
-                    .filter(|&(_, state)| state == ABANDONED)
-                    .map(|(tid, _)| format!("{tid} ({})", likely_cause(tid)))
+                    .map(|tid| tid.load(Ordering::Relaxed))
+                    .map(|tid| format!("{tid} ({})", likely_cause(tid)))
                     .collect();
+                if count > LATE_NAMED {
+                    late.push(format!("{} more", count - LATE_NAMED));
+                }
                 format!(
                     "thread(s) {} did not answer signal {} within {timeout:?}; the threads that \
                      did stop were resumed",
@@ -921,19 +931,31 @@ fn wait_for_answers(deadline: Instant) -> Result<(), Failure> {
         let now = Instant::now();
         if now >= deadline {
             let used = USED.load(Ordering::Acquire) as usize;
+            let mut late = 0;
             for slot in &SLOTS[..used] {
                 let (tid, _) = unpack(slot.word.load(Ordering::Acquire));
-                let _ = slot.word.compare_exchange(
-                    pack(tid, SENT),
-                    pack(tid, ABANDONED),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                let abandoned = slot
+                    .word
+                    .compare_exchange(pack(tid, SENT), pack(tid, ABANDONED), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                if abandoned {
+                    if let Some(named) = LATE.get(late) {
+                        named.store(tid, Ordering::Relaxed);
+                    }
+                    late += 1;
+                }
             }
+            LATE_COUNT.store(late as u32, Ordering::Release);
             // A handler that claimed its slot before we abandoned it is a few instructions
             // from STOPPED; it must get there before the release, or it would miss it.
             while count_in(CLAIMED) != 0 {
                 std::hint::spin_loop();
+            }
+            // Every thread answered, the last ones just now (claimed, then stopped while we
+            // looked): the stop holds, as it would have a moment earlier. Failing it named
+            // no late thread ("thread(s)  did not answer …", seen under heavy load).
+            if late == 0 {
+                return Ok(());
             }
             return Err(Failure::Timeout);
         }
