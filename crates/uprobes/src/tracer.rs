@@ -398,32 +398,29 @@ impl Tracer {
         if !(first || blocks_some) || trap_caught(self.pid) {
             return;
         }
-        let Some(fallback) = &self.fallback else { return };
-        let (query, reinstall) = (fallback.query_args(), fallback.reinstall_args());
-        let (_, current) = fallback.saved_and_replaced();
-        if self.syscall(tid, libc::SYS_rt_sigaction, query).is_err() {
-            return;
-        }
-        let Ok(action) = self.mem.read_vec(current, 32) else { return };
-        if !self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
-            return;
-        }
-        let _ = self.syscall(tid, libc::SYS_rt_sigaction, reinstall);
+        let (Ok(Some((_, true))), Some(fallback)) = (self.trap_action(tid), &self.fallback) else { return };
+        let _ = self.syscall(tid, libc::SYS_rt_sigaction, fallback.reinstall_args());
+    }
+
+    /// The program's current `SIGTRAP` action, read on stopped thread `tid` into the
+    /// fallback's scratch memory, and whether it is the fallback's; `None` without a fallback.
+    fn trap_action(&self, tid: i32) -> io::Result<Option<(Vec<u8>, bool)>> {
+        let Some(fallback) = &self.fallback else { return Ok(None) };
+        self.syscall(tid, libc::SYS_rt_sigaction, fallback.query_args())?;
+        let action = self.mem.read_vec(fallback.saved_and_replaced().1, 32)?;
+        let ours = fallback.is_ours(&action);
+        Ok(Some((action, ours)))
     }
 
     /// Makes the program's own `SIGTRAP` action the current one, on stopped thread `tid`:
     /// the saved one while ours is installed, or the one the program installed over ours
     /// since — which becomes the saved one, put back at detach.
     fn program_action_back(&mut self, tid: i32) -> io::Result<()> {
-        let Some(fallback) = &self.fallback else { return Ok(()) };
-        let (query, restore) = (fallback.query_args(), fallback.restore_saved_args());
-        let (saved, current) = fallback.saved_and_replaced();
-        self.syscall(tid, libc::SYS_rt_sigaction, query)?;
-        let action = self.mem.read_vec(current, 32)?;
-        if self.fallback.as_ref().is_some_and(|f| f.is_ours(&action)) {
-            self.syscall(tid, libc::SYS_rt_sigaction, restore)?;
+        let (Some((action, ours)), Some(fallback)) = (self.trap_action(tid)?, &self.fallback) else { return Ok(()) };
+        if ours {
+            self.syscall(tid, libc::SYS_rt_sigaction, fallback.restore_saved_args())?;
         } else {
-            self.mem.write(saved, &action)?;
+            self.mem.write(fallback.saved_and_replaced().0, &action)?;
         }
         Ok(())
     }
