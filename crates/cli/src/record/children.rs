@@ -77,9 +77,12 @@ const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// for while the session's recording lasts: an `exec`'d image is told from a child it forked
 /// by its agent's recording thread, which ends with the recording.
 pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path) -> Vec<ForkedByImage> {
-    let images: Vec<i32> =
-        std::iter::once(pid).chain(descendants(pid)).filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD)).collect();
-    descendants(pid)
+    let descendants = descendants(pid);
+    let images: Vec<i32> = std::iter::once(pid)
+        .chain(descendants.iter().copied())
+        .filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD))
+        .collect();
+    descendants
         .into_iter()
         .filter(|&p| !images.contains(&p) && started_for(p, rings))
         .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
