@@ -172,6 +172,33 @@ struct Frame {
     entered: bool,
 }
 
+impl Frame {
+    /// Where its code is looked up: `pc`, or for a return address the byte before it, in its
+    /// call (whose call-frame row it has: the call may be the function's last instruction).
+    fn lookup(&self) -> u64 {
+        if self.exact {
+            self.pc
+        } else {
+            self.pc.wrapping_sub(1)
+        }
+    }
+}
+
+/// Reads `len` bytes of dynprobe's hook code at `ip` into `buf`, made beforehand (at most its
+/// capacity: nothing is allocated during the stop); false if unreadable.
+fn read_code(buf: &mut Vec<u8>, ip: u64, len: usize) -> bool {
+    buf.clear();
+    buf.resize(len.min(buf.capacity()), 0);
+    dynprobe_text::raw::read(ip, buf)
+}
+
+/// The word at `addr` of a stack that spans `sp .. stack_end`, read without faulting; `None`
+/// outside it or unreadable.
+fn stack_word(addr: u64, sp: u64, stack_end: u64) -> Option<u64> {
+    let mut word = [0u8; 8];
+    (addr >= sp && addr + 8 <= stack_end && dynprobe_text::raw::read(addr, &mut word)).then(|| u64::from_le_bytes(word))
+}
+
 impl Walker {
     pub(crate) fn new(functions: impl Iterator<Item = (u64, u32)>) -> Walker {
         let mut functions: Vec<(u64, u32)> = functions.collect();
@@ -278,7 +305,7 @@ impl Walker {
     /// cannot be told. The stub and the caller change no callee-saved register but `rbp`,
     /// which they save where `dynprobe_arch`'s `caller_position` says.
     fn step_through_caller(&mut self, at: &Frame, sp: u64, stack_end: u64) -> Option<Option<Frame>> {
-        let lookup = if at.exact { at.pc } else { at.pc.wrapping_sub(1) };
+        let lookup = at.lookup();
         let i = self.callers.partition_point(|b| b.start <= lookup).checked_sub(1)?;
         let block = self.callers[i];
         if lookup >= block.end {
@@ -292,17 +319,11 @@ impl Walker {
         } else {
             return Some(None);
         };
-        self.code.clear();
-        self.code.resize((len as usize).min(self.code.capacity()), 0);
-        if !dynprobe_text::raw::read(code_ip, &mut self.code) {
+        if !read_code(&mut self.code, code_ip, len as usize) {
             return Some(None);
         }
         let Some(position) = caller_position(&self.code, code_ip, depth, at.pc) else { return Some(None) };
-        let word = |addr: u64| {
-            let mut word = [0u8; 8];
-            (addr >= sp && addr + 8 <= stack_end && dynprobe_text::raw::read(addr, &mut word))
-                .then(|| u64::from_le_bytes(word))
-        };
+        let word = |addr: u64| stack_word(addr, sp, stack_end);
         let site_rsp = match position.site_rsp {
             SiteRsp::Rsp(d) => at.regs[X86_64::RSP.0 as usize].map(|rsp| rsp + u64::from(d)),
             SiteRsp::Rbp(d) => at.regs[X86_64::RBP.0 as usize].map(|rbp| rbp + u64::from(d)),
@@ -331,7 +352,7 @@ impl Walker {
     /// callee-saved register (checked from its code), and the unwinding of the handlers
     /// put theirs back, so the registers the walk holds are the program's.
     fn step_through_hook(&mut self, at: &Frame, sp: u64, stack_end: u64) -> Option<Option<Frame>> {
-        let lookup = if at.exact { at.pc } else { at.pc.wrapping_sub(1) };
+        let lookup = at.lookup();
         let i = self.detours.partition_point(|d| d.start <= lookup).checked_sub(1)?;
         let d = &self.detours[i];
         if lookup >= d.end {
@@ -355,20 +376,13 @@ impl Walker {
         if lookup < d.entry {
             return Some(None);
         }
-        self.code.clear();
-        let len = ((d.copy - d.entry) as usize).min(self.code.capacity());
-        self.code.resize(len, 0);
-        if !dynprobe_text::raw::read(d.entry, &mut self.code) {
+        if !read_code(&mut self.code, d.entry, (d.copy - d.entry) as usize) {
             return Some(None);
         }
         let Some(position) = dynprobe_arch::native::hook_frame::entry_rsp(&self.code, d.entry, at.pc) else {
             return Some(None);
         };
-        let word = |addr: u64| {
-            let mut word = [0u8; 8];
-            (addr >= sp && addr + 8 <= stack_end && dynprobe_text::raw::read(addr, &mut word))
-                .then(|| u64::from_le_bytes(word))
-        };
+        let word = |addr: u64| stack_word(addr, sp, stack_end);
         let entry_rsp = match position.rsp {
             EntryRsp::Rsp(k) => rsp.map(|rsp| rsp.wrapping_add_signed(k)),
             EntryRsp::Register { reg, offset } => {
@@ -393,9 +407,7 @@ impl Walker {
     fn unwind(&mut self, at: &mut Frame, sp: u64, stack_end: u64) -> Option<bool> {
         let Walker { modules, functions, context, calls, .. } = self;
         let (regs, pc) = (at.regs, at.pc);
-        // A return address is the instruction after a call: its call-frame row is the
-        // call's (the call may be the function's last instruction).
-        let lookup = if at.exact { pc } else { pc.wrapping_sub(1) };
+        let lookup = at.lookup();
         let module = modules.iter().find(|m| m.code.iter().any(|&(lo, hi)| lo <= lookup && lookup < hi))?;
         let table = module.hdr.table()?;
         let fde = table.fde_for_address(&module.eh_frame, &module.bases, lookup, EhFrame::cie_from_offset).ok()?;
@@ -412,14 +424,7 @@ impl Walker {
         }
         let read = |rule: RegisterRule<usize>| -> Option<Option<u64>> {
             match rule {
-                RegisterRule::Offset(n) => {
-                    let at = cfa.wrapping_add_signed(n);
-                    if at < sp || at + 8 > stack_end {
-                        return None;
-                    }
-                    let mut word = [0u8; 8];
-                    dynprobe_text::raw::read(at, &mut word).then(|| Some(u64::from_le_bytes(word)))
-                }
+                RegisterRule::Offset(n) => stack_word(cfa.wrapping_add_signed(n), sp, stack_end).map(Some),
                 RegisterRule::ValOffset(n) => Some(Some(cfa.wrapping_add_signed(n))),
                 _ => None,
             }
