@@ -31,7 +31,17 @@ impl HandlerGuard {
     /// site's probe list alive while the caller counts the miss on it.
     #[inline]
     pub(crate) fn enter_site(site: u64) -> Result<HandlerGuard, MissMark> {
-        let Some((index, slot)) = ThreadSlot::current() else { return Err(MissMark { slot: None }) };
+        Self::enter_found(ThreadSlot::current(), site)
+    }
+
+    /// [`Self::enter_site`] with the calling thread's slot already looked up
+    /// ([`ThreadSlot::current`]'s answer, `None` when it has none).
+    #[inline]
+    pub(crate) fn enter_found(
+        found: Option<(usize, &'static ThreadSlot)>,
+        site: u64,
+    ) -> Result<HandlerGuard, MissMark> {
+        let Some((index, slot)) = found else { return Err(MissMark { slot: None }) };
         if slot.active.load(Ordering::Relaxed) != 0 {
             slot.nested.store(site as usize, Ordering::Relaxed);
             std::sync::atomic::compiler_fence(Ordering::SeqCst);

@@ -5,7 +5,8 @@
 //! itself and records the range *before* `pthread_create`, so the check holds from the new
 //! thread's first instruction — the C library's `start_thread` and what it calls run before
 //! any code of ours could set a per-thread flag, and a probe on them must not see that
-//! thread either. Every hit path asks [`current_thread_is_own`] first: a couple of loads and
+//! thread either. Every hit path asks [`current_thread_is_own`] first (the detours' dispatcher
+//! asks the thread's slot, which keeps that answer per thread): a couple of loads and
 //! compares, no system call, safe in a signal handler and a detour (a signal handler of an
 //! own thread runs on the same stack: a new thread starts without an alternate signal
 //! stack, `sigaltstack(2)`).

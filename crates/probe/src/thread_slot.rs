@@ -10,9 +10,9 @@
 //! C library caches them) inherits its slot, told apart by the tid, and starts it afresh.
 //! When a thread's window is full, slots whose thread is gone are taken over.
 
-use crate::arch::{current_tid, thread_pointer};
+use crate::arch::{current_tid, stack_pointer, thread_pointer};
 use dynprobe_text::trap::TrapState;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Number of thread slots: the most threads that can be inside probe machinery at once
@@ -63,6 +63,9 @@ pub(crate) struct ThreadSlot {
     /// While the owner runs the handlers of a hit whose path saved the vector registers:
     /// where (a packed `VectorSave`, read by `hit_xmm`); 0 otherwise.
     pub(crate) vectors: AtomicUsize,
+    /// Whether the owner runs on one of dynprobe's own threads' stacks: 0 not asked since
+    /// the slot changed hands, 1 no, 2 yes (see [`ThreadSlot::owner_unseen`]).
+    own: AtomicU8,
 }
 
 /// Bit `i` set once slot `i` has ever been claimed: what [`for_each_claimed_slot`] walks, so
@@ -96,6 +99,7 @@ static SLOTS: [ThreadSlot; MAX_THREADS] = [const {
         trap_mask: AtomicUsize::new(0),
         hidden: AtomicBool::new(false),
         vectors: AtomicUsize::new(0),
+        own: AtomicU8::new(0),
     }
 }; MAX_THREADS];
 
@@ -137,6 +141,24 @@ impl ThreadSlot {
         window(tp)
             .map(|i| &SLOTS[i])
             .find(|s| s.owner.load(Ordering::Relaxed) == tp && s.tid.load(Ordering::Relaxed) == tid)
+    }
+
+    /// True when probes must not see the slot's owner, the calling thread (this must be its
+    /// own slot, from [`Self::current`]): it is one of dynprobe's own threads or hidden for
+    /// now — what [`current_thread_is_own`](crate::own_thread::current_thread_is_own)
+    /// answers, but with its scan of the own stacks made once per owner rather than on
+    /// every hit (a thread's stack does not change; a new owner asks again).
+    #[inline]
+    pub(crate) fn owner_unseen(&self) -> bool {
+        let own = match self.own.load(Ordering::Relaxed) {
+            0 => {
+                let own = crate::own_thread::is_own_stack(stack_pointer() as u64);
+                self.own.store(1 + own as u8, Ordering::Relaxed);
+                own
+            }
+            known => known == 2,
+        };
+        own || self.hidden.load(Ordering::Relaxed)
     }
 
     /// The slot's generation (see the field).
@@ -192,6 +214,7 @@ impl ThreadSlot {
         self.trap_mask.store(0, Ordering::Relaxed);
         self.hidden.store(false, Ordering::Relaxed);
         self.vectors.store(0, Ordering::Relaxed);
+        self.own.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.pid.store(current_pid(), Ordering::Relaxed);
         self.tid.store(tid, Ordering::Release);

@@ -67,6 +67,46 @@ fn an_entry_probe_becomes_a_jump_and_runs_its_handler() {
     assert_eq!(f(1), 2);
 }
 
+/// dynprobe's own threads and a thread hidden for now run through the detour unseen — no
+/// handler, no count — and a program thread after them is seen: the dispatcher answers from
+/// the thread's slot, asked once per thread, and must answer each thread for itself.
+#[test]
+fn own_and_hidden_threads_pass_an_optimized_probe_unseen() {
+    let _serial = serial();
+    let t = target();
+    let f = t.func1("opt_push");
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = optimized(Probe::at(sym!("opt_push")).on_hit(move |_regs| {
+        s.fetch_add(1, Ordering::Relaxed);
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    let own = dynprobe_probe::own_thread::spawn(c"dynprobe-test", move || {
+        for i in 0..100 {
+            assert_eq!(f(i), i + 1);
+        }
+    })
+    .expect("spawn an own thread");
+    own.join();
+    assert_eq!((probe.hits(), seen.load(Ordering::Relaxed)), (0, 0), "the own thread was seen");
+    let hidden = std::thread::spawn(move || {
+        assert_eq!(f(1), 2);
+        dynprobe_probe::own_thread::set_current_thread_hidden(true);
+        for i in 0..100 {
+            assert_eq!(f(i), i + 1);
+        }
+        dynprobe_probe::own_thread::set_current_thread_hidden(false);
+        assert_eq!(f(1), 2);
+    });
+    hidden.join().unwrap();
+    assert_eq!((probe.hits(), seen.load(Ordering::Relaxed)), (2, 2), "only the visible calls are seen");
+    for i in 0..100 {
+        assert_eq!(f(i), i + 1);
+    }
+    assert_eq!((probe.hits(), probe.nmissed(), seen.load(Ordering::Relaxed)), (102, 0, 102));
+    probe.unregister().unwrap();
+}
+
 #[test]
 fn handlers_rewrite_arguments_and_divert_on_an_optimized_probe() {
     let _serial = serial();

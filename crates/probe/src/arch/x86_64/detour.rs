@@ -17,6 +17,7 @@ use super::Regs;
 use crate::error::ProbeError;
 use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
+use crate::thread_slot::ThreadSlot;
 use dynprobe_arch::native::detour::{
     build_detour_from, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth, FILTER_FLAG_OFFSET, LIGHT_FLAG_OFFSET,
     REDO_FULL, TRAP_OFFSET,
@@ -395,7 +396,14 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
     // SAFETY: the detour passes its register frame, which is a `Regs` (see the arch layer's
     // detour layout) on this thread's stack, not aliased while the call runs.
     let regs = unsafe { &mut *frame };
-    if crate::own_thread::current_thread_is_own() {
+    // The thread's slot first: the own-thread check answers from it (once per thread, not
+    // per hit), and the guard below marks it.
+    let found = ThreadSlot::current();
+    let own = match found {
+        Some((_, slot)) => slot.owner_unseen(),
+        None => crate::own_thread::current_thread_is_own(),
+    };
+    if own {
         // dynprobe's own thread: no handler runs and nothing is counted, as if unprobed.
         return 0;
     }
@@ -404,7 +412,7 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
     if LIGHT && !PatchSite::all_light(probes) {
         return REDO_FULL;
     }
-    let guard = match HandlerGuard::enter_site(site.addr) {
+    let guard = match HandlerGuard::enter_found(found, site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
             site.count_missed();
