@@ -341,7 +341,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
             return Err(ProbeError::PostHandlerRefused { addr: target.addr, reason: reason.clone() });
         }
         let before = site.probes().clone();
-        let mut list = before.clone();
+        let mut list = before.to_vec();
         // dynprobe's own guards run last: they rewrite the call's arguments, which the
         // program's probes at the same place must see as the program passed them.
         let at = if shared.internal { list.len() } else { list.iter().position(|p| p.internal).unwrap_or(list.len()) };
@@ -358,7 +358,7 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
                 detour.make_heavy()?;
             }
         }
-        registry.retired.push(site.publish(list));
+        registry.retired.push(site.publish(ProbeList::new(list)));
         if let Err(e) = registry.update_arming(target.addr) {
             // Leave the site exactly as it was: without the new probe.
             registry.retired.push(site.publish(before));
@@ -381,7 +381,15 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     registry.unoptimize_covering(target.addr)?;
     let function = target.function.clone().filter(|f| f.2 > 0);
     let c_runtime = registry.symbols(false)?.module_of(insn.ip).is_some_and(|m| m.is_c_runtime());
-    let mut site = PatchSite::new(insn.ip, bytes[0], insn.text, target.label, function, slots, vec![shared.clone()]);
+    let mut site = PatchSite::new(
+        insn.ip,
+        bytes[0],
+        insn.text,
+        target.label,
+        function,
+        slots,
+        ProbeList::new(vec![shared.clone()]),
+    );
     site.c_runtime = c_runtime;
     if let Err(e) = own_post_exits(&site) {
         disown_traps(&site);
@@ -451,7 +459,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let Some(site) = registry.sites.get(&probe.addr) else {
         return Ok(());
     };
-    let remaining: ProbeList = site.probes().iter().filter(|p| !Arc::ptr_eq(p, probe)).cloned().collect();
+    let remaining = ProbeList::new(site.probes().iter().filter(|p| !Arc::ptr_eq(p, probe)).cloned().collect());
     if !remaining.is_empty() {
         let old = site.publish(remaining);
         registry.retired.push(old);

@@ -9,7 +9,31 @@ use std::sync::{Arc, Mutex};
 
 /// The probes of a site. Immutable once published: a change publishes a new list and the
 /// old one is freed after a grace period, so the trap path reads it without a lock.
-pub(crate) type ProbeList = Vec<Arc<ProbeShared>>;
+///
+/// What every hit of a light detour asks of the whole list — may its handlers run without
+/// the vector state saved? — is answered once, when the list is made, and kept beside the
+/// probes: a hit reads one byte instead of walking each probe's verdict.
+#[derive(Clone, Default)]
+pub(crate) struct ProbeList {
+    probes: Vec<Arc<ProbeShared>>,
+    /// Every probe's handlers proven light (see `crate::light`).
+    light: bool,
+}
+
+impl ProbeList {
+    /// The list of `probes`, in the order their handlers run.
+    pub(crate) fn new(probes: Vec<Arc<ProbeShared>>) -> ProbeList {
+        let light = probes.iter().all(|p| p.light.is_ok());
+        ProbeList { probes, light }
+    }
+}
+
+impl std::ops::Deref for ProbeList {
+    type Target = [Arc<ProbeShared>];
+    fn deref(&self) -> &[Arc<ProbeShared>] {
+        &self.probes
+    }
+}
 
 pub(crate) struct PatchSite {
     /// The probed address.
@@ -154,7 +178,7 @@ impl PatchSite {
     /// is light, so that a hit may run their handlers in a light detour.
     #[inline]
     pub(crate) fn all_light(probes: &ProbeList) -> bool {
-        probes.iter().all(|p| p.light.is_ok()) && crate::retprobe::graph_hook_light()
+        probes.light && crate::retprobe::graph_hook_light()
     }
 
     /// Why the site's detour must save the vector state: the first heavy probe's reason.
