@@ -67,11 +67,13 @@ impl PerThreadCounter {
     /// The cell of thread slot `slot` (`slot < MAX_THREADS`, cells not null).
     #[inline]
     fn cell(&self, slot: usize) -> &AtomicU64 {
-        // SAFETY: slot < MAX_THREADS and the block holds PER_BLOCK cells for each of them,
-        // zero-initialised atomics that live as long as the process.
-        // (Wrapping arithmetic: it cannot overflow, and no check may panic on a light
-        // detour's path, see `crate::light`.)
-        unsafe { &*self.cells.add(slot.wrapping_mul(PER_BLOCK)) }
+        Cells(self.cells).cell(slot)
+    }
+
+    /// The counter's cells, for a caller that keeps them nearer than the counter (a probe
+    /// list's `Solo`); `None` when it counts in its shared cell only.
+    pub(crate) fn cells(&self) -> Option<Cells> {
+        (!self.cells.is_null()).then_some(Cells(self.cells))
     }
 
     /// Adds one for the thread owning slot `slot` (`None`: a thread without a slot).
@@ -82,10 +84,7 @@ impl PerThreadCounter {
     #[inline]
     pub(crate) fn add(&self, slot: Option<usize>) {
         match slot {
-            Some(i) if !self.cells.is_null() => {
-                let cell = self.cell(i);
-                cell.store(cell.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-            }
+            Some(i) if !self.cells.is_null() => Cells(self.cells).add(i),
             _ => {
                 self.shared.fetch_add(1, Ordering::Relaxed);
             }
@@ -102,6 +101,30 @@ impl PerThreadCounter {
         let mut total = shared;
         crate::thread_slot::for_each_claimed_slot(|i| total += self.cell(i).load(Ordering::Relaxed));
         total
+    }
+}
+
+/// A counter's per-thread cells (not null), valid while the counter lives.
+#[derive(Clone, Copy)]
+pub(crate) struct Cells(*mut AtomicU64);
+
+impl Cells {
+    /// The cell of thread slot `slot` (`slot < MAX_THREADS`).
+    #[inline]
+    fn cell<'a>(self, slot: usize) -> &'a AtomicU64 {
+        // SAFETY: slot < MAX_THREADS and the block holds PER_BLOCK cells for each of them,
+        // zero-initialised atomics that live as long as the process.
+        // (Wrapping arithmetic: it cannot overflow, and no check may panic on a light
+        // detour's path, see `crate::light`.)
+        unsafe { &*self.0.add(slot.wrapping_mul(PER_BLOCK)) }
+    }
+
+    /// Adds one for the thread owning slot `slot`, which must be the calling thread (see
+    /// [`PerThreadCounter::add`]).
+    #[inline]
+    pub(crate) fn add(self, slot: usize) {
+        let cell = self.cell(slot);
+        cell.store(cell.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
 }
 

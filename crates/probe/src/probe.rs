@@ -37,6 +37,14 @@ impl ProbeShared {
     pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
+    /// The flag [`Self::enabled`] reads, for a probe list's [`Solo`](crate::site::Solo).
+    pub(crate) fn enabled_flag(&self) -> *const AtomicBool {
+        &self.enabled
+    }
+    /// The counter [`Self::count_hit`] adds to.
+    pub(crate) fn hit_counter(&self) -> &PerThreadCounter {
+        &self.hits
+    }
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);
     }

@@ -18,15 +18,61 @@ pub(crate) struct ProbeList {
     probes: Vec<Arc<ProbeShared>>,
     /// Every probe's handlers proven light (see `crate::light`).
     light: bool,
+    /// The list's one probe, when it is the light detour's common case.
+    solo: Option<Solo>,
+}
+
+/// A list of one light probe with a pre-handler and no post-handler, not one of dynprobe's
+/// own — the common case of a light detour — and what its hit needs of that probe, kept in
+/// the list: a hit reaches the flag, the counter cells and the handler one pointer nearer.
+/// The pointers are into the probe, which the list holds.
+#[derive(Clone, Copy)]
+pub(crate) struct Solo {
+    enabled: *const AtomicBool,
+    hits: crate::counter::Cells,
+    pre: *const (dyn Fn(&mut Regs) + Send + Sync),
+}
+
+impl Solo {
+    /// [`PatchSite::run_pre_handlers`] on a light path for a list that is this solo probe
+    /// (no post-handler: nothing to return).
+    #[inline(always)]
+    pub(crate) fn run(&self, regs: &mut Regs, guard: &HandlerGuard) {
+        // SAFETY: the probe the pointers are into is held by the list, which the caller
+        // read and which outlives its hit (see `PatchSite::probes`).
+        if unsafe { &*self.enabled }.load(Ordering::Acquire) {
+            self.hits.add(guard.slot_index());
+            // SAFETY: as above.
+            crate::light::call_handler(unsafe { &*self.pre }, regs);
+        }
+    }
 }
 
 impl ProbeList {
     /// The list of `probes`, in the order their handlers run.
     pub(crate) fn new(probes: Vec<Arc<ProbeShared>>) -> ProbeList {
         let light = probes.iter().all(|p| p.light.is_ok());
-        ProbeList { probes, light }
+        let solo = match probes.as_slice() {
+            [p] if light && !p.internal && p.post.is_none() => p.pre.as_deref().and_then(|pre| {
+                Some(Solo { enabled: p.enabled_flag(), hits: p.hit_counter().cells()?, pre: pre as *const _ })
+            }),
+            _ => None,
+        };
+        ProbeList { probes, light, solo }
+    }
+
+    /// The list's one probe, when it is a [`Solo`].
+    #[inline]
+    pub(crate) fn solo(&self) -> Option<&Solo> {
+        self.solo.as_ref()
     }
 }
+
+// SAFETY: `solo` points into the probe the list holds (an `Arc`, immutable but for
+// atomics), which is Send and Sync.
+unsafe impl Send for ProbeList {}
+// SAFETY: as above.
+unsafe impl Sync for ProbeList {}
 
 impl std::ops::Deref for ProbeList {
     type Target = [Arc<ProbeShared>];

@@ -161,6 +161,14 @@ impl ThreadSlot {
         own || self.hidden.load(Ordering::Relaxed)
     }
 
+    /// True when the owner, the calling thread, is known to be seen by probes: asked
+    /// already by [`Self::owner_unseen`] and found not dynprobe's own, and not hidden now.
+    /// False says nothing: [`Self::owner_unseen`] answers then.
+    #[inline]
+    pub(crate) fn seen_by_probes(&self) -> bool {
+        self.own.load(Ordering::Relaxed) == 1 && !self.hidden.load(Ordering::Relaxed)
+    }
+
     /// The slot's generation (see the field).
     #[inline]
     #[allow(dead_code)] // read by return probes

@@ -128,6 +128,47 @@ fn handlers_rewrite_arguments_and_divert_on_an_optimized_probe() {
     assert_eq!(f(1), 2);
 }
 
+/// A site whose one probe is light takes the light dispatcher's short way (the list's solo
+/// probe). It must still count a hit made from inside another probe's handler as missed and
+/// run nothing for it, see argument rewrites and diversions, and count every other hit.
+#[test]
+fn a_light_solo_probe_misses_hits_from_inside_a_handler_and_rewrites_and_diverts() {
+    let _serial = serial();
+    let t = target();
+    let (push, jcc) = (t.func1("opt_push"), t.func1("opt_jcc"));
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let inner = optimized(Probe::at(sym!("opt_push")).on_hit(|regs| {
+        SEEN.fetch_add(1, Ordering::Relaxed);
+        if regs.rdi == 1000 {
+            regs.rdi = 41;
+        }
+    }));
+    assert!(inner.info().optimized && inner.info().light, "{}", inner.info());
+    // The outer handler calls opt_push through a pointer: heavy, and its nested hit of the
+    // solo site must be a miss.
+    let outer = optimized(Probe::at(sym!("opt_jcc")).on_hit(move |regs| {
+        let x = regs.rdi as i64;
+        assert_eq!(push(x), x + 1, "a nested hit runs no handler");
+    }));
+    for i in 0..100 {
+        assert_eq!(jcc(i), if i > 5 { i + 200 } else { i + 100 });
+    }
+    assert_eq!((outer.hits(), inner.hits(), inner.nmissed()), (100, 0, 100), "every nested hit missed");
+    assert_eq!(SEEN.load(Ordering::Relaxed), 0);
+    assert_eq!(push(1000), 42, "the solo handler's rewrite reaches the function");
+    assert_eq!((inner.hits(), SEEN.load(Ordering::Relaxed)), (1, 1));
+    outer.unregister().unwrap();
+    inner.unregister().unwrap();
+
+    let to = t.addr("opt_jcc");
+    let divert = optimized(Probe::at(sym!("opt_push")).on_hit(move |regs| regs.ip = to));
+    assert!(divert.info().light, "{}", divert.info());
+    assert_eq!((push(1), push(10)), (101, 210), "diverted into opt_jcc");
+    assert_eq!(divert.hits(), 2);
+    divert.unregister().unwrap();
+    assert_eq!(push(1), 2);
+}
+
 #[test]
 fn a_post_handler_keeps_working_when_optimized() {
     let _serial = serial();

@@ -384,8 +384,52 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
 /// Everything this reaches, but the handlers (behind `crate::light::call_handler`), is
 /// proven light by decoding (`crate::light`): it allocates nothing, takes no lock, and must
 /// not be able to panic.
+///
+/// A site whose list is one light probe ([`Solo`](crate::site::Solo)) hit by a thread that
+/// probes see takes the short way: what [`dispatch`] does for it, without the list walk, the
+/// post-handler and nested-guard cases, or their registers kept across the handler's call
+/// (optimized-probe 8.3 -> 6.6 ns on the Intel Xeon of `dynprobe bench`'s notes). Anything
+/// else goes the general way, out of line.
 extern "C" fn light_detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
+    // SAFETY: as in `dispatch`.
+    let s = unsafe { &*site };
+    if let (Some(solo), Some(found)) = (s.probes().solo(), ThreadSlot::current()) {
+        if found.1.seen_by_probes() && crate::retprobe::graph_hook_light() {
+            if let Ok(guard) = HandlerGuard::enter_found(Some(found), s.addr) {
+                // SAFETY: as in `dispatch`.
+                let regs = unsafe { &mut *frame };
+                let rsp = regs.rsp;
+                solo.run(regs, &guard);
+                drop(guard);
+                return way_out(s, regs, rsp, false);
+            }
+        }
+    }
+    light_dispatch_general(site, frame)
+}
+
+/// The light detours' dispatcher for every hit but a solo probe's common case.
+#[cold]
+#[inline(never)]
+fn light_dispatch_general(site: *const PatchSite, frame: *mut Regs) -> u32 {
     dispatch::<true>(site, frame)
+}
+
+/// What the detour does once the handlers of a hit at `site` ran, `regs` as they left them
+/// (`rsp`: the thread's stack pointer before): 0, on into the copy; 1, the trap, which loads
+/// the whole frame — a new `rip` (a diversion, or the post-handler path when `wants_post`)
+/// or a new `rsp`. A changed callee-saved register takes the trap too, which the detour
+/// itself notices.
+#[inline(always)]
+fn way_out(site: &PatchSite, regs: &mut Regs, rsp: u64, wants_post: bool) -> u32 {
+    if regs.ip != site.addr {
+        return 1;
+    }
+    if wants_post {
+        regs.ip = site.slots.post_ip;
+        return 1;
+    }
+    (regs.rsp != rsp) as u32
 }
 
 #[inline(always)]
@@ -430,16 +474,7 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
     if !LIGHT {
         guard.thread().vectors.store(0, Ordering::Relaxed);
     }
-    if regs.ip != site.addr {
-        return 1;
-    }
-    if wants_post {
-        regs.ip = site.slots.post_ip;
-        return 1;
-    }
-    // A new rsp needs the slow way out; so does a changed callee-saved register, which the
-    // detour itself notices.
-    (regs.rsp != rsp) as u32
+    way_out(site, regs, rsp, wants_post)
 }
 
 /// Where the full path of a detour whose register frame is at `frame` saved the vector

@@ -43,14 +43,21 @@ static TID_IN_TCB: AtomicU8 = AtomicU8::new(0);
 pub(crate) fn current_tid() -> i32 {
     match TID_IN_TCB.load(Ordering::Relaxed) {
         1 => tcb_tid(),
-        2 => gettid(),
-        _ => {
-            let tid = gettid();
-            let known = cfg!(target_env = "gnu") && tcb_tid() == tid;
-            TID_IN_TCB.store(if known { 1 } else { 2 }, Ordering::Relaxed);
-            tid
-        }
+        _ => tid_by_syscall(),
     }
+}
+
+/// [`current_tid`] when the TCB is not known to hold the tid (yet): kept out of line, so
+/// that the hot paths which inline `current_tid` carry one load, not two system calls.
+#[cold]
+#[inline(never)]
+fn tid_by_syscall() -> i32 {
+    let tid = gettid();
+    if TID_IN_TCB.load(Ordering::Relaxed) == 0 {
+        let known = cfg!(target_env = "gnu") && tcb_tid() == tid;
+        TID_IN_TCB.store(if known { 1 } else { 2 }, Ordering::Relaxed);
+    }
+    tid
 }
 
 #[inline(always)]
