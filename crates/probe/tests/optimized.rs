@@ -349,6 +349,48 @@ fn threads_keep_calling_while_optimization_is_switched_on_and_off() {
     assert_eq!(stats.nmissed, 0);
 }
 
+/// While threads call through a light site, its list keeps changing between one probe (the
+/// dispatcher's solo way) and two (the general way), and the first probe is disabled and
+/// enabled: every call is still correct, and each probe counts exactly the hits its
+/// handler ran.
+#[test]
+fn threads_keep_calling_while_a_light_sites_list_changes_between_one_probe_and_two() {
+    let _serial = serial();
+    let t = target();
+    let hot = t.func1("opt_hot");
+    static FIRST: AtomicU64 = AtomicU64::new(0);
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    let first = optimized(Probe::at(sym!("opt_hot")).on_hit(|_| {
+        FIRST.fetch_add(1, Ordering::Relaxed);
+    }));
+    assert!(first.info().optimized && first.info().light, "{}", first.info());
+    let hammering = hammer(move |x| assert_eq!(hot(x), x * 2 + 1));
+    let mut second_hits = 0;
+    for round in 0..40 {
+        if round % 4 == 1 {
+            first.disable().unwrap();
+        }
+        if round % 4 == 3 {
+            first.enable().unwrap();
+        }
+        let second = Probe::at(sym!("opt_hot"))
+            .on_hit(|_| {
+                SECOND.fetch_add(1, Ordering::Relaxed);
+            })
+            .register()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        second_hits += second.unregister().unwrap().hits;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    first.enable().unwrap();
+    let calls = stop_hammering(hammering);
+    let stats = first.unregister().unwrap();
+    assert_eq!((stats.hits, stats.nmissed), (FIRST.load(Ordering::Relaxed), 0), "the first probe's counts");
+    assert_eq!(second_hits, SECOND.load(Ordering::Relaxed), "the second probe's counts");
+    assert!(stats.hits > 0 && second_hits > 0 && stats.hits <= calls, "{stats:?} of {calls} calls");
+}
+
 #[test]
 fn a_probe_inside_an_optimized_jump_turns_it_back_into_a_breakpoint() {
     let _serial = serial();
