@@ -55,6 +55,10 @@ const HEADER_BYTES: usize = 4096;
 const PAGE: usize = 4096;
 /// Bytes of a ring's header (a producer line and a consumer line).
 const RING_HEADER_BYTES: usize = std::mem::size_of::<RingHeader>();
+/// The bytes a read fault maps around it when the file's pages are in memory: the
+/// default of the kernel's `fault_around_bytes` (mm/memory.c). A smaller setting only
+/// leaves some pages to the producer's own faults.
+const FAULT_AROUND: usize = 64 << 10;
 /// Bytes of a record.
 const RECORD_BYTES: usize = std::mem::size_of::<Record>();
 
@@ -71,6 +75,10 @@ struct FileHeader {
     capacity: u64,
     ring_offset: u64,
     ring_stride: u64,
+    /// Where the producer mapped the file in its address space (0 in files written before
+    /// this field existed): the consumer maps ring pages into the producer ahead of its
+    /// writing there (see [`RingFile::populate`]).
+    producer_base: u64,
 }
 
 /// A ring's header: the producer's fields on one cache line, the consumer's on the next, so
@@ -407,12 +415,15 @@ impl RingFile {
     }
 
     /// The consumer's help on a ring's first lap: makes the pages of records `[from, to)`
-    /// of `ring` present (allocated and zeroed) from this process, so that the producing
-    /// thread, writing them later, only maps pages that exist instead of having the kernel
-    /// clear each one in its own time — a page every 256 records, which on a fast thread's
-    /// first lap costs more than the records themselves. Best effort: kernels before 5.14
-    /// refuse it, and the producer then pays as before. Records past the first lap are
-    /// ignored (their pages exist).
+    /// of `ring` present (allocated and zeroed) from this process, and mapped in the
+    /// producer's page tables too, so that the producing thread, writing them later, takes
+    /// no page fault at all — a page every 256 records, which on a fast thread's first lap
+    /// costs more than the records themselves (a write fault on a shared memory page costs
+    /// a microsecond or more, even when the page exists already). Best effort: kernels
+    /// before 5.14 refuse the populating, a producer this process may not read
+    /// (`process_vm_readv(2)`'s ptrace access check) is left to fault its pages in, and
+    /// either way the producer then pays as before. Records past the first lap are ignored
+    /// (their pages exist and are mapped).
     pub fn populate(&self, ring: usize, from: u64, to: u64) {
         assert!(ring < self.rings, "populate ring {ring} of {}", self.rings);
         let to = to.min(self.capacity as u64);
@@ -429,6 +440,44 @@ impl RingFile {
         unsafe {
             libc::madvise(start as *mut libc::c_void, end.next_multiple_of(PAGE) - start, libc::MADV_POPULATE_WRITE)
         };
+        self.map_in_producer(start - self.base as usize, end - self.base as usize);
+    }
+
+    /// Maps the file's bytes `[start, end)`, present in memory, into the producer's page
+    /// tables: it reads one byte of every [`FAULT_AROUND`] window of them from the
+    /// producer's mapping with `process_vm_readv(2)`, whose read fault in the producer's
+    /// address space maps the whole window's pages that are in the page cache (the
+    /// kernel's fault-around, `do_fault_around` in mm/memory.c), writable, a shared
+    /// memory file asking for no write notification (`vma_wants_writenotify`). Reading
+    /// changes nothing in the producer; a failure (no `producer_base`, no permission, the
+    /// producer gone) leaves its pages to its own faults.
+    fn map_in_producer(&self, start: usize, end: usize) {
+        let header = self.read_header();
+        let base = header.producer_base as usize;
+        if base == 0 || start >= end || end > self.layout.len {
+            return;
+        }
+        const BATCH: usize = 64;
+        let mut remote = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
+        let mut bytes = [0u8; BATCH];
+        let mut at = base + start;
+        let end = base + end;
+        while at < end {
+            let mut n = 0;
+            while n < BATCH && at < end {
+                remote[n] = libc::iovec { iov_base: at as *mut libc::c_void, iov_len: 1 };
+                n += 1;
+                at = (at + FAULT_AROUND) & !(FAULT_AROUND - 1);
+            }
+            let local = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: n };
+            // SAFETY: reads `n` bytes of the producer into `bytes`, which holds `BATCH`;
+            // nothing of this process but `bytes` is written.
+            let read =
+                unsafe { libc::process_vm_readv(header.pid as libc::pid_t, &local, 1, remote.as_ptr(), n as _, 0) };
+            if read != n as isize {
+                return;
+            }
+        }
     }
 
     /// Counts one call the tracer could not record at all (its thread was inside the
@@ -533,6 +582,7 @@ impl RingFile {
             capacity: self.capacity as u64,
             ring_offset: self.layout.ring_offset as u64,
             ring_stride: self.layout.stride as u64,
+            producer_base: self.base as u64,
         };
         // SAFETY: the mapping is at least HEADER_BYTES long and page-aligned; nobody else
         // reads the header before the file gets its final name. A volatile write is one
@@ -950,5 +1000,41 @@ mod tests {
 
         let missing = RingFile::open(&dir.path().join("none.ring")).unwrap_err().to_string();
         assert!(missing.contains("cannot open") && missing.contains("none.ring"), "{missing}");
+    }
+    /// Page faults the calling thread has taken so far (`getrusage(2)`, `RUSAGE_THREAD`).
+    fn thread_faults() -> i64 {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) }, 0);
+        usage.ru_minflt + usage.ru_majflt
+    }
+
+    /// The consumer's populating maps the pages into the producer too: a producer filling
+    /// a populated ring for the first time takes no page fault (before, one per page), while
+    /// one filling a ring nobody populated takes one per page, as the kernel makes it.
+    #[test]
+    fn a_populated_ring_is_filled_without_page_faults() {
+        let dir = TempDir::in_memory("ring-populate");
+        let path = dir.path().join("1.0.ring");
+        let capacity = 1 << 14;
+        let pages = (capacity * RECORD_BYTES / PAGE) as i64;
+        let producer = RingFile::create(&path, 2, capacity, Clock::MonotonicNs).unwrap();
+        let consumer = RingFile::open(&path).unwrap();
+        consumer.populate(1, 0, capacity as u64);
+        let fill = |ring: usize| {
+            let before = thread_faults();
+            // The first push writes a Thread record too: capacity records in all.
+            for seq in 1..capacity as u64 {
+                producer.push(ring, 77, entry(seq));
+            }
+            assert_eq!(producer.written(ring), capacity as u64);
+            thread_faults() - before
+        };
+        let populated = fill(1);
+        let not_populated = fill(0);
+        // A fault or two for the pages outside the ring's records (its in-use byte).
+        assert!(populated <= 2, "{populated} faults filling a populated ring of {pages} pages");
+        assert!(not_populated >= pages / 2, "{not_populated} faults filling an unpopulated ring of {pages} pages");
     }
 }
