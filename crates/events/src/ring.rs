@@ -64,6 +64,10 @@ const FAULT_AROUND: usize = 64 << 10;
 const WINDOW_RECORDS: usize = FAULT_AROUND / RECORD_BYTES;
 /// `MADV_POPULATE_WRITE` (linux/mman.h, Linux 5.14).
 const MADV_POPULATE_WRITE: u64 = libc::MADV_POPULATE_WRITE as u64;
+/// How many records ahead of the head a push prefetches the ring's memory (four cache
+/// lines): a line is filled every four records, a couple of traced calls, so the prefetch
+/// is issued about a microsecond before the line is written.
+const PREFETCH_AHEAD: u64 = 16;
 /// Bytes of a record.
 const RECORD_BYTES: usize = std::mem::size_of::<Record>();
 
@@ -317,6 +321,9 @@ impl RingFile {
                 at = at.wrapping_add(1);
             }
             h.head.store(at, Ordering::Release);
+            // The cache line a few records on, fetched for writing while this thread does
+            // its own work: a first lap writes memory no cache holds.
+            prefetch_for_write(self.slot(ring, at.wrapping_add(PREFETCH_AHEAD)).as_ptr().cast());
             // On the first lap, entering a window of records (or starting): its next one
             // made present and mapped, before the records get there.
             let window = |index: u64| index / WINDOW_RECORDS as u64;
@@ -718,6 +725,22 @@ fn bump(counter: &AtomicU64) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// Asks for the cache line at `addr` in the first-level cache (`prefetcht0`, baseline
+/// x86-64): a line no other CPU holds — a ring's first lap — arrives exclusive, so the
+/// write that follows needs no further trip to memory. A hint, which never faults, for
+/// memory not mapped yet either (Intel SDM, PREFETCHh). `prefetchw` measured the same on
+/// an Intel Xeon host, and some older CPUs lack it.
+#[inline(always)]
+fn prefetch_for_write(addr: *const i8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads and writes nothing; any address is allowed.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }
 
 /// Maps `len` bytes of `fd` shared, read-write; at exactly `at` when it is not null.
