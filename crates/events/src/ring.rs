@@ -247,7 +247,9 @@ impl RingFile {
     ///
     /// Only one thread may push into a ring at a time (the caller assigns rings); a signal
     /// handler may interrupt a push and push into the same ring (its record is counted lost).
-    /// Allocates nothing, takes no lock, calls nothing, never blocks: async-signal-safe.
+    /// Allocates nothing, takes no lock, calls nothing but, on a ring's first lap, one
+    /// `madvise` system call per 4096 records (`RingFile::prefault_window`, which spares the
+    /// thread the page faults it would take instead): async-signal-safe.
     ///
     /// * When `tid` is not the ring's current thread, a [`Kind::Thread`] record goes first.
     /// * When records were dropped since the last [`Kind::Lost`] record, a `Lost` record with
@@ -1066,6 +1068,7 @@ mod tests {
         let missing = RingFile::open(&dir.path().join("none.ring")).unwrap_err().to_string();
         assert!(missing.contains("cannot open") && missing.contains("none.ring"), "{missing}");
     }
+
     /// Counts the page faults the calling thread takes as exceptions from now on: the
     /// kernel's software event `PERF_COUNT_SW_PAGE_FAULTS_MIN` (perf_event_open(2)), which,
     /// unlike `getrusage(2)`, leaves out pages a system call faults in (`madvise`), whose
