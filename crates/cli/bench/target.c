@@ -243,3 +243,54 @@ __asm__(".bss\n.p2align 3\ndynprobe_floor_ret_probe_slot:\n	.zero 8\n"
 	".text\n");
 FLOOR_ENTRY("dynprobe_floor_ret_probe",
 	    ENTRY_FRAME("dynprobe_floor_ret_probe", LIGHT_CALL_TO("dynprobe_floor_ret_probe_divert")));
+
+/*
+ * The function-graph tracer's floor on this host: what a traced call must cost before any
+ * of dynprobe's own work, built as the tracer's path is (dynprobe_arch's ftrace.rs and
+ * trampoline.rs, light: no vector register saved).
+ *
+ *   dynprobe_floor_rdtsc       one rdtsc before the work: the clock read each record pays
+ *   dynprobe_floor_graph       the entry's `call` (an mcount site patched) to a stub that
+ *                              pushes the function's id, the caller's nine registers saved
+ *                              around the call of an entry dispatcher that reads the clock,
+ *                              writes a 16-byte record into a ring (head kept in memory) and
+ *                              diverts the return address; the return through a sled entry
+ *                              and its `common` (nine registers) to an exit dispatcher that
+ *                              reads the clock, writes a record and hands back the original
+ *                              return address: two rdtsc, two ring records, one diverted
+ *                              return, nothing else
+ *
+ * The ring is 4096 records (64 KiB, mapped and warm: no page fault is in the floor); the
+ * return address waits in one static slot: one thread at a time.
+ */
+__asm__(".text\n.globl dynprobe_floor_rdtsc\n.type dynprobe_floor_rdtsc,@function\n.p2align 4\n"
+	"dynprobe_floor_rdtsc:\n	rdtsc\n" FLOOR_COPY FLOOR_REST ".size dynprobe_floor_rdtsc, .-dynprobe_floor_rdtsc\n");
+
+/* A record into the floor's ring: the time (rdtsc) and ID_REG, at the head, which moves on. */
+#define FLOOR_RECORD(id_reg)                                                                                         \
+	"	rdtsc\n	shl $32,%rdx\n	or %rdx,%rax\n	mov dynprobe_floor_graph_head(%rip),%rcx\n"                      \
+	"	mov %rcx,%rdx\n	and $4095,%rdx\n	shl $4,%rdx\n	add dynprobe_floor_graph_ring_base(%rip),%rdx\n"          \
+	"	mov %rax,(%rdx)\n	movq " id_reg ",8(%rdx)\n	inc %rcx\n	mov %rcx,dynprobe_floor_graph_head(%rip)\n"
+__asm__(".bss\n.p2align 6\ndynprobe_floor_graph_ring:\n	.zero 4096 * 16\n"
+	".p2align 6\ndynprobe_floor_graph_head:\n	.zero 8\n"
+	"dynprobe_floor_graph_slot:\n	.zero 8\n"
+	".section .data.rel.local,\"aw\",@progbits\n.p2align 3\n"
+	"dynprobe_floor_graph_ring_base:\n	.quad dynprobe_floor_graph_ring\n"
+	".text\n.globl dynprobe_floor_graph\n.type dynprobe_floor_graph,@function\n.p2align 4\n"
+	"dynprobe_floor_graph:\n	call dynprobe_floor_graph_stub\n" FLOOR_COPY FLOOR_REST
+	".size dynprobe_floor_graph, .-dynprobe_floor_graph\n"
+	".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_graph_stub:\n	push $7\n	jmp dynprobe_floor_graph_caller\n"
+	".p2align 4\ndynprobe_floor_graph_caller:\n"
+	"	push %rdi\n	push %rsi\n	push %rdx\n	push %rcx\n	push %rax\n	push %r8\n	push %r9\n	push %r10\n"
+	"	push %r11\n	push %rbp\n	mov %rsp,%rbp\n	and $-64,%rsp\n	mov 80(%rbp),%rdi\n	lea 96(%rbp),%rsi\n"
+	"	call dynprobe_floor_graph_enter\n	mov %rbp,%rsp\n	pop %rbp\n	pop %r11\n	pop %r10\n	pop %r9\n"
+	"	pop %r8\n	pop %rax\n	pop %rcx\n	pop %rdx\n	pop %rsi\n	pop %rdi\n	lea 8(%rsp),%rsp\n	ret\n"
+	".p2align 4\ndynprobe_floor_graph_enter:\n" FLOOR_RECORD("%rdi")
+	"	mov (%rsi),%rcx\n	mov %rcx,dynprobe_floor_graph_slot(%rip)\n	lea dynprobe_floor_graph_tramp(%rip),%rcx\n"
+	"	mov %rcx,(%rsi)\n	ret\n"
+	".p2align 6\ndynprobe_floor_graph_tramp:\n"
+	SLED_COMMON("dynprobe_floor_graph", SLED_CALL("dynprobe_floor_graph")) "	int3\n"
+	".p2align 4\ndynprobe_floor_graph_dispatch:\n" FLOOR_RECORD("$7")
+	"	mov dynprobe_floor_graph_slot(%rip),%rax\n	ret\n"
+	".text\n");

@@ -198,7 +198,7 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 /// divided by. (Checked within the all-rows run: two bench processes at once would see each
 /// other's kernel uprobes on their common binary.)
 fn check_floors(rows: &[Value]) {
-    const FLOORS: [&str; 11] = [
+    const FLOORS: [&str; 13] = [
         "floor-jump",
         "floor-gprs",
         "floor-flags",
@@ -210,6 +210,8 @@ fn check_floors(rows: &[Value]) {
         "floor-ret-sled",
         "floor-ret-call",
         "floor-ret-probe",
+        "floor-rdtsc",
+        "floor-graph",
     ];
     for floor in FLOORS {
         assert!(ns_per_hit(rows, floor).is_finite(), "{}", row(rows, floor));
@@ -219,6 +221,7 @@ fn check_floors(rows: &[Value]) {
         ("optimized-probe", &["x_floor_jump", "x_floor_call", "x_floor_dispatch"][..]),
         ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
         ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call", "x_floor_ret_probe"]),
+        ("function-graph", &["x_floor_graph", "x_floor_rdtsc", "x_uftrace"]),
     ] {
         let real = row(rows, real).as_object().unwrap();
         assert!(floors.iter().all(|ratio| real.contains_key(*ratio)), "{real:?}");
@@ -257,24 +260,26 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
         names(&["--iterations", "50", "--rows", "return-probe-sse"]),
         ["baseline-call", "baseline-sse", "upper-state-penalty", "return-probe", "return-probe-sse"]
     );
-    // A tracer row brings its program's baseline and the tracer it is compared with.
+    // A tracer row brings its program's baseline, the tracer it is compared with and its
+    // floors (with theirs).
     assert_eq!(
         names(&["--iterations", "50", "--rows", "function-graph"]),
-        ["graph-plain", "function-graph", "uftrace"]
+        ["baseline-call", "floor-rdtsc", "floor-graph", "graph-plain", "function-graph", "uftrace"]
     );
 }
 
 /// The floors of a whole probe run alone: an optimized entry whose dispatcher does the least
-/// any probe must (thread slot, recursion guard, per-thread count, handler call), and an
-/// optimized entry diverting the return into a sled, nothing done in either. Their setup
+/// any probe must (thread slot, recursion guard, per-thread count, handler call), an
+/// optimized entry diverting the return into a sled, nothing done in either, and the
+/// function-graph tracer's (a timed record at the entry and at the return). Their setup
 /// calls each beside the target and refuses one that computes something else; the loop's
 /// calls come back through the detour and the sled to their caller.
 #[test]
 fn the_floors_of_whole_probes_compute_what_the_target_does() {
-    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe,floor-dispatch"]);
+    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe,floor-dispatch,floor-graph"]);
     let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["baseline-call", "floor-dispatch", "floor-ret-probe"]);
-    for name in ["floor-dispatch", "floor-ret-probe"] {
+    assert_eq!(names, ["baseline-call", "floor-dispatch", "floor-ret-probe", "floor-graph"]);
+    for name in ["floor-dispatch", "floor-ret-probe", "floor-graph"] {
         let floor = row(&rows, name);
         assert!(floor["error"].is_null() && ns_per_hit(&rows, name).is_finite(), "{floor}");
         assert_eq!(floor["calls_per_batch"], 1000, "{floor}");

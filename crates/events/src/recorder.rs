@@ -45,7 +45,9 @@ pub struct RecordStats {
 }
 
 /// What the recorder keeps of one ring between polls.
-/// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB).
+/// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB), at
+/// least: twice what the thread wrote since the previous poll when that is more, so that a
+/// thread faster than the drain still finds its pages ready (see `RingFile::populate`).
 const POPULATE_AHEAD: u64 = 1 << 18;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,6 +63,8 @@ struct RingState {
     /// Records of the ring whose pages this process made present (see
     /// `RingFile::populate`).
     populated: u64,
+    /// The ring's head at the previous poll.
+    written: u64,
 }
 
 /// One process image.
@@ -321,14 +325,18 @@ impl Recorder {
             if !ring.in_use(r) {
                 continue;
             }
-            self.scratch.clear();
-            ring.drain(r, &mut self.scratch);
-            // Keep the pages the thread is about to fill present ahead of it.
-            let ahead = ring.written(r) + POPULATE_AHEAD;
+            // Keep the pages the thread is about to fill present ahead of it, before the
+            // drain: a fast thread writes on while its records are copied out.
+            let written = ring.written(r);
+            let pace = written.saturating_sub(state.written);
+            state.written = written;
+            let ahead = written + POPULATE_AHEAD.max(pace.saturating_mul(2));
             if !gone && state.populated < ahead && state.populated < ring.capacity() as u64 {
-                ring.populate(r, state.populated.max(ring.written(r)), ahead);
+                ring.populate(r, state.populated.max(written), ahead);
                 state.populated = ahead;
             }
+            self.scratch.clear();
+            ring.drain(r, &mut self.scratch);
             // Records go to their thread's file a run at a time: a fast program fills a ring
             // in milliseconds, and a lookup per record would make the drain fall behind.
             let mut run_start = 0;

@@ -14,9 +14,9 @@ use super::program::Tracer;
 use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
-    dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_jump,
-    dynprobe_floor_least, dynprobe_floor_ret_call, dynprobe_floor_ret_miss, dynprobe_floor_ret_probe,
-    dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
+    dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_graph,
+    dynprobe_floor_jump, dynprobe_floor_least, dynprobe_floor_rdtsc, dynprobe_floor_ret_call, dynprobe_floor_ret_miss,
+    dynprobe_floor_ret_probe, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -65,6 +65,10 @@ pub const FLOOR_RET_SLED: &str = "floor-ret-sled";
 pub const FLOOR_RET_CALL: &str = "floor-ret-call";
 /// floor-call diverting the return into floor-ret-call's sled: the floor of a return probe.
 pub const FLOOR_RET_PROBE: &str = "floor-ret-probe";
+/// One `rdtsc`: the clock read of every ring record.
+pub const FLOOR_RDTSC: &str = "floor-rdtsc";
+/// Two clock reads, two ring records, one diverted return: the floor of function-graph.
+pub const FLOOR_GRAPH: &str = "floor-graph";
 /// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
 pub const BASELINE_THREADS: &str = "baseline-call-threads";
 /// The kernel's uprobe hit from every CPU at once.
@@ -278,6 +282,12 @@ pub static ROWS: &[Row] = &[
     floor(FLOOR_RET_PROBE, "floor-call whose dispatcher diverts the return into floor-ret-call's sled: a return \
                             probe's entry and return with nothing done in either (return-probe's floor on this host)",
           dynprobe_floor_ret_probe),
+    floor(FLOOR_RDTSC, "one rdtsc in the call: the clock read each ring record pays (function-graph's target is \
+                        2 x this + 10)", dynprobe_floor_rdtsc),
+    floor(FLOOR_GRAPH, "an mcount site's call to the tracer's caller (nine registers), an entry dispatcher that \
+                        writes a timed 16-byte record and diverts the return into a sled (nine registers) whose \
+                        dispatcher writes another: two rdtsc, two ring records, one diverted return \
+                        (function-graph's floor on this host)", dynprobe_floor_graph),
     Row {
         name: "int3-probe",
         about: "dynprobe breakpoint probe, empty handler",
@@ -352,7 +362,7 @@ pub static ROWS: &[Row] = &[
         name: "function-graph",
         about: "dynprobe record of every function of the same program: entry and exit into a ring that holds the run",
         measure: Measure::Program(Tracer::Dynprobe),
-        compare_to: &[UFTRACE],
+        compare_to: &[UFTRACE, FLOOR_GRAPH, FLOOR_RDTSC],
     },
     Row {
         name: "function-graph-args",

@@ -54,6 +54,12 @@ extern "C" {
     /// [`dynprobe_floor_ret_call`]'s sled: a return probe's two paths with nothing done in
     /// either. One thread at a time.
     pub fn dynprobe_floor_ret_probe(x: c_long) -> c_long;
+    /// The work after one `rdtsc`: the clock read every ring record pays.
+    pub fn dynprobe_floor_rdtsc(x: c_long) -> c_long;
+    /// The work behind the function-graph tracer's floor: an entry `call` to a caller that
+    /// writes a timed record and diverts the return into a sled whose dispatcher writes
+    /// another. One thread at a time.
+    pub fn dynprobe_floor_graph(x: c_long) -> c_long;
 }
 
 /// Where `target`'s code starts in this process: the address its probes go on.
