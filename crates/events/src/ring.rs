@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use crate::clock::Clock;
 use crate::error::EventsError;
@@ -64,6 +64,9 @@ const FAULT_AROUND: usize = 64 << 10;
 const WINDOW_RECORDS: usize = FAULT_AROUND / RECORD_BYTES;
 /// `MADV_POPULATE_WRITE` (linux/mman.h, Linux 5.14).
 const MADV_POPULATE_WRITE: u64 = libc::MADV_POPULATE_WRITE as u64;
+/// Set once the kernel refused a producer's `madvise(MADV_POPULATE_WRITE)` (see
+/// `RingFile::prefault_window`).
+static PREFAULT_REFUSED: AtomicBool = AtomicBool::new(false);
 /// How many records ahead of the head a push prefetches the ring's memory (four cache
 /// lines): a line is filled every four records, a couple of traced calls, so the prefetch
 /// is issued about a microsecond before the line is written.
@@ -472,9 +475,16 @@ impl RingFile {
     /// programs gain most: their threads write before the consumer's first poll. A raw
     /// system call, no C library, `errno` left alone; a kernel that refuses it (before
     /// 5.14) leaves the pages to the thread's faults, as before.
+    ///
+    /// Once the kernel refuses it (before 5.14; or a seccomp(2) filter of the program's
+    /// that answers the call with an error), no thread of the process asks again: a traced
+    /// program should not see a stream of system calls it did not make fail.
     #[cold]
     #[inline(never)]
     fn prefault_window(&self, ring: usize, head: u64, next: u64) {
+        if PREFAULT_REFUSED.load(Ordering::Relaxed) {
+            return;
+        }
         let capacity = self.capacity as u64;
         let first = match head {
             0 => 0,
@@ -491,7 +501,12 @@ impl RingFile {
         // SAFETY: madvise of pages of this ring inside our mapping (rounded out to whole
         // pages: at most a neighbouring ring's header page beyond); populating changes no
         // byte and no mapping.
-        unsafe { dynprobe_text::raw::syscall4(libc::SYS_madvise, start as u64, len as u64, MADV_POPULATE_WRITE, 0) };
+        let done = unsafe {
+            dynprobe_text::raw::syscall4(libc::SYS_madvise, start as u64, len as u64, MADV_POPULATE_WRITE, 0)
+        };
+        if done < 0 {
+            PREFAULT_REFUSED.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Maps the file's bytes `[start, end)`, present in memory, into the producer's page
