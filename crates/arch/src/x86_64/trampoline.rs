@@ -15,6 +15,9 @@
 //!                  ret                            to entry_i + 5: the return predictor stays balanced
 //! ```
 //!
+//! For return handlers proven to leave the vector state alone, [`build_return_common_regs`]
+//! saves the general registers only, straight into the handler's register record.
+//!
 //! Every register a function may clobber is saved, not only the return-value registers:
 //! GCC's `-fipa-ra` lets a caller keep values in any register it knows the callee leaves
 //! alone, and the return handler runs Rust code that may clobber any of them. The original

@@ -18,8 +18,10 @@
 //! register a return handler written by the user may clobber, [`LIGHT`], which saves the
 //! general registers and xmm0–15 only, for calls diverted by dynprobe's function-graph
 //! tracer alone (its return path is dynprobe's own baseline-x86-64 code), and [`RP_LIGHT`],
-//! for return probes whose handler is proven light. An instance's index is the same in all
-//! of them; only the address written into the return-address slot says which `common` runs.
+//! for return probes whose handler is proven light, whose `common` saves the general
+//! registers straight into the handler's `Regs` record (`build_return_common_regs`). An
+//! instance's index is the same in all of them; only the address written into the
+//! return-address slot says which `common` runs.
 //!
 //! Why this shape:
 //! - `common` saves every register a function may clobber (GCC's `-fipa-ra` lets a caller
@@ -135,13 +137,14 @@ pub(crate) static FULL: Sled = Sled::new();
 /// dynprobe's own function-graph tracer alone, whose return path is built for the baseline
 /// x86-64 and calls no C library routine (see `dynprobe_arch`'s `ftrace` module).
 pub(crate) static LIGHT: Sled = Sled::new();
-/// The sled whose `common` saves the general registers only, for return probes whose
-/// return handler is proven to leave the vector state alone (see `crate::light`) on calls
-/// no other instance diverts; its dispatcher calls that handler without `catch_unwind`
-/// (a light handler cannot unwind).
+/// The sled whose `common` saves the general registers only, into a `Regs` record its
+/// dispatcher hands the handler as it is, for return probes whose return handler is proven
+/// to leave the vector state alone (see `crate::light`) on calls no other instance diverts;
+/// its dispatcher calls that handler without `catch_unwind` (a light handler cannot unwind).
 pub(crate) static RP_LIGHT: Sled = Sled::new();
 
-/// What `common` saved of the registers a function may clobber, in
+/// What the [`FULL`] and [`LIGHT`] sleds' `common` saved of the registers a function may
+/// clobber, in
 /// [`SAVED_GPRS`](dynprobe_arch::native::trampoline::SAVED_GPRS) order.
 #[repr(C)]
 pub(crate) struct SaveArea {
