@@ -1228,6 +1228,63 @@ fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use
     heavy.unregister().unwrap();
 }
 
+/// The light sled's return path — its `common` saving the general registers straight into
+/// the handler's register record, and its path for a call alone at the top of the stack —
+/// keeps every register a caller may keep across the call, hands the handler the return
+/// value and the caller's `rsp`, returns what the handler leaves in `rax` and `rdx`, and
+/// counts each call once, giving its `maxactive` count back (200 calls through a
+/// `maxactive` of 4 miss none).
+#[test]
+fn a_light_return_keeps_the_callers_registers_and_returns_what_the_handler_leaves() {
+    let _serial = serial();
+    let t = target();
+    let caller = t.func1("kept_gprs_caller");
+    assert_eq!(caller(5), 16, "unprobed: 3x + 1");
+    static WRONG: AtomicU64 = AtomicU64::new(0);
+    static RSP: AtomicU64 = AtomicU64::new(0);
+    let probe = dynprobe_probe::ReturnProbe::at(sym!("kept_gprs_leaf"))
+        .maxactive(4)
+        .on_entry(|regs, data| {
+            data[0] = regs.arg(0);
+            data[1] = regs.rsp + 8;
+            true
+        })
+        .on_return(|regs, data| {
+            // The leaf's result (x + 1, 2x; x in rbx, which the record shows as 0), the
+            // caller's rsp after the return, and a record of which nothing else is filled.
+            let x = (regs.rax - 1) as i64;
+            let seen_ok = regs.rdx == 2 * x as u64 && regs.rsp == data[1] && regs.rbx == 0 && regs.rflags == 0;
+            if !seen_ok || regs.rdi != 0x13 || regs.r11 != 0x17 || data[0] != 0x13 {
+                WRONG.fetch_add(1, Ordering::Relaxed);
+            }
+            RSP.store(regs.rsp, Ordering::Relaxed);
+            regs.rax += 1000;
+            regs.rdx += 1;
+            // Everything else the ABI lets a function clobber: only the sled's reload puts
+            // the caller's values back. General registers only, so the handler stays light.
+            // SAFETY: only clobbers the registers named.
+            unsafe {
+                std::arch::asm!(
+                    "xor ecx, ecx", "xor esi, esi", "xor edi, edi", "xor r8d, r8d", "xor r9d, r9d",
+                    "xor r10d, r10d", "xor r11d, r11d",
+                    out("rcx") _, out("rsi") _, out("rdi") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+                )
+            };
+        })
+        .register()
+        .unwrap();
+    assert!(probe.returns_light(), "a handler of general registers only returns through the light sled");
+    dynprobe_probe::wait_for_optimizer().unwrap();
+    for x in 0..200 {
+        assert_eq!(caller(x), 3 * x + 1 + 1001, "x = {x}: the caller's registers, or the handler's rax and rdx");
+    }
+    assert_eq!(WRONG.load(Ordering::Relaxed), 0, "the handler saw a wrong register record");
+    assert_ne!(RSP.load(Ordering::Relaxed), 0);
+    let stats = probe.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns, stats.nmissed), (200, 200, 0));
+    assert_eq!(caller(5), 16, "unprobed again");
+}
+
 #[test]
 fn disabled_probes_come_out_together_while_threads_call_them() {
     let _serial = serial();

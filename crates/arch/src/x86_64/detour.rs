@@ -544,7 +544,8 @@ fn caller_saved_reload(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// The general registers in frame order (`Regs`), from the lowest address.
-const FRAME_GPRS: [AsmRegister64; 15] = [r15, r14, r13, r12, r11, r10, r9, r8, rbp, rbx, rax, rcx, rdx, rsi, rdi];
+pub(crate) const FRAME_GPRS: [AsmRegister64; 15] =
+    [r15, r14, r13, r12, r11, r10, r9, r8, rbp, rbx, rax, rcx, rdx, rsi, rdi];
 /// The registers every function preserves, the dispatcher included.
 const CALLEE_SAVED: [AsmRegister64; 6] = [rbx, rbp, r12, r13, r14, r15];
 

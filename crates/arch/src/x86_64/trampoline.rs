@@ -15,6 +15,9 @@
 //!                  ret                            to entry_i + 5: the return predictor stays balanced
 //! ```
 //!
+//! For return handlers proven to leave the vector state alone, [`build_return_common_regs`]
+//! saves the general registers only, straight into the handler's register record.
+//!
 //! Every register a function may clobber is saved, not only the return-value registers:
 //! GCC's `-fipa-ra` lets a caller keep values in any register it knows the callee leaves
 //! alone, and the return handler runs Rust code that may clobber any of them. The original
@@ -24,8 +27,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::detour::{vector_moves, Direction, VectorWidth};
+use super::detour::{vector_moves, Direction, VectorWidth, FRAME_GPRS, FRAME_RSP, FRAME_SIZE};
 use super::relocate::RelocError;
+use iced_x86::IcedError;
 
 /// Bytes of one sled entry: `call rel32` (5) and `jmp *-16(%rsp)` (4).
 pub const SLED_ENTRY_SIZE: u64 = 9;
@@ -71,7 +75,84 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
     // general registers.
     let vectors = width.save_size();
     let area = (vectors as u32 + 8 * SAVED_GPRS.len() as u32).next_multiple_of(64) as i32;
+    in_common_frame(ip, |a| {
+        a.and(rsp, -64)?;
+        a.sub(rsp, area)?;
+        for (i, &reg) in SAVED_GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + (vectors + 8 * i as i32)), reg)?;
+        }
+        vector_moves(a, width, Direction::Save)?;
+        a.mov(rdi, qword_ptr(rbp + 16))?;
+        a.lea(rsi, ptr(rsp + vectors))?;
+        a.lea(rdx, ptr(rbp + 24))?;
+        a.mov(rax, dispatch)?;
+        a.call(rax)?;
+        a.mov(qword_ptr(rbp + 8), rax)?;
+        vector_moves(a, width, Direction::Restore)?;
+        for (i, &reg) in SAVED_GPRS.iter().enumerate() {
+            a.mov(reg, qword_ptr(rsp + (vectors + 8 * i as i32)))?;
+        }
+        Ok(())
+    })
+}
 
+/// Builds `common` at `ip` for return handlers proven to leave the vector state alone: the
+/// general registers only, saved straight into a register record laid out as the probe
+/// layer's `Regs` (the detour frame's layout: [`FRAME_SIZE`] bytes, r15 at the lowest
+/// address), so that the dispatcher hands that record to the handler as it is — no copy,
+/// and the registers are reloaded from it, with whatever the handler changed.
+///
+/// ```text
+///   and  $-16,%rsp ; sub $144,%rsp     the record, 16-byte aligned for the call
+///   mov  %r11..%rdi,32..112(%rsp)      the nine registers a function may clobber
+///   xor  %eax,%eax
+///   mov  %rax,{0,8,16,24,64,72,120,136}(%rsp)   the others, the flags and rip read as 0
+///   lea  24(%rbp),%rax ; mov %rax,128(%rsp)     rsp: the caller's after the return
+///   mov  16(%rbp),%rdi ; mov %rsp,%rsi
+///   call dispatch(entry_i + 5, record)
+///   mov  %rax,8(%rbp)                  the original return address
+///   mov  32..112(%rsp),%r11..%rdi      the nine registers back, rax and rdx as the handler left them
+/// ```
+///
+/// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> u64`, returning the
+/// original return address.
+pub fn build_return_common_regs(ip: u64, dispatch: u64) -> Result<ReturnCommon, RelocError> {
+    // (register, offset in the record) of the registers saved: every caller-saved one.
+    let saved = || {
+        FRAME_GPRS.iter().enumerate().map(|(i, &reg)| (reg, 8 * i as i32)).filter(|(reg, _)| SAVED_GPRS.contains(reg))
+    };
+    let zeroed =
+        (0..FRAME_SIZE / 8).map(|i| 8 * i).filter(|&offset| offset != FRAME_RSP && saved().all(|(_, at)| at != offset));
+    in_common_frame(ip, |a| {
+        a.and(rsp, -16)?;
+        a.sub(rsp, FRAME_SIZE)?;
+        for (reg, at) in saved() {
+            a.mov(qword_ptr(rsp + at), reg)?;
+        }
+        a.xor(eax, eax)?;
+        for at in zeroed {
+            a.mov(qword_ptr(rsp + at), rax)?;
+        }
+        a.lea(rax, ptr(rbp + 24))?;
+        a.mov(qword_ptr(rsp + FRAME_RSP), rax)?;
+        a.mov(rdi, qword_ptr(rbp + 16))?;
+        a.mov(rsi, rsp)?;
+        a.mov(rax, dispatch)?;
+        a.call(rax)?;
+        a.mov(qword_ptr(rbp + 8), rax)?;
+        for (reg, at) in saved() {
+            a.mov(reg, qword_ptr(rsp + at))?;
+        }
+        Ok(())
+    })
+}
+
+/// `common` at `ip`: the fixed prologue (room for the original return address, an rbp
+/// frame), `body`, then the fixed epilogue, with the CFA rules of both.
+fn in_common_frame(
+    ip: u64,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<ReturnCommon, RelocError> {
     // The prologue and epilogue are fixed bytes, so their offsets are known.
     const PROLOGUE: [u8; 9] = [
         0x48, 0x8d, 0x64, 0x24, 0xf8, // lea  -8(%rsp),%rsp
@@ -85,22 +166,7 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
         0xc3, //                         ret
     ];
     let mut a = CodeAssembler::new(64)?;
-    a.and(rsp, -64)?;
-    a.sub(rsp, area)?;
-    for (i, &reg) in SAVED_GPRS.iter().enumerate() {
-        a.mov(qword_ptr(rsp + (vectors + 8 * i as i32)), reg)?;
-    }
-    vector_moves(&mut a, width, Direction::Save)?;
-    a.mov(rdi, qword_ptr(rbp + 16))?;
-    a.lea(rsi, ptr(rsp + vectors))?;
-    a.lea(rdx, ptr(rbp + 24))?;
-    a.mov(rax, dispatch)?;
-    a.call(rax)?;
-    a.mov(qword_ptr(rbp + 8), rax)?;
-    vector_moves(&mut a, width, Direction::Restore)?;
-    for (i, &reg) in SAVED_GPRS.iter().enumerate() {
-        a.mov(reg, qword_ptr(rsp + (vectors + 8 * i as i32)))?;
-    }
+    body(&mut a)?;
     let body = a.assemble(ip + PROLOGUE.len() as u64)?;
 
     let mut code = PROLOGUE.to_vec();
@@ -185,6 +251,57 @@ mod tests {
         for (offset, _) in &common.cfa {
             assert!(starts.contains(&u64::from(*offset)), "{offset} is not an instruction start");
         }
+    }
+
+    /// The record-shaped `common`: every word of the `Regs` record written once before the
+    /// call (the nine caller-saved registers at their fields, the caller's rsp, zeros), no
+    /// vector register touched, the nine read back after it, and the same frame as `common`.
+    #[test]
+    fn the_record_shaped_common_writes_a_whole_register_record_and_reloads_what_a_function_may_clobber() {
+        use iced_x86::{Mnemonic, Register};
+        use Register::{EAX, R10, R11, R8, R9, RAX, RBP, RCX, RDI, RDX, RSI, RSP};
+        let (ip, dispatch) = (0x7000_0000, 0x5000_0000);
+        let common = build_return_common_regs(ip, dispatch).unwrap();
+        let instrs = decode_instructions(&common.code, ip).unwrap();
+        let call = instrs.iter().position(|i| i.mnemonic() == Mnemonic::Call).unwrap();
+        let stores_at = |range: &[iced_x86::Instruction]| -> Vec<(i64, Register)> {
+            range
+                .iter()
+                .filter(|i| i.mnemonic() == Mnemonic::Mov && i.memory_base() == Register::RSP)
+                .map(|i| (i.memory_displacement64() as i64, i.op1_register()))
+                .collect()
+        };
+        let mut before = stores_at(&instrs[..call]);
+        before.sort();
+        let offsets: Vec<i64> = before.iter().map(|&(at, _)| at).collect();
+        assert_eq!(offsets, (0..18).map(|i| 8 * i).collect::<Vec<_>>(), "each word of the record once");
+        // Regs order: r15 r14 r13 r12 r11 r10 r9 r8 rbp rbx rax rcx rdx rsi rdi rflags rsp ip.
+        let field = |name: usize| before[name].1;
+        let expected = [R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI];
+        assert_eq!([4, 5, 6, 7, 10, 11, 12, 13, 14].map(field), expected);
+        let zero = instrs[..call].iter().find(|i| i.mnemonic() == Mnemonic::Xor).unwrap();
+        assert_eq!(zero.op0_register(), EAX);
+        assert!([0, 1, 2, 3, 8, 9, 15, 17].map(field).iter().all(|&r| r == RAX), "the others are 0: {before:?}");
+        // rsp: the caller's, rbp + 24 (rbp = the rsp `common` starts with - 16).
+        let caller_rsp =
+            instrs[..call].iter().find(|i| i.mnemonic() == Mnemonic::Lea && i.memory_base() == RBP).unwrap();
+        assert_eq!((caller_rsp.op0_register(), caller_rsp.memory_displacement64()), (RAX, 24));
+        assert_eq!(field(16), RAX);
+        let loaded: Vec<(i64, Register)> = instrs[call..]
+            .iter()
+            .filter(|i| i.mnemonic() == Mnemonic::Mov && i.memory_base() == RSP)
+            .map(|i| (i.memory_displacement64() as i64, i.op0_register()))
+            .collect();
+        assert_eq!(loaded, [4, 5, 6, 7, 10, 11, 12, 13, 14].map(|f| (8 * f, before[f as usize].1)));
+        assert!(!instrs.iter().any(|i| i.op_count() > 0 && (0..i.op_count()).any(|n| i.op_register(n).is_xmm())));
+        // The call's target and arguments, and the same frame and CFA rules as `common`.
+        assert_eq!(instrs[call - 1].immediate64(), dispatch);
+        assert_eq!(common.cfa.len(), build_return_common(ip, dispatch, VectorWidth::None).unwrap().cfa.len());
+        let starts: Vec<u64> = instrs.iter().map(|i| i.ip() - ip).collect();
+        for (offset, _) in &common.cfa {
+            assert!(starts.contains(&u64::from(*offset)), "{offset} is not an instruction start");
+        }
+        assert_eq!(instrs.last().unwrap().mnemonic(), Mnemonic::Ret);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - an indirect call or jump whose target is not a constant (a `dyn` method, a function
 //!   pointer in writable memory). Constant targets are followed: a read-only GOT slot
 //!   (`call *f@GOTPCREL(%rip)`, how position-independent code calls another object's
-//!   function, Rust's standard library included), loaded into a register first or not,
+//!   function, Rust's standard library included), loaded into a register first (and
+//!   copied to others) or not,
 //!   and the entries of a position-independent jump table (see [`prove_light`]);
 //! - a callee the caller names as heavy (one that unwinds: the unwinder copies its
 //!   contexts with the C library's vector `memcpy`);
@@ -106,7 +107,7 @@ const MAX_TABLE: u64 = 4096;
 ///
 /// Indirect branches are followed where their targets are constants: a call or jump
 /// through a read-only pointer (`call *f@GOTPCREL(%rip)`, or that pointer loaded into a
-/// register first), and a jump table as compilers emit it for position-independent code
+/// register first, and copied to others), and a jump table as compilers emit it for position-independent code
 /// (`lea table(%rip),%rcx ; movslq (%rcx,%rax,4),%rax ; add %rcx,%rax ; jmp *%rax`), whose
 /// entries are read: every one that leads into the function is a target. When the path
 /// bounds the index (`cmp $n,%eax ; ja default` before it, or a `movzbl` that loaded it),
@@ -336,6 +337,11 @@ fn constant_set(program: &mut impl Program, insn: &Instruction, before: &Known) 
         // mov f@GOTPCREL(%rip),%rax
         Mnemonic::Mov if insn.is_ip_rel_memory_operand() => {
             Some((dst, Value::Pointer(pointer(program, insn.ip_rel_memory_address())?)))
+        }
+        // mov %rdx,%r13: a copy, kept by the compiler in a callee-saved register across a
+        // call and copied back before its use
+        Mnemonic::Mov if insn.op1_kind() == OpKind::Register && insn.op1_register().is_gpr64() => {
+            Some((dst, before.get(insn.op1_register())?))
         }
         // lea table(%rip),%rcx
         Mnemonic::Lea if insn.is_ip_rel_memory_operand() => Some((dst, Value::Address(insn.ip_rel_memory_address()))),
@@ -680,6 +686,23 @@ mod tests {
             &[(0x1000, &[0x48, 0x8b, 0x05, 0xf9, 0x0f, 0x00, 0x00, 0x89, 0xf8, 0xff, 0xd0, 0xc3])];
         let heavy = prove_light(&[0x1000], &mut program(clobbered).pointer(0x2000, 0x3000), 20).unwrap_err();
         assert_eq!(heavy.at, 0x1009);
+        // Copied into a callee-saved register across a call and back (as rustc keeps a
+        // function pointer it loaded before a loop): still known; a copy of an unknown
+        // register is not.
+        // mov 0xff9(%rip),%rdx ; mov %rdx,%r13 ; call 0x3000 ; mov %r13,%rdx ; call *%rdx ;
+        // mov %rcx,%rdx ; call *%rdx
+        let copied: &[(u64, &[u8])] = &[
+            (
+                0x1000,
+                &[
+                    0x48, 0x8b, 0x15, 0xf9, 0x0f, 0x00, 0x00, 0x49, 0x89, 0xd5, 0xe8, 0xf1, 0x1f, 0x00, 0x00, 0x4c,
+                    0x89, 0xea, 0xff, 0xd2, 0x48, 0x89, 0xca, 0xff, 0xd2, 0xc3,
+                ],
+            ),
+            (0x3000, &[0xc3]),
+        ];
+        let heavy = prove_light(&[0x1000], &mut program(copied).pointer(0x2000, 0x3000), 30).unwrap_err();
+        assert_eq!(heavy.at, 0x1017, "{heavy}");
     }
 
     #[test]

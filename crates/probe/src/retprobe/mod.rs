@@ -206,7 +206,42 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u
 
 /// [`on_return`] for the light sled: only a light probe's calls return through it (see
 /// `on_entry`), and its handler is called without `catch_unwind` (it cannot unwind).
+///
+/// Inlined into the sled's dispatcher, with a path of its own for the call such a sled
+/// sees nearly always: its instance the top of the thread's stack and alone at its
+/// return-address slot (nothing abandoned above it to drop, no other instance to end with
+/// it). Anything else takes the general path, out of line.
+#[inline(always)]
 pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
+    let guard = HandlerGuard::enter();
+    let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
+    let stack = stack(slot);
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    let inst = unsafe { &*instance(index) };
+    let alone = stack.top.load(Ordering::Relaxed) as usize == depth + 1
+        && inst.slot_addr + 8 == regs.rsp
+        && inst.probe != GRAPH
+        // SAFETY: an instance of this thread below `top`.
+        && (depth == 0 || unsafe { (*instance(index - 1)).slot_addr } != inst.slot_addr);
+    if !alone {
+        drop(guard);
+        return on_return_light_general(index, regs);
+    }
+    regs.ip = inst.orig;
+    if guard.is_some() {
+        run_return_handler::<true>(slot, inst, regs);
+    }
+    uncount(slot, inst.probe);
+    // Everything needed was read before the instance is given back (as in `end_calls`).
+    compiler_fence(Ordering::SeqCst);
+    stack.top.store(depth as u32, Ordering::Release);
+    drop(guard);
+    regs.ip
+}
+
+/// [`on_return_light`]'s general path: every case [`end_calls`] handles.
+#[inline(never)]
+fn on_return_light_general(index: usize, regs: &mut Regs) -> u64 {
     return_path::<true>(index, regs, VectorSave::NONE)
 }
 

@@ -108,6 +108,16 @@ FUNC(dirty_leaf, "vpcmpeqd %ymm2,%ymm2,%ymm2\n mov %rdi,%rax\n ret")
 FUNC(dirty_leaf_caller, "push %rbx\n call dirty_leaf\n vextracti128 $1,%ymm2,%xmm1\n vmovq %xmm1,%rax\n vzeroupper\n"
      " pop %rbx\n ret")
 
+/* A caller that keeps values in every register a function may clobber (rcx rsi rdi r8-r11)
+ * across a call of a leaf it knows leaves them alone, as GCC's -fipa-ra lets it: 3x + 1
+ * (the leaf's rax + rdx) when all are kept, -1 when one is not. */
+FUNC(kept_gprs_leaf, "lea 1(%rbx),%rax\n lea (%rbx,%rbx),%rdx\n ret")
+FUNC(kept_gprs_caller, "push %rbx\n mov %rdi,%rbx\n mov $0x11,%ecx\n mov $0x12,%esi\n mov $0x13,%edi\n"
+     " mov $0x14,%r8d\n mov $0x15,%r9d\n mov $0x16,%r10d\n mov $0x17,%r11d\n call kept_gprs_leaf\n"
+     " xor $0x11,%rcx\n xor $0x12,%rsi\n or %rsi,%rcx\n xor $0x13,%rdi\n or %rdi,%rcx\n xor $0x14,%r8\n"
+     " or %r8,%rcx\n xor $0x15,%r9\n or %r9,%rcx\n xor $0x16,%r10\n or %r10,%rcx\n xor $0x17,%r11\n"
+     " or %r11,%rcx\n jnz 1f\n add %rdx,%rax\n pop %rbx\n ret\n1: mov $-1,%rax\n pop %rbx\n ret")
+
 /* MXCSR as the program sees it just after a probe at +3. */
 FUNC(mxcsr_after, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n stmxcsr -4(%rsp)\n mov -4(%rsp),%eax\n ret")
 

@@ -18,8 +18,10 @@
 //! register a return handler written by the user may clobber, [`LIGHT`], which saves the
 //! general registers and xmm0–15 only, for calls diverted by dynprobe's function-graph
 //! tracer alone (its return path is dynprobe's own baseline-x86-64 code), and [`RP_LIGHT`],
-//! for return probes whose handler is proven light. An instance's index is the same in all
-//! of them; only the address written into the return-address slot says which `common` runs.
+//! for return probes whose handler is proven light, whose `common` saves the general
+//! registers straight into the handler's `Regs` record (`build_return_common_regs`). An
+//! instance's index is the same in all of them; only the address written into the
+//! return-address slot says which `common` runs.
 //!
 //! Why this shape:
 //! - `common` saves every register a function may clobber (GCC's `-fipa-ra` lets a caller
@@ -47,8 +49,8 @@ use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
 use dynprobe_arch::native::detour::VectorWidth;
 use dynprobe_arch::native::trampoline::{
-    build_return_common, resume_stub, sled_entry, Cfa, RESUME_STUB_ALIGNED, RESUME_STUB_PUSHED, RESUME_STUB_SIZE,
-    SLED_ENTRY_SIZE,
+    build_return_common, build_return_common_regs, resume_stub, sled_entry, Cfa, RESUME_STUB_ALIGNED,
+    RESUME_STUB_PUSHED, RESUME_STUB_SIZE, SLED_ENTRY_SIZE,
 };
 use dynprobe_text::pool;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,13 +137,14 @@ pub(crate) static FULL: Sled = Sled::new();
 /// dynprobe's own function-graph tracer alone, whose return path is built for the baseline
 /// x86-64 and calls no C library routine (see `dynprobe_arch`'s `ftrace` module).
 pub(crate) static LIGHT: Sled = Sled::new();
-/// The sled whose `common` saves the general registers only, for return probes whose
-/// return handler is proven to leave the vector state alone (see `crate::light`) on calls
-/// no other instance diverts; its dispatcher calls that handler without `catch_unwind`
-/// (a light handler cannot unwind).
+/// The sled whose `common` saves the general registers only, into a `Regs` record its
+/// dispatcher hands the handler as it is, for return probes whose return handler is proven
+/// to leave the vector state alone (see `crate::light`) on calls no other instance diverts;
+/// its dispatcher calls that handler without `catch_unwind` (a light handler cannot unwind).
 pub(crate) static RP_LIGHT: Sled = Sled::new();
 
-/// What `common` saved of the registers a function may clobber, in
+/// What the [`FULL`] and [`LIGHT`] sleds' `common` saved of the registers a function may
+/// clobber, in
 /// [`SAVED_GPRS`](dynprobe_arch::native::trampoline::SAVED_GPRS) order.
 #[repr(C)]
 pub(crate) struct SaveArea {
@@ -201,14 +204,21 @@ pub(crate) fn install(
     } else {
         full_dispatch as *const () as u64
     };
+    // The light return probes' `common` saves the general registers straight into the
+    // handler's register record; the others save them, and the vector state of `width`,
+    // into an area their dispatcher reads.
+    let build = |ip| match std::ptr::eq(sled_kind, &RP_LIGHT) {
+        true => build_return_common_regs(ip, dispatch),
+        false => build_return_common(ip, dispatch, width),
+    };
     // `common` is built once for its length, then again at its final address (its call is
     // absolute, so the length does not depend on the address).
-    let common_len = build_return_common(0, dispatch, width).map_err(setup_error)?.code.len();
+    let common_len = build(0).map_err(setup_error)?.code.len();
     let size = LEAD as usize + entries * ENTRY_SIZE as usize + common_len + RESUME_STUB_SIZE;
     let slot = pool::alloc_near(dispatch, size)?;
     let sled = slot.addr + LEAD;
     let common_ip = sled + entries as u64 * ENTRY_SIZE;
-    let common = build_return_common(common_ip, dispatch, width).map_err(setup_error)?;
+    let common = build(common_ip).map_err(setup_error)?;
     let mut code = Vec::with_capacity(size);
     for i in 0..entries as u64 {
         code.extend_from_slice(&sled_entry(sled + i * ENTRY_SIZE, common_ip));
@@ -495,39 +505,14 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
     ret
 }
 
-/// [`full_dispatch`] for the [`RP_LIGHT`] sled: the same return path, its handler called
-/// directly. The register record is built field by field (a struct literal with
-/// `..Default::default()` is compiled to vector stores, which this path must not have).
-extern "C" fn light_return_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
-    // SAFETY: `common` passes its own stack save area, live for the whole call.
-    let save = unsafe { &mut *save };
-    let mut storage = std::mem::MaybeUninit::<Regs>::uninit();
-    let words = storage.as_mut_ptr().cast::<u64>();
-    // Each word written once, in `Regs` order: what the return path has for it, 0 for the
-    // registers it does not (callee-saved ones, flags, rip: set by the return path). One
-    // volatile store each, or neighbouring stores are merged into vector moves.
-    let values = [
-        0, // r15
-        0, // r14
-        0, // r13
-        0, // r12
-        save.r11, save.r10, save.r9, save.r8, 0, // rbp
-        0, // rbx
-        save.rax, save.rcx, save.rdx, save.rsi, save.rdi, 0, // rflags
-        caller_rsp, 0, // ip
-    ];
-    const _: () = assert!(std::mem::size_of::<Regs>() == 18 * 8);
-    for (i, value) in values.into_iter().enumerate() {
-        // SAFETY: `Regs` is a `repr(C)` struct of 18 u64 fields (checked above): `i` words
-        // into it are in it.
-        unsafe { std::ptr::write_volatile(words.add(i), value) };
-    }
-    // SAFETY: every word written just above; used in place (a move would be a vector copy).
-    let regs = unsafe { &mut *storage.as_mut_ptr() };
-    let ret = crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs);
-    save.rax = regs.rax;
-    save.rdx = regs.rdx;
-    ret
+/// [`full_dispatch`] for the [`RP_LIGHT`] sled, whose `common` saved the registers straight
+/// into `regs` (`build_return_common_regs`) and reloads them from it: the same return path,
+/// its handler called directly.
+extern "C" fn light_return_dispatch(after_call: u64, regs: *mut Regs) -> u64 {
+    // SAFETY: `common` passes the register record on its own stack, every word written, live
+    // for the whole call.
+    let regs = unsafe { &mut *regs };
+    crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs)
 }
 
 /// The light return-probe sled's dispatcher, for its proof.
