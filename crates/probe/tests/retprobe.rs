@@ -208,6 +208,54 @@ fn entry_handler_returning_false_leaves_the_call_untracked() {
     assert_eq!((stats.hits, stats.returns, stats.nmissed), (50, 50, 0));
 }
 
+/// The data area an entry handler gets is zeroed, whatever the previous call through the
+/// same instance (same thread, same depth) left in it — another probe's words, or some of
+/// this probe's own — and the return handler sees what the entry handler wrote.
+#[test]
+fn every_call_s_data_area_starts_zeroed_whatever_the_last_call_left_in_it() {
+    let _serial = setup();
+    let dirty = Arc::new(AtomicU64::new(0));
+    let (d1, d2) = (dirty.clone(), dirty.clone());
+    let filler = ReturnProbe::at(sym!("work"))
+        .on_entry(|regs, data| {
+            data.iter_mut().enumerate().for_each(|(i, w)| *w = regs.arg(0) + i as u64 + 1);
+            true
+        })
+        .on_return(|_, _| {})
+        .register()
+        .unwrap();
+    let checker = ReturnProbe::at(sym!("make_pair"))
+        .on_entry(move |regs, data| {
+            if data.iter().any(|&w| w != 0) {
+                d1.fetch_add(1, SeqCst);
+            }
+            // One word of its own, in a place that changes, for its next call to find.
+            data[regs.arg(0) as usize % 8] = u64::MAX;
+            true
+        })
+        .on_return(move |_, data| {
+            if data.iter().filter(|&&w| w == u64::MAX).count() != 1 || data.iter().any(|&w| w != 0 && w != u64::MAX) {
+                d2.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    for i in 0..100 {
+        // Both at depth 0 of this thread's instance stack: one instance, in turn.
+        assert_eq!(lib().func1("work")(i), 3 * i + 1);
+        assert_eq!(lib().func1("pair_sum")(i), (i + 1) * 1000 + 2 * i);
+        assert_eq!(lib().func1("pair_sum")(i + 1), (i + 2) * 1000 + 2 * (i + 1));
+    }
+    assert_eq!(
+        dirty.load(SeqCst),
+        0,
+        "an entry handler found words the last call left, or a return handler \
+        not the entry handler's"
+    );
+    assert_eq!(checker.unregister().unwrap().hits, 200);
+    assert_eq!(filler.unregister().unwrap().hits, 100);
+}
+
 #[test]
 fn a_return_handler_can_change_the_return_value() {
     let _serial = setup();
