@@ -149,8 +149,9 @@ struct Registry {
     /// instructions before it marks itself; so a site's memory is reused only after a delay
     /// no signal handler should outlast.
     quarantined: Vec<(Box<PatchSite>, Instant)>,
-    /// Replaced probe lists, freed at the next grace period.
-    retired: Vec<*mut ProbeList>,
+    /// Replaced probe lists and their sites' addresses, freed at the next grace period
+    /// once no thread runs those sites' handlers.
+    retired: Vec<(u64, *mut ProbeList)>,
     symbols: Option<SymbolTable>,
     /// Per module (path, load bias): where its code jumps into the middle of a function.
     foreign: BTreeMap<(std::path::PathBuf, u64), Arc<ModuleBranches>>,
@@ -358,10 +359,10 @@ pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
                 detour.make_heavy()?;
             }
         }
-        registry.retired.push(site.publish(ProbeList::new(list)));
+        registry.retired.push((target.addr, site.publish(ProbeList::new(list))));
         if let Err(e) = registry.update_arming(target.addr) {
             // Leave the site exactly as it was: without the new probe.
-            registry.retired.push(site.publish(before));
+            registry.retired.push((target.addr, site.publish(before)));
             return Err(e);
         }
         optimizer::kick();
@@ -462,7 +463,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let remaining = ProbeList::new(site.probes().iter().filter(|p| !Arc::ptr_eq(p, probe)).cloned().collect());
     if !remaining.is_empty() {
         let old = site.publish(remaining);
-        registry.retired.push(old);
+        registry.retired.push((probe.addr, old));
         registry.update_arming(probe.addr)?;
         // Returns once no thread can still be running this probe's handlers.
         return registry.grace_period(Some(probe.addr));
@@ -1018,22 +1019,30 @@ impl Registry {
     }
 
     /// Waits until no thread can hold a pointer handed out by the trap path before now, nor
-    /// run the handlers of the site at `site` through its detour, then frees the probe lists
-    /// retired before it.
+    /// run the handlers of the site at `site` through its detour, nor of any site whose
+    /// replaced probe list waits here (a detour's hit reads its site's list only once it has
+    /// marked itself, see `HandlerGuard`), then frees those lists.
     fn grace_period(&mut self, site: Option<u64>) -> Result<(), ProbeError> {
-        if let Some(site) = site {
+        let mut sites: Vec<u64> = self.retired.iter().map(|&(at, _)| at).chain(site).collect();
+        sites.sort_unstable();
+        sites.dedup();
+        if !sites.is_empty() {
             try_sync_core()?;
-            if !thread_slot::wait_while_active(site as usize, QUIESCE_TIMEOUT) {
-                return Err(TextError::StopFailed {
-                    reason: format!(
-                        "a thread stayed inside the handlers of the probe at {site:#x} for {QUIESCE_TIMEOUT:?}"
-                    ),
+            let deadline = Instant::now() + QUIESCE_TIMEOUT;
+            for at in sites {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !thread_slot::wait_while_active(at as usize, left) {
+                    return Err(TextError::StopFailed {
+                        reason: format!(
+                            "a thread stayed inside the handlers of the probe at {at:#x} for {QUIESCE_TIMEOUT:?}"
+                        ),
+                    }
+                    .into());
                 }
-                .into());
             }
         }
         stop::synchronize()?;
-        for list in self.retired.drain(..) {
+        for (_, list) in self.retired.drain(..) {
             // SAFETY: retired lists were leaked boxes replaced before this grace period.
             drop(unsafe { Box::from_raw(list) });
         }

@@ -393,15 +393,18 @@ extern "C" fn detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
 extern "C" fn light_detour_dispatch(site: *const PatchSite, frame: *mut Regs) -> u32 {
     // SAFETY: as in `dispatch`.
     let s = unsafe { &*site };
-    if let (Some(solo), Some(found)) = (s.probes().solo(), ThreadSlot::current()) {
+    if let Some(found) = ThreadSlot::current() {
         if found.1.seen_by_probes() && crate::retprobe::graph_hook_light() {
+            // Marked before the list is read, as in `dispatch`.
             if let Ok(guard) = HandlerGuard::enter_found(Some(found), s.addr) {
-                // SAFETY: as in `dispatch`.
-                let regs = unsafe { &mut *frame };
-                let rsp = regs.rsp;
-                solo.run(regs, &guard);
-                drop(guard);
-                return way_out(s, regs, rsp, false);
+                if let Some(solo) = s.probes().solo() {
+                    // SAFETY: as in `dispatch`.
+                    let regs = unsafe { &mut *frame };
+                    let rsp = regs.rsp;
+                    solo.run(regs, &guard);
+                    drop(guard);
+                    return way_out(s, regs, rsp, false);
+                }
             }
         }
     }
@@ -451,20 +454,26 @@ fn dispatch<const LIGHT: bool>(site: *const PatchSite, frame: *mut Regs) -> u32 
         // dynprobe's own thread: no handler runs and nothing is counted, as if unprobed.
         return 0;
     }
-    // One list for the check and the run: a list published meanwhile is the next hit's.
-    let probes = site.probes();
-    if LIGHT && !PatchSite::all_light(probes) {
-        return REDO_FULL;
-    }
+    // The thread marks itself (or, inside a handler already, the site as the one it
+    // misses) before it reads the site's list: the registry frees a replaced list once no
+    // thread is marked for its site (`wait_while_active`), so a list read before the mark
+    // could be freed under the hit.
     let guard = match HandlerGuard::enter_found(found, site.addr) {
         Ok(guard) => guard,
         Err(_miss) => {
             site.count_missed();
             // Guards rewrite argument registers only: the fast way out still fits.
-            site.run_nested_guards::<LIGHT>(probes, regs, 0);
+            site.run_nested_guards::<LIGHT>(site.probes(), regs, 0);
             return 0;
         }
     };
+    // One list for the check and the run: a list published meanwhile is the next hit's.
+    let probes = site.probes();
+    if LIGHT && !PatchSite::all_light(probes) {
+        // Runs nothing here: the detour calls the full dispatcher, which marks again.
+        drop(guard);
+        return REDO_FULL;
+    }
     let rsp = regs.rsp;
     if !LIGHT {
         // The full path saved the vector registers below the frame (`hit_xmm`).
