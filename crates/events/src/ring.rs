@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
 
 use crate::clock::Clock;
 use crate::error::EventsError;
@@ -59,14 +59,6 @@ const RING_HEADER_BYTES: usize = std::mem::size_of::<RingHeader>();
 /// default of the kernel's `fault_around_bytes` (mm/memory.c). A smaller setting only
 /// leaves some pages to the producer's own faults.
 const FAULT_AROUND: usize = 64 << 10;
-/// Records per window of a ring that its producer makes present at once on its first lap
-/// (64 KiB, see `RingFile::prefault_window`).
-const WINDOW_RECORDS: usize = FAULT_AROUND / RECORD_BYTES;
-/// `MADV_POPULATE_WRITE` (linux/mman.h, Linux 5.14).
-const MADV_POPULATE_WRITE: u64 = libc::MADV_POPULATE_WRITE as u64;
-/// Set once the kernel refused a producer's `madvise(MADV_POPULATE_WRITE)` (see
-/// `RingFile::prefault_window`).
-static PREFAULT_REFUSED: AtomicBool = AtomicBool::new(false);
 /// How many records ahead of the head a push prefetches the ring's memory (four cache
 /// lines): a line is filled every four records, a couple of traced calls, so the prefetch
 /// is issued about a microsecond before the line is written.
@@ -168,6 +160,8 @@ pub struct RingFile {
     rings: usize,
     capacity: usize,
     clock: Clock,
+    /// The file's device and inode, for a consumer (see [`RingFile::producer_maps_this_file`]).
+    file_id: Option<(u64, u64)>,
 }
 
 // SAFETY: the mapping is shared memory reached only through atomics (ring headers and
@@ -197,7 +191,7 @@ impl RingFile {
                 return Err(e);
             }
         };
-        let ring = RingFile { base, layout, rings, capacity, clock };
+        let ring = RingFile { base, layout, rings, capacity, clock, file_id: None };
         // SAFETY: getpid cannot fail.
         let pid = unsafe { libc::getpid() } as u32;
         ring.write_header(pid, 0);
@@ -210,7 +204,8 @@ impl RingFile {
     pub fn open(path: &Path) -> Result<RingFile, EventsError> {
         let bad = |what: String| EventsError::BadRingFile { path: path.to_owned(), what };
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(EventsError::io("open", path))?;
-        let len = file.metadata().map_err(EventsError::io("stat", path))?.len();
+        let meta = file.metadata().map_err(EventsError::io("stat", path))?;
+        let len = meta.len();
         if len < HEADER_BYTES as u64 {
             return Err(bad(format!("it has {len} bytes, fewer than its {HEADER_BYTES}-byte header")));
         }
@@ -219,7 +214,9 @@ impl RingFile {
         // Until checked, the sizes are placeholders that make the header readable and the
         // mapping unmapped on every error path below.
         let placeholder = Layout { ring_offset: 0, stride: 0, len };
-        let mut ring = RingFile { base, layout: placeholder, rings: 0, capacity: 0, clock: Clock::MonotonicNs };
+        let file_id = Some((std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta)));
+        let mut ring =
+            RingFile { base, layout: placeholder, rings: 0, capacity: 0, clock: Clock::MonotonicNs, file_id };
         let h = ring.read_header();
         if h.magic != MAGIC {
             return Err(bad(format!("magic {:#018x}, not {MAGIC:#018x} (\"DYNPRING\")", h.magic)));
@@ -250,9 +247,10 @@ impl RingFile {
     ///
     /// Only one thread may push into a ring at a time (the caller assigns rings); a signal
     /// handler may interrupt a push and push into the same ring (its record is counted lost).
-    /// Allocates nothing, takes no lock, calls nothing but, on a ring's first lap, one
-    /// `madvise` system call per 4096 records (`RingFile::prefault_window`, which spares the
-    /// thread the page faults it would take instead): async-signal-safe.
+    /// Allocates nothing, takes no lock, calls nothing, never blocks: async-signal-safe. (No
+    /// system call either: the traced thread's only system calls are the program's own — a
+    /// sandbox's seccomp(2) filter must never see one of ours. Its ring pages are mapped
+    /// ahead of it by the consumer, [`RingFile::populate`].)
     ///
     /// * When `tid` is not the ring's current thread, a [`Kind::Thread`] record goes first.
     /// * When records were dropped since the last [`Kind::Lost`] record, a `Lost` record with
@@ -329,12 +327,6 @@ impl RingFile {
             // The cache line a few records on, fetched for writing while this thread does
             // its own work: a first lap writes memory no cache holds.
             prefetch_for_write(self.slot(ring, at.wrapping_add(PREFETCH_AHEAD)).as_ptr().cast());
-            // On the first lap, entering a window of records (or starting): its next one
-            // made present and mapped, before the records get there.
-            let window = |index: u64| index / WINDOW_RECORDS as u64;
-            if head < self.capacity as u64 && (head == 0 || window(head) != window(at)) {
-                self.prefault_window(ring, head, window(at).wrapping_add(1));
-            }
         }
 
         compiler_fence(Ordering::SeqCst);
@@ -466,49 +458,6 @@ impl RingFile {
         self.map_in_producer(start - self.base as usize, end - self.base as usize);
     }
 
-    /// The producer's own help on a ring's first lap, once per [`WINDOW_RECORDS`] records:
-    /// makes the pages of window `next` (and at the ring's start, `head` 0, the first
-    /// window's too) present and mapped with one `madvise(MADV_POPULATE_WRITE)` — a few
-    /// hundred nanoseconds a page where the write faults it spares cost a microsecond or
-    /// more each, and less than a microsecond for the whole window when the consumer
-    /// mapped it already ([`RingFile::populate`]), as it does while it keeps pace. Short
-    /// programs gain most: their threads write before the consumer's first poll. A raw
-    /// system call, no C library, `errno` left alone; a kernel that refuses it (before
-    /// 5.14) leaves the pages to the thread's faults, as before.
-    ///
-    /// Once the kernel refuses it (before 5.14; or a seccomp(2) filter of the program's
-    /// that answers the call with an error), no thread of the process asks again: a traced
-    /// program should not see a stream of system calls it did not make fail.
-    #[cold]
-    #[inline(never)]
-    fn prefault_window(&self, ring: usize, head: u64, next: u64) {
-        if PREFAULT_REFUSED.load(Ordering::Relaxed) {
-            return;
-        }
-        let capacity = self.capacity as u64;
-        let first = match head {
-            0 => 0,
-            _ => next.wrapping_mul(WINDOW_RECORDS as u64),
-        };
-        let end = next.wrapping_add(1).wrapping_mul(WINDOW_RECORDS as u64).min(capacity);
-        if first >= end {
-            return;
-        }
-        let from = self.slot(ring, first).as_ptr() as usize;
-        let to = (self.slot(ring, end.wrapping_sub(1)).as_ptr() as usize).wrapping_add(RECORD_BYTES);
-        let start = from & !(PAGE - 1);
-        let len = to.next_multiple_of(PAGE).wrapping_sub(start);
-        // SAFETY: madvise of pages of this ring inside our mapping (rounded out to whole
-        // pages: at most a neighbouring ring's header page beyond); populating changes no
-        // byte and no mapping.
-        let done = unsafe {
-            dynprobe_text::raw::syscall4(libc::SYS_madvise, start as u64, len as u64, MADV_POPULATE_WRITE, 0)
-        };
-        if done < 0 {
-            PREFAULT_REFUSED.store(true, Ordering::Relaxed);
-        }
-    }
-
     /// Maps the file's bytes `[start, end)`, present in memory, into the producer's page
     /// tables: it reads one byte of every [`FAULT_AROUND`] window of them from the
     /// producer's mapping with `process_vm_readv(2)`, whose read fault in the producer's
@@ -520,7 +469,7 @@ impl RingFile {
     fn map_in_producer(&self, start: usize, end: usize) {
         let header = self.read_header();
         let base = header.producer_base as usize;
-        if base == 0 || start >= end || end > self.layout.len {
+        if base == 0 || start >= end || end > self.layout.len || !self.producer_maps_this_file(header.pid, base) {
             return;
         }
         const BATCH: usize = 64;
@@ -544,6 +493,22 @@ impl RingFile {
                 return;
             }
         }
+    }
+
+    /// Whether process `pid` maps this very file at `base` (its whole length, as the producer
+    /// maps it): the pid and address in the header are the producer's word, and are not
+    /// trusted to name the process this consumer reads — the producer may have exec'd a
+    /// moment ago, its pid may be reused, or it may see itself under another pid (a pid
+    /// namespace). `/proc/PID/map_files/START-END` names a mapping of that exact range
+    /// (proc(5)), and its `stat` is the mapped file's; anything else, or no access, is no.
+    fn producer_maps_this_file(&self, pid: u32, base: usize) -> bool {
+        let Some((dev, ino)) = self.file_id else { return false };
+        // The mapping ends at the page its last byte is in.
+        let end = (base + self.layout.len).next_multiple_of(PAGE);
+        let link = format!("/proc/{pid}/map_files/{base:x}-{end:x}");
+        std::fs::metadata(link).is_ok_and(|m| {
+            std::os::unix::fs::MetadataExt::dev(&m) == dev && std::os::unix::fs::MetadataExt::ino(&m) == ino
+        })
     }
 
     /// Counts one call the tracer could not record at all (its thread was inside the
@@ -1112,11 +1077,28 @@ mod tests {
         }
     }
 
-    /// A producer filling a ring for the first time takes no page fault (before, one per
-    /// page): the consumer's populating maps the pages into it, and where the consumer has
-    /// not got there yet the producer makes each next window present itself.
+    /// The consumer maps pages into the producer only when the producer named in the header
+    /// maps this very file at the address it gave: not another file's mapping there, not
+    /// another process (a reused pid, one in another pid namespace).
     #[test]
-    fn a_ring_is_filled_without_page_faults_populated_by_the_consumer_or_not() {
+    fn a_consumer_touches_only_a_producer_mapping_this_very_file() {
+        let dir = TempDir::in_memory("ring-producer-check");
+        let a = RingFile::create(&dir.path().join("1.0.ring"), 2, 1 << 10, Clock::MonotonicNs).unwrap();
+        let b = RingFile::create(&dir.path().join("2.0.ring"), 2, 1 << 10, Clock::MonotonicNs).unwrap();
+        let consumer = RingFile::open(&dir.path().join("2.0.ring")).unwrap();
+        let me = std::process::id();
+        assert!(consumer.producer_maps_this_file(me, b.base as usize), "its own producer");
+        assert!(!consumer.producer_maps_this_file(me, a.base as usize), "another ring file's mapping");
+        assert!(!consumer.producer_maps_this_file(1, b.base as usize), "another process");
+        assert!(!a.producer_maps_this_file(me, a.base as usize), "a producer has no file identity to check");
+    }
+
+    /// A producer filling a ring for the first time takes no page fault where the consumer
+    /// populated it (before, one per page: the consumer's populating now maps the pages into
+    /// the producer too), and one per page where nobody did — the producer makes no system
+    /// call of its own to avoid them (a sandboxed program must see none of ours).
+    #[test]
+    fn a_ring_the_consumer_populated_is_filled_without_page_faults() {
         let dir = TempDir::in_memory("ring-populate");
         let path = dir.path().join("1.0.ring");
         let capacity = 1 << 16;
@@ -1128,18 +1110,17 @@ mod tests {
         let consumer = RingFile::open(&path).unwrap();
         consumer.populate(1, 0, capacity as u64);
         let faults = FaultCounter::start();
-        // The consumer's part alone: every slot written, without the producer's own help.
-        for seq in 0..capacity as u64 {
-            producer.write_slot(1, seq, entry(seq));
+        for seq in 1..capacity as u64 {
+            producer.push(1, 77, entry(seq));
         }
+        assert_eq!(producer.written(1), capacity as u64, "the first push wrote a Thread record too");
         let populated = faults.read();
-        assert!(populated <= few, "{populated} faults writing a populated ring of {pages} pages");
-        // The producer's part alone: a ring nobody populated, filled by pushes.
+        assert!(populated <= few, "{populated} faults filling a populated ring of {pages} pages");
+        // The same pushes into the ring nobody populated: a fault a page.
         for seq in 1..capacity as u64 {
             producer.push(0, 77, entry(seq));
         }
-        assert_eq!(producer.written(0), capacity as u64, "the first push wrote a Thread record too");
         let not_populated = faults.read() - populated;
-        assert!(not_populated <= few, "{not_populated} faults filling a ring of {pages} pages nobody populated");
+        assert!(not_populated >= pages as u64 / 2, "{not_populated} faults filling {pages} pages nobody populated");
     }
 }

@@ -1,8 +1,8 @@
 /*
  * A program whose seccomp(2) filter answers madvise(2) with SIGSYS (SECCOMP_RET_TRAP) — a
- * sandbox that never expects the call — then makes traced calls enough to fill many ring
- * windows. Its SIGSYS handler counts the trapped calls and makes each fail with EPERM, so
- * a tracer that asks the kernel again and again would show as a large count.
+ * sandbox that never expects the call — then makes traced calls enough to fill many pages
+ * of a tracer's ring. Its SIGSYS handler counts the trapped calls and makes each fail with
+ * EPERM: a tracer making system calls on the program's thread shows as a count above 0.
  *
  *   seccomp_madvise N   ->  "sum S\nsigsys K\n"
  */
