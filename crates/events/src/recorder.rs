@@ -44,12 +44,12 @@ pub struct RecordStats {
     pub missed: u64,
 }
 
-/// What the recorder keeps of one ring between polls.
 /// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB), at
 /// least: twice what the thread wrote since the previous poll when that is more, so that a
 /// thread faster than the drain still finds its pages ready (see `RingFile::populate`).
 const POPULATE_AHEAD: u64 = 1 << 18;
 
+/// What the recorder keeps of one ring between polls.
 #[derive(Debug, Clone, Copy, Default)]
 struct RingState {
     /// The thread of the last `Thread` record: the owner of the records that follow.

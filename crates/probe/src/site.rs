@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 /// What every hit of a light detour asks of the whole list — may its handlers run without
 /// the vector state saved? — is answered once, when the list is made, and kept beside the
 /// probes: a hit reads one byte instead of walking each probe's verdict.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct ProbeList {
     probes: Vec<Arc<ProbeShared>>,
     /// Every probe's handlers proven light (see `crate::light`).

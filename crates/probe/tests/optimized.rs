@@ -1241,6 +1241,37 @@ fn a_light_return_handler_returns_through_the_light_sled_and_a_hidden_vector_use
 /// value and the caller's `rsp`, returns what the handler leaves in `rax` and `rdx`, and
 /// counts each call once, giving its `maxactive` count back (200 calls through a
 /// `maxactive` of 4 miss none).
+/// A return handler's change to a register a function may clobber (here `rcx`, which
+/// `kept_gprs_caller` checks it kept across its call: it answers -1 if not) reaches the
+/// caller the same way whether the handler is light (its sled reloads the record) or heavy
+/// (the full sled writes the nine registers back).
+#[test]
+fn a_return_handlers_change_to_a_clobberable_register_reaches_the_caller_on_both_sleds() {
+    let _serial = serial();
+    let t = target();
+    let caller = t.func1("kept_gprs_caller");
+    fn check(
+        caller: extern "C" fn(i64) -> i64,
+        light: bool,
+        handler: impl Fn(&mut dynprobe_probe::Regs, &dynprobe_probe::InstanceData) + Send + Sync + 'static,
+    ) {
+        let probe = dynprobe_probe::ReturnProbe::at(sym!("kept_gprs_leaf")).on_return(handler).register().unwrap();
+        assert_eq!(probe.returns_light(), light);
+        dynprobe_probe::wait_for_optimizer().unwrap();
+        for x in 0..20 {
+            assert_eq!(caller(x), -1, "light {light}, x = {x}: the caller found its rcx as it kept it");
+        }
+        probe.unregister().unwrap();
+    }
+    check(caller, true, |regs, _| regs.rcx = 0);
+    check(caller, false, |regs, _| {
+        // Floating point: vector instructions, so the handler is heavy.
+        regs.rax = std::hint::black_box(regs.rax as f64 * 1.0) as u64;
+        regs.rcx = 0;
+    });
+    assert_eq!(caller(5), 16);
+}
+
 #[test]
 fn a_light_return_keeps_the_callers_registers_and_returns_what_the_handler_leaves() {
     let _serial = serial();

@@ -400,9 +400,12 @@ impl ReturnProbe {
     }
 
     /// The return handler: runs when a tracked call returns, with `rax`, `rdx` (the return
-    /// value), `rsp` (as in the caller after the return) and `ip` (the caller's return
-    /// address) set — the other registers read as 0 — and the data area the entry handler
-    /// filled. Changing `rax`/`rdx` changes the value returned; changing `ip` returns there.
+    /// value), the other registers a function may clobber (`rcx`, `rsi`, `rdi`, `r8`–`r11`,
+    /// as it left them), `rsp` (as in the caller after the return) and `ip` (the caller's
+    /// return address) set — the callee-saved registers and the flags read as 0 — and the
+    /// data area the entry handler filled. Changing `rax`/`rdx` changes the value returned,
+    /// changing another of those nine changes what the caller finds in it, changing `ip`
+    /// returns there.
     ///
     /// A return handler proven, by decoding, to leave the vector, x87 and MXCSR state alone
     /// (as [`Probe::on_hit`]'s) runs behind a trampoline that saves only the general

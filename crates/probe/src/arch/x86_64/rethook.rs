@@ -500,8 +500,19 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
     let width = super::detour::vector_width();
     let vectors = VectorSave::of_area(save as *mut SaveArea as usize - width.save_size() as usize, width);
     let ret = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs, vectors);
-    save.rax = regs.rax;
-    save.rdx = regs.rdx;
+    // Every register `common` reloads, as the light sled's does: a handler's change reaches
+    // the caller the same way on both sleds.
+    *save = SaveArea {
+        rax: regs.rax,
+        rdx: regs.rdx,
+        rcx: regs.rcx,
+        rsi: regs.rsi,
+        rdi: regs.rdi,
+        r8: regs.r8,
+        r9: regs.r9,
+        r10: regs.r10,
+        r11: regs.r11,
+    };
     ret
 }
 
