@@ -620,6 +620,38 @@ fn ring_dir_listing(r: &Recorded) -> (String, String, Vec<String>) {
     (path.to_string(), mode.to_string(), files)
 }
 
+/// A ring directory left behind by a `record` that was killed (nobody holds its owner file
+/// locked any more) is removed by the next `record`; one whose owner holds the lock, or one
+/// without an owner file, is left alone.
+#[test]
+fn the_ring_directory_of_a_killed_record_is_removed_by_the_next() {
+    use std::os::fd::AsRawFd;
+    assert!(Path::new("/dev/shm").is_dir(), "the test needs /dev/shm");
+    let make = |name: &str, owner: bool| {
+        let dir = Path::new("/dev/shm").join(format!("dynprobe-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("4242.0.ring"), "rings").unwrap();
+        let file = owner.then(|| {
+            std::fs::write(dir.join("record.owner"), "4242\n").unwrap();
+            std::fs::File::open(dir.join("record.owner")).unwrap()
+        });
+        (dir, file)
+    };
+    let (killed, _) = make("killed", true);
+    let (live, held) = make("live", true);
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_ref().unwrap().as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let (unowned, _) = make("unowned", false);
+    let r = record("sweep", &[], traced_c(Sites::Mcount), &["fib"]);
+    assert!(r.output.status.success(), "{}", r.stderr());
+    let left = (killed.exists(), live.exists(), unowned.exists());
+    for dir in [&killed, &live, &unowned] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert_eq!(left, (false, true, true), "(killed record's, live record's, without owner) still there");
+}
+
 /// The ring directory's name is fresh and unpredictable: a directory of another user's
 /// at the name it had before, `/dev/shm/dynprobe-<pid of dynprobe>` (made for pids to come),
 /// neither stops `record` (it could not remove it) nor is removed by root's. Run in a new
@@ -674,7 +706,7 @@ fn traces_rings_and_outputs_are_their_owner_s_only_whatever_the_umask() {
     let (_, ring_mode, ring_files) = ring_dir_listing(&r);
     assert_eq!(
         (ring_mode.as_str(), ring_files),
-        ("700", vec!["funcs 600".into(), "ring 600".into(), "sites 600".into()])
+        ("700", vec!["funcs 600".into(), "owner 600".into(), "ring 600".into(), "sites 600".into()])
     );
     let mut seen = 0;
     let mut dirs = vec![r.dir.clone()];

@@ -25,7 +25,7 @@ use clap::ArgMatches;
 use dynprobe_events::files::{self, PrivateDir};
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -465,10 +465,74 @@ impl OutputDir {
 /// Mode 0700: the agents that write into it run as the user that runs `record` (a program
 /// `record` starts that switches to another user before it `exec`s is not traced: its
 /// agent says it cannot write there), and the ring files inside are 0600.
+///
+///
+/// It holds an [`OWNER_FILE`] this process keeps locked: a `record` killed before it could
+/// remove its directory leaves it in memory (the ring pages the recorder populated, up to
+/// the rings' size), and the next `record` removes it ([`remove_abandoned_ring_dirs`]).
 fn ring_dir(out_dir: &Path) -> Result<PrivateDir, String> {
     let shm = Path::new("/dev/shm");
     let parent = if shm.is_dir() { shm } else { out_dir };
-    PrivateDir::new_in(parent, "dynprobe-").map_err(|e| format!("cannot create the ring directory: {e}"))
+    remove_abandoned_ring_dirs(parent);
+    let dir =
+        PrivateDir::new_in(parent, RING_DIR_PREFIX).map_err(|e| format!("cannot create the ring directory: {e}"))?;
+    // Best effort: without it the directory is only never removed by another `record`.
+    let _ = lock_as_owner(dir.path());
+    Ok(dir)
+}
+
+/// What ring directories' names start with.
+const RING_DIR_PREFIX: &str = "dynprobe-";
+/// The file in a ring directory whose lock (flock(2)) the `record` that made it holds for
+/// as long as it runs: the kernel lets go of it when that process ends, however it ends,
+/// and a lock is the same in every pid namespace (a pid in the file would not be). The
+/// file says the pid, for a reader.
+const OWNER_FILE: &str = "record.owner";
+
+/// Makes `dir`'s [`OWNER_FILE`], locked by this process until it ends: made under another
+/// name and locked first, then renamed, so that no other `record` ever sees it unlocked.
+/// The descriptor is close-on-exec (a traced program would otherwise hold the lock) and
+/// kept open for the process's life.
+fn lock_as_owner(dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())?;
+    fs::rename(&tmp, dir.join(OWNER_FILE))?;
+    // The lock is the process's for its life: the descriptor is never closed.
+    std::mem::forget(file);
+    Ok(())
+}
+
+/// Removes the ring directories in `parent` whose `record` is gone without removing them
+/// (killed): each one this user owns whose [`OWNER_FILE`] nobody holds locked. A traced
+/// program that still maps a ring file there keeps its memory (removing a file does not
+/// unmap it) and frees it when it lets go; nothing of a live `record`'s is touched, nor a
+/// directory without the file (an older dynprobe's, or one still being made).
+fn remove_abandoned_ring_dirs(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let is_ring_dir = entry.file_name().to_str().is_some_and(|name| name.starts_with(RING_DIR_PREFIX));
+        // `symlink_metadata`: a link named like one of ours is not followed.
+        let ours = fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if !is_ring_dir || !ours {
+            continue;
+        }
+        let Ok(owner) = fs::File::open(entry.path().join(OWNER_FILE)) else { continue };
+        // SAFETY: flock on a descriptor we own; closing it (drop) lets go of the lock.
+        let abandoned =
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&owner), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if abandoned {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
