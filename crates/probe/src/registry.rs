@@ -466,7 +466,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
         registry.retired.push((probe.addr, old));
         registry.update_arming(probe.addr)?;
         // Returns once no thread can still be running this probe's handlers.
-        return registry.grace_period(Some(probe.addr));
+        return registry.grace_period(&[probe.addr]);
     }
 
     // The last probe: restore the byte, then wait until no thread is in the handler or slot.
@@ -480,7 +480,7 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
         let site = registry.sites.get(&probe.addr).expect("checked above");
         write_islands(&[&**site], Islands::Restore)?;
         trap::unregister_site(probe.addr);
-        registry.grace_period(Some(probe.addr))?;
+        registry.grace_period(&[probe.addr])?;
         wait_until_no_thread_in(slot.addr, slot.size as u64)?;
         detour.map_or(Ok(()), |d| wait_until_no_thread_in(d.addr, d.size as u64))
     });
@@ -522,26 +522,8 @@ pub(crate) fn unregister_all<'a>(probes: &[&'a Arc<ProbeShared>]) -> Result<Vec<
         }
     }
     batch.iter().for_each(|p| trap::unregister_site(p.addr));
-    let quiesced = try_sync_core()
-        .map_err(ProbeError::from)
-        .and_then(|()| {
-            let deadline = Instant::now() + QUIESCE_TIMEOUT;
-            for p in &batch {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if !thread_slot::wait_while_active(p.addr as usize, left) {
-                    return Err(TextError::StopFailed {
-                        reason: format!(
-                            "a thread stayed inside the handlers of the probe at {:#x} for {QUIESCE_TIMEOUT:?}",
-                            p.addr
-                        ),
-                    }
-                    .into());
-                }
-            }
-            Ok(())
-        })
-        .and_then(|()| registry.grace_period(None))
-        .and_then(|()| wait_until_no_thread_in_any(&ranges));
+    let addrs: Vec<u64> = batch.iter().map(|p| p.addr).collect();
+    let quiesced = registry.grace_period(&addrs).and_then(|()| wait_until_no_thread_in_any(&ranges));
     // On an error they stay registered and disabled (no byte of theirs in the code), as
     // `unregister` leaves a probe it could not remove: the caller removes them one by one.
     quiesced?;
@@ -1019,11 +1001,11 @@ impl Registry {
     }
 
     /// Waits until no thread can hold a pointer handed out by the trap path before now, nor
-    /// run the handlers of the site at `site` through its detour, nor of any site whose
+    /// run the handlers of the sites at `sites` through their detours, nor of any site whose
     /// replaced probe list waits here (a detour's hit reads its site's list only once it has
-    /// marked itself, see `HandlerGuard`), then frees those lists.
-    fn grace_period(&mut self, site: Option<u64>) -> Result<(), ProbeError> {
-        let mut sites: Vec<u64> = self.retired.iter().map(|&(at, _)| at).chain(site).collect();
+    /// marked itself, see `HandlerGuard`), then frees those lists. One deadline for all.
+    fn grace_period(&mut self, sites: &[u64]) -> Result<(), ProbeError> {
+        let mut sites: Vec<u64> = self.retired.iter().map(|&(at, _)| at).chain(sites.iter().copied()).collect();
         sites.sort_unstable();
         sites.dedup();
         if !sites.is_empty() {
