@@ -41,9 +41,10 @@ impl ProbeShared {
     pub(crate) fn enabled_flag(&self) -> *const AtomicBool {
         &self.enabled
     }
-    /// The counter [`Self::count_hit`] adds to.
-    pub(crate) fn hit_counter(&self) -> &PerThreadCounter {
-        &self.hits
+    /// The per-thread cells [`Self::count_hit`] adds to, for a probe list's
+    /// [`Solo`](crate::site::Solo); `None` when the hits go to the counter's shared cell.
+    pub(crate) fn hit_cells(&self) -> Option<crate::counter::Cells> {
+        self.hits.cells()
     }
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Release);

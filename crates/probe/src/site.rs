@@ -53,9 +53,10 @@ impl ProbeList {
     pub(crate) fn new(probes: Vec<Arc<ProbeShared>>) -> ProbeList {
         let light = probes.iter().all(|p| p.light.is_ok());
         let solo = match probes.as_slice() {
-            [p] if light && !p.internal && p.post.is_none() => p.pre.as_deref().and_then(|pre| {
-                Some(Solo { enabled: p.enabled_flag(), hits: p.hit_counter().cells()?, pre: pre as *const _ })
-            }),
+            [p] if light && !p.internal && p.post.is_none() => p
+                .pre
+                .as_deref()
+                .and_then(|pre| Some(Solo { enabled: p.enabled_flag(), hits: p.hit_cells()?, pre: pre as *const _ })),
             _ => None,
         };
         ProbeList { probes, light, solo }
