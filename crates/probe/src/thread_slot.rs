@@ -169,6 +169,12 @@ impl ThreadSlot {
         self.own.load(Ordering::Relaxed) == 1 && !self.hidden.load(Ordering::Relaxed)
     }
 
+    /// The owner's kernel thread id: the calling thread's, on a slot it found as its own.
+    #[inline]
+    pub(crate) fn owner_tid(&self) -> i32 {
+        self.tid.load(Ordering::Relaxed)
+    }
+
     /// The slot's generation (see the field).
     #[inline]
     #[allow(dead_code)] // read by return probes

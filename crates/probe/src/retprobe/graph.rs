@@ -137,15 +137,62 @@ pub fn graph_return_width() -> Option<VectorWidth> {
 /// Enters a call for the function-graph tracer: `rsp` is the stack pointer at the entry of
 /// function `func` (it points at the return address), `max_depth` the deepest call to
 /// track. Diverts the return address so that [`graph_install`]'s hook hears of the call's
-/// end, and says whether the call is tracked and where. Allocation-free and lock-free: it runs on the traced thread at every
-/// call. [`graph_install`] must have succeeded first.
+/// end, and says whether the call is tracked and where. Allocation-free and lock-free: it
+/// runs on the traced thread at every call. [`graph_install`] must have succeeded first.
 #[inline]
 pub fn graph_enter(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
+    match enter_above_live_calls(rsp, func, max_depth) {
+        Some(entry) => GraphEnter::Entered(entry),
+        None => graph_enter_general(rsp, func, max_depth),
+    }
+}
+
+/// [`graph_enter`] for the call nearly every traced call is: made by a thread known to be
+/// the program's, outside any handler, with its instance stack current and the call on top
+/// of it still in flight (its return-address slot above ours), so that nothing is
+/// abandoned, shared or too deep. `None` sends every other case to the general path, which
+/// decides it as it always has: this is only that path with its answers known in advance.
+#[inline(always)]
+fn enter_above_live_calls(rsp: u64, func: u32, max_depth: usize) -> Option<GraphEntry> {
+    let (slot, thread) = ThreadSlot::current()?;
+    if !thread.seen_by_probes() || thread.untraced.load(Ordering::Relaxed) || rsp & 7 != 0 {
+        return None;
+    }
+    if thread.active.load(Ordering::Relaxed) != 0 {
+        return None;
+    }
+    let _guard = HandlerGuard::enter_found(Some((slot, thread)), crate::thread_slot::ANY_SITE as u64).ok()?;
+    let stack = stack(slot);
+    let top = stack.top.load(Ordering::Relaxed) as usize;
+    if stack.generation.load(Ordering::Relaxed) != thread.generation() || top >= max_depth.min(MAX_DEPTH) {
+        return None;
+    }
+    let base = slot * MAX_DEPTH;
+    // SAFETY: an instance of this thread below `top`.
+    if top > 0 && unsafe { (*instance(base + top - 1)).slot_addr } <= rsp {
+        return None;
+    }
+    // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
+    unsafe { (*instance(base + top)).data.0[0] = u64::from(func) };
+    let c = Claim { slot, base, top, current: read_slot(rsp), shared: false };
+    commit(&c, rsp, GRAPH, 0, &rethook::LIGHT);
+    Some(GraphEntry { slot, tid: thread.owner_tid() as u32, depth: top })
+}
+
+/// [`graph_enter`]'s every case: dynprobe's own and hidden threads, a thread inside a
+/// handler, calls abandoned or shared, too deep.
+#[cold]
+#[inline(never)]
+fn graph_enter_general(rsp: u64, func: u32, max_depth: usize) -> GraphEnter {
     // dynprobe's own threads are never traced, from their first instruction on.
     if crate::own_thread::current_thread_is_own() {
         return GraphEnter::Skipped;
     }
     let Some(guard) = HandlerGuard::enter() else { return GraphEnter::Missed };
+    // Asked once per thread: what the fast path reads next time.
+    if guard.thread().owner_unseen() {
+        return GraphEnter::Skipped;
+    }
     enter_graph_call(guard.slot_index(), guard.thread(), rsp, func, max_depth)
 }
 
@@ -202,13 +249,39 @@ pub(super) fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func:
 /// the function-graph tracer's (a return probe joining a call writes the full sled's
 /// entry), so there are no handlers to give registers to; `retval` is the returning
 /// function's `rax`, for the exit hook.
-#[inline]
+///
+/// The call such a sled sees nearly always — its instance the top of the thread's stack and
+/// alone at its return-address slot — ends without [`end_calls`]' walks (as a light return
+/// probe's does, see `on_return_light`).
+#[inline(always)]
 pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64 {
     // Held so that a signal handler's traced call cannot push onto the stack while the
     // instances are given back (it counts as missed instead).
     let _guard = HandlerGuard::enter();
+    let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
+    let stack = stack(slot);
     // SAFETY: the trampoline entry says this thread pushed this instance.
-    let orig = unsafe { (*instance(index)).orig };
+    let inst = unsafe { &*instance(index) };
+    let orig = inst.orig;
+    let alone = stack.top.load(Ordering::Relaxed) as usize == depth + 1
+        && inst.slot_addr + 8 == caller_rsp
+        // SAFETY: an instance of this thread below `top`.
+        && (depth == 0 || unsafe { (*instance(index - 1)).slot_addr } != inst.slot_addr);
+    if !alone {
+        return on_graph_return_general(index, caller_rsp, retval, orig);
+    }
+    graph_exit(slot, depth, inst, false, retval);
+    // Everything needed was read before the instance is given back (as in `end_calls`).
+    compiler_fence(Ordering::SeqCst);
+    stack.top.store(depth as u32, Ordering::Release);
+    orig
+}
+
+/// [`on_graph_return`]'s every case: instances abandoned above the returning one, others
+/// sharing its return-address slot.
+#[cold]
+#[inline(never)]
+fn on_graph_return_general(index: usize, caller_rsp: u64, retval: u64, orig: u64) -> u64 {
     end_calls(index, caller_rsp, |slot, k, inst| {
         graph_exit(slot, k, inst, false, retval);
     });
