@@ -45,9 +45,15 @@ pub struct RecordStats {
 }
 
 /// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB), at
-/// least: twice what the thread wrote since the previous poll when that is more, so that a
+/// least: twice what the thread wrote since the previous look when that is more, so that a
 /// thread faster than the drain still finds its pages ready (see `RingFile::populate`).
 const POPULATE_AHEAD: u64 = 1 << 18;
+
+/// Records drained from a ring before its pages are looked at again (1 MiB): on a fast
+/// thread's first lap, populating ahead of it must not wait for a drain of its whole
+/// backlog (and the backlog's writing into the trace), which can take tens of
+/// milliseconds while the thread runs past the populated pages into page faults.
+const DRAIN_CHUNK: usize = 1 << 16;
 
 /// What the recorder keeps of one ring between polls.
 #[derive(Debug, Clone, Copy, Default)]
@@ -325,39 +331,47 @@ impl Recorder {
             if !ring.in_use(r) {
                 continue;
             }
-            // Keep the pages the thread is about to fill present ahead of it, before the
-            // drain: a fast thread writes on while its records are copied out.
-            let written = ring.written(r);
-            let pace = written.saturating_sub(state.written);
-            state.written = written;
-            let ahead = written + POPULATE_AHEAD.max(pace.saturating_mul(2));
-            if !gone && state.populated < ahead && state.populated < ring.capacity() as u64 {
-                ring.populate(r, state.populated.max(written), ahead);
-                state.populated = ahead;
-            }
-            self.scratch.clear();
-            ring.drain(r, &mut self.scratch);
-            // Records go to their thread's file a run at a time: a fast program fills a ring
-            // in milliseconds, and a lookup per record would make the drain fall behind.
-            let mut run_start = 0;
-            for (k, rec) in self.scratch.iter().enumerate() {
-                match rec.kind() {
-                    Some(Kind::Thread) => {
-                        append(&mut out, state.tid, &self.scratch[run_start..k]);
-                        run_start = k;
-                        state.tid = rec.payload() as u32;
-                    }
-                    Some(Kind::Lost) => state.lost_seen += rec.payload(),
-                    // Part of the marker hit before it, already counted.
-                    Some(Kind::MarkerData) => {}
-                    Some(_) => self.events += 1,
-                    // Written by a program that scribbled over its ring: kept, for the reader
-                    // to report where.
-                    None => {}
+            // Chunk by chunk, the pages the thread is about to fill made present ahead of it
+            // before each: a fast thread writes on while its records are copied out.
+            // At most a ring's worth per poll, as one drain took before: a thread writing
+            // as fast as the drain goes must not hold the other rings and images waiting.
+            let limit = if gone { usize::MAX } else { DRAIN_CHUNK };
+            let mut budget = ring.capacity();
+            loop {
+                if !gone {
+                    keep_ahead(ring, r, state);
                 }
-                state.last_time = rec.time;
+                self.scratch.clear();
+                let drained = ring.drain_up_to(r, &mut self.scratch, limit.min(budget));
+                budget -= drained;
+                // Records go to their thread's file a run at a time: a fast program fills a
+                // ring in milliseconds, and a lookup per record would make the drain fall
+                // behind.
+                let mut run_start = 0;
+                for (k, rec) in self.scratch.iter().enumerate() {
+                    match rec.kind() {
+                        Some(Kind::Thread) => {
+                            append(&mut out, state.tid, &self.scratch[run_start..k]);
+                            run_start = k;
+                            state.tid = rec.payload() as u32;
+                        }
+                        Some(Kind::Lost) => state.lost_seen += rec.payload(),
+                        // Part of the marker hit before it, already counted.
+                        Some(Kind::MarkerData) => {}
+                        Some(_) => self.events += 1,
+                        // Written by a program that scribbled over its ring: kept, for the
+                        // reader to report where.
+                        None => {}
+                    }
+                    state.last_time = rec.time;
+                }
+                append(&mut out, state.tid, &self.scratch[run_start..]);
+                if drained < limit || budget == 0 {
+                    break;
+                }
+                // Out before the next chunk, so that the next look at the pages follows soon.
+                write_threads(&image.out, image.pid, &mut image.threads, &mut self.bytes, &mut out)?;
             }
-            append(&mut out, state.tid, &self.scratch[run_start..]);
             state.lost_total = ring.lost(r);
             // Losses at the very end of a ring have no record after them to carry their
             // `Lost` record: nothing is dropped silently, so write it for them.
@@ -368,20 +382,7 @@ impl Recorder {
             }
         }
         image.missed = missed;
-        for (tid, bytes) in out {
-            let path = image.out.join(format!("{tid}.dat"));
-            let mut file = files::open_private(&path, true).map_err(EventsError::io("open", &path))?;
-            let written = image.threads.entry(tid).or_insert(0);
-            if *written == 0 {
-                file.write_all(&trace::dat_header(image.pid, tid)).map_err(EventsError::io("write", &path))?;
-                *written += trace::DAT_HEADER_BYTES as u64;
-                self.bytes += trace::DAT_HEADER_BYTES as u64;
-            }
-            file.write_all(&bytes).map_err(EventsError::io("write", &path))?;
-            *written += bytes.len() as u64;
-            self.bytes += bytes.len() as u64;
-        }
-        Ok(())
+        write_threads(&image.out, image.pid, &mut image.threads, &mut self.bytes, &mut out)
     }
 
     /// Writes `info.json` whole under a temporary name and renames it, so that a reader (or a
@@ -421,6 +422,44 @@ fn process_exists(pid: u32) -> bool {
 }
 
 /// Appends `records` as stored in a `.dat` file.
+/// Keeps the pages of records ring `r` of `ring` is about to get present ahead of its thread
+/// (see [`POPULATE_AHEAD`]).
+fn keep_ahead(ring: &RingFile, r: usize, state: &mut RingState) {
+    let written = ring.written(r);
+    let pace = written.saturating_sub(state.written);
+    state.written = written;
+    let ahead = written + POPULATE_AHEAD.max(pace.saturating_mul(2));
+    if state.populated < ahead && state.populated < ring.capacity() as u64 {
+        ring.populate(r, state.populated.max(written), ahead);
+        state.populated = ahead;
+    }
+}
+
+/// Appends each thread's bytes in `out` (emptied) to its `.dat` file in `dir`, the file's
+/// header first when it is new; `threads` and `bytes` count what was written.
+fn write_threads(
+    dir: &Path,
+    pid: u32,
+    threads: &mut BTreeMap<u32, u64>,
+    bytes: &mut u64,
+    out: &mut HashMap<u32, Vec<u8>>,
+) -> Result<(), EventsError> {
+    for (tid, records) in out.drain() {
+        let path = dir.join(format!("{tid}.dat"));
+        let mut file = files::open_private(&path, true).map_err(EventsError::io("open", &path))?;
+        let written = threads.entry(tid).or_insert(0);
+        if *written == 0 {
+            file.write_all(&trace::dat_header(pid, tid)).map_err(EventsError::io("write", &path))?;
+            *written += trace::DAT_HEADER_BYTES as u64;
+            *bytes += trace::DAT_HEADER_BYTES as u64;
+        }
+        file.write_all(&records).map_err(EventsError::io("write", &path))?;
+        *written += records.len() as u64;
+        *bytes += records.len() as u64;
+    }
+    Ok(())
+}
+
 fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
     if records.is_empty() {
         return;

@@ -536,13 +536,23 @@ impl RingFile {
     /// # Panics
     /// If `ring` is out of range.
     pub fn drain(&self, ring: usize, out: &mut Vec<Record>) -> usize {
+        self.drain_up_to(ring, out, usize::MAX)
+    }
+
+    /// [`RingFile::drain`] of at most `max` records (the oldest), leaving the others for the
+    /// next drain: a consumer with other work to do between chunks of a long backlog (see
+    /// [`RingFile::populate`]).
+    ///
+    /// # Panics
+    /// If `ring` is out of range.
+    pub fn drain_up_to(&self, ring: usize, out: &mut Vec<Record>, max: usize) -> usize {
         assert!(ring < self.rings, "drain ring {ring} of {}", self.rings);
         let h = self.ring_header(ring);
         let head = h.head.load(Ordering::Acquire);
         let tail = h.tail.load(Ordering::Relaxed);
         // More than a full ring is only possible if the traced program scribbled over its
         // header; take what a ring can hold rather than read garbage.
-        let n = head.wrapping_sub(tail).min(self.capacity as u64);
+        let n = head.wrapping_sub(tail).min(self.capacity as u64).min(max as u64);
         out.reserve(n as usize);
         for index in tail..tail + n {
             let slot = self.slot(ring, index);
@@ -854,6 +864,26 @@ mod tests {
         assert_eq!(drained(&ring, 0), [thread(1, 3), entry(1), entry(2), entry(3), entry(4)]);
         ring.push_all(0, 3, &[entry(9), entry(10)]);
         assert_eq!(drained(&ring, 0), [lost(9, 4), entry(9), entry(10)]);
+    }
+
+    #[test]
+    fn a_drain_up_to_a_count_takes_the_oldest_and_leaves_the_rest_in_order() {
+        let dir = TempDir::new("ring-drain-up-to");
+        let ring = RingFile::create(&dir.path().join("r"), 1, 8, Clock::MonotonicNs).unwrap();
+        for seq in 1..=5 {
+            ring.push(0, 3, entry(seq));
+        }
+        let mut out = Vec::new();
+        assert_eq!(ring.drain_up_to(0, &mut out, 2), 2);
+        assert_eq!(out, [thread(1, 3), entry(1)]);
+        // Freed slots take new records; the older ones still come first.
+        ring.push(0, 3, entry(6));
+        ring.push(0, 3, entry(7));
+        assert_eq!(ring.drain_up_to(0, &mut out, 0), 0);
+        assert_eq!(ring.drain_up_to(0, &mut out, 3), 3);
+        assert_eq!(out[2..], [entry(2), entry(3), entry(4)]);
+        assert_eq!(drained(&ring, 0), [entry(5), entry(6), entry(7)]);
+        assert_eq!(ring.lost(0), 0);
     }
 
     #[test]
