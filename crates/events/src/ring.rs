@@ -274,8 +274,7 @@ impl RingFile {
     /// them are counted lost when they do not fit. Otherwise as [`RingFile::push`].
     #[inline(always)]
     pub fn push_all(&self, ring: usize, tid: u32, recs: &[Record]) {
-        let Some(first) = recs.first() else { return };
-        if ring >= self.rings {
+        if recs.is_empty() || ring >= self.rings {
             return;
         }
         let h = self.ring_header(ring);
@@ -290,14 +289,47 @@ impl RingFile {
         // other party that looks at it).
         compiler_fence(Ordering::SeqCst);
 
+        let head = h.head.load(Ordering::Relaxed);
+        let tail = h.tail.load(Ordering::Acquire);
         let nested = h.nested_lost.load(Ordering::Relaxed);
+        let count = recs.len() as u64;
+        // The push nearly every push is: nothing lost to report, the same thread as the last
+        // record's, and room.
+        let quiet = h.pending_lost.load(Ordering::Relaxed) == 0
+            && nested == h.nested_seen.load(Ordering::Relaxed)
+            && h.tid.load(Ordering::Relaxed) == tid as u64;
+        if quiet && (self.capacity as u64).saturating_sub(head.wrapping_sub(tail)) >= count {
+            self.write_records(ring, h, head, recs);
+        } else {
+            self.push_with_news(ring, h, tid, recs, head, tail, nested);
+        }
+
+        compiler_fence(Ordering::SeqCst);
+        h.busy.store(0, Ordering::Relaxed);
+    }
+
+    /// [`RingFile::push_all`] when something must be said before `recs`, or they do not fit:
+    /// losses to report (a `Lost` record), another thread taking the ring over (a `Thread`
+    /// record), or no room (`recs` counted lost).
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn push_with_news(
+        &self,
+        ring: usize,
+        h: &RingHeader,
+        tid: u32,
+        recs: &[Record],
+        head: u64,
+        tail: u64,
+        nested: u64,
+    ) {
+        let Some(first) = recs.first() else { return };
         let pending = h
             .pending_lost
             .load(Ordering::Relaxed)
             .wrapping_add(nested.wrapping_sub(h.nested_seen.load(Ordering::Relaxed)));
         h.nested_seen.store(nested, Ordering::Relaxed);
-        let head = h.head.load(Ordering::Relaxed);
-        let tail = h.tail.load(Ordering::Acquire);
         let switch = h.tid.load(Ordering::Relaxed) != tid as u64;
         let count = recs.len() as u64;
         let need = count.wrapping_add((pending != 0) as u64).wrapping_add(switch as u64);
@@ -305,32 +337,35 @@ impl RingFile {
         if free < need {
             h.pending_lost.store(pending.wrapping_add(count), Ordering::Relaxed);
             h.lost.store(h.lost.load(Ordering::Relaxed).wrapping_add(count), Ordering::Relaxed);
-        } else {
-            let mut at = head;
-            if pending != 0 {
-                self.write_slot(ring, at, Record::new(Kind::Lost, first.time, 0, pending));
-                at = at.wrapping_add(1);
-                h.pending_lost.store(0, Ordering::Relaxed);
-            }
-            if switch {
-                self.write_slot(ring, at, Record::new(Kind::Thread, first.time, 0, tid as u64));
-                at = at.wrapping_add(1);
-                h.tid.store(tid as u64, Ordering::Relaxed);
-                // Published with the records by the Release store of `head` below.
-                self.used_flag(ring).store(1, Ordering::Relaxed);
-            }
-            for &rec in recs {
-                self.write_slot(ring, at, rec);
-                at = at.wrapping_add(1);
-            }
-            h.head.store(at, Ordering::Release);
-            // The cache line a few records on, fetched for writing while this thread does
-            // its own work: a first lap writes memory no cache holds.
-            prefetch_for_write(self.slot(ring, at.wrapping_add(PREFETCH_AHEAD)).as_ptr().cast());
+            return;
         }
+        let mut at = head;
+        if pending != 0 {
+            self.write_slot(ring, at, Record::new(Kind::Lost, first.time, 0, pending));
+            at = at.wrapping_add(1);
+            h.pending_lost.store(0, Ordering::Relaxed);
+        }
+        if switch {
+            self.write_slot(ring, at, Record::new(Kind::Thread, first.time, 0, tid as u64));
+            at = at.wrapping_add(1);
+            h.tid.store(tid as u64, Ordering::Relaxed);
+            // Published with the records by the Release store of `head` below.
+            self.used_flag(ring).store(1, Ordering::Relaxed);
+        }
+        self.write_records(ring, h, at, recs);
+    }
 
-        compiler_fence(Ordering::SeqCst);
-        h.busy.store(0, Ordering::Relaxed);
+    /// Writes `recs` from record `at` on and publishes them (`head`), then fetches the cache
+    /// line a few records on for writing while this thread does its own work: a first lap
+    /// writes memory no cache holds.
+    #[inline(always)]
+    fn write_records(&self, ring: usize, h: &RingHeader, mut at: u64, recs: &[Record]) {
+        for &rec in recs {
+            self.write_slot(ring, at, rec);
+            at = at.wrapping_add(1);
+        }
+        h.head.store(at, Ordering::Release);
+        prefetch_for_write(self.slot(ring, at.wrapping_add(PREFETCH_AHEAD)).as_ptr().cast());
     }
 
     /// In a child right after `fork()`: moves this mapping onto a new ring file `path` (which
