@@ -45,9 +45,16 @@ pub struct RecordStats {
 }
 
 /// Records of a ring whose pages the recorder keeps present ahead of its thread (4 MiB), at
-/// least: twice what the thread wrote since the previous look when that is more, so that a
-/// thread faster than the drain still finds its pages ready (see `RingFile::populate`).
+/// least: more when the thread writes faster than that in [`LOOK_GAP`] (see
+/// `RingFile::populate`).
 const POPULATE_AHEAD: u64 = 1 << 18;
+
+/// The longest the recorder expects to go between two looks at a ring's pages: a poll whose
+/// drain found little is followed by the next one after 20 ms (`dynprobe record`'s pace),
+/// and the thread may speed up meanwhile. The pages kept present ahead of a thread cover
+/// what it writes in this time at the pace it last went, so that it does not run into page
+/// faults between two looks.
+const LOOK_GAP: Duration = Duration::from_millis(50);
 
 /// Records drained from a ring before its pages are looked at again (1 MiB): on a fast
 /// thread's first lap, populating ahead of it must not wait for a drain of its whole
@@ -69,8 +76,9 @@ struct RingState {
     /// Records of the ring whose pages this process made present (see
     /// `RingFile::populate`).
     populated: u64,
-    /// The ring's head at the previous poll.
+    /// The ring's head at the previous look at its pages, and when that was.
     written: u64,
+    looked: Option<Instant>,
 }
 
 /// One process image.
@@ -426,9 +434,13 @@ fn process_exists(pid: u32) -> bool {
 /// (see [`POPULATE_AHEAD`]).
 fn keep_ahead(ring: &RingFile, r: usize, state: &mut RingState) {
     let written = ring.written(r);
+    let now = Instant::now();
     let pace = written.saturating_sub(state.written);
-    state.written = written;
-    let ahead = written + POPULATE_AHEAD.max(pace.saturating_mul(2));
+    // Its pace over at least a millisecond: two looks a few microseconds apart say little.
+    let span = state.looked.map_or(LOOK_GAP, |then| now.duration_since(then)).max(Duration::from_millis(1));
+    let in_gap = (u128::from(pace) * LOOK_GAP.as_nanos() / span.as_nanos()).min(u128::from(u64::MAX)) as u64;
+    (state.written, state.looked) = (written, Some(now));
+    let ahead = written.saturating_add(POPULATE_AHEAD.max(in_gap));
     if state.populated < ahead && state.populated < ring.capacity() as u64 {
         ring.populate(r, state.populated.max(written), ahead);
         state.populated = ahead;

@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 
 /// How often the rings are drained.
 const POLL: Duration = Duration::from_millis(20);
+/// How often the ring directory is looked at until the first ring file appears: the recorder
+/// populates a ring's pages ahead of its thread only once it has found the file, and a fast
+/// program's first milliseconds otherwise run into page faults (see `RingFile::populate`).
+const FIRST_POLL: Duration = Duration::from_millis(1);
+/// For how long, at most: a program that makes no ring file (nothing of it traced) is then
+/// looked at every [`POLL`] like any other.
+const FIRST_POLLS_FOR: Duration = Duration::from_secs(2);
 /// Events drained by one poll above which the next poll follows at once.
 const BUSY: u64 = 4096;
 
@@ -48,7 +55,8 @@ impl Recording {
                     }
                 };
                 let mut progress = Progress::new(std::io::stderr().is_terminal());
-                let mut wait = POLL;
+                let started = Instant::now();
+                let mut wait = FIRST_POLL;
                 let mut drained = 0;
                 loop {
                     match stop_rx.recv_timeout(wait) {
@@ -69,7 +77,11 @@ impl Recording {
                         Ok(stats) => {
                             // While the program fills its rings fast, drain again at once
                             // rather than let them overflow while we sleep.
-                            wait = if stats.events - drained >= BUSY { Duration::ZERO } else { POLL };
+                            wait = match (stats.processes, stats.events - drained >= BUSY) {
+                                (0, _) if started.elapsed() < FIRST_POLLS_FOR => FIRST_POLL,
+                                (_, true) => Duration::ZERO,
+                                (_, false) => POLL,
+                            };
                             drained = stats.events;
                             progress.show(&stats)
                         }
