@@ -435,16 +435,24 @@ fn process_exists(pid: u32) -> bool {
 fn keep_ahead(ring: &RingFile, r: usize, state: &mut RingState) {
     let written = ring.written(r);
     let now = Instant::now();
-    let pace = written.saturating_sub(state.written);
-    // Its pace over at least a millisecond: two looks a few microseconds apart say little.
-    let span = state.looked.map_or(LOOK_GAP, |then| now.duration_since(then)).max(Duration::from_millis(1));
-    let in_gap = (u128::from(pace) * LOOK_GAP.as_nanos() / span.as_nanos()).min(u128::from(u64::MAX)) as u64;
+    let span = state.looked.map(|then| now.duration_since(then));
+    let ahead = populate_to(written, state.written, span);
     (state.written, state.looked) = (written, Some(now));
-    let ahead = written.saturating_add(POPULATE_AHEAD.max(in_gap));
     if state.populated < ahead && state.populated < ring.capacity() as u64 {
         ring.populate(r, state.populated.max(written), ahead);
         state.populated = ahead;
     }
+}
+
+/// How far a ring's pages should be present: [`POPULATE_AHEAD`] records past its head
+/// `written`, or what its thread writes in [`LOOK_GAP`] at the pace it went from `before`
+/// over `span` (the time since the previous look, if any), when that is more.
+fn populate_to(written: u64, before: u64, span: Option<Duration>) -> u64 {
+    let pace = written.saturating_sub(before);
+    // Over at least a millisecond: two looks a few microseconds apart say little of a pace.
+    let span = span.unwrap_or(LOOK_GAP).max(Duration::from_millis(1));
+    let in_gap = (u128::from(pace) * LOOK_GAP.as_nanos() / span.as_nanos()).min(u128::from(u64::MAX)) as u64;
+    written.saturating_add(POPULATE_AHEAD.max(in_gap))
 }
 
 /// Appends each thread's bytes in `out` (emptied) to its `.dat` file in `dir`, the file's
@@ -583,6 +591,51 @@ mod tests {
             .collect();
         assert_eq!(thread.events, expected);
         assert_eq!(thread.lost, 0);
+    }
+
+    #[test]
+    fn pages_are_kept_present_for_what_a_thread_writes_between_two_looks() {
+        let ms = Duration::from_millis;
+        // A slow thread, or the first look: the fixed margin.
+        assert_eq!(populate_to(1000, 0, None), 1000 + POPULATE_AHEAD);
+        assert_eq!(populate_to(1000, 900, Some(ms(10))), 1000 + POPULATE_AHEAD);
+        // A fast one: what it writes in LOOK_GAP at its pace (1M records in 10 ms, 5M in 50).
+        assert_eq!(populate_to(2_000_000, 1_000_000, Some(ms(10))), 2_000_000 + 5_000_000);
+        // Looks microseconds apart are taken as a millisecond apart.
+        assert_eq!(populate_to(100_000, 0, Some(Duration::from_micros(5))), 100_000 + 5_000_000);
+        // A head that went back (a program that scribbled over it) is no pace.
+        assert_eq!(populate_to(10, 1_000_000, Some(ms(1))), 10 + POPULATE_AHEAD);
+    }
+
+    #[test]
+    fn a_backlog_longer_than_a_drain_chunk_is_drained_in_one_poll_in_order() {
+        let tmp = TempDir::new("recorder-chunks");
+        let (ring_dir, out_dir) = (tmp.path().join("rings"), tmp.path().join("trace"));
+        let mut recorder = Recorder::new(&ring_dir, &out_dir, &["demo".to_owned()]).unwrap();
+        let name = format!("{}.0", std::process::id());
+        let file = agent_image(&ring_dir, &name, 1 << 18);
+        let calls = DRAIN_CHUNK * 3 / 2;
+        let (tid, records) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let tid = gettid();
+                let records: Vec<Record> = (0..calls)
+                    .flat_map(|k| [(Kind::Entry, k), (Kind::Exit, k)])
+                    .map(|(kind, k)| {
+                        let rec = Record::new(kind, file.clock().now(), 0, (k % 2) as u64);
+                        file.push(0, tid, rec);
+                        rec
+                    })
+                    .collect();
+                (tid, records)
+            })
+            .join()
+            .unwrap()
+        });
+        let stats = recorder.poll().unwrap();
+        assert_eq!(stats.events, 2 * calls as u64, "every record of the backlog, in one poll");
+        drop(file);
+        recorder.finish(Some(0)).unwrap();
+        assert_thread(&trace::read(&out_dir).unwrap(), tid, &records);
     }
 
     #[test]
