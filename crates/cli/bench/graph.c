@@ -14,15 +14,18 @@
  *
  *   calls <traced calls made by the timed loop(s)>
  *   ns_per_call <nanoseconds per traced call>
+ *   faults <page faults the timed loop(s) took: a tracer's first-lap buffer pages, mostly>
  *
  * With THREADS, that many threads run the loop at once, from one barrier, and each times
  * its own loop in CPU time (CLOCK_THREAD_CPUTIME_ID: what the calls cost the thread,
  * without the time it waited for a CPU on a shared machine); ns_per_call is their mean.
  */
+#define _GNU_SOURCE /* RUSAGE_THREAD */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #define CALLS_PER_ITERATION 2
@@ -49,6 +52,14 @@ static double now_ns(void)
 	return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
+/* Page faults the calling thread has taken so far. */
+static long thread_faults(void)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_THREAD, &ru);
+	return ru.ru_minflt + ru.ru_majflt;
+}
+
 static double thread_cpu_ns(void)
 {
 	struct timespec ts;
@@ -60,6 +71,7 @@ struct worker {
 	pthread_t thread;
 	long iterations;
 	double cpu_ns;
+	long faults;
 };
 
 static pthread_barrier_t start_line;
@@ -69,10 +81,12 @@ static void *worker_main(void *arg)
 	struct worker *w = arg;
 	volatile long sum = 0;
 	pthread_barrier_wait(&start_line);
+	long faults = thread_faults();
 	double start = thread_cpu_ns();
 	for (long i = 0; i < w->iterations; i++)
 		sum += graph_outer(i);
 	w->cpu_ns = thread_cpu_ns() - start;
+	w->faults = thread_faults() - faults;
 	return NULL;
 }
 
@@ -92,12 +106,15 @@ static int run_threads(long iterations, long threads)
 		}
 	}
 	double cpu_ns = 0;
+	long faults = 0;
 	for (long t = 0; t < threads; t++) {
 		pthread_join(workers[t].thread, NULL);
 		cpu_ns += workers[t].cpu_ns;
+		faults += workers[t].faults;
 	}
 	long per_thread = iterations * CALLS_PER_ITERATION;
-	printf("calls %ld\nns_per_call %.3f\n", per_thread * threads, cpu_ns / (double)threads / (double)per_thread);
+	printf("calls %ld\nns_per_call %.3f\nfaults %ld\n", per_thread * threads,
+	       cpu_ns / (double)threads / (double)per_thread, faults);
 	free(workers);
 	return 0;
 }
@@ -127,11 +144,13 @@ int main(int argc, char **argv)
 	/* volatile: the sum is stored every iteration, so the calls can neither be dropped
 	 * nor merged, and a call does not wait on the previous one's result. */
 	volatile long sum = 0;
+	long faults = thread_faults();
 	double start = now_ns();
 	for (long i = 0; i < iterations; i++)
 		sum += graph_outer(i);
 	double elapsed = now_ns() - start;
+	faults = thread_faults() - faults;
 	long calls = iterations * CALLS_PER_ITERATION;
-	printf("calls %ld\nns_per_call %.3f\n", calls, elapsed / (double)calls);
+	printf("calls %ld\nns_per_call %.3f\nfaults %ld\n", calls, elapsed / (double)calls, faults);
 	return 0;
 }

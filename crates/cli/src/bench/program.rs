@@ -59,14 +59,30 @@ pub fn measure(tracer: Tracer, plan: Plan, threads: Option<usize>) -> Result<Tim
     let iterations = (plan.calls_per_batch.unwrap_or(DEFAULT_CALLS) / CALLS_PER_ITERATION).max(1);
     let command = TracedCommand::new(tracer, iterations, threads)?;
     let mut timing = Timing { calls_per_batch: 0, batches: Vec::new(), total_calls: 0, remark: None };
+    let mut faults = Vec::new();
     for _ in 0..BATCHES {
         let run = command.run()?;
         timing.calls_per_batch = run.calls;
         timing.total_calls += run.calls;
         timing.batches.push(run.ns_per_call);
+        faults.push(run.faults);
         // Every run's losses would say the same; the first is enough.
         timing.remark = timing.remark.or(run.remark);
     }
+    // On a first lap every new page of a tracer's buffer is a fault unless the tracer made it
+    // present ahead: what a host charges for them differs a lot (a microsecond or more a page
+    // on some virtual machines), so the row says how many there were.
+    faults.sort_unstable();
+    let said = format!(
+        "{} page faults in the timed loop (median; {}–{})",
+        faults[faults.len() / 2],
+        faults[0],
+        faults[faults.len() - 1]
+    );
+    timing.remark = Some(match timing.remark {
+        Some(remark) => format!("{remark}; {said}"),
+        None => said,
+    });
     Ok(timing)
 }
 
@@ -120,6 +136,8 @@ struct Run {
     calls: u64,
     /// Nanoseconds per traced call of the loop.
     ns_per_call: f64,
+    /// Page faults the loop's thread(s) took.
+    faults: u64,
     /// What the run found that makes its number doubtful (lost events).
     remark: Option<String>,
 }
@@ -203,18 +221,18 @@ impl TracedCommand {
         if !output.status.success() {
             return Err(format!("{shown} failed ({}): {}", output.status, last_lines(&stderr)));
         }
-        let (calls, ns_per_call) = loop_figures(&shown, &stdout)?;
+        let (calls, ns_per_call, faults) = loop_figures(&shown, &stdout)?;
         let remark = match self.tracer {
             Tracer::None | Tracer::AfterDetach => None,
             Tracer::Dynprobe | Tracer::DynprobeArgs => dynprobe_losses(&stderr, calls)?,
             Tracer::Uftrace => uftrace_losses(&stderr),
         };
-        Ok(Run { calls, ns_per_call, remark })
+        Ok(Run { calls, ns_per_call, faults, remark })
     }
 }
 
-/// The `calls` and `ns_per_call` lines the program printed.
-fn loop_figures(shown: &str, stdout: &str) -> Result<(u64, f64), String> {
+/// The `calls`, `ns_per_call` and `faults` lines the program printed.
+fn loop_figures(shown: &str, stdout: &str) -> Result<(u64, f64, u64), String> {
     let field = |name: &str| {
         stdout
             .lines()
@@ -224,7 +242,8 @@ fn loop_figures(shown: &str, stdout: &str) -> Result<(u64, f64), String> {
     let number_error = |name: &str| format!("{shown}: `{name}` is not a number");
     let calls: u64 = field("calls")?.trim().parse().map_err(|_| number_error("calls"))?;
     let ns_per_call: f64 = field("ns_per_call")?.trim().parse().map_err(|_| number_error("ns_per_call"))?;
-    Ok((calls, ns_per_call))
+    let faults: u64 = field("faults")?.trim().parse().map_err(|_| number_error("faults"))?;
+    Ok((calls, ns_per_call, faults))
 }
 
 /// Starts the program `command` (`graph N wait`), has `dynprobe record -p` record it into
@@ -268,8 +287,8 @@ fn after_detach(command: &mut Command, dir: &std::ffi::OsStr) -> Result<Run, Str
     if !status.success() {
         return Err(format!("{shown} failed after the detach ({status})"));
     }
-    let (calls, ns_per_call) = loop_figures(&shown, &rest)?;
-    Ok(Run { calls, ns_per_call, remark: None })
+    let (calls, ns_per_call, faults) = loop_figures(&shown, &rest)?;
+    Ok(Run { calls, ns_per_call, faults, remark: None })
 }
 
 /// Reads `dynprobe record`'s last line, `recorded E events (L lost) …`: lost events are a
