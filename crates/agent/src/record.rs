@@ -497,8 +497,8 @@ fn call_values(
 ) -> Result<Option<(Values, String)>, String> {
     let Some(path) = &settings.values else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let values = Values::new(text)?;
-    let list = values.describe(functions, table.modules())?;
+    let values = Values::new(&text)?;
+    let list = values.describe(functions, table.modules());
     Ok(Some((values, list)))
 }
 
@@ -759,7 +759,7 @@ fn add_new_modules(
     // carries them. The companion is extended before the function list, which the
     // recorder watches to copy both.
     if let Some((values, path)) = values {
-        let list = values.describe(&selection.functions, table.modules())?;
+        let list = values.describe(&selection.functions, table.modules());
         append(path, &list)?;
     }
     // The names first: a record of a new function must never come before its name.
