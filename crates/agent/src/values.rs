@@ -12,8 +12,10 @@
 //! l \t PATH                      a library's section: its `f`/`a`/`r` lines follow
 //! ```
 //!
-//! A library section's functions are matched by the library's path among the process's
-//! modules and located by its load bias; its `KEY`s carry the section's number from bit 48
+//! A library section describes every module of the library's file name, wherever it was
+//! loaded from, as the `-F PATH:GLOB` pattern that named it selects their functions
+//! (`dynprobe_ftrace::filter::path_names_module`, one rule for both); each module's
+//! functions are located by its own load bias; its `KEY`s carry the section's number from bit 48
 //! up (the link-time address below), so that keys are unique across the file. A library
 //! loaded later (`dlopen`) gets its section's values when the `dlopen` watch traces its
 //! functions ([`Values::describe`]), before their sites are armed.
@@ -35,6 +37,7 @@ use dynprobe::fetch::{EntryValues, FetchProgram, HitContext, SelfMemory, Value};
 use dynprobe::spec::{ProbeKind, ProbeSpec, STRING_MAX};
 use dynprobe::Regs;
 use dynprobe_events::marker::MarkerRecords;
+use dynprobe_ftrace::filter::path_names_module;
 use dynprobe_ftrace::{CallValues, TracedFunction};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -99,8 +102,9 @@ enum About {
     /// The main executable: any (the lines before a `p` line), or only the program at
     /// this canonical path (a `p` line).
     Program(Option<PathBuf>),
-    /// The library at this canonical path (an `l` line), if it can be resolved.
-    Library(Option<PathBuf>),
+    /// Every library whose file name is this path's (an `l` line): the modules a `-F
+    /// PATH:GLOB` pattern covers, by the same rule.
+    Library(String),
 }
 
 impl Section {
@@ -113,9 +117,7 @@ impl Section {
                 module.is_main
                     && main.get_or_insert_with(|| std::fs::canonicalize(&module.path).ok()).as_ref() == Some(path)
             }
-            About::Library(path) => {
-                !module.is_main && path.is_some() && std::fs::canonicalize(&module.path).ok() == *path
-            }
+            About::Library(path) => !module.is_main && path_names_module(path, &module.name),
         }
     }
 }
@@ -132,8 +134,9 @@ impl Values {
 
     /// Gives each of `functions` that the file describes its values: those of the main
     /// executable (the `modules`' `is_main` one) when the file describes this executable,
-    /// and those of each library section (`l PATH`) whose library is among `modules`,
-    /// matched by path and located by its load bias. A function that has values keeps them. Call it before the functions' sites are
+    /// and those of each library section (`l PATH`) for every library among `modules` of
+    /// that file name (as a `-F PATH:GLOB` pattern selects them), located by its load
+    /// bias. A function that has values keeps them. Call it before the functions' sites are
     /// armed. Returns the lines of the `.values` companion for those described: `id \t
     /// key`, the key (hex) naming the description in the `args` file.
     pub(crate) fn describe(&self, functions: &[TracedFunction], modules: &[dynprobe_symbols::Module]) -> String {
@@ -188,8 +191,7 @@ fn sections(text: &str) -> Result<Vec<Section>, String> {
                 current = None;
             }
             ["l", path] => {
-                let path = std::fs::canonicalize(path).ok();
-                sections.push(Section { about: About::Library(path), functions: HashMap::new() });
+                sections.push(Section { about: About::Library(path.to_string()), functions: HashMap::new() });
                 current = None;
             }
             ["f", key, _name] => {
@@ -305,6 +307,13 @@ mod tests {
         dynprobe_symbols::Module { path, name: name.into(), bias, ranges: vec![], is_main: true }
     }
 
+    /// A library at `path`, loaded with `bias`, its code in the 64 KiB there.
+    fn library(path: &str, bias: u64) -> dynprobe_symbols::Module {
+        let name = path.rsplit('/').next().unwrap().to_string();
+        let ranges = vec![(bias, bias + 0x1_0000)];
+        dynprobe_symbols::Module { path: path.into(), name, bias, ranges, is_main: false }
+    }
+
     /// The values of `text` for `functions`, and the `.values` lines of those described.
     fn described(
         text: &str,
@@ -386,12 +395,8 @@ mod tests {
         // Section 1's key carries its number from bit 48; the main executable has a
         // function at the same link-time address, a section of a library not loaded none.
         let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/nonexistent/libgone.so\nf\t1000001000\tgone\n\
-                    a\tx\ts32\t%rsi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
-        let library = dynprobe_symbols::Module {
-            path: "/bin/sh".into(),
-            is_main: false,
-            ..module("libfoo.so", 0x7f00_0000_0000)
-        };
+                    a\tx\ts32\t%rsi:s32\nl\t/opt/app/libfoo.so\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
+        let library = library("/opt/app/libfoo.so", 0x7f00_0000_0000);
         let functions = [function(0, 0x1000, "prog"), function(1, 0x7f00_0000_1000, "libfoo.so")];
         let (values, list) = described(text, &functions, &[module("prog", 0), library]).unwrap();
         assert_eq!(list, "0\t1000\n1\t1000000001000\n");
@@ -417,7 +422,7 @@ mod tests {
     /// before keep theirs.
     #[test]
     fn a_library_loaded_later_gets_its_section_s_values_when_its_functions_are_described() {
-        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\n\
+        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/opt/app/libplug.so\nf\t1000000001000\tlib_fn\n\
                     a\tn\ts32\t%rsi:s32\n";
         let main = module("prog", 0);
         let (values, list) = described(text, &[function(0, 0x1000, "prog")], std::slice::from_ref(&main)).unwrap();
@@ -430,15 +435,34 @@ mod tests {
         };
         // Id 5000 is in a chunk of its own, not allocated yet: no values, one record.
         assert_eq!(entry(5000).len(), 1);
-        let library = dynprobe_symbols::Module {
-            path: "/bin/sh".into(),
-            is_main: false,
-            ..module("libplug.so", 0x7f00_0000_0000)
-        };
+        let library = library("/opt/app/libplug.so", 0x7f00_0000_0000);
         let later = [function(5000, 0x7f00_0000_1000, "libplug.so"), function(0, 0x1000, "prog")];
         let list = values.describe(&later, &[main, library]);
         assert_eq!(list, "5000\t1000000001000\n");
         assert_eq!(values_of(&entry(5000)), [MarkerValue::Unsigned(4)]);
         assert_eq!(values_of(&entry(0)), [MarkerValue::Unsigned(3)]);
+    }
+
+    /// A `-F PATH:GLOB` pattern traces every module of that file name: the library section
+    /// of that path describes each of them, wherever it was loaded from, each located by its
+    /// own bias.
+    #[test]
+    fn a_library_section_describes_every_library_of_that_file_name() {
+        let text = "l\t/build/libplug.so\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
+        let (first, second) =
+            (library("/opt/app/libplug.so", 0x7f00_0000_0000), library("/tmp/libplug.so", 0x7e00_0000_0000));
+        let other = library("/build/libother.so", 0x7d00_0000_0000);
+        let functions = [
+            function(0, 0x7f00_0000_1000, "libplug.so"),
+            function(1, 0x7e00_0000_1000, "libplug.so"),
+            function(2, 0x7d00_0000_1000, "libother.so"),
+        ];
+        let (values, list) = described(text, &functions, &[module("prog", 0), first, second, other]).unwrap();
+        assert_eq!(list, "0\t1000000001000\n1\t1000000001000\n");
+        for id in [0, 1] {
+            let mut out = MarkerRecords::new();
+            values.entry(id, &Regs { rsi: 4, ..Regs::default() }, None, &mut out);
+            assert_eq!(values_of(out.finish_as(Kind::Entry, 1, 0, 0)), [MarkerValue::Unsigned(4)]);
+        }
     }
 }
