@@ -247,7 +247,14 @@ fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_
             &os(&["-O1", "-g", "-fno-inline", "-no-pie"]),
         )
     });
-    assert_caught_although_adopted_on_its_way(exe, "ex_*", "");
+    let mut program = assert_caught_although_adopted_on_its_way(exe, "ex_*", "");
+    // ex_catch's handler was found with _Unwind_Resume called from the return sled's resume
+    // stub (ex_middle's diverted return): a backtrace taken then (in the program's
+    // interposed personality routine) shows no frame of dynprobe's code.
+    let frames = program.ask("frames");
+    let counts: Vec<usize> = frames.split(' ').filter_map(|w| w.parse().ok()).collect();
+    assert!(matches!(counts[..], [n, 0] if n > 3), "the handler frame's backtrace: {frames}");
+    program.quit();
 }
 
 /// [`an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to`] for
@@ -258,14 +265,15 @@ fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_
 fn a_panic_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     let exe = EXE.get_or_init(|| common::build_rust("unwinding_rs.rs", "record-attach-unwinding-rs"));
-    assert_caught_although_adopted_on_its_way(exe, "unwinding_rs::*", "unwinding_rs::");
+    assert_caught_although_adopted_on_its_way(exe, "unwinding_rs::*", "unwinding_rs::").quit();
 }
 
 /// Runs `targets/unwinding.cpp`'s protocol on `exe`: its thread stopped in a cleanup on the
 /// way to `ex_catch`, `record -p -F FILTER` attached, the thread let go; the exception must
 /// be caught where it was going, and the replay show `ex_catch` (named `PREFIX`ex_catch)
-/// and `ex_middle` entered before the attach, `ex_middle` unwound.
-fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, prefix: &str) {
+/// and `ex_middle` entered before the attach, `ex_middle` unwound. Returns the program, still
+/// running.
+fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, prefix: &str) -> Worker {
     let name = exe.file_name().unwrap().to_string_lossy();
     let log = common::scratch().join(format!("{name}-{}.log", std::process::id()));
     let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
@@ -280,7 +288,7 @@ fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, p
     assert!(replay.contains(&format!("{prefix}ex_catch() {{ /* entered before attach */")), "{replay}");
     assert!(replay.contains(&format!("{prefix}ex_middle(); /* entered before attach, unwound */")), "{replay}");
     assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
-    program.quit();
+    program
 }
 
 /// Starts the server's `go` (it answers only at `stop`).

@@ -9,12 +9,19 @@
  *                   (blocked reading a pipe)
  *   resume          lets the destructor return; prints "caught <n>" once ex_catch caught
  *                   the exception (n: what it carried), or "lost" if it did not
+ *   frames          prints "frames <n> unplaced <m>": the backtrace taken (glibc's
+ *                   backtrace()) when the C++ runtime's personality routine was called for
+ *                   ex_catch as the frame that catches, with _Unwind_Resume on the stack: n
+ *                   frames, m of them in no loaded module (dladdr finds none)
  *   quit            exits with status 0
  */
 #include <cstdio>
 #include <cstring>
+#include <dlfcn.h>
+#include <execinfo.h>
 #include <pthread.h>
 #include <unistd.h>
+#include <unwind.h>
 
 struct Thrown {
 	int value;
@@ -31,6 +38,26 @@ struct Pause {
 		}
 	}
 };
+
+/* The C++ runtime's personality routine, interposed (this program's definition is the one
+ * its functions' unwind tables name): the frame that catches is given its handler while
+ * the unwinder (_Unwind_Resume, called from the cleanup of the frame below or from
+ * dynprobe's resume stub) is still on the stack, and a backtrace taken then must show
+ * only the program's frames and the runtime's, as a profiler's would. */
+typedef _Unwind_Reason_Code (*Personality)(int, _Unwind_Action, _Unwind_Exception_Class, _Unwind_Exception *,
+					   _Unwind_Context *);
+static Personality real_personality;
+static void *handler_frames[64];
+static int handler_frame_count = -1;
+
+extern "C" _Unwind_Reason_Code __gxx_personality_v0(int version, _Unwind_Action actions,
+						    _Unwind_Exception_Class exception_class,
+						    _Unwind_Exception *exception, _Unwind_Context *context)
+{
+	if ((actions & _UA_HANDLER_FRAME) && handler_frame_count < 0)
+		handler_frame_count = backtrace(handler_frames, 64);
+	return real_personality(version, actions, exception_class, exception, context);
+}
 
 extern "C" __attribute__((noinline)) int ex_throw(int n)
 {
@@ -63,7 +90,8 @@ static void *thrower(void *)
 int main()
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	if (pipe(gate) != 0)
+	real_personality = (Personality)dlsym(RTLD_NEXT, "__gxx_personality_v0");
+	if (pipe(gate) != 0 || !real_personality)
 		return 2;
 	printf("ready %d\n", (int)getpid());
 	pthread_t thread;
@@ -85,6 +113,13 @@ int main()
 				printf("caught %ld\n", value);
 			else
 				printf("lost\n");
+		} else if (strncmp(line, "frames", 6) == 0) {
+			int unplaced = 0;
+			for (int i = 0; i < handler_frame_count; i++) {
+				Dl_info info;
+				unplaced += dladdr(handler_frames[i], &info) == 0;
+			}
+			printf("frames %d unplaced %d\n", handler_frame_count, unplaced);
 		}
 	}
 	return 0;

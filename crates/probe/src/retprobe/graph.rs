@@ -218,7 +218,7 @@ pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64
 /// True when `addr` lies in a return trampoline (a return address a return hook diverted):
 /// an unwinder reaching one has reached a call already tracked. Allocation-free.
 pub fn is_return_trampoline(addr: u64) -> bool {
-    rethook::contains(addr)
+    rethook::in_return_path(addr)
 }
 
 /// A call that was already in flight on a thread when the function-graph tracer started,
