@@ -70,8 +70,14 @@ fn trace_dir(name: &str) -> PathBuf {
 
 /// `dynprobe record -p PID OPTIONS -o DIR`, running.
 fn record(pid: i32, dir: &Path, options: &[&str]) -> Session {
+    record_with_env(pid, dir, options, &[])
+}
+
+/// [`record`] with these variables in dynprobe's environment.
+fn record_with_env(pid: i32, dir: &Path, options: &[&str], env: &[(&str, &str)]) -> Session {
     let mut command = common::dynprobe();
     command.args(["record", "-p", &pid.to_string(), "-o"]).arg(dir).args(options);
+    command.envs(env.iter().copied());
     Session::spawn(command, None)
 }
 
@@ -617,16 +623,38 @@ fn record_through_an_exec_then(
     untraced: &str,
     during: impl FnOnce(&mut Worker),
 ) -> (PathBuf, String) {
-    let dir = trace_dir(test);
-    let mut session = record(worker.pid, &dir, options);
-    session.wait_for("attached to");
-    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
-    session.wait_for("executed a new program");
-    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    let (dir, session) = start_through_an_exec(worker, test, options, &[], untraced);
     during(worker);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     (dir, stderr)
+}
+
+/// The start of [`record_through_an_exec`], `env` in dynprobe's environment: the trace
+/// directory and the session, running, after the new image's round.
+fn start_through_an_exec(
+    worker: &mut Worker,
+    test: &str,
+    options: &[&str],
+    env: &[(&str, &str)],
+    untraced: &str,
+) -> (PathBuf, Session) {
+    let dir = trace_dir(test);
+    let mut session = record_with_env(worker.pid, &dir, options, env);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    (dir, session)
+}
+
+/// Asks the worker to fork a child that calls mix every 10 ms: its pid, once it has made
+/// some calls.
+fn fork_a_child(worker: &mut Worker) -> i32 {
+    let forked = worker.ask("fork");
+    let child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    std::thread::sleep(Duration::from_millis(300));
+    child
 }
 
 #[test]
@@ -677,20 +705,82 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
     // child inherits: the image's end must not wait for it.
     let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
     let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &options, &untraced, |worker| {
-        let forked = worker.ask("fork");
-        child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
-        std::thread::sleep(Duration::from_millis(300));
+        child = fork_a_child(worker);
         assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
     });
-    let pid = worker.pid;
-    let said =
-        format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored");
-    assert!(stderr.contains(&said), "{stderr}");
     // Both the image and the child have their bytes back, and the child runs on.
-    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the child's mix restored after the session");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
     wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
     child_section(&dir, child);
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// What dynprobe says of `child`, forked by the image `pid` exec'd during the session, once
+/// it gave it the image's restored code.
+fn restored_as_its_image(child: i32, pid: i32) -> String {
+    format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored")
+}
+
+/// Checks that dynprobe said so of `child`, a child of the worker's exec'd image, and that
+/// its mix has the `untraced` bytes again.
+fn assert_restored_as_its_image(worker: &Worker, child: i32, stderr: &str, untraced: &[u8]) {
+    assert!(stderr.contains(&restored_as_its_image(child, worker.pid)), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix restored after the session");
+}
+
+/// A child the exec'd image forks after the session was told to end, while the image still
+/// records (dynprobe paused there for the test), is found and restored too: the children
+/// are looked for once the images have ended their recording.
+#[test]
+fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
+    let mut worker = start_worker("exec-fork-late");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "1500")];
+    let (_, mut session) = start_through_an_exec(&mut worker, "exec-fork-late", &["-F", "mix"], &pause, &untraced);
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(session.child.id() as i32, libc::SIGINT) };
+    session.wait_for("pausing before the images' recording ends");
+    let child = fork_a_child(&mut worker);
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    let (status, _, stderr) = session.end(None);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// An exec'd image that cannot restore its own code (here its site's bytes were changed
+/// under it, as a program rewriting its own code would) says so, and the child it forked
+/// is left as it is and said to keep patched code, why included — never said restored.
+#[test]
+fn a_child_forked_by_an_image_that_cannot_restore_its_own_code_is_said_to_keep_patched_code() {
+    let mut worker = start_worker("exec-fork-kept");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-kept", &["-F", "mix"], &[], &untraced);
+    let child = fork_a_child(&mut worker);
+    let patched = worker.code_in(child, "mix");
+    assert_ne!(patched[..5], untraced_code[..5], "the child inherited the patched mix");
+    // The image's mix gets its first bytes back behind its agent's back: the agent finds
+    // other bytes than it wrote there, and restores nothing.
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{}/mem", worker.pid)).unwrap();
+    let mix = common::attached::symbol_address(&worker_and_plugin().0, "mix");
+    std::os::unix::fs::FileExt::write_all_at(&mem, &untraced_code[..5], mix).unwrap();
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    let pid = worker.pid;
+    let said = format!(
+        "process {child} (forked during the session by {pid}, an image exec'd during it) keeps patched code: the \
+         image it was forked from ({pid}) could not restore its own code: "
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+    let image = format!("process {pid} (an image exec'd during the session) keeps patched code: code at ");
+    assert!(stderr.contains(&image), "{stderr}");
+    assert!(!stderr.contains(&restored_as_its_image(child, pid)), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), patched, "the child's code left as it was");
     worker.quit();
     wait_for_the_end_of(child);
 }
