@@ -242,18 +242,22 @@ fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_
 /// calls in flight, which puts a sled frame under the catching function that the runtime's
 /// search did not see. The exception must still be caught there (before the fix: libgcc
 /// aborted the program in `_Unwind_Resume`).
-#[test]
-fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+/// `targets/unwinding.cpp`, built once.
+fn unwinding_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    let exe = EXE.get_or_init(|| {
+    EXE.get_or_init(|| {
         common::build_with(
             "g++",
             "unwinding.cpp",
             "record-attach-unwinding",
             &os(&["-O1", "-g", "-fno-inline", "-no-pie"]),
         )
-    });
-    let mut program = assert_caught_although_adopted_on_its_way(exe, "ex_*", "");
+    })
+}
+
+#[test]
+fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+    let mut program = assert_caught_although_adopted_on_its_way(unwinding_exe(), "ex_*", "");
     // ex_catch's handler was found with _Unwind_Resume called from the return sled's resume
     // stub (ex_middle's diverted return): a backtrace taken then (in the program's
     // interposed personality routine) shows no frame of dynprobe's code.
@@ -295,6 +299,36 @@ fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, p
     assert!(replay.contains(&format!("{prefix}ex_middle(); /* entered before attach, unwound */")), "{replay}");
     assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
     program
+}
+
+/// A thread held inside `_Unwind_Resume` called from the return sled's resume stub (the
+/// first session diverted ex_middle's return while the exception was on its way, and the
+/// program holds its personality routine for ex_catch) at the next attach: the in-flight
+/// walk steps through the stub into ex_catch, the function the exception is going to, and
+/// adopts it (before: the walk ended at the stub, which is in no module, and ex_catch's
+/// return went unrecorded).
+#[test]
+fn a_call_below_the_resume_stub_at_the_attach_is_adopted() {
+    let exe = unwinding_exe();
+    let log = common::scratch().join(format!("unwinding-held-{}.log", std::process::id()));
+    let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
+    assert_eq!(program.ask("throw"), "unwinding", "the thread stopped in the cleanup");
+    assert_eq!(program.ask("hold"), "holding");
+    let mut first = record(program.pid, &trace_dir("unwinding-held-first"), &["-F", "ex_middle"]);
+    first.wait_for("attached to");
+    assert_eq!(program.ask("resume"), "handling", "ex_catch's handler found from the resume stub");
+    let (status, _, stderr) = first.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "the first record -p failed:\n{stderr}");
+    let dir = trace_dir("unwinding-held-second");
+    let mut second = record(program.pid, &dir, &["-F", "ex_*"]);
+    second.wait_for("attached to");
+    assert_eq!(program.ask("release"), "caught 42", "the exception reached ex_catch's handler");
+    let (status, _, stderr) = second.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "the second record -p failed:\n{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert!(replay.contains("ex_catch(); /* entered before attach */"), "{replay}\n{stderr}");
+    assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
+    program.quit();
 }
 
 /// Starts the server's `go` (it answers only at `stop`).

@@ -194,6 +194,15 @@ pub(crate) fn contains(ip: u64) -> bool {
     [&FULL, &LIGHT, &RP_LIGHT].into_iter().any(|sled| sled.code_contains(ip, true))
 }
 
+/// Where `ip` is in a sled's resume stub (its offset there), if it is.
+pub(crate) fn resume_stub_offset(ip: u64) -> Option<u32> {
+    [&FULL, &LIGHT, &RP_LIGHT].into_iter().find_map(|sled| {
+        let stub = sled.stub.load(Ordering::Relaxed);
+        let at = ip.wrapping_sub(stub);
+        (sled.base.load(Ordering::Relaxed) != 0 && at < RESUME_STUB_SIZE as u64).then_some(at as u32)
+    })
+}
+
 /// True when `ip` is a sled entry or in a `common`: a return address a return hook
 /// diverted, or the return path under way. The resume stub is not: its frame's return
 /// address is the original one again, pushed back.
