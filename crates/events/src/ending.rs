@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// The file in a ring directory whose presence says the recording goes on.
-pub const RECORDING_FILE: &str = "recording";
+pub const RECORDING_FILE: &str = "record.live";
 
 /// Where the image of process `pid` gives its word in ring directory `dir`.
 fn word_path(dir: &Path, pid: u32) -> PathBuf {
