@@ -257,12 +257,13 @@ fn carry_environment() {
             std::ffi::CString::new(entry).ok()
         })
         .collect();
-    // A recording's images carry it only while its ring directory is there: a process that
-    // outlives the recording execs untraced.
-    let alive_while = ours
-        .iter()
-        .find(|(name, _)| name == record::RECORD_ENV)
-        .and_then(|(_, dir)| std::ffi::CString::new(dir.as_encoded_bytes()).ok());
+    // A recording's images carry it only while its ring directory's recording file is
+    // there (`dynprobe_events::ending`): a process that outlives the recording execs
+    // untraced.
+    let alive_while = ours.iter().find(|(name, _)| name == record::RECORD_ENV).and_then(|(_, dir)| {
+        let live = std::path::Path::new(dir).join(dynprobe_events::ending::RECORDING_FILE);
+        std::ffi::CString::new(live.into_os_string().into_encoded_bytes()).ok()
+    });
     dynprobe_probe::carry_into_exec(entries, std::ffi::CString::new(agent).expect("a C string's bytes"), alive_while);
     for (name, value) in &ours {
         if name != "LD_PRELOAD" {

@@ -25,6 +25,7 @@ use crate::line::PathText;
 use crate::marker::RecordedMarkers;
 use crate::values::Values;
 use dynprobe_events::clock::Clock;
+use dynprobe_events::ending;
 use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
@@ -160,9 +161,10 @@ fn carry_session_into_exec(dir: &Path, settings: &Settings) -> bool {
         entries.into_iter().map(|(name, value)| std::ffi::CString::new([name, b"=", &value].concat()).ok()).collect();
     match (entries, std::ffi::CString::new(agent)) {
         (Some(entries), Ok(agent)) => {
-            // A child forked during the session keeps what is carried: the ring directory's
+            // A child forked during the session keeps what is carried: the recording file's
             // removal at the end of the recording ends it there too.
-            let alive_while = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok();
+            let live = dir.join(ending::RECORDING_FILE);
+            let alive_while = std::ffi::CString::new(live.as_os_str().as_encoded_bytes()).ok();
             dynprobe_probe::carry_into_exec(entries, agent, alive_while)
         }
         _ => false,
@@ -336,8 +338,10 @@ impl Started {
     /// lasts, then ends it as an attach session's ends ([`Attached::end`]: every patched site
     /// restored, nothing recorded, no child forked afterwards recorded): a process that
     /// outlives the recording (`dynprobe record -p` detached from it) runs on untraced. The
-    /// recording lasts as long as its ring directory, which the CLI removes at its end (the
-    /// `exec`s carried from this image stop then too: see `carry_environment`).
+    /// recording lasts as long as its ring directory's recording file, which the CLI removes
+    /// at its end (the `exec`s carried from this image stop then too: see
+    /// `carry_environment`); the image then says whether it restored its code
+    /// (`dynprobe_events::ending`).
     fn keep_while_recording(self) {
         remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
         let (tracer, watch) = shared_and_watched(self.tracer, self.libraries);
@@ -350,20 +354,25 @@ impl Started {
         let ends = Arc::clone(&attached);
         let dir = self.dir;
         let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
-            while dir.is_dir() {
+            while dir.join(ending::RECORDING_FILE).exists() {
                 std::thread::sleep(RECORDING_POLL);
             }
             let Some(attached) = ends.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-            if let Err(e) = attached.end() {
-                eprintln!("dynprobe agent: the recording ended, but {e}");
-                return;
+            let ended = attached.end();
+            match &ended {
+                Err(e) => eprintln!("dynprobe agent: the recording ended, but {e}"),
+                Ok(()) => {
+                    // Nothing of the recording runs any more, as at an attach session's end
+                    // (the agent stays loaded: the loader preloaded it).
+                    dynprobe::stop_optimizer();
+                    if dynprobe::release_all().is_ok() {
+                        Tracer::free_ended();
+                    }
+                }
             }
-            // Nothing of the recording runs any more, as at an attach session's end (the
-            // agent stays loaded: the loader preloaded it).
-            dynprobe::stop_optimizer();
-            if dynprobe::release_all().is_ok() {
-                Tracer::free_ended();
-            }
+            // The word the CLI waits for before it gives the children this image forked its
+            // code (gone with the directory if the CLI is: then nobody waits).
+            let _ = ending::write_word(&dir, std::process::id(), ended.as_ref().map(|_| ()).map_err(String::as_str));
         });
         match spawned {
             Ok(thread) => thread.keep(),
@@ -497,8 +506,8 @@ fn call_values(
 ) -> Result<Option<(Values, String)>, String> {
     let Some(path) = &settings.values else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let values = Values::new(text)?;
-    let list = values.describe(functions, table.modules())?;
+    let values = Values::new(&text)?;
+    let list = values.describe(functions, table.modules());
     Ok(Some((values, list)))
 }
 
@@ -759,7 +768,7 @@ fn add_new_modules(
     // carries them. The companion is extended before the function list, which the
     // recorder watches to copy both.
     if let Some((values, path)) = values {
-        let list = values.describe(&selection.functions, table.modules())?;
+        let list = values.describe(&selection.functions, table.modules());
         append(path, &list)?;
     }
     // The names first: a record of a new function must never come before its name.

@@ -12,8 +12,10 @@
 //! l \t PATH                      a library's section: its `f`/`a`/`r` lines follow
 //! ```
 //!
-//! A library section's functions are matched by the library's path among the process's
-//! modules and located by its load bias; its `KEY`s carry the section's number from bit 48
+//! A library section describes every module of the library's file name, wherever it was
+//! loaded from, as the `-F PATH:GLOB` pattern that named it selects their functions
+//! (`dynprobe_ftrace::filter::path_names_module`, one rule for both); each module's
+//! functions are located by its own load bias; its `KEY`s carry the section's number from bit 48
 //! up (the link-time address below), so that keys are unique across the file. A library
 //! loaded later (`dlopen`) gets its section's values when the `dlopen` watch traces its
 //! functions ([`Values::describe`]), before their sites are armed.
@@ -23,9 +25,11 @@
 //! readable at the entry: `(unknown)`). `SHOWN` is for the CLI, which formats the raw
 //! values by it when the trace is read; the agent records raw values only.
 //!
-//! Everything is compiled here once, into programs indexed by function id: a call's hook
-//! evaluates them without allocating, as a probe's fetches are evaluated. The table of
-//! programs is allocated before any hook reads it and each slot is filled once, by the
+//! Every line is compiled once, when the file is read ([`Values::new`]), into a table of
+//! sections by link-time address; describing a module's functions (at the start, at each
+//! `dlopen`) only looks them up there and copies each one's programs into the slot of its
+//! function id: a call's hook evaluates them without allocating, as a probe's fetches are
+//! evaluated. The slots are allocated before any hook reads them and each is filled once, by the
 //! thread that places the function's sites, before it arms them: a hook reads a slot with
 //! one acquire load (`OnceLock::get`) and never waits for a writer.
 
@@ -33,14 +37,17 @@ use dynprobe::fetch::{EntryValues, FetchProgram, HitContext, SelfMemory, Value};
 use dynprobe::spec::{ProbeKind, ProbeSpec, STRING_MAX};
 use dynprobe::Regs;
 use dynprobe_events::marker::MarkerRecords;
+use dynprobe_ftrace::filter::path_names_module;
 use dynprobe_ftrace::{CallValues, TracedFunction};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 /// The `args` file's path, set by `dynprobe record -a`.
 pub const ARGS_ENV: &str = "DYNPROBE_ARGS";
 
 /// Where one value is read.
+#[derive(Clone)]
 enum Source {
     Fetch(FetchProgram),
     /// The low 64 bits of xmm0–7.
@@ -50,7 +57,7 @@ enum Source {
 }
 
 /// One function's values.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Function {
     /// Its description's key in the `args` file.
     key: u64,
@@ -72,8 +79,8 @@ const CHUNK: usize = 4096;
 pub(crate) struct Values(Arc<Table>);
 
 struct Table {
-    /// The `args` file.
-    text: String,
+    /// The `args` file's sections, compiled once.
+    sections: Vec<Section>,
     /// Chunk `id / CHUNK`, slot `id % CHUNK`: function `id`'s values, set once.
     chunks: Box<[OnceLock<Chunk>]>,
 }
@@ -81,45 +88,82 @@ struct Table {
 /// [`CHUNK`] slots of the table, each set once.
 type Chunk = Box<[OnceLock<Function>]>;
 
+/// One section of the `args` file: the lines before the first `p` or `l` line, or from one
+/// to the next.
+struct Section {
+    /// The modules it describes.
+    about: About,
+    /// Its functions, by link-time address.
+    functions: HashMap<u64, Function>,
+}
+
+/// Which modules a section describes.
+enum About {
+    /// The main executable: any (the lines before a `p` line), or only the program at
+    /// this canonical path (a `p` line).
+    Program(Option<PathBuf>),
+    /// Every library whose file name is this path's (an `l` line): the modules a `-F
+    /// PATH:GLOB` pattern covers, by the same rule.
+    Library(String),
+}
+
+impl Section {
+    /// Whether the section describes `module`; `main` is the main executable's canonical
+    /// path, looked up once by the caller.
+    fn covers(&self, module: &dynprobe_symbols::Module, main: &mut Option<Option<PathBuf>>) -> bool {
+        match &self.about {
+            About::Program(None) => module.is_main,
+            About::Program(Some(path)) => {
+                module.is_main
+                    && main.get_or_insert_with(|| std::fs::canonicalize(&module.path).ok()).as_ref() == Some(path)
+            }
+            About::Library(path) => !module.is_main && path_names_module(path, &module.name),
+        }
+    }
+}
+
 impl Values {
     /// The values the `args` file `text` describes, no function's yet ([`describe`](Self::describe)).
+    /// Every line is compiled here, once, so that a description made later cannot fail.
     /// `Err` names the line that cannot be compiled.
-    pub(crate) fn new(text: String) -> Result<Values, String> {
-        // Every line is compiled once here, so that a description made later cannot fail.
-        described(&text, &[])?;
+    pub(crate) fn new(text: &str) -> Result<Values, String> {
+        let sections = sections(text)?;
         let chunks = (0..MAX_FUNCTIONS / CHUNK).map(|_| OnceLock::new()).collect();
-        Ok(Values(Arc::new(Table { text, chunks })))
+        Ok(Values(Arc::new(Table { sections, chunks })))
     }
 
     /// Gives each of `functions` that the file describes its values: those of the main
     /// executable (the `modules`' `is_main` one) when the file describes this executable,
-    /// and those of each library section (`l PATH`) whose library is among `modules`,
-    /// matched by path and located by its load bias. A function that has values keeps
-    /// them. Call it before the functions' sites are armed. Returns the lines of the `.values`
-    /// companion for those described: `id \t key`, the key (hex) naming the description in
-    /// the `args` file.
-    pub(crate) fn describe(
-        &self,
-        functions: &[TracedFunction],
-        modules: &[dynprobe_symbols::Module],
-    ) -> Result<String, String> {
-        let mut described = described(&self.0.text, modules)?;
+    /// and those of each library section (`l PATH`) for every library among `modules` of
+    /// that file name (as a `-F PATH:GLOB` pattern selects them), located by its load
+    /// bias. A function that has values keeps them. Call it before the functions' sites are
+    /// armed. Returns the lines of the `.values` companion for those described: `id \t
+    /// key`, the key (hex) naming the description in the `args` file.
+    pub(crate) fn describe(&self, functions: &[TracedFunction], modules: &[dynprobe_symbols::Module]) -> String {
+        let mut main = None;
+        // Each module's sections, looked up once.
+        let sections: Vec<Vec<&Section>> =
+            modules.iter().map(|m| self.0.sections.iter().filter(|s| s.covers(m, &mut main)).collect()).collect();
         let mut list = String::new();
         for f in functions {
-            let Some(module) = modules.iter().find(|m| m.name == f.module) else { continue };
-            let Some(values) = described.remove(&(f.module.as_str(), f.addr.wrapping_sub(module.bias))) else {
-                continue;
+            // Two modules of one file name (a library loaded from two paths): the one that
+            // holds the function.
+            let named = || modules.iter().enumerate().filter(|(_, m)| m.name == f.module);
+            let holds = |(_, m): &(usize, &dynprobe_symbols::Module)| {
+                m.ranges.iter().any(|&(lo, hi)| lo <= f.addr && f.addr < hi)
             };
+            let Some((i, module)) = named().find(holds).or_else(|| named().next()) else { continue };
+            let at = f.addr.wrapping_sub(module.bias);
+            let Some(values) = sections[i].iter().find_map(|s| s.functions.get(&at)) else { continue };
             let id = f.id as usize;
             let Some(chunk) = self.0.chunks.get(id / CHUNK) else { continue };
             let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| OnceLock::new()).collect());
-            let key = values.key;
             // The release that publishes it to the hooks: `OnceLock` completes with one.
-            if chunk[id % CHUNK].set(values).is_ok() {
-                list.push_str(&format!("{id}\t{key:x}\n"));
+            if chunk[id % CHUNK].set(values.clone()).is_ok() {
+                list.push_str(&format!("{id}\t{:x}\n", values.key));
             }
         }
-        Ok(list)
+        list
     }
 
     fn function(&self, id: u32) -> Option<&Function> {
@@ -128,78 +172,58 @@ impl Values {
     }
 }
 
-/// The descriptions of the `args` file `text` for `modules`, by (module name, link-time
-/// address); `Err` names the line that cannot be compiled.
-fn described<'m>(
-    text: &str,
-    modules: &'m [dynprobe_symbols::Module],
-) -> Result<HashMap<(&'m str, u64), Function>, String> {
-    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    let mut described: HashMap<(&str, u64), Function> = HashMap::new();
-    // The module the current section describes, `None` when it is not this process's.
-    let mut section: Option<&dynprobe_symbols::Module> = modules.iter().find(|m| m.is_main);
-    let mut current: Option<(&str, u64)> = None;
-    // Whether an `f` line came since the section began.
-    let mut in_function = false;
+/// The sections of the `args` file `text`, every line compiled; `Err` names the line that
+/// cannot be.
+fn sections(text: &str) -> Result<Vec<Section>, String> {
+    let mut sections = vec![Section { about: About::Program(None), functions: HashMap::new() }];
+    // The function the `a` and `r` lines describe, by link-time address; `None` until an
+    // `f` line comes in the section.
+    let mut current: Option<u64> = None;
     for (n, line) in text.lines().enumerate() {
         let bad = |why: String| format!("args file line {}: {why}", n + 1);
         let fields: Vec<&str> = line.split('\t').collect();
+        let section = sections.last_mut().expect("the first section");
         match fields.as_slice() {
             ["p", path] => {
-                let path = same(std::path::Path::new(path));
-                section = modules.iter().find(|m| m.is_main && same(&m.path) == path);
-                (current, in_function) = (None, false);
+                // A program whose path cannot be resolved is none of this process's.
+                let path = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from("/nonexistent/"));
+                sections.push(Section { about: About::Program(Some(path)), functions: HashMap::new() });
+                current = None;
             }
             ["l", path] => {
-                let path = same(std::path::Path::new(path));
-                section = modules.iter().find(|m| !m.is_main && path.is_some() && same(&m.path) == path);
-                (current, in_function) = (None, false);
+                sections.push(Section { about: About::Library(path.to_string()), functions: HashMap::new() });
+                current = None;
             }
             ["f", key, _name] => {
                 let key = u64::from_str_radix(key, 16).map_err(|_| bad(format!("bad address `{key}`")))?;
-                current = section.map(|m| (m.name.as_str(), key & LINK_ADDRESS));
-                in_function = true;
-                if let Some(at) = current {
-                    described.entry(at).or_default().key = key;
-                }
+                let at = key & LINK_ADDRESS;
+                section.functions.entry(at).or_default().key = key;
+                current = Some(at);
             }
             ["a", _field, _shown, source] => {
-                let f = function(&mut described, in_function, current).map_err(bad)?;
-                let source = compile(source, ProbeKind::Entry).map_err(bad)?;
-                if let Some(f) = f {
-                    f.args.push(source);
-                }
+                let f = function(section, current).map_err(bad)?;
+                f.args.push(compile(source, ProbeKind::Entry).map_err(bad)?);
             }
             ["r", _shown, source] => {
-                let f = function(&mut described, in_function, current).map_err(bad)?;
-                let source = compile(source, ProbeKind::Return).map_err(bad)?;
-                if let Some(f) = f {
-                    f.retval = Some(source);
-                }
+                let f = function(section, current).map_err(bad)?;
+                f.retval = Some(compile(source, ProbeKind::Return).map_err(bad)?);
             }
             [""] => {}
             [first, ..] if first.starts_with('#') => {}
             _ => return Err(bad(format!("cannot read `{line}`"))),
         }
     }
-    Ok(described)
+    Ok(sections)
 }
 
 /// The link-time address in a key: a library section's keys carry its number above it
 /// ([`dynprobe_ftrace::LIBRARY_KEY_SHIFT`]), the main executable's are the address.
 const LINK_ADDRESS: u64 = (1 << dynprobe_ftrace::LIBRARY_KEY_SHIFT) - 1;
 
-/// The description the `a`/`r` line adds to: that of function `current` (`None` in a
-/// section this process does not have); `Err` when no `f` line came before in its section.
-fn function<'a, 'k>(
-    described: &'a mut HashMap<(&'k str, u64), Function>,
-    in_function: bool,
-    current: Option<(&'k str, u64)>,
-) -> Result<Option<&'a mut Function>, String> {
-    match in_function {
-        true => Ok(current.and_then(|at| described.get_mut(&at))),
-        false => Err("no function".into()),
-    }
+/// The description the `a`/`r` line adds to: that of the section's function `current`;
+/// `Err` when no `f` line came before in its section.
+fn function(section: &mut Section, current: Option<u64>) -> Result<&mut Function, String> {
+    current.and_then(|at| section.functions.get_mut(&at)).ok_or_else(|| "no function".into())
 }
 
 /// A source of the `args` file, compiled.
@@ -283,14 +307,21 @@ mod tests {
         dynprobe_symbols::Module { path, name: name.into(), bias, ranges: vec![], is_main: true }
     }
 
+    /// A library at `path`, loaded with `bias`, its code in the 64 KiB there.
+    fn library(path: &str, bias: u64) -> dynprobe_symbols::Module {
+        let name = path.rsplit('/').next().unwrap().to_string();
+        let ranges = vec![(bias, bias + 0x1_0000)];
+        dynprobe_symbols::Module { path: path.into(), name, bias, ranges, is_main: false }
+    }
+
     /// The values of `text` for `functions`, and the `.values` lines of those described.
     fn described(
         text: &str,
         functions: &[TracedFunction],
         modules: &[dynprobe_symbols::Module],
     ) -> Result<(Values, String), String> {
-        let values = Values::new(text.to_string())?;
-        let list = values.describe(functions, modules)?;
+        let values = Values::new(text)?;
+        let list = values.describe(functions, modules);
         Ok((values, list))
     }
 
@@ -353,9 +384,9 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named() {
-        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n".into()).err().unwrap();
+        let err = Values::new("f\t10\tf\na\tx\ts32\t%nope\n").err().unwrap();
         assert!(err.starts_with("args file line 2: bad fetch `%nope`"), "{err}");
-        let err = Values::new("a\tx\ts32\t%rdi\n".into()).err().unwrap();
+        let err = Values::new("a\tx\ts32\t%rdi\n").err().unwrap();
         assert_eq!(err, "args file line 1: no function");
     }
 
@@ -364,12 +395,8 @@ mod tests {
         // Section 1's key carries its number from bit 48; the main executable has a
         // function at the same link-time address, a section of a library not loaded none.
         let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/nonexistent/libgone.so\nf\t1000001000\tgone\n\
-                    a\tx\ts32\t%rsi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
-        let library = dynprobe_symbols::Module {
-            path: "/bin/sh".into(),
-            is_main: false,
-            ..module("libfoo.so", 0x7f00_0000_0000)
-        };
+                    a\tx\ts32\t%rsi:s32\nl\t/opt/app/libfoo.so\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
+        let library = library("/opt/app/libfoo.so", 0x7f00_0000_0000);
         let functions = [function(0, 0x1000, "prog"), function(1, 0x7f00_0000_1000, "libfoo.so")];
         let (values, list) = described(text, &functions, &[module("prog", 0), library]).unwrap();
         assert_eq!(list, "0\t1000\n1\t1000000001000\n");
@@ -395,7 +422,7 @@ mod tests {
     /// before keep theirs.
     #[test]
     fn a_library_loaded_later_gets_its_section_s_values_when_its_functions_are_described() {
-        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/bin/sh\nf\t1000000001000\tlib_fn\n\
+        let text = "f\t1000\tmain_fn\na\tk\ts32\t%rdi:s32\nl\t/opt/app/libplug.so\nf\t1000000001000\tlib_fn\n\
                     a\tn\ts32\t%rsi:s32\n";
         let main = module("prog", 0);
         let (values, list) = described(text, &[function(0, 0x1000, "prog")], std::slice::from_ref(&main)).unwrap();
@@ -408,15 +435,34 @@ mod tests {
         };
         // Id 5000 is in a chunk of its own, not allocated yet: no values, one record.
         assert_eq!(entry(5000).len(), 1);
-        let library = dynprobe_symbols::Module {
-            path: "/bin/sh".into(),
-            is_main: false,
-            ..module("libplug.so", 0x7f00_0000_0000)
-        };
+        let library = library("/opt/app/libplug.so", 0x7f00_0000_0000);
         let later = [function(5000, 0x7f00_0000_1000, "libplug.so"), function(0, 0x1000, "prog")];
-        let list = values.describe(&later, &[main, library]).unwrap();
+        let list = values.describe(&later, &[main, library]);
         assert_eq!(list, "5000\t1000000001000\n");
         assert_eq!(values_of(&entry(5000)), [MarkerValue::Unsigned(4)]);
         assert_eq!(values_of(&entry(0)), [MarkerValue::Unsigned(3)]);
+    }
+
+    /// A `-F PATH:GLOB` pattern traces every module of that file name: the library section
+    /// of that path describes each of them, wherever it was loaded from, each located by its
+    /// own bias.
+    #[test]
+    fn a_library_section_describes_every_library_of_that_file_name() {
+        let text = "l\t/build/libplug.so\nf\t1000000001000\tlib_fn\na\tn\ts32\t%rsi:s32\n";
+        let (first, second) =
+            (library("/opt/app/libplug.so", 0x7f00_0000_0000), library("/tmp/libplug.so", 0x7e00_0000_0000));
+        let other = library("/build/libother.so", 0x7d00_0000_0000);
+        let functions = [
+            function(0, 0x7f00_0000_1000, "libplug.so"),
+            function(1, 0x7e00_0000_1000, "libplug.so"),
+            function(2, 0x7d00_0000_1000, "libother.so"),
+        ];
+        let (values, list) = described(text, &functions, &[module("prog", 0), first, second, other]).unwrap();
+        assert_eq!(list, "0\t1000000001000\n1\t1000000001000\n");
+        for id in [0, 1] {
+            let mut out = MarkerRecords::new();
+            values.entry(id, &Regs { rsi: 4, ..Regs::default() }, None, &mut out);
+            assert_eq!(values_of(out.finish_as(Kind::Entry, 1, 0, 0)), [MarkerValue::Unsigned(4)]);
+        }
     }
 }

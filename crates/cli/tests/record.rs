@@ -706,7 +706,7 @@ fn traces_rings_and_outputs_are_their_owner_s_only_whatever_the_umask() {
     let (_, ring_mode, ring_files) = ring_dir_listing(&r);
     assert_eq!(
         (ring_mode.as_str(), ring_files),
-        ("700", vec!["funcs 600".into(), "owner 600".into(), "ring 600".into(), "sites 600".into()])
+        ("700", vec!["funcs 600".into(), "live 600".into(), "owner 600".into(), "ring 600".into(), "sites 600".into()])
     );
     let mut seen = 0;
     let mut dirs = vec![r.dir.clone()];

@@ -330,3 +330,22 @@ fn record_p_records_the_values_of_a_library_dlopened_during_the_session() {
     assert_eq!(calls[..3], LIBRARY_FIRST_ROUND);
     worker.quit();
 }
+
+/// `-F PATH:GLOB` traces the library of that file name wherever the program loads it from
+/// (here a copy in another directory, as an installed copy of a library built elsewhere):
+/// `-a` describes the library from PATH's DWARF and the copy's calls carry its values, as
+/// the calls the filter selects do.
+#[test]
+fn a_library_named_by_its_path_records_its_values_also_where_a_copy_of_it_is_loaded() {
+    let library = library("copied", PATCHABLE);
+    let copy = scratch().join("copies").join(library.file_name().unwrap());
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(&library, &copy).unwrap();
+    let define = format!("-DARGSLIB_DLOPEN=\"{}\"", copy.display());
+    let program = program("argslib_main.c", "argslib-copied", "-O0", &[&define, "-ldl"]);
+    let filter = format!("{}:lib_*", library.display());
+    let r = record("library-copied", &["-a", "-F", &filter], &program, 4);
+    assert_eq!(r.calls.len(), 4 * 3, "{:#?}", r.calls);
+    assert_eq!(r.calls[..3], LIBRARY_FIRST_ROUND, "{:#?}", r.calls);
+    assert_eq!(r.calls, r.log);
+}

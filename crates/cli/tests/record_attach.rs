@@ -70,8 +70,14 @@ fn trace_dir(name: &str) -> PathBuf {
 
 /// `dynprobe record -p PID OPTIONS -o DIR`, running.
 fn record(pid: i32, dir: &Path, options: &[&str]) -> Session {
+    record_with_env(pid, dir, options, &[])
+}
+
+/// [`record`] with these variables in dynprobe's environment.
+fn record_with_env(pid: i32, dir: &Path, options: &[&str], env: &[(&str, &str)]) -> Session {
     let mut command = common::dynprobe();
     command.args(["record", "-p", &pid.to_string(), "-o"]).arg(dir).args(options);
+    command.envs(env.iter().copied());
     Session::spawn(command, None)
 }
 
@@ -236,18 +242,29 @@ fn recursion_and_exceptions_in_flight_at_the_attach_are_shown_entered_before_it_
 /// calls in flight, which puts a sled frame under the catching function that the runtime's
 /// search did not see. The exception must still be caught there (before the fix: libgcc
 /// aborted the program in `_Unwind_Resume`).
-#[test]
-fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+/// `targets/unwinding.cpp`, built once.
+fn unwinding_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    let exe = EXE.get_or_init(|| {
+    EXE.get_or_init(|| {
         common::build_with(
             "g++",
             "unwinding.cpp",
             "record-attach-unwinding",
             &os(&["-O1", "-g", "-fno-inline", "-no-pie"]),
         )
-    });
-    assert_caught_although_adopted_on_its_way(exe, "ex_*", "");
+    })
+}
+
+#[test]
+fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
+    let mut program = assert_caught_although_adopted_on_its_way(unwinding_exe(), "ex_*", "");
+    // ex_catch's handler was found with _Unwind_Resume called from the return sled's resume
+    // stub (ex_middle's diverted return): a backtrace taken then (in the program's
+    // interposed personality routine) shows no frame of dynprobe's code.
+    let frames = program.ask("frames");
+    let counts: Vec<usize> = frames.split(' ').filter_map(|w| w.parse().ok()).collect();
+    assert!(matches!(counts[..], [n, 0] if n > 3), "the handler frame's backtrace: {frames}");
+    program.quit();
 }
 
 /// [`an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to`] for
@@ -258,14 +275,15 @@ fn an_exception_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_
 fn a_panic_on_its_way_at_the_attach_is_caught_by_the_function_it_was_going_to() {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     let exe = EXE.get_or_init(|| common::build_rust("unwinding_rs.rs", "record-attach-unwinding-rs"));
-    assert_caught_although_adopted_on_its_way(exe, "unwinding_rs::*", "unwinding_rs::");
+    assert_caught_although_adopted_on_its_way(exe, "unwinding_rs::*", "unwinding_rs::").quit();
 }
 
 /// Runs `targets/unwinding.cpp`'s protocol on `exe`: its thread stopped in a cleanup on the
 /// way to `ex_catch`, `record -p -F FILTER` attached, the thread let go; the exception must
 /// be caught where it was going, and the replay show `ex_catch` (named `PREFIX`ex_catch)
-/// and `ex_middle` entered before the attach, `ex_middle` unwound.
-fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, prefix: &str) {
+/// and `ex_middle` entered before the attach, `ex_middle` unwound. Returns the program, still
+/// running.
+fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, prefix: &str) -> Worker {
     let name = exe.file_name().unwrap().to_string_lossy();
     let log = common::scratch().join(format!("{name}-{}.log", std::process::id()));
     let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
@@ -279,6 +297,36 @@ fn assert_caught_although_adopted_on_its_way(exe: &'static Path, filter: &str, p
     let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
     assert!(replay.contains(&format!("{prefix}ex_catch() {{ /* entered before attach */")), "{replay}");
     assert!(replay.contains(&format!("{prefix}ex_middle(); /* entered before attach, unwound */")), "{replay}");
+    assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
+    program
+}
+
+/// A thread held inside `_Unwind_Resume` called from the return sled's resume stub (the
+/// first session diverted ex_middle's return while the exception was on its way, and the
+/// program holds its personality routine for ex_catch) at the next attach: the in-flight
+/// walk steps through the stub into ex_catch, the function the exception is going to, and
+/// adopts it (before: the walk ended at the stub, which is in no module, and ex_catch's
+/// return went unrecorded).
+#[test]
+fn a_call_below_the_resume_stub_at_the_attach_is_adopted() {
+    let exe = unwinding_exe();
+    let log = common::scratch().join(format!("unwinding-held-{}.log", std::process::id()));
+    let mut program = Worker::start_with(exe, log.as_os_str(), log.clone(), &[]);
+    assert_eq!(program.ask("throw"), "unwinding", "the thread stopped in the cleanup");
+    assert_eq!(program.ask("hold"), "holding");
+    let mut first = record(program.pid, &trace_dir("unwinding-held-first"), &["-F", "ex_middle"]);
+    first.wait_for("attached to");
+    assert_eq!(program.ask("resume"), "handling", "ex_catch's handler found from the resume stub");
+    let (status, _, stderr) = first.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "the first record -p failed:\n{stderr}");
+    let dir = trace_dir("unwinding-held-second");
+    let mut second = record(program.pid, &dir, &["-F", "ex_*"]);
+    second.wait_for("attached to");
+    assert_eq!(program.ask("release"), "caught 42", "the exception reached ex_catch's handler");
+    let (status, _, stderr) = second.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "the second record -p failed:\n{stderr}");
+    let replay = dynprobe_ok(&["replay".as_ref(), dir.as_os_str()]);
+    assert!(replay.contains("ex_catch(); /* entered before attach */"), "{replay}\n{stderr}");
     assert_eq!(exit_without_entry(&replay), None, "every exit has its entry:\n{replay}");
     program.quit();
 }
@@ -609,16 +657,38 @@ fn record_through_an_exec_then(
     untraced: &str,
     during: impl FnOnce(&mut Worker),
 ) -> (PathBuf, String) {
-    let dir = trace_dir(test);
-    let mut session = record(worker.pid, &dir, options);
-    session.wait_for("attached to");
-    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
-    session.wait_for("executed a new program");
-    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    let (dir, session) = start_through_an_exec(worker, test, options, &[], untraced);
     during(worker);
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     (dir, stderr)
+}
+
+/// The start of [`record_through_an_exec`], `env` in dynprobe's environment: the trace
+/// directory and the session, running, after the new image's round.
+fn start_through_an_exec(
+    worker: &mut Worker,
+    test: &str,
+    options: &[&str],
+    env: &[(&str, &str)],
+    untraced: &str,
+) -> (PathBuf, Session) {
+    let dir = trace_dir(test);
+    let mut session = record_with_env(worker.pid, &dir, options, env);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("exec"), format!("ready {}", worker.pid));
+    session.wait_for("executed a new program");
+    assert_eq!(worker.round(), untraced, "the same checksum in the new image, recorded");
+    (dir, session)
+}
+
+/// Asks the worker to fork a child that calls mix every 10 ms: its pid, once it has made
+/// some calls.
+fn fork_a_child(worker: &mut Worker) -> i32 {
+    let forked = worker.ask("fork");
+    let child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    std::thread::sleep(Duration::from_millis(300));
+    child
 }
 
 #[test]
@@ -669,20 +739,82 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
     // child inherits: the image's end must not wait for it.
     let options = ["-F", "mix", "-F", "libplugin-record-attach:*"];
     let (dir, stderr) = record_through_an_exec_then(&mut worker, "exec-fork", &options, &untraced, |worker| {
-        let forked = worker.ask("fork");
-        child = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
-        std::thread::sleep(Duration::from_millis(300));
+        child = fork_a_child(worker);
         assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
     });
-    let pid = worker.pid;
-    let said =
-        format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored");
-    assert!(stderr.contains(&said), "{stderr}");
     // Both the image and the child have their bytes back, and the child runs on.
-    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the child's mix restored after the session");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
     wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
     child_section(&dir, child);
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// What dynprobe says of `child`, forked by the image `pid` exec'd during the session, once
+/// it gave it the image's restored code.
+fn restored_as_its_image(child: i32, pid: i32) -> String {
+    format!("process {child} (forked during the session by {pid}, an image exec'd during it): its code restored")
+}
+
+/// Checks that dynprobe said so of `child`, a child of the worker's exec'd image, and that
+/// its mix has the `untraced` bytes again.
+fn assert_restored_as_its_image(worker: &Worker, child: i32, stderr: &str, untraced: &[u8]) {
+    assert!(stderr.contains(&restored_as_its_image(child, worker.pid)), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix restored after the session");
+}
+
+/// A child the exec'd image forks after the session was told to end, while the image still
+/// records (dynprobe paused there for the test), is found and restored too: the children
+/// are looked for once the images have ended their recording.
+#[test]
+fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
+    let mut worker = start_worker("exec-fork-late");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "1500")];
+    let (_, mut session) = start_through_an_exec(&mut worker, "exec-fork-late", &["-F", "mix"], &pause, &untraced);
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(session.child.id() as i32, libc::SIGINT) };
+    session.wait_for("pausing before the images' recording ends");
+    let child = fork_a_child(&mut worker);
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    let (status, _, stderr) = session.end(None);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// An exec'd image that cannot restore its own code (here its site's bytes were changed
+/// under it, as a program rewriting its own code would) says so, and the child it forked
+/// is left as it is and said to keep patched code, why included — never said restored.
+#[test]
+fn a_child_forked_by_an_image_that_cannot_restore_its_own_code_is_said_to_keep_patched_code() {
+    let mut worker = start_worker("exec-fork-kept");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-kept", &["-F", "mix"], &[], &untraced);
+    let child = fork_a_child(&mut worker);
+    let patched = worker.code_in(child, "mix");
+    assert_ne!(patched[..5], untraced_code[..5], "the child inherited the patched mix");
+    // The image's mix gets its first bytes back behind its agent's back: the agent finds
+    // other bytes than it wrote there, and restores nothing.
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{}/mem", worker.pid)).unwrap();
+    let mix = common::attached::symbol_address(&worker_and_plugin().0, "mix");
+    std::os::unix::fs::FileExt::write_all_at(&mem, &untraced_code[..5], mix).unwrap();
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    let pid = worker.pid;
+    let said = format!(
+        "process {child} (forked during the session by {pid}, an image exec'd during it) keeps patched code: the \
+         image it was forked from ({pid}) could not restore its own code: "
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+    let image = format!("process {pid} (an image exec'd during the session) keeps patched code: code at ");
+    assert!(stderr.contains(&image), "{stderr}");
+    assert!(!stderr.contains(&restored_as_its_image(child, pid)), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), patched, "the child's code left as it was");
     worker.quit();
     wait_for_the_end_of(child);
 }

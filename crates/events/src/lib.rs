@@ -4,6 +4,7 @@
 //! writes ([`recorder`]) and the analyses read ([`trace`], [`model`]).
 
 pub mod clock;
+pub mod ending;
 pub mod error;
 pub mod files;
 pub mod marker;

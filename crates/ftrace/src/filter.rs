@@ -46,7 +46,7 @@ impl Pattern {
         match self.module.as_deref() {
             None => is_main,
             Some("*") => true,
-            Some(path) if path.contains('/') => path.rsplit('/').next() == Some(module),
+            Some(path) if path.contains('/') => path_names_module(path, module),
             Some(prefix) => module.starts_with(prefix),
         }
     }
@@ -55,6 +55,13 @@ impl Pattern {
     pub fn matches(&self, module: &str, is_main: bool, name: &str) -> bool {
         self.covers_module(module, is_main) && glob_match(self.glob.as_bytes(), name.as_bytes())
     }
+}
+
+/// Whether `path` (a pattern's module part with a `/`, or the library section of `record
+/// -a`'s `args` file) names a module whose file name is `module`: the module of that file
+/// name wherever it was loaded from (a copy, a symlinked directory), as the README says.
+pub fn path_names_module(path: &str, module: &str) -> bool {
+    path.rsplit('/').next() == Some(module)
 }
 
 /// The `-F` and `-N` patterns together.

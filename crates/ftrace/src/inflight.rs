@@ -47,9 +47,12 @@
 //! caller it jumps to (`dynprobe_arch`'s `ftrace` module) are stepped through the same way:
 //! `caller_position` finds, from their code, where the `rsp` the site's `call` was made with
 //! is (and the program's `rbp`, which the caller saves while it uses its own), and the frame
-//! continues as the site's instruction with that `rsp`. Still not stepped through: the
-//! return trampoline's sled (a return in progress, which only a call diverted by an earlier
-//! session can be making at an attach); such a walk ends there.
+//! continues as the site's instruction with that `rsp`. The return trampoline's resume stub
+//! (an exception resumed from a return diverted on its way) is stepped through by its known
+//! frame (`dynprobe_arch`'s `resume_stub_frame`) to the function the exception is going to.
+//! Still not stepped through: the return trampoline's sled (a return in progress, which
+//! only a call diverted by an earlier session can be making at an attach); such a walk ends
+//! there.
 
 use crate::graph;
 use dynprobe_arch::native::ftrace::{caller_position, SiteRsp, CALLER_ENTRY_DEPTH, STUB_ENTRY_DEPTH, STUB_SIZE};
@@ -408,6 +411,9 @@ impl Walker {
         let Walker { modules, functions, context, calls, .. } = self;
         let (regs, pc) = (at.regs, at.pc);
         let lookup = at.lookup();
+        if let Some(offset) = dynprobe_probe::resume_stub_offset(lookup) {
+            return step_out_of_resume_stub(at, offset, sp, stack_end).map(|()| true);
+        }
         let module = modules.iter().find(|m| m.code.iter().any(|&(lo, hi)| lo <= lookup && lookup < hi))?;
         let table = module.hdr.table()?;
         let fde = table.fde_for_address(&module.eh_frame, &module.bases, lookup, EhFrame::cie_from_offset).ok()?;
@@ -472,6 +478,31 @@ impl Walker {
         *at = Frame { regs: caller, pc: ret, exact: false, entered: false };
         Some(true)
     }
+}
+
+/// Unwinds a frame in a return trampoline's resume stub (which has no module): it stands for
+/// the function whose diverted return an exception unwinds through, just before its `ret`
+/// with the original return address back in its slot (see `dynprobe_probe`'s
+/// `resume_stub_offset`); its caller, the function the exception is going to, is the next
+/// frame. `None` when its return address cannot be read.
+fn step_out_of_resume_stub(at: &mut Frame, offset: u32, sp: u64, stack_end: u64) -> Option<()> {
+    let (cfa_above_rsp, in_rdx) = dynprobe_arch::native::trampoline::resume_stub_frame(offset);
+    let cfa = at.regs[X86_64::RSP.0 as usize]?.wrapping_add(cfa_above_rsp);
+    if cfa < sp || cfa > stack_end {
+        return None;
+    }
+    let ret = match in_rdx {
+        true => at.regs[X86_64::RDX.0 as usize]?,
+        false => stack_word(cfa.wrapping_sub(8), sp, stack_end)?,
+    };
+    // The stub changes no callee-saved register.
+    let mut caller = [None; 17];
+    for reg in [X86_64::RBX, X86_64::RBP, X86_64::R12, X86_64::R13, X86_64::R14, X86_64::R15] {
+        caller[reg.0 as usize] = at.regs[reg.0 as usize];
+    }
+    caller[X86_64::RSP.0 as usize] = Some(cfa);
+    *at = Frame { regs: caller, pc: ret, exact: false, entered: false };
+    Some(())
 }
 
 /// Whether the return address `addr` returns into the code of a module of `modules`.

@@ -32,8 +32,9 @@ struct Carried {
     entries: Vec<CString>,
     /// The agent's path, which `LD_PRELOAD` must name.
     agent: CString,
-    /// A directory that exists as long as the session does (a recording's ring directory,
-    /// which the CLI removes at its end): once it is gone, nothing is carried.
+    /// A path that exists as long as the session does (a recording's ring directory's
+    /// recording file, which the CLI removes at its end): once it is gone, nothing is
+    /// carried.
     alive_while: Option<CString>,
 }
 
@@ -45,8 +46,7 @@ static CARRIED: AtomicPtr<Carried> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Makes every `exec` of this process carry `entries` (`NAME=value` strings, `LD_PRELOAD`
 /// among them, naming `agent` first) from now on, whatever environment the program gives
-/// it; see the module's documentation. With `alive_while`, only while that directory
-/// exists: the session they are for lasts as long (a process that outlives it, a child
+/// it; see the module's documentation. With `alive_while`, only while that path exists: the session they are for lasts as long (a process that outlives it, a child
 /// forked during an attach session, `exec`s untraced afterwards). Only when nothing is
 /// carried yet: `false` (and no change) when something is, as for a program started with
 /// the agent preloaded, whose environment lasts its life.
@@ -80,7 +80,7 @@ fn carried() -> Option<&'static Carried> {
 }
 
 impl Carried {
-    /// Whether the session is on: its directory (if it has one) exists. A raw
+    /// Whether the session is on: its path (if it has one) exists. A raw
     /// `faccessat` (access(2)), as the guard calls nothing of the C library.
     fn alive(&self) -> bool {
         let Some(dir) = &self.alive_while else { return true };

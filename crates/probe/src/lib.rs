@@ -57,8 +57,8 @@ pub use registry::{
 };
 pub use retprobe::{
     graph_adopt, graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, graph_return_width,
-    graph_width, is_return_trampoline, Adopted, GraphEnter, GraphEntry, GraphExit, InFlightCall, InstanceData,
-    ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
+    graph_width, is_return_trampoline, resume_stub_offset, Adopted, GraphEnter, GraphEntry, GraphExit, InFlightCall,
+    InstanceData, ReturnProbe, ReturnProbeHandle, ReturnProbeStats, DATA_WORDS, DEFAULT_MAXACTIVE, MAX_DEPTH,
 };
 pub use signals::{guard_failure, place_signal_guards, release_signals, signal_guards_placed};
 pub use thread_slot::{current_thread_slot, set_current_thread_traced, MAX_THREADS};

@@ -195,6 +195,18 @@ pub const RESUME_STUB_PUSHED: u32 = 1;
 /// from there: the call of `resume` and the `ud2` after it).
 pub const RESUME_STUB_ALIGNED: u32 = 5;
 
+/// The frame of a thread at offset `at` of the resume stub, as the stub's unwind
+/// information says: its CFA (the caller's `rsp`) is `rsp` + the first value, and its
+/// return address is in `rdx` (the second value true: before the push) or at CFA - 8.
+/// Every other register is the caller's.
+pub fn resume_stub_frame(at: u32) -> (u64, bool) {
+    match at {
+        at if at < RESUME_STUB_PUSHED => (0, true),
+        at if at < RESUME_STUB_ALIGNED => (8, false),
+        _ => (16, false),
+    }
+}
+
 /// The resume stub: entered with `rsp` where a function that was diverted returned to (its
 /// caller's `rsp` after the call), its original return address in `rdx` and an exception
 /// object in `rax`, it makes a frame that looks like that function's own just before its
@@ -317,5 +329,9 @@ mod tests {
         assert_eq!(instrs[1].ip() - 0x1000, u64::from(RESUME_STUB_PUSHED));
         assert_eq!(instrs[2].ip() - 0x1000, u64::from(RESUME_STUB_ALIGNED));
         assert_eq!(instrs.last().unwrap().next_ip() - 0x1000, RESUME_STUB_SIZE as u64);
+        // Its frame: the return address in rdx before the push, then at CFA - 8 with the CFA
+        // 8, then 16 bytes above rsp (at the call, and at its return address).
+        let frames: Vec<_> = [0, 1, 4, 5, 20, 22].map(resume_stub_frame).into();
+        assert_eq!(frames, [(0, true), (8, false), (8, false), (16, false), (16, false), (16, false)]);
     }
 }

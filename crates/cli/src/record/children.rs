@@ -11,13 +11,16 @@
 //! with an agent of its own, recording for its life as an image `record` follows through
 //! an `exec` does: it is left alone, its agent ends its recording when the session does. A
 //! child such an image forks has no thread to do that (`fork` copies only the calling
-//! thread): once the image has restored its own code, the child gets the image's bytes the
-//! same way. One forked before the session has no agent.
+//! thread): once the image has said that it restored its own code (its word in the ring
+//! directory, `dynprobe_events::ending`), the child gets the image's bytes the same way; an
+//! image that could not restore its own has its children left as they are, and said so.
+//! One forked before the session has no agent.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
+use dynprobe_events::ending;
 use dynprobe_remote::{Memory, Options, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::collections::HashMap;
@@ -53,6 +56,72 @@ pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restore
         .collect()
 }
 
+/// The agent's thread that ends an `exec`'d image's recording with the session (see the
+/// agent's `record` module).
+const IMAGE_RECORDING_THREAD: &str = "dynprobe-record";
+/// How long an `exec`'d image's agent may take to end its recording once the recording
+/// file is gone (it looks every 100 ms, then restores its sites).
+const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An image `exec`'d during the session, and how its recording ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ImageEnd {
+    /// Its pid.
+    pub(crate) pid: i32,
+    /// What it said, or why it said nothing.
+    pub(crate) ended: Ended,
+}
+
+/// How an image's recording ended, as far as the CLI knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It said that every byte it patched is restored.
+    Restored,
+    /// It said that it could not restore them, and why.
+    Kept(String),
+    /// It said nothing: why its code cannot be taken as restored.
+    Unsaid(String),
+}
+
+/// Once the recording file of `rings` is removed: the images `exec`'d during the session
+/// among `pid` and its descendants — each still ending its recording (its agent's recording
+/// thread there) or having given its word already (`dynprobe_events::ending`) — each with
+/// its word, waited for.
+pub(crate) fn images_ended(pid: i32, rings: &Path) -> Vec<ImageEnd> {
+    let word = |p: i32| ending::read_word(rings, p as u32);
+    let images: Vec<i32> = std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD) || word(p).is_some())
+        .collect();
+    images
+        .into_iter()
+        .map(|image| {
+            let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
+            let ended = loop {
+                // Its thread writes the word before it ends: gone, the word is there or
+                // never comes.
+                let ending = has_thread(image, IMAGE_RECORDING_THREAD);
+                match word(image) {
+                    Some(Ok(())) => break Ended::Restored,
+                    Some(Err(why)) => break Ended::Kept(why),
+                    None => {}
+                }
+                if !ending {
+                    break Ended::Unsaid(match Path::new(&format!("/proc/{image}")).exists() {
+                        true => "it executed another program, or its agent's thread failed".to_string(),
+                        false => "it ended first".to_string(),
+                    });
+                }
+                if std::time::Instant::now() > deadline {
+                    break Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            ImageEnd { pid: image, ended }
+        })
+        .collect()
+}
+
 /// A process forked during the session by an image `exec`'d during it (or by a child that
 /// image forked): it inherited that image's patched code and recording, but not the thread
 /// with which the image's agent ends its recording when the session does (`fork` copies only
@@ -65,33 +134,21 @@ pub(crate) struct ForkedByImage {
     pub(crate) image: i32,
 }
 
-/// The agent's thread that ends an `exec`'d image's recording with the session (see the
-/// agent's `record` module).
-const IMAGE_RECORDING_THREAD: &str = "dynprobe-record";
-/// How long an `exec`'d image's agent may take to end its recording once the ring
-/// directory is gone (it looks every 100 ms, then restores its sites).
-const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The live descendants of `pid` (and `pid`'s own children when it `exec`'d itself) forked
-/// by an image `exec`'d during the session recording into `rings`, with that image. Looked
-/// for while the session's recording lasts: an `exec`'d image is told from a child it forked
-/// by its agent's recording thread, which ends with the recording.
-pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path) -> Vec<ForkedByImage> {
-    let descendants = descendants(pid);
-    let images: Vec<i32> = std::iter::once(pid)
-        .chain(descendants.iter().copied())
-        .filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD))
-        .collect();
-    descendants
+/// by one of `images`, recording into `rings`, with that image. Looked for once the images
+/// have ended their recording ([`images_ended`]): a child forked until then is found.
+pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
+    let is_image = |p: i32| images.iter().any(|i| i.pid == p);
+    descendants(pid)
         .into_iter()
-        .filter(|&p| !images.contains(&p) && started_for(p, rings))
+        .filter(|&p| !is_image(p) && started_for(p, rings))
         .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
             let mut at = p;
             for _ in 0..64 {
                 at = parent_of(at)?;
-                if images.contains(&at) {
+                if is_image(at) {
                     return Some(ForkedByImage { pid: p, image: at });
                 }
             }
@@ -100,30 +157,26 @@ pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path) -> Vec<Forke
         .collect()
 }
 
-/// Once the session's recording is over (its ring directory removed): waits until each
-/// image of `forked` has ended its own recording (its agent's recording thread gone, every
-/// site it patched restored), then makes the code of the process it forked byte for byte
-/// that image's, as [`restore_forked`] does for the attached process's children.
-pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage]) -> Vec<Restored> {
+/// Makes the code of each process of `forked` byte for byte its image's, as
+/// [`restore_forked`] does for the attached process's children — only where the image said
+/// it restored its own ([`images_ended`]): otherwise the child keeps what it has, and the
+/// error says why.
+pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[ImageEnd]) -> Vec<Restored> {
     forked
         .iter()
         .map(|f| {
-            let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
-            let result = loop {
-                if !Path::new(&format!("/proc/{}", f.image)).exists() {
-                    break Err(format!("the image it was forked from ({}) ended first", f.image));
+            let ended = images.iter().find(|i| i.pid == f.image).map(|i| &i.ended);
+            let result = match ended {
+                Some(Ended::Restored) => restore(f.image, f.pid),
+                Some(Ended::Kept(why)) => {
+                    Err(format!("the image it was forked from ({}) could not restore its own code: {why}", f.image))
                 }
-                if !has_thread(f.image, IMAGE_RECORDING_THREAD) {
-                    break restore(f.image, f.pid);
-                }
-                if std::time::Instant::now() > deadline {
-                    break Err(format!(
-                        "the image it was forked from ({}) did not end its recording within {} s",
-                        f.image,
-                        IMAGE_END_TIMEOUT.as_secs()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                Some(Ended::Unsaid(why)) => Err(format!(
+                    "the image it was forked from ({}) did not say that it restored its own code: {why}",
+                    f.image
+                )),
+                // Not reached: every child's image is one of `images`.
+                None => Err(format!("the image it was forked from ({}) is unknown", f.image)),
             };
             Restored { pid: f.pid, result }
         })

@@ -22,6 +22,7 @@ use crate::probe::session::{self, Hits, Placement};
 use crate::probe::{agent_path, cannot_run, exit_code, warn_not_loaded};
 use crate::EXIT_ERROR;
 use clap::ArgMatches;
+use dynprobe_events::ending;
 use dynprobe_events::files::{self, PrivateDir};
 use std::ffi::OsString;
 use std::fs;
@@ -227,8 +228,6 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
             ),
         }
     }
-    // Told apart from the images exec'd during the session while their recording lasts.
-    let forked_by_images = children::forked_by_images(pid, &agent_name, rings.path());
     // Whatever reached the rings is kept, also after a session that ended badly (its
     // message says what is left in the process).
     let stats = match recording.finish(None) {
@@ -239,12 +238,32 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
         }
         Err(e) => return Err(e),
     };
-    // The ring directory's removal ends the recording of every image exec'd during the
-    // session (each restores its own sites); the children they forked get those bytes.
+    // For tests: the window in which an image exec'd during the session still records.
+    if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS").ok().and_then(|v| v.parse().ok()) {
+        eprintln!("dynprobe: (test) pausing before the images' recording ends");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    // The recording file's removal ends the recording of every image exec'd during the
+    // session: each restores its own sites and says so. The children they forked are
+    // looked for once they all have (none forked meanwhile is missed), and get their
+    // image's bytes only if it restored them.
+    let _ = fs::remove_file(rings.path().join(ending::RECORDING_FILE));
+    let images = children::images_ended(pid, rings.path());
+    for image in &images {
+        if let children::Ended::Kept(why) = &image.ended {
+            eprintln!(
+                "dynprobe: warning: process {} (an image exec'd during the session) keeps patched code: {why}",
+                image.pid
+            );
+        }
+    }
+    let forked_by_images = children::forked_by_images(pid, &agent_name, rings.path(), &images);
+    // The words are read: the directory can go.
     drop(rings);
-    for child in children::restore_forked_by_images(&forked_by_images) {
+    for child in children::restore_forked_by_images(&forked_by_images, &images) {
         let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
         match child.result {
+            Ok(0) => {}
             Ok(runs) => eprintln!(
                 "dynprobe: process {} (forked during the session by {image}, an image exec'd during it): its code \
                  restored as {image}'s ({runs} patched range(s))",
@@ -478,6 +497,9 @@ fn ring_dir(out_dir: &Path) -> Result<PrivateDir, String> {
         PrivateDir::new_in(parent, RING_DIR_PREFIX).map_err(|e| format!("cannot create the ring directory: {e}"))?;
     // Best effort: without it the directory is only never removed by another `record`.
     let _ = lock_as_owner(dir.path());
+    // The images a recording follows through an `exec` record while this file is there.
+    let live = dir.path().join(ending::RECORDING_FILE);
+    files::write_private(&live, b"").map_err(|e| format!("cannot create {}: {e}", live.display()))?;
     Ok(dir)
 }
 

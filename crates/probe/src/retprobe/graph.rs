@@ -291,7 +291,15 @@ fn on_graph_return_general(index: usize, caller_rsp: u64, retval: u64, orig: u64
 /// True when `addr` lies in a return trampoline (a return address a return hook diverted):
 /// an unwinder reaching one has reached a call already tracked. Allocation-free.
 pub fn is_return_trampoline(addr: u64) -> bool {
-    rethook::contains(addr)
+    rethook::in_return_path(addr)
+}
+
+/// Where `pc` is in a return trampoline's resume stub, if it is: its offset there. A frame
+/// there stands for the diverted function's just before its `ret`, the original return
+/// address pushed back (`dynprobe_arch`'s `resume_stub_frame` says where): an unwinder goes
+/// on from it to the caller, as if the return had never been diverted. Allocation-free.
+pub fn resume_stub_offset(pc: u64) -> Option<u32> {
+    rethook::resume_stub_offset(pc)
 }
 
 /// A call that was already in flight on a thread when the function-graph tracer started,

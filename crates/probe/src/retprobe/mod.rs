@@ -56,7 +56,7 @@ use graph::*;
 pub(crate) use graph::{call_graph_hook, graph_hook_light, on_graph_return};
 pub use graph::{
     graph_adopt, graph_enter, graph_enter_from_probe, graph_install, graph_position_from_probe, graph_return_width,
-    graph_width, is_return_trampoline, Adopted, GraphEnter, GraphEntry, GraphExit, InFlightCall,
+    graph_width, is_return_trampoline, resume_stub_offset, Adopted, GraphEnter, GraphEntry, GraphExit, InFlightCall,
 };
 use instances::*;
 use sled::*;

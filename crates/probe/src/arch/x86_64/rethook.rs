@@ -39,8 +39,9 @@
 //! why the trampoline's CFA sits 8 bytes above the probed function's). Its personality
 //! routine lets an exception that was already on its way when a return address was diverted
 //! under it still reach its handler (see [`sled_personality`]). Backtraces would still
-//! list the sled entry as one extra frame: [`hide_from_backtraces`] filters it out of every
-//! `_Unwind_Backtrace` (glibc `backtrace()`, Rust `std::backtrace`).
+//! list the sled entry as one extra frame, and the resume stub while `_Unwind_Resume` runs
+//! from it: [`hide_from_backtraces`] filters both out of every `_Unwind_Backtrace` (glibc
+//! `backtrace()`, Rust `std::backtrace`).
 
 use super::regs::VectorSave;
 use super::Regs;
@@ -122,11 +123,15 @@ impl Sled {
         Some(unsafe { std::ptr::read_volatile(at as *const u64) })
     }
 
-    fn contains(&self, ip: u64) -> bool {
+    /// Whether `ip` lies in the sled's code before the resume stub (from `int3` lead to the
+    /// end of `common`), and with `stub`, in the resume stub too.
+    fn code_contains(&self, ip: u64, stub: bool) -> bool {
         let base = self.base.load(Ordering::Relaxed);
-        base != 0
-            && ip.wrapping_sub(base - LEAD)
-                < LEAD + self.entries.load(Ordering::Relaxed) * ENTRY_SIZE + self.common_len.load(Ordering::Relaxed)
+        let len = LEAD
+            + self.entries.load(Ordering::Relaxed) * ENTRY_SIZE
+            + self.common_len.load(Ordering::Relaxed)
+            + if stub { RESUME_STUB_SIZE as u64 } else { 0 };
+        base != 0 && ip.wrapping_sub(base - LEAD) < len
     }
 }
 
@@ -180,9 +185,29 @@ pub(crate) fn is_entry_of(addr: u64, index: usize) -> bool {
     FULL.is_entry_of(addr, index) || LIGHT.is_entry_of(addr, index) || RP_LIGHT.is_entry_of(addr, index)
 }
 
-/// True when `ip` lies in a trampoline.
+/// True when `ip` lies in a trampoline's code, its resume stub included: a frame there is
+/// dynprobe's, not the program's (a backtrace leaves it out). The stub's frame stands for
+/// the diverted function's just before its `ret` (see [`sled_personality`]): it is on the
+/// stack while `_Unwind_Resume`, called from it, runs the catching function's personality
+/// routine — which a program may interpose, or a profiler's signal interrupt.
 pub(crate) fn contains(ip: u64) -> bool {
-    FULL.contains(ip) || LIGHT.contains(ip) || RP_LIGHT.contains(ip)
+    [&FULL, &LIGHT, &RP_LIGHT].into_iter().any(|sled| sled.code_contains(ip, true))
+}
+
+/// Where `ip` is in a sled's resume stub (its offset there), if it is.
+pub(crate) fn resume_stub_offset(ip: u64) -> Option<u32> {
+    [&FULL, &LIGHT, &RP_LIGHT].into_iter().find_map(|sled| {
+        let stub = sled.stub.load(Ordering::Relaxed);
+        let at = ip.wrapping_sub(stub);
+        (sled.base.load(Ordering::Relaxed) != 0 && at < RESUME_STUB_SIZE as u64).then_some(at as u32)
+    })
+}
+
+/// True when `ip` is a sled entry or in a `common`: a return address a return hook
+/// diverted, or the return path under way. The resume stub is not: its frame's return
+/// address is the original one again, pushed back.
+pub(crate) fn in_return_path(ip: u64) -> bool {
+    [&FULL, &LIGHT, &RP_LIGHT].into_iter().any(|sled| sled.code_contains(ip, false))
 }
 
 /// Writes `sled` for `entries` instances and registers its unwind information. `table` is
@@ -632,7 +657,8 @@ fn redirect_backtrace(regs: &mut Regs) {
     regs.rsi = record as *const TraceRecord as u64;
 }
 
-/// The callback `_Unwind_Backtrace` now calls: forwards every frame but the sled's.
+/// The callback `_Unwind_Backtrace` now calls: forwards every frame but the sled's and its
+/// resume stub's.
 extern "C" fn skip_sled_frames(ctx: *mut libc::c_void, record: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `ctx` is the live unwind context `_Unwind_Backtrace` passes its callback.
     let ip = unsafe { _Unwind_GetIP(ctx) } as u64;
