@@ -27,7 +27,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::detour::{vector_moves, Direction, VectorWidth, FRAME_GPRS, FRAME_RSP, FRAME_SIZE};
+use super::detour::{vector_moves, Direction, VectorWidth, FRAME_GPRS, FRAME_IP, FRAME_RSP, FRAME_SIZE};
 use super::relocate::RelocError;
 use iced_x86::IcedError;
 
@@ -106,7 +106,7 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
 ///   and  $-16,%rsp ; sub $144,%rsp     the record, 16-byte aligned for the call
 ///   mov  %r11..%rdi,32..112(%rsp)      the nine registers a function may clobber
 ///   xor  %eax,%eax
-///   mov  %rax,{0,8,16,24,64,72,120,136}(%rsp)   the others, the flags and rip read as 0
+///   mov  %rax,{0,8,16,24,64,72,120}(%rsp)   the others and the flags read as 0
 ///   lea  24(%rbp),%rax ; mov %rax,128(%rsp)     rsp: the caller's after the return
 ///   mov  16(%rbp),%rdi ; mov %rsp,%rsi
 ///   call dispatch(entry_i + 5, record)
@@ -115,14 +115,17 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
 /// ```
 ///
 /// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> u64`, returning the
-/// original return address.
+/// original return address; it writes the record's `ip` (the original return address, what
+/// a handler reads there) itself, so `common` leaves that word alone: every store costs
+/// (see the `floor-ret-*` rows of `dynprobe bench`).
 pub fn build_return_common_regs(ip: u64, dispatch: u64) -> Result<ReturnCommon, RelocError> {
     // (register, offset in the record) of the registers saved: every caller-saved one.
     let saved = || {
         FRAME_GPRS.iter().enumerate().map(|(i, &reg)| (reg, 8 * i as i32)).filter(|(reg, _)| SAVED_GPRS.contains(reg))
     };
-    let zeroed =
-        (0..FRAME_SIZE / 8).map(|i| 8 * i).filter(|&offset| offset != FRAME_RSP && saved().all(|(_, at)| at != offset));
+    let zeroed = (0..FRAME_SIZE / 8)
+        .map(|i| 8 * i)
+        .filter(|&offset| offset != FRAME_RSP && offset != FRAME_IP && saved().all(|(_, at)| at != offset));
     in_common_frame(ip, |a| {
         a.and(rsp, -16)?;
         a.sub(rsp, FRAME_SIZE)?;
@@ -265,9 +268,10 @@ mod tests {
         }
     }
 
-    /// The record-shaped `common`: every word of the `Regs` record written once before the
-    /// call (the nine caller-saved registers at their fields, the caller's rsp, zeros), no
-    /// vector register touched, the nine read back after it, and the same frame as `common`.
+    /// The record-shaped `common`: every word of the `Regs` record but `ip` (the
+    /// dispatcher's to write) written once before the call (the nine caller-saved registers
+    /// at their fields, the caller's rsp, zeros), no vector register touched, the nine read
+    /// back after it, and the same frame as `common`.
     #[test]
     fn the_record_shaped_common_writes_a_whole_register_record_and_reloads_what_a_function_may_clobber() {
         use iced_x86::{Mnemonic, Register};
@@ -286,14 +290,14 @@ mod tests {
         let mut before = stores_at(&instrs[..call]);
         before.sort();
         let offsets: Vec<i64> = before.iter().map(|&(at, _)| at).collect();
-        assert_eq!(offsets, (0..18).map(|i| 8 * i).collect::<Vec<_>>(), "each word of the record once");
+        assert_eq!(offsets, (0..17).map(|i| 8 * i).collect::<Vec<_>>(), "each word of the record but ip once");
         // Regs order: r15 r14 r13 r12 r11 r10 r9 r8 rbp rbx rax rcx rdx rsi rdi rflags rsp ip.
         let field = |name: usize| before[name].1;
         let expected = [R11, R10, R9, R8, RAX, RCX, RDX, RSI, RDI];
         assert_eq!([4, 5, 6, 7, 10, 11, 12, 13, 14].map(field), expected);
         let zero = instrs[..call].iter().find(|i| i.mnemonic() == Mnemonic::Xor).unwrap();
         assert_eq!(zero.op0_register(), EAX);
-        assert!([0, 1, 2, 3, 8, 9, 15, 17].map(field).iter().all(|&r| r == RAX), "the others are 0: {before:?}");
+        assert!([0, 1, 2, 3, 8, 9, 15].map(field).iter().all(|&r| r == RAX), "the others are 0: {before:?}");
         // rsp: the caller's, rbp + 24 (rbp = the rsp `common` starts with - 16).
         let caller_rsp =
             instrs[..call].iter().find(|i| i.mnemonic() == Mnemonic::Lea && i.memory_base() == RBP).unwrap();

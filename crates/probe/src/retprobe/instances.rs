@@ -182,7 +182,24 @@ pub(super) fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim>
         stack.restart(slot, thread.generation());
     }
     let base = slot * MAX_DEPTH;
-    let top_now = stack.top.load(Ordering::Relaxed) as usize;
+    let top = stack.top.load(Ordering::Relaxed) as usize;
+    // Nearly every call: an empty stack, or the instance below belongs to a caller further
+    // up this stack (its slot above ours: in flight, and not this call's). Nothing is
+    // abandoned then and nothing diverts our slot yet — what the loop below would find, at
+    // the cost of its registers kept across it (a hit's stores are what it costs most).
+    // SAFETY: an instance of this thread below `top`.
+    if top == 0 || unsafe { (*instance(base + top - 1)).slot_addr } > rsp {
+        return Some(Claim { slot, base, top, current: read_slot(rsp), shared: false });
+    }
+    Some(claim_past_abandoned(slot, base, top, rsp))
+}
+
+/// [`claim`] when the instance at the top lies at or below the new call's return-address
+/// slot: dropped if abandoned, joined if it diverts this very call.
+#[cold]
+#[inline(never)]
+fn claim_past_abandoned(slot: usize, base: usize, top_now: usize, rsp: u64) -> Claim {
+    let stack = stack(slot);
     let mut top = top_now;
     while top > 0 {
         // SAFETY: instances below `top` were written by this thread.
@@ -227,7 +244,7 @@ pub(super) fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim>
     let shared = top > 0
         && unsafe { (*instance(base + top - 1)).slot_addr } == rsp
         && rethook::is_entry_of(current, base + top - 1);
-    Some(Claim { slot, base, top, current, shared })
+    Claim { slot, base, top, current, shared }
 }
 
 /// Where the abandoned instances start when the top ones lie below `rsp` but still look

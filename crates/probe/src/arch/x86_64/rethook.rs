@@ -545,8 +545,8 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
 /// into `regs` (`build_return_common_regs`) and reloads them from it: the same return path,
 /// its handler called directly.
 extern "C" fn light_return_dispatch(after_call: u64, regs: *mut Regs) -> u64 {
-    // SAFETY: `common` passes the register record on its own stack, every word written, live
-    // for the whole call.
+    // SAFETY: `common` passes the register record on its own stack, live for the whole call,
+    // every word written but `ip`, which the return path writes before anything reads it.
     let regs = unsafe { &mut *regs };
     crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs)
 }
