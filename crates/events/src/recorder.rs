@@ -429,7 +429,6 @@ fn process_exists(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-/// Appends `records` as stored in a `.dat` file.
 /// Keeps the pages of records ring `r` of `ring` is about to get present ahead of its thread
 /// (see [`POPULATE_AHEAD`]).
 fn keep_ahead(ring: &RingFile, r: usize, state: &mut RingState) {
@@ -480,6 +479,7 @@ fn write_threads(
     Ok(())
 }
 
+/// Appends `records` as stored in a `.dat` file.
 fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
     if records.is_empty() {
         return;
