@@ -108,7 +108,10 @@ fn run_row(row: &Row, plan: Plan) -> Result<Timing, String> {
             let timing = unsafe { measure::measure_threads(target, plan) };
             all_calls_hit(armed, timing)
         }
-        Measure::Program(tracer) => program::measure(tracer, plan, None),
+        // One thread of the program, timed by its CPU time as every calling row is: the wall
+        // clock counted the minutes a traced loop waited for a CPU on a shared machine
+        // (30 ns of 75 in one row here, with one build beside it on two CPUs).
+        Measure::Program(tracer) => program::measure(tracer, plan, Some(1)),
         Measure::ProgramThreads(tracer) => program::measure(tracer, plan, Some(measure::threads())),
         Measure::SiteBatch => program::measure_site_batch(),
         Measure::Attach => attach::measure_attach(),

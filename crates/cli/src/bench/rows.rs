@@ -123,7 +123,8 @@ pub enum Measure {
         /// As for `Call`.
         setup: fn(Target) -> Result<Box<dyn Armed>, String>,
     },
-    /// `bench/graph.c` runs under a tracer and times its own calls.
+    /// `bench/graph.c` runs under a tracer and times its own calls, on one thread, by its CPU
+    /// time (page faults included).
     Program(Tracer),
     /// As `Program`, the loop run by `nproc` threads of the program at once.
     ProgramThreads(Tracer),
