@@ -63,6 +63,9 @@ const FAULT_AROUND: usize = 64 << 10;
 /// lines): a line is filled every four records, a couple of traced calls, so the prefetch
 /// is issued about a microsecond before the line is written.
 const PREFETCH_AHEAD: u64 = 16;
+/// Records a populating step makes present and maps in the producer before the next
+/// (256 KiB, four fault-around windows): see [`RingFile::populate`].
+const POPULATE_STEP: u64 = 1 << 14;
 /// Bytes of a record.
 const RECORD_BYTES: usize = std::mem::size_of::<Record>();
 
@@ -474,67 +477,46 @@ impl RingFile {
     /// (`process_vm_readv(2)`'s ptrace access check) is left to fault its pages in, and
     /// either way the producer then pays as before. Records past the first lap are ignored
     /// (their pages exist and are mapped).
+    ///
+    /// It goes a step of [`POPULATE_STEP`] records at a time, nearest first, each step
+    /// mapped in the producer before the next is made present: done whole, the producer got
+    /// nothing until the last page of the range was made, a few milliseconds in which a fast
+    /// thread ran into faults over pages about to be ready. A step the producer has got past
+    /// meanwhile is skipped (it faulted those pages in itself).
     pub fn populate(&self, ring: usize, from: u64, to: u64) {
         assert!(ring < self.rings, "populate ring {ring} of {}", self.rings);
         let to = to.min(self.capacity as u64);
-        if from >= to {
-            return;
-        }
-        let first = self.slot(ring, from).as_ptr() as usize;
-        let end = first + (to - from) as usize * RECORD_BYTES;
-        // madvise wants whole pages; records start 128 bytes into a ring.
-        let start = first & !(PAGE - 1);
-        // SAFETY: the range is records of this ring, inside our mapping, rounded out to the
-        // pages that hold them (at most a neighbouring ring's header page beyond); populating
-        // changes no byte.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end.next_multiple_of(PAGE) - start, libc::MADV_POPULATE_WRITE)
-        };
-        self.map_in_producer(start - self.base as usize, end - self.base as usize);
-    }
-
-    /// Maps the file's bytes `[start, end)`, present in memory, into the producer's page
-    /// tables: it reads one byte of every [`FAULT_AROUND`] window of them from the
-    /// producer's mapping with `process_vm_readv(2)`, whose read fault in the producer's
-    /// address space maps the whole window's pages that are in the page cache (the
-    /// kernel's fault-around, `do_fault_around` in mm/memory.c), writable, a shared
-    /// memory file asking for no write notification (`vma_wants_writenotify`). Reading
-    /// changes nothing in the producer; a failure (no `producer_base`, no permission, the
-    /// producer gone) leaves its pages to its own faults.
-    ///
-    /// In the first window every page is read: its first pages were usually mapped by the
-    /// previous call's fault-around, and a read of a mapped page faults nothing, which left
-    /// the rest of that window — up to 15 pages a call — to the producer's own faults (some
-    /// 2,000 a second on a fast thread's first lap).
-    fn map_in_producer(&self, start: usize, end: usize) {
-        let header = self.read_header();
-        let base = header.producer_base as usize;
-        if base == 0 || start >= end || end > self.layout.len || !self.producer_maps_this_file(header.pid, base) {
-            return;
-        }
-        const BATCH: usize = 64;
-        let mut remote = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
-        let mut bytes = [0u8; BATCH];
-        let mut at = base + start;
-        let end = base + end;
-        let first_window_end = (at + FAULT_AROUND) & !(FAULT_AROUND - 1);
-        while at < end {
-            let mut n = 0;
-            while n < BATCH && at < end {
-                remote[n] = libc::iovec { iov_base: at as *mut libc::c_void, iov_len: 1 };
-                n += 1;
-                let step = if at < first_window_end { PAGE } else { FAULT_AROUND };
-                at = (at + step) & !(step - 1);
-            }
-            let local = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: n };
-            // SAFETY: reads `n` bytes of the producer into `bytes`, which holds `BATCH`;
-            // nothing of this process but `bytes` is written.
-            let read =
-                unsafe { libc::process_vm_readv(header.pid as libc::pid_t, &local, 1, remote.as_ptr(), n as _, 0) };
-            if read != n as isize {
+        let producer = self.producer_mapping();
+        let mut from = from;
+        loop {
+            from = from.max(self.written(ring));
+            if from >= to {
                 return;
             }
+            let step_to = to.min(from + POPULATE_STEP);
+            let first = self.slot(ring, from).as_ptr() as usize;
+            let end = first + (step_to - from) as usize * RECORD_BYTES;
+            // madvise wants whole pages; records start 128 bytes into a ring.
+            let start = first & !(PAGE - 1);
+            // SAFETY: the range is records of this ring, inside our mapping, rounded out to
+            // the pages that hold them (at most a neighbouring ring's header page beyond);
+            // populating changes no byte.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end.next_multiple_of(PAGE) - start, libc::MADV_POPULATE_WRITE)
+            };
+            if let Some((pid, base)) = producer {
+                map_in_producer(pid, base + (start - self.base as usize), base + (end - self.base as usize));
+            }
+            from = step_to;
         }
+    }
+
+    /// The producer's process and where it maps this file, when this process may map pages
+    /// into it: the header's word, checked ([`RingFile::producer_maps_this_file`]).
+    fn producer_mapping(&self) -> Option<(u32, usize)> {
+        let header = self.read_header();
+        let base = header.producer_base as usize;
+        (base != 0 && self.producer_maps_this_file(header.pid, base)).then_some((header.pid, base))
     }
 
     /// Whether process `pid` maps this very file at `base` (its whole length, as the producer
@@ -775,6 +757,42 @@ fn prefetch_for_write(addr: *const i8) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// Maps the bytes `[start, end)` of process `pid`'s mapping of a ring file (its addresses),
+/// present in memory, into its page tables: it reads one byte of every [`FAULT_AROUND`]
+/// window of them with `process_vm_readv(2)`, whose read fault in the producer's address
+/// space maps the whole window's pages that are in the page cache (the kernel's
+/// fault-around, `do_fault_around` in mm/memory.c), writable, a shared memory file asking
+/// for no write notification (`vma_wants_writenotify`). Reading changes nothing in the
+/// producer; a failure (no permission, the producer gone) leaves its pages to its own
+/// faults.
+///
+/// In the first window every page is read: its first pages were usually mapped by the
+/// previous call's fault-around, and a read of a mapped page faults nothing, which left
+/// the rest of that window — up to 15 pages a call — to the producer's own faults.
+fn map_in_producer(pid: u32, start: usize, end: usize) {
+    const BATCH: usize = 64;
+    let mut remote = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
+    let mut bytes = [0u8; BATCH];
+    let mut at = start;
+    let first_window_end = (at + FAULT_AROUND) & !(FAULT_AROUND - 1);
+    while at < end {
+        let mut n = 0;
+        while n < BATCH && at < end {
+            remote[n] = libc::iovec { iov_base: at as *mut libc::c_void, iov_len: 1 };
+            n += 1;
+            let step = if at < first_window_end { PAGE } else { FAULT_AROUND };
+            at = (at + step) & !(step - 1);
+        }
+        let local = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: n };
+        // SAFETY: reads `n` bytes of the producer into `bytes`, which holds `BATCH`;
+        // nothing of this process but `bytes` is written.
+        let read = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, remote.as_ptr(), n as _, 0) };
+        if read != n as isize {
+            return;
+        }
+    }
 }
 
 /// Maps `len` bytes of `fd` shared, read-write; at exactly `at` when it is not null.
