@@ -62,10 +62,16 @@ const MAX_IMAGES: u32 = 1000;
 pub fn start(ring_dir: &str, channel: Option<Channel>) {
     // The agent's own calls (the C library's, when it is traced) are not the program's.
     dynprobe_probe::set_current_thread_traced(false);
-    let started = Settings::from_env()
-        .map_err(NotTraced::from)
-        .and_then(|settings| try_start(Path::new(ring_dir), channel.is_some(), false, &settings));
     let first = channel.is_some();
+    let dir = Path::new(ring_dir);
+    if !first {
+        // Before anything is patched: until its recording thread runs, this says that the
+        // process is an image, which gives its word, and not a child another image forked,
+        // whose code the CLI would overwrite (`dynprobe_events::ending`).
+        let _ = ending::announce(dir, std::process::id());
+    }
+    let started =
+        Settings::from_env().map_err(NotTraced::from).and_then(|settings| try_start(dir, first, false, &settings));
     let started = started.map(|started| {
         let patched = started.patched;
         match first {
@@ -90,10 +96,14 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                     // trace, not for an untraced run.
                     unsafe { libc::_exit(crate::EXIT_NOT_RUN) };
                 }
-                // Another program this one ran: patterns meant for the first rarely match
-                // it, which is no news.
-                None if refused.no_match => {}
-                None => eprintln!("dynprobe agent: this program is not traced: {message}"),
+                None => {
+                    // Another program this one ran: patterns meant for the first rarely
+                    // match it, which is no news. Nothing was patched: its code is its own.
+                    if !refused.no_match {
+                        eprintln!("dynprobe agent: this program is not traced: {message}");
+                    }
+                    let _ = ending::write_word(dir, std::process::id(), Ok(()));
+                }
             }
         }
     }
@@ -353,6 +363,13 @@ impl Started {
         let attached = Arc::new(Mutex::new(Some(attached)));
         let ends = Arc::clone(&attached);
         let dir = self.dir;
+        let word_dir = dir.clone();
+        // For tests: the window in which this image has patched its code but has no thread
+        // yet to show what it is (the CLI knows it from its announcement).
+        if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_IMAGE_THREAD_MS").ok().and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
             while dir.join(ending::RECORDING_FILE).exists() {
                 std::thread::sleep(RECORDING_POLL);
@@ -376,8 +393,13 @@ impl Started {
         });
         match spawned {
             Ok(thread) => thread.keep(),
-            // Without the watch the image records for its life, as a started program does.
-            Err(_) => std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take()),
+            // Without the watch the image records for its life, as a started program does,
+            // and says so: the CLI waits for its word.
+            Err(e) => {
+                std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take());
+                let why = format!("its agent could not start the thread that ends its recording: {e}");
+                let _ = ending::write_word(&word_dir, std::process::id(), Err(&why));
+            }
         }
     }
 }

@@ -15,10 +15,10 @@
 //! A library section describes every module of the library's file name, wherever it was
 //! loaded from, as the `-F PATH:GLOB` pattern that named it selects their functions
 //! (`dynprobe_ftrace::filter::path_names_module`, one rule for both); each module's
-//! functions are located by its own load bias; its `KEY`s carry the section's number from bit 48
-//! up (the link-time address below), so that keys are unique across the file. A library
-//! loaded later (`dlopen`) gets its section's values when the `dlopen` watch traces its
-//! functions ([`Values::describe`]), before their sites are armed.
+//! functions are located by its own load bias; its `KEY`s carry the section's number from
+//! bit 48 up (the link-time address below), so that keys are unique across the file. A
+//! library loaded later (`dlopen`) gets its section's values when the `dlopen` watch traces
+//! its functions ([`Values::describe`]), before their sites are armed.
 //!
 //! `SOURCE` is a fetch as the probe grammar writes it (`+0(%di):string`, `$retval:s32`),
 //! `xmmN` (the low 64 bits of a vector register: a `float` or `double`), or `-` (not
@@ -29,9 +29,9 @@
 //! sections by link-time address; describing a module's functions (at the start, at each
 //! `dlopen`) only looks them up there and copies each one's programs into the slot of its
 //! function id: a call's hook evaluates them without allocating, as a probe's fetches are
-//! evaluated. The slots are allocated before any hook reads them and each is filled once, by the
-//! thread that places the function's sites, before it arms them: a hook reads a slot with
-//! one acquire load (`OnceLock::get`) and never waits for a writer.
+//! evaluated. The slots are allocated before any hook reads them and each is filled once,
+//! by the thread that places the function's sites, before it arms them: a hook reads a slot
+//! with one acquire load (`OnceLock::get`) and never waits for a writer.
 
 use dynprobe::fetch::{EntryValues, FetchProgram, HitContext, SelfMemory, Value};
 use dynprobe::spec::{ProbeKind, ProbeSpec, STRING_MAX};

@@ -773,7 +773,7 @@ fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
     let untraced = worker.round();
     let untraced_code = worker.code("mix");
     let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "1500")];
-    let (_, mut session) = start_through_an_exec(&mut worker, "exec-fork-late", &["-F", "mix"], &pause, &untraced);
+    let (dir, mut session) = start_through_an_exec(&mut worker, "exec-fork-late", &["-F", "mix"], &pause, &untraced);
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(session.child.id() as i32, libc::SIGINT) };
     session.wait_for("pausing before the images' recording ends");
@@ -782,6 +782,35 @@ fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
     let (status, _, stderr) = session.end(None);
     assert_eq!(status, Some(0), "{stderr}");
     assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    // What the child recorded meanwhile is in the trace: the recorder drains the rings last.
+    child_section(&dir, child);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// An image exec'd just before the session ends, still starting (its code patched, its
+/// agent's recording thread not there yet: paused for the test), is an image and not a
+/// child of the image that forked it: its code is never overwritten with that image's
+/// (which could land between two steps of its patching); its agent ends its recording and
+/// restores its code itself, and the session waits for its word.
+#[test]
+fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("exec-forkexec-late-{}.log", std::process::id()));
+    let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGE_THREAD_MS", "5000")];
+    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &pause);
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, "exec-forkexec-late", &["-F", "mix"], &[], &untraced);
+    let forked = worker.ask("forkexec");
+    let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    let exec_d = || std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|c| c.ends_with(b"\0child\0"));
+    wait_until(|| exec_d() && worker.code_in(child, "mix")[..5] != untraced_code[..5], "the new image patched mix");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(!stderr.contains(&format!("process {child} (")), "the new image is not a forked child: {stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced_code, "its agent restored its mix before its word");
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the new image runs on");
     worker.quit();
     wait_for_the_end_of(child);
 }

@@ -10,6 +10,15 @@
 //! end anything: `fork` copies only the calling thread) the image's code, and never
 //! claims a child's code restored when its image kept patched bytes. The directory goes
 //! after that, with the words.
+//!
+//! Such an image says that it is one ([`announce`], a file `<pid>.image`) before it patches
+//! anything: until its recording thread runs it has nothing else to show it, and the CLI
+//! must not take it for a child forked by another image and give it that image's bytes.
+//!
+//! The ring directory belongs to the recorded process's user (`record -p` as root of
+//! another user's process), who can put anything at these names: the words are read as
+//! regular files of bounded size only ([`crate::files::read_regular`]), and what they say is
+//! printed with its control characters escaped.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,9 +26,29 @@ use std::path::{Path, PathBuf};
 /// The file in a ring directory whose presence says the recording goes on.
 pub const RECORDING_FILE: &str = "record.live";
 
+/// The longest word read: `kept` and a reason of a line.
+const WORD_LIMIT: usize = 4096;
+
 /// Where the image of process `pid` gives its word in ring directory `dir`.
 fn word_path(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("{pid}.ended"))
+}
+
+/// Where process `pid` says that it runs an image `exec`'d during the recording.
+fn image_path(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.image"))
+}
+
+/// Says in ring directory `dir` that process `pid` runs an image `exec`'d during the
+/// recording, which will give its word ([`write_word`]): before it patches anything.
+pub fn announce(dir: &Path, pid: u32) -> io::Result<()> {
+    crate::files::write_private(&image_path(dir, pid), b"")
+}
+
+/// Whether process `pid` said that it runs an image `exec`'d during the recording
+/// ([`announce`]); whatever is at that name counts.
+pub fn announced(dir: &Path, pid: u32) -> bool {
+    std::fs::symlink_metadata(image_path(dir, pid)).is_ok()
 }
 
 /// Says in ring directory `dir` that the image of process `pid` ended its recording:
@@ -37,15 +66,32 @@ pub fn write_word(dir: &Path, pid: u32, ended: Result<(), &str>) -> io::Result<(
 }
 
 /// The word of process `pid`'s image in ring directory `dir`, once given: `Ok` when its
-/// code is restored, `Err` with why not.
+/// code is restored, `Err` with why not (its control characters escaped) — also when what is
+/// there is no word (not a regular file, too long, not one of the two).
 pub fn read_word(dir: &Path, pid: u32) -> Option<Result<(), String>> {
-    let word = std::fs::read_to_string(word_path(dir, pid)).ok()?;
+    let word = match crate::files::read_regular(&word_path(dir, pid), WORD_LIMIT) {
+        Ok(word) => word,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("its word cannot be read: {}", escaped(&e.to_string())))),
+    };
+    let word = String::from_utf8_lossy(&word);
     let word = word.trim_end();
     Some(match word.split_once('\t') {
         None if word == "restored" => Ok(()),
-        Some(("kept", why)) => Err(why.to_string()),
-        _ => Err(format!("its word cannot be read: `{word}`")),
+        Some(("kept", why)) => Err(escaped(why)),
+        _ => Err(format!("its word cannot be read: `{}`", escaped(word))),
     })
+}
+
+/// `text` with its control characters (a terminal's escape sequences among them) written
+/// as Rust escapes: another user's text, printed on this user's terminal.
+fn escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -60,5 +106,31 @@ mod tests {
         write_word(dir.path(), 8, Err("a site's bytes changed:\nmix")).unwrap();
         assert_eq!(read_word(dir.path(), 7), Some(Ok(())));
         assert_eq!(read_word(dir.path(), 8), Some(Err("a site's bytes changed: mix".to_string())));
+        std::fs::write(dir.path().join("9.ended"), "kept\t\x1b[2Jgone\n").unwrap();
+        assert_eq!(read_word(dir.path(), 9), Some(Err("\\u{1b}[2Jgone".to_string())), "escapes escaped");
+        assert!(!announced(dir.path(), 7));
+        announce(dir.path(), 7).unwrap();
+        assert!(announced(dir.path(), 7));
+    }
+
+    /// What the ring directory's owner puts at a word's name is refused at once, and the
+    /// refusal says why: a link to a device read for ever, a FIFO that nobody writes.
+    #[test]
+    fn a_word_that_is_no_regular_file_is_refused_at_once() {
+        let dir = crate::files::PrivateDir::new_in(&std::env::temp_dir(), "dynprobe-ending-test-").unwrap();
+        std::os::unix::fs::symlink("/dev/zero", word_path(dir.path(), 7)).unwrap();
+        let fifo = std::ffi::CString::new(word_path(dir.path(), 8).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::fs::write(word_path(dir.path(), 9), vec![b'x'; WORD_LIMIT + 1]).unwrap();
+        let said = |pid: u32| match read_word(dir.path(), pid) {
+            Some(Err(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        let (link, fifo, long) = (said(7), said(8), said(9));
+        assert!(link.starts_with("its word cannot be read: "), "{link}");
+        assert!(link.ends_with("7.ended is a symbolic link, not a file"), "{link}");
+        assert!(fifo.ends_with("8.ended is not a regular file"), "{fifo}");
+        assert!(long.ends_with("9.ended is larger than 4096 bytes"), "{long}");
     }
 }

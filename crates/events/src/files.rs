@@ -10,6 +10,9 @@
 //! * [`create_private`] / [`open_private`] / [`write_private`]: a file inside a directory
 //!   of dynprobe's own,
 //!   mode 0600, never through a symbolic link.
+//! * [`read_regular`]: a file in a directory another user may own (the ring directory of
+//!   `record -p` as root): never through a symbolic link, never a FIFO or a device, and at
+//!   most a given size — the directory's owner chooses what is there.
 //! * [`create_output`]: a file the user named (`probe -o`, `export --chrome`): it may be a
 //!   device or a link the user means (`/dev/null`, `/dev/stdout`); a new one is made 0600,
 //!   and an existing regular file of ours loses the group and other bits before anything
@@ -21,7 +24,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -118,6 +121,31 @@ fn private_options() -> OpenOptions {
 /// Writes `content` as the whole of `path` (see [`open_private`]).
 pub fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
     open_private(path, false)?.write_all(content)
+}
+
+/// The content of the regular file `path`, at most `limit` bytes. A symbolic link there is
+/// refused (`O_NOFOLLOW`), as is anything but a regular file (checked with `fstat` on what was
+/// opened; `O_NONBLOCK` makes the open of a FIFO return at once instead of waiting for a
+/// writer, open(2)) and a file longer than `limit`: each with an error that says which.
+pub fn read_regular(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+    let refused = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{} {what}", path.display()));
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused("is a symbolic link, not a file"),
+            _ => e,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(refused("is not a regular file"));
+    }
+    let mut content = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut content)?;
+    if content.len() > limit {
+        return Err(refused(&format!("is larger than {limit} bytes")));
+    }
+    Ok(content)
 }
 
 /// Opens the output file `path` the user named, emptied (see the module documentation).
@@ -223,5 +251,27 @@ mod tests {
         let before = mode(Path::new("/dev/null"));
         create_output(Path::new("/dev/null")).unwrap();
         assert_eq!(mode(Path::new("/dev/null")), before);
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let tmp = TempDir::new("files-read-regular");
+        let file = tmp.path().join("file");
+        fs::write(&file, "four").unwrap();
+        assert_eq!(read_regular(&file, 4).unwrap(), b"four");
+        let err = read_regular(&file, 3).unwrap_err().to_string();
+        assert!(err.ends_with("file is larger than 3 bytes"), "{err}");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let err = read_regular(&link, 4).unwrap_err().to_string();
+        assert!(err.ends_with("link is a symbolic link, not a file"), "{err}");
+        // A FIFO without a writer: refused at once, not waited on.
+        let fifo = tmp.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = read_regular(&fifo, 4).unwrap_err().to_string();
+        assert!(err.ends_with("fifo is not a regular file"), "{err}");
+        assert_eq!(read_regular(&tmp.path().join("none"), 4).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 }

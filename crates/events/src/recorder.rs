@@ -491,6 +491,10 @@ fn append(out: &mut HashMap<u32, Vec<u8>>, tid: u32, records: &[Record]) {
     }
 }
 
+/// The largest companion file copied: a function list of a million functions is some
+/// 100 MiB.
+const COMPANION_LIMIT: usize = 256 << 20;
+
 /// Copies image `name`'s function list and site summary from the ring directory into its
 /// trace directory `out` (either may be missing); returns the summary's text, if any.
 fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<String>, EventsError> {
@@ -500,7 +504,11 @@ fn copy_companions(ring_dir: &Path, name: &str, out: &Path) -> Result<Option<Str
     for (ext, to) in companions {
         let from = ring_dir.join(format!("{name}.{ext}"));
         let to = out.join(to);
-        let text = match fs::read_to_string(&from) {
+        // The ring directory may be another user's (`record -p` as root): what is there is
+        // read only if it is a regular file of a sane size.
+        let text = match files::read_regular(&from, COMPANION_LIMIT).and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        }) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(EventsError::io("read", &from)(e)),

@@ -46,10 +46,11 @@ static CARRIED: AtomicPtr<Carried> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Makes every `exec` of this process carry `entries` (`NAME=value` strings, `LD_PRELOAD`
 /// among them, naming `agent` first) from now on, whatever environment the program gives
-/// it; see the module's documentation. With `alive_while`, only while that path exists: the session they are for lasts as long (a process that outlives it, a child
-/// forked during an attach session, `exec`s untraced afterwards). Only when nothing is
-/// carried yet: `false` (and no change) when something is, as for a program started with
-/// the agent preloaded, whose environment lasts its life.
+/// it; see the module's documentation. With `alive_while`, only while that path exists:
+/// the session they are for lasts as long (a process that outlives it, a child forked
+/// during an attach session, `exec`s untraced afterwards). Only when nothing is carried
+/// yet: `false` (and no change) when something is, as for a program started with the agent
+/// preloaded, whose environment lasts its life.
 pub fn carry_into_exec(entries: Vec<CString>, agent: CString, alive_while: Option<CString>) -> bool {
     let carried = Box::into_raw(Box::new(Carried { entries, agent, alive_while }));
     let set = CARRIED.compare_exchange(std::ptr::null_mut(), carried, Ordering::AcqRel, Ordering::Acquire);

@@ -52,7 +52,7 @@ pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restore
         .into_iter()
         .filter(|&child| maps(child).iter().any(|m| m.path.as_deref().is_some_and(|p| p.ends_with(agent))))
         .filter(|&child| !started_for(child, rings))
-        .map(|child| Restored { pid: child, result: restore(pid, child) })
+        .map(|child| Restored { pid: child, result: restore(pid, child, rings) })
         .collect()
 }
 
@@ -84,42 +84,46 @@ pub(crate) enum Ended {
 }
 
 /// Once the recording file of `rings` is removed: the images `exec`'d during the session
-/// among `pid` and its descendants — each still ending its recording (its agent's recording
-/// thread there) or having given its word already (`dynprobe_events::ending`) — each with
-/// its word, waited for.
+/// among `pid` and its descendants — each still starting (it announced itself before
+/// patching anything), still ending its recording (its agent's recording thread there) or
+/// having given its word already (`dynprobe_events::ending`) — each with its word, waited
+/// for all together until one deadline.
 pub(crate) fn images_ended(pid: i32, rings: &Path) -> Vec<ImageEnd> {
     let word = |p: i32| ending::read_word(rings, p as u32);
-    let images: Vec<i32> = std::iter::once(pid)
+    let announced = |p: i32| ending::announced(rings, p as u32);
+    let mut waiting: Vec<i32> = std::iter::once(pid)
         .chain(descendants(pid))
-        .filter(|&p| has_thread(p, IMAGE_RECORDING_THREAD) || word(p).is_some())
+        .filter(|&p| announced(p) || has_thread(p, IMAGE_RECORDING_THREAD) || word(p).is_some())
         .collect();
-    images
-        .into_iter()
-        .map(|image| {
-            let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
-            let ended = loop {
-                // Its thread writes the word before it ends: gone, the word is there or
-                // never comes.
-                let ending = has_thread(image, IMAGE_RECORDING_THREAD);
-                match word(image) {
-                    Some(Ok(())) => break Ended::Restored,
-                    Some(Err(why)) => break Ended::Kept(why),
-                    None => {}
-                }
-                if !ending {
-                    break Ended::Unsaid(match Path::new(&format!("/proc/{image}")).exists() {
-                        true => "it executed another program, or its agent's thread failed".to_string(),
-                        false => "it ended first".to_string(),
-                    });
-                }
-                if std::time::Instant::now() > deadline {
-                    break Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()));
-                }
-                std::thread::sleep(Duration::from_millis(20));
+    let mut ended = Vec::new();
+    let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
+    loop {
+        let late = std::time::Instant::now() > deadline;
+        waiting.retain(|&image| {
+            // Its thread writes the word before it ends: gone, the word is there or never
+            // comes — unless the image has not started it yet (it announced itself, and
+            // still runs the image that did).
+            let ending = has_thread(image, IMAGE_RECORDING_THREAD);
+            let said = match word(image) {
+                Some(Ok(())) => Some(Ended::Restored),
+                Some(Err(why)) => Some(Ended::Kept(why)),
+                None if ending || (announced(image) && started_for(image, rings)) => late.then(|| {
+                    Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()))
+                }),
+                None => Some(Ended::Unsaid(match Path::new(&format!("/proc/{image}")).exists() {
+                    true => "it executed another program, or its agent's thread failed".to_string(),
+                    false => "it ended first".to_string(),
+                })),
             };
-            ImageEnd { pid: image, ended }
-        })
-        .collect()
+            let Some(said) = said else { return true };
+            ended.push(ImageEnd { pid: image, ended: said });
+            false
+        });
+        if waiting.is_empty() {
+            return ended;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A process forked during the session by an image `exec`'d during it (or by a child that
@@ -139,9 +143,11 @@ pub(crate) struct ForkedByImage {
 /// have ended their recording ([`images_ended`]): a child forked until then is found.
 pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
     let is_image = |p: i32| images.iter().any(|i| i.pid == p);
+    // One that announced itself since is an image too (not waited for: it finds the
+    // recording file gone and ends its recording by itself).
     descendants(pid)
         .into_iter()
-        .filter(|&p| !is_image(p) && started_for(p, rings))
+        .filter(|&p| !is_image(p) && !ending::announced(rings, p as u32) && started_for(p, rings))
         .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
@@ -161,13 +167,13 @@ pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[Im
 /// [`restore_forked`] does for the attached process's children — only where the image said
 /// it restored its own ([`images_ended`]): otherwise the child keeps what it has, and the
 /// error says why.
-pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[ImageEnd]) -> Vec<Restored> {
+pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[ImageEnd], rings: &Path) -> Vec<Restored> {
     forked
         .iter()
         .map(|f| {
             let ended = images.iter().find(|i| i.pid == f.image).map(|i| &i.ended);
             let result = match ended {
-                Some(Ended::Restored) => restore(f.image, f.pid),
+                Some(Ended::Restored) => restore(f.image, f.pid, rings),
                 Some(Ended::Kept(why)) => {
                     Err(format!("the image it was forked from ({}) could not restore its own code: {why}", f.image))
                 }
@@ -237,8 +243,17 @@ fn maps(pid: i32) -> Vec<Mapping> {
 }
 
 /// Puts `parent`'s bytes into `child` wherever their shared code mappings differ, with the
-/// child's threads stopped; how many runs of bytes differed.
-fn restore(parent: i32, child: i32) -> Result<usize, String> {
+/// child's threads stopped; how many runs of bytes differed. A child that has `exec`'d an
+/// image recording into `rings` by the time it is stopped is left to that image's agent
+/// (none: it announced itself before patching anything, `dynprobe_events::ending`); its
+/// mappings are read once it is stopped, so that they are the image's that runs.
+fn restore(parent: i32, child: i32, rings: &Path) -> Result<usize, String> {
+    let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
+    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
+    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+    if ending::announced(rings, child as u32) {
+        return Ok(0);
+    }
     let code = |pid: i32| -> Vec<Mapping> {
         maps(pid).into_iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/'))).collect()
     };
@@ -246,9 +261,6 @@ fn restore(parent: i32, child: i32) -> Result<usize, String> {
         let parent_code = code(parent);
         code(child).into_iter().filter(|m| parent_code.contains(m)).collect()
     };
-    let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
-    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
-    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
     let (mut want, mut have) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut runs = 0;
     for mapping in &shared {

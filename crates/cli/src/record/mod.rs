@@ -228,16 +228,6 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
             ),
         }
     }
-    // Whatever reached the rings is kept, also after a session that ended badly (its
-    // message says what is left in the process).
-    let stats = match recording.finish(None) {
-        Ok(stats) => stats,
-        Err(e) if session.is_err() => {
-            out.restore();
-            return session.map(|()| ExitCode::SUCCESS).map_err(|s| format!("{s} ({e})"));
-        }
-        Err(e) => return Err(e),
-    };
     // For tests: the window in which an image exec'd during the session still records.
     if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS").ok().and_then(|v| v.parse().ok()) {
         eprintln!("dynprobe: (test) pausing before the images' recording ends");
@@ -246,7 +236,9 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     // The recording file's removal ends the recording of every image exec'd during the
     // session: each restores its own sites and says so. The children they forked are
     // looked for once they all have (none forked meanwhile is missed), and get their
-    // image's bytes only if it restored them.
+    // image's bytes only if it restored them. All of this before the recorder's last
+    // drain: the images and their children record until then, and what they recorded is
+    // drained and counted like the rest.
     let _ = fs::remove_file(rings.path().join(ending::RECORDING_FILE));
     let images = children::images_ended(pid, rings.path());
     for image in &images {
@@ -258,9 +250,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
         }
     }
     let forked_by_images = children::forked_by_images(pid, &agent_name, rings.path(), &images);
-    // The words are read: the directory can go.
-    drop(rings);
-    for child in children::restore_forked_by_images(&forked_by_images, &images) {
+    for child in children::restore_forked_by_images(&forked_by_images, &images, rings.path()) {
         let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
         match child.result {
             Ok(0) => {}
@@ -276,6 +266,18 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
             ),
         }
     }
+    // Whatever reached the rings is kept, also after a session that ended badly (its
+    // message says what is left in the process).
+    let stats = match recording.finish(None) {
+        Ok(stats) => stats,
+        Err(e) if session.is_err() => {
+            out.restore();
+            return session.map(|()| ExitCode::SUCCESS).map_err(|s| format!("{s} ({e})"));
+        }
+        Err(e) => return Err(e),
+    };
+    // The words are read and the rings drained: the directory can go.
+    drop(rings);
     if stats.events == 0 && session.is_err() {
         out.restore();
         return session.map(|()| ExitCode::SUCCESS);
