@@ -41,8 +41,21 @@ fn image_path(dir: &Path, pid: u32) -> PathBuf {
 
 /// Says in ring directory `dir` that process `pid` runs an image `exec`'d during the
 /// recording, which will give its word ([`write_word`]): before it patches anything.
+///
+/// A word already there is an earlier image's of this process (one not traced, which said
+/// `restored` at once, then `exec`'d this one): it is removed first, so that the word the
+/// CLI finds is this image's — taken for it, it had the CLI stop waiting for an image still
+/// recording and copy its code, patched or half-restored, into its children.
 pub fn announce(dir: &Path, pid: u32) -> io::Result<()> {
-    crate::files::write_private(&image_path(dir, pid), b"")
+    let word = word_path(dir, pid);
+    let mut result = Ok(());
+    for stale in [word.with_extension("ended.tmp"), word] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound && result.is_ok() => result = Err(e),
+            _ => {}
+        }
+    }
+    crate::files::write_private(&image_path(dir, pid), b"").and(result)
 }
 
 /// Whether process `pid` said that it runs an image `exec`'d during the recording
@@ -111,6 +124,11 @@ mod tests {
         assert!(!announced(dir.path(), 7));
         announce(dir.path(), 7).unwrap();
         assert!(announced(dir.path(), 7));
+        // The word of the image before (given at once: it was not traced) is not the word of
+        // the image that announces itself after it in the same process.
+        assert_eq!(read_word(dir.path(), 7), None, "an earlier image's word is gone");
+        write_word(dir.path(), 7, Err("its thread could not start")).unwrap();
+        assert_eq!(read_word(dir.path(), 7), Some(Err("its thread could not start".to_string())));
     }
 
     /// What the ring directory's owner puts at a word's name is refused at once, and the
