@@ -20,11 +20,16 @@ const FIRST_POLL: Duration = Duration::from_millis(1);
 /// For how long, at most: a program that makes no ring file (nothing of it traced) is then
 /// looked at every [`POLL`] like any other.
 const FIRST_POLLS_FOR: Duration = Duration::from_secs(2);
-/// How soon the next poll follows one that drained a few events: a program that wrote some
-/// may be starting a thread that writes fast, whose ring's pages are populated ahead of it
-/// only from the first poll that sees it in use — after a 20 ms sleep, a thread making
-/// 20 million traced calls a second had run some 800,000 records into page faults.
+/// How soon the next poll follows one that drained a few events after a quiet spell: a
+/// program that wrote some may be starting a thread that writes fast, whose ring's pages are
+/// populated ahead of it only from the first poll that sees it in use — after a 20 ms sleep,
+/// a thread making 20 million traced calls a second had run some 800,000 records into page
+/// faults.
 const ACTIVE_POLL: Duration = Duration::from_millis(2);
+/// How many polls in a row [`ACTIVE_POLL`] is kept up while only a few events come: a
+/// program writing a trickle is then polled at [`POLL`] like an idle one, not 500 times a
+/// second for its whole run.
+const ACTIVE_POLLS: u32 = 10;
 /// Events drained by one poll above which the next poll follows at once.
 const BUSY: u64 = 4096;
 
@@ -62,6 +67,7 @@ impl Recording {
                 let mut progress = Progress::new(std::io::stderr().is_terminal());
                 let started = Instant::now();
                 let mut wait = FIRST_POLL;
+                let mut few_in_a_row = 0;
                 let mut drained = 0;
                 loop {
                     match stop_rx.recv_timeout(wait) {
@@ -82,11 +88,14 @@ impl Recording {
                         Ok(stats) => {
                             // While the program fills its rings fast, drain again at once
                             // rather than let them overflow while we sleep.
-                            wait = match (stats.processes, stats.events - drained) {
+                            let new = stats.events - drained;
+                            few_in_a_row = if new == 0 || new >= BUSY { 0 } else { few_in_a_row + 1 };
+                            wait = match (stats.processes, new) {
                                 (0, _) if started.elapsed() < FIRST_POLLS_FOR => FIRST_POLL,
                                 (_, new) if new >= BUSY => Duration::ZERO,
                                 (_, 0) => POLL,
-                                (_, _) => ACTIVE_POLL,
+                                _ if few_in_a_row <= ACTIVE_POLLS => ACTIVE_POLL,
+                                _ => POLL,
                             };
                             drained = stats.events;
                             progress.show(&stats)
