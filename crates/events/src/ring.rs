@@ -478,7 +478,7 @@ impl RingFile {
     /// either way the producer then pays as before. Records past the first lap are ignored
     /// (their pages exist and are mapped).
     ///
-    /// It goes a step of [`POPULATE_STEP`] records at a time, nearest first, each step
+    /// It goes a step of 16,384 records (256 KiB) at a time, nearest first, each step
     /// mapped in the producer before the next is made present: done whole, the producer got
     /// nothing until the last page of the range was made, a few milliseconds in which a fast
     /// thread ran into faults over pages about to be ready. A step the producer has got past
