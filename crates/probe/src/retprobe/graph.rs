@@ -258,22 +258,14 @@ pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64
     // Held so that a signal handler's traced call cannot push onto the stack while the
     // instances are given back (it counts as missed instead).
     let _guard = HandlerGuard::enter();
-    let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
-    let stack = stack(slot);
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let inst = unsafe { &*instance(index) };
     let orig = inst.orig;
-    let alone = stack.top.load(Ordering::Relaxed) as usize == depth + 1
-        && inst.slot_addr + 8 == caller_rsp
-        // SAFETY: an instance of this thread below `top`.
-        && (depth == 0 || unsafe { (*instance(index - 1)).slot_addr } != inst.slot_addr);
-    if !alone {
+    if !ends_alone(index, caller_rsp) {
         return on_graph_return_general(index, caller_rsp, retval, orig);
     }
-    graph_exit(slot, depth, inst, false, retval);
-    // Everything needed was read before the instance is given back (as in `end_calls`).
-    compiler_fence(Ordering::SeqCst);
-    stack.top.store(depth as u32, Ordering::Release);
+    graph_exit(index / MAX_DEPTH, index % MAX_DEPTH, inst, false, retval);
+    give_back_alone(index);
     orig
 }
 

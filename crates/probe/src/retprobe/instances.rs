@@ -311,6 +311,29 @@ pub(super) fn tracked_by(base: usize, top: usize, slot_addr: u64, index: u32, id
         .any(|inst| inst.probe == index && inst.id == id)
 }
 
+/// Whether the call of instance `index`, whose function returned leaving `rsp`, ends alone:
+/// its instance the top of its thread's stack and the only one diverting its return-address
+/// slot — nothing abandoned above it to drop, no other instance to end with it, so that
+/// [`end_calls`]' walks would find nothing to do. Such a call ends by [`give_back_alone`].
+#[inline(always)]
+pub(super) fn ends_alone(index: usize, rsp: u64) -> bool {
+    let depth = index % MAX_DEPTH;
+    // SAFETY: the trampoline entry says this thread pushed this instance.
+    let inst = unsafe { &*instance(index) };
+    stack(index / MAX_DEPTH).top.load(Ordering::Relaxed) as usize == depth + 1
+        && inst.slot_addr + 8 == rsp
+        // SAFETY: an instance of this thread below `top`.
+        && (depth == 0 || unsafe { (*instance(index - 1)).slot_addr } != inst.slot_addr)
+}
+
+/// Gives back instance `index`, whose call [`ends_alone`], once everything needed of it was
+/// read (as `end_calls` gives its instances back).
+#[inline(always)]
+pub(super) fn give_back_alone(index: usize) {
+    compiler_fence(Ordering::SeqCst);
+    stack(index / MAX_DEPTH).top.store((index % MAX_DEPTH) as u32, Ordering::Release);
+}
+
 /// Ends the calls of instance `index` (whose function returned, leaving `rsp`) and of the
 /// instances sharing its return-address slot, calling `each(slot, depth, instance)` for
 /// them; drops the abandoned instances above it.

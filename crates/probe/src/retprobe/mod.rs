@@ -221,16 +221,10 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u
 #[inline(always)]
 pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
     let guard = HandlerGuard::enter();
-    let (slot, depth) = (index / MAX_DEPTH, index % MAX_DEPTH);
-    let stack = stack(slot);
+    let slot = index / MAX_DEPTH;
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let inst = unsafe { &*instance(index) };
-    let alone = stack.top.load(Ordering::Relaxed) as usize == depth + 1
-        && inst.slot_addr + 8 == regs.rsp
-        && inst.probe != GRAPH
-        // SAFETY: an instance of this thread below `top`.
-        && (depth == 0 || unsafe { (*instance(index - 1)).slot_addr } != inst.slot_addr);
-    if !alone {
+    if inst.probe == GRAPH || !ends_alone(index, regs.rsp) {
         drop(guard);
         return on_return_light_general(index, regs);
     }
@@ -239,9 +233,7 @@ pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
         run_return_handler::<true>(slot, inst, regs);
     }
     uncount(slot, inst.probe);
-    // Everything needed was read before the instance is given back (as in `end_calls`).
-    compiler_fence(Ordering::SeqCst);
-    stack.top.store(depth as u32, Ordering::Release);
+    give_back_alone(index);
     drop(guard);
     regs.ip
 }
