@@ -44,13 +44,20 @@ pub struct Timing {
     pub remark: Option<String>,
 }
 
+/// `values` as `MEDIAN{unit} (median; MIN–MAX)`, each with `decimals` decimals: how the rows'
+/// notes give a figure measured once per batch.
+pub fn spread(values: impl IntoIterator<Item = f64>, decimals: usize, unit: &str) -> String {
+    let mut sorted: Vec<f64> = values.into_iter().collect();
+    sorted.sort_by(f64::total_cmp);
+    let (median, min, max) = (sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1]);
+    format!("{median:.decimals$}{unit} (median; {min:.decimals$}–{max:.decimals$})")
+}
+
 impl Timing {
     /// The batches as milliseconds, `M ms (median; MIN–MAX)`: for rows whose batch is one
     /// operation (an attach, a start).
     pub fn ms_spread(&self) -> String {
-        let mut ms: Vec<f64> = self.batches.iter().map(|ns| ns / 1e6).collect();
-        ms.sort_by(f64::total_cmp);
-        format!("{:.1} ms (median; {:.1}–{:.1})", ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
+        spread(self.batches.iter().map(|ns| ns / 1e6), 1, " ms")
     }
 
     /// Median nanoseconds per call over the batches.

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::measure::{Plan, Timing, BATCHES};
+use super::measure::{spread, Plan, Timing, BATCHES};
 
 /// The program: a loop of calls to small functions with compiler NOP sites at every entry,
 /// built by build.rs.
@@ -72,13 +72,7 @@ pub fn measure(tracer: Tracer, plan: Plan, threads: Option<usize>) -> Result<Tim
     // On a first lap every new page of a tracer's buffer is a fault unless the tracer made it
     // present ahead: what a host charges for them differs a lot (a microsecond or more a page
     // on some virtual machines), so the row says how many there were.
-    faults.sort_unstable();
-    let said = format!(
-        "{} page faults in the timed loop (median; {}–{})",
-        faults[faults.len() / 2],
-        faults[0],
-        faults[faults.len() - 1]
-    );
+    let said = spread(faults.into_iter().map(|n| n as f64), 0, " page faults in the timed loop");
     timing.remark = Some(match timing.remark {
         Some(remark) => format!("{remark}; {said}"),
         None => said,
@@ -119,14 +113,7 @@ pub fn measure_site_batch() -> Result<Timing, String> {
         timing.batches.push(ns as f64 / patched as f64);
         batch_ms.push(ns as f64 / 1e6);
     }
-    batch_ms.sort_by(f64::total_cmp);
-    timing.remark = Some(format!(
-        "{} sites in {:.2} ms (median; {:.2}–{:.2})",
-        timing.calls_per_batch,
-        batch_ms[batch_ms.len() / 2],
-        batch_ms[0],
-        batch_ms[batch_ms.len() - 1]
-    ));
+    timing.remark = Some(format!("{} sites in {}", timing.calls_per_batch, spread(batch_ms, 2, " ms")));
     Ok(timing)
 }
 
