@@ -31,7 +31,8 @@ fn rows(args: &[&str]) -> Vec<Value> {
     for row in &rows {
         assert!(row["name"].is_string(), "row without a name: {row}");
         match &row["ns_per_hit"] {
-            Value::Number(_) => {}
+            // The fastest batch's figure beside the median's.
+            Value::Number(_) => assert!(row["best_ns_per_hit"].is_number(), "no best_ns_per_hit: {row}"),
             Value::Null => assert!(row["error"].is_string(), "null ns_per_hit without an error: {row}"),
             _ => panic!("ns_per_hit missing or not a number/null: {row}"),
         }
@@ -61,6 +62,10 @@ fn check_host(host: &Value) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(host["kernel"], kernel.trim(), "{host}");
     assert!(host["load_average"].as_f64().is_some_and(|load| load >= 0.0), "{host}");
+    // The fixed loop's windows, fastest to slowest: positive, ordered.
+    let steadiness = &host["steadiness"];
+    let ns = |key: &str| steadiness[key].as_f64().unwrap_or_else(|| panic!("host.steadiness.{key} missing: {host}"));
+    assert!(0.0 < ns("min_ns") && ns("min_ns") <= ns("median_ns") && ns("median_ns") <= ns("max_ns"), "{host}");
 }
 
 fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
@@ -79,6 +84,7 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 
     let baseline = row(&rows, "baseline-call");
     assert_eq!(ns_per_hit(&rows, "baseline-call"), 0.0, "the baseline adds nothing");
+    assert_eq!(baseline["best_ns_per_hit"].as_f64(), Some(0.0), "nor in its fastest batch: {baseline}");
     assert!(baseline["ns_per_call"].as_f64().is_some_and(|ns| ns > 0.0), "{baseline}");
 
     for trap_row in ["sigtrap-floor", "kernel-uprobe", "kernel-uretprobe"] {

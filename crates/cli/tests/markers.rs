@@ -182,7 +182,8 @@ fn the_marker_bench_rows_measure() {
     for name in ["marker-disabled", "marker-enabled"] {
         let r = row(name);
         assert!(r["ns_per_hit"].is_number(), "{r}");
-        assert_eq!(r["batches_ns_per_call"].as_array().map(Vec::len), Some(5), "{r}");
+        // A row of calls is timed in 15 short batches (the bench's CALL_BATCHES).
+        assert_eq!(r["batches_ns_per_call"].as_array().map(Vec::len), Some(15), "{r}");
     }
     let enabled = row("marker-enabled");
     assert!(enabled["ns_per_hit"].as_f64().unwrap() > 0.0, "{enabled}");

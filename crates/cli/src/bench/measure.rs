@@ -12,13 +12,22 @@ use std::time::Duration;
 
 use super::target::Target;
 
-/// How many batches each row measures; the median of them is reported, so one batch
-/// disturbed by an interrupt or a migration does not move the result.
+/// How many batches a row of whole operations (a program's run, an attach, a start)
+/// measures; the median of them is reported, so one batch disturbed by an interrupt or a
+/// migration does not move the result.
 pub const BATCHES: usize = 5;
 
-/// Wall time a calibrated batch aims at: with [`BATCHES`] batches and the warm-up, a row
-/// takes about 0.6 s whether a call costs 2 ns or 20 µs.
-const BATCH_TIME: Duration = Duration::from_millis(100);
+/// How many batches a row of calls measures. Many short ones rather than a few long: a
+/// virtual machine's CPU slows down in phases of tens to hundreds of milliseconds (a
+/// neighbour on the same core; see the host's `steadiness`), in which a probe's hit costs
+/// up to twice as much while a plain call does not change. The median of 15 batches of
+/// 30 ms is less often a slow phase's than that of five of 100 ms, and the fastest batch
+/// is the host's steady figure (the report's `best_ns_per_hit`).
+pub const CALL_BATCHES: usize = 15;
+
+/// CPU time a calibrated batch of calls aims at: with [`CALL_BATCHES`] batches and the
+/// warm-up, a row takes about half a second whether a call costs 2 ns or 20 µs.
+const BATCH_TIME: Duration = Duration::from_millis(30);
 
 /// The warm-up doubles its call count until one round takes this long; the last round then
 /// gives the per-call estimate that sizes the batches.
@@ -66,9 +75,15 @@ impl Timing {
         sorted.sort_by(f64::total_cmp);
         sorted[sorted.len() / 2]
     }
+
+    /// Nanoseconds per call of the fastest batch: the figure of the host's steady phases,
+    /// as interference only ever adds time.
+    pub fn best_ns_per_call(&self) -> f64 {
+        self.batches.iter().copied().fold(f64::INFINITY, f64::min)
+    }
 }
 
-/// Warms `target` up, then times [`BATCHES`] batches of calls to it.
+/// Warms `target` up, then times [`CALL_BATCHES`] batches of calls to it.
 ///
 /// # Safety
 ///
@@ -96,7 +111,7 @@ pub unsafe fn measure(target: Target, plan: Plan) -> Timing {
             }
         }
     };
-    let batches = (0..BATCHES)
+    let batches = (0..CALL_BATCHES)
         .map(|_| {
             // SAFETY: forwarded from the caller.
             let elapsed = unsafe { time_calls(target, calls_per_batch) };
@@ -128,7 +143,7 @@ pub unsafe fn measure_threads(target: Target, plan: Plan) -> Timing {
     let calls_per_batch = single.calls_per_batch;
     let n = threads();
     let mut total_calls = single.total_calls;
-    let batches = (0..BATCHES)
+    let batches = (0..CALL_BATCHES)
         .map(|_| {
             let barrier = std::sync::Barrier::new(n);
             let times: Vec<Duration> = std::thread::scope(|scope| {
@@ -175,7 +190,7 @@ unsafe fn time_calls(target: Target, calls: u64) -> Duration {
 }
 
 /// The CPU time the calling thread has used so far.
-fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

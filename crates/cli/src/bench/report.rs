@@ -26,6 +26,10 @@ struct ReportRow {
     name: &'static str,
     /// Nanoseconds the instrumentation adds to each call; `null` when the row failed.
     ns_per_hit: Option<f64>,
+    /// Nanoseconds added per hit between the row's fastest batch and its baseline's
+    /// fastest: the figure of the host's steady phases, which the median misses when the
+    /// host slows down in phases (see the host's `steadiness`); `null` when the row failed.
+    best_ns_per_hit: Option<f64>,
     /// Median nanoseconds per call, instrumentation included.
     #[serde(skip_serializing_if = "Option::is_none")]
     ns_per_call: Option<f64>,
@@ -54,12 +58,14 @@ impl Report {
     /// rather than an absolute number posing as an added one.
     pub fn new(host: Host, outcomes: &[(&Row, Result<Timing, String>)]) -> Self {
         let outcome = |name: &str| outcomes.iter().find(|(row, _)| row.name == name);
-        let per_call = |name: &str| outcome(name)?.1.as_ref().ok().map(Timing::ns_per_call);
+        let figure_of = |name: &str, figure: fn(&Timing) -> f64| outcome(name)?.1.as_ref().ok().map(figure);
+        let per_call = |name: &str| figure_of(name, Timing::ns_per_call);
         // A row without a baseline subtracts nothing.
-        let baseline_of = |row: &Row| match row.baseline() {
-            Some(name) => per_call(name),
+        let baseline_by = |row: &Row, figure: fn(&Timing) -> f64| match row.baseline() {
+            Some(name) => figure_of(name, figure),
             None => Some(0.0),
         };
+        let baseline_of = |row: &Row| baseline_by(row, Timing::ns_per_call);
         let added = |name: &str| Some(per_call(name)? - baseline_of(outcome(name)?.0)?);
 
         let rows = outcomes
@@ -68,6 +74,7 @@ impl Report {
                 let mut report = ReportRow {
                     name: row.name,
                     ns_per_hit: None,
+                    best_ns_per_hit: None,
                     ns_per_call: None,
                     ms: None,
                     error: None,
@@ -84,6 +91,8 @@ impl Report {
                     (Ok(timing), Some(baseline)) => {
                         let ns_added = timing.ns_per_call() - baseline;
                         report.ns_per_hit = Some(round(ns_added, 100.0));
+                        report.best_ns_per_hit = baseline_by(row, Timing::best_ns_per_call)
+                            .map(|baseline| round(timing.best_ns_per_call() - baseline, 100.0));
                         report.ns_per_call = Some(round(timing.ns_per_call(), 100.0));
                         if matches!(
                             row.measure,
@@ -124,8 +133,8 @@ impl Report {
         let mut out = format!("{}\n", self.host);
         let _ = writeln!(
             out,
-            "{:<18} {:>10} {:>14} {:>15} {:>15}  note",
-            "row", "ns/call", "ns added/hit", "×sigtrap-floor", "×kernel-uprobe"
+            "{:<18} {:>10} {:>14} {:>10} {:>15} {:>15}  note",
+            "row", "ns/call", "ns added/hit", "best added", "×sigtrap-floor", "×kernel-uprobe"
         );
         for row in &self.rows {
             let number = |value: Option<f64>, precision: usize| {
@@ -143,10 +152,11 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "{:<18} {:>10} {:>14} {:>15} {:>15}  {note}",
+                "{:<18} {:>10} {:>14} {:>10} {:>15} {:>15}  {note}",
                 row.name,
                 number(row.ns_per_call, 1),
                 number(row.ns_per_hit, 1),
+                number(row.best_ns_per_hit, 1),
                 ratio(TABLE_RATIOS[0]),
                 ratio(TABLE_RATIOS[1]),
             );
