@@ -19,6 +19,9 @@ pub(crate) struct ProbeShared {
     pub(crate) post: Option<Handler>,
     /// The entry probe of a return probe (listed as `r`).
     pub(crate) return_probe: bool,
+    /// That return probe, whose entry a light detour's dispatcher runs without the
+    /// pre-handler's closure (see `crate::site::Solo`); the pre-handler does the same.
+    pub(crate) return_entry: Option<Arc<crate::retprobe::RpShared>>,
     /// One of dynprobe's own (a signal guard): not listed.
     pub(crate) internal: bool,
     /// The first-argument values the probe is for, at a function entry (empty: every
@@ -103,6 +106,8 @@ pub struct Probe {
     pub(crate) post: Option<Handler>,
     pub(crate) enabled: bool,
     pub(crate) return_probe: bool,
+    /// See [`ProbeShared::return_entry`].
+    pub(crate) return_entry: Option<Arc<crate::retprobe::RpShared>>,
     pub(crate) internal: bool,
     pub(crate) entry_filter: &'static [i32],
     /// The code the light proof starts from: the pre-handler's, and what a return probe's
@@ -122,6 +127,7 @@ impl Probe {
             post: None,
             enabled: true,
             return_probe: false,
+            return_entry: None,
             internal: false,
             entry_filter: &[],
             code_roots: Vec::new(),
@@ -185,6 +191,7 @@ impl Probe {
             pre: self.pre,
             post: self.post,
             return_probe: self.return_probe,
+            return_entry: self.return_entry,
             internal: self.internal,
             entry_filter: self.entry_filter,
             enabled: AtomicBool::new(self.enabled),

@@ -31,6 +31,9 @@ pub(crate) struct Solo {
     enabled: *const AtomicBool,
     hits: crate::counter::Cells,
     pre: *const (dyn Fn(&mut Regs) + Send + Sync),
+    /// The return probe whose entry the probe is (null: none), run directly instead of
+    /// through `pre`, which would look the thread's slot up again.
+    return_entry: *const crate::retprobe::RpShared,
 }
 
 impl Solo {
@@ -43,7 +46,11 @@ impl Solo {
         if unsafe { &*self.enabled }.load(Ordering::Acquire) {
             self.hits.add(guard.slot_index());
             // SAFETY: as above.
-            crate::light::call_handler(unsafe { &*self.pre }, regs);
+            match unsafe { self.return_entry.as_ref() } {
+                Some(rp) => crate::retprobe::on_entry_found(rp, guard.slot_index(), guard.thread(), regs),
+                // SAFETY: as above.
+                None => crate::light::call_handler(unsafe { &*self.pre }, regs),
+            }
         }
     }
 }
@@ -53,10 +60,10 @@ impl ProbeList {
     pub(crate) fn new(probes: Vec<Arc<ProbeShared>>) -> ProbeList {
         let light = probes.iter().all(|p| p.light.is_ok());
         let solo = match probes.as_slice() {
-            [p] if light && !p.internal && p.post.is_none() => p
-                .pre
-                .as_deref()
-                .and_then(|pre| Some(Solo { enabled: p.enabled_flag(), hits: p.hit_cells()?, pre: pre as *const _ })),
+            [p] if light && !p.internal && p.post.is_none() => p.pre.as_deref().and_then(|pre| {
+                let return_entry = p.return_entry.as_ref().map_or(std::ptr::null(), Arc::as_ptr);
+                Some(Solo { enabled: p.enabled_flag(), hits: p.hit_cells()?, pre: pre as *const _, return_entry })
+            }),
             _ => None,
         };
         ProbeList { probes, light, solo }

@@ -109,9 +109,10 @@ type EntryHandler = Box<dyn Fn(&mut Regs, &mut InstanceData) -> bool + Send + Sy
 /// function returns to), may change `rax`, `rdx` and `ip`.
 type ReturnHandler = Box<dyn Fn(&mut Regs, &InstanceData) + Send + Sync + 'static>;
 
-/// State shared between a [`ReturnProbeHandle`], its entry probe's handler and the return
-/// path (through [`PROBES`]).
-struct RpShared {
+/// State shared between a [`ReturnProbeHandle`], its entry probe (which a light detour's
+/// dispatcher calls [`on_entry_found`] for directly) and the return path (through
+/// [`PROBES`]).
+pub(crate) struct RpShared {
     /// Index in [`PROBES`] and in the per-thread counts.
     index: u32,
     /// Unique over the process's life: an instance of a probe whose index was reused by a
@@ -146,8 +147,17 @@ static PROBES: [AtomicPtr<RpShared>; MAX_RETURN_PROBES] =
 /// Runs with the thread's handler guard held (by the probe site), in a signal handler or a
 /// detour.
 fn on_entry(rp: &RpShared, regs: &mut Regs) {
-    let rsp = regs.rsp;
     let Some((slot, thread)) = ThreadSlot::current() else { return rp.miss() };
+    on_entry_found(rp, slot, thread, regs);
+}
+
+/// [`on_entry`] with the thread's slot already found: what a light detour's dispatcher
+/// calls for a site whose one probe is a return probe's entry (see `crate::site::Solo`),
+/// inlined there — the entry's own handler call, and the slot's second lookup, were ~2 ns
+/// of the light path's ~15.
+#[inline(always)]
+pub(crate) fn on_entry_found(rp: &RpShared, slot: usize, thread: &ThreadSlot, regs: &mut Regs) {
+    let rsp = regs.rsp;
     let Some(c) = claim(slot, thread, rsp) else { return rp.miss() };
     // Instances at the top already divert this return-address slot: other return probes on
     // this same call (ours joins them, see `on_return`), or this very probe when the thread
@@ -449,6 +459,7 @@ impl ReturnProbe {
         // (`point::resolve`) before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
         probe.return_probe = true;
+        probe.return_entry = Some(shared.clone());
         probe.reads_vectors = self.reads_vectors;
         // The entry handler runs behind `call_entry_handler`: proven on its own.
         probe.code_roots.extend(self.entry_code);
