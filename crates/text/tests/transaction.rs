@@ -43,7 +43,11 @@ fn as_fn(slot: ExecSlot) -> extern "C" fn() -> u32 {
     unsafe { std::mem::transmute(slot.addr as usize) }
 }
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a transaction may wait for the threads to stop. Generous: what these tests
+/// check is the code every thread sees, not how fast a thread answers, and a virtual
+/// machine's host can leave a woken thread without a CPU for seconds (a CI run once saw a
+/// sleeping caller miss a 5 s limit).
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Calls `f` from `threads` threads until `quit`, each sleeping `pause` (if any) between
 /// calls; returns per thread (calls, wrong results seen, sleeps cut short).
