@@ -306,7 +306,7 @@ pub static ROWS: &[Row] = &[
     },
     Row {
         name: "optimized-probe-mid",
-        about: "dynprobe jump-optimized probe mid-function (flags saved by pushfq, put back by sahf)",
+        about: "dynprobe jump-optimized probe mid-function (flags read by lahf/seto where the function never sets DF, else pushfq; put back by sahf)",
         measure: Measure::Call {
             target: dynprobe_bench_target,
             setup: |target| register_optimized_probe(target, ProbePoint::Middle),
