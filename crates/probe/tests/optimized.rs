@@ -589,6 +589,27 @@ fn every_arithmetic_flag_survives_a_mid_function_probe_and_a_handlers_change_rea
     }
 }
 
+/// Where the code after the probe overwrites every arithmetic flag before reading one, the
+/// detour does not put them back; a handler's change to another flag still reaches the
+/// program (here DF, which the `lodsb` after the probed `add` steps by).
+#[test]
+fn at_a_point_where_the_arithmetic_flags_are_dead_a_handlers_df_still_reaches_the_program() {
+    let _serial = serial();
+    let t = target_o2();
+    let f = t.func1("df_after_dead_flags");
+    assert_eq!(f(0), 1, "lodsb steps forward with DF clear");
+    let probe = optimized(Probe::at(Location::SymbolOffset("df_after_dead_flags".into(), 3)).on_hit(|_| {}));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(0), 1, "an empty handler changes nothing");
+    probe.unregister().unwrap();
+    let probe = optimized(Probe::at(Location::SymbolOffset("df_after_dead_flags".into(), 3)).on_hit(|regs| {
+        regs.rflags |= 0x400;
+    }));
+    assert!(probe.info().optimized, "{}", probe.info());
+    assert_eq!(f(0), -1, "the handler's DF did not reach the program");
+    assert_eq!(probe.hits(), 1);
+}
+
 #[test]
 fn a_jump_from_another_function_into_the_run_keeps_it_a_breakpoint() {
     let _serial = serial();

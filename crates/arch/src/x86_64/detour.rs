@@ -101,6 +101,11 @@ pub struct StateSave {
     /// probe's ~9 on an AMD Zen 4 host — and the handlers need no `cld`. The frame holds
     /// the arithmetic flags, IF and bit 1 (TF and AC read as clear, as at an entry).
     pub direction_clear: bool,
+    /// With `flags`: the arithmetic flags are dead at the probe point
+    /// ([`arithmetic_flags_dead`]): the code after the handlers overwrites all six before it
+    /// reads one, so they are not put back (a handler's change to one of them could not
+    /// matter); a change to another flag, DF say, still reaches the program by `popfq`.
+    pub arithmetic_dead: bool,
     /// The vector registers to save (with MXCSR).
     pub width: VectorWidth,
 }
@@ -486,7 +491,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
     let mut done = a.create_label();
     if spec.save.flags {
-        arithmetic_flags_or_popfq(&mut a, &mut done)?;
+        arithmetic_flags_or_popfq(&mut a, &mut done, spec.save.arithmetic_dead)?;
     }
     // Moves and `lea` leave the flags alone.
     caller_saved_reload(&mut a)?;
@@ -541,6 +546,40 @@ pub fn may_set_direction_flag(bytes: &[u8], start: u64) -> bool {
     })
 }
 
+/// Instructions [`arithmetic_flags_dead`] looks at before it calls the flags live.
+const LIVENESS_WINDOW: usize = 16;
+
+/// Whether the arithmetic flags (OF SF ZF AF CF PF) are dead at `at` in the function
+/// `bytes` (at `start`): the instructions from `at` on, straight through, overwrite all
+/// six (an instruction that leaves one undefined overwrites it too) before any of them
+/// reads one still holding its value at `at`. Conservative: a branch, call, return or
+/// other change of flow before that, bytes that do not decode, or more than
+/// [`LIVENESS_WINDOW`] instructions, and they are live (a caller could read flags a
+/// function returns, hand-written code could pass them to a callee).
+pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
+    use iced_x86::{FlowControl, RflagsBits};
+    const ARITHMETIC: u32 =
+        RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+    let Some(from) = at.checked_sub(start).and_then(|offset| usize::try_from(offset).ok()) else { return false };
+    let Some(code) = bytes.get(from..) else { return false };
+    let mut decoder = super::decode::new_decoder(code, at);
+    let mut unwritten = ARITHMETIC;
+    for _ in 0..LIVENESS_WINDOW {
+        let Ok(insn) = super::decode::next_instruction(&mut decoder) else { return false };
+        if insn.rflags_read() & unwritten != 0 {
+            return false;
+        }
+        unwritten &= !insn.rflags_modified();
+        if unwritten == 0 {
+            return true;
+        }
+        if insn.flow_control() != FlowControl::Next {
+            return false;
+        }
+    }
+    false
+}
+
 /// The flags a mid-function detour may put back without `popfq`: the arithmetic ones
 /// (CF PF AF ZF SF OF), IF and the always-set bit 1. Any other (DF, TF, AC, ID…) in the
 /// frame takes `popfq`.
@@ -559,21 +598,30 @@ const ARITHMETIC_FLAGS: i32 = 0x8d5 | 0x200 | 0x2;
 /// goes the old way, through `popfq`, and jumps to `done`. `lahf`/`sahf` exist in 64-bit
 /// mode on every CPU with the LAHF-SAHF CPUID bit (CPUID 8000_0001h ECX bit 0), which is
 /// every x86-64 CPU since 2006.
-fn arithmetic_flags_or_popfq(a: &mut CodeAssembler, done: &mut CodeLabel) -> Result<(), IcedError> {
-    let mut other_flags = a.create_label();
-    a.mov(rax, qword_ptr(rsp + FRAME_FLAGS))?;
-    a.test(eax, !ARITHMETIC_FLAGS)?;
-    a.jnz(other_flags)?;
-    a.mov(ecx, eax)?;
-    a.shr(ecx, 11)?;
-    a.and(ecx, 1)?;
-    a.mov(ah, al)?;
-    a.mov(al, cl)?;
-    a.add(al, 0x7f)?;
-    a.sahf()?;
+///
+/// With `dead` (the arithmetic flags are dead at the probe point), only the `popfq` way is
+/// kept, for a handler's change to another flag: the arithmetic ones are left as they are.
+fn arithmetic_flags_or_popfq(a: &mut CodeAssembler, done: &mut CodeLabel, dead: bool) -> Result<(), IcedError> {
     let mut arithmetic = a.create_label();
-    a.jmp(arithmetic)?;
-    a.set_label(&mut other_flags)?;
+    if dead {
+        // Only a change to another flag needs putting back; the arithmetic ones stay.
+        a.test(dword_ptr(rsp + FRAME_FLAGS), !ARITHMETIC_FLAGS)?;
+        a.jz(arithmetic)?;
+    } else {
+        let mut other_flags = a.create_label();
+        a.mov(rax, qword_ptr(rsp + FRAME_FLAGS))?;
+        a.test(eax, !ARITHMETIC_FLAGS)?;
+        a.jnz(other_flags)?;
+        a.mov(ecx, eax)?;
+        a.shr(ecx, 11)?;
+        a.and(ecx, 1)?;
+        a.mov(ah, al)?;
+        a.mov(al, cl)?;
+        a.add(al, 0x7f)?;
+        a.sahf()?;
+        a.jmp(arithmetic)?;
+        a.set_label(&mut other_flags)?;
+    }
     caller_saved_reload(a)?;
     a.popfq()?;
     a.lea(rsp, ptr(rsp + (16 + RED_ZONE)))?;
@@ -758,10 +806,18 @@ mod tests {
     use super::*;
     use crate::x86_64::decode::decode_instructions;
 
-    const ENTRY: StateSave =
-        StateSave { flags: false, direction_clear: false, width: VectorWidth::Avx512 { wide_masks: true } };
-    const MID: StateSave =
-        StateSave { flags: true, direction_clear: false, width: VectorWidth::Avx512 { wide_masks: true } };
+    const ENTRY: StateSave = StateSave {
+        flags: false,
+        direction_clear: false,
+        arithmetic_dead: false,
+        width: VectorWidth::Avx512 { wide_masks: true },
+    };
+    const MID: StateSave = StateSave {
+        flags: true,
+        direction_clear: false,
+        arithmetic_dead: false,
+        width: VectorWidth::Avx512 { wide_masks: true },
+    };
 
     fn spec(save: StateSave, covered: &[u8]) -> DetourSpec<'_> {
         DetourSpec {
@@ -797,7 +853,11 @@ mod tests {
     #[test]
     fn a_filled_in_prefix_is_what_the_assembler_makes() {
         let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
-        for save in [ENTRY, MID, StateSave { flags: false, direction_clear: false, width: VectorWidth::Sse }] {
+        for save in [
+            ENTRY,
+            MID,
+            StateSave { flags: false, direction_clear: false, arithmetic_dead: false, width: VectorWidth::Sse },
+        ] {
             for dispatch in [0x5555_0000_2000, 0x7f00_0100_0000] {
                 let first = DetourSpec { dispatch, ..spec(save, &covered) };
                 let prefix = DetourPrefix::new(&first).unwrap().expect("the fields are found");
@@ -880,6 +940,54 @@ mod tests {
     }
 
     #[test]
+    fn the_arithmetic_flags_are_dead_only_where_straight_line_code_overwrites_them_before_reading() {
+        let dead = |code: &[u8]| arithmetic_flags_dead(code, 0x1000, 0x1000);
+        const MOV: [u8; 3] = [0x48, 0x89, 0xf8]; // mov %rdi,%rax
+        const ADD: [u8; 4] = [0x48, 0x83, 0xc0, 0x01]; // add $1,%rax
+        const XOR: [u8; 2] = [0x31, 0xc0]; // xor %eax,%eax
+        const INC: [u8; 2] = [0xff, 0xc0]; // inc %eax (leaves CF)
+        const ADC: [u8; 4] = [0x48, 0x83, 0xd0, 0x00]; // adc $0,%rax (reads CF)
+        const SHR: [u8; 4] = [0x48, 0xc1, 0xea, 0x1d]; // shr $0x1d,%rdx (OF, AF undefined)
+        const JC: [u8; 2] = [0x72, 0x00]; // jc .+2
+        const RET: [u8; 1] = [0xc3];
+        const CALL: [u8; 5] = [0xe8, 0, 0, 0, 0];
+        const PUSHFQ: [u8; 1] = [0x9c];
+        for code in [&[&ADD[..]][..], &[&MOV, &ADD], &[&XOR], &[&SHR], &[&INC, &ADD], &[&MOV, &MOV, &XOR, &RET]] {
+            assert!(dead(&code.concat()), "{code:02x?}");
+        }
+        let live: [&[&[u8]]; 7] =
+            [&[&INC, &JC], &[&ADC], &[&MOV, &RET], &[&MOV, &CALL, &ADD], &[&PUSHFQ], &[&INC, &RET], &[&MOV, &MOV]];
+        for code in live {
+            assert!(!dead(&code.concat()), "{code:02x?}");
+        }
+        // From `at` on, not from the start; outside the bytes, live.
+        let code = [&ADC[..], &ADD].concat();
+        assert!(!arithmetic_flags_dead(&code, 0x1000, 0x1000));
+        assert!(arithmetic_flags_dead(&code, 0x1000, 0x1004));
+        assert!(!arithmetic_flags_dead(&code, 0x1000, 0x1008));
+        assert!(!arithmetic_flags_dead(&code, 0x1000, 0xfff));
+    }
+
+    /// Where they are dead, the arithmetic flags are not put back: no `sahf`, the `popfq`
+    /// way kept for a handler's change to another flag.
+    #[test]
+    fn dead_arithmetic_flags_are_not_put_back() {
+        use iced_x86::Mnemonic::{Popfq, Sahf, Test};
+        let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
+        for direction_clear in [false, true] {
+            let save = StateSave { direction_clear, arithmetic_dead: true, ..MID };
+            let s = spec(save, &covered);
+            let detour = build_detour(&s).unwrap();
+            let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
+            let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
+            let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
+            assert_eq!((count(Sahf), count(Popfq)), (0, 1), "DF clear {direction_clear}");
+            let test = instrs.iter().find(|i| i.mnemonic() == Test && i.op0_kind() == iced_x86::OpKind::Memory);
+            assert_eq!(test.map(|t| t.memory_displacement64()), Some(FRAME_FLAGS as u64), "DF clear {direction_clear}");
+        }
+    }
+
+    #[test]
     fn only_std_popf_and_iret_or_undecodable_code_may_set_the_direction_flag() {
         // mov %rdi,%rax ; add $1,%rax ; cld ; ret
         let clean = [0x48, 0x89, 0xf8, 0x48, 0x83, 0xc0, 0x01, 0xfc, 0xc3];
@@ -898,7 +1006,7 @@ mod tests {
         use iced_x86::Mnemonic::{Call, Cmp, Jne, Movaps, Vmovdqa, Vmovdqa64, Vzeroupper};
         let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
         for (width, wide) in [(VectorWidth::Avx512 { wide_masks: true }, Vmovdqa64), (VectorWidth::Avx, Vmovdqa)] {
-            let s = spec(StateSave { flags: true, direction_clear: false, width }, &covered);
+            let s = spec(StateSave { flags: true, direction_clear: false, arithmetic_dead: false, width }, &covered);
             let detour = build_detour(&s).unwrap();
             let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
             let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();

@@ -355,7 +355,7 @@ mod tests {
             detour_ip: 0x7000_0000,
             probe_ip: 0x40_1000,
             covered,
-            save: StateSave { flags, direction_clear: false, width },
+            save: StateSave { flags, direction_clear: false, arithmetic_dead: false, width },
             dispatch: 0x7000_8000,
             light_dispatch: 0x7000_9000,
             context: 0x1234_5678,

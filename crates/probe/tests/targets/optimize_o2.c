@@ -28,6 +28,10 @@ FUNC(df_set, "std\n mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n cld\n ret")
  * alone); cld after the read, in case a handler set DF in the frame. */
 FUNC(flags_of_double, "mov %rdi,%rax\n add %rdi,%rax\n mov %rdi,%rdx\n mov %rdi,%rcx\n pushfq\n pop %rax\n cld\n ret")
 
+/* The direction lodsb stepped in (+1, or -1 with DF set) after an add that overwrites every
+ * arithmetic flag: at +3 (the add) those are dead, DF is not. */
+FUNC(df_after_dead_flags, "mov %rdi,%rax\n add $1,%rax\n mov %rsp,%rsi\n lodsb\n sub %rsp,%rsi\n mov %rsi,%rax\n cld\n ret")
+
 /* Two entries into one body, like glibc's __mempcpy jumping into __memmove: shared_a
  * continues at shared_b+3, inside a jump written at shared_b's entry. */
 FUNC(shared_a, "mov %rdi,%rax\n add $100,%rax\n jmp .Lshared_mid")

@@ -19,8 +19,8 @@ use crate::guard::HandlerGuard;
 use crate::site::PatchSite;
 use crate::thread_slot::ThreadSlot;
 use dynprobe_arch::native::detour::{
-    build_detour_from, may_set_direction_flag, Detour, DetourPrefix, DetourSpec, StateSave, VectorWidth,
-    FILTER_FLAG_OFFSET, LIGHT_FLAG_OFFSET, REDO_FULL, TRAP_OFFSET,
+    arithmetic_flags_dead, build_detour_from, may_set_direction_flag, Detour, DetourPrefix, DetourSpec, StateSave,
+    VectorWidth, FILTER_FLAG_OFFSET, LIGHT_FLAG_OFFSET, REDO_FULL, TRAP_OFFSET,
 };
 use dynprobe_arch::native::jump_table::TableMemory;
 use dynprobe_arch::native::optimize::{covered_run_with, CoveredRun};
@@ -208,7 +208,8 @@ pub(crate) fn prepare_detour(
     // never sets DF, the flags are read without `pushfq`.
     let flags = site.addr != start;
     let direction_clear = flags && !may_set_direction_flag(function, start);
-    let save = StateSave { flags, direction_clear, width: vector_width() };
+    let arithmetic_dead = flags && arithmetic_flags_dead(function, start, site.addr);
+    let save = StateSave { flags, direction_clear, arithmetic_dead, width: vector_width() };
     let entry_filter = if save.flags { Vec::new() } else { site.entry_filter() };
     let mut slot = pool::alloc_near(site.addr, DETOUR_SIZE).map_err(|e| e.to_string())?;
     let built = (|| {
