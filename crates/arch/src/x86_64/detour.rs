@@ -569,7 +569,9 @@ pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
         if insn.rflags_read() & unwritten != 0 {
             return false;
         }
-        unwritten &= !insn.rflags_modified();
+        if !shift_count_may_be_zero(&insn) {
+            unwritten &= !insn.rflags_modified();
+        }
         if unwritten == 0 {
             return true;
         }
@@ -578,6 +580,35 @@ pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
         }
     }
     false
+}
+
+/// Whether `insn` is a shift or rotate whose count may be zero — by `cl`, or an immediate
+/// that its operand size masks to 0 — which leaves every flag as it was, though the
+/// decoder's flag information says it writes them.
+fn shift_count_may_be_zero(insn: &iced_x86::Instruction) -> bool {
+    use iced_x86::{Mnemonic, OpKind};
+    let shift = matches!(
+        insn.mnemonic(),
+        Mnemonic::Shl
+            | Mnemonic::Sal
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
+    );
+    if !shift {
+        return false;
+    }
+    let count = insn.op_kind(insn.op_count() - 1);
+    let mask = if insn.op0_register().size() == 8 || insn.memory_size().size() == 8 { 0x3f } else { 0x1f };
+    match count {
+        OpKind::Immediate8 => u32::from(insn.immediate8()) & mask == 0,
+        _ => true,
+    }
 }
 
 /// The flags a mid-function detour may put back without `popfq`: the arithmetic ones
@@ -949,14 +980,28 @@ mod tests {
         const ADC: [u8; 4] = [0x48, 0x83, 0xd0, 0x00]; // adc $0,%rax (reads CF)
         const SHR: [u8; 4] = [0x48, 0xc1, 0xea, 0x1d]; // shr $0x1d,%rdx (OF, AF undefined)
         const JC: [u8; 2] = [0x72, 0x00]; // jc .+2
+        const SHL_CL: [u8; 3] = [0x48, 0xd3, 0xe0]; // shl %cl,%rax (no flag written when cl = 0)
+        const SHL_32: [u8; 3] = [0xc1, 0xe0, 0x20]; // shl $0x20,%eax (masked to 0)
+        const SHL_1: [u8; 3] = [0x48, 0xd1, 0xe0]; // shl %rax
         const RET: [u8; 1] = [0xc3];
         const CALL: [u8; 5] = [0xe8, 0, 0, 0, 0];
         const PUSHFQ: [u8; 1] = [0x9c];
-        for code in [&[&ADD[..]][..], &[&MOV, &ADD], &[&XOR], &[&SHR], &[&INC, &ADD], &[&MOV, &MOV, &XOR, &RET]] {
+        for code in
+            [&[&ADD[..]][..], &[&MOV, &ADD], &[&XOR], &[&SHR], &[&INC, &ADD], &[&MOV, &MOV, &XOR, &RET], &[&SHL_1]]
+        {
             assert!(dead(&code.concat()), "{code:02x?}");
         }
-        let live: [&[&[u8]]; 7] =
-            [&[&INC, &JC], &[&ADC], &[&MOV, &RET], &[&MOV, &CALL, &ADD], &[&PUSHFQ], &[&INC, &RET], &[&MOV, &MOV]];
+        let live: [&[&[u8]]; 9] = [
+            &[&INC, &JC],
+            &[&ADC],
+            &[&MOV, &RET],
+            &[&MOV, &CALL, &ADD],
+            &[&PUSHFQ],
+            &[&INC, &RET],
+            &[&MOV, &MOV],
+            &[&SHL_CL, &JC],
+            &[&SHL_32, &JC],
+        ];
         for code in live {
             assert!(!dead(&code.concat()), "{code:02x?}");
         }
