@@ -64,19 +64,24 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     dynprobe_probe::set_current_thread_traced(false);
     let first = channel.is_some();
     let dir = Path::new(ring_dir);
-    if !first {
+    // What an image exec'd during the recording says names its process by its start time
+    // (`dynprobe_events::ending`): without it, it says nothing and patches nothing.
+    let me = ending::Process::this().map_err(|e| format!("cannot read its own start time: {e}"));
+    if let (false, Ok(me)) = (first, &me) {
         // Before anything is patched: until its recording thread runs, this says that the
         // process is an image, which gives its word, and not a child another image forked,
-        // whose code the CLI would overwrite (`dynprobe_events::ending`).
-        let _ = ending::announce(dir, std::process::id());
+        // whose code the CLI would overwrite.
+        let _ = ending::announce(dir, *me);
     }
-    let started =
-        Settings::from_env().map_err(NotTraced::from).and_then(|settings| try_start(dir, first, false, &settings));
+    let started = Settings::from_env().map_err(NotTraced::from).and_then(|settings| match (first, &me) {
+        (false, Err(e)) => Err(NotTraced::from(e.clone())),
+        _ => try_start(dir, first, false, &settings),
+    });
     let started = started.map(|started| {
         let patched = started.patched;
-        match first {
-            true => started.keep(),
-            false => started.keep_while_recording(),
+        match (first, &me) {
+            (false, Ok(me)) => started.keep_while_recording(*me),
+            _ => started.keep(),
         }
         patched
     });
@@ -102,7 +107,9 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                     if !refused.no_match {
                         eprintln!("dynprobe agent: this program is not traced: {message}");
                     }
-                    let _ = ending::write_word(dir, std::process::id(), Ok(()));
+                    if let Ok(me) = &me {
+                        let _ = ending::write_word(dir, *me, Ok(()));
+                    }
                 }
             }
         }
@@ -352,7 +359,7 @@ impl Started {
     /// at its end (the `exec`s carried from this image stop then too: see
     /// `carry_environment`); the image then says whether it restored its code
     /// (`dynprobe_events::ending`).
-    fn keep_while_recording(self) {
+    fn keep_while_recording(self, me: ending::Process) {
         remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
         let (tracer, watch) = shared_and_watched(self.tracer, self.libraries);
         // As in `keep`: every probe becomes a jump while this is the only thread.
@@ -389,7 +396,7 @@ impl Started {
             }
             // The word the CLI waits for before it gives the children this image forked its
             // code (gone with the directory if the CLI is: then nobody waits).
-            let _ = ending::write_word(&dir, std::process::id(), ended.as_ref().map(|_| ()).map_err(String::as_str));
+            let _ = ending::write_word(&dir, me, ended.as_ref().map(|_| ()).map_err(String::as_str));
         });
         match spawned {
             Ok(thread) => thread.keep(),
@@ -398,7 +405,7 @@ impl Started {
             Err(e) => {
                 std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take());
                 let why = format!("its agent could not start the thread that ends its recording: {e}");
-                let _ = ending::write_word(&word_dir, std::process::id(), Err(&why));
+                let _ = ending::write_word(&word_dir, me, Err(&why));
             }
         }
     }

@@ -10,7 +10,9 @@
 mod common;
 
 use common::attached::{mappings, thread_names, Session, Worker};
+use dynprobe_events::ending::{self, Process};
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -747,6 +749,36 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
     wait_until(|| worker.code("mix") == untraced_code, "the exec'd image's mix restored after the session");
     child_section(&dir, child);
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
+/// The ring directory of the recording process `pid` takes part in (its `DYNPROBE_RECORD`).
+fn ring_dir_of(pid: i32) -> PathBuf {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let entry = environ.split(|&b| b == 0).find_map(|e| e.strip_prefix(b"DYNPROBE_RECORD=")).expect("recording");
+    PathBuf::from(std::ffi::OsStr::from_bytes(entry))
+}
+
+/// A child forked by an exec'd image whose pid had been an image's that ended during the
+/// session (planted here: that image's announcement and word, of another start time) is
+/// neither waited for nor taken for that image: it gets its own image's code back.
+#[test]
+fn the_files_of_an_ended_image_are_not_taken_for_a_later_process_with_its_pid() {
+    let mut worker = start_worker("exec-fork-reused");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-reused", &["-F", "mix"], &[], &untraced);
+    let child = fork_a_child(&mut worker);
+    let rings = ring_dir_of(worker.pid);
+    let now = Process::live(child as u32).expect("the child runs");
+    let ended = Process { pid: now.pid, start: now.start - 1 };
+    ending::announce(&rings, ended).unwrap();
+    ending::write_word(&rings, ended, Ok(())).unwrap();
+    let (status, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(!stderr.contains(&format!("process {child} (an image")), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
     worker.quit();
     wait_for_the_end_of(child);
 }

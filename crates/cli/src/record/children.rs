@@ -20,7 +20,7 @@
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
-use dynprobe_events::ending;
+use dynprobe_events::ending::{self, Process};
 use dynprobe_remote::{Memory, Options, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::collections::HashMap;
@@ -88,35 +88,42 @@ pub(crate) enum Ended {
 /// patching anything), still ending its recording (its agent's recording thread there) or
 /// having given its word already (`dynprobe_events::ending`) — each with its word, waited
 /// for all together until one deadline.
+/// A file there of an earlier process that had an image's pid is not its (the start times
+/// differ): that process's children, or any later process, may have the pid now.
 pub(crate) fn images_ended(pid: i32, rings: &Path) -> Vec<ImageEnd> {
-    let word = |p: i32| ending::read_word(rings, p as u32);
-    let announced = |p: i32| ending::announced(rings, p as u32);
-    let mut waiting: Vec<i32> = std::iter::once(pid)
+    let word = |p: Process| ending::read_word(rings, p);
+    let announced = |p: Process| ending::announced(rings, p);
+    // Each as it is now: one that ends while waited for is not taken for a later process
+    // given its pid.
+    let mut waiting: Vec<Process> = std::iter::once(pid)
         .chain(descendants(pid))
-        .filter(|&p| announced(p) || has_thread(p, IMAGE_RECORDING_THREAD) || word(p).is_some())
+        .filter_map(|p| Process::live(p as u32))
+        .filter(|&p| announced(p) || has_thread(p.pid as i32, IMAGE_RECORDING_THREAD) || word(p).is_some())
         .collect();
     let mut ended = Vec::new();
     let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
     loop {
         let late = std::time::Instant::now() > deadline;
         waiting.retain(|&image| {
+            let pid = image.pid as i32;
             // Its thread writes the word before it ends: gone, the word is there or never
             // comes — unless the image has not started it yet (it announced itself, and
             // still runs the image that did).
-            let ending = has_thread(image, IMAGE_RECORDING_THREAD);
+            let alive = Process::live(image.pid) == Some(image);
+            let ending = alive && has_thread(pid, IMAGE_RECORDING_THREAD);
             let said = match word(image) {
                 Some(Ok(())) => Some(Ended::Restored),
                 Some(Err(why)) => Some(Ended::Kept(why)),
-                None if ending || (announced(image) && started_for(image, rings)) => late.then(|| {
+                None if ending || (alive && announced(image) && started_for(pid, rings)) => late.then(|| {
                     Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()))
                 }),
-                None => Some(Ended::Unsaid(match Path::new(&format!("/proc/{image}")).exists() {
+                None => Some(Ended::Unsaid(match alive {
                     true => "it executed another program, or its agent's thread failed".to_string(),
                     false => "it ended first".to_string(),
                 })),
             };
             let Some(said) = said else { return true };
-            ended.push(ImageEnd { pid: image, ended: said });
+            ended.push(ImageEnd { pid, ended: said });
             false
         });
         if waiting.is_empty() {
@@ -147,7 +154,7 @@ pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[Im
     // recording file gone and ends its recording by itself).
     descendants(pid)
         .into_iter()
-        .filter(|&p| !is_image(p) && !ending::announced(rings, p as u32) && started_for(p, rings))
+        .filter(|&p| !is_image(p) && !announced(p, rings) && started_for(p, rings))
         .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
@@ -189,23 +196,23 @@ pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[Image
         .collect()
 }
 
+/// Whether process `pid`, as it is now, announced itself as an image `exec`'d during the
+/// recording into `rings`: a file of an earlier process that had its pid is not its
+/// (`dynprobe_events::ending`).
+fn announced(pid: i32, rings: &Path) -> bool {
+    Process::live(pid as u32).is_some_and(|p| ending::announced(rings, p))
+}
+
 /// Whether a thread of process `pid` is named `name` (`/proc/PID/task/TID/comm`).
 fn has_thread(pid: i32, name: &str) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
     tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
 }
 
-/// Process `pid`'s parent (`/proc/PID/stat`).
+/// Process `pid`'s parent (field 4 of `/proc/PID/stat`, proc(5)).
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_parent(&stat)
-}
-
-/// The parent's pid in a `/proc/PID/stat` line: the second field after the command name,
-/// which may hold spaces and parentheses.
-fn stat_parent(stat: &str) -> Option<i32> {
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split(' ').nth(1)?.parse().ok()
+    ending::stat_field(&stat, 4)?.parse().ok()
 }
 
 /// Whether process `pid`'s image was started with `DYNPROBE_RECORD=<rings>`: an `exec`
@@ -251,7 +258,7 @@ fn restore(parent: i32, child: i32, rings: &Path) -> Result<usize, String> {
     let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
     let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
     tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
-    if ending::announced(rings, child as u32) {
+    if announced(child, rings) {
         return Ok(0);
     }
     let code = |pid: i32| -> Vec<Mapping> {
@@ -308,7 +315,6 @@ mod tests {
     fn differing_runs_and_maps_lines() {
         assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
         assert_eq!(differences(b"same", b"same"), []);
-        assert_eq!(stat_parent("42 (a) b) S 7 42 42 0"), Some(7), "a command name with ') '");
         let line = "00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/worker";
         let m = parse_line(line).unwrap();
         assert_eq!(
