@@ -760,6 +760,44 @@ fn ring_dir_of(pid: i32) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(entry))
 }
 
+/// The same end for a program `dynprobe record` starts (`record -- worker`, no `-p`): a
+/// child of the worker `exec`s an image that forks a child of its own, and both outlive the
+/// worker, whose exit ends the recording. The image restores its own code and the child gets
+/// it, as under `record -p`: after the end it calls mix unpatched, unrecorded, and runs on.
+#[test]
+fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_restored() {
+    let (worker_exe, _) = worker_and_plugin();
+    let untraced_code = start_worker("started-plain").code("mix");
+    let test = "started-exec-fork";
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
+    let mut command = common::dynprobe();
+    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
+    // A file, not a pipe: the image and its child hold dynprobe's stderr after it ended.
+    command.stderr(std::fs::File::create(&said).unwrap());
+    let mut worker = Worker::start_by(command, worker_exe, log);
+    let forked = [worker.ask("spawn"), worker.ask("")];
+    let pid_after = |word: &str| -> i32 {
+        let line = forked.iter().find_map(|l| l.strip_prefix(word)).unwrap_or_else(|| panic!("{forked:?}"));
+        line.parse().unwrap()
+    };
+    let (image, child) = (pid_after("forked "), pid_after("grandchild "));
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    std::thread::sleep(Duration::from_millis(300));
+    worker.quit();
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    assert!(stderr.contains(&restored_as_its_image(child, image)), "{stderr}");
+    let code_in = |pid| common::attached::code_in(worker_exe, pid, "mix");
+    assert_eq!(code_in(child), untraced_code, "the child's mix restored after the recording");
+    assert_eq!(code_in(image), untraced_code, "and the image's, by its agent");
+    child_section(&dir, child);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    // SAFETY: kill sends a signal to a process of this test's.
+    unsafe { libc::kill(image, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+}
+
 /// A child forked by an exec'd image whose pid had been an image's that ended during the
 /// session (planted here: that image's announcement and word, of another start time) is
 /// neither waited for nor taken for that image: it gets its own image's code back.

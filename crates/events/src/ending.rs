@@ -14,6 +14,8 @@
 //! Such an image says that it is one ([`announce`], a file `<pid>.image`) before it patches
 //! anything: until its recording thread runs it has nothing else to show it, and the CLI
 //! must not take it for a child forked by another image and give it that image's bytes.
+//! The CLI finds the images by their announcements ([`announcers`]), wherever they are in
+//! the process tree: the program `record` started may have ended before them.
 //!
 //! Both files name the process they are of by its [`Process`]: its pid and its start time.
 //! A pid is given again to a later process once the first has ended — during the recording
@@ -103,6 +105,13 @@ pub fn announce(dir: &Path, process: Process) -> io::Result<()> {
         }
     }
     write_whole(&image_path(dir, process.pid), process, "").and(result)
+}
+
+/// The pids of the processes that announced themselves in ring directory `dir`
+/// ([`announce`]), whether still there or not: [`announced`] says which still are.
+pub fn announcers(dir: &Path) -> Vec<u32> {
+    let names = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    names.filter_map(|entry| entry.file_name().to_str()?.strip_suffix(".image")?.parse().ok()).collect()
 }
 
 /// Whether `process` said that it runs an image `exec'd during the recording
@@ -202,6 +211,7 @@ mod tests {
         assert_eq!(read_word(dir.path(), seven), None, "an earlier image's word is gone");
         write_word(dir.path(), seven, Err("its thread could not start")).unwrap();
         assert_eq!(read_word(dir.path(), seven), Some(Err("its thread could not start".to_string())));
+        assert_eq!(announcers(dir.path()), [7]);
     }
 
     /// A later process with the pid of one that announced itself and gave its word (the

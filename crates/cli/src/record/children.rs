@@ -14,6 +14,8 @@
 //! thread): once the image has said that it restored its own code (its word in the ring
 //! directory, `dynprobe_events::ending`), the child gets the image's bytes the same way; an
 //! image that could not restore its own has its children left as they are, and said so.
+//! The same holds for the images of a program `record` started (the processes it forked
+//! that `exec`ed, which may outlive it) and their children, once the program has ended.
 //! One forked before the session has no agent.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
@@ -83,23 +85,23 @@ pub(crate) enum Ended {
     Unsaid(String),
 }
 
-/// Once the recording file of `rings` is removed: the images `exec`'d during the session
-/// among `pid` and its descendants — each still starting (it announced itself before
-/// patching anything), still ending its recording (its agent's recording thread there) or
-/// having given its word already (`dynprobe_events::ending`) — each with its word, waited
-/// for all together until one deadline.
+/// Once the recording file of `rings` is removed: the images `exec`'d during the recording
+/// — each still starting (it announced itself before patching anything), still ending its
+/// recording (its agent's recording thread there) or having given its word already
+/// (`dynprobe_events::ending`) — each with its word, waited for all together until one
+/// deadline. They are the live processes that announced themselves in `rings`, wherever
+/// they are (the program `record` started may have ended, and they are no one's
+/// descendants then).
+///
 /// A file there of an earlier process that had an image's pid is not its (the start times
 /// differ): that process's children, or any later process, may have the pid now.
-pub(crate) fn images_ended(pid: i32, rings: &Path) -> Vec<ImageEnd> {
+pub(crate) fn images_ended(rings: &Path) -> Vec<ImageEnd> {
     let word = |p: Process| ending::read_word(rings, p);
     let announced = |p: Process| ending::announced(rings, p);
     // Each as it is now: one that ends while waited for is not taken for a later process
     // given its pid.
-    let mut waiting: Vec<Process> = std::iter::once(pid)
-        .chain(descendants(pid))
-        .filter_map(|p| Process::live(p as u32))
-        .filter(|&p| announced(p) || has_thread(p.pid as i32, IMAGE_RECORDING_THREAD) || word(p).is_some())
-        .collect();
+    let mut waiting: Vec<Process> =
+        ending::announcers(rings).into_iter().filter_map(Process::live).filter(|&p| announced(p)).collect();
     let mut ended = Vec::new();
     let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
     loop {
@@ -145,14 +147,18 @@ pub(crate) struct ForkedByImage {
     pub(crate) image: i32,
 }
 
-/// The live descendants of `pid` (and `pid`'s own children when it `exec`'d itself) forked
-/// by one of `images`, recording into `rings`, with that image. Looked for once the images
-/// have ended their recording ([`images_ended`]): a child forked until then is found.
-pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
+/// The live descendants of `images` forked by one of them, recording into `rings`, with
+/// that image. Looked for once the images have ended their recording ([`images_ended`]): a
+/// child forked until then is found.
+pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
     let is_image = |p: i32| images.iter().any(|i| i.pid == p);
+    let mut found: Vec<i32> = images.iter().flat_map(|image| descendants(image.pid)).collect();
+    // An image's descendants include those of the images it forked.
+    found.sort_unstable();
+    found.dedup();
     // One that announced itself since is an image too (not waited for: it finds the
     // recording file gone and ends its recording by itself).
-    descendants(pid)
+    found
         .into_iter()
         .filter(|&p| !is_image(p) && !announced(p, rings) && started_for(p, rings))
         .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))

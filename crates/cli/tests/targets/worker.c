@@ -12,6 +12,9 @@
  *          prints "forked <child pid>"
  *   forkexec  the same, but the child first executes this program again (argument
  *          `child` after LOGFILE), whose new image makes those calls
+ *   spawn  the same as forkexec, but the new image (argument `image`) forks a child of its
+ *          own that makes those calls while the image lives, prints "grandchild <its pid>",
+ *          and lives on, also once this process has ended, until SIGTERM or a minute
  *   quit   it exits with status 0
  * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
  * test can compare the probe events with what the program really did:
@@ -99,6 +102,19 @@ static void call_mix_while_parent_lives(void)
 	_exit(0);
 }
 
+/* The new image of `spawn`. */
+static void fork_and_live_on(void)
+{
+	pid_t child = fork();
+	if (child == 0)
+		call_mix_while_parent_lives();
+	printf("grandchild %d\n", (int)child);
+	fflush(stdout);
+	for (int i = 0; i < 600; i++)
+		usleep(100000);
+	_exit(0);
+}
+
 int main(int argc, char **argv)
 {
 #ifdef BIG_TLS
@@ -110,6 +126,8 @@ int main(int argc, char **argv)
 	}
 	if (argc > 2 && strcmp(argv[2], "child") == 0)
 		call_mix_while_parent_lives();
+	if (argc > 2 && strcmp(argv[2], "image") == 0)
+		fork_and_live_on();
 	log_file = fopen(argv[1], "a");
 	if (!log_file)
 		return 2;
@@ -126,12 +144,18 @@ int main(int argc, char **argv)
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
 			continue;
 		}
-		if (strncmp(line, "fork", 4) == 0) {
+		if (strncmp(line, "fork", 4) == 0 || strncmp(line, "spawn", 5) == 0) {
 			fflush(log_file);
 			pid_t child = fork();
 			if (child == 0) {
-				if (strncmp(line, "forkexec", 8) == 0) {
-					char *child_argv[] = { argv[0], argv[1], "child", NULL };
+				/* The new image of forkexec makes the calls; spawn's forks a child that does. */
+				char *role = NULL;
+				if (line[0] == 's')
+					role = "image";
+				else if (strncmp(line, "forkexec", 8) == 0)
+					role = "child";
+				if (role) {
+					char *child_argv[] = { argv[0], argv[1], role, NULL };
 					execv("/proc/self/exe", child_argv);
 					_exit(127);
 				}
