@@ -684,6 +684,18 @@ fn start_through_an_exec(
     (dir, session)
 }
 
+/// The worker recorded with `-F mix` through an `exec` ([`start_through_an_exec`]), whose
+/// new image forked a child that calls mix ([`fork_a_child`]): the worker, the session,
+/// mix's untraced bytes and the child.
+fn start_with_an_exec_d_image_s_child(test: &str) -> (Worker, Session, Vec<u8>, i32) {
+    let mut worker = start_worker(test);
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, test, &["-F", "mix"], &[], &untraced);
+    let child = fork_a_child(&mut worker);
+    (worker, session, untraced_code, child)
+}
+
 /// Asks the worker to fork a child that calls mix every 10 ms: its pid, once it has made
 /// some calls.
 fn fork_a_child(worker: &mut Worker) -> i32 {
@@ -803,11 +815,7 @@ fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_re
 /// neither waited for nor taken for that image: it gets its own image's code back.
 #[test]
 fn the_files_of_an_ended_image_are_not_taken_for_a_later_process_with_its_pid() {
-    let mut worker = start_worker("exec-fork-reused");
-    let untraced = worker.round();
-    let untraced_code = worker.code("mix");
-    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-reused", &["-F", "mix"], &[], &untraced);
-    let child = fork_a_child(&mut worker);
+    let (worker, session, untraced_code, child) = start_with_an_exec_d_image_s_child("exec-fork-reused");
     let rings = ring_dir_of(worker.pid);
     let now = Process::live(child as u32).expect("the child runs");
     let ended = Process { pid: now.pid, start: now.start - 1 };
@@ -890,11 +898,7 @@ fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
 /// is left as it is and said to keep patched code, why included — never said restored.
 #[test]
 fn a_child_forked_by_an_image_that_cannot_restore_its_own_code_is_said_to_keep_patched_code() {
-    let mut worker = start_worker("exec-fork-kept");
-    let untraced = worker.round();
-    let untraced_code = worker.code("mix");
-    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-kept", &["-F", "mix"], &[], &untraced);
-    let child = fork_a_child(&mut worker);
+    let (worker, session, untraced_code, child) = start_with_an_exec_d_image_s_child("exec-fork-kept");
     let patched = worker.code_in(child, "mix");
     assert_ne!(patched[..5], untraced_code[..5], "the child inherited the patched mix");
     // The image's mix gets its first bytes back behind its agent's back: the agent finds
