@@ -67,15 +67,11 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     // What an image exec'd during the recording says names its process by its start time
     // (`dynprobe_events::ending`): without it, it says nothing and patches nothing.
     let me = ending::Process::this().map_err(|e| format!("cannot read its own start time: {e}"));
-    if let (false, Ok(me)) = (first, &me) {
-        // Before anything is patched: until its recording thread runs, this says that the
-        // process is an image, which gives its word, and not a child another image forked,
-        // whose code the CLI would overwrite.
-        let _ = ending::announce(dir, *me);
-    }
-    let started = Settings::from_env().map_err(NotTraced::from).and_then(|settings| match (first, &me) {
-        (false, Err(e)) => Err(NotTraced::from(e.clone())),
-        _ => try_start(dir, first, false, &settings),
+    let started = Settings::from_env().map_err(NotTraced::from).and_then(|settings| {
+        if !first {
+            announce(dir, me.clone()?)?;
+        }
+        try_start(dir, first, false, &settings)
     });
     let started = started.map(|started| {
         let patched = started.patched;
@@ -103,8 +99,9 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                 }
                 None => {
                     // Another program this one ran: patterns meant for the first rarely
-                    // match it, which is no news. Nothing was patched: its code is its own.
-                    if !refused.no_match {
+                    // match it, and one run after the recording ended is not recorded,
+                    // which is no news. Nothing was patched: its code is its own.
+                    if !refused.no_news {
                         eprintln!("dynprobe agent: this program is not traced: {message}");
                     }
                     if let Ok(me) = &me {
@@ -114,6 +111,29 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
             }
         }
     }
+}
+
+/// Says in ring directory `dir` that this process, `me`, runs an image `exec`'d during the
+/// recording, before anything is patched (`dynprobe_events::ending`): until its recording
+/// thread runs, this says that the process is an image, which gives its word, and not a
+/// child another image forked, whose code the CLI would overwrite. An image that could not
+/// say so, or finds the recording over once it has (its `exec` under way as the recording
+/// ended), patches nothing: the CLI looks for images once it has ended the recording, and
+/// need not have seen this one.
+fn announce(dir: &Path, me: ending::Process) -> Result<(), NotTraced> {
+    // For tests: an image whose `exec` was under way as the recording ended, announcing
+    // itself once the CLI has looked for images.
+    if std::env::var_os("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END").is_some() {
+        while ending::still_recording(dir) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let announced = ending::announce(dir, me);
+    if !ending::still_recording(dir) {
+        return Err(NotTraced { no_news: true, message: "the recording is over".into() });
+    }
+    announced.map_err(|e| NotTraced::from(format!("cannot say in {} that it records: {e}", dir.display())))
 }
 
 /// A recording of a process that was already running (`dynprobe record -p`, through the
@@ -304,13 +324,14 @@ impl Settings {
 /// Why an image is not traced.
 struct NotTraced {
     message: String,
-    /// An `-F` pattern matched none of its functions.
-    no_match: bool,
+    /// Nothing a user needs to hear of an image `exec`'d during the recording: an `-F`
+    /// pattern matched none of its functions, or the recording was over when it started.
+    no_news: bool,
 }
 
 impl From<String> for NotTraced {
     fn from(message: String) -> Self {
-        NotTraced { message, no_match: false }
+        NotTraced { message, no_news: false }
     }
 }
 
@@ -378,7 +399,7 @@ impl Started {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
-            while dir.join(ending::RECORDING_FILE).exists() {
+            while ending::still_recording(&dir) {
                 std::thread::sleep(RECORDING_POLL);
             }
             let Some(attached) = ends.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
@@ -439,7 +460,7 @@ fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Re
     let filter = &settings.filter;
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let selection = Selection::new(&table, filter)
-        .map_err(|e| NotTraced { no_match: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
+        .map_err(|e| NotTraced { no_news: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
     let markers = match RecordedMarkers::find(&settings.markers) {
         Ok(markers) => markers,
         Err(e) if first => return Err(e.into()),

@@ -893,6 +893,40 @@ fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
     wait_for_the_end_of(child);
 }
 
+/// An image whose `exec` was under way as the session ended, and which announces itself once
+/// dynprobe has looked for the images (made so for the test: its agent waits for the end,
+/// and dynprobe keeps the ring directory a while after looking), finds the recording over
+/// and patches nothing: the child it forks at once has mix as it should be — not the
+/// patched code of an image nobody waited for, which restored its own but not the child's.
+#[test]
+fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothing() {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("exec-late-{}.log", std::process::id()));
+    let late = [("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END", "1")];
+    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &late);
+    let untraced_code = worker.code("mix");
+    let hold = [("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "2000")];
+    let mut session = record_with_env(worker.pid, &trace_dir("exec-late"), &["-F", "mix"], &hold);
+    session.wait_for("attached to");
+    let forked = worker.ask("spawn");
+    let image: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    // Its `exec` carried the recording: the new image has the agent, waiting for the end.
+    let exec_d = || std::fs::read(format!("/proc/{image}/cmdline")).is_ok_and(|c| c.ends_with(b"\0image\0"));
+    let agent = || mappings(image).iter().any(|m| m.contains("libdynprobe_agent"));
+    wait_until(|| exec_d() && agent(), "the new image started with the agent");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    let said = worker.ask("");
+    let child: i32 = said.strip_prefix("grandchild ").and_then(|p| p.parse().ok()).expect("grandchild <pid>");
+    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the late image's child has mix unpatched");
+    assert_eq!(worker.code_in(image, "mix"), untraced_code, "and so has the late image");
+    assert!(!stderr.contains(&format!("process {image} (")), "{stderr}");
+    // SAFETY: kill sends a signal to a process of this test's.
+    unsafe { libc::kill(image, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+    worker.quit();
+}
+
 /// An exec'd image that cannot restore its own code (here its site's bytes were changed
 /// under it, as a program rewriting its own code would) says so, and the child it forked
 /// is left as it is and said to keep patched code, why included — never said restored.

@@ -15,7 +15,11 @@
 //! anything: until its recording thread runs it has nothing else to show it, and the CLI
 //! must not take it for a child forked by another image and give it that image's bytes.
 //! The CLI finds the images by their announcements ([`announcers`]), wherever they are in
-//! the process tree: the program `record` started may have ended before them.
+//! the process tree (the program `record` started may have ended before them), once it has
+//! removed the recording file; an image patches nothing if it finds the file gone once it
+//! has announced itself ([`still_recording`]). So every image that patched is found: one
+//! whose `exec` was under way as the recording ended may announce itself after the CLI
+//! looked, but then finds the file gone.
 //!
 //! Both files name the process they are of by its [`Process`]: its pid and its start time.
 //! A pid is given again to a later process once the first has ended — during the recording
@@ -89,7 +93,8 @@ fn image_path(dir: &Path, pid: u32) -> PathBuf {
 }
 
 /// Says in ring directory `dir` that `process` (the caller) runs an image `exec`'d during
-/// the recording, which will give its word ([`write_word`]): before it patches anything.
+/// the recording, which will give its word ([`write_word`]): before it patches anything,
+/// and then patches only if [`still_recording`].
 ///
 /// A word already there is an earlier image's of this process (one not traced, which said
 /// `restored` at once, then `exec`'d this one): it is removed first, so that the word the
@@ -105,6 +110,11 @@ pub fn announce(dir: &Path, process: Process) -> io::Result<()> {
         }
     }
     write_whole(&image_path(dir, process.pid), process, "").and(result)
+}
+
+/// Whether the recording into ring directory `dir` goes on ([`RECORDING_FILE`] is there).
+pub fn still_recording(dir: &Path) -> bool {
+    dir.join(RECORDING_FILE).exists()
 }
 
 /// The pids of the processes that announced themselves in ring directory `dir`

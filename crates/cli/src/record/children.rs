@@ -91,7 +91,8 @@ pub(crate) enum Ended {
 /// (`dynprobe_events::ending`) — each with its word, waited for all together until one
 /// deadline. They are the live processes that announced themselves in `rings`, wherever
 /// they are (the program `record` started may have ended, and they are no one's
-/// descendants then).
+/// descendants then): one not among them announced itself once the file was gone, and
+/// patched nothing.
 ///
 /// A file there of an earlier process that had an image's pid is not its (the start times
 /// differ): that process's children, or any later process, may have the pid now.
@@ -156,8 +157,8 @@ pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -
     // An image's descendants include those of the images it forked.
     found.sort_unstable();
     found.dedup();
-    // One that announced itself since is an image too (not waited for: it finds the
-    // recording file gone and ends its recording by itself).
+    // One that announced itself since is an image too, which found the recording over and
+    // patched nothing.
     found
         .into_iter()
         .filter(|&p| !is_image(p) && !announced(p, rings) && started_for(p, rings))

@@ -262,10 +262,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
 /// drained and counted like the rest.
 fn end_images(rings: &Path, agent_name: &str) {
     // For tests: the window in which an image exec'd during the session still records.
-    if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS").ok().and_then(|v| v.parse().ok()) {
-        eprintln!("dynprobe: (test) pausing before the images' recording ends");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+    pause_for_tests("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "before the images' recording ends");
     let _ = fs::remove_file(rings.join(ending::RECORDING_FILE));
     let images = children::images_ended(rings);
     for image in &images {
@@ -292,6 +289,17 @@ fn end_images(rings: &Path, agent_name: &str) {
                 child.pid
             ),
         }
+    }
+    // For tests: the window in which an image whose `exec` was under way as the recording
+    // ended announces itself after the images were looked for, the ring directory still there.
+    pause_for_tests("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "after the images' recording ended");
+}
+
+/// For tests: says so and pauses `what` for the milliseconds in variable `name`, if set.
+fn pause_for_tests(name: &str, what: &str) {
+    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse().ok()) {
+        eprintln!("dynprobe: (test) pausing {what}");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
