@@ -525,9 +525,20 @@ fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
 
 /// `targets/worker.c`, its log written to `<test>-<pid>.log` in the scratch directory.
 fn start_worker(test: &str) -> Worker {
+    start_worker_with(test, &[])
+}
+
+/// [`start_worker`] with these variables in the worker's environment.
+fn start_worker_with(test: &str, env: &[(&str, &str)]) -> Worker {
     let (worker_exe, _) = worker_and_plugin();
     let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
-    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[])
+    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), env)
+}
+
+/// Whether process `pid` runs the worker exec'd with this role (`child`, `image`: see
+/// worker.c).
+fn runs_as(pid: i32, role: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.ends_with(format!("\0{role}\0").as_bytes()))
 }
 
 #[test]
@@ -873,17 +884,15 @@ fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
 /// restores its code itself, and the session waits for its word.
 #[test]
 fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
-    let (worker_exe, _) = worker_and_plugin();
-    let log = common::scratch().join(format!("exec-forkexec-late-{}.log", std::process::id()));
     let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGE_THREAD_MS", "5000")];
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &pause);
+    let mut worker = start_worker_with("exec-forkexec-late", &pause);
     let untraced = worker.round();
     let untraced_code = worker.code("mix");
     let (_, session) = start_through_an_exec(&mut worker, "exec-forkexec-late", &["-F", "mix"], &[], &untraced);
     let forked = worker.ask("forkexec");
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
-    let exec_d = || std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|c| c.ends_with(b"\0child\0"));
-    wait_until(|| exec_d() && worker.code_in(child, "mix")[..5] != untraced_code[..5], "the new image patched mix");
+    let patched = || worker.code_in(child, "mix")[..5] != untraced_code[..5];
+    wait_until(|| runs_as(child, "child") && patched(), "the new image patched mix");
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     assert!(!stderr.contains(&format!("process {child} (")), "the new image is not a forked child: {stderr}");
@@ -900,10 +909,8 @@ fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
 /// patched code of an image nobody waited for, which restored its own but not the child's.
 #[test]
 fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothing() {
-    let (worker_exe, _) = worker_and_plugin();
-    let log = common::scratch().join(format!("exec-late-{}.log", std::process::id()));
     let late = [("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END", "1")];
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &late);
+    let mut worker = start_worker_with("exec-late", &late);
     let untraced_code = worker.code("mix");
     let hold = [("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "2000")];
     let mut session = record_with_env(worker.pid, &trace_dir("exec-late"), &["-F", "mix"], &hold);
@@ -911,9 +918,8 @@ fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothi
     let forked = worker.ask("spawn");
     let image: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     // Its `exec` carried the recording: the new image has the agent, waiting for the end.
-    let exec_d = || std::fs::read(format!("/proc/{image}/cmdline")).is_ok_and(|c| c.ends_with(b"\0image\0"));
     let agent = || mappings(image).iter().any(|m| m.contains("libdynprobe_agent"));
-    wait_until(|| exec_d() && agent(), "the new image started with the agent");
+    wait_until(|| runs_as(image, "image") && agent(), "the new image started with the agent");
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     let said = worker.ask("");
