@@ -399,6 +399,8 @@ impl Started {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
+            // The CLI waits for the word while this thread lives (`dynprobe_events::ending`).
+            let _ = ending::say_recording_thread(&dir, me, dynprobe::fetch::gettid());
             while ending::still_recording(&dir) {
                 std::thread::sleep(RECORDING_POLL);
             }

@@ -933,6 +933,27 @@ fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothi
     worker.quit();
 }
 
+/// An exec'd image that renames the agent's threads and writes over the environment it
+/// started with (worker.c's `disguise`: what a hostile program may do, and setproctitle-style
+/// code does to the environment) is still waited for at the end, by the tid its agent said,
+/// and the child it forks afterwards is still found, by the ring files it maps: the child gets
+/// its image's restored code.
+#[test]
+fn an_image_that_renames_the_agent_s_thread_and_writes_over_its_environment_is_still_followed() {
+    let mut worker = start_worker("exec-disguised");
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, "exec-disguised", &["-F", "mix"], &[], &untraced);
+    assert_eq!(worker.ask("disguise"), "disguised");
+    assert!(!thread_names(worker.pid).iter().any(|t| t.starts_with("dynprobe")), "renamed");
+    let child = fork_a_child(&mut worker);
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
 /// An exec'd image that cannot restore its own code (here its site's bytes were changed
 /// under it, as a program rewriting its own code would) says so, and the child it forked
 /// is left as it is and said to keep patched code, why included — never said restored.

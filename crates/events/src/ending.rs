@@ -112,6 +112,20 @@ pub fn announce(dir: &Path, process: Process) -> io::Result<()> {
     write_whole(&image_path(dir, process.pid), process, "").and(result)
 }
 
+/// Says in ring directory `dir` which thread of `process` (the caller, which announced
+/// itself: [`announce`]) ends its recording and then gives its word: `tid`. Until that
+/// thread has given it, the CLI waits for the word while the thread lives ([`recording_thread`]).
+pub fn say_recording_thread(dir: &Path, process: Process, tid: u64) -> io::Result<()> {
+    write_whole(&image_path(dir, process.pid), process, &tid.to_string())
+}
+
+/// The thread of `process` that ends the recording of its image and then gives its word
+/// ([`say_recording_thread`]), once said: a thread is told by its tid, not by its name,
+/// which the program can give any thread of its own (and take from the agent's).
+pub fn recording_thread(dir: &Path, process: Process) -> Option<u64> {
+    read_file(&image_path(dir, process.pid), process).ok()??.parse().ok()
+}
+
 /// Whether the recording into ring directory `dir` goes on ([`RECORDING_FILE`] is there).
 pub fn still_recording(dir: &Path) -> bool {
     dir.join(RECORDING_FILE).exists()
@@ -216,6 +230,9 @@ mod tests {
         assert!(!announced(dir.path(), seven));
         announce(dir.path(), seven).unwrap();
         assert!(announced(dir.path(), seven));
+        assert_eq!(recording_thread(dir.path(), seven), None, "not said yet");
+        say_recording_thread(dir.path(), seven, 77).unwrap();
+        assert_eq!((announced(dir.path(), seven), recording_thread(dir.path(), seven)), (true, Some(77)));
         // The word of the image before (given at once: it was not traced) is not the word of
         // the image that announces itself after it in the same process.
         assert_eq!(read_word(dir.path(), seven), None, "an earlier image's word is gone");

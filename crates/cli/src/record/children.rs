@@ -58,9 +58,6 @@ pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restore
         .collect()
 }
 
-/// The agent's thread that ends an `exec`'d image's recording with the session (see the
-/// agent's `record` module).
-const IMAGE_RECORDING_THREAD: &str = "dynprobe-record";
 /// How long an `exec`'d image's agent may take to end its recording once the recording
 /// file is gone (it looks every 100 ms, then restores its sites).
 const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,9 +84,9 @@ pub(crate) enum Ended {
 
 /// Once the recording file of `rings` is removed: the images `exec`'d during the recording
 /// — each still starting (it announced itself before patching anything), still ending its
-/// recording (its agent's recording thread there) or having given its word already
-/// (`dynprobe_events::ending`) — each with its word, waited for all together until one
-/// deadline. They are the live processes that announced themselves in `rings`, wherever
+/// recording (its agent's recording thread there, told by the tid it said) or having given
+/// its word already (`dynprobe_events::ending`) — each with its word, waited for all
+/// together until one deadline. They are the live processes that announced themselves in `rings`, wherever
 /// they are (the program `record` started may have ended, and they are no one's
 /// descendants then): one not among them announced itself once the file was gone, and
 /// patched nothing.
@@ -113,11 +110,11 @@ pub(crate) fn images_ended(rings: &Path) -> Vec<ImageEnd> {
             // comes — unless the image has not started it yet (it announced itself, and
             // still runs the image that did).
             let alive = Process::live(image.pid) == Some(image);
-            let ending = alive && has_thread(pid, IMAGE_RECORDING_THREAD);
+            let ending = alive && recording_thread_lives(image, rings);
             let said = match word(image) {
                 Some(Ok(())) => Some(Ended::Restored),
                 Some(Err(why)) => Some(Ended::Kept(why)),
-                None if ending || (alive && announced(image) && started_for(pid, rings)) => late.then(|| {
+                None if ending || (alive && announced(image) && recording_into(pid, rings)) => late.then(|| {
                     Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()))
                 }),
                 None => Some(Ended::Unsaid(match alive {
@@ -161,8 +158,11 @@ pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -
     // patched nothing.
     found
         .into_iter()
-        .filter(|&p| !is_image(p) && !announced(p, rings) && started_for(p, rings))
-        .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
+        .filter(|&p| !is_image(p) && !announced(p, rings))
+        .filter(|&p| {
+            let maps = maps(p);
+            maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))) && maps_ring(&maps, rings)
+        })
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
             let mut at = p;
@@ -210,10 +210,11 @@ fn announced(pid: i32, rings: &Path) -> bool {
     Process::live(pid as u32).is_some_and(|p| ending::announced(rings, p))
 }
 
-/// Whether a thread of process `pid` is named `name` (`/proc/PID/task/TID/comm`).
-fn has_thread(pid: i32, name: &str) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+/// Whether the agent's thread that ends the recording of `image` and gives its word lives:
+/// the thread `image` said (`dynprobe_events::ending`) is one of its tasks.
+fn recording_thread_lives(image: Process, rings: &Path) -> bool {
+    let Some(tid) = ending::recording_thread(rings, image) else { return false };
+    Path::new(&format!("/proc/{}/task/{tid}", image.pid)).exists()
 }
 
 /// Process `pid`'s parent (field 4 of `/proc/PID/stat`, proc(5)).
@@ -229,6 +230,21 @@ fn started_for(pid: i32, rings: &Path) -> bool {
     let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
     let wanted = [b"DYNPROBE_RECORD=".as_slice(), rings.as_os_str().as_encoded_bytes()].concat();
     environ.split(|&b| b == 0).any(|entry| entry == wanted)
+}
+
+/// Whether process `pid` runs an image recording into `rings`: started so
+/// ([`started_for`]; before its ring file is made), or mapping a ring file there
+/// ([`maps_ring`]; also once the program has written over its environment, as
+/// setproctitle-style code does).
+fn recording_into(pid: i32, rings: &Path) -> bool {
+    started_for(pid, rings) || maps_ring(&maps(pid), rings)
+}
+
+/// Whether `maps` (a process's) hold a file of the ring directory `rings`: a ring file of
+/// the process's (a child an image forked maps its own, and its image's, inherited), which
+/// an `exec` unmaps.
+fn maps_ring(maps: &[Mapping], rings: &Path) -> bool {
+    maps.iter().any(|m| m.path.as_deref().is_some_and(|path| Path::new(path).starts_with(rings)))
 }
 
 /// The live descendants of `pid`, from every process's parent in `/proc/PID/stat`.
