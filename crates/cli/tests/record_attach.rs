@@ -699,12 +699,19 @@ fn start_through_an_exec(
 /// new image forked a child that calls mix ([`fork_a_child`]): the worker, the session,
 /// mix's untraced bytes and the child.
 fn start_with_an_exec_d_image_s_child(test: &str) -> (Worker, Session, Vec<u8>, i32) {
+    let (mut worker, session, untraced_code) = start_with_an_exec_d_image(test);
+    let child = fork_a_child(&mut worker);
+    (worker, session, untraced_code, child)
+}
+
+/// The worker recorded with `-F mix` through an `exec` ([`start_through_an_exec`]): the
+/// worker, the session and mix's untraced bytes.
+fn start_with_an_exec_d_image(test: &str) -> (Worker, Session, Vec<u8>) {
     let mut worker = start_worker(test);
     let untraced = worker.round();
     let untraced_code = worker.code("mix");
     let (_, session) = start_through_an_exec(&mut worker, test, &["-F", "mix"], &[], &untraced);
-    let child = fork_a_child(&mut worker);
-    (worker, session, untraced_code, child)
+    (worker, session, untraced_code)
 }
 
 /// Asks the worker to fork a child that calls mix every 10 ms: its pid, once it has made
@@ -940,10 +947,7 @@ fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothi
 /// its image's restored code.
 #[test]
 fn an_image_that_renames_the_agent_s_thread_and_writes_over_its_environment_is_still_followed() {
-    let mut worker = start_worker("exec-disguised");
-    let untraced = worker.round();
-    let untraced_code = worker.code("mix");
-    let (_, session) = start_through_an_exec(&mut worker, "exec-disguised", &["-F", "mix"], &[], &untraced);
+    let (mut worker, session, untraced_code) = start_with_an_exec_d_image("exec-disguised");
     assert_eq!(worker.ask("disguise"), "disguised");
     assert!(!thread_names(worker.pid).iter().any(|t| t.starts_with("dynprobe")), "renamed");
     let child = fork_a_child(&mut worker);
