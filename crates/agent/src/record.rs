@@ -64,19 +64,20 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
     dynprobe_probe::set_current_thread_traced(false);
     let first = channel.is_some();
     let dir = Path::new(ring_dir);
-    if !first {
-        // Before anything is patched: until its recording thread runs, this says that the
-        // process is an image, which gives its word, and not a child another image forked,
-        // whose code the CLI would overwrite (`dynprobe_events::ending`).
-        let _ = ending::announce(dir, std::process::id());
-    }
-    let started =
-        Settings::from_env().map_err(NotTraced::from).and_then(|settings| try_start(dir, first, false, &settings));
+    // What an image exec'd during the recording says names its process by its start time
+    // (`dynprobe_events::ending`): without it, it says nothing and patches nothing.
+    let me = ending::Process::this().map_err(|e| format!("cannot read its own start time: {e}"));
+    let started = Settings::from_env().map_err(NotTraced::from).and_then(|settings| {
+        if !first {
+            announce(dir, me.clone()?)?;
+        }
+        try_start(dir, first, false, &settings)
+    });
     let started = started.map(|started| {
         let patched = started.patched;
-        match first {
-            true => started.keep(),
-            false => started.keep_while_recording(),
+        match (first, &me) {
+            (false, Ok(me)) => started.keep_while_recording(*me),
+            _ => started.keep(),
         }
         patched
     });
@@ -98,15 +99,41 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
                 }
                 None => {
                     // Another program this one ran: patterns meant for the first rarely
-                    // match it, which is no news. Nothing was patched: its code is its own.
-                    if !refused.no_match {
+                    // match it, and one run after the recording ended is not recorded,
+                    // which is no news. Nothing was patched: its code is its own.
+                    if !refused.no_news {
                         eprintln!("dynprobe agent: this program is not traced: {message}");
                     }
-                    let _ = ending::write_word(dir, std::process::id(), Ok(()));
+                    if let Ok(me) = &me {
+                        let _ = ending::write_word(dir, *me, Ok(()));
+                    }
                 }
             }
         }
     }
+}
+
+/// Says in ring directory `dir` that this process, `me`, runs an image `exec`'d during the
+/// recording, before anything is patched (`dynprobe_events::ending`): until its recording
+/// thread runs, this says that the process is an image, which gives its word, and not a
+/// child another image forked, whose code the CLI would overwrite. An image that could not
+/// say so, or finds the recording over once it has (its `exec` under way as the recording
+/// ended), patches nothing: the CLI looks for images once it has ended the recording, and
+/// need not have seen this one.
+fn announce(dir: &Path, me: ending::Process) -> Result<(), NotTraced> {
+    // For tests: an image whose `exec` was under way as the recording ended, announcing
+    // itself once the CLI has looked for images.
+    if std::env::var_os("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END").is_some() {
+        while ending::still_recording(dir) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let announced = ending::announce(dir, me);
+    if !ending::still_recording(dir) {
+        return Err(NotTraced { no_news: true, message: "the recording is over".into() });
+    }
+    announced.map_err(|e| NotTraced::from(format!("cannot say in {} that it records: {e}", dir.display())))
 }
 
 /// A recording of a process that was already running (`dynprobe record -p`, through the
@@ -297,13 +324,14 @@ impl Settings {
 /// Why an image is not traced.
 struct NotTraced {
     message: String,
-    /// An `-F` pattern matched none of its functions.
-    no_match: bool,
+    /// Nothing a user needs to hear of an image `exec`'d during the recording: an `-F`
+    /// pattern matched none of its functions, or the recording was over when it started.
+    no_news: bool,
 }
 
 impl From<String> for NotTraced {
     fn from(message: String) -> Self {
-        NotTraced { message, no_match: false }
+        NotTraced { message, no_news: false }
     }
 }
 
@@ -352,7 +380,7 @@ impl Started {
     /// at its end (the `exec`s carried from this image stop then too: see
     /// `carry_environment`); the image then says whether it restored its code
     /// (`dynprobe_events::ending`).
-    fn keep_while_recording(self) {
+    fn keep_while_recording(self, me: ending::Process) {
         remember_for_fork(&self.dir, &self.funcs, self.markers_path.as_deref(), &self.exe);
         let (tracer, watch) = shared_and_watched(self.tracer, self.libraries);
         // As in `keep`: every probe becomes a jump while this is the only thread.
@@ -371,7 +399,9 @@ impl Started {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let spawned = dynprobe_probe::own_thread::spawn(c"dynprobe-record", move || {
-            while dir.join(ending::RECORDING_FILE).exists() {
+            // The CLI waits for the word while this thread lives (`dynprobe_events::ending`).
+            let _ = ending::say_recording_thread(&dir, me, dynprobe::fetch::gettid());
+            while ending::still_recording(&dir) {
                 std::thread::sleep(RECORDING_POLL);
             }
             let Some(attached) = ends.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
@@ -389,7 +419,7 @@ impl Started {
             }
             // The word the CLI waits for before it gives the children this image forked its
             // code (gone with the directory if the CLI is: then nobody waits).
-            let _ = ending::write_word(&dir, std::process::id(), ended.as_ref().map(|_| ()).map_err(String::as_str));
+            let _ = ending::write_word(&dir, me, ended.as_ref().map(|_| ()).map_err(String::as_str));
         });
         match spawned {
             Ok(thread) => thread.keep(),
@@ -398,7 +428,7 @@ impl Started {
             Err(e) => {
                 std::mem::forget(attached.lock().unwrap_or_else(|e| e.into_inner()).take());
                 let why = format!("its agent could not start the thread that ends its recording: {e}");
-                let _ = ending::write_word(&word_dir, std::process::id(), Err(&why));
+                let _ = ending::write_word(&word_dir, me, Err(&why));
             }
         }
     }
@@ -432,7 +462,7 @@ fn try_start(dir: &Path, first: bool, attached: bool, settings: &Settings) -> Re
     let filter = &settings.filter;
     let table = dynprobe_symbols::SymbolTable::current_process().map_err(|e| e.to_string())?;
     let selection = Selection::new(&table, filter)
-        .map_err(|e| NotTraced { no_match: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
+        .map_err(|e| NotTraced { no_news: matches!(e, FtraceError::NoMatch { .. }), message: e.to_string() })?;
     let markers = match RecordedMarkers::find(&settings.markers) {
         Ok(markers) => markers,
         Err(e) if first => return Err(e.into()),

@@ -10,7 +10,9 @@
 mod common;
 
 use common::attached::{mappings, thread_names, Session, Worker};
+use dynprobe_events::ending::{self, Process};
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -523,9 +525,20 @@ fn worker_and_plugin() -> &'static (PathBuf, PathBuf) {
 
 /// `targets/worker.c`, its log written to `<test>-<pid>.log` in the scratch directory.
 fn start_worker(test: &str) -> Worker {
+    start_worker_with(test, &[])
+}
+
+/// [`start_worker`] with these variables in the worker's environment.
+fn start_worker_with(test: &str, env: &[(&str, &str)]) -> Worker {
     let (worker_exe, _) = worker_and_plugin();
     let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
-    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &[])
+    Worker::start_with(worker_exe, log.as_os_str(), log.clone(), env)
+}
+
+/// Whether process `pid` runs the worker exec'd with this role (`child`, `image`: see
+/// worker.c).
+fn runs_as(pid: i32, role: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.ends_with(format!("\0{role}\0").as_bytes()))
 }
 
 #[test]
@@ -682,6 +695,25 @@ fn start_through_an_exec(
     (dir, session)
 }
 
+/// The worker recorded with `-F mix` through an `exec` ([`start_through_an_exec`]), whose
+/// new image forked a child that calls mix ([`fork_a_child`]): the worker, the session,
+/// mix's untraced bytes and the child.
+fn start_with_an_exec_d_image_s_child(test: &str) -> (Worker, Session, Vec<u8>, i32) {
+    let (mut worker, session, untraced_code) = start_with_an_exec_d_image(test);
+    let child = fork_a_child(&mut worker);
+    (worker, session, untraced_code, child)
+}
+
+/// The worker recorded with `-F mix` through an `exec` ([`start_through_an_exec`]): the
+/// worker, the session and mix's untraced bytes.
+fn start_with_an_exec_d_image(test: &str) -> (Worker, Session, Vec<u8>) {
+    let mut worker = start_worker(test);
+    let untraced = worker.round();
+    let untraced_code = worker.code("mix");
+    let (_, session) = start_through_an_exec(&mut worker, test, &["-F", "mix"], &[], &untraced);
+    (worker, session, untraced_code)
+}
+
 /// Asks the worker to fork a child that calls mix every 10 ms: its pid, once it has made
 /// some calls.
 fn fork_a_child(worker: &mut Worker) -> i32 {
@@ -751,6 +783,70 @@ fn a_child_forked_by_an_image_exec_d_during_the_session_is_recorded_and_its_code
     wait_for_the_end_of(child);
 }
 
+/// The ring directory of the recording process `pid` takes part in (its `DYNPROBE_RECORD`).
+fn ring_dir_of(pid: i32) -> PathBuf {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let entry = environ.split(|&b| b == 0).find_map(|e| e.strip_prefix(b"DYNPROBE_RECORD=")).expect("recording");
+    PathBuf::from(std::ffi::OsStr::from_bytes(entry))
+}
+
+/// The same end for a program `dynprobe record` starts (`record -- worker`, no `-p`): a
+/// child of the worker `exec`s an image that forks a child of its own, and both outlive the
+/// worker, whose exit ends the recording. The image restores its own code and the child gets
+/// it, as under `record -p`: after the end it calls mix unpatched, unrecorded, and runs on.
+#[test]
+fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_restored() {
+    let (worker_exe, _) = worker_and_plugin();
+    let untraced_code = start_worker("started-plain").code("mix");
+    let test = "started-exec-fork";
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
+    let mut command = common::dynprobe();
+    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
+    // A file, not a pipe: the image and its child hold dynprobe's stderr after it ended.
+    command.stderr(std::fs::File::create(&said).unwrap());
+    let mut worker = Worker::start_by(command, worker_exe, log);
+    let forked = [worker.ask("spawn"), worker.ask("")];
+    let pid_after = |word: &str| -> i32 {
+        let line = forked.iter().find_map(|l| l.strip_prefix(word)).unwrap_or_else(|| panic!("{forked:?}"));
+        line.parse().unwrap()
+    };
+    let (image, child) = (pid_after("forked "), pid_after("grandchild "));
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced_code[..5], "the child inherited the patched mix");
+    std::thread::sleep(Duration::from_millis(300));
+    worker.quit();
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    assert!(stderr.contains(&restored_as_its_image(child, image)), "{stderr}");
+    let code_in = |pid| common::attached::code_in(worker_exe, pid, "mix");
+    assert_eq!(code_in(child), untraced_code, "the child's mix restored after the recording");
+    assert_eq!(code_in(image), untraced_code, "and the image's, by its agent");
+    child_section(&dir, child);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    // SAFETY: kill sends a signal to a process of this test's.
+    unsafe { libc::kill(image, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+}
+
+/// A child forked by an exec'd image whose pid had been an image's that ended during the
+/// session (planted here: that image's announcement and word, of another start time) is
+/// neither waited for nor taken for that image: it gets its own image's code back.
+#[test]
+fn the_files_of_an_ended_image_are_not_taken_for_a_later_process_with_its_pid() {
+    let (worker, session, untraced_code, child) = start_with_an_exec_d_image_s_child("exec-fork-reused");
+    let rings = ring_dir_of(worker.pid);
+    let now = Process::live(child as u32).expect("the child runs");
+    let ended = Process { pid: now.pid, start: now.start - 1 };
+    ending::announce(&rings, ended).unwrap();
+    ending::write_word(&rings, ended, Ok(())).unwrap();
+    let (status, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(!stderr.contains(&format!("process {child} (an image")), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
 /// What dynprobe says of `child`, forked by the image `pid` exec'd during the session, once
 /// it gave it the image's restored code.
 fn restored_as_its_image(child: i32, pid: i32) -> String {
@@ -795,17 +891,15 @@ fn a_child_forked_by_an_exec_d_image_as_the_session_ends_is_restored_too() {
 /// restores its code itself, and the session waits for its word.
 #[test]
 fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
-    let (worker_exe, _) = worker_and_plugin();
-    let log = common::scratch().join(format!("exec-forkexec-late-{}.log", std::process::id()));
     let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_IMAGE_THREAD_MS", "5000")];
-    let mut worker = Worker::start_with(worker_exe, log.as_os_str(), log.clone(), &pause);
+    let mut worker = start_worker_with("exec-forkexec-late", &pause);
     let untraced = worker.round();
     let untraced_code = worker.code("mix");
     let (_, session) = start_through_an_exec(&mut worker, "exec-forkexec-late", &["-F", "mix"], &[], &untraced);
     let forked = worker.ask("forkexec");
     let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
-    let exec_d = || std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|c| c.ends_with(b"\0child\0"));
-    wait_until(|| exec_d() && worker.code_in(child, "mix")[..5] != untraced_code[..5], "the new image patched mix");
+    let patched = || worker.code_in(child, "mix")[..5] != untraced_code[..5];
+    wait_until(|| runs_as(child, "child") && patched(), "the new image patched mix");
     let (status, _, stderr) = session.end(Some(libc::SIGINT));
     assert_eq!(status, Some(0), "{stderr}");
     assert!(!stderr.contains(&format!("process {child} (")), "the new image is not a forked child: {stderr}");
@@ -815,16 +909,61 @@ fn an_image_exec_d_as_the_session_ends_is_not_taken_for_a_child_of_its_image() {
     wait_for_the_end_of(child);
 }
 
+/// An image whose `exec` was under way as the session ended, and which announces itself once
+/// dynprobe has looked for the images (made so for the test: its agent waits for the end,
+/// and dynprobe keeps the ring directory a while after looking), finds the recording over
+/// and patches nothing: the child it forks at once has mix as it should be — not the
+/// patched code of an image nobody waited for, which restored its own but not the child's.
+#[test]
+fn an_image_that_announces_itself_after_the_images_were_looked_for_patches_nothing() {
+    let late = [("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END", "1")];
+    let mut worker = start_worker_with("exec-late", &late);
+    let untraced_code = worker.code("mix");
+    let hold = [("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "2000")];
+    let mut session = record_with_env(worker.pid, &trace_dir("exec-late"), &["-F", "mix"], &hold);
+    session.wait_for("attached to");
+    let forked = worker.ask("spawn");
+    let image: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    // Its `exec` carried the recording: the new image has the agent, waiting for the end.
+    let agent = || mappings(image).iter().any(|m| m.contains("libdynprobe_agent"));
+    wait_until(|| runs_as(image, "image") && agent(), "the new image started with the agent");
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    let said = worker.ask("");
+    let child: i32 = said.strip_prefix("grandchild ").and_then(|p| p.parse().ok()).expect("grandchild <pid>");
+    assert_eq!(worker.code_in(child, "mix"), untraced_code, "the late image's child has mix unpatched");
+    assert_eq!(worker.code_in(image, "mix"), untraced_code, "and so has the late image");
+    assert!(!stderr.contains(&format!("process {image} (")), "{stderr}");
+    // SAFETY: kill sends a signal to a process of this test's.
+    unsafe { libc::kill(image, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+    worker.quit();
+}
+
+/// An exec'd image that renames the agent's threads and writes over the environment it
+/// started with (worker.c's `disguise`: what a hostile program may do, and setproctitle-style
+/// code does to the environment) is still waited for at the end, by the tid its agent said,
+/// and the child it forks afterwards is still found, by the ring files it maps: the child gets
+/// its image's restored code.
+#[test]
+fn an_image_that_renames_the_agent_s_thread_and_writes_over_its_environment_is_still_followed() {
+    let (mut worker, session, untraced_code) = start_with_an_exec_d_image("exec-disguised");
+    assert_eq!(worker.ask("disguise"), "disguised");
+    assert!(!thread_names(worker.pid).iter().any(|t| t.starts_with("dynprobe")), "renamed");
+    let child = fork_a_child(&mut worker);
+    let (status, _, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_restored_as_its_image(&worker, child, &stderr, &untraced_code);
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
 /// An exec'd image that cannot restore its own code (here its site's bytes were changed
 /// under it, as a program rewriting its own code would) says so, and the child it forked
 /// is left as it is and said to keep patched code, why included — never said restored.
 #[test]
 fn a_child_forked_by_an_image_that_cannot_restore_its_own_code_is_said_to_keep_patched_code() {
-    let mut worker = start_worker("exec-fork-kept");
-    let untraced = worker.round();
-    let untraced_code = worker.code("mix");
-    let (_, session) = start_through_an_exec(&mut worker, "exec-fork-kept", &["-F", "mix"], &[], &untraced);
-    let child = fork_a_child(&mut worker);
+    let (worker, session, untraced_code, child) = start_with_an_exec_d_image_s_child("exec-fork-kept");
     let patched = worker.code_in(child, "mix");
     assert_ne!(patched[..5], untraced_code[..5], "the child inherited the patched mix");
     // The image's mix gets its first bytes back behind its agent's back: the agent finds

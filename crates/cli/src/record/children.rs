@@ -14,13 +14,15 @@
 //! thread): once the image has said that it restored its own code (its word in the ring
 //! directory, `dynprobe_events::ending`), the child gets the image's bytes the same way; an
 //! image that could not restore its own has its children left as they are, and said so.
+//! The same holds for the images of a program `record` started (the processes it forked
+//! that `exec`ed, which may outlive it) and their children, once the program has ended.
 //! One forked before the session has no agent.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
-use dynprobe_events::ending;
+use dynprobe_events::ending::{self, Process};
 use dynprobe_remote::{Memory, Options, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::collections::HashMap;
@@ -56,9 +58,6 @@ pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restore
         .collect()
 }
 
-/// The agent's thread that ends an `exec`'d image's recording with the session (see the
-/// agent's `record` module).
-const IMAGE_RECORDING_THREAD: &str = "dynprobe-record";
 /// How long an `exec`'d image's agent may take to end its recording once the recording
 /// file is gone (it looks every 100 ms, then restores its sites).
 const IMAGE_END_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,40 +82,48 @@ pub(crate) enum Ended {
     Unsaid(String),
 }
 
-/// Once the recording file of `rings` is removed: the images `exec`'d during the session
-/// among `pid` and its descendants — each still starting (it announced itself before
-/// patching anything), still ending its recording (its agent's recording thread there) or
-/// having given its word already (`dynprobe_events::ending`) — each with its word, waited
-/// for all together until one deadline.
-pub(crate) fn images_ended(pid: i32, rings: &Path) -> Vec<ImageEnd> {
-    let word = |p: i32| ending::read_word(rings, p as u32);
-    let announced = |p: i32| ending::announced(rings, p as u32);
-    let mut waiting: Vec<i32> = std::iter::once(pid)
-        .chain(descendants(pid))
-        .filter(|&p| announced(p) || has_thread(p, IMAGE_RECORDING_THREAD) || word(p).is_some())
-        .collect();
+/// Once the recording file of `rings` is removed: the images `exec`'d during the recording
+/// — each still starting (it announced itself before patching anything), still ending its
+/// recording (its agent's recording thread there, told by the tid it said) or having given
+/// its word already (`dynprobe_events::ending`) — each with its word, waited for all
+/// together until one deadline. They are the live processes that announced themselves in `rings`, wherever
+/// they are (the program `record` started may have ended, and they are no one's
+/// descendants then): one not among them announced itself once the file was gone, and
+/// patched nothing.
+///
+/// A file there of an earlier process that had an image's pid is not its (the start times
+/// differ): that process's children, or any later process, may have the pid now.
+pub(crate) fn images_ended(rings: &Path) -> Vec<ImageEnd> {
+    let word = |p: Process| ending::read_word(rings, p);
+    let announced = |p: Process| ending::announced(rings, p);
+    // Each as it is now: one that ends while waited for is not taken for a later process
+    // given its pid.
+    let mut waiting: Vec<Process> =
+        ending::announcers(rings).into_iter().filter_map(Process::live).filter(|&p| announced(p)).collect();
     let mut ended = Vec::new();
     let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
     loop {
         let late = std::time::Instant::now() > deadline;
         waiting.retain(|&image| {
+            let pid = image.pid as i32;
             // Its thread writes the word before it ends: gone, the word is there or never
             // comes — unless the image has not started it yet (it announced itself, and
             // still runs the image that did).
-            let ending = has_thread(image, IMAGE_RECORDING_THREAD);
+            let alive = Process::live(image.pid) == Some(image);
+            let ending = alive && recording_thread_lives(image, rings);
             let said = match word(image) {
                 Some(Ok(())) => Some(Ended::Restored),
                 Some(Err(why)) => Some(Ended::Kept(why)),
-                None if ending || (announced(image) && started_for(image, rings)) => late.then(|| {
+                None if ending || (alive && announced(image) && recording_into(pid, rings)) => late.then(|| {
                     Ended::Unsaid(format!("its recording did not end within {} s", IMAGE_END_TIMEOUT.as_secs()))
                 }),
-                None => Some(Ended::Unsaid(match Path::new(&format!("/proc/{image}")).exists() {
+                None => Some(Ended::Unsaid(match alive {
                     true => "it executed another program, or its agent's thread failed".to_string(),
                     false => "it ended first".to_string(),
                 })),
             };
             let Some(said) = said else { return true };
-            ended.push(ImageEnd { pid: image, ended: said });
+            ended.push(ImageEnd { pid, ended: said });
             false
         });
         if waiting.is_empty() {
@@ -138,17 +145,24 @@ pub(crate) struct ForkedByImage {
     pub(crate) image: i32,
 }
 
-/// The live descendants of `pid` (and `pid`'s own children when it `exec`'d itself) forked
-/// by one of `images`, recording into `rings`, with that image. Looked for once the images
-/// have ended their recording ([`images_ended`]): a child forked until then is found.
-pub(crate) fn forked_by_images(pid: i32, agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
+/// The live descendants of `images` forked by one of them, recording into `rings`, with
+/// that image. Looked for once the images have ended their recording ([`images_ended`]): a
+/// child forked until then is found.
+pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
     let is_image = |p: i32| images.iter().any(|i| i.pid == p);
-    // One that announced itself since is an image too (not waited for: it finds the
-    // recording file gone and ends its recording by itself).
-    descendants(pid)
+    let mut found: Vec<i32> = images.iter().flat_map(|image| descendants(image.pid)).collect();
+    // An image's descendants include those of the images it forked.
+    found.sort_unstable();
+    found.dedup();
+    // One that announced itself since is an image too, which found the recording over and
+    // patched nothing.
+    found
         .into_iter()
-        .filter(|&p| !is_image(p) && !ending::announced(rings, p as u32) && started_for(p, rings))
-        .filter(|&p| maps(p).iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))))
+        .filter(|&p| !is_image(p) && !announced(p, rings))
+        .filter(|&p| {
+            let maps = maps(p);
+            maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))) && maps_ring(&maps, rings)
+        })
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
             let mut at = p;
@@ -189,23 +203,24 @@ pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[Image
         .collect()
 }
 
-/// Whether a thread of process `pid` is named `name` (`/proc/PID/task/TID/comm`).
-fn has_thread(pid: i32, name: &str) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+/// Whether process `pid`, as it is now, announced itself as an image `exec`'d during the
+/// recording into `rings`: a file of an earlier process that had its pid is not its
+/// (`dynprobe_events::ending`).
+fn announced(pid: i32, rings: &Path) -> bool {
+    Process::live(pid as u32).is_some_and(|p| ending::announced(rings, p))
 }
 
-/// Process `pid`'s parent (`/proc/PID/stat`).
+/// Whether the agent's thread that ends the recording of `image` and gives its word lives:
+/// the thread `image` said (`dynprobe_events::ending`) is one of its tasks.
+fn recording_thread_lives(image: Process, rings: &Path) -> bool {
+    let Some(tid) = ending::recording_thread(rings, image) else { return false };
+    Path::new(&format!("/proc/{}/task/{tid}", image.pid)).exists()
+}
+
+/// Process `pid`'s parent (field 4 of `/proc/PID/stat`, proc(5)).
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_parent(&stat)
-}
-
-/// The parent's pid in a `/proc/PID/stat` line: the second field after the command name,
-/// which may hold spaces and parentheses.
-fn stat_parent(stat: &str) -> Option<i32> {
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split(' ').nth(1)?.parse().ok()
+    ending::stat_field(&stat, 4)?.parse().ok()
 }
 
 /// Whether process `pid`'s image was started with `DYNPROBE_RECORD=<rings>`: an `exec`
@@ -215,6 +230,21 @@ fn started_for(pid: i32, rings: &Path) -> bool {
     let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
     let wanted = [b"DYNPROBE_RECORD=".as_slice(), rings.as_os_str().as_encoded_bytes()].concat();
     environ.split(|&b| b == 0).any(|entry| entry == wanted)
+}
+
+/// Whether process `pid` runs an image recording into `rings`: started so
+/// ([`started_for`]; before its ring file is made), or mapping a ring file there
+/// ([`maps_ring`]; also once the program has written over its environment, as
+/// setproctitle-style code does).
+fn recording_into(pid: i32, rings: &Path) -> bool {
+    started_for(pid, rings) || maps_ring(&maps(pid), rings)
+}
+
+/// Whether `maps` (a process's) hold a file of the ring directory `rings`: a ring file of
+/// the process's (a child an image forked maps its own, and its image's, inherited), which
+/// an `exec` unmaps.
+fn maps_ring(maps: &[Mapping], rings: &Path) -> bool {
+    maps.iter().any(|m| m.path.as_deref().is_some_and(|path| Path::new(path).starts_with(rings)))
 }
 
 /// The live descendants of `pid`, from every process's parent in `/proc/PID/stat`.
@@ -251,7 +281,7 @@ fn restore(parent: i32, child: i32, rings: &Path) -> Result<usize, String> {
     let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
     let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
     tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
-    if ending::announced(rings, child as u32) {
+    if announced(child, rings) {
         return Ok(0);
     }
     let code = |pid: i32| -> Vec<Mapping> {
@@ -308,7 +338,6 @@ mod tests {
     fn differing_runs_and_maps_lines() {
         assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
         assert_eq!(differences(b"same", b"same"), []);
-        assert_eq!(stat_parent("42 (a) b) S 7 42 42 0"), Some(7), "a command name with ') '");
         let line = "00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/worker";
         let m = parse_line(line).unwrap();
         assert_eq!(

@@ -153,6 +153,9 @@ fn record(args: &RecordArgs, matches: &ArgMatches) -> Result<ExitCode, String> {
         out.restore();
         return Err(format!("{message}; the program was not run"));
     }
+    // The program has ended; the images it `exec`'d in processes that outlive it end their
+    // recording now, and the children they forked get their code back.
+    end_images(rings.path(), &agent_file_name(&agent));
     let stats = recording.finish(Some(i32::from(session::exit_code(outcome.status))))?;
     drop(rings);
     if outcome.placement == Placement::Silent {
@@ -213,7 +216,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     let session = crate::probe::attach::run(&request, crate::probe::output::Outbox::stdout(), format);
     // The children forked meanwhile inherited the patched code; the process has its own
     // back now, they get the same (see `children`).
-    let agent_name = agent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let agent_name = agent_file_name(&agent);
     for child in children::restore_forked(pid, &agent_name, rings.path()) {
         match child.result {
             Ok(0) => {}
@@ -228,44 +231,7 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
             ),
         }
     }
-    // For tests: the window in which an image exec'd during the session still records.
-    if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS").ok().and_then(|v| v.parse().ok()) {
-        eprintln!("dynprobe: (test) pausing before the images' recording ends");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-    // The recording file's removal ends the recording of every image exec'd during the
-    // session: each restores its own sites and says so. The children they forked are
-    // looked for once they all have (none forked meanwhile is missed), and get their
-    // image's bytes only if it restored them. All of this before the recorder's last
-    // drain: the images and their children record until then, and what they recorded is
-    // drained and counted like the rest.
-    let _ = fs::remove_file(rings.path().join(ending::RECORDING_FILE));
-    let images = children::images_ended(pid, rings.path());
-    for image in &images {
-        if let children::Ended::Kept(why) = &image.ended {
-            eprintln!(
-                "dynprobe: warning: process {} (an image exec'd during the session) keeps patched code: {why}",
-                image.pid
-            );
-        }
-    }
-    let forked_by_images = children::forked_by_images(pid, &agent_name, rings.path(), &images);
-    for child in children::restore_forked_by_images(&forked_by_images, &images, rings.path()) {
-        let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
-        match child.result {
-            Ok(0) => {}
-            Ok(runs) => eprintln!(
-                "dynprobe: process {} (forked during the session by {image}, an image exec'd during it): its code \
-                 restored as {image}'s ({runs} patched range(s))",
-                child.pid
-            ),
-            Err(why) => eprintln!(
-                "dynprobe: warning: process {} (forked during the session by {image}, an image exec'd during it) \
-                 keeps patched code: {why}",
-                child.pid
-            ),
-        }
-    }
+    end_images(rings.path(), &agent_name);
     // Whatever reached the rings is kept, also after a session that ended badly (its
     // message says what is left in the process).
     let stats = match recording.finish(None) {
@@ -284,6 +250,62 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
     }
     summary::print(&args.dir, &stats);
     session.map(|()| ExitCode::SUCCESS)
+}
+
+/// Ends the recording of every image `exec`'d during it — in a process `record -p` attached
+/// to or in one the started program forked — and restores the code of the children they
+/// forked, which have no thread to do it (see `children`); says what could not be. The
+/// recording file's removal ends it: each image restores its own sites and says so. The
+/// children are looked for once they all have (none forked meanwhile is missed), and get
+/// their image's bytes only if it restored them. All of this before the recorder's last
+/// drain: the images and their children record until then, and what they recorded is
+/// drained and counted like the rest.
+fn end_images(rings: &Path, agent_name: &str) {
+    // For tests: the window in which an image exec'd during the session still records.
+    pause_for_tests("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "before the images' recording ends");
+    let _ = fs::remove_file(rings.join(ending::RECORDING_FILE));
+    let images = children::images_ended(rings);
+    for image in &images {
+        if let children::Ended::Kept(why) = &image.ended {
+            eprintln!(
+                "dynprobe: warning: process {} (an image exec'd during the session) keeps patched code: {why}",
+                image.pid
+            );
+        }
+    }
+    let forked_by_images = children::forked_by_images(agent_name, rings, &images);
+    for child in children::restore_forked_by_images(&forked_by_images, &images, rings) {
+        let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
+        match child.result {
+            Ok(0) => {}
+            Ok(runs) => eprintln!(
+                "dynprobe: process {} (forked during the session by {image}, an image exec'd during it): its code \
+                 restored as {image}'s ({runs} patched range(s))",
+                child.pid
+            ),
+            Err(why) => eprintln!(
+                "dynprobe: warning: process {} (forked during the session by {image}, an image exec'd during it) \
+                 keeps patched code: {why}",
+                child.pid
+            ),
+        }
+    }
+    // For tests: the window in which an image whose `exec` was under way as the recording
+    // ended announces itself after the images were looked for, the ring directory still there.
+    pause_for_tests("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "after the images' recording ended");
+}
+
+/// For tests: says so and pauses `what` for the milliseconds in variable `name`, if set.
+fn pause_for_tests(name: &str, what: &str) {
+    if let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse().ok()) {
+        eprintln!("dynprobe: (test) pausing {what}");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// The agent library's file name, as the maps of a process that loaded it show it.
+fn agent_file_name(agent: &Path) -> String {
+    agent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// With `-a`: describes the values of `program`'s calls into the ring directory (for the

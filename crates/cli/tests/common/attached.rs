@@ -21,13 +21,15 @@ pub struct Worker {
 
 impl Worker {
     pub fn start_with(exe: &'static Path, arg: &std::ffi::OsStr, log: PathBuf, env: &[(&str, &str)]) -> Worker {
-        let mut child = Command::new(exe)
-            .arg(arg)
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the worker");
+        let mut command = Command::new(exe);
+        command.arg(arg).envs(env.iter().copied());
+        Worker::start_by(command, exe, log)
+    }
+
+    /// The worker `exe` as `command` starts it (`dynprobe record -- exe …`, whose program has
+    /// its stdin and stdout).
+    pub fn start_by(mut command: Command, exe: &'static Path, log: PathBuf) -> Worker {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the worker");
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -57,11 +59,7 @@ impl Worker {
 
     /// The bytes at the start of `symbol` in process `pid`, a child the worker forked.
     pub fn code_in(&self, pid: i32, symbol: &str) -> Vec<u8> {
-        let addr = symbol_address(self.exe, symbol);
-        let mut bytes = vec![0u8; 8];
-        let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
-        bytes
+        code_in(self.exe, pid, symbol)
     }
 
     /// The calls logged so far, as (kind, tid, fields).
@@ -85,6 +83,15 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The bytes at the start of `symbol` in process `pid`, which runs the (non-PIE) `exe`.
+pub fn code_in(exe: &Path, pid: i32, symbol: &str) -> Vec<u8> {
+    let addr = symbol_address(exe, symbol);
+    let mut bytes = vec![0u8; 8];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
+    bytes
 }
 
 /// A (non-PIE) worker's symbol address, from `nm`.

@@ -12,6 +12,12 @@
  *          prints "forked <child pid>"
  *   forkexec  the same, but the child first executes this program again (argument
  *          `child` after LOGFILE), whose new image makes those calls
+ *   spawn  the same as forkexec, but the new image (argument `image`) forks a child of its
+ *          own that makes those calls while the image lives, prints "grandchild <its pid>",
+ *          and lives on, also once this process has ended, until SIGTERM or a minute
+ *   disguise  what a hostile program may do, and setproctitle-style code does to the
+ *          environment: every thread named dynprobe-* is renamed, and the environment the
+ *          process started with (/proc/PID/environ) is written over; it prints "disguised"
  *   quit   it exits with status 0
  * Every call is also logged, one line each, to the file named by argv[1] (appended), so a
  * test can compare the probe events with what the program really did:
@@ -19,6 +25,7 @@
  *   label <tid> <name> <weight> <result>
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -99,6 +106,55 @@ static void call_mix_while_parent_lives(void)
 	_exit(0);
 }
 
+/* `disguise`. */
+static void disguise(void)
+{
+	DIR *tasks = opendir("/proc/self/task");
+	struct dirent *task;
+	char path[300], name[32], stat[4096];
+	while (tasks && (task = readdir(tasks))) {
+		snprintf(path, sizeof path, "/proc/self/task/%s/comm", task->d_name);
+		FILE *comm = task->d_name[0] == '.' ? NULL : fopen(path, "r+");
+		if (!comm)
+			continue;
+		if (fgets(name, sizeof name, comm) && strncmp(name, "dynprobe", 8) == 0) {
+			rewind(comm);
+			fputs("worker-thread", comm);
+		}
+		fclose(comm);
+	}
+	if (tasks)
+		closedir(tasks);
+	/* Fields 50 and 51 of /proc/self/stat (proc(5)): where the environment starts and ends. */
+	FILE *file = fopen("/proc/self/stat", "r");
+	size_t got = file ? fread(stat, 1, sizeof stat - 1, file) : 0;
+	if (file)
+		fclose(file);
+	stat[got] = 0;
+	char *field = strrchr(stat, ')');
+	for (int n = 2; field && n < 50; n++)
+		field = strchr(field + 1, ' ');
+	if (field) {
+		char *end;
+		unsigned long env_start = strtoul(field + 1, &end, 10), env_end = strtoul(end, NULL, 10);
+		memset((char *)env_start, 'x', env_end - env_start - 1);
+	}
+	printf("disguised\n");
+}
+
+/* The new image of `spawn`. */
+static void fork_and_live_on(void)
+{
+	pid_t child = fork();
+	if (child == 0)
+		call_mix_while_parent_lives();
+	printf("grandchild %d\n", (int)child);
+	fflush(stdout);
+	for (int i = 0; i < 600; i++)
+		usleep(100000);
+	_exit(0);
+}
+
 int main(int argc, char **argv)
 {
 #ifdef BIG_TLS
@@ -110,6 +166,8 @@ int main(int argc, char **argv)
 	}
 	if (argc > 2 && strcmp(argv[2], "child") == 0)
 		call_mix_while_parent_lives();
+	if (argc > 2 && strcmp(argv[2], "image") == 0)
+		fork_and_live_on();
 	log_file = fopen(argv[1], "a");
 	if (!log_file)
 		return 2;
@@ -126,18 +184,28 @@ int main(int argc, char **argv)
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
 			continue;
 		}
-		if (strncmp(line, "fork", 4) == 0) {
+		if (strncmp(line, "fork", 4) == 0 || strncmp(line, "spawn", 5) == 0) {
 			fflush(log_file);
 			pid_t child = fork();
 			if (child == 0) {
-				if (strncmp(line, "forkexec", 8) == 0) {
-					char *child_argv[] = { argv[0], argv[1], "child", NULL };
+				/* The new image of forkexec makes the calls; spawn's forks a child that does. */
+				char *role = NULL;
+				if (line[0] == 's')
+					role = "image";
+				else if (strncmp(line, "forkexec", 8) == 0)
+					role = "child";
+				if (role) {
+					char *child_argv[] = { argv[0], argv[1], role, NULL };
 					execv("/proc/self/exe", child_argv);
 					_exit(127);
 				}
 				call_mix_while_parent_lives();
 			}
 			printf("forked %d\n", (int)child);
+			continue;
+		}
+		if (strncmp(line, "disguise", 8) == 0) {
+			disguise();
 			continue;
 		}
 		if (strncmp(line, "exec", 4) == 0) {
