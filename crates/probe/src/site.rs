@@ -45,7 +45,8 @@ impl Solo {
         // read and which outlives its hit (see `PatchSite::probes`).
         if unsafe { &*self.enabled }.load(Ordering::Acquire) {
             self.hits.add(guard.slot_index());
-            // SAFETY: as above.
+            // SAFETY: the return probe the pointer is into is held (an `Arc`) by the probe,
+            // which the list holds, as above.
             match unsafe { self.return_entry.as_ref() } {
                 Some(rp) => crate::retprobe::on_entry_found(rp, guard.slot_index(), guard.thread(), regs),
                 // SAFETY: as above.

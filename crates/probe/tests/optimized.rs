@@ -589,6 +589,33 @@ fn every_arithmetic_flag_survives_a_mid_function_probe_and_a_handlers_change_rea
     }
 }
 
+/// In a function that sets DF nowhere the detour does not read the flags with `pushfq` and
+/// a light handler runs without `cld` (it is proven not to read DF); a handler that is not
+/// light still runs with DF clear, even when a caller broke the ABI and called with DF set.
+#[test]
+fn a_heavy_handler_runs_with_df_clear_where_the_function_sets_it_nowhere() {
+    let _serial = serial();
+    let t = target_o2();
+    let (f, with_df) = (t.func1("no_std_inside"), t.func1("call_with_df_set"));
+    let df_seen = Arc::new(AtomicU64::new(0));
+    let d = df_seen.clone();
+    let probe = optimized(
+        Probe::at(Location::SymbolOffset("no_std_inside".into(), 3))
+            .on_hit(move |_| {
+                let flags: u64;
+                // SAFETY: reads the flags through the stack, which the asm block may use.
+                unsafe { std::arch::asm!("pushfq", "pop {}", out(reg) flags) };
+                d.fetch_or(flags & 0x400 | 1, Ordering::SeqCst);
+            })
+            .reads_vectors(),
+    );
+    let info = probe.info();
+    assert!(info.optimized && !info.light, "{info}");
+    assert_eq!((f(1), with_df(1)), (4, 4));
+    assert_eq!(df_seen.load(Ordering::SeqCst), 1, "the handler ran (1) with DF set (0x400)");
+    assert_eq!(probe.hits(), 2);
+}
+
 /// Where the code after the probe overwrites every arithmetic flag before reading one, the
 /// detour does not put them back; a handler's change to another flag still reaches the
 /// program (here DF, which the `lodsb` after the probed `add` steps by).

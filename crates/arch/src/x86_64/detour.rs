@@ -97,9 +97,10 @@ pub struct StateSave {
     /// With `flags`: the direction flag is known clear at the probe point, as the ABI has
     /// it at every call and return, because the function holds no instruction that could
     /// set it ([`may_set_direction_flag`]). The frame's flags are then read by `lahf` and
-    /// `seto` — `pushfq` is microcoded, and with its `cld` was ~0.8 ns of a mid-function
-    /// probe's ~9 on an AMD Zen 4 host — and the handlers need no `cld`. The frame holds
-    /// the arithmetic flags, IF and bit 1 (TF and AC read as clear, as at an entry).
+    /// `seto` — `pushfq` and `cld` are microcoded, and were ~1.1 ns of a mid-function
+    /// probe's ~9 on an AMD Zen 4 host — and only the full save's path clears DF (a light
+    /// handler is proven not to read it). The frame holds the arithmetic flags, IF and bit
+    /// 1 (TF and AC read as clear, as at an entry).
     pub direction_clear: bool,
     /// With `flags`: the arithmetic flags are dead at the probe point
     /// ([`arithmetic_flags_dead`]): the code after the handlers overwrites all six before it
@@ -463,6 +464,14 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
         a.set_label(&mut vectors)?;
     }
 
+    if spec.save.flags && spec.save.direction_clear {
+        // DF is clear here unless something broke the ABI (a callee returning with it set,
+        // a signal handler's or another probe's change to the program's flags). A light
+        // handler is proven not to read it (no string instruction: see `vector_use`); any
+        // other, which may copy memory with `rep movsb`, runs with it cleared all the same.
+        // (`cld` costs ~0.8 ns on an AMD Zen 4: not on the light path.)
+        a.cld()?;
+    }
     // The vector save area, aligned, with the frame's address in its last quadword.
     let area = spec.save.width.save_size();
     a.and(rsp, -64)?;
@@ -525,24 +534,14 @@ fn arithmetic_flags_to_frame(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// Whether the function `bytes` (at `start`) holds an instruction that can set the
-/// direction flag (`std`, `popf`, `iret`), or cannot be decoded whole: only then may DF be
+/// direction flag (`std`, `popf`, `iret`, `uiret`: any the decoder says writes or sets it),
+/// or cannot be decoded whole: only then may DF be
 /// set inside it, since the ABI has it clear at every call and return (see
 /// [`StateSave::direction_clear`]).
 pub fn may_set_direction_flag(bytes: &[u8], start: u64) -> bool {
-    use iced_x86::Mnemonic;
+    use iced_x86::RflagsBits;
     super::decode::decode_instructions(bytes, start).map_or(true, |insns| {
-        insns.iter().any(|insn| {
-            matches!(
-                insn.mnemonic(),
-                Mnemonic::Std
-                    | Mnemonic::Popf
-                    | Mnemonic::Popfd
-                    | Mnemonic::Popfq
-                    | Mnemonic::Iret
-                    | Mnemonic::Iretd
-                    | Mnemonic::Iretq
-            )
-        })
+        insns.iter().any(|insn| (insn.rflags_written() | insn.rflags_set()) & RflagsBits::DF != 0)
     })
 }
 
@@ -569,7 +568,7 @@ pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
         if insn.rflags_read() & unwritten != 0 {
             return false;
         }
-        if !shift_count_may_be_zero(&insn) {
+        if !may_leave_the_flags(&insn) {
             unwritten &= !insn.rflags_modified();
         }
         if unwritten == 0 {
@@ -582,13 +581,20 @@ pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
     false
 }
 
-/// Whether `insn` is a shift or rotate whose count may be zero — by `cl`, or an immediate
-/// that its operand size masks to 0 — which leaves every flag as it was, though the
-/// decoder's flag information says it writes them.
-fn shift_count_may_be_zero(insn: &iced_x86::Instruction) -> bool {
+/// Whether `insn` may write no flag though the decoder's flag information says it writes
+/// them: a shift or rotate whose count may be zero (by `cl`, or an immediate its operand
+/// size masks to 0), or a `rep`-prefixed compare or scan, which does nothing when `rcx` is
+/// 0. Either leaves every flag as it was.
+fn may_leave_the_flags(insn: &iced_x86::Instruction) -> bool {
     use iced_x86::{Mnemonic, OpKind};
+    let mnemonic = insn.mnemonic();
+    if matches!(mnemonic, Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq)
+        || matches!(mnemonic, Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq)
+    {
+        return insn.has_repe_prefix() || insn.has_repne_prefix();
+    }
     let shift = matches!(
-        insn.mnemonic(),
+        mnemonic,
         Mnemonic::Shl
             | Mnemonic::Sal
             | Mnemonic::Shr
@@ -949,7 +955,7 @@ mod tests {
     /// `pushfq` (`lahf`, `seto`) and the handlers no `cld`; they come back the same ways.
     #[test]
     fn a_mid_function_frame_known_clear_of_df_reads_the_flags_without_pushfq() {
-        use iced_x86::Mnemonic::{Cld, Lahf, Popfq, Pushfq, Sahf, Seto};
+        use iced_x86::Mnemonic::{Call, Cld, Lahf, Popfq, Pushfq, Sahf, Seto};
         let covered = [0x48, 0x89, 0xf8, 0x48, 0xc1, 0xe8, 0x1f];
         for light in [false, true] {
             let save = StateSave { direction_clear: true, ..MID };
@@ -958,7 +964,15 @@ mod tests {
             let body = &detour.code[ENTRY_OFFSET..detour.copy_offset as usize];
             let instrs = decode_instructions(body, s.detour_ip + ENTRY_OFFSET as u64).unwrap();
             let count = |m| instrs.iter().filter(|i| i.mnemonic() == m).count();
-            assert_eq!((count(Pushfq), count(Cld)), (0, 0), "light {light}");
+            // DF cleared on the full save's path only: a light handler is proven not to read it.
+            assert_eq!((count(Pushfq), count(Cld)), (0, 1), "light {light}");
+            let cld = instrs.iter().position(|i| i.mnemonic() == Cld).unwrap();
+            let calls: Vec<usize> =
+                instrs.iter().enumerate().filter(|(_, i)| i.mnemonic() == Call).map(|(k, _)| k).collect();
+            // The light dispatcher's call (first, when built light) before it, the full one's after.
+            assert_eq!(calls.len(), 1 + light as usize, "light {light}");
+            let (light_call, full_call) = if light { (Some(calls[0]), calls[1]) } else { (None, calls[0]) };
+            assert!(light_call.is_none_or(|call| call < cld) && cld < full_call, "light {light}");
             assert_eq!((count(Lahf), count(Seto)), (1, 1), "light {light}");
             assert_eq!((count(Sahf), count(Popfq)), (1, 1), "light {light}: sahf, popfq for the others");
             // Read once the registers it clobbers are in the frame, stored into its flags word.
@@ -983,15 +997,25 @@ mod tests {
         const SHL_CL: [u8; 3] = [0x48, 0xd3, 0xe0]; // shl %cl,%rax (no flag written when cl = 0)
         const SHL_32: [u8; 3] = [0xc1, 0xe0, 0x20]; // shl $0x20,%eax (masked to 0)
         const SHL_1: [u8; 3] = [0x48, 0xd1, 0xe0]; // shl %rax
+        const REPE_CMPSB: [u8; 2] = [0xf3, 0xa6]; // repe cmpsb (no flag written when rcx = 0)
+        const REPNE_SCASB: [u8; 2] = [0xf2, 0xae]; // repne scasb
+        const CMPSB: [u8; 1] = [0xa6]; // cmpsb
         const RET: [u8; 1] = [0xc3];
         const CALL: [u8; 5] = [0xe8, 0, 0, 0, 0];
         const PUSHFQ: [u8; 1] = [0x9c];
-        for code in
-            [&[&ADD[..]][..], &[&MOV, &ADD], &[&XOR], &[&SHR], &[&INC, &ADD], &[&MOV, &MOV, &XOR, &RET], &[&SHL_1]]
-        {
+        for code in [
+            &[&ADD[..]][..],
+            &[&MOV, &ADD],
+            &[&XOR],
+            &[&SHR],
+            &[&INC, &ADD],
+            &[&MOV, &MOV, &XOR, &RET],
+            &[&SHL_1],
+            &[&CMPSB],
+        ] {
             assert!(dead(&code.concat()), "{code:02x?}");
         }
-        let live: [&[&[u8]]; 9] = [
+        let live: [&[&[u8]]; 11] = [
             &[&INC, &JC],
             &[&ADC],
             &[&MOV, &RET],
@@ -1001,10 +1025,14 @@ mod tests {
             &[&MOV, &MOV],
             &[&SHL_CL, &JC],
             &[&SHL_32, &JC],
+            &[&REPE_CMPSB, &JC],
+            &[&REPNE_SCASB, &JC],
         ];
         for code in live {
             assert!(!dead(&code.concat()), "{code:02x?}");
         }
+        // `df_after_dead_flags` of the probe tests' optimize_o2.c at +3: add, mov %rsp,%rsi, lodsb.
+        assert!(dead(&[&ADD[..], &[0x48, 0x89, 0xe6], &[0xac]].concat()));
         // From `at` on, not from the start; outside the bytes, live.
         let code = [&ADC[..], &ADD].concat();
         assert!(!arithmetic_flags_dead(&code, 0x1000, 0x1000));

@@ -11,6 +11,8 @@
 //! - an instruction that reads or writes a vector, x87, MMX or opmask register, or MXCSR,
 //!   or saves/restores that state (`xsave`, `fxrstor`, …), or any VEX/EVEX/XOP encoding
 //!   (`vzeroupper` names no register but zeroes the upper halves);
+//! - a string instruction (`rep movsb`, `stos`, `lods`, …), which reads the direction
+//!   flag: a light detour at a point where DF is known clear does not clear it again;
 //! - an indirect call or jump whose target is not a constant (a `dyn` method, a function
 //!   pointer in writable memory). Constant targets are followed: a read-only GOT slot
 //!   (`call *f@GOTPCREL(%rip)`, how position-independent code calls another object's
@@ -493,6 +495,9 @@ fn touches_vector_state(insn: &Instruction, info: &mut InstructionInfoFactory) -
             return Some("an x87/MMX register");
         }
     }
+    if insn.is_string_instruction() && insn.rflags_read() & iced_x86::RflagsBits::DF != 0 {
+        return Some("a string instruction, which reads the direction flag,");
+    }
     use Mnemonic::*;
     match insn.mnemonic() {
         Ldmxcsr | Stmxcsr => return Some("MXCSR"),
@@ -613,6 +618,9 @@ mod tests {
             (&[0x0f, 0xae, 0x0f], "a save or reset of the vector state"), // fxrstor (%rdi)
             (&[0x66, 0x48, 0x0f, 0x6e, 0xc7], "a vector register"),       // movq %rdi,%xmm0
             (&[0x62, 0xf1, 0xfe, 0x48, 0x6f, 0x07], "a vector instruction"), // vmovdqu64 (%rdi),%zmm0
+            (&[0xf3, 0xa4], "a string instruction"),                      // rep movsb
+            (&[0xf3, 0x48, 0xab], "a string instruction"),                // rep stos %rax,(%rdi)
+            (&[0xac], "a string instruction"),                            // lods (%rsi),%al
         ];
         for (bytes, what) in cases {
             let mut piece = bytes.to_vec();

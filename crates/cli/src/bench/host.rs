@@ -46,8 +46,9 @@ pub struct Host {
 /// each, nanoseconds per round of its loop: on a steady host the windows agree within a
 /// few percent. A virtual machine whose core is shared with a busy neighbour slows down in
 /// phases of tens to hundreds of milliseconds, which nothing in the guest shows (the load
-/// average stays low, CPU time still runs): on one such AMD host the same loop took 10.4
-/// ns in some windows and 15.6 in others, and a probe's hit twice as long.
+/// average stays low, CPU time still runs): on one such AMD host a loop like it took 10.4 ns
+/// in some windows and 15.6 in others, and a probe's hit twice as long. Measured before the
+/// rows run: the phases come and go, so a steady start does not make every row steady.
 #[derive(Serialize, Debug, Clone, Copy)]
 pub struct Steadiness {
     /// The fastest window.
@@ -145,9 +146,9 @@ impl fmt::Display for Host {
         let Steadiness { min_ns, median_ns, max_ns } = self.steadiness;
         write!(
             f,
-            "host: {} ({}, family/model/stepping {}{vm}), {} CPUs, kernel {}, load {load}, steadiness: a fixed loop \
-             took {min_ns:.1}–{max_ns:.1} ns a round (median {median_ns:.1}) in {STEADINESS_WINDOWS} windows \
-             (×{:.2}); detours save {} (general registers only around handlers proven light), function-graph \
+            "host: {} ({}, family/model/stepping {}{vm}), {} CPUs, kernel {}, load {load}, steadiness before the \
+             rows: a fixed loop took {min_ns:.1}–{max_ns:.1} ns a round (median {median_ns:.1}) in \
+             {STEADINESS_WINDOWS} windows (×{:.2}); detours save {} (general registers only around handlers proven light), function-graph \
              saves {}",
             self.cpu_model,
             self.cpu_vendor,

@@ -32,6 +32,11 @@ FUNC(flags_of_double, "mov %rdi,%rax\n add %rdi,%rax\n mov %rdi,%rdx\n mov %rdi,
  * arithmetic flag: at +3 (the add) those are dead, DF is not. */
 FUNC(df_after_dead_flags, "mov %rdi,%rax\n add $1,%rax\n mov %rsp,%rsi\n lodsb\n sub %rsp,%rsi\n mov %rsi,%rax\n cld\n ret")
 
+/* A function that sets DF nowhere (at +3 its probe reads the flags without pushfq), and a
+ * caller that breaks the ABI by calling it with DF set. */
+FUNC(no_std_inside, "mov %rdi,%rax\n add $1,%rax\n add $2,%rax\n ret")
+FUNC(call_with_df_set, "std\n call no_std_inside\n cld\n ret")
+
 /* Two entries into one body, like glibc's __mempcpy jumping into __memmove: shared_a
  * continues at shared_b+3, inside a jump written at shared_b's entry. */
 FUNC(shared_a, "mov %rdi,%rax\n add $100,%rax\n jmp .Lshared_mid")
