@@ -123,8 +123,10 @@ pub fn start(ring_dir: &str, channel: Option<Channel>) {
 fn announce(dir: &Path, me: ending::Process) -> Result<(), NotTraced> {
     // For tests: an image whose `exec` was under way as the recording ended, announcing
     // itself once the CLI has looked for images.
+    // Bounded: set by hand, it only delays this image's start.
     if std::env::var_os("DYNPROBE_TEST_ANNOUNCE_AFTER_THE_END").is_some() {
-        while ending::still_recording(dir) {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while ending::still_recording(dir) && std::time::Instant::now() < give_up {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         std::thread::sleep(std::time::Duration::from_millis(200));

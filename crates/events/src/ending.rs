@@ -138,7 +138,7 @@ pub fn announcers(dir: &Path) -> Vec<u32> {
     names.filter_map(|entry| entry.file_name().to_str()?.strip_suffix(".image")?.parse().ok()).collect()
 }
 
-/// Whether `process` said that it runs an image `exec'd during the recording
+/// Whether `process` said that it runs an image `exec`'d during the recording
 /// ([`announce`]): a file of another process that had its pid is not its word. What cannot
 /// be read as a file there counts (the directory's owner put it there: the CLI waits for
 /// the process's word rather than overwrite its code).

@@ -52,9 +52,9 @@ pub(crate) struct Restored {
 pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restored> {
     descendants(pid)
         .into_iter()
-        .filter(|&child| maps(child).iter().any(|m| m.path.as_deref().is_some_and(|p| p.ends_with(agent))))
+        .filter(|&child| maps_agent(&maps(child), agent))
         .filter(|&child| !started_for(child, rings))
-        .map(|child| Restored { pid: child, result: restore(pid, child, rings) })
+        .map(|child| Restored { pid: child, result: restore(pid, child, agent, rings) })
         .collect()
 }
 
@@ -86,10 +86,10 @@ pub(crate) enum Ended {
 /// — each still starting (it announced itself before patching anything), still ending its
 /// recording (its agent's recording thread there, told by the tid it said) or having given
 /// its word already (`dynprobe_events::ending`) — each with its word, waited for all
-/// together until one deadline. They are the live processes that announced themselves in `rings`, wherever
-/// they are (the program `record` started may have ended, and they are no one's
-/// descendants then): one not among them announced itself once the file was gone, and
-/// patched nothing.
+/// together until one deadline. They are the live processes recording into `rings` that
+/// announced themselves there, wherever they are (the program `record` started may have
+/// ended, and they are no one's descendants then): one not among them announced itself
+/// once the file was gone, and patched nothing.
 ///
 /// A file there of an earlier process that had an image's pid is not its (the start times
 /// differ): that process's children, or any later process, may have the pid now.
@@ -97,9 +97,14 @@ pub(crate) fn images_ended(rings: &Path) -> Vec<ImageEnd> {
     let word = |p: Process| ending::read_word(rings, p);
     let announced = |p: Process| ending::announced(rings, p);
     // Each as it is now: one that ends while waited for is not taken for a later process
-    // given its pid.
-    let mut waiting: Vec<Process> =
-        ending::announcers(rings).into_iter().filter_map(Process::live).filter(|&p| announced(p)).collect();
+    // given its pid. Only a process recording into `rings` is an image: the traced program
+    // can write an announcement for any pid (its ring directory is its own), which must not
+    // make another process's code the source of a child's.
+    let mut waiting: Vec<Process> = ending::announcers(rings)
+        .into_iter()
+        .filter_map(Process::live)
+        .filter(|&p| announced(p) && recording_into(p.pid as i32, rings))
+        .collect();
     let mut ended = Vec::new();
     let deadline = std::time::Instant::now() + IMAGE_END_TIMEOUT;
     loop {
@@ -161,7 +166,7 @@ pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -
         .filter(|&p| !is_image(p) && !announced(p, rings))
         .filter(|&p| {
             let maps = maps(p);
-            maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent))) && maps_ring(&maps, rings)
+            maps_agent(&maps, agent) && maps_ring(&maps, rings)
         })
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
@@ -181,13 +186,23 @@ pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -
 /// [`restore_forked`] does for the attached process's children — only where the image said
 /// it restored its own ([`images_ended`]): otherwise the child keeps what it has, and the
 /// error says why.
-pub(crate) fn restore_forked_by_images(forked: &[ForkedByImage], images: &[ImageEnd], rings: &Path) -> Vec<Restored> {
+pub(crate) fn restore_forked_by_images(
+    forked: &[ForkedByImage],
+    images: &[ImageEnd],
+    agent: &str,
+    rings: &Path,
+) -> Vec<Restored> {
     forked
         .iter()
         .map(|f| {
             let ended = images.iter().find(|i| i.pid == f.image).map(|i| &i.ended);
             let result = match ended {
-                Some(Ended::Restored) => restore(f.image, f.pid, rings),
+                // An image that `exec`'d another program since has no bytes of the child's
+                // code to give (its agent, which stays loaded in an image, is gone with it).
+                Some(Ended::Restored) if !maps_agent(&maps(f.image), agent) => {
+                    Err(format!("the image it was forked from ({}) executed another program since", f.image))
+                }
+                Some(Ended::Restored) => restore(f.image, f.pid, agent, rings),
                 Some(Ended::Kept(why)) => {
                     Err(format!("the image it was forked from ({}) could not restore its own code: {why}", f.image))
                 }
@@ -240,6 +255,11 @@ fn recording_into(pid: i32, rings: &Path) -> bool {
     started_for(pid, rings) || maps_ring(&maps(pid), rings)
 }
 
+/// Whether `maps` (a process's) hold the agent library, `agent` its file name.
+fn maps_agent(maps: &[Mapping], agent: &str) -> bool {
+    maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent)))
+}
+
 /// Whether `maps` (a process's) hold a file of the ring directory `rings`: a ring file of
 /// the process's (a child an image forked maps its own, and its image's, inherited), which
 /// an `exec` unmaps.
@@ -267,6 +287,14 @@ fn descendants(pid: i32) -> Vec<i32> {
     found
 }
 
+/// Process `pid`'s `Uid:` and `Gid:` lines of `/proc/PID/status` (real, effective, saved
+/// and file-system ids; proc(5)).
+fn ids(pid: i32) -> Option<(String, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = |key: &str| status.lines().find(|l| l.starts_with(key)).map(str::to_owned);
+    Some((line("Uid:")?, line("Gid:")?))
+}
+
 fn maps(pid: i32) -> Vec<Mapping> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     text.lines().filter_map(parse_line).collect()
@@ -277,13 +305,28 @@ fn maps(pid: i32) -> Vec<Mapping> {
 /// image recording into `rings` by the time it is stopped is left to that image's agent
 /// (none: it announced itself before patching anything, `dynprobe_events::ending`); its
 /// mappings are read once it is stopped, so that they are the image's that runs.
-fn restore(parent: i32, child: i32, rings: &Path) -> Result<usize, String> {
+///
+/// Nothing is written unless, once stopped (a stopped process cannot `exec`), the child
+/// still runs what it was forked with — the agent library and a ring file of `rings`
+/// mapped, both of which an `exec` unmaps — under its parent's user and group ids: a child
+/// that `exec`'d another program since it was found (a setuid one, under `record -p` as
+/// root) must not get the traced program's bytes.
+fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
     let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
     let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
     tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
     if announced(child, rings) {
         return Ok(0);
     }
+    let child_maps = maps(child);
+    if !maps_agent(&child_maps, agent) || !maps_ring(&child_maps, rings) {
+        // It executed another program since it was found: none of its code is patched.
+        return Ok(0);
+    }
+    if ids(parent).is_none() || ids(parent) != ids(child) {
+        return Err(format!("its user or group ids are not those of process {parent}: left as it is"));
+    }
+
     let code = |pid: i32| -> Vec<Mapping> {
         maps(pid).into_iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/'))).collect()
     };

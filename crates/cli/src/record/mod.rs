@@ -274,7 +274,7 @@ fn end_images(rings: &Path, agent_name: &str) {
         }
     }
     let forked_by_images = children::forked_by_images(agent_name, rings, &images);
-    for child in children::restore_forked_by_images(&forked_by_images, &images, rings) {
+    for child in children::restore_forked_by_images(&forked_by_images, &images, agent_name, rings) {
         let image = forked_by_images.iter().find(|f| f.pid == child.pid).map_or(0, |f| f.image);
         match child.result {
             Ok(0) => {}
