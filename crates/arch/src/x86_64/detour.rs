@@ -553,7 +553,7 @@ const LIVENESS_WINDOW: usize = 16;
 /// six (an instruction that leaves one undefined overwrites it too) before any of them
 /// reads one still holding its value at `at`. Conservative: a branch, call, return or
 /// other change of flow before that, bytes that do not decode, or more than
-/// [`LIVENESS_WINDOW`] instructions, and they are live (a caller could read flags a
+/// 16 instructions (`LIVENESS_WINDOW`), and they are live (a caller could read flags a
 /// function returns, hand-written code could pass them to a callee).
 pub fn arithmetic_flags_dead(bytes: &[u8], start: u64, at: u64) -> bool {
     use iced_x86::{FlowControl, RflagsBits};
