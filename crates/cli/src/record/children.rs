@@ -164,10 +164,7 @@ pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -
     found
         .into_iter()
         .filter(|&p| !is_image(p) && !announced(p, rings))
-        .filter(|&p| {
-            let maps = maps(p);
-            maps_agent(&maps, agent) && maps_ring(&maps, rings)
-        })
+        .filter(|&p| runs_what_it_was_forked_with(&maps(p), agent, rings))
         .filter_map(|p| {
             // The nearest ancestor that is such an image.
             let mut at = p;
@@ -255,6 +252,13 @@ fn recording_into(pid: i32, rings: &Path) -> bool {
     started_for(pid, rings) || maps_ring(&maps(pid), rings)
 }
 
+/// Whether a process with `maps`, found as a child to restore, still runs the image it was
+/// forked with: the agent library and a ring file of `rings` mapped, both of which an
+/// `exec` unmaps (an image `exec`'d during the session maps its own only once it runs).
+fn runs_what_it_was_forked_with(maps: &[Mapping], agent: &str, rings: &Path) -> bool {
+    maps_agent(maps, agent) && maps_ring(maps, rings)
+}
+
 /// Whether `maps` (a process's) hold the agent library, `agent` its file name.
 fn maps_agent(maps: &[Mapping], agent: &str) -> bool {
     maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent)))
@@ -318,8 +322,7 @@ fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, 
     if announced(child, rings) {
         return Ok(0);
     }
-    let child_maps = maps(child);
-    if !maps_agent(&child_maps, agent) || !maps_ring(&child_maps, rings) {
+    if !runs_what_it_was_forked_with(&maps(child), agent, rings) {
         // It executed another program since it was found: none of its code is patched.
         return Ok(0);
     }
@@ -376,6 +379,24 @@ fn differences(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child is written into only while it maps the agent and a ring file of the session:
+    /// after an `exec` (a setuid program, say) it maps neither, and gets nothing.
+    #[test]
+    fn a_child_that_maps_no_agent_or_no_ring_file_is_not_what_it_was_forked_as() {
+        let rings = Path::new("/dev/shm/dynprobe-rings-1");
+        let line = |l: &str| parse_line(l).unwrap();
+        let agent = line("7f0000000000-7f0000100000 r-xp 00000000 08:01 7   /opt/dynprobe/libdynprobe_agent.so");
+        let ring = line("7f0000200000-7f0000300000 rw-s 00000000 00:1a 9   /dev/shm/dynprobe-rings-1/1234.ring");
+        let other_ring = line("7f0000200000-7f0000300000 rw-s 00000000 00:1a 9   /dev/shm/dynprobe-rings-2/1234.ring");
+        let code = line("00401000-00402000 r-xp 00001000 08:01 123   /usr/bin/passwd");
+        let name = "libdynprobe_agent.so";
+        assert!(runs_what_it_was_forked_with(&[code.clone(), agent.clone(), ring.clone()], name, rings));
+        assert!(!runs_what_it_was_forked_with(&[code.clone(), ring], name, rings), "no agent");
+        assert!(!runs_what_it_was_forked_with(&[code.clone(), agent.clone()], name, rings), "no ring file");
+        assert!(!runs_what_it_was_forked_with(&[code.clone(), agent, other_ring], name, rings), "another session's");
+        assert!(!runs_what_it_was_forked_with(&[code], name, rings), "a program exec'd since");
+    }
 
     #[test]
     fn differing_runs_and_maps_lines() {
