@@ -17,10 +17,9 @@ pub(crate) struct ProbeShared {
     pub(crate) addr: u64,
     pub(crate) pre: Option<Handler>,
     pub(crate) post: Option<Handler>,
-    /// The entry probe of a return probe (listed as `r`).
-    pub(crate) return_probe: bool,
-    /// That return probe, whose entry a light detour's dispatcher runs without the
-    /// pre-handler's closure (see `crate::site::Solo`); the pre-handler does the same.
+    /// The return probe whose entry this is (listed as `r`), which a light detour's
+    /// dispatcher runs without the pre-handler's closure (see `crate::site::Solo`); the
+    /// pre-handler does the same.
     pub(crate) return_entry: Option<Arc<crate::retprobe::RpShared>>,
     /// One of dynprobe's own (a signal guard): not listed.
     pub(crate) internal: bool,
@@ -105,7 +104,6 @@ pub struct Probe {
     pub(crate) pre: Option<Handler>,
     pub(crate) post: Option<Handler>,
     pub(crate) enabled: bool,
-    pub(crate) return_probe: bool,
     /// See [`ProbeShared::return_entry`].
     pub(crate) return_entry: Option<Arc<crate::retprobe::RpShared>>,
     pub(crate) internal: bool,
@@ -126,7 +124,6 @@ impl Probe {
             pre: None,
             post: None,
             enabled: true,
-            return_probe: false,
             return_entry: None,
             internal: false,
             entry_filter: &[],
@@ -190,7 +187,6 @@ impl Probe {
             light,
             pre: self.pre,
             post: self.post,
-            return_probe: self.return_probe,
             return_entry: self.return_entry,
             internal: self.internal,
             entry_filter: self.entry_filter,

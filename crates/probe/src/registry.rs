@@ -324,7 +324,7 @@ struct Target {
 pub(crate) fn register(probe: Probe) -> Result<Arc<ProbeShared>, ProbeError> {
     let mut guard = lock()?;
     let registry = &mut *guard;
-    let target = registry.resolve(&probe.location, probe.return_probe)?;
+    let target = registry.resolve(&probe.location, probe.return_entry.is_some())?;
     registry.check_blacklist(&target, probe.internal)?;
     let wants_post = probe.post.is_some();
     let light = match probe.reads_vectors {
@@ -608,7 +608,7 @@ fn describe(site: &PatchSite, probe: &ProbeShared) -> ProbeInfo {
             None => site.heavy_reason().map(|why| format!("a probe sharing its site: {why}")),
         },
         not_optimized: site.not_optimized.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        return_probe: probe.return_probe,
+        return_probe: probe.return_entry.is_some(),
     }
 }
 

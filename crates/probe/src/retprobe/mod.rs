@@ -458,7 +458,6 @@ impl ReturnProbe {
         // point away from the function's entry or on a function that returns twice
         // (`point::resolve`) before any call can be diverted.
         let mut probe = Probe::at(self.location).on_hit(move |regs| on_entry(&for_entry, regs)).disabled();
-        probe.return_probe = true;
         probe.return_entry = Some(shared.clone());
         probe.reads_vectors = self.reads_vectors;
         // The entry handler runs behind `call_entry_handler`: proven on its own.
