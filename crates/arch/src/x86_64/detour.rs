@@ -111,6 +111,13 @@ pub struct StateSave {
     pub width: VectorWidth,
 }
 
+impl StateSave {
+    /// The flags are saved, by `lahf`/`seto` rather than `pushfq` ([`Self::direction_clear`]).
+    fn flags_without_pushfq(&self) -> bool {
+        self.flags && self.direction_clear
+    }
+}
+
 /// The vector registers a handler may clobber, by what the CPU has enabled (XCR0).
 ///
 /// **The upper state.** Intel cores track whether the upper halves of zmm0–15 (bits
@@ -407,7 +414,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     }
 
     // Frame: [rip][rsp] below the red zone, then flags and the general registers.
-    if spec.save.flags && spec.save.direction_clear {
+    if spec.save.flags_without_pushfq() {
         // The flags go into the frame once its registers are saved (below).
         a.lea(rsp, ptr(rsp - (RED_ZONE + FRAME_SIZE)))?;
     } else if spec.save.flags {
@@ -426,7 +433,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
     for (i, reg) in FRAME_GPRS.into_iter().enumerate() {
         a.mov(qword_ptr(rsp + 8 * i as i32), reg)?;
     }
-    if spec.save.flags && spec.save.direction_clear {
+    if spec.save.flags_without_pushfq() {
         arithmetic_flags_to_frame(&mut a)?;
     }
     a.lea(rax, ptr(rsp + (FRAME_SIZE + RED_ZONE)))?;
@@ -464,7 +471,7 @@ fn save_call_restore(spec: &DetourSpec<'_>) -> Result<CodeAssembler, IcedError> 
         a.set_label(&mut vectors)?;
     }
 
-    if spec.save.flags && spec.save.direction_clear {
+    if spec.save.flags_without_pushfq() {
         // DF is clear here unless something broke the ABI (a callee returning with it set,
         // a signal handler's or another probe's change to the program's flags). A light
         // handler is proven not to read it (no string instruction: see `vector_use`); any
