@@ -195,6 +195,23 @@ fn maxactive_one_tracks_the_outermost_call_and_counts_the_rest_missed() {
     assert_eq!((stats.hits, stats.returns, stats.nmissed), (2, 2, 2 * (fib_calls(10) - 1)));
 }
 
+/// `maxactive` counts the probe's own calls in flight on the thread, not every instance on
+/// its stack: with another return probe on the same function, the calls at depth 3 find
+/// four instances on the stack (more than the `maxactive` of 3) but only two of this
+/// probe's, and are tracked; the calls at depth 4 and below are missed.
+#[test]
+fn maxactive_counts_the_probes_own_calls_among_other_probes_instances() {
+    let _serial = setup();
+    let limited = ReturnProbe::at(sym!("fib")).maxactive(3).on_return(|_, _| ()).register().unwrap();
+    let every = ReturnProbe::at(sym!("fib")).on_return(|_, _| ()).register().unwrap();
+    assert_eq!(lib().func1("fib")(10), 55);
+    let (every, limited) = (every.unregister().unwrap(), limited.unregister().unwrap());
+    let calls = fib_calls(10);
+    assert_eq!((every.hits, every.returns, every.nmissed), (calls, calls, 0));
+    // fib(10) calls fib(9) and fib(8), which call two each: 1 + 2 + 4 calls at depths 1–3.
+    assert_eq!((limited.hits, limited.returns, limited.nmissed), (7, 7, calls - 7));
+}
+
 #[test]
 fn entry_handler_returning_false_leaves_the_call_untracked() {
     let _serial = setup();

@@ -353,7 +353,7 @@ pub unsafe fn graph_adopt(tp: u64, tid: i32, sp: u64, calls: &[InFlightCall], ma
     }
     let stack = stack(slot);
     if stack.generation.load(Ordering::Relaxed) != thread.generation() {
-        stack.restart_for(slot, thread.generation(), tp as usize);
+        stack.restart_for(thread.generation(), tp as usize);
     }
     let base = slot * MAX_DEPTH;
     // Instances whose call is over (left by a longjmp, an exception, or an earlier session
@@ -365,7 +365,6 @@ pub unsafe fn graph_adopt(tp: u64, tid: i32, sp: u64, calls: &[InFlightCall], ma
         if below.slot_addr != 0 && still_diverted(below.slot_addr, base + top - 1) {
             break;
         }
-        uncount(slot, below.probe);
         top -= 1;
     }
     stack.top.store(top as u32, Ordering::Relaxed);

@@ -49,16 +49,6 @@ pub(super) static STACKS: [SlotStack; MAX_THREADS] = [const {
     }
 }; MAX_THREADS];
 
-/// Per thread slot and probe index: instances of that probe in the slot's stack (for
-/// `maxactive`). Owner-written only, on every tracked call and its return.
-pub(super) static COUNTS: [SlotCounts; MAX_THREADS] =
-    [const { SlotCounts([const { AtomicU8::new(0) }; MAX_RETURN_PROBES]) }; MAX_THREADS];
-
-/// One thread slot's row of [`COUNTS`], aligned as [`SlotStack`] is (an array of bytes
-/// alone may start anywhere, and its rows would then straddle lines shared by two slots).
-#[repr(align(128))]
-pub(super) struct SlotCounts(pub(super) [AtomicU8; MAX_RETURN_PROBES]);
-
 /// The instance table: `MAX_THREADS * MAX_DEPTH` instances, mapped at the first
 /// registration and unmapped only when no instance is in use (a late return may still
 /// read it): [`release_trampoline`].
@@ -80,15 +70,19 @@ pub(super) fn stack(slot: usize) -> &'static SlotStack {
 
 const _: () = assert!(MAX_THREADS.is_power_of_two() && MAX_RETURN_PROBES.is_power_of_two());
 
-#[inline(always)]
-pub(super) fn count(slot: usize, probe: u32) -> &'static AtomicU8 {
-    &COUNTS[slot & (MAX_THREADS - 1)].0[probe as usize & (MAX_RETURN_PROBES - 1)]
-}
-
-/// Adds `delta` to a count only the calling thread writes (no read-modify-write needed).
-#[inline(always)]
-pub(super) fn bump(counter: &AtomicU8, delta: i8) {
-    counter.store(counter.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+/// How many calls of probe (`index`, `id`) the instances `[base, base + top)` of one thread
+/// track, for `maxactive`: a walk of the thread's stack, which a call needs only when the
+/// stack already holds `maxactive` instances of any probe. (A count per thread and probe,
+/// kept up to date instead, cost every tracked call a store at its entry and its return —
+/// ~2 ns of a return probe's ~30 on a Zen 4 host — to spare the deep calls this walk.)
+#[cold]
+#[inline(never)]
+pub(super) fn in_flight_of(base: usize, top: usize, index: u32, id: u32) -> usize {
+    (base..base + top)
+        // SAFETY: instances of the calling thread below `top`.
+        .map(|k| unsafe { &*instance(k) })
+        .filter(|inst| inst.slot_addr != 0 && inst.probe == index && inst.id == id)
+        .count()
 }
 
 /// Reads the return-address slot at `rsp` at a function entry.
@@ -110,10 +104,9 @@ pub(super) fn still_diverted(slot_addr: u64, index: usize) -> bool {
     dynprobe_text::raw::read(slot_addr, &mut word) && rethook::is_entry_of(u64::from_le_bytes(word), index)
 }
 
-/// Gives an instance back out of order (its count too): [`on_return`] does this when an
-/// instance above it may still be live on another stack, so `top` cannot come down.
-pub(super) fn free(slot: usize, inst: &mut Instance) {
-    uncount(slot, inst.probe);
+/// Gives an instance back out of order: [`on_return`] does this when an instance above it
+/// may still be live on another stack, so `top` cannot come down.
+pub(super) fn free(inst: &mut Instance) {
     inst.slot_addr = 0;
 }
 
@@ -121,20 +114,19 @@ impl SlotStack {
     /// Makes the stack the current owner's: emptied for a new thread, kept for the thread
     /// of a forked child (its stack still has the parent thread's probed frames on it).
     #[cold]
-    pub(super) fn restart(&self, slot: usize, generation: u32) {
-        self.restart_for(slot, generation, thread_pointer());
+    pub(super) fn restart(&self, generation: u32) {
+        self.restart_for(generation, thread_pointer());
     }
 
     /// [`Self::restart`] for the owner whose thread pointer is `tp` (the calling thread, or
     /// one held stopped in this process).
     #[cold]
-    pub(super) fn restart_for(&self, slot: usize, generation: u32, tp: usize) {
+    pub(super) fn restart_for(&self, generation: u32, tp: usize) {
         // SAFETY: getpid has no arguments and cannot fail.
         let pid = unsafe { libc::getpid() };
         let forked = self.owner_tp.load(Ordering::Relaxed) == tp && self.pid.load(Ordering::Relaxed) != pid;
         if !forked {
             self.top.store(0, Ordering::Relaxed);
-            COUNTS[slot & (MAX_THREADS - 1)].0.iter().for_each(|c| c.store(0, Ordering::Relaxed));
         }
         self.owner_tp.store(tp, Ordering::Relaxed);
         self.pid.store(pid, Ordering::Relaxed);
@@ -144,14 +136,6 @@ impl SlotStack {
 
 /// The instance `probe` index of calls entered by the function-graph tracer.
 pub(super) const GRAPH: u32 = u32::MAX;
-
-/// Gives back the `maxactive` count of an instance of `probe` (graph instances have none).
-#[inline(always)]
-pub(super) fn uncount(slot: usize, probe: u32) {
-    if probe != GRAPH {
-        bump(count(slot, probe), -1);
-    }
-}
 
 /// Where a new instance goes on the calling thread's stack, after [`claim`] dropped the
 /// abandoned ones.
@@ -179,7 +163,7 @@ pub(super) fn claim(slot: usize, thread: &ThreadSlot, rsp: u64) -> Option<Claim>
     }
     let stack = stack(slot);
     if stack.generation.load(Ordering::Relaxed) != thread.generation() {
-        stack.restart(slot, thread.generation());
+        stack.restart(thread.generation());
     }
     let base = slot * MAX_DEPTH;
     let top = stack.top.load(Ordering::Relaxed) as usize;
@@ -278,9 +262,6 @@ pub(super) fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::S
     // SAFETY: `probe` and `id`, the 8 bytes at an 8-aligned offset of this thread's free
     // instance (checked above), written as the little-endian pair they are.
     unsafe { std::ptr::write_volatile((&raw mut inst.probe).cast::<u64>(), u64::from(probe) | u64::from(id) << 32) };
-    if probe != GRAPH {
-        bump(count(c.slot, probe), 1);
-    }
     stack(c.slot).top.store(c.top as u32 + 1, Ordering::Relaxed);
     // The instance is complete before the function can return into its entry.
     compiler_fence(Ordering::SeqCst);
@@ -289,14 +270,14 @@ pub(super) fn commit(c: &Claim, rsp: u64, probe: u32, id: u32, sled: &rethook::S
 }
 
 /// An instance of `probe` (function `func` for a graph instance) dropped because its call
-/// was abandoned. The caller has taken the instance off the stack first, so that a signal
-/// handler running during the report cannot see it, and report it, again.
+/// was abandoned: the graph tracer is told its call ended. The caller has taken the
+/// instance off the stack first, so that a signal handler running during the report cannot
+/// see it, and report it, again.
 #[inline]
 pub(super) fn abandon(slot: usize, depth: usize, probe: u32, func: u64) {
     if probe == GRAPH {
         report_graph_exit(slot, depth, func as u32, true, 0);
     }
-    uncount(slot, probe);
 }
 
 /// True when an instance of probe (`index`, `id`) is among those at the top of the stack
@@ -378,9 +359,7 @@ pub(super) fn end_calls(index: usize, rsp: u64, mut each: impl FnMut(usize, usiz
         let inst = unsafe { &mut *instance(base + k) };
         each(slot, k, inst);
         if live_above {
-            free(slot, inst);
-        } else {
-            uncount(slot, inst.probe);
+            free(inst);
         }
     }
     // Everything needed was read before the instances are given back.
@@ -395,16 +374,13 @@ mod tests {
     use super::*;
 
     /// What a hit writes for its thread — the thread slot's `active` mark, the instance
-    /// stack's `top` and `dispatching`, the `maxactive` counts — lies in 128-byte blocks
+    /// stack's `top` and `dispatching` — lies in 128-byte blocks
     /// (a pair of cache lines, see [`ThreadSlot`]) no other thread slot writes: an array's
     /// element aligned to 128 has a size that is a multiple of it.
     #[test]
     fn no_two_thread_slots_write_one_pair_of_cache_lines() {
-        let layouts = [
-            ("ThreadSlot", std::mem::align_of::<ThreadSlot>()),
-            ("SlotStack", std::mem::align_of::<SlotStack>()),
-            ("SlotCounts", std::mem::align_of::<SlotCounts>()),
-        ];
+        let layouts =
+            [("ThreadSlot", std::mem::align_of::<ThreadSlot>()), ("SlotStack", std::mem::align_of::<SlotStack>())];
         for (name, align) in layouts {
             assert_eq!(align % 128, 0, "{name} is aligned to {align} bytes: neighbouring slots share cache lines");
         }

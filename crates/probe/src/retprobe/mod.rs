@@ -43,7 +43,7 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{
-    compiler_fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    compiler_fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -166,7 +166,8 @@ pub(crate) fn on_entry_found(rp: &RpShared, slot: usize, thread: &ThreadSlot, re
     if c.shared && tracked_by(c.base, c.top, rsp, rp.index, rp.id) {
         return;
     }
-    if c.top == MAX_DEPTH || count(slot, rp.index).load(Ordering::Relaxed) >= rp.maxactive {
+    let maxactive = usize::from(rp.maxactive);
+    if c.top == MAX_DEPTH || (c.top >= maxactive && in_flight_of(c.base, c.top, rp.index, rp.id) >= maxactive) {
         return rp.miss();
     }
     // SAFETY: the instance at `top` is free and only this thread uses its slot's instances.
@@ -242,7 +243,6 @@ pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
     if guard.is_some() {
         run_return_handler::<true>(slot, inst, regs);
     }
-    uncount(slot, inst.probe);
     give_back_alone(index);
     drop(guard);
     regs.ip

@@ -124,8 +124,8 @@ impl Setup {
         Ok(())
     }
 
-    /// A free probe index, handed out round-robin so that a freed index (whose stale
-    /// instances may still count against `maxactive`) is reused last.
+    /// A free probe index, handed out round-robin so that a freed index is reused last
+    /// (its stale instances, if any, are told apart by the probe's id all the same).
     pub(super) fn free_index(&mut self) -> Result<u32, ProbeError> {
         let found = (0..MAX_RETURN_PROBES)
             .map(|i| (self.next_index + i) % MAX_RETURN_PROBES)
