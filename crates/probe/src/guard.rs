@@ -24,6 +24,14 @@ impl HandlerGuard {
         Self::enter_site(ANY_SITE as u64).ok()
     }
 
+    /// [`Self::enter`] for a thread that should own thread slot `index` (a return into an
+    /// instance's trampoline entry: the thread that pushed the instance, whose slot it is
+    /// in), checked by [`ThreadSlot::owned`]'s one compare.
+    #[inline(always)]
+    pub(crate) fn enter_owned(index: usize) -> Option<HandlerGuard> {
+        Self::enter_found(ThreadSlot::owned(index).or_else(ThreadSlot::current), ANY_SITE as u64).ok()
+    }
+
     /// [`Self::enter`] for the handlers of the site at `site`, which
     /// [`wait_while_active`](crate::thread_slot::wait_while_active) can then wait for.
     ///

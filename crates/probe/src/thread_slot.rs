@@ -123,6 +123,18 @@ impl ThreadSlot {
         Self::find_or_claim(tp, tid)
     }
 
+    /// Slot `index`, if the calling thread owns it: one compare of the owner word where
+    /// [`Self::current`] hashes the thread pointer and compares the tid too (~1 ns of a
+    /// return probe's return on a Zen 4 host). For a path that knows which slot its thread
+    /// should have — a return into the trampoline entry of an instance the thread pushed —
+    /// and asks [`Self::current`] when this says `None`. (A forked child's thread has its
+    /// parent thread's pointer, and so its slot, which [`Self::current`] would find too.)
+    #[inline(always)]
+    pub(crate) fn owned(index: usize) -> Option<(usize, &'static ThreadSlot)> {
+        let slot = &SLOTS[index & (MAX_THREADS - 1)];
+        (slot.owner.load(Ordering::Relaxed) == thread_pointer()).then_some((index & (MAX_THREADS - 1), slot))
+    }
+
     /// The slot of another thread of this process, (`tp`, `tid`), claimed for it as the
     /// thread itself would claim it ([`Self::current`]) if it has none. The caller holds
     /// that thread stopped (the text layer's stop), so that it cannot claim one meanwhile.

@@ -231,8 +231,8 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u
 /// it). Anything else takes the general path, out of line.
 #[inline(always)]
 pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
-    let guard = HandlerGuard::enter();
     let slot = index / MAX_DEPTH;
+    let guard = HandlerGuard::enter_owned(slot);
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let inst = unsafe { &*instance(index) };
     if inst.probe == GRAPH || !ends_alone(index, regs.rsp) {
@@ -256,7 +256,7 @@ fn on_return_light_general(index: usize, regs: &mut Regs) -> u64 {
 
 #[inline(always)]
 fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs, vectors: VectorSave) -> u64 {
-    let guard = HandlerGuard::enter();
+    let guard = HandlerGuard::enter_owned(index / MAX_DEPTH);
     if let (false, Some(guard)) = (LIGHT, &guard) {
         guard.thread().vectors.store(vectors.word(), Ordering::Relaxed);
     }
