@@ -2,8 +2,8 @@
 //! [`ThreadSlot`], with plain loads and stores, so the check costs a few instructions on the
 //! optimized path and is safe in a signal handler.
 
-use crate::thread_slot::{ThreadSlot, ANY_SITE};
-use std::sync::atomic::Ordering;
+use crate::thread_slot::{ThreadSlot, ANY_SITE, RETURNING};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Held while the current thread runs probe handlers; released on drop.
 pub(crate) struct HandlerGuard {
@@ -24,12 +24,24 @@ impl HandlerGuard {
         Self::enter_site(ANY_SITE as u64).ok()
     }
 
-    /// [`Self::enter`] for a thread that should own thread slot `index` (a return into an
-    /// instance's trampoline entry: the thread that pushed the instance, whose slot it is
-    /// in), checked by [`ThreadSlot::owned`]'s one compare.
+    /// The guard of a thread coming back through a return trampoline, which should own
+    /// thread slot `index` (the thread that pushed the instance it returns through, whose
+    /// slot it is in: checked by [`ThreadSlot::owned`]'s one compare), marked
+    /// [`RETURNING`]: let go of by the trampoline's code, see [`Self::cleared_by_trampoline`].
     #[inline(always)]
-    pub(crate) fn enter_owned(index: usize) -> Option<HandlerGuard> {
-        Self::enter_found(ThreadSlot::owned(index).or_else(ThreadSlot::current), ANY_SITE as u64).ok()
+    pub(crate) fn enter_returning(index: usize) -> Option<HandlerGuard> {
+        Self::enter_found(ThreadSlot::owned(index).or_else(ThreadSlot::current), RETURNING as u64).ok()
+    }
+
+    /// Hands the guard over to the return trampoline's code: the address of the mark word,
+    /// which the trampoline zeroes once the dispatcher has returned into it (see
+    /// `dynprobe_arch`'s `ReturnTo`). Until then the thread counts as inside a handler, and
+    /// as still using the trampoline.
+    #[inline(always)]
+    pub(crate) fn cleared_by_trampoline(self) -> u64 {
+        let mark = &self.slot.active as *const AtomicUsize as u64;
+        std::mem::forget(self);
+        mark
     }
 
     /// [`Self::enter`] for the handlers of the site at `site`, which

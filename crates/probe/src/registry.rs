@@ -237,9 +237,10 @@ pub(crate) fn drain_quarantine(timeout: Duration) -> Result<bool, ProbeError> {
 }
 
 /// Whether no thread of the process is in `ranges`, nor will return into them from a signal
-/// handler it runs: checked with the threads that could be there stopped, as before a
+/// handler it runs, nor is on its way there by what `coming` says (asked in the same stop,
+/// allocating nothing): checked with the threads that could be there stopped, as before a
 /// removed site's memory is freed.
-pub(crate) fn memory_unused(ranges: Vec<Range<u64>>) -> Result<bool, ProbeError> {
+pub(crate) fn memory_unused(ranges: Vec<Range<u64>>, coming: impl Fn() -> bool) -> Result<bool, ProbeError> {
     let _registry = lock()?;
     let stopped = begin(ranges.clone())?;
     let world = stopped.txn.world();
@@ -247,7 +248,8 @@ pub(crate) fn memory_unused(ranges: Vec<Range<u64>>) -> Result<bool, ProbeError>
     let inside = |ip: u64| ranges.iter().any(|r| r.contains(&ip));
     Ok(interrupted.complete()
         && !world.threads().iter().any(|t| inside(t.ip))
-        && !interrupted.contexts().iter().any(|c| inside(c.rip)))
+        && !interrupted.contexts().iter().any(|c| inside(c.rip))
+        && !coming())
 }
 
 /// Gives the registry a symbol table of this process that the caller has just read, for

@@ -20,6 +20,24 @@ use std::time::{Duration, Instant};
 pub const MAX_THREADS: usize = 4096;
 /// The `active` mark of handlers that belong to no site.
 pub(crate) const ANY_SITE: usize = 1;
+/// The `active` mark of a thread on its way back through a return trampoline: set when the
+/// trampoline's dispatcher takes the thread's handler guard, and cleared not by the
+/// dispatcher but by the trampoline's own code once the dispatcher has returned into it
+/// (see `rethook`): while a thread has it, the trampoline must stay ([`any_returning`]).
+pub(crate) const RETURNING: usize = 2;
+
+/// Whether an `active` mark says its thread runs handlers of no site ([`ANY_SITE`]) or is
+/// on its way back through a return trampoline ([`RETURNING`]).
+pub(crate) fn marks_no_site(active: usize) -> bool {
+    active == ANY_SITE || active == RETURNING
+}
+
+/// Whether some thread is on its way back through a return trampoline ([`RETURNING`]).
+/// Threads that exited count too: a mark that can never clear keeps the trampoline, which is
+/// the safe way to be wrong. Allocates nothing (it runs with threads stopped).
+pub(crate) fn any_returning() -> bool {
+    SLOTS.iter().any(|s| s.active.load(Ordering::Acquire) == RETURNING)
+}
 /// How far past its hash a thread's slot may lie.
 const WINDOW: usize = 16;
 
@@ -42,7 +60,7 @@ pub(crate) struct ThreadSlot {
     /// return-probe instance stack) can tell it belongs to a previous owner.
     generation: AtomicU32,
     /// While the owner runs probe handlers: the address of the site whose handlers run
-    /// (or [`ANY_SITE`]); 0 otherwise.
+    /// (or [`ANY_SITE`], or [`RETURNING`]); 0 otherwise.
     pub(crate) active: AtomicUsize,
     /// While the owner, already running handlers, counts a missed hit of another site: that
     /// site's address (the count walks the site's probe list, which must not be freed

@@ -10,6 +10,7 @@
 //!                  <save rax rdx rcx rsi rdi r8-r11, MXCSR and every vector register>
 //!                  call dispatch(entry_i + 5, saved registers, caller's rsp)
 //!                  mov  %rax,8(%rbp)              the original return address
+//!                  movq $0,(%rdx)                 the thread's "returning" mark cleared
 //!                  <restore all of it>
 //!                  mov  %rbp,%rsp ; pop %rbp ; lea 8(%rsp),%rsp
 //!                  ret                            to entry_i + 5: the return predictor stays balanced
@@ -39,6 +40,21 @@ pub const SLED_AFTER_CALL: u64 = 5;
 /// The saved general registers, in the order of the dispatcher's register record.
 pub const SAVED_GPRS: [AsmRegister64; 9] = [rax, rdx, rcx, rsi, rdi, r8, r9, r10, r11];
 
+/// What a dispatcher `common` calls returns, in rax and rdx (a two-word `#[repr(C)]` struct
+/// is returned in that pair under the System V ABI): where the function returns to, and the
+/// address of a word `common` zeroes once the dispatcher has returned — the thread's mark of
+/// being on its way back through the trampoline, which the probe layer sets while its
+/// dispatcher runs and checks before it takes the trampoline away (or a word of no meaning,
+/// when the thread had no mark to clear).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnTo {
+    /// The original return address.
+    pub ip: u64,
+    /// The word `common` zeroes after the dispatcher's return.
+    pub mark: u64,
+}
+
 /// Where the canonical frame address (the unwinders' name for the caller's `rsp` + 8 here)
 /// is, from an offset in `common` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +83,8 @@ pub fn sled_entry(entry_ip: u64, common_ip: u64) -> [u8; SLED_ENTRY_SIZE as usiz
 }
 
 /// Builds `common` at `ip`: `dispatch` is
-/// `extern "C" fn(after_call: u64, saved: *mut [u64; 9], caller_rsp: u64) -> u64`, with the
-/// registers in [`SAVED_GPRS`] order (it may change them), returning the original return
-/// address.
+/// `extern "C" fn(after_call: u64, saved: *mut [u64; 9], caller_rsp: u64) -> ReturnTo`
+/// (see [`ReturnTo`]), with the registers in [`SAVED_GPRS`] order (it may change them).
 pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result<ReturnCommon, RelocError> {
     // The frame below rbp: the vector area (as `vector_moves` lays it out), then the
     // general registers.
@@ -85,9 +100,7 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
         a.mov(rdi, qword_ptr(rbp + 16))?;
         a.lea(rsi, ptr(rsp + vectors))?;
         a.lea(rdx, ptr(rbp + 24))?;
-        a.mov(rax, dispatch)?;
-        a.call(rax)?;
-        a.mov(qword_ptr(rbp + 8), rax)?;
+        call_dispatcher(a, dispatch)?;
         vector_moves(a, width, Direction::Restore)?;
         for (i, &reg) in SAVED_GPRS.iter().enumerate() {
             a.mov(reg, qword_ptr(rsp + (vectors + 8 * i as i32)))?;
@@ -111,11 +124,11 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
 ///   mov  16(%rbp),%rdi ; mov %rsp,%rsi
 ///   call dispatch(entry_i + 5, record)
 ///   mov  %rax,8(%rbp)                  the original return address
+///   movq $0,(%rdx)                     the thread's "returning" mark cleared (see ReturnTo)
 ///   mov  32..112(%rsp),%r11..%rdi      the nine registers back, rax and rdx as the handler left them
 /// ```
 ///
-/// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> u64`, returning the
-/// original return address; it writes the record's `ip` (the original return address, what
+/// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> ReturnTo` (see [`ReturnTo`]); it writes the record's `ip` (the original return address, what
 /// a handler reads there) itself, so `common` leaves that word alone: every store costs
 /// (see the `floor-ret-*` rows of `dynprobe bench`).
 pub fn build_return_common_regs(ip: u64, dispatch: u64) -> Result<ReturnCommon, RelocError> {
@@ -140,14 +153,25 @@ pub fn build_return_common_regs(ip: u64, dispatch: u64) -> Result<ReturnCommon, 
         a.mov(qword_ptr(rsp + FRAME_RSP), rax)?;
         a.mov(rdi, qword_ptr(rbp + 16))?;
         a.mov(rsi, rsp)?;
-        a.mov(rax, dispatch)?;
-        a.call(rax)?;
-        a.mov(qword_ptr(rbp + 8), rax)?;
+        call_dispatcher(a, dispatch)?;
         for (reg, at) in saved() {
             a.mov(reg, qword_ptr(rsp + at))?;
         }
         Ok(())
     })
+}
+
+/// The call of `dispatch` in `common`, and what `common` does with its two results: the
+/// original return address (rax) goes where `common`'s `ret` leaves it for the sled entry's
+/// `jmp`, and the word at the address in rdx is zeroed — the dispatcher's mark that its
+/// thread is on its way back through the trampoline (see [`build_return_common`]), cleared
+/// here, in the trampoline's own code, because a thread still in the dispatcher's code
+/// after it gave its instance back must not see the trampoline taken away under it.
+fn call_dispatcher(a: &mut CodeAssembler, dispatch: u64) -> Result<(), IcedError> {
+    a.mov(rax, dispatch)?;
+    a.call(rax)?;
+    a.mov(qword_ptr(rbp + 8), rax)?;
+    a.mov(qword_ptr(rdx), 0)
 }
 
 /// `common` at `ip`: the fixed prologue (room for the original return address, an rbp
@@ -252,6 +276,27 @@ mod tests {
         assert_eq!(instrs[1].memory_displacement64() as i64, -16);
     }
 
+    /// Right after the dispatcher's call, `common` stores the original return address (rax)
+    /// for the sled entry's `jmp` and zeroes the word whose address came in rdx (the thread's
+    /// mark, see `ReturnTo`) — before any register is reloaded over rdx.
+    fn assert_takes_both_results(instrs: &[iced_x86::Instruction]) {
+        use iced_x86::{Mnemonic, OpKind, Register};
+        let call = instrs.iter().position(|i| i.mnemonic() == Mnemonic::Call).unwrap();
+        let (ip, mark) = (&instrs[call + 1], &instrs[call + 2]);
+        assert_eq!(
+            (ip.mnemonic(), ip.memory_base(), ip.memory_displacement64(), ip.op1_register()),
+            (Mnemonic::Mov, Register::RBP, 8, Register::RAX)
+        );
+        assert_eq!(
+            (mark.mnemonic(), mark.memory_base(), mark.memory_displacement64()),
+            (Mnemonic::Mov, Register::RDX, 0)
+        );
+        assert_eq!(
+            (mark.op1_kind(), mark.immediate(1), mark.memory_size()),
+            (OpKind::Immediate32to64, 0, iced_x86::MemorySize::UInt64)
+        );
+    }
+
     #[test]
     fn common_saves_and_restores_every_clobberable_register() {
         let width = VectorWidth::Avx512 { wide_masks: true };
@@ -261,6 +306,7 @@ mod tests {
         assert_eq!(count(iced_x86::Mnemonic::Vmovdqa64), 64, "zmm0-31 out and back");
         assert_eq!(count(iced_x86::Mnemonic::Kmovq), 16);
         assert_eq!(instrs.last().unwrap().mnemonic(), iced_x86::Mnemonic::Ret);
+        assert_takes_both_results(&instrs);
         // The CFA offsets name instruction boundaries.
         let starts: Vec<u64> = instrs.iter().map(|i| i.ip() - 0x7000_0000).collect();
         for (offset, _) in &common.cfa {
@@ -312,6 +358,7 @@ mod tests {
         assert!(!instrs.iter().any(|i| i.op_count() > 0 && (0..i.op_count()).any(|n| i.op_register(n).is_xmm())));
         // The call's target and arguments, and the same frame and CFA rules as `common`.
         assert_eq!(instrs[call - 1].immediate64(), dispatch);
+        assert_takes_both_results(&instrs);
         assert_eq!(common.cfa.len(), build_return_common(ip, dispatch, VectorWidth::None).unwrap().cfa.len());
         let starts: Vec<u64> = instrs.iter().map(|i| i.ip() - ip).collect();
         for (offset, _) in &common.cfa {

@@ -254,30 +254,30 @@ pub(super) fn enter_graph_call(slot: usize, thread: &ThreadSlot, rsp: u64, func:
 /// alone at its return-address slot — ends without [`end_calls`]' walks (as a light return
 /// probe's does, see `on_return_light`).
 #[inline(always)]
-pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> u64 {
+pub(crate) fn on_graph_return(index: usize, caller_rsp: u64, retval: u64) -> Resume {
     // Held so that a signal handler's traced call cannot push onto the stack while the
     // instances are given back (it counts as missed instead).
-    let _guard = HandlerGuard::enter();
+    let guard = HandlerGuard::enter_returning(index / MAX_DEPTH);
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let inst = unsafe { &*instance(index) };
     let orig = inst.orig;
     if !ends_alone(index, caller_rsp) {
-        return on_graph_return_general(index, caller_rsp, retval, orig);
+        on_graph_return_general(index, caller_rsp, retval);
+    } else {
+        graph_exit(index / MAX_DEPTH, index % MAX_DEPTH, inst, false, retval);
+        give_back_alone(index);
     }
-    graph_exit(index / MAX_DEPTH, index % MAX_DEPTH, inst, false, retval);
-    give_back_alone(index);
-    orig
+    Resume { ip: orig, guard }
 }
 
 /// [`on_graph_return`]'s every case: instances abandoned above the returning one, others
 /// sharing its return-address slot.
 #[cold]
 #[inline(never)]
-fn on_graph_return_general(index: usize, caller_rsp: u64, retval: u64, orig: u64) -> u64 {
+fn on_graph_return_general(index: usize, caller_rsp: u64, retval: u64) {
     end_calls(index, caller_rsp, |slot, k, inst| {
         graph_exit(slot, k, inst, false, retval);
     });
-    orig
 }
 
 /// True when `addr` lies in a return trampoline (a return address a return hook diverted):
@@ -347,7 +347,8 @@ pub unsafe fn graph_adopt(tp: u64, tid: i32, sp: u64, calls: &[InFlightCall], ma
         return None;
     }
     let (slot, thread) = ThreadSlot::of_stopped_thread(tp as usize, tid)?;
-    if thread.active.load(Ordering::Acquire) == crate::thread_slot::ANY_SITE || thread.untraced.load(Ordering::Relaxed)
+    if crate::thread_slot::marks_no_site(thread.active.load(Ordering::Acquire))
+        || thread.untraced.load(Ordering::Relaxed)
     {
         return None;
     }

@@ -213,12 +213,24 @@ pub(crate) fn call_entry_handler(
     handler(regs, data)
 }
 
+/// Where a call that returned into a return trampoline goes on, and its thread's handler
+/// guard, still held — `None` when the thread was inside a handler already (the mark then is
+/// not this path's). The trampoline's code lets go of the guard once no code of the
+/// dispatcher's runs any more ([`HandlerGuard::cleared_by_trampoline`]): a thread between
+/// giving its instance back and leaving the dispatcher still counts as using the trampoline.
+pub(crate) struct Resume {
+    /// The original return address (or where a handler sent the call).
+    pub(crate) ip: u64,
+    /// The guard the return path took, marked `RETURNING`.
+    pub(crate) guard: Option<HandlerGuard>,
+}
+
 /// The return path, called by the trampoline with the index of the instance whose entry the
-/// function returned into and the return registers; returns where execution continues.
+/// function returned into and the return registers; says where execution continues.
 /// `vectors`: where the trampoline saved the vector registers, for the handlers
 /// (`crate::hit_xmm`).
 #[inline]
-pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u64 {
+pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> Resume {
     return_path::<false>(index, regs, vectors)
 }
 
@@ -230,9 +242,9 @@ pub(crate) fn on_return(index: usize, regs: &mut Regs, vectors: VectorSave) -> u
 /// return-address slot (nothing abandoned above it to drop, no other instance to end with
 /// it). Anything else takes the general path, out of line.
 #[inline(always)]
-pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
+pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> Resume {
     let slot = index / MAX_DEPTH;
-    let guard = HandlerGuard::enter_owned(slot);
+    let guard = HandlerGuard::enter_returning(slot);
     // SAFETY: the trampoline entry says this thread pushed this instance.
     let inst = unsafe { &*instance(index) };
     if inst.probe == GRAPH || !ends_alone(index, regs.rsp) {
@@ -244,19 +256,18 @@ pub(crate) fn on_return_light(index: usize, regs: &mut Regs) -> u64 {
         run_return_handler::<true>(slot, inst, regs);
     }
     give_back_alone(index);
-    drop(guard);
-    regs.ip
+    Resume { ip: regs.ip, guard }
 }
 
 /// [`on_return_light`]'s general path: every case [`end_calls`] handles.
 #[inline(never)]
-fn on_return_light_general(index: usize, regs: &mut Regs) -> u64 {
+fn on_return_light_general(index: usize, regs: &mut Regs) -> Resume {
     return_path::<true>(index, regs, VectorSave::NONE)
 }
 
 #[inline(always)]
-fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs, vectors: VectorSave) -> u64 {
-    let guard = HandlerGuard::enter_owned(index / MAX_DEPTH);
+fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs, vectors: VectorSave) -> Resume {
+    let guard = HandlerGuard::enter_returning(index / MAX_DEPTH);
     if let (false, Some(guard)) = (LIGHT, &guard) {
         guard.thread().vectors.store(vectors.word(), Ordering::Relaxed);
     }
@@ -273,7 +284,7 @@ fn return_path<const LIGHT: bool>(index: usize, regs: &mut Regs, vectors: Vector
     if let (false, Some(guard)) = (LIGHT, &guard) {
         guard.thread().vectors.store(0, Ordering::Relaxed);
     }
-    regs.ip
+    Resume { ip: regs.ip, guard }
 }
 
 /// The one place a light return probe's handler is called from (see

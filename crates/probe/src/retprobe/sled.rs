@@ -57,7 +57,9 @@ pub(crate) fn release_trampoline() -> Result<(), String> {
         ));
     }
     let code = [&rethook::FULL, &rethook::LIGHT, &rethook::RP_LIGHT].into_iter().filter_map(rethook::memory).collect();
-    if !crate::registry::memory_unused(code).map_err(|e| e.to_string())? {
+    // A thread that gave its instance back may still be in the dispatcher's code, about to
+    // return into `common`: its guard's mark says so until `common` clears it.
+    if !crate::registry::memory_unused(code, crate::thread_slot::any_returning).map_err(|e| e.to_string())? {
         return Err("a thread is in the return trampoline".to_string());
     }
     if STACKS.iter().any(in_flight) {
@@ -133,5 +135,48 @@ impl Setup {
             .ok_or(ProbeError::TooManyReturnProbes { max: MAX_RETURN_PROBES })?;
         self.next_index = found + 1;
         Ok(found as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A thread that gave its instance back but has not left the dispatcher's code yet —
+    /// its guard still marked `RETURNING`, as it stays until the trampoline's `common`
+    /// clears it — keeps the trampoline: `release_trampoline` refuses while the mark is
+    /// there (the trampoline would be unmapped under the thread's return into `common`),
+    /// and takes the trampoline away once it is gone. Calls that returned through it left
+    /// no mark behind.
+    #[test]
+    fn a_thread_still_on_its_way_back_from_the_dispatcher_keeps_the_trampoline() {
+        // A C library function (dynprobe refuses its own code): labs(3).
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+        let labs = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"labs".as_ptr()) } as u64;
+        assert_ne!(labs, 0);
+        // SAFETY: labs(3)'s own type.
+        let call: extern "C" fn(libc::c_long) -> libc::c_long = unsafe { std::mem::transmute(labs as usize) };
+        let probe = ReturnProbe::at(labs).on_return(|_, _| ()).register().unwrap();
+        assert_eq!(call(std::hint::black_box(-13)), 13);
+        assert_eq!(probe.unregister().unwrap().returns, 1);
+        assert!(!crate::thread_slot::any_returning(), "the return through the trampoline left its mark");
+        let (marked_tx, marked) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let returning = std::thread::spawn(move || {
+            let (slot, _) = ThreadSlot::current().unwrap();
+            let guard = HandlerGuard::enter_returning(slot).unwrap();
+            marked_tx.send(()).unwrap();
+            let _ = go_rx.recv();
+            drop(guard);
+        });
+        marked.recv().unwrap();
+        let refused = release_trampoline().unwrap_err();
+        assert!(refused.contains("a thread is in the return trampoline"), "{refused}");
+        assert!(rethook::memory(&rethook::FULL).is_some(), "the trampoline stays");
+        go.send(()).unwrap();
+        returning.join().unwrap();
+        release_trampoline().unwrap();
+        assert!(rethook::memory(&rethook::FULL).is_none(), "the trampoline went");
     }
 }

@@ -50,7 +50,7 @@ use crate::thread_slot::{ThreadSlot, MAX_THREADS};
 use crate::Probe;
 use dynprobe_arch::native::detour::VectorWidth;
 use dynprobe_arch::native::trampoline::{
-    build_return_common, build_return_common_regs, resume_stub, sled_entry, Cfa, RESUME_STUB_ALIGNED,
+    build_return_common, build_return_common_regs, resume_stub, sled_entry, Cfa, ReturnTo, RESUME_STUB_ALIGNED,
     RESUME_STUB_PUSHED, RESUME_STUB_SIZE, SLED_ENTRY_SIZE,
 };
 use dynprobe_text::pool;
@@ -504,7 +504,7 @@ fn push_entry(out: &mut Vec<u8>, id: u32, body: &[u8]) {
 /// registers and the caller's `rsp` after the return; runs the generic return path (the
 /// kernel's `kretprobe_trampoline_handler`) and returns where to continue. Never unwinds
 /// (handlers' panics are contained by `retprobe`).
-extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> ReturnTo {
     // SAFETY: `common` passes its own stack save area, live for the whole call.
     let save = unsafe { &mut *save };
     let mut regs = Regs {
@@ -524,7 +524,7 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
     // in `dynprobe_arch`'s trampoline module), with the width the sled was built for.
     let width = super::detour::vector_width();
     let vectors = VectorSave::of_area(save as *mut SaveArea as usize - width.save_size() as usize, width);
-    let ret = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs, vectors);
+    let resume = crate::retprobe::on_return(sled_index(&FULL, after_call), &mut regs, vectors);
     // Every register `common` reloads, as the light sled's does: a handler's change reaches
     // the caller the same way on both sleds.
     *save = SaveArea {
@@ -538,17 +538,32 @@ extern "C" fn full_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u6
         r10: regs.r10,
         r11: regs.r11,
     };
-    ret
+    return_to(resume)
+}
+
+/// The word `common` zeroes after a return whose thread held no guard of its own (it was
+/// inside a handler already, whose mark is not the return path's to clear).
+static NO_MARK: AtomicU64 = AtomicU64::new(0);
+
+/// What a dispatcher hands `common` for `resume`: where to go on, and the mark `common`
+/// clears (see `dynprobe_arch`'s `ReturnTo`).
+#[inline(always)]
+fn return_to(resume: crate::retprobe::Resume) -> ReturnTo {
+    let mark = match resume.guard {
+        Some(guard) => guard.cleared_by_trampoline(),
+        None => &NO_MARK as *const AtomicU64 as u64,
+    };
+    ReturnTo { ip: resume.ip, mark }
 }
 
 /// [`full_dispatch`] for the [`RP_LIGHT`] sled, whose `common` saved the registers straight
 /// into `regs` (`build_return_common_regs`) and reloads them from it: the same return path,
 /// its handler called directly.
-extern "C" fn light_return_dispatch(after_call: u64, regs: *mut Regs) -> u64 {
+extern "C" fn light_return_dispatch(after_call: u64, regs: *mut Regs) -> ReturnTo {
     // SAFETY: `common` passes the register record on its own stack, live for the whole call,
     // every word written but `ip`, which the return path writes before anything reads it.
     let regs = unsafe { &mut *regs };
-    crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs)
+    return_to(crate::retprobe::on_return_light(sled_index(&RP_LIGHT, after_call), regs))
 }
 
 /// The light return-probe sled's dispatcher, for its proof.
@@ -571,10 +586,10 @@ pub(crate) fn light_dispatch_code() -> u64 {
 
 /// [`full_dispatch`] for the light sled: only the function-graph tracer's calls return
 /// through it, and they need no registers but the return value (`record -a` records it).
-extern "C" fn light_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> u64 {
+extern "C" fn light_dispatch(after_call: u64, save: *mut SaveArea, caller_rsp: u64) -> ReturnTo {
     // SAFETY: the sled's `common` passes its save area, on this thread's stack, filled.
     let retval = unsafe { (*save).rax };
-    crate::retprobe::on_graph_return(sled_index(&LIGHT, after_call), caller_rsp, retval)
+    return_to(crate::retprobe::on_graph_return(sled_index(&LIGHT, after_call), caller_rsp, retval))
 }
 
 /// The instance index of the sled entry whose `call` pushed `after_call`.
