@@ -640,6 +640,24 @@ fn a_child_forked_during_the_session_is_recorded_and_left_without_patched_code()
     run.quit();
 }
 
+/// A double fork's orphan — its parent ended at once, init adopted it — is no descendant of
+/// the traced process, and is found and restored all the same (by the ring file it
+/// inherited).
+#[test]
+fn an_orphan_a_double_fork_left_during_the_session_is_left_without_patched_code() {
+    let run = record_a_child("orphan", "orphan", &["-F", "mix"], |worker, orphan, untraced| {
+        assert_ne!(worker.code_in(orphan, "mix")[..5], untraced[..5], "the orphan inherited the patched mix");
+        let stat = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap();
+        let parent: i32 = stat.rsplit_once(") ").unwrap().1.split(' ').nth(1).unwrap().parse().unwrap();
+        assert_ne!(parent, worker.pid, "an orphan");
+    });
+    let (orphan, untraced, stderr) = (run.child, &run.untraced, &run.stderr);
+    assert!(stderr.contains(&format!("process {orphan} (forked during the session): its code restored")), "{stderr}");
+    assert_eq!(run.worker.code_in(orphan, "mix"), *untraced, "the orphan's mix has its bytes back");
+    assert_eq!(run.worker.code("mix"), *untraced, "and the worker's");
+    run.quit();
+}
+
 #[test]
 fn a_child_forked_during_a_session_that_watches_for_libraries_does_not_hold_up_its_end() {
     // A pattern naming a library starts the agent's dlopen watch, whose wake-up pipe the

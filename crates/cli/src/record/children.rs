@@ -16,7 +16,9 @@
 //! image that could not restore its own has its children left as they are, and said so.
 //! The same holds for the images of a program `record` started (the processes it forked
 //! that `exec`ed, which may outlive it) and their children, once the program has ended.
-//! One forked before the session has no agent.
+//! One forked before the session has no agent. The processes forked during the session are
+//! found by the ring files they inherited, not by their parent: the orphan a double fork
+//! leaves (a daemon's way to start a helper) is no one's descendant, and found all the same.
 //!
 //! Left in a child: the agent library, unused, as in a process whose calls were in flight
 //! at the detach, with its stop-signal and `SIGTRAP` handlers still installed (they run
@@ -25,7 +27,6 @@
 use dynprobe_events::ending::{self, Process};
 use dynprobe_remote::{Memory, Options, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,19 +44,86 @@ pub(crate) struct Restored {
     pub(crate) result: Result<usize, String>,
 }
 
-/// Restores the code of every live descendant of `pid` that has the agent library mapped
-/// (it was forked while the agent was there) to what `pid`'s code is now. A descendant that
-/// runs an image `exec`'d during the session is left alone: it was started with the agent
-/// preloaded for the recording in `rings` and records as a started program does (its code
-/// is its own, even where a non-PIE program exec'd itself and maps its file where `pid`
-/// does).
+/// Restores the code of every live process forked from `pid` during the session
+/// ([`forked_during_the_session`]: directly or not, whoever its parent is now) to what
+/// `pid`'s code is now. A process that runs an image `exec`'d during the session is left
+/// alone: it was started with the agent preloaded for the recording in `rings` and records
+/// as a started program does (its code is its own, even where a non-PIE program exec'd
+/// itself and maps its file where `pid` does).
 pub(crate) fn restore_forked(pid: i32, agent: &str, rings: &Path) -> Vec<Restored> {
-    descendants(pid)
+    forked_during_the_session(agent, rings)
         .into_iter()
-        .filter(|&child| maps_agent(&maps(child), agent))
-        .filter(|&child| !started_for(child, rings))
-        .map(|child| Restored { pid: child, result: restore(pid, child, agent, rings) })
+        .filter(|forked| forked.root == Some(pid))
+        .filter(|forked| !started_for(forked.pid, rings))
+        .map(|forked| Restored { pid: forked.pid, result: restore(pid, forked.pid, agent, rings) })
         .collect()
+}
+
+/// A live process that runs what it was forked with during the session, and the process
+/// whose code it was forked with.
+struct Forked {
+    pid: i32,
+    /// The first process up its line of forks that was not itself forked during the
+    /// session — the traced program, or an image `exec`'d during the session — whose code
+    /// it inherited, if the line could be followed.
+    root: Option<i32>,
+}
+
+/// Every live process mapping the agent library and a ring file of `rings` (one pass over
+/// `/proc`), each with its [`Forked::root`]. Found by what it maps, and its line followed by
+/// what its fork handler wrote (`parent` in its `.sites` file, `dynprobe_agent`'s `record`
+/// module), rather than by its parent now: a process that forked a child and ended (a
+/// daemon's double fork) leaves an orphan, adopted by init or a subreaper, that still runs
+/// the patched code it was forked with — no one's descendant any more.
+fn forked_during_the_session(agent: &str, rings: &Path) -> Vec<Forked> {
+    let files: Vec<String> = std::fs::read_dir(rings)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    pids.filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| runs_what_it_was_forked_with(&maps(pid), agent, rings))
+        .map(|pid| Forked { pid, root: root_of(pid, rings, &files) })
+        .collect()
+}
+
+/// The first process up `pid`'s line of forks (`files`: the names in `rings`) that was not
+/// forked during the session: one whose `.sites` file names no parent (`parent 0`: the
+/// traced program, or an image `exec`'d during the session). `None` when a link is missing
+/// or the line is too long to be one.
+///
+/// A pid can have several files: an `exec` keeps the pid, so a child forked during the
+/// session that then `exec`s has the forked child's file (its parent named) and the image's
+/// (none). The image's wins: what it forks runs the image's code. (A process forked by such
+/// a child before its `exec` is then taken for the image's: it gets the image's restored
+/// bytes where the two share a mapping — original bytes, as the image's are — and keeps
+/// what they do not share as it is, unsaid.)
+fn root_of(pid: i32, rings: &Path, files: &[String]) -> Option<i32> {
+    // `Some(parent)`, or `None` for a process not forked during the session.
+    let parent = |pid: i32| -> Option<Option<i32>> {
+        let prefix = format!("{pid}.");
+        let parents: Vec<i32> = files
+            .iter()
+            .filter(|f| f.starts_with(&prefix) && f.ends_with(".sites"))
+            .filter_map(|f| std::fs::read_to_string(rings.join(f)).ok())
+            .filter_map(|text| text.lines().find_map(|l| l.strip_prefix("parent\t")?.trim().parse::<i32>().ok()))
+            .collect();
+        match parents.iter().min() {
+            None => None,
+            Some(0) => Some(None),
+            Some(&up) => Some(Some(up)),
+        }
+    };
+    let mut at = pid;
+    for _ in 0..64 {
+        match parent(at)? {
+            Some(up) => at = up,
+            None => return (at != pid).then_some(at),
+        }
+    }
+    None
 }
 
 /// How long an `exec`'d image's agent may take to end its recording once the recording
@@ -150,31 +218,19 @@ pub(crate) struct ForkedByImage {
     pub(crate) image: i32,
 }
 
-/// The live descendants of `images` forked by one of them, recording into `rings`, with
-/// that image. Looked for once the images have ended their recording ([`images_ended`]): a
-/// child forked until then is found.
+/// The live processes forked during the session from one of `images` (directly or not,
+/// whoever their parent is now: [`forked_during_the_session`]), with that image. Looked for
+/// once the images have ended their recording ([`images_ended`]): a child forked until then
+/// is found.
 pub(crate) fn forked_by_images(agent: &str, rings: &Path, images: &[ImageEnd]) -> Vec<ForkedByImage> {
     let is_image = |p: i32| images.iter().any(|i| i.pid == p);
-    let mut found: Vec<i32> = images.iter().flat_map(|image| descendants(image.pid)).collect();
-    // An image's descendants include those of the images it forked.
-    found.sort_unstable();
-    found.dedup();
-    // One that announced itself since is an image too, which found the recording over and
-    // patched nothing.
-    found
+    forked_during_the_session(agent, rings)
         .into_iter()
-        .filter(|&p| !is_image(p) && !announced(p, rings))
-        .filter(|&p| runs_what_it_was_forked_with(&maps(p), agent, rings))
-        .filter_map(|p| {
-            // The nearest ancestor that is such an image.
-            let mut at = p;
-            for _ in 0..64 {
-                at = parent_of(at)?;
-                if is_image(at) {
-                    return Some(ForkedByImage { pid: p, image: at });
-                }
-            }
-            None
+        // One that announced itself since is an image too, which found the recording over
+        // and patched nothing.
+        .filter(|forked| !is_image(forked.pid) && !announced(forked.pid, rings))
+        .filter_map(|forked| {
+            Some(ForkedByImage { pid: forked.pid, image: forked.root.filter(|&root| is_image(root))? })
         })
         .collect()
 }
@@ -229,12 +285,6 @@ fn recording_thread_lives(image: Process, rings: &Path) -> bool {
     Path::new(&format!("/proc/{}/task/{tid}", image.pid)).exists()
 }
 
-/// Process `pid`'s parent (field 4 of `/proc/PID/stat`, proc(5)).
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    ending::stat_field(&stat, 4)?.parse().ok()
-}
-
 /// Whether process `pid`'s image was started with `DYNPROBE_RECORD=<rings>`: an `exec`
 /// during the session carried it. `/proc/PID/environ` (proc(5)) shows the environment the
 /// image started with, which the agent's taking its variables out later does not change.
@@ -269,26 +319,6 @@ fn maps_agent(maps: &[Mapping], agent: &str) -> bool {
 /// an `exec` unmaps.
 fn maps_ring(maps: &[Mapping], rings: &Path) -> bool {
     maps.iter().any(|m| m.path.as_deref().is_some_and(|path| Path::new(path).starts_with(rings)))
-}
-
-/// The live descendants of `pid`, from every process's parent in `/proc/PID/stat`.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        if let Some(ppid) = parent_of(p) {
-            children.entry(ppid).or_default().push(p);
-        }
-    }
-    let mut found = Vec::new();
-    let mut next = vec![pid];
-    while let Some(p) = next.pop() {
-        for &child in children.get(&p).into_iter().flatten() {
-            found.push(child);
-            next.push(child);
-        }
-    }
-    found
 }
 
 /// Process `pid`'s `Uid:` and `Gid:` lines of `/proc/PID/status` (real, effective, saved

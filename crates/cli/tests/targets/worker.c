@@ -10,6 +10,9 @@
  *          "ready <pid>" with the same pid
  *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
  *          prints "forked <child pid>"
+ *   orphan it forks a child that forks a grandchild and exits at once (a double fork): the
+ *          grandchild, an orphan adopted by init, calls mix() every 10 ms until this
+ *          process has ended; the child prints "forked <grandchild pid>"
  *   forkexec  the same, but the child first executes this program again (argument
  *          `child` after LOGFILE), whose new image makes those calls
  *   spawn  the same as forkexec, but the new image (argument `image`) forks a child of its
@@ -27,10 +30,12 @@
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <dlfcn.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define THREADS 4
@@ -104,6 +109,36 @@ static void call_mix_while_parent_lives(void)
 		usleep(10000);
 	}
 	_exit(0);
+}
+
+/* `orphan`: the grandchild's work, mix() every 10 ms until `alive` (the read end of a pipe
+ * whose write end only the worker holds) says the worker has ended. */
+static void double_fork(void)
+{
+	int alive[2];
+	if (pipe(alive) != 0) {
+		printf("forked -1\n");
+		return;
+	}
+	pid_t child = fork();
+	if (child == 0) {
+		pid_t grandchild = fork();
+		if (grandchild == 0) {
+			close(alive[1]);
+			static volatile long sink;
+			struct pollfd gone = { .fd = alive[0], .events = POLLIN };
+			for (long i = 0; poll(&gone, 1, 0) == 0; i++) {
+				sink += mix(i, (int)i);
+				usleep(10000);
+			}
+			_exit(0);
+		}
+		printf("forked %d\n", (int)grandchild);
+		fflush(stdout);
+		_exit(0);
+	}
+	close(alive[0]);
+	waitpid(child, NULL, 0);
 }
 
 /* `disguise`. */
@@ -182,6 +217,11 @@ int main(int argc, char **argv)
 			void *lib = dlopen(line + 5, RTLD_NOW);
 			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "orphan", 6) == 0) {
+			fflush(log_file);
+			double_fork();
 			continue;
 		}
 		if (strncmp(line, "fork", 4) == 0 || strncmp(line, "spawn", 5) == 0) {
