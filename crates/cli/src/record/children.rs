@@ -428,6 +428,36 @@ mod tests {
         assert!(!runs_what_it_was_forked_with(&[code], name, rings), "a program exec'd since");
     }
 
+    /// A line of forks is followed by the parents the `.sites` files name, up to a process
+    /// forked before the session (`parent 0`); a pid that is also an image's (a forked child
+    /// that `exec`ed) is a root; a missing link, or a process that was not forked, has none.
+    #[test]
+    fn a_line_of_forks_ends_at_the_first_process_not_forked_during_the_session() {
+        let rings = std::env::temp_dir().join(format!("dynprobe-root-of-{}", std::process::id()));
+        std::fs::create_dir_all(&rings).unwrap();
+        let write = |name: &str, parent: i32| {
+            std::fs::write(rings.join(name), format!("exe\t/bin/worker\nparent\t{parent}\n")).unwrap();
+        };
+        let files = || -> Vec<String> {
+            std::fs::read_dir(&rings).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+        };
+        // 10, the traced program, forked 20, which forked 30 and ended (30 an orphan now).
+        write("10.0.sites", 0);
+        write("20.1.sites", 10);
+        write("30.2.sites", 20);
+        assert_eq!(root_of(30, &rings, &files()), Some(10));
+        assert_eq!(root_of(20, &rings, &files()), Some(10));
+        assert_eq!(root_of(10, &rings, &files()), None, "the program itself was not forked");
+        assert_eq!(root_of(40, &rings, &files()), None, "no files");
+        // 20 `exec`ed: an image of its own, whose children are its.
+        write("20.3.sites", 0);
+        assert_eq!(root_of(30, &rings, &files()), Some(20));
+        // A link whose files are gone.
+        write("50.4.sites", 44);
+        assert_eq!(root_of(50, &rings, &files()), None);
+        std::fs::remove_dir_all(&rings).unwrap();
+    }
+
     #[test]
     fn differing_runs_and_maps_lines() {
         assert_eq!(differences(b"abcdef", b"abXdYY"), [(2, 3), (4, 6)]);
