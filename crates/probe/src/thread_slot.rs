@@ -38,6 +38,7 @@ pub(crate) fn marks_no_site(active: usize) -> bool {
 pub(crate) fn any_returning() -> bool {
     SLOTS.iter().any(|s| s.active.load(Ordering::Acquire) == RETURNING)
 }
+
 /// How far past its hash a thread's slot may lie.
 const WINDOW: usize = 16;
 
@@ -141,16 +142,20 @@ impl ThreadSlot {
         Self::find_or_claim(tp, tid)
     }
 
-    /// Slot `index`, if the calling thread owns it: one compare of the owner word where
-    /// [`Self::current`] hashes the thread pointer and compares the tid too (~1 ns of a
-    /// return probe's return on a Zen 4 host). For a path that knows which slot its thread
+    /// Slot `index`, if the calling thread owns it: the compares of [`Self::current`]
+    /// without its hash of the thread pointer. For a path that knows which slot its thread
     /// should have — a return into the trampoline entry of an instance the thread pushed —
-    /// and asks [`Self::current`] when this says `None`. (A forked child's thread has its
-    /// parent thread's pointer, and so its slot, which [`Self::current`] would find too.)
+    /// and asks [`Self::current`] when this says `None`. The tid is compared too: a forked
+    /// child's thread has its parent thread's pointer, and so its slot, which
+    /// [`Self::current`] restarts for it (tid, pid, what the parent thread held) before its
+    /// first use — a guard taken on the slot unrestarted would be undone by that restart.
     #[inline(always)]
     pub(crate) fn owned(index: usize) -> Option<(usize, &'static ThreadSlot)> {
-        let slot = &SLOTS[index & (MAX_THREADS - 1)];
-        (slot.owner.load(Ordering::Relaxed) == thread_pointer()).then_some((index & (MAX_THREADS - 1), slot))
+        let index = index & (MAX_THREADS - 1);
+        let slot = &SLOTS[index];
+        let mine =
+            slot.owner.load(Ordering::Relaxed) == thread_pointer() && slot.tid.load(Ordering::Relaxed) == current_tid();
+        mine.then_some((index, slot))
     }
 
     /// The slot of another thread of this process, (`tp`, `tid`), claimed for it as the

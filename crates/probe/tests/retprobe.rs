@@ -586,6 +586,54 @@ fn the_child_of_a_fork_inside_a_probed_function_returns_through_it() {
     assert_eq!((fork_probe.hits, fork_probe.returns, fork_probe.nmissed), (5, 5, 0), "the parent's side");
 }
 
+/// A forked child's first return through the trampoline runs on the slot of the parent's
+/// thread, which the child's thread has not used yet: its return handler still runs with the
+/// thread's guard held, so that a probe hit inside the handler is missed, in the child as in
+/// the parent (the child's counts reach the test through a shared page).
+#[test]
+fn a_forked_child_s_first_return_runs_its_handler_inside_the_guard() {
+    let _serial = setup();
+    let driver = lib().func1("fork_driver");
+    let work = lib().func1("work");
+    // SAFETY: a fresh shared anonymous page, unmapped at the end.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED);
+    // SAFETY: the page is mapped, zeroed and aligned, until the munmap below.
+    let nested: &'static AtomicU64 = unsafe { &*(page as *const AtomicU64) };
+    let inner = dynprobe_probe::Probe::at(sym!("work"))
+        .on_hit(move |regs| {
+            if regs.arg(0) == 777 {
+                nested.fetch_add(1, SeqCst);
+            }
+        })
+        .register()
+        .unwrap();
+    let outer = ReturnProbe::at(sym!("fork_and_return"))
+        .on_return(move |_, _| {
+            work(777);
+        })
+        .register()
+        .unwrap();
+    for x in 0..5 {
+        assert_eq!(driver(x), 42, "the child returned from the probed fork and exited as it should");
+    }
+    let stats = outer.unregister().unwrap();
+    inner.unregister().unwrap();
+    assert_eq!((stats.hits, stats.returns), (5, 5), "the parent's side");
+    assert_eq!(nested.load(SeqCst), 0, "a probe's handler ran inside a return handler, in a forked child");
+    // SAFETY: the page mapped above; nothing refers to it any more.
+    unsafe { libc::munmap(page, 4096) };
+}
+
 #[test]
 fn a_coroutine_suspended_inside_a_probed_function_returns_after_its_starter() {
     let _serial = setup();

@@ -128,9 +128,10 @@ pub fn build_return_common(ip: u64, dispatch: u64, width: VectorWidth) -> Result
 ///   mov  32..112(%rsp),%r11..%rdi      the nine registers back, rax and rdx as the handler left them
 /// ```
 ///
-/// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> ReturnTo` (see [`ReturnTo`]); it writes the record's `ip` (the original return address, what
-/// a handler reads there) itself, so `common` leaves that word alone: every store costs
-/// (see the `floor-ret-*` rows of `dynprobe bench`).
+/// `dispatch` is `extern "C" fn(after_call: u64, record: *mut Regs) -> ReturnTo` (see
+/// [`ReturnTo`]); it writes the record's `ip` (the original return address, what a handler
+/// reads there) itself, so `common` leaves that word alone: every store costs (see the
+/// `floor-ret-*` rows of `dynprobe bench`).
 pub fn build_return_common_regs(ip: u64, dispatch: u64) -> Result<ReturnCommon, RelocError> {
     // (register, offset in the record) of the registers saved: every caller-saved one.
     let saved = || {

@@ -113,7 +113,7 @@ type ReturnHandler = Box<dyn Fn(&mut Regs, &InstanceData) + Send + Sync + 'stati
 /// dispatcher calls [`on_entry_found`] for directly) and the return path (through
 /// [`PROBES`]).
 pub(crate) struct RpShared {
-    /// Index in [`PROBES`] and in the per-thread counts.
+    /// Index in [`PROBES`].
     index: u32,
     /// Unique over the process's life: an instance of a probe whose index was reused by a
     /// newer probe is told apart by it.

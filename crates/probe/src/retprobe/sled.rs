@@ -32,6 +32,10 @@ pub(crate) fn release_backtrace_filter() {
     }
 }
 
+/// How many times [`release_trampoline`] looks for a thread in the trampoline's code before it
+/// keeps the trampoline.
+const RELEASE_TRIES: u32 = 5;
+
 /// Takes the return trampoline and the instance table away when no return probe is
 /// registered and no call can return through the trampoline any more — no instance in use
 /// on any thread's stack (a thread that exited inside a probed call counts as in use, as
@@ -56,11 +60,19 @@ pub(crate) fn release_trampoline() -> Result<(), String> {
              goes through the trampoline"
         ));
     }
-    let code = [&rethook::FULL, &rethook::LIGHT, &rethook::RP_LIGHT].into_iter().filter_map(rethook::memory).collect();
+    let code: Vec<_> =
+        [&rethook::FULL, &rethook::LIGHT, &rethook::RP_LIGHT].into_iter().filter_map(rethook::memory).collect();
     // A thread that gave its instance back may still be in the dispatcher's code, about to
-    // return into `common`: its guard's mark says so until `common` clears it.
-    if !crate::registry::memory_unused(code, crate::thread_slot::any_returning).map_err(|e| e.to_string())? {
-        return Err("a thread is in the return trampoline".to_string());
+    // return into `common`: its guard's mark says so until `common` clears it. A thread
+    // found there, or in the trampoline, is out within a few instructions unless it was
+    // preempted: asked again a few times before the trampoline is kept.
+    let mut tries = 0;
+    while !crate::registry::memory_unused(code.clone(), crate::thread_slot::any_returning).map_err(|e| e.to_string())? {
+        tries += 1;
+        if tries == RELEASE_TRIES {
+            return Err("a thread is in the return trampoline".to_string());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     if STACKS.iter().any(in_flight) {
         return Err("a call was diverted meanwhile".to_string());
