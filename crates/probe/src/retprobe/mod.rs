@@ -222,10 +222,10 @@ pub(crate) struct Resume {
     /// The original return address (or where a handler sent the call).
     pub(crate) ip: u64,
     /// The guard the return path took, marked `RETURNING`. (`None` leaves the thread
-    /// unmarked after its instance is given back: a thread inside a handler already is
-    /// marked by that handler's guard until it returns into the trampoline and beyond; a
-    /// thread with no slot at all — a coroutine moved to a thread that never reached
-    /// dynprobe — is the one left unseen.)
+    /// unseen by the trampoline's release once its instance is given back: a thread with
+    /// no slot — a coroutine moved to a thread that never reached dynprobe — or one inside
+    /// a handler already, which a call entered outside it can only return to by a switch
+    /// of stacks inside the handler.)
     pub(crate) guard: Option<HandlerGuard>,
 }
 
