@@ -136,7 +136,13 @@ impl Tracer {
         }
         let exit_hook: fn(&dynprobe_probe::GraphExit) =
             if with_values { graph::on_exit_values } else { graph::on_exit };
-        dynprobe_probe::graph_install(exit_hook)?;
+        // From here a failure ends the recording as `end` does: the output retired, its
+        // ring let go of (a tracer that failed to start left its ring mapped, 64 GiB of
+        // address space in the process it was to record, and any later start refused).
+        if let Err(e) = dynprobe_probe::graph_install(exit_hook) {
+            graph::retire_output();
+            return Err(e.into());
+        }
         let mut tracer = Tracer {
             values: with_values,
             functions: Vec::new(),
@@ -144,7 +150,11 @@ impl Tracer {
             patched: Vec::new(),
             probes: Vec::new(),
         };
-        tracer.add(selection)?;
+        if let Err(e) = tracer.add(selection) {
+            // `add` leaves nothing patched when it fails.
+            let _ = tracer.end();
+            return Err(e);
+        }
         Ok(tracer)
     }
 

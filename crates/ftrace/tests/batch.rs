@@ -7,22 +7,8 @@ use dynprobe_events::record::Kind;
 use dynprobe_events::ring::RingFile;
 use dynprobe_ftrace::{Filter, Selection, SiteMethod, Tracer};
 use dynprobe_symbols::SymbolTable;
-use std::ffi::CString;
-use std::path::PathBuf;
-use std::process::Command;
 
-fn build_library() -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libftrace_sites.so");
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lib_sites.c");
-    let status = Command::new("gcc")
-        .args(["-O1", "-shared", "-fPIC", "-fpatchable-function-entry=5", "-fcf-protection=none", "-o"])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .expect("run gcc (scripts/setup installs it)");
-    assert!(status.success());
-    out
-}
+mod common;
 
 fn read(addr: u64) -> [u8; 5] {
     let mut b = [0; 5];
@@ -32,13 +18,7 @@ fn read(addr: u64) -> [u8; 5] {
 
 #[test]
 fn nops_become_calls_in_one_batch_and_come_back() {
-    let path = build_library();
-    let c_path = CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: dlopen of a library we just built; it is never closed.
-    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW) };
-    assert!(!handle.is_null());
-    // SAFETY: looking up a function of that library.
-    let outer: extern "C" fn(i64) -> i64 = unsafe { std::mem::transmute(libc::dlsym(handle, c"outer".as_ptr())) };
+    let outer = common::outer(common::load_library());
     assert_eq!(outer(1), 4 + 7);
 
     let table = SymbolTable::current_process().unwrap();
@@ -58,7 +38,7 @@ fn nops_become_calls_in_one_batch_and_come_back() {
         assert_eq!(read(site), [0x90; 5]);
     }
 
-    let dir = tempdir();
+    let dir = common::tempdir("batch");
     let ring_path = dir.join("test.ring");
     let ring = RingFile::create(&ring_path, dynprobe_probe::MAX_THREADS, 1024, Clock::detect()).unwrap();
     let tracer = Tracer::start(selection, ring, Clock::detect(), usize::MAX).unwrap();
@@ -96,10 +76,4 @@ fn nops_become_calls_in_one_batch_and_come_back() {
     ];
     assert_eq!(events, [one_call, one_call].concat());
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempdir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ftrace-batch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
