@@ -163,10 +163,10 @@ pub(crate) fn free_retired() {
 /// `ra_slot` is the traced function's return-address slot.
 pub(crate) extern "C" fn caller_dispatch(id: u64, ra_slot: u64) {
     let Some(out) = output() else { return };
-    // Entering may report calls found abandoned (with their own, later, clock reading):
-    // the entry's time is read after, so that its record sorts after theirs.
-    let entry = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth);
-    record_entry(out, entry, out.clock.now(), id);
+    // The entry's time sorts after the records of any calls entering finds abandoned (see
+    // `graph_enter`).
+    let (entry, time) = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth, || out.clock.now());
+    record_entry(out, entry, time, id);
 }
 
 /// The pre-handler of a plain-entry site's probe.
@@ -248,8 +248,7 @@ fn vector_arguments() -> [u64; 8] {
 pub(crate) extern "C" fn caller_dispatch_values(id: u64, ra_slot: u64) {
     let vector = vector_arguments();
     let Some(out) = output() else { return };
-    let entry = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth);
-    let time = out.clock.now();
+    let (entry, time) = graph_enter(ra_slot, id as u32 | out.tag, out.max_depth, || out.clock.now());
     let word = |below: u64| {
         // SAFETY: the caller pushed these registers on this thread's stack, just below the
         // return-address slot (`ARGUMENTS_BELOW_SLOT`).
