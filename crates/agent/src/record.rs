@@ -702,6 +702,16 @@ fn give_child_its_ring() {
     // SAFETY: getpid and getppid cannot fail.
     let (pid, ppid) = unsafe { (libc::getpid() as u64, libc::getppid() as u32) };
     let dir = &paths.dir;
+    // A child forked once the recording is over (the program `record` started has ended,
+    // and its files with it) is not recorded, and nothing need be said of it on the
+    // program's stderr: it is detached as an attach session's end detaches one.
+    let mut live = PathText::new();
+    live.bytes(dir.as_bytes()).byte(b'/').bytes(ending::RECORDING_FILE.as_bytes());
+    // SAFETY: a NUL-terminated path on the stack; access only looks.
+    if live.c_str().is_some_and(|path| unsafe { libc::access(path.as_ptr(), libc::F_OK) } != 0) {
+        ring.detach_in_child();
+        return;
+    }
     let name = |n: u32, ext: &[u8]| {
         let mut t = PathText::new();
         t.bytes(dir.as_bytes()).byte(b'/').dec(pid).byte(b'.').dec(u64::from(n)).byte(b'.').bytes(ext);

@@ -846,6 +846,30 @@ fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_re
     wait_for_the_end_of(child);
 }
 
+/// A child of a program `record` started that forks once the recording is over (the program
+/// ended, and the recording's files with it) does not record that fork, and says nothing of
+/// it on the program's stderr: its agent had no name for the grandchild's trace files, and
+/// wrote so, into the user's program's output.
+#[test]
+fn a_fork_after_a_started_program_s_recording_ended_is_not_reported_on_its_stderr() {
+    let (worker_exe, _) = worker_and_plugin();
+    let test = "started-late-fork";
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
+    let mut command = common::dynprobe();
+    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
+    // A file, not a pipe: the child holds dynprobe's stderr after it ended.
+    command.stderr(std::fs::File::create(&said).unwrap());
+    let mut worker = Worker::start_by(command, worker_exe, log.clone());
+    let child: i32 = worker.ask("late").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    worker.quit();
+    let forked_late = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("late fork done"));
+    wait_until(forked_late, "the child forked after the recording's end");
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    assert!(!stderr.contains("dynprobe agent"), "{stderr}");
+    wait_for_the_end_of(child);
+}
+
 /// A child forked by an exec'd image whose pid had been an image's that ended during the
 /// session (planted here: that image's announcement and word, of another start time) is
 /// neither waited for nor taken for that image: it gets its own image's code back.
