@@ -699,8 +699,16 @@ fn give_child_its_ring() {
         ring.detach_in_child();
         return;
     };
+    // The process it was forked from is the ring's, still the parent's file here: not
+    // getppid(), which says 1 (or a subreaper) once a parent that forked and exited at once
+    // (a daemon's way, a shell's `( … ) &`) has gone, and the child's line of forks would
+    // then end nowhere.
     // SAFETY: getpid and getppid cannot fail.
     let (pid, ppid) = unsafe { (libc::getpid() as u64, libc::getppid() as u32) };
+    let ppid = match ring.pid() {
+        0 => ppid,
+        forker => forker,
+    };
     let dir = &paths.dir;
     // A child forked once the recording is over (the program `record` started has ended,
     // and its files with it) is not recorded, and nothing need be said of it on the

@@ -846,6 +846,41 @@ fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_re
     wait_for_the_end_of(child);
 }
 
+/// A child that the program `record` started forked, and that outlives it (a daemon's way),
+/// has no process left to take its bytes from once the program has ended: it gets what
+/// dynprobe patched back from the files its code is mapped from, and runs on.
+#[test]
+fn a_child_that_outlives_the_started_program_gets_its_code_back_from_its_files() {
+    let (worker_exe, _) = worker_and_plugin();
+    let untraced_code = start_worker("started-keep-plain").code("mix");
+    let test = "started-keep";
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
+    let mut command = common::dynprobe();
+    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
+    // A file, not a pipe: the child holds dynprobe's stderr after it ended.
+    command.stderr(std::fs::File::create(&said).unwrap());
+    let mut worker = Worker::start_by(command, worker_exe, log);
+    let program = worker.pid;
+    let child: i32 = worker.ask("keep").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    let code_in = |pid| common::attached::code_in(worker_exe, pid, "mix");
+    assert_ne!(code_in(child)[..5], untraced_code[..5], "the child inherited the patched mix");
+    std::thread::sleep(Duration::from_millis(300));
+    worker.quit();
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    let said_so = format!(
+        "process {child} (forked during the session from {program}, which has ended): its code restored from its files"
+    );
+    assert!(stderr.contains(&said_so), "{stderr}");
+    assert_eq!(code_in(child), untraced_code, "the child's mix restored after the recording");
+    child_section(&dir, child);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    // SAFETY: kill sends a signal to a process of this test's.
+    unsafe { libc::kill(child, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+}
+
 /// A child of a program `record` started that forks once the recording is over (the program
 /// ended, and the recording's files with it) does not record that fork, and says nothing of
 /// it on the program's stderr: its agent had no name for the grandchild's trace files, and

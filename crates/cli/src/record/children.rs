@@ -16,6 +16,9 @@
 //! image that could not restore its own has its children left as they are, and said so.
 //! The same holds for the images of a program `record` started (the processes it forked
 //! that `exec`ed, which may outlive it) and their children, once the program has ended.
+//! A process forked from one that has ended by the end of the session (the program `record`
+//! started forked it and exited, as a daemon does) has no process to take its bytes from:
+//! it gets what dynprobe patched back from the files its code is mapped from, and only that.
 //! One forked before the session has no agent. The processes forked during the session are
 //! found by the ring files they inherited, not by their parent: the orphan a double fork
 //! leaves (a daemon's way to start a helper) is no one's descendant, and found all the same.
@@ -347,15 +350,7 @@ fn maps(pid: i32) -> Vec<Mapping> {
 /// root) must not get the traced program's bytes.
 fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
     let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
-    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
-    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
-    if announced(child, rings) {
-        return Ok(0);
-    }
-    if !runs_what_it_was_forked_with(&maps(child), agent, rings) {
-        // It executed another program since it was found: none of its code is patched.
-        return Ok(0);
-    }
+    let Some(tracee) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
     if ids(parent).is_none() || ids(parent) != ids(child) {
         return Err(format!("its user or group ids are not those of process {parent}: left as it is"));
     }
@@ -386,6 +381,112 @@ fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, 
     // Dropped: every thread of the child is let go and runs on.
     drop(tracee);
     Ok(runs)
+}
+
+/// `child` with every thread stopped, if it still runs what it was forked with (see
+/// [`restore`]); `None` when it has `exec`'d since it was found (an image recording into
+/// `rings` that announced itself, or another program): none of its code is patched then.
+fn stopped_as_forked(child: i32, agent: &str, rings: &Path) -> Result<Option<Tracee>, String> {
+    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
+    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+    let forked = !announced(child, rings) && runs_what_it_was_forked_with(&maps(child), agent, rings);
+    Ok(forked.then_some(tracee))
+}
+
+/// The live processes forked during the session whose line of forks starts at a process
+/// that has ended (the program `record` started, an image `exec`'d during the session), as
+/// (pid, that process). No process holds their code restored any more; see
+/// [`restore_from_files`].
+pub(crate) fn forked_from_ended(agent: &str, rings: &Path) -> Vec<(i32, i32)> {
+    forked_during_the_session(agent, rings)
+        .into_iter()
+        .filter(|forked| !announced(forked.pid, rings))
+        .filter_map(|forked| Some((forked.pid, forked.root?)))
+        .filter(|&(_, root)| !Path::new(&format!("/proc/{root}")).exists())
+        .collect()
+}
+
+/// Puts back, in `child` — forked from a process that has ended, so that no process holds
+/// its code restored — the bytes dynprobe patched, from the files its code is mapped from
+/// (`/proc/PID/map_files`: the very files, even if their paths were replaced since). Only
+/// what dynprobe writes is put back: a `jmp` or `call` with a 32-bit displacement into
+/// dynprobe's code (the agent library, or anonymous executable memory: a detour, a
+/// trampoline) and the `int3` padding after it, or a lone `int3`, where the file has other
+/// bytes. Any other difference — a text relocation, the program's own patching — stays.
+/// How many runs were put back; nothing is written unless, once stopped, the child still
+/// runs what it was forked with (see [`restore`]).
+pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
+    let Some(tracee) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
+    let maps = maps(child);
+    let ours: Vec<std::ops::Range<u64>> = maps
+        .iter()
+        .filter(|m| m.exec && m.path.as_deref().is_none_or(|path| path.ends_with(agent)))
+        .map(|m| m.start..m.end)
+        .collect();
+    let mut runs = 0;
+    for m in
+        maps.iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/') && !p.ends_with(agent)))
+    {
+        let file = std::fs::File::open(format!("/proc/{child}/map_files/{:x}-{:x}", m.start, m.end))
+            .map_err(|e| format!("cannot open the file mapped at {:#x}: {e}", m.start))?;
+        let len = (m.end - m.start) as usize;
+        let (mut want, mut have) = (vec![0u8; len], vec![0u8; len]);
+        // Past the file's end a mapping reads as zeros, as `want` is.
+        let mut got = 0;
+        while got < len {
+            match std::os::unix::fs::FileExt::read_at(&file, &mut want[got..], m.offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => return Err(format!("cannot read the file mapped at {:#x}: {e}", m.start)),
+            }
+        }
+        tracee.read_memory(m.start, &mut have).map_err(|e| e.to_string())?;
+        for (start, end) in dynprobe_patches(&want, &have, m.start, &ours) {
+            tracee.write_memory(m.start + start as u64, &want[start..end]).map_err(|e| e.to_string())?;
+            runs += 1;
+        }
+    }
+    // Dropped: every thread of the child is let go and runs on.
+    drop(tracee);
+    Ok(runs)
+}
+
+/// Where `have` (code at `base`) holds, over bytes `want` does not, what dynprobe writes
+/// into code (see [`restore_from_files`]), as runs `[start, end)` covering each whole patch:
+/// a `jmp`/`call` rel32 into `ours` and the `int3`s after it, or a lone `int3`.
+fn dynprobe_patches(want: &[u8], have: &[u8], base: u64, ours: &[std::ops::Range<u64>]) -> Vec<(usize, usize)> {
+    const REL32: usize = 5;
+    let branch_into_ours = |at: usize| -> bool {
+        let Some(bytes) = have.get(at..at + REL32) else { return false };
+        let rel = i32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let target = (base + (at + REL32) as u64).wrapping_add_signed(i64::from(rel));
+        matches!(bytes[0], 0xe8 | 0xe9) && ours.iter().any(|r| r.contains(&target))
+    };
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < have.len() {
+        if have[i] == want[i] {
+            i += 1;
+            continue;
+        }
+        // The patch this difference is part of: a branch starting here or up to four bytes
+        // before (its displacement's bytes may differ where its opcode does not).
+        let branch = (i.saturating_sub(REL32 - 1)..=i).find(|&at| branch_into_ours(at));
+        let (start, mut end) = match branch {
+            Some(at) => (at, at + REL32),
+            None if have[i] == 0xcc => (i, i + 1),
+            None => {
+                i += 1;
+                continue;
+            }
+        };
+        while end < have.len() && have[end] == 0xcc && want[end] != 0xcc {
+            end += 1;
+        }
+        runs.push((start, end));
+        i = end;
+    }
+    runs
 }
 
 /// The runs `[start, end)` where `a` and `b` differ.
@@ -456,6 +557,32 @@ mod tests {
         write("50.4.sites", 44);
         assert_eq!(root_of(50, &rings, &files()), None);
         std::fs::remove_dir_all(&rings).unwrap();
+    }
+
+    /// Only what dynprobe writes is put back from the file: a jmp/call rel32 into its code
+    /// with the int3 padding after it (whole, even where a displacement byte equals the
+    /// file's), a lone int3; a call elsewhere or any other change stays.
+    #[test]
+    fn the_patches_put_back_from_files_are_dynprobe_s_only() {
+        let base = 0x40_0000u64;
+        // The agent library and a detour pool.
+        let ours = [0x7000_0000u64..0x7001_0000, 0x7100_0000..0x7100_1000];
+        let rel_to =
+            |from: usize, target: u64| ((target as i64 - (base + from as u64 + 5) as i64) as i32).to_le_bytes();
+        let want = vec![0x90u8; 64];
+        let mut have = want.clone();
+        // A jump into our code at 4, with two int3s of padding; its last displacement byte
+        // happens to equal the file's.
+        let r = rel_to(4, 0x7000_9010);
+        assert_eq!(r[1], 0x90, "the displacement byte that equals the file's");
+        have[4..9].copy_from_slice(&[0xe9, r[0], r[1], r[2], r[3]]);
+        have[9..11].copy_from_slice(&[0xcc, 0xcc]);
+        // A lone int3 at 20; a call somewhere else at 30; a changed byte at 50.
+        have[20] = 0xcc;
+        let r = rel_to(30, 0x1234_0000);
+        have[30..35].copy_from_slice(&[0xe8, r[0], r[1], r[2], r[3]]);
+        have[50] = 0x42;
+        assert_eq!(dynprobe_patches(&want, &have, base, &ours), [(4, 11), (20, 21)]);
     }
 
     #[test]

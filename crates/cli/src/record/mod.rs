@@ -259,10 +259,16 @@ fn record_attached(args: &RecordArgs, matches: &ArgMatches, pid: i32) -> Result<
 /// children are looked for once they all have (none forked meanwhile is missed), and get
 /// their image's bytes only if it restored them. All of this before the recorder's last
 /// drain: the images and their children record until then, and what they recorded is
-/// drained and counted like the rest.
+/// drained and counted like the rest. The children of a process that has ended (the program
+/// itself, when its children outlive it) get what dynprobe patched back from their files,
+/// first while the recording goes on, so that a child forked meanwhile is found too.
 fn end_images(rings: &Path, agent_name: &str) {
     // For tests: the window in which an image exec'd during the session still records.
     pause_for_tests("DYNPROBE_TEST_PAUSE_BEFORE_IMAGES_END_MS", "before the images' recording ends");
+    // While the recording goes on: a child such a process forks meanwhile makes its files,
+    // and is found by the next look (one forked once the recording file is gone makes none).
+    let mut restored = Vec::new();
+    restore_children_of_ended(rings, agent_name, &mut restored);
     let _ = fs::remove_file(rings.join(ending::RECORDING_FILE));
     let images = children::images_ended(rings);
     for image in &images {
@@ -290,9 +296,40 @@ fn end_images(rings: &Path, agent_name: &str) {
             ),
         }
     }
+    // Those of images that ended meanwhile.
+    restore_children_of_ended(rings, agent_name, &mut restored);
     // For tests: the window in which an image whose `exec` was under way as the recording
     // ended announces itself after the images were looked for, the ring directory still there.
     pause_for_tests("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "after the images' recording ended");
+}
+
+/// Gives the processes forked from one that has ended — the program `record` started, which
+/// forked them and exited (a daemon's way), or an image that did — the bytes dynprobe
+/// patched, from their files (no process holds their code restored any more), and says so;
+/// looks again while it finds new ones (a child forks while its parent is being restored),
+/// a few times at most. `done`: the pids already restored.
+fn restore_children_of_ended(rings: &Path, agent_name: &str, done: &mut Vec<i32>) {
+    for _ in 0..3 {
+        let found: Vec<(i32, i32)> =
+            children::forked_from_ended(agent_name, rings).into_iter().filter(|(pid, _)| !done.contains(pid)).collect();
+        if found.is_empty() {
+            return;
+        }
+        for (pid, from) in found {
+            done.push(pid);
+            match children::restore_from_files(pid, agent_name, rings) {
+                Ok(0) => {}
+                Ok(runs) => eprintln!(
+                    "dynprobe: process {pid} (forked during the session from {from}, which has ended): its code \
+                     restored from its files ({runs} patched range(s))"
+                ),
+                Err(why) => eprintln!(
+                    "dynprobe: warning: process {pid} (forked during the session from {from}, which has ended) keeps \
+                     patched code: {why}"
+                ),
+            }
+        }
+    }
 }
 
 /// For tests: says so and pauses `what` for the milliseconds in variable `name`, if set.

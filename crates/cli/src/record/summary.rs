@@ -44,8 +44,11 @@ fn sites(trace: &Trace) -> String {
     let mut shown: Vec<&ProcessTrace> = Vec::new();
     let mut warned = std::collections::HashSet::new();
     for process in &trace.processes {
-        // A forked child runs its parent's image, patched once: it is counted with it.
-        let forked = trace.processes.iter().any(|p| p.pid == process.parent && p.exe == process.exe);
+        // A forked child runs the image it was forked from, patched once: it is counted with
+        // it, also when the process between them is not in the trace (it ended before its
+        // fork handler gave it files of its own), where it used to get a table of no sites
+        // "found" of its own.
+        let forked = process.parent != 0;
         if forked || shown.iter().any(|p| same_image(p, process)) {
             continue;
         }
@@ -190,6 +193,20 @@ mod tests {
         assert_eq!(lines[15], "dynprobe: function sites in /bin/sh (pid 12):");
         assert!(lines[20].starts_with("dynprobe: no function sites found in /bin/dash (pid 13): "), "{}", lines[20]);
         assert_eq!(lines.len(), 21);
+    }
+
+    /// A forked child whose parent is not in the trace (it ended before its fork handler
+    /// gave it files of its own) is counted with the image it was forked from, not given a
+    /// table of no sites found of its own: its files name no sites, being a child's.
+    #[test]
+    fn a_forked_child_whose_parent_is_not_in_the_trace_has_no_table_of_its_own() {
+        let mut grandchild = image(31, "/bin/demo", 0);
+        grandchild.parent = 30;
+        grandchild.sites.kinds = Vec::new();
+        let trace = Trace { processes: vec![image(10, "/bin/demo", 0), grandchild], ..Default::default() };
+        let text = sites(&trace);
+        assert!(text.starts_with("dynprobe: function sites in /bin/demo (pid 10):"), "{text}");
+        assert!(!text.contains("no function sites"), "{text}");
     }
 
     /// A helper a wrapper script runs again and again (a shell, `env`) is one table, however

@@ -10,6 +10,8 @@
  *          "ready <pid>" with the same pid
  *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
  *          prints "forked <child pid>"
+ *   keep   it forks a child that calls mix() every 10 ms for a minute (or until SIGTERM),
+ *          also once this process has ended, and prints "forked <child pid>"
  *   late   it forks a child that, once this process has ended and a second more has passed,
  *          forks a grandchild that exits at once, then writes "late fork done" to the log
  *          file and exits; it prints "forked <child pid>"
@@ -144,6 +146,17 @@ static void double_fork(void)
 	waitpid(child, NULL, 0);
 }
 
+/* `keep`: the child's work, mix() every 10 ms for a minute. */
+static void call_mix_for_a_minute(void)
+{
+	static volatile long sink;
+	for (long i = 0; i < 6000; i++) {
+		sink += mix(i, (int)i);
+		usleep(10000);
+	}
+	_exit(0);
+}
+
 /* `late`: the child's work, a fork well after its parent has ended. */
 static void fork_late(void)
 {
@@ -236,6 +249,14 @@ int main(int argc, char **argv)
 			void *lib = dlopen(line + 5, RTLD_NOW);
 			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "keep", 4) == 0) {
+			fflush(log_file);
+			pid_t child = fork();
+			if (child == 0)
+				call_mix_for_a_minute();
+			printf("forked %d\n", (int)child);
 			continue;
 		}
 		if (strncmp(line, "late", 4) == 0) {
