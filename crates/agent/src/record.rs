@@ -710,16 +710,6 @@ fn give_child_its_ring() {
         forker => forker,
     };
     let dir = &paths.dir;
-    // A child forked once the recording is over (the program `record` started has ended,
-    // and its files with it) is not recorded, and nothing need be said of it on the
-    // program's stderr: it is detached as an attach session's end detaches one.
-    let mut live = PathText::new();
-    live.bytes(dir.as_bytes()).byte(b'/').bytes(ending::RECORDING_FILE.as_bytes());
-    // SAFETY: a NUL-terminated path on the stack; access only looks.
-    if live.c_str().is_some_and(|path| unsafe { libc::access(path.as_ptr(), libc::F_OK) } != 0) {
-        ring.detach_in_child();
-        return;
-    }
     let name = |n: u32, ext: &[u8]| {
         let mut t = PathText::new();
         t.bytes(dir.as_bytes()).byte(b'/').dec(pid).byte(b'.').dec(u64::from(n)).byte(b'.').bytes(ext);
@@ -731,10 +721,17 @@ fn give_child_its_ring() {
         // SAFETY: both are NUL-terminated paths on the stack.
         if unsafe { libc::link(from.as_ptr(), to.as_ptr()) } != 0 {
             // SAFETY: reading this thread's errno.
-            if unsafe { *libc::__errno_location() } == libc::EEXIST {
-                continue;
+            match unsafe { *libc::__errno_location() } {
+                libc::EEXIST => continue,
+                // The recording is over and its files are gone (the program `record`
+                // started has ended, and the directory with it): the child is not recorded,
+                // and nothing need be said of it on the program's stderr.
+                libc::ENOENT => {
+                    ring.detach_in_child();
+                    return;
+                }
+                _ => break,
             }
-            break;
         }
         if let Some(markers) = &mut paths.markers {
             let mut link = name(n, b"markers");

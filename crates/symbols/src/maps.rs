@@ -23,6 +23,9 @@ pub struct Mapping {
     /// The kernel appends " (deleted)" when the file was unlinked after mapping; the suffix
     /// is removed from `path` and remembered here.
     pub deleted: bool,
+    /// The mapped file's inode number (0 for anonymous memory): tells whether the file at
+    /// `path` now is the one mapped.
+    pub inode: u64,
 }
 
 /// Every mapping of one path, in address order.
@@ -62,7 +65,7 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
     let perms = field();
     let offset = field();
     let _dev = field();
-    let _inode = field();
+    let inode = field();
     let path = rest.trim_start();
 
     let (start, end) = range.split_once('-')?;
@@ -78,7 +81,8 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
             None => (Some(p.to_string()), false),
         },
     };
-    Some(Mapping { start, end, exec, offset, path, deleted })
+    let inode = inode.parse().ok()?;
+    Some(Mapping { start, end, exec, offset, path, deleted, inode })
 }
 
 /// Groups the file-backed mappings of a maps text by path, in order of first appearance.

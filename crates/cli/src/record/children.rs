@@ -97,26 +97,24 @@ fn forked_during_the_session(agent: &str, rings: &Path) -> Vec<Forked> {
 /// traced program, or an image `exec`'d during the session). `None` when a link is missing
 /// or the line is too long to be one.
 ///
-/// A pid can have several files: an `exec` keeps the pid, so a child forked during the
-/// session that then `exec`s has the forked child's file (its parent named) and the image's
-/// (none). The image's wins: what it forks runs the image's code. (A process forked by such
-/// a child before its `exec` is then taken for the image's: it gets the image's restored
-/// bytes where the two share a mapping — original bytes, as the image's are — and keeps
-/// what they do not share as it is, unsaid.)
+/// A pid can have several files, `<pid>.<n>.sites`, each process taking the first free `n`:
+/// the newest is the one with the highest `n`. An `exec` keeps the pid, so a child forked
+/// during the session that then `exec`s has the forked child's file (its parent named) and,
+/// newer, the image's (none): what it forks runs the image's code. A pid reused during the
+/// session has its earlier process's files, older. (A process forked by such a child before
+/// its `exec` is then taken for the image's: it gets the image's restored bytes where the
+/// two share a mapping — original bytes, as the image's are — and keeps what they do not
+/// share as it is, unsaid.)
 fn root_of(pid: i32, rings: &Path, files: &[String]) -> Option<i32> {
     // `Some(parent)`, or `None` for a process not forked during the session.
     let parent = |pid: i32| -> Option<Option<i32>> {
         let prefix = format!("{pid}.");
-        let parents: Vec<i32> = files
-            .iter()
-            .filter(|f| f.starts_with(&prefix) && f.ends_with(".sites"))
-            .filter_map(|f| std::fs::read_to_string(rings.join(f)).ok())
-            .filter_map(|text| text.lines().find_map(|l| l.strip_prefix("parent\t")?.trim().parse::<i32>().ok()))
-            .collect();
-        match parents.iter().min() {
-            None => None,
-            Some(0) => Some(None),
-            Some(&up) => Some(Some(up)),
+        let n = |f: &String| f.strip_prefix(&prefix)?.strip_suffix(".sites")?.parse::<u32>().ok();
+        let newest = files.iter().filter_map(|f| Some((n(f)?, f))).max()?.1;
+        let text = std::fs::read_to_string(rings.join(newest)).ok()?;
+        match text.lines().find_map(|l| l.strip_prefix("parent\t")?.trim().parse::<i32>().ok())? {
+            0 => Some(None),
+            up => Some(Some(up)),
         }
     };
     let mut at = pid;
@@ -402,17 +400,27 @@ pub(crate) fn forked_from_ended(agent: &str, rings: &Path) -> Vec<(i32, i32)> {
         .into_iter()
         .filter(|forked| !announced(forked.pid, rings))
         .filter_map(|forked| Some((forked.pid, forked.root?)))
-        .filter(|&(_, root)| !Path::new(&format!("/proc/{root}")).exists())
+        .filter(|&(_, root)| ended(root))
         .collect()
+}
+
+/// Whether process `pid` has ended: gone, or a zombie its parent has not reaped yet
+/// (`/proc/PID/stat`'s state, proc(5)).
+fn ended(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    ending::stat_field(&stat, 3).is_none_or(|state| state == "Z" || state == "X")
 }
 
 /// Puts back, in `child` — forked from a process that has ended, so that no process holds
 /// its code restored — the bytes dynprobe patched, from the files its code is mapped from
-/// (`/proc/PID/map_files`: the very files, even if their paths were replaced since). Only
-/// what dynprobe writes is put back: a `jmp` or `call` with a 32-bit displacement into
-/// dynprobe's code (the agent library, or anonymous executable memory: a detour, a
-/// trampoline) and the `int3` padding after it, or a lone `int3`, where the file has other
-/// bytes. Any other difference — a text relocation, the program's own patching — stays.
+/// (`/proc/PID/map_files`, the very files, for a privileged user; else the path, if it
+/// still names the mapped inode). Only what dynprobe writes is put back, where the file has
+/// other bytes (see [`dynprobe_patches`]): a `jmp` or `call` with a 32-bit displacement into
+/// dynprobe's code (the agent library, or any anonymous executable memory: a detour, a
+/// trampoline) and the `int3` padding after it, a short `jmp` to such a jump (an entry and
+/// its island), or an `int3` and what follows it of a patch being written. A text
+/// relocation or the program's own patching stays; a breakpoint of anyone's (a kernel
+/// uprobe's in the child's pages) and another tool's jumps into anonymous code go too.
 /// How many runs were put back; nothing is written unless, once stopped, the child still
 /// runs what it was forked with (see [`restore`]).
 pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
@@ -427,9 +435,11 @@ pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Resul
     for m in
         maps.iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/') && !p.ends_with(agent)))
     {
-        let file = std::fs::File::open(format!("/proc/{child}/map_files/{:x}-{:x}", m.start, m.end))
-            .map_err(|e| format!("cannot open the file mapped at {:#x}: {e}", m.start))?;
+        let file = mapped_file(child, m)?;
         let len = (m.end - m.start) as usize;
+        if len > MAX_RESTORED_MAPPING {
+            return Err(format!("the code mapped at {:#x} is too large to compare ({len} bytes)", m.start));
+        }
         let (mut want, mut have) = (vec![0u8; len], vec![0u8; len]);
         // Past the file's end a mapping reads as zeros, as `want` is.
         let mut got = 0;
@@ -451,16 +461,45 @@ pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Resul
     Ok(runs)
 }
 
+/// The largest code mapping [`restore_from_files`] compares (it reads it whole, twice).
+const MAX_RESTORED_MAPPING: usize = 1 << 30;
+
+/// The file `m` (a code mapping of `child`) maps: through `/proc/PID/map_files` where this
+/// user may open it (it takes `CAP_SYS_ADMIN`), else at its path if that still holds the
+/// mapped inode and was not unlinked.
+fn mapped_file(child: i32, m: &Mapping) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(file) = std::fs::File::open(format!("/proc/{child}/map_files/{:x}-{:x}", m.start, m.end)) {
+        return Ok(file);
+    }
+    let path = m.path.as_deref().unwrap_or_default();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {path}, mapped at {:#x}: {e}", m.start))?;
+    let same = !m.deleted && file.metadata().is_ok_and(|meta| meta.ino() == m.inode);
+    match same {
+        true => Ok(file),
+        false => Err(format!("{path}, mapped at {:#x}, was replaced since", m.start)),
+    }
+}
+
 /// Where `have` (code at `base`) holds, over bytes `want` does not, what dynprobe writes
 /// into code (see [`restore_from_files`]), as runs `[start, end)` covering each whole patch:
-/// a `jmp`/`call` rel32 into `ours` and the `int3`s after it, or a lone `int3`.
+/// a `jmp`/`call` rel32 into `ours` and the `int3`s after it; a `jmp` rel8 to such a `jmp`
+/// (an entry too short for a rel32 reaches its detour through an island in the padding
+/// before it) and its `int3`s; an `int3` and the differing bytes after it within a rel32's
+/// length (a breakpoint, or a patch caught half-written: `int3` first, then its tail).
 fn dynprobe_patches(want: &[u8], have: &[u8], base: u64, ours: &[std::ops::Range<u64>]) -> Vec<(usize, usize)> {
     const REL32: usize = 5;
+    const REL8: usize = 2;
     let branch_into_ours = |at: usize| -> bool {
         let Some(bytes) = have.get(at..at + REL32) else { return false };
         let rel = i32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         let target = (base + (at + REL32) as u64).wrapping_add_signed(i64::from(rel));
         matches!(bytes[0], 0xe8 | 0xe9) && ours.iter().any(|r| r.contains(&target))
+    };
+    let short_jump_to_island = |at: usize| -> bool {
+        let Some(&[0xeb, rel]) = have.get(at..at + REL8) else { return false };
+        let island = (at + REL8).checked_add_signed(isize::from(rel as i8));
+        island.is_some_and(|island| have.get(island) == Some(&0xe9) && branch_into_ours(island))
     };
     let mut runs = Vec::new();
     let mut i = 0;
@@ -472,10 +511,15 @@ fn dynprobe_patches(want: &[u8], have: &[u8], base: u64, ours: &[std::ops::Range
         // The patch this difference is part of: a branch starting here or up to four bytes
         // before (its displacement's bytes may differ where its opcode does not).
         let branch = (i.saturating_sub(REL32 - 1)..=i).find(|&at| branch_into_ours(at));
-        let (start, mut end) = match branch {
-            Some(at) => (at, at + REL32),
-            None if have[i] == 0xcc => (i, i + 1),
-            None => {
+        let short = || (i.saturating_sub(REL8 - 1)..=i).find(|&at| short_jump_to_island(at));
+        let (start, mut end) = match (branch, short()) {
+            (Some(at), _) => (at, at + REL32),
+            (None, Some(at)) => (at, at + REL8),
+            (None, None) if have[i] == 0xcc => {
+                let tail = (i + 1..(i + REL32).min(have.len())).take_while(|&k| have[k] != want[k]).count();
+                (i, i + 1 + tail)
+            }
+            (None, None) => {
                 i += 1;
                 continue;
             }
@@ -556,6 +600,10 @@ mod tests {
         // A link whose files are gone.
         write("50.4.sites", 44);
         assert_eq!(root_of(50, &rings, &files()), None);
+        // A pid an image had earlier in the session, a forked child's now: its newest file.
+        write("60.5.sites", 0);
+        write("60.12.sites", 10);
+        assert_eq!(root_of(60, &rings, &files()), Some(10));
         std::fs::remove_dir_all(&rings).unwrap();
     }
 
@@ -569,7 +617,7 @@ mod tests {
         let ours = [0x7000_0000u64..0x7001_0000, 0x7100_0000..0x7100_1000];
         let rel_to =
             |from: usize, target: u64| ((target as i64 - (base + from as u64 + 5) as i64) as i32).to_le_bytes();
-        let want = vec![0x90u8; 64];
+        let want = vec![0x90u8; 80];
         let mut have = want.clone();
         // A jump into our code at 4, with two int3s of padding; its last displacement byte
         // happens to equal the file's.
@@ -582,7 +630,13 @@ mod tests {
         let r = rel_to(30, 0x1234_0000);
         have[30..35].copy_from_slice(&[0xe8, r[0], r[1], r[2], r[3]]);
         have[50] = 0x42;
-        assert_eq!(dynprobe_patches(&want, &have, base, &ours), [(4, 11), (20, 21)]);
+        // An entry at 60 with a short jump back to its island at 40 and an int3 after it.
+        let r = rel_to(40, 0x7100_0000);
+        have[40..45].copy_from_slice(&[0xe9, r[0], r[1], r[2], r[3]]);
+        have[60..63].copy_from_slice(&[0xeb, (40i64 - 62) as i8 as u8, 0xcc]);
+        // A patch half-written at 70: its int3, then two bytes of its tail.
+        have[70..73].copy_from_slice(&[0xcc, 0x12, 0x34]);
+        assert_eq!(dynprobe_patches(&want, &have, base, &ours), [(4, 11), (20, 21), (40, 45), (60, 63), (70, 73)]);
     }
 
     #[test]
