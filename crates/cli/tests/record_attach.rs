@@ -808,6 +808,19 @@ fn ring_dir_of(pid: i32) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(entry))
 }
 
+/// The worker started by `dynprobe record -F mix` (no `-p`), dynprobe's stderr going to a
+/// file rather than a pipe (the worker's children hold it after dynprobe ended): the worker,
+/// the trace directory and that file.
+fn record_started(test: &str) -> (Worker, PathBuf, PathBuf) {
+    let (worker_exe, _) = worker_and_plugin();
+    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
+    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
+    let mut command = common::dynprobe();
+    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
+    command.stderr(std::fs::File::create(&said).unwrap());
+    (Worker::start_by(command, worker_exe, log), dir, said)
+}
+
 /// The same end for a program `dynprobe record` starts (`record -- worker`, no `-p`): a
 /// child of the worker `exec`s an image that forks a child of its own, and both outlive the
 /// worker, whose exit ends the recording. The image restores its own code and the child gets
@@ -816,14 +829,7 @@ fn ring_dir_of(pid: i32) -> PathBuf {
 fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_restored() {
     let (worker_exe, _) = worker_and_plugin();
     let untraced_code = start_worker("started-plain").code("mix");
-    let test = "started-exec-fork";
-    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
-    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
-    let mut command = common::dynprobe();
-    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
-    // A file, not a pipe: the image and its child hold dynprobe's stderr after it ended.
-    command.stderr(std::fs::File::create(&said).unwrap());
-    let mut worker = Worker::start_by(command, worker_exe, log);
+    let (mut worker, dir, said) = record_started("started-exec-fork");
     let forked = [worker.ask("spawn"), worker.ask("")];
     let pid_after = |word: &str| -> i32 {
         let line = forked.iter().find_map(|l| l.strip_prefix(word)).unwrap_or_else(|| panic!("{forked:?}"));
@@ -853,14 +859,7 @@ fn an_image_a_started_program_exec_d_and_its_child_outlive_it_with_their_code_re
 fn a_child_that_outlives_the_started_program_gets_its_code_back_from_its_files() {
     let (worker_exe, _) = worker_and_plugin();
     let untraced_code = start_worker("started-keep-plain").code("mix");
-    let test = "started-keep";
-    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
-    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
-    let mut command = common::dynprobe();
-    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
-    // A file, not a pipe: the child holds dynprobe's stderr after it ended.
-    command.stderr(std::fs::File::create(&said).unwrap());
-    let mut worker = Worker::start_by(command, worker_exe, log);
+    let (mut worker, dir, said) = record_started("started-keep");
     let program = worker.pid;
     let child: i32 = worker.ask("keep").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     let code_in = |pid| common::attached::code_in(worker_exe, pid, "mix");
@@ -887,15 +886,8 @@ fn a_child_that_outlives_the_started_program_gets_its_code_back_from_its_files()
 /// wrote so, into the user's program's output.
 #[test]
 fn a_fork_after_a_started_program_s_recording_ended_is_not_reported_on_its_stderr() {
-    let (worker_exe, _) = worker_and_plugin();
-    let test = "started-late-fork";
-    let log = common::scratch().join(format!("{test}-{}.log", std::process::id()));
-    let (dir, said) = (trace_dir(test), trace_dir(test).with_extension("stderr"));
-    let mut command = common::dynprobe();
-    command.args(["record", "-F", "mix", "-o"]).arg(&dir).arg("--").arg(worker_exe).arg(&log);
-    // A file, not a pipe: the child holds dynprobe's stderr after it ended.
-    command.stderr(std::fs::File::create(&said).unwrap());
-    let mut worker = Worker::start_by(command, worker_exe, log.clone());
+    let (mut worker, _, said) = record_started("started-late-fork");
+    let log = worker.log.clone();
     let child: i32 = worker.ask("late").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
     worker.quit();
     let forked_late = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("late fork done"));
