@@ -267,9 +267,12 @@ impl Tracer {
     }
 
     /// The ring file records go to, for a forked child to reopen (see
-    /// [`RingFile::reopen_in_child`]).
+    /// [`RingFile::reopen_in_child`]) — also while the recording is held back for the
+    /// adoption of the calls in flight (`Recording::AfterAdoption`): a child forked then
+    /// inherits the patched code all the same, and needs files of its own for the session's
+    /// end to find it and give it its code back.
     pub fn ring() -> Option<&'static RingFile> {
-        graph::output().map(|o| &o.ring)
+        graph::output().or_else(graph::held_output).map(|o| &o.ring)
     }
 
     /// Calls not recorded because their thread was inside the tracer or a probe handler
