@@ -880,23 +880,6 @@ fn a_child_that_outlives_the_started_program_gets_its_code_back_from_its_files()
     wait_for_the_end_of(child);
 }
 
-/// A child of a program `record` started that forks once the recording is over (the program
-/// ended, and the recording's files with it) does not record that fork, and says nothing of
-/// it on the program's stderr: its agent had no name for the grandchild's trace files, and
-/// wrote so, into the user's program's output.
-#[test]
-fn a_fork_after_a_started_program_s_recording_ended_is_not_reported_on_its_stderr() {
-    let (mut worker, _, said) = record_started("started-late-fork");
-    let log = worker.log.clone();
-    let child: i32 = worker.ask("late").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
-    worker.quit();
-    let forked_late = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("late fork done"));
-    wait_until(forked_late, "the child forked after the recording's end");
-    let stderr = std::fs::read_to_string(&said).unwrap();
-    assert!(!stderr.contains("dynprobe agent"), "{stderr}");
-    wait_for_the_end_of(child);
-}
-
 /// A child forked by an exec'd image whose pid had been an image's that ended during the
 /// session (planted here: that image's announcement and word, of another start time) is
 /// neither waited for nor taken for that image: it gets its own image's code back.

@@ -12,9 +12,6 @@
  *          prints "forked <child pid>"
  *   keep   it forks a child that calls mix() every 10 ms for a minute (or until SIGTERM),
  *          also once this process has ended, and prints "forked <child pid>"
- *   late   it forks a child that, once this process has ended and a second more has passed,
- *          forks a grandchild that exits at once, then writes "late fork done" to the log
- *          file and exits; it prints "forked <child pid>"
  *   orphan it forks a child that forks a grandchild and exits at once (a double fork): the
  *          grandchild, an orphan adopted by init, calls mix() every 10 ms until this
  *          process has ended; the child prints "forked <grandchild pid>"
@@ -157,22 +154,6 @@ static void call_mix_for_a_minute(void)
 	_exit(0);
 }
 
-/* `late`: the child's work, a fork well after its parent has ended. */
-static void fork_late(void)
-{
-	pid_t parent = getppid();
-	while (getppid() == parent)
-		usleep(10000);
-	sleep(1);
-	pid_t grandchild = fork();
-	if (grandchild == 0)
-		_exit(0);
-	waitpid(grandchild, NULL, 0);
-	fprintf(log_file, "late fork done\n");
-	fclose(log_file);
-	_exit(0);
-}
-
 /* `disguise`. */
 static void disguise(void)
 {
@@ -256,14 +237,6 @@ int main(int argc, char **argv)
 			pid_t child = fork();
 			if (child == 0)
 				call_mix_for_a_minute();
-			printf("forked %d\n", (int)child);
-			continue;
-		}
-		if (strncmp(line, "late", 4) == 0) {
-			fflush(log_file);
-			pid_t child = fork();
-			if (child == 0)
-				fork_late();
 			printf("forked %d\n", (int)child);
 			continue;
 		}
