@@ -310,6 +310,13 @@ fn runs_what_it_was_forked_with(maps: &[Mapping], agent: &str, rings: &Path) -> 
     maps_agent(maps, agent) && maps_ring(maps, rings)
 }
 
+/// Whether `m` maps code from a file (not anonymous memory, nor a kernel pseudo file such
+/// as `[vdso]`): what a child shares with the process it was forked from, and what the
+/// files it maps can give back.
+fn is_file_code(m: &Mapping) -> bool {
+    m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/'))
+}
+
 /// Whether `maps` (a process's) hold the agent library, `agent` its file name.
 fn maps_agent(maps: &[Mapping], agent: &str) -> bool {
     maps.iter().any(|m| m.path.as_deref().is_some_and(|path| path.ends_with(agent)))
@@ -353,9 +360,7 @@ fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, 
         return Err(format!("its user or group ids are not those of process {parent}: left as it is"));
     }
 
-    let code = |pid: i32| -> Vec<Mapping> {
-        maps(pid).into_iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/'))).collect()
-    };
+    let code = |pid: i32| -> Vec<Mapping> { maps(pid).into_iter().filter(is_file_code).collect() };
     let shared: Vec<Mapping> = {
         let parent_code = code(parent);
         code(child).into_iter().filter(|m| parent_code.contains(m)).collect()
@@ -432,9 +437,7 @@ pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Resul
         .map(|m| m.start..m.end)
         .collect();
     let mut runs = 0;
-    for m in
-        maps.iter().filter(|m| m.exec && m.path.as_deref().is_some_and(|p| p.starts_with('/') && !p.ends_with(agent)))
-    {
+    for m in maps.iter().filter(|m| is_file_code(m) && !m.path.as_deref().is_some_and(|p| p.ends_with(agent))) {
         let file = mapped_file(child, m)?;
         let len = (m.end - m.start) as usize;
         if len > MAX_RESTORED_MAPPING {
