@@ -109,6 +109,10 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
  *   dynprobe_floor_ret_probe   dynprobe_floor_call whose dispatcher diverts the return
  *                              address into dynprobe_floor_ret_call's sled: both paths of a
  *                              return probe with an optimized entry, nothing done in either
+ *   dynprobe_floor_ret_least   dynprobe_floor_ret_probe whose dispatchers do the least any
+ *                              in-process return probe must: dynprobe_floor_least's work at
+ *                              each end, an instance pushed at the entry and popped at the
+ *                              return
  *
  * The return floors keep the caller's address in one static slot: their rows run on one
  * thread.
@@ -175,19 +179,23 @@ FLOOR_ENTRY("dynprobe_floor_call", ENTRY_FRAME("dynprobe_floor_call", LIGHT_CALL
  * from inside a handler (the recursion guard: a mark set and cleared), count the hit in the
  * thread's own cell, and call the handler through a pointer (an empty one). A slot not the
  * caller's is claimed, once. One thread at a time (the claim is not atomic). */
+/* The calling thread's slot into %rdx (its thread pointer in %rax, its tid in %ecx); a slot
+ * not the caller's is claimed at label 3 (defined by the user: write %rax and %ecx there,
+ * then on at 1). Slots: 128 bytes — owner, tid, guard, hits, then a return floor's words. */
+#define FLOOR_SLOT                                                                                                   \
+	"	mov %fs:0,%rax\n	movabs $0x9e3779b97f4a7c15,%rcx\n	imul %rax,%rcx\n	shr $52,%rcx\n"                 \
+	"	shl $7,%rcx\n	lea dynprobe_floor_slots(%rip),%rdx\n	add %rcx,%rdx\n	mov %fs:0x2d0,%ecx\n"             \
+	"	cmp %rax,(%rdx)\n	jne 3f\n	cmp %ecx,8(%rdx)\n	jne 3f\n1:"
+#define FLOOR_CLAIM "3:	mov %rax,(%rdx)\n	mov %ecx,8(%rdx)\n	jmp 1b\n"
 __asm__(".bss\n.p2align 7\ndynprobe_floor_slots:\n	.zero 4096 * 128\n"
 	".section .data.rel.local,\"aw\",@progbits\n.p2align 3\n"
 	"dynprobe_floor_handler:\n	.quad dynprobe_floor_empty_handler\n"
 	".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
 	"dynprobe_floor_empty_handler:\n	ret\n"
-	".p2align 4\ndynprobe_floor_dispatch_min:\n"
-	"	mov %fs:0,%rax\n	movabs $0x9e3779b97f4a7c15,%rcx\n	imul %rax,%rcx\n	shr $52,%rcx\n"
-	"	shl $7,%rcx\n	lea dynprobe_floor_slots(%rip),%rdx\n	add %rcx,%rdx\n	mov %fs:0x2d0,%ecx\n"
-	"	cmp %rax,(%rdx)\n	jne 3f\n	cmp %ecx,8(%rdx)\n	jne 3f\n"
-	"1:	cmpq $0,16(%rdx)\n	jne 2f\n	movq $1,16(%rdx)\n	incq 24(%rdx)\n	push %rdx\n"
+	".p2align 4\ndynprobe_floor_dispatch_min:\n" FLOOR_SLOT
+	"	cmpq $0,16(%rdx)\n	jne 2f\n	movq $1,16(%rdx)\n	incq 24(%rdx)\n	push %rdx\n"
 	"	mov %rsi,%rdi\n	call *dynprobe_floor_handler(%rip)\n	pop %rdx\n	movq $0,16(%rdx)\n"
-	"2:	xor %eax,%eax\n	ret\n"
-	"3:	mov %rax,(%rdx)\n	mov %ecx,8(%rdx)\n	jmp 1b\n"
+	"2:	xor %eax,%eax\n	ret\n" FLOOR_CLAIM
 	".text\n");
 FLOOR_ENTRY("dynprobe_floor_least", ENTRY_FRAME("dynprobe_floor_least", LIGHT_CALL_TO("dynprobe_floor_dispatch_min")));
 
@@ -244,6 +252,37 @@ __asm__(".bss\n.p2align 3\ndynprobe_floor_ret_probe_slot:\n	.zero 8\n"
 FLOOR_ENTRY("dynprobe_floor_ret_probe",
 	    ENTRY_FRAME("dynprobe_floor_ret_probe", LIGHT_CALL_TO("dynprobe_floor_ret_probe_divert")));
 
+/* floor-ret-probe whose two dispatchers do what any in-process return probe's must, and
+ * nothing else — floor-dispatch's work at each end. The entry: the thread's slot found (as
+ * dynprobe_floor_dispatch_min), the guard set, the hit counted, an empty entry handler called
+ * through a pointer, an instance pushed on the thread's stack in its slot (the original
+ * return address and the address of its stack slot, for a later check that it is stale) and
+ * the return address diverted, the guard cleared. The return: the slot found, the guard set,
+ * the instance popped, an empty return handler called through a pointer, the guard cleared,
+ * the original address returned. No instance limit but the slot's four, no check of stale
+ * instances, no count of returns, no unregistering: less than dynprobe must do. The slot's
+ * words: 32 the stack's top, 48 + 16 * i instance i. */
+__asm__(".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_ret_least_enter:\n" FLOOR_SLOT
+	"	cmpq $0,16(%rdx)\n	jne 2f\n	movq $1,16(%rdx)\n	incq 24(%rdx)\n	push %rdx\n	push %rsi\n"
+	"	sub $8,%rsp\n	mov %rsi,%rdi\n	call *dynprobe_floor_handler(%rip)\n	add $8,%rsp\n	pop %rsi\n"
+	"	pop %rdx\n	mov 32(%rdx),%rcx\n	cmp $4,%rcx\n	jae 4f\n	mov 128(%rsi),%rax\n	mov (%rax),%r8\n"
+	"	shl $4,%rcx\n	mov %r8,48(%rdx,%rcx)\n	mov %rax,56(%rdx,%rcx)\n"
+	"	lea dynprobe_floor_ret_least_tramp(%rip),%r8\n	mov %r8,(%rax)\n	incq 32(%rdx)\n"
+	"4:	movq $0,16(%rdx)\n"
+	"2:	xor %eax,%eax\n	ret\n" FLOOR_CLAIM
+	".p2align 4\ndynprobe_floor_ret_least_dispatch:\n" FLOOR_SLOT
+	"	mov 16(%rdx),%r8\n	movq $1,16(%rdx)\n	decq 32(%rdx)\n	mov 32(%rdx),%rcx\n	shl $4,%rcx\n"
+	"	mov 48(%rdx,%rcx),%rax\n	test %r8,%r8\n	jne 2f\n	push %rdx\n	push %rax\n	sub $8,%rsp\n"
+	"	mov %rsi,%rdi\n	call *dynprobe_floor_handler(%rip)\n	add $8,%rsp\n	pop %rax\n	pop %rdx\n"
+	"	movq $0,16(%rdx)\n"
+	"2:	ret\n" FLOOR_CLAIM
+	".p2align 6\ndynprobe_floor_ret_least_tramp:\n"
+	SLED_COMMON("dynprobe_floor_ret_least", SLED_CALL("dynprobe_floor_ret_least")) "	int3\n"
+	".text\n");
+FLOOR_ENTRY("dynprobe_floor_ret_least",
+	    ENTRY_FRAME("dynprobe_floor_ret_least", LIGHT_CALL_TO("dynprobe_floor_ret_least_enter")));
+
 /*
  * The function-graph tracer's floor on this host: what a traced call must cost before any
  * of dynprobe's own work, built as the tracer's path is (dynprobe_arch's ftrace.rs and
@@ -259,6 +298,11 @@ FLOOR_ENTRY("dynprobe_floor_ret_probe",
  *                              reads the clock, writes a record and hands back the original
  *                              return address: two rdtsc, two ring records, one diverted
  *                              return, nothing else
+ *   dynprobe_floor_graph_least dynprobe_floor_graph as any in-process tracer of many threads
+ *                              must do it: each end finds the thread's slot and sets and
+ *                              clears the guard, the records go to the thread's own head,
+ *                              the entry pushes the call on the thread's stack of calls in
+ *                              flight and the exit pops it
  *
  * The ring is 4096 records (64 KiB, mapped and warm: no page fault is in the floor); the
  * return address waits in one static slot: one thread at a time.
@@ -293,4 +337,39 @@ __asm__(".bss\n.p2align 6\ndynprobe_floor_graph_ring:\n	.zero 4096 * 16\n"
 	SLED_COMMON("dynprobe_floor_graph", SLED_CALL("dynprobe_floor_graph")) "	int3\n"
 	".p2align 4\ndynprobe_floor_graph_dispatch:\n" FLOOR_RECORD("$7")
 	"	mov dynprobe_floor_graph_slot(%rip),%rax\n	ret\n"
+	".text\n");
+
+/* floor-graph as a tracer of many threads must do it, and no more: each end finds the
+ * thread's slot (dynprobe_floor_least's), refuses a hit inside the tracer (the guard set and
+ * cleared) and writes its record at the thread's own head (in the slot); the entry pushes
+ * the original return address and the function's id on the thread's stack of calls in
+ * flight (in the slot, four deep), the exit pops them. The slot's words: 32 the stack's
+ * top, 40 the ring's head, 48 + 16 * i call i. */
+#define FLOOR_SLOT_RECORD(id_reg)                                                                                    \
+	"	rdtsc\n	shl $32,%rdx\n	or %rdx,%rax\n	mov 40(%r8),%rcx\n"                                             \
+	"	mov %rcx,%rdx\n	and $4095,%rdx\n	shl $4,%rdx\n	add dynprobe_floor_graph_ring_base(%rip),%rdx\n"          \
+	"	mov %rax,(%rdx)\n	mov " id_reg ",8(%rdx)\n	inc %rcx\n	mov %rcx,40(%r8)\n"
+__asm__(".text\n.globl dynprobe_floor_graph_least\n.type dynprobe_floor_graph_least,@function\n.p2align 4\n"
+	"dynprobe_floor_graph_least:\n	call dynprobe_floor_graph_least_stub\n" FLOOR_COPY FLOOR_REST
+	".size dynprobe_floor_graph_least, .-dynprobe_floor_graph_least\n"
+	".section .text.dynprobe_floor,\"ax\",@progbits\n.p2align 4\n"
+	"dynprobe_floor_graph_least_stub:\n	push $7\n	jmp dynprobe_floor_graph_least_caller\n"
+	".p2align 4\ndynprobe_floor_graph_least_caller:\n"
+	"	push %rdi\n	push %rsi\n	push %rdx\n	push %rcx\n	push %rax\n	push %r8\n	push %r9\n	push %r10\n"
+	"	push %r11\n	push %rbp\n	mov %rsp,%rbp\n	and $-64,%rsp\n	mov 80(%rbp),%rdi\n	lea 96(%rbp),%rsi\n"
+	"	call dynprobe_floor_graph_least_enter\n	mov %rbp,%rsp\n	pop %rbp\n	pop %r11\n	pop %r10\n	pop %r9\n"
+	"	pop %r8\n	pop %rax\n	pop %rcx\n	pop %rdx\n	pop %rsi\n	pop %rdi\n	lea 8(%rsp),%rsp\n	ret\n"
+	".p2align 4\ndynprobe_floor_graph_least_enter:\n" FLOOR_SLOT
+	"	cmpq $0,16(%rdx)\n	jne 2f\n	movq $1,16(%rdx)\n	mov %rdx,%r8\n	mov 32(%r8),%r9\n	cmp $4,%r9\n"
+	"	jae 4f\n" FLOOR_SLOT_RECORD("%rdi") "	shl $4,%r9\n	mov (%rsi),%rax\n	mov %rax,48(%r8,%r9)\n"
+	"	mov %rdi,56(%r8,%r9)\n	lea dynprobe_floor_graph_least_tramp(%rip),%rax\n	mov %rax,(%rsi)\n"
+	"	incq 32(%r8)\n"
+	"4:	movq $0,16(%r8)\n"
+	"2:	ret\n" FLOOR_CLAIM
+	".p2align 6\ndynprobe_floor_graph_least_tramp:\n"
+	SLED_COMMON("dynprobe_floor_graph_least", SLED_CALL("dynprobe_floor_graph_least")) "	int3\n"
+	".p2align 4\ndynprobe_floor_graph_least_dispatch:\n" FLOOR_SLOT
+	"	mov %rdx,%r8\n	mov 16(%r8),%r10\n	movq $1,16(%r8)\n	decq 32(%r8)\n	mov 32(%r8),%r9\n	shl $4,%r9\n"
+	"	test %r10,%r10\n	jne 2f\n	mov 56(%r8,%r9),%rdi\n" FLOOR_SLOT_RECORD("%rdi")
+	"2:	mov 48(%r8,%r9),%rax\n	mov %r10,16(%r8)\n	ret\n" FLOOR_CLAIM
 	".text\n");

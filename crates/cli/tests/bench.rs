@@ -206,7 +206,7 @@ fn all_rows_have_the_documented_shape_and_reference_rows_measure() {
 /// divided by. (Checked within the all-rows run: two bench processes at once would see each
 /// other's kernel uprobes on their common binary.)
 fn check_floors(rows: &[Value]) {
-    const FLOORS: [&str; 13] = [
+    const FLOORS: [&str; 15] = [
         "floor-jump",
         "floor-gprs",
         "floor-flags",
@@ -218,8 +218,10 @@ fn check_floors(rows: &[Value]) {
         "floor-ret-sled",
         "floor-ret-call",
         "floor-ret-probe",
+        "floor-ret-dispatch",
         "floor-rdtsc",
         "floor-graph",
+        "floor-graph-dispatch",
     ];
     for floor in FLOORS {
         assert!(ns_per_hit(rows, floor).is_finite(), "{}", row(rows, floor));
@@ -228,8 +230,8 @@ fn check_floors(rows: &[Value]) {
     for (real, floors) in [
         ("optimized-probe", &["x_floor_jump", "x_floor_call", "x_floor_dispatch"][..]),
         ("optimized-probe-mid", &["x_floor_flags", "x_floor_sahf"]),
-        ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call", "x_floor_ret_probe"]),
-        ("function-graph", &["x_floor_graph", "x_floor_rdtsc", "x_uftrace"]),
+        ("return-probe", &["x_floor_ret_miss", "x_floor_ret_call", "x_floor_ret_probe", "x_floor_ret_dispatch"]),
+        ("function-graph", &["x_floor_graph", "x_floor_graph_dispatch", "x_floor_rdtsc", "x_uftrace"]),
     ] {
         let real = row(rows, real).as_object().unwrap();
         assert!(floors.iter().all(|ratio| real.contains_key(*ratio)), "{real:?}");
@@ -272,22 +274,35 @@ fn rows_option_runs_the_named_rows_and_what_they_need() {
     // floors (with theirs).
     assert_eq!(
         names(&["--iterations", "50", "--rows", "function-graph"]),
-        ["baseline-call", "floor-rdtsc", "floor-graph", "graph-plain", "function-graph", "uftrace"]
+        [
+            "baseline-call",
+            "floor-rdtsc",
+            "floor-graph",
+            "floor-graph-dispatch",
+            "graph-plain",
+            "function-graph",
+            "uftrace"
+        ]
     );
 }
 
 /// The floors of a whole probe run alone: an optimized entry whose dispatcher does the least
 /// any probe must (thread slot, recursion guard, per-thread count, handler call), an
-/// optimized entry diverting the return into a sled, nothing done in either, and the
-/// function-graph tracer's (a timed record at the entry and at the return). Their setup
-/// calls each beside the target and refuses one that computes something else; the loop's
-/// calls come back through the detour and the sled to their caller.
+/// optimized entry diverting the return into a sled, nothing done in either or the least any
+/// return probe must do in both (an instance pushed and popped, a handler at each end), and
+/// the function-graph tracer's (a timed record at the entry and at the return, bare or with
+/// the thread's slot, guard and stack of calls). Their setup calls each beside the target
+/// and refuses one that computes something else; the loop's calls come back through the
+/// detour and the sled to their caller.
 #[test]
 fn the_floors_of_whole_probes_compute_what_the_target_does() {
-    let rows = rows(&["--iterations", "1000", "--rows", "floor-ret-probe,floor-dispatch,floor-graph"]);
+    const FLOORS: [&str; 5] =
+        ["floor-dispatch", "floor-ret-probe", "floor-ret-dispatch", "floor-graph", "floor-graph-dispatch"];
+    let rows = rows(&["--iterations", "1000", "--rows", &FLOORS.join(",")]);
     let names: Vec<_> = rows.iter().map(|row| row["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["baseline-call", "floor-dispatch", "floor-ret-probe", "floor-graph"]);
-    for name in ["floor-dispatch", "floor-ret-probe", "floor-graph"] {
+    assert_eq!(names[0], "baseline-call");
+    assert_eq!(names[1..], FLOORS);
+    for name in FLOORS {
         let floor = row(&rows, name);
         assert!(floor["error"].is_null() && ns_per_hit(&rows, name).is_finite(), "{floor}");
         assert_eq!(floor["calls_per_batch"], 1000, "{floor}");

@@ -15,8 +15,9 @@ use super::startup::Startup;
 use super::target::{
     self, dynprobe_bench_int3, dynprobe_bench_nop5, dynprobe_bench_sse, dynprobe_bench_target,
     dynprobe_bench_upper_dirty, dynprobe_floor_call, dynprobe_floor_flags, dynprobe_floor_gprs, dynprobe_floor_graph,
-    dynprobe_floor_jump, dynprobe_floor_least, dynprobe_floor_rdtsc, dynprobe_floor_ret_call, dynprobe_floor_ret_miss,
-    dynprobe_floor_ret_probe, dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
+    dynprobe_floor_graph_least, dynprobe_floor_jump, dynprobe_floor_least, dynprobe_floor_rdtsc,
+    dynprobe_floor_ret_call, dynprobe_floor_ret_least, dynprobe_floor_ret_miss, dynprobe_floor_ret_probe,
+    dynprobe_floor_ret_sled, dynprobe_floor_ret_swap, dynprobe_floor_sahf, Target,
 };
 use super::uprobe;
 
@@ -65,10 +66,14 @@ pub const FLOOR_RET_SLED: &str = "floor-ret-sled";
 pub const FLOOR_RET_CALL: &str = "floor-ret-call";
 /// floor-call diverting the return into floor-ret-call's sled: the floor of a return probe.
 pub const FLOOR_RET_PROBE: &str = "floor-ret-probe";
+/// floor-ret-probe with dispatchers doing only what any in-process return probe's must.
+pub const FLOOR_RET_DISPATCH: &str = "floor-ret-dispatch";
 /// One `rdtsc`: the clock read of every ring record.
 pub const FLOOR_RDTSC: &str = "floor-rdtsc";
 /// Two clock reads, two ring records, one diverted return: the floor of function-graph.
 pub const FLOOR_GRAPH: &str = "floor-graph";
+/// floor-graph with what any in-process tracer of many threads must add.
+pub const FLOOR_GRAPH_DISPATCH: &str = "floor-graph-dispatch";
 /// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
 pub const BASELINE_THREADS: &str = "baseline-call-threads";
 /// The kernel's uprobe hit from every CPU at once.
@@ -283,12 +288,27 @@ pub static ROWS: &[Row] = &[
     floor(FLOOR_RET_PROBE, "floor-call whose dispatcher diverts the return into floor-ret-call's sled: a return \
                             probe's entry and return with nothing done in either (return-probe's floor on this host)",
           dynprobe_floor_ret_probe),
+    floor(
+        FLOOR_RET_DISPATCH,
+        "floor-ret-probe whose dispatchers do only what any in-process return probe's must: at the entry \
+         floor-dispatch's work (slot, guard, hit counted, an empty handler called through a pointer) and an \
+         instance pushed on the thread's stack; at the return the slot found, the guard set and cleared, the \
+         instance popped, an empty return handler called through a pointer (return-probe's floor with handlers)",
+        dynprobe_floor_ret_least,
+    ),
     floor(FLOOR_RDTSC, "one rdtsc in the call: the clock read each ring record pays (function-graph's target is \
                         2 x this + 10)", dynprobe_floor_rdtsc),
     floor(FLOOR_GRAPH, "an mcount site's call to the tracer's caller (nine registers), an entry dispatcher that \
                         writes a timed 16-byte record and diverts the return into a sled (nine registers) whose \
                         dispatcher writes another: two rdtsc, two ring records, one diverted return \
                         (function-graph's floor on this host)", dynprobe_floor_graph),
+    floor(
+        FLOOR_GRAPH_DISPATCH,
+        "floor-graph with what any in-process tracer of many threads must add: at each end the thread's slot \
+         found by its thread pointer and a recursion guard set and cleared, the record written at the thread's \
+         own head; the call pushed on the thread's stack of calls in flight at the entry and popped at the exit",
+        dynprobe_floor_graph_least,
+    ),
     Row {
         name: "int3-probe",
         about: "dynprobe breakpoint probe, empty handler",
@@ -317,7 +337,7 @@ pub static ROWS: &[Row] = &[
         name: "return-probe",
         about: "dynprobe return probe, empty entry and return handlers (entry optimized)",
         measure: Measure::Call { target: dynprobe_bench_target, setup: register_return_probe },
-        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE, FLOOR_RET_MISS, FLOOR_RET_CALL, FLOOR_RET_PROBE],
+        compare_to: &[KERNEL_URETPROBE, KERNEL_UPROBE, FLOOR_RET_MISS, FLOOR_RET_CALL, FLOOR_RET_PROBE, FLOOR_RET_DISPATCH],
     },
     Row {
         name: "return-probe-entry",
@@ -363,7 +383,7 @@ pub static ROWS: &[Row] = &[
         name: "function-graph",
         about: "dynprobe record of every function of the same program: entry and exit into a ring that holds the run",
         measure: Measure::Program(Tracer::Dynprobe),
-        compare_to: &[UFTRACE, FLOOR_GRAPH, FLOOR_RDTSC],
+        compare_to: &[UFTRACE, FLOOR_GRAPH, FLOOR_GRAPH_DISPATCH, FLOOR_RDTSC],
     },
     Row {
         name: "function-graph-args",
