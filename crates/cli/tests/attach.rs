@@ -1191,17 +1191,119 @@ fn another_users_process_is_refused_with_that_reason() {
     // SAFETY: getuid cannot fail.
     assert_eq!(unsafe { libc::getuid() }, 0, "this test runs dynprobe as `nobody` against root's process");
     let worker = Worker::start_hot(1);
-    let as_nobody = |command: &mut Command| {
-        let program = command.get_program().to_owned();
-        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-        *command = Command::new("setpriv");
-        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program).args(args);
-    };
     let session = Session::start_with(worker.pid, &[HOT_SPEC], &[], as_nobody, None);
     let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("another user's process"), "{stderr}");
     assert!(!stderr.contains("/maps"), "{stderr}");
+}
+
+/// `targets/sandboxed.c`: a program under a seccomp filter on one system call.
+fn sandboxed_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    build(&EXE, "sandboxed.c", "sandboxed", &["-O1", "-g", "-fno-inline", "-no-pie"])
+}
+
+/// The spec the sandbox tests place.
+const SANDBOXED_SPEC: &str = "p:step x=$arg1:s64";
+
+/// A sandboxed program started as `filter` (`NR:kill`, `NR:eperm`, `NR:enosys`), through `wrap` (a
+/// user), and its first round's checksum and `step`'s first bytes.
+fn sandboxed(filter: &str, wrap: impl FnOnce(&mut Command)) -> (Worker, (String, Vec<u8>)) {
+    let mut command = Command::new(sandboxed_exe());
+    command.arg(filter);
+    wrap(&mut command);
+    let mut worker = Worker::start_by(command, sandboxed_exe(), PathBuf::new());
+    let sum = worker.round();
+    assert!(sum.starts_with("sum "), "{sum}");
+    let code = worker.code("step");
+    (worker, (sum, code))
+}
+
+/// `command` run as `nobody` (by `setpriv`).
+fn as_nobody(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    *command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(program).args(args);
+}
+
+/// The checks after an attach that must have been refused for `why`: dynprobe said so
+/// and failed, the program runs on with its result, its code and no agent in it.
+fn assert_refused_and_untouched(
+    worker: &mut Worker,
+    (sum, step): &(String, Vec<u8>),
+    code: Option<i32>,
+    stderr: &str,
+    why: &[&str],
+) {
+    assert_eq!(code, Some(2), "{stderr}");
+    for part in why {
+        assert!(stderr.contains(part), "no {part:?} in: {stderr}");
+    }
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert_eq!(&worker.round(), sum, "the program's result changed");
+    assert_eq!(&worker.code("step"), step, "step's code changed");
+    let agent = mappings(worker.pid).into_iter().find(|m| m.contains("libdynprobe_agent"));
+    assert_eq!(agent, None, "the agent was loaded all the same");
+}
+
+/// A sandbox whose seccomp filter kills the process on a system call the injection or the
+/// agent makes — the loader's `mmap` and `openat`, the control channel's `socket`, a
+/// probe's `process_vm_readv` — or fails one it cannot do without: the attach is refused
+/// before anything is changed, naming the call and what the filter would do, and the
+/// program runs on. (Before, the kernel killed the program with SIGSYS mid-injection.)
+#[test]
+fn a_sandbox_whose_filter_would_kill_the_agent_refuses_the_attach_and_runs_on() {
+    for (nr, action, call, verdict) in [
+        (libc::SYS_socket, "kill", "socket(2)", "kill the process (SIGSYS)"),
+        (libc::SYS_mmap, "kill", "mmap(2)", "kill the process (SIGSYS)"),
+        (libc::SYS_openat, "kill", "openat(2)", "kill the process (SIGSYS)"),
+        (libc::SYS_process_vm_readv, "kill", "process_vm_readv(2)", "kill the process (SIGSYS)"),
+        (libc::SYS_connect, "eperm", "connect(2)", "fail the call with Operation not permitted"),
+        // glibc falls back to clone on ENOSYS only: EPERM would fail the agent's threads.
+        (libc::SYS_clone3, "eperm", "clone3(2)", "fail the call with Operation not permitted"),
+    ] {
+        let (mut worker, before) = sandboxed(&format!("{nr}:{action}"), |_| {});
+        let session = Session::start(worker.pid, &[SANDBOXED_SPEC], &["--duration", "5"]);
+        let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
+        assert_refused_and_untouched(&mut worker, &before, code, &stderr, &["sandboxed by seccomp", call, verdict]);
+        worker.quit();
+    }
+}
+
+/// A filter on calls the agent never makes (`reboot`), or one whose only refusal it has a
+/// fallback for (`clone3`'s ENOSYS, as Docker's default profile answers: glibc then uses
+/// `clone`), lets the attach go on: the calls are seen and the detach restores the program.
+#[test]
+fn a_sandbox_whose_filter_allows_the_agent_s_calls_is_probed_as_any_program() {
+    for filter in [format!("{}:kill", libc::SYS_reboot), format!("{}:enosys", libc::SYS_clone3)] {
+        let (mut worker, (sum, before)) = sandboxed(&filter, |_| {});
+        let mut session = Session::start(worker.pid, &[SANDBOXED_SPEC], &["--json"]);
+        session.wait_for("1 probe placed");
+        assert_eq!(worker.round(), sum);
+        let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+        assert_eq!(code, Some(0), "{filter}: {stderr}");
+        let hits = stdout.lines().filter(|l| l.contains("\"step\"")).count();
+        assert_eq!(hits, 1000, "{filter}: {stdout}");
+        assert_eq!(worker.code("step"), before, "{filter}");
+        assert_eq!(worker.round(), sum);
+        worker.quit();
+    }
+}
+
+/// Without CAP_SYS_ADMIN the filter cannot be read (PTRACE_SECCOMP_GET_FILTER): a user
+/// attaching to their own sandboxed process is refused with that reason rather than have
+/// it killed, even by a filter that would have let the agent be.
+#[test]
+fn a_sandbox_whose_filter_cannot_be_read_is_refused_with_that_reason() {
+    // SAFETY: getuid cannot fail.
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test runs the program and dynprobe as `nobody`");
+    let (mut worker, before) = sandboxed(&format!("{}:kill", libc::SYS_reboot), as_nobody);
+    let session = Session::start_with(worker.pid, &[SANDBOXED_SPEC], &["--duration", "5"], as_nobody, None);
+    let (code, _, stderr) = session.end_within(None, Duration::from_secs(30));
+    assert_refused_and_untouched(&mut worker, &before, code, &stderr, &["sandboxed by seccomp", "CAP_SYS_ADMIN"]);
+    worker.quit();
 }
 
 /// Fault injection: fifty sessions on one worker, each ended at a pseudo-random moment of

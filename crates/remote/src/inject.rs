@@ -95,6 +95,15 @@ pub enum InjectError {
         /// What the target sees there.
         why: String,
     },
+    /// The process runs under a seccomp filter that could kill it (or fail a call the agent
+    /// needs) on a system call of the injection or the agent, or that cannot be read to
+    /// tell: nothing was changed.
+    Seccomp {
+        /// The process.
+        pid: i32,
+        /// Which thread, which call and what the filter would do.
+        why: String,
+    },
     /// No thread of the process could be used (see the module documentation).
     NoUsableThread {
         /// The process.
@@ -144,6 +153,9 @@ impl fmt::Display for InjectError {
             InjectError::LibraryNotFound { path, error } => write!(f, "library {}: {error}", path.display()),
             InjectError::NotVisible { pid, path, why } => {
                 write!(f, "process {pid} cannot open {}: {why}", path.display())
+            }
+            InjectError::Seccomp { pid, why } => {
+                write!(f, "process {pid} is sandboxed by seccomp: {why}; nothing was changed in it")
             }
             InjectError::NoUsableThread { pid, why } => {
                 write!(f, "no thread of process {pid} can load a library: {why}")
@@ -238,6 +250,9 @@ pub fn inject_library_timeout(
     })?;
 
     let (mut tracee, tid) = seize_safe_thread(pid, &table)?;
+    // Before the first call: a sandbox's filter kills on the spot (the tracee, dropped on
+    // a refusal, lets the thread go as it was).
+    crate::seccomp::check(pid, tid)?;
     let session = Session { table: &table, tid, timeout };
     let handle = session.call(&mut tracee, loader.dlopen_name, loader.dlopen, &[Arg::Str(path_str), Arg::Value(2)])?;
     if handle == 0 {

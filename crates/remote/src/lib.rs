@@ -30,6 +30,7 @@ mod error;
 mod inject;
 mod memory;
 mod proc;
+mod seccomp;
 pub mod sys;
 mod tracee;
 mod unload;

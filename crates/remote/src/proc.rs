@@ -17,6 +17,10 @@ pub(crate) struct Status {
     pub gids: [u32; 4],
     pub cap_eff: u64,
     pub is_kernel_thread: bool,
+    /// `Seccomp:`: 0 none, 1 strict, 2 filters (0 when the kernel does not say).
+    pub seccomp: u8,
+    /// `Seccomp_filters:` (Linux 5.9 on): how many filters the thread runs under.
+    pub seccomp_filters: Option<u32>,
 }
 
 impl Status {
@@ -49,6 +53,8 @@ impl Status {
                 Some(v) => v == "1",
                 None => field("PPid") == Some("2") || field("Pid") == Some("2"),
             },
+            seccomp: field("Seccomp").and_then(|v| v.parse().ok()).unwrap_or(0),
+            seccomp_filters: field("Seccomp_filters").and_then(|v| v.parse().ok()),
         })
     }
 }

@@ -129,6 +129,23 @@ pub fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
     request(libc::PTRACE_SETSIGINFO, tid, 0, info as *const libc::siginfo_t as usize)
 }
 
+/// `PTRACE_SECCOMP_GET_FILTER`: the stopped thread's seccomp filter `index` (0: the one
+/// installed last) as the 8-byte `struct sock_filter` instructions of its classic BPF
+/// program. Needs `CAP_SYS_ADMIN` (`EACCES` without), and fails with `ENOENT` past the last
+/// filter and `EINVAL` when the thread has none (see ptrace(2)).
+pub fn seccomp_filter(tid: i32, index: usize) -> io::Result<Vec<[u8; 8]>> {
+    const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    // SAFETY: a null buffer makes the kernel only count the instructions.
+    let count = check(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0usize) })? as usize;
+    let mut insns = vec![[0u8; 8]; count];
+    // SAFETY: the buffer holds `count` instructions, what the kernel writes for a filter of
+    // that length (filters never change once installed).
+    let written =
+        check(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, insns.as_mut_ptr() as usize) })? as usize;
+    insns.truncate(written);
+    Ok(insns)
+}
+
 /// `PTRACE_GETEVENTMSG`: the new thread's tid of a clone event, the exit status of an exit
 /// event, the former tid of an exec event.
 pub fn event_msg(tid: i32) -> io::Result<u64> {
