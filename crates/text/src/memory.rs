@@ -62,7 +62,43 @@ pub fn verify(addr: u64, expected: &[u8]) -> Result<(), TextError> {
 /// child created by `fork` inherits the descriptor and would write into its *parent's* code.
 /// So the handle remembers its pid and is reopened when it differs. The mutex also makes
 /// verify-then-write atomic with respect to other writers in this process.
-static PROC_MEM: Mutex<Option<(u32, File)>> = Mutex::new(None);
+///
+/// The program may close the descriptor under us (a sandbox or a daemon closing every
+/// descriptor it did not open: bubblewrap does) and reuse its number for a file of its own,
+/// which a write of code would then go into. So the handle also remembers what it is (device
+/// and inode) and is checked before each writer takes it: a number that no longer holds
+/// `/proc/self/mem` is forgotten, never closed (it is not ours any more), and the file opened
+/// again.
+static PROC_MEM: Mutex<Option<ProcMem>> = Mutex::new(None);
+
+/// The open `/proc/self/mem`: its opener's pid, the file, and its (device, inode).
+struct ProcMem {
+    pid: u32,
+    file: File,
+    id: (u64, u64),
+}
+
+impl ProcMem {
+    fn open(pid: u32) -> std::io::Result<ProcMem> {
+        let file = OpenOptions::new().read(true).write(true).open("/proc/self/mem")?;
+        let id = identity(&file).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(ProcMem { pid, file, id })
+    }
+
+    /// Whether the descriptor still holds the file it was opened as, in process `pid`.
+    fn still_ours(&self, pid: u32) -> bool {
+        self.pid == pid && identity(&self.file) == Some(self.id)
+    }
+}
+
+/// The (device, inode) the descriptor refers to now, if it is open.
+fn identity(file: &File) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid `struct stat`; fstat writes only into it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor number reads no memory of ours but `st`.
+    (unsafe { libc::fstat(file.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
 
 /// Verify-then-modify in one raw write: checks that `addr` holds `expected`, then writes
 /// `new` (same length). No cross-modification protocol: use it for a single byte, or for
@@ -86,7 +122,7 @@ pub fn write_verified(addr: u64, expected: &[u8], new: &[u8]) -> Result<(), Text
 /// stopped thread may have been holding it, and the writer would then wait forever. Taking
 /// it also opens `/proc/self/mem` if needed, so that writes under it allocate nothing.
 pub struct CodeWriter {
-    guard: MutexGuard<'static, Option<(u32, File)>>,
+    guard: MutexGuard<'static, Option<ProcMem>>,
 }
 
 impl CodeWriter {
@@ -96,12 +132,17 @@ impl CodeWriter {
         // panicked; the handle itself is still sound.
         let mut guard = PROC_MEM.lock().unwrap_or_else(|e| e.into_inner());
         let pid = std::process::id();
-        if !matches!(guard.as_ref(), Some((owner, _)) if *owner == pid) {
-            let file =
-                OpenOptions::new().read(true).write(true).open("/proc/self/mem").map_err(|e| {
-                    TextError::Unwritable { addr: 0, reason: format!("cannot open /proc/self/mem: {e}") }
-                })?;
-            *guard = Some((pid, file));
+        if !guard.as_ref().is_some_and(|mem| mem.still_ours(pid)) {
+            // A forked child's copy of the parent's file is closed; a number the program
+            // closed, and perhaps reused, is not ours to close.
+            if let Some(old) = guard.take() {
+                if identity(&old.file) != Some(old.id) {
+                    std::mem::forget(old.file);
+                }
+            }
+            let mem = ProcMem::open(pid)
+                .map_err(|e| TextError::Unwritable { addr: 0, reason: format!("cannot open /proc/self/mem: {e}") })?;
+            *guard = Some(mem);
         }
         Ok(CodeWriter { guard })
     }
@@ -140,7 +181,7 @@ impl CodeWriter {
         if !changed {
             return Ok(());
         }
-        let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        let Some(ProcMem { file: mem, .. }) = self.guard.as_ref() else { unreachable!("opened by lock()") };
         let len = scratch.len();
         match pwrite(mem, scratch, start) {
             Ok(n) if n == len => Ok(()),
@@ -165,7 +206,7 @@ impl CodeWriter {
     /// Writes `new` at `addr` whose bytes the caller has just checked itself, under this
     /// writer (the pool's fresh slots: it reads its own memory without a system call).
     pub(crate) fn write_checked(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-        let Some((_, mem)) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        let Some(ProcMem { file: mem, .. }) = self.guard.as_ref() else { unreachable!("opened by lock()") };
         match pwrite(mem, new, addr) {
             Ok(n) if n == new.len() => Ok(()),
             Ok(n) => {
