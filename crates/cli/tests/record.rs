@@ -568,23 +568,32 @@ fn a_library_loaded_later_is_traced_from_its_first_call() {
     assert!(status.success());
     let program = build("gcc", "traced_dlopen.c", "traced-dlopen", &["-ldl"]);
     let plugin_arg = plugin.to_str().unwrap();
-    let r =
-        record_unchanged("dlopen", &["-F", "libplugin:*", "-F", "call_plugin", "-F", "main"], &program, &[plugin_arg]);
-    assert_eq!(
-        texts(&r.graph(&[])),
-        [
-            "main() {",
-            "  call_plugin() {",
-            "    plugin_work() {",
-            "      plugin_leaf();",
-            "      plugin_leaf();",
-            "    } /* plugin_work */",
-            "  } /* call_plugin */",
-            "} /* main */",
-        ]
-    );
+    let traced = ["-F", "libplugin:*", "-F", "call_plugin", "-F", "main"];
+    let graph = [
+        "main() {",
+        "  call_plugin() {",
+        "    plugin_work() {",
+        "      plugin_leaf();",
+        "      plugin_leaf();",
+        "    } /* plugin_work */",
+        "  } /* call_plugin */",
+        "} /* main */",
+    ];
+    let r = record_unchanged("dlopen", &traced, &program, &[plugin_arg]);
+    assert_eq!(texts(&r.graph(&[])), graph);
     let summary = r.stderr();
     assert!(summary.lines().any(|l| l.trim_start().starts_with("patchable") && l.contains(" 2 ")), "{summary}");
+
+    // A program that closes every descriptor it did not open (bubblewrap, a daemon) and
+    // fills their numbers with a file of its own: the watch on dlopen goes on, and nothing
+    // of dynprobe's reads the program's file or writes into it. (With a wake-up pipe, its
+    // byte went into the file; the recording of the debug build aborted on the closed
+    // descriptor.)
+    let file = scratch().join(format!("dlopen-closefrom-{}.file", std::process::id()));
+    let args = [plugin_arg, "closefrom", file.to_str().unwrap()];
+    let r = record_unchanged("dlopen-closefrom", &traced, &program, &args);
+    assert!(String::from_utf8_lossy(&r.output.stdout).contains("file bytes = 0\n"), "{}", r.stderr());
+    assert_eq!(texts(&r.graph(&[])), graph);
 
     // A misspelt library waits in vain, and the end of the recording says so.
     let r = record_unchanged("dlopen-typo", &["-F", "libplugn:*", "-F", "main"], &program, &[plugin_arg]);

@@ -224,7 +224,8 @@ pub fn thread_pointer() -> u64 {
 }
 
 /// Sleeps while `*word == expected` (or until a signal / spurious wake; callers loop).
-pub(crate) fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
+/// No descriptor: nothing the program could close under the caller.
+pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
     // SAFETY: `word` is a valid, aligned u32 for the whole call; no timeout pointer.
     unsafe {
         syscall4(
@@ -238,7 +239,7 @@ pub(crate) fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32) {
 }
 
 /// Wakes every waiter on `word`.
-pub(crate) fn futex_wake_all(word: &core::sync::atomic::AtomicU32) {
+pub fn futex_wake_all(word: &core::sync::atomic::AtomicU32) {
     // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE only reads its address.
     unsafe {
         syscall4(
