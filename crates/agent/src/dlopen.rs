@@ -1,10 +1,12 @@
-//! The watch for libraries loaded after start, for the agent's two modes: record mode
-//! traces a library matching `-F 'libfoo:*'` (or `-F '*:name'`) once it is there, and an
-//! attach session places a probe on `libfoo:f` once `libfoo` is loaded.
+//! The watch for libraries loaded after start (and unloaded), for the agent's two modes:
+//! record mode traces a library matching `-F 'libfoo:*'` (or `-F '*:name'`) once it is
+//! there, and an attach session places a probe on `libfoo:f` once `libfoo` is loaded, and
+//! takes it back when `libfoo` is unloaded, to wait for it again.
 //!
-//! A return probe on `dlopen` (and `dlmopen`) asks a thread of the agent's, untraced, to
-//! run the mode's callback — and waits for it before `dlopen` returns: the program's first
-//! call into the library is seen. (Its constructors, run inside `dlopen`, are not.) The
+//! A return probe on `dlopen` (and `dlmopen`, and `dlclose`) asks a thread of the agent's,
+//! untraced, to run the mode's callback — and waits for it before the call returns: the
+//! program's first call into the library is seen. (Its constructors, run inside `dlopen`,
+//! are not.) The
 //! return handler runs from the return trampoline, not a signal handler, so the watcher's
 //! stop of the other threads (to patch code) reaches it while it waits.
 //!
@@ -42,15 +44,16 @@ pub struct ModuleWatch {
     thread: OwnThread,
 }
 
-/// Starts watching: after each `dlopen` returns, `on_load` runs on the watcher thread
-/// (which is untraced) before `dlopen`'s caller goes on. `on_load` itself decides whether
-/// anything new was loaded (`dynprobe_symbols::loaded_code_paths` is the cheap check).
+/// Starts watching: after each `dlopen` or `dlclose` returns, `on_load` runs on the watcher
+/// thread (which is untraced) before the caller goes on. `on_load` itself decides whether
+/// anything was loaded or unloaded (`dynprobe_symbols::loaded_code_paths` is the cheap
+/// check).
 pub fn watch(mut on_load: impl FnMut() + Send + 'static) -> Result<ModuleWatch, String> {
     if WATCHER_PID.load(Ordering::Relaxed) != 0 {
         return Err("another dynprobe session already watches this process's dlopen calls".into());
     }
     let mut probes = Vec::new();
-    for name in [c"dlopen", c"dlmopen"] {
+    for name in [c"dlopen", c"dlmopen", c"dlclose"] {
         // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
         let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as u64;
         if addr == 0 {

@@ -1,6 +1,7 @@
 //! The probes of one `dynprobe probe` run, launched or attached: placing every spec (or
-//! none), keeping those whose library is not loaded yet until a `dlopen` brings it, and
-//! removing them all.
+//! none), keeping those whose library is not loaded yet until a `dlopen` brings it, taking
+//! back those whose library a `dlclose` unloaded (to wait for it again), and removing them
+//! all.
 
 use crate::channel::Channel;
 use crate::dlopen::{self, ModuleWatch};
@@ -12,11 +13,14 @@ use std::sync::{Arc, Mutex};
 
 /// Placed probes, and the specs waiting for their module.
 pub struct ProbeSet {
-    /// Each with the text of its spec.
-    placed: Vec<(String, Placed)>,
+    /// Each with its spec (one of a module glob's: its own module, the glob's text).
+    placed: Vec<(ProbeSpec, Placed)>,
     pending: Vec<ProbeSpec>,
     /// `!warning` lines about how specs were read (what a module glob matched).
     notes: Vec<String>,
+    /// The specs taken back once when their module was unloaded: a library loaded and
+    /// unloaded over and over is said to be followed once, not at every turn.
+    followed: Vec<String>,
     /// Where hits go.
     channel: Channel,
 }
@@ -30,7 +34,8 @@ impl ProbeSet {
     /// loaded yet waits for it. On the first refusal every probe placed so far is removed
     /// and the error is `<spec>: <why>` (one line).
     pub fn place_all<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
-        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), channel };
+        let mut set =
+            ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel };
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             let expanded = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
                 let Some((specs, matched)) = expand_module_glob(&spec)? else { return Ok(vec![spec]) };
@@ -49,7 +54,7 @@ impl ProbeSet {
                 match place(&spec, channel) {
                     Ok(placed) => {
                         set.notes.extend(placement_notes(text, &placed));
-                        set.placed.push((text.to_string(), placed))
+                        set.placed.push((spec, placed))
                     }
                     Err(why) => return Err(set.refuse(text, &why)),
                 }
@@ -91,7 +96,8 @@ impl ProbeSet {
         channel: Channel,
         refused: &dyn Fn(&str, &str),
     ) -> ProbeSet {
-        let mut set = ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), channel };
+        let mut set =
+            ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel };
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             // The CLI parsed every spec before it started the first image.
             match ProbeSpec::parse(text) {
@@ -103,11 +109,57 @@ impl ProbeSet {
         set
     }
 
-    /// Places the waiting specs whose module is loaded now, telling `report` about each.
-    fn place_pending(&mut self, report: &Report) {
-        self.place_loaded(&|spec| report(&format!("!placed {spec}")), &|spec, why| {
-            report(&format!("!error {spec}: {}", why.replace('\n', " ")))
-        });
+    /// After a `dlopen` or a `dlclose`: the probes whose library was unloaded go back to
+    /// waiting for it, then the waiting specs whose module is loaded now are placed, telling
+    /// `report` about each.
+    fn follow_modules(&mut self, report: &Report) {
+        self.take_back_unloaded(report);
+        let followed = std::mem::take(&mut self.followed);
+        self.place_loaded(
+            &|spec| {
+                if !followed.iter().any(|f| f == spec) {
+                    report(&format!("!placed {spec}"))
+                }
+            },
+            &|spec, why| report(&format!("!error {spec}: {}", why.replace('\n', " "))),
+        );
+        self.followed = followed;
+    }
+
+    /// Takes back the probes whose module is not loaded any more (a `dlclose`): their code
+    /// is gone with it, so removing them writes nothing (see `dynprobe`'s unregistering of
+    /// unloaded code), and their specs wait for the module to be loaded again, as the
+    /// kernel's uprobes, bound to the file rather than the memory, come back with it.
+    fn take_back_unloaded(&mut self, report: &Report) {
+        let mut kept = Vec::with_capacity(self.placed.len());
+        for (spec, mut placed) in std::mem::take(&mut self.placed) {
+            if !module_missing(&spec) {
+                kept.push((spec, placed));
+                continue;
+            }
+            let at = placed.location();
+            match placed.unregister() {
+                Ok(()) => {
+                    if !self.followed.contains(&spec.text) {
+                        report(&format!(
+                            "!warning {}: its library {} was unloaded: the probe waits for it to be loaded \
+                             again (and follows it through every later unload and load, unsaid)",
+                            spec.text,
+                            spec_module(&spec).unwrap_or("?")
+                        ));
+                        self.followed.push(spec.text.clone());
+                    }
+                    self.pending.push(spec);
+                }
+                Err(why) => {
+                    report(&format!("!warning {}: its library was unloaded, and at {at}: {}", spec.text, why));
+                    if placed.is_registered() {
+                        kept.push((spec, placed));
+                    }
+                }
+            }
+        }
+        self.placed = kept;
     }
 
     /// Places the waiting specs whose module is loaded, each on its own: `placed` or
@@ -121,7 +173,7 @@ impl ProbeSet {
         }
         for spec in ready {
             let done = place(&spec, self.channel).and_then(|done| {
-                let done = [(spec.text.clone(), done)];
+                let done = [(spec.clone(), done)];
                 arm(&done).map_err(|(_, why)| why)?;
                 let [done] = done;
                 Ok(done)
@@ -147,25 +199,31 @@ impl ProbeSet {
     pub fn remove_all(&mut self) -> Vec<String> {
         self.pending.clear();
         let mut problems = Vec::new();
-        self.placed.retain_mut(|(text, placed)| {
+        self.placed.retain_mut(|(spec, placed)| {
             let at = placed.location();
             let Err(why) = placed.unregister() else { return false };
-            problems.push(format!("`{text}` at {at}: {}", why.replace('\n', " ")));
+            problems.push(format!("`{}` at {at}: {}", spec.text, why.replace('\n', " ")));
             placed.is_registered()
         });
         problems
     }
 
-    /// Watches `dlopen` when specs wait for their module, so each is placed before the
-    /// `dlopen` that loads it returns; `None` when nothing waits. `Err` if the watch
-    /// cannot start (the waiting specs then never fire).
+    /// Watches `dlopen` and `dlclose` when a spec names a module — waiting for it, or placed
+    /// in it — so that each waiting spec is placed before the `dlopen` that loads its module
+    /// returns, and each probe whose module a `dlclose` unloads is taken back before that
+    /// `dlclose` returns, to wait for it again; `None` when no spec names a module. `Err` if
+    /// the watch cannot start (the waiting specs then never fire).
     pub fn watch_pending(set: &Arc<Mutex<ProbeSet>>, report: Report) -> Result<Option<ModuleWatch>, String> {
-        if set.lock().unwrap_or_else(|e| e.into_inner()).pending.is_empty() {
+        let names_a_module = {
+            let set = set.lock().unwrap_or_else(|e| e.into_inner());
+            !set.pending.is_empty() || set.placed.iter().any(|(spec, _)| spec_module(spec).is_some())
+        };
+        if !names_a_module {
             return Ok(None);
         }
         let shared = Arc::clone(set);
-        let on_load = move || shared.lock().unwrap_or_else(|e| e.into_inner()).place_pending(&report);
-        dlopen::watch(on_load).map(Some)
+        let on_change = move || shared.lock().unwrap_or_else(|e| e.into_inner()).follow_modules(&report);
+        dlopen::watch(on_change).map(Some)
     }
 }
 
@@ -175,7 +233,7 @@ impl ProbeSet {
 /// enabled in one batch, those that can be jump-optimized directly as jumps (one patching
 /// transaction, no breakpoint phase: the program never traps on them), the others as
 /// breakpoints. On an error, the spec that failed and why.
-fn arm(placed: &[(String, Placed)]) -> Result<(), (String, String)> {
+fn arm(placed: &[(ProbeSpec, Placed)]) -> Result<(), (String, String)> {
     // Without the preparation the probes still work, as breakpoints: not a reason to
     // refuse them.
     let _ = dynprobe::prepare_optimization();
@@ -183,7 +241,7 @@ fn arm(placed: &[(String, Placed)]) -> Result<(), (String, String)> {
     ProbeHandle::enable_each(&entries).map_err(|e| {
         // The probes that could not be armed stay disabled: name the first.
         let failed = placed.iter().find(|(_, placed)| placed.entry_probe().is_some_and(|p| !p.is_enabled()));
-        (failed.map_or_else(String::new, |(text, _)| text.clone()), e.to_string())
+        (failed.map_or_else(String::new, |(spec, _)| spec.text.clone()), e.to_string())
     })
 }
 
@@ -299,7 +357,8 @@ mod tests {
         let specs = ["p:dynprobe_agent_test_armed seed=$arg1", "r:dynprobe_agent_test_armed ret=$retval"];
         let mut set = ProbeSet::place_all(specs, channel).unwrap();
         assert_eq!(set.placed(), 2);
-        for (text, placed) in &set.placed {
+        for (spec, placed) in &set.placed {
+            let text = &spec.text;
             let info = placed.entry_probe().unwrap().info();
             assert!(info.optimized, "`{text}` is not a jump once armed: {:?}", info.not_optimized);
             // SAFETY: the probed address is the start of a function of this test binary.

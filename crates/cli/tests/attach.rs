@@ -157,6 +157,7 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("label_in", &["name", "weight"]),
     ("label_out", &["ret", "took"]),
     ("pw", &["x"]),
+    ("pr", &["ret"]),
     ("us", &["t"]),
     ("sl", &["s"]),
 ];
@@ -404,6 +405,34 @@ fn a_probe_on_a_library_loaded_later_fires_once_it_is_loaded() {
     assert_eq!(code, Some(0), "{stderr}");
     let got = events(&stdout);
     assert_eq!(got["pw"], vec![vec![worker.pid.to_string(), "7".to_string()]], "{stdout}");
+    worker.quit();
+}
+
+/// A library unloaded by `dlclose` takes its probes' code with it: they go back to waiting
+/// for it (said once), and are placed again at each later `dlopen` of it, as the kernel's
+/// uprobes follow their file. Every load's calls are seen, and the detach is complete. (Before,
+/// the probes fired on the first load only, and the detach failed on the unmapped code and
+/// left the agent retrying forever.)
+#[test]
+fn a_probe_follows_its_library_through_dlclose_and_dlopen_again() {
+    let mut worker = Worker::start("reload");
+    let lib = plugin_lib().display().to_string();
+    let specs = ["p:pw libplugin:plugin_work x=$arg1:s32", "r:pr libplugin:plugin_work ret=$retval:s32"];
+    let mut session = Session::start(worker.pid, &specs, &["--json"]);
+    session.wait_for("waiting for their library");
+    for _ in 0..3 {
+        assert_eq!(worker.ask(&format!("load {lib}")), "plugin 77");
+        assert_eq!(worker.ask(&format!("unload {lib}")), "unloaded");
+    }
+    assert_eq!(worker.ask(&format!("load {lib}")), "plugin 77");
+    let (code, stdout, stderr) = session.end(Some(libc::SIGINT));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("every probed byte is restored"), "{stderr}");
+    assert_eq!(stderr.matches("was unloaded: the probe waits for it").count(), 2, "{stderr}");
+    let got = events(&stdout);
+    let pid = worker.pid.to_string();
+    assert_eq!(got["pw"], vec![vec![pid.clone(), "7".to_string()]; 4], "{stdout}");
+    assert_eq!(got["pr"], vec![vec![pid, "77".to_string()]; 4], "{stdout}");
     worker.quit();
 }
 

@@ -462,25 +462,36 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     let Some(site) = registry.sites.get(&probe.addr) else {
         return Ok(());
     };
+    let gone = code_unloaded(site);
     let remaining = ProbeList::new(site.probes().iter().filter(|p| !Arc::ptr_eq(p, probe)).cloned().collect());
     if !remaining.is_empty() {
         let old = site.publish(remaining);
         registry.retired.push((probe.addr, old));
-        registry.update_arming(probe.addr)?;
+        if !gone {
+            registry.update_arming(probe.addr)?;
+        }
         // Returns once no thread can still be running this probe's handlers.
         return registry.grace_period(&[probe.addr]);
     }
 
     // The last probe: restore the byte, then wait until no thread is in the handler or slot.
+    // Code that was unloaded has none of our bytes left to restore: the site is only
+    // forgotten, and nothing is written where it was (another library may be there now).
     let was_enabled = probe.enabled();
     probe.set_enabled(false);
     let site = registry.sites.get(&probe.addr).expect("checked above");
+    if gone {
+        site.optimized.store(false, Ordering::Relaxed);
+        site.armed.store(false, Ordering::Relaxed);
+    }
     let slot = site.slots.slot;
     let detour = site.detour().map(|d| d.slot);
     let quiesced = registry.update_arming(probe.addr).and_then(|()| {
         // An island left written by a failed transaction goes before its detour does.
         let site = registry.sites.get(&probe.addr).expect("checked above");
-        write_islands(&[&**site], Islands::Restore)?;
+        if !gone {
+            write_islands(&[&**site], Islands::Restore)?;
+        }
         trap::unregister_site(probe.addr);
         registry.grace_period(&[probe.addr])?;
         wait_until_no_thread_in(slot.addr, slot.size as u64)?;
@@ -496,6 +507,19 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     disown_traps(&site);
     registry.quarantine(site);
     Ok(())
+}
+
+/// Whether an armed site's code was unloaded under it (its library `dlclose`d): the address
+/// is not mapped any more, or holds the instruction's own first byte again — mapped anew,
+/// the library loaded again, perhaps at the same place — where an `int3` or a jump of ours
+/// was. Either way nothing of ours is left there to take out. (A function starting with a
+/// `jmp rel32` whose site was optimized cannot be told apart from its jump: taken as ours.)
+fn code_unloaded(site: &PatchSite) -> bool {
+    if !site.armed.load(Ordering::Relaxed) {
+        return false;
+    }
+    let mut first = [0u8];
+    !dynprobe_text::raw::read(site.addr, &mut first) || first[0] == site.orig_byte
 }
 
 /// [`unregister`] for many probes at once, each the only probe at its address and all of

@@ -6,6 +6,8 @@
  *   go     four threads each make ROUNDS calls of mix() and label(), then it prints
  *          "checksum <hex>" — the same in every round and every run, probed or not
  *   load P dlopen()s the library P and prints "plugin <plugin_work(7)>"
+ *   unload P  dlclose()s the library P a `load` opened, and prints "unloaded" once it is
+ *          gone from the process (or "still loaded")
  *   exec   it executes itself again (/proc/self/exe, same arguments): the new image says
  *          "ready <pid>" with the same pid
  *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
@@ -230,6 +232,16 @@ int main(int argc, char **argv)
 			void *lib = dlopen(line + 5, RTLD_NOW);
 			int (*plugin_work)(int) = lib ? (int (*)(int))dlsym(lib, "plugin_work") : NULL;
 			printf("plugin %d\n", plugin_work ? plugin_work(7) : -1);
+			continue;
+		}
+		if (strncmp(line, "unload ", 7) == 0) {
+			line[strcspn(line, "\n")] = 0;
+			void *lib = dlopen(line + 7, RTLD_NOW | RTLD_NOLOAD);
+			if (lib) {
+				dlclose(lib); /* this lookup's reference */
+				dlclose(lib); /* the load's */
+			}
+			printf("%s\n", dlopen(line + 7, RTLD_NOW | RTLD_NOLOAD) ? "still loaded" : "unloaded");
 			continue;
 		}
 		if (strncmp(line, "keep", 4) == 0) {

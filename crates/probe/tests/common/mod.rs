@@ -55,6 +55,13 @@ impl Target {
         addr as u64
     }
 
+    /// Unloads the target (`dlclose`); false if the loader kept it.
+    pub fn unload(self) -> bool {
+        // SAFETY: a handle of ours, dlclosed once; nothing of the target is used afterwards
+        // (its function pointers taken by the caller must not be called any more).
+        unsafe { libc::dlclose(self.handle) == 0 }
+    }
+
     /// A `long f(long)` function of the target.
     pub fn func1(&self, symbol: &str) -> extern "C" fn(i64) -> i64 {
         // SAFETY: the named target functions all have the `long f(long)` signature.
