@@ -809,7 +809,8 @@ impl Libraries {
     }
 }
 
-/// Chooses the functions of modules not seen before and traces them.
+/// Forgets the modules unloaded since the last look, then chooses the functions of modules
+/// not seen before (or loaded again) and traces them.
 fn add_new_modules(
     tracer: &mut Tracer,
     filter: &Filter,
@@ -822,6 +823,12 @@ fn add_new_modules(
     // Most dlopens load nothing new (a library already there, a reference count bumped):
     // seen in the memory map alone, before any symbol table is built.
     let paths = dynprobe_symbols::loaded_code_paths().map_err(|e| e.to_string())?;
+    // A library `dlclose` unloaded: its sites are forgotten (their code is gone), and its
+    // next load is a new one, traced again.
+    if known.iter().any(|p| !paths.contains(p)) {
+        tracer.forget_unloaded();
+        known.retain(|p| paths.contains(p));
+    }
     if paths.iter().all(|p| known.contains(p)) {
         return Ok(());
     }

@@ -595,6 +595,13 @@ fn a_library_loaded_later_is_traced_from_its_first_call() {
     assert!(String::from_utf8_lossy(&r.output.stdout).contains("file bytes = 0\n"), "{}", r.stderr());
     assert_eq!(texts(&r.graph(&[])), graph);
 
+    // A library unloaded (dlclose) and loaded again, three times: each load is traced, and
+    // the end of the recording writes nothing where an unloaded one was.
+    let r = record_unchanged("dlopen-reload", &traced, &program, &[plugin_arg, "reload", "3"]);
+    let calls = texts(&r.graph(&[])).iter().filter(|l| l.trim_start().starts_with("plugin_work() {")).count();
+    assert_eq!(calls, 3, "{}", r.stderr());
+    assert!(!r.stderr().contains("could not"), "{}", r.stderr());
+
     // A misspelt library waits in vain, and the end of the recording says so.
     let r = record_unchanged("dlopen-typo", &["-F", "libplugn:*", "-F", "main"], &program, &[plugin_arg]);
     assert!(r.stderr().contains("WARNING: -F 'libplugn:*' matched nothing"), "{}", r.stderr());

@@ -241,6 +241,25 @@ impl Tracer {
         Ok(total)
     }
 
+    /// Forgets the sites whose code was unloaded (their library `dlclose`d): nothing is
+    /// written where they were, which is not mapped any more (or is another library's now).
+    /// Their functions keep their ids, for the records already made; a later load of the
+    /// library is new to [`Self::add`]. Returns how many sites were forgotten.
+    pub fn forget_unloaded(&mut self) -> usize {
+        let mapped = |addr: u64| dynprobe_probe::raw::read(addr, &mut [0u8]);
+        let before = self.patched.len() + self.probes.len();
+        self.patched.retain(|site| mapped(site.addr));
+        let (gone, kept): (Vec<ProbeHandle>, Vec<ProbeHandle>) =
+            std::mem::take(&mut self.probes).into_iter().partition(|probe| !mapped(probe.address()));
+        self.probes = kept;
+        for probe in gone {
+            // Unloaded code has nothing of ours to take out: this only forgets the site (a
+            // failure leaves the probe registered, as if leaked, in memory that is gone).
+            let _ = probe.unregister();
+        }
+        before - self.patched.len() - self.probes.len()
+    }
+
     /// Shows the calls already in flight when a recording of a running process starts, and
     /// starts recording (held back by [`Recording::AfterAdoption`]): in one stop of every other
     /// thread, each thread's stack is unwound, the calls of traced functions on it are

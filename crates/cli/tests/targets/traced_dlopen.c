@@ -6,11 +6,15 @@
  * or a daemon does with those it did not open itself (bubblewrap does), then opens FILE and
  * fills the low descriptor numbers with it: a tracer that kept one of its own there and
  * uses its number afterwards writes into the program's file or reads from it. The file's
- * size at the end is printed: 0 unless something wrote into it. */
+ * size at the end is printed: 0 unless something wrote into it.
+ *
+ * With `reload N` after it, it loads the library, calls into it and unloads it (dlclose)
+ * N times over. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -19,6 +23,20 @@
 __attribute__((noinline)) int call_plugin(int (*work)(int), int x) { return work(x); }
 
 int main(int argc, char **argv) {
+    if (argc > 3 && strcmp(argv[2], "reload") == 0) {
+        int sum = 0;
+        for (int i = atoi(argv[3]); i > 0; i--) {
+            void *lib = dlopen(argv[1], RTLD_NOW);
+            if (!lib) {
+                fprintf(stderr, "dlopen: %s\n", dlerror());
+                return 1;
+            }
+            sum += call_plugin((int (*)(int))dlsym(lib, "plugin_work"), 3);
+            dlclose(lib);
+        }
+        printf("plugin sum = %d\n", sum);
+        return 0;
+    }
     int fd = -1;
     if (argc > 3 && strcmp(argv[2], "closefrom") == 0) {
         syscall(SYS_close_range, 3, ~0U, 0);
