@@ -29,6 +29,7 @@ use dynprobe_events::ending;
 use dynprobe_events::files;
 use dynprobe_events::model::SiteSummary;
 use dynprobe_events::ring::RingFile;
+use dynprobe_events::ring::UNTRACED_CHILD;
 use dynprobe_ftrace::{Filter, FtraceError, Recording, Selection, TracedFunction, Tracer};
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -749,23 +750,30 @@ fn give_child_its_ring() {
         }
         if let Some(path) = name(n, b"ring").c_str() {
             if let Err(errno) = ring.reopen_in_child(path, ppid) {
-                let mut line = crate::line::Line::new();
-                line.bytes(b"dynprobe agent: the forked child's events are lost: cannot make its ring file (errno ")
-                    .dec(errno as u64)
-                    .byte(b')');
-                let text = line.finish();
-                // SAFETY: writes a stack buffer to stderr.
-                unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+                detach_untraced(ring, dir, errno);
             }
         }
         paths.funcs = funcs;
         return;
     }
-    // No image of its own: the child must not write into its parent's rings.
-    ring.detach_in_child();
-    let message = b"dynprobe agent: the forked child is not traced: no name for its trace files\n";
-    // SAFETY: writes a static message to stderr.
-    unsafe { libc::write(2, message.as_ptr().cast(), message.len()) };
+    // No image of its own (its files could not be made: a program that dropped its
+    // privileges before it forked cannot write into the session's directory): the child must
+    // not write into its parent's rings.
+    // SAFETY: reading this thread's errno, which the failed `link` set.
+    detach_untraced(ring, dir, unsafe { *libc::__errno_location() });
+}
+
+/// Detaches a forked child that cannot be traced (`errno`: why) from its parent's rings,
+/// onto memory named as [`UNTRACED_CHILD`] says, for the CLI to find at its end. The child
+/// says nothing itself: its standard error is the program's, not dynprobe's (a daemon's
+/// log, a client's socket). System calls only.
+fn detach_untraced(ring: &dynprobe_events::ring::RingFile, dir: &PathText, errno: i32) {
+    let mut name = PathText::new();
+    name.bytes(UNTRACED_CHILD.as_bytes()).byte(b' ').dec(errno.unsigned_abs() as u64).byte(b' ').bytes(dir.as_bytes());
+    match name.c_str() {
+        Some(name) => ring.detach_in_child_named(name),
+        None => ring.detach_in_child(),
+    }
 }
 
 /// Creates `path` with `content`, with system calls only.

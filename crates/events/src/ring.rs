@@ -121,6 +121,12 @@ const _: () = assert!(RING_HEADER_BYTES == 128);
 const _: () = assert!(std::mem::offset_of!(RingHeader, tail) == 64);
 const _: () = assert!(std::mem::size_of::<FileHeader>() <= HEADER_BYTES);
 
+/// The start of the name of the memory a forked child that could not be traced maps where
+/// its ring was ([`RingFile::detach_in_child_named`]): `dynprobe-untraced-child <errno>
+/// <ring directory>`, which `dynprobe record` looks for in the processes' memory maps at the
+/// end of a session, to give such a child its code back and say why it was not traced.
+pub const UNTRACED_CHILD: &str = "dynprobe-untraced-child";
+
 /// Where things are in a ring file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Layout {
@@ -401,6 +407,27 @@ impl RingFile {
     /// nobody drains (the child's records are lost, but the parent's rings stay intact).
     /// For a child that cannot get a ring file of its own; system calls only.
     pub fn detach_in_child(&self) {
+        self.let_go_of_file();
+    }
+
+    /// [`RingFile::detach_in_child`] onto memory that says so: a memfd named `name`, which
+    /// the process's memory map shows (`/memfd:<name> (deleted)`, proc(5)) where the ring
+    /// was, so that a tracer looking at the process later can tell a child of its session
+    /// that could not be traced (and still runs the code it was forked with) from any other
+    /// process. Anonymous memory when a memfd cannot be had. System calls only.
+    pub fn detach_in_child_named(&self, name: &CStr) {
+        // SAFETY: a NUL-terminated name; the descriptor is closed below on every path.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: `fd` is our new memfd; `map` replaces exactly this object's mapping.
+            let mapped = unsafe { libc::ftruncate(fd, self.layout.len as libc::off_t) } == 0
+                && map(fd, self.layout.len, self.base).is_ok();
+            // SAFETY: `fd` is ours; a mapping keeps the memory.
+            unsafe { libc::close(fd) };
+            if mapped {
+                return;
+            }
+        }
         self.let_go_of_file();
     }
 

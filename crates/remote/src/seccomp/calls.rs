@@ -115,6 +115,9 @@ pub(crate) const AGENT_CALLS: &[AgentCall] = &[
     call("write", libc::SYS_write, [FD, 0, 64, 0, 0, 0]),
     call("lseek", libc::SYS_lseek, [FD, 0, libc::SEEK_CUR as u64, 0, 0, 0]),
     call("ftruncate", libc::SYS_ftruncate, [FD, PAGE, 0, 0, 0, 0]),
+    // A forked child that cannot be traced marks the memory of its ring (a fallback to
+    // anonymous memory when it cannot).
+    optional("memfd_create", libc::SYS_memfd_create, [0, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0]),
     call("fcntl", libc::SYS_fcntl, [FD, libc::F_GETFL as u64, 0, 0, 0, 0]),
     call("rename", libc::SYS_rename, [0; 6]),
     call("linkat", libc::SYS_linkat, [AT_FDCWD, 0, AT_FDCWD, 0, 0, 0]),
