@@ -28,7 +28,7 @@
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
 use dynprobe_events::ending::{self, Process};
-use dynprobe_remote::{Memory, Options, Tracee};
+use dynprobe_remote::{Memory, Options, Stop, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::path::Path;
 use std::time::Duration;
@@ -418,15 +418,15 @@ fn put_back(
                 return Ok(0);
             }
         }
-        let Some(tracee) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
+        let Some(stopped) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
         check()?;
-        let read = |at: u64, buf: &mut [u8]| tracee.read_memory(at, buf).map_err(|e| e.to_string());
+        let read = |at: u64, buf: &mut [u8]| stopped.0.read_memory(at, buf).map_err(|e| e.to_string());
         let runs = find(&maps(child), &read)?;
         for (at, bytes) in &runs {
-            tracee.write_memory(*at, bytes).map_err(|e| e.to_string())?;
+            stopped.0.write_memory(*at, bytes).map_err(|e| e.to_string())?;
         }
         // Dropped: every thread of the child is let go and runs on.
-        drop(tracee);
+        drop(stopped);
         Ok(runs.len())
     };
     match written() {
@@ -438,11 +438,36 @@ fn put_back(
 /// `child` with every thread stopped, if it still runs what it was forked with (see
 /// [`restore`]); `None` when it has `exec`'d since it was found (an image recording into
 /// `rings` that announced itself, or another program): none of its code is patched then.
-fn stopped_as_forked(child: i32, agent: &str, rings: &Path) -> Result<Option<Tracee>, String> {
-    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
-    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+fn stopped_as_forked(child: i32, agent: &str, rings: &Path) -> Result<Option<Stopped>, String> {
+    let mut stopped = Stopped(Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?);
+    stopped.0.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
     let forked = !announced(child, rings) && runs_what_it_was_forked_with(&maps(child), agent, rings);
-    Ok(forked.then_some(tracee))
+    Ok(forked.then_some(stopped))
+}
+
+/// A child's threads, seized to be stopped ([`stopped_as_forked`]), let go when dropped —
+/// on every path, an error's too. A thread that a signal stopped first (it arrived as the
+/// thread was being stopped: a signal-delivery-stop, ptrace(2)) is resumed with that signal,
+/// which is the program's: a detach from that stop would suppress it (`Tracee::detach_thread`),
+/// and a program that waits for it (a `SIGCHLD` from a child of its that ended meanwhile, a
+/// `SIGTERM`) would not get it. Then the `Tracee` detaches every thread as it is dropped.
+///
+/// A `SIGTRAP` the kernel sent (an `int3`, which may be one of the patches just put back)
+/// is not delivered: the program's handler would be given a breakpoint that is gone.
+struct Stopped(Tracee);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for tid in self.0.threads() {
+            let signal = match self.0.stop_of(tid) {
+                Ok(Some(Stop::Signal { signal: libc::SIGTRAP, code, .. })) if code > 0 => continue,
+                Ok(Some(Stop::Signal { signal, .. })) => signal,
+                _ => continue,
+            };
+            // Fails only for a thread that is gone, which needs the signal no more.
+            let _ = self.0.cont(tid, signal);
+        }
+    }
 }
 
 /// The live processes forked during the session whose line of forks starts at a process
@@ -724,6 +749,35 @@ mod tests {
         drop(held);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// A signal that stopped a child's thread as it was being stopped for its restore is the
+    /// program's: it is delivered when the child is let go, not suppressed by the detach.
+    /// `sleep` stands for the child, a shell's (which says how it ended, as the one to reap
+    /// it): `SIGUSR1`, which ends it (its default action), arrives while it is seized, and
+    /// stops it (a signal-delivery-stop). Suppressed, it would sleep its 10 s and exit 0.
+    #[test]
+    fn a_signal_that_stopped_a_child_is_delivered_when_it_is_let_go() {
+        use std::io::BufRead as _;
+        let script = "sleep 10 & echo $!; wait $!; echo status $?";
+        let mut shell = std::process::Command::new("sh");
+        shell.args(["-c", script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        let mut shell = shell.spawn().unwrap();
+        let mut out = std::io::BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        let mut tracee = Tracee::seize(pid, Options::NONE).expect("seize sleep");
+        // SAFETY: kill sends a signal to a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+        let stop = tracee.wait_thread(pid, Duration::from_secs(10)).expect("its stop");
+        let usr1 = Stop::Signal { signal: libc::SIGUSR1, code: 0, addr: 0 };
+        assert_eq!(stop, dynprobe_remote::Event::Stopped { tid: pid, stop: usr1 });
+        drop(Stopped(tracee));
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), format!("status {}", 128 + libc::SIGUSR1), "killed by SIGUSR1");
+        assert!(shell.wait().unwrap().success());
     }
 
     /// What `probe` gives once it gives something, looked for until 10 s have passed.
