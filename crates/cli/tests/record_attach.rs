@@ -536,9 +536,10 @@ fn start_worker_with(test: &str, env: &[(&str, &str)]) -> Worker {
 }
 
 /// Whether process `pid` runs the worker exec'd with this role (`child`, `image`: see
-/// worker.c).
+/// worker.c), its second argument.
 fn runs_as(pid: i32, role: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.ends_with(format!("\0{role}\0").as_bytes()))
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline.split(|&b| b == 0).nth(2) == Some(role.as_bytes())
 }
 
 #[test]
@@ -877,6 +878,23 @@ fn a_child_that_outlives_the_started_program_gets_its_code_back_from_its_files()
     assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
     // SAFETY: kill sends a signal to a process of this test's.
     unsafe { libc::kill(child, libc::SIGTERM) };
+    wait_for_the_end_of(child);
+}
+
+/// A child of a program `record` started that forks once the recording is over (the program
+/// ended, and the recording's files with it) does not record that fork, and says nothing of
+/// it on the program's stderr: its agent had no name for the grandchild's trace files, and
+/// wrote so, into the user's program's output.
+#[test]
+fn a_fork_after_a_started_program_s_recording_ended_is_not_reported_on_its_stderr() {
+    let (mut worker, _, said) = record_started("started-late-fork");
+    let log = worker.log.clone();
+    let child: i32 = worker.ask("late").strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    worker.quit();
+    let forked_late = || std::fs::read_to_string(&log).is_ok_and(|text| text.contains("late fork done"));
+    wait_until(forked_late, "the child forked after the recording's end");
+    let stderr = std::fs::read_to_string(&said).unwrap();
+    assert!(!stderr.contains("dynprobe agent"), "{stderr}");
     wait_for_the_end_of(child);
 }
 

@@ -391,6 +391,15 @@ impl Tracee {
         Ok(())
     }
 
+    /// Puts the return stub of the calls from now on only into the modules mapped from
+    /// `files`: a call that unmaps the module the stub is in (a `dlclose` of it, or of a
+    /// library that loaded it) would return into unmapped memory, and crash there once it
+    /// has done its work. A stub placed elsewhere already is put back.
+    pub(crate) fn keep_stub_in(&mut self, files: Vec<String>) -> Result<(), Error> {
+        self.stub_only_in = Some(files);
+        self.release_return_stub()
+    }
+
     /// Puts back the original bytes where the return stub was written, if a call wrote
     /// it (checking first that the stub is still there).
     pub fn release_return_stub(&mut self) -> Result<(), Error> {
@@ -515,7 +524,7 @@ impl Tracee {
             return Ok(site.addr);
         }
         let lock = lock_stub_sites(self.pid())?;
-        let addr = find_stub_site(&self.mem)?;
+        let addr = find_stub_site(&self.mem, self.stub_only_in.as_deref())?;
         let original = self.mem.read_vec(addr, STUB_MAX).map_err(|error| Error::Memory {
             op: "read",
             addr,
@@ -715,8 +724,8 @@ fn regs_bytes(r: &Regs) -> Vec<u8> {
 /// of that page, inside an executable mapping of the same file, and no stub there already
 /// (one a killed tracer left may still be on its way back: [`STUB_START`]; the next
 /// [`STUB_MAX`] bytes are tried). Found from the ELF and program headers each module has
-/// mapped at its start (elf(5)).
-fn find_stub_site(memory: &Memory) -> Result<u64, CallError> {
+/// mapped at its start (elf(5)); only in the modules mapped from `only_in`, if given.
+fn find_stub_site(memory: &Memory, only_in: Option<&[String]>) -> Result<u64, CallError> {
     let pid = memory.pid();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| CallError::Tracee(Error::Memory { op: "read of /proc/PID/maps", addr: 0, len: 0, error: e }))?;
@@ -737,7 +746,8 @@ fn find_stub_site(memory: &Memory) -> Result<u64, CallError> {
         mappings.iter().any(|&(start, end, x, _, path)| x && path == file && start <= from && to <= end)
     };
     for &(base, _, _, offset, path) in &mappings {
-        if offset != 0 || !path.starts_with('/') {
+        let excluded = only_in.is_some_and(|files| !files.iter().any(|file| file == path));
+        if offset != 0 || !path.starts_with('/') || excluded {
             continue;
         }
         for segment_end in executable_segment_ends(memory, base) {
@@ -855,5 +865,38 @@ fn signal_name(signal: i32) -> String {
         libc::SIGILL => "SIGILL".to_string(),
         libc::SIGFPE => "SIGFPE".to_string(),
         other => format!("signal {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The return stub goes only into the modules it is kept in, when it is kept in some
+    /// (an unload keeps it out of the library it unloads): in this process, the site found
+    /// anywhere is found again when kept in its own module, and another when kept out of it.
+    #[test]
+    fn the_return_stub_goes_only_where_it_is_kept() {
+        let memory = Memory::open(std::process::id() as i32).unwrap();
+        let site = find_stub_site(&memory, None).expect("a stub site in this process");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        // (start, end, file) of every mapping of a file.
+        let files: Vec<(u64, u64, String)> = maps
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (start, end) = fields[0].split_once('-')?;
+                let file = fields.get(5).filter(|f| f.starts_with('/'))?;
+                Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?, file.to_string()))
+            })
+            .collect();
+        let file_of = |at: u64| files.iter().find(|(s, e, _)| (*s..*e).contains(&at)).map(|(_, _, f)| f.clone());
+        let home = file_of(site).expect("the site is in a file's mapping");
+        assert_eq!(find_stub_site(&memory, Some(std::slice::from_ref(&home))).unwrap(), site);
+        assert!(matches!(find_stub_site(&memory, Some(&[])), Err(CallError::NoStubSite { .. })));
+        let others: Vec<String> = files.iter().map(|(_, _, f)| f.clone()).filter(|f| *f != home).collect();
+        if let Ok(elsewhere) = find_stub_site(&memory, Some(&others)) {
+            assert_ne!(file_of(elsewhere), Some(home), "kept out of its module");
+        }
     }
 }

@@ -189,6 +189,8 @@ pub struct Tracee {
     pub(crate) syscall_insn: Option<u64>,
     /// Where calls write their return stub, once found (see `call`).
     pub(crate) stub_site: Option<crate::call::StubSite>,
+    /// The files of the modules the return stub may go into (see `call`), when not any.
+    pub(crate) stub_only_in: Option<Vec<String>>,
     _one_thread: PhantomData<*const ()>,
 }
 
@@ -275,6 +277,7 @@ impl Tracee {
             mem,
             syscall_insn: None,
             stub_site: None,
+            stub_only_in: None,
             _one_thread: PhantomData,
         })
     }

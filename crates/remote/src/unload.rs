@@ -90,6 +90,11 @@ pub fn unload_library(
     let dlerror = find(&["libc:dlerror", "libdl:dlerror", "dlerror"]);
     let munmap = find(&["libc:munmap", "munmap"]);
     let (mut tracee, tid) = seize_safe_thread(pid, &table)?;
+    // The calls return through a stub written at the end of some module's code (see the
+    // `call` module): not into the library, or one it loaded, which `dlclose` unmaps before
+    // it returns, but into a module that lives as long as the process.
+    let lasting = table.modules().iter().filter(|m| m.is_main || m.is_c_runtime());
+    tracee.keep_stub_in(lasting.map(|m| m.path.to_string_lossy().into_owned()).collect())?;
     let call = |tracee: &mut crate::Tracee, function: &str, addr: u64, args: &[Arg]| {
         tracee.call_with(tid, addr, args, timeout).map_err(|error| InjectError::Call {
             function: function.to_string(),

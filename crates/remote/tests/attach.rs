@@ -97,6 +97,47 @@ fn process_that_exited_meanwhile() {
     assert_eq!(err.to_string(), format!("process {pid} exited while attaching"));
 }
 
+/// A seized process that exits reports its exit to the tracer first (ptrace(2), "Attaching
+/// and detaching"): its real parent's `wait` gets it only once the tracer has reaped or
+/// detached it. Dropping the `Tracee` does that, also for a thread that exited while it ran
+/// seized, and the parent gets the exit status the process gave.
+#[test]
+fn a_seized_process_that_exits_is_released_to_its_parent_with_its_status() {
+    // The shell's child, not this test's: its parent is the shell, which says what `wait` gave.
+    // (Its stdin through fd 3: a background command's fd 0 is /dev/null, sh(1p).)
+    let script = "exec 3<&0; sh -c 'read line; exit 7' <&3 & echo $!; wait $!; echo status $?";
+    let mut shell =
+        Command::new("sh").args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(shell.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    let tracee = Tracee::seize(pid, Options::NONE).unwrap();
+    // The shell's stdin is the exiting process's too: a line, and it exits, seized.
+    use std::io::Write as _;
+    writeln!(shell.stdin.take().unwrap()).unwrap();
+    let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    within_10_s(|| state().contains(") Z "), "the seized process exited");
+    // Held for this tracer: its parent cannot reap it, and has said nothing.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains(&format!("TracerPid:\t{}\n", current_tid())), "{status}");
+    drop(tracee);
+    within_10_s(|| state().is_empty(), "its parent reaped it");
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "status 7");
+    assert!(shell.wait().unwrap().success());
+}
+
+/// Waits until `done`, failing after 10 s.
+fn within_10_s(done: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn attaching_twice_from_this_process() {
     let target = Target::start(&worker_program(), &[]);

@@ -28,7 +28,7 @@
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
 use dynprobe_events::ending::{self, Process};
-use dynprobe_remote::{Memory, Options, Tracee};
+use dynprobe_remote::{Memory, Options, Stop, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::path::Path;
 use std::time::Duration;
@@ -343,10 +343,11 @@ fn maps(pid: i32) -> Vec<Mapping> {
 }
 
 /// Puts `parent`'s bytes into `child` wherever their shared code mappings differ, with the
-/// child's threads stopped; how many runs of bytes differed. A child that has `exec`'d an
-/// image recording into `rings` by the time it is stopped is left to that image's agent
-/// (none: it announced itself before patching anything, `dynprobe_events::ending`); its
-/// mappings are read once it is stopped, so that they are the image's that runs.
+/// child's threads stopped (see [`put_back`]); how many runs of bytes differed. A child that
+/// has `exec`'d an image recording into `rings` by the time it is stopped is left to that
+/// image's agent (none: it announced itself before patching anything,
+/// `dynprobe_events::ending`); its mappings are read once it is stopped, so that they are the
+/// image's that runs.
 ///
 /// Nothing is written unless, once stopped (a stopped process cannot `exec`), the child
 /// still runs what it was forked with — the agent library and a ring file of `rings`
@@ -355,45 +356,118 @@ fn maps(pid: i32) -> Vec<Mapping> {
 /// root) must not get the traced program's bytes.
 fn restore(parent: i32, child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
     let source = Memory::open(parent).map_err(|e| format!("cannot read process {parent}'s memory: {e}"))?;
-    let Some(tracee) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
-    if ids(parent).is_none() || ids(parent) != ids(child) {
-        return Err(format!("its user or group ids are not those of process {parent}: left as it is"));
-    }
-
-    let code = |pid: i32| -> Vec<Mapping> { maps(pid).into_iter().filter(is_file_code).collect() };
-    let shared: Vec<Mapping> = {
-        let parent_code = code(parent);
-        code(child).into_iter().filter(|m| parent_code.contains(m)).collect()
-    };
-    let (mut want, mut have) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut runs = 0;
-    for mapping in &shared {
-        let mut at = mapping.start;
-        while at < mapping.end {
-            let len = CHUNK.min((mapping.end - at) as usize);
-            let (want, have) = (&mut want[..len], &mut have[..len]);
-            source.read(at, want).map_err(|e| format!("cannot read {at:#x} of process {parent}: {e}"))?;
-            tracee.read_memory(at, have).map_err(|e| e.to_string())?;
-            for (start, end) in differences(want, have) {
-                tracee.write_memory(at + start as u64, &want[start..end]).map_err(|e| e.to_string())?;
-                runs += 1;
+    let differing = |mappings: &[Mapping], read: Read| -> Result<Runs, String> {
+        let parent_code: Vec<Mapping> = maps(parent).into_iter().filter(is_file_code).collect();
+        let shared = mappings.iter().filter(|m| is_file_code(m) && parent_code.contains(m));
+        let (mut want, mut have) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let mut runs = Vec::new();
+        for mapping in shared {
+            let mut at = mapping.start;
+            while at < mapping.end {
+                let len = CHUNK.min((mapping.end - at) as usize);
+                let (want, have) = (&mut want[..len], &mut have[..len]);
+                source.read(at, want).map_err(|e| format!("cannot read {at:#x} of process {parent}: {e}"))?;
+                read(at, have)?;
+                runs.extend(differences(want, have).into_iter().map(|(s, e)| (at + s as u64, want[s..e].to_vec())));
+                at += len as u64;
             }
-            at += len as u64;
         }
+        Ok(runs)
+    };
+    let same_ids = || match ids(parent).is_some() && ids(parent) == ids(child) {
+        true => Ok(()),
+        false => Err(format!("its user or group ids are not those of process {parent}: left as it is")),
+    };
+    put_back(child, agent, rings, differing, same_ids)
+}
+
+/// Runs of bytes to put into a child's code: each an address, and the bytes wanted there.
+type Runs = Vec<(u64, Vec<u8>)>;
+
+/// Reads the bytes at an address of a child's memory into a buffer.
+type Read<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<(), String>;
+
+/// Puts into `child` the [`Runs`] that `find` names (given the child's mappings and a reader
+/// of its memory), with every thread of the child stopped; how many runs were written.
+/// Nothing is written unless, once stopped, the child still runs what it was forked with
+/// (see [`restore`]) and `check` holds.
+///
+/// `find` looks first while the child runs, and the child is seized only if that look finds
+/// something to put back: a child forked from one whose code was restored already (a
+/// restored child's late fork), or one that `exec`'d or is ending, is not stopped at all —
+/// a process seized as it exits reports its exit to dynprobe before its parent (ptrace(2),
+/// "Attaching and detaching"), and a stop is a stop the program did not ask for. Once
+/// stopped, `find` looks again, and only that look's runs are written (verify, then modify).
+/// A child that ends meanwhile keeps nothing (its code went with it): `Ok(0)`, not a failure.
+fn put_back(
+    child: i32,
+    agent: &str,
+    rings: &Path,
+    find: impl Fn(&[Mapping], Read) -> Result<Runs, String>,
+    check: impl FnOnce() -> Result<(), String>,
+) -> Result<usize, String> {
+    let written = || -> Result<usize, String> {
+        let running_maps = maps(child);
+        if announced(child, rings) || !runs_what_it_was_forked_with(&running_maps, agent, rings) {
+            return Ok(0);
+        }
+        // Memory it may not open, it may not seize either: the seize says why.
+        if let Ok(running) = Memory::open(child) {
+            let read = |at: u64, buf: &mut [u8]| running.read(at, buf).map_err(|e| format!("cannot read {at:#x}: {e}"));
+            if find(&running_maps, &read)?.is_empty() {
+                return Ok(0);
+            }
+        }
+        let Some(stopped) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
+        check()?;
+        let read = |at: u64, buf: &mut [u8]| stopped.0.read_memory(at, buf).map_err(|e| e.to_string());
+        let runs = find(&maps(child), &read)?;
+        for (at, bytes) in &runs {
+            stopped.0.write_memory(*at, bytes).map_err(|e| e.to_string())?;
+        }
+        // Dropped: every thread of the child is let go and runs on.
+        drop(stopped);
+        Ok(runs.len())
+    };
+    match written() {
+        Err(_) if ended(child) => Ok(0),
+        result => result,
     }
-    // Dropped: every thread of the child is let go and runs on.
-    drop(tracee);
-    Ok(runs)
 }
 
 /// `child` with every thread stopped, if it still runs what it was forked with (see
 /// [`restore`]); `None` when it has `exec`'d since it was found (an image recording into
 /// `rings` that announced itself, or another program): none of its code is patched then.
-fn stopped_as_forked(child: i32, agent: &str, rings: &Path) -> Result<Option<Tracee>, String> {
-    let mut tracee = Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?;
-    tracee.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
+fn stopped_as_forked(child: i32, agent: &str, rings: &Path) -> Result<Option<Stopped>, String> {
+    let mut stopped = Stopped(Tracee::seize(child, Options::NONE).map_err(|e| e.to_string())?);
+    stopped.0.stop_all(STOP_TIMEOUT).map_err(|e| e.to_string())?;
     let forked = !announced(child, rings) && runs_what_it_was_forked_with(&maps(child), agent, rings);
-    Ok(forked.then_some(tracee))
+    Ok(forked.then_some(stopped))
+}
+
+/// A child's threads, seized to be stopped ([`stopped_as_forked`]), let go when dropped —
+/// on every path, an error's too. A thread that a signal stopped first (it arrived as the
+/// thread was being stopped: a signal-delivery-stop, ptrace(2)) is resumed with that signal,
+/// which is the program's: a detach from that stop would suppress it (`Tracee::detach_thread`),
+/// and a program that waits for it (a `SIGCHLD` from a child of its that ended meanwhile, a
+/// `SIGTERM`) would not get it. Then the `Tracee` detaches every thread as it is dropped.
+///
+/// A `SIGTRAP` the kernel sent (an `int3`, which may be one of the patches just put back)
+/// is not delivered: the program's handler would be given a breakpoint that is gone.
+struct Stopped(Tracee);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for tid in self.0.threads() {
+            let signal = match self.0.stop_of(tid) {
+                Ok(Some(Stop::Signal { signal: libc::SIGTRAP, code, .. })) if code > 0 => continue,
+                Ok(Some(Stop::Signal { signal, .. })) => signal,
+                _ => continue,
+            };
+            // Fails only for a thread that is gone, which needs the signal no more.
+            let _ = self.0.cont(tid, signal);
+        }
+    }
 }
 
 /// The live processes forked during the session whose line of forks starts at a process
@@ -427,41 +501,39 @@ fn ended(pid: i32) -> bool {
 /// relocation or the program's own patching stays; a breakpoint of anyone's (a kernel
 /// uprobe's in the child's pages) and another tool's jumps into anonymous code go too.
 /// How many runs were put back; nothing is written unless, once stopped, the child still
-/// runs what it was forked with (see [`restore`]).
+/// runs what it was forked with, and it is not stopped at all when nothing must be (see
+/// [`put_back`]).
 pub(crate) fn restore_from_files(child: i32, agent: &str, rings: &Path) -> Result<usize, String> {
-    let Some(tracee) = stopped_as_forked(child, agent, rings)? else { return Ok(0) };
-    let maps = maps(child);
-    let ours: Vec<std::ops::Range<u64>> = maps
-        .iter()
-        .filter(|m| m.exec && m.path.as_deref().is_none_or(|path| path.ends_with(agent)))
-        .map(|m| m.start..m.end)
-        .collect();
-    let mut runs = 0;
-    for m in maps.iter().filter(|m| is_file_code(m) && !m.path.as_deref().is_some_and(|p| p.ends_with(agent))) {
-        let file = mapped_file(child, m)?;
-        let len = (m.end - m.start) as usize;
-        if len > MAX_RESTORED_MAPPING {
-            return Err(format!("the code mapped at {:#x} is too large to compare ({len} bytes)", m.start));
-        }
-        let (mut want, mut have) = (vec![0u8; len], vec![0u8; len]);
-        // Past the file's end a mapping reads as zeros, as `want` is.
-        let mut got = 0;
-        while got < len {
-            match std::os::unix::fs::FileExt::read_at(&file, &mut want[got..], m.offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) => return Err(format!("cannot read the file mapped at {:#x}: {e}", m.start)),
+    let patches = |maps: &[Mapping], read: Read| -> Result<Runs, String> {
+        let ours: Vec<std::ops::Range<u64>> = maps
+            .iter()
+            .filter(|m| m.exec && m.path.as_deref().is_none_or(|path| path.ends_with(agent)))
+            .map(|m| m.start..m.end)
+            .collect();
+        let mut runs = Vec::new();
+        for m in maps.iter().filter(|m| is_file_code(m) && !m.path.as_deref().is_some_and(|p| p.ends_with(agent))) {
+            let file = mapped_file(child, m)?;
+            let len = (m.end - m.start) as usize;
+            if len > MAX_RESTORED_MAPPING {
+                return Err(format!("the code mapped at {:#x} is too large to compare ({len} bytes)", m.start));
             }
+            let (mut want, mut have) = (vec![0u8; len], vec![0u8; len]);
+            // Past the file's end a mapping reads as zeros, as `want` is.
+            let mut got = 0;
+            while got < len {
+                match std::os::unix::fs::FileExt::read_at(&file, &mut want[got..], m.offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) => return Err(format!("cannot read the file mapped at {:#x}: {e}", m.start)),
+                }
+            }
+            read(m.start, &mut have)?;
+            let patched = dynprobe_patches(&want, &have, m.start, &ours);
+            runs.extend(patched.into_iter().map(|(s, e)| (m.start + s as u64, want[s..e].to_vec())));
         }
-        tracee.read_memory(m.start, &mut have).map_err(|e| e.to_string())?;
-        for (start, end) in dynprobe_patches(&want, &have, m.start, &ours) {
-            tracee.write_memory(m.start + start as u64, &want[start..end]).map_err(|e| e.to_string())?;
-            runs += 1;
-        }
-    }
-    // Dropped: every thread of the child is let go and runs on.
-    drop(tracee);
-    Ok(runs)
+        Ok(runs)
+    };
+    put_back(child, agent, rings, patches, || Ok(()))
 }
 
 /// The largest code mapping [`restore_from_files`] compares (it reads it whole, twice).
@@ -640,6 +712,84 @@ mod tests {
         // A patch half-written at 70: its int3, then two bytes of its tail.
         have[70..73].copy_from_slice(&[0xcc, 0x12, 0x34]);
         assert_eq!(dynprobe_patches(&want, &have, base, &ours), [(4, 11), (20, 21), (40, 45), (60, 63), (70, 73)]);
+    }
+
+    /// A child that has ended by its turn (a zombie, which its parent has not reaped) has no
+    /// code left to restore: that is no failure to report, and it is not seized — a process
+    /// seized as it exits reports its exit to the tracer first (ptrace(2)).
+    #[test]
+    fn a_child_that_has_ended_keeps_nothing_and_is_no_failure() {
+        let mut child = std::process::Command::new("true").spawn().expect("run true");
+        let pid = child.id() as i32;
+        soon(|| ended(pid).then_some(()), "true ended");
+        let rings = Path::new("/dev/shm/dynprobe-rings-none");
+        let agent = "libdynprobe_agent.so";
+        assert_eq!(restore_from_files(pid, agent, rings), Ok(0));
+        assert_eq!(restore(std::process::id() as i32, pid, agent, rings), Ok(0));
+        assert!(child.wait().unwrap().success(), "its parent still gets its exit status");
+    }
+
+    /// A child whose code holds nothing to put back is not stopped: held here by another
+    /// tracer (this test's thread), which a seize would fail on, it is restored with nothing
+    /// written and no error. `sleep` stands for the child: its C library stands for the
+    /// agent library, and that library's directory for the ring directory, so that it runs
+    /// what a child is forked with ([`runs_what_it_was_forked_with`]); its other code (the
+    /// program, the dynamic linker) is its files' bytes.
+    #[test]
+    fn a_child_with_nothing_to_put_back_is_not_stopped() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("run sleep");
+        let pid = child.id() as i32;
+        let libc = || maps(pid).into_iter().find_map(|m| m.path.filter(|p| p.contains("/libc.so")));
+        let path = soon(libc, "sleep mapped its C library");
+        let (dir, agent) = path.rsplit_once('/').unwrap();
+        let rings = Path::new(dir);
+        assert!(runs_what_it_was_forked_with(&maps(pid), agent, rings));
+        let held = Tracee::seize(pid, Options::NONE).expect("seize sleep");
+        assert_eq!(restore_from_files(pid, agent, rings), Ok(0));
+        drop(held);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// A signal that stopped a child's thread as it was being stopped for its restore is the
+    /// program's: it is delivered when the child is let go, not suppressed by the detach.
+    /// `sleep` stands for the child, a shell's (which says how it ended, as the one to reap
+    /// it): `SIGUSR1`, which ends it (its default action), arrives while it is seized, and
+    /// stops it (a signal-delivery-stop). Suppressed, it would sleep its 10 s and exit 0.
+    #[test]
+    fn a_signal_that_stopped_a_child_is_delivered_when_it_is_let_go() {
+        use std::io::BufRead as _;
+        let script = "sleep 10 & echo $!; wait $!; echo status $?";
+        let mut shell = std::process::Command::new("sh");
+        shell.args(["-c", script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        let mut shell = shell.spawn().unwrap();
+        let mut out = std::io::BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        let mut tracee = Tracee::seize(pid, Options::NONE).expect("seize sleep");
+        // SAFETY: kill sends a signal to a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+        let stop = tracee.wait_thread(pid, Duration::from_secs(10)).expect("its stop");
+        let usr1 = Stop::Signal { signal: libc::SIGUSR1, code: 0, addr: 0 };
+        assert_eq!(stop, dynprobe_remote::Event::Stopped { tid: pid, stop: usr1 });
+        drop(Stopped(tracee));
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), format!("status {}", 128 + libc::SIGUSR1), "killed by SIGUSR1");
+        assert!(shell.wait().unwrap().success());
+    }
+
+    /// What `probe` gives once it gives something, looked for until 10 s have passed.
+    fn soon<T>(mut probe: impl FnMut() -> Option<T>, what: &str) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(found) = probe() {
+                return found;
+            }
+            assert!(std::time::Instant::now() < deadline, "never happened: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

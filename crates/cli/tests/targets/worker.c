@@ -14,11 +14,14 @@
  *          prints "forked <child pid>"
  *   keep   it forks a child that calls mix() every 10 ms for a minute (or until SIGTERM),
  *          also once this process has ended, and prints "forked <child pid>"
+ *   late   it forks a child that, once this process has ended and a second more has passed,
+ *          forks a grandchild that exits at once, then writes "late fork done" to the log
+ *          file and exits; it prints "forked <child pid>"
  *   orphan it forks a child that forks a grandchild and exits at once (a double fork): the
  *          grandchild, an orphan adopted by init, calls mix() every 10 ms until this
  *          process has ended; the child prints "forked <grandchild pid>"
  *   forkexec  the same, but the child first executes this program again (argument
- *          `child` after LOGFILE), whose new image makes those calls
+ *          `child` and the worker's pid after LOGFILE), whose new image makes those calls
  *   spawn  the same as forkexec, but the new image (argument `image`) forks a child of its
  *          own that makes those calls while the image lives, prints "grandchild <its pid>",
  *          and lives on, also once this process has ended, until SIGTERM or a minute
@@ -102,10 +105,12 @@ static void *work(void *arg)
 __thread volatile char big_tls[8 << 20];
 #endif
 
-/* A forked child's work: mix() every 10 ms until its parent is gone. */
-static void call_mix_while_parent_lives(void)
+/* A forked child's work: mix() every 10 ms until its parent `parent` is gone. The parent's
+ * pid is taken by the parent before it forks: the child's own getppid() may run once the
+ * parent has ended already (a child slow to start, on a loaded machine), and say 1 — its
+ * loop would then wait for init. */
+static void call_mix_while_parent_lives(pid_t parent)
 {
-	pid_t parent = getppid();
 	/* Kept: an unused result would let the compiler drop the call. */
 	static volatile long sink;
 	for (long i = 0; getppid() == parent; i++) {
@@ -156,6 +161,22 @@ static void call_mix_for_a_minute(void)
 	_exit(0);
 }
 
+/* `late`: the child's work, a fork well after its parent `parent` has ended (its pid taken
+ * before the fork, as for call_mix_while_parent_lives). */
+static void fork_late(pid_t parent)
+{
+	while (getppid() == parent)
+		usleep(10000);
+	sleep(1);
+	pid_t grandchild = fork();
+	if (grandchild == 0)
+		_exit(0);
+	waitpid(grandchild, NULL, 0);
+	fprintf(log_file, "late fork done\n");
+	fclose(log_file);
+	_exit(0);
+}
+
 /* `disguise`. */
 static void disguise(void)
 {
@@ -195,9 +216,10 @@ static void disguise(void)
 /* The new image of `spawn`. */
 static void fork_and_live_on(void)
 {
+	pid_t image = getpid();
 	pid_t child = fork();
 	if (child == 0)
-		call_mix_while_parent_lives();
+		call_mix_while_parent_lives(image);
 	printf("grandchild %d\n", (int)child);
 	fflush(stdout);
 	for (int i = 0; i < 600; i++)
@@ -214,8 +236,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: worker LOGFILE\n");
 		return 2;
 	}
-	if (argc > 2 && strcmp(argv[2], "child") == 0)
-		call_mix_while_parent_lives();
+	/* The new image of forkexec: argv[3] is the pid of the worker that forked it. */
+	if (argc > 3 && strcmp(argv[2], "child") == 0)
+		call_mix_while_parent_lives((pid_t)atoi(argv[3]));
 	if (argc > 2 && strcmp(argv[2], "image") == 0)
 		fork_and_live_on();
 	log_file = fopen(argv[1], "a");
@@ -223,6 +246,9 @@ int main(int argc, char **argv)
 		return 2;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("ready %d\n", (int)getpid());
+	pid_t worker = getpid();
+	char worker_pid[16];
+	snprintf(worker_pid, sizeof worker_pid, "%d", (int)worker);
 	char line[4096];
 	while (fgets(line, sizeof line, stdin)) {
 		if (strncmp(line, "quit", 4) == 0)
@@ -252,6 +278,14 @@ int main(int argc, char **argv)
 			printf("forked %d\n", (int)child);
 			continue;
 		}
+		if (strncmp(line, "late", 4) == 0) {
+			fflush(log_file);
+			pid_t child = fork();
+			if (child == 0)
+				fork_late(worker);
+			printf("forked %d\n", (int)child);
+			continue;
+		}
 		if (strncmp(line, "orphan", 6) == 0) {
 			fflush(log_file);
 			double_fork();
@@ -268,11 +302,11 @@ int main(int argc, char **argv)
 				else if (strncmp(line, "forkexec", 8) == 0)
 					role = "child";
 				if (role) {
-					char *child_argv[] = { argv[0], argv[1], role, NULL };
+					char *child_argv[] = { argv[0], argv[1], role, worker_pid, NULL };
 					execv("/proc/self/exe", child_argv);
 					_exit(127);
 				}
-				call_mix_while_parent_lives();
+				call_mix_while_parent_lives(worker);
 			}
 			printf("forked %d\n", (int)child);
 			continue;
