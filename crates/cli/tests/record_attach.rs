@@ -659,6 +659,37 @@ fn an_orphan_a_double_fork_left_during_the_session_is_left_without_patched_code(
     run.quit();
 }
 
+/// A daemon that drops its privileges and then forks a worker (as root, to `nobody`): the
+/// worker cannot make its trace files in the session's directory, so it is not traced. It
+/// says nothing on the program's standard error (which is the program's: a log, a client's
+/// socket), dynprobe says why at the end, and the worker gets its code back from its files.
+/// (Before, the program's stderr got "the forked child is not traced", and the worker kept
+/// dynprobe's patched code for its life.)
+#[test]
+fn a_child_forked_after_the_program_dropped_its_privileges_is_named_and_left_without_patched_code() {
+    // SAFETY: getuid cannot fail.
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test's worker drops root's privileges to nobody's");
+    let mut worker = start_worker("drop");
+    let untraced = worker.code("mix");
+    let dir = trace_dir("drop");
+    let mut session = record(worker.pid, &dir, &["-F", "mix"]);
+    session.wait_for("attached to");
+    assert_eq!(worker.ask("drop"), "dropped");
+    let forked = worker.ask("fork");
+    let child: i32 = forked.strip_prefix("forked ").and_then(|p| p.parse().ok()).expect("forked <pid>");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(worker.code_in(child, "mix")[..5], untraced[..5], "the child inherited the patched mix");
+    let (status, _, stderr) = session.end_within(Some(libc::SIGINT), Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{stderr}");
+    let said = format!("process {child} (forked during the session) was not traced: its trace files could not be made");
+    assert!(stderr.contains(&said) && stderr.contains("dropped its privileges"), "{stderr}");
+    assert!(stderr.contains("its code restored from its files"), "{stderr}");
+    assert_eq!(worker.code_in(child, "mix"), untraced, "the child's mix has its bytes back");
+    assert!(Path::new(&format!("/proc/{child}")).exists(), "the child runs on");
+    worker.quit();
+    wait_for_the_end_of(child);
+}
+
 #[test]
 fn a_child_forked_during_a_session_that_watches_for_libraries_does_not_hold_up_its_end() {
     // A pattern naming a library starts the agent's dlopen watch, whose wake-up pipe the

@@ -28,6 +28,7 @@
 //! only for dynprobe's stop signal and for a breakpoint, and none is left).
 
 use dynprobe_events::ending::{self, Process};
+use dynprobe_events::ring::UNTRACED_CHILD;
 use dynprobe_remote::{Memory, Options, Stop, Tracee};
 use dynprobe_symbols::maps::{parse_line, Mapping};
 use std::path::Path;
@@ -324,9 +325,37 @@ fn maps_agent(maps: &[Mapping], agent: &str) -> bool {
 
 /// Whether `maps` (a process's) hold a file of the ring directory `rings`: a ring file of
 /// the process's (a child an image forked maps its own, and its image's, inherited), which
-/// an `exec` unmaps.
+/// an `exec` unmaps — or, in a child that could not be traced, the memory it put there
+/// instead ([`untraced_mark`]).
 fn maps_ring(maps: &[Mapping], rings: &Path) -> bool {
     maps.iter().any(|m| m.path.as_deref().is_some_and(|path| Path::new(path).starts_with(rings)))
+        || untraced_mark(maps, rings).is_some()
+}
+
+/// The `errno` a child forked during the session gave for not being traced (its trace files
+/// could not be made: a program that dropped its privileges before it forked cannot write
+/// into the session's directory), if `maps` (the child's) hold the memory it mapped where
+/// its ring was, named for `rings` (`dynprobe_events::ring::UNTRACED_CHILD`).
+fn untraced_mark(maps: &[Mapping], rings: &Path) -> Option<i32> {
+    maps.iter().find_map(|m| {
+        let name = m.path.as_deref()?.strip_prefix("/memfd:")?.strip_prefix(UNTRACED_CHILD)?.strip_prefix(' ')?;
+        let (errno, dir) = name.split_once(' ')?;
+        (Path::new(dir) == rings).then(|| errno.parse().ok())?
+    })
+}
+
+/// The live processes forked during the session that could not be traced (see
+/// [`untraced_mark`]), each with the `errno` it gave. They run the code they were forked
+/// with, and no `.sites` file names their parent: [`restore_from_files`] gives them their
+/// code back.
+pub(crate) fn untraced(agent: &str, rings: &Path) -> Vec<(i32, i32)> {
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    pids.filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let maps = maps(pid);
+            maps_agent(&maps, agent).then(|| Some((pid, untraced_mark(&maps, rings)?)))?
+        })
+        .collect()
 }
 
 /// Process `pid`'s `Uid:` and `Gid:` lines of `/proc/PID/status` (real, effective, saved

@@ -298,6 +298,7 @@ fn end_images(rings: &Path, agent_name: &str) {
     }
     // Those of images that ended meanwhile.
     restore_children_of_ended(rings, agent_name, &mut restored);
+    restore_untraced(rings, agent_name);
     // For tests: the window in which an image whose `exec` was under way as the recording
     // ended announces itself after the images were looked for, the ring directory still there.
     pause_for_tests("DYNPROBE_TEST_PAUSE_AFTER_IMAGES_END_MS", "after the images' recording ended");
@@ -328,6 +329,27 @@ fn restore_children_of_ended(rings: &Path, agent_name: &str, done: &mut Vec<i32>
                      patched code: {why}"
                 ),
             }
+        }
+    }
+}
+
+/// Gives the children forked during the session that could not be traced (their trace
+/// files could not be made) the bytes dynprobe patched, from their files, and says why they
+/// were not traced: they say nothing themselves, their standard error being the program's.
+fn restore_untraced(rings: &Path, agent_name: &str) {
+    for (pid, errno) in children::untraced(agent_name, rings) {
+        let why = std::io::Error::from_raw_os_error(errno);
+        let hint = match errno {
+            libc::EACCES | libc::EPERM => " (a program that dropped its privileges before it forked)",
+            _ => "",
+        };
+        let what = format!(
+            "process {pid} (forked during the session) was not traced: its trace files could not be made ({why}){hint}"
+        );
+        match children::restore_from_files(pid, agent_name, rings) {
+            Ok(0) => eprintln!("dynprobe: {what}"),
+            Ok(runs) => eprintln!("dynprobe: {what}; its code restored from its files ({runs} patched range(s))"),
+            Err(e) => eprintln!("dynprobe: warning: {what}, and it keeps patched code: {e}"),
         }
     }
 }

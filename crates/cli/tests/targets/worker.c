@@ -10,6 +10,8 @@
  *          gone from the process (or "still loaded")
  *   exec   it executes itself again (/proc/self/exe, same arguments): the new image says
  *          "ready <pid>" with the same pid
+ *   drop   it drops its privileges, as a daemon does before it forks its workers (to user
+ *          and group nobody, 65534: it must run as root), and prints "dropped"
  *   fork   it forks a child that calls mix() every 10 ms until its parent is gone, and
  *          prints "forked <child pid>"
  *   keep   it forks a child that calls mix() every 10 ms for a minute (or until SIGTERM),
@@ -42,6 +44,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -309,6 +312,14 @@ int main(int argc, char **argv)
 				call_mix_while_parent_lives(worker);
 			}
 			printf("forked %d\n", (int)child);
+			continue;
+		}
+		if (strncmp(line, "drop", 4) == 0) {
+			if (setgroups(0, NULL) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+			    setresuid(65534, 65534, 65534) != 0)
+				printf("drop failed\n");
+			else
+				printf("dropped\n");
 			continue;
 		}
 		if (strncmp(line, "disguise", 8) == 0) {
