@@ -659,6 +659,23 @@ fn differences(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
 mod tests {
     use super::*;
 
+    /// A child that could not be traced is told by the memory it mapped where its ring was,
+    /// named for this session's ring directory, with the errno it gave; another session's
+    /// such child, or another memfd, is not.
+    #[test]
+    fn an_untraced_child_is_told_by_its_marked_memory_and_its_errno_read() {
+        let rings = Path::new("/dev/shm/dynprobe-rings-1");
+        let maps = |name: &str| {
+            vec![parse_line(&format!("7f4bfbf7e000-7f5bfc000000 rw-s 00000000 00:01 3614   /memfd:{name} (deleted)"))
+                .unwrap()]
+        };
+        assert_eq!(untraced_mark(&maps("dynprobe-untraced-child 13 /dev/shm/dynprobe-rings-1"), rings), Some(13));
+        assert_eq!(untraced_mark(&maps("dynprobe-untraced-child 13 /dev/shm/dynprobe-rings-2"), rings), None);
+        assert_eq!(untraced_mark(&maps("dynprobe-untraced-child x /dev/shm/dynprobe-rings-1"), rings), None);
+        assert_eq!(untraced_mark(&maps("something else /dev/shm/dynprobe-rings-1"), rings), None);
+        assert!(maps_ring(&maps("dynprobe-untraced-child 1 /dev/shm/dynprobe-rings-1"), rings));
+    }
+
     /// A child is written into only while it maps the agent and a ring file of the session:
     /// after an `exec` (a setuid program, say) it maps neither, and gets nothing.
     #[test]
