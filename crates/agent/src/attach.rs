@@ -41,10 +41,12 @@
 //!
 //! The session ends on `detach` or when the socket closes — the CLI exited or was killed,
 //! even by `SIGKILL` — and either way every probe is unregistered, which restores every
-//! byte, and the process carries on. A probe that cannot be removed (a thread that blocks
-//! the stop signal while the jump must come out) stays, armed and whole, its events going to
-//! `/dev/null`: the pipe's descriptor number is not freed for the program to reuse while
-//! any probe is left. The session thread then tries again, whenever no thread blocks the
+//! byte, and the process carries on. A CLI gone before the probes are armed (killed while
+//! the agent placed them: symbol tables and decoding take seconds on a loaded machine) gets
+//! none armed, so no byte changes at all (`arm_unless_gone`). A probe that cannot be
+//! removed (a thread that blocks the stop signal while the jump must come out) stays, armed
+//! and whole, its events going to `/dev/null`: the pipe's descriptor number is not freed
+//! for the program to reuse while any probe is left. The session thread then tries again, whenever no thread blocks the
 //! stop signal, until every probe is out (`retry_removal`). Then everything else the session
 //! put into the process goes (`dynprobe::release_all`: code pools, the return trampoline,
 //! signal handlers), and the CLI unloads the library (`!unload`), whose destructor unmaps
@@ -255,6 +257,17 @@ struct Control {
 }
 
 impl Control {
+    /// Whether the CLI is gone: its end of the socket closed (it exited, or was killed).
+    /// Only looks: a message waiting (a `detach`) is left for [`serve`] to read.
+    fn gone(&self) -> bool {
+        let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one initialized pollfd; a zero timeout does not wait. A closed peer of a
+        // SOCK_SEQPACKET socket makes it POLLHUP (`unix_dgram_poll` in the kernel's
+        // net/unix/af_unix.c), POLLERR too if it left messages unread.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Sends one message; a CLI that is gone is noticed by the session loop, not here.
     fn send(&self, message: &str) {
         // SAFETY: sends a live byte slice; MSG_NOSIGNAL: a closed peer gives EPIPE, not
@@ -360,25 +373,31 @@ fn run(control: &Control, setup: Setup) -> bool {
     if let Some((dir, settings)) = &setup.record {
         return record(control, dir, settings, interrupted_before);
     }
-    let set = match ProbeSet::place_all(setup.specs.iter().map(String::as_str), channel) {
-        Ok(set) => Arc::new(Mutex::new(set)),
+    let placed = ProbeSet::place_disarmed(setup.specs.iter().map(String::as_str), channel)
+        .and_then(|set| arm_unless_gone(control, set));
+    let (set, armed) = match placed {
+        Ok(placed) => placed,
         Err(refused) => {
             control.send(&format!("!error {refused}"));
             // The CLI reports the refusal and then waits for the end, as after a detach.
             return true;
         }
     };
+    let set = Arc::new(Mutex::new(set));
     let report: Report = {
         let control = *control;
         Box::new(move |line| control.send(line))
     };
-    let watch = ProbeSet::watch_pending(&set, report).unwrap_or_else(|why| {
-        control.send(&format!("!warning the probes waiting for a library will not be placed: {why}"));
-        None
+    // Not for a CLI that is gone: the probes placed at a `dlopen` would be armed.
+    let watch = armed.then(|| ProbeSet::watch_pending(&set, report)).and_then(|watch| {
+        watch.unwrap_or_else(|why| {
+            control.send(&format!("!warning the probes waiting for a library will not be placed: {why}"));
+            None
+        })
     });
-    // Jump-optimizes what was placed: the program's hits cost nanoseconds from here on.
-    let _ = dynprobe::wait_for_optimizer();
-    {
+    if armed {
+        // Jump-optimizes what was placed: the program's hits cost nanoseconds from here on.
+        let _ = dynprobe::wait_for_optimizer();
         let set = set.lock().unwrap_or_else(|e| e.into_inner());
         set.pending_lines().iter().for_each(|line| control.send(line));
         control.send(&format!("!ready {}", set.placed()));
@@ -416,6 +435,26 @@ fn run(control: &Control, setup: Setup) -> bool {
     }
     // Otherwise the pipe closes only now (dropped with `setup`): no handler can run any more.
     detach_asked
+}
+
+/// Arms the probes `set` placed disarmed, unless the CLI is gone by now; whether it armed
+/// them. A CLI killed while they were placed (even by `SIGKILL`) wants nothing patched any
+/// more: armed, its probes would stay in the program's code, for nobody, until the
+/// optimizer pass and their removal were done — seconds, on a machine loaded enough to
+/// have made the placing slow. Left disarmed, they are removed at once (`serve` finds the
+/// socket closed) and no byte of the program changes. `Err` is a refusal, as
+/// [`ProbeSet::arm_all`] words it.
+fn arm_unless_gone(control: &Control, mut set: ProbeSet) -> Result<(ProbeSet, bool), String> {
+    // For tests: the window between the specs' arrival and the arming, which placing (the
+    // symbol tables, the decoding of whole modules) makes seconds long on a loaded machine.
+    if let Some(ms) = std::env::var("DYNPROBE_TEST_PAUSE_BEFORE_ARMING_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    let armed = !control.gone();
+    if armed {
+        set.arm_all()?;
+    }
+    Ok((set, armed))
 }
 
 /// [`run`] for `dynprobe record -p`: starts recording into the ring directory `dir` as

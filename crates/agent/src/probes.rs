@@ -34,6 +34,16 @@ impl ProbeSet {
     /// loaded yet waits for it. On the first refusal every probe placed so far is removed
     /// and the error is `<spec>: <why>` (one line).
     pub fn place_all<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
+        let mut set = ProbeSet::place_disarmed(specs, channel)?;
+        set.arm_all()?;
+        Ok(set)
+    }
+
+    /// [`Self::place_all`]'s first half: every spec placed (its symbols looked up, its
+    /// probes registered) but none armed yet — nothing of the program's code is patched
+    /// until [`Self::arm_all`]. An attach session looks, in between, whether its CLI is
+    /// still there.
+    pub fn place_disarmed<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
         let mut set =
             ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel };
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
@@ -60,10 +70,13 @@ impl ProbeSet {
                 }
             }
         }
-        if let Err((spec, why)) = arm(&set.placed) {
-            return Err(set.refuse(&spec, &why));
-        }
         Ok(set)
+    }
+
+    /// [`Self::place_all`]'s second half: arms the probes [`Self::place_disarmed`] placed.
+    /// On a refusal every probe is removed and the error is `<spec>: <why>` (one line).
+    pub fn arm_all(&mut self) -> Result<(), String> {
+        arm(&self.placed).map_err(|(spec, why)| self.refuse(&spec, &why))
     }
 
     /// Removes every probe and words the refusal of `spec`: `<spec>: <why>`, one line.

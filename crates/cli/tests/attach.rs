@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::attached::{mappings, thread_names, Session, Worker};
+use common::attached::{mappings, symbol_address, thread_names, Session, Worker};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1376,6 +1376,65 @@ fn dynprobe_killed_at_random_moments_leaves_the_program_running_with_its_code() 
     }
     eprintln!("endings (signal:exit code → count): {endings:?}");
     worker.quit();
+}
+
+/// A `dynprobe probe -p` killed while its agent is still placing the probes (made to take
+/// 1.5 s here by a pause before the arming; symbol tables and the decoding of whole modules
+/// take seconds on a loaded machine): nothing is patched for the dead CLI — the worker's
+/// code, read without a pause from the kill until the agent's threads have ended, never
+/// changes — and the worker goes on with the same checksum. An agent that armed its probes
+/// regardless kept them patched, for nobody, until its optimizer pass and its removal were
+/// done; the random kills of the test above found that window.
+#[test]
+fn a_cli_killed_while_its_agent_places_the_probes_has_nothing_patched_after_its_death() {
+    let expected_sum = unprobed_checksum();
+    let pause = [("DYNPROBE_TEST_PAUSE_BEFORE_ARMING_MS", "1500")];
+    let mut worker = Worker::start_with_env("killed-placing", worker_exe(), &pause);
+    let addrs = [symbol_address(worker_exe(), "mix"), symbol_address(worker_exe(), "label")];
+    let mem = std::fs::File::open(format!("/proc/{}/mem", worker.pid)).unwrap();
+    let code = || {
+        addrs.map(|addr| {
+            let mut bytes = [0u8; 8];
+            std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, addr).unwrap();
+            bytes
+        })
+    };
+    let before = code();
+    // Some pipes every process of the test holds (cargo's jobserver): not the event pipe.
+    let inherited = pipes(worker.pid);
+    let session = Session::start(worker.pid, SPECS, &[]);
+    // The agent has the specs once the worker holds a new pipe that dynprobe holds too: the
+    // event pipe, whose two ends come with them.
+    let cli = session.child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pipes(worker.pid).difference(&inherited).all(|pipe| !pipes(cli).contains(pipe)) {
+        assert!(Instant::now() < deadline, "the agent never received the specs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (_, _, stderr) = session.end(Some(libc::SIGKILL));
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(30);
+    // Until the pause is over and the agent's session has ended (its threads are named
+    // dynprobe-…).
+    while killed.elapsed() < Duration::from_secs(2)
+        || thread_names(worker.pid).iter().any(|n| n.starts_with("dynprobe-"))
+    {
+        assert!(Instant::now() < deadline, "the agent's session did not end");
+        for _ in 0..1000 {
+            assert_eq!(code(), before, "{:?} after the kill: patched for a dead CLI\n{stderr}", killed.elapsed());
+        }
+    }
+    assert_eq!(worker.round(), expected_sum);
+    worker.quit();
+}
+
+/// The pipes `pid` holds (`pipe:[inode]` of `/proc/PID/fd`).
+fn pipes(pid: i32) -> std::collections::BTreeSet<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Default::default() };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|link| link.to_string_lossy().into_owned())
+        .filter(|link| link.starts_with("pipe:"))
+        .collect()
 }
 
 /// Whether a thread of `pid` is traced now (`TracerPid` in `/proc/PID/task/*/status`): the
