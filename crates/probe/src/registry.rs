@@ -509,17 +509,14 @@ pub(crate) fn unregister(probe: &Arc<ProbeShared>) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Whether an armed site's code was unloaded under it (its library `dlclose`d): the address
-/// is not mapped any more, or holds the instruction's own first byte again — mapped anew,
-/// the library loaded again, perhaps at the same place — where an `int3` or a jump of ours
-/// was. Either way nothing of ours is left there to take out. (A function starting with a
-/// `jmp rel32` whose site was optimized cannot be told apart from its jump: taken as ours.)
+/// Whether an armed site's code was unloaded under it (its library `dlclose`d): its address
+/// is not mapped any more, so nothing of ours is there to take out. Only that: the bytes at
+/// a mapped address never decide it — a function that begins with a jump has the first byte
+/// of an optimized site's jump as its own, and a library mapped anew at the address may
+/// hold anything. (Whoever knows a library is gone takes its probes out at once: the
+/// agent's `dlclose` watch does, before any other `dlopen` can map something there.)
 fn code_unloaded(site: &PatchSite) -> bool {
-    if !site.armed.load(Ordering::Relaxed) {
-        return false;
-    }
-    let mut first = [0u8];
-    !dynprobe_text::raw::read(site.addr, &mut first) || first[0] == site.orig_byte
+    site.armed.load(Ordering::Relaxed) && !dynprobe_text::raw::read(site.addr, &mut [0u8])
 }
 
 /// [`unregister`] for many probes at once, each the only probe at its address and all of

@@ -57,3 +57,32 @@ fn probes_on_a_library_unloaded_under_them_come_out_and_a_new_load_is_untouched(
         assert!(again.unload());
     }
 }
+
+/// A function whose first instruction is a jump — `jmp rel32` (a tail-call thunk's) or
+/// `jmp rel8` — has, once optimized, dynprobe's jump's first byte as its own: its code is
+/// still loaded, and unregistering restores every byte as for any other function.
+#[test]
+fn a_probe_on_a_function_starting_with_a_jump_is_restored_not_taken_for_unloaded() {
+    let _serial = common::serial();
+    let t = Target::build("first_insns", &[]);
+    for optimize in [false, true] {
+        dynprobe_probe::set_optimization(optimize).unwrap();
+        for name in ["f_jmp32", "f_jmp"] {
+            let addr = t.addr(name);
+            let f = t.func1(name);
+            let before = code(addr, 16);
+            let probe = Probe::at(Location::Address(addr)).on_hit(|_| {}).register().unwrap();
+            if optimize {
+                dynprobe_probe::wait_for_optimizer().unwrap();
+            }
+            assert_eq!(f(5), 14, "{name}");
+            assert_eq!(probe.hits(), 1, "{name}");
+            probe.unregister().unwrap();
+            assert_eq!(code(addr, 16), before, "{name} (optimize {optimize}): every byte restored");
+            assert_eq!(f(5), 14, "{name}");
+        }
+    }
+    // Unloaded: the other test needs the library gone when it unloads its own load of it
+    // (the same file, so the same load while this one holds it).
+    assert!(t.unload());
+}

@@ -31,6 +31,8 @@ FUNC(f_jcc, "cmp $5,%rdi\n jg 1f\n lea 100(%rdi),%rax\n ret\n1: lea 200(%rdi),%r
 FUNC(f_endbr, "endbr64\n lea 7(%rdi),%rax\n ret")
 /* short jmp first; returns x + 9 */
 FUNC(f_jmp, "jmp 1f\n ud2\n1: lea 9(%rdi),%rax\n ret")
+/* near jmp (rel32) first, as a tail-call thunk's; returns x + 9 */
+FUNC(f_jmp32, "jmp.d32 1f\n ud2\n1: lea 9(%rdi),%rax\n ret")
 /* a syscall at +5 (getpid), which cannot run out of line */
 FUNC(f_syscall, "mov $39,%eax\n syscall\n ret")
 /* probed by the test of a failed unregister only, which leaves its probe behind */
