@@ -110,7 +110,7 @@ __attribute__((noinline, used)) long dynprobe_bench_upper_dirty(long x)
  *                              address into dynprobe_floor_ret_call's sled: both paths of a
  *                              return probe with an optimized entry, nothing done in either
  *   dynprobe_floor_ret_least   dynprobe_floor_ret_probe whose dispatchers do the least any
- *                              in-process return probe must: dynprobe_floor_least's work at
+ *                              return probe must with dynprobe's thread slots: dynprobe_floor_least's work at
  *                              each end, an instance pushed at the entry and popped at the
  *                              return
  *
@@ -252,8 +252,8 @@ __asm__(".bss\n.p2align 3\ndynprobe_floor_ret_probe_slot:\n	.zero 8\n"
 FLOOR_ENTRY("dynprobe_floor_ret_probe",
 	    ENTRY_FRAME("dynprobe_floor_ret_probe", LIGHT_CALL_TO("dynprobe_floor_ret_probe_divert")));
 
-/* floor-ret-probe whose two dispatchers do what any in-process return probe's must, and
- * nothing else — floor-dispatch's work at each end. The entry: the thread's slot found (as
+/* floor-ret-probe whose two dispatchers do what a return probe's must with dynprobe's thread
+ * slots (a thread pointer hashed into a table; not thread-local storage), and nothing else — floor-dispatch's work at each end. The entry: the thread's slot found (as
  * dynprobe_floor_dispatch_min), the guard set, the hit counted, an empty entry handler called
  * through a pointer, an instance pushed on the thread's stack in its slot (the original
  * return address and the address of its stack slot, for a later check that it is stale) and
@@ -298,7 +298,7 @@ FLOOR_ENTRY("dynprobe_floor_ret_least",
  *                              reads the clock, writes a record and hands back the original
  *                              return address: two rdtsc, two ring records, one diverted
  *                              return, nothing else
- *   dynprobe_floor_graph_least dynprobe_floor_graph as any in-process tracer of many threads
+ *   dynprobe_floor_graph_least dynprobe_floor_graph as a tracer of many threads with dynprobe's slots
  *                              must do it: each end finds the thread's slot and sets and
  *                              clears the guard, the records go to the thread's own head,
  *                              the entry pushes the call on the thread's stack of calls in
@@ -339,7 +339,7 @@ __asm__(".bss\n.p2align 6\ndynprobe_floor_graph_ring:\n	.zero 4096 * 16\n"
 	"	mov dynprobe_floor_graph_slot(%rip),%rax\n	ret\n"
 	".text\n");
 
-/* floor-graph as a tracer of many threads must do it, and no more: each end finds the
+/* floor-graph as a tracer of many threads must do it with dynprobe's thread slots, and no more: each end finds the
  * thread's slot (dynprobe_floor_least's), refuses a hit inside the tracer (the guard set and
  * cleared) and writes its record at the thread's own head (in the slot); the entry pushes
  * the original return address and the function's id on the thread's stack of calls in

@@ -130,7 +130,8 @@ pub fn set_siginfo(tid: i32, info: &libc::siginfo_t) -> io::Result<()> {
 }
 
 /// `PTRACE_SECCOMP_GET_FILTER`: the stopped thread's seccomp filter `index` (0: the one
-/// installed last) as the 8-byte `struct sock_filter` instructions of its classic BPF
+/// installed first — `seccomp_get_filter` in kernel/seccomp.c counts from the oldest, whatever
+/// ptrace(2) says) as the 8-byte `struct sock_filter` instructions of its classic BPF
 /// program. Needs `CAP_SYS_ADMIN` (`EACCES` without), and fails with `ENOENT` past the last
 /// filter and `EINVAL` when the thread has none (see ptrace(2)).
 pub fn seccomp_filter(tid: i32, index: usize) -> io::Result<Vec<[u8; 8]>> {

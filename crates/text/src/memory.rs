@@ -91,13 +91,17 @@ impl ProcMem {
     }
 }
 
-/// The (device, inode) the descriptor refers to now, if it is open.
+/// The (device, inode) the descriptor refers to now, if it is open. Through the `syscall`
+/// instruction, as [`pwrite`] is: the C library's `fstat` may be the code being patched.
 fn identity(file: &File) -> Option<(u64, u64)> {
     use std::os::fd::AsRawFd;
     // SAFETY: all-zero is a valid `struct stat`; fstat writes only into it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on a descriptor number reads no memory of ours but `st`.
-    (unsafe { libc::fstat(file.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    // SAFETY: fstat(fd, &st) writes one `struct stat` into `st`, live for the call.
+    let r = unsafe {
+        crate::raw::syscall4(libc::SYS_fstat, file.as_raw_fd() as u64, &mut st as *mut libc::stat as u64, 0, 0)
+    };
+    (r == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// Verify-then-modify in one raw write: checks that `addr` holds `expected`, then writes
@@ -181,7 +185,7 @@ impl CodeWriter {
         if !changed {
             return Ok(());
         }
-        let Some(ProcMem { file: mem, .. }) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        let Some(mem) = self.guard.as_ref() else { unreachable!("opened by lock()") };
         let len = scratch.len();
         match pwrite(mem, scratch, start) {
             Ok(n) if n == len => Ok(()),
@@ -206,7 +210,7 @@ impl CodeWriter {
     /// Writes `new` at `addr` whose bytes the caller has just checked itself, under this
     /// writer (the pool's fresh slots: it reads its own memory without a system call).
     pub(crate) fn write_checked(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), TextError> {
-        let Some(ProcMem { file: mem, .. }) = self.guard.as_ref() else { unreachable!("opened by lock()") };
+        let Some(mem) = self.guard.as_ref() else { unreachable!("opened by lock()") };
         match pwrite(mem, new, addr) {
             Ok(n) if n == new.len() => Ok(()),
             Ok(n) => {
@@ -240,8 +244,16 @@ impl CodeWriter {
 /// being patched may be that very function (a probe on `pwrite64`, or the probe layer's
 /// signal guard on `syscall()`), which the writer must not run while the bytes it is made
 /// of are half-written.
-fn pwrite(mem: &File, bytes: &[u8], addr: u64) -> std::io::Result<usize> {
+///
+/// The descriptor is checked to be `/proc/self/mem` still right before (see [`PROC_MEM`]):
+/// the writer is held across many writes while the program's threads run, and one of them
+/// may close the number and open a file of its own under it meanwhile.
+fn pwrite(mem: &ProcMem, bytes: &[u8], addr: u64) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
+    if identity(&mem.file) != Some(mem.id) {
+        return Err(std::io::Error::other("the program closed dynprobe's /proc/self/mem descriptor"));
+    }
+    let mem = &mem.file;
     // SAFETY: writes `bytes.len()` bytes from a live slice to our own open descriptor.
     let n = unsafe {
         crate::raw::syscall4(

@@ -66,13 +66,13 @@ pub const FLOOR_RET_SLED: &str = "floor-ret-sled";
 pub const FLOOR_RET_CALL: &str = "floor-ret-call";
 /// floor-call diverting the return into floor-ret-call's sled: the floor of a return probe.
 pub const FLOOR_RET_PROBE: &str = "floor-ret-probe";
-/// floor-ret-probe with dispatchers doing only what any in-process return probe's must.
+/// floor-ret-probe with dispatchers doing only what a return probe's must with dynprobe's thread slots.
 pub const FLOOR_RET_DISPATCH: &str = "floor-ret-dispatch";
 /// One `rdtsc`: the clock read of every ring record.
 pub const FLOOR_RDTSC: &str = "floor-rdtsc";
 /// Two clock reads, two ring records, one diverted return: the floor of function-graph.
 pub const FLOOR_GRAPH: &str = "floor-graph";
-/// floor-graph with what any in-process tracer of many threads must add.
+/// floor-graph with what a tracer of many threads must add with dynprobe's thread slots.
 pub const FLOOR_GRAPH_DISPATCH: &str = "floor-graph-dispatch";
 /// The unprobed call from every CPU at once: the thread-scaling rows' baseline.
 pub const BASELINE_THREADS: &str = "baseline-call-threads";
@@ -290,8 +290,8 @@ pub static ROWS: &[Row] = &[
           dynprobe_floor_ret_probe),
     floor(
         FLOOR_RET_DISPATCH,
-        "floor-ret-probe whose dispatchers do only what any in-process return probe's must: at the entry \
-         floor-dispatch's work (slot, guard, hit counted, an empty handler called through a pointer) and an \
+        "floor-ret-probe whose dispatchers do only what a return probe with dynprobe's thread slots must: at the \
+         entry floor-dispatch's work (slot, guard, hit counted, an empty handler called through a pointer) and an \
          instance pushed on the thread's stack; at the return the slot found, the guard set and cleared, the \
          instance popped, an empty return handler called through a pointer (return-probe's floor with handlers)",
         dynprobe_floor_ret_least,
@@ -304,7 +304,7 @@ pub static ROWS: &[Row] = &[
                         (function-graph's floor on this host)", dynprobe_floor_graph),
     floor(
         FLOOR_GRAPH_DISPATCH,
-        "floor-graph with what any in-process tracer of many threads must add: at each end the thread's slot \
+        "floor-graph with what a tracer of many threads with dynprobe's thread slots must add: at each end the thread's slot \
          found by its thread pointer and a recursion guard set and cleared, the record written at the thread's \
          own head; the call pushed on the thread's stack of calls in flight at the entry and popped at the exit",
         dynprobe_floor_graph_least,

@@ -54,8 +54,8 @@ extern "C" {
     /// [`dynprobe_floor_ret_call`]'s sled: a return probe's two paths with nothing done in
     /// either. One thread at a time.
     pub fn dynprobe_floor_ret_probe(x: c_long) -> c_long;
-    /// [`dynprobe_floor_ret_probe`] whose dispatchers do what any in-process return probe's
-    /// must: at the entry, [`dynprobe_floor_least`]'s work, an empty entry handler and an
+    /// [`dynprobe_floor_ret_probe`] whose dispatchers do what a return probe's must with
+    /// dynprobe's thread slots: at the entry, [`dynprobe_floor_least`]'s work, an empty entry handler and an
     /// instance pushed; at the return, the thread's slot found, the guard set and cleared,
     /// the instance popped and an empty return handler called. One thread at a time.
     pub fn dynprobe_floor_ret_least(x: c_long) -> c_long;
@@ -65,7 +65,8 @@ extern "C" {
     /// writes a timed record and diverts the return into a sled whose dispatcher writes
     /// another. One thread at a time.
     pub fn dynprobe_floor_graph(x: c_long) -> c_long;
-    /// [`dynprobe_floor_graph`] with what any in-process tracer of many threads must add: at
+    /// [`dynprobe_floor_graph`] with what a tracer of many threads must add with
+    /// dynprobe's thread slots: at
     /// each end the thread's slot found and the recursion guard set and cleared, the record
     /// written at the thread's own head; the call pushed on, and popped off, the thread's
     /// stack of calls in flight. One thread at a time.

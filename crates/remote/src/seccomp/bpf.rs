@@ -125,13 +125,17 @@ pub(crate) fn run(prog: &[Insn], data: &SyscallData) -> Result<u32, BadFilter> {
                     0x00 => a.wrapping_add(operand),
                     0x10 => a.wrapping_sub(operand),
                     0x20 => a.wrapping_mul(operand),
-                    0x30 => a.checked_div(operand).unwrap_or(0),
+                    // Division by zero ends the whole filter with 0, SECCOMP_RET_KILL_THREAD (the
+                    // kernel's classic-to-eBPF conversion, net/core/filter.c).
+                    0x30 | 0x90 if operand == 0 => return Ok(0),
+                    0x30 => a / operand,
                     0x40 => a | operand,
                     0x50 => a & operand,
-                    0x60 => a.checked_shl(operand).unwrap_or(0),
-                    0x70 => a.checked_shr(operand).unwrap_or(0),
+                    // 32-bit shifts by the count modulo 32, as the kernel's interpreter and JIT do.
+                    0x60 => a.wrapping_shl(operand),
+                    0x70 => a.wrapping_shr(operand),
                     0x80 => a.wrapping_neg(),
-                    0x90 => a.checked_rem(operand).unwrap_or(0),
+                    0x90 => a % operand,
                     0xa0 => a ^ operand,
                     _ => return Err(bad("an ALU operation classic BPF does not have")),
                 };
@@ -250,6 +254,16 @@ mod tests {
         assert!(run(&[stmt(JMP, u32::MAX), stmt(RET_K, ALLOW)], &call(0, [0; 6])).is_err());
         // Scratch memory out of range.
         assert!(run(&[stmt(ST, 16), stmt(RET_K, ALLOW)], &call(0, [0; 6])).is_err());
+    }
+
+    #[test]
+    fn a_division_by_zero_ends_the_filter_with_0_as_the_kernel_s_does() {
+        // A = nr; X = 0; A = A / X; allow.
+        let prog = [stmt(LD_ABS_W, 0), stmt(LDX | IMM, 0), stmt(ALU | 0x30 | X, 0), stmt(RET_K, ALLOW)];
+        assert_eq!(run(&prog, &call(1, [0; 6])), Ok(0));
+        // Shifts count modulo 32.
+        let prog = [stmt(LD | IMM, 1), stmt(ALU | 0x60 | K, 33), stmt(RET | A, 0)];
+        assert_eq!(run(&prog, &call(1, [0; 6])), Ok(2));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The system calls the injection and dynprobe's agent make in a process they attach to, as
 //! a seccomp filter would see them (x86-64): each with the arguments a filter is likely to
-//! look at (`mmap`'s and `mprotect`'s protections, `socket`'s domain, `clone`'s flags, the
-//! `futex` operation, `openat`'s flags). Gathered from every call an attach, a probe session
-//! with every kind of probe, a `record -p` session and a detach made (`perf trace` of the
-//! target), with the C library's fallbacks beside them.
+//! look at (`mmap`'s and `mprotect`'s protections, `socket`'s domain and type, `clone`'s
+//! flags, the `futex` operation, `openat`'s flags, the signals sent). Gathered from every
+//! call an attach, a probe session with every kind of probe, a `record -p` session and a
+//! detach made (`perf trace` of the target) and from the agent's code, with the C library's
+//! fallbacks beside them. A filter that looks at the calling instruction's address is not
+//! judged rightly: the address given is 0.
 
 /// `AUDIT_ARCH_X86_64`: what `struct seccomp_data`'s `arch` says for a 64-bit call.
 pub(crate) const ARCH: u32 = 0xc000_003e;
@@ -74,6 +76,9 @@ const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_PARENT_SETTID
     | libc::CLONE_CHILD_CLEARTID) as u64;
 const FUTEX_PRIVATE: u64 = libc::FUTEX_PRIVATE_FLAG as u64;
+/// dynprobe's stop signal, `SIGRTMAX - 2` (`dynprobe_text::stop::stop_signal`; glibc's
+/// `SIGRTMAX` is 64 on x86-64).
+const STOP_SIGNAL: u64 = 62;
 
 /// Every call, with each way it is made.
 pub(crate) const AGENT_CALLS: &[AgentCall] = &[
@@ -100,6 +105,8 @@ pub(crate) const AGENT_CALLS: &[AgentCall] = &[
     call("mmap", libc::SYS_mmap, [0, PAGE, RW, SHARED, FD, 0]),
     call("mmap", libc::SYS_mmap, [PAGE, PAGE, RW, SHARED | FIXED, FD, 0]),
     call("mmap", libc::SYS_mmap, [0, PAGE, libc::PROT_NONE as u64, ANON | NORESERVE, NO_FD, 0]),
+    // The code pool's pages near the code they serve.
+    call("mmap", libc::SYS_mmap, [PAGE, PAGE, RW, ANON | libc::MAP_FIXED_NOREPLACE as u64, NO_FD, 0]),
     call("openat", libc::SYS_openat, [AT_FDCWD, 0, libc::O_RDWR as u64 | CLOEXEC, 0, 0, 0]),
     call(
         "openat",
@@ -119,6 +126,9 @@ pub(crate) const AGENT_CALLS: &[AgentCall] = &[
     // anonymous memory when it cannot).
     optional("memfd_create", libc::SYS_memfd_create, [0, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0]),
     call("fcntl", libc::SYS_fcntl, [FD, libc::F_GETFL as u64, 0, 0, 0, 0]),
+    call("fcntl", libc::SYS_fcntl, [FD, libc::F_SETFL as u64, libc::O_NONBLOCK as u64, 0, 0, 0]),
+    call("fcntl", libc::SYS_fcntl, [FD, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0]),
+    call("dup3", libc::SYS_dup3, [FD, FD + 1, CLOEXEC, 0, 0, 0]),
     call("rename", libc::SYS_rename, [0; 6]),
     call("linkat", libc::SYS_linkat, [AT_FDCWD, 0, AT_FDCWD, 0, 0, 0]),
     call("unlink", libc::SYS_unlink, [0; 6]),
@@ -153,7 +163,15 @@ pub(crate) const AGENT_CALLS: &[AgentCall] = &[
     call("rt_sigaction", libc::SYS_rt_sigaction, [libc::SIGTRAP as u64, 0, 0, 8, 0, 0]),
     call("rt_sigprocmask", libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as u64, 0, 0, 8, 0, 0]),
     call("rt_sigreturn", libc::SYS_rt_sigreturn, [0; 6]),
-    call("tgkill", libc::SYS_tgkill, [0, 0, libc::SIGURG as u64, 0, 0, 0]),
+    // A system call a stop cut short, and the injection's own resumption.
+    call("restart_syscall", libc::SYS_restart_syscall, [0; 6]),
+    // The stop signal (`SIGRTMAX - 2`) to each thread; the program's own SIGTRAP passed on.
+    call("tgkill", libc::SYS_tgkill, [0, 0, STOP_SIGNAL, 0, 0, 0]),
+    call("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, [0, libc::SIGTRAP as u64, 0, 0, 0, 0]),
+    call("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, [0, 0, libc::SIGTRAP as u64, 0, 0, 0]),
+    call("kill", libc::SYS_kill, [0, libc::SIGTRAP as u64, 0, 0, 0, 0]),
+    // A forked child's fork handler names its parent.
+    call("getppid", libc::SYS_getppid, [0; 6]),
     call("gettid", libc::SYS_gettid, [0; 6]),
     call("futex", libc::SYS_futex, [0, libc::FUTEX_WAIT as u64 | FUTEX_PRIVATE, 0, 0, 0, 0]),
     call("futex", libc::SYS_futex, [0, libc::FUTEX_WAKE as u64 | FUTEX_PRIVATE, 1, 0, 0, 0]),
@@ -166,7 +184,11 @@ pub(crate) const AGENT_CALLS: &[AgentCall] = &[
     call("getuid", libc::SYS_getuid, [0; 6]),
     call("geteuid", libc::SYS_geteuid, [0; 6]),
     // The control channel to the dynprobe process (a Unix socket).
-    call("socket", libc::SYS_socket, [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64 | CLOEXEC, 0, 0, 0, 0]),
+    call(
+        "socket",
+        libc::SYS_socket,
+        [libc::AF_UNIX as u64, (libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0],
+    ),
     call("connect", libc::SYS_connect, [FD, 0, 110, 0, 0, 0]),
     call("getsockopt", libc::SYS_getsockopt, [FD, libc::SOL_SOCKET as u64, libc::SO_PEERCRED as u64, 0, 0, 0]),
     call("sendto", libc::SYS_sendto, [FD, 0, 64, libc::MSG_NOSIGNAL as u64, 0, 0]),

@@ -80,12 +80,7 @@ pub(crate) fn check(pid: i32, tid: i32) -> Result<(), InjectError> {
     let filters = match read_filters(tid) {
         Ok(filters) => filters,
         Err(e) if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EPERM) => {
-            return refuse(
-                "it runs under a seccomp filter, which only a tracer with CAP_SYS_ADMIN may read \
-                 (PTRACE_SECCOMP_GET_FILTER, ptrace(2)); without reading it dynprobe cannot tell whether the \
-                 agent's system calls would kill the process (as root, the filter is read and checked)"
-                    .to_string(),
-            );
+            return unreadable(chosen).map_or(Ok(()), refuse);
         }
         Err(e) => return refuse(format!("it runs under a seccomp filter that cannot be read: {e}")),
     };
@@ -103,7 +98,34 @@ pub(crate) fn check(pid: i32, tid: i32) -> Result<(), InjectError> {
     }
 }
 
-/// The filters of stopped thread `tid`, the one installed last first.
+/// Why a filter the kernel would not hand out (`EACCES`) refuses the attach — or `None` when
+/// it need not: dynprobe itself runs under as many filters as the process (a container's
+/// runtime filter, which the kernel gives every process of the container and refuses to
+/// show to any filtered tracer, root or not — `seccomp_get_filter` in kernel/seccomp.c): the
+/// process's are then taken to be that same filter, which lets dynprobe's own process make
+/// the same kinds of calls, rather than refuse every attach inside a container.
+fn unreadable(process: &Status) -> Option<String> {
+    let own = Status::read_self();
+    match own.as_ref().map(|own| (own.seccomp, own.seccomp_filters)) {
+        Some((2, Some(n))) if process.seccomp_filters == Some(n) => None,
+        Some((2, own_count)) => Some(format!(
+            "it runs under {} seccomp filter(s) and dynprobe itself under {} (a container's?): the kernel shows \
+             no filtered tracer another process's filter (PTRACE_SECCOMP_GET_FILTER, ptrace(2)), so dynprobe cannot \
+             tell whether the agent's system calls would kill the process",
+            process.seccomp_filters.map_or("some".to_string(), |n| n.to_string()),
+            own_count.map_or("some".to_string(), |n| n.to_string()),
+        )),
+        _ => Some(
+            "it runs under a seccomp filter, which only a tracer with CAP_SYS_ADMIN may read \
+             (PTRACE_SECCOMP_GET_FILTER, ptrace(2)); without reading it dynprobe cannot tell whether the agent's \
+             system calls would kill the process (as root, the filter is read and checked)"
+                .to_string(),
+        ),
+    }
+}
+
+/// The filters of stopped thread `tid`, the one installed last first (the order the kernel
+/// runs them in: `seccomp_run_filters`).
 fn read_filters(tid: i32) -> io::Result<Vec<Vec<Insn>>> {
     let mut filters = Vec::new();
     for index in 0..MAX_FILTERS {
@@ -113,11 +135,13 @@ fn read_filters(tid: i32) -> io::Result<Vec<Vec<Insn>>> {
             Err(e) => return Err(e),
         }
     }
+    // Read oldest first (see `sys::seccomp_filter`).
+    filters.reverse();
     Ok(filters)
 }
 
-/// The first of the agent's calls `filters` would not let through, with what they would
-/// return for it; or a filter (by index) that cannot be run.
+/// The first of the agent's calls `filters` (the one installed last first) would not let
+/// through, with what they would return for it; or a filter (by index) that cannot be run.
 fn forbidden(filters: &[Vec<Insn>]) -> Result<Option<(&'static AgentCall, u32)>, (usize, bpf::BadFilter)> {
     for call in AGENT_CALLS {
         let data = SyscallData { nr: call.nr as i32, arch: ARCH, instruction_pointer: 0, args: call.args };
@@ -125,7 +149,8 @@ fn forbidden(filters: &[Vec<Insn>]) -> Result<Option<(&'static AgentCall, u32)>,
         for (index, filter) in filters.iter().enumerate() {
             let this = bpf::run(filter, &data).map_err(|bad| (index, bad))?;
             // The kernel keeps the result whose action, read as a signed number, is lowest
-            // (kill before trap before errno … before allow: `seccomp_run_filters`).
+            // (kill before trap before errno … before allow: `seccomp_run_filters`); of equal
+            // actions the newest filter's, whose data (an errno) then counts.
             if ((this & RET_ACTION) as i32) < ((ret & RET_ACTION) as i32) {
                 ret = this;
             }
@@ -207,6 +232,33 @@ mod tests {
         // A kill of the thread (action 0) wins over an errno.
         let filters = [on(libc::SYS_getpid, RET_ERRNO | 1), on(libc::SYS_getpid, RET_KILL_THREAD)];
         assert_eq!(forbidden(&filters).unwrap().unwrap().1, RET_KILL_THREAD);
+    }
+
+    #[test]
+    fn of_two_errnos_the_newest_filter_s_counts() {
+        // The newest filter (first) fails clone3 with EPERM, an older one with ENOSYS: glibc
+        // gets EPERM, and does not fall back to clone.
+        let eperm = RET_ERRNO | libc::EPERM as u32;
+        let enosys = RET_ERRNO | libc::ENOSYS as u32;
+        let filters = [on(libc::SYS_clone3, eperm), on(libc::SYS_clone3, enosys)];
+        assert_eq!(forbidden(&filters).unwrap().map(|(c, r)| (c.name, r)), Some(("clone3", eperm)));
+        let filters = [on(libc::SYS_clone3, enosys), on(libc::SYS_clone3, eperm)];
+        assert_eq!(forbidden(&filters).unwrap().map(|(c, _)| c.name), None);
+    }
+
+    #[test]
+    fn a_filter_on_the_socket_s_type_sees_the_control_socket_s() {
+        // socket(…, SOCK_SEQPACKET (5)…) is killed by a test of bit 4 of its type, which a
+        // stream socket (1) would pass.
+        let filter = vec![
+            Insn { code: 0x20, jt: 0, jf: 0, k: 0 },
+            Insn { code: 0x15, jt: 0, jf: 3, k: libc::SYS_socket as u32 },
+            Insn { code: 0x20, jt: 0, jf: 0, k: 24 },
+            Insn { code: 0x45, jt: 0, jf: 1, k: 4 },
+            Insn { code: 0x06, jt: 0, jf: 0, k: RET_KILL_PROCESS },
+            Insn { code: 0x06, jt: 0, jf: 0, k: RET_ALLOW },
+        ];
+        assert_eq!(forbidden(&[filter]).unwrap().unwrap().0.name, "socket");
     }
 
     #[test]
