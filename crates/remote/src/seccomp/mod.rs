@@ -194,6 +194,19 @@ mod tests {
         ]
     }
 
+    /// A filter that kills system call `nr` when the word at `offset` of `struct
+    /// seccomp_data` has any of `bits`, and allows everything else.
+    fn kill_on_bits(nr: i64, offset: u32, bits: u32) -> Vec<Insn> {
+        vec![
+            Insn { code: 0x20, jt: 0, jf: 0, k: 0 },
+            Insn { code: 0x15, jt: 0, jf: 3, k: nr as u32 },
+            Insn { code: 0x20, jt: 0, jf: 0, k: offset },
+            Insn { code: 0x45, jt: 0, jf: 1, k: bits },
+            Insn { code: 0x06, jt: 0, jf: 0, k: RET_KILL_PROCESS },
+            Insn { code: 0x06, jt: 0, jf: 0, k: RET_ALLOW },
+        ]
+    }
+
     #[test]
     fn a_filter_that_kills_a_call_of_the_agent_refuses_and_names_it() {
         let (call, ret) = forbidden(&[on(libc::SYS_socket, RET_KILL_PROCESS)]).unwrap().unwrap();
@@ -250,28 +263,13 @@ mod tests {
     fn a_filter_on_the_socket_s_type_sees_the_control_socket_s() {
         // socket(…, SOCK_SEQPACKET (5)…) is killed by a test of bit 4 of its type, which a
         // stream socket (1) would pass.
-        let filter = vec![
-            Insn { code: 0x20, jt: 0, jf: 0, k: 0 },
-            Insn { code: 0x15, jt: 0, jf: 3, k: libc::SYS_socket as u32 },
-            Insn { code: 0x20, jt: 0, jf: 0, k: 24 },
-            Insn { code: 0x45, jt: 0, jf: 1, k: 4 },
-            Insn { code: 0x06, jt: 0, jf: 0, k: RET_KILL_PROCESS },
-            Insn { code: 0x06, jt: 0, jf: 0, k: RET_ALLOW },
-        ];
-        assert_eq!(forbidden(&[filter]).unwrap().unwrap().0.name, "socket");
+        assert_eq!(forbidden(&[kill_on_bits(libc::SYS_socket, 24, 4)]).unwrap().unwrap().0.name, "socket");
     }
 
     #[test]
     fn a_filter_on_mmap_s_protection_is_run_with_the_loader_s_protections() {
         // mmap with PROT_EXEC (args[2], low word at offset 32) is killed.
-        let filter = vec![
-            Insn { code: 0x20, jt: 0, jf: 0, k: 0 },
-            Insn { code: 0x15, jt: 0, jf: 3, k: libc::SYS_mmap as u32 },
-            Insn { code: 0x20, jt: 0, jf: 0, k: 32 },
-            Insn { code: 0x45, jt: 0, jf: 1, k: libc::PROT_EXEC as u32 },
-            Insn { code: 0x06, jt: 0, jf: 0, k: RET_KILL_PROCESS },
-            Insn { code: 0x06, jt: 0, jf: 0, k: RET_ALLOW },
-        ];
+        let filter = kill_on_bits(libc::SYS_mmap, 32, libc::PROT_EXEC as u32);
         assert_eq!(forbidden(&[filter]).unwrap().unwrap().0.name, "mmap");
     }
 
