@@ -44,8 +44,7 @@ impl ProbeSet {
     /// until [`Self::arm_all`]. An attach session looks, in between, whether its CLI is
     /// still there.
     pub fn place_disarmed<'s>(specs: impl IntoIterator<Item = &'s str>, channel: Channel) -> Result<ProbeSet, String> {
-        let mut set =
-            ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel };
+        let mut set = ProbeSet::empty(channel);
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             let expanded = ProbeSpec::parse(text).map_err(|e| e.to_string()).and_then(|spec| {
                 let Some((specs, matched)) = expand_module_glob(&spec)? else { return Ok(vec![spec]) };
@@ -71,6 +70,11 @@ impl ProbeSet {
             }
         }
         Ok(set)
+    }
+
+    /// No probe yet, hits going to `channel`.
+    fn empty(channel: Channel) -> ProbeSet {
+        ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel }
     }
 
     /// [`Self::place_all`]'s second half: arms the probes [`Self::place_disarmed`] placed.
@@ -109,8 +113,7 @@ impl ProbeSet {
         channel: Channel,
         refused: &dyn Fn(&str, &str),
     ) -> ProbeSet {
-        let mut set =
-            ProbeSet { placed: Vec::new(), pending: Vec::new(), notes: Vec::new(), followed: Vec::new(), channel };
+        let mut set = ProbeSet::empty(channel);
         for text in specs.into_iter().map(str::trim).filter(|l| !l.is_empty()) {
             // The CLI parsed every spec before it started the first image.
             match ProbeSpec::parse(text) {
